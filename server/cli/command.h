@@ -1,0 +1,28 @@
+// The subcommands of the `lorahub` binary.
+//
+// Each command parses its own flags (see args.h) and returns the process exit
+// code: 0 on success, 2 on bad input (flag, path or file), 1 on other failures.
+// Commands print one-line errors to stderr, never stack traces.
+#ifndef LORAHUB_SERVER_CLI_COMMAND_H_
+#define LORAHUB_SERVER_CLI_COMMAND_H_
+
+#include "absl/status/status.h"
+
+namespace lorahub::cli {
+
+// Exit codes shared by all commands.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailure = 1;
+inline constexpr int kExitUsage = 2;
+
+// Prints "lorahub <command>: <message>" to stderr and returns the exit code
+// for `status`: 2 for InvalidArgument/NotFound/FailedPrecondition/OutOfRange/
+// DataLoss (the user's input is at fault), 1 otherwise.
+int ReportError(const char* command, const absl::Status& status);
+
+// `argv[0]` is the binary, argv[1] the command; flags start at argv[2].
+int RunServe(int argc, char** argv);
+
+}  // namespace lorahub::cli
+
+#endif  // LORAHUB_SERVER_CLI_COMMAND_H_
