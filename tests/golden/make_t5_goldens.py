@@ -840,6 +840,9 @@ def compute_goldens(case, spec, case_dir, spm_path):
          "load_notes": list(LOAD_NOTES), "lora_std": LORA_STD, "l1_coef": L1_COEF,
          "adapters": {}, "variants": {}, "tensors": {}, "loss": [], "loss_bf16": [], "greedy": [], "beam": []}
 
+    vocab = g["config"]["vocab_size"]
+    if g["tokenizer_info"]["len"] > vocab or int(ids.max()) >= vocab or int(lab.max()) >= vocab:
+        fail("tokenizer size %d / ids exceed the model vocab %d" % (g["tokenizer_info"]["len"], vocab))
     for name, aspec in spec["adapters"].items():
         adir = os.path.join(case_dir, "adapters", name)
         with open(os.path.join(adir, "adapter_config.json")) as f:
