@@ -501,9 +501,17 @@ def build_model(case_dir, spec, spm_path, tokenizer_len):
     cfg = T5Config(vocab_size=padded_vocab_size(tokenizer_len), dropout_rate=0.1, layer_norm_epsilon=1e-6,
                    decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS, use_cache=True,
                    **spec["config"])
+    tied = spec["config"]["tie_word_embeddings"]
+    # transformers 5.17 drops tie_word_embeddings=False given to T5Config(...) (the saved
+    # config.json says true and lm_head is tied): set the attribute after construction.
+    cfg.tie_word_embeddings = tied
     torch.manual_seed(spec["seed"])
     model = T5ForConditionalGeneration(cfg).eval()
-    tied = spec["config"]["tie_word_embeddings"]
+    if not tied and model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
+        print("WARNING: transformers tied lm_head despite tie_word_embeddings=False; untying by hand",
+              file=sys.stderr)
+        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+        model.config.tie_word_embeddings = False
     embed_shared = check_ties(model, tied)
     init_weights(model, cfg, spec["seed"], spec["logit_gain"])
     if not embed_shared:  # should not happen (T5 ties them); keep the values equal anyway and say so
