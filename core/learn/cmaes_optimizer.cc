@@ -66,7 +66,7 @@ absl::StatusOr<OptimizerResult> CmaesOptimizer::Minimize(const BatchObjective& o
   internal::Evaluator evaluator(options_, objective);
   const int n = options_.dimension;
   const int lambda =
-      options_.population > 0 ? options_.population : DefaultPopulation(n);
+      options_.population > 0 ? options_.population : DefaultPopulation(n, options_.budget);
   const Params p = MakeParams(n, lambda);
   internal::RandomSource rng(options_.seed);
 

@@ -12,9 +12,10 @@
 //     leaves the box and an optimum on the boundary is reached exactly. Because clipped steps
 //     are not Gaussian, y' is shortened if needed so that |C^{-1/2} y'| <= sqrt(N) + 2N/(N+2)
 //     (the tutorial's safeguard for repaired solutions, Appendix B).
-//   * Population: options.population, or DefaultPopulation(N) = max(8, 4 + floor(3 ln N))
-//     (12 for N = 20, what nevergrad's parallel CMA uses for this problem; see the README for
-//     the measurement behind keeping the standard default).
+//   * Population: options.population, or DefaultPopulation(N, budget) =
+//     max(4 + floor(3 ln N), min(64, budget / 10)): Hansen's default (12 for N = 20, what
+//     nevergrad's parallel CMA uses for this problem) for small budgets, larger when the budget
+//     allows >= 10 generations, because a generation is one batched pass (README: measurement).
 //   * Stops early (before the budget) only when the distribution has collapsed:
 //     sigma * sqrt(max eigenvalue of C) < 1e-12 * (upper - lower), or C stops being finite.
 //   * Linear algebra: C's eigendecomposition by JacobiEigen once per generation (O(N^3),

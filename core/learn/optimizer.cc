@@ -12,9 +12,9 @@
 
 namespace lorahub::learn {
 
-int DefaultPopulation(int dimension) {
+int DefaultPopulation(int dimension, int budget) {
   const int hansen = 4 + static_cast<int>(std::floor(3 * std::log(std::max(1, dimension))));
-  return std::max(8, hansen);
+  return std::max(hansen, std::min(64, budget / 10));
 }
 
 absl::Status ValidateOptions(const OptimizerOptions& o) {

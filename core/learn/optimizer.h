@@ -64,7 +64,7 @@ struct OptimizerOptions {
   // Seed for every random choice (cmaes, random). cobyla and fixed ignore it.
   uint64_t seed = 42;
   // Candidates per generation for cmaes and per batch for random; 0 picks the default
-  // (DefaultPopulation(dimension)). Must be >= 2 for cmaes when set.
+  // (DefaultPopulation(dimension, budget)). Must be >= 2 for cmaes when set.
   int population = 0;
   // Initial step in weight units: COBYLA's initial trust-region radius (scipy's rhobeg) and
   // CMA-ES's initial sigma. Must be > 0. 0.5 = (upper - lower) / 6 for the default bounds.
@@ -114,8 +114,12 @@ class Optimizer {
   virtual absl::StatusOr<OptimizerResult> Minimize(const BatchObjective& objective) = 0;
 };
 
-// Hansen's default population 4 + floor(3 ln N), but at least 8 (see cmaes_optimizer.h).
-int DefaultPopulation(int dimension);
+// Population used when options.population is 0 (cmaes generation size, random batch size):
+// max(Hansen's 4 + floor(3 ln N), min(64, budget / 10)). A generation costs one batched
+// forward pass, so larger populations are nearly free in wall-clock time and, at a fixed number
+// of generations, reach lower scores (core/learn/README.md); budget / 10 keeps at least ~10
+// generations for the adaptation to work, 64 keeps one pass at <= 64 x examples rows.
+int DefaultPopulation(int dimension, int budget);
 
 // Checks the fields every optimizer relies on; InvalidArgument naming the field otherwise.
 absl::Status ValidateOptions(const OptimizerOptions& options);

@@ -16,7 +16,8 @@ absl::StatusOr<OptimizerResult> RandomSearchOptimizer::Minimize(
   internal::Evaluator evaluator(options_, objective);
   internal::RandomSource rng(options_.seed);
   const int batch_size =
-      options_.population > 0 ? options_.population : DefaultPopulation(options_.dimension);
+      options_.population > 0 ? options_.population
+                              : DefaultPopulation(options_.dimension, options_.budget);
   std::vector<Candidate> batch;
   if (options_.warm_start) {
     absl::StatusOr<std::vector<double>> best = evaluator.WarmStart(internal::StartPoint(options_));

@@ -10,7 +10,7 @@
 namespace lorahub::learn {
 
 // Uniform samples in the box, scored in batches of options.population (default
-// DefaultPopulation(N)) until the budget is spent. With warm_start, the start point and unit
+// DefaultPopulation(N, budget)) until the budget is spent. With warm_start, the start point and unit
 // vectors come first. Without it, the start point itself is the first candidate, so random
 // search is never worse than the start.
 class RandomSearchOptimizer : public Optimizer {

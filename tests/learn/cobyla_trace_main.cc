@@ -1,7 +1,9 @@
 // Prints the evaluation trace of our `cobyla` optimizer on an analytic function, one line per
 // evaluation: "score w_1 ... w_N" (%.17g). Used by compare_cobyla_scipy.py to compare with
 // scipy's COBYLA on the same functions. Usage:
-//   cobyla_trace FUNCTION N BUDGET [nobounds]
+//   cobyla_trace FUNCTION N BUDGET [nobounds] [--optimizer=NAME] [--population=L] [--seed=S]
+//                [--summary]
+// --step=S (initial step), --warm (warm start). --summary prints only "best_score evaluations objective_calls" (for population studies).
 // FUNCTION: sphere1 (min at 1), shifted (min at (2,-2,2,...)), rosenbrock, lorahub (quadratic
 // in w, L1 term, as LoraHub's composition; defined identically in the Python script).
 #include <cmath>
@@ -38,6 +40,25 @@ double LorahubLike(const std::vector<double>& w) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string optimizer = "cobyla";
+  int population = 0;
+  unsigned long long seed = 42;
+  bool summary = false, nobounds = false, warm = false;
+  double step = 0.5;
+  std::vector<char*> pos;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--optimizer=", 0) == 0) optimizer = a.substr(12);
+    else if (a.rfind("--population=", 0) == 0) population = std::atoi(a.c_str() + 13);
+    else if (a.rfind("--seed=", 0) == 0) seed = std::strtoull(a.c_str() + 7, nullptr, 10);
+    else if (a.rfind("--step=", 0) == 0) step = std::atof(a.c_str() + 7);
+    else if (a == "--warm") warm = true;
+    else if (a == "--summary") summary = true;
+    else if (a == "nobounds") nobounds = true;
+    else pos.push_back(argv[i]);
+  }
+  argc = static_cast<int>(pos.size());
+  argv = pos.data();
   if (argc < 4) {
     std::fprintf(stderr, "usage: %s FUNCTION N BUDGET [nobounds]\n", argv[0]);
     return 2;
@@ -63,8 +84,12 @@ int main(int argc, char** argv) {
   lorahub::learn::OptimizerOptions o;
   o.dimension = n;
   o.budget = budget;
-  o.cobyla_nlopt_bounds = !(argc > 4 && std::string(argv[4]) == "nobounds");
-  auto opt = lorahub::learn::MakeOptimizer("cobyla", o);
+  o.cobyla_nlopt_bounds = !nobounds;
+  o.population = population;
+  o.initial_step = step;
+  o.warm_start = warm;
+  o.seed = seed;
+  auto opt = lorahub::learn::MakeOptimizer(optimizer, o);
   if (!opt.ok()) {
     std::fprintf(stderr, "%s\n", opt.status().ToString().c_str());
     return 1;
@@ -74,6 +99,10 @@ int main(int argc, char** argv) {
   if (!r.ok()) {
     std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
     return 1;
+  }
+  if (summary) {
+    std::printf("%.17g %d %d\n", r->best_score, r->evaluations, r->objective_calls);
+    return 0;
   }
   for (const auto& e : r->trace) {
     std::printf("%.17g", e.score);

@@ -115,7 +115,7 @@ TEST_P(AllOptimizersTest, ProgressCallbackCancels) {
     EXPECT_EQ(events[i].best_score, best);
   }
   // Nothing is scored after the batch in which the cancel happened.
-  EXPECT_LE(rec.points.size(), 13u + static_cast<size_t>(DefaultPopulation(5)));
+  EXPECT_LE(rec.points.size(), 13u + static_cast<size_t>(DefaultPopulation(5, 100)));
 }
 
 TEST_P(AllOptimizersTest, ObjectiveErrorIsReturned) {
@@ -226,6 +226,7 @@ TEST(CobylaTest, LikeScipyOnFirstSimplex) {
 
 TEST(CmaesTest, SphereConverges) {
   OptimizerOptions o = Options(10, 3000);
+  o.population = 10;  // Hansen's default for N = 10; the budget default would pick 64
   o.initial_point = std::vector<double>(10, 1.0);
   Recorder rec{testing::Sphere};
   OptimizerResult r = RunOptimizer("cmaes", o, rec);
@@ -348,10 +349,12 @@ TEST(MakeOptimizerTest, RejectsUnknownNamesAndBadOptions) {
   }
 }
 
-TEST(DefaultPopulationTest, HansenWithFloor) {
-  EXPECT_EQ(DefaultPopulation(20), 12);  // 4 + floor(3 ln 20) = 4 + 8
-  EXPECT_EQ(DefaultPopulation(100), 17);
-  EXPECT_EQ(DefaultPopulation(2), 8);
+TEST(DefaultPopulationTest, HansenForSmallBudgetsLargerWhenAffordable) {
+  EXPECT_EQ(DefaultPopulation(20, 40), 12);  // 4 + floor(3 ln 20) = 4 + 8
+  EXPECT_EQ(DefaultPopulation(100, 40), 17);
+  EXPECT_EQ(DefaultPopulation(2, 10), 6);
+  EXPECT_EQ(DefaultPopulation(20, 480), 48);
+  EXPECT_EQ(DefaultPopulation(20, 100000), 64);
 }
 
 }  // namespace
