@@ -6,7 +6,14 @@ options={"maxiter": budget, "rhobeg": 0.5}) with the weights clipped to [-1.5, 1
 Run with Debian's interpreter (python3-scipy): /usr/bin/python3 tests/learn/compare_cobyla_scipy.py
 Prints, per case: scipy version, evaluations, the first evaluation index where the two traces
 differ (by more than 1e-12 in any weight), and both best scores.
+
+Where our binary cannot be built (the GPU host has scipy but no Bazel), use recorded traces:
+  here:      /usr/bin/python3 tests/learn/compare_cobyla_scipy.py --dump-ours tests/learn/testdata/nlopt_cobyla_traces.json
+  GPU host:  python3 tests/learn/compare_cobyla_scipy.py --ours-json tests/learn/testdata/nlopt_cobyla_traces.json
+(scipy >= 1.16 runs PRIMA's COBYLA instead of Powell's Fortran one; this shows how far apart
+they are on the same functions.)
 """
+import json
 import math
 import subprocess
 import sys
@@ -73,17 +80,40 @@ def first_diff(a, b):
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+CASES = [(f, n, b) for f in ["lorahub", "sphere1", "shifted", "rosenbrock"]
+         for n, b in [(5, 40), (20, 40), (20, 100), (20, 400), (5, 400)]]
+
+
+def key(f, n, b, bounds):
+    return "%s/%d/%d/%s" % (f, n, b, "bounds" if bounds else "nobounds")
+
+
 def main():
+    args = sys.argv[1:]
+    recorded = None
+    if len(args) == 2 and args[0] == "--dump-ours":
+        # Budgets <= 100 only, to keep the file small.
+        out = {key(f, n, b, bd): ours(f, n, b, bd) for f, n, b in CASES if b <= 100
+               for bd in (True, False)}
+        with open(args[1], "w") as fh:
+            json.dump(out, fh)
+        return 0
+    if len(args) == 2 and args[0] == "--ours-json":
+        with open(args[1]) as fh:
+            recorded = {k: [(t[0], t[1]) for t in v] for k, v in json.load(fh).items()}
+
+    def get(f, n, b, bd):
+        return recorded[key(f, n, b, bd)] if recorded is not None else ours(f, n, b, bd)
+
     print("scipy", scipy.__version__)
     print("%-10s %3s %5s | %5s %5s %5s | %-6s %-6s | %12s %12s %12s" % (
         "function", "n", "budget", "ev_sp", "ev_nl", "ev_nb", "div", "div_nb", "best_scipy", "best_nlopt", "best_nobnd"))
-    cases = [(f, n, b) for f in ["lorahub", "sphere1", "shifted", "rosenbrock"]
-             for n, b in [(5, 40), (20, 40), (20, 100), (20, 400), (5, 400)]]
+    cases = [c for c in CASES if recorded is None or key(*c, True) in recorded]
     worse = 0
     for f, n, b in cases:
         s = scipy_trace(f, n, b)
-        o = ours(f, n, b, True)
-        nb = ours(f, n, b, False)
+        o = get(f, n, b, True)
+        nb = get(f, n, b, False)
         bs, bo, bn = min(t[0] for t in s), min(t[0] for t in o), min(t[0] for t in nb)
         if bo > bs + 1e-4:
             worse += 1
