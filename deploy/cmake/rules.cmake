@@ -119,13 +119,14 @@ function(lorahub_cc_test name)
   _lorahub_add_test(${name} "$<TARGET_FILE:${name}>")
 endfunction()
 
-# sh_test / py_test: the script run by bash / python3 from the source root.
+# sh_test: the script itself (as Bazel runs it, shebang and all); py_test:
+# the script run by python3. Both from the source root.
 function(lorahub_script_test name)
   cmake_parse_arguments(ARG "${_LH_CC_FLAGS}" "${_LH_CC_KEYS}" "${_LH_CC_LISTS}" ${ARGN})
   if(ARG_INTERPRETER STREQUAL "python3")
     _lorahub_add_test(${name} "${LORAHUB_PYTHON3}" "${ARG_SCRIPT}")
   else()
-    _lorahub_add_test(${name} bash "${ARG_SCRIPT}")
+    _lorahub_add_test(${name} "${ARG_SCRIPT}")
   endif()
 endfunction()
 

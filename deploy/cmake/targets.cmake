@@ -228,6 +228,10 @@ lorahub_cc_library(core_util_status_macros
 
 # ---- //deploy/bazel  (deploy/bazel/BUILD)
 
+# ---- //deploy/cmake  (deploy/cmake/BUILD)
+
+# //deploy/cmake:cmake_files (filegroup): nothing to build in CMake
+
 # ---- //proto  (proto/BUILD)
 
 # //proto:lorahub_v1_cc (lorahub_cc_grpc_library)
@@ -280,6 +284,28 @@ lorahub_cc_binary(server_lorahub
     ext_absl_absl
     ext_grpc_grpc___reflection
   OUTPUT_NAME lorahub
+)
+
+# ---- //tests/build  (tests/build/BUILD)
+
+# //tests/build:cmake_sync_test (sh_test)
+lorahub_script_test(tests_build_cmake_sync_test
+  TEST_NAME //tests/build:cmake_sync_test
+  PACKAGE tests/build
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/build/cmake_sync_test.sh
+  TIMEOUT 60
+  LABELS
+    external
+)
+
+# //tests/build:sync_check_selftest (sh_test)
+lorahub_script_test(tests_build_sync_check_selftest
+  TEST_NAME //tests/build:sync_check_selftest
+  PACKAGE tests/build
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/build/sync_check_selftest.py
+  TIMEOUT 60
 )
 
 # ---- //tests/fuzz  (tests/fuzz/BUILD)
