@@ -44,7 +44,12 @@ message(STATUS "lorahub: protoc ${LORAHUB_PROTOC}, plugin ${LORAHUB_GRPC_CPP_PLU
 
 # LibTorch: find_package(Torch) (CUDA build on the GPU host, Debian's CPU
 # build here); a plain -l fallback if no TorchConfig.cmake is found.
-find_package(Torch QUIET)
+option(LORAHUB_REQUIRE_TORCH "Fail unless find_package(Torch) succeeds" OFF)
+if(LORAHUB_REQUIRE_TORCH)
+  find_package(Torch REQUIRED)
+else()
+  find_package(Torch QUIET)
+endif()
 add_library(lorahub_torch INTERFACE)
 if(Torch_FOUND)
   target_link_libraries(lorahub_torch INTERFACE ${TORCH_LIBRARIES})

@@ -551,12 +551,12 @@ class Generator(object):
             srcs = []
             for s in L("srcs"):
                 srcs += self.files_of(s, rule, "srcs")
-            cmd = rule.attrs["cmd"]
+            cmd = rule.attrs["cmd"].replace("$$", "\0")  # Bazel's escaped $
             cmd = cmd.replace("$(RULEDIR)", "${GEN}/" + rule.pkg)
             cmd = cmd.replace("$(SRCS)", " ".join(srcs)).replace("$<", " ".join(srcs))
             outs = ["${GEN}/" + os.path.join(rule.pkg, o) for o in L("outs")]
             cmd = cmd.replace("$(OUTS)", " ".join(outs)).replace("$@", " ".join(outs))
-            cmd = self.expand_make_vars(cmd, rule)
+            cmd = self.expand_make_vars(cmd, rule).replace("\0", "$")
             return self._call("lorahub_genrule", cname, rule,
                               [("PACKAGE", rule.pkg), ("SRCS", srcs), ("OUTS", outs), ("CMD", cmd)])
         if k == "lorahub_cc_grpc_library":
