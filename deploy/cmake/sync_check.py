@@ -627,6 +627,8 @@ def handwritten_source_refs(root):
     """Project source files named by hand-written CMake files (should be none)."""
     bad = []
     cm_dir = os.path.join(root, "deploy", "cmake")
+    if not os.path.isdir(cm_dir):
+        return bad
     for f in sorted(os.listdir(cm_dir)):
         if not (f.endswith(".cmake") or f == "CMakeLists.txt") or f == "targets.cmake":
             continue

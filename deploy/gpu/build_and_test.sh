@@ -33,16 +33,22 @@ trap save_logs EXIT
 
 ls .gpu/debs/*.deb >/dev/null 2>&1 || { echo "no .gpu/debs/*.deb: run deploy/gpu/fetch_debs.sh on the dev machine and carry .gpu/debs" >&2; exit 2; }
 libdir=$prefix/usr/lib/x86_64-linux-gnu
+unpack() {  # unpack DEB DIR: dpkg -x, or ar + tar where dpkg is missing
+  if command -v dpkg >/dev/null; then dpkg -x "$1" "$2"; return; fi
+  local t; t=$(mktemp -d)
+  (cd "$t" && ar x "$OLDPWD/$1" && tar -xf data.tar.* -C "$2")
+  rm -rf "$t"
+}
 
 # 1. The prefix, rebuilt when the set of .deb files changes.
 stamp=$( (ls .gpu/debs/*.deb .gpu/debs/base/*.deb 2>/dev/null; echo "host=${LORAHUB_PREFER_HOST_LIBS:-1}") | md5sum | cut -d' ' -f1)
 if [ "$(cat "$prefix/.stamp" 2>/dev/null)" != "$stamp" ]; then
   say "unpacking $(ls .gpu/debs/*.deb | wc -l) packages into $prefix"
   rm -rf "$prefix" && mkdir -p "$prefix"
-  for d in .gpu/debs/*.deb; do dpkg -x "$d" "$prefix"; done
+  for d in .gpu/debs/*.deb; do unpack "$d" "$prefix"; done
   base=$(mktemp -d)
   "$(command -v ldconfig || echo /sbin/ldconfig)" -p > "$base/.ldconfig"
-  for d in .gpu/debs/base/*.deb; do [ -e "$d" ] && dpkg -x "$d" "$base"; done
+  for d in .gpu/debs/base/*.deb; do [ -e "$d" ] && unpack "$d" "$base"; done
   # Base libraries: keep the host's where it has that soname, else Debian's.
   used_host=() ; used_deb=()
   while IFS= read -r lib; do
