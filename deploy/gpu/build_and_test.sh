@@ -124,11 +124,14 @@ libs_re='grpc|grpcpp|grpc\+\+|google/protobuf|absl|sentencepiece|prometheus|nlop
 foreign=$(ninja -C "$build" -t deps | grep -E "^\s+/" | grep -v "^\s*$prefix" | grep -E "/($libs_re)" | sort -u | head -5 || true)
 [ -z "$foreign" ] || { say "FAILED: headers from outside the prefix: $foreign"; exit 1; }
 say "headers of grpc/protobuf/absl/... all from $prefix"
+# Run time: the project's libraries from the prefix (the base ones, zlib, ssl,
+# curl, sqlite, may be the host's).
+run_re='grpc|gpr|protobuf|protoc|absl_|sentencepiece|prometheus-cpp|nlopt|re2|cares|civetweb'
 bad=0
 for bin in $(find "$build/bin" -type f -perm -u+x); do
   out=$(env -u LD_LIBRARY_PATH ldd "$bin")
   missing=$(echo "$out" | grep 'not found' || true)
-  foreign=$(echo "$out" | grep -E "lib($libs_re|absl_|prometheus-cpp|re2|cares)" | grep -v "=> $prefix" || true)
+  foreign=$(echo "$out" | grep -E "lib($run_re)" | grep -v "=> $prefix" || true)
   if [ -n "$missing$foreign" ]; then bad=1; say "FAILED: $bin: $missing $foreign"; fi
 done
 [ $bad = 0 ] || exit 1
