@@ -214,6 +214,52 @@ lorahub_cc_library(core_io_host_tensor
   OUTPUT_NAME host_tensor
 )
 
+# ---- //core/learn  (core/learn/BUILD)
+
+# //core/learn:symmetric_eigen (cc_library)
+lorahub_cc_library(core_learn_symmetric_eigen
+  PACKAGE core/learn
+  SRCS
+    ${SRC}/core/learn/symmetric_eigen.cc
+    ${SRC}/core/learn/symmetric_eigen.h
+  OUTPUT_NAME symmetric_eigen
+)
+
+# //core/learn:optimizer (cc_library)
+lorahub_cc_library(core_learn_optimizer
+  PACKAGE core/learn
+  SRCS
+    ${SRC}/core/learn/cmaes_optimizer.cc
+    ${SRC}/core/learn/cobyla_optimizer.cc
+    ${SRC}/core/learn/evaluator.cc
+    ${SRC}/core/learn/optimizer.cc
+    ${SRC}/core/learn/sampling_optimizers.cc
+    ${SRC}/core/learn/cmaes_optimizer.h
+    ${SRC}/core/learn/cobyla_optimizer.h
+    ${SRC}/core/learn/evaluator.h
+    ${SRC}/core/learn/optimizer.h
+    ${SRC}/core/learn/random_source.h
+    ${SRC}/core/learn/sampling_optimizers.h
+  DEPS
+    core_learn_symmetric_eigen
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlopt_nlopt
+  OUTPUT_NAME optimizer
+)
+
+# //core/learn:composition (cc_library)
+lorahub_cc_library(core_learn_composition
+  PACKAGE core/learn
+  SRCS
+    ${SRC}/core/learn/composition.cc
+    ${SRC}/core/learn/composition.h
+  DEPS
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME composition
+)
+
 # ---- //core/util  (core/util/BUILD)
 
 # //core/util:status_macros (cc_library)
@@ -239,9 +285,17 @@ lorahub_cc_grpc_library(proto_lorahub_v1_cc
   LABEL //proto:lorahub_v1_cc
   PACKAGE proto
   PROTOS
+    lorahub/v1/common.proto
+    lorahub/v1/compose.proto
+    lorahub/v1/inference.proto
     lorahub/v1/info.proto
+    lorahub/v1/modules.proto
   SRCS
+    ${SRC}/proto/lorahub/v1/common.proto
+    ${SRC}/proto/lorahub/v1/compose.proto
+    ${SRC}/proto/lorahub/v1/inference.proto
     ${SRC}/proto/lorahub/v1/info.proto
+    ${SRC}/proto/lorahub/v1/modules.proto
 )
 
 # ---- //server  (server/BUILD)
@@ -316,6 +370,81 @@ lorahub_cc_library(tests_fuzz_replay_main
   SRCS
     ${SRC}/tests/fuzz/replay_main.cc
   OUTPUT_NAME replay_main
+)
+
+# ---- //tests/learn  (tests/learn/BUILD)
+
+# //tests/learn:analytic_functions (cc_library)
+lorahub_cc_library(tests_learn_analytic_functions
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/analytic_functions.h
+  DEPS
+    core_learn_optimizer
+  OUTPUT_NAME analytic_functions
+)
+
+# //tests/learn:symmetric_eigen_test (cc_test)
+lorahub_cc_test(tests_learn_symmetric_eigen_test
+  TEST_NAME //tests/learn:symmetric_eigen_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/symmetric_eigen_test.cc
+  DEPS
+    core_learn_symmetric_eigen
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/learn:optimizer_test (cc_test)
+lorahub_cc_test(tests_learn_optimizer_test
+  TEST_NAME //tests/learn:optimizer_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/optimizer_test.cc
+  DEPS
+    tests_learn_analytic_functions
+    core_learn_optimizer
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/learn:cobyla_trace (cc_binary)
+lorahub_cc_binary(tests_learn_cobyla_trace
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/cobyla_trace_main.cc
+  DEPS
+    tests_learn_analytic_functions
+    core_learn_optimizer
+  OUTPUT_NAME cobyla_trace
+)
+
+# //tests/learn:composition_test (cc_test)
+lorahub_cc_test(tests_learn_composition_test
+  TEST_NAME //tests/learn:composition_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/composition_test.cc
+  DEPS
+    core_learn_composition
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/learn:composition_dump (cc_binary)
+lorahub_cc_binary(tests_learn_composition_dump
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/composition_dump_main.cc
+  DEPS
+    core_learn_composition
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  OUTPUT_NAME composition_dump
 )
 
 # ---- //tests/util  (tests/util/BUILD)
