@@ -21,6 +21,9 @@
 //     overlap, nothing past its end, nothing left over;
 //   - "__metadata__" is an object whose values are all strings.
 //
+// Cost: the header is parsed into a JSON tree, a few times N bytes of memory
+// (N <= kMaxSafetensorsHeaderBytes); tensor bytes are never copied.
+//
 // Status codes: DataLoss when the bytes end before the header or a tensor says
 // they should (a truncated file); InvalidArgument for every other malformed
 // input. Messages read "<source>: <what is wrong> (tensor '<name>')".
