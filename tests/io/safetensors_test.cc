@@ -598,7 +598,9 @@ TEST(SafetensorsFileTest, RoundTrip) {
     EXPECT_EQ(got.dtype, want.dtype);
     EXPECT_EQ(got.shape, want.shape);
     ASSERT_EQ(got.nbytes, want.nbytes);
-    EXPECT_EQ(std::memcmp(got.data, want.data, want.nbytes), 0);
+    if (want.nbytes > 0) {
+      EXPECT_EQ(std::memcmp(got.data, want.data, want.nbytes), 0);
+    }
   }
 
   // Layout conventions: header length a multiple of 8, padded with spaces;
