@@ -39,14 +39,14 @@ absl::string_view JobStateName(JobState state) {
 }
 
 absl::StatusOr<JobState> ParseJobState(absl::string_view name) {
-  for (JobState s : {JobState::kQueued, JobState::kRunning,
-                     JobState::kSucceeded, JobState::kFailed,
-                     JobState::kCancelled}) {
+  for (JobState s :
+       {JobState::kQueued, JobState::kRunning, JobState::kSucceeded,
+        JobState::kFailed, JobState::kCancelled}) {
     if (name == JobStateName(s)) return s;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown job state '", name,
-      "' (queued|running|succeeded|failed|cancelled)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown job state '", name,
+                   "' (queued|running|succeeded|failed|cancelled)"));
 }
 
 bool IsTerminal(JobState state) {
@@ -68,8 +68,8 @@ std::string EncodeDoubles(const std::vector<double>& values) {
   return nlohmann::json(values).dump();
 }
 
-absl::StatusOr<std::vector<std::string>> DecodeStrings(
-    const std::string& json, absl::string_view what) {
+absl::StatusOr<std::vector<std::string>> DecodeStrings(const std::string& json,
+                                                       absl::string_view what) {
   try {
     nlohmann::json j = nlohmann::json::parse(json);
     if (j.is_array()) {

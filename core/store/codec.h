@@ -25,8 +25,8 @@ inline absl::Time FromMicros(int64_t us) { return absl::FromUnixMicros(us); }
 // `what` (e.g. "module 'x' targets").
 std::string EncodeStrings(const std::vector<std::string>& values);
 std::string EncodeDoubles(const std::vector<double>& values);
-absl::StatusOr<std::vector<std::string>> DecodeStrings(
-    const std::string& json, absl::string_view what);
+absl::StatusOr<std::vector<std::string>> DecodeStrings(const std::string& json,
+                                                       absl::string_view what);
 absl::StatusOr<std::vector<double>> DecodeDoubles(const std::string& json,
                                                   absl::string_view what);
 

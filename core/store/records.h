@@ -35,17 +35,17 @@ absl::StatusOr<ModuleSource> ParseModuleSource(absl::string_view name);
 
 // A registered LoRA module.
 struct ModuleRecord {
-  std::string id;                  // Unique, non-empty. Chosen by the caller.
+  std::string id;  // Unique, non-empty. Chosen by the caller.
   ModuleSource source = ModuleSource::kHub;
-  std::string repo_id;             // "org/name" for kHub; empty for kLocal.
-  std::string revision;            // Requested revision ("main", a tag...).
-  std::string resolved_commit;     // 40-hex commit the revision resolved to.
-  std::string local_path;          // Directory holding the adapter files.
-  std::string weights_sha256;      // Lower-case hex sha256 of the weights file.
-  int64_t rank = 0;                // LoRA r.
+  std::string repo_id;          // "org/name" for kHub; empty for kLocal.
+  std::string revision;         // Requested revision ("main", a tag...).
+  std::string resolved_commit;  // 40-hex commit the revision resolved to.
+  std::string local_path;       // Directory holding the adapter files.
+  std::string weights_sha256;   // Lower-case hex sha256 of the weights file.
+  int64_t rank = 0;             // LoRA r.
   std::vector<std::string> targets;  // Target module names, e.g. {"q", "v"}.
-  int64_t size_bytes = 0;          // Size of the weights file in bytes.
-  absl::Time created_at;           // Set by the store on insert.
+  int64_t size_bytes = 0;            // Size of the weights file in bytes.
+  absl::Time created_at;             // Set by the store on insert.
 };
 
 // Life cycle of a compose job. Legal transitions (anything else is
@@ -90,8 +90,8 @@ struct JobRecord {
   std::optional<absl::Time> started_at;   // Latest claim; unset while queued.
   std::optional<absl::Time> finished_at;  // Set on entering a terminal state.
   JobProgress progress;
-  std::string error_message;  // Set when failed.
-  std::string result_json;    // Opaque JSON; set when succeeded.
+  std::string error_message;      // Set when failed.
+  std::string result_json;        // Opaque JSON; set when succeeded.
   bool cancel_requested = false;  // Running job asked to stop (CancelJob).
   int32_t attempts = 0;           // How many times the job was claimed.
 };

@@ -110,9 +110,9 @@ absl::Status ApplyStep(Connection* c, const Migration& step) {
   if (!status.ok()) {
     return absl::Status(
         status.code(),
-        absl::StrCat("migration to schema v", step.to_version, " (",
-                     step.what, ") failed, database left at v",
-                     step.to_version - 1, ": ", status.message()));
+        absl::StrCat("migration to schema v", step.to_version, " (", step.what,
+                     ") failed, database left at v", step.to_version - 1, ": ",
+                     status.message()));
   }
   return absl::OkStatus();
 }
@@ -123,9 +123,9 @@ absl::Status CheckOwnership(Connection* c, int64_t version) {
   absl::StatusOr<int64_t> app_id = c->QueryInt("PRAGMA application_id");
   if (!app_id.ok()) return app_id.status();
   if (*app_id != 0 && *app_id != kApplicationId) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        c->context(), ": not a lorahub store (application_id ", *app_id,
-        ", expected ", kApplicationId, ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(c->context(), ": not a lorahub store (application_id ",
+                     *app_id, ", expected ", kApplicationId, ")"));
   }
   if (version == 0) {
     absl::StatusOr<int64_t> objects =

@@ -32,9 +32,9 @@ inline constexpr int32_t kApplicationId = 0x4C6F5248;
 inline constexpr int kSchemaVersion = 2;
 
 struct Migration {
-  int to_version;     // user_version after the step.
-  const char* what;   // One line, for error messages.
-  const char* sql;    // Constant SQL (no user values), several statements.
+  int to_version;    // user_version after the step.
+  const char* what;  // One line, for error messages.
+  const char* sql;   // Constant SQL (no user values), several statements.
 };
 
 // Steps 1..kSchemaVersion, in order; Migrations()[i].to_version == i + 1.

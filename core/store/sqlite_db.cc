@@ -163,8 +163,8 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Open(
       SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
       nullptr);
   if (rc != SQLITE_OK) {
-    std::string message = db != nullptr ? sqlite3_errmsg(db)
-                                        : sqlite3_errstr(rc);
+    std::string message =
+        db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
     sqlite3_close_v2(db);
     return absl::Status(StatusCodeForSqlite(rc),
                         absl::StrCat(context, ": cannot open: ", message));
@@ -221,18 +221,16 @@ int64_t Connection::Changes() const { return sqlite3_changes64(db_); }
 absl::Status Connection::Error(int rc, absl::string_view what) const {
   // sqlite3_errmsg describes the latest failure on this connection; fall
   // back to the generic text for the code when they disagree.
-  std::string message = sqlite3_errcode(db_) == rc ? sqlite3_errmsg(db_)
-                                                   : sqlite3_errstr(rc);
-  return absl::Status(
-      StatusCodeForSqlite(rc),
-      absl::StrCat(context_, ": ", what, ": ", message, " (sqlite code ", rc,
-                   ")"));
+  std::string message =
+      sqlite3_errcode(db_) == rc ? sqlite3_errmsg(db_) : sqlite3_errstr(rc);
+  return absl::Status(StatusCodeForSqlite(rc),
+                      absl::StrCat(context_, ": ", what, ": ", message,
+                                   " (sqlite code ", rc, ")"));
 }
 
 // ---- Transaction ----
 
-absl::StatusOr<std::unique_ptr<Transaction>> Transaction::Begin(
-    Connection* c) {
+absl::StatusOr<std::unique_ptr<Transaction>> Transaction::Begin(Connection* c) {
   absl::Status status = c->Exec("BEGIN IMMEDIATE");
   if (!status.ok()) return status;
   return std::unique_ptr<Transaction>(new Transaction(c));

@@ -40,11 +40,10 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(StoreOptions options) {
   // The first read of the header: garbage gives SQLITE_NOTADB here.
   absl::StatusOr<int64_t> version = db->QueryInt("PRAGMA user_version");
   if (!version.ok()) {
-    return absl::Status(
-        version.status().code(),
-        absl::StrCat("store '", options.path,
-                     "' is not a readable SQLite database: ",
-                     version.status().message()));
+    return absl::Status(version.status().code(),
+                        absl::StrCat("store '", options.path,
+                                     "' is not a readable SQLite database: ",
+                                     version.status().message()));
   }
   LH_ASSIGN_OR_RETURN(std::string mode,
                       db->QueryText("PRAGMA journal_mode = WAL"));
@@ -55,12 +54,12 @@ absl::StatusOr<std::unique_ptr<Store>> Store::Open(StoreOptions options) {
                      "'); is the file on a filesystem without shared "
                      "memory support?"));
   }
-  LH_RETURN_IF_ERROR(db->Exec(options.sync_full ? "PRAGMA synchronous = FULL"
-                                                : "PRAGMA synchronous = NORMAL"));
+  LH_RETURN_IF_ERROR(db->Exec(options.sync_full
+                                  ? "PRAGMA synchronous = FULL"
+                                  : "PRAGMA synchronous = NORMAL"));
   LH_RETURN_IF_ERROR(db->Exec("PRAGMA foreign_keys = ON"));
   if (options.verify_on_open) {
-    LH_ASSIGN_OR_RETURN(std::string check,
-                        db->QueryText("PRAGMA quick_check"));
+    LH_ASSIGN_OR_RETURN(std::string check, db->QueryText("PRAGMA quick_check"));
     if (check != "ok") {
       return absl::DataLossError(absl::StrCat(
           "store '", options.path, "' failed its integrity check: ", check));
@@ -144,10 +143,9 @@ absl::StatusOr<ModuleRecord> Store::InsertModule(const ModuleRecord& module) {
 
 absl::StatusOr<ModuleRecord> Store::GetModule(const std::string& id) {
   absl::MutexLock lock(&mu_);
-  LH_ASSIGN_OR_RETURN(
-      Statement stmt,
-      db_->Prepare(absl::StrCat("SELECT ", kModuleColumns,
-                                " FROM modules WHERE id = ?1")));
+  LH_ASSIGN_OR_RETURN(Statement stmt, db_->Prepare(absl::StrCat(
+                                          "SELECT ", kModuleColumns,
+                                          " FROM modules WHERE id = ?1")));
   stmt.Bind(1, id);
   LH_ASSIGN_OR_RETURN(bool row, stmt.Step());
   if (!row) return NotFound("module", id);
@@ -184,8 +182,8 @@ absl::StatusOr<Page<ModuleRecord>> Store::ListModules(
   std::string after;
   bool has_cursor = !request.page_token.empty();
   if (has_cursor) {
-    LH_ASSIGN_OR_RETURN(after, internal::DecodePageToken(
-                                   "modules", request.page_token));
+    LH_ASSIGN_OR_RETURN(
+        after, internal::DecodePageToken("modules", request.page_token));
   }
   absl::MutexLock lock(&mu_);
   // ?1 = 0 means "from the start"; one more row than asked tells whether a
@@ -243,9 +241,9 @@ absl::StatusOr<TaskRecord> ReadTask(const Statement& row) {
 
 absl::StatusOr<TaskRecord> Store::GetTask(const std::string& name) {
   absl::MutexLock lock(&mu_);
-  LH_ASSIGN_OR_RETURN(Statement stmt,
-                      db_->Prepare(absl::StrCat("SELECT ", kTaskColumns,
-                                                " FROM tasks WHERE name = ?1")));
+  LH_ASSIGN_OR_RETURN(Statement stmt, db_->Prepare(absl::StrCat(
+                                          "SELECT ", kTaskColumns,
+                                          " FROM tasks WHERE name = ?1")));
   stmt.Bind(1, name);
   LH_ASSIGN_OR_RETURN(bool row, stmt.Step());
   if (!row) return NotFound("task", name);

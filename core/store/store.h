@@ -176,8 +176,9 @@ class Store {
 
   // Events of a job with seq > after_seq, oldest first, at most `limit`
   // (0 means kMaxPageSize; clamped to it). NotFound for an unknown job.
-  absl::StatusOr<std::vector<JobEvent>> ListJobEvents(
-      const std::string& job_id, int64_t after_seq, int limit);
+  absl::StatusOr<std::vector<JobEvent>> ListJobEvents(const std::string& job_id,
+                                                      int64_t after_seq,
+                                                      int limit);
 
   // ---- Tasks ----
 

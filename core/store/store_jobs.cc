@@ -27,7 +27,8 @@ absl::StatusOr<JobRecord> LoadJob(Connection* db, const std::string& id) {
                                                " FROM jobs WHERE id = ?1")));
   stmt.Bind(1, id);
   LH_ASSIGN_OR_RETURN(bool row, stmt.Step());
-  if (!row) return absl::NotFoundError(absl::StrCat("job '", id, "' not found"));
+  if (!row)
+    return absl::NotFoundError(absl::StrCat("job '", id, "' not found"));
   return internal::ReadJob(stmt);
 }
 
@@ -35,7 +36,7 @@ absl::Status RequireRunning(const JobRecord& job, absl::string_view action) {
   if (job.state == JobState::kRunning) return absl::OkStatus();
   return absl::FailedPreconditionError(
       absl::StrCat("cannot ", action, " job '", job.id, "': it is ",
-                    JobStateName(job.state), ", not running"));
+                   JobStateName(job.state), ", not running"));
 }
 
 absl::Status RequireFinite(const std::optional<double>& value,
@@ -56,8 +57,9 @@ absl::Status SetState(Connection* db, const std::string& id, JobState state,
                       absl::Time now) {
   LH_ASSIGN_OR_RETURN(
       Statement stmt,
-      db->Prepare("UPDATE jobs SET state = ?2, finished_at_us = "
-                  "CASE WHEN ?3 THEN ?4 ELSE finished_at_us END WHERE id = ?1"));
+      db->Prepare(
+          "UPDATE jobs SET state = ?2, finished_at_us = "
+          "CASE WHEN ?3 THEN ?4 ELSE finished_at_us END WHERE id = ?1"));
   return stmt.Bind(1, id)
       .Bind(2, JobStateName(state))
       .Bind(3, static_cast<int64_t>(IsTerminal(state)))
@@ -101,8 +103,10 @@ absl::StatusOr<JobRecord> Store::InsertJob(const NewJob& job) {
     LH_ASSIGN_OR_RETURN(bool exists, stmt.Bind(1, job.task_name).Step());
     if (exists) {
       return absl::AlreadyExistsError(
-          absl::StrCat("task '", job.task_name, "' is already being composed "
-                       "by job '", stmt.Text(0), "'"));
+          absl::StrCat("task '", job.task_name,
+                       "' is already being composed "
+                       "by job '",
+                       stmt.Text(0), "'"));
     }
   }
   LH_ASSIGN_OR_RETURN(
@@ -129,10 +133,9 @@ absl::StatusOr<std::optional<JobRecord>> Store::ClaimNext() {
   // IMMEDIATE: the write lock is held from the SELECT on, so two claimants
   // (threads of another Store or other processes) never take the same job.
   LH_ASSIGN_OR_RETURN(auto txn, Transaction::Begin(db_.get()));
-  LH_ASSIGN_OR_RETURN(
-      Statement next,
-      db_->Prepare("SELECT id FROM jobs WHERE state = 'queued' "
-                   "ORDER BY priority DESC, seq ASC LIMIT 1"));
+  LH_ASSIGN_OR_RETURN(Statement next,
+                      db_->Prepare("SELECT id FROM jobs WHERE state = 'queued' "
+                                   "ORDER BY priority DESC, seq ASC LIMIT 1"));
   LH_ASSIGN_OR_RETURN(bool found, next.Step());
   if (!found) {
     LH_RETURN_IF_ERROR(txn->Commit());
@@ -156,9 +159,8 @@ absl::Status Store::UpdateProgress(const std::string& job_id,
                                    const std::string& event_payload_json) {
   LH_RETURN_IF_ERROR(RequireFinite(progress.best_score, "best_score"));
   if (progress.evaluations_done < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("evaluations_done must be >= 0, got ",
-                     progress.evaluations_done));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "evaluations_done must be >= 0, got ", progress.evaluations_done));
   }
   absl::Time now = Now();
   absl::MutexLock lock(&mu_);
@@ -174,9 +176,9 @@ absl::Status Store::UpdateProgress(const std::string& job_id,
                          .Bind(3, progress.best_score)
                          .Bind(4, progress.best_weights_json)
                          .Run());
-  LH_RETURN_IF_ERROR(AppendJobEvent(
-      db_.get(), job_id, now, "progress",
-      event_payload_json.empty() ? "{}" : event_payload_json));
+  LH_RETURN_IF_ERROR(
+      AppendJobEvent(db_.get(), job_id, now, "progress",
+                     event_payload_json.empty() ? "{}" : event_payload_json));
   return txn->Commit();
 }
 
@@ -196,9 +198,9 @@ absl::Status Store::FinishSucceeded(const std::string& job_id,
                                     const std::string& result_json,
                                     const NewTask& task) {
   if (task.weights.size() != task.module_ids.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "job '", job_id, "': task has ", task.weights.size(),
-        " weights for ", task.module_ids.size(), " modules"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("job '", job_id, "': task has ", task.weights.size(),
+                     " weights for ", task.module_ids.size(), " modules"));
   }
   for (double w : task.weights) {
     LH_RETURN_IF_ERROR(RequireFinite(w, "task weight"));
@@ -288,7 +290,8 @@ absl::StatusOr<std::vector<std::string>> Store::RequeueRunning() {
   std::vector<std::string> requeued;
   for (const Running& job : running) {
     if (job.cancel_requested) {
-      LH_RETURN_IF_ERROR(SetState(db_.get(), job.id, JobState::kCancelled, now));
+      LH_RETURN_IF_ERROR(
+          SetState(db_.get(), job.id, JobState::kCancelled, now));
       LH_RETURN_IF_ERROR(AppendJobEvent(
           db_.get(), job.id, now, "cancelled",
           Dump({{"reason", "cancel requested before a restart"}})));
@@ -376,13 +379,12 @@ absl::StatusOr<Page<JobRecord>> Store::ListJobs(const JobListRequest& request) {
   absl::MutexLock lock(&mu_);
   // Newest first: keyset paging on the insertion counter `seq`. The state
   // filter binds up to five names; unbound slots are NULL and match nothing.
-  LH_ASSIGN_OR_RETURN(
-      Statement stmt,
-      db_->Prepare(absl::StrCat(
-          "SELECT ", internal::kJobColumns,
-          ", seq FROM jobs WHERE (?1 = 0 OR seq < ?2) AND "
-          "(?3 = 0 OR state IN (?4, ?5, ?6, ?7, ?8)) "
-          "ORDER BY seq DESC LIMIT ?9")));
+  LH_ASSIGN_OR_RETURN(Statement stmt,
+                      db_->Prepare(absl::StrCat(
+                          "SELECT ", internal::kJobColumns,
+                          ", seq FROM jobs WHERE (?1 = 0 OR seq < ?2) AND "
+                          "(?3 = 0 OR state IN (?4, ?5, ?6, ?7, ?8)) "
+                          "ORDER BY seq DESC LIMIT ?9")));
   stmt.Bind(1, static_cast<int64_t>(has_cursor))
       .Bind(2, before)
       .Bind(3, static_cast<int64_t>(!states.empty()));

@@ -30,7 +30,8 @@ using ::lorahub::store::testing::TempDir;
 [[noreturn]] void RunJobUntilKilled(const std::string& path, int ready_fd) {
   auto store = Store::Open(OptionsFor(path));
   if (!store.ok()) _exit(10);
-  if (!(*store)->InsertJob({"crash", "crash_task", R"({"budget":1000})", 0})
+  if (!(*store)
+           ->InsertJob({"crash", "crash_task", R"({"budget":1000})", 0})
            .ok()) {
     _exit(11);
   }
@@ -47,7 +48,8 @@ using ::lorahub::store::testing::TempDir;
     p.evaluations_done = i;
     p.best_score = 10.0 / i;
     p.best_weights_json = absl::StrCat("[", i, "]");
-    if (!(*store)->UpdateProgress("crash", p, absl::StrCat("{\"i\":", i, "}"))
+    if (!(*store)
+             ->UpdateProgress("crash", p, absl::StrCat("{\"i\":", i, "}"))
              .ok()) {
       _exit(15);
     }

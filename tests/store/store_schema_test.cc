@@ -41,8 +41,7 @@ class Raw {
   std::string Text(const std::string& sql) {
     sqlite3_stmt* stmt = nullptr;
     std::string out;
-    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &stmt, nullptr) ==
-            SQLITE_OK &&
+    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK &&
         sqlite3_step(stmt) == SQLITE_ROW) {
       const unsigned char* p = sqlite3_column_text(stmt, 0);
       out = p ? reinterpret_cast<const char*>(p) : "<null>";

@@ -3,6 +3,8 @@
 // reopen, and concurrent use from threads.
 #include "core/store/store.h"
 
+#include <sqlite3.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -13,8 +15,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <sqlite3.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -210,8 +210,7 @@ TEST_F(StoreTest, InsertJobDefaultsAndDuplicates) {
   EXPECT_EQ(job.progress.evaluations_done, 0);
   EXPECT_FALSE(job.progress.best_score.has_value());
 
-  EXPECT_CODE(store_->InsertJob({"j1", "task_b", "{}", 0}),
-              C::kAlreadyExists);
+  EXPECT_CODE(store_->InsertJob({"j1", "task_b", "{}", 0}), C::kAlreadyExists);
   // Same task name as an active job.
   auto dup = store_->InsertJob({"j2", "task_a", "{}", 0});
   EXPECT_CODE(dup, C::kAlreadyExists);
@@ -227,8 +226,7 @@ TEST_F(StoreTest, InsertJobDefaultsAndDuplicates) {
   // ...but not once the task is published.
   ASSERT_EQ(ClaimId(), "j2");
   ASSERT_OK(store_->FinishSucceeded("j2", "{}", SomeTask()));
-  EXPECT_CODE(store_->InsertJob({"j3", "task_a", "{}", 0}),
-              C::kAlreadyExists);
+  EXPECT_CODE(store_->InsertJob({"j3", "task_a", "{}", 0}), C::kAlreadyExists);
   ASSERT_OK(store_->DeleteTask("task_a"));
   Insert("j3", "task_a");
 }
@@ -242,9 +240,9 @@ TEST_F(StoreTest, ClaimNextTakesHighestPriorityThenOldest) {
   Insert("low_new", "t6", 0);
   std::vector<std::string> order;
   for (int i = 0; i < 6; ++i) order.push_back(ClaimId());
-  EXPECT_EQ(order, (std::vector<std::string>{"high_old", "high_new", "mid",
-                                             "low_old", "low_new",
-                                             "negative"}));
+  EXPECT_EQ(order,
+            (std::vector<std::string>{"high_old", "high_new", "mid", "low_old",
+                                      "low_new", "negative"}));
   auto none = store_->ClaimNext();
   ASSERT_OK(none);
   EXPECT_FALSE(none->has_value());
@@ -405,7 +403,8 @@ TEST_F(StoreTest, FinishFailedAndCancelled) {
   EXPECT_CODE(store_->FinishFailed("f", "boom"), C::kFailedPrecondition);
   ASSERT_EQ(ClaimId(), "f");
   ASSERT_EQ(ClaimId(), "c");
-  ASSERT_OK(store_->FinishFailed("f", "objective was NaN at evaluation 3 \"x\""));
+  ASSERT_OK(
+      store_->FinishFailed("f", "objective was NaN at evaluation 3 \"x\""));
   ASSERT_OK(store_->FinishCancelled("c"));
   auto f = store_->GetJob("f");
   ASSERT_OK(f);
@@ -449,14 +448,13 @@ TEST_F(StoreTest, CancelQueuedIsImmediateCancelRunningIsRequested) {
   EXPECT_TRUE(*flag);
   // Idempotent: a second request logs nothing new.
   ASSERT_OK(store_->CancelJob("r"));
-  EXPECT_EQ(EventKinds("r"), (std::vector<std::string>{
-                                 "queued", "started", "cancel_requested"}));
+  EXPECT_EQ(EventKinds("r"), (std::vector<std::string>{"queued", "started",
+                                                       "cancel_requested"}));
   ASSERT_OK(store_->FinishCancelled("r"));
   state = store_->CancelJob("r");
   ASSERT_OK(state);
   EXPECT_EQ(*state, JobState::kCancelled);
-  EXPECT_EQ(EventKinds("q"),
-            (std::vector<std::string>{"queued", "cancelled"}));
+  EXPECT_EQ(EventKinds("q"), (std::vector<std::string>{"queued", "cancelled"}));
   EXPECT_CODE(store_->CancelJob("nope"), C::kNotFound);
   EXPECT_CODE(store_->IsCancelRequested("nope"), C::kNotFound);
 }
@@ -531,8 +529,7 @@ TEST_F(StoreTest, ListJobsFiltersAndPages) {
     want[job->id] = job->state;
   }
 
-  auto collect = [&](std::vector<JobState> states, int page_size,
-                     int* pages) {
+  auto collect = [&](std::vector<JobState> states, int page_size, int* pages) {
     std::vector<std::string> ids;
     JobListRequest request;
     request.states = states;
@@ -555,8 +552,7 @@ TEST_F(StoreTest, ListJobsFiltersAndPages) {
   for (int i = 11; i >= 0; --i) newest_first.push_back(absl::StrCat("j", i));
   EXPECT_EQ(all, newest_first);
 
-  for (std::vector<JobState> filter :
-       std::vector<std::vector<JobState>>{
+  for (std::vector<JobState> filter : std::vector<std::vector<JobState>>{
            {JobState::kRunning},
            {JobState::kQueued, JobState::kCancelled},
            {JobState::kSucceeded, JobState::kFailed, JobState::kFailed},
@@ -717,7 +713,8 @@ TEST(StoreThreadsTest, ConcurrentInsertsAndClaimsLoseNothing) {
   }
   auto tasks = store->ListTasks({kMaxPageSize, ""});
   ASSERT_OK(tasks);
-  EXPECT_EQ(tasks->items.size(), static_cast<size_t>(kThreads * kJobsPerThread));
+  EXPECT_EQ(tasks->items.size(),
+            static_cast<size_t>(kThreads * kJobsPerThread));
 }
 
 }  // namespace
