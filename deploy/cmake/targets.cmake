@@ -274,6 +274,30 @@ lorahub_cc_library(core_learn_composition
   OUTPUT_NAME composition
 )
 
+# ---- //core/store  (core/store/BUILD)
+
+# //core/store:store (cc_library)
+lorahub_cc_library(core_store_store
+  PACKAGE core/store
+  SRCS
+    ${SRC}/core/store/codec.cc
+    ${SRC}/core/store/codec.h
+    ${SRC}/core/store/schema.cc
+    ${SRC}/core/store/sqlite_db.cc
+    ${SRC}/core/store/sqlite_db.h
+    ${SRC}/core/store/store.cc
+    ${SRC}/core/store/store_jobs.cc
+    ${SRC}/core/store/records.h
+    ${SRC}/core/store/schema.h
+    ${SRC}/core/store/store.h
+  DEPS
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlohmann_json_json
+    ext_sqlite3_sqlite3
+  OUTPUT_NAME store
+)
+
 # ---- //core/util  (core/util/BUILD)
 
 # //core/util:status_macros (cc_library)
@@ -488,6 +512,64 @@ lorahub_cc_binary(tests_learn_composition_dump
     ext_libtorch_libtorch
     ext_nlohmann_json_json
   OUTPUT_NAME composition_dump
+)
+
+# ---- //tests/store  (tests/store/BUILD)
+
+# //tests/store:store_test_util (cc_library)
+lorahub_cc_library(tests_store_store_test_util
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_test_util.h
+  DEPS
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest
+  OUTPUT_NAME store_test_util
+)
+
+# //tests/store:store_test (cc_test)
+lorahub_cc_test(tests_store_store_test
+  TEST_NAME //tests/store:store_test
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_test.cc
+  DEPS
+    tests_store_store_test_util
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_sqlite3_sqlite3
+  TIMEOUT 300
+)
+
+# //tests/store:store_process_test (cc_test)
+lorahub_cc_test(tests_store_store_process_test
+  TEST_NAME //tests/store:store_process_test
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_process_test.cc
+  DEPS
+    tests_store_store_test_util
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/store:store_schema_test (cc_test)
+lorahub_cc_test(tests_store_store_schema_test
+  TEST_NAME //tests/store:store_schema_test
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_schema_test.cc
+  DEPS
+    tests_store_store_test_util
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_sqlite3_sqlite3
+  TIMEOUT 300
 )
 
 # ---- //tests/testdata/safetensors  (tests/testdata/safetensors/BUILD)
