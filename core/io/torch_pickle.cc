@@ -31,6 +31,9 @@ namespace {
 constexpr size_t kMaxStack = 1 << 20;
 constexpr size_t kMaxMarks = 1 << 16;
 constexpr size_t kMaxMemo = 1 << 20;
+// Values created over the whole pickle (~150 bytes each). A state dict needs
+// about 25 per tensor, so this allows some 40,000 tensors.
+constexpr size_t kMaxValues = 1 << 20;
 constexpr int kMaxDepth = 64;  // container nesting; bounds destructor recursion
 constexpr size_t kMaxGlobalPart = 256;
 constexpr size_t kMaxDims = 64;
@@ -73,18 +76,30 @@ enum class Kind {
 
 const char* KindName(Kind kind) {
   switch (kind) {
-    case Kind::kNone: return "None";
-    case Kind::kBool: return "bool";
-    case Kind::kInt: return "int";
-    case Kind::kFloat: return "float";
-    case Kind::kString: return "str";
-    case Kind::kBytes: return "bytes";
-    case Kind::kTuple: return "tuple";
-    case Kind::kList: return "list";
-    case Kind::kDict: return "dict";
-    case Kind::kGlobal: return "global";
-    case Kind::kStorage: return "storage";
-    case Kind::kTensor: return "tensor";
+    case Kind::kNone:
+      return "None";
+    case Kind::kBool:
+      return "bool";
+    case Kind::kInt:
+      return "int";
+    case Kind::kFloat:
+      return "float";
+    case Kind::kString:
+      return "str";
+    case Kind::kBytes:
+      return "bytes";
+    case Kind::kTuple:
+      return "tuple";
+    case Kind::kList:
+      return "list";
+    case Kind::kDict:
+      return "dict";
+    case Kind::kGlobal:
+      return "global";
+    case Kind::kStorage:
+      return "storage";
+    case Kind::kTensor:
+      return "tensor";
   }
   return "?";
 }
@@ -94,15 +109,15 @@ using ValuePtr = std::shared_ptr<Value>;
 
 struct Value {
   Kind kind = Kind::kNone;
-  int64_t i = 0;     // kBool, kInt
-  double f = 0;      // kFloat
-  std::string s;     // kString, kBytes
+  int64_t i = 0;  // kBool, kInt
+  double f = 0;   // kFloat
+  std::string s;  // kString, kBytes
   // kTuple and kList: the elements; kDict: keys and values alternating.
   std::vector<ValuePtr> items;
   Global global = Global::kOrderedDict;  // kGlobal
   DType dtype = DType::kF32;             // kGlobal storage type, kStorage
   size_t storage = 0;                    // kStorage: index into storages_
-  HostTensor tensor;                     // kTensor
+  std::unique_ptr<HostTensor> tensor;    // kTensor
   // Set once the value is inside another container. A frozen list or dict
   // can no longer change, so no container can come to contain itself.
   bool frozen = false;
@@ -124,75 +139,144 @@ struct Storage {
 
 const char* OpcodeName(uint8_t op) {
   switch (op) {
-    case '(': return "MARK";
-    case '.': return "STOP";
-    case '0': return "POP";
-    case '1': return "POP_MARK";
-    case '2': return "DUP";
-    case 'F': return "FLOAT";
-    case 'I': return "INT";
-    case 'J': return "BININT";
-    case 'K': return "BININT1";
-    case 'L': return "LONG";
-    case 'M': return "BININT2";
-    case 'N': return "NONE";
-    case 'P': return "PERSID";
-    case 'Q': return "BINPERSID";
-    case 'R': return "REDUCE";
-    case 'S': return "STRING";
-    case 'T': return "BINSTRING";
-    case 'U': return "SHORT_BINSTRING";
-    case 'V': return "UNICODE";
-    case 'X': return "BINUNICODE";
-    case 'a': return "APPEND";
-    case 'b': return "BUILD";
-    case 'c': return "GLOBAL";
-    case 'd': return "DICT";
-    case '}': return "EMPTY_DICT";
-    case 'e': return "APPENDS";
-    case 'g': return "GET";
-    case 'h': return "BINGET";
-    case 'i': return "INST";
-    case 'j': return "LONG_BINGET";
-    case 'l': return "LIST";
-    case ']': return "EMPTY_LIST";
-    case 'o': return "OBJ";
-    case 'p': return "PUT";
-    case 'q': return "BINPUT";
-    case 'r': return "LONG_BINPUT";
-    case 's': return "SETITEM";
-    case 't': return "TUPLE";
-    case ')': return "EMPTY_TUPLE";
-    case 'u': return "SETITEMS";
-    case 'G': return "BINFLOAT";
-    case 'B': return "BINBYTES";
-    case 'C': return "SHORT_BINBYTES";
-    case 0x80: return "PROTO";
-    case 0x81: return "NEWOBJ";
-    case 0x82: return "EXT1";
-    case 0x83: return "EXT2";
-    case 0x84: return "EXT4";
-    case 0x85: return "TUPLE1";
-    case 0x86: return "TUPLE2";
-    case 0x87: return "TUPLE3";
-    case 0x88: return "NEWTRUE";
-    case 0x89: return "NEWFALSE";
-    case 0x8a: return "LONG1";
-    case 0x8b: return "LONG4";
-    case 0x8c: return "SHORT_BINUNICODE";
-    case 0x8d: return "BINUNICODE8";
-    case 0x8e: return "BINBYTES8";
-    case 0x8f: return "EMPTY_SET";
-    case 0x90: return "ADDITEMS";
-    case 0x91: return "FROZENSET";
-    case 0x92: return "NEWOBJ_EX";
-    case 0x93: return "STACK_GLOBAL";
-    case 0x94: return "MEMOIZE";
-    case 0x95: return "FRAME";
-    case 0x96: return "BYTEARRAY8";
-    case 0x97: return "NEXT_BUFFER";
-    case 0x98: return "READONLY_BUFFER";
-    default: return "unknown";
+    case '(':
+      return "MARK";
+    case '.':
+      return "STOP";
+    case '0':
+      return "POP";
+    case '1':
+      return "POP_MARK";
+    case '2':
+      return "DUP";
+    case 'F':
+      return "FLOAT";
+    case 'I':
+      return "INT";
+    case 'J':
+      return "BININT";
+    case 'K':
+      return "BININT1";
+    case 'L':
+      return "LONG";
+    case 'M':
+      return "BININT2";
+    case 'N':
+      return "NONE";
+    case 'P':
+      return "PERSID";
+    case 'Q':
+      return "BINPERSID";
+    case 'R':
+      return "REDUCE";
+    case 'S':
+      return "STRING";
+    case 'T':
+      return "BINSTRING";
+    case 'U':
+      return "SHORT_BINSTRING";
+    case 'V':
+      return "UNICODE";
+    case 'X':
+      return "BINUNICODE";
+    case 'a':
+      return "APPEND";
+    case 'b':
+      return "BUILD";
+    case 'c':
+      return "GLOBAL";
+    case 'd':
+      return "DICT";
+    case '}':
+      return "EMPTY_DICT";
+    case 'e':
+      return "APPENDS";
+    case 'g':
+      return "GET";
+    case 'h':
+      return "BINGET";
+    case 'i':
+      return "INST";
+    case 'j':
+      return "LONG_BINGET";
+    case 'l':
+      return "LIST";
+    case ']':
+      return "EMPTY_LIST";
+    case 'o':
+      return "OBJ";
+    case 'p':
+      return "PUT";
+    case 'q':
+      return "BINPUT";
+    case 'r':
+      return "LONG_BINPUT";
+    case 's':
+      return "SETITEM";
+    case 't':
+      return "TUPLE";
+    case ')':
+      return "EMPTY_TUPLE";
+    case 'u':
+      return "SETITEMS";
+    case 'G':
+      return "BINFLOAT";
+    case 'B':
+      return "BINBYTES";
+    case 'C':
+      return "SHORT_BINBYTES";
+    case 0x80:
+      return "PROTO";
+    case 0x81:
+      return "NEWOBJ";
+    case 0x82:
+      return "EXT1";
+    case 0x83:
+      return "EXT2";
+    case 0x84:
+      return "EXT4";
+    case 0x85:
+      return "TUPLE1";
+    case 0x86:
+      return "TUPLE2";
+    case 0x87:
+      return "TUPLE3";
+    case 0x88:
+      return "NEWTRUE";
+    case 0x89:
+      return "NEWFALSE";
+    case 0x8a:
+      return "LONG1";
+    case 0x8b:
+      return "LONG4";
+    case 0x8c:
+      return "SHORT_BINUNICODE";
+    case 0x8d:
+      return "BINUNICODE8";
+    case 0x8e:
+      return "BINBYTES8";
+    case 0x8f:
+      return "EMPTY_SET";
+    case 0x90:
+      return "ADDITEMS";
+    case 0x91:
+      return "FROZENSET";
+    case 0x92:
+      return "NEWOBJ_EX";
+    case 0x93:
+      return "STACK_GLOBAL";
+    case 0x94:
+      return "MEMOIZE";
+    case 0x95:
+      return "FRAME";
+    case 0x96:
+      return "BYTEARRAY8";
+    case 0x97:
+      return "NEXT_BUFFER";
+    case 0x98:
+      return "READONLY_BUFFER";
+    default:
+      return "unknown";
   }
 }
 
@@ -218,10 +302,16 @@ class Unpickler {
   absl::StatusOr<ValuePtr> Run();
 
  private:
+  // Every value is created here, so that kMaxValues can be enforced.
+  ValuePtr New(Kind kind) {
+    ++values_created_;
+    return Make(kind);
+  }
+
   absl::Status Error(absl::string_view what) const {
     return absl::InvalidArgumentError(
-        absl::StrCat("torch file '", source_, "': ", what,
-                     " (data.pkl offset ", op_offset_, ")"));
+        absl::StrCat("torch file '", source_, "': ", what, " (data.pkl offset ",
+                     op_offset_, ")"));
   }
 
   // Input.
@@ -306,7 +396,7 @@ class Unpickler {
     return absl::OkStatus();
   }
   absl::StatusOr<ValuePtr> MakeTuple(std::vector<ValuePtr> items) {
-    ValuePtr t = Make(Kind::kTuple);
+    ValuePtr t = New(Kind::kTuple);
     t->items.reserve(items.size());
     for (ValuePtr& item : items) LH_RETURN_IF_ERROR(Adopt(*t, std::move(item)));
     t->frozen = true;
@@ -314,9 +404,8 @@ class Unpickler {
   }
   absl::Status TupleN(size_t n) {
     if (stack_.size() - Floor() < n) return Error("pickle stack underflow");
-    std::vector<ValuePtr> items(
-        std::make_move_iterator(stack_.end() - n),
-        std::make_move_iterator(stack_.end()));
+    std::vector<ValuePtr> items(std::make_move_iterator(stack_.end() - n),
+                                std::make_move_iterator(stack_.end()));
     stack_.resize(stack_.size() - n);
     LH_ASSIGN_OR_RETURN(ValuePtr t, MakeTuple(std::move(items)));
     return Push(std::move(t));
@@ -349,7 +438,7 @@ class Unpickler {
     return absl::OkStatus();
   }
 
-  absl::Status Global();
+  absl::Status LoadGlobal();
   absl::Status Reduce();
   absl::Status PersistentLoad();
   absl::StatusOr<ValuePtr> RebuildTensor(const Value& args);
@@ -364,6 +453,7 @@ class Unpickler {
 
   size_t pos_ = 0;
   size_t op_offset_ = 0;
+  size_t values_created_ = 0;
   std::vector<ValuePtr> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, ValuePtr> memo_;
@@ -371,10 +461,10 @@ class Unpickler {
   std::map<std::string, size_t> storage_by_key_;
 };
 
-absl::Status Unpickler::Global() {
+absl::Status Unpickler::LoadGlobal() {
   LH_ASSIGN_OR_RETURN(const std::string module, ReadLine());
   LH_ASSIGN_OR_RETURN(const std::string name, ReadLine());
-  ValuePtr v = Make(Kind::kGlobal);
+  ValuePtr v = New(Kind::kGlobal);
   if (module == "collections" && name == "OrderedDict") {
     v->global = Global::kOrderedDict;
   } else if (module == "torch._utils" && name == "_rebuild_tensor_v2") {
@@ -396,9 +486,8 @@ absl::Status Unpickler::Global() {
       }
     }
     if (!found) {
-      return Error(absl::StrCat("disallowed global '",
-                                absl::CHexEscape(module), ".",
-                                absl::CHexEscape(name), "'"));
+      return Error(absl::StrCat("disallowed global '", absl::CHexEscape(module),
+                                ".", absl::CHexEscape(name), "'"));
     }
   }
   return Push(std::move(v));
@@ -422,7 +511,7 @@ absl::Status Unpickler::PersistentLoad() {
   const DType dtype = t[1]->dtype;
   const std::string& key = t[2]->s;
   const uint64_t numel = static_cast<uint64_t>(t[4]->i);
-  ValuePtr v = Make(Kind::kStorage);
+  ValuePtr v = New(Kind::kStorage);
   v->dtype = dtype;
   auto it = storage_by_key_.find(key);
   if (it != storage_by_key_.end()) {
@@ -436,14 +525,15 @@ absl::Status Unpickler::PersistentLoad() {
   }
   uint64_t nbytes = 0;
   if (MulOverflows(numel, DTypeSize(dtype), &nbytes)) {
-    return Error(absl::StrCat("storage '", absl::CHexEscape(key),
-                              "' numel overflows"));
+    return Error(
+        absl::StrCat("storage '", absl::CHexEscape(key), "' numel overflows"));
   }
   LH_ASSIGN_OR_RETURN(const absl::Span<const uint8_t> bytes, lookup_(key));
   if (bytes.size() != nbytes) {
     return Error(absl::StrCat("storage '", absl::CHexEscape(key), "' has ",
                               bytes.size(), " bytes, expected ", numel, " x ",
-                              std::string(DTypeName(dtype)), " = ", nbytes, " bytes"));
+                              std::string(DTypeName(dtype)), " = ", nbytes,
+                              " bytes"));
   }
   storages_.push_back(Storage{key, dtype, numel, bytes});
   storage_by_key_.emplace(key, storages_.size() - 1);
@@ -483,8 +573,9 @@ absl::StatusOr<ValuePtr> Unpickler::RebuildTensor(const Value& args) {
   auto size = IntTuple(*a[2]);
   auto stride = IntTuple(*a[3]);
   if (!size.ok() || !stride.ok() || size->size() != stride->size()) {
-    return Error("_rebuild_tensor_v2 size/stride are not matching tuples of "
-                 "non-negative ints");
+    return Error(
+        "_rebuild_tensor_v2 size/stride are not matching tuples of "
+        "non-negative ints");
   }
   const Storage& storage = storages_[a[0]->storage];
   const size_t esize = DTypeSize(storage.dtype);
@@ -512,8 +603,9 @@ absl::StatusOr<ValuePtr> Unpickler::RebuildTensor(const Value& args) {
   if (overflow || nbytes > std::numeric_limits<size_t>::max() / 2) {
     return Error("tensor size overflows");
   }
-  ValuePtr v = Make(Kind::kTensor);
-  HostTensor& t = v->tensor;
+  ValuePtr v = New(Kind::kTensor);
+  v->tensor = std::make_unique<HostTensor>();
+  HostTensor& t = *v->tensor;
   t.dtype = storage.dtype;
   t.shape.assign(size->begin(), size->end());
   t.nbytes = nbytes;
@@ -523,10 +615,10 @@ absl::StatusOr<ValuePtr> Unpickler::RebuildTensor(const Value& args) {
     return v;
   }
   if (last >= storage.numel) {
-    return Error(absl::StrCat(
-        "tensor view (offset ", offset, ") reaches element ", last,
-        " of storage '", absl::CHexEscape(storage.key), "' which has only ",
-        storage.numel, " elements"));
+    return Error(absl::StrCat("tensor view (offset ", offset,
+                              ") reaches element ", last, " of storage '",
+                              absl::CHexEscape(storage.key),
+                              "' which has only ", storage.numel, " elements"));
   }
   if (contiguous) {
     t.data = storage.bytes.data() + offset * esize;
@@ -534,10 +626,11 @@ absl::StatusOr<ValuePtr> Unpickler::RebuildTensor(const Value& args) {
     return v;
   }
   if (nbytes > copy_budget_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "torch file '", source_, "': copying non-contiguous views needs more "
-        "than the budget of ",
-        copy_budget_, " bytes"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("torch file '", source_,
+                     "': copying non-contiguous views needs more "
+                     "than the budget of ",
+                     copy_budget_, " bytes"));
   }
   copy_budget_ -= nbytes;
   auto buffer = std::make_shared<std::vector<uint8_t>>(nbytes);
@@ -587,7 +680,7 @@ absl::Status Unpickler::Reduce() {
       if (!args->items.empty()) {
         return Error("OrderedDict(...) with arguments is not supported");
       }
-      result = Make(Kind::kDict);
+      result = New(Kind::kDict);
       break;
     case Global::kRebuildTensorV2: {
       LH_ASSIGN_OR_RETURN(result, RebuildTensor(*args));
@@ -635,10 +728,10 @@ absl::Status Unpickler::Step(uint8_t op, bool* stop) {
       return Push(std::move(top));
     }
     case 'N':
-      return Push(Make(Kind::kNone));
+      return Push(New(Kind::kNone));
     case 0x88:
     case 0x89: {
-      ValuePtr v = Make(Kind::kBool);
+      ValuePtr v = New(Kind::kBool);
       v->i = op == 0x88;
       return Push(std::move(v));
     }
@@ -647,7 +740,7 @@ absl::Status Unpickler::Step(uint8_t op, bool* stop) {
     case 'M': {
       const size_t n = op == 'J' ? 4 : op == 'K' ? 1 : 2;
       LH_RETURN_IF_ERROR(Need(n));
-      ValuePtr v = Make(Kind::kInt);
+      ValuePtr v = New(Kind::kInt);
       const uint64_t raw = Le(n);
       v->i = op == 'J' ? static_cast<int32_t>(raw) : static_cast<int64_t>(raw);
       return Push(std::move(v));
@@ -659,7 +752,7 @@ absl::Status Unpickler::Step(uint8_t op, bool* stop) {
       LH_RETURN_IF_ERROR(Need(n));
       uint64_t raw = Le(n);
       if (n > 0 && n < 8 && (raw >> (8 * n - 1)) & 1) raw |= ~0ull << (8 * n);
-      ValuePtr v = Make(Kind::kInt);
+      ValuePtr v = New(Kind::kInt);
       v->i = static_cast<int64_t>(raw);
       return Push(std::move(v));
     }
@@ -668,7 +761,7 @@ absl::Status Unpickler::Step(uint8_t op, bool* stop) {
       uint64_t raw = 0;
       for (int k = 0; k < 8; ++k) raw = (raw << 8) | in_[pos_ + k];
       pos_ += 8;
-      ValuePtr v = Make(Kind::kFloat);
+      ValuePtr v = New(Kind::kFloat);
       std::memcpy(&v->f, &raw, sizeof(raw));
       return Push(std::move(v));
     }
@@ -682,7 +775,7 @@ absl::Status Unpickler::Step(uint8_t op, bool* stop) {
       LH_RETURN_IF_ERROR(Need(short_len ? 1 : 4));
       const uint64_t n = Le(short_len ? 1 : 4);
       if (op == 'T' && n > 0x7fffffff) return Error("negative BINSTRING size");
-      ValuePtr v = Make(op == 'B' || op == 'C' ? Kind::kBytes : Kind::kString);
+      ValuePtr v = New(op == 'B' || op == 'C' ? Kind::kBytes : Kind::kString);
       LH_ASSIGN_OR_RETURN(v->s, ReadBytes(n));
       return Push(std::move(v));
     }
@@ -700,9 +793,9 @@ absl::Status Unpickler::Step(uint8_t op, bool* stop) {
       return Push(std::move(t));
     }
     case ']':
-      return Push(Make(Kind::kList));
+      return Push(New(Kind::kList));
     case '}':
-      return Push(Make(Kind::kDict));
+      return Push(New(Kind::kDict));
     case 'a': {
       LH_ASSIGN_OR_RETURN(ValuePtr item, Pop());
       std::vector<ValuePtr> items;
@@ -740,7 +833,7 @@ absl::Status Unpickler::Step(uint8_t op, bool* stop) {
     case 0x94:
       return Memo(memo_.size());
     case 'c':
-      return Global();
+      return LoadGlobal();
     case 'R':
       return Reduce();
     case 'Q':
@@ -768,6 +861,10 @@ absl::StatusOr<ValuePtr> Unpickler::Run() {
     const uint8_t op = in_[pos_++];
     bool stop = false;
     LH_RETURN_IF_ERROR(Step(op, &stop));
+    if (values_created_ > kMaxValues) {
+      return Error(
+          absl::StrCat("pickle creates more than ", kMaxValues, " objects"));
+    }
     if (stop) return Pop();
   }
   op_offset_ = pos_;
@@ -806,14 +903,14 @@ absl::StatusOr<TensorMap> ToTensorMap(const Value& root,
     const Value& key = *dict->items[k];
     const Value& value = *dict->items[k + 1];
     if (key.kind != Kind::kString) {
-      return bad(absl::StrCat("a key is a ", KindName(key.kind),
-                              ", expected str"));
+      return bad(
+          absl::StrCat("a key is a ", KindName(key.kind), ", expected str"));
     }
     if (value.kind != Kind::kTensor) {
       return bad(absl::StrCat("entry '", absl::CHexEscape(key.s), "' is a ",
                               KindName(value.kind), ", expected a tensor"));
     }
-    out.insert_or_assign(key.s, value.tensor);  // later keys win, as in Python
+    out.insert_or_assign(key.s, *value.tensor);  // later keys win, as in Python
   }
   return out;
 }
@@ -880,17 +977,17 @@ absl::StatusOr<TensorMap> ParseTorchZip(const uint8_t* data, size_t size,
     LH_ASSIGN_OR_RETURN(const absl::Span<const uint8_t> order,
                         archive.Read("byteorder"));
     const absl::string_view value(reinterpret_cast<const char*>(order.data()),
-                                 order.size());
+                                  order.size());
     if (value != "little") {
       return absl::InvalidArgumentError(absl::StrCat(
-          "torch file '", source, "' has byte order '",
-          absl::CHexEscape(value), "'; only little-endian is supported"));
+          "torch file '", source, "' has byte order '", absl::CHexEscape(value),
+          "'; only little-endian is supported"));
     }
   }
   if (!archive.Contains("data.pkl")) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "torch file '", source, "' has no '", archive.prefix(),
-        "data.pkl': not a torch.save archive"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("torch file '", source, "' has no '", archive.prefix(),
+                     "data.pkl': not a torch.save archive"));
   }
   LH_ASSIGN_OR_RETURN(const absl::Span<const uint8_t> pickle,
                       archive.Read("data.pkl"));
@@ -911,7 +1008,8 @@ absl::StatusOr<TensorMap> ParseTorchZip(const uint8_t* data, size_t size,
 absl::StatusOr<TensorMap> ReadTorchFile(const std::string& path,
                                         const TorchReadOptions& options) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("cannot open '", path, "'"));
+  if (fd < 0)
+    return ErrnoStatus(errno, absl::StrCat("cannot open '", path, "'"));
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     const int err = errno;

@@ -50,9 +50,8 @@ struct TorchReadOptions {
 
 // A storage as the pickle refers to it: bytes of the entry data/<key>.
 // Errors are returned as they are (NotFound, DataLoss, ...).
-using StorageLookup =
-    std::function<absl::StatusOr<absl::Span<const uint8_t>>(
-        const std::string& key)>;
+using StorageLookup = std::function<absl::StatusOr<absl::Span<const uint8_t>>(
+    const std::string& key)>;
 
 // Runs the restricted unpickler over `pickle` (the bytes of data.pkl) and
 // returns the state dict it describes: an (Ordered)Dict of name -> tensor,

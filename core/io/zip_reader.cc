@@ -98,9 +98,8 @@ absl::StatusOr<Directory> ReadDirectoryLocation(const Reader& r,
   dir.limit = eocd;
   const bool zip64 = dir.entries == 0xffff || dir.size == 0xffffffff ||
                      dir.offset == 0xffffffff || disk_entries == 0xffff;
-  const bool has_locator =
-      eocd >= kZip64LocatorSize &&
-      r.U32(eocd - kZip64LocatorSize) == kZip64LocatorSig;
+  const bool has_locator = eocd >= kZip64LocatorSize &&
+                           r.U32(eocd - kZip64LocatorSize) == kZip64LocatorSig;
   if (!zip64 && !has_locator) {
     if (disk != 0 || cd_disk != 0 || disk_entries != dir.entries) {
       return Bad(source, "multi-disk archives are not supported");
@@ -229,11 +228,11 @@ absl::StatusOr<ZipArchive> ZipArchive::Parse(const uint8_t* data, size_t size,
                                       "' is encrypted; not supported"));
     }
     if (method != 0) {
-      return Bad(source,
-                 absl::StrCat("entry '", name, "' is compressed (method ",
-                              method,
-                              "); only stored entries, as torch.save writes "
-                              "them, are supported"));
+      return Bad(
+          source,
+          absl::StrCat("entry '", name, "' is compressed (method ", method,
+                       "); only stored entries, as torch.save writes "
+                       "them, are supported"));
     }
     if (disk_start != 0 && disk_start != 0xffff) {
       return Bad(source, "multi-disk archives are not supported");
@@ -241,9 +240,9 @@ absl::StatusOr<ZipArchive> ZipArchive::Parse(const uint8_t* data, size_t size,
     LH_RETURN_IF_ERROR(ApplyZip64Extra(r, pos + 46 + name_len, extra_len,
                                        &usize, &csize, &local, source, name));
     if (csize != usize) {
-      return Bad(source, absl::StrCat("stored entry '", name,
-                                      "' has compressed size ", csize,
-                                      " != uncompressed size ", usize));
+      return Bad(source,
+                 absl::StrCat("stored entry '", name, "' has compressed size ",
+                              csize, " != uncompressed size ", usize));
     }
     // Local header: its sizes may be zero (torch writes data descriptors),
     // so only the signature, method and name are checked against the
@@ -320,9 +319,9 @@ absl::StatusOr<absl::Span<const uint8_t>> ZipArchive::Read(
   absl::Span<const uint8_t> bytes(data_ + it->second.data_offset,
                                   it->second.size);
   if (options_.verify_crc && Crc32(bytes) != it->second.crc32) {
-    return absl::DataLossError(absl::StrCat("zip archive '", source_,
-                                            "': CRC-32 mismatch in entry '",
-                                            prefix_, std::string(relative_name), "'"));
+    return absl::DataLossError(
+        absl::StrCat("zip archive '", source_, "': CRC-32 mismatch in entry '",
+                     prefix_, std::string(relative_name), "'"));
   }
   return bytes;
 }

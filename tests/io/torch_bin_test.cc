@@ -66,31 +66,39 @@ double Element(const HostTensor& t, int64_t k) {
     return v;
   };
   switch (t.dtype) {
-    case DType::kF64: return load(double{});
-    case DType::kF32: return load(float{});
-    case DType::kF16: return HalfToFloat(load(uint16_t{}));
-    case DType::kBF16: return Bf16ToFloat(load(uint16_t{}));
-    case DType::kI64: return static_cast<double>(load(int64_t{}));
-    case DType::kI32: return load(int32_t{});
-    case DType::kI16: return load(int16_t{});
-    case DType::kI8: return load(int8_t{});
-    case DType::kU8: return load(uint8_t{});
-    case DType::kBool: return load(uint8_t{});
+    case DType::kF64:
+      return load(double{});
+    case DType::kF32:
+      return load(float{});
+    case DType::kF16:
+      return HalfToFloat(load(uint16_t{}));
+    case DType::kBF16:
+      return Bf16ToFloat(load(uint16_t{}));
+    case DType::kI64:
+      return static_cast<double>(load(int64_t{}));
+    case DType::kI32:
+      return load(int32_t{});
+    case DType::kI16:
+      return load(int16_t{});
+    case DType::kI8:
+      return load(int8_t{});
+    case DType::kU8:
+      return load(uint8_t{});
+    case DType::kBool:
+      return load(uint8_t{});
   }
   return NAN;
 }
 
-nlohmann::json Expected() {
-  std::ifstream in(Path("expected.json"));
-  return nlohmann::json::parse(in);
-}
-
-TEST(TorchBinTest, EveryGoodFixtureMatchesTorch) {
-  const nlohmann::json expected = Expected();
+// Checks every file listed in <subdir>expected.json against it.
+void CheckGoodFixtures(const std::string& subdir) {
+  std::ifstream in(Path(subdir + "expected.json"));
+  ASSERT_TRUE(in.good()) << "missing " << subdir << "expected.json";
+  const nlohmann::json expected = nlohmann::json::parse(in);
   ASSERT_GE(expected.size(), 10u);
   for (const auto& [file, tensors] : expected.items()) {
-    SCOPED_TRACE(file);
-    absl::StatusOr<TensorMap> map = ReadTorchFile(Path(file));
+    SCOPED_TRACE(subdir + file);
+    absl::StatusOr<TensorMap> map = ReadTorchFile(Path(subdir + file));
     ASSERT_TRUE(map.ok()) << map.status();
     std::set<std::string> want_names, got_names;
     for (const auto& [name, spec] : tensors.items()) want_names.insert(name);
@@ -115,6 +123,16 @@ TEST(TorchBinTest, EveryGoodFixtureMatchesTorch) {
   }
 }
 
+TEST(TorchBinTest, EveryGoodFixtureMatchesTorch) { CheckGoodFixtures(""); }
+
+// Files written by torch 2.x (make_fixtures.py torch2), when present.
+TEST(TorchBinTest, EveryTorch2FixtureMatchesTorch) {
+  if (!std::ifstream(Path("torch2/expected.json")).good()) {
+    GTEST_SKIP() << "no torch2/ fixtures; see make_fixtures.py";
+  }
+  CheckGoodFixtures("torch2/");
+}
+
 TEST(TorchBinTest, PeftAdapterKeysAndShapes) {
   absl::StatusOr<TensorMap> map = ReadTorchFile(Path("adapter_model.bin"));
   ASSERT_TRUE(map.ok()) << map.status();
@@ -129,8 +147,8 @@ TEST(TorchBinTest, PeftAdapterKeysAndShapes) {
 TEST(TorchBinTest, ContiguousViewsAreZeroCopyOthersAreCopied) {
   const std::vector<uint8_t> bytes = ReadBytes(Path("views.bin"));
   ASSERT_FALSE(bytes.empty());
-  absl::StatusOr<TensorMap> map = ParseTorchZip(
-      bytes.data(), bytes.size(), "views.bin", /*owner=*/nullptr);
+  absl::StatusOr<TensorMap> map =
+      ParseTorchZip(bytes.data(), bytes.size(), "views.bin", /*owner=*/nullptr);
   ASSERT_TRUE(map.ok()) << map.status();
   auto inside = [&](const HostTensor& t) {
     return t.data >= bytes.data() &&
@@ -222,13 +240,13 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Hand-written pickles for the unpickler's own limits.
 absl::StatusOr<TensorMap> Unpickle(const std::string& pickle) {
-  StorageLookup no_storage = [](const std::string& key)
-      -> absl::StatusOr<absl::Span<const uint8_t>> {
+  StorageLookup no_storage =
+      [](const std::string& key) -> absl::StatusOr<absl::Span<const uint8_t>> {
     return absl::NotFoundError("no storage " + key);
   };
   return UnpickleStateDict(
-      absl::Span<const uint8_t>(
-          reinterpret_cast<const uint8_t*>(pickle.data()), pickle.size()),
+      absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(pickle.data()),
+                                pickle.size()),
       no_storage, "inline", nullptr, pickle.size());
 }
 
@@ -244,19 +262,36 @@ TEST(TorchPickleTest, RejectsMalformedPickles) {
     const char* message;
   } cases[] = {
       {"\x80\x02N"s + std::string(100, '\x85') + ".", "nest too deep"},
-      {"\x80\x02]q\x00h\x00" "a."s, "container contains itself"},
-      {"\x80\x02]q\x00]q\x01" "ah\x01)a."s, "already inside another"},
+      {"\x80\x02]q\x00h\x00"
+       "a."s,
+       "container contains itself"},
+      {"\x80\x02]q\x00]q\x01"
+       "ah\x01)a."s,
+       "already inside another"},
       {"\x80\x02h\x05."s, "memo index 5 is not defined"},
       {"\x80\x02\x8a\x09"s + std::string(9, '\x01') + ".",
        "wider than 64 bits"},
       {"\x80\x02X\xff\xff\xff\x7f."s, "string runs past the end"},
       {"\x80\x02(."s, "pickle stack underflow"},
       {"\x80\x02}"s, "ends without STOP"},
-      {"\x80\x02" "cbuiltins\neval\n."s, "disallowed global 'builtins.eval'"},
-      {"\x80\x02" "ctorch\nFloatStorage\n)R."s, "calling a storage type"},
+      {"\x80\x02"
+       "cbuiltins\neval\n."s,
+       "disallowed global 'builtins.eval'"},
+      {"\x80\x02"
+       "ctorch\nFloatStorage\n)R."s,
+       "calling a storage type"},
       {"\x80\x02(I1\n."s, "disallowed pickle opcode INT"},
       {"\x80\x02\x81."s, "disallowed pickle opcode NEWOBJ"},
       {"\x80\x02]}b."s, "BUILD on a list is not"},
+      {"\x80\x02]"s +
+           [] {
+             std::string chunk = "(" + std::string(1000, 'N') + "e";
+             std::string all;
+             for (int k = 0; k < 1100; ++k) all += chunk;
+             return all;
+           }() +
+           ".",
+       "more than 1048576 objects"},
   };
   for (const auto& c : cases) {
     absl::StatusOr<TensorMap> map = Unpickle(c.pickle);

@@ -3,12 +3,15 @@
 
 Run with Debian's Python, which has torch 1.13:
     /usr/bin/python3 tests/testdata/torch_bin/make_fixtures.py
+With torch 2.x (e.g. on the GPU host), write into torch2/ instead:
+    python3 tests/testdata/torch_bin/make_fixtures.py torch2
 
 Good files are written by torch.save itself; expected.json records, for each,
 what torch says the tensors are (dtype, shape, values in row-major order), so
 the C++ test compares the reader against torch rather than against itself.
 Hostile files are built with the plain `pickle` module inside zips and are
-never loaded here (nothing in them is executed). Output is deterministic.
+never loaded here (nothing in them is executed). Output is deterministic
+except legacy.bin (the legacy format records storage addresses).
 """
 import collections
 import io
@@ -22,7 +25,8 @@ import zlib
 
 import torch
 
-OUT = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, sys.argv[1]) if len(sys.argv) > 1 else HERE
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 DTYPE_NAMES = {
@@ -136,6 +140,7 @@ class Evil:
 
 
 def main():
+    os.makedirs(OUT, exist_ok=True)
     torch.manual_seed(0)
     expected = {}
 
