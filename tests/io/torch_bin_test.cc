@@ -193,6 +193,20 @@ TEST(TorchBinTest, ZipPrefixIsTheArchiveName) {
   }
 }
 
+TEST(ZipReaderTest, Crc32CheckValues) {
+  // The standard CRC-32 check value, and lengths around the 8-byte stride.
+  const std::string digits = "123456789";
+  EXPECT_EQ(Crc32(absl::Span<const uint8_t>(
+                reinterpret_cast<const uint8_t*>(digits.data()), 9)),
+            0xCBF43926u);
+  EXPECT_EQ(Crc32({}), 0u);
+  const std::string a17(17, 'a');
+  // zlib.crc32(b"a" * 17) == 0x1EC14E70 (computed with Python's zlib).
+  EXPECT_EQ(Crc32(absl::Span<const uint8_t>(
+                reinterpret_cast<const uint8_t*>(a17.data()), 17)),
+            0x1EC14E70u);
+}
+
 struct BadFile {
   const char* file;
   absl::StatusCode code;
@@ -235,6 +249,12 @@ INSTANTIATE_TEST_SUITE_P(
                 "top-level object is a list"},
         BadFile{"legacy.bin", absl::StatusCode::kInvalidArgument,
                 "legacy torch.save format"},
+        BadFile{"mixed_prefix.bin", absl::StatusCode::kInvalidArgument,
+                "different top-level folders ('a/' and 'b/')"},
+        BadFile{"duplicate_entry.bin", absl::StatusCode::kInvalidArgument,
+                "duplicate entry 'archive/data.pkl'"},
+        BadFile{"encrypted.bin", absl::StatusCode::kInvalidArgument,
+                "entry 'archive/data.pkl' is encrypted"},
         BadFile{"no_such_file.bin", absl::StatusCode::kNotFound,
                 "cannot open"}));
 

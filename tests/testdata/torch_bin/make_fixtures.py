@@ -258,6 +258,21 @@ def main():
         ("archive/data.pkl", crafted_pickle([FakeTensor(storage, 0, (6,), (1,))])),
         ("archive/data/0", data0)])
 
+    write_zip("mixed_prefix.bin", [("a/data.pkl", b"\x80\x02}."),
+                                   ("b/version", b"3\n")])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate
+        write_zip("duplicate_entry.bin", [("archive/data.pkl", b"\x80\x02}."),
+                                          ("archive/data.pkl", b"\x80\x02}.")])
+    # Set the "encrypted" flag in the local and the central header.
+    write_zip("encrypted.bin", [("archive/data.pkl", b"\x80\x02}.")])
+    enc = bytearray(open(os.path.join(OUT, "encrypted.bin"), "rb").read())
+    enc[6] |= 1
+    enc[enc.rfind(b"PK\x01\x02") + 8] |= 1
+    with open(os.path.join(OUT, "encrypted.bin"), "wb") as f:
+        f.write(bytes(enc))
+
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
         f.write("\n")
