@@ -19,9 +19,11 @@
 // any other view (transposed, strided, overlapping) is copied after checking
 // that every element it can reach lies inside its storage.
 //
-// Resource bounds: the stack, memo, container nesting and strings are bounded
-// by the input size and by fixed limits; bytes copied for non-contiguous views
-// are bounded by TorchReadOptions::max_copy_bytes. Input is never trusted.
+// Resource bounds: every stack entry, memo entry, mark and object costs at
+// least one input byte, and there are fixed caps on top (stack 2^20 entries,
+// memo 2^20, marks 2^16, objects created 2^20 (~150 bytes each), container
+// nesting 64, tensor rank 64). Bytes copied for non-contiguous views are
+// bounded by TorchReadOptions::max_copy_bytes. Input is never trusted.
 //
 // Thread-safety: the functions are reentrant; results are immutable.
 #ifndef LORAHUB_CORE_IO_TORCH_PICKLE_H_
