@@ -5,6 +5,10 @@ Run with Debian's Python, which has torch 1.13:
     /usr/bin/python3 tests/testdata/torch_bin/make_fixtures.py
 With torch 2.x (e.g. on the GPU host), write into torch2/ instead:
     python3 tests/testdata/torch_bin/make_fixtures.py torch2
+To describe files written elsewhere (torch211/ holds a PEFT adapter_model.bin
+written by torch 2.11 on the GPU host), load them with torch and write
+DIR/expected.json:
+    /usr/bin/python3 tests/testdata/torch_bin/make_fixtures.py --describe torch211
 
 Good files are written by torch.save itself; expected.json records, for each,
 what torch says the tensors are (dtype, shape, values in row-major order), so
@@ -26,7 +30,7 @@ import zlib
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, sys.argv[1]) if len(sys.argv) > 1 else HERE
+OUT = os.path.join(HERE, sys.argv[-1]) if len(sys.argv) > 1 else HERE
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 DTYPE_NAMES = {
@@ -46,8 +50,14 @@ def describe(state_dict):
             values = [int(v) for v in flat.tolist()]
         else:
             values = flat.tolist()
-        out[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                     "values": values}
+        entry = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+        if len(values) <= 64:
+            entry["values"] = values
+        else:  # keep expected.json small: the first values and float64 sums
+            entry["head"] = values[:16]
+            entry["sum"] = flat.double().sum().item()
+            entry["abs_sum"] = flat.double().abs().sum().item()
+        out[name] = entry
     return out
 
 
@@ -278,5 +288,16 @@ def main():
         f.write("\n")
 
 
+def describe_dir():
+    expected = {}
+    for name in sorted(os.listdir(OUT)):
+        if name.endswith(".bin"):
+            expected[name] = describe(torch.load(os.path.join(OUT, name),
+                                                 weights_only=True))
+    with open(os.path.join(OUT, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(describe_dir() if "--describe" in sys.argv else main())
