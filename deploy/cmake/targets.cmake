@@ -228,6 +228,32 @@ lorahub_cc_library(core_io_safetensors
   OUTPUT_NAME safetensors
 )
 
+# //core/io:zip_reader (cc_library)
+lorahub_cc_library(core_io_zip_reader
+  PACKAGE core/io
+  SRCS
+    ${SRC}/core/io/zip_reader.cc
+    ${SRC}/core/io/zip_reader.h
+  DEPS
+    core_util_status_macros
+    ext_absl_absl
+  OUTPUT_NAME zip_reader
+)
+
+# //core/io:torch_pickle (cc_library)
+lorahub_cc_library(core_io_torch_pickle
+  PACKAGE core/io
+  SRCS
+    ${SRC}/core/io/torch_pickle.cc
+    ${SRC}/core/io/torch_pickle.h
+  DEPS
+    core_io_host_tensor
+    core_io_zip_reader
+    core_util_status_macros
+    ext_absl_absl
+  OUTPUT_NAME torch_pickle
+)
+
 # ---- //core/learn  (core/learn/BUILD)
 
 # //core/learn:symmetric_eigen (cc_library)
@@ -424,6 +450,34 @@ lorahub_cc_test(tests_fuzz_safetensors_fuzz_replay
   TIMEOUT 300
 )
 
+# //tests/fuzz:torch_zip_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_torch_zip_fuzz_replay
+  TEST_NAME //tests/fuzz:torch_zip_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/torch_zip_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_io_torch_pickle
+  ARGS
+    tests/fuzz/corpus/torch_zip
+  TIMEOUT 300
+)
+
+# //tests/fuzz:torch_pickle_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_torch_pickle_fuzz_replay
+  TEST_NAME //tests/fuzz:torch_pickle_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/torch_pickle_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_io_torch_pickle
+  ARGS
+    tests/fuzz/corpus/torch_pickle
+  TIMEOUT 300
+)
+
 # ---- //tests/io  (tests/io/BUILD)
 
 # //tests/io:safetensors_test (cc_test)
@@ -436,6 +490,20 @@ lorahub_cc_test(tests_io_safetensors_test
     core_io_safetensors
     ext_absl_absl
     ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/io:torch_bin_test (cc_test)
+lorahub_cc_test(tests_io_torch_bin_test
+  TEST_NAME //tests/io:torch_bin_test
+  PACKAGE tests/io
+  SRCS
+    ${SRC}/tests/io/torch_bin_test.cc
+  DEPS
+    core_io_torch_pickle
+    core_io_zip_reader
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
   TIMEOUT 300
 )
 
@@ -575,6 +643,10 @@ lorahub_cc_test(tests_store_store_schema_test
 # ---- //tests/testdata/safetensors  (tests/testdata/safetensors/BUILD)
 
 # //tests/testdata/safetensors:fixtures (filegroup): nothing to build in CMake
+
+# ---- //tests/testdata/torch_bin  (tests/testdata/torch_bin/BUILD)
+
+# //tests/testdata/torch_bin:fixtures (filegroup): nothing to build in CMake
 
 # ---- //tests/util  (tests/util/BUILD)
 
