@@ -254,6 +254,20 @@ lorahub_cc_library(core_io_torch_pickle
   OUTPUT_NAME torch_pickle
 )
 
+# //core/io:checkpoint (cc_library)
+lorahub_cc_library(core_io_checkpoint
+  PACKAGE core/io
+  SRCS
+    ${SRC}/core/io/checkpoint.cc
+    ${SRC}/core/io/checkpoint.h
+  DEPS
+    core_io_host_tensor
+    core_io_safetensors
+    core_io_torch_pickle
+    ext_absl_absl
+  OUTPUT_NAME checkpoint
+)
+
 # ---- //core/learn  (core/learn/BUILD)
 
 # //core/learn:symmetric_eigen (cc_library)
@@ -507,6 +521,20 @@ lorahub_cc_test(tests_io_torch_bin_test
   TIMEOUT 300
 )
 
+# //tests/io:checkpoint_test (cc_test)
+lorahub_cc_test(tests_io_checkpoint_test
+  TEST_NAME //tests/io:checkpoint_test
+  PACKAGE tests/io
+  SRCS
+    ${SRC}/tests/io/checkpoint_test.cc
+  DEPS
+    core_io_checkpoint
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
 # ---- //tests/learn  (tests/learn/BUILD)
 
 # //tests/learn:analytic_functions (cc_library)
@@ -640,9 +668,17 @@ lorahub_cc_test(tests_store_store_schema_test
   TIMEOUT 300
 )
 
+# ---- //tests/testdata/ref_tiny  (tests/testdata/ref_tiny/BUILD)
+
+# //tests/testdata/ref_tiny:ref_tiny (filegroup): nothing to build in CMake
+
 # ---- //tests/testdata/safetensors  (tests/testdata/safetensors/BUILD)
 
 # //tests/testdata/safetensors:fixtures (filegroup): nothing to build in CMake
+
+# ---- //tests/testdata/t5  (tests/testdata/t5/BUILD)
+
+# //tests/testdata/t5:t5 (filegroup): nothing to build in CMake
 
 # ---- //tests/testdata/torch_bin  (tests/testdata/torch_bin/BUILD)
 
