@@ -408,10 +408,13 @@ lorahub_cc_library(server_info_service
 lorahub_cc_binary(server_lorahub
   PACKAGE server
   SRCS
+    ${SRC}/server/cli/inspect_command.cc
     ${SRC}/server/cli/serve_command.cc
     ${SRC}/server/main.cc
   DEPS
     server_cli_args
+    core_io_checkpoint
+    ext_nlohmann_json_json
     server_info_service
     ext_absl_absl
     ext_grpc_grpc___reflection
@@ -438,6 +441,21 @@ lorahub_script_test(tests_build_sync_check_selftest
   INTERPRETER bash
   SCRIPT ${SRC}/tests/build/sync_check_selftest.py
   TIMEOUT 60
+)
+
+# ---- //tests/cli  (tests/cli/BUILD)
+
+# //tests/cli:inspect_test (sh_test)
+lorahub_script_test(tests_cli_inspect_test
+  TEST_NAME //tests/cli:inspect_test
+  PACKAGE tests/cli
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/cli/inspect_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
 )
 
 # ---- //tests/fuzz  (tests/fuzz/BUILD)
