@@ -80,11 +80,16 @@ class State:
                 self.renames[old] = repo_id
 
     def take_faults(self, host, method, path):
-        """Returns the faults matching this request, consuming one use each."""
+        """Returns the faults matching this request, consuming one use each.
+
+        At most one fault of each kind applies (the oldest), so two queued
+        status faults hit two successive requests.
+        """
         taken = []
+        kinds = set()
         with self.lock:
             for f in self.faults:
-                if f.get("count", -1) == 0:
+                if f.get("count", -1) == 0 or f["kind"] in kinds:
                     continue
                 if f.get("host") and f["host"] != host:
                     continue
@@ -94,6 +99,7 @@ class State:
                     continue
                 if f.get("count", -1) > 0:
                     f["count"] -= 1
+                kinds.add(f["kind"])
                 taken.append(f)
         return taken
 
@@ -110,6 +116,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):  # keep the test output quiet
         pass
+
+    def handle(self):
+        # Clients under test hang up mid-request (timeouts, cancellation).
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            pass
 
     @property
     def state(self):
@@ -329,7 +342,8 @@ class Handler(BaseHTTPRequestHandler):
             sib = {"rfilename": name}
             if blobs:
                 sib["size"] = len(entry["data"])
-                sib["blobId"] = entry["sha1"]
+                sib["blobId"] = (pointer_sha1(entry["sha256"], len(entry["data"]))
+                                 if entry["lfs"] else entry["sha1"])
                 if entry["lfs"]:
                     sib["lfs"] = {"size": len(entry["data"]), "sha256": entry["sha256"],
                                   "pointerSize": 134}
