@@ -33,7 +33,8 @@ size_t OnHeader(char* data, size_t size, size_t n, void* user) {
     return size * n;
   }
   size_t colon = line.find(':');
-  if (colon != absl::string_view::npos) {
+  // A bounded header map: a hostile server cannot grow it without limit.
+  if (colon != absl::string_view::npos && state->response.headers.size() < 256) {
     std::string name = absl::AsciiStrToLower(line.substr(0, colon));
     state->response.headers[name] =
         std::string(absl::StripAsciiWhitespace(line.substr(colon + 1)));

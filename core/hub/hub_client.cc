@@ -361,6 +361,11 @@ absl::StatusOr<CachedFile> HubClient::Download(absl::string_view repo_id,
     absl::Status ref = cache_.WriteRef(repo_id, revision, meta.commit);
     if (!ref.ok()) return ref;
   }
+  if (meta.size > options_.max_file_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        Describe(repo_id, revision, filename), " has ", meta.size,
+        " bytes, more than the limit of ", options_.max_file_bytes));
+  }
   std::string path = cache_.SnapshotPath(repo_id, meta.commit, filename);
   bool downloaded = false;
   if (!PathExists(path)) {

@@ -19,6 +19,7 @@
 //   FailedPrecondition - offline mode and the file is not cached;
 //   DataLoss           - size or digest mismatch (nothing enters the cache);
 //   Cancelled          - the progress callback returned false;
+//   ResourceExhausted  - the file is larger than max_file_bytes;
 //   Internal           - the hub broke the protocol (missing X-Repo-Commit,
 //                        etag or size; bad etag) with no cached copy, or a
 //                        local filesystem error.
@@ -83,6 +84,9 @@ struct HubClientOptions {
   // Backoff before retry i (0-based): initial * 2^i, capped; milliseconds.
   long initial_backoff_ms = 1000;
   long max_backoff_ms = 8000;
+  // Largest file accepted, bytes (huggingface_hub's MAX_HTTP_DOWNLOAD_SIZE);
+  // a larger announced size fails with ResourceExhausted before any GET.
+  uint64_t max_file_bytes = 50'000'000'000ull;
   // Default progress callback for downloads without their own; may be null.
   ProgressCallback progress;
   // Sent as User-Agent.

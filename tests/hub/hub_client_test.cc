@@ -232,6 +232,15 @@ TEST_F(HubClientTest, DownloadsLfsAndGitFilesIntoHfCacheLayout) {
   EXPECT_EQ(log[1].method, "GET");
   EXPECT_EQ(log[1].host, "cdn");
   EXPECT_EQ(emu_->Count("GET", "cdn"), 1);
+  EXPECT_EQ(emu_->Count("HEAD", "cdn"), 0);  // the HEAD never follows the 302
+}
+
+TEST_F(HubClientTest, RefusesFilesOverTheSizeLimit) {
+  HubClientOptions o = Options();
+  o.max_file_bytes = kLfsSize - 1;
+  auto big = Client(o)->Download(kRepo, "main", "adapter_model.safetensors");
+  EXPECT_TRUE(absl::IsResourceExhausted(big.status())) << big.status();
+  EXPECT_EQ(emu_->Count("GET", ""), 0);
 }
 
 TEST_F(HubClientTest, CachedFileIsNotDownloadedAgain) {
