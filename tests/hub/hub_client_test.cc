@@ -5,10 +5,12 @@
 
 #include <dirent.h>
 #include <sys/stat.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <random>
@@ -583,6 +585,37 @@ TEST_F(HubClientTest, ConcurrentProcessesShareTheCacheSafely) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   EXPECT_EQ(ReadFile(file->path), LfsContent());
   EXPECT_EQ(emu_->Count("GET", "cdn"), 1);
+}
+
+TEST_F(HubClientTest, ProcessKilledMidDownloadLeavesOnlyIncompleteFile) {
+  // The emulator sends half the body, then stalls; the child is killed then.
+  emu_->AddFault({{"kind", "stall_ms"}, {"ms", 3000}, {"where", "body"},
+                  {"host", "cdn"}, {"count", 1}});
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto c = HubClient::Create(Options());
+    if (c.ok()) (*c)->Download(kRepo, "main", "adapter_model.safetensors").IgnoreError();
+    _exit(0);
+  }
+  const std::string sha = EmulatorSha256("adapter_model.safetensors");
+  const std::string incomplete = RepoDir() + "/blobs/" + sha + ".incomplete";
+  struct stat st;
+  for (int i = 0; i < 200; ++i) {
+    if (stat(incomplete.c_str(), &st) == 0 && st.st_size == kLfsSize / 2) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  ASSERT_EQ(stat(incomplete.c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, static_cast<off_t>(kLfsSize / 2));
+  ExpectNoLfsBlob();
+
+  // The lock died with the child; this process resumes from the partial file.
+  auto file = Client()->Download(kRepo, "main", "adapter_model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(ReadFile(file->path), LfsContent());
+  EXPECT_EQ(emu_->Log().back().range, absl::StrCat("bytes=", kLfsSize / 2, "-"));
 }
 
 TEST_F(HubClientTest, FollowsRelativeRedirectOfRenamedRepo) {

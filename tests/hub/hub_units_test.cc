@@ -6,6 +6,8 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/hub/file_digest.h"
@@ -58,8 +60,10 @@ TEST(ValidationTest, RepoIds) {
                          "a.b/c_d-e", "_x/y_"}) {
     EXPECT_TRUE(ValidateRepoId(ok).ok()) << ok;
   }
-  for (const char* bad : {"", "/", "a/", "/a", "a/b/c", "..", "a/..", "a--b",
-                          "-a", "a.", "a b", std::string(97, 'a').c_str()}) {
+  const std::string too_long(97, 'a');
+  for (const std::string& bad : std::vector<std::string>{
+           "", "/", "a/", "/a", "a/b/c", "..", "a/..", "a--b", "-a", "a.", "a b",
+           too_long}) {
     EXPECT_TRUE(absl::IsInvalidArgument(ValidateRepoId(bad))) << bad;
   }
 }
