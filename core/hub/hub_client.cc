@@ -431,9 +431,11 @@ absl::Status HubClient::DownloadBlobLocked(absl::string_view repo_id,
   absl::Status dirs = MakeDirs(cache_.RepoDir(repo_id) + "/blobs");
   if (!dirs.ok()) return dirs;
 
-  const bool same_host = UrlOrigin(meta.location) == UrlOrigin(options_.endpoint);
+  std::string url = meta.location;
   int failures = 0;
+  int redirects = 0;
   while (true) {
+    const bool same_host = UrlOrigin(url) == UrlOrigin(options_.endpoint);
     int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     if (fd < 0) {
       return absl::InternalError(absl::StrCat("cannot open '", tmp,
@@ -454,7 +456,7 @@ absl::Status HubClient::DownloadBlobLocked(absl::string_view repo_id,
     }
     HttpRequest request;
     request.method = "GET";
-    request.url = meta.location;
+    request.url = url;
     // A redirect to another host is a signed CDN URL: no token (§6).
     request.headers = CommonHeaders(/*with_auth=*/same_host);
     if (offset > 0) request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-"));
@@ -479,7 +481,7 @@ absl::Status HubClient::DownloadBlobLocked(absl::string_view repo_id,
                    ContentRangeStart(head.Header("content-range")) !=
                        static_cast<int64_t>(written)) {
           sink_error = absl::InternalError(absl::StrCat(
-              "GET ", meta.location, ": Content-Range '",
+              "GET ", url, ": Content-Range '",
               head.Header("content-range"), "' does not start at ", written));
           return false;
         }
@@ -523,19 +525,26 @@ absl::Status HubClient::DownloadBlobLocked(absl::string_view repo_id,
     } else if (response->status == 416 && offset > 0) {
       // Our partial file does not fit the server's: restart from 0.
       if (truncate(tmp.c_str(), 0) != 0) unlink(tmp.c_str());
-      error = absl::UnavailableError(absl::StrCat("GET ", meta.location, ": HTTP 416"));
+      error = absl::UnavailableError(absl::StrCat("GET ", url, ": HTTP 416"));
       retryable = true;
+    } else if (response->status >= 300 && response->status < 400 &&
+               !response->Header("location").empty() &&
+               redirects < kMaxRelativeRedirects) {
+      // Unlike the HEAD, the GET follows redirects (as requests/httpx do).
+      url = ResolveLocation(url, response->Header("location"));
+      ++redirects;
+      continue;
     } else if (response->status < 200 || response->status >= 300) {
       error = HubHttpError(response->status, response->Header("x-error-code"),
                            response->Header("x-error-message"),
-                           absl::StrCat("GET ", meta.location));
+                           absl::StrCat("GET ", url));
       retryable = IsRetryableHttpStatus(response->status);
     } else if (written >= meta.size) {
       break;
     } else {
       // The body ended early but the server claimed success.
       error = absl::UnavailableError(absl::StrCat(
-          "GET ", meta.location, ": body ended after ", written, " of ",
+          "GET ", url, ": body ended after ", written, " of ",
           meta.size, " bytes"));
       retryable = true;
     }

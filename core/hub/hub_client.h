@@ -28,7 +28,8 @@
 //
 // Thread-safety: a HubClient is safe to use from many threads. Concurrent
 // downloads of one blob in this process share one transfer; across processes
-// an flock on .locks/models--*/<etag>.lock serialises them. All download
+// an flock on .locks/models--*/<etag>.lock serialises them (a caller that
+// joins a transfer already in flight gets no progress reports). All download
 // methods block the calling thread.
 #ifndef LORAHUB_CORE_HUB_HUB_CLIENT_H_
 #define LORAHUB_CORE_HUB_HUB_CLIENT_H_

@@ -630,6 +630,27 @@ TEST_F(HubClientTest, FollowsRelativeRedirectOfRenamedRepo) {
   EXPECT_EQ(log[2].host, "cdn");
 }
 
+TEST_F(HubClientTest, GetFollowsRedirects) {
+  // HEAD answers 200, the GET is redirected (relative) to the pinned URL.
+  emu_->AddFault({{"kind", "redirect"}, {"method", "GET"}, {"count", 1},
+                  {"location", absl::StrCat("/", kRepo, "/resolve/", kCommit1,
+                                            "/adapter_config.json")}});
+  auto file = Client()->Download(kRepo, "main", "adapter_config.json");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(ReadFile(file->path), kConfigV1);
+  EXPECT_EQ(emu_->Count("GET", "hub"), 2);
+}
+
+TEST_F(HubClientTest, DownServerIsUnavailable) {
+  emu_->AddFault({{"kind", "down"}});
+  HubClientOptions o = Options();
+  o.max_retries = 2;
+  auto failed = Client(o)->Download(kRepo, "main", "adapter_config.json");
+  ASSERT_FALSE(failed.ok());
+  EXPECT_TRUE(absl::IsUnavailable(failed.status())) << failed.status();
+  EXPECT_EQ(emu_->Count("HEAD", "hub"), 3);
+}
+
 TEST_F(HubClientTest, MovedBranchGetsNewSnapshotAndKeepsOldOne) {
   auto client = Client();
   auto v1 = client->Download(kRepo, "main", "adapter_config.json");

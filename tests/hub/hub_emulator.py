@@ -232,6 +232,10 @@ class Handler(BaseHTTPRequestHandler):
         if "down" in kinds:
             self.close_connection = True
             return
+        if "redirect" in kinds:
+            self.reply(int(kinds["redirect"].get("status", 307)),
+                       [("Location", kinds["redirect"]["location"])], b"", faults)
+            return
         if "status" in kinds:
             st = int(kinds["status"].get("status", 500))
             self.reply(st, [("Content-Type", "text/plain")], b"injected fault", faults)
