@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 
+#include <chrono>
 #include <memory>
 #include <mutex>
 
@@ -17,7 +18,29 @@ struct TransferState {
   HttpResponse response;
   const BodySink* sink = nullptr;
   bool sink_aborted = false;
+  // Idle-timeout bookkeeping (see HttpRequest::idle_timeout_ms).
+  long idle_timeout_ms = 0;
+  curl_off_t last_bytes = -1;
+  std::chrono::steady_clock::time_point last_progress;
+  bool idle_timed_out = false;
 };
+
+int OnProgress(void* user, curl_off_t, curl_off_t dlnow, curl_off_t,
+               curl_off_t ulnow) {
+  auto* state = static_cast<TransferState*>(user);
+  auto now = std::chrono::steady_clock::now();
+  if (dlnow + ulnow != state->last_bytes) {
+    state->last_bytes = dlnow + ulnow;
+    state->last_progress = now;
+    return 0;
+  }
+  if (now - state->last_progress >
+      std::chrono::milliseconds(state->idle_timeout_ms)) {
+    state->idle_timed_out = true;
+    return 1;  // CURLE_ABORTED_BY_CALLBACK
+  }
+  return 0;
+}
 
 size_t OnHeader(char* data, size_t size, size_t n, void* user) {
   auto* state = static_cast<TransferState*>(user);
@@ -108,9 +131,12 @@ absl::StatusOr<HttpResponse> PerformHttp(const HttpRequest& request,
   if (request.total_timeout_ms > 0) {
     curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, request.total_timeout_ms);
   }
-  if (request.low_speed_bytes_per_s > 0 && request.low_speed_time_s > 0) {
-    curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, request.low_speed_bytes_per_s);
-    curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, request.low_speed_time_s);
+  if (request.idle_timeout_ms > 0) {
+    state.idle_timeout_ms = request.idle_timeout_ms;
+    state.last_progress = std::chrono::steady_clock::now();
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, &OnProgress);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, &state);
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
   }
   CURLcode rc = curl_easy_perform(c);
   if (partial_bytes != nullptr) *partial_bytes = state.response.body_bytes;
@@ -119,6 +145,10 @@ absl::StatusOr<HttpResponse> PerformHttp(const HttpRequest& request,
                                     error_buffer[0] ? error_buffer
                                                     : curl_easy_strerror(rc));
   if (state.sink_aborted) return absl::CancelledError(detail);
+  if (state.idle_timed_out) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        detail, " (no data for ", request.idle_timeout_ms, " ms)"));
+  }
   switch (rc) {
     case CURLE_OPERATION_TIMEDOUT:
       return absl::DeadlineExceededError(detail);

@@ -34,10 +34,10 @@ struct HttpRequest {
   // Whole-request limit, milliseconds; 0: none (GETs rely on the low-speed
   // limit instead, so big files are not cut off).
   long total_timeout_ms = 0;
-  // Abort when fewer than `low_speed_bytes_per_s` arrive for
-  // `low_speed_time_s` seconds; 0 disables.
-  long low_speed_bytes_per_s = 1;
-  long low_speed_time_s = 10;
+  // Abort (DeadlineExceeded) when no byte arrives for this long,
+  // milliseconds, like a socket read timeout; 0 disables. Checked by curl's
+  // progress callback, so it fires up to ~1 s late.
+  long idle_timeout_ms = 10000;
 };
 
 struct HttpResponse {
@@ -63,7 +63,7 @@ using BodySink = std::function<bool(const HttpResponse& head, const char* data,
 // Performs `request`. Returns the response for any HTTP status (4xx/5xx
 // included); transport failures are errors:
 //   Unavailable       - cannot connect, connection reset or closed early;
-//   DeadlineExceeded  - connect, total or low-speed timeout;
+//   DeadlineExceeded  - connect, total or idle timeout;
 //   Cancelled         - the sink returned false;
 //   Internal          - anything else curl reports.
 // When the transfer fails after some body bytes arrived, `*partial_bytes`

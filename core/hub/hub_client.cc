@@ -236,6 +236,7 @@ HubClient::HeadOutcome HubClient::FetchMetadata(
     request.headers.push_back("Accept-Encoding: identity");
     request.connect_timeout_ms = options_.connect_timeout_ms;
     request.total_timeout_ms = options_.metadata_timeout_ms;
+    request.idle_timeout_ms = 0;  // the total limit covers a HEAD
     absl::StatusOr<HttpResponse> response;
     for (int attempt = 0;; ++attempt) {
       response = PerformHttp(request, nullptr);
@@ -461,8 +462,7 @@ absl::Status HubClient::DownloadBlobLocked(absl::string_view repo_id,
     request.headers = CommonHeaders(/*with_auth=*/same_host);
     if (offset > 0) request.headers.push_back(absl::StrCat("Range: bytes=", offset, "-"));
     request.connect_timeout_ms = options_.connect_timeout_ms;
-    request.low_speed_bytes_per_s = 1;
-    request.low_speed_time_s = (options_.download_stall_timeout_ms + 999) / 1000;
+    request.idle_timeout_ms = options_.download_stall_timeout_ms;
 
     uint64_t written = static_cast<uint64_t>(offset);
     bool started = false;

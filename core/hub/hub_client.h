@@ -74,9 +74,8 @@ struct HubClientOptions {
   long connect_timeout_ms = 10000;
   // Whole-HEAD limit, milliseconds; 0 -> $HF_HUB_ETAG_TIMEOUT s, else 10 s.
   long metadata_timeout_ms = 0;
-  // A GET is aborted when less than 1 byte/s arrives for this long,
-  // milliseconds (rounded up to whole seconds); 0 ->
-  // $HF_HUB_DOWNLOAD_TIMEOUT s, else 10 s.
+  // A GET is aborted (and retried with Range) when no byte arrives for this
+  // long, milliseconds; 0 -> $HF_HUB_DOWNLOAD_TIMEOUT s, else 10 s.
   long download_stall_timeout_ms = 0;
   // Retries after a retryable failure (5xx, 408, 429, connection errors,
   // timeouts, a connection dropped mid-body) per request; the counter of a

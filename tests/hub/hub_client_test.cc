@@ -713,6 +713,19 @@ TEST_F(HubClientTest, ProgressReportsAndCancels) {
                                    "/snapshots/", kCommit1, "/adapter_model.safetensors")));
 }
 
+TEST_F(HubClientTest, StalledBodyTimesOutAndResumes) {
+  // Half the body, then 3 s of silence: the 1 s low-speed limit aborts the
+  // GET, and the retry resumes from the half with Range.
+  emu_->AddFault({{"kind", "stall_ms"}, {"ms", 3000}, {"where", "body"},
+                  {"host", "cdn"}, {"count", 1}});
+  HubClientOptions o = Options();
+  o.download_stall_timeout_ms = 1000;
+  auto file = Client(o)->Download(kRepo, "main", "adapter_model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(ReadFile(file->path), LfsContent());
+  EXPECT_EQ(emu_->Log().back().range, absl::StrCat("bytes=", kLfsSize / 2, "-"));
+}
+
 TEST_F(HubClientTest, MetadataTimeoutIsReported) {
   emu_->AddFault({{"kind", "stall_ms"}, {"ms", 2000}, {"method", "HEAD"}});
   HubClientOptions o = Options();
