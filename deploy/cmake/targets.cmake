@@ -203,6 +203,73 @@ lorahub_cc_binary(client_lorahubctl
   OUTPUT_NAME lorahubctl
 )
 
+# ---- //core/hub  (core/hub/BUILD)
+
+# //core/hub:hub_validation (cc_library)
+lorahub_cc_library(core_hub_hub_validation
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/hub_validation.cc
+    ${SRC}/core/hub/hub_validation.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME hub_validation
+)
+
+# //core/hub:file_digest (cc_library)
+lorahub_cc_library(core_hub_file_digest
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/file_digest.cc
+    ${SRC}/core/hub/file_digest.h
+  DEPS
+    ext_absl_absl
+  LINKOPTS
+    -lcrypto
+  OUTPUT_NAME file_digest
+)
+
+# //core/hub:http_transfer (cc_library)
+lorahub_cc_library(core_hub_http_transfer
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/http_transfer.cc
+    ${SRC}/core/hub/http_transfer.h
+  DEPS
+    ext_absl_absl
+    ext_curl_curl
+  OUTPUT_NAME http_transfer
+)
+
+# //core/hub:hub_cache (cc_library)
+lorahub_cc_library(core_hub_hub_cache
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/hub_cache.cc
+    ${SRC}/core/hub/hub_cache.h
+  DEPS
+    core_hub_hub_validation
+    ext_absl_absl
+  OUTPUT_NAME hub_cache
+)
+
+# //core/hub:hub_client (cc_library)
+lorahub_cc_library(core_hub_hub_client
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/hub_client.cc
+    ${SRC}/core/hub/hub_client.h
+  DEPS
+    core_hub_file_digest
+    core_hub_http_transfer
+    core_hub_hub_cache
+    core_hub_hub_validation
+    ext_absl_absl
+  LINKOPTS
+    -pthread
+  OUTPUT_NAME hub_client
+)
+
 # ---- //core/io  (core/io/BUILD)
 
 # //core/io:host_tensor (cc_library)
@@ -507,6 +574,55 @@ lorahub_cc_test(tests_fuzz_torch_pickle_fuzz_replay
     core_io_torch_pickle
   ARGS
     tests/fuzz/corpus/torch_pickle
+  TIMEOUT 300
+)
+
+# ---- //tests/hub  (tests/hub/BUILD)
+
+# //tests/hub:hub_emulator_process (cc_library)
+lorahub_cc_library(tests_hub_hub_emulator_process
+  PACKAGE tests/hub
+  SRCS
+    ${SRC}/tests/hub/hub_emulator_process.cc
+    ${SRC}/tests/hub/hub_emulator_process.h
+  DEPS
+    ext_absl_absl
+    ext_curl_curl
+    ext_nlohmann_json_json
+  OUTPUT_NAME hub_emulator_process
+)
+
+# //tests/hub:hub_client_test (cc_test)
+lorahub_cc_test(tests_hub_hub_client_test
+  TEST_NAME //tests/hub:hub_client_test
+  PACKAGE tests/hub
+  SRCS
+    ${SRC}/tests/hub/hub_client_test.cc
+  DEPS
+    tests_hub_hub_emulator_process
+    core_hub_hub_client
+    ext_absl_absl
+    ext_gtest_gtest
+    ext_nlohmann_json_json
+  ARGS
+    ${SRC}/tests/hub/hub_emulator.py
+  TIMEOUT 300
+)
+
+# //tests/hub:hub_units_test (cc_test)
+lorahub_cc_test(tests_hub_hub_units_test
+  TEST_NAME //tests/hub:hub_units_test
+  PACKAGE tests/hub
+  SRCS
+    ${SRC}/tests/hub/hub_units_test.cc
+  DEPS
+    core_hub_file_digest
+    core_hub_http_transfer
+    core_hub_hub_cache
+    core_hub_hub_client
+    core_hub_hub_validation
+    ext_absl_absl
+    ext_gtest_gtest_main
   TIMEOUT 300
 )
 
