@@ -61,8 +61,7 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Start(
         absl::StrCat("metrics exposer: num_threads ", options.num_threads,
                      " is outside [1, 64]"));
   }
-  if (absl::Status s = ValidateListenAddress(options.listen_address);
-      !s.ok()) {
+  if (absl::Status s = ValidateListenAddress(options.listen_address); !s.ok()) {
     return s;
   }
   std::unique_ptr<prometheus::Exposer> exposer;

@@ -50,7 +50,9 @@ class MetricsExposer {
       const ExposerOptions& options,
       std::shared_ptr<prometheus::Registry> registry);
 
-  // Stops serving; blocks until civetweb's threads have finished.
+  // Stops serving; blocks until civetweb's threads have finished, which
+  // takes up to about 2 s (civetweb polls its listening socket in 2 s
+  // quanta, a compile-time constant of the library).
   ~MetricsExposer();
   MetricsExposer(const MetricsExposer&) = delete;
   MetricsExposer& operator=(const MetricsExposer&) = delete;

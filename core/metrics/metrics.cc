@@ -52,8 +52,8 @@ const Histogram::BucketBoundaries& DownloadBuckets() {
   return *b;
 }
 const Histogram::BucketBoundaries& BatchBuckets() {
-  static const auto* b = new Histogram::BucketBoundaries{
-      1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+  static const auto* b =
+      new Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
   return *b;
 }
 
@@ -123,24 +123,23 @@ const std::vector<std::string>& DefaultRpcNames() {
 }
 
 const std::array<const char*, 17>& GrpcCodeNames() {
-  static constexpr std::array<const char*, 17> kNames = {
-      "OK",
-      "CANCELLED",
-      "UNKNOWN",
-      "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED",
-      "NOT_FOUND",
-      "ALREADY_EXISTS",
-      "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED",
-      "FAILED_PRECONDITION",
-      "ABORTED",
-      "OUT_OF_RANGE",
-      "UNIMPLEMENTED",
-      "INTERNAL",
-      "UNAVAILABLE",
-      "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static constexpr std::array<const char*, 17> kNames = {"OK",
+                                                         "CANCELLED",
+                                                         "UNKNOWN",
+                                                         "INVALID_ARGUMENT",
+                                                         "DEADLINE_EXCEEDED",
+                                                         "NOT_FOUND",
+                                                         "ALREADY_EXISTS",
+                                                         "PERMISSION_DENIED",
+                                                         "RESOURCE_EXHAUSTED",
+                                                         "FAILED_PRECONDITION",
+                                                         "ABORTED",
+                                                         "OUT_OF_RANGE",
+                                                         "UNIMPLEMENTED",
+                                                         "INTERNAL",
+                                                         "UNAVAILABLE",
+                                                         "DATA_LOSS",
+                                                         "UNAUTHENTICATED"};
   return kNames;
 }
 
@@ -192,8 +191,8 @@ absl::StatusOr<std::unique_ptr<ServiceMetrics>> ServiceMetrics::Create(
   rpcs.erase(std::unique(rpcs.begin(), rpcs.end()), rpcs.end());
   if (rpcs.size() > kMaxRpcs) {
     return absl::InvalidArgumentError(
-        absl::StrCat("ServiceMetrics: ", rpcs.size(),
-                     " rpc names, at most ", kMaxRpcs, " allowed"));
+        absl::StrCat("ServiceMetrics: ", rpcs.size(), " rpc names, at most ",
+                     kMaxRpcs, " allowed"));
   }
   if (options.max_cuda_devices < 0 || options.max_cuda_devices > 1024) {
     return absl::InvalidArgumentError(
@@ -226,11 +225,10 @@ void ServiceMetrics::Build() {
   auto& reg = *registry_;
   const int num_rpcs = static_cast<int>(rpc_names_.size()) + 1;  // + other
 
-  requests_family_ =
-      &prometheus::BuildCounter()
-           .Name("lorahub_requests_total")
-           .Help("Finished RPCs by method and gRPC status code.")
-           .Register(reg);
+  requests_family_ = &prometheus::BuildCounter()
+                          .Name("lorahub_requests_total")
+                          .Help("Finished RPCs by method and gRPC status code.")
+                          .Register(reg);
   requests_.reset(new std::atomic<Counter*>[num_rpcs * kNumCodes]);
   for (int i = 0; i < num_rpcs * kNumCodes; ++i) requests_[i] = nullptr;
   auto& duration = prometheus::BuildHistogram()
@@ -409,8 +407,8 @@ void ServiceMetrics::RecordRequestIndexed(int rpc, int code, double seconds) {
   if (Usable(seconds)) request_duration_[rpc]->Observe(seconds);
 }
 
-void ServiceMetrics::RecordRequest(absl::string_view rpc,
-                                   absl::StatusCode code, double seconds) {
+void ServiceMetrics::RecordRequest(absl::string_view rpc, absl::StatusCode code,
+                                   double seconds) {
   const int c = static_cast<int>(code);
   RecordRequestIndexed(RpcIndex(rpc), (c >= 0 && c < 17) ? c : 17, seconds);
 }

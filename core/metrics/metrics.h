@@ -61,7 +61,14 @@ const std::array<const char*, 17>& GrpcCodeNames();
 
 // States of a compose job, for the `state` label of the job metrics.
 // kNone is "no state yet": the `from` of a job's first transition.
-enum class JobState { kNone, kQueued, kRunning, kSucceeded, kFailed, kCancelled };
+enum class JobState {
+  kNone,
+  kQueued,
+  kRunning,
+  kSucceeded,
+  kFailed,
+  kCancelled
+};
 
 // Tiers of the module cache (the `tier` label).
 enum class CacheTier { kDisk, kHost, kDevice };
@@ -188,7 +195,8 @@ class ServiceMetrics {
   prometheus::Family<prometheus::Gauge>* device_memory_family_ = nullptr;
   // [rpc][code] children of requests_family_, created on first use.
   std::unique_ptr<std::atomic<prometheus::Counter*>[]> requests_;
-  std::vector<prometheus::Histogram*> request_duration_;  // One per rpc + other.
+  std::vector<prometheus::Histogram*>
+      request_duration_;  // One per rpc + other.
 
   prometheus::Histogram* queue_time_ = nullptr;
   prometheus::Histogram* time_to_first_token_ = nullptr;

@@ -86,8 +86,7 @@ TEST(MetricsExposerTest, PortInUseIsUnavailableNotAnException) {
   auto second = MetricsExposer::Start(same, registry);
   ASSERT_FALSE(second.ok());
   EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_TRUE(
-      absl::StrContains(second.status().message(), same.listen_address))
+  EXPECT_TRUE(absl::StrContains(second.status().message(), same.listen_address))
       << second.status();
   // The first one still serves.
   auto response = HttpGet((*first)->port(), "/metrics");
@@ -141,8 +140,8 @@ TEST(MetricsExposerTest, RejectsBadOptions) {
     EXPECT_TRUE(absl::StrContains(exposer.status().message(), "HOST:PORT"))
         << exposer.status();
   }
-  for (const char* good : {"127.0.0.1:0", "0.0.0.0:9090", "[::1]:0",
-                           "127.0.0.1:65535"}) {
+  for (const char* good :
+       {"127.0.0.1:0", "0.0.0.0:9090", "[::1]:0", "127.0.0.1:65535"}) {
     EXPECT_TRUE(ValidateListenAddress(good).ok()) << good;
   }
   ExposerOptions threads = Ephemeral();

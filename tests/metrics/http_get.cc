@@ -38,7 +38,8 @@ sockaddr_in Loopback(int port) {
 
 }  // namespace
 
-absl::StatusOr<HttpResponse> HttpGet(int port, const std::string& path_and_query,
+absl::StatusOr<HttpResponse> HttpGet(int port,
+                                     const std::string& path_and_query,
                                      absl::Duration timeout) {
   Fd fd(socket(AF_INET, SOCK_STREAM, 0));
   if (fd.get() < 0) return absl::InternalError(strerror(errno));
@@ -46,7 +47,8 @@ absl::StatusOr<HttpResponse> HttpGet(int port, const std::string& path_and_query
   setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   sockaddr_in addr = Loopback(port);
-  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) !=
+      0) {
     return absl::UnavailableError(
         absl::StrCat("connect 127.0.0.1:", port, ": ", strerror(errno)));
   }
@@ -87,8 +89,8 @@ absl::StatusOr<HttpResponse> HttpGet(int port, const std::string& path_and_query
   const size_t sp = response.headers.find(' ');
   if (sp == std::string::npos ||
       !absl::SimpleAtoi(response.headers.substr(sp + 1, 3), &response.status)) {
-    return absl::InternalError(
-        absl::StrCat("bad status line: '", response.headers.substr(0, 80), "'"));
+    return absl::InternalError(absl::StrCat(
+        "bad status line: '", response.headers.substr(0, 80), "'"));
   }
   return response;
 }

@@ -12,15 +12,16 @@
 namespace lorahub::metrics::testing {
 
 struct HttpResponse {
-  int status = 0;          // e.g. 200
-  std::string headers;     // Status line and headers, CRLF-separated.
+  int status = 0;       // e.g. 200
+  std::string headers;  // Status line and headers, CRLF-separated.
   std::string body;
 };
 
 // GET http://127.0.0.1:<port><path_and_query>. Unavailable if the
 // connection fails or times out; Internal for a malformed response. The body
 // is capped at 64 MiB.
-absl::StatusOr<HttpResponse> HttpGet(int port, const std::string& path_and_query,
+absl::StatusOr<HttpResponse> HttpGet(int port,
+                                     const std::string& path_and_query,
                                      absl::Duration timeout = absl::Seconds(5));
 
 // A TCP port on 127.0.0.1 that was free a moment ago (bind to :0, read it,

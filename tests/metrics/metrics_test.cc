@@ -26,8 +26,8 @@ using ::lorahub::metrics::testing::CountSeries;
 using ::lorahub::metrics::testing::FindValue;
 using ::lorahub::metrics::testing::ParseExposition;
 using ::lorahub::metrics::testing::Sample;
-using ::testing::Optional;
 using ::testing::DoubleNear;
+using ::testing::Optional;
 
 std::string Serialize(prometheus::Registry& registry) {
   std::ostringstream out;
@@ -104,13 +104,13 @@ TEST_F(ServiceMetricsTest, RequestsByRpcAndCode) {
 TEST_F(ServiceMetricsTest, KnownSeriesStartAtZero) {
   auto s = Scrape();
   for (const std::string& rpc : DefaultRpcNames()) {
-    EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                          {{"rpc", rpc}, {"code", "OK"}}),
-                Optional(0.0))
+    EXPECT_THAT(
+        FindValue(s, "lorahub_requests_total", {{"rpc", rpc}, {"code", "OK"}}),
+        Optional(0.0))
         << rpc;
-    EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_count",
-                          {{"rpc", rpc}}),
-                Optional(0.0))
+    EXPECT_THAT(
+        FindValue(s, "lorahub_request_duration_seconds_count", {{"rpc", rpc}}),
+        Optional(0.0))
         << rpc;
   }
   for (const char* state :
@@ -122,10 +122,10 @@ TEST_F(ServiceMetricsTest, KnownSeriesStartAtZero) {
                 Optional(0.0));
   }
   for (const char* tier : {"disk", "host", "device"}) {
-    for (const char* name :
-         {"lorahub_module_cache_hits_total", "lorahub_module_cache_misses_total",
-          "lorahub_module_cache_evictions_total",
-          "lorahub_module_cache_resident_bytes"}) {
+    for (const char* name : {"lorahub_module_cache_hits_total",
+                             "lorahub_module_cache_misses_total",
+                             "lorahub_module_cache_evictions_total",
+                             "lorahub_module_cache_resident_bytes"}) {
       EXPECT_THAT(FindValue(s, name, {{"tier", tier}}), Optional(0.0))
           << name << " " << tier;
     }
@@ -153,9 +153,8 @@ TEST_F(ServiceMetricsTest, LatencyHistogramsAreCumulative) {
   auto s = Scrape();
   const std::string h = "lorahub_time_to_first_token_seconds";
   const std::vector<std::pair<const char*, double>> expected = {
-      {"0.001", 0}, {"0.0025", 0}, {"0.005", 1}, {"0.01", 1},
-      {"0.025", 3}, {"0.05", 3},   {"1", 3},     {"10", 3},
-      {"30", 3},    {"+Inf", 4}};
+      {"0.001", 0}, {"0.0025", 0}, {"0.005", 1}, {"0.01", 1}, {"0.025", 3},
+      {"0.05", 3},  {"1", 3},      {"10", 3},    {"30", 3},   {"+Inf", 4}};
   for (const auto& [le, count] : expected) {
     EXPECT_THAT(FindValue(s, h + "_bucket", {{"le", le}}), Optional(count))
         << "le=" << le;
@@ -169,9 +168,9 @@ TEST_F(ServiceMetricsTest, LatencyHistogramsAreCumulative) {
   EXPECT_THAT(FindValue(s, "lorahub_inter_token_latency_seconds_bucket",
                         {{"le", "0.001"}}),
               Optional(1.0));
-  EXPECT_THAT(FindValue(s, "lorahub_request_queue_time_seconds_bucket",
-                        {{"le", "1"}}),
-              Optional(0.0));
+  EXPECT_THAT(
+      FindValue(s, "lorahub_request_queue_time_seconds_bucket", {{"le", "1"}}),
+      Optional(0.0));
   EXPECT_THAT(FindValue(s, "lorahub_request_queue_time_seconds_bucket",
                         {{"le", "2.5"}}),
               Optional(1.0));
@@ -258,10 +257,12 @@ TEST_F(ServiceMetricsTest, CacheDownloadsAndDevices) {
   metrics_->SetDeviceMemoryUsedBytes("cuda:0", 6000000000);
   metrics_->SetDeviceMemoryUsedBytes("cpu", 123);
   auto s = Scrape();
-  EXPECT_THAT(FindValue(s, "lorahub_module_cache_hits_total", {{"tier", "host"}}),
-              Optional(2.0));
-  EXPECT_THAT(FindValue(s, "lorahub_module_cache_hits_total", {{"tier", "disk"}}),
-              Optional(0.0));
+  EXPECT_THAT(
+      FindValue(s, "lorahub_module_cache_hits_total", {{"tier", "host"}}),
+      Optional(2.0));
+  EXPECT_THAT(
+      FindValue(s, "lorahub_module_cache_hits_total", {{"tier", "disk"}}),
+      Optional(0.0));
   EXPECT_THAT(
       FindValue(s, "lorahub_module_cache_misses_total", {{"tier", "device"}}),
       Optional(1.0));
@@ -278,15 +279,16 @@ TEST_F(ServiceMetricsTest, CacheDownloadsAndDevices) {
               Optional(1.0));
   EXPECT_THAT(FindValue(s, "lorahub_downloads_total", {{"result", "error"}}),
               Optional(1.0));
-  EXPECT_THAT(FindValue(s, "lorahub_download_bytes_total", {}), Optional(1024.0));
+  EXPECT_THAT(FindValue(s, "lorahub_download_bytes_total", {}),
+              Optional(1024.0));
   EXPECT_THAT(FindValue(s, "lorahub_download_duration_seconds_count", {}),
               Optional(2.0));
   EXPECT_THAT(FindValue(s, "lorahub_download_duration_seconds_bucket",
                         {{"le", "0.25"}}),
               Optional(1.0));
-  EXPECT_THAT(FindValue(s, "lorahub_device_memory_used_bytes",
-                        {{"device", "cuda:0"}}),
-              Optional(6e9));
+  EXPECT_THAT(
+      FindValue(s, "lorahub_device_memory_used_bytes", {{"device", "cuda:0"}}),
+      Optional(6e9));
   EXPECT_THAT(
       FindValue(s, "lorahub_device_memory_used_bytes", {{"device", "cpu"}}),
       Optional(123.0));

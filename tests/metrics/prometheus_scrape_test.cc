@@ -21,7 +21,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -64,6 +66,37 @@ std::string TempDir() {
   buf.push_back('\0');
   const char* dir = mkdtemp(buf.data());
   return dir ? dir : "";
+}
+
+// A data dependency of this test, by its workspace-relative path.
+std::string Runfile(const std::string& path) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (srcdir == nullptr || workspace == nullptr) return path;
+  return absl::StrCat(srcdir, "/", workspace, "/", path);
+}
+
+// The PromQL expressions of every panel of the Grafana dashboard, with the
+// dashboard variables replaced as Grafana would ("All" = .*).
+std::vector<std::string> DashboardExpressions(std::string* error) {
+  std::ifstream in(Runfile("deploy/grafana/lorahub-dashboard.json"));
+  auto dash = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  std::vector<std::string> out;
+  if (dash.is_discarded() || !dash.contains("panels")) {
+    *error = "deploy/grafana/lorahub-dashboard.json is not a dashboard";
+    return out;
+  }
+  for (const auto& panel : dash["panels"]) {
+    if (!panel.contains("targets")) continue;
+    for (const auto& target : panel["targets"]) {
+      std::string expr = target.value("expr", "");
+      expr = absl::StrReplaceAll(
+          expr,
+          {{"$__rate_interval", "1m"}, {"$instance", ".*"}, {"$rpc", ".*"}});
+      out.push_back(expr);
+    }
+  }
+  return out;
 }
 
 std::string ReadFile(const std::string& path) {
@@ -144,33 +177,68 @@ bool WaitFor(absl::Duration timeout, const std::function<bool()>& probe) {
   return false;
 }
 
+// One Prometheus for the whole suite (its scrape manager applies new targets
+// on a 5 s tick, so each start costs about 5 s before the first scrape). It
+// scrapes two exposers with separate registries: job "lorahub" for the
+// exact-value test and job "dashboard" for the dashboard test, so the two
+// tests never see each other's values.
 class PrometheusScrapeTest : public ::testing::Test {
  protected:
+  struct Target {
+    std::shared_ptr<prometheus::Registry> registry;
+    std::unique_ptr<ServiceMetrics> metrics;
+    std::unique_ptr<MetricsExposer> exposer;
+  };
+  struct Shared {
+    Target lorahub;
+    Target dashboard;
+    std::string dir;
+    std::string log;
+    int web_port = 0;
+    std::unique_ptr<ChildProcess> server;
+    std::string setup_error;
+  };
+
+  static void SetUpTestSuite() {
+    const std::string bin = FindBinary("prometheus", "LORAHUB_PROMETHEUS");
+    if (bin.empty()) return;  // SetUp() skips each test.
+    shared_ = new Shared();
+    for (Target* t : {&shared_->lorahub, &shared_->dashboard}) {
+      t->registry = std::make_shared<prometheus::Registry>();
+      auto m = ServiceMetrics::Create(t->registry);
+      auto e = m.ok() ? MetricsExposer::Start(ExposerOptions{"127.0.0.1:0", 2},
+                                              t->registry)
+                      : m.status();
+      if (!e.ok()) {
+        shared_->setup_error = e.status().ToString();
+        return;
+      }
+      t->metrics = std::move(*m);
+      t->exposer = std::move(*e);
+    }
+    shared_->dir = TempDir();
+    StartPrometheus(bin);
+  }
+
+  static void TearDownTestSuite() {
+    delete shared_;
+    shared_ = nullptr;
+  }
+
   void SetUp() override {
-    prometheus_bin_ = FindBinary("prometheus", "LORAHUB_PROMETHEUS");
-    if (prometheus_bin_.empty()) {
+    if (shared_ == nullptr) {
       GTEST_SKIP() << "prometheus binary not found (set LORAHUB_PROMETHEUS or "
                       "install the Debian package 'prometheus'); the real "
                       "scrape test needs it";
     }
-    registry_ = std::make_shared<prometheus::Registry>();
-    auto m = ServiceMetrics::Create(registry_);
-    ASSERT_TRUE(m.ok()) << m.status();
-    metrics_ = std::move(*m);
-    ExposerOptions options;
-    options.listen_address = "127.0.0.1:0";
-    auto e = MetricsExposer::Start(options, registry_);
-    ASSERT_TRUE(e.ok()) << e.status();
-    exposer_ = std::move(*e);
-    dir_ = TempDir();
-    ASSERT_FALSE(dir_.empty());
+    ASSERT_TRUE(shared_->setup_error.empty()) << shared_->setup_error;
   }
 
-  // Starts Prometheus scraping the exposer every second; retries on a
-  // lost race for the web port. Returns false (with a failure) if it never
-  // became ready.
-  bool StartPrometheus() {
-    const std::string config = dir_ + "/prometheus.yml";
+  // Starts Prometheus scraping both exposers every second; retries on a
+  // lost race for the web port. Sets setup_error if it never became ready.
+  static void StartPrometheus(const std::string& bin) {
+    Shared& s = *shared_;
+    const std::string config = s.dir + "/prometheus.yml";
     std::ofstream(config) << "global:\n"
                           << "  scrape_interval: 1s\n"
                           << "  scrape_timeout: 1s\n"
@@ -178,48 +246,55 @@ class PrometheusScrapeTest : public ::testing::Test {
                           << "scrape_configs:\n"
                           << "  - job_name: lorahub\n"
                           << "    static_configs:\n"
-                          << "      - targets: ['127.0.0.1:" << exposer_->port()
-                          << "']\n";
-    log_ = dir_ + "/prometheus.log";
+                          << "      - targets: ['127.0.0.1:"
+                          << s.lorahub.exposer->port() << "']\n"
+                          << "  - job_name: dashboard\n"
+                          << "    static_configs:\n"
+                          << "      - targets: ['127.0.0.1:"
+                          << s.dashboard.exposer->port() << "']\n";
+    s.log = s.dir + "/prometheus.log";
     for (int attempt = 0; attempt < 3; ++attempt) {
       auto port = PickFreePort();
       if (!port.ok()) continue;
-      web_port_ = *port;
-      server_ = std::make_unique<ChildProcess>(
+      s.web_port = *port;
+      s.server = std::make_unique<ChildProcess>(
           std::vector<std::string>{
-              prometheus_bin_, "--config.file=" + config,
-              "--storage.tsdb.path=" + dir_ + "/tsdb" + std::to_string(attempt),
-              absl::StrCat("--web.listen-address=127.0.0.1:", web_port_),
+              bin, "--config.file=" + config,
+              "--storage.tsdb.path=" + s.dir + "/tsdb" +
+                  std::to_string(attempt),
+              absl::StrCat("--web.listen-address=127.0.0.1:", s.web_port),
               "--log.level=info"},
-          log_);
-      if (!server_->started()) break;
+          s.log);
+      if (!s.server->started()) break;
       const bool ready = WaitFor(absl::Seconds(10), [&] {
-        if (!server_->Running()) return true;  // Exited: stop waiting.
-        auto r = HttpGet(web_port_, "/-/ready", absl::Seconds(1));
+        if (!s.server->Running()) return true;  // Exited: stop waiting.
+        auto r = HttpGet(s.web_port, "/-/ready", absl::Seconds(1));
         return r.ok() && r->status == 200;
       });
-      if (ready && server_->Running()) return true;
-      server_.reset();
+      if (ready && s.server->Running()) return;
+      s.server.reset();
     }
-    ADD_FAILURE() << "prometheus did not become ready; log:\n" << ReadFile(log_);
-    return false;
+    s.setup_error = absl::StrCat("prometheus did not become ready; log:\n",
+                                 ReadFile(s.log));
   }
 
   // Runs an instant PromQL query; returns data.result (a JSON array) or a
   // null JSON value on any error.
-  nlohmann::json Query(const std::string& promql) {
-    auto r = HttpGet(web_port_, "/api/v1/query?query=" + UrlEncode(promql));
+  static nlohmann::json Query(const std::string& promql) {
+    auto r =
+        HttpGet(shared_->web_port, "/api/v1/query?query=" + UrlEncode(promql));
     if (!r.ok() || r->status != 200) return nullptr;
-    auto body = nlohmann::json::parse(r->body, nullptr, /*allow_exceptions=*/false);
+    auto body =
+        nlohmann::json::parse(r->body, nullptr, /*allow_exceptions=*/false);
     if (body.is_discarded() || body.value("status", "") != "success") {
       return nullptr;
     }
     return body["data"]["result"];
   }
 
-  // Series of `promql` keyed by the value of `label`, values as doubles.
-  std::map<std::string, double> ByLabel(const nlohmann::json& result,
-                                        const std::string& label) {
+  // Series of a query result keyed by the value of `label`, as doubles.
+  static std::map<std::string, double> ByLabel(const nlohmann::json& result,
+                                               const std::string& label) {
     std::map<std::string, double> out;
     if (!result.is_array()) return out;
     for (const auto& series : result) {
@@ -229,37 +304,33 @@ class PrometheusScrapeTest : public ::testing::Test {
     return out;
   }
 
-  std::string prometheus_bin_;
-  std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<ServiceMetrics> metrics_;
-  std::unique_ptr<MetricsExposer> exposer_;
-  std::string dir_;
-  std::string log_;
-  int web_port_ = 0;
-  std::unique_ptr<ChildProcess> server_;
+  static Shared* shared_;
 };
 
+PrometheusScrapeTest::Shared* PrometheusScrapeTest::shared_ = nullptr;
+
 TEST_F(PrometheusScrapeTest, PromQLSeesRecordedSeries) {
+  ServiceMetrics& metrics = *shared_->lorahub.metrics;
   for (int i = 0; i < 3; ++i) {
-    metrics_->RecordRequest("Generate", absl::StatusCode::kOk, 0.04);
+    metrics.RecordRequest("Generate", absl::StatusCode::kOk, 0.04);
   }
-  metrics_->RecordRequest("Generate", absl::StatusCode::kInvalidArgument, 0.001);
+  metrics.RecordRequest("Generate", absl::StatusCode::kInvalidArgument, 0.001);
   // Four observations, all in the bucket (0.01, 0.025].
-  for (int i = 0; i < 4; ++i) metrics_->ObserveTimeToFirstToken(0.02);
-  metrics_->AddGeneratedTokens(42);
-  metrics_->SetResidentBytes(CacheTier::kDevice, 1 << 20);
+  for (int i = 0; i < 4; ++i) metrics.ObserveTimeToFirstToken(0.02);
+  metrics.AddGeneratedTokens(42);
+  metrics.SetResidentBytes(CacheTier::kDevice, 1 << 20);
 
-  ASSERT_TRUE(StartPrometheus());
-
-  // Wait for a scrape that has our series (the first one comes within the
-  // scrape interval after start).
+  // Wait for a scrape that has our values (the first scrape comes about 5 s
+  // after Prometheus starts).
   std::map<std::string, double> by_code;
-  const bool scraped = WaitFor(absl::Seconds(10), [&] {
-    by_code = ByLabel(Query("lorahub_requests_total{rpc=\"Generate\"}"), "code");
+  const bool scraped = WaitFor(absl::Seconds(15), [&] {
+    by_code = ByLabel(
+        Query("lorahub_requests_total{job=\"lorahub\",rpc=\"Generate\"}"),
+        "code");
     return by_code.size() >= 2;
   });
-  ASSERT_TRUE(scraped) << "no lorahub_requests_total after 10 s; log:\n"
-                       << ReadFile(log_);
+  ASSERT_TRUE(scraped) << "no lorahub_requests_total after 15 s; log:\n"
+                       << ReadFile(shared_->log);
   EXPECT_EQ(by_code, (std::map<std::string, double>{{"INVALID_ARGUMENT", 1},
                                                     {"OK", 3}}));
 
@@ -267,32 +338,99 @@ TEST_F(PrometheusScrapeTest, PromQLSeesRecordedSeries) {
   nlohmann::json up = Query("up{job=\"lorahub\"}");
   ASSERT_TRUE(up.is_array() && up.size() == 1) << up.dump();
   EXPECT_EQ(up[0]["metric"].value("instance", ""),
-            absl::StrCat("127.0.0.1:", exposer_->port()));
+            absl::StrCat("127.0.0.1:", shared_->lorahub.exposer->port()));
   EXPECT_EQ(up[0]["value"][1], "1");
 
   // Aggregations over our counters and gauges.
-  EXPECT_EQ(ByLabel(Query("sum(lorahub_generated_tokens_total)"), ""),
-            (std::map<std::string, double>{{"", 42}}));
-  EXPECT_EQ(ByLabel(Query("lorahub_module_cache_resident_bytes"), "tier"),
-            (std::map<std::string, double>{
-                {"device", 1048576}, {"disk", 0}, {"host", 0}}));
+  EXPECT_EQ(
+      ByLabel(Query("sum(lorahub_generated_tokens_total{job=\"lorahub\"})"),
+              ""),
+      (std::map<std::string, double>{{"", 42}}));
+  EXPECT_EQ(
+      ByLabel(Query("lorahub_module_cache_resident_bytes{job=\"lorahub\"}"),
+              "tier"),
+      (std::map<std::string, double>{
+          {"device", 1048576}, {"disk", 0}, {"host", 0}}));
 
   // Prometheus interpolates linearly inside the bucket holding the rank:
   // rank 0.5 * 4 = 2 of 4 observations in (0.01, 0.025] -> 0.0175.
-  auto p50 = ByLabel(
-      Query("histogram_quantile(0.5, lorahub_time_to_first_token_seconds_bucket)"),
-      "");
+  auto p50 = ByLabel(Query("histogram_quantile(0.5, "
+                           "lorahub_time_to_first_token_seconds_bucket{job="
+                           "\"lorahub\"})"),
+                     "");
   ASSERT_EQ(p50.size(), 1u);
   EXPECT_NEAR(p50.begin()->second, 0.0175, 1e-9);
 
   // Later values reach Prometheus on later scrapes.
-  metrics_->RecordRequest("Generate", absl::StatusCode::kOk, 0.04);
-  metrics_->RecordRequest("Generate", absl::StatusCode::kOk, 0.04);
+  metrics.RecordRequest("Generate", absl::StatusCode::kOk, 0.04);
+  metrics.RecordRequest("Generate", absl::StatusCode::kOk, 0.04);
   const bool updated = WaitFor(absl::Seconds(5), [&] {
-    by_code = ByLabel(Query("lorahub_requests_total{rpc=\"Generate\"}"), "code");
+    by_code = ByLabel(
+        Query("lorahub_requests_total{job=\"lorahub\",rpc=\"Generate\"}"),
+        "code");
     return by_code["OK"] == 5;
   });
   EXPECT_TRUE(updated) << "OK count stayed at " << by_code["OK"];
+}
+
+TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
+  std::string error;
+  const std::vector<std::string> exprs = DashboardExpressions(&error);
+  ASSERT_TRUE(error.empty()) << error;
+  ASSERT_FALSE(exprs.empty());
+  // One value of every kind, so every panel has a series to show.
+  ServiceMetrics& m = *shared_->dashboard.metrics;
+  m.RecordRequest("Generate", absl::StatusCode::kOk, 0.1);
+  m.RecordRequest("Score", absl::StatusCode::kNotFound, 0.01);
+  m.ObserveTimeToFirstToken(0.05);
+  m.ObserveInterTokenLatency(0.01);
+  m.ObserveQueueTime(0.002);
+  m.AddGeneratedTokens(10);
+  m.ObserveBatchSize(4);
+  m.RecordJobTransition(JobState::kNone, JobState::kQueued);
+  m.AddEvaluations(3);
+  m.ObserveJobDuration(JobState::kSucceeded, 12);
+  m.RecordCacheHit(CacheTier::kHost);
+  m.RecordCacheMiss(CacheTier::kDisk);
+  m.RecordCacheEviction(CacheTier::kDevice);
+  m.RecordDownload(100, 0.3, /*ok=*/true);
+  m.SetDeviceMemoryUsedBytes("cuda:0", 1 << 30);
+
+  // rate() needs two samples in its window, and the last values recorded
+  // above must have been scraped.
+  const bool scraped = WaitFor(absl::Seconds(15), [&] {
+    auto n =
+        ByLabel(Query("count_over_time(up{job=\"dashboard\"}[1m])"), "job");
+    auto dev = ByLabel(
+        Query("lorahub_device_memory_used_bytes{job=\"dashboard\"}"), "device");
+    return n["dashboard"] >= 2 && dev["cuda:0"] == (1 << 30);
+  });
+  ASSERT_TRUE(scraped) << ReadFile(shared_->log);
+  for (const std::string& expr : exprs) {
+    nlohmann::json result = Query(expr);
+    ASSERT_TRUE(result.is_array()) << "query failed: " << expr;
+    EXPECT_FALSE(result.empty()) << "no series for: " << expr;
+  }
+}
+
+TEST(DashboardTest, CoversEveryMetricFamily) {
+  std::string error;
+  const std::vector<std::string> exprs = DashboardExpressions(&error);
+  ASSERT_TRUE(error.empty()) << error;
+  auto registry = std::make_shared<prometheus::Registry>();
+  auto metrics = ServiceMetrics::Create(registry);
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  (*metrics)->SetDeviceMemoryUsedBytes("cpu", 1);
+  for (const auto& family : registry->Collect()) {
+    bool used = false;
+    for (const std::string& expr : exprs) {
+      // A histogram is used through _bucket, _sum or _count.
+      used = used || absl::StrContains(expr, family.name + "{") ||
+             absl::StrContains(expr, family.name + "_bucket{") ||
+             absl::StrContains(expr, family.name + "_count{");
+    }
+    EXPECT_TRUE(used) << family.name << " is not on the dashboard";
+  }
 }
 
 TEST(PrometheusConfigTest, ShippedScrapeConfigIsValid) {
@@ -300,11 +438,7 @@ TEST(PrometheusConfigTest, ShippedScrapeConfigIsValid) {
   if (promtool.empty()) {
     GTEST_SKIP() << "promtool not found (Debian package 'prometheus')";
   }
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* workspace = std::getenv("TEST_WORKSPACE");
-  ASSERT_TRUE(srcdir && workspace);
-  const std::string config = absl::StrCat(srcdir, "/", workspace,
-                                          "/deploy/prometheus/prometheus.yml");
+  const std::string config = Runfile("deploy/prometheus/prometheus.yml");
   const std::string cmd =
       absl::StrCat(promtool, " check config '", config, "' 2>&1");
   FILE* pipe = popen(cmd.c_str(), "r");
