@@ -381,6 +381,32 @@ lorahub_cc_library(core_learn_composition
   OUTPUT_NAME composition
 )
 
+# ---- //core/metrics  (core/metrics/BUILD)
+
+# //core/metrics:metrics (cc_library)
+lorahub_cc_library(core_metrics_metrics
+  PACKAGE core/metrics
+  SRCS
+    ${SRC}/core/metrics/metrics.cc
+    ${SRC}/core/metrics/metrics.h
+  DEPS
+    ext_absl_absl
+    ext_prometheus_cpp_prometheus_cpp
+  OUTPUT_NAME metrics
+)
+
+# //core/metrics:exposer (cc_library)
+lorahub_cc_library(core_metrics_exposer
+  PACKAGE core/metrics
+  SRCS
+    ${SRC}/core/metrics/exposer.cc
+    ${SRC}/core/metrics/exposer.h
+  DEPS
+    ext_absl_absl
+    ext_prometheus_cpp_prometheus_cpp
+  OUTPUT_NAME exposer
+)
+
 # ---- //core/store  (core/store/BUILD)
 
 # //core/store:store (cc_library)
@@ -422,6 +448,10 @@ lorahub_cc_library(core_util_status_macros
 # ---- //deploy/cmake  (deploy/cmake/BUILD)
 
 # //deploy/cmake:cmake_files (filegroup): nothing to build in CMake
+
+# ---- //deploy/grafana  (deploy/grafana/BUILD)
+
+# ---- //deploy/prometheus  (deploy/prometheus/BUILD)
 
 # ---- //proto  (proto/BUILD)
 
@@ -742,6 +772,68 @@ lorahub_cc_binary(tests_learn_composition_dump
     ext_libtorch_libtorch
     ext_nlohmann_json_json
   OUTPUT_NAME composition_dump
+)
+
+# ---- //tests/metrics  (tests/metrics/BUILD)
+
+# //tests/metrics:test_util (cc_library)
+lorahub_cc_library(tests_metrics_test_util
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/http_get.cc
+    ${SRC}/tests/metrics/exposition.h
+    ${SRC}/tests/metrics/http_get.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME test_util
+)
+
+# //tests/metrics:metrics_test (cc_test)
+lorahub_cc_test(tests_metrics_metrics_test
+  TEST_NAME //tests/metrics:metrics_test
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/metrics_test.cc
+  DEPS
+    tests_metrics_test_util
+    core_metrics_metrics
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 60
+)
+
+# //tests/metrics:exposer_test (cc_test)
+lorahub_cc_test(tests_metrics_exposer_test
+  TEST_NAME //tests/metrics:exposer_test
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/exposer_test.cc
+  DEPS
+    tests_metrics_test_util
+    core_metrics_metrics
+    core_metrics_exposer
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 60
+)
+
+# //tests/metrics:prometheus_scrape_test (cc_test)
+lorahub_cc_test(tests_metrics_prometheus_scrape_test
+  TEST_NAME //tests/metrics:prometheus_scrape_test
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/prometheus_scrape_test.cc
+  DEPS
+    tests_metrics_test_util
+    core_metrics_metrics
+    core_metrics_exposer
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
+    ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 300
 )
 
 # ---- //tests/store  (tests/store/BUILD)
