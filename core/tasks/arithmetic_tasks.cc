@@ -43,106 +43,107 @@ std::string ListText(const std::vector<int64_t>& v) {
 }  // namespace
 
 void AddArithmeticTasks(std::vector<Task>* tasks) {
-  tasks->push_back(Make(
-      "add", Split::kPool,
-      {"Add the two numbers: {input}", "What is the sum of {input}?",
-       "Compute the total of the numbers {input}."},
-      [](Rng& rng) {
-        const int64_t a = rng.UniformInt(0, 50), b = rng.UniformInt(0, 50);
-        return RawExample{Pair(a, b), Str(a + b)};
-      }));
-  tasks->push_back(Make(
-      "subtract", Split::kPool,
-      {"Subtract the second number from the first: {input}",
-       "What is the difference of {input}?",
-       "Take the second number away from the first. Numbers: {input}"},
-      [](Rng& rng) {
-        const int64_t a = rng.UniformInt(10, 99), b = rng.UniformInt(0, a);
-        return RawExample{Pair(a, b), Str(a - b)};
-      }));
-  tasks->push_back(Make(
-      "double_number", Split::kPool,
-      {"Double the number: {input}", "What is twice {input}?",
-       "Multiply the number by 2. Number: {input}"},
-      [](Rng& rng) {
-        const int64_t a = rng.UniformInt(0, 50);
-        return RawExample{Str(a), Str(2 * a)};
-      }));
-  tasks->push_back(Make(
-      "triple_number", Split::kBase,
-      {"Triple the number: {input}", "What is three times {input}?",
-       "Multiply the number by 3. Number: {input}"},
-      [](Rng& rng) {
-        const int64_t a = rng.UniformInt(0, 30);
-        return RawExample{Str(a), Str(3 * a)};
-      }));
-  tasks->push_back(Make(
-      "add_then_double", Split::kHeldOut,
-      {"Add the two numbers, then double the result: {input}",
-       "What is twice the sum of {input}?",
-       "Compute the total of the numbers and multiply it by 2. Numbers: {input}"},
-      [](Rng& rng) {
-        const int64_t a = rng.UniformInt(0, 25), b = rng.UniformInt(0, 25);
-        return RawExample{Pair(a, b), Str(2 * (a + b))};
-      },
-      {"add", "double_number"}));
-  tasks->push_back(Make(
-      "parity", Split::kBase,
-      {"Is the number even or odd? {input}",
-       "Say whether this number is even or odd: {input}",
-       "Answer even or odd. Number: {input}"},
-      [](Rng& rng) {
-        const int64_t a = rng.UniformInt(0, 999);
-        return RawExample{Str(a), a % 2 == 0 ? "even" : "odd"};
-      }));
-  tasks->push_back(Make(
-      "max_list", Split::kPool,
-      {"What is the largest number in the list? {input}",
-       "Give the maximum of these numbers: {input}",
-       "Write the biggest number. Numbers: {input}"},
-      [](Rng& rng) {
-        auto v = NumberList(rng, 3, 5, 99);
-        return RawExample{ListText(v), Str(*std::max_element(v.begin(), v.end()))};
-      }));
-  tasks->push_back(Make(
-      "min_list", Split::kPool,
-      {"What is the smallest number in the list? {input}",
-       "Give the minimum of these numbers: {input}",
-       "Write the lowest number. Numbers: {input}"},
-      [](Rng& rng) {
-        auto v = NumberList(rng, 3, 5, 99);
-        return RawExample{ListText(v), Str(*std::min_element(v.begin(), v.end()))};
-      }));
-  tasks->push_back(Make(
-      "sum_list", Split::kPool,
-      {"Add up all the numbers in the list: {input}",
-       "What is the sum of these numbers? {input}",
-       "Compute the total of the list. Numbers: {input}"},
-      [](Rng& rng) {
-        auto v = NumberList(rng, 3, 3, 20);
-        int64_t s = 0;
-        for (int64_t x : v) s += x;
-        return RawExample{ListText(v), Str(s)};
-      }));
-  tasks->push_back(Make(
-      "range_list", Split::kHeldOut,
-      {"What is the largest number minus the smallest number? {input}",
-       "Give the range (maximum minus minimum) of these numbers: {input}",
-       "Subtract the lowest number from the biggest. Numbers: {input}"},
-      [](Rng& rng) {
-        auto v = NumberList(rng, 3, 5, 99);
-        const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
-        return RawExample{ListText(v), Str(*hi - *lo)};
-      },
-      {"max_list", "min_list", "subtract"}));
+  tasks->push_back(
+      Make("add", Split::kPool,
+           {"Add the two numbers: {input}", "What is the sum of {input}?",
+            "Compute the total of the numbers {input}."},
+           [](Rng& rng) {
+             const int64_t a = rng.UniformInt(0, 50), b = rng.UniformInt(0, 50);
+             return RawExample{Pair(a, b), Str(a + b)};
+           }));
+  tasks->push_back(
+      Make("subtract", Split::kPool,
+           {"Subtract the second number from the first: {input}",
+            "What is the difference of {input}?",
+            "Take the second number away from the first. Numbers: {input}"},
+           [](Rng& rng) {
+             const int64_t a = rng.UniformInt(10, 99), b = rng.UniformInt(0, a);
+             return RawExample{Pair(a, b), Str(a - b)};
+           }));
+  tasks->push_back(Make("double_number", Split::kPool,
+                        {"Double the number: {input}", "What is twice {input}?",
+                         "Multiply the number by 2. Number: {input}"},
+                        [](Rng& rng) {
+                          const int64_t a = rng.UniformInt(0, 50);
+                          return RawExample{Str(a), Str(2 * a)};
+                        }));
+  tasks->push_back(
+      Make("triple_number", Split::kBase,
+           {"Triple the number: {input}", "What is three times {input}?",
+            "Multiply the number by 3. Number: {input}"},
+           [](Rng& rng) {
+             const int64_t a = rng.UniformInt(0, 30);
+             return RawExample{Str(a), Str(3 * a)};
+           }));
+  tasks->push_back(Make("add_then_double", Split::kHeldOut,
+                        {"Add the two numbers, then double the result: {input}",
+                         "What is twice the sum of {input}?",
+                         "Compute the total of the numbers and multiply it by "
+                         "2. Numbers: {input}"},
+                        [](Rng& rng) {
+                          const int64_t a = rng.UniformInt(0, 25),
+                                        b = rng.UniformInt(0, 25);
+                          return RawExample{Pair(a, b), Str(2 * (a + b))};
+                        },
+                        {"add", "double_number"}));
+  tasks->push_back(
+      Make("parity", Split::kBase,
+           {"Is the number even or odd? {input}",
+            "Say whether this number is even or odd: {input}",
+            "Answer even or odd. Number: {input}"},
+           [](Rng& rng) {
+             const int64_t a = rng.UniformInt(0, 999);
+             return RawExample{Str(a), a % 2 == 0 ? "even" : "odd"};
+           }));
+  tasks->push_back(Make("max_list", Split::kPool,
+                        {"What is the largest number in the list? {input}",
+                         "Give the maximum of these numbers: {input}",
+                         "Write the biggest number. Numbers: {input}"},
+                        [](Rng& rng) {
+                          auto v = NumberList(rng, 3, 5, 99);
+                          return RawExample{
+                              ListText(v),
+                              Str(*std::max_element(v.begin(), v.end()))};
+                        }));
+  tasks->push_back(Make("min_list", Split::kPool,
+                        {"What is the smallest number in the list? {input}",
+                         "Give the minimum of these numbers: {input}",
+                         "Write the lowest number. Numbers: {input}"},
+                        [](Rng& rng) {
+                          auto v = NumberList(rng, 3, 5, 99);
+                          return RawExample{
+                              ListText(v),
+                              Str(*std::min_element(v.begin(), v.end()))};
+                        }));
+  tasks->push_back(Make("sum_list", Split::kPool,
+                        {"Add up all the numbers in the list: {input}",
+                         "What is the sum of these numbers? {input}",
+                         "Compute the total of the list. Numbers: {input}"},
+                        [](Rng& rng) {
+                          auto v = NumberList(rng, 3, 3, 20);
+                          int64_t s = 0;
+                          for (int64_t x : v) s += x;
+                          return RawExample{ListText(v), Str(s)};
+                        }));
+  tasks->push_back(
+      Make("range_list", Split::kHeldOut,
+           {"What is the largest number minus the smallest number? {input}",
+            "Give the range (maximum minus minimum) of these numbers: {input}",
+            "Subtract the lowest number from the biggest. Numbers: {input}"},
+           [](Rng& rng) {
+             auto v = NumberList(rng, 3, 5, 99);
+             const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+             return RawExample{ListText(v), Str(*hi - *lo)};
+           },
+           {"max_list", "min_list", "subtract"}));
   tasks->push_back(Make(
       "count_items", Split::kPool,
-      {"How many words are in the list? {input}",
-       "Count the words: {input}",
+      {"How many words are in the list? {input}", "Count the words: {input}",
        "Give the number of words. Words: {input}"},
       [](Rng& rng) {
         auto words = PickDistinctWords(rng, rng.UniformInt(2, 7), 3, 5);
-        return RawExample{Join(words, " "), Str(static_cast<int64_t>(words.size()))};
+        return RawExample{Join(words, " "),
+                          Str(static_cast<int64_t>(words.size()))};
       }));
   tasks->push_back(Make(
       "successor", Split::kBase,
@@ -152,24 +153,23 @@ void AddArithmeticTasks(std::vector<Task>* tasks) {
         const int64_t a = rng.UniformInt(0, 98);
         return RawExample{Str(a), Str(a + 1)};
       }));
-  tasks->push_back(Make(
-      "predecessor", Split::kBase,
-      {"What number comes before {input}?",
-       "Subtract one from the number: {input}",
-       "Give the previous integer. Number: {input}"},
-      [](Rng& rng) {
-        const int64_t a = rng.UniformInt(1, 99);
-        return RawExample{Str(a), Str(a - 1)};
-      }));
-  tasks->push_back(Make(
-      "word_length", Split::kBase,
-      {"How many letters are in the word? {input}",
-       "Count the letters of this word: {input}",
-       "Give the length of the word. Word: {input}"},
-      [](Rng& rng) {
-        const std::string& w = PickWord(rng, 3, 6);
-        return RawExample{w, Str(static_cast<int64_t>(w.size()))};
-      }));
+  tasks->push_back(Make("predecessor", Split::kBase,
+                        {"What number comes before {input}?",
+                         "Subtract one from the number: {input}",
+                         "Give the previous integer. Number: {input}"},
+                        [](Rng& rng) {
+                          const int64_t a = rng.UniformInt(1, 99);
+                          return RawExample{Str(a), Str(a - 1)};
+                        }));
+  tasks->push_back(
+      Make("word_length", Split::kBase,
+           {"How many letters are in the word? {input}",
+            "Count the letters of this word: {input}",
+            "Give the length of the word. Word: {input}"},
+           [](Rng& rng) {
+             const std::string& w = PickWord(rng, 3, 6);
+             return RawExample{w, Str(static_cast<int64_t>(w.size()))};
+           }));
 }
 
 }  // namespace lorahub::tasks::internal

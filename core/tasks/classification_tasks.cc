@@ -66,18 +66,19 @@ void AddClassificationTasks(std::vector<Task>* tasks) {
         const int64_t n = rng.UniformInt(0, 100);
         return RawExample{std::to_string(n), n > 50 ? "yes" : "no"};
       }));
-  tasks->push_back(Make(
-      "longer_word", Split::kPool,
-      {"Which of the two words is longer? {input}",
-       "Give the longer word: {input}",
-       "Write the word with more letters. Words: {input}"},
-      [](Rng& rng) {
-        while (true) {
-          auto w = PickDistinctWords(rng, 2, 3, 6);
-          if (w[0].size() == w[1].size()) continue;
-          return RawExample{Join(w, " "), w[0].size() > w[1].size() ? w[0] : w[1]};
-        }
-      }));
+  tasks->push_back(Make("longer_word", Split::kPool,
+                        {"Which of the two words is longer? {input}",
+                         "Give the longer word: {input}",
+                         "Write the word with more letters. Words: {input}"},
+                        [](Rng& rng) {
+                          while (true) {
+                            auto w = PickDistinctWords(rng, 2, 3, 6);
+                            if (w[0].size() == w[1].size()) continue;
+                            return RawExample{
+                                Join(w, " "),
+                                w[0].size() > w[1].size() ? w[0] : w[1]};
+                          }
+                        }));
   tasks->push_back(Make(
       "longest_of_three", Split::kHeldOut,
       {"Which of the three words is longest? {input}",
@@ -86,29 +87,32 @@ void AddClassificationTasks(std::vector<Task>* tasks) {
       [](Rng& rng) {
         while (true) {
           auto w = PickDistinctWords(rng, 3, 3, 6);
-          auto longest = std::max_element(
-              w.begin(), w.end(), [](const std::string& a, const std::string& b) {
-                return a.size() < b.size();
+          auto longest =
+              std::max_element(w.begin(), w.end(),
+                               [](const std::string& a, const std::string& b) {
+                                 return a.size() < b.size();
+                               });
+          const size_t ties =
+              std::count_if(w.begin(), w.end(), [&](const std::string& s) {
+                return s.size() == longest->size();
               });
-          const size_t ties = std::count_if(w.begin(), w.end(), [&](const std::string& s) {
-            return s.size() == longest->size();
-          });
           if (ties != 1) continue;
           return RawExample{Join(w, " "), *longest};
         }
       },
       {"longer_word", "sort_words_length"}));
-  tasks->push_back(Make(
-      "vowel_first", Split::kPool,
-      {"Does the word start with a vowel or a consonant? {input}",
-       "Is the first letter of this word a vowel or a consonant? {input}",
-       "Answer vowel or consonant for the first letter. Word: {input}"},
-      [](Rng& rng) {
-        const bool vowel = rng.Coin();
-        return RawExample{
-            WordWithVowelAt(rng, vowel, [](const std::string&) { return size_t{0}; }),
-            vowel ? "vowel" : "consonant"};
-      }));
+  tasks->push_back(
+      Make("vowel_first", Split::kPool,
+           {"Does the word start with a vowel or a consonant? {input}",
+            "Is the first letter of this word a vowel or a consonant? {input}",
+            "Answer vowel or consonant for the first letter. Word: {input}"},
+           [](Rng& rng) {
+             const bool vowel = rng.Coin();
+             return RawExample{
+                 WordWithVowelAt(rng, vowel,
+                                 [](const std::string&) { return size_t{0}; }),
+                 vowel ? "vowel" : "consonant"};
+           }));
   tasks->push_back(Make(
       "last_letter_vowel", Split::kHeldOut,
       {"Does the word end with a vowel or a consonant? {input}",
@@ -116,9 +120,10 @@ void AddClassificationTasks(std::vector<Task>* tasks) {
        "Answer vowel or consonant for the last letter. Word: {input}"},
       [](Rng& rng) {
         const bool vowel = rng.Coin();
-        return RawExample{WordWithVowelAt(rng, vowel,
-                                          [](const std::string& w) { return w.size() - 1; }),
-                          vowel ? "vowel" : "consonant"};
+        return RawExample{
+            WordWithVowelAt(rng, vowel,
+                            [](const std::string& w) { return w.size() - 1; }),
+            vowel ? "vowel" : "consonant"};
       },
       {"vowel_first"}));
   tasks->push_back(Make(

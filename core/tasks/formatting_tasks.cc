@@ -35,7 +35,8 @@ Date RandomDate(Rng& rng) {
 }
 
 std::string Iso(const Date& d) {
-  return std::to_string(d.year) + "-" + TwoDigits(d.month) + "-" + TwoDigits(d.day);
+  return std::to_string(d.year) + "-" + TwoDigits(d.month) + "-" +
+         TwoDigits(d.day);
 }
 
 // English numerals 0-99 with a space in compounds ("forty two"): a space keeps
@@ -46,8 +47,8 @@ std::string NumberToWords(int64_t n) {
       "five",    "six",     "seven",     "eight",    "nine",
       "ten",     "eleven",  "twelve",    "thirteen", "fourteen",
       "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"};
-  static const char* const kTens[] = {"",      "",      "twenty", "thirty",
-                                      "forty", "fifty", "sixty",  "seventy",
+  static const char* const kTens[] = {"",       "",      "twenty", "thirty",
+                                      "forty",  "fifty", "sixty",  "seventy",
                                       "eighty", "ninety"};
   if (n < 20) return kOnes[n];
   std::string out = kTens[n / 10];
@@ -58,42 +59,40 @@ std::string NumberToWords(int64_t n) {
 }  // namespace
 
 void AddFormattingTasks(std::vector<Task>* tasks) {
-  tasks->push_back(Make(
-      "wrap_brackets", Split::kPool,
-      {"Wrap the word in square brackets: {input}",
-       "Put the word between [ and ]: {input}",
-       "Enclose this word in brackets. Word: {input}"},
-      [](Rng& rng) {
-        const std::string& w = PickWord(rng, 3, 6);
-        return RawExample{w, "[" + w + "]"};
-      }));
-  tasks->push_back(Make(
-      "wrap_quotes", Split::kBase,
-      {"Wrap the word in double quotes: {input}",
-       "Put the word in quotation marks: {input}",
-       "Enclose this word in quotes. Word: {input}"},
-      [](Rng& rng) {
-        const std::string& w = PickWord(rng, 3, 6);
-        return RawExample{w, "\"" + w + "\""};
-      }));
-  tasks->push_back(Make(
-      "join_dashes", Split::kPool,
-      {"Join the words with dashes: {input}",
-       "Connect these words using hyphens: {input}",
-       "Write the words joined by -. Words: {input}"},
-      [](Rng& rng) {
-        auto words = PickDistinctWords(rng, rng.UniformInt(3, 4), 3, 5);
-        return RawExample{Join(words, " "), Join(words, "-")};
-      }));
-  tasks->push_back(Make(
-      "join_commas", Split::kBase,
-      {"Join the words with commas: {input}",
-       "Separate these words by commas: {input}",
-       "Write the words as a comma separated list. Words: {input}"},
-      [](Rng& rng) {
-        auto words = PickDistinctWords(rng, rng.UniformInt(3, 4), 3, 5);
-        return RawExample{Join(words, " "), Join(words, ", ")};
-      }));
+  tasks->push_back(Make("wrap_brackets", Split::kPool,
+                        {"Wrap the word in square brackets: {input}",
+                         "Put the word between [ and ]: {input}",
+                         "Enclose this word in brackets. Word: {input}"},
+                        [](Rng& rng) {
+                          const std::string& w = PickWord(rng, 3, 6);
+                          return RawExample{w, "[" + w + "]"};
+                        }));
+  tasks->push_back(Make("wrap_quotes", Split::kBase,
+                        {"Wrap the word in double quotes: {input}",
+                         "Put the word in quotation marks: {input}",
+                         "Enclose this word in quotes. Word: {input}"},
+                        [](Rng& rng) {
+                          const std::string& w = PickWord(rng, 3, 6);
+                          return RawExample{w, "\"" + w + "\""};
+                        }));
+  tasks->push_back(Make("join_dashes", Split::kPool,
+                        {"Join the words with dashes: {input}",
+                         "Connect these words using hyphens: {input}",
+                         "Write the words joined by -. Words: {input}"},
+                        [](Rng& rng) {
+                          auto words = PickDistinctWords(
+                              rng, rng.UniformInt(3, 4), 3, 5);
+                          return RawExample{Join(words, " "), Join(words, "-")};
+                        }));
+  tasks->push_back(
+      Make("join_commas", Split::kBase,
+           {"Join the words with commas: {input}",
+            "Separate these words by commas: {input}",
+            "Write the words as a comma separated list. Words: {input}"},
+           [](Rng& rng) {
+             auto words = PickDistinctWords(rng, rng.UniformInt(3, 4), 3, 5);
+             return RawExample{Join(words, " "), Join(words, ", ")};
+           }));
   tasks->push_back(Make(
       "date_ymd_to_dmy", Split::kPool,
       {"Convert the date from YYYY-MM-DD to DD/MM/YYYY: {input}",
@@ -115,24 +114,24 @@ void AddFormattingTasks(std::vector<Task>* tasks) {
                                       "/" + std::to_string(d.year)};
       },
       {"date_ymd_to_dmy"}));
-  tasks->push_back(Make(
-      "number_to_words", Split::kPool,
-      {"Write the number in words: {input}",
-       "Spell out this number in English: {input}",
-       "Give the English name of the number. Number: {input}"},
-      [](Rng& rng) {
-        const int64_t n = rng.UniformInt(0, 99);
-        return RawExample{std::to_string(n), NumberToWords(n)};
-      }));
-  tasks->push_back(Make(
-      "words_to_number", Split::kBase,
-      {"Write the number in digits: {input}",
-       "Convert these English words to a number: {input}",
-       "Give the number as digits. Words: {input}"},
-      [](Rng& rng) {
-        const int64_t n = rng.UniformInt(0, 99);
-        return RawExample{NumberToWords(n), std::to_string(n)};
-      }));
+  tasks->push_back(
+      Make("number_to_words", Split::kPool,
+           {"Write the number in words: {input}",
+            "Spell out this number in English: {input}",
+            "Give the English name of the number. Number: {input}"},
+           [](Rng& rng) {
+             const int64_t n = rng.UniformInt(0, 99);
+             return RawExample{std::to_string(n), NumberToWords(n)};
+           }));
+  tasks->push_back(
+      Make("words_to_number", Split::kBase,
+           {"Write the number in digits: {input}",
+            "Convert these English words to a number: {input}",
+            "Give the number as digits. Words: {input}"},
+           [](Rng& rng) {
+             const int64_t n = rng.UniformInt(0, 99);
+             return RawExample{NumberToWords(n), std::to_string(n)};
+           }));
 }
 
 }  // namespace lorahub::tasks::internal

@@ -1,9 +1,8 @@
 #include "core/tasks/jsonl.h"
 
 #include <fstream>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 
@@ -22,7 +21,8 @@ absl::StatusOr<std::string> ExampleToJsonLine(const Example& example) {
   }
 }
 
-absl::StatusOr<std::string> ExamplesToJsonl(const std::vector<Example>& examples) {
+absl::StatusOr<std::string> ExamplesToJsonl(
+    const std::vector<Example>& examples) {
   std::string out;
   for (size_t i = 0; i < examples.size(); ++i) {
     auto line = ExampleToJsonLine(examples[i]);
@@ -58,7 +58,8 @@ absl::StatusOr<std::vector<Example>> ParseJsonl(absl::string_view text,
           absl::StrCat(where(), "not valid JSON (", e.what(), ")"));
     }
     if (!j.is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(where(), "expected a JSON object"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where(), "expected a JSON object"));
     }
     Example ex;
     for (const char* key : {"input", "output"}) {
@@ -67,7 +68,8 @@ absl::StatusOr<std::vector<Example>> ParseJsonl(absl::string_view text,
         return absl::InvalidArgumentError(
             absl::StrCat(where(), "missing string field \"", key, "\""));
       }
-      (std::string(key) == "input" ? ex.input : ex.output) = it->get<std::string>();
+      (std::string(key) == "input" ? ex.input : ex.output) =
+          it->get<std::string>();
     }
     out.push_back(std::move(ex));
   }
@@ -82,7 +84,9 @@ absl::Status WriteJsonl(const std::string& path,
         absl::StrCat(path, ": ", text.status().message()));
   }
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  if (!f) return absl::PermissionDeniedError(absl::StrCat("cannot open ", path, " for writing"));
+  if (!f)
+    return absl::PermissionDeniedError(
+        absl::StrCat("cannot open ", path, " for writing"));
   f << *text;
   f.close();
   if (!f) return absl::DataLossError(absl::StrCat("error writing ", path));

@@ -23,7 +23,8 @@ namespace lorahub::tasks {
 absl::StatusOr<std::string> ExampleToJsonLine(const Example& example);
 
 // All examples, each line ending in '\n'.
-absl::StatusOr<std::string> ExamplesToJsonl(const std::vector<Example>& examples);
+absl::StatusOr<std::string> ExamplesToJsonl(
+    const std::vector<Example>& examples);
 
 // Parses JSONL text; `source` names the origin in error messages.
 absl::StatusOr<std::vector<Example>> ParseJsonl(absl::string_view text,

@@ -1,6 +1,7 @@
 // make_task_data: writes the JSONL data sets of the LoraHub experiment.
 //
-//   make_task_data --out DIR [--seed S] [--train-per-task N] [--test-per-task N]
+//   make_task_data --out DIR [--seed S] [--train-per-task N] [--test-per-task
+//   N]
 //                  [--heldout-examples N]
 //   make_task_data --list
 //

@@ -6,7 +6,8 @@
 
 namespace lorahub::tasks {
 
-std::string NormalizeAnswer(absl::string_view text, const MatchOptions& options) {
+std::string NormalizeAnswer(absl::string_view text,
+                            const MatchOptions& options) {
   std::string out;
   out.reserve(text.size());
   bool pending_space = false;
@@ -17,27 +18,31 @@ std::string NormalizeAnswer(absl::string_view text, const MatchOptions& options)
     }
     if (pending_space) out += ' ';
     pending_space = false;
-    out += options.case_sensitive ? c : absl::ascii_tolower(static_cast<unsigned char>(c));
+    out += options.case_sensitive
+               ? c
+               : absl::ascii_tolower(static_cast<unsigned char>(c));
   }
   return out;
 }
 
 bool AnswersMatch(absl::string_view prediction, absl::string_view reference,
                   const MatchOptions& options) {
-  return NormalizeAnswer(prediction, options) == NormalizeAnswer(reference, options);
+  return NormalizeAnswer(prediction, options) ==
+         NormalizeAnswer(reference, options);
 }
 
 absl::StatusOr<double> ExactMatch(const std::vector<std::string>& predictions,
                                   const std::vector<std::string>& references,
                                   const MatchOptions& options) {
   if (predictions.size() != references.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("exact match needs as many predictions as references, got ",
-                     predictions.size(), " predictions and ", references.size(),
-                     " references"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "exact match needs as many predictions as references, got ",
+        predictions.size(), " predictions and ", references.size(),
+        " references"));
   }
   if (references.empty()) {
-    return absl::InvalidArgumentError("exact match of zero examples is undefined");
+    return absl::InvalidArgumentError(
+        "exact match of zero examples is undefined");
   }
   size_t hits = 0;
   for (size_t i = 0; i < references.size(); ++i) {

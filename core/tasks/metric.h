@@ -24,7 +24,8 @@ struct MatchOptions {
 
 // Trims, collapses whitespace runs to one space, and lowercases ASCII unless
 // `options.case_sensitive`.
-std::string NormalizeAnswer(absl::string_view text, const MatchOptions& options);
+std::string NormalizeAnswer(absl::string_view text,
+                            const MatchOptions& options);
 
 // True if the normalised texts are equal.
 bool AnswersMatch(absl::string_view prediction, absl::string_view reference,

@@ -1,4 +1,5 @@
-// Seeded pseudo-random numbers for the synthetic tasks, identical on every platform.
+// Seeded pseudo-random numbers for the synthetic tasks, identical on every
+// platform.
 //
 // Why not <random>: std::uniform_int_distribution and friends are
 // implementation-defined, so libstdc++ and libc++ give different examples for
@@ -54,7 +55,8 @@ class Rng {
   }
   // Starts from an explicit state (for reference-vector tests). The state must
   // not be all zero.
-  Rng(uint64_t s0, uint64_t s1, uint64_t s2, uint64_t s3) : s_{s0, s1, s2, s3} {}
+  Rng(uint64_t s0, uint64_t s1, uint64_t s2, uint64_t s3)
+      : s_{s0, s1, s2, s3} {}
 
   // Next 64 random bits.
   uint64_t Next() {
@@ -75,7 +77,8 @@ class Rng {
     const uint64_t span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);
     if (span == UINT64_MAX) return static_cast<int64_t>(Next());
     const uint64_t range = span + 1;
-    const uint64_t limit = UINT64_MAX - (UINT64_MAX % range);  // multiple of range
+    const uint64_t limit =
+        UINT64_MAX - (UINT64_MAX % range);  // multiple of range
     uint64_t draw = Next();
     while (draw >= limit) draw = Next();
     return static_cast<int64_t>(static_cast<uint64_t>(lo) + draw % range);

@@ -1,4 +1,5 @@
-// Synthetic instruction tasks in the style of Flan: instruction + input -> output.
+// Synthetic instruction tasks in the style of Flan: instruction + input ->
+// output.
 //
 // A Task is pure data plus a generator: given an Rng it draws one raw input
 // (a word, a list, a number, a date) and its exact answer. Prompts are made by

@@ -2,10 +2,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <system_error>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -23,11 +22,13 @@ namespace fs = std::filesystem;
 // the disk (49 tasks x 1M examples is already ~3 GB).
 constexpr int64_t kMaxPerTask = 1000000;
 
-absl::StatusOr<int> ParseCount(const std::string& flag, const std::string& value) {
+absl::StatusOr<int> ParseCount(const std::string& flag,
+                               const std::string& value) {
   int64_t v = 0;
   if (!absl::SimpleAtoi(value, &v) || v < 1 || v > kMaxPerTask) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        flag, " needs an integer in [1, ", kMaxPerTask, "], got '", value, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, " needs an integer in [1, ", kMaxPerTask, "], got '",
+                     value, "'"));
   }
   return static_cast<int>(v);
 }
@@ -36,17 +37,19 @@ absl::Status MakeDirs(const fs::path& dir) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("cannot create directory ", dir.string(), ": ", ec.message()));
+    return absl::PermissionDeniedError(absl::StrCat(
+        "cannot create directory ", dir.string(), ": ", ec.message()));
   }
   return absl::OkStatus();
 }
 
 // Writes `examples` to `path` and appends their text to the corpus.
-absl::Status WriteSet(const fs::path& path, const std::vector<Example>& examples,
+absl::Status WriteSet(const fs::path& path,
+                      const std::vector<Example>& examples,
                       std::string* corpus) {
   LH_RETURN_IF_ERROR(WriteJsonl(path.string(), examples));
-  for (const Example& e : examples) absl::StrAppend(corpus, e.input, "\n", e.output, "\n");
+  for (const Example& e : examples)
+    absl::StrAppend(corpus, e.input, "\n", e.output, "\n");
   return absl::OkStatus();
 }
 
@@ -58,7 +61,8 @@ absl::Status WriteText(const fs::path& path, const std::string& text) {
   }
   f << text;
   f.close();
-  if (!f) return absl::DataLossError(absl::StrCat("error writing ", path.string()));
+  if (!f)
+    return absl::DataLossError(absl::StrCat("error writing ", path.string()));
   return absl::OkStatus();
 }
 
@@ -77,7 +81,8 @@ std::string RegistryJson() {
 
 }  // namespace
 
-absl::StatusOr<TaskDataOptions> ParseTaskDataArgs(const std::vector<std::string>& args) {
+absl::StatusOr<TaskDataOptions> ParseTaskDataArgs(
+    const std::vector<std::string>& args) {
   TaskDataOptions opts;
   bool have_out = false;
   for (size_t i = 0; i < args.size(); ++i) {
@@ -85,7 +90,8 @@ absl::StatusOr<TaskDataOptions> ParseTaskDataArgs(const std::vector<std::string>
     std::string value;
     bool has_value = false;
     if (flag.rfind("--", 0) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", flag, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected argument '", flag, "'"));
     }
     if (const size_t eq = flag.find('='); eq != std::string::npos) {
       value = flag.substr(eq + 1);
@@ -99,7 +105,8 @@ absl::StatusOr<TaskDataOptions> ParseTaskDataArgs(const std::vector<std::string>
     }
     if (flag != "--out" && flag != "--seed" && flag != "--train-per-task" &&
         flag != "--test-per-task" && flag != "--heldout-examples") {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag '", flag, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown flag '", flag, "'"));
     }
     if (!has_value) {
       if (i + 1 >= args.size()) {
@@ -108,7 +115,8 @@ absl::StatusOr<TaskDataOptions> ParseTaskDataArgs(const std::vector<std::string>
       value = args[++i];
     }
     if (flag == "--out") {
-      if (value.empty()) return absl::InvalidArgumentError("--out needs a non-empty path");
+      if (value.empty())
+        return absl::InvalidArgumentError("--out needs a non-empty path");
       opts.out_dir = value;
       have_out = true;
     } else if (flag == "--seed") {
@@ -134,7 +142,8 @@ std::string ListTasksText() {
   std::string out;
   for (Split split : {Split::kBase, Split::kPool, Split::kHeldOut}) {
     for (const Task* t : TasksInSplit(split)) {
-      absl::StrAppend(&out, SplitName(split), " ", FamilyName(t->family), " ", t->name, "\n");
+      absl::StrAppend(&out, SplitName(split), " ", FamilyName(t->family), " ",
+                      t->name, "\n");
     }
   }
   return out;
@@ -169,9 +178,9 @@ absl::Status WriteTaskData(const TaskDataOptions& options) {
     LH_RETURN_IF_ERROR(WriteSet(root / "pool" / (t->name + ".jsonl"),
                                 Generate(*t, options.train_per_task, pool_seed),
                                 &corpus));
-    LH_RETURN_IF_ERROR(WriteSet(root / "pool_test" / (t->name + ".jsonl"),
-                                Generate(*t, options.test_per_task, pool_test_seed),
-                                &corpus));
+    LH_RETURN_IF_ERROR(
+        WriteSet(root / "pool_test" / (t->name + ".jsonl"),
+                 Generate(*t, options.test_per_task, pool_test_seed), &corpus));
   }
 
   const uint64_t few_seed = DeriveSeed(options.seed, "heldout/examples");
@@ -179,13 +188,15 @@ absl::Status WriteTaskData(const TaskDataOptions& options) {
   for (const Task* t : TasksInSplit(Split::kHeldOut)) {
     const fs::path dir = root / "heldout" / t->name;
     LH_RETURN_IF_ERROR(MakeDirs(dir));
-    const std::vector<Example> few = Generate(*t, options.heldout_examples, few_seed);
+    const std::vector<Example> few =
+        Generate(*t, options.heldout_examples, few_seed);
     std::set<std::string> seen;
     for (const Example& e : few) seen.insert(e.input);
     // At most `few.size()` draws are dropped, so this many always suffice.
     std::vector<Example> test;
-    for (Example& e : Generate(*t, options.test_per_task + static_cast<int>(few.size()),
-                               test_seed)) {
+    for (Example& e :
+         Generate(*t, options.test_per_task + static_cast<int>(few.size()),
+                  test_seed)) {
       if (static_cast<int>(test.size()) == options.test_per_task) break;
       if (seen.count(e.input) == 0) test.push_back(std::move(e));
     }

@@ -77,13 +77,14 @@ std::vector<Example> Generate(const Task& task, int n, uint64_t seed) {
   for (int i = 0; i < n; ++i) {
     const std::string& tmpl = task.templates[rng.Index(task.templates.size())];
     RawExample raw = task.generate(rng);
-    out.push_back(Example{RenderPrompt(tmpl, raw.input), std::move(raw.output)});
+    out.push_back(
+        Example{RenderPrompt(tmpl, raw.input), std::move(raw.output)});
   }
   return out;
 }
 
-absl::StatusOr<std::vector<Example>> Generate(absl::string_view task_name, int n,
-                                              uint64_t seed) {
+absl::StatusOr<std::vector<Example>> Generate(absl::string_view task_name,
+                                              int n, uint64_t seed) {
   if (n < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("example count must be >= 0, got ", n));

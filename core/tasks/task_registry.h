@@ -40,8 +40,8 @@ std::string RenderPrompt(absl::string_view template_text,
 std::vector<Example> Generate(const Task& task, int n, uint64_t seed);
 
 // As above, by name: NotFound for an unknown task, InvalidArgument for n < 0.
-absl::StatusOr<std::vector<Example>> Generate(absl::string_view task_name, int n,
-                                              uint64_t seed);
+absl::StatusOr<std::vector<Example>> Generate(absl::string_view task_name,
+                                              int n, uint64_t seed);
 
 }  // namespace lorahub::tasks
 

@@ -19,7 +19,8 @@ std::vector<Example> Awkward() {
       {"quote \" and backslash \\ here", "\"word\""},
       {"tab\tnewline\ncarriage\rreturn", "line1\nline2"},
       {"control \x01\x1f chars", "nul-free"},
-      {"unicode: caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "\xe6\x97\xa5\xe6\x9c\xac"},
+      {"unicode: caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
+       "\xe6\x97\xa5\xe6\x9c\xac"},
       {"{\"input\":\"nested\"}", "[1, 2]"},
       {"", ""},
       {"slash / and </script>", "\\n is not a newline"},
@@ -48,13 +49,15 @@ TEST(JsonlTest, LineFormatIsPlainJsonObject) {
 TEST(JsonlTest, InvalidUtf8IsAnErrorNotACrash) {
   auto line = ExampleToJsonLine({"bad \xff byte", "x"});
   EXPECT_EQ(line.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_FALSE(WriteJsonl(TempPath("bad.jsonl"), {{"ok", "ok"}, {"\xc3", "x"}}).ok());
+  EXPECT_FALSE(
+      WriteJsonl(TempPath("bad.jsonl"), {{"ok", "ok"}, {"\xc3", "x"}}).ok());
 }
 
 TEST(JsonlTest, ParseAcceptsBlankLinesCrlfAndExtraKeys) {
-  auto ex = ParseJsonl("\n{\"input\":\"a\",\"output\":\"b\",\"task\":\"t\"}\r\n  \n"
-                       "{\"output\":\"d\",\"input\":\"c\"}",
-                       "mem");
+  auto ex = ParseJsonl(
+      "\n{\"input\":\"a\",\"output\":\"b\",\"task\":\"t\"}\r\n  \n"
+      "{\"output\":\"d\",\"input\":\"c\"}",
+      "mem");
   ASSERT_TRUE(ex.ok()) << ex.status();
   ASSERT_EQ(ex->size(), 2u);
   EXPECT_EQ((*ex)[0], (Example{"a", "b"}));
@@ -67,10 +70,12 @@ TEST(JsonlTest, ParseErrorsNameSourceAndLine) {
     std::string expected;
   };
   const std::vector<Case> cases = {
-      {"{\"input\":\"a\",\"output\":\"b\"}\n{not json}\n", "f.jsonl:2: not valid JSON"},
+      {"{\"input\":\"a\",\"output\":\"b\"}\n{not json}\n",
+       "f.jsonl:2: not valid JSON"},
       {"[1,2]\n", "f.jsonl:1: expected a JSON object"},
       {"{\"input\":\"a\"}\n", "f.jsonl:1: missing string field \"output\""},
-      {"\n\n{\"input\":3,\"output\":\"b\"}", "f.jsonl:3: missing string field \"input\""},
+      {"\n\n{\"input\":3,\"output\":\"b\"}",
+       "f.jsonl:3: missing string field \"input\""},
       {"{\"input\":\"a\",\"output\":\"b\"", "f.jsonl:1: not valid JSON"},
   };
   for (const Case& c : cases) {
@@ -85,7 +90,8 @@ TEST(JsonlTest, ParseErrorsNameSourceAndLine) {
 TEST(JsonlTest, MissingFileIsNotFoundWithPath) {
   auto r = ReadJsonl(TempPath("does_not_exist.jsonl"));
   EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_NE(r.status().message().find("does_not_exist.jsonl"), absl::string_view::npos);
+  EXPECT_NE(r.status().message().find("does_not_exist.jsonl"),
+            absl::string_view::npos);
 }
 
 }  // namespace

@@ -16,8 +16,10 @@ TEST(MetricTest, NormalizesWhitespace) {
 }
 
 TEST(MetricTest, CaseRule) {
-  EXPECT_FALSE(AnswersMatch("Moor", "MOOR", MatchOptions{/*case_sensitive=*/true}));
-  EXPECT_TRUE(AnswersMatch("Moor", "MOOR", MatchOptions{/*case_sensitive=*/false}));
+  EXPECT_FALSE(
+      AnswersMatch("Moor", "MOOR", MatchOptions{/*case_sensitive=*/true}));
+  EXPECT_TRUE(
+      AnswersMatch("Moor", "MOOR", MatchOptions{/*case_sensitive=*/false}));
 }
 
 TEST(MetricTest, ExactMatchFraction) {
@@ -37,7 +39,8 @@ TEST(MetricTest, ExactMatchRejectsMismatchedOrEmptyInputs) {
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.status().message().find("1 predictions and 2 references"),
             absl::string_view::npos);
-  EXPECT_EQ(ExactMatch({}, {}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ExactMatch({}, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(MetricTest, TaskOverloadUsesTheTaskCaseRule) {

@@ -21,11 +21,12 @@ inline std::optional<std::string> RawInputOf(const Task& task,
     const std::string suffix = tmpl.substr(slot + 7);
     if (prompt.size() < prefix.size() + suffix.size()) continue;
     if (prompt.compare(0, prefix.size(), prefix) != 0) continue;
-    if (prompt.compare(prompt.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    if (prompt.compare(prompt.size() - suffix.size(), suffix.size(), suffix) !=
+        0) {
       continue;
     }
-    std::string raw =
-        prompt.substr(prefix.size(), prompt.size() - prefix.size() - suffix.size());
+    std::string raw = prompt.substr(
+        prefix.size(), prompt.size() - prefix.size() - suffix.size());
     if (raw.empty()) continue;
     // Two templates matching with different raw inputs would be ambiguous.
     if (found && *found != raw) return std::nullopt;

@@ -18,7 +18,8 @@ TEST(RegistryTest, HasEnoughTasksInEverySplit) {
   EXPECT_GE(TasksInSplit(Split::kPool).size(), 20u);
   EXPECT_GE(TasksInSplit(Split::kHeldOut).size(), 5u);
   EXPECT_GE(TasksInSplit(Split::kBase).size(), 8u);
-  EXPECT_EQ(TasksInSplit(Split::kBase).size() + TasksInSplit(Split::kPool).size() +
+  EXPECT_EQ(TasksInSplit(Split::kBase).size() +
+                TasksInSplit(Split::kPool).size() +
                 TasksInSplit(Split::kHeldOut).size(),
             AllTasks().size());
 }
@@ -37,11 +38,13 @@ TEST(RegistryTest, NamesAreUniqueAndFileSafe) {
 
 TEST(RegistryTest, HeldOutTasksAreNearPoolTasksAndNowhereElse) {
   for (const Task* t : TasksInSplit(Split::kHeldOut)) {
-    // Each held-out task appears exactly once in the registry, so in no other split.
+    // Each held-out task appears exactly once in the registry, so in no other
+    // split.
     int occurrences = 0;
     for (const Task& other : AllTasks()) occurrences += other.name == t->name;
     EXPECT_EQ(occurrences, 1) << t->name;
-    ASSERT_FALSE(t->near.empty()) << t->name << " names no neighbouring modules";
+    ASSERT_FALSE(t->near.empty())
+        << t->name << " names no neighbouring modules";
     bool same_family_neighbour = false;
     for (const std::string& n : t->near) {
       auto near = FindTask(n);
@@ -68,7 +71,8 @@ TEST(RegistryTest, TemplatesAreDistinctAndHaveOneSlot) {
       ASSERT_NE(first, std::string::npos) << t.name << ": " << tmpl;
       EXPECT_EQ(tmpl.find("{input}", first + 1), std::string::npos) << t.name;
       auto [it, inserted] = owner.emplace(tmpl, t.name);
-      EXPECT_TRUE(inserted) << "template shared by " << it->second << " and " << t.name;
+      EXPECT_TRUE(inserted)
+          << "template shared by " << it->second << " and " << t.name;
     }
   }
 }
@@ -79,9 +83,12 @@ TEST(RegistryTest, FindTaskAndUnknownNames) {
   EXPECT_EQ((*t)->name, "reverse_word");
   auto missing = FindTask("no_such_task");
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_NE(missing.status().message().find("no_such_task"), absl::string_view::npos);
-  EXPECT_EQ(Generate("no_such_task", 3, 1).status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(Generate("add", -1, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(missing.status().message().find("no_such_task"),
+            absl::string_view::npos);
+  EXPECT_EQ(Generate("no_such_task", 3, 1).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Generate("add", -1, 1).status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(Generate("add", 0, 1)->empty());
 }
 
@@ -130,7 +137,8 @@ TEST(RegistryTest, EveryTemplateIsUsed) {
         const std::string suffix = tmpl.substr(tmpl.find("{input}") + 7);
         if (ex.input.rfind(prefix, 0) == 0 &&
             ex.input.size() >= suffix.size() &&
-            ex.input.compare(ex.input.size() - suffix.size(), suffix.size(), suffix) == 0) {
+            ex.input.compare(ex.input.size() - suffix.size(), suffix.size(),
+                             suffix) == 0) {
           prefixes.insert(tmpl);
         }
       }
@@ -160,11 +168,11 @@ TEST(DeterminismTest, SameSeedSameExamplesAndPrefixProperty) {
 // regenerate any data built from the old one). Hand-checked when pinned
 // (seed 2024, first examples):
 //   reverse_word     "...Word: clock" -> "kcolc"; "...word: spider" -> "redips"
-//   rotate_left_2    "...Word: foot" -> "otfo"; "...to the end: lemon" -> "monle"
-//   sort_digits_desc "...Digits: 9446" -> "9644"; "...smallest: 17683" -> "87631"
-//   add_then_double  "...Numbers: 22 and 24" -> "92"; "...sum of 6 and 20?" -> "52"
-//   date_ymd_to_mdy  "...MM/DD/YYYY: 2015-07-02" -> "07/02/2015"
-//   number_to_words  "...in words: 55" -> "fifty five"
+//   rotate_left_2    "...Word: foot" -> "otfo"; "...to the end: lemon" ->
+//   "monle" sort_digits_desc "...Digits: 9446" -> "9644"; "...smallest: 17683"
+//   -> "87631" add_then_double  "...Numbers: 22 and 24" -> "92"; "...sum of 6
+//   and 20?" -> "52" date_ymd_to_mdy  "...MM/DD/YYYY: 2015-07-02" ->
+//   "07/02/2015" number_to_words  "...in words: 55" -> "fifty five"
 //   is_palindrome    "...backwards? jlt" -> "no"; "...yes or no: beb" -> "yes"
 //   range_list       "...numbers: 8, 81, 73, 4, 37" -> "77"
 TEST(DeterminismTest, PinnedFingerprint) {

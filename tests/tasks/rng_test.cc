@@ -1,11 +1,12 @@
 // The PRNG against published reference outputs, and the uniform integer and
 // shuffle against their contracts.
+#include "core/tasks/rng.h"
+
 #include <algorithm>
 #include <map>
 #include <numeric>
 #include <vector>
 
-#include "core/tasks/rng.h"
 #include "gtest/gtest.h"
 
 namespace lorahub::tasks {
@@ -20,7 +21,8 @@ TEST(RngTest, SplitMix64MatchesReference) {
 }
 
 // Reference outputs of xoshiro256** from state {1, 2, 3, 4} (the test
-// vectors of the rand_xoshiro crate, derived from Vigna's xoshiro256starstar.c).
+// vectors of the rand_xoshiro crate, derived from Vigna's
+// xoshiro256starstar.c).
 TEST(RngTest, Xoshiro256StarStarMatchesReference) {
   Rng rng(1, 2, 3, 4);
   EXPECT_EQ(rng.Next(), 11520ULL);
@@ -47,9 +49,11 @@ TEST(RngTest, UniformIntStaysInRangeAndCoversIt) {
     ++counts[v];
   }
   ASSERT_EQ(counts.size(), 6u);
-  for (const auto& [v, c] : counts) EXPECT_NEAR(c, n / 6.0, 0.05 * n / 6.0) << v;
+  for (const auto& [v, c] : counts)
+    EXPECT_NEAR(c, n / 6.0, 0.05 * n / 6.0) << v;
   EXPECT_EQ(rng.UniformInt(5, 5), 5);
-  const int64_t big = rng.UniformInt(INT64_MIN, INT64_MAX);  // full range: no overflow
+  const int64_t big =
+      rng.UniformInt(INT64_MIN, INT64_MAX);  // full range: no overflow
   (void)big;
 }
 

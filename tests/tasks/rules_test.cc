@@ -43,14 +43,16 @@ std::vector<std::string> Words(const std::string& s) {
 // "12, 7, 45" -> {12, 7, 45}
 std::vector<int> Numbers(const std::string& s) {
   std::vector<int> out;
-  for (const std::string& part : Split(s, ',')) out.push_back(std::atoi(part.c_str()));
+  for (const std::string& part : Split(s, ','))
+    out.push_back(std::atoi(part.c_str()));
   return out;
 }
 
 // "a and b" -> {a, b}
 std::pair<int, int> Operands(const std::string& s) {
   const size_t at = s.find(" and ");
-  return {std::atoi(s.substr(0, at).c_str()), std::atoi(s.substr(at + 5).c_str())};
+  return {std::atoi(s.substr(0, at).c_str()),
+          std::atoi(s.substr(at + 5).c_str())};
 }
 
 std::string Reverse(const std::string& s) {
@@ -61,11 +63,14 @@ std::string Reverse(const std::string& s) {
 
 std::string Upper(const std::string& s) {
   std::string out;
-  for (char c : s) out.push_back(c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c);
+  for (char c : s)
+    out.push_back(c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c);
   return out;
 }
 
-bool Vowel(char c) { return std::string("aeiouAEIOU").find(c) != std::string::npos; }
+bool Vowel(char c) {
+  return std::string("aeiouAEIOU").find(c) != std::string::npos;
+}
 
 std::string RotateLeft(const std::string& s, size_t k) {
   std::string out(s.size(), '?');
@@ -73,7 +78,8 @@ std::string RotateLeft(const std::string& s, size_t k) {
   return out;
 }
 
-std::string JoinWith(const std::vector<std::string>& v, const std::string& sep) {
+std::string JoinWith(const std::vector<std::string>& v,
+                     const std::string& sep) {
   std::string out;
   for (const auto& w : v) out += (out.empty() ? "" : sep) + w;
   return out;
@@ -96,13 +102,14 @@ std::string Pad2(int v) { return (v < 10 ? "0" : "") + std::to_string(v); }
 
 // 0-99 in words: built from a digit table rather than a teens/tens table.
 std::string InWords(int n) {
-  const std::vector<std::string> units = {"zero", "one", "two",   "three", "four",
-                                          "five", "six", "seven", "eight", "nine"};
+  const std::vector<std::string> units = {"zero",  "one",  "two", "three",
+                                          "four",  "five", "six", "seven",
+                                          "eight", "nine"};
   const std::map<int, std::string> special = {
-      {10, "ten"},      {11, "eleven"},    {12, "twelve"},  {13, "thirteen"},
-      {14, "fourteen"}, {15, "fifteen"},   {16, "sixteen"}, {17, "seventeen"},
-      {18, "eighteen"}, {19, "nineteen"},  {20, "twenty"},  {30, "thirty"},
-      {40, "forty"},    {50, "fifty"},     {60, "sixty"},   {70, "seventy"},
+      {10, "ten"},      {11, "eleven"},   {12, "twelve"},  {13, "thirteen"},
+      {14, "fourteen"}, {15, "fifteen"},  {16, "sixteen"}, {17, "seventeen"},
+      {18, "eighteen"}, {19, "nineteen"}, {20, "twenty"},  {30, "thirty"},
+      {40, "forty"},    {50, "fifty"},    {60, "sixty"},   {70, "seventy"},
       {80, "eighty"},   {90, "ninety"}};
   if (n < 10) return units[n];
   if (special.count(n)) return special.at(n);
@@ -144,27 +151,35 @@ const std::map<std::string, Rule>& Rules() {
        }},
       {"swap_first_last",
        [](const std::string& w) {
-         return w.substr(w.size() - 1) + w.substr(1, w.size() - 2) + w.substr(0, 1);
+         return w.substr(w.size() - 1) + w.substr(1, w.size() - 2) +
+                w.substr(0, 1);
        }},
       {"rotate_left_1", [](const std::string& w) { return RotateLeft(w, 1); }},
       {"rotate_left_2", [](const std::string& w) { return RotateLeft(w, 2); }},
       {"rotate_left_3", [](const std::string& w) { return RotateLeft(w, 3); }},
       {"capitalize_first",
-       [](const std::string& w) { return Upper(w.substr(0, 1)) + w.substr(1); }},
-      {"first_letter", [](const std::string& w) { return std::string(1, w[0]); }},
-      {"last_letter", [](const std::string& w) { return std::string(1, w.back()); }},
-      {"reverse_uppercase", [](const std::string& w) { return Reverse(Upper(w)); }},
+       [](const std::string& w) {
+         return Upper(w.substr(0, 1)) + w.substr(1);
+       }},
+      {"first_letter",
+       [](const std::string& w) { return std::string(1, w[0]); }},
+      {"last_letter",
+       [](const std::string& w) { return std::string(1, w.back()); }},
+      {"reverse_uppercase",
+       [](const std::string& w) { return Reverse(Upper(w)); }},
       {"sort_words_alpha",
        [](const std::string& s) {
-         return JoinWith(SelectionSorted(Words(s), std::less<std::string>()), " ");
+         return JoinWith(SelectionSorted(Words(s), std::less<std::string>()),
+                         " ");
        }},
       {"sort_words_length",
        [](const std::string& s) {
-         return JoinWith(SelectionSorted(Words(s),
-                                         [](const std::string& a, const std::string& b) {
-                                           return a.size() < b.size();
-                                         }),
-                         " ");
+         return JoinWith(
+             SelectionSorted(Words(s),
+                             [](const std::string& a, const std::string& b) {
+                               return a.size() < b.size();
+                             }),
+             " ");
        }},
       {"reverse_word_order",
        [](const std::string& s) {
@@ -208,9 +223,13 @@ const std::map<std::string, Rule>& Rules() {
          return std::to_string(a - b);
        }},
       {"double_number",
-       [](const std::string& s) { return std::to_string(std::atoi(s.c_str()) * 2); }},
+       [](const std::string& s) {
+         return std::to_string(std::atoi(s.c_str()) * 2);
+       }},
       {"triple_number",
-       [](const std::string& s) { return std::to_string(std::atoi(s.c_str()) * 3); }},
+       [](const std::string& s) {
+         return std::to_string(std::atoi(s.c_str()) * 3);
+       }},
       {"add_then_double",
        [](const std::string& s) {
          auto [a, b] = Operands(s);
@@ -222,11 +241,13 @@ const std::map<std::string, Rule>& Rules() {
        }},
       {"max_list",
        [](const std::string& s) {
-         return std::to_string(SelectionSorted(Numbers(s), std::greater<int>())[0]);
+         return std::to_string(
+             SelectionSorted(Numbers(s), std::greater<int>())[0]);
        }},
       {"min_list",
        [](const std::string& s) {
-         return std::to_string(SelectionSorted(Numbers(s), std::less<int>())[0]);
+         return std::to_string(
+             SelectionSorted(Numbers(s), std::less<int>())[0]);
        }},
       {"sum_list",
        [](const std::string& s) {
@@ -239,16 +260,24 @@ const std::map<std::string, Rule>& Rules() {
          auto v = SelectionSorted(Numbers(s), std::less<int>());
          return std::to_string(v.back() - v.front());
        }},
-      {"count_items", [](const std::string& s) { return std::to_string(Words(s).size()); }},
+      {"count_items",
+       [](const std::string& s) { return std::to_string(Words(s).size()); }},
       {"successor",
-       [](const std::string& s) { return std::to_string(std::atoi(s.c_str()) + 1); }},
+       [](const std::string& s) {
+         return std::to_string(std::atoi(s.c_str()) + 1);
+       }},
       {"predecessor",
-       [](const std::string& s) { return std::to_string(std::atoi(s.c_str()) - 1); }},
-      {"word_length", [](const std::string& w) { return std::to_string(w.size()); }},
+       [](const std::string& s) {
+         return std::to_string(std::atoi(s.c_str()) - 1);
+       }},
+      {"word_length",
+       [](const std::string& w) { return std::to_string(w.size()); }},
       {"wrap_brackets", [](const std::string& w) { return "[" + w + "]"; }},
       {"wrap_quotes", [](const std::string& w) { return '"' + w + '"'; }},
-      {"join_dashes", [](const std::string& s) { return JoinWith(Words(s), "-"); }},
-      {"join_commas", [](const std::string& s) { return JoinWith(Words(s), ", "); }},
+      {"join_dashes",
+       [](const std::string& s) { return JoinWith(Words(s), "-"); }},
+      {"join_commas",
+       [](const std::string& s) { return JoinWith(Words(s), ", "); }},
       {"date_ymd_to_dmy",
        [](const std::string& s) {
          auto p = Split(s, '-');  // YYYY MM DD
@@ -257,19 +286,28 @@ const std::map<std::string, Rule>& Rules() {
       {"date_ymd_to_mdy",
        [](const std::string& s) {
          auto p = Split(s, '-');
-         return Pad2(std::atoi(p[1].c_str())) + "/" + Pad2(std::atoi(p[2].c_str())) +
-                "/" + p[0];
+         return Pad2(std::atoi(p[1].c_str())) + "/" +
+                Pad2(std::atoi(p[2].c_str())) + "/" + p[0];
        }},
-      {"number_to_words", [](const std::string& s) { return InWords(std::atoi(s.c_str())); }},
-      {"words_to_number", [](const std::string& s) { return std::to_string(FromWords(s)); }},
+      {"number_to_words",
+       [](const std::string& s) { return InWords(std::atoi(s.c_str())); }},
+      {"words_to_number",
+       [](const std::string& s) { return std::to_string(FromWords(s)); }},
       {"is_palindrome",
-       [](const std::string& w) { return std::string(Reverse(w) == w ? "yes" : "no"); }},
+       [](const std::string& w) {
+         return std::string(Reverse(w) == w ? "yes" : "no");
+       }},
       {"greater_than_50",
-       [](const std::string& s) { return std::string(std::atoi(s.c_str()) > 50 ? "yes" : "no"); }},
+       [](const std::string& s) {
+         return std::string(std::atoi(s.c_str()) > 50 ? "yes" : "no");
+       }},
       {"longer_word", [](const std::string& s) { return Longest(Words(s)); }},
-      {"longest_of_three", [](const std::string& s) { return Longest(Words(s)); }},
+      {"longest_of_three",
+       [](const std::string& s) { return Longest(Words(s)); }},
       {"vowel_first",
-       [](const std::string& w) { return std::string(Vowel(w[0]) ? "vowel" : "consonant"); }},
+       [](const std::string& w) {
+         return std::string(Vowel(w[0]) ? "vowel" : "consonant");
+       }},
       {"last_letter_vowel",
        [](const std::string& w) {
          return std::string(Vowel(w.back()) ? "vowel" : "consonant");
@@ -293,7 +331,8 @@ TEST_P(RuleTest, EveryAnswerMatchesAnIndependentImplementation) {
   for (uint64_t seed : {1ULL, 2ULL, 977ULL}) {
     for (const Example& ex : Generate(task, 300, seed)) {
       auto raw = testing::RawInputOf(task, ex.input);
-      ASSERT_TRUE(raw.has_value()) << task.name << ": no template fits '" << ex.input << "'";
+      ASSERT_TRUE(raw.has_value())
+          << task.name << ": no template fits '" << ex.input << "'";
       EXPECT_EQ(rule->second(*raw), ex.output) << task.name << ": " << ex.input;
     }
   }
@@ -316,15 +355,18 @@ TEST_P(RuleTest, LabelsAreBalanced) {
         if (words[i] == ex.output) ++slot[i];
       }
     }
-    for (const auto& [i, c] : slot) EXPECT_GT(c, n / 6) << task.name << " slot " << i;
+    for (const auto& [i, c] : slot)
+      EXPECT_GT(c, n / 6) << task.name << " slot " << i;
     return;
   }
   for (const auto& [label, c] : counts) {
-    EXPECT_GT(c, n / (2 * static_cast<int>(counts.size()))) << task.name << " " << label;
+    EXPECT_GT(c, n / (2 * static_cast<int>(counts.size())))
+        << task.name << " " << label;
   }
   if (task.name == "greater_than_50") return;  // 0-100: about 50/50 by design
   for (const auto& [label, c] : counts) {
-    EXPECT_NEAR(c, n / static_cast<double>(counts.size()), 0.06 * n) << task.name;
+    EXPECT_NEAR(c, n / static_cast<double>(counts.size()), 0.06 * n)
+        << task.name;
   }
 }
 
@@ -334,7 +376,8 @@ std::vector<const Task*> AllTaskPointers() {
   return out;
 }
 
-INSTANTIATE_TEST_SUITE_P(AllTasks, RuleTest, ::testing::ValuesIn(AllTaskPointers()),
+INSTANTIATE_TEST_SUITE_P(AllTasks, RuleTest,
+                         ::testing::ValuesIn(AllTaskPointers()),
                          [](const ::testing::TestParamInfo<const Task*>& info) {
                            return info.param->name;
                          });

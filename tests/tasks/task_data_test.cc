@@ -2,10 +2,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "core/tasks/jsonl.h"
 #include "core/tasks/task_registry.h"
@@ -97,7 +96,8 @@ TEST_F(TaskDataTest, OneFilePerPoolTaskAndPoolTestIsFresh) {
     EXPECT_EQ(train.size(), 40u);
     EXPECT_EQ(test.size(), 30u);
     EXPECT_NE(train, test);
-    for (const Example& e : train) EXPECT_TRUE(testing::RawInputOf(**task, e.input));
+    for (const Example& e : train)
+      EXPECT_TRUE(testing::RawInputOf(**task, e.input));
   }
   EXPECT_EQ(files, TasksInSplit(Split::kPool).size());
 }
@@ -132,11 +132,13 @@ TEST_F(TaskDataTest, CorpusHoldsEveryInputAndOutput) {
                           TasksInSplit(Split::kHeldOut).size() * (5 + 30);
   EXPECT_EQ(lines, 2 * examples);
   const auto few = Load(root / "heldout" / "rotate_left_3" / "examples5.jsonl");
-  EXPECT_NE(corpus.find(few[0].input + "\n" + few[0].output + "\n"), std::string::npos);
+  EXPECT_NE(corpus.find(few[0].input + "\n" + few[0].output + "\n"),
+            std::string::npos);
 }
 
 TEST_F(TaskDataTest, ManifestListsTheRegistry) {
-  const auto j = nlohmann::json::parse(ReadAll(fs::path(options_->out_dir) / "tasks.json"));
+  const auto j = nlohmann::json::parse(
+      ReadAll(fs::path(options_->out_dir) / "tasks.json"));
   ASSERT_EQ(j["tasks"].size(), AllTasks().size());
   for (const auto& t : j["tasks"]) {
     auto task = FindTask(t["name"].get<std::string>());
@@ -176,8 +178,9 @@ TEST(TaskDataWriteTest, UnwritableDirectoryIsAnErrorNamingIt) {
 }
 
 TEST(TaskDataArgsTest, ParsesFlagsInBothForms) {
-  auto o = ParseTaskDataArgs({"--out", "d", "--seed=42", "--train-per-task", "12",
-                              "--test-per-task=7", "--heldout-examples", "3"});
+  auto o =
+      ParseTaskDataArgs({"--out", "d", "--seed=42", "--train-per-task", "12",
+                         "--test-per-task=7", "--heldout-examples", "3"});
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(o->out_dir, "d");
   EXPECT_EQ(o->seed, 42u);
@@ -202,7 +205,8 @@ TEST(TaskDataArgsTest, RejectsBadFlagsWithOneLineMessages) {
       {{"--out", "d", "--seed", "12x"}, "--seed needs"},
       {{"--out", "d", "--train-per-task", "0"}, "--train-per-task needs"},
       {{"--out", "d", "--test-per-task", "abc"}, "--test-per-task needs"},
-      {{"--out", "d", "--train-per-task", "99999999999"}, "--train-per-task needs"},
+      {{"--out", "d", "--train-per-task", "99999999999"},
+       "--train-per-task needs"},
       {{"--list=yes"}, "--list takes no value"},
   };
   for (const auto& [args, expected] : cases) {
