@@ -431,6 +431,59 @@ lorahub_cc_library(core_store_store
   OUTPUT_NAME store
 )
 
+# ---- //core/tasks  (core/tasks/BUILD)
+
+# //core/tasks:tasks (cc_library)
+lorahub_cc_library(core_tasks_tasks
+  PACKAGE core/tasks
+  SRCS
+    ${SRC}/core/tasks/arithmetic_tasks.cc
+    ${SRC}/core/tasks/classification_tasks.cc
+    ${SRC}/core/tasks/formatting_tasks.cc
+    ${SRC}/core/tasks/jsonl.cc
+    ${SRC}/core/tasks/metric.cc
+    ${SRC}/core/tasks/ordering_tasks.cc
+    ${SRC}/core/tasks/string_edit_tasks.cc
+    ${SRC}/core/tasks/task_families.h
+    ${SRC}/core/tasks/task_registry.cc
+    ${SRC}/core/tasks/words.cc
+    ${SRC}/core/tasks/words.h
+    ${SRC}/core/tasks/jsonl.h
+    ${SRC}/core/tasks/metric.h
+    ${SRC}/core/tasks/rng.h
+    ${SRC}/core/tasks/task.h
+    ${SRC}/core/tasks/task_registry.h
+  DEPS
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlohmann_json_json
+  OUTPUT_NAME tasks
+)
+
+# //core/tasks:task_data (cc_library)
+lorahub_cc_library(core_tasks_task_data
+  PACKAGE core/tasks
+  SRCS
+    ${SRC}/core/tasks/task_data.cc
+    ${SRC}/core/tasks/task_data.h
+  DEPS
+    core_tasks_tasks
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlohmann_json_json
+  OUTPUT_NAME task_data
+)
+
+# //core/tasks:make_task_data (cc_binary)
+lorahub_cc_binary(core_tasks_make_task_data
+  PACKAGE core/tasks
+  SRCS
+    ${SRC}/core/tasks/make_task_data_main.cc
+  DEPS
+    core_tasks_task_data
+  OUTPUT_NAME make_task_data
+)
+
 # ---- //core/util  (core/util/BUILD)
 
 # //core/util:status_macros (cc_library)
@@ -892,6 +945,108 @@ lorahub_cc_test(tests_store_store_schema_test
     ext_gtest_gtest_main
     ext_sqlite3_sqlite3
   TIMEOUT 300
+)
+
+# ---- //tests/tasks  (tests/tasks/BUILD)
+
+# //tests/tasks:prompt_parts (cc_library)
+lorahub_cc_library(tests_tasks_prompt_parts
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/prompt_parts.h
+  DEPS
+    core_tasks_tasks
+  OUTPUT_NAME prompt_parts
+)
+
+# //tests/tasks:rng_test (cc_test)
+lorahub_cc_test(tests_tasks_rng_test
+  TEST_NAME //tests/tasks:rng_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/rng_test.cc
+  DEPS
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:rules_test (cc_test)
+lorahub_cc_test(tests_tasks_rules_test
+  TEST_NAME //tests/tasks:rules_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/rules_test.cc
+  DEPS
+    tests_tasks_prompt_parts
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:registry_test (cc_test)
+lorahub_cc_test(tests_tasks_registry_test
+  TEST_NAME //tests/tasks:registry_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/registry_test.cc
+  DEPS
+    tests_tasks_prompt_parts
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:metric_test (cc_test)
+lorahub_cc_test(tests_tasks_metric_test
+  TEST_NAME //tests/tasks:metric_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/metric_test.cc
+  DEPS
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:jsonl_test (cc_test)
+lorahub_cc_test(tests_tasks_jsonl_test
+  TEST_NAME //tests/tasks:jsonl_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/jsonl_test.cc
+  DEPS
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:task_data_test (cc_test)
+lorahub_cc_test(tests_tasks_task_data_test
+  TEST_NAME //tests/tasks:task_data_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/task_data_test.cc
+  DEPS
+    tests_tasks_prompt_parts
+    core_tasks_tasks
+    core_tasks_task_data
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
+  TIMEOUT 60
+)
+
+# //tests/tasks:make_task_data_cli_test (sh_test)
+lorahub_script_test(tests_tasks_make_task_data_cli_test
+  TEST_NAME //tests/tasks:make_task_data_cli_test
+  PACKAGE tests/tasks
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/tasks/make_task_data_cli_test.sh
+  ARGS
+    $<TARGET_FILE:core_tasks_make_task_data>
+  TIMEOUT 60
+  DATA_TARGETS
+    core_tasks_make_task_data
 )
 
 # ---- //tests/testdata/ref_tiny  (tests/testdata/ref_tiny/BUILD)
