@@ -15,6 +15,8 @@ struct Command {
 
 constexpr Command kCommands[] = {
     {"serve", lorahub::cli::RunServe, "run the gRPC server"},
+    {"tokenize", lorahub::cli::RunTokenize,
+     "encode text (or --decode ids) with a model's spiece.model"},
 };
 
 void PrintUsage(FILE* out) {
