@@ -11,8 +11,12 @@ shift $(( $# >= 2 ? 2 : 1 ))
 
 # Sources of each target besides tests/fuzz/NAME_fuzz.cc (torch-free readers).
 declare -A FUZZ_SOURCES=(
+  [t5_config]="core/config/t5_config.cc core/config/json_fields.cc"
+  [lora_config]="core/config/lora_config.cc core/config/json_fields.cc"
 )
 declare -A FUZZ_LIBS=(
+  [t5_config]="-labsl_statusor -labsl_status -labsl_strerror -labsl_str_format_internal -labsl_cord -labsl_cordz_info -labsl_cord_internal -labsl_cordz_functions -labsl_cordz_handle -labsl_synchronization -labsl_graphcycles_internal -labsl_stacktrace -labsl_symbolize -labsl_debugging_internal -labsl_demangle_internal -labsl_malloc_internal -labsl_time -labsl_civil_time -labsl_time_zone -labsl_strings -labsl_strings_internal -labsl_int128 -labsl_throw_delegate -labsl_base -labsl_spinlock_wait -labsl_raw_logging_internal -labsl_log_severity -labsl_exponential_biased -labsl_bad_optional_access"
+  [lora_config]="-labsl_statusor -labsl_status -labsl_strerror -labsl_str_format_internal -labsl_cord -labsl_cordz_info -labsl_cord_internal -labsl_cordz_functions -labsl_cordz_handle -labsl_synchronization -labsl_graphcycles_internal -labsl_stacktrace -labsl_symbolize -labsl_debugging_internal -labsl_demangle_internal -labsl_malloc_internal -labsl_time -labsl_civil_time -labsl_time_zone -labsl_strings -labsl_strings_internal -labsl_int128 -labsl_throw_delegate -labsl_base -labsl_spinlock_wait -labsl_raw_logging_internal -labsl_log_severity -labsl_exponential_biased -labsl_bad_optional_access"
 )
 [ -n "${FUZZ_SOURCES[$name]+x}" ] || { echo "unknown fuzz target $name" >&2; exit 2; }
 
