@@ -17,7 +17,21 @@
 namespace lorahub::tokenizer::internal {
 namespace {
 
+// Sanitizer runtimes refuse RTLD_DEEPBIND; sanitized builds do without it
+// (fine in processes that do not also load libprotobuf).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define LH_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
+    __has_feature(memory_sanitizer)
+#define LH_SANITIZED 1
+#endif
+#endif
+#ifdef LH_SANITIZED
+constexpr int kDlopenFlags = RTLD_NOW | RTLD_LOCAL;
+#else
 constexpr int kDlopenFlags = RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND;
+#endif
 
 bool WriteAll(int fd, const unsigned char* data, size_t size) {
   while (size > 0) {
