@@ -2,6 +2,7 @@
 // HF T5Tokenizer's conventions (eos, extra ids, skipped specials).
 #include <cstdio>
 #include <fstream>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -167,6 +168,24 @@ TEST_F(T5TokenizerTest, ConcurrentUseGivesTheSameIds) {
   }
   for (auto& thread : threads) thread.join();
   EXPECT_THAT(mismatches, ElementsAre(0, 0, 0, 0));
+}
+
+TEST_F(T5TokenizerTest, ArbitraryBytesGiveIdsInTheVocabulary) {
+  std::mt19937 rng(7);
+  for (int i = 0; i < 300; ++i) {
+    std::string text(rng() % 64, '\0');
+    for (char& c : text) c = static_cast<char>(rng() % 256);
+    if (i % 3 == 0) text += "<extra_id_" + std::to_string(rng() % 120) + ">";
+    auto ids = tokenizer_->Encode(text);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    ASSERT_FALSE(ids->empty());
+    EXPECT_EQ(ids->back(), kEos);
+    for (int id : *ids) {
+      ASSERT_GE(id, 0);
+      ASSERT_LT(id, tokenizer_->vocab_size());
+    }
+    EXPECT_TRUE(tokenizer_->Decode(*ids).ok());
+  }
 }
 
 TEST(T5TokenizerErrorsTest, MissingFileIsNotFoundNamingThePath) {
