@@ -57,7 +57,21 @@ std::string RegexRisk(const std::string& pattern) {
   for (size_t i = 0; i < pattern.size(); ++i) {
     char c = pattern[i];
     if (c == '\\') {
+      // \1..\9 are backreferences (libstdc++ also overflows on long ones).
+      if (i + 1 < pattern.size() && pattern[i + 1] >= '0' && pattern[i + 1] <= '9') {
+        return "backreferences are not supported";
+      }
       ++i;  // escaped character
+    } else if (c == '{') {
+      // {n}, {n,}, {n,m}: counts above 999 would blow up the compiled
+      // automaton (and overflow libstdc++'s parser).
+      size_t digits = 0;
+      for (size_t j = i + 1; j < pattern.size() && pattern[j] != '}'; ++j) {
+        digits = (pattern[j] >= '0' && pattern[j] <= '9') ? digits + 1 : 0;
+        if (digits > 3) return "a repetition count above 999";
+      }
+      groups.back().repeats_inside = true;
+      ++unbounded;
     } else if (c == '[') {
       // Skip a character class; "]" right after "[" or "[^" is literal.
       size_t j = i + 1;
@@ -73,7 +87,7 @@ std::string RegexRisk(const std::string& pattern) {
       if (i + 1 < pattern.size() && pattern[i + 1] == '?') ++i;  // (?: (?= (?!
     } else if (c == '|' || c == '?') {
       groups.back().repeats_inside = true;
-    } else if (c == '*' || c == '+' || c == '{') {
+    } else if (c == '*' || c == '+') {
       groups.back().repeats_inside = true;
       ++unbounded;
     } else if (c == ')' && groups.size() > 1) {
