@@ -43,17 +43,22 @@ std::string PatternRegex(const std::string& key) {
   return absl::StrCat("(.*\\.)?(", key, ")");
 }
 
-// std::regex backtracks: a repeated group that itself repeats or alternates
-// ("(a+)+", "(a|a)*") is exponential, and many unbounded quantifiers are a
-// high-degree polynomial. Such patterns are refused; real PEFT patterns look
-// like ".*\.(q|v)" or "encoder.block.0.layer.0.SelfAttention.q".
+// std::regex backtracks, so matching time is bounded by refusing patterns
+// whose worst case is large. A repeated group that itself repeats or
+// alternates ("(a+)+", "(a|a)*") is exponential and refused outright. For the
+// rest the worst case is about the product of: (name length + 1) per
+// repetition (*, +, {n,m}), 2 per "?", and the branch count per alternation;
+// patterns whose product exceeds kMaxLoraRegexCost are refused. Real PEFT
+// patterns (".*\.(q|v)", "(.*\.)?(q)") cost well under it.
 // Returns an empty string when the pattern is acceptable, else why not.
 std::string RegexRisk(const std::string& pattern) {
   struct Group {
     bool repeats_inside = false;
+    int branches = 1;
   };
+  const double per_repeat = static_cast<double>(kMaxLoraModuleNameLength) + 1;
   std::vector<Group> groups(1);
-  int unbounded = 0;
+  double cost = 1;
   for (size_t i = 0; i < pattern.size(); ++i) {
     char c = pattern[i];
     if (c == '\\') {
@@ -71,7 +76,7 @@ std::string RegexRisk(const std::string& pattern) {
         if (digits > 3) return "a repetition count above 999";
       }
       groups.back().repeats_inside = true;
-      ++unbounded;
+      cost *= per_repeat;
     } else if (c == '[') {
       // Skip a character class; "]" right after "[" or "[^" is literal.
       size_t j = i + 1;
@@ -85,25 +90,29 @@ std::string RegexRisk(const std::string& pattern) {
     } else if (c == '(') {
       groups.emplace_back();
       if (i + 1 < pattern.size() && pattern[i + 1] == '?') ++i;  // (?: (?= (?!
-    } else if (c == '|' || c == '?') {
+    } else if (c == '|') {
       groups.back().repeats_inside = true;
+      ++groups.back().branches;
+    } else if (c == '?') {
+      groups.back().repeats_inside = true;
+      cost *= 2;
     } else if (c == '*' || c == '+') {
       groups.back().repeats_inside = true;
-      ++unbounded;
+      cost *= per_repeat;
     } else if (c == ')' && groups.size() > 1) {
       Group inner = groups.back();
       groups.pop_back();
+      cost *= inner.branches;
       char next = i + 1 < pattern.size() ? pattern[i + 1] : '\0';
       if (inner.repeats_inside && (next == '*' || next == '+' || next == '{')) {
         return "a repeated group contains a quantifier or alternation";
       }
       if (inner.repeats_inside) groups.back().repeats_inside = true;
     }
+    if (cost > kMaxLoraRegexCost) return "too many quantifiers and alternatives";
   }
-  if (unbounded > kMaxLoraRegexQuantifiers) {
-    return absl::StrCat("more than ", kMaxLoraRegexQuantifiers,
-                        " repetition operators");
-  }
+  for (const Group& group : groups) cost *= group.branches;
+  if (cost > kMaxLoraRegexCost) return "too many quantifiers and alternatives";
   return "";
 }
 
@@ -118,7 +127,8 @@ absl::StatusOr<std::regex> CompileRegex(const std::string& pattern,
         source, ": key \"", key, "\": regex longer than ", kMaxLoraRegexLength,
         " characters"));
   }
-  if (std::string risk = RegexRisk(pattern); !risk.empty()) {
+  if (std::string risk = RegexRisk(pattern_key ? PatternRegex(pattern) : pattern);
+      !risk.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": key \"", key, "\": regex \"", pattern,
         "\" is refused (", risk, "; it could take exponential time)"));

@@ -35,12 +35,15 @@ struct LoraConfig {
 };
 
 // Bounds that keep std::regex matching fast and shallow (it backtracks and
-// recurses): longer patterns, patterns with more repetition operators (*, +,
-// {n,m}) or a repeated group that itself repeats or alternates ("(a+)+") are
-// rejected at parse time; longer module names never match a regex.
+// recurses): patterns longer than kMaxLoraRegexLength, with backreferences,
+// repetition counts above 999, a repeated group that itself repeats or
+// alternates ("(a+)+"), or an estimated worst-case step count above
+// kMaxLoraRegexCost (see RegexRisk in the .cc) are rejected at parse time;
+// module names longer than kMaxLoraModuleNameLength never match a regex
+// (T5's longest is about 45 bytes).
 inline constexpr size_t kMaxLoraRegexLength = 512;
-inline constexpr int kMaxLoraRegexQuantifiers = 3;
-inline constexpr size_t kMaxLoraModuleNameLength = 256;
+inline constexpr double kMaxLoraRegexCost = 1e7;
+inline constexpr size_t kMaxLoraModuleNameLength = 128;
 
 // Parses adapter_config.json text. `source` names the file in errors.
 // Absent or null keys keep their defaults; unknown keys are ignored.

@@ -109,6 +109,9 @@ TEST(LoraConfigTest, BadInputNamesFileAndKey) {
       {R"j({"peft_type": "LORA", "target_modules": "(a|aa)*b"})j", "refused"},
       {R"j({"peft_type": "LORA", "target_modules": ".*a.*b.*c.*d"})j", "refused"},
       {R"j({"peft_type": "LORA", "target_modules": "(q)\\1"})j", "backreferences"},
+      // The classic a?^n a^n and (a|b)^n blow-ups, without nested repeats.
+      {R"j({"peft_type": "LORA", "target_modules": "a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?aaaaaaaaaaaaaaaaaaaaaaaa"})j", "refused"},
+      {R"j({"peft_type": "LORA", "target_modules": "(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)"})j", "refused"},
       {R"j({"peft_type": "LORA", "rank_pattern": {"q\\66666666666666666666": 2}})j", "backreferences"},
       {R"j({"peft_type": "LORA", "target_modules": "q{99999999999999999999}"})j", "above 999"},
       {R"j({"peft_type": "LORA", "rank_pattern": {"q": 0}})j", "\"rank_pattern.q\""},
