@@ -59,8 +59,15 @@ std::string RegexRisk(const std::string& pattern) {
   const double per_repeat = static_cast<double>(kMaxLoraModuleNameLength) + 1;
   std::vector<Group> groups(1);
   double cost = 1;
+  bool after_quantifier = false;  // the previous token was *, +, ?, or {..}
   for (size_t i = 0; i < pattern.size(); ++i) {
     char c = pattern[i];
+    // "a**", "a+{2}", "a?*": a repeated repetition is exponential. ("*?" is
+    // a lazy modifier, not a repetition, and stays allowed.)
+    if (after_quantifier && (c == '*' || c == '+' || c == '{')) {
+      return "a quantifier is applied to a quantifier";
+    }
+    after_quantifier = c == '*' || c == '+' || c == '?' || c == '}';
     if (c == '\\') {
       // \1..\9 are backreferences (libstdc++ also overflows on long ones).
       if (i + 1 < pattern.size() && pattern[i + 1] >= '0' && pattern[i + 1] <= '9') {

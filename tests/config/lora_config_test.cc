@@ -109,6 +109,8 @@ TEST(LoraConfigTest, BadInputNamesFileAndKey) {
       {R"j({"peft_type": "LORA", "target_modules": "(a|aa)*b"})j", "refused"},
       {R"j({"peft_type": "LORA", "target_modules": ".*a.*b.*c.*d"})j", "refused"},
       {R"j({"peft_type": "LORA", "target_modules": "(q)\\1"})j", "backreferences"},
+      {R"j({"peft_type": "LORA", "target_modules": ".**q"})j", "quantifier is applied"},
+      {R"j({"peft_type": "LORA", "rank_pattern": {"a+{2}": 2}})j", "quantifier is applied"},
       // The classic a?^n a^n and (a|b)^n blow-ups, without nested repeats.
       {R"j({"peft_type": "LORA", "target_modules": "a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?a?aaaaaaaaaaaaaaaaaaaaaaaa"})j", "refused"},
       {R"j({"peft_type": "LORA", "target_modules": "(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)(a|b)"})j", "refused"},
