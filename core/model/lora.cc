@@ -247,6 +247,10 @@ absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
                     .view({n, 1, 1})
                     .to(base.device, base.dtype);
     rows.all_rows = all;
+    rows.uniform_slot = slots[0];
+    for (int64_t s : slots) {
+      if (s != slots[0]) rows.uniform_slot = -1;
+    }
     return rows;
   } catch (const c10::Error& e) {
     return absl::InternalError(e.what_without_backtrace());
@@ -258,7 +262,7 @@ RowAdapters SelectRows(const RowAdapters& rows, const at::Tensor& index) {
   RowAdapters out = rows;
   out.slots = rows.slots.index_select(0, index);
   out.mask = rows.mask.index_select(0, index);
-  return out;
+  return out;  // uniform_slot is unchanged by any row selection
 }
 
 absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
@@ -272,8 +276,8 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
       if (linear.site < 0 || it == by_site.end()) return;
       const LoraSite& s = *it->second;
       at::Tensor delta = at::matmul(s.b.to(at::kFloat), s.a.to(at::kFloat));
-      linear.weight =
-          (linear.weight.to(at::kFloat) + delta * s.scaling).to(base.dtype);
+      linear.weight = (linear.weight.to(at::kFloat) + delta * s.scaling)
+                          .to(linear.weight.scalar_type());
     };
     for (auto* stack : {&merged.encoder, &merged.decoder}) {
       for (BlockWeights& b : *stack) {

@@ -68,6 +68,8 @@ struct RowAdapters {
   at::Tensor slots;  // [B] int64 on the model device, clamped to >= 0
   at::Tensor mask;   // [B, 1, 1] compute dtype: 1 where the row has a slot
   bool all_rows = false;  // every row has a slot: the mask is skipped
+  // >= 0 when every row uses this one slot: plain matmuls, no gather.
+  int64_t uniform_slot = -1;
 };
 
 // `slots` are host values, one per row. InvalidArgument if a slot is out of

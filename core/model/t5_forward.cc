@@ -38,6 +38,12 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
   if (rows.bank == nullptr) return y;
   const SiteBank& sb = rows.bank->sites[linear.site];
   if (!sb.a.defined()) return y;
+  if (rows.uniform_slot >= 0) {
+    const at::Tensor& a = sb.a[rows.uniform_slot];  // [r, in]
+    const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
+    at::Tensor delta = at::matmul(at::matmul(x.to(a.scalar_type()), a.t()), b.t());
+    return y + delta * sb.scale[rows.uniform_slot];
+  }
   at::Tensor a = sb.a.index_select(0, rows.slots);  // [B, r, in]
   at::Tensor b = sb.b.index_select(0, rows.slots);  // [B, out, r]
   at::Tensor scale = sb.scale.index_select(0, rows.slots);  // [B, 1, 1]

@@ -28,7 +28,8 @@ class Loader {
       : tensors_(tensors), options_(options), source_(std::move(source)) {}
 
   absl::StatusOr<at::Tensor> Take(const std::string& name,
-                                  std::vector<int64_t> shape) {
+                                  std::vector<int64_t> shape,
+                                  bool keep_fp32 = false) {
     auto it = tensors_.find(name);
     if (it == tensors_.end()) {
       return absl::InvalidArgumentError(
@@ -46,7 +47,8 @@ class Loader {
       return absl::InvalidArgumentError(absl::StrCat(
           source_, ": tensor '", name, "' is not floating point"));
     }
-    return cpu->to(options_.device, options_.dtype).contiguous();
+    return cpu->to(options_.device, keep_fp32 ? at::kFloat : options_.dtype)
+        .contiguous();
   }
 
   // Marks an optional duplicate as known.
@@ -98,7 +100,9 @@ absl::Status LoadLinear(Loader& loader, T5Weights& w, const std::string& module,
                         const char* proj, int site, int64_t out, int64_t in,
                         Linear& linear) {
   std::string name = absl::StrCat(module, ".", proj);
-  LH_TAKE(linear.weight, loader, name + ".weight", {out, in});
+  // transformers' _keep_in_fp32_modules = ["wo"], applied to fp16 loads.
+  const bool keep_fp32 = w.dtype == at::kHalf && std::string(proj) == "wo";
+  LH_TAKE(linear.weight, loader, name + ".weight", {out, in}, keep_fp32);
   linear.site = site;
   w.site_by_name[name] = site;
   w.site_shape[site] = {out, in};
