@@ -1,0 +1,63 @@
+# Where the libraries come from. Two set-ups:
+#  * Debian 12 with the -dev packages installed (deploy/setup_debian.sh): the
+#    default search paths find everything; LibTorch is Debian's CPU 1.13.
+#  * The GPU host: LORAHUB_DEPS_PREFIX is a directory into which
+#    deploy/gpu/build_and_test.sh unpacked Debian 12 .deb files with dpkg -x;
+#    LibTorch is the CUDA one of the installed PyTorch (CMAKE_PREFIX_PATH =
+#    torch.utils.cmake_prefix_path).
+# The system-library targets themselves (@absl, @grpc//:grpc++, ...) are
+# generated from deploy/bazel/*.BUILD into targets.cmake as their linkopts;
+# LORAHUB_OVERRIDE_<cmake name> replaces one with a CMake target.
+
+set(LORAHUB_DEPS_PREFIX "" CACHE PATH
+    "Root of dpkg -x unpacked Debian 12 packages (empty: use the system's)")
+
+if(LORAHUB_DEPS_PREFIX)
+  get_filename_component(LORAHUB_DEPS_PREFIX "${LORAHUB_DEPS_PREFIX}" ABSOLUTE)
+  set(_lh_inc "${LORAHUB_DEPS_PREFIX}/usr/include")
+  set(_lh_libdirs "${LORAHUB_DEPS_PREFIX}/usr/lib/x86_64-linux-gnu"
+                  "${LORAHUB_DEPS_PREFIX}/lib/x86_64-linux-gnu")
+  if(NOT EXISTS "${_lh_inc}/grpcpp/grpcpp.h")
+    message(FATAL_ERROR "LORAHUB_DEPS_PREFIX=${LORAHUB_DEPS_PREFIX} has no usr/include/grpcpp")
+  endif()
+  # BEFORE: the prefix's headers must win over any copy elsewhere (Debian's
+  # Abseil uses its own inline namespace, protobuf headers must match 3.21).
+  include_directories(BEFORE SYSTEM "${_lh_inc}" "${_lh_inc}/x86_64-linux-gnu")
+  link_directories(BEFORE ${_lh_libdirs})
+  # DT_RPATH (not RUNPATH) so that the libraries' own dependencies (libgrpc's
+  # libabsl_*, libre2, ...) are also found in the prefix.
+  set(CMAKE_BUILD_RPATH ${_lh_libdirs})
+  add_link_options("LINKER:--disable-new-dtags")
+  list(PREPEND CMAKE_PROGRAM_PATH "${LORAHUB_DEPS_PREFIX}/usr/bin")
+  # protoc and grpc_cpp_plugin from the prefix need its libraries.
+  string(JOIN ":" _lh_ldpath ${_lh_libdirs})
+  set(LORAHUB_TOOL_ENV "${CMAKE_COMMAND}" -E env "LD_LIBRARY_PATH=${_lh_ldpath}")
+  message(STATUS "lorahub: libraries from ${LORAHUB_DEPS_PREFIX}")
+else()
+  set(LORAHUB_TOOL_ENV "")
+endif()
+
+find_program(LORAHUB_PROTOC protoc REQUIRED)
+find_program(LORAHUB_GRPC_CPP_PLUGIN grpc_cpp_plugin REQUIRED)
+find_program(LORAHUB_PYTHON3 NAMES python3 REQUIRED)
+message(STATUS "lorahub: protoc ${LORAHUB_PROTOC}, plugin ${LORAHUB_GRPC_CPP_PLUGIN}")
+
+# LibTorch: find_package(Torch) (CUDA build on the GPU host, Debian's CPU
+# build here); a plain -l fallback if no TorchConfig.cmake is found.
+option(LORAHUB_REQUIRE_TORCH "Fail unless find_package(Torch) succeeds" OFF)
+if(LORAHUB_REQUIRE_TORCH)
+  find_package(Torch REQUIRED)
+else()
+  find_package(Torch QUIET)
+endif()
+add_library(lorahub_torch INTERFACE)
+if(Torch_FOUND)
+  target_link_libraries(lorahub_torch INTERFACE ${TORCH_LIBRARIES})
+  target_include_directories(lorahub_torch SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS})
+  message(STATUS "lorahub: LibTorch from ${Torch_DIR}")
+else()
+  target_link_libraries(lorahub_torch INTERFACE -ltorch -ltorch_cpu -lc10)
+  target_include_directories(lorahub_torch SYSTEM INTERFACE /usr/include/torch/csrc/api/include)
+  message(STATUS "lorahub: no TorchConfig.cmake, linking -ltorch -ltorch_cpu -lc10")
+endif()
+set(LORAHUB_OVERRIDE_ext_libtorch_libtorch lorahub_torch)
