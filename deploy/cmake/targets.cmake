@@ -203,6 +203,19 @@ lorahub_cc_binary(client_lorahubctl
   OUTPUT_NAME lorahubctl
 )
 
+# ---- //core/config  (core/config/BUILD)
+
+# //core/config:config (cc_library)
+lorahub_cc_library(core_config_config
+  PACKAGE core/config
+  SRCS
+    ${SRC}/core/config/lora_config.h
+    ${SRC}/core/config/t5_config.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME config
+)
+
 # ---- //core/io  (core/io/BUILD)
 
 # //core/io:host_tensor (cc_library)
@@ -258,6 +271,31 @@ lorahub_cc_library(core_learn_composition
     ext_absl_absl
     ext_libtorch_libtorch
   OUTPUT_NAME composition
+)
+
+# ---- //core/model  (core/model/BUILD)
+
+# //core/model:model (cc_library)
+lorahub_cc_library(core_model_model
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/generate.cc
+    ${SRC}/core/model/lora.cc
+    ${SRC}/core/model/scorer.cc
+    ${SRC}/core/model/t5_forward.cc
+    ${SRC}/core/model/t5_weights.cc
+    ${SRC}/core/model/generate.h
+    ${SRC}/core/model/lora.h
+    ${SRC}/core/model/scorer.h
+    ${SRC}/core/model/t5_forward.h
+    ${SRC}/core/model/t5_weights.h
+  DEPS
+    core_config_config
+    core_io_host_tensor
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME model
 )
 
 # ---- //core/util  (core/util/BUILD)
@@ -445,6 +483,51 @@ lorahub_cc_binary(tests_learn_composition_dump
     ext_libtorch_libtorch
     ext_nlohmann_json_json
   OUTPUT_NAME composition_dump
+)
+
+# ---- //tests/model  (tests/model/BUILD)
+
+# //tests/model:tiny_t5 (cc_library)
+lorahub_cc_library(tests_model_tiny_t5
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/tiny_t5.cc
+    ${SRC}/tests/model/tiny_t5.h
+  DEPS
+    core_config_config
+    core_io_host_tensor
+    core_model_model
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME tiny_t5
+)
+
+# //tests/model:model_test (cc_test)
+lorahub_cc_test(tests_model_model_test
+  TEST_NAME //tests/model:model_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/model_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:generate_test (cc_test)
+lorahub_cc_test(tests_model_generate_test
+  TEST_NAME //tests/model:generate_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/generate_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
 )
 
 # ---- //tests/util  (tests/util/BUILD)
