@@ -226,6 +226,10 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
       options.dtype != at::kHalf) {
     return absl::InvalidArgumentError("compute dtype must be fp32, bf16 or fp16");
   }
+  if (options.dtype == at::kHalf && options.device.is_cpu()) {
+    return absl::InvalidArgumentError(
+        "fp16 compute needs a CUDA device (use fp32 or bf16 on the CPU)");
+  }
   try {
     T5Weights w;
     w.config = config;

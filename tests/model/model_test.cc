@@ -367,6 +367,36 @@ TEST(Weights, StoredBf16LoadsAsFp32) {
   EXPECT_GT(MaxDiff(w32->shared, wbf->shared), 0.0);
 }
 
+TEST(Precision, Bf16ComputeTracksFp32) {
+  config::T5Config c = GatedConfig();
+  io::TensorMap m = RandomT5(c, 5);
+  auto w32 = BuildT5Weights(c, m, WeightOptions{});
+  ASSERT_TRUE(w32.ok());
+  std::vector<Example> ex = MakeExamples(c, 4);
+  auto ref = ScoreCandidates(*w32, nullptr, {-1}, ex, ScoreOptions{});
+  ASSERT_TRUE(ref.ok());
+  {
+    WeightOptions o;
+    o.dtype = at::kHalf;  // LibTorch has no fp16 matmul on the CPU
+    auto w = BuildT5Weights(c, m, o);
+    ASSERT_FALSE(w.ok());
+    EXPECT_NE(w.status().message().find("fp16"), std::string::npos);
+  }
+  for (at::ScalarType t : {at::kBFloat16}) {
+    WeightOptions o;
+    o.dtype = t;
+    auto w = BuildT5Weights(c, m, o);
+    ASSERT_TRUE(w.ok()) << w.status();
+    EXPECT_EQ(w->shared.scalar_type(), t);
+    // transformers keeps wo in fp32 for fp16 loads only.
+    EXPECT_EQ(w->encoder[0].ff.wo.weight.scalar_type(), t);
+    auto loss = ScoreCandidates(*w, nullptr, {-1}, ex, ScoreOptions{});
+    ASSERT_TRUE(loss.ok()) << loss.status();
+    EXPECT_NEAR((*loss)[0], (*ref)[0], 0.02 * (*ref)[0]) << c10::toString(t);
+    EXPECT_NE((*loss)[0], (*ref)[0]);  // really computed in lower precision
+  }
+}
+
 TEST(Lora, ValidationErrorsNameTheKey) {
   config::T5Config c = GatedConfig();
   auto w = BuildT5Weights(c, RandomT5(c, 1), WeightOptions{});
