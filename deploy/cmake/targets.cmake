@@ -227,6 +227,20 @@ lorahub_cc_library(core_io_host_tensor
   OUTPUT_NAME host_tensor
 )
 
+# //core/io:safetensors (cc_library)
+lorahub_cc_library(core_io_safetensors
+  PACKAGE core/io
+  SRCS
+    ${SRC}/core/io/safetensors.cc
+    ${SRC}/core/io/safetensors.h
+  DEPS
+    core_io_host_tensor
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlohmann_json_json
+  OUTPUT_NAME safetensors
+)
+
 # ---- //core/learn  (core/learn/BUILD)
 
 # //core/learn:symmetric_eigen (cc_library)
@@ -410,6 +424,35 @@ lorahub_cc_library(tests_fuzz_replay_main
   OUTPUT_NAME replay_main
 )
 
+# //tests/fuzz:safetensors_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_safetensors_fuzz_replay
+  TEST_NAME //tests/fuzz:safetensors_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/safetensors_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_io_safetensors
+  ARGS
+    tests/fuzz/corpus/safetensors
+  TIMEOUT 300
+)
+
+# ---- //tests/io  (tests/io/BUILD)
+
+# //tests/io:safetensors_test (cc_test)
+lorahub_cc_test(tests_io_safetensors_test
+  TEST_NAME //tests/io:safetensors_test
+  PACKAGE tests/io
+  SRCS
+    ${SRC}/tests/io/safetensors_test.cc
+  DEPS
+    core_io_safetensors
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
 # ---- //tests/learn  (tests/learn/BUILD)
 
 # //tests/learn:analytic_functions (cc_library)
@@ -529,6 +572,10 @@ lorahub_cc_test(tests_model_generate_test
     ext_libtorch_libtorch
   TIMEOUT 300
 )
+
+# ---- //tests/testdata/safetensors  (tests/testdata/safetensors/BUILD)
+
+# //tests/testdata/safetensors:fixtures (filegroup): nothing to build in CMake
 
 # ---- //tests/util  (tests/util/BUILD)
 

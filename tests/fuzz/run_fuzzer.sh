@@ -11,8 +11,10 @@ shift $(( $# >= 2 ? 2 : 1 ))
 
 # Sources of each target besides tests/fuzz/NAME_fuzz.cc (torch-free readers).
 declare -A FUZZ_SOURCES=(
+  [safetensors]="core/io/safetensors.cc core/io/host_tensor.cc"
 )
 declare -A FUZZ_LIBS=(
+  [safetensors]="-labsl_statusor -labsl_status -labsl_strerror -labsl_str_format_internal -labsl_cord -labsl_cordz_info -labsl_cord_internal -labsl_cordz_functions -labsl_cordz_handle -labsl_hash -labsl_city -labsl_low_level_hash -labsl_raw_hash_set -labsl_bad_optional_access -labsl_bad_variant_access -labsl_hashtablez_sampler -labsl_exponential_biased -labsl_synchronization -labsl_graphcycles_internal -labsl_stacktrace -labsl_symbolize -labsl_debugging_internal -labsl_demangle_internal -labsl_malloc_internal -labsl_time -labsl_civil_time -labsl_time_zone -labsl_strings -labsl_strings_internal -labsl_base -labsl_spinlock_wait -labsl_int128 -labsl_throw_delegate -labsl_raw_logging_internal -labsl_log_severity -pthread"
 )
 [ -n "${FUZZ_SOURCES[$name]+x}" ] || { echo "unknown fuzz target $name" >&2; exit 2; }
 
