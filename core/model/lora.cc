@@ -143,8 +143,10 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
       }
       LoraSite s;
       s.site = site;
-      s.a = ab.first.to(base.device, base.dtype).contiguous();
-      s.b = ab.second.to(base.device, base.dtype).contiguous();
+      // LoRA factors stay fp32 whatever the compute dtype, as PEFT keeps
+      // them (the delta is computed in fp32 and added before rounding).
+      s.a = ab.first.to(base.device, at::kFloat).contiguous();
+      s.b = ab.second.to(base.device, at::kFloat).contiguous();
       s.scaling = config.use_rslora ? *alpha / std::sqrt(double(*rank))
                                     : *alpha / *rank;
       adapter.sites.push_back(std::move(s));
@@ -193,7 +195,7 @@ absl::StatusOr<AdapterBank> MakeAdapterBank(
         rank[s.site] = std::max(rank[s.site], s.a.size(0));
       }
     }
-    auto opts = at::TensorOptions().dtype(base.dtype).device(base.device);
+    auto opts = at::TensorOptions().dtype(at::kFloat).device(base.device);
     for (int site = 0; site < base.num_sites; ++site) {
       if (rank[site] == 0) continue;
       const auto [out, in] = base.site_shape[site];
@@ -243,9 +245,7 @@ absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
     }
     const int64_t n = static_cast<int64_t>(slots.size());
     rows.slots = at::tensor(clamped, at::kLong).to(base.device);
-    rows.mask = at::tensor(mask, at::kFloat)
-                    .view({n, 1, 1})
-                    .to(base.device, base.dtype);
+    rows.mask = at::tensor(mask, at::kFloat).view({n, 1, 1}).to(base.device);
     rows.all_rows = all;
     rows.uniform_slot = slots[0];
     for (int64_t s : slots) {
@@ -325,7 +325,6 @@ absl::StatusOr<ModuleStack> StackModules(
     ModuleStack stack;
     stack.num_modules = static_cast<int>(modules.size());
     stack.num_base_sites = base.num_sites;
-    stack.dtype = base.dtype;
     for (size_t i = 0; i < first.sites.size(); ++i) {
       std::vector<at::Tensor> as, bs;
       for (const LoraAdapter* m : modules) {
@@ -361,13 +360,11 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
       const at::Tensor& b = stack.b[i];  // [N, out, r]
       SiteBank& sb = bank.sites[stack.sites[i]];
       sb.a = at::matmul(w, a.reshape({a.size(0), -1}))
-                 .view({C, a.size(1), a.size(2)})
-                 .to(stack.dtype);
+                 .view({C, a.size(1), a.size(2)});
       sb.b = at::matmul(w, b.reshape({b.size(0), -1}))
-                 .view({C, b.size(1), b.size(2)})
-                 .to(stack.dtype);
+                 .view({C, b.size(1), b.size(2)});
       sb.scale = at::full({C, 1, 1}, stack.scaling[i],
-                          at::TensorOptions().dtype(stack.dtype).device(a.device()));
+                          at::TensorOptions().dtype(at::kFloat).device(a.device()));
     }
     return bank;
   } catch (const c10::Error& e) {

@@ -3,7 +3,9 @@
 // LoraHub composition primitive.
 //
 // Maths (PEFT): y = x W^T + scaling * (x A^T) B^T with A [r, in], B [out, r];
-// scaling = alpha / r, or alpha / sqrt(r) with use_rslora.
+// scaling = alpha / r, or alpha / sqrt(r) with use_rslora. As in PEFT, the
+// LoRA factors stay fp32 and the delta is computed in fp32 and added to the
+// base output before rounding to the compute dtype.
 // Thread-safety: all types are immutable values after construction.
 #ifndef LORAHUB_CORE_MODEL_LORA_H_
 #define LORAHUB_CORE_MODEL_LORA_H_
@@ -23,7 +25,7 @@ namespace lorahub::model {
 // One adapted linear layer.
 struct LoraSite {
   int site = -1;
-  at::Tensor a;  // [r, in], compute dtype, on the model's device
+  at::Tensor a;  // [r, in], fp32 (as PEFT keeps it), on the model's device
   at::Tensor b;  // [out, r]
   double scaling = 1.0;
 };
@@ -50,7 +52,7 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
 struct SiteBank {
   at::Tensor a;      // [S, r, in]; undefined if no slot adapts this site
   at::Tensor b;      // [S, out, r]
-  at::Tensor scale;  // [S, 1, 1], compute dtype
+  at::Tensor scale;  // [S, 1, 1]; a, b, scale are fp32 whatever the compute dtype
 };
 struct AdapterBank {
   int num_slots = 0;
@@ -66,7 +68,7 @@ absl::StatusOr<AdapterBank> MakeAdapterBank(
 struct RowAdapters {
   const AdapterBank* bank = nullptr;  // nullptr: no adapters at all
   at::Tensor slots;  // [B] int64 on the model device, clamped to >= 0
-  at::Tensor mask;   // [B, 1, 1] compute dtype: 1 where the row has a slot
+  at::Tensor mask;   // [B, 1, 1] fp32: 1 where the row has a slot
   bool all_rows = false;  // every row has a slot: the mask is skipped
   // >= 0 when every row uses this one slot: plain matmuls, no gather.
   int64_t uniform_slot = -1;
@@ -95,7 +97,6 @@ struct ModuleStack {
   std::vector<at::Tensor> b;     // [N, out, r]
   std::vector<double> scaling;   // from the first module (LoraHub rule)
   int num_base_sites = 0;
-  at::ScalarType dtype = at::kFloat;  // compute dtype of composed adapters
 };
 
 // InvalidArgument if the modules differ in sites or ranks (naming the module

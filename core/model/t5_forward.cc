@@ -31,6 +31,13 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight * h;
 }
 
+// Adds a fp32 LoRA delta to y as PEFT does: the sum in fp32, then rounded
+// to y's dtype.
+at::Tensor AddDelta(const at::Tensor& y, const at::Tensor& delta) {
+  if (y.scalar_type() == at::kFloat) return y + delta;
+  return (y.to(at::kFloat) + delta).to(y.scalar_type());
+}
+
 // y = x W^T (+ per-row LoRA). x: [B, T, in].
 at::Tensor Project(const at::Tensor& x, const Linear& linear,
                    const RowAdapters& rows) {
@@ -38,19 +45,19 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
   if (rows.bank == nullptr) return y;
   const SiteBank& sb = rows.bank->sites[linear.site];
   if (!sb.a.defined()) return y;
+  at::Tensor xin = x.to(at::kFloat);
   if (rows.uniform_slot >= 0) {
     const at::Tensor& a = sb.a[rows.uniform_slot];  // [r, in]
     const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
-    at::Tensor delta = at::matmul(at::matmul(x.to(a.scalar_type()), a.t()), b.t());
-    return y + delta * sb.scale[rows.uniform_slot];
+    at::Tensor delta = at::matmul(at::matmul(xin, a.t()), b.t());
+    return AddDelta(y, delta * sb.scale[rows.uniform_slot]);
   }
   at::Tensor a = sb.a.index_select(0, rows.slots);  // [B, r, in]
   at::Tensor b = sb.b.index_select(0, rows.slots);  // [B, out, r]
   at::Tensor scale = sb.scale.index_select(0, rows.slots);  // [B, 1, 1]
   if (!rows.all_rows) scale = scale * rows.mask;
-  at::Tensor xin = x.to(a.scalar_type());
   at::Tensor delta = at::bmm(at::bmm(xin, a.transpose(1, 2)), b.transpose(1, 2));
-  return y + delta * scale;
+  return AddDelta(y, delta * scale);
 }
 
 at::Tensor SplitHeads(const at::Tensor& x, int64_t heads, int64_t d_kv) {

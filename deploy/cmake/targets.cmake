@@ -573,9 +573,29 @@ lorahub_cc_test(tests_model_generate_test
   TIMEOUT 300
 )
 
+# //tests/model:golden_test (cc_test)
+lorahub_cc_test(tests_model_golden_test
+  TEST_NAME //tests/model:golden_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/golden_test.cc
+  DEPS
+    core_config_config
+    core_io_safetensors
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
 # ---- //tests/testdata/safetensors  (tests/testdata/safetensors/BUILD)
 
 # //tests/testdata/safetensors:fixtures (filegroup): nothing to build in CMake
+
+# ---- //tests/testdata/t5  (tests/testdata/t5/BUILD)
+
+# //tests/testdata/t5:fixtures (filegroup): nothing to build in CMake
 
 # ---- //tests/util  (tests/util/BUILD)
 
