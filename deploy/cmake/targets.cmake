@@ -241,6 +241,46 @@ lorahub_cc_library(core_io_safetensors
   OUTPUT_NAME safetensors
 )
 
+# //core/io:zip_reader (cc_library)
+lorahub_cc_library(core_io_zip_reader
+  PACKAGE core/io
+  SRCS
+    ${SRC}/core/io/zip_reader.cc
+    ${SRC}/core/io/zip_reader.h
+  DEPS
+    core_util_status_macros
+    ext_absl_absl
+  OUTPUT_NAME zip_reader
+)
+
+# //core/io:torch_pickle (cc_library)
+lorahub_cc_library(core_io_torch_pickle
+  PACKAGE core/io
+  SRCS
+    ${SRC}/core/io/torch_pickle.cc
+    ${SRC}/core/io/torch_pickle.h
+  DEPS
+    core_io_host_tensor
+    core_io_zip_reader
+    core_util_status_macros
+    ext_absl_absl
+  OUTPUT_NAME torch_pickle
+)
+
+# //core/io:checkpoint (cc_library)
+lorahub_cc_library(core_io_checkpoint
+  PACKAGE core/io
+  SRCS
+    ${SRC}/core/io/checkpoint.cc
+    ${SRC}/core/io/checkpoint.h
+  DEPS
+    core_io_host_tensor
+    core_io_safetensors
+    core_io_torch_pickle
+    ext_absl_absl
+  OUTPUT_NAME checkpoint
+)
+
 # ---- //core/learn  (core/learn/BUILD)
 
 # //core/learn:symmetric_eigen (cc_library)
@@ -310,6 +350,30 @@ lorahub_cc_library(core_model_model
     ext_absl_absl
     ext_libtorch_libtorch
   OUTPUT_NAME model
+)
+
+# ---- //core/store  (core/store/BUILD)
+
+# //core/store:store (cc_library)
+lorahub_cc_library(core_store_store
+  PACKAGE core/store
+  SRCS
+    ${SRC}/core/store/codec.cc
+    ${SRC}/core/store/codec.h
+    ${SRC}/core/store/schema.cc
+    ${SRC}/core/store/sqlite_db.cc
+    ${SRC}/core/store/sqlite_db.h
+    ${SRC}/core/store/store.cc
+    ${SRC}/core/store/store_jobs.cc
+    ${SRC}/core/store/records.h
+    ${SRC}/core/store/schema.h
+    ${SRC}/core/store/store.h
+  DEPS
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlohmann_json_json
+    ext_sqlite3_sqlite3
+  OUTPUT_NAME store
 )
 
 # ---- //core/util  (core/util/BUILD)
@@ -438,6 +502,34 @@ lorahub_cc_test(tests_fuzz_safetensors_fuzz_replay
   TIMEOUT 300
 )
 
+# //tests/fuzz:torch_zip_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_torch_zip_fuzz_replay
+  TEST_NAME //tests/fuzz:torch_zip_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/torch_zip_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_io_torch_pickle
+  ARGS
+    tests/fuzz/corpus/torch_zip
+  TIMEOUT 300
+)
+
+# //tests/fuzz:torch_pickle_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_torch_pickle_fuzz_replay
+  TEST_NAME //tests/fuzz:torch_pickle_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/torch_pickle_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_io_torch_pickle
+  ARGS
+    tests/fuzz/corpus/torch_pickle
+  TIMEOUT 300
+)
+
 # ---- //tests/io  (tests/io/BUILD)
 
 # //tests/io:safetensors_test (cc_test)
@@ -450,6 +542,34 @@ lorahub_cc_test(tests_io_safetensors_test
     core_io_safetensors
     ext_absl_absl
     ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/io:torch_bin_test (cc_test)
+lorahub_cc_test(tests_io_torch_bin_test
+  TEST_NAME //tests/io:torch_bin_test
+  PACKAGE tests/io
+  SRCS
+    ${SRC}/tests/io/torch_bin_test.cc
+  DEPS
+    core_io_torch_pickle
+    core_io_zip_reader
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
+# //tests/io:checkpoint_test (cc_test)
+lorahub_cc_test(tests_io_checkpoint_test
+  TEST_NAME //tests/io:checkpoint_test
+  PACKAGE tests/io
+  SRCS
+    ${SRC}/tests/io/checkpoint_test.cc
+  DEPS
+    core_io_checkpoint
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
   TIMEOUT 300
 )
 
@@ -589,13 +709,79 @@ lorahub_cc_test(tests_model_golden_test
   TIMEOUT 300
 )
 
+# ---- //tests/store  (tests/store/BUILD)
+
+# //tests/store:store_test_util (cc_library)
+lorahub_cc_library(tests_store_store_test_util
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_test_util.h
+  DEPS
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest
+  OUTPUT_NAME store_test_util
+)
+
+# //tests/store:store_test (cc_test)
+lorahub_cc_test(tests_store_store_test
+  TEST_NAME //tests/store:store_test
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_test.cc
+  DEPS
+    tests_store_store_test_util
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_sqlite3_sqlite3
+  TIMEOUT 300
+)
+
+# //tests/store:store_process_test (cc_test)
+lorahub_cc_test(tests_store_store_process_test
+  TEST_NAME //tests/store:store_process_test
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_process_test.cc
+  DEPS
+    tests_store_store_test_util
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/store:store_schema_test (cc_test)
+lorahub_cc_test(tests_store_store_schema_test
+  TEST_NAME //tests/store:store_schema_test
+  PACKAGE tests/store
+  SRCS
+    ${SRC}/tests/store/store_schema_test.cc
+  DEPS
+    tests_store_store_test_util
+    core_store_store
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_sqlite3_sqlite3
+  TIMEOUT 300
+)
+
+# ---- //tests/testdata/ref_tiny  (tests/testdata/ref_tiny/BUILD)
+
+# //tests/testdata/ref_tiny:ref_tiny (filegroup): nothing to build in CMake
+
 # ---- //tests/testdata/safetensors  (tests/testdata/safetensors/BUILD)
 
 # //tests/testdata/safetensors:fixtures (filegroup): nothing to build in CMake
 
 # ---- //tests/testdata/t5  (tests/testdata/t5/BUILD)
 
-# //tests/testdata/t5:fixtures (filegroup): nothing to build in CMake
+# //tests/testdata/t5:t5 (filegroup): nothing to build in CMake
+
+# ---- //tests/testdata/torch_bin  (tests/testdata/torch_bin/BUILD)
+
+# //tests/testdata/torch_bin:fixtures (filegroup): nothing to build in CMake
 
 # ---- //tests/util  (tests/util/BUILD)
 
