@@ -1,6 +1,8 @@
 #include "core/model/loader.h"
 
 #include <cmath>
+#include <fstream>
+#include <sstream>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -11,15 +13,40 @@
 #include "core/config/t5_config.h"
 #include "core/io/checkpoint.h"
 #include "core/util/status_macros.h"
+#include "nlohmann/json.hpp"
 
 namespace lorahub::model {
+namespace {
+
+// transformers 5's `scale_decoder_outputs` (not in T5Config yet): nullopt
+// when absent. The parser has already validated the file as JSON.
+absl::StatusOr<std::optional<bool>> ReadScaleDecoderOutputs(
+    const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  std::stringstream text;
+  text << file.rdbuf();
+  nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("scale_decoder_outputs")) {
+    return std::optional<bool>();
+  }
+  if (!j["scale_decoder_outputs"].is_boolean()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": scale_decoder_outputs must be a boolean"));
+  }
+  return std::optional<bool>(j["scale_decoder_outputs"].get<bool>());
+}
+
+}  // namespace
 
 absl::StatusOr<T5Weights> LoadT5(const std::string& model_dir,
                                  const WeightOptions& options) {
   LH_ASSIGN_OR_RETURN(config::T5Config config,
                       config::ReadT5Config(model_dir + "/config.json"));
   LH_ASSIGN_OR_RETURN(io::TensorMap tensors, io::ReadModelTensors(model_dir));
-  return BuildT5Weights(config, tensors, options, model_dir);
+  WeightOptions opts = options;
+  LH_ASSIGN_OR_RETURN(opts.scale_decoder_outputs,
+                      ReadScaleDecoderOutputs(model_dir + "/config.json"));
+  return BuildT5Weights(config, tensors, opts, model_dir);
 }
 
 absl::StatusOr<LoraAdapter> LoadLoraAdapter(const T5Weights& base,

@@ -138,7 +138,7 @@ at::Tensor CausalBias(const T5Weights& w, int64_t t, c10::Device device) {
 }
 
 at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
-  if (w.config.tie_word_embeddings) h = h * std::pow(w.config.d_model, -0.5);
+  if (w.scale_decoder_outputs) h = h * std::pow(w.config.d_model, -0.5);
   return at::matmul(h, w.lm_head.t());
 }
 

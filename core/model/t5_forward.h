@@ -3,8 +3,8 @@
 // variance in fp32, no 1/sqrt(d_kv) scaling, softmax in fp32, the relative
 // position bias of block 0 shared by all blocks (bidirectional buckets in the
 // encoder, causal in decoder self-attention), no bias in cross-attention,
-// additive masks of finfo(dtype).min, d_model^-0.5 rescale before a tied
-// lm_head.
+// additive masks of finfo(dtype).min, d_model^-0.5 rescale before the LM
+// head when scale_decoder_outputs (see T5Weights).
 //
 // All functions are batched, run on the weights' device, never synchronise
 // with the host, and accept per-row adapters (lora.h). Errors from LibTorch

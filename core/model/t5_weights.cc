@@ -242,13 +242,17 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
             {config.vocab_size, config.d_model});
     loader.Tolerate("encoder.embed_tokens.weight");
     loader.Tolerate("decoder.embed_tokens.weight");
-    if (config.tie_word_embeddings) {
-      loader.Tolerate("lm_head.weight");
-      w.lm_head = w.shared;
-    } else {
+    // transformers 5.17: lm_head.weight if the checkpoint has it, else the
+    // shared embedding when tied; the d_model^-0.5 rescale follows
+    // scale_decoder_outputs (absent: tie_word_embeddings).
+    if (tensors.count("lm_head.weight") || !config.tie_word_embeddings) {
       LH_TAKE(w.lm_head, loader, "lm_head.weight",
               {config.vocab_size, config.d_model});
+    } else {
+      w.lm_head = w.shared;
     }
+    w.scale_decoder_outputs =
+        options.scale_decoder_outputs.value_or(config.tie_word_embeddings);
     w.encoder.resize(config.num_layers);
     for (int i = 0; i < config.num_layers; ++i) {
       s = LoadBlock(loader, w, false, i, w.encoder[i]);

@@ -10,6 +10,7 @@
 #define LORAHUB_CORE_MODEL_T5_WEIGHTS_H_
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -59,7 +60,9 @@ struct T5Weights {
   at::ScalarType dtype = at::kFloat;  // compute dtype
   c10::Device device = c10::Device(c10::kCPU);
   at::Tensor shared;    // [vocab, d_model]
-  at::Tensor lm_head;   // [vocab, d_model]; == shared when tied
+  at::Tensor lm_head;   // [vocab, d_model]: lm_head.weight, else shared (tied)
+  // Multiply the decoder output by d_model^-0.5 before the LM head.
+  bool scale_decoder_outputs = false;
   at::Tensor encoder_bias_table;  // [num_buckets, heads] (block 0)
   at::Tensor decoder_bias_table;
   std::vector<BlockWeights> encoder;
@@ -75,13 +78,18 @@ struct T5Weights {
 };
 
 struct WeightOptions {
-  at::ScalarType dtype = at::kFloat;  // kFloat or kBFloat16 (kHalf accepted)
+  at::ScalarType dtype = at::kFloat;  // kFloat or kBFloat16 (kHalf on CUDA)
   c10::Device device = c10::Device(c10::kCPU);
+  // config.json's `scale_decoder_outputs` (transformers 5); nullopt when the
+  // key is absent, which means tie_word_embeddings (transformers 4's rule).
+  // Lives here until T5Config carries it.
+  std::optional<bool> scale_decoder_outputs;
 };
 
 // Builds the weights from HF-named tensors. Tolerates the duplicate
-// encoder.embed_tokens.weight / decoder.embed_tokens.weight and, for tied
-// models, lm_head.weight. A missing, unexpected or mis-shaped tensor, or an
+// encoder.embed_tokens.weight / decoder.embed_tokens.weight. The LM head is
+// lm_head.weight when present (even with tie_word_embeddings: transformers 5
+// then keeps it), else shared.weight when tied, else a missing tensor. A missing, unexpected or mis-shaped tensor, or an
 // unsupported dtype, is InvalidArgument naming the key; `source` prefixes
 // messages (e.g. the checkpoint directory).
 absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,

@@ -701,6 +701,7 @@ lorahub_cc_test(tests_model_golden_test
     ${SRC}/tests/model/golden_test.cc
   DEPS
     core_config_config
+    core_io_checkpoint
     core_io_safetensors
     core_model_model
     ext_gtest_gtest_main

@@ -6,8 +6,8 @@
 // fp32 CPU: encoder states and logits max abs error <= 1e-4 * max|golden|,
 // loss within 1e-5 relative, identical greedy and beam ids, LoRA scalings
 // equal to PEFT's. bf16 CPU: loss within 5% of the fp32 golden (see Bf16Loss).
-// Cases whose checkpoint is a torch .bin are skipped until the checkpoint
-// reader is wired in (they print "skipping").
+// Checkpoints are read with io::ReadModelTensors / ReadAdapterTensors; the
+// config structs come from golden.json's record (the parsers test themselves).
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 
+#include "core/io/checkpoint.h"
 #include "core/io/safetensors.h"
 #include "core/model/generate.h"
 #include "core/model/lora.h"
@@ -49,20 +50,6 @@ json ReadJson(const std::string& path) {
   std::stringstream ss;
   ss << f.rdbuf();
   return json::parse(ss.str());
-}
-
-// Tensors of a checkpoint directory: `<stem>.safetensors` or the sharded
-// `<stem>.safetensors.index.json`. NotFound when the directory only has a
-// torch .bin file (read by the checkpoint reader; not needed here).
-absl::StatusOr<io::TensorMap> ReadTensors(const std::string& dir,
-                                          const std::string& stem) {
-  if (fs::exists(dir + "/" + stem + ".safetensors")) {
-    return io::ReadSafetensorsFile(dir + "/" + stem + ".safetensors");
-  }
-  if (fs::exists(dir + "/" + stem + ".safetensors.index.json")) {
-    return io::ReadShardedSafetensors(dir + "/" + stem + ".safetensors.index.json");
-  }
-  return absl::NotFoundError(dir + ": no safetensors file");
 }
 
 // The structs the config parsers would produce, from golden.json's record
@@ -120,16 +107,17 @@ class Case {
       : dir_(dir), g_(ReadJson(dir + "/golden.json")) {
     WeightOptions o;
     o.dtype = dtype;
-    auto tensors = ReadTensors(dir + "/model", "model");
-    if (!tensors.ok()) {
-      skip_ = std::string(tensors.status().message());
-      return;
-    }
+    auto tensors = io::ReadModelTensors(dir + "/model");
+    EXPECT_TRUE(tensors.ok()) << tensors.status();
+    if (!tensors.ok()) return;
     config::T5Config config = T5ConfigFrom(g_["config"]);
     // golden.json's "config" records tie_word_embeddings as true even where
     // config.json says false; config.json is what transformers loads.
     json file = ReadJson(dir + "/model/config.json");
     config.tie_word_embeddings = file.value("tie_word_embeddings", true);
+    if (file.contains("scale_decoder_outputs")) {
+      o.scale_decoder_outputs = file["scale_decoder_outputs"].get<bool>();
+    }
     auto w = BuildT5Weights(config, *tensors, o, dir);
     EXPECT_TRUE(w.ok()) << w.status();
     if (!w.ok()) return;
@@ -137,8 +125,12 @@ class Case {
     base_ = *w;
     for (const auto& [name, info] : g_["adapters"].items()) {
       const std::string adir = dir + "/" + info["dir"].get<std::string>();
-      auto t = ReadTensors(adir, "adapter_model");
-      if (!t.ok()) continue;  // a .bin adapter: its variants are skipped
+      auto t = io::ReadAdapterTensors(adir);
+      EXPECT_TRUE(t.ok()) << t.status();
+      if (!t.ok()) {
+        good = false;
+        continue;
+      }
       auto a = BuildLoraAdapter(base_, LoraConfigFrom(info), *t, adir);
       EXPECT_TRUE(a.ok()) << a.status();
       if (!a.ok()) {
@@ -166,8 +158,6 @@ class Case {
     ok_ = good;
   }
   bool ok() const { return ok_; }
-  // Non-empty when the case cannot be run here (e.g. a .bin checkpoint).
-  const std::string& skip() const { return skip_; }
   bool Has(const json& adapters) const {
     for (const auto& n : adapters) {
       if (!adapters_.count(n.get<std::string>())) return false;
@@ -225,7 +215,6 @@ class Case {
 
  private:
   std::string dir_;
-  std::string skip_;
   json g_;
   T5Weights base_;
   std::map<std::string, LoraAdapter> adapters_;
@@ -237,10 +226,6 @@ TEST(Golden, FixturesExist) { EXPECT_FALSE(CaseDirs().empty()) << kRoot; }
 TEST(Golden, EncoderStatesAndLogits) {
   for (const std::string& dir : CaseDirs()) {
     Case c(dir);
-    if (!c.skip().empty()) {
-      std::printf("skipping %s: %s\n", dir.c_str(), c.skip().c_str());
-      continue;
-    }
     ASSERT_TRUE(c.ok()) << dir;
     auto golden = io::ReadSafetensorsFile(dir + "/golden.safetensors");
     ASSERT_TRUE(golden.ok()) << golden.status();
@@ -276,10 +261,6 @@ TEST(Golden, EncoderStatesAndLogits) {
 TEST(Golden, Losses) {
   for (const std::string& dir : CaseDirs()) {
     Case c(dir);
-    if (!c.skip().empty()) {
-      std::printf("skipping %s: %s\n", dir.c_str(), c.skip().c_str());
-      continue;
-    }
     ASSERT_TRUE(c.ok()) << dir;
     const std::vector<Example> ex = c.Examples();
     for (const json& e : c.g()["loss"]) {
@@ -303,10 +284,6 @@ TEST(Golden, Losses) {
 TEST(Golden, LossPointsAsOneCandidateBatch) {
   for (const std::string& dir : CaseDirs()) {
     Case c(dir);
-    if (!c.skip().empty()) {
-      std::printf("skipping %s: %s\n", dir.c_str(), c.skip().c_str());
-      continue;
-    }
     ASSERT_TRUE(c.ok()) << dir;
     std::map<std::string, std::vector<json>> by_adapters;
     for (const json& e : c.g()["loss"]) {
@@ -345,10 +322,6 @@ TEST(Golden, LossPointsAsOneCandidateBatch) {
 TEST(Golden, Bf16Loss) {
   for (const std::string& dir : CaseDirs()) {
     Case c(dir, at::kBFloat16);
-    if (!c.skip().empty()) {
-      std::printf("skipping %s: %s\n", dir.c_str(), c.skip().c_str());
-      continue;
-    }
     ASSERT_TRUE(c.ok()) << dir;
     const std::vector<Example> ex = c.Examples();
     for (const json& e : c.g()["loss_bf16"]) {
@@ -383,10 +356,6 @@ TEST(Golden, Bf16Loss) {
 TEST(Golden, GreedyAndBeamIds) {
   for (const std::string& dir : CaseDirs()) {
     Case c(dir);
-    if (!c.skip().empty()) {
-      std::printf("skipping %s: %s\n", dir.c_str(), c.skip().c_str());
-      continue;
-    }
     ASSERT_TRUE(c.ok()) << dir;
     std::vector<std::vector<int64_t>> inputs;
     for (const Example& e : c.Examples()) inputs.push_back(e.input_ids);

@@ -350,6 +350,36 @@ TEST(Weights, ErrorsNameTheKey) {
   }
 }
 
+// transformers 5.17: the rescale follows scale_decoder_outputs (absent:
+// tie_word_embeddings); lm_head.weight wins over shared when present.
+TEST(Weights, LmHeadAndDecoderOutputScaling) {
+  config::T5Config c = ReluTiedConfig();
+  io::TensorMap m = RandomT5(c, 4);
+  Batch b = MakeBatch(c, 2, 3);
+  auto scaled = BuildT5Weights(c, m, WeightOptions{});
+  WeightOptions no_scale;
+  no_scale.scale_decoder_outputs = false;
+  auto unscaled = BuildT5Weights(c, m, no_scale);
+  ASSERT_TRUE(scaled.ok() && unscaled.ok());
+  EXPECT_TRUE(scaled->scale_decoder_outputs);
+  at::Tensor ls = Logits(*scaled, b, Rows(*scaled, nullptr, {-1, -1}));
+  at::Tensor lu = Logits(*unscaled, b, Rows(*unscaled, nullptr, {-1, -1}));
+  EXPECT_LT(MaxDiff(ls * std::sqrt(double(c.d_model)), lu),
+            1e-4 * lu.abs().max().item<double>());
+  // Tied config, but the checkpoint has its own lm_head: it is used.
+  io::TensorMap with_head = m;
+  with_head["lm_head.weight"] = testing::ToHost(at::randn({c.vocab_size, c.d_model}));
+  auto own = BuildT5Weights(c, with_head, WeightOptions{});
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_GT(MaxDiff(own->lm_head, own->shared), 0.1);
+  // Untied without lm_head.weight: an error naming it.
+  config::T5Config untied = c;
+  untied.tie_word_embeddings = false;
+  auto missing = BuildT5Weights(untied, m, WeightOptions{});
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("lm_head.weight"), std::string::npos);
+}
+
 TEST(Weights, StoredBf16LoadsAsFp32) {
   config::T5Config c = GatedConfig();
   io::TensorMap m = RandomT5(c, 3);
