@@ -352,6 +352,23 @@ lorahub_cc_library(core_model_model
   OUTPUT_NAME model
 )
 
+# //core/model:loader (cc_library)
+lorahub_cc_library(core_model_loader
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/loader.cc
+    ${SRC}/core/model/loader.h
+  DEPS
+    core_model_model
+    core_config_config
+    core_io_checkpoint
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  OUTPUT_NAME loader
+)
+
 # ---- //core/store  (core/store/BUILD)
 
 # //core/store:store (cc_library)
