@@ -1,11 +1,11 @@
 #include "core/model/generate.h"
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
-
-#include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/t5_forward.h"
@@ -84,15 +84,17 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
     }
     for (int64_t id : in[i]) {
       if (id < 0 || id >= w.config.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "input ", i, ": token id ", id, " outside [0, ", w.config.vocab_size, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("input ", i, ": token id ", id, " outside [0, ",
+                         w.config.vocab_size, ")"));
       }
     }
     len = std::max(len, in[i].size());
   }
   const int64_t B = static_cast<int64_t>(in.size());
   Prepared p;
-  p.ids = at::full({B, static_cast<int64_t>(len)}, w.config.pad_token_id, at::kLong);
+  p.ids = at::full({B, static_cast<int64_t>(len)}, w.config.pad_token_id,
+                   at::kLong);
   p.mask = at::zeros({B, static_cast<int64_t>(len)}, at::kLong);
   auto ia = p.ids.accessor<int64_t, 2>();
   auto ma = p.mask.accessor<int64_t, 2>();
@@ -121,11 +123,13 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
   result.output_ids.resize(B);
   std::vector<bool> done(B, false);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-  at::Tensor tokens = at::full({B}, w.config.decoder_start_token_id,
-                               at::TensorOptions().dtype(at::kLong).device(w.device));
+  at::Tensor tokens =
+      at::full({B}, w.config.decoder_start_token_id,
+               at::TensorOptions().dtype(at::kLong).device(w.device));
   at::Tensor unfinished = at::ones({B}, tokens.options().dtype(at::kBool));
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    LH_ASSIGN_OR_RETURN(at::Tensor logits, DecodeStep(w, cache, tokens, p.rows));
+    LH_ASSIGN_OR_RETURN(at::Tensor logits,
+                        DecodeStep(w, cache, tokens, p.rows));
     at::Tensor next;
     at::Tensor scores = logits.to(at::kFloat);
     if (o.do_sample) {
@@ -134,8 +138,8 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
     } else {
       next = scores.argmax(-1);
     }
-    next = at::where(unfinished, next,
-                     at::full_like(next, w.config.pad_token_id));
+    next =
+        at::where(unfinished, next, at::full_like(next, w.config.pad_token_id));
     at::Tensor host = next.cpu();  // the one sync of this step
     auto ha = host.accessor<int64_t, 1>();
     std::vector<int64_t> step_tokens(B, -1);
@@ -187,7 +191,8 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
   LH_ASSIGN_OR_RETURN(DecoderCache cache,
                       InitDecoderCache(w, enc, rows, o.max_new_tokens));
 
-  at::Tensor running_seq = at::full({B, K, L}, w.config.pad_token_id, dev.dtype(at::kLong));
+  at::Tensor running_seq =
+      at::full({B, K, L}, w.config.pad_token_id, dev.dtype(at::kLong));
   running_seq.select(2, 0).fill_(w.config.decoder_start_token_id);
   at::Tensor sequences = running_seq.clone();
   at::Tensor running_scores = at::zeros({B, K}, dev.dtype(at::kFloat));
@@ -198,14 +203,17 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
   at::Tensor heuristic_open = at::ones({B, 1}, dev.dtype(at::kBool));
   at::Tensor top_mask = at::cat({at::ones({K}, dev.dtype(at::kBool)),
                                  at::zeros({K}, dev.dtype(at::kBool))});
-  at::Tensor batch_offset = (at::arange(B, dev.dtype(at::kLong)) * K).unsqueeze(1);
+  at::Tensor batch_offset =
+      (at::arange(B, dev.dtype(at::kLong)) * K).unsqueeze(1);
   GenerateResult result;
   int64_t cur_len = 1;
   while (cur_len < L) {
     at::Tensor last = running_seq.select(2, cur_len - 1).reshape({B * K});
     LH_ASSIGN_OR_RETURN(at::Tensor logits, DecodeStep(w, cache, last, rows));
-    at::Tensor log_probs = at::log_softmax(logits.to(at::kFloat), -1).view({B, K, V});
-    at::Tensor acc = (log_probs + running_scores.unsqueeze(-1)).view({B, K * V});
+    at::Tensor log_probs =
+        at::log_softmax(logits.to(at::kFloat), -1).view({B, K, V});
+    at::Tensor acc =
+        (log_probs + running_scores.unsqueeze(-1)).view({B, K * V});
     auto top = at::topk(acc, 2 * K, -1);
     at::Tensor topk_lp = std::get<0>(top);
     at::Tensor topk_beam = at::floor_divide(std::get<1>(top), V);
@@ -223,7 +231,8 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
     // Finished hypotheses: only the top K candidates may finish.
     at::Tensor just = hits & top_mask.unsqueeze(0);
     at::Tensor fin_lp =
-        topk_lp / std::pow(static_cast<double>(cur_len + 1 - prompt), o.length_penalty);
+        topk_lp /
+        std::pow(static_cast<double>(cur_len + 1 - prompt), o.length_penalty);
     if (early_true) {
       fin_lp = fin_lp + finished.all(-1, true).to(at::kFloat) * kNeg;
     }
@@ -232,7 +241,8 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
     at::Tensor m_seq = at::cat({sequences, topk_seq}, 1);
     at::Tensor m_scores = at::cat({beam_scores, fin_lp}, 1);
     at::Tensor m_fin = at::cat({finished, just}, 1);
-    at::Tensor m_len = at::cat({finished_len, at::full_like(topk_ids, cur_len)}, 1);
+    at::Tensor m_len =
+        at::cat({finished_len, at::full_like(topk_ids, cur_len)}, 1);
     at::Tensor keep = std::get<1>(at::topk(m_scores, K, -1));
     sequences = Gather(m_seq, keep);
     beam_scores = Gather(m_scores, keep);
@@ -241,16 +251,17 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
     LH_RETURN_IF_ERROR(ReorderCache(cache, src.reshape({B * K}), false));
     ++cur_len;
     // transformers' early-stop heuristic.
-    const double hyp_len = (o.early_stopping == EarlyStopping::kNever &&
-                            o.length_penalty > 0)
-                               ? static_cast<double>(L - prompt)
-                               : static_cast<double>(cur_len - prompt);
+    const double hyp_len =
+        (o.early_stopping == EarlyStopping::kNever && o.length_penalty > 0)
+            ? static_cast<double>(L - prompt)
+            : static_cast<double>(cur_len - prompt);
     at::Tensor best_running =
         running_scores.narrow(1, 0, 1) / std::pow(hyp_len, o.length_penalty);
-    at::Tensor worst_finished = at::where(
-        finished, std::get<0>(beam_scores.min(1, true)),
-        at::full_like(beam_scores, kNeg));
-    heuristic_open = heuristic_open & (best_running > worst_finished).any(-1, true);
+    at::Tensor worst_finished =
+        at::where(finished, std::get<0>(beam_scores.min(1, true)),
+                  at::full_like(beam_scores, kNeg));
+    heuristic_open =
+        heuristic_open & (best_running > worst_finished).any(-1, true);
     at::Tensor go = heuristic_open.any() & ~hits.all();
     if (early_true) go = go & ~finished.all();
     const bool go_on = go.item<bool>();  // the one sync of this step

@@ -40,8 +40,7 @@ struct GenerateOptions {
   // Called after every decoding step with the new token of each row (-1 for
   // rows that had already finished; empty during beam search). Returning
   // false cancels generation. Runs on the calling thread.
-  std::function<bool(int64_t step, const std::vector<int64_t>& tokens)>
-      on_step;
+  std::function<bool(int64_t step, const std::vector<int64_t>& tokens)> on_step;
   // Polled between steps; true cancels.
   const std::atomic<bool>* cancel = nullptr;
 };

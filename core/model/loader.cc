@@ -26,7 +26,8 @@ absl::StatusOr<std::optional<bool>> ReadScaleDecoderOutputs(
   std::stringstream text;
   text << file.rdbuf();
   nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j.contains("scale_decoder_outputs")) {
+  if (j.is_discarded() || !j.is_object() ||
+      !j.contains("scale_decoder_outputs")) {
     return std::optional<bool>();
   }
   if (!j["scale_decoder_outputs"].is_boolean()) {
@@ -76,9 +77,9 @@ absl::StatusOr<std::optional<LoraAdapter>> LoadComposedAdapter(
     return std::optional<LoraAdapter>(std::move(adapter));
   }
   if (weights.size() != adapter_dirs.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "got ", weights.size(), " weights for ", adapter_dirs.size(),
-        " adapters"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("got ", weights.size(), " weights for ",
+                     adapter_dirs.size(), " adapters"));
   }
   std::vector<LoraAdapter> modules;
   for (const std::string& dir : adapter_dirs) {

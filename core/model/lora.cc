@@ -1,12 +1,12 @@
 #include "core/model/lora.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cmath>
 #include <map>
 #include <regex>
 #include <utility>
-
-#include <ATen/ATen.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -77,14 +77,14 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
             source, ": unexpected tensor '", key,
             "' (want base_model.model.<module>.lora_{A,B}.weight)"));
       }
-      std::string module = key.substr(
-          sizeof(kPrefix) - 1,
-          key.size() - (sizeof(kPrefix) - 1) - (sizeof(kSuffixA) - 1));
+      std::string module =
+          key.substr(sizeof(kPrefix) - 1, key.size() - (sizeof(kPrefix) - 1) -
+                                              (sizeof(kSuffixA) - 1));
       auto site = base.site_by_name.find(module);
       if (site == base.site_by_name.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": tensor '", key, "': the base model has no module '",
-            module, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key,
+                         "': the base model has no module '", module, "'"));
       }
       auto targeted = Targeted(config, module);
       if (!targeted.ok()) {
@@ -92,9 +92,9 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
             absl::StrCat(source, ": ", targeted.status().message()));
       }
       if (!*targeted) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": tensor '", key, "': module '", module,
-            "' is not selected by target_modules"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key, "': module '", module,
+                         "' is not selected by target_modules"));
       }
       if (host.shape.size() != 2) {
         return absl::InvalidArgumentError(
@@ -114,9 +114,9 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
       const std::string key_a = absl::StrCat(kPrefix, module, kSuffixA);
       const std::string key_b = absl::StrCat(kPrefix, module, kSuffixB);
       if (!ab.first.defined() || !ab.second.defined()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": missing tensor '", ab.first.defined() ? key_b : key_a,
-            "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": missing tensor '",
+                         ab.first.defined() ? key_b : key_a, "'"));
       }
       const int site = base.site_by_name.at(module);
       const auto [out, in] = base.site_shape[site];
@@ -132,9 +132,9 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
             absl::StrCat(source, ": alpha_pattern ", alpha.status().message()));
       }
       if (ab.first.size(0) != *rank || ab.first.size(1) != in) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": tensor '", key_a, "' has shape ", Shape(ab.first),
-            ", expected [", *rank, ",", in, "]"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key_a, "' has shape ",
+                         Shape(ab.first), ", expected [", *rank, ",", in, "]"));
       }
       if (ab.second.size(0) != out || ab.second.size(1) != *rank) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -159,17 +159,18 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
             absl::StrCat(source, ": ", targeted.status().message()));
       }
       if (*targeted && !modules.count(module)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": missing tensor '", kPrefix, module, kSuffixA,
-            "' (module selected by target_modules)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": missing tensor '", kPrefix, module,
+                         kSuffixA, "' (module selected by target_modules)"));
       }
     }
     if (adapter.sites.empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat(source, ": adapter has no tensors"));
     }
-    std::sort(adapter.sites.begin(), adapter.sites.end(),
-              [](const LoraSite& x, const LoraSite& y) { return x.site < y.site; });
+    std::sort(
+        adapter.sites.begin(), adapter.sites.end(),
+        [](const LoraSite& x, const LoraSite& y) { return x.site < y.site; });
     return adapter;
   } catch (const c10::Error& e) {
     return absl::InternalError(
@@ -282,9 +283,15 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
     for (auto* stack : {&merged.encoder, &merged.decoder}) {
       for (BlockWeights& b : *stack) {
         for (AttentionWeights* at_w : {&b.self_attn, &b.cross_attn}) {
-          merge(at_w->q); merge(at_w->k); merge(at_w->v); merge(at_w->o);
+          merge(at_w->q);
+          merge(at_w->k);
+          merge(at_w->v);
+          merge(at_w->o);
         }
-        merge(b.ff.wi); merge(b.ff.wi_0); merge(b.ff.wi_1); merge(b.ff.wo);
+        merge(b.ff.wi);
+        merge(b.ff.wi_0);
+        merge(b.ff.wi_1);
+        merge(b.ff.wo);
       }
     }
     return merged;
@@ -363,8 +370,9 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
                  .view({C, a.size(1), a.size(2)});
       sb.b = at::matmul(w, b.reshape({b.size(0), -1}))
                  .view({C, b.size(1), b.size(2)});
-      sb.scale = at::full({C, 1, 1}, stack.scaling[i],
-                          at::TensorOptions().dtype(at::kFloat).device(a.device()));
+      sb.scale =
+          at::full({C, 1, 1}, stack.scaling[i],
+                   at::TensorOptions().dtype(at::kFloat).device(a.device()));
     }
     return bank;
   } catch (const c10::Error& e) {
@@ -375,11 +383,13 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
 absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
                                        const std::vector<double>& weights) {
   if (static_cast<int>(weights.size()) != stack.num_modules) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "got ", weights.size(), " weights for ", stack.num_modules, " modules"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("got ", weights.size(), " weights for ", stack.num_modules,
+                     " modules"));
   }
   try {
-    at::Tensor w = at::tensor(weights, at::kDouble).to(at::kFloat).view({1, -1});
+    at::Tensor w =
+        at::tensor(weights, at::kDouble).to(at::kFloat).view({1, -1});
     auto bank = ComposeLoraHub(stack, w);
     if (!bank.ok()) return bank.status();
     LoraAdapter adapter;

@@ -10,10 +10,10 @@
 #ifndef LORAHUB_CORE_MODEL_LORA_H_
 #define LORAHUB_CORE_MODEL_LORA_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
 #include "core/config/lora_config.h"
@@ -50,9 +50,10 @@ absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
 // scale[i][s]; slots without an adapter at a site hold zeros (a different rank
 // is zero-padded to the largest one, which does not change B A).
 struct SiteBank {
-  at::Tensor a;      // [S, r, in]; undefined if no slot adapts this site
-  at::Tensor b;      // [S, out, r]
-  at::Tensor scale;  // [S, 1, 1]; a, b, scale are fp32 whatever the compute dtype
+  at::Tensor a;  // [S, r, in]; undefined if no slot adapts this site
+  at::Tensor b;  // [S, out, r]
+  at::Tensor
+      scale;  // [S, 1, 1]; a, b, scale are fp32 whatever the compute dtype
 };
 struct AdapterBank {
   int num_slots = 0;
@@ -67,8 +68,8 @@ absl::StatusOr<AdapterBank> MakeAdapterBank(
 // (or per generation) and shared by all layers.
 struct RowAdapters {
   const AdapterBank* bank = nullptr;  // nullptr: no adapters at all
-  at::Tensor slots;  // [B] int64 on the model device, clamped to >= 0
-  at::Tensor mask;   // [B, 1, 1] fp32: 1 where the row has a slot
+  at::Tensor slots;       // [B] int64 on the model device, clamped to >= 0
+  at::Tensor mask;        // [B, 1, 1] fp32: 1 where the row has a slot
   bool all_rows = false;  // every row has a slot: the mask is skipped
   // >= 0 when every row uses this one slot: plain matmuls, no gather.
   int64_t uniform_slot = -1;
@@ -92,10 +93,10 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
 // N modules with identical sites and ranks, stacked on the device (fp32).
 struct ModuleStack {
   int num_modules = 0;
-  std::vector<int> sites;        // adapted site indices
-  std::vector<at::Tensor> a;     // per entry of `sites`: [N, r, in]
-  std::vector<at::Tensor> b;     // [N, out, r]
-  std::vector<double> scaling;   // from the first module (LoraHub rule)
+  std::vector<int> sites;       // adapted site indices
+  std::vector<at::Tensor> a;    // per entry of `sites`: [N, r, in]
+  std::vector<at::Tensor> b;    // [N, out, r]
+  std::vector<double> scaling;  // from the first module (LoraHub rule)
   int num_base_sites = 0;
 };
 

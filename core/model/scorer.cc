@@ -1,9 +1,9 @@
 #include "core/model/scorer.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cmath>
-
-#include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/t5_forward.h"
@@ -90,11 +90,11 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
       at::Tensor chunk_labels = labels.index_select(0, index);
       auto enc = Encode(w, chunk_ids, chunk_mask, *rows);
       if (!enc.ok()) return enc.status();
-      auto logits = DecodeFull(
-          w,
-          ShiftRight(chunk_labels, w.config.decoder_start_token_id,
-                     w.config.pad_token_id),
-          *enc, *rows);
+      auto logits =
+          DecodeFull(w,
+                     ShiftRight(chunk_labels, w.config.decoder_start_token_id,
+                                w.config.pad_token_id),
+                     *enc, *rows);
       if (!logits.ok()) return logits.status();
       at::Tensor logp = at::log_softmax(logits->to(at::kFloat), -1);
       at::Tensor valid = chunk_labels != -100;
@@ -110,9 +110,8 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
     for (int64_t e = 0; e < n; ++e) {
       counts[e] = static_cast<int64_t>(examples[e].label_ids.size());
     }
-    const int64_t bs = options.batch_size <= 0
-                           ? n
-                           : std::min<int64_t>(n, options.batch_size);
+    const int64_t bs =
+        options.batch_size <= 0 ? n : std::min<int64_t>(n, options.batch_size);
     std::vector<double> losses(C, 0.0);
     for (int64_t c = 0; c < C; ++c) {
       double total_loss = 0;
@@ -129,7 +128,8 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
     }
     return losses;
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("scorer: ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("scorer: ", e.what_without_backtrace()));
   }
 }
 

@@ -27,8 +27,8 @@ struct Example {
 };
 
 struct ScoreOptions {
-  int batch_size = 0;    // examples per reference batch; <= 0: all in one
-  int64_t max_rows = 64; // rows per forward pass (memory bound)
+  int batch_size = 0;     // examples per reference batch; <= 0: all in one
+  int64_t max_rows = 64;  // rows per forward pass (memory bound)
 };
 
 // One loss per entry of `candidate_slots` (a slot of `bank`, or -1 for the

@@ -1,9 +1,9 @@
 #include "core/model/t5_forward.h"
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <limits>
-
-#include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
 
@@ -14,10 +14,14 @@ namespace {
 
 double MinValue(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kBFloat16: return -3.3895313892515355e38;  // finfo(bf16).min
-    case at::kHalf: return -65504.0;
-    case at::kDouble: return std::numeric_limits<double>::lowest();
-    default: return std::numeric_limits<float>::lowest();
+    case at::kBFloat16:
+      return -3.3895313892515355e38;  // finfo(bf16).min
+    case at::kHalf:
+      return -65504.0;
+    case at::kDouble:
+      return std::numeric_limits<double>::lowest();
+    default:
+      return std::numeric_limits<float>::lowest();
   }
 }
 
@@ -52,11 +56,12 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
     at::Tensor delta = at::matmul(at::matmul(xin, a.t()), b.t());
     return AddDelta(y, delta * sb.scale[rows.uniform_slot]);
   }
-  at::Tensor a = sb.a.index_select(0, rows.slots);  // [B, r, in]
-  at::Tensor b = sb.b.index_select(0, rows.slots);  // [B, out, r]
+  at::Tensor a = sb.a.index_select(0, rows.slots);          // [B, r, in]
+  at::Tensor b = sb.b.index_select(0, rows.slots);          // [B, out, r]
   at::Tensor scale = sb.scale.index_select(0, rows.slots);  // [B, 1, 1]
   if (!rows.all_rows) scale = scale * rows.mask;
-  at::Tensor delta = at::bmm(at::bmm(xin, a.transpose(1, 2)), b.transpose(1, 2));
+  at::Tensor delta =
+      at::bmm(at::bmm(xin, a.transpose(1, 2)), b.transpose(1, 2));
   return AddDelta(y, delta * scale);
 }
 
@@ -70,7 +75,8 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                             const Linear& o, const RowAdapters& rows) {
   at::Tensor scores = at::matmul(q, k.transpose(-1, -2));
   scores = scores + bias;
-  at::Tensor attn = at::softmax(scores.to(at::kFloat), -1).to(scores.scalar_type());
+  at::Tensor attn =
+      at::softmax(scores.to(at::kFloat), -1).to(scores.scalar_type());
   at::Tensor ctx = at::matmul(attn, v);  // [B, H, T, d_kv]
   ctx = ctx.transpose(1, 2).reshape({ctx.size(0), ctx.size(2), -1});
   return Project(ctx, o, rows);
@@ -78,9 +84,11 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
 
 at::Tensor Activation(const at::Tensor& x, const std::string& name) {
   if (name == "relu") return at::relu(x);
-  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") {
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" ||
+      name == "gelu_fast") {
     return 0.5 * x *
-           (1.0 + at::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * at::pow(x, 3.0))));
+           (1.0 +
+            at::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * at::pow(x, 3.0))));
   }
   if (name == "gelu") return at::gelu(x);
   if (name == "silu" || name == "swish") return at::silu(x);
@@ -116,9 +124,8 @@ at::Tensor Embed(const T5Weights& w, const at::Tensor& ids) {
 }
 
 // [1, H, q, k] bias for query positions offset..offset+q-1, keys 0..k-1.
-at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table,
-                        int64_t q, int64_t k, bool bidirectional,
-                        int64_t offset) {
+at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
+                        int64_t k, bool bidirectional, int64_t offset) {
   auto opts = at::TensorOptions().dtype(at::kLong).device(table.device());
   at::Tensor ctx = at::arange(offset, offset + q, opts).unsqueeze(1);
   at::Tensor mem = at::arange(0, k, opts).unsqueeze(0);
@@ -132,8 +139,12 @@ at::Tensor CausalBias(const T5Weights& w, int64_t t, c10::Device device) {
   auto opts = at::TensorOptions().dtype(at::kLong).device(device);
   at::Tensor pos = at::arange(t, opts);
   at::Tensor future = pos.unsqueeze(0) > pos.unsqueeze(1);  // key > query
-  return at::where(future, at::scalar_tensor(MinValue(w.dtype), at::TensorOptions().dtype(w.dtype).device(device)),
-                   at::scalar_tensor(0.0, at::TensorOptions().dtype(w.dtype).device(device)))
+  return at::where(future,
+                   at::scalar_tensor(
+                       MinValue(w.dtype),
+                       at::TensorOptions().dtype(w.dtype).device(device)),
+                   at::scalar_tensor(
+                       0.0, at::TensorOptions().dtype(w.dtype).device(device)))
       .view({1, 1, t, t});
 }
 
@@ -149,14 +160,18 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   EncoderOutput out;
   out.mask_bias = ((1.0 - mask.to(w.dtype)) * MinValue(w.dtype))
                       .view({ids.size(0), 1, 1, S});
-  at::Tensor bias = PositionBias(w, w.encoder_bias_table, S, S, true, 0)
-                        .to(w.dtype) + out.mask_bias;
+  at::Tensor bias =
+      PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(w.dtype) +
+      out.mask_bias;
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.encoder) {
     at::Tensor n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon);
-    at::Tensor q = SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
-    at::Tensor k = SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv);
-    at::Tensor v = SplitHeads(Project(n, b.self_attn.v, rows), c.num_heads, c.d_kv);
+    at::Tensor q =
+        SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
+    at::Tensor k =
+        SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv);
+    at::Tensor v =
+        SplitHeads(Project(n, b.self_attn.v, rows), c.num_heads, c.d_kv);
     h = ClampFp16(h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows));
     n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon);
     h = ClampFp16(h + FeedForward(n, w, b.ff, rows));
@@ -175,15 +190,22 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.decoder) {
     at::Tensor n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon);
-    at::Tensor q = SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
-    at::Tensor k = SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv);
-    at::Tensor v = SplitHeads(Project(n, b.self_attn.v, rows), c.num_heads, c.d_kv);
-    h = ClampFp16(h + AttendAndProject(q, k, v, self_bias, b.self_attn.o, rows));
+    at::Tensor q =
+        SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
+    at::Tensor k =
+        SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv);
+    at::Tensor v =
+        SplitHeads(Project(n, b.self_attn.v, rows), c.num_heads, c.d_kv);
+    h = ClampFp16(h +
+                  AttendAndProject(q, k, v, self_bias, b.self_attn.o, rows));
     n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon);
     q = SplitHeads(Project(n, b.cross_attn.q, rows), c.num_heads, c.d_kv);
-    k = SplitHeads(Project(enc.hidden, b.cross_attn.k, rows), c.num_heads, c.d_kv);
-    v = SplitHeads(Project(enc.hidden, b.cross_attn.v, rows), c.num_heads, c.d_kv);
-    h = ClampFp16(h + AttendAndProject(q, k, v, enc.mask_bias, b.cross_attn.o, rows));
+    k = SplitHeads(Project(enc.hidden, b.cross_attn.k, rows), c.num_heads,
+                   c.d_kv);
+    v = SplitHeads(Project(enc.hidden, b.cross_attn.v, rows), c.num_heads,
+                   c.d_kv);
+    h = ClampFp16(
+        h + AttendAndProject(q, k, v, enc.mask_bias, b.cross_attn.o, rows));
     n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon);
     h = ClampFp16(h + FeedForward(n, w, b.ff, rows));
   }
@@ -247,7 +269,8 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
   try {
     return EncodeImpl(w, input_ids, attention_mask, rows);
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("encoder: ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("encoder: ", e.what_without_backtrace()));
   }
 }
 
@@ -264,7 +287,8 @@ absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
   try {
     return DecodeFullImpl(w, decoder_ids, encoder, rows);
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("decoder: ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("decoder: ", e.what_without_backtrace()));
   }
 }
 
@@ -279,13 +303,15 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
     DecoderCache cache;
     cache.capacity = capacity;
     cache.cross_bias = encoder.mask_bias;
-    cache.self_bias = PositionBias(w, w.decoder_bias_table, capacity, capacity,
-                                   false, 0)
-                          .to(w.dtype);
+    cache.self_bias =
+        PositionBias(w, w.decoder_bias_table, capacity, capacity, false, 0)
+            .to(w.dtype);
     auto opts = at::TensorOptions().dtype(w.dtype).device(w.device);
     for (const BlockWeights& b : w.decoder) {
-      cache.self_k.push_back(at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
-      cache.self_v.push_back(at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
+      cache.self_k.push_back(
+          at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
+      cache.self_v.push_back(
+          at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
       cache.cross_k.push_back(SplitHeads(
           Project(encoder.hidden, b.cross_attn.k, rows), c.num_heads, c.d_kv));
       cache.cross_v.push_back(SplitHeads(
@@ -293,7 +319,8 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
     }
     return cache;
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("decoder cache: ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("decoder cache: ", e.what_without_backtrace()));
   }
 }
 
@@ -314,7 +341,8 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
     for (size_t i = 0; i < w.decoder.size(); ++i) {
       const BlockWeights& b = w.decoder[i];
       at::Tensor n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon);
-      at::Tensor q = SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
+      at::Tensor q =
+          SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
       cache.self_k[i].narrow(2, t, 1).copy_(
           SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv));
       cache.self_v[i].narrow(2, t, 1).copy_(
@@ -325,7 +353,8 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
       n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon);
       q = SplitHeads(Project(n, b.cross_attn.q, rows), c.num_heads, c.d_kv);
       h = ClampFp16(h + AttendAndProject(q, cache.cross_k[i], cache.cross_v[i],
-                                         cache.cross_bias, b.cross_attn.o, rows));
+                                         cache.cross_bias, b.cross_attn.o,
+                                         rows));
       n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon);
       h = ClampFp16(h + FeedForward(n, w, b.ff, rows));
     }
@@ -333,7 +362,8 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
     cache.length = t + 1;
     return LmHead(w, h).squeeze(1);
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("decoder step: ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("decoder step: ", e.what_without_backtrace()));
   }
 }
 
@@ -351,7 +381,8 @@ absl::Status ReorderCache(DecoderCache& cache, const at::Tensor& index,
     if (cross) cache.cross_bias = cache.cross_bias.index_select(0, index);
     return absl::OkStatus();
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("reorder cache: ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("reorder cache: ", e.what_without_backtrace()));
   }
 }
 

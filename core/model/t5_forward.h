@@ -13,10 +13,10 @@
 #ifndef LORAHUB_CORE_MODEL_T5_FORWARD_H_
 #define LORAHUB_CORE_MODEL_T5_FORWARD_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
 #include "core/model/lora.h"
@@ -52,9 +52,9 @@ absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
 struct DecoderCache {
   std::vector<at::Tensor> self_k, self_v;    // per decoder block
   std::vector<at::Tensor> cross_k, cross_v;  // per decoder block
-  at::Tensor cross_bias;  // [B, 1, 1, S]
-  at::Tensor self_bias;   // [1, heads, capacity, capacity], causal
-  int64_t length = 0;     // tokens consumed so far
+  at::Tensor cross_bias;                     // [B, 1, 1, S]
+  at::Tensor self_bias;  // [1, heads, capacity, capacity], causal
+  int64_t length = 0;    // tokens consumed so far
   int64_t capacity = 0;
 };
 
@@ -85,7 +85,8 @@ at::Tensor RelativePositionBucket(const at::Tensor& relative_position,
 
 // Prepends the decoder start token and drops the last label, replacing -100
 // by pad (transformers' _shift_right). labels: [B, T] int64.
-at::Tensor ShiftRight(const at::Tensor& labels, int64_t start_id, int64_t pad_id);
+at::Tensor ShiftRight(const at::Tensor& labels, int64_t start_id,
+                      int64_t pad_id);
 
 }  // namespace lorahub::model
 

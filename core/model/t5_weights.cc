@@ -1,11 +1,11 @@
 #include "core/model/t5_weights.h"
 
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
 #include <cstring>
 #include <set>
 #include <utility>
-
-#include <ATen/ATen.h>
-#include <ATen/Context.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -13,7 +13,7 @@
 namespace lorahub::model {
 namespace {
 
-constexpr const char* kProjNames[] = {"q", "k", "v", "o",
+constexpr const char* kProjNames[] = {"q",  "k",    "v",    "o",
                                       "wi", "wi_0", "wi_1", "wo"};
 
 std::string ShapeString(at::IntArrayRef shape) {
@@ -44,8 +44,8 @@ class Loader {
     auto cpu = HostToTensor(it->second, absl::StrCat(source_, ": ", name));
     if (!cpu.ok()) return cpu.status();
     if (!cpu->is_floating_point()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          source_, ": tensor '", name, "' is not floating point"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source_, ": tensor '", name, "' is not floating point"));
     }
     return cpu->to(options_.device, keep_fp32 ? at::kFloat : options_.dtype)
         .contiguous();
@@ -71,11 +71,11 @@ class Loader {
   std::set<std::string> used_;
 };
 
-#define LH_TAKE(lhs, loader, name, ...)             \
-  do {                                              \
+#define LH_TAKE(lhs, loader, name, ...)              \
+  do {                                               \
     auto lh_t_ = (loader).Take((name), __VA_ARGS__); \
-    if (!lh_t_.ok()) return lh_t_.status();         \
-    lhs = *std::move(lh_t_);                        \
+    if (!lh_t_.ok()) return lh_t_.status();          \
+    lhs = *std::move(lh_t_);                         \
   } while (false)
 
 std::string BlockPrefix(bool decoder, int layer) {
@@ -83,13 +83,14 @@ std::string BlockPrefix(bool decoder, int layer) {
 }
 
 std::string AttentionModule(bool decoder, int layer, bool cross) {
-  return absl::StrCat(BlockPrefix(decoder, layer),
-                      cross ? "layer.1.EncDecAttention" : "layer.0.SelfAttention");
+  return absl::StrCat(
+      BlockPrefix(decoder, layer),
+      cross ? "layer.1.EncDecAttention" : "layer.0.SelfAttention");
 }
 
 std::string FfModule(bool decoder, int layer) {
-  return absl::StrCat(BlockPrefix(decoder, layer), "layer.",
-                      decoder ? 2 : 1, ".DenseReluDense");
+  return absl::StrCat(BlockPrefix(decoder, layer), "layer.", decoder ? 2 : 1,
+                      ".DenseReluDense");
 }
 
 int SiteIndex(const config::T5Config& c, bool decoder, int layer, int slot) {
@@ -131,8 +132,8 @@ absl::Status LoadBlock(Loader& loader, T5Weights& w, bool decoder, int layer,
   const std::string prefix = BlockPrefix(decoder, layer);
   LH_TAKE(block.self_norm, loader, prefix + "layer.0.layer_norm.weight",
           {c.d_model});
-  absl::Status s = LoadAttention(loader, w, decoder, layer, false,
-                                 block.self_attn);
+  absl::Status s =
+      LoadAttention(loader, w, decoder, layer, false, block.self_attn);
   if (!s.ok()) return s;
   if (layer == 0) {
     at::Tensor table;
@@ -185,15 +186,28 @@ absl::StatusOr<at::Tensor> HostToTensor(const io::HostTensor& tensor,
                                         const std::string& name) {
   at::ScalarType type;
   switch (tensor.dtype) {
-    case io::DType::kF64: type = at::kDouble; break;
-    case io::DType::kF32: type = at::kFloat; break;
-    case io::DType::kF16: type = at::kHalf; break;
-    case io::DType::kBF16: type = at::kBFloat16; break;
-    case io::DType::kI64: type = at::kLong; break;
-    case io::DType::kI32: type = at::kInt; break;
+    case io::DType::kF64:
+      type = at::kDouble;
+      break;
+    case io::DType::kF32:
+      type = at::kFloat;
+      break;
+    case io::DType::kF16:
+      type = at::kHalf;
+      break;
+    case io::DType::kBF16:
+      type = at::kBFloat16;
+      break;
+    case io::DType::kI64:
+      type = at::kLong;
+      break;
+    case io::DType::kI32:
+      type = at::kInt;
+      break;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          name, ": unsupported dtype ", std::string(io::DTypeName(tensor.dtype))));
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": unsupported dtype ",
+                       std::string(io::DTypeName(tensor.dtype))));
   }
   for (int64_t d : tensor.shape) {
     if (d < 0) {
@@ -212,7 +226,8 @@ absl::StatusOr<at::Tensor> HostToTensor(const io::HostTensor& tensor,
     if (expected > 0) std::memcpy(out.data_ptr(), tensor.data, expected);
     return out;
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(name, ": ", e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat(name, ": ", e.what_without_backtrace()));
   }
 }
 
@@ -224,7 +239,8 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
   if (!s.ok()) return s;
   if (options.dtype != at::kFloat && options.dtype != at::kBFloat16 &&
       options.dtype != at::kHalf) {
-    return absl::InvalidArgumentError("compute dtype must be fp32, bf16 or fp16");
+    return absl::InvalidArgumentError(
+        "compute dtype must be fp32, bf16 or fp16");
   }
   if (options.dtype == at::kHalf && options.device.is_cpu()) {
     return absl::InvalidArgumentError(
@@ -235,7 +251,8 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
     w.config = config;
     w.dtype = options.dtype;
     w.device = options.device;
-    w.num_sites = (config.num_layers + config.num_decoder_layers) * kSitesPerBlock;
+    w.num_sites =
+        (config.num_layers + config.num_decoder_layers) * kSitesPerBlock;
     w.site_shape.assign(w.num_sites, {0, 0});
     Loader loader(tensors, options, source);
     LH_TAKE(w.shared, loader, "shared.weight",
@@ -268,15 +285,15 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
     LH_TAKE(w.decoder_final_norm, loader, "decoder.final_layer_norm.weight",
             {config.d_model});
     // The embed_tokens duplicates must at least have the right shape.
-    for (const char* dup : {"encoder.embed_tokens.weight",
-                            "decoder.embed_tokens.weight"}) {
+    for (const char* dup :
+         {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}) {
       auto it = tensors.find(dup);
       if (it != tensors.end() &&
           it->second.shape !=
               std::vector<int64_t>{config.vocab_size, config.d_model}) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source, ": tensor '", dup, "' has shape ",
-            ShapeString(it->second.shape)));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", dup, "' has shape ",
+                         ShapeString(it->second.shape)));
       }
     }
     s = loader.CheckAllUsed();
@@ -307,7 +324,8 @@ absl::StatusOr<c10::Device> ParseDevice(const std::string& text) {
     int index = 0;
     if (text.size() > 4) {
       if (text[4] != ':' || text.size() == 5 || text.size() > 8) {
-        return absl::InvalidArgumentError(absl::StrCat("bad device '", text, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("bad device '", text, "'"));
       }
       index = 0;
       for (size_t i = 5; i < text.size(); ++i) {

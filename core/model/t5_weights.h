@@ -9,14 +9,14 @@
 #ifndef LORAHUB_CORE_MODEL_T5_WEIGHTS_H_
 #define LORAHUB_CORE_MODEL_T5_WEIGHTS_H_
 
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
 #include <map>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
-#include <c10/core/Device.h>
-#include <c10/core/ScalarType.h>
 
 #include "absl/status/statusor.h"
 #include "core/config/t5_config.h"
@@ -49,7 +49,7 @@ struct FeedForwardWeights {
 struct BlockWeights {
   at::Tensor self_norm;  // [d_model]
   AttentionWeights self_attn;
-  at::Tensor cross_norm;  // decoder only
+  at::Tensor cross_norm;        // decoder only
   AttentionWeights cross_attn;  // decoder only
   at::Tensor ff_norm;
   FeedForwardWeights ff;
@@ -59,8 +59,8 @@ struct T5Weights {
   config::T5Config config;
   at::ScalarType dtype = at::kFloat;  // compute dtype
   c10::Device device = c10::Device(c10::kCPU);
-  at::Tensor shared;    // [vocab, d_model]
-  at::Tensor lm_head;   // [vocab, d_model]: lm_head.weight, else shared (tied)
+  at::Tensor shared;   // [vocab, d_model]
+  at::Tensor lm_head;  // [vocab, d_model]: lm_head.weight, else shared (tied)
   // Multiply the decoder output by d_model^-0.5 before the LM head.
   bool scale_decoder_outputs = false;
   at::Tensor encoder_bias_table;  // [num_buckets, heads] (block 0)
@@ -89,9 +89,10 @@ struct WeightOptions {
 // Builds the weights from HF-named tensors. Tolerates the duplicate
 // encoder.embed_tokens.weight / decoder.embed_tokens.weight. The LM head is
 // lm_head.weight when present (even with tie_word_embeddings: transformers 5
-// then keeps it), else shared.weight when tied, else a missing tensor. A missing, unexpected or mis-shaped tensor, or an
-// unsupported dtype, is InvalidArgument naming the key; `source` prefixes
-// messages (e.g. the checkpoint directory).
+// then keeps it), else shared.weight when tied, else a missing tensor. A
+// missing, unexpected or mis-shaped tensor, or an unsupported dtype, is
+// InvalidArgument naming the key; `source` prefixes messages (e.g. the
+// checkpoint directory).
 absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
                                          const io::TensorMap& tensors,
                                          const WeightOptions& options,

@@ -39,7 +39,8 @@ struct Input {
   std::vector<int64_t> ids;
 };
 
-absl::StatusOr<std::vector<std::string>> ReadInputTexts(const std::string& path) {
+absl::StatusOr<std::vector<std::string>> ReadInputTexts(
+    const std::string& path) {
   std::ifstream file(path, std::ios::binary);
   if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
   std::vector<std::string> texts;
@@ -83,7 +84,8 @@ absl::StatusOr<std::vector<int64_t>> ParseIds(const std::string& text) {
 absl::Status Run(const Args& args) {
   auto model_dir = args.Required("model");
   if (!model_dir.ok()) return model_dir.status();
-  const int sources = args.Has("text") + args.Has("input-file") + args.Has("input-ids");
+  const int sources =
+      args.Has("text") + args.Has("input-file") + args.Has("input-ids");
   if (sources != 1) {
     return absl::InvalidArgumentError(
         "give exactly one of --text, --input-file, --input-ids");
@@ -105,8 +107,8 @@ absl::Status Run(const Args& args) {
   auto top_k = args.GetInt("top-k", 50);
   auto top_p = args.GetDouble("top-p", 1.0);
   auto seed = args.GetInt("seed", 0);
-  for (const absl::Status& s : {temperature.status(), top_k.status(),
-                                top_p.status(), seed.status()}) {
+  for (const absl::Status& s :
+       {temperature.status(), top_k.status(), top_p.status(), seed.status()}) {
     if (!s.ok()) return s;
   }
   options.do_sample = args.Has("temperature") || args.Has("top-k") ||
@@ -126,7 +128,8 @@ absl::Status Run(const Args& args) {
   }
   auto batch_size = args.GetInt("batch-size", 16);
   if (!batch_size.ok()) return batch_size.status();
-  if (*batch_size < 1) return absl::InvalidArgumentError("--batch-size must be >= 1");
+  if (*batch_size < 1)
+    return absl::InvalidArgumentError("--batch-size must be >= 1");
   std::vector<double> weights;
   if (args.Has("weights")) {
     auto w = model::ParseWeightList(*args.Get("weights"));
@@ -187,7 +190,8 @@ absl::Status Run(const Args& args) {
 
   const bool json = args.Has("json");
   for (size_t start = 0; start < inputs.size(); start += *batch_size) {
-    const size_t end = std::min(inputs.size(), start + static_cast<size_t>(*batch_size));
+    const size_t end =
+        std::min(inputs.size(), start + static_cast<size_t>(*batch_size));
     std::vector<std::vector<int64_t>> batch;
     for (size_t i = start; i < end; ++i) batch.push_back(inputs[i].ids);
     auto result = model::Generate(weights_used, batch, nullptr, {}, options);
@@ -221,11 +225,11 @@ absl::Status Run(const Args& args) {
 }  // namespace
 
 int RunGenerate(int argc, char** argv) {
-  FlagSpec spec{{"model", "adapter", "weights", "text", "input-file",
-                 "input-ids", "max-new-tokens", "num-beams", "length-penalty",
-                 "temperature", "top-k", "top-p", "seed", "batch-size",
-                 "device", "dtype"},
-                {"json"}};
+  FlagSpec spec{
+      {"model", "adapter", "weights", "text", "input-file", "input-ids",
+       "max-new-tokens", "num-beams", "length-penalty", "temperature", "top-k",
+       "top-p", "seed", "batch-size", "device", "dtype"},
+      {"json"}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("generate", args.status());
   absl::Status status;

@@ -58,7 +58,8 @@ absl::StatusOr<std::vector<TextExample>> ReadExamples(const std::string& path) {
           path, ":", number,
           ": want a JSON object with string \"input\" and \"output\""));
     }
-    out.push_back({j["input"].get<std::string>(), j["output"].get<std::string>()});
+    out.push_back(
+        {j["input"].get<std::string>(), j["output"].get<std::string>()});
   }
   if (out.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": no examples"));
@@ -91,7 +92,8 @@ absl::Status Run(const Args& args) {
   }
   auto max_rows = args.GetInt("max-rows", 64);
   if (!max_rows.ok()) return max_rows.status();
-  if (*max_rows < 1) return absl::InvalidArgumentError("--max-rows must be >= 1");
+  if (*max_rows < 1)
+    return absl::InvalidArgumentError("--max-rows must be >= 1");
   std::vector<double> weights;
   if (args.Has("weights")) {
     auto w = model::ParseWeightList(*args.Get("weights"));
@@ -141,7 +143,8 @@ absl::Status Run(const Args& args) {
   model::ScoreOptions sopts;
   sopts.batch_size = static_cast<int>(*batch_size);
   sopts.max_rows = *max_rows;
-  auto losses = model::ScoreCandidates(*base, bank_ptr, {slot}, examples, sopts);
+  auto losses =
+      model::ScoreCandidates(*base, bank_ptr, {slot}, examples, sopts);
   if (!losses.ok()) return losses.status();
   const double loss = (*losses)[0];
   const double score = model::LoraHubScore(loss, effective);

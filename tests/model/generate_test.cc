@@ -2,12 +2,13 @@
 // teacher-forced decoder, beam search with one beam is greedy, per-row
 // adapters during generation equal each row alone, seeded sampling is
 // reproducible, callbacks cancel.
-#include <atomic>
-#include <vector>
+#include "core/model/generate.h"
 
 #include <ATen/ATen.h>
 
-#include "core/model/generate.h"
+#include <atomic>
+#include <vector>
+
 #include "core/model/lora.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_weights.h"
@@ -20,7 +21,8 @@ namespace {
 class GenerateTest : public ::testing::TestWithParam<int> {
  protected:
   void SetUp() override {
-    config_ = GetParam() == 0 ? testing::GatedConfig() : testing::ReluTiedConfig();
+    config_ =
+        GetParam() == 0 ? testing::GatedConfig() : testing::ReluTiedConfig();
     // Larger weights: peaky logits, so greedy is not decided by rounding.
     auto w = BuildT5Weights(config_, testing::RandomT5(config_, 21, 0.6),
                             WeightOptions{});
@@ -70,8 +72,8 @@ TEST_P(GenerateTest, BeamWithOneBeamIsGreedy) {
 }
 
 TEST_P(GenerateTest, BeamSearchIsDeterministicAndEndsAtEosOrLimit) {
-  for (EarlyStopping es : {EarlyStopping::kFalse, EarlyStopping::kTrue,
-                           EarlyStopping::kNever}) {
+  for (EarlyStopping es :
+       {EarlyStopping::kFalse, EarlyStopping::kTrue, EarlyStopping::kNever}) {
     GenerateOptions o;
     o.max_new_tokens = 7;
     o.num_beams = 3;
@@ -91,8 +93,10 @@ TEST_P(GenerateTest, BeamSearchIsDeterministicAndEndsAtEosOrLimit) {
 
 TEST_P(GenerateTest, PerRowAdaptersEqualEachRowAlone) {
   auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o"}, 4, 16);
-  auto a1 = BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, 1), "a1");
-  auto a2 = BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, 2), "a2");
+  auto a1 =
+      BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, 1), "a1");
+  auto a2 =
+      BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, 2), "a2");
   ASSERT_TRUE(a1.ok() && a2.ok());
   auto bank = MakeAdapterBank(base_, {&*a1, &*a2});
   ASSERT_TRUE(bank.ok());
@@ -174,7 +178,8 @@ TEST_P(GenerateTest, BadInputsAreErrors) {
   o.top_p = 0;
   EXPECT_FALSE(Generate(base_, inputs_, nullptr, {}, o).ok());
   o.top_p = 1;
-  EXPECT_FALSE(Generate(base_, inputs_, nullptr, {0, 0, 0}, o).ok());  // no bank
+  EXPECT_FALSE(
+      Generate(base_, inputs_, nullptr, {0, 0, 0}, o).ok());  // no bank
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, GenerateTest, ::testing::Values(0, 1),

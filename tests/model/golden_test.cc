@@ -8,6 +8,8 @@
 // equal to PEFT's. bf16 CPU: loss within 5% of the fp32 golden (see Bf16Loss).
 // Checkpoints are read with io::ReadModelTensors / ReadAdapterTensors; the
 // config structs come from golden.json's record (the parsers test themselves).
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -15,8 +17,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <ATen/ATen.h>
 
 #include "core/io/checkpoint.h"
 #include "core/io/safetensors.h"
@@ -31,7 +31,8 @@ namespace lorahub::model {
 namespace {
 
 namespace fs = std::filesystem;
-using json = nlohmann::ordered_json;  // PEFT patterns: first match in file order
+using json =
+    nlohmann::ordered_json;  // PEFT patterns: first match in file order
 
 constexpr char kRoot[] = "tests/testdata/t5";
 
@@ -149,7 +150,8 @@ class Case {
         }
         EXPECT_NEAR(mine[it->second], m["scaling"].get<double>(), 1e-12)
             << dir << " " << name << " " << module;
-        good &= std::fabs(mine[it->second] - m["scaling"].get<double>()) <= 1e-12;
+        good &=
+            std::fabs(mine[it->second] - m["scaling"].get<double>()) <= 1e-12;
       }
       EXPECT_EQ(mine.size(), info["modules"].size()) << dir << " " << name;
       good &= mine.size() == info["modules"].size();
@@ -174,7 +176,8 @@ class Case {
   std::unique_ptr<AdapterBank> Bank(const json& adapters, const json& weights) {
     if (adapters.empty()) return nullptr;
     std::vector<const LoraAdapter*> mods;
-    for (const auto& n : adapters) mods.push_back(&adapters_.at(n.get<std::string>()));
+    for (const auto& n : adapters)
+      mods.push_back(&adapters_.at(n.get<std::string>()));
     std::vector<float> w;
     for (const auto& x : weights) w.push_back(x.get<float>());
     if (w.empty()) w.assign(mods.size(), 1.0f);
@@ -186,8 +189,10 @@ class Case {
   }
 
   at::Tensor Ids(const char* key) const {
-    std::vector<std::vector<int64_t>> rows = g_[key].get<std::vector<std::vector<int64_t>>>();
-    at::Tensor t = at::empty({int64_t(rows.size()), int64_t(rows[0].size())}, at::kLong);
+    std::vector<std::vector<int64_t>> rows =
+        g_[key].get<std::vector<std::vector<int64_t>>>();
+    at::Tensor t =
+        at::empty({int64_t(rows.size()), int64_t(rows[0].size())}, at::kLong);
     for (size_t r = 0; r < rows.size(); ++r) {
       for (size_t c = 0; c < rows[r].size(); ++c) t[r][c] = rows[r][c];
     }
@@ -235,8 +240,9 @@ TEST(Golden, EncoderStatesAndLogits) {
       const json& var = c.g()["variants"][info["variant"].get<std::string>()];
       if (!c.Has(var["adapters"])) continue;
       auto bank = c.Bank(var["adapters"], var["weights"]);
-      auto rows = MakeRowAdapters(c.base(), bank.get(),
-                                  std::vector<int64_t>(ids.size(0), bank ? 0 : -1));
+      auto rows =
+          MakeRowAdapters(c.base(), bank.get(),
+                          std::vector<int64_t>(ids.size(0), bank ? 0 : -1));
       ASSERT_TRUE(rows.ok());
       auto enc = Encode(c.base(), ids, mask, *rows);
       ASSERT_TRUE(enc.ok()) << enc.status();
@@ -309,11 +315,13 @@ TEST(Golden, LossPointsAsOneCandidateBatch) {
       ASSERT_TRUE(bank.ok());
       std::vector<int64_t> slots(C);
       for (int64_t i = 0; i < C; ++i) slots[i] = i;
-      auto losses = ScoreCandidates(c.base(), &*bank, slots, ex, ScoreOptions{});
+      auto losses =
+          ScoreCandidates(c.base(), &*bank, slots, ex, ScoreOptions{});
       ASSERT_TRUE(losses.ok()) << losses.status();
       for (int64_t i = 0; i < C; ++i) {
         const double want = points[i]["loss"].get<double>();
-        EXPECT_NEAR((*losses)[i], want, 1e-5 * std::fabs(want)) << dir << " " << i;
+        EXPECT_NEAR((*losses)[i], want, 1e-5 * std::fabs(want))
+            << dir << " " << i;
       }
     }
   }
@@ -332,8 +340,8 @@ TEST(Golden, Bf16Loss) {
       auto loss = ScoreCandidates(c.base(), bank.get(), {bank ? 0 : -1}, ex, o);
       ASSERT_TRUE(loss.ok()) << loss.status();
       const double want = e["loss"].get<double>();
-      std::printf("bf16 loss %s: engine %.6f transformers %.6f\n", e.dump().c_str(),
-                  (*loss)[0], want);
+      std::printf("bf16 loss %s: engine %.6f transformers %.6f\n",
+                  e.dump().c_str(), (*loss)[0], want);
       // This tiny random model is ill-conditioned in bf16: rounding only the
       // LoRA factors to bf16 moves its loss by 2%, and transformers' own bf16
       // loss is 2.5% away from fp32 at w = (1, 1). So both bf16 losses are
@@ -369,7 +377,7 @@ TEST(Golden, GreedyAndBeamIds) {
           o.num_beams = e["num_beams"].get<int>();
           o.length_penalty = e["length_penalty"].get<double>();
           const json& es = e["early_stopping"];
-          o.early_stopping = es.is_string() ? EarlyStopping::kNever
+          o.early_stopping = es.is_string()   ? EarlyStopping::kNever
                              : es.get<bool>() ? EarlyStopping::kTrue
                                               : EarlyStopping::kFalse;
         }
@@ -377,7 +385,8 @@ TEST(Golden, GreedyAndBeamIds) {
         auto r = Generate(c.base(), inputs, bank.get(), slots, o);
         ASSERT_TRUE(r.ok()) << r.status();
         auto want = e["output_ids"].get<std::vector<std::vector<int64_t>>>();
-        EXPECT_EQ(r->output_ids, want) << dir << " " << kind << " " << e["variant"];
+        EXPECT_EQ(r->output_ids, want)
+            << dir << " " << kind << " " << e["variant"];
       }
     }
   }

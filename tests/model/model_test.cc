@@ -1,10 +1,10 @@
 // Identity and consistency tests of the T5 + LoRA engine on tiny random
 // models (see tiny_t5.h). Parity with transformers/peft is golden_test.cc.
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <string>
 #include <vector>
-
-#include <ATen/ATen.h>
 
 #include "core/model/lora.h"
 #include "core/model/scorer.h"
@@ -29,7 +29,8 @@ TEST(RelativePositionBucket, BidirectionalTable) {
   // rp=-20: 8 + trunc(ln(2.5)/ln(16)*8 = 2.64) = 10; rp=15: 16 + 8 +
   // trunc(ln(15/8)/ln 16*8 = 1.81) = 25; |rp|=200 saturates at 15.
   const std::vector<int64_t> want = {0, 17, 1, 23, 7, 24, 10, 31, 15, 25};
-  at::Tensor got = RelativePositionBucket(at::tensor(rp, at::kLong), true, 32, 128);
+  at::Tensor got =
+      RelativePositionBucket(at::tensor(rp, at::kLong), true, 32, 128);
   for (size_t i = 0; i < rp.size(); ++i) {
     EXPECT_EQ(got[i].item<int64_t>(), want[i]) << "rp=" << rp[i];
   }
@@ -39,7 +40,8 @@ TEST(RelativePositionBucket, CausalTable) {
   // nb=32, max_exact 16: future -> 0; -40 -> 16 + trunc(ln 2.5/ln 8*16=7.05).
   const std::vector<int64_t> rp = {5, 0, -5, -15, -16, -40, -128, -1000};
   const std::vector<int64_t> want = {0, 0, 5, 15, 16, 23, 31, 31};
-  at::Tensor got = RelativePositionBucket(at::tensor(rp, at::kLong), false, 32, 128);
+  at::Tensor got =
+      RelativePositionBucket(at::tensor(rp, at::kLong), false, 32, 128);
   for (size_t i = 0; i < rp.size(); ++i) {
     EXPECT_EQ(got[i].item<int64_t>(), want[i]) << "rp=" << rp[i];
   }
@@ -51,7 +53,8 @@ TEST(RelativePositionBucket, OddBuckets) {
   // trunc(ln 3/ln 3.5*3 = 2.63) = 4; rp=50: min(4, 2+trunc(5.1)) + 5 = 9.
   const std::vector<int64_t> rp = {3, -6, 50, -1, 2};
   const std::vector<int64_t> want = {7, 4, 9, 1, 7};
-  at::Tensor got = RelativePositionBucket(at::tensor(rp, at::kLong), true, 10, 7);
+  at::Tensor got =
+      RelativePositionBucket(at::tensor(rp, at::kLong), true, 10, 7);
   for (size_t i = 0; i < rp.size(); ++i) {
     EXPECT_EQ(got[i].item<int64_t>(), want[i]) << "rp=" << rp[i];
   }
@@ -110,8 +113,8 @@ class EngineTest : public ::testing::TestWithParam<int> {
   LoraAdapter Adapter(std::vector<std::string> targets, int r, uint64_t seed,
                       bool zero_b = false) {
     auto cfg = MakeLoraConfig(targets, r, 2.0 * r);
-    auto a = BuildLoraAdapter(base_, cfg, RandomAdapter(base_, cfg, seed, zero_b),
-                              "adapter");
+    auto a = BuildLoraAdapter(
+        base_, cfg, RandomAdapter(base_, cfg, seed, zero_b), "adapter");
     EXPECT_TRUE(a.ok()) << a.status();
     return *a;
   }
@@ -131,7 +134,8 @@ TEST_P(EngineTest, ZeroAdapterEqualsBase) {
   LoraAdapter real = Adapter({"q", "v"}, 4, 2);
   auto bank2 = MakeAdapterBank(base_, {&real});
   ASSERT_TRUE(bank2.ok());
-  EXPECT_GT(MaxDiff(plain, Logits(base_, b, Rows(base_, &*bank2, {0, 0, 0}))), 1e-3);
+  EXPECT_GT(MaxDiff(plain, Logits(base_, b, Rows(base_, &*bank2, {0, 0, 0}))),
+            1e-3);
 }
 
 TEST_P(EngineTest, MergedEqualsUnmerged) {
@@ -163,7 +167,9 @@ TEST_P(EngineTest, MixedRowsEqualEachRowAlone) {
     Batch one{b.ids.narrow(0, r, 1), b.mask.narrow(0, r, 1),
               b.labels.narrow(0, r, 1)};
     // Alone, with a bank holding only that row's adapter (or none).
-    const LoraAdapter* mine = slots[r] == 0 ? &a1 : slots[r] == 1 ? &a2 : nullptr;
+    const LoraAdapter* mine = slots[r] == 0   ? &a1
+                              : slots[r] == 1 ? &a2
+                                              : nullptr;
     at::Tensor alone;
     if (mine) {
       auto own = MakeAdapterBank(base_, {mine});
@@ -190,7 +196,8 @@ TEST_P(EngineTest, CachedDecodingEqualsTeacherForcing) {
   auto cache = InitDecoderCache(base_, *enc, rows, dec_ids.size(1));
   ASSERT_TRUE(cache.ok());
   for (int64_t t = 0; t < dec_ids.size(1); ++t) {
-    auto step = DecodeStep(base_, *cache, dec_ids.select(1, t).contiguous(), rows);
+    auto step =
+        DecodeStep(base_, *cache, dec_ids.select(1, t).contiguous(), rows);
     ASSERT_TRUE(step.ok()) << step.status();
     EXPECT_LT(MaxDiff(*step, full->select(1, t)), 1e-4) << "t=" << t;
   }
@@ -205,8 +212,8 @@ TEST_P(EngineTest, ComposeOneModuleWithWeightOneIsThatModule) {
   LoraAdapter m1 = Adapter({"q", "v"}, 4, 8);
   auto stack = StackModules(base_, {&m0, &m1});
   ASSERT_TRUE(stack.ok()) << stack.status();
-  auto composed = ComposeLoraHub(*stack, at::tensor({1.0f, 0.0f, 0.0f, 1.0f,
-                                                     0.5f, 0.5f}).view({3, 2}));
+  auto composed = ComposeLoraHub(
+      *stack, at::tensor({1.0f, 0.0f, 0.0f, 1.0f, 0.5f, 0.5f}).view({3, 2}));
   ASSERT_TRUE(composed.ok()) << composed.status();
   auto own = MakeAdapterBank(base_, {&m0, &m1});
   ASSERT_TRUE(own.ok());
@@ -223,13 +230,15 @@ TEST_P(EngineTest, ComposeOneModuleWithWeightOneIsThatModule) {
   }
   auto avg_bank = MakeAdapterBank(base_, {&avg});
   ASSERT_TRUE(avg_bank.ok());
-  EXPECT_LT(MaxDiff(mixed, Logits(base_, b, Rows(base_, &*avg_bank, {0, 0}))), 1e-4);
+  EXPECT_LT(MaxDiff(mixed, Logits(base_, b, Rows(base_, &*avg_bank, {0, 0}))),
+            1e-4);
   auto one = ComposeOne(*stack, {0.5, 0.5});
   ASSERT_TRUE(one.ok());
   auto merged = MergeAdapter(base_, *one);
   ASSERT_TRUE(merged.ok());
-  EXPECT_LT(MaxDiff(mixed, Logits(*merged, b, Rows(*merged, nullptr, {-1, -1}))),
-            1e-4 * mixed.abs().max().item<double>());
+  EXPECT_LT(
+      MaxDiff(mixed, Logits(*merged, b, Rows(*merged, nullptr, {-1, -1}))),
+      1e-4 * mixed.abs().max().item<double>());
 }
 
 // The reference loss computed the slow way: one forward per batch of
@@ -272,9 +281,11 @@ std::vector<Example> MakeExamples(const config::T5Config& c, int n) {
   std::vector<Example> ex(n);
   for (int i = 0; i < n; ++i) {
     int in_len = 3 + (i * 5) % 6, out_len = 1 + (i * 3) % 4;
-    for (int t = 0; t < in_len; ++t) ex[i].input_ids.push_back(2 + (i * 7 + t * 3) % (c.vocab_size - 2));
+    for (int t = 0; t < in_len; ++t)
+      ex[i].input_ids.push_back(2 + (i * 7 + t * 3) % (c.vocab_size - 2));
     ex[i].input_ids.push_back(1);
-    for (int t = 0; t < out_len; ++t) ex[i].label_ids.push_back(2 + (i * 11 + t * 5) % (c.vocab_size - 2));
+    for (int t = 0; t < out_len; ++t)
+      ex[i].label_ids.push_back(2 + (i * 11 + t * 5) % (c.vocab_size - 2));
     ex[i].label_ids.push_back(1);
   }
   return ex;
@@ -287,7 +298,8 @@ TEST_P(EngineTest, BatchedCandidateScoringEqualsEachAlone) {
   auto stack = StackModules(base_, {&m0, &m1, &m2});
   ASSERT_TRUE(stack.ok());
   at::Tensor W = at::tensor({0.f, 0.f, 0.f, 1.f, 0.f, 0.f, 0.3f, -0.7f, 1.2f,
-                             -1.5f, 0.2f, 0.4f}).view({4, 3});
+                             -1.5f, 0.2f, 0.4f})
+                     .view({4, 3});
   auto composed = ComposeLoraHub(*stack, W);
   ASSERT_TRUE(composed.ok());
   std::vector<Example> ex = MakeExamples(config_, 5);
@@ -329,8 +341,10 @@ TEST(Weights, ErrorsNameTheKey) {
     m.erase("decoder.block.1.layer.2.DenseReluDense.wo.weight");
     auto w = BuildT5Weights(c, m, WeightOptions{}, "ckpt");
     ASSERT_FALSE(w.ok());
-    EXPECT_NE(w.status().message().find("decoder.block.1.layer.2.DenseReluDense.wo.weight"),
-              std::string::npos) << w.status();
+    EXPECT_NE(w.status().message().find(
+                  "decoder.block.1.layer.2.DenseReluDense.wo.weight"),
+              std::string::npos)
+        << w.status();
   }
   {
     io::TensorMap m = good;
@@ -338,15 +352,18 @@ TEST(Weights, ErrorsNameTheKey) {
     auto w = BuildT5Weights(c, m, WeightOptions{}, "ckpt");
     ASSERT_FALSE(w.ok());
     EXPECT_NE(w.status().message().find("unexpected tensor 'encoder.block.9"),
-              std::string::npos) << w.status();
+              std::string::npos)
+        << w.status();
   }
   {
     io::TensorMap m = good;
     m["encoder.block.0.layer.0.SelfAttention.k.weight"] = m["shared.weight"];
     auto w = BuildT5Weights(c, m, WeightOptions{}, "ckpt");
     ASSERT_FALSE(w.ok());
-    EXPECT_NE(w.status().message().find("SelfAttention.k.weight' has shape [64,32]"),
-              std::string::npos) << w.status();
+    EXPECT_NE(
+        w.status().message().find("SelfAttention.k.weight' has shape [64,32]"),
+        std::string::npos)
+        << w.status();
   }
 }
 
@@ -368,7 +385,8 @@ TEST(Weights, LmHeadAndDecoderOutputScaling) {
             1e-4 * lu.abs().max().item<double>());
   // Tied config, but the checkpoint has its own lm_head: it is used.
   io::TensorMap with_head = m;
-  with_head["lm_head.weight"] = testing::ToHost(at::randn({c.vocab_size, c.d_model}));
+  with_head["lm_head.weight"] =
+      testing::ToHost(at::randn({c.vocab_size, c.d_model}));
   auto own = BuildT5Weights(c, with_head, WeightOptions{});
   ASSERT_TRUE(own.ok()) << own.status();
   EXPECT_GT(MaxDiff(own->lm_head, own->shared), 0.1);
@@ -377,7 +395,8 @@ TEST(Weights, LmHeadAndDecoderOutputScaling) {
   untied.tie_word_embeddings = false;
   auto missing = BuildT5Weights(untied, m, WeightOptions{});
   ASSERT_FALSE(missing.ok());
-  EXPECT_NE(missing.status().message().find("lm_head.weight"), std::string::npos);
+  EXPECT_NE(missing.status().message().find("lm_head.weight"),
+            std::string::npos);
 }
 
 TEST(Weights, StoredBf16LoadsAsFp32) {
@@ -434,13 +453,16 @@ TEST(Lora, ValidationErrorsNameTheKey) {
   auto cfg = MakeLoraConfig({"q", "v"}, 4, 8);
   io::TensorMap good = RandomAdapter(*w, cfg, 1);
   ASSERT_TRUE(BuildLoraAdapter(*w, cfg, good, "ad").ok());
-  const std::string qa = "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight";
+  const std::string qa =
+      "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight";
   {
     io::TensorMap m = good;
-    m["base_model.model.encoder.block.5.layer.0.SelfAttention.q.lora_A.weight"] = m[qa];
+    m["base_model.model.encoder.block.5.layer.0.SelfAttention.q.lora_A."
+      "weight"] = m[qa];
     auto a = BuildLoraAdapter(*w, cfg, m, "ad");
     ASSERT_FALSE(a.ok());
-    EXPECT_NE(a.status().message().find("no module 'encoder.block.5"), std::string::npos)
+    EXPECT_NE(a.status().message().find("no module 'encoder.block.5"),
+              std::string::npos)
         << a.status();
   }
   {
@@ -462,7 +484,8 @@ TEST(Lora, ValidationErrorsNameTheKey) {
     auto a = BuildLoraAdapter(*w, k_cfg, good, "ad");  // q/v keys, k targeted
     ASSERT_FALSE(a.ok());
     EXPECT_NE(a.status().message().find("not selected by target_modules"),
-              std::string::npos) << a.status();
+              std::string::npos)
+        << a.status();
   }
   {
     // rank_pattern gives q rank 2: the rank-4 q tensors are now wrong.
@@ -470,7 +493,8 @@ TEST(Lora, ValidationErrorsNameTheKey) {
     p_cfg.rank_pattern = {{"q", 2}};
     auto a = BuildLoraAdapter(*w, p_cfg, good, "ad");
     ASSERT_FALSE(a.ok());
-    EXPECT_NE(a.status().message().find("expected [2,"), std::string::npos) << a.status();
+    EXPECT_NE(a.status().message().find("expected [2,"), std::string::npos)
+        << a.status();
   }
   {
     // Stacking modules of different ranks is refused.
@@ -491,7 +515,8 @@ TEST(Lora, ScalingRsloraAndAlphaPattern) {
   auto cfg = MakeLoraConfig({"q", "v"}, 4, 8);
   io::TensorMap t = RandomAdapter(*w, cfg, 1);
   cfg.use_rslora = true;
-  cfg.alpha_pattern = {{"decoder\\.block\\.0\\.layer\\.1\\.EncDecAttention\\.v", 3.0}};
+  cfg.alpha_pattern = {
+      {"decoder\\.block\\.0\\.layer\\.1\\.EncDecAttention\\.v", 3.0}};
   auto a = BuildLoraAdapter(*w, cfg, t, "ad");
   ASSERT_TRUE(a.ok()) << a.status();
   for (const LoraSite& s : a->sites) {

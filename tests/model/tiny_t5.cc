@@ -1,9 +1,9 @@
 #include "tests/model/tiny_t5.h"
 
+#include <ATen/ATen.h>
+
 #include <cstring>
 #include <memory>
-
-#include <ATen/ATen.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -14,10 +14,19 @@ io::HostTensor ToHost(const at::Tensor& t) {
   at::Tensor c = t.contiguous().cpu();
   io::HostTensor h;
   switch (c.scalar_type()) {
-    case at::kFloat: h.dtype = io::DType::kF32; break;
-    case at::kHalf: h.dtype = io::DType::kF16; break;
-    case at::kBFloat16: h.dtype = io::DType::kBF16; break;
-    default: h.dtype = io::DType::kI64; c = c.to(at::kLong); break;
+    case at::kFloat:
+      h.dtype = io::DType::kF32;
+      break;
+    case at::kHalf:
+      h.dtype = io::DType::kF16;
+      break;
+    case at::kBFloat16:
+      h.dtype = io::DType::kBF16;
+      break;
+    default:
+      h.dtype = io::DType::kI64;
+      c = c.to(at::kLong);
+      break;
   }
   h.shape = c.sizes().vec();
   h.nbytes = c.nbytes();
@@ -64,14 +73,13 @@ config::T5Config ReluTiedConfig() {
   return c;
 }
 
-io::TensorMap RandomT5(const config::T5Config& c, uint64_t seed,
-                       double scale) {
+io::TensorMap RandomT5(const config::T5Config& c, uint64_t seed, double scale) {
   at::manual_seed(seed);
   io::TensorMap m;
   auto put = [&](const std::string& name, std::vector<int64_t> shape,
                  bool norm = false) {
-    at::Tensor t = norm ? 1.0 + 0.1 * at::randn(shape)
-                        : at::randn(shape) * scale;
+    at::Tensor t =
+        norm ? 1.0 + 0.1 * at::randn(shape) : at::randn(shape) * scale;
     m[name] = ToHost(t);
   };
   const int64_t inner = int64_t{c.num_heads} * c.d_kv;
@@ -137,8 +145,8 @@ io::TensorMap RandomAdapter(const T5Weights& base,
     const auto [out, in] = base.site_shape[site];
     const std::string p = "base_model.model." + name;
     m[p + ".lora_A.weight"] = ToHost(at::randn({config.r, in}) * 0.3);
-    m[p + ".lora_B.weight"] =
-        ToHost(zero_b ? at::zeros({out, config.r}) : at::randn({out, config.r}) * 0.3);
+    m[p + ".lora_B.weight"] = ToHost(zero_b ? at::zeros({out, config.r})
+                                            : at::randn({out, config.r}) * 0.3);
   }
   return m;
 }

@@ -3,11 +3,11 @@
 #ifndef LORAHUB_TESTS_MODEL_TINY_T5_H_
 #define LORAHUB_TESTS_MODEL_TINY_T5_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "core/config/lora_config.h"
 #include "core/config/t5_config.h"
