@@ -22,19 +22,20 @@ with open(tmp + "/examples.jsonl", "w") as f:
 with open(tmp + "/prompts.jsonl", "w") as f:
     for x in g["inputs"]:
         f.write(json.dumps({"input": x}) + "\n")
-# One line per check: kind, adapters (comma list), weights, extra, expected.
+# One line per check, '|'-separated (empty fields survive, unlike tabs):
+# kind, adapters (comma list), weights, extra, expected.
 with open(tmp + "/checks.txt", "w") as f:
     for e in g["loss"]:
-        f.write("score\t%s\t%s\t%s\t%r\n" % (",".join(e["adapters"]),
+        f.write("score|%s|%s|%s|%r\n" % (",".join(e["adapters"]),
                 ",".join(repr(w) for w in e["weights"]),
                 "" if e["batch_size"] is None else e["batch_size"], e["loss"]))
     for kind in ("greedy", "beam"):
         for e in g[kind]:
-            f.write("%s\t%s\t%s\t%d %d\t%s\n" % (kind, ",".join(e["adapters"]),
+            f.write("%s|%s|%s|%d %d|%s\n" % (kind, ",".join(e["adapters"]),
                     ",".join(repr(w) for w in e["weights"]), e["max_new_tokens"],
                     e.get("num_beams", 1), json.dumps(e["output_ids"])))
 PY
-  while IFS=$'\t' read -r kind adapters weights extra want; do
+  while IFS='|' read -r kind adapters weights extra want; do
     args=(--model "$dir/model" --json)
     if [ -n "$adapters" ]; then
       IFS=, read -ra names <<<"$adapters"
