@@ -17,6 +17,10 @@ constexpr Command kCommands[] = {
     {"serve", lorahub::cli::RunServe, "run the gRPC server"},
     {"inspect", lorahub::cli::RunInspect,
      "validate a checkpoint or adapter and list its tensors"},
+    {"generate", lorahub::cli::RunGenerate,
+     "generate text with a T5 model and LoRA adapters"},
+    {"score", lorahub::cli::RunScore,
+     "LoraHub loss/score of adapters on few-shot examples"},
 };
 
 void PrintUsage(FILE* out) {
