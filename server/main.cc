@@ -19,6 +19,10 @@ constexpr Command kCommands[] = {
      "validate a checkpoint or adapter and list its tensors"},
     {"tokenize", lorahub::cli::RunTokenize,
      "encode text (or --decode ids) with a model's spiece.model"},
+    {"generate", lorahub::cli::RunGenerate,
+     "generate text with a T5 model and LoRA adapters"},
+    {"score", lorahub::cli::RunScore,
+     "LoraHub loss/score of adapters on few-shot examples"},
 };
 
 void PrintUsage(FILE* out) {

@@ -426,6 +426,48 @@ lorahub_cc_library(core_metrics_exposer
   OUTPUT_NAME exposer
 )
 
+# ---- //core/model  (core/model/BUILD)
+
+# //core/model:model (cc_library)
+lorahub_cc_library(core_model_model
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/generate.cc
+    ${SRC}/core/model/lora.cc
+    ${SRC}/core/model/scorer.cc
+    ${SRC}/core/model/t5_forward.cc
+    ${SRC}/core/model/t5_weights.cc
+    ${SRC}/core/model/generate.h
+    ${SRC}/core/model/lora.h
+    ${SRC}/core/model/scorer.h
+    ${SRC}/core/model/t5_forward.h
+    ${SRC}/core/model/t5_weights.h
+  DEPS
+    core_config_config
+    core_io_host_tensor
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME model
+)
+
+# //core/model:loader (cc_library)
+lorahub_cc_library(core_model_loader
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/loader.cc
+    ${SRC}/core/model/loader.h
+  DEPS
+    core_model_model
+    core_config_config
+    core_io_checkpoint
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  OUTPUT_NAME loader
+)
+
 # ---- //core/store  (core/store/BUILD)
 
 # //core/store:store (cc_library)
@@ -622,15 +664,18 @@ lorahub_cc_library(server_info_service
 lorahub_cc_binary(server_lorahub
   PACKAGE server
   SRCS
+    ${SRC}/server/cli/generate_command.cc
     ${SRC}/server/cli/inspect_command.cc
+    ${SRC}/server/cli/score_command.cc
     ${SRC}/server/cli/serve_command.cc
     ${SRC}/server/cli/tokenize_command.cc
     ${SRC}/server/main.cc
   DEPS
     server_cli_args
-    core_io_checkpoint
-    ext_nlohmann_json_json
     server_info_service
+    core_io_checkpoint
+    core_model_model
+    core_model_loader
     core_tokenizer_tokenizer
     ext_absl_absl
     ext_grpc_grpc___reflection
@@ -672,6 +717,19 @@ lorahub_script_test(tests_cli_inspect_test
   ARGS
     $<TARGET_FILE:server_lorahub>
   TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
+)
+
+# //tests/cli:engine_cli_test (sh_test)
+lorahub_script_test(tests_cli_engine_cli_test
+  TEST_NAME //tests/cli:engine_cli_test
+  PACKAGE tests/cli
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/cli/engine_cli_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 900
   DATA_TARGETS
     server_lorahub
 )
@@ -1012,6 +1070,68 @@ lorahub_cc_test(tests_metrics_prometheus_scrape_test
     ext_gtest_gtest_main
     ext_nlohmann_json_json
     ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 300
+)
+
+# ---- //tests/model  (tests/model/BUILD)
+
+# //tests/model:tiny_t5 (cc_library)
+lorahub_cc_library(tests_model_tiny_t5
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/tiny_t5.cc
+    ${SRC}/tests/model/tiny_t5.h
+  DEPS
+    core_config_config
+    core_io_host_tensor
+    core_model_model
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME tiny_t5
+)
+
+# //tests/model:model_test (cc_test)
+lorahub_cc_test(tests_model_model_test
+  TEST_NAME //tests/model:model_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/model_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:generate_test (cc_test)
+lorahub_cc_test(tests_model_generate_test
+  TEST_NAME //tests/model:generate_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/generate_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:golden_test (cc_test)
+lorahub_cc_test(tests_model_golden_test
+  TEST_NAME //tests/model:golden_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/golden_test.cc
+  DEPS
+    core_config_config
+    core_io_checkpoint
+    core_io_safetensors
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
   TIMEOUT 300
 )
 

@@ -1,0 +1,317 @@
+#include "core/model/generate.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "core/model/t5_forward.h"
+#include "core/util/status_macros.h"
+
+namespace lorahub::model {
+namespace {
+
+constexpr int64_t kMaxNewTokens = 8192;
+constexpr double kNeg = -1.0e9;  // transformers' "very large negative"
+
+absl::Status CheckOptions(const GenerateOptions& o) {
+  if (o.max_new_tokens < 1 || o.max_new_tokens > kMaxNewTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_new_tokens must be in [1, ", kMaxNewTokens, "]"));
+  }
+  if (o.num_beams < 1 || o.num_beams > 64) {
+    return absl::InvalidArgumentError("num_beams must be in [1, 64]");
+  }
+  if (o.num_beams > 1 && o.do_sample) {
+    return absl::InvalidArgumentError("beam sampling is not supported");
+  }
+  if (!(o.temperature > 0) || !std::isfinite(o.temperature)) {
+    return absl::InvalidArgumentError("temperature must be > 0");
+  }
+  if (o.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0");
+  if (!(o.top_p > 0 && o.top_p <= 1)) {
+    return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  }
+  return absl::OkStatus();
+}
+
+bool Cancelled(const GenerateOptions& o) {
+  return o.cancel != nullptr && o.cancel->load(std::memory_order_relaxed);
+}
+
+// transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper.
+at::Tensor Warp(at::Tensor scores, const GenerateOptions& o) {
+  const double inf = std::numeric_limits<double>::infinity();
+  if (o.temperature != 1.0) scores = scores / o.temperature;
+  if (o.top_k > 0) {
+    const int64_t k = std::min<int64_t>(o.top_k, scores.size(-1));
+    at::Tensor kth = std::get<0>(at::topk(scores, k)).narrow(-1, k - 1, 1);
+    scores = scores.masked_fill(scores < kth, -inf);
+  }
+  if (o.top_p < 1.0) {
+    auto sorted = at::sort(scores, -1, /*descending=*/false);
+    at::Tensor sorted_logits = std::get<0>(sorted);
+    at::Tensor sorted_idx = std::get<1>(sorted);
+    at::Tensor cum = sorted_logits.softmax(-1).cumsum(-1);
+    at::Tensor remove = cum <= (1 - o.top_p);
+    remove.narrow(-1, remove.size(-1) - 1, 1).fill_(false);
+    at::Tensor mask = remove.scatter(-1, sorted_idx, remove);
+    scores = scores.masked_fill(mask, -inf);
+  }
+  return scores;
+}
+
+struct Prepared {
+  at::Tensor ids, mask;
+  RowAdapters rows;
+};
+
+absl::StatusOr<Prepared> Prepare(const T5Weights& w,
+                                 const std::vector<std::vector<int64_t>>& in,
+                                 const AdapterBank* bank,
+                                 const std::vector<int64_t>& slots) {
+  if (in.empty()) return absl::InvalidArgumentError("no inputs");
+  if (!slots.empty() && slots.size() != in.size()) {
+    return absl::InvalidArgumentError("one adapter slot per input is needed");
+  }
+  size_t len = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (in[i].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("input ", i, " is empty"));
+    }
+    for (int64_t id : in[i]) {
+      if (id < 0 || id >= w.config.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("input ", i, ": token id ", id, " outside [0, ",
+                         w.config.vocab_size, ")"));
+      }
+    }
+    len = std::max(len, in[i].size());
+  }
+  const int64_t B = static_cast<int64_t>(in.size());
+  Prepared p;
+  p.ids = at::full({B, static_cast<int64_t>(len)}, w.config.pad_token_id,
+                   at::kLong);
+  p.mask = at::zeros({B, static_cast<int64_t>(len)}, at::kLong);
+  auto ia = p.ids.accessor<int64_t, 2>();
+  auto ma = p.mask.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < B; ++r) {
+    for (size_t t = 0; t < in[r].size(); ++t) {
+      ia[r][t] = in[r][t];
+      ma[r][t] = 1;
+    }
+  }
+  p.ids = p.ids.to(w.device);
+  p.mask = p.mask.to(w.device);
+  std::vector<int64_t> s = slots.empty() ? std::vector<int64_t>(B, -1) : slots;
+  LH_ASSIGN_OR_RETURN(p.rows, MakeRowAdapters(w, bank, s));
+  return p;
+}
+
+absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
+                                              const Prepared& p,
+                                              const GenerateOptions& o) {
+  const int64_t B = p.ids.size(0);
+  const int64_t eos = w.config.eos_token_id;
+  LH_ASSIGN_OR_RETURN(EncoderOutput enc, Encode(w, p.ids, p.mask, p.rows));
+  LH_ASSIGN_OR_RETURN(DecoderCache cache,
+                      InitDecoderCache(w, enc, p.rows, o.max_new_tokens));
+  GenerateResult result;
+  result.output_ids.resize(B);
+  std::vector<bool> done(B, false);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  at::Tensor tokens =
+      at::full({B}, w.config.decoder_start_token_id,
+               at::TensorOptions().dtype(at::kLong).device(w.device));
+  at::Tensor unfinished = at::ones({B}, tokens.options().dtype(at::kBool));
+  for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+    LH_ASSIGN_OR_RETURN(at::Tensor logits,
+                        DecodeStep(w, cache, tokens, p.rows));
+    at::Tensor next;
+    at::Tensor scores = logits.to(at::kFloat);
+    if (o.do_sample) {
+      at::Tensor probs = at::softmax(Warp(scores, o), -1).cpu();
+      next = at::multinomial(probs, 1, false, gen).squeeze(1).to(w.device);
+    } else {
+      next = scores.argmax(-1);
+    }
+    next =
+        at::where(unfinished, next, at::full_like(next, w.config.pad_token_id));
+    at::Tensor host = next.cpu();  // the one sync of this step
+    auto ha = host.accessor<int64_t, 1>();
+    std::vector<int64_t> step_tokens(B, -1);
+    bool all_done = true;
+    for (int64_t r = 0; r < B; ++r) {
+      if (done[r]) continue;
+      step_tokens[r] = ha[r];
+      result.output_ids[r].push_back(ha[r]);
+      if (ha[r] == eos) done[r] = true;
+      all_done &= done[r];
+    }
+    unfinished = unfinished & (next != eos);
+    tokens = next;
+    if (o.on_step && !o.on_step(step, step_tokens)) {
+      result.cancelled = true;
+      break;
+    }
+    if (all_done) break;
+    if (Cancelled(o)) {
+      result.cancelled = true;
+      break;
+    }
+  }
+  return result;
+}
+
+at::Tensor Gather(const at::Tensor& t, const at::Tensor& idx) {
+  at::Tensor i = idx;
+  while (i.dim() < t.dim()) i = i.unsqueeze(-1);
+  std::vector<int64_t> shape = t.sizes().vec();
+  shape[1] = idx.size(1);
+  return at::gather(t, 1, i.expand(shape));
+}
+
+absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
+                                          const GenerateOptions& o) {
+  const int64_t B = p.ids.size(0);
+  const int64_t K = o.num_beams;
+  const int64_t V = w.config.vocab_size;
+  const int64_t L = 1 + o.max_new_tokens;  // max_length, start token included
+  const int64_t prompt = 1;
+  const bool early_true = o.early_stopping == EarlyStopping::kTrue;
+  auto dev = at::TensorOptions().device(w.device);
+  at::Tensor expand = at::arange(B, dev.dtype(at::kLong)).repeat_interleave(K);
+  RowAdapters rows = SelectRows(p.rows, expand);
+  LH_ASSIGN_OR_RETURN(EncoderOutput enc0, Encode(w, p.ids, p.mask, p.rows));
+  EncoderOutput enc{enc0.hidden.index_select(0, expand),
+                    enc0.mask_bias.index_select(0, expand)};
+  LH_ASSIGN_OR_RETURN(DecoderCache cache,
+                      InitDecoderCache(w, enc, rows, o.max_new_tokens));
+
+  at::Tensor running_seq =
+      at::full({B, K, L}, w.config.pad_token_id, dev.dtype(at::kLong));
+  running_seq.select(2, 0).fill_(w.config.decoder_start_token_id);
+  at::Tensor sequences = running_seq.clone();
+  at::Tensor running_scores = at::zeros({B, K}, dev.dtype(at::kFloat));
+  if (K > 1) running_scores.narrow(1, 1, K - 1).fill_(kNeg);
+  at::Tensor beam_scores = at::full({B, K}, kNeg, dev.dtype(at::kFloat));
+  at::Tensor finished = at::zeros({B, K}, dev.dtype(at::kBool));
+  at::Tensor finished_len = at::zeros({B, K}, dev.dtype(at::kLong));
+  at::Tensor heuristic_open = at::ones({B, 1}, dev.dtype(at::kBool));
+  at::Tensor top_mask = at::cat({at::ones({K}, dev.dtype(at::kBool)),
+                                 at::zeros({K}, dev.dtype(at::kBool))});
+  at::Tensor batch_offset =
+      (at::arange(B, dev.dtype(at::kLong)) * K).unsqueeze(1);
+  GenerateResult result;
+  int64_t cur_len = 1;
+  while (cur_len < L) {
+    at::Tensor last = running_seq.select(2, cur_len - 1).reshape({B * K});
+    LH_ASSIGN_OR_RETURN(at::Tensor logits, DecodeStep(w, cache, last, rows));
+    at::Tensor log_probs =
+        at::log_softmax(logits.to(at::kFloat), -1).view({B, K, V});
+    at::Tensor acc =
+        (log_probs + running_scores.unsqueeze(-1)).view({B, K * V});
+    auto top = at::topk(acc, 2 * K, -1);
+    at::Tensor topk_lp = std::get<0>(top);
+    at::Tensor topk_beam = at::floor_divide(std::get<1>(top), V);
+    at::Tensor topk_ids = std::get<1>(top).remainder(V);
+    at::Tensor topk_seq = Gather(running_seq, topk_beam);
+    topk_seq.select(2, cur_len).copy_(topk_ids);
+    at::Tensor hits = topk_ids == w.config.eos_token_id;
+    if (cur_len + 1 >= L) hits.fill_(true);
+    // Next running beams: the best K continuations that did not finish.
+    at::Tensor running_lp = topk_lp + hits.to(at::kFloat) * kNeg;
+    at::Tensor next_idx = std::get<1>(at::topk(running_lp, K, -1));
+    running_seq = Gather(topk_seq, next_idx);
+    running_scores = Gather(running_lp, next_idx);
+    at::Tensor src = Gather(topk_beam, next_idx) + batch_offset;  // [B, K]
+    // Finished hypotheses: only the top K candidates may finish.
+    at::Tensor just = hits & top_mask.unsqueeze(0);
+    at::Tensor fin_lp =
+        topk_lp /
+        std::pow(static_cast<double>(cur_len + 1 - prompt), o.length_penalty);
+    if (early_true) {
+      fin_lp = fin_lp + finished.all(-1, true).to(at::kFloat) * kNeg;
+    }
+    fin_lp = fin_lp + (~heuristic_open).to(at::kFloat) * kNeg;
+    fin_lp = fin_lp + (~just).to(at::kFloat) * kNeg;
+    at::Tensor m_seq = at::cat({sequences, topk_seq}, 1);
+    at::Tensor m_scores = at::cat({beam_scores, fin_lp}, 1);
+    at::Tensor m_fin = at::cat({finished, just}, 1);
+    at::Tensor m_len =
+        at::cat({finished_len, at::full_like(topk_ids, cur_len)}, 1);
+    at::Tensor keep = std::get<1>(at::topk(m_scores, K, -1));
+    sequences = Gather(m_seq, keep);
+    beam_scores = Gather(m_scores, keep);
+    finished = Gather(m_fin, keep);
+    finished_len = Gather(m_len, keep);
+    LH_RETURN_IF_ERROR(ReorderCache(cache, src.reshape({B * K}), false));
+    ++cur_len;
+    // transformers' early-stop heuristic.
+    const double hyp_len =
+        (o.early_stopping == EarlyStopping::kNever && o.length_penalty > 0)
+            ? static_cast<double>(L - prompt)
+            : static_cast<double>(cur_len - prompt);
+    at::Tensor best_running =
+        running_scores.narrow(1, 0, 1) / std::pow(hyp_len, o.length_penalty);
+    at::Tensor worst_finished =
+        at::where(finished, std::get<0>(beam_scores.min(1, true)),
+                  at::full_like(beam_scores, kNeg));
+    heuristic_open =
+        heuristic_open & (best_running > worst_finished).any(-1, true);
+    at::Tensor go = heuristic_open.any() & ~hits.all();
+    if (early_true) go = go & ~finished.all();
+    const bool go_on = go.item<bool>();  // the one sync of this step
+    if (o.on_step && !o.on_step(cur_len - 2, {})) {
+      result.cancelled = true;
+      break;
+    }
+    if (!go_on) break;
+    if (Cancelled(o)) {
+      result.cancelled = true;
+      break;
+    }
+  }
+  // The best finished hypothesis of each input (or, if cancelled before any
+  // finished, the best running beam).
+  at::Tensor seq = sequences.select(1, 0).cpu();
+  at::Tensor len = finished_len.select(1, 0).cpu();
+  at::Tensor fin = finished.select(1, 0).cpu();
+  at::Tensor run = running_seq.select(1, 0).cpu();
+  result.output_ids.resize(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const bool ok = fin[b].item<bool>();
+    const int64_t n = ok ? len[b].item<int64_t>() : cur_len - 1;
+    const at::Tensor& src = ok ? seq : run;
+    auto acc = src.accessor<int64_t, 2>();
+    for (int64_t t = 1; t <= n; ++t) result.output_ids[b].push_back(acc[b][t]);
+  }
+  return result;
+}
+
+}  // namespace
+
+absl::StatusOr<GenerateResult> Generate(
+    const T5Weights& weights, const std::vector<std::vector<int64_t>>& inputs,
+    const AdapterBank* bank, const std::vector<int64_t>& slots,
+    const GenerateOptions& options) {
+  LH_RETURN_IF_ERROR(CheckOptions(options));
+  try {
+    LH_ASSIGN_OR_RETURN(Prepared p, Prepare(weights, inputs, bank, slots));
+    if (options.num_beams > 1 || options.force_beam_search) {
+      if (options.do_sample) {
+        return absl::InvalidArgumentError("beam sampling is not supported");
+      }
+      return BeamSearch(weights, p, options);
+    }
+    return GreedyOrSample(weights, p, options);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("generate: ", e.what_without_backtrace()));
+  }
+}
+
+}  // namespace lorahub::model

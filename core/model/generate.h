@@ -1,0 +1,64 @@
+// Text generation over T5Weights: batched encoder, KV-cached decoder, greedy,
+// beam search (transformers' vectorised beam search: 2*num_beams candidates
+// per step, finished hypotheses scored sum_logprobs / generated_len **
+// length_penalty with generated_len counting eos, early_stopping
+// true/false/"never" heuristic) and sampling (temperature, top-k, top-p as
+// transformers' warpers, in that order; a seeded CPU generator, so results
+// are reproducible across devices but do not reproduce torch's CUDA stream).
+//
+// Every row may carry its own adapter (bank + slot). One host sync per step
+// (to decide stopping and feed the callback); no other host round trips.
+#ifndef LORAHUB_CORE_MODEL_GENERATE_H_
+#define LORAHUB_CORE_MODEL_GENERATE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/lora.h"
+#include "core/model/t5_weights.h"
+
+namespace lorahub::model {
+
+enum class EarlyStopping { kFalse, kTrue, kNever };
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 32;  // 1..8192
+  int num_beams = 1;            // > 1: beam search (no sampling)
+  // Runs the beam search algorithm even for num_beams == 1 (transformers
+  // then runs greedy; the two must agree, which tests check).
+  bool force_beam_search = false;
+  double length_penalty = 1.0;
+  EarlyStopping early_stopping = EarlyStopping::kFalse;
+  bool do_sample = false;
+  double temperature = 1.0;  // > 0
+  int top_k = 50;            // 0 disables (transformers' default is 50)
+  double top_p = 1.0;        // in (0, 1]
+  uint64_t seed = 0;
+  // Called after every decoding step with the new token of each row (-1 for
+  // rows that had already finished; empty during beam search). Returning
+  // false cancels generation. Runs on the calling thread.
+  std::function<bool(int64_t step, const std::vector<int64_t>& tokens)> on_step;
+  // Polled between steps; true cancels.
+  const std::atomic<bool>* cancel = nullptr;
+};
+
+struct GenerateResult {
+  // Per input: generated ids without the decoder start token, up to and
+  // including eos (no eos if max_new_tokens was reached first).
+  std::vector<std::vector<int64_t>> output_ids;
+  bool cancelled = false;  // outputs hold what was generated so far
+};
+
+// `inputs`: token ids per row (eos included, non-empty, < vocab_size).
+// `slots`: per row adapter slot of `bank` (-1 = none); empty = no adapters.
+absl::StatusOr<GenerateResult> Generate(
+    const T5Weights& weights, const std::vector<std::vector<int64_t>>& inputs,
+    const AdapterBank* bank, const std::vector<int64_t>& slots,
+    const GenerateOptions& options);
+
+}  // namespace lorahub::model
+
+#endif  // LORAHUB_CORE_MODEL_GENERATE_H_

@@ -1,0 +1,412 @@
+#include "core/model/lora.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <regex>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace lorahub::model {
+namespace {
+
+constexpr char kPrefix[] = "base_model.model.";
+constexpr char kSuffixA[] = ".lora_A.weight";
+constexpr char kSuffixB[] = ".lora_B.weight";
+
+// PEFT's target rule: a regex string must match the whole name; a list entry
+// matches when equal to the name or a suffix after a dot. An empty list means
+// PEFT's T5 default ["q", "v"].
+absl::StatusOr<bool> Targeted(const config::LoraConfig& c,
+                              const std::string& module) {
+  if (c.target_modules_regex.has_value()) {
+    try {
+      return std::regex_match(module, std::regex(*c.target_modules_regex));
+    } catch (const std::regex_error&) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "target_modules regex '", *c.target_modules_regex, "' is invalid"));
+    }
+  }
+  std::vector<std::string> targets = c.target_modules;
+  if (targets.empty()) targets = {"q", "v"};
+  for (const std::string& t : targets) {
+    if (module == t || absl::EndsWith(module, "." + t)) return true;
+  }
+  return false;
+}
+
+// PEFT's get_pattern_key: the first key K with re.match("(.*\.)?(K)$", name).
+template <typename V>
+absl::StatusOr<V> PatternValue(const std::vector<std::pair<std::string, V>>& p,
+                               const std::string& module, V fallback) {
+  for (const auto& [key, value] : p) {
+    try {
+      if (std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"))) {
+        return value;
+      }
+    } catch (const std::regex_error&) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("pattern key '", key, "' is not a valid regex"));
+    }
+  }
+  return fallback;
+}
+
+std::string Shape(const at::Tensor& t) {
+  return absl::StrCat("[", absl::StrJoin(t.sizes().vec(), ","), "]");
+}
+
+}  // namespace
+
+absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
+                                             const config::LoraConfig& config,
+                                             const io::TensorMap& tensors,
+                                             const std::string& source) {
+  try {
+    std::map<std::string, std::pair<at::Tensor, at::Tensor>> modules;
+    for (const auto& [key, host] : tensors) {
+      bool is_a = absl::EndsWith(key, kSuffixA);
+      bool is_b = absl::EndsWith(key, kSuffixB);
+      if (!absl::StartsWith(key, kPrefix) || (!is_a && !is_b)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            source, ": unexpected tensor '", key,
+            "' (want base_model.model.<module>.lora_{A,B}.weight)"));
+      }
+      std::string module =
+          key.substr(sizeof(kPrefix) - 1, key.size() - (sizeof(kPrefix) - 1) -
+                                              (sizeof(kSuffixA) - 1));
+      auto site = base.site_by_name.find(module);
+      if (site == base.site_by_name.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key,
+                         "': the base model has no module '", module, "'"));
+      }
+      auto targeted = Targeted(config, module);
+      if (!targeted.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": ", targeted.status().message()));
+      }
+      if (!*targeted) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key, "': module '", module,
+                         "' is not selected by target_modules"));
+      }
+      if (host.shape.size() != 2) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key, "' is not 2-D"));
+      }
+      auto t = HostToTensor(host, absl::StrCat(source, ": ", key));
+      if (!t.ok()) return t.status();
+      if (!t->is_floating_point()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key, "' is not floating point"));
+      }
+      (is_a ? modules[module].first : modules[module].second) = *t;
+    }
+    LoraAdapter adapter;
+    adapter.name = source;
+    for (auto& [module, ab] : modules) {
+      const std::string key_a = absl::StrCat(kPrefix, module, kSuffixA);
+      const std::string key_b = absl::StrCat(kPrefix, module, kSuffixB);
+      if (!ab.first.defined() || !ab.second.defined()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": missing tensor '",
+                         ab.first.defined() ? key_b : key_a, "'"));
+      }
+      const int site = base.site_by_name.at(module);
+      const auto [out, in] = base.site_shape[site];
+      auto rank = PatternValue<int>(config.rank_pattern, module, config.r);
+      if (!rank.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": rank_pattern ", rank.status().message()));
+      }
+      auto alpha =
+          PatternValue<double>(config.alpha_pattern, module, config.lora_alpha);
+      if (!alpha.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": alpha_pattern ", alpha.status().message()));
+      }
+      if (ab.first.size(0) != *rank || ab.first.size(1) != in) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": tensor '", key_a, "' has shape ",
+                         Shape(ab.first), ", expected [", *rank, ",", in, "]"));
+      }
+      if (ab.second.size(0) != out || ab.second.size(1) != *rank) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            source, ": tensor '", key_b, "' has shape ", Shape(ab.second),
+            ", expected [", out, ",", *rank, "]"));
+      }
+      LoraSite s;
+      s.site = site;
+      // LoRA factors stay fp32 whatever the compute dtype, as PEFT keeps
+      // them (the delta is computed in fp32 and added before rounding).
+      s.a = ab.first.to(base.device, at::kFloat).contiguous();
+      s.b = ab.second.to(base.device, at::kFloat).contiguous();
+      s.scaling = config.use_rslora ? *alpha / std::sqrt(double(*rank))
+                                    : *alpha / *rank;
+      adapter.sites.push_back(std::move(s));
+    }
+    // Every targeted module must be present.
+    for (const auto& [module, site] : base.site_by_name) {
+      auto targeted = Targeted(config, module);
+      if (!targeted.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": ", targeted.status().message()));
+      }
+      if (*targeted && !modules.count(module)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": missing tensor '", kPrefix, module,
+                         kSuffixA, "' (module selected by target_modules)"));
+      }
+    }
+    if (adapter.sites.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": adapter has no tensors"));
+    }
+    std::sort(
+        adapter.sites.begin(), adapter.sites.end(),
+        [](const LoraSite& x, const LoraSite& y) { return x.site < y.site; });
+    return adapter;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat(source, ": ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<AdapterBank> MakeAdapterBank(
+    const T5Weights& base, const std::vector<const LoraAdapter*>& adapters) {
+  try {
+    AdapterBank bank;
+    const int64_t S = static_cast<int64_t>(adapters.size());
+    bank.num_slots = static_cast<int>(S);
+    bank.sites.resize(base.num_sites);
+    // Per site: the largest rank among slots.
+    std::vector<int64_t> rank(base.num_sites, 0);
+    for (const LoraAdapter* ad : adapters) {
+      if (!ad) continue;
+      for (const LoraSite& s : ad->sites) {
+        if (s.site < 0 || s.site >= base.num_sites) {
+          return absl::InvalidArgumentError("adapter site out of range");
+        }
+        rank[s.site] = std::max(rank[s.site], s.a.size(0));
+      }
+    }
+    auto opts = at::TensorOptions().dtype(at::kFloat).device(base.device);
+    for (int site = 0; site < base.num_sites; ++site) {
+      if (rank[site] == 0) continue;
+      const auto [out, in] = base.site_shape[site];
+      SiteBank& sb = bank.sites[site];
+      sb.a = at::zeros({S, rank[site], in}, opts);
+      sb.b = at::zeros({S, out, rank[site]}, opts);
+      sb.scale = at::zeros({S, 1, 1}, opts);
+    }
+    for (int64_t slot = 0; slot < S; ++slot) {
+      if (!adapters[slot]) continue;
+      for (const LoraSite& s : adapters[slot]->sites) {
+        SiteBank& sb = bank.sites[s.site];
+        const int64_t r = s.a.size(0);
+        sb.a[slot].narrow(0, 0, r).copy_(s.a);
+        sb.b[slot].narrow(1, 0, r).copy_(s.b);
+        sb.scale[slot].fill_(s.scaling);
+      }
+    }
+    return bank;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
+                                            const AdapterBank* bank,
+                                            const std::vector<int64_t>& slots) {
+  RowAdapters rows;
+  bool any = false, all = !slots.empty();
+  for (int64_t s : slots) {
+    if (s < -1 || (bank != nullptr && s >= bank->num_slots) ||
+        (bank == nullptr && s != -1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter slot ", s, " out of range"));
+    }
+    any |= s >= 0;
+    all &= s >= 0;
+  }
+  if (bank == nullptr || bank->num_slots == 0 || !any) return rows;
+  try {
+    rows.bank = bank;
+    std::vector<int64_t> clamped(slots.size());
+    std::vector<float> mask(slots.size());
+    for (size_t i = 0; i < slots.size(); ++i) {
+      clamped[i] = std::max<int64_t>(slots[i], 0);
+      mask[i] = slots[i] >= 0 ? 1.f : 0.f;
+    }
+    const int64_t n = static_cast<int64_t>(slots.size());
+    rows.slots = at::tensor(clamped, at::kLong).to(base.device);
+    rows.mask = at::tensor(mask, at::kFloat).view({n, 1, 1}).to(base.device);
+    rows.all_rows = all;
+    rows.uniform_slot = slots[0];
+    for (int64_t s : slots) {
+      if (s != slots[0]) rows.uniform_slot = -1;
+    }
+    return rows;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+RowAdapters SelectRows(const RowAdapters& rows, const at::Tensor& index) {
+  if (rows.bank == nullptr) return rows;
+  RowAdapters out = rows;
+  out.slots = rows.slots.index_select(0, index);
+  out.mask = rows.mask.index_select(0, index);
+  return out;  // uniform_slot is unchanged by any row selection
+}
+
+absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
+                                       const LoraAdapter& adapter) {
+  try {
+    T5Weights merged = base;
+    std::map<int, const LoraSite*> by_site;
+    for (const LoraSite& s : adapter.sites) by_site[s.site] = &s;
+    auto merge = [&](Linear& linear) {
+      auto it = by_site.find(linear.site);
+      if (linear.site < 0 || it == by_site.end()) return;
+      const LoraSite& s = *it->second;
+      at::Tensor delta = at::matmul(s.b.to(at::kFloat), s.a.to(at::kFloat));
+      linear.weight = (linear.weight.to(at::kFloat) + delta * s.scaling)
+                          .to(linear.weight.scalar_type());
+    };
+    for (auto* stack : {&merged.encoder, &merged.decoder}) {
+      for (BlockWeights& b : *stack) {
+        for (AttentionWeights* at_w : {&b.self_attn, &b.cross_attn}) {
+          merge(at_w->q);
+          merge(at_w->k);
+          merge(at_w->v);
+          merge(at_w->o);
+        }
+        merge(b.ff.wi);
+        merge(b.ff.wi_0);
+        merge(b.ff.wi_1);
+        merge(b.ff.wo);
+      }
+    }
+    return merged;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+absl::StatusOr<ModuleStack> StackModules(
+    const T5Weights& base, const std::vector<const LoraAdapter*>& modules) {
+  if (modules.empty() || modules[0] == nullptr) {
+    return absl::InvalidArgumentError("no modules to stack");
+  }
+  const LoraAdapter& first = *modules[0];
+  for (size_t m = 1; m < modules.size(); ++m) {
+    const LoraAdapter& other = *modules[m];
+    if (other.sites.size() != first.sites.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          other.name, ": adapts ", other.sites.size(), " modules, but ",
+          first.name, " adapts ", first.sites.size()));
+    }
+    for (size_t i = 0; i < first.sites.size(); ++i) {
+      const LoraSite& x = first.sites[i];
+      const LoraSite& y = other.sites[i];
+      if (x.site != y.site) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            other.name, ": module '", SiteName(base, y.site), "' differs from ",
+            first.name, "'s '", SiteName(base, x.site), "'"));
+      }
+      if (x.a.size(0) != y.a.size(0)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            other.name, ": module '", SiteName(base, y.site), "' has rank ",
+            y.a.size(0), ", but ", first.name, " has rank ", x.a.size(0)));
+      }
+    }
+  }
+  try {
+    ModuleStack stack;
+    stack.num_modules = static_cast<int>(modules.size());
+    stack.num_base_sites = base.num_sites;
+    for (size_t i = 0; i < first.sites.size(); ++i) {
+      std::vector<at::Tensor> as, bs;
+      for (const LoraAdapter* m : modules) {
+        as.push_back(m->sites[i].a.to(at::kFloat));
+        bs.push_back(m->sites[i].b.to(at::kFloat));
+      }
+      stack.sites.push_back(first.sites[i].site);
+      stack.a.push_back(at::stack(as));
+      stack.b.push_back(at::stack(bs));
+      stack.scaling.push_back(first.sites[i].scaling);
+    }
+    return stack;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
+                                                const at::Tensor& weights) {
+  if (weights.dim() != 2 || weights.size(1) != stack.num_modules) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "composition weights must be [C, ", stack.num_modules, "]"));
+  }
+  try {
+    ComposedAdapters bank;
+    const int64_t C = weights.size(0);
+    bank.num_slots = static_cast<int>(C);
+    bank.sites.resize(stack.num_base_sites);
+    if (stack.sites.empty()) return bank;
+    at::Tensor w = weights.to(stack.a[0].device(), at::kFloat);
+    for (size_t i = 0; i < stack.sites.size(); ++i) {
+      const at::Tensor& a = stack.a[i];  // [N, r, in]
+      const at::Tensor& b = stack.b[i];  // [N, out, r]
+      SiteBank& sb = bank.sites[stack.sites[i]];
+      sb.a = at::matmul(w, a.reshape({a.size(0), -1}))
+                 .view({C, a.size(1), a.size(2)});
+      sb.b = at::matmul(w, b.reshape({b.size(0), -1}))
+                 .view({C, b.size(1), b.size(2)});
+      sb.scale =
+          at::full({C, 1, 1}, stack.scaling[i],
+                   at::TensorOptions().dtype(at::kFloat).device(a.device()));
+    }
+    return bank;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
+                                       const std::vector<double>& weights) {
+  if (static_cast<int>(weights.size()) != stack.num_modules) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("got ", weights.size(), " weights for ", stack.num_modules,
+                     " modules"));
+  }
+  try {
+    at::Tensor w =
+        at::tensor(weights, at::kDouble).to(at::kFloat).view({1, -1});
+    auto bank = ComposeLoraHub(stack, w);
+    if (!bank.ok()) return bank.status();
+    LoraAdapter adapter;
+    adapter.name = "composed";
+    for (size_t i = 0; i < stack.sites.size(); ++i) {
+      const SiteBank& sb = bank->sites[stack.sites[i]];
+      LoraSite s;
+      s.site = stack.sites[i];
+      s.a = sb.a[0];
+      s.b = sb.b[0];
+      s.scaling = stack.scaling[i];
+      adapter.sites.push_back(std::move(s));
+    }
+    return adapter;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+}  // namespace lorahub::model

@@ -1,0 +1,122 @@
+// LoRA adapters over T5Weights: loading and validating PEFT adapters, the
+// per-row adapter bank used by the forward pass, merged weights, and the
+// LoraHub composition primitive.
+//
+// Maths (PEFT): y = x W^T + scaling * (x A^T) B^T with A [r, in], B [out, r];
+// scaling = alpha / r, or alpha / sqrt(r) with use_rslora. As in PEFT, the
+// LoRA factors stay fp32 and the delta is computed in fp32 and added to the
+// base output before rounding to the compute dtype.
+// Thread-safety: all types are immutable values after construction.
+#ifndef LORAHUB_CORE_MODEL_LORA_H_
+#define LORAHUB_CORE_MODEL_LORA_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/config/lora_config.h"
+#include "core/io/host_tensor.h"
+#include "core/model/t5_weights.h"
+
+namespace lorahub::model {
+
+// One adapted linear layer.
+struct LoraSite {
+  int site = -1;
+  at::Tensor a;  // [r, in], fp32 (as PEFT keeps it), on the model's device
+  at::Tensor b;  // [out, r]
+  double scaling = 1.0;
+};
+
+// One PEFT adapter, validated against a base model. Sites sorted by index.
+struct LoraAdapter {
+  std::string name;
+  std::vector<LoraSite> sites;
+};
+
+// Builds an adapter from its config and state dict (keys
+// `base_model.model.<module>.lora_{A,B}.weight`). InvalidArgument naming the
+// key for: a key of another form, a module the base has not, a module the
+// config does not target, a shape that disagrees with the base layer, a rank
+// that disagrees with r/rank_pattern, or a lone lora_A/lora_B.
+absl::StatusOr<LoraAdapter> BuildLoraAdapter(const T5Weights& base,
+                                             const config::LoraConfig& config,
+                                             const io::TensorMap& tensors,
+                                             const std::string& source);
+
+// Stacks of per-row adapters. Slot s of site i is a[i][s], b[i][s],
+// scale[i][s]; slots without an adapter at a site hold zeros (a different rank
+// is zero-padded to the largest one, which does not change B A).
+struct SiteBank {
+  at::Tensor a;  // [S, r, in]; undefined if no slot adapts this site
+  at::Tensor b;  // [S, out, r]
+  at::Tensor
+      scale;  // [S, 1, 1]; a, b, scale are fp32 whatever the compute dtype
+};
+struct AdapterBank {
+  int num_slots = 0;
+  std::vector<SiteBank> sites;  // indexed by site; size == base.num_sites
+};
+
+// Puts `adapters` into slots 0..n-1 (nullptr entries give empty slots).
+absl::StatusOr<AdapterBank> MakeAdapterBank(
+    const T5Weights& base, const std::vector<const LoraAdapter*>& adapters);
+
+// Which adapter slot each batch row uses; -1 = none. Built once per forward
+// (or per generation) and shared by all layers.
+struct RowAdapters {
+  const AdapterBank* bank = nullptr;  // nullptr: no adapters at all
+  at::Tensor slots;       // [B] int64 on the model device, clamped to >= 0
+  at::Tensor mask;        // [B, 1, 1] fp32: 1 where the row has a slot
+  bool all_rows = false;  // every row has a slot: the mask is skipped
+  // >= 0 when every row uses this one slot: plain matmuls, no gather.
+  int64_t uniform_slot = -1;
+};
+
+// `slots` are host values, one per row. InvalidArgument if a slot is out of
+// range. An empty bank or all -1 yields bank == nullptr (zero extra cost).
+absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
+                                            const AdapterBank* bank,
+                                            const std::vector<int64_t>& slots);
+// Rows reindexed (beam search, expanding prompts): row i takes old row
+// index[i]. `index` is an int64 tensor on the device.
+RowAdapters SelectRows(const RowAdapters& rows, const at::Tensor& index);
+
+// A copy of `base` in which every adapted site's weight is
+// W + scaling * B A (computed in fp32, then cast). Unadapted tensors share
+// storage with `base`.
+absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
+                                       const LoraAdapter& adapter);
+
+// N modules with identical sites and ranks, stacked on the device (fp32).
+struct ModuleStack {
+  int num_modules = 0;
+  std::vector<int> sites;       // adapted site indices
+  std::vector<at::Tensor> a;    // per entry of `sites`: [N, r, in]
+  std::vector<at::Tensor> b;    // [N, out, r]
+  std::vector<double> scaling;  // from the first module (LoraHub rule)
+  int num_base_sites = 0;
+};
+
+// InvalidArgument if the modules differ in sites or ranks (naming the module
+// and site) or if `modules` is empty.
+absl::StatusOr<ModuleStack> StackModules(
+    const T5Weights& base, const std::vector<const LoraAdapter*>& modules);
+
+// LoraHub composition for C candidate weight vectors at once: for candidate
+// c, A_c = sum_i W[c,i] A_i and B_c = sum_i W[c,i] B_i per site (not the sum
+// of deltas), scaling of the first module. `weights` is [C, N] (any float
+// dtype, any device). The result has C slots usable as per-row adapters.
+using ComposedAdapters = AdapterBank;
+absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
+                                                const at::Tensor& weights);
+
+// The composed adapter of one weight vector as a LoraAdapter (for merging).
+absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
+                                       const std::vector<double>& weights);
+
+}  // namespace lorahub::model
+
+#endif  // LORAHUB_CORE_MODEL_LORA_H_

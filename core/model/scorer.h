@@ -1,0 +1,48 @@
+// The LoraHub reference loss, batched over candidate adapters.
+//
+// For one adapter, LoraHub's default_get_loss splits the n examples into
+// batches of `batch_size` (in order), takes transformers' mean token
+// cross-entropy of each batch (labels = tokenized outputs with eos, padding
+// ignored), sums those means and divides by n. ScoreCandidates computes that
+// value for C candidate adapters at once: the C*n rows run through the model
+// together (in chunks of at most `max_rows`), each row with its candidate's
+// adapter, and the per-token losses are regrouped exactly as the reference
+// groups them. Padding to a common length does not change any token's loss
+// (padded keys are masked, decoding is causal).
+#ifndef LORAHUB_CORE_MODEL_SCORER_H_
+#define LORAHUB_CORE_MODEL_SCORER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/lora.h"
+#include "core/model/t5_weights.h"
+
+namespace lorahub::model {
+
+struct Example {
+  std::vector<int64_t> input_ids;  // tokenized input, eos included
+  std::vector<int64_t> label_ids;  // tokenized output, eos included
+};
+
+struct ScoreOptions {
+  int batch_size = 0;     // examples per reference batch; <= 0: all in one
+  int64_t max_rows = 64;  // rows per forward pass (memory bound)
+};
+
+// One loss per entry of `candidate_slots` (a slot of `bank`, or -1 for the
+// base model). `bank` may be nullptr when all slots are -1. InvalidArgument
+// on no examples, an empty input or label, an id outside [0, vocab_size), or
+// a bad slot.
+absl::StatusOr<std::vector<double>> ScoreCandidates(
+    const T5Weights& weights, const AdapterBank* bank,
+    const std::vector<int64_t>& candidate_slots,
+    const std::vector<Example>& examples, const ScoreOptions& options);
+
+// LoraHub's objective: loss + 0.05 * mean(|w|) (0 regulariser for empty w).
+double LoraHubScore(double loss, const std::vector<double>& weights);
+
+}  // namespace lorahub::model
+
+#endif  // LORAHUB_CORE_MODEL_SCORER_H_

@@ -1,0 +1,93 @@
+// The T5 forward pass as free functions over T5Weights (see t5_weights.h),
+// numerically as Hugging Face transformers computes it: RMS norm with the
+// variance in fp32, no 1/sqrt(d_kv) scaling, softmax in fp32, the relative
+// position bias of block 0 shared by all blocks (bidirectional buckets in the
+// encoder, causal in decoder self-attention), no bias in cross-attention,
+// additive masks of finfo(dtype).min, d_model^-0.5 rescale before the LM
+// head when scale_decoder_outputs (see T5Weights).
+//
+// All functions are batched, run on the weights' device, never synchronise
+// with the host, and accept per-row adapters (lora.h). Errors from LibTorch
+// (e.g. out of memory) come back as Status. Thread-safe for concurrent calls
+// on the same weights; a DecoderCache belongs to one caller.
+#ifndef LORAHUB_CORE_MODEL_T5_FORWARD_H_
+#define LORAHUB_CORE_MODEL_T5_FORWARD_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/lora.h"
+#include "core/model/t5_weights.h"
+
+namespace lorahub::model {
+
+struct EncoderOutput {
+  at::Tensor hidden;     // [B, S, d_model], compute dtype
+  at::Tensor mask_bias;  // [B, 1, 1, S]: 0 for tokens, finfo.min for padding
+};
+
+// input_ids: [B, S] int64; attention_mask: [B, S] (1 = token, 0 = padding),
+// both on the weights' device. Ids must be in [0, vocab_size): callers
+// that take ids from users check them on the host before building tensors.
+absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
+                                     const at::Tensor& input_ids,
+                                     const at::Tensor& attention_mask,
+                                     const RowAdapters& rows);
+
+// Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
+// logits [B, T, vocab] in the compute dtype. Causal self-attention, no
+// decoder padding mask (as transformers with labels and no
+// decoder_attention_mask).
+absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
+                                      const at::Tensor& decoder_ids,
+                                      const EncoderOutput& encoder,
+                                      const RowAdapters& rows);
+
+// Decoder state for incremental decoding. Self-attention keys/values live in
+// preallocated [B, heads, capacity, d_kv] buffers; cross-attention keys and
+// values are computed once from the encoder output.
+struct DecoderCache {
+  std::vector<at::Tensor> self_k, self_v;    // per decoder block
+  std::vector<at::Tensor> cross_k, cross_v;  // per decoder block
+  at::Tensor cross_bias;                     // [B, 1, 1, S]
+  at::Tensor self_bias;  // [1, heads, capacity, capacity], causal
+  int64_t length = 0;    // tokens consumed so far
+  int64_t capacity = 0;
+};
+
+// Prepares a cache for at most `capacity` decoder tokens (start token
+// included).
+absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
+                                              const EncoderOutput& encoder,
+                                              const RowAdapters& rows,
+                                              int64_t capacity);
+
+// Consumes one token per row (ids: [B] int64 on the device) and returns the
+// logits of the next position, [B, vocab], compute dtype. OutOfRange once
+// the cache is full.
+absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
+                                      const at::Tensor& ids,
+                                      const RowAdapters& rows);
+
+// Reorders cache rows (beam search): row i takes old row index[i]. Cross
+// attention rows are reordered too when `cross` is true.
+absl::Status ReorderCache(DecoderCache& cache, const at::Tensor& index,
+                          bool cross);
+
+// Relative position buckets as transformers' _relative_position_bucket, for
+// an int64 tensor of (key position - query position).
+at::Tensor RelativePositionBucket(const at::Tensor& relative_position,
+                                  bool bidirectional, int num_buckets,
+                                  int max_distance);
+
+// Prepends the decoder start token and drops the last label, replacing -100
+// by pad (transformers' _shift_right). labels: [B, T] int64.
+at::Tensor ShiftRight(const at::Tensor& labels, int64_t start_id,
+                      int64_t pad_id);
+
+}  // namespace lorahub::model
+
+#endif  // LORAHUB_CORE_MODEL_T5_FORWARD_H_

@@ -1,0 +1,245 @@
+// `lorahub generate`: offline generation with the T5 engine.
+//
+//   lorahub generate --model DIR [--adapter DIR]... [--weights w1,w2,...]
+//     (--text TEXT | --input-file FILE.jsonl | --input-ids 3,4,1)
+//     [--max-new-tokens N] [--num-beams K] [--length-penalty X]
+//     [--temperature T] [--top-k K] [--top-p P] [--seed S]
+//     [--batch-size N] [--device cpu|cuda:N] [--dtype fp32|bf16] [--json]
+//
+// Prints one line per input; with --json:
+//   {"input": ..., "output_ids": [...], "text": ...}
+// Any of --temperature/--top-k/--top-p/--seed turns sampling on
+// (--temperature 0 means greedy). Several adapters are composed with
+// --weights (LoraHub rule) and merged into the weights for speed.
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "core/model/generate.h"
+#include "core/model/loader.h"
+#include "core/tokenizer/tokenizer.h"
+#include "nlohmann/json.hpp"
+#include "server/cli/args.h"
+#include "server/cli/command.h"
+
+namespace lorahub::cli {
+namespace {
+
+constexpr size_t kMaxInputFileBytes = size_t{256} << 20;
+
+struct Input {
+  std::string text;  // as given (or the id list for --input-ids)
+  std::vector<int64_t> ids;
+};
+
+absl::StatusOr<std::vector<std::string>> ReadInputTexts(
+    const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::vector<std::string> texts;
+  std::string line;
+  size_t total = 0;
+  int number = 0;
+  while (std::getline(file, line)) {
+    ++number;
+    total += line.size() + 1;
+    if (total > kMaxInputFileBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": file too large"));
+    }
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("input") ||
+        !j["input"].is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ":", number, ": want a JSON object with a string \"input\""));
+    }
+    texts.push_back(j["input"].get<std::string>());
+  }
+  if (texts.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": no inputs"));
+  }
+  return texts;
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseIds(const std::string& text) {
+  std::vector<int64_t> ids;
+  for (absl::string_view item : absl::StrSplit(text, ',')) {
+    int64_t id = 0;
+    if (!absl::SimpleAtoi(item, &id) || id < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--input-ids: '", std::string(item), "' is not an id"));
+    }
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+absl::Status Run(const Args& args) {
+  auto model_dir = args.Required("model");
+  if (!model_dir.ok()) return model_dir.status();
+  const int sources =
+      args.Has("text") + args.Has("input-file") + args.Has("input-ids");
+  if (sources != 1) {
+    return absl::InvalidArgumentError(
+        "give exactly one of --text, --input-file, --input-ids");
+  }
+  model::GenerateOptions options;
+  auto max_new = args.GetInt("max-new-tokens", 32);
+  if (!max_new.ok()) return max_new.status();
+  options.max_new_tokens = *max_new;
+  auto beams = args.GetInt("num-beams", 1);
+  if (!beams.ok()) return beams.status();
+  if (*beams < 1 || *beams > 64) {
+    return absl::InvalidArgumentError("--num-beams must be in [1, 64]");
+  }
+  options.num_beams = static_cast<int>(*beams);
+  auto lp = args.GetDouble("length-penalty", 1.0);
+  if (!lp.ok()) return lp.status();
+  options.length_penalty = *lp;
+  auto temperature = args.GetDouble("temperature", 1.0);
+  auto top_k = args.GetInt("top-k", 50);
+  auto top_p = args.GetDouble("top-p", 1.0);
+  auto seed = args.GetInt("seed", 0);
+  for (const absl::Status& s :
+       {temperature.status(), top_k.status(), top_p.status(), seed.status()}) {
+    if (!s.ok()) return s;
+  }
+  options.do_sample = args.Has("temperature") || args.Has("top-k") ||
+                      args.Has("top-p") || args.Has("seed");
+  if (args.Has("temperature") && *temperature == 0) options.do_sample = false;
+  if (*temperature < 0) {
+    return absl::InvalidArgumentError("--temperature must be >= 0");
+  }
+  if (options.do_sample) {
+    options.temperature = *temperature;
+    if (*top_k < 0 || *top_k > (1 << 30)) {
+      return absl::InvalidArgumentError("--top-k must be >= 0");
+    }
+    options.top_k = static_cast<int>(*top_k);
+    options.top_p = *top_p;
+    options.seed = static_cast<uint64_t>(*seed);
+  }
+  auto batch_size = args.GetInt("batch-size", 16);
+  if (!batch_size.ok()) return batch_size.status();
+  if (*batch_size < 1)
+    return absl::InvalidArgumentError("--batch-size must be >= 1");
+  std::vector<double> weights;
+  if (args.Has("weights")) {
+    auto w = model::ParseWeightList(*args.Get("weights"));
+    if (!w.ok()) return w.status();
+    weights = *w;
+  }
+  model::WeightOptions wopts;
+  auto device = model::ParseDevice(args.Get("device").value_or("cpu"));
+  if (!device.ok()) return device.status();
+  wopts.device = *device;
+  auto dtype = model::ParseDType(args.Get("dtype").value_or("fp32"));
+  if (!dtype.ok()) return dtype.status();
+  wopts.dtype = *dtype;
+
+  // Tokenizer: required unless the inputs are ids.
+  std::unique_ptr<tokenizer::Tokenizer> tok;
+  {
+    auto t = tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
+    if (t.ok()) {
+      tok = std::move(*t);
+    } else if (!args.Has("input-ids")) {
+      return t.status();
+    }
+  }
+  std::vector<Input> inputs;
+  if (args.Has("input-ids")) {
+    auto ids = ParseIds(*args.Get("input-ids"));
+    if (!ids.ok()) return ids.status();
+    inputs.push_back({*args.Get("input-ids"), *ids});
+  } else {
+    std::vector<std::string> texts;
+    if (args.Has("text")) {
+      texts.push_back(*args.Get("text"));
+    } else {
+      auto t = ReadInputTexts(*args.Get("input-file"));
+      if (!t.ok()) return t.status();
+      texts = *t;
+    }
+    for (const std::string& text : texts) {
+      auto ids = tok->Encode(text);
+      if (!ids.ok()) return ids.status();
+      inputs.push_back({text, std::vector<int64_t>(ids->begin(), ids->end())});
+    }
+  }
+
+  auto base = model::LoadT5(*model_dir, wopts);
+  if (!base.ok()) return base.status();
+  std::vector<double> effective;
+  auto adapter = model::LoadComposedAdapter(*base, args.GetAll("adapter"),
+                                            weights, &effective);
+  if (!adapter.ok()) return adapter.status();
+  model::T5Weights weights_used = *base;
+  if (adapter->has_value()) {
+    auto merged = model::MergeAdapter(*base, **adapter);
+    if (!merged.ok()) return merged.status();
+    weights_used = *std::move(merged);
+  }
+
+  const bool json = args.Has("json");
+  for (size_t start = 0; start < inputs.size(); start += *batch_size) {
+    const size_t end =
+        std::min(inputs.size(), start + static_cast<size_t>(*batch_size));
+    std::vector<std::vector<int64_t>> batch;
+    for (size_t i = start; i < end; ++i) batch.push_back(inputs[i].ids);
+    auto result = model::Generate(weights_used, batch, nullptr, {}, options);
+    if (!result.ok()) return result.status();
+    for (size_t i = start; i < end; ++i) {
+      const std::vector<int64_t>& out = result->output_ids[i - start];
+      std::optional<std::string> text;
+      if (tok) {
+        std::vector<int> ids32(out.begin(), out.end());
+        auto decoded = tok->Decode(ids32);
+        if (!decoded.ok()) return decoded.status();
+        text = *decoded;
+      }
+      if (json) {
+        nlohmann::json line;
+        line["input"] = inputs[i].text;
+        line["output_ids"] = out;
+        line["text"] = text ? nlohmann::json(*text) : nlohmann::json(nullptr);
+        std::printf("%s\n", line.dump(-1, ' ', false,
+                                      nlohmann::json::error_handler_t::replace)
+                                .c_str());
+      } else {
+        std::printf("%s\n", text.value_or("").c_str());
+      }
+    }
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunGenerate(int argc, char** argv) {
+  FlagSpec spec{
+      {"model", "adapter", "weights", "text", "input-file", "input-ids",
+       "max-new-tokens", "num-beams", "length-penalty", "temperature", "top-k",
+       "top-p", "seed", "batch-size", "device", "dtype"},
+      {"json"}};
+  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
+  if (!args.ok()) return ReportError("generate", args.status());
+  absl::Status status;
+  try {
+    status = Run(*args);
+  } catch (const std::exception& e) {  // e.g. bad_alloc; never a stack trace
+    status = absl::InternalError(e.what());
+  }
+  if (!status.ok()) return ReportError("generate", status);
+  return kExitOk;
+}
+
+}  // namespace lorahub::cli
