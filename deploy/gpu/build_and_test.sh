@@ -121,7 +121,7 @@ say "build OK in $(( $(date +%s) - start )) s ($(grep -c '^\[' "$logs/build.log"
 # Every header of the project's libraries must come from the prefix (Abseil's
 # inline namespace and protobuf's version check make mixing copies fatal).
 libs_re='grpc|grpcpp|grpc\+\+|google/protobuf|absl|sentencepiece|prometheus|nlopt|nlohmann|gtest|gmock|curl|sqlite3'
-foreign=$(ninja -C "$build" -t deps | grep -E "^\s+/" | grep -v "^\s*$prefix" | grep -E "/($libs_re)" | sort -u | head -5 || true)
+foreign=$(ninja -C "$build" -t deps | grep -E "^\s+/" | grep -v "^\s*$prefix" | grep -v "^\s*$root/" | grep -E "/($libs_re)" | sort -u | head -5 || true)
 [ -z "$foreign" ] || { say "FAILED: headers from outside the prefix: $foreign"; exit 1; }
 say "headers of grpc/protobuf/absl/... all from $prefix"
 # Run time: the project's libraries from the prefix (the base ones, zlib, ssl,
