@@ -22,6 +22,7 @@ int ReportError(const char* command, const absl::Status& status);
 
 // `argv[0]` is the binary, argv[1] the command; flags start at argv[2].
 int RunServe(int argc, char** argv);
+int RunInspect(int argc, char** argv);
 // Offline engine commands (generate_command.cc, score_command.cc).
 int RunGenerate(int argc, char** argv);
 int RunScore(int argc, char** argv);
