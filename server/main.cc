@@ -17,6 +17,12 @@ constexpr Command kCommands[] = {
     {"serve", lorahub::cli::RunServe, "run the gRPC server"},
     {"inspect", lorahub::cli::RunInspect,
      "validate a checkpoint or adapter and list its tensors"},
+    {"tokenize", lorahub::cli::RunTokenize,
+     "encode text (or --decode ids) with a model's spiece.model"},
+    {"generate", lorahub::cli::RunGenerate,
+     "generate text with a model and optional (composed) adapters"},
+    {"score", lorahub::cli::RunScore,
+     "LoraHub loss of a (composed) adapter on examples"},
 };
 
 void PrintUsage(FILE* out) {
