@@ -23,6 +23,8 @@ constexpr Command kCommands[] = {
      "generate text with a model and optional (composed) adapters"},
     {"score", lorahub::cli::RunScore,
      "LoraHub loss of a (composed) adapter on examples"},
+    {"learn", lorahub::cli::RunLearn,
+     "learn LoraHub composition weights on few-shot examples"},
 };
 
 void PrintUsage(FILE* out) {
