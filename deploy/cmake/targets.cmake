@@ -432,6 +432,19 @@ lorahub_cc_library(core_learn_adapter_export
   OUTPUT_NAME adapter_export
 )
 
+# //core/learn:cobyla_trust (cc_library)
+lorahub_cc_library(core_learn_cobyla_trust
+  PACKAGE core/learn
+  SRCS
+    ${SRC}/core/learn/cobyla_trust.cc
+    ${SRC}/core/learn/cobyla_trust.h
+  DEPS
+    core_learn_optimizer
+    core_util_status_macros
+    ext_absl_absl
+  OUTPUT_NAME cobyla_trust
+)
+
 # ---- //core/metrics  (core/metrics/BUILD)
 
 # //core/metrics:metrics (cc_library)
@@ -708,6 +721,7 @@ lorahub_cc_binary(server_lorahub
     server_info_service
     core_io_checkpoint
     core_learn_adapter_export
+    core_learn_cobyla_trust
     core_learn_lorahub_objective
     core_learn_optimizer
     core_model_model

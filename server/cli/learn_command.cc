@@ -6,7 +6,7 @@
 //     [--objective loss|exact_match] [--max-new-tokens 32]
 //     [--population L] [--batch-size N] [--max-rows N] [--regularization 0.05]
 //     [--lower -1.5 --upper 1.5] [--initial-step S] [--seed 42] [--warm-start]
-//     [--no-cobyla-bounds] [--weights w1,..] [--device cpu|cuda:0] [--dtype fp32|bf16]
+//     [--cobyla-impl trust|nlopt] [--no-cobyla-bounds] [--weights w1,..] [--device cpu|cuda:0] [--dtype fp32|bf16]
 //     [--out DIR] [--trace FILE.jsonl] [--json]
 //
 // Prints one final line (JSON with --json):
@@ -30,6 +30,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/learn/adapter_export.h"
+#include "core/learn/cobyla_trust.h"
 #include "core/learn/composition.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
@@ -214,6 +215,11 @@ absl::Status Run(const Args& args) {
   popts.initial_step = *step;
   popts.warm_start = args.Has("warm-start");
   popts.cobyla_nlopt_bounds = !args.Has("no-cobyla-bounds");
+  const std::string cobyla_impl = args.Get("cobyla-impl").value_or("nlopt");
+  if (cobyla_impl != "trust" && cobyla_impl != "nlopt") {
+    return absl::InvalidArgumentError("--cobyla-impl must be trust or nlopt");
+  }
+  const bool use_trust_cobyla = optimizer_name == "cobyla" && cobyla_impl == "trust";
   if (args.Has("weights")) {
     auto w = model::ParseWeightList(*args.Get("weights"));
     if (!w.ok()) return absl::InvalidArgumentError(absl::StrCat("--weights: ",
@@ -281,7 +287,8 @@ absl::Status Run(const Args& args) {
     bar.Update(e.evaluation, e.budget, e.best_score);
     return true;
   };
-  auto optimizer = learn::MakeOptimizer(optimizer_name, popts);
+  auto optimizer = use_trust_cobyla ? learn::MakeTrustCobyla(popts)
+                                    : learn::MakeOptimizer(optimizer_name, popts);
   if (!optimizer.ok()) return optimizer.status();
   const auto start = std::chrono::steady_clock::now();
   auto result = (*optimizer)->Minimize(objective->AsBatchObjective());
@@ -325,6 +332,7 @@ absl::Status Run(const Args& args) {
   j["forward_passes"] = objective->stats().forward_passes;
   j["seconds"] = seconds;
   j["optimizer"] = optimizer_name;
+  if (optimizer_name == "cobyla") j["cobyla_impl"] = cobyla_impl;
   j["method"] = learn::CompositionMethodName(oopts.method);
   j["objective"] = objective_name;
   j["modules"] = adapter_dirs.size();
@@ -352,7 +360,7 @@ int RunLearn(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "examples", "budget", "optimizer", "method", "density",
                  "objective", "max-new-tokens", "population", "batch-size", "max-rows",
                  "regularization", "lower", "upper", "initial-step", "seed", "weights",
-                 "device", "dtype", "out", "trace"},
+                 "device", "dtype", "out", "trace", "cobyla-impl"},
                 {"json", "warm-start", "no-cobyla-bounds"}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("learn", args.status());
