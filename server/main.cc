@@ -20,9 +20,11 @@ constexpr Command kCommands[] = {
     {"tokenize", lorahub::cli::RunTokenize,
      "encode text (or --decode ids) with a model's spiece.model"},
     {"generate", lorahub::cli::RunGenerate,
-     "generate text with a T5 model and LoRA adapters"},
+     "generate text with a model and optional (composed) adapters"},
     {"score", lorahub::cli::RunScore,
-     "LoraHub loss/score of adapters on few-shot examples"},
+     "LoraHub loss of a (composed) adapter on examples"},
+    {"learn", lorahub::cli::RunLearn,
+     "learn LoraHub composition weights on few-shot examples"},
 };
 
 void PrintUsage(FILE* out) {

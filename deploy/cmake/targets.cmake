@@ -400,6 +400,51 @@ lorahub_cc_library(core_learn_composition
   OUTPUT_NAME composition
 )
 
+# //core/learn:lorahub_objective (cc_library)
+lorahub_cc_library(core_learn_lorahub_objective
+  PACKAGE core/learn
+  SRCS
+    ${SRC}/core/learn/lorahub_objective.cc
+    ${SRC}/core/learn/lorahub_objective.h
+  DEPS
+    core_learn_composition
+    core_learn_optimizer
+    core_model_model
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME lorahub_objective
+)
+
+# //core/learn:adapter_export (cc_library)
+lorahub_cc_library(core_learn_adapter_export
+  PACKAGE core/learn
+  SRCS
+    ${SRC}/core/learn/adapter_export.cc
+    ${SRC}/core/learn/adapter_export.h
+  DEPS
+    core_io_host_tensor
+    core_io_safetensors
+    core_model_model
+    ext_absl_absl
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  OUTPUT_NAME adapter_export
+)
+
+# //core/learn:cobyla_trust (cc_library)
+lorahub_cc_library(core_learn_cobyla_trust
+  PACKAGE core/learn
+  SRCS
+    ${SRC}/core/learn/cobyla_trust.cc
+    ${SRC}/core/learn/cobyla_trust.h
+  DEPS
+    core_learn_optimizer
+    core_util_status_macros
+    ext_absl_absl
+  OUTPUT_NAME cobyla_trust
+)
+
 # ---- //core/metrics  (core/metrics/BUILD)
 
 # //core/metrics:metrics (cc_library)
@@ -666,6 +711,7 @@ lorahub_cc_binary(server_lorahub
   SRCS
     ${SRC}/server/cli/generate_command.cc
     ${SRC}/server/cli/inspect_command.cc
+    ${SRC}/server/cli/learn_command.cc
     ${SRC}/server/cli/score_command.cc
     ${SRC}/server/cli/serve_command.cc
     ${SRC}/server/cli/tokenize_command.cc
@@ -674,9 +720,14 @@ lorahub_cc_binary(server_lorahub
     server_cli_args
     server_info_service
     core_io_checkpoint
+    core_learn_adapter_export
+    core_learn_cobyla_trust
+    core_learn_lorahub_objective
+    core_learn_optimizer
     core_model_model
     core_model_loader
     core_tokenizer_tokenizer
+    core_util_status_macros
     ext_absl_absl
     ext_grpc_grpc___reflection
     ext_libtorch_libtorch
@@ -1009,6 +1060,39 @@ lorahub_cc_binary(tests_learn_composition_dump
     ext_libtorch_libtorch
     ext_nlohmann_json_json
   OUTPUT_NAME composition_dump
+)
+
+# //tests/learn:lorahub_objective_test (cc_test)
+lorahub_cc_test(tests_learn_lorahub_objective_test
+  TEST_NAME //tests/learn:lorahub_objective_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/lorahub_objective_test.cc
+  DEPS
+    core_config_config
+    core_learn_adapter_export
+    core_learn_lorahub_objective
+    core_model_model
+    core_model_loader
+    core_tokenizer_tokenizer
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
+# //tests/learn:learn_cli_test (sh_test)
+lorahub_script_test(tests_learn_learn_cli_test
+  TEST_NAME //tests/learn:learn_cli_test
+  PACKAGE tests/learn
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/learn/learn_cli_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
 )
 
 # ---- //tests/metrics  (tests/metrics/BUILD)

@@ -23,11 +23,13 @@ int ReportError(const char* command, const absl::Status& status);
 // `argv[0]` is the binary, argv[1] the command; flags start at argv[2].
 int RunServe(int argc, char** argv);
 int RunInspect(int argc, char** argv);
-// `lorahub tokenize`: see server/cli/tokenize_command.cc.
-int RunTokenize(int argc, char** argv);
 // Offline engine commands (generate_command.cc, score_command.cc).
 int RunGenerate(int argc, char** argv);
 int RunScore(int argc, char** argv);
+// `lorahub learn`: see server/cli/learn_command.cc.
+int RunLearn(int argc, char** argv);
+// `lorahub tokenize`: see server/cli/tokenize_command.cc.
+int RunTokenize(int argc, char** argv);
 
 }  // namespace lorahub::cli
 
