@@ -203,7 +203,6 @@ lorahub_cc_binary(client_lorahubctl
   OUTPUT_NAME lorahubctl
 )
 
-<<<<<<< HEAD
 # ---- //core/config  (core/config/BUILD)
 
 # //core/config:config (cc_library)
@@ -215,7 +214,8 @@ lorahub_cc_library(core_config_config
   DEPS
     ext_absl_absl
   OUTPUT_NAME config
-=======
+)
+
 # ---- //core/hub  (core/hub/BUILD)
 
 # //core/hub:hub_validation (cc_library)
@@ -281,7 +281,6 @@ lorahub_cc_library(core_hub_hub_client
   LINKOPTS
     -pthread
   OUTPUT_NAME hub_client
->>>>>>> main
 )
 
 # ---- //core/io  (core/io/BUILD)
@@ -395,7 +394,32 @@ lorahub_cc_library(core_learn_composition
   OUTPUT_NAME composition
 )
 
-<<<<<<< HEAD
+# ---- //core/metrics  (core/metrics/BUILD)
+
+# //core/metrics:metrics (cc_library)
+lorahub_cc_library(core_metrics_metrics
+  PACKAGE core/metrics
+  SRCS
+    ${SRC}/core/metrics/metrics.cc
+    ${SRC}/core/metrics/metrics.h
+  DEPS
+    ext_absl_absl
+    ext_prometheus_cpp_prometheus_cpp
+  OUTPUT_NAME metrics
+)
+
+# //core/metrics:exposer (cc_library)
+lorahub_cc_library(core_metrics_exposer
+  PACKAGE core/metrics
+  SRCS
+    ${SRC}/core/metrics/exposer.cc
+    ${SRC}/core/metrics/exposer.h
+  DEPS
+    ext_absl_absl
+    ext_prometheus_cpp_prometheus_cpp
+  OUTPUT_NAME exposer
+)
+
 # ---- //core/model  (core/model/BUILD)
 
 # //core/model:model (cc_library)
@@ -436,32 +460,6 @@ lorahub_cc_library(core_model_loader
     ext_libtorch_libtorch
     ext_nlohmann_json_json
   OUTPUT_NAME loader
-=======
-# ---- //core/metrics  (core/metrics/BUILD)
-
-# //core/metrics:metrics (cc_library)
-lorahub_cc_library(core_metrics_metrics
-  PACKAGE core/metrics
-  SRCS
-    ${SRC}/core/metrics/metrics.cc
-    ${SRC}/core/metrics/metrics.h
-  DEPS
-    ext_absl_absl
-    ext_prometheus_cpp_prometheus_cpp
-  OUTPUT_NAME metrics
-)
-
-# //core/metrics:exposer (cc_library)
-lorahub_cc_library(core_metrics_exposer
-  PACKAGE core/metrics
-  SRCS
-    ${SRC}/core/metrics/exposer.cc
-    ${SRC}/core/metrics/exposer.h
-  DEPS
-    ext_absl_absl
-    ext_prometheus_cpp_prometheus_cpp
-  OUTPUT_NAME exposer
->>>>>>> main
 )
 
 # ---- //core/store  (core/store/BUILD)
@@ -884,67 +882,6 @@ lorahub_cc_binary(tests_learn_composition_dump
   OUTPUT_NAME composition_dump
 )
 
-<<<<<<< HEAD
-# ---- //tests/model  (tests/model/BUILD)
-
-# //tests/model:tiny_t5 (cc_library)
-lorahub_cc_library(tests_model_tiny_t5
-  PACKAGE tests/model
-  SRCS
-    ${SRC}/tests/model/tiny_t5.cc
-    ${SRC}/tests/model/tiny_t5.h
-  DEPS
-    core_config_config
-    core_io_host_tensor
-    core_model_model
-    ext_absl_absl
-    ext_libtorch_libtorch
-  OUTPUT_NAME tiny_t5
-)
-
-# //tests/model:model_test (cc_test)
-lorahub_cc_test(tests_model_model_test
-  TEST_NAME //tests/model:model_test
-  PACKAGE tests/model
-  SRCS
-    ${SRC}/tests/model/model_test.cc
-  DEPS
-    tests_model_tiny_t5
-    core_model_model
-    ext_gtest_gtest_main
-    ext_libtorch_libtorch
-  TIMEOUT 300
-)
-
-# //tests/model:generate_test (cc_test)
-lorahub_cc_test(tests_model_generate_test
-  TEST_NAME //tests/model:generate_test
-  PACKAGE tests/model
-  SRCS
-    ${SRC}/tests/model/generate_test.cc
-  DEPS
-    tests_model_tiny_t5
-    core_model_model
-    ext_gtest_gtest_main
-    ext_libtorch_libtorch
-  TIMEOUT 300
-)
-
-# //tests/model:golden_test (cc_test)
-lorahub_cc_test(tests_model_golden_test
-  TEST_NAME //tests/model:golden_test
-  PACKAGE tests/model
-  SRCS
-    ${SRC}/tests/model/golden_test.cc
-  DEPS
-    core_config_config
-    core_io_checkpoint
-    core_io_safetensors
-    core_model_model
-    ext_gtest_gtest_main
-    ext_libtorch_libtorch
-    ext_nlohmann_json_json
-=======
 # ---- //tests/metrics  (tests/metrics/BUILD)
 
 # //tests/metrics:test_util (cc_library)
@@ -1004,7 +941,68 @@ lorahub_cc_test(tests_metrics_prometheus_scrape_test
     ext_gtest_gtest_main
     ext_nlohmann_json_json
     ext_prometheus_cpp_prometheus_cpp
->>>>>>> main
+  TIMEOUT 300
+)
+
+# ---- //tests/model  (tests/model/BUILD)
+
+# //tests/model:tiny_t5 (cc_library)
+lorahub_cc_library(tests_model_tiny_t5
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/tiny_t5.cc
+    ${SRC}/tests/model/tiny_t5.h
+  DEPS
+    core_config_config
+    core_io_host_tensor
+    core_model_model
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME tiny_t5
+)
+
+# //tests/model:model_test (cc_test)
+lorahub_cc_test(tests_model_model_test
+  TEST_NAME //tests/model:model_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/model_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:generate_test (cc_test)
+lorahub_cc_test(tests_model_generate_test
+  TEST_NAME //tests/model:generate_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/generate_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:golden_test (cc_test)
+lorahub_cc_test(tests_model_golden_test
+  TEST_NAME //tests/model:golden_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/golden_test.cc
+  DEPS
+    core_config_config
+    core_io_checkpoint
+    core_io_safetensors
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
   TIMEOUT 300
 )
 
