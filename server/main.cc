@@ -19,6 +19,10 @@ constexpr Command kCommands[] = {
      "validate a checkpoint or adapter and list its tensors"},
     {"tokenize", lorahub::cli::RunTokenize,
      "encode text (or --decode ids) with a model's spiece.model"},
+    {"train-module", lorahub::cli::RunTrainModule,
+     "train a PEFT LoRA module on JSONL examples"},
+    {"train-base", lorahub::cli::RunTrainBase,
+     "train a T5 base model from random init"},
 };
 
 void PrintUsage(FILE* out) {
