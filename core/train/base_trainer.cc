@@ -228,11 +228,13 @@ std::string T5ConfigJson(const config::T5Config& c, double dropout_rate) {
 }
 
 absl::Status SaveT5Checkpoint(const model::T5Weights& weights,
-                              double dropout_rate, const std::string& dir) {
+                              double dropout_rate, const std::string& dir,
+                              bool bf16) {
   LH_RETURN_IF_ERROR(MakeDirs(dir));
   io::TensorMap tensors;
   for (const auto& [name, tensor] : NamedWeights(weights)) {
-    LH_ASSIGN_OR_RETURN(tensors[name], TensorToHostF32(tensor));
+    LH_ASSIGN_OR_RETURN(tensors[name], bf16 ? TensorToHostBF16(tensor)
+                                            : TensorToHostF32(tensor));
   }
   LH_RETURN_IF_ERROR(WriteTextFile(dir + "/config.json",
                                    T5ConfigJson(weights.config, dropout_rate)));

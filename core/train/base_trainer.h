@@ -66,10 +66,12 @@ absl::StatusOr<TrainResult> TrainBase(model::T5Weights& weights,
 // readable by config::ParseT5Config and transformers' T5Config.
 std::string T5ConfigJson(const config::T5Config& config, double dropout_rate);
 
-// Writes `dir`/config.json and `dir`/model.safetensors (fp32); creates
-// `dir`. Errors name the file.
+// Writes `dir`/config.json and `dir`/model.safetensors (fp32, or bf16 when
+// `bf16`: half the size, what the embedded default ships); creates `dir`.
+// Errors name the file.
 absl::Status SaveT5Checkpoint(const model::T5Weights& weights,
-                              double dropout_rate, const std::string& dir);
+                              double dropout_rate, const std::string& dir,
+                              bool bf16 = false);
 
 }  // namespace lorahub::train
 

@@ -13,21 +13,34 @@
 
 namespace lorahub::train {
 
-absl::StatusOr<io::HostTensor> TensorToHostF32(const at::Tensor& tensor) {
+namespace {
+
+absl::StatusOr<io::HostTensor> ToHost(const at::Tensor& tensor,
+                                      at::ScalarType type, io::DType dtype) {
   try {
     auto owned = std::make_shared<at::Tensor>(
-        tensor.detach().to(at::kCPU, at::kFloat).contiguous().clone());
+        tensor.detach().to(at::kCPU, type).contiguous().clone());
     io::HostTensor host;
-    host.dtype = io::DType::kF32;
+    host.dtype = dtype;
     host.shape = owned->sizes().vec();
     host.data = static_cast<const uint8_t*>(owned->data_ptr());
-    host.nbytes = owned->numel() * sizeof(float);
+    host.nbytes = owned->numel() * owned->element_size();
     host.owner = owned;
     return host;
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("tensor to host: ", e.what_without_backtrace()));
   }
+}
+
+}  // namespace
+
+absl::StatusOr<io::HostTensor> TensorToHostF32(const at::Tensor& tensor) {
+  return ToHost(tensor, at::kFloat, io::DType::kF32);
+}
+
+absl::StatusOr<io::HostTensor> TensorToHostBF16(const at::Tensor& tensor) {
+  return ToHost(tensor, at::kBFloat16, io::DType::kBF16);
 }
 
 absl::Status MakeDirs(const std::string& dir) {

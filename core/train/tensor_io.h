@@ -17,6 +17,9 @@ namespace lorahub::train {
 // owns it. Internal on LibTorch failure.
 absl::StatusOr<io::HostTensor> TensorToHostF32(const at::Tensor& tensor);
 
+// The same in bf16 (round to nearest even), for compact checkpoints.
+absl::StatusOr<io::HostTensor> TensorToHostBF16(const at::Tensor& tensor);
+
 // Creates `dir` and its parents; InvalidArgument naming it on failure.
 absl::Status MakeDirs(const std::string& dir);
 

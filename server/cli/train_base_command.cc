@@ -3,7 +3,7 @@
 // model.safetensors, spiece.model).
 //
 //   lorahub train-base --config config.json --spm spiece.model
-//     --data FILE.jsonl --out DIR [--dropout 0.1]
+//     --data FILE.jsonl --out DIR [--dropout 0.1] [--save-dtype fp32|bf16]
 //     [--epochs 10 --lr 1e-3 --batch-size 64 --seed 0 --device cpu|cuda:N]
 //     [--warmup-ratio 0.06 --schedule linear|cosine|constant
 //      --weight-decay 0.01 --max-grad-norm 1 --max-steps 0]
@@ -48,6 +48,10 @@ absl::Status Run(const Args& args) {
   defaults.batch_size = 64;
   defaults.weight_decay = 0.01;
   LH_ASSIGN_OR_RETURN(o.train, ParseTrainFlags(args, defaults));
+  const std::string save_dtype = args.Get("save-dtype").value_or("fp32");
+  if (save_dtype != "fp32" && save_dtype != "bf16") {
+    return absl::InvalidArgumentError("--save-dtype must be fp32 or bf16");
+  }
   train::TokenizeOptions topts;
   LH_ASSIGN_OR_RETURN(long long max_in, args.GetInt("max-input-tokens", 512));
   LH_ASSIGN_OR_RETURN(long long max_out, args.GetInt("max-output-tokens", 128));
@@ -85,7 +89,8 @@ absl::Status Run(const Args& args) {
   auto result = train::TrainBase(weights, examples, o, progress);
   bar.Finish();
   if (!result.ok()) return result.status();
-  LH_RETURN_IF_ERROR(train::SaveT5Checkpoint(weights, o.dropout, out));
+  LH_RETURN_IF_ERROR(train::SaveT5Checkpoint(weights, o.dropout, out,
+                                             save_dtype == "bf16"));
   LH_RETURN_IF_ERROR(train::CopyFile(spm, out + "/spiece.model"));
   nlohmann::json j;
   j["out"] = out;
@@ -103,7 +108,7 @@ absl::Status Run(const Args& args) {
 
 int RunTrainBase(int argc, char** argv) {
   FlagSpec spec{TrainValuedFlags(), {"quiet"}};
-  for (const char* f : {"config", "spm", "data", "out", "dropout"}) {
+  for (const char* f : {"config", "spm", "data", "out", "dropout", "save-dtype"}) {
     spec.valued.insert(f);
   }
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
