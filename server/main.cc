@@ -25,14 +25,18 @@ constexpr Command kCommands[] = {
      "LoraHub loss of a (composed) adapter on examples"},
     {"learn", lorahub::cli::RunLearn,
      "learn LoraHub composition weights on few-shot examples"},
+    {"train-module", lorahub::cli::RunTrainModule,
+     "train a PEFT LoRA module on JSONL examples"},
+    {"train-base", lorahub::cli::RunTrainBase,
+     "train a T5 base model from random init"},
 };
 
 void PrintUsage(FILE* out) {
   std::fprintf(out, "usage: lorahub <command> [flags]\n\ncommands:\n");
   for (const Command& command : kCommands) {
-    std::fprintf(out, "  %-10s %s\n", command.name, command.help);
+    std::fprintf(out, "  %-12s %s\n", command.name, command.help);
   }
-  std::fprintf(out, "  %-10s %s\n", "version", "print the version");
+  std::fprintf(out, "  %-12s %s\n", "version", "print the version");
 }
 
 }  // namespace

@@ -635,6 +635,60 @@ lorahub_cc_library(core_tokenizer_tokenizer
   OUTPUT_NAME tokenizer
 )
 
+# ---- //core/train  (core/train/BUILD)
+
+# //core/train:train (cc_library)
+lorahub_cc_library(core_train_train
+  PACKAGE core/train
+  SRCS
+    ${SRC}/core/train/base_trainer.cc
+    ${SRC}/core/train/lora_trainer.cc
+    ${SRC}/core/train/tensor_io.cc
+    ${SRC}/core/train/train_forward.cc
+    ${SRC}/core/train/trainer.cc
+    ${SRC}/core/train/base_trainer.h
+    ${SRC}/core/train/lora_trainer.h
+    ${SRC}/core/train/tensor_io.h
+    ${SRC}/core/train/train_forward.h
+    ${SRC}/core/train/trainer.h
+  DEPS
+    core_config_config
+    core_io_host_tensor
+    core_io_safetensors
+    core_model_model
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  OUTPUT_NAME train
+)
+
+# //core/train:text_examples (cc_library)
+lorahub_cc_library(core_train_text_examples
+  PACKAGE core/train
+  SRCS
+    ${SRC}/core/train/text_examples.cc
+    ${SRC}/core/train/text_examples.h
+  DEPS
+    core_model_model
+    core_tokenizer_tokenizer
+    ext_absl_absl
+    ext_nlohmann_json_json
+  OUTPUT_NAME text_examples
+)
+
+# //core/train:progress_bar (cc_library)
+lorahub_cc_library(core_train_progress_bar
+  PACKAGE core/train
+  SRCS
+    ${SRC}/core/train/progress_bar.cc
+    ${SRC}/core/train/progress_bar.h
+  DEPS
+    core_train_train
+    ext_absl_absl
+  OUTPUT_NAME progress_bar
+)
+
 # ---- //core/util  (core/util/BUILD)
 
 # //core/util:status_macros (cc_library)
@@ -715,6 +769,10 @@ lorahub_cc_binary(server_lorahub
     ${SRC}/server/cli/score_command.cc
     ${SRC}/server/cli/serve_command.cc
     ${SRC}/server/cli/tokenize_command.cc
+    ${SRC}/server/cli/train_base_command.cc
+    ${SRC}/server/cli/train_flags.cc
+    ${SRC}/server/cli/train_flags.h
+    ${SRC}/server/cli/train_module_command.cc
     ${SRC}/server/main.cc
   DEPS
     server_cli_args
@@ -727,6 +785,9 @@ lorahub_cc_binary(server_lorahub
     core_model_model
     core_model_loader
     core_tokenizer_tokenizer
+    core_train_train
+    core_train_progress_bar
+    core_train_text_examples
     core_util_status_macros
     ext_absl_absl
     ext_grpc_grpc___reflection
@@ -1478,6 +1539,54 @@ lorahub_cc_test(tests_tokenizer_shim_env_test
   TIMEOUT 300
   DATA_TARGETS
     core_tokenizer_libsp_shim_so
+)
+
+# ---- //tests/train  (tests/train/BUILD)
+
+# //tests/train:toy_data (cc_library)
+lorahub_cc_library(tests_train_toy_data
+  PACKAGE tests/train
+  SRCS
+    ${SRC}/tests/train/toy_data.h
+  DEPS
+    core_config_config
+    core_model_model
+    core_train_train
+    ext_libtorch_libtorch
+  OUTPUT_NAME toy_data
+)
+
+# //tests/train:base_train_test (cc_test)
+lorahub_cc_test(tests_train_base_train_test
+  TEST_NAME //tests/train:base_train_test
+  PACKAGE tests/train
+  SRCS
+    ${SRC}/tests/train/base_train_test.cc
+  DEPS
+    tests_train_toy_data
+    core_model_model
+    core_model_loader
+    core_train_train
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/train:lora_train_test (cc_test)
+lorahub_cc_test(tests_train_lora_train_test
+  TEST_NAME //tests/train:lora_train_test
+  PACKAGE tests/train
+  SRCS
+    ${SRC}/tests/train/lora_train_test.cc
+  DEPS
+    tests_train_toy_data
+    core_config_config
+    core_model_model
+    core_model_loader
+    core_train_train
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
 )
 
 # ---- //tests/util  (tests/util/BUILD)

@@ -30,6 +30,9 @@ int RunScore(int argc, char** argv);
 int RunLearn(int argc, char** argv);
 // `lorahub tokenize`: see server/cli/tokenize_command.cc.
 int RunTokenize(int argc, char** argv);
+// Training (train_module_command.cc, train_base_command.cc).
+int RunTrainModule(int argc, char** argv);
+int RunTrainBase(int argc, char** argv);
 
 }  // namespace lorahub::cli
 

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Regenerates the embedded default model (issue 6, point 3) from nothing but
+# the project's code, deterministically:
+#   1. make_task_data  -> synthetic task data (base / pool / held-out)
+#   2. spm_train       -> spiece.model on corpus.txt (T5 ids: pad 0, eos 1,
+#                         unk 2, no bos; digits split)
+#   3. lorahub train-base   -> OUT/base (config.json, model.safetensors bf16,
+#                              spiece.model) instruction-tuned on base_train
+#   4. lorahub train-module -> OUT/modules/<task> for every pool task
+#
+# Usage (from the repository root):
+#   deploy/embedded/make_default.sh                 # full run, CPU
+#   DEVICE=cuda:0 deploy/embedded/make_default.sh   # full run, GPU host
+#   SMOKE=1 OUT=/tmp/smoke deploy/embedded/make_default.sh   # minutes-long check
+# Environment:
+#   OUT       output folder (default models/default)
+#   WORK      scratch folder for data and logs (default OUT/.work, removed
+#             at the end unless KEEP_WORK=1)
+#   DEVICE    cpu | cuda:N (default cpu)
+#   LORAHUB, MAKE_TASK_DATA  binaries (default: bazel-bin/..., built with
+#             bazel when missing; on the GPU host pass the CMake build's)
+#   TASKS     space-separated pool tasks to train (default: all)
+# Every stage appends its final JSON line to OUT/train_log.jsonl.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+SMOKE="${SMOKE:-0}"
+OUT="${OUT:-$ROOT/models/default}"
+WORK="${WORK:-$OUT/.work}"
+DEVICE="${DEVICE:-cpu}"
+SEED="${SEED:-1}"
+
+if [ "$SMOKE" = 1 ]; then
+  TRAIN_PER_TASK="${TRAIN_PER_TASK:-64}"
+  TEST_PER_TASK="${TEST_PER_TASK:-8}"
+  VOCAB="${VOCAB:-400}"
+  CONFIG="${CONFIG:-deploy/embedded/smoke_config.json}"
+  BASE_FLAGS="${BASE_FLAGS:---epochs 1 --max-steps 4 --batch-size 16 --lr 1e-3}"
+  MODULE_FLAGS="${MODULE_FLAGS:---epochs 1 --max-steps 3 --batch-size 16 --lr 1e-3}"
+else
+  TRAIN_PER_TASK="${TRAIN_PER_TASK:-1000}"
+  TEST_PER_TASK="${TEST_PER_TASK:-100}"
+  VOCAB="${VOCAB:-2000}"
+  CONFIG="${CONFIG:-deploy/embedded/base_config.json}"
+  # 16 base tasks x 1000 = 16,000 examples, 250 steps per epoch.
+  BASE_FLAGS="${BASE_FLAGS:---epochs 12 --batch-size 64 --lr 2e-3 --warmup-ratio 0.03 --schedule cosine --weight-decay 0.01 --dropout 0.1}"
+  # 1000 examples per pool task, 32 steps per epoch.
+  MODULE_FLAGS="${MODULE_FLAGS:---epochs 8 --batch-size 32 --lr 2e-3 --warmup-ratio 0.06}"
+fi
+LORA_FLAGS="${LORA_FLAGS:---r 8 --alpha 16 --dropout 0.05 --targets q,v}"
+
+LORAHUB="${LORAHUB:-}"
+MAKE_TASK_DATA="${MAKE_TASK_DATA:-}"
+if [ -z "$LORAHUB" ] || [ -z "$MAKE_TASK_DATA" ]; then
+  bazel build //server:lorahub //core/tasks:make_task_data
+  LORAHUB="${LORAHUB:-$ROOT/bazel-bin/server/lorahub}"
+  MAKE_TASK_DATA="${MAKE_TASK_DATA:-$ROOT/bazel-bin/core/tasks/make_task_data}"
+fi
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+mkdir -p "$OUT" "$WORK"
+LOG="$OUT/train_log.jsonl"
+: > "$LOG"
+
+echo "== 1/4 task data -> $WORK/data" >&2
+t0=$(now)
+"$MAKE_TASK_DATA" --out "$WORK/data" --seed "$SEED" \
+  --train-per-task "$TRAIN_PER_TASK" --test-per-task "$TEST_PER_TASK" >&2
+echo "{\"stage\": \"task_data\", \"seconds\": $(elapsed "$t0")}" >> "$LOG"
+
+echo "== 2/4 sentencepiece (vocab $VOCAB)" >&2
+t0=$(now)
+SPM_ARGS=(--input="$WORK/data/corpus.txt" --model_prefix="$WORK/spiece"
+  --vocab_size="$VOCAB" --model_type=unigram --character_coverage=1.0
+  --pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1 --split_digits=true
+  --input_sentence_size=0 --shuffle_input_sentence=false
+  --num_threads=1 --random_seed="$SEED")
+if command -v spm_train > /dev/null; then
+  spm_train "${SPM_ARGS[@]}" > "$WORK/spm_train.log" 2>&1
+else
+  # GPU host: the Python package's trainer takes the same flags.
+  python3 -c 'import sys, sentencepiece as s; s.SentencePieceTrainer.Train(" ".join(sys.argv[1:]))' \
+    "${SPM_ARGS[@]}" > "$WORK/spm_train.log" 2>&1
+fi
+echo "{\"stage\": \"spm_train\", \"seconds\": $(elapsed "$t0")}" >> "$LOG"
+
+echo "== 3/4 base model ($CONFIG) on $DEVICE" >&2
+t0=$(now)
+# shellcheck disable=SC2086
+line=$("$LORAHUB" train-base --config "$CONFIG" --spm "$WORK/spiece.model" \
+  --data "$WORK/data/base_train.jsonl" --out "$OUT/base" --save-dtype bf16 \
+  --seed "$SEED" --device "$DEVICE" $BASE_FLAGS | tail -n 1)
+echo "{\"stage\": \"base\", \"wall_seconds\": $(elapsed "$t0"), ${line#\{}" >> "$LOG"
+cp "$WORK/data/tasks.json" "$OUT/tasks.json"
+
+echo "== 4/4 modules on $DEVICE" >&2
+if [ -z "${TASKS:-}" ]; then
+  TASKS=$(cd "$WORK/data/pool" && ls -- *.jsonl | sed 's/\.jsonl$//')
+fi
+for task in $TASKS; do
+  t0=$(now)
+  echo "-- module $task" >&2
+  # shellcheck disable=SC2086
+  line=$("$LORAHUB" train-module --model "$OUT/base" \
+    --data "$WORK/data/pool/$task.jsonl" --out "$OUT/modules/$task" \
+    --seed "$SEED" --device "$DEVICE" $LORA_FLAGS $MODULE_FLAGS | tail -n 1)
+  echo "{\"stage\": \"module\", \"task\": \"$task\", \"wall_seconds\": $(elapsed "$t0"), ${line#\{}" >> "$LOG"
+done
+
+if [ "${KEEP_WORK:-0}" != 1 ]; then rm -rf "$WORK"; fi
+du -sh "$OUT" >&2
+echo "done: $OUT (log: $LOG)" >&2
