@@ -11,8 +11,9 @@ PACKAGES=(
   libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsentencepiece-dev libabsl-dev prometheus-cpp-dev libnlopt-cxx-dev
   libcurl4-openssl-dev libsqlite3-dev nlohmann-json3-dev libgtest-dev libgmock-dev
-  # Tools used by tests: spm_train, clang/libFuzzer, Python with torch for fixtures.
-  sentencepiece clang libclang-rt-14-dev python3-torch python3-grpcio python3-protobuf
+  # Tools used by tests: spm_train, clang/libFuzzer, Python with torch for
+  # fixtures, a real Prometheus server.
+  sentencepiece clang libclang-rt-14-dev python3-torch python3-grpcio python3-protobuf prometheus
 )
 
 missing=()

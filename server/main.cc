@@ -15,6 +15,8 @@ struct Command {
 
 constexpr Command kCommands[] = {
     {"serve", lorahub::cli::RunServe, "run the gRPC server"},
+    {"inspect", lorahub::cli::RunInspect,
+     "validate a checkpoint or adapter and list its tensors"},
 };
 
 void PrintUsage(FILE* out) {

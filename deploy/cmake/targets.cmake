@@ -216,6 +216,73 @@ lorahub_cc_library(core_config_config
   OUTPUT_NAME config
 )
 
+# ---- //core/hub  (core/hub/BUILD)
+
+# //core/hub:hub_validation (cc_library)
+lorahub_cc_library(core_hub_hub_validation
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/hub_validation.cc
+    ${SRC}/core/hub/hub_validation.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME hub_validation
+)
+
+# //core/hub:file_digest (cc_library)
+lorahub_cc_library(core_hub_file_digest
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/file_digest.cc
+    ${SRC}/core/hub/file_digest.h
+  DEPS
+    ext_absl_absl
+  LINKOPTS
+    -lcrypto
+  OUTPUT_NAME file_digest
+)
+
+# //core/hub:http_transfer (cc_library)
+lorahub_cc_library(core_hub_http_transfer
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/http_transfer.cc
+    ${SRC}/core/hub/http_transfer.h
+  DEPS
+    ext_absl_absl
+    ext_curl_curl
+  OUTPUT_NAME http_transfer
+)
+
+# //core/hub:hub_cache (cc_library)
+lorahub_cc_library(core_hub_hub_cache
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/hub_cache.cc
+    ${SRC}/core/hub/hub_cache.h
+  DEPS
+    core_hub_hub_validation
+    ext_absl_absl
+  OUTPUT_NAME hub_cache
+)
+
+# //core/hub:hub_client (cc_library)
+lorahub_cc_library(core_hub_hub_client
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/hub_client.cc
+    ${SRC}/core/hub/hub_client.h
+  DEPS
+    core_hub_file_digest
+    core_hub_http_transfer
+    core_hub_hub_cache
+    core_hub_hub_validation
+    ext_absl_absl
+  LINKOPTS
+    -pthread
+  OUTPUT_NAME hub_client
+)
+
 # ---- //core/io  (core/io/BUILD)
 
 # //core/io:host_tensor (cc_library)
@@ -327,6 +394,32 @@ lorahub_cc_library(core_learn_composition
   OUTPUT_NAME composition
 )
 
+# ---- //core/metrics  (core/metrics/BUILD)
+
+# //core/metrics:metrics (cc_library)
+lorahub_cc_library(core_metrics_metrics
+  PACKAGE core/metrics
+  SRCS
+    ${SRC}/core/metrics/metrics.cc
+    ${SRC}/core/metrics/metrics.h
+  DEPS
+    ext_absl_absl
+    ext_prometheus_cpp_prometheus_cpp
+  OUTPUT_NAME metrics
+)
+
+# //core/metrics:exposer (cc_library)
+lorahub_cc_library(core_metrics_exposer
+  PACKAGE core/metrics
+  SRCS
+    ${SRC}/core/metrics/exposer.cc
+    ${SRC}/core/metrics/exposer.h
+  DEPS
+    ext_absl_absl
+    ext_prometheus_cpp_prometheus_cpp
+  OUTPUT_NAME exposer
+)
+
 # ---- //core/model  (core/model/BUILD)
 
 # //core/model:model (cc_library)
@@ -393,6 +486,59 @@ lorahub_cc_library(core_store_store
   OUTPUT_NAME store
 )
 
+# ---- //core/tasks  (core/tasks/BUILD)
+
+# //core/tasks:tasks (cc_library)
+lorahub_cc_library(core_tasks_tasks
+  PACKAGE core/tasks
+  SRCS
+    ${SRC}/core/tasks/arithmetic_tasks.cc
+    ${SRC}/core/tasks/classification_tasks.cc
+    ${SRC}/core/tasks/formatting_tasks.cc
+    ${SRC}/core/tasks/jsonl.cc
+    ${SRC}/core/tasks/metric.cc
+    ${SRC}/core/tasks/ordering_tasks.cc
+    ${SRC}/core/tasks/string_edit_tasks.cc
+    ${SRC}/core/tasks/task_families.h
+    ${SRC}/core/tasks/task_registry.cc
+    ${SRC}/core/tasks/words.cc
+    ${SRC}/core/tasks/words.h
+    ${SRC}/core/tasks/jsonl.h
+    ${SRC}/core/tasks/metric.h
+    ${SRC}/core/tasks/rng.h
+    ${SRC}/core/tasks/task.h
+    ${SRC}/core/tasks/task_registry.h
+  DEPS
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlohmann_json_json
+  OUTPUT_NAME tasks
+)
+
+# //core/tasks:task_data (cc_library)
+lorahub_cc_library(core_tasks_task_data
+  PACKAGE core/tasks
+  SRCS
+    ${SRC}/core/tasks/task_data.cc
+    ${SRC}/core/tasks/task_data.h
+  DEPS
+    core_tasks_tasks
+    core_util_status_macros
+    ext_absl_absl
+    ext_nlohmann_json_json
+  OUTPUT_NAME task_data
+)
+
+# //core/tasks:make_task_data (cc_binary)
+lorahub_cc_binary(core_tasks_make_task_data
+  PACKAGE core/tasks
+  SRCS
+    ${SRC}/core/tasks/make_task_data_main.cc
+  DEPS
+    core_tasks_task_data
+  OUTPUT_NAME make_task_data
+)
+
 # ---- //core/util  (core/util/BUILD)
 
 # //core/util:status_macros (cc_library)
@@ -410,6 +556,10 @@ lorahub_cc_library(core_util_status_macros
 # ---- //deploy/cmake  (deploy/cmake/BUILD)
 
 # //deploy/cmake:cmake_files (filegroup): nothing to build in CMake
+
+# ---- //deploy/grafana  (deploy/grafana/BUILD)
+
+# ---- //deploy/prometheus  (deploy/prometheus/BUILD)
 
 # ---- //proto  (proto/BUILD)
 
@@ -463,10 +613,13 @@ lorahub_cc_library(server_info_service
 lorahub_cc_binary(server_lorahub
   PACKAGE server
   SRCS
+    ${SRC}/server/cli/inspect_command.cc
     ${SRC}/server/cli/serve_command.cc
     ${SRC}/server/main.cc
   DEPS
     server_cli_args
+    core_io_checkpoint
+    ext_nlohmann_json_json
     server_info_service
     ext_absl_absl
     ext_grpc_grpc___reflection
@@ -493,6 +646,21 @@ lorahub_script_test(tests_build_sync_check_selftest
   INTERPRETER bash
   SCRIPT ${SRC}/tests/build/sync_check_selftest.py
   TIMEOUT 60
+)
+
+# ---- //tests/cli  (tests/cli/BUILD)
+
+# //tests/cli:inspect_test (sh_test)
+lorahub_script_test(tests_cli_inspect_test
+  TEST_NAME //tests/cli:inspect_test
+  PACKAGE tests/cli
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/cli/inspect_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
 )
 
 # ---- //tests/fuzz  (tests/fuzz/BUILD)
@@ -544,6 +712,55 @@ lorahub_cc_test(tests_fuzz_torch_pickle_fuzz_replay
     core_io_torch_pickle
   ARGS
     tests/fuzz/corpus/torch_pickle
+  TIMEOUT 300
+)
+
+# ---- //tests/hub  (tests/hub/BUILD)
+
+# //tests/hub:hub_emulator_process (cc_library)
+lorahub_cc_library(tests_hub_hub_emulator_process
+  PACKAGE tests/hub
+  SRCS
+    ${SRC}/tests/hub/hub_emulator_process.cc
+    ${SRC}/tests/hub/hub_emulator_process.h
+  DEPS
+    ext_absl_absl
+    ext_curl_curl
+    ext_nlohmann_json_json
+  OUTPUT_NAME hub_emulator_process
+)
+
+# //tests/hub:hub_client_test (cc_test)
+lorahub_cc_test(tests_hub_hub_client_test
+  TEST_NAME //tests/hub:hub_client_test
+  PACKAGE tests/hub
+  SRCS
+    ${SRC}/tests/hub/hub_client_test.cc
+  DEPS
+    tests_hub_hub_emulator_process
+    core_hub_hub_client
+    ext_absl_absl
+    ext_gtest_gtest
+    ext_nlohmann_json_json
+  ARGS
+    ${SRC}/tests/hub/hub_emulator.py
+  TIMEOUT 300
+)
+
+# //tests/hub:hub_units_test (cc_test)
+lorahub_cc_test(tests_hub_hub_units_test
+  TEST_NAME //tests/hub:hub_units_test
+  PACKAGE tests/hub
+  SRCS
+    ${SRC}/tests/hub/hub_units_test.cc
+  DEPS
+    core_hub_file_digest
+    core_hub_http_transfer
+    core_hub_hub_cache
+    core_hub_hub_client
+    core_hub_hub_validation
+    ext_absl_absl
+    ext_gtest_gtest_main
   TIMEOUT 300
 )
 
@@ -665,6 +882,68 @@ lorahub_cc_binary(tests_learn_composition_dump
   OUTPUT_NAME composition_dump
 )
 
+# ---- //tests/metrics  (tests/metrics/BUILD)
+
+# //tests/metrics:test_util (cc_library)
+lorahub_cc_library(tests_metrics_test_util
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/http_get.cc
+    ${SRC}/tests/metrics/exposition.h
+    ${SRC}/tests/metrics/http_get.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME test_util
+)
+
+# //tests/metrics:metrics_test (cc_test)
+lorahub_cc_test(tests_metrics_metrics_test
+  TEST_NAME //tests/metrics:metrics_test
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/metrics_test.cc
+  DEPS
+    tests_metrics_test_util
+    core_metrics_metrics
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 60
+)
+
+# //tests/metrics:exposer_test (cc_test)
+lorahub_cc_test(tests_metrics_exposer_test
+  TEST_NAME //tests/metrics:exposer_test
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/exposer_test.cc
+  DEPS
+    tests_metrics_test_util
+    core_metrics_metrics
+    core_metrics_exposer
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 60
+)
+
+# //tests/metrics:prometheus_scrape_test (cc_test)
+lorahub_cc_test(tests_metrics_prometheus_scrape_test
+  TEST_NAME //tests/metrics:prometheus_scrape_test
+  PACKAGE tests/metrics
+  SRCS
+    ${SRC}/tests/metrics/prometheus_scrape_test.cc
+  DEPS
+    tests_metrics_test_util
+    core_metrics_metrics
+    core_metrics_exposer
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
+    ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 300
+)
+
 # ---- //tests/model  (tests/model/BUILD)
 
 # //tests/model:tiny_t5 (cc_library)
@@ -783,6 +1062,108 @@ lorahub_cc_test(tests_store_store_schema_test
     ext_gtest_gtest_main
     ext_sqlite3_sqlite3
   TIMEOUT 300
+)
+
+# ---- //tests/tasks  (tests/tasks/BUILD)
+
+# //tests/tasks:prompt_parts (cc_library)
+lorahub_cc_library(tests_tasks_prompt_parts
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/prompt_parts.h
+  DEPS
+    core_tasks_tasks
+  OUTPUT_NAME prompt_parts
+)
+
+# //tests/tasks:rng_test (cc_test)
+lorahub_cc_test(tests_tasks_rng_test
+  TEST_NAME //tests/tasks:rng_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/rng_test.cc
+  DEPS
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:rules_test (cc_test)
+lorahub_cc_test(tests_tasks_rules_test
+  TEST_NAME //tests/tasks:rules_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/rules_test.cc
+  DEPS
+    tests_tasks_prompt_parts
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:registry_test (cc_test)
+lorahub_cc_test(tests_tasks_registry_test
+  TEST_NAME //tests/tasks:registry_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/registry_test.cc
+  DEPS
+    tests_tasks_prompt_parts
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:metric_test (cc_test)
+lorahub_cc_test(tests_tasks_metric_test
+  TEST_NAME //tests/tasks:metric_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/metric_test.cc
+  DEPS
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:jsonl_test (cc_test)
+lorahub_cc_test(tests_tasks_jsonl_test
+  TEST_NAME //tests/tasks:jsonl_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/jsonl_test.cc
+  DEPS
+    core_tasks_tasks
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/tasks:task_data_test (cc_test)
+lorahub_cc_test(tests_tasks_task_data_test
+  TEST_NAME //tests/tasks:task_data_test
+  PACKAGE tests/tasks
+  SRCS
+    ${SRC}/tests/tasks/task_data_test.cc
+  DEPS
+    tests_tasks_prompt_parts
+    core_tasks_tasks
+    core_tasks_task_data
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
+  TIMEOUT 60
+)
+
+# //tests/tasks:make_task_data_cli_test (sh_test)
+lorahub_script_test(tests_tasks_make_task_data_cli_test
+  TEST_NAME //tests/tasks:make_task_data_cli_test
+  PACKAGE tests/tasks
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/tasks/make_task_data_cli_test.sh
+  ARGS
+    $<TARGET_FILE:core_tasks_make_task_data>
+  TIMEOUT 60
+  DATA_TARGETS
+    core_tasks_make_task_data
 )
 
 # ---- //tests/testdata/ref_tiny  (tests/testdata/ref_tiny/BUILD)

@@ -25,6 +25,7 @@ int RunServe(int argc, char** argv);
 // Offline engine commands (generate_command.cc, score_command.cc).
 int RunGenerate(int argc, char** argv);
 int RunScore(int argc, char** argv);
+int RunInspect(int argc, char** argv);
 
 }  // namespace lorahub::cli
 
