@@ -17,6 +17,8 @@ constexpr Command kCommands[] = {
     {"serve", lorahub::cli::RunServe, "run the gRPC server"},
     {"inspect", lorahub::cli::RunInspect,
      "validate a checkpoint or adapter and list its tensors"},
+    {"tokenize", lorahub::cli::RunTokenize,
+     "encode text (or --decode ids) with a model's spiece.model"},
 };
 
 void PrintUsage(FILE* out) {

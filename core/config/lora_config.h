@@ -6,6 +6,7 @@
 #ifndef LORAHUB_CORE_CONFIG_LORA_CONFIG_H_
 #define LORAHUB_CORE_CONFIG_LORA_CONFIG_H_
 
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <utility>
@@ -33,14 +34,32 @@ struct LoraConfig {
   std::vector<std::pair<std::string, double>> alpha_pattern;
 };
 
+// Bounds that keep std::regex matching fast and shallow (it backtracks and
+// recurses): longer patterns, patterns with more repetition operators (*, +,
+// {n,m}) or a repeated group that itself repeats or alternates ("(a+)+") are
+// rejected at parse time; longer module names never match a regex.
+inline constexpr size_t kMaxLoraRegexLength = 512;
+inline constexpr int kMaxLoraRegexQuantifiers = 3;
+inline constexpr size_t kMaxLoraModuleNameLength = 256;
+
 // Parses adapter_config.json text. `source` names the file in errors.
-// InvalidArgument when peft_type is missing or not "LORA", on wrong types,
-// r <= 0, or an unsupported feature (use_dora, lora_bias, fan_in_fan_out,
-// bias != "none", modules_to_save, layer_replication), naming the key.
+// Absent or null keys keep their defaults; unknown keys are ignored.
+// target_modules: absent/null means PEFT's t5 default ["q", "v"];
+// "all-linear" means every T5 linear but lm_head (q k v o wi wi_0 wi_1 wo);
+// any other string is a regex (ECMAScript syntax, which covers the usual
+// Python patterns; Python-only syntax is rejected).
+// InvalidArgument, naming the key, when peft_type is missing or not "LORA", on
+// wrong types, r outside [1, 65536], lora_dropout outside [0, 1), an invalid
+// or risky regex (see above), or an unsupported feature: use_dora, lora_bias,
+// fan_in_fan_out, use_qalora true; bias != "none"; a non-empty
+// modules_to_save, layer_replication, layers_to_transform, exclude_modules,
+// target_parameters, trainable_token_indices or alora_invocation_tokens.
+// Thread-safe.
 absl::StatusOr<LoraConfig> ParseLoraConfig(const std::string& json_text,
                                            const std::string& source);
 
-// Reads and parses `path` (an adapter_config.json file).
+// Reads and parses `path` (an adapter_config.json file, at most 1 MiB).
+// NotFound if missing.
 absl::StatusOr<LoraConfig> ReadLoraConfig(const std::string& path);
 
 // Rank and alpha for one module name (e.g.

@@ -34,13 +34,25 @@ struct T5Config {
   int decoder_start_token_id = 0;
 };
 
+// Activations (T5Config::dense_act_fn) the engine implements, as named by
+// transformers' ACT2FN: relu; gelu (erf); gelu_new and gelu_pytorch_tanh (the
+// tanh approximation); silu and swish (the same function).
+inline constexpr const char* kT5SupportedActivations[] = {
+    "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish"};
+
 // Parses config.json text. `source` names the file in error messages.
-// InvalidArgument on malformed JSON, wrong types, non-positive sizes or an
-// unsupported activation; unknown keys are ignored.
+// A key that is absent or null keeps its default. InvalidArgument, naming the
+// key, on malformed JSON, a wrong type (e.g. a float d_model), sizes that are
+// not positive or implausibly large (d_model/d_kv/num_heads*d_kv <= 65536,
+// d_ff <= 262144, layers <= 1024, vocab <= 2^20, buckets <= 4096), special ids
+// outside [0, vocab_size), a non-positive layer_norm_epsilon, or a
+// feed_forward_proj that transformers rejects or whose activation is not in
+// kT5SupportedActivations. Unknown keys are ignored. Thread-safe.
 absl::StatusOr<T5Config> ParseT5Config(const std::string& json_text,
                                        const std::string& source);
 
-// Reads and parses `path` (a config.json file). NotFound if missing.
+// Reads and parses `path` (a config.json file, at most 1 MiB). NotFound if
+// missing.
 absl::StatusOr<T5Config> ReadT5Config(const std::string& path);
 
 }  // namespace lorahub::config

@@ -209,10 +209,16 @@ lorahub_cc_binary(client_lorahubctl
 lorahub_cc_library(core_config_config
   PACKAGE core/config
   SRCS
+    ${SRC}/core/config/json_fields.cc
+    ${SRC}/core/config/json_fields.h
+    ${SRC}/core/config/lora_config.cc
+    ${SRC}/core/config/t5_config.cc
     ${SRC}/core/config/lora_config.h
     ${SRC}/core/config/t5_config.h
   DEPS
+    core_util_status_macros
     ext_absl_absl
+    ext_nlohmann_json_json
   OUTPUT_NAME config
 )
 
@@ -539,6 +545,51 @@ lorahub_cc_binary(core_tasks_make_task_data
   OUTPUT_NAME make_task_data
 )
 
+# ---- //core/tokenizer  (core/tokenizer/BUILD)
+
+# //core/tokenizer:libsp_shim.so (cc_binary)
+lorahub_cc_binary(core_tokenizer_libsp_shim_so
+  PACKAGE core/tokenizer
+  SRCS
+    ${SRC}/core/tokenizer/sp_shim.cc
+    ${SRC}/core/tokenizer/sp_shim.h
+  DEPS
+    ext_sentencepiece_sentencepiece
+  COPTS
+    -fvisibility=hidden
+  OUTPUT_NAME libsp_shim.so
+  SHARED
+)
+
+# //core/tokenizer:sp_shim_embed (genrule)
+lorahub_genrule(core_tokenizer_sp_shim_embed
+  PACKAGE core/tokenizer
+  SRCS
+    $<TARGET_FILE:core_tokenizer_libsp_shim_so>
+  OUTS
+    ${GEN}/core/tokenizer/sp_shim_embed.cc
+  CMD "${SRC}/core/tokenizer/embed_shim.sh $<TARGET_FILE:core_tokenizer_libsp_shim_so> > ${GEN}/core/tokenizer/sp_shim_embed.cc"
+)
+
+# //core/tokenizer:tokenizer (cc_library)
+lorahub_cc_library(core_tokenizer_tokenizer
+  PACKAGE core/tokenizer
+  SRCS
+    ${SRC}/core/tokenizer/sp_shim.h
+    ${GEN}/core/tokenizer/sp_shim_embed.cc
+    ${SRC}/core/tokenizer/sp_shim_embed.h
+    ${SRC}/core/tokenizer/sp_shim_loader.cc
+    ${SRC}/core/tokenizer/sp_shim_loader.h
+    ${SRC}/core/tokenizer/t5_tokenizer.cc
+    ${SRC}/core/tokenizer/tokenizer.h
+  DEPS
+    core_util_status_macros
+    ext_absl_absl
+  LINKOPTS
+    -ldl
+  OUTPUT_NAME tokenizer
+)
+
 # ---- //core/util  (core/util/BUILD)
 
 # //core/util:status_macros (cc_library)
@@ -615,14 +666,18 @@ lorahub_cc_binary(server_lorahub
   SRCS
     ${SRC}/server/cli/inspect_command.cc
     ${SRC}/server/cli/serve_command.cc
+    ${SRC}/server/cli/tokenize_command.cc
     ${SRC}/server/main.cc
   DEPS
     server_cli_args
     core_io_checkpoint
     ext_nlohmann_json_json
     server_info_service
+    core_tokenizer_tokenizer
     ext_absl_absl
     ext_grpc_grpc___reflection
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
   OUTPUT_NAME lorahub
 )
 
@@ -661,6 +716,36 @@ lorahub_script_test(tests_cli_inspect_test
   TIMEOUT 300
   DATA_TARGETS
     server_lorahub
+)
+
+# ---- //tests/config  (tests/config/BUILD)
+
+# //tests/config:testdata (filegroup): nothing to build in CMake
+
+# //tests/config:t5_config_test (cc_test)
+lorahub_cc_test(tests_config_t5_config_test
+  TEST_NAME //tests/config:t5_config_test
+  PACKAGE tests/config
+  SRCS
+    ${SRC}/tests/config/t5_config_test.cc
+  DEPS
+    core_config_config
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/config:lora_config_test (cc_test)
+lorahub_cc_test(tests_config_lora_config_test
+  TEST_NAME //tests/config:lora_config_test
+  PACKAGE tests/config
+  SRCS
+    ${SRC}/tests/config/lora_config_test.cc
+  DEPS
+    core_config_config
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
 )
 
 # ---- //tests/fuzz  (tests/fuzz/BUILD)
@@ -712,6 +797,34 @@ lorahub_cc_test(tests_fuzz_torch_pickle_fuzz_replay
     core_io_torch_pickle
   ARGS
     tests/fuzz/corpus/torch_pickle
+  TIMEOUT 300
+)
+
+# //tests/fuzz:t5_config_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_t5_config_fuzz_replay
+  TEST_NAME //tests/fuzz:t5_config_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/t5_config_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_config_config
+  ARGS
+    tests/fuzz/corpus/t5_config
+  TIMEOUT 300
+)
+
+# //tests/fuzz:lora_config_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_lora_config_fuzz_replay
+  TEST_NAME //tests/fuzz:lora_config_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/lora_config_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_config_config
+  ARGS
+    tests/fuzz/corpus/lora_config
   TIMEOUT 300
 )
 
@@ -1174,6 +1287,10 @@ lorahub_script_test(tests_tasks_make_task_data_cli_test
 
 # //tests/testdata/safetensors:fixtures (filegroup): nothing to build in CMake
 
+# ---- //tests/testdata/spm  (tests/testdata/spm/BUILD)
+
+# //tests/testdata/spm:spm (filegroup): nothing to build in CMake
+
 # ---- //tests/testdata/t5  (tests/testdata/t5/BUILD)
 
 # //tests/testdata/t5:t5 (filegroup): nothing to build in CMake
@@ -1181,6 +1298,87 @@ lorahub_script_test(tests_tasks_make_task_data_cli_test
 # ---- //tests/testdata/torch_bin  (tests/testdata/torch_bin/BUILD)
 
 # //tests/testdata/torch_bin:fixtures (filegroup): nothing to build in CMake
+
+# ---- //tests/tokenizer  (tests/tokenizer/BUILD)
+
+# //tests/tokenizer:golden (cc_library)
+lorahub_cc_library(tests_tokenizer_golden
+  PACKAGE tests/tokenizer
+  SRCS
+    ${SRC}/tests/tokenizer/golden.h
+  OUTPUT_NAME golden
+)
+
+# //tests/tokenizer:t5_tokenizer_test (cc_test)
+lorahub_cc_test(tests_tokenizer_t5_tokenizer_test
+  TEST_NAME //tests/tokenizer:t5_tokenizer_test
+  PACKAGE tests/tokenizer
+  SRCS
+    ${SRC}/tests/tokenizer/t5_tokenizer_test.cc
+  DEPS
+    tests_tokenizer_golden
+    core_tokenizer_tokenizer
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/tokenizer:tokenizer_in_server_process_test (cc_test)
+lorahub_cc_test(tests_tokenizer_tokenizer_in_server_process_test
+  TEST_NAME //tests/tokenizer:tokenizer_in_server_process_test
+  PACKAGE tests/tokenizer
+  SRCS
+    ${SRC}/tests/tokenizer/tokenizer_in_server_process_test.cc
+  DEPS
+    tests_tokenizer_golden
+    core_tokenizer_tokenizer
+    ext_gtest_gtest_main
+    ext_grpc_grpc__
+    ext_libtorch_libtorch
+    ext_protobuf_protobuf
+  TIMEOUT 300
+)
+
+# //tests/tokenizer:lorahub_tokenize_test (sh_test)
+lorahub_script_test(tests_tokenizer_lorahub_tokenize_test
+  TEST_NAME //tests/tokenizer:lorahub_tokenize_test
+  PACKAGE tests/tokenizer
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/tokenizer/lorahub_tokenize_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
+)
+
+# //tests/tokenizer:hf_parity_test (cc_test)
+lorahub_cc_test(tests_tokenizer_hf_parity_test
+  TEST_NAME //tests/tokenizer:hf_parity_test
+  PACKAGE tests/tokenizer
+  SRCS
+    ${SRC}/tests/tokenizer/hf_parity_test.cc
+  DEPS
+    tests_tokenizer_golden
+    core_tokenizer_tokenizer
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/tokenizer:shim_env_test (cc_test)
+lorahub_cc_test(tests_tokenizer_shim_env_test
+  TEST_NAME //tests/tokenizer:shim_env_test
+  PACKAGE tests/tokenizer
+  SRCS
+    ${SRC}/tests/tokenizer/shim_env_test.cc
+  DEPS
+    tests_tokenizer_golden
+    core_tokenizer_tokenizer
+    ext_gtest_gtest_main
+  TIMEOUT 300
+  DATA_TARGETS
+    core_tokenizer_libsp_shim_so
+)
 
 # ---- //tests/util  (tests/util/BUILD)
 

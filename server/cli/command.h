@@ -26,6 +26,8 @@ int RunServe(int argc, char** argv);
 int RunGenerate(int argc, char** argv);
 int RunScore(int argc, char** argv);
 int RunInspect(int argc, char** argv);
+// `lorahub tokenize`: see server/cli/tokenize_command.cc.
+int RunTokenize(int argc, char** argv);
 
 }  // namespace lorahub::cli
 
