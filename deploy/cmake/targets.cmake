@@ -468,6 +468,27 @@ lorahub_cc_library(core_model_loader
   OUTPUT_NAME loader
 )
 
+# ---- //core/serving  (core/serving/BUILD)
+
+# //core/serving:serving (cc_library)
+lorahub_cc_library(core_serving_serving
+  PACKAGE core/serving
+  SRCS
+    ${SRC}/core/serving/adapter_cache.cc
+    ${SRC}/core/serving/inference_engine.cc
+    ${SRC}/core/serving/adapter_cache.h
+    ${SRC}/core/serving/inference_engine.h
+    ${SRC}/core/serving/request.h
+  DEPS
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME serving
+)
+
 # ---- //core/store  (core/store/BUILD)
 
 # //core/store:store (cc_library)
@@ -1116,6 +1137,27 @@ lorahub_cc_test(tests_model_golden_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
     ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
+# ---- //tests/server  (tests/server/BUILD)
+
+# //tests/server:inference_engine_test (cc_test)
+lorahub_cc_test(tests_server_inference_engine_test
+  TEST_NAME //tests/server:inference_engine_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/inference_engine_test.cc
+  DEPS
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_serving_serving
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+    ext_prometheus_cpp_prometheus_cpp
   TIMEOUT 300
 )
 
