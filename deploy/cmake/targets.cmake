@@ -192,14 +192,27 @@ lorahub_alias(lorahubctl
 
 # ---- //client  (client/BUILD)
 
+# //client:health_cc (lorahub_cc_grpc_library)
+lorahub_cc_grpc_library(client_health_cc
+  LABEL //client:health_cc
+  PACKAGE client
+  PROTOS
+    grpc/health/v1/health.proto
+  SRCS
+    ${SRC}/client/grpc/health/v1/health.proto
+)
+
 # //client:lorahubctl (cc_binary)
 lorahub_cc_binary(client_lorahubctl
   PACKAGE client
   SRCS
     ${SRC}/client/main.cc
   DEPS
+    client_health_cc
     proto_lorahub_v1_cc
+    ext_absl_absl
     ext_grpc_grpc__
+    ext_nlohmann_json_json
   OUTPUT_NAME lorahubctl
 )
 
@@ -681,6 +694,46 @@ lorahub_cc_library(server_info_service
   OUTPUT_NAME info_service
 )
 
+# //server:status_convert (cc_library)
+lorahub_cc_library(server_status_convert
+  PACKAGE server
+  SRCS
+    ${SRC}/server/status_convert.cc
+    ${SRC}/server/status_convert.h
+  DEPS
+    ext_absl_absl
+    ext_grpc_grpc__
+  OUTPUT_NAME status_convert
+)
+
+# //server:services (cc_library)
+lorahub_cc_library(server_services
+  PACKAGE server
+  SRCS
+    ${SRC}/server/inference_service.cc
+    ${SRC}/server/module_service.cc
+    ${SRC}/server/service_context.cc
+    ${SRC}/server/inference_service.h
+    ${SRC}/server/module_service.h
+    ${SRC}/server/service_context.h
+  DEPS
+    server_status_convert
+    core_hub_file_digest
+    core_hub_hub_client
+    core_hub_hub_validation
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_serving_serving
+    core_store_store
+    core_tokenizer_tokenizer
+    proto_lorahub_v1_cc
+    ext_absl_absl
+    ext_grpc_grpc__
+    ext_libtorch_libtorch
+  OUTPUT_NAME services
+)
+
 # //server:lorahub (cc_binary)
 lorahub_cc_binary(server_lorahub
   PACKAGE server
@@ -694,11 +747,19 @@ lorahub_cc_binary(server_lorahub
     core_io_checkpoint
     ext_nlohmann_json_json
     server_info_service
+    server_services
+    core_hub_hub_client
+    core_metrics_metrics
+    core_metrics_exposer
+    core_model_model
+    core_model_loader
+    core_serving_serving
+    core_store_store
+    ext_prometheus_cpp_prometheus_cpp
     core_tokenizer_tokenizer
     ext_absl_absl
     ext_grpc_grpc___reflection
     ext_libtorch_libtorch
-    ext_nlohmann_json_json
   OUTPUT_NAME lorahub
 )
 
@@ -896,6 +957,23 @@ lorahub_cc_test(tests_hub_hub_units_test
     ext_absl_absl
     ext_gtest_gtest_main
   TIMEOUT 300
+)
+
+# ---- //tests/integration  (tests/integration/BUILD)
+
+# //tests/integration:serve_test (sh_test)
+lorahub_script_test(tests_integration_serve_test
+  TEST_NAME //tests/integration:serve_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/serve_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
 )
 
 # ---- //tests/io  (tests/io/BUILD)
