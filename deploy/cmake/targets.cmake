@@ -976,6 +976,19 @@ lorahub_script_test(tests_integration_serve_test
     server_lorahub
 )
 
+# //tests/integration:python_client_test (sh_test)
+lorahub_script_test(tests_integration_python_client_test
+  TEST_NAME //tests/integration:python_client_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/python_client_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
+)
+
 # ---- //tests/io  (tests/io/BUILD)
 
 # //tests/io:safetensors_test (cc_test)
