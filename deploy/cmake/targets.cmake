@@ -192,14 +192,27 @@ lorahub_alias(lorahubctl
 
 # ---- //client  (client/BUILD)
 
+# //client:health_cc (lorahub_cc_grpc_library)
+lorahub_cc_grpc_library(client_health_cc
+  LABEL //client:health_cc
+  PACKAGE client
+  PROTOS
+    grpc/health/v1/health.proto
+  SRCS
+    ${SRC}/client/grpc/health/v1/health.proto
+)
+
 # //client:lorahubctl (cc_binary)
 lorahub_cc_binary(client_lorahubctl
   PACKAGE client
   SRCS
     ${SRC}/client/main.cc
   DEPS
+    client_health_cc
     proto_lorahub_v1_cc
+    ext_absl_absl
     ext_grpc_grpc__
+    ext_nlohmann_json_json
   OUTPUT_NAME lorahubctl
 )
 
@@ -513,6 +526,27 @@ lorahub_cc_library(core_model_loader
   OUTPUT_NAME loader
 )
 
+# ---- //core/serving  (core/serving/BUILD)
+
+# //core/serving:serving (cc_library)
+lorahub_cc_library(core_serving_serving
+  PACKAGE core/serving
+  SRCS
+    ${SRC}/core/serving/adapter_cache.cc
+    ${SRC}/core/serving/inference_engine.cc
+    ${SRC}/core/serving/adapter_cache.h
+    ${SRC}/core/serving/inference_engine.h
+    ${SRC}/core/serving/request.h
+  DEPS
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME serving
+)
+
 # ---- //core/store  (core/store/BUILD)
 
 # //core/store:store (cc_library)
@@ -759,6 +793,46 @@ lorahub_cc_library(server_info_service
   OUTPUT_NAME info_service
 )
 
+# //server:status_convert (cc_library)
+lorahub_cc_library(server_status_convert
+  PACKAGE server
+  SRCS
+    ${SRC}/server/status_convert.cc
+    ${SRC}/server/status_convert.h
+  DEPS
+    ext_absl_absl
+    ext_grpc_grpc__
+  OUTPUT_NAME status_convert
+)
+
+# //server:services (cc_library)
+lorahub_cc_library(server_services
+  PACKAGE server
+  SRCS
+    ${SRC}/server/inference_service.cc
+    ${SRC}/server/module_service.cc
+    ${SRC}/server/service_context.cc
+    ${SRC}/server/inference_service.h
+    ${SRC}/server/module_service.h
+    ${SRC}/server/service_context.h
+  DEPS
+    server_status_convert
+    core_hub_file_digest
+    core_hub_hub_client
+    core_hub_hub_validation
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_serving_serving
+    core_store_store
+    core_tokenizer_tokenizer
+    proto_lorahub_v1_cc
+    ext_absl_absl
+    ext_grpc_grpc__
+    ext_libtorch_libtorch
+  OUTPUT_NAME services
+)
+
 # //server:lorahub (cc_binary)
 lorahub_cc_binary(server_lorahub
   PACKAGE server
@@ -777,13 +851,19 @@ lorahub_cc_binary(server_lorahub
   DEPS
     server_cli_args
     server_info_service
+    server_services
+    core_hub_hub_client
     core_io_checkpoint
     core_learn_adapter_export
     core_learn_cobyla_trust
     core_learn_lorahub_objective
     core_learn_optimizer
+    core_metrics_metrics
+    core_metrics_exposer
     core_model_model
     core_model_loader
+    core_serving_serving
+    core_store_store
     core_tokenizer_tokenizer
     core_train_train
     core_train_progress_bar
@@ -793,6 +873,7 @@ lorahub_cc_binary(server_lorahub
     ext_grpc_grpc___reflection
     ext_libtorch_libtorch
     ext_nlohmann_json_json
+    ext_prometheus_cpp_prometheus_cpp
   OUTPUT_NAME lorahub
 )
 
@@ -1003,6 +1084,36 @@ lorahub_cc_test(tests_hub_hub_units_test
     ext_absl_absl
     ext_gtest_gtest_main
   TIMEOUT 300
+)
+
+# ---- //tests/integration  (tests/integration/BUILD)
+
+# //tests/integration:serve_test (sh_test)
+lorahub_script_test(tests_integration_serve_test
+  TEST_NAME //tests/integration:serve_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/serve_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:python_client_test (sh_test)
+lorahub_script_test(tests_integration_python_client_test
+  TEST_NAME //tests/integration:python_client_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/python_client_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
 )
 
 # ---- //tests/io  (tests/io/BUILD)
@@ -1277,6 +1388,27 @@ lorahub_cc_test(tests_model_golden_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
     ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
+# ---- //tests/server  (tests/server/BUILD)
+
+# //tests/server:inference_engine_test (cc_test)
+lorahub_cc_test(tests_server_inference_engine_test
+  TEST_NAME //tests/server:inference_engine_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/inference_engine_test.cc
+  DEPS
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_serving_serving
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+    ext_prometheus_cpp_prometheus_cpp
   TIMEOUT 300
 )
 

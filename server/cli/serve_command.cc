@@ -1,17 +1,39 @@
-// `lorahub serve`: runs the gRPC server until SIGINT/SIGTERM.
+// `lorahub serve`: loads the base model on each device, starts one inference
+// engine per device and serves the lorahub.v1 API, grpc.health.v1 and
+// reflection until SIGINT/SIGTERM.
+//
+// Shutdown: health goes NOT_SERVING, new RPCs get UNAVAILABLE, engines stop
+// accepting work and finish in-flight requests until --shutdown-grace-s
+// (then cancel them), then the gRPC server shuts down.
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
+
+#include <prometheus/registry.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "core/hub/hub_client.h"
+#include "core/metrics/exposer.h"
+#include "core/metrics/metrics.h"
+#include "core/model/loader.h"
+#include "core/serving/inference_engine.h"
+#include "core/store/store.h"
+#include "core/tokenizer/tokenizer.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
-#include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "server/cli/args.h"
 #include "server/cli/command.h"
+#include "server/inference_service.h"
 #include "server/info_service.h"
+#include "server/module_service.h"
+#include "server/service_context.h"
 
 namespace lorahub::cli {
 namespace {
@@ -22,37 +44,141 @@ void OnSignal(int) { g_stop = 1; }
 }  // namespace
 
 int RunServe(int argc, char** argv) {
-  FlagSpec spec{{"listen", "model", "device"}, {}};
+  FlagSpec spec{{"listen", "model", "device", "metrics-listen", "data-dir",
+                 "dtype", "hub-endpoint", "cache-dir", "max-batch-rows",
+                 "max-queue", "max-new-tokens", "max-prompt-tokens",
+                 "shutdown-grace-s"},
+                {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
-  std::string listen = args->Get("listen").value_or("127.0.0.1:50051");
+  absl::StatusOr<std::string> model_dir = args->Required("model");
+  if (!model_dir.ok()) return ReportError("serve", model_dir.status());
+  const std::string listen = args->Get("listen").value_or("127.0.0.1:50051");
+  const std::string metrics_listen =
+      args->Get("metrics-listen").value_or("127.0.0.1:9090");
+  const std::string data_dir = args->Get("data-dir").value_or(".");
   std::vector<std::string> devices =
       absl::StrSplit(args->Get("device").value_or("cpu"), ',');
+  serving::EngineOptions eo;
+  {
+    auto rows = args->GetInt("max-batch-rows", eo.max_batch_rows);
+    auto queue = args->GetInt("max-queue", eo.max_queue);
+    auto new_tokens = args->GetInt("max-new-tokens", eo.max_new_tokens);
+    auto prompt = args->GetInt("max-prompt-tokens", eo.max_prompt_tokens);
+    for (const auto* v : {&rows, &queue, &new_tokens, &prompt}) {
+      if (!v->ok()) return ReportError("serve", v->status());
+      if (**v < 1 || **v > 1000000) {
+        return ReportError("serve", absl::InvalidArgumentError(
+                                        "limits must be in [1, 1000000]"));
+      }
+    }
+    eo.max_batch_rows = static_cast<int>(*rows);
+    eo.max_queue = static_cast<int>(*queue);
+    eo.max_new_tokens = std::min<long long>(*new_tokens, 8192);
+    eo.max_prompt_tokens = *prompt;
+  }
+  absl::StatusOr<double> grace = args->GetDouble("shutdown-grace-s", 10);
+  if (!grace.ok()) return ReportError("serve", grace.status());
+
+  model::WeightOptions wo;
+  if (auto dtype = args->Get("dtype")) {
+    absl::StatusOr<at::ScalarType> t = model::ParseDType(*dtype);
+    if (!t.ok()) return ReportError("serve", t.status());
+    wo.dtype = *t;
+  }
+
+  // Metrics first: the engines record into them.
+  auto registry = std::make_shared<prometheus::Registry>();
+  absl::StatusOr<std::unique_ptr<metrics::ServiceMetrics>> service_metrics =
+      metrics::ServiceMetrics::Create(registry);
+  if (!service_metrics.ok()) return ReportError("serve", service_metrics.status());
+  metrics::ExposerOptions xo;
+  xo.listen_address = metrics_listen;
+  absl::StatusOr<std::unique_ptr<metrics::MetricsExposer>> exposer =
+      metrics::MetricsExposer::Start(xo, registry);
+  if (!exposer.ok()) return ReportError("serve", exposer.status());
+
+  auto ctx = std::make_unique<server::ServiceContext>();
+  ctx->metrics = service_metrics->get();
+  store::StoreOptions so;
+  so.path = data_dir + "/lorahub.db";
+  absl::StatusOr<std::unique_ptr<store::Store>> st = store::Store::Open(so);
+  if (!st.ok()) return ReportError("serve", st.status());
+  ctx->store = *std::move(st);
+  hub::HubClientOptions ho;
+  if (auto e = args->Get("hub-endpoint")) ho.endpoint = *e;
+  if (auto c = args->Get("cache-dir")) ho.cache_dir = *c;
+  absl::StatusOr<std::unique_ptr<hub::HubClient>> hub = hub::HubClient::Create(ho);
+  if (!hub.ok()) return ReportError("serve", hub.status());
+  ctx->hub = *std::move(hub);
+  absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> tok =
+      tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
+  if (!tok.ok()) return ReportError("serve", tok.status());
+  ctx->tokenizer = *std::move(tok);
+
+  store::Store* store_ptr = ctx->store.get();
+  serving::ModuleResolver resolver =
+      [store_ptr](const std::string& id) -> absl::StatusOr<serving::ModuleLocation> {
+    absl::StatusOr<store::ModuleRecord> r = store_ptr->GetModule(id);
+    if (!r.ok()) return r.status();
+    return serving::ModuleLocation{r->local_path, r->weights_sha256};
+  };
+  for (const std::string& d : devices) {
+    absl::StatusOr<c10::Device> device = model::ParseDevice(d);
+    if (!device.ok()) return ReportError("serve", device.status());
+    wo.device = *device;
+    absl::StatusOr<model::T5Weights> w = model::LoadT5(*model_dir, wo);
+    if (!w.ok()) return ReportError("serve", w.status());
+    serving::EngineOptions o = eo;
+    o.device_name = d;
+    absl::StatusOr<std::unique_ptr<serving::InferenceEngine>> engine =
+        serving::InferenceEngine::Start(
+            std::make_shared<const model::T5Weights>(*std::move(w)), resolver,
+            o, ctx->metrics);
+    if (!engine.ok()) return ReportError("serve", engine.status());
+    ctx->engines.push_back(*std::move(engine));
+  }
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  server::InfoServiceImpl info(args->Get("model").value_or(""), devices);
+  server::InfoServiceImpl info(*model_dir, devices);
+  server::InferenceServiceImpl inference(ctx.get());
+  auto modules = std::make_unique<server::ModuleServiceImpl>(ctx.get());
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(16 << 20);
   builder.RegisterService(&info);
+  builder.RegisterService(&inference);
+  builder.RegisterService(modules.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     return ReportError("serve", absl::InvalidArgumentError(absl::StrCat(
                                     "cannot listen on '", listen, "'")));
   }
-  // The chosen port is printed so that tests can ask for port 0.
+  server->GetHealthCheckService()->SetServingStatus(true);
+  // The chosen ports are printed so that tests can ask for port 0.
   std::string host = listen.substr(0, listen.rfind(':'));
   std::printf("listening on %s:%d\n", host.c_str(), port);
+  std::printf("metrics on port %d\n", (*exposer)->port());
   std::fflush(stdout);
 
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   while (!g_stop) {
-    struct timespec delay = {0, 100 * 1000 * 1000};
+    struct timespec delay = {0, 50 * 1000 * 1000};
     nanosleep(&delay, nullptr);
   }
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  std::fprintf(stderr, "lorahub serve: shutting down\n");
+  server->GetHealthCheckService()->SetServingStatus(false);
+  ctx->shutting_down = true;
+  const absl::Time deadline = absl::Now() + absl::Seconds(*grace);
+  for (auto& e : ctx->engines) e->Shutdown(deadline);
+  for (auto& e : ctx->engines) e->WaitIdle();
+  server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  server->Wait();
+  modules.reset();
+  ctx->engines.clear();
   return kExitOk;
 }
 

@@ -1,0 +1,758 @@
+#include "core/serving/inference_engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "absl/strings/str_cat.h"
+#include "core/metrics/metrics.h"
+#include "core/model/generate.h"
+#include "core/model/lora.h"
+#include "core/model/scorer.h"
+#include "core/model/t5_forward.h"
+#include "core/util/status_macros.h"
+
+namespace lorahub::serving {
+namespace {
+
+double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+// The most negative finite value of the compute dtype: the additive mask of
+// keys a row must not see (as transformers' finfo(dtype).min).
+double MaskValue(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return static_cast<float>(std::numeric_limits<c10::BFloat16>::lowest());
+    case at::kHalf:
+      return static_cast<float>(std::numeric_limits<c10::Half>::lowest());
+    default:
+      return std::numeric_limits<float>::lowest();
+  }
+}
+
+// transformers' temperature, top-k and top-p warpers, in that order (the
+// same rules as core/model/generate.cc, applied to one row's scores).
+at::Tensor Warp(at::Tensor scores, const DecodingParams& p) {
+  const double inf = std::numeric_limits<double>::infinity();
+  if (p.temperature != 1.0) scores = scores / p.temperature;
+  if (p.top_k > 0) {
+    const int64_t k = std::min<int64_t>(p.top_k, scores.size(-1));
+    at::Tensor kth = std::get<0>(at::topk(scores, k)).narrow(-1, k - 1, 1);
+    scores = scores.masked_fill(scores < kth, -inf);
+  }
+  if (p.top_p < 1.0) {
+    auto sorted = at::sort(scores, -1, /*descending=*/false);
+    at::Tensor cum = std::get<0>(sorted).softmax(-1).cumsum(-1);
+    at::Tensor remove = cum <= (1 - p.top_p);
+    remove.narrow(-1, remove.size(-1) - 1, 1).fill_(false);
+    at::Tensor mask = remove.scatter(-1, std::get<1>(sorted), remove);
+    scores = scores.masked_fill(mask, -inf);
+  }
+  return scores;
+}
+
+absl::Status CheckSpec(const AdapterSpec& spec, const EngineOptions& o) {
+  if (static_cast<int>(spec.module_ids.size()) > o.max_modules) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "adapter: ", spec.module_ids.size(), " modules, at most ",
+        o.max_modules));
+  }
+  if (spec.module_ids.empty() && !spec.weights.empty()) {
+    return absl::InvalidArgumentError("adapter.weights: given without modules");
+  }
+  if (!spec.weights.empty() && spec.weights.size() != spec.module_ids.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "adapter.weights: ", spec.weights.size(), " weights for ",
+        spec.module_ids.size(), " modules"));
+  }
+  for (size_t i = 0; i < spec.module_ids.size(); ++i) {
+    if (spec.module_ids[i].empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter.module_ids[", i, "]: empty"));
+    }
+  }
+  for (size_t i = 0; i < spec.weights.size(); ++i) {
+    if (!std::isfinite(spec.weights[i]) || std::abs(spec.weights[i]) > 1e3) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "adapter.weights[", i, "]: must be finite and in [-1e3, 1e3]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckIds(const std::vector<int64_t>& ids, int64_t vocab,
+                      int64_t max_len, const std::string& field) {
+  if (ids.empty()) return absl::InvalidArgumentError(field + ": empty");
+  if (static_cast<int64_t>(ids.size()) > max_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": ", ids.size(), " tokens, at most ", max_len));
+  }
+  for (int64_t id : ids) {
+    if (id < 0 || id >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": token id ", id, " outside [0, ", vocab, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Pads dim `dim` of `t` to `size` with `value`.
+at::Tensor PadDim(const at::Tensor& t, int64_t dim, int64_t size,
+                  double value) {
+  const int64_t have = t.size(dim);
+  if (have == size) return t;
+  std::vector<int64_t> shape = t.sizes().vec();
+  shape[dim] = size - have;
+  return at::cat({t, at::full(shape, value, t.options())}, dim);
+}
+
+}  // namespace
+
+// One request in the running batch.
+struct Row {
+  GenerateRequest req;
+  absl::Time enqueued, started, last_token;
+  bool got_first = false;
+  double ttft_s = 0;
+  std::shared_ptr<const model::LoraAdapter> adapter;
+  int64_t start = 0;  // cache position of its decoder start token
+  int64_t steps = 0;
+  std::vector<int64_t> out;
+  std::optional<at::Generator> gen;
+  bool done = false;
+  FinishReason reason = FinishReason::kEos;
+};
+
+struct InferenceEngine::State {
+  State(InferenceEngine* e, ModuleResolver resolver)
+      : engine(e),
+        w(*e->weights_),
+        adapters(e->weights_.get(), std::move(resolver),
+                 e->options_.adapter_cache_bytes, e->metrics_) {}
+
+  InferenceEngine* engine;
+  const model::T5Weights& w;
+  AdapterCache adapters;
+  std::vector<Row> rows;
+  model::DecoderCache dc;
+  at::Tensor base_bias;  // [1, heads, cap, cap] position bias, no mask
+  at::Tensor tokens;     // [B] next decoder inputs, on the device
+  std::unique_ptr<model::AdapterBank> bank;
+  model::RowAdapters row_adapters;
+
+  metrics::ServiceMetrics* metrics() { return engine->metrics_; }
+
+  void FinishGenerate(Row& row, absl::Status status) {
+    GenerateOutcome out;
+    out.status = std::move(status);
+    out.finish_reason = row.reason;
+    out.output_ids = std::move(row.out);
+    out.prompt_tokens = static_cast<int64_t>(row.req.input_ids.size());
+    const absl::Time now = absl::Now();
+    out.queue_s = Seconds(row.started - row.enqueued);
+    out.time_to_first_token_s = row.ttft_s;
+    out.total_s = Seconds(now - row.enqueued);
+    AdapterSpec spec = row.req.adapter;
+    if (row.req.on_done) row.req.on_done(std::move(out));
+    engine->Release(spec);
+  }
+
+  // Records one generated token of `row`; false if the client is gone.
+  bool Emit(Row& row, int64_t token) {
+    const absl::Time now = absl::Now();
+    if (!row.got_first) {
+      row.got_first = true;
+      row.ttft_s = Seconds(now - row.enqueued);
+      if (metrics()) metrics()->ObserveTimeToFirstToken(row.ttft_s);
+    } else if (metrics()) {
+      metrics()->ObserveInterTokenLatency(Seconds(now - row.last_token));
+    }
+    row.last_token = now;
+    row.out.push_back(token);
+    if (metrics()) metrics()->AddGeneratedTokens(1);
+    return !row.req.on_token || row.req.on_token(token);
+  }
+
+  // Bank of the distinct adapters of `rows`; per-row slots in `slots`.
+  absl::Status BuildBank(std::vector<int64_t>* slots) {
+    std::vector<const model::LoraAdapter*> distinct;
+    slots->clear();
+    for (const Row& r : rows) {
+      if (!r.adapter) {
+        slots->push_back(-1);
+        continue;
+      }
+      auto it = std::find(distinct.begin(), distinct.end(), r.adapter.get());
+      slots->push_back(it - distinct.begin());
+      if (it == distinct.end()) distinct.push_back(r.adapter.get());
+    }
+    if (distinct.empty()) {
+      bank.reset();
+      return absl::OkStatus();
+    }
+    LH_ASSIGN_OR_RETURN(model::AdapterBank b,
+                        model::MakeAdapterBank(w, distinct));
+    bank = std::make_unique<model::AdapterBank>(std::move(b));
+    return absl::OkStatus();
+  }
+
+  // Per-row masks over the shared time axis, adapters of the rows.
+  absl::Status RebuildRowState() {
+    std::vector<int64_t> slots;
+    LH_RETURN_IF_ERROR(BuildBank(&slots));
+    LH_ASSIGN_OR_RETURN(row_adapters,
+                        model::MakeRowAdapters(w, bank.get(), slots));
+    bool any_offset = false;
+    for (const Row& r : rows) any_offset |= r.start > 0;
+    if (!any_offset) {
+      dc.self_bias = base_bias;
+      return absl::OkStatus();
+    }
+    const int64_t B = static_cast<int64_t>(rows.size());
+    at::Tensor mask = at::zeros({B, 1, 1, dc.capacity},
+                                at::TensorOptions().dtype(w.dtype));
+    for (int64_t b = 0; b < B; ++b) {
+      if (rows[b].start > 0) {
+        mask[b].narrow(-1, 0, rows[b].start).fill_(MaskValue(w.dtype));
+      }
+    }
+    dc.self_bias = base_bias + mask.to(w.device);
+    return absl::OkStatus();
+  }
+
+  // Appends `incoming` to the running batch (encoder pass for them).
+  absl::Status Admit(std::vector<Row> incoming) {
+    const int64_t n_old = static_cast<int64_t>(rows.size());
+    const int64_t n_new = static_cast<int64_t>(incoming.size());
+    // Compaction: drop time positions no remaining row can see.
+    int64_t shift = 0;
+    if (n_old > 0) {
+      shift = rows[0].start;
+      for (const Row& r : rows) shift = std::min(shift, r.start);
+    }
+    const int64_t length = n_old > 0 ? dc.length - shift : 0;
+    int64_t need = 0;
+    for (const Row& r : rows) {
+      need = std::max(need, r.start - shift + r.req.params.max_new_tokens);
+    }
+    for (const Row& r : incoming) {
+      need = std::max(need, length + r.req.params.max_new_tokens);
+    }
+    const int64_t old_cap = n_old > 0 ? dc.capacity - shift : 0;
+    const int64_t cap = std::max(need, old_cap);
+
+    for (Row& r : incoming) rows.push_back(std::move(r));
+    std::vector<int64_t> slots;
+    LH_RETURN_IF_ERROR(BuildBank(&slots));
+    std::vector<int64_t> new_slots(slots.begin() + n_old, slots.end());
+    LH_ASSIGN_OR_RETURN(model::RowAdapters new_rows,
+                        model::MakeRowAdapters(w, bank.get(), new_slots));
+    // Encoder inputs of the newcomers, right-padded.
+    size_t s_len = 0;
+    for (int64_t i = n_old; i < n_old + n_new; ++i) {
+      s_len = std::max(s_len, rows[i].req.input_ids.size());
+    }
+    at::Tensor ids = at::full({n_new, static_cast<int64_t>(s_len)},
+                              w.config.pad_token_id, at::kLong);
+    at::Tensor mask = at::zeros({n_new, static_cast<int64_t>(s_len)}, at::kLong);
+    auto ia = ids.accessor<int64_t, 2>();
+    auto ma = mask.accessor<int64_t, 2>();
+    for (int64_t i = 0; i < n_new; ++i) {
+      const auto& in = rows[n_old + i].req.input_ids;
+      for (size_t t = 0; t < in.size(); ++t) {
+        ia[i][t] = in[t];
+        ma[i][t] = 1;
+      }
+    }
+    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n_new));
+    LH_ASSIGN_OR_RETURN(
+        model::EncoderOutput enc,
+        model::Encode(w, ids.to(w.device), mask.to(w.device), new_rows));
+    LH_ASSIGN_OR_RETURN(model::DecoderCache nc,
+                        model::InitDecoderCache(w, enc, new_rows, cap));
+    at::Tensor start_tokens =
+        at::full({n_new}, w.config.decoder_start_token_id,
+                 at::TensorOptions().dtype(at::kLong).device(w.device));
+    if (n_old == 0) {
+      dc = std::move(nc);
+      base_bias = dc.self_bias;
+      tokens = start_tokens;
+    } else {
+      const double neg = MaskValue(w.dtype);
+      for (size_t i = 0; i < dc.self_k.size(); ++i) {
+        for (at::Tensor* kv : {&dc.self_k[i], &dc.self_v[i]}) {
+          at::Tensor old = kv->narrow(2, shift, length);
+          std::vector<int64_t> shape = kv->sizes().vec();
+          shape[0] = n_old + n_new;
+          shape[2] = cap;
+          at::Tensor fresh = at::zeros(shape, kv->options());
+          fresh.narrow(0, 0, n_old).narrow(2, 0, length).copy_(old);
+          *kv = fresh;
+        }
+        const int64_t s = std::max(dc.cross_k[i].size(2), nc.cross_k[i].size(2));
+        dc.cross_k[i] = at::cat({PadDim(dc.cross_k[i], 2, s, 0),
+                                 PadDim(nc.cross_k[i], 2, s, 0)}, 0);
+        dc.cross_v[i] = at::cat({PadDim(dc.cross_v[i], 2, s, 0),
+                                 PadDim(nc.cross_v[i], 2, s, 0)}, 0);
+      }
+      const int64_t s = std::max(dc.cross_bias.size(3), nc.cross_bias.size(3));
+      dc.cross_bias = at::cat({PadDim(dc.cross_bias, 3, s, neg),
+                               PadDim(nc.cross_bias, 3, s, neg)}, 0);
+      dc.capacity = cap;
+      dc.length = length;
+      base_bias = nc.self_bias;
+      tokens = at::cat({tokens, start_tokens}, 0);
+    }
+    for (int64_t i = 0; i < n_old; ++i) rows[i].start -= shift;
+    for (int64_t i = n_old; i < n_old + n_new; ++i) rows[i].start = length;
+    return RebuildRowState();
+  }
+
+  // One decoding step of the running batch; finished rows leave it.
+  absl::Status Step() {
+    const int64_t B = static_cast<int64_t>(rows.size());
+    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(B));
+    LH_ASSIGN_OR_RETURN(at::Tensor logits,
+                        model::DecodeStep(w, dc, tokens, row_adapters));
+    at::Tensor scores = logits.to(at::kFloat);
+    at::Tensor host = scores.argmax(-1).cpu();  // the one sync of the step
+    std::vector<int64_t> next(host.data_ptr<int64_t>(),
+                              host.data_ptr<int64_t>() + B);
+    for (int64_t r = 0; r < B; ++r) {
+      if (!rows[r].req.params.do_sample) continue;
+      at::Tensor probs =
+          at::softmax(Warp(scores.narrow(0, r, 1), rows[r].req.params), -1)
+              .cpu();
+      next[r] = at::multinomial(probs, 1, false, *rows[r].gen).item<int64_t>();
+    }
+    const int64_t eos = w.config.eos_token_id;
+    bool any_done = false;
+    for (int64_t r = 0; r < B; ++r) {
+      Row& row = rows[r];
+      ++row.steps;
+      const bool alive = Emit(row, next[r]);
+      const bool cancelled =
+          !alive || (row.req.cancel && row.req.cancel->load());
+      if (cancelled) {
+        row.done = true;
+        row.reason = FinishReason::kCancelled;
+      } else if (next[r] == eos) {
+        row.done = true;
+        row.reason = FinishReason::kEos;
+      } else if (row.steps >= row.req.params.max_new_tokens) {
+        row.done = true;
+        row.reason = FinishReason::kLength;
+      }
+      any_done |= row.done;
+    }
+    tokens = at::tensor(next, at::kLong).to(w.device);
+    if (any_done) return RemoveDone();
+    return absl::OkStatus();
+  }
+
+  absl::Status RemoveDone() {
+    std::vector<int64_t> keep;
+    std::vector<Row> kept;
+    for (size_t r = 0; r < rows.size(); ++r) {
+      if (rows[r].done) {
+        FinishGenerate(rows[r], absl::OkStatus());
+      } else {
+        keep.push_back(static_cast<int64_t>(r));
+        kept.push_back(std::move(rows[r]));
+      }
+    }
+    rows = std::move(kept);
+    if (rows.empty()) {
+      Reset();
+      return absl::OkStatus();
+    }
+    at::Tensor index = at::tensor(keep, at::kLong).to(w.device);
+    LH_RETURN_IF_ERROR(model::ReorderCache(dc, index, /*cross=*/true));
+    tokens = tokens.index_select(0, index);
+    return RebuildRowState();
+  }
+
+  void Reset() {
+    rows.clear();
+    dc = model::DecoderCache();
+    base_bias = at::Tensor();
+    tokens = at::Tensor();
+    bank.reset();
+    row_adapters = model::RowAdapters();
+  }
+
+  // Ends every running row with `status` (engine failure).
+  void FailAll(const absl::Status& status) {
+    for (Row& r : rows) {
+      r.reason = FinishReason::kCancelled;
+      FinishGenerate(r, status);
+    }
+    Reset();
+  }
+
+  void CancelAll() {
+    for (Row& r : rows) {
+      r.reason = FinishReason::kCancelled;
+      FinishGenerate(r, absl::OkStatus());
+    }
+    Reset();
+  }
+
+  // Beam search: the request alone, all tokens at the end.
+  void RunBeam(GenerateRequest req, absl::Time enqueued) {
+    Row row;
+    row.req = std::move(req);
+    row.enqueued = enqueued;
+    row.started = absl::Now();
+    if (metrics()) metrics()->ObserveQueueTime(Seconds(row.started - enqueued));
+    absl::Status status = [&]() -> absl::Status {
+      LH_ASSIGN_OR_RETURN(row.adapter, adapters.Get(row.req.adapter));
+      std::optional<model::AdapterBank> b;
+      std::vector<int64_t> slots;
+      if (row.adapter) {
+        LH_ASSIGN_OR_RETURN(b, model::MakeAdapterBank(w, {row.adapter.get()}));
+        slots = {0};
+      }
+      model::GenerateOptions o;
+      const DecodingParams& p = row.req.params;
+      o.max_new_tokens = p.max_new_tokens;
+      o.num_beams = p.num_beams;
+      o.length_penalty = p.length_penalty;
+      o.early_stopping = p.early_stopping ? model::EarlyStopping::kTrue
+                                          : model::EarlyStopping::kFalse;
+      o.cancel = row.req.cancel.get();
+      if (metrics()) metrics()->ObserveBatchSize(p.num_beams);
+      LH_ASSIGN_OR_RETURN(
+          model::GenerateResult result,
+          model::Generate(w, {row.req.input_ids}, b ? &*b : nullptr, slots, o));
+      row.reason = FinishReason::kLength;
+      for (int64_t t : result.output_ids[0]) {
+        if (!Emit(row, t)) {
+          result.cancelled = true;
+          break;
+        }
+      }
+      if (result.cancelled) {
+        row.reason = FinishReason::kCancelled;
+      } else if (!row.out.empty() && row.out.back() == w.config.eos_token_id) {
+        row.reason = FinishReason::kEos;
+      }
+      return absl::OkStatus();
+    }();
+    FinishGenerate(row, status);
+  }
+
+  void RunScore(ScoreRequest req, absl::Time enqueued) {
+    ScoreOutcome out;
+    const absl::Time started = absl::Now();
+    out.queue_s = Seconds(started - enqueued);
+    if (metrics()) metrics()->ObserveQueueTime(out.queue_s);
+    out.status = [&]() -> absl::Status {
+      if (req.cancel && req.cancel->load()) {
+        return absl::CancelledError("cancelled before it started");
+      }
+      LH_ASSIGN_OR_RETURN(auto adapter, adapters.Get(req.adapter));
+      std::optional<model::AdapterBank> b;
+      int64_t slot = -1;
+      if (adapter) {
+        LH_ASSIGN_OR_RETURN(b, model::MakeAdapterBank(w, {adapter.get()}));
+        slot = 0;
+      }
+      std::vector<model::Example> examples;
+      for (ScoreExample& e : req.examples) {
+        examples.push_back({std::move(e.input_ids), std::move(e.label_ids)});
+      }
+      model::ScoreOptions o;
+      o.batch_size = req.batch_size;
+      o.max_rows = engine->options_.max_batch_rows;
+      if (metrics()) {
+        metrics()->ObserveBatchSize(static_cast<int>(std::min<int64_t>(
+            o.max_rows, static_cast<int64_t>(examples.size()))));
+      }
+      LH_ASSIGN_OR_RETURN(std::vector<double> loss,
+                          model::ScoreCandidates(w, b ? &*b : nullptr, {slot},
+                                                 examples, o));
+      out.loss = loss[0];
+      return absl::OkStatus();
+    }();
+    out.total_s = Seconds(absl::Now() - enqueued);
+    AdapterSpec spec = req.adapter;
+    if (req.on_done) req.on_done(std::move(out));
+    engine->Release(spec);
+  }
+};
+
+InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights,
+                                 ModuleResolver resolver, EngineOptions options,
+                                 metrics::ServiceMetrics* metrics)
+    : weights_(std::move(weights)),
+      options_(std::move(options)),
+      metrics_(metrics) {
+  state_ = std::make_unique<State>(this, std::move(resolver));
+}
+
+absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Start(
+    std::shared_ptr<const model::T5Weights> weights, ModuleResolver resolver,
+    EngineOptions options, metrics::ServiceMetrics* metrics) {
+  if (!weights) return absl::InvalidArgumentError("engine: no weights");
+  if (!resolver) return absl::InvalidArgumentError("engine: no module resolver");
+  if (options.max_queue < 1 || options.max_batch_rows < 1 ||
+      options.max_prompt_tokens < 1 || options.max_new_tokens < 1 ||
+      options.max_new_tokens > 8192) {
+    return absl::InvalidArgumentError("engine: bad limits in EngineOptions");
+  }
+  std::unique_ptr<InferenceEngine> engine(new InferenceEngine(
+      std::move(weights), std::move(resolver), std::move(options), metrics));
+  engine->thread_ = std::thread([e = engine.get()] { e->Loop(); });
+  return engine;
+}
+
+InferenceEngine::~InferenceEngine() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_) {
+      stopping_ = true;
+      deadline_ = absl::Now();
+    }
+    exit_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+absl::Status InferenceEngine::Submit(GenerateRequest request) {
+  const DecodingParams& p = request.params;
+  const int64_t vocab = weights_->config.vocab_size;
+  LH_RETURN_IF_ERROR(
+      CheckIds(request.input_ids, vocab, options_.max_prompt_tokens, "prompt"));
+  if (p.max_new_tokens < 1 || p.max_new_tokens > options_.max_new_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_new_tokens: ", p.max_new_tokens, " outside [1, ",
+        options_.max_new_tokens, "]"));
+  }
+  if (p.num_beams < 1 || p.num_beams > options_.max_num_beams) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_beams: ", p.num_beams, " outside [1, ", options_.max_num_beams,
+        "]"));
+  }
+  if (p.do_sample) {
+    if (p.num_beams > 1) {
+      return absl::InvalidArgumentError(
+          "temperature: sampling cannot be combined with num_beams > 1");
+    }
+    if (!(p.temperature > 0) || !std::isfinite(p.temperature)) {
+      return absl::InvalidArgumentError("temperature: must be > 0");
+    }
+    if (p.top_k < 0) return absl::InvalidArgumentError("top_k: must be >= 0");
+    if (!(p.top_p > 0 && p.top_p <= 1)) {
+      return absl::InvalidArgumentError("top_p: must be in (0, 1]");
+    }
+  }
+  if (!std::isfinite(p.length_penalty)) {
+    return absl::InvalidArgumentError("length_penalty: must be finite");
+  }
+  AdapterSpec spec = request.adapter;
+  LH_RETURN_IF_ERROR(CheckSpec(spec, options_));
+  return Enqueue(std::move(request), spec);
+}
+
+absl::Status InferenceEngine::Submit(ScoreRequest request) {
+  if (request.examples.empty()) {
+    return absl::InvalidArgumentError("examples: none given");
+  }
+  if (static_cast<int>(request.examples.size()) > options_.max_score_examples) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "examples: ", request.examples.size(), " given, at most ",
+        options_.max_score_examples));
+  }
+  const int64_t vocab = weights_->config.vocab_size;
+  for (size_t i = 0; i < request.examples.size(); ++i) {
+    LH_RETURN_IF_ERROR(CheckIds(request.examples[i].input_ids, vocab,
+                                options_.max_prompt_tokens,
+                                absl::StrCat("examples[", i, "].input")));
+    LH_RETURN_IF_ERROR(CheckIds(request.examples[i].label_ids, vocab,
+                                options_.max_new_tokens,
+                                absl::StrCat("examples[", i, "].output")));
+  }
+  if (request.batch_size < 0) {
+    return absl::InvalidArgumentError("batch_size: must be >= 0");
+  }
+  AdapterSpec spec = request.adapter;
+  LH_RETURN_IF_ERROR(CheckSpec(spec, options_));
+  return Enqueue(std::move(request), spec);
+}
+
+absl::Status InferenceEngine::Enqueue(Work work, const AdapterSpec& spec) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return absl::UnavailableError("the server is shutting down");
+    if (static_cast<int>(queue_.size()) >= options_.max_queue) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "inference queue is full (", options_.max_queue, " requests)"));
+    }
+    for (const std::string& id : spec.module_ids) ++in_use_[id];
+    queue_.push_back(Queued{std::move(work), absl::Now()});
+    ++pending_;
+  }
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+void InferenceEngine::Release(const AdapterSpec& spec) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const std::string& id : spec.module_ids) {
+      auto it = in_use_.find(id);
+      if (it != in_use_.end() && --it->second <= 0) in_use_.erase(it);
+    }
+    --pending_;
+  }
+  idle_cv_.notify_all();
+}
+
+bool InferenceEngine::InUse(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return in_use_.count(id) > 0;
+}
+
+void InferenceEngine::Shutdown(absl::Time deadline) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_ || deadline < deadline_) deadline_ = deadline;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+}
+
+void InferenceEngine::WaitIdle() {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_cv_.wait(lock, [&] { return pending_.load() == 0; });
+}
+
+void InferenceEngine::Loop() {
+  State& s = *state_;
+  for (;;) {
+    std::vector<Queued> incoming;
+    std::optional<Queued> solo;
+    bool past_deadline = false;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      auto ready = [&] {
+        return exit_ || stopping_ || !queue_.empty() || !s.rows.empty();
+      };
+      cv_.wait(lock, ready);
+      past_deadline = stopping_ && absl::Now() >= deadline_;
+      if (past_deadline) {
+        while (!queue_.empty()) {
+          incoming.push_back(std::move(queue_.front()));
+          queue_.pop_front();
+        }
+      } else {
+        // Newcomers join up to the row limit, in arrival order; a beam or
+        // score request runs alone when it reaches the head of the queue.
+        while (!queue_.empty()) {
+          Queued& q = queue_.front();
+          auto* g = std::get_if<GenerateRequest>(&q.work);
+          const bool batchable = g != nullptr && g->params.num_beams <= 1;
+          if (!batchable) {
+            if (incoming.empty()) {
+              solo = std::move(q);
+              queue_.pop_front();
+            }
+            break;
+          }
+          if (static_cast<int64_t>(s.rows.size() + incoming.size()) >=
+              options_.max_batch_rows) {
+            break;
+          }
+          incoming.push_back(std::move(q));
+          queue_.pop_front();
+        }
+      }
+      if (incoming.empty() && !solo && s.rows.empty() && stopping_ &&
+          queue_.empty()) {
+        return;
+      }
+      if (incoming.empty() && !solo && s.rows.empty() && !stopping_) continue;
+    }
+    try {
+      if (past_deadline) {
+        s.CancelAll();
+        for (Queued& q : incoming) {
+          const absl::Status gone =
+              absl::UnavailableError("the server shut down before the request ran");
+          if (auto* g = std::get_if<GenerateRequest>(&q.work)) {
+            Row row;
+            row.req = std::move(*g);
+            row.enqueued = row.started = q.enqueued;
+            row.reason = FinishReason::kCancelled;
+            s.FinishGenerate(row, gone);
+          } else {
+            ScoreRequest& r = std::get<ScoreRequest>(q.work);
+            ScoreOutcome out;
+            out.status = gone;
+            AdapterSpec spec = r.adapter;
+            if (r.on_done) r.on_done(std::move(out));
+            Release(spec);
+          }
+        }
+        continue;
+      }
+      if (solo) {
+        if (auto* g = std::get_if<GenerateRequest>(&solo->work)) {
+          s.RunBeam(std::move(*g), solo->enqueued);
+        } else {
+          s.RunScore(std::move(std::get<ScoreRequest>(solo->work)),
+                     solo->enqueued);
+        }
+      }
+      std::vector<Row> admitted;
+      for (Queued& q : incoming) {
+        Row row;
+        row.req = std::move(std::get<GenerateRequest>(q.work));
+        row.enqueued = q.enqueued;
+        row.started = absl::Now();
+        if (metrics_) metrics_->ObserveQueueTime(Seconds(row.started - row.enqueued));
+        if (row.req.cancel && row.req.cancel->load()) {
+          row.reason = FinishReason::kCancelled;
+          s.FinishGenerate(row, absl::OkStatus());
+          continue;
+        }
+        absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> adapter =
+            s.adapters.Get(row.req.adapter);
+        if (!adapter.ok()) {
+          s.FinishGenerate(row, adapter.status());
+          continue;
+        }
+        row.adapter = *std::move(adapter);
+        if (row.req.params.do_sample) {
+          row.gen = at::make_generator<at::CPUGeneratorImpl>(row.req.params.seed);
+        }
+        admitted.push_back(std::move(row));
+      }
+      if (!admitted.empty()) {
+        absl::Status st = s.Admit(std::move(admitted));
+        if (!st.ok()) s.FailAll(st);
+      }
+      if (!s.rows.empty()) {
+        absl::Status st = s.Step();
+        if (!st.ok()) s.FailAll(st);
+      }
+    } catch (const c10::Error& e) {
+      s.FailAll(absl::InternalError(
+          absl::StrCat("engine: ", e.what_without_backtrace())));
+    } catch (const std::exception& e) {
+      s.FailAll(absl::InternalError(absl::StrCat("engine: ", e.what())));
+    }
+  }
+}
+
+}  // namespace lorahub::serving

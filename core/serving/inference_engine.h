@@ -1,0 +1,155 @@
+// InferenceEngine: one thread that owns a device, the base model on it and
+// the adapters resident there, and runs every generate and score request for
+// that device.
+//
+// Submit never blocks: it validates the request, puts it on a bounded queue
+// and returns; results come back through the request's callbacks, which run
+// on the engine thread (they must not block).
+//
+// Continuous batching (greedy and sampling). The engine keeps one running
+// batch. Between decoding steps, rows that finished leave the batch and
+// queued requests join it: the newcomers are encoded together and their rows
+// are appended to the decoder cache. All rows share the cache's time axis; a
+// row that joins when the cache holds T positions starts at position T, and
+// its keys before T are masked out through a per-row additive mask folded
+// into the cache's self-attention bias (DecoderCache::self_bias becomes
+// [B, heads, cap, cap] = position bias + mask). T5 has no absolute position
+// embeddings, only relative position biases, so a row decoded at an offset
+// computes the same attention as alone: identical scores on its own keys and
+// exact zero weight on the masked ones. Encoder outputs of different lengths
+// are padded with masked keys in the same way. When the oldest rows leave,
+// the time axis is compacted (shifted left by the smallest start) so the
+// cache does not grow without bound.
+//
+// Each row carries its own adapter: the distinct adapters of the batch are
+// stacked into an AdapterBank, one slot each, and every row indexes its slot;
+// a batch without adapters runs with no bank at all (zero extra cost), rows
+// without an adapter are masked out of the LoRA path.
+//
+// Beam search and scoring run as their own batch, between two decoding steps
+// of the running batch (which waits meanwhile): simpler, and exact.
+//
+// Sampling rows draw from their own CPU generator seeded by the request, so
+// a sampled request gives the same tokens alone or in any batch, and the
+// same as model::Generate with that seed for one prompt.
+//
+// Thread-safety: Submit*, Shutdown, InUse and the counters may be called from
+// any thread.
+#ifndef LORAHUB_CORE_SERVING_INFERENCE_ENGINE_H_
+#define LORAHUB_CORE_SERVING_INFERENCE_ENGINE_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <variant>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/model/t5_weights.h"
+#include "core/serving/adapter_cache.h"
+#include "core/serving/request.h"
+
+namespace lorahub::metrics {
+class ServiceMetrics;
+}
+
+namespace lorahub::serving {
+
+struct EngineOptions {
+  // Requests waiting to start (generate + score); more -> ResourceExhausted.
+  int max_queue = 256;
+  // Rows decoded together (running batch, continuous batching).
+  int max_batch_rows = 32;
+  // Limits checked by Submit (InvalidArgument naming the field).
+  int64_t max_prompt_tokens = 1024;
+  int64_t max_new_tokens = 512;
+  int max_num_beams = 16;
+  int max_modules = 64;
+  int max_score_examples = 1024;
+  // Bytes of adapters the cache keeps on the device.
+  int64_t adapter_cache_bytes = int64_t{1} << 30;
+  // Label used for log lines and metrics ("cpu", "cuda:0").
+  std::string device_name = "cpu";
+};
+
+class InferenceEngine {
+ public:
+  // Starts the engine thread. `weights` is shared with the caller (read
+  // only). `metrics` may be null; when set it must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<InferenceEngine>> Start(
+      std::shared_ptr<const model::T5Weights> weights, ModuleResolver resolver,
+      EngineOptions options, metrics::ServiceMetrics* metrics);
+
+  // Shutdown(now) and joins the thread.
+  ~InferenceEngine();
+  InferenceEngine(const InferenceEngine&) = delete;
+  InferenceEngine& operator=(const InferenceEngine&) = delete;
+
+  // Accepts a request or says why not, without blocking: InvalidArgument
+  // naming the field (empty prompt, token id out of range, too many prompt
+  // tokens, max_new_tokens / num_beams / temperature / top_p out of range,
+  // weights that do not match the modules), ResourceExhausted when the queue
+  // is full, Unavailable after Shutdown. When it returns OK the callbacks
+  // will be called; when it returns an error they never are.
+  absl::Status Submit(GenerateRequest request);
+  absl::Status Submit(ScoreRequest request);
+
+  // Stops accepting work. Queued and running requests continue until
+  // `deadline`; then they are cancelled (finish reason kCancelled, or
+  // Unavailable for requests that never started). Returns at once; the
+  // destructor waits for the thread.
+  void Shutdown(absl::Time deadline);
+  // Blocks until every accepted request has completed.
+  void WaitIdle();
+
+  // True while an accepted, unfinished request names module `id`.
+  bool InUse(const std::string& id) const;
+  // Requests accepted and not yet finished (queued + running).
+  int64_t pending() const { return pending_.load(); }
+  const model::T5Weights& weights() const { return *weights_; }
+  const EngineOptions& options() const { return options_; }
+
+  // Internal state of the engine thread (defined in the .cc file).
+  struct State;
+
+ private:
+  using Work = std::variant<GenerateRequest, ScoreRequest>;
+  struct Queued {
+    Work work;
+    absl::Time enqueued;
+  };
+  InferenceEngine(std::shared_ptr<const model::T5Weights> weights,
+                  ModuleResolver resolver, EngineOptions options,
+                  metrics::ServiceMetrics* metrics);
+  absl::Status Enqueue(Work work, const AdapterSpec& spec);
+  void Loop();
+  void Release(const AdapterSpec& spec);
+  friend struct State;
+
+  std::shared_ptr<const model::T5Weights> weights_;
+  EngineOptions options_;
+  metrics::ServiceMetrics* metrics_;
+  std::unique_ptr<State> state_;  // engine thread only
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::condition_variable idle_cv_;
+  std::deque<Queued> queue_;
+  bool stopping_ = false;
+  absl::Time deadline_ = absl::InfiniteFuture();
+  bool exit_ = false;
+  std::map<std::string, int> in_use_;  // module id -> requests
+  std::atomic<int64_t> pending_{0};
+  std::thread thread_;
+};
+
+}  // namespace lorahub::serving
+
+#endif  // LORAHUB_CORE_SERVING_INFERENCE_ENGINE_H_

@@ -1,0 +1,362 @@
+#include "server/inference_service.h"
+
+#include <cmath>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/status_convert.h"
+
+namespace lorahub::server {
+namespace {
+
+namespace v1 = lorahub::v1;
+
+constexpr size_t kMaxTextBytes = 1 << 20;
+
+absl::Status CheckModuleId(const std::string& id, const std::string& field) {
+  if (id.empty() || id.size() > 96) {
+    return absl::InvalidArgumentError(field + ": must be 1..96 characters");
+  }
+  for (char c : id) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
+          c == '-')) {
+      return absl::InvalidArgumentError(
+          field + ": only [A-Za-z0-9._-] are allowed");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<serving::DecodingParams> ToParams(const v1::DecodingOptions& o) {
+  serving::DecodingParams p;
+  if (o.max_new_tokens() < 0) {
+    return absl::InvalidArgumentError("options.max_new_tokens: must be >= 0");
+  }
+  p.max_new_tokens = o.max_new_tokens() == 0 ? 64 : o.max_new_tokens();
+  if (o.num_beams() < 0) {
+    return absl::InvalidArgumentError("options.num_beams: must be >= 0");
+  }
+  p.num_beams = std::max(1, o.num_beams());
+  if (o.has_length_penalty()) {
+    if (!std::isfinite(o.length_penalty())) {
+      return absl::InvalidArgumentError("options.length_penalty: must be finite");
+    }
+    p.length_penalty = o.length_penalty();
+  }
+  p.early_stopping = o.early_stopping();
+  if (!(o.temperature() >= 0) || !std::isfinite(o.temperature())) {
+    return absl::InvalidArgumentError("options.temperature: must be >= 0");
+  }
+  p.do_sample = o.temperature() > 0;
+  if (p.do_sample) p.temperature = o.temperature();
+  if (p.do_sample && p.num_beams > 1) {
+    return absl::InvalidArgumentError(
+        "options.temperature: sampling cannot be combined with num_beams > 1");
+  }
+  if (o.top_k() < 0) return absl::InvalidArgumentError("options.top_k: must be >= 0");
+  p.top_k = o.top_k();
+  if (!(o.top_p() >= 0 && o.top_p() <= 1)) {
+    return absl::InvalidArgumentError("options.top_p: must be in [0, 1]");
+  }
+  p.top_p = o.top_p() == 0 ? 1.0 : o.top_p();
+  p.seed = o.seed();
+  return p;
+}
+
+// "field: message" for engine errors about the request's own fields.
+absl::Status Prefixed(const absl::Status& s, const std::string& prefix) {
+  if (s.code() != absl::StatusCode::kInvalidArgument) return s;
+  const std::string msg(s.message());
+  for (const char* f : {"max_new_tokens", "num_beams", "temperature", "top_k",
+                        "top_p", "length_penalty"}) {
+    if (msg.rfind(f, 0) == 0) return absl::InvalidArgumentError("options." + msg);
+  }
+  if (msg.rfind("prompt", 0) == 0) {
+    return absl::InvalidArgumentError("text: " + msg.substr(8));
+  }
+  return s;
+}
+
+absl::StatusOr<std::vector<int64_t>> Tokenize(const tokenizer::Tokenizer& tok,
+                                              const std::string& text,
+                                              const std::string& field) {
+  if (text.empty()) return absl::InvalidArgumentError(field + ": empty");
+  if (text.size() > kMaxTextBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": longer than ", kMaxTextBytes, " bytes"));
+  }
+  absl::StatusOr<std::vector<int>> ids = tok.Encode(text);
+  if (!ids.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": ", ids.status().message()));
+  }
+  return std::vector<int64_t>(ids->begin(), ids->end());
+}
+
+v1::FinishReason ToProto(serving::FinishReason r) {
+  switch (r) {
+    case serving::FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case serving::FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case serving::FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// One Generate stream. The engine thread pushes messages; gRPC allows one
+// write in flight, so messages queue here and OnWriteDone sends the next.
+// Finish is called only after the engine's on_done, and nothing touches the
+// reactor after Finish: OnDone deletes it. The engine's callbacks hold the
+// shared Stream state, not the reactor, for the mutex and the queue.
+class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  GenerateReactor(ServiceContext* ctx, grpc::CallbackServerContext* context,
+                  const v1::GenerateRequest* request)
+      : ctx_(ctx), timer_(ctx->metrics, "Generate") {
+    absl::Status s = Start(context, request);
+    if (!s.ok()) {
+      timer_.Record(s.code());
+      Finish(ToGrpcStatus(s));
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(st_->mu);
+    st_->writing = false;
+    if (!ok) {
+      st_->write_failed = true;
+      st_->cancel->store(true);
+      st_->pending.clear();
+    }
+    PumpLocked();
+  }
+
+  void OnCancel() override { st_->cancel->store(true); }
+
+  void OnDone() override { delete this; }
+
+ private:
+  struct Stream {
+    std::mutex mu;
+    std::deque<v1::GenerateResponse> pending;
+    v1::GenerateResponse current;
+    bool writing = false, end_ready = false, finished = false;
+    bool write_failed = false;
+    grpc::Status final_status;
+    std::shared_ptr<std::atomic<bool>> cancel =
+        std::make_shared<std::atomic<bool>>(false);
+    std::vector<int> ids;
+    std::string text;
+  };
+
+  absl::Status Start(grpc::CallbackServerContext* context,
+                     const v1::GenerateRequest* req) {
+    (void)context;
+    if (absl::Status s = ctx_->CheckServing(); !s.ok()) return s;
+    serving::GenerateRequest r;
+    absl::StatusOr<serving::AdapterSpec> spec = ToAdapterSpec(req->adapter(), ctx_);
+    if (!spec.ok()) return spec.status();
+    r.adapter = *std::move(spec);
+    absl::StatusOr<serving::DecodingParams> p = ToParams(req->options());
+    if (!p.ok()) return p.status();
+    r.params = *p;
+    absl::StatusOr<std::vector<int64_t>> ids =
+        Tokenize(*ctx_->tokenizer, req->text(), "text");
+    if (!ids.ok()) return ids.status();
+    r.input_ids = *std::move(ids);
+    r.cancel = st_->cancel;
+    std::shared_ptr<Stream> st = st_;
+    const tokenizer::Tokenizer* tok = ctx_->tokenizer.get();
+    r.on_token = [this, st, tok](int64_t token) {
+      v1::GenerateResponse msg;
+      st->ids.push_back(static_cast<int>(token));
+      absl::StatusOr<std::string> full = tok->Decode(st->ids);
+      std::string piece;
+      if (full.ok() && full->size() >= st->text.size() &&
+          full->compare(0, st->text.size(), st->text) == 0) {
+        piece = full->substr(st->text.size());
+        st->text = *full;
+      }
+      msg.mutable_tokens()->add_ids(static_cast<int32_t>(token));
+      msg.mutable_tokens()->set_text(piece);
+      std::lock_guard<std::mutex> lock(st->mu);
+      if (st->write_failed) return false;
+      st->pending.push_back(std::move(msg));
+      PumpLocked();
+      return true;
+    };
+    r.on_done = [this, st, tok](serving::GenerateOutcome out) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      if (!out.status.ok()) {
+        st->final_status = ToGrpcStatus(out.status);
+      } else if (st->write_failed) {
+        st->final_status = grpc::Status(grpc::StatusCode::CANCELLED,
+                                        "the client went away");
+      } else {
+        v1::GenerateResponse msg;
+        v1::GenerateEnd* end = msg.mutable_end();
+        end->set_finish_reason(ToProto(out.finish_reason));
+        std::vector<int> ids;
+        for (int64_t t : out.output_ids) {
+          end->add_output_ids(static_cast<int32_t>(t));
+          ids.push_back(static_cast<int>(t));
+        }
+        absl::StatusOr<std::string> text = tok->Decode(ids);
+        if (text.ok()) end->set_text(*text);
+        end->set_prompt_tokens(static_cast<int32_t>(out.prompt_tokens));
+        end->set_time_to_first_token_s(out.time_to_first_token_s);
+        end->set_total_s(out.total_s);
+        end->set_queue_s(out.queue_s);
+        st->pending.push_back(std::move(msg));
+        st->final_status = grpc::Status::OK;
+      }
+      st->end_ready = true;
+      PumpLocked();
+    };
+    serving::InferenceEngine* engine = ctx_->PickEngine();
+    return Prefixed(engine->Submit(std::move(r)), "");
+  }
+
+  // Caller holds st_->mu.
+  void PumpLocked() {
+    Stream& st = *st_;
+    if (st.writing || st.finished) return;
+    if (!st.pending.empty()) {
+      st.writing = true;
+      st.current = std::move(st.pending.front());
+      st.pending.pop_front();
+      StartWrite(&st.current);
+      return;
+    }
+    if (st.end_ready) {
+      st.finished = true;
+      timer_.Record(static_cast<absl::StatusCode>(st.final_status.error_code()));
+      Finish(st.final_status);
+    }
+  }
+
+  ServiceContext* ctx_;
+  RpcTimer timer_;
+  std::shared_ptr<Stream> st_ = std::make_shared<Stream>();
+};
+
+}  // namespace
+
+absl::StatusOr<serving::AdapterSpec> ToAdapterSpec(const v1::AdapterRef& ref,
+                                                   ServiceContext* ctx) {
+  serving::AdapterSpec spec;
+  switch (ref.kind_case()) {
+    case v1::AdapterRef::KIND_NOT_SET:
+      return spec;
+    case v1::AdapterRef::kModuleId: {
+      absl::Status s = CheckModuleId(ref.module_id(), "adapter.module_id");
+      if (!s.ok()) return s;
+      spec.module_ids = {ref.module_id()};
+      return spec;
+    }
+    case v1::AdapterRef::kComposition: {
+      const v1::ExplicitComposition& c = ref.composition();
+      if (c.module_ids_size() == 0) {
+        return absl::InvalidArgumentError(
+            "adapter.composition.module_ids: at least one module is needed");
+      }
+      if (c.weights_size() != c.module_ids_size()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "adapter.composition.weights: ", c.weights_size(), " weights for ",
+            c.module_ids_size(), " modules"));
+      }
+      if (c.method() != v1::COMPOSITION_METHOD_UNSPECIFIED &&
+          c.method() != v1::COMPOSITION_METHOD_LORAHUB) {
+        return absl::InvalidArgumentError(
+            "adapter.composition.method: only LORAHUB is supported");
+      }
+      for (int i = 0; i < c.module_ids_size(); ++i) {
+        absl::Status s = CheckModuleId(
+            c.module_ids(i), absl::StrCat("adapter.composition.module_ids[", i, "]"));
+        if (!s.ok()) return s;
+        const double w = c.weights(i);
+        if (!std::isfinite(w) || std::abs(w) > 1e3) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "adapter.composition.weights[", i, "]: must be in [-1e3, 1e3]"));
+        }
+        spec.module_ids.push_back(c.module_ids(i));
+        spec.weights.push_back(w);
+      }
+      return spec;
+    }
+    case v1::AdapterRef::kTask: {
+      if (ref.task().empty() || ref.task().size() > 128) {
+        return absl::InvalidArgumentError("adapter.task: must be 1..128 bytes");
+      }
+      absl::StatusOr<store::TaskRecord> task = ctx->store->GetTask(ref.task());
+      if (!task.ok()) return task.status();
+      spec.module_ids = task->module_ids;
+      spec.weights = task->weights;
+      return spec;
+    }
+  }
+  return absl::InvalidArgumentError("adapter: unknown kind");
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceServiceImpl::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  return new GenerateReactor(ctx_, context, request);
+}
+
+grpc::ServerUnaryReactor* InferenceServiceImpl::Score(
+    grpc::CallbackServerContext* context, const v1::ScoreRequest* request,
+    v1::ScoreResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto timer = std::make_shared<RpcTimer>(ctx_->metrics, "Score");
+  auto fail = [&](const absl::Status& s) {
+    timer->Record(s.code());
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  };
+  if (absl::Status s = ctx_->CheckServing(); !s.ok()) return fail(s);
+  serving::ScoreRequest r;
+  absl::StatusOr<serving::AdapterSpec> spec = ToAdapterSpec(request->adapter(), ctx_);
+  if (!spec.ok()) return fail(spec.status());
+  r.adapter = *std::move(spec);
+  if (request->examples_size() == 0) {
+    return fail(absl::InvalidArgumentError("examples: at least one is needed"));
+  }
+  if (request->batch_size() < 0) {
+    return fail(absl::InvalidArgumentError("batch_size: must be >= 0"));
+  }
+  r.batch_size = request->batch_size();
+  for (int i = 0; i < request->examples_size(); ++i) {
+    serving::ScoreExample e;
+    auto in = Tokenize(*ctx_->tokenizer, request->examples(i).input(),
+                       absl::StrCat("examples[", i, "].input"));
+    if (!in.ok()) return fail(in.status());
+    auto out = Tokenize(*ctx_->tokenizer, request->examples(i).output(),
+                        absl::StrCat("examples[", i, "].output"));
+    if (!out.ok()) return fail(out.status());
+    e.input_ids = *std::move(in);
+    e.label_ids = *std::move(out);
+    r.examples.push_back(std::move(e));
+  }
+  const int n = request->examples_size();
+  r.cancel = std::make_shared<std::atomic<bool>>(false);
+  r.on_done = [reactor, response, timer, n](serving::ScoreOutcome out) {
+    if (out.status.ok()) {
+      response->set_loss(out.loss);
+      response->set_examples(n);
+    }
+    timer->Record(out.status.code());
+    reactor->Finish(ToGrpcStatus(out.status));
+  };
+  absl::Status s = ctx_->PickEngine()->Submit(std::move(r));
+  if (!s.ok()) return fail(s);
+  return reactor;
+}
+
+}  // namespace lorahub::server

@@ -1,0 +1,337 @@
+#include "server/module_service.h"
+
+#include <sys/stat.h>
+
+#include <cctype>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "core/hub/file_digest.h"
+#include "core/hub/hub_validation.h"
+#include "core/model/loader.h"
+#include "server/status_convert.h"
+
+namespace lorahub::server {
+namespace {
+
+namespace v1 = lorahub::v1;
+
+absl::Status CheckId(const std::string& id) {
+  if (id.empty() || id.size() > 96) {
+    return absl::InvalidArgumentError("id: must be 1..96 characters");
+  }
+  for (char c : id) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
+          c == '-')) {
+      return absl::InvalidArgumentError("id: only [A-Za-z0-9._-] are allowed");
+    }
+  }
+  if (id == "." || id == "..") return absl::InvalidArgumentError("id: not a name");
+  return absl::OkStatus();
+}
+
+bool IsFile(const std::string& path, int64_t* size) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  if (size) *size = st.st_size;
+  return true;
+}
+
+absl::Status CheckLocalDir(const std::string& dir) {
+  if (dir.empty() || dir[0] != '/') {
+    return absl::InvalidArgumentError("local_dir: must be an absolute path");
+  }
+  for (absl::string_view part : absl::StrSplit(dir, '/')) {
+    if (part == "..") {
+      return absl::InvalidArgumentError("local_dir: must not contain '..'");
+    }
+  }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::NotFoundError(
+        absl::StrCat("local_dir: '", dir, "' is not a directory"));
+  }
+  return absl::OkStatus();
+}
+
+void ToProto(const store::ModuleRecord& r, v1::Module* m) {
+  m->set_id(r.id);
+  if (r.source == store::ModuleSource::kHub) {
+    m->mutable_hub()->set_repo_id(r.repo_id);
+    m->mutable_hub()->set_revision(r.revision);
+  } else {
+    m->set_local_dir(r.local_path);
+  }
+  m->set_resolved_commit(r.resolved_commit);
+  m->set_weights_sha256(r.weights_sha256);
+  m->set_rank(static_cast<int32_t>(r.rank));
+  for (const std::string& t : r.targets) m->add_targets(t);
+  m->set_size_bytes(r.size_bytes);
+  m->add_resident("disk");
+  const int64_t us = absl::ToUnixMicros(r.created_at);
+  m->mutable_created_at()->set_seconds(us / 1000000);
+  m->mutable_created_at()->set_nanos(static_cast<int32_t>(us % 1000000) * 1000);
+}
+
+// Reads, validates and registers one module (blocking; worker thread).
+absl::StatusOr<store::ModuleRecord> Add(ServiceContext* ctx,
+                                        const v1::AddModuleRequest& req) {
+  store::ModuleRecord r;
+  std::string dir;
+  if (req.source_case() == v1::AddModuleRequest::kLocalDir) {
+    dir = req.local_dir();
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    if (absl::Status s = CheckLocalDir(dir); !s.ok()) return s;
+    r.source = store::ModuleSource::kLocal;
+    r.id = req.id().empty() ? dir.substr(dir.rfind('/') + 1) : req.id();
+  } else if (req.source_case() == v1::AddModuleRequest::kHub) {
+    const v1::HubSource& hub = req.hub();
+    if (absl::Status s = hub::ValidateRepoId(hub.repo_id()); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("hub.repo_id: ", s.message()));
+    }
+    if (!hub.revision().empty()) {
+      if (absl::Status s = hub::ValidateRevision(hub.revision()); !s.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("hub.revision: ", s.message()));
+      }
+    }
+    r.source = store::ModuleSource::kHub;
+    r.repo_id = hub.repo_id();
+    r.revision = hub.revision().empty() ? "main" : hub.revision();
+    r.id = req.id().empty() ? hub.repo_id().substr(hub.repo_id().rfind('/') + 1)
+                            : req.id();
+  } else {
+    return absl::InvalidArgumentError("source: set hub or local_dir");
+  }
+  if (absl::Status s = CheckId(r.id); !s.ok()) return s;
+  if (ctx->store->GetModule(r.id).ok()) {
+    return absl::AlreadyExistsError(absl::StrCat("id: module '", r.id,
+                                                 "' already exists"));
+  }
+  if (r.source == store::ModuleSource::kHub) {
+    if (!ctx->hub) {
+      return absl::FailedPreconditionError("hub: the server has no hub client");
+    }
+    absl::StatusOr<hub::AdapterSnapshot> snap =
+        ctx->hub->DownloadAdapter(r.repo_id, r.revision);
+    if (!snap.ok()) return snap.status();
+    dir = snap->snapshot_dir;
+    r.resolved_commit = snap->commit;
+  }
+  r.local_path = dir;
+  std::string weights = dir + "/adapter_model.safetensors";
+  if (!IsFile(weights, &r.size_bytes)) {
+    weights = dir + "/adapter_model.bin";
+    if (!IsFile(weights, &r.size_bytes)) {
+      return absl::NotFoundError(absl::StrCat(
+          "'", dir, "' has no adapter_model.safetensors or adapter_model.bin"));
+    }
+  }
+  const model::T5Weights& base = ctx->engines.front()->weights();
+  absl::StatusOr<model::LoraAdapter> adapter = model::LoadLoraAdapter(base, dir);
+  if (!adapter.ok()) {
+    return absl::Status(adapter.status().code(),
+                        absl::StrCat("adapter does not fit the base model: ",
+                                     adapter.status().message()));
+  }
+  std::set<std::string> targets;
+  for (const model::LoraSite& s : adapter->sites) {
+    const std::string name = model::SiteName(base, s.site);
+    targets.insert(name.substr(name.rfind('.') + 1));
+    r.rank = std::max<int64_t>(r.rank, s.a.size(0));
+  }
+  r.targets.assign(targets.begin(), targets.end());
+  absl::StatusOr<std::string> sha = hub::Sha256HexOfFile(weights);
+  if (!sha.ok()) return sha.status();
+  r.weights_sha256 = *sha;
+  return ctx->store->InsertModule(r);
+}
+
+}  // namespace
+
+ModuleServiceImpl::~ModuleServiceImpl() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return workers_ == 0; });
+}
+
+bool ModuleServiceImpl::TryBeginWork() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (workers_ >= kMaxConcurrentAdds) return false;
+  ++workers_;
+  return true;
+}
+
+void ModuleServiceImpl::EndWork() {
+  std::lock_guard<std::mutex> lock(mu_);
+  --workers_;
+  cv_.notify_all();
+}
+
+grpc::ServerUnaryReactor* ModuleServiceImpl::AddModule(
+    grpc::CallbackServerContext* context, const v1::AddModuleRequest* request,
+    v1::Module* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto timer = std::make_shared<RpcTimer>(ctx_->metrics, "AddModule");
+  if (absl::Status s = ctx_->CheckServing(); !s.ok()) {
+    timer->Record(s.code());
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
+  if (!TryBeginWork()) {
+    timer->Record(absl::StatusCode::kResourceExhausted);
+    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                 "too many modules are being added at once"));
+    return reactor;
+  }
+  std::thread([this, reactor, request, response, timer] {
+    absl::StatusOr<store::ModuleRecord> r = Add(ctx_, *request);
+    if (r.ok()) ToProto(*r, response);
+    timer->Record(r.status().code());
+    reactor->Finish(ToGrpcStatus(r.status()));
+    EndWork();
+  }).detach();
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ModuleServiceImpl::GetModule(
+    grpc::CallbackServerContext* context, const v1::GetModuleRequest* request,
+    v1::Module* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RpcTimer timer(ctx_->metrics, "GetModule");
+  absl::Status s = CheckId(request->id());
+  if (s.ok()) {
+    absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(request->id());
+    if (r.ok()) ToProto(*r, response);
+    s = r.status();
+  }
+  timer.Record(s.code());
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ModuleServiceImpl::ListModules(
+    grpc::CallbackServerContext* context,
+    const v1::ListModulesRequest* request,
+    v1::ListModulesResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RpcTimer timer(ctx_->metrics, "ListModules");
+  absl::Status s;
+  if (request->page_size() < 0 || request->page_size() > 1000) {
+    s = absl::InvalidArgumentError("page_size: must be in [0, 1000]");
+  } else if (request->page_token().size() > 1024) {
+    s = absl::InvalidArgumentError("page_token: too long");
+  } else {
+    store::PageRequest page;
+    page.page_size = request->page_size() == 0 ? 100 : request->page_size();
+    page.page_token = request->page_token();
+    absl::StatusOr<store::Page<store::ModuleRecord>> r =
+        ctx_->store->ListModules(page);
+    if (r.ok()) {
+      for (const auto& m : r->items) ToProto(m, response->add_modules());
+      response->set_next_page_token(r->next_page_token);
+    } else if (r.status().code() == absl::StatusCode::kInvalidArgument) {
+      s = absl::InvalidArgumentError(
+          absl::StrCat("page_token: ", r.status().message()));
+    } else {
+      s = r.status();
+    }
+  }
+  timer.Record(s.code());
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ModuleServiceImpl::DeleteModule(
+    grpc::CallbackServerContext* context, const v1::DeleteModuleRequest* request,
+    v1::DeleteModuleResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RpcTimer timer(ctx_->metrics, "DeleteModule");
+  absl::Status s = CheckId(request->id());
+  if (s.ok() && ctx_->ModuleInUse(request->id())) {
+    s = absl::FailedPreconditionError(absl::StrCat(
+        "id: module '", request->id(), "' is used by a request in flight"));
+  }
+  if (s.ok()) s = ctx_->store->DeleteModule(request->id());
+  timer.Record(s.code());
+  reactor->Finish(ToGrpcStatus(s));
+  return reactor;
+}
+
+namespace {
+
+// Prefetch: re-checks the module's files and loads the adapter once (which
+// also validates it); one progress message with done = true.
+class PrefetchReactor
+    : public grpc::ServerWriteReactor<v1::PrefetchProgress> {
+ public:
+  PrefetchReactor(ServiceContext* ctx, std::string id,
+                  std::function<void()> end_work)
+      : ctx_(ctx), timer_(ctx->metrics, "PrefetchModule"),
+        end_work_(std::move(end_work)) {
+    std::thread([this, id] {
+      absl::Status s = Run(id);
+      status_ = ToGrpcStatus(s);
+      timer_.Record(s.code());
+      if (s.ok()) {
+        StartWriteAndFinish(&msg_, grpc::WriteOptions(), status_);
+      } else {
+        Finish(status_);
+      }
+    }).detach();
+  }
+  void OnDone() override {
+    auto end = std::move(end_work_);
+    delete this;
+    end();
+  }
+
+ private:
+  absl::Status Run(const std::string& id) {
+    if (absl::Status s = CheckId(id); !s.ok()) return s;
+    absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(id);
+    if (!r.ok()) return r.status();
+    const model::T5Weights& base = ctx_->engines.front()->weights();
+    absl::StatusOr<model::LoraAdapter> a =
+        model::LoadLoraAdapter(base, r->local_path);
+    if (!a.ok()) return a.status();
+    msg_.set_file("adapter_model");
+    msg_.set_bytes_done(r->size_bytes);
+    msg_.set_bytes_total(r->size_bytes);
+    msg_.set_done(true);
+    return absl::OkStatus();
+  }
+
+  ServiceContext* ctx_;
+  RpcTimer timer_;
+  std::function<void()> end_work_;
+  v1::PrefetchProgress msg_;
+  grpc::Status status_;
+};
+
+class FinishedWriter : public grpc::ServerWriteReactor<v1::PrefetchProgress> {
+ public:
+  explicit FinishedWriter(const grpc::Status& s) { Finish(s); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<v1::PrefetchProgress>* ModuleServiceImpl::PrefetchModule(
+    grpc::CallbackServerContext* /*context*/,
+    const v1::PrefetchModuleRequest* request) {
+  if (absl::Status s = ctx_->CheckServing(); !s.ok()) {
+    return new FinishedWriter(ToGrpcStatus(s));
+  }
+  if (!TryBeginWork()) {
+    return new FinishedWriter(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                           "too many module loads at once"));
+  }
+  return new PrefetchReactor(ctx_, request->id(), [this] { EndWork(); });
+}
+
+}  // namespace lorahub::server

@@ -1,0 +1,62 @@
+// What the gRPC services share: the engines (one per device), the tokenizer,
+// the store, the hub client, metrics and the shutdown flag.
+//
+// Thread-safety: every member is safe to use from any thread (see each
+// type); the context itself is immutable after construction except for
+// `shutting_down`.
+#ifndef LORAHUB_SERVER_SERVICE_CONTEXT_H_
+#define LORAHUB_SERVER_SERVICE_CONTEXT_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "core/hub/hub_client.h"
+#include "core/metrics/metrics.h"
+#include "core/serving/inference_engine.h"
+#include "core/store/store.h"
+#include "core/tokenizer/tokenizer.h"
+
+namespace lorahub::server {
+
+struct ServiceContext {
+  std::vector<std::unique_ptr<serving::InferenceEngine>> engines;
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer;
+  std::unique_ptr<store::Store> store;
+  std::unique_ptr<hub::HubClient> hub;  // null: hub modules are refused
+  metrics::ServiceMetrics* metrics = nullptr;
+  std::atomic<bool> shutting_down{false};
+
+  // The engine with the least pending work.
+  serving::InferenceEngine* PickEngine() const;
+  // True while any engine has an unfinished request naming module `id`.
+  bool ModuleInUse(const std::string& id) const;
+  // Unavailable once shutdown began; OK otherwise.
+  absl::Status CheckServing() const;
+};
+
+// Wall-clock timer of one RPC; Record() reports it once.
+class RpcTimer {
+ public:
+  RpcTimer(metrics::ServiceMetrics* metrics, const char* rpc)
+      : metrics_(metrics), rpc_(rpc), start_(absl::Now()) {}
+  void Record(absl::StatusCode code) {
+    if (metrics_ && !recorded_.exchange(true)) {
+      metrics_->RecordRequest(rpc_, code,
+                              absl::ToDoubleSeconds(absl::Now() - start_));
+    }
+  }
+
+ private:
+  metrics::ServiceMetrics* metrics_;
+  const char* rpc_;
+  absl::Time start_;
+  std::atomic<bool> recorded_{false};
+};
+
+}  // namespace lorahub::server
+
+#endif  // LORAHUB_SERVER_SERVICE_CONTEXT_H_

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# End to end: the real `lorahub serve` on 127.0.0.1 (port 0, temp data dir)
+# driven by the real lorahubctl against the transformers goldens of
+# tests/testdata/t5/gated_untied: modules from local dirs, greedy generation
+# per adapter and for a composition, concurrent streams with different
+# adapters, error codes, SIGTERM shutdown.
+#   serve_test.sh LORAHUB LORAHUBCTL
+set -uo pipefail
+lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
+py=/usr/bin/python3
+case_dir=$(readlink -f tests/testdata/t5/gated_untied)
+fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && cat "$tmp/err" >&2; exit 1; }
+tmp=$(mktemp -d)
+pid=
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
+  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --max-batch-rows 8 \
+  >"$tmp/out" 2>"$tmp/err" &
+pid=$!
+for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
+port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
+[ -n "$port" ] || fail "server did not print its port"
+c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
+
+[ "$(c health)" = SERVING ] || fail "health is not SERVING"
+for m in m0 m1 m2; do
+  c --json modules add --dir "$case_dir/adapters/$m" >/dev/null || fail "add $m"
+done
+[ "$(c modules list | wc -l)" = 3 ] || fail "modules list"
+c modules add --dir "$case_dir/adapters/m0" 2>"$tmp/e"; rc=$?
+[ $rc = 1 ] && grep -q ALREADY_EXISTS "$tmp/e" || fail "duplicate add: rc $rc $(cat "$tmp/e")"
+c modules add --dir relative/path --id x 2>"$tmp/e"
+grep -q 'INVALID_ARGUMENT: local_dir' "$tmp/e" || fail "relative dir: $(cat "$tmp/e")"
+c modules add --dir "$case_dir/model" --id notanadapter 2>"$tmp/e"
+grep -qE 'NOT_FOUND|INVALID_ARGUMENT' "$tmp/e" || fail "model dir as adapter: $(cat "$tmp/e")"
+
+# One line per check: adapter flags, prompt, expected ids (JSON).
+$py - "$case_dir" >"$tmp/checks" <<'PY'
+import json, sys
+g = json.load(open(sys.argv[1] + "/golden.json"))
+for e in g["greedy"]:
+    if not e["adapters"]:
+        flags = "base"
+    elif len(e["adapters"]) == 1:
+        flags = "--module " + e["adapters"][0]
+    else:
+        flags = "--modules %s --weights %s" % (",".join(e["adapters"]),
+                ",".join(repr(w) for w in e["weights"]))
+    for text, ids in zip(g["inputs"], e["output_ids"]):
+        if 1 in ids: ids = ids[:ids.index(1) + 1]
+        print("%s\t%d\t%s\t%s" % (flags, e["max_new_tokens"], text, json.dumps(ids)))
+PY
+n=0
+while IFS=$'\t' read -r flags max_new text want; do
+  # shellcheck disable=SC2086
+  c --json generate $flags --max-new-tokens "$max_new" --text "$text" >"$tmp/g$n" ||
+    fail "generate $flags"
+  $py -c "
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+end = lines[-1]; want = json.loads(sys.argv[2])
+streamed = [i for l in lines[:-1] for i in l['ids']]
+assert end['output_ids'] == want, (end['output_ids'], want)
+assert streamed == want, (streamed, want)
+" "$tmp/g$n" "$want" || fail "golden mismatch: $flags / $text"
+  echo "$flags	$max_new	$text	$want" >>"$tmp/done"
+  n=$((n + 1))
+done <"$tmp/checks"
+echo "golden checks: $n"
+
+# Concurrency: every check at once (x2), each must give its golden ids.
+k=0
+while IFS=$'\t' read -r flags max_new text want; do
+  for rep in 1 2; do
+    # shellcheck disable=SC2086
+    ( c --json generate $flags --max-new-tokens "$max_new" --text "$text" \
+        | tail -1 >"$tmp/p$k.$rep" ) &
+  done
+  echo "$want" >"$tmp/w$k"; k=$((k + 1))
+done <"$tmp/checks"
+wait $(jobs -p | grep -v "^$pid$") 2>/dev/null
+for i in $(seq 0 $((k - 1))); do
+  for rep in 1 2; do
+    $py -c "
+import json, sys
+got = json.load(open(sys.argv[1]))['output_ids']; want = json.load(open(sys.argv[2]))
+assert got == want, (got, want)" "$tmp/p$i.$rep" "$tmp/w$i" || fail "concurrent stream $i.$rep"
+  done
+done
+echo "concurrent streams: $((k * 2))"
+
+# Bad requests: the code and the field.
+expect() {  # CODE FIELD args...
+  local code=$1 field=$2; shift 2
+  c "$@" >/dev/null 2>"$tmp/e"; local rc=$?
+  [ $rc = 1 ] && grep -q "$code: $field" "$tmp/e" || fail "$*: rc $rc, $(cat "$tmp/e")"
+}
+expect NOT_FOUND "module 'nope'" generate --module nope --text hi
+expect INVALID_ARGUMENT "text" generate base --text ""
+expect INVALID_ARGUMENT "options.max_new_tokens" generate base --text hi --max-new-tokens 100000
+expect INVALID_ARGUMENT "options.top_p" generate base --text hi --temperature 1 --top-p 2
+expect INVALID_ARGUMENT "adapter.composition.weights" generate --modules m0,m1 --weights 1 --text hi
+expect INVALID_ARGUMENT "adapter.module_id" generate --module ../x --text hi
+expect NOT_FOUND "" modules get nope
+c modules rm m2 || fail "rm m2"
+expect NOT_FOUND "module 'm2'" generate --module m2 --text hi
+"$ctl" --server "127.0.0.1:$port" bogus 2>/dev/null; [ $? = 2 ] || fail "usage exit code"
+
+# SIGTERM with a stream in flight: it finishes, the server exits 0.
+c --json generate --module m0 --max-new-tokens 500 --text "leap year" >"$tmp/last" &
+cpid=$!
+sleep 0.3
+kill -TERM "$pid"
+wait "$pid"; rc=$?
+pid=
+[ $rc = 0 ] || fail "server exit code $rc after SIGTERM"
+wait "$cpid" || fail "in-flight stream failed during shutdown"
+tail -1 "$tmp/last" | grep -q FINISH_REASON || fail "in-flight stream has no end"
+c health >/dev/null 2>&1 && fail "server still answers after shutdown"
+echo "PASS"

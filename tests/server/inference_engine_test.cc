@@ -1,0 +1,356 @@
+// The serving engine against the transformers goldens and against
+// model::Generate run alone: continuous batching must not change any row's
+// tokens, whatever joins or leaves the batch around it.
+#include "core/serving/inference_engine.h"
+
+#include <chrono>
+#include <fstream>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <prometheus/registry.h>
+
+#include "core/metrics/metrics.h"
+#include "core/model/generate.h"
+#include "core/model/loader.h"
+
+namespace lorahub::serving {
+namespace {
+
+const char kCase[] = "tests/testdata/t5/gated_untied";
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto w = model::LoadT5(std::string(kCase) + "/model", {});
+    ASSERT_TRUE(w.ok()) << w.status();
+    weights_ = new std::shared_ptr<const model::T5Weights>(
+        std::make_shared<const model::T5Weights>(*std::move(w)));
+    std::ifstream in(std::string(kCase) + "/golden.json");
+    golden_ = new nlohmann::json(nlohmann::json::parse(in));
+  }
+  static void TearDownTestSuite() {
+    delete weights_;
+    delete golden_;
+  }
+
+  static ModuleResolver Resolver() {
+    return [](const std::string& id) -> absl::StatusOr<ModuleLocation> {
+      if (id != "m0" && id != "m1" && id != "m2") {
+        return absl::NotFoundError("module '" + id + "' not found");
+      }
+      return ModuleLocation{std::string(kCase) + "/adapters/" + id, id};
+    };
+  }
+
+  std::unique_ptr<InferenceEngine> Start(EngineOptions o = {}) {
+    o.max_new_tokens = 64;
+    auto e = InferenceEngine::Start(*weights_, Resolver(), o, metrics_.get());
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? *std::move(e) : nullptr;
+  }
+
+  // model::Generate alone, one prompt.
+  std::vector<int64_t> Alone(const std::vector<int64_t>& ids,
+                             const AdapterSpec& spec,
+                             const DecodingParams& p) {
+    const model::T5Weights& w = **weights_;
+    std::optional<model::LoraAdapter> adapter;
+    if (!spec.is_base()) {
+      std::vector<std::string> dirs;
+      for (const auto& m : spec.module_ids) {
+        dirs.push_back(std::string(kCase) + "/adapters/" + m);
+      }
+      std::vector<double> eff;
+      auto a = model::LoadComposedAdapter(w, dirs, spec.weights, &eff);
+      EXPECT_TRUE(a.ok()) << a.status();
+      adapter = **a;
+    }
+    std::optional<model::AdapterBank> bank;
+    std::vector<int64_t> slots;
+    if (adapter) {
+      bank = *model::MakeAdapterBank(w, {&*adapter});
+      slots = {0};
+    }
+    model::GenerateOptions o;
+    o.max_new_tokens = p.max_new_tokens;
+    o.num_beams = p.num_beams;
+    o.do_sample = p.do_sample;
+    o.temperature = p.temperature;
+    o.top_k = p.top_k;
+    o.top_p = p.top_p;
+    o.seed = p.seed;
+    auto r = model::Generate(w, {ids}, bank ? &*bank : nullptr, slots, o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->output_ids[0] : std::vector<int64_t>{};
+  }
+
+  struct Result {
+    std::promise<GenerateOutcome> done;
+    std::vector<int64_t> streamed;
+  };
+
+  GenerateRequest Make(const std::vector<int64_t>& ids, AdapterSpec spec,
+                       DecodingParams p, std::shared_ptr<Result> result) {
+    GenerateRequest r;
+    r.input_ids = ids;
+    r.adapter = std::move(spec);
+    r.params = p;
+    r.on_token = [result](int64_t t) {
+      result->streamed.push_back(t);
+      return true;
+    };
+    r.on_done = [result](GenerateOutcome o) { result->done.set_value(o); };
+    return r;
+  }
+
+  static std::vector<int64_t> Input(int i) {
+    return (*golden_)["input_ids"][i].get<std::vector<int64_t>>();
+  }
+  static std::vector<int64_t> Unpadded(int i) {
+    std::vector<int64_t> ids = Input(i);
+    auto mask = (*golden_)["attention_mask"][i].get<std::vector<int64_t>>();
+    std::vector<int64_t> out;
+    for (size_t t = 0; t < ids.size(); ++t) {
+      if (mask[t]) out.push_back(ids[t]);
+    }
+    return out;
+  }
+
+  static std::shared_ptr<const model::T5Weights>* weights_;
+  static nlohmann::json* golden_;
+  std::unique_ptr<metrics::ServiceMetrics> metrics_ =
+      *metrics::ServiceMetrics::Create(std::make_shared<prometheus::Registry>());
+};
+std::shared_ptr<const model::T5Weights>* EngineTest::weights_ = nullptr;
+nlohmann::json* EngineTest::golden_ = nullptr;
+
+TEST_F(EngineTest, GreedyMatchesGoldensWithAllPromptsInOneBatch) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  for (const auto& g : (*golden_)["greedy"]) {
+    AdapterSpec spec;
+    spec.module_ids = g["adapters"].get<std::vector<std::string>>();
+    spec.weights = g["weights"].get<std::vector<double>>();
+    if (spec.module_ids.size() == 1) spec.weights.clear();
+    DecodingParams p;
+    p.max_new_tokens = g["max_new_tokens"].get<int64_t>();
+    std::vector<std::shared_ptr<Result>> results;
+    for (size_t i = 0; i < g["output_ids"].size(); ++i) {
+      results.push_back(std::make_shared<Result>());
+      ASSERT_TRUE(engine->Submit(Make(Unpadded(i), spec, p, results.back())).ok());
+    }
+    for (size_t i = 0; i < results.size(); ++i) {
+      GenerateOutcome o = results[i]->done.get_future().get();
+      ASSERT_TRUE(o.status.ok()) << o.status;
+      auto want = g["output_ids"][i].get<std::vector<int64_t>>();
+      // The goldens pad after eos; ours stop at eos.
+      want.resize(o.output_ids.size());
+      EXPECT_EQ(o.output_ids, want) << g["variant"] << " prompt " << i;
+      EXPECT_EQ(results[i]->streamed, o.output_ids);
+    }
+  }
+}
+
+// Requests join a running batch at different steps (submitted from the
+// token callbacks of running rows) with different adapters, lengths and
+// decoding modes; each must give exactly what it gives alone.
+TEST_F(EngineTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
+  EngineOptions o;
+  o.max_batch_rows = 6;  // some requests wait for a row to leave
+  auto engine = Start(o);
+  ASSERT_TRUE(engine);
+  const std::vector<AdapterSpec> specs = {
+      {}, {{"m0"}, {}}, {{"m1"}, {}}, {{"m0", "m1", "m2"}, {0.5, -0.3, 0.8}},
+      {{"m2"}, {}}};
+  struct Case {
+    std::vector<int64_t> ids;
+    AdapterSpec spec;
+    DecodingParams p;
+    std::shared_ptr<Result> result = std::make_shared<Result>();
+  };
+  std::vector<Case> cases;
+  for (int i = 0; i < 14; ++i) {
+    Case c;
+    c.ids = Unpadded(i % 5);
+    c.spec = specs[(i * 3) % specs.size()];
+    c.p.max_new_tokens = 5 + (i * 7) % 17;
+    if (i % 4 == 3) {
+      c.p.do_sample = true;
+      c.p.temperature = 0.8;
+      c.p.top_k = 20;
+      c.p.top_p = 0.9;
+      c.p.seed = 100 + i;
+    }
+    cases.push_back(std::move(c));
+  }
+  // Case 0 starts alone; on each of its tokens one more case is submitted.
+  std::mutex mu;
+  size_t next = 1;
+  InferenceEngine* e = engine.get();
+  GenerateRequest first = Make(cases[0].ids, cases[0].spec, cases[0].p,
+                               cases[0].result);
+  cases[0].p.max_new_tokens = first.params.max_new_tokens = 30;
+  auto inner = first.on_token;
+  first.on_token = [&, inner](int64_t t) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int k = 0; k < 2 && next < cases.size(); ++k, ++next) {
+      Case& c = cases[next];
+      EXPECT_TRUE(e->Submit(Make(c.ids, c.spec, c.p, c.result)).ok());
+    }
+    return inner(t);
+  };
+  ASSERT_TRUE(engine->Submit(std::move(first)).ok());
+  for (size_t i = 0; i < cases.size(); ++i) {
+    GenerateOutcome out = cases[i].result->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    EXPECT_EQ(out.output_ids, Alone(cases[i].ids, cases[i].spec, cases[i].p))
+        << "case " << i;
+    EXPECT_EQ(cases[i].result->streamed, out.output_ids);
+    EXPECT_GE(out.total_s, out.time_to_first_token_s);
+  }
+  EXPECT_EQ(engine->pending(), 0);
+}
+
+TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  DecodingParams p;
+  p.max_new_tokens = 10;
+  p.num_beams = 3;
+  AdapterSpec spec{{"m1"}, {}};
+  auto r = std::make_shared<Result>();
+  ASSERT_TRUE(engine->Submit(Make(Unpadded(2), spec, p, r)).ok());
+  GenerateOutcome o = r->done.get_future().get();
+  ASSERT_TRUE(o.status.ok()) << o.status;
+  EXPECT_EQ(o.output_ids, Alone(Unpadded(2), spec, p));
+}
+
+TEST_F(EngineTest, BadRequestsAreRefusedWithTheField) {
+  EngineOptions opts;
+  opts.max_prompt_tokens = 8;
+  auto engine = Start(opts);
+  ASSERT_TRUE(engine);
+  auto sub = [&](std::vector<int64_t> ids, AdapterSpec spec, DecodingParams p) {
+    return engine->Submit(Make(ids, spec, p, std::make_shared<Result>()));
+  };
+  DecodingParams p;
+  p.max_new_tokens = 4;
+  absl::Status s = sub({}, {}, p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("prompt"), std::string::npos) << s;
+  s = sub({5, 99999, 1}, {}, p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  s = sub(std::vector<int64_t>(9, 5), {}, p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  DecodingParams big = p;
+  big.max_new_tokens = 65;
+  s = sub({5, 1}, {}, big);
+  EXPECT_NE(s.message().find("max_new_tokens"), std::string::npos) << s;
+  s = sub({5, 1}, {{"m0", "m1"}, {1.0}}, p);
+  EXPECT_NE(s.message().find("adapter.weights"), std::string::npos) << s;
+  DecodingParams hot = p;
+  hot.do_sample = true;
+  hot.temperature = 0;
+  s = sub({5, 1}, {}, hot);
+  EXPECT_NE(s.message().find("temperature"), std::string::npos) << s;
+  // An unknown module is found only when the request runs.
+  auto r = std::make_shared<Result>();
+  ASSERT_TRUE(engine->Submit(Make({5, 1}, {{"nope"}, {}}, p, r)).ok());
+  GenerateOutcome o = r->done.get_future().get();
+  EXPECT_EQ(o.status.code(), absl::StatusCode::kNotFound) << o.status;
+  EXPECT_NE(o.status.message().find("nope"), std::string::npos);
+}
+
+TEST_F(EngineTest, FullQueueIsResourceExhaustedAndShutdownIsUnavailable) {
+  EngineOptions opts;
+  opts.max_queue = 2;
+  opts.max_batch_rows = 1;
+  auto engine = Start(opts);
+  ASSERT_TRUE(engine);
+  DecodingParams p;
+  p.max_new_tokens = 64;
+  std::vector<std::shared_ptr<Result>> rs;
+  int exhausted = 0;
+  for (int i = 0; i < 10; ++i) {
+    rs.push_back(std::make_shared<Result>());
+    absl::Status s = engine->Submit(Make(Unpadded(0), {}, p, rs.back()));
+    if (s.code() == absl::StatusCode::kResourceExhausted) {
+      ++exhausted;
+      rs.pop_back();
+    } else {
+      ASSERT_TRUE(s.ok()) << s;
+    }
+  }
+  EXPECT_GE(exhausted, 7);
+  engine->Shutdown(absl::Now());
+  absl::Status s = engine->Submit(Make(Unpadded(0), {}, p, std::make_shared<Result>()));
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  for (auto& r : rs) {
+    GenerateOutcome o = r->done.get_future().get();
+    if (o.status.ok()) {
+      EXPECT_TRUE(o.finish_reason == FinishReason::kCancelled ||
+                  o.output_ids.size() == 64u);
+    } else {
+      EXPECT_EQ(o.status.code(), absl::StatusCode::kUnavailable);
+    }
+  }
+}
+
+TEST_F(EngineTest, ClientGoneCancelsAndReleasesTheModule) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  DecodingParams p;
+  p.max_new_tokens = 60;
+  auto r = std::make_shared<Result>();
+  GenerateRequest req = Make(Unpadded(1), {{"m0"}, {}}, p, r);
+  int seen = 0;
+  req.on_token = [&seen](int64_t) { return ++seen < 3; };
+  ASSERT_TRUE(engine->Submit(std::move(req)).ok());
+  EXPECT_TRUE(engine->InUse("m0") || seen > 0);
+  GenerateOutcome o = r->done.get_future().get();
+  EXPECT_TRUE(o.status.ok());
+  EXPECT_EQ(o.finish_reason, FinishReason::kCancelled);
+  EXPECT_EQ(o.output_ids.size(), 3u);
+  engine->WaitIdle();
+  EXPECT_FALSE(engine->InUse("m0"));
+}
+
+TEST_F(EngineTest, ScoreMatchesTheGoldenLoss) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  const auto& g = (*golden_)["loss"][0];
+  AdapterSpec spec;
+  spec.module_ids = g["adapters"].get<std::vector<std::string>>();
+  spec.weights = g["weights"].get<std::vector<double>>();
+  if (spec.module_ids.size() == 1) spec.weights.clear();
+  ScoreRequest req;
+  req.adapter = spec;
+  auto labels = (*golden_)["label_ids"];
+  for (size_t i = 0; i < labels.size(); ++i) {
+    ScoreExample e;
+    e.input_ids = Unpadded(i);
+    for (int64_t t : labels[i].get<std::vector<int64_t>>()) {
+      if (t >= 0) e.label_ids.push_back(t);
+    }
+    req.examples.push_back(e);
+  }
+  if (!g["batch_size"].is_null()) req.batch_size = g["batch_size"].get<int>();
+  std::promise<ScoreOutcome> done;
+  req.on_done = [&](ScoreOutcome o) { done.set_value(o); };
+  ASSERT_TRUE(engine->Submit(std::move(req)).ok());
+  ScoreOutcome o = done.get_future().get();
+  ASSERT_TRUE(o.status.ok()) << o.status;
+  const double want = g["loss"].get<double>();
+  EXPECT_NEAR(o.loss, want, 1e-5 * std::abs(want));
+}
+
+}  // namespace
+}  // namespace lorahub::serving
