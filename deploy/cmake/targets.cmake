@@ -1668,6 +1668,8 @@ lorahub_cc_test(tests_tokenizer_shim_env_test
     tests_tokenizer_golden
     core_tokenizer_tokenizer
     ext_gtest_gtest_main
+  ENV
+    LORAHUB_TEST_SHIM_PATH=$<TARGET_FILE:core_tokenizer_libsp_shim_so>
   TIMEOUT 300
   DATA_TARGETS
     core_tokenizer_libsp_shim_so

@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 build=${BUILD_DIR:-$PWD/.gpu/build}
-lorahub=$build/lorahub
+lorahub=$build/bin/server/lorahub
 ref=.gpu/bench/ref_lorahub.py
 fx=${FIXTURE:-/tmp/lorahub_large}
 log=${OUT:-.gpu/logs}/parity_large.log
