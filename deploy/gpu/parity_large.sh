@@ -18,9 +18,9 @@ export PYTHONUNBUFFERED=1
 
 [ -x "$lorahub" ] || { echo "no $lorahub: run deploy/gpu/build_and_test.sh first" >&2; exit 2; }
 if [ ! -f "$fx/examples.jsonl" ]; then
-  t=$(date +%s.%N)
+  t=$SECONDS
   python3 "$ref" fixture --out "$fx" --size large --format bin 2>&1 | grep -v Warning | tail -1
-  echo "fixture written in $(echo "$(date +%s.%N) - $t" | bc) s"
+  echo "fixture written in $((SECONDS - t)) s"
 fi
 adapters=()
 for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
@@ -28,9 +28,10 @@ n=${#adapters[@]}; n=$((n / 2))
 weights=$(python3 -c "import random; r=random.Random(7); print(','.join('%.3f' % r.uniform(-1.5,1.5) for _ in range($n)))")
 zeros=$(python3 -c "print(','.join(['0']*$n))")
 
-for w in "$zeros" "$weights"; do
+# Extra weight vectors (comma-separated, space-separated list) from the caller.
+for w in "$zeros" "$weights" ${EXTRA_WEIGHTS:-}; do
   echo "== weights $w"
-  python3 "$ref" score --fixture "$fx" --weights "$w" 2>/dev/null | tail -1
+  python3 "$ref" score --fixture "$fx" --weights="$w" 2>&1 | tail -1
   for dtype in fp32 bf16; do
     /usr/bin/time -f "lorahub score $dtype wall %e s, max rss %M KB" \
       "$lorahub" score --model "$fx/base" "${adapters[@]}" --weights "$w" \
