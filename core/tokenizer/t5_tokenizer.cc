@@ -94,24 +94,25 @@ class T5TokenizerImpl : public Tokenizer {
       }
       kept.push_back(id);
     }
-    if (kept.empty()) return std::string();
-    std::string text(kept.size() * 8 + 16, '\0');
-    for (int attempt = 0; attempt < 2; ++attempt) {
-      char error[256] = "";
-      long n = api_->decode(sp_, kept.data(), kept.size(), text.data(),
-                            text.size(), error, sizeof(error));
-      if (n < 0) {
-        return absl::InternalError(
-            absl::StrCat(source_, ": SentencePiece decode failed: ", error));
+    // As transformers' T5 tokenizer decodes (its Metaspace decoder): join the
+    // pieces, turn each U+2581 into a space and drop one leading space. This
+    // differs from SentencePiece's own DecodeIds, which also drops the spaces
+    // of pieces made only of U+2581 at the start of the text.
+    std::string text;
+    for (int id : kept) text += Piece(id);
+    static constexpr std::string_view kSpaceMark = "\xE2\x96\x81";  // U+2581
+    std::string out;
+    out.reserve(text.size());
+    for (size_t i = 0; i < text.size();) {
+      if (text.compare(i, kSpaceMark.size(), kSpaceMark) == 0) {
+        out += ' ';
+        i += kSpaceMark.size();
+      } else {
+        out += text[i++];
       }
-      if (static_cast<size_t>(n) <= text.size()) {
-        text.resize(static_cast<size_t>(n));
-        return text;
-      }
-      text.assign(static_cast<size_t>(n), '\0');
     }
-    return absl::InternalError(
-        absl::StrCat(source_, ": SentencePiece decode size changed"));
+    if (!out.empty() && out[0] == ' ') out.erase(0, 1);
+    return out;
   }
 
   int vocab_size() const override { return piece_size_ + options_.extra_ids; }

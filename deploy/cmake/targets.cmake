@@ -1652,9 +1652,9 @@ lorahub_cc_test(tests_tokenizer_hf_parity_test
   SRCS
     ${SRC}/tests/tokenizer/hf_parity_test.cc
   DEPS
-    tests_tokenizer_golden
     core_tokenizer_tokenizer
     ext_gtest_gtest_main
+    ext_nlohmann_json_json
   TIMEOUT 300
 )
 

@@ -1,49 +1,49 @@
-// Parity with Hugging Face's T5Tokenizer itself: tests/testdata/spm/
-// hf_golden.tsv is written by hf_golden.py where transformers is installed
-// (see that script). Until that file is committed this test is skipped.
+// Parity with Hugging Face's own tokenizer: every golden fixture in
+// tests/testdata/t5 records, for hard strings (unicode, runs of spaces,
+// <extra_id_N>, empty), the ids AutoTokenizer.from_pretrained(model_dir) gives
+// in transformers 5.17 and its decode(ids, skip_special_tokens=True).
+// tests/golden/make_t5_goldens.py writes them on the GPU host.
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
-#include "tests/tokenizer/golden.h"
+#include "nlohmann/json.hpp"
 
 namespace lorahub::tokenizer {
 namespace {
 
-std::vector<int> ParseIds(const std::string& text) {
-  std::istringstream in(text);
-  std::vector<int> ids;
-  for (int id; in >> id;) ids.push_back(id);
-  return ids;
-}
+class HfParityTest : public ::testing::TestWithParam<const char*> {};
 
-TEST(HfParityTest, MatchesTransformersT5Tokenizer) {
-  std::ifstream in("tests/testdata/spm/hf_golden.tsv");
-  if (!in) GTEST_SKIP() << "hf_golden.tsv not generated yet (see hf_golden.py)";
-  auto tokenizer = T5Tokenizer::Create(testing::kModelPath);
+TEST_P(HfParityTest, MatchesTransformersAutoTokenizer) {
+  const std::string dir = std::string("tests/testdata/t5/") + GetParam();
+  std::ifstream in(dir + "/golden.json");
+  ASSERT_TRUE(in) << dir;
+  const nlohmann::json golden = nlohmann::json::parse(in);
+  auto tokenizer = T5Tokenizer::Create(dir + "/model/spiece.model");
   ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
   int checked = 0;
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty() || line[0] == '#') continue;
-    size_t tab1 = line.find('\t');
-    size_t tab2 = line.find('\t', tab1 + 1);
-    ASSERT_NE(tab2, std::string::npos) << line;
-    std::string kind = line.substr(0, tab1);
-    std::string input = line.substr(tab1 + 1, tab2 - tab1 - 1);
-    std::string output = line.substr(tab2 + 1);
-    if (kind == "encode") {
-      EXPECT_EQ(*(*tokenizer)->Encode(input), ParseIds(output)) << input;
-    } else {
-      EXPECT_EQ(*(*tokenizer)->Decode(ParseIds(input)), output) << input;
+  for (const nlohmann::json& entry : golden.at("tokenizer")) {
+    const std::string text = entry.at("text").get<std::string>();
+    const std::vector<int> want = entry.at("ids").get<std::vector<int>>();
+    absl::StatusOr<std::vector<int>> ids = (*tokenizer)->Encode(text);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    EXPECT_EQ(*ids, want) << "encode '" << text << "'";
+    if (entry.contains("decoded")) {
+      absl::StatusOr<std::string> decoded = (*tokenizer)->Decode(want);
+      ASSERT_TRUE(decoded.ok()) << decoded.status();
+      EXPECT_EQ(*decoded, entry.at("decoded").get<std::string>())
+          << "decode of '" << text << "'";
     }
     ++checked;
   }
   EXPECT_GE(checked, 20);
 }
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfParityTest,
+                         ::testing::Values("gated_untied", "relu_tied_bin",
+                                           "odd_shapes", "bf16_sharded"));
 
 }  // namespace
 }  // namespace lorahub::tokenizer
