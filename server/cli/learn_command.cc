@@ -39,57 +39,16 @@
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "core/train/text_examples.h"
 #include "server/cli/args.h"
 #include "server/cli/command.h"
 
 namespace lorahub::cli {
 namespace {
 
-constexpr size_t kMaxExamplesFileBytes = size_t{256} << 20;
 constexpr size_t kMaxTokens = 2048;  // LoraHub: max_length=2048, truncation=True
 constexpr int kMaxAdapters = learn::kMaxDimension;
 
-struct TextExample {
-  std::string input, output;
-};
-
-absl::StatusOr<std::vector<TextExample>> ReadExamples(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::vector<TextExample> out;
-  std::string line;
-  size_t total = 0;
-  int number = 0;
-  while (std::getline(file, line)) {
-    ++number;
-    total += line.size() + 1;
-    if (total > kMaxExamplesFileBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": file too large"));
-    }
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("input") || !j["input"].is_string() ||
-        !j.contains("output") || !j["output"].is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ":", number, ": want a JSON object with string \"input\" and \"output\""));
-    }
-    out.push_back({j["input"].get<std::string>(), j["output"].get<std::string>()});
-  }
-  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no examples"));
-  return out;
-}
-
-absl::StatusOr<std::vector<int64_t>> Tokenize(const tokenizer::Tokenizer& tok,
-                                              const std::string& text) {
-  auto ids = tok.Encode(text);
-  if (!ids.ok()) return ids.status();
-  std::vector<int64_t> out(ids->begin(), ids->end());
-  if (out.size() > kMaxTokens) {
-    out.resize(kMaxTokens);
-    out.back() = tok.eos_id();
-  }
-  return out;
-}
 
 // A one-line progress bar on stderr, redrawn in place; only used on a terminal.
 class ProgressBar {
@@ -250,21 +209,13 @@ absl::Status Run(const Args& args) {
   wopts.dtype = *dtype;
 
   // Inputs.
-  auto texts = ReadExamples(*examples_path);
+  auto texts = train::ReadTextExamples(*examples_path);
   if (!texts.ok()) return texts.status();
   auto tok = tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
   if (!tok.ok()) return tok.status();
-  std::vector<model::Example> examples;
-  for (const TextExample& t : *texts) {
-    model::Example e;
-    auto in = Tokenize(**tok, t.input);
-    if (!in.ok()) return in.status();
-    auto out = Tokenize(**tok, t.output);
-    if (!out.ok()) return out.status();
-    e.input_ids = *std::move(in);
-    e.label_ids = *std::move(out);
-    examples.push_back(std::move(e));
-  }
+  auto tokenized = train::TokenizeExamples(**tok, *texts, {kMaxTokens, kMaxTokens});
+  if (!tokenized.ok()) return tokenized.status();
+  std::vector<model::Example> examples = *std::move(tokenized);
   auto base = model::LoadT5(*model_dir, wopts);
   if (!base.ok()) return base.status();
   std::vector<model::LoraAdapter> modules;

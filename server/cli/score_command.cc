@@ -12,7 +12,6 @@
 // divided by n; S = L + 0.05 * mean(|w|) (w = 1 for one adapter without
 // --weights, no term without adapters).
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,63 +21,15 @@
 #include "core/model/scorer.h"
 #include "core/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "core/train/text_examples.h"
 #include "server/cli/args.h"
 #include "server/cli/command.h"
 
 namespace lorahub::cli {
 namespace {
 
-constexpr size_t kMaxExamplesFileBytes = size_t{256} << 20;
 // LoraHub tokenizes with max_length=2048, truncation=True.
 constexpr size_t kMaxTokens = 2048;
-
-struct TextExample {
-  std::string input, output;
-};
-
-absl::StatusOr<std::vector<TextExample>> ReadExamples(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::vector<TextExample> out;
-  std::string line;
-  size_t total = 0;
-  int number = 0;
-  while (std::getline(file, line)) {
-    ++number;
-    total += line.size() + 1;
-    if (total > kMaxExamplesFileBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": file too large"));
-    }
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("input") ||
-        !j["input"].is_string() || !j.contains("output") ||
-        !j["output"].is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ":", number,
-          ": want a JSON object with string \"input\" and \"output\""));
-    }
-    out.push_back(
-        {j["input"].get<std::string>(), j["output"].get<std::string>()});
-  }
-  if (out.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": no examples"));
-  }
-  return out;
-}
-
-// Tokenizes with eos and truncates as transformers does (keep eos).
-absl::StatusOr<std::vector<int64_t>> Tokenize(const tokenizer::Tokenizer& tok,
-                                              const std::string& text) {
-  auto ids = tok.Encode(text);
-  if (!ids.ok()) return ids.status();
-  std::vector<int64_t> out(ids->begin(), ids->end());
-  if (out.size() > kMaxTokens) {
-    out.resize(kMaxTokens);
-    out.back() = tok.eos_id();
-  }
-  return out;
-}
 
 absl::Status Run(const Args& args) {
   auto model_dir = args.Required("model");
@@ -108,21 +59,13 @@ absl::Status Run(const Args& args) {
   if (!dtype.ok()) return dtype.status();
   wopts.dtype = *dtype;
 
-  auto texts = ReadExamples(*examples_path);
+  auto texts = train::ReadTextExamples(*examples_path);
   if (!texts.ok()) return texts.status();
   auto tok = tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
   if (!tok.ok()) return tok.status();
-  std::vector<model::Example> examples;
-  for (const TextExample& t : *texts) {
-    model::Example e;
-    auto in = Tokenize(**tok, t.input);
-    if (!in.ok()) return in.status();
-    auto out = Tokenize(**tok, t.output);
-    if (!out.ok()) return out.status();
-    e.input_ids = *in;
-    e.label_ids = *out;
-    examples.push_back(std::move(e));
-  }
+  auto tokenized = train::TokenizeExamples(**tok, *texts, {kMaxTokens, kMaxTokens});
+  if (!tokenized.ok()) return tokenized.status();
+  std::vector<model::Example> examples = *std::move(tokenized);
 
   auto base = model::LoadT5(*model_dir, wopts);
   if (!base.ok()) return base.status();
