@@ -16,7 +16,7 @@ using Vec = std::vector<double>;
 using Mat = std::vector<Vec>;  // row-major, Mat[i][j]
 
 constexpr double kEta1 = 0.1, kEta2 = 0.7, kGamma1 = 0.5, kGamma2 = 2.0;
-constexpr double kFactorAlpha = 0.25, kFactorBeta = 2.1;
+constexpr double kFactorAlpha = 0.25, kFactorBeta = 2.1, kFactorGamma = 0.5;
 constexpr double kRhoEndRatio = 1e-4;  // scipy's default tol relative to rhobeg 1
 
 double Norm(const Vec& v) {
@@ -69,47 +69,21 @@ class TrustCobyla : public Optimizer {
 // NaN is "infinitely bad" for the linear models.
 double Sanitize(double f) { return std::isnan(f) ? std::numeric_limits<double>::max() : f; }
 
-absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& objective) {
-  LH_RETURN_IF_ERROR(ValidateOptions(options_));
-  internal::Evaluator evaluator(options_, objective);
-  const int n = options_.dimension;
-  Vec pole = internal::StartPoint(options_);
+// The simplex: vertex j (0 <= j < n) is pole + d[j]; the pole is always a vertex with the least
+// value seen among the vertices (PRIMA's updatepole keeps it there).
+struct Simplex {
+  Vec pole;
   double fpole = 0;
-  if (options_.warm_start) {
-    LH_ASSIGN_OR_RETURN(pole, evaluator.WarmStart(pole));
-    fpole = Sanitize(evaluator.best_score());
-  } else {
-    LH_ASSIGN_OR_RETURN(Vec f, evaluator.Evaluate({pole}));
-    fpole = Sanitize(f[0]);
-  }
-  auto eval = [&](const Vec& x) -> absl::StatusOr<double> {
-    LH_ASSIGN_OR_RETURN(Vec f, evaluator.Evaluate({x}));
-    return Sanitize(f[0]);
-  };
+  Mat d;   // d[j]: displacement of vertex j from the pole
+  Vec fv;  // fv[j]: value at vertex j
+  Mat inv; // inv[j]: row j of D^{-1} (D has the d[j] as columns); valid after Refresh()
 
-  const double rhobeg = options_.initial_step;
-  const double rhoend = kRhoEndRatio * rhobeg;
-  double rho = rhobeg, delta = rhobeg;
-  // Simplex: vertex j = pole + d[j], value fv[j].
-  Mat d(n, Vec(n, 0.0));
-  Vec fv(n, 0.0);
-  for (int j = 0; j < n; ++j) {
-    if (evaluator.remaining() <= 0) return internal::FinishResult(evaluator);
-    Vec x = pole;
-    x[j] += rhobeg;
-    LH_ASSIGN_OR_RETURN(double f, eval(x));
-    d[j][j] = rhobeg;
-    fv[j] = f;
-    if (f < fpole) {  // Powell's pole switching
-      d[j][j] = -rhobeg;
-      fv[j] = fpole;
-      pole = x;
-      fpole = f;
-    }
-  }
+  // Recomputes inv. False if the simplex is degenerate.
+  bool Refresh() { return InvertColumns(d, &inv); }
 
-  // Makes vertex j the pole if it is better.
-  auto update_pole = [&]() {
+  // Makes the best vertex the pole (strictly better only: ties keep the pole, as findpole).
+  void UpdatePole() {
+    const int n = static_cast<int>(d.size());
     int best = -1;
     double fbest = fpole;
     for (int j = 0; j < n; ++j) {
@@ -129,39 +103,177 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
       d[best][i] = -shift[i];
     }
     std::swap(fv[best], fpole);
+  }
+
+  // Gradient of the linear interpolant: g = D^{-T} (fv - fpole). Needs Refresh().
+  Vec Gradient() const {
+    const int n = static_cast<int>(d.size());
+    Vec g(n, 0.0);
+    for (int j = 0; j < n; ++j) {
+      const double df = fv[j] - fpole;
+      for (int i = 0; i < n; ++i) g[i] += inv[j][i] * df;
+    }
+    return g;
+  }
+
+  // PRIMA's assess_geo: every vertex within beta*delta of the pole and at least alpha*delta
+  // from the face opposite it. Needs Refresh().
+  bool AdequateGeometry(double delta) const {
+    for (size_t j = 0; j < d.size(); ++j) {
+      if (Norm(d[j]) > kFactorBeta * delta) return false;
+      if (1.0 / Norm(inv[j]) < kFactorAlpha * delta) return false;
+    }
+    return true;
+  }
+
+  // PRIMA's updatexfc: the point pole + step (value f) replaces vertex `drop`; drop == n
+  // replaces the pole itself (the other vertices keep their positions). Then updatepole.
+  void Replace(int drop, const Vec& step, double f) {
+    const int n = static_cast<int>(d.size());
+    if (drop == n) {
+      for (int k = 0; k < n; ++k) {
+        for (int i = 0; i < n; ++i) d[k][i] -= step[i];
+      }
+      for (int i = 0; i < n; ++i) pole[i] += step[i];
+      fpole = f;
+    } else {
+      d[drop] = step;
+      fv[drop] = f;
+    }
+    UpdatePole();
+  }
+};
+
+// PRIMA's setdrop_tr: the vertex (n = the pole) whose Lagrange function at the trial step,
+// weighted by its squared distance to the best point relative to max(rho, delta/10), is the
+// largest. -1 when the step did not improve and no score is positive (the point is dropped).
+int SetDropTr(const Simplex& s, bool improved, const Vec& step, double delta, double rho) {
+  const int n = static_cast<int>(s.d.size());
+  Vec dist2(n + 1, 0.0);
+  for (int j = 0; j < n; ++j) {
+    double acc = 0;
+    for (int i = 0; i < n; ++i) {
+      const double diff = s.d[j][i] - (improved ? step[i] : 0.0);
+      acc += diff * diff;
+    }
+    dist2[j] = acc;
+  }
+  dist2[n] = improved ? std::pow(Norm(step), 2) : 0.0;
+  const double scale2 = std::pow(std::max(rho, 0.1 * delta), 2);
+  Vec score(n + 1, 0.0);
+  double sigma_sum = 0;
+  for (int j = 0; j < n; ++j) {
+    double sigma = 0;  // value of the j-th Lagrange function at the step
+    for (int i = 0; i < n; ++i) sigma += s.inv[j][i] * step[i];
+    sigma_sum += sigma;
+    score[j] = std::max(1.0, dist2[j] / scale2) * std::fabs(sigma);
+  }
+  score[n] = improved ? std::max(1.0, dist2[n] / scale2) * std::fabs(1.0 - sigma_sum) : -1.0;
+  int drop = -1;
+  double best = 0;
+  for (int j = 0; j <= n; ++j) {
+    if (!std::isnan(score[j]) && score[j] > best) {
+      best = score[j];
+      drop = j;
+    }
+  }
+  if (drop < 0 && improved) {
+    drop = static_cast<int>(std::max_element(dist2.begin(), dist2.end()) - dist2.begin());
+  }
+  return drop;
+}
+
+// PRIMA's setdrop_geo: the farthest vertex if one is beyond beta*delta, else the one closest
+// to its opposite face. Needs an inadequate geometry.
+int SetDropGeo(const Simplex& s, double delta) {
+  const int n = static_cast<int>(s.d.size());
+  int far = -1, flat = -1;
+  double far_dist = -1, flat_sig = std::numeric_limits<double>::infinity();
+  bool any_far = false;
+  for (int j = 0; j < n; ++j) {
+    const double veta = Norm(s.d[j]);
+    const double vsig = 1.0 / Norm(s.inv[j]);
+    if (veta > kFactorBeta * delta) any_far = true;
+    if (veta > far_dist) {
+      far_dist = veta;
+      far = j;
+    }
+    if (vsig < flat_sig) {
+      flat_sig = vsig;
+      flat = j;
+    }
+  }
+  return any_far ? far : flat;
+}
+
+
+absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& objective) {
+  LH_RETURN_IF_ERROR(ValidateOptions(options_));
+  internal::Evaluator evaluator(options_, objective);
+  const int n = options_.dimension;
+  Simplex s;
+  s.pole = internal::StartPoint(options_);
+  if (options_.warm_start) {
+    LH_ASSIGN_OR_RETURN(s.pole, evaluator.WarmStart(s.pole));
+    s.fpole = Sanitize(evaluator.best_score());
+  } else {
+    LH_ASSIGN_OR_RETURN(Vec f, evaluator.Evaluate({s.pole}));
+    s.fpole = Sanitize(f[0]);
+  }
+  auto eval = [&](const Vec& x) -> absl::StatusOr<double> {
+    LH_ASSIGN_OR_RETURN(Vec f, evaluator.Evaluate({x}));
+    return Sanitize(f[0]);
   };
 
-  // Puts the point pole + step (value f) into the simplex in place of vertex `drop`.
-  auto replace = [&](int drop, const Vec& step, double f) {
-    d[drop] = step;
-    fv[drop] = f;
-    update_pole();
-  };
+  const double rhobeg = options_.initial_step;
+  const double rhoend = kRhoEndRatio * rhobeg;
+  double rho = rhobeg, delta = rhobeg;
 
-  Mat inv;
+  // Initial simplex (PRIMA's initxfc): vertex j is the current pole + rhobeg e_j, evaluated in
+  // order; a better vertex becomes the pole at once, and every vertex built so far then lies at
+  // -rhobeg along e_j from it (the simplex stays lower triangular).
+  s.d.assign(n, Vec(n, 0.0));
+  s.fv.assign(n, 0.0);
+  for (int j = 0; j < n; ++j) {
+    if (evaluator.remaining() <= 0) return internal::FinishResult(evaluator);
+    Vec x = s.pole;
+    x[j] += rhobeg;
+    LH_ASSIGN_OR_RETURN(double f, eval(x));
+    s.d[j][j] = rhobeg;
+    s.fv[j] = f;
+    if (f < s.fpole) {
+      std::swap(s.fv[j], s.fpole);
+      s.pole = x;
+      for (int k = 0; k <= j; ++k) s.d[k][j] = -rhobeg;
+    }
+  }
+
   int idle = 0;  // iterations in a row without an evaluation (guards against a stall)
   while (evaluator.remaining() > 0 && idle < 100) {
     const int before = evaluator.evaluations();
-    update_pole();
-    if (!InvertColumns(d, &inv)) break;  // degenerate simplex: cannot build a model
-    // Gradient of the linear interpolant: g = D^{-T} (fv - fpole).
-    Vec g(n, 0.0);
-    for (int i = 0; i < n; ++i) {
-      for (int j = 0; j < n; ++j) g[i] += inv[j][i] * (fv[j] - fpole);
-    }
+    if (!s.Refresh()) break;  // degenerate simplex: cannot build a model
+    const bool adequate_geo = s.AdequateGeometry(delta);
+    // Trust-region step: the minimiser of the linear model in the ball of radius delta.
+    const Vec g = s.Gradient();
     const double gnorm = Norm(g);
-    bool bad_step = true;
-    double dnorm = 0;
+    Vec step(n, 0.0);
     if (gnorm > 0 && std::isfinite(gnorm)) {
-      Vec step(n);
       for (int i = 0; i < n; ++i) step[i] = -delta * g[i] / gnorm;
-      dnorm = delta;
-      Vec x = pole;
+    }
+    const double dnorm = std::min(delta, Norm(step));
+    const bool shortd = !(dnorm >= 0.1 * rho);
+    double ratio = -1;
+    int jdrop_tr = -1;
+    if (shortd) {
+      delta *= 0.1;
+      if (delta <= 1.5 * rho) delta = rho;
+    } else {
+      Vec x = s.pole;
       for (int i = 0; i < n; ++i) x[i] += step[i];
       LH_ASSIGN_OR_RETURN(double f, eval(x));
-      const double predicted = delta * gnorm;
-      const double ratio = (fpole - f) / predicted;
-      // PRIMA's trust-region radius update.
+      const double predicted = dnorm * gnorm;
+      const double actual = s.fpole - f;
+      ratio = predicted > 0 ? actual / predicted : (actual > 0 ? 0.05 : -1.0);
       if (ratio <= kEta1) {
         delta = kGamma1 * dnorm;
       } else if (ratio <= kEta2) {
@@ -170,80 +282,40 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
         delta = std::max(kGamma1 * delta, kGamma2 * dnorm);
       }
       if (delta <= 1.5 * rho) delta = rho;
-      // setdrop_tr: largest |sigma_j| weighted by the vertex's distance.
-      const bool improved = f < fpole;
-      Vec sigma(n, 0.0);
-      for (int j = 0; j < n; ++j) {
-        for (int i = 0; i < n; ++i) sigma[j] += inv[j][i] * step[i];
-      }
-      const double scale = std::max(0.1 * delta, rho);
-      int drop = -1;
-      double best_score = improved ? -1.0 : 1.0;
-      for (int j = 0; j < n; ++j) {
-        Vec diff = d[j];
-        if (improved) {
-          for (int i = 0; i < n; ++i) diff[i] -= step[i];
-        }
-        const double dist2 = std::pow(Norm(diff), 2);
-        const double weight = std::max(1.0, dist2 / (scale * scale));
-        const double score = weight * std::fabs(sigma[j]);
-        if (score > best_score) {
-          best_score = score;
-          drop = j;
-        }
-      }
-      if (drop >= 0) replace(drop, step, f);
-      bad_step = ratio <= kEta1;
-    }
-    if (gnorm == 0 || !std::isfinite(gnorm)) delta = rho;
-    if (!bad_step || evaluator.remaining() <= 0) {
-      idle = evaluator.evaluations() > before ? 0 : idle + 1;
-      continue;
+      jdrop_tr = SetDropTr(s, actual > 0, step, delta, rho);
+      if (jdrop_tr >= 0) s.Replace(jdrop_tr, step, f);
+      if (evaluator.remaining() <= 0) break;
     }
 
-    // Geometry: vertices too far from the pole, or too close to the opposite face.
-    update_pole();
-    if (!InvertColumns(d, &inv)) break;
-    int far = -1, flat = -1;
-    double far_dist = kFactorBeta * delta, flat_sig = kFactorAlpha * delta;
-    for (int j = 0; j < n; ++j) {
-      const double veta = Norm(d[j]);
-      const double vsig = 1.0 / std::max(Norm(inv[j]), 1e-300);
-      if (veta > far_dist) {
-        far_dist = veta;
-        far = j;
-      }
-      if (vsig < flat_sig) {
-        flat_sig = vsig;
-        flat = j;
+    const bool bad_step = shortd || ratio <= 0 || jdrop_tr < 0;
+    const bool improve_geo = bad_step && !adequate_geo;
+    const bool reduce_rho = bad_step && adequate_geo && std::max(delta, dnorm) <= rho;
+    if (improve_geo) {
+      if (!s.Refresh()) break;
+      if (!s.AdequateGeometry(delta)) {
+        const int drop = SetDropGeo(s, delta);
+        // Geometry step (PRIMA's geostep): length gamma*delta along row `drop` of D^{-1}
+        // (normal to the face opposite the dropped vertex), signed to decrease the model.
+        const Vec g2 = s.Gradient();
+        const double rn = Norm(s.inv[drop]);
+        Vec gstep(n);
+        double slope = 0;
+        for (int i = 0; i < n; ++i) {
+          gstep[i] = kFactorGamma * delta * s.inv[drop][i] / rn;
+          slope += g2[i] * gstep[i];
+        }
+        if (slope > 0) {
+          for (double& v : gstep) v = -v;
+        }
+        Vec x = s.pole;
+        for (int i = 0; i < n; ++i) x[i] += gstep[i];
+        LH_ASSIGN_OR_RETURN(double f, eval(x));
+        s.Replace(drop, gstep, f);
       }
     }
-    const int drop = far >= 0 ? far : flat;
-    if (drop >= 0) {
-      // Geometry step: length delta along row `drop` of D^{-1} (normal to the opposite face),
-      // signed to decrease the linear model.
-      Vec g2(n, 0.0);
-      for (int i = 0; i < n; ++i) {
-        for (int j = 0; j < n; ++j) g2[i] += inv[j][i] * (fv[j] - fpole);
-      }
-      const double rn = Norm(inv[drop]);
-      Vec step(n);
-      double slope = 0;
-      for (int i = 0; i < n; ++i) {
-        step[i] = delta * inv[drop][i] / rn;
-        slope += g2[i] * step[i];
-      }
-      if (slope > 0) {
-        for (double& s : step) s = -s;
-      }
-      Vec x = pole;
-      for (int i = 0; i < n; ++i) x[i] += step[i];
-      LH_ASSIGN_OR_RETURN(double f, eval(x));
-      replace(drop, step, f);
-    } else if (std::max(delta, dnorm) <= rho) {
-      // Adequate geometry and no progress at this resolution: shrink rho (PRIMA's redrho).
+    if (reduce_rho) {
       if (rho <= rhoend) break;
-      const double old = rho;
+      delta = 0.5 * rho;
       if (rho > 250 * rhoend) {
         rho *= 0.1;
       } else if (rho > 16 * rhoend) {
@@ -251,7 +323,7 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
       } else {
         rho = rhoend;
       }
-      delta = std::max(0.5 * old, rho);
+      delta = std::max(delta, rho);
     }
     idle = evaluator.evaluations() > before ? 0 : idle + 1;
   }

@@ -9,19 +9,30 @@
 // evaluations it travels much farther from w = 0. On the reference fixtures that is what the
 // reference's scores show (most weights at the bounds after 40 evaluations).
 //
-// Algorithm (n weights, x0, rhobeg = initial_step, no constraints; the objective clips):
-//   1. Simplex: x0 and x0 + rhobeg e_j, with Powell's pole switching (a better vertex becomes
-//      the pole, the old one stays at -rhobeg e_j from it).
-//   2. Each iteration: linear interpolation model on the simplex, step d = -delta g/|g|,
-//      ratio = actual / predicted reduction, PRIMA's radius update (eta1 0.1, eta2 0.7,
-//      gamma1 0.5, gamma2 2, delta = rho when delta <= 1.5 rho), the new point replaces the
-//      vertex chosen as PRIMA's setdrop_tr does (largest |sigma_j| weighted by distance).
-//   3. After a bad step (ratio <= 0.1): a geometry step of length delta if the simplex is
-//      inadequate (a vertex farther than 2.1 delta, or one closer than 0.25 delta to the face
-//      opposite it), else rho shrinks as in PRIMA (x0.1, sqrt(rho rhoend), rhoend = 1e-6
-//      relative to rhobeg's scale is irrelevant for budgets of tens).
-// This is not PRIMA's code: it is not bit-identical to scipy's trajectory after the simplex.
-// Deterministic, no randomness; it never evaluates more than the budget.
+// Algorithm (n weights, x0, rhobeg = initial_step, no constraints; the objective clips), as
+// PRIMA's cobylb with m = 0:
+//   1. Simplex (initxfc): x0, then vertex j = pole + rhobeg e_j in order; a better vertex
+//      becomes the pole at once and every vertex built so far then lies at -rhobeg along e_j
+//      from it (the displacement matrix stays lower triangular).
+//   2. Each iteration: adequate_geo is assessed first (every vertex within 2.1 delta of the
+//      pole and at least 0.25 delta from its opposite face); linear interpolation model; step
+//      d = -delta g/|g| (trstlp without constraints); ratio = actual / predicted reduction;
+//      trrad (eta1 0.1, eta2 0.7, gamma1 0.5, gamma2 2; delta = rho when delta <= 1.5 rho);
+//      the point replaces the vertex chosen by setdrop_tr (largest |Lagrange value| weighted
+//      by max(1, dist^2 / max(rho, delta/10)^2), the pole included when the point improved;
+//      none when it did not and no score is positive); then the best vertex becomes the pole.
+//   3. bad step = ratio <= 0 or the point was discarded. A bad step with inadequate geometry
+//      (as assessed before the step, and still inadequate with the new delta) takes a
+//      geometry step of length 0.5 delta normal to the face opposite the vertex setdrop_geo
+//      picks (the farthest beyond 2.1 delta, else the closest to its face), signed to
+//      decrease the model. A bad step with adequate geometry and max(delta, |d|) <= rho
+//      reduces rho (redrho: x0.1, sqrt(rho rhoend), rhoend; rhoend = 1e-4 rhobeg as scipy's
+//      tol) with delta = max(rho_old / 2, rho_new).
+// On the reference fixtures (tests/testdata/ref_tiny) it retraces scipy 1.18's trajectory:
+// best weights within 1e-3 of the reference's, the rest is the 1e-5 difference between the two
+// engines' scores, which 40 steps amplify to a few 1e-3 in the best score.
+// Not PRIMA's code (written from its documented algorithm); deterministic, no randomness; it
+// never evaluates more than the budget.
 #ifndef LORAHUB_CORE_LEARN_COBYLA_TRUST_H_
 #define LORAHUB_CORE_LEARN_COBYLA_TRUST_H_
 
