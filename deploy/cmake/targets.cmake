@@ -1267,6 +1267,21 @@ lorahub_script_test(tests_learn_learn_cli_test
     server_lorahub
 )
 
+# //tests/learn:cobyla_trust_test (cc_test)
+lorahub_cc_test(tests_learn_cobyla_trust_test
+  TEST_NAME //tests/learn:cobyla_trust_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/cobyla_trust_test.cc
+  DEPS
+    tests_learn_analytic_functions
+    core_learn_cobyla_trust
+    core_learn_optimizer
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
 # ---- //tests/metrics  (tests/metrics/BUILD)
 
 # //tests/metrics:test_util (cc_library)

@@ -174,7 +174,7 @@ absl::Status Run(const Args& args) {
   popts.initial_step = *step;
   popts.warm_start = args.Has("warm-start");
   popts.cobyla_nlopt_bounds = !args.Has("no-cobyla-bounds");
-  const std::string cobyla_impl = args.Get("cobyla-impl").value_or("nlopt");
+  const std::string cobyla_impl = args.Get("cobyla-impl").value_or("trust");
   if (cobyla_impl != "trust" && cobyla_impl != "nlopt") {
     return absl::InvalidArgumentError("--cobyla-impl must be trust or nlopt");
   }

@@ -5,11 +5,8 @@
 # Checks:
 #  1. every fixture: `learn --optimizer cobyla --budget 40` returns weights inside the bounds,
 #     40 evaluations, and `lorahub score` at those weights reproduces best_score (1e-4 rel.);
-#     its best score is compared with the reference's (ref_learn.json); the parity
-#     (ours <= ref + 1e-4) is asserted only where it is achieved: tiny_s1 with
-#     --cobyla-impl trust (PRIMA-style radius management). NLopt's COBYLA (the default) is
-#     ~8-10 worse than the reference's PRIMA COBYLA on all three fixtures (see the learncli
-#     report); PARITY_NLOPT lists fixtures to assert for the default (none today).
+#     its best score is within the reference's (ref_learn.json) + 1e-2 (the default,
+#     PRIMA-style COBYLA; NLopt's, --cobyla-impl nlopt, is ~8-10 worse there).
 #  2. `learn --optimizer fixed --weights <ref_score.json weights>` equals the reference's score.
 #  3. `--out DIR`: `lorahub score --adapter DIR` gives the same loss; for lorahub and cat.
 #  4. cmaes / random run with a population and count forward passes.
@@ -20,8 +17,6 @@ py=/usr/bin/python3
 fail() { echo "FAIL: $*" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# Fixtures on which our COBYLA (budget 40) must be at least as good as the reference's.
-PARITY_NLOPT=${LEARN_PARITY_FIXTURES:-""}
 
 # json_get FILE EXPR: evaluates a Python expression over the JSON object `j`.
 json_get() { $py -c "import json,sys; j=json.load(open(sys.argv[1])); print($2)" "$1"; }
@@ -58,10 +53,11 @@ for fx in tiny_s0 tiny_s1 tiny_s2; do
   close "$rescored" "$best" 1e-4 || fail "$fx: score at returned weights $rescored != best_score $best"
   ref=$(json_get "$dir/ref_learn.json" 'repr(j["best_score"])')
   echo "$fx cobyla40 ours=$best ref=$ref"
-  if [[ " $PARITY_NLOPT " == *" $fx "* ]]; then
-    $py -c "import sys; sys.exit(0 if float(sys.argv[1]) <= float(sys.argv[2]) + 1e-4 else 1)" "$best" "$ref" \
-      || fail "$fx: ours $best > reference $ref + 1e-4"
-  fi
+  # The default COBYLA (PRIMA-style) follows the reference's search path: within
+  # ref + 1e-2 (the issue asks 1e-4, below the two engines' agreement; see
+  # core/learn/cobyla_trust.h).
+  $py -c "import sys; sys.exit(0 if float(sys.argv[1]) <= float(sys.argv[2]) + 1e-2 else 1)" "$best" "$ref" \
+    || fail "$fx: ours $best > reference $ref + 1e-2"
 
   # 3a. The saved adapter gives the same loss.
   [ -f "$tmp/$fx.out/adapter_config.json" ] && [ -f "$tmp/$fx.out/adapter_model.safetensors" ] \
@@ -85,22 +81,6 @@ done
 dir=tests/testdata/ref_tiny/tiny_s0
 read -ra ad <<<"$(adapters_of tiny_s0)"
 common=(--model "$dir/base" "${ad[@]}" --examples "$dir/examples.jsonl" --json)
-
-# 1b. Reference parity of the PRIMA-style COBYLA (--cobyla-impl trust): it
-# follows the reference's search path; what is achieved is ref + 1e-2 on all
-# three fixtures (the issue asks ref + 1e-4: below the two engines' agreement,
-# see core/learn/cobyla_trust.h).
-for fx in tiny_s0 tiny_s1 tiny_s2; do
-  read -ra adt <<<"$(adapters_of $fx)"
-  "$lorahub" learn --model tests/testdata/ref_tiny/$fx/base "${adt[@]}" --json \
-    --examples tests/testdata/ref_tiny/$fx/examples.jsonl --optimizer cobyla --cobyla-impl trust \
-    --budget 40 >"$tmp/trust.json" || fail "$fx trust: exit $?"
-  best=$(json_get "$tmp/trust.json" 'repr(j["best_score"])')
-  ref=$(json_get tests/testdata/ref_tiny/$fx/ref_learn.json 'repr(j["best_score"])')
-  echo "$fx cobyla-trust40 ours=$best ref=$ref"
-  $py -c "import sys; sys.exit(0 if float(sys.argv[1]) <= float(sys.argv[2]) + 1e-2 else 1)" "$best" "$ref" \
-    || fail "$fx trust: ours $best > reference $ref + 1e-2"
-done
 
 # 3b. cat composition: rank N*r adapter, same loss when saved.
 "$lorahub" learn "${common[@]}" --optimizer cmaes --method cat --budget 24 --population 12 \
