@@ -837,6 +837,8 @@ lorahub_cc_library(server_services
 lorahub_cc_binary(server_lorahub
   PACKAGE server
   SRCS
+    ${SRC}/server/cli/engine_flags.cc
+    ${SRC}/server/cli/engine_flags.h
     ${SRC}/server/cli/generate_command.cc
     ${SRC}/server/cli/inspect_command.cc
     ${SRC}/server/cli/learn_command.cc

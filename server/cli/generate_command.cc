@@ -27,6 +27,7 @@
 #include "core/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "server/cli/args.h"
+#include "server/cli/engine_flags.h"
 #include "server/cli/command.h"
 
 namespace lorahub::cli {
@@ -136,13 +137,9 @@ absl::Status Run(const Args& args) {
     if (!w.ok()) return w.status();
     weights = *w;
   }
-  model::WeightOptions wopts;
-  auto device = model::ParseDevice(args.Get("device").value_or("cpu"));
-  if (!device.ok()) return device.status();
-  wopts.device = *device;
-  auto dtype = model::ParseDType(args.Get("dtype").value_or("fp32"));
-  if (!dtype.ok()) return dtype.status();
-  wopts.dtype = *dtype;
+  auto weight_options = ParseWeightOptions(args);
+  if (!weight_options.ok()) return weight_options.status();
+  const model::WeightOptions& wopts = *weight_options;
 
   // Tokenizer: required unless the inputs are ids.
   std::unique_ptr<tokenizer::Tokenizer> tok;

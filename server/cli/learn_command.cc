@@ -39,14 +39,13 @@
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
-#include "core/train/text_examples.h"
 #include "server/cli/args.h"
+#include "server/cli/engine_flags.h"
 #include "server/cli/command.h"
 
 namespace lorahub::cli {
 namespace {
 
-constexpr size_t kMaxTokens = 2048;  // LoraHub: max_length=2048, truncation=True
 constexpr int kMaxAdapters = learn::kMaxDimension;
 
 
@@ -200,20 +199,14 @@ absl::Status Run(const Args& args) {
                                                      probe.status().message()));
     }
   }
-  model::WeightOptions wopts;
-  auto device = model::ParseDevice(args.Get("device").value_or("cpu"));
-  if (!device.ok()) return device.status();
-  wopts.device = *device;
-  auto dtype = model::ParseDType(args.Get("dtype").value_or("fp32"));
-  if (!dtype.ok()) return dtype.status();
-  wopts.dtype = *dtype;
+  auto weight_options = ParseWeightOptions(args);
+  if (!weight_options.ok()) return weight_options.status();
+  const model::WeightOptions& wopts = *weight_options;
 
   // Inputs.
-  auto texts = train::ReadTextExamples(*examples_path);
-  if (!texts.ok()) return texts.status();
   auto tok = tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
   if (!tok.ok()) return tok.status();
-  auto tokenized = train::TokenizeExamples(**tok, *texts, {kMaxTokens, kMaxTokens});
+  auto tokenized = ReadLoraHubExamples(*examples_path, **tok);
   if (!tokenized.ok()) return tokenized.status();
   std::vector<model::Example> examples = *std::move(tokenized);
   auto base = model::LoadT5(*model_dir, wopts);

@@ -1,0 +1,27 @@
+// Flags and inputs shared by the offline engine commands (generate, score,
+// learn): --device / --dtype, and LoraHub-style few-shot examples.
+#ifndef LORAHUB_SERVER_CLI_ENGINE_FLAGS_H_
+#define LORAHUB_SERVER_CLI_ENGINE_FLAGS_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/scorer.h"
+#include "core/model/t5_weights.h"
+#include "core/tokenizer/tokenizer.h"
+#include "server/cli/args.h"
+
+namespace lorahub::cli {
+
+// --device (cpu | cuda:N, default cpu) and --dtype (fp32 | bf16, default fp32).
+absl::StatusOr<model::WeightOptions> ParseWeightOptions(const Args& args);
+
+// Reads a JSONL file of {"input", "output"} objects and tokenizes it as the
+// LoraHub reference does (max_length 2048 with truncation, eos kept).
+absl::StatusOr<std::vector<model::Example>> ReadLoraHubExamples(
+    const std::string& path, const tokenizer::Tokenizer& tokenizer);
+
+}  // namespace lorahub::cli
+
+#endif  // LORAHUB_SERVER_CLI_ENGINE_FLAGS_H_
