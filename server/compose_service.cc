@@ -12,7 +12,6 @@
 #include <thread>
 #include <vector>
 
-#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/jobs/job_spec.h"
@@ -359,8 +358,13 @@ bool IsTerminalKind(const std::string& kind) {
 }
 
 std::string NewJobId() {
-  absl::BitGen gen;
-  return absl::StrFormat("job-%016x", absl::Uniform<uint64_t>(gen));
+  // Unique enough: 64 random bits mixed with the time (the store refuses a
+  // duplicate id with ALREADY_EXISTS anyway).
+  static std::mutex mu;
+  static std::mt19937_64 rng(std::random_device{}() ^
+                             static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())));
+  std::lock_guard<std::mutex> lock(mu);
+  return absl::StrFormat("job-%016x", rng());
 }
 
 // One WatchJob stream: a thread replays and follows the event log, one write
