@@ -94,4 +94,4 @@ kill -TERM "$pid"; wait "$pid"; pid=
 start_server
 c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "job lost on restart"
 c --json tasks get t1 >/dev/null || fail "task lost on restart"
-echo PASS
+echo "PASS (job best_score $best, lorahub score $score, weights $weights)"
