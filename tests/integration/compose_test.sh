@@ -89,9 +89,23 @@ c --json jobs watch "$job2" >"$tmp/w2"
 grep -q '"event":"cancelled"' "$tmp/w2" || fail "no cancelled event"
 [ "$(json_field '["state"]' <"$tmp/w2")" = cancelled ] || fail "t2 not cancelled"
 
-# Restart: the finished job and its task are still there.
-kill -TERM "$pid"; wait "$pid"; pid=
+# Crash during a job: kill -9 while it runs; after a restart the job is
+# re-queued, completes, and its task serves; the earlier job and task remain.
+c --json compose --task t3 --modules m01,m02,m03 --optimizer random --budget 200 \
+  --examples "$fx/examples.jsonl" >"$tmp/j3" || fail "submit t3"
+job3=$(json_field '["id"]' <"$tmp/j3")
+for _ in $(seq 100); do
+  c --json jobs get "$job3" | grep -q '"state":"running"' && break; sleep 0.1
+done
+c --json jobs get "$job3" | grep -q '"state":"running"' || fail "t3 never ran"
+kill -9 "$pid"; wait "$pid" 2>/dev/null; pid=
 start_server
+grep -q "re-queued" "$tmp/err" || fail "no re-queue message after the crash"
+c --json jobs watch "$job3" >"$tmp/w3" || fail "t3 after restart: $(tail -2 "$tmp/w3")"
+[ "$(json_field '["state"]' <"$tmp/w3")" = succeeded ] || fail "t3 did not succeed"
+c --json generate --task t3 --max-new-tokens 4 --text "hello" >/dev/null || fail "t3 serve"
 c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "job lost on restart"
 c --json tasks get t1 >/dev/null || fail "task lost on restart"
+# A graceful stop still works with the worker running.
+kill -TERM "$pid"; wait "$pid" || fail "serve exit status $?"; pid=
 echo "PASS (job best_score $best, lorahub score $score, weights $weights)"
