@@ -1219,6 +1219,20 @@ lorahub_cc_test(tests_io_checkpoint_test
   TIMEOUT 300
 )
 
+# ---- //tests/jobs  (tests/jobs/BUILD)
+
+# //tests/jobs:job_spec_test (cc_test)
+lorahub_cc_test(tests_jobs_job_spec_test
+  TEST_NAME //tests/jobs:job_spec_test
+  PACKAGE tests/jobs
+  SRCS
+    ${SRC}/tests/jobs/job_spec_test.cc
+  DEPS
+    core_jobs_jobs
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
 # ---- //tests/learn  (tests/learn/BUILD)
 
 # //tests/learn:analytic_functions (cc_library)
