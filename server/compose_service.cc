@@ -504,6 +504,9 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::SubmitJob(grpc::CallbackServerCont
       return r.status();
     }
     JobToProto(*r, response);
+    if (ctx_->metrics) {
+      ctx_->metrics->RecordJobTransition(metrics::JobState::kNone, metrics::JobState::kQueued);
+    }
     if (options_.on_submit) options_.on_submit();
     return absl::OkStatus();
   });
@@ -558,8 +561,16 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::CancelJob(grpc::CallbackServerCont
                                                         v1::Job* response) {
   return Unary(context, ctx_, "CancelJob", [&]() -> absl::Status {
     if (absl::Status s = CheckName(request->id(), "id", 96); !s.ok()) return s;
+    absl::StatusOr<store::JobRecord> before = ctx_->store->GetJob(request->id());
+    if (!before.ok()) return before.status();
     absl::StatusOr<store::JobState> st = ctx_->store->CancelJob(request->id());
     if (!st.ok()) return st.status();
+    // A running job's transition is the worker's to record.
+    if (ctx_->metrics && before->state == store::JobState::kQueued &&
+        *st == store::JobState::kCancelled) {
+      ctx_->metrics->RecordJobTransition(metrics::JobState::kQueued,
+                                         metrics::JobState::kCancelled);
+    }
     absl::StatusOr<store::JobRecord> r = ctx_->store->GetJob(request->id());
     if (!r.ok()) return r.status();
     JobToProto(*r, response);

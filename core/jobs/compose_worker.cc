@@ -43,6 +43,38 @@ struct Outcome {
   double seconds = 0;
 };
 
+metrics::JobState ToMetricState(store::JobState s) {
+  switch (s) {
+    case store::JobState::kQueued: return metrics::JobState::kQueued;
+    case store::JobState::kRunning: return metrics::JobState::kRunning;
+    case store::JobState::kSucceeded: return metrics::JobState::kSucceeded;
+    case store::JobState::kFailed: return metrics::JobState::kFailed;
+    case store::JobState::kCancelled: return metrics::JobState::kCancelled;
+  }
+  return metrics::JobState::kNone;
+}
+
+// lorahub_compose_jobs{state} from the store (after RequeueRunning).
+absl::Status SeedJobGauges(store::Store& st, metrics::ServiceMetrics& m) {
+  for (store::JobState state : {store::JobState::kQueued, store::JobState::kRunning,
+                                store::JobState::kSucceeded, store::JobState::kFailed,
+                                store::JobState::kCancelled}) {
+    store::JobListRequest q;
+    q.states = {state};
+    q.page_size = store::kMaxPageSize;
+    int64_t count = 0;
+    for (;;) {
+      absl::StatusOr<store::Page<store::JobRecord>> page = st.ListJobs(q);
+      if (!page.ok()) return page.status();
+      count += static_cast<int64_t>(page->items.size());
+      if (page->next_page_token.empty()) break;
+      q.page_token = page->next_page_token;
+    }
+    m.SetJobsInState(ToMetricState(state), count);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ComposeWorker>> ComposeWorker::Start(
@@ -54,6 +86,10 @@ absl::StatusOr<std::unique_ptr<ComposeWorker>> ComposeWorker::Start(
   if (!requeued.ok()) return requeued.status();
   for (const std::string& id : *requeued) {
     std::fprintf(stderr, "lorahub: compose job %s re-queued after a restart\n", id.c_str());
+  }
+  if (options.metrics) {
+    absl::Status s = SeedJobGauges(*options.store, *options.metrics);
+    if (!s.ok()) return s;
   }
   std::unique_ptr<ComposeWorker> w(new ComposeWorker(options));
   w->thread_ = std::thread([p = w.get()] { p->Loop(); });
@@ -82,7 +118,20 @@ void ComposeWorker::Loop() {
     if (!job.ok()) {
       std::fprintf(stderr, "lorahub: compose worker: %s\n", job.status().ToString().c_str());
     } else if (job->has_value()) {
+      metrics::ServiceMetrics* m = options_.metrics;
+      if (m) m->RecordJobTransition(metrics::JobState::kQueued, metrics::JobState::kRunning);
+      const auto start = std::chrono::steady_clock::now();
       RunJob(**job);
+      if (m) {
+        absl::StatusOr<store::JobRecord> after = options_.store->GetJob((*job)->id);
+        if (after.ok() && store::IsTerminal(after->state)) {
+          const metrics::JobState to = ToMetricState(after->state);
+          m->RecordJobTransition(metrics::JobState::kRunning, to);
+          m->ObserveJobDuration(
+              to, std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                      .count());
+        }
+      }
       continue;
     }
     std::unique_lock<std::mutex> lock(mu_);
@@ -175,6 +224,7 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
     absl::Status progress_error;
     po.progress = [&](const learn::ProgressEvent& e) {
       if (stop_) return false;
+      if (options_.metrics) options_.metrics->AddEvaluations(1);
       const size_t i = static_cast<size_t>(e.evaluation) - 1;
       const std::vector<double>& w = i < seen.size() ? seen[i] : best_weights;
       if (std::isfinite(e.score) && (e.score < best || best_weights.empty())) {

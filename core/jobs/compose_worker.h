@@ -35,6 +35,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/metrics/metrics.h"
 #include "core/model/t5_weights.h"
 #include "core/store/store.h"
 #include "core/tokenizer/tokenizer.h"
@@ -45,6 +46,10 @@ struct ComposeWorkerOptions {
   store::Store* store = nullptr;
   const model::T5Weights* base = nullptr;
   const tokenizer::Tokenizer* tokenizer = nullptr;
+  // Optional; must outlive the worker. Start() sets lorahub_compose_jobs from
+  // the store's counts; the worker then records its transitions (queued ->
+  // running -> final), evaluations and job durations.
+  metrics::ServiceMetrics* metrics = nullptr;
   // Rows per forward pass of the objective.
   int max_rows = 64;
   // How long the thread sleeps when the queue is empty (Wake() cuts it short).

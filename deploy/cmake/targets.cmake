@@ -381,6 +381,7 @@ lorahub_cc_library(core_jobs_jobs
     core_learn_composition
     core_learn_lorahub_objective
     core_learn_optimizer
+    core_metrics_metrics
     core_model_model
     core_model_loader
     core_store_store

@@ -147,6 +147,7 @@ int RunServe(int argc, char** argv) {
   jo.store = ctx->store.get();
   jo.base = &ctx->engines.front()->weights();
   jo.tokenizer = ctx->tokenizer.get();
+  jo.metrics = ctx->metrics;
   absl::StatusOr<std::unique_ptr<jobs::ComposeWorker>> worker =
       jobs::ComposeWorker::Start(jo);
   if (!worker.ok()) return ReportError("serve", worker.status());

@@ -24,6 +24,10 @@ start_server() {
   for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
   port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
   [ -n "$port" ] || fail "server did not print its port"
+  mport=$(sed -n 's/^metrics on port \([0-9]*\)$/\1/p' "$tmp/out")
+}
+metric() {  # metric NAME_WITH_LABELS -> its value (empty if absent)
+  curl -s "http://127.0.0.1:$mport/metrics" | awk -v n="$1" '$1 == n {print $2}'
 }
 c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
 json_field() { $py -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])$1)"; }
@@ -74,6 +78,10 @@ c --json generate --task t1 --max-new-tokens 4 --text "hello" >"$tmp/g" || fail 
 grep -q '"finish_reason"' "$tmp/g" || fail "generate --task: no end message"
 c generate --task nosuch --text hi 2>"$tmp/e"
 grep -q NOT_FOUND "$tmp/e" || fail "generate unknown task: $(cat "$tmp/e")"
+evals=$(metric lorahub_compose_evaluations_total)
+[ "${evals%.*}" = 10 ] || fail "lorahub_compose_evaluations_total is '$evals', want 10"
+[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 1 ] || fail "jobs{succeeded} gauge"
+[ "$(metric 'lorahub_compose_jobs{state="running"}')" = 0 ] || fail "jobs{running} gauge"
 c compose --task t1 --modules m00 --examples "$fx/examples.jsonl" 2>"$tmp/e"
 grep -q 'ALREADY_EXISTS: spec.task' "$tmp/e" || fail "task exists: $(cat "$tmp/e")"
 c jobs cancel "$job" 2>"$tmp/e"
@@ -106,6 +114,8 @@ c --json jobs watch "$job3" >"$tmp/w3" || fail "t3 after restart: $(tail -2 "$tm
 c --json generate --task t3 --max-new-tokens 4 --text "hello" >/dev/null || fail "t3 serve"
 c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "job lost on restart"
 c --json tasks get t1 >/dev/null || fail "task lost on restart"
+[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 2 ] || fail "gauge after restart"
+[ "$(metric 'lorahub_compose_jobs{state="cancelled"}')" = 1 ] || fail "cancelled gauge"
 # A graceful stop still works with the worker running.
 kill -TERM "$pid"; wait "$pid" || fail "serve exit status $?"; pid=
 echo "PASS (job best_score $best, lorahub score $score, weights $weights)"
