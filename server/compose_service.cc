@@ -162,6 +162,13 @@ absl::StatusOr<jobs::ComposeJobSpec> FromProto(const v1::JobSpec& p, ServiceCont
   if (!v1::CompositionMethod_IsValid(p.method())) {
     return absl::InvalidArgumentError("spec.method: unknown value");
   }
+  // The engine serves tasks with the lorahub rule only; a task learned with
+  // another method would be served differently from how it was scored.
+  if (p.method() != v1::COMPOSITION_METHOD_UNSPECIFIED &&
+      p.method() != v1::COMPOSITION_METHOD_LORAHUB) {
+    return absl::InvalidArgumentError(
+        "spec.method: only COMPOSITION_METHOD_LORAHUB is served for now");
+  }
   s.method = MethodName(p.method());
   if (!v1::Optimizer_IsValid(p.optimizer())) {
     return absl::InvalidArgumentError("spec.optimizer: unknown value");
