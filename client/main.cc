@@ -4,7 +4,15 @@
 //     info | health
 //     modules add (--dir DIR | --repo ORG/NAME [--revision REV]) [--id ID]
 //     modules list [--page-size N] | modules get ID | modules rm ID
-//     generate (--module ID | --modules a,b --weights x,y | base) --text TEXT
+//     compose --task NAME (--modules a,b,... | --sample K [--sample-seed S])
+//             --examples FILE.jsonl [--optimizer cobyla|cmaes|random|fixed]
+//             [--method lorahub|cat|ties|dare_linear] [--budget N]
+//             [--population N] [--seed S] [--priority P] [--weights x,y]
+//             [--wait]
+//     jobs list [--state S] | jobs get ID | jobs watch ID | jobs cancel ID
+//     tasks list | tasks get NAME
+//     generate (--task NAME | --module ID | --modules a,b --weights x,y | base)
+//              --text TEXT
 //              [--max-new-tokens N] [--num-beams N] [--temperature T]
 //              [--top-k K] [--top-p P] [--seed S] [--timeout-s S]
 //
@@ -12,8 +20,11 @@
 // message (--json: {"ids":[...],"text":"..."} per chunk, then the end object
 // with output_ids, finish_reason, timings).
 // Exit codes: 0 ok, 2 usage, 1 server error (gRPC code and message printed).
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -23,9 +34,11 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "lorahub/v1/compose.grpc.pb.h"
 #include "lorahub/v1/inference.grpc.pb.h"
 #include "lorahub/v1/info.grpc.pb.h"
 #include "lorahub/v1/modules.grpc.pb.h"
@@ -54,7 +67,14 @@ int Usage(const char* why = nullptr) {
                "  modules list [--page-size N]\n"
                "  modules get ID\n"
                "  modules rm ID\n"
-               "  generate (--module ID | --modules a,b --weights x,y | base)\n"
+               "  compose --task NAME (--modules a,b | --sample K [--sample-seed S])\n"
+               "          --examples FILE.jsonl [--optimizer NAME] [--method NAME]\n"
+               "          [--budget N] [--population N] [--seed S] [--priority P]\n"
+               "          [--weights x,y] [--wait]\n"
+               "  jobs list [--state queued|running|succeeded|failed|cancelled]\n"
+               "  jobs get|watch|cancel ID\n"
+               "  tasks list | tasks get NAME\n"
+               "  generate (--task NAME | --module ID | --modules a,b --weights x,y | base)\n"
                "           --text TEXT [--max-new-tokens N] [--num-beams N]\n"
                "           [--temperature T] [--top-k K] [--top-p P] [--seed S]\n");
   return kExitUsage;
@@ -229,8 +249,12 @@ int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   v1::GenerateRequest req;
   const bool base = o.positional.size() == 2 && o.positional[1] == "base";
   if (o.positional.size() > (base ? 2u : 1u)) return Usage("generate: unexpected argument");
-  const int kinds = (o.Has("module") ? 1 : 0) + (o.Has("modules") ? 1 : 0) + (base ? 1 : 0);
-  if (kinds != 1) return Usage("generate: give one of --module, --modules/--weights, base");
+  const int kinds = (o.Has("module") ? 1 : 0) + (o.Has("modules") ? 1 : 0) +
+                    (o.Has("task") ? 1 : 0) + (base ? 1 : 0);
+  if (kinds != 1) {
+    return Usage("generate: give one of --task, --module, --modules/--weights, base");
+  }
+  if (o.Has("task")) req.mutable_adapter()->set_task(o.Get("task"));
   if (!o.Has("text")) return Usage("generate: --text is required");
   if (o.Has("module")) req.mutable_adapter()->set_module_id(o.Get("module"));
   if (o.Has("modules")) {
@@ -300,12 +324,355 @@ int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   return kExitOk;
 }
 
+std::string StateName(v1::JobState s) {
+  switch (s) {
+    case v1::JOB_STATE_QUEUED: return "queued";
+    case v1::JOB_STATE_RUNNING: return "running";
+    case v1::JOB_STATE_SUCCEEDED: return "succeeded";
+    case v1::JOB_STATE_FAILED: return "failed";
+    case v1::JOB_STATE_CANCELLED: return "cancelled";
+    default: return "unspecified";
+  }
+}
+
+nlohmann::json JobJson(const v1::Job& j) {
+  nlohmann::json o;
+  o["id"] = j.id();
+  o["task"] = j.spec().task();
+  o["state"] = StateName(j.state());
+  o["module_ids"] = std::vector<std::string>(j.module_ids().begin(), j.module_ids().end());
+  o["evaluations"] = j.evaluations();
+  o["budget"] = j.spec().budget();
+  o["best_score"] = j.best_score();
+  o["weights"] = std::vector<double>(j.best_weights().begin(), j.best_weights().end());
+  if (!j.error().empty()) o["error"] = j.error();
+  return o;
+}
+
+void PrintJob(const v1::Job& j, bool json) {
+  if (json) {
+    std::printf("%s\n", JobJson(j).dump().c_str());
+    return;
+  }
+  std::printf("%-22s %-10s %-20s %4d/%-4d best %-12.6g %s\n", j.id().c_str(),
+              StateName(j.state()).c_str(), j.spec().task().c_str(), j.evaluations(),
+              j.spec().budget(), j.best_score(), j.error().c_str());
+}
+
+nlohmann::json TaskJson(const v1::Task& t) {
+  nlohmann::json o;
+  o["name"] = t.name();
+  o["job_id"] = t.job_id();
+  o["method"] = v1::CompositionMethod_Name(t.method());
+  o["module_ids"] = std::vector<std::string>(t.module_ids().begin(), t.module_ids().end());
+  o["weights"] = std::vector<double>(t.weights().begin(), t.weights().end());
+  o["score"] = t.score();
+  return o;
+}
+
+void PrintTask(const v1::Task& t, bool json) {
+  if (json) {
+    std::printf("%s\n", TaskJson(t).dump().c_str());
+    return;
+  }
+  std::string mods;
+  for (int i = 0; i < t.module_ids_size(); ++i) {
+    mods += absl::StrCat(i ? " " : "", t.module_ids(i), "=", t.weights(i));
+  }
+  std::printf("%-24s score %-12.6g %s\n", t.name().c_str(), t.score(), mods.c_str());
+}
+
+// A bar of `width` cells for v in [-scale, scale], centred on zero.
+std::string WeightBar(double v, double scale, int width) {
+  const int half = width / 2;
+  int n = scale > 0 ? static_cast<int>(std::abs(v) / scale * half + 0.5) : 0;
+  if (n > half) n = half;
+  std::string left(half, ' '), right(half, ' ');
+  if (v < 0) {
+    for (int i = 0; i < n; ++i) left[half - 1 - i] = '#';
+  } else {
+    for (int i = 0; i < n; ++i) right[i] = '#';
+  }
+  return left + "|" + right;
+}
+
+// Streams a job's events until it ends; prints progress and the result.
+// Returns the exit code (0 only if the job succeeded).
+int WatchJob(const std::shared_ptr<grpc::Channel>& channel, const Opts& o,
+             const std::string& id) {
+  auto stub = v1::ComposeService::NewStub(channel);
+  grpc::ClientContext context;
+  v1::WatchJobRequest req;
+  req.set_id(id);
+  auto reader = stub->WatchJob(&context, req);
+  v1::JobEvent e;
+  std::vector<double> best_trace;
+  bool ended_ok = false, drew = false;
+  while (reader->Read(&e)) {
+    if (o.json) {
+      nlohmann::json j;
+      j["job_id"] = e.job_id();
+      if (e.has_queued()) j["event"] = "queued";
+      if (e.has_started()) j["event"] = "started";
+      if (e.has_evaluation()) {
+        j["event"] = "evaluation";
+        j["index"] = e.evaluation().index();
+        j["score"] = e.evaluation().score();
+        j["best_score"] = e.evaluation().best_score();
+        j["weights"] = std::vector<double>(e.evaluation().weights().begin(),
+                                           e.evaluation().weights().end());
+      }
+      if (e.has_finished()) {
+        j["event"] = "finished";
+        j["best_score"] = e.finished().best_score();
+        j["weights"] = std::vector<double>(e.finished().weights().begin(),
+                                           e.finished().weights().end());
+        j["task"] = e.finished().task();
+        j["seconds"] = e.finished().seconds();
+      }
+      if (e.has_failed()) {
+        j["event"] = "failed";
+        j["reason"] = e.failed().reason();
+      }
+      if (e.has_cancelled()) j["event"] = "cancelled";
+      if (!j.contains("event")) continue;
+      std::printf("%s\n", j.dump().c_str());
+      std::fflush(stdout);
+    } else if (e.has_evaluation()) {
+      best_trace.push_back(e.evaluation().best_score());
+      std::fprintf(stderr, "\revaluation %d  score %.6g  best %.6g   ", e.evaluation().index(),
+                   e.evaluation().score(), e.evaluation().best_score());
+      drew = true;
+    } else if (e.has_started()) {
+      std::fprintf(stderr, "job %s started\n", id.c_str());
+    }
+    if (e.has_finished()) ended_ok = true;
+    if (e.has_failed() || e.has_cancelled() || e.has_finished()) {
+      if (drew) std::fprintf(stderr, "\n");
+    }
+    if (e.has_failed()) std::fprintf(stderr, "job %s failed: %s\n", id.c_str(),
+                                     e.failed().reason().c_str());
+    if (e.has_cancelled()) std::fprintf(stderr, "job %s cancelled\n", id.c_str());
+  }
+  grpc::Status s = reader->Finish();
+  if (!s.ok()) return ServerError("jobs watch", s);
+  // The final job object (also the --json result line for scripts).
+  grpc::ClientContext gc;
+  SetDeadline(&gc, 30);
+  v1::GetJobRequest gr;
+  gr.set_id(id);
+  v1::Job job;
+  s = stub->GetJob(&gc, gr, &job);
+  if (!s.ok()) return ServerError("jobs get", s);
+  if (o.json) {
+    PrintJob(job, true);
+  } else if (ended_ok) {
+    std::printf("job %s succeeded: task %s best_score %.9g after %d evaluations\n",
+                job.id().c_str(), job.spec().task().c_str(), job.best_score(),
+                job.evaluations());
+    if (!best_trace.empty()) {
+      // Best score per evaluation, as a one-line chart.
+      static const char* kLevels[] = {"_", ".", "-", "=", "^"};
+      const double hi = *std::max_element(best_trace.begin(), best_trace.end());
+      const double lo = *std::min_element(best_trace.begin(), best_trace.end());
+      std::string chart;
+      for (double b : best_trace) {
+        const int level = hi > lo ? static_cast<int>((b - lo) / (hi - lo) * 4 + 0.5) : 0;
+        chart += kLevels[level];
+      }
+      std::printf("best per evaluation: %s\n", chart.c_str());
+    }
+    double scale = 0;
+    for (float w : job.best_weights()) scale = std::max(scale, std::abs(double{w}));
+    for (int i = 0; i < job.best_weights_size() && i < job.module_ids_size(); ++i) {
+      std::printf("  %-20s %+9.5f %s\n", job.module_ids(i).c_str(), job.best_weights(i),
+                  WeightBar(job.best_weights(i), scale, 30).c_str());
+    }
+  } else {
+    PrintJob(job, false);
+  }
+  return job.state() == v1::JOB_STATE_SUCCEEDED ? kExitOk : kExitError;
+}
+
+int Compose(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
+  if (o.positional.size() != 1) return Usage("compose: unexpected argument");
+  if (!o.Has("task")) return Usage("compose: --task is required");
+  if (!o.Has("examples")) return Usage("compose: --examples is required");
+  if (o.Has("modules") == o.Has("sample")) return Usage("compose: give --modules or --sample");
+  v1::SubmitJobRequest req;
+  v1::JobSpec* spec = req.mutable_spec();
+  spec->set_task(o.Get("task"));
+  if (o.Has("modules")) {
+    for (absl::string_view id : absl::StrSplit(o.Get("modules"), ',')) {
+      spec->mutable_module_ids()->add_ids(std::string(id));
+    }
+  } else {
+    int k = 0;
+    double seed = 0;
+    if (!absl::SimpleAtoi(o.Get("sample"), &k)) return Usage("--sample: not an integer");
+    if (!ParseNum(o, "sample-seed", &seed)) return Usage("--sample-seed: not a number");
+    spec->mutable_sample()->set_count(k);
+    spec->mutable_sample()->set_seed(static_cast<uint64_t>(seed));
+  }
+  {
+    std::ifstream in(o.Get("examples"));
+    if (!in) return Usage(("--examples: cannot open " + o.Get("examples")).c_str());
+    std::string line;
+    int n = 0;
+    while (std::getline(in, line)) {
+      ++n;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded() || !j.is_object() || !j.contains("input") ||
+          !j["input"].is_string() || !j.contains("output") || !j["output"].is_string()) {
+        return Usage(("--examples: line " + std::to_string(n) +
+                      ": want {\"input\": ..., \"output\": ...}").c_str());
+      }
+      v1::Example* e = spec->add_examples();
+      e->set_input(j["input"].get<std::string>());
+      e->set_output(j["output"].get<std::string>());
+    }
+  }
+  if (o.Has("optimizer")) {
+    const std::string n = o.Get("optimizer");
+    v1::Optimizer opt;
+    if (n == "cobyla") opt = v1::OPTIMIZER_COBYLA;
+    else if (n == "cmaes") opt = v1::OPTIMIZER_CMAES;
+    else if (n == "random") opt = v1::OPTIMIZER_RANDOM;
+    else if (n == "fixed") opt = v1::OPTIMIZER_FIXED;
+    else return Usage("--optimizer: cobyla, cmaes, random or fixed");
+    spec->set_optimizer(opt);
+  }
+  if (o.Has("method")) {
+    const std::string n = o.Get("method");
+    v1::CompositionMethod m;
+    if (n == "lorahub") m = v1::COMPOSITION_METHOD_LORAHUB;
+    else if (n == "cat") m = v1::COMPOSITION_METHOD_CAT;
+    else if (n == "ties") m = v1::COMPOSITION_METHOD_TIES;
+    else if (n == "dare_linear") m = v1::COMPOSITION_METHOD_DARE_LINEAR;
+    else return Usage("--method: lorahub, cat, ties or dare_linear");
+    spec->set_method(m);
+  }
+  int budget = 0, population = 0, priority = 0;
+  double seed = 0;
+  if (!ParseNum(o, "budget", &budget) || !ParseNum(o, "population", &population) ||
+      !ParseNum(o, "priority", &priority) || !ParseNum(o, "seed", &seed)) {
+    return Usage("compose: a numeric flag is malformed");
+  }
+  spec->set_budget(budget);
+  spec->set_population(population);
+  spec->set_priority(priority);
+  spec->set_seed(o.Has("seed") ? static_cast<uint64_t>(seed) : 42);
+  if (o.Has("weights")) {
+    for (absl::string_view w : absl::StrSplit(o.Get("weights"), ',')) {
+      float v;
+      if (!absl::SimpleAtof(w, &v)) return Usage("--weights: not a number list");
+      spec->add_initial_weights(v);
+    }
+  }
+  auto stub = v1::ComposeService::NewStub(channel);
+  grpc::ClientContext context;
+  SetDeadline(&context, 60);
+  v1::Job job;
+  grpc::Status s = stub->SubmitJob(&context, req, &job);
+  if (!s.ok()) return ServerError("compose", s);
+  if (!o.Has("wait")) {
+    PrintJob(job, o.json);
+    return kExitOk;
+  }
+  if (!o.json) std::fprintf(stderr, "job %s queued\n", job.id().c_str());
+  return WatchJob(channel, o, job.id());
+}
+
+int Jobs(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
+  if (o.positional.size() < 2) return Usage("jobs: list, get, watch or cancel");
+  const std::string& sub = o.positional[1];
+  auto stub = v1::ComposeService::NewStub(channel);
+  if (sub == "list") {
+    v1::ListJobsRequest req;
+    if (o.Has("state")) {
+      const std::string st = o.Get("state");
+      v1::JobState js = v1::JOB_STATE_UNSPECIFIED;
+      for (int i = 1; i <= 5; ++i) {
+        if (StateName(static_cast<v1::JobState>(i)) == st) js = static_cast<v1::JobState>(i);
+      }
+      if (js == v1::JOB_STATE_UNSPECIFIED) return Usage("--state: unknown state");
+      req.add_states(js);
+    }
+    for (;;) {
+      grpc::ClientContext c;
+      SetDeadline(&c, 30);
+      v1::ListJobsResponse r;
+      grpc::Status s = stub->ListJobs(&c, req, &r);
+      if (!s.ok()) return ServerError("jobs list", s);
+      for (const auto& j : r.jobs()) PrintJob(j, o.json);
+      if (r.next_page_token().empty()) break;
+      req.set_page_token(r.next_page_token());
+    }
+    return kExitOk;
+  }
+  if (o.positional.size() != 3) return Usage("jobs get|watch|cancel: one ID");
+  const std::string& id = o.positional[2];
+  if (sub == "watch") return WatchJob(channel, o, id);
+  grpc::ClientContext c;
+  SetDeadline(&c, 30);
+  v1::Job job;
+  grpc::Status s;
+  if (sub == "get") {
+    v1::GetJobRequest req;
+    req.set_id(id);
+    s = stub->GetJob(&c, req, &job);
+  } else if (sub == "cancel") {
+    v1::CancelJobRequest req;
+    req.set_id(id);
+    s = stub->CancelJob(&c, req, &job);
+  } else {
+    return Usage("jobs: list, get, watch or cancel");
+  }
+  if (!s.ok()) return ServerError(("jobs " + sub).c_str(), s);
+  PrintJob(job, o.json);
+  return kExitOk;
+}
+
+int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
+  if (o.positional.size() < 2) return Usage("tasks: list or get");
+  const std::string& sub = o.positional[1];
+  auto stub = v1::ComposeService::NewStub(channel);
+  if (sub == "list") {
+    v1::ListTasksRequest req;
+    for (;;) {
+      grpc::ClientContext c;
+      SetDeadline(&c, 30);
+      v1::ListTasksResponse r;
+      grpc::Status s = stub->ListTasks(&c, req, &r);
+      if (!s.ok()) return ServerError("tasks list", s);
+      for (const auto& t : r.tasks()) PrintTask(t, o.json);
+      if (r.next_page_token().empty()) break;
+      req.set_page_token(r.next_page_token());
+    }
+    return kExitOk;
+  }
+  if (sub == "get") {
+    if (o.positional.size() != 3) return Usage("tasks get: one NAME");
+    grpc::ClientContext c;
+    SetDeadline(&c, 30);
+    v1::GetTaskRequest req;
+    req.set_name(o.positional[2]);
+    v1::Task t;
+    grpc::Status s = stub->GetTask(&c, req, &t);
+    if (!s.ok()) return ServerError("tasks get", s);
+    PrintTask(t, o.json);
+    return kExitOk;
+  }
+  return Usage("tasks: list or get");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string server = "127.0.0.1:50051";
   Opts o;
-  static const char* kBoolFlags[] = {"json"};
+  static const char* kBoolFlags[] = {"json", "wait"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--", 0) == 0) {
@@ -324,11 +691,15 @@ int main(int argc, char** argv) {
         server = v;
       } else if (k == "json") {
         o.json = true;
+      } else if (k == "wait") {
+        o.flags["wait"] = "1";
       } else {
         static const char* kKnown[] = {
             "dir", "repo", "revision", "id", "page-size", "module", "modules",
             "weights", "text", "max-new-tokens", "num-beams", "temperature",
-            "top-k", "top-p", "seed", "timeout-s"};
+            "top-k", "top-p", "seed", "timeout-s", "task", "sample", "sample-seed",
+            "examples", "optimizer", "method", "budget", "population", "priority",
+            "state", "wait"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());
@@ -345,5 +716,8 @@ int main(int argc, char** argv) {
   if (cmd == "health") return Health(channel, o);
   if (cmd == "modules") return Modules(channel, o);
   if (cmd == "generate") return Generate(channel, o);
+  if (cmd == "compose") return Compose(channel, o);
+  if (cmd == "jobs") return Jobs(channel, o);
+  if (cmd == "tasks") return Tasks(channel, o);
   return Usage(("unknown command " + cmd).c_str());
 }

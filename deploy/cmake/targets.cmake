@@ -367,6 +367,31 @@ lorahub_cc_library(core_io_checkpoint
   OUTPUT_NAME checkpoint
 )
 
+# ---- //core/jobs  (core/jobs/BUILD)
+
+# //core/jobs:jobs (cc_library)
+lorahub_cc_library(core_jobs_jobs
+  PACKAGE core/jobs
+  SRCS
+    ${SRC}/core/jobs/compose_worker.cc
+    ${SRC}/core/jobs/job_spec.cc
+    ${SRC}/core/jobs/compose_worker.h
+    ${SRC}/core/jobs/job_spec.h
+  DEPS
+    core_learn_composition
+    core_learn_lorahub_objective
+    core_learn_optimizer
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_store_store
+    core_tokenizer_tokenizer
+    ext_absl_absl
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  OUTPUT_NAME jobs
+)
+
 # ---- //core/learn  (core/learn/BUILD)
 
 # //core/learn:symmetric_eigen (cc_library)
@@ -833,6 +858,25 @@ lorahub_cc_library(server_services
   OUTPUT_NAME services
 )
 
+# //server:compose_service (cc_library)
+lorahub_cc_library(server_compose_service
+  PACKAGE server
+  SRCS
+    ${SRC}/server/compose_service.cc
+    ${SRC}/server/compose_service.h
+  DEPS
+    server_services
+    server_status_convert
+    core_jobs_jobs
+    core_learn_optimizer
+    core_store_store
+    proto_lorahub_v1_cc
+    ext_absl_absl
+    ext_grpc_grpc__
+    ext_nlohmann_json_json
+  OUTPUT_NAME compose_service
+)
+
 # //server:lorahub (cc_binary)
 lorahub_cc_binary(server_lorahub
   PACKAGE server
@@ -852,10 +896,12 @@ lorahub_cc_binary(server_lorahub
     ${SRC}/server/main.cc
   DEPS
     server_cli_args
+    server_compose_service
     server_info_service
     server_services
     core_hub_hub_client
     core_io_checkpoint
+    core_jobs_jobs
     core_learn_adapter_export
     core_learn_cobyla_trust
     core_learn_lorahub_objective
@@ -1118,6 +1164,21 @@ lorahub_script_test(tests_integration_python_client_test
     server_lorahub
 )
 
+# //tests/integration:compose_test (sh_test)
+lorahub_script_test(tests_integration_compose_test
+  TEST_NAME //tests/integration:compose_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/compose_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
 # ---- //tests/io  (tests/io/BUILD)
 
 # //tests/io:safetensors_test (cc_test)
@@ -1159,6 +1220,20 @@ lorahub_cc_test(tests_io_checkpoint_test
     ext_gtest_gtest_main
     ext_nlohmann_json_json
   TIMEOUT 300
+)
+
+# ---- //tests/jobs  (tests/jobs/BUILD)
+
+# //tests/jobs:job_spec_test (cc_test)
+lorahub_cc_test(tests_jobs_job_spec_test
+  TEST_NAME //tests/jobs:job_spec_test
+  PACKAGE tests/jobs
+  SRCS
+    ${SRC}/tests/jobs/job_spec_test.cc
+  DEPS
+    core_jobs_jobs
+    ext_gtest_gtest_main
+  TIMEOUT 60
 )
 
 # ---- //tests/learn  (tests/learn/BUILD)

@@ -19,6 +19,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "core/hub/hub_client.h"
+#include "core/jobs/compose_worker.h"
 #include "core/metrics/exposer.h"
 #include "core/metrics/metrics.h"
 #include "core/model/loader.h"
@@ -30,6 +31,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/cli/args.h"
 #include "server/cli/command.h"
+#include "server/compose_service.h"
 #include "server/inference_service.h"
 #include "server/info_service.h"
 #include "server/module_service.h"
@@ -139,6 +141,21 @@ int RunServe(int argc, char** argv) {
     ctx->engines.push_back(*std::move(engine));
   }
 
+  // One compose worker on the first device's resident weights; it re-queues
+  // jobs that were running when the previous process died.
+  jobs::ComposeWorkerOptions jo;
+  jo.store = ctx->store.get();
+  jo.base = &ctx->engines.front()->weights();
+  jo.tokenizer = ctx->tokenizer.get();
+  jo.metrics = ctx->metrics;
+  absl::StatusOr<std::unique_ptr<jobs::ComposeWorker>> worker =
+      jobs::ComposeWorker::Start(jo);
+  if (!worker.ok()) return ReportError("serve", worker.status());
+  jobs::ComposeWorker* worker_ptr = worker->get();
+  server::ComposeServiceOptions co;
+  co.on_submit = [worker_ptr] { worker_ptr->Wake(); };
+  auto compose = std::make_unique<server::ComposeServiceImpl>(ctx.get(), co);
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   server::InfoServiceImpl info(*model_dir, devices);
@@ -151,6 +168,7 @@ int RunServe(int argc, char** argv) {
   builder.RegisterService(&info);
   builder.RegisterService(&inference);
   builder.RegisterService(modules.get());
+  builder.RegisterService(compose.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     return ReportError("serve", absl::InvalidArgumentError(absl::StrCat(
@@ -172,12 +190,16 @@ int RunServe(int argc, char** argv) {
   std::fprintf(stderr, "lorahub serve: shutting down\n");
   server->GetHealthCheckService()->SetServingStatus(false);
   ctx->shutting_down = true;
+  // A running job stops at its next evaluation and stays RUNNING in the
+  // store; the next start re-queues it.
+  (*worker)->Stop();
   const absl::Time deadline = absl::Now() + absl::Seconds(*grace);
   for (auto& e : ctx->engines) e->Shutdown(deadline);
   for (auto& e : ctx->engines) e->WaitIdle();
   server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
   server->Wait();
   modules.reset();
+  compose.reset();
   ctx->engines.clear();
   return kExitOk;
 }

@@ -1,0 +1,300 @@
+#include "core/jobs/compose_worker.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/jobs/job_spec.h"
+#include "core/learn/composition.h"
+#include "core/learn/lorahub_objective.h"
+#include "core/learn/optimizer.h"
+#include "core/model/loader.h"
+#include "core/model/scorer.h"
+#include "nlohmann/json.hpp"
+
+namespace lorahub::jobs {
+namespace {
+
+// LoraHub tokenizes with max_length=2048, truncation=True (as `lorahub learn`).
+constexpr size_t kMaxTokens = 2048;
+
+absl::StatusOr<std::vector<int64_t>> Tokenize(const tokenizer::Tokenizer& tok,
+                                              const std::string& text) {
+  absl::StatusOr<std::vector<int>> ids = tok.Encode(text);
+  if (!ids.ok()) return ids.status();
+  std::vector<int64_t> out(ids->begin(), ids->end());
+  if (out.size() > kMaxTokens) {
+    out.resize(kMaxTokens);
+    out.back() = tok.eos_id();
+  }
+  return out;
+}
+
+// What one job run ended with, before it is written to the store.
+struct Outcome {
+  absl::Status status;  // Cancelled: the job was cancelled (or the worker stopped).
+  learn::OptimizerResult result;
+  double best_loss = 0;
+  double seconds = 0;
+};
+
+metrics::JobState ToMetricState(store::JobState s) {
+  switch (s) {
+    case store::JobState::kQueued: return metrics::JobState::kQueued;
+    case store::JobState::kRunning: return metrics::JobState::kRunning;
+    case store::JobState::kSucceeded: return metrics::JobState::kSucceeded;
+    case store::JobState::kFailed: return metrics::JobState::kFailed;
+    case store::JobState::kCancelled: return metrics::JobState::kCancelled;
+  }
+  return metrics::JobState::kNone;
+}
+
+// lorahub_compose_jobs{state} from the store (after RequeueRunning).
+absl::Status SeedJobGauges(store::Store& st, metrics::ServiceMetrics& m) {
+  for (store::JobState state : {store::JobState::kQueued, store::JobState::kRunning,
+                                store::JobState::kSucceeded, store::JobState::kFailed,
+                                store::JobState::kCancelled}) {
+    store::JobListRequest q;
+    q.states = {state};
+    q.page_size = store::kMaxPageSize;
+    int64_t count = 0;
+    for (;;) {
+      absl::StatusOr<store::Page<store::JobRecord>> page = st.ListJobs(q);
+      if (!page.ok()) return page.status();
+      count += static_cast<int64_t>(page->items.size());
+      if (page->next_page_token.empty()) break;
+      q.page_token = page->next_page_token;
+    }
+    m.SetJobsInState(ToMetricState(state), count);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ComposeWorker>> ComposeWorker::Start(
+    ComposeWorkerOptions options) {
+  if (!options.store || !options.base || !options.tokenizer) {
+    return absl::InvalidArgumentError("ComposeWorker: store, base and tokenizer are required");
+  }
+  absl::StatusOr<std::vector<std::string>> requeued = options.store->RequeueRunning();
+  if (!requeued.ok()) return requeued.status();
+  for (const std::string& id : *requeued) {
+    std::fprintf(stderr, "lorahub: compose job %s re-queued after a restart\n", id.c_str());
+  }
+  if (options.metrics) {
+    absl::Status s = SeedJobGauges(*options.store, *options.metrics);
+    if (!s.ok()) return s;
+  }
+  std::unique_ptr<ComposeWorker> w(new ComposeWorker(options));
+  w->thread_ = std::thread([p = w.get()] { p->Loop(); });
+  return w;
+}
+
+ComposeWorker::~ComposeWorker() { Stop(); }
+
+void ComposeWorker::Wake() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    woken_ = true;
+  }
+  cv_.notify_all();
+}
+
+void ComposeWorker::Stop() {
+  stop_ = true;
+  Wake();
+  if (thread_.joinable()) thread_.join();
+}
+
+void ComposeWorker::Loop() {
+  while (!stop_) {
+    absl::StatusOr<std::optional<store::JobRecord>> job = options_.store->ClaimNext();
+    if (!job.ok()) {
+      std::fprintf(stderr, "lorahub: compose worker: %s\n", job.status().ToString().c_str());
+    } else if (job->has_value()) {
+      metrics::ServiceMetrics* m = options_.metrics;
+      if (m) m->RecordJobTransition(metrics::JobState::kQueued, metrics::JobState::kRunning);
+      const auto start = std::chrono::steady_clock::now();
+      RunJob(**job);
+      if (m) {
+        absl::StatusOr<store::JobRecord> after = options_.store->GetJob((*job)->id);
+        if (after.ok() && store::IsTerminal(after->state)) {
+          const metrics::JobState to = ToMetricState(after->state);
+          m->RecordJobTransition(metrics::JobState::kRunning, to);
+          m->ObserveJobDuration(
+              to, std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                      .count());
+        }
+      }
+      continue;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, absl::ToChronoMilliseconds(options_.idle_poll),
+                 [this] { return woken_ || stop_.load(); });
+    woken_ = false;
+  }
+}
+
+void ComposeWorker::RunJob(const store::JobRecord& job) {
+  store::Store& st = *options_.store;
+  auto fail = [&](const absl::Status& s) {
+    absl::Status f = st.FinishFailed(job.id, std::string(s.message()));
+    if (!f.ok()) {
+      std::fprintf(stderr, "lorahub: job %s: %s\n", job.id.c_str(), f.ToString().c_str());
+    }
+  };
+  absl::StatusOr<ComposeJobSpec> spec = DecodeJobSpec(job.spec_json);
+  if (!spec.ok()) return fail(spec.status());
+  if (spec->module_ids.empty()) return fail(absl::InvalidArgumentError("no modules"));
+
+  Outcome out;
+  std::vector<double> best_weights;
+  try {
+    // Modules.
+    std::vector<model::LoraAdapter> modules;
+    modules.reserve(spec->module_ids.size());
+    for (const std::string& id : spec->module_ids) {
+      absl::StatusOr<store::ModuleRecord> m = st.GetModule(id);
+      if (!m.ok()) return fail(m.status());
+      absl::StatusOr<model::LoraAdapter> a = model::LoadLoraAdapter(*options_.base,
+                                                                    m->local_path);
+      if (!a.ok()) {
+        return fail(absl::Status(a.status().code(),
+                                 absl::StrCat("module ", id, ": ", a.status().message())));
+      }
+      modules.push_back(*std::move(a));
+    }
+    std::vector<const model::LoraAdapter*> ptrs;
+    for (const model::LoraAdapter& m : modules) ptrs.push_back(&m);
+
+    // Examples.
+    std::vector<model::Example> examples;
+    for (const TextExample& t : spec->examples) {
+      model::Example e;
+      absl::StatusOr<std::vector<int64_t>> in = Tokenize(*options_.tokenizer, t.input);
+      if (!in.ok()) return fail(in.status());
+      absl::StatusOr<std::vector<int64_t>> lab = Tokenize(*options_.tokenizer, t.output);
+      if (!lab.ok()) return fail(lab.status());
+      e.input_ids = *std::move(in);
+      e.label_ids = *std::move(lab);
+      examples.push_back(std::move(e));
+    }
+
+    learn::LoraHubObjectiveOptions oo;
+    absl::StatusOr<learn::CompositionMethod> method =
+        learn::ParseCompositionMethod(spec->method);
+    if (!method.ok()) return fail(method.status());
+    oo.method = *method;
+    oo.seed = spec->seed;
+    oo.regularization = spec->regularization;
+    oo.lower = spec->lower;
+    oo.upper = spec->upper;
+    oo.score.batch_size = spec->batch_size;
+    oo.score.max_rows = options_.max_rows;
+    absl::StatusOr<learn::LoraHubObjective> objective =
+        learn::LoraHubObjective::Create(options_.base, ptrs, std::move(examples), oo);
+    if (!objective.ok()) return fail(objective.status());
+
+    // Every candidate the objective scores, in order: evaluation i (1-based)
+    // of the progress callback is seen[i - 1].
+    std::vector<learn::Candidate> seen;
+    learn::BatchObjective inner = objective->AsBatchObjective();
+    learn::BatchObjective recording =
+        [&](const std::vector<learn::Candidate>& c) -> absl::StatusOr<std::vector<double>> {
+      seen.insert(seen.end(), c.begin(), c.end());
+      return inner(c);
+    };
+
+    learn::OptimizerOptions po;
+    po.dimension = static_cast<int>(spec->module_ids.size());
+    po.lower = spec->lower;
+    po.upper = spec->upper;
+    po.budget = spec->budget;
+    po.seed = spec->seed;
+    po.population = spec->population;
+    po.warm_start = spec->warm_start;
+    po.initial_point = spec->initial_weights;
+    double best = std::numeric_limits<double>::infinity();
+    absl::Status progress_error;
+    po.progress = [&](const learn::ProgressEvent& e) {
+      if (stop_) return false;
+      if (options_.metrics) options_.metrics->AddEvaluations(1);
+      const size_t i = static_cast<size_t>(e.evaluation) - 1;
+      const std::vector<double>& w = i < seen.size() ? seen[i] : best_weights;
+      if (std::isfinite(e.score) && (e.score < best || best_weights.empty())) {
+        best = e.score;
+        best_weights = w;
+      }
+      store::JobProgress p;
+      p.evaluations_done = e.evaluation;
+      if (std::isfinite(best)) p.best_score = best;
+      p.best_weights_json = EncodeWeights(best_weights);
+      nlohmann::json payload = {{"index", e.evaluation},
+                                {"score", std::isfinite(e.score) ? e.score : 0.0},
+                                {"best_score", std::isfinite(best) ? best : 0.0},
+                                {"weights", w}};
+      absl::Status s = st.UpdateProgress(job.id, p, payload.dump());
+      if (!s.ok()) {
+        progress_error = s;
+        return false;
+      }
+      absl::StatusOr<bool> cancel = st.IsCancelRequested(job.id);
+      return !(cancel.ok() && *cancel);
+    };
+    absl::StatusOr<std::unique_ptr<learn::Optimizer>> optimizer =
+        learn::MakeOptimizer(spec->optimizer, po);
+    if (!optimizer.ok()) return fail(optimizer.status());
+    const auto start = std::chrono::steady_clock::now();
+    absl::StatusOr<learn::OptimizerResult> result = (*optimizer)->Minimize(recording);
+    out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (!progress_error.ok()) return fail(progress_error);
+    if (!result.ok()) {
+      out.status = result.status();
+    } else {
+      out.result = *std::move(result);
+      out.best_loss =
+          out.result.best_score - objective->Regularizer(out.result.best_weights);
+    }
+  } catch (const std::exception& e) {
+    return fail(absl::InternalError(absl::StrCat("compose job: ", e.what())));
+  }
+
+  if (absl::IsCancelled(out.status)) {
+    if (stop_) return;  // Left running: re-queued at the next start.
+    absl::Status s = st.FinishCancelled(job.id);
+    if (!s.ok()) std::fprintf(stderr, "lorahub: job %s: %s\n", job.id.c_str(),
+                              s.ToString().c_str());
+    return;
+  }
+  if (!out.status.ok()) return fail(out.status);
+  if (!std::isfinite(out.result.best_score)) {
+    return fail(absl::InternalError("every evaluation gave a non-finite score"));
+  }
+  nlohmann::json result = {{"best_score", out.result.best_score},
+                           {"best_loss", out.best_loss},
+                           {"weights", out.result.best_weights},
+                           {"module_ids", spec->module_ids},
+                           {"evaluations", out.result.evaluations},
+                           {"seconds", out.seconds},
+                           {"task", spec->task}};
+  store::NewTask task;
+  task.method = spec->method;
+  task.module_ids = spec->module_ids;
+  task.weights = out.result.best_weights;
+  task.score = out.result.best_score;
+  absl::Status s = st.FinishSucceeded(job.id, result.dump(), task);
+  if (absl::IsAlreadyExists(s) && spec->replace_task) {
+    absl::Status d = st.DeleteTask(spec->task);
+    if (!d.ok() && !absl::IsNotFound(d)) return fail(d);
+    s = st.FinishSucceeded(job.id, result.dump(), task);
+  }
+  if (!s.ok()) fail(s);
+}
+
+}  // namespace lorahub::jobs

@@ -1,0 +1,88 @@
+// ComposeWorker: one thread that runs queued compose jobs from the store, one
+// at a time, on a base model the caller already holds (the serving engine's).
+//
+// Life cycle. Start() calls Store::RequeueRunning() once (jobs that were
+// running when the process died go back to the queue) and starts the thread.
+// The thread loops: Store::ClaimNext(); for a job, load its modules' adapters
+// from the local paths the store records, tokenize the examples, build a
+// learn::LoraHubObjective and run the optimizer. After every evaluation it
+// writes Store::UpdateProgress (one "progress" event, payload
+// {"index","score","best_score","weights"}) and polls IsCancelRequested, so
+// a cancel takes effect within one objective call. The job ends with
+// FinishSucceeded (result_json {"best_score","best_loss","weights",
+// "module_ids","evaluations","seconds","task"} and the published task),
+// FinishCancelled or FinishFailed (the reason). With no job queued the
+// thread sleeps until Wake() or `idle_poll`.
+//
+// Stop() (and the destructor) interrupts a running job at its next
+// evaluation and leaves it RUNNING in the store: the next Start() re-queues
+// it, so a shutdown never loses a job.
+//
+// Sharing the device: the objective runs on the worker's thread against the
+// same (read-only) weights the inference engine uses; no request of the
+// engine waits for a whole job.
+//
+// Ownership: store, base and tokenizer are borrowed and must outlive the
+// worker. Thread-safety: Wake/Stop may be called from any thread.
+#ifndef LORAHUB_CORE_JOBS_COMPOSE_WORKER_H_
+#define LORAHUB_CORE_JOBS_COMPOSE_WORKER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/metrics/metrics.h"
+#include "core/model/t5_weights.h"
+#include "core/store/store.h"
+#include "core/tokenizer/tokenizer.h"
+
+namespace lorahub::jobs {
+
+struct ComposeWorkerOptions {
+  store::Store* store = nullptr;
+  const model::T5Weights* base = nullptr;
+  const tokenizer::Tokenizer* tokenizer = nullptr;
+  // Optional; must outlive the worker. Start() sets lorahub_compose_jobs from
+  // the store's counts; the worker then records its transitions (queued ->
+  // running -> final), evaluations and job durations.
+  metrics::ServiceMetrics* metrics = nullptr;
+  // Rows per forward pass of the objective.
+  int max_rows = 64;
+  // How long the thread sleeps when the queue is empty (Wake() cuts it short).
+  absl::Duration idle_poll = absl::Milliseconds(200);
+};
+
+class ComposeWorker {
+ public:
+  // InvalidArgument if a pointer is null; the store's error if
+  // RequeueRunning fails.
+  static absl::StatusOr<std::unique_ptr<ComposeWorker>> Start(ComposeWorkerOptions options);
+  ~ComposeWorker();
+  ComposeWorker(const ComposeWorker&) = delete;
+  ComposeWorker& operator=(const ComposeWorker&) = delete;
+
+  // A job was queued: look at the queue now.
+  void Wake();
+  // Stops the thread (see the file comment); idempotent.
+  void Stop();
+
+ private:
+  explicit ComposeWorker(ComposeWorkerOptions options) : options_(options) {}
+  void Loop();
+  void RunJob(const store::JobRecord& job);
+
+  const ComposeWorkerOptions options_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool woken_ = false;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+}  // namespace lorahub::jobs
+
+#endif  // LORAHUB_CORE_JOBS_COMPOSE_WORKER_H_

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# End to end: compose jobs on the real `lorahub serve` (127.0.0.1, port 0,
+# temp data dir) with the tiny reference fixture, driven by the real
+# lorahubctl: validation errors, a COBYLA job (budget 10) watched to the end,
+# its best_score checked against `lorahub score` at the returned weights, the
+# published task served by generate --task, cancellation, and a restart that
+# keeps the job and its task.
+#   compose_test.sh LORAHUB LORAHUBCTL
+set -uo pipefail
+lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
+py=/usr/bin/python3
+fx=$(readlink -f tests/testdata/ref_tiny/tiny_s0)
+tmp=$(mktemp -d)
+pid=
+fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit 1; }
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+start_server() {
+  : >"$tmp/out"
+  "$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 \
+    --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>>"$tmp/err" &
+  pid=$!
+  for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
+  port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
+  [ -n "$port" ] || fail "server did not print its port"
+  mport=$(sed -n 's/^metrics on port \([0-9]*\)$/\1/p' "$tmp/out")
+}
+metric() {  # metric NAME_WITH_LABELS -> its value (empty if absent)
+  curl -s "http://127.0.0.1:$mport/metrics" | awk -v n="$1" '$1 == n {print $2}'
+}
+c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
+json_field() { $py -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])$1)"; }
+
+start_server
+for m in m00 m01 m02 m03; do
+  c --json modules add --dir "$fx/modules/$m" --id "$m" >/dev/null || fail "add $m"
+done
+
+# Validation: each error names its field.
+c compose --task t1 --modules m00,m01 --examples "$fx/examples.jsonl" --budget -3 2>"$tmp/e"
+[ $? = 1 ] && grep -q 'INVALID_ARGUMENT: spec.budget' "$tmp/e" || fail "budget: $(cat "$tmp/e")"
+c compose --task t1 --modules m00,nope --examples "$fx/examples.jsonl" 2>"$tmp/e"
+grep -q 'NOT_FOUND: spec.module_ids.ids\[1\]' "$tmp/e" || fail "unknown module: $(cat "$tmp/e")"
+c compose --task 'bad/name' --modules m00 --examples "$fx/examples.jsonl" 2>"$tmp/e"
+grep -q 'INVALID_ARGUMENT: spec.task' "$tmp/e" || fail "task name: $(cat "$tmp/e")"
+c compose --task t1 --modules m00,m00 --examples "$fx/examples.jsonl" 2>"$tmp/e"
+grep -q 'INVALID_ARGUMENT: spec.module_ids.ids\[1\]: duplicate' "$tmp/e" || fail "dup: $(cat "$tmp/e")"
+c compose --task t1 --sample 9 --examples "$fx/examples.jsonl" 2>"$tmp/e"
+grep -q 'FAILED_PRECONDITION: spec.sample.count' "$tmp/e" || fail "sample: $(cat "$tmp/e")"
+c compose --task t1 --modules m00 --method ties --examples "$fx/examples.jsonl" 2>"$tmp/e"
+grep -q 'INVALID_ARGUMENT: spec.method' "$tmp/e" || fail "method: $(cat "$tmp/e")"
+c jobs get job-nope 2>"$tmp/e"
+grep -q NOT_FOUND "$tmp/e" || fail "unknown job: $(cat "$tmp/e")"
+
+# A real job, watched to the end.
+c --json compose --task t1 --modules m00,m01,m02 --examples "$fx/examples.jsonl" \
+  --budget 10 --wait >"$tmp/watch" 2>>"$tmp/err" || fail "compose --wait: $(tail -3 "$tmp/watch")"
+[ "$(grep -c '"event":"evaluation"' "$tmp/watch")" = 10 ] || fail "want 10 evaluation events"
+grep -q '"event":"finished"' "$tmp/watch" || fail "no finished event"
+state=$(json_field '["state"]' <"$tmp/watch")
+[ "$state" = succeeded ] || fail "job state $state"
+best=$(json_field '["best_score"]' <"$tmp/watch")
+weights=$(json_field '["weights"]' <"$tmp/watch" | tr -d '[] ')
+job=$(json_field '["id"]' <"$tmp/watch")
+"$lorahub" score --model "$fx/base" --adapter "$fx/modules/m00" --adapter "$fx/modules/m01" \
+  --adapter "$fx/modules/m02" --weights "$weights" --examples "$fx/examples.jsonl" --json \
+  >"$tmp/score" || fail "lorahub score"
+score=$(json_field '["score"]' <"$tmp/score")
+$py -c "import sys; b,s=float(sys.argv[1]),float(sys.argv[2]); sys.exit(0 if abs(b-s)<=1e-4*max(abs(s),1e-12) else 1)" \
+  "$best" "$score" || fail "job best_score $best != lorahub score $score at $weights"
+
+# The job and its task are listed; the task serves.
+c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "jobs get"
+c --json jobs list --state succeeded | grep -q "$job" || fail "jobs list --state"
+c --json tasks get t1 >"$tmp/task" || fail "tasks get"
+grep -q '"module_ids":\["m00","m01","m02"\]' "$tmp/task" || fail "task modules: $(cat "$tmp/task")"
+[ "$(c tasks list | wc -l)" = 1 ] || fail "tasks list"
+c --json generate --task t1 --max-new-tokens 4 --text "hello" >"$tmp/g" || fail "generate --task"
+grep -q '"finish_reason"' "$tmp/g" || fail "generate --task: no end message"
+c generate --task nosuch --text hi 2>"$tmp/e"
+grep -q NOT_FOUND "$tmp/e" || fail "generate unknown task: $(cat "$tmp/e")"
+evals=$(metric lorahub_compose_evaluations_total)
+[ "${evals%.*}" = 10 ] || fail "lorahub_compose_evaluations_total is '$evals', want 10"
+[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 1 ] || fail "jobs{succeeded} gauge"
+[ "$(metric 'lorahub_compose_jobs{state="running"}')" = 0 ] || fail "jobs{running} gauge"
+c compose --task t1 --modules m00 --examples "$fx/examples.jsonl" 2>"$tmp/e"
+grep -q 'ALREADY_EXISTS: spec.task' "$tmp/e" || fail "task exists: $(cat "$tmp/e")"
+c jobs cancel "$job" 2>"$tmp/e"
+grep -q FAILED_PRECONDITION "$tmp/e" || fail "cancel finished job: $(cat "$tmp/e")"
+
+# Cancellation of a long job.
+c --json compose --task t2 --sample 3 --sample-seed 7 --optimizer random \
+  --examples "$fx/examples.jsonl" --budget 5000 >"$tmp/j2" || fail "submit t2"
+job2=$(json_field '["id"]' <"$tmp/j2")
+sleep 0.5
+c --json jobs cancel "$job2" >/dev/null || fail "cancel"
+c --json jobs watch "$job2" >"$tmp/w2"
+grep -q '"event":"cancelled"' "$tmp/w2" || fail "no cancelled event"
+[ "$(json_field '["state"]' <"$tmp/w2")" = cancelled ] || fail "t2 not cancelled"
+
+# Crash during a job: kill -9 while it runs; after a restart the job is
+# re-queued, completes, and its task serves; the earlier job and task remain.
+c --json compose --task t3 --modules m01,m02,m03 --optimizer random --budget 200 \
+  --examples "$fx/examples.jsonl" >"$tmp/j3" || fail "submit t3"
+job3=$(json_field '["id"]' <"$tmp/j3")
+for _ in $(seq 100); do
+  c --json jobs get "$job3" | grep -q '"state":"running"' && break; sleep 0.1
+done
+c --json jobs get "$job3" | grep -q '"state":"running"' || fail "t3 never ran"
+kill -9 "$pid"; wait "$pid" 2>/dev/null; pid=
+start_server
+grep -q "re-queued" "$tmp/err" || fail "no re-queue message after the crash"
+c --json jobs watch "$job3" >"$tmp/w3" || fail "t3 after restart: $(tail -2 "$tmp/w3")"
+[ "$(json_field '["state"]' <"$tmp/w3")" = succeeded ] || fail "t3 did not succeed"
+c --json generate --task t3 --max-new-tokens 4 --text "hello" >/dev/null || fail "t3 serve"
+c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "job lost on restart"
+c --json tasks get t1 >/dev/null || fail "task lost on restart"
+[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 2 ] || fail "gauge after restart"
+[ "$(metric 'lorahub_compose_jobs{state="cancelled"}')" = 1 ] || fail "cancelled gauge"
+# A graceful stop still works with the worker running.
+kill -TERM "$pid"; wait "$pid" || fail "serve exit status $?"; pid=
+echo "PASS (job best_score $best, lorahub score $score, weights $weights)"
