@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job: installs what is missing, builds, and runs lorahub end to end
 # on fixtures that ship with the project (no GPU, no downloads):
-#   1. the gRPC server on 127.0.0.1 with a small T5 (tests/testdata/t5/
-#      gated_untied, written by transformers) and three LoRA modules registered
-#      through lorahubctl; generation through the base model, one module and a
-#      LoraHub composition, streamed;
+#   1. the gRPC server on 127.0.0.1 with the small T5 and 20 LoRA modules of a
+#      reference fixture (tests/testdata/ref_tiny/tiny_s0, written by the
+#      reference implementation): modules registered through lorahubctl, a
+#      compose job learning the weights for a task from 5 examples (progress
+#      streamed), then generation through the base, one module and the task;
 #   2. LoraHub learning on the reference's own fixtures (tests/testdata/ref_tiny,
 #      20 modules each): COBYLA (the paper's setting) and batched CMA-ES, next
 #      to what the reference implementation (transformers + peft + scipy)
@@ -18,14 +19,14 @@ bazel build //server:lorahub //client:lorahubctl >/dev/null 2>&1 || bazel build 
 lorahub=$PWD/bazel-bin/server/lorahub
 ctl=$PWD/bazel-bin/client/lorahubctl
 py=/usr/bin/python3
-case_dir=$PWD/tests/testdata/t5/gated_untied
 tmp=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-echo "== 1. serving: lorahub serve on 127.0.0.1 (model $case_dir/model)"
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
+echo "== 1. serving: lorahub serve on 127.0.0.1, base model and 20 LoRA modules of a reference fixture"
+fx=$PWD/tests/testdata/ref_tiny/tiny_s0
+"$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>"$tmp/err" &
 pid=$!
 for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
@@ -33,15 +34,24 @@ addr=$(sed -n 's/^listening on \(.*\)$/\1/p' "$tmp/out")
 [ -n "$addr" ] || { cat "$tmp/err" >&2; exit 1; }
 c() { "$ctl" --server "$addr" "$@"; }
 echo "server at $addr: $(c health)"
-for m in m0 m1 m2; do c modules add --dir "$case_dir/adapters/$m" --id "$m" >/dev/null; done
-c modules list
-prompt=$($py -c "import json; print(json.load(open('$case_dir/golden.json'))['inputs'][0])")
+for m in "$fx"/modules/m*; do c modules add --dir "$m" --id "$(basename "$m")" >/dev/null; done
+echo "$(c modules list | wc -l) modules registered"
+echo "-- compose job: task 'date', 20 modules, the fixture's 5 examples, COBYLA budget 40"
+modules=$(cd "$fx/modules" && ls | paste -sd,)
+c --json compose --task date --modules "$modules" --examples "$fx/examples.jsonl" --budget 40 --wait \
+  | tail -1 | $py -c "
+import json, sys
+d = json.loads(sys.stdin.read())
+print('job %s: %s, best score %.4f after %d evaluations' % (d.get('id', '?'), d['state'], d['best_score'], d.get('evaluations', 0)))
+print('weights: ' + ' '.join('%+.2f' % w for w in d['weights']))"
+prompt=$($py -c "import json; print(json.loads(open('$fx/prompts.jsonl').readlines()[5])['input'])")
 echo "prompt: $prompt"
-for adapter in "base" "--module m0" "--modules m0,m1,m2 --weights 0.5,-0.3,0.8"; do
-  printf '%-42s -> ' "$adapter"
+echo "(a random-weight model: its ids carry no language; tests/integration/serve_test.sh checks served ids against transformers)"
+for adapter in "base" "--module m00" "--task date"; do
+  printf '%-14s -> ' "$adapter"
   # shellcheck disable=SC2086
-  c generate $adapter --text "$prompt" --max-new-tokens 12
-  echo
+  c --json generate $adapter --text "$prompt" --max-new-tokens 12 | tail -1 \
+    | $py -c "import json,sys; d=json.loads(sys.stdin.read()); print(d.get('output_ids', d))"
 done
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 

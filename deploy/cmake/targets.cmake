@@ -378,6 +378,7 @@ lorahub_cc_library(core_jobs_jobs
     ${SRC}/core/jobs/compose_worker.h
     ${SRC}/core/jobs/job_spec.h
   DEPS
+    core_learn_cobyla_trust
     core_learn_composition
     core_learn_lorahub_objective
     core_learn_optimizer
