@@ -20,6 +20,15 @@ inline constexpr int kExitUsage = 2;
 // DataLoss (the user's input is at fault), 1 otherwise.
 int ReportError(const char* command, const absl::Status& status);
 
+class Args;
+struct FlagSpec;
+
+// Parses argv[2..] against `spec` and runs `run`; a bad flag, an error Status
+// or an exception escaping `run` (LibTorch, allocation) becomes a one-line
+// ReportError, never a stack trace. Returns the process exit code.
+int RunWithArgs(const char* command, int argc, char** argv,
+                const FlagSpec& spec, absl::Status (*run)(const Args&));
+
 // `argv[0]` is the binary, argv[1] the command; flags start at argv[2].
 int RunServe(int argc, char** argv);
 int RunInspect(int argc, char** argv);

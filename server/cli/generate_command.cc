@@ -227,16 +227,7 @@ int RunGenerate(int argc, char** argv) {
        "max-new-tokens", "num-beams", "length-penalty", "temperature", "top-k",
        "top-p", "seed", "batch-size", "device", "dtype"},
       {"json"}};
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
-  if (!args.ok()) return ReportError("generate", args.status());
-  absl::Status status;
-  try {
-    status = Run(*args);
-  } catch (const std::exception& e) {  // e.g. bad_alloc; never a stack trace
-    status = absl::InternalError(e.what());
-  }
-  if (!status.ok()) return ReportError("generate", status);
-  return kExitOk;
+  return RunWithArgs("generate", argc, argv, spec, Run);
 }
 
 }  // namespace lorahub::cli

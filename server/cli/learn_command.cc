@@ -306,16 +306,7 @@ int RunLearn(int argc, char** argv) {
                  "regularization", "lower", "upper", "initial-step", "seed", "weights",
                  "device", "dtype", "out", "trace", "cobyla-impl"},
                 {"json", "warm-start", "no-cobyla-bounds"}};
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
-  if (!args.ok()) return ReportError("learn", args.status());
-  absl::Status status;
-  try {
-    status = Run(*args);
-  } catch (const std::exception& e) {
-    status = absl::InternalError(e.what());
-  }
-  if (!status.ok()) return ReportError("learn", status);
-  return kExitOk;
+  return RunWithArgs("learn", argc, argv, spec, Run);
 }
 
 }  // namespace lorahub::cli

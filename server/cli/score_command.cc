@@ -101,16 +101,7 @@ int RunScore(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "weights", "examples", "batch-size",
                  "max-rows", "device", "dtype"},
                 {"json"}};
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
-  if (!args.ok()) return ReportError("score", args.status());
-  absl::Status status;
-  try {
-    status = Run(*args);
-  } catch (const std::exception& e) {
-    status = absl::InternalError(e.what());
-  }
-  if (!status.ok()) return ReportError("score", status);
-  return kExitOk;
+  return RunWithArgs("score", argc, argv, spec, Run);
 }
 
 }  // namespace lorahub::cli

@@ -111,16 +111,7 @@ int RunTrainBase(int argc, char** argv) {
   for (const char* f : {"config", "spm", "data", "out", "dropout", "save-dtype"}) {
     spec.valued.insert(f);
   }
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
-  if (!args.ok()) return ReportError("train-base", args.status());
-  absl::Status status;
-  try {
-    status = Run(*args);
-  } catch (const std::exception& e) {
-    status = absl::InternalError(e.what());
-  }
-  if (!status.ok()) return ReportError("train-base", status);
-  return kExitOk;
+  return RunWithArgs("train-base", argc, argv, spec, Run);
 }
 
 }  // namespace lorahub::cli

@@ -110,16 +110,7 @@ int RunTrainModule(int argc, char** argv) {
   for (const char* f : {"model", "data", "out", "r", "alpha", "dropout", "targets"}) {
     spec.valued.insert(f);
   }
-  absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
-  if (!args.ok()) return ReportError("train-module", args.status());
-  absl::Status status;
-  try {
-    status = Run(*args);
-  } catch (const std::exception& e) {
-    status = absl::InternalError(e.what());
-  }
-  if (!status.ok()) return ReportError("train-module", status);
-  return kExitOk;
+  return RunWithArgs("train-module", argc, argv, spec, Run);
 }
 
 }  // namespace lorahub::cli
