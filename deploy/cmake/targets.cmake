@@ -803,6 +803,7 @@ lorahub_cc_library(server_cli_args
     ${SRC}/server/cli/command.h
   DEPS
     ext_absl_absl
+    ext_nlohmann_json_json
   OUTPUT_NAME cli_args
 )
 
@@ -974,6 +975,18 @@ lorahub_script_test(tests_cli_engine_cli_test
   TIMEOUT 900
   DATA_TARGETS
     server_lorahub
+)
+
+# //tests/cli:args_test (cc_test)
+lorahub_cc_test(tests_cli_args_test
+  TEST_NAME //tests/cli:args_test
+  PACKAGE tests/cli
+  SRCS
+    ${SRC}/tests/cli/args_test.cc
+  DEPS
+    server_cli_args
+    ext_gtest_gtest_main
+  TIMEOUT 300
 )
 
 # ---- //tests/config  (tests/config/BUILD)

@@ -49,10 +49,14 @@ int RunServe(int argc, char** argv) {
   FlagSpec spec{{"listen", "model", "device", "metrics-listen", "data-dir",
                  "dtype", "hub-endpoint", "cache-dir", "max-batch-rows",
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
-                 "shutdown-grace-s"},
+                 "shutdown-grace-s", "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
+  if (args->Has("config")) {
+    absl::Status s = args->MergeConfigFile(*args->Get("config"), spec);
+    if (!s.ok()) return ReportError("serve", s);
+  }
   absl::StatusOr<std::string> model_dir = args->Required("model");
   if (!model_dir.ok()) return ReportError("serve", model_dir.status());
   const std::string listen = args->Get("listen").value_or("127.0.0.1:50051");
