@@ -4,6 +4,7 @@
 //     info | health
 //     modules add (--dir DIR | --repo ORG/NAME [--revision REV]) [--id ID]
 //     modules list [--page-size N] | modules get ID | modules rm ID
+//     modules prefetch ID [--device D[,D...]]
 //     compose --task NAME (--modules a,b,... | --sample K [--sample-seed S])
 //             --examples FILE.jsonl [--optimizer cobyla|cmaes|random|fixed]
 //             [--method lorahub|cat|ties|dare_linear] [--budget N]
@@ -19,7 +20,12 @@
 // generate streams text as it comes (human output) or one JSON object per
 // message (--json: {"ids":[...],"text":"..."} per chunk, then the end object
 // with output_ids, finish_reason, timings).
+// modules prefetch streams download progress: on a terminal one progress bar
+// per file (redrawn in place), otherwise one plain line per message; --json
+// prints one object per message: {"file","bytes_done","bytes_total","done"}.
 // Exit codes: 0 ok, 2 usage, 1 server error (gRPC code and message printed).
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -67,6 +73,7 @@ int Usage(const char* why = nullptr) {
                "  modules list [--page-size N]\n"
                "  modules get ID\n"
                "  modules rm ID\n"
+               "  modules prefetch ID [--device D[,D...]]\n"
                "  compose --task NAME (--modules a,b | --sample K [--sample-seed S])\n"
                "          --examples FILE.jsonl [--optimizer NAME] [--method NAME]\n"
                "          [--budget N] [--population N] [--seed S] [--priority P]\n"
@@ -172,10 +179,98 @@ int Health(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
                                                                      : kExitError;
 }
 
+// "12.3 KiB" style sizes for progress output.
+std::string HumanBytes(int64_t n) {
+  static const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(n);
+  int u = 0;
+  while (v >= 1024 && u < 4) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", v, kUnits[u]);
+  return buf;
+}
+
+// One line of a file's progress bar: "file [#####-----]  42%  1.2/3.0 MiB".
+std::string ProgressBar(const v1::PrefetchProgress& p, int width) {
+  const int64_t total = p.bytes_total();
+  std::string bar;
+  if (total > 0) {
+    const double f = std::min(1.0, static_cast<double>(p.bytes_done()) / total);
+    const int filled = static_cast<int>(f * width + 0.5);
+    bar = absl::StrCat("[", std::string(filled, '#'), std::string(width - filled, '-'), "] ");
+    char pct[16];
+    std::snprintf(pct, sizeof(pct), "%3d%% ", static_cast<int>(f * 100));
+    bar += pct;
+    return absl::StrCat(p.file(), " ", bar, HumanBytes(p.bytes_done()), " / ",
+                        HumanBytes(total));
+  }
+  return absl::StrCat(p.file(), " ", HumanBytes(p.bytes_done()));
+}
+
+// modules prefetch ID: streams PrefetchModule and shows its progress.
+int Prefetch(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
+  if (o.positional.size() != 3) return Usage("modules prefetch: one ID");
+  v1::PrefetchModuleRequest req;
+  req.set_id(o.positional[2]);
+  if (o.Has("device")) {
+    for (absl::string_view d : absl::StrSplit(o.Get("device"), ',')) {
+      if (d.empty()) return Usage("--device: empty device name");
+      req.add_devices(std::string(d));
+    }
+  }
+  auto stub = v1::ModuleService::NewStub(channel);
+  grpc::ClientContext context;
+  SetDeadline(&context, 3600);
+  auto reader = stub->PrefetchModule(&context, req);
+  const bool tty = !o.json && isatty(fileno(stdout));
+  std::string bar_file;  // the file whose bar is on the current line (tty)
+  v1::PrefetchProgress p;
+  v1::PrefetchProgress last;
+  bool any = false;
+  while (reader->Read(&p)) {
+    any = true;
+    last = p;
+    if (o.json) {
+      nlohmann::json j{{"file", p.file()},
+                       {"bytes_done", p.bytes_done()},
+                       {"bytes_total", p.bytes_total()},
+                       {"done", p.done()}};
+      std::printf("%s\n", j.dump().c_str());
+    } else if (p.done()) {
+      if (tty && !bar_file.empty()) std::printf("\n");
+      bar_file.clear();
+      std::printf("prefetched %s (%s, %s)\n", req.id().c_str(), p.file().c_str(),
+                  HumanBytes(p.bytes_total()).c_str());
+    } else if (tty) {
+      // A new file starts a new line; the same file redraws its bar.
+      if (!bar_file.empty() && bar_file != p.file()) std::printf("\n");
+      bar_file = p.file();
+      std::printf("\r\033[K%s", ProgressBar(p, 30).c_str());
+    } else {
+      std::printf("%s %lld/%lld\n", p.file().c_str(),
+                  static_cast<long long>(p.bytes_done()),
+                  static_cast<long long>(p.bytes_total()));
+    }
+    std::fflush(stdout);
+  }
+  if (tty && !bar_file.empty()) std::printf("\n");
+  grpc::Status s = reader->Finish();
+  if (!s.ok()) return ServerError("modules prefetch", s);
+  if (!any || !last.done()) {
+    std::fprintf(stderr, "lorahubctl modules prefetch: stream ended without done\n");
+    return kExitError;
+  }
+  return kExitOk;
+}
+
 int Modules(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
-  if (o.positional.size() < 2) return Usage("modules: add, list, get or rm");
+  if (o.positional.size() < 2) return Usage("modules: add, list, get, rm or prefetch");
   auto stub = v1::ModuleService::NewStub(channel);
   const std::string& sub = o.positional[1];
+  if (sub == "prefetch") return Prefetch(channel, o);
   grpc::ClientContext context;
   if (sub == "add") {
     v1::AddModuleRequest req;
@@ -233,7 +328,7 @@ int Modules(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     }
     return kExitOk;
   }
-  return Usage("modules: add, list, get or rm");
+  return Usage("modules: add, list, get, rm or prefetch");
 }
 
 template <typename T>
@@ -699,7 +794,7 @@ int main(int argc, char** argv) {
             "weights", "text", "max-new-tokens", "num-beams", "temperature",
             "top-k", "top-p", "seed", "timeout-s", "task", "sample", "sample-seed",
             "examples", "optimizer", "method", "budget", "population", "priority",
-            "state", "wait"};
+            "state", "wait", "device"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());

@@ -1245,8 +1245,10 @@ lorahub_script_test(tests_integration_prefetch_test
   SCRIPT ${SRC}/tests/integration/prefetch_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
   TIMEOUT 300
   DATA_TARGETS
+    client_lorahubctl
     server_lorahub
 )
 

@@ -5,10 +5,14 @@
 # progress: one message per file of the module with bytes_done == bytes_total
 # at its end, then the final message with done = true; after the cached blob
 # is removed, Prefetch downloads it again (the emulator's log shows the GET)
-# and the module still serves. A client from Python (generated stubs).
-#   prefetch_test.sh LORAHUB
+# and the module still serves. A client from Python (generated stubs), then
+# `lorahubctl modules prefetch`: --json (one object per message), plain lines
+# when stdout is not a terminal, progress bars on a terminal (under script(1)),
+# NOT_FOUND for an unknown module.
+#   prefetch_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1")
+ctl=$(readlink -f "$2")
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
 proto_dir=$(readlink -f proto)
 emulator=$(readlink -f tests/hub/hub_emulator.py)
@@ -107,6 +111,58 @@ except grpc.RpcError as e:
     assert e.code() == grpc.StatusCode.NOT_FOUND, e
 print("prefetch OK")
 PY
+
+# lorahubctl modules prefetch, after evicting the weights blob once more so
+# that the download streams progress.
+addr="127.0.0.1:$port"
+evict() {
+  for b in "$tmp"/hub/models--lorahub--m0/blobs/*; do
+    [ "$(stat -c %s "$b")" = "$weights" ] && rm -f "$b"
+  done
+}
+weights=$(stat -L -c %s "$case_dir/adapters/m0/adapter_model.safetensors")
+config=$(stat -L -c %s "$case_dir/adapters/m0/adapter_config.json")
+evict
+"$ctl" --server "$addr" --json modules prefetch m0 --device cpu >"$tmp/pj" 2>>"$tmp/err" \
+  || fail "lorahubctl --json prefetch"
+"$py" - "$tmp/pj" "$weights" "$config" <<'PY' || fail "prefetch --json output"
+import json, sys
+lines = open(sys.argv[1]).read().splitlines()
+weights, config = int(sys.argv[2]), int(sys.argv[3])
+msgs = [json.loads(l) for l in lines]
+assert len(msgs) >= 3, lines
+for m in msgs:
+    assert set(m) == {"file", "bytes_done", "bytes_total", "done"}, m
+assert msgs[-1]["done"] is True and not any(m["done"] for m in msgs[:-1]), msgs
+assert msgs[-1]["file"] == "adapter_model.safetensors" and msgs[-1]["bytes_done"] == weights, msgs[-1]
+w = [m for m in msgs[:-1] if m["file"] == "adapter_model.safetensors"]
+c = [m for m in msgs[:-1] if m["file"] == "adapter_config.json"]
+assert c and c[-1]["bytes_done"] == c[-1]["bytes_total"] == config, c
+assert w and w[-1]["bytes_done"] == w[-1]["bytes_total"] == weights, w
+assert [m["bytes_done"] for m in w] == sorted(m["bytes_done"] for m in w), w
+PY
+# Plain lines (stdout is a file here): "FILE DONE/TOTAL", then the summary.
+"$ctl" --server "$addr" modules prefetch m0 >"$tmp/pp" 2>>"$tmp/err" || fail "plain prefetch"
+grep -qx "adapter_config.json $config/$config" "$tmp/pp" || fail "plain config line: $(cat "$tmp/pp")"
+grep -qx "adapter_model.safetensors $weights/$weights" "$tmp/pp" || fail "plain weights line: $(cat "$tmp/pp")"
+grep -q "^prefetched m0 (adapter_model.safetensors, " "$tmp/pp" || fail "plain summary: $(cat "$tmp/pp")"
+if grep -q $'\r' "$tmp/pp"; then fail "plain output has carriage returns"; fi
+# On a terminal: a bar per file, redrawn with \r, 100% at the end of each.
+evict
+script -qec "'$ctl' --server $addr modules prefetch m0" /dev/null >"$tmp/pt" 2>>"$tmp/err" \
+  || fail "tty prefetch"
+tr '\r' '\n' <"$tmp/pt" | sed 's/\x1b\[K//g' >"$tmp/pt2"
+grep -q '^adapter_config.json \[#\{30\}\] 100% ' "$tmp/pt2" || fail "no full config bar: $(cat -v "$tmp/pt")"
+grep -q '^adapter_model.safetensors \[#\{30\}\] 100% ' "$tmp/pt2" || fail "no full weights bar: $(cat -v "$tmp/pt")"
+grep -q '^prefetched m0 ' "$tmp/pt2" || fail "tty summary: $(cat -v "$tmp/pt")"
+grep -q $'\r' "$tmp/pt" || fail "tty output never redraws"
+# Errors: exit 1 with the gRPC code; usage: exit 2.
+"$ctl" --server "$addr" modules prefetch nope >/dev/null 2>"$tmp/pe"; rc=$?
+[ "$rc" = 1 ] || fail "unknown module exit $rc"
+grep -q "NOT_FOUND" "$tmp/pe" || fail "unknown module message: $(cat "$tmp/pe")"
+"$ctl" --server "$addr" modules prefetch >/dev/null 2>&1; rc=$?
+[ "$rc" = 2 ] || fail "missing id exit $rc"
+
 kill -TERM "$pid"; wait "$pid" || fail "server exit code"
 pid=
 exec 3>&-
