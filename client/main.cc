@@ -11,7 +11,7 @@
 //             [--population N] [--seed S] [--priority P] [--weights x,y]
 //             [--wait]
 //     jobs list [--state S] | jobs get ID | jobs watch ID | jobs cancel ID
-//     tasks list | tasks get NAME
+//     tasks list | tasks get NAME | tasks export NAME --out DIR
 //     generate (--task NAME | --module ID | --modules a,b --weights x,y | base)
 //              --text TEXT
 //              [--max-new-tokens N] [--num-beams N] [--temperature T]
@@ -23,15 +23,22 @@
 // modules prefetch streams download progress: on a terminal one progress bar
 // per file (redrawn in place), otherwise one plain line per message; --json
 // prints one object per message: {"file","bytes_done","bytes_total","done"}.
+// tasks export writes the task's composed adapter (a PEFT directory:
+// adapter_config.json, adapter_model.safetensors) into DIR (created if
+// needed): each file is received into a temporary file in DIR, checked
+// (offsets, size, sha256) and renamed into place only after the whole stream
+// ended OK, so DIR never holds a partial file.
 // Exit codes: 0 ok, 2 usage, 1 server error (gRPC code and message printed).
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
@@ -42,6 +49,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/hub/file_digest.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "lorahub/v1/compose.grpc.pb.h"
@@ -80,7 +88,7 @@ int Usage(const char* why = nullptr) {
                "          [--weights x,y] [--wait]\n"
                "  jobs list [--state queued|running|succeeded|failed|cancelled]\n"
                "  jobs get|watch|cancel ID\n"
-               "  tasks list | tasks get NAME\n"
+               "  tasks list | tasks get NAME | tasks export NAME --out DIR\n"
                "  generate (--task NAME | --module ID | --modules a,b --weights x,y | base)\n"
                "           --text TEXT [--max-new-tokens N] [--num-beams N]\n"
                "           [--temperature T] [--top-k K] [--top-p P] [--seed S]\n");
@@ -729,9 +737,147 @@ int Jobs(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   return kExitOk;
 }
 
+// A file name the server may send: [A-Za-z0-9._-]+, not starting with '.'.
+bool SafeFileName(const std::string& f) {
+  if (f.empty() || f.size() > 128 || f[0] == '.') return false;
+  for (char c : f) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// tasks export NAME --out DIR (see the file comment).
+int ExportTask(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
+  namespace fs = std::filesystem;
+  if (o.positional.size() != 3) return Usage("tasks export: one NAME");
+  if (!o.Has("out") || o.Get("out").empty()) return Usage("tasks export: --out DIR is required");
+  const fs::path dir = o.Get("out");
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir)) {
+    std::fprintf(stderr, "lorahubctl tasks export: cannot create %s: %s\n",
+                 dir.c_str(), ec ? ec.message().c_str() : "not a directory");
+    return kExitUsage;
+  }
+  struct Part {
+    fs::path tmp;
+    std::FILE* f = nullptr;
+    int64_t written = 0;
+    int64_t size = 0;
+    std::string sha256;
+    bool complete = false;
+  };
+  std::map<std::string, Part> parts;
+  std::vector<std::string> order;
+  auto discard = [&] {
+    for (auto& [name, p] : parts) {
+      if (p.f) std::fclose(p.f);
+      p.f = nullptr;
+      fs::remove(p.tmp, ec);
+    }
+  };
+  auto bad = [&](const std::string& why) {
+    discard();
+    std::fprintf(stderr, "lorahubctl tasks export: %s\n", why.c_str());
+    return kExitError;
+  };
+  auto stub = v1::ComposeService::NewStub(channel);
+  grpc::ClientContext context;
+  SetDeadline(&context, 3600);
+  v1::ExportTaskRequest req;
+  req.set_name(o.positional[2]);
+  auto reader = stub->ExportTask(&context, req);
+  v1::ExportTaskChunk c;
+  std::string error;
+  while (error.empty() && reader->Read(&c)) {
+    if (!SafeFileName(c.file())) {
+      error = "server sent a bad file name '" + c.file() + "'";
+      break;
+    }
+    auto it = parts.find(c.file());
+    if (it == parts.end()) {
+      Part p;
+      p.tmp = dir / absl::StrCat(".", c.file(), ".tmp-", getpid());
+      p.f = std::fopen(p.tmp.c_str(), "wb");
+      if (!p.f) {
+        error = absl::StrCat("cannot write ", p.tmp.string(), ": ", std::strerror(errno));
+        break;
+      }
+      p.size = c.file_size();
+      it = parts.emplace(c.file(), std::move(p)).first;
+      order.push_back(c.file());
+    }
+    Part& p = it->second;
+    if (p.complete || c.offset() != p.written || c.file_size() != p.size ||
+        p.written + static_cast<int64_t>(c.data().size()) > p.size) {
+      error = absl::StrCat(c.file(), ": chunk at offset ", c.offset(), " out of order");
+      break;
+    }
+    if (!c.data().empty() &&
+        std::fwrite(c.data().data(), 1, c.data().size(), p.f) != c.data().size()) {
+      error = absl::StrCat("writing ", p.tmp.string(), ": ", std::strerror(errno));
+      break;
+    }
+    p.written += static_cast<int64_t>(c.data().size());
+    if (c.last()) {
+      p.complete = true;
+      p.sha256 = c.sha256();
+      if (std::fflush(p.f) != 0 || fsync(fileno(p.f)) != 0 || std::fclose(p.f) != 0) {
+        p.f = nullptr;
+        error = absl::StrCat("writing ", p.tmp.string(), ": ", std::strerror(errno));
+        break;
+      }
+      p.f = nullptr;
+    }
+  }
+  if (!error.empty()) {
+    context.TryCancel();
+    reader->Finish();
+    return bad(error);
+  }
+  grpc::Status s = reader->Finish();
+  if (!s.ok()) {
+    discard();
+    return ServerError("tasks export", s);
+  }
+  if (parts.empty()) return bad("the server sent no files");
+  for (const std::string& name : order) {
+    Part& p = parts[name];
+    if (!p.complete || p.written != p.size) return bad(name + ": incomplete");
+    absl::StatusOr<std::string> sha = lorahub::hub::Sha256HexOfFile(p.tmp.string());
+    if (!sha.ok() || *sha != p.sha256) return bad(name + ": sha256 mismatch");
+  }
+  for (const std::string& name : order) {
+    fs::rename(parts[name].tmp, dir / name, ec);
+    if (ec) return bad(absl::StrCat("rename into ", (dir / name).string(), ": ", ec.message()));
+  }
+  if (o.json) {
+    nlohmann::json j;
+    j["task"] = req.name();
+    j["dir"] = dir.string();
+    j["files"] = nlohmann::json::array();
+    for (const std::string& name : order) {
+      j["files"].push_back(
+          {{"file", name}, {"bytes", parts[name].size}, {"sha256", parts[name].sha256}});
+    }
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("exported task %s to %s\n", req.name().c_str(), dir.c_str());
+    for (const std::string& name : order) {
+      std::printf("  %-28s %12lld B  %s\n", name.c_str(),
+                  static_cast<long long>(parts[name].size),
+                  parts[name].sha256.substr(0, 12).c_str());
+    }
+  }
+  return kExitOk;
+}
+
 int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
-  if (o.positional.size() < 2) return Usage("tasks: list or get");
+  if (o.positional.size() < 2) return Usage("tasks: list, get or export");
   const std::string& sub = o.positional[1];
+  if (sub == "export") return ExportTask(channel, o);
   auto stub = v1::ComposeService::NewStub(channel);
   if (sub == "list") {
     v1::ListTasksRequest req;
@@ -759,7 +905,7 @@ int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     PrintTask(t, o.json);
     return kExitOk;
   }
-  return Usage("tasks: list or get");
+  return Usage("tasks: list, get or export");
 }
 
 }  // namespace
@@ -794,7 +940,7 @@ int main(int argc, char** argv) {
             "weights", "text", "max-new-tokens", "num-beams", "temperature",
             "top-k", "top-p", "seed", "timeout-s", "task", "sample", "sample-seed",
             "examples", "optimizer", "method", "budget", "population", "priority",
-            "state", "wait", "device"};
+            "state", "wait", "device", "out"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());

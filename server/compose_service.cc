@@ -5,6 +5,11 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <random>
 #include <set>
@@ -14,8 +19,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/hub/file_digest.h"
 #include "core/jobs/job_spec.h"
+#include "core/learn/adapter_export.h"
 #include "core/learn/optimizer.h"
+#include "core/model/loader.h"
 #include "nlohmann/json.hpp"
 #include "server/status_convert.h"
 
@@ -454,6 +462,188 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
   std::thread thread_;
 };
 
+// One ExportTask stream: a thread composes the adapter on the device
+// (RunOnDevice), writes the PEFT directory into a temporary directory, then
+// streams its files one chunk at a time (each write waits for OnWriteDone)
+// and removes the directory.
+class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk> {
+ public:
+  ExportReactor(ComposeServiceImpl* service, store::TaskRecord task)
+      : service_(service), task_(std::move(task)) {
+    service_->exports()++;
+    thread_ = std::thread([this] {
+      std::string dir;
+      absl::Status s = Run(&dir);
+      if (!dir.empty()) {
+        std::error_code ec;
+        std::filesystem::remove_all(dir, ec);
+      }
+      Finish(ToGrpcStatus(s));
+    });
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) broken_ = true;
+    cv_.notify_all();
+  }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    broken_ = true;
+    cv_.notify_all();
+  }
+  void OnDone() override {
+    thread_.join();
+    service_->exports()--;
+    delete this;
+  }
+
+ private:
+  bool Write(const v1::ExportTaskChunk& c) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (broken_) return false;
+    chunk_ = c;
+    writing_ = true;
+    StartWrite(&chunk_);
+    // Wait also after a cancel: Finish must not run with a write in flight.
+    cv_.wait(lock, [this] { return !writing_; });
+    return !broken_;
+  }
+
+  // Composes and writes the adapter into a new temporary directory (*dir).
+  absl::Status Compose(std::string* dir) {
+    ServiceContext* ctx = service_->context();
+    if (task_.method != "lorahub") {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "task '", task_.name, "': method '", task_.method, "' cannot be exported"));
+    }
+    if (task_.module_ids.empty() || task_.module_ids.size() != task_.weights.size()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "task '", task_.name, "': ", task_.module_ids.size(), " modules but ",
+          task_.weights.size(), " weights"));
+    }
+    std::vector<std::string> dirs;
+    for (const std::string& id : task_.module_ids) {
+      absl::StatusOr<store::ModuleRecord> m = ctx->store->GetModule(id);
+      if (absl::IsNotFound(m.status())) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "task '", task_.name, "': module '", id, "' is no longer registered"));
+      }
+      if (!m.ok()) return m.status();
+      dirs.push_back(m->local_path);
+    }
+    if (ctx->engines.empty()) return absl::UnavailableError("no inference engine");
+    serving::InferenceEngine* engine = ctx->engines.front().get();
+    const model::T5Weights& base = engine->weights();
+    // On the device's owner thread: load and compose (device tensors), then
+    // copy the factors to host memory so that the files are written here.
+    absl::StatusOr<model::LoraAdapter> host = absl::InternalError("export did not run");
+    absl::Status ran = engine->RunOnDevice([&] {
+      try {
+        std::vector<double> used;
+        absl::StatusOr<std::optional<model::LoraAdapter>> a =
+            model::LoadComposedAdapter(base, dirs, task_.weights, &used);
+        if (!a.ok()) {
+          host = absl::FailedPreconditionError(
+              absl::StrCat("task '", task_.name, "': ", a.status().message()));
+          return;
+        }
+        if (!a->has_value()) {
+          host = absl::InternalError("composition gave no adapter");
+          return;
+        }
+        model::LoraAdapter out;
+        out.name = task_.name;
+        for (const model::LoraSite& site : (*a)->sites) {
+          model::LoraSite c = site;
+          c.a = site.a.detach().to(at::kCPU, at::kFloat).contiguous();
+          c.b = site.b.detach().to(at::kCPU, at::kFloat).contiguous();
+          out.sites.push_back(std::move(c));
+        }
+        host = std::move(out);
+      } catch (const std::exception& e) {
+        host = absl::InternalError(absl::StrCat("composing task '", task_.name, "': ", e.what()));
+      }
+    });
+    if (!ran.ok()) return ran;
+    if (!host.ok()) return host.status();
+    const char* tmp_root = std::getenv("TMPDIR");
+    std::string pattern = absl::StrCat(tmp_root && *tmp_root ? tmp_root : "/tmp",
+                                       "/lorahub-export-XXXXXX");
+    if (mkdtemp(pattern.data()) == nullptr) {
+      return absl::InternalError(absl::StrCat("mkdtemp ", pattern, ": ", std::strerror(errno)));
+    }
+    *dir = pattern;
+    learn::AdapterExportOptions eo;
+    eo.base_model_name_or_path = "lorahub";
+    try {
+      return learn::WritePeftAdapter(base, *host, *dir, eo);
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("writing task '", task_.name, "': ", e.what()));
+    }
+  }
+
+  absl::Status SendFile(const std::string& dir, const std::string& name) {
+    const std::string path = dir + "/" + name;
+    absl::StatusOr<std::string> sha = hub::Sha256HexOfFile(path);
+    if (!sha.ok()) return sha.status();
+    std::error_code ec;
+    const uintmax_t size = std::filesystem::file_size(path, ec);
+    if (ec) return absl::InternalError(absl::StrCat(path, ": ", ec.message()));
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::InternalError(absl::StrCat("cannot open ", path));
+    std::string buf(ComposeServiceImpl::kMaxExportChunkBytes, '\0');
+    int64_t offset = 0;
+    for (;;) {
+      in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+      const int64_t n = in.gcount();
+      if (n == 0 && in.bad()) return absl::InternalError(absl::StrCat("reading ", path));
+      v1::ExportTaskChunk c;
+      c.set_file(name);
+      c.set_offset(offset);
+      c.set_data(buf.data(), static_cast<size_t>(n));
+      c.set_file_size(static_cast<int64_t>(size));
+      offset += n;
+      const bool last = offset >= static_cast<int64_t>(size) || n == 0;
+      c.set_last(last);
+      if (last) c.set_sha256(*sha);
+      if (!Write(c)) return absl::CancelledError("client went away");
+      if (last) break;
+    }
+    if (offset != static_cast<int64_t>(size)) {
+      return absl::InternalError(absl::StrCat(path, ": changed while it was sent"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Run(std::string* dir) {
+    if (absl::Status s = Compose(dir); !s.ok()) return s;
+    for (const char* f : {"adapter_config.json", "adapter_model.safetensors"}) {
+      if (service_->context()->shutting_down) {
+        return absl::UnavailableError("server shutting down");
+      }
+      if (absl::Status s = SendFile(*dir, f); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
+  ComposeServiceImpl* service_;
+  const store::TaskRecord task_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool writing_ = false;
+  bool broken_ = false;
+  v1::ExportTaskChunk chunk_;
+  std::thread thread_;
+};
+
+class FailedExport final : public grpc::ServerWriteReactor<v1::ExportTaskChunk> {
+ public:
+  explicit FailedExport(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
 // A stream that ends at once with `status`.
 class FailedWatch final : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
@@ -474,7 +664,26 @@ grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, ServiceCon
 }  // namespace
 
 ComposeServiceImpl::~ComposeServiceImpl() {
-  while (watchers_.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  while (watchers_.load() > 0 || exports_.load() > 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+grpc::ServerWriteReactor<v1::ExportTaskChunk>* ComposeServiceImpl::ExportTask(
+    grpc::CallbackServerContext* /*context*/, const v1::ExportTaskRequest* request) {
+  if (absl::Status s = ctx_->CheckServing(); !s.ok()) return new FailedExport(ToGrpcStatus(s));
+  if (absl::Status s = CheckName(request->name(), "name", 96); !s.ok()) {
+    return new FailedExport(ToGrpcStatus(s));
+  }
+  // A short SQLite read, like the unary RPCs.
+  absl::StatusOr<store::TaskRecord> t = ctx_->store->GetTask(request->name());
+  if (!t.ok()) return new FailedExport(ToGrpcStatus(t.status()));
+  // Counted before the reactor exists; the reactor's constructor takes over.
+  if (exports_.load() >= kMaxExports) {
+    return new FailedExport(ToGrpcStatus(absl::ResourceExhaustedError(
+        absl::StrCat("ExportTask: at most ", kMaxExports, " exports at once"))));
+  }
+  return new ExportReactor(this, *std::move(t));
 }
 
 grpc::ServerUnaryReactor* ComposeServiceImpl::SubmitJob(grpc::CallbackServerContext* context,

@@ -8,6 +8,12 @@
 // thread (at most kMaxWatchers at once; RESOURCE_EXHAUSTED beyond), so no
 // gRPC thread ever blocks.
 //
+// ExportTask composes the task's adapter on the first engine's thread
+// (InferenceEngine::RunOnDevice, like a compose job's evaluations), writes it
+// as a PEFT directory into a private temporary directory from a per-stream
+// thread (at most kMaxExports at once), streams the files in chunks of at
+// most kMaxExportChunkBytes and removes the directory.
+//
 // Thread-safety: all methods may be called concurrently.
 #ifndef LORAHUB_SERVER_COMPOSE_SERVICE_H_
 #define LORAHUB_SERVER_COMPOSE_SERVICE_H_
@@ -33,10 +39,12 @@ class ComposeServiceImpl final : public lorahub::v1::ComposeService::CallbackSer
  public:
   static constexpr int kMaxWatchers = 64;
   static constexpr int kWatchPollMs = 100;
+  static constexpr int kMaxExports = 4;
+  static constexpr int kMaxExportChunkBytes = 1 << 20;
 
   ComposeServiceImpl(ServiceContext* context, ComposeServiceOptions options)
       : ctx_(context), options_(std::move(options)) {}
-  // Waits until every watch stream has ended.
+  // Waits until every watch and export stream has ended.
   ~ComposeServiceImpl();
 
   grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
@@ -63,15 +71,20 @@ class ComposeServiceImpl final : public lorahub::v1::ComposeService::CallbackSer
   grpc::ServerUnaryReactor* DeleteTask(grpc::CallbackServerContext* context,
                                        const lorahub::v1::DeleteTaskRequest* request,
                                        lorahub::v1::DeleteTaskResponse* response) override;
+  grpc::ServerWriteReactor<lorahub::v1::ExportTaskChunk>* ExportTask(
+      grpc::CallbackServerContext* context,
+      const lorahub::v1::ExportTaskRequest* request) override;
 
   // Used by the watch reactors.
   ServiceContext* context() const { return ctx_; }
   std::atomic<int>& watchers() { return watchers_; }
+  std::atomic<int>& exports() { return exports_; }
 
  private:
   ServiceContext* ctx_;
   const ComposeServiceOptions options_;
   std::atomic<int> watchers_{0};
+  std::atomic<int> exports_{0};
 };
 
 }  // namespace lorahub::server

@@ -209,6 +209,7 @@ lorahub_cc_binary(client_lorahubctl
     ${SRC}/client/main.cc
   DEPS
     client_health_cc
+    core_hub_file_digest
     proto_lorahub_v1_cc
     ext_absl_absl
     ext_grpc_grpc__
@@ -869,12 +870,17 @@ lorahub_cc_library(server_compose_service
   DEPS
     server_services
     server_status_convert
+    core_hub_file_digest
     core_jobs_jobs
+    core_learn_adapter_export
     core_learn_optimizer
+    core_model_model
+    core_model_loader
     core_store_store
     proto_lorahub_v1_cc
     ext_absl_absl
     ext_grpc_grpc__
+    ext_libtorch_libtorch
     ext_nlohmann_json_json
   OUTPUT_NAME compose_service
 )
@@ -1243,6 +1249,21 @@ lorahub_script_test(tests_integration_prefetch_test
   PACKAGE tests/integration
   INTERPRETER bash
   SCRIPT ${SRC}/tests/integration/prefetch_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:export_test (sh_test)
+lorahub_script_test(tests_integration_export_test
+  TEST_NAME //tests/integration:export_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/export_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>
