@@ -303,6 +303,20 @@ lorahub_cc_library(core_hub_hub_client
   OUTPUT_NAME hub_client
 )
 
+# //core/hub:model_snapshot (cc_library)
+lorahub_cc_library(core_hub_model_snapshot
+  PACKAGE core/hub
+  SRCS
+    ${SRC}/core/hub/model_snapshot.cc
+    ${SRC}/core/hub/model_snapshot.h
+  DEPS
+    core_hub_hub_client
+    core_hub_hub_validation
+    core_io_safetensors
+    ext_absl_absl
+  OUTPUT_NAME model_snapshot
+)
+
 # ---- //core/io  (core/io/BUILD)
 
 # //core/io:host_tensor (cc_library)
@@ -909,6 +923,7 @@ lorahub_cc_binary(server_lorahub
     server_rpc_metrics_interceptor
     server_services
     core_hub_hub_client
+    core_hub_model_snapshot
     core_io_checkpoint
     core_jobs_jobs
     core_learn_adapter_export
@@ -1264,6 +1279,21 @@ lorahub_script_test(tests_integration_export_test
   PACKAGE tests/integration
   INTERPRETER bash
   SCRIPT ${SRC}/tests/integration/export_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:hub_model_test (sh_test)
+lorahub_script_test(tests_integration_hub_model_test
+  TEST_NAME //tests/integration:hub_model_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/hub_model_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>

@@ -2,15 +2,25 @@
 // engine per device and serves the lorahub.v1 API, grpc.health.v1 and
 // reflection until SIGINT/SIGTERM.
 //
+// --model is a model directory or, when it is not an existing directory, a
+// hub repo id ORG/NAME[@REVISION]: the base model's files are downloaded
+// through the hub client (--hub-endpoint / HF_ENDPOINT, --cache-dir / the HF
+// cache, HF_HUB_OFFLINE) into the HF cache layout and loaded from
+// snapshots/<commit>/ (core/hub/model_snapshot.h). A spec with "..", an
+// absolute path that is not a directory, or anything else that is neither a
+// directory nor ORG/NAME[@REVISION] is refused with exit code 2.
+//
 // Shutdown: health goes NOT_SERVING, new RPCs get UNAVAILABLE, engines stop
 // accepting work and finish in-flight requests until --shutdown-grace-s
 // (then cancel them), then the gRPC server shuts down.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <csignal>
 #include <functional>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +30,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "core/hub/hub_client.h"
+#include "core/hub/model_snapshot.h"
 #include "core/jobs/compose_worker.h"
 #include "core/metrics/exposer.h"
 #include "core/metrics/metrics.h"
@@ -42,6 +53,11 @@
 namespace lorahub::cli {
 namespace {
 
+bool IsDirectory(const std::string& path) {
+  struct stat st;
+  return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
 volatile std::sig_atomic_t g_stop = 0;
 void OnSignal(int) { g_stop = 1; }
 
@@ -61,6 +77,15 @@ int RunServe(int argc, char** argv) {
   }
   absl::StatusOr<std::string> model_dir = args->Required("model");
   if (!model_dir.ok()) return ReportError("serve", model_dir.status());
+  // What --model said (reported by GetServerInfo); model_dir becomes the
+  // hub snapshot directory for a repo id.
+  const std::string model_spec = *model_dir;
+  std::optional<hub::HubModelRef> hub_model;
+  if (!IsDirectory(model_spec)) {
+    absl::StatusOr<hub::HubModelRef> ref = hub::ParseHubModelRef(model_spec);
+    if (!ref.ok()) return ReportError("serve", ref.status());
+    hub_model = *std::move(ref);
+  }
   const std::string listen = args->Get("listen").value_or("127.0.0.1:50051");
   const std::string metrics_listen =
       args->Get("metrics-listen").value_or("127.0.0.1:9090");
@@ -119,6 +144,20 @@ int RunServe(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<hub::HubClient>> hub = hub::HubClient::Create(ho);
   if (!hub.ok()) return ReportError("serve", hub.status());
   ctx->hub = *std::move(hub);
+  if (hub_model) {
+    auto progress = [](const std::string& file, uint64_t done, uint64_t total) {
+      if (total > 0 && done == total) {
+        std::fprintf(stderr, "lorahub serve: downloaded %s (%llu bytes)\n", file.c_str(),
+                     static_cast<unsigned long long>(total));
+      }
+    };
+    absl::StatusOr<hub::ModelSnapshot> snap =
+        hub::DownloadModelSnapshot(*ctx->hub, *hub_model, progress);
+    if (!snap.ok()) return ReportError("serve", snap.status());
+    std::fprintf(stderr, "lorahub serve: model %s at commit %s from %s\n",
+                 hub_model->repo_id.c_str(), snap->commit.c_str(), snap->dir.c_str());
+    *model_dir = snap->dir;
+  }
   absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> tok =
       tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
   if (!tok.ok()) return ReportError("serve", tok.status());
@@ -171,7 +210,7 @@ int RunServe(int argc, char** argv) {
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  server::InfoServiceImpl info(*model_dir, devices);
+  server::InfoServiceImpl info(model_spec, devices);
   server::InferenceServiceImpl inference(ctx.get());
   auto modules = std::make_unique<server::ModuleServiceImpl>(ctx.get());
   grpc::ServerBuilder builder;
