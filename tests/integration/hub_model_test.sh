@@ -4,7 +4,8 @@
 # HF cache layout (--cache-dir, --hub-endpoint) and served; greedy tokens from
 # the server equal `lorahub generate` on the fixture directory. Also: a pinned
 # revision (an older commit holding another model), a sharded checkpoint
-# (model.safetensors.index.json + 2 shards), HF_HUB_OFFLINE=1 serving from the
+# (model.safetensors.index.json + 2 shards), a pytorch_model.bin checkpoint
+# (torch.save by Debian's python3-torch), HF_HUB_OFFLINE=1 serving from the
 # cache without a request, and refusals with exit code 2 for a repo id with
 # "..", an absolute path that is not a directory, a spec that is neither a
 # directory nor ORG/NAME, and an unknown repo.
@@ -25,12 +26,16 @@ cleanup() {
 trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; tail -20 "$tmp/err" >&2 2>/dev/null; exit 1; }
 c_main=$(printf 'c%.0s' $(seq 40)); c_old=$(printf 'a%.0s' $(seq 40)); c_sh=$(printf 'b%.0s' $(seq 40))
+c_bin=$(printf 'd%.0s' $(seq 40))
 
 # Fixture: lorahub/tiny-t5 (main: gated_untied; an older commit: tiny_s0's
-# base) and lorahub/tiny-t5-sharded (gated_untied split into two shards).
-"$py" - "$main_model" "$old_model" "$tmp/fixture.json" "$c_main" "$c_old" "$c_sh" <<'PY' || fail "fixture"
-import json, os, struct, sys
-main, old, out, c_main, c_old, c_sh = sys.argv[1:7]
+# base), lorahub/tiny-t5-sharded (gated_untied split into two shards) and
+# lorahub/tiny-t5-bin (gated_untied as pytorch_model.bin).
+"$py" - "$main_model" "$old_model" "$tmp/fixture.json" "$c_main" "$c_old" "$c_sh" "$c_bin" <<'PY' || fail "fixture"
+import io, json, os, struct, sys
+import numpy as np
+import torch
+main, old, out, c_main, c_old, c_sh, c_bin = sys.argv[1:8]
 def files(d, skip=()):
     r = {}
     for f in sorted(os.listdir(d)):
@@ -61,7 +66,17 @@ for i in range(2):
     sharded[shard] = {"hex": (struct.pack("<Q", len(h)) + h + b"".join(blobs)).hex(), "lfs": True}
 sharded["model.safetensors.index.json"] = {"text": json.dumps(
     {"metadata": {"total_size": len(body)}, "weight_map": weight_map})}
+state = {}
+for k in names:
+    a, b = header[k]["data_offsets"]
+    assert header[k]["dtype"] == "F32", k
+    state[k] = torch.from_numpy(np.frombuffer(body[a:b], dtype="<f4").copy()).reshape(header[k]["shape"])
+buf = io.BytesIO()
+torch.save(state, buf)
+as_bin = files(main, skip=("model.safetensors",))
+as_bin["pytorch_model.bin"] = {"hex": buf.getvalue().hex(), "lfs": True}
 json.dump({"repos": {
+    "lorahub/tiny-t5-bin": {"refs": {"main": c_bin}, "commits": {c_bin: {"files": as_bin}}},
     "lorahub/tiny-t5": {"refs": {"main": c_main},
                         "commits": {c_main: {"files": files(main)},
                                     c_old: {"files": files(old)}}},
@@ -137,6 +152,10 @@ for f in model.safetensors.index.json model-00001-of-00002.safetensors model-000
   [ -f "$ssnap/$f" ] || fail "sharded cache: no $f"
 done
 [ -e "$ssnap/model.safetensors" ] && fail "sharded repo has no model.safetensors"
+
+serve_and_generate lorahub/tiny-t5-bin
+[ "$got" = "$want_main" ] || fail "pytorch_model.bin gave $got, want $want_main"
+[ -f "$tmp/hub/models--lorahub--tiny-t5-bin/snapshots/$c_bin/pytorch_model.bin" ] || fail "bin cache"
 
 # Refusals: exit 2, and nothing asked of the hub for the malformed ones.
 refuse() {  # refuse SPEC WHAT -> exit code 2 and a message
