@@ -470,7 +470,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk>
  public:
   ExportReactor(ComposeServiceImpl* service, store::TaskRecord task)
       : service_(service), task_(std::move(task)) {
-    service_->exports()++;
+    // exports() was counted up by ExportTask for this stream.
     thread_ = std::thread([this] {
       std::string dir;
       absl::Status s = Run(&dir);
@@ -678,8 +678,10 @@ grpc::ServerWriteReactor<v1::ExportTaskChunk>* ComposeServiceImpl::ExportTask(
   // A short SQLite read, like the unary RPCs.
   absl::StatusOr<store::TaskRecord> t = ctx_->store->GetTask(request->name());
   if (!t.ok()) return new FailedExport(ToGrpcStatus(t.status()));
-  // Counted before the reactor exists; the reactor's constructor takes over.
-  if (exports_.load() >= kMaxExports) {
+  // Counted here (the reactor counts down in OnDone), so that concurrent
+  // calls cannot pass the limit together.
+  if (exports_.fetch_add(1) >= kMaxExports) {
+    exports_--;
     return new FailedExport(ToGrpcStatus(absl::ResourceExhaustedError(
         absl::StrCat("ExportTask: at most ", kMaxExports, " exports at once"))));
   }

@@ -1,6 +1,5 @@
 #include "core/hub/model_snapshot.h"
 
-#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -11,14 +10,6 @@
 #include "core/io/safetensors.h"
 
 namespace lorahub::hub {
-
-bool LooksLikeHubRepo(absl::string_view spec) {
-  if (spec.empty() || spec[0] == '/' || spec[0] == '~' || absl::StartsWith(spec, "./")) {
-    return false;
-  }
-  const absl::string_view id = spec.substr(0, spec.find('@'));
-  return std::count(id.begin(), id.end(), '/') == 1;
-}
 
 absl::StatusOr<HubModelRef> ParseHubModelRef(absl::string_view spec) {
   if (spec.empty() || spec[0] == '/') {

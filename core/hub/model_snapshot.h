@@ -36,11 +36,6 @@ struct HubModelRef {
   std::string revision;  // "" means main
 };
 
-// Whether `spec` is meant as a hub repo id rather than a path: not absolute,
-// no leading "./" or "~", and of the form "org/name[@rev]" (one '/' before
-// the '@'). Purely lexical; say nothing about validity (see ParseHubModelRef).
-bool LooksLikeHubRepo(absl::string_view spec);
-
 // Parses and validates "org/name[@revision]" (ValidateRepoId,
 // ValidateRevision). InvalidArgument naming the spec for an absolute path, a
 // ".." anywhere, an empty revision after '@' or an invalid id.
