@@ -61,3 +61,24 @@ else()
   message(STATUS "lorahub: no TorchConfig.cmake, linking -ltorch -ltorch_cpu -lc10")
 endif()
 set(LORAHUB_OVERRIDE_ext_libtorch_libtorch lorahub_torch)
+
+# CUDA-only sources (README.md): compiled when LibTorch has CUDA. AUTO looks
+# for libtorch_cuda next to the LibTorch found above; ON/OFF force it.
+set(LORAHUB_CUDA AUTO CACHE STRING "Compile the CUDA-only sources: AUTO, ON or OFF")
+set(LORAHUB_CUDA_ENABLED OFF)
+if(LORAHUB_CUDA STREQUAL "AUTO")
+  if(Torch_FOUND AND (TARGET torch_cuda OR "${TORCH_LIBRARIES}" MATCHES "torch_cuda"
+                      OR EXISTS "${TORCH_INSTALL_PREFIX}/lib/libtorch_cuda.so"))
+    set(LORAHUB_CUDA_ENABLED ON)
+  endif()
+elseif(LORAHUB_CUDA)
+  set(LORAHUB_CUDA_ENABLED ON)
+endif()
+if(LORAHUB_CUDA_ENABLED)
+  # The CUDA sources include cuda_runtime_api.h and call the runtime directly.
+  find_package(CUDAToolkit QUIET)
+  if(TARGET CUDA::cudart)
+    target_link_libraries(lorahub_torch INTERFACE CUDA::cudart)
+  endif()
+endif()
+message(STATUS "lorahub: CUDA-only sources ${LORAHUB_CUDA_ENABLED} (LORAHUB_CUDA=${LORAHUB_CUDA})")

@@ -4,8 +4,19 @@
 
 set(_LH_CC_KEYS PACKAGE OUTPUT_NAME TEST_NAME TIMEOUT LABEL INTERPRETER SCRIPT ACTUAL CMD)
 set(_LH_CC_LISTS SRCS DEPS COPTS DEFINES LOCAL_DEFINES INCLUDES LINKOPTS DATA_TARGETS ARGS ENV
-    LABELS OUTS PROTOS)
+    LABELS OUTS PROTOS CPU_SRCS CUDA_SRCS)
 set(_LH_CC_FLAGS ALWAYSLINK SHARED)
+
+# CUDA-only sources (a srcs select() on //deploy/cmake:cuda): CUDA_SRCS
+# replace CPU_SRCS when LibTorch has CUDA (LORAHUB_CUDA_ENABLED, set by
+# external.cmake). A macro, so that it edits the caller's ARG_SRCS.
+macro(_lorahub_pick_cuda_srcs)
+  if(LORAHUB_CUDA_ENABLED)
+    list(APPEND ARG_SRCS ${ARG_CUDA_SRCS})
+  else()
+    list(APPEND ARG_SRCS ${ARG_CPU_SRCS})
+  endif()
+endmacro()
 
 # Usage requirements shared by every C++ target kind. SCOPE is PUBLIC, or
 # INTERFACE for header-only libraries.
@@ -41,6 +52,7 @@ endfunction()
 # no compiled sources. alwayslink = True links the whole archive.
 function(lorahub_cc_library name)
   cmake_parse_arguments(ARG "${_LH_CC_FLAGS}" "${_LH_CC_KEYS}" "${_LH_CC_LISTS}" ${ARGN})
+  _lorahub_pick_cuda_srcs()
   _lorahub_has_compiled(compiled ${ARG_SRCS})
   if(NOT compiled)
     add_library(${name} INTERFACE)
@@ -65,6 +77,7 @@ endfunction()
 # library with exactly the Bazel name (e.g. libfoo.so), both in bin/<package>/.
 function(lorahub_cc_binary name)
   cmake_parse_arguments(ARG "${_LH_CC_FLAGS}" "${_LH_CC_KEYS}" "${_LH_CC_LISTS}" ${ARGN})
+  _lorahub_pick_cuda_srcs()
   if(ARG_SHARED)
     add_library(${name} SHARED ${ARG_SRCS})
     set_target_properties(${name} PROPERTIES PREFIX "" SUFFIX "")
@@ -108,6 +121,7 @@ endfunction()
 # Bazel label, with the same args, env and timeout (from size/timeout).
 function(lorahub_cc_test name)
   cmake_parse_arguments(ARG "${_LH_CC_FLAGS}" "${_LH_CC_KEYS}" "${_LH_CC_LISTS}" ${ARGN})
+  _lorahub_pick_cuda_srcs()
   add_executable(${name} ${ARG_SRCS})
   string(REGEX REPLACE "^.*:" "" out "${ARG_TEST_NAME}")
   set_target_properties(${name} PROPERTIES OUTPUT_NAME "${out}"

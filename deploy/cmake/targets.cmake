@@ -552,6 +552,35 @@ lorahub_cc_library(core_model_loader
   OUTPUT_NAME loader
 )
 
+# //core/model:cuda_graph (cc_library)
+lorahub_cc_library(core_model_cuda_graph
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/cuda_graph.h
+  CPU_SRCS
+    ${SRC}/core/model/cuda_graph_stub.cc
+  CUDA_SRCS
+    ${SRC}/core/model/cuda_graph_cuda.cc
+  DEPS
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME cuda_graph
+)
+
+# //core/model:objective_runner (cc_library)
+lorahub_cc_library(core_model_objective_runner
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/objective_runner.cc
+    ${SRC}/core/model/objective_runner.h
+  DEPS
+    core_model_cuda_graph
+    core_model_model
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME objective_runner
+)
+
 # ---- //core/serving  (core/serving/BUILD)
 
 # //core/serving:serving (cc_library)
@@ -766,6 +795,8 @@ lorahub_cc_library(core_util_status_macros
 # ---- //deploy/cmake  (deploy/cmake/BUILD)
 
 # //deploy/cmake:cmake_files (filegroup): nothing to build in CMake
+
+# //deploy/cmake:cuda (config_setting): nothing to build in CMake
 
 # ---- //deploy/grafana  (deploy/grafana/BUILD)
 
@@ -1478,6 +1509,24 @@ lorahub_cc_test(tests_model_golden_test
     core_io_checkpoint
     core_io_safetensors
     core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
+# //tests/model:objective_runner_test (cc_test)
+lorahub_cc_test(tests_model_objective_runner_test
+  TEST_NAME //tests/model:objective_runner_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/objective_runner_test.cc
+  DEPS
+    core_model_model
+    core_model_loader
+    core_model_objective_runner
+    core_tokenizer_tokenizer
+    ext_absl_absl
     ext_gtest_gtest_main
     ext_libtorch_libtorch
     ext_nlohmann_json_json
