@@ -449,6 +449,7 @@ lorahub_cc_library(core_learn_lorahub_objective
     core_learn_composition
     core_learn_optimizer
     core_model_model
+    core_model_objective_runner
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
@@ -1388,6 +1389,24 @@ lorahub_cc_test(tests_learn_cobyla_trust_test
     core_learn_optimizer
     ext_absl_absl
     ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/learn:objective_fast_path_test (cc_test)
+lorahub_cc_test(tests_learn_objective_fast_path_test
+  TEST_NAME //tests/learn:objective_fast_path_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/objective_fast_path_test.cc
+  DEPS
+    core_learn_lorahub_objective
+    core_model_model
+    core_model_loader
+    core_tokenizer_tokenizer
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
   TIMEOUT 300
 )
 
