@@ -880,6 +880,7 @@ lorahub_cc_library(server_services
     core_hub_hub_validation
     core_metrics_metrics
     core_model_model
+    core_model_cuda_graph
     core_model_loader
     core_serving_serving
     core_store_store
@@ -914,6 +915,7 @@ lorahub_cc_library(server_compose_service
 lorahub_cc_binary(server_lorahub
   PACKAGE server
   SRCS
+    ${SRC}/server/cli/bench_command.cc
     ${SRC}/server/cli/engine_flags.cc
     ${SRC}/server/cli/engine_flags.h
     ${SRC}/server/cli/generate_command.cc
@@ -1004,6 +1006,19 @@ lorahub_script_test(tests_cli_engine_cli_test
   ARGS
     $<TARGET_FILE:server_lorahub>
   TIMEOUT 900
+  DATA_TARGETS
+    server_lorahub
+)
+
+# //tests/cli:bench_test (sh_test)
+lorahub_script_test(tests_cli_bench_test
+  TEST_NAME //tests/cli:bench_test
+  PACKAGE tests/cli
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/cli/bench_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
   DATA_TARGETS
     server_lorahub
 )
