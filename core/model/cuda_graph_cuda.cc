@@ -73,7 +73,11 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
       if (before_capture) before_capture();
       // Thread-local mode: other threads of the process (serving) may keep
       // using CUDA while this thread captures.
+#ifdef LORAHUB_CUDA_GRAPH_CAPTURE_MODE  // set by deploy/cmake/external.cmake's probe
       graph->graph().capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+#else
+      graph->graph().capture_begin();
+#endif
       capturing = true;
       absl::Status s = body();
       capturing = false;
