@@ -169,6 +169,12 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
         });
     if (graph.ok()) {
       run->graph_ = *std::move(graph);
+      absl::Status same = run->CheckGraphAgainstEager();
+      if (!same.ok()) {
+        run->graph_.reset();
+        run->graph_status_ = std::string(same.message());
+        LogFallbackOnce(run->graph_status_);
+      }
     } else {
       run->graph_status_ = std::string(graph.status().message());
       LogFallbackOnce(run->graph_status_);
@@ -178,6 +184,35 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     }
   }
   return run;
+}
+
+absl::Status ObjectiveRunner::CheckGraphAgainstEager() {
+  try {
+    // Weights with every candidate and module different (a graph that ignored its input
+    // buffer, or mixed up candidates, would show).
+    float* w = w_host_.data_ptr<float>();
+    for (int64_t i = 0; i < w_host_.numel(); ++i) {
+      w[i] = 0.05f * static_cast<float>((i * 7) % 23) - 0.5f;
+    }
+    w_dev_.copy_(w_host_);
+    const at::Tensor graph_out = sums_;  // the captured output buffer
+    absl::Status s = graph_->Replay();
+    if (!s.ok()) return s;
+    const at::Tensor from_graph = graph_out.to(at::kCPU).clone();
+    s = Evaluate();  // rebinds sums_ and the bank views; the graph keeps its own
+    const at::Tensor eager = s.ok() ? sums_.to(at::kCPU) : at::Tensor();
+    sums_ = graph_out;
+    if (!s.ok()) return s;
+    if (!at::allclose(from_graph, eager, /*rtol=*/1e-3, /*atol=*/1e-5)) {
+      return absl::InternalError(absl::StrCat(
+          "CUDA graph result differs from eager (max abs diff ",
+          (from_graph - eager).abs().max().item<double>(), ")"));
+    }
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("CUDA graph check: ", e.what_without_backtrace()));
+  }
 }
 
 void ObjectiveRunner::Compose() {
@@ -241,10 +276,18 @@ absl::StatusOr<std::vector<double>> ObjectiveRunner::Losses(
       w[i] = i < count * N ? static_cast<float>(weights[i]) : 0.f;
     }
     if (!w_dev_.is_same(w_host_)) w_dev_.copy_(w_host_, /*non_blocking=*/true);
+    bool replayed = false;
     if (graph_ != nullptr) {
       absl::Status s = graph_->Replay();
-      if (!s.ok()) return s;
-    } else {
+      if (s.ok()) {
+        replayed = true;
+      } else {  // eager from now on
+        graph_.reset();
+        graph_status_ = std::string(s.message());
+        LogFallbackOnce(graph_status_);
+      }
+    }
+    if (!replayed) {
       absl::Status s = Evaluate();
       if (!s.ok()) return s;
     }

@@ -13,9 +13,11 @@
 //
 // On a CUDA device (and a build with cuda_graph_cuda.cc) the whole evaluation
 // (compose, encoder, decoder, per-row token cross-entropy sums) is captured
-// once as a CUDA graph and replayed per call; if anything about the graph
-// fails, the runner falls back to running the same ops eagerly and says why
-// in graph_status(). On the CPU it always runs eagerly.
+// once as a CUDA graph, checked once against an eager run of the same ops,
+// and replayed per call; if anything about the graph fails (capture, the
+// check, a replay), the runner falls back to running the same ops eagerly,
+// logs that once per process on stderr, and says why in graph_status(). On
+// the CPU it always runs eagerly.
 //
 // Ownership: keeps a reference to `weights`, which must outlive the runner;
 // copies what it needs of the stack and examples. Thread-safety: none; one
@@ -93,6 +95,8 @@ class ObjectiveRunner {
   void Compose();
   // Compose + forward + per-row sums into sums_ ([C*n] fp64). No host sync.
   absl::Status Evaluate();
+  // One replay against one eager run on the same weights (at construction).
+  absl::Status CheckGraphAgainstEager();
 
   const T5Weights* weights_ = nullptr;
   int num_modules_ = 0;

@@ -109,9 +109,10 @@ for name, r, path, lower, target in rows:
                                            (fmt(ratio) + "x") if ratio else "n/a", target))
 print()
 for tag, j in (("fp32", f32), ("bf16", b16)):
-    print("- ours %s: engine = %s; cuda_graphs_compiled = %s; objective setup (runner build + "
-          "capture) %s s; cobyla best %s; cmaes best %s" % (
-              tag, j.get("engine"), j.get("cuda_graphs_compiled"), fmt(j.get("objective_setup_seconds")),
+    print("- ours %s: engine = %s; cuda_graphs_compiled = %s; fast vs eager loss rel. diff %s; "
+          "objective setup (runner build + capture) %s s; cobyla best %s; cmaes best %s" % (
+              tag, j.get("engine"), j.get("cuda_graphs_compiled"),
+              fmt(j.get("fast_vs_eager_rel_diff")), fmt(j.get("objective_setup_seconds")),
               fmt(j.get("cobyla_best_score")), fmt(j.get("cmaes_best_score"))))
 print("- reference COBYLA best score %s, peak GPU %s GiB" % (fmt(get(learn, "best_score")),
                                                            get(learn, "peak_gpu_gib")))

@@ -16,7 +16,8 @@
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter), and
 //     ttft_ms: one request, one new token, merged adapter
-// plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled).
+// plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled) and
+// fast_vs_eager_rel_diff: |fast - eager| / |eager| of one candidate's loss.
 // Every timing waits for the device (SynchronizeDevice or a host copy of the result).
 #include <ATen/ATen.h>
 
@@ -218,6 +219,17 @@ absl::Status Run(const Args& args) {
     LH_ASSIGN_OR_RETURN(std::vector<double> score, objective.Score({w}));  // host result
     eval_ms.push_back(1000.0 * (Now() - s));
     if (!std::isfinite(score[0])) return absl::InternalError("objective is not finite");
+  }
+  {
+    // The same candidate through the eager path (ComposeLoraHub + ScoreCandidates).
+    learn::LoraHubObjectiveOptions eopts = oopts;
+    eopts.fast_path = false;
+    LH_ASSIGN_OR_RETURN(learn::LoraHubObjective eager,
+                        learn::LoraHubObjective::Create(&base, ptrs, examples, eopts));
+    const std::vector<double> w = random_w();
+    LH_ASSIGN_OR_RETURN(std::vector<double> a, objective.RawScores({w}));
+    LH_ASSIGN_OR_RETURN(std::vector<double> b, eager.RawScores({w}));
+    out["fast_vs_eager_rel_diff"] = std::fabs(a[0] - b[0]) / std::max(1e-12, std::fabs(b[0]));
   }
   out["eval_ms_median"] = Percentile(eval_ms, 0.5);
   out["eval_ms_p90"] = Percentile(eval_ms, 0.9);
