@@ -19,7 +19,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 lorahub=${BUILD_DIR:-$PWD/.gpu/build}/bin/server/lorahub
 ref=${REF:-.gpu/bench/ref_lorahub.py}
-[ -f "$ref" ] || ref=../shared/bench/ref_lorahub.py
+for r in shared/bench/ref_lorahub.py ../shared/bench/ref_lorahub.py; do
+  [ -f "$ref" ] || ref=$r
+done
 fx=${FIXTURE:-/tmp/lorahub_large}
 dir=${OUT:-.gpu/logs}/bench
 mkdir -p "$dir"
