@@ -463,12 +463,10 @@ class FailedWatch final : public grpc::ServerWriteReactor<v1::JobEvent> {
 
 template <typename F>
 grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, ServiceContext* ctx,
-                                const char* rpc, F body) {
+                                const char* /*rpc*/, F body) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  RpcTimer timer(ctx->metrics, rpc);
   absl::Status s = ctx->CheckServing();
   if (s.ok()) s = body();
-  timer.Record(s.code());
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
 }

@@ -119,10 +119,9 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
   GenerateReactor(ServiceContext* ctx, grpc::CallbackServerContext* context,
                   const v1::GenerateRequest* request)
-      : ctx_(ctx), timer_(ctx->metrics, "Generate") {
+      : ctx_(ctx) {
     absl::Status s = Start(context, request);
     if (!s.ok()) {
-      timer_.Record(s.code());
       Finish(ToGrpcStatus(s));
     }
   }
@@ -237,13 +236,11 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     }
     if (st.end_ready) {
       st.finished = true;
-      timer_.Record(static_cast<absl::StatusCode>(st.final_status.error_code()));
       Finish(st.final_status);
     }
   }
 
   ServiceContext* ctx_;
-  RpcTimer timer_;
   std::shared_ptr<Stream> st_ = std::make_shared<Stream>();
 };
 
@@ -314,9 +311,7 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::Score(
     grpc::CallbackServerContext* context, const v1::ScoreRequest* request,
     v1::ScoreResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto timer = std::make_shared<RpcTimer>(ctx_->metrics, "Score");
   auto fail = [&](const absl::Status& s) {
-    timer->Record(s.code());
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   };
@@ -346,12 +341,11 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::Score(
   }
   const int n = request->examples_size();
   r.cancel = std::make_shared<std::atomic<bool>>(false);
-  r.on_done = [reactor, response, timer, n](serving::ScoreOutcome out) {
+  r.on_done = [reactor, response, n](serving::ScoreOutcome out) {
     if (out.status.ok()) {
       response->set_loss(out.loss);
       response->set_examples(n);
     }
-    timer->Record(out.status.code());
     reactor->Finish(ToGrpcStatus(out.status));
   };
   absl::Status s = ctx_->PickEngine()->Submit(std::move(r));

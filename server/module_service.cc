@@ -2,7 +2,11 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cctype>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -176,22 +180,18 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::AddModule(
     grpc::CallbackServerContext* context, const v1::AddModuleRequest* request,
     v1::Module* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto timer = std::make_shared<RpcTimer>(ctx_->metrics, "AddModule");
   if (absl::Status s = ctx_->CheckServing(); !s.ok()) {
-    timer->Record(s.code());
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   }
   if (!TryBeginWork()) {
-    timer->Record(absl::StatusCode::kResourceExhausted);
     reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                  "too many modules are being added at once"));
     return reactor;
   }
-  std::thread([this, reactor, request, response, timer] {
+  std::thread([this, reactor, request, response] {
     absl::StatusOr<store::ModuleRecord> r = Add(ctx_, *request);
     if (r.ok()) ToProto(*r, response);
-    timer->Record(r.status().code());
     reactor->Finish(ToGrpcStatus(r.status()));
     EndWork();
   }).detach();
@@ -202,14 +202,12 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::GetModule(
     grpc::CallbackServerContext* context, const v1::GetModuleRequest* request,
     v1::Module* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  RpcTimer timer(ctx_->metrics, "GetModule");
   absl::Status s = CheckId(request->id());
   if (s.ok()) {
     absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(request->id());
     if (r.ok()) ToProto(*r, response);
     s = r.status();
   }
-  timer.Record(s.code());
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
 }
@@ -219,7 +217,6 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::ListModules(
     const v1::ListModulesRequest* request,
     v1::ListModulesResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  RpcTimer timer(ctx_->metrics, "ListModules");
   absl::Status s;
   if (request->page_size() < 0 || request->page_size() > 1000) {
     s = absl::InvalidArgumentError("page_size: must be in [0, 1000]");
@@ -241,7 +238,6 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::ListModules(
       s = r.status();
     }
   }
-  timer.Record(s.code());
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
 }
@@ -250,39 +246,57 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::DeleteModule(
     grpc::CallbackServerContext* context, const v1::DeleteModuleRequest* request,
     v1::DeleteModuleResponse* /*response*/) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  RpcTimer timer(ctx_->metrics, "DeleteModule");
   absl::Status s = CheckId(request->id());
   if (s.ok() && ctx_->ModuleInUse(request->id())) {
     s = absl::FailedPreconditionError(absl::StrCat(
         "id: module '", request->id(), "' is used by a request in flight"));
   }
   if (s.ok()) s = ctx_->store->DeleteModule(request->id());
-  timer.Record(s.code());
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
 }
 
 namespace {
 
-// Prefetch: re-checks the module's files and loads the adapter once (which
-// also validates it); one progress message with done = true.
+// Prefetch, streamed: for a hub module, each file is fetched again through
+// the hub cache at the module's resolved commit (a cached file costs no
+// transfer; a file that was evicted or removed is downloaded, resumed if
+// partial), with a progress message per file as bytes arrive (at most one
+// per 1% of the file or 64 KiB, whichever is larger, plus its end); then
+// the adapter is loaded (which also validates it) and a last message with
+// done = true reports the weights file. A local module has only that last
+// message. Writes go one at a time: the worker thread waits for each
+// OnWriteDone. A client that goes away cancels the download (the progress
+// callback returns false).
 class PrefetchReactor
     : public grpc::ServerWriteReactor<v1::PrefetchProgress> {
  public:
   PrefetchReactor(ServiceContext* ctx, std::string id,
                   std::function<void()> end_work)
-      : ctx_(ctx), timer_(ctx->metrics, "PrefetchModule"),
-        end_work_(std::move(end_work)) {
+      : ctx_(ctx), end_work_(std::move(end_work)) {
     std::thread([this, id] {
       absl::Status s = Run(id);
-      status_ = ToGrpcStatus(s);
-      timer_.Record(s.code());
       if (s.ok()) {
-        StartWriteAndFinish(&msg_, grpc::WriteOptions(), status_);
+        StartWriteAndFinish(&final_, grpc::WriteOptions(), grpc::Status::OK);
       } else {
-        Finish(status_);
+        Finish(ToGrpcStatus(s));
       }
     }).detach();
+  }
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      if (!ok) broken_ = true;
+    }
+    cv_.notify_all();
+  }
+  void OnCancel() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      broken_ = true;
+    }
+    cv_.notify_all();
   }
   void OnDone() override {
     auto end = std::move(end_work_);
@@ -291,26 +305,83 @@ class PrefetchReactor
   }
 
  private:
+  // Sends one progress message and waits until it is written; false once
+  // the client is gone.
+  bool Send(const std::string& file, int64_t done, int64_t total) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (broken_) return false;
+    current_.set_file(file);
+    current_.set_bytes_done(done);
+    current_.set_bytes_total(total);
+    current_.set_done(false);
+    writing_ = true;
+    lock.unlock();
+    StartWrite(&current_);
+    lock.lock();
+    // Also after a cancel: the pending write completes (ok = false), and
+    // Finish must not be called with a write in flight.
+    cv_.wait(lock, [&] { return !writing_; });
+    return !broken_;
+  }
+
+  absl::Status Fetch(const store::ModuleRecord& r, const std::string& file) {
+    int64_t last = -1;
+    hub::ProgressCallback progress = [&](uint64_t done, uint64_t total) {
+      const int64_t step = std::max<int64_t>(64 << 10, static_cast<int64_t>(total) / 100);
+      const bool end = total > 0 && done >= total;
+      if (!end && last >= 0 && static_cast<int64_t>(done) - last < step) return true;
+      last = static_cast<int64_t>(done);
+      return Send(file, static_cast<int64_t>(done), static_cast<int64_t>(total));
+    };
+    absl::StatusOr<hub::CachedFile> f =
+        ctx_->hub->Download(r.repo_id, r.resolved_commit, file, progress);
+    if (!f.ok()) {
+      return absl::Status(f.status().code(),
+                          absl::StrCat(file, ": ", f.status().message()));
+    }
+    if (f->from_cache) {  // No transfer: one message saying it is there.
+      int64_t size = 0;
+      IsFile(f->path, &size);
+      if (!Send(file, size, size)) return absl::CancelledError("client went away");
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status Run(const std::string& id) {
     if (absl::Status s = CheckId(id); !s.ok()) return s;
     absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(id);
     if (!r.ok()) return r.status();
+    std::string weights_file = "adapter_model.safetensors";
+    int64_t ignored = 0;
+    if (!IsFile(r->local_path + "/" + weights_file, &ignored) &&
+        IsFile(r->local_path + "/adapter_model.bin", &ignored)) {
+      weights_file = "adapter_model.bin";
+    }
+    if (r->source == store::ModuleSource::kHub && ctx_->hub &&
+        !r->resolved_commit.empty()) {
+      for (const std::string& file : {std::string("adapter_config.json"), weights_file}) {
+        if (absl::Status s = Fetch(*r, file); !s.ok()) return s;
+      }
+    }
     const model::T5Weights& base = ctx_->engines.front()->weights();
     absl::StatusOr<model::LoraAdapter> a =
         model::LoadLoraAdapter(base, r->local_path);
     if (!a.ok()) return a.status();
-    msg_.set_file("adapter_model");
-    msg_.set_bytes_done(r->size_bytes);
-    msg_.set_bytes_total(r->size_bytes);
-    msg_.set_done(true);
+    final_.set_file(weights_file);
+    final_.set_bytes_done(r->size_bytes);
+    final_.set_bytes_total(r->size_bytes);
+    final_.set_done(true);
     return absl::OkStatus();
   }
 
   ServiceContext* ctx_;
-  RpcTimer timer_;
   std::function<void()> end_work_;
-  v1::PrefetchProgress msg_;
-  grpc::Status status_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool writing_ = false;
+  bool broken_ = false;
+  v1::PrefetchProgress current_;
+  v1::PrefetchProgress final_;
 };
 
 class FinishedWriter : public grpc::ServerWriteReactor<v1::PrefetchProgress> {

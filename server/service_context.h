@@ -38,24 +38,8 @@ struct ServiceContext {
   absl::Status CheckServing() const;
 };
 
-// Wall-clock timer of one RPC; Record() reports it once.
-class RpcTimer {
- public:
-  RpcTimer(metrics::ServiceMetrics* metrics, const char* rpc)
-      : metrics_(metrics), rpc_(rpc), start_(absl::Now()) {}
-  void Record(absl::StatusCode code) {
-    if (metrics_ && !recorded_.exchange(true)) {
-      metrics_->RecordRequest(rpc_, code,
-                              absl::ToDoubleSeconds(absl::Now() - start_));
-    }
-  }
-
- private:
-  metrics::ServiceMetrics* metrics_;
-  const char* rpc_;
-  absl::Time start_;
-  std::atomic<bool> recorded_{false};
-};
+// Requests are counted and timed by the server interceptor
+// (server/rpc_metrics_interceptor.h), not by the services.
 
 }  // namespace lorahub::server
 

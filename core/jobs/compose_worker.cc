@@ -1,5 +1,6 @@
 #include "core/jobs/compose_worker.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -206,22 +207,57 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
     // of the progress callback is seen[i - 1].
     std::vector<learn::Candidate> seen;
     learn::BatchObjective inner = objective->AsBatchObjective();
+    const size_t num_examples = std::max<size_t>(1, spec->examples.size());
+    const size_t chunk = std::max<size_t>(
+        1, static_cast<size_t>(std::max(1, options_.max_rows)) / num_examples);
     learn::BatchObjective recording =
         [&](const std::vector<learn::Candidate>& c) -> absl::StatusOr<std::vector<double>> {
       seen.insert(seen.end(), c.begin(), c.end());
-      return inner(c);
+      if (!options_.run_on_device) return inner(c);
+      // On the device owner's thread, a piece at a time (see the header).
+      std::vector<double> scores;
+      scores.reserve(c.size());
+      for (size_t i = 0; i < c.size(); i += chunk) {
+        const std::vector<learn::Candidate> part(
+            c.begin() + i, c.begin() + std::min(c.size(), i + chunk));
+        absl::StatusOr<std::vector<double>> r =
+            absl::InternalError("device work did not run");
+        absl::Status st = options_.run_on_device([&] { r = inner(part); });
+        if (!st.ok()) {
+          return stop_ ? absl::CancelledError("the worker is stopping") : st;
+        }
+        if (!r.ok()) return r.status();
+        scores.insert(scores.end(), r->begin(), r->end());
+      }
+      return scores;
     };
+
+    // A checkpoint of an earlier attempt of this job (see the header).
+    int64_t done_before = 0;
+    double best = std::numeric_limits<double>::infinity();
+    if (job.attempts > 1 && job.progress.evaluations_done > 0 &&
+        job.progress.best_score.has_value() && !job.progress.best_weights_json.empty()) {
+      absl::StatusOr<std::vector<double>> w = DecodeWeights(job.progress.best_weights_json);
+      if (w.ok() && w->size() == spec->module_ids.size()) {
+        done_before = std::min<int64_t>(job.progress.evaluations_done, spec->budget);
+        best = *job.progress.best_score;
+        best_weights = *std::move(w);
+        std::fprintf(stderr,
+                     "lorahub: job %s resumes after %lld of %d evaluations (best %g)\n",
+                     job.id.c_str(), static_cast<long long>(done_before), spec->budget, best);
+      }
+    }
+    const int remaining = spec->budget - static_cast<int>(done_before);
 
     learn::OptimizerOptions po;
     po.dimension = static_cast<int>(spec->module_ids.size());
     po.lower = spec->lower;
     po.upper = spec->upper;
-    po.budget = spec->budget;
+    po.budget = std::max(1, remaining);
     po.seed = spec->seed;
     po.population = spec->population;
-    po.warm_start = spec->warm_start;
-    po.initial_point = spec->initial_weights;
-    double best = std::numeric_limits<double>::infinity();
+    po.warm_start = spec->warm_start && done_before == 0;
+    po.initial_point = done_before > 0 ? best_weights : spec->initial_weights;
     absl::Status progress_error;
     po.progress = [&](const learn::ProgressEvent& e) {
       if (stop_) return false;
@@ -232,11 +268,12 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
         best = e.score;
         best_weights = w;
       }
+      const int64_t index = done_before + e.evaluation;
       store::JobProgress p;
-      p.evaluations_done = e.evaluation;
+      p.evaluations_done = index;
       if (std::isfinite(best)) p.best_score = best;
       p.best_weights_json = EncodeWeights(best_weights);
-      nlohmann::json payload = {{"index", e.evaluation},
+      nlohmann::json payload = {{"index", index},
                                 {"score", std::isfinite(e.score) ? e.score : 0.0},
                                 {"best_score", std::isfinite(best) ? best : 0.0},
                                 {"weights", w}};
@@ -255,13 +292,26 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
                                     : learn::MakeOptimizer(spec->optimizer, po);
     if (!optimizer.ok()) return fail(optimizer.status());
     const auto start = std::chrono::steady_clock::now();
-    absl::StatusOr<learn::OptimizerResult> result = (*optimizer)->Minimize(recording);
+    absl::StatusOr<learn::OptimizerResult> result;
+    if (remaining > 0) {
+      result = (*optimizer)->Minimize(recording);
+    } else {
+      result = learn::OptimizerResult();  // The budget was spent before.
+      result->best_score = std::numeric_limits<double>::infinity();
+    }
     out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!progress_error.ok()) return fail(progress_error);
     if (!result.ok()) {
       out.status = result.status();
     } else {
       out.result = *std::move(result);
+      // The checkpoint's best counts as much as the new search's.
+      if (done_before > 0 && std::isfinite(best) &&
+          !(out.result.best_score <= best)) {
+        out.result.best_score = best;
+        out.result.best_weights = best_weights;
+      }
+      out.result.evaluations += static_cast<int>(done_before);
       out.best_loss =
           out.result.best_score - objective->Regularizer(out.result.best_weights);
     }

@@ -18,9 +18,24 @@
 // evaluation and leaves it RUNNING in the store: the next Start() re-queues
 // it, so a shutdown never loses a job.
 //
-// Sharing the device: the objective runs on the worker's thread against the
-// same (read-only) weights the inference engine uses; no request of the
-// engine waits for a whole job.
+// Sharing the device: with `run_on_device` set (the server passes the
+// inference engine's RunOnDevice), every objective evaluation runs on the
+// device's owner thread as a work item between two decoding steps, so the
+// device has one user at a time and inference goes first: a generate
+// request waits for at most one work item (at most max_rows rows of one
+// forward pass: a batch of candidates is cut into pieces of
+// max(1, max_rows / examples) candidates), never for a whole job. Without
+// it the objective runs on the worker's thread, concurrently with inference.
+//
+// Resuming. A job claimed again after a restart (attempts > 1) with
+// progress in the store resumes from that checkpoint: the evaluations
+// already spent count against the budget (only budget - done remain), the
+// search restarts from the best weights so far (no warm-start round), the
+// best-so-far is kept (the result is the better of it and the new search),
+// and progress events continue the evaluation numbering. The optimizer's
+// internal state (COBYLA's simplex, CMA-ES's distribution) is not
+// checkpointed; a job whose budget is already spent finishes with its
+// checkpoint.
 //
 // Ownership: store, base and tokenizer are borrowed and must outlive the
 // worker. Thread-safety: Wake/Stop may be called from any thread.
@@ -29,6 +44,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -52,6 +68,9 @@ struct ComposeWorkerOptions {
   metrics::ServiceMetrics* metrics = nullptr;
   // Rows per forward pass of the objective.
   int max_rows = 64;
+  // Optional: runs a closure on the device's owner thread and blocks until
+  // it ran (InferenceEngine::RunOnDevice); an error fails the evaluation.
+  std::function<absl::Status(std::function<void()>)> run_on_device;
   // How long the thread sleeps when the queue is empty (Wake() cuts it short).
   absl::Duration idle_poll = absl::Milliseconds(200);
 };

@@ -29,7 +29,10 @@ namespace lorahub::metrics {
 struct ExposerOptions {
   // "HOST:PORT" with a numeric IPv4 host or "[IPv6]" host, e.g.
   // "127.0.0.1:9090", "0.0.0.0:9090", "[::1]:9090". PORT 0 picks a free
-  // port (read it with MetricsExposer::port()).
+  // port (read it with MetricsExposer::port()): the exposer binds a probe
+  // socket to HOST:0, takes the kernel's port and gives civetweb that
+  // concrete port (retrying with a fresh one if it was taken meanwhile),
+  // because civetweb's own handling of port 0 failed in some processes.
   std::string listen_address = "127.0.0.1:9090";
   // civetweb worker threads serving scrapes; 1..64.
   int num_threads = 2;
@@ -44,8 +47,9 @@ class MetricsExposer {
   // Binds options.listen_address and serves `registry` at /metrics until
   // the returned object is destroyed. Keeps `registry` alive.
   // InvalidArgument for a malformed address, bad num_threads or a null
-  // registry; Unavailable (naming the address) if the address cannot be
-  // bound, e.g. the port is in use.
+  // registry; Unavailable (naming the address and, where a bind of our own
+  // shows it, the errno text) if the address cannot be bound, e.g. the port
+  // is in use.
   static absl::StatusOr<std::unique_ptr<MetricsExposer>> Start(
       const ExposerOptions& options,
       std::shared_ptr<prometheus::Registry> registry);
@@ -60,6 +64,8 @@ class MetricsExposer {
   // The TCP port actually bound (the chosen one when the address had :0).
   int port() const { return port_; }
   // The address as given in ExposerOptions.
+  // "HOST:PORT" actually served (the address with the bound port).
+  std::string bound_address() const;
   const std::string& listen_address() const { return listen_address_; }
 
  private:

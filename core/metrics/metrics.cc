@@ -226,23 +226,23 @@ void ServiceMetrics::Build() {
   const int num_rpcs = static_cast<int>(rpc_names_.size()) + 1;  // + other
 
   requests_family_ = &prometheus::BuildCounter()
-                          .Name("lorahub_requests_total")
+                          .Name("lorahub_grpc_requests_total")
                           .Help("Finished RPCs by method and gRPC status code.")
                           .Register(reg);
   requests_.reset(new std::atomic<Counter*>[num_rpcs * kNumCodes]);
   for (int i = 0; i < num_rpcs * kNumCodes; ++i) requests_[i] = nullptr;
   auto& duration = prometheus::BuildHistogram()
-                       .Name("lorahub_request_duration_seconds")
+                       .Name("lorahub_grpc_request_duration_seconds")
                        .Help("Wall time of an RPC, arrival to final status.")
                        .Register(reg);
   for (int r = 0; r < num_rpcs; ++r) {
     const std::string label =
         r < num_rpcs - 1 ? rpc_names_[r] : std::string(kOtherLabel);
     request_duration_.push_back(
-        &duration.Add({{"rpc", label}}, RequestBuckets()));
+        &duration.Add({{"method", label}}, RequestBuckets()));
     // Known series start at 0 so rate() works from the first scrape.
     requests_[r * kNumCodes + 0] =
-        &requests_family_->Add({{"rpc", label}, {"code", "OK"}});
+        &requests_family_->Add({{"method", label}, {"code", "OK"}});
   }
 
   queue_time_ = &prometheus::BuildHistogram()
@@ -397,7 +397,7 @@ void ServiceMetrics::RecordRequestIndexed(int rpc, int code, double seconds) {
       // Family::Add is idempotent for equal labels, so a race between two
       // first uses yields the same child.
       counter = &requests_family_->Add(
-          {{"rpc", rpc_label}, {"code", CodeLabelAt(code)}});
+          {{"method", rpc_label}, {"code", CodeLabelAt(code)}});
     } catch (const std::exception&) {
       return;  // Only on allocation failure: drop the sample, never throw.
     }

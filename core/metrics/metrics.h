@@ -20,7 +20,7 @@
 // (prometheus-cpp counters, gauges and histograms are thread-safe, and the
 // lazily created children are published through atomics). No method blocks
 // beyond a short mutex inside prometheus-cpp's Family::Add the first time a
-// (rpc, code) or device series is used. No method throws.
+// (method, code) or device series is used. No method throws.
 #ifndef LORAHUB_CORE_METRICS_METRICS_H_
 #define LORAHUB_CORE_METRICS_METRICS_H_
 
@@ -49,7 +49,7 @@ namespace lorahub::metrics {
 // The label value used for any rpc, code or device outside the fixed sets.
 inline constexpr char kOtherLabel[] = "other";
 
-// Default RPC names (the `rpc` label): the bare method names of the
+// Default RPC names (the `method` label): the bare method names of the
 // lorahub.v1 services (proto/lorahub/v1/*.proto), of grpc.health.v1 and of
 // server reflection ("Generate", "SubmitJob", "Check", ...). The server may
 // pass its own list in Options.
@@ -80,7 +80,7 @@ const char* CacheTierName(CacheTier tier);
 class ServiceMetrics {
  public:
   struct Options {
-    // Allowed values of the `rpc` label; others become "other". At most 64
+    // Allowed values of the `method` label; others become "other". At most 64
     // names, each matching [A-Za-z0-9_.]+ and not "other". Empty means
     // DefaultRpcNames().
     std::vector<std::string> rpc_names;
@@ -117,9 +117,11 @@ class ServiceMetrics {
   std::string DeviceLabel(absl::string_view device) const;
 
   // --- Requests --------------------------------------------------------
-  // One finished RPC: lorahub_requests_total{rpc,code} += 1 and
-  // lorahub_request_duration_seconds{rpc} observes `seconds` (wall time from
-  // arrival to the final status; for streams, to the end of the stream).
+  // One finished RPC: lorahub_grpc_requests_total{method,code} += 1 and
+  // lorahub_grpc_request_duration_seconds{method} observes `seconds` (wall
+  // time from arrival to the final status; for streams, to the end of the
+  // stream). The server records these for every RPC in one place, its
+  // interceptor (server/rpc_metrics_interceptor.h).
   // `rpc` is a method name, or a full path "/pkg.Service/Method" (the part
   // after the last '/' is used), as grpc::ServerContext reports it.
   // `code` is a gRPC code (absl::StatusCode shares gRPC's numbering), or its

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -637,16 +638,74 @@ void InferenceEngine::WaitIdle() {
   idle_cv_.wait(lock, [&] { return pending_.load() == 0; });
 }
 
+struct InferenceEngine::DeviceWork {
+  std::function<void()> fn;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  absl::Status status;
+
+  void Complete(absl::Status st) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      status = std::move(st);
+      done = true;
+    }
+    cv.notify_all();
+  }
+};
+
+absl::Status InferenceEngine::RunOnDevice(std::function<void()> fn) {
+  if (!fn) return absl::InvalidArgumentError("RunOnDevice: empty function");
+  if (std::this_thread::get_id() == thread_.get_id()) {
+    fn();
+    return absl::OkStatus();
+  }
+  auto work = std::make_shared<DeviceWork>();
+  work->fn = std::move(fn);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (exit_) return absl::UnavailableError("the inference engine has stopped");
+    device_work_.push_back(work);
+  }
+  cv_.notify_all();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->done; });
+  return work->status;
+}
+
+int64_t InferenceEngine::device_work_waiting() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(device_work_.size());
+}
+
 void InferenceEngine::Loop() {
   State& s = *state_;
+  // Whatever work items are left when the thread ends never run.
+  struct FailLeftovers {
+    InferenceEngine* e;
+    ~FailLeftovers() {
+      std::deque<std::shared_ptr<DeviceWork>> left;
+      {
+        std::lock_guard<std::mutex> lock(e->mu_);
+        e->exit_ = true;  // RunOnDevice refuses from now on.
+        left.swap(e->device_work_);
+      }
+      for (auto& w : left) {
+        w->Complete(absl::UnavailableError("the inference engine has stopped"));
+      }
+    }
+  } fail_leftovers{this};
   for (;;) {
     std::vector<Queued> incoming;
     std::optional<Queued> solo;
+    std::shared_ptr<DeviceWork> device_work;
     bool past_deadline = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
       auto ready = [&] {
-        return exit_ || stopping_ || !queue_.empty() || !s.rows.empty();
+        return exit_ || stopping_ || !queue_.empty() || !s.rows.empty() ||
+               !device_work_.empty();
       };
       cv_.wait(lock, ready);
       past_deadline = stopping_ && absl::Now() >= deadline_;
@@ -681,7 +740,16 @@ void InferenceEngine::Loop() {
           queue_.empty()) {
         return;
       }
-      if (incoming.empty() && !solo && s.rows.empty() && !stopping_) continue;
+      // One device work item per iteration, after this iteration's
+      // inference work (see the header).
+      if (!past_deadline && !device_work_.empty()) {
+        device_work = std::move(device_work_.front());
+        device_work_.pop_front();
+      }
+      if (incoming.empty() && !solo && s.rows.empty() && !stopping_ &&
+          !device_work) {
+        continue;
+      }
     }
     try {
       if (past_deadline) {
@@ -751,6 +819,18 @@ void InferenceEngine::Loop() {
           absl::StrCat("engine: ", e.what_without_backtrace())));
     } catch (const std::exception& e) {
       s.FailAll(absl::InternalError(absl::StrCat("engine: ", e.what())));
+    }
+    if (device_work) {
+      absl::Status st;
+      try {
+        device_work->fn();
+      } catch (const c10::Error& e) {
+        st = absl::InternalError(
+            absl::StrCat("device work: ", e.what_without_backtrace()));
+      } catch (const std::exception& e) {
+        st = absl::InternalError(absl::StrCat("device work: ", e.what()));
+      }
+      device_work->Complete(std::move(st));
     }
   }
 }

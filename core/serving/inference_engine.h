@@ -29,6 +29,17 @@
 // Beam search and scoring run as their own batch, between two decoding steps
 // of the running batch (which waits meanwhile): simpler, and exact.
 //
+// Device work of others (compose jobs). RunOnDevice hands a closure to the
+// engine thread, which runs it between two iterations of its loop, after
+// the newcomers of that iteration joined and the running batch took its
+// decoding step, and at most one such closure per iteration. So the device
+// has one owner and inference has priority: while a job keeps the engine
+// busy with objective evaluations, a new generate request waits for at most
+// the one closure already running (one evaluation), then is admitted and
+// gets its first token; and the running batch advances one decoding step
+// between any two closures. Without inference work, closures run back to
+// back.
+//
 // Sampling rows draw from their own CPU generator seeded by the request, so
 // a sampled request gives the same tokens alone or in any batch, and the
 // same as model::Generate with that seed for one prompt.
@@ -42,6 +53,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -101,6 +113,15 @@ class InferenceEngine {
   absl::Status Submit(GenerateRequest request);
   absl::Status Submit(ScoreRequest request);
 
+  // Runs `fn` on the engine thread at the next point between two decoding
+  // steps (see the file comment) and blocks until it has run. Work items
+  // run one at a time, in submission order. Unavailable (and `fn` does not
+  // run) if the engine stopped before it got to it. From the engine thread
+  // itself (inside a callback) `fn` runs at once. `fn` must not throw.
+  absl::Status RunOnDevice(std::function<void()> fn);
+  // Device work items waiting to run (for tests and metrics).
+  int64_t device_work_waiting() const;
+
   // Stops accepting work. Queued and running requests continue until
   // `deadline`; then they are cancelled (finish reason kCancelled, or
   // Unavailable for requests that never started). Returns at once; the
@@ -125,6 +146,7 @@ class InferenceEngine {
     Work work;
     absl::Time enqueued;
   };
+  struct DeviceWork;  // A RunOnDevice closure and its completion.
   InferenceEngine(std::shared_ptr<const model::T5Weights> weights,
                   ModuleResolver resolver, EngineOptions options,
                   metrics::ServiceMetrics* metrics);
@@ -142,6 +164,7 @@ class InferenceEngine {
   std::condition_variable cv_;
   std::condition_variable idle_cv_;
   std::deque<Queued> queue_;
+  std::deque<std::shared_ptr<DeviceWork>> device_work_;
   bool stopping_ = false;
   absl::Time deadline_ = absl::InfiniteFuture();
   bool exit_ = false;

@@ -835,6 +835,7 @@ lorahub_cc_library(server_cli_args
     ${SRC}/server/cli/command.h
   DEPS
     ext_absl_absl
+    ext_nlohmann_json_json
   OUTPUT_NAME cli_args
 )
 
@@ -933,6 +934,7 @@ lorahub_cc_binary(server_lorahub
     server_cli_args
     server_compose_service
     server_info_service
+    server_rpc_metrics_interceptor
     server_services
     core_hub_hub_client
     core_io_checkpoint
@@ -958,6 +960,19 @@ lorahub_cc_binary(server_lorahub
     ext_nlohmann_json_json
     ext_prometheus_cpp_prometheus_cpp
   OUTPUT_NAME lorahub
+)
+
+# //server:rpc_metrics_interceptor (cc_library)
+lorahub_cc_library(server_rpc_metrics_interceptor
+  PACKAGE server
+  SRCS
+    ${SRC}/server/rpc_metrics_interceptor.cc
+    ${SRC}/server/rpc_metrics_interceptor.h
+  DEPS
+    core_metrics_metrics
+    ext_absl_absl
+    ext_grpc_grpc__
+  OUTPUT_NAME rpc_metrics_interceptor
 )
 
 # ---- //tests/build  (tests/build/BUILD)
@@ -1021,6 +1036,18 @@ lorahub_script_test(tests_cli_bench_test
   TIMEOUT 300
   DATA_TARGETS
     server_lorahub
+)
+
+# //tests/cli:args_test (cc_test)
+lorahub_cc_test(tests_cli_args_test
+  TEST_NAME //tests/cli:args_test
+  PACKAGE tests/cli
+  SRCS
+    ${SRC}/tests/cli/args_test.cc
+  DEPS
+    server_cli_args
+    ext_gtest_gtest_main
+  TIMEOUT 300
 )
 
 # ---- //tests/config  (tests/config/BUILD)
@@ -1224,6 +1251,49 @@ lorahub_script_test(tests_integration_compose_test
   TIMEOUT 300
   DATA_TARGETS
     client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:grpc_metrics_test (sh_test)
+lorahub_script_test(tests_integration_grpc_metrics_test
+  TEST_NAME //tests/integration:grpc_metrics_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/grpc_metrics_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:fair_share_test (sh_test)
+lorahub_script_test(tests_integration_fair_share_test
+  TEST_NAME //tests/integration:fair_share_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/fair_share_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:prefetch_test (sh_test)
+lorahub_script_test(tests_integration_prefetch_test
+  TEST_NAME //tests/integration:prefetch_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/prefetch_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
     server_lorahub
 )
 

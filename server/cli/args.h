@@ -30,6 +30,13 @@ class Args {
   static absl::StatusOr<Args> Parse(int argc, char** argv, int first,
                                     const FlagSpec& spec);
 
+  // Adds defaults from a JSON config file: an object whose keys are flag
+  // names of `spec` (without "--") and whose values are strings, numbers,
+  // booleans, or arrays of those for repeatable flags. Flags given on the
+  // command line win. InvalidArgument naming the file and key for an
+  // unreadable file, bad JSON, an unknown key or a value of another type.
+  absl::Status MergeConfigFile(const std::string& path, const FlagSpec& spec);
+
   bool Has(const std::string& name) const { return values_.count(name) > 0; }
   // Last value given for `name`, or nullopt.
   std::optional<std::string> Get(const std::string& name) const;

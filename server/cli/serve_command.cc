@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <functional>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -35,6 +36,7 @@
 #include "server/inference_service.h"
 #include "server/info_service.h"
 #include "server/module_service.h"
+#include "server/rpc_metrics_interceptor.h"
 #include "server/service_context.h"
 
 namespace lorahub::cli {
@@ -49,10 +51,14 @@ int RunServe(int argc, char** argv) {
   FlagSpec spec{{"listen", "model", "device", "metrics-listen", "data-dir",
                  "dtype", "hub-endpoint", "cache-dir", "max-batch-rows",
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
-                 "shutdown-grace-s"},
+                 "shutdown-grace-s", "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
+  if (args->Has("config")) {
+    absl::Status s = args->MergeConfigFile(*args->Get("config"), spec);
+    if (!s.ok()) return ReportError("serve", s);
+  }
   absl::StatusOr<std::string> model_dir = args->Required("model");
   if (!model_dir.ok()) return ReportError("serve", model_dir.status());
   const std::string listen = args->Get("listen").value_or("127.0.0.1:50051");
@@ -142,12 +148,19 @@ int RunServe(int argc, char** argv) {
   }
 
   // One compose worker on the first device's resident weights; it re-queues
-  // jobs that were running when the previous process died.
+  // jobs that were running when the previous process died (they resume from
+  // their last progress checkpoint).
   jobs::ComposeWorkerOptions jo;
   jo.store = ctx->store.get();
   jo.base = &ctx->engines.front()->weights();
   jo.tokenizer = ctx->tokenizer.get();
   jo.metrics = ctx->metrics;
+  // The job's evaluations run on that engine's thread, between decoding
+  // steps, so inference latency stays bounded while a job runs.
+  serving::InferenceEngine* job_engine = ctx->engines.front().get();
+  jo.run_on_device = [job_engine](std::function<void()> fn) {
+    return job_engine->RunOnDevice(std::move(fn));
+  };
   absl::StatusOr<std::unique_ptr<jobs::ComposeWorker>> worker =
       jobs::ComposeWorker::Start(jo);
   if (!worker.ok()) return ReportError("serve", worker.status());
@@ -165,6 +178,10 @@ int RunServe(int argc, char** argv) {
   int port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(16 << 20);
+  // Every RPC of every service (health and reflection included) is counted
+  // and timed here, once.
+  builder.experimental().SetInterceptorCreators(
+      server::RpcMetricsInterceptors(ctx->metrics));
   builder.RegisterService(&info);
   builder.RegisterService(&inference);
   builder.RegisterService(modules.get());
@@ -178,7 +195,8 @@ int RunServe(int argc, char** argv) {
   // The chosen ports are printed so that tests can ask for port 0.
   std::string host = listen.substr(0, listen.rfind(':'));
   std::printf("listening on %s:%d\n", host.c_str(), port);
-  std::printf("metrics on port %d\n", (*exposer)->port());
+  // Same form as the gRPC line: "metrics listening on HOST:PORT".
+  std::printf("metrics listening on %s\n", (*exposer)->bound_address().c_str());
   std::fflush(stdout);
 
   std::signal(SIGINT, OnSignal);

@@ -51,6 +51,10 @@ def main():
     os.environ["HF_ENDPOINT"] = "http://127.0.0.1:%s" % hub_port
     os.environ["HF_HUB_CACHE"] = cache
     os.environ["HF_HUB_DISABLE_XET"] = "1"
+    # Loopback only: a proxy configured on the host must not see these.
+    for var in ("NO_PROXY", "no_proxy"):
+        os.environ[var] = ",".join(filter(None, [os.environ.get(var), "127.0.0.1",
+                                                 "127.0.0.2", "localhost"]))
     import huggingface_hub
     from huggingface_hub import hf_hub_download
     failures = []
@@ -60,7 +64,25 @@ def main():
         if not cond:
             failures.append(what)
 
+    def show_head(name):
+        # What the emulator answers to the HEAD the client makes, for the log.
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", int(hub_port), timeout=10)
+        conn.request("HEAD", "/%s/resolve/main/%s" % (REPO, name),
+                     headers={"Accept-Encoding": "identity"})
+        r = conn.getresponse()
+        print("HEAD %s -> %d %s" % (name, r.status, dict(r.getheaders())))
+        conn.close()
+
     try:
+        show_head("adapter_config.json")
+        show_head("adapter_model.bin")
+        meta = huggingface_hub.get_hf_file_metadata(
+            huggingface_hub.hf_hub_url(REPO, "adapter_model.bin"))
+        print("get_hf_file_metadata(adapter_model.bin):", meta)
+        check(meta.commit_hash == COMMIT, "metadata commit from X-Repo-Commit")
+        check(meta.etag == hashlib.sha256(WEIGHTS).hexdigest(), "metadata etag from X-Linked-Etag")
+        check(meta.size == len(WEIGHTS), "metadata size from X-Linked-Size")
         cfg = hf_hub_download(REPO, "adapter_config.json")
         w = hf_hub_download(REPO, "adapter_model.bin")
         check(open(cfg).read() == CONFIG, "config content")

@@ -10,8 +10,19 @@ renamed repos (relative redirects), the model-info JSON, a request log and
 fault switches.
 
 Usage: hub_emulator.py --fixture FIXTURE.json
-Prints "PORTS <hub_port> <cdn_port>" on stdout once both servers listen on
-127.0.0.1 (ephemeral ports), then serves until killed or stdin closes.
+Prints "PORTS <hub_port> <cdn_port>" on stdout once both servers listen
+(ephemeral ports), then serves until killed or stdin closes. The hub listens
+on 127.0.0.1; the "CDN" on 127.0.0.2 (another loopback address, so that it
+is another host, as the real CDN is: a client that follows same-host
+redirects must still not follow the LFS 302 during its HEAD), falling back
+to 127.0.0.1 where that address cannot be bound.
+
+Headers as the real Hub sends them: every resolve reply (200, 302, 404) has
+X-Repo-Commit (404s for a missing entry too), X-Request-Id and
+Access-Control-Expose-Headers; git files have ETag "<git sha1>"; LFS files
+a 302 with X-Linked-Etag "<sha256>", X-Linked-Size, ETag and Location; the
+CDN answers with ETag, Content-Length, Accept-Ranges, Content-Type and
+Content-Disposition.
 
 Fixture: {"repos": {"org/name": {
     "refs": {"main": "<40-hex commit>", ...},
@@ -53,6 +64,8 @@ class State:
         self.renames = {}
         self.lfs_blobs = {}  # sha256 -> bytes
         self.cdn_port = 0
+        self.cdn_host = "127.0.0.1"
+        self.request_ids = 0
         for repo_id, spec in fixture["repos"].items():
             commits = {}
             for commit, cspec in spec.get("commits", {}).items():
@@ -176,8 +189,20 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.write(body)
 
+    def hub_headers(self):
+        """Headers the real Hub adds to every resolve reply."""
+        with self.state.lock:
+            self.state.request_ids += 1
+            rid = "Root=1-emulated-%08d" % self.state.request_ids
+        return [("X-Request-Id", rid),
+                ("Access-Control-Expose-Headers",
+                 "X-Repo-Commit,X-Request-Id,X-Error-Code,X-Error-Message,"
+                 "X-Total-Count,ETag,Link,Accept-Ranges,Content-Range,"
+                 "X-Linked-Size,X-Linked-ETag"),
+                ("Vary", "Origin, Accept")]
+
     def error(self, status, code, message, extra=(), faults=()):
-        headers = [("X-Error-Code", code), ("X-Error-Message", message)]
+        headers = self.hub_headers() + [("X-Error-Code", code), ("X-Error-Message", message)]
         headers += list(extra)
         body = json.dumps({"error": message}).encode()
         headers.append(("Content-Type", "application/json"))
@@ -253,7 +278,9 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, [("Content-Type", "text/plain")], b"no such object", faults)
             return
         self.serve_bytes(data, [("ETag", '"%s"' % sha),
-                                ("Content-Type", "application/octet-stream")], faults)
+                                ("Content-Type", "application/octet-stream"),
+                                ("Content-Disposition",
+                                 'attachment; filename="%s"' % sha)], faults)
 
     def resolve_revision(self, repo, rev):
         if rev in repo["refs"]:
@@ -308,17 +335,18 @@ class Handler(BaseHTTPRequestHandler):
             if f["kind"] == "wrong_content_length":
                 size_delta = int(f.get("delta", -1))
         if entry["lfs"]:
-            location = "http://127.0.0.1:%d/lfs/%s?X-Amz-Signature=emulated" % (
-                self.state.cdn_port, entry["sha256"])
-            headers = [("X-Repo-Commit", commit),
+            location = "http://%s:%d/lfs/%s?X-Amz-Signature=emulated" % (
+                self.state.cdn_host, self.state.cdn_port, entry["sha256"])
+            headers = self.hub_headers() + [("X-Repo-Commit", commit),
                        ("X-Linked-Etag", '"%s"' % entry["sha256"]),
                        ("X-Linked-Size", str(len(entry["data"]) + size_delta)),
                        ("ETag", '"%s"' % pointer_sha1(entry["sha256"], len(entry["data"]))),
                        ("Location", location)]
             self.reply(302, headers, b"", faults)
             return
-        headers = [("X-Repo-Commit", commit), ("ETag", '"%s"' % entry["sha1"]),
-                   ("Content-Type", "application/octet-stream")]
+        headers = self.hub_headers() + [
+            ("X-Repo-Commit", commit), ("ETag", '"%s"' % entry["sha1"]),
+            ("Content-Type", "application/octet-stream")]
         if size_delta and self.command == "HEAD":
             # Advertise a wrong size: HEAD carries only the headers.
             self.reply(200, headers, b"\0" * max(0, len(entry["data"]) + size_delta), faults)
@@ -394,7 +422,17 @@ def main():
         state = State(json.load(f))
     servers = []
     for role in ("hub", "cdn"):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        host = "127.0.0.1"
+        if role == "cdn":
+            try:
+                probe = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+                probe.server_close()
+                host = "127.0.0.2"
+            except OSError:
+                print("hub_emulator: 127.0.0.2 cannot be bound; the CDN shares "
+                      "the hub's host", file=sys.stderr)
+            state.cdn_host = host
+        server = ThreadingHTTPServer((host, 0), Handler)
         server.daemon_threads = True
         server.state = state
         server.role = role

@@ -24,7 +24,8 @@ start_server() {
   for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
   port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
   [ -n "$port" ] || fail "server did not print its port"
-  mport=$(sed -n 's/^metrics on port \([0-9]*\)$/\1/p' "$tmp/out")
+  mport=$(sed -n 's/^metrics listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
+  [ -n "$mport" ] || fail "server did not print its metrics port"
 }
 metric() {  # metric NAME_WITH_LABELS -> its value (empty if absent)
   curl -s "http://127.0.0.1:$mport/metrics" | awk -v n="$1" '$1 == n {print $2}'
@@ -108,11 +109,31 @@ for _ in $(seq 100); do
   c --json jobs get "$job3" | grep -q '"state":"running"' && break; sleep 0.1
 done
 c --json jobs get "$job3" | grep -q '"state":"running"' || fail "t3 never ran"
+# Let it checkpoint a few evaluations, then crash.
+for _ in $(seq 200); do
+  done3=$(c --json jobs get "$job3" | json_field '["evaluations"]')
+  [ "${done3:-0}" -ge 3 ] && break; sleep 0.05
+done
+[ "${done3:-0}" -ge 3 ] || fail "t3 made no progress"
 kill -9 "$pid"; wait "$pid" 2>/dev/null; pid=
 start_server
 grep -q "re-queued" "$tmp/err" || fail "no re-queue message after the crash"
 c --json jobs watch "$job3" >"$tmp/w3" || fail "t3 after restart: $(tail -2 "$tmp/w3")"
 [ "$(json_field '["state"]' <"$tmp/w3")" = succeeded ] || fail "t3 did not succeed"
+# Resumed, not restarted: it says so, the evaluation numbers of both
+# attempts are exactly 1..200 once each (the budget is not exceeded and the
+# spent evaluations are not repeated), and the result counts 200.
+grep -q "job $job3 resumes after" "$tmp/err" || fail "t3 did not resume: $(grep "$job3" "$tmp/err")"
+$py - "$tmp/w3" <<'PY' || fail "t3 evaluation numbering after resume"
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+idx = [l["index"] for l in lines if l.get("event") == "evaluation"]
+assert sorted(idx) == list(range(1, 201)), (len(idx), idx[:5], idx[-5:])
+end = lines[-1]
+assert end["state"] == "succeeded", end
+print("t3 resumed; evaluations", len(idx))
+PY
+[ "$(c --json jobs get "$job3" | json_field '["evaluations"]')" = 200 ] || fail "t3 evaluations"
 c --json generate --task t3 --max-new-tokens 4 --text "hello" >/dev/null || fail "t3 serve"
 c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "job lost on restart"
 c --json tasks get t1 >/dev/null || fail "task lost on restart"

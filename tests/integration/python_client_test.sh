@@ -3,6 +3,8 @@
 # stubs generated from proto/ at test time does one Generate stream against
 # the real server and checks the golden ids.
 #   python_client_test.sh LORAHUB
+# Tools: see py_stubs.sh (LORAHUB_PROTOC, LORAHUB_GRPC_PYTHON_PLUGIN,
+# LORAHUB_PYTHON overrides; PATH; the GPU host's .gpu/prefix/usr/bin).
 set -uo pipefail
 lorahub=$(readlink -f "$1")
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
@@ -12,10 +14,9 @@ pid=
 trap '[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*" >&2; cat "$tmp/err" >&2 2>/dev/null; exit 1; }
 
-mkdir "$tmp/py"
-/usr/bin/protoc -I"$proto_dir" --python_out="$tmp/py" --grpc_out="$tmp/py" \
-  --plugin=protoc-gen-grpc=/usr/bin/grpc_python_plugin \
-  "$proto_dir"/lorahub/v1/*.proto || fail "protoc"
+# Finds protoc, grpc_python_plugin and a Python with grpc; makes $tmp/py.
+. "$(dirname "$0")/py_stubs.sh"
+make_py_stubs "$proto_dir" "$tmp/py" || fail "protoc"
 
 "$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>"$tmp/err" &
@@ -24,7 +25,7 @@ for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; 
 port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
 [ -n "$port" ] || fail "no port"
 
-PYTHONPATH="$tmp/py" /usr/bin/python3 - "$port" "$case_dir" <<'PY' || fail "python client"
+PYTHONPATH="$tmp/py" "$py" - "$port" "$case_dir" <<'PY' || fail "python client"
 import json, sys
 import grpc
 from lorahub.v1 import inference_pb2, inference_pb2_grpc, modules_pb2, modules_pb2_grpc, common_pb2

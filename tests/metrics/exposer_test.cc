@@ -3,6 +3,9 @@
 #include "core/metrics/exposer.h"
 
 #include <memory>
+#include <set>
+#include <string>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "core/metrics/metrics.h"
@@ -35,6 +38,8 @@ TEST(MetricsExposerTest, ServesRecordedMetricsOverHttp) {
   const int port = (*exposer)->port();
   ASSERT_GT(port, 0);
   ASSERT_LE(port, 65535);
+  EXPECT_EQ((*exposer)->bound_address(), "127.0.0.1:" + std::to_string(port));
+  EXPECT_EQ((*exposer)->listen_address(), "127.0.0.1:0");
 
   (*metrics)->RecordRequest("Generate", absl::StatusCode::kOk, 0.05);
   (*metrics)->RecordRequest("Generate", absl::StatusCode::kOk, 0.05);
@@ -50,16 +55,16 @@ TEST(MetricsExposerTest, ServesRecordedMetricsOverHttp) {
   int malformed = -1;
   auto samples = ParseExposition(response->body, &malformed);
   EXPECT_EQ(malformed, 0) << response->body;
-  EXPECT_THAT(FindValue(samples, "lorahub_requests_total",
-                        {{"rpc", "Generate"}, {"code", "OK"}}),
+  EXPECT_THAT(FindValue(samples, "lorahub_grpc_requests_total",
+                        {{"method", "Generate"}, {"code", "OK"}}),
               Optional(2.0));
-  EXPECT_THAT(FindValue(samples, "lorahub_requests_total",
-                        {{"rpc", "AddModule"}, {"code", "NOT_FOUND"}}),
+  EXPECT_THAT(FindValue(samples, "lorahub_grpc_requests_total",
+                        {{"method", "AddModule"}, {"code", "NOT_FOUND"}}),
               Optional(1.0));
   EXPECT_THAT(FindValue(samples, "lorahub_generated_tokens_total", {}),
               Optional(7.0));
   EXPECT_TRUE(absl::StrContains(response->body,
-                                "# TYPE lorahub_requests_total counter"));
+                                "# TYPE lorahub_grpc_requests_total counter"));
   EXPECT_TRUE(absl::StrContains(
       response->body, "# TYPE lorahub_time_to_first_token_seconds histogram"));
 
@@ -92,6 +97,39 @@ TEST(MetricsExposerTest, PortInUseIsUnavailableNotAnException) {
   auto response = HttpGet((*first)->port(), "/metrics");
   ASSERT_TRUE(response.ok()) << response.status();
   EXPECT_EQ(response->status, 200);
+}
+
+TEST(MetricsExposerTest, ManyEphemeralExposersGetDistinctPorts) {
+  // Port 0 is resolved by the exposer itself (a probe bind, then civetweb on
+  // that port): several at once must each get their own working port.
+  auto registry = std::make_shared<prometheus::Registry>();
+  std::vector<std::unique_ptr<MetricsExposer>> exposers;
+  std::set<int> ports;
+  for (int i = 0; i < 4; ++i) {
+    auto exposer = MetricsExposer::Start(Ephemeral(), registry);
+    ASSERT_TRUE(exposer.ok()) << exposer.status();
+    ports.insert((*exposer)->port());
+    exposers.push_back(*std::move(exposer));
+  }
+  EXPECT_EQ(ports.size(), 4u);
+  for (const auto& e : exposers) {
+    auto response = HttpGet(e->port(), "/metrics");
+    ASSERT_TRUE(response.ok()) << response.status();
+    EXPECT_EQ(response->status, 200);
+  }
+}
+
+TEST(MetricsExposerTest, PortInUseNamesTheReason) {
+  auto registry = std::make_shared<prometheus::Registry>();
+  auto first = MetricsExposer::Start(Ephemeral(), registry);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ExposerOptions same;
+  same.listen_address = (*first)->bound_address();
+  auto second = MetricsExposer::Start(same, registry);
+  ASSERT_FALSE(second.ok());
+  // civetweb only says "null context"; our own bind says why.
+  EXPECT_TRUE(absl::StrContains(second.status().message(), "in use"))
+      << second.status();
 }
 
 TEST(MetricsExposerTest, StopsServingWhenDestroyed) {

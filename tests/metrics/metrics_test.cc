@@ -63,41 +63,41 @@ TEST_F(ServiceMetricsTest, RequestsByRpcAndCode) {
   metrics_->RecordRequest("/lorahub.v1.ComposeService/SubmitJob",
                           absl::StatusCode::kInvalidArgument, 0.01);
   auto s = Scrape();
-  EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                        {{"rpc", "Generate"}, {"code", "OK"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_requests_total",
+                        {{"method", "Generate"}, {"code", "OK"}}),
               Optional(2.0));
-  EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                        {{"rpc", "Generate"}, {"code", "NOT_FOUND"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_requests_total",
+                        {{"method", "Generate"}, {"code", "NOT_FOUND"}}),
               Optional(1.0));
-  EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                        {{"rpc", "SubmitJob"}, {"code", "INVALID_ARGUMENT"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_requests_total",
+                        {{"method", "SubmitJob"}, {"code", "INVALID_ARGUMENT"}}),
               Optional(1.0));
-  EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_count",
-                        {{"rpc", "Generate"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_request_duration_seconds_count",
+                        {{"method", "Generate"}}),
               Optional(3.0));
-  EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_sum",
-                        {{"rpc", "Generate"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_request_duration_seconds_sum",
+                        {{"method", "Generate"}}),
               Optional(DoubleNear(0.875, 1e-12)));
   // 0.125 and 0.25 are <= 0.25 and 0.5 is <= 0.5: cumulative buckets give
   // 0 at le=0.1, 2 at le=0.25, 3 at le=0.5 and +Inf.
-  EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_bucket",
-                        {{"rpc", "Generate"}, {"le", "0.1"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_request_duration_seconds_bucket",
+                        {{"method", "Generate"}, {"le", "0.1"}}),
               Optional(0.0));
-  EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_bucket",
-                        {{"rpc", "Generate"}, {"le", "0.25"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_request_duration_seconds_bucket",
+                        {{"method", "Generate"}, {"le", "0.25"}}),
               Optional(2.0));
-  EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_bucket",
-                        {{"rpc", "Generate"}, {"le", "0.5"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_request_duration_seconds_bucket",
+                        {{"method", "Generate"}, {"le", "0.5"}}),
               Optional(3.0));
-  EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_bucket",
-                        {{"rpc", "Generate"}, {"le", "+Inf"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_request_duration_seconds_bucket",
+                        {{"method", "Generate"}, {"le", "+Inf"}}),
               Optional(3.0));
-  EXPECT_THAT(FindValue(s, "lorahub_request_duration_seconds_count",
-                        {{"rpc", "SubmitJob"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_request_duration_seconds_count",
+                        {{"method", "SubmitJob"}}),
               Optional(1.0));
   // The text itself carries the exact series line.
   EXPECT_TRUE(absl::StrContains(
-      text_, "lorahub_requests_total{code=\"OK\",rpc=\"Generate\"} 2"))
+      text_, "lorahub_grpc_requests_total{code=\"OK\",method=\"Generate\"} 2"))
       << text_;
 }
 
@@ -105,11 +105,11 @@ TEST_F(ServiceMetricsTest, KnownSeriesStartAtZero) {
   auto s = Scrape();
   for (const std::string& rpc : DefaultRpcNames()) {
     EXPECT_THAT(
-        FindValue(s, "lorahub_requests_total", {{"rpc", rpc}, {"code", "OK"}}),
+        FindValue(s, "lorahub_grpc_requests_total", {{"method", rpc}, {"code", "OK"}}),
         Optional(0.0))
         << rpc;
     EXPECT_THAT(
-        FindValue(s, "lorahub_request_duration_seconds_count", {{"rpc", rpc}}),
+        FindValue(s, "lorahub_grpc_request_duration_seconds_count", {{"method", rpc}}),
         Optional(0.0))
         << rpc;
   }
@@ -135,7 +135,7 @@ TEST_F(ServiceMetricsTest, KnownSeriesStartAtZero) {
   EXPECT_THAT(FindValue(s, "lorahub_downloads_total", {{"result", "error"}}),
               Optional(0.0));
   // Only series with a bounded, known label set exist before use.
-  EXPECT_EQ(CountSeries(s, "lorahub_requests_total"),
+  EXPECT_EQ(CountSeries(s, "lorahub_grpc_requests_total"),
             static_cast<int>(DefaultRpcNames().size()) + 1);
 }
 
@@ -309,16 +309,16 @@ TEST_F(ServiceMetricsTest, LabelCardinalityIsBounded) {
     metrics_->SetDeviceMemoryUsedBytes(d, 1);
   }
   auto s = Scrape();
-  EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                        {{"rpc", "other"}, {"code", "other"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_requests_total",
+                        {{"method", "other"}, {"code", "other"}}),
               Optional(2001.0));
-  EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                        {{"rpc", "Generate"}, {"code", "other"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_requests_total",
+                        {{"method", "Generate"}, {"code", "other"}}),
               Optional(1.0));
   // Default rpcs x OK, other x OK, other x other, Generate x other.
-  EXPECT_EQ(CountSeries(s, "lorahub_requests_total"),
+  EXPECT_EQ(CountSeries(s, "lorahub_grpc_requests_total"),
             static_cast<int>(DefaultRpcNames().size()) + 3);
-  EXPECT_EQ(CountSeries(s, "lorahub_request_duration_seconds_count"),
+  EXPECT_EQ(CountSeries(s, "lorahub_grpc_request_duration_seconds_count"),
             static_cast<int>(DefaultRpcNames().size()) + 1);
   EXPECT_EQ(CountSeries(s, "lorahub_device_memory_used_bytes"), 1);
   EXPECT_TRUE(
@@ -338,8 +338,8 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
   for (const auto& f : families) names.insert(f.name);
   // The catalogue the header documents and the dashboard plots.
   EXPECT_EQ(names, (std::set<std::string>{
-                       "lorahub_requests_total",
-                       "lorahub_request_duration_seconds",
+                       "lorahub_grpc_requests_total",
+                       "lorahub_grpc_request_duration_seconds",
                        "lorahub_request_queue_time_seconds",
                        "lorahub_time_to_first_token_seconds",
                        "lorahub_inter_token_latency_seconds",
@@ -358,7 +358,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_download_duration_seconds",
                        "lorahub_device_memory_used_bytes",
                    }));
-  const std::set<std::string> allowed_labels = {"rpc",  "code",   "state",
+  const std::set<std::string> allowed_labels = {"method",  "code",   "state",
                                                 "tier", "result", "device"};
   for (const auto& f : families) {
     SCOPED_TRACE(f.name);
@@ -397,8 +397,8 @@ TEST_F(ServiceMetricsTest, ConcurrentFirstUseCountsEveryRequest) {
   }
   for (auto& t : threads) t.join();
   auto s = Scrape();
-  EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                        {{"rpc", "Score"}, {"code", "UNAVAILABLE"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_requests_total",
+                        {{"method", "Score"}, {"code", "UNAVAILABLE"}}),
               Optional(double{kThreads * kPerThread}));
   EXPECT_THAT(FindValue(s, "lorahub_generated_tokens_total", {}),
               Optional(double{kThreads * kPerThread}));
@@ -445,12 +445,12 @@ TEST(ServiceMetricsCreateTest, CustomRpcNamesAndSharedRegistry) {
   (*a)->RecordRequest("Generate", absl::StatusCode::kOk, 0.1);  // Not listed.
   auto s = ParseExposition(Serialize(*registry));
   EXPECT_THAT(
-      FindValue(s, "lorahub_requests_total", {{"rpc", "Foo"}, {"code", "OK"}}),
+      FindValue(s, "lorahub_grpc_requests_total", {{"method", "Foo"}, {"code", "OK"}}),
       Optional(2.0));
-  EXPECT_THAT(FindValue(s, "lorahub_requests_total",
-                        {{"rpc", "other"}, {"code", "OK"}}),
+  EXPECT_THAT(FindValue(s, "lorahub_grpc_requests_total",
+                        {{"method", "other"}, {"code", "OK"}}),
               Optional(1.0));
-  EXPECT_EQ(CountSeries(s, "lorahub_requests_total"), 3);  // Bar, Foo, other.
+  EXPECT_EQ(CountSeries(s, "lorahub_grpc_requests_total"), 3);  // Bar, Foo, other.
 }
 
 }  // namespace

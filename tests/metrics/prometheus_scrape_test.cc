@@ -325,11 +325,11 @@ TEST_F(PrometheusScrapeTest, PromQLSeesRecordedSeries) {
   std::map<std::string, double> by_code;
   const bool scraped = WaitFor(absl::Seconds(15), [&] {
     by_code = ByLabel(
-        Query("lorahub_requests_total{job=\"lorahub\",rpc=\"Generate\"}"),
+        Query("lorahub_grpc_requests_total{job=\"lorahub\",method=\"Generate\"}"),
         "code");
     return by_code.size() >= 2;
   });
-  ASSERT_TRUE(scraped) << "no lorahub_requests_total after 15 s; log:\n"
+  ASSERT_TRUE(scraped) << "no lorahub_grpc_requests_total after 15 s; log:\n"
                        << ReadFile(shared_->log);
   EXPECT_EQ(by_code, (std::map<std::string, double>{{"INVALID_ARGUMENT", 1},
                                                     {"OK", 3}}));
@@ -366,7 +366,7 @@ TEST_F(PrometheusScrapeTest, PromQLSeesRecordedSeries) {
   metrics.RecordRequest("Generate", absl::StatusCode::kOk, 0.04);
   const bool updated = WaitFor(absl::Seconds(5), [&] {
     by_code = ByLabel(
-        Query("lorahub_requests_total{job=\"lorahub\",rpc=\"Generate\"}"),
+        Query("lorahub_grpc_requests_total{job=\"lorahub\",method=\"Generate\"}"),
         "code");
     return by_code["OK"] == 5;
   });

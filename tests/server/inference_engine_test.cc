@@ -3,6 +3,7 @@
 // tokens, whatever joins or leaves the batch around it.
 #include "core/serving/inference_engine.h"
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <future>
@@ -10,6 +11,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -17,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <prometheus/registry.h>
 
+#include "absl/time/clock.h"
 #include "core/metrics/metrics.h"
 #include "core/model/generate.h"
 #include "core/model/loader.h"
@@ -350,6 +354,115 @@ TEST_F(EngineTest, ScoreMatchesTheGoldenLoss) {
   ASSERT_TRUE(o.status.ok()) << o.status;
   const double want = g["loss"].get<double>();
   EXPECT_NEAR(o.loss, want, 1e-5 * std::abs(want));
+}
+
+}  // namespace
+}  // namespace lorahub::serving
+
+namespace lorahub::serving {
+namespace {
+
+// Device work items run on the engine's thread, one per loop iteration,
+// after that iteration's inference work.
+TEST_F(EngineTest, DeviceWorkRunsOnTheEngineThreadInOrder) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  std::vector<std::thread::id> ids;
+  std::vector<int> order;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(engine->RunOnDevice([&, i] {
+      ids.push_back(std::this_thread::get_id());
+      order.push_back(i);
+    }).ok());
+  }
+  ASSERT_EQ(ids.size(), 3u);
+  EXPECT_NE(ids[0], std::this_thread::get_id());
+  EXPECT_EQ(ids[0], ids[1]);
+  EXPECT_EQ(ids[1], ids[2]);
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2}));
+  // An exception in the work item becomes its Status.
+  absl::Status thrown = engine->RunOnDevice([] { throw std::runtime_error("boom"); });
+  EXPECT_EQ(thrown.code(), absl::StatusCode::kInternal);
+  EXPECT_NE(thrown.message().find("boom"), absl::string_view::npos);
+}
+
+TEST_F(EngineTest, DeviceWorkIsRefusedOnceTheEngineStopped) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  engine->Shutdown(absl::Now());
+  engine->WaitIdle();
+  // The loop exits when idle after Shutdown; give it the moment to do so.
+  absl::Status s;
+  for (int i = 0; i < 200; ++i) {
+    bool ran = false;
+    s = engine->RunOnDevice([&] { ran = true; });
+    if (!s.ok()) {
+      EXPECT_FALSE(ran);
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+}
+
+// A stream of long device work items (a busy compose job) delays a generate
+// request by at most about one item, and the stream still advances while
+// the request decodes: between two items the batch takes a step.
+TEST_F(EngineTest, GenerateIsNotStarvedByDeviceWork) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  DecodingParams p;
+  p.max_new_tokens = 16;
+  auto timed = [&](double* ttft_s, double* total_s) {
+    auto r = std::make_shared<Result>();
+    auto first = std::make_shared<std::promise<void>>();
+    auto got_first = std::make_shared<std::atomic<bool>>(false);
+    GenerateRequest req = Make(Unpadded(0), {}, p, r);
+    req.on_token = [r, first, got_first](int64_t t) {
+      r->streamed.push_back(t);
+      if (!got_first->exchange(true)) first->set_value();
+      return true;
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(engine->Submit(std::move(req)).ok());
+    first->get_future().wait();
+    const auto t1 = std::chrono::steady_clock::now();
+    GenerateOutcome o = r->done.get_future().get();
+    const auto t2 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(o.status.ok()) << o.status;
+    *ttft_s = std::chrono::duration<double>(t1 - t0).count();
+    *total_s = std::chrono::duration<double>(t2 - t0).count();
+  };
+  double alone_ttft = 0, alone_total = 0;
+  timed(&alone_ttft, &alone_total);  // warm-up
+  timed(&alone_ttft, &alone_total);
+
+  constexpr double kItemS = 0.1;  // one "evaluation"
+  std::atomic<bool> stop{false};
+  std::atomic<int> items{0};
+  std::thread job([&] {
+    while (!stop) {
+      absl::Status s = engine->RunOnDevice([&] {
+        absl::SleepFor(absl::Seconds(kItemS));
+        ++items;
+      });
+      if (!s.ok()) break;
+    }
+  });
+  while (items.load() < 2) absl::SleepFor(absl::Milliseconds(5));
+  double ttft = 0, total = 0;
+  const int items_before = items.load();
+  timed(&ttft, &total);
+  const int items_during = items.load() - items_before;
+  stop = true;
+  job.join();
+  // Waits for at most the item in progress (plus scheduling slack).
+  EXPECT_LT(ttft, alone_ttft + kItemS + 0.15)
+      << "alone " << alone_ttft << " s, item " << kItemS << " s";
+  // One item per decoding step at most: 16 tokens -> at most ~17 items,
+  // and the job was not paused for the whole request either.
+  EXPECT_LE(total, alone_total + (p.max_new_tokens + 2) * kItemS + 0.3);
+  EXPECT_GE(items_during, 1);
 }
 
 }  // namespace
