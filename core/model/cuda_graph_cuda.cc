@@ -46,8 +46,8 @@ void ClearCudaError() { (void)cudaGetLastError(); }
 bool CudaGraphsCompiled() { return true; }
 
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
-    c10::Device device, const std::function<absl::Status()>& body,
-    int warmup) {
+    c10::Device device, const std::function<absl::Status()>& body, int warmup,
+    const std::function<void()>& before_capture) {
   if (!device.is_cuda()) {
     return absl::UnimplementedError("CUDA graphs need a CUDA device");
   }
