@@ -10,8 +10,34 @@ set(_LH_CC_FLAGS ALWAYSLINK SHARED)
 # CUDA-only sources (a srcs select() on //deploy/cmake:cuda): CUDA_SRCS
 # replace CPU_SRCS when LibTorch has CUDA (LORAHUB_CUDA_ENABLED, set by
 # external.cmake). A macro, so that it edits the caller's ARG_SRCS.
+# Each CUDA source is first compiled on its own at configure time (try_compile,
+# cached): if one does not compile against this LibTorch, the target keeps its
+# CPU sources, with a warning, instead of failing the whole build.
 macro(_lorahub_pick_cuda_srcs)
-  if(LORAHUB_CUDA_ENABLED)
+  set(_lh_use_cuda FALSE)
+  if(LORAHUB_CUDA_ENABLED AND ARG_CUDA_SRCS)
+    set(_lh_use_cuda TRUE)
+    set(_lh_saved_try_type "${CMAKE_TRY_COMPILE_TARGET_TYPE}")
+    set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)  # compile only
+    foreach(_lh_src IN LISTS ARG_CUDA_SRCS)
+      if(_lh_src MATCHES "\\.(cc|cpp|cxx)$")
+        string(MAKE_C_IDENTIFIER "${_lh_src}" _lh_id)
+        try_compile(_lh_cuda_ok_${_lh_id} "${CMAKE_BINARY_DIR}/cuda_src_probe/${_lh_id}"
+                    SOURCES "${_lh_src}"
+                    CMAKE_FLAGS "-DINCLUDE_DIRECTORIES=${LORAHUB_CUDA_PROBE_INCLUDES}"
+                    COMPILE_DEFINITIONS ${LORAHUB_CUDA_PROBE_DEFINES}
+                    CXX_STANDARD 17
+                    OUTPUT_VARIABLE _lh_cuda_out)
+        if(NOT _lh_cuda_ok_${_lh_id})
+          message(WARNING "lorahub: ${_lh_src} does not compile here; ${name} keeps its CPU "
+                  "sources. Output:\n${_lh_cuda_out}")
+          set(_lh_use_cuda FALSE)
+        endif()
+      endif()
+    endforeach()
+    set(CMAKE_TRY_COMPILE_TARGET_TYPE "${_lh_saved_try_type}")
+  endif()
+  if(_lh_use_cuda)
     list(APPEND ARG_SRCS ${ARG_CUDA_SRCS})
   else()
     list(APPEND ARG_SRCS ${ARG_CPU_SRCS})
