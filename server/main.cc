@@ -23,6 +23,7 @@ constexpr Command kCommands[] = {
      "generate text with a model and optional (composed) adapters"},
     {"score", lorahub::cli::RunScore,
      "LoraHub loss of a (composed) adapter on examples"},
+    {"bench", lorahub::cli::RunBench, "measure the engine's speed (JSON)"},
     {"learn", lorahub::cli::RunLearn,
      "learn LoraHub composition weights on few-shot examples"},
     {"train-module", lorahub::cli::RunTrainModule,

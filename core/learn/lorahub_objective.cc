@@ -199,6 +199,19 @@ absl::StatusOr<std::vector<double>> LoraHubObjective::RawScores(
   }
   const double start = Now();
   const int64_t count = static_cast<int64_t>(clipped.size());
+  LH_ASSIGN_OR_RETURN(model::ObjectiveRunner* runner, RunnerFor(count));
+  if (runner != nullptr) {
+    std::vector<double> flat;
+    flat.reserve(count * num_modules());
+    for (const Candidate& c : clipped) flat.insert(flat.end(), c.begin(), c.end());
+    absl::StatusOr<std::vector<double>> raw = runner->Losses(flat, count);
+    stats_.forward_passes += runner->chunks();
+    ++stats_.calls;
+    ++stats_.fast_calls;
+    stats_.evaluations += count;
+    stats_.seconds += Now() - start;
+    return raw;
+  }
   LH_ASSIGN_OR_RETURN(model::AdapterBank bank, ComposeBank(clipped));
   absl::StatusOr<std::vector<double>> raw = options_.kind == ObjectiveKind::kLoss
                                                 ? Losses(bank, count)
@@ -207,6 +220,41 @@ absl::StatusOr<std::vector<double>> LoraHubObjective::RawScores(
   stats_.evaluations += count;
   stats_.seconds += Now() - start;
   return raw;
+}
+
+absl::StatusOr<model::ObjectiveRunner*> LoraHubObjective::RunnerFor(int64_t count) {
+  // Batches larger than this go the eager way (a runner holds all its rows' inputs and, on
+  // CUDA, a graph of all its row chunks).
+  constexpr int64_t kMaxRunnerCandidates = 4096;
+  if (!options_.fast_path || runner_failed_ || options_.kind != ObjectiveKind::kLoss ||
+      options_.method != CompositionMethod::kLoraHub || count > kMaxRunnerCandidates) {
+    return nullptr;
+  }
+  for (const auto& r : runners_) {
+    if (r->capacity() >= count) return last_runner_ = r.get();
+  }
+  model::ObjectiveRunnerOptions ropts;
+  ropts.score = options_.score;
+  auto made = model::ObjectiveRunner::Create(*base_, stack_, examples_, count, ropts);
+  if (!made.ok()) {
+    // Bad examples are the caller's error either way; anything else (memory): eager.
+    if (made.status().code() == absl::StatusCode::kInvalidArgument) return made.status();
+    runner_failed_ = true;
+    return nullptr;
+  }
+  runners_.push_back(*std::move(made));
+  std::sort(runners_.begin(), runners_.end(),
+            [](const auto& x, const auto& y) { return x->capacity() < y->capacity(); });
+  for (const auto& r : runners_) {
+    if (r->capacity() == count) return last_runner_ = r.get();
+  }
+  return nullptr;  // unreachable
+}
+
+std::string LoraHubObjective::EngineDescription() const {
+  if (last_runner_ == nullptr) return "eager";
+  if (last_runner_->graph_active()) return "runner (cuda graph)";
+  return absl::StrCat("runner (eager: ", last_runner_->graph_status(), ")");
 }
 
 absl::StatusOr<std::vector<double>> LoraHubObjective::Score(

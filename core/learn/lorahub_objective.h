@@ -27,12 +27,15 @@
 #define LORAHUB_CORE_LEARN_LORAHUB_OBJECTIVE_H_
 
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/learn/composition.h"
 #include "core/learn/optimizer.h"
 #include "core/model/lora.h"
+#include "core/model/objective_runner.h"
 #include "core/model/scorer.h"
 #include "core/model/t5_weights.h"
 
@@ -56,6 +59,11 @@ struct LoraHubObjectiveOptions {
   model::ScoreOptions score;
   // Exact match: tokens generated per row (greedy).
   int64_t max_new_tokens = 32;
+  // Loss with the lorahub method: evaluate through model::ObjectiveRunner (static device
+  // inputs, grouped composition, a CUDA graph on CUDA), one runner per batch size seen
+  // (a shorter batch is padded into the smallest runner that fits). Same numbers as the
+  // eager path (ScoreCandidates); false forces the eager path.
+  bool fast_path = true;
 };
 
 // Counters, cumulative over the objective's lifetime.
@@ -64,6 +72,7 @@ struct ObjectiveStats {
   int64_t calls = 0;           // Score() calls
   int64_t forward_passes = 0;  // engine passes (a call with more rows than max_rows takes several)
   double seconds = 0;          // wall time spent inside Score()
+  int64_t fast_calls = 0;      // calls served by an ObjectiveRunner
 };
 
 class LoraHubObjective {
@@ -94,6 +103,9 @@ class LoraHubObjective {
   int num_modules() const { return static_cast<int>(modules_.size()); }
   int num_examples() const { return static_cast<int>(examples_.size()); }
   const ObjectiveStats& stats() const { return stats_; }
+  // How loss calls run: "eager", "runner (cuda graph)", or "runner (eager: <why no graph>)"
+  // of the most recently used runner.
+  std::string EngineDescription() const;
   const LoraHubObjectiveOptions& options() const { return options_; }
 
  private:
@@ -102,6 +114,8 @@ class LoraHubObjective {
   // C composed adapters as bank slots 0..C-1.
   absl::StatusOr<model::AdapterBank> ComposeBank(const std::vector<Candidate>& clipped) const;
   absl::StatusOr<std::vector<double>> Losses(const model::AdapterBank& bank, int64_t count);
+  // The fast path; nullptr runner (and OK) when it does not apply or could not be built.
+  absl::StatusOr<model::ObjectiveRunner*> RunnerFor(int64_t count);
   absl::StatusOr<std::vector<double>> NegatedAccuracies(const model::AdapterBank& bank,
                                                         int64_t count);
 
@@ -112,6 +126,9 @@ class LoraHubObjective {
   model::ModuleStack stack_;
   std::vector<LoraStack> per_site_;  // per entry of stack_.sites, with per-module scalings
   ObjectiveStats stats_;
+  std::vector<std::unique_ptr<model::ObjectiveRunner>> runners_;  // by ascending capacity
+  model::ObjectiveRunner* last_runner_ = nullptr;
+  bool runner_failed_ = false;  // a runner could not be built: eager from then on
 };
 
 }  // namespace lorahub::learn

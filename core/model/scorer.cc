@@ -11,7 +11,9 @@
 namespace lorahub::model {
 namespace {
 
-absl::Status CheckExamples(const std::vector<Example>& examples, int vocab) {
+}  // namespace
+
+absl::Status ValidateExamples(const std::vector<Example>& examples, int vocab) {
   if (examples.empty()) return absl::InvalidArgumentError("no examples");
   for (size_t i = 0; i < examples.size(); ++i) {
     for (const auto* ids : {&examples[i].input_ids, &examples[i].label_ids}) {
@@ -30,6 +32,8 @@ absl::Status CheckExamples(const std::vector<Example>& examples, int vocab) {
   }
   return absl::OkStatus();
 }
+
+namespace {
 
 // Rows of ids padded with `pad` to the longest; mask 1 on tokens.
 void Pad(const std::vector<Example>& ex, bool labels, int64_t pad,
@@ -58,7 +62,7 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
     const T5Weights& w, const AdapterBank* bank,
     const std::vector<int64_t>& candidate_slots,
     const std::vector<Example>& examples, const ScoreOptions& options) {
-  absl::Status s = CheckExamples(examples, w.config.vocab_size);
+  absl::Status s = ValidateExamples(examples, w.config.vocab_size);
   if (!s.ok()) return s;
   if (candidate_slots.empty()) return std::vector<double>{};
   const int64_t n = static_cast<int64_t>(examples.size());

@@ -40,6 +40,11 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
     const std::vector<int64_t>& candidate_slots,
     const std::vector<Example>& examples, const ScoreOptions& options);
 
+// The checks of ScoreCandidates on its examples: InvalidArgument on no
+// examples, an empty input or label, or an id outside [0, vocab_size).
+absl::Status ValidateExamples(const std::vector<Example>& examples,
+                              int vocab_size);
+
 // LoraHub's objective: loss + 0.05 * mean(|w|) (0 regulariser for empty w).
 double LoraHubScore(double loss, const std::vector<double>& weights);
 

@@ -61,3 +61,57 @@ else()
   message(STATUS "lorahub: no TorchConfig.cmake, linking -ltorch -ltorch_cpu -lc10")
 endif()
 set(LORAHUB_OVERRIDE_ext_libtorch_libtorch lorahub_torch)
+
+# CUDA-only sources (README.md): compiled when LibTorch has CUDA. AUTO looks
+# for libtorch_cuda next to the LibTorch found above; ON/OFF force it.
+set(LORAHUB_CUDA AUTO CACHE STRING "Compile the CUDA-only sources: AUTO, ON or OFF")
+set(LORAHUB_CUDA_ENABLED OFF)
+if(LORAHUB_CUDA STREQUAL "AUTO")
+  if(Torch_FOUND AND (TARGET torch_cuda OR "${TORCH_LIBRARIES}" MATCHES "torch_cuda"
+                      OR EXISTS "${TORCH_INSTALL_PREFIX}/lib/libtorch_cuda.so"))
+    set(LORAHUB_CUDA_ENABLED ON)
+  endif()
+elseif(LORAHUB_CUDA)
+  set(LORAHUB_CUDA_ENABLED ON)
+endif()
+if(LORAHUB_CUDA_ENABLED)
+  # The CUDA sources include cuda_runtime_api.h and call the runtime directly.
+  find_package(CUDAToolkit QUIET)
+  if(TARGET CUDA::cudart)
+    target_link_libraries(lorahub_torch INTERFACE CUDA::cudart)
+  endif()
+  # Probe the CUDA graph API of this LibTorch (it changed across versions) by compiling a
+  # snippet, so that an API mismatch turns the CUDA-only sources off (their CPU stubs make
+  # callers run eagerly) instead of breaking the build.
+  set(_lh_probe_dir "${CMAKE_BINARY_DIR}/cuda_graph_probe")
+  set(_lh_probe_head "#include <ATen/ATen.h>\n#include <ATen/cuda/CUDAGraph.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <c10/cuda/CUDAStream.h>\n#include <cuda_runtime_api.h>\nvoid f(at::cuda::CUDAGraph& g, c10::Device d) {\n  c10::cuda::CUDAGuard guard(d);\n  c10::cuda::CUDAStream s = c10::cuda::getStreamFromPool(false, d.index());\n  c10::cuda::CUDAStreamGuard sg(s);\n  s.synchronize();\n")
+  set(_lh_probe_tail "  g.capture_end();\n  g.replay();\n  (void)cudaDeviceSynchronize();\n  (void)cudaGetLastError();\n}\n")
+  file(WRITE "${_lh_probe_dir}/mode.cc" "${_lh_probe_head}  g.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);\n${_lh_probe_tail}")
+  file(WRITE "${_lh_probe_dir}/plain.cc" "${_lh_probe_head}  g.capture_begin();\n${_lh_probe_tail}")
+  set(_lh_probe_inc ${TORCH_INCLUDE_DIRS} ${CUDAToolkit_INCLUDE_DIRS})
+  set(_lh_saved_type "${CMAKE_TRY_COMPILE_TARGET_TYPE}")
+  set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)  # compile only
+  foreach(_lh_variant mode plain)
+    try_compile(_lh_probe_${_lh_variant} "${_lh_probe_dir}/build_${_lh_variant}"
+                SOURCES "${_lh_probe_dir}/${_lh_variant}.cc"
+                CMAKE_FLAGS "-DINCLUDE_DIRECTORIES=${_lh_probe_inc}"
+                CXX_STANDARD 17
+                OUTPUT_VARIABLE _lh_probe_out_${_lh_variant})
+  endforeach()
+  set(CMAKE_TRY_COMPILE_TARGET_TYPE "${_lh_saved_type}")
+  # What rules.cmake compiles each CUDA-only source with, to check it before using it.
+  set(LORAHUB_CUDA_PROBE_INCLUDES "${SRC}" "${GEN}" ${_lh_probe_inc})
+  if(LORAHUB_DEPS_PREFIX)
+    list(PREPEND LORAHUB_CUDA_PROBE_INCLUDES "${_lh_inc}" "${_lh_inc}/x86_64-linux-gnu")
+  endif()
+  set(LORAHUB_CUDA_PROBE_DEFINES "")
+  if(_lh_probe_mode)
+    add_compile_definitions(LORAHUB_CUDA_GRAPH_CAPTURE_MODE=1)
+    set(LORAHUB_CUDA_PROBE_DEFINES "-DLORAHUB_CUDA_GRAPH_CAPTURE_MODE=1")
+  elseif(NOT _lh_probe_plain)
+    message(WARNING "lorahub: the CUDA graph API probe did not compile; CUDA-only sources "
+            "OFF (objective runs eagerly). Output:\n${_lh_probe_out_plain}")
+    set(LORAHUB_CUDA_ENABLED OFF)
+  endif()
+endif()
+message(STATUS "lorahub: CUDA-only sources ${LORAHUB_CUDA_ENABLED} (LORAHUB_CUDA=${LORAHUB_CUDA})")

@@ -4,8 +4,45 @@
 
 set(_LH_CC_KEYS PACKAGE OUTPUT_NAME TEST_NAME TIMEOUT LABEL INTERPRETER SCRIPT ACTUAL CMD)
 set(_LH_CC_LISTS SRCS DEPS COPTS DEFINES LOCAL_DEFINES INCLUDES LINKOPTS DATA_TARGETS ARGS ENV
-    LABELS OUTS PROTOS)
+    LABELS OUTS PROTOS CPU_SRCS CUDA_SRCS)
 set(_LH_CC_FLAGS ALWAYSLINK SHARED)
+
+# CUDA-only sources (a srcs select() on //deploy/cmake:cuda): CUDA_SRCS
+# replace CPU_SRCS when LibTorch has CUDA (LORAHUB_CUDA_ENABLED, set by
+# external.cmake). A macro, so that it edits the caller's ARG_SRCS.
+# Each CUDA source is first compiled on its own at configure time (try_compile,
+# cached): if one does not compile against this LibTorch, the target keeps its
+# CPU sources, with a warning, instead of failing the whole build.
+macro(_lorahub_pick_cuda_srcs)
+  set(_lh_use_cuda FALSE)
+  if(LORAHUB_CUDA_ENABLED AND ARG_CUDA_SRCS)
+    set(_lh_use_cuda TRUE)
+    set(_lh_saved_try_type "${CMAKE_TRY_COMPILE_TARGET_TYPE}")
+    set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)  # compile only
+    foreach(_lh_src IN LISTS ARG_CUDA_SRCS)
+      if(_lh_src MATCHES "\\.(cc|cpp|cxx)$")
+        string(MAKE_C_IDENTIFIER "${_lh_src}" _lh_id)
+        try_compile(_lh_cuda_ok_${_lh_id} "${CMAKE_BINARY_DIR}/cuda_src_probe/${_lh_id}"
+                    SOURCES "${_lh_src}"
+                    CMAKE_FLAGS "-DINCLUDE_DIRECTORIES=${LORAHUB_CUDA_PROBE_INCLUDES}"
+                    COMPILE_DEFINITIONS ${LORAHUB_CUDA_PROBE_DEFINES}
+                    CXX_STANDARD 17
+                    OUTPUT_VARIABLE _lh_cuda_out)
+        if(NOT _lh_cuda_ok_${_lh_id})
+          message(WARNING "lorahub: ${_lh_src} does not compile here; ${name} keeps its CPU "
+                  "sources. Output:\n${_lh_cuda_out}")
+          set(_lh_use_cuda FALSE)
+        endif()
+      endif()
+    endforeach()
+    set(CMAKE_TRY_COMPILE_TARGET_TYPE "${_lh_saved_try_type}")
+  endif()
+  if(_lh_use_cuda)
+    list(APPEND ARG_SRCS ${ARG_CUDA_SRCS})
+  else()
+    list(APPEND ARG_SRCS ${ARG_CPU_SRCS})
+  endif()
+endmacro()
 
 # Usage requirements shared by every C++ target kind. SCOPE is PUBLIC, or
 # INTERFACE for header-only libraries.
@@ -41,6 +78,7 @@ endfunction()
 # no compiled sources. alwayslink = True links the whole archive.
 function(lorahub_cc_library name)
   cmake_parse_arguments(ARG "${_LH_CC_FLAGS}" "${_LH_CC_KEYS}" "${_LH_CC_LISTS}" ${ARGN})
+  _lorahub_pick_cuda_srcs()
   _lorahub_has_compiled(compiled ${ARG_SRCS})
   if(NOT compiled)
     add_library(${name} INTERFACE)
@@ -65,6 +103,7 @@ endfunction()
 # library with exactly the Bazel name (e.g. libfoo.so), both in bin/<package>/.
 function(lorahub_cc_binary name)
   cmake_parse_arguments(ARG "${_LH_CC_FLAGS}" "${_LH_CC_KEYS}" "${_LH_CC_LISTS}" ${ARGN})
+  _lorahub_pick_cuda_srcs()
   if(ARG_SHARED)
     add_library(${name} SHARED ${ARG_SRCS})
     set_target_properties(${name} PROPERTIES PREFIX "" SUFFIX "")
@@ -108,6 +147,7 @@ endfunction()
 # Bazel label, with the same args, env and timeout (from size/timeout).
 function(lorahub_cc_test name)
   cmake_parse_arguments(ARG "${_LH_CC_FLAGS}" "${_LH_CC_KEYS}" "${_LH_CC_LISTS}" ${ARGN})
+  _lorahub_pick_cuda_srcs()
   add_executable(${name} ${ARG_SRCS})
   string(REGEX REPLACE "^.*:" "" out "${ARG_TEST_NAME}")
   set_target_properties(${name} PROPERTIES OUTPUT_NAME "${out}"

@@ -106,6 +106,12 @@ class Rule(object):
         return fmt_label(self.repo, self.pkg, self.name)
 
 
+# CUDA-only sources: a srcs select() with this condition (besides
+# //conditions:default) names sources that replace the default branch when the
+# CMake build finds a LibTorch with CUDA. Bazel here never sets it.
+CUDA_CONDITION = "//deploy/cmake:cuda"
+
+
 class Select(object):
     def __init__(self, branches):
         self.branches = branches
@@ -115,14 +121,28 @@ class Select(object):
             raise SyncError("select() without //conditions:default: %r" % (self.branches,))
         return self.branches["//conditions:default"]
 
+    def cuda_key(self):
+        """The key of the CUDA branch, or None."""
+        for k in self.branches:
+            if k != "//conditions:default" and fmt_label(*parse_label(k, "deploy/cmake")) \
+                    == CUDA_CONDITION:
+                return k
+        return None
+
     def __add__(self, other):
-        return _plus(self.default(), other)
+        return _plus(self, other)
 
     def __radd__(self, other):
-        return _plus(other, self.default())
+        return _plus(other, self)
 
 
 def _plus(a, b):
+    # A select() on CUDA_CONDITION survives concatenation (each branch gets the
+    # other operand); any other select() resolves to its default branch.
+    for sel, other, left in ((a, b, True), (b, a, False)):
+        if isinstance(sel, Select) and sel.cuda_key() and not isinstance(other, Select):
+            return Select({k: (v + other if left else other + v)
+                           for k, v in sel.branches.items()})
     a = a.default() if isinstance(a, Select) else a
     b = b.default() if isinstance(b, Select) else b
     return a + b
@@ -497,14 +517,23 @@ class Generator(object):
             if k == "cc_test":
                 common |= {"args", "env", "size", "timeout"}
             self.check_attrs(rule, common)
+            cpu_only, cuda_only = self.cuda_srcs(rule)
             srcs = []
             for s in L("srcs") + L("hdrs") + L("textual_hdrs"):
-                srcs += self.files_of(s, rule, "srcs")
+                if s not in cpu_only:
+                    srcs += self.files_of(s, rule, "srcs")
+            cpu_files, cuda_files = [], []
+            for s in cpu_only:
+                cpu_files += self.files_of(s, rule, "srcs")
+            for s in cuda_only:
+                cuda_files += self.files_of(s, rule, "srcs")
             deps = [self.target_of(d, rule, "deps") for d in L("deps")]
             data_targets, data = self.data_of(rule)
             fields = [
                 ("PACKAGE", rule.pkg),
                 ("SRCS", [s for s in srcs if not s.startswith("$<")]),
+                ("CPU_SRCS", cpu_files),
+                ("CUDA_SRCS", cuda_files),
                 ("DEPS", deps),
                 ("COPTS", L("copts")),
                 ("DEFINES", L("defines")),
@@ -586,6 +615,20 @@ class Generator(object):
             return ["# %s (%s): nothing to build in CMake" % (rule.label, k)]
         raise SyncError("rule %s of %s is not translated by sync_check.py" % (k, rule.label))
 
+    def cuda_srcs(self, rule):
+        """(sources only without CUDA, sources only with CUDA) of a srcs select()
+        on CUDA_CONDITION; ([], []) when srcs has none."""
+        v = rule.attrs.get("srcs", [])
+        if not isinstance(v, Select) or not v.cuda_key():
+            return [], []
+        extra = set(v.branches) - {"//conditions:default", v.cuda_key()}
+        if extra:
+            raise SyncError("%s: a srcs select() on %s may only have that condition and "
+                            "//conditions:default, not %s" % (rule.label, CUDA_CONDITION,
+                                                              sorted(extra)))
+        cpu, cuda = list(v.default()), list(v.branches[v.cuda_key()])
+        return [s for s in cpu if s not in cuda], [s for s in cuda if s not in cpu]
+
     def data_of(self, rule):
         targets, files = [], []
         for d in self._list(rule, "data"):
@@ -647,7 +690,12 @@ def orphan_sources(ws):
         if rule.repo:
             continue
         for attr in ("srcs", "hdrs", "textual_hdrs", "data"):
-            for s in Generator._list(rule, attr):
+            v = rule.attrs.get(attr, [])
+            values = Generator._list(rule, attr)
+            if isinstance(v, Select):  # every branch counts as used
+                values = [x for b in v.branches.values() for x in
+                          ([b] if isinstance(b, str) else list(b))]
+            for s in values:
                 if isinstance(s, str) and not s.startswith(("@", "//", ":")):
                     used.add(os.path.normpath(os.path.join(rule.pkg, s)))
                 elif isinstance(s, str) and s.startswith("//"):

@@ -464,6 +464,7 @@ lorahub_cc_library(core_learn_lorahub_objective
     core_learn_composition
     core_learn_optimizer
     core_model_model
+    core_model_objective_runner
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
@@ -565,6 +566,35 @@ lorahub_cc_library(core_model_loader
     ext_libtorch_libtorch
     ext_nlohmann_json_json
   OUTPUT_NAME loader
+)
+
+# //core/model:cuda_graph (cc_library)
+lorahub_cc_library(core_model_cuda_graph
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/cuda_graph.h
+  CPU_SRCS
+    ${SRC}/core/model/cuda_graph_stub.cc
+  CUDA_SRCS
+    ${SRC}/core/model/cuda_graph_cuda.cc
+  DEPS
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME cuda_graph
+)
+
+# //core/model:objective_runner (cc_library)
+lorahub_cc_library(core_model_objective_runner
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/objective_runner.cc
+    ${SRC}/core/model/objective_runner.h
+  DEPS
+    core_model_cuda_graph
+    core_model_model
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME objective_runner
 )
 
 # ---- //core/serving  (core/serving/BUILD)
@@ -782,6 +812,8 @@ lorahub_cc_library(core_util_status_macros
 
 # //deploy/cmake:cmake_files (filegroup): nothing to build in CMake
 
+# //deploy/cmake:cuda (config_setting): nothing to build in CMake
+
 # ---- //deploy/grafana  (deploy/grafana/BUILD)
 
 # ---- //deploy/prometheus  (deploy/prometheus/BUILD)
@@ -864,6 +896,7 @@ lorahub_cc_library(server_services
     core_hub_hub_validation
     core_metrics_metrics
     core_model_model
+    core_model_cuda_graph
     core_model_loader
     core_serving_serving
     core_store_store
@@ -903,6 +936,7 @@ lorahub_cc_library(server_compose_service
 lorahub_cc_binary(server_lorahub
   PACKAGE server
   SRCS
+    ${SRC}/server/cli/bench_command.cc
     ${SRC}/server/cli/engine_flags.cc
     ${SRC}/server/cli/engine_flags.h
     ${SRC}/server/cli/generate_command.cc
@@ -1008,6 +1042,19 @@ lorahub_script_test(tests_cli_engine_cli_test
   ARGS
     $<TARGET_FILE:server_lorahub>
   TIMEOUT 900
+  DATA_TARGETS
+    server_lorahub
+)
+
+# //tests/cli:bench_test (sh_test)
+lorahub_script_test(tests_cli_bench_test
+  TEST_NAME //tests/cli:bench_test
+  PACKAGE tests/cli
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/cli/bench_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
   DATA_TARGETS
     server_lorahub
 )
@@ -1483,6 +1530,24 @@ lorahub_cc_test(tests_learn_cobyla_trust_test
   TIMEOUT 300
 )
 
+# //tests/learn:objective_fast_path_test (cc_test)
+lorahub_cc_test(tests_learn_objective_fast_path_test
+  TEST_NAME //tests/learn:objective_fast_path_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/objective_fast_path_test.cc
+  DEPS
+    core_learn_lorahub_objective
+    core_model_model
+    core_model_loader
+    core_tokenizer_tokenizer
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
 # ---- //tests/metrics  (tests/metrics/BUILD)
 
 # //tests/metrics:test_util (cc_library)
@@ -1601,6 +1666,24 @@ lorahub_cc_test(tests_model_golden_test
     core_io_checkpoint
     core_io_safetensors
     core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
+# //tests/model:objective_runner_test (cc_test)
+lorahub_cc_test(tests_model_objective_runner_test
+  TEST_NAME //tests/model:objective_runner_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/objective_runner_test.cc
+  DEPS
+    core_model_model
+    core_model_loader
+    core_model_objective_runner
+    core_tokenizer_tokenizer
+    ext_absl_absl
     ext_gtest_gtest_main
     ext_libtorch_libtorch
     ext_nlohmann_json_json

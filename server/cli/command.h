@@ -37,6 +37,8 @@ int RunGenerate(int argc, char** argv);
 int RunScore(int argc, char** argv);
 // `lorahub learn`: see server/cli/learn_command.cc.
 int RunLearn(int argc, char** argv);
+// `lorahub bench`: see server/cli/bench_command.cc.
+int RunBench(int argc, char** argv);
 // `lorahub tokenize`: see server/cli/tokenize_command.cc.
 int RunTokenize(int argc, char** argv);
 // Training (train_module_command.cc, train_base_command.cc).

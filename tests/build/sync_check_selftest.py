@@ -111,6 +111,43 @@ class SyncCheckTest(unittest.TestCase):
         self.assertIn("lorahub_cc_grpc_library(proto_api_cc", t)
         self.assertIn("v1/api.proto", t)
 
+    def add_cuda_library(self, extra_branch=""):
+        self.write("deploy/cmake/BUILD", 'config_setting(name = "cuda", '
+                   'define_values = {"lorahub_cuda": "1"})\n')
+        self.write("lib/g_stub.cc", "int g() { return 0; }\n")
+        self.write("lib/g_cuda.cc", "int g() { return 1; }\n")
+        self.write("lib/BUILD", self.read("lib/BUILD") + textwrap.dedent("""
+            cc_library(
+                name = "g",
+                srcs = ["g_common.h"] + select({
+                    "//deploy/cmake:cuda": ["g_cuda.cc"],
+                    %s"//conditions:default": ["g_stub.cc"],
+                }),
+            )
+        """ % extra_branch))
+        self.write("lib/g_common.h", "int g();\n")
+
+    def test_cuda_only_sources_replace_the_stub(self):
+        self.add_cuda_library()
+        rc, out = self.run_check("--write")
+        self.assertEqual(rc, 0, out)
+        self.assertNotIn("is in no Bazel target", out)  # the CUDA branch counts as used
+        t = self.read("deploy/cmake/targets.cmake")
+        block = t[t.index("lorahub_cc_library(lib_g"):]
+        block = block[:block.index(")")]
+        self.assertIn("  SRCS\n    ${SRC}/lib/g_common.h\n", block)
+        self.assertIn("  CPU_SRCS\n    ${SRC}/lib/g_stub.cc\n", block)
+        self.assertIn("  CUDA_SRCS\n    ${SRC}/lib/g_cuda.cc\n", block)
+        # Dropping the CUDA source from the BUILD file puts the builds out of step.
+        self.write("lib/BUILD", self.read("lib/BUILD").replace('["g_cuda.cc"]', '[]'))
+        self.assert_out_of_step("-    ${SRC}/lib/g_cuda.cc")
+
+    def test_cuda_select_with_other_conditions_is_an_error(self):
+        self.add_cuda_library('"//lib:other": ["g_cuda.cc"],\n                    ')
+        rc, out = self.run_check("--write")
+        self.assertEqual(rc, 2, out)
+        self.assertIn("may only have that condition", out)
+
     def test_source_added_to_bazel_only(self):
         self.write("lib/b.cc", "int b() { return 2; }\n")
         self.write("lib/BUILD", self.read("lib/BUILD").replace('["a.cc"]', '["a.cc", "b.cc"]'))

@@ -1,0 +1,58 @@
+// CUDA graphs for fixed-shape engine work (the LoraHub objective), behind an
+// interface that needs no CUDA headers.
+//
+// Two implementations, one per build (see deploy/cmake/README.md, "CUDA-only
+// sources"): cuda_graph_stub.cc (Bazel, and CMake against a CPU LibTorch)
+// reports Unimplemented, so callers replay their work eagerly;
+// cuda_graph_cuda.cc (CMake against a CUDA LibTorch) captures with
+// at::cuda::CUDAGraph.
+//
+// Thread-safety: capture one graph at a time per process; a CapturedGraph is
+// replayed by one thread at a time.
+#ifndef LORAHUB_CORE_MODEL_CUDA_GRAPH_H_
+#define LORAHUB_CORE_MODEL_CUDA_GRAPH_H_
+
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lorahub::model {
+
+// True when this binary holds the CUDA implementation.
+bool CudaGraphsCompiled();
+
+// A captured sequence of kernels. Replay() reruns it on the device's current
+// stream, reading and writing the same memory as during capture: inputs are
+// refreshed by copying into the tensors the body read, outputs are read from
+// the tensors the body produced during capture.
+class CapturedGraph {
+ public:
+  virtual ~CapturedGraph() = default;
+  virtual absl::Status Replay() = 0;
+};
+
+// Runs `body` `warmup` times on a side stream of `device` (as CUDA graph
+// capture requires: lazy initialisation such as cuBLAS workspaces happens
+// outside the capture), then once more under capture. The tensors that the
+// captured run of `body` stores (e.g. into members) live in the graph's
+// private memory pool and stay valid while the returned graph lives.
+// `before_capture` (may be empty) runs after the warm-up, e.g. to drop the
+// warm-up's outputs so that nothing allocated outside the graph is freed
+// during the capture. Unimplemented in a CPU build or for a non-CUDA device;
+// Internal for any CUDA or capture error (the caller then runs `body`
+// eagerly); a failing warm-up run returns its own error.
+absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
+    c10::Device device, const std::function<absl::Status()>& body,
+    int warmup = 2, const std::function<void()>& before_capture = nullptr);
+
+// Waits until all work queued on `device` has finished (timing). No-op on
+// the CPU.
+void SynchronizeDevice(c10::Device device);
+
+}  // namespace lorahub::model
+
+#endif  // LORAHUB_CORE_MODEL_CUDA_GRAPH_H_

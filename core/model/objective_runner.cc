@@ -1,0 +1,321 @@
+#include "core/model/objective_runner.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <map>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/model/cuda_graph.h"
+#include "core/model/t5_forward.h"
+
+namespace lorahub::model {
+namespace {
+
+// Rows of `ids` (per example) padded with `pad` to the longest; mask 1 on
+// tokens. The same layout as ScoreCandidates' padding.
+void PadRows(const std::vector<Example>& ex, bool labels, int64_t pad,
+             at::Tensor& ids, at::Tensor& mask) {
+  size_t len = 0;
+  for (const Example& e : ex) {
+    len = std::max(len, (labels ? e.label_ids : e.input_ids).size());
+  }
+  const int64_t n = static_cast<int64_t>(ex.size());
+  ids = at::full({n, static_cast<int64_t>(len)}, pad, at::kLong);
+  mask = at::zeros({n, static_cast<int64_t>(len)}, at::kLong);
+  auto ia = ids.accessor<int64_t, 2>();
+  auto ma = mask.accessor<int64_t, 2>();
+  for (int64_t r = 0; r < n; ++r) {
+    const auto& v = labels ? ex[r].label_ids : ex[r].input_ids;
+    for (size_t t = 0; t < v.size(); ++t) {
+      ia[r][t] = v[t];
+      ma[r][t] = 1;
+    }
+  }
+}
+
+// A graph failure is reported once per process (every runner then says why
+// in graph_status()).
+void LogFallbackOnce(const std::string& why) {
+  static std::atomic<bool> logged{false};
+  if (!logged.exchange(true)) {
+    std::fprintf(stderr,
+                 "lorahub: CUDA graph unavailable (%s); objective runs eagerly\n",
+                 why.c_str());
+  }
+}
+
+}  // namespace
+
+ObjectiveRunner::~ObjectiveRunner() = default;
+
+absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
+    const T5Weights& weights, const ModuleStack& stack,
+    const std::vector<Example>& examples, int64_t num_candidates,
+    const ObjectiveRunnerOptions& options) {
+  absl::Status s = ValidateExamples(examples, weights.config.vocab_size);
+  if (!s.ok()) return s;
+  if (num_candidates < 1 || num_candidates > (1 << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("candidates per call must be in [1, 1048576], got ",
+                     num_candidates));
+  }
+  if (stack.num_modules < 1 || stack.sites.empty()) {
+    return absl::InvalidArgumentError("objective runner: no modules to compose");
+  }
+  std::unique_ptr<ObjectiveRunner> run(new ObjectiveRunner());
+  run->weights_ = &weights;
+  run->num_modules_ = stack.num_modules;
+  run->capacity_ = num_candidates;
+  run->num_examples_ = static_cast<int64_t>(examples.size());
+  run->score_ = options.score;
+  for (const Example& e : examples) {
+    run->label_counts_.push_back(static_cast<int64_t>(e.label_ids.size()));
+  }
+  const int64_t C = num_candidates;
+  const int64_t n = run->num_examples_;
+  const int64_t N = stack.num_modules;
+  const c10::Device device = weights.device;
+  try {
+    auto fp32 = at::TensorOptions().dtype(at::kFloat).device(device);
+    // Sites grouped by (r, in, out): one [sites, N, r*in + out*r] tensor each.
+    std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<size_t>> by_shape;
+    for (size_t i = 0; i < stack.sites.size(); ++i) {
+      const at::Tensor& a = stack.a[i];  // [N, r, in]
+      const at::Tensor& b = stack.b[i];  // [N, out, r]
+      if (a.dim() != 3 || b.dim() != 3 || a.size(0) != N || b.size(0) != N) {
+        return absl::InvalidArgumentError("objective runner: malformed stack");
+      }
+      by_shape[{a.size(1), a.size(2), b.size(1)}].push_back(i);
+    }
+    run->scales_.resize(stack.num_base_sites);
+    for (const auto& [shape, entries] : by_shape) {
+      Group g;
+      std::tie(g.r, g.in, g.out) = shape;
+      std::vector<at::Tensor> per_site;
+      for (size_t i : entries) {
+        g.sites.push_back(stack.sites[i]);
+        per_site.push_back(at::cat({stack.a[i].reshape({N, -1}),
+                                    stack.b[i].reshape({N, -1})},
+                                   1)
+                               .to(fp32));
+        run->scales_[stack.sites[i]] = at::full({C, 1, 1}, stack.scaling[i], fp32);
+      }
+      g.factors = at::stack(per_site).contiguous();  // [k, N, X]
+      run->groups_.push_back(std::move(g));
+    }
+    run->bank_.num_slots = static_cast<int>(C);
+    run->bank_.sites.resize(stack.num_base_sites);
+
+    // Static inputs of every row chunk, as ScoreCandidates builds them.
+    at::Tensor ids, mask, labels, label_mask;
+    PadRows(examples, false, weights.config.pad_token_id, ids, mask);
+    PadRows(examples, true, weights.config.pad_token_id, labels, label_mask);
+    labels = labels.masked_fill(label_mask == 0, -100);
+    const int64_t total = C * n;
+    const int64_t max_rows = std::max<int64_t>(options.score.max_rows, 1);
+    for (int64_t start = 0; start < total; start += max_rows) {
+      const int64_t rows_here = std::min(max_rows, total - start);
+      std::vector<int64_t> ex_idx(rows_here), slots(rows_here);
+      for (int64_t r = 0; r < rows_here; ++r) {
+        ex_idx[r] = (start + r) % n;
+        slots[r] = (start + r) / n;
+      }
+      Chunk chunk;
+      auto rows = MakeRowAdapters(weights, &run->bank_, slots);
+      if (!rows.ok()) return rows.status();
+      chunk.rows = *std::move(rows);
+      at::Tensor index = at::tensor(ex_idx, at::kLong);
+      chunk.ids = ids.index_select(0, index).to(device);
+      chunk.mask = mask.index_select(0, index).to(device);
+      chunk.labels = labels.index_select(0, index).to(device);
+      chunk.decoder_ids = ShiftRight(chunk.labels, weights.config.decoder_start_token_id,
+                                     weights.config.pad_token_id);
+      run->chunks_.push_back(std::move(chunk));
+    }
+
+    // Weights staging: pinned host memory makes the per-call copy a plain DMA.
+    if (device.is_cpu()) {
+      run->w_host_ = at::zeros({C, N}, at::kFloat);
+      run->w_dev_ = run->w_host_;
+    } else {
+      try {
+        run->w_host_ = at::zeros({C, N}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+      } catch (const c10::Error&) {
+        run->w_host_ = at::zeros({C, N}, at::kFloat);
+      }
+      run->w_dev_ = at::zeros({C, N}, fp32);
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("objective runner: ", e.what_without_backtrace()));
+  }
+
+  if (!device.is_cuda()) {
+    run->graph_status_ = "not a CUDA device";
+  } else if (!options.cuda_graph) {
+    run->graph_status_ = "disabled";
+  } else {
+    ObjectiveRunner* self = run.get();
+    auto graph = CaptureCudaGraph(
+        device, [self]() { return self->Evaluate(); }, /*warmup=*/2,
+        [self]() {
+          self->sums_ = at::Tensor();
+          for (SiteBank& sb : self->bank_.sites) sb.a = sb.b = sb.scale = at::Tensor();
+        });
+    if (graph.ok()) {
+      run->graph_ = *std::move(graph);
+      absl::Status same = run->CheckGraphAgainstEager();
+      if (!same.ok()) {
+        run->graph_.reset();
+        run->graph_status_ = std::string(same.message());
+        LogFallbackOnce(run->graph_status_);
+      }
+    } else {
+      run->graph_status_ = std::string(graph.status().message());
+      LogFallbackOnce(run->graph_status_);
+      // An eager run must work, or the runner is unusable.
+      absl::Status eager = run->Evaluate();
+      if (!eager.ok()) return eager;
+    }
+  }
+  return run;
+}
+
+absl::Status ObjectiveRunner::CheckGraphAgainstEager() {
+  try {
+    // Weights with every candidate and module different (a graph that ignored its input
+    // buffer, or mixed up candidates, would show).
+    float* w = w_host_.data_ptr<float>();
+    for (int64_t i = 0; i < w_host_.numel(); ++i) {
+      w[i] = 0.05f * static_cast<float>((i * 7) % 23) - 0.5f;
+    }
+    w_dev_.copy_(w_host_);
+    const at::Tensor graph_out = sums_;  // the captured output buffer
+    absl::Status s = graph_->Replay();
+    if (!s.ok()) return s;
+    const at::Tensor from_graph = graph_out.to(at::kCPU).clone();
+    s = Evaluate();  // rebinds sums_ and the bank views; the graph keeps its own
+    const at::Tensor eager = s.ok() ? sums_.to(at::kCPU) : at::Tensor();
+    sums_ = graph_out;
+    if (!s.ok()) return s;
+    if (!at::allclose(from_graph, eager, /*rtol=*/1e-3, /*atol=*/1e-5)) {
+      return absl::InternalError(absl::StrCat(
+          "CUDA graph result differs from eager (max abs diff ",
+          (from_graph - eager).abs().max().item<double>(), ")"));
+    }
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("CUDA graph check: ", e.what_without_backtrace()));
+  }
+}
+
+void ObjectiveRunner::Compose() {
+  for (const Group& g : groups_) {
+    // [C, N] x [k, N, X] -> [k, C, X]: all candidates, all sites of the group.
+    at::Tensor composed = at::matmul(w_dev_, g.factors);
+    const int64_t C = capacity_;
+    const int64_t a_len = g.r * g.in;
+    for (size_t j = 0; j < g.sites.size(); ++j) {
+      at::Tensor site = composed.select(0, static_cast<int64_t>(j));  // [C, X]
+      SiteBank& sb = bank_.sites[g.sites[j]];
+      sb.a = site.narrow(1, 0, a_len).view({C, g.r, g.in});
+      sb.b = site.narrow(1, a_len, g.out * g.r).view({C, g.out, g.r});
+      sb.scale = scales_[g.sites[j]];
+    }
+  }
+}
+
+absl::Status ObjectiveRunner::Evaluate() {
+  try {
+    Compose();
+    std::vector<at::Tensor> parts;
+    parts.reserve(chunks_.size());
+    for (const Chunk& chunk : chunks_) {
+      auto enc = Encode(*weights_, chunk.ids, chunk.mask, chunk.rows);
+      if (!enc.ok()) return enc.status();
+      auto logits = DecodeFull(*weights_, chunk.decoder_ids, *enc, chunk.rows);
+      if (!logits.ok()) return logits.status();
+      // Per-row summed token cross-entropy, as ScoreCandidates computes it.
+      at::Tensor logp = at::log_softmax(logits->to(at::kFloat), -1);
+      at::Tensor valid = chunk.labels != -100;
+      at::Tensor target = chunk.labels.clamp_min(0).unsqueeze(-1);
+      at::Tensor nll = -logp.gather(-1, target).squeeze(-1);
+      nll = nll.masked_fill(~valid, 0.0);
+      parts.push_back(nll.sum(1).to(at::kDouble));
+    }
+    sums_ = parts.size() == 1 ? parts[0] : at::cat(parts);
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("objective runner: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<std::vector<double>> ObjectiveRunner::Losses(
+    const std::vector<double>& weights, int64_t count) {
+  const int64_t N = num_modules_;
+  if (count < 1 || count > capacity_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "objective runner: ", count, " candidates for a capacity of ", capacity_));
+  }
+  if (static_cast<int64_t>(weights.size()) != count * N) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "objective runner: ", weights.size(), " weights for ", count,
+        " candidates of ", N, " modules"));
+  }
+  at::Tensor host;
+  try {
+    float* w = w_host_.data_ptr<float>();
+    for (int64_t i = 0; i < capacity_ * N; ++i) {
+      w[i] = i < count * N ? static_cast<float>(weights[i]) : 0.f;
+    }
+    if (!w_dev_.is_same(w_host_)) w_dev_.copy_(w_host_, /*non_blocking=*/true);
+    bool replayed = false;
+    if (graph_ != nullptr) {
+      absl::Status s = graph_->Replay();
+      if (s.ok()) {
+        replayed = true;
+      } else {  // eager from now on
+        graph_.reset();
+        graph_status_ = std::string(s.message());
+        LogFallbackOnce(graph_status_);
+      }
+    }
+    if (!replayed) {
+      absl::Status s = Evaluate();
+      if (!s.ok()) return s;
+    }
+    // The one device -> host transfer (and the call's only synchronisation).
+    host = sums_.is_cpu() ? sums_ : sums_.to(at::kCPU);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("objective runner: ", e.what_without_backtrace()));
+  }
+  const int64_t n = num_examples_;
+  const double* sa = host.data_ptr<double>();
+  const int64_t bs =
+      score_.batch_size <= 0 ? n : std::min<int64_t>(n, score_.batch_size);
+  std::vector<double> losses(count, 0.0);
+  for (int64_t c = 0; c < count; ++c) {
+    double total_loss = 0;
+    for (int64_t g = 0; g < n; g += bs) {
+      double sum = 0;
+      int64_t tokens = 0;
+      for (int64_t e = g; e < std::min(n, g + bs); ++e) {
+        sum += sa[c * n + e];
+        tokens += label_counts_[e];
+      }
+      total_loss += sum / static_cast<double>(tokens);
+    }
+    losses[c] = total_loss / static_cast<double>(n);
+  }
+  return losses;
+}
+
+}  // namespace lorahub::model

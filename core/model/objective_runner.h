@@ -1,0 +1,120 @@
+// A fast, fixed-shape evaluator of the LoraHub loss for C candidate weight
+// vectors at a time: the numbers of ScoreCandidates(ComposeLoraHub(...)),
+// with the per-call host work reduced to one small copy in and one out.
+//
+// Built once per (base weights, module stack, examples, C, options). At
+// construction it puts on the device every tensor that does not depend on the
+// weights: the padded ids / masks / labels / decoder inputs of every row
+// (row c*n + e = candidate c, example e, the order of ScoreCandidates), the
+// per-chunk row -> candidate slot tensors, and the LoRA factors of the
+// modules regrouped by site shape ([sites, N, r*in + out*r]), so that
+// composing all C candidates for all sites is one matmul per shape group;
+// each site's composed A and B are views of that result.
+//
+// On a CUDA device (and a build with cuda_graph_cuda.cc) the whole evaluation
+// (compose, encoder, decoder, per-row token cross-entropy sums) is captured
+// once as a CUDA graph, checked once against an eager run of the same ops,
+// and replayed per call; if anything about the graph fails (capture, the
+// check, a replay), the runner falls back to running the same ops eagerly,
+// logs that once per process on stderr, and says why in graph_status(). On
+// the CPU it always runs eagerly.
+//
+// Ownership: keeps a reference to `weights`, which must outlive the runner;
+// copies what it needs of the stack and examples. Thread-safety: none; one
+// Losses() call at a time. Not movable (the graph captured its own members).
+#ifndef LORAHUB_CORE_MODEL_OBJECTIVE_RUNNER_H_
+#define LORAHUB_CORE_MODEL_OBJECTIVE_RUNNER_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/model/lora.h"
+#include "core/model/scorer.h"
+#include "core/model/t5_weights.h"
+
+namespace lorahub::model {
+
+class CapturedGraph;
+
+struct ObjectiveRunnerOptions {
+  // Reference batch grouping and rows per forward pass, as ScoreCandidates.
+  ScoreOptions score;
+  // Capture a CUDA graph on CUDA devices (falls back to eager on failure).
+  bool cuda_graph = true;
+};
+
+class ObjectiveRunner {
+ public:
+  // InvalidArgument on bad examples (as ScoreCandidates), num_candidates < 1,
+  // or an empty stack. Internal on LibTorch errors (e.g. out of memory).
+  static absl::StatusOr<std::unique_ptr<ObjectiveRunner>> Create(
+      const T5Weights& weights, const ModuleStack& stack,
+      const std::vector<Example>& examples, int64_t num_candidates,
+      const ObjectiveRunnerOptions& options);
+
+  ~ObjectiveRunner();
+  ObjectiveRunner(const ObjectiveRunner&) = delete;
+  ObjectiveRunner& operator=(const ObjectiveRunner&) = delete;
+
+  // Losses of `count` candidates (1 <= count <= capacity()), their weights
+  // row-major in `weights` (count * num_modules values, used as given: the
+  // caller clips). A short batch is padded with zero weights and the padding
+  // rows' losses dropped. Exactly ScoreCandidates' reference grouping.
+  absl::StatusOr<std::vector<double>> Losses(const std::vector<double>& weights,
+                                             int64_t count);
+
+  int64_t capacity() const { return capacity_; }
+  int num_modules() const { return num_modules_; }
+  // Forward passes per Losses() call (row chunks of at most max_rows).
+  int64_t chunks() const { return static_cast<int64_t>(chunks_.size()); }
+  // True while calls replay a CUDA graph.
+  bool graph_active() const { return graph_ != nullptr; }
+  // Why no graph is used ("" while one is; "cpu device", "disabled", or the
+  // capture error that made the runner fall back to eager).
+  const std::string& graph_status() const { return graph_status_; }
+
+ private:
+  struct Chunk {
+    at::Tensor ids, mask, labels, decoder_ids;  // [rows, *] on the device
+    RowAdapters rows;                           // into bank_
+  };
+  struct Group {  // sites whose composed factors have one shape
+    std::vector<int> sites;  // base site indices
+    int64_t r = 0, in = 0, out = 0;
+    at::Tensor factors;      // [sites, N, r*in + out*r], fp32
+  };
+
+  ObjectiveRunner() = default;
+  // w_dev_ -> bank_ (views of one matmul result per group).
+  void Compose();
+  // Compose + forward + per-row sums into sums_ ([C*n] fp64). No host sync.
+  absl::Status Evaluate();
+  // One replay against one eager run on the same weights (at construction).
+  absl::Status CheckGraphAgainstEager();
+
+  const T5Weights* weights_ = nullptr;
+  int num_modules_ = 0;
+  int64_t capacity_ = 0;
+  int64_t num_examples_ = 0;
+  ScoreOptions score_;
+  std::vector<int64_t> label_counts_;  // tokens per example
+  std::vector<Group> groups_;
+  std::vector<at::Tensor> scales_;  // per base site (undefined if unadapted)
+  AdapterBank bank_;
+  std::vector<Chunk> chunks_;
+  at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)
+  at::Tensor w_dev_;   // [C, N] fp32 on the device: the graph's input
+  at::Tensor sums_;    // [C*n] fp64 on the device: the graph's output
+  std::unique_ptr<CapturedGraph> graph_;
+  std::string graph_status_;
+};
+
+}  // namespace lorahub::model
+
+#endif  // LORAHUB_CORE_MODEL_OBJECTIVE_RUNNER_H_

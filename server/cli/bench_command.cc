@@ -1,0 +1,336 @@
+// `lorahub bench`: the engine's performance figures on one model, its modules and a few-shot
+// example file, as one JSON object (issue 7: CPU dispatch of the LoraHub objective).
+//
+//   lorahub bench --model DIR --adapter DIR... --examples FILE.jsonl [--prompts FILE.jsonl]
+//     [--device cpu|cuda:N] [--dtype fp32|bf16] [--reps 30] [--warmup 3]
+//     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640]
+//     [--gen-batch 64] [--gen-tokens 32] [--batch-size N] [--max-rows 64]
+//     [--no-fast-path] [--json]
+//
+// Prints (always JSON; --json is accepted for symmetry with the other commands):
+//   cold_start_seconds   load of the base and every module onto the device
+//   compose_seconds      one new weight vector -> composed adapter merged into the base, ready
+//   eval_ms_median/_p90  one objective evaluation (one candidate), after warm-up, over --reps
+//   cobyla40_seconds     --cobyla-budget sequential evaluations with the default COBYLA
+//   cmaes_candidates_per_second   CMA-ES with --population candidates per batched call
+//   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
+//     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter), and
+//     ttft_ms: one request, one new token, merged adapter
+// plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled) and
+// fast_vs_eager_rel_diff: |fast - eager| / |eager| of one candidate's loss.
+// Every timing waits for the device (SynchronizeDevice or a host copy of the result).
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/learn/cobyla_trust.h"
+#include "core/learn/lorahub_objective.h"
+#include "core/learn/optimizer.h"
+#include "core/model/cuda_graph.h"
+#include "core/model/generate.h"
+#include "core/model/loader.h"
+#include "core/model/lora.h"
+#include "core/model/scorer.h"
+#include "core/tokenizer/tokenizer.h"
+#include "core/util/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "server/cli/args.h"
+#include "server/cli/command.h"
+#include "server/cli/engine_flags.h"
+
+namespace lorahub::cli {
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+double Percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double pos = q * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(v.size() - 1, lo + 1);
+  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+}
+
+absl::StatusOr<int64_t> IntFlag(const Args& args, const char* name, int64_t def, int64_t lo,
+                                int64_t hi) {
+  auto v = args.GetInt(name, def);
+  if (!v.ok()) return v.status();
+  if (*v < lo || *v > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be in [", lo, ", ", hi, "]"));
+  }
+  return static_cast<int64_t>(*v);
+}
+
+// Prompt token ids: the "input" of each line of a JSONL file.
+absl::StatusOr<std::vector<std::vector<int64_t>>> ReadPrompts(const std::string& path,
+                                                              const tokenizer::Tokenizer& tok) {
+  std::ifstream f(path);
+  if (!f) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::vector<std::vector<int64_t>> out;
+  std::string line;
+  int line_no = 0;
+  while (std::getline(f, line)) {
+    ++line_no;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object() || !j.contains("input") || !j["input"].is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ":", line_no, ": want a JSON object with a string \"input\""));
+    }
+    LH_ASSIGN_OR_RETURN(std::vector<int> ids, tok.Encode(j["input"].get<std::string>()));
+    out.emplace_back(ids.begin(), ids.end());
+  }
+  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no prompts"));
+  return out;
+}
+
+struct GenFigure {
+  double tokens_per_second = 0;
+  int64_t tokens = 0;
+  double seconds = 0;
+};
+
+// One warm-up generation, then one timed. Tokens: every generated id (eos included).
+absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
+                                         const std::vector<std::vector<int64_t>>& prompts,
+                                         const model::AdapterBank* bank,
+                                         const std::vector<int64_t>& slots, int64_t tokens) {
+  model::GenerateOptions g;
+  g.max_new_tokens = tokens;
+  LH_ASSIGN_OR_RETURN(model::GenerateResult warm, model::Generate(w, prompts, bank, slots, g));
+  (void)warm;
+  model::SynchronizeDevice(w.device);
+  const double t0 = Now();
+  LH_ASSIGN_OR_RETURN(model::GenerateResult r, model::Generate(w, prompts, bank, slots, g));
+  model::SynchronizeDevice(w.device);
+  GenFigure fig;
+  fig.seconds = Now() - t0;
+  for (const auto& ids : r.output_ids) fig.tokens += static_cast<int64_t>(ids.size());
+  fig.tokens_per_second = fig.seconds > 0 ? static_cast<double>(fig.tokens) / fig.seconds : 0;
+  return fig;
+}
+
+nlohmann::json GenJson(const GenFigure& f) {
+  return {{"tokens_per_second", f.tokens_per_second},
+          {"tokens", f.tokens},
+          {"seconds", f.seconds}};
+}
+
+absl::Status Run(const Args& args) {
+  LH_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
+  LH_ASSIGN_OR_RETURN(std::string examples_path, args.Required("examples"));
+  const std::vector<std::string> adapter_dirs = args.GetAll("adapter");
+  if (adapter_dirs.empty()) return absl::InvalidArgumentError("--adapter is required");
+  if (static_cast<int>(adapter_dirs.size()) > learn::kMaxDimension) {
+    return absl::InvalidArgumentError("too many --adapter");
+  }
+  LH_ASSIGN_OR_RETURN(int64_t reps, IntFlag(args, "reps", 30, 1, 100000));
+  LH_ASSIGN_OR_RETURN(int64_t warmup, IntFlag(args, "warmup", 3, 0, 1000));
+  LH_ASSIGN_OR_RETURN(int64_t cobyla_budget, IntFlag(args, "cobyla-budget", 40, 1, 100000));
+  LH_ASSIGN_OR_RETURN(int64_t population, IntFlag(args, "population", 64, 2, 4096));
+  LH_ASSIGN_OR_RETURN(int64_t cmaes_budget,
+                      IntFlag(args, "cmaes-budget", 10 * population, 1, 1000000));
+  LH_ASSIGN_OR_RETURN(int64_t gen_batch, IntFlag(args, "gen-batch", 64, 1, 4096));
+  LH_ASSIGN_OR_RETURN(int64_t gen_tokens, IntFlag(args, "gen-tokens", 32, 1, 8192));
+  LH_ASSIGN_OR_RETURN(int64_t batch_size, IntFlag(args, "batch-size", 0, 0, 1 << 20));
+  LH_ASSIGN_OR_RETURN(int64_t max_rows, IntFlag(args, "max-rows", 64, 1, 1 << 20));
+  LH_ASSIGN_OR_RETURN(model::WeightOptions wopts, ParseWeightOptions(args));
+
+  LH_ASSIGN_OR_RETURN(auto tok, tokenizer::T5Tokenizer::Create(model_dir + "/spiece.model"));
+  LH_ASSIGN_OR_RETURN(std::vector<model::Example> examples,
+                      ReadLoraHubExamples(examples_path, *tok));
+  std::vector<std::vector<int64_t>> prompts;
+  if (args.Has("prompts")) {
+    LH_ASSIGN_OR_RETURN(prompts, ReadPrompts(*args.Get("prompts"), *tok));
+  } else {
+    for (const model::Example& e : examples) prompts.push_back(e.input_ids);
+  }
+  nlohmann::json out;
+
+  // Cold start: base + every module on the device.
+  model::SynchronizeDevice(wopts.device);
+  double t0 = Now();
+  LH_ASSIGN_OR_RETURN(model::T5Weights base, model::LoadT5(model_dir, wopts));
+  std::vector<model::LoraAdapter> modules;
+  modules.reserve(adapter_dirs.size());
+  for (const std::string& dir : adapter_dirs) {
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter a, model::LoadLoraAdapter(base, dir));
+    modules.push_back(std::move(a));
+  }
+  model::SynchronizeDevice(base.device);
+  out["cold_start_seconds"] = Now() - t0;
+  std::vector<const model::LoraAdapter*> ptrs;
+  for (const auto& m : modules) ptrs.push_back(&m);
+  const int n = static_cast<int>(ptrs.size());
+  LH_ASSIGN_OR_RETURN(model::ModuleStack stack, model::StackModules(base, ptrs));
+
+  // Compose-to-ready: a composed adapter for a new w, merged into the base.
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> uw(-1.5, 1.5);
+  auto random_w = [&]() {
+    std::vector<double> w(n);
+    for (double& x : w) x = uw(rng);
+    return w;
+  };
+  {
+    // Warm-up (allocator, kernels), then the timed one with fresh weights.
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter c0, model::ComposeOne(stack, random_w()));
+    LH_ASSIGN_OR_RETURN(model::T5Weights m0, model::MergeAdapter(base, c0));
+    (void)m0;
+    model::SynchronizeDevice(base.device);
+    const std::vector<double> w = random_w();
+    t0 = Now();
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter c, model::ComposeOne(stack, w));
+    LH_ASSIGN_OR_RETURN(model::T5Weights merged, model::MergeAdapter(base, c));
+    model::SynchronizeDevice(base.device);
+    out["compose_seconds"] = Now() - t0;
+  }
+
+  // The objective, as `lorahub learn` builds it.
+  learn::LoraHubObjectiveOptions oopts;
+  oopts.score.batch_size = static_cast<int>(batch_size);
+  oopts.score.max_rows = max_rows;
+  oopts.fast_path = !args.Has("no-fast-path");
+  LH_ASSIGN_OR_RETURN(learn::LoraHubObjective objective,
+                      learn::LoraHubObjective::Create(&base, ptrs, examples, oopts));
+  t0 = Now();
+  for (int64_t i = 0; i < std::max<int64_t>(warmup, 1); ++i) {
+    LH_RETURN_IF_ERROR(objective.Score({random_w()}).status());
+  }
+  out["objective_setup_seconds"] = Now() - t0;  // includes the runner's build and capture
+  std::vector<double> eval_ms;
+  for (int64_t i = 0; i < reps; ++i) {
+    const std::vector<double> w = random_w();
+    const double s = Now();
+    LH_ASSIGN_OR_RETURN(std::vector<double> score, objective.Score({w}));  // host result
+    eval_ms.push_back(1000.0 * (Now() - s));
+    if (!std::isfinite(score[0])) return absl::InternalError("objective is not finite");
+  }
+  {
+    // The same candidate through the eager path (ComposeLoraHub + ScoreCandidates).
+    learn::LoraHubObjectiveOptions eopts = oopts;
+    eopts.fast_path = false;
+    LH_ASSIGN_OR_RETURN(learn::LoraHubObjective eager,
+                        learn::LoraHubObjective::Create(&base, ptrs, examples, eopts));
+    const std::vector<double> w = random_w();
+    LH_ASSIGN_OR_RETURN(std::vector<double> a, objective.RawScores({w}));
+    LH_ASSIGN_OR_RETURN(std::vector<double> b, eager.RawScores({w}));
+    out["fast_vs_eager_rel_diff"] = std::fabs(a[0] - b[0]) / std::max(1e-12, std::fabs(b[0]));
+  }
+  out["eval_ms_median"] = Percentile(eval_ms, 0.5);
+  out["eval_ms_p90"] = Percentile(eval_ms, 0.9);
+  out["eval_reps"] = reps;
+
+  learn::OptimizerOptions popts;
+  popts.dimension = n;
+  popts.budget = static_cast<int>(cobyla_budget);
+  {
+    LH_ASSIGN_OR_RETURN(auto cobyla, learn::MakeTrustCobyla(popts));
+    t0 = Now();
+    LH_ASSIGN_OR_RETURN(learn::OptimizerResult r, cobyla->Minimize(objective.AsBatchObjective()));
+    out["cobyla40_seconds"] = Now() - t0;
+    out["cobyla_budget"] = cobyla_budget;
+    out["cobyla_best_score"] = r.best_score;
+  }
+  {
+    popts.budget = static_cast<int>(cmaes_budget);
+    popts.population = static_cast<int>(population);
+    // Build (and capture) the population-sized runner outside the timing.
+    std::vector<learn::Candidate> batch;
+    for (int64_t i = 0; i < population; ++i) batch.push_back(random_w());
+    LH_RETURN_IF_ERROR(objective.Score(batch).status());
+    LH_ASSIGN_OR_RETURN(auto cmaes, learn::MakeOptimizer("cmaes", popts));
+    const int64_t before = objective.stats().evaluations;
+    t0 = Now();
+    LH_ASSIGN_OR_RETURN(learn::OptimizerResult r, cmaes->Minimize(objective.AsBatchObjective()));
+    const double secs = Now() - t0;
+    const int64_t evals = objective.stats().evaluations - before;
+    out["cmaes_candidates_per_second"] = secs > 0 ? static_cast<double>(evals) / secs : 0;
+    out["cmaes_evaluations"] = evals;
+    out["cmaes_population"] = population;
+    out["cmaes_best_score"] = r.best_score;
+  }
+  out["engine"] = objective.EngineDescription();
+
+  // Generation.
+  std::vector<std::vector<int64_t>> gen_prompts;
+  for (int64_t i = 0; i < gen_batch; ++i) gen_prompts.push_back(prompts[i % prompts.size()]);
+  nlohmann::json gen;
+  gen["batch"] = gen_batch;
+  gen["max_new_tokens"] = gen_tokens;
+  {
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, nullptr, {}, gen_tokens));
+    gen["base"] = GenJson(f);
+  }
+  std::vector<double> uniform(n, 1.0 / n);
+  LH_ASSIGN_OR_RETURN(model::LoraAdapter composed, model::ComposeOne(stack, uniform));
+  LH_ASSIGN_OR_RETURN(model::T5Weights merged, model::MergeAdapter(base, composed));
+  {
+    LH_ASSIGN_OR_RETURN(GenFigure f,
+                        TimeGeneration(merged, gen_prompts, nullptr, {}, gen_tokens));
+    gen["merged"] = GenJson(f);
+  }
+  {
+    std::vector<double> flat;
+    for (int64_t i = 0; i < gen_batch; ++i) {
+      const std::vector<double> w = random_w();
+      flat.insert(flat.end(), w.begin(), w.end());
+    }
+    at::Tensor wt = at::tensor(flat, at::kDouble).to(at::kFloat).view({gen_batch, n});
+    LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, model::ComposeLoraHub(stack, wt));
+    std::vector<int64_t> slots(gen_batch);
+    for (int64_t i = 0; i < gen_batch; ++i) slots[i] = i;
+    LH_ASSIGN_OR_RETURN(GenFigure f,
+                        TimeGeneration(base, gen_prompts, &bank, slots, gen_tokens));
+    gen["per_row"] = GenJson(f);
+  }
+  {
+    model::GenerateOptions g;
+    g.max_new_tokens = 1;
+    std::vector<std::vector<int64_t>> one = {prompts[0]};
+    LH_RETURN_IF_ERROR(model::Generate(merged, one, nullptr, {}, g).status());
+    std::vector<double> ms;
+    for (int i = 0; i < 5; ++i) {
+      const double s = Now();
+      LH_RETURN_IF_ERROR(model::Generate(merged, one, nullptr, {}, g).status());
+      ms.push_back(1000.0 * (Now() - s));
+    }
+    gen["ttft_ms"] = Percentile(ms, 0.5);
+  }
+  out["generation"] = gen;
+
+  out["device"] = base.device.str();
+  out["dtype"] = std::string(c10::toString(base.dtype));
+  out["modules"] = n;
+  out["examples"] = examples.size();
+  out["fast_path"] = oopts.fast_path;
+  out["cuda_graphs_compiled"] = model::CudaGraphsCompiled();
+  std::printf("%s\n", out.dump().c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunBench(int argc, char** argv) {
+  FlagSpec spec{{"model", "adapter", "examples", "prompts", "device", "dtype", "reps", "warmup",
+                 "cobyla-budget", "population", "cmaes-budget", "gen-batch", "gen-tokens",
+                 "batch-size", "max-rows"},
+                {"json", "no-fast-path"}};
+  return RunWithArgs("bench", argc, argv, spec, Run);
+}
+
+}  // namespace lorahub::cli

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `lorahub bench` on the CPU on a reference fixture (small repetitions): one JSON object with
+# every figure, each positive and finite; bad flags are refused with exit code 2.
+set -euo pipefail
+lorahub=$1
+py=/usr/bin/python3
+fx=tests/testdata/ref_tiny/tiny_s0
+adapters=()
+for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
+out=$TEST_TMPDIR/bench.json
+"$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
+  --prompts "$fx/prompts.jsonl" --reps 3 --warmup 1 --population 4 --cmaes-budget 8 \
+  --gen-batch 3 --gen-tokens 3 --json > "$out"
+"$py" - "$out" <<'PY'
+import json, math, sys
+lines = [l for l in open(sys.argv[1]) if l.strip()]
+assert len(lines) == 1, "want one JSON line, got %d" % len(lines)
+j = json.loads(lines[0])
+def positive(path, v):
+    assert isinstance(v, (int, float)) and not isinstance(v, bool), (path, v)
+    assert math.isfinite(v) and v > 0, (path, v)
+for k in ["cold_start_seconds", "compose_seconds", "eval_ms_median", "eval_ms_p90",
+          "cobyla40_seconds", "cmaes_candidates_per_second"]:
+    positive(k, j[k])
+assert j["eval_ms_p90"] >= j["eval_ms_median"], j
+assert j["eval_reps"] == 3 and j["cmaes_evaluations"] == 8 and j["modules"] == 20, j
+g = j["generation"]
+for kind in ["base", "merged", "per_row"]:
+    positive(kind, g[kind]["tokens_per_second"])
+    assert 3 <= g[kind]["tokens"] <= 9, g[kind]
+positive("ttft_ms", g["ttft_ms"])
+assert 0 <= j["fast_vs_eager_rel_diff"] < 1e-6, j["fast_vs_eager_rel_diff"]
+assert j["device"] == "cpu" and j["cuda_graphs_compiled"] is False, j
+assert j["engine"] == "runner (eager: not a CUDA device)", j["engine"]
+print("bench JSON ok:", {k: j[k] for k in ["eval_ms_median", "cmaes_candidates_per_second"]})
+PY
+# Bad input: exit code 2 and a one-line message.
+set +e
+"$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
+  --reps 0 2> "$TEST_TMPDIR/err"
+rc=$?
+set -e
+[ "$rc" = 2 ] || { echo "want exit 2 for --reps 0, got $rc"; exit 1; }
+grep -q -- "--reps must be in" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
+"$lorahub" bench --model "$fx/base" --examples "$fx/examples.jsonl" 2> "$TEST_TMPDIR/err" && exit 1
+grep -q -- "--adapter" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
+echo PASS

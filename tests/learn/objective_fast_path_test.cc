@@ -1,0 +1,121 @@
+// LoraHubObjective's fast path (model::ObjectiveRunner) against its eager path on the
+// reference fixtures: the same scores (1e-6 relative) for the batch shapes the optimizers
+// use (COBYLA: 1; CMA-ES: a population, then a shorter last batch padded into it), the
+// same counters, and the other methods / exact match still take the eager path.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/learn/lorahub_objective.h"
+#include "core/model/loader.h"
+#include "core/tokenizer/tokenizer.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace lorahub::learn {
+namespace {
+
+struct Loaded {
+  model::T5Weights base;
+  std::vector<model::LoraAdapter> modules;
+  std::vector<model::Example> examples;
+};
+
+void Load(const std::string& name, Loaded& out) {
+  const std::string dir = "tests/testdata/ref_tiny/" + name;
+  auto base = model::LoadT5(dir + "/base", model::WeightOptions{});
+  ASSERT_TRUE(base.ok()) << base.status();
+  out.base = *std::move(base);
+  for (int i = 0; i < 20; ++i) {
+    char m[8];
+    std::snprintf(m, sizeof m, "m%02d", i);
+    auto a = model::LoadLoraAdapter(out.base, dir + "/modules/" + m);
+    ASSERT_TRUE(a.ok()) << a.status();
+    out.modules.push_back(*std::move(a));
+  }
+  auto tok = tokenizer::T5Tokenizer::Create(dir + "/base/spiece.model");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  std::ifstream f(dir + "/examples.jsonl");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line);
+    auto in = (*tok)->Encode(j["input"].get<std::string>());
+    auto o = (*tok)->Encode(j["output"].get<std::string>());
+    ASSERT_TRUE(in.ok() && o.ok());
+    model::Example e;
+    e.input_ids.assign(in->begin(), in->end());
+    e.label_ids.assign(o->begin(), o->end());
+    out.examples.push_back(std::move(e));
+  }
+}
+
+absl::StatusOr<LoraHubObjective> Make(const Loaded& l, LoraHubObjectiveOptions o) {
+  std::vector<const model::LoraAdapter*> ptrs;
+  for (const auto& m : l.modules) ptrs.push_back(&m);
+  return LoraHubObjective::Create(&l.base, ptrs, l.examples, o);
+}
+
+std::vector<Candidate> Candidates(int count, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(-2.0, 2.0);  // some outside the bounds: clipped
+  std::vector<Candidate> out(count, Candidate(20));
+  for (Candidate& c : out) {
+    for (double& x : c) x = u(rng);
+  }
+  return out;
+}
+
+TEST(ObjectiveFastPath, MatchesEagerPath) {
+  Loaded l;
+  ASSERT_NO_FATAL_FAILURE(Load("tiny_s2", l));
+  LoraHubObjectiveOptions fast_opts, eager_opts;
+  fast_opts.score.batch_size = 2;
+  eager_opts.score.batch_size = 2;
+  eager_opts.fast_path = false;
+  auto fast = Make(l, fast_opts);
+  auto eager = Make(l, eager_opts);
+  ASSERT_TRUE(fast.ok() && eager.ok());
+  // COBYLA-like calls of one, then a population of 6, then a last batch of 4.
+  for (int batch : {1, 1, 6, 4, 1}) {
+    const std::vector<Candidate> cands = Candidates(batch, 100 + batch);
+    auto a = fast->Score(cands);
+    auto b = eager->Score(cands);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    ASSERT_EQ(a->size(), b->size());
+    for (size_t c = 0; c < a->size(); ++c) {
+      EXPECT_NEAR((*a)[c], (*b)[c], 1e-6 * std::fabs((*b)[c])) << "batch " << batch;
+    }
+  }
+  EXPECT_EQ(fast->stats().fast_calls, 5);
+  EXPECT_EQ(eager->stats().fast_calls, 0);
+  EXPECT_EQ(fast->stats().evaluations, eager->stats().evaluations);
+  EXPECT_EQ(fast->stats().calls, 5);
+  EXPECT_EQ(fast->EngineDescription(), "runner (eager: not a CUDA device)");
+  EXPECT_EQ(eager->EngineDescription(), "eager");
+}
+
+TEST(ObjectiveFastPath, OtherMethodsStayEager) {
+  Loaded l;
+  ASSERT_NO_FATAL_FAILURE(Load("tiny_s0", l));
+  LoraHubObjectiveOptions o;
+  o.method = CompositionMethod::kCat;
+  auto cat = Make(l, o);
+  ASSERT_TRUE(cat.ok());
+  ASSERT_TRUE(cat->Score(Candidates(2, 7)).ok());
+  EXPECT_EQ(cat->stats().fast_calls, 0);
+  o = LoraHubObjectiveOptions();
+  o.kind = ObjectiveKind::kExactMatch;
+  o.max_new_tokens = 4;
+  auto em = Make(l, o);
+  ASSERT_TRUE(em.ok());
+  ASSERT_TRUE(em->Score(Candidates(1, 8)).ok());
+  EXPECT_EQ(em->stats().fast_calls, 0);
+}
+
+}  // namespace
+}  // namespace lorahub::learn

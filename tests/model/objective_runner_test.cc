@@ -1,0 +1,201 @@
+// ObjectiveRunner against the reference path it replaces:
+// ScoreCandidates(ComposeLoraHub(stack, W)) on the LoraHub fixtures
+// (tests/testdata/ref_tiny: 20 modules r=16 on q,v) and on golden models
+// (tests/testdata/t5: gated_untied's m0..m2, and odd_shapes' xattn adapter
+// whose rank/alpha patterns give several site shapes, i.e. several compose
+// groups). Same losses within 1e-6 relative for one and several candidates,
+// chunked rows, reference batch grouping, and short (padded) batches; bad
+// calls are refused; on the CPU the runner is eager and says so.
+#include "core/model/objective_runner.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/model/loader.h"
+#include "core/model/lora.h"
+#include "core/model/scorer.h"
+#include "core/tokenizer/tokenizer.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace lorahub::model {
+namespace {
+
+struct Fixture {
+  T5Weights base;
+  std::vector<LoraAdapter> modules;
+  ModuleStack stack;
+  std::vector<Example> examples;
+};
+
+void LoadModules(Fixture& s, const std::string& model_dir,
+                 const std::vector<std::string>& adapter_dirs) {
+  auto base = LoadT5(model_dir, WeightOptions{});
+  ASSERT_TRUE(base.ok()) << base.status();
+  s.base = *std::move(base);
+  for (const std::string& d : adapter_dirs) {
+    auto a = LoadLoraAdapter(s.base, d);
+    ASSERT_TRUE(a.ok()) << a.status();
+    s.modules.push_back(*std::move(a));
+  }
+  std::vector<const LoraAdapter*> ptrs;
+  for (const auto& m : s.modules) ptrs.push_back(&m);
+  auto stack = StackModules(s.base, ptrs);
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  s.stack = *std::move(stack);
+}
+
+void LoadRefTiny(Fixture& s, const std::string& name) {
+  const std::string dir = "tests/testdata/ref_tiny/" + name;
+  std::vector<std::string> adapters;
+  for (int i = 0; i < 20; ++i) {
+    char m[8];
+    std::snprintf(m, sizeof m, "m%02d", i);
+    adapters.push_back(dir + "/modules/" + m);
+  }
+  LoadModules(s, dir + "/base", adapters);
+  auto tok = tokenizer::T5Tokenizer::Create(dir + "/base/spiece.model");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  std::ifstream f(dir + "/examples.jsonl");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line);
+    auto in = (*tok)->Encode(j["input"].get<std::string>());
+    auto out = (*tok)->Encode(j["output"].get<std::string>());
+    ASSERT_TRUE(in.ok() && out.ok());
+    Example e;
+    e.input_ids.assign(in->begin(), in->end());
+    e.label_ids.assign(out->begin(), out->end());
+    s.examples.push_back(std::move(e));
+  }
+  ASSERT_EQ(s.examples.size(), 5u);
+}
+
+// Examples of random ids (eos = 1 last) of varied lengths.
+std::vector<Example> RandomExamples(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> id(2, vocab - 1), len(1, 9);
+  std::vector<Example> out(n);
+  for (Example& e : out) {
+    for (int i = len(rng); i > 0; --i) e.input_ids.push_back(id(rng));
+    e.input_ids.push_back(1);
+    for (int i = len(rng) / 2; i > 0; --i) e.label_ids.push_back(id(rng));
+    e.label_ids.push_back(1);
+  }
+  return out;
+}
+
+std::vector<double> RandomWeights(int64_t count, int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(-1.5, 1.5);
+  std::vector<double> w(count * n);
+  for (double& x : w) x = u(rng);
+  return w;
+}
+
+// The reference path: ComposeLoraHub + ScoreCandidates.
+std::vector<double> Reference(const Fixture& s, const std::vector<double>& w,
+                              int64_t count, const ScoreOptions& opts) {
+  at::Tensor weights =
+      at::tensor(w, at::kDouble).to(at::kFloat).view({count, s.stack.num_modules});
+  auto bank = ComposeLoraHub(s.stack, weights);
+  EXPECT_TRUE(bank.ok()) << bank.status();
+  std::vector<int64_t> slots;
+  for (int64_t c = 0; c < count; ++c) slots.push_back(c);
+  auto losses = ScoreCandidates(s.base, &*bank, slots, s.examples, opts);
+  EXPECT_TRUE(losses.ok()) << losses.status();
+  return losses.ok() ? *losses : std::vector<double>();
+}
+
+void ExpectParity(const Fixture& s, int64_t capacity, int64_t count,
+                  const ScoreOptions& opts, uint32_t seed) {
+  ObjectiveRunnerOptions ro;
+  ro.score = opts;
+  auto runner = ObjectiveRunner::Create(s.base, s.stack, s.examples, capacity, ro);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  EXPECT_FALSE((*runner)->graph_active());
+  // Several calls: state from one call must not leak into the next.
+  for (int call = 0; call < 3; ++call) {
+    const std::vector<double> w =
+        RandomWeights(count, s.stack.num_modules, seed + 17 * call);
+    auto got = (*runner)->Losses(w, count);
+    ASSERT_TRUE(got.ok()) << got.status();
+    const std::vector<double> want = Reference(s, w, count, opts);
+    ASSERT_EQ(got->size(), want.size());
+    for (size_t c = 0; c < want.size(); ++c) {
+      EXPECT_TRUE(std::isfinite(want[c]));
+      EXPECT_NEAR((*got)[c], want[c], 1e-6 * std::fabs(want[c]))
+          << "capacity " << capacity << " count " << count << " call " << call
+          << " candidate " << c;
+    }
+  }
+}
+
+class RefTinyTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(RefTinyTest, MatchesScoreCandidates) {
+  Fixture s;
+  LoadRefTiny(s, GetParam());
+  if (HasFatalFailure()) return;
+  ExpectParity(s, 1, 1, ScoreOptions{}, 1);                // cobyla shape
+  ExpectParity(s, 4, 4, ScoreOptions{2, 64}, 2);           // batch groups of 2
+  ExpectParity(s, 4, 4, ScoreOptions{0, 3}, 3);            // rows chunked by 3
+  ExpectParity(s, 5, 3, ScoreOptions{0, 64}, 4);           // padded short batch
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, RefTinyTest,
+                         ::testing::Values("tiny_s0", "tiny_s1", "tiny_s2"));
+
+TEST(ObjectiveRunnerGolden, GatedUntied) {
+  Fixture s;
+  const std::string d = "tests/testdata/t5/gated_untied/";
+  LoadModules(s, d + "model", {d + "adapters/m0", d + "adapters/m1", d + "adapters/m2"});
+  if (HasFatalFailure()) return;
+  s.examples = RandomExamples(4, s.base.config.vocab_size, 5);
+  ExpectParity(s, 1, 1, ScoreOptions{}, 11);
+  ExpectParity(s, 3, 3, ScoreOptions{3, 5}, 12);
+}
+
+TEST(ObjectiveRunnerGolden, OddShapesSeveralGroups) {
+  Fixture s;
+  const std::string d = "tests/testdata/t5/odd_shapes/";
+  // The same adapter twice: modules must share sites and ranks; its rank and
+  // alpha patterns give sites of several shapes.
+  LoadModules(s, d + "model", {d + "adapters/xattn", d + "adapters/xattn"});
+  if (HasFatalFailure()) return;
+  s.examples = RandomExamples(3, s.base.config.vocab_size, 6);
+  ExpectParity(s, 1, 1, ScoreOptions{}, 21);
+  ExpectParity(s, 4, 2, ScoreOptions{2, 4}, 22);
+}
+
+TEST(ObjectiveRunner, RefusesBadCalls) {
+  Fixture s;
+  const std::string d = "tests/testdata/t5/gated_untied/";
+  LoadModules(s, d + "model", {d + "adapters/m0", d + "adapters/m1"});
+  if (HasFatalFailure()) return;
+  s.examples = RandomExamples(2, s.base.config.vocab_size, 7);
+  ObjectiveRunnerOptions ro;
+  EXPECT_FALSE(ObjectiveRunner::Create(s.base, s.stack, s.examples, 0, ro).ok());
+  EXPECT_FALSE(ObjectiveRunner::Create(s.base, s.stack, {}, 1, ro).ok());
+  std::vector<Example> bad = s.examples;
+  bad[0].label_ids.push_back(s.base.config.vocab_size);
+  EXPECT_EQ(ObjectiveRunner::Create(s.base, s.stack, bad, 1, ro).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto runner = ObjectiveRunner::Create(s.base, s.stack, s.examples, 2, ro);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  EXPECT_EQ((*runner)->graph_status(), "not a CUDA device");
+  EXPECT_EQ((*runner)->capacity(), 2);
+  EXPECT_FALSE((*runner)->Losses({0.1, 0.2}, 0).ok());
+  EXPECT_FALSE((*runner)->Losses({0.1, 0.2, 0.3, 0.4, 0.5, 0.6}, 3).ok());
+  EXPECT_FALSE((*runner)->Losses({0.1, 0.2, 0.3}, 2).ok());
+  EXPECT_TRUE((*runner)->Losses({0.1, 0.2}, 1).ok());
+}
+
+}  // namespace
+}  // namespace lorahub::model
