@@ -25,36 +25,63 @@ double MinValue(at::ScalarType dtype) {
   }
 }
 
-at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  at::Tensor variance = x.to(at::kFloat).pow(2).mean(-1, /*keepdim=*/true);
-  at::Tensor h = x * at::rsqrt(variance + eps);
-  if (weight.scalar_type() == at::kHalf ||
-      weight.scalar_type() == at::kBFloat16) {
-    h = h.to(weight.scalar_type());
-  }
-  return weight * h;
+// A sublayer input: `full` in fp32 (feeds the LoRA deltas) and `mm`, the
+// same rounded once to the compute dtype (feeds the weight matmuls). In fp32
+// mode both are the same tensor.
+struct Normed {
+  at::Tensor mm;
+  at::Tensor full;
+};
+
+// The variance, the scaling and the weight multiply in fp32 whatever the
+// dtype of x (the fp32 residual stream), then ONE rounding to the compute
+// dtype for the matmuls. In fp32 this is transformers' arithmetic exactly;
+// in bf16 transformers rounds x * rsqrt(variance) to bf16 and multiplies by
+// the weight in bf16.
+Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+               at::ScalarType compute) {
+  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor variance = xf.pow(2).mean(-1, /*keepdim=*/true);
+  at::Tensor h = xf * at::rsqrt(variance + eps);
+  Normed n;
+  n.full = weight.to(at::kFloat) * h;
+  n.mm = n.full.to(compute);
+  return n;
 }
 
-// Adds a fp32 LoRA delta to y as PEFT does: the sum in fp32, then rounded
-// to y's dtype.
-at::Tensor AddDelta(const at::Tensor& y, const at::Tensor& delta) {
-  if (y.scalar_type() == at::kFloat) return y + delta;
-  return (y.to(at::kFloat) + delta).to(y.scalar_type());
+// Reduced-precision mode (bf16/fp16 compute dtype): weights and matmul
+// inputs are in the compute dtype (the BLAS accumulates in fp32), and what
+// the output of a bf16 matmul feeds is fp32: the residual stream between
+// sublayers, RMS norm, attention scores, position bias, masks and softmax,
+// the LoRA delta (added to the base output before any rounding), and the
+// logits. In fp32 mode every cast below is a no-op.
+
+// The input of a matmul against `weight`: x rounded to the weight's dtype.
+at::Tensor MatmulInput(const at::Tensor& x, const at::Tensor& weight) {
+  return x.scalar_type() == weight.scalar_type() ? x
+                                                 : x.to(weight.scalar_type());
 }
 
-// y = x W^T (+ per-row LoRA). x: [B, T, in].
+// y = x W^T (+ per-row LoRA). x: [B, T, in]. Without LoRA at this site the
+// result is the matmul's (compute dtype); with LoRA it is the base output
+// plus the fp32 delta, in fp32 (PEFT adds in fp32 too, then rounds; here the
+// consumers take the fp32 sum as it is). The delta is computed in fp32 from
+// `x_full` when given (x before its rounding to the compute dtype; T5's
+// attention scores are unscaled, so composed adapters with large weights
+// make q and k large and sensitive to it), else from x.
 at::Tensor Project(const at::Tensor& x, const Linear& linear,
-                   const RowAdapters& rows) {
-  at::Tensor y = at::matmul(x, linear.weight.t());
+                   const RowAdapters& rows,
+                   const at::Tensor& x_full = at::Tensor()) {
+  at::Tensor y = at::matmul(MatmulInput(x, linear.weight), linear.weight.t());
   if (rows.bank == nullptr) return y;
   const SiteBank& sb = rows.bank->sites[linear.site];
   if (!sb.a.defined()) return y;
-  at::Tensor xin = x.to(at::kFloat);
+  at::Tensor xin = (x_full.defined() ? x_full : x).to(at::kFloat);
   if (rows.uniform_slot >= 0) {
     const at::Tensor& a = sb.a[rows.uniform_slot];  // [r, in]
     const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
     at::Tensor delta = at::matmul(at::matmul(xin, a.t()), b.t());
-    return AddDelta(y, delta * sb.scale[rows.uniform_slot]);
+    return y + delta * sb.scale[rows.uniform_slot];  // promotes to fp32
   }
   at::Tensor a = sb.a.index_select(0, rows.slots);          // [B, r, in]
   at::Tensor b = sb.b.index_select(0, rows.slots);          // [B, out, r]
@@ -62,21 +89,30 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
   if (!rows.all_rows) scale = scale * rows.mask;
   at::Tensor delta =
       at::bmm(at::bmm(xin, a.transpose(1, 2)), b.transpose(1, 2));
-  return AddDelta(y, delta * scale);
+  return y + delta * scale;
 }
 
 at::Tensor SplitHeads(const at::Tensor& x, int64_t heads, int64_t d_kv) {
   return x.view({x.size(0), x.size(1), heads, d_kv}).transpose(1, 2);
 }
 
-// Scores q k^T + bias, fp32 softmax, weighted values, output projection.
+// q, k or v of one attention: [B, heads, T, d_kv], fp32.
+at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
+                 const config::T5Config& c) {
+  return SplitHeads(Project(x.mm, linear, rows, x.full).to(at::kFloat),
+                    c.num_heads, c.d_kv);
+}
+
+// Scores q k^T + bias, softmax, weighted values in fp32 (q, k, v and bias
+// are fp32): T5 does not scale its scores by 1/sqrt(d_kv), so they are large
+// and rounding them to bf16 alone moves the softmax visibly. The context is
+// rounded once, as the input of the output projection.
 at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias,
                             const Linear& o, const RowAdapters& rows) {
   at::Tensor scores = at::matmul(q, k.transpose(-1, -2));
   scores = scores + bias;
-  at::Tensor attn =
-      at::softmax(scores.to(at::kFloat), -1).to(scores.scalar_type());
+  at::Tensor attn = at::softmax(scores, -1);
   at::Tensor ctx = at::matmul(attn, v);  // [B, H, T, d_kv]
   ctx = ctx.transpose(1, 2).reshape({ctx.size(0), ctx.size(2), -1});
   return Project(ctx, o, rows);
@@ -95,32 +131,26 @@ at::Tensor Activation(const at::Tensor& x, const std::string& name) {
   TORCH_CHECK(false, "unsupported activation '", name, "'");
 }
 
-at::Tensor FeedForward(const at::Tensor& x, const T5Weights& w,
+// As transformers: the activation runs in the dtype of the projections'
+// outputs (fp32 where a LoRA delta was added); the result is rounded once as
+// the input of wo.
+at::Tensor FeedForward(const Normed& x, const T5Weights& w,
                        const FeedForwardWeights& ff, const RowAdapters& rows) {
   at::Tensor h;
   if (w.config.is_gated_act) {
-    h = Activation(Project(x, ff.wi_0, rows), w.config.dense_act_fn) *
-        Project(x, ff.wi_1, rows);
+    h = Activation(Project(x.mm, ff.wi_0, rows, x.full),
+                   w.config.dense_act_fn) *
+        Project(x.mm, ff.wi_1, rows, x.full);
   } else {
-    h = Activation(Project(x, ff.wi, rows), w.config.dense_act_fn);
-  }
-  if (h.scalar_type() != ff.wo.weight.scalar_type()) {
-    h = h.to(ff.wo.weight.scalar_type());
+    h = Activation(Project(x.mm, ff.wi, rows, x.full), w.config.dense_act_fn);
   }
   return Project(h, ff.wo, rows);
 }
 
-// fp16 overflow guard as transformers' T5Block (fp16 only).
-at::Tensor ClampFp16(const at::Tensor& h) {
-  if (h.scalar_type() != at::kHalf) return h;
-  at::Tensor max = at::where(at::isinf(h).any(),
-                             at::scalar_tensor(65504.0 - 1000, h.options()),
-                             at::scalar_tensor(65504.0, h.options()));
-  return at::clamp(h, -max, max);
-}
-
+// The residual stream starts (and stays) in fp32, also for fp16 compute,
+// where transformers clamps it to the fp16 range instead.
 at::Tensor Embed(const T5Weights& w, const at::Tensor& ids) {
-  return at::embedding(w.shared, ids);
+  return at::embedding(w.shared, ids).to(at::kFloat);
 }
 
 // [1, H, q, k] bias for query positions offset..offset+q-1, keys 0..k-1.
@@ -135,22 +165,28 @@ at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
   return at::embedding(table, buckets).permute({2, 0, 1}).unsqueeze(0);
 }
 
+// Biases and masks are fp32 (scores are fp32) with transformers' mask value
+// of the compute dtype, finfo(dtype).min.
 at::Tensor CausalBias(const T5Weights& w, int64_t t, c10::Device device) {
   auto opts = at::TensorOptions().dtype(at::kLong).device(device);
   at::Tensor pos = at::arange(t, opts);
   at::Tensor future = pos.unsqueeze(0) > pos.unsqueeze(1);  // key > query
-  return at::where(future,
-                   at::scalar_tensor(
-                       MinValue(w.dtype),
-                       at::TensorOptions().dtype(w.dtype).device(device)),
-                   at::scalar_tensor(
-                       0.0, at::TensorOptions().dtype(w.dtype).device(device)))
+  auto fopts = at::TensorOptions().dtype(at::kFloat).device(device);
+  return at::where(future, at::scalar_tensor(MinValue(w.dtype), fopts),
+                   at::scalar_tensor(0.0, fopts))
       .view({1, 1, t, t});
 }
 
+// Logits in fp32: the final hidden state (fp32) is rounded once as the
+// matmul input; the matmul output is widened before anything reads it.
 at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
   if (w.scale_decoder_outputs) h = h * std::pow(w.config.d_model, -0.5);
-  return at::matmul(h, w.lm_head.t());
+  return at::matmul(MatmulInput(h, w.lm_head), w.lm_head.t()).to(at::kFloat);
+}
+
+// The encoder output as the input of cross-attention k and v.
+Normed EncoderInput(const EncoderOutput& e) {
+  return Normed{e.hidden, e.hidden_full.defined() ? e.hidden_full : e.hidden};
 }
 
 EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
@@ -158,25 +194,24 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   const config::T5Config& c = w.config;
   const int64_t S = ids.size(1);
   EncoderOutput out;
-  out.mask_bias = ((1.0 - mask.to(w.dtype)) * MinValue(w.dtype))
+  out.mask_bias = ((1.0 - mask.to(at::kFloat)) * MinValue(w.dtype))
                       .view({ids.size(0), 1, 1, S});
   at::Tensor bias =
-      PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(w.dtype) +
+      PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(at::kFloat) +
       out.mask_bias;
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.encoder) {
-    at::Tensor n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon);
-    at::Tensor q =
-        SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
-    at::Tensor k =
-        SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv);
-    at::Tensor v =
-        SplitHeads(Project(n, b.self_attn.v, rows), c.num_heads, c.d_kv);
-    h = ClampFp16(h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows));
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon);
-    h = ClampFp16(h + FeedForward(n, w, b.ff, rows));
+    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    at::Tensor q = Heads(n, b.self_attn.q, rows, c);
+    at::Tensor k = Heads(n, b.self_attn.k, rows, c);
+    at::Tensor v = Heads(n, b.self_attn.v, rows, c);
+    h = h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows);
+    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+    h = h + FeedForward(n, w, b.ff, rows);
   }
-  out.hidden = RmsNorm(h, w.encoder_final_norm, c.layer_norm_epsilon);
+  Normed n = RmsNorm(h, w.encoder_final_norm, c.layer_norm_epsilon, w.dtype);
+  out.hidden = n.mm;
+  if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
 }
 
@@ -185,31 +220,24 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
   const config::T5Config& c = w.config;
   const int64_t T = ids.size(1);
   at::Tensor self_bias =
-      PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(w.dtype) +
+      PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(at::kFloat) +
       CausalBias(w, T, w.device);
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.decoder) {
-    at::Tensor n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon);
-    at::Tensor q =
-        SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
-    at::Tensor k =
-        SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv);
-    at::Tensor v =
-        SplitHeads(Project(n, b.self_attn.v, rows), c.num_heads, c.d_kv);
-    h = ClampFp16(h +
-                  AttendAndProject(q, k, v, self_bias, b.self_attn.o, rows));
-    n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon);
-    q = SplitHeads(Project(n, b.cross_attn.q, rows), c.num_heads, c.d_kv);
-    k = SplitHeads(Project(enc.hidden, b.cross_attn.k, rows), c.num_heads,
-                   c.d_kv);
-    v = SplitHeads(Project(enc.hidden, b.cross_attn.v, rows), c.num_heads,
-                   c.d_kv);
-    h = ClampFp16(
-        h + AttendAndProject(q, k, v, enc.mask_bias, b.cross_attn.o, rows));
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon);
-    h = ClampFp16(h + FeedForward(n, w, b.ff, rows));
+    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    at::Tensor q = Heads(n, b.self_attn.q, rows, c);
+    at::Tensor k = Heads(n, b.self_attn.k, rows, c);
+    at::Tensor v = Heads(n, b.self_attn.v, rows, c);
+    h = h + AttendAndProject(q, k, v, self_bias, b.self_attn.o, rows);
+    n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+    q = Heads(n, b.cross_attn.q, rows, c);
+    k = Heads(EncoderInput(enc), b.cross_attn.k, rows, c);
+    v = Heads(EncoderInput(enc), b.cross_attn.v, rows, c);
+    h = h + AttendAndProject(q, k, v, enc.mask_bias, b.cross_attn.o, rows);
+    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+    h = h + FeedForward(n, w, b.ff, rows);
   }
-  h = RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon);
+  h = RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
   return LmHead(w, h);
 }
 
@@ -305,17 +333,18 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
     cache.cross_bias = encoder.mask_bias;
     cache.self_bias =
         PositionBias(w, w.decoder_bias_table, capacity, capacity, false, 0)
-            .to(w.dtype);
-    auto opts = at::TensorOptions().dtype(w.dtype).device(w.device);
+            .to(at::kFloat);
+    // Keys and values stay fp32 like the scores they feed.
+    auto opts = at::TensorOptions().dtype(at::kFloat).device(w.device);
     for (const BlockWeights& b : w.decoder) {
       cache.self_k.push_back(
           at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
       cache.self_v.push_back(
           at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
-      cache.cross_k.push_back(SplitHeads(
-          Project(encoder.hidden, b.cross_attn.k, rows), c.num_heads, c.d_kv));
-      cache.cross_v.push_back(SplitHeads(
-          Project(encoder.hidden, b.cross_attn.v, rows), c.num_heads, c.d_kv));
+      cache.cross_k.push_back(
+          Heads(EncoderInput(encoder), b.cross_attn.k, rows, c));
+      cache.cross_v.push_back(
+          Heads(EncoderInput(encoder), b.cross_attn.v, rows, c));
     }
     return cache;
   } catch (const c10::Error& e) {
@@ -340,25 +369,21 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
     at::Tensor h = Embed(w, ids.view({-1, 1}));
     for (size_t i = 0; i < w.decoder.size(); ++i) {
       const BlockWeights& b = w.decoder[i];
-      at::Tensor n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon);
-      at::Tensor q =
-          SplitHeads(Project(n, b.self_attn.q, rows), c.num_heads, c.d_kv);
-      cache.self_k[i].narrow(2, t, 1).copy_(
-          SplitHeads(Project(n, b.self_attn.k, rows), c.num_heads, c.d_kv));
-      cache.self_v[i].narrow(2, t, 1).copy_(
-          SplitHeads(Project(n, b.self_attn.v, rows), c.num_heads, c.d_kv));
+      Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+      at::Tensor q = Heads(n, b.self_attn.q, rows, c);
+      cache.self_k[i].narrow(2, t, 1).copy_(Heads(n, b.self_attn.k, rows, c));
+      cache.self_v[i].narrow(2, t, 1).copy_(Heads(n, b.self_attn.v, rows, c));
       at::Tensor k = cache.self_k[i].narrow(2, 0, t + 1);
       at::Tensor v = cache.self_v[i].narrow(2, 0, t + 1);
-      h = ClampFp16(h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows));
-      n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon);
-      q = SplitHeads(Project(n, b.cross_attn.q, rows), c.num_heads, c.d_kv);
-      h = ClampFp16(h + AttendAndProject(q, cache.cross_k[i], cache.cross_v[i],
-                                         cache.cross_bias, b.cross_attn.o,
-                                         rows));
-      n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon);
-      h = ClampFp16(h + FeedForward(n, w, b.ff, rows));
+      h = h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows);
+      n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+      q = Heads(n, b.cross_attn.q, rows, c);
+      h = h + AttendAndProject(q, cache.cross_k[i], cache.cross_v[i],
+                               cache.cross_bias, b.cross_attn.o, rows);
+      n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+      h = h + FeedForward(n, w, b.ff, rows);
     }
-    h = RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon);
+    h = RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
     cache.length = t + 1;
     return LmHead(w, h).squeeze(1);
   } catch (const c10::Error& e) {

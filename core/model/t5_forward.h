@@ -6,6 +6,15 @@
 // additive masks of finfo(dtype).min, d_model^-0.5 rescale before the LM
 // head when scale_decoder_outputs (see T5Weights).
 //
+// bf16 (and fp16) compute: the weights and the inputs of the weight matmuls
+// are in the compute dtype (the BLAS accumulates in fp32); everything that
+// reads a matmul output is fp32: the residual stream between sublayers, RMS
+// norm (one rounding of its result, as the next matmul's input), attention
+// q/k/v, scores, position bias, masks, softmax and context, the LoRA delta
+// (added to the base output in fp32, never rounded on its own), and the
+// logits. This costs a few elementwise conversions per layer and keeps every
+// matmul in bf16; in fp32 the arithmetic is transformers' exactly.
+//
 // All functions are batched, run on the weights' device, never synchronise
 // with the host, and accept per-row adapters (lora.h). Errors from LibTorch
 // (e.g. out of memory) come back as Status. Thread-safe for concurrent calls
@@ -25,8 +34,13 @@
 namespace lorahub::model {
 
 struct EncoderOutput {
-  at::Tensor hidden;     // [B, S, d_model], compute dtype
-  at::Tensor mask_bias;  // [B, 1, 1, S]: 0 for tokens, finfo.min for padding
+  at::Tensor hidden;  // [B, S, d_model], compute dtype
+  // [B, 1, 1, S] fp32: 0 for tokens, finfo(compute dtype).min for padding.
+  at::Tensor mask_bias;
+  // bf16/fp16 compute only: `hidden` before its rounding, fp32, the input of
+  // the cross-attention LoRA deltas. May be left undefined (then `hidden` is
+  // used), e.g. by callers that reindex rows.
+  at::Tensor hidden_full;
 };
 
 // input_ids: [B, S] int64; attention_mask: [B, S] (1 = token, 0 = padding),
@@ -38,8 +52,8 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
                                      const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
-// logits [B, T, vocab] in the compute dtype. Causal self-attention, no
-// decoder padding mask (as transformers with labels and no
+// logits [B, T, vocab], fp32 whatever the compute dtype. Causal self-attention,
+// no decoder padding mask (as transformers with labels and no
 // decoder_attention_mask).
 absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
                                       const at::Tensor& decoder_ids,
@@ -48,7 +62,8 @@ absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
 
 // Decoder state for incremental decoding. Self-attention keys/values live in
 // preallocated [B, heads, capacity, d_kv] buffers; cross-attention keys and
-// values are computed once from the encoder output.
+// values are computed once from the encoder output. All tensors are fp32
+// (they feed fp32 attention scores), whatever the compute dtype.
 struct DecoderCache {
   std::vector<at::Tensor> self_k, self_v;    // per decoder block
   std::vector<at::Tensor> cross_k, cross_v;  // per decoder block
@@ -66,7 +81,7 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
                                               int64_t capacity);
 
 // Consumes one token per row (ids: [B] int64 on the device) and returns the
-// logits of the next position, [B, vocab], compute dtype. OutOfRange once
+// logits of the next position, [B, vocab], fp32. OutOfRange once
 // the cache is full.
 absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
                                       const at::Tensor& ids,

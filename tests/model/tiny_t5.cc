@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -9,6 +10,11 @@
 #include "absl/strings/str_cat.h"
 
 namespace lorahub::model::testing {
+
+absl::StatusOr<c10::Device> TestDevice() {
+  const char* env = std::getenv("LORAHUB_TEST_DEVICE");
+  return ParseDevice(env != nullptr && *env != '\0' ? env : "cpu");
+}
 
 io::HostTensor ToHost(const at::Tensor& t) {
   at::Tensor c = t.contiguous().cpu();

@@ -9,12 +9,18 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "core/config/lora_config.h"
 #include "core/config/t5_config.h"
 #include "core/io/host_tensor.h"
 #include "core/model/t5_weights.h"
 
 namespace lorahub::model::testing {
+
+// The device the model tests run on: $LORAHUB_TEST_DEVICE (cpu, cuda,
+// cuda:N), default cpu (tests/testdata/t5/README.md). InvalidArgument for a
+// bad value or a CUDA device on a machine without one.
+absl::StatusOr<c10::Device> TestDevice();
 
 // A HostTensor owning a copy of `t` (CPU, contiguous; F32/F16/BF16/I64).
 io::HostTensor ToHost(const at::Tensor& t);
