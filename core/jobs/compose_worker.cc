@@ -11,7 +11,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/jobs/job_spec.h"
-#include "core/learn/cobyla_trust.h"
 #include "core/learn/composition.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
@@ -285,11 +284,10 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
       absl::StatusOr<bool> cancel = st.IsCancelRequested(job.id);
       return !(cancel.ok() && *cancel);
     };
-    // COBYLA is the PRIMA-style implementation, as `lorahub learn` uses by
-    // default: it retraces the reference's (scipy >= 1.16) search.
+    // "cobyla" is the PRIMA-style implementation (learn::MakeOptimizer),
+    // as in `lorahub learn`: it retraces the reference's (scipy >= 1.16) search.
     absl::StatusOr<std::unique_ptr<learn::Optimizer>> optimizer =
-        spec->optimizer == "cobyla" ? learn::MakeTrustCobyla(po)
-                                    : learn::MakeOptimizer(spec->optimizer, po);
+        learn::MakeOptimizer(spec->optimizer, po);
     if (!optimizer.ok()) return fail(optimizer.status());
     const auto start = std::chrono::steady_clock::now();
     absl::StatusOr<learn::OptimizerResult> result;

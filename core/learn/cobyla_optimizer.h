@@ -1,4 +1,5 @@
-// COBYLA (Powell 1994) through NLopt's LN_COBYLA, configured to behave like the reference:
+// "cobyla-nlopt": COBYLA (Powell 1994) through NLopt's LN_COBYLA, configured to behave like
+// the reference as far as NLopt allows (MakeOptimizer("cobyla") is cobyla_trust.h instead):
 // bench/ref_lorahub.py runs scipy.optimize.minimize(method="COBYLA") from x0 = 0 with
 // rhobeg = 0.5 and maxiter = budget, clipping the weights to [-1.5, 1.5] inside its objective.
 //
@@ -31,7 +32,7 @@ class CobylaOptimizer : public Optimizer {
  public:
   // options must have passed ValidateOptions.
   explicit CobylaOptimizer(OptimizerOptions options) : options_(std::move(options)) {}
-  std::string name() const override { return "cobyla"; }
+  std::string name() const override { return "cobyla-nlopt"; }
   absl::StatusOr<OptimizerResult> Minimize(const BatchObjective& objective) override;
 
  private:

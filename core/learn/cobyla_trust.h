@@ -45,6 +45,7 @@ namespace lorahub::learn {
 
 // An optimizer named "cobyla" (result.trace etc. as every optimizer; warm_start supported:
 // the simplex is built around the best warm-start point). InvalidArgument on bad options.
+// What MakeOptimizer("cobyla") returns; callers should go through MakeOptimizer.
 absl::StatusOr<std::unique_ptr<Optimizer>> MakeTrustCobyla(const OptimizerOptions& options);
 
 }  // namespace lorahub::learn

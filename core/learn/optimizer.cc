@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "core/learn/cmaes_optimizer.h"
 #include "core/learn/cobyla_optimizer.h"
+#include "core/learn/cobyla_trust.h"
 #include "core/learn/sampling_optimizers.h"
 
 namespace lorahub::learn {
@@ -59,13 +60,18 @@ absl::Status ValidateOptions(const OptimizerOptions& o) {
   return absl::OkStatus();
 }
 
-std::vector<std::string> OptimizerNames() { return {"cobyla", "cmaes", "random", "fixed"}; }
+std::vector<std::string> OptimizerNames() {
+  return {"cobyla", "cobyla-nlopt", "cmaes", "random", "fixed"};
+}
 
 absl::StatusOr<std::unique_ptr<Optimizer>> MakeOptimizer(absl::string_view name,
                                                          const OptimizerOptions& options) {
   absl::Status valid = ValidateOptions(options);
   if (!valid.ok()) return valid;
-  if (name == "cobyla") return std::unique_ptr<Optimizer>(new CobylaOptimizer(options));
+  // "cobyla" is the reference's COBYLA (scipy >= 1.16 runs PRIMA's); NLopt's LN_COBYLA stays
+  // reachable for comparison (cobyla_trust.h says how the two differ).
+  if (name == "cobyla") return MakeTrustCobyla(options);
+  if (name == "cobyla-nlopt") return std::unique_ptr<Optimizer>(new CobylaOptimizer(options));
   if (name == "cmaes") {
     if (options.population == 1) {
       return absl::InvalidArgumentError("cmaes needs a population of at least 2");

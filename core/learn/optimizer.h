@@ -124,8 +124,10 @@ int DefaultPopulation(int dimension, int budget);
 // Checks the fields every optimizer relies on; InvalidArgument naming the field otherwise.
 absl::Status ValidateOptions(const OptimizerOptions& options);
 
-// name: "cobyla", "cmaes", "random" or "fixed". Unknown names and invalid options give
-// InvalidArgument.
+// name: "cobyla" (the PRIMA-style COBYLA of cobyla_trust.h: the one the reference runs, and
+// the default everywhere), "cobyla-nlopt" (NLopt's LN_COBYLA, cobyla_optimizer.h), "cmaes",
+// "random" or "fixed". Unknown names and invalid options give InvalidArgument. This is the
+// one place that maps an optimizer name to an implementation.
 absl::StatusOr<std::unique_ptr<Optimizer>> MakeOptimizer(absl::string_view name,
                                                          const OptimizerOptions& options);
 

@@ -1,7 +1,7 @@
 // `lorahub learn`: LoraHub weight learning on few-shot examples.
 //
 //   lorahub learn --model DIR --adapter DIR... --examples FILE.jsonl
-//     [--budget 40] [--optimizer cobyla|cmaes|random|fixed]
+//     [--budget 40] [--optimizer cobyla|cobyla-nlopt|cmaes|random|fixed]
 //     [--method lorahub|cat|ties|dare_linear] [--density 0.5]
 //     [--objective loss|exact_match] [--max-new-tokens 32]
 //     [--population L] [--batch-size N] [--max-rows N] [--regularization 0.05]
@@ -30,7 +30,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/learn/adapter_export.h"
-#include "core/learn/cobyla_trust.h"
 #include "core/learn/composition.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
@@ -177,7 +176,10 @@ absl::Status Run(const Args& args) {
   if (cobyla_impl != "trust" && cobyla_impl != "nlopt") {
     return absl::InvalidArgumentError("--cobyla-impl must be trust or nlopt");
   }
-  const bool use_trust_cobyla = optimizer_name == "cobyla" && cobyla_impl == "trust";
+  // learn::MakeOptimizer owns the implementation choice: "cobyla" is the PRIMA-style one,
+  // --cobyla-impl nlopt selects "cobyla-nlopt".
+  const std::string factory_name =
+      optimizer_name == "cobyla" && cobyla_impl == "nlopt" ? "cobyla-nlopt" : optimizer_name;
   if (args.Has("weights")) {
     auto w = model::ParseWeightList(*args.Get("weights"));
     if (!w.ok()) return absl::InvalidArgumentError(absl::StrCat("--weights: ",
@@ -193,7 +195,7 @@ absl::Status Run(const Args& args) {
   }
   // Validate the optimizer choice before the (slow) loading.
   {
-    auto probe = learn::MakeOptimizer(optimizer_name, popts);
+    auto probe = learn::MakeOptimizer(factory_name, popts);
     if (!probe.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("--optimizer/options: ",
                                                      probe.status().message()));
@@ -231,8 +233,7 @@ absl::Status Run(const Args& args) {
     bar.Update(e.evaluation, e.budget, e.best_score);
     return true;
   };
-  auto optimizer = use_trust_cobyla ? learn::MakeTrustCobyla(popts)
-                                    : learn::MakeOptimizer(optimizer_name, popts);
+  auto optimizer = learn::MakeOptimizer(factory_name, popts);
   if (!optimizer.ok()) return optimizer.status();
   const auto start = std::chrono::steady_clock::now();
   auto result = (*optimizer)->Minimize(objective->AsBatchObjective());

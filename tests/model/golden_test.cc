@@ -315,6 +315,8 @@ TEST(Golden, EncoderStatesAndLogits) {
       ASSERT_EQ(mine.sizes(), want->sizes()) << dir << " " << name;
       const double scale = want->abs().max().item<double>();
       const double err = (mine - *want).abs().max().item<double>();
+      std::printf("fp32 %s %s: max error / max|golden| = %.3g (bound 1e-4)\n",
+                  fs::path(dir).filename().c_str(), name.c_str(), err / scale);
       EXPECT_LE(err, 1e-4 * scale) << dir << " " << name;
     }
   }
