@@ -393,7 +393,7 @@ lorahub_cc_library(core_jobs_jobs
     ${SRC}/core/jobs/compose_worker.h
     ${SRC}/core/jobs/job_spec.h
   DEPS
-    core_learn_cobyla_trust
+    core_learn_optimizer
     core_learn_composition
     core_learn_lorahub_objective
     core_learn_optimizer
@@ -425,11 +425,13 @@ lorahub_cc_library(core_learn_optimizer
   SRCS
     ${SRC}/core/learn/cmaes_optimizer.cc
     ${SRC}/core/learn/cobyla_optimizer.cc
+    ${SRC}/core/learn/cobyla_trust.cc
     ${SRC}/core/learn/evaluator.cc
     ${SRC}/core/learn/optimizer.cc
     ${SRC}/core/learn/sampling_optimizers.cc
     ${SRC}/core/learn/cmaes_optimizer.h
     ${SRC}/core/learn/cobyla_optimizer.h
+    ${SRC}/core/learn/cobyla_trust.h
     ${SRC}/core/learn/evaluator.h
     ${SRC}/core/learn/optimizer.h
     ${SRC}/core/learn/random_source.h
@@ -487,17 +489,9 @@ lorahub_cc_library(core_learn_adapter_export
   OUTPUT_NAME adapter_export
 )
 
-# //core/learn:cobyla_trust (cc_library)
-lorahub_cc_library(core_learn_cobyla_trust
-  PACKAGE core/learn
-  SRCS
-    ${SRC}/core/learn/cobyla_trust.cc
-    ${SRC}/core/learn/cobyla_trust.h
-  DEPS
-    core_learn_optimizer
-    core_util_status_macros
-    ext_absl_absl
-  OUTPUT_NAME cobyla_trust
+# //core/learn:cobyla_trust (alias)
+lorahub_alias(core_learn_cobyla_trust
+  ACTUAL core_learn_optimizer
 )
 
 # ---- //core/metrics  (core/metrics/BUILD)
@@ -961,7 +955,7 @@ lorahub_cc_binary(server_lorahub
     core_io_checkpoint
     core_jobs_jobs
     core_learn_adapter_export
-    core_learn_cobyla_trust
+    core_learn_optimizer
     core_learn_lorahub_objective
     core_learn_optimizer
     core_metrics_metrics
@@ -1523,7 +1517,7 @@ lorahub_cc_test(tests_learn_cobyla_trust_test
     ${SRC}/tests/learn/cobyla_trust_test.cc
   DEPS
     tests_learn_analytic_functions
-    core_learn_cobyla_trust
+    core_learn_optimizer
     core_learn_optimizer
     ext_absl_absl
     ext_gtest_gtest_main
