@@ -23,6 +23,8 @@ constexpr Command kCommands[] = {
      "generate text with a model and optional (composed) adapters"},
     {"score", lorahub::cli::RunScore,
      "LoraHub loss of a (composed) adapter on examples"},
+    {"eval", lorahub::cli::RunEval,
+     "exact-match accuracy on a JSONL test set (zero- or k-shot)"},
     {"learn", lorahub::cli::RunLearn,
      "learn LoraHub composition weights on few-shot examples"},
     {"train-module", lorahub::cli::RunTrainModule,
