@@ -3,7 +3,8 @@
 //
 //   lorahub eval --model DIR [--adapter DIR]... [--weights w1,w2,...]
 //     --data FILE.jsonl [--task NAME] [--shots FILE.jsonl [--k 5]]
-//     [--each-adapter] [--loss-examples FILE.jsonl] [--predictions FILE.jsonl]
+//     [--each-adapter | --pick-min-loss] [--loss-examples FILE.jsonl]
+//     [--predictions FILE.jsonl]
 //     [--max-new-tokens 32] [--batch-size 64] [--device cpu|cuda:N]
 //     [--dtype fp32|bf16] [--json]
 //
@@ -24,6 +25,9 @@
 // LoraHub loss (mean token cross-entropy, no regulariser; `lorahub score`'s
 // "loss") of the evaluated adapter on those examples, so that a module can be
 // picked by its loss on the few-shot examples without test labels.
+// --pick-min-loss (needs --loss-examples) does that pick: of the --adapter
+// modules, only the one with the lowest loss is evaluated (the "best single
+// module" baseline), and its line names it.
 // --predictions writes one JSON line per test example:
 //   {"input", "reference", "prediction", "correct"} (with --each-adapter also
 //   "adapter").
@@ -33,6 +37,7 @@
 //    "shots": K, "adapters": [...], "weights": [...], ["adapter": DIR],
 //    ["loss": L], "seconds": t}
 // seconds covers generation only (loading excluded). Exit 2 on bad input.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -120,13 +125,22 @@ absl::Status Run(const Args& args) {
   LH_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
   LH_ASSIGN_OR_RETURN(std::string data_path, args.Required("data"));
   const std::vector<std::string> adapter_dirs = args.GetAll("adapter");
-  const bool each = args.Has("each-adapter");
+  const bool pick = args.Has("pick-min-loss");
+  const bool each = args.Has("each-adapter") || pick;
+  if (args.Has("each-adapter") && pick) {
+    return absl::InvalidArgumentError(
+        "give one of --each-adapter, --pick-min-loss");
+  }
   if (each && adapter_dirs.empty()) {
-    return absl::InvalidArgumentError("--each-adapter needs --adapter");
+    return absl::InvalidArgumentError(
+        "--each-adapter/--pick-min-loss need --adapter");
   }
   if (each && args.Has("weights")) {
     return absl::InvalidArgumentError(
-        "--each-adapter evaluates adapters alone: drop --weights");
+        "--each-adapter/--pick-min-loss evaluate adapters alone: drop --weights");
+  }
+  if (pick && !args.Has("loss-examples")) {
+    return absl::InvalidArgumentError("--pick-min-loss needs --loss-examples");
   }
   LH_ASSIGN_OR_RETURN(long long max_new, args.GetInt("max-new-tokens", 32));
   if (max_new < 1 || max_new > 8192) {
@@ -240,6 +254,12 @@ absl::Status Run(const Args& args) {
     LH_ASSIGN_OR_RETURN(losses,
                         model::ScoreCandidates(base, bank ? &*bank : nullptr,
                                                slots, loss_examples, {}));
+    if (pick) {
+      const size_t best = static_cast<size_t>(
+          std::min_element(losses.begin(), losses.end()) - losses.begin());
+      configs = {std::move(configs[best])};
+      losses = {losses[best]};
+    }
   }
 
   std::ofstream predictions;
@@ -317,7 +337,7 @@ int RunEval(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "weights", "data", "task", "shots", "k",
                  "loss-examples", "predictions", "max-new-tokens", "batch-size",
                  "device", "dtype"},
-                {"json", "each-adapter"}};
+                {"json", "each-adapter", "pick-min-loss"}};
   return RunWithArgs("eval", argc, argv, spec, Run);
 }
 

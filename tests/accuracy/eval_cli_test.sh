@@ -35,6 +35,15 @@ def norm(s):
 print(sum(norm(g["text"]) == norm(r["output"]) for g, r in zip(gen, ref)))
 PY
 }
+# same_texts GENERATE_JSONL PREDICTIONS_JSONL: eval predicted what generate did.
+same_texts() {
+  $py - "$1" "$2" <<'PY'
+import json, sys
+gen = [json.loads(l)["text"] for l in open(sys.argv[1]) if l.strip()]
+pred = [json.loads(l)["prediction"] for l in open(sys.argv[2]) if l.strip()]
+sys.exit(0 if gen == pred else 1)
+PY
+}
 field() { $py -c "import json,sys; print(json.loads(sys.stdin.readlines()[$2])['$1'])"; }
 
 # 1. Zero-shot, base and one module: eval's count == our count of generate's texts.
@@ -45,7 +54,9 @@ for adapter in "" "--adapter $mods/sort_digits" "--adapter $mods/add"; do
   want=$(count_matches "$tmp/gen.jsonl" "$test_file" 0)
   # shellcheck disable=SC2086
   out=$("$lorahub" eval --model "$model" $adapter --data "$test_file" \
-    --task sort_digits --batch-size 8 --json) || fail "eval $adapter"
+    --task sort_digits --batch-size 8 --predictions "$tmp/pred.jsonl" --json) \
+    || fail "eval $adapter"
+  same_texts "$tmp/gen.jsonl" "$tmp/pred.jsonl" || fail "eval '$adapter': other texts than generate"
   got=$(echo "$out" | field correct 0)
   [ "$got" = "$want" ] || fail "eval '$adapter': correct $got, counted $want"
   $py -c "
@@ -61,10 +72,11 @@ done
 # The module must be applied (the brief measured 21/30 vs 0/30).
 [ "$module_sort" -gt "$base_sort" ] || fail "sort_digits module ($module_sort) not above base ($base_sort)"
 
-# 2. Case rule: references = the base's own predictions, upper-cased. Under a
-# case-insensitive task every one matches; without --task (case compared) only
-# those whose text has no lower-case letter.
-"$lorahub" generate --model "$model" --input-file "$test_file" --batch-size 8 --json \
+# 2. Case rule: references = the reverse_word module's own outputs (letters),
+# upper-cased. Under a case-insensitive task every one matches; without --task
+# (case compared) only those whose text has no lower-case letter.
+"$lorahub" generate --model "$model" --adapter "$mods/reverse_word" \
+  --input-file "$tmp/data/pool_test/reverse_word.jsonl" --batch-size 8 --json \
   >"$tmp/gen.jsonl" || fail "generate for case"
 $py - "$tmp/gen.jsonl" "$tmp/upper.jsonl" <<'PY'
 import json, sys
@@ -77,14 +89,15 @@ want_ci=$(count_matches "$tmp/gen.jsonl" "$tmp/upper.jsonl" 0)
 want_cs=$(count_matches "$tmp/gen.jsonl" "$tmp/upper.jsonl" 1)
 [ "$want_ci" = 24 ] || fail "case-insensitive count $want_ci"
 got=$("$lorahub" eval --model "$model" --data "$tmp/upper.jsonl" --task reverse_word \
-  --batch-size 8 --json | field correct 0)
+  --adapter "$mods/reverse_word" --batch-size 8 --json | field correct 0)
 [ "$got" = "$want_ci" ] || fail "case-insensitive: $got vs $want_ci"
 got=$("$lorahub" eval --model "$model" --data "$tmp/upper.jsonl" --batch-size 8 --json \
-  | field correct 0)
+  --adapter "$mods/reverse_word" | field correct 0)
 [ "$got" = "$want_cs" ] || fail "no --task (case compared): $got vs $want_cs"
 got=$("$lorahub" eval --model "$model" --data "$tmp/upper.jsonl" --task uppercase_word \
-  --batch-size 8 --json | field correct 0)
+  --adapter "$mods/reverse_word" --batch-size 8 --json | field correct 0)
 [ "$got" = "$want_cs" ] || fail "case-sensitive task: $got vs $want_cs"
+[ "$want_cs" -lt "$want_ci" ] || fail "case rule: the fixture has no lower-case text"
 echo "ok: case rule ($want_ci case-insensitive, $want_cs case-sensitive)"
 
 # 3. k-shot: prompts built here in the documented format, generated, counted.
@@ -104,7 +117,8 @@ PY
   --json >"$tmp/gen.jsonl" || fail "generate k-shot"
 want=$(count_matches "$tmp/gen.jsonl" "$held" 0)
 out=$("$lorahub" eval --model "$model" --data "$held" --task "$task" --shots "$shots" \
-  --k 3 --batch-size 8 --json) || fail "eval k-shot"
+  --k 3 --batch-size 8 --predictions "$tmp/pred.jsonl" --json) || fail "eval k-shot"
+same_texts "$tmp/gen.jsonl" "$tmp/pred.jsonl" || fail "k-shot: other texts than generate on our prompts"
 [ "$(echo "$out" | field correct 0)" = "$want" ] || fail "k-shot: $out vs $want"
 [ "$(echo "$out" | field shots 0)" = 3 ] || fail "k-shot: shots field: $out"
 echo "ok: 3-shot $want/24"
@@ -128,6 +142,23 @@ assert abs(d['loss'] - float(sys.argv[2])) <= 1e-5 * max(1, abs(d['loss'])), (d[
   i=$((i + 1))
 done
 echo "ok: each-adapter and loss"
+
+# --pick-min-loss: only the adapter with the lower loss (from the lines above).
+want=$($py -c "
+import json, sys
+r = [json.loads(l) for l in sys.argv[1].splitlines()]
+print(json.dumps(min(r, key=lambda d: d['loss'])))" "$each")
+got=$("$lorahub" eval --model "$model" --adapter "$mods/add" --adapter "$mods/sort_digits" \
+  --data "$test_file" --task sort_digits --batch-size 8 --loss-examples "$shots" \
+  --pick-min-loss --json) || fail "pick-min-loss"
+[ "$(echo "$got" | wc -l)" = 1 ] || fail "pick-min-loss: want 1 line: $got"
+$py -c "
+import json, sys
+g, w = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert g['adapter'] == w['adapter'] and g['correct'] == w['correct'], (g, w)
+assert abs(g['loss'] - w['loss']) <= 1e-5 * max(1, abs(w['loss'])), (g, w)
+" "$got" "$want" || fail "pick-min-loss: $got vs $want"
+echo "ok: pick-min-loss"
 
 # 5. --predictions: one line per example, "correct" adds up to the count.
 "$lorahub" eval --model "$model" --adapter "$mods/sort_digits" --data "$test_file" \
@@ -159,6 +190,7 @@ expect_usage --model "$model" --data "$test_file" --k 3
 expect_usage --model "$model" --data "$test_file" --shots "$shots" --k 6
 expect_usage --model "$model" --data "$test_file" --batch-size 0
 expect_usage --model "$model" --data "$test_file" --each-adapter
+expect_usage --model "$model" --data "$test_file" --adapter "$mods/add" --pick-min-loss
 expect_usage --model "$model" --data "$test_file" --adapter "$mods/add" --weights 1,2
 expect_usage --model "$model" --data "$test_file" --bogus 1
 expect_usage --model /nonexistent --data "$test_file"
