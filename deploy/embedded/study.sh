@@ -9,14 +9,21 @@
 #       zero-shot     the base alone
 #       best single   the pool module with the lowest loss on the 5 examples
 #                     (what a user can pick without test labels)
-#       oracle single the pool module with the best test accuracy (reported
-#                     apart: it needs the test labels)
-#       cobyla        LoraHub, all 25 modules, COBYLA, BUDGET evaluations
+#       oracle single the pool module with the best accuracy on the first
+#                     ORACLE_N test examples (ties: lower loss), scored on all
+#                     of them (reported apart: it needs test labels; a subset
+#                     keeps the study fast)
+#       cobyla        LoraHub, all 25 modules, COBYLA from w = 0 (the paper's
+#                     setting), BUDGET evaluations
+#       cobyla warm   the same with --warm-start: the first objective call
+#                     scores w = 0 and each module alone (26 of the BUDGET
+#                     evaluations), COBYLA starts from the best of them
 #       cmaes         LoraHub, all 25 modules, CMA-ES, CMAES_BUDGET evaluations
 #       5-shot ICL    the base with the 5 examples prepended (lorahub eval
 #                     --shots: "<in>\n<out>\n\n" per example, then the input)
 # (b) recovery: for RECOVERY_TASKS x SEEDS, a pool of the task's own module and
-#     9 others (drawn by the seed), COBYLA BUDGET evaluations on 5 examples of
+#     9 others (drawn by the seed), COBYLA BUDGET evaluations (from 0, and with
+#     --warm-start) on 5 examples of
 #     the task (make_task_data --seed s: the first 5 lines of pool/<task>.jsonl
 #     whose input is not in the test set); composed accuracy vs the own
 #     module's accuracy on TEST_N pool_test/<task>.jsonl examples of seed s
@@ -27,9 +34,10 @@
 #
 # Usage (repository root):  deploy/embedded/study.sh
 # Environment: MODEL (models/default), OUT (/tmp/lorahub-study), SEEDS
-#   ("1 2 3"), TEST_N (100), BUDGET (40), CMAES_BUDGET (80), RECOVERY_TASKS
-#   (5 pool tasks, below), LORAHUB and MAKE_TASK_DATA (built with bazel if
-#   unset).
+#   ("1 2 3"), TEST_N (100), BUDGET (40), CMAES_BUDGET (40: about cobyla's
+#   search time here), RECOVERY_TASKS
+#   (5 pool tasks, below), HELDOUT_TASKS (all 8), ORACLE_N (20), LORAHUB and
+#   MAKE_TASK_DATA (built with bazel if unset).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -38,10 +46,12 @@ OUT="${OUT:-/tmp/lorahub-study}"
 SEEDS="${SEEDS:-1 2 3}"
 TEST_N="${TEST_N:-100}"
 BUDGET="${BUDGET:-40}"
-CMAES_BUDGET="${CMAES_BUDGET:-80}"
-# One pool task per family where the family has a module that learned its task
-# (see docs/ACCURACY.md for every module's own accuracy), plus sort_digits.
-RECOVERY_TASKS="${RECOVERY_TASKS:-sort_digits uppercase_word wrap_brackets greater_than_50 double_number}"
+CMAES_BUDGET="${CMAES_BUDGET:-40}"
+ORACLE_N="${ORACLE_N:-20}"
+# The pool task with the strongest module of each family (own accuracy on seed
+# 1's pool_test, docs/ACCURACY.md): string_edit, ordering, arithmetic,
+# formatting, classification.
+RECOVERY_TASKS="${RECOVERY_TASKS:-drop_vowels sort_digits double_number wrap_brackets vowel_first}"
 py=/usr/bin/python3
 
 if [ -z "${LORAHUB:-}" ] || [ -z "${MAKE_TASK_DATA:-}" ]; then
@@ -68,7 +78,32 @@ print(json.dumps(d))" "$@" >>"$log"
 }
 all_adapters=()
 for m in "${pool[@]}"; do all_adapters+=(--adapter "$mods/$m"); done
-heldout=$("$MAKE_TASK_DATA" --list | awk '$1 == "heldout" { print $3 }')
+heldout="${HELDOUT_TASKS:-$("$MAKE_TASK_DATA" --list | awk '$1 == "heldout" { print $3 }')}"
+
+# learn_to DIR ARGS...: lorahub learn --out DIR; prints learn's JSON line.
+learn_to() {
+  local out=$1
+  shift
+  "$LORAHUB" learn --model "$base" "$@" --out "$out" --json | tail -1
+}
+# record_each PART TASK SEED "METHOD..." EVAL_LINES LEARN_JSON...: one record
+# per --each-adapter line, named by METHOD in order; a learn JSON (or "{}")
+# per method adds its search time, evaluations and weights.
+record_each() {
+  $py - "$@" >>"$log" <<'PY'
+import json, sys
+part, task, seed, methods, lines = sys.argv[1:6]
+learns = sys.argv[6:]
+for m, line, l in zip(methods.split(), lines.splitlines(), learns):
+    d = json.loads(line)
+    l = json.loads(l)
+    if l:
+        d.update(learn_seconds=l["seconds"], evaluations=l["evaluations"],
+                 best_loss=l["best_loss"], weights=l["weights"])
+    d.update(part=part, task=task, seed=int(seed), method=m)
+    print(json.dumps(d))
+PY
+}
 
 for seed in $SEEDS; do
   data="$work/data$seed"
@@ -82,29 +117,27 @@ for seed in $SEEDS; do
     ev=("$LORAHUB" eval --model "$base" --data "$test" --task "$task" --json)
     record heldout "$task" "$seed" zero_shot "$("${ev[@]}")"
     record heldout "$task" "$seed" icl_5shot "$("${ev[@]}" --shots "$ex" --k 5)"
-    singles=$("${ev[@]}" "${all_adapters[@]}" --each-adapter --loss-examples "$ex")
-    # best single by loss on the 5 examples; oracle by test accuracy.
-    record heldout "$task" "$seed" best_single "$(echo "$singles" | $py -c "
+    # Every module on the first ORACLE_N test examples, with its loss on the
+    # 5 examples: best single = lowest loss; oracle = best accuracy there.
+    head -n "$ORACLE_N" "$test" >"$work/oracle.jsonl"
+    picks=$("$LORAHUB" eval --model "$base" --data "$work/oracle.jsonl" --task "$task" --json \
+      "${all_adapters[@]}" --each-adapter --loss-examples "$ex" | $py -c "
 import json, sys
 r = [json.loads(l) for l in sys.stdin]
-print(json.dumps(min(r, key=lambda d: d['loss'])))")"
-    record heldout "$task" "$seed" oracle_single "$(echo "$singles" | $py -c "
-import json, sys
-r = [json.loads(l) for l in sys.stdin]
-print(json.dumps(max(r, key=lambda d: d['accuracy'])))")"
-    for spec in "cobyla $BUDGET" "cmaes $CMAES_BUDGET"; do
-      set -- $spec
-      learned=$("$LORAHUB" learn --model "$base" "${all_adapters[@]}" --examples "$ex" \
-        --optimizer "$1" --budget "$2" --seed "$seed" --out "$work/composed" --json | tail -1)
-      acc=$("${ev[@]}" --adapter "$work/composed")
-      record heldout "$task" "$seed" "$1" "$($py -c "
-import json, sys
-a, l = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-a.update(learn_seconds=l['seconds'], evaluations=l['evaluations'], best_loss=l['best_loss'],
-         weights=l['weights'], adapter='composed')
-a.pop('adapters', None)
-print(json.dumps(a))" "$acc" "$learned")"
-    done
+print(min(r, key=lambda d: d['loss'])['adapter'])
+print(max(r, key=lambda d: (d['accuracy'], -d['loss']))['adapter'])")
+    best=$(echo "$picks" | sed -n 1p)
+    oracle=$(echo "$picks" | sed -n 2p)
+    l_cobyla=$(learn_to "$work/cobyla" "${all_adapters[@]}" --examples "$ex" \
+      --optimizer cobyla --budget "$BUDGET")
+    l_warm=$(learn_to "$work/cobyla_warm" "${all_adapters[@]}" --examples "$ex" \
+      --optimizer cobyla --budget "$BUDGET" --warm-start)
+    l_cmaes=$(learn_to "$work/cmaes" "${all_adapters[@]}" --examples "$ex" \
+      --optimizer cmaes --budget "$CMAES_BUDGET" --seed "$seed")
+    lines=$("${ev[@]}" --each-adapter --adapter "$best" --adapter "$oracle" \
+      --adapter "$work/cobyla" --adapter "$work/cobyla_warm" --adapter "$work/cmaes")
+    record_each heldout "$task" "$seed" "best_single oracle_single cobyla cobyla_warm cmaes" \
+      "$lines" "{}" "{}" "$l_cobyla" "$l_warm" "$l_cmaes"
     echo "heldout $task seed $seed: $(( $(date +%s) - t0 )) s" >&2
   done
   # (b) recovery.
@@ -129,19 +162,14 @@ rng.shuffle(chosen)
 print('\n'.join(chosen))" "$task" "$seed" "${pool[@]}")
     adapters=()
     for m in "${chosen[@]}"; do adapters+=(--adapter "$mods/$m"); done
-    ev=("$LORAHUB" eval --model "$base" --data "$test" --task "$task" --json)
-    own=$("${ev[@]}" --adapter "$mods/$task")
-    learned=$("$LORAHUB" learn --model "$base" "${adapters[@]}" --examples "$ex" \
-      --optimizer cobyla --budget "$BUDGET" --seed "$seed" --out "$work/composed" --json | tail -1)
-    comp=$("${ev[@]}" --adapter "$work/composed")
-    record recovery "$task" "$seed" own_module "$own"
-    record recovery "$task" "$seed" cobyla "$($py -c "
-import json, sys
-a, l = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-a.update(learn_seconds=l['seconds'], evaluations=l['evaluations'], weights=l['weights'],
-         pool=sys.argv[3].split(), adapter='composed')
-a.pop('adapters', None)
-print(json.dumps(a))" "$comp" "$learned" "${chosen[*]}")"
+    l_cobyla=$(learn_to "$work/cobyla" "${adapters[@]}" --examples "$ex" \
+      --optimizer cobyla --budget "$BUDGET")
+    l_warm=$(learn_to "$work/cobyla_warm" "${adapters[@]}" --examples "$ex" \
+      --optimizer cobyla --budget "$BUDGET" --warm-start)
+    lines=$("$LORAHUB" eval --model "$base" --data "$test" --task "$task" --json --each-adapter \
+      --adapter "$mods/$task" --adapter "$work/cobyla" --adapter "$work/cobyla_warm")
+    record_each recovery "$task" "$seed" "own_module cobyla cobyla_warm" "$lines" \
+      "{}" "$l_cobyla" "$l_warm"
     echo "recovery $task seed $seed: $(( $(date +%s) - t0 )) s" >&2
   done
 done
@@ -155,7 +183,9 @@ nseeds = len(seeds.split())
 out = []
 methods = [("zero_shot", "zero-shot"), ("best_single", "best single (min loss on 5)"),
            ("oracle_single", "oracle single (best on test)"),
-           ("cobyla", "LoraHub cobyla %s" % budget), ("cmaes", "LoraHub cmaes %s" % cmaes_budget),
+           ("cobyla", "LoraHub cobyla %s" % budget),
+           ("cobyla_warm", "LoraHub cobyla %s warm-start" % budget),
+           ("cmaes", "LoraHub cmaes %s" % cmaes_budget),
            ("icl_5shot", "5-shot ICL")]
 acc = collections.defaultdict(list)
 secs = collections.defaultdict(list)
@@ -182,12 +212,13 @@ for t in tasks:
 avg = {m: (sum(v) / len(v) if v else float("nan")) for m, v in means.items()}
 out.append("| **average** | %s |" % " | ".join("**%.1f**" % avg[m] for m, _ in methods))
 out.append("")
-for m in ("cobyla", "cmaes"):
+for m in ("cobyla", "cobyla_warm", "cmaes"):
     if secs[m]:
         out.append("- %s: mean search time %.2f s over %d runs (learn's `seconds`, loading excluded)"
                    % (m, sum(secs[m]) / len(secs[m]), len(secs[m])))
-out.append("- composed (cobyla) minus zero-shot: %+.1f points; composed (cmaes) minus zero-shot: %+.1f points"
-           % (avg["cobyla"] - avg["zero_shot"], avg["cmaes"] - avg["zero_shot"]))
+out.append("- composed minus zero-shot: cobyla %+.1f, cobyla warm-start %+.1f, cmaes %+.1f points"
+           % (avg["cobyla"] - avg["zero_shot"], avg["cobyla_warm"] - avg["zero_shot"],
+              avg["cmaes"] - avg["zero_shot"]))
 out.append("")
 rec = collections.defaultdict(dict)
 for r in rows:
@@ -196,25 +227,33 @@ for r in rows:
 out.append("### Recovery: own module in a pool of 10, cobyla %s evaluations on 5 examples, %s pool_test examples"
            % (budget, test_n))
 out.append("")
-out.append("| task | seed | own module | composed | ratio |")
-out.append("|---|---:|---:|---:|---:|")
-ratios = []
-own_sum = comp_sum = 0
+out.append("| task | seed | own module | cobyla | ratio | cobyla warm-start | ratio |")
+out.append("|---|---:|---:|---:|---:|---:|---:|")
+ratios = {"cobyla": [], "cobyla_warm": []}
+sums = collections.defaultdict(float)
 for (t, s), d in sorted(rec.items()):
-    own, comp = d["own_module"]["accuracy"], d["cobyla"]["accuracy"]
-    own_sum += own
-    comp_sum += comp
-    ratio = comp / own if own > 0 else None
-    if ratio is not None:
-        ratios.append(ratio)
-    out.append("| %s | %d | %.1f | %.1f | %s |" % (t, s, 100 * own, 100 * comp,
-                                                 "%.2f" % ratio if ratio is not None else "n/a"))
-if ratios:
-    out.append("| **average** | | %.1f | %.1f | **%.2f** |" % (100 * own_sum / len(rec), 100 * comp_sum / len(rec),
-                                                            sum(ratios) / len(ratios)))
-out.append("")
-out.append("Average ratio (composed / own, per task and seed): %.3f (target >= 0.9); ratio of the summed accuracies: %.3f."
-           % (sum(ratios) / len(ratios) if ratios else float("nan"), comp_sum / own_sum if own_sum else float("nan")))
+    own = d["own_module"]["accuracy"]
+    sums["own"] += own
+    cells = []
+    for m in ("cobyla", "cobyla_warm"):
+        comp = d[m]["accuracy"]
+        sums[m] += comp
+        if own > 0:
+            ratios[m].append(comp / own)
+        cells += ["%.1f" % (100 * comp), "%.2f" % (comp / own) if own > 0 else "n/a"]
+    out.append("| %s | %d | %.1f | %s |" % (t, s, 100 * own, " | ".join(cells)))
+mean = lambda v: sum(v) / len(v) if v else float("nan")
+if rec:
+    n = len(rec)
+    out.append("| **average** | | %.1f | %.1f | **%.2f** | %.1f | **%.2f** |"
+               % (100 * sums["own"] / n, 100 * sums["cobyla"] / n, mean(ratios["cobyla"]),
+                  100 * sums["cobyla_warm"] / n, mean(ratios["cobyla_warm"])))
+    out.append("")
+    out.append("Average ratio composed / own (per task and seed; target >= 0.9): cobyla %.3f, "
+               "cobyla warm-start %.3f. Ratio of the summed accuracies: %.3f and %.3f."
+               % (mean(ratios["cobyla"]), mean(ratios["cobyla_warm"]),
+                  sums["cobyla"] / sums["own"] if sums["own"] else float("nan"),
+                  sums["cobyla_warm"] / sums["own"] if sums["own"] else float("nan")))
 out.append("")
 out.append("Study wall time: %s s on this machine (CPU)." % seconds)
 text = "\n".join(out) + "\n"
