@@ -41,6 +41,7 @@ t_start=$(date +%s)
 
 model=$PWD/models/default
 echo "== 1. serving: lorahub serve on 127.0.0.1, the embedded default and its 25 LoRA modules"
+mkdir -p "$tmp/server"
 "$lorahub" serve --model "$model/base" --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --data-dir "$tmp/server" >"$tmp/out" 2>"$tmp/err" &
 pid=$!
@@ -73,7 +74,7 @@ import json, sys
 for line in sys.stdin:
     d = json.loads(line)
     if d.get('event') == 'evaluation':
-        sys.stderr.write('\r   evaluation %2d/40  best loss %.4f ' % (d['index'], d['best_score']))
+        sys.stderr.write('\r   evaluation %2d/40  best score %.4f ' % (d['index'], d['best_score']))
         sys.stderr.flush()
     elif d.get('event') == 'finished':
         sys.stderr.write('\n')
