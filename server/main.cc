@@ -24,6 +24,8 @@ constexpr Command kCommands[] = {
     {"score", lorahub::cli::RunScore,
      "LoraHub loss of a (composed) adapter on examples"},
     {"bench", lorahub::cli::RunBench, "measure the engine's speed (JSON)"},
+    {"eval", lorahub::cli::RunEval,
+     "exact-match accuracy on a JSONL test set (zero- or k-shot)"},
     {"learn", lorahub::cli::RunLearn,
      "learn LoraHub composition weights on few-shot examples"},
     {"train-module", lorahub::cli::RunTrainModule,

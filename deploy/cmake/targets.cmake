@@ -812,6 +812,10 @@ lorahub_cc_library(core_util_status_macros
 
 # ---- //deploy/prometheus  (deploy/prometheus/BUILD)
 
+# ---- //models  (models/BUILD)
+
+# //models:default (filegroup): nothing to build in CMake
+
 # ---- //proto  (proto/BUILD)
 
 # //proto:lorahub_v1_cc (lorahub_cc_grpc_library)
@@ -933,6 +937,7 @@ lorahub_cc_binary(server_lorahub
     ${SRC}/server/cli/bench_command.cc
     ${SRC}/server/cli/engine_flags.cc
     ${SRC}/server/cli/engine_flags.h
+    ${SRC}/server/cli/eval_command.cc
     ${SRC}/server/cli/generate_command.cc
     ${SRC}/server/cli/inspect_command.cc
     ${SRC}/server/cli/learn_command.cc
@@ -964,6 +969,7 @@ lorahub_cc_binary(server_lorahub
     core_model_loader
     core_serving_serving
     core_store_store
+    core_tasks_tasks
     core_tokenizer_tokenizer
     core_train_train
     core_train_progress_bar
@@ -988,6 +994,38 @@ lorahub_cc_library(server_rpc_metrics_interceptor
     ext_absl_absl
     ext_grpc_grpc__
   OUTPUT_NAME rpc_metrics_interceptor
+)
+
+# ---- //tests/accuracy  (tests/accuracy/BUILD)
+
+# //tests/accuracy:eval_cli_test (sh_test)
+lorahub_script_test(tests_accuracy_eval_cli_test
+  TEST_NAME //tests/accuracy:eval_cli_test
+  PACKAGE tests/accuracy
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/accuracy/eval_cli_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:core_tasks_make_task_data>
+  TIMEOUT 900
+  DATA_TARGETS
+    core_tasks_make_task_data
+    server_lorahub
+)
+
+# //tests/accuracy:recovery_test (sh_test)
+lorahub_script_test(tests_accuracy_recovery_test
+  TEST_NAME //tests/accuracy:recovery_test
+  PACKAGE tests/accuracy
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/accuracy/recovery_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:core_tasks_make_task_data>
+  TIMEOUT 900
+  DATA_TARGETS
+    core_tasks_make_task_data
+    server_lorahub
 )
 
 # ---- //tests/build  (tests/build/BUILD)

@@ -35,6 +35,8 @@ int RunInspect(int argc, char** argv);
 // Offline engine commands (generate_command.cc, score_command.cc).
 int RunGenerate(int argc, char** argv);
 int RunScore(int argc, char** argv);
+// `lorahub eval`: see server/cli/eval_command.cc.
+int RunEval(int argc, char** argv);
 // `lorahub learn`: see server/cli/learn_command.cc.
 int RunLearn(int argc, char** argv);
 // `lorahub bench`: see server/cli/bench_command.cc.
