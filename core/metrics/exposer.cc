@@ -3,6 +3,8 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <poll.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -16,8 +18,10 @@
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "prometheus/exposer.h"
+#include "absl/strings/str_split.h"
+#include "prometheus/text_serializer.h"
 #include "prometheus/registry.h"
 
 namespace lorahub::metrics {
@@ -41,8 +45,8 @@ absl::Status ValidateListenAddress(absl::string_view address) {
       !absl::SimpleAtoi(port, &port_number) || port_number > 65535) {
     return bad("port must be a number in 0..65535");
   }
-  // civetweb parses numeric addresses only; a host name would be taken as
-  // "all interfaces" or refused, so accept exactly what it binds as given.
+  // Numeric addresses only: a host name would need resolving, so accept
+  // exactly what can be bound as given.
   const std::string host_str(host);
   unsigned char buf[16];
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
@@ -84,20 +88,16 @@ std::string JoinHostPort(const HostPort& hp, int port) {
                  : absl::StrCat(hp.host, ":", port);
 }
 
-// Binds a TCP socket to hp.host:port (port 0: the kernel picks one) and
-// returns the bound port, closing the socket again; or the errno text.
-// Used to choose a concrete port for ":0" ourselves (some civetweb builds
-// refuse port 0 in some processes: seen as "null context when constructing
-// CivetServer" on the GPU host) and to explain a bind failure, which
-// civetweb only reports as that null context.
-absl::StatusOr<int> ProbeBind(const HostPort& hp, int port) {
+// A listening TCP socket on hp.host:port (port 0: the kernel picks one),
+// non-blocking so that serving threads can poll it and notice Stop; or the
+// errno text of the step that failed.
+absl::StatusOr<int> Listen(const HostPort& hp, int port) {
   const int family = hp.ipv6 ? AF_INET6 : AF_INET;
-  const int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) {
     return absl::UnavailableError(absl::StrCat("socket: ", std::strerror(errno)));
   }
   const int one = 1;
-  // As civetweb does, so that a port we probe can be bound again at once.
   (void)::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   sockaddr_storage addr{};
   socklen_t len = 0;
@@ -119,37 +119,103 @@ absl::StatusOr<int> ProbeBind(const HostPort& hp, int port) {
     ::close(fd);
     return absl::UnavailableError(absl::StrCat("bind: ", std::strerror(err)));
   }
-  sockaddr_storage bound{};
-  socklen_t bound_len = sizeof(bound);
-  int bound_port = 0;
-  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &bound_len) == 0) {
-    bound_port = hp.ipv6
-                     ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
-                     : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  if (::listen(fd, 64) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return absl::UnavailableError(absl::StrCat("listen: ", std::strerror(err)));
   }
-  ::close(fd);
-  if (bound_port <= 0) {
-    return absl::UnavailableError("getsockname gave no port");
-  }
-  return bound_port;
+  return fd;
 }
 
-// One attempt of civetweb on a concrete address; the exception's text.
-absl::StatusOr<std::unique_ptr<prometheus::Exposer>> TryExposer(
-    const std::string& address, int num_threads,
-    const std::shared_ptr<prometheus::Registry>& registry) {
-  try {
-    auto exposer = std::make_unique<prometheus::Exposer>(
-        address, static_cast<size_t>(num_threads));
-    exposer->RegisterCollectable(registry);
-    return exposer;
-  } catch (const std::exception& e) {
-    // civetweb's CivetException (a std::runtime_error) on bind failure.
-    return absl::UnavailableError(e.what());
+int BoundPort(int fd, bool ipv6) {
+  sockaddr_storage bound{};
+  socklen_t bound_len = sizeof(bound);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &bound_len) != 0) {
+    return 0;
   }
+  return ipv6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
+              : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+}
+
+bool SendAll(int fd, absl::string_view data) {
+  while (!data.empty()) {
+    const ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return true;
+}
+
+void Respond(int fd, absl::string_view status, absl::string_view content_type,
+             absl::string_view body, bool head_only) {
+  const std::string header = absl::StrCat(
+      "HTTP/1.1 ", status, "\r\nContent-Type: ", content_type,
+      "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n");
+  if (SendAll(fd, header) && !head_only) (void)SendAll(fd, body);
 }
 
 }  // namespace
+
+// One connection: reads the request head (bounded in size and time), answers
+// GET/HEAD /metrics with the registry in the text format, anything else with
+// 404/405/400, and closes. Scrapes are rare and small, so each is served to
+// completion by the thread that accepted it.
+void MetricsExposer::Serve(int fd) const {
+  constexpr size_t kMaxHead = 8192;
+  timeval timeout{5, 0};
+  (void)::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  (void)::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  std::string head;
+  char buf[2048];
+  while (head.find("\r\n\r\n") == std::string::npos &&
+         head.find("\n\n") == std::string::npos) {
+    if (head.size() > kMaxHead) {
+      Respond(fd, "431 Request Header Fields Too Large", "text/plain", "", false);
+      return;
+    }
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // closed, timed out or failed: nothing to answer
+    head.append(buf, static_cast<size_t>(n));
+  }
+  const std::string line = head.substr(0, head.find_first_of("\r\n"));
+  const std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipEmpty());
+  if (parts.size() != 3 || !absl::StartsWith(parts[2], "HTTP/")) {
+    Respond(fd, "400 Bad Request", "text/plain", "bad request line\n", false);
+    return;
+  }
+  const std::string& method = parts[0];
+  const std::string path = parts[1].substr(0, parts[1].find('?'));
+  if (path != "/metrics") {
+    Respond(fd, "404 Not Found", "text/plain", "not found: try /metrics\n", method == "HEAD");
+    return;
+  }
+  if (method != "GET" && method != "HEAD") {
+    Respond(fd, "405 Method Not Allowed", "text/plain", "GET or HEAD\n", false);
+    return;
+  }
+  std::string body;
+  try {
+    body = prometheus::TextSerializer().Serialize(registry_->Collect());
+  } catch (const std::exception& e) {
+    Respond(fd, "500 Internal Server Error", "text/plain", e.what(), false);
+    return;
+  }
+  Respond(fd, "200 OK", "text/plain; version=0.0.4; charset=utf-8", body, method == "HEAD");
+}
+
+void MetricsExposer::ServeLoop() const {
+  while (!stop_.load()) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    const int ready = ::poll(&p, 1, 100);  // wakes up to notice stop_
+    if (ready <= 0) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;  // another thread took it, or the peer left
+    Serve(fd);
+    ::close(fd);
+  }
+}
 
 absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Start(
     const ExposerOptions& options,
@@ -166,62 +232,32 @@ absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Start(
     return s;
   }
   const HostPort hp = SplitValidated(options.listen_address);
-  auto cannot = [&](absl::string_view why) {
+  absl::StatusOr<int> fd = Listen(hp, hp.port);
+  if (!fd.ok()) {
     return absl::UnavailableError(
         absl::StrCat("metrics exposer: cannot listen on '",
-                     options.listen_address, "': ", why));
-  };
-  // Port 0: we choose a free port (the kernel's pick for a probe socket) and
-  // hand civetweb that concrete port; if another process takes it between
-  // the probe and civetweb's bind, we try again with a fresh one.
-  constexpr int kAttempts = 8;
-  const int attempts = hp.port == 0 ? kAttempts : 1;
-  std::string last_error;
-  for (int attempt = 0; attempt < attempts; ++attempt) {
-    int port = hp.port;
-    if (port == 0) {
-      absl::StatusOr<int> probed = ProbeBind(hp, 0);
-      if (!probed.ok()) return cannot(probed.status().message());
-      port = *probed;
-    }
-    absl::StatusOr<std::unique_ptr<prometheus::Exposer>> exposer =
-        TryExposer(JoinHostPort(hp, port), options.num_threads, registry);
-    if (exposer.ok()) {
-      std::vector<int> ports;
-      try {
-        ports = (*exposer)->GetListeningPorts();
-      } catch (const std::exception& e) {
-        return cannot(e.what());
-      }
-      // Our concrete port is the bound one; civetweb's report is a check.
-      const int bound = ports.empty() || ports.front() <= 0 ? port : ports.front();
-      return std::unique_ptr<MetricsExposer>(
-          new MetricsExposer(*std::move(exposer), std::move(registry),
-                             options.listen_address, bound));
-    }
-    last_error = std::string(exposer.status().message());
-    // civetweb does not say why; a bind of our own usually does.
-    absl::StatusOr<int> probe = ProbeBind(hp, port);
-    if (!probe.ok()) {
-      absl::StrAppend(&last_error, " (", probe.status().message(), ")");
-    }
-    if (hp.port == 0) {
-      absl::StrAppend(&last_error, " [port ", port, ", attempt ", attempt + 1,
-                      " of ", attempts, "]");
-    }
+                     options.listen_address, "': ", fd.status().message()));
   }
-  return cannot(last_error);
+  std::unique_ptr<MetricsExposer> exposer(new MetricsExposer(
+      std::move(registry), options.listen_address, *fd, BoundPort(*fd, hp.ipv6)));
+  for (int i = 0; i < options.num_threads; ++i) {
+    exposer->threads_.emplace_back([e = exposer.get()] { e->ServeLoop(); });
+  }
+  return exposer;
 }
 
-MetricsExposer::MetricsExposer(std::unique_ptr<prometheus::Exposer> exposer,
-                               std::shared_ptr<prometheus::Registry> registry,
-                               std::string listen_address, int port)
+MetricsExposer::MetricsExposer(std::shared_ptr<prometheus::Registry> registry,
+                               std::string listen_address, int listen_fd, int port)
     : registry_(std::move(registry)),
-      exposer_(std::move(exposer)),
       listen_address_(std::move(listen_address)),
+      listen_fd_(listen_fd),
       port_(port) {}
 
-MetricsExposer::~MetricsExposer() = default;
+MetricsExposer::~MetricsExposer() {
+  stop_.store(true);
+  for (std::thread& t : threads_) t.join();
+  ::close(listen_fd_);
+}
 
 std::string MetricsExposer::bound_address() const {
   return JoinHostPort(SplitValidated(listen_address_), port_);
