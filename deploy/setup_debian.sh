@@ -11,6 +11,10 @@ PACKAGES=(
   libtorch-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsentencepiece-dev libabsl-dev prometheus-cpp-dev libnlopt-cxx-dev
   libcurl4-openssl-dev libsqlite3-dev nlohmann-json3-dev libgtest-dev libgmock-dev
+  # An optimised BLAS for LibTorch's CPU matmuls: Debian's libtorch links
+  # libblas.so.3, which is the slow reference BLAS unless this provides it
+  # (measured 5-8x faster generation on the embedded default).
+  libopenblas0-pthread
   # Tools used by tests: spm_train, clang/libFuzzer, Python with torch for
   # fixtures, a real Prometheus server.
   sentencepiece clang libclang-rt-14-dev python3-torch python3-grpcio python3-protobuf prometheus
