@@ -178,7 +178,7 @@ absl::StatusOr<TrainResult> TrainBase(model::T5Weights& weights,
     return absl::InvalidArgumentError("dropout must be in [0, 1)");
   }
   LH_RETURN_IF_ERROR(ValidateTrainOptions(options.train));
-  LH_RETURN_IF_ERROR(ValidateExamples(examples, weights.config.vocab_size));
+  LH_RETURN_IF_ERROR(train::ValidateExamples(examples, weights.config.vocab_size));
   if (weights.dtype != at::kFloat) {
     return absl::InvalidArgumentError("base training needs fp32 weights");
   }

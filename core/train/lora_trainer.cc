@@ -92,7 +92,7 @@ absl::StatusOr<TrainedLora> TrainLora(
     const model::T5Weights& base, const std::vector<model::Example>& examples,
     const LoraTrainOptions& options, const ProgressFn& progress) {
   LH_RETURN_IF_ERROR(ValidateLoraOptions(options));
-  LH_RETURN_IF_ERROR(ValidateExamples(examples, base.config.vocab_size));
+  LH_RETURN_IF_ERROR(train::ValidateExamples(examples, base.config.vocab_size));
   if (base.dtype != at::kFloat) {
     return absl::InvalidArgumentError("LoRA training needs an fp32 base");
   }
