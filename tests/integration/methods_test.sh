@@ -11,7 +11,8 @@
 #    modules + weights + method (1e-6 relative); cat's has rank 3 r.
 # Explicit modules + weights + method (Python client, defaults density 0.5,
 # mask seed 42) generate the offline ids too, and a bad method value is
-# INVALID_ARGUMENT naming the field (Generate and SubmitJob).
+# INVALID_ARGUMENT naming the field (Generate and SubmitJob). Generation is
+# compared again on the trained default model, where the methods differ.
 #   methods_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
@@ -155,5 +156,68 @@ PY
 grep -q -- '--density' "$tmp/e" || fail "density error: $(cat "$tmp/e")"
 
 kill -TERM "$pid"; wait "$pid" || fail "server exit code"
+pid=
+
+# The tiny fixture's random base generates only pad ids, so generation is
+# also checked on the trained default model (models/default in the source
+# tree, found through this script's symlink; not a Bazel package).
+root=$(cd "$(dirname "$(readlink -f "$0")")/../.." && pwd)
+dm=$root/models/default
+if [ ! -f "$dm/base/model.safetensors" ]; then
+  echo "FAIL: $dm not found (the trained default model)" >&2; exit 1
+fi
+mkdir -p "$tmp/d2"
+"$lorahub" serve --model "$dm/base" --listen 127.0.0.1:0 \
+  --metrics-listen 127.0.0.1:0 --data-dir "$tmp/d2" >"$tmp/out2" 2>>"$tmp/err" &
+pid=$!
+for _ in $(seq 300); do grep -q '^listening on' "$tmp/out2" && break; sleep 0.1; done
+port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out2")
+[ -n "$port" ] || fail "second server did not print its port"
+for m in add double_number reverse_word; do
+  c --json modules add --dir "$dm/modules/$m" --id "$m" >/dev/null || fail "add $m"
+done
+dmods=(--adapter "$dm/modules/add" --adapter "$dm/modules/double_number" --adapter "$dm/modules/reverse_word")
+text="Add the two numbers: 12 and 30"
+outs=
+for method in lorahub cat ties dare_linear; do
+  c --json compose --task "d_$method" --modules add,double_number,reverse_word --optimizer fixed \
+    --weights "$W" --budget 1 --seed 7 --method "$method" --examples "$fx/examples.jsonl" --wait \
+    >"$tmp/dwatch_$method" 2>>"$tmp/err" || fail "compose d_$method"
+  c --json generate --task "d_$method" --max-new-tokens 12 --text "$text" >"$tmp/dg_$method" \
+    2>>"$tmp/err" || fail "generate --task d_$method"
+  served=$(jf '["output_ids"]' <"$tmp/dg_$method")
+  offline=$("$lorahub" generate --model "$dm/base" "${dmods[@]}" --weights "$W" --method "$method" \
+    --composition-seed 7 --text "$text" --max-new-tokens 12 --json 2>>"$tmp/err" | jf '["output_ids"]')
+  [ -n "$offline" ] && [ "$served" = "$offline" ] || fail "default model, $method: served $served offline $offline"
+  echo "default model, $method generate: $served"
+  outs="$outs $(echo "$served" | tr -d ' ')"
+done
+[ "$(echo $outs | tr ' ' '\n' | sort -u | wc -l)" -ge 3 ] \
+  || fail "the methods generate alike on the default model:$outs"
+# Explicit modules + weights + method on the default model (mask seed 42).
+for method in cat ties dare_linear; do
+  "$lorahub" generate --model "$dm/base" "${dmods[@]}" --weights "$W" --method "$method" \
+    --text "$text" --max-new-tokens 12 --json 2>>"$tmp/err" >"$tmp/doff_$method" \
+    || fail "offline $method"
+done
+PYTHONPATH="$tmp/py" "$py" - "$port" "$text" "$W" "$tmp" <<'PY' || fail "explicit compositions (default model)"
+import json, sys
+import grpc
+from lorahub.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+port, text, w, tmp = sys.argv[1:5]
+inf = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel("127.0.0.1:" + port))
+for name, m in (("cat", common_pb2.COMPOSITION_METHOD_CAT), ("ties", common_pb2.COMPOSITION_METHOD_TIES),
+                ("dare_linear", common_pb2.COMPOSITION_METHOD_DARE_LINEAR)):
+    req = inference_pb2.GenerateRequest(text=text)
+    req.adapter.composition.module_ids.extend(["add", "double_number", "reverse_word"])
+    req.adapter.composition.weights.extend(float(x) for x in w.split(","))
+    req.adapter.composition.method = m
+    req.options.max_new_tokens = 12
+    got = [list(r.end.output_ids) for r in inf.Generate(req, timeout=60) if r.HasField("end")][-1]
+    want = json.loads(open(tmp + "/doff_" + name).read().splitlines()[-1])["output_ids"]
+    assert got == want, (name, got, want)
+    print("default model,", name, "explicit composition:", got)
+PY
+kill -TERM "$pid"; wait "$pid" || fail "second server exit code"
 pid=
 echo PASS
