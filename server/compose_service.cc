@@ -21,6 +21,7 @@
 #include "absl/strings/str_format.h"
 #include "core/hub/file_digest.h"
 #include "core/jobs/job_spec.h"
+#include "core/jobs/task_composition.h"
 #include "core/learn/adapter_export.h"
 #include "core/learn/optimizer.h"
 #include "core/model/loader.h"
@@ -170,14 +171,17 @@ absl::StatusOr<jobs::ComposeJobSpec> FromProto(const v1::JobSpec& p, ServiceCont
   if (!v1::CompositionMethod_IsValid(p.method())) {
     return absl::InvalidArgumentError("spec.method: unknown value");
   }
-  // The engine serves tasks with the lorahub rule only; a task learned with
-  // another method would be served differently from how it was scored.
-  if (p.method() != v1::COMPOSITION_METHOD_UNSPECIFIED &&
-      p.method() != v1::COMPOSITION_METHOD_LORAHUB) {
-    return absl::InvalidArgumentError(
-        "spec.method: only COMPOSITION_METHOD_LORAHUB is served for now");
-  }
+  // Every method is learned, served and exported with the same composition
+  // (model::ComposeModules). ties / dare_linear use density 0.5 and majority
+  // sign total (the wire spec has no fields for them yet) and draw
+  // dare_linear's masks from spec.seed; the job spec keeps all three so that
+  // the published task is served with exactly what the job scored.
   s.method = MethodName(p.method());
+  {
+    absl::Status valid = model::ValidateCompositionParams(
+        {s.method, s.density, s.majority_sign, 0}, "spec.");
+    if (!valid.ok()) return valid;
+  }
   if (!v1::Optimizer_IsValid(p.optimizer())) {
     return absl::InvalidArgumentError("spec.optimizer: unknown value");
   }
@@ -514,9 +518,15 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk>
   // Composes and writes the adapter into a new temporary directory (*dir).
   absl::Status Compose(std::string* dir) {
     ServiceContext* ctx = service_->context();
-    if (task_.method != "lorahub") {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "task '", task_.name, "': method '", task_.method, "' cannot be exported"));
+    absl::StatusOr<jobs::TaskComposition> composition =
+        jobs::LookUpTaskComposition(*ctx->store, task_);
+    if (!composition.ok()) return composition.status();
+    const model::CompositionParams params{composition->method, composition->density,
+                                          composition->majority_sign, composition->seed};
+    if (absl::Status v = model::ValidateCompositionParams(
+            params, absl::StrCat("task '", task_.name, "': "));
+        !v.ok()) {
+      return absl::FailedPreconditionError(v.message());
     }
     if (task_.module_ids.empty() || task_.module_ids.size() != task_.weights.size()) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -543,7 +553,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk>
       try {
         std::vector<double> used;
         absl::StatusOr<std::optional<model::LoraAdapter>> a =
-            model::LoadComposedAdapter(base, dirs, task_.weights, &used);
+            model::LoadComposedAdapter(base, dirs, task_.weights, params, &used);
         if (!a.ok()) {
           host = absl::FailedPreconditionError(
               absl::StrCat("task '", task_.name, "': ", a.status().message()));

@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/jobs/task_composition.h"
+#include "core/model/loader.h"
 #include "server/status_convert.h"
 
 namespace lorahub::server {
@@ -269,11 +271,19 @@ absl::StatusOr<serving::AdapterSpec> ToAdapterSpec(const v1::AdapterRef& ref,
             "adapter.composition.weights: ", c.weights_size(), " weights for ",
             c.module_ids_size(), " modules"));
       }
-      if (c.method() != v1::COMPOSITION_METHOD_UNSPECIFIED &&
-          c.method() != v1::COMPOSITION_METHOD_LORAHUB) {
-        return absl::InvalidArgumentError(
-            "adapter.composition.method: only LORAHUB is supported");
+      switch (c.method()) {
+        case v1::COMPOSITION_METHOD_UNSPECIFIED:
+        case v1::COMPOSITION_METHOD_LORAHUB: spec.method = "lorahub"; break;
+        case v1::COMPOSITION_METHOD_CAT: spec.method = "cat"; break;
+        case v1::COMPOSITION_METHOD_TIES: spec.method = "ties"; break;
+        case v1::COMPOSITION_METHOD_DARE_LINEAR: spec.method = "dare_linear"; break;
+        default:
+          return absl::InvalidArgumentError(absl::StrCat(
+              "adapter.composition.method: unknown value ", static_cast<int>(c.method())));
       }
+      // ties / dare_linear run with the defaults of model::CompositionParams
+      // (density 0.5, majority sign total, mask seed 42): the wire message
+      // has no fields for them yet.
       for (int i = 0; i < c.module_ids_size(); ++i) {
         absl::Status s = CheckModuleId(
             c.module_ids(i), absl::StrCat("adapter.composition.module_ids[", i, "]"));
@@ -296,6 +306,18 @@ absl::StatusOr<serving::AdapterSpec> ToAdapterSpec(const v1::AdapterRef& ref,
       if (!task.ok()) return task.status();
       spec.module_ids = task->module_ids;
       spec.weights = task->weights;
+      // Served with the composition its job scored (method and parameters).
+      absl::StatusOr<jobs::TaskComposition> c =
+          jobs::LookUpTaskComposition(*ctx->store, *task);
+      if (!c.ok()) return c.status();
+      spec.method = c->method;
+      spec.density = c->density;
+      spec.majority_sign = c->majority_sign;
+      spec.seed = c->seed;
+      absl::Status valid = model::ValidateCompositionParams(
+          {spec.method, spec.density, spec.majority_sign, spec.seed},
+          absl::StrCat("task '", task->name, "': "));
+      if (!valid.ok()) return absl::FailedPreconditionError(valid.message());
       return spec;
     }
   }

@@ -1,7 +1,9 @@
 // lorahub.v1.InferenceService on gRPC's callback API. Handlers validate and
 // tokenize the request, hand it to an engine (core/serving) and return; the
 // engine thread feeds tokens back into the stream. Nothing here blocks a
-// gRPC thread except a point read of the store for `adapter.task`.
+// gRPC thread except point reads of the store for `adapter.task` (the task,
+// and for a ties / dare_linear task the job that published it, whose spec
+// holds the composition parameters: jobs::LookUpTaskComposition).
 #ifndef LORAHUB_SERVER_INFERENCE_SERVICE_H_
 #define LORAHUB_SERVER_INFERENCE_SERVICE_H_
 
@@ -26,8 +28,10 @@ class InferenceServiceImpl final
   ServiceContext* ctx_;
 };
 
-// Converts the wire adapter reference (tasks are looked up in the store).
-// InvalidArgument naming the field, NotFound for an unknown task.
+// Converts the wire adapter reference (tasks are looked up in the store,
+// with their method and its parameters). InvalidArgument naming the field,
+// NotFound for an unknown task, FailedPrecondition for a ties / dare_linear
+// task whose job is gone.
 absl::StatusOr<serving::AdapterSpec> ToAdapterSpec(
     const lorahub::v1::AdapterRef& ref, ServiceContext* ctx);
 

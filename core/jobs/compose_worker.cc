@@ -193,6 +193,11 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
     if (!method.ok()) return fail(method.status());
     oo.method = *method;
     oo.seed = spec->seed;
+    oo.density = spec->density;
+    absl::StatusOr<learn::MajoritySignMethod> sign =
+        learn::ParseMajoritySignMethod(spec->majority_sign);
+    if (!sign.ok()) return fail(sign.status());
+    oo.majority_sign = *sign;
     oo.regularization = spec->regularization;
     oo.lower = spec->lower;
     oo.upper = spec->upper;

@@ -36,6 +36,8 @@ std::string EncodeJobSpec(const ComposeJobSpec& s) {
             {"sample_seed", s.sample_seed},
             {"examples", examples},
             {"method", s.method},
+            {"density", s.density},
+            {"majority_sign", s.majority_sign},
             {"optimizer", s.optimizer},
             {"budget", s.budget},
             {"population", s.population},
@@ -66,6 +68,8 @@ absl::StatusOr<ComposeJobSpec> DecodeJobSpec(const std::string& text) {
   LH_READ("sample_count", sample_count);
   LH_READ("sample_seed", sample_seed);
   LH_READ("method", method);
+  LH_READ("density", density);
+  LH_READ("majority_sign", majority_sign);
   LH_READ("optimizer", optimizer);
   LH_READ("budget", budget);
   LH_READ("population", population);
@@ -94,6 +98,15 @@ absl::StatusOr<ComposeJobSpec> DecodeJobSpec(const std::string& text) {
     }
   }
   return s;
+}
+
+TaskComposition TaskCompositionOf(const ComposeJobSpec& spec) {
+  TaskComposition c;
+  c.method = spec.method;
+  c.density = spec.density;
+  c.majority_sign = spec.majority_sign;
+  c.seed = spec.seed;
+  return c;
 }
 
 std::string EncodeWeights(const std::vector<double>& weights) {

@@ -29,6 +29,8 @@ struct ComposeJobSpec {
   uint64_t sample_seed = 0;
   std::vector<TextExample> examples;
   std::string method = "lorahub";     // learn::ParseCompositionMethod names.
+  double density = 0.5;               // ties, dare_linear: in (0, 1].
+  std::string majority_sign = "total";  // ties: total | frequency.
   std::string optimizer = "cobyla";   // learn::MakeOptimizer names.
   int32_t budget = 40;                // Evaluations.
   int32_t population = 0;             // 0: the optimizer's default.
@@ -48,6 +50,18 @@ std::string EncodeJobSpec(const ComposeJobSpec& spec);
 // Inverse of EncodeJobSpec; missing fields keep their defaults. InvalidArgument
 // naming the field for malformed JSON or a value of the wrong type.
 absl::StatusOr<ComposeJobSpec> DecodeJobSpec(const std::string& json);
+
+// The composition a task published by `job_spec` is served and exported
+// with: the method, its density and majority sign, and the job's seed (the
+// objective draws dare_linear masks from it), so that serving composes the
+// adapter the job scored.
+struct TaskComposition {
+  std::string method;
+  double density = 0.5;
+  std::string majority_sign = "total";
+  uint64_t seed = 42;
+};
+TaskComposition TaskCompositionOf(const ComposeJobSpec& job_spec);
 
 // Best weights as the store keeps them in JobProgress::best_weights_json and
 // result_json: a JSON array of numbers. Empty text decodes to an empty vector.

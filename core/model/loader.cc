@@ -1,5 +1,8 @@
 #include "core/model/loader.h"
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -11,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "core/config/lora_config.h"
 #include "core/config/t5_config.h"
+#include "core/learn/composition.h"
 #include "core/io/checkpoint.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -91,6 +95,140 @@ absl::StatusOr<std::optional<LoraAdapter>> LoadComposedAdapter(
   LH_ASSIGN_OR_RETURN(ModuleStack stack, StackModules(base, ptrs));
   LH_ASSIGN_OR_RETURN(LoraAdapter composed, ComposeOne(stack, weights));
   *effective = weights;
+  return std::optional<LoraAdapter>(std::move(composed));
+}
+
+absl::Status ValidateCompositionParams(const CompositionParams& params,
+                                       const std::string& prefix) {
+  absl::StatusOr<learn::CompositionMethod> method =
+      learn::ParseCompositionMethod(params.method);
+  if (!method.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "method: ", method.status().message()));
+  }
+  if (*method == learn::CompositionMethod::kTies ||
+      *method == learn::CompositionMethod::kDareLinear) {
+    if (!std::isfinite(params.density) || !(params.density > 0) ||
+        params.density > 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          prefix, "density: must be in (0, 1] for ", params.method, ", got ",
+          params.density));
+    }
+  }
+  if (*method == learn::CompositionMethod::kTies) {
+    absl::StatusOr<learn::MajoritySignMethod> sign =
+        learn::ParseMajoritySignMethod(params.majority_sign);
+    if (!sign.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "majority_sign: ", sign.status().message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LoraAdapter> ComposeModules(
+    const T5Weights& base, const std::vector<const LoraAdapter*>& modules,
+    const std::vector<double>& weights, const CompositionParams& params) {
+  LH_RETURN_IF_ERROR(ValidateCompositionParams(params, ""));
+  if (modules.empty() || weights.size() != modules.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "got ", weights.size(), " weights for ", modules.size(), " modules"));
+  }
+  LH_ASSIGN_OR_RETURN(ModuleStack stack, StackModules(base, modules));
+  LH_ASSIGN_OR_RETURN(learn::CompositionMethod method,
+                      learn::ParseCompositionMethod(params.method));
+  if (method == learn::CompositionMethod::kLoraHub) {
+    return ComposeOne(stack, weights);
+  }
+  try {
+    learn::CompositionOptions copts;
+    copts.method = method;
+    copts.density = params.density;
+    if (method == learn::CompositionMethod::kTies) {
+      LH_ASSIGN_OR_RETURN(copts.majority_sign,
+                          learn::ParseMajoritySignMethod(params.majority_sign));
+    }
+    // One generator for all sites, in site order (as the objective).
+    copts.generator = at::detail::createCPUGenerator(params.seed);
+    LoraAdapter out;
+    out.name = "composition";
+    for (size_t i = 0; i < stack.sites.size(); ++i) {
+      learn::LoraStack s;
+      s.a = stack.a[i];
+      s.b = stack.b[i];
+      for (const LoraAdapter* m : modules) {
+        double scaling = 0;
+        bool found = false;
+        for (const LoraSite& site : m->sites) {
+          if (site.site == stack.sites[i]) {
+            scaling = site.scaling;
+            found = true;
+            break;
+          }
+        }
+        if (!found) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "module '", m->name, "' does not adapt site ", stack.sites[i]));
+        }
+        s.scaling.push_back(scaling);
+      }
+      learn::ComposedLora c;
+      if (method == learn::CompositionMethod::kCat) {
+        // The batched form the objective scores with, for one candidate.
+        at::Tensor w = at::empty({1, static_cast<int64_t>(weights.size())},
+                                 at::TensorOptions().dtype(at::kDouble));
+        for (size_t j = 0; j < weights.size(); ++j) {
+          w[0][static_cast<int64_t>(j)] = weights[j];
+        }
+        LH_ASSIGN_OR_RETURN(c, learn::ComposeBatch(s, w.to(at::kFloat), method));
+        c.a = c.a[0];
+        c.b = c.b[0];
+      } else {
+        LH_ASSIGN_OR_RETURN(c, learn::Compose(s, weights, copts));
+      }
+      LoraSite site;
+      site.site = stack.sites[i];
+      site.a = c.a.to(at::kFloat).contiguous();
+      site.b = c.b.to(at::kFloat).contiguous();
+      site.scaling = c.scaling;
+      out.sites.push_back(std::move(site));
+    }
+    return out;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("composing modules: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<std::optional<LoraAdapter>> LoadComposedAdapter(
+    const T5Weights& base, const std::vector<std::string>& adapter_dirs,
+    const std::vector<double>& weights, const CompositionParams& params,
+    std::vector<double>* effective) {
+  if (params.method == "lorahub") {
+    return LoadComposedAdapter(base, adapter_dirs, weights, effective);
+  }
+  LH_RETURN_IF_ERROR(ValidateCompositionParams(params, "--"));
+  effective->clear();
+  if (adapter_dirs.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("method ", params.method, " needs at least one adapter"));
+  }
+  std::vector<double> w = weights;
+  if (w.empty() && adapter_dirs.size() == 1) w = {1.0};
+  if (w.size() != adapter_dirs.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "got ", w.size(), " weights for ", adapter_dirs.size(), " adapters"));
+  }
+  std::vector<LoraAdapter> modules;
+  for (const std::string& dir : adapter_dirs) {
+    LH_ASSIGN_OR_RETURN(LoraAdapter adapter, LoadLoraAdapter(base, dir));
+    modules.push_back(std::move(adapter));
+  }
+  std::vector<const LoraAdapter*> ptrs;
+  for (const LoraAdapter& m : modules) ptrs.push_back(&m);
+  LH_ASSIGN_OR_RETURN(LoraAdapter composed,
+                      ComposeModules(base, ptrs, w, params));
+  *effective = w;
   return std::optional<LoraAdapter>(std::move(composed));
 }
 

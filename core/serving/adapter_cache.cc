@@ -89,32 +89,47 @@ absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> AdapterCache::Get(
     }
     return std::shared_ptr<const model::LoraAdapter>();
   }
-  if (spec.module_ids.size() == 1 && spec.weights.empty()) {
+  if (spec.module_ids.size() == 1 && spec.weights.empty() &&
+      spec.method == "lorahub") {
     std::string key;
     return GetModule(spec.module_ids[0], &key);
   }
-  if (spec.weights.size() != spec.module_ids.size()) {
+  const model::CompositionParams params{spec.method, spec.density,
+                                       spec.majority_sign, spec.seed};
+  LH_RETURN_IF_ERROR(model::ValidateCompositionParams(params, ""));
+  std::vector<double> weights = spec.weights;
+  if (weights.empty() && spec.module_ids.size() == 1) weights = {1.0};
+  if (weights.size() != spec.module_ids.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat(spec.module_ids.size(), " modules but ",
-                     spec.weights.size(), " weights"));
+                     weights.size(), " weights"));
   }
   std::vector<std::shared_ptr<const model::LoraAdapter>> modules;
+  // The method and every parameter it reads are part of the content key.
   std::string key = "mix";
+  if (spec.method != "lorahub") {
+    uint64_t density_bits;
+    std::memcpy(&density_bits, &spec.density, sizeof(density_bits));
+    absl::StrAppend(&key, ":", spec.method);
+    if (spec.method == "ties" || spec.method == "dare_linear") {
+      absl::StrAppend(&key, ":d=", absl::Hex(density_bits));
+    }
+    if (spec.method == "ties") absl::StrAppend(&key, ":m=", spec.majority_sign);
+    if (spec.method == "dare_linear") absl::StrAppend(&key, ":s=", spec.seed);
+  }
   for (size_t i = 0; i < spec.module_ids.size(); ++i) {
     std::string module_key;
     LH_ASSIGN_OR_RETURN(auto m, GetModule(spec.module_ids[i], &module_key));
     modules.push_back(std::move(m));
     uint64_t bits;
-    std::memcpy(&bits, &spec.weights[i], sizeof(bits));
+    std::memcpy(&bits, &weights[i], sizeof(bits));
     absl::StrAppend(&key, "|", module_key, "*", absl::Hex(bits));
   }
   if (auto hit = Lookup(key)) return hit;
   std::vector<const model::LoraAdapter*> raw;
   for (const auto& m : modules) raw.push_back(m.get());
-  LH_ASSIGN_OR_RETURN(model::ModuleStack stack,
-                      model::StackModules(*base_, raw));
   LH_ASSIGN_OR_RETURN(model::LoraAdapter composed,
-                      model::ComposeOne(stack, spec.weights));
+                      model::ComposeModules(*base_, raw, weights, params));
   composed.name = "composition";
   auto adapter =
       std::make_shared<const model::LoraAdapter>(std::move(composed));

@@ -2,8 +2,11 @@
 // device, loading module directories and composing them on demand.
 //
 // Entries are keyed by content: a module by its weights' sha256 (so two ids
-// of the same file share one entry), a composition by the sha256s and the
-// exact weights (bit patterns). Least recently used entries are dropped when
+// of the same file share one entry), a composition by the sha256s, the
+// exact weights (bit patterns), the method and the parameters the method
+// reads (density for ties/dare_linear, majority sign for ties, mask seed for
+// dare_linear), so two requests share an entry only when they compose the
+// same adapter (model::ComposeModules). Least recently used entries are dropped when
 // the resident bytes exceed the budget; an adapter still used by a running
 // request stays alive through its shared_ptr until that request ends (the
 // budget bounds what the cache keeps, not what requests hold).

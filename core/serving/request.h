@@ -17,11 +17,19 @@ namespace lorahub::serving {
 // Which adapter a request runs through.
 //  - no module: the base model;
 //  - one module and no weights: that module at weight 1;
-//  - otherwise the LoraHub composition (A = sum w_i A_i, B = sum w_i B_i)
-//    with one weight per module.
+//  - otherwise the composition with `method` (default the LoraHub rule
+//    A = sum w_i A_i, B = sum w_i B_i) with one weight per module.
 struct AdapterSpec {
   std::vector<std::string> module_ids;
   std::vector<double> weights;
+  // Composition of several modules (or one with a method other than
+  // lorahub), as model::CompositionParams: method lorahub | cat | ties |
+  // dare_linear; density (ties, dare_linear), majority_sign (ties) and seed
+  // (dare_linear masks). Part of the adapter cache's content key.
+  std::string method = "lorahub";
+  double density = 0.5;
+  std::string majority_sign = "total";
+  uint64_t seed = 42;
   bool is_base() const { return module_ids.empty(); }
 };
 

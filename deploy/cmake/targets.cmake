@@ -390,8 +390,10 @@ lorahub_cc_library(core_jobs_jobs
   SRCS
     ${SRC}/core/jobs/compose_worker.cc
     ${SRC}/core/jobs/job_spec.cc
+    ${SRC}/core/jobs/task_composition.cc
     ${SRC}/core/jobs/compose_worker.h
     ${SRC}/core/jobs/job_spec.h
+    ${SRC}/core/jobs/task_composition.h
   DEPS
     core_learn_optimizer
     core_learn_composition
@@ -555,6 +557,7 @@ lorahub_cc_library(core_model_loader
     core_model_model
     core_config_config
     core_io_checkpoint
+    core_learn_composition
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
@@ -892,6 +895,7 @@ lorahub_cc_library(server_services
     core_hub_file_digest
     core_hub_hub_client
     core_hub_hub_validation
+    core_jobs_jobs
     core_metrics_metrics
     core_model_model
     core_model_cuda_graph
@@ -1373,6 +1377,21 @@ lorahub_script_test(tests_integration_hub_model_test
   PACKAGE tests/integration
   INTERPRETER bash
   SCRIPT ${SRC}/tests/integration/hub_model_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:methods_test (sh_test)
+lorahub_script_test(tests_integration_methods_test
+  TEST_NAME //tests/integration:methods_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/methods_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>

@@ -23,6 +23,25 @@ absl::StatusOr<model::WeightOptions> ParseWeightOptions(const Args& args) {
   return options;
 }
 
+absl::StatusOr<model::CompositionParams> ParseCompositionFlags(const Args& args) {
+  model::CompositionParams params;
+  params.method = args.Get("method").value_or("lorahub");
+  auto density = args.GetDouble("density", 0.5);
+  if (!density.ok()) return density.status();
+  params.density = *density;
+  params.majority_sign = args.Get("majority-sign").value_or("total");
+  auto seed = args.GetInt("composition-seed", 42);
+  if (!seed.ok()) return seed.status();
+  if (*seed < 0) return absl::InvalidArgumentError("--composition-seed must be >= 0");
+  params.seed = static_cast<uint64_t>(*seed);
+  absl::Status valid = model::ValidateCompositionParams(params, "--");
+  if (!valid.ok()) return valid;
+  if (params.method != "lorahub" && !args.Has("adapter")) {
+    return absl::InvalidArgumentError("--method: needs at least one --adapter");
+  }
+  return params;
+}
+
 absl::StatusOr<std::vector<model::Example>> ReadLoraHubExamples(
     const std::string& path, const tokenizer::Tokenizer& tokenizer) {
   auto texts = train::ReadTextExamples(path);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/model/loader.h"
 #include "core/model/scorer.h"
 #include "core/model/t5_weights.h"
 #include "core/tokenizer/tokenizer.h"
@@ -16,6 +17,13 @@ namespace lorahub::cli {
 
 // --device (cpu | cuda:N, default cpu) and --dtype (fp32 | bf16, default fp32).
 absl::StatusOr<model::WeightOptions> ParseWeightOptions(const Args& args);
+
+// --method lorahub|cat|ties|dare_linear (default lorahub, names as
+// `lorahub learn --method`), --density (ties, dare_linear; (0, 1], default
+// 0.5), --majority-sign total|frequency (ties), --composition-seed N
+// (dare_linear's masks, default 42: a compose job uses its --seed / spec
+// seed here). InvalidArgument naming the flag.
+absl::StatusOr<model::CompositionParams> ParseCompositionFlags(const Args& args);
 
 // Reads a JSONL file of {"input", "output"} objects and tokenizes it as the
 // LoraHub reference does (max_length 2048 with truncation, eos kept).

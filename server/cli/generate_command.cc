@@ -5,12 +5,15 @@
 //     [--max-new-tokens N] [--num-beams K] [--length-penalty X]
 //     [--temperature T] [--top-k K] [--top-p P] [--seed S]
 //     [--batch-size N] [--device cpu|cuda:N] [--dtype fp32|bf16] [--json]
+//     [--method lorahub|cat|ties|dare_linear] [--density D]
+//     [--majority-sign total|frequency] [--composition-seed N]
 //
 // Prints one line per input; with --json:
 //   {"input": ..., "output_ids": [...], "text": ...}
 // Any of --temperature/--top-k/--top-p/--seed turns sampling on
 // (--temperature 0 means greedy). Several adapters are composed with
-// --weights (LoraHub rule) and merged into the weights for speed.
+// --weights (the --method rule, default LoraHub; see ParseCompositionFlags)
+// and merged into the weights for speed.
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -174,9 +177,11 @@ absl::Status Run(const Args& args) {
 
   auto base = model::LoadT5(*model_dir, wopts);
   if (!base.ok()) return base.status();
+  auto composition = ParseCompositionFlags(args);
+  if (!composition.ok()) return composition.status();
   std::vector<double> effective;
   auto adapter = model::LoadComposedAdapter(*base, args.GetAll("adapter"),
-                                            weights, &effective);
+                                            weights, *composition, &effective);
   if (!adapter.ok()) return adapter.status();
   model::T5Weights weights_used = *base;
   if (adapter->has_value()) {
@@ -225,7 +230,8 @@ int RunGenerate(int argc, char** argv) {
   FlagSpec spec{
       {"model", "adapter", "weights", "text", "input-file", "input-ids",
        "max-new-tokens", "num-beams", "length-penalty", "temperature", "top-k",
-       "top-p", "seed", "batch-size", "device", "dtype"},
+       "top-p", "seed", "batch-size", "device", "dtype", "method", "density", "majority-sign",
+       "composition-seed"},
       {"json"}};
   return RunWithArgs("generate", argc, argv, spec, Run);
 }

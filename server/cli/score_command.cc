@@ -4,7 +4,10 @@
 //   lorahub score --model DIR [--adapter DIR]... [--weights w1,w2,...]
 //     --examples FILE.jsonl [--batch-size N] [--max-rows N]
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--json]
+//     [--method lorahub|cat|ties|dare_linear] [--density D]
+//     [--majority-sign total|frequency] [--composition-seed N]
 //
+// Adapters are composed with the --method rule (ParseCompositionFlags).
 // Examples are {"input": ..., "output": ...} lines. Prints
 //   {"loss": L, "score": S, "examples": n}
 // L: sum over batches of --batch-size examples (default: all in one) of the
@@ -60,9 +63,11 @@ absl::Status Run(const Args& args) {
 
   auto base = model::LoadT5(*model_dir, wopts);
   if (!base.ok()) return base.status();
+  auto composition = ParseCompositionFlags(args);
+  if (!composition.ok()) return composition.status();
   std::vector<double> effective;
   auto adapter = model::LoadComposedAdapter(*base, args.GetAll("adapter"),
-                                            weights, &effective);
+                                            weights, *composition, &effective);
   if (!adapter.ok()) return adapter.status();
   model::AdapterBank bank;
   const model::AdapterBank* bank_ptr = nullptr;
@@ -99,7 +104,8 @@ absl::Status Run(const Args& args) {
 
 int RunScore(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "weights", "examples", "batch-size",
-                 "max-rows", "device", "dtype"},
+                 "max-rows", "device", "dtype", "method", "density", "majority-sign",
+       "composition-seed"},
                 {"json"}};
   return RunWithArgs("score", argc, argv, spec, Run);
 }
