@@ -16,28 +16,6 @@
 namespace lorahub::model {
 namespace {
 
-// Rows of `ids` (per example) padded with `pad` to the longest; mask 1 on
-// tokens. The same layout as ScoreCandidates' padding.
-void PadRows(const std::vector<Example>& ex, bool labels, int64_t pad,
-             at::Tensor& ids, at::Tensor& mask) {
-  size_t len = 0;
-  for (const Example& e : ex) {
-    len = std::max(len, (labels ? e.label_ids : e.input_ids).size());
-  }
-  const int64_t n = static_cast<int64_t>(ex.size());
-  ids = at::full({n, static_cast<int64_t>(len)}, pad, at::kLong);
-  mask = at::zeros({n, static_cast<int64_t>(len)}, at::kLong);
-  auto ia = ids.accessor<int64_t, 2>();
-  auto ma = mask.accessor<int64_t, 2>();
-  for (int64_t r = 0; r < n; ++r) {
-    const auto& v = labels ? ex[r].label_ids : ex[r].input_ids;
-    for (size_t t = 0; t < v.size(); ++t) {
-      ia[r][t] = v[t];
-      ma[r][t] = 1;
-    }
-  }
-}
-
 // A graph failure is reported once per process (every runner then says why
 // in graph_status()).
 void LogFallbackOnce(const std::string& why) {
@@ -113,8 +91,8 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
 
     // Static inputs of every row chunk, as ScoreCandidates builds them.
     at::Tensor ids, mask, labels, label_mask;
-    PadRows(examples, false, weights.config.pad_token_id, ids, mask);
-    PadRows(examples, true, weights.config.pad_token_id, labels, label_mask);
+    PadExamples(examples, false, weights.config.pad_token_id, ids, mask);
+    PadExamples(examples, true, weights.config.pad_token_id, labels, label_mask);
     labels = labels.masked_fill(label_mask == 0, -100);
     const int64_t total = C * n;
     const int64_t max_rows = std::max<int64_t>(options.score.max_rows, 1);

@@ -9,9 +9,6 @@
 #include "core/model/t5_forward.h"
 
 namespace lorahub::model {
-namespace {
-
-}  // namespace
 
 absl::Status ValidateExamples(const std::vector<Example>& examples, int vocab) {
   if (examples.empty()) return absl::InvalidArgumentError("no examples");
@@ -33,11 +30,8 @@ absl::Status ValidateExamples(const std::vector<Example>& examples, int vocab) {
   return absl::OkStatus();
 }
 
-namespace {
-
-// Rows of ids padded with `pad` to the longest; mask 1 on tokens.
-void Pad(const std::vector<Example>& ex, bool labels, int64_t pad,
-         at::Tensor& ids, at::Tensor& mask) {
+void PadExamples(const std::vector<Example>& ex, bool labels, int64_t pad,
+                 at::Tensor& ids, at::Tensor& mask) {
   size_t len = 0;
   for (const Example& e : ex) {
     len = std::max(len, (labels ? e.label_ids : e.input_ids).size());
@@ -56,8 +50,6 @@ void Pad(const std::vector<Example>& ex, bool labels, int64_t pad,
   }
 }
 
-}  // namespace
-
 absl::StatusOr<std::vector<double>> ScoreCandidates(
     const T5Weights& w, const AdapterBank* bank,
     const std::vector<int64_t>& candidate_slots,
@@ -70,8 +62,8 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
   const int64_t max_rows = std::max<int64_t>(options.max_rows, 1);
   try {
     at::Tensor ids, mask, labels, label_mask;
-    Pad(examples, false, w.config.pad_token_id, ids, mask);
-    Pad(examples, true, w.config.pad_token_id, labels, label_mask);
+    PadExamples(examples, false, w.config.pad_token_id, ids, mask);
+    PadExamples(examples, true, w.config.pad_token_id, labels, label_mask);
     labels = labels.masked_fill(label_mask == 0, -100);
     ids = ids.to(w.device);
     mask = mask.to(w.device);

@@ -45,6 +45,12 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
 absl::Status ValidateExamples(const std::vector<Example>& examples,
                               int vocab_size);
 
+// Pads the inputs (labels = false) or outputs (labels = true) of `examples`
+// into `ids` [n, longest] int64 filled with `pad` and `mask` (1 on tokens),
+// on the CPU. The layout every loss path shares.
+void PadExamples(const std::vector<Example>& examples, bool labels,
+                 int64_t pad, at::Tensor& ids, at::Tensor& mask);
+
 // LoraHub's objective: loss + 0.05 * mean(|w|) (0 regulariser for empty w).
 double LoraHubScore(double loss, const std::vector<double>& weights);
 
