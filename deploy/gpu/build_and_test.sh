@@ -140,7 +140,9 @@ say "server: $(env -u LD_LIBRARY_PATH ldd "$build/bin/server/lorahub" | grep -E 
 "$py" deploy/cmake/sync_check.py --ctest-dir "$build" 2>&1 | grep -v warning | tee -a "$logs/summary.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 
-# 4. Tests, from the source root like bazel test.
+# 4. Tests, from the source root like bazel test. The GPU host has no
+# Prometheus: its two real-scrape checks skip instead of failing there.
+export LORAHUB_ALLOW_NO_PROMETHEUS=${LORAHUB_ALLOW_NO_PROMETHEUS:-1}
 set +e
 (cd "$build" && ctest --output-on-failure ${CTEST_ARGS:-}) > "$logs/ctest.log" 2>&1
 rc=$?

@@ -6,7 +6,7 @@
 #     code} has exactly the calls made, and the duration histograms count
 #     them;
 #  2. a real Prometheus (Debian package `prometheus`; $LORAHUB_PROMETHEUS or
-#     PATH; this part is skipped, saying so, where it is absent) scrapes the
+#     PATH; a missing binary fails unless LORAHUB_ALLOW_NO_PROMETHEUS=1) scrapes the
 #     server and PromQL returns the same counts.
 #   grpc_metrics_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
@@ -80,10 +80,14 @@ PY
 # 2. A real Prometheus.
 prom=${LORAHUB_PROMETHEUS:-$(command -v prometheus || true)}
 if [ -z "$prom" ] || [ ! -x "$prom" ]; then
-  echo "SKIP (part 2): no prometheus binary (Debian package prometheus)"
   kill -TERM "$pid"; wait "$pid"; pid=
-  echo PASS
-  exit 0
+  if [ "${LORAHUB_ALLOW_NO_PROMETHEUS:-0}" = 1 ]; then
+    echo "SKIP (part 2): no prometheus binary; LORAHUB_ALLOW_NO_PROMETHEUS=1"
+    echo PASS
+    exit 0
+  fi
+  echo "FAIL: no prometheus binary (Debian package prometheus; deploy/setup_debian.sh installs it)"
+  exit 1
 fi
 wport=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat >"$tmp/prometheus.yml" <<YML

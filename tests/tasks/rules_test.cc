@@ -340,9 +340,10 @@ TEST_P(RuleTest, EveryAnswerMatchesAnIndependentImplementation) {
 
 // Classification tasks must not be solvable by always giving the majority
 // label: each label appears in a fair share of examples.
-TEST_P(RuleTest, LabelsAreBalanced) {
+class ClassificationTest : public ::testing::TestWithParam<const Task*> {};
+
+TEST_P(ClassificationTest, LabelsAreBalanced) {
   const Task& task = *GetParam();
-  if (task.family != Family::kClassification) GTEST_SKIP();
   std::map<std::string, int> counts;
   const int n = 2000;
   for (const Example& ex : Generate(task, n, 5)) ++counts[ex.output];
@@ -370,17 +371,28 @@ TEST_P(RuleTest, LabelsAreBalanced) {
   }
 }
 
-std::vector<const Task*> AllTaskPointers() {
+std::vector<const Task*> TaskPointers(bool classification_only) {
   std::vector<const Task*> out;
-  for (const Task& t : AllTasks()) out.push_back(&t);
+  for (const Task& t : AllTasks()) {
+    if (!classification_only || t.family == Family::kClassification) {
+      out.push_back(&t);
+    }
+  }
   return out;
 }
 
+std::string TaskName(const ::testing::TestParamInfo<const Task*>& info) {
+  return info.param->name;
+}
+
 INSTANTIATE_TEST_SUITE_P(AllTasks, RuleTest,
-                         ::testing::ValuesIn(AllTaskPointers()),
-                         [](const ::testing::TestParamInfo<const Task*>& info) {
-                           return info.param->name;
-                         });
+                         ::testing::ValuesIn(TaskPointers(false)), TaskName);
+INSTANTIATE_TEST_SUITE_P(Classification, ClassificationTest,
+                         ::testing::ValuesIn(TaskPointers(true)), TaskName);
+
+TEST(RulesTest, ThereAreClassificationTasks) {
+  EXPECT_GE(TaskPointers(true).size(), 4u);
+}
 
 TEST(RulesTest, EveryReferenceRuleNamesARegisteredTask) {
   for (const auto& [name, rule] : Rules()) {
