@@ -18,6 +18,8 @@ PACKAGES=(
   # Tools used by tests: spm_train, clang/libFuzzer, Python with torch for
   # fixtures, a real Prometheus server.
   sentencepiece clang libclang-rt-14-dev python3-torch python3-grpcio python3-protobuf prometheus
+  # curl(1): the integration tests scrape /metrics and query Prometheus with it.
+  curl
 )
 
 missing=()
