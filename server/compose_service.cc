@@ -26,6 +26,7 @@
 #include "core/learn/optimizer.h"
 #include "core/model/loader.h"
 #include "nlohmann/json.hpp"
+#include "server/blocking_stream_writer.h"
 #include "server/status_convert.h"
 
 namespace lorahub::server {
@@ -388,7 +389,7 @@ std::string NewJobId() {
 
 // One WatchJob stream: a thread replays and follows the event log, one write
 // in flight at a time.
-class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
+class WatchReactor final : public BlockingStreamWriter<v1::JobEvent> {
  public:
   WatchReactor(ComposeServiceImpl* service, std::string job_id)
       : service_(service), job_id_(std::move(job_id)) {
@@ -396,17 +397,6 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
     thread_ = std::thread([this] { Run(); });
   }
 
-  void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    writing_ = false;
-    if (!ok) broken_ = true;
-    cv_.notify_all();
-  }
-  void OnCancel() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    broken_ = true;
-    cv_.notify_all();
-  }
   void OnDone() override {
     thread_.join();
     service_->watchers()--;
@@ -414,24 +404,6 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
   }
 
  private:
-  // Writes one event and waits for it; false if the stream broke.
-  bool Write(const v1::JobEvent& e) {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (broken_) return false;
-    event_ = e;
-    writing_ = true;
-    StartWrite(&event_);
-    cv_.wait(lock, [this] { return !writing_ || broken_; });
-    return !broken_;
-  }
-  // Sleeps one poll period; false if the stream broke meanwhile.
-  bool Sleep() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_for(lock, std::chrono::milliseconds(ComposeServiceImpl::kWatchPollMs),
-                 [this] { return broken_; });
-    return !broken_;
-  }
-
   void Run() {
     ServiceContext* ctx = service_->context();
     int64_t after = 0;
@@ -450,7 +422,8 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
       if (ctx->shutting_down) {
         return Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server shutting down"));
       }
-      if (events->empty() && !Sleep()) {
+      if (events->empty() &&
+          !WaitFor(std::chrono::milliseconds(ComposeServiceImpl::kWatchPollMs))) {
         return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "stream cancelled"));
       }
     }
@@ -458,11 +431,6 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
 
   ComposeServiceImpl* service_;
   const std::string job_id_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool writing_ = false;
-  bool broken_ = false;
-  v1::JobEvent event_;
   std::thread thread_;
 };
 
@@ -470,7 +438,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
 // (RunOnDevice), writes the PEFT directory into a temporary directory, then
 // streams its files one chunk at a time (each write waits for OnWriteDone)
 // and removes the directory.
-class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk> {
+class ExportReactor final : public BlockingStreamWriter<v1::ExportTaskChunk> {
  public:
   ExportReactor(ComposeServiceImpl* service, store::TaskRecord task)
       : service_(service), task_(std::move(task)) {
@@ -486,17 +454,6 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk>
     });
   }
 
-  void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    writing_ = false;
-    if (!ok) broken_ = true;
-    cv_.notify_all();
-  }
-  void OnCancel() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    broken_ = true;
-    cv_.notify_all();
-  }
   void OnDone() override {
     thread_.join();
     service_->exports()--;
@@ -504,17 +461,6 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk>
   }
 
  private:
-  bool Write(const v1::ExportTaskChunk& c) {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (broken_) return false;
-    chunk_ = c;
-    writing_ = true;
-    StartWrite(&chunk_);
-    // Wait also after a cancel: Finish must not run with a write in flight.
-    cv_.wait(lock, [this] { return !writing_; });
-    return !broken_;
-  }
-
   // Composes and writes the adapter into a new temporary directory (*dir).
   absl::Status Compose(std::string* dir) {
     ServiceContext* ctx = service_->context();
@@ -640,11 +586,6 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExportTaskChunk>
 
   ComposeServiceImpl* service_;
   const store::TaskRecord task_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool writing_ = false;
-  bool broken_ = false;
-  v1::ExportTaskChunk chunk_;
   std::thread thread_;
 };
 

@@ -18,6 +18,7 @@
 #include "core/hub/file_digest.h"
 #include "core/hub/hub_validation.h"
 #include "core/model/loader.h"
+#include "server/blocking_stream_writer.h"
 #include "server/status_convert.h"
 
 namespace lorahub::server {
@@ -268,8 +269,7 @@ namespace {
 // message. Writes go one at a time: the worker thread waits for each
 // OnWriteDone. A client that goes away cancels the download (the progress
 // callback returns false).
-class PrefetchReactor
-    : public grpc::ServerWriteReactor<v1::PrefetchProgress> {
+class PrefetchReactor : public BlockingStreamWriter<v1::PrefetchProgress> {
  public:
   PrefetchReactor(ServiceContext* ctx, std::string id,
                   std::function<void()> end_work)
@@ -283,21 +283,6 @@ class PrefetchReactor
       }
     }).detach();
   }
-  void OnWriteDone(bool ok) override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      writing_ = false;
-      if (!ok) broken_ = true;
-    }
-    cv_.notify_all();
-  }
-  void OnCancel() override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      broken_ = true;
-    }
-    cv_.notify_all();
-  }
   void OnDone() override {
     auto end = std::move(end_work_);
     delete this;
@@ -308,20 +293,12 @@ class PrefetchReactor
   // Sends one progress message and waits until it is written; false once
   // the client is gone.
   bool Send(const std::string& file, int64_t done, int64_t total) {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (broken_) return false;
-    current_.set_file(file);
-    current_.set_bytes_done(done);
-    current_.set_bytes_total(total);
-    current_.set_done(false);
-    writing_ = true;
-    lock.unlock();
-    StartWrite(&current_);
-    lock.lock();
-    // Also after a cancel: the pending write completes (ok = false), and
-    // Finish must not be called with a write in flight.
-    cv_.wait(lock, [&] { return !writing_; });
-    return !broken_;
+    v1::PrefetchProgress p;
+    p.set_file(file);
+    p.set_bytes_done(done);
+    p.set_bytes_total(total);
+    p.set_done(false);
+    return Write(p);
   }
 
   absl::Status Fetch(const store::ModuleRecord& r, const std::string& file) {
@@ -376,11 +353,6 @@ class PrefetchReactor
 
   ServiceContext* ctx_;
   std::function<void()> end_work_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool writing_ = false;
-  bool broken_ = false;
-  v1::PrefetchProgress current_;
   v1::PrefetchProgress final_;
 };
 

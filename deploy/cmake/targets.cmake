@@ -880,6 +880,16 @@ lorahub_cc_library(server_status_convert
   OUTPUT_NAME status_convert
 )
 
+# //server:blocking_stream_writer (cc_library)
+lorahub_cc_library(server_blocking_stream_writer
+  PACKAGE server
+  SRCS
+    ${SRC}/server/blocking_stream_writer.h
+  DEPS
+    ext_grpc_grpc__
+  OUTPUT_NAME blocking_stream_writer
+)
+
 # //server:services (cc_library)
 lorahub_cc_library(server_services
   PACKAGE server
@@ -891,6 +901,7 @@ lorahub_cc_library(server_services
     ${SRC}/server/module_service.h
     ${SRC}/server/service_context.h
   DEPS
+    server_blocking_stream_writer
     server_status_convert
     core_hub_file_digest
     core_hub_hub_client
@@ -917,6 +928,7 @@ lorahub_cc_library(server_compose_service
     ${SRC}/server/compose_service.cc
     ${SRC}/server/compose_service.h
   DEPS
+    server_blocking_stream_writer
     server_services
     server_status_convert
     core_hub_file_digest
