@@ -112,6 +112,7 @@ absl::StatusOr<model::AdapterBank> LoraHubObjective::ComposeBank(
         sb.a = c.a.to(at::kFloat);
         sb.b = c.b.to(at::kFloat);
         sb.scale = at::full({count, 1, 1}, c.scaling, fp32);
+        sb.common_scale = c.scaling;
       }
       return bank;
     }

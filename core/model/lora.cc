@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <regex>
 #include <utility>
@@ -215,6 +216,26 @@ absl::StatusOr<AdapterBank> MakeAdapterBank(
         sb.scale[slot].fill_(s.scaling);
       }
     }
+    // A site's common scale: every slot adapts it, with one scaling.
+    for (int site = 0; site < base.num_sites; ++site) {
+      if (rank[site] == 0) continue;
+      double common = std::numeric_limits<double>::quiet_NaN();
+      bool same = true;
+      for (int64_t slot = 0; slot < S && same; ++slot) {
+        const LoraSite* found = nullptr;
+        if (adapters[slot]) {
+          for (const LoraSite& s : adapters[slot]->sites) {
+            if (s.site == site) found = &s;
+          }
+        }
+        if (found == nullptr || (slot > 0 && found->scaling != common)) {
+          same = false;
+        } else {
+          common = found->scaling;
+        }
+      }
+      if (same) bank.sites[site].common_scale = common;
+    }
     return bank;
   } catch (const c10::Error& e) {
     return absl::InternalError(e.what_without_backtrace());
@@ -252,6 +273,19 @@ absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
     for (int64_t s : slots) {
       if (s != slots[0]) rows.uniform_slot = -1;
     }
+    // Runs of equal length of consecutive slots: slots[i] = first + i / run.
+    if (all && rows.uniform_slot < 0) {
+      int64_t run = 1;
+      while (run < n && slots[run] == slots[0]) ++run;
+      bool runs = n % run == 0 && slots[0] + n / run <= bank->num_slots;
+      for (int64_t i = 0; i < n && runs; ++i) {
+        runs = slots[i] == slots[0] + i / run;
+      }
+      if (runs) {
+        rows.rows_per_slot = run;
+        rows.slot_offset = slots[0];
+      }
+    }
     return rows;
   } catch (const c10::Error& e) {
     return absl::InternalError(e.what_without_backtrace());
@@ -263,6 +297,7 @@ RowAdapters SelectRows(const RowAdapters& rows, const at::Tensor& index) {
   RowAdapters out = rows;
   out.slots = rows.slots.index_select(0, index);
   out.mask = rows.mask.index_select(0, index);
+  out.rows_per_slot = 0;  // the runs do not survive a reordering
   return out;  // uniform_slot is unchanged by any row selection
 }
 
@@ -373,6 +408,7 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
       sb.scale =
           at::full({C, 1, 1}, stack.scaling[i],
                    at::TensorOptions().dtype(at::kFloat).device(a.device()));
+      sb.common_scale = stack.scaling[i];
     }
     return bank;
   } catch (const c10::Error& e) {

@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,10 @@ struct SiteBank {
   at::Tensor b;  // [S, out, r]
   at::Tensor
       scale;  // [S, 1, 1]; a, b, scale are fp32 whatever the compute dtype
+  // The value of every entry of `scale` when they are all equal (composed
+  // banks: the first module's scaling), else NaN. Lets the forward pass fold
+  // the scaling into one GEMM instead of a separate multiply.
+  double common_scale = std::numeric_limits<double>::quiet_NaN();
 };
 struct AdapterBank {
   int num_slots = 0;
@@ -73,6 +78,12 @@ struct RowAdapters {
   bool all_rows = false;  // every row has a slot: the mask is skipped
   // >= 0 when every row uses this one slot: plain matmuls, no gather.
   int64_t uniform_slot = -1;
+  // > 0 when the rows come in consecutive runs of this length, one run per
+  // slot, for slots slot_offset, slot_offset + 1, ... (the objective's
+  // candidate-major rows, one distinct adapter per row): batched GEMMs over
+  // slots, no gather.
+  int64_t rows_per_slot = 0;
+  int64_t slot_offset = 0;
 };
 
 // `slots` are host values, one per row. InvalidArgument if a slot is out of

@@ -71,6 +71,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       by_shape[{a.size(1), a.size(2), b.size(1)}].push_back(i);
     }
     run->scales_.resize(stack.num_base_sites);
+    run->scale_values_.resize(stack.num_base_sites);
     for (const auto& [shape, entries] : by_shape) {
       Group g;
       std::tie(g.r, g.in, g.out) = shape;
@@ -82,6 +83,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
                                    1)
                                .to(fp32));
         run->scales_[stack.sites[i]] = at::full({C, 1, 1}, stack.scaling[i], fp32);
+        run->scale_values_[stack.sites[i]] = stack.scaling[i];
       }
       g.factors = at::stack(per_site).contiguous();  // [k, N, X]
       run->groups_.push_back(std::move(g));
@@ -205,6 +207,7 @@ void ObjectiveRunner::Compose() {
       sb.a = site.narrow(1, 0, a_len).view({C, g.r, g.in});
       sb.b = site.narrow(1, a_len, g.out * g.r).view({C, g.out, g.r});
       sb.scale = scales_[g.sites[j]];
+      sb.common_scale = scale_values_[g.sites[j]];
     }
   }
 }

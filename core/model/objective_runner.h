@@ -106,6 +106,7 @@ class ObjectiveRunner {
   std::vector<int64_t> label_counts_;  // tokens per example
   std::vector<Group> groups_;
   std::vector<at::Tensor> scales_;  // per base site (undefined if unadapted)
+  std::vector<double> scale_values_;  // the same, as host values
   AdapterBank bank_;
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)

@@ -4,8 +4,10 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/fused_ops.h"
 
 namespace lorahub::model {
 namespace {
@@ -35,18 +37,13 @@ struct Normed {
 
 // The variance, the scaling and the weight multiply in fp32 whatever the
 // dtype of x (the fp32 residual stream), then ONE rounding to the compute
-// dtype for the matmuls. In fp32 this is transformers' arithmetic exactly;
-// in bf16 transformers rounds x * rsqrt(variance) to bf16 and multiplies by
-// the weight in bf16.
-Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+// dtype for the matmuls (fused_ops.h; one kernel on CUDA). In fp32 this is
+// transformers' arithmetic exactly; in bf16 transformers rounds
+// x * rsqrt(variance) to bf16 and multiplies by the weight in bf16.
+Normed Norm(const at::Tensor& x, const at::Tensor& weight, double eps,
                at::ScalarType compute) {
-  at::Tensor xf = x.to(at::kFloat);
-  at::Tensor variance = xf.pow(2).mean(-1, /*keepdim=*/true);
-  at::Tensor h = xf * at::rsqrt(variance + eps);
-  Normed n;
-  n.full = weight.to(at::kFloat) * h;
-  n.mm = n.full.to(compute);
-  return n;
+  NormOutput n = model::RmsNorm(x, weight, eps, compute);
+  return Normed{std::move(n.rounded), std::move(n.full)};
 }
 
 // Reduced-precision mode (bf16/fp16 compute dtype): weights and matmul
@@ -77,11 +74,33 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
   const SiteBank& sb = rows.bank->sites[linear.site];
   if (!sb.a.defined()) return y;
   at::Tensor xin = (x_full.defined() ? x_full : x).to(at::kFloat);
+  const int64_t in = xin.size(-1);
+  const int64_t out = y.size(-1);
+  const bool common = !std::isnan(sb.common_scale);
   if (rows.uniform_slot >= 0) {
     const at::Tensor& a = sb.a[rows.uniform_slot];  // [r, in]
     const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
-    at::Tensor delta = at::matmul(at::matmul(xin, a.t()), b.t());
+    at::Tensor xa = at::matmul(xin, a.t());
+    if (common) {  // y + scale * (x A^T) B^T as one GEMM with accumulate
+      return at::addmm(y.reshape({-1, out}).to(at::kFloat),
+                       xa.reshape({-1, a.size(0)}), b.t(), /*beta=*/1,
+                       /*alpha=*/sb.common_scale)
+          .view(y.sizes());
+    }
+    at::Tensor delta = at::matmul(xa, b.t());
     return y + delta * sb.scale[rows.uniform_slot];  // promotes to fp32
+  }
+  if (rows.rows_per_slot > 0 && common) {
+    // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...):
+    // one batched GEMM per factor over the slots, no gather of A and B.
+    const int64_t slots = xin.size(0) / rows.rows_per_slot;
+    at::Tensor a = sb.a.narrow(0, rows.slot_offset, slots);  // [S, r, in]
+    at::Tensor b = sb.b.narrow(0, rows.slot_offset, slots);  // [S, out, r]
+    at::Tensor xa = at::bmm(xin.reshape({slots, -1, in}), a.transpose(1, 2));
+    return at::baddbmm(y.reshape({slots, -1, out}).to(at::kFloat), xa,
+                       b.transpose(1, 2), /*beta=*/1,
+                       /*alpha=*/sb.common_scale)
+        .view(y.sizes());
   }
   at::Tensor a = sb.a.index_select(0, rows.slots);          // [B, r, in]
   at::Tensor b = sb.b.index_select(0, rows.slots);          // [B, out, r]
@@ -110,21 +129,26 @@ at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
 at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias,
                             const Linear& o, const RowAdapters& rows) {
-  at::Tensor scores = at::matmul(q, k.transpose(-1, -2));
-  scores = scores + bias;
-  at::Tensor attn = at::softmax(scores, -1);
-  at::Tensor ctx = at::matmul(attn, v);  // [B, H, T, d_kv]
-  ctx = ctx.transpose(1, 2).reshape({ctx.size(0), ctx.size(2), -1});
-  return Project(ctx, o, rows);
+  at::Tensor ctx = Attention(q, k, v, bias);  // [B, H, T, d_kv]
+  const at::Tensor heads_last = ctx.transpose(1, 2);  // [B, T, H, d_kv]
+  const std::vector<int64_t> shape = {ctx.size(0), ctx.size(2), -1};
+  // The matmul input: the head merge and the rounding in one copy.
+  at::Tensor mm = heads_last
+                      .to(o.weight.scalar_type(), /*non_blocking=*/false,
+                          /*copy=*/false, at::MemoryFormat::Contiguous)
+                      .reshape(shape);  // a copy only when .to() was a no-op
+  const bool adapted = rows.bank != nullptr && o.site >= 0 &&
+                       rows.bank->sites[o.site].a.defined();
+  if (!adapted || mm.scalar_type() == at::kFloat) return Project(mm, o, rows);
+  return Project(mm, o, rows, heads_last.reshape(shape));  // fp32 LoRA input
 }
 
 at::Tensor Activation(const at::Tensor& x, const std::string& name) {
   if (name == "relu") return at::relu(x);
   if (name == "gelu_new" || name == "gelu_pytorch_tanh" ||
       name == "gelu_fast") {
-    return 0.5 * x *
-           (1.0 +
-            at::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * at::pow(x, 3.0))));
+    // transformers' NewGELU formula; one kernel (internally fp32).
+    return at::gelu(x, "tanh");
   }
   if (name == "gelu") return at::gelu(x);
   if (name == "silu" || name == "swish") return at::silu(x);
@@ -201,15 +225,15 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
       out.mask_bias;
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.encoder) {
-    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    Normed n = Norm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
     at::Tensor q = Heads(n, b.self_attn.q, rows, c);
     at::Tensor k = Heads(n, b.self_attn.k, rows, c);
     at::Tensor v = Heads(n, b.self_attn.v, rows, c);
     h = h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows);
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+    n = Norm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
     h = h + FeedForward(n, w, b.ff, rows);
   }
-  Normed n = RmsNorm(h, w.encoder_final_norm, c.layer_norm_epsilon, w.dtype);
+  Normed n = Norm(h, w.encoder_final_norm, c.layer_norm_epsilon, w.dtype);
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
@@ -224,20 +248,20 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
       CausalBias(w, T, w.device);
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.decoder) {
-    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    Normed n = Norm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
     at::Tensor q = Heads(n, b.self_attn.q, rows, c);
     at::Tensor k = Heads(n, b.self_attn.k, rows, c);
     at::Tensor v = Heads(n, b.self_attn.v, rows, c);
     h = h + AttendAndProject(q, k, v, self_bias, b.self_attn.o, rows);
-    n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+    n = Norm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
     q = Heads(n, b.cross_attn.q, rows, c);
     k = Heads(EncoderInput(enc), b.cross_attn.k, rows, c);
     v = Heads(EncoderInput(enc), b.cross_attn.v, rows, c);
     h = h + AttendAndProject(q, k, v, enc.mask_bias, b.cross_attn.o, rows);
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+    n = Norm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
     h = h + FeedForward(n, w, b.ff, rows);
   }
-  h = RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
+  h = Norm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
   return LmHead(w, h);
 }
 
@@ -369,21 +393,21 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
     at::Tensor h = Embed(w, ids.view({-1, 1}));
     for (size_t i = 0; i < w.decoder.size(); ++i) {
       const BlockWeights& b = w.decoder[i];
-      Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+      Normed n = Norm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
       at::Tensor q = Heads(n, b.self_attn.q, rows, c);
       cache.self_k[i].narrow(2, t, 1).copy_(Heads(n, b.self_attn.k, rows, c));
       cache.self_v[i].narrow(2, t, 1).copy_(Heads(n, b.self_attn.v, rows, c));
       at::Tensor k = cache.self_k[i].narrow(2, 0, t + 1);
       at::Tensor v = cache.self_v[i].narrow(2, 0, t + 1);
       h = h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows);
-      n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+      n = Norm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
       q = Heads(n, b.cross_attn.q, rows, c);
       h = h + AttendAndProject(q, cache.cross_k[i], cache.cross_v[i],
                                cache.cross_bias, b.cross_attn.o, rows);
-      n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+      n = Norm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
       h = h + FeedForward(n, w, b.ff, rows);
     }
-    h = RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
+    h = Norm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
     cache.length = t + 1;
     return LmHead(w, h).squeeze(1);
   } catch (const c10::Error& e) {

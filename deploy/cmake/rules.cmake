@@ -20,11 +20,20 @@ macro(_lorahub_pick_cuda_srcs)
     set(_lh_saved_try_type "${CMAKE_TRY_COMPILE_TARGET_TYPE}")
     set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)  # compile only
     foreach(_lh_src IN LISTS ARG_CUDA_SRCS)
-      if(_lh_src MATCHES "\\.(cc|cpp|cxx)$")
+      # Kernels (.cu) need nvcc (external.cmake enables CUDA when it finds it).
+      if(_lh_src MATCHES "\\.cu$" AND NOT LORAHUB_NVCC)
+        message(WARNING "lorahub: no CUDA compiler for ${_lh_src}; ${name} keeps its CPU sources")
+        set(_lh_use_cuda FALSE)
+      endif()
+      if(_lh_src MATCHES "\\.(cc|cpp|cxx|cu)$")
         string(MAKE_C_IDENTIFIER "${_lh_src}" _lh_id)
+        if(_lh_src MATCHES "\\.cu$" AND NOT LORAHUB_NVCC)
+          continue()
+        endif()
         try_compile(_lh_cuda_ok_${_lh_id} "${CMAKE_BINARY_DIR}/cuda_src_probe/${_lh_id}"
                     SOURCES "${_lh_src}"
                     CMAKE_FLAGS "-DINCLUDE_DIRECTORIES=${LORAHUB_CUDA_PROBE_INCLUDES}"
+                                "-DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}"
                     COMPILE_DEFINITIONS ${LORAHUB_CUDA_PROBE_DEFINES}
                     CXX_STANDARD 17
                     OUTPUT_VARIABLE _lh_cuda_out)
@@ -67,7 +76,7 @@ endfunction()
 function(_lorahub_has_compiled out)
   set(found FALSE)
   foreach(s IN LISTS ARGN)
-    if(s MATCHES "\\.(cc|cpp|cxx|c|S)$")
+    if(s MATCHES "\\.(cc|cpp|cxx|c|S|cu)$")
       set(found TRUE)
     endif()
   endforeach()

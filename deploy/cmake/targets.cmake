@@ -539,12 +539,31 @@ lorahub_cc_library(core_model_model
     ${SRC}/core/model/t5_forward.h
     ${SRC}/core/model/t5_weights.h
   DEPS
+    core_model_fused_ops
     core_config_config
     core_io_host_tensor
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
   OUTPUT_NAME model
+)
+
+# //core/model:fused_ops (cc_library)
+lorahub_cc_library(core_model_fused_ops
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/fused_ops.cc
+    ${SRC}/core/model/fused_kernels.h
+    ${SRC}/core/model/fused_ops.h
+    ${SRC}/core/model/fused_ops_backend.h
+  CPU_SRCS
+    ${SRC}/core/model/fused_ops_stub.cc
+  CUDA_SRCS
+    ${SRC}/core/model/fused_kernels.cu
+    ${SRC}/core/model/fused_ops_cuda.cc
+  DEPS
+    ext_libtorch_libtorch
+  OUTPUT_NAME fused_ops
 )
 
 # //core/model:loader (cc_library)
@@ -982,6 +1001,7 @@ lorahub_cc_binary(server_lorahub
     core_metrics_metrics
     core_metrics_exposer
     core_model_model
+    core_model_fused_ops
     core_model_loader
     core_serving_serving
     core_store_store

@@ -36,6 +36,7 @@
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
 #include "core/model/cuda_graph.h"
+#include "core/model/fused_ops.h"
 #include "core/model/generate.h"
 #include "core/model/loader.h"
 #include "core/model/lora.h"
@@ -319,6 +320,7 @@ absl::Status Run(const Args& args) {
   out["examples"] = examples.size();
   out["fast_path"] = oopts.fast_path;
   out["cuda_graphs_compiled"] = model::CudaGraphsCompiled();
+  out["fused_kernels"] = model::FusedKernelsEnabled();
   std::printf("%s\n", out.dump().c_str());
   return absl::OkStatus();
 }

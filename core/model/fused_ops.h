@@ -1,0 +1,47 @@
+// Fused kernels of the T5 forward pass on CUDA, with ATen fallbacks that are
+// the reference arithmetic everywhere else (CPU, autograd, a build without
+// nvcc). The forward pass calls these and does not care which ran.
+//
+// Why: under a CUDA graph a flan-t5-large objective evaluation is bound by
+// the number of small kernels (about 3,300 of them, most of them elementwise
+// steps of RMS norm, attention and casts), not by the matmuls. One RMS-norm
+// kernel replaces eight, and PyTorch's scaled-dot-product attention replaces
+// the matmul / bias / softmax / matmul sequence.
+//
+// Two implementations of the CUDA part, one per build (deploy/cmake/README.md,
+// "CUDA-only sources"): fused_ops_cuda.cc + fused_kernels.cu (CMake with a
+// CUDA LibTorch and nvcc) and fused_ops_stub.cc (everything else).
+//
+// Thread-safety: stateless; kernels run on the current CUDA stream.
+#ifndef LORAHUB_CORE_MODEL_FUSED_OPS_H_
+#define LORAHUB_CORE_MODEL_FUSED_OPS_H_
+
+#include <ATen/core/Tensor.h>
+
+namespace lorahub::model {
+
+// True when this binary holds the CUDA kernels; Enabled: and the environment
+// does not turn them off (LORAHUB_NO_FUSED=1, for A/B timing).
+bool FusedKernelsCompiled();
+bool FusedKernelsEnabled();
+
+// RMS norm as T5 does it, over the last dimension of `x` (any float dtype):
+// variance of x in fp32, x * rsqrt(variance + eps) times `weight`, all in
+// fp32. `full` gets that fp32 result; `rounded` the same rounded once to
+// `compute` (the same tensor as `full` when `compute` is fp32).
+struct NormOutput {
+  at::Tensor full;
+  at::Tensor rounded;
+};
+NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                   at::ScalarType compute);
+
+// softmax(q k^T + bias) v with no 1/sqrt(d) scaling (T5), in the dtype of q,
+// k, v (fp32 in this engine). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
+// broadcastable to [B, H, T, S]. Returns [B, H, T, d].
+at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias);
+
+}  // namespace lorahub::model
+
+#endif  // LORAHUB_CORE_MODEL_FUSED_OPS_H_

@@ -1,0 +1,24 @@
+// The CUDA side of fused_ops.h, implemented by fused_ops_cuda.cc (CUDA build)
+// or fused_ops_stub.cc (everything else). Internal to core/model.
+#ifndef LORAHUB_CORE_MODEL_FUSED_OPS_BACKEND_H_
+#define LORAHUB_CORE_MODEL_FUSED_OPS_BACKEND_H_
+
+#include <ATen/core/Tensor.h>
+
+#include "core/model/fused_ops.h"
+
+namespace lorahub::model::fused_backend {
+
+bool Compiled();
+
+// Each returns false (and leaves its outputs alone) when it does not handle
+// these tensors (not CUDA, an unsupported dtype or shape); the caller then
+// runs the ATen fallback.
+bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+             at::ScalarType compute, NormOutput* out);
+bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& bias, at::Tensor* out);
+
+}  // namespace lorahub::model::fused_backend
+
+#endif  // LORAHUB_CORE_MODEL_FUSED_OPS_BACKEND_H_

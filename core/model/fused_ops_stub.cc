@@ -1,0 +1,19 @@
+// fused_ops.h without CUDA kernels (Bazel here, CMake without a CUDA
+// LibTorch or nvcc): every call takes the ATen fallback.
+#include "core/model/fused_ops_backend.h"
+
+namespace lorahub::model::fused_backend {
+
+bool Compiled() { return false; }
+
+bool RmsNorm(const at::Tensor&, const at::Tensor&, double, at::ScalarType,
+             NormOutput*) {
+  return false;
+}
+
+bool Attention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+               const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
+}  // namespace lorahub::model::fused_backend
