@@ -23,7 +23,7 @@ std::vector<double> StartPoint(const OptimizerOptions& options) {
 }
 
 Evaluator::Evaluator(const OptimizerOptions& options, const BatchObjective& objective)
-    : options_(options), objective_(objective) {
+    : options_(options), objective_(objective), budget_left_end_(options.budget) {
   trace_.reserve(std::min(options.budget, 4096));
   start_seconds_ = Now();
 }
@@ -65,6 +65,11 @@ absl::StatusOr<std::vector<double>> Evaluator::Evaluate(
                                             " scores for ", n, " candidates"));
   }
   const double now = Now() - start_seconds_;
+  // Time limit: the evaluations of this call are kept (whole batches), nothing after them.
+  if (options_.max_seconds > 0 && now >= options_.max_seconds && !stopped_by_time_) {
+    stopped_by_time_ = true;
+    budget_left_end_ = std::min(budget_left_end_, evaluations() + static_cast<int>(n));
+  }
   for (size_t i = 0; i < n; ++i) {
     const double s = (*scores)[i];
     trace_.push_back(TraceEntry{s, std::move(batch[i]), now});
@@ -120,6 +125,7 @@ OptimizerResult Evaluator::TakeResult() {
   }
   result.evaluations = evaluations();
   result.objective_calls = objective_calls_;
+  result.stopped_by_time = stopped_by_time_ && evaluations() < options_.budget;
   result.trace = std::move(trace_);
   trace_.clear();
   best_index_ = -1;

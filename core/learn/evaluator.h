@@ -24,7 +24,10 @@ class Evaluator {
 
   int budget() const { return options_.budget; }
   int evaluations() const { return static_cast<int>(trace_.size()); }
-  int remaining() const { return options_.budget - evaluations(); }
+  // Evaluations still allowed: 0 once the budget is spent or options.max_seconds has passed
+  // (the time limit ends the budget at the evaluations made so far).
+  int remaining() const { return budget_left_end_ - evaluations(); }
+  bool stopped_by_time() const { return stopped_by_time_; }
   bool has_best() const { return best_index_ >= 0; }
   double best_score() const;
   const std::vector<double>& best_weights() const;
@@ -49,6 +52,8 @@ class Evaluator {
   const BatchObjective& objective_;
   double start_seconds_ = 0;
   int objective_calls_ = 0;
+  int budget_left_end_ = 0;  // options.budget, lowered to evaluations() when time runs out
+  bool stopped_by_time_ = false;
   int best_index_ = -1;
   std::vector<TraceEntry> trace_;
 };

@@ -44,6 +44,10 @@ absl::Status ValidateOptions(const OptimizerOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("optimizer initial step must be finite and > 0, got ", o.initial_step));
   }
+  if (!std::isfinite(o.max_seconds) || o.max_seconds < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("optimizer max_seconds must be finite and >= 0, got ", o.max_seconds));
+  }
   if (!o.initial_point.empty()) {
     if (static_cast<int>(o.initial_point.size()) != o.dimension) {
       return absl::InvalidArgumentError(absl::StrCat("optimizer initial point has ",

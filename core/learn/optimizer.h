@@ -78,6 +78,13 @@ struct OptimizerOptions {
   // cobyla only: also give the box to NLopt as bound constraints (the objective clips either
   // way). See cobyla_optimizer.h for why this is the default.
   bool cobyla_nlopt_bounds = true;
+  // Wall-clock limit in seconds for one Minimize call (0 = none; must be finite and >= 0).
+  // Checked after every objective call: the search stops after the evaluation (sequential
+  // optimizers) or the generation/batch (population optimizers) whose scores come back at or
+  // after max_seconds since Minimize started, as if the budget ended there. So at least one
+  // objective call is made, whole batches are never cut, and the run ends normally (not
+  // Cancelled) with the best seen so far. Measured with `clock` when set.
+  double max_seconds = 0;
   // Optional; called after each evaluation on the Minimize thread.
   ProgressCallback progress;
   // Optional; defaults to std::chrono::steady_clock.
@@ -101,6 +108,7 @@ struct OptimizerResult {
   std::vector<TraceEntry> trace;     // one entry per evaluation, in order
   int evaluations = 0;               // == trace.size() <= budget
   int objective_calls = 0;           // number of BatchObjective calls (forward passes)
+  bool stopped_by_time = false;      // the max_seconds limit ended the search
 };
 
 // An optimizer instance is single-use state plus options; Minimize may be called more than

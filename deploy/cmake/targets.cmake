@@ -1631,6 +1631,20 @@ lorahub_cc_test(tests_learn_objective_fast_path_test
   TIMEOUT 300
 )
 
+# //tests/learn:time_limit_test (cc_test)
+lorahub_cc_test(tests_learn_time_limit_test
+  TEST_NAME //tests/learn:time_limit_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/time_limit_test.cc
+  DEPS
+    tests_learn_analytic_functions
+    core_learn_optimizer
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
 # ---- //tests/metrics  (tests/metrics/BUILD)
 
 # //tests/metrics:test_util (cc_library)

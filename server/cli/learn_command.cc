@@ -5,7 +5,7 @@
 //     [--method lorahub|cat|ties|dare_linear] [--density 0.5]
 //     [--objective loss|exact_match] [--max-new-tokens 32]
 //     [--population L] [--batch-size N] [--max-rows N] [--regularization 0.05]
-//     [--lower -1.5 --upper 1.5] [--initial-step S] [--seed 42] [--warm-start]
+//     [--max-seconds S] [--lower -1.5 --upper 1.5] [--initial-step S] [--seed 42] [--warm-start]
 //     [--cobyla-impl trust|nlopt] [--no-cobyla-bounds] [--weights w1,..] [--device cpu|cuda:0] [--dtype fp32|bf16]
 //     [--out DIR] [--trace FILE.jsonl] [--json]
 //
@@ -15,7 +15,9 @@
 //    "objective": ..., "modules": N, "examples": m, "budget": b, "population": p, "seed": s}
 // best_score is the objective (loss + regularization * mean|w|); best_loss the part without
 // the regularizer (the negated accuracy for --objective exact_match). seconds is the wall time
-// of the search (loading excluded). On a terminal, stderr shows a progress bar.
+// of the search (loading excluded). --max-seconds S (0 = none) also ends the search after the
+// evaluation or generation whose scores come back at or after S seconds (the budget still
+// caps it); then "stopped_by_time" is true. On a terminal, stderr shows a progress bar.
 // --out writes the composed adapter at the best weights as a PEFT adapter directory.
 // --trace writes one JSON line per evaluation: {"evaluation", "score", "weights", "seconds"}.
 #include <unistd.h>
@@ -155,6 +157,12 @@ absl::Status Run(const Args& args) {
         absl::StrCat("--budget must be in [1, ", learn::kMaxBudget, "]"));
   }
   popts.budget = static_cast<int>(*budget);
+  auto max_seconds = args.GetDouble("max-seconds", 0.0);
+  if (!max_seconds.ok()) return max_seconds.status();
+  if (!std::isfinite(*max_seconds) || *max_seconds < 0) {
+    return absl::InvalidArgumentError("--max-seconds must be a finite number >= 0");
+  }
+  popts.max_seconds = *max_seconds;
   auto seed = args.GetInt("seed", 42);
   if (*seed < 0) return absl::InvalidArgumentError("--seed must be >= 0");
   popts.seed = static_cast<uint64_t>(*seed);
@@ -283,6 +291,8 @@ absl::Status Run(const Args& args) {
   j["modules"] = adapter_dirs.size();
   j["examples"] = num_examples;
   j["budget"] = popts.budget;
+  j["max_seconds"] = popts.max_seconds;
+  j["stopped_by_time"] = result->stopped_by_time;
   j["population"] = effective_population;
   j["seed"] = popts.seed;
   j["regularization"] = oopts.regularization;
@@ -305,7 +315,7 @@ int RunLearn(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "examples", "budget", "optimizer", "method", "density",
                  "objective", "max-new-tokens", "population", "batch-size", "max-rows",
                  "regularization", "lower", "upper", "initial-step", "seed", "weights",
-                 "device", "dtype", "out", "trace", "cobyla-impl"},
+                 "max-seconds", "device", "dtype", "out", "trace", "cobyla-impl"},
                 {"json", "warm-start", "no-cobyla-bounds"}};
   return RunWithArgs("learn", argc, argv, spec, Run);
 }
