@@ -11,7 +11,8 @@
 #    bench` again with LORAHUB_NO_FUSED=1 (the ATen fallbacks) for an A/B of the kernels.
 # Everything is written under /tmp/perf_out and packed into $OUT/perf.tgz (the device
 # tool brings back at most 8 files); the summary goes to stdout.
-# Environment: SKIP_TESTS=1, SKIP_PARITY=1, SKIP_BENCH=1, AB=1, REPS, CMAES_BUDGET.
+# Environment: SKIP_TESTS=1, SKIP_PARITY=1, SKIP_BENCH=1, AB=1, REPS, CMAES_BUDGET;
+# QUICK=1: instead of bench.sh, only ours (fused kernels on and off, fp32 and bf16).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=/tmp/perf_out
@@ -40,19 +41,39 @@ if [ "${SKIP_PARITY:-0}" != 1 ]; then
   echo "== parity_large exit $? [$((SECONDS - start)) s]"
   tail -8 "$out/parity_large.log"
 fi
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
+ours_bench() {  # ours_bench DTYPE TAG [ENV=VALUE...]: one `lorahub bench`, a summary line
+  local dtype=$1 tag=$2; shift 2
+  adapters=(); for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
+  env "$@" timeout 150 .gpu/build/bin/server/lorahub bench --model "$fx/base" "${adapters[@]}" \
+    --examples "$fx/examples.jsonl" --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype "$dtype" \
+    --reps "${REPS:-30}" --cmaes-budget "${CMAES_BUDGET:-640}" --population 64 --gen-batch 64 \
+    --gen-tokens 32 --json > "$out/ours_${dtype}_$tag.json" 2>&1
+  python3 - "$out/ours_${dtype}_$tag.json" "$dtype $tag" <<'PY'
+import json, sys
+try:
+    j = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except Exception as e:
+    print(sys.argv[2], "FAILED", open(sys.argv[1]).read()[-800:]); sys.exit()
+g = j.get("generation", {})
+print("%s: eval %.3f ms (p90 %.3f), cobyla40 %.3f s, cmaes %.0f cand/s, gen base %.0f merged %.0f per-row %.0f tok/s, ttft %.2f ms, compose %.4f s, cold %.2f s, fused %s, engine %s, fast-vs-eager %.2g" % (
+    sys.argv[2], j["eval_ms_median"], j["eval_ms_p90"], j["cobyla40_seconds"], j["cmaes_candidates_per_second"],
+    g["base"]["tokens_per_second"], g["merged"]["tokens_per_second"], g["per_row"]["tokens_per_second"],
+    g["ttft_ms"], j["compose_seconds"], j["cold_start_seconds"], j.get("fused_kernels"), j.get("engine"),
+    j.get("fast_vs_eager_rel_diff", -1)))
+PY
+}
+if [ "${QUICK:-0}" = 1 ]; then  # ours only: fused kernels on and off, fp32 and bf16
+  for dtype in fp32 bf16; do
+    ours_bench $dtype fused
+    ours_bench $dtype nofused LORAHUB_NO_FUSED=1
+  done
+  echo "== quick bench [$((SECONDS - start)) s]"
+elif [ "${SKIP_BENCH:-0}" != 1 ]; then
   OUT=$out bash deploy/gpu/bench.sh > /dev/null 2>&1
   echo "== bench [$((SECONDS - start)) s]"
   cat "$out/bench/table.md"
   if [ "${AB:-0}" = 1 ]; then
-    adapters=(); for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
-    for dtype in fp32 bf16; do
-      LORAHUB_NO_FUSED=1 timeout 120 .gpu/build/bin/server/lorahub bench --model "$fx/base" "${adapters[@]}" \
-        --examples "$fx/examples.jsonl" --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype $dtype \
-        --reps "${REPS:-30}" --cmaes-budget "${CMAES_BUDGET:-640}" --population 64 --gen-batch 64 \
-        --gen-tokens 32 --json > "$out/bench/ours_${dtype}_nofused.json" 2>&1
-      echo "== no-fused $dtype: $(tail -c 1500 "$out/bench/ours_${dtype}_nofused.json")"
-    done
+    for dtype in fp32 bf16; do ours_bench $dtype nofused LORAHUB_NO_FUSED=1; done
   fi
 fi
 echo "== done in $((SECONDS - start)) s"
