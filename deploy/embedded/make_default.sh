@@ -62,9 +62,9 @@ else
   # dropout 0.1 collapse to a model that ignores its input (1.14-1.41).
   BASE_FLAGS="${BASE_FLAGS:---epochs 12 --batch-size 64 --lr 5e-4 --warmup-ratio 0.05 --schedule cosine --weight-decay 0.01 --dropout 0.0}"
   # 1000 examples per pool task, 32 steps per epoch.
-  # RECIPE_MODULE_FLAGS
+  MODULE_FLAGS="${MODULE_FLAGS:---epochs 8 --batch-size 32 --lr 2e-3 --warmup-ratio 0.06}"
 fi
-# RECIPE_LORA_FLAGS
+LORA_FLAGS="${LORA_FLAGS:---r 8 --alpha 16 --dropout 0.05 --targets q,v}"
 MODULE_DTYPE="${MODULE_DTYPE:-bf16}"
 case "$MODULE_DTYPE" in bf16 | fp32) ;; *) echo "MODULE_DTYPE must be bf16 or fp32" >&2; exit 2 ;; esac
 # The converter needs numpy: Debian's /usr/bin/python3 here, python3 on the GPU host.
