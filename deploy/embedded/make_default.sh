@@ -111,32 +111,32 @@ if [ -n "$BASE_DIR" ]; then
   echo "== 2-3/4 skipped: modules train against $BASE_DIR" >&2
   BASE="$BASE_DIR"
 else
-BASE="$OUT/base"
-echo "== 2/4 sentencepiece (vocab $VOCAB)" >&2
-t0=$(now)
-SPM_ARGS=(--input="$WORK/data/corpus.txt" --model_prefix="$WORK/spiece"
-  --vocab_size="$VOCAB" --model_type=unigram --character_coverage=1.0
-  --pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1 --split_digits=true
-  --input_sentence_size=0 --shuffle_input_sentence=false
-  --num_threads=1 --random_seed="$SEED")
-if [ -n "${SPM_MODEL:-}" ]; then
-  cp "$SPM_MODEL" "$WORK/spiece.model"
-elif command -v spm_train > /dev/null; then
-  spm_train "${SPM_ARGS[@]}" > "$WORK/spm_train.log" 2>&1
-else
-  # GPU host: the Python package's trainer takes the same flags.
-  python3 -c 'import sys, sentencepiece as s; s.SentencePieceTrainer.Train(" ".join(sys.argv[1:]))' \
-    "${SPM_ARGS[@]}" > "$WORK/spm_train.log" 2>&1
-fi
-echo "{\"stage\": \"spm_train\", \"seconds\": $(elapsed "$t0")}" >> "$LOG"
+  BASE="$OUT/base"
+  echo "== 2/4 sentencepiece (vocab $VOCAB)" >&2
+  t0=$(now)
+  SPM_ARGS=(--input="$WORK/data/corpus.txt" --model_prefix="$WORK/spiece"
+    --vocab_size="$VOCAB" --model_type=unigram --character_coverage=1.0
+    --pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1 --split_digits=true
+    --input_sentence_size=0 --shuffle_input_sentence=false
+    --num_threads=1 --random_seed="$SEED")
+  if [ -n "${SPM_MODEL:-}" ]; then
+    cp "$SPM_MODEL" "$WORK/spiece.model"
+  elif command -v spm_train > /dev/null; then
+    spm_train "${SPM_ARGS[@]}" > "$WORK/spm_train.log" 2>&1
+  else
+    # GPU host: the Python package's trainer takes the same flags.
+    python3 -c 'import sys, sentencepiece as s; s.SentencePieceTrainer.Train(" ".join(sys.argv[1:]))' \
+      "${SPM_ARGS[@]}" > "$WORK/spm_train.log" 2>&1
+  fi
+  echo "{\"stage\": \"spm_train\", \"seconds\": $(elapsed "$t0")}" >> "$LOG"
 
-echo "== 3/4 base model ($CONFIG) on $DEVICE" >&2
-t0=$(now)
-# shellcheck disable=SC2086
-line=$("$LORAHUB" train-base --config "$CONFIG" --spm "$WORK/spiece.model" \
-  --data "$WORK/data/base_train.jsonl" --out "$OUT/base" --save-dtype bf16 \
-  --seed "$SEED" --device "$DEVICE" $BASE_FLAGS | tail -n 1)
-echo "{\"stage\": \"base\", \"wall_seconds\": $(elapsed "$t0"), ${line#\{}" >> "$LOG"
+  echo "== 3/4 base model ($CONFIG) on $DEVICE" >&2
+  t0=$(now)
+  # shellcheck disable=SC2086
+  line=$("$LORAHUB" train-base --config "$CONFIG" --spm "$WORK/spiece.model" \
+    --data "$WORK/data/base_train.jsonl" --out "$OUT/base" --save-dtype bf16 \
+    --seed "$SEED" --device "$DEVICE" $BASE_FLAGS | tail -n 1)
+  echo "{\"stage\": \"base\", \"wall_seconds\": $(elapsed "$t0"), ${line#\{}" >> "$LOG"
 fi
 cp "$WORK/data/tasks.json" "$OUT/tasks.json"
 
