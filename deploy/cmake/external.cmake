@@ -117,12 +117,14 @@ endif()
 # Hand-written kernels (.cu among the CUDA-only sources) need nvcc; without
 # one, the targets holding them keep their CPU sources (rules.cmake).
 set(LORAHUB_NVCC OFF)
+set(LORAHUB_CUDA_ARCHITECTURES 90 CACHE STRING "GPU architectures of the kernels (H100/H200: 90)")
 if(LORAHUB_CUDA_ENABLED)
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
-    if(NOT CMAKE_CUDA_ARCHITECTURES)
-      set(CMAKE_CUDA_ARCHITECTURES 90 CACHE STRING "GPU architectures of the kernels (H100/H200: 90)")
+    # Torch's CMake config may leave this OFF (nvcc's default, JIT-compiled PTX).
+    if(NOT CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "OFF")
+      set(CMAKE_CUDA_ARCHITECTURES ${LORAHUB_CUDA_ARCHITECTURES})
     endif()
     enable_language(CUDA)
     set(CMAKE_CUDA_STANDARD 17)
