@@ -1806,6 +1806,7 @@ lorahub_cc_test(tests_model_static_decoder_test
   DEPS
     tests_model_tiny_t5
     core_model_model
+    core_model_cuda_graph
     core_model_static_decoder
     ext_gtest_gtest_main
     ext_libtorch_libtorch
