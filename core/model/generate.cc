@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/static_decoder.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -16,6 +18,13 @@ namespace {
 
 constexpr int64_t kMaxNewTokens = 8192;
 constexpr double kNeg = -1.0e9;  // transformers' "very large negative"
+// Below this many new tokens a CUDA graph capture (two warm-up steps, the
+// capture, and a check against two eager steps) costs more than it saves.
+constexpr int64_t kMinGraphTokens = 8;
+// The static decoder attends over all max_new_tokens cache positions every
+// step (DecodeStep over t + 1): above this the extra cache reads cost more
+// than the dispatch they save, so longer runs decode with DecodeStep.
+constexpr int64_t kMaxStaticTokens = 256;
 
 absl::Status CheckOptions(const GenerateOptions& o) {
   if (o.max_new_tokens < 1 || o.max_new_tokens > kMaxNewTokens) {
@@ -63,6 +72,51 @@ at::Tensor Warp(at::Tensor scores, const GenerateOptions& o) {
   }
   return scores;
 }
+
+// The incremental decoder of one generation: the StaticDecoder (CUDA graph
+// where possible) or DecodeStep over a DecoderCache (options.cuda_graph
+// false).
+class StepDecoder {
+ public:
+  static absl::StatusOr<StepDecoder> Create(const T5Weights& w,
+                                            const EncoderOutput& enc,
+                                            const RowAdapters& rows,
+                                            const GenerateOptions& o) {
+    StepDecoder d;
+    d.w_ = &w;
+    d.rows_ = rows;
+    if (o.cuda_graph && o.max_new_tokens <= kMaxStaticTokens) {
+      StaticDecoderOptions so;
+      so.capacity = o.max_new_tokens;
+      so.cuda_graph = o.max_new_tokens >= kMinGraphTokens;
+      LH_ASSIGN_OR_RETURN(d.static_,
+                          StaticDecoder::Create(w, enc, rows, so));
+    } else {
+      LH_ASSIGN_OR_RETURN(d.cache_,
+                          InitDecoderCache(w, enc, rows, o.max_new_tokens));
+    }
+    return d;
+  }
+
+  // [B, vocab] fp32 logits, valid until the next Step.
+  absl::StatusOr<at::Tensor> Step(const at::Tensor& ids) {
+    if (static_ != nullptr) return static_->Step(ids);
+    return DecodeStep(*w_, cache_, ids, rows_);
+  }
+
+  // Beams of one input: self-attention caches only (in place for the
+  // static decoder).
+  absl::Status ReorderSelf(const at::Tensor& index) {
+    if (static_ != nullptr) return static_->Reorder(index, /*cross=*/false);
+    return ReorderCache(cache_, index, /*cross=*/false);
+  }
+
+ private:
+  const T5Weights* w_ = nullptr;
+  RowAdapters rows_;
+  DecoderCache cache_;
+  std::unique_ptr<StaticDecoder> static_;
+};
 
 struct Prepared {
   at::Tensor ids, mask;
@@ -117,8 +171,8 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
   const int64_t B = p.ids.size(0);
   const int64_t eos = w.config.eos_token_id;
   LH_ASSIGN_OR_RETURN(EncoderOutput enc, Encode(w, p.ids, p.mask, p.rows));
-  LH_ASSIGN_OR_RETURN(DecoderCache cache,
-                      InitDecoderCache(w, enc, p.rows, o.max_new_tokens));
+  LH_ASSIGN_OR_RETURN(StepDecoder decoder,
+                      StepDecoder::Create(w, enc, p.rows, o));
   GenerateResult result;
   result.output_ids.resize(B);
   std::vector<bool> done(B, false);
@@ -128,8 +182,7 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
                at::TensorOptions().dtype(at::kLong).device(w.device));
   at::Tensor unfinished = at::ones({B}, tokens.options().dtype(at::kBool));
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    LH_ASSIGN_OR_RETURN(at::Tensor logits,
-                        DecodeStep(w, cache, tokens, p.rows));
+    LH_ASSIGN_OR_RETURN(at::Tensor logits, decoder.Step(tokens));
     at::Tensor next;
     at::Tensor scores = logits.to(at::kFloat);
     if (o.do_sample) {
@@ -188,8 +241,8 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
   LH_ASSIGN_OR_RETURN(EncoderOutput enc0, Encode(w, p.ids, p.mask, p.rows));
   EncoderOutput enc{enc0.hidden.index_select(0, expand),
                     enc0.mask_bias.index_select(0, expand)};
-  LH_ASSIGN_OR_RETURN(DecoderCache cache,
-                      InitDecoderCache(w, enc, rows, o.max_new_tokens));
+  LH_ASSIGN_OR_RETURN(StepDecoder decoder,
+                      StepDecoder::Create(w, enc, rows, o));
 
   at::Tensor running_seq =
       at::full({B, K, L}, w.config.pad_token_id, dev.dtype(at::kLong));
@@ -209,7 +262,7 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
   int64_t cur_len = 1;
   while (cur_len < L) {
     at::Tensor last = running_seq.select(2, cur_len - 1).reshape({B * K});
-    LH_ASSIGN_OR_RETURN(at::Tensor logits, DecodeStep(w, cache, last, rows));
+    LH_ASSIGN_OR_RETURN(at::Tensor logits, decoder.Step(last));
     at::Tensor log_probs =
         at::log_softmax(logits.to(at::kFloat), -1).view({B, K, V});
     at::Tensor acc =
@@ -248,7 +301,7 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
     beam_scores = Gather(m_scores, keep);
     finished = Gather(m_fin, keep);
     finished_len = Gather(m_len, keep);
-    LH_RETURN_IF_ERROR(ReorderCache(cache, src.reshape({B * K}), false));
+    LH_RETURN_IF_ERROR(decoder.ReorderSelf(src.reshape({B * K})));
     ++cur_len;
     // transformers' early-stop heuristic.
     const double hyp_len =

@@ -43,6 +43,15 @@ struct GenerateOptions {
   std::function<bool(int64_t step, const std::vector<int64_t>& tokens)> on_step;
   // Polled between steps; true cancels.
   const std::atomic<bool>* cancel = nullptr;
+  // Decode with the fixed-shape StaticDecoder (static_decoder.h) when
+  // max_new_tokens <= 256 (it attends over all max_new_tokens positions
+  // every step); its step is captured once as a CUDA graph and replayed on a
+  // CUDA device when max_new_tokens >= 8 (shorter runs do not repay the
+  // capture), and runs eagerly on the CPU and wherever capture fails (the
+  // reason is logged once per process). false, or longer runs: the eager
+  // DecodeStep path (t5_forward.h). Outputs are the same either way up to
+  // float summation order.
+  bool cuda_graph = true;
 };
 
 struct GenerateResult {

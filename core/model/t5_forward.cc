@@ -4,13 +4,48 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
+#include "core/model/t5_layers.h"
 
 namespace lorahub::model {
+namespace internal {
 namespace {
+
+// The input of a matmul against `weight`: x rounded to the weight's dtype.
+at::Tensor MatmulInput(const at::Tensor& x, const at::Tensor& weight) {
+  return x.scalar_type() == weight.scalar_type() ? x
+                                                 : x.to(weight.scalar_type());
+}
+
+at::Tensor SplitHeads(const at::Tensor& x, int64_t heads, int64_t d_kv) {
+  return x.view({x.size(0), x.size(1), heads, d_kv}).transpose(1, 2);
+}
+
+at::Tensor Activation(const at::Tensor& x, const std::string& name) {
+  if (name == "relu") return at::relu(x);
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" ||
+      name == "gelu_fast") {
+    // transformers' NewGELU formula; one kernel (internally fp32).
+    return at::gelu(x, "tanh");
+  }
+  if (name == "gelu") return at::gelu(x);
+  if (name == "silu" || name == "swish") return at::silu(x);
+  TORCH_CHECK(false, "unsupported activation '", name, "'");
+}
+
+// Logits in fp32: the final hidden state (fp32) is rounded once as the
+// matmul input; the matmul output is widened before anything reads it.
+at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
+  if (w.scale_decoder_outputs) h = h * std::pow(w.config.d_model, -0.5);
+  return at::matmul(MatmulInput(h, w.lm_head), w.lm_head.t()).to(at::kFloat);
+}
+
+}  // namespace
 
 // Everything below may throw c10::Error; the public functions catch it.
 
@@ -27,20 +62,12 @@ double MinValue(at::ScalarType dtype) {
   }
 }
 
-// A sublayer input: `full` in fp32 (feeds the LoRA deltas) and `mm`, the
-// same rounded once to the compute dtype (feeds the weight matmuls). In fp32
-// mode both are the same tensor.
-struct Normed {
-  at::Tensor mm;
-  at::Tensor full;
-};
-
 // The variance, the scaling and the weight multiply in fp32 whatever the
 // dtype of x (the fp32 residual stream), then ONE rounding to the compute
-// dtype for the matmuls (fused_ops.h; one kernel on CUDA). In fp32 this is
+// dtype for the matmuls (fused_ops.h: one kernel on CUDA). In fp32 this is
 // transformers' arithmetic exactly; in bf16 transformers rounds
 // x * rsqrt(variance) to bf16 and multiplies by the weight in bf16.
-Normed Norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                at::ScalarType compute) {
   NormOutput n = model::RmsNorm(x, weight, eps, compute);
   return Normed{std::move(n.rounded), std::move(n.full)};
@@ -53,12 +80,6 @@ Normed Norm(const at::Tensor& x, const at::Tensor& weight, double eps,
 // the LoRA delta (added to the base output before any rounding), and the
 // logits. In fp32 mode every cast below is a no-op.
 
-// The input of a matmul against `weight`: x rounded to the weight's dtype.
-at::Tensor MatmulInput(const at::Tensor& x, const at::Tensor& weight) {
-  return x.scalar_type() == weight.scalar_type() ? x
-                                                 : x.to(weight.scalar_type());
-}
-
 // y = x W^T (+ per-row LoRA). x: [B, T, in]. Without LoRA at this site the
 // result is the matmul's (compute dtype); with LoRA it is the base output
 // plus the fp32 delta, in fp32 (PEFT adds in fp32 too, then rounds; here the
@@ -67,8 +88,7 @@ at::Tensor MatmulInput(const at::Tensor& x, const at::Tensor& weight) {
 // attention scores are unscaled, so composed adapters with large weights
 // make q and k large and sensitive to it), else from x.
 at::Tensor Project(const at::Tensor& x, const Linear& linear,
-                   const RowAdapters& rows,
-                   const at::Tensor& x_full = at::Tensor()) {
+                   const RowAdapters& rows, const at::Tensor& x_full) {
   at::Tensor y = at::matmul(MatmulInput(x, linear.weight), linear.weight.t());
   if (rows.bank == nullptr) return y;
   const SiteBank& sb = rows.bank->sites[linear.site];
@@ -111,10 +131,6 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
   return y + delta * scale;
 }
 
-at::Tensor SplitHeads(const at::Tensor& x, int64_t heads, int64_t d_kv) {
-  return x.view({x.size(0), x.size(1), heads, d_kv}).transpose(1, 2);
-}
-
 // q, k or v of one attention: [B, heads, T, d_kv], fp32.
 at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
                  const config::T5Config& c) {
@@ -141,18 +157,6 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                        rows.bank->sites[o.site].a.defined();
   if (!adapted || mm.scalar_type() == at::kFloat) return Project(mm, o, rows);
   return Project(mm, o, rows, heads_last.reshape(shape));  // fp32 LoRA input
-}
-
-at::Tensor Activation(const at::Tensor& x, const std::string& name) {
-  if (name == "relu") return at::relu(x);
-  if (name == "gelu_new" || name == "gelu_pytorch_tanh" ||
-      name == "gelu_fast") {
-    // transformers' NewGELU formula; one kernel (internally fp32).
-    return at::gelu(x, "tanh");
-  }
-  if (name == "gelu") return at::gelu(x);
-  if (name == "silu" || name == "swish") return at::silu(x);
-  TORCH_CHECK(false, "unsupported activation '", name, "'");
 }
 
 // As transformers: the activation runs in the dtype of the projections'
@@ -201,17 +205,56 @@ at::Tensor CausalBias(const T5Weights& w, int64_t t, c10::Device device) {
       .view({1, 1, t, t});
 }
 
-// Logits in fp32: the final hidden state (fp32) is rounded once as the
-// matmul input; the matmul output is widened before anything reads it.
-at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
-  if (w.scale_decoder_outputs) h = h * std::pow(w.config.d_model, -0.5);
-  return at::matmul(MatmulInput(h, w.lm_head), w.lm_head.t()).to(at::kFloat);
-}
-
 // The encoder output as the input of cross-attention k and v.
 Normed EncoderInput(const EncoderOutput& e) {
   return Normed{e.hidden, e.hidden_full.defined() ? e.hidden_full : e.hidden};
 }
+
+at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
+                            const at::Tensor& h_in, const RowAdapters& rows,
+                            const StoreKeyValue& store,
+                            const at::Tensor& self_bias,
+                            const at::Tensor& cross_k,
+                            const at::Tensor& cross_v,
+                            const at::Tensor& cross_bias) {
+  const config::T5Config& c = w.config;
+  at::Tensor h = h_in;
+  Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+  at::Tensor q = Heads(n, b.self_attn.q, rows, c);
+  std::pair<at::Tensor, at::Tensor> kv = store(
+      Heads(n, b.self_attn.k, rows, c), Heads(n, b.self_attn.v, rows, c));
+  h = h + AttendAndProject(q, kv.first, kv.second, self_bias, b.self_attn.o,
+                           rows);
+  n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+  q = Heads(n, b.cross_attn.q, rows, c);
+  h = h + AttendAndProject(q, cross_k, cross_v, cross_bias, b.cross_attn.o,
+                           rows);
+  n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+  return h + FeedForward(n, w, b.ff, rows);
+}
+
+at::Tensor DecoderLogits(const T5Weights& w, const at::Tensor& h) {
+  const config::T5Config& c = w.config;
+  return LmHead(
+      w, RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full);
+}
+
+}  // namespace internal
+
+namespace {
+
+using internal::AttendAndProject;
+using internal::CausalBias;
+using internal::DecoderBlockStep;
+using internal::DecoderLogits;
+using internal::Embed;
+using internal::EncoderInput;
+using internal::FeedForward;
+using internal::Heads;
+using internal::MinValue;
+using internal::Normed;
+using internal::PositionBias;
+using internal::RmsNorm;
 
 EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
                          const at::Tensor& mask, const RowAdapters& rows) {
@@ -225,15 +268,15 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
       out.mask_bias;
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.encoder) {
-    Normed n = Norm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
     at::Tensor q = Heads(n, b.self_attn.q, rows, c);
     at::Tensor k = Heads(n, b.self_attn.k, rows, c);
     at::Tensor v = Heads(n, b.self_attn.v, rows, c);
     h = h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows);
-    n = Norm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
     h = h + FeedForward(n, w, b.ff, rows);
   }
-  Normed n = Norm(h, w.encoder_final_norm, c.layer_norm_epsilon, w.dtype);
+  Normed n = RmsNorm(h, w.encoder_final_norm, c.layer_norm_epsilon, w.dtype);
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
@@ -248,21 +291,20 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
       CausalBias(w, T, w.device);
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.decoder) {
-    Normed n = Norm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
     at::Tensor q = Heads(n, b.self_attn.q, rows, c);
     at::Tensor k = Heads(n, b.self_attn.k, rows, c);
     at::Tensor v = Heads(n, b.self_attn.v, rows, c);
     h = h + AttendAndProject(q, k, v, self_bias, b.self_attn.o, rows);
-    n = Norm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+    n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
     q = Heads(n, b.cross_attn.q, rows, c);
     k = Heads(EncoderInput(enc), b.cross_attn.k, rows, c);
     v = Heads(EncoderInput(enc), b.cross_attn.v, rows, c);
     h = h + AttendAndProject(q, k, v, enc.mask_bias, b.cross_attn.o, rows);
-    n = Norm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
+    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
     h = h + FeedForward(n, w, b.ff, rows);
   }
-  h = Norm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
-  return LmHead(w, h);
+  return DecoderLogits(w, h);
 }
 
 absl::Status CheckIds(const at::Tensor& ids, const char* what) {
@@ -386,30 +428,25 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
   absl::Status s = CheckIds(ids, "ids");
   if (!s.ok()) return s;
   try {
-    const config::T5Config& c = w.config;
     const int64_t t = cache.length;
     // Query row t; keys 0..t (the causal mask is implicit: no later keys).
     at::Tensor bias = cache.self_bias.narrow(2, t, 1).narrow(3, 0, t + 1);
     at::Tensor h = Embed(w, ids.view({-1, 1}));
     for (size_t i = 0; i < w.decoder.size(); ++i) {
-      const BlockWeights& b = w.decoder[i];
-      Normed n = Norm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
-      at::Tensor q = Heads(n, b.self_attn.q, rows, c);
-      cache.self_k[i].narrow(2, t, 1).copy_(Heads(n, b.self_attn.k, rows, c));
-      cache.self_v[i].narrow(2, t, 1).copy_(Heads(n, b.self_attn.v, rows, c));
-      at::Tensor k = cache.self_k[i].narrow(2, 0, t + 1);
-      at::Tensor v = cache.self_v[i].narrow(2, 0, t + 1);
-      h = h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows);
-      n = Norm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
-      q = Heads(n, b.cross_attn.q, rows, c);
-      h = h + AttendAndProject(q, cache.cross_k[i], cache.cross_v[i],
-                               cache.cross_bias, b.cross_attn.o, rows);
-      n = Norm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
-      h = h + FeedForward(n, w, b.ff, rows);
+      at::Tensor& self_k = cache.self_k[i];
+      at::Tensor& self_v = cache.self_v[i];
+      auto store = [&](const at::Tensor& k, const at::Tensor& v) {
+        self_k.narrow(2, t, 1).copy_(k);
+        self_v.narrow(2, t, 1).copy_(v);
+        return std::make_pair(self_k.narrow(2, 0, t + 1),
+                              self_v.narrow(2, 0, t + 1));
+      };
+      h = DecoderBlockStep(w, w.decoder[i], h, rows, store, bias,
+                           cache.cross_k[i], cache.cross_v[i],
+                           cache.cross_bias);
     }
-    h = Norm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full;
     cache.length = t + 1;
-    return LmHead(w, h).squeeze(1);
+    return DecoderLogits(w, h).squeeze(1);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("decoder step: ", e.what_without_backtrace()));

@@ -524,19 +524,16 @@ lorahub_cc_library(core_metrics_exposer
 
 # ---- //core/model  (core/model/BUILD)
 
-# //core/model:model (cc_library)
-lorahub_cc_library(core_model_model
+# //core/model:t5 (cc_library)
+lorahub_cc_library(core_model_t5
   PACKAGE core/model
   SRCS
-    ${SRC}/core/model/generate.cc
     ${SRC}/core/model/lora.cc
-    ${SRC}/core/model/scorer.cc
     ${SRC}/core/model/t5_forward.cc
     ${SRC}/core/model/t5_weights.cc
-    ${SRC}/core/model/generate.h
     ${SRC}/core/model/lora.h
-    ${SRC}/core/model/scorer.h
     ${SRC}/core/model/t5_forward.h
+    ${SRC}/core/model/t5_layers.h
     ${SRC}/core/model/t5_weights.h
   DEPS
     core_model_fused_ops
@@ -545,7 +542,7 @@ lorahub_cc_library(core_model_model
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
-  OUTPUT_NAME model
+  OUTPUT_NAME t5
 )
 
 # //core/model:fused_ops (cc_library)
@@ -564,6 +561,52 @@ lorahub_cc_library(core_model_fused_ops
   DEPS
     ext_libtorch_libtorch
   OUTPUT_NAME fused_ops
+)
+
+# //core/model:static_decoder (cc_library)
+lorahub_cc_library(core_model_static_decoder
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/static_decoder.cc
+    ${SRC}/core/model/static_decoder.h
+  DEPS
+    core_model_cuda_graph
+    core_model_t5
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME static_decoder
+)
+
+# //core/model:generate (cc_library)
+lorahub_cc_library(core_model_generate
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/generate.cc
+    ${SRC}/core/model/generate.h
+  DEPS
+    core_model_static_decoder
+    core_model_t5
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME generate
+)
+
+# //core/model:model (cc_library)
+lorahub_cc_library(core_model_model
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/scorer.cc
+    ${SRC}/core/model/scorer.h
+  DEPS
+    core_model_generate
+    core_model_t5
+    core_config_config
+    core_io_host_tensor
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME model
 )
 
 # //core/model:loader (cc_library)
@@ -1785,6 +1828,22 @@ lorahub_cc_test(tests_model_objective_runner_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
     ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
+# //tests/model:static_decoder_test (cc_test)
+lorahub_cc_test(tests_model_static_decoder_test
+  TEST_NAME //tests/model:static_decoder_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/static_decoder_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    core_model_cuda_graph
+    core_model_static_decoder
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
   TIMEOUT 300
 )
 

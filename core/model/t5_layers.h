@@ -1,0 +1,98 @@
+// Internal building blocks of the T5 forward pass (t5_forward.h), shared by
+// the functions of t5_forward.cc and by StaticDecoder (static_decoder.h) so
+// that both compute the same arithmetic. Not a public API: only files of
+// core/model include this header. Numerics (fp32 / bf16 rules) are those
+// documented in t5_forward.h.
+//
+// Every function may throw c10::Error (LibTorch errors); callers catch it at
+// their public boundary. None synchronises with the host.
+#ifndef LORAHUB_CORE_MODEL_T5_LAYERS_H_
+#define LORAHUB_CORE_MODEL_T5_LAYERS_H_
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <functional>
+#include <utility>
+
+#include "core/model/lora.h"
+#include "core/model/t5_forward.h"
+#include "core/model/t5_weights.h"
+
+namespace lorahub::model::internal {
+
+// transformers' mask value finfo(dtype).min for the compute dtype.
+double MinValue(at::ScalarType dtype);
+
+// A sublayer input: `full` in fp32 (feeds the LoRA deltas) and `mm`, the
+// same rounded once to the compute dtype (feeds the weight matmuls). In fp32
+// mode both are the same tensor.
+struct Normed {
+  at::Tensor mm;
+  at::Tensor full;
+};
+
+// T5 RMS norm of x (any float dtype), computed in fp32.
+Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+               at::ScalarType compute);
+
+// y = x W^T (+ the per-row LoRA delta of `rows`). x: [B, T, in]. `x_full`
+// (optional): x before its rounding to the compute dtype, the delta's input.
+at::Tensor Project(const at::Tensor& x, const Linear& linear,
+                   const RowAdapters& rows,
+                   const at::Tensor& x_full = at::Tensor());
+
+// q, k or v of one attention: [B, heads, T, d_kv], fp32.
+at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
+                 const config::T5Config& c);
+
+// softmax(q k^T + bias) v, then the output projection `o`. q: [B, H, Tq, d],
+// k, v: [B, H, Tk, d], bias broadcastable to [B, H, Tq, Tk]; all fp32.
+at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& bias,
+                            const Linear& o, const RowAdapters& rows);
+
+at::Tensor FeedForward(const Normed& x, const T5Weights& w,
+                       const FeedForwardWeights& ff, const RowAdapters& rows);
+
+// Token embeddings, fp32 (the residual stream). ids: int64, any shape.
+at::Tensor Embed(const T5Weights& w, const at::Tensor& ids);
+
+// [1, H, q, k] relative position bias (dtype of `table`) for query positions
+// offset..offset+q-1 and keys 0..k-1.
+at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
+                        int64_t k, bool bidirectional, int64_t offset);
+
+// [1, 1, t, t] fp32: 0 where key <= query, finfo(compute dtype).min after.
+at::Tensor CausalBias(const T5Weights& w, int64_t t, c10::Device device);
+
+// The encoder output as the input of cross-attention k and v.
+Normed EncoderInput(const EncoderOutput& e);
+
+// Where one decoder block's new self-attention key and value (each
+// [B, H, 1, d_kv] fp32) go; returns the keys and values to attend over
+// ([B, H, K, d_kv]; their positions are those of the bias' last dim).
+using StoreKeyValue = std::function<std::pair<at::Tensor, at::Tensor>(
+    const at::Tensor& k, const at::Tensor& v)>;
+
+// One decoder block for one new token per row: h [B, 1, d_model] fp32 ->
+// the block's output (same shape). `self_bias` [1 or B, H, 1, K] (position
+// bias plus any mask), cross_k/cross_v [B, H, S, d_kv], cross_bias
+// [B, 1, 1, S].
+at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
+                            const at::Tensor& h, const RowAdapters& rows,
+                            const StoreKeyValue& store,
+                            const at::Tensor& self_bias,
+                            const at::Tensor& cross_k,
+                            const at::Tensor& cross_v,
+                            const at::Tensor& cross_bias);
+
+// Final decoder norm and LM head: h [B, T, d_model] -> logits [B, T, vocab]
+// fp32.
+at::Tensor DecoderLogits(const T5Weights& w, const at::Tensor& h);
+
+}  // namespace lorahub::model::internal
+
+#endif  // LORAHUB_CORE_MODEL_T5_LAYERS_H_
