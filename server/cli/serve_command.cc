@@ -216,6 +216,10 @@ int RunServe(int argc, char** argv) {
     if (!engine.ok()) return ReportError("serve", engine.status());
     ctx->engines.push_back(*std::move(engine));
   }
+  // Only ctx and the engines hold the host tier from here on, so it goes
+  // with them, before the metrics it records into (declared earlier than
+  // ctx, destroyed after it).
+  eo.host_tier.reset();
 
   // One compose worker on the first device's resident weights; it re-queues
   // jobs that were running when the previous process died (they resume from

@@ -33,8 +33,9 @@ std::shared_ptr<const model::LoraAdapter> Sized(const std::string& name,
   a.name = name;
   model::LoraSite s;
   s.site = 0;
-  s.a = at::zeros({bytes / 8}, at::kFloat);
-  s.b = at::zeros({bytes / 8}, at::kFloat);
+  const int64_t floats = bytes / 4;  // bytes is a multiple of 4 here
+  s.a = at::zeros({floats / 2}, at::kFloat);
+  s.b = at::zeros({floats - floats / 2}, at::kFloat);
   a.sites.push_back(s);
   return std::make_shared<const model::LoraAdapter>(std::move(a));
 }
