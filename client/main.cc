@@ -7,12 +7,15 @@
 //     modules prefetch ID [--device D[,D...]]
 //     compose --task NAME (--modules a,b,... | --sample K [--sample-seed S])
 //             --examples FILE.jsonl [--optimizer cobyla|cmaes|random|fixed]
-//             [--method lorahub|cat|ties|dare_linear] [--budget N]
+//             [--method lorahub|cat|ties|dare_linear] [--density D]
+//             [--majority-sign total|frequency] [--budget N]
 //             [--population N] [--seed S] [--priority P] [--weights x,y]
 //             [--wait]
 //     jobs list [--state S] | jobs get ID | jobs watch ID | jobs cancel ID
 //     tasks list | tasks get NAME | tasks export NAME --out DIR
-//     generate (--task NAME | --module ID | --modules a,b --weights x,y | base)
+//     generate (--task NAME | --module ID | --modules a,b --weights x,y
+//               [--method M] [--density D] [--majority-sign total|frequency]
+//               [--dare-seed S] | base)
 //              --text TEXT
 //              [--max-new-tokens N] [--num-beams N] [--temperature T]
 //              [--top-k K] [--top-p P] [--seed S] [--timeout-s S]
@@ -22,7 +25,9 @@
 // with output_ids, finish_reason, timings).
 // modules prefetch streams download progress: on a terminal one progress bar
 // per file (redrawn in place), otherwise one plain line per message; --json
-// prints one object per message: {"file","bytes_done","bytes_total","done"}.
+// prints one object per message: {"file","bytes_done","bytes_total","done"},
+// plus "loaded_into" on a load step (tier "host" or a device) and
+// "resident" (where the module is now) on the last one.
 // tasks export writes the task's composed adapter (a PEFT directory:
 // adapter_config.json, adapter_model.safetensors) into DIR (created if
 // needed): each file is received into a temporary file in DIR, checked
@@ -48,6 +53,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/hub/file_digest.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -84,12 +90,15 @@ int Usage(const char* why = nullptr) {
                "  modules prefetch ID [--device D[,D...]]\n"
                "  compose --task NAME (--modules a,b | --sample K [--sample-seed S])\n"
                "          --examples FILE.jsonl [--optimizer NAME] [--method NAME]\n"
+               "          [--density D] [--majority-sign total|frequency]\n"
                "          [--budget N] [--population N] [--seed S] [--priority P]\n"
                "          [--weights x,y] [--wait]\n"
                "  jobs list [--state queued|running|succeeded|failed|cancelled]\n"
                "  jobs get|watch|cancel ID\n"
                "  tasks list | tasks get NAME | tasks export NAME --out DIR\n"
-               "  generate (--task NAME | --module ID | --modules a,b --weights x,y | base)\n"
+               "  generate (--task NAME | --module ID | --modules a,b --weights x,y\n"
+               "            [--method M] [--density D] [--majority-sign S] [--dare-seed S]\n"
+               "            | base)\n"
                "           --text TEXT [--max-new-tokens N] [--num-beams N]\n"
                "           [--temperature T] [--top-k K] [--top-p P] [--seed S]\n");
   return kExitUsage;
@@ -133,6 +142,7 @@ nlohmann::json ModuleJson(const v1::Module& m) {
   j["rank"] = m.rank();
   j["targets"] = std::vector<std::string>(m.targets().begin(), m.targets().end());
   j["size_bytes"] = m.size_bytes();
+  j["resident"] = std::vector<std::string>(m.resident().begin(), m.resident().end());
   return j;
 }
 
@@ -143,10 +153,11 @@ void PrintModule(const v1::Module& m, bool json) {
   }
   std::string targets;
   for (const auto& t : m.targets()) targets += (targets.empty() ? "" : ",") + t;
-  std::printf("%-24s r=%-3d %-8s %10lld B  %s  %s\n", m.id().c_str(), m.rank(),
+  std::printf("%-24s r=%-3d %-8s %10lld B  %s  %s  [%s]\n", m.id().c_str(), m.rank(),
               targets.c_str(), static_cast<long long>(m.size_bytes()),
               m.weights_sha256().substr(0, 12).c_str(),
-              m.has_hub() ? m.hub().repo_id().c_str() : m.local_dir().c_str());
+              m.has_hub() ? m.hub().repo_id().c_str() : m.local_dir().c_str(),
+              absl::StrJoin(m.resident().begin(), m.resident().end(), ",").c_str());
 }
 
 int Info(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
@@ -246,12 +257,25 @@ int Prefetch(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
                        {"bytes_done", p.bytes_done()},
                        {"bytes_total", p.bytes_total()},
                        {"done", p.done()}};
+      if (!p.loaded_into().empty()) j["loaded_into"] = p.loaded_into();
+      if (p.done()) {
+        j["resident"] = std::vector<std::string>(p.resident().begin(), p.resident().end());
+      }
       std::printf("%s\n", j.dump().c_str());
     } else if (p.done()) {
       if (tty && !bar_file.empty()) std::printf("\n");
       bar_file.clear();
-      std::printf("prefetched %s (%s, %s)\n", req.id().c_str(), p.file().c_str(),
+      std::printf("prefetched %s (%s, %s)", req.id().c_str(), p.file().c_str(),
                   HumanBytes(p.bytes_total()).c_str());
+      if (p.resident_size() > 0) {
+        std::printf(", resident in %s",
+                    absl::StrJoin(p.resident().begin(), p.resident().end(), ",").c_str());
+      }
+      std::printf("\n");
+    } else if (!p.loaded_into().empty()) {
+      if (tty && !bar_file.empty()) std::printf("\n");
+      bar_file.clear();
+      std::printf("loaded into %s\n", p.loaded_into().c_str());
     } else if (tty) {
       // A new file starts a new line; the same file redraws its bar.
       if (!bar_file.empty() && bar_file != p.file()) std::printf("\n");
@@ -348,6 +372,34 @@ bool ParseNum(const Opts& o, const std::string& k, T* out) {
   return true;
 }
 
+// --method NAME -> *m; false for an unknown name.
+bool ParseMethod(const std::string& n, v1::CompositionMethod* m) {
+  if (n == "lorahub") *m = v1::COMPOSITION_METHOD_LORAHUB;
+  else if (n == "cat") *m = v1::COMPOSITION_METHOD_CAT;
+  else if (n == "ties") *m = v1::COMPOSITION_METHOD_TIES;
+  else if (n == "dare_linear") *m = v1::COMPOSITION_METHOD_DARE_LINEAR;
+  else return false;
+  return true;
+}
+
+// --density D and --majority-sign total|frequency -> *out. Returns a usage
+// message, or empty when they parse (the server checks that the method
+// reads them).
+std::string ParseCompositionOptions(const Opts& o, v1::CompositionOptions* out) {
+  if (o.Has("density")) {
+    double d;
+    if (!absl::SimpleAtod(o.Get("density"), &d)) return "--density: not a number";
+    out->set_density(d);
+  }
+  if (o.Has("majority-sign")) {
+    const std::string n = o.Get("majority-sign");
+    if (n == "total") out->set_majority_sign_method(v1::MAJORITY_SIGN_METHOD_TOTAL);
+    else if (n == "frequency") out->set_majority_sign_method(v1::MAJORITY_SIGN_METHOD_FREQUENCY);
+    else return "--majority-sign: total or frequency";
+  }
+  return "";
+}
+
 int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   v1::GenerateRequest req;
   const bool base = o.positional.size() == 2 && o.positional[1] == "base";
@@ -371,6 +423,27 @@ int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
       if (!absl::SimpleAtof(w, &v)) return Usage("--weights: not a number list");
       c->add_weights(v);
     }
+    if (o.Has("method")) {
+      v1::CompositionMethod m;
+      if (!ParseMethod(o.Get("method"), &m)) {
+        return Usage("--method: lorahub, cat, ties or dare_linear");
+      }
+      c->set_method(m);
+    }
+    std::string bad = ParseCompositionOptions(o, c->mutable_options());
+    if (!bad.empty()) return Usage(bad.c_str());
+    if (o.Has("dare-seed")) {
+      uint64_t seed;
+      if (!absl::SimpleAtoi(o.Get("dare-seed"), &seed)) {
+        return Usage("--dare-seed: not a non-negative integer");
+      }
+      c->set_dare_seed(seed);
+    }
+  } else if (o.Has("method") || o.Has("density") || o.Has("majority-sign") ||
+             o.Has("dare-seed")) {
+    return Usage(
+        "generate: --method, --density, --majority-sign and --dare-seed go with "
+        "--modules/--weights");
   }
   req.set_text(o.Get("text"));
   v1::DecodingOptions* d = req.mutable_options();
@@ -647,14 +720,18 @@ int Compose(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     spec->set_optimizer(opt);
   }
   if (o.Has("method")) {
-    const std::string n = o.Get("method");
     v1::CompositionMethod m;
-    if (n == "lorahub") m = v1::COMPOSITION_METHOD_LORAHUB;
-    else if (n == "cat") m = v1::COMPOSITION_METHOD_CAT;
-    else if (n == "ties") m = v1::COMPOSITION_METHOD_TIES;
-    else if (n == "dare_linear") m = v1::COMPOSITION_METHOD_DARE_LINEAR;
-    else return Usage("--method: lorahub, cat, ties or dare_linear");
+    if (!ParseMethod(o.Get("method"), &m)) {
+      return Usage("--method: lorahub, cat, ties or dare_linear");
+    }
     spec->set_method(m);
+  }
+  if (o.Has("dare-seed")) {
+    return Usage("compose: dare_linear's masks come from --seed (no --dare-seed)");
+  }
+  {
+    std::string bad = ParseCompositionOptions(o, spec->mutable_composition_options());
+    if (!bad.empty()) return Usage(bad.c_str());
   }
   int budget = 0, population = 0, priority = 0;
   double seed = 0;
@@ -940,7 +1017,8 @@ int main(int argc, char** argv) {
             "weights", "text", "max-new-tokens", "num-beams", "temperature",
             "top-k", "top-p", "seed", "timeout-s", "task", "sample", "sample-seed",
             "examples", "optimizer", "method", "budget", "population", "priority",
-            "state", "wait", "device", "out"};
+            "state", "wait", "device", "out", "density", "majority-sign",
+            "dare-seed"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());

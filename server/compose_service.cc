@@ -26,6 +26,7 @@
 #include "core/learn/optimizer.h"
 #include "core/model/loader.h"
 #include "nlohmann/json.hpp"
+#include "server/composition_options.h"
 #include "server/blocking_stream_writer.h"
 #include "server/status_convert.h"
 
@@ -173,11 +174,17 @@ absl::StatusOr<jobs::ComposeJobSpec> FromProto(const v1::JobSpec& p, ServiceCont
     return absl::InvalidArgumentError("spec.method: unknown value");
   }
   // Every method is learned, served and exported with the same composition
-  // (model::ComposeModules). ties / dare_linear use density 0.5 and majority
-  // sign total (the wire spec has no fields for them yet) and draw
+  // (model::ComposeModules). ties / dare_linear read density and majority
+  // sign from spec.composition_options (defaults 0.5 and total) and draw
   // dare_linear's masks from spec.seed; the job spec keeps all three so that
   // the published task is served with exactly what the job scored.
   s.method = MethodName(p.method());
+  if (absl::Status st = ReadCompositionOptions(p.composition_options(), s.method,
+                                               "spec.composition_options.",
+                                               &s.density, &s.majority_sign);
+      !st.ok()) {
+    return st;
+  }
   {
     absl::Status valid = model::ValidateCompositionParams(
         {s.method, s.density, s.majority_sign, 0}, "spec.");
@@ -267,6 +274,8 @@ void SpecToProto(const jobs::ComposeJobSpec& s, v1::JobSpec* p) {
     x->set_output(e.output);
   }
   p->set_method(MethodEnum(s.method));
+  WriteCompositionOptions(s.method, s.density, s.majority_sign,
+                          p->mutable_composition_options());
   p->set_optimizer(OptimizerEnum(s.optimizer));
   p->set_budget(s.budget);
   p->set_population(s.population);

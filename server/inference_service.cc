@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/jobs/task_composition.h"
 #include "core/model/loader.h"
+#include "server/composition_options.h"
 #include "server/status_convert.h"
 
 namespace lorahub::server {
@@ -281,9 +282,23 @@ absl::StatusOr<serving::AdapterSpec> ToAdapterSpec(const v1::AdapterRef& ref,
           return absl::InvalidArgumentError(absl::StrCat(
               "adapter.composition.method: unknown value ", static_cast<int>(c.method())));
       }
-      // ties / dare_linear run with the defaults of model::CompositionParams
-      // (density 0.5, majority sign total, mask seed 42): the wire message
-      // has no fields for them yet.
+      // ties / dare_linear parameters; unset ones keep the defaults of
+      // model::CompositionParams (density 0.5, majority sign total, mask
+      // seed 42).
+      if (absl::Status s = ReadCompositionOptions(
+              c.options(), spec.method, "adapter.composition.options.",
+              &spec.density, &spec.majority_sign);
+          !s.ok()) {
+        return s;
+      }
+      if (c.has_dare_seed()) {
+        if (spec.method != "dare_linear") {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "adapter.composition.dare_seed: only dare_linear uses it, not ",
+              spec.method));
+        }
+        spec.seed = c.dare_seed();
+      }
       for (int i = 0; i < c.module_ids_size(); ++i) {
         absl::Status s = CheckModuleId(
             c.module_ids(i), absl::StrCat("adapter.composition.module_ids[", i, "]"));

@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -18,6 +19,7 @@
 #include "core/hub/file_digest.h"
 #include "core/hub/hub_validation.h"
 #include "core/model/loader.h"
+#include "core/util/status_macros.h"
 #include "server/blocking_stream_writer.h"
 #include "server/status_convert.h"
 
@@ -64,7 +66,7 @@ absl::Status CheckLocalDir(const std::string& dir) {
   return absl::OkStatus();
 }
 
-void ToProto(const store::ModuleRecord& r, v1::Module* m) {
+void ToProto(const ServiceContext* ctx, const store::ModuleRecord& r, v1::Module* m) {
   m->set_id(r.id);
   if (r.source == store::ModuleSource::kHub) {
     m->mutable_hub()->set_repo_id(r.repo_id);
@@ -77,7 +79,7 @@ void ToProto(const store::ModuleRecord& r, v1::Module* m) {
   m->set_rank(static_cast<int32_t>(r.rank));
   for (const std::string& t : r.targets) m->add_targets(t);
   m->set_size_bytes(r.size_bytes);
-  m->add_resident("disk");
+  for (const std::string& where : ctx->Residency(r)) m->add_resident(where);
   const int64_t us = absl::ToUnixMicros(r.created_at);
   m->mutable_created_at()->set_seconds(us / 1000000);
   m->mutable_created_at()->set_nanos(static_cast<int32_t>(us % 1000000) * 1000);
@@ -192,7 +194,7 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::AddModule(
   }
   std::thread([this, reactor, request, response] {
     absl::StatusOr<store::ModuleRecord> r = Add(ctx_, *request);
-    if (r.ok()) ToProto(*r, response);
+    if (r.ok()) ToProto(ctx_, *r, response);
     reactor->Finish(ToGrpcStatus(r.status()));
     EndWork();
   }).detach();
@@ -206,7 +208,7 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::GetModule(
   absl::Status s = CheckId(request->id());
   if (s.ok()) {
     absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(request->id());
-    if (r.ok()) ToProto(*r, response);
+    if (r.ok()) ToProto(ctx_, *r, response);
     s = r.status();
   }
   reactor->Finish(ToGrpcStatus(s));
@@ -230,7 +232,7 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::ListModules(
     absl::StatusOr<store::Page<store::ModuleRecord>> r =
         ctx_->store->ListModules(page);
     if (r.ok()) {
-      for (const auto& m : r->items) ToProto(m, response->add_modules());
+      for (const auto& m : r->items) ToProto(ctx_, m, response->add_modules());
       response->set_next_page_token(r->next_page_token);
     } else if (r.status().code() == absl::StatusCode::kInvalidArgument) {
       s = absl::InvalidArgumentError(
@@ -252,6 +254,15 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::DeleteModule(
     s = absl::FailedPreconditionError(absl::StrCat(
         "id: module '", request->id(), "' is used by a request in flight"));
   }
+  if (s.ok()) {
+    absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(request->id());
+    if (r.ok() && ctx_->ModulePinned(*r)) {
+      s = absl::FailedPreconditionError(absl::StrCat(
+          "id: module '", request->id(),
+          "' is pinned in the module cache by a running compose job or a "
+          "request in flight"));
+    }
+  }
   if (s.ok()) s = ctx_->store->DeleteModule(request->id());
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
@@ -272,10 +283,11 @@ namespace {
 class PrefetchReactor : public BlockingStreamWriter<v1::PrefetchProgress> {
  public:
   PrefetchReactor(ServiceContext* ctx, std::string id,
+                  std::vector<std::string> devices,
                   std::function<void()> end_work)
       : ctx_(ctx), end_work_(std::move(end_work)) {
-    std::thread([this, id] {
-      absl::Status s = Run(id);
+    std::thread([this, id, devices = std::move(devices)] {
+      absl::Status s = Run(id, devices);
       if (s.ok()) {
         StartWriteAndFinish(&final_, grpc::WriteOptions(), grpc::Status::OK);
       } else {
@@ -324,8 +336,49 @@ class PrefetchReactor : public BlockingStreamWriter<v1::PrefetchProgress> {
     return absl::OkStatus();
   }
 
-  absl::Status Run(const std::string& id) {
+  // The engines of `devices` (all for none); InvalidArgument naming
+  // devices[i] for a device the server does not have.
+  absl::StatusOr<std::vector<serving::InferenceEngine*>> Engines(
+      const std::vector<std::string>& devices) {
+    std::vector<serving::InferenceEngine*> out;
+    if (devices.size() > 64) {
+      return absl::InvalidArgumentError("devices: at most 64");
+    }
+    for (size_t i = 0; i < devices.size(); ++i) {
+      serving::InferenceEngine* found = nullptr;
+      for (const auto& e : ctx_->engines) {
+        if (e->options().device_name == devices[i]) found = e.get();
+      }
+      if (!found) {
+        std::string have;
+        for (const auto& e : ctx_->engines) {
+          absl::StrAppend(&have, have.empty() ? "" : ",", e->options().device_name);
+        }
+        return absl::InvalidArgumentError(
+            absl::StrCat("devices[", i, "]: the server has no device '",
+                         devices[i].substr(0, 64), "' (it has ", have, ")"));
+      }
+      if (std::find(out.begin(), out.end(), found) == out.end()) out.push_back(found);
+    }
+    if (devices.empty()) {
+      for (const auto& e : ctx_->engines) out.push_back(e.get());
+    }
+    return out;
+  }
+
+  // One message for a load step into `tier`.
+  bool SendLoaded(const std::string& file, int64_t size, const std::string& tier) {
+    v1::PrefetchProgress p;
+    p.set_file(file);
+    p.set_bytes_done(size);
+    p.set_bytes_total(size);
+    p.set_loaded_into(tier);
+    return Write(p);
+  }
+
+  absl::Status Run(const std::string& id, const std::vector<std::string>& devices) {
     if (absl::Status s = CheckId(id); !s.ok()) return s;
+    LH_ASSIGN_OR_RETURN(std::vector<serving::InferenceEngine*> engines, Engines(devices));
     absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(id);
     if (!r.ok()) return r.status();
     std::string weights_file = "adapter_model.safetensors";
@@ -340,10 +393,22 @@ class PrefetchReactor : public BlockingStreamWriter<v1::PrefetchProgress> {
         if (absl::Status s = Fetch(*r, file); !s.ok()) return s;
       }
     }
-    const model::T5Weights& base = ctx_->engines.front()->weights();
-    absl::StatusOr<model::LoraAdapter> a =
-        model::LoadLoraAdapter(base, r->local_path);
-    if (!a.ok()) return a.status();
+    // Into the module cache (which also validates the adapter against the
+    // base): the host tier, then each device's tier. Not pinned: later
+    // requests find it there until LRU eviction.
+    if (ctx_->host_tier) {
+      if (absl::Status s = engines.front()->adapters().WarmHost(id); !s.ok()) return s;
+      if (!SendLoaded(weights_file, r->size_bytes, "host")) {
+        return absl::CancelledError("client went away");
+      }
+    }
+    for (serving::InferenceEngine* e : engines) {
+      if (absl::Status s = e->adapters().GetModule(id).status(); !s.ok()) return s;
+      if (!SendLoaded(weights_file, r->size_bytes, e->options().device_name)) {
+        return absl::CancelledError("client went away");
+      }
+    }
+    for (const std::string& where : ctx_->Residency(*r)) final_.add_resident(where);
     final_.set_file(weights_file);
     final_.set_bytes_done(r->size_bytes);
     final_.set_bytes_total(r->size_bytes);
@@ -374,7 +439,10 @@ grpc::ServerWriteReactor<v1::PrefetchProgress>* ModuleServiceImpl::PrefetchModul
     return new FinishedWriter(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                            "too many module loads at once"));
   }
-  return new PrefetchReactor(ctx_, request->id(), [this] { EndWork(); });
+  return new PrefetchReactor(
+      ctx_, request->id(),
+      std::vector<std::string>(request->devices().begin(), request->devices().end()),
+      [this] { EndWork(); });
 }
 
 }  // namespace lorahub::server

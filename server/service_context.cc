@@ -1,5 +1,7 @@
 #include "server/service_context.h"
 
+#include <sys/stat.h>
+
 namespace lorahub::server {
 
 serving::InferenceEngine* ServiceContext::PickEngine() const {
@@ -15,6 +17,46 @@ bool ServiceContext::ModuleInUse(const std::string& id) const {
     if (e->InUse(id)) return true;
   }
   return false;
+}
+
+namespace {
+
+serving::ModuleLocation Location(const store::ModuleRecord& m) {
+  return serving::ModuleLocation{m.local_path, m.weights_sha256};
+}
+
+}  // namespace
+
+bool ServiceContext::ModulePinned(const store::ModuleRecord& module) const {
+  const std::string key = serving::ModuleContentKey(Location(module));
+  if (host_tier && host_tier->Pinned(key)) return true;
+  for (const auto& e : engines) {
+    if (e->adapters().device_tier().Pinned(key)) return true;
+  }
+  return false;
+}
+
+std::vector<std::string> ServiceContext::Residency(
+    const store::ModuleRecord& module) const {
+  std::vector<std::string> out;
+  // On disk: its weights file is there (stat follows the HF cache's
+  // snapshot symlinks, so an evicted blob does not count).
+  for (const char* file : {"/adapter_model.safetensors", "/adapter_model.bin"}) {
+    struct stat st;
+    if (!module.local_path.empty() &&
+        ::stat((module.local_path + file).c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      out.push_back("disk");
+      break;
+    }
+  }
+  const std::string key = serving::ModuleContentKey(Location(module));
+  if (host_tier && host_tier->Contains(key)) out.push_back("host");
+  for (const auto& e : engines) {
+    if (e->adapters().device_tier().Contains(key)) {
+      out.push_back(e->options().device_name);
+    }
+  }
+  return out;
 }
 
 absl::Status ServiceContext::CheckServing() const {

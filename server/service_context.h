@@ -24,6 +24,9 @@ namespace lorahub::server {
 
 struct ServiceContext {
   std::vector<std::unique_ptr<serving::InferenceEngine>> engines;
+  // The host-memory tier of the module cache, shared by the engines (their
+  // EngineOptions::host_tier); null when there is none.
+  std::shared_ptr<serving::ModuleTier> host_tier;
   std::unique_ptr<tokenizer::Tokenizer> tokenizer;
   std::unique_ptr<store::Store> store;
   std::unique_ptr<hub::HubClient> hub;  // null: hub modules are refused
@@ -34,6 +37,14 @@ struct ServiceContext {
   serving::InferenceEngine* PickEngine() const;
   // True while any engine has an unfinished request naming module `id`.
   bool ModuleInUse(const std::string& id) const;
+  // True while a request in flight or a running compose job holds the
+  // module's adapter in a tier of the module cache (it is pinned there).
+  bool ModulePinned(const store::ModuleRecord& module) const;
+  // Where the module is resident now, from the cache's real state: "disk"
+  // when its directory is there, "host" when it is in the host tier, and
+  // the device name ("cpu", "cuda:0") of every engine whose device tier
+  // holds it. For Module.resident.
+  std::vector<std::string> Residency(const store::ModuleRecord& module) const;
   // Unavailable once shutdown began; OK otherwise.
   absl::Status CheckServing() const;
 };

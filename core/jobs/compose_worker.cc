@@ -158,21 +158,31 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
   std::vector<double> best_weights;
   try {
     // Modules.
-    std::vector<model::LoraAdapter> modules;
+    // Held until the job ends: with module_loader this pins them in the
+    // module cache.
+    std::vector<std::shared_ptr<const model::LoraAdapter>> modules;
     modules.reserve(spec->module_ids.size());
     for (const std::string& id : spec->module_ids) {
-      absl::StatusOr<store::ModuleRecord> m = st.GetModule(id);
-      if (!m.ok()) return fail(m.status());
-      absl::StatusOr<model::LoraAdapter> a = model::LoadLoraAdapter(*options_.base,
-                                                                    m->local_path);
-      if (!a.ok()) {
-        return fail(absl::Status(a.status().code(),
-                                 absl::StrCat("module ", id, ": ", a.status().message())));
+      absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> a;
+      if (options_.module_loader) {
+        a = options_.module_loader(id);
+      } else {
+        absl::StatusOr<store::ModuleRecord> m = st.GetModule(id);
+        if (!m.ok()) return fail(m.status());
+        absl::StatusOr<model::LoraAdapter> loaded =
+            model::LoadLoraAdapter(*options_.base, m->local_path);
+        if (loaded.ok()) {
+          a = std::make_shared<const model::LoraAdapter>(*std::move(loaded));
+        } else {
+          a = absl::Status(loaded.status().code(),
+                           absl::StrCat("module ", id, ": ", loaded.status().message()));
+        }
       }
+      if (!a.ok()) return fail(a.status());
       modules.push_back(*std::move(a));
     }
     std::vector<const model::LoraAdapter*> ptrs;
-    for (const model::LoraAdapter& m : modules) ptrs.push_back(&m);
+    for (const auto& m : modules) ptrs.push_back(m.get());
 
     // Examples.
     std::vector<model::Example> examples;

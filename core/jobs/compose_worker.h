@@ -47,11 +47,13 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/metrics/metrics.h"
+#include "core/model/lora.h"
 #include "core/model/t5_weights.h"
 #include "core/store/store.h"
 #include "core/tokenizer/tokenizer.h"
@@ -71,6 +73,14 @@ struct ComposeWorkerOptions {
   // Optional: runs a closure on the device's owner thread and blocks until
   // it ran (InferenceEngine::RunOnDevice); an error fails the evaluation.
   std::function<absl::Status(std::function<void()>)> run_on_device;
+  // Optional: gives a module's adapter on the base's device through the
+  // module cache (the engine's AdapterCache::GetModule); the job holds the
+  // returned pointers until it ends, which pins the modules in the cache
+  // (never evicted while the job runs). Without it the job loads each
+  // module from its directory (model::LoadLoraAdapter), outside any cache.
+  std::function<absl::StatusOr<std::shared_ptr<const model::LoraAdapter>>(
+      const std::string& id)>
+      module_loader;
   // How long the thread sleeps when the queue is empty (Wake() cuts it short).
   absl::Duration idle_poll = absl::Milliseconds(200);
 };

@@ -474,6 +474,16 @@ void ServiceMetrics::SetResidentBytes(CacheTier tier, int64_t bytes) {
   }
 }
 
+void ServiceMetrics::AddResidentBytes(CacheTier tier, int64_t delta) {
+  const int i = TierIndex(tier);
+  if (i < 0) return;
+  if (delta >= 0) {
+    resident_bytes_[i]->Increment(static_cast<double>(delta));
+  } else {
+    resident_bytes_[i]->Decrement(static_cast<double>(-delta));
+  }
+}
+
 void ServiceMetrics::RecordDownload(int64_t bytes, double seconds, bool ok) {
   downloads_[ok ? 0 : 1]->Increment();
   if (bytes > 0) download_bytes_->Increment(static_cast<double>(bytes));

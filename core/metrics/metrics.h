@@ -165,6 +165,9 @@ class ServiceMetrics {
   void RecordCacheEviction(CacheTier tier);
   // Bytes of module weights resident in `tier` now (gauge; clamped to >= 0).
   void SetResidentBytes(CacheTier tier, int64_t bytes);
+  // Adds `delta` (may be negative) to the resident bytes of `tier`; for
+  // tiers that several caches share (one device tier per device).
+  void AddResidentBytes(CacheTier tier, int64_t delta);
 
   // --- Hub downloads ---------------------------------------------------
   // One finished download of one file: lorahub_downloads_total{result},

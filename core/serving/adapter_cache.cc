@@ -4,95 +4,104 @@
 #include <utility>
 #include <vector>
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
-#include "core/metrics/metrics.h"
 #include "core/model/loader.h"
 #include "core/util/status_macros.h"
 
 namespace lorahub::serving {
+namespace {
+
+// The adapter with its factors on `device`; on the same device the tensors
+// are shared, not copied.
+model::LoraAdapter ToDevice(const model::LoraAdapter& a, c10::Device device) {
+  model::LoraAdapter out;
+  out.name = a.name;
+  out.sites.reserve(a.sites.size());
+  for (const model::LoraSite& s : a.sites) {
+    model::LoraSite d = s;
+    d.a = s.a.to(device);
+    d.b = s.b.to(device);
+    out.sites.push_back(std::move(d));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string ModuleContentKey(const ModuleLocation& loc) {
+  return loc.weights_sha256.empty() ? absl::StrCat("dir:", loc.dir)
+                                    : absl::StrCat("sha:", loc.weights_sha256);
+}
 
 AdapterCache::AdapterCache(const model::T5Weights* base,
-                           ModuleResolver resolver, int64_t byte_budget,
-                           metrics::ServiceMetrics* metrics)
+                           ModuleResolver resolver,
+                           std::shared_ptr<ModuleTier> host,
+                           ModuleTierOptions device)
     : base_(base),
       resolver_(std::move(resolver)),
-      budget_(byte_budget),
-      metrics_(metrics) {}
-
-int64_t AdapterCache::AdapterBytes(const model::LoraAdapter& adapter) {
-  int64_t bytes = 0;
-  for (const model::LoraSite& s : adapter.sites) {
-    bytes += static_cast<int64_t>(s.a.nbytes() + s.b.nbytes());
-  }
-  return bytes;
+      host_(std::move(host)),
+      device_(std::move(device)) {
+  host_view_.config = base->config;
+  host_view_.dtype = base->dtype;
+  host_view_.device = c10::Device(c10::kCPU);
+  host_view_.site_by_name = base->site_by_name;
+  host_view_.num_sites = base->num_sites;
+  host_view_.site_shape = base->site_shape;
 }
 
-std::shared_ptr<const model::LoraAdapter> AdapterCache::Lookup(
-    const std::string& key) {
-  auto it = entries_.find(key);
-  if (it == entries_.end()) {
-    if (metrics_) metrics_->RecordCacheMiss(metrics::CacheTier::kDevice);
-    return nullptr;
+absl::StatusOr<AdapterCache::Adapter> AdapterCache::HostModule(
+    const std::string& id, const ModuleLocation& loc, const std::string& key) {
+  if (host_) {
+    if (Adapter hit = host_->Lookup(key)) return hit;
   }
-  lru_.splice(lru_.begin(), lru_, it->second);
-  if (metrics_) metrics_->RecordCacheHit(metrics::CacheTier::kDevice);
-  return it->second->adapter;
-}
-
-void AdapterCache::Insert(const std::string& key,
-                          std::shared_ptr<const model::LoraAdapter> adapter) {
-  Entry e{key, std::move(adapter), 0};
-  e.bytes = AdapterBytes(*e.adapter);
-  lru_.push_front(std::move(e));
-  entries_[key] = lru_.begin();
-  bytes_ += lru_.front().bytes;
-  // Evict from the back, never the entry just added.
-  while (bytes_ > budget_ && lru_.size() > 1) {
-    Entry& victim = lru_.back();
-    bytes_ -= victim.bytes;
-    entries_.erase(victim.key);
-    lru_.pop_back();
-    if (metrics_) metrics_->RecordCacheEviction(metrics::CacheTier::kDevice);
-  }
-  if (metrics_) metrics_->SetResidentBytes(metrics::CacheTier::kDevice, bytes_);
-}
-
-absl::StatusOr<std::shared_ptr<const model::LoraAdapter>>
-AdapterCache::GetModule(const std::string& id, std::string* content_key) {
-  LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));
-  std::string key = loc.weights_sha256.empty()
-                        ? absl::StrCat("dir:", loc.dir)
-                        : absl::StrCat("sha:", loc.weights_sha256);
-  *content_key = key;
-  if (auto hit = Lookup(key)) return hit;
   absl::StatusOr<model::LoraAdapter> loaded =
-      model::LoadLoraAdapter(*base_, loc.dir);
+      model::LoadLoraAdapter(host_view_, loc.dir);
   if (!loaded.ok()) {
     return absl::Status(loaded.status().code(),
                         absl::StrCat("module '", id, "': ",
                                      loaded.status().message()));
   }
   loaded->name = id;
-  auto adapter =
-      std::make_shared<const model::LoraAdapter>(*std::move(loaded));
-  Insert(key, adapter);
-  return adapter;
+  auto adapter = std::make_shared<const model::LoraAdapter>(*std::move(loaded));
+  if (!host_) return adapter;
+  return host_->Insert(key, std::move(adapter));
 }
 
-absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> AdapterCache::Get(
+absl::StatusOr<AdapterCache::Adapter> AdapterCache::GetModule(
+    const std::string& id) {
+  LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));
+  const std::string key = ModuleContentKey(loc);
+  if (Adapter hit = device_.Lookup(key)) return hit;
+  LH_ASSIGN_OR_RETURN(Adapter host, HostModule(id, loc, key));
+  auto on_device =
+      std::make_shared<const model::LoraAdapter>(ToDevice(*host, base_->device));
+  host.reset();  // unpin the host entry before the device insert
+  return device_.Insert(key, std::move(on_device));
+}
+
+absl::Status AdapterCache::WarmHost(const std::string& id) {
+  if (!host_) return GetModule(id).status();
+  LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));
+  return HostModule(id, loc, ModuleContentKey(loc)).status();
+}
+
+bool AdapterCache::OnDevice(const ModuleLocation& location) const {
+  return device_.Contains(ModuleContentKey(location));
+}
+
+absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
     const AdapterSpec& spec) {
   if (spec.is_base()) {
     if (!spec.weights.empty()) {
       return absl::InvalidArgumentError("weights given without modules");
     }
-    return std::shared_ptr<const model::LoraAdapter>();
+    return Adapter();
   }
   if (spec.module_ids.size() == 1 && spec.weights.empty() &&
       spec.method == "lorahub") {
-    std::string key;
-    return GetModule(spec.module_ids[0], &key);
+    return GetModule(spec.module_ids[0]);
   }
   const model::CompositionParams params{spec.method, spec.density,
                                        spec.majority_sign, spec.seed};
@@ -104,7 +113,6 @@ absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> AdapterCache::Get(
         absl::StrCat(spec.module_ids.size(), " modules but ",
                      weights.size(), " weights"));
   }
-  std::vector<std::shared_ptr<const model::LoraAdapter>> modules;
   // The method and every parameter it reads are part of the content key.
   std::string key = "mix";
   if (spec.method != "lorahub") {
@@ -117,15 +125,18 @@ absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> AdapterCache::Get(
     if (spec.method == "ties") absl::StrAppend(&key, ":m=", spec.majority_sign);
     if (spec.method == "dare_linear") absl::StrAppend(&key, ":s=", spec.seed);
   }
+  std::vector<Adapter> modules;
   for (size_t i = 0; i < spec.module_ids.size(); ++i) {
-    std::string module_key;
-    LH_ASSIGN_OR_RETURN(auto m, GetModule(spec.module_ids[i], &module_key));
-    modules.push_back(std::move(m));
+    LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(spec.module_ids[i]));
     uint64_t bits;
     std::memcpy(&bits, &weights[i], sizeof(bits));
-    absl::StrAppend(&key, "|", module_key, "*", absl::Hex(bits));
+    absl::StrAppend(&key, "|", ModuleContentKey(loc), "*", absl::Hex(bits));
   }
-  if (auto hit = Lookup(key)) return hit;
+  if (Adapter hit = device_.Lookup(key)) return hit;
+  for (const std::string& id : spec.module_ids) {
+    LH_ASSIGN_OR_RETURN(Adapter m, GetModule(id));
+    modules.push_back(std::move(m));
+  }
   std::vector<const model::LoraAdapter*> raw;
   for (const auto& m : modules) raw.push_back(m.get());
   LH_ASSIGN_OR_RETURN(model::LoraAdapter composed,
@@ -133,8 +144,8 @@ absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> AdapterCache::Get(
   composed.name = "composition";
   auto adapter =
       std::make_shared<const model::LoraAdapter>(std::move(composed));
-  Insert(key, adapter);
-  return adapter;
+  // The modules stay pinned until the composition is in (or refused).
+  return device_.Insert(key, std::move(adapter));
 }
 
 }  // namespace lorahub::serving

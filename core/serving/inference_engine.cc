@@ -133,15 +133,12 @@ struct Row {
 };
 
 struct InferenceEngine::State {
-  State(InferenceEngine* e, ModuleResolver resolver)
-      : engine(e),
-        w(*e->weights_),
-        adapters(e->weights_.get(), std::move(resolver),
-                 e->options_.adapter_cache_bytes, e->metrics_) {}
+  explicit State(InferenceEngine* e)
+      : engine(e), w(*e->weights_), adapters(*e->adapters_) {}
 
   InferenceEngine* engine;
   const model::T5Weights& w;
-  AdapterCache adapters;
+  AdapterCache& adapters;
   std::vector<Row> rows;
   model::DecoderCache dc;
   at::Tensor base_bias;  // [1, heads, cap, cap] position bias, no mask
@@ -497,7 +494,15 @@ InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights
     : weights_(std::move(weights)),
       options_(std::move(options)),
       metrics_(metrics) {
-  state_ = std::make_unique<State>(this, std::move(resolver));
+  ModuleTierOptions device;
+  device.name = options_.device_name;
+  device.tier = metrics::CacheTier::kDevice;
+  device.byte_budget = options_.device_cache_bytes;
+  device.budget_flag = "--device-cache-bytes";
+  device.metrics = metrics_;
+  adapters_ = std::make_unique<AdapterCache>(weights_.get(), std::move(resolver),
+                                             options_.host_tier, device);
+  state_ = std::make_unique<State>(this);
 }
 
 absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Start(
@@ -507,7 +512,7 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Start(
   if (!resolver) return absl::InvalidArgumentError("engine: no module resolver");
   if (options.max_queue < 1 || options.max_batch_rows < 1 ||
       options.max_prompt_tokens < 1 || options.max_new_tokens < 1 ||
-      options.max_new_tokens > 8192) {
+      options.max_new_tokens > 8192 || options.device_cache_bytes < 0) {
     return absl::InvalidArgumentError("engine: bad limits in EngineOptions");
   }
   std::unique_ptr<InferenceEngine> engine(new InferenceEngine(

@@ -85,8 +85,12 @@ struct EngineOptions {
   int max_num_beams = 16;
   int max_modules = 64;
   int max_score_examples = 1024;
-  // Bytes of adapters the cache keeps on the device.
-  int64_t adapter_cache_bytes = int64_t{1} << 30;
+  // Budget of the device tier of the module cache: bytes of adapter factors
+  // (modules and compositions) kept on the device (--device-cache-bytes).
+  int64_t device_cache_bytes = int64_t{1} << 30;
+  // The host tier shared by the engines of a server (--host-cache-bytes);
+  // null: modules are loaded from disk straight to the device.
+  std::shared_ptr<ModuleTier> host_tier;
   // Label used for log lines and metrics ("cpu", "cuda:0").
   std::string device_name = "cpu";
 };
@@ -136,6 +140,11 @@ class InferenceEngine {
   int64_t pending() const { return pending_.load(); }
   const model::T5Weights& weights() const { return *weights_; }
   const EngineOptions& options() const { return options_; }
+  // The engine's adapter cache (its device tier and the shared host tier);
+  // thread-safe, so a compose job can pin its modules there and the module
+  // service can report residency.
+  AdapterCache& adapters() { return *adapters_; }
+  const AdapterCache& adapters() const { return *adapters_; }
 
   // Internal state of the engine thread (defined in the .cc file).
   struct State;
@@ -158,6 +167,7 @@ class InferenceEngine {
   std::shared_ptr<const model::T5Weights> weights_;
   EngineOptions options_;
   metrics::ServiceMetrics* metrics_;
+  std::unique_ptr<AdapterCache> adapters_;
   std::unique_ptr<State> state_;  // engine thread only
 
   mutable std::mutex mu_;

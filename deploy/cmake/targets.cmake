@@ -664,8 +664,10 @@ lorahub_cc_library(core_serving_serving
   SRCS
     ${SRC}/core/serving/adapter_cache.cc
     ${SRC}/core/serving/inference_engine.cc
+    ${SRC}/core/serving/module_tier.cc
     ${SRC}/core/serving/adapter_cache.h
     ${SRC}/core/serving/inference_engine.h
+    ${SRC}/core/serving/module_tier.h
     ${SRC}/core/serving/request.h
   DEPS
     core_metrics_metrics
@@ -956,9 +958,11 @@ lorahub_cc_library(server_blocking_stream_writer
 lorahub_cc_library(server_services
   PACKAGE server
   SRCS
+    ${SRC}/server/composition_options.cc
     ${SRC}/server/inference_service.cc
     ${SRC}/server/module_service.cc
     ${SRC}/server/service_context.cc
+    ${SRC}/server/composition_options.h
     ${SRC}/server/inference_service.h
     ${SRC}/server/module_service.h
     ${SRC}/server/service_context.h
@@ -1864,6 +1868,24 @@ lorahub_cc_test(tests_server_inference_engine_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
     ext_nlohmann_json_json
+    ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 300
+)
+
+# //tests/server:module_tier_test (cc_test)
+lorahub_cc_test(tests_server_module_tier_test
+  TEST_NAME //tests/server:module_tier_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/module_tier_test.cc
+  DEPS
+    core_metrics_metrics
+    core_model_model
+    core_model_loader
+    core_serving_serving
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
     ext_prometheus_cpp_prometheus_cpp
   TIMEOUT 300
 )

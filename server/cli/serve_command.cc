@@ -53,6 +53,9 @@
 namespace lorahub::cli {
 namespace {
 
+// --host-cache-bytes default: 4 GiB of host memory for loaded modules.
+constexpr int64_t kDefaultHostCacheBytes = int64_t{4} << 30;
+
 bool IsDirectory(const std::string& path) {
   struct stat st;
   return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
@@ -67,7 +70,8 @@ int RunServe(int argc, char** argv) {
   FlagSpec spec{{"listen", "model", "device", "metrics-listen", "data-dir",
                  "dtype", "hub-endpoint", "cache-dir", "max-batch-rows",
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
-                 "shutdown-grace-s", "config"},
+                 "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
+                 "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
@@ -109,6 +113,23 @@ int RunServe(int argc, char** argv) {
     eo.max_queue = static_cast<int>(*queue);
     eo.max_new_tokens = std::min<long long>(*new_tokens, 8192);
     eo.max_prompt_tokens = *prompt;
+  }
+  // Module cache budgets (core/serving/module_tier.h): bytes of adapter
+  // factors kept in host memory (shared by all devices) and on each device.
+  int64_t host_cache_bytes = kDefaultHostCacheBytes;
+  {
+    auto host = args->GetInt("host-cache-bytes", kDefaultHostCacheBytes);
+    auto device = args->GetInt("device-cache-bytes", eo.device_cache_bytes);
+    for (const auto* v : {&host, &device}) {
+      if (!v->ok()) return ReportError("serve", v->status());
+      if (**v < 0) {
+        return ReportError("serve", absl::InvalidArgumentError(
+                                        "--host-cache-bytes and --device-cache-bytes "
+                                        "must be >= 0"));
+      }
+    }
+    host_cache_bytes = *host;
+    eo.device_cache_bytes = *device;
   }
   absl::StatusOr<double> grace = args->GetDouble("shutdown-grace-s", 10);
   if (!grace.ok()) return ReportError("serve", grace.status());
@@ -163,6 +184,16 @@ int RunServe(int argc, char** argv) {
   if (!tok.ok()) return ReportError("serve", tok.status());
   ctx->tokenizer = *std::move(tok);
 
+  {
+    serving::ModuleTierOptions to;
+    to.name = "host";
+    to.tier = metrics::CacheTier::kHost;
+    to.byte_budget = host_cache_bytes;
+    to.budget_flag = "--host-cache-bytes";
+    to.metrics = ctx->metrics;
+    ctx->host_tier = std::make_shared<serving::ModuleTier>(to);
+    eo.host_tier = ctx->host_tier;
+  }
   store::Store* store_ptr = ctx->store.get();
   serving::ModuleResolver resolver =
       [store_ptr](const std::string& id) -> absl::StatusOr<serving::ModuleLocation> {
@@ -185,6 +216,10 @@ int RunServe(int argc, char** argv) {
     if (!engine.ok()) return ReportError("serve", engine.status());
     ctx->engines.push_back(*std::move(engine));
   }
+  // Only ctx and the engines hold the host tier from here on, so it goes
+  // with them, before the metrics it records into (declared earlier than
+  // ctx, destroyed after it).
+  eo.host_tier.reset();
 
   // One compose worker on the first device's resident weights; it re-queues
   // jobs that were running when the previous process died (they resume from
@@ -199,6 +234,11 @@ int RunServe(int argc, char** argv) {
   serving::InferenceEngine* job_engine = ctx->engines.front().get();
   jo.run_on_device = [job_engine](std::function<void()> fn) {
     return job_engine->RunOnDevice(std::move(fn));
+  };
+  // The job's modules come through that engine's module cache and stay
+  // pinned there while the job runs.
+  jo.module_loader = [job_engine](const std::string& id) {
+    return job_engine->adapters().GetModule(id);
   };
   absl::StatusOr<std::unique_ptr<jobs::ComposeWorker>> worker =
       jobs::ComposeWorker::Start(jo);

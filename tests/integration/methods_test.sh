@@ -147,6 +147,36 @@ try:
 except grpc.RpcError as e:
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.code()
     assert "spec.method" in e.details(), e.details()
+# Composition options a method does not read, or out of range, name the field.
+def bad_generate(method, field, **kw):
+    req = inference_pb2.GenerateRequest(text=prompt)
+    c = req.adapter.composition
+    c.module_ids.extend(["m00", "m01", "m02"]); c.weights.extend(weights); c.method = method
+    if "density" in kw: c.options.density = kw["density"]
+    if "sign" in kw: c.options.majority_sign_method = kw["sign"]
+    if "dare_seed" in kw: c.dare_seed = kw["dare_seed"]
+    try:
+        list(inf.Generate(req, timeout=10))
+        raise SystemExit("accepted: %s %s" % (method, kw))
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (kw, e.code())
+        assert field in e.details(), (field, e.details())
+bad_generate(common_pb2.COMPOSITION_METHOD_TIES, "adapter.composition.options.density", density=0.0)
+bad_generate(common_pb2.COMPOSITION_METHOD_TIES, "adapter.composition.options.density", density=1.5)
+bad_generate(common_pb2.COMPOSITION_METHOD_LORAHUB, "adapter.composition.options.density", density=0.5)
+bad_generate(common_pb2.COMPOSITION_METHOD_DARE_LINEAR,
+             "adapter.composition.options.majority_sign_method", sign=common_pb2.MAJORITY_SIGN_METHOD_FREQUENCY)
+bad_generate(common_pb2.COMPOSITION_METHOD_TIES,
+             "adapter.composition.options.majority_sign_method", sign=7)
+bad_generate(common_pb2.COMPOSITION_METHOD_TIES, "adapter.composition.dare_seed", dare_seed=3)
+spec.method = common_pb2.COMPOSITION_METHOD_CAT
+spec.composition_options.density = 0.3
+try:
+    cs.SubmitJob(compose_pb2.SubmitJobRequest(spec=spec), timeout=10)
+    raise SystemExit("density with cat accepted")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.code()
+    assert "spec.composition_options.density" in e.details(), e.details()
 print("errors OK")
 PY
 
@@ -218,6 +248,37 @@ for name, m in (("cat", common_pb2.COMPOSITION_METHOD_CAT), ("ties", common_pb2.
     assert got == want, (name, got, want)
     print("default model,", name, "explicit composition:", got)
 PY
+# Explicit composition options through lorahubctl generate = offline generate
+# with the same --density / --majority-sign / mask seed; a job with
+# composition options publishes a task that serves the same ids.
+for opts in "ties --density 0.3 --majority-sign frequency" "dare_linear --density 0.7"; do
+  read -r method rest <<<"$opts"
+  seed_flag=(); [ "$method" = dare_linear ] && seed_flag=(--dare-seed 5)
+  c --json generate --modules add,double_number,reverse_word --weights "$W" --method $method $rest \
+    "${seed_flag[@]}" --max-new-tokens 12 --text "$text" >"$tmp/dopt" 2>>"$tmp/err" \
+    || fail "lorahubctl generate --method $opts"
+  served=$(jf '["output_ids"]' <"$tmp/dopt")
+  cs=42; [ "$method" = dare_linear ] && cs=5
+  offline=$("$lorahub" generate --model "$dm/base" "${dmods[@]}" --weights "$W" --method $method $rest \
+    --composition-seed $cs --text "$text" --max-new-tokens 12 --json 2>>"$tmp/err" | jf '["output_ids"]')
+  [ -n "$offline" ] && [ "$served" = "$offline" ] || fail "options $opts: served $served offline $offline"
+  echo "default model, generate --method $opts: $served"
+done
+c --json compose --task d_ties_opts --modules add,double_number,reverse_word --optimizer fixed \
+  --weights "$W" --budget 1 --seed 7 --method ties --density 0.3 --majority-sign frequency \
+  --examples "$fx/examples.jsonl" --wait >"$tmp/dwatch_opts" 2>>"$tmp/err" || fail "compose with options"
+c --json generate --task d_ties_opts --max-new-tokens 12 --text "$text" >"$tmp/dg_opts" 2>>"$tmp/err" \
+  || fail "generate --task d_ties_opts"
+served=$(jf '["output_ids"]' <"$tmp/dg_opts")
+offline=$("$lorahub" generate --model "$dm/base" "${dmods[@]}" --weights "$W" --method ties --density 0.3 \
+  --majority-sign frequency --composition-seed 7 --text "$text" --max-new-tokens 12 --json 2>>"$tmp/err" \
+  | jf '["output_ids"]')
+[ -n "$offline" ] && [ "$served" = "$offline" ] || fail "task with options: served $served offline $offline"
+# Usage errors: options without --modules, a bad sign name.
+c generate --task d_ties_opts --density 0.3 --text x >/dev/null 2>&1; rc=$?
+[ "$rc" = 2 ] || fail "--density with --task: exit $rc"
+c generate --modules add --weights 1 --method ties --majority-sign most --text x >/dev/null 2>&1; rc=$?
+[ "$rc" = 2 ] || fail "--majority-sign most: exit $rc"
 kill -TERM "$pid"; wait "$pid" || fail "second server exit code"
 pid=
 echo PASS

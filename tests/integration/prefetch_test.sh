@@ -56,17 +56,28 @@ for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; 
 port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
 [ -n "$port" ] || fail "no port"
 
-PYTHONPATH="$tmp/py" "$py" - "$port" "$hub_port" "$tmp/hub" "$case_dir" <<'PY' || fail "prefetch"
-import glob, json, os, sys, urllib.request
+metrics_addr=$(sed -n 's/^metrics listening on \(.*\)$/\1/p' "$tmp/out")
+[ -n "$metrics_addr" ] || fail "no metrics address"
+PYTHONPATH="$tmp/py" "$py" - "$port" "$hub_port" "$tmp/hub" "$case_dir" "$metrics_addr" <<'PY' || fail "prefetch"
+import glob, json, os, re, sys, urllib.request
 import grpc
 from lorahub.v1 import modules_pb2, modules_pb2_grpc, inference_pb2, inference_pb2_grpc, common_pb2
 
-port, hub_port, cache, case_dir = sys.argv[1:5]
+port, hub_port, cache, case_dir, metrics_addr = sys.argv[1:6]
+
+def metric(name, tier):
+    text = urllib.request.urlopen("http://%s/metrics" % metrics_addr).read().decode()
+    m = re.search(r'^%s\{tier="%s"\} (\S+)$' % (name, tier), text, re.M)
+    assert m, (name, tier, text)
+    return float(m.group(1))
+
 ch = grpc.insecure_channel("127.0.0.1:" + port)
 modules = modules_pb2_grpc.ModuleServiceStub(ch)
 m = modules.AddModule(modules_pb2.AddModuleRequest(
     hub=modules_pb2.HubSource(repo_id="lorahub/m0")), timeout=60)
 assert m.id == "m0" and m.resolved_commit == "2" * 40, m
+assert list(m.resident) == ["disk"], m.resident   # on disk only, not loaded yet
+assert metric("lorahub_module_cache_resident_bytes", "host") == 0
 weights = os.path.getsize(case_dir + "/adapters/m0/adapter_model.safetensors")
 config = os.path.getsize(case_dir + "/adapters/m0/adapter_config.json")
 
@@ -74,8 +85,15 @@ def prefetch():
     msgs = list(modules.PrefetchModule(modules_pb2.PrefetchModuleRequest(id="m0"), timeout=60))
     assert msgs and msgs[-1].done, msgs
     assert all(not x.done for x in msgs[:-1]), msgs
+    # After the downloads, one message per tier it was loaded into.
+    loads = [x.loaded_into for x in msgs[:-1] if x.loaded_into]
+    assert loads == ["host", "cpu"], msgs
+    assert all(x.loaded_into for x in msgs[len(msgs) - 1 - len(loads):-1]), msgs
+    assert list(msgs[-1].resident) == ["disk", "host", "cpu"], msgs[-1]
     by_file = {}
     for x in msgs[:-1]:
+        if x.loaded_into:
+            continue
         by_file.setdefault(x.file, []).append((x.bytes_done, x.bytes_total))
     assert set(by_file) == {"adapter_config.json", "adapter_model.safetensors"}, by_file
     for f, size in (("adapter_config.json", config), ("adapter_model.safetensors", weights)):
@@ -91,6 +109,19 @@ def cdn_gets():
 
 before = cdn_gets()
 prefetch()                        # everything cached: no transfer
+got = modules.GetModule(modules_pb2.GetModuleRequest(id="m0"), timeout=10)
+assert list(got.resident) == ["disk", "host", "cpu"], got.resident
+listed = modules.ListModules(modules_pb2.ListModulesRequest(), timeout=10).modules
+assert [list(x.resident) for x in listed] == [["disk", "host", "cpu"]], listed
+host_bytes = metric("lorahub_module_cache_resident_bytes", "host")
+assert host_bytes > 0 and metric("lorahub_module_cache_resident_bytes", "device") == host_bytes
+assert metric("lorahub_module_cache_misses_total", "host") == 1
+try:
+    list(modules.PrefetchModule(modules_pb2.PrefetchModuleRequest(id="m0", devices=["cuda:7"]),
+                                timeout=10))
+    raise SystemExit("unknown device accepted")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "devices[0]" in e.details(), e
 assert cdn_gets() == before, "cached prefetch downloaded"
 blobs = glob.glob(cache + "/models--lorahub--m0/blobs/*")
 big = [b for b in blobs if os.path.getsize(b) == weights]
@@ -131,8 +162,12 @@ lines = open(sys.argv[1]).read().splitlines()
 weights, config = int(sys.argv[2]), int(sys.argv[3])
 msgs = [json.loads(l) for l in lines]
 assert len(msgs) >= 3, lines
-for m in msgs:
-    assert set(m) == {"file", "bytes_done", "bytes_total", "done"}, m
+for m in msgs[:-1]:
+    assert set(m) - {"loaded_into"} == {"file", "bytes_done", "bytes_total", "done"}, m
+assert set(msgs[-1]) == {"file", "bytes_done", "bytes_total", "done", "resident"}, msgs[-1]
+assert [m["loaded_into"] for m in msgs if "loaded_into" in m] == ["host", "cpu"], msgs
+assert msgs[-1]["resident"] == ["disk", "host", "cpu"], msgs[-1]
+msgs = [m for m in msgs if "loaded_into" not in m]
 assert msgs[-1]["done"] is True and not any(m["done"] for m in msgs[:-1]), msgs
 assert msgs[-1]["file"] == "adapter_model.safetensors" and msgs[-1]["bytes_done"] == weights, msgs[-1]
 w = [m for m in msgs[:-1] if m["file"] == "adapter_model.safetensors"]
@@ -145,7 +180,9 @@ PY
 "$ctl" --server "$addr" modules prefetch m0 >"$tmp/pp" 2>>"$tmp/err" || fail "plain prefetch"
 grep -qx "adapter_config.json $config/$config" "$tmp/pp" || fail "plain config line: $(cat "$tmp/pp")"
 grep -qx "adapter_model.safetensors $weights/$weights" "$tmp/pp" || fail "plain weights line: $(cat "$tmp/pp")"
-grep -q "^prefetched m0 (adapter_model.safetensors, " "$tmp/pp" || fail "plain summary: $(cat "$tmp/pp")"
+grep -q "^prefetched m0 (adapter_model.safetensors, .*, resident in disk,host,cpu$" "$tmp/pp" \
+  || fail "plain summary: $(cat "$tmp/pp")"
+grep -qx "loaded into host" "$tmp/pp" || fail "plain load line: $(cat "$tmp/pp")"
 if grep -q $'\r' "$tmp/pp"; then fail "plain output has carriage returns"; fi
 # On a terminal: a bar per file, redrawn with \r, 100% at the end of each.
 evict
@@ -164,6 +201,30 @@ grep -q "NOT_FOUND" "$tmp/pe" || fail "unknown module message: $(cat "$tmp/pe")"
 [ "$rc" = 2 ] || fail "missing id exit $rc"
 
 kill -TERM "$pid"; wait "$pid" || fail "server exit code"
+pid=
+
+# Cache budgets from `serve --config`: a device tier of 1 byte cannot hold
+# m0, so a request through it is RESOURCE_EXHAUSTED naming the flag, and the
+# base model still serves.
+echo '{"host-cache-bytes": 100000000, "device-cache-bytes": 1}' >"$tmp/config.json"
+: >"$tmp/out"
+"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
+  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --cache-dir "$tmp/hub" \
+  --hub-endpoint "http://127.0.0.1:$hub_port" --config "$tmp/config.json" >"$tmp/out" 2>>"$tmp/err" &
+pid=$!
+for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
+port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
+[ -n "$port" ] || fail "no port (config)"
+addr="127.0.0.1:$port"
+"$ctl" --server "$addr" generate --module m0 --text hello --max-new-tokens 2 >/dev/null 2>"$tmp/ge"; rc=$?
+[ "$rc" = 1 ] || fail "over-budget generate exit $rc"
+grep -q "RESOURCE_EXHAUSTED" "$tmp/ge" && grep -q -- "--device-cache-bytes" "$tmp/ge" \
+  || fail "over-budget message: $(cat "$tmp/ge")"
+"$ctl" --server "$addr" generate base --text hello --max-new-tokens 2 >/dev/null 2>>"$tmp/err" \
+  || fail "base generate with a tiny device cache"
+"$ctl" --server "$addr" --json modules get m0 >"$tmp/mg" || fail "modules get"
+grep -q '"resident":\["disk","host"\]' "$tmp/mg" || fail "resident after refusal: $(cat "$tmp/mg")"
+kill -TERM "$pid"; wait "$pid" || fail "server exit code (config)"
 pid=
 exec 3>&-
 echo PASS

@@ -1,0 +1,338 @@
+// The module cache's memory tiers: LRU order, byte budgets, pinning by
+// reference, RESOURCE_EXHAUSTED when the budget is pinned, and the per-tier
+// metrics; then the tiers behind AdapterCache with the real test modules
+// (disk -> host -> device) and in a running engine.
+#include "core/serving/module_tier.h"
+
+#include <future>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <prometheus/registry.h>
+
+#include "absl/strings/match.h"
+#include "core/metrics/metrics.h"
+#include "core/model/loader.h"
+#include "core/serving/adapter_cache.h"
+#include "core/serving/inference_engine.h"
+
+namespace lorahub::serving {
+namespace {
+
+using ::testing::ElementsAre;
+
+// An adapter of one site whose factors take exactly `bytes` (fp32).
+std::shared_ptr<const model::LoraAdapter> Sized(const std::string& name,
+                                                int64_t bytes) {
+  model::LoraAdapter a;
+  a.name = name;
+  model::LoraSite s;
+  s.site = 0;
+  const int64_t floats = bytes / 4;  // bytes is a multiple of 4 here
+  s.a = at::zeros({floats / 2}, at::kFloat);
+  s.b = at::zeros({floats - floats / 2}, at::kFloat);
+  a.sites.push_back(s);
+  return std::make_shared<const model::LoraAdapter>(std::move(a));
+}
+
+// Value of one series of the registry, or nullopt.
+std::optional<double> Value(prometheus::Registry& registry,
+                            const std::string& name, const std::string& tier) {
+  for (const auto& family : registry.Collect()) {
+    if (family.name != name) continue;
+    for (const auto& m : family.metric) {
+      for (const auto& l : m.label) {
+        if (l.name == "tier" && l.value == tier) {
+          if (family.type == prometheus::MetricType::Counter) return m.counter.value;
+          return m.gauge.value;
+        }
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+class TierTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    registry_ = std::make_shared<prometheus::Registry>();
+    auto m = metrics::ServiceMetrics::Create(registry_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    metrics_ = *std::move(m);
+  }
+  ModuleTierOptions Options(int64_t budget) {
+    ModuleTierOptions o;
+    o.name = "cpu";
+    o.tier = metrics::CacheTier::kDevice;
+    o.byte_budget = budget;
+    o.budget_flag = "--device-cache-bytes";
+    o.metrics = metrics_.get();
+    return o;
+  }
+  std::optional<double> Metric(const std::string& name,
+                               const std::string& tier = "device") {
+    return Value(*registry_, name, tier);
+  }
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<metrics::ServiceMetrics> metrics_;
+};
+
+TEST_F(TierTest, AdapterBytesCountsBothFactors) {
+  EXPECT_EQ(ModuleTier::AdapterBytes(*Sized("x", 800)), 800);
+}
+
+TEST_F(TierTest, EvictsTheLeastRecentlyUsedFirst) {
+  ModuleTier tier(Options(300));
+  ASSERT_TRUE(tier.Insert("a", Sized("a", 100)).ok());
+  ASSERT_TRUE(tier.Insert("b", Sized("b", 100)).ok());
+  ASSERT_TRUE(tier.Insert("c", Sized("c", 100)).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("c", "b", "a"));
+  ASSERT_NE(tier.Lookup("a"), nullptr);  // a is now the most recent
+  EXPECT_THAT(tier.Keys(), ElementsAre("a", "c", "b"));
+  // d needs 100 more bytes: b (least recently used) goes, not a.
+  ASSERT_TRUE(tier.Insert("d", Sized("d", 100)).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("d", "a", "c"));
+  EXPECT_FALSE(tier.Contains("b"));
+  EXPECT_EQ(tier.resident_bytes(), 300);
+  // A 200-byte entry evicts the two least recent ones.
+  ASSERT_TRUE(tier.Insert("e", Sized("e", 200)).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("e", "d"));
+  EXPECT_EQ(tier.resident_bytes(), 300);
+  EXPECT_EQ(Metric("lorahub_module_cache_evictions_total"), 3.0);
+  EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes"), 300.0);
+  EXPECT_EQ(Metric("lorahub_module_cache_hits_total"), 1.0);
+}
+
+TEST_F(TierTest, LookupCountsHitsAndMissesAndContainsDoesNot) {
+  ModuleTier tier(Options(1000));
+  EXPECT_EQ(tier.Lookup("a"), nullptr);
+  ASSERT_TRUE(tier.Insert("a", Sized("a", 100)).ok());
+  EXPECT_NE(tier.Lookup("a"), nullptr);
+  EXPECT_NE(tier.Lookup("a"), nullptr);
+  EXPECT_TRUE(tier.Contains("a"));
+  EXPECT_FALSE(tier.Contains("b"));
+  EXPECT_EQ(Metric("lorahub_module_cache_hits_total"), 2.0);
+  EXPECT_EQ(Metric("lorahub_module_cache_misses_total"), 1.0);
+  // Other tiers' series are untouched.
+  EXPECT_EQ(Metric("lorahub_module_cache_hits_total", "host"), 0.0);
+}
+
+TEST_F(TierTest, InsertingAPresentKeyKeepsTheFirstEntry) {
+  ModuleTier tier(Options(1000));
+  auto first = Sized("a", 100);
+  ASSERT_TRUE(tier.Insert("a", first).ok());
+  auto again = tier.Insert("a", Sized("a2", 100));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->get(), first.get());
+  EXPECT_EQ(tier.resident_bytes(), 100);
+}
+
+TEST_F(TierTest, AnEntryLargerThanTheBudgetIsRefusedNamingTheFlag) {
+  ModuleTier tier(Options(100));
+  auto r = tier.Insert("big", Sized("big", 200));
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "--device-cache-bytes"))
+      << r.status();
+  EXPECT_EQ(tier.size(), 0u);
+  EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes"), 0.0);
+}
+
+TEST_F(TierTest, PinnedEntriesAreNeverEvicted) {
+  ModuleTier tier(Options(200));
+  auto a = tier.Insert("a", Sized("a", 100));
+  ASSERT_TRUE(a.ok());
+  std::shared_ptr<const model::LoraAdapter> pin = *a;  // a request holds a
+  a = absl::UnknownError("dropped");
+  ASSERT_TRUE(tier.Insert("b", Sized("b", 100)).ok());
+  ASSERT_NE(tier.Lookup("b"), nullptr);  // b is more recent than a...
+  // ...but a is pinned, so c evicts b.
+  EXPECT_TRUE(tier.Pinned("a"));
+  EXPECT_FALSE(tier.Pinned("b"));
+  ASSERT_TRUE(tier.Insert("c", Sized("c", 100)).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("c", "a"));
+  EXPECT_FALSE(tier.Erase("a"));  // pinned: stays
+  EXPECT_TRUE(tier.Contains("a"));
+  pin.reset();
+  EXPECT_FALSE(tier.Pinned("a"));
+  ASSERT_TRUE(tier.Insert("d", Sized("d", 100)).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("d", "c"));  // a went once unpinned
+}
+
+TEST_F(TierTest, ABudgetTakenByPinnedEntriesIsResourceExhausted) {
+  ModuleTier tier(Options(200));
+  auto a = tier.Insert("a", Sized("a", 100));
+  auto b = tier.Insert("b", Sized("b", 100));
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = tier.Insert("c", Sized("c", 100));
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "pinned")) << c.status();
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "cpu")) << c.status();
+  EXPECT_THAT(tier.Keys(), ElementsAre("b", "a"));
+  EXPECT_EQ(tier.resident_bytes(), 200);
+  EXPECT_EQ(Metric("lorahub_module_cache_evictions_total"), 0.0);
+  // One request ends: its entry becomes evictable and c fits.
+  b = absl::UnknownError("released");
+  ASSERT_TRUE(tier.Insert("c", Sized("c", 100)).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("c", "a"));
+  EXPECT_EQ(Metric("lorahub_module_cache_evictions_total"), 1.0);
+}
+
+TEST_F(TierTest, TiersSharingALabelSumTheirResidentBytes) {
+  {
+    ModuleTier d0(Options(1000));
+    ModuleTier d1(Options(1000));
+    ASSERT_TRUE(d0.Insert("a", Sized("a", 100)).ok());
+    ASSERT_TRUE(d1.Insert("a", Sized("a", 200)).ok());
+    EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes"), 300.0);
+    EXPECT_TRUE(d0.Erase("a"));
+    EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes"), 200.0);
+  }
+  EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes"), 0.0);
+}
+
+// AdapterCache over the real test modules.
+const char kCase[] = "tests/testdata/t5/gated_untied";
+
+class TieredCacheTest : public TierTest {
+ protected:
+  static void SetUpTestSuite() {
+    auto w = model::LoadT5(std::string(kCase) + "/model", {});
+    ASSERT_TRUE(w.ok()) << w.status();
+    weights_ = new std::shared_ptr<const model::T5Weights>(
+        std::make_shared<const model::T5Weights>(*std::move(w)));
+  }
+  static void TearDownTestSuite() { delete weights_; }
+
+  static ModuleResolver Resolver() {
+    return [](const std::string& id) -> absl::StatusOr<ModuleLocation> {
+      if (id != "m0" && id != "m1" && id != "m2") {
+        return absl::NotFoundError("module '" + id + "' not found");
+      }
+      return ModuleLocation{std::string(kCase) + "/adapters/" + id, id};
+    };
+  }
+  // Bytes of one test module (they all have the same shapes).
+  static int64_t ModuleBytes() {
+    auto a = model::LoadLoraAdapter(**weights_, std::string(kCase) + "/adapters/m0");
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.ok() ? ModuleTier::AdapterBytes(*a) : 0;
+  }
+  std::shared_ptr<ModuleTier> Host(int64_t budget) {
+    ModuleTierOptions o = Options(budget);
+    o.name = "host";
+    o.tier = metrics::CacheTier::kHost;
+    o.budget_flag = "--host-cache-bytes";
+    return std::make_shared<ModuleTier>(o);
+  }
+
+  static std::shared_ptr<const model::T5Weights>* weights_;
+};
+std::shared_ptr<const model::T5Weights>* TieredCacheTest::weights_ = nullptr;
+
+TEST_F(TieredCacheTest, ModulesGoFromDiskToHostToDevice) {
+  const int64_t one = ModuleBytes();
+  ASSERT_GT(one, 0);
+  auto host = Host(10 * one);
+  // The device tier holds one module.
+  AdapterCache cache(weights_->get(), Resolver(), host, Options(one));
+  auto m0 = cache.GetModule("m0");
+  ASSERT_TRUE(m0.ok()) << m0.status();
+  EXPECT_EQ((*m0)->name, "m0");
+  EXPECT_TRUE(host->Contains("sha:m0"));
+  EXPECT_TRUE(cache.device_tier().Contains("sha:m0"));
+  EXPECT_EQ(Metric("lorahub_module_cache_misses_total", "device"), 1.0);
+  EXPECT_EQ(Metric("lorahub_module_cache_misses_total", "host"), 1.0);
+  // The same adapter as loading the directory directly.
+  auto direct = model::LoadLoraAdapter(**weights_, std::string(kCase) + "/adapters/m0");
+  ASSERT_TRUE(direct.ok());
+  ASSERT_EQ((*m0)->sites.size(), direct->sites.size());
+  for (size_t i = 0; i < direct->sites.size(); ++i) {
+    EXPECT_TRUE(at::equal((*m0)->sites[i].a, direct->sites[i].a));
+    EXPECT_TRUE(at::equal((*m0)->sites[i].b, direct->sites[i].b));
+    EXPECT_EQ((*m0)->sites[i].scaling, direct->sites[i].scaling);
+  }
+  m0 = absl::UnknownError("request done");
+  // m1 evicts m0 from the device, not from the host.
+  ASSERT_TRUE(cache.GetModule("m1").ok());
+  EXPECT_FALSE(cache.device_tier().Contains("sha:m0"));
+  EXPECT_TRUE(host->Contains("sha:m0"));
+  EXPECT_EQ(Metric("lorahub_module_cache_evictions_total", "device"), 1.0);
+  // m0 again: a device miss served by the host tier.
+  ASSERT_TRUE(cache.GetModule("m0").ok());
+  EXPECT_EQ(Metric("lorahub_module_cache_hits_total", "host"), 1.0);
+  EXPECT_EQ(Metric("lorahub_module_cache_misses_total", "host"), 2.0);
+  EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes", "host"), 2.0 * one);
+  EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes", "device"), 1.0 * one);
+  // And a device hit.
+  ASSERT_TRUE(cache.GetModule("m0").ok());
+  EXPECT_EQ(Metric("lorahub_module_cache_hits_total", "device"), 1.0);
+}
+
+TEST_F(TieredCacheTest, AModuleInUseIsPinnedAndTheNextOneIsRefused) {
+  const int64_t one = ModuleBytes();
+  AdapterCache cache(weights_->get(), Resolver(), Host(10 * one), Options(one));
+  auto m0 = cache.GetModule("m0");  // held: a request in flight
+  ASSERT_TRUE(m0.ok());
+  auto m1 = cache.GetModule("m1");
+  ASSERT_EQ(m1.status().code(), absl::StatusCode::kResourceExhausted) << m1.status();
+  EXPECT_TRUE(absl::StrContains(m1.status().message(), "--device-cache-bytes"));
+  EXPECT_TRUE(cache.device_tier().Contains("sha:m0"));
+  // A composition also needs room next to its modules.
+  AdapterSpec spec;
+  spec.module_ids = {"m0"};
+  spec.weights = {0.5};
+  EXPECT_EQ(cache.Get(spec).status().code(), absl::StatusCode::kResourceExhausted);
+  m0 = absl::UnknownError("done");
+  EXPECT_TRUE(cache.GetModule("m1").ok());
+}
+
+TEST_F(TieredCacheTest, WithoutAHostTierModulesGoStraightToTheDevice) {
+  AdapterCache cache(weights_->get(), Resolver(), nullptr, Options(1 << 30));
+  ASSERT_TRUE(cache.WarmHost("m2").ok());
+  EXPECT_TRUE(cache.OnDevice(ModuleLocation{"ignored", "m2"}));
+  EXPECT_EQ(cache.GetModule("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Metric("lorahub_module_cache_misses_total", "host"), 0.0);
+}
+
+TEST_F(TieredCacheTest, ARequestInFlightPinsItsAdapterInTheEngine) {
+  const int64_t one = ModuleBytes();
+  EngineOptions o;
+  o.max_new_tokens = 64;
+  o.host_tier = Host(10 * one);
+  o.device_cache_bytes = one;
+  auto engine = InferenceEngine::Start(*weights_, Resolver(), o, metrics_.get());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto run = [&](const std::string& module) {
+    std::promise<GenerateOutcome> done;
+    GenerateRequest r;
+    r.input_ids = {5, 6, 7, 1};
+    r.adapter.module_ids = {module};
+    r.params.max_new_tokens = 4;
+    r.on_done = [&done](GenerateOutcome out) { done.set_value(std::move(out)); };
+    EXPECT_TRUE((*engine)->Submit(std::move(r)).ok());
+    return done.get_future().get();
+  };
+  EXPECT_TRUE(run("m0").status.ok());
+  EXPECT_TRUE((*engine)->adapters().device_tier().Contains("sha:m0"));
+  // Outside a request, the job's hold pins m0 (as a compose job does):
+  // a request for m1 cannot get room on the device.
+  auto pin = (*engine)->adapters().GetModule("m0");
+  ASSERT_TRUE(pin.ok());
+  GenerateOutcome refused = run("m1");
+  EXPECT_EQ(refused.status.code(), absl::StatusCode::kResourceExhausted)
+      << refused.status;
+  pin = absl::UnknownError("job done");
+  EXPECT_TRUE(run("m1").status.ok());
+  EXPECT_TRUE((*engine)->adapters().device_tier().Contains("sha:m1"));
+  EXPECT_FALSE((*engine)->adapters().device_tier().Contains("sha:m0"));
+  EXPECT_TRUE(o.host_tier->Contains("sha:m0"));
+}
+
+}  // namespace
+}  // namespace lorahub::serving
