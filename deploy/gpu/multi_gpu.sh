@@ -134,6 +134,14 @@ jobs_round() {
   echo "$ok $("$py" -c "print('%.3f' % ($t1 - $t0))") $((n - ok))"
 }
 
+# gpu_snapshot TAG: after 1 s, one nvidia-smi line per GPU into the log
+# (utilisation while a phase runs: did both devices work?).
+gpu_snapshot() {
+  command -v nvidia-smi >/dev/null || return 0
+  ( sleep 1; timeout 10 nvidia-smi --query-gpu=index,utilization.gpu,memory.used \
+      --format=csv,noheader | sed "s/^/   [$1] gpu /" >>"$log" ) &
+}
+
 results=$tmp/results
 : >"$results"
 for set in $device_sets; do
@@ -163,8 +171,10 @@ for set in $device_sets; do
   say "   warm-up: $wt tokens in $ws s ($wf failed)"
   read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")
   say "   warm-up jobs: $jf failed [$((SECONDS - start)) s]"
+  gpu_snapshot "gen $set"
   read -r gt gs gf < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
   say "   gen: $gt tokens in $gs s ($gf failed) [$((SECONDS - start)) s]"
+  gpu_snapshot "jobs $set"
   read -r jo js jfail < <(jobs_round "$jobs" "$budget" "bench$ndev")
   say "   jobs: $jo succeeded in $js s ($jfail not) [$((SECONDS - start)) s]"
   echo "$set $ndev $gt $gs $gf $jo $js $jfail" >>"$results"
@@ -179,7 +189,9 @@ out = ["# lorahub serve on several devices (issue 7, item 3)", "",
        "fixture: $fx ($nmods modules), dtype $dtype; gen: $gen_requests requests x $gen_tokens new "
        "tokens (greedy, per-request 3-module composition) at $gen_conc concurrent streams, "
        "--max-batch-rows $max_rows per device; jobs: $jobs compose jobs at once (cobyla, budget "
-       "$budget, 5 examples, $nmods modules)", "",
+       "$budget, 5 examples, $nmods modules). With more streams than one device's "
+       "--max-batch-rows, a second device adds decoding capacity; with fewer, one device "
+       "already batches every stream and decoding is latency-bound.", "",
        "| devices | gen tokens | gen s | gen tok/s | jobs done | jobs s | jobs/s | failures |",
        "|---|---|---|---|---|---|---|---|"]
 rate = {}

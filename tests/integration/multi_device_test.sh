@@ -37,7 +37,7 @@ done
 # Two long jobs: both must be RUNNING at the same time.
 ids=()
 for t in ta tb; do
-  c --json compose --task "$t" --modules m00,m01,m02 --optimizer random --budget 100000 \
+  c --json compose --task "$t" --modules m00,m01,m02 --optimizer random --budget 10000 \
     --examples "$fx/examples.jsonl" >"$tmp/j_$t" || fail "submit $t"
   ids+=("$(json_field '["id"]' <"$tmp/j_$t")")
 done
