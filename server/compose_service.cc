@@ -499,7 +499,7 @@ class ExportReactor final : public BlockingStreamWriter<v1::ExportTaskChunk> {
       dirs.push_back(m->local_path);
     }
     if (ctx->engines.empty()) return absl::UnavailableError("no inference engine");
-    serving::InferenceEngine* engine = ctx->engines.front().get();
+    serving::InferenceEngine* engine = ctx->PickEngine();
     const model::T5Weights& base = engine->weights();
     // On the device's owner thread: load and compose (device tensors), then
     // copy the factors to host memory so that the files are written here.

@@ -5,9 +5,13 @@
 namespace lorahub::server {
 
 serving::InferenceEngine* ServiceContext::PickEngine() const {
+  const size_t n = engines.size();
+  if (n == 0) return nullptr;
+  const size_t start = static_cast<size_t>(pick_counter.fetch_add(1) % n);
   serving::InferenceEngine* best = nullptr;
-  for (const auto& e : engines) {
-    if (!best || e->pending() < best->pending()) best = e.get();
+  for (size_t i = 0; i < n; ++i) {
+    serving::InferenceEngine* e = engines[(start + i) % n].get();
+    if (!best || e->pending() < best->pending()) best = e;
   }
   return best;
 }

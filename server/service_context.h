@@ -8,6 +8,7 @@
 #define LORAHUB_SERVER_SERVICE_CONTEXT_H_
 
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,8 +33,12 @@ struct ServiceContext {
   std::unique_ptr<hub::HubClient> hub;  // null: hub modules are refused
   metrics::ServiceMetrics* metrics = nullptr;
   std::atomic<bool> shutting_down{false};
+  // Where PickEngine starts looking (the tie-break rotation).
+  mutable std::atomic<uint64_t> pick_counter{0};
 
-  // The engine with the least pending work.
+  // The engine with the fewest pending requests; ties go round-robin, so
+  // requests that arrive one at a time still alternate between devices.
+  // Null when there is no engine.
   serving::InferenceEngine* PickEngine() const;
   // True while any engine has an unfinished request naming module `id`.
   bool ModuleInUse(const std::string& id) const;

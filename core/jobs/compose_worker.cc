@@ -83,12 +83,14 @@ absl::StatusOr<std::unique_ptr<ComposeWorker>> ComposeWorker::Start(
   if (!options.store || !options.base || !options.tokenizer) {
     return absl::InvalidArgumentError("ComposeWorker: store, base and tokenizer are required");
   }
-  absl::StatusOr<std::vector<std::string>> requeued = options.store->RequeueRunning();
-  if (!requeued.ok()) return requeued.status();
-  for (const std::string& id : *requeued) {
-    std::fprintf(stderr, "lorahub: compose job %s re-queued after a restart\n", id.c_str());
+  if (options.recover_jobs) {
+    absl::StatusOr<std::vector<std::string>> requeued = options.store->RequeueRunning();
+    if (!requeued.ok()) return requeued.status();
+    for (const std::string& id : *requeued) {
+      std::fprintf(stderr, "lorahub: compose job %s re-queued after a restart\n", id.c_str());
+    }
   }
-  if (options.metrics) {
+  if (options.recover_jobs && options.metrics) {
     absl::Status s = SeedJobGauges(*options.store, *options.metrics);
     if (!s.ok()) return s;
   }

@@ -37,6 +37,12 @@
 // checkpointed; a job whose budget is already spent finishes with its
 // checkpoint.
 //
+// Several workers on one store (one per device, `lorahub serve --device
+// cuda:0,cuda:1`): Store::ClaimNext hands each queued job to exactly one of
+// them, so jobs spread over the devices. Only the first worker started may
+// recover the store (`recover_jobs`): a later one would re-queue jobs that
+// an earlier one already claimed.
+//
 // Ownership: store, base and tokenizer are borrowed and must outlive the
 // worker. Thread-safety: Wake/Stop may be called from any thread.
 #ifndef LORAHUB_CORE_JOBS_COMPOSE_WORKER_H_
@@ -81,6 +87,9 @@ struct ComposeWorkerOptions {
   std::function<absl::StatusOr<std::shared_ptr<const model::LoraAdapter>>(
       const std::string& id)>
       module_loader;
+  // Start() re-queues RUNNING jobs (Store::RequeueRunning) and seeds the job
+  // gauges. Set it for the first worker of a store only (see the header).
+  bool recover_jobs = true;
   // How long the thread sleeps when the queue is empty (Wake() cuts it short).
   absl::Duration idle_poll = absl::Milliseconds(200);
 };
@@ -88,7 +97,7 @@ struct ComposeWorkerOptions {
 class ComposeWorker {
  public:
   // InvalidArgument if a pointer is null; the store's error if
-  // RequeueRunning fails.
+  // RequeueRunning fails (with recover_jobs).
   static absl::StatusOr<std::unique_ptr<ComposeWorker>> Start(ComposeWorkerOptions options);
   ~ComposeWorker();
   ComposeWorker(const ComposeWorker&) = delete;

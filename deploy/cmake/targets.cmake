@@ -1480,6 +1480,21 @@ lorahub_script_test(tests_integration_methods_test
     server_lorahub
 )
 
+# //tests/integration:multi_device_test (sh_test)
+lorahub_script_test(tests_integration_multi_device_test
+  TEST_NAME //tests/integration:multi_device_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/multi_device_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
 # ---- //tests/io  (tests/io/BUILD)
 
 # //tests/io:safetensors_test (cc_test)

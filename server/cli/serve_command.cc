@@ -1,6 +1,7 @@
-// `lorahub serve`: loads the base model on each device, starts one inference
-// engine per device and serves the lorahub.v1 API, grpc.health.v1 and
-// reflection until SIGINT/SIGTERM.
+// `lorahub serve`: loads the base model on each device of --device (a comma
+// list, e.g. cuda:0,cuda:1; a device may repeat, e.g. cpu,cpu), starts one
+// inference engine and one compose worker per device and serves the
+// lorahub.v1 API, grpc.health.v1 and reflection until SIGINT/SIGTERM.
 //
 // --model is a model directory or, when it is not an existing directory, a
 // hub repo id ORG/NAME[@REVISION]: the base model's files are downloaded
@@ -9,6 +10,10 @@
 // snapshots/<commit>/ (core/hub/model_snapshot.h). A spec with "..", an
 // absolute path that is not a directory, or anything else that is neither a
 // directory nor ORG/NAME[@REVISION] is refused with exit code 2.
+//
+// Spreading work: each generate/score request goes to the engine with the
+// fewest pending requests (ServiceContext::PickEngine); each device's compose
+// worker claims the next queued job, so up to one job per device runs at once.
 //
 // Shutdown: health goes NOT_SERVING, new RPCs get UNAVAILABLE, engines stop
 // accepting work and finish in-flight requests until --shutdown-grace-s
@@ -221,31 +226,40 @@ int RunServe(int argc, char** argv) {
   // ctx, destroyed after it).
   eo.host_tier.reset();
 
-  // One compose worker on the first device's resident weights; it re-queues
+  // One compose worker per device, on that engine's resident weights: each
+  // claims the next queued job (Store::ClaimNext gives a job to exactly one),
+  // so with several devices jobs run side by side. The first worker re-queues
   // jobs that were running when the previous process died (they resume from
-  // their last progress checkpoint).
-  jobs::ComposeWorkerOptions jo;
-  jo.store = ctx->store.get();
-  jo.base = &ctx->engines.front()->weights();
-  jo.tokenizer = ctx->tokenizer.get();
-  jo.metrics = ctx->metrics;
-  // The job's evaluations run on that engine's thread, between decoding
-  // steps, so inference latency stays bounded while a job runs.
-  serving::InferenceEngine* job_engine = ctx->engines.front().get();
-  jo.run_on_device = [job_engine](std::function<void()> fn) {
-    return job_engine->RunOnDevice(std::move(fn));
-  };
-  // The job's modules come through that engine's module cache and stay
-  // pinned there while the job runs.
-  jo.module_loader = [job_engine](const std::string& id) {
-    return job_engine->adapters().GetModule(id);
-  };
-  absl::StatusOr<std::unique_ptr<jobs::ComposeWorker>> worker =
-      jobs::ComposeWorker::Start(jo);
-  if (!worker.ok()) return ReportError("serve", worker.status());
-  jobs::ComposeWorker* worker_ptr = worker->get();
+  // their last progress checkpoint); the others must not (see
+  // ComposeWorkerOptions::recover_jobs).
+  std::vector<std::unique_ptr<jobs::ComposeWorker>> workers;
+  for (const auto& engine : ctx->engines) {
+    jobs::ComposeWorkerOptions jo;
+    jo.store = ctx->store.get();
+    jo.base = &engine->weights();
+    jo.tokenizer = ctx->tokenizer.get();
+    jo.metrics = ctx->metrics;
+    jo.recover_jobs = workers.empty();
+    // The job's evaluations run on that engine's thread, between decoding
+    // steps, so inference latency stays bounded while a job runs.
+    serving::InferenceEngine* job_engine = engine.get();
+    jo.run_on_device = [job_engine](std::function<void()> fn) {
+      return job_engine->RunOnDevice(std::move(fn));
+    };
+    // The job's modules come through that engine's module cache and stay
+    // pinned there while the job runs.
+    jo.module_loader = [job_engine](const std::string& id) {
+      return job_engine->adapters().GetModule(id);
+    };
+    absl::StatusOr<std::unique_ptr<jobs::ComposeWorker>> worker =
+        jobs::ComposeWorker::Start(jo);
+    if (!worker.ok()) return ReportError("serve", worker.status());
+    workers.push_back(*std::move(worker));
+  }
   server::ComposeServiceOptions co;
-  co.on_submit = [worker_ptr] { worker_ptr->Wake(); };
+  co.on_submit = [&workers] {
+    for (const auto& w : workers) w->Wake();
+  };
   auto compose = std::make_unique<server::ComposeServiceImpl>(ctx.get(), co);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -289,7 +303,7 @@ int RunServe(int argc, char** argv) {
   ctx->shutting_down = true;
   // A running job stops at its next evaluation and stays RUNNING in the
   // store; the next start re-queues it.
-  (*worker)->Stop();
+  for (auto& w : workers) w->Stop();
   const absl::Time deadline = absl::Now() + absl::Seconds(*grace);
   for (auto& e : ctx->engines) e->Shutdown(deadline);
   for (auto& e : ctx->engines) e->WaitIdle();

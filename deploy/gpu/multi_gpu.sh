@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Run ON THE GPU HOST (2 GPUs) from the repository root, after
+# deploy/gpu/build_and_test.sh built .gpu/build/bin (issue 7, item 3):
+#   OUT=... bash deploy/gpu/multi_gpu.sh
+# For each device set of DEVICE_SETS (default "cuda:0 cuda:0,cuda:1") it starts
+# `lorahub serve --device SET --dtype bf16` on loopback with a temp data dir,
+# registers the fixture's modules (lorahubctl modules add --dir) and measures
+#   gen:  GEN_REQUESTS generate requests (GEN_TOKENS new tokens, greedy; every
+#         request its own explicit 3-module composition from prompts.jsonl) at
+#         GEN_CONC concurrent lorahubctl streams: generated tokens / wall time;
+#   jobs: JOBS compose jobs (cobyla, BUDGET evaluations, the first 5 examples,
+#         all modules) submitted at once: jobs finished / wall time (from the
+#         first submit until every job is terminal, polled through jobs list).
+# A warm-up round (GEN_CONC requests, one short job per device) runs before
+# each measurement. Each device's engine decodes at most MAX_ROWS rows at once
+# (--max-batch-rows), so one device serves MAX_ROWS streams and queues the rest.
+# Prints and writes $OUT/multi_gpu.md (table with the 2-dev / 1-dev ratios);
+# the raw log (server stderr, per-phase lines) goes to $OUT/multi_gpu.log.
+# Environment: FIXTURE (default /tmp/lorahub_large, written with
+# ref_lorahub.py when missing), BIN (default .gpu/build/bin), DTYPE (bf16),
+# DEVICE_SETS, GEN_REQUESTS (512), GEN_TOKENS (32), GEN_CONC (64),
+# MAX_ROWS (32), JOBS (16), BUDGET (40), PY (python3).
+# Expected run time on an nvidia-h200-x2 host: about 2-3 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export NCCL_NVLS_ENABLE=0  # the host requires NVLink multicast off (no NCCL used)
+bin=${BIN:-.gpu/build/bin}
+lorahub=$(readlink -f "$bin/server/lorahub"); ctl=$(readlink -f "$bin/client/lorahubctl")
+fx=${FIXTURE:-/tmp/lorahub_large}
+out=${OUT:-.gpu/logs}
+py=${PY:-python3}
+dtype=${DTYPE:-bf16}
+device_sets=${DEVICE_SETS:-"cuda:0 cuda:0,cuda:1"}
+gen_requests=${GEN_REQUESTS:-512}; gen_tokens=${GEN_TOKENS:-32}; gen_conc=${GEN_CONC:-64}
+max_rows=${MAX_ROWS:-32}; jobs=${JOBS:-16}; budget=${BUDGET:-40}
+mkdir -p "$out"
+log=$out/multi_gpu.log; md=$out/multi_gpu.md
+: >"$log"
+tmp=$(mktemp -d)
+pid=
+cleanup() {
+  if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null; sleep 2; kill -9 "$pid" 2>/dev/null; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+say() { echo "$*" | tee -a "$log"; }
+start=$SECONDS
+[ -x "$lorahub" ] && [ -x "$ctl" ] || { say "missing $bin/server/lorahub or $bin/client/lorahubctl"; exit 1; }
+if [ ! -f "$fx/examples.jsonl" ]; then
+  say "== writing the fixture $fx"
+  timeout 300 "$py" .gpu/bench/ref_lorahub.py fixture --out "$fx" --size large --format bin \
+    >>"$log" 2>&1 || { say "fixture failed"; exit 1; }
+fi
+mods=(); for d in "$fx"/modules/m*; do mods+=("$(basename "$d")"); done
+nmods=${#mods[@]}
+all_mods=$(IFS=,; echo "${mods[*]}")
+head -5 "$fx/examples.jsonl" >"$tmp/ex5.jsonl"
+# One file per prompt (texts hold newlines); request i uses prompt i mod N.
+mkdir -p "$tmp/p"
+"$py" - "$fx/prompts.jsonl" "$tmp/p" <<'PY' || { say "cannot read prompts.jsonl"; exit 1; }
+import json, sys
+n = 0
+for line in open(sys.argv[1]):
+    if line.strip():
+        open("%s/%d.txt" % (sys.argv[2], n), "w").write(json.loads(line)["input"]); n += 1
+print(n, file=open(sys.argv[2] + "/count", "w"))
+PY
+nprompts=$(cat "$tmp/p/count")
+say "== fixture $fx: $nmods modules, $nprompts prompts; dtype $dtype"
+
+gen_one() {  # gen_one I DIR: one generate request, its JSON lines in DIR/I.json
+  local i=$1 dir=$2 mods
+  IFS=, read -r -a mods <<<"$all_mods"
+  local a=$(( i % nmods )) b=$(( (i + 3) % nmods )) c=$(( (i + 11) % nmods ))
+  timeout 120 "$ctl" --server "127.0.0.1:$port" --json generate \
+    --modules "${mods[$a]},${mods[$b]},${mods[$c]}" --weights 0.5,0.3,0.2 \
+    --max-new-tokens "$gen_tokens" --timeout-s 110 \
+    --text "$(cat "$tmp/p/$(( i % nprompts )).txt")" >"$dir/$i.json" 2>&1
+}
+export -f gen_one
+export ctl tmp nmods nprompts gen_tokens all_mods
+# gen_round N DIR: N requests at gen_conc concurrency; prints "tokens seconds failed".
+gen_round() {
+  local n=$1 dir=$2
+  mkdir -p "$dir"
+  local t0 t1
+  t0=$(date +%s.%N)
+  seq 0 $((n - 1)) | timeout 240 xargs -P "$gen_conc" -I{} bash -c "gen_one {} $dir"
+  t1=$(date +%s.%N)
+  "$py" - "$dir" "$n" "$t0" "$t1" <<'PY'
+import json, os, sys
+d, n, t0, t1 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+tokens = failed = 0
+for i in range(n):
+    end = None
+    try:
+        for line in open(os.path.join(d, "%d.json" % i)):
+            try:
+                j = json.loads(line)
+            except ValueError:
+                continue
+            if "finish_reason" in j:
+                end = j
+    except OSError:
+        pass
+    if end is None:
+        failed += 1
+    else:
+        tokens += len(end["output_ids"])
+print(tokens, "%.3f" % (t1 - t0), failed)
+PY
+}
+
+# jobs_round N BUDGET PREFIX: N compose jobs at once; prints "succeeded seconds failed".
+jobs_round() {
+  local n=$1 b=$2 prefix=$3 t0 t1 k
+  t0=$(date +%s.%N)
+  for k in $(seq 1 "$n"); do
+    timeout 60 "$ctl" --server "127.0.0.1:$port" --json compose --task "${prefix}_$k" \
+      --modules "$all_mods" --examples "$tmp/ex5.jsonl" --optimizer cobyla --budget "$b" \
+      >>"$tmp/submit_$prefix" 2>>"$log" &
+  done
+  wait
+  local ok=0 bad=0
+  for _ in $(seq 1500); do  # 0.1 s polls: at most ~150 s
+    timeout 30 "$ctl" --server "127.0.0.1:$port" --json jobs list >"$tmp/jobs" 2>>"$log"
+    ok=$(grep "\"task\":\"${prefix}_" "$tmp/jobs" | grep -c '"state":"succeeded"')
+    bad=$(grep "\"task\":\"${prefix}_" "$tmp/jobs" | grep -c -E '"state":"(failed|cancelled)"')
+    [ $((ok + bad)) -ge "$n" ] && break
+    sleep 0.1
+  done
+  t1=$(date +%s.%N)
+  grep "\"task\":\"${prefix}_" "$tmp/jobs" | grep '"error"' | head -3 >>"$log"
+  echo "$ok $("$py" -c "print('%.3f' % ($t1 - $t0))") $((n - ok))"
+}
+
+# gpu_snapshot TAG: after 1 s, one nvidia-smi line per GPU into the log
+# (utilisation while a phase runs: did both devices work?).
+gpu_snapshot() {
+  command -v nvidia-smi >/dev/null || return 0
+  ( sleep 1; timeout 10 nvidia-smi --query-gpu=index,utilization.gpu,memory.used \
+      --format=csv,noheader | sed "s/^/   [$1] gpu /" >>"$log" ) &
+}
+
+results=$tmp/results
+: >"$results"
+for set in $device_sets; do
+  ndev=$(awk -F, '{print NF}' <<<"$set")
+  data=$tmp/data_$ndev; mkdir -p "$data"
+  say "== --device $set [$((SECONDS - start)) s]"
+  "$lorahub" serve --model "$fx/base" --device "$set" --dtype "$dtype" \
+    --max-batch-rows "$max_rows" --max-queue 4096 --listen 127.0.0.1:0 \
+    --metrics-listen 127.0.0.1:0 --data-dir "$data" >"$tmp/out_$ndev" 2>>"$log" &
+  pid=$!
+  port=
+  for _ in $(seq 1200); do  # up to 120 s to load the base on every device
+    port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out_$ndev")
+    [ -n "$port" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$port" ] || { say "server did not start (see $log)"; exit 1; }
+  export port
+  say "   server up [$((SECONDS - start)) s]"
+  for m in "${mods[@]}"; do
+    timeout 60 "$ctl" --server "127.0.0.1:$port" --json modules add --dir "$fx/modules/$m" \
+      --id "$m" >/dev/null 2>>"$log" || { say "modules add $m failed"; exit 1; }
+  done
+  say "   $nmods modules registered [$((SECONDS - start)) s]"
+  read -r wt ws wf < <(gen_round "$gen_conc" "$tmp/warm_$ndev")
+  say "   warm-up: $wt tokens in $ws s ($wf failed)"
+  read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")
+  say "   warm-up jobs: $jf failed [$((SECONDS - start)) s]"
+  gpu_snapshot "gen $set"
+  read -r gt gs gf < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
+  say "   gen: $gt tokens in $gs s ($gf failed) [$((SECONDS - start)) s]"
+  gpu_snapshot "jobs $set"
+  read -r jo js jfail < <(jobs_round "$jobs" "$budget" "bench$ndev")
+  say "   jobs: $jo succeeded in $js s ($jfail not) [$((SECONDS - start)) s]"
+  echo "$set $ndev $gt $gs $gf $jo $js $jfail" >>"$results"
+  kill -TERM "$pid"; timeout 30 tail --pid="$pid" -f /dev/null; kill -9 "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null; pid=
+done
+
+"$py" - "$results" "$md" <<PY
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+out = ["# lorahub serve on several devices (issue 7, item 3)", "",
+       "fixture: $fx ($nmods modules), dtype $dtype; gen: $gen_requests requests x $gen_tokens new "
+       "tokens (greedy, per-request 3-module composition) at $gen_conc concurrent streams, "
+       "--max-batch-rows $max_rows per device; jobs: $jobs compose jobs at once (cobyla, budget "
+       "$budget, 5 examples, $nmods modules). With more streams than one device's "
+       "--max-batch-rows, a second device adds decoding capacity; with fewer, one device "
+       "already batches every stream and decoding is latency-bound.", "",
+       "| devices | gen tokens | gen s | gen tok/s | jobs done | jobs s | jobs/s | failures |",
+       "|---|---|---|---|---|---|---|---|"]
+rate = {}
+for dev, n, gt, gs, gf, jo, js, jf in rows:
+    tps = int(gt) / max(float(gs), 1e-9); jps = int(jo) / max(float(js), 1e-9)
+    rate[int(n)] = (tps, jps)
+    out.append("| %s | %s | %s | %.0f | %s | %s | %.3f | gen %s, jobs %s |" % (
+        dev, gt, gs, tps, jo, js, jps, gf, jf))
+if 1 in rate and 2 in rate:
+    g = rate[2][0] / rate[1][0] if rate[1][0] else float("nan")
+    j = rate[2][1] / rate[1][1] if rate[1][1] else float("nan")
+    out += ["", "scaling 2-dev / 1-dev: gen tokens/s %.2fx, jobs/s %.2fx (target >= 1.8x: %s)" % (
+        g, j, "met" if g >= 1.8 and j >= 1.8 else "NOT met")]
+open(sys.argv[2], "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY
+say "== done in $((SECONDS - start)) s"
