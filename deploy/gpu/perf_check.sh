@@ -12,7 +12,8 @@
 # Everything is written under /tmp/perf_out and packed into $OUT/perf.tgz (the device
 # tool brings back at most 8 files); the summary goes to stdout.
 # Environment: SKIP_TESTS=1, SKIP_PARITY=1, SKIP_BENCH=1, AB=1, REPS, CMAES_BUDGET;
-# QUICK=1: instead of bench.sh, only ours (fused kernels on and off, fp32 and bf16).
+# QUICK=1: instead of bench.sh, only ours (fused kernels on and, unless AB=0, off; fp32
+# and bf16).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=/tmp/perf_out
@@ -65,7 +66,7 @@ PY
 if [ "${QUICK:-0}" = 1 ]; then  # ours only: fused kernels on and off, fp32 and bf16
   for dtype in fp32 bf16; do
     ours_bench $dtype fused
-    ours_bench $dtype nofused LORAHUB_NO_FUSED=1
+    [ "${AB:-1}" = 1 ] && ours_bench $dtype nofused LORAHUB_NO_FUSED=1
   done
   echo "== quick bench [$((SECONDS - start)) s]"
 elif [ "${SKIP_BENCH:-0}" != 1 ]; then
