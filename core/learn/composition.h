@@ -32,6 +32,10 @@
 // torch's global generator on the tensors' device, so bit-identical masks need PEFT run on
 // CPU after torch.manual_seed(seed) with the targets composed in the same order and one shared
 // generator passed here for all targets; on CUDA the streams differ (Philox vs mt19937).
+// Note that add_weighted_adapter first injects the new adapter, whose layer initialisation
+// draws from the same global generator; the masks start after those draws, so the seed to
+// match is the generator's state right after the injection (check_composition_vs_peft.py
+// reseeds there).
 //
 // Thread-safety: the functions are pure apart from advancing options.generator; a generator
 // must not be shared between threads.

@@ -2,8 +2,24 @@
 """Checks core/learn/composition against PEFT's LoraModel.add_weighted_adapter.
 
 Input: the JSON written by //tests/learn:composition_dump (checked in as
-tests/learn/testdata/composition_cases.json). Needs torch and peft (the GPU host has both; CPU
-is used so that dare's masks come from the same mt19937 stream as ours).
+tests/learn/testdata/composition_cases.json). Needs torch and peft (the GPU host has both).
+Everything runs on the CPU, whatever GPU the host has: the check is about the semantics, and
+dare's masks must come from torch's CPU (mt19937) generator, the one our dump draws from.
+
+dare_linear and PEFT's random stream: add_weighted_adapter draws its Bernoulli masks from
+torch's global generator, per target module in named_modules order (t0, then t1), for each
+module first every adapter's lora_A (in adapter order), then every adapter's lora_B, each with
+torch.bernoulli(torch.full_like(factor, density)) on the factor's device and dtype (float32
+here). BUT before the first mask it calls inject_adapter for the new adapter, whose layer
+construction draws from the same global generator (nn.Linear init of lora_A and lora_B, then
+kaiming_uniform_ of lora_A, for every target). A torch.manual_seed(seed) before
+add_weighted_adapter is therefore consumed partly by that initialisation, and the masks come
+from a later point of the stream. This script reseeds torch's global generator right after the
+merged adapter is injected (a wrapper around the LoraModel's inject_adapter), i.e. immediately
+before the first mask: that is the state our dump's CPU generator (seeded with dare_seed) starts
+from. A second line, dare_linear/torch, replays the masks with torch alone in the order above,
+so a mismatch can be told apart: PEFT's order (dare_linear fails, dare_linear/torch passes)
+or torch's CPU RNG itself (both fail).
 
   python3 tests/learn/check_composition_vs_peft.py tests/learn/testdata/composition_cases.json
 
@@ -14,6 +30,7 @@ reference formula sum w A, sum w B) with ours. Prints one line per method and ex
 on a mismatch.
 """
 import json
+import math
 import sys
 
 import torch
@@ -36,6 +53,8 @@ class Toy(nn.Module):
 
 def main():
     from peft import LoraConfig, get_peft_model
+    if hasattr(torch, "set_default_device"):
+        torch.set_default_device("cpu")  # CPU tensors, CPU generator: see the docstring
     c = json.load(open(sys.argv[1]))
     n, r = c["modules"], c["rank"]
     weights = c["weights"]
@@ -66,8 +85,19 @@ def main():
                 kw["density"] = res["density"]
             if name == "ties_frequency":
                 kw["majority_sign_method"] = "frequency"
-            torch.manual_seed(c["dare_seed"])
-            peft_model.base_model.add_weighted_adapter(names, weights, "merged", combination_type=kind, **kw)
+            lora_model = peft_model.base_model
+            inject = lora_model.inject_adapter
+
+            def inject_then_seed(*args, **kwargs):
+                out = inject(*args, **kwargs)
+                torch.manual_seed(c["dare_seed"])  # the masks start from this state
+                return out
+
+            lora_model.inject_adapter = inject_then_seed
+            try:
+                lora_model.add_weighted_adapter(names, weights, "merged", combination_type=kind, **kw)
+            finally:
+                del lora_model.inject_adapter
             got = [(layer.lora_A["merged"].weight.data.clone(), layer.lora_B["merged"].weight.data.clone())
                    for layer in [base.t0, base.t1]]
         worst = 0.0
@@ -83,7 +113,31 @@ def main():
         status = "OK" if worst <= 1e-5 else "MISMATCH"
         ok = ok and worst <= 1e-5
         print("%-15s max |peft - ours| = %.3g  %s" % (name, worst, status))
+    if "dare_linear" in c["results"]:
+        worst = dare_torch_only(c, targets)
+        status = "OK" if worst <= 1e-5 else "MISMATCH"
+        ok = ok and worst <= 1e-5
+        print("%-15s max |torch - ours| = %.3g  %s" % ("dare_linear/torch", worst, status))
     return 0 if ok else 1
+
+
+def dare_torch_only(c, targets):
+    """dare_linear replayed with torch alone, masks in PEFT's order (see the docstring)."""
+    res = c["results"]["dare_linear"]
+    d = res["density"]
+    n, r = c["modules"], c["rank"]
+    ws = [w * a / r for w, a in zip(c["weights"], c["alphas"])]
+    wa = torch.tensor([math.sqrt(abs(v)) * (1 if v >= 0 else -1) for v in ws])
+    wb = torch.tensor([math.sqrt(abs(v)) for v in ws])
+    torch.manual_seed(c["dare_seed"])
+    worst = 0.0
+    for t in range(len(targets)):
+        for side, key, w in ((0, "a", wa), (1, "b", wb)):
+            x = targets[t][side]
+            pruned = torch.stack([x[i] * torch.bernoulli(torch.full_like(x[i], d)) / d for i in range(n)])
+            got = (pruned * w.view(n, 1, 1)).sum(0)
+            worst = max(worst, (got - tensor(res["targets"][t][key])).abs().max().item())
+    return worst
 
 
 if __name__ == "__main__":
