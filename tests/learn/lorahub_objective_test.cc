@@ -2,15 +2,23 @@
 // the objective at the reference's fixed weights equals the reference's score; a batch of
 // candidates scores like each candidate alone; every method's composed adapter, written as a
 // PEFT directory and loaded back, scores the same; the exported config parses; the exact-match
-// objective is a negated accuracy; bad options are refused.
+// objective is a negated accuracy; bad options are refused. The exported files are also read
+// with PEFT's rules written out here (not our loader): which modules target_modules selects,
+// lora_alpha / r with rank_pattern / alpha_pattern, the state-dict keys, and the factors.
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <fstream>
+#include <map>
+#include <regex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/config/lora_config.h"
 #include "core/learn/adapter_export.h"
+#include "core/io/safetensors.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/model/loader.h"
 #include "core/tokenizer/tokenizer.h"
@@ -203,6 +211,105 @@ TEST_F(ObjectiveTest, ExportedAdapterScoresTheSameForEveryMethod) {
     auto loss = model::ScoreCandidates(fixture_->base(), &*bank, {0}, fixture_->examples(), {});
     ASSERT_TRUE(loss.ok()) << loss.status();
     EXPECT_LT(RelErr((*loss)[0], (*raw)[0]), 1e-5) << (*loss)[0] << " vs " << (*raw)[0];
+  }
+}
+
+// PEFT's reading of an adapter directory, written out independently of our loader: a module is
+// adapted iff its name equals a target_modules entry or ends with "." + entry (list form); its
+// r and lora_alpha come from the first rank_pattern / alpha_pattern key K with
+// re.match("(.*\.)?(K)$", name), else from r / lora_alpha; the delta is (alpha / r) B A with the
+// weights under base_model.model.<name>.lora_{A,B}.weight.
+struct PeftSite {
+  double scaling;
+  int64_t rank;
+};
+std::map<std::string, PeftSite> PeftReading(const nlohmann::json& config,
+                                            const std::map<std::string, int>& modules) {
+  auto pattern = [](const nlohmann::json& patterns, const std::string& name,
+                    double fallback) {
+    for (const auto& [key, value] : patterns.items()) {
+      if (std::regex_match(name, std::regex("(.*\\.)?(" + key + ")"))) return value.get<double>();
+    }
+    return fallback;
+  };
+  std::map<std::string, PeftSite> out;
+  for (const auto& [name, site] : modules) {
+    bool selected = false;
+    for (const auto& t : config["target_modules"]) {
+      const std::string k = t.get<std::string>();
+      selected |= name == k ||
+                  (name.size() > k.size() && name.compare(name.size() - k.size() - 1, k.size() + 1,
+                                                          "." + k) == 0);
+    }
+    if (!selected) continue;
+    const double r = pattern(config["rank_pattern"], name, config["r"].get<double>());
+    const double alpha = pattern(config["alpha_pattern"], name, config["lora_alpha"].get<double>());
+    out[name] = {alpha / r, static_cast<int64_t>(r)};
+  }
+  return out;
+}
+
+at::Tensor FromHost(const io::HostTensor& h) {
+  EXPECT_EQ(h.dtype, io::DType::kF32);
+  return at::from_blob(const_cast<uint8_t*>(h.data), h.shape, at::kFloat).clone();
+}
+
+TEST_F(ObjectiveTest, ExportedFilesMeanTheComposedAdapterUnderPeftRules) {
+  const std::string root = ::testing::TempDir() + "/export_peft";
+  for (const char* name : {"lorahub", "cat", "ties", "dare_linear", "mixed"}) {
+    SCOPED_TRACE(name);
+    const bool mixed = std::string(name) == "mixed";
+    LoraHubObjectiveOptions o;
+    o.method = *ParseCompositionMethod(mixed ? "lorahub" : name);
+    auto objective = fixture_->Objective(o);
+    ASSERT_TRUE(objective.ok()) << objective.status();
+    auto composed = objective->ComposeAdapter(Candidates()[2]);
+    ASSERT_TRUE(composed.ok()) << composed.status();
+    if (mixed) {  // sites that differ: one with another scaling, one with a lower rank
+      ASSERT_GE(composed->sites.size(), 3u);
+      composed->sites[1].scaling *= 3.0;
+      composed->sites[2].a = composed->sites[2].a.slice(0, 0, 2).contiguous();
+      composed->sites[2].b = composed->sites[2].b.slice(1, 0, 2).contiguous();
+      composed->sites[2].scaling = 0.75;
+    }
+    const std::string dir = root + "/" + name;
+    ASSERT_TRUE(WritePeftAdapter(fixture_->base(), *composed, dir, {}).ok());
+    const nlohmann::json config = ReadJson(dir + "/adapter_config.json");
+    EXPECT_EQ(config["use_rslora"], false);
+    EXPECT_EQ(config["use_dora"], false);
+    EXPECT_EQ(config["fan_in_fan_out"], false);
+    auto tensors = io::ReadSafetensorsFile(dir + "/adapter_model.safetensors");
+    ASSERT_TRUE(tensors.ok()) << tensors.status();
+    const auto peft = PeftReading(config, fixture_->base().site_by_name);
+    std::set<std::string> expected_sites;
+    for (const model::LoraSite& s : composed->sites) {
+      const std::string module = model::SiteName(fixture_->base(), s.site);
+      SCOPED_TRACE(module);
+      expected_sites.insert(module);
+      auto it = peft.find(module);
+      ASSERT_NE(it, peft.end()) << "PEFT would not adapt this module";
+      EXPECT_EQ(it->second.rank, s.a.size(0));
+      EXPECT_NEAR(it->second.scaling, s.scaling, 1e-12 * std::fabs(s.scaling));
+      const std::string key = "base_model.model." + module;
+      ASSERT_EQ(tensors->count(key + ".lora_A.weight"), 1u);
+      ASSERT_EQ(tensors->count(key + ".lora_B.weight"), 1u);
+      const at::Tensor a = FromHost(tensors->at(key + ".lora_A.weight"));
+      const at::Tensor b = FromHost(tensors->at(key + ".lora_B.weight"));
+      ASSERT_EQ(a.sizes(), s.a.sizes());
+      ASSERT_EQ(b.sizes(), s.b.sizes());
+      EXPECT_TRUE(at::equal(a, s.a.to(at::kCPU, at::kFloat)));
+      EXPECT_TRUE(at::equal(b, s.b.to(at::kCPU, at::kFloat)));
+      // The delta PEFT applies equals the one the engine composed.
+      const at::Tensor want = s.b.to(at::kDouble).matmul(s.a.to(at::kDouble)) * s.scaling;
+      const at::Tensor got = b.to(at::kDouble).matmul(a.to(at::kDouble)) * it->second.scaling;
+      EXPECT_LE((got - want).abs().max().item<double>(),
+                1e-9 * std::max(1.0, want.abs().max().item<double>()));
+    }
+    // PEFT adapts exactly the composed sites, and the file holds nothing else.
+    std::set<std::string> peft_sites;
+    for (const auto& [module, site] : peft) peft_sites.insert(module);
+    EXPECT_EQ(peft_sites, expected_sites);
+    EXPECT_EQ(tensors->size(), 2 * composed->sites.size());
   }
 }
 
