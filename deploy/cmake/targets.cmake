@@ -1635,6 +1635,7 @@ lorahub_cc_test(tests_learn_lorahub_objective_test
     ${SRC}/tests/learn/lorahub_objective_test.cc
   DEPS
     core_config_config
+    core_io_safetensors
     core_learn_adapter_export
     core_learn_lorahub_objective
     core_model_model
