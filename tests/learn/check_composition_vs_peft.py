@@ -88,16 +88,23 @@ def main():
             lora_model = peft_model.base_model
             inject = lora_model.inject_adapter
 
+            injected = []
+
             def inject_then_seed(*args, **kwargs):
                 out = inject(*args, **kwargs)
                 torch.manual_seed(c["dare_seed"])  # the masks start from this state
+                injected.append(True)
                 return out
 
+            torch.manual_seed(c["dare_seed"])
             lora_model.inject_adapter = inject_then_seed
             try:
                 lora_model.add_weighted_adapter(names, weights, "merged", combination_type=kind, **kw)
             finally:
                 del lora_model.inject_adapter
+            if not injected:
+                print("%s: add_weighted_adapter did not call self.inject_adapter; torch was seeded"
+                      " only before the call (this PEFT draws in another order)" % name)
             got = [(layer.lora_A["merged"].weight.data.clone(), layer.lora_B["merged"].weight.data.clone())
                    for layer in [base.t0, base.t1]]
         worst = 0.0
