@@ -10,7 +10,7 @@
 //             [--method lorahub|cat|ties|dare_linear] [--density D]
 //             [--majority-sign total|frequency] [--budget N]
 //             [--population N] [--seed S] [--priority P] [--weights x,y]
-//             [--wait]
+//             [--warm-start] [--wait]
 //     jobs list [--state S] | jobs get ID | jobs watch ID | jobs cancel ID
 //     tasks list | tasks get NAME | tasks export NAME --out DIR
 //     generate (--task NAME | --module ID | --modules a,b --weights x,y
@@ -92,7 +92,7 @@ int Usage(const char* why = nullptr) {
                "          --examples FILE.jsonl [--optimizer NAME] [--method NAME]\n"
                "          [--density D] [--majority-sign total|frequency]\n"
                "          [--budget N] [--population N] [--seed S] [--priority P]\n"
-               "          [--weights x,y] [--wait]\n"
+               "          [--weights x,y] [--warm-start] [--wait]\n"
                "  jobs list [--state queued|running|succeeded|failed|cancelled]\n"
                "  jobs get|watch|cancel ID\n"
                "  tasks list | tasks get NAME | tasks export NAME --out DIR\n"
@@ -743,6 +743,8 @@ int Compose(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   spec->set_population(population);
   spec->set_priority(priority);
   spec->set_seed(o.Has("seed") ? static_cast<uint64_t>(seed) : 42);
+  // Score w = 0 and each module alone first (inside the budget), start from the best.
+  spec->set_warm_start(o.Has("warm-start"));
   if (o.Has("weights")) {
     for (absl::string_view w : absl::StrSplit(o.Get("weights"), ',')) {
       float v;
@@ -990,7 +992,7 @@ int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
 int main(int argc, char** argv) {
   std::string server = "127.0.0.1:50051";
   Opts o;
-  static const char* kBoolFlags[] = {"json", "wait"};
+  static const char* kBoolFlags[] = {"json", "wait", "warm-start"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--", 0) == 0) {
@@ -1009,8 +1011,8 @@ int main(int argc, char** argv) {
         server = v;
       } else if (k == "json") {
         o.json = true;
-      } else if (k == "wait") {
-        o.flags["wait"] = "1";
+      } else if (k == "wait" || k == "warm-start") {
+        o.flags[k] = "1";
       } else {
         static const char* kKnown[] = {
             "dir", "repo", "revision", "id", "page-size", "module", "modules",

@@ -6,7 +6,8 @@
 #      LoRA modules, one per pool task, all trained by lorahub itself);
 #      the 25 modules registered through lorahubctl; for each held-out task
 #      (never seen by the base or any module) a compose job learns LoraHub
-#      weights from 5 examples (COBYLA, 40 evaluations, progress streamed),
+#      weights from 5 examples (COBYLA, 40 evaluations including the warm
+#      start: w = 0 and each module alone first; progress streamed),
 #      then the composed task answers two test prompts through the server;
 #   2. the accuracy table on DEMO_TEST_N (default 50) test examples per
 #      held-out task: zero-shot base, best single module (lowest loss on the 5
@@ -61,7 +62,7 @@ heldout=$("$make_task_data" --list | awk '$1 == "heldout" { print $3 }')
 for task in $heldout; do
   dir=$tmp/data/heldout/$task
   echo
-  echo "-- compose job: held-out task '$task', 25 modules, 5 examples, COBYLA budget 40"
+  echo "-- compose job: held-out task '$task', 25 modules, 5 examples, COBYLA budget 40 with warm start"
   head -2 "$dir/examples5.jsonl" | $py -c "
 import json, sys
 for line in sys.stdin:
@@ -69,7 +70,7 @@ for line in sys.stdin:
     print('   example: %s -> %s' % (d['input'], d['output']))"
   # --json streams one event per evaluation; show them as a progress line.
   c --json compose --task "$task" --modules "$modules" --examples "$dir/examples5.jsonl" \
-    --budget 40 --wait | $py -c "
+    --budget 40 --warm-start --wait | $py -c "
 import json, sys
 for line in sys.stdin:
     d = json.loads(line)
