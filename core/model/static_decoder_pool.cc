@@ -19,6 +19,8 @@ namespace lorahub::model {
 struct StaticDecoderPool::Key {
   const T5Weights* weights = nullptr;
   c10::Device device = c10::Device(c10::kCPU);
+  at::ScalarType dtype = at::kFloat;
+  bool scale_decoder_outputs = false;
   int64_t batch = 0, length = 0, capacity = 0;
   bool cuda_graph = false;
   // Host fields of the rows (bank == nullptr: no adapters).
@@ -56,7 +58,9 @@ struct StaticDecoderPool::Key {
         return false;
       }
     }
-    return weights == o.weights && device == o.device && batch == o.batch &&
+    return weights == o.weights && device == o.device && dtype == o.dtype &&
+           scale_decoder_outputs == o.scale_decoder_outputs &&
+           batch == o.batch &&
            length == o.length && capacity == o.capacity &&
            cuda_graph == o.cuda_graph && has_bank == o.has_bank &&
            all_rows == o.all_rows && uniform_slot == o.uniform_slot &&
@@ -85,6 +89,8 @@ StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
   StaticDecoderPool::Key k;
   k.weights = &w;
   k.device = w.device;
+  k.dtype = w.dtype;
+  k.scale_decoder_outputs = w.scale_decoder_outputs;
   k.batch = enc.hidden.size(0);
   k.length = enc.hidden.size(1);
   k.capacity = o.capacity;

@@ -45,8 +45,8 @@ class StaticDecoderPool {
   struct Key;  // defined in the .cc
   struct Entry;
 
-  // A decoder on loan; goes back to its pool on destruction (or is dropped
-  // if the pool is gone). Move-only.
+  // A decoder on loan; goes back to its pool on destruction. Must not
+  // outlive the pool that lent it. Move-only.
   class Lease {
    public:
     Lease();
