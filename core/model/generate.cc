@@ -94,6 +94,11 @@ class StepDecoder {
           o.decoder_reuse == DecoderReuse::kAlways ||
           (o.decoder_reuse == DecoderReuse::kCuda && w.device.is_cuda());
       if (reuse) {
+        // Capacity bucketed too (extra positions stay masked: the causal
+        // bias of step t hides keys > t), so that other max_new_tokens
+        // share a decoder.
+        so.capacity = std::min(
+            kMaxStaticTokens, StaticDecoderPool::BucketLength(so.capacity));
         StaticDecoderPool& pool = o.decoder_pool != nullptr
                                       ? *o.decoder_pool
                                       : StaticDecoderPool::Global();

@@ -64,8 +64,9 @@ struct GenerateOptions {
   // With the StaticDecoder: take it from a pool of idle decoders of the same
   // shapes (its captured graph replayed, the new inputs copied into its
   // buffers) instead of creating and capturing one per call. The encoder
-  // length is then padded to StaticDecoderPool::BucketLength with masked
-  // positions (zero attention), so prompts of different lengths share one.
+  // length and the capacity are then rounded up to
+  // StaticDecoderPool::BucketLength (masked positions, zero attention), so
+  // prompts of different lengths and other max_new_tokens share one.
   DecoderReuse decoder_reuse = DecoderReuse::kCuda;
   // The pool to use; nullptr: StaticDecoderPool::Global(). Not owned; must
   // outlive the call.

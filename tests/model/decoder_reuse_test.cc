@@ -219,6 +219,18 @@ TEST_P(DecoderReuseTest, GenerateThroughPoolEqualsEagerPath) {
   // Calls 2, 3, 6 and 8 found an idle decoder of their shapes.
   EXPECT_EQ(pool.hits(), 4);
   EXPECT_EQ(pool.misses(), 4);
+  // Another max_new_tokens of the same capacity bucket (<= 16) reuses too.
+  {
+    const int64_t before = pool.hits();
+    pooled.num_beams = eager.num_beams = 1;
+    pooled.max_new_tokens = eager.max_new_tokens = 13;
+    auto got = Generate(base_, kPromptsB, &*bank, {1, -1, 0}, pooled);
+    auto want = Generate(base_, kPromptsB, &*bank, {1, -1, 0}, eager);
+    ASSERT_TRUE(got.ok() && want.ok());
+    EXPECT_EQ(got->output_ids, want->output_ids);
+    EXPECT_EQ(pool.hits(), before + 1);
+    pooled.max_new_tokens = eager.max_new_tokens = 9;
+  }
   // The bank's contents changed in place (same tensors): the pooled decoder
   // (its graph reads the bank where it lies) sees the new values.
   for (SiteBank& s : bank->sites) {
