@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/static_decoder.h"
+#include "core/model/static_decoder_pool.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -89,8 +90,27 @@ class StepDecoder {
       StaticDecoderOptions so;
       so.capacity = o.max_new_tokens;
       so.cuda_graph = o.max_new_tokens >= kMinGraphTokens;
-      LH_ASSIGN_OR_RETURN(d.static_,
-                          StaticDecoder::Create(w, enc, rows, so));
+      const bool reuse =
+          o.decoder_reuse == DecoderReuse::kAlways ||
+          (o.decoder_reuse == DecoderReuse::kCuda && w.device.is_cuda());
+      if (reuse) {
+        // Capacity bucketed too (extra positions stay masked: the causal
+        // bias of step t hides keys > t), so that other max_new_tokens
+        // share a decoder.
+        so.capacity = std::min(
+            kMaxStaticTokens, StaticDecoderPool::BucketLength(so.capacity));
+        StaticDecoderPool& pool = o.decoder_pool != nullptr
+                                      ? *o.decoder_pool
+                                      : StaticDecoderPool::Global();
+        const EncoderOutput padded = StaticDecoderPool::PadEncoder(
+            w, enc, StaticDecoderPool::BucketLength(enc.hidden.size(1)));
+        LH_ASSIGN_OR_RETURN(d.lease_, pool.Acquire(w, padded, rows, so));
+        d.static_ = d.lease_.get();
+      } else {
+        LH_ASSIGN_OR_RETURN(d.owned_,
+                            StaticDecoder::Create(w, enc, rows, so));
+        d.static_ = d.owned_.get();
+      }
     } else {
       LH_ASSIGN_OR_RETURN(d.cache_,
                           InitDecoderCache(w, enc, rows, o.max_new_tokens));
@@ -115,7 +135,9 @@ class StepDecoder {
   const T5Weights* w_ = nullptr;
   RowAdapters rows_;
   DecoderCache cache_;
-  std::unique_ptr<StaticDecoder> static_;
+  StaticDecoder* static_ = nullptr;  // owned_ or lease_'s, or none
+  std::unique_ptr<StaticDecoder> owned_;
+  StaticDecoderPool::Lease lease_;
 };
 
 struct Prepared {

@@ -24,6 +24,15 @@ namespace lorahub::model {
 
 enum class EarlyStopping { kFalse, kTrue, kNever };
 
+// Where Generate reuses StaticDecoders across calls (static_decoder_pool.h).
+enum class DecoderReuse {
+  kOff,     // a new decoder (and graph capture) per call
+  kCuda,    // on CUDA devices, where a capture is worth saving
+  kAlways,  // also on the CPU: the same copying and padding, run eagerly
+};
+
+class StaticDecoderPool;
+
 struct GenerateOptions {
   int64_t max_new_tokens = 32;  // 1..8192
   int num_beams = 1;            // > 1: beam search (no sampling)
@@ -52,6 +61,16 @@ struct GenerateOptions {
   // DecodeStep path (t5_forward.h). Outputs are the same either way up to
   // float summation order.
   bool cuda_graph = true;
+  // With the StaticDecoder: take it from a pool of idle decoders of the same
+  // shapes (its captured graph replayed, the new inputs copied into its
+  // buffers) instead of creating and capturing one per call. The encoder
+  // length and the capacity are then rounded up to
+  // StaticDecoderPool::BucketLength (masked positions, zero attention), so
+  // prompts of different lengths and other max_new_tokens share one.
+  DecoderReuse decoder_reuse = DecoderReuse::kCuda;
+  // The pool to use; nullptr: StaticDecoderPool::Global(). Not owned; must
+  // outlive the call.
+  StaticDecoderPool* decoder_pool = nullptr;
 };
 
 struct GenerateResult {

@@ -81,20 +81,15 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     d->capacity_ = C;
     d->rows_ = rows;
     if (rows.bank != nullptr) {
-      d->rows_.slots = rows.slots.to(dev).clone();
-      d->rows_.mask = rows.mask.to(dev).clone();
+      d->rows_.slots = at::empty({B}, i64);
+      d->rows_.mask = at::empty(rows.mask.sizes(), f32);
     }
     d->tokens_ = at::full({B}, c.decoder_start_token_id, i64);
     d->t_ = at::zeros({1}, i64);
     d->self_kv_ = at::zeros({2, L, B, c.num_heads, C, c.d_kv}, f32);
     d->cross_kv_ = at::empty({2, L, B, c.num_heads, S, c.d_kv}, f32);
-    const internal::Normed enc_in = internal::EncoderInput(encoder);
-    for (int64_t i = 0; i < L; ++i) {
-      const BlockWeights& b = weights.decoder[i];
-      d->cross_kv_[0][i].copy_(internal::Heads(enc_in, b.cross_attn.k, rows, c));
-      d->cross_kv_[1][i].copy_(internal::Heads(enc_in, b.cross_attn.v, rows, c));
-    }
-    d->cross_bias_ = encoder.mask_bias.to(f32).contiguous().clone();
+    d->cross_bias_ = at::empty({B, 1, 1, S}, f32);
+    d->LoadInputs(encoder, rows);
     // As DecodeFull: relative position bias plus the causal mask, so that
     // row t of it masks keys > t.
     d->self_bias_ =
@@ -116,6 +111,60 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     d->TryCapture();
   }
   return d;
+}
+
+void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
+                               const RowAdapters& rows) {
+  const T5Weights& w = *w_;
+  // Host fields (bank pointer, slot layout) as the caller's; the graph, if
+  // any, was captured with the same layout (the caller checks) and reads the
+  // bank's tensors at their addresses. slots/mask stay this decoder's own
+  // buffers (their addresses are in the graph).
+  at::Tensor slots = rows_.slots;
+  at::Tensor mask = rows_.mask;
+  rows_ = rows;
+  rows_.slots = slots;
+  rows_.mask = mask;
+  if (rows.bank != nullptr) {
+    rows_.slots.copy_(rows.slots);
+    rows_.mask.copy_(rows.mask);
+  }
+  const internal::Normed enc_in = internal::EncoderInput(encoder);
+  for (int64_t i = 0; i < static_cast<int64_t>(w.decoder.size()); ++i) {
+    const BlockWeights& b = w.decoder[i];
+    cross_kv_[0][i].copy_(internal::Heads(enc_in, b.cross_attn.k, rows, w.config));
+    cross_kv_[1][i].copy_(internal::Heads(enc_in, b.cross_attn.v, rows, w.config));
+  }
+  cross_bias_.copy_(encoder.mask_bias);
+}
+
+absl::Status StaticDecoder::Rebind(const EncoderOutput& encoder,
+                                   const RowAdapters& rows) {
+  if (!encoder.hidden.defined() || encoder.hidden.dim() != 3 ||
+      encoder.hidden.size(0) != batch_ ||
+      encoder.hidden.size(1) != cross_bias_.size(3) ||
+      !encoder.mask_bias.defined() ||
+      encoder.mask_bias.sizes() != cross_bias_.sizes()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "static decoder: rebind needs hidden [", batch_, ", ",
+        cross_bias_.size(3), ", d] with mask_bias [", batch_, ", 1, 1, ",
+        cross_bias_.size(3), "]"));
+  }
+  if ((rows.bank == nullptr) != (rows_.bank == nullptr) ||
+      (rows.bank != nullptr &&
+       (!rows.slots.defined() || rows.slots.numel() != batch_ ||
+        !rows.mask.defined() || rows.mask.sizes() != rows_.mask.sizes()))) {
+    return absl::InvalidArgumentError(
+        "static decoder: rebind needs rows of the same adapter layout");
+  }
+  try {
+    LoadInputs(encoder, rows);
+    ResetState();
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("static decoder rebind: ", e.what_without_backtrace()));
+  }
 }
 
 void StaticDecoder::StepBody() {

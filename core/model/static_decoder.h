@@ -69,6 +69,17 @@ class StaticDecoder {
   StaticDecoder(const StaticDecoder&) = delete;
   StaticDecoder& operator=(const StaticDecoder&) = delete;
 
+  // Starts over (t = 0, empty self-attention caches) on new inputs of the
+  // same shapes: `encoder` must have the batch size and encoder length of
+  // Create's, and `rows` the same adapter layout (bank or none, and, for a
+  // captured graph, the same bank tensors and RowAdapters host fields: the
+  // graph read those at capture; StaticDecoderPool checks this). The
+  // cross-attention keys/values, the encoder mask and the rows' slots/mask
+  // are copied into this decoder's buffers, so a captured graph is reused
+  // without capturing again. InvalidArgument for other shapes; Internal
+  // for LibTorch errors.
+  absl::Status Rebind(const EncoderOutput& encoder, const RowAdapters& rows);
+
   // Consumes one token per row (ids: [B] int64, any device) and returns the
   // logits of the next position, [B, vocab] fp32. The returned tensor IS the
   // decoder's output buffer: it is overwritten by the next Step() (clone it
@@ -87,6 +98,7 @@ class StaticDecoder {
   int64_t batch_size() const { return batch_; }
   int64_t capacity() const { return capacity_; }
   int64_t length() const { return length_; }  // tokens consumed so far
+  int64_t encoder_length() const { return cross_bias_.size(3); }
   // True while steps replay a CUDA graph.
   bool graph_active() const { return graph_ != nullptr; }
   // Why steps run eagerly ("" while a graph is active): "disabled", "not a
@@ -95,6 +107,9 @@ class StaticDecoder {
 
  private:
   StaticDecoder() = default;
+  // Copies the encoder-derived tensors and the rows into the buffers (which
+  // must exist) and takes the rows' host fields; may throw c10::Error.
+  void LoadInputs(const EncoderOutput& encoder, const RowAdapters& rows);
   // The fixed-shape step on the buffers; may throw c10::Error.
   void StepBody();
   // Back to an empty cache: t = 0, zero self-attention caches.

@@ -568,7 +568,9 @@ lorahub_cc_library(core_model_static_decoder
   PACKAGE core/model
   SRCS
     ${SRC}/core/model/static_decoder.cc
+    ${SRC}/core/model/static_decoder_pool.cc
     ${SRC}/core/model/static_decoder.h
+    ${SRC}/core/model/static_decoder_pool.h
   DEPS
     core_model_cuda_graph
     core_model_t5
@@ -1861,6 +1863,21 @@ lorahub_cc_test(tests_model_static_decoder_test
     tests_model_tiny_t5
     core_model_model
     core_model_cuda_graph
+    core_model_static_decoder
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:decoder_reuse_test (cc_test)
+lorahub_cc_test(tests_model_decoder_reuse_test
+  TEST_NAME //tests/model:decoder_reuse_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/decoder_reuse_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
     core_model_static_decoder
     ext_gtest_gtest_main
     ext_libtorch_libtorch
