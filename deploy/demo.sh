@@ -102,36 +102,50 @@ done
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 
 echo
-echo "== 2. accuracy on held-out tasks ($test_n test examples each, exact match, %)"
+echo "== 2. accuracy on held-out tasks ($test_n test examples each, exact match, %)  [$(( $(date +%s) - t_start )) s]"
 adapters=()
 for m in "${pool[@]}"; do adapters+=(--adapter "$model/modules/$m"); done
 printf '%-18s %10s %12s %17s %11s\n' task zero-shot best-single "LoraHub composed" "5-shot ICL"
 : >"$tmp/table.tsv"
-for task in $heldout; do
-  dir=$tmp/data/heldout/$task
-  ev=("$lorahub" eval --model "$model/base" --data "$dir/test.jsonl" --task "$task" --json)
+# One row per held-out task; DEMO_JOBS (default: the number of cores) tasks at
+# once, one BLAS thread each, rows printed in task order.
+row() {
+  local task=$1 dir=$tmp/data/heldout/$1
+  local ev=("$lorahub" eval --model "$model/base" --data "$dir/test.jsonl" --task "$task" --json)
   acc() { $py -c "import json,sys; print('%.0f' % (100 * json.loads(sys.stdin.read())['accuracy']))"; }
+  local zero single_json single single_name weights composed icl
   zero=$("${ev[@]}" | acc)
   single_json=$("${ev[@]}" "${adapters[@]}" --loss-examples "$dir/examples5.jsonl" --pick-min-loss)
   single=$(echo "$single_json" | acc)
   single_name=$(echo "$single_json" | $py -c "import json,os,sys; print(os.path.basename(json.loads(sys.stdin.read())['adapter']))")
   # The job's weights, in the job's module order.
-  job_adapters=()
+  local job_adapters=()
   for m in $($py -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['module_ids']))" "$tmp/task_$task.json"); do
     job_adapters+=(--adapter "$model/modules/$m")
   done
   weights=$($py -c "import json,sys; print(','.join(repr(w) for w in json.load(open(sys.argv[1]))['weights']))" "$tmp/task_$task.json")
   composed=$("${ev[@]}" "${job_adapters[@]}" --weights "$weights" | acc)
   icl=$("${ev[@]}" --shots "$dir/examples5.jsonl" --k 5 | acc)
-  printf '%-18s %10s %12s %17s %11s   (best single: %s)\n' "$task" "$zero" "$single" "$composed" "$icl" "$single_name"
-  printf '%s\t%s\t%s\t%s\n' "$zero" "$single" "$composed" "$icl" >>"$tmp/table.tsv"
+  printf '%-18s %10s %12s %17s %11s   (best single: %s)\n' "$task" "$zero" "$single" "$composed" "$icl" "$single_name" >"$tmp/row_$task.txt"
+  printf '%s\t%s\t%s\t%s\n' "$zero" "$single" "$composed" "$icl" >"$tmp/row_$task.tsv"
+}
+demo_jobs=${DEMO_JOBS:-$(nproc)}
+for task in $heldout; do
+  while [ "$(jobs -rp | wc -l)" -ge "$demo_jobs" ]; do sleep 0.1; done
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 row "$task" &
+done
+wait
+for task in $heldout; do
+  [ -s "$tmp/row_$task.tsv" ] || { echo "accuracy row for $task failed" >&2; exit 1; }
+  cat "$tmp/row_$task.txt"
+  cat "$tmp/row_$task.tsv" >>"$tmp/table.tsv"
 done
 awk -F'\t' '{ z += $1; s += $2; c += $3; i += $4; n++ }
   END { printf "%-18s %10.1f %12.1f %17.1f %11.1f\n", "average", z / n, s / n, c / n, i / n }' "$tmp/table.tsv"
 echo "(deploy/embedded/study.sh runs 3 seeds x 100 examples, CMA-ES and the recovery check: docs/ACCURACY.md)"
 
 echo
-echo "== 3. learning: LoraHub composition weights for 5 examples, 20 modules, budget 40"
+echo "== 3. learning: LoraHub composition weights for 5 examples, 20 modules, budget 40  [$(( $(date +%s) - t_start )) s]"
 printf '%-10s %-36s %-14s %-12s %-10s\n' fixture method best_score evaluations seconds
 for fx in tests/testdata/ref_tiny/tiny_s0 tests/testdata/ref_tiny/tiny_s1; do
   adapters=()
