@@ -307,6 +307,13 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
 absl::Status StaticDecoder::Reorder(const at::Tensor& index, bool cross) {
   absl::Status s = CheckIndex(index, batch_, "reorder index");
   if (!s.ok()) return s;
+  if (cross && rows_.bank != nullptr && rows_.rows_per_slot > 0) {
+    // The step (and its graph) applies the adapters by runs of rows per slot;
+    // moved rows would keep the adapter of the run they land in.
+    return absl::FailedPreconditionError(
+        "static decoder reorder: rows laid out in runs per adapter slot "
+        "cannot be reordered across rows (cross = true)");
+  }
   try {
     // index_select makes a copy, so copying it back never reads what it
     // overwrites; the buffers keep their addresses (a graph reads them).

@@ -93,6 +93,8 @@ class StaticDecoder {
   // caches always; with `cross`, also the cross-attention keys/values, the
   // encoder mask and the rows' adapters (rows move between inputs). The
   // buffers keep their addresses, so a captured graph stays valid.
+  // FailedPrecondition for `cross` when the rows' adapters are laid out in
+  // runs per slot (RowAdapters::rows_per_slot: the step applies them by run).
   absl::Status Reorder(const at::Tensor& index, bool cross);
 
   int64_t batch_size() const { return batch_; }

@@ -187,6 +187,24 @@ TEST_P(StaticDecoderTest, ReorderEqualsReorderCache) {
   }
 }
 
+TEST_P(StaticDecoderTest, CrossReorderOfSlotRunsIsRefused) {
+  // One adapter per row, slots 0, 1, 2: the batched-GEMM layout of runs.
+  auto bank = MakeAdapterBank(base_, {&adapters_[0], &adapters_[1], &adapters_[0]});
+  ASSERT_TRUE(bank.ok()) << bank.status();
+  auto rows = MakeRowAdapters(base_, &*bank, {0, 1, 2});
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_EQ(rows->rows_per_slot, 1);
+  StaticDecoderOptions so;
+  so.capacity = 2;
+  auto sd = StaticDecoder::Create(base_, enc_, *rows, so);
+  ASSERT_TRUE(sd.ok()) << sd.status();
+  const at::Tensor swap =
+      at::tensor(std::vector<int64_t>{1, 0, 2}, at::kLong).to(base_.device);
+  EXPECT_EQ((*sd)->Reorder(swap, /*cross=*/true).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE((*sd)->Reorder(swap, /*cross=*/false).ok());
+}
+
 TEST_P(StaticDecoderTest, BadInputsAreErrors) {
   StaticDecoderOptions so;
   so.capacity = 0;
