@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core/learn/optimizer.h"
 #include "gtest/gtest.h"
 #include "tests/learn/analytic_functions.h"
@@ -22,27 +23,35 @@ struct FakeTime {
   }
 };
 
+// Minimizes with optimizer `name` on a fake clock that advances 1 s per
+// objective call; `rec` records the batches.
+absl::StatusOr<OptimizerResult> RunTimed(const std::string& name, int dimension,
+                                         int budget, double limit,
+                                         testing::Recorder& rec) {
+  FakeTime time;
+  OptimizerOptions o;
+  o.dimension = dimension;
+  o.budget = budget;
+  o.population = 8;
+  o.max_seconds = limit;
+  o.clock = time.clock();
+  BatchObjective inner = rec.Objective();
+  BatchObjective timed = [&](const std::vector<Candidate>& batch) {
+    time.now += 1.0;
+    return inner(batch);
+  };
+  auto opt = MakeOptimizer(name, o);
+  if (!opt.ok()) return opt.status();
+  return (*opt)->Minimize(timed);
+}
+
 class TimeLimitTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(TimeLimitTest, StopsAfterTheCallThatCrossesTheLimit) {
   for (double limit : {0.5, 1.0, 3.5, 6.0}) {
     SCOPED_TRACE(limit);
-    FakeTime time;
-    OptimizerOptions o;
-    o.dimension = 5;
-    o.budget = 100000;
-    o.population = 8;
-    o.max_seconds = limit;
-    o.clock = time.clock();
     testing::Recorder rec{testing::Rosenbrock};
-    BatchObjective inner = rec.Objective();
-    BatchObjective timed = [&](const std::vector<Candidate>& batch) {
-      time.now += 1.0;
-      return inner(batch);
-    };
-    auto opt = MakeOptimizer(GetParam(), o);
-    ASSERT_TRUE(opt.ok()) << opt.status();
-    auto r = (*opt)->Minimize(timed);
+    auto r = RunTimed(GetParam(), 5, 100000, limit, rec);
     ASSERT_TRUE(r.ok()) << r.status();
     // Calls end at elapsed 1, 2, 3, ...: the first one at or after the limit is the last.
     const int expected_calls = static_cast<int>(std::ceil(limit));
@@ -68,22 +77,8 @@ TEST_P(TimeLimitTest, StopsAfterTheCallThatCrossesTheLimit) {
 TEST_P(TimeLimitTest, NoLimitOrUnreachedLimitSpendsTheBudget) {
   for (double limit : {0.0, 1e6}) {
     SCOPED_TRACE(limit);
-    FakeTime time;
-    OptimizerOptions o;
-    o.dimension = 3;
-    o.budget = 48;
-    o.population = 8;
-    o.max_seconds = limit;
-    o.clock = time.clock();
     testing::Recorder rec{testing::Sphere};
-    BatchObjective inner = rec.Objective();
-    BatchObjective timed = [&](const std::vector<Candidate>& batch) {
-      time.now += 1.0;
-      return inner(batch);
-    };
-    auto opt = MakeOptimizer(GetParam(), o);
-    ASSERT_TRUE(opt.ok()) << opt.status();
-    auto r = (*opt)->Minimize(timed);
+    auto r = RunTimed(GetParam(), 3, 48, limit, rec);
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_FALSE(r->stopped_by_time);
     EXPECT_LE(r->evaluations, 48);
