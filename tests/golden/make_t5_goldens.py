@@ -61,6 +61,9 @@ import torch  # noqa: E402
 
 PAD, EOS, UNK = 0, 1, 2
 LORA_STD = 0.3
+# Largest fp32-vs-float64 difference (relative to the scale) a new fixture may have: 10x below the
+# 1e-4 parity bound, so that the bound measures the port and not rounding order (fp32_noise_floor).
+MAX_NOISE_FLOOR = 1e-5
 L1_COEF = 0.05
 SIZE_WARN_BYTES = 4 * 1024 * 1024
 
@@ -247,8 +250,11 @@ CASES = {
         seed=404, logit_gain=1.5, weights="safetensors", store_dtype="bfloat16", shard="40KB", use_cache=True,
         examples="short",
         adapters={
-            "b0": dict(format="safetensors", dtype="bfloat16", seed=31, lora=_lora(4, 16, ["q", "k", "v", "o"])),
-            "b1": dict(format="safetensors", dtype="bfloat16", seed=32, lora=_lora(4, 16, ["q", "k", "v", "o"])),
+            # alpha 4 (scaling 1): with alpha 16 the composed delta was 4x the base weights, the attention
+            # saturated, and fp32 rounding alone moved the "mix" logits by 1e-4 of their scale
+            # (fp32_noise_floor), the parity bound itself.
+            "b0": dict(format="safetensors", dtype="bfloat16", seed=31, lora=_lora(4, 4, ["q", "k", "v", "o"])),
+            "b1": dict(format="safetensors", dtype="bfloat16", seed=32, lora=_lora(4, 4, ["q", "k", "v", "o"])),
         },
         variants={
             "base": ([], []),
@@ -949,6 +955,14 @@ def make_case(case, spec, out_dir, spm_path, tokenizer_len):
     for name, aspec in spec["adapters"].items():
         build_adapter(model_dir, os.path.join(case_dir, "adapters", name), aspec)
     g, tensors = compute_goldens(case, spec, case_dir, spm_path)
+    floor = fp32_noise_floor(case_dir, g, tensors)
+    g["fp32_noise_floor"] = floor
+    print("[%s] fp32 noise floor (vs float64): %s" % (case, json.dumps({k: float("%.3g" % v) for k, v in floor.items()})),
+          flush=True)
+    bad = {k: v for k, v in floor.items() if v > MAX_NOISE_FLOOR}
+    if bad:
+        fail("%s: fp32 rounding alone moves %s by more than %g of scale: the fixture is too ill-conditioned "
+             "for the 1e-4 parity bound" % (case, bad, MAX_NOISE_FLOOR))
     write_goldens(case_dir, g, tensors)
     self_check_case(case_dir)
     print("[%s] wrote %s (%.0f KB)" % (case, case_dir, dir_size(case_dir) / 1024.0), flush=True)
@@ -1009,9 +1023,10 @@ def self_check_case(case_dir):
     return checked
 
 
-def merged_model(case_dir, adapters, weights):
-    """Independent of peft: fold s * (sum w B)(sum w A) into a plain fp32 T5, scaling from our own parse."""
-    model = load_base(os.path.join(case_dir, "model"), torch.float32)
+def merged_model(case_dir, adapters, weights, dtype=torch.float32):
+    """Independent of peft: fold s * (sum w B)(sum w A) into a plain T5 (fp32, or float64 for the exact
+    answer), scaling from our own parse."""
+    model = load_base(os.path.join(case_dir, "model"), dtype)
     if not adapters:
         return model
     confs, sds = [], []
@@ -1033,12 +1048,35 @@ def merged_model(case_dir, adapters, weights):
         r, s = lora_scaling(conf, mod)
         if A.shape[0] != r or B.shape[1] != r:
             fail("%s: rank %d from config, tensors have %d/%d" % (mod, r, A.shape[0], B.shape[1]))
-        sd[mod + ".weight"] = sd[mod + ".weight"] + s * (B.double() @ A.double()).float()
+        sd[mod + ".weight"] = sd[mod + ".weight"] + s * (B.double() @ A.double()).to(dtype)
         count += 1
     if count == 0:
         fail("no LoRA pairs merged")
     model.load_state_dict(sd)
     return model.eval()
+
+
+def fp32_noise_floor(case_dir, g, t):
+    """name -> max |fp32 golden - float64 answer| / max|golden| for each golden tensor.
+
+    The float64 answer folds the composed deltas into a float64 copy of the (stored) weights; the
+    difference is what fp32 rounding alone does on this fixture. A port that computes in fp32 can only
+    be held to the 1e-4 bound where this floor is well below it: a fixture whose floor approaches the
+    bound is ill-conditioned (saturated attention, large adapters) and measures rounding order, not
+    parity. make_case refuses a fixture whose floor exceeds MAX_NOISE_FLOOR."""
+    ids = torch.tensor(g["input_ids"])
+    mask = torch.tensor(g["attention_mask"])
+    lab = torch.tensor(g["label_ids"])
+    floor = {}
+    for name, info in g["tensors"].items():
+        var = g["variants"][info["variant"]]
+        model = merged_model(case_dir, var["adapters"], var["weights"], torch.float64)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False)
+        exact = out.logits if info["kind"] == "logits" else out.encoder_last_hidden_state
+        want = t[name].double()
+        floor[name] = float((exact - want).abs().max() / want.abs().max())
+    return floor
 
 
 def check_case(case_dir):
@@ -1092,6 +1130,8 @@ def check_case(case_dir):
         rows, _ = generate(model, ids, mask, nb, e["max_new_tokens"], e["use_cache"])
         if rows != e["output_ids"]:
             fail("%s: %s generation for %s changed" % (case_dir, "beam" if nb > 1 else "greedy", e["variant"]))
+    for name, v in fp32_noise_floor(case_dir, g, t).items():
+        worst["fp64." + name] = v
     self_check_case(case_dir)
     return worst
 

@@ -470,8 +470,9 @@ TEST(Golden, Bf16LossAgainstFp32OnTheSameBf16Weights) {
 // different prefixes, so the comparison of that row stops there.
 //
 // These tiny random fixtures are chaotic in places: in fp32, scaling one
-// composition weight by 1 + 1e-3 moves some logits by more than 10 (e.g.
-// bf16_sharded "mix" row 1, step 1, fp32 margin 2.66), so a margin alone
+// composition weight by 1 + 1e-3 moved some logits by more than 10 (e.g.
+// the first bf16_sharded "mix", since regenerated with smaller adapters:
+// tests/testdata/t5/README.md), so a margin alone
 // does not make a position clear at bf16 resolution. A probe decides which
 // steps are clear: two fp32 runs on the base weights rounded to bf16, with
 // the composition weights scaled alternately by 1 + 2^-8 and 1 - 2^-8 (and
