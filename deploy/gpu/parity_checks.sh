@@ -33,7 +33,9 @@ start=$SECONDS
 stamp() { echo "== $*  [$((SECONDS - start)) s]"; }
 failed() { echo "FAILED: $*"; }
 
-# Background: A, B and the fixture writers (CPU only, independent of the build).
+# Background: A, B (unless SKIP_AB=1) and the fixture writers (CPU only, independent of the build).
+pid_a= pid_b=
+if [ "${SKIP_AB:-0}" != 1 ]; then
 stamp "A: scipy COBYLA traces"
 ( timeout 300 "$PY" tests/learn/scipy_cobyla_traces.py --out "$out/scipy118_cobyla_traces.json" \
     >"$WORK/scipy.log" 2>&1 || echo "FAILED: scipy traces (exit $?)" >>"$WORK/scipy.log" ) &
@@ -46,6 +48,7 @@ pid_a=$!
       || echo "FAILED: bf16_sharded regeneration (exit $?)"
   } >"$WORK/goldens.log" 2>&1 ) &
 pid_b=$!
+fi
 declare -A fxpid
 spec=("tiny_s0 tiny 0 safetensors" "tiny_s1 tiny 1 bin" "tiny_s2 tiny 2 safetensors"
       "base_s0 base 0 safetensors" "base_s1 base 1 bin")
@@ -73,22 +76,27 @@ o=$(timeout 180 "$PY" tests/learn/check_composition_vs_peft.py tests/learn/testd
 rc=$?
 { echo "### check_composition_vs_peft.py (exit $rc)"; echo "$o" | grep -v -i warn | tail -12; } | tee -a "$peft"
 
-# D3: modules trained by lorahub train-module load in PEFT with the same loss.
+# D3: modules trained by lorahub train-module load in PEFT with the same loss (MODULES: how many of
+# them, default 3; run concurrently).
 base=models/default/base modules=models/default/modules
-[ -d "$base" ] || { base=.gpu/peft/base; modules=.gpu/peft/modules; }
-if [ -x "$lorahub" ] && [ -d "$base" ]; then
+[ -f "$base/config.json" ] || { base=.gpu/peft/base; modules=.gpu/peft/modules; }
+if [ -x "$lorahub" ] && [ -f "$base/config.json" ]; then
   "${BUILD_DIR:-$repo/.gpu/build}/bin/core/tasks/make_task_data" --out "$WORK/taskdata" --seed 11 \
     --train-per-task 8 --test-per-task 8 --heldout-examples 5 >/dev/null
-  for m in "$modules"/*; do
+  stamp "D3: peft_parity.py on trained modules"
+  for m in $(ls -d "$modules"/*/ | head -n "${MODULES:-3}"); do
     t=$(basename "$m")
     ex=$WORK/taskdata/pool_test/$t.jsonl
     [ -f "$ex" ] || { failed "D3: no test examples for $t"; continue; }
-    stamp "D3: peft_parity.py on the trained module $t"
-    o=$(timeout 120 "$PY" tests/train/peft_parity.py --model "$base" --adapter "$m" --examples "$ex" \
-        --lorahub "$lorahub" 2>&1)
-    rc=$?
-    { echo "### peft_parity.py trained module $t (exit $rc)"; echo "$o" | grep -v -i warn | tail -3; } | tee -a "$peft"
+    ( o=$(timeout 120 "$PY" tests/train/peft_parity.py --model "$base" --adapter "$m" --examples "$ex" \
+          --lorahub "$lorahub" 2>&1)
+      rc=$?
+      { echo "### peft_parity.py trained module $t (exit $rc)"; echo "$o" | grep -v -i warn | tail -3; } >"$WORK/d3_$t.txt" ) &
   done
+  wait
+  cat "$WORK"/d3_*.txt | tee -a "$peft"
+else
+  failed "D3: no trained base at models/default/base or .gpu/peft/base"
 fi
 
 # C: reference and ours, COBYLA 40, every evaluation.
@@ -165,9 +173,21 @@ PY
   done
 fi
 
-stamp "waiting for A and B"
-wait "$pid_a"; wait "$pid_b"
-cat "$WORK/scipy.log"; grep -v -i warn "$WORK/goldens.log" | tail -30
-cp "$WORK/goldens.log" "$out/goldens.log" 2>/dev/null
 tar -C "$WORK" -czf "$out/cobyla_traces.tgz" traces tiny_s0 tiny_s1 tiny_s2 2>/dev/null
+
+# E (CUDA_TESTS=1): the engine's CUDA tests, golden parity included.
+if [ "${CUDA_TESTS:-0}" = 1 ]; then
+  stamp "E: CUDA tests"
+  LORAHUB_TEST_DEVICE=$DEVICE timeout 300 ctest --test-dir "${BUILD_DIR:-$repo/.gpu/build}" --output-on-failure \
+    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test" >"$WORK/ctest.log" 2>&1
+  echo "ctest exit $?"; grep -E "tests passed|Failed|fp32 .*logits|\(Failed\)" "$WORK/ctest.log" | tail -40
+  cp "$WORK/ctest.log" "$out/ctest.log"
+fi
+
+if [ -n "$pid_a$pid_b" ]; then
+  stamp "waiting for A and B"
+  wait $pid_a $pid_b
+  cat "$WORK/scipy.log"; grep -v -i warn "$WORK/goldens.log" | tail -30
+  cp "$WORK/goldens.log" "$out/goldens.log" 2>/dev/null
+fi
 stamp "done"
