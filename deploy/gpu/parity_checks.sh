@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Run ON THE GPU HOST (it has transformers, peft, scipy 1.18): the parity checks that need them,
-# after a build (BUILD=1 builds first with deploy/gpu/build_and_test.sh, no tests).
-#   OUT=/some/dir [BUILD=1] bash deploy/gpu/parity_checks.sh
-# Carry .gpu/debs (for BUILD=1), .gpu/bench (ref_lorahub.py) and .gpu/peft (optional: a copy of
-# models/default/base as .gpu/peft/base and some modules as .gpu/peft/modules/<task>, for when
-# models/ does not travel; models/default is used when present).
+# Run ON THE GPU HOST (it has transformers, peft, scipy 1.18): the checks that need them, in one call.
+#   OUT=/some/dir [BUILD=1] [SKIP_AB=1] [CUDA_TESTS=1] [BENCH=1] bash deploy/gpu/parity_checks.sh
+# Carry .gpu/debs (for BUILD=1), .gpu/bench (ref_lorahub.py) and .gpu/peft (when models/ does not
+# travel: models/default/base copied to .gpu/peft/base and a few modules to .gpu/peft/modules/<task>).
 #  A. scipy's COBYLA on analytic functions, every proposed point (tests/learn/scipy_cobyla_traces.py)
-#     -> $OUT/scipy118_cobyla_traces.json
+#     -> $OUT/scipy118_cobyla_traces.json                                        (unless SKIP_AB=1)
 #  B. golden fixtures: fp32-vs-float64 noise floors of tests/testdata/t5 (make_t5_goldens.py --check)
-#     and bf16_sharded regenerated into $OUT/t5_bf16_sharded.tgz
+#     and bf16_sharded regenerated into $OUT/t5_bf16_sharded.tgz                 (unless SKIP_AB=1)
 #  C. the reference's COBYLA-40 with every evaluation (deploy/gpu/ref_learn_trace.py) and ours
-#     (`lorahub learn --optimizer cobyla --budget 40 --dtype fp32 --trace`) on the five issue-4 fixtures
-#     (tiny seeds 0-2, base seeds 0-1) -> $OUT/cobyla_traces.tgz (with the tiny fixtures)
-#  D. PEFT: composition methods vs add_weighted_adapter, adapters exported by `lorahub learn --out`
-#     (loss and greedy ids), and modules trained by `lorahub train-module` (the embedded default's)
-#     -> $OUT/peft.txt
-# Everything logs to $OUT/log.txt; a failed step prints FAILED and the run goes on.
+#     (`lorahub learn --optimizer cobyla --budget 40 --dtype fp32 --trace`) on the five issue-4
+#     fixtures (tiny seeds 0-2, base seeds 0-1) -> $OUT/parity.md and $OUT/cobyla_traces.tgz
+#  D. PEFT: D1 composition methods vs add_weighted_adapter, D2 adapters exported by `lorahub learn
+#     --out` (loss and greedy ids), D3 modules trained by `lorahub train-module` -> $OUT/peft.txt
+#  E. (CUDA_TESTS=1) the engine's CUDA tests, golden parity included -> $OUT/ctest.log
+#  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json
+# The Python-only work (fixtures, the reference's traces, A, B) runs in the background from the
+# start, while the build runs. Everything logs to $OUT/log.txt; a failed step prints FAILED and
+# the run goes on. Background jobs are waited for by pid (a bare `wait` would also wait for the
+# log's tee and never return).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 repo=$PWD
@@ -26,109 +28,132 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda:0}
 WORK=${WORK:-/tmp/lorahub_parity}
-mkdir -p "$WORK"
+LARGE=${LARGE:-/tmp/lorahub_large}
+mkdir -p "$WORK/traces"
 ref=.gpu/bench/ref_lorahub.py
-lorahub=${BUILD_DIR:-$repo/.gpu/build}/bin/server/lorahub
+build_dir=${BUILD_DIR:-$repo/.gpu/build}
+lorahub=$build_dir/bin/server/lorahub
 start=$SECONDS
 stamp() { echo "== $*  [$((SECONDS - start)) s]"; }
 failed() { echo "FAILED: $*"; }
 
-# Background: A, B (unless SKIP_AB=1) and the fixture writers (CPU only, independent of the build).
-pid_a= pid_b=
+# ---- background, from t = 0 ----
+bg=()
 if [ "${SKIP_AB:-0}" != 1 ]; then
-stamp "A: scipy COBYLA traces"
-( timeout 300 "$PY" tests/learn/scipy_cobyla_traces.py --out "$out/scipy118_cobyla_traces.json" \
-    >"$WORK/scipy.log" 2>&1 || echo "FAILED: scipy traces (exit $?)" >>"$WORK/scipy.log" ) &
-pid_a=$!
-( { timeout 400 "$PY" tests/golden/make_t5_goldens.py --check tests/testdata/t5 || echo "FAILED: --check (exit $?)"
-    rm -rf "$WORK/t5new"
-    timeout 300 "$PY" tests/golden/make_t5_goldens.py --out "$WORK/t5new" --cases bf16_sharded \
-      && timeout 200 "$PY" tests/golden/make_t5_goldens.py --check "$WORK/t5new" --cases bf16_sharded \
-      && tar -C "$WORK/t5new" -czf "$out/t5_bf16_sharded.tgz" bf16_sharded \
-      || echo "FAILED: bf16_sharded regeneration (exit $?)"
-  } >"$WORK/goldens.log" 2>&1 ) &
-pid_b=$!
+  ( timeout 300 "$PY" tests/learn/scipy_cobyla_traces.py --out "$out/scipy118_cobyla_traces.json" \
+      >"$WORK/scipy.log" 2>&1 || echo "FAILED: scipy traces (exit $?)" >>"$WORK/scipy.log" ) &
+  bg+=($!)
+  ( { timeout 400 "$PY" tests/golden/make_t5_goldens.py --check tests/testdata/t5 || echo "FAILED: --check (exit $?)"
+      rm -rf "$WORK/t5new"
+      timeout 300 "$PY" tests/golden/make_t5_goldens.py --out "$WORK/t5new" --cases bf16_sharded \
+        && tar -C "$WORK/t5new" -czf "$out/t5_bf16_sharded.tgz" bf16_sharded \
+        || echo "FAILED: bf16_sharded regeneration (exit $?)"
+    } >"$WORK/goldens.log" 2>&1 ) &
+  bg+=($!)
 fi
-declare -A fxpid
+# C, reference side: write each fixture (unless present), then the reference's traced learning.
 spec=("tiny_s0 tiny 0 safetensors" "tiny_s1 tiny 1 bin" "tiny_s2 tiny 2 safetensors"
       "base_s0 base 0 safetensors" "base_s1 base 1 bin")
+declare -A refpid
 for s in "${spec[@]}"; do
   read -r name size seed fmt <<<"$s"
-  [ -f "$WORK/$name/examples.jsonl" ] && continue
-  ( timeout 300 "$PY" "$ref" fixture --out "$WORK/$name" --size "$size" --seed "$seed" --format "$fmt" \
-      >"$WORK/$name.fixture.log" 2>&1 ) &
-  fxpid[$name]=$!
+  ( if [ ! -f "$WORK/$name/prompts.jsonl" ]; then
+      rm -rf "$WORK/$name"
+      timeout 300 "$PY" "$ref" fixture --out "$WORK/$name" --size "$size" --seed "$seed" --format "$fmt" \
+        >"$WORK/$name.fixture.log" 2>&1 || exit 1
+    fi
+    timeout 300 "$PY" deploy/gpu/ref_learn_trace.py --ref "$ref" --fixture "$WORK/$name" \
+      >"$WORK/traces/$name.ref.json" 2>"$WORK/traces/$name.ref.err" ) &
+  refpid[$name]=$!
 done
+large_pid=
+if [ "${BENCH:-0}" = 1 ] && [ ! -f "$LARGE/prompts.jsonl" ]; then
+  ( rm -rf "$LARGE"; timeout 400 "$PY" "$ref" fixture --out "$LARGE" --size large --format bin \
+      >"$WORK/large.fixture.log" 2>&1 ) &
+  large_pid=$!
+fi
 
 if [ "${BUILD:-0}" = 1 ]; then
   stamp "build"
   OUT=$WORK/build_logs CTEST_ARGS="-R ^NONE$ --no-tests=ignore" bash deploy/gpu/build_and_test.sh \
     >"$WORK/build.log" 2>&1
-  grep '^==' "$WORK/build.log" | tail -4
+  grep '^==' "$WORK/build.log" | grep -E "build|FAILED" | tail -3
 fi
-[ -x "$lorahub" ] || failed "no $lorahub: parts C (ours) and D skipped"
+[ -x "$lorahub" ] || failed "no $lorahub: parts C (ours), D2, D3, E, F skipped"
 
-# D1: composition methods vs PEFT (CPU, no fixture).
+# ---- D3 in the background: trained modules in PEFT ----
 peft=$out/peft.txt
 : >"$peft"
-stamp "D1: check_composition_vs_peft.py"
-o=$(timeout 180 "$PY" tests/learn/check_composition_vs_peft.py tests/learn/testdata/composition_cases.json 2>&1)
-rc=$?
-{ echo "### check_composition_vs_peft.py (exit $rc)"; echo "$o" | grep -v -i warn | tail -12; } | tee -a "$peft"
-
-# D3: modules trained by lorahub train-module load in PEFT with the same loss (MODULES: how many of
-# them, default 3; run concurrently).
 base=models/default/base modules=models/default/modules
 [ -f "$base/config.json" ] || { base=.gpu/peft/base; modules=.gpu/peft/modules; }
+d3=()
 if [ -x "$lorahub" ] && [ -f "$base/config.json" ]; then
-  "${BUILD_DIR:-$repo/.gpu/build}/bin/core/tasks/make_task_data" --out "$WORK/taskdata" --seed 11 \
+  "$build_dir/bin/core/tasks/make_task_data" --out "$WORK/taskdata" --seed 11 \
     --train-per-task 8 --test-per-task 8 --heldout-examples 5 >/dev/null
-  stamp "D3: peft_parity.py on trained modules"
   for m in $(ls -d "$modules"/*/ | head -n "${MODULES:-3}"); do
     t=$(basename "$m")
     ex=$WORK/taskdata/pool_test/$t.jsonl
     [ -f "$ex" ] || { failed "D3: no test examples for $t"; continue; }
-    ( o=$(timeout 120 "$PY" tests/train/peft_parity.py --model "$base" --adapter "$m" --examples "$ex" \
+    ( o=$(timeout 150 "$PY" tests/train/peft_parity.py --model "$base" --adapter "$m" --examples "$ex" \
           --lorahub "$lorahub" 2>&1)
       rc=$?
-      { echo "### peft_parity.py trained module $t (exit $rc)"; echo "$o" | grep -v -i warn | tail -3; } >"$WORK/d3_$t.txt" ) &
+      { echo "### D3 peft_parity.py, module trained by lorahub train-module: $t (exit $rc)"
+        echo "$o" | grep -v -i warn | tail -3; } >"$WORK/d3_$t.txt" ) &
+    d3+=($!)
   done
-  wait
-  cat "$WORK"/d3_*.txt | tee -a "$peft"
 else
   failed "D3: no trained base at models/default/base or .gpu/peft/base"
 fi
 
-# C: reference and ours, COBYLA 40, every evaluation.
-mkdir -p "$WORK/traces"
+# ---- E: CUDA tests ----
+if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
+  stamp "E: CUDA tests"
+  LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
+    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test" >"$WORK/ctest.log" 2>&1
+  echo "ctest exit $?"
+  grep -E "tests passed|tests failed|\(Failed\)|fp32 .* logits" "$WORK/ctest.log" | tail -30
+  cp "$WORK/ctest.log" "$out/ctest.log"
+fi
+
+# ---- C, our side ----
+echo "| fixture | reference best (scipy $("$PY" -c 'import scipy; print(scipy.__version__)')) | ours best | ours - reference | pass (<= +1e-4) | evaluations (ref / ours) |" >"$out/parity.md"
+echo "|---|---|---|---|---|---|" >>"$out/parity.md"
 for s in "${spec[@]}"; do
   read -r name _ <<<"$s"
-  if [ -n "${fxpid[$name]:-}" ]; then wait "${fxpid[$name]}" || failed "fixture $name ($(tail -c 200 "$WORK/$name.fixture.log"))"; fi
-  [ -f "$WORK/$name/examples.jsonl" ] || continue
-  stamp "C: $name reference trace"
-  timeout 200 "$PY" deploy/gpu/ref_learn_trace.py --ref "$ref" --fixture "$WORK/$name" \
-    >"$WORK/traces/$name.ref.json" 2>"$WORK/traces/$name.ref.err" || failed "C: $name reference"
-  if [ -x "$lorahub" ]; then
-    adapters=()
-    for m in "$WORK/$name"/modules/m*; do adapters+=(--adapter "$m"); done
-    timeout 120 "$lorahub" learn --model "$WORK/$name/base" "${adapters[@]}" --examples "$WORK/$name/examples.jsonl" \
-      --optimizer cobyla --budget 40 --dtype fp32 --device "$DEVICE" --trace "$WORK/traces/$name.ours.jsonl" --json \
-      >"$WORK/traces/$name.ours.json" 2>"$WORK/traces/$name.ours.err" || failed "C: $name ours"
-  fi
-  "$PY" - "$WORK/traces/$name.ref.json" "$WORK/traces/$name.ours.json" <<'PY' || true
+  wait "${refpid[$name]}" || failed "C: $name fixture or reference ($(tail -c 300 "$WORK/traces/$name.ref.err" "$WORK/$name.fixture.log" 2>/dev/null | tr '\n' ' '))"
+  [ -f "$WORK/$name/examples.jsonl" ] && [ -x "$lorahub" ] || continue
+  stamp "C: $name ours cobyla 40"
+  adapters=()
+  for m in "$WORK/$name"/modules/m*; do adapters+=(--adapter "$m"); done
+  timeout 120 "$lorahub" learn --model "$WORK/$name/base" "${adapters[@]}" --examples "$WORK/$name/examples.jsonl" \
+    --optimizer cobyla --budget 40 --dtype fp32 --device "$DEVICE" --trace "$WORK/traces/$name.ours.jsonl" --json \
+    >"$WORK/traces/$name.ours.json" 2>"$WORK/traces/$name.ours.err" || failed "C: $name ours"
+  "$PY" - "$name" "$WORK/traces/$name.ref.json" "$WORK/traces/$name.ours.json" "$WORK/traces/$name.ours.jsonl" \
+    >>"$out/parity.md" <<'PY' || true
 import json, sys
+name, rf, of, ot = sys.argv[1:5]
 try:
-    r = json.load(open(sys.argv[1])); o = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
-    print("   reference best %.6f, ours best %.6f, ours - reference %+.3g" % (r["best_score"], o["best_score"], o["best_score"] - r["best_score"]))
+    r = json.load(open(rf)); o = json.loads(open(of).read().strip().splitlines()[-1])
+    n_ours = sum(1 for _ in open(ot))
+    d = o["best_score"] - r["best_score"]
+    print("| %s | %.6f | %.6f | %+.3g | %s | %d / %d |" % (name, r["best_score"], o["best_score"], d,
+          "yes" if d <= 1e-4 else "NO", len(r["evaluations"]), n_ours))
 except Exception as e:
-    print("   (no comparison: %s)" % e)
+    print("| %s | n/a | n/a | n/a | n/a (%s) | |" % (name, str(e)[:80]))
 PY
+  tail -1 "$out/parity.md"
 done
+tar -C "$WORK" -czf "$out/cobyla_traces.tgz" traces tiny_s0 tiny_s1 tiny_s2 2>/dev/null
 
-# D2: adapters exported by learn --out load in PEFT: same loss, same greedy ids.
+# ---- D1, D2: composition methods; exported adapters in PEFT (loss, greedy ids) ----
+if [ "${SKIP_D1:-0}" != 1 ]; then
+  o=$(timeout 180 "$PY" tests/learn/check_composition_vs_peft.py tests/learn/testdata/composition_cases.json 2>&1)
+  rc=$?
+  { echo "### D1 check_composition_vs_peft.py (exit $rc)"; echo "$o" | grep -v -i warn | tail -8; } >>"$peft"
+fi
 if [ -x "$lorahub" ]; then
-  for s in "tiny_s0 lorahub" "tiny_s0 ties" "base_s0 lorahub"; do
-    read -r name method <<<"$s"
+  for s in ${D2_RUNS:-"tiny_s0:lorahub tiny_s0:ties base_s0:lorahub"}; do
+    name=${s%%:*} method=${s#*:}
     fx=$WORK/$name exp=$WORK/export_${name}_$method
     [ -f "$fx/examples.jsonl" ] || continue
     stamp "D2: $name --method $method: learn --out, then PEFT"
@@ -141,7 +166,8 @@ if [ -x "$lorahub" ]; then
     o=$(timeout 120 "$PY" tests/train/peft_parity.py --model "$fx/base" --adapter "$exp" \
         --examples "$fx/examples.jsonl" --lorahub "$lorahub" 2>&1)
     rc=$?
-    { echo "### peft_parity.py exported $name --method $method (exit $rc)"; echo "$o" | grep -v -i warn | tail -3; } | tee -a "$peft"
+    { echo "### D2 peft_parity.py, adapter exported by learn --out: $name --method $method (exit $rc)"
+      echo "$o" | grep -v -i warn | tail -3; } >>"$peft"
     head -n 10 "$fx/prompts.jsonl" >"$WORK/prompts_$name.jsonl"
     timeout 60 "$lorahub" generate --model "$fx/base" --adapter "$exp" --input-file "$WORK/prompts_$name.jsonl" \
       --max-new-tokens 16 --device "$DEVICE" --dtype fp32 --json >"$exp.gen.jsonl" 2>"$exp.gen.err" \
@@ -161,32 +187,40 @@ for r, m in zip(rows, mine):
     enc = tok(r["input"], return_tensors="pt")
     with torch.no_grad():
         g = model.generate(**enc, max_new_tokens=16, do_sample=False, num_beams=1)[0].tolist()[1:]
-    while g and g[-1] == 0: g.pop()
+    while g and g[-1] == 0:
+        g.pop()
     same += int(g == m["output_ids"])
-    if g != m["output_ids"]: print("differ:", r["input"][:40], g, m["output_ids"])
+    if g != m["output_ids"]:
+        print("differ:", r["input"][:40], g, m["output_ids"])
 print(json.dumps({"greedy_equal": same, "prompts": len(rows)}))
-sys.exit(0 if same == len(rows) else 1)
+sys.exit(0 if same == len(rows) and rows else 1)
 PY
 )
     rc=$?
-    { echo "### greedy ids, transformers+peft vs lorahub generate, $name --method $method (exit $rc)"; echo "$o" | tail -3; } | tee -a "$peft"
+    { echo "### D2 greedy ids, transformers+peft vs lorahub generate: $name --method $method (exit $rc)"
+      echo "$o" | tail -3; } >>"$peft"
   done
 fi
+for p in "${d3[@]}"; do wait "$p"; done
+cat "$WORK"/d3_*.txt >>"$peft" 2>/dev/null
+cat "$peft"
 
-tar -C "$WORK" -czf "$out/cobyla_traces.tgz" traces tiny_s0 tiny_s1 tiny_s2 2>/dev/null
-
-# E (CUDA_TESTS=1): the engine's CUDA tests, golden parity included.
-if [ "${CUDA_TESTS:-0}" = 1 ]; then
-  stamp "E: CUDA tests"
-  LORAHUB_TEST_DEVICE=$DEVICE timeout 300 ctest --test-dir "${BUILD_DIR:-$repo/.gpu/build}" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test" >"$WORK/ctest.log" 2>&1
-  echo "ctest exit $?"; grep -E "tests passed|Failed|fp32 .*logits|\(Failed\)" "$WORK/ctest.log" | tail -40
-  cp "$WORK/ctest.log" "$out/ctest.log"
+# ---- F: bench ----
+if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
+  [ -n "$large_pid" ] && { wait "$large_pid" || failed "large fixture ($(tail -c 300 "$WORK/large.fixture.log"))"; }
+  stamp "F: lorahub bench bf16"
+  adapters=()
+  for m in "$LARGE"/modules/m*; do adapters+=(--adapter "$m"); done
+  timeout 150 "$lorahub" bench --model "$LARGE/base" "${adapters[@]}" --examples "$LARGE/examples.jsonl" \
+    --prompts "$LARGE/prompts.jsonl" --device "$DEVICE" --dtype bf16 --reps "${REPS:-10}" \
+    --cmaes-budget "${CMAES_BUDGET:-256}" --population 64 --gen-batch 64 --gen-tokens 32 \
+    ${BENCH_ARGS:-} --json >"$out/bench_bf16.json" 2>"$WORK/bench.err" || failed "F: bench ($(tail -c 300 "$WORK/bench.err"))"
+  tail -c 1500 "$out/bench_bf16.json"; echo
 fi
 
-if [ -n "$pid_a$pid_b" ]; then
+if [ ${#bg[@]} -gt 0 ]; then
   stamp "waiting for A and B"
-  wait $pid_a $pid_b
+  for p in "${bg[@]}"; do wait "$p"; done
   cat "$WORK/scipy.log"; grep -v -i warn "$WORK/goldens.log" | tail -30
   cp "$WORK/goldens.log" "$out/goldens.log" 2>/dev/null
 fi
