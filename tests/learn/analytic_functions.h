@@ -3,6 +3,7 @@
 #ifndef LORAHUB_TESTS_LEARN_ANALYTIC_FUNCTIONS_H_
 #define LORAHUB_TESTS_LEARN_ANALYTIC_FUNCTIONS_H_
 
+#include <cmath>
 #include <functional>
 #include <vector>
 
@@ -33,6 +34,19 @@ inline double Rosenbrock(const std::vector<double>& x) {
     s += 100 * a * a + b * b;
   }
   return s;
+}
+
+// sum_i a_i (x_i - c_i)^2 + 0.05 * mean_i |x_i| with a_i = 1 + i (0-based): an
+// ill-conditioned quadratic with LoraHub's L1 term. Minimum near x = center.
+inline std::function<double(const std::vector<double>&)> QuadraticL1(std::vector<double> center) {
+  return [center](const std::vector<double>& x) {
+    double s = 0, l1 = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      s += (1.0 + static_cast<double>(i)) * (x[i] - center[i]) * (x[i] - center[i]);
+      l1 += std::fabs(x[i]);
+    }
+    return s + 0.05 * (l1 / static_cast<double>(x.size()));
+  };
 }
 
 struct Recorder {
