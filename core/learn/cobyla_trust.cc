@@ -1,8 +1,6 @@
 #include "core/learn/cobyla_trust.h"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -39,6 +37,32 @@ double Dot(const Vec& a, const Vec& b) {
   return s;
 }
 double Norm(const Vec& v) { return std::sqrt(Dot(v, v)); }
+
+// numpy's sum of a contiguous 1-D array (pairwise, 8 partial sums per block of <= 128), which
+// PRIMA's Python port uses for a few sums that decide ties (the weight of the pole in
+// setdrop_tr): summing in the same order rounds the same way.
+double PairwiseSum(const double* a, size_t n) {
+  if (n < 8) {
+    double s = 0;
+    for (size_t i = 0; i < n; ++i) s += a[i];
+    return s;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    size_t i = 8;
+    for (; i + 8 <= n; i += 8) {
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    }
+    double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) s += a[i];
+    return s;
+  }
+  size_t half = n / 2;
+  half -= half % 8;
+  return PairwiseSum(a, half) + PairwiseSum(a + half, n - half);
+}
+double PairwiseSum(const Vec& v) { return PairwiseSum(v.data(), v.size()); }
 
 // PRIMA moderates objective values so that the linear models never see NaN or +Inf.
 double Moderate(double f) {
@@ -354,17 +378,17 @@ int SetDropTrustRegion(const Simplex& s, bool improved, const Vec& d, double del
     }
     distsq[j] = acc;
   }
-  distsq[n] = improved ? Dot(d, d) : 0.0;
+  Vec dsq(n);
+  for (int i = 0; i < n; ++i) dsq[i] = d[i] * d[i];
+  distsq[n] = improved ? PairwiseSum(dsq) : 0.0;
   const double scale = std::max(rho, delta / 10);
   const double scale2 = scale * scale;
-  Vec score(n + 1);
-  double simid_sum = 0;
+  Vec score(n + 1), simid(n);
   for (int j = 0; j < n; ++j) {
-    const double simid = Dot(s.simi[j], d);
-    simid_sum += simid;
-    score[j] = std::max(1.0, distsq[j] / scale2) * std::fabs(simid);
+    simid[j] = Dot(s.simi[j], d);
+    score[j] = std::max(1.0, distsq[j] / scale2) * std::fabs(simid[j]);
   }
-  score[n] = std::max(1.0, distsq[n] / scale2) * std::fabs(1 - simid_sum);
+  score[n] = std::max(1.0, distsq[n] / scale2) * std::fabs(1 - PairwiseSum(simid));
   if (!improved) score[n] = -1;
   int jdrop = -1;
   double best = 0;
@@ -510,7 +534,6 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
     const bool bad_step = shortd || trfail || ratio <= 0 || jdrop_tr < 0;
     const bool improve_geo = bad_step && !adequate_geo;
     const bool reduce_rho = bad_step && adequate_geo && std::max(delta, dnorm) <= rho;
-    if (std::getenv("PPDBG")) std::fprintf(stderr, "it nf=%d shortd=%d ratio=%.17g jdrop=%d adeq=%d igeo=%d rrho=%d delta=%.17g rho=%.17g dnorm=%.17g\n", evaluator.evaluations(), shortd, ratio, jdrop_tr, adequate_geo, improve_geo, reduce_rho, delta, rho, dnorm);
     if (improve_geo && !s.WithinTwoDelta(delta)) {
       // Geometry step: replace the vertex farthest from the pole (the first on a tie).
       int jdrop_geo = 0;

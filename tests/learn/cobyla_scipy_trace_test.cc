@@ -82,8 +82,8 @@ Fn MakeFunction(const TraceCase& t) {
   Fn base;
   std::vector<double> center = t.shift;
   if (center.empty()) center.assign(t.n, 0.0);
-  if (t.function == "sphere") {
-    base = testing::Sphere;
+  if (t.function == "sphere") {  // with the L1 term, as the trace script defines it
+    base = testing::SphereL1;
   } else if (t.function == "shifted_sphere") {
     base = testing::ShiftedSphere(center);
   } else if (t.function == "rosenbrock") {
