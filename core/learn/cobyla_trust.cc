@@ -9,6 +9,14 @@
 #include "core/learn/evaluator.h"
 #include "core/util/status_macros.h"
 
+// The arithmetic below reproduces another program's rounding: no contraction of a*b + c into
+// fused multiply-adds except where written (std::fma), whatever the target flags.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace lorahub::learn {
 namespace {
 
@@ -36,7 +44,124 @@ double Dot(const Vec& a, const Vec& b) {
   for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
   return s;
 }
-double Norm(const Vec& v) { return std::sqrt(Dot(v, v)); }
+
+// The reference's numpy does its dot and matrix-vector products in OpenBLAS. The path of PRIMA
+// hinges on exact ties (see the header), so we reproduce those products' rounding: the order
+// of OpenBLAS's x86-64 "SkylakeX" kernels (ddot.c with its AVX-512 microkernel, dgemv_n_4.c
+// with the SkylakeX microkernel, dgemv_t_4.c with the Haswell one), fused multiply-adds where
+// they use them. This matched numpy bit for bit on random inputs (n = 2..25) with
+// OPENBLAS_CORETYPE=SkylakeX, and the GPU host's scipy traces (tests/learn).
+double Fma(double a, double b, double c) { return std::fma(a, b, c); }
+
+// ddot: blocks of 16 (32 with AVX-512) in 16 lane-wise partial sums, then the tail in order.
+double BlasDot(const double* x, const double* y, size_t n) {
+  const size_t n1 = n & ~static_cast<size_t>(15);
+  double dot = 0;
+  if (n1 > 0) {
+    double acc[4][4] = {};
+    size_t i = 0;
+    const size_t n32 = n1 & ~static_cast<size_t>(31);
+    if (n32 > 0) {
+      double wide[4][8] = {};
+      for (; i < n32; i += 32) {
+        for (int k = 0; k < 4; ++k) {
+          for (int l = 0; l < 8; ++l) {
+            wide[k][l] = Fma(x[i + 8 * k + l], y[i + 8 * k + l], wide[k][l]);
+          }
+        }
+      }
+      for (int k = 0; k < 4; ++k) {
+        for (int l = 0; l < 4; ++l) acc[k][l] = wide[k][l] + wide[k][l + 4];
+      }
+    }
+    for (; i < n1; i += 16) {
+      for (int k = 0; k < 4; ++k) {
+        for (int l = 0; l < 4; ++l) acc[k][l] = Fma(x[i + 4 * k + l], y[i + 4 * k + l], acc[k][l]);
+      }
+    }
+    double lane[4];
+    for (int l = 0; l < 4; ++l) lane[l] = ((acc[0][l] + acc[1][l]) + acc[2][l]) + acc[3][l];
+    dot = (lane[0] + lane[2]) + (lane[1] + lane[3]);
+  }
+  for (size_t i = n1; i < n; ++i) dot = Fma(y[i], x[i], dot);
+  return dot;
+}
+double BlasDot(const Vec& x, const Vec& y) { return BlasDot(x.data(), y.data(), x.size()); }
+double BlasNorm(const Vec& x) { return std::sqrt(BlasDot(x, x)); }
+
+// a*b + c*d as the compiler contracts it there: the first product fused.
+double Fma2(double a, double b, double c, double d) { return Fma(a, b, c * d); }
+
+// numpy's matrix @ vector: y[r] = rows[r] . x (dgemv_t over the transposed view).
+Vec BlasMatVec(const Mat& rows, const Vec& x) {
+  const size_t n = rows.size(), m = x.size();
+  const size_t m3 = m & 3, nb = m - m3;
+  Vec y(n, 0.0);
+  if (nb > 0) {
+    const size_t n1 = n >> 2, n2 = n & 3;
+    for (size_t c = 0; c < 4 * n1; ++c) {  // 4x4 kernel: 4 FMA lanes over the rows
+      double acc[4] = {0, 0, 0, 0};
+      for (size_t i = 0; i < nb; ++i) acc[i % 4] = Fma(rows[c][i], x[i], acc[i % 4]);
+      y[c] += (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    }
+    size_t c = 4 * n1;
+    if (n2 & 2) {  // 4x2 kernel: 2 lanes, multiply then add
+      for (size_t cc = c; cc < c + 2; ++cc) {
+        double acc[2] = {0, 0};
+        for (size_t i = 0; i < nb; ++i) acc[i % 2] += rows[cc][i] * x[i];
+        y[cc] += acc[0] + acc[1];
+      }
+      c += 2;
+    }
+    if (n2 & 1) {  // 4x1 kernel: 4 lanes, multiply then add
+      double acc[4] = {0, 0, 0, 0};
+      for (size_t i = 0; i < nb; ++i) acc[i % 4] += rows[c][i] * x[i];
+      y[c] += (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    }
+  }
+  for (size_t j = 0; j < n; ++j) {  // the last m % 4 entries of x
+    const Vec& a = rows[j];
+    if (m3 == 3) {
+      y[j] += Fma(a[nb + 2], x[nb + 2], Fma2(a[nb], x[nb], a[nb + 1], x[nb + 1]));
+    } else if (m3 == 2) {
+      y[j] += Fma2(a[nb], x[nb], a[nb + 1], x[nb + 1]);
+    } else if (m3 == 1) {
+      y[j] = Fma(a[nb], x[nb], y[j]);
+    }
+  }
+  return y;
+}
+
+// numpy's vector @ matrix: y[i] = sum_j v[j] rows[j][i] (dgemv_n over the transposed view).
+Vec BlasVecMat(const Vec& v, const Mat& rows) {
+  const size_t n = rows.size(), m = rows.empty() ? 0 : rows[0].size();
+  const size_t m3 = m & 3, nb = m - m3;
+  Vec y(m, 0.0);
+  if (nb > 0) {
+    const size_t n1 = n >> 2, n2 = n & 3;
+    for (size_t i = 0; i < nb; ++i) {
+      for (size_t b = 0; b < n1; ++b) {  // 4 columns: a fused chain, then added to y
+        const size_t j = 4 * b;
+        double s = Fma2(rows[j][i], v[j], rows[j + 1][i], v[j + 1]);
+        s = Fma(rows[j + 2][i], v[j + 2], s);
+        s = Fma(rows[j + 3][i], v[j + 3], s);
+        y[i] = Fma(s, 1.0, y[i]);
+      }
+      size_t j = 4 * n1;
+      if (n2 & 2) {
+        y[i] = Fma(Fma2(rows[j][i], v[j], rows[j + 1][i], v[j + 1]), 1.0, y[i]);
+        j += 2;
+      }
+      if (n2 & 1) y[i] += rows[j][i] * v[j];
+    }
+  }
+  for (size_t i = nb; i < m; ++i) {  // the last m % 4 outputs: one fused chain each
+    double t = 0;
+    for (size_t j = 0; j < n; ++j) t = Fma(rows[j][i], v[j], t);
+    y[i] = Fma(1.0, t, y[i]);
+  }
+  return y;
+}
 
 // numpy's sum of a contiguous 1-D array (pairwise, 8 partial sums per block of <= 128), which
 // PRIMA's Python port uses for a few sums that decide ties (the weight of the pole in
@@ -189,12 +314,12 @@ struct Simplex {
     const Simplex saved = *this;
     if (jdrop < n()) {
       sim[jdrop] = d;
-      const double scale = Dot(simi[jdrop], d);
+      const double scale = BlasDot(simi[jdrop], d);
       Vec row(n());
       for (int i = 0; i < n(); ++i) row[i] = simi[jdrop][i] / scale;
+      const Vec simid = BlasMatVec(simi, d);
       for (int k = 0; k < n(); ++k) {
-        const double sd = Dot(simi[k], d);
-        for (int i = 0; i < n(); ++i) simi[k][i] -= sd * row[i];
+        for (int i = 0; i < n(); ++i) simi[k][i] -= simid[k] * row[i];
       }
       simi[jdrop] = std::move(row);
     } else {
@@ -202,10 +327,10 @@ struct Simplex {
       for (int k = 0; k < n(); ++k) {
         for (int i = 0; i < n(); ++i) sim[k][i] -= d[i];
       }
-      Vec simid(n()), colsum(n(), 0.0);
+      const Vec simid = BlasMatVec(simi, d);
+      Vec colsum(n(), 0.0);
       double simid_sum = 0;
       for (int k = 0; k < n(); ++k) {
-        simid[k] = Dot(simi[k], d);
         simid_sum += simid[k];
         for (int i = 0; i < n(); ++i) colsum[i] += simi[k][i];
       }
@@ -228,12 +353,9 @@ struct Simplex {
 
   // Gradient of the linear interpolant: g[i] = sum_j (fv[j] - fpole) simi[j][i].
   Vec Gradient() const {
-    Vec g(n(), 0.0);
-    for (int j = 0; j < n(); ++j) {
-      const double df = fv[j] - fpole;
-      for (int i = 0; i < n(); ++i) g[i] += df * simi[j][i];
-    }
-    return g;
+    Vec df(n());
+    for (int j = 0; j < n(); ++j) df[j] = fv[j] - fpole;
+    return BlasVecMat(df, simi);
   }
 
   // Every vertex within 2 delta of the pole (the only geometry test PRIMA's cobylb makes).
@@ -283,7 +405,7 @@ std::pair<double, double> PlaneRotation(double a, double b) {
   const double lo = std::sqrt(std::numeric_limits<double>::min());
   const double hi = std::sqrt(kRealMax / 2.1);
   if (lo < std::fabs(a) && std::fabs(a) < hi && lo < std::fabs(b) && std::fabs(b) < hi) {
-    const double r = std::sqrt(a * a + b * b);
+    const double r = std::sqrt(Fma(b, b, a * a));  // np.linalg.norm: ddot of two
     return {a / r, b / r};
   }
   if (std::fabs(a) > std::fabs(b)) {
@@ -334,7 +456,7 @@ Vec TrustRegionStep(Vec g, double delta) {
   const double inv_r = -1 / r;
   Vec sdirn(n);
   for (int i = 0; i < n; ++i) sdirn[i] = inv_r * q[i];
-  const double ss = Dot(sdirn, sdirn);
+  const double ss = BlasDot(sdirn, sdirn);
   const double dd = delta * delta;
   if (dd <= 0 || ss <= kEps * dd) return d;
   const double step = std::sqrt(ss * dd) / ss;
@@ -383,9 +505,9 @@ int SetDropTrustRegion(const Simplex& s, bool improved, const Vec& d, double del
   distsq[n] = improved ? PairwiseSum(dsq) : 0.0;
   const double scale = std::max(rho, delta / 10);
   const double scale2 = scale * scale;
-  Vec score(n + 1), simid(n);
+  Vec score(n + 1);
+  const Vec simid = BlasMatVec(s.simi, d);
   for (int j = 0; j < n; ++j) {
-    simid[j] = Dot(s.simi[j], d);
     score[j] = std::max(1.0, distsq[j] / scale2) * std::fabs(simid[j]);
   }
   score[n] = std::max(1.0, distsq[n] / scale2) * std::fabs(1 - PairwiseSum(simid));
@@ -415,10 +537,10 @@ int SetDropTrustRegion(const Simplex& s, bool improved, const Vec& d, double del
 // pointing downhill for the current linear model (the positive direction on a tie).
 Vec GeometryStep(const Simplex& s, int jdrop, double delbar) {
   const Vec& row = s.simi[jdrop];
-  const double rn = Norm(row);
+  const double rn = BlasNorm(row);
   Vec d(row.size());
   for (size_t i = 0; i < row.size(); ++i) d[i] = delbar * (row[i] / rn);
-  const double slope = Dot(d, s.Gradient());
+  const double slope = BlasDot(d, s.Gradient());
   if (-slope < slope) {
     for (double& v : d) v = -v;
   }
@@ -495,9 +617,9 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
     const bool adequate_geo = s.WithinTwoDelta(delta);
     const Vec g = s.Gradient();
     d = TrustRegionStep(g, delta);
-    const double dnorm = std::min(delta, Norm(d));
+    const double dnorm = std::min(delta, BlasNorm(d));
     shortd = dnorm <= 0.1 * rho;
-    const double prerem = -Dot(d, g);  // predicted reduction (no constraint term)
+    const double prerem = -BlasDot(d, g);  // predicted reduction (no constraint term)
     const bool trfail = !(prerem > 1e-6 * std::min(kCpen, 1.0) * rho);
     if (shortd || trfail) {
       delta *= 0.1;
@@ -575,7 +697,7 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
   }
   // PRIMA's last chance: when it stopped at rho = rhoend right after a short step that was
   // never tried, it evaluates that step if the budget allows.
-  if (small_radius && shortd && Norm(d) > 1e-3 * rhoend && evaluator.remaining() > 0) {
+  if (small_radius && shortd && BlasNorm(d) > 1e-3 * rhoend && evaluator.remaining() > 0) {
     Vec x = s.pole;
     for (int i = 0; i < n; ++i) x[i] += d[i];
     LH_RETURN_IF_ERROR(eval(x).status());
