@@ -42,12 +42,17 @@
 // The run also stops when the budget is spent (checked after each evaluation) or after
 // 10 max(budget, n + 2) iterations.
 //
-// Rounding: the trajectory depends on exact ties (e.g. a vertex at exactly 2 delta, or two
-// vertices at the same distance), which PRIMA's own arithmetic decides in the last bit. We
-// follow PRIMA's formulas and operation order (numpy's pairwise order for its 1-D sums); numpy
-// computes dot products and matrix-vector products through BLAS, whose summation order (and use
-// of FMA) depends on the machine, so on symmetric problems the two can part at such a tie.
-// tests/learn/cobyla_scipy_trace_test.cc compares against traces of scipy 1.18.
+// Rounding: PRIMA's path hinges on exact ties that its arithmetic decides in the last bit
+// (after a step with ratio <= 0.1, delta = |d|/2 puts the new vertex at exactly 2 delta; vertices
+// built by geometry steps of length delta/2 lie at equal distances). So we also reproduce the
+// rounding of the reference's arithmetic: PRIMA's operation order, numpy's pairwise order for
+// its 1-D sums, and for numpy's dot and matrix-vector products the order and fused
+// multiply-adds of OpenBLAS's x86-64 SkylakeX kernels (what numpy uses on the GPU host; other
+// OpenBLAS kernels, e.g. Haswell/Zen, round differently and take other branches at the ties).
+// Result: tests/learn/cobyla_scipy_trace_test.cc replays 12 traces of scipy 1.18.1 (numpy
+// 2.5.2) bit for bit. On a real objective the path equals the reference's only as long as the
+// scores are bitwise equal too: a 1e-7 difference in a score changes d in its last bits and can
+// flip the next tie.
 // Deterministic, no randomness; never evaluates more than the budget.
 #ifndef LORAHUB_CORE_LEARN_COBYLA_TRUST_H_
 #define LORAHUB_CORE_LEARN_COBYLA_TRUST_H_
