@@ -39,6 +39,8 @@ constexpr double kFuncMax = 1e30;
 // below which a predicted reduction counts as a failed trust-region step.
 constexpr double kCpen = kEps;
 
+// Sum of products in index order, no fused multiply-add: numpy's column sums of squared entries
+// (PRIMA's distances), which add the rows one after another.
 double Dot(const Vec& a, const Vec& b) {
   double s = 0;
   for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
