@@ -1710,6 +1710,21 @@ lorahub_cc_test(tests_learn_time_limit_test
   TIMEOUT 300
 )
 
+# //tests/learn:cobyla_scipy_trace_test (cc_test)
+lorahub_cc_test(tests_learn_cobyla_scipy_trace_test
+  TEST_NAME //tests/learn:cobyla_scipy_trace_test
+  PACKAGE tests/learn
+  SRCS
+    ${SRC}/tests/learn/cobyla_scipy_trace_test.cc
+  DEPS
+    tests_learn_analytic_functions
+    core_learn_optimizer
+    core_learn_optimizer
+    ext_gtest_gtest_main
+    ext_nlohmann_json_json
+  TIMEOUT 300
+)
+
 # ---- //tests/metrics  (tests/metrics/BUILD)
 
 # //tests/metrics:test_util (cc_library)
