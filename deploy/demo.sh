@@ -13,10 +13,11 @@
 #      held-out task: zero-shot base, best single module (lowest loss on the 5
 #      examples), LoraHub composed (the compose job's weights) and 5-shot
 #      in-context prompting of the base, scored by `lorahub eval` (the same
-#      engine the server runs; task-aware exact match). The cells that do not
-#      need a compose job (zero-shot, best single, 5-shot) are evaluated in the
-#      background while part 1 runs, the rest after it, DEMO_JOBS (default 2)
-#      processes at once. Every number comes from this run.
+#      engine the server runs; task-aware exact match; one `lorahub eval
+#      --plan` process per group of cells). The cells that do not need a
+#      compose job (zero-shot, best single, 5-shot) are evaluated in the
+#      background while part 1 runs, the composed ones after it. Every number
+#      comes from this run.
 #   3. only with DEMO_REF=1: LoraHub learning on the reference
 #      implementation's fixtures (tests/testdata/ref_tiny): COBYLA and batched
 #      CMA-ES next to what the reference (transformers + peft + scipy) reached
@@ -34,12 +35,11 @@ bazel build "${targets[@]}" >/dev/null 2>&1 || bazel build "${targets[@]}"
 if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx2 /proc/cpuinfo; then
   export OPENBLAS_CORETYPE=Haswell
 fi
-# DEMO_JOBS (default 2) processes compute at a time (the server or an
-# evaluation in the foreground, evaluations in the background), each with its
-# share of the cores as BLAS/OpenMP threads: one each on 2 cores (two
+# Two processes compute at a time (the server, or the composed cells'
+# evaluation, next to the other cells' evaluation in the background), each
+# with half the cores as BLAS/OpenMP threads: one each on 2 cores (two
 # processes of 2 threads each on 2 cores thrash).
-demo_jobs=${DEMO_JOBS:-2}
-threads=$(( $(nproc) / demo_jobs )); [ "$threads" -ge 1 ] || threads=1
+threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
 export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$OMP_NUM_THREADS}
 export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
@@ -51,9 +51,11 @@ test_n=${DEMO_TEST_N:-30}
 tmp=$(mktemp -d)
 pid=
 bg=
+fg=
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null
   [ -n "$bg" ] && kill "$bg" 2>/dev/null
+  [ -n "$fg" ] && kill "$fg" 2>/dev/null
   wait 2>/dev/null; rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -64,47 +66,59 @@ elapsed() { local ms=$(( ($(date +%s%N) - t0) / 1000000 )); printf '%d.%d' $((ms
 model=$PWD/models/default
 mapfile -t pool < <(cd "$model/modules" && ls)
 modules=$(IFS=,; echo "${pool[*]}")
-adapters=()
-for m in "${pool[@]}"; do adapters+=(--adapter "$model/modules/$m"); done
 # Seed 1: the same generator seed the modules were trained with; held-out
 # tasks were never generated for training, so their examples are new.
 "$make_task_data" --out "$tmp/data" --seed 1 --train-per-task 1 --test-per-task "$test_n" >/dev/null
 heldout=$("$make_task_data" --list | awk '$1 == "heldout" { print $3 }')
 
-# One cell of the accuracy table: `lorahub eval` of one configuration on one
-# held-out task's test set, its JSON line in $tmp/cell_<task>_<kind>.json.
-cell() {
-  local task=$1 kind=$2 dir=$tmp/data/heldout/$1 out=$tmp/cell_$1_$2
-  # Claimed once (mkdir is atomic): by the background worker or the queue below.
-  mkdir "$out.claim" 2>/dev/null || return 0
-  local ev=("$lorahub" eval --model "$model/base" --data "$dir/test.jsonl" --task "$task" --json)
-  case $kind in
-    zero) "${ev[@]}" ;;
-    single) "${ev[@]}" "${adapters[@]}" --loss-examples "$dir/examples5.jsonl" --pick-min-loss ;;
-    icl) "${ev[@]}" --shots "$dir/examples5.jsonl" --k 5 ;;
-    composed)
-      # The job's weights, in the job's module order.
-      local job_adapters=() m
-      for m in $($py -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['module_ids']))" "$tmp/task_$task.json"); do
-        job_adapters+=(--adapter "$model/modules/$m")
-      done
-      "${ev[@]}" "${job_adapters[@]}" --weights "$($py -c "import json,sys; print(','.join(repr(w) for w in json.load(open(sys.argv[1]))['weights']))" "$tmp/task_$task.json")" ;;
-  esac >"$out.part" 2>"$out.err" && mv "$out.part" "$out.json"
+# The accuracy table's cells: one `lorahub eval` configuration on one held-out
+# task's test set each. A cell is a line of an eval plan (`lorahub eval
+# --plan`: one process, the model loaded once), its "task kind" in the
+# plan's .keys file. plan NAME KIND... writes $tmp/NAME.plan for every held-out
+# task and KIND (composed: the compose job's modules and weights, in the
+# job's order, from $tmp/task_<task>.json).
+plan() {
+  local name=$1; shift
+  $py - "$tmp" "$model" "$tmp/$name" "$*" $heldout <<'PY'
+import json, os, sys
+tmp, model, out, kinds, tasks = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5:]
+modules = sorted(os.listdir(model + "/modules"))
+with open(out + ".plan", "w") as plan, open(out + ".keys", "w") as keys:
+    for kind in kinds:
+        for task in tasks:
+            d = "%s/data/heldout/%s" % (tmp, task)
+            words = ["--data", d + "/test.jsonl", "--task", task]
+            if kind == "single":
+                for m in modules:
+                    words += ["--adapter", model + "/modules/" + m]
+                words += ["--loss-examples", d + "/examples5.jsonl", "--pick-min-loss"]
+            elif kind == "icl":
+                words += ["--shots", d + "/examples5.jsonl", "--k", "5"]
+            elif kind == "composed":
+                job = json.load(open("%s/task_%s.json" % (tmp, task)))
+                for m in job["module_ids"]:
+                    words += ["--adapter", model + "/modules/" + m]
+                words += ["--weights", ",".join(repr(w) for w in job["weights"])]
+            plan.write(json.dumps(words) + "\n")
+            keys.write("%s %s\n" % (task, kind))
+PY
 }
-# The cells that need no compose job, in the background while part 1 runs;
-# it stops between cells once $tmp/stop exists (the rest are shared out below).
-(
-  for task in $heldout; do
-    for kind in icl single zero; do
-      [ -e "$tmp/stop" ] && exit 0
-      cell "$task" "$kind" || exit 0
-    done
-  done
-) &
+# start_plan NAME: `lorahub eval --plan` in the background (its pid in $!);
+# wait_plan NAME PID: its end, or the script's with its error.
+start_plan() {
+  "$lorahub" eval --model "$model/base" --plan "$tmp/$1.plan" --json >"$tmp/$1.out" 2>"$tmp/$1.err" &
+}
+wait_plan() {
+  wait "$2" || { echo "lorahub eval --plan ($1) failed:" >&2; cat "$tmp/$1.err" >&2; exit 1; }
+}
+# The cells that need no compose job (5-shot, best single, zero-shot), in the
+# background while part 1 runs; the composed cells after it.
+plan baseline icl single zero
+start_plan baseline
 bg=$!
 
 echo "== 1. serving: lorahub serve on 127.0.0.1, the embedded default and its 25 LoRA modules"
-echo "   (zero-shot, best-single and 5-shot cells of part 2 are being evaluated in the background)"
+echo "   (the zero-shot, best-single and 5-shot cells of part 2 are being evaluated in the background)"
 mkdir -p "$tmp/server"
 "$lorahub" serve --model "$model/base" --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --data-dir "$tmp/server" >"$tmp/out" 2>"$tmp/err" &
@@ -165,33 +179,31 @@ t_compose=$(elapsed)
 
 echo
 echo "== 2. accuracy on held-out tasks ($test_n test examples each, exact match, %)  [$(elapsed) s]"
-# The background worker finishes its cell; every cell still missing is
-# evaluated now, DEMO_JOBS at once (the worker counts while it runs), longest first.
-touch "$tmp/stop"
-for kind in icl single composed zero; do
-  for task in $heldout; do
-    [ -d "$tmp/cell_${task}_$kind.claim" ] && continue
-    while [ "$(jobs -rp | wc -l)" -ge "$demo_jobs" ]; do sleep 0.05; done
-    cell "$task" "$kind" &
-  done
-done
-wait
+plan composed composed
+start_plan composed
+fg=$!
+wait_plan composed "$fg"
+fg=
+wait_plan baseline "$bg"
 bg=
 t_cells=$(elapsed)
-acc() { $py -c "import json,sys; print('%.0f' % (100 * json.load(open(sys.argv[1]))['accuracy']))" "$1"; }
 printf '%-18s %10s %12s %17s %11s\n' task zero-shot best-single "LoraHub composed" "5-shot ICL"
-: >"$tmp/table.tsv"
-for task in $heldout; do
-  row=()
-  for kind in zero single composed icl; do
-    f=$tmp/cell_${task}_$kind
-    [ -s "$f.json" ] || { echo "accuracy of $task ($kind) failed:" >&2; cat "$f.err" >&2; exit 1; }
-    row+=("$(acc "$f.json")")
-  done
-  single_name=$($py -c "import json,os,sys; print(os.path.basename(json.load(open(sys.argv[1]))['adapter']))" "$tmp/cell_${task}_single.json")
-  printf '%-18s %10s %12s %17s %11s   (best single: %s)\n' "$task" "${row[@]}" "$single_name"
-  printf '%s\t%s\t%s\t%s\n' "${row[@]}" >>"$tmp/table.tsv"
-done
+$py - "$tmp" $heldout <<'PY'
+import json, os, sys
+tmp, tasks = sys.argv[1], sys.argv[2:]
+tsv = open(tmp + "/table.tsv", "w")
+cells = {}
+for name in ("baseline", "composed"):
+    keys = [l.split() for l in open("%s/%s.keys" % (tmp, name))]
+    for line in open("%s/%s.out" % (tmp, name)):
+        d = json.loads(line)
+        cells[tuple(keys[d["plan_line"] - 1])] = d
+for task in tasks:
+    acc = ["%.0f" % (100 * cells[(task, k)]["accuracy"]) for k in ("zero", "single", "composed", "icl")]
+    print("%-18s %10s %12s %17s %11s   (best single: %s)"
+          % tuple([task] + acc + [os.path.basename(cells[(task, "single")]["adapter"])]))
+    tsv.write("\t".join(acc) + "\n")
+PY
 awk -F'\t' '{ z += $1; s += $2; c += $3; i += $4; n++ }
   END { printf "%-18s %10.1f %12.1f %17.1f %11.1f\n", "average", z / n, s / n, c / n, i / n }' "$tmp/table.tsv"
 echo "(DEMO_TEST_N=$test_n test examples per task, drawn by make_task_data --seed 1 in this run;"
