@@ -22,7 +22,8 @@
 #      implementation's fixtures (tests/testdata/ref_tiny): COBYLA and batched
 #      CMA-ES next to what the reference (transformers + peft + scipy) reached
 #      on the same files.
-# After the build, parts 1 and 2 take about 40-55 s on a 2-core machine.
+# After the build, parts 1 and 2 take about 45 s on a 2-core machine without a
+# GPU (measured 44-46 s while other builds shared the cores; part 3 adds ~12 s).
 # The full study (3 seeds, 100 test examples, CMA-ES, recovery) is
 # deploy/embedded/study.sh; results in docs/ACCURACY.md.
 set -euo pipefail
@@ -241,7 +242,6 @@ PY
 done
 echo
 echo "(reference times are on the GPU host's CPU; ours on this machine's CPU)"
-echo
 fi
 echo
 echo "demo finished in $(elapsed) s (after the build)"
