@@ -231,8 +231,17 @@ absl::StatusOr<model::ObjectiveRunner*> LoraHubObjective::RunnerFor(int64_t coun
       options_.method != CompositionMethod::kLoraHub || count > kMaxRunnerCandidates) {
     return nullptr;
   }
+  // A shorter batch is padded into a larger runner, and the padding rows cost as much as
+  // real ones. On a CUDA device (one replayed graph per runner, rows nearly free) any
+  // larger runner is reused; on the CPU only one at most twice the batch (a COBYLA step of
+  // one candidate after a warm start of N + 1 would otherwise pay N + 1 forward rows per
+  // example), until kMaxRunners exist.
+  constexpr size_t kMaxRunners = 8;
+  const bool pad_freely = !base_->device.is_cpu() || runners_.size() >= kMaxRunners;
   for (const auto& r : runners_) {
-    if (r->capacity() >= count) return last_runner_ = r.get();
+    if (r->capacity() >= count && (pad_freely || r->capacity() <= 2 * count)) {
+      return last_runner_ = r.get();
+    }
   }
   model::ObjectiveRunnerOptions ropts;
   ropts.score = options_.score;

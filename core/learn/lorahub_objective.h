@@ -61,7 +61,8 @@ struct LoraHubObjectiveOptions {
   int64_t max_new_tokens = 32;
   // Loss with the lorahub method: evaluate through model::ObjectiveRunner (static device
   // inputs, grouped composition, a CUDA graph on CUDA), one runner per batch size seen
-  // (a shorter batch is padded into the smallest runner that fits). Same numbers as the
+  // (a shorter batch is padded into the smallest runner that fits; on the CPU only into one
+  // at most twice its size, else a runner of its own is built). Same numbers as the
   // eager path (ScoreCandidates); false forces the eager path.
   bool fast_path = true;
 };

@@ -37,12 +37,26 @@
 //    "shots": K, "adapters": [...], "weights": [...], ["adapter": DIR],
 //    ["loss": L], "seconds": t}
 // seconds covers generation only (loading excluded). Exit 2 on bad input.
+//
+//   lorahub eval --model DIR --plan PLAN.jsonl [--device D] [--dtype T] [--json]
+//
+// runs several evaluations in one process, loading the model and tokenizer
+// once (a process start costs about as much as evaluating 50 short prompts on
+// the embedded default). Each non-empty line of PLAN is a JSON array of
+// strings: the flags of one evaluation as command-line words, any of the flags
+// above except --model, --device, --dtype, --json and --plan, e.g.
+//   ["--data", "t.jsonl", "--task", "add", "--shots", "s.jsonl", "--k", "5"]
+// Evaluations run in plan order; each output line is what that evaluation
+// prints alone plus "plan_line" (1-based). The first bad line stops the run
+// (exit 2, the error names PLAN and the line); lines before it have printed.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -121,8 +135,36 @@ struct Config {
   std::optional<model::LoraAdapter> lora;
 };
 
-absl::Status Run(const Args& args) {
-  LH_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
+// The tokenizer and base model, loaded on first use and shared by the
+// evaluations of one process (one, or a --plan's).
+class Shared {
+ public:
+  Shared(std::string model_dir, model::WeightOptions wopts)
+      : model_dir_(std::move(model_dir)), wopts_(wopts) {}
+  absl::StatusOr<const tokenizer::Tokenizer*> Tok() {
+    if (tok_ == nullptr) {
+      LH_ASSIGN_OR_RETURN(tok_, tokenizer::T5Tokenizer::Create(model_dir_ + "/spiece.model"));
+    }
+    return tok_.get();
+  }
+  absl::StatusOr<const model::T5Weights*> Base() {
+    if (!base_) {
+      LH_ASSIGN_OR_RETURN(model::T5Weights w, model::LoadT5(model_dir_, wopts_));
+      base_ = std::move(w);
+    }
+    return &*base_;
+  }
+
+ private:
+  std::string model_dir_;
+  model::WeightOptions wopts_;
+  std::unique_ptr<tokenizer::Tokenizer> tok_;
+  std::optional<model::T5Weights> base_;
+};
+
+// One evaluation; `args` holds its flags (the model's come from `shared`).
+// plan_line > 0: it is that line of a --plan (reported with its output).
+absl::Status EvalOne(const Args& args, Shared& shared, bool json, int plan_line) {
   LH_ASSIGN_OR_RETURN(std::string data_path, args.Required("data"));
   const std::vector<std::string> adapter_dirs = args.GetAll("adapter");
   const bool pick = args.Has("pick-min-loss");
@@ -178,7 +220,6 @@ absl::Status Run(const Args& args) {
     }
     match.case_sensitive = (*task)->case_sensitive;
   }
-  LH_ASSIGN_OR_RETURN(model::WeightOptions wopts, ParseWeightOptions(args));
 
   // Inputs, before the (slower) model load.
   auto data = tasks::ReadJsonl(data_path);
@@ -197,8 +238,7 @@ absl::Status Run(const Args& args) {
     }
     shots.assign(all->begin(), all->begin() + k);
   }
-  LH_ASSIGN_OR_RETURN(std::unique_ptr<tokenizer::Tokenizer> tok,
-                      tokenizer::T5Tokenizer::Create(model_dir + "/spiece.model"));
+  LH_ASSIGN_OR_RETURN(const tokenizer::Tokenizer* tok, shared.Tok());
   std::vector<std::vector<int64_t>> prompts;
   prompts.reserve(data->size());
   for (size_t i = 0; i < data->size(); ++i) {
@@ -218,7 +258,8 @@ absl::Status Run(const Args& args) {
                         ReadLoraHubExamples(*args.Get("loss-examples"), *tok));
   }
 
-  LH_ASSIGN_OR_RETURN(model::T5Weights base, model::LoadT5(model_dir, wopts));
+  LH_ASSIGN_OR_RETURN(const model::T5Weights* base_ptr, shared.Base());
+  const model::T5Weights& base = *base_ptr;
   std::vector<Config> configs;
   std::vector<double> effective;
   if (each) {
@@ -297,6 +338,7 @@ absl::Status Run(const Args& args) {
     }
     if (!losses.empty()) j["loss"] = losses[c];
     j["seconds"] = eval.seconds;
+    if (plan_line > 0) j["plan_line"] = plan_line;
     if (predictions.is_open()) {
       for (int i = 0; i < n; ++i) {
         nlohmann::json p = {{"input", (*data)[i].input},
@@ -315,12 +357,13 @@ absl::Status Run(const Args& args) {
             absl::StrCat(*args.Get("predictions"), ": write failed"));
       }
     }
-    if (args.Has("json")) {
+    if (json) {
       std::printf("%s\n", j.dump(-1, ' ', false,
                                  nlohmann::json::error_handler_t::replace)
                               .c_str());
     } else {
-      std::printf("%saccuracy %.4f (%d/%d)%s\n",
+      std::printf("%s%saccuracy %.4f (%d/%d)%s\n",
+                  plan_line > 0 ? absl::StrCat("plan line ", plan_line, ": ").c_str() : "",
                   each ? absl::StrCat(config.adapter, ": ").c_str() : "",
                   static_cast<double>(eval.correct) / n, eval.correct, n,
                   losses.empty() ? ""
@@ -331,13 +374,85 @@ absl::Status Run(const Args& args) {
   return absl::OkStatus();
 }
 
+// The flags of one evaluation (on the command line, or a --plan line).
+const FlagSpec& EvalFlags() {
+  static const FlagSpec* spec = new FlagSpec{
+      {"adapter", "weights", "data", "task", "shots", "k", "loss-examples",
+       "predictions", "max-new-tokens", "batch-size"},
+      {"each-adapter", "pick-min-loss"}};
+  return *spec;
+}
+
+// The words of one plan line (a JSON array of strings).
+absl::StatusOr<std::vector<std::string>> PlanWords(const std::string& line) {
+  nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_array()) return absl::InvalidArgumentError("not a JSON array of strings");
+  std::vector<std::string> words;
+  for (const nlohmann::json& w : j) {
+    if (!w.is_string()) return absl::InvalidArgumentError("not a JSON array of strings");
+    words.push_back(w.get<std::string>());
+  }
+  return words;
+}
+
+absl::Status RunPlan(const std::string& plan_path, Shared& shared, bool json) {
+  std::ifstream in(plan_path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(plan_path, ": cannot read"));
+  // Every line parsed before the first evaluation: a typo fails fast.
+  std::vector<std::pair<int, Args>> plan;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    absl::StatusOr<std::vector<std::string>> words = PlanWords(line);
+    absl::StatusOr<Args> args = absl::InternalError("unparsed");
+    if (words.ok()) {
+      std::vector<char*> argv;
+      for (std::string& w : *words) argv.push_back(w.data());
+      args = Args::Parse(static_cast<int>(argv.size()), argv.data(), 0, EvalFlags());
+    }
+    const absl::Status bad = words.ok() ? args.status() : words.status();
+    if (!bad.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(plan_path, ":", n, ": ", bad.message()));
+    }
+    plan.emplace_back(n, *std::move(args));
+  }
+  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat(plan_path, ": read error"));
+  if (plan.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(plan_path, ": no evaluations"));
+  }
+  for (const auto& [n, args] : plan) {
+    absl::Status s = EvalOne(args, shared, json, n);
+    if (!s.ok()) {
+      return absl::Status(s.code(), absl::StrCat(plan_path, ":", n, ": ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Run(const Args& args) {
+  LH_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
+  LH_ASSIGN_OR_RETURN(model::WeightOptions wopts, ParseWeightOptions(args));
+  Shared shared(model_dir, wopts);
+  const bool json = args.Has("json");
+  if (!args.Has("plan")) return EvalOne(args, shared, json, 0);
+  for (const auto& flags : {EvalFlags().valued, EvalFlags().booleans}) {
+    for (const std::string& f : flags) {
+      if (args.Has(f)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--plan: give --", f, " in the plan's lines"));
+      }
+    }
+  }
+  return RunPlan(*args.Get("plan"), shared, json);
+}
+
 }  // namespace
 
 int RunEval(int argc, char** argv) {
-  FlagSpec spec{{"model", "adapter", "weights", "data", "task", "shots", "k",
-                 "loss-examples", "predictions", "max-new-tokens", "batch-size",
-                 "device", "dtype"},
-                {"json", "each-adapter", "pick-min-loss"}};
+  FlagSpec spec = EvalFlags();
+  spec.valued.insert({"model", "device", "dtype", "plan"});
+  spec.booleans.insert("json");
   return RunWithArgs("eval", argc, argv, spec, Run);
 }
 

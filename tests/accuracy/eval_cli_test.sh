@@ -4,7 +4,8 @@
 # generate`'s texts (own normalisation: trim, collapse whitespace, lowercase
 # unless the task is about case), for zero-shot, a module, k-shot prompts
 # built here in the documented format, and --each-adapter; its loss must equal
-# `lorahub score`'s; bad input exits 2 with one line on stderr.
+# `lorahub score`'s; bad input exits 2 with one line on stderr; --plan runs
+# several evaluations in one process with the same results as separate runs.
 #   eval_cli_test.sh LORAHUB MAKE_TASK_DATA
 set -uo pipefail
 lorahub=$1
@@ -195,4 +196,52 @@ expect_usage --model "$model" --data "$test_file" --adapter "$mods/add" --weight
 expect_usage --model "$model" --data "$test_file" --bogus 1
 expect_usage --model /nonexistent --data "$test_file"
 echo "ok: bad input"
+
+# 7. --plan: several evaluations in one process print what each prints alone
+# (less "seconds", plus "plan_line"), in plan order, blank lines skipped.
+plan_runs=(
+  "--data $test_file --task sort_digits --batch-size 8"
+  "--data $test_file --task sort_digits --shots $shots --k 2"
+  "--data $test_file --task sort_digits --adapter $mods/add --adapter $mods/sort_digits --pick-min-loss --loss-examples $shots"
+  "--data $test_file --adapter $mods/add --adapter $mods/sort_digits --weights 0.5,1"
+)
+: >"$tmp/plan.jsonl"
+: >"$tmp/alone.jsonl"
+for r in "${plan_runs[@]}"; do
+  # shellcheck disable=SC2086
+  $py -c 'import json, sys; print(json.dumps(sys.argv[1:]))' $r >>"$tmp/plan.jsonl"
+  echo >>"$tmp/plan.jsonl"
+  # shellcheck disable=SC2086
+  "$lorahub" eval --model "$model" $r --json >>"$tmp/alone.jsonl" || fail "eval $r"
+done
+"$lorahub" eval --model "$model" --plan "$tmp/plan.jsonl" --json >"$tmp/planned.jsonl" \
+  || fail "eval --plan"
+$py - "$tmp/alone.jsonl" "$tmp/planned.jsonl" <<'PY' || fail "--plan output differs from separate runs"
+import json, sys
+alone = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+planned = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+assert len(alone) == len(planned) == 4, (len(alone), len(planned))
+for i, (a, p) in enumerate(zip(alone, planned)):
+    assert p.pop("plan_line") == 2 * i + 1, p
+    a.pop("seconds"); p.pop("seconds")
+    assert a.keys() == p.keys(), (a, p)
+    for k in a:
+        if isinstance(a[k], float):
+            assert abs(a[k] - p[k]) <= 1e-9 * max(1.0, abs(a[k])), (k, a, p)
+        else:
+            assert a[k] == p[k], (k, a, p)
+PY
+printf '["--data", "%s"]\n{"data": 1}\n' "$test_file" >"$tmp/badplan.jsonl"
+expect_usage --model "$model" --plan "$tmp/badplan.jsonl"
+grep -q "badplan.jsonl:2" "$tmp/err" || fail "bad plan line not named: $(cat "$tmp/err")"
+printf '["--data", "%s", "--model", "x"]\n' "$test_file" >"$tmp/badplan.jsonl"
+expect_usage --model "$model" --plan "$tmp/badplan.jsonl"
+printf '["--data", "%s"]\n["--data", "%s"]\n' "$test_file" "$tmp/missing.jsonl" >"$tmp/badplan.jsonl"
+expect_usage --model "$model" --plan "$tmp/badplan.jsonl"
+grep -q "badplan.jsonl:2" "$tmp/err" || fail "failing plan line not named: $(cat "$tmp/err")"
+: >"$tmp/badplan.jsonl"
+expect_usage --model "$model" --plan "$tmp/badplan.jsonl"
+expect_usage --model "$model" --plan "$tmp/plan.jsonl" --data "$test_file"
+expect_usage --model "$model" --plan "$tmp/missing.jsonl"
+echo "ok: --plan"
 echo PASS

@@ -1,12 +1,14 @@
 // LoraHubObjective's fast path (model::ObjectiveRunner) against its eager path on the
 // reference fixtures: the same scores (1e-6 relative) for the batch shapes the optimizers
 // use (COBYLA: 1; CMA-ES: a population, then a shorter last batch padded into it), the
-// same counters, and the other methods / exact match still take the eager path.
+// same counters, padding on the CPU only into runners at most twice the batch, and the
+// other methods / exact match still take the eager path.
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/learn/lorahub_objective.h"
@@ -97,6 +99,41 @@ TEST(ObjectiveFastPath, MatchesEagerPath) {
   EXPECT_EQ(fast->stats().calls, 5);
   EXPECT_EQ(fast->EngineDescription(), "runner (eager: not a CUDA device)");
   EXPECT_EQ(eager->EngineDescription(), "eager");
+}
+
+// On the CPU a padding row costs as much as a real one: a COBYLA step of one candidate after
+// a warm start of N + 1 gets a runner of its own, while a batch at least half a runner's
+// capacity is still padded into it. With one example chunk per candidate (max_rows = the
+// number of examples) a runner's forward passes per call are its capacity.
+TEST(ObjectiveFastPath, CpuPadsOnlyIntoRunnersAtMostTwiceTheBatch) {
+  Loaded l;
+  ASSERT_NO_FATAL_FAILURE(Load("tiny_s1", l));
+  LoraHubObjectiveOptions fast_opts, eager_opts;
+  fast_opts.score.max_rows = static_cast<int64_t>(l.examples.size());
+  eager_opts.score.max_rows = fast_opts.score.max_rows;
+  eager_opts.fast_path = false;
+  auto fast = Make(l, fast_opts);
+  auto eager = Make(l, eager_opts);
+  ASSERT_TRUE(fast.ok() && eager.ok());
+  // batch -> forward passes that call should take: 21 (warm start), 1 (own runner),
+  // 11 (padded into the 21-runner: 21 <= 2 * 11), 10 (own runner: 21 > 2 * 10), 1 (reuses
+  // the 1-runner).
+  const std::vector<std::pair<int, int64_t>> calls = {{21, 21}, {1, 1}, {11, 21}, {10, 10},
+                                                      {1, 1}};
+  for (const auto& [batch, passes] : calls) {
+    const std::vector<Candidate> cands = Candidates(batch, 300 + batch);
+    const int64_t before = fast->stats().forward_passes;
+    auto a = fast->Score(cands);
+    auto b = eager->Score(cands);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(fast->stats().forward_passes - before, passes) << "batch " << batch;
+    ASSERT_EQ(a->size(), b->size());
+    for (size_t c = 0; c < a->size(); ++c) {
+      EXPECT_NEAR((*a)[c], (*b)[c], 1e-6 * std::fabs((*b)[c])) << "batch " << batch;
+    }
+  }
+  EXPECT_EQ(fast->stats().fast_calls, 5);
 }
 
 TEST(ObjectiveFastPath, OtherMethodsStayEager) {
