@@ -7,6 +7,7 @@
 #include <limits>
 #include <map>
 #include <regex>
+#include <set>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -307,26 +308,89 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
     T5Weights merged = base;
     std::map<int, const LoraSite*> by_site;
     for (const LoraSite& s : adapter.sites) by_site[s.site] = &s;
-    auto merge = [&](Linear& linear) {
+    auto adapted = [&](const Linear& linear) {
+      return linear.site >= 0 && by_site.count(linear.site) > 0;
+    };
+    // A fused tensor with an adapted member gets its own copy, and its
+    // members become views of the copy (the base keeps its storage); the
+    // merge then writes through those views, so the fused GEMMs see it.
+    auto unshare = [](at::Tensor& fused, const std::vector<Linear*>& members) {
+      fused = fused.clone();
+      int64_t row = 0;
+      for (Linear* m : members) {
+        const int64_t n = m->weight.size(0);
+        m->weight = fused.narrow(0, row, n);
+        row += n;
+      }
+    };
+    std::vector<Linear*> cross_members;
+    bool cross_adapted = false;
+    for (BlockWeights& b : merged.decoder) {
+      cross_members.push_back(&b.cross_attn.k);
+      cross_members.push_back(&b.cross_attn.v);
+      cross_adapted = cross_adapted || adapted(b.cross_attn.k) ||
+                      adapted(b.cross_attn.v);
+    }
+    if (cross_adapted && FusedCrossKv(merged)) {
+      unshare(merged.cross_kv, cross_members);
+    }
+    for (auto* stack : {&merged.encoder, &merged.decoder}) {
+      for (BlockWeights& b : *stack) {
+        AttentionWeights& a = b.self_attn;
+        if ((adapted(a.q) || adapted(a.k) || adapted(a.v)) && FusedQkv(a)) {
+          unshare(a.qkv, {&a.q, &a.k, &a.v});
+        }
+        FeedForwardWeights& ff = b.ff;
+        if ((adapted(ff.wi_0) || adapted(ff.wi_1)) && FusedWi01(ff)) {
+          unshare(ff.wi_01, {&ff.wi_0, &ff.wi_1});
+        }
+      }
+    }
+    // Tensors of `merged` that are views of a fused copy made above belong
+    // to it alone: written in place. Every other weight may be shared with
+    // `base`: replaced.
+    std::set<const void*> own;
+    auto own_fused = [&](const at::Tensor& fused, const at::Tensor& base_t) {
+      if (fused.defined() && !(base_t.defined() && fused.is_same(base_t))) {
+        own.insert(fused.data_ptr());
+      }
+    };
+    own_fused(merged.cross_kv, base.cross_kv);
+    for (size_t s = 0; s < 2; ++s) {
+      const auto& m = s == 0 ? merged.encoder : merged.decoder;
+      const auto& o = s == 0 ? base.encoder : base.decoder;
+      for (size_t i = 0; i < m.size(); ++i) {
+        own_fused(m[i].self_attn.qkv, o[i].self_attn.qkv);
+        own_fused(m[i].ff.wi_01, o[i].ff.wi_01);
+      }
+    }
+    auto merge = [&](Linear& linear, const at::Tensor& fused) {
       auto it = by_site.find(linear.site);
       if (linear.site < 0 || it == by_site.end()) return;
       const LoraSite& s = *it->second;
       at::Tensor delta = at::matmul(s.b.to(at::kFloat), s.a.to(at::kFloat));
-      linear.weight = (linear.weight.to(at::kFloat) + delta * s.scaling)
-                          .to(linear.weight.scalar_type());
+      at::Tensor updated = (linear.weight.to(at::kFloat) + delta * s.scaling)
+                               .to(linear.weight.scalar_type());
+      if (fused.defined() && own.count(fused.data_ptr()) > 0) {
+        linear.weight.copy_(updated);
+      } else {
+        linear.weight = updated;
+      }
     };
     for (auto* stack : {&merged.encoder, &merged.decoder}) {
       for (BlockWeights& b : *stack) {
-        for (AttentionWeights* at_w : {&b.self_attn, &b.cross_attn}) {
-          merge(at_w->q);
-          merge(at_w->k);
-          merge(at_w->v);
-          merge(at_w->o);
-        }
-        merge(b.ff.wi);
-        merge(b.ff.wi_0);
-        merge(b.ff.wi_1);
-        merge(b.ff.wo);
+        merge(b.self_attn.q, b.self_attn.qkv);
+        merge(b.self_attn.k, b.self_attn.qkv);
+        merge(b.self_attn.v, b.self_attn.qkv);
+        merge(b.self_attn.o, at::Tensor());
+        merge(b.cross_attn.q, at::Tensor());
+        merge(b.cross_attn.k, merged.cross_kv);
+        merge(b.cross_attn.v, merged.cross_kv);
+        merge(b.cross_attn.o, at::Tensor());
+        merge(b.ff.wi, at::Tensor());
+        merge(b.ff.wi_0, b.ff.wi_01);
+        merge(b.ff.wi_1, b.ff.wi_01);
+        merge(b.ff.wo, at::Tensor());
       }
     }
     return merged;

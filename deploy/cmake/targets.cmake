@@ -1884,6 +1884,20 @@ lorahub_cc_test(tests_model_decoder_reuse_test
   TIMEOUT 300
 )
 
+# //tests/model:fused_weights_test (cc_test)
+lorahub_cc_test(tests_model_fused_weights_test
+  TEST_NAME //tests/model:fused_weights_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/fused_weights_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
 # ---- //tests/server  (tests/server/BUILD)
 
 # //tests/server:inference_engine_test (cc_test)
