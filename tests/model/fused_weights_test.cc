@@ -4,7 +4,11 @@
 // that merging writes through the views without touching the base, and that
 // autograd callers fall back to the separate weights.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
+#include <cstdio>
+#include <cstring>
+#include <memory>
 #include <set>
 #include <string>
 #include <utility>
@@ -327,6 +331,85 @@ TEST_P(FusedTest, AutogradCallersGetTheSeparateLeaves) {
   const at::Tensor& grad = w.encoder[0].self_attn.k.weight.grad();
   ASSERT_TRUE(grad.defined());
   EXPECT_GT(grad.abs().max().item<double>(), 0.0);
+}
+
+// Counts, on this thread, the GEMM ops and the dtype conversions that the
+// dispatcher runs while alive (RecordFunction, as the profiler sees them).
+// On a GPU each is one or more kernels.
+class OpCounter {
+ public:
+  OpCounter() {
+    gemms_ = casts_ = 0;
+    handle_ = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&OpCounter::OnStart)
+            .scopes({at::RecordScope::FUNCTION}));
+  }
+  ~OpCounter() { at::removeCallback(handle_); }
+  int64_t gemms() const { return gemms_; }
+  int64_t casts() const { return casts_; }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> OnStart(
+      const at::RecordFunction& fn) {
+    const char* name = fn.name();
+    for (const char* g : {"aten::mm", "aten::bmm", "aten::addmm",
+                          "aten::addmm_", "aten::baddbmm", "aten::baddbmm_"}) {
+      if (std::strcmp(name, g) == 0) ++gemms_;
+    }
+    if (std::strcmp(name, "aten::_to_copy") == 0) ++casts_;
+    return nullptr;
+  }
+  static thread_local int64_t gemms_, casts_;
+  at::CallbackHandle handle_;
+};
+thread_local int64_t OpCounter::gemms_ = 0;
+thread_local int64_t OpCounter::casts_ = 0;
+
+// The GEMMs of one LoraHub objective evaluation on the flan-t5-large layout
+// (24 + 24 gated-gelu blocks; tiny widths: the count does not depend on
+// them) with adapters on q and v, one composed candidate for all 5 rows.
+// The fused weights save, per encoder block, 2 (q|k|v) + 1 (wi_0|wi_1) and
+// per decoder block 2 + 1 + 2 (cross k|v, computed by one GEMM for all
+// blocks).
+TEST(FusedCount, FewerGemmsPerObjectiveForward) {
+  config::T5Config c = GatedConfig();
+  c.num_layers = 24;
+  c.num_decoder_layers = 24;
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    WeightOptions opts;
+    opts.dtype = dtype;
+    auto w = BuildT5Weights(c, RandomT5(c, 91), opts);
+    ASSERT_TRUE(w.ok()) << w.status();
+    auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
+    auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, 92), "qv");
+    ASSERT_TRUE(ad.ok()) << ad.status();
+    auto bank = MakeAdapterBank(*w, {&*ad});
+    ASSERT_TRUE(bank.ok());
+    auto rows = MakeRowAdapters(*w, &*bank, {0, 0, 0, 0, 0});
+    ASSERT_TRUE(rows.ok());
+    Batch b = MakeBatch(c, 5, 93);
+    const T5Weights separate = Unfused(*w);
+    int64_t gemms[2], casts[2];
+    at::Tensor out[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      OpCounter counter;
+      out[fused] = Logits(fused ? *w : separate, b, *rows);
+      gemms[fused] = counter.gemms();
+      casts[fused] = counter.casts();
+    }
+    std::printf("%s objective forward, 24+24 blocks, q,v adapters: GEMMs %lld "
+                "-> %lld, dtype conversions %lld -> %lld\n",
+                dtype == at::kFloat ? "fp32" : "bf16",
+                static_cast<long long>(gemms[0]),
+                static_cast<long long>(gemms[1]),
+                static_cast<long long>(casts[0]),
+                static_cast<long long>(casts[1]));
+    EXPECT_EQ(gemms[0] - gemms[1], 24 * 3 + 24 * 5 - 1);
+    EXPECT_LT(casts[1], casts[0] + (dtype == at::kFloat ? 1 : 0));
+    const double scale = out[0].abs().max().item<double>();
+    EXPECT_LT(MaxDiff(out[0], out[1]),
+              (dtype == at::kFloat ? 1e-5 : 2e-2) * scale);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, FusedTest, ::testing::Values(0, 1),
