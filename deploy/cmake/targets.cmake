@@ -1014,6 +1014,18 @@ lorahub_cc_library(server_compose_service
   OUTPUT_NAME compose_service
 )
 
+# //server:bench_profile (cc_library)
+lorahub_cc_library(server_bench_profile
+  PACKAGE server
+  SRCS
+    ${SRC}/server/cli/bench_profile.cc
+    ${SRC}/server/cli/bench_profile.h
+  DEPS
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME bench_profile
+)
+
 # //server:lorahub (cc_binary)
 lorahub_cc_binary(server_lorahub
   PACKAGE server
@@ -1034,6 +1046,7 @@ lorahub_cc_binary(server_lorahub
     ${SRC}/server/cli/train_module_command.cc
     ${SRC}/server/main.cc
   DEPS
+    server_bench_profile
     server_cli_args
     server_compose_service
     server_info_service
@@ -1185,6 +1198,19 @@ lorahub_cc_test(tests_cli_args_test
   DEPS
     server_cli_args
     ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/cli:bench_profile_test (cc_test)
+lorahub_cc_test(tests_cli_bench_profile_test
+  TEST_NAME //tests/cli:bench_profile_test
+  PACKAGE tests/cli
+  SRCS
+    ${SRC}/tests/cli/bench_profile_test.cc
+  DEPS
+    server_bench_profile
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
   TIMEOUT 300
 )
 
