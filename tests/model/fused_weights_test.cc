@@ -2,7 +2,8 @@
 // all decoder blocks' cross k|v): their layout and memory, that the fused
 // GEMMs give the separate GEMMs' results with every per-row adapter layout,
 // that merging writes through the views without touching the base, and that
-// autograd callers fall back to the separate weights.
+// autograd callers fall back to the separate weights. Runs on
+// $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu).
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -50,15 +51,28 @@ Batch MakeBatch(const config::T5Config& c, int rows, uint64_t seed) {
 }
 
 at::Tensor Logits(const T5Weights& w, const Batch& b, const RowAdapters& rows) {
-  auto enc = Encode(w, b.ids, b.mask, rows);
+  auto enc = Encode(w, b.ids.to(w.device), b.mask.to(w.device), rows);
   EXPECT_TRUE(enc.ok()) << enc.status();
-  auto logits = DecodeFull(w, ShiftRight(b.labels, 0, 0), *enc, rows);
+  auto logits =
+      DecodeFull(w, ShiftRight(b.labels, 0, 0).to(w.device), *enc, rows);
   EXPECT_TRUE(logits.ok()) << logits.status();
   return *logits;
 }
 
 double MaxDiff(const at::Tensor& a, const at::Tensor& b) {
-  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+  return (a.cpu().to(at::kDouble) - b.cpu().to(at::kDouble))
+      .abs()
+      .max()
+      .item<double>();
+}
+
+WeightOptions Options(at::ScalarType dtype = at::kFloat) {
+  WeightOptions opts;
+  opts.dtype = dtype;
+  auto device = testing::TestDevice();
+  EXPECT_TRUE(device.ok()) << device.status();
+  if (device.ok()) opts.device = *device;
+  return opts;
 }
 
 // A copy of `w` whose fused members are separate tensors again (the forward
@@ -86,7 +100,7 @@ class FusedTest : public ::testing::TestWithParam<int> {
   void SetUp() override {
     config_ = GetParam() == 0 ? GatedConfig() : ReluTiedConfig();
     host_ = RandomT5(config_, 21);
-    auto w = BuildT5Weights(config_, host_, WeightOptions{});
+    auto w = BuildT5Weights(config_, host_, Options());
     ASSERT_TRUE(w.ok()) << w.status();
     base_ = *w;
   }
@@ -166,13 +180,14 @@ TEST_P(FusedTest, LayoutIsViewsWithNoExtraMemory) {
   const std::string q0 = "encoder.block.0.layer.0.SelfAttention.v.weight";
   at::Tensor expected = at::from_blob(const_cast<uint8_t*>(host_.at(q0).data),
                                       host_.at(q0).shape, at::kFloat);
-  EXPECT_TRUE(at::equal(base_.encoder[0].self_attn.v.weight, expected));
+  EXPECT_TRUE(at::equal(base_.encoder[0].self_attn.v.weight.cpu(), expected));
   const int last = config_.num_decoder_layers - 1;
   const std::string kd = "decoder.block." + std::to_string(last) +
                          ".layer.1.EncDecAttention.k.weight";
   expected = at::from_blob(const_cast<uint8_t*>(host_.at(kd).data),
                            host_.at(kd).shape, at::kFloat);
-  EXPECT_TRUE(at::equal(base_.decoder[last].cross_attn.k.weight, expected));
+  EXPECT_TRUE(
+      at::equal(base_.decoder[last].cross_attn.k.weight.cpu(), expected));
 }
 
 // Fused and separate GEMMs agree with adapters on every site, in each of the
@@ -221,9 +236,7 @@ TEST_P(FusedTest, FusedEqualsSeparateForEveryAdapterLayout) {
 }
 
 TEST_P(FusedTest, Bf16FusedTracksSeparate) {
-  WeightOptions opts;
-  opts.dtype = at::kBFloat16;
-  auto w = BuildT5Weights(config_, host_, opts);
+  auto w = BuildT5Weights(config_, host_, Options(at::kBFloat16));
   ASSERT_TRUE(w.ok()) << w.status();
   ASSERT_TRUE(FusedQkv(w->encoder[0].self_attn));
   LoraAdapter ad = Adapter({"q", "v"}, 4, 8.0, 51);
@@ -246,7 +259,8 @@ TEST_P(FusedTest, CachedDecodingAndChunkedCrossKeyValues) {
   Batch b = MakeBatch(config_, 3, 62);
   auto rows = MakeRowAdapters(base_, &*bank, {0, -1, 0});
   ASSERT_TRUE(rows.ok());
-  auto enc = Encode(base_, b.ids, b.mask, *rows);
+  auto enc = Encode(base_, b.ids.to(base_.device), b.mask.to(base_.device),
+                    *rows);
   ASSERT_TRUE(enc.ok());
   // One chunk for all blocks, one block per chunk, and separate weights.
   internal::CrossKeyValues all(base_, *enc, *rows);
@@ -255,8 +269,9 @@ TEST_P(FusedTest, CachedDecodingAndChunkedCrossKeyValues) {
   internal::CrossKeyValues sep(separate, *enc, *rows);
   const int64_t L = static_cast<int64_t>(base_.decoder.size());
   const int64_t B = b.ids.size(0), S = b.ids.size(1);
-  at::Tensor copied = at::zeros(
-      {2, L, B, config_.num_heads, S, config_.d_kv}, at::kFloat);
+  at::Tensor copied =
+      at::zeros({2, L, B, config_.num_heads, S, config_.d_kv},
+                at::TensorOptions().dtype(at::kFloat).device(base_.device));
   internal::CrossKeyValues(base_, *enc, *rows, 1).CopyTo(copied);
   for (int64_t i = 0; i < L; ++i) {
     auto x = all.Block(i);
@@ -271,13 +286,14 @@ TEST_P(FusedTest, CachedDecodingAndChunkedCrossKeyValues) {
   }
   // Incremental decoding over the fused cross keys/values.
   at::Tensor dec_ids = ShiftRight(b.labels, 0, 0);
-  auto full = DecodeFull(separate, dec_ids, *enc, *rows);
+  auto full = DecodeFull(separate, dec_ids.to(base_.device), *enc, *rows);
   ASSERT_TRUE(full.ok());
   auto cache = InitDecoderCache(base_, *enc, *rows, dec_ids.size(1));
   ASSERT_TRUE(cache.ok());
   for (int64_t t = 0; t < dec_ids.size(1); ++t) {
-    auto step =
-        DecodeStep(base_, *cache, dec_ids.select(1, t).contiguous(), *rows);
+    auto step = DecodeStep(base_, *cache,
+                           dec_ids.select(1, t).contiguous().to(base_.device),
+                           *rows);
     ASSERT_TRUE(step.ok()) << step.status();
     EXPECT_LT(MaxDiff(*step, full->select(1, t)), 1e-4) << "t=" << t;
   }
@@ -376,9 +392,7 @@ TEST(FusedCount, FewerGemmsPerObjectiveForward) {
   c.num_layers = 24;
   c.num_decoder_layers = 24;
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-    WeightOptions opts;
-    opts.dtype = dtype;
-    auto w = BuildT5Weights(c, RandomT5(c, 91), opts);
+    auto w = BuildT5Weights(c, RandomT5(c, 91), Options(dtype));
     ASSERT_TRUE(w.ok()) << w.status();
     auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
     auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, 92), "qv");
