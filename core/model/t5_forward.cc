@@ -95,41 +95,61 @@ at::Tensor LoraInput(const at::Tensor& x, const at::Tensor& x_full) {
   return (x_full.defined() ? x_full : x).to(at::kFloat);
 }
 
-// y += the per-row LoRA delta of `sb` for input `xin`, in place. y: fp32
-// [B, T, out], possibly a column slice of a wider output (fused GEMMs): the
-// GEMMs with accumulate write through its leading dimension, no copy.
-// xin: fp32 [B, T, in]. The arithmetic is the same as adding the delta to a
-// separate output (y + scale * (x A^T) B^T, the scaling folded into the
-// accumulating GEMM when every slot has the same one).
-void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
+// True when the rows' layout runs the LoRA factors as plain or batched GEMMs
+// over the bank's slots (one slot for all rows; runs of rows per slot with a
+// common scaling), i.e. without a gather of A and B.
+bool GemmLayout(const RowAdapters& rows, const SiteBank& sb) {
+  return rows.uniform_slot >= 0 ||
+         (rows.rows_per_slot > 0 && !std::isnan(sb.common_scale));
+}
+
+// x A^T for a GemmLayout: a [S, R, in] (R: one rank, or several adapters'
+// ranks side by side); xin fp32 [B, T, in]. Returns [B, T, R] (one slot)
+// or [slots, rows_per_slot * T, R] (runs).
+at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
+                       const RowAdapters& rows) {
+  if (rows.uniform_slot >= 0) return at::matmul(xin, a[rows.uniform_slot].t());
+  // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...): one
+  // batched GEMM over the slots, no gather of A.
+  const int64_t slots = xin.size(0) / rows.rows_per_slot;
+  return at::bmm(xin.reshape({slots, -1, xin.size(-1)}),
+                 a.narrow(0, rows.slot_offset, slots).transpose(1, 2));
+}
+
+// y += scale * xa B^T in place for a GemmLayout (xa from DownProject, or a
+// column slice of it). The scaling is folded into the accumulating GEMM when
+// every slot has the same one.
+void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
                   const RowAdapters& rows) {
-  const int64_t in = xin.size(-1);
   const int64_t out = y.size(-1);
-  const bool common = !std::isnan(sb.common_scale);
   if (rows.uniform_slot >= 0) {
-    const at::Tensor& a = sb.a[rows.uniform_slot];  // [r, in]
     const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
-    at::Tensor xa = at::matmul(xin, a.t());
-    if (common) {  // y + scale * (x A^T) B^T as one GEMM with accumulate
-      y.view({-1, out}).addmm_(xa.reshape({-1, a.size(0)}), b.t(),
+    if (!std::isnan(sb.common_scale)) {
+      y.view({-1, out}).addmm_(xa.reshape({-1, b.size(1)}), b.t(),
                                /*beta=*/1, /*alpha=*/sb.common_scale);
       return;
     }
     y.add_(at::matmul(xa, b.t()) * sb.scale[rows.uniform_slot]);
     return;
   }
-  if (rows.rows_per_slot > 0 && common) {
-    // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...):
-    // one batched GEMM per factor over the slots, no gather of A and B.
-    const int64_t slots = xin.size(0) / rows.rows_per_slot;
-    at::Tensor a = sb.a.narrow(0, rows.slot_offset, slots);  // [S, r, in]
-    at::Tensor b = sb.b.narrow(0, rows.slot_offset, slots);  // [S, out, r]
-    at::Tensor xa = at::bmm(xin.reshape({slots, -1, in}), a.transpose(1, 2));
-    y.view({slots, -1, out})
-        .baddbmm_(xa, b.transpose(1, 2), /*beta=*/1,
-                  /*alpha=*/sb.common_scale);
+  const int64_t slots = xa.size(0);
+  y.view({slots, -1, out})
+      .baddbmm_(xa, sb.b.narrow(0, rows.slot_offset, slots).transpose(1, 2),
+                /*beta=*/1, /*alpha=*/sb.common_scale);
+}
+
+// y += the per-row LoRA delta of `sb` for input `xin`, in place. y: fp32
+// [B, T, out], possibly a column slice of a wider output (fused GEMMs): the
+// GEMMs with accumulate write through its leading dimension, no copy.
+// xin: fp32 [B, T, in]. The arithmetic is that of adding the delta to a
+// separate output, y + scale * (x A^T) B^T.
+void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
+                  const RowAdapters& rows) {
+  if (GemmLayout(rows, sb)) {
+    UpProjectAdd(y, DownProject(xin, sb.a, rows), sb, rows);
     return;
   }
+  const int64_t in = xin.size(-1);
   at::Tensor a = sb.a.index_select(0, rows.slots);          // [B, r, in]
   at::Tensor b = sb.b.index_select(0, rows.slots);          // [B, out, r]
   at::Tensor scale = sb.scale.index_select(0, rows.slots);  // [B, 1, 1]
@@ -140,6 +160,62 @@ void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
   y.add_(delta.view(y.sizes()) * scale.view({-1, 1, 1}));
 }
 
+// True when `next`'s A factors follow `prev`'s in memory, slot by slot
+// ([S, r, in] each, same strides, next.a = prev.a + r*in elements), so that
+// both are one [S, 2r, in] tensor (ObjectiveRunner lays composed factors out
+// so). Host-side checks only.
+bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
+  const at::Tensor& p = prev.a;
+  const at::Tensor& n = next.a;
+  if (!p.defined() || !n.defined() || p.dim() != 3 || n.sizes() != p.sizes() ||
+      n.strides() != p.strides() || n.scalar_type() != p.scalar_type() ||
+      n.device() != p.device() || p.stride(2) != 1 ||
+      p.stride(1) != p.size(2) || !n.is_alias_of(p)) {
+    return false;
+  }
+  const int64_t block = p.size(1) * p.size(2);
+  return static_cast<const char*>(n.data_ptr()) ==
+         static_cast<const char*>(p.data_ptr()) + block * p.element_size();
+}
+
+// The LoRA deltas of several sites that read the same input `xin`, each
+// added into its column slice of y (cols[i], width of its output). Sites
+// whose A factors lie side by side (AdjacentA) share ONE down-projection
+// GEMM in a GemmLayout; the others run alone. Only adapted sites are given.
+void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
+                   const std::vector<const SiteBank*>& sites,
+                   const at::Tensor& xin, const RowAdapters& rows) {
+  size_t i = 0;
+  while (i < sites.size()) {
+    size_t j = i + 1;
+    bool gemm = GemmLayout(rows, *sites[i]);
+    while (j < sites.size() && AdjacentA(*sites[j - 1], *sites[j])) {
+      gemm = gemm && GemmLayout(rows, *sites[j]);
+      ++j;
+    }
+    if (j - i < 2 || !gemm) {
+      for (size_t k = i; k < j; ++k) {
+        AddLoraDelta(y.narrow(-1, cols[k], sites[k]->b.size(1)), xin,
+                     *sites[k], rows);
+      }
+      i = j;
+      continue;
+    }
+    const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
+    const int64_t r = a0.size(1);
+    const int64_t count = static_cast<int64_t>(j - i);
+    const at::Tensor a_run = a0.as_strided(
+        {a0.size(0), count * r, a0.size(2)}, {a0.stride(0), a0.size(2), 1});
+    const at::Tensor xa = DownProject(xin, a_run, rows);
+    for (size_t k = i; k < j; ++k) {
+      UpProjectAdd(y.narrow(-1, cols[k], sites[k]->b.size(1)),
+                   xa.narrow(-1, static_cast<int64_t>(k - i) * r, r),
+                   *sites[k], rows);
+    }
+    i = j;
+  }
+}
+
 // One GEMM against a fused weight whose row blocks are `members`' weights
 // (FusedQkv etc. checked), then each adapted member's LoRA delta added into
 // its column slice of the output. Like Project: the compute dtype when no
@@ -148,17 +224,16 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
                         const std::vector<const Linear*>& members,
                         const RowAdapters& rows, const at::Tensor& x_full) {
   at::Tensor y = at::matmul(MatmulInput(x, fused), fused.t());
-  bool any = false;
-  for (const Linear* m : members) any = any || Adapted(rows, m->site);
-  if (!any) return y;
-  y = y.to(at::kFloat);  // a fresh tensor unless y already was fp32 (ours)
-  const at::Tensor xin = LoraInput(x, x_full);
+  std::vector<int64_t> cols;
+  std::vector<const SiteBank*> sites;
   for (const Linear* m : members) {
     if (!Adapted(rows, m->site)) continue;
-    AddLoraDelta(y.narrow(-1, FusedRowOffset(fused, m->weight),
-                          m->weight.size(0)),
-                 xin, rows.bank->sites[m->site], rows);
+    cols.push_back(FusedRowOffset(fused, m->weight));
+    sites.push_back(&rows.bank->sites[m->site]);
   }
+  if (sites.empty()) return y;
+  y = y.to(at::kFloat);  // a fresh tensor unless y already was fp32 (ours)
+  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows);
   return y;
 }
 
@@ -230,16 +305,18 @@ void CrossKeyValues::Compute(int64_t block) {
       w_.cross_kv.narrow(0, first_ * 2 * inner, count_ * 2 * inner);
   at::Tensor y = at::matmul(MatmulInput(x_.mm, weight), weight.t());
   y = y.to(at::kFloat);  // the keys and values are fp32 (as the scores)
-  at::Tensor xin;
+  std::vector<int64_t> cols;
+  std::vector<const SiteBank*> sites;
   for (int64_t j = 0; j < count_; ++j) {
     const AttentionWeights& a = w_.decoder[first_ + j].cross_attn;
     for (const Linear* m : {&a.k, &a.v}) {
       if (!Adapted(rows_, m->site)) continue;
-      if (!xin.defined()) xin = LoraInput(x_.mm, x_.full);
-      const int64_t col = (2 * j + (m == &a.v ? 1 : 0)) * inner;
-      AddLoraDelta(y.narrow(-1, col, inner), xin,
-                   rows_.bank->sites[m->site], rows_);
+      cols.push_back((2 * j + (m == &a.v ? 1 : 0)) * inner);
+      sites.push_back(&rows_.bank->sites[m->site]);
     }
+  }
+  if (!sites.empty()) {
+    AddLoraDeltas(y, cols, sites, LoraInput(x_.mm, x_.full), rows_);
   }
   chunk_ = y;
 }

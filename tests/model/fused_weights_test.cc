@@ -426,6 +426,56 @@ TEST(FusedCount, FewerGemmsPerObjectiveForward) {
   }
 }
 
+// A bank whose q and v A factors lie side by side (as ObjectiveRunner
+// composes them): one down-projection GEMM per self-attention instead of
+// two, the same logits.
+TEST(FusedCount, AdjacentLoraFactorsShareOneGemm) {
+  config::T5Config c = GatedConfig();
+  auto w = BuildT5Weights(c, RandomT5(c, 95), Options());
+  ASSERT_TRUE(w.ok()) << w.status();
+  auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
+  std::vector<LoraAdapter> ads;
+  for (uint64_t seed : {96, 97}) {
+    auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, seed), "qv");
+    ASSERT_TRUE(ad.ok()) << ad.status();
+    ads.push_back(*ad);
+  }
+  auto bank = MakeAdapterBank(*w, {&ads[0], &ads[1]});
+  ASSERT_TRUE(bank.ok());
+  AdapterBank adjacent = *bank;
+  int pairs = 0;
+  for (const auto* stack : {&w->encoder, &w->decoder}) {
+    for (const BlockWeights& b : *stack) {
+      SiteBank& q = adjacent.sites[b.self_attn.q.site];
+      SiteBank& v = adjacent.sites[b.self_attn.v.site];
+      const int64_t r = q.a.size(1);
+      const at::Tensor both = at::cat({q.a, v.a}, 1);  // [S, 2r, in]
+      q.a = both.narrow(1, 0, r);
+      v.a = both.narrow(1, r, r);
+      ++pairs;
+    }
+  }
+  Batch b = MakeBatch(c, 4, 98);
+  for (const std::vector<int64_t>& slots :
+       {std::vector<int64_t>{1, 1, 1, 1}, std::vector<int64_t>{0, 0, 1, 1},
+        std::vector<int64_t>{1, -1, 0, 1}}) {
+    auto rows = MakeRowAdapters(*w, &*bank, slots);
+    auto rows_adj = MakeRowAdapters(*w, &adjacent, slots);
+    ASSERT_TRUE(rows.ok() && rows_adj.ok());
+    int64_t gemms[2];
+    at::Tensor out[2];
+    for (int k = 0; k < 2; ++k) {
+      OpCounter counter;
+      out[k] = Logits(*w, b, k == 0 ? *rows : *rows_adj);
+      gemms[k] = counter.gemms();
+    }
+    const bool gathered = slots[1] == -1;  // mixed rows: no shared GEMM
+    EXPECT_EQ(gemms[0] - gemms[1], gathered ? 0 : pairs) << slots[1];
+    const double scale = out[0].abs().max().item<double>();
+    EXPECT_LT(MaxDiff(out[0], out[1]), 1e-5 * scale) << slots[1];
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Configs, FusedTest, ::testing::Values(0, 1),
                          [](const auto& info) {
                            return info.param == 0 ? std::string("Gated")
