@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -16,6 +17,8 @@
 #include <vector>
 
 #include "core/model/lora.h"
+#include "core/model/objective_runner.h"
+#include "core/model/scorer.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_layers.h"
 #include "core/model/t5_weights.h"
@@ -424,6 +427,67 @@ TEST(FusedCount, FewerGemmsPerObjectiveForward) {
     EXPECT_LT(MaxDiff(out[0], out[1]),
               (dtype == at::kFloat ? 1e-5 : 2e-2) * scale);
   }
+}
+
+// GEMM calls of one ObjectiveRunner evaluation (one candidate, 5 examples,
+// 20 modules with q and v adapters) on the flan-t5-large layout: the fused
+// weights against the same runner over separate weights (the previous
+// engine's GEMMs). Per encoder block 2 (q|k|v) + 1 (wi_0|wi_1) + 1 (the q,v
+// LoRA down-projection), per decoder block 2 + 1 + 2 (cross k|v) + 1, less
+// the one GEMM for all cross k|v.
+TEST(FusedCount, FewerGemmsPerRunnerEvaluation) {
+  config::T5Config c = GatedConfig();
+  c.num_layers = 24;
+  c.num_decoder_layers = 24;
+  auto w = BuildT5Weights(c, RandomT5(c, 101), Options(at::kBFloat16));
+  ASSERT_TRUE(w.ok()) << w.status();
+  auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
+  std::vector<LoraAdapter> ads;
+  for (int m = 0; m < 20; ++m) {
+    auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, 200 + m), "m");
+    ASSERT_TRUE(ad.ok()) << ad.status();
+    ads.push_back(*ad);
+  }
+  std::vector<const LoraAdapter*> ptrs;
+  for (const LoraAdapter& a : ads) ptrs.push_back(&a);
+  auto stack = StackModules(*w, ptrs);
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  std::vector<Example> examples;
+  for (int e = 0; e < 5; ++e) {
+    Example ex;
+    for (int t = 0; t < 6 + e; ++t) ex.input_ids.push_back(2 + (7 * t + e) % 60);
+    ex.input_ids.push_back(1);
+    ex.label_ids = {static_cast<int64_t>(3 + e), 5, 1};
+    examples.push_back(ex);
+  }
+  const T5Weights separate = Unfused(*w);
+  std::vector<double> weights(20);
+  for (int m = 0; m < 20; ++m) weights[m] = 0.05 * (m % 7) - 0.1;
+  int64_t gemms[2], casts[2];
+  double loss[2];
+  for (int fused = 0; fused < 2; ++fused) {
+    ObjectiveRunnerOptions ro;
+    ro.cuda_graph = false;
+    auto runner =
+        ObjectiveRunner::Create(fused ? *w : separate, *stack, examples, 1, ro);
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    ASSERT_TRUE((*runner)->Losses(weights, 1).ok());  // warm-up
+    OpCounter counter;
+    auto l = (*runner)->Losses(weights, 1);
+    ASSERT_TRUE(l.ok()) << l.status();
+    gemms[fused] = counter.gemms();
+    casts[fused] = counter.casts();
+    loss[fused] = (*l)[0];
+  }
+  std::printf("bf16 runner evaluation, 24+24 blocks, 20 q,v modules: GEMMs "
+              "%lld -> %lld, dtype conversions %lld -> %lld\n",
+              static_cast<long long>(gemms[0]),
+              static_cast<long long>(gemms[1]),
+              static_cast<long long>(casts[0]),
+              static_cast<long long>(casts[1]));
+  EXPECT_EQ(gemms[0] - gemms[1], 24 * 4 + 24 * 6 - 1);
+  EXPECT_LT(casts[1], casts[0]);
+  EXPECT_NEAR(loss[0], loss[1], 2e-2 * std::fabs(loss[0]));
 }
 
 // A bank whose q and v A factors lie side by side (as ObjectiveRunner
