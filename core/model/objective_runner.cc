@@ -78,8 +78,18 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       // Columns: every site's A, in site order, then every site's B, so that
       // the composed A of consecutive sites lie side by side (the forward pass
       // then runs one down-projection GEMM for q and v of an attention).
+      // Within a group, sites in site order, except that the decoder's
+      // cross-attention k and v of every block come last: they all read the
+      // encoder output, so their adjacent A share one GEMM as well.
+      std::vector<size_t> order = entries;
+      std::stable_partition(order.begin(), order.end(), [&](size_t i) {
+        const int site = stack.sites[i];
+        const int slot = site % kSitesPerBlock;
+        const bool decoder = site / kSitesPerBlock >= weights.config.num_layers;
+        return !(decoder && (slot == 5 || slot == 6));
+      });
       std::vector<at::Tensor> a_parts, b_parts;
-      for (size_t i : entries) {
+      for (size_t i : order) {
         g.sites.push_back(stack.sites[i]);
         a_parts.push_back(stack.a[i].reshape({N, -1}).to(fp32));
         b_parts.push_back(stack.b[i].reshape({N, -1}).to(fp32));

@@ -11,7 +11,8 @@
 // factors, then all B), so that composing all C candidates for all sites is
 // one matmul per shape group; each site's composed A and B are views of that
 // result, and consecutive sites' A lie side by side (t5_forward.cc runs one
-// down-projection GEMM for q and v of an attention).
+// down-projection GEMM for q and v of an attention, and one for the cross
+// k/v of all decoder blocks, which come last in their group).
 //
 // On a CUDA device (and a build with cuda_graph_cuda.cc) the whole evaluation
 // (compose, encoder, decoder, per-row token cross-entropy sums) is captured
