@@ -431,6 +431,7 @@ absl::StatusOr<ModuleStack> StackModules(
     ModuleStack stack;
     stack.num_modules = static_cast<int>(modules.size());
     stack.num_base_sites = base.num_sites;
+    stack.num_encoder_layers = base.config.num_layers;
     for (size_t i = 0; i < first.sites.size(); ++i) {
       std::vector<at::Tensor> as, bs;
       for (const LoraAdapter* m : modules) {
@@ -461,17 +462,35 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
     bank.sites.resize(stack.num_base_sites);
     if (stack.sites.empty()) return bank;
     at::Tensor w = weights.to(stack.a[0].device(), at::kFloat);
+    const auto fp32 =
+        at::TensorOptions().dtype(at::kFloat).device(stack.a[0].device());
+    // Sites by the shape of A, in site order with the cross k/v last.
+    std::map<std::pair<int64_t, int64_t>, std::vector<size_t>> by_shape;
     for (size_t i = 0; i < stack.sites.size(); ++i) {
-      const at::Tensor& a = stack.a[i];  // [N, r, in]
+      by_shape[{stack.a[i].size(1), stack.a[i].size(2)}].push_back(i);
+    }
+    for (auto& [shape, order] : by_shape) {
+      std::stable_partition(order.begin(), order.end(), [&](size_t i) {
+        return !IsCrossKeyValueSite(stack.sites[i], stack.num_encoder_layers);
+      });
+      const int64_t len = shape.first * shape.second;
+      // One GEMM per site, each into its column block of one buffer.
+      at::Tensor a_all =
+          at::empty({C, len * static_cast<int64_t>(order.size())}, fp32);
+      for (size_t j = 0; j < order.size(); ++j) {
+        const size_t i = order[j];
+        const at::Tensor& a = stack.a[i];  // [N, r, in]
+        at::Tensor dst = a_all.narrow(1, static_cast<int64_t>(j) * len, len);
+        at::mm_out(dst, w, a.reshape({a.size(0), -1}).to(at::kFloat));
+        bank.sites[stack.sites[i]].a = dst.view({C, a.size(1), a.size(2)});
+      }
+    }
+    for (size_t i = 0; i < stack.sites.size(); ++i) {
       const at::Tensor& b = stack.b[i];  // [N, out, r]
       SiteBank& sb = bank.sites[stack.sites[i]];
-      sb.a = at::matmul(w, a.reshape({a.size(0), -1}))
-                 .view({C, a.size(1), a.size(2)});
       sb.b = at::matmul(w, b.reshape({b.size(0), -1}))
                  .view({C, b.size(1), b.size(2)});
-      sb.scale =
-          at::full({C, 1, 1}, stack.scaling[i],
-                   at::TensorOptions().dtype(at::kFloat).device(a.device()));
+      sb.scale = at::full({C, 1, 1}, stack.scaling[i], fp32);
       sb.common_scale = stack.scaling[i];
     }
     return bank;

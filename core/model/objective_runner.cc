@@ -83,10 +83,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       // encoder output, so their adjacent A share one GEMM as well.
       std::vector<size_t> order = entries;
       std::stable_partition(order.begin(), order.end(), [&](size_t i) {
-        const int site = stack.sites[i];
-        const int slot = site % kSitesPerBlock;
-        const bool decoder = site / kSitesPerBlock >= weights.config.num_layers;
-        return !(decoder && (slot == 5 || slot == 6));
+        return !IsCrossKeyValueSite(stack.sites[i], weights.config.num_layers);
       });
       std::vector<at::Tensor> a_parts, b_parts;
       for (size_t i : order) {

@@ -132,6 +132,15 @@ bool FusedQkv(const AttentionWeights& a);
 bool FusedWi01(const FeedForwardWeights& ff);
 bool FusedCrossKv(const T5Weights& w);
 
+// True for the decoder's cross-attention k and v sites: the linear layers
+// that read the encoder output. Composition (lora.h, objective_runner.h)
+// lays their factors out last, side by side, so that the LoRA
+// down-projections of all decoder blocks are one GEMM.
+inline bool IsCrossKeyValueSite(int site, int num_encoder_layers) {
+  const int slot = site % kSitesPerBlock;
+  return site / kSitesPerBlock >= num_encoder_layers && (slot == 5 || slot == 6);
+}
+
 // Row offset of a fused member: `view` must be a row block of `fused`
 // (FusedQkv etc. checked it); returns the first row of `view` in `fused`.
 int64_t FusedRowOffset(const at::Tensor& fused, const at::Tensor& view);

@@ -541,6 +541,59 @@ TEST(FusedCount, AdjacentLoraFactorsShareOneGemm) {
   }
 }
 
+// ComposeLoraHub lays the composed A factors out side by side: per-row
+// candidates share the down-projection of q and v (each self-attention) and
+// of the cross v of all decoder blocks; the logits are those of the same
+// bank with every factor in its own tensor.
+TEST(FusedCount, ComposedBankSharesDownProjections) {
+  config::T5Config c = GatedConfig();
+  auto w = BuildT5Weights(c, RandomT5(c, 111), Options());
+  ASSERT_TRUE(w.ok()) << w.status();
+  auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
+  std::vector<LoraAdapter> ads;
+  for (uint64_t seed : {112, 113, 114}) {
+    auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, seed), "qv");
+    ASSERT_TRUE(ad.ok()) << ad.status();
+    ads.push_back(*ad);
+  }
+  auto stack = StackModules(*w, {&ads[0], &ads[1], &ads[2]});
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  at::Tensor weights =
+      at::tensor({0.5f, -0.3f, 0.8f, 0.1f, 0.9f, -0.4f, 1.2f, 0.2f, 0.0f,
+                  -0.6f, 0.7f, 0.3f},
+                 at::kFloat)
+          .view({4, 3});
+  auto bank = ComposeLoraHub(*stack, weights);
+  ASSERT_TRUE(bank.ok()) << bank.status();
+  AdapterBank separate = *bank;
+  for (SiteBank& sb : separate.sites) {
+    if (sb.a.defined()) sb.a = sb.a.clone();
+  }
+  Batch b = MakeBatch(c, 4, 115);
+  auto rows = MakeRowAdapters(*w, &*bank, {0, 1, 2, 3});
+  auto rows_sep = MakeRowAdapters(*w, &separate, {0, 1, 2, 3});
+  ASSERT_TRUE(rows.ok() && rows_sep.ok());
+  ASSERT_EQ(rows->rows_per_slot, 1);
+  int64_t gemms[2];
+  at::Tensor out[2];
+  for (int k = 0; k < 2; ++k) {
+    OpCounter counter;
+    out[k] = Logits(*w, b, k == 0 ? *rows_sep : *rows);
+    gemms[k] = counter.gemms();
+  }
+  const int64_t self_attentions = c.num_layers + c.num_decoder_layers;
+  EXPECT_EQ(gemms[0] - gemms[1], self_attentions + c.num_decoder_layers - 1);
+  const double scale = out[0].abs().max().item<double>();
+  EXPECT_LT(MaxDiff(out[0], out[1]), 1e-5 * scale);
+  // The composed adapter of one candidate is unchanged by the layout.
+  auto one = ComposeOne(*stack, {0.5, -0.3, 0.8});
+  ASSERT_TRUE(one.ok());
+  for (const LoraSite& site : one->sites) {
+    EXPECT_LT(MaxDiff(site.a, bank->sites[site.site].a[0]), 1e-6);
+    EXPECT_TRUE(site.a.is_contiguous());
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Configs, FusedTest, ::testing::Values(0, 1),
                          [](const auto& info) {
                            return info.param == 0 ? std::string("Gated")
