@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <set>
 #include <utility>
@@ -229,6 +230,11 @@ bool ViewsAt(const at::Tensor& fused,
 
 }  // namespace
 
+bool FusedGemmsEnabled() {
+  const char* v = std::getenv("LORAHUB_NO_FUSED_GEMMS");
+  return v == nullptr || *v == '\0' || std::string(v) == "0";
+}
+
 void FuseWeights(T5Weights& w) {
   for (auto* stack : {&w.encoder, &w.decoder}) {
     for (BlockWeights& b : *stack) {
@@ -396,7 +402,7 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
     }
     s = loader.CheckAllUsed();
     if (!s.ok()) return s;
-    FuseWeights(w);
+    if (FusedGemmsEnabled()) FuseWeights(w);
     return w;
   } catch (const c10::Error& e) {
     return absl::InternalError(

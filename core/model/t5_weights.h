@@ -118,9 +118,14 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
                                          const WeightOptions& options,
                                          const std::string& source = "model");
 
+// Whether BuildT5Weights fuses: true unless the environment variable
+// LORAHUB_NO_FUSED_GEMMS is set to something other than "" or "0" (A/B
+// timing of the fused GEMMs in one build; read at each call).
+bool FusedGemmsEnabled();
+
 // Builds the fused tensors above (qkv, wi_01, cross_kv) from the separate
-// weights and turns those into views of them. Called by BuildT5Weights;
-// idempotent. The separate tensors' old storage is released once nothing
+// weights and turns those into views of them. Called by BuildT5Weights
+// when FusedGemmsEnabled(); idempotent. The separate tensors' old storage is released once nothing
 // else holds it, so the weights do not take twice the memory.
 void FuseWeights(T5Weights& w);
 

@@ -16,7 +16,8 @@
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter), and
 //     ttft_ms: one request, one new token, merged adapter
-// plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled) and
+// plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled,
+// fused_kernels, fused_gemms) and
 // fast_vs_eager_rel_diff: |fast - eager| / |eager| of one candidate's loss.
 // Every timing waits for the device (SynchronizeDevice or a host copy of the result).
 //
@@ -383,6 +384,8 @@ absl::Status Run(const Args& args) {
   out["fast_path"] = oopts.fast_path;
   out["cuda_graphs_compiled"] = model::CudaGraphsCompiled();
   out["fused_kernels"] = model::FusedKernelsEnabled();
+  // Fused q|k|v, wi_0|wi_1 and cross k|v GEMMs (LORAHUB_NO_FUSED_GEMMS=1: off).
+  out["fused_gemms"] = !base.encoder.empty() && model::FusedQkv(base.encoder[0].self_attn);
   if (!profile_out.empty()) out["profile"] = profile;
   std::printf("%s\n", out.dump().c_str());
   return absl::OkStatus();

@@ -31,6 +31,7 @@ for kind in ["base", "merged", "per_row"]:
 positive("ttft_ms", g["ttft_ms"])
 assert 0 <= j["fast_vs_eager_rel_diff"] < 1e-6, j["fast_vs_eager_rel_diff"]
 assert j["device"] == "cpu" and j["cuda_graphs_compiled"] is False, j
+assert j["fused_gemms"] is True, j
 assert j["engine"] == "runner (eager: not a CUDA device)", j["engine"]
 print("bench JSON ok:", {k: j[k] for k in ["eval_ms_median", "cmaes_candidates_per_second"]})
 PY

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <set>
@@ -336,6 +337,30 @@ TEST_P(FusedTest, MergeWritesThroughViewsAndKeepsTheBase) {
   const double scale = unmerged.abs().max().item<double>();
   EXPECT_LT(MaxDiff(unmerged, folded), 1e-4 * scale);
   EXPECT_GT(MaxDiff(folded, Logits(base_, b, *none)), 1e-3);
+}
+
+TEST_P(FusedTest, EnvironmentTurnsFusingOff) {
+  ASSERT_EQ(setenv("LORAHUB_NO_FUSED_GEMMS", "1", 1), 0);
+  EXPECT_FALSE(FusedGemmsEnabled());
+  auto plain = BuildT5Weights(config_, host_, Options());
+  ASSERT_EQ(setenv("LORAHUB_NO_FUSED_GEMMS", "0", 1), 0);
+  EXPECT_TRUE(FusedGemmsEnabled());
+  ASSERT_EQ(unsetenv("LORAHUB_NO_FUSED_GEMMS"), 0);
+  EXPECT_TRUE(FusedGemmsEnabled());
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(plain->encoder[0].self_attn.qkv.defined());
+  EXPECT_FALSE(plain->cross_kv.defined());
+  EXPECT_FALSE(FusedQkv(plain->encoder[0].self_attn));
+  // The same numbers through the separate GEMMs.
+  LoraAdapter ad = Adapter(AllTargets(), 3, 6.0, 91);
+  auto bank = MakeAdapterBank(base_, {&ad});
+  ASSERT_TRUE(bank.ok());
+  auto rows = MakeRowAdapters(base_, &*bank, {0, -1});
+  ASSERT_TRUE(rows.ok());
+  Batch b = MakeBatch(config_, 2, 92);
+  at::Tensor fused = Logits(base_, b, *rows);
+  at::Tensor sep = Logits(*plain, b, *rows);
+  EXPECT_LT(MaxDiff(fused, sep), 1e-5 * sep.abs().max().item<double>());
 }
 
 TEST_P(FusedTest, AutogradCallersGetTheSeparateLeaves) {
