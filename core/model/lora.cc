@@ -7,6 +7,7 @@
 #include <limits>
 #include <map>
 #include <regex>
+#include <set>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -307,26 +308,89 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
     T5Weights merged = base;
     std::map<int, const LoraSite*> by_site;
     for (const LoraSite& s : adapter.sites) by_site[s.site] = &s;
-    auto merge = [&](Linear& linear) {
+    auto adapted = [&](const Linear& linear) {
+      return linear.site >= 0 && by_site.count(linear.site) > 0;
+    };
+    // A fused tensor with an adapted member gets its own copy, and its
+    // members become views of the copy (the base keeps its storage); the
+    // merge then writes through those views, so the fused GEMMs see it.
+    auto unshare = [](at::Tensor& fused, const std::vector<Linear*>& members) {
+      fused = fused.clone();
+      int64_t row = 0;
+      for (Linear* m : members) {
+        const int64_t n = m->weight.size(0);
+        m->weight = fused.narrow(0, row, n);
+        row += n;
+      }
+    };
+    std::vector<Linear*> cross_members;
+    bool cross_adapted = false;
+    for (BlockWeights& b : merged.decoder) {
+      cross_members.push_back(&b.cross_attn.k);
+      cross_members.push_back(&b.cross_attn.v);
+      cross_adapted = cross_adapted || adapted(b.cross_attn.k) ||
+                      adapted(b.cross_attn.v);
+    }
+    if (cross_adapted && FusedCrossKv(merged)) {
+      unshare(merged.cross_kv, cross_members);
+    }
+    for (auto* stack : {&merged.encoder, &merged.decoder}) {
+      for (BlockWeights& b : *stack) {
+        AttentionWeights& a = b.self_attn;
+        if ((adapted(a.q) || adapted(a.k) || adapted(a.v)) && FusedQkv(a)) {
+          unshare(a.qkv, {&a.q, &a.k, &a.v});
+        }
+        FeedForwardWeights& ff = b.ff;
+        if ((adapted(ff.wi_0) || adapted(ff.wi_1)) && FusedWi01(ff)) {
+          unshare(ff.wi_01, {&ff.wi_0, &ff.wi_1});
+        }
+      }
+    }
+    // Tensors of `merged` that are views of a fused copy made above belong
+    // to it alone: written in place. Every other weight may be shared with
+    // `base`: replaced.
+    std::set<const void*> own;
+    auto own_fused = [&](const at::Tensor& fused, const at::Tensor& base_t) {
+      if (fused.defined() && !(base_t.defined() && fused.is_same(base_t))) {
+        own.insert(fused.data_ptr());
+      }
+    };
+    own_fused(merged.cross_kv, base.cross_kv);
+    for (size_t s = 0; s < 2; ++s) {
+      const auto& m = s == 0 ? merged.encoder : merged.decoder;
+      const auto& o = s == 0 ? base.encoder : base.decoder;
+      for (size_t i = 0; i < m.size(); ++i) {
+        own_fused(m[i].self_attn.qkv, o[i].self_attn.qkv);
+        own_fused(m[i].ff.wi_01, o[i].ff.wi_01);
+      }
+    }
+    auto merge = [&](Linear& linear, const at::Tensor& fused) {
       auto it = by_site.find(linear.site);
       if (linear.site < 0 || it == by_site.end()) return;
       const LoraSite& s = *it->second;
       at::Tensor delta = at::matmul(s.b.to(at::kFloat), s.a.to(at::kFloat));
-      linear.weight = (linear.weight.to(at::kFloat) + delta * s.scaling)
-                          .to(linear.weight.scalar_type());
+      at::Tensor updated = (linear.weight.to(at::kFloat) + delta * s.scaling)
+                               .to(linear.weight.scalar_type());
+      if (fused.defined() && own.count(fused.data_ptr()) > 0) {
+        linear.weight.copy_(updated);
+      } else {
+        linear.weight = updated;
+      }
     };
     for (auto* stack : {&merged.encoder, &merged.decoder}) {
       for (BlockWeights& b : *stack) {
-        for (AttentionWeights* at_w : {&b.self_attn, &b.cross_attn}) {
-          merge(at_w->q);
-          merge(at_w->k);
-          merge(at_w->v);
-          merge(at_w->o);
-        }
-        merge(b.ff.wi);
-        merge(b.ff.wi_0);
-        merge(b.ff.wi_1);
-        merge(b.ff.wo);
+        merge(b.self_attn.q, b.self_attn.qkv);
+        merge(b.self_attn.k, b.self_attn.qkv);
+        merge(b.self_attn.v, b.self_attn.qkv);
+        merge(b.self_attn.o, at::Tensor());
+        merge(b.cross_attn.q, at::Tensor());
+        merge(b.cross_attn.k, merged.cross_kv);
+        merge(b.cross_attn.v, merged.cross_kv);
+        merge(b.cross_attn.o, at::Tensor());
+        merge(b.ff.wi, at::Tensor());
+        merge(b.ff.wi_0, b.ff.wi_01);
+        merge(b.ff.wi_1, b.ff.wi_01);
+        merge(b.ff.wo, at::Tensor());
       }
     }
     return merged;
@@ -367,6 +431,7 @@ absl::StatusOr<ModuleStack> StackModules(
     ModuleStack stack;
     stack.num_modules = static_cast<int>(modules.size());
     stack.num_base_sites = base.num_sites;
+    stack.num_encoder_layers = base.config.num_layers;
     for (size_t i = 0; i < first.sites.size(); ++i) {
       std::vector<at::Tensor> as, bs;
       for (const LoraAdapter* m : modules) {
@@ -397,17 +462,35 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
     bank.sites.resize(stack.num_base_sites);
     if (stack.sites.empty()) return bank;
     at::Tensor w = weights.to(stack.a[0].device(), at::kFloat);
+    const auto fp32 =
+        at::TensorOptions().dtype(at::kFloat).device(stack.a[0].device());
+    // Sites by the shape of A, in site order with the cross k/v last.
+    std::map<std::pair<int64_t, int64_t>, std::vector<size_t>> by_shape;
     for (size_t i = 0; i < stack.sites.size(); ++i) {
-      const at::Tensor& a = stack.a[i];  // [N, r, in]
+      by_shape[{stack.a[i].size(1), stack.a[i].size(2)}].push_back(i);
+    }
+    for (auto& [shape, order] : by_shape) {
+      std::stable_partition(order.begin(), order.end(), [&](size_t i) {
+        return !IsCrossKeyValueSite(stack.sites[i], stack.num_encoder_layers);
+      });
+      const int64_t len = shape.first * shape.second;
+      // One GEMM per site, each into its column block of one buffer.
+      at::Tensor a_all =
+          at::empty({C, len * static_cast<int64_t>(order.size())}, fp32);
+      for (size_t j = 0; j < order.size(); ++j) {
+        const size_t i = order[j];
+        const at::Tensor& a = stack.a[i];  // [N, r, in]
+        at::Tensor dst = a_all.narrow(1, static_cast<int64_t>(j) * len, len);
+        at::mm_out(dst, w, a.reshape({a.size(0), -1}).to(at::kFloat));
+        bank.sites[stack.sites[i]].a = dst.view({C, a.size(1), a.size(2)});
+      }
+    }
+    for (size_t i = 0; i < stack.sites.size(); ++i) {
       const at::Tensor& b = stack.b[i];  // [N, out, r]
       SiteBank& sb = bank.sites[stack.sites[i]];
-      sb.a = at::matmul(w, a.reshape({a.size(0), -1}))
-                 .view({C, a.size(1), a.size(2)});
       sb.b = at::matmul(w, b.reshape({b.size(0), -1}))
                  .view({C, b.size(1), b.size(2)});
-      sb.scale =
-          at::full({C, 1, 1}, stack.scaling[i],
-                   at::TensorOptions().dtype(at::kFloat).device(a.device()));
+      sb.scale = at::full({C, 1, 1}, stack.scaling[i], fp32);
       sb.common_scale = stack.scaling[i];
     }
     return bank;

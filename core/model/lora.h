@@ -109,6 +109,7 @@ struct ModuleStack {
   std::vector<at::Tensor> b;    // [N, out, r]
   std::vector<double> scaling;  // from the first module (LoraHub rule)
   int num_base_sites = 0;
+  int num_encoder_layers = 0;  // of the base (IsCrossKeyValueSite)
 };
 
 // InvalidArgument if the modules differ in sites or ranks (naming the module
@@ -120,6 +121,10 @@ absl::StatusOr<ModuleStack> StackModules(
 // c, A_c = sum_i W[c,i] A_i and B_c = sum_i W[c,i] B_i per site (not the sum
 // of deltas), scaling of the first module. `weights` is [C, N] (any float
 // dtype, any device). The result has C slots usable as per-row adapters.
+// The composed A factors of sites of one shape are views of one tensor,
+// side by side in site order with the decoder's cross k/v last (the forward
+// pass then shares one down-projection GEMM between neighbours that read the
+// same input, t5_forward.cc).
 using ComposedAdapters = AdapterBank;
 absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
                                                 const at::Tensor& weights);

@@ -75,17 +75,26 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     for (const auto& [shape, entries] : by_shape) {
       Group g;
       std::tie(g.r, g.in, g.out) = shape;
-      std::vector<at::Tensor> per_site;
-      for (size_t i : entries) {
+      // Columns: every site's A, in site order, then every site's B, so that
+      // the composed A of consecutive sites lie side by side (the forward pass
+      // then runs one down-projection GEMM for q and v of an attention).
+      // Within a group, sites in site order, except that the decoder's
+      // cross-attention k and v of every block come last: they all read the
+      // encoder output, so their adjacent A share one GEMM as well.
+      std::vector<size_t> order = entries;
+      std::stable_partition(order.begin(), order.end(), [&](size_t i) {
+        return !IsCrossKeyValueSite(stack.sites[i], weights.config.num_layers);
+      });
+      std::vector<at::Tensor> a_parts, b_parts;
+      for (size_t i : order) {
         g.sites.push_back(stack.sites[i]);
-        per_site.push_back(at::cat({stack.a[i].reshape({N, -1}),
-                                    stack.b[i].reshape({N, -1})},
-                                   1)
-                               .to(fp32));
+        a_parts.push_back(stack.a[i].reshape({N, -1}).to(fp32));
+        b_parts.push_back(stack.b[i].reshape({N, -1}).to(fp32));
         run->scales_[stack.sites[i]] = at::full({C, 1, 1}, stack.scaling[i], fp32);
         run->scale_values_[stack.sites[i]] = stack.scaling[i];
       }
-      g.factors = at::stack(per_site).contiguous();  // [k, N, X]
+      a_parts.insert(a_parts.end(), b_parts.begin(), b_parts.end());
+      g.factors = at::cat(a_parts, 1).contiguous();  // [N, k * (r*in + out*r)]
       run->groups_.push_back(std::move(g));
     }
     run->bank_.num_slots = static_cast<int>(C);
@@ -197,15 +206,16 @@ absl::Status ObjectiveRunner::CheckGraphAgainstEager() {
 
 void ObjectiveRunner::Compose() {
   for (const Group& g : groups_) {
-    // [C, N] x [k, N, X] -> [k, C, X]: all candidates, all sites of the group.
-    at::Tensor composed = at::matmul(w_dev_, g.factors);
+    // [C, N] x [N, k * X] -> [C, k * X]: all candidates, all sites of the group.
+    at::Tensor composed = at::mm(w_dev_, g.factors);
     const int64_t C = capacity_;
+    const int64_t k = static_cast<int64_t>(g.sites.size());
     const int64_t a_len = g.r * g.in;
-    for (size_t j = 0; j < g.sites.size(); ++j) {
-      at::Tensor site = composed.select(0, static_cast<int64_t>(j));  // [C, X]
+    const int64_t b_len = g.out * g.r;
+    for (int64_t j = 0; j < k; ++j) {
       SiteBank& sb = bank_.sites[g.sites[j]];
-      sb.a = site.narrow(1, 0, a_len).view({C, g.r, g.in});
-      sb.b = site.narrow(1, a_len, g.out * g.r).view({C, g.out, g.r});
+      sb.a = composed.narrow(1, j * a_len, a_len).view({C, g.r, g.in});
+      sb.b = composed.narrow(1, k * a_len + j * b_len, b_len).view({C, g.out, g.r});
       sb.scale = scales_[g.sites[j]];
       sb.common_scale = scale_values_[g.sites[j]];
     }

@@ -7,9 +7,12 @@
 // weights: the padded ids / masks / labels / decoder inputs of every row
 // (row c*n + e = candidate c, example e, the order of ScoreCandidates), the
 // per-chunk row -> candidate slot tensors, and the LoRA factors of the
-// modules regrouped by site shape ([sites, N, r*in + out*r]), so that
-// composing all C candidates for all sites is one matmul per shape group;
-// each site's composed A and B are views of that result.
+// modules regrouped by site shape ([N, sites * (r*in + out*r)]: all A
+// factors, then all B), so that composing all C candidates for all sites is
+// one matmul per shape group; each site's composed A and B are views of that
+// result, and consecutive sites' A lie side by side (t5_forward.cc runs one
+// down-projection GEMM for q and v of an attention, and one for the cross
+// k/v of all decoder blocks, which come last in their group).
 //
 // On a CUDA device (and a build with cuda_graph_cuda.cc) the whole evaluation
 // (compose, encoder, decoder, per-row token cross-entropy sums) is captured
@@ -87,7 +90,7 @@ class ObjectiveRunner {
   struct Group {  // sites whose composed factors have one shape
     std::vector<int> sites;  // base site indices
     int64_t r = 0, in = 0, out = 0;
-    at::Tensor factors;      // [sites, N, r*in + out*r], fp32
+    at::Tensor factors;      // [N, sites * (r*in + out*r)], fp32: A..., B...
   };
 
   ObjectiveRunner() = default;

@@ -129,12 +129,9 @@ void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
     rows_.slots.copy_(rows.slots);
     rows_.mask.copy_(rows.mask);
   }
-  const internal::Normed enc_in = internal::EncoderInput(encoder);
-  for (int64_t i = 0; i < static_cast<int64_t>(w.decoder.size()); ++i) {
-    const BlockWeights& b = w.decoder[i];
-    cross_kv_[0][i].copy_(internal::Heads(enc_in, b.cross_attn.k, rows, w.config));
-    cross_kv_[1][i].copy_(internal::Heads(enc_in, b.cross_attn.v, rows, w.config));
-  }
+  // All blocks' cross keys and values: one GEMM (fused weights) and one
+  // copy into the captured buffer.
+  internal::CrossKeyValues(w, encoder, rows).CopyTo(cross_kv_);
   cross_bias_.copy_(encoder.mask_bias);
 }
 

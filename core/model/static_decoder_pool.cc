@@ -81,6 +81,7 @@ void AddAttention(StaticDecoderPool::Key& k, const AttentionWeights& a) {
   k.Add(a.k.weight);
   k.Add(a.v.weight);
   k.Add(a.o.weight);
+  k.Add(a.qkv);
 }
 
 StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
@@ -111,7 +112,9 @@ StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
     k.Add(b.ff.wi_0.weight);
     k.Add(b.ff.wi_1.weight);
     k.Add(b.ff.wo.weight);
+    k.Add(b.ff.wi_01);
   }
+  k.Add(w.cross_kv);
   k.has_bank = rows.bank != nullptr;
   if (k.has_bank) {
     k.all_rows = rows.all_rows;

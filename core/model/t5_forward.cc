@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -80,6 +82,163 @@ Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 // the LoRA delta (added to the base output before any rounding), and the
 // logits. In fp32 mode every cast below is a no-op.
 
+namespace {
+
+bool Adapted(const RowAdapters& rows, int site) {
+  return rows.bank != nullptr && site >= 0 &&
+         rows.bank->sites[site].a.defined();
+}
+
+// The input of the LoRA deltas: `x_full` when given (x before its rounding
+// to the compute dtype), else x; fp32.
+at::Tensor LoraInput(const at::Tensor& x, const at::Tensor& x_full) {
+  return (x_full.defined() ? x_full : x).to(at::kFloat);
+}
+
+// True when the rows' layout runs the LoRA factors as plain or batched GEMMs
+// over the bank's slots (one slot for all rows; runs of rows per slot with a
+// common scaling), i.e. without a gather of A and B.
+bool GemmLayout(const RowAdapters& rows, const SiteBank& sb) {
+  return rows.uniform_slot >= 0 ||
+         (rows.rows_per_slot > 0 && !std::isnan(sb.common_scale));
+}
+
+// x A^T for a GemmLayout: a [S, R, in] (R: one rank, or several adapters'
+// ranks side by side); xin fp32 [B, T, in]. Returns [B, T, R] (one slot)
+// or [slots, rows_per_slot * T, R] (runs).
+at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
+                       const RowAdapters& rows) {
+  if (rows.uniform_slot >= 0) return at::matmul(xin, a[rows.uniform_slot].t());
+  // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...): one
+  // batched GEMM over the slots, no gather of A.
+  const int64_t slots = xin.size(0) / rows.rows_per_slot;
+  return at::bmm(xin.reshape({slots, -1, xin.size(-1)}),
+                 a.narrow(0, rows.slot_offset, slots).transpose(1, 2));
+}
+
+// y += scale * xa B^T in place for a GemmLayout (xa from DownProject, or a
+// column slice of it). The scaling is folded into the accumulating GEMM when
+// every slot has the same one.
+void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
+                  const RowAdapters& rows) {
+  const int64_t out = y.size(-1);
+  if (rows.uniform_slot >= 0) {
+    const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
+    if (!std::isnan(sb.common_scale)) {
+      y.view({-1, out}).addmm_(xa.reshape({-1, b.size(1)}), b.t(),
+                               /*beta=*/1, /*alpha=*/sb.common_scale);
+      return;
+    }
+    y.add_(at::matmul(xa, b.t()) * sb.scale[rows.uniform_slot]);
+    return;
+  }
+  const int64_t slots = xa.size(0);
+  y.view({slots, -1, out})
+      .baddbmm_(xa, sb.b.narrow(0, rows.slot_offset, slots).transpose(1, 2),
+                /*beta=*/1, /*alpha=*/sb.common_scale);
+}
+
+// y += the per-row LoRA delta of `sb` for input `xin`, in place. y: fp32
+// [B, T, out], possibly a column slice of a wider output (fused GEMMs): the
+// GEMMs with accumulate write through its leading dimension, no copy.
+// xin: fp32 [B, T, in]. The arithmetic is that of adding the delta to a
+// separate output, y + scale * (x A^T) B^T.
+void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
+                  const RowAdapters& rows) {
+  if (GemmLayout(rows, sb)) {
+    UpProjectAdd(y, DownProject(xin, sb.a, rows), sb, rows);
+    return;
+  }
+  const int64_t in = xin.size(-1);
+  at::Tensor a = sb.a.index_select(0, rows.slots);          // [B, r, in]
+  at::Tensor b = sb.b.index_select(0, rows.slots);          // [B, out, r]
+  at::Tensor scale = sb.scale.index_select(0, rows.slots);  // [B, 1, 1]
+  if (!rows.all_rows) scale = scale * rows.mask;
+  at::Tensor delta =
+      at::bmm(at::bmm(xin.reshape({xin.size(0), -1, in}), a.transpose(1, 2)),
+              b.transpose(1, 2));
+  y.add_(delta.view(y.sizes()) * scale.view({-1, 1, 1}));
+}
+
+// True when `next`'s A factors follow `prev`'s in memory, slot by slot
+// ([S, r, in] each, same strides, next.a = prev.a + r*in elements), so that
+// both are one [S, 2r, in] tensor (ObjectiveRunner lays composed factors out
+// so). Host-side checks only.
+bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
+  const at::Tensor& p = prev.a;
+  const at::Tensor& n = next.a;
+  if (!p.defined() || !n.defined() || p.dim() != 3 || n.sizes() != p.sizes() ||
+      n.strides() != p.strides() || n.scalar_type() != p.scalar_type() ||
+      n.device() != p.device() || p.stride(2) != 1 ||
+      p.stride(1) != p.size(2) || !n.is_alias_of(p)) {
+    return false;
+  }
+  const int64_t block = p.size(1) * p.size(2);
+  return static_cast<const char*>(n.data_ptr()) ==
+         static_cast<const char*>(p.data_ptr()) + block * p.element_size();
+}
+
+// The LoRA deltas of several sites that read the same input `xin`, each
+// added into its column slice of y (cols[i], width of its output). Sites
+// whose A factors lie side by side (AdjacentA) share ONE down-projection
+// GEMM in a GemmLayout; the others run alone. Only adapted sites are given.
+void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
+                   const std::vector<const SiteBank*>& sites,
+                   const at::Tensor& xin, const RowAdapters& rows) {
+  size_t i = 0;
+  while (i < sites.size()) {
+    size_t j = i + 1;
+    bool gemm = GemmLayout(rows, *sites[i]);
+    while (j < sites.size() && AdjacentA(*sites[j - 1], *sites[j])) {
+      gemm = gemm && GemmLayout(rows, *sites[j]);
+      ++j;
+    }
+    if (j - i < 2 || !gemm) {
+      for (size_t k = i; k < j; ++k) {
+        AddLoraDelta(y.narrow(-1, cols[k], sites[k]->b.size(1)), xin,
+                     *sites[k], rows);
+      }
+      i = j;
+      continue;
+    }
+    const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
+    const int64_t r = a0.size(1);
+    const int64_t count = static_cast<int64_t>(j - i);
+    const at::Tensor a_run = a0.as_strided(
+        {a0.size(0), count * r, a0.size(2)}, {a0.stride(0), a0.size(2), 1});
+    const at::Tensor xa = DownProject(xin, a_run, rows);
+    for (size_t k = i; k < j; ++k) {
+      UpProjectAdd(y.narrow(-1, cols[k], sites[k]->b.size(1)),
+                   xa.narrow(-1, static_cast<int64_t>(k - i) * r, r),
+                   *sites[k], rows);
+    }
+    i = j;
+  }
+}
+
+// One GEMM against a fused weight whose row blocks are `members`' weights
+// (FusedQkv etc. checked), then each adapted member's LoRA delta added into
+// its column slice of the output. Like Project: the compute dtype when no
+// member is adapted, else fp32 (all columns).
+at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
+                        const std::vector<const Linear*>& members,
+                        const RowAdapters& rows, const at::Tensor& x_full) {
+  at::Tensor y = at::matmul(MatmulInput(x, fused), fused.t());
+  std::vector<int64_t> cols;
+  std::vector<const SiteBank*> sites;
+  for (const Linear* m : members) {
+    if (!Adapted(rows, m->site)) continue;
+    cols.push_back(FusedRowOffset(fused, m->weight));
+    sites.push_back(&rows.bank->sites[m->site]);
+  }
+  if (sites.empty()) return y;
+  y = y.to(at::kFloat);  // a fresh tensor unless y already was fp32 (ours)
+  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows);
+  return y;
+}
+
+}  // namespace
+
 // y = x W^T (+ per-row LoRA). x: [B, T, in]. Without LoRA at this site the
 // result is the matmul's (compute dtype); with LoRA it is the base output
 // plus the fp32 delta, in fp32 (PEFT adds in fp32 too, then rounds; here the
@@ -90,45 +249,10 @@ Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 at::Tensor Project(const at::Tensor& x, const Linear& linear,
                    const RowAdapters& rows, const at::Tensor& x_full) {
   at::Tensor y = at::matmul(MatmulInput(x, linear.weight), linear.weight.t());
-  if (rows.bank == nullptr) return y;
-  const SiteBank& sb = rows.bank->sites[linear.site];
-  if (!sb.a.defined()) return y;
-  at::Tensor xin = (x_full.defined() ? x_full : x).to(at::kFloat);
-  const int64_t in = xin.size(-1);
-  const int64_t out = y.size(-1);
-  const bool common = !std::isnan(sb.common_scale);
-  if (rows.uniform_slot >= 0) {
-    const at::Tensor& a = sb.a[rows.uniform_slot];  // [r, in]
-    const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
-    at::Tensor xa = at::matmul(xin, a.t());
-    if (common) {  // y + scale * (x A^T) B^T as one GEMM with accumulate
-      return at::addmm(y.reshape({-1, out}).to(at::kFloat),
-                       xa.reshape({-1, a.size(0)}), b.t(), /*beta=*/1,
-                       /*alpha=*/sb.common_scale)
-          .view(y.sizes());
-    }
-    at::Tensor delta = at::matmul(xa, b.t());
-    return y + delta * sb.scale[rows.uniform_slot];  // promotes to fp32
-  }
-  if (rows.rows_per_slot > 0 && common) {
-    // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...):
-    // one batched GEMM per factor over the slots, no gather of A and B.
-    const int64_t slots = xin.size(0) / rows.rows_per_slot;
-    at::Tensor a = sb.a.narrow(0, rows.slot_offset, slots);  // [S, r, in]
-    at::Tensor b = sb.b.narrow(0, rows.slot_offset, slots);  // [S, out, r]
-    at::Tensor xa = at::bmm(xin.reshape({slots, -1, in}), a.transpose(1, 2));
-    return at::baddbmm(y.reshape({slots, -1, out}).to(at::kFloat), xa,
-                       b.transpose(1, 2), /*beta=*/1,
-                       /*alpha=*/sb.common_scale)
-        .view(y.sizes());
-  }
-  at::Tensor a = sb.a.index_select(0, rows.slots);          // [B, r, in]
-  at::Tensor b = sb.b.index_select(0, rows.slots);          // [B, out, r]
-  at::Tensor scale = sb.scale.index_select(0, rows.slots);  // [B, 1, 1]
-  if (!rows.all_rows) scale = scale * rows.mask;
-  at::Tensor delta =
-      at::bmm(at::bmm(xin, a.transpose(1, 2)), b.transpose(1, 2));
-  return y + delta * scale;
+  if (!Adapted(rows, linear.site)) return y;
+  y = y.to(at::kFloat);
+  AddLoraDelta(y, LoraInput(x, x_full), rows.bank->sites[linear.site], rows);
+  return y;
 }
 
 // q, k or v of one attention: [B, heads, T, d_kv], fp32.
@@ -136,6 +260,103 @@ at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
                  const config::T5Config& c) {
   return SplitHeads(Project(x.mm, linear, rows, x.full).to(at::kFloat),
                     c.num_heads, c.d_kv);
+}
+
+std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
+                                             const AttentionWeights& a,
+                                             const RowAdapters& rows,
+                                             const config::T5Config& c) {
+  if (!FusedQkv(a)) {
+    return {Heads(x, a.q, rows, c), Heads(x, a.k, rows, c),
+            Heads(x, a.v, rows, c)};
+  }
+  // One GEMM and (bf16) one widening for all three; q, k, v are strided
+  // views of it.
+  const at::Tensor y =
+      ProjectFused(x.mm, a.qkv, {&a.q, &a.k, &a.v}, rows, x.full)
+          .to(at::kFloat);
+  const int64_t inner = a.q.weight.size(0);
+  return {SplitHeads(y.narrow(-1, 0, inner), c.num_heads, c.d_kv),
+          SplitHeads(y.narrow(-1, inner, inner), c.num_heads, c.d_kv),
+          SplitHeads(y.narrow(-1, 2 * inner, inner), c.num_heads, c.d_kv)};
+}
+
+CrossKeyValues::CrossKeyValues(const T5Weights& w, const EncoderOutput& enc,
+                               const RowAdapters& rows, int64_t max_bytes)
+    : w_(w), x_(EncoderInput(enc)), rows_(rows) {
+  const int64_t L = static_cast<int64_t>(w.decoder.size());
+  fused_ = FusedCrossKv(w);
+  if (!fused_ || L == 0) {
+    per_chunk_ = 1;
+    return;
+  }
+  const int64_t inner = w.decoder[0].cross_attn.k.weight.size(0);
+  const int64_t tokens = x_.mm.numel() / x_.mm.size(-1);
+  const int64_t per_block = std::max<int64_t>(1, tokens * 2 * inner * 4);
+  per_chunk_ = std::clamp<int64_t>(max_bytes / per_block, 1, L);
+}
+
+void CrossKeyValues::Compute(int64_t block) {
+  const int64_t L = static_cast<int64_t>(w_.decoder.size());
+  first_ = block / per_chunk_ * per_chunk_;
+  count_ = std::min(per_chunk_, L - first_);
+  const int64_t inner = w_.decoder[0].cross_attn.k.weight.size(0);
+  const at::Tensor weight =
+      w_.cross_kv.narrow(0, first_ * 2 * inner, count_ * 2 * inner);
+  at::Tensor y = at::matmul(MatmulInput(x_.mm, weight), weight.t());
+  y = y.to(at::kFloat);  // the keys and values are fp32 (as the scores)
+  std::vector<int64_t> cols;
+  std::vector<const SiteBank*> sites;
+  for (int64_t j = 0; j < count_; ++j) {
+    const AttentionWeights& a = w_.decoder[first_ + j].cross_attn;
+    for (const Linear* m : {&a.k, &a.v}) {
+      if (!Adapted(rows_, m->site)) continue;
+      cols.push_back((2 * j + (m == &a.v ? 1 : 0)) * inner);
+      sites.push_back(&rows_.bank->sites[m->site]);
+    }
+  }
+  if (!sites.empty()) {
+    AddLoraDeltas(y, cols, sites, LoraInput(x_.mm, x_.full), rows_);
+  }
+  chunk_ = y;
+}
+
+std::pair<at::Tensor, at::Tensor> CrossKeyValues::Block(int64_t i) {
+  const config::T5Config& c = w_.config;
+  const AttentionWeights& a = w_.decoder[i].cross_attn;
+  if (!fused_) {
+    return {Heads(x_, a.k, rows_, c), Heads(x_, a.v, rows_, c)};
+  }
+  if (!chunk_.defined() || i < first_ || i >= first_ + count_) Compute(i);
+  const int64_t inner = a.k.weight.size(0);
+  const int64_t j = i - first_;
+  return {SplitHeads(chunk_.narrow(-1, 2 * j * inner, inner), c.num_heads,
+                     c.d_kv),
+          SplitHeads(chunk_.narrow(-1, (2 * j + 1) * inner, inner),
+                     c.num_heads, c.d_kv)};
+}
+
+void CrossKeyValues::CopyTo(const at::Tensor& dst) {
+  const config::T5Config& c = w_.config;
+  const int64_t L = static_cast<int64_t>(w_.decoder.size());
+  if (!fused_) {
+    for (int64_t i = 0; i < L; ++i) {
+      auto kv = Block(i);
+      dst[0][i].copy_(kv.first);
+      dst[1][i].copy_(kv.second);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < L; i += per_chunk_) {
+    Compute(i);
+    // [B, S, count, 2, H, d] -> [2, count, B, H, S, d]: one copy per chunk.
+    const at::Tensor src =
+        chunk_
+            .view({chunk_.size(0), chunk_.size(1), count_, 2, c.num_heads,
+                   c.d_kv})
+            .permute({3, 2, 0, 4, 1, 5});
+    dst.narrow(1, first_, count_).copy_(src);
+  }
 }
 
 // Scores q k^T + bias, softmax, weighted values in fp32 (q, k, v and bias
@@ -165,7 +386,15 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
 at::Tensor FeedForward(const Normed& x, const T5Weights& w,
                        const FeedForwardWeights& ff, const RowAdapters& rows) {
   at::Tensor h;
-  if (w.config.is_gated_act) {
+  if (w.config.is_gated_act && FusedWi01(ff)) {
+    // One GEMM for wi_0 and wi_1. With a LoRA delta on either, both halves
+    // are fp32 (in fp32 mode: the same arithmetic as the separate GEMMs).
+    const at::Tensor y =
+        ProjectFused(x.mm, ff.wi_01, {&ff.wi_0, &ff.wi_1}, rows, x.full);
+    const int64_t d_ff = ff.wi_0.weight.size(0);
+    h = Activation(y.narrow(-1, 0, d_ff), w.config.dense_act_fn) *
+        y.narrow(-1, d_ff, d_ff);
+  } else if (w.config.is_gated_act) {
     h = Activation(Project(x.mm, ff.wi_0, rows, x.full),
                    w.config.dense_act_fn) *
         Project(x.mm, ff.wi_1, rows, x.full);
@@ -220,13 +449,12 @@ at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
   const config::T5Config& c = w.config;
   at::Tensor h = h_in;
   Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
-  at::Tensor q = Heads(n, b.self_attn.q, rows, c);
-  std::pair<at::Tensor, at::Tensor> kv = store(
-      Heads(n, b.self_attn.k, rows, c), Heads(n, b.self_attn.v, rows, c));
-  h = h + AttendAndProject(q, kv.first, kv.second, self_bias, b.self_attn.o,
-                           rows);
+  std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
+  std::pair<at::Tensor, at::Tensor> kv = store(qkv[1], qkv[2]);
+  h = h + AttendAndProject(qkv[0], kv.first, kv.second, self_bias,
+                           b.self_attn.o, rows);
   n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
-  q = Heads(n, b.cross_attn.q, rows, c);
+  at::Tensor q = Heads(n, b.cross_attn.q, rows, c);
   h = h + AttendAndProject(q, cross_k, cross_v, cross_bias, b.cross_attn.o,
                            rows);
   n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
@@ -245,6 +473,7 @@ namespace {
 
 using internal::AttendAndProject;
 using internal::CausalBias;
+using internal::CrossKeyValues;
 using internal::DecoderBlockStep;
 using internal::DecoderLogits;
 using internal::Embed;
@@ -255,6 +484,7 @@ using internal::MinValue;
 using internal::Normed;
 using internal::PositionBias;
 using internal::RmsNorm;
+using internal::SelfAttentionHeads;
 
 EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
                          const at::Tensor& mask, const RowAdapters& rows) {
@@ -269,10 +499,9 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   at::Tensor h = Embed(w, ids);
   for (const BlockWeights& b : w.encoder) {
     Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
-    at::Tensor q = Heads(n, b.self_attn.q, rows, c);
-    at::Tensor k = Heads(n, b.self_attn.k, rows, c);
-    at::Tensor v = Heads(n, b.self_attn.v, rows, c);
-    h = h + AttendAndProject(q, k, v, bias, b.self_attn.o, rows);
+    std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
+    h = h + AttendAndProject(qkv[0], qkv[1], qkv[2], bias, b.self_attn.o,
+                             rows);
     n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
     h = h + FeedForward(n, w, b.ff, rows);
   }
@@ -290,17 +519,19 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
       PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(at::kFloat) +
       CausalBias(w, T, w.device);
   at::Tensor h = Embed(w, ids);
-  for (const BlockWeights& b : w.decoder) {
+  CrossKeyValues cross(w, enc, rows);
+  for (size_t i = 0; i < w.decoder.size(); ++i) {
+    const BlockWeights& b = w.decoder[i];
     Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
-    at::Tensor q = Heads(n, b.self_attn.q, rows, c);
-    at::Tensor k = Heads(n, b.self_attn.k, rows, c);
-    at::Tensor v = Heads(n, b.self_attn.v, rows, c);
-    h = h + AttendAndProject(q, k, v, self_bias, b.self_attn.o, rows);
+    std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
+    h = h + AttendAndProject(qkv[0], qkv[1], qkv[2], self_bias, b.self_attn.o,
+                             rows);
     n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
-    q = Heads(n, b.cross_attn.q, rows, c);
-    k = Heads(EncoderInput(enc), b.cross_attn.k, rows, c);
-    v = Heads(EncoderInput(enc), b.cross_attn.v, rows, c);
-    h = h + AttendAndProject(q, k, v, enc.mask_bias, b.cross_attn.o, rows);
+    at::Tensor q = Heads(n, b.cross_attn.q, rows, c);
+    std::pair<at::Tensor, at::Tensor> kv =
+        cross.Block(static_cast<int64_t>(i));
+    h = h + AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
+                             b.cross_attn.o, rows);
     n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
     h = h + FeedForward(n, w, b.ff, rows);
   }
@@ -402,15 +633,16 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
             .to(at::kFloat);
     // Keys and values stay fp32 like the scores they feed.
     auto opts = at::TensorOptions().dtype(at::kFloat).device(w.device);
-    for (const BlockWeights& b : w.decoder) {
+    CrossKeyValues cross(w, encoder, rows);
+    for (size_t i = 0; i < w.decoder.size(); ++i) {
       cache.self_k.push_back(
           at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
       cache.self_v.push_back(
           at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
-      cache.cross_k.push_back(
-          Heads(EncoderInput(encoder), b.cross_attn.k, rows, c));
-      cache.cross_v.push_back(
-          Heads(EncoderInput(encoder), b.cross_attn.v, rows, c));
+      std::pair<at::Tensor, at::Tensor> kv =
+          cross.Block(static_cast<int64_t>(i));
+      cache.cross_k.push_back(kv.first);
+      cache.cross_v.push_back(kv.second);
     }
     return cache;
   } catch (const c10::Error& e) {

@@ -15,6 +15,16 @@
 // logits. This costs a few elementwise conversions per layer and keeps every
 // matmul in bf16; in fp32 the arithmetic is transformers' exactly.
 //
+// Fewer, larger GEMMs (issue 7; a few-hundred-row GEMM on a large GPU is
+// latency-bound, so one GEMM of 3x the columns costs about what one costs):
+// with the fused weights of t5_weights.h, self-attention q, k, v are one GEMM,
+// the gated FFN's wi_0 and wi_1 one GEMM, and the cross-attention keys and
+// values of ALL decoder blocks one GEMM per encoder output (DecodeFull,
+// InitDecoderCache, StaticDecoder); per-row LoRA deltas are added in place
+// into the column slices of the fused output. In fp32 the results are those
+// of the separate GEMMs (same dot products); weights whose views no longer
+// alias their fused tensor, or that require grad, take the separate path.
+//
 // All functions are batched, run on the weights' device, never synchronise
 // with the host, and accept per-row adapters (lora.h). Errors from LibTorch
 // (e.g. out of memory) come back as Status. Thread-safe for concurrent calls

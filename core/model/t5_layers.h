@@ -13,6 +13,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <utility>
@@ -48,6 +49,15 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
 at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
                  const config::T5Config& c);
 
+// q, k and v of a self-attention, each [B, heads, T, d_kv] fp32: ONE GEMM
+// against the fused `a.qkv` (then strided views of its output) when
+// FusedQkv(a), else three. The per-row LoRA deltas of q, k, v are added into
+// their column slices.
+std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
+                                             const AttentionWeights& a,
+                                             const RowAdapters& rows,
+                                             const config::T5Config& c);
+
 // softmax(q k^T + bias) v, then the output projection `o`. q: [B, H, Tq, d],
 // k, v: [B, H, Tk, d], bias broadcastable to [B, H, Tq, Tk]; all fp32.
 at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
@@ -70,6 +80,42 @@ at::Tensor CausalBias(const T5Weights& w, int64_t t, c10::Device device);
 
 // The encoder output as the input of cross-attention k and v.
 Normed EncoderInput(const EncoderOutput& e);
+
+// The cross-attention keys and values of every decoder block from one
+// encoder output. With fused weights (FusedCrossKv) they come from ONE GEMM
+// against T5Weights::cross_kv per chunk of blocks (all blocks unless the
+// fp32 output of the chunk would pass `max_bytes`), with the per-row LoRA
+// deltas of cross k/v added into their column slices; otherwise two GEMMs
+// per block. Holds references to `w` and the encoder tensors: it must not
+// outlive them. Not thread-safe (computes chunks lazily).
+class CrossKeyValues {
+ public:
+  static constexpr int64_t kDefaultMaxBytes = int64_t{1} << 30;
+
+  CrossKeyValues(const T5Weights& w, const EncoderOutput& enc,
+                 const RowAdapters& rows,
+                 int64_t max_bytes = kDefaultMaxBytes);
+
+  // Block i's keys and values, [B, H, S, d_kv] fp32 (views into the chunk).
+  // Computes the chunk holding block i when it is not the current one: ask
+  // in increasing order of i to compute each chunk once.
+  std::pair<at::Tensor, at::Tensor> Block(int64_t i);
+
+  // Writes all blocks into dst [2, L, B, H, S, d_kv] (k then v): one copy
+  // per chunk.
+  void CopyTo(const at::Tensor& dst);
+
+ private:
+  void Compute(int64_t block);
+
+  const T5Weights& w_;
+  Normed x_;
+  RowAdapters rows_;
+  bool fused_ = false;
+  int64_t per_chunk_ = 1;  // blocks per GEMM
+  at::Tensor chunk_;       // [B, S, count_ * 2 * inner] fp32
+  int64_t first_ = 0, count_ = 0;
+};
 
 // Where one decoder block's new self-attention key and value (each
 // [B, H, 1, d_kv] fp32) go; returns the keys and values to attend over

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <set>
 #include <utility>
@@ -180,7 +181,110 @@ absl::Status CheckConfig(const config::T5Config& c, const std::string& source) {
   return absl::OkStatus();
 }
 
+// Concatenates the members' weights along rows into one new tensor and
+// makes each member a row-block view of it.
+at::Tensor FuseRows(const std::vector<Linear*>& members) {
+  std::vector<at::Tensor> parts;
+  for (const Linear* l : members) parts.push_back(l->weight);
+  at::Tensor fused = at::cat(parts, 0);
+  int64_t row = 0;
+  for (Linear* l : members) {
+    const int64_t n = l->weight.size(0);
+    l->weight = fused.narrow(0, row, n);
+    row += n;
+  }
+  return fused;
+}
+
+bool AllDefined(const std::vector<const Linear*>& members) {
+  for (const Linear* l : members) {
+    if (!l->weight.defined()) return false;
+  }
+  return true;
+}
+
+// The members are consecutive row blocks of `fused`, in order, covering it.
+bool ViewsAt(const at::Tensor& fused,
+             const std::vector<const at::Tensor*>& views) {
+  if (!fused.defined() || fused.dim() != 2 || !fused.is_contiguous() ||
+      fused.requires_grad()) {
+    return false;
+  }
+  const int64_t cols = fused.size(1);
+  const auto* base = static_cast<const char*>(fused.data_ptr());
+  const size_t item = fused.element_size();
+  int64_t row = 0;
+  for (const at::Tensor* v : views) {
+    if (!v->defined() || v->dim() != 2 || v->size(1) != cols ||
+        v->scalar_type() != fused.scalar_type() ||
+        v->device() != fused.device() || !v->is_contiguous() ||
+        v->requires_grad() ||
+        static_cast<const char*>(v->data_ptr()) !=
+            base + static_cast<size_t>(row * cols) * item) {
+      return false;
+    }
+    row += v->size(0);
+  }
+  return row == fused.size(0);
+}
+
 }  // namespace
+
+bool FusedGemmsEnabled() {
+  const char* v = std::getenv("LORAHUB_NO_FUSED_GEMMS");
+  return v == nullptr || *v == '\0' || std::string(v) == "0";
+}
+
+void FuseWeights(T5Weights& w) {
+  for (auto* stack : {&w.encoder, &w.decoder}) {
+    for (BlockWeights& b : *stack) {
+      AttentionWeights& a = b.self_attn;
+      if (!FusedQkv(a) && AllDefined({&a.q, &a.k, &a.v})) {
+        a.qkv = FuseRows({&a.q, &a.k, &a.v});
+      }
+      FeedForwardWeights& ff = b.ff;
+      if (w.config.is_gated_act && !FusedWi01(ff) &&
+          AllDefined({&ff.wi_0, &ff.wi_1})) {
+        ff.wi_01 = FuseRows({&ff.wi_0, &ff.wi_1});
+      }
+    }
+  }
+  if (!w.decoder.empty() && !FusedCrossKv(w)) {
+    std::vector<Linear*> members;
+    for (BlockWeights& b : w.decoder) {
+      members.push_back(&b.cross_attn.k);
+      members.push_back(&b.cross_attn.v);
+    }
+    if (AllDefined({members.begin(), members.end()})) {
+      w.cross_kv = FuseRows(members);
+    }
+  }
+}
+
+bool FusedQkv(const AttentionWeights& a) {
+  return ViewsAt(a.qkv, {&a.q.weight, &a.k.weight, &a.v.weight});
+}
+
+bool FusedWi01(const FeedForwardWeights& ff) {
+  return ViewsAt(ff.wi_01, {&ff.wi_0.weight, &ff.wi_1.weight});
+}
+
+bool FusedCrossKv(const T5Weights& w) {
+  if (w.decoder.empty()) return false;
+  std::vector<const at::Tensor*> views;
+  for (const BlockWeights& b : w.decoder) {
+    views.push_back(&b.cross_attn.k.weight);
+    views.push_back(&b.cross_attn.v.weight);
+  }
+  return ViewsAt(w.cross_kv, views);
+}
+
+int64_t FusedRowOffset(const at::Tensor& fused, const at::Tensor& view) {
+  const auto bytes = static_cast<const char*>(view.data_ptr()) -
+                     static_cast<const char*>(fused.data_ptr());
+  return static_cast<int64_t>(bytes) /
+         static_cast<int64_t>(fused.element_size()) / fused.size(1);
+}
 
 absl::StatusOr<at::Tensor> HostToTensor(const io::HostTensor& tensor,
                                         const std::string& name) {
@@ -298,6 +402,7 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
     }
     s = loader.CheckAllUsed();
     if (!s.ok()) return s;
+    if (FusedGemmsEnabled()) FuseWeights(w);
     return w;
   } catch (const c10::Error& e) {
     return absl::InternalError(

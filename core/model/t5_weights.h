@@ -36,14 +36,28 @@ struct Linear {
   int site = -1;
 };
 
+// Fused weights (fewer, larger GEMMs: a 450-row GEMM on a large GPU is
+// latency-bound, so one GEMM of 3x the columns costs about what one costs).
+// BuildT5Weights stores the self-attention q, k, v of a block as ONE tensor
+// `qkv` and the gated wi_0, wi_1 as ONE tensor `wi_01`, and makes the
+// separate weights row-block views into it (no extra memory). Code that
+// reads `q.weight` etc. keeps working; code that writes must write through
+// the views (in place) or clone the fused tensor first (MergeAdapter does).
+// The forward pass uses a fused tensor only while the views still alias it
+// (FusedQkv / FusedWi01 below); otherwise it runs the separate GEMMs.
 struct AttentionWeights {
   Linear q, k, v, o;  // q,k,v: [heads*d_kv, d_model]; o: [d_model, heads*d_kv]
+  // Self-attention only: [3 * heads*d_kv, d_model], rows q | k | v; q, k, v
+  // weights are views of it. Undefined when not fused.
+  at::Tensor qkv;
 };
 
 struct FeedForwardWeights {
   Linear wi;          // non-gated: [d_ff, d_model]
   Linear wi_0, wi_1;  // gated: [d_ff, d_model] each
   Linear wo;          // [d_model, d_ff]
+  // Gated only: [2 * d_ff, d_model], rows wi_0 | wi_1 (views of it).
+  at::Tensor wi_01;
 };
 
 struct BlockWeights {
@@ -69,6 +83,12 @@ struct T5Weights {
   std::vector<BlockWeights> decoder;
   at::Tensor encoder_final_norm;
   at::Tensor decoder_final_norm;
+  // The cross-attention k and v of ALL decoder blocks, [L * 2 * inner,
+  // d_model]: block i's k at rows [2i * inner, (2i+1) * inner), its v right
+  // after (they depend only on the encoder output: one GEMM per encode).
+  // decoder[i].cross_attn.k/v weights are views of it. Undefined when not
+  // fused.
+  at::Tensor cross_kv;
   // Every linear layer by PEFT module name (e.g.
   // "decoder.block.0.layer.1.EncDecAttention.q") -> its site index.
   std::map<std::string, int> site_by_name;
@@ -97,6 +117,38 @@ absl::StatusOr<T5Weights> BuildT5Weights(const config::T5Config& config,
                                          const io::TensorMap& tensors,
                                          const WeightOptions& options,
                                          const std::string& source = "model");
+
+// Whether BuildT5Weights fuses: true unless the environment variable
+// LORAHUB_NO_FUSED_GEMMS is set to something other than "" or "0" (A/B
+// timing of the fused GEMMs in one build; read at each call).
+bool FusedGemmsEnabled();
+
+// Builds the fused tensors above (qkv, wi_01, cross_kv) from the separate
+// weights and turns those into views of them. Called by BuildT5Weights
+// when FusedGemmsEnabled(); idempotent. The separate tensors' old storage is released once nothing
+// else holds it, so the weights do not take twice the memory.
+void FuseWeights(T5Weights& w);
+
+// True when the separate weights are views of the fused tensor at their
+// places (same storage, offsets, shapes, dtype) and none requires grad (an
+// autograd caller must see the separate leaves), i.e. when one GEMM against
+// the fused tensor equals the separate GEMMs. Host-side pointer checks only.
+bool FusedQkv(const AttentionWeights& a);
+bool FusedWi01(const FeedForwardWeights& ff);
+bool FusedCrossKv(const T5Weights& w);
+
+// True for the decoder's cross-attention k and v sites: the linear layers
+// that read the encoder output. Composition (lora.h, objective_runner.h)
+// lays their factors out last, side by side, so that the LoRA
+// down-projections of all decoder blocks are one GEMM.
+inline bool IsCrossKeyValueSite(int site, int num_encoder_layers) {
+  const int slot = site % kSitesPerBlock;
+  return site / kSitesPerBlock >= num_encoder_layers && (slot == 5 || slot == 6);
+}
+
+// Row offset of a fused member: `view` must be a row block of `fused`
+// (FusedQkv etc. checked it); returns the first row of `view` in `fused`.
+int64_t FusedRowOffset(const at::Tensor& fused, const at::Tensor& view);
 
 // Converts one host tensor (F32/F16/BF16/F64/I64/I32) to a CPU at::Tensor
 // that owns a copy of the bytes. InvalidArgument on a size mismatch.

@@ -1014,6 +1014,18 @@ lorahub_cc_library(server_compose_service
   OUTPUT_NAME compose_service
 )
 
+# //server:bench_profile (cc_library)
+lorahub_cc_library(server_bench_profile
+  PACKAGE server
+  SRCS
+    ${SRC}/server/cli/bench_profile.cc
+    ${SRC}/server/cli/bench_profile.h
+  DEPS
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME bench_profile
+)
+
 # //server:lorahub (cc_binary)
 lorahub_cc_binary(server_lorahub
   PACKAGE server
@@ -1034,6 +1046,7 @@ lorahub_cc_binary(server_lorahub
     ${SRC}/server/cli/train_module_command.cc
     ${SRC}/server/main.cc
   DEPS
+    server_bench_profile
     server_cli_args
     server_compose_service
     server_info_service
@@ -1185,6 +1198,19 @@ lorahub_cc_test(tests_cli_args_test
   DEPS
     server_cli_args
     ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/cli:bench_profile_test (cc_test)
+lorahub_cc_test(tests_cli_bench_profile_test
+  TEST_NAME //tests/cli:bench_profile_test
+  PACKAGE tests/cli
+  SRCS
+    ${SRC}/tests/cli/bench_profile_test.cc
+  DEPS
+    server_bench_profile
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
   TIMEOUT 300
 )
 
@@ -1894,6 +1920,21 @@ lorahub_cc_test(tests_model_decoder_reuse_test
     tests_model_tiny_t5
     core_model_model
     core_model_static_decoder
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:fused_weights_test (cc_test)
+lorahub_cc_test(tests_model_fused_weights_test
+  TEST_NAME //tests/model:fused_weights_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/fused_weights_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    core_model_objective_runner
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 300

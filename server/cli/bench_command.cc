@@ -5,7 +5,7 @@
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--reps 30] [--warmup 3]
 //     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640]
 //     [--gen-batch 64] [--gen-tokens 32] [--batch-size N] [--max-rows 64]
-//     [--no-fast-path] [--json]
+//     [--no-fast-path] [--profile-out FILE] [--json]
 //
 // Prints (always JSON; --json is accepted for symmetry with the other commands):
 //   cold_start_seconds   load of the base and every module onto the device
@@ -16,9 +16,17 @@
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter), and
 //     ttft_ms: one request, one new token, merged adapter
-// plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled) and
+// plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled,
+// fused_kernels, fused_gemms) and
 // fast_vs_eager_rel_diff: |fast - eager| / |eager| of one candidate's loss.
 // Every timing waits for the device (SynchronizeDevice or a host copy of the result).
+//
+// --profile-out FILE: after all timings, one more objective evaluation under LibTorch's
+// Kineto profiler (Chrome trace to FILE) and one per-row generation call (trace to
+// FILE with ".generate" before its extension); for each, a table of the top kernels
+// (name, count, total us), the number of kernels and their summed time against the wall
+// time goes to stderr, and the same figures to the JSON under "profile" (bench_profile.h;
+// on the CPU, or without Kineto/CUPTI, CPU operators and a note instead).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -26,6 +34,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -45,6 +54,7 @@
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "server/cli/args.h"
+#include "server/cli/bench_profile.h"
 #include "server/cli/command.h"
 #include "server/cli/engine_flags.h"
 
@@ -125,6 +135,32 @@ absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
   return fig;
 }
 
+nlohmann::json ProfileJson(const ProfileSummary& s) {
+  nlohmann::json top = nlohmann::json::array();
+  for (const ProfileRow& r : s.top) top.push_back({r.name, r.count, r.total_us});
+  return {{"device_events", s.device}, {"kernels", s.kernels}, {"events", s.events},
+          {"busy_us", s.busy_us},      {"wall_us", s.wall_us}, {"trace", s.trace_path},
+          {"note", s.note},            {"top", top}};
+}
+
+// Profiles `body` (bench_profile.h), prints the table to stderr and returns the JSON
+// figures; a failure is reported in the JSON ("error") and does not stop the bench.
+nlohmann::json Profile(const std::string& label, const std::string& trace_path,
+                       c10::Device device, const std::function<absl::Status()>& body) {
+  ProfileOptions po;
+  po.label = label;
+  po.trace_path = trace_path;
+  po.cuda = device.is_cuda();
+  auto summary = ProfileRegion(po, body, [device] { model::SynchronizeDevice(device); });
+  if (!summary.ok()) {
+    std::fprintf(stderr, "profile %s failed: %s\n", label.c_str(),
+                 std::string(summary.status().message()).c_str());
+    return {{"error", std::string(summary.status().message())}};
+  }
+  std::fprintf(stderr, "%s", FormatProfileTable(*summary).c_str());
+  return ProfileJson(*summary);
+}
+
 nlohmann::json GenJson(const GenFigure& f) {
   return {{"tokens_per_second", f.tokens_per_second},
           {"tokens", f.tokens},
@@ -150,6 +186,11 @@ absl::Status Run(const Args& args) {
   LH_ASSIGN_OR_RETURN(int64_t batch_size, IntFlag(args, "batch-size", 0, 0, 1 << 20));
   LH_ASSIGN_OR_RETURN(int64_t max_rows, IntFlag(args, "max-rows", 64, 1, 1 << 20));
   LH_ASSIGN_OR_RETURN(model::WeightOptions wopts, ParseWeightOptions(args));
+  const std::string profile_out = args.Get("profile-out").value_or("");
+  if (args.Has("profile-out") && profile_out.empty()) {
+    return absl::InvalidArgumentError("--profile-out needs a file name");
+  }
+  nlohmann::json profile;
 
   LH_ASSIGN_OR_RETURN(auto tok, tokenizer::T5Tokenizer::Create(model_dir + "/spiece.model"));
   LH_ASSIGN_OR_RETURN(std::vector<model::Example> examples,
@@ -285,6 +326,9 @@ absl::Status Run(const Args& args) {
                         TimeGeneration(merged, gen_prompts, nullptr, {}, gen_tokens));
     gen["merged"] = GenJson(f);
   }
+  // Kept for the profile at the end (the decoder pool keeps its captured step).
+  model::ComposedAdapters per_row_bank;
+  std::vector<int64_t> per_row_slots(gen_batch);
   {
     std::vector<double> flat;
     for (int64_t i = 0; i < gen_batch; ++i) {
@@ -292,11 +336,10 @@ absl::Status Run(const Args& args) {
       flat.insert(flat.end(), w.begin(), w.end());
     }
     at::Tensor wt = at::tensor(flat, at::kDouble).to(at::kFloat).view({gen_batch, n});
-    LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, model::ComposeLoraHub(stack, wt));
-    std::vector<int64_t> slots(gen_batch);
-    for (int64_t i = 0; i < gen_batch; ++i) slots[i] = i;
-    LH_ASSIGN_OR_RETURN(GenFigure f,
-                        TimeGeneration(base, gen_prompts, &bank, slots, gen_tokens));
+    LH_ASSIGN_OR_RETURN(per_row_bank, model::ComposeLoraHub(stack, wt));
+    for (int64_t i = 0; i < gen_batch; ++i) per_row_slots[i] = i;
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, &per_row_bank,
+                                                    per_row_slots, gen_tokens));
     gen["per_row"] = GenJson(f);
   }
   {
@@ -314,6 +357,33 @@ absl::Status Run(const Args& args) {
   }
   out["generation"] = gen;
 
+  // Profiles last, so that no profiler state (CUPTI) touches the timings above.
+  if (!profile_out.empty()) {
+    profile["objective"] = Profile("objective evaluation", profile_out, base.device, [&] {
+      return objective.Score({random_w()}).status();
+    });
+    model::GenerateOptions g;
+    g.max_new_tokens = gen_tokens;
+    // One unprofiled call first: the profiled one then replays a pooled decoder.
+    LH_RETURN_IF_ERROR(
+        model::Generate(base, gen_prompts, &per_row_bank, per_row_slots, g).status());
+    int64_t steps = 0;
+    nlohmann::json p = Profile(
+        absl::StrCat("generation per-row (", gen_batch, " rows)"),
+        TaggedPath(profile_out, "generate"), base.device, [&]() -> absl::Status {
+          LH_ASSIGN_OR_RETURN(model::GenerateResult r,
+                              model::Generate(base, gen_prompts, &per_row_bank,
+                                              per_row_slots, g));
+          for (const auto& ids : r.output_ids) {
+            steps = std::max<int64_t>(steps, static_cast<int64_t>(ids.size()));
+          }
+          return absl::OkStatus();
+        });
+    p["decode_steps"] = steps;  // kernels per decode step ~ a step kernel's count / steps
+    profile["generate_per_row"] = p;
+    out["profile"] = profile;
+  }
+
   out["device"] = base.device.str();
   out["dtype"] = std::string(c10::toString(base.dtype));
   out["modules"] = n;
@@ -321,6 +391,8 @@ absl::Status Run(const Args& args) {
   out["fast_path"] = oopts.fast_path;
   out["cuda_graphs_compiled"] = model::CudaGraphsCompiled();
   out["fused_kernels"] = model::FusedKernelsEnabled();
+  // Fused q|k|v, wi_0|wi_1 and cross k|v GEMMs (LORAHUB_NO_FUSED_GEMMS=1: off).
+  out["fused_gemms"] = !base.encoder.empty() && model::FusedQkv(base.encoder[0].self_attn);
   std::printf("%s\n", out.dump().c_str());
   return absl::OkStatus();
 }
@@ -330,7 +402,7 @@ absl::Status Run(const Args& args) {
 int RunBench(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "examples", "prompts", "device", "dtype", "reps", "warmup",
                  "cobyla-budget", "population", "cmaes-budget", "gen-batch", "gen-tokens",
-                 "batch-size", "max-rows"},
+                 "batch-size", "max-rows", "profile-out"},
                 {"json", "no-fast-path"}};
   return RunWithArgs("bench", argc, argv, spec, Run);
 }

@@ -31,8 +31,33 @@ for kind in ["base", "merged", "per_row"]:
 positive("ttft_ms", g["ttft_ms"])
 assert 0 <= j["fast_vs_eager_rel_diff"] < 1e-6, j["fast_vs_eager_rel_diff"]
 assert j["device"] == "cpu" and j["cuda_graphs_compiled"] is False, j
+assert j["fused_gemms"] is True, j
 assert j["engine"] == "runner (eager: not a CUDA device)", j["engine"]
 print("bench JSON ok:", {k: j[k] for k in ["eval_ms_median", "cmaes_candidates_per_second"]})
+PY
+# --profile-out: the same JSON line plus "profile" (CPU operators here: this LibTorch has
+# no Kineto, so no trace, and a note says so), the tables on stderr.
+"$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
+  --prompts "$fx/prompts.jsonl" --reps 1 --warmup 1 --population 4 --cmaes-budget 4 \
+  --gen-batch 2 --gen-tokens 2 --profile-out "$TEST_TMPDIR/prof.json" --json \
+  > "$TEST_TMPDIR/bench_prof.json" 2> "$TEST_TMPDIR/prof.err"
+"$py" - "$TEST_TMPDIR/bench_prof.json" "$TEST_TMPDIR/prof.err" <<'PY'
+import json, sys
+lines = [l for l in open(sys.argv[1]) if l.strip()]
+assert len(lines) == 1, "want one JSON line, got %d" % len(lines)
+p = json.loads(lines[0])["profile"]
+err = open(sys.argv[2]).read()
+for key, label in [("objective", "profile objective evaluation:"),
+                   ("generate_per_row", "profile generation per-row (2 rows):")]:
+    s = p[key]
+    assert "error" not in s, s
+    assert s["device_events"] is False and s["events"] > 0 and s["wall_us"] > 0, s
+    assert s["top"] and all(len(r) == 3 and r[1] > 0 for r in s["top"]), s["top"]
+    assert s["trace"] or s["note"], s
+    assert label in err, err
+assert any(r[0] == "aten::mm" or r[0] == "aten::addmm" for r in p["objective"]["top"]), p
+assert p["generate_per_row"]["decode_steps"] >= 1, p
+print("profile ok:", p["objective"]["events"], "CPU op events per evaluation")
 PY
 # Bad input: exit code 2 and a one-line message.
 set +e
