@@ -109,7 +109,7 @@ fi
 if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
   stamp "E: CUDA tests"
   LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test" >"$WORK/ctest.log" 2>&1
+    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test|fused_weights_test" >"$WORK/ctest.log" 2>&1
   echo "ctest exit $?"
   grep -E "tests passed|tests failed|\(Failed\)|fp32 .* logits" "$WORK/ctest.log" | tail -30
   cp "$WORK/ctest.log" "$out/ctest.log"
@@ -208,14 +208,24 @@ cat "$peft"
 # ---- F: bench ----
 if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   [ -n "$large_pid" ] && { wait "$large_pid" || failed "large fixture ($(tail -c 300 "$WORK/large.fixture.log"))"; }
-  stamp "F: lorahub bench bf16"
   adapters=()
   for m in "$LARGE"/modules/m*; do adapters+=(--adapter "$m"); done
-  timeout 150 "$lorahub" bench --model "$LARGE/base" "${adapters[@]}" --examples "$LARGE/examples.jsonl" \
-    --prompts "$LARGE/prompts.jsonl" --device "$DEVICE" --dtype bf16 --reps "${REPS:-10}" \
-    --cmaes-budget "${CMAES_BUDGET:-256}" --population 64 --gen-batch 64 --gen-tokens 32 \
-    ${BENCH_ARGS:-} --json >"$out/bench_bf16.json" 2>"$WORK/bench.err" || failed "F: bench ($(tail -c 300 "$WORK/bench.err"))"
-  tail -c 1500 "$out/bench_bf16.json"; echo
+  # bench TAG ENV=VALUE [extra flags...]: one bf16 `lorahub bench`, JSON in $WORK/bench/TAG.json
+  mkdir -p "$WORK/bench"
+  bench() {
+    local tag=$1 envspec=$2; shift 2
+    stamp "F: lorahub bench bf16 $tag"
+    env "$envspec" timeout 150 "$lorahub" bench --model "$LARGE/base" "${adapters[@]}" --examples "$LARGE/examples.jsonl" \
+      --prompts "$LARGE/prompts.jsonl" --device "$DEVICE" --dtype bf16 --reps "${REPS:-10}" \
+      --cmaes-budget "${CMAES_BUDGET:-256}" --population 64 --gen-batch 64 --gen-tokens 32 \
+      "$@" --json >"$WORK/bench/$tag.json" 2>"$WORK/bench/$tag.err" \
+      || failed "F: bench $tag ($(tail -c 300 "$WORK/bench/$tag.err"))"
+    tail -c 1200 "$WORK/bench/$tag.json"; echo
+  }
+  bench fused LORAHUB_NO_FUSED_GEMMS=0 --profile-out "$WORK/bench/profile.json"
+  # The A/B (the previous GEMM structure in the same build) only while there is time.
+  [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] && bench separate LORAHUB_NO_FUSED_GEMMS=1
+  tar -C "$WORK" -czf "$out/bench.tgz" bench
 fi
 
 if [ ${#bg[@]} -gt 0 ]; then
