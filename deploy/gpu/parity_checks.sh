@@ -152,7 +152,7 @@ if [ "${SKIP_D1:-0}" != 1 ]; then
   { echo "### D1 check_composition_vs_peft.py (exit $rc)"; echo "$o" | grep -v -i warn | tail -8; } >>"$peft"
 fi
 if [ -x "$lorahub" ]; then
-  for s in ${D2_RUNS:-"tiny_s0:lorahub tiny_s0:ties base_s0:lorahub"}; do
+  for s in ${D2_RUNS:-tiny_s0:lorahub tiny_s0:ties base_s0:lorahub}; do
     name=${s%%:*} method=${s#*:}
     fx=$WORK/$name exp=$WORK/export_${name}_$method
     [ -f "$fx/examples.jsonl" ] || continue
