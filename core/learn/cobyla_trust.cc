@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/learn/evaluator.h"
+#include "core/learn/numpy_sum.h"
 #include "core/util/status_macros.h"
 
 // The arithmetic below reproduces another program's rounding: no contraction of a*b + c into
@@ -165,31 +166,9 @@ Vec BlasVecMat(const Vec& v, const Mat& rows) {
   return y;
 }
 
-// numpy's sum of a contiguous 1-D array (pairwise, 8 partial sums per block of <= 128), which
-// PRIMA's Python port uses for a few sums that decide ties (the weight of the pole in
-// setdrop_tr): summing in the same order rounds the same way.
-double PairwiseSum(const double* a, size_t n) {
-  if (n < 8) {
-    double s = 0;
-    for (size_t i = 0; i < n; ++i) s += a[i];
-    return s;
-  }
-  if (n <= 128) {
-    double r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    size_t i = 8;
-    for (; i + 8 <= n; i += 8) {
-      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    }
-    double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; ++i) s += a[i];
-    return s;
-  }
-  size_t half = n / 2;
-  half -= half % 8;
-  return PairwiseSum(a, half) + PairwiseSum(a + half, n - half);
-}
-double PairwiseSum(const Vec& v) { return PairwiseSum(v.data(), v.size()); }
+// numpy's summation order where PRIMA's Python port sums with numpy and the sum decides ties (the
+// weight of the pole in setdrop_tr): core/learn/numpy_sum.h.
+double PairwiseSum(const Vec& v) { return NumpyPairwiseSum(v); }
 
 // PRIMA moderates objective values so that the linear models never see NaN or +Inf.
 double Moderate(double f) {

@@ -435,6 +435,7 @@ lorahub_cc_library(core_learn_optimizer
     ${SRC}/core/learn/cobyla_optimizer.h
     ${SRC}/core/learn/cobyla_trust.h
     ${SRC}/core/learn/evaluator.h
+    ${SRC}/core/learn/numpy_sum.h
     ${SRC}/core/learn/optimizer.h
     ${SRC}/core/learn/random_source.h
     ${SRC}/core/learn/sampling_optimizers.h

@@ -7,36 +7,15 @@
 #include <functional>
 #include <vector>
 
+#include "core/learn/numpy_sum.h"
 #include "core/learn/optimizer.h"
 
 namespace lorahub::learn::testing {
 
-// numpy's np.sum order for a contiguous 1-D array (pairwise: 8 running sums over blocks of at
-// most 128 values). The functions below sum in this order so that their values equal, bit for
-// bit, those of the same formulas in numpy (tests/learn/scipy_cobyla_traces.py): the COBYLA
-// trace test compares trajectories, which rounding differences in the values would perturb.
-inline double NumpySum(const double* a, size_t n) {
-  if (n < 8) {
-    double s = 0;
-    for (size_t i = 0; i < n; ++i) s += a[i];
-    return s;
-  }
-  if (n <= 128) {
-    double r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    size_t i = 8;
-    for (; i + 8 <= n; i += 8) {
-      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    }
-    double s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; ++i) s += a[i];
-    return s;
-  }
-  size_t half = n / 2;
-  half -= half % 8;
-  return NumpySum(a, half) + NumpySum(a + half, n - half);
-}
-inline double NumpySum(const std::vector<double>& v) { return NumpySum(v.data(), v.size()); }
+// The functions below sum in numpy's order (core/learn/numpy_sum.h) so that their values equal,
+// bit for bit, those of the same formulas in tests/learn/scipy_cobyla_traces.py: the COBYLA trace
+// test compares trajectories, which rounding differences in the values would perturb.
+inline double NumpySum(const std::vector<double>& v) { return NumpyPairwiseSum(v); }
 
 // 0.05 * mean|x|: LoraHub's L1 term.
 inline double L1Term(const std::vector<double>& x) {
