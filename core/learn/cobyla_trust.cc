@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -178,6 +179,20 @@ double Moderate(double f) {
 
 // Inverse of the n x n matrix whose COLUMNS are cols[0..n-1], by Gauss-Jordan with partial
 // pivoting; inv[j] is row j of the inverse. False if the matrix is singular.
+// a + b, elementwise.
+Vec Plus(const Vec& a, const Vec& b) {
+  Vec x = a;
+  for (size_t i = 0; i < x.size(); ++i) x[i] += b[i];
+  return x;
+}
+
+bool AllFinite(const Vec& x) {
+  for (double v : x) {
+    if (!std::isfinite(v)) return false;
+  }
+  return true;
+}
+
 bool InvertColumns(const Mat& cols, Mat* inv) {
   const size_t n = cols.size();
   Mat a(n, Vec(2 * n, 0.0));
@@ -565,6 +580,16 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
   }
   if (rhobeg < rhoend) rhoend = std::max(kEps, std::min(0.1 * rhobeg, 1e-6));
 
+  // The objective at a trial point; nullopt when the budget is spent. A point (numerically) at
+  // a vertex is not evaluated again: it takes that vertex's value.
+  auto value_at = [&](const Vec& x) -> absl::StatusOr<std::optional<double>> {
+    const auto [jnear, dist2] = s.Nearest(x);
+    if (dist2 <= (1e-4 * rhoend) * (1e-4 * rhoend)) return jnear < n ? s.fv[jnear] : s.fpole;
+    if (evaluator.remaining() <= 0) return std::nullopt;
+    LH_ASSIGN_OR_RETURN(const double f, eval(x));
+    return f;
+  };
+
   // Initial simplex (initxfc): vertex j = current pole + rhobeg e_j, evaluated in order; a
   // better vertex becomes the pole at once, and the vertices built so far (columns 0..j) then
   // lie at -rhobeg along e_j from it, so the displacement matrix stays lower triangular.
@@ -606,17 +631,10 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
       delta *= 0.1;
       if (delta <= kGamma3 * rho) delta = rho;
     } else {
-      Vec x = s.pole;
-      for (int i = 0; i < n; ++i) x[i] += d[i];
-      // A point (numerically) at a vertex is not evaluated again: it takes that value.
-      const auto [jnear, dist2] = s.Nearest(x);
-      double f;
-      if (dist2 <= (1e-4 * rhoend) * (1e-4 * rhoend)) {
-        f = jnear < n ? s.fv[jnear] : s.fpole;
-      } else {
-        if (evaluator.remaining() <= 0) break;
-        LH_ASSIGN_OR_RETURN(f, eval(x));
-      }
+      const Vec x = Plus(s.pole, d);
+      LH_ASSIGN_OR_RETURN(const std::optional<double> fx, value_at(x));
+      if (!fx.has_value()) break;
+      const double f = *fx;
       const double actrem = s.fpole - f;
       if (!(prerem > 0)) {
         ratio = actrem > 0 ? kEta1 / 2 : -kRealMax;
@@ -628,10 +646,7 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
       const bool improved = actrem > 0;
       jdrop_tr = SetDropTrustRegion(s, improved, d, delta, rho);
       if (jdrop_tr >= 0 && !s.Replace(jdrop_tr, d, f)) break;
-      if (evaluator.remaining() <= 0) break;
-      bool finite = true;
-      for (double v : x) finite = finite && std::isfinite(v);
-      if (!finite) break;
+      if (evaluator.remaining() <= 0 || !AllFinite(x)) break;
     }
 
     const bool bad_step = shortd || trfail || ratio <= 0 || jdrop_tr < 0;
@@ -649,21 +664,10 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
         }
       }
       d = GeometryStep(s, jdrop_geo, delta / 2);
-      Vec x = s.pole;
-      for (int i = 0; i < n; ++i) x[i] += d[i];
-      const auto [jnear, dist2] = s.Nearest(x);
-      double f;
-      if (dist2 <= (1e-4 * rhoend) * (1e-4 * rhoend)) {
-        f = jnear < n ? s.fv[jnear] : s.fpole;
-      } else {
-        if (evaluator.remaining() <= 0) break;
-        LH_ASSIGN_OR_RETURN(f, eval(x));
-      }
-      if (!s.Replace(jdrop_geo, d, f)) break;
-      if (evaluator.remaining() <= 0) break;
-      bool finite = true;
-      for (double v : x) finite = finite && std::isfinite(v);
-      if (!finite) break;
+      const Vec x = Plus(s.pole, d);
+      LH_ASSIGN_OR_RETURN(const std::optional<double> fx, value_at(x));
+      if (!fx.has_value() || !s.Replace(jdrop_geo, d, *fx)) break;
+      if (evaluator.remaining() <= 0 || !AllFinite(x)) break;
     }
     if (reduce_rho) {
       if (rho <= rhoend) {
@@ -679,9 +683,7 @@ absl::StatusOr<OptimizerResult> TrustCobyla::Minimize(const BatchObjective& obje
   // PRIMA's last chance: when it stopped at rho = rhoend right after a short step that was
   // never tried, it evaluates that step if the budget allows.
   if (small_radius && shortd && BlasNorm(d) > 1e-3 * rhoend && evaluator.remaining() > 0) {
-    Vec x = s.pole;
-    for (int i = 0; i < n; ++i) x[i] += d[i];
-    LH_RETURN_IF_ERROR(eval(x).status());
+    LH_RETURN_IF_ERROR(eval(Plus(s.pole, d)).status());
   }
   return internal::FinishResult(evaluator);
 }
