@@ -54,6 +54,20 @@ Batch MakeBatch(const config::T5Config& c, int rows, uint64_t seed) {
   return b;
 }
 
+// Random q,v adapters (r 4, alpha 8), one per seed; a failed build is a test
+// failure and leaves that adapter out.
+std::vector<LoraAdapter> QvAdapters(const T5Weights& w,
+                                    const std::vector<uint64_t>& seeds) {
+  const config::LoraConfig cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
+  std::vector<LoraAdapter> ads;
+  for (uint64_t seed : seeds) {
+    auto ad = BuildLoraAdapter(w, cfg, RandomAdapter(w, cfg, seed), "qv");
+    EXPECT_TRUE(ad.ok()) << ad.status();
+    if (ad.ok()) ads.push_back(*std::move(ad));
+  }
+  return ads;
+}
+
 at::Tensor Logits(const T5Weights& w, const Batch& b, const RowAdapters& rows) {
   auto enc = Encode(w, b.ids.to(w.device), b.mask.to(w.device), rows);
   EXPECT_TRUE(enc.ok()) << enc.status();
@@ -523,13 +537,8 @@ TEST(FusedCount, AdjacentLoraFactorsShareOneGemm) {
   config::T5Config c = GatedConfig();
   auto w = BuildT5Weights(c, RandomT5(c, 95), Options());
   ASSERT_TRUE(w.ok()) << w.status();
-  auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
-  std::vector<LoraAdapter> ads;
-  for (uint64_t seed : {96, 97}) {
-    auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, seed), "qv");
-    ASSERT_TRUE(ad.ok()) << ad.status();
-    ads.push_back(*ad);
-  }
+  const std::vector<LoraAdapter> ads = QvAdapters(*w, {96, 97});
+  ASSERT_EQ(ads.size(), 2u);
   auto bank = MakeAdapterBank(*w, {&ads[0], &ads[1]});
   ASSERT_TRUE(bank.ok());
   AdapterBank adjacent = *bank;
@@ -574,13 +583,8 @@ TEST(FusedCount, ComposedBankSharesDownProjections) {
   config::T5Config c = GatedConfig();
   auto w = BuildT5Weights(c, RandomT5(c, 111), Options());
   ASSERT_TRUE(w.ok()) << w.status();
-  auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
-  std::vector<LoraAdapter> ads;
-  for (uint64_t seed : {112, 113, 114}) {
-    auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, seed), "qv");
-    ASSERT_TRUE(ad.ok()) << ad.status();
-    ads.push_back(*ad);
-  }
+  const std::vector<LoraAdapter> ads = QvAdapters(*w, {112, 113, 114});
+  ASSERT_EQ(ads.size(), 3u);
   auto stack = StackModules(*w, {&ads[0], &ads[1], &ads[2]});
   ASSERT_TRUE(stack.ok()) << stack.status();
   at::Tensor weights =
