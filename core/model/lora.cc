@@ -314,8 +314,14 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
     // A fused tensor with an adapted member gets its own copy, and its
     // members become views of the copy (the base keeps its storage); the
     // merge then writes through those views, so the fused GEMMs see it.
-    auto unshare = [](at::Tensor& fused, const std::vector<Linear*>& members) {
+    // `own` holds these copies: tensors of `merged` that are views of one
+    // belong to it alone and are written in place; every other weight may be
+    // shared with `base` and is replaced.
+    std::set<const void*> own;
+    auto unshare = [&own](at::Tensor& fused,
+                          const std::vector<Linear*>& members) {
       fused = fused.clone();
+      own.insert(fused.data_ptr());
       int64_t row = 0;
       for (Linear* m : members) {
         const int64_t n = m->weight.size(0);
@@ -344,24 +350,6 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
         if ((adapted(ff.wi_0) || adapted(ff.wi_1)) && FusedWi01(ff)) {
           unshare(ff.wi_01, {&ff.wi_0, &ff.wi_1});
         }
-      }
-    }
-    // Tensors of `merged` that are views of a fused copy made above belong
-    // to it alone: written in place. Every other weight may be shared with
-    // `base`: replaced.
-    std::set<const void*> own;
-    auto own_fused = [&](const at::Tensor& fused, const at::Tensor& base_t) {
-      if (fused.defined() && !(base_t.defined() && fused.is_same(base_t))) {
-        own.insert(fused.data_ptr());
-      }
-    };
-    own_fused(merged.cross_kv, base.cross_kv);
-    for (size_t s = 0; s < 2; ++s) {
-      const auto& m = s == 0 ? merged.encoder : merged.decoder;
-      const auto& o = s == 0 ? base.encoder : base.decoder;
-      for (size_t i = 0; i < m.size(); ++i) {
-        own_fused(m[i].self_attn.qkv, o[i].self_attn.qkv);
-        own_fused(m[i].ff.wi_01, o[i].ff.wi_01);
       }
     }
     auto merge = [&](Linear& linear, const at::Tensor& fused) {
