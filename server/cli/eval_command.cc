@@ -47,8 +47,10 @@
 // above except --model, --device, --dtype, --json and --plan, e.g.
 //   ["--data", "t.jsonl", "--task", "add", "--shots", "s.jsonl", "--k", "5"]
 // Evaluations run in plan order; each output line is what that evaluation
-// prints alone plus "plan_line" (1-based). The first bad line stops the run
-// (exit 2, the error names PLAN and the line); lines before it have printed.
+// prints alone plus "plan_line" (1-based). Every line is parsed first: a
+// malformed one stops the run before any evaluation; an evaluation that fails
+// stops it after the lines before have printed (exit 2 either way, the error
+// names PLAN and the line).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
