@@ -34,7 +34,8 @@ bool FusedKernelsEnabled() { return fused_backend::Compiled() && !Disabled(); }
 NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    at::ScalarType compute) {
   NormOutput out;
-  if (x.is_cuda() && !Disabled() && !Differentiable(x) && !Differentiable(weight) &&
+  if (x.is_cuda() && !Disabled() && !Differentiable(x) &&
+      !Differentiable(weight) &&
       fused_backend::RmsNorm(x, weight, eps, compute, &out)) {
     return out;
   }
@@ -45,8 +46,8 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
   return out;
 }
 
-at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& bias) {
+at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& bias) {
   at::Tensor out;
   if (q.is_cuda() && !Disabled() && !Differentiable(q) && !Differentiable(k) &&
       !Differentiable(v) && fused_backend::Attention(q, k, v, bias, &out)) {
@@ -54,6 +55,43 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
   }
   at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) + bias;
   return at::matmul(at::softmax(scores, -1), v);
+}
+
+at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& bias) {
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.size(2) != 1 ||
+      k.size(0) != q.size(0) || k.size(1) != q.size(1) ||
+      v.sizes().slice(0, 3) != k.sizes().slice(0, 3) ||
+      k.size(3) != q.size(3)) {
+    return GeneralAttention(q, k, v, bias);
+  }
+  const int64_t B = q.size(0), H = q.size(1), S = k.size(2);
+  const int64_t d = q.size(3), dv = v.size(3);
+  // [B*H, 1, d] x [B*H, d, S]: the keys' transpose is a stride swap, which
+  // bmm passes to the GEMM as a transposed operand (no copy).
+  at::Tensor scores = at::bmm(q.reshape({B * H, 1, d}),
+                              k.reshape({B * H, S, d}).transpose(1, 2))
+                          .view({B, H, 1, S});
+  scores.add_(bias);  // broadcast: [1, H, 1, S] (self) or [B, 1, 1, S] (cross)
+  const at::Tensor probs = at::softmax(scores, -1);
+  return at::bmm(probs.view({B * H, 1, S}), v.reshape({B * H, S, dv}))
+      .view({B, H, 1, dv});
+}
+
+bool DecodeAttentionGeneric() {
+  static const bool generic = [] {
+    const char* v = std::getenv("LORAHUB_DECODE_ATTN_GENERIC");
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+  }();
+  return generic;
+}
+
+at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias) {
+  if (q.dim() == 4 && q.size(2) == 1 && !DecodeAttentionGeneric()) {
+    return SingleQueryAttention(q, k, v, bias);
+  }
+  return GeneralAttention(q, k, v, bias);
 }
 
 }  // namespace lorahub::model

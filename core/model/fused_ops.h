@@ -39,8 +39,36 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 // softmax(q k^T + bias) v with no 1/sqrt(d) scaling (T5), in the dtype of q,
 // k, v (fp32 in this engine). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
 // broadcastable to [B, H, T, S]. Returns [B, H, T, d].
+//
+// A single query (T == 1: every incremental decode step, with the KV cache
+// or the static decoder) takes SingleQueryAttention unless
+// LORAHUB_DECODE_ATTN_GENERIC=1 (read once; A/B in one build); everything
+// else takes GeneralAttention.
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias);
+
+// The general path: PyTorch's scaled-dot-product attention on CUDA (the
+// memory-efficient kernel for fp32), matmul / softmax / matmul elsewhere and
+// under autograd. Same contract as Attention.
+at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& bias);
+
+// The same arithmetic for one query per (row, head) as two batched matmuls
+// (cuBLAS / CPU bmm over B*H matrices) around the bias add and the softmax,
+// all in the dtype of q, k, v. Why: on CUDA the generic fp32 kernel is tuned
+// for long queries; one query per row made it half of all kernel time of a
+// decode step (docs/BENCHMARKS.md, fourth session). Fixed shapes and no host
+// synchronisation, so it can be captured in a CUDA graph. Masks stay in the
+// bias (causal / cache length, padded encoder rows). q: [B, H, 1, d];
+// k, v: [B, H, S, d] (any strides; a copy only where B and H do not fold
+// into one batch dimension); bias broadcastable to [B, H, 1, S]. Returns a
+// contiguous [B, H, 1, d]. Other shapes go to GeneralAttention.
+at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& bias);
+
+// True when LORAHUB_DECODE_ATTN_GENERIC=1 sends single queries to
+// GeneralAttention too. Read once.
+bool DecodeAttentionGeneric();
 
 }  // namespace lorahub::model
 

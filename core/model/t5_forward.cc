@@ -641,8 +641,11 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
           at::zeros({B, c.num_heads, capacity, c.d_kv}, opts));
       std::pair<at::Tensor, at::Tensor> kv =
           cross.Block(static_cast<int64_t>(i));
-      cache.cross_k.push_back(kv.first);
-      cache.cross_v.push_back(kv.second);
+      // Contiguous once here rather than a copy per step: the single-query
+      // attention folds rows and heads into one batch dimension, which the
+      // fused k|v GEMM's strided views do not allow.
+      cache.cross_k.push_back(kv.first.contiguous());
+      cache.cross_v.push_back(kv.second.contiguous());
     }
     return cache;
   } catch (const c10::Error& e) {

@@ -1941,6 +1941,20 @@ lorahub_cc_test(tests_model_fused_weights_test
   TIMEOUT 300
 )
 
+# //tests/model:decode_attention_test (cc_test)
+lorahub_cc_test(tests_model_decode_attention_test
+  TEST_NAME //tests/model:decode_attention_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/decode_attention_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_fused_ops
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
 # ---- //tests/server  (tests/server/BUILD)
 
 # //tests/server:inference_engine_test (cc_test)

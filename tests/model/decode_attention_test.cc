@@ -1,0 +1,211 @@
+// SingleQueryAttention (fused_ops.h: one query per row and head as two
+// batched matmuls) against GeneralAttention (PyTorch's scaled-dot-product
+// attention on CUDA, matmul / softmax / matmul on CPU) and against a
+// double-precision reference that reads only the keys the masks leave
+// visible: decoder self-attention over a KV cache (the static decoder's
+// full-capacity cache with the causal bias row, and the eager cache's
+// narrowed prefix) and cross-attention with padded encoder rows. Runs on
+// $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu).
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/model/fused_ops.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+constexpr int64_t kB = 3, kH = 4, kD = 8;
+
+c10::Device Device() {
+  auto d = testing::TestDevice();
+  EXPECT_TRUE(d.ok()) << d.status();
+  return d.ok() ? *d : c10::Device(c10::kCPU);
+}
+
+at::TensorOptions F32() {
+  return at::TensorOptions().dtype(at::kFloat).device(Device());
+}
+
+// Keys and queries of T5-like size: no 1/sqrt(d) scaling, so the scores
+// reach tens and the softmax is far from uniform.
+at::Tensor Random(at::IntArrayRef sizes, double scale) {
+  return at::randn(sizes, F32()) * scale;
+}
+
+// max |got - want| / max(1, max |want|), in double on the CPU.
+double RelDiff(const at::Tensor& got, const at::Tensor& want) {
+  const at::Tensor g = got.to(at::kCPU).to(at::kDouble);
+  const at::Tensor w = want.to(at::kCPU).to(at::kDouble);
+  EXPECT_EQ(g.sizes(), w.sizes());
+  EXPECT_TRUE(at::isfinite(g).all().item<bool>());
+  const double scale = std::max(1.0, w.abs().max().item<double>());
+  return (g - w).abs().max().item<double>() / scale;
+}
+
+// softmax(q k^T + bias) v in double for one (row, head) over the keys
+// `first`..`first + count - 1` only: the masked keys are left out, not
+// biased away. q: [d]; k, v: [S, d]; bias: [S].
+at::Tensor Reference(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     int64_t count) {
+  const at::Tensor qd = q.to(at::kCPU).to(at::kDouble);
+  const at::Tensor kd = k.to(at::kCPU).to(at::kDouble).narrow(0, 0, count);
+  const at::Tensor vd = v.to(at::kCPU).to(at::kDouble).narrow(0, 0, count);
+  const at::Tensor bd = bias.to(at::kCPU).to(at::kDouble).narrow(0, 0, count);
+  const at::Tensor p = at::softmax(at::mv(kd, qd) + bd, 0);
+  return at::mv(vd.t(), p);
+}
+
+// Decoder self-attention at step t as the static decoder runs it: the whole
+// capacity-C cache (later positions zero), row t of relative bias + causal
+// mask. Also the eager KV cache: the first t + 1 positions, no mask.
+TEST(DecodeAttentionTest, SelfAttentionWithCache) {
+  at::manual_seed(11);
+  const int64_t C = 9, L = 2;
+  // The engine's mask value in bf16 mode (finfo(bfloat16).min).
+  const double min_value =
+      static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+  const at::Tensor position = Random({1, kH, C, C}, 2.0);
+  const at::Tensor pos = at::arange(C, at::TensorOptions().device(Device()));
+  const at::Tensor causal = at::where(pos.unsqueeze(0) > pos.unsqueeze(1),
+                                      at::scalar_tensor(min_value, F32()),
+                                      at::scalar_tensor(0.0, F32()))
+                                .view({1, 1, C, C});
+  const at::Tensor self_bias = (position + causal).contiguous();
+  // As StaticDecoder::self_kv_: [2, L, B, H, C, d], one block's slice.
+  const at::Tensor kv = at::zeros({2, L, kB, kH, C, kD}, F32());
+  for (int64_t t : {int64_t{0}, int64_t{4}, C - 1}) {
+    kv.narrow(4, 0, t + 1).copy_(Random({2, L, kB, kH, t + 1, kD}, 1.5));
+    const at::Tensor k = kv[0][1], v = kv[1][1];
+    const at::Tensor q = Random({kB, kH, 1, kD}, 1.5);
+    const at::Tensor t_index =
+        at::full({1}, t, at::TensorOptions().dtype(at::kLong).device(Device()));
+    const at::Tensor bias = self_bias.index_select(2, t_index);
+
+    const at::Tensor single = SingleQueryAttention(q, k, v, bias);
+    const at::Tensor general = GeneralAttention(q, k, v, bias);
+    ASSERT_EQ(single.sizes(), (std::vector<int64_t>{kB, kH, 1, kD}));
+    const double vs_general = RelDiff(single, general);
+    EXPECT_LE(vs_general, 2e-6) << "t " << t;
+
+    // The eager cache: a narrowed (non-contiguous) prefix, bias unmasked.
+    const at::Tensor prefix_bias =
+        self_bias.narrow(2, t, 1).narrow(3, 0, t + 1);
+    const at::Tensor eager = SingleQueryAttention(
+        q, k.narrow(2, 0, t + 1), v.narrow(2, 0, t + 1), prefix_bias);
+    const double vs_eager = RelDiff(eager, single);
+    EXPECT_LE(vs_eager, 2e-6) << "t " << t;
+
+    at::Tensor want = at::empty({kB, kH, 1, kD}, at::kDouble);
+    for (int64_t b = 0; b < kB; ++b) {
+      for (int64_t h = 0; h < kH; ++h) {
+        want[b][h][0].copy_(
+            Reference(q[b][h][0], k[b][h], v[b][h], bias[0][h][0], t + 1));
+      }
+    }
+    const double vs_ref = RelDiff(single, want);
+    const double general_vs_ref = RelDiff(general, want);
+    EXPECT_LE(vs_ref, 1e-5) << "t " << t;
+    EXPECT_LE(general_vs_ref, 1e-5) << "t " << t;
+    std::printf(
+        "self t=%lld: single vs general %.3g, vs eager prefix %.3g, vs "
+        "double %.3g (general vs double %.3g)\n",
+        static_cast<long long>(t), vs_general, vs_eager, vs_ref,
+        general_vs_ref);
+  }
+}
+
+// Cross-attention: encoder keys and values as the fused cross k|v GEMM
+// leaves them (strided views that need a copy to fold B and H), rows padded
+// to S with the encoder's mask bias [B, 1, 1, S].
+TEST(DecodeAttentionTest, CrossAttentionWithPaddedRows) {
+  at::manual_seed(12);
+  const int64_t S = 7;
+  const std::vector<int64_t> lengths = {7, 4, 1};
+  const double min_value = std::numeric_limits<float>::lowest();
+  at::Tensor mask = at::zeros({kB, S}, F32());
+  for (int64_t b = 0; b < kB; ++b) mask[b].narrow(0, 0, lengths[b]).fill_(1);
+  const at::Tensor mask_bias = ((1.0 - mask) * min_value).view({kB, 1, 1, S});
+  // [B, S, 2 * H * d]: k and v of one block side by side, then split into
+  // heads ([B, H, S, d] views).
+  const at::Tensor chunk = Random({kB, S, 2 * kH * kD}, 1.5);
+  auto heads = [&](int64_t j) {
+    return chunk.narrow(-1, j * kH * kD, kH * kD)
+        .view({kB, S, kH, kD})
+        .transpose(1, 2);
+  };
+  const at::Tensor k = heads(0), v = heads(1);
+  const at::Tensor q = Random({kB, kH, 1, kD}, 1.5);
+
+  const at::Tensor single = SingleQueryAttention(q, k, v, mask_bias);
+  const at::Tensor general = GeneralAttention(q, k, v, mask_bias);
+  const double vs_general = RelDiff(single, general);
+  EXPECT_LE(vs_general, 2e-6);
+  // Contiguous keys and values (the static decoder's buffers) give the same.
+  const double vs_contiguous = RelDiff(
+      SingleQueryAttention(q, k.contiguous(), v.contiguous(), mask_bias),
+      single);
+  EXPECT_LE(vs_contiguous, 2e-6);
+
+  at::Tensor want = at::empty({kB, kH, 1, kD}, at::kDouble);
+  const at::Tensor zero_bias = at::zeros({S}, F32());
+  for (int64_t b = 0; b < kB; ++b) {
+    for (int64_t h = 0; h < kH; ++h) {
+      want[b][h][0].copy_(
+          Reference(q[b][h][0], k[b][h], v[b][h], zero_bias, lengths[b]));
+    }
+  }
+  const double vs_ref = RelDiff(single, want);
+  EXPECT_LE(vs_ref, 1e-5);
+  EXPECT_LE(RelDiff(general, want), 1e-5);
+  std::printf(
+      "cross: single vs general %.3g, vs contiguous %.3g, vs double %.3g\n",
+      vs_general, vs_contiguous, vs_ref);
+}
+
+// Attention() sends one query to SingleQueryAttention (or, with
+// LORAHUB_DECODE_ATTN_GENERIC=1, to GeneralAttention) and longer queries to
+// GeneralAttention; shapes it does not fold fall back to the general path.
+TEST(DecodeAttentionTest, Dispatch) {
+  at::manual_seed(13);
+  const int64_t S = 5;
+  const at::Tensor k = Random({kB, kH, S, kD}, 1.0);
+  const at::Tensor v = Random({kB, kH, S, kD}, 1.0);
+  const at::Tensor bias = Random({1, kH, 1, S}, 1.0);
+  const at::Tensor q1 = Random({kB, kH, 1, kD}, 1.0);
+  const char* env = std::getenv("LORAHUB_DECODE_ATTN_GENERIC");
+  const bool generic =
+      env != nullptr && *env != '\0' && std::string(env) != "0";
+  EXPECT_EQ(DecodeAttentionGeneric(), generic);
+  const at::Tensor want1 = generic ? GeneralAttention(q1, k, v, bias)
+                                   : SingleQueryAttention(q1, k, v, bias);
+  EXPECT_TRUE(at::equal(Attention(q1, k, v, bias), want1));
+
+  const at::Tensor q3 = Random({kB, kH, 3, kD}, 1.0);
+  const at::Tensor bias3 = Random({1, kH, 3, S}, 1.0);
+  EXPECT_TRUE(
+      at::equal(Attention(q3, k, v, bias3), GeneralAttention(q3, k, v, bias3)));
+  // Not a single query: SingleQueryAttention hands it on unchanged.
+  EXPECT_TRUE(at::equal(SingleQueryAttention(q3, k, v, bias3),
+                        GeneralAttention(q3, k, v, bias3)));
+  // Keys broadcast over rows (B = 1): general path, same result as
+  // expanding them.
+  const at::Tensor k1 = k.narrow(0, 0, 1), v1 = v.narrow(0, 0, 1);
+  EXPECT_LE(RelDiff(SingleQueryAttention(q1, k1, v1, bias),
+                    SingleQueryAttention(q1, k1.expand_as(k).contiguous(),
+                                         v1.expand_as(v).contiguous(), bias)),
+            2e-6);
+}
+
+}  // namespace
+}  // namespace lorahub::model
