@@ -25,6 +25,18 @@ bool Disabled() {
   return disabled;
 }
 
+// bf16/fp16 a x b with fp32 accumulation and an fp32 result. The fallback
+// widens the operands first: the products of two bf16 (or fp16) values are
+// exact in fp32, so it differs from cuBLAS only in summation order.
+at::Tensor BmmFloat(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out;
+  if (a.is_cuda() && !Differentiable(a) && !Differentiable(b) &&
+      fused_backend::BmmFloat(a, b, &out)) {
+    return out;
+  }
+  return at::bmm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
 }  // namespace
 
 bool FusedKernelsCompiled() { return fused_backend::Compiled(); }
@@ -46,8 +58,11 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
   return out;
 }
 
-at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& bias) {
+at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k_in,
+                            const at::Tensor& v_in, const at::Tensor& bias) {
+  // bf16 caches (DecodeKvDtype) under LORAHUB_DECODE_ATTN_GENERIC=1.
+  const at::Tensor k = k_in.to(q.scalar_type());
+  const at::Tensor v = v_in.to(q.scalar_type());
   at::Tensor out;
   if (q.is_cuda() && !Disabled() && !Differentiable(q) && !Differentiable(k) &&
       !Differentiable(v) && fused_backend::Attention(q, k, v, bias, &out)) {
@@ -67,15 +82,31 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
   }
   const int64_t B = q.size(0), H = q.size(1), S = k.size(2);
   const int64_t d = q.size(3), dv = v.size(3);
+  const bool low = k.scalar_type() != q.scalar_type();
+  if (low &&
+      (v.scalar_type() != k.scalar_type() || q.scalar_type() != at::kFloat ||
+       (k.scalar_type() != at::kBFloat16 && k.scalar_type() != at::kHalf))) {
+    return GeneralAttention(q, k, v, bias);
+  }
   // [B*H, 1, d] x [B*H, d, S]: the keys' transpose is a stride swap, which
   // bmm passes to the GEMM as a transposed operand (no copy).
-  at::Tensor scores = at::bmm(q.reshape({B * H, 1, d}),
-                              k.reshape({B * H, S, d}).transpose(1, 2))
-                          .view({B, H, 1, S});
+  const at::Tensor q3 = q.to(k.scalar_type()).reshape({B * H, 1, d});
+  const at::Tensor kt = k.reshape({B * H, S, d}).transpose(1, 2);
+  at::Tensor scores =
+      (low ? BmmFloat(q3, kt) : at::bmm(q3, kt)).view({B, H, 1, S});
   scores.add_(bias);  // broadcast: [1, H, 1, S] (self) or [B, 1, 1, S] (cross)
-  const at::Tensor probs = at::softmax(scores, -1);
-  return at::bmm(probs.view({B * H, 1, S}), v.reshape({B * H, S, dv}))
-      .view({B, H, 1, dv});
+  const at::Tensor probs =
+      at::softmax(scores, -1).to(v.scalar_type()).view({B * H, 1, S});
+  const at::Tensor v3 = v.reshape({B * H, S, dv});
+  return (low ? BmmFloat(probs, v3) : at::bmm(probs, v3)).view({B, H, 1, dv});
+}
+
+at::ScalarType DecodeKvDtype(at::ScalarType compute) {
+  static const bool bf16 = [] {
+    const char* v = std::getenv("LORAHUB_DECODE_ATTN_BF16");
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+  }();
+  return bf16 && compute == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
 }
 
 bool DecodeAttentionGeneric() {

@@ -49,7 +49,8 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
 
 // The general path: PyTorch's scaled-dot-product attention on CUDA (the
 // memory-efficient kernel for fp32), matmul / softmax / matmul elsewhere and
-// under autograd. Same contract as Attention.
+// under autograd. Same contract as Attention (k and v of another dtype than
+// q are widened to q's first).
 at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias);
 
@@ -62,13 +63,27 @@ at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
 // bias (causal / cache length, padded encoder rows). q: [B, H, 1, d];
 // k, v: [B, H, S, d] (any strides; a copy only where B and H do not fold
 // into one batch dimension); bias broadcastable to [B, H, 1, S]. Returns a
-// contiguous [B, H, 1, d]. Other shapes go to GeneralAttention.
+// contiguous [B, H, 1, d]. Other shapes go to GeneralAttention. k and v may
+// be bf16 with q and bias fp32 (DecodeKvDtype); the result is then fp32.
 at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& bias);
 
 // True when LORAHUB_DECODE_ATTN_GENERIC=1 sends single queries to
 // GeneralAttention too. Read once.
 bool DecodeAttentionGeneric();
+
+// The dtype of the decode-step key/value caches (self-attention cache and
+// cross-attention keys / values) for a model computing in `compute`: fp32,
+// or bf16 when compute is bf16 and LORAHUB_DECODE_ATTN_BF16=1 (read once;
+// experimental, for an A/B). With bf16 keys and values SingleQueryAttention
+// multiplies bf16 operands with fp32 accumulation and fp32 results (cuBLAS
+// bmm with out_dtype fp32; products of two bf16 are exact in fp32, so the
+// CPU fallback, fp32 bmm on the widened operands, is the same arithmetic):
+// q is rounded to bf16, the scores, bias and softmax stay fp32, the
+// probabilities are rounded to bf16 for probs . V, the context is fp32.
+// What it rounds beyond the fp32 path: q, keys and values adapted in fp32
+// (LoRA deltas), and the probabilities, each once to 2^-9 relative.
+at::ScalarType DecodeKvDtype(at::ScalarType compute);
 
 }  // namespace lorahub::model
 

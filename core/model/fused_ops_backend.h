@@ -18,6 +18,9 @@ bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
              at::ScalarType compute, NormOutput* out);
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out);
+// a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and
+// an fp32 result: at::bmm with out_dtype (PyTorch >= 2.8).
+bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out);
 
 }  // namespace lorahub::model::fused_backend
 

@@ -76,4 +76,14 @@ bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return true;
 }
 
+bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out) {
+  if (!a.is_cuda() || a.scalar_type() != b.scalar_type() ||
+      (a.scalar_type() != at::kBFloat16 && a.scalar_type() != at::kHalf)) {
+    return false;
+  }
+  // bmm.dtype: cuBLAS with bf16/fp16 operands, fp32 compute and output.
+  *out = at::bmm(a, b, at::kFloat);
+  return true;
+}
+
 }  // namespace lorahub::model::fused_backend

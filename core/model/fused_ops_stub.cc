@@ -16,4 +16,8 @@ bool Attention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
 }  // namespace lorahub::model::fused_backend

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/fused_ops.h"
 #include "core/model/t5_layers.h"
 
 namespace lorahub::model {
@@ -86,8 +87,10 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     }
     d->tokens_ = at::full({B}, c.decoder_start_token_id, i64);
     d->t_ = at::zeros({1}, i64);
-    d->self_kv_ = at::zeros({2, L, B, c.num_heads, C, c.d_kv}, f32);
-    d->cross_kv_ = at::empty({2, L, B, c.num_heads, S, c.d_kv}, f32);
+    // fp32, or bf16 under LORAHUB_DECODE_ATTN_BF16=1 (fused_ops.h).
+    auto kv_opts = f32.dtype(DecodeKvDtype(weights.dtype));
+    d->self_kv_ = at::zeros({2, L, B, c.num_heads, C, c.d_kv}, kv_opts);
+    d->cross_kv_ = at::empty({2, L, B, c.num_heads, S, c.d_kv}, kv_opts);
     d->cross_bias_ = at::empty({B, 1, 1, S}, f32);
     d->LoadInputs(encoder, rows);
     // As DecodeFull: relative position bias plus the causal mask, so that
@@ -173,8 +176,8 @@ void StaticDecoder::StepBody() {
     at::Tensor self_k = self_kv_[0][static_cast<int64_t>(i)];
     at::Tensor self_v = self_kv_[1][static_cast<int64_t>(i)];
     auto store = [&](const at::Tensor& k, const at::Tensor& v) {
-      self_k.index_copy_(2, t_, k);
-      self_v.index_copy_(2, t_, v);
+      self_k.index_copy_(2, t_, k.to(self_k.scalar_type()));
+      self_v.index_copy_(2, t_, v.to(self_v.scalar_type()));
       return std::make_pair(self_k, self_v);
     };
     h = internal::DecoderBlockStep(

@@ -631,8 +631,10 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
     cache.self_bias =
         PositionBias(w, w.decoder_bias_table, capacity, capacity, false, 0)
             .to(at::kFloat);
-    // Keys and values stay fp32 like the scores they feed.
-    auto opts = at::TensorOptions().dtype(at::kFloat).device(w.device);
+    // Keys and values stay fp32 like the scores they feed (bf16 under
+    // LORAHUB_DECODE_ATTN_BF16=1, fused_ops.h).
+    const at::ScalarType kv_dtype = DecodeKvDtype(w.dtype);
+    auto opts = at::TensorOptions().dtype(kv_dtype).device(w.device);
     CrossKeyValues cross(w, encoder, rows);
     for (size_t i = 0; i < w.decoder.size(); ++i) {
       cache.self_k.push_back(
@@ -644,8 +646,8 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
       // Contiguous once here rather than a copy per step: the single-query
       // attention folds rows and heads into one batch dimension, which the
       // fused k|v GEMM's strided views do not allow.
-      cache.cross_k.push_back(kv.first.contiguous());
-      cache.cross_v.push_back(kv.second.contiguous());
+      cache.cross_k.push_back(kv.first.to(kv_dtype).contiguous());
+      cache.cross_v.push_back(kv.second.to(kv_dtype).contiguous());
     }
     return cache;
   } catch (const c10::Error& e) {

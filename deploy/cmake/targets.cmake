@@ -574,6 +574,7 @@ lorahub_cc_library(core_model_static_decoder
     ${SRC}/core/model/static_decoder_pool.h
   DEPS
     core_model_cuda_graph
+    core_model_fused_ops
     core_model_t5
     ext_absl_absl
     ext_libtorch_libtorch

@@ -173,6 +173,41 @@ TEST(DecodeAttentionTest, CrossAttentionWithPaddedRows) {
       vs_general, vs_contiguous, vs_ref);
 }
 
+// bf16 keys and values (LORAHUB_DECODE_ATTN_BF16=1, fused_ops.h): fp32
+// accumulation and fp32 scores, so where q, k and v are bf16 values already
+// (the engine's projections without a LoRA delta) the only new rounding is
+// the probabilities' (2^-9 relative); q carrying fp32 bits (a LoRA delta on
+// q) is rounded too, which large T5 scores amplify: printed for the record.
+TEST(DecodeAttentionTest, Bf16KeysAndValues) {
+  at::manual_seed(14);
+  const int64_t S = 11;
+  auto bf16_values = [](const at::Tensor& t) {
+    return t.to(at::kBFloat16).to(at::kFloat);
+  };
+  const at::Tensor k = bf16_values(Random({kB, kH, S, kD}, 1.5));
+  const at::Tensor v = bf16_values(Random({kB, kH, S, kD}, 1.5));
+  const at::Tensor q_full = Random({kB, kH, 1, kD}, 1.5);
+  const at::Tensor q = bf16_values(q_full);
+  at::Tensor bias = Random({1, kH, 1, S}, 2.0).expand({kB, kH, 1, S}).clone();
+  bias[1].narrow(-1, 6, S - 6).fill_(std::numeric_limits<float>::lowest());
+  const at::Tensor kb = k.to(at::kBFloat16), vb = v.to(at::kBFloat16);
+
+  const at::Tensor want = SingleQueryAttention(q, k, v, bias);
+  const at::Tensor got = SingleQueryAttention(q, kb, vb, bias);
+  EXPECT_EQ(got.scalar_type(), at::kFloat);
+  const double diff = RelDiff(got, want);
+  EXPECT_LE(diff, 4e-3);  // 2^-8: the probabilities' rounding, summed
+  // The general path widens bf16 keys and values to q's dtype.
+  EXPECT_LE(RelDiff(GeneralAttention(q, kb, vb, bias),
+                    GeneralAttention(q, k, v, bias)),
+            2e-6);
+  const double diff_full = RelDiff(SingleQueryAttention(q_full, kb, vb, bias),
+                                   SingleQueryAttention(q_full, k, v, bias));
+  EXPECT_LE(diff_full, 1e-2);
+  std::printf("bf16 k/v: vs fp32 path %.3g (bf16-valued q), %.3g (fp32 q)\n",
+              diff, diff_full);
+}
+
 // Attention() sends one query to SingleQueryAttention (or, with
 // LORAHUB_DECODE_ATTN_GENERIC=1, to GeneralAttention) and longer queries to
 // GeneralAttention; shapes it does not fold fall back to the general path.
