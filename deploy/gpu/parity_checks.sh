@@ -13,7 +13,8 @@
 #  D. PEFT: D1 composition methods vs add_weighted_adapter, D2 adapters exported by `lorahub learn
 #     --out` (loss and greedy ids), D3 modules trained by `lorahub train-module` -> $OUT/peft.txt
 #  E. (CUDA_TESTS=1) the engine's CUDA tests, golden parity included -> $OUT/ctest.log
-#  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json
+#  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json;
+#     BENCH_AB="separate generic_attn bf16_attn" picks the same-build A/B runs (default: separate)
 # The Python-only work (fixtures, the reference's traces, A, B) runs in the background from the
 # start, while the build runs. Everything logs to $OUT/log.txt; a failed step prints FAILED and
 # the run goes on. Background jobs are waited for by pid (a bare `wait` would also wait for the
@@ -109,9 +110,9 @@ fi
 if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
   stamp "E: CUDA tests"
   LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test|fused_weights_test" >"$WORK/ctest.log" 2>&1
+    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention" >"$WORK/ctest.log" 2>&1
   echo "ctest exit $?"
-  grep -E "tests passed|tests failed|\(Failed\)|fp32 .* logits" "$WORK/ctest.log" | tail -30
+  grep -E "tests passed|tests failed|\(Failed\)|fp32 .* logits|single vs general|bf16 k/v|greedy:" "$WORK/ctest.log" | tail -30
   cp "$WORK/ctest.log" "$out/ctest.log"
 fi
 
@@ -223,8 +224,19 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
     tail -c 1200 "$WORK/bench/$tag.json"; echo
   }
   bench fused LORAHUB_NO_FUSED_GEMMS=0 --profile-out "$WORK/bench/profile.json"
-  # The A/B (the previous GEMM structure in the same build) only while there is time.
-  [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] && bench separate LORAHUB_NO_FUSED_GEMMS=1
+  # A/B runs in the same build, each only while there is time. BENCH_AB lists them:
+  # separate (the separate GEMMs), generic_attn (decode steps on PyTorch's fp32
+  # scaled-dot-product attention instead of the single-query bmm path), bf16_attn (bf16 decode
+  # KV caches and bf16 bmm with fp32 accumulation, experimental).
+  for ab in ${BENCH_AB:-separate}; do
+    [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
+    case $ab in
+      separate) bench separate LORAHUB_NO_FUSED_GEMMS=1 ;;
+      generic_attn) bench generic_attn LORAHUB_DECODE_ATTN_GENERIC=1 ;;
+      bf16_attn) bench bf16_attn LORAHUB_DECODE_ATTN_BF16=1 ;;
+      *) failed "F: unknown BENCH_AB entry $ab" ;;
+    esac
+  done
   tar -C "$WORK" -czf "$out/bench.tgz" bench
 fi
 
