@@ -1,6 +1,7 @@
 #include "core/model/fused_ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <cstdlib>
 #include <string>
@@ -17,11 +18,13 @@ bool Differentiable(const at::Tensor& t) {
 
 // LORAHUB_NO_FUSED=1 sends every call to the ATen fallback (A/B timing,
 // bisecting a numerical difference). Read once.
+bool EnvFlag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
 bool Disabled() {
-  static const bool disabled = [] {
-    const char* v = std::getenv("LORAHUB_NO_FUSED");
-    return v != nullptr && *v != '\0' && std::string(v) != "0";
-  }();
+  static const bool disabled = EnvFlag("LORAHUB_NO_FUSED");
   return disabled;
 }
 
@@ -43,8 +46,13 @@ bool FusedKernelsCompiled() { return fused_backend::Compiled(); }
 
 bool FusedKernelsEnabled() { return fused_backend::Compiled() && !Disabled(); }
 
+// The fused ops open a "lorahub::" profiler scope: the op counts of
+// tests/model/objective_ops_test count one op per fused call (one kernel on
+// CUDA) and not the ATen ops of a fallback.
+
 NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    at::ScalarType compute) {
+  RECORD_USER_SCOPE("lorahub::rms_norm");
   NormOutput out;
   if (x.is_cuda() && !Disabled() && !Differentiable(x) &&
       !Differentiable(weight) &&
@@ -58,16 +66,41 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
   return out;
 }
 
+AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
+                         const at::Tensor& weight, double eps,
+                         at::ScalarType compute) {
+  RECORD_USER_SCOPE("lorahub::add_rms_norm");
+  AddNormOutput out;
+  if (x.is_cuda() && !Disabled() && !Differentiable(x) &&
+      !Differentiable(delta) && !Differentiable(weight) &&
+      fused_backend::AddRmsNorm(x, delta, weight, eps, compute, &out)) {
+    return out;
+  }
+  out.sum = x + delta;
+  out.norm = RmsNorm(out.sum, weight, eps, compute);
+  return out;
+}
+
+bool SmallAttentionGeneric() {
+  static const bool generic = EnvFlag("LORAHUB_SMALL_ATTN_GENERIC");
+  return generic;
+}
+
 at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k_in,
                             const at::Tensor& v_in, const at::Tensor& bias) {
+  RECORD_USER_SCOPE("lorahub::attention");
   // bf16 caches (DecodeKvDtype) under LORAHUB_DECODE_ATTN_GENERIC=1.
   const at::Tensor k = k_in.to(q.scalar_type());
   const at::Tensor v = v_in.to(q.scalar_type());
   at::Tensor out;
-  if (q.is_cuda() && !Disabled() && !Differentiable(q) && !Differentiable(k) &&
-      !Differentiable(v) && fused_backend::Attention(q, k, v, bias, &out)) {
+  const bool fused = q.is_cuda() && !Disabled() && !Differentiable(q) &&
+                     !Differentiable(k) && !Differentiable(v);
+  if (fused && !Differentiable(bias) && q.dim() == 4 &&
+      q.size(2) <= kSmallQueryMax && !SmallAttentionGeneric() &&
+      fused_backend::SmallAttention(q, k, v, bias, &out)) {
     return out;
   }
+  if (fused && fused_backend::Attention(q, k, v, bias, &out)) return out;
   at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) + bias;
   return at::matmul(at::softmax(scores, -1), v);
 }

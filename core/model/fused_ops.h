@@ -36,6 +36,21 @@ struct NormOutput {
 NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    at::ScalarType compute);
 
+// The residual update of a sublayer and the norm of the next one, ONE kernel
+// on CUDA (it was an elementwise add plus the norm kernel per sublayer, 120
+// adds per flan-t5-large objective evaluation): sum = x + delta in fp32
+// (x fp32, the residual stream; delta of any float dtype, the sublayer
+// output, same shape, widened), then RmsNorm(sum, weight, eps, compute).
+// Exactly the arithmetic of `RmsNorm(x + delta, ...)`, which is the
+// fallback (CPU, autograd, LORAHUB_NO_FUSED=1). `sum` is a new tensor.
+struct AddNormOutput {
+  at::Tensor sum;
+  NormOutput norm;
+};
+AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
+                         const at::Tensor& weight, double eps,
+                         at::ScalarType compute);
+
 // softmax(q k^T + bias) v with no 1/sqrt(d) scaling (T5), in the dtype of q,
 // k, v (fp32 in this engine). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
 // broadcastable to [B, H, T, S]. Returns [B, H, T, d].
@@ -47,12 +62,24 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias);
 
-// The general path: PyTorch's scaled-dot-product attention on CUDA (the
-// memory-efficient kernel for fp32), matmul / softmax / matmul elsewhere and
-// under autograd. Same contract as Attention (k and v of another dtype than
+// The general path: on CUDA, queries of at most kSmallQueryMax positions
+// (the teacher-forced decoder of the objective: self- and cross-attention)
+// take one hand-written kernel (fused_kernels.h LaunchSmallAttention: fp32
+// scores and softmax, any strides, so no copies of the strided q/k/v views),
+// unless LORAHUB_SMALL_ATTN_GENERIC=1 (read once; A/B). Why: for these
+// shapes PyTorch's scaled-dot-product attention picked its math path, about
+// twelve kernels per call (three copies, two multiplies by 1, two GEMMs, the
+// bias add, softmax and three kernels of its fully-masked-row guard).
+// Longer queries take scaled-dot-product attention (the memory-efficient
+// kernel for fp32); matmul / softmax / matmul elsewhere and under autograd. Same contract as Attention (k and v of another dtype than
 // q are widened to q's first).
 at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias);
+constexpr int64_t kSmallQueryMax = 32;
+
+// True when LORAHUB_SMALL_ATTN_GENERIC=1 keeps short queries on
+// scaled-dot-product attention. Read once.
+bool SmallAttentionGeneric();
 
 // The same arithmetic for one query per (row, head) as two batched matmuls
 // (cuBLAS / CPU bmm over B*H matrices) around the bias add and the softmax,

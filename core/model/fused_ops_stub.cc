@@ -11,6 +11,16 @@ bool RmsNorm(const at::Tensor&, const at::Tensor&, double, at::ScalarType,
   return false;
 }
 
+bool AddRmsNorm(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                double, at::ScalarType, AddNormOutput*) {
+  return false;
+}
+
+bool SmallAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
 bool Attention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                const at::Tensor&, at::Tensor*) {
   return false;

@@ -476,6 +476,7 @@ using internal::CausalBias;
 using internal::CrossKeyValues;
 using internal::DecoderBlockStep;
 using internal::DecoderLogits;
+using internal::LmHead;
 using internal::Embed;
 using internal::EncoderInput;
 using internal::FeedForward;
@@ -485,6 +486,38 @@ using internal::Normed;
 using internal::PositionBias;
 using internal::RmsNorm;
 using internal::SelfAttentionHeads;
+
+// The fp32 residual stream of Encode / DecodeFull: a sublayer output is
+// held back and added by the next norm (fused_ops.h AddRmsNorm: one kernel
+// on CUDA for the add and the norm). The same arithmetic as
+// `h = h + out; RmsNorm(h)`.
+class Residual {
+ public:
+  Residual(const T5Weights& w, at::Tensor h) : w_(w), h_(std::move(h)) {}
+  // Sublayer output to add (before the next Norm).
+  void Add(at::Tensor out) {
+    if (pending_.defined()) Flush();
+    pending_ = std::move(out);
+  }
+  // The stream (with any pending output added), normed by `weight`.
+  Normed Norm(const at::Tensor& weight) {
+    const double eps = w_.config.layer_norm_epsilon;
+    if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
+    AddNormOutput r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
+    h_ = std::move(r.sum);
+    pending_ = at::Tensor();
+    return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
+  }
+
+ private:
+  void Flush() {
+    h_ = h_ + pending_;
+    pending_ = at::Tensor();
+  }
+  const T5Weights& w_;
+  at::Tensor h_;
+  at::Tensor pending_;
+};
 
 EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
                          const at::Tensor& mask, const RowAdapters& rows) {
@@ -496,16 +529,15 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   at::Tensor bias =
       PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(at::kFloat) +
       out.mask_bias;
-  at::Tensor h = Embed(w, ids);
+  Residual h(w, Embed(w, ids));
   for (const BlockWeights& b : w.encoder) {
-    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    Normed n = h.Norm(b.self_norm);
     std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
-    h = h + AttendAndProject(qkv[0], qkv[1], qkv[2], bias, b.self_attn.o,
-                             rows);
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
-    h = h + FeedForward(n, w, b.ff, rows);
+    h.Add(AttendAndProject(qkv[0], qkv[1], qkv[2], bias, b.self_attn.o, rows));
+    n = h.Norm(b.ff_norm);
+    h.Add(FeedForward(n, w, b.ff, rows));
   }
-  Normed n = RmsNorm(h, w.encoder_final_norm, c.layer_norm_epsilon, w.dtype);
+  Normed n = h.Norm(w.encoder_final_norm);
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
@@ -518,24 +550,24 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
   at::Tensor self_bias =
       PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(at::kFloat) +
       CausalBias(w, T, w.device);
-  at::Tensor h = Embed(w, ids);
+  Residual h(w, Embed(w, ids));
   CrossKeyValues cross(w, enc, rows);
   for (size_t i = 0; i < w.decoder.size(); ++i) {
     const BlockWeights& b = w.decoder[i];
-    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+    Normed n = h.Norm(b.self_norm);
     std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
-    h = h + AttendAndProject(qkv[0], qkv[1], qkv[2], self_bias, b.self_attn.o,
-                             rows);
-    n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+    h.Add(AttendAndProject(qkv[0], qkv[1], qkv[2], self_bias, b.self_attn.o,
+                           rows));
+    n = h.Norm(b.cross_norm);
     at::Tensor q = Heads(n, b.cross_attn.q, rows, c);
     std::pair<at::Tensor, at::Tensor> kv =
         cross.Block(static_cast<int64_t>(i));
-    h = h + AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
-                             b.cross_attn.o, rows);
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
-    h = h + FeedForward(n, w, b.ff, rows);
+    h.Add(AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
+                           b.cross_attn.o, rows));
+    n = h.Norm(b.ff_norm);
+    h.Add(FeedForward(n, w, b.ff, rows));
   }
-  return DecoderLogits(w, h);
+  return LmHead(w, h.Norm(w.decoder_final_norm).full);
 }
 
 absl::Status CheckIds(const at::Tensor& ids, const char* what) {

