@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kNormThreads)
     local_sum += e;
   }
   const float total = BlockSum(local_sum);  // its barrier publishes p
-  const int64_t o0 = ((b * a.H + h) * a.T + t) * a.Dv;
+  const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
   for (int64_t i = threadIdx.x; i < a.Dv; i += kNormThreads) {
     float acc = 0.f;
     for (int64_t j = 0; j < a.S; ++j) {

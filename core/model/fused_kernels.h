@@ -33,8 +33,8 @@ int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
 // thread block per (row, head, query), scores and softmax in fp32 in shared
 // memory. q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv] of qkv_dtype and
 // bias [B, H, T, S] of bias_dtype (kFloat or kBFloat16) with any element
-// strides (0 for broadcast dimensions); out: a contiguous [B, H, T, Dv] of
-// qkv_dtype. Returns cudaErrorInvalidValue for shapes it does not take
+// strides (0 for broadcast dimensions); out: a contiguous [B, T, H, Dv] of
+// qkv_dtype (heads last: the output projection's input layout). Returns cudaErrorInvalidValue for shapes it does not take
 // (D or Dv > 256, S > 8192).
 struct AttentionArgs {
   const void* q = nullptr;

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -81,6 +82,20 @@ AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
   return out;
 }
 
+namespace {
+std::atomic<int> attention_bf16_override{-1};
+}  // namespace
+
+bool AttentionBf16() {
+  static const bool from_env = EnvFlag("LORAHUB_ATTN_BF16");
+  const int forced = attention_bf16_override.load();
+  return forced < 0 ? from_env : forced != 0;
+}
+
+void SetAttentionBf16ForTesting(int value) {
+  attention_bf16_override.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
+}
+
 bool SmallAttentionGeneric() {
   static const bool generic = EnvFlag("LORAHUB_SMALL_ATTN_GENERIC");
   return generic;
@@ -101,8 +116,22 @@ at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k_in,
     return out;
   }
   if (fused && fused_backend::Attention(q, k, v, bias, &out)) return out;
-  at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) + bias;
-  return at::matmul(at::softmax(scores, -1), v);
+  // fp32 scores and softmax (for bf16 q, k, v: on the widened operands, the
+  // short-query kernel's arithmetic; for fp32 every .to() is a no-op).
+  at::Tensor scores = at::matmul(q.to(at::kFloat),
+                                 k.to(at::kFloat).transpose(-1, -2)) +
+                      bias;
+  const at::Tensor ctx =
+      at::matmul(at::softmax(scores, -1), v.to(at::kFloat)).to(q.scalar_type());
+  if (ctx.dim() != 4 || q.is_cuda()) return ctx;
+  // As the CUDA kernels lay the context out: heads last in memory, so that
+  // the head merge before the output projection is a view (a copy here,
+  // inside the op, where the CUDA kernel writes it so).
+  at::Tensor out_bthd =
+      at::empty({ctx.size(0), ctx.size(2), ctx.size(1), ctx.size(3)},
+                ctx.options());
+  out_bthd.copy_(ctx.transpose(1, 2));
+  return out_bthd.transpose(1, 2);
 }
 
 at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,

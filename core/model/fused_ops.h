@@ -52,7 +52,7 @@ AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                          at::ScalarType compute);
 
 // softmax(q k^T + bias) v with no 1/sqrt(d) scaling (T5), in the dtype of q,
-// k, v (fp32 in this engine). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
+// k, v (fp32 in this engine, bf16 under AttentionBf16()). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
 // broadcastable to [B, H, T, S]. Returns [B, H, T, d].
 //
 // A single query (T == 1: every incremental decode step, with the KV cache
@@ -80,6 +80,22 @@ constexpr int64_t kSmallQueryMax = 32;
 // True when LORAHUB_SMALL_ATTN_GENERIC=1 keeps short queries on
 // scaled-dot-product attention. Read once.
 bool SmallAttentionGeneric();
+
+// True when a bf16 model's teacher-forced passes (Encode, DecodeFull: the
+// objective) run attention on bf16 q, k, v (LORAHUB_ATTN_BF16=1, read once;
+// experimental, for an A/B): no widening of the projections' outputs and no
+// rounding of the context for the output projection; the fused kernels form
+// the scores and the softmax in fp32 (PyTorch's memory-efficient kernel and
+// the short-query kernel accumulate in fp32), the probabilities are rounded
+// to bf16 inside SDPA for the weighted values, the context is rounded once.
+// What it rounds beyond the fp32 path: q and k and v adapted by fp32 LoRA
+// deltas, the encoder's additive bias (position bias from a bf16 table:
+// exact; masked entries: still about finfo(bf16).min), and inside SDPA the
+// probabilities. The fallback (CPU) widens q, k, v to fp32 and rounds the
+// context: the arithmetic of the short-query kernel.
+bool AttentionBf16();
+// Tests: 1 / 0 forces AttentionBf16(), -1 returns to the environment's.
+void SetAttentionBf16ForTesting(int value);
 
 // The same arithmetic for one query per (row, head) as two batched matmuls
 // (cuBLAS / CPU bmm over B*H matrices) around the bias add and the softmax,

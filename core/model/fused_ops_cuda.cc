@@ -130,7 +130,9 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
     return false;
   }
   c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor result = at::empty({B, H, T, Dv}, q.options());
+  // Written as [B, T, H, Dv] and returned as its [B, H, T, Dv] view: the
+  // head merge before the output projection is then a view, not a copy.
+  at::Tensor result = at::empty({B, T, H, Dv}, q.options());
   kernels::AttentionArgs a;
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -155,7 +157,7 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
       a, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
   TORCH_CHECK(err == 0, "short-query attention kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
-  *out = std::move(result);
+  *out = result.transpose(1, 2);
   return true;
 }
 
