@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/model/fused_kernels.h"
@@ -174,6 +175,40 @@ int LaunchAddForWeight(const float* x, const void* delta, DType delta_dtype,
   }
 }
 
+// Rounds v to `t` and back (a no-op for fp32).
+__device__ __forceinline__ float RoundTo(DType t, float v) {
+  switch (t) {
+    case DType::kBFloat16:
+      return __bfloat162float(__float2bfloat16(v));
+    case DType::kHalf:
+      return __half2float(__float2half(v));
+    default:
+      return v;
+  }
+}
+
+__global__ void GatedGeluTanhKernel(const void* __restrict__ gate,
+                                    int64_t gate_row_stride,
+                                    const void* __restrict__ up,
+                                    int64_t up_row_stride,
+                                    void* __restrict__ out, DType dtype,
+                                    int64_t rows, int64_t dim) {
+  // PyTorch's tanh GELU constants: sqrt(2 / pi) and 0.044715.
+  constexpr float kBeta = 0.7978845608028654f;
+  constexpr float kKappa = 0.044715f;
+  const int64_t n = rows * dim;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / dim;
+    const int64_t c = i - r * dim;
+    const float g = LoadAsFloat(gate, dtype, r * gate_row_stride + c);
+    const float u = LoadAsFloat(up, dtype, r * up_row_stride + c);
+    const float inner = kBeta * (g + kKappa * (g * g * g));
+    const float act = RoundTo(dtype, 0.5f * g * (1.f + tanhf(inner)));
+    StoreFromFloat(out, dtype, i, act * u);
+  }
+}
+
 constexpr int64_t kMaxAttentionHead = 256;
 constexpr int64_t kMaxAttentionKeys = 8192;
 
@@ -316,6 +351,22 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
   const size_t shared = static_cast<size_t>(args.D + args.S) * sizeof(float);
   SmallAttentionKernel<<<static_cast<unsigned>(blocks), kNormThreads, shared,
                          static_cast<cudaStream_t>(stream)>>>(args);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
+                        const void* up, int64_t up_row_stride, void* out,
+                        DType dtype, int64_t rows, int64_t dim, void* stream) {
+  if (rows < 0 || dim < 0 || dtype == DType::kNone) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const int64_t n = rows * dim;
+  if (n == 0) return 0;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
+  GatedGeluTanhKernel<<<static_cast<unsigned>(blocks), kThreads, 0,
+                        static_cast<cudaStream_t>(stream)>>>(
+      gate, gate_row_stride, up, up_row_stride, out, dtype, rows, dim);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -29,6 +29,14 @@ int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
                      float* full, void* rounded, DType rounded_dtype,
                      int64_t rows, int64_t dim, float eps, void* stream);
 
+// out[r, c] = gelu_tanh(gate[r, c]) * up[r, c] for `rows` rows of `dim`
+// values, all of one dtype (row strides in elements; unit column stride;
+// out contiguous). As ATen computes at::gelu(gate, "tanh") * up: the GELU
+// in fp32 rounded to the dtype, then the product in fp32 rounded.
+int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
+                        const void* up, int64_t up_row_stride, void* out,
+                        DType dtype, int64_t rows, int64_t dim, void* stream);
+
 // softmax(q k^T + bias) v (no 1/sqrt(d) scaling) for short queries: one
 // thread block per (row, head, query), scores and softmax in fp32 in shared
 // memory. q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv] of qkv_dtype and

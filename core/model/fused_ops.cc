@@ -96,6 +96,16 @@ void SetAttentionBf16ForTesting(int value) {
   attention_bf16_override.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
 }
 
+at::Tensor GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up) {
+  RECORD_USER_SCOPE("lorahub::gated_gelu");
+  at::Tensor out;
+  if (gate.is_cuda() && !Disabled() && !Differentiable(gate) &&
+      !Differentiable(up) && fused_backend::GatedGeluTanh(gate, up, &out)) {
+    return out;
+  }
+  return at::gelu(gate, "tanh") * up;
+}
+
 bool SmallAttentionGeneric() {
   static const bool generic = EnvFlag("LORAHUB_SMALL_ATTN_GENERIC");
   return generic;

@@ -51,6 +51,16 @@ AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                          const at::Tensor& weight, double eps,
                          at::ScalarType compute);
 
+// gelu_tanh(gate) * up, T5's gated FFN with transformers' NewGELU
+// (gelu_new and its aliases): ONE kernel on CUDA (it was a GELU and a
+// multiply per block). gate, up: same shape and float dtype, each a view
+// with unit last-dimension stride whose leading dimensions collapse into
+// rows (the two column halves of the fused wi_0|wi_1 output qualify).
+// Result: new, contiguous, same shape and dtype. The arithmetic of the
+// fallback at::gelu(gate, "tanh") * up (CPU, autograd, LORAHUB_NO_FUSED=1):
+// the GELU in fp32 rounded to the dtype, the product in fp32 rounded.
+at::Tensor GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up);
+
 // softmax(q k^T + bias) v with no 1/sqrt(d) scaling (T5), in the dtype of q,
 // k, v (fp32 in this engine, bf16 under AttentionBf16()). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
 // broadcastable to [B, H, T, S]. Returns [B, H, T, d].

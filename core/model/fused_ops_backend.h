@@ -20,6 +20,9 @@ bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                 const at::Tensor& weight, double eps, at::ScalarType compute,
                 AddNormOutput* out);
+// gelu_tanh(gate) * up (fused_ops.h GatedGeluTanh).
+bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
+                   at::Tensor* out);
 // The short-query attention kernel (fused_ops.h SmallQueryAttention).
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,

@@ -103,6 +103,44 @@ bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
   return true;
 }
 
+namespace {
+
+// The row stride of `t` seen as [rows, t.size(-1)] with unit column stride
+// (leading dimensions collapse into rows), or -1 when it cannot be.
+int64_t RowStride(const at::Tensor& t) {
+  if (t.dim() < 2 || t.stride(-1) != 1) return -1;
+  for (int64_t i = 0; i + 2 < t.dim(); ++i) {
+    if (t.size(i) != 1 && t.stride(i) != t.stride(i + 1) * t.size(i + 1)) {
+      return -1;
+    }
+  }
+  return t.stride(-2);
+}
+
+}  // namespace
+
+bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
+                   at::Tensor* out) {
+  const kernels::DType dtype = KernelDType(gate.scalar_type());
+  const int64_t gs = RowStride(gate), us = RowStride(up);
+  if (dtype == kernels::DType::kNone || up.scalar_type() != gate.scalar_type() ||
+      !up.is_cuda() || up.device() != gate.device() ||
+      up.sizes() != gate.sizes() || gs < 0 || us < 0) {
+    return false;
+  }
+  c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor result = at::empty(gate.sizes(), gate.options());
+  const int64_t dim = gate.size(-1);
+  const int64_t rows = dim == 0 ? 0 : gate.numel() / dim;
+  const int err = kernels::LaunchGatedGeluTanh(
+      gate.data_ptr(), gs, up.data_ptr(), us, result.data_ptr(), dtype, rows,
+      dim, c10::cuda::getCurrentCUDAStream(gate.device().index()).stream());
+  TORCH_CHECK(err == 0, "gated GELU kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = std::move(result);
+  return true;
+}
+
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,
                     at::Tensor* out) {

@@ -16,6 +16,10 @@ bool AddRmsNorm(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+bool GatedGeluTanh(const at::Tensor&, const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
 bool SmallAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, at::Tensor*) {
   return false;

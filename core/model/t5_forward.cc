@@ -40,6 +40,18 @@ at::Tensor Activation(const at::Tensor& x, const std::string& name) {
   TORCH_CHECK(false, "unsupported activation '", name, "'");
 }
 
+// act(gate) * up; the tanh GELU as one fused op (fused_ops.h) when both
+// have one dtype (with a LoRA delta on only one of them, they do not).
+at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up,
+                           const std::string& name) {
+  if ((name == "gelu_new" || name == "gelu_pytorch_tanh" ||
+       name == "gelu_fast") &&
+      gate.scalar_type() == up.scalar_type()) {
+    return GatedGeluTanh(gate, up);
+  }
+  return Activation(gate, name) * up;
+}
+
 // Logits in fp32: the final hidden state (fp32) is rounded once as the
 // matmul input; the matmul output is widened before anything reads it.
 at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
@@ -433,12 +445,12 @@ at::Tensor FeedForward(const Normed& x, const T5Weights& w,
     const at::Tensor y =
         ProjectFused(x.mm, ff.wi_01, {&ff.wi_0, &ff.wi_1}, rows, x.full);
     const int64_t d_ff = ff.wi_0.weight.size(0);
-    h = Activation(y.narrow(-1, 0, d_ff), w.config.dense_act_fn) *
-        y.narrow(-1, d_ff, d_ff);
+    h = GatedActivation(y.narrow(-1, 0, d_ff), y.narrow(-1, d_ff, d_ff),
+                        w.config.dense_act_fn);
   } else if (w.config.is_gated_act) {
-    h = Activation(Project(x.mm, ff.wi_0, rows, x.full),
-                   w.config.dense_act_fn) *
-        Project(x.mm, ff.wi_1, rows, x.full);
+    h = GatedActivation(Project(x.mm, ff.wi_0, rows, x.full),
+                        Project(x.mm, ff.wi_1, rows, x.full),
+                        w.config.dense_act_fn);
   } else {
     h = Activation(Project(x.mm, ff.wi, rows, x.full), w.config.dense_act_fn);
   }

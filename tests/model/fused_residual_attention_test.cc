@@ -1,5 +1,6 @@
 // The fused residual + RMS norm (fused_ops.h AddRmsNorm) against its
-// definition RmsNorm(x + delta), and short-query attention (GeneralAttention
+// definition RmsNorm(x + delta), the fused gated GELU against
+// gelu(gate) * up, and short-query attention (GeneralAttention
 // with at most kSmallQueryMax queries: the hand-written kernel on CUDA, the
 // matmul fallback on CPU) against a double-precision reference, on the
 // strided q/k/v views and broadcast biases the objective's decoder passes.
@@ -70,6 +71,26 @@ TEST(AddRmsNormTest, IsTheNormOfTheSum) {
   }
 }
 
+// The gated FFN's gelu_tanh(wi_0 x) * (wi_1 x) on the two column halves of
+// one fused output, fp32 and bf16: the definition's arithmetic (CPU: the
+// same ops; CUDA: the kernel, within one rounding of the dtype).
+TEST(GatedGeluTest, IsGeluTimesUp) {
+  at::manual_seed(9);
+  const bool cpu = Device().is_cpu();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    const int64_t d_ff = 37;
+    const at::Tensor y = (at::randn({3, 5, 2 * d_ff}, F32()) * 2.5).to(dtype);
+    const at::Tensor gate = y.narrow(-1, 0, d_ff);
+    const at::Tensor up = y.narrow(-1, d_ff, d_ff);
+    const at::Tensor got = GatedGeluTanh(gate, up);
+    const at::Tensor want = at::gelu(gate, "tanh") * up;
+    ASSERT_EQ(got.scalar_type(), dtype);
+    ASSERT_EQ(got.sizes(), want.sizes());
+    const double tol = cpu ? 0.0 : (dtype == at::kFloat ? 1e-6 : 1.0 / 64);
+    EXPECT_LE(RelDiff(got.to(at::kFloat), want.to(at::kFloat)), tol);
+  }
+}
+
 // softmax(q k^T + bias) v in double, per (row, head, query), over all keys.
 at::Tensor Reference(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias) {
@@ -137,6 +158,21 @@ TEST(ShortQueryAttentionTest, StridedCrossAttentionWithPadding) {
       kv2.narrow(-1, 2 * inner, inner).view({B, S, H, d}).transpose(1, 2);
   const at::Tensor got2 = GeneralAttention(q, k2, v2, mask);
   EXPECT_LT(RelDiff(got2.narrow(0, 2, 2), got.narrow(0, 2, 2)), 1e-6);
+}
+
+// bf16 q, k, v (AttentionBf16) with an fp32 bias: fp32 scores and softmax
+// on the widened operands, the context rounded once to bf16.
+TEST(ShortQueryAttentionTest, Bf16QueriesKeysValues) {
+  at::manual_seed(10);
+  const int64_t B = 2, T = 3, S = 11, H = 2, d = 8;
+  const at::Tensor q = (at::randn({B, H, T, d}, F32()) * 1.5).to(at::kBFloat16);
+  const at::Tensor k = (at::randn({B, H, S, d}, F32()) * 1.5).to(at::kBFloat16);
+  const at::Tensor v = at::randn({B, H, S, d}, F32()).to(at::kBFloat16);
+  const at::Tensor bias = at::randn({1, H, T, S}, F32());
+  const at::Tensor got = GeneralAttention(q, k, v, bias);
+  ASSERT_EQ(got.scalar_type(), at::kBFloat16);
+  // The reference on the same bf16 values: only the output's rounding.
+  EXPECT_LT(RelDiff(got.to(at::kFloat), Reference(q, k, v, bias)), 1.0 / 128);
 }
 
 }  // namespace
