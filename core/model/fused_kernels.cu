@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kNormThreads)
       acc += p[j] * LoadAsFloat(a.v, a.qkv_dtype,
                                 v0 + j * a.v_stride[2] + i * a.v_stride[3]);
     }
-    StoreFromFloat(a.out, a.qkv_dtype, o0 + i, acc / total);
+    StoreFromFloat(a.out, a.out_dtype, o0 + i, acc / total);
   }
 }
 
@@ -348,9 +348,11 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
       args.bias_dtype == DType::kNone) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
+  AttentionArgs a = args;
+  if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
   const size_t shared = static_cast<size_t>(args.D + args.S) * sizeof(float);
   SmallAttentionKernel<<<static_cast<unsigned>(blocks), kNormThreads, shared,
-                         static_cast<cudaStream_t>(stream)>>>(args);
+                         static_cast<cudaStream_t>(stream)>>>(a);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -42,7 +42,8 @@ int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
 // memory. q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv] of qkv_dtype and
 // bias [B, H, T, S] of bias_dtype (kFloat or kBFloat16) with any element
 // strides (0 for broadcast dimensions); out: a contiguous [B, T, H, Dv] of
-// qkv_dtype (heads last: the output projection's input layout). Returns cudaErrorInvalidValue for shapes it does not take
+// out_dtype (heads last: the output projection's input layout), each value
+// rounded once from fp32. Returns cudaErrorInvalidValue for shapes it does not take
 // (D or Dv > 256, S > 8192).
 struct AttentionArgs {
   const void* q = nullptr;
@@ -52,6 +53,7 @@ struct AttentionArgs {
   void* out = nullptr;
   DType qkv_dtype = DType::kNone;
   DType bias_dtype = DType::kNone;
+  DType out_dtype = DType::kNone;  // kNone: qkv_dtype
   int64_t B = 0, H = 0, T = 0, S = 0, D = 0, Dv = 0;
   int64_t q_stride[4] = {0, 0, 0, 0};
   int64_t k_stride[4] = {0, 0, 0, 0};

@@ -43,6 +43,12 @@ at::Tensor BmmFloat(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
+// (File-local.) GeneralAttention with its result rounded to out_dtype (written so by the
+// short-query kernel, converted after the other paths).
+at::Tensor GeneralAttentionTo(const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& bias,
+                              at::ScalarType out_dtype);
+
 bool FusedKernelsCompiled() { return fused_backend::Compiled(); }
 
 bool FusedKernelsEnabled() { return fused_backend::Compiled() && !Disabled(); }
@@ -111,8 +117,26 @@ bool SmallAttentionGeneric() {
   return generic;
 }
 
-at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k_in,
-                            const at::Tensor& v_in, const at::Tensor& bias) {
+at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& bias) {
+  return GeneralAttentionTo(q, k, v, bias, q.scalar_type());
+}
+
+at::Tensor GeneralAttentionTo(const at::Tensor& q, const at::Tensor& k_in,
+                              const at::Tensor& v_in, const at::Tensor& bias,
+                              at::ScalarType out_dtype) {
+  // Queries the short-query kernel takes on CUDA (the CPU mirrors the
+  // choice, so that op counts there are those of the GPU). A single query
+  // under LORAHUB_DECODE_ATTN_GENERIC=1 stays on SDPA (that switch's A/B
+  // means "decode steps on PyTorch's attention").
+  const bool small = q.dim() == 4 && q.size(2) <= kSmallQueryMax &&
+                     !SmallAttentionGeneric() &&
+                     (q.size(2) > 1 || !DecodeAttentionGeneric());
+  if (!small && out_dtype != q.scalar_type()) {
+    // SDPA, then a conversion (two kernels on CUDA).
+    return GeneralAttentionTo(q, k_in, v_in, bias, q.scalar_type())
+        .to(out_dtype);
+  }
   RECORD_USER_SCOPE("lorahub::attention");
   // bf16 caches (DecodeKvDtype) under LORAHUB_DECODE_ATTN_GENERIC=1.
   const at::Tensor k = k_in.to(q.scalar_type());
@@ -120,19 +144,20 @@ at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k_in,
   at::Tensor out;
   const bool fused = q.is_cuda() && !Disabled() && !Differentiable(q) &&
                      !Differentiable(k) && !Differentiable(v);
-  if (fused && !Differentiable(bias) && q.dim() == 4 &&
-      q.size(2) <= kSmallQueryMax && !SmallAttentionGeneric() &&
-      fused_backend::SmallAttention(q, k, v, bias, &out)) {
+  if (fused && small && !Differentiable(bias) &&
+      fused_backend::SmallAttention(q, k, v, bias, out_dtype, &out)) {
     return out;
   }
-  if (fused && fused_backend::Attention(q, k, v, bias, &out)) return out;
+  if (fused && fused_backend::Attention(q, k, v, bias, &out)) {
+    return out.to(out_dtype);
+  }
   // fp32 scores and softmax (for bf16 q, k, v: on the widened operands, the
   // short-query kernel's arithmetic; for fp32 every .to() is a no-op).
   at::Tensor scores = at::matmul(q.to(at::kFloat),
                                  k.to(at::kFloat).transpose(-1, -2)) +
                       bias;
   const at::Tensor ctx =
-      at::matmul(at::softmax(scores, -1), v.to(at::kFloat)).to(q.scalar_type());
+      at::matmul(at::softmax(scores, -1), v.to(at::kFloat)).to(out_dtype);
   if (ctx.dim() != 4 || q.is_cuda()) return ctx;
   // As the CUDA kernels lay the context out: heads last in memory, so that
   // the head merge before the output projection is a view (a copy here,
@@ -195,6 +220,15 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
     return SingleQueryAttention(q, k, v, bias);
   }
   return GeneralAttention(q, k, v, bias);
+}
+
+at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     at::ScalarType out_dtype) {
+  if (q.dim() == 4 && q.size(2) == 1 && !DecodeAttentionGeneric()) {
+    return SingleQueryAttention(q, k, v, bias).to(out_dtype);
+  }
+  return GeneralAttentionTo(q, k, v, bias, out_dtype);
 }
 
 }  // namespace lorahub::model

@@ -72,6 +72,13 @@ at::Tensor GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias);
 
+// Attention(q, k, v, bias).to(out_dtype), the same values: the short-query
+// kernel rounds its fp32 result straight to out_dtype (no conversion kernel;
+// the objective's output projections read bf16 contexts).
+at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     at::ScalarType out_dtype);
+
 // The general path: on CUDA, queries of at most kSmallQueryMax positions
 // (the teacher-forced decoder of the objective: self- and cross-attention)
 // take one hand-written kernel (fused_kernels.h LaunchSmallAttention: fp32

@@ -23,10 +23,11 @@ bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
 // gelu_tanh(gate) * up (fused_ops.h GatedGeluTanh).
 bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
                    at::Tensor* out);
-// The short-query attention kernel (fused_ops.h SmallQueryAttention).
+// The short-query attention kernel (fused_ops.h GeneralAttention), its
+// result in `out_dtype`.
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,
-                    at::Tensor* out);
+                    at::ScalarType out_dtype, at::Tensor* out);
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and

@@ -143,7 +143,7 @@ bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
 
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,
-                    at::Tensor* out) {
+                    at::ScalarType out_dtype, at::Tensor* out) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || !k.is_cuda() ||
       !v.is_cuda() || !bias.is_cuda() || k.device() != q.device() ||
       v.device() != q.device() || bias.device() != q.device() ||
@@ -151,7 +151,8 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
       v.scalar_type() != q.scalar_type() ||
       (q.scalar_type() != at::kFloat && q.scalar_type() != at::kBFloat16) ||
       (bias.scalar_type() != at::kFloat &&
-       bias.scalar_type() != at::kBFloat16)) {
+       bias.scalar_type() != at::kBFloat16) ||
+      KernelDType(out_dtype) == kernels::DType::kNone) {
     return false;
   }
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
@@ -170,7 +171,7 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   c10::cuda::CUDAGuard guard(q.device());
   // Written as [B, T, H, Dv] and returned as its [B, H, T, Dv] view: the
   // head merge before the output projection is then a view, not a copy.
-  at::Tensor result = at::empty({B, T, H, Dv}, q.options());
+  at::Tensor result = at::empty({B, T, H, Dv}, q.options().dtype(out_dtype));
   kernels::AttentionArgs a;
   a.q = q.data_ptr();
   a.k = k.data_ptr();
@@ -179,6 +180,7 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   a.out = result.data_ptr();
   a.qkv_dtype = KernelDType(q.scalar_type());
   a.bias_dtype = KernelDType(bias.scalar_type());
+  a.out_dtype = KernelDType(out_dtype);
   a.B = B;
   a.H = H;
   a.T = T;

@@ -419,7 +419,13 @@ void CrossKeyValues::CopyTo(const at::Tensor& dst) {
 at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias,
                             const Linear& o, const RowAdapters& rows) {
-  at::Tensor ctx = Attention(q, k, v, bias);  // [B, H, T, d_kv]
+  const bool adapted = rows.bank != nullptr && o.site >= 0 &&
+                       rows.bank->sites[o.site].a.defined();
+  // Unadapted o reads only the rounded context: the attention rounds it
+  // (the short-query kernel writes it so, heads last: then no copy below).
+  at::Tensor ctx = adapted ? Attention(q, k, v, bias)
+                           : Attention(q, k, v, bias,
+                                       o.weight.scalar_type());  // [B,H,T,d]
   const at::Tensor heads_last = ctx.transpose(1, 2);  // [B, T, H, d_kv]
   const std::vector<int64_t> shape = {ctx.size(0), ctx.size(2), -1};
   // The matmul input: the head merge and the rounding in one copy.
@@ -427,8 +433,6 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                       .to(o.weight.scalar_type(), /*non_blocking=*/false,
                           /*copy=*/false, at::MemoryFormat::Contiguous)
                       .reshape(shape);  // a copy only when .to() was a no-op
-  const bool adapted = rows.bank != nullptr && o.site >= 0 &&
-                       rows.bank->sites[o.site].a.defined();
   if (!adapted || mm.scalar_type() == at::kFloat) return Project(mm, o, rows);
   return Project(mm, o, rows, heads_last.reshape(shape));  // fp32 LoRA input
 }

@@ -126,6 +126,13 @@ TEST(ShortQueryAttentionTest, StridedSelfAttention) {
   const at::Tensor bias = at::randn({1, H, T, T}, F32()) * 2.0 + causal;
   const at::Tensor got = GeneralAttention(q, k, v, bias);
   EXPECT_LT(RelDiff(got, Reference(q, k, v, bias)), 1e-5);
+  // The context rounded by the attention itself (what the output
+  // projection reads): the same values as a conversion afterwards, laid out
+  // heads last (the head merge is a view).
+  const at::Tensor rounded = Attention(q, k, v, bias, at::kBFloat16);
+  ASSERT_EQ(rounded.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(rounded, got.to(at::kBFloat16)));
+  EXPECT_TRUE(rounded.transpose(1, 2).is_contiguous());
 }
 
 // Cross-attention: keys and values from a wide fused k|v output of several
