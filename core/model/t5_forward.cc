@@ -496,6 +496,48 @@ Normed EncoderInput(const EncoderOutput& e) {
   return Normed{e.hidden, e.hidden_full.defined() ? e.hidden_full : e.hidden};
 }
 
+namespace {
+
+// The fp32 residual stream of a forward pass (Encode, DecodeFull, one
+// decoder block step): a sublayer output is
+// held back and added by the next norm (fused_ops.h AddRmsNorm: one kernel
+// on CUDA for the add and the norm). The same arithmetic as
+// `h = h + out; RmsNorm(h)`.
+class Residual {
+ public:
+  Residual(const T5Weights& w, at::Tensor h) : w_(w), h_(std::move(h)) {}
+  // Sublayer output to add (before the next Norm).
+  void Add(at::Tensor out) {
+    if (pending_.defined()) Flush();
+    pending_ = std::move(out);
+  }
+  // The stream with any pending output added.
+  at::Tensor Value() {
+    if (pending_.defined()) Flush();
+    return h_;
+  }
+  // The stream (with any pending output added), normed by `weight`.
+  Normed Norm(const at::Tensor& weight) {
+    const double eps = w_.config.layer_norm_epsilon;
+    if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
+    AddNormOutput r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
+    h_ = std::move(r.sum);
+    pending_ = at::Tensor();
+    return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
+  }
+
+ private:
+  void Flush() {
+    h_ = h_ + pending_;
+    pending_ = at::Tensor();
+  }
+  const T5Weights& w_;
+  at::Tensor h_;
+  at::Tensor pending_;
+};
+
+}  // namespace
+
 at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                             const at::Tensor& h_in, const RowAdapters& rows,
                             const StoreKeyValue& store,
@@ -504,18 +546,19 @@ at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                             const at::Tensor& cross_v,
                             const at::Tensor& cross_bias) {
   const config::T5Config& c = w.config;
-  at::Tensor h = h_in;
-  Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+  Residual h(w, h_in);
+  Normed n = h.Norm(b.self_norm);
   std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
   std::pair<at::Tensor, at::Tensor> kv = store(qkv[1], qkv[2]);
-  h = h + AttendAndProject(qkv[0], kv.first, kv.second, self_bias,
-                           b.self_attn.o, rows);
-  n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+  h.Add(AttendAndProject(qkv[0], kv.first, kv.second, self_bias,
+                         b.self_attn.o, rows));
+  n = h.Norm(b.cross_norm);
   at::Tensor q = Heads(n, b.cross_attn.q, rows, c);
-  h = h + AttendAndProject(q, cross_k, cross_v, cross_bias, b.cross_attn.o,
-                           rows);
-  n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
-  return h + FeedForward(n, w, b.ff, rows);
+  h.Add(AttendAndProject(q, cross_k, cross_v, cross_bias, b.cross_attn.o,
+                         rows));
+  n = h.Norm(b.ff_norm);
+  h.Add(FeedForward(n, w, b.ff, rows));
+  return h.Value();
 }
 
 at::Tensor DecoderLogits(const T5Weights& w, const at::Tensor& h) {
@@ -542,40 +585,9 @@ using internal::Heads;
 using internal::MinValue;
 using internal::Normed;
 using internal::PositionBias;
+using internal::Residual;
 using internal::RmsNorm;
 using internal::SelfAttentionHeads;
-
-// The fp32 residual stream of Encode / DecodeFull: a sublayer output is
-// held back and added by the next norm (fused_ops.h AddRmsNorm: one kernel
-// on CUDA for the add and the norm). The same arithmetic as
-// `h = h + out; RmsNorm(h)`.
-class Residual {
- public:
-  Residual(const T5Weights& w, at::Tensor h) : w_(w), h_(std::move(h)) {}
-  // Sublayer output to add (before the next Norm).
-  void Add(at::Tensor out) {
-    if (pending_.defined()) Flush();
-    pending_ = std::move(out);
-  }
-  // The stream (with any pending output added), normed by `weight`.
-  Normed Norm(const at::Tensor& weight) {
-    const double eps = w_.config.layer_norm_epsilon;
-    if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
-    AddNormOutput r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
-    h_ = std::move(r.sum);
-    pending_ = at::Tensor();
-    return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
-  }
-
- private:
-  void Flush() {
-    h_ = h_ + pending_;
-    pending_ = at::Tensor();
-  }
-  const T5Weights& w_;
-  at::Tensor h_;
-  at::Tensor pending_;
-};
 
 EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
                          const at::Tensor& mask, const RowAdapters& rows) {
