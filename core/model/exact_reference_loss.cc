@@ -1,6 +1,7 @@
 #include "core/model/exact_reference_loss.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/version.h>
 
 #include <algorithm>

@@ -37,9 +37,12 @@
 // double, divided by the number of examples.
 //
 // Debugging: with the environment variable LORAHUB_EXACT_TRACE=<file> every
-// major intermediate is appended to <file> as "name<TAB>sum<TAB>abs-sum"
-// (float64 sums, %.17g), like the last columns of deploy/gpu/ref_op_trace.py's
-// op traces. Unset, the cost is one pointer test per intermediate.
+// major intermediate (the composed factors, then the forward's) is appended
+// to <file> as "name<TAB>[shape]/[strides]<TAB>sum<TAB>abs-sum" (float64
+// sums, %.17g), like the last column of deploy/gpu/ref_op_trace.py's op
+// traces; deploy/gpu/compare_exact_trace.py finds the first one that no
+// reference op reproduces. Unset, the cost is one pointer test per
+// intermediate (and one getenv per batch).
 //
 // Slow by design (one candidate at a time, no fusion); thread-compatible:
 // concurrent calls on distinct inputs are fine (weights are only read).
