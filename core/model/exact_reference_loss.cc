@@ -298,10 +298,15 @@ absl::StatusOr<at::Tensor> BatchLossTensor(const Context& c, const std::vector<E
   // Decoder.
   at::Tensor d = at::embedding(w.shared, decoder_ids);
   c.trace->Add("decoder.embed", d);
+  // The decoder's own mask is skipped (no decoder_attention_mask); transformers'
+  // sdpa_attention_forward then builds the causal one from aranges when
+  // q_length > 1 (is_causal) and uses the bias alone for one query.
   const at::TensorOptions longs = at::TensorOptions().dtype(at::kLong).device(w.device);
-  const at::Tensor causal =
-      at::ge(at::arange(dec_len, longs).unsqueeze(1), at::arange(dec_len, longs).unsqueeze(0))
-          .view({1, 1, dec_len, dec_len});
+  at::Tensor causal;
+  if (dec_len > 1) {
+    causal = at::ge(at::arange(dec_len, longs).unsqueeze(1), at::arange(dec_len, longs).unsqueeze(0))
+                 .view({1, 1, dec_len, dec_len});
+  }
   const at::Tensor cross_mask = PaddingMask(input_mask, dec_len);
   at::Tensor self_bias, cross_bias;
   for (size_t i = 0; i < w.decoder.size(); ++i) {

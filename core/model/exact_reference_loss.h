@@ -21,7 +21,9 @@
 //                tensor: contiguous copies); position bias as T5's
 //                compute_bias (bucket ops, embedding, permute(2, 0, 1),
 //                unsqueeze(0)); attn_mask = where(bool mask, bias, finfo.min)
-//                (the bias itself when the batch has no padding);
+//                as transformers' create_position_bias_mask (the bias itself
+//                when the batch has no padding; in decoder self-attention the
+//                mask is the arange causal one, none for a single query);
 //                at::scaled_dot_product_attention(q, k, v, attn_mask, 0,
 //                false, scale 1.0); transpose(1, 2).contiguous(), reshape, o.
 //   feed forward gated: act(wi_0 x) * (wi_1 x), then wo; gelu_new as

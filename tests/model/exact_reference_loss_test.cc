@@ -204,6 +204,34 @@ TEST(ExactReferenceLoss, MatchesGoldenAndEngineLosses) {
   EXPECT_GT(checked, 10);
 }
 
+// Edge shapes: one label token per example (decoder self-attention without a
+// causal mask) and equal-length inputs (no padding: the bias alone as the
+// mask) agree with the engine too.
+TEST(ExactReferenceLoss, SingleLabelTokenAndNoPadding) {
+  const std::string dir = std::string(kRoot) + "/gated_untied";
+  Case c;
+  LoadCase(dir, at::kFloat, &c);
+  if (::testing::Test::HasFatalFailure()) return;
+  std::vector<Example> one_label = c.examples;
+  for (Example& e : one_label) e.label_ids.resize(1);
+  std::vector<Example> same_length = c.examples;
+  for (Example& e : same_length) e.input_ids.resize(3);
+  const std::vector<const LoraAdapter*> mods = Modules(c, json::array({"m0", "m1", "m2"}));
+  auto composed = ComposeExactReference(mods, {0.5, -0.3, 0.8});
+  ASSERT_TRUE(composed.ok());
+  auto stack = StackModules(c.base, mods);
+  ASSERT_TRUE(stack.ok());
+  auto bank = ComposeLoraHub(*stack, at::tensor(std::vector<float>{0.5f, -0.3f, 0.8f}).view({1, -1}));
+  ASSERT_TRUE(bank.ok());
+  for (const auto* ex : {&one_label, &same_length}) {
+    auto exact = ExactReferenceLoss(c.base, &*composed, *ex, 0);
+    ASSERT_TRUE(exact.ok()) << exact.status();
+    auto engine = ScoreCandidates(c.base, &*bank, {0}, *ex, ScoreOptions());
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    EXPECT_NEAR(*exact, (*engine)[0], kRelTol * std::fabs((*engine)[0]));
+  }
+}
+
 // The composition is the reference's set_weights loop: final = w0 * A0, then
 // final = final + wi * Ai, module by module, fp32 with a double scalar.
 TEST(ExactReferenceLoss, CompositionIsTheReferenceLoop) {
