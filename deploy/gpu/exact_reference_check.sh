@@ -2,8 +2,8 @@
 # Run ON THE GPU HOST after deploy/gpu/build_and_test.sh has built $BUILD_DIR/bin/server/lorahub:
 # the "exact reference" numerics mode (core/model/exact_reference_loss.h) against the reference
 # (bench/ref_lorahub.py: transformers + PEFT on the same LibTorch), in one call.
-#   OUT=/some/dir bash deploy/gpu/exact_reference_check.sh
-# Carry .gpu/bench (ref_lorahub.py). Fixtures are written into $WORK (default
+#   OUT=/some/dir [BUILD=1] bash deploy/gpu/exact_reference_check.sh
+# Carry .gpu/bench (ref_lorahub.py) and, for BUILD=1 (build first, no tests), .gpu/debs. Fixtures are written into $WORK (default
 # /tmp/lorahub_parity, shared with parity_checks.sh) unless present.
 #  1. single scores: our `score --exact-reference` at the weights of the recorded op traces
 #     (/work/notes/gpu/s5/c1/ops_*.tsv) next to the reference's scores printed there:
@@ -33,7 +33,13 @@ lorahub=$build_dir/bin/server/lorahub
 start=$SECONDS
 stamp() { echo "== $*  [$((SECONDS - start)) s]"; }
 failed() { echo "FAILED: $*"; }
-[ -x "$lorahub" ] || { failed "no $lorahub (run deploy/gpu/build_and_test.sh first)"; exit 1; }
+if [ "${BUILD:-0}" = 1 ]; then
+  stamp "build"
+  OUT=$WORK/build_logs CTEST_ARGS="-R ^NONE$ --no-tests=ignore" bash deploy/gpu/build_and_test.sh \
+    >"$WORK/build.log" 2>&1
+  grep '^==' "$WORK/build.log" | grep -E "build|FAILED" | tail -3
+fi
+[ -x "$lorahub" ] || { failed "no $lorahub (run deploy/gpu/build_and_test.sh first, or BUILD=1)"; exit 1; }
 
 spec=("tiny_s0 tiny 0 safetensors" "tiny_s1 tiny 1 bin" "tiny_s2 tiny 2 safetensors"
       "base_s0 base 0 safetensors" "base_s1 base 1 bin")
