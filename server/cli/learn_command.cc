@@ -7,7 +7,7 @@
 //     [--population L] [--batch-size N] [--max-rows N] [--regularization 0.05]
 //     [--max-seconds S] [--lower -1.5 --upper 1.5] [--initial-step S] [--seed 42] [--warm-start]
 //     [--cobyla-impl trust|nlopt] [--no-cobyla-bounds] [--weights w1,..] [--device cpu|cuda:0] [--dtype fp32|bf16]
-//     [--out DIR] [--trace FILE.jsonl] [--json]
+//     [--out DIR] [--trace FILE.jsonl] [--json] [--exact-reference]
 //
 // Prints one final line (JSON with --json):
 //   {"weights": [...], "best_score": S, "best_loss": L, "evaluations": n,
@@ -19,6 +19,9 @@
 // evaluation or generation whose scores come back at or after S seconds (the budget still
 // caps it); then "stopped_by_time" is true. On a terminal, stderr shows a progress bar.
 // --out writes the composed adapter at the best weights as a PEFT adapter directory.
+// --exact-reference scores every candidate alone with the reference's exact ATen op sequence
+// (core/model/exact_reference_loss.h): bit-identical to bench/ref_lorahub.py on the same
+// LibTorch; needs --method lorahub, --objective loss and --dtype fp32 (exit 2 otherwise).
 // --trace writes one JSON line per evaluation: {"evaluation", "score", "weights", "seconds"}.
 #include <unistd.h>
 
@@ -109,6 +112,19 @@ absl::Status Run(const Args& args) {
     oopts.kind = learn::ObjectiveKind::kExactMatch;
   } else {
     return absl::InvalidArgumentError("--objective must be loss or exact_match");
+  }
+  if (args.Has("exact-reference")) {
+    if (oopts.method != learn::CompositionMethod::kLoraHub) {
+      return absl::InvalidArgumentError("--exact-reference needs --method lorahub");
+    }
+    if (oopts.kind != learn::ObjectiveKind::kLoss) {
+      return absl::InvalidArgumentError("--exact-reference needs --objective loss");
+    }
+    const std::string dtype = args.Get("dtype").value_or("fp32");
+    if (dtype != "fp32" && dtype != "float32") {
+      return absl::InvalidArgumentError("--exact-reference needs --dtype fp32");
+    }
+    oopts.exact_reference = true;
   }
   auto density = args.GetDouble("density", 0.5);
   if (!density.ok()) return density.status();
@@ -316,7 +332,7 @@ int RunLearn(int argc, char** argv) {
                  "objective", "max-new-tokens", "population", "batch-size", "max-rows",
                  "regularization", "lower", "upper", "initial-step", "seed", "weights",
                  "max-seconds", "device", "dtype", "out", "trace", "cobyla-impl"},
-                {"json", "warm-start", "no-cobyla-bounds"}};
+                {"json", "warm-start", "no-cobyla-bounds", "exact-reference"}};
   return RunWithArgs("learn", argc, argv, spec, Run);
 }
 
