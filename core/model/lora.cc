@@ -516,20 +516,28 @@ absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
                      " modules"));
   }
   try {
-    at::Tensor w =
-        at::tensor(weights, at::kDouble).to(at::kFloat).view({1, -1});
-    auto bank = ComposeLoraHub(stack, w);
-    if (!bank.ok()) return bank.status();
     LoraAdapter adapter;
     adapter.name = "composed";
-    for (size_t i = 0; i < stack.sites.size(); ++i) {
-      const SiteBank& sb = bank->sites[stack.sites[i]];
-      LoraSite s;
-      s.site = stack.sites[i];
-      s.a = sb.a[0];
-      s.b = sb.b[0];
-      s.scaling = stack.scaling[i];
-      adapter.sites.push_back(std::move(s));
+    adapter.sites.resize(stack.sites.size());
+    if (stack.groups.empty()) return adapter;
+    at::Tensor w = at::tensor(weights, at::kDouble)
+                       .to(stack.groups[0].factors.device(), at::kFloat)
+                       .view({1, -1});
+    for (const ModuleStack::Group& g : stack.groups) {
+      // One GEMM, then one as_strided view per factor: a few hundred host-side view ops are
+      // most of this function's time on a GPU, so no intermediate bank of narrowed views.
+      at::Tensor composed = at::mm(w, g.factors);  // [1, k * (a_len + b_len)]
+      const int64_t k = static_cast<int64_t>(g.entries.size());
+      const int64_t a_len = g.r * g.in;
+      const int64_t b_len = g.out * g.r;
+      for (int64_t j = 0; j < k; ++j) {
+        const size_t i = g.entries[j];
+        LoraSite& s = adapter.sites[i];
+        s.site = stack.sites[i];
+        s.a = composed.as_strided({g.r, g.in}, {g.in, 1}, j * a_len);
+        s.b = composed.as_strided({g.out, g.r}, {g.r, 1}, k * a_len + j * b_len);
+        s.scaling = stack.scaling[i];
+      }
     }
     return adapter;
   } catch (const c10::Error& e) {
