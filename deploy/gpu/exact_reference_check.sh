@@ -66,7 +66,7 @@ w1_of() { "$PY" -c "import sys; n=int(sys.argv[1]); w=[0.5,-0.25,0.125,0.3,-0.7]
 w0_of() { "$PY" -c "import sys; print(','.join(['0.0']*int(sys.argv[1])))" "$1"; }
 
 # ---- 1. single scores ----
-echo "| fixture | weights | recorded reference | reference now | ours (exact) | ours - recorded | ours - now | ours (default engine) |" >"$out/exact_scores.md"
+echo "| fixture | weights | recorded reference | reference now | ours (exact) | ours - recorded | ours - now | ours (--fast-fp32) |" >"$out/exact_scores.md"
 echo "|---|---|---|---|---|---|---|---|" >>"$out/exact_scores.md"
 for run in "tiny_s0 w0 100.0866455078125" "tiny_s0 w1 99.765600585937506" "base_s0 w1 27.691635131835938"; do
   read -r name wname recorded <<<"$run"
@@ -82,7 +82,7 @@ for run in "tiny_s0 w0 100.0866455078125" "tiny_s0 w1 99.765600585937506" "base_
     --examples "$WORK/$name/examples.jsonl" --dtype fp32 --device "$DEVICE" --exact-reference --json \
     >"$WORK/exact/$name.$wname.ours.json" 2>"$WORK/exact/$name.$wname.ours.err" || failed "1: $name $wname ours ($(tail -c 300 "$WORK/exact/$name.$wname.ours.err"))"
   timeout 300 "$lorahub" score --model "$WORK/$name/base" "${ad[@]}" --weights "$w" \
-    --examples "$WORK/$name/examples.jsonl" --dtype fp32 --device "$DEVICE" --json \
+    --examples "$WORK/$name/examples.jsonl" --dtype fp32 --device "$DEVICE" --fast-fp32 --json \
     >"$WORK/exact/$name.$wname.fast.json" 2>/dev/null || failed "1: $name $wname default engine"
   timeout 300 "$PY" "$ref" score --fixture "$WORK/$name" --weights "$w" \
     >"$WORK/exact/$name.$wname.ref.json" 2>"$WORK/exact/$name.$wname.ref.err" || failed "1: $name $wname reference score"
@@ -103,7 +103,7 @@ PY
 done
 
 # ---- 2. learning ----
-echo "| fixture | reference best | ours exact best | exact - reference | pass (<= +1e-4) | same path (first differing evaluation) | ours default best | default - reference |" >"$out/exact_parity.md"
+echo "| fixture | reference best | ours exact best | exact - reference | pass (<= +1e-4) | same path (first differing evaluation) | ours --fast-fp32 best | fast - reference |" >"$out/exact_parity.md"
 echo "|---|---|---|---|---|---|---|---|" >>"$out/exact_parity.md"
 for s in "${spec[@]}"; do
   read -r name _ <<<"$s"
@@ -117,7 +117,7 @@ for s in "${spec[@]}"; do
     >"$WORK/traces/$name.exact.json" 2>"$WORK/traces/$name.exact.err" || failed "2: $name ours exact ($(tail -c 300 "$WORK/traces/$name.exact.err"))"
   if [ ! -s "$WORK/traces/$name.ours.json" ]; then
     timeout 120 "$lorahub" learn --model "$WORK/$name/base" "${ad[@]}" --examples "$WORK/$name/examples.jsonl" \
-      --optimizer cobyla --budget 40 --dtype fp32 --device "$DEVICE" --trace "$WORK/traces/$name.ours.jsonl" --json \
+      --optimizer cobyla --budget 40 --dtype fp32 --device "$DEVICE" --fast-fp32 --trace "$WORK/traces/$name.ours.jsonl" --json \
       >"$WORK/traces/$name.ours.json" 2>"$WORK/traces/$name.ours.err" || failed "2: $name ours default"
   fi
   "$PY" - "$name" "$WORK/traces/$name.ref.json" "$WORK/traces/$name.exact.json" "$WORK/traces/$name.exact.jsonl" \

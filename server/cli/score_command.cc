@@ -6,7 +6,7 @@
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--json]
 //     [--method lorahub|cat|ties|dare_linear] [--density D]
 //     [--majority-sign total|frequency] [--composition-seed N]
-//     [--exact-reference]
+//     [--exact-reference | --fast-fp32]
 //
 // Adapters are composed with the --method rule (ParseCompositionFlags).
 // Examples are {"input": ..., "output": ...} lines. Prints
@@ -19,13 +19,16 @@
 // order (core/model/exact_reference_loss.h), bit-identical to
 // bench/ref_lorahub.py on the same LibTorch; needs --method lorahub and
 // --dtype fp32 (exit 2 otherwise). The score is what `learn
-// --exact-reference` reports for the same weights.
+// --exact-reference` reports for the same weights. Default on a CUDA device
+// in fp32 with the lorahub method and weights for every adapter (as `learn`);
+// --fast-fp32 selects the fused engine there instead.
 #include <cstdio>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/model/exact_reference_loss.h"
 #include "core/model/loader.h"
@@ -108,7 +111,20 @@ absl::Status Run(const Args& args) {
   if (!weight_options.ok()) return weight_options.status();
   const model::WeightOptions& wopts = *weight_options;
 
-  const bool exact = args.Has("exact-reference");
+  if (args.Has("exact-reference") && args.Has("fast-fp32")) {
+    return absl::InvalidArgumentError("--exact-reference and --fast-fp32 exclude each other");
+  }
+  // As `lorahub learn`: the exact op sequence by default in the reference's setting (a CUDA
+  // device, fp32, the lorahub method, weights for every adapter), so that `score` at the
+  // weights `learn` returned reproduces its best_score bit for bit.
+  const std::string dtype_name = args.Get("dtype").value_or("fp32");
+  const size_t num_adapters = args.GetAll("adapter").size();
+  const bool exact =
+      args.Has("exact-reference") ||
+      (!args.Has("fast-fp32") && absl::StartsWith(args.Get("device").value_or("cpu"), "cuda") &&
+       (dtype_name == "fp32" || dtype_name == "float32") &&
+       args.Get("method").value_or("lorahub") == "lorahub" &&
+       (num_adapters <= 1 || weights.size() == num_adapters));
   if (exact) {
     if (args.Get("method").value_or("lorahub") != "lorahub") {
       return absl::InvalidArgumentError("--exact-reference needs --method lorahub");
@@ -162,7 +178,7 @@ int RunScore(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "weights", "examples", "batch-size",
                  "max-rows", "device", "dtype", "method", "density", "majority-sign",
        "composition-seed"},
-                {"json", "exact-reference"}};
+                {"json", "exact-reference", "fast-fp32"}};
   return RunWithArgs("score", argc, argv, spec, Run);
 }
 

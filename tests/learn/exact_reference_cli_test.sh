@@ -35,6 +35,7 @@ for bs in all 2; do
     || fail "learn --exact-reference (batch $bs) exit $?"
   j=$tmp/learn.$bs.json
   [ "$(json_get "$j" 'j["evaluations"]')" = 12 ] || fail "evaluations != 12: $(cat "$j")"
+  [ "$(json_get "$j" 'j["exact_reference"]')" = True ] || fail "exact_reference not reported: $(cat "$j")"
   [ "$(wc -l <"$tmp/trace.$bs.jsonl")" -eq 12 ] || fail "trace lines"
   best=$(json_get "$j" 'repr(j["best_score"])')
   trace_best=$($py -c "import json,sys; print(repr(min(json.loads(l)['score'] for l in open(sys.argv[1]))))" "$tmp/trace.$bs.jsonl")
@@ -72,5 +73,10 @@ expect_usage "learn --method cat" "$lorahub" learn "${common[@]}" --budget 2 --e
 expect_usage "learn --objective exact_match" "$lorahub" learn "${common[@]}" --budget 2 --exact-reference --objective exact_match
 expect_usage "learn --dtype bf16" "$lorahub" learn "${common[@]}" --budget 2 --exact-reference --dtype bf16
 expect_usage "score --method ties" "$lorahub" score "${common[@]}" --weights "$(seq -s, 0 19 | sed 's/[0-9]\+/0.1/g')" --exact-reference --method ties
+expect_usage "learn --exact-reference --fast-fp32" "$lorahub" learn "${common[@]}" --budget 2 --exact-reference --fast-fp32
+expect_usage "score --exact-reference --fast-fp32" "$lorahub" score "${common[@]}" --weights "$(seq -s, 0 19 | sed 's/[0-9]\+/0.1/g')" --exact-reference --fast-fp32
+# On the CPU the fused engine is the default (the exact sequence is the default only on CUDA).
+"$lorahub" learn "${common[@]}" --budget 2 >"$tmp/cpu_default.json" || fail "learn on the CPU exit $?"
+[ "$(json_get "$tmp/cpu_default.json" 'j["exact_reference"]')" = False ] || fail "CPU default: $(cat "$tmp/cpu_default.json")"
 expect_usage "score --dtype bf16" "$lorahub" score "${common[@]}" --weights "$(seq -s, 0 19 | sed 's/[0-9]\+/0.1/g')" --exact-reference --dtype bf16
 echo PASS
