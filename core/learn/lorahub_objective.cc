@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/exact_reference_loss.h"
 #include "core/model/generate.h"
 #include "core/util/status_macros.h"
 
@@ -57,6 +58,17 @@ absl::StatusOr<LoraHubObjective> LoraHubObjective::Create(
       (options.max_new_tokens < 1 || options.max_new_tokens > 8192)) {
     return absl::InvalidArgumentError("max_new_tokens must be in [1, 8192]");
   }
+  if (options.exact_reference) {
+    if (options.method != CompositionMethod::kLoraHub) {
+      return absl::InvalidArgumentError("exact reference needs the lorahub composition method");
+    }
+    if (options.kind != ObjectiveKind::kLoss) {
+      return absl::InvalidArgumentError("exact reference needs the loss objective");
+    }
+    if (base->dtype != at::kFloat) {
+      return absl::InvalidArgumentError("exact reference needs an fp32 model (--dtype fp32)");
+    }
+  }
   LoraHubObjective objective;
   objective.base_ = base;
   objective.modules_ = std::move(modules);
@@ -85,6 +97,10 @@ std::vector<double> LoraHubObjective::Clip(const std::vector<double>& w) const {
 
 double LoraHubObjective::Regularizer(const std::vector<double>& weights) const {
   if (weights.empty() || options_.regularization == 0) return 0;
+  if (options_.exact_reference) {
+    // Python: 0.05 * sum(abs(x) for x in w) / len(w), added to the loss afterwards.
+    return model::ExactReferenceScore(0.0, Clip(weights), options_.regularization);
+  }
   double sum = 0;
   for (double w : Clip(weights)) sum += std::fabs(w);
   return options_.regularization * sum / static_cast<double>(weights.size());
@@ -155,6 +171,22 @@ absl::StatusOr<std::vector<double>> LoraHubObjective::Losses(const model::Adapte
   return model::ScoreCandidates(*base_, &bank, slots, examples_, options_.score);
 }
 
+absl::StatusOr<std::vector<double>> LoraHubObjective::ExactLosses(
+    const std::vector<Candidate>& clipped) {
+  std::vector<double> out;
+  out.reserve(clipped.size());
+  for (const Candidate& w : clipped) {
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter adapter, model::ComposeExactReference(modules_, w));
+    const int batch = options_.score.batch_size;
+    const int64_t n = static_cast<int64_t>(examples_.size());
+    stats_.forward_passes += batch <= 0 ? 1 : (n + batch - 1) / batch;
+    LH_ASSIGN_OR_RETURN(double loss,
+                        model::ExactReferenceLoss(*base_, &adapter, examples_, batch));
+    out.push_back(loss);
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<double>> LoraHubObjective::NegatedAccuracies(
     const model::AdapterBank& bank, int64_t count) {
   std::vector<std::vector<int64_t>> inputs;
@@ -200,6 +232,14 @@ absl::StatusOr<std::vector<double>> LoraHubObjective::RawScores(
   }
   const double start = Now();
   const int64_t count = static_cast<int64_t>(clipped.size());
+  if (options_.exact_reference) {
+    absl::StatusOr<std::vector<double>> raw = ExactLosses(clipped);
+    ++stats_.calls;
+    ++stats_.exact_calls;
+    stats_.evaluations += count;
+    stats_.seconds += Now() - start;
+    return raw;
+  }
   LH_ASSIGN_OR_RETURN(model::ObjectiveRunner* runner, RunnerFor(count));
   if (runner != nullptr) {
     std::vector<double> flat;
@@ -262,6 +302,7 @@ absl::StatusOr<model::ObjectiveRunner*> LoraHubObjective::RunnerFor(int64_t coun
 }
 
 std::string LoraHubObjective::EngineDescription() const {
+  if (options_.exact_reference) return "exact reference";
   if (last_runner_ == nullptr) return "eager";
   if (last_runner_->graph_active()) return "runner (cuda graph)";
   return absl::StrCat("runner (eager: ", last_runner_->graph_status(), ")");
@@ -283,6 +324,9 @@ absl::StatusOr<model::LoraAdapter> LoraHubObjective::ComposeAdapter(
   if (static_cast<int>(weights.size()) != num_modules()) {
     return absl::InvalidArgumentError(absl::StrCat("got ", weights.size(), " weights for ",
                                                    num_modules(), " modules"));
+  }
+  if (options_.exact_reference) {
+    return model::ComposeExactReference(modules_, Clip(weights));
   }
   LH_ASSIGN_OR_RETURN(model::AdapterBank bank, ComposeBank({Clip(weights)}));
   try {

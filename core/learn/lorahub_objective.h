@@ -65,6 +65,13 @@ struct LoraHubObjectiveOptions {
   // at most twice its size, else a runner of its own is built). Same numbers as the
   // eager path (ScoreCandidates); false forces the eager path.
   bool fast_path = true;
+  // The "exact reference" numerics mode (model/exact_reference_loss.h): every candidate is
+  // composed in the reference's operation order and scored alone with the reference's ATen
+  // op sequence, so that on the reference's LibTorch build the scores are bit-identical to
+  // bench/ref_lorahub.py's. Slow (no batching, no fusion). Only with method lorahub, the
+  // loss objective and an fp32 model (InvalidArgument otherwise); fast_path is ignored.
+  // The score is loss + regularization * sum(|w|) / N as Python evaluates it.
+  bool exact_reference = false;
 };
 
 // Counters, cumulative over the objective's lifetime.
@@ -74,6 +81,7 @@ struct ObjectiveStats {
   int64_t forward_passes = 0;  // engine passes (a call with more rows than max_rows takes several)
   double seconds = 0;          // wall time spent inside Score()
   int64_t fast_calls = 0;      // calls served by an ObjectiveRunner
+  int64_t exact_calls = 0;     // calls served by the exact reference path
 };
 
 class LoraHubObjective {
@@ -117,6 +125,8 @@ class LoraHubObjective {
   absl::StatusOr<std::vector<double>> Losses(const model::AdapterBank& bank, int64_t count);
   // The fast path; nullptr runner (and OK) when it does not apply or could not be built.
   absl::StatusOr<model::ObjectiveRunner*> RunnerFor(int64_t count);
+  // The exact reference path: one candidate at a time.
+  absl::StatusOr<std::vector<double>> ExactLosses(const std::vector<Candidate>& clipped);
   absl::StatusOr<std::vector<double>> NegatedAccuracies(const model::AdapterBank& bank,
                                                         int64_t count);
 

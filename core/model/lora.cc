@@ -8,6 +8,7 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -420,16 +421,46 @@ absl::StatusOr<ModuleStack> StackModules(
     stack.num_modules = static_cast<int>(modules.size());
     stack.num_base_sites = base.num_sites;
     stack.num_encoder_layers = base.config.num_layers;
+    const int64_t N = stack.num_modules;
+    std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<size_t>> by_shape;
     for (size_t i = 0; i < first.sites.size(); ++i) {
-      std::vector<at::Tensor> as, bs;
-      for (const LoraAdapter* m : modules) {
-        as.push_back(m->sites[i].a.to(at::kFloat));
-        bs.push_back(m->sites[i].b.to(at::kFloat));
-      }
       stack.sites.push_back(first.sites[i].site);
-      stack.a.push_back(at::stack(as));
-      stack.b.push_back(at::stack(bs));
       stack.scaling.push_back(first.sites[i].scaling);
+      const at::Tensor& a = first.sites[i].a;  // [r, in]
+      const at::Tensor& b = first.sites[i].b;  // [out, r]
+      by_shape[{a.size(0), a.size(1), b.size(0)}].push_back(i);
+    }
+    stack.a.resize(stack.sites.size());
+    stack.b.resize(stack.sites.size());
+    for (auto& [shape, entries] : by_shape) {
+      ModuleStack::Group g;
+      std::tie(g.r, g.in, g.out) = shape;
+      g.entries = entries;
+      std::stable_partition(g.entries.begin(), g.entries.end(), [&](size_t i) {
+        return !IsCrossKeyValueSite(stack.sites[i], stack.num_encoder_layers);
+      });
+      const int64_t k = static_cast<int64_t>(g.entries.size());
+      const int64_t a_len = g.r * g.in;
+      const int64_t b_len = g.out * g.r;
+      std::vector<at::Tensor> parts;  // [N, a_len] each, then [N, b_len] each
+      for (int pass = 0; pass < 2; ++pass) {
+        for (size_t i : g.entries) {
+          std::vector<at::Tensor> per_module;
+          for (const LoraAdapter* m : modules) {
+            const at::Tensor& f = pass == 0 ? m->sites[i].a : m->sites[i].b;
+            per_module.push_back(f.reshape({1, -1}).to(at::kFloat));
+          }
+          parts.push_back(at::cat(per_module, 0));
+        }
+      }
+      g.factors = at::cat(parts, 1);  // [N, k * (a_len + b_len)]
+      for (int64_t j = 0; j < k; ++j) {
+        const size_t i = g.entries[j];
+        stack.a[i] = g.factors.narrow(1, j * a_len, a_len).view({N, g.r, g.in});
+        stack.b[i] =
+            g.factors.narrow(1, k * a_len + j * b_len, b_len).view({N, g.out, g.r});
+      }
+      stack.groups.push_back(std::move(g));
     }
     return stack;
   } catch (const c10::Error& e) {
@@ -448,38 +479,28 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
     const int64_t C = weights.size(0);
     bank.num_slots = static_cast<int>(C);
     bank.sites.resize(stack.num_base_sites);
-    if (stack.sites.empty()) return bank;
-    at::Tensor w = weights.to(stack.a[0].device(), at::kFloat);
-    const auto fp32 =
-        at::TensorOptions().dtype(at::kFloat).device(stack.a[0].device());
-    // Sites by the shape of A, in site order with the cross k/v last.
-    std::map<std::pair<int64_t, int64_t>, std::vector<size_t>> by_shape;
-    for (size_t i = 0; i < stack.sites.size(); ++i) {
-      by_shape[{stack.a[i].size(1), stack.a[i].size(2)}].push_back(i);
-    }
-    for (auto& [shape, order] : by_shape) {
-      std::stable_partition(order.begin(), order.end(), [&](size_t i) {
-        return !IsCrossKeyValueSite(stack.sites[i], stack.num_encoder_layers);
-      });
-      const int64_t len = shape.first * shape.second;
-      // One GEMM per site, each into its column block of one buffer.
-      at::Tensor a_all =
-          at::empty({C, len * static_cast<int64_t>(order.size())}, fp32);
-      for (size_t j = 0; j < order.size(); ++j) {
-        const size_t i = order[j];
-        const at::Tensor& a = stack.a[i];  // [N, r, in]
-        at::Tensor dst = a_all.narrow(1, static_cast<int64_t>(j) * len, len);
-        at::mm_out(dst, w, a.reshape({a.size(0), -1}).to(at::kFloat));
-        bank.sites[stack.sites[i]].a = dst.view({C, a.size(1), a.size(2)});
+    if (stack.groups.empty()) return bank;
+    const c10::Device device = stack.groups[0].factors.device();
+    at::Tensor w = weights.to(device, at::kFloat);
+    std::map<double, at::Tensor> scales;  // one [C, 1, 1] tensor per scaling value
+    for (const ModuleStack::Group& g : stack.groups) {
+      at::Tensor composed = at::mm(w, g.factors);  // [C, k * (a_len + b_len)]
+      const int64_t k = static_cast<int64_t>(g.entries.size());
+      const int64_t a_len = g.r * g.in;
+      const int64_t b_len = g.out * g.r;
+      for (int64_t j = 0; j < k; ++j) {
+        const size_t i = g.entries[j];
+        SiteBank& sb = bank.sites[stack.sites[i]];
+        sb.a = composed.narrow(1, j * a_len, a_len).view({C, g.r, g.in});
+        sb.b = composed.narrow(1, k * a_len + j * b_len, b_len).view({C, g.out, g.r});
+        at::Tensor& scale = scales[stack.scaling[i]];
+        if (!scale.defined()) {
+          scale = at::full({C, 1, 1}, stack.scaling[i],
+                           at::TensorOptions().dtype(at::kFloat).device(device));
+        }
+        sb.scale = scale;
+        sb.common_scale = stack.scaling[i];
       }
-    }
-    for (size_t i = 0; i < stack.sites.size(); ++i) {
-      const at::Tensor& b = stack.b[i];  // [N, out, r]
-      SiteBank& sb = bank.sites[stack.sites[i]];
-      sb.b = at::matmul(w, b.reshape({b.size(0), -1}))
-                 .view({C, b.size(1), b.size(2)});
-      sb.scale = at::full({C, 1, 1}, stack.scaling[i], fp32);
-      sb.common_scale = stack.scaling[i];
     }
     return bank;
   } catch (const c10::Error& e) {
@@ -495,20 +516,28 @@ absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
                      " modules"));
   }
   try {
-    at::Tensor w =
-        at::tensor(weights, at::kDouble).to(at::kFloat).view({1, -1});
-    auto bank = ComposeLoraHub(stack, w);
-    if (!bank.ok()) return bank.status();
     LoraAdapter adapter;
     adapter.name = "composed";
-    for (size_t i = 0; i < stack.sites.size(); ++i) {
-      const SiteBank& sb = bank->sites[stack.sites[i]];
-      LoraSite s;
-      s.site = stack.sites[i];
-      s.a = sb.a[0];
-      s.b = sb.b[0];
-      s.scaling = stack.scaling[i];
-      adapter.sites.push_back(std::move(s));
+    adapter.sites.resize(stack.sites.size());
+    if (stack.groups.empty()) return adapter;
+    at::Tensor w = at::tensor(weights, at::kDouble)
+                       .to(stack.groups[0].factors.device(), at::kFloat)
+                       .view({1, -1});
+    for (const ModuleStack::Group& g : stack.groups) {
+      // One GEMM, then one as_strided view per factor: a few hundred host-side view ops are
+      // most of this function's time on a GPU, so no intermediate bank of narrowed views.
+      at::Tensor composed = at::mm(w, g.factors);  // [1, k * (a_len + b_len)]
+      const int64_t k = static_cast<int64_t>(g.entries.size());
+      const int64_t a_len = g.r * g.in;
+      const int64_t b_len = g.out * g.r;
+      for (int64_t j = 0; j < k; ++j) {
+        const size_t i = g.entries[j];
+        LoraSite& s = adapter.sites[i];
+        s.site = stack.sites[i];
+        s.a = composed.as_strided({g.r, g.in}, {g.in, 1}, j * a_len);
+        s.b = composed.as_strided({g.out, g.r}, {g.r, 1}, k * a_len + j * b_len);
+        s.scaling = stack.scaling[i];
+      }
     }
     return adapter;
   } catch (const c10::Error& e) {

@@ -103,11 +103,21 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
 
 // N modules with identical sites and ranks, stacked on the device (fp32).
 struct ModuleStack {
+  // The adapted sites of one (r, in, out) shape: the N modules' factors of
+  // all of them in ONE [N, k * (r*in + out*r)] tensor, every site's A (in
+  // `entries` order: site order, the decoder's cross k/v last) then every
+  // site's B, so that composing any w is one GEMM per group.
+  struct Group {
+    int64_t r = 0, in = 0, out = 0;
+    std::vector<size_t> entries;  // indices into `sites`
+    at::Tensor factors;
+  };
   int num_modules = 0;
   std::vector<int> sites;       // adapted site indices
-  std::vector<at::Tensor> a;    // per entry of `sites`: [N, r, in]
-  std::vector<at::Tensor> b;    // [N, out, r]
+  std::vector<at::Tensor> a;    // per entry of `sites`: [N, r, in], a view of a group's factors
+  std::vector<at::Tensor> b;    // [N, out, r], likewise
   std::vector<double> scaling;  // from the first module (LoraHub rule)
+  std::vector<Group> groups;
   int num_base_sites = 0;
   int num_encoder_layers = 0;  // of the base (IsCrossKeyValueSite)
 };
@@ -121,10 +131,11 @@ absl::StatusOr<ModuleStack> StackModules(
 // c, A_c = sum_i W[c,i] A_i and B_c = sum_i W[c,i] B_i per site (not the sum
 // of deltas), scaling of the first module. `weights` is [C, N] (any float
 // dtype, any device). The result has C slots usable as per-row adapters.
-// The composed A factors of sites of one shape are views of one tensor,
-// side by side in site order with the decoder's cross k/v last (the forward
-// pass then shares one down-projection GEMM between neighbours that read the
-// same input, t5_forward.cc).
+// One GEMM per shape group of the stack ([C, N] x the group's factors): the
+// composed A factors of sites of one shape are views of one tensor, side by
+// side in site order with the decoder's cross k/v last (the forward pass then
+// shares one down-projection GEMM between neighbours that read the same
+// input, t5_forward.cc).
 using ComposedAdapters = AdapterBank;
 absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
                                                 const at::Tensor& weights);

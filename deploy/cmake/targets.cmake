@@ -469,6 +469,7 @@ lorahub_cc_library(core_learn_lorahub_objective
     core_learn_composition
     core_learn_optimizer
     core_model_model
+    core_model_exact_reference_loss
     core_model_objective_runner
     core_util_status_macros
     ext_absl_absl
@@ -658,6 +659,21 @@ lorahub_cc_library(core_model_objective_runner
     ext_absl_absl
     ext_libtorch_libtorch
   OUTPUT_NAME objective_runner
+)
+
+# //core/model:exact_reference_loss (cc_library)
+lorahub_cc_library(core_model_exact_reference_loss
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/exact_reference_loss.cc
+    ${SRC}/core/model/exact_reference_loss.h
+  DEPS
+    core_model_model
+    core_model_t5
+    core_util_status_macros
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME exact_reference_loss
 )
 
 # ---- //core/serving  (core/serving/BUILD)
@@ -1065,6 +1081,7 @@ lorahub_cc_binary(server_lorahub
     core_metrics_metrics
     core_metrics_exposer
     core_model_model
+    core_model_exact_reference_loss
     core_model_fused_ops
     core_model_loader
     core_serving_serving
@@ -1753,6 +1770,19 @@ lorahub_cc_test(tests_learn_cobyla_scipy_trace_test
   TIMEOUT 300
 )
 
+# //tests/learn:exact_reference_cli_test (sh_test)
+lorahub_script_test(tests_learn_exact_reference_cli_test
+  TEST_NAME //tests/learn:exact_reference_cli_test
+  PACKAGE tests/learn
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/learn/exact_reference_cli_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+  TIMEOUT 300
+  DATA_TARGETS
+    server_lorahub
+)
+
 # ---- //tests/metrics  (tests/metrics/BUILD)
 
 # //tests/metrics:test_util (cc_library)
@@ -1984,6 +2014,26 @@ lorahub_cc_test(tests_model_fused_residual_attention_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 60
+)
+
+# //tests/model:exact_reference_loss_test (cc_test)
+lorahub_cc_test(tests_model_exact_reference_loss_test
+  TEST_NAME //tests/model:exact_reference_loss_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/exact_reference_loss_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_config_config
+    core_io_checkpoint
+    core_learn_lorahub_objective
+    core_model_model
+    core_model_exact_reference_loss
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+  TIMEOUT 300
 )
 
 # ---- //tests/server  (tests/server/BUILD)

@@ -9,7 +9,14 @@
 //
 // Prints (always JSON; --json is accepted for symmetry with the other commands):
 //   cold_start_seconds   load of the base and every module onto the device
-//   compose_seconds      one new weight vector -> composed adapter merged into the base, ready
+//   compose_seconds      one new weight vector -> its composed adapter on the device, ready
+//                        for per-row serving (the module pool already stacked, as the
+//                        objective and a running compose job hold it)
+//   compose_merge_seconds the same, then merged into a copy of the base (what serving one
+//                        merged adapter, the reference's way, would need)
+//   stack_compose_seconds the modules stacked, then composed (a first composition over a
+//                        module set: model::ComposeModules, what the service's adapter
+//                        cache runs on a miss)
 //   eval_ms_median/_p90  one objective evaluation (one candidate), after warm-up, over --reps
 //   cobyla40_seconds     --cobyla-budget sequential evaluations with the default COBYLA
 //   cmaes_candidates_per_second   CMA-ES with --population candidates per batched call
@@ -220,7 +227,7 @@ absl::Status Run(const Args& args) {
   const int n = static_cast<int>(ptrs.size());
   LH_ASSIGN_OR_RETURN(model::ModuleStack stack, model::StackModules(base, ptrs));
 
-  // Compose-to-ready: a composed adapter for a new w, merged into the base.
+  // Compose-to-ready: a composed adapter for a new w (then merged, separately timed).
   std::mt19937_64 rng(7);
   std::uniform_real_distribution<double> uw(-1.5, 1.5);
   auto random_w = [&]() {
@@ -234,12 +241,23 @@ absl::Status Run(const Args& args) {
     LH_ASSIGN_OR_RETURN(model::T5Weights m0, model::MergeAdapter(base, c0));
     (void)m0;
     model::SynchronizeDevice(base.device);
-    const std::vector<double> w = random_w();
     t0 = Now();
-    LH_ASSIGN_OR_RETURN(model::LoraAdapter c, model::ComposeOne(stack, w));
-    LH_ASSIGN_OR_RETURN(model::T5Weights merged, model::MergeAdapter(base, c));
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter c, model::ComposeOne(stack, random_w()));
     model::SynchronizeDevice(base.device);
     out["compose_seconds"] = Now() - t0;
+    t0 = Now();
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter c2, model::ComposeOne(stack, random_w()));
+    LH_ASSIGN_OR_RETURN(model::T5Weights merged, model::MergeAdapter(base, c2));
+    model::SynchronizeDevice(base.device);
+    out["compose_merge_seconds"] = Now() - t0;
+    t0 = Now();
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter c3,
+                        model::ComposeModules(base, ptrs, random_w(), model::CompositionParams{}));
+    model::SynchronizeDevice(base.device);
+    out["stack_compose_seconds"] = Now() - t0;
+    (void)c;
+    (void)merged;
+    (void)c3;
   }
 
   // The objective, as `lorahub learn` builds it.

@@ -6,6 +6,7 @@
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--json]
 //     [--method lorahub|cat|ties|dare_linear] [--density D]
 //     [--majority-sign total|frequency] [--composition-seed N]
+//     [--exact-reference | --fast-fp32]
 //
 // Adapters are composed with the --method rule (ParseCompositionFlags).
 // Examples are {"input": ..., "output": ...} lines. Prints
@@ -14,12 +15,22 @@
 // batch's mean token cross-entropy (labels = tokenized output with eos),
 // divided by n; S = L + 0.05 * mean(|w|) (w = 1 for one adapter without
 // --weights, no term without adapters).
+// --exact-reference: the reference's exact ATen op sequence and composition
+// order (core/model/exact_reference_loss.h), bit-identical to
+// bench/ref_lorahub.py on the same LibTorch; needs --method lorahub and
+// --dtype fp32 (exit 2 otherwise). The score is what `learn
+// --exact-reference` reports for the same weights. Default on a CUDA device
+// in fp32 with the lorahub method and weights for every adapter (as `learn`);
+// --fast-fp32 selects the fused engine there instead.
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/model/exact_reference_loss.h"
 #include "core/model/loader.h"
 #include "core/model/scorer.h"
 #include "core/tokenizer/tokenizer.h"
@@ -30,6 +41,51 @@
 
 namespace lorahub::cli {
 namespace {
+
+void Print(const Args& args, double loss, double score, size_t examples) {
+  if (args.Has("json")) {
+    nlohmann::json j;
+    j["loss"] = loss;
+    j["score"] = score;
+    j["examples"] = examples;
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("loss %.9g score %.9g examples %zu\n", loss, score, examples);
+  }
+}
+
+// --exact-reference: modules loaded one by one and composed in the
+// reference's order (weights 1 for a single adapter without --weights).
+absl::Status RunExact(const Args& args, const model::T5Weights& base,
+                      const std::vector<model::Example>& examples,
+                      std::vector<double> weights, int64_t batch_size) {
+  const std::vector<std::string> dirs = args.GetAll("adapter");
+  std::vector<model::LoraAdapter> modules;
+  for (const std::string& dir : dirs) {
+    auto adapter = model::LoadLoraAdapter(base, dir);
+    if (!adapter.ok()) return adapter.status();
+    modules.push_back(*std::move(adapter));
+  }
+  if (!modules.empty() && weights.empty() && modules.size() == 1) weights = {1.0};
+  if (weights.size() != modules.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("--weights has ", weights.size(),
+                                                   " entries for ", modules.size(),
+                                                   " adapters"));
+  }
+  std::optional<model::LoraAdapter> composed;
+  if (!modules.empty()) {
+    std::vector<const model::LoraAdapter*> ptrs;
+    for (const model::LoraAdapter& m : modules) ptrs.push_back(&m);
+    auto c = model::ComposeExactReference(ptrs, weights);
+    if (!c.ok()) return c.status();
+    composed = *std::move(c);
+  }
+  auto loss = model::ExactReferenceLoss(base, composed ? &*composed : nullptr, examples,
+                                        static_cast<int>(batch_size));
+  if (!loss.ok()) return loss.status();
+  Print(args, *loss, model::ExactReferenceScore(*loss, weights), examples.size());
+  return absl::OkStatus();
+}
 
 absl::Status Run(const Args& args) {
   auto model_dir = args.Required("model");
@@ -55,6 +111,30 @@ absl::Status Run(const Args& args) {
   if (!weight_options.ok()) return weight_options.status();
   const model::WeightOptions& wopts = *weight_options;
 
+  if (args.Has("exact-reference") && args.Has("fast-fp32")) {
+    return absl::InvalidArgumentError("--exact-reference and --fast-fp32 exclude each other");
+  }
+  // As `lorahub learn`: the exact op sequence by default in the reference's setting (a CUDA
+  // device, fp32, the lorahub method, weights for every adapter), so that `score` at the
+  // weights `learn` returned reproduces its best_score bit for bit.
+  const std::string dtype_name = args.Get("dtype").value_or("fp32");
+  const size_t num_adapters = args.GetAll("adapter").size();
+  const bool exact =
+      args.Has("exact-reference") ||
+      (!args.Has("fast-fp32") && absl::StartsWith(args.Get("device").value_or("cpu"), "cuda") &&
+       (dtype_name == "fp32" || dtype_name == "float32") &&
+       args.Get("method").value_or("lorahub") == "lorahub" &&
+       (num_adapters <= 1 || weights.size() == num_adapters));
+  if (exact) {
+    if (args.Get("method").value_or("lorahub") != "lorahub") {
+      return absl::InvalidArgumentError("--exact-reference needs --method lorahub");
+    }
+    const std::string dtype = args.Get("dtype").value_or("fp32");
+    if (dtype != "fp32" && dtype != "float32") {
+      return absl::InvalidArgumentError("--exact-reference needs --dtype fp32");
+    }
+  }
+
   auto tok = tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
   if (!tok.ok()) return tok.status();
   auto tokenized = ReadLoraHubExamples(*examples_path, **tok);
@@ -65,6 +145,7 @@ absl::Status Run(const Args& args) {
   if (!base.ok()) return base.status();
   auto composition = ParseCompositionFlags(args);
   if (!composition.ok()) return composition.status();
+  if (exact) return RunExact(args, *base, examples, weights, *batch_size);
   std::vector<double> effective;
   auto adapter = model::LoadComposedAdapter(*base, args.GetAll("adapter"),
                                             weights, *composition, &effective);
@@ -87,16 +168,7 @@ absl::Status Run(const Args& args) {
   if (!losses.ok()) return losses.status();
   const double loss = (*losses)[0];
   const double score = model::LoraHubScore(loss, effective);
-  if (args.Has("json")) {
-    nlohmann::json j;
-    j["loss"] = loss;
-    j["score"] = score;
-    j["examples"] = examples.size();
-    std::printf("%s\n", j.dump().c_str());
-  } else {
-    std::printf("loss %.9g score %.9g examples %zu\n", loss, score,
-                examples.size());
-  }
+  Print(args, loss, score, examples.size());
   return absl::OkStatus();
 }
 
@@ -106,7 +178,7 @@ int RunScore(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "weights", "examples", "batch-size",
                  "max-rows", "device", "dtype", "method", "density", "majority-sign",
        "composition-seed"},
-                {"json"}};
+                {"json", "exact-reference", "fast-fp32"}};
   return RunWithArgs("score", argc, argv, spec, Run);
 }
 
