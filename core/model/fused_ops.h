@@ -6,7 +6,11 @@
 // the number of small kernels (about 3,300 of them, most of them elementwise
 // steps of RMS norm, attention and casts), not by the matmuls. One RMS-norm
 // kernel replaces eight, and PyTorch's scaled-dot-product attention replaces
-// the matmul / bias / softmax / matmul sequence.
+// the matmul / bias / softmax / matmul sequence. Fifth session (1,759
+// kernels left): the residual add goes into the norm kernel, the gated GELU
+// is one kernel, and short queries get their own attention kernel (PyTorch
+// ran them on its math path, about twelve kernels each);
+// tests/model/objective_ops_test pins the resulting op counts.
 //
 // Two implementations of the CUDA part, one per build (deploy/cmake/README.md,
 // "CUDA-only sources"): fused_ops_cuda.cc + fused_kernels.cu (CMake with a
