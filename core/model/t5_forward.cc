@@ -113,6 +113,7 @@ at::Tensor LoraInput(const at::Tensor& x, const at::Tensor& x_full) {
 // accumulation into y are GEMMs in that dtype (fp32 accumulation inside
 // the BLAS; y + delta rounded once), from the rounded input x, and the
 // output stays in the compute dtype: no widening of y, no fp32 GEMMs.
+// A bank is all-fp32 or (ObjectiveRunner on a bf16 model) all-bf16.
 bool LowPrecisionDelta(const SiteBank& sb, const at::Tensor& y) {
   return y.scalar_type() != at::kFloat &&
          sb.a.scalar_type() == y.scalar_type() &&
@@ -499,10 +500,9 @@ Normed EncoderInput(const EncoderOutput& e) {
 namespace {
 
 // The fp32 residual stream of a forward pass (Encode, DecodeFull, one
-// decoder block step): a sublayer output is
-// held back and added by the next norm (fused_ops.h AddRmsNorm: one kernel
-// on CUDA for the add and the norm). The same arithmetic as
-// `h = h + out; RmsNorm(h)`.
+// decoder block step): a sublayer output is held back and added by the next
+// norm (fused_ops.h AddRmsNorm: one kernel on CUDA for the add and the
+// norm). The same arithmetic as `h = h + out; RmsNorm(h)`.
 class Residual {
  public:
   Residual(const T5Weights& w, at::Tensor h) : w_(w), h_(std::move(h)) {}
@@ -577,11 +577,11 @@ using internal::CausalBias;
 using internal::CrossKeyValues;
 using internal::DecoderBlockStep;
 using internal::DecoderLogits;
-using internal::LmHead;
 using internal::Embed;
 using internal::EncoderInput;
 using internal::FeedForward;
 using internal::Heads;
+using internal::LmHead;
 using internal::MinValue;
 using internal::Normed;
 using internal::PositionBias;
