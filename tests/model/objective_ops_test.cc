@@ -265,6 +265,8 @@ TEST_F(ObjectiveOps, Bf16FastPathsCutConversions) {
   EXPECT_LE(lora.casts, base.casts + 1);
   EXPECT_LE(fast.casts, base.casts - 70);
   EXPECT_LE(fast.total(), base.total() - 70);
+  EXPECT_LE(fast.casts, 20);
+  EXPECT_LE(fast.total(), 780);
 }
 
 // Accuracy of the bf16 fast paths against the fp32 model, next to the
