@@ -14,6 +14,7 @@
 #  D. PEFT: D1 composition methods vs add_weighted_adapter, D2 adapters exported by `lorahub learn
 #     --out` (loss and greedy ids), D3 modules trained by `lorahub train-module` -> $OUT/peft.txt
 #  E. (CUDA_TESTS=1) the engine's CUDA tests, golden parity included -> $OUT/ctest.log
+#     (OPTIN_TESTS=1: golden/objective tests again with LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1)
 #  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json;
 #     BENCH_AB="separate generic_attn bf16_attn" picks the same-build A/B runs (default: separate;
 #     also no_fused small_attn_generic lora_bf16 obj_attn_bf16 obj_bf16, see part F)
@@ -112,8 +113,16 @@ fi
 if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
   stamp "E: CUDA tests"
   LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test" >"$WORK/ctest.log" 2>&1
+    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test|fused_residual_attention|objective_ops_test" >"$WORK/ctest.log" 2>&1
   echo "ctest exit $?"
+  if [ "${OPTIN_TESTS:-0}" = 1 ]; then
+    # The numerics-changing opt-ins (bf16 LoRA deltas, bf16 attention) against the goldens.
+    LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1 LORAHUB_TEST_DEVICE=$DEVICE timeout 120 ctest --test-dir "$build_dir" \
+      --output-on-failure -R "golden_test|objective_runner_test|objective_ops_test" >"$WORK/ctest_optin.log" 2>&1
+    echo "ctest (LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1) exit $?"
+    grep -E "tests passed|tests failed|\(Failed\)" "$WORK/ctest_optin.log" | tail -5
+    cat "$WORK/ctest_optin.log" >>"$WORK/ctest.log"
+  fi
   grep -E "tests passed|tests failed|\(Failed\)|fp32 .* logits|single vs general|bf16 k/v|greedy:" "$WORK/ctest.log" | tail -30
   cp "$WORK/ctest.log" "$out/ctest.log"
 fi
