@@ -6,8 +6,6 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
-#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -70,45 +68,40 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
   const c10::Device device = weights.device;
   try {
     auto fp32 = at::TensorOptions().dtype(at::kFloat).device(device);
-    // Sites grouped by (r, in, out): one [sites, N, r*in + out*r] tensor each.
-    std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<size_t>> by_shape;
     for (size_t i = 0; i < stack.sites.size(); ++i) {
       const at::Tensor& a = stack.a[i];  // [N, r, in]
       const at::Tensor& b = stack.b[i];  // [N, out, r]
       if (a.dim() != 3 || b.dim() != 3 || a.size(0) != N || b.size(0) != N) {
         return absl::InvalidArgumentError("objective runner: malformed stack");
       }
-      by_shape[{a.size(1), a.size(2), b.size(1)}].push_back(i);
     }
     run->scales_.resize(stack.num_base_sites);
     run->scale_values_.resize(stack.num_base_sites);
-    for (const auto& [shape, entries] : by_shape) {
+    // The stack's groups already have the layout the forward pass wants (every A, then every
+    // B; the decoder's cross k/v last, so the composed A of sites that read the same input
+    // lie side by side and share one down-projection GEMM): share them, except that
+    // bf16_lora folds each site's scaling into its B (the delta's GEMMs then run with alpha
+    // 1, and the composed bf16 B is B * scaling rounded once), which needs a copy.
+    for (const ModuleStack::Group& sg : stack.groups) {
       Group g;
-      std::tie(g.r, g.in, g.out) = shape;
-      // Columns: every site's A, in site order, then every site's B, so that
-      // the composed A of consecutive sites lie side by side (the forward pass
-      // then runs one down-projection GEMM for q and v of an attention).
-      // Within a group, sites in site order, except that the decoder's
-      // cross-attention k and v of every block come last: they all read the
-      // encoder output, so their adjacent A share one GEMM as well.
-      std::vector<size_t> order = entries;
-      std::stable_partition(order.begin(), order.end(), [&](size_t i) {
-        return !IsCrossKeyValueSite(stack.sites[i], weights.config.num_layers);
-      });
-      std::vector<at::Tensor> a_parts, b_parts;
-      for (size_t i : order) {
+      g.r = sg.r;
+      g.in = sg.in;
+      g.out = sg.out;
+      g.factors = sg.factors.to(fp32, /*non_blocking=*/false, /*copy=*/run->bf16_lora_);
+      const int64_t k = static_cast<int64_t>(sg.entries.size());
+      const int64_t a_len = g.r * g.in;
+      const int64_t b_len = g.out * g.r;
+      for (int64_t j = 0; j < k; ++j) {
+        const size_t i = sg.entries[j];
         g.sites.push_back(stack.sites[i]);
-        a_parts.push_back(stack.a[i].reshape({N, -1}).to(fp32));
-        at::Tensor b = stack.b[i].reshape({N, -1}).to(fp32);
-        // bf16_lora: the scaling folded into B (the delta's GEMMs then run
-        // with alpha 1, and the composed bf16 B is B * scaling rounded once).
-        const double scale = run->bf16_lora_ ? 1.0 : stack.scaling[i];
-        b_parts.push_back(run->bf16_lora_ ? b * stack.scaling[i] : b);
+        double scale = stack.scaling[i];
+        if (run->bf16_lora_) {
+          g.factors.narrow(1, k * a_len + j * b_len, b_len).mul_(scale);
+          scale = 1.0;
+        }
         run->scales_[stack.sites[i]] = at::full({C, 1, 1}, scale, fp32);
         run->scale_values_[stack.sites[i]] = scale;
       }
-      a_parts.insert(a_parts.end(), b_parts.begin(), b_parts.end());
-      g.factors = at::cat(a_parts, 1).contiguous();  // [N, k * (r*in + out*r)]
       run->groups_.push_back(std::move(g));
     }
     run->bank_.num_slots = static_cast<int>(C);
