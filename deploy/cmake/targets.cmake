@@ -1890,6 +1890,19 @@ lorahub_cc_test(tests_model_generate_test
   TIMEOUT 300
 )
 
+# //tests/model:golden_fixture (cc_library)
+lorahub_cc_library(tests_model_golden_fixture
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/golden_fixture.cc
+    ${SRC}/tests/model/golden_fixture.h
+  DEPS
+    core_config_config
+    core_model_model
+    ext_nlohmann_json_json
+  OUTPUT_NAME golden_fixture
+)
+
 # //tests/model:golden_test (cc_test)
 lorahub_cc_test(tests_model_golden_test
   TEST_NAME //tests/model:golden_test
@@ -1897,6 +1910,7 @@ lorahub_cc_test(tests_model_golden_test
   SRCS
     ${SRC}/tests/model/golden_test.cc
   DEPS
+    tests_model_golden_fixture
     tests_model_tiny_t5
     core_config_config
     core_io_checkpoint
@@ -2023,6 +2037,7 @@ lorahub_cc_test(tests_model_exact_reference_loss_test
   SRCS
     ${SRC}/tests/model/exact_reference_loss_test.cc
   DEPS
+    tests_model_golden_fixture
     tests_model_tiny_t5
     core_config_config
     core_io_checkpoint

@@ -14,9 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,77 +24,19 @@
 #include "core/model/scorer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/model/golden_fixture.h"
 #include "tests/model/tiny_t5.h"
 
 namespace lorahub::model {
 namespace {
 
 namespace fs = std::filesystem;
-using json = nlohmann::ordered_json;
+using testing::json;
 
-constexpr char kRoot[] = "tests/testdata/t5";
+constexpr const char* kRoot = testing::kGoldenRoot;
+using testing::GoldenCaseDirs;
+using testing::ReadJson;
 constexpr double kRelTol = 1e-5;
-
-json ReadJson(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return json::parse(ss.str());
-}
-
-std::vector<std::string> CaseDirs() {
-  std::vector<std::string> dirs;
-  if (!fs::is_directory(kRoot)) return dirs;
-  for (const auto& entry : fs::directory_iterator(kRoot)) {
-    if (fs::exists(entry.path() / "golden.json")) dirs.push_back(entry.path());
-  }
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
-}
-
-config::T5Config T5ConfigFrom(const json& j) {
-  config::T5Config c;
-  c.vocab_size = j["vocab_size"];
-  c.d_model = j["d_model"];
-  c.d_kv = j["d_kv"];
-  c.d_ff = j["d_ff"];
-  c.num_heads = j["num_heads"];
-  c.num_layers = j["num_layers"];
-  c.num_decoder_layers = j["num_decoder_layers"];
-  c.relative_attention_num_buckets = j["relative_attention_num_buckets"];
-  c.relative_attention_max_distance = j["relative_attention_max_distance"];
-  c.feed_forward_proj = j["feed_forward_proj"];
-  c.dense_act_fn = j["dense_act_fn"];
-  c.is_gated_act = j["is_gated_act"];
-  c.tie_word_embeddings = j["tie_word_embeddings"];
-  c.layer_norm_epsilon = j["layer_norm_epsilon"];
-  c.pad_token_id = j["pad_token_id"];
-  c.eos_token_id = j["eos_token_id"];
-  c.decoder_start_token_id = j["decoder_start_token_id"];
-  return c;
-}
-
-config::LoraConfig LoraConfigFrom(const json& j) {
-  config::LoraConfig c;
-  c.peft_type = "LORA";
-  c.r = j["r"];
-  c.lora_alpha = j["lora_alpha"];
-  c.use_rslora = j["use_rslora"];
-  if (j["target_modules"].is_string()) {
-    c.target_modules_regex = j["target_modules"].get<std::string>();
-  } else {
-    c.target_modules = j["target_modules"].get<std::vector<std::string>>();
-  }
-  if (j.contains("rank_pattern") && j["rank_pattern"].is_object()) {
-    for (const auto& [k, v] : j["rank_pattern"].items()) c.rank_pattern.push_back({k, v.get<int>()});
-  }
-  if (j.contains("alpha_pattern") && j["alpha_pattern"].is_object()) {
-    for (const auto& [k, v] : j["alpha_pattern"].items()) {
-      c.alpha_pattern.push_back({k, v.get<double>()});
-    }
-  }
-  return c;
-}
 
 // One golden case: base (fp32 compute), adapters, examples.
 struct Case {
@@ -115,12 +55,7 @@ void LoadCase(const std::string& dir, at::ScalarType dtype, Case* c) {
   o.device = *device;
   auto tensors = io::ReadModelTensors(dir + "/model");
   ASSERT_TRUE(tensors.ok()) << tensors.status();
-  config::T5Config config = T5ConfigFrom(c->g["config"]);
-  json file = ReadJson(dir + "/model/config.json");
-  config.tie_word_embeddings = file.value("tie_word_embeddings", true);
-  if (file.contains("scale_decoder_outputs")) {
-    o.scale_decoder_outputs = file["scale_decoder_outputs"].get<bool>();
-  }
+  config::T5Config config = testing::GoldenT5Config(dir, c->g, &o);
   auto w = BuildT5Weights(config, *tensors, o, dir);
   ASSERT_TRUE(w.ok()) << w.status();
   c->base = *w;
@@ -128,7 +63,7 @@ void LoadCase(const std::string& dir, at::ScalarType dtype, Case* c) {
     const std::string adir = dir + "/" + info["dir"].get<std::string>();
     auto t = io::ReadAdapterTensors(adir);
     ASSERT_TRUE(t.ok()) << t.status();
-    auto a = BuildLoraAdapter(c->base, LoraConfigFrom(info), *t, adir);
+    auto a = BuildLoraAdapter(c->base, testing::GoldenLoraConfig(info), *t, adir);
     ASSERT_TRUE(a.ok()) << a.status();
     c->adapters[name] = *a;
   }
@@ -152,11 +87,11 @@ std::vector<const LoraAdapter*> Modules(const Case& c, const json& names) {
   return out;
 }
 
-TEST(ExactReferenceLoss, FixturesExist) { EXPECT_FALSE(CaseDirs().empty()) << kRoot; }
+TEST(ExactReferenceLoss, FixturesExist) { EXPECT_FALSE(GoldenCaseDirs().empty()) << kRoot; }
 
 TEST(ExactReferenceLoss, MatchesGoldenAndEngineLosses) {
   int checked = 0;
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case c;
     LoadCase(dir, at::kFloat, &c);
     if (::testing::Test::HasFatalFailure()) return;

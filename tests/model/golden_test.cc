@@ -20,9 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -34,16 +32,18 @@
 #include "core/model/t5_forward.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/model/golden_fixture.h"
 #include "tests/model/tiny_t5.h"
 
 namespace lorahub::model {
 namespace {
 
 namespace fs = std::filesystem;
-using json =
-    nlohmann::ordered_json;  // PEFT patterns: first match in file order
+using testing::json;
 
-constexpr char kRoot[] = "tests/testdata/t5";
+constexpr const char* kRoot = testing::kGoldenRoot;
+using testing::GoldenCaseDirs;
+using testing::ReadJson;
 
 // bf16 bounds. Loss relative to the fp32 golden: issue 3's 1% where the
 // checkpoint is stored in bf16 (measured: 0.06%); where it is stored in fp32
@@ -58,71 +58,6 @@ constexpr double kBf16LossToleranceFp32Weights = 0.025;
 constexpr double kBf16Margin = 0.05;
 constexpr double kBf16ArithmeticTolerance = 0.015;
 constexpr double kBf16GreedyDisagreementShare = 0.02;
-
-std::vector<std::string> CaseDirs() {
-  std::vector<std::string> dirs;
-  if (!fs::is_directory(kRoot)) return dirs;
-  for (const auto& entry : fs::directory_iterator(kRoot)) {
-    if (fs::exists(entry.path() / "golden.json")) dirs.push_back(entry.path());
-  }
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
-}
-
-json ReadJson(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return json::parse(ss.str());
-}
-
-// The structs the config parsers would produce, from golden.json's record
-// of what transformers / peft used (the parsers have their own tests).
-config::T5Config T5ConfigFrom(const json& j) {
-  config::T5Config c;
-  c.vocab_size = j["vocab_size"];
-  c.d_model = j["d_model"];
-  c.d_kv = j["d_kv"];
-  c.d_ff = j["d_ff"];
-  c.num_heads = j["num_heads"];
-  c.num_layers = j["num_layers"];
-  c.num_decoder_layers = j["num_decoder_layers"];
-  c.relative_attention_num_buckets = j["relative_attention_num_buckets"];
-  c.relative_attention_max_distance = j["relative_attention_max_distance"];
-  c.feed_forward_proj = j["feed_forward_proj"];
-  c.dense_act_fn = j["dense_act_fn"];
-  c.is_gated_act = j["is_gated_act"];
-  c.tie_word_embeddings = j["tie_word_embeddings"];
-  c.layer_norm_epsilon = j["layer_norm_epsilon"];
-  c.pad_token_id = j["pad_token_id"];
-  c.eos_token_id = j["eos_token_id"];
-  c.decoder_start_token_id = j["decoder_start_token_id"];
-  return c;
-}
-
-config::LoraConfig LoraConfigFrom(const json& j) {
-  config::LoraConfig c;
-  c.peft_type = "LORA";
-  c.r = j["r"];
-  c.lora_alpha = j["lora_alpha"];
-  c.use_rslora = j["use_rslora"];
-  if (j["target_modules"].is_string()) {
-    c.target_modules_regex = j["target_modules"].get<std::string>();
-  } else {
-    c.target_modules = j["target_modules"].get<std::vector<std::string>>();
-  }
-  if (j.contains("rank_pattern") && j["rank_pattern"].is_object()) {
-    for (const auto& [k, v] : j["rank_pattern"].items()) {
-      c.rank_pattern.push_back({k, v.get<int>()});
-    }
-  }
-  if (j.contains("alpha_pattern") && j["alpha_pattern"].is_object()) {
-    for (const auto& [k, v] : j["alpha_pattern"].items()) {
-      c.alpha_pattern.push_back({k, v.get<double>()});
-    }
-  }
-  return c;
-}
 
 // A case loaded once: base model, its adapters, the golden tensors.
 class Case {
@@ -139,14 +74,7 @@ class Case {
     auto tensors = io::ReadModelTensors(dir + "/model");
     EXPECT_TRUE(tensors.ok()) << tensors.status();
     if (!tensors.ok()) return;
-    config::T5Config config = T5ConfigFrom(g_["config"]);
-    // golden.json's "config" records tie_word_embeddings as true even where
-    // config.json says false; config.json is what transformers loads.
-    json file = ReadJson(dir + "/model/config.json");
-    config.tie_word_embeddings = file.value("tie_word_embeddings", true);
-    if (file.contains("scale_decoder_outputs")) {
-      o.scale_decoder_outputs = file["scale_decoder_outputs"].get<bool>();
-    }
+    config::T5Config config = testing::GoldenT5Config(dir, g_, &o);
     auto w = BuildT5Weights(config, *tensors, o, dir);
     EXPECT_TRUE(w.ok()) << w.status();
     if (!w.ok()) return;
@@ -160,7 +88,7 @@ class Case {
         good = false;
         continue;
       }
-      auto a = BuildLoraAdapter(base_, LoraConfigFrom(info), *t, adir);
+      auto a = BuildLoraAdapter(base_, testing::GoldenLoraConfig(info), *t, adir);
       EXPECT_TRUE(a.ok()) << a.status();
       if (!a.ok()) {
         good = false;
@@ -281,10 +209,10 @@ class Case {
   bool ok_ = false;
 };
 
-TEST(Golden, FixturesExist) { EXPECT_FALSE(CaseDirs().empty()) << kRoot; }
+TEST(Golden, FixturesExist) { EXPECT_FALSE(GoldenCaseDirs().empty()) << kRoot; }
 
 TEST(Golden, EncoderStatesAndLogits) {
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case c(dir);
     ASSERT_TRUE(c.ok()) << dir;
     auto golden = io::ReadSafetensorsFile(dir + "/golden.safetensors");
@@ -323,7 +251,7 @@ TEST(Golden, EncoderStatesAndLogits) {
 }
 
 TEST(Golden, Losses) {
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case c(dir);
     ASSERT_TRUE(c.ok()) << dir;
     const std::vector<Example> ex = c.Examples();
@@ -346,7 +274,7 @@ TEST(Golden, Losses) {
 
 // All loss points of one adapter list scored as candidates of one batch.
 TEST(Golden, LossPointsAsOneCandidateBatch) {
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case c(dir);
     ASSERT_TRUE(c.ok()) << dir;
     std::map<std::string, std::vector<json>> by_adapters;
@@ -390,7 +318,7 @@ TEST(Golden, LossPointsAsOneCandidateBatch) {
 // ones (transformers' own bf16 loss, for the record).
 TEST(Golden, Bf16Loss) {
   int checked = 0;
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case c(dir, at::kBFloat16);
     ASSERT_TRUE(c.ok()) << dir;
     const std::vector<Example> ex = c.Examples();
@@ -432,7 +360,7 @@ TEST(Golden, Bf16Loss) {
 // bf16 adds its own error, which these tiny random models amplify.)
 TEST(Golden, Bf16LossAgainstFp32OnTheSameBf16Weights) {
   int checked = 0;
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case bf(dir, at::kBFloat16);
     Case fp(dir, at::kFloat);
     ASSERT_TRUE(bf.ok() && fp.ok()) << dir;
@@ -488,7 +416,7 @@ TEST(Golden, Bf16LossAgainstFp32OnTheSameBf16Weights) {
 // on a well-conditioned model.
 TEST(Golden, Bf16GreedyIdsWhereTheMarginIsClear) {
   int compared = 0, skipped = 0, disagreed = 0;
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case c(dir, at::kBFloat16);
     Case probe_case(dir, at::kFloat);
     ASSERT_TRUE(c.ok() && probe_case.ok()) << dir;
@@ -561,7 +489,7 @@ TEST(Golden, Bf16GreedyIdsWhereTheMarginIsClear) {
 }
 
 TEST(Golden, GreedyAndBeamIds) {
-  for (const std::string& dir : CaseDirs()) {
+  for (const std::string& dir : GoldenCaseDirs()) {
     Case c(dir);
     ASSERT_TRUE(c.ok()) << dir;
     std::vector<std::vector<int64_t>> inputs;
