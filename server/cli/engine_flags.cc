@@ -1,7 +1,9 @@
 #include "server/cli/engine_flags.h"
 
+#include <string>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "core/train/text_examples.h"
 
 namespace lorahub::cli {
@@ -21,6 +23,13 @@ absl::StatusOr<model::WeightOptions> ParseWeightOptions(const Args& args) {
   if (!dtype.ok()) return dtype.status();
   options.dtype = *dtype;
   return options;
+}
+
+bool InReferenceSetting(const Args& args) {
+  const std::string dtype = args.Get("dtype").value_or("fp32");
+  return absl::StartsWith(args.Get("device").value_or("cpu"), "cuda") &&
+         (dtype == "fp32" || dtype == "float32") &&
+         args.Get("method").value_or("lorahub") == "lorahub";
 }
 
 absl::StatusOr<model::CompositionParams> ParseCompositionFlags(const Args& args) {

@@ -25,6 +25,13 @@ absl::StatusOr<model::WeightOptions> ParseWeightOptions(const Args& args);
 // seed here). InvalidArgument naming the flag.
 absl::StatusOr<model::CompositionParams> ParseCompositionFlags(const Args& args);
 
+// The reference implementation's own setting: a CUDA device (--device cuda*),
+// fp32 (--dtype) and the lorahub method (--method). There `learn` and `score`
+// use the exact reference op sequence by default (core/model/
+// exact_reference_loss.h: the same LibTorch then gives the reference's scores
+// bit for bit); each command adds its own conditions.
+bool InReferenceSetting(const Args& args);
+
 // Reads a JSONL file of {"input", "output"} objects and tokenizes it as the
 // LoraHub reference does (max_length 2048 with truncation, eos kept).
 absl::StatusOr<std::vector<model::Example>> ReadLoraHubExamples(

@@ -36,7 +36,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/learn/adapter_export.h"
 #include "core/learn/composition.h"
@@ -95,12 +94,8 @@ absl::Status CheckFlagValues(const Args& args) {
 // scores and COBYLA path bit for bit (same LibTorch), so it is the default; --fast-fp32 opts
 // out (the fused engine: ~5x faster, scores within ~1e-7 relative, a different path).
 bool ExactByDefault(const Args& args) {
-  const std::string dtype = args.Get("dtype").value_or("fp32");
   const std::string optimizer = args.Get("optimizer").value_or("cobyla");
-  return absl::StartsWith(args.Get("device").value_or("cpu"), "cuda") &&
-         (dtype == "fp32" || dtype == "float32") &&
-         args.Get("method").value_or("lorahub") == "lorahub" &&
-         args.Get("objective").value_or("loss") == "loss" &&
+  return InReferenceSetting(args) && args.Get("objective").value_or("loss") == "loss" &&
          (optimizer == "cobyla" || optimizer == "fixed");
 }
 

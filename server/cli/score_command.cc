@@ -28,7 +28,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/model/exact_reference_loss.h"
 #include "core/model/loader.h"
@@ -117,14 +116,10 @@ absl::Status Run(const Args& args) {
   // As `lorahub learn`: the exact op sequence by default in the reference's setting (a CUDA
   // device, fp32, the lorahub method, weights for every adapter), so that `score` at the
   // weights `learn` returned reproduces its best_score bit for bit.
-  const std::string dtype_name = args.Get("dtype").value_or("fp32");
   const size_t num_adapters = args.GetAll("adapter").size();
-  const bool exact =
-      args.Has("exact-reference") ||
-      (!args.Has("fast-fp32") && absl::StartsWith(args.Get("device").value_or("cpu"), "cuda") &&
-       (dtype_name == "fp32" || dtype_name == "float32") &&
-       args.Get("method").value_or("lorahub") == "lorahub" &&
-       (num_adapters <= 1 || weights.size() == num_adapters));
+  const bool exact = args.Has("exact-reference") ||
+                     (!args.Has("fast-fp32") && InReferenceSetting(args) &&
+                      (num_adapters <= 1 || weights.size() == num_adapters));
   if (exact) {
     if (args.Get("method").value_or("lorahub") != "lorahub") {
       return absl::InvalidArgumentError("--exact-reference needs --method lorahub");
