@@ -32,6 +32,15 @@ enum class DecoderReuse {
 };
 
 class StaticDecoderPool;
+class StaticEncoderPool;
+
+// Where Generate encodes through pooled fixed-shape encoders
+// (static_encoder.h: one CUDA graph per (batch, length) bucket).
+enum class EncoderGraph {
+  kOff,     // eager Encode (t5_forward.h)
+  kCuda,    // on CUDA devices (captured graphs); eager on the CPU
+  kAlways,  // also on the CPU: the same padding and buffers, run eagerly
+};
 
 struct GenerateOptions {
   int64_t max_new_tokens = 32;  // 1..8192
@@ -71,6 +80,18 @@ struct GenerateOptions {
   // The pool to use; nullptr: StaticDecoderPool::Global(). Not owned; must
   // outlive the call.
   StaticDecoderPool* decoder_pool = nullptr;
+  // Encode rows without per-row adapters (none, or a merged adapter) with a
+  // pooled StaticEncoder (static_encoder.h): inputs padded to a bucket,
+  // a CUDA graph captured per bucket and replayed (issue 7: the eager
+  // encoder's host-side dispatch dominates the time to first token). Per-row
+  // adapters, and any capture failure, take the eager Encode; outputs are
+  // the same up to float summation order. The environment variable
+  // LORAHUB_NO_ENCODER_GRAPH=1 forces kOff (A/B in one build); so does
+  // cuda_graph = false.
+  EncoderGraph encoder_graph = EncoderGraph::kCuda;
+  // The pool to use; nullptr: StaticEncoderPool::Global(). Not owned; must
+  // outlive the call.
+  StaticEncoderPool* encoder_pool = nullptr;
 };
 
 struct GenerateResult {
