@@ -111,7 +111,7 @@ fi
 if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
   stamp "E: CUDA tests"
   LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test" >"$WORK/ctest.log" 2>&1
+    -R "golden_test|generate_test|static_decoder|static_encoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test" >"$WORK/ctest.log" 2>&1
   echo "ctest exit $?"
   grep -E "tests passed|tests failed|\(Failed\)|fp32 .* logits|single vs general|bf16 k/v|greedy:" "$WORK/ctest.log" | tail -30
   cp "$WORK/ctest.log" "$out/ctest.log"
@@ -243,13 +243,15 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # A/B runs in the same build, each only while there is time. BENCH_AB lists them:
   # separate (the separate GEMMs), generic_attn (decode steps on PyTorch's fp32
   # scaled-dot-product attention instead of the single-query bmm path), bf16_attn (bf16 decode
-  # KV caches and bf16 bmm with fp32 accumulation, experimental).
+  # KV caches and bf16 bmm with fp32 accumulation, experimental), no_encoder_graph (the eager
+  # encoder in generation instead of the pooled CUDA-graph StaticEncoder: ttft_ms A/B).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
       separate) bench separate LORAHUB_NO_FUSED_GEMMS=1 ;;
       generic_attn) bench generic_attn LORAHUB_DECODE_ATTN_GENERIC=1 ;;
       bf16_attn) bench bf16_attn LORAHUB_DECODE_ATTN_BF16=1 ;;
+      no_encoder_graph) bench no_encoder_graph LORAHUB_NO_ENCODER_GRAPH=1 ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done
