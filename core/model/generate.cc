@@ -161,7 +161,7 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
                                            const RowAdapters& rows,
                                            const GenerateOptions& o) {
   const bool pooled =
-      o.cuda_graph && rows.bank == nullptr && !EncoderGraphDisabledByEnv() &&
+      o.cuda_graph && !EncoderGraphDisabledByEnv() &&
       (o.encoder_graph == EncoderGraph::kAlways ||
        (o.encoder_graph == EncoderGraph::kCuda && w.device.is_cuda()));
   if (!pooled) return Encode(w, ids, mask, rows);

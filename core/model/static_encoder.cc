@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -47,6 +48,28 @@ absl::Status CheckInputs(const at::Tensor& ids, const at::Tensor& mask,
   return absl::OkStatus();
 }
 
+// Rows of `layout`'s adapter layout for b rows: the same bank and host
+// fields (a captured graph baked them in), slots [b], mask [b, 1, 1].
+absl::Status CheckRows(const RowAdapters& rows, const RowAdapters& layout,
+                       int64_t b) {
+  const bool same =
+      rows.bank == layout.bank &&
+      (rows.bank == nullptr ||
+       (rows.all_rows == layout.all_rows &&
+        rows.uniform_slot == layout.uniform_slot &&
+        rows.slots.defined() && rows.slots.dim() == 1 &&
+        rows.slots.size(0) == b && rows.mask.defined() &&
+        rows.mask.dim() == 3 && rows.mask.size(0) == b &&
+        rows.mask.size(1) == 1 && rows.mask.size(2) == 1));
+  if (!same) {
+    return absl::InvalidArgumentError(
+        "static encoder: rows must have the adapter layout the encoder was "
+        "created with (bank, all_rows, uniform_slot), slots [b] and mask "
+        "[b, 1, 1]");
+  }
+  return absl::OkStatus();
+}
+
 // The first b rows and s positions of `t` (dims 0 and `pos_dim`), copied.
 at::Tensor Corner(const at::Tensor& t, int64_t b, int64_t s, int64_t pos_dim) {
   if (!t.defined()) return t;
@@ -59,11 +82,12 @@ StaticEncoder::~StaticEncoder() = default;
 
 absl::StatusOr<std::unique_ptr<StaticEncoder>> StaticEncoder::Create(
     const T5Weights& weights, int64_t batch, int64_t length,
-    const StaticEncoderOptions& options) {
+    const RowAdapters& rows, const StaticEncoderOptions& options) {
   if (batch <= 0 || length <= 0) {
     return absl::InvalidArgumentError(
         "static encoder: batch and length must be > 0");
   }
+
   auto e = std::unique_ptr<StaticEncoder>(new StaticEncoder());
   try {
     auto i64 = at::TensorOptions().dtype(at::kLong).device(weights.device);
@@ -72,6 +96,15 @@ absl::StatusOr<std::unique_ptr<StaticEncoder>> StaticEncoder::Create(
     e->length_ = length;
     e->ids_ = at::full({batch, length}, weights.config.pad_token_id, i64);
     e->mask_ = at::zeros({batch, length}, i64);
+    if (rows.bank != nullptr) {
+      // rows_per_slot stays 0: runs per slot take the general per-row path
+      // (padding rows would break the runs).
+      e->rows_.bank = rows.bank;
+      e->rows_.all_rows = rows.all_rows;
+      e->rows_.uniform_slot = rows.uniform_slot;
+      e->rows_.slots = at::zeros({batch}, i64);
+      e->rows_.mask = at::zeros({batch, 1, 1}, i64.dtype(at::kFloat));
+    }
   } catch (const c10::Error& err) {
     return absl::InternalError(
         absl::StrCat("static encoder: ", err.what_without_backtrace()));
@@ -88,7 +121,7 @@ absl::StatusOr<std::unique_ptr<StaticEncoder>> StaticEncoder::Create(
 
 absl::Status StaticEncoder::Body(EncoderOutput& out) {
   absl::StatusOr<EncoderOutput> r =
-      model::Encode(*w_, ids_, mask_, RowAdapters{});
+      model::Encode(*w_, ids_, mask_, rows_);
   if (!r.ok()) return r.status();
   out = *std::move(r);
   return absl::OkStatus();
@@ -154,12 +187,24 @@ absl::Status StaticEncoder::CheckGraphAgainstEager() {
 }
 
 absl::StatusOr<EncoderOutput> StaticEncoder::Run(
-    const at::Tensor& input_ids, const at::Tensor& attention_mask) {
+    const at::Tensor& input_ids, const at::Tensor& attention_mask,
+    const RowAdapters& rows) {
   absl::Status s = CheckInputs(input_ids, attention_mask, batch_, length_);
   if (!s.ok()) return s;
   const int64_t b = input_ids.size(0);
   const int64_t n = input_ids.size(1);
+  s = CheckRows(rows, rows_, b);
+  if (!s.ok()) return s;
   try {
+    if (rows_.bank != nullptr) {
+      // Padding rows: slot 0, mask 0 (their outputs are discarded).
+      if (b < batch_) {
+        rows_.slots.zero_();
+        rows_.mask.zero_();
+      }
+      rows_.slots.narrow(0, 0, b).copy_(rows.slots);
+      rows_.mask.narrow(0, 0, b).copy_(rows.mask);
+    }
     if (b == batch_ && n == length_) {
       ids_.copy_(input_ids);
       mask_.copy_(attention_mask);
@@ -208,6 +253,10 @@ struct StaticEncoderPool::Key {
   at::ScalarType dtype = at::kFloat;
   int64_t batch = 0, length = 0;
   bool cuda_graph = false;
+  // The rows' host fields (bank == nullptr: no adapters).
+  bool has_bank = false, all_rows = false;
+  int64_t uniform_slot = -1, num_slots = 0;
+  std::vector<double> scales;  // per bank site: common_scale (NaN allowed)
   std::vector<int64_t> tensors;
   std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> alive;
 
@@ -230,7 +279,16 @@ struct StaticEncoderPool::Key {
   }
 
   bool operator==(const Key& o) const {
-    return weights == o.weights && device == o.device && dtype == o.dtype &&
+    if (scales.size() != o.scales.size()) return false;
+    for (size_t i = 0; i < scales.size(); ++i) {
+      // Bitwise: NaN (no common scaling) equals NaN.
+      if (std::memcmp(&scales[i], &o.scales[i], sizeof(double)) != 0) {
+        return false;
+      }
+    }
+    return has_bank == o.has_bank && all_rows == o.all_rows &&
+           uniform_slot == o.uniform_slot && num_slots == o.num_slots &&
+           weights == o.weights && device == o.device && dtype == o.dtype &&
            batch == o.batch && length == o.length &&
            cuda_graph == o.cuda_graph && tensors == o.tensors;
   }
@@ -243,8 +301,9 @@ struct StaticEncoderPool::Entry {
 
 namespace {
 
-StaticEncoderPool::Key MakeKey(const T5Weights& w, int64_t batch,
-                               int64_t length, const StaticEncoderOptions& o) {
+StaticEncoderPool::Key MakeKey(const T5Weights& w, const RowAdapters& rows,
+                               int64_t batch, int64_t length,
+                               const StaticEncoderOptions& o) {
   StaticEncoderPool::Key k;
   k.weights = &w;
   k.device = w.device;
@@ -270,6 +329,19 @@ StaticEncoderPool::Key MakeKey(const T5Weights& w, int64_t batch,
     k.Add(b.ff.wi_1.weight);
     k.Add(b.ff.wo.weight);
     k.Add(b.ff.wi_01);
+  }
+  k.has_bank = rows.bank != nullptr;
+  if (k.has_bank) {
+    // The graph reads the bank's tensors where they lie (by address).
+    k.all_rows = rows.all_rows;
+    k.uniform_slot = rows.uniform_slot;
+    k.num_slots = rows.bank->num_slots;
+    for (const SiteBank& site : rows.bank->sites) {
+      k.scales.push_back(site.common_scale);
+      k.Add(site.a);
+      k.Add(site.b);
+      k.Add(site.scale);
+    }
   }
   return k;
 }
@@ -306,7 +378,9 @@ absl::StatusOr<EncoderOutput> StaticEncoderPool::Encode(
     }
     return model::Encode(weights, input_ids, attention_mask, rows);
   };
-  if (rows.bank != nullptr || !input_ids.defined() || input_ids.dim() != 2 ||
+  if ((rows.bank != nullptr &&
+       (!rows.slots.defined() || !rows.mask.defined())) ||
+      !input_ids.defined() || input_ids.dim() != 2 ||
       !attention_mask.defined() ||
       attention_mask.sizes() != input_ids.sizes() ||
       input_ids.scalar_type() != at::kLong || input_ids.size(0) < 1 ||
@@ -319,7 +393,7 @@ absl::StatusOr<EncoderOutput> StaticEncoderPool::Encode(
       batch * length > options_.max_tokens || options_.capacity == 0) {
     return eager();
   }
-  Key key = MakeKey(weights, batch, length, options);
+  Key key = MakeKey(weights, rows, batch, length, options);
   std::unique_ptr<Entry> entry;
   {
     std::list<std::unique_ptr<Entry>> dead;  // freed outside the lock
@@ -344,7 +418,7 @@ absl::StatusOr<EncoderOutput> StaticEncoderPool::Encode(
     }
   }
   if (entry == nullptr) {
-    auto made = StaticEncoder::Create(weights, batch, length, options);
+    auto made = StaticEncoder::Create(weights, batch, length, rows, options);
     if (!made.ok()) return made.status();
     entry = std::make_unique<Entry>();
     entry->key = std::move(key);
@@ -359,7 +433,7 @@ absl::StatusOr<EncoderOutput> StaticEncoderPool::Encode(
     }
     out = model::Encode(weights, input_ids, attention_mask, rows);
   } else {
-    out = entry->encoder->Run(input_ids, attention_mask);
+    out = entry->encoder->Run(input_ids, attention_mask, rows);
   }
   Return(std::move(entry));
   return out;

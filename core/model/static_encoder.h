@@ -17,13 +17,21 @@
 // Encode's up to float summation order (softmax and matmuls over `length`
 // keys, the extra ones contributing exact zeros).
 //
-// Adapters: only rows without adapters (merged adapters included) are
-// captured; per-row adapters (RowAdapters::bank != nullptr) take the eager
-// Encode (StaticEncoderPool::Encode does this itself).
+// Adapters: rows without adapters (merged adapters included) and per-row
+// adapters (an AdapterBank with slots per row) are captured; the graph reads
+// the bank's tensors where they lie (their contents may change in place) and
+// the rows' slots and mask from this encoder's buffers (padding rows: slot 0,
+// mask 0; their outputs are discarded, so their adapter does not matter). It
+// bakes in the rows' host fields (bank, all_rows, uniform_slot), which a
+// later Run must match. Rows laid out in runs per slot
+// (RowAdapters::rows_per_slot > 0, e.g. one slot per row) cannot keep that
+// layout once padded: they take the general per-row (gather) path, which
+// gives the same results up to float rounding.
 //
-// Ownership: a StaticEncoder references `weights`, which must outlive it,
-// and owns its buffers and graph. The pool holds weak references to the
-// weights' storages and drops entries whose weights were freed.
+// Ownership: a StaticEncoder references `weights` and `rows.bank`, which
+// must outlive it, and owns its buffers and graph. The pool holds weak
+// references to the storages of the weights and bank tensors it read and
+// drops entries whose weights or bank were freed.
 // Thread-safety: a StaticEncoder is used by one thread at a time; the pool's
 // methods may be called from any thread (a leased encoder is out of the pool
 // while leased, so two calls never share one). The outputs of
@@ -60,12 +68,13 @@ struct StaticEncoderOptions {
 class StaticEncoder {
  public:
   // An encoder for inputs of up to `batch` rows and `length` positions
-  // (both > 0, else InvalidArgument). Internal for LibTorch errors. A
-  // failing capture is not an error: the encoder then runs eagerly (see
-  // graph_status()).
+  // (both > 0) with the adapter layout of `rows` (bank == nullptr: none; its
+  // slots and mask are not read here; rows_per_slot is not kept, see
+  // above). InvalidArgument for bad sizes; Internal for LibTorch errors. A failing capture is
+  // not an error: the encoder then runs eagerly (see graph_status()).
   static absl::StatusOr<std::unique_ptr<StaticEncoder>> Create(
       const T5Weights& weights, int64_t batch, int64_t length,
-      const StaticEncoderOptions& options);
+      const RowAdapters& rows, const StaticEncoderOptions& options);
 
   ~StaticEncoder();
   StaticEncoder(const StaticEncoder&) = delete;
@@ -73,12 +82,15 @@ class StaticEncoder {
 
   // Encodes input_ids / attention_mask ([b, s] int64 and [b, s] integer or
   // float 0/1, any device, 1 <= b <= batch(), 1 <= s <= length(), ids in
-  // [0, vocab): callers check them on the host) without adapters. Returns
-  // Encode's outputs for these b rows and s positions (hidden, mask_bias and,
-  // for bf16/fp16, hidden_full), as new tensors the caller owns.
-  // InvalidArgument for other shapes or dtypes; Internal for LibTorch errors.
+  // [0, vocab): callers check them on the host) with `rows` (b rows, the
+  // layout of Create's: same bank and host fields). Returns Encode's
+  // outputs for these b rows and s positions (hidden, mask_bias and, for
+  // bf16/fp16, hidden_full), as new tensors the caller owns.
+  // InvalidArgument for other shapes, dtypes or adapter layouts; Internal for
+  // LibTorch errors.
   absl::StatusOr<EncoderOutput> Run(const at::Tensor& input_ids,
-                                    const at::Tensor& attention_mask);
+                                    const at::Tensor& attention_mask,
+                                    const RowAdapters& rows);
 
   int64_t batch() const { return batch_; }
   int64_t length() const { return length_; }
@@ -96,6 +108,7 @@ class StaticEncoder {
   absl::Status CheckGraphAgainstEager();
 
   const T5Weights* w_ = nullptr;
+  RowAdapters rows_;  // slots/mask are this encoder's own [batch] buffers
   int64_t batch_ = 0, length_ = 0;
   at::Tensor ids_;   // [batch, length] int64
   at::Tensor mask_;  // [batch, length] int64
@@ -137,12 +150,12 @@ class StaticEncoderPool {
 
   // Encode(weights, input_ids, attention_mask, rows) through a pooled
   // StaticEncoder of the bucket of [b, s] (an idle one of the same weights,
-  // bucket and options, or a new one, captured on a CUDA device). Plain
-  // Encode instead for per-row adapters (rows.bank != nullptr), inputs over
-  // the pool's limits, bad shapes (Encode reports them) and on a CUDA device
-  // whose capture failed (that encoder is kept, so the capture is not
-  // retried; the reason is logged once per process). Same outputs and errors
-  // as Encode, up to float summation order.
+  // adapter layout, bucket and options, or a new one, captured on a CUDA
+  // device). Plain Encode instead for inputs over the pool's limits, bad
+  // shapes (Encode reports them) and on a CUDA device whose capture failed
+  // (that encoder is kept, so the capture is not retried; the reason is
+  // logged once per process). Same outputs and errors as Encode, up to
+  // float summation order.
   absl::StatusOr<EncoderOutput> Encode(const T5Weights& weights,
                                        const at::Tensor& input_ids,
                                        const at::Tensor& attention_mask,
