@@ -42,8 +42,8 @@ absl::Status CheckInputs(const at::Tensor& ids, const at::Tensor& mask,
       ids.dim() != 2 || mask.sizes() != ids.sizes() || ids.size(0) < 1 ||
       ids.size(1) < 1 || ids.size(0) > batch || ids.size(1) > length) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "static encoder: input_ids must be [b, s] int64 with 1 <= b <= ",
-        batch, ", 1 <= s <= ", length, ", attention_mask of the same shape"));
+        "static encoder: input_ids must be [b, s] int64 with 1 <= b <= ", batch,
+        ", 1 <= s <= ", length, ", attention_mask of the same shape"));
   }
   return absl::OkStatus();
 }
@@ -56,10 +56,9 @@ absl::Status CheckRows(const RowAdapters& rows, const RowAdapters& layout,
       rows.bank == layout.bank &&
       (rows.bank == nullptr ||
        (rows.all_rows == layout.all_rows &&
-        rows.uniform_slot == layout.uniform_slot &&
-        rows.slots.defined() && rows.slots.dim() == 1 &&
-        rows.slots.size(0) == b && rows.mask.defined() &&
-        rows.mask.dim() == 3 && rows.mask.size(0) == b &&
+        rows.uniform_slot == layout.uniform_slot && rows.slots.defined() &&
+        rows.slots.dim() == 1 && rows.slots.size(0) == b &&
+        rows.mask.defined() && rows.mask.dim() == 3 && rows.mask.size(0) == b &&
         rows.mask.size(1) == 1 && rows.mask.size(2) == 1));
   if (!same) {
     return absl::InvalidArgumentError(
@@ -87,7 +86,6 @@ absl::StatusOr<std::unique_ptr<StaticEncoder>> StaticEncoder::Create(
     return absl::InvalidArgumentError(
         "static encoder: batch and length must be > 0");
   }
-
   auto e = std::unique_ptr<StaticEncoder>(new StaticEncoder());
   try {
     auto i64 = at::TensorOptions().dtype(at::kLong).device(weights.device);
@@ -120,8 +118,7 @@ absl::StatusOr<std::unique_ptr<StaticEncoder>> StaticEncoder::Create(
 }
 
 absl::Status StaticEncoder::Body(EncoderOutput& out) {
-  absl::StatusOr<EncoderOutput> r =
-      model::Encode(*w_, ids_, mask_, rows_);
+  absl::StatusOr<EncoderOutput> r = model::Encode(*w_, ids_, mask_, rows_);
   if (!r.ok()) return r.status();
   out = *std::move(r);
   return absl::OkStatus();

@@ -70,8 +70,9 @@ class StaticEncoder {
   // An encoder for inputs of up to `batch` rows and `length` positions
   // (both > 0) with the adapter layout of `rows` (bank == nullptr: none; its
   // slots and mask are not read here; rows_per_slot is not kept, see
-  // above). InvalidArgument for bad sizes; Internal for LibTorch errors. A failing capture is
-  // not an error: the encoder then runs eagerly (see graph_status()).
+  // above). InvalidArgument for bad sizes; Internal for LibTorch errors. A
+  // failing capture is not an error: the encoder then runs eagerly (see
+  // graph_status()).
   static absl::StatusOr<std::unique_ptr<StaticEncoder>> Create(
       const T5Weights& weights, int64_t batch, int64_t length,
       const RowAdapters& rows, const StaticEncoderOptions& options);
@@ -163,11 +164,11 @@ class StaticEncoderPool {
                                        const StaticEncoderOptions& options);
 
   const StaticEncoderPoolOptions& options() const { return options_; }
-  size_t idle() const;      // encoders in the pool now
-  int64_t hits() const;     // passes served by a pooled encoder
-  int64_t misses() const;   // passes that created one
-  int64_t eager() const;    // passes that took plain Encode
-  void Clear();             // drops every idle encoder
+  size_t idle() const;     // encoders in the pool now
+  int64_t hits() const;    // passes served by a pooled encoder
+  int64_t misses() const;  // passes that created one
+  int64_t eager() const;   // passes that took plain Encode
+  void Clear();            // drops every idle encoder
 
  private:
   void Return(std::unique_ptr<Entry> entry);

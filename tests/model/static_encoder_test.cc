@@ -3,11 +3,12 @@
 // and positions leave the real positions' outputs unchanged, a second pass
 // of other inputs in the same bucket gives those inputs' outputs (no stale
 // buffers), per-row adapters go through the encoder's slot buffers,
-// oversized inputs take the eager Encode, the pool is bounded and drops entries of freed weights, and Generate's output
-// ids are the same with the encoder pool on and off (also under
-// LORAHUB_NO_ENCODER_GRAPH=1). On the CPU the pool runs eagerly
-// (EncoderGraph::kAlways); on a CUDA device (LORAHUB_TEST_DEVICE=cuda:0)
-// the same tests replay captured graphs, in fp32 and bf16.
+// oversized inputs take the eager Encode, the pool is bounded and drops entries
+// of freed weights, and Generate's output ids are the same with the encoder
+// pool on and off (also under LORAHUB_NO_ENCODER_GRAPH=1). On the CPU the pool
+// runs eagerly (EncoderGraph::kAlways); on a CUDA device
+// (LORAHUB_TEST_DEVICE=cuda:0) the same tests replay captured graphs, in fp32
+// and bf16.
 #include "core/model/static_encoder.h"
 
 #include <ATen/ATen.h>
@@ -57,8 +58,7 @@ void ExpectClose(const at::Tensor& got, const at::Tensor& want,
   const double diff = (g - w).abs().max().item<double>();
   const double tol =
       dtype == at::kFloat ? factor * Tolerance(dtype) : Tolerance(dtype);
-  EXPECT_LE(diff, tol * scale)
-      << where << " (max |value| " << scale << ")";
+  EXPECT_LE(diff, tol * scale) << where << " (max |value| " << scale << ")";
 }
 
 // The mask biases are 0 or finfo(dtype).min: exactly equal.
@@ -104,9 +104,9 @@ class StaticEncoderTest
       const std::vector<std::vector<int64_t>>& in) const {
     size_t len = 0;
     for (const auto& r : in) len = std::max(len, r.size());
-    at::Tensor ids = at::full(
-        {static_cast<int64_t>(in.size()), static_cast<int64_t>(len)},
-        base_.config.pad_token_id, at::kLong);
+    at::Tensor ids =
+        at::full({static_cast<int64_t>(in.size()), static_cast<int64_t>(len)},
+                 base_.config.pad_token_id, at::kLong);
     at::Tensor mask = at::zeros_like(ids);
     for (size_t i = 0; i < in.size(); ++i) {
       for (size_t t = 0; t < in[i].size(); ++t) {
@@ -156,9 +156,9 @@ class StaticEncoderTest
   void MakeBank() {
     auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o", "wo"}, 4, 16);
     for (uint64_t seed : {1, 2}) {
-      auto a = BuildLoraAdapter(base_, cfg,
-                                testing::RandomAdapter(base_, cfg, seed),
-                                "a" + std::to_string(seed));
+      auto a =
+          BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, seed),
+                           "a" + std::to_string(seed));
       ASSERT_TRUE(a.ok()) << a.status();
       adapters_.push_back(*a);
     }
@@ -216,12 +216,12 @@ TEST_P(StaticEncoderTest, PaddedPassEqualsEncode) {
     std::vector<int64_t> lengths;
   };
   const std::vector<Case> cases = {
-      {1, {5}}, {4, {16}}, {3, {2, 9, 16}}, {2, {1, 7}}, {4, {11, 3}},
-      {1, {16}}, {1, {5}},
+      {1, {5}},     {4, {16}}, {3, {2, 9, 16}}, {2, {1, 7}},
+      {4, {11, 3}}, {1, {16}}, {1, {5}},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
-    const auto in = Prompts(cases[i].rows, cases[i].lengths,
-                            static_cast<int64_t>(i) + 1);
+    const auto in =
+        Prompts(cases[i].rows, cases[i].lengths, static_cast<int64_t>(i) + 1);
     auto [ids, mask] = Inputs(in);
     auto got = (*enc)->Run(ids, mask, RowAdapters{});
     ASSERT_TRUE(got.ok()) << got.status();
@@ -260,15 +260,14 @@ TEST_P(StaticEncoderTest, RejectsBadInputs) {
   auto r = (*enc)->Run(ids, at::ones_like(ids), RowAdapters{});
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   const at::Tensor longer = at::ones({1, 17}, dev.dtype(at::kLong));
-  EXPECT_FALSE(
-      (*enc)->Run(longer, at::ones_like(longer), RowAdapters{}).ok());
+  EXPECT_FALSE((*enc)->Run(longer, at::ones_like(longer), RowAdapters{}).ok());
   const at::Tensor f = at::ones({1, 4}, dev.dtype(at::kFloat));
   EXPECT_FALSE((*enc)->Run(f, at::ones_like(f), RowAdapters{}).ok());
   const at::Tensor ok = at::ones({1, 4}, dev.dtype(at::kLong));
-  EXPECT_FALSE((*enc)
-                   ->Run(ok, at::ones({1, 5}, dev.dtype(at::kLong)),
-                         RowAdapters{})
-                   .ok());
+  EXPECT_FALSE(
+      (*enc)
+          ->Run(ok, at::ones({1, 5}, dev.dtype(at::kLong)), RowAdapters{})
+          .ok());
   // Still usable after rejected calls.
   const auto in = Prompts(1, {4}, 3);
   auto [i2, m2] = Inputs(in);
@@ -361,14 +360,14 @@ TEST_P(StaticEncoderTest, PerRowAdapters) {
   EXPECT_EQ((*enc)->Run(ids, mask, Rows({1, 1, 1})).status().code(),
             absl::StatusCode::kInvalidArgument);
   auto two = Inputs(Prompts(2, {4, 4}, 9));
-  EXPECT_EQ((*enc)->Run(two.first, two.second, Rows({1, -1, 0})).status().code(),
-            absl::StatusCode::kInvalidArgument);  // 3 slots for 2 rows
+  EXPECT_EQ(
+      (*enc)->Run(two.first, two.second, Rows({1, -1, 0})).status().code(),
+      absl::StatusCode::kInvalidArgument);  // 3 slots for 2 rows
   auto ok = (*enc)->Run(ids, mask, Rows({0, -1, 0}));
   ASSERT_TRUE(ok.ok()) << ok.status();
   auto want = Encode(base_, ids, mask, Rows({0, -1, 0}));
   ASSERT_TRUE(want.ok()) << want.status();
-  ExpectClose(ok->hidden, want->hidden, base_.dtype, "direct",
-              kAdapterFactor);
+  ExpectClose(ok->hidden, want->hidden, base_.dtype, "direct", kAdapterFactor);
 }
 
 // Generate's outputs are the same with the encoder pool on and off (greedy
