@@ -3,6 +3,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "core/model/fused_kernels.h"
 
 namespace lorahub::model::kernels {
@@ -48,6 +51,55 @@ __device__ __forceinline__ float BlockSum(float v) {
   return warp_sums[0];
 }
 
+// The largest value over the block; every thread gets it. Its own shared
+// array, so that it may run right before BlockSum.
+__device__ __forceinline__ float BlockMax(float v) {
+  __shared__ float warp_max[kNormThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  }
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kNormThreads / 32 ? warp_max[lane] : -INFINITY;
+    for (int off = 16; off > 0; off >>= 1) {
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    }
+    if (lane == 0) warp_max[0] = v;
+  }
+  __syncthreads();
+  return warp_max[0];
+}
+
+// Element i of an array of a run-time dtype, as fp32 (the dtype is uniform
+// over the launch, so the branch costs nothing).
+__device__ __forceinline__ float LoadAsFloat(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kHalf:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void StoreFromFloat(void* p, DType t, int64_t i,
+                                               float v) {
+  switch (t) {
+    case DType::kBFloat16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
+      break;
+    case DType::kHalf:
+      static_cast<__half*>(p)[i] = __float2half(v);
+      break;
+    default:
+      static_cast<float*>(p)[i] = v;
+  }
+}
+
 // One block per row.
 template <typename W, typename R>
 __global__ void __launch_bounds__(kNormThreads)
@@ -65,6 +117,147 @@ __global__ void __launch_bounds__(kNormThreads)
     const float o = ToFloat(weight[i]) * (x[base + i] * inv);
     full[base + i] = o;
     if (rounded != nullptr) rounded[base + i] = FromFloat<R>(o);
+  }
+}
+
+// RmsNormKernel of sum = x + delta, writing sum as well. Each thread
+// reads back only the sum elements it wrote itself.
+template <typename W, typename R>
+__global__ void __launch_bounds__(kNormThreads)
+    AddRmsNormKernel(const float* __restrict__ x,
+                     const void* __restrict__ delta, DType delta_dtype,
+                     float* __restrict__ sum, const W* __restrict__ weight,
+                     float* __restrict__ full, R* __restrict__ rounded,
+                     int64_t dim, float eps) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
+  float sum_sq = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
+    const float v = x[base + i] + LoadAsFloat(delta, delta_dtype, base + i);
+    sum[base + i] = v;
+    sum_sq += v * v;
+  }
+  const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
+    const float o = ToFloat(weight[i]) * (sum[base + i] * inv);
+    full[base + i] = o;
+    if (rounded != nullptr) rounded[base + i] = FromFloat<R>(o);
+  }
+}
+
+template <typename W, typename R>
+int LaunchAdd(const float* x, const void* delta, DType delta_dtype, float* sum,
+              const void* weight, float* full, void* rounded, int64_t rows,
+              int64_t dim, float eps, cudaStream_t stream) {
+  AddRmsNormKernel<W, R>
+      <<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+          x, delta, delta_dtype, sum, static_cast<const W*>(weight), full,
+          static_cast<R*>(rounded), dim, eps);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename W>
+int LaunchAddForWeight(const float* x, const void* delta, DType delta_dtype,
+                       float* sum, const void* weight, float* full,
+                       void* rounded, DType rounded_dtype, int64_t rows,
+                       int64_t dim, float eps, cudaStream_t stream) {
+  switch (rounded_dtype) {
+    case DType::kNone:
+      return LaunchAdd<W, float>(x, delta, delta_dtype, sum, weight, full,
+                                 nullptr, rows, dim, eps, stream);
+    case DType::kBFloat16:
+      return LaunchAdd<W, __nv_bfloat16>(x, delta, delta_dtype, sum, weight,
+                                         full, rounded, rows, dim, eps, stream);
+    case DType::kHalf:
+      return LaunchAdd<W, __half>(x, delta, delta_dtype, sum, weight, full,
+                                  rounded, rows, dim, eps, stream);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+// Rounds v to `t` and back (a no-op for fp32).
+__device__ __forceinline__ float RoundTo(DType t, float v) {
+  switch (t) {
+    case DType::kBFloat16:
+      return __bfloat162float(__float2bfloat16(v));
+    case DType::kHalf:
+      return __half2float(__float2half(v));
+    default:
+      return v;
+  }
+}
+
+__global__ void GatedGeluTanhKernel(const void* __restrict__ gate,
+                                    int64_t gate_row_stride,
+                                    const void* __restrict__ up,
+                                    int64_t up_row_stride,
+                                    void* __restrict__ out, DType dtype,
+                                    int64_t rows, int64_t dim) {
+  // PyTorch's tanh GELU constants: sqrt(2 / pi) and 0.044715.
+  constexpr float kBeta = 0.7978845608028654f;
+  constexpr float kKappa = 0.044715f;
+  const int64_t n = rows * dim;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / dim;
+    const int64_t c = i - r * dim;
+    const float g = LoadAsFloat(gate, dtype, r * gate_row_stride + c);
+    const float u = LoadAsFloat(up, dtype, r * up_row_stride + c);
+    const float inner = kBeta * (g + kKappa * (g * g * g));
+    const float act = RoundTo(dtype, 0.5f * g * (1.f + tanhf(inner)));
+    StoreFromFloat(out, dtype, i, act * u);
+  }
+}
+
+constexpr int64_t kMaxAttentionHead = 256;
+constexpr int64_t kMaxAttentionKeys = 8192;
+
+// One block per (b, h, t): q row in shared memory, then the S scores
+// q . k_j + bias (fp32), their softmax, and out = sum_j p_j v_j / sum_j p_j.
+__global__ void __launch_bounds__(kNormThreads)
+    SmallAttentionKernel(AttentionArgs a) {
+  extern __shared__ float smem[];
+  float* qrow = smem;         // [D]
+  float* p = smem + a.D;      // [S]
+  const int64_t t = blockIdx.x % a.T;
+  const int64_t h = (blockIdx.x / a.T) % a.H;
+  const int64_t b = blockIdx.x / (a.T * a.H);
+  const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
+  const int64_t k0 = b * a.k_stride[0] + h * a.k_stride[1];
+  const int64_t v0 = b * a.v_stride[0] + h * a.v_stride[1];
+  const int64_t b0 =
+      b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
+  for (int64_t i = threadIdx.x; i < a.D; i += kNormThreads) {
+    qrow[i] = LoadAsFloat(a.q, a.qkv_dtype, q0 + i * a.q_stride[3]);
+  }
+  __syncthreads();
+  float local_max = -INFINITY;
+  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+    const int64_t kj = k0 + j * a.k_stride[2];
+    float s = 0.f;
+    for (int64_t i = 0; i < a.D; ++i) {
+      s += qrow[i] * LoadAsFloat(a.k, a.qkv_dtype, kj + i * a.k_stride[3]);
+    }
+    s += LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
+    p[j] = s;
+    local_max = fmaxf(local_max, s);
+  }
+  const float m = BlockMax(local_max);
+  float local_sum = 0.f;
+  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+    const float e = expf(p[j] - m);
+    p[j] = e;
+    local_sum += e;
+  }
+  const float total = BlockSum(local_sum);  // its barrier publishes p
+  const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
+  for (int64_t i = threadIdx.x; i < a.Dv; i += kNormThreads) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < a.S; ++j) {
+      acc += p[j] * LoadAsFloat(a.v, a.qkv_dtype,
+                                v0 + j * a.v_stride[2] + i * a.v_stride[3]);
+    }
+    StoreFromFloat(a.out, a.out_dtype, o0 + i, acc / total);
   }
 }
 
@@ -116,6 +309,67 @@ int LaunchRmsNorm(const float* x, const void* weight, DType weight_dtype,
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
+}
+
+int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
+                     float* sum, const void* weight, DType weight_dtype,
+                     float* full, void* rounded, DType rounded_dtype,
+                     int64_t rows, int64_t dim, float eps, void* stream) {
+  if (rows <= 0 || rows > 0x7fffffff || dim <= 0 ||
+      delta_dtype == DType::kNone) {
+    return rows == 0 ? 0 : static_cast<int>(cudaErrorInvalidValue);
+  }
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (weight_dtype) {
+    case DType::kFloat:
+      return LaunchAddForWeight<float>(x, delta, delta_dtype, sum, weight,
+                                       full, rounded, rounded_dtype, rows, dim,
+                                       eps, s);
+    case DType::kBFloat16:
+      return LaunchAddForWeight<__nv_bfloat16>(x, delta, delta_dtype, sum,
+                                               weight, full, rounded,
+                                               rounded_dtype, rows, dim, eps, s);
+    case DType::kHalf:
+      return LaunchAddForWeight<__half>(x, delta, delta_dtype, sum, weight,
+                                        full, rounded, rounded_dtype, rows, dim,
+                                        eps, s);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
+  const int64_t blocks = args.B * args.H * args.T;
+  if (blocks == 0) return 0;
+  if (blocks < 0 || blocks > 0x7fffffff || args.D <= 0 ||
+      args.D > kMaxAttentionHead || args.Dv <= 0 ||
+      args.Dv > kMaxAttentionHead || args.S <= 0 ||
+      args.S > kMaxAttentionKeys || args.qkv_dtype == DType::kNone ||
+      args.bias_dtype == DType::kNone) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  AttentionArgs a = args;
+  if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
+  const size_t shared = static_cast<size_t>(args.D + args.S) * sizeof(float);
+  SmallAttentionKernel<<<static_cast<unsigned>(blocks), kNormThreads, shared,
+                         static_cast<cudaStream_t>(stream)>>>(a);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
+                        const void* up, int64_t up_row_stride, void* out,
+                        DType dtype, int64_t rows, int64_t dim, void* stream) {
+  if (rows < 0 || dim < 0 || dtype == DType::kNone) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const int64_t n = rows * dim;
+  if (n == 0) return 0;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
+  GatedGeluTanhKernel<<<static_cast<unsigned>(blocks), kThreads, 0,
+                        static_cast<cudaStream_t>(stream)>>>(
+      gate, gate_row_stride, up, up_row_stride, out, dtype, rows, dim);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace lorahub::model::kernels

@@ -20,6 +20,48 @@ int LaunchRmsNorm(const float* x, const void* weight, DType weight_dtype,
                   float* full, void* rounded, DType rounded_dtype,
                   int64_t rows, int64_t dim, float eps, void* stream);
 
+// The residual update and the RMS norm of the next sublayer in one pass:
+// sum = x + delta (delta widened from delta_dtype to fp32: the fp32 add of
+// `x + delta` in ATen), then LaunchRmsNorm's outputs for `sum`. `sum` may
+// not alias x or delta. Same conventions as LaunchRmsNorm.
+int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
+                     float* sum, const void* weight, DType weight_dtype,
+                     float* full, void* rounded, DType rounded_dtype,
+                     int64_t rows, int64_t dim, float eps, void* stream);
+
+// out[r, c] = gelu_tanh(gate[r, c]) * up[r, c] for `rows` rows of `dim`
+// values, all of one dtype (row strides in elements; unit column stride;
+// out contiguous). As ATen computes at::gelu(gate, "tanh") * up: the GELU
+// in fp32 rounded to the dtype, then the product in fp32 rounded.
+int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
+                        const void* up, int64_t up_row_stride, void* out,
+                        DType dtype, int64_t rows, int64_t dim, void* stream);
+
+// softmax(q k^T + bias) v (no 1/sqrt(d) scaling) for short queries: one
+// thread block per (row, head, query), scores and softmax in fp32 in shared
+// memory. q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv] of qkv_dtype and
+// bias [B, H, T, S] of bias_dtype (kFloat or kBFloat16) with any element
+// strides (0 for broadcast dimensions); out: a contiguous [B, T, H, Dv] of
+// out_dtype (heads last: the output projection's input layout), each value
+// rounded once from fp32. Returns cudaErrorInvalidValue for shapes it does not take
+// (D or Dv > 256, S > 8192).
+struct AttentionArgs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* bias = nullptr;
+  void* out = nullptr;
+  DType qkv_dtype = DType::kNone;
+  DType bias_dtype = DType::kNone;
+  DType out_dtype = DType::kNone;  // kNone: qkv_dtype
+  int64_t B = 0, H = 0, T = 0, S = 0, D = 0, Dv = 0;
+  int64_t q_stride[4] = {0, 0, 0, 0};
+  int64_t k_stride[4] = {0, 0, 0, 0};
+  int64_t v_stride[4] = {0, 0, 0, 0};
+  int64_t bias_stride[4] = {0, 0, 0, 0};
+};
+int LaunchSmallAttention(const AttentionArgs& args, void* stream);
+
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

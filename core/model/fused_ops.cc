@@ -1,7 +1,9 @@
 #include "core/model/fused_ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -17,11 +19,13 @@ bool Differentiable(const at::Tensor& t) {
 
 // LORAHUB_NO_FUSED=1 sends every call to the ATen fallback (A/B timing,
 // bisecting a numerical difference). Read once.
+bool EnvFlag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
 bool Disabled() {
-  static const bool disabled = [] {
-    const char* v = std::getenv("LORAHUB_NO_FUSED");
-    return v != nullptr && *v != '\0' && std::string(v) != "0";
-  }();
+  static const bool disabled = EnvFlag("LORAHUB_NO_FUSED");
   return disabled;
 }
 
@@ -39,12 +43,23 @@ at::Tensor BmmFloat(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
+// (File-local.) GeneralAttention with its result rounded to out_dtype (written so by the
+// short-query kernel, converted after the other paths).
+at::Tensor GeneralAttentionTo(const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& bias,
+                              at::ScalarType out_dtype);
+
 bool FusedKernelsCompiled() { return fused_backend::Compiled(); }
 
 bool FusedKernelsEnabled() { return fused_backend::Compiled() && !Disabled(); }
 
+// The fused ops open a "lorahub::" profiler scope: the op counts of
+// tests/model/objective_ops_test count one op per fused call (one kernel on
+// CUDA) and not the ATen ops of a fallback.
+
 NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    at::ScalarType compute) {
+  RECORD_USER_SCOPE("lorahub::rms_norm");
   NormOutput out;
   if (x.is_cuda() && !Disabled() && !Differentiable(x) &&
       !Differentiable(weight) &&
@@ -58,18 +73,100 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
   return out;
 }
 
-at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k_in,
-                            const at::Tensor& v_in, const at::Tensor& bias) {
+AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
+                         const at::Tensor& weight, double eps,
+                         at::ScalarType compute) {
+  RECORD_USER_SCOPE("lorahub::add_rms_norm");
+  AddNormOutput out;
+  if (x.is_cuda() && !Disabled() && !Differentiable(x) &&
+      !Differentiable(delta) && !Differentiable(weight) &&
+      fused_backend::AddRmsNorm(x, delta, weight, eps, compute, &out)) {
+    return out;
+  }
+  out.sum = x + delta;
+  out.norm = RmsNorm(out.sum, weight, eps, compute);
+  return out;
+}
+
+namespace {
+std::atomic<int> attention_bf16_override{-1};
+}  // namespace
+
+bool AttentionBf16() {
+  static const bool from_env = EnvFlag("LORAHUB_ATTN_BF16");
+  const int forced = attention_bf16_override.load();
+  return forced < 0 ? from_env : forced != 0;
+}
+
+void SetAttentionBf16ForTesting(int value) {
+  attention_bf16_override.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
+}
+
+at::Tensor GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up) {
+  RECORD_USER_SCOPE("lorahub::gated_gelu");
+  at::Tensor out;
+  if (gate.is_cuda() && !Disabled() && !Differentiable(gate) &&
+      !Differentiable(up) && fused_backend::GatedGeluTanh(gate, up, &out)) {
+    return out;
+  }
+  return at::gelu(gate, "tanh") * up;
+}
+
+bool SmallAttentionGeneric() {
+  static const bool generic = EnvFlag("LORAHUB_SMALL_ATTN_GENERIC");
+  return generic;
+}
+
+at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& bias) {
+  return GeneralAttentionTo(q, k, v, bias, q.scalar_type());
+}
+
+at::Tensor GeneralAttentionTo(const at::Tensor& q, const at::Tensor& k_in,
+                              const at::Tensor& v_in, const at::Tensor& bias,
+                              at::ScalarType out_dtype) {
+  // Queries the short-query kernel takes on CUDA (the CPU mirrors the
+  // choice, so that op counts there are those of the GPU). A single query
+  // under LORAHUB_DECODE_ATTN_GENERIC=1 stays on SDPA (that switch's A/B
+  // means "decode steps on PyTorch's attention").
+  const bool small = q.dim() == 4 && q.size(2) <= kSmallQueryMax &&
+                     !SmallAttentionGeneric() &&
+                     (q.size(2) > 1 || !DecodeAttentionGeneric());
+  if (!small && out_dtype != q.scalar_type()) {
+    // SDPA, then a conversion (two kernels on CUDA).
+    return GeneralAttentionTo(q, k_in, v_in, bias, q.scalar_type())
+        .to(out_dtype);
+  }
+  RECORD_USER_SCOPE("lorahub::attention");
   // bf16 caches (DecodeKvDtype) under LORAHUB_DECODE_ATTN_GENERIC=1.
   const at::Tensor k = k_in.to(q.scalar_type());
   const at::Tensor v = v_in.to(q.scalar_type());
   at::Tensor out;
-  if (q.is_cuda() && !Disabled() && !Differentiable(q) && !Differentiable(k) &&
-      !Differentiable(v) && fused_backend::Attention(q, k, v, bias, &out)) {
+  const bool fused = q.is_cuda() && !Disabled() && !Differentiable(q) &&
+                     !Differentiable(k) && !Differentiable(v);
+  if (fused && small && !Differentiable(bias) &&
+      fused_backend::SmallAttention(q, k, v, bias, out_dtype, &out)) {
     return out;
   }
-  at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) + bias;
-  return at::matmul(at::softmax(scores, -1), v);
+  if (fused && fused_backend::Attention(q, k, v, bias, &out)) {
+    return out.to(out_dtype);
+  }
+  // fp32 scores and softmax (for bf16 q, k, v: on the widened operands, the
+  // short-query kernel's arithmetic; for fp32 every .to() is a no-op).
+  at::Tensor scores = at::matmul(q.to(at::kFloat),
+                                 k.to(at::kFloat).transpose(-1, -2)) +
+                      bias;
+  const at::Tensor ctx =
+      at::matmul(at::softmax(scores, -1), v.to(at::kFloat)).to(out_dtype);
+  if (ctx.dim() != 4 || q.is_cuda()) return ctx;
+  // As the CUDA kernels lay the context out: heads last in memory, so that
+  // the head merge before the output projection is a view (a copy here,
+  // inside the op, where the CUDA kernel writes it so).
+  at::Tensor out_bthd =
+      at::empty({ctx.size(0), ctx.size(2), ctx.size(1), ctx.size(3)},
+                ctx.options());
+  out_bthd.copy_(ctx.transpose(1, 2));
+  return out_bthd.transpose(1, 2);
 }
 
 at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
@@ -123,6 +220,15 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
     return SingleQueryAttention(q, k, v, bias);
   }
   return GeneralAttention(q, k, v, bias);
+}
+
+at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     at::ScalarType out_dtype) {
+  if (q.dim() == 4 && q.size(2) == 1 && !DecodeAttentionGeneric()) {
+    return SingleQueryAttention(q, k, v, bias).to(out_dtype);
+  }
+  return GeneralAttentionTo(q, k, v, bias, out_dtype);
 }
 
 }  // namespace lorahub::model

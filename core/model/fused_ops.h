@@ -6,7 +6,11 @@
 // the number of small kernels (about 3,300 of them, most of them elementwise
 // steps of RMS norm, attention and casts), not by the matmuls. One RMS-norm
 // kernel replaces eight, and PyTorch's scaled-dot-product attention replaces
-// the matmul / bias / softmax / matmul sequence.
+// the matmul / bias / softmax / matmul sequence. Fifth session (1,759
+// kernels left): the residual add goes into the norm kernel, the gated GELU
+// is one kernel, and short queries get their own attention kernel (PyTorch
+// ran them on its math path, about twelve kernels each);
+// tests/model/objective_ops_test pins the resulting op counts.
 //
 // Two implementations of the CUDA part, one per build (deploy/cmake/README.md,
 // "CUDA-only sources"): fused_ops_cuda.cc + fused_kernels.cu (CMake with a
@@ -36,8 +40,33 @@ struct NormOutput {
 NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    at::ScalarType compute);
 
+// The residual update of a sublayer and the norm of the next one, ONE kernel
+// on CUDA (it was an elementwise add plus the norm kernel per sublayer, 120
+// adds per flan-t5-large objective evaluation): sum = x + delta in fp32
+// (x fp32, the residual stream; delta of any float dtype, the sublayer
+// output, same shape, widened), then RmsNorm(sum, weight, eps, compute).
+// Exactly the arithmetic of `RmsNorm(x + delta, ...)`, which is the
+// fallback (CPU, autograd, LORAHUB_NO_FUSED=1). `sum` is a new tensor.
+struct AddNormOutput {
+  at::Tensor sum;
+  NormOutput norm;
+};
+AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
+                         const at::Tensor& weight, double eps,
+                         at::ScalarType compute);
+
+// gelu_tanh(gate) * up, T5's gated FFN with transformers' NewGELU
+// (gelu_new and its aliases): ONE kernel on CUDA (it was a GELU and a
+// multiply per block). gate, up: same shape and float dtype, each a view
+// with unit last-dimension stride whose leading dimensions collapse into
+// rows (the two column halves of the fused wi_0|wi_1 output qualify).
+// Result: new, contiguous, same shape and dtype. The arithmetic of the
+// fallback at::gelu(gate, "tanh") * up (CPU, autograd, LORAHUB_NO_FUSED=1):
+// the GELU in fp32 rounded to the dtype, the product in fp32 rounded.
+at::Tensor GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up);
+
 // softmax(q k^T + bias) v with no 1/sqrt(d) scaling (T5), in the dtype of q,
-// k, v (fp32 in this engine). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
+// k, v (fp32 in this engine, bf16 under AttentionBf16()). q: [B, H, T, d]; k, v: [B, H, S, d]; bias
 // broadcastable to [B, H, T, S]. Returns [B, H, T, d].
 //
 // A single query (T == 1: every incremental decode step, with the KV cache
@@ -47,12 +76,47 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias);
 
-// The general path: PyTorch's scaled-dot-product attention on CUDA (the
-// memory-efficient kernel for fp32), matmul / softmax / matmul elsewhere and
-// under autograd. Same contract as Attention (k and v of another dtype than
+// Attention(q, k, v, bias).to(out_dtype), the same values: the short-query
+// kernel rounds its fp32 result straight to out_dtype (no conversion kernel;
+// the objective's output projections read bf16 contexts).
+at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     at::ScalarType out_dtype);
+
+// The general path: on CUDA, queries of at most kSmallQueryMax positions
+// (the teacher-forced decoder of the objective: self- and cross-attention)
+// take one hand-written kernel (fused_kernels.h LaunchSmallAttention: fp32
+// scores and softmax, any strides, so no copies of the strided q/k/v views),
+// unless LORAHUB_SMALL_ATTN_GENERIC=1 (read once; A/B). Why: for these
+// shapes PyTorch's scaled-dot-product attention picked its math path, about
+// twelve kernels per call (three copies, two multiplies by 1, two GEMMs, the
+// bias add, softmax and three kernels of its fully-masked-row guard).
+// Longer queries take scaled-dot-product attention (the memory-efficient
+// kernel for fp32); matmul / softmax / matmul elsewhere and under autograd. Same contract as Attention (k and v of another dtype than
 // q are widened to q's first).
 at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias);
+constexpr int64_t kSmallQueryMax = 32;
+
+// True when LORAHUB_SMALL_ATTN_GENERIC=1 keeps short queries on
+// scaled-dot-product attention. Read once.
+bool SmallAttentionGeneric();
+
+// True when a bf16 model's teacher-forced passes (Encode, DecodeFull: the
+// objective) run attention on bf16 q, k, v (LORAHUB_ATTN_BF16=1, read once;
+// experimental, for an A/B): no widening of the projections' outputs and no
+// rounding of the context for the output projection; the fused kernels form
+// the scores and the softmax in fp32 (PyTorch's memory-efficient kernel and
+// the short-query kernel accumulate in fp32), the probabilities are rounded
+// to bf16 inside SDPA for the weighted values, the context is rounded once.
+// What it rounds beyond the fp32 path: q and k and v adapted by fp32 LoRA
+// deltas, the encoder's additive bias (position bias from a bf16 table:
+// exact; masked entries: still about finfo(bf16).min), and inside SDPA the
+// probabilities. The fallback (CPU) widens q, k, v to fp32 and rounds the
+// context: the arithmetic of the short-query kernel.
+bool AttentionBf16();
+// Tests: 1 / 0 forces AttentionBf16(), -1 returns to the environment's.
+void SetAttentionBf16ForTesting(int value);
 
 // The same arithmetic for one query per (row, head) as two batched matmuls
 // (cuBLAS / CPU bmm over B*H matrices) around the bias add and the softmax,

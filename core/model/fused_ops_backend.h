@@ -16,6 +16,18 @@ bool Compiled();
 // runs the ATen fallback.
 bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
              at::ScalarType compute, NormOutput* out);
+// x + delta then RmsNorm (fused_ops.h AddRmsNorm).
+bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
+                const at::Tensor& weight, double eps, at::ScalarType compute,
+                AddNormOutput* out);
+// gelu_tanh(gate) * up (fused_ops.h GatedGeluTanh).
+bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
+                   at::Tensor* out);
+// The short-query attention kernel (fused_ops.h GeneralAttention), its
+// result in `out_dtype`.
+bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& bias,
+                    at::ScalarType out_dtype, at::Tensor* out);
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and

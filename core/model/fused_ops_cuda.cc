@@ -62,6 +62,145 @@ bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
   return true;
 }
 
+bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
+                const at::Tensor& weight, double eps, at::ScalarType compute,
+                AddNormOutput* out) {
+  const kernels::DType w_dtype = KernelDType(weight.scalar_type());
+  const kernels::DType d_dtype = KernelDType(delta.scalar_type());
+  const kernels::DType r_dtype =
+      compute == at::kFloat ? kernels::DType::kNone : KernelDType(compute);
+  if (x.scalar_type() != at::kFloat || !weight.is_cuda() || !delta.is_cuda() ||
+      weight.device() != x.device() || delta.device() != x.device() ||
+      delta.sizes() != x.sizes() || weight.dim() != 1 || x.dim() < 1 ||
+      x.size(-1) != weight.size(0) || w_dtype == kernels::DType::kNone ||
+      d_dtype == kernels::DType::kNone ||
+      (compute != at::kFloat && r_dtype == kernels::DType::kNone)) {
+    return false;
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor dc = delta.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  AddNormOutput result;
+  result.sum = at::empty_like(xc);
+  result.norm.full = at::empty_like(xc);
+  result.norm.rounded =
+      r_dtype == kernels::DType::kNone
+          ? result.norm.full
+          : at::empty(xc.sizes(), xc.options().dtype(compute));
+  const int64_t dim = xc.size(-1);
+  const int err = kernels::LaunchAddRmsNorm(
+      xc.data_ptr<float>(), dc.data_ptr(), d_dtype,
+      result.sum.data_ptr<float>(), wc.data_ptr(), w_dtype,
+      result.norm.full.data_ptr<float>(),
+      r_dtype == kernels::DType::kNone ? nullptr
+                                       : result.norm.rounded.data_ptr(),
+      r_dtype, xc.numel() / dim, dim, static_cast<float>(eps),
+      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == 0, "residual + RMS norm kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = std::move(result);
+  return true;
+}
+
+namespace {
+
+// The row stride of `t` seen as [rows, t.size(-1)] with unit column stride
+// (leading dimensions collapse into rows), or -1 when it cannot be.
+int64_t RowStride(const at::Tensor& t) {
+  if (t.dim() < 2 || t.stride(-1) != 1) return -1;
+  for (int64_t i = 0; i + 2 < t.dim(); ++i) {
+    if (t.size(i) != 1 && t.stride(i) != t.stride(i + 1) * t.size(i + 1)) {
+      return -1;
+    }
+  }
+  return t.stride(-2);
+}
+
+}  // namespace
+
+bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
+                   at::Tensor* out) {
+  const kernels::DType dtype = KernelDType(gate.scalar_type());
+  const int64_t gs = RowStride(gate), us = RowStride(up);
+  if (dtype == kernels::DType::kNone || up.scalar_type() != gate.scalar_type() ||
+      !up.is_cuda() || up.device() != gate.device() ||
+      up.sizes() != gate.sizes() || gs < 0 || us < 0) {
+    return false;
+  }
+  c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor result = at::empty(gate.sizes(), gate.options());
+  const int64_t dim = gate.size(-1);
+  const int64_t rows = dim == 0 ? 0 : gate.numel() / dim;
+  const int err = kernels::LaunchGatedGeluTanh(
+      gate.data_ptr(), gs, up.data_ptr(), us, result.data_ptr(), dtype, rows,
+      dim, c10::cuda::getCurrentCUDAStream(gate.device().index()).stream());
+  TORCH_CHECK(err == 0, "gated GELU kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = std::move(result);
+  return true;
+}
+
+bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& bias,
+                    at::ScalarType out_dtype, at::Tensor* out) {
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || !k.is_cuda() ||
+      !v.is_cuda() || !bias.is_cuda() || k.device() != q.device() ||
+      v.device() != q.device() || bias.device() != q.device() ||
+      k.scalar_type() != q.scalar_type() ||
+      v.scalar_type() != q.scalar_type() ||
+      (q.scalar_type() != at::kFloat && q.scalar_type() != at::kBFloat16) ||
+      (bias.scalar_type() != at::kFloat &&
+       bias.scalar_type() != at::kBFloat16) ||
+      KernelDType(out_dtype) == kernels::DType::kNone) {
+    return false;
+  }
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t S = k.size(2), Dv = v.size(3);
+  if (k.size(0) != B || k.size(1) != H || k.size(3) != D || v.size(0) != B ||
+      v.size(1) != H || v.size(2) != S || D > 256 || Dv > 256 || S > 8192 ||
+      S < 1 || bias.dim() > 4) {
+    return false;
+  }
+  at::Tensor b4;
+  try {
+    b4 = bias.expand({B, H, T, S});  // broadcast dimensions get stride 0
+  } catch (const c10::Error&) {
+    return false;
+  }
+  c10::cuda::CUDAGuard guard(q.device());
+  // Written as [B, T, H, Dv] and returned as its [B, H, T, Dv] view: the
+  // head merge before the output projection is then a view, not a copy.
+  at::Tensor result = at::empty({B, T, H, Dv}, q.options().dtype(out_dtype));
+  kernels::AttentionArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.bias = b4.data_ptr();
+  a.out = result.data_ptr();
+  a.qkv_dtype = KernelDType(q.scalar_type());
+  a.bias_dtype = KernelDType(bias.scalar_type());
+  a.out_dtype = KernelDType(out_dtype);
+  a.B = B;
+  a.H = H;
+  a.T = T;
+  a.S = S;
+  a.D = D;
+  a.Dv = Dv;
+  for (int i = 0; i < 4; ++i) {
+    a.q_stride[i] = q.stride(i);
+    a.k_stride[i] = k.stride(i);
+    a.v_stride[i] = v.stride(i);
+    a.bias_stride[i] = b4.stride(i);
+  }
+  const int err = kernels::LaunchSmallAttention(
+      a, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+  TORCH_CHECK(err == 0, "short-query attention kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = result.transpose(1, 2);
+  return true;
+}
+
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 ||

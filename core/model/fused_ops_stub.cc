@@ -11,6 +11,20 @@ bool RmsNorm(const at::Tensor&, const at::Tensor&, double, at::ScalarType,
   return false;
 }
 
+bool AddRmsNorm(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                double, at::ScalarType, AddNormOutput*) {
+  return false;
+}
+
+bool GatedGeluTanh(const at::Tensor&, const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
+bool SmallAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, at::ScalarType, at::Tensor*) {
+  return false;
+}
+
 bool Attention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                const at::Tensor&, at::Tensor*) {
   return false;

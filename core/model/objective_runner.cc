@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <tuple>
 #include <utility>
@@ -29,6 +30,14 @@ void LogFallbackOnce(const std::string& why) {
 
 }  // namespace
 
+bool ObjectiveRunnerOptions::LoraBf16FromEnv() {
+  static const bool on = [] {
+    const char* v = std::getenv("LORAHUB_LORA_BF16");
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+  }();
+  return on;
+}
+
 ObjectiveRunner::~ObjectiveRunner() = default;
 
 absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
@@ -51,6 +60,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
   run->capacity_ = num_candidates;
   run->num_examples_ = static_cast<int64_t>(examples.size());
   run->score_ = options.score;
+  run->bf16_lora_ = options.bf16_lora && weights.dtype == at::kBFloat16;
   for (const Example& e : examples) {
     run->label_counts_.push_back(static_cast<int64_t>(e.label_ids.size()));
   }
@@ -89,9 +99,13 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       for (size_t i : order) {
         g.sites.push_back(stack.sites[i]);
         a_parts.push_back(stack.a[i].reshape({N, -1}).to(fp32));
-        b_parts.push_back(stack.b[i].reshape({N, -1}).to(fp32));
-        run->scales_[stack.sites[i]] = at::full({C, 1, 1}, stack.scaling[i], fp32);
-        run->scale_values_[stack.sites[i]] = stack.scaling[i];
+        at::Tensor b = stack.b[i].reshape({N, -1}).to(fp32);
+        // bf16_lora: the scaling folded into B (the delta's GEMMs then run
+        // with alpha 1, and the composed bf16 B is B * scaling rounded once).
+        const double scale = run->bf16_lora_ ? 1.0 : stack.scaling[i];
+        b_parts.push_back(run->bf16_lora_ ? b * stack.scaling[i] : b);
+        run->scales_[stack.sites[i]] = at::full({C, 1, 1}, scale, fp32);
+        run->scale_values_[stack.sites[i]] = scale;
       }
       a_parts.insert(a_parts.end(), b_parts.begin(), b_parts.end());
       g.factors = at::cat(a_parts, 1).contiguous();  // [N, k * (r*in + out*r)]
@@ -208,6 +222,8 @@ void ObjectiveRunner::Compose() {
   for (const Group& g : groups_) {
     // [C, N] x [N, k * X] -> [C, k * X]: all candidates, all sites of the group.
     at::Tensor composed = at::mm(w_dev_, g.factors);
+    // Composed in fp32, rounded once for all sites of the group.
+    if (bf16_lora_) composed = composed.to(at::kBFloat16);
     const int64_t C = capacity_;
     const int64_t k = static_cast<int64_t>(g.sites.size());
     const int64_t a_len = g.r * g.in;

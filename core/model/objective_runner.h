@@ -50,6 +50,18 @@ struct ObjectiveRunnerOptions {
   ScoreOptions score;
   // Capture a CUDA graph on CUDA devices (falls back to eager on failure).
   bool cuda_graph = true;
+  // bf16 models only (ignored otherwise): the composed factors are rounded
+  // to bf16 once per evaluation (one cast per shape group, the scaling
+  // folded into B at construction), and every LoRA delta runs as bf16 GEMMs
+  // accumulated in place into the bf16 projection output (t5_forward.cc
+  // LowPrecisionDelta): no fp32 GEMMs, no widening of adapted outputs.
+  // Rounds, beyond the default fp32 delta: A and B*scaling (once each), the
+  // delta's input (the bf16 matmul input instead of the fp32 norm output),
+  // x A^T, and y + delta once more. Default: LORAHUB_LORA_BF16=1 in the
+  // environment (experimental, for an A/B).
+  bool bf16_lora = LoraBf16FromEnv();
+
+  static bool LoraBf16FromEnv();
 };
 
 class ObjectiveRunner {
@@ -90,7 +102,9 @@ class ObjectiveRunner {
   struct Group {  // sites whose composed factors have one shape
     std::vector<int> sites;  // base site indices
     int64_t r = 0, in = 0, out = 0;
-    at::Tensor factors;      // [N, sites * (r*in + out*r)], fp32: A..., B...
+    // [N, sites * (r*in + out*r)], fp32: A..., B... (bf16_lora: each B
+    // times its site's scaling).
+    at::Tensor factors;
   };
 
   ObjectiveRunner() = default;
@@ -108,6 +122,7 @@ class ObjectiveRunner {
   ScoreOptions score_;
   std::vector<int64_t> label_counts_;  // tokens per example
   std::vector<Group> groups_;
+  bool bf16_lora_ = false;  // options.bf16_lora on a bf16 model
   std::vector<at::Tensor> scales_;  // per base site (undefined if unadapted)
   std::vector<double> scale_values_;  // the same, as host values
   AdapterBank bank_;

@@ -40,6 +40,18 @@ at::Tensor Activation(const at::Tensor& x, const std::string& name) {
   TORCH_CHECK(false, "unsupported activation '", name, "'");
 }
 
+// act(gate) * up; the tanh GELU as one fused op (fused_ops.h) when both
+// have one dtype (with a LoRA delta on only one of them, they do not).
+at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up,
+                           const std::string& name) {
+  if ((name == "gelu_new" || name == "gelu_pytorch_tanh" ||
+       name == "gelu_fast") &&
+      gate.scalar_type() == up.scalar_type()) {
+    return GatedGeluTanh(gate, up);
+  }
+  return Activation(gate, name) * up;
+}
+
 // Logits in fp32: the final hidden state (fp32) is rounded once as the
 // matmul input; the matmul output is widened before anything reads it.
 at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
@@ -93,6 +105,19 @@ bool Adapted(const RowAdapters& rows, int site) {
 // to the compute dtype), else x; fp32.
 at::Tensor LoraInput(const at::Tensor& x, const at::Tensor& x_full) {
   return (x_full.defined() ? x_full : x).to(at::kFloat);
+}
+
+// True when the delta of `sb` runs in the low-precision output `y` itself:
+// the bank's factors are in y's dtype (bf16/fp16; ObjectiveRunner with
+// bf16_lora composes so, the scaling folded into B). Then x A^T and the
+// accumulation into y are GEMMs in that dtype (fp32 accumulation inside
+// the BLAS; y + delta rounded once), from the rounded input x, and the
+// output stays in the compute dtype: no widening of y, no fp32 GEMMs.
+// A bank is all-fp32 or (ObjectiveRunner on a bf16 model) all-bf16.
+bool LowPrecisionDelta(const SiteBank& sb, const at::Tensor& y) {
+  return y.scalar_type() != at::kFloat &&
+         sb.a.scalar_type() == y.scalar_type() &&
+         sb.b.scalar_type() == y.scalar_type();
 }
 
 // True when the rows' layout runs the LoRA factors as plain or batched GEMMs
@@ -232,6 +257,12 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
     sites.push_back(&rows.bank->sites[m->site]);
   }
   if (sites.empty()) return y;
+  bool low = true;
+  for (const SiteBank* sb : sites) low = low && LowPrecisionDelta(*sb, y);
+  if (low) {
+    AddLoraDeltas(y, cols, sites, MatmulInput(x, fused), rows);
+    return y;
+  }
   y = y.to(at::kFloat);  // a fresh tensor unless y already was fp32 (ours)
   AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows);
   return y;
@@ -248,33 +279,44 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
 // make q and k large and sensitive to it), else from x.
 at::Tensor Project(const at::Tensor& x, const Linear& linear,
                    const RowAdapters& rows, const at::Tensor& x_full) {
-  at::Tensor y = at::matmul(MatmulInput(x, linear.weight), linear.weight.t());
+  const at::Tensor xm = MatmulInput(x, linear.weight);
+  at::Tensor y = at::matmul(xm, linear.weight.t());
   if (!Adapted(rows, linear.site)) return y;
+  const SiteBank& sb = rows.bank->sites[linear.site];
+  if (LowPrecisionDelta(sb, y)) {
+    AddLoraDelta(y, xm, sb, rows);
+    return y;
+  }
   y = y.to(at::kFloat);
-  AddLoraDelta(y, LoraInput(x, x_full), rows.bank->sites[linear.site], rows);
+  AddLoraDelta(y, LoraInput(x, x_full), sb, rows);
   return y;
 }
 
-// q, k or v of one attention: [B, heads, T, d_kv], fp32.
+at::ScalarType AttentionDtype(const T5Weights& w) {
+  return w.dtype == at::kBFloat16 && AttentionBf16() ? at::kBFloat16
+                                                     : at::kFloat;
+}
+
+// q, k or v of one attention: [B, heads, T, d_kv] in `attn`.
 at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
-                 const config::T5Config& c) {
-  return SplitHeads(Project(x.mm, linear, rows, x.full).to(at::kFloat),
-                    c.num_heads, c.d_kv);
+                 const config::T5Config& c, at::ScalarType attn) {
+  return SplitHeads(Project(x.mm, linear, rows, x.full).to(attn), c.num_heads,
+                    c.d_kv);
 }
 
 std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
                                              const AttentionWeights& a,
                                              const RowAdapters& rows,
-                                             const config::T5Config& c) {
+                                             const config::T5Config& c,
+                                             at::ScalarType attn) {
   if (!FusedQkv(a)) {
-    return {Heads(x, a.q, rows, c), Heads(x, a.k, rows, c),
-            Heads(x, a.v, rows, c)};
+    return {Heads(x, a.q, rows, c, attn), Heads(x, a.k, rows, c, attn),
+            Heads(x, a.v, rows, c, attn)};
   }
-  // One GEMM and (bf16) one widening for all three; q, k, v are strided
-  // views of it.
+  // One GEMM and (fp32 attention) one widening for all three; q, k, v are
+  // strided views of it.
   const at::Tensor y =
-      ProjectFused(x.mm, a.qkv, {&a.q, &a.k, &a.v}, rows, x.full)
-          .to(at::kFloat);
+      ProjectFused(x.mm, a.qkv, {&a.q, &a.k, &a.v}, rows, x.full).to(attn);
   const int64_t inner = a.q.weight.size(0);
   return {SplitHeads(y.narrow(-1, 0, inner), c.num_heads, c.d_kv),
           SplitHeads(y.narrow(-1, inner, inner), c.num_heads, c.d_kv),
@@ -282,8 +324,9 @@ std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
 }
 
 CrossKeyValues::CrossKeyValues(const T5Weights& w, const EncoderOutput& enc,
-                               const RowAdapters& rows, int64_t max_bytes)
-    : w_(w), x_(EncoderInput(enc)), rows_(rows) {
+                               const RowAdapters& rows, int64_t max_bytes,
+                               at::ScalarType attn)
+    : w_(w), x_(EncoderInput(enc)), rows_(rows), attn_(attn) {
   const int64_t L = static_cast<int64_t>(w.decoder.size());
   fused_ = FusedCrossKv(w);
   if (!fused_ || L == 0) {
@@ -303,8 +346,8 @@ void CrossKeyValues::Compute(int64_t block) {
   const int64_t inner = w_.decoder[0].cross_attn.k.weight.size(0);
   const at::Tensor weight =
       w_.cross_kv.narrow(0, first_ * 2 * inner, count_ * 2 * inner);
-  at::Tensor y = at::matmul(MatmulInput(x_.mm, weight), weight.t());
-  y = y.to(at::kFloat);  // the keys and values are fp32 (as the scores)
+  const at::Tensor xm = MatmulInput(x_.mm, weight);
+  at::Tensor y = at::matmul(xm, weight.t());
   std::vector<int64_t> cols;
   std::vector<const SiteBank*> sites;
   for (int64_t j = 0; j < count_; ++j) {
@@ -315,17 +358,26 @@ void CrossKeyValues::Compute(int64_t block) {
       sites.push_back(&rows_.bank->sites[m->site]);
     }
   }
-  if (!sites.empty()) {
+  if (sites.empty()) {
+    chunk_ = y.to(attn_);  // the keys and values are in the scores' dtype
+    return;
+  }
+  bool low = true;
+  for (const SiteBank* sb : sites) low = low && LowPrecisionDelta(*sb, y);
+  if (low) {
+    AddLoraDeltas(y, cols, sites, xm, rows_);
+  } else {
+    y = y.to(at::kFloat);  // the fp32 delta is added before any rounding
     AddLoraDeltas(y, cols, sites, LoraInput(x_.mm, x_.full), rows_);
   }
-  chunk_ = y;
+  chunk_ = y.to(attn_);
 }
 
 std::pair<at::Tensor, at::Tensor> CrossKeyValues::Block(int64_t i) {
   const config::T5Config& c = w_.config;
   const AttentionWeights& a = w_.decoder[i].cross_attn;
   if (!fused_) {
-    return {Heads(x_, a.k, rows_, c), Heads(x_, a.v, rows_, c)};
+    return {Heads(x_, a.k, rows_, c, attn_), Heads(x_, a.v, rows_, c, attn_)};
   }
   if (!chunk_.defined() || i < first_ || i >= first_ + count_) Compute(i);
   const int64_t inner = a.k.weight.size(0);
@@ -362,11 +414,19 @@ void CrossKeyValues::CopyTo(const at::Tensor& dst) {
 // Scores q k^T + bias, softmax, weighted values in fp32 (q, k, v and bias
 // are fp32): T5 does not scale its scores by 1/sqrt(d_kv), so they are large
 // and rounding them to bf16 alone moves the softmax visibly. The context is
-// rounded once, as the input of the output projection.
+// rounded once, as the input of the output projection. With bf16 attention
+// (AttentionDtype) q, k, v and the context are bf16; the fused kernels
+// still form the scores and the softmax in fp32.
 at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias,
                             const Linear& o, const RowAdapters& rows) {
-  at::Tensor ctx = Attention(q, k, v, bias);  // [B, H, T, d_kv]
+  const bool adapted = rows.bank != nullptr && o.site >= 0 &&
+                       rows.bank->sites[o.site].a.defined();
+  // Unadapted o reads only the rounded context: the attention rounds it
+  // (the short-query kernel writes it so, heads last: then no copy below).
+  at::Tensor ctx = adapted ? Attention(q, k, v, bias)
+                           : Attention(q, k, v, bias,
+                                       o.weight.scalar_type());  // [B,H,T,d]
   const at::Tensor heads_last = ctx.transpose(1, 2);  // [B, T, H, d_kv]
   const std::vector<int64_t> shape = {ctx.size(0), ctx.size(2), -1};
   // The matmul input: the head merge and the rounding in one copy.
@@ -374,8 +434,6 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                       .to(o.weight.scalar_type(), /*non_blocking=*/false,
                           /*copy=*/false, at::MemoryFormat::Contiguous)
                       .reshape(shape);  // a copy only when .to() was a no-op
-  const bool adapted = rows.bank != nullptr && o.site >= 0 &&
-                       rows.bank->sites[o.site].a.defined();
   if (!adapted || mm.scalar_type() == at::kFloat) return Project(mm, o, rows);
   return Project(mm, o, rows, heads_last.reshape(shape));  // fp32 LoRA input
 }
@@ -392,12 +450,12 @@ at::Tensor FeedForward(const Normed& x, const T5Weights& w,
     const at::Tensor y =
         ProjectFused(x.mm, ff.wi_01, {&ff.wi_0, &ff.wi_1}, rows, x.full);
     const int64_t d_ff = ff.wi_0.weight.size(0);
-    h = Activation(y.narrow(-1, 0, d_ff), w.config.dense_act_fn) *
-        y.narrow(-1, d_ff, d_ff);
+    h = GatedActivation(y.narrow(-1, 0, d_ff), y.narrow(-1, d_ff, d_ff),
+                        w.config.dense_act_fn);
   } else if (w.config.is_gated_act) {
-    h = Activation(Project(x.mm, ff.wi_0, rows, x.full),
-                   w.config.dense_act_fn) *
-        Project(x.mm, ff.wi_1, rows, x.full);
+    h = GatedActivation(Project(x.mm, ff.wi_0, rows, x.full),
+                        Project(x.mm, ff.wi_1, rows, x.full),
+                        w.config.dense_act_fn);
   } else {
     h = Activation(Project(x.mm, ff.wi, rows, x.full), w.config.dense_act_fn);
   }
@@ -439,6 +497,47 @@ Normed EncoderInput(const EncoderOutput& e) {
   return Normed{e.hidden, e.hidden_full.defined() ? e.hidden_full : e.hidden};
 }
 
+namespace {
+
+// The fp32 residual stream of a forward pass (Encode, DecodeFull, one
+// decoder block step): a sublayer output is held back and added by the next
+// norm (fused_ops.h AddRmsNorm: one kernel on CUDA for the add and the
+// norm). The same arithmetic as `h = h + out; RmsNorm(h)`.
+class Residual {
+ public:
+  Residual(const T5Weights& w, at::Tensor h) : w_(w), h_(std::move(h)) {}
+  // Sublayer output to add (before the next Norm).
+  void Add(at::Tensor out) {
+    if (pending_.defined()) Flush();
+    pending_ = std::move(out);
+  }
+  // The stream with any pending output added.
+  at::Tensor Value() {
+    if (pending_.defined()) Flush();
+    return h_;
+  }
+  // The stream (with any pending output added), normed by `weight`.
+  Normed Norm(const at::Tensor& weight) {
+    const double eps = w_.config.layer_norm_epsilon;
+    if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
+    AddNormOutput r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
+    h_ = std::move(r.sum);
+    pending_ = at::Tensor();
+    return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
+  }
+
+ private:
+  void Flush() {
+    h_ = h_ + pending_;
+    pending_ = at::Tensor();
+  }
+  const T5Weights& w_;
+  at::Tensor h_;
+  at::Tensor pending_;
+};
+
+}  // namespace
+
 at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                             const at::Tensor& h_in, const RowAdapters& rows,
                             const StoreKeyValue& store,
@@ -447,18 +546,19 @@ at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                             const at::Tensor& cross_v,
                             const at::Tensor& cross_bias) {
   const config::T5Config& c = w.config;
-  at::Tensor h = h_in;
-  Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
+  Residual h(w, h_in);
+  Normed n = h.Norm(b.self_norm);
   std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
   std::pair<at::Tensor, at::Tensor> kv = store(qkv[1], qkv[2]);
-  h = h + AttendAndProject(qkv[0], kv.first, kv.second, self_bias,
-                           b.self_attn.o, rows);
-  n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
+  h.Add(AttendAndProject(qkv[0], kv.first, kv.second, self_bias,
+                         b.self_attn.o, rows));
+  n = h.Norm(b.cross_norm);
   at::Tensor q = Heads(n, b.cross_attn.q, rows, c);
-  h = h + AttendAndProject(q, cross_k, cross_v, cross_bias, b.cross_attn.o,
-                           rows);
-  n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
-  return h + FeedForward(n, w, b.ff, rows);
+  h.Add(AttendAndProject(q, cross_k, cross_v, cross_bias, b.cross_attn.o,
+                         rows));
+  n = h.Norm(b.ff_norm);
+  h.Add(FeedForward(n, w, b.ff, rows));
+  return h.Value();
 }
 
 at::Tensor DecoderLogits(const T5Weights& w, const at::Tensor& h) {
@@ -472,6 +572,7 @@ at::Tensor DecoderLogits(const T5Weights& w, const at::Tensor& h) {
 namespace {
 
 using internal::AttendAndProject;
+using internal::AttentionDtype;
 using internal::CausalBias;
 using internal::CrossKeyValues;
 using internal::DecoderBlockStep;
@@ -480,9 +581,11 @@ using internal::Embed;
 using internal::EncoderInput;
 using internal::FeedForward;
 using internal::Heads;
+using internal::LmHead;
 using internal::MinValue;
 using internal::Normed;
 using internal::PositionBias;
+using internal::Residual;
 using internal::RmsNorm;
 using internal::SelfAttentionHeads;
 
@@ -493,19 +596,24 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   EncoderOutput out;
   out.mask_bias = ((1.0 - mask.to(at::kFloat)) * MinValue(w.dtype))
                       .view({ids.size(0), 1, 1, S});
+  const at::ScalarType attn = AttentionDtype(w);
+  // In bf16 attention the bias is rounded once per forward (PyTorch's fused
+  // attention wants it in q's dtype): the position bias comes from a bf16
+  // table (exact), the masked entries stay about finfo(bf16).min.
   at::Tensor bias =
-      PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(at::kFloat) +
-      out.mask_bias;
-  at::Tensor h = Embed(w, ids);
+      (PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(at::kFloat) +
+       out.mask_bias)
+          .to(attn);
+  Residual h(w, Embed(w, ids));
   for (const BlockWeights& b : w.encoder) {
-    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
-    std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
-    h = h + AttendAndProject(qkv[0], qkv[1], qkv[2], bias, b.self_attn.o,
-                             rows);
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
-    h = h + FeedForward(n, w, b.ff, rows);
+    Normed n = h.Norm(b.self_norm);
+    std::array<at::Tensor, 3> qkv =
+        SelfAttentionHeads(n, b.self_attn, rows, c, attn);
+    h.Add(AttendAndProject(qkv[0], qkv[1], qkv[2], bias, b.self_attn.o, rows));
+    n = h.Norm(b.ff_norm);
+    h.Add(FeedForward(n, w, b.ff, rows));
   }
-  Normed n = RmsNorm(h, w.encoder_final_norm, c.layer_norm_epsilon, w.dtype);
+  Normed n = h.Norm(w.encoder_final_norm);
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
@@ -518,24 +626,26 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
   at::Tensor self_bias =
       PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(at::kFloat) +
       CausalBias(w, T, w.device);
-  at::Tensor h = Embed(w, ids);
-  CrossKeyValues cross(w, enc, rows);
+  const at::ScalarType attn = AttentionDtype(w);
+  Residual h(w, Embed(w, ids));
+  CrossKeyValues cross(w, enc, rows, CrossKeyValues::kDefaultMaxBytes, attn);
   for (size_t i = 0; i < w.decoder.size(); ++i) {
     const BlockWeights& b = w.decoder[i];
-    Normed n = RmsNorm(h, b.self_norm, c.layer_norm_epsilon, w.dtype);
-    std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
-    h = h + AttendAndProject(qkv[0], qkv[1], qkv[2], self_bias, b.self_attn.o,
-                             rows);
-    n = RmsNorm(h, b.cross_norm, c.layer_norm_epsilon, w.dtype);
-    at::Tensor q = Heads(n, b.cross_attn.q, rows, c);
+    Normed n = h.Norm(b.self_norm);
+    std::array<at::Tensor, 3> qkv =
+        SelfAttentionHeads(n, b.self_attn, rows, c, attn);
+    h.Add(AttendAndProject(qkv[0], qkv[1], qkv[2], self_bias, b.self_attn.o,
+                           rows));
+    n = h.Norm(b.cross_norm);
+    at::Tensor q = Heads(n, b.cross_attn.q, rows, c, attn);
     std::pair<at::Tensor, at::Tensor> kv =
         cross.Block(static_cast<int64_t>(i));
-    h = h + AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
-                             b.cross_attn.o, rows);
-    n = RmsNorm(h, b.ff_norm, c.layer_norm_epsilon, w.dtype);
-    h = h + FeedForward(n, w, b.ff, rows);
+    h.Add(AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
+                           b.cross_attn.o, rows));
+    n = h.Norm(b.ff_norm);
+    h.Add(FeedForward(n, w, b.ff, rows));
   }
-  return DecoderLogits(w, h);
+  return LmHead(w, h.Norm(w.decoder_final_norm).full);
 }
 
 absl::Status CheckIds(const at::Tensor& ids, const char* what) {

@@ -14,6 +14,17 @@
 // (added to the base output in fp32, never rounded on its own), and the
 // logits. This costs a few elementwise conversions per layer and keeps every
 // matmul in bf16; in fp32 the arithmetic is transformers' exactly.
+// Two experimental switches of the teacher-forced passes (the objective)
+// trade some of this for fewer kernels, each documented where it lives:
+// LORAHUB_ATTN_BF16=1 (fused_ops.h AttentionBf16: q, k, v and context in
+// bf16, scores and softmax still fp32 inside the kernels) and bf16 LoRA
+// factors (ObjectiveRunnerOptions::bf16_lora, LORAHUB_LORA_BF16=1: the
+// delta accumulated by bf16 GEMMs into the bf16 output).
+//
+// Per sublayer the residual add is fused into the next RMS norm
+// (fused_ops.h AddRmsNorm), the gated tanh-GELU is one op (GatedGeluTanh),
+// and short queries (the teacher-forced decoder) take one attention kernel
+// that also writes the bf16 context the output projection reads.
 //
 // Fewer, larger GEMMs (issue 7; a few-hundred-row GEMM on a large GPU is
 // latency-bound, so one GEMM of 3x the columns costs about what one costs):

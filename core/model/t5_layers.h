@@ -45,18 +45,27 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
                    const RowAdapters& rows,
                    const at::Tensor& x_full = at::Tensor());
 
-// q, k or v of one attention: [B, heads, T, d_kv], fp32.
-at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
-                 const config::T5Config& c);
+// The dtype of attention q, k, v and context in the teacher-forced passes
+// (Encode, DecodeFull) of a model computing in w.dtype: fp32, or bf16 when
+// w.dtype is bf16 and fused_ops.h AttentionBf16() (LORAHUB_ATTN_BF16=1).
+// The incremental decoder keeps fp32 (its callers pass nothing).
+at::ScalarType AttentionDtype(const T5Weights& w);
 
-// q, k and v of a self-attention, each [B, heads, T, d_kv] fp32: ONE GEMM
-// against the fused `a.qkv` (then strided views of its output) when
+// q, k or v of one attention: [B, heads, T, d_kv], in `attn` (fp32 unless
+// AttentionDtype says otherwise).
+at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
+                 const config::T5Config& c,
+                 at::ScalarType attn = at::kFloat);
+
+// q, k and v of a self-attention, each [B, heads, T, d_kv] in `attn`: ONE
+// GEMM against the fused `a.qkv` (then strided views of its output) when
 // FusedQkv(a), else three. The per-row LoRA deltas of q, k, v are added into
 // their column slices.
 std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
                                              const AttentionWeights& a,
                                              const RowAdapters& rows,
-                                             const config::T5Config& c);
+                                             const config::T5Config& c,
+                                             at::ScalarType attn = at::kFloat);
 
 // softmax(q k^T + bias) v, then the output projection `o`. q: [B, H, Tq, d],
 // k, v: [B, H, Tk, d], bias broadcastable to [B, H, Tq, Tk]; all fp32.
@@ -92,11 +101,14 @@ class CrossKeyValues {
  public:
   static constexpr int64_t kDefaultMaxBytes = int64_t{1} << 30;
 
+  // `attn`: the dtype of the keys and values (AttentionDtype).
   CrossKeyValues(const T5Weights& w, const EncoderOutput& enc,
                  const RowAdapters& rows,
-                 int64_t max_bytes = kDefaultMaxBytes);
+                 int64_t max_bytes = kDefaultMaxBytes,
+                 at::ScalarType attn = at::kFloat);
 
-  // Block i's keys and values, [B, H, S, d_kv] fp32 (views into the chunk).
+  // Block i's keys and values, [B, H, S, d_kv] in `attn` (views into the
+  // chunk).
   // Computes the chunk holding block i when it is not the current one: ask
   // in increasing order of i to compute each chunk once.
   std::pair<at::Tensor, at::Tensor> Block(int64_t i);
@@ -113,7 +125,8 @@ class CrossKeyValues {
   RowAdapters rows_;
   bool fused_ = false;
   int64_t per_chunk_ = 1;  // blocks per GEMM
-  at::Tensor chunk_;       // [B, S, count_ * 2 * inner] fp32
+  at::ScalarType attn_ = at::kFloat;
+  at::Tensor chunk_;       // [B, S, count_ * 2 * inner] in attn_
   int64_t first_ = 0, count_ = 0;
 };
 

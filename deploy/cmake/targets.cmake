@@ -2019,6 +2019,36 @@ lorahub_cc_test(tests_model_decode_attention_test
   TIMEOUT 60
 )
 
+# //tests/model:objective_ops_test (cc_test)
+lorahub_cc_test(tests_model_objective_ops_test
+  TEST_NAME //tests/model:objective_ops_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/objective_ops_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    core_model_fused_ops
+    core_model_objective_runner
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:fused_residual_attention_test (cc_test)
+lorahub_cc_test(tests_model_fused_residual_attention_test
+  TEST_NAME //tests/model:fused_residual_attention_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/fused_residual_attention_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_fused_ops
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
 # //tests/model:exact_reference_loss_test (cc_test)
 lorahub_cc_test(tests_model_exact_reference_loss_test
   TEST_NAME //tests/model:exact_reference_loss_test

@@ -14,8 +14,10 @@
 #  D. PEFT: D1 composition methods vs add_weighted_adapter, D2 adapters exported by `lorahub learn
 #     --out` (loss and greedy ids), D3 modules trained by `lorahub train-module` -> $OUT/peft.txt
 #  E. (CUDA_TESTS=1) the engine's CUDA tests, golden parity included -> $OUT/ctest.log
+#     (OPTIN_TESTS=1: golden/objective tests again with LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1)
 #  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json;
-#     BENCH_AB="separate generic_attn bf16_attn" picks the same-build A/B runs (default: separate)
+#     BENCH_AB="separate generic_attn bf16_attn" picks the same-build A/B runs (default: separate;
+#     also no_fused small_attn_generic lora_bf16 obj_attn_bf16 obj_bf16 no_encoder_graph, see part F)
 # The Python-only work (fixtures, the reference's traces, A, B) runs in the background from the
 # start, while the build runs. Everything logs to $OUT/log.txt; a failed step prints FAILED and
 # the run goes on. Background jobs are waited for by pid (a bare `wait` would also wait for the
@@ -111,8 +113,16 @@ fi
 if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
   stamp "E: CUDA tests"
   LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|static_encoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test" >"$WORK/ctest.log" 2>&1
+    -R "golden_test|generate_test|static_decoder|static_encoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test|fused_residual_attention|objective_ops_test" >"$WORK/ctest.log" 2>&1
   echo "ctest exit $?"
+  if [ "${OPTIN_TESTS:-0}" = 1 ]; then
+    # The numerics-changing opt-ins (bf16 LoRA deltas, bf16 attention) against the goldens.
+    LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1 LORAHUB_TEST_DEVICE=$DEVICE timeout 120 ctest --test-dir "$build_dir" \
+      --output-on-failure -R "golden_test|objective_runner_test|objective_ops_test" >"$WORK/ctest_optin.log" 2>&1
+    echo "ctest (LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1) exit $?"
+    grep -E "tests passed|tests failed|\(Failed\)" "$WORK/ctest_optin.log" | tail -5
+    cat "$WORK/ctest_optin.log" >>"$WORK/ctest.log"
+  fi
   grep -E "tests passed|tests failed|\(Failed\)|fp32 .* logits|single vs general|bf16 k/v|greedy:" "$WORK/ctest.log" | tail -30
   cp "$WORK/ctest.log" "$out/ctest.log"
 fi
@@ -232,7 +242,7 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   bench() {
     local tag=$1 envspec=$2; shift 2
     stamp "F: lorahub bench bf16 $tag"
-    env "$envspec" timeout 150 "$lorahub" bench --model "$LARGE/base" "${adapters[@]}" --examples "$LARGE/examples.jsonl" \
+    env $envspec timeout 150 "$lorahub" bench --model "$LARGE/base" "${adapters[@]}" --examples "$LARGE/examples.jsonl" \
       --prompts "$LARGE/prompts.jsonl" --device "$DEVICE" --dtype bf16 --reps "${REPS:-10}" \
       --cmaes-budget "${CMAES_BUDGET:-256}" --population 64 --gen-batch 64 --gen-tokens 32 \
       "$@" --json >"$WORK/bench/$tag.json" 2>"$WORK/bench/$tag.err" \
@@ -243,14 +253,22 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # A/B runs in the same build, each only while there is time. BENCH_AB lists them:
   # separate (the separate GEMMs), generic_attn (decode steps on PyTorch's fp32
   # scaled-dot-product attention instead of the single-query bmm path), bf16_attn (bf16 decode
-  # KV caches and bf16 bmm with fp32 accumulation, experimental), no_encoder_graph (the eager
-  # encoder in generation instead of the pooled CUDA-graph StaticEncoder: ttft_ms A/B).
+  # KV caches and bf16 bmm with fp32 accumulation, experimental), no_fused (every fused
+  # kernel off), small_attn_generic (short-query attention back on SDPA), lora_bf16 /
+  # obj_attn_bf16 / obj_bf16 (the objective's bf16 LoRA, bf16 attention, both; experimental),
+  # no_encoder_graph (the eager encoder in generation instead of the pooled CUDA-graph
+  # StaticEncoder: the ttft_ms A/B).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
       separate) bench separate LORAHUB_NO_FUSED_GEMMS=1 ;;
       generic_attn) bench generic_attn LORAHUB_DECODE_ATTN_GENERIC=1 ;;
       bf16_attn) bench bf16_attn LORAHUB_DECODE_ATTN_BF16=1 ;;
+      no_fused) bench no_fused LORAHUB_NO_FUSED=1 ;;
+      small_attn_generic) bench small_attn_generic LORAHUB_SMALL_ATTN_GENERIC=1 ;;
+      lora_bf16) bench lora_bf16 LORAHUB_LORA_BF16=1 ;;
+      obj_attn_bf16) bench obj_attn_bf16 LORAHUB_ATTN_BF16=1 ;;
+      obj_bf16) bench obj_bf16 "LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1" --profile-out "$WORK/bench/profile_obj_bf16.json" ;;
       no_encoder_graph) bench no_encoder_graph LORAHUB_NO_ENCODER_GRAPH=1 ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac

@@ -1,0 +1,186 @@
+// The fused residual + RMS norm (fused_ops.h AddRmsNorm) against its
+// definition RmsNorm(x + delta), the fused gated GELU against
+// gelu(gate) * up, and short-query attention (GeneralAttention
+// with at most kSmallQueryMax queries: the hand-written kernel on CUDA, the
+// matmul fallback on CPU) against a double-precision reference, on the
+// strided q/k/v views and broadcast biases the objective's decoder passes.
+// Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu): on CUDA it checks
+// the kernels of fused_kernels.cu, on the CPU the fallbacks.
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "core/model/fused_ops.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+c10::Device Device() {
+  auto d = testing::TestDevice();
+  EXPECT_TRUE(d.ok()) << d.status();
+  return d.ok() ? *d : c10::Device(c10::kCPU);
+}
+
+at::TensorOptions F32() {
+  return at::TensorOptions().dtype(at::kFloat).device(Device());
+}
+
+// max |got - want| / max(1, max |want|), in double on the CPU.
+double RelDiff(const at::Tensor& got, const at::Tensor& want) {
+  const at::Tensor g = got.to(at::kCPU).to(at::kDouble);
+  const at::Tensor w = want.to(at::kCPU).to(at::kDouble);
+  EXPECT_EQ(g.sizes(), w.sizes());
+  EXPECT_TRUE(at::isfinite(g).all().item<bool>());
+  const double scale = std::max(1.0, w.abs().max().item<double>());
+  return (g - w).abs().max().item<double>() / scale;
+}
+
+TEST(AddRmsNormTest, IsTheNormOfTheSum) {
+  at::manual_seed(5);
+  const bool cpu = Device().is_cpu();
+  for (at::ScalarType delta_dtype : {at::kFloat, at::kBFloat16}) {
+    for (at::ScalarType compute : {at::kFloat, at::kBFloat16}) {
+      const at::Tensor x = at::randn({3, 5, 40}, F32()) * 3.0;
+      const at::Tensor delta = (at::randn({3, 5, 40}, F32()) * 2.0)
+                                   .to(delta_dtype);
+      const at::Tensor weight =
+          (at::rand({40}, F32()) + 0.5).to(compute);
+      const AddNormOutput got = AddRmsNorm(x, delta, weight, 1e-6, compute);
+      const at::Tensor sum = x + delta;  // fp32 add of the widened delta
+      const NormOutput want = RmsNorm(sum, weight, 1e-6, compute);
+      ASSERT_EQ(got.sum.scalar_type(), at::kFloat);
+      ASSERT_EQ(got.norm.full.scalar_type(), at::kFloat);
+      ASSERT_EQ(got.norm.rounded.scalar_type(), compute);
+      // The sum is one fp32 add either way: exact.
+      EXPECT_TRUE(at::equal(got.sum, sum));
+      // CPU: the same ATen ops; CUDA: the kernel's reduction order.
+      const double tol = cpu ? 0.0 : 1e-6;
+      EXPECT_LE(RelDiff(got.norm.full, want.full), tol);
+      // One rounding of (nearly) the same fp32 value: at most one bf16 ulp.
+      EXPECT_LE(RelDiff(got.norm.rounded.to(at::kFloat),
+                        want.rounded.to(at::kFloat)),
+                cpu ? 0.0 : 1.0 / 128);
+      // x and delta are left alone.
+      EXPECT_FALSE(got.sum.is_same(x));
+    }
+  }
+}
+
+// The gated FFN's gelu_tanh(wi_0 x) * (wi_1 x) on the two column halves of
+// one fused output, fp32 and bf16: the definition's arithmetic (CPU: the
+// same ops; CUDA: the kernel, within one rounding of the dtype).
+TEST(GatedGeluTest, IsGeluTimesUp) {
+  at::manual_seed(9);
+  const bool cpu = Device().is_cpu();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    const int64_t d_ff = 37;
+    const at::Tensor y = (at::randn({3, 5, 2 * d_ff}, F32()) * 2.5).to(dtype);
+    const at::Tensor gate = y.narrow(-1, 0, d_ff);
+    const at::Tensor up = y.narrow(-1, d_ff, d_ff);
+    const at::Tensor got = GatedGeluTanh(gate, up);
+    const at::Tensor want = at::gelu(gate, "tanh") * up;
+    ASSERT_EQ(got.scalar_type(), dtype);
+    ASSERT_EQ(got.sizes(), want.sizes());
+    const double tol = cpu ? 0.0 : (dtype == at::kFloat ? 1e-6 : 1.0 / 64);
+    EXPECT_LE(RelDiff(got.to(at::kFloat), want.to(at::kFloat)), tol);
+  }
+}
+
+// softmax(q k^T + bias) v in double, per (row, head, query), over all keys.
+at::Tensor Reference(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias) {
+  const at::Tensor qd = q.to(at::kCPU).to(at::kDouble);
+  const at::Tensor kd = k.to(at::kCPU).to(at::kDouble);
+  const at::Tensor vd = v.to(at::kCPU).to(at::kDouble);
+  const at::Tensor bd = bias.to(at::kCPU).to(at::kDouble);
+  const at::Tensor s = at::matmul(qd, kd.transpose(-1, -2)) + bd;
+  return at::matmul(at::softmax(s, -1), vd);
+}
+
+// The teacher-forced decoder's self-attention: q, k, v strided views of one
+// fused [B, T, 3 * H * d] projection, relative bias + causal mask [1, H, T, T].
+TEST(ShortQueryAttentionTest, StridedSelfAttention) {
+  at::manual_seed(7);
+  const int64_t B = 5, T = 4, H = 3, d = 8, inner = H * d;
+  const double min_value =
+      static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+  const at::Tensor y = at::randn({B, T, 3 * inner}, F32()) * 1.5;
+  auto heads = [&](int64_t part) {
+    return y.narrow(-1, part * inner, inner)
+        .view({B, T, H, d})
+        .transpose(1, 2);
+  };
+  const at::Tensor q = heads(0), k = heads(1), v = heads(2);
+  ASSERT_FALSE(q.is_contiguous());
+  const at::Tensor pos = at::arange(T, at::TensorOptions().device(Device()));
+  const at::Tensor causal =
+      at::where(pos.unsqueeze(0) > pos.unsqueeze(1),
+                at::scalar_tensor(min_value, F32()),
+                at::scalar_tensor(0.0, F32()))
+          .view({1, 1, T, T});
+  const at::Tensor bias = at::randn({1, H, T, T}, F32()) * 2.0 + causal;
+  const at::Tensor got = GeneralAttention(q, k, v, bias);
+  EXPECT_LT(RelDiff(got, Reference(q, k, v, bias)), 1e-5);
+  // The context rounded by the attention itself (what the output
+  // projection reads): the same values as a conversion afterwards, laid out
+  // heads last (the head merge is a view).
+  const at::Tensor rounded = Attention(q, k, v, bias, at::kBFloat16);
+  ASSERT_EQ(rounded.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(rounded, got.to(at::kBFloat16)));
+  EXPECT_TRUE(rounded.transpose(1, 2).is_contiguous());
+}
+
+// Cross-attention: keys and values from a wide fused k|v output of several
+// blocks, padded encoder rows masked by a [B, 1, 1, S] bias.
+TEST(ShortQueryAttentionTest, StridedCrossAttentionWithPadding) {
+  at::manual_seed(8);
+  const int64_t B = 4, T = 3, S = 37, H = 2, d = 16, inner = H * d;
+  const double min_value =
+      static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+  const at::Tensor q =
+      (at::randn({B, T, inner}, F32()) * 2.0).view({B, T, H, d}).transpose(1, 2);
+  const at::Tensor kv = at::randn({B, S, 6 * inner}, F32()) * 1.5;
+  const at::Tensor k =
+      kv.narrow(-1, 2 * inner, inner).view({B, S, H, d}).transpose(1, 2);
+  const at::Tensor v =
+      kv.narrow(-1, 3 * inner, inner).view({B, S, H, d}).transpose(1, 2);
+  at::Tensor mask = at::zeros({B, 1, 1, S}, F32());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = S - 5 * b;
+    mask[b].narrow(-1, len, S - len).fill_(min_value);
+  }
+  const at::Tensor got = GeneralAttention(q, k, v, mask);
+  EXPECT_LT(RelDiff(got, Reference(q, k, v, mask)), 1e-5);
+  // The padded keys get no weight: changing their values changes nothing.
+  const at::Tensor kv2 = kv.clone();
+  kv2.narrow(1, S - 5, 5).fill_(100.0);
+  const at::Tensor v2 =
+      kv2.narrow(-1, 3 * inner, inner).view({B, S, H, d}).transpose(1, 2);
+  const at::Tensor k2 =
+      kv2.narrow(-1, 2 * inner, inner).view({B, S, H, d}).transpose(1, 2);
+  const at::Tensor got2 = GeneralAttention(q, k2, v2, mask);
+  EXPECT_LT(RelDiff(got2.narrow(0, 2, 2), got.narrow(0, 2, 2)), 1e-6);
+}
+
+// bf16 q, k, v (AttentionBf16) with an fp32 bias: fp32 scores and softmax
+// on the widened operands, the context rounded once to bf16.
+TEST(ShortQueryAttentionTest, Bf16QueriesKeysValues) {
+  at::manual_seed(10);
+  const int64_t B = 2, T = 3, S = 11, H = 2, d = 8;
+  const at::Tensor q = (at::randn({B, H, T, d}, F32()) * 1.5).to(at::kBFloat16);
+  const at::Tensor k = (at::randn({B, H, S, d}, F32()) * 1.5).to(at::kBFloat16);
+  const at::Tensor v = at::randn({B, H, S, d}, F32()).to(at::kBFloat16);
+  const at::Tensor bias = at::randn({1, H, T, S}, F32());
+  const at::Tensor got = GeneralAttention(q, k, v, bias);
+  ASSERT_EQ(got.scalar_type(), at::kBFloat16);
+  // The reference on the same bf16 values: only the output's rounding.
+  EXPECT_LT(RelDiff(got.to(at::kFloat), Reference(q, k, v, bias)), 1.0 / 128);
+}
+
+}  // namespace
+}  // namespace lorahub::model
