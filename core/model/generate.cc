@@ -5,12 +5,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
+#include "core/model/static_encoder.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -89,10 +92,12 @@ class StepDecoder {
     if (o.cuda_graph && o.max_new_tokens <= kMaxStaticTokens) {
       StaticDecoderOptions so;
       so.capacity = o.max_new_tokens;
-      so.cuda_graph = o.max_new_tokens >= kMinGraphTokens;
       const bool reuse =
           o.decoder_reuse == DecoderReuse::kAlways ||
           (o.decoder_reuse == DecoderReuse::kCuda && w.device.is_cuda());
+      // A pooled decoder's capture is paid once and replayed by later calls,
+      // so short runs (time to first token: one step) capture too.
+      so.cuda_graph = o.max_new_tokens >= kMinGraphTokens || reuse;
       if (reuse) {
         // Capacity bucketed too (extra positions stay masked: the causal
         // bias of step t hides keys > t), so that other max_new_tokens
@@ -139,6 +144,32 @@ class StepDecoder {
   std::unique_ptr<StaticDecoder> owned_;
   StaticDecoderPool::Lease lease_;
 };
+
+bool EncoderGraphDisabledByEnv() {
+  static const bool off = [] {
+    const char* v = std::getenv("LORAHUB_NO_ENCODER_GRAPH");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return off;
+}
+
+// Encode, through the static encoder pool where the options ask for it
+// (GenerateOptions::encoder_graph).
+absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
+                                           const at::Tensor& ids,
+                                           const at::Tensor& mask,
+                                           const RowAdapters& rows,
+                                           const GenerateOptions& o) {
+  const bool pooled =
+      o.cuda_graph && !EncoderGraphDisabledByEnv() &&
+      (o.encoder_graph == EncoderGraph::kAlways ||
+       (o.encoder_graph == EncoderGraph::kCuda && w.device.is_cuda()));
+  if (!pooled) return Encode(w, ids, mask, rows);
+  StaticEncoderPool& pool = o.encoder_pool != nullptr
+                                ? *o.encoder_pool
+                                : StaticEncoderPool::Global();
+  return pool.Encode(w, ids, mask, rows, StaticEncoderOptions{});
+}
 
 struct Prepared {
   at::Tensor ids, mask;
@@ -192,7 +223,8 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
                                               const GenerateOptions& o) {
   const int64_t B = p.ids.size(0);
   const int64_t eos = w.config.eos_token_id;
-  LH_ASSIGN_OR_RETURN(EncoderOutput enc, Encode(w, p.ids, p.mask, p.rows));
+  LH_ASSIGN_OR_RETURN(EncoderOutput enc,
+                      EncodeInputs(w, p.ids, p.mask, p.rows, o));
   LH_ASSIGN_OR_RETURN(StepDecoder decoder,
                       StepDecoder::Create(w, enc, p.rows, o));
   GenerateResult result;
@@ -260,7 +292,8 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
   auto dev = at::TensorOptions().device(w.device);
   at::Tensor expand = at::arange(B, dev.dtype(at::kLong)).repeat_interleave(K);
   RowAdapters rows = SelectRows(p.rows, expand);
-  LH_ASSIGN_OR_RETURN(EncoderOutput enc0, Encode(w, p.ids, p.mask, p.rows));
+  LH_ASSIGN_OR_RETURN(EncoderOutput enc0,
+                      EncodeInputs(w, p.ids, p.mask, p.rows, o));
   EncoderOutput enc{enc0.hidden.index_select(0, expand),
                     enc0.mask_bias.index_select(0, expand)};
   LH_ASSIGN_OR_RETURN(StepDecoder decoder,

@@ -32,6 +32,15 @@ enum class DecoderReuse {
 };
 
 class StaticDecoderPool;
+class StaticEncoderPool;
+
+// Where Generate encodes through pooled fixed-shape encoders
+// (static_encoder.h: one CUDA graph per (batch, length) bucket).
+enum class EncoderGraph {
+  kOff,     // eager Encode (t5_forward.h)
+  kCuda,    // on CUDA devices (captured graphs); eager on the CPU
+  kAlways,  // also on the CPU: the same padding and buffers, run eagerly
+};
 
 struct GenerateOptions {
   int64_t max_new_tokens = 32;  // 1..8192
@@ -55,8 +64,9 @@ struct GenerateOptions {
   // Decode with the fixed-shape StaticDecoder (static_decoder.h) when
   // max_new_tokens <= 256 (it attends over all max_new_tokens positions
   // every step); its step is captured once as a CUDA graph and replayed on a
-  // CUDA device when max_new_tokens >= 8 (shorter runs do not repay the
-  // capture), and runs eagerly on the CPU and wherever capture fails (the
+  // CUDA device when max_new_tokens >= 8 or the decoder is pooled
+  // (decoder_reuse: the capture is paid once; shorter unpooled runs do not
+  // repay it), and runs eagerly on the CPU and wherever capture fails (the
   // reason is logged once per process). false, or longer runs: the eager
   // DecodeStep path (t5_forward.h). Outputs are the same either way up to
   // float summation order.
@@ -71,6 +81,17 @@ struct GenerateOptions {
   // The pool to use; nullptr: StaticDecoderPool::Global(). Not owned; must
   // outlive the call.
   StaticDecoderPool* decoder_pool = nullptr;
+  // Encode with a pooled StaticEncoder (static_encoder.h): inputs padded to
+  // a bucket, a CUDA graph captured per bucket (and adapter layout) and
+  // replayed (issue 7: the eager encoder's host-side dispatch dominates the
+  // time to first token). Any capture failure takes the eager Encode;
+  // outputs are the same up to float summation order. The environment variable
+  // LORAHUB_NO_ENCODER_GRAPH=1 forces kOff (A/B in one build); so does
+  // cuda_graph = false.
+  EncoderGraph encoder_graph = EncoderGraph::kCuda;
+  // The pool to use; nullptr: StaticEncoderPool::Global(). Not owned; must
+  // outlive the call.
+  StaticEncoderPool* encoder_pool = nullptr;
 };
 
 struct GenerateResult {

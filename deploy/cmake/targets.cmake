@@ -582,6 +582,21 @@ lorahub_cc_library(core_model_static_decoder
   OUTPUT_NAME static_decoder
 )
 
+# //core/model:static_encoder (cc_library)
+lorahub_cc_library(core_model_static_encoder
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/static_encoder.cc
+    ${SRC}/core/model/static_encoder.h
+  DEPS
+    core_model_cuda_graph
+    core_model_static_decoder
+    core_model_t5
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME static_encoder
+)
+
 # //core/model:generate (cc_library)
 lorahub_cc_library(core_model_generate
   PACKAGE core/model
@@ -590,6 +605,7 @@ lorahub_cc_library(core_model_generate
     ${SRC}/core/model/generate.h
   DEPS
     core_model_static_decoder
+    core_model_static_encoder
     core_model_t5
     core_util_status_macros
     ext_absl_absl
@@ -1951,6 +1967,23 @@ lorahub_cc_test(tests_model_static_decoder_test
     core_model_model
     core_model_cuda_graph
     core_model_static_decoder
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
+# //tests/model:static_encoder_test (cc_test)
+lorahub_cc_test(tests_model_static_encoder_test
+  TEST_NAME //tests/model:static_encoder_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/static_encoder_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    core_model_cuda_graph
+    core_model_loader
+    core_model_static_encoder
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 300

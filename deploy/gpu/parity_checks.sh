@@ -17,7 +17,7 @@
 #     (OPTIN_TESTS=1: golden/objective tests again with LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1)
 #  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json;
 #     BENCH_AB="separate generic_attn bf16_attn" picks the same-build A/B runs (default: separate;
-#     also no_fused small_attn_generic lora_bf16 obj_attn_bf16 obj_bf16, see part F)
+#     also no_fused small_attn_generic lora_bf16 obj_attn_bf16 obj_bf16 no_encoder_graph, see part F)
 # The Python-only work (fixtures, the reference's traces, A, B) runs in the background from the
 # start, while the build runs. Everything logs to $OUT/log.txt; a failed step prints FAILED and
 # the run goes on. Background jobs are waited for by pid (a bare `wait` would also wait for the
@@ -113,7 +113,7 @@ fi
 if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
   stamp "E: CUDA tests"
   LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test|fused_residual_attention|objective_ops_test" >"$WORK/ctest.log" 2>&1
+    -R "golden_test|generate_test|static_decoder|static_encoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test|fused_residual_attention|objective_ops_test" >"$WORK/ctest.log" 2>&1
   echo "ctest exit $?"
   if [ "${OPTIN_TESTS:-0}" = 1 ]; then
     # The numerics-changing opt-ins (bf16 LoRA deltas, bf16 attention) against the goldens.
@@ -255,7 +255,9 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # scaled-dot-product attention instead of the single-query bmm path), bf16_attn (bf16 decode
   # KV caches and bf16 bmm with fp32 accumulation, experimental), no_fused (every fused
   # kernel off), small_attn_generic (short-query attention back on SDPA), lora_bf16 /
-  # obj_attn_bf16 / obj_bf16 (the objective's bf16 LoRA, bf16 attention, both; experimental).
+  # obj_attn_bf16 / obj_bf16 (the objective's bf16 LoRA, bf16 attention, both; experimental),
+  # no_encoder_graph (the eager encoder in generation instead of the pooled CUDA-graph
+  # StaticEncoder: the ttft_ms A/B).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
@@ -267,6 +269,7 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
       lora_bf16) bench lora_bf16 LORAHUB_LORA_BF16=1 ;;
       obj_attn_bf16) bench obj_attn_bf16 LORAHUB_ATTN_BF16=1 ;;
       obj_bf16) bench obj_bf16 "LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1" --profile-out "$WORK/bench/profile_obj_bf16.json" ;;
+      no_encoder_graph) bench no_encoder_graph LORAHUB_NO_ENCODER_GRAPH=1 ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done

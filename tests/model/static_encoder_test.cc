@@ -1,0 +1,438 @@
+// StaticEncoder / StaticEncoderPool (fixed-shape encoder passes, one CUDA
+// graph per (batch, length) bucket) against the eager Encode: padded rows
+// and positions leave the real positions' outputs unchanged, a second pass
+// of other inputs in the same bucket gives those inputs' outputs (no stale
+// buffers), per-row adapters go through the encoder's slot buffers,
+// oversized inputs take the eager Encode, the pool is bounded and drops entries
+// of freed weights, and Generate's output ids are the same with the encoder
+// pool on and off (also under LORAHUB_NO_ENCODER_GRAPH=1). On the CPU the pool
+// runs eagerly (EncoderGraph::kAlways); on a CUDA device
+// (LORAHUB_TEST_DEVICE=cuda:0) the same tests replay captured graphs, in fp32
+// and bf16.
+#include "core/model/static_encoder.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/model/cuda_graph.h"
+#include "core/model/generate.h"
+#include "core/model/loader.h"
+#include "core/model/lora.h"
+#include "core/model/t5_forward.h"
+#include "core/model/t5_weights.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+enum class Model { kGated, kReluTied, kFixture };
+
+constexpr double kAdapterFactor = 10.0;
+
+// fp32: summation order only (the extra keys contribute exact zeros; with
+// adapters, whose deltas are larger here than real ones, the batched
+// per-row GEMMs over more rows or another adapter path round differently:
+// kAdapterFactor times the fp32 bound). bf16:
+// the same matmuls in bf16 over a different number of keys may round
+// differently once, then the residual stream carries it.
+double Tolerance(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 1e-5 : 3e-2;
+}
+
+void ExpectClose(const at::Tensor& got, const at::Tensor& want,
+                 at::ScalarType dtype, const std::string& where,
+                 double factor = 1.0) {
+  ASSERT_TRUE(got.defined() && want.defined()) << where;
+  ASSERT_EQ(got.sizes(), want.sizes()) << where;
+  const at::Tensor g = got.to(at::kCPU).to(at::kDouble);
+  const at::Tensor w = want.to(at::kCPU).to(at::kDouble);
+  ASSERT_TRUE(at::isfinite(g).all().item<bool>()) << where;
+  const double scale = std::max(1.0, w.abs().max().item<double>());
+  const double diff = (g - w).abs().max().item<double>();
+  const double tol =
+      dtype == at::kFloat ? factor * Tolerance(dtype) : Tolerance(dtype);
+  EXPECT_LE(diff, tol * scale) << where << " (max |value| " << scale << ")";
+}
+
+// The mask biases are 0 or finfo(dtype).min: exactly equal.
+void ExpectSameMask(const at::Tensor& got, const at::Tensor& want,
+                    const std::string& where) {
+  ASSERT_EQ(got.sizes(), want.sizes()) << where;
+  EXPECT_TRUE(at::equal(got.to(at::kCPU), want.to(at::kCPU))) << where;
+}
+
+class StaticEncoderTest
+    : public ::testing::TestWithParam<std::tuple<Model, at::ScalarType>> {
+ protected:
+  void SetUp() override {
+    auto device = testing::TestDevice();
+    ASSERT_TRUE(device.ok()) << "LORAHUB_TEST_DEVICE: " << device.status();
+    options_.device = *device;
+    options_.dtype = std::get<1>(GetParam());
+    switch (std::get<0>(GetParam())) {
+      case Model::kGated:
+      case Model::kReluTied: {
+        config_ = std::get<0>(GetParam()) == Model::kGated
+                      ? testing::GatedConfig()
+                      : testing::ReluTiedConfig();
+        auto w = BuildT5Weights(config_, testing::RandomT5(config_, 21, 0.6),
+                                options_);
+        ASSERT_TRUE(w.ok()) << w.status();
+        base_ = *w;
+        break;
+      }
+      case Model::kFixture: {
+        auto w = LoadT5("tests/testdata/t5/gated_untied/model", options_);
+        ASSERT_TRUE(w.ok()) << w.status();
+        base_ = *w;
+        config_ = base_.config;
+        break;
+      }
+    }
+    vocab_ = base_.config.vocab_size;
+  }
+
+  // [rows, max length] ids and mask on the device from token lists.
+  std::pair<at::Tensor, at::Tensor> Inputs(
+      const std::vector<std::vector<int64_t>>& in) const {
+    size_t len = 0;
+    for (const auto& r : in) len = std::max(len, r.size());
+    at::Tensor ids =
+        at::full({static_cast<int64_t>(in.size()), static_cast<int64_t>(len)},
+                 base_.config.pad_token_id, at::kLong);
+    at::Tensor mask = at::zeros_like(ids);
+    for (size_t i = 0; i < in.size(); ++i) {
+      for (size_t t = 0; t < in[i].size(); ++t) {
+        ids[i][t] = in[i][t];
+        mask[i][t] = 1;
+      }
+    }
+    return {ids.to(base_.device), mask.to(base_.device)};
+  }
+
+  // `rows` prompts of lengths cycling through `lengths`, tokens from `seed`.
+  std::vector<std::vector<int64_t>> Prompts(int64_t rows,
+                                            std::vector<int64_t> lengths,
+                                            int64_t seed) const {
+    std::vector<std::vector<int64_t>> out;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = lengths[r % lengths.size()];
+      std::vector<int64_t> p;
+      for (int64_t t = 0; t < n; ++t) {
+        p.push_back((seed * 31 + r * 17 + t * 7 + 2) % vocab_);
+      }
+      out.push_back(p);
+    }
+    return out;
+  }
+
+  void ExpectEqualsEncode(const EncoderOutput& got,
+                          const std::vector<std::vector<int64_t>>& in,
+                          const std::string& where) {
+    auto [ids, mask] = Inputs(in);
+    auto want = Encode(base_, ids, mask, RowAdapters{});
+    ASSERT_TRUE(want.ok()) << want.status();
+    const at::ScalarType dt = base_.dtype;
+    ExpectClose(got.hidden, want->hidden, dt, where + " hidden");
+    ExpectSameMask(got.mask_bias, want->mask_bias, where + " mask_bias");
+    ASSERT_EQ(got.hidden_full.defined(), want->hidden_full.defined()) << where;
+    if (want->hidden_full.defined()) {
+      ExpectClose(got.hidden_full, want->hidden_full, dt,
+                  where + " hidden_full");
+    }
+    EXPECT_EQ(got.hidden.scalar_type(), want->hidden.scalar_type()) << where;
+  }
+
+  bool Cuda() const { return base_.device.is_cuda(); }
+
+  // A bank of two random adapters on q, k, v, o and wo.
+  void MakeBank() {
+    auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o", "wo"}, 4, 16);
+    for (uint64_t seed : {1, 2}) {
+      auto a =
+          BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, seed),
+                           "a" + std::to_string(seed));
+      ASSERT_TRUE(a.ok()) << a.status();
+      adapters_.push_back(*a);
+    }
+    auto bank = MakeAdapterBank(base_, {&adapters_[0], &adapters_[1]});
+    ASSERT_TRUE(bank.ok()) << bank.status();
+    bank_ = *bank;
+  }
+
+  RowAdapters Rows(const std::vector<int64_t>& slots) {
+    auto rows = MakeRowAdapters(base_, &bank_, slots);
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    return rows.ok() ? *rows : RowAdapters{};
+  }
+
+  // Encode with `rows` against the pool's pass.
+  void ExpectPooledEqualsEncode(StaticEncoderPool& pool,
+                                const std::vector<std::vector<int64_t>>& in,
+                                const RowAdapters& rows,
+                                const std::string& where) {
+    auto [ids, mask] = Inputs(in);
+    auto got = pool.Encode(base_, ids, mask, rows, StaticEncoderOptions{});
+    auto want = Encode(base_, ids, mask, rows);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    ExpectClose(got->hidden, want->hidden, base_.dtype, where + " hidden",
+                kAdapterFactor);
+    ExpectSameMask(got->mask_bias, want->mask_bias, where + " mask_bias");
+    if (want->hidden_full.defined()) {
+      ExpectClose(got->hidden_full, want->hidden_full, base_.dtype,
+                  where + " hidden_full", kAdapterFactor);
+    }
+  }
+
+  config::T5Config config_;
+  WeightOptions options_;
+  T5Weights base_;
+  int64_t vocab_ = 0;
+  std::vector<LoraAdapter> adapters_;
+  AdapterBank bank_;
+};
+
+// Several (batch, length) inputs through one encoder of bucket [4, 16], each
+// a pass after another of different inputs: padded rows and positions do not
+// change the real ones, and nothing of the previous pass leaks.
+TEST_P(StaticEncoderTest, PaddedPassEqualsEncode) {
+  auto enc = StaticEncoder::Create(base_, 4, 16, RowAdapters{},
+                                   StaticEncoderOptions{});
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  if (Cuda() && CudaGraphsCompiled()) {
+    EXPECT_TRUE((*enc)->graph_active()) << (*enc)->graph_status();
+  } else if (!Cuda()) {
+    EXPECT_EQ((*enc)->graph_status(), "not a CUDA device");
+  }
+  struct Case {
+    int64_t rows;
+    std::vector<int64_t> lengths;
+  };
+  const std::vector<Case> cases = {
+      {1, {5}},     {4, {16}}, {3, {2, 9, 16}}, {2, {1, 7}},
+      {4, {11, 3}}, {1, {16}}, {1, {5}},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto in =
+        Prompts(cases[i].rows, cases[i].lengths, static_cast<int64_t>(i) + 1);
+    auto [ids, mask] = Inputs(in);
+    auto got = (*enc)->Run(ids, mask, RowAdapters{});
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectEqualsEncode(*got, in, "case " + std::to_string(i));
+  }
+}
+
+// The outputs are the caller's: a later pass does not overwrite them.
+TEST_P(StaticEncoderTest, OutputsSurviveTheNextPass) {
+  auto enc = StaticEncoder::Create(base_, 2, 16, RowAdapters{},
+                                   StaticEncoderOptions{});
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  const auto a = Prompts(2, {6, 3}, 1);
+  const auto b = Prompts(2, {6, 3}, 2);
+  auto [ia, ma] = Inputs(a);
+  auto [ib, mb] = Inputs(b);
+  auto first = (*enc)->Run(ia, ma, RowAdapters{});
+  ASSERT_TRUE(first.ok()) << first.status();
+  const at::Tensor keep = first->hidden.to(at::kCPU).clone();
+  auto second = (*enc)->Run(ib, mb, RowAdapters{});
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_TRUE(at::equal(first->hidden.to(at::kCPU), keep));
+  EXPECT_FALSE(at::equal(second->hidden.to(at::kCPU), keep));
+  ExpectEqualsEncode(*first, a, "first");
+  ExpectEqualsEncode(*second, b, "second");
+}
+
+TEST_P(StaticEncoderTest, RejectsBadInputs) {
+  EXPECT_FALSE(StaticEncoder::Create(base_, 0, 16, RowAdapters{}, {}).ok());
+  EXPECT_FALSE(StaticEncoder::Create(base_, 2, 0, RowAdapters{}, {}).ok());
+  auto enc = StaticEncoder::Create(base_, 2, 16, RowAdapters{},
+                                   StaticEncoderOptions{});
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  auto dev = at::TensorOptions().device(base_.device);
+  const at::Tensor ids = at::ones({3, 4}, dev.dtype(at::kLong));  // 3 > 2
+  auto r = (*enc)->Run(ids, at::ones_like(ids), RowAdapters{});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  const at::Tensor longer = at::ones({1, 17}, dev.dtype(at::kLong));
+  EXPECT_FALSE((*enc)->Run(longer, at::ones_like(longer), RowAdapters{}).ok());
+  const at::Tensor f = at::ones({1, 4}, dev.dtype(at::kFloat));
+  EXPECT_FALSE((*enc)->Run(f, at::ones_like(f), RowAdapters{}).ok());
+  const at::Tensor ok = at::ones({1, 4}, dev.dtype(at::kLong));
+  EXPECT_FALSE(
+      (*enc)
+          ->Run(ok, at::ones({1, 5}, dev.dtype(at::kLong)), RowAdapters{})
+          .ok());
+  // Still usable after rejected calls.
+  const auto in = Prompts(1, {4}, 3);
+  auto [i2, m2] = Inputs(in);
+  auto good = (*enc)->Run(i2, m2, RowAdapters{});
+  ASSERT_TRUE(good.ok()) << good.status();
+  ExpectEqualsEncode(*good, in, "after rejects");
+}
+
+// The pool: buckets shared across lengths and batch sizes, bounded, eager
+// for per-row adapters and inputs over its limits, dead weights dropped.
+TEST_P(StaticEncoderTest, PoolBucketsBoundsAndFallsBack) {
+  StaticEncoderPoolOptions po;
+  po.capacity = 2;
+  po.max_length = 32;
+  StaticEncoderPool pool(po);
+  auto run = [&](const std::vector<std::vector<int64_t>>& in,
+                 const RowAdapters& rows, const T5Weights& w) {
+    auto [ids, mask] = Inputs(in);
+    return pool.Encode(w, ids, mask, rows, StaticEncoderOptions{});
+  };
+  const auto a = Prompts(1, {5}, 1);      // bucket [1, 16]
+  const auto b = Prompts(1, {12}, 2);     // bucket [1, 16]
+  const auto c = Prompts(3, {20, 4}, 3);  // bucket [4, 32]
+  for (const auto* in : {&a, &b, &c, &a}) {
+    auto got = run(*in, RowAdapters{}, base_);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectEqualsEncode(*got, *in, "pooled");
+  }
+  EXPECT_EQ(pool.misses(), 2);
+  EXPECT_EQ(pool.hits(), 2);
+  EXPECT_EQ(pool.idle(), 2u);
+  // Over max_length: eager, nothing pooled.
+  const auto big = Prompts(1, {40}, 4);
+  auto got = run(big, RowAdapters{}, base_);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ExpectEqualsEncode(*got, big, "over the limit");
+  EXPECT_EQ(pool.misses(), 2);
+  EXPECT_EQ(pool.eager(), 1);
+  // Another weights object: its own key; freed, its entry is dropped.
+  {
+    auto copy =
+        BuildT5Weights(config_, testing::RandomT5(config_, 5), options_);
+    ASSERT_TRUE(copy.ok()) << copy.status();
+    auto other = run(a, RowAdapters{}, *copy);
+    ASSERT_TRUE(other.ok()) << other.status();
+    EXPECT_EQ(pool.misses(), 3);
+    EXPECT_EQ(pool.idle(), 2u);  // capacity 2: the [4, 32] one was evicted
+  }
+  got = run(a, RowAdapters{}, base_);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ExpectEqualsEncode(*got, a, "after the other weights were freed");
+  EXPECT_EQ(pool.idle(), 1u);  // the dead entry was dropped
+  pool.Clear();
+  EXPECT_EQ(pool.idle(), 0u);
+}
+
+// Per-row adapters: the rows' slots and mask go through the encoder's
+// buffers (padding rows: slot 0, mask 0), the bank is read where it lies.
+TEST_P(StaticEncoderTest, PerRowAdapters) {
+  MakeBank();
+  StaticEncoderPool pool;
+  const auto in = Prompts(3, {5, 2, 9}, 5);
+  ExpectPooledEqualsEncode(pool, in, Rows({1, -1, 0}), "mixed");
+  // The same layout (a slot-less row), other slots: the same encoder.
+  ExpectPooledEqualsEncode(pool, Prompts(3, {12, 1, 4}, 6), Rows({0, -1, 1}),
+                           "mixed, other slots");
+  EXPECT_EQ(pool.hits(), 1);
+  // Other layouts: every row the same slot; one slot per row (runs per
+  // slot, encoded by the general per-row path once padded).
+  ExpectPooledEqualsEncode(pool, in, Rows({1, 1, 1}), "uniform");
+  ExpectPooledEqualsEncode(pool, Prompts(2, {7, 3}, 8), Rows({0, 1}),
+                           "one slot per row");
+  EXPECT_EQ(pool.misses(), 3);
+  EXPECT_EQ(pool.eager(), 0);
+  // The bank's contents changed in place (same tensors): the pooled
+  // encoder (its graph reads the bank where it lies) sees the new values.
+  for (SiteBank& site : bank_.sites) {
+    if (site.a.defined()) site.a.mul_(-1.5);
+  }
+  const int64_t hits = pool.hits();
+  ExpectPooledEqualsEncode(pool, in, Rows({1, -1, 0}), "bank changed");
+  EXPECT_EQ(pool.hits(), hits + 1);
+  // A StaticEncoder takes rows of its own layout only.
+  auto enc = StaticEncoder::Create(base_, 4, 16, Rows({1, -1, 0}),
+                                   StaticEncoderOptions{});
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  auto [ids, mask] = Inputs(in);
+  EXPECT_EQ((*enc)->Run(ids, mask, RowAdapters{}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*enc)->Run(ids, mask, Rows({1, 1, 1})).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto two = Inputs(Prompts(2, {4, 4}, 9));
+  EXPECT_EQ(
+      (*enc)->Run(two.first, two.second, Rows({1, -1, 0})).status().code(),
+      absl::StatusCode::kInvalidArgument);  // 3 slots for 2 rows
+  auto ok = (*enc)->Run(ids, mask, Rows({0, -1, 0}));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  auto want = Encode(base_, ids, mask, Rows({0, -1, 0}));
+  ASSERT_TRUE(want.ok()) << want.status();
+  ExpectClose(ok->hidden, want->hidden, base_.dtype, "direct", kAdapterFactor);
+}
+
+// Generate's outputs are the same with the encoder pool on and off (greedy
+// and beam search; with no adapters, and with per-row adapters, which take
+// the eager Encode).
+TEST_P(StaticEncoderTest, GenerateUnchanged) {
+  StaticEncoderPool pool;
+  GenerateOptions on;
+  on.max_new_tokens = 6;
+  on.encoder_graph = EncoderGraph::kAlways;
+  on.encoder_pool = &pool;
+  GenerateOptions off = on;
+  off.encoder_graph = EncoderGraph::kOff;
+  const auto in = Prompts(3, {5, 2, 9}, 7);
+  for (int beams : {1, 2}) {
+    on.num_beams = off.num_beams = beams;
+    auto got = Generate(base_, in, nullptr, {}, on);
+    auto want = Generate(base_, in, nullptr, {}, off);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    EXPECT_EQ(got->output_ids, want->output_ids) << "beams " << beams;
+  }
+  // Per-row adapters (mixed, and one slot per row).
+  MakeBank();
+  for (const std::vector<int64_t>& slots :
+       {std::vector<int64_t>{1, -1, 0}, std::vector<int64_t>{0, 1, 1}}) {
+    auto got = Generate(base_, in, &bank_, slots, on);
+    auto want = Generate(base_, in, &bank_, slots, off);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    EXPECT_EQ(got->output_ids, want->output_ids) << "slots " << slots[0];
+  }
+  // One new token (time to first token): the prompt alone decides it.
+  on.num_beams = off.num_beams = 1;
+  on.max_new_tokens = off.max_new_tokens = 1;
+  for (int i = 0; i < 3; ++i) {
+    const auto one = Prompts(1, {3 + 4 * i}, 11 + i);
+    auto got = Generate(base_, one, nullptr, {}, on);
+    auto want = Generate(base_, one, nullptr, {}, off);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    EXPECT_EQ(got->output_ids, want->output_ids) << "prompt " << i;
+  }
+  // The environment switch restores the eager Encode (read once per
+  // process, so only checked when the test runs under it).
+  const char* env = std::getenv("LORAHUB_NO_ENCODER_GRAPH");
+  if (env != nullptr && std::string(env) == "1") {
+    EXPECT_EQ(pool.hits() + pool.misses(), 0);
+  } else {
+    EXPECT_GE(pool.hits(), 1);
+  }
+}
+
+std::string Name(
+    const ::testing::TestParamInfo<std::tuple<Model, at::ScalarType>>& info) {
+  const char* m = std::get<0>(info.param) == Model::kGated      ? "gated"
+                  : std::get<0>(info.param) == Model::kReluTied ? "relu_tied"
+                                                                : "fixture";
+  return std::string(m) +
+         (std::get<1>(info.param) == at::kFloat ? "_fp32" : "_bf16");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, StaticEncoderTest,
+    ::testing::Combine(::testing::Values(Model::kGated, Model::kReluTied,
+                                         Model::kFixture),
+                       ::testing::Values(at::kFloat, at::kBFloat16)),
+    Name);
+
+}  // namespace
+}  // namespace lorahub::model
