@@ -214,11 +214,22 @@ constexpr int64_t kMaxAttentionKeys = 8192;
 
 // One block per (b, h, t): q row in shared memory, then the S scores
 // q . k_j + bias (fp32), their softmax, and out = sum_j p_j v_j / sum_j p_j.
+// Scores: one warp per key, its lanes over the head dimension (coalesced
+// reads of a key row, a shuffle reduction), so a key costs one round of
+// loads instead of D dependent ones. Output: the threads split as Dv columns
+// x kGroups key groups, partial sums reduced through shared memory. The
+// element type is a template parameter so the inner loops carry no dtype
+// switch.
+template <typename E>
 __global__ void __launch_bounds__(kNormThreads)
     SmallAttentionKernel(AttentionArgs a) {
   extern __shared__ float smem[];
-  float* qrow = smem;         // [D]
-  float* p = smem + a.D;      // [S]
+  float* qrow = smem;              // [D]
+  float* p = smem + a.D;           // [S]
+  float* partial = p + a.S;        // [kNormThreads]
+  const E* __restrict__ q = static_cast<const E*>(a.q);
+  const E* __restrict__ k = static_cast<const E*>(a.k);
+  const E* __restrict__ v = static_cast<const E*>(a.v);
   const int64_t t = blockIdx.x % a.T;
   const int64_t h = (blockIdx.x / a.T) % a.H;
   const int64_t b = blockIdx.x / (a.T * a.H);
@@ -228,19 +239,28 @@ __global__ void __launch_bounds__(kNormThreads)
   const int64_t b0 =
       b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
   for (int64_t i = threadIdx.x; i < a.D; i += kNormThreads) {
-    qrow[i] = LoadAsFloat(a.q, a.qkv_dtype, q0 + i * a.q_stride[3]);
+    qrow[i] = ToFloat(q[q0 + i * a.q_stride[3]]);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  constexpr int kWarps = kNormThreads / 32;
+  const int64_t kd = a.k_stride[3];
+  for (int64_t j = warp; j < a.S; j += kWarps) {
+    const E* krow = k + k0 + j * a.k_stride[2];
+    float s = 0.f;
+    for (int64_t i = lane; i < a.D; i += 32) s += qrow[i] * ToFloat(krow[i * kd]);
+    for (int off = 16; off > 0; off >>= 1) {
+      s += __shfl_xor_sync(0xffffffffu, s, off);
+    }
+    if (lane == 0) {
+      p[j] = s + LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
+    }
   }
   __syncthreads();
   float local_max = -INFINITY;
   for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
-    const int64_t kj = k0 + j * a.k_stride[2];
-    float s = 0.f;
-    for (int64_t i = 0; i < a.D; ++i) {
-      s += qrow[i] * LoadAsFloat(a.k, a.qkv_dtype, kj + i * a.k_stride[3]);
-    }
-    s += LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
-    p[j] = s;
-    local_max = fmaxf(local_max, s);
+    local_max = fmaxf(local_max, p[j]);
   }
   const float m = BlockMax(local_max);
   float local_sum = 0.f;
@@ -250,15 +270,69 @@ __global__ void __launch_bounds__(kNormThreads)
     local_sum += e;
   }
   const float total = BlockSum(local_sum);  // its barrier publishes p
-  const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
-  for (int64_t i = threadIdx.x; i < a.Dv; i += kNormThreads) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < a.S; ++j) {
-      acc += p[j] * LoadAsFloat(a.v, a.qkv_dtype,
-                                v0 + j * a.v_stride[2] + i * a.v_stride[3]);
+  // Column i = tid % Dv of key group g = tid / Dv (keys j = g mod groups);
+  // threads past groups * Dv only help with the reduction's zeros.
+  const int64_t groups = kNormThreads / a.Dv;  // >= 1: Dv <= kNormThreads
+  const int64_t i = threadIdx.x % a.Dv;
+  const int64_t g = threadIdx.x / a.Dv;
+  float acc = 0.f;
+  if (g < groups) {
+    const E* vcol = v + v0 + i * a.v_stride[3];
+    for (int64_t j = g; j < a.S; j += groups) {
+      acc += p[j] * ToFloat(vcol[j * a.v_stride[2]]);
     }
-    StoreFromFloat(a.out, a.out_dtype, o0 + i, acc / total);
   }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x < a.Dv) {
+    float sum = 0.f;
+    for (int64_t gg = 0; gg < groups; ++gg) sum += partial[gg * a.Dv + i];
+    const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
+    StoreFromFloat(a.out, a.out_dtype, o0 + i, sum / total);
+  }
+}
+
+// One warp per (row b, rank c): lanes stride over `in`, a shuffle reduction.
+template <typename E>
+__global__ void __launch_bounds__(kNormThreads)
+    LoraShrinkKernel(LoraShrinkArgs a) {
+  constexpr int kWarps = kNormThreads / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t b = blockIdx.y;
+  if (c >= a.R) return;  // whole warps; no block barrier below
+  const E* __restrict__ row = static_cast<const E*>(a.a) +
+                              a.slots[b] * a.a_stride[0] + c * a.a_stride[1];
+  const float* __restrict__ x = a.x + b * a.x_stride[0];
+  float s = 0.f;
+#pragma unroll 4
+  for (int64_t i = lane; i < a.in; i += 32) {
+    s += x[i * a.x_stride[1]] * ToFloat(row[i * a.a_stride[2]]);
+  }
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) a.out[b * a.R + c] = s;
+}
+
+// One thread per (row b, output o); the row's xa in shared memory.
+template <typename E>
+__global__ void __launch_bounds__(kNormThreads)
+    LoraExpandKernel(LoraExpandArgs a) {
+  extern __shared__ float xa[];  // [r]
+  const int64_t b = blockIdx.y;
+  for (int64_t c = threadIdx.x; c < a.r; c += kNormThreads) {
+    xa[c] = a.xa[b * a.xa_stride[0] + c * a.xa_stride[1]];
+  }
+  __syncthreads();
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kNormThreads + threadIdx.x;
+  if (o >= a.out) return;
+  const int64_t slot = a.slots[b];
+  const E* __restrict__ w =
+      static_cast<const E*>(a.w) + slot * a.w_stride[0] + o * a.w_stride[1];
+  float acc = 0.f;
+  for (int64_t c = 0; c < a.r; ++c) acc += xa[c] * ToFloat(w[c * a.w_stride[2]]);
+  float s = a.scale[slot * a.scale_stride];
+  if (a.mask != nullptr) s *= a.mask[b * a.mask_stride];
+  a.y[b * a.y_stride[0] + o * a.y_stride[1]] += s * acc;
 }
 
 template <typename W, typename R>
@@ -350,9 +424,78 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
   }
   AttentionArgs a = args;
   if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
-  const size_t shared = static_cast<size_t>(args.D + args.S) * sizeof(float);
-  SmallAttentionKernel<<<static_cast<unsigned>(blocks), kNormThreads, shared,
-                         static_cast<cudaStream_t>(stream)>>>(a);
+  const size_t shared =
+      static_cast<size_t>(args.D + args.S + kNormThreads) * sizeof(float);
+  const auto grid = static_cast<unsigned>(blocks);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (a.qkv_dtype) {
+    case DType::kFloat:
+      SmallAttentionKernel<float><<<grid, kNormThreads, shared, s>>>(a);
+      break;
+    case DType::kBFloat16:
+      SmallAttentionKernel<__nv_bfloat16><<<grid, kNormThreads, shared, s>>>(a);
+      break;
+    case DType::kHalf:
+      SmallAttentionKernel<__half><<<grid, kNormThreads, shared, s>>>(a);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
+  if (args.B == 0 || args.R == 0) return 0;
+  constexpr int64_t kWarps = kNormThreads / 32;
+  const int64_t gx = (args.R + kWarps - 1) / kWarps;
+  if (args.B < 0 || args.B > 65535 || args.R < 0 || gx > 0x7fffffff ||
+      args.in <= 0 || args.x == nullptr || args.a == nullptr ||
+      args.slots == nullptr || args.out == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(args.B));
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (args.a_dtype) {
+    case DType::kFloat:
+      LoraShrinkKernel<float><<<grid, kNormThreads, 0, s>>>(args);
+      break;
+    case DType::kBFloat16:
+      LoraShrinkKernel<__nv_bfloat16><<<grid, kNormThreads, 0, s>>>(args);
+      break;
+    case DType::kHalf:
+      LoraShrinkKernel<__half><<<grid, kNormThreads, 0, s>>>(args);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchLoraExpand(const LoraExpandArgs& args, void* stream) {
+  if (args.B == 0 || args.out == 0) return 0;
+  const int64_t gx = (args.out + kNormThreads - 1) / kNormThreads;
+  if (args.B < 0 || args.B > 65535 || args.out < 0 || gx > 0x7fffffff ||
+      args.r <= 0 || args.r > 1024 || args.xa == nullptr ||
+      args.w == nullptr || args.scale == nullptr || args.slots == nullptr ||
+      args.y == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(args.B));
+  const size_t shared = static_cast<size_t>(args.r) * sizeof(float);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (args.w_dtype) {
+    case DType::kFloat:
+      LoraExpandKernel<float><<<grid, kNormThreads, shared, s>>>(args);
+      break;
+    case DType::kBFloat16:
+      LoraExpandKernel<__nv_bfloat16><<<grid, kNormThreads, shared, s>>>(args);
+      break;
+    case DType::kHalf:
+      LoraExpandKernel<__half><<<grid, kNormThreads, shared, s>>>(args);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 

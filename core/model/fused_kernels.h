@@ -62,6 +62,47 @@ struct AttentionArgs {
 };
 int LaunchSmallAttention(const AttentionArgs& args, void* stream);
 
+// Per-row LoRA of single-token rows (decode steps), as Punica's BGMV: every
+// row b reads the factors of its own adapter slot slots[b] (device int64)
+// straight from the bank, so no gather copies A or B per row.
+//
+// Shrink: out[b, c] = sum_i x[b, i] * a[slots[b], c, i] for c < R, fp32
+// accumulation; x fp32 [B, in], a of a_dtype [S, R, in] (element strides),
+// out a contiguous fp32 [B, R]. One warp per (row, c).
+struct LoraShrinkArgs {
+  const float* x = nullptr;
+  int64_t x_stride[2] = {0, 0};
+  const void* a = nullptr;
+  DType a_dtype = DType::kNone;
+  int64_t a_stride[3] = {0, 0, 0};
+  const int64_t* slots = nullptr;
+  float* out = nullptr;
+  int64_t B = 0, R = 0, in = 0;
+};
+int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream);
+
+// Expand: y[b, o] += s_b * sum_c xa[b, c] * w[slots[b], o, c] for o < out,
+// c < r, where s_b = scale[slots[b]] * (mask ? mask[b] : 1); xa fp32 [B, r]
+// (a column slice of the shrink's output), w of w_dtype [S, out, r], y fp32
+// [B, out] (a column slice of a wider output); element strides. One thread
+// per (row, o); r <= 1024.
+struct LoraExpandArgs {
+  const float* xa = nullptr;
+  int64_t xa_stride[2] = {0, 0};
+  const void* w = nullptr;
+  DType w_dtype = DType::kNone;
+  int64_t w_stride[3] = {0, 0, 0};
+  const float* scale = nullptr;
+  int64_t scale_stride = 0;
+  const float* mask = nullptr;  // null: every row
+  int64_t mask_stride = 0;
+  const int64_t* slots = nullptr;
+  float* y = nullptr;
+  int64_t y_stride[2] = {0, 0};
+  int64_t B = 0, out = 0, r = 0;
+};
+int LaunchLoraExpand(const LoraExpandArgs& args, void* stream);
+
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

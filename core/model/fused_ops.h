@@ -22,6 +22,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+#include <vector>
+
 namespace lorahub::model {
 
 // True when this binary holds the CUDA kernels; Enabled: and the environment
@@ -131,6 +134,45 @@ void SetAttentionBf16ForTesting(int value);
 // be bf16 with q and bias fp32 (DecodeKvDtype); the result is then fp32.
 at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& bias);
+
+// True when LORAHUB_DECODE_ATTN_BMM=1 keeps SingleQueryAttention on its two
+// batched matmuls on CUDA. Otherwise, when q, k and v share a dtype, CUDA
+// runs it as the short-query kernel (LaunchSmallAttention with one query:
+// one kernel instead of about five, and no cuBLAS GEMV whose batch of B*H
+// one-row products left most of the GPU idle). Read once.
+bool DecodeAttentionBmm();
+
+// One adapted site of LoraRowDeltas: the B factor [S, out, r] and scalings
+// [S, 1, 1] (fp32) of the bank, the site's output columns [col, col + out)
+// of y and its ranks [rank_offset, rank_offset + r) among the rows of `a`.
+struct LoraRowSite {
+  int64_t col = 0;
+  int64_t rank_offset = 0;
+  at::Tensor b;
+  at::Tensor scale;
+};
+
+// Per-row LoRA deltas of single-token rows (decode steps) on CUDA, in the
+// manner of Punica's BGMV: with slot = slots[b],
+//   y[b, col_k : col_k + out_k] += scale_k[slot] * mask[b]
+//       * (x[b] a[slot]^T)[rank_k] b_k[slot]^T
+// for every site k, as one shrink kernel for all sites (their A factors side
+// by side in `a` [S, R, in]) and one expand kernel per site, reading every
+// row's factors straight from the bank: no gather copies, no batched GEMV.
+// y: fp32 [B, total] (any strides; e.g. a fused projection's output), x:
+// fp32 [B, in], a and every b: fp32, bf16 or fp16, slots: int64 [B] (the
+// rows' slots, clamped to >= 0), mask: fp32 [B, 1, 1] or undefined (every
+// row adapted). All or nothing: returns false having changed nothing when it
+// does not take these tensors (not CUDA, a build without the kernels,
+// LORAHUB_NO_FUSED=1 or LORAHUB_NO_LORA_GEMV=1, autograd, other dtypes or
+// shapes); the caller then runs its GEMMs. fp32 accumulation; differs from
+// the GEMMs only in summation order.
+bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask);
+// True when LoraRowDeltas can run (CUDA kernels compiled and not switched
+// off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_GEMV, read once).
+bool LoraRowGemvEnabled();
 
 // True when LORAHUB_DECODE_ATTN_GENERIC=1 sends single queries to
 // GeneralAttention too. Read once.

@@ -30,6 +30,10 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     at::ScalarType out_dtype, at::Tensor* out);
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out);
+// fused_ops.h LoraRowDeltas (all or nothing).
+bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and
 // an fp32 result: at::bmm with out_dtype (PyTorch >= 2.8).
 bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out);

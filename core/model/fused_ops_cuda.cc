@@ -201,6 +201,91 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   return true;
 }
 
+bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask) {
+  // Every check first: nothing runs unless every launch can.
+  const auto on_device = [&](const at::Tensor& t) {
+    return t.defined() && t.is_cuda() && t.device() == x.device();
+  };
+  if (sites.empty() || !on_device(y) || !on_device(a) || !on_device(slots) ||
+      y.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat ||
+      y.dim() != 2 || x.dim() != 2 || a.dim() != 3 || slots.dim() != 1 ||
+      slots.scalar_type() != at::kLong || !slots.is_contiguous() ||
+      KernelDType(a.scalar_type()) == kernels::DType::kNone) {
+    return false;
+  }
+  const int64_t B = x.size(0), in = x.size(1), R = a.size(1);
+  if (B == 0) return true;
+  if (B > 65535 || y.size(0) != B || slots.size(0) != B || a.size(2) != in ||
+      R <= 0) {
+    return false;
+  }
+  if (mask.defined() &&
+      (!on_device(mask) || mask.scalar_type() != at::kFloat ||
+       mask.numel() != B)) {
+    return false;
+  }
+  for (const LoraRowSite& s : sites) {
+    if (!on_device(s.b) || s.b.dim() != 3 ||
+        KernelDType(s.b.scalar_type()) == kernels::DType::kNone ||
+        s.b.size(0) != a.size(0) || s.b.size(2) <= 0 || s.b.size(2) > 1024 ||
+        s.rank_offset < 0 || s.rank_offset + s.b.size(2) > R || s.col < 0 ||
+        s.col + s.b.size(1) > y.size(1) || !on_device(s.scale) ||
+        s.scale.scalar_type() != at::kFloat ||
+        s.scale.numel() != a.size(0)) {
+      return false;
+    }
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream =
+      c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  at::Tensor xa = at::empty({B, R}, x.options());
+  kernels::LoraShrinkArgs shrink;
+  shrink.x = x.data_ptr<float>();
+  shrink.x_stride[0] = x.stride(0);
+  shrink.x_stride[1] = x.stride(1);
+  shrink.a = a.data_ptr();
+  shrink.a_dtype = KernelDType(a.scalar_type());
+  for (int i = 0; i < 3; ++i) shrink.a_stride[i] = a.stride(i);
+  shrink.slots = slots.data_ptr<int64_t>();
+  shrink.out = xa.data_ptr<float>();
+  shrink.B = B;
+  shrink.R = R;
+  shrink.in = in;
+  int err = kernels::LaunchLoraShrink(shrink, stream);
+  TORCH_CHECK(err == 0, "LoRA shrink kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  // The mask as a [B] view: stride of its only non-unit dimension.
+  const at::Tensor mask1 = mask.defined() ? mask.reshape({B}) : at::Tensor();
+  for (const LoraRowSite& s : sites) {
+    const at::Tensor scale1 = s.scale.reshape({s.scale.numel()});
+    const at::Tensor ys = y.narrow(1, s.col, s.b.size(1));
+    kernels::LoraExpandArgs expand;
+    expand.xa = xa.data_ptr<float>() + s.rank_offset;
+    expand.xa_stride[0] = R;
+    expand.xa_stride[1] = 1;
+    expand.w = s.b.data_ptr();
+    expand.w_dtype = KernelDType(s.b.scalar_type());
+    for (int i = 0; i < 3; ++i) expand.w_stride[i] = s.b.stride(i);
+    expand.scale = scale1.data_ptr<float>();
+    expand.scale_stride = scale1.stride(0);
+    expand.mask = mask1.defined() ? mask1.data_ptr<float>() : nullptr;
+    expand.mask_stride = mask1.defined() ? mask1.stride(0) : 0;
+    expand.slots = shrink.slots;
+    expand.y = ys.data_ptr<float>();
+    expand.y_stride[0] = ys.stride(0);
+    expand.y_stride[1] = ys.stride(1);
+    expand.B = B;
+    expand.out = s.b.size(1);
+    expand.r = s.b.size(2);
+    err = kernels::LaunchLoraExpand(expand, stream);
+    TORCH_CHECK(err == 0, "LoRA expand kernel: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+  }
+  return true;
+}
+
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 ||

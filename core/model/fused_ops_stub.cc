@@ -30,6 +30,12 @@ bool Attention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+bool LoraRowDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const std::vector<LoraRowSite>&, const at::Tensor&,
+                   const at::Tensor&) {
+  return false;
+}
+
 bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

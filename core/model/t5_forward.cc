@@ -163,6 +163,34 @@ void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
                 /*beta=*/1, /*alpha=*/sb.common_scale);
 }
 
+// Single-token rows (decode steps) on CUDA: the deltas of sites[i, j) (their
+// A factors side by side when j - i > 1: AdjacentA) added into their column
+// slices of y by fused_ops' gather-free per-row kernels (LoraRowDeltas): one
+// shrink for the run, one expand per site. False, having changed nothing,
+// where those do not run; the caller then runs the GEMMs.
+bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
+                   const std::vector<const SiteBank*>& sites, size_t i,
+                   size_t j, const at::Tensor& xin, const RowAdapters& rows) {
+  if (!xin.is_cuda() || xin.dim() != 3 || xin.size(1) != 1 || y.dim() != 3 ||
+      y.size(1) != 1 || !LoraRowGemvEnabled()) {
+    return false;
+  }
+  const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
+  const int64_t r = a0.size(1);
+  const int64_t count = static_cast<int64_t>(j - i);
+  const at::Tensor a =
+      count == 1 ? a0
+                 : a0.as_strided({a0.size(0), count * r, a0.size(2)},
+                                 {a0.stride(0), a0.size(2), 1});
+  std::vector<LoraRowSite> run;
+  for (size_t k = i; k < j; ++k) {
+    run.push_back({cols[k], static_cast<int64_t>(k - i) * r, sites[k]->b,
+                   sites[k]->scale});
+  }
+  return LoraRowDeltas(y.select(1, 0), xin.select(1, 0), a, run, rows.slots,
+                       rows.all_rows ? at::Tensor() : rows.mask);
+}
+
 // y += the per-row LoRA delta of `sb` for input `xin`, in place. y: fp32
 // [B, T, out], possibly a column slice of a wider output (fused GEMMs): the
 // GEMMs with accumulate write through its leading dimension, no copy.
@@ -170,6 +198,7 @@ void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
 // separate output, y + scale * (x A^T) B^T.
 void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
                   const RowAdapters& rows) {
+  if (RowGemvDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
   if (GemmLayout(rows, sb)) {
     UpProjectAdd(y, DownProject(xin, sb.a, rows), sb, rows);
     return;
@@ -217,6 +246,10 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
     while (j < sites.size() && AdjacentA(*sites[j - 1], *sites[j])) {
       gemm = gemm && GemmLayout(rows, *sites[j]);
       ++j;
+    }
+    if (RowGemvDeltas(y, cols, sites, i, j, xin, rows)) {
+      i = j;
+      continue;
     }
     if (j - i < 2 || !gemm) {
       for (size_t k = i; k < j; ++k) {

@@ -2084,6 +2084,20 @@ lorahub_cc_test(tests_model_exact_reference_loss_test
   TIMEOUT 300
 )
 
+# //tests/model:lora_row_gemv_test (cc_test)
+lorahub_cc_test(tests_model_lora_row_gemv_test
+  TEST_NAME //tests/model:lora_row_gemv_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/lora_row_gemv_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_fused_ops
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
 # ---- //tests/server  (tests/server/BUILD)
 
 # //tests/server:inference_engine_test (cc_test)

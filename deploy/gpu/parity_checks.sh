@@ -17,7 +17,8 @@
 #     (OPTIN_TESTS=1: golden/objective tests again with LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1)
 #  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json;
 #     BENCH_AB="separate generic_attn bf16_attn" picks the same-build A/B runs (default: separate;
-#     also no_fused small_attn_generic lora_bf16 obj_attn_bf16 obj_bf16 no_encoder_graph, see part F)
+#     also no_fused small_attn_generic lora_bf16 obj_attn_bf16 obj_bf16 no_encoder_graph
+#     decode_attn_bmm no_lora_gemv old_decode, see part F)
 # The Python-only work (fixtures, the reference's traces, A, B) runs in the background from the
 # start, while the build runs. Everything logs to $OUT/log.txt; a failed step prints FAILED and
 # the run goes on. Background jobs are waited for by pid (a bare `wait` would also wait for the
@@ -113,7 +114,7 @@ fi
 if [ "${CUDA_TESTS:-0}" = 1 ] && [ -x "$lorahub" ]; then
   stamp "E: CUDA tests"
   LORAHUB_TEST_DEVICE=$DEVICE timeout 240 ctest --test-dir "$build_dir" --output-on-failure \
-    -R "golden_test|generate_test|static_decoder|static_encoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test|fused_residual_attention|objective_ops_test" >"$WORK/ctest.log" 2>&1
+    -R "golden_test|generate_test|static_decoder|static_encoder|decoder_reuse|objective_runner_test|fused_weights_test|decode_attention|exact_reference_loss_test|fused_residual_attention|objective_ops_test|lora_row_gemv" >"$WORK/ctest.log" 2>&1
   echo "ctest exit $?"
   if [ "${OPTIN_TESTS:-0}" = 1 ]; then
     # The numerics-changing opt-ins (bf16 LoRA deltas, bf16 attention) against the goldens.
@@ -257,7 +258,9 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # kernel off), small_attn_generic (short-query attention back on SDPA), lora_bf16 /
   # obj_attn_bf16 / obj_bf16 (the objective's bf16 LoRA, bf16 attention, both; experimental),
   # no_encoder_graph (the eager encoder in generation instead of the pooled CUDA-graph
-  # StaticEncoder: the ttft_ms A/B).
+  # StaticEncoder: the ttft_ms A/B), decode_attn_bmm (decode-step attention on the bmm path
+  # instead of the short-query kernel), no_lora_gemv (per-row LoRA of decode steps as batched
+  # GEMMs instead of the shrink/expand kernels), old_decode (both).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
@@ -270,6 +273,9 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
       obj_attn_bf16) bench obj_attn_bf16 LORAHUB_ATTN_BF16=1 ;;
       obj_bf16) bench obj_bf16 "LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1" --profile-out "$WORK/bench/profile_obj_bf16.json" ;;
       no_encoder_graph) bench no_encoder_graph LORAHUB_NO_ENCODER_GRAPH=1 ;;
+      decode_attn_bmm) bench decode_attn_bmm LORAHUB_DECODE_ATTN_BMM=1 ;;
+      no_lora_gemv) bench no_lora_gemv LORAHUB_NO_LORA_GEMV=1 ;;
+      old_decode) bench old_decode "LORAHUB_DECODE_ATTN_BMM=1 LORAHUB_NO_LORA_GEMV=1" ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done

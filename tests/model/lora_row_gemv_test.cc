@@ -1,0 +1,168 @@
+// LoraRowDeltas (fused_ops.h: the per-row LoRA of single-token rows as a
+// shrink kernel and one expand kernel per site, reading every row's factors
+// from its slot of the bank) against the same deltas computed in double on
+// the CPU. On CUDA ($LORAHUB_TEST_DEVICE=cuda, tiny_t5.h) the kernels must
+// run and match; elsewhere (CPU, a build without them) LoraRowDeltas must
+// decline and leave the output alone, so that the caller's GEMMs run.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "core/model/fused_ops.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+c10::Device Device() {
+  auto d = testing::TestDevice();
+  EXPECT_TRUE(d.ok()) << d.status();
+  return d.ok() ? *d : c10::Device(c10::kCPU);
+}
+
+at::TensorOptions F32() {
+  return at::TensorOptions().dtype(at::kFloat).device(Device());
+}
+
+double RelDiff(const at::Tensor& got, const at::Tensor& want) {
+  const at::Tensor g = got.to(at::kCPU).to(at::kDouble);
+  const at::Tensor w = want.to(at::kCPU).to(at::kDouble);
+  EXPECT_EQ(g.sizes(), w.sizes());
+  const double scale = std::max(1.0, w.abs().max().item<double>());
+  return (g - w).abs().max().item<double>() / scale;
+}
+
+constexpr int64_t kSlots = 4, kRows = 7, kIn = 48, kRank = 8, kCols = 100;
+
+// Two sites reading one input: their A factors side by side in one
+// [S, 2r, in] tensor (as ObjectiveRunner and fused q|v banks lay them out),
+// outputs at columns 10..49 and 60..83 of a fused output.
+struct Case {
+  at::Tensor x, a, y, slots, mask;
+  std::vector<LoraRowSite> sites;
+};
+
+Case MakeCase(at::ScalarType factor_dtype, bool masked) {
+  Case c;
+  c.x = at::randn({kRows, kIn}, F32());
+  c.a = (at::randn({kSlots, 2 * kRank, kIn}, F32()) * 0.3).to(factor_dtype);
+  c.y = at::randn({kRows, kCols}, F32());
+  c.slots = at::tensor(std::vector<int64_t>{2, 0, 3, 3, 1, 0, 2}, at::kLong)
+                .to(Device());
+  if (masked) {
+    c.mask = at::tensor(std::vector<float>{1, 1, 0, 1, 1, 0, 1})
+                 .view({kRows, 1, 1})
+                 .to(Device());
+  }
+  LoraRowSite q;
+  q.col = 10;
+  q.rank_offset = 0;
+  q.b = (at::randn({kSlots, 40, kRank}, F32()) * 0.3).to(factor_dtype);
+  q.scale = at::tensor(std::vector<float>{0.5f, 2.0f, 1.0f, 0.25f})
+                .view({kSlots, 1, 1})
+                .to(Device());
+  LoraRowSite v = q;
+  v.col = 60;
+  v.rank_offset = kRank;
+  v.b = (at::randn({kSlots, 24, kRank}, F32()) * 0.3).to(factor_dtype);
+  v.scale = at::full({kSlots, 1, 1}, 2.0, F32());
+  c.sites = {q, v};
+  return c;
+}
+
+// y + the deltas, in double on the CPU, row by row.
+at::Tensor Want(const Case& c) {
+  const auto cpu = [](const at::Tensor& t) {
+    return t.to(at::kCPU).to(at::kDouble);
+  };
+  at::Tensor y = cpu(c.y);
+  const at::Tensor x = cpu(c.x), a = cpu(c.a), slots = c.slots.to(at::kCPU);
+  for (int64_t b = 0; b < kRows; ++b) {
+    const int64_t s = slots[b].item<int64_t>();
+    const double m = c.mask.defined() ? cpu(c.mask).view({-1})[b].item<double>()
+                                      : 1.0;
+    const at::Tensor xa = at::matmul(a[s], x[b]);  // [2r]
+    for (const LoraRowSite& site : c.sites) {
+      const int64_t r = site.b.size(2), out = site.b.size(1);
+      const at::Tensor delta =
+          at::matmul(cpu(site.b)[s], xa.narrow(0, site.rank_offset, r)) *
+          (cpu(site.scale).view({-1})[s].item<double>() * m);
+      y[b].narrow(0, site.col, out).add_(delta);
+    }
+  }
+  return y;
+}
+
+TEST(LoraRowGemvTest, MatchesThePerRowDeltas) {
+  at::manual_seed(21);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (bool masked : {false, true}) {
+      const Case c = MakeCase(dtype, masked);
+      const at::Tensor before = c.y.clone();
+      const at::Tensor want = Want(c);
+      const bool ran = LoraRowDeltas(c.y, c.x, c.a, c.sites, c.slots, c.mask);
+      EXPECT_EQ(ran, cuda);
+      if (!ran) {
+        EXPECT_TRUE(at::equal(c.y, before)) << "declined but wrote y";
+        continue;
+      }
+      // Products of bf16 factors are exact in fp32: only the summation
+      // order differs from the double reference.
+      const double diff = RelDiff(c.y, want);
+      EXPECT_LE(diff, 2e-6) << "dtype " << dtype << " masked " << masked;
+      // Columns outside the sites' slices are untouched.
+      EXPECT_TRUE(at::equal(c.y.narrow(1, 0, 10), before.narrow(1, 0, 10)));
+      EXPECT_TRUE(at::equal(c.y.narrow(1, 50, 10), before.narrow(1, 50, 10)));
+      EXPECT_TRUE(at::equal(c.y.narrow(1, 84, 16), before.narrow(1, 84, 16)));
+    }
+  }
+}
+
+// A strided output (a decode step's [B, 1, total] fused projection, one
+// token per row, seen as [B, total]) and a single site.
+TEST(LoraRowGemvTest, StridedOutputOneSite) {
+  at::manual_seed(22);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  Case c = MakeCase(at::kFloat, false);
+  c.sites.resize(1);
+  c.a = c.a.narrow(1, 0, kRank);
+  const at::Tensor wide = at::randn({kRows, 1, 2 * kCols}, F32());
+  c.y = wide.select(1, 0).narrow(1, kCols, kCols);
+  const at::Tensor want = Want(c);
+  const at::Tensor before = wide.clone();
+  ASSERT_EQ(LoraRowDeltas(c.y, c.x, c.a, c.sites, c.slots, c.mask), cuda);
+  if (cuda) {
+    EXPECT_LE(RelDiff(c.y, want), 2e-6);
+    EXPECT_TRUE(at::equal(wide.narrow(2, 0, kCols), before.narrow(2, 0, kCols)));
+  } else {
+    EXPECT_TRUE(at::equal(wide, before));
+  }
+}
+
+// What it does not take, it declines without writing anything.
+TEST(LoraRowGemvTest, DeclinesBadShapes) {
+  at::manual_seed(23);
+  Case c = MakeCase(at::kFloat, true);
+  const at::Tensor before = c.y.clone();
+  std::vector<LoraRowSite> past_end = c.sites;
+  past_end[1].col = kCols - 10;  // 24 columns do not fit
+  EXPECT_FALSE(LoraRowDeltas(c.y, c.x, c.a, past_end, c.slots, c.mask));
+  std::vector<LoraRowSite> past_ranks = c.sites;
+  past_ranks[1].rank_offset = kRank + 1;
+  EXPECT_FALSE(LoraRowDeltas(c.y, c.x, c.a, past_ranks, c.slots, c.mask));
+  EXPECT_FALSE(LoraRowDeltas(c.y.to(at::kBFloat16), c.x, c.a, c.sites,
+                             c.slots, c.mask));
+  EXPECT_FALSE(LoraRowDeltas(c.y, c.x.narrow(1, 0, kIn - 1), c.a, c.sites,
+                             c.slots, c.mask));
+  EXPECT_FALSE(LoraRowDeltas(c.y, c.x, c.a, c.sites, c.slots.narrow(0, 0, 3),
+                             c.mask));
+  EXPECT_FALSE(LoraRowDeltas(c.y, c.x, c.a, {}, c.slots, c.mask));
+  EXPECT_TRUE(at::equal(c.y, before));
+}
+
+}  // namespace
+}  // namespace lorahub::model
