@@ -6,12 +6,15 @@ recorded, so that our cobyla's path can be compared with it point by point.
   python3 deploy/gpu/ref_learn_trace.py --ref .gpu/bench/ref_lorahub.py --fixture DIR \
       [--budget 40] [--device cuda|cpu] > trace.json
 
-Output (one JSON object): scipy_version, device, best_score, and evaluations: a list of
-{"x": proposed point, "w": clipped weights, "score": objective}.
+Output (one JSON object): scipy_version, device, best_score, load_seconds (the reference's
+load of the base and modules: Ref(...)), and evaluations: a list of {"x": proposed point,
+"w": clipped weights, "score": objective, "seconds": wall seconds (time.perf_counter) from the
+start of the optimisation, after loading, to the end of this evaluation}.
 """
 import argparse
 import importlib.util
 import json
+import time
 
 import numpy as np
 
@@ -30,19 +33,24 @@ def main():
     import torch
     from scipy.optimize import minimize
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t_load = time.perf_counter()
     r = ref.Ref(a.fixture, dev)
+    load_seconds = time.perf_counter() - t_load
     n = len(r.cache)
     evals = []
 
     def f(x):
         w = list(np.clip(x, -1.5, 1.5))
         s = r.score(w)
-        evals.append({"x": [float(v) for v in x], "w": [float(v) for v in w], "score": float(s)})
+        evals.append({"x": [float(v) for v in x], "w": [float(v) for v in w], "score": float(s),
+                      "seconds": time.perf_counter() - t0})
         return s
 
+    t0 = time.perf_counter()
     minimize(f, np.zeros(n), method="COBYLA", options={"maxiter": a.budget, "rhobeg": 0.5})
     print(json.dumps({"scipy_version": scipy.__version__, "device": dev, "fixture": a.fixture,
                       "modules": n, "best_score": min(e["score"] for e in evals),
+                      "load_seconds": load_seconds,
                       "evaluations": evals}))
 
 

@@ -4,7 +4,7 @@
 //   lorahub bench --model DIR --adapter DIR... --examples FILE.jsonl [--prompts FILE.jsonl]
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--reps 30] [--warmup 3]
 //     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640]
-//     [--gen-batch 64] [--gen-tokens 32] [--batch-size N] [--max-rows 64]
+//     [--gen-batch 64] [--gen-tokens 32] [--gen-sweep 1,8,64] [--batch-size N] [--max-rows 64]
 //     [--no-fast-path] [--profile-out FILE] [--json]
 //
 // Prints (always JSON; --json is accepted for symmetry with the other commands):
@@ -23,6 +23,13 @@
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter), and
 //     ttft_ms: one request, one new token, merged adapter
+//   generation_sweep (only with --gen-sweep B1,B2,...: batch sizes, each in [1, 4096]): a list
+//     of {"batch", "base_tokens_per_second", "shared_adapter_tokens_per_second",
+//     "distinct_adapters_tokens_per_second"}, one per B, each at B prompts (the prompts file
+//     cycled) x up to --gen-tokens new tokens: no adapter; one composed adapter shared by all
+//     B rows (the per-row path, a one-slot bank, every row slot 0: not merged); B distinct
+//     composed adapters (per-row, each row its own random composition, as per_row above).
+//     Timed as "generation" is (one warm-up call, then one timed call, at each point).
 // plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled,
 // fused_kernels, fused_gemms) and
 // fast_vs_eager_rel_diff: |fast - eager| / |eager| of one candidate's loss.
@@ -47,7 +54,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "core/learn/cobyla_trust.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
@@ -142,6 +153,80 @@ absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
   return fig;
 }
 
+// --gen-sweep: a comma-separated list of batch sizes, each in [1, 4096]; empty without the
+// flag.
+absl::StatusOr<std::vector<int64_t>> ParseGenSweep(const Args& args) {
+  std::vector<int64_t> out;
+  if (!args.Has("gen-sweep")) return out;
+  const std::string text = *args.Get("gen-sweep");
+  auto bad = [&text]() {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--gen-sweep must be a comma-separated list of batch sizes in [1, 4096], got \"", text,
+        "\""));
+  };
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    int64_t b = 0;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &b) || b < 1 || b > 4096) {
+      return bad();
+    }
+    out.push_back(b);
+  }
+  if (out.empty()) return bad();
+  return out;
+}
+
+// `batch` prompts: `prompts` (non-empty) repeated in order.
+std::vector<std::vector<int64_t>> CyclePrompts(const std::vector<std::vector<int64_t>>& prompts,
+                                               int64_t batch) {
+  std::vector<std::vector<int64_t>> out;
+  out.reserve(batch);
+  for (int64_t i = 0; i < batch; ++i) out.push_back(prompts[i % prompts.size()]);
+  return out;
+}
+
+// One composed adapter per weight vector (each of the stack's size), slots 0..rows-1.
+absl::StatusOr<model::ComposedAdapters> ComposeRows(const model::ModuleStack& stack,
+                                                    const std::vector<std::vector<double>>& rows,
+                                                    int n) {
+  std::vector<double> flat;
+  flat.reserve(rows.size() * n);
+  for (const std::vector<double>& w : rows) flat.insert(flat.end(), w.begin(), w.end());
+  at::Tensor wt = at::tensor(flat, at::kDouble)
+                      .to(at::kFloat)
+                      .view({static_cast<int64_t>(rows.size()), n});
+  return model::ComposeLoraHub(stack, wt);
+}
+
+// One --gen-sweep point: base, one adapter shared by every row, a distinct adapter per row.
+absl::StatusOr<nlohmann::json> SweepPoint(const model::T5Weights& base,
+                                          const model::ModuleStack& stack, int n,
+                                          const std::vector<std::vector<int64_t>>& prompts,
+                                          int64_t batch, int64_t tokens,
+                                          const std::function<std::vector<double>()>& random_w) {
+  const std::vector<std::vector<int64_t>> rows = CyclePrompts(prompts, batch);
+  nlohmann::json p = {{"batch", batch}};
+  {
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, nullptr, {}, tokens));
+    p["base_tokens_per_second"] = f.tokens_per_second;
+  }
+  {
+    LH_ASSIGN_OR_RETURN(model::ComposedAdapters shared, ComposeRows(stack, {random_w()}, n));
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, &shared,
+                                                    std::vector<int64_t>(batch, 0), tokens));
+    p["shared_adapter_tokens_per_second"] = f.tokens_per_second;
+  }
+  {
+    std::vector<std::vector<double>> ws;
+    for (int64_t i = 0; i < batch; ++i) ws.push_back(random_w());
+    LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, ComposeRows(stack, ws, n));
+    std::vector<int64_t> slots(batch);
+    for (int64_t i = 0; i < batch; ++i) slots[i] = i;
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, &bank, slots, tokens));
+    p["distinct_adapters_tokens_per_second"] = f.tokens_per_second;
+  }
+  return p;
+}
+
 nlohmann::json ProfileJson(const ProfileSummary& s) {
   nlohmann::json top = nlohmann::json::array();
   for (const ProfileRow& r : s.top) top.push_back({r.name, r.count, r.total_us});
@@ -190,6 +275,7 @@ absl::Status Run(const Args& args) {
                       IntFlag(args, "cmaes-budget", 10 * population, 1, 1000000));
   LH_ASSIGN_OR_RETURN(int64_t gen_batch, IntFlag(args, "gen-batch", 64, 1, 4096));
   LH_ASSIGN_OR_RETURN(int64_t gen_tokens, IntFlag(args, "gen-tokens", 32, 1, 8192));
+  LH_ASSIGN_OR_RETURN(std::vector<int64_t> gen_sweep, ParseGenSweep(args));
   LH_ASSIGN_OR_RETURN(int64_t batch_size, IntFlag(args, "batch-size", 0, 0, 1 << 20));
   LH_ASSIGN_OR_RETURN(int64_t max_rows, IntFlag(args, "max-rows", 64, 1, 1 << 20));
   LH_ASSIGN_OR_RETURN(model::WeightOptions wopts, ParseWeightOptions(args));
@@ -327,8 +413,7 @@ absl::Status Run(const Args& args) {
   out["engine"] = objective.EngineDescription();
 
   // Generation.
-  std::vector<std::vector<int64_t>> gen_prompts;
-  for (int64_t i = 0; i < gen_batch; ++i) gen_prompts.push_back(prompts[i % prompts.size()]);
+  const std::vector<std::vector<int64_t>> gen_prompts = CyclePrompts(prompts, gen_batch);
   nlohmann::json gen;
   gen["batch"] = gen_batch;
   gen["max_new_tokens"] = gen_tokens;
@@ -348,13 +433,9 @@ absl::Status Run(const Args& args) {
   model::ComposedAdapters per_row_bank;
   std::vector<int64_t> per_row_slots(gen_batch);
   {
-    std::vector<double> flat;
-    for (int64_t i = 0; i < gen_batch; ++i) {
-      const std::vector<double> w = random_w();
-      flat.insert(flat.end(), w.begin(), w.end());
-    }
-    at::Tensor wt = at::tensor(flat, at::kDouble).to(at::kFloat).view({gen_batch, n});
-    LH_ASSIGN_OR_RETURN(per_row_bank, model::ComposeLoraHub(stack, wt));
+    std::vector<std::vector<double>> ws;
+    for (int64_t i = 0; i < gen_batch; ++i) ws.push_back(random_w());
+    LH_ASSIGN_OR_RETURN(per_row_bank, ComposeRows(stack, ws, n));
     for (int64_t i = 0; i < gen_batch; ++i) per_row_slots[i] = i;
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, &per_row_bank,
                                                     per_row_slots, gen_tokens));
@@ -374,6 +455,15 @@ absl::Status Run(const Args& args) {
     gen["ttft_ms"] = Percentile(ms, 0.5);
   }
   out["generation"] = gen;
+  if (!gen_sweep.empty()) {
+    nlohmann::json sweep = nlohmann::json::array();
+    for (int64_t b : gen_sweep) {
+      LH_ASSIGN_OR_RETURN(nlohmann::json p,
+                          SweepPoint(base, stack, n, prompts, b, gen_tokens, random_w));
+      sweep.push_back(std::move(p));
+    }
+    out["generation_sweep"] = sweep;
+  }
 
   // Profiles last, so that no profiler state (CUPTI) touches the timings above.
   if (!profile_out.empty()) {
@@ -420,7 +510,7 @@ absl::Status Run(const Args& args) {
 int RunBench(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "examples", "prompts", "device", "dtype", "reps", "warmup",
                  "cobyla-budget", "population", "cmaes-budget", "gen-batch", "gen-tokens",
-                 "batch-size", "max-rows", "profile-out"},
+                 "gen-sweep", "batch-size", "max-rows", "profile-out"},
                 {"json", "no-fast-path"}};
   return RunWithArgs("bench", argc, argv, spec, Run);
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `lorahub bench` on the CPU on a reference fixture (small repetitions): one JSON object with
-# every figure, each positive and finite; bad flags are refused with exit code 2.
+# every figure, each positive and finite (--gen-sweep's list too); bad flags are refused with
+# exit code 2.
 set -euo pipefail
 lorahub=$1
 py=/usr/bin/python3
@@ -10,7 +11,7 @@ for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
 out=$TEST_TMPDIR/bench.json
 "$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
   --prompts "$fx/prompts.jsonl" --reps 3 --warmup 1 --population 4 --cmaes-budget 8 \
-  --gen-batch 3 --gen-tokens 3 --json > "$out"
+  --gen-batch 3 --gen-tokens 3 --gen-sweep 1,3 --json > "$out"
 "$py" - "$out" <<'PY'
 import json, math, sys
 lines = [l for l in open(sys.argv[1]) if l.strip()]
@@ -29,6 +30,15 @@ for kind in ["base", "merged", "per_row"]:
     positive(kind, g[kind]["tokens_per_second"])
     assert 3 <= g[kind]["tokens"] <= 9, g[kind]
 positive("ttft_ms", g["ttft_ms"])
+# --gen-sweep 1,3: one entry per batch size, in order, every rate positive.
+sw = j["generation_sweep"]
+assert [p["batch"] for p in sw] == [1, 3], sw
+for p in sw:
+    assert set(p) == {"batch", "base_tokens_per_second", "shared_adapter_tokens_per_second",
+                      "distinct_adapters_tokens_per_second"}, p
+    for k in ["base_tokens_per_second", "shared_adapter_tokens_per_second",
+              "distinct_adapters_tokens_per_second"]:
+        positive("generation_sweep[%d].%s" % (p["batch"], k), p[k])
 assert 0 <= j["fast_vs_eager_rel_diff"] < 1e-6, j["fast_vs_eager_rel_diff"]
 assert j["device"] == "cpu" and j["cuda_graphs_compiled"] is False, j
 assert j["fused_gemms"] is True, j
@@ -67,6 +77,16 @@ rc=$?
 set -e
 [ "$rc" = 2 ] || { echo "want exit 2 for --reps 0, got $rc"; exit 1; }
 grep -q -- "--reps must be in" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
+# --gen-sweep: positive integers only, checked before anything loads.
+for sweep in 0 x 1,,2 5000 ""; do
+  set +e
+  "$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
+    --gen-sweep "$sweep" 2> "$TEST_TMPDIR/err"
+  rc=$?
+  set -e
+  [ "$rc" = 2 ] || { echo "want exit 2 for --gen-sweep '$sweep', got $rc"; exit 1; }
+  grep -q -- "--gen-sweep" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
+done
 "$lorahub" bench --model "$fx/base" --examples "$fx/examples.jsonl" 2> "$TEST_TMPDIR/err" && exit 1
 grep -q -- "--adapter" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
 echo PASS
