@@ -41,9 +41,12 @@ constexpr double kAdapterFactor = 10.0;
 // per-row GEMMs over more rows or another adapter path round differently:
 // kAdapterFactor times the fp32 bound). bf16:
 // the same matmuls in bf16 over a different number of keys may round
-// differently once, then the residual stream carries it.
+// differently once, then the residual stream carries it. The fp32 bound
+// is 4e-5 relative: on an H200 the padded pass of the relu/tied model
+// (other GEMM shapes, more keys through the memory-efficient attention
+// kernel) differed from Encode by 1.1e-5 relative (session 6).
 double Tolerance(at::ScalarType dtype) {
-  return dtype == at::kFloat ? 1e-5 : 3e-2;
+  return dtype == at::kFloat ? 4e-5 : 3e-2;
 }
 
 void ExpectClose(const at::Tensor& got, const at::Tensor& want,
