@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 
 #include "core/model/fused_kernels.h"
 
@@ -320,7 +322,9 @@ __global__ void __launch_bounds__(kNormThreads)
 }
 
 // One warp per (row b, rank c): lanes stride over `in`, a shuffle reduction.
-template <typename E>
+// kVec: fp32 factors and input with unit inner strides, `in` a multiple of 4
+// and 16-byte aligned rows (checked by the launcher): 16-byte loads.
+template <typename E, bool kVec>
 __global__ void __launch_bounds__(kNormThreads)
     LoraShrinkKernel(LoraShrinkArgs a) {
   constexpr int kWarps = kNormThreads / 32;
@@ -332,16 +336,28 @@ __global__ void __launch_bounds__(kNormThreads)
                               a.slots[b] * a.a_stride[0] + c * a.a_stride[1];
   const float* __restrict__ x = a.x + b * a.x_stride[0];
   float s = 0.f;
+  if constexpr (kVec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
 #pragma unroll 4
-  for (int64_t i = lane; i < a.in; i += 32) {
-    s += x[i * a.x_stride[1]] * ToFloat(row[i * a.a_stride[2]]);
+    for (int64_t i = lane; i < a.in / 4; i += 32) {
+      const float4 w = row4[i], u = x4[i];
+      s += u.x * w.x + u.y * w.y + u.z * w.z + u.w * w.w;
+    }
+  } else {
+#pragma unroll 4
+    for (int64_t i = lane; i < a.in; i += 32) {
+      s += x[i * a.x_stride[1]] * ToFloat(row[i * a.a_stride[2]]);
+    }
   }
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   if (lane == 0) a.out[b * a.R + c] = s;
 }
 
-// One thread per (row b, output o); the row's xa in shared memory.
-template <typename E>
+// One thread per (row b, output o); the row's xa in shared memory. kVec:
+// fp32 factors with unit inner stride, r a multiple of 4, 16-byte aligned
+// rows: the thread's r factors as r/4 16-byte loads.
+template <typename E, bool kVec>
 __global__ void __launch_bounds__(kNormThreads)
     LoraExpandKernel(LoraExpandArgs a) {
   extern __shared__ float xa[];  // [r]
@@ -356,10 +372,30 @@ __global__ void __launch_bounds__(kNormThreads)
   const E* __restrict__ w =
       static_cast<const E*>(a.w) + slot * a.w_stride[0] + o * a.w_stride[1];
   float acc = 0.f;
-  for (int64_t c = 0; c < a.r; ++c) acc += xa[c] * ToFloat(w[c * a.w_stride[2]]);
+  if constexpr (kVec) {
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll 4
+    for (int64_t c = 0; c < a.r / 4; ++c) {
+      const float4 v = w4[c];
+      acc += xa[4 * c] * v.x + xa[4 * c + 1] * v.y + xa[4 * c + 2] * v.z +
+             xa[4 * c + 3] * v.w;
+    }
+  } else {
+    for (int64_t c = 0; c < a.r; ++c) acc += xa[c] * ToFloat(w[c * a.w_stride[2]]);
+  }
   float s = a.scale[slot * a.scale_stride];
   if (a.mask != nullptr) s *= a.mask[b * a.mask_stride];
   a.y[b * a.y_stride[0] + o * a.y_stride[1]] += s * acc;
+}
+
+// True when every row of `p + k * stride` (k >= 0) starts 16-byte aligned.
+bool Aligned16(const void* p, int64_t elem_bytes,
+               std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  for (int64_t s : strides) {
+    if ((s * elem_bytes) % 16 != 0) return false;
+  }
+  return true;
 }
 
 template <typename W, typename R>
@@ -483,15 +519,23 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
   }
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(args.B));
   auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = args.a_dtype == DType::kFloat && args.in % 4 == 0 &&
+                   args.a_stride[2] == 1 && args.x_stride[1] == 1 &&
+                   Aligned16(args.a, 4, {args.a_stride[0], args.a_stride[1]}) &&
+                   Aligned16(args.x, 4, {args.x_stride[0]});
   switch (args.a_dtype) {
     case DType::kFloat:
-      LoraShrinkKernel<float><<<grid, kNormThreads, 0, s>>>(args);
+      if (vec) {
+        LoraShrinkKernel<float, true><<<grid, kNormThreads, 0, s>>>(args);
+      } else {
+        LoraShrinkKernel<float, false><<<grid, kNormThreads, 0, s>>>(args);
+      }
       break;
     case DType::kBFloat16:
-      LoraShrinkKernel<__nv_bfloat16><<<grid, kNormThreads, 0, s>>>(args);
+      LoraShrinkKernel<__nv_bfloat16, false><<<grid, kNormThreads, 0, s>>>(args);
       break;
     case DType::kHalf:
-      LoraShrinkKernel<__half><<<grid, kNormThreads, 0, s>>>(args);
+      LoraShrinkKernel<__half, false><<<grid, kNormThreads, 0, s>>>(args);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
@@ -511,15 +555,23 @@ int LaunchLoraExpand(const LoraExpandArgs& args, void* stream) {
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(args.B));
   const size_t shared = static_cast<size_t>(args.r) * sizeof(float);
   auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = args.w_dtype == DType::kFloat && args.r % 4 == 0 &&
+                   args.w_stride[2] == 1 &&
+                   Aligned16(args.w, 4, {args.w_stride[0], args.w_stride[1]});
   switch (args.w_dtype) {
     case DType::kFloat:
-      LoraExpandKernel<float><<<grid, kNormThreads, shared, s>>>(args);
+      if (vec) {
+        LoraExpandKernel<float, true><<<grid, kNormThreads, shared, s>>>(args);
+      } else {
+        LoraExpandKernel<float, false><<<grid, kNormThreads, shared, s>>>(args);
+      }
       break;
     case DType::kBFloat16:
-      LoraExpandKernel<__nv_bfloat16><<<grid, kNormThreads, shared, s>>>(args);
+      LoraExpandKernel<__nv_bfloat16, false>
+          <<<grid, kNormThreads, shared, s>>>(args);
       break;
     case DType::kHalf:
-      LoraExpandKernel<__half><<<grid, kNormThreads, shared, s>>>(args);
+      LoraExpandKernel<__half, false><<<grid, kNormThreads, shared, s>>>(args);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
