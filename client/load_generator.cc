@@ -220,9 +220,13 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   std::vector<double> ttft, latency;
   double gap_s = 0;
   int64_t gaps = 0;
-  for (const RequestResult& r : rep.results) {
+  for (size_t i = 0; i < rep.results.size(); ++i) {
+    const RequestResult& r = rep.results[i];
     if (r.code != 0) {
       ++rep.failed;
+      if (rep.failed_indices.size() < kMaxFailedIndices) {
+        rep.failed_indices.push_back(static_cast<int>(i));
+      }
       ++rep.failed_by_code[StatusCodeName(static_cast<grpc::StatusCode>(r.code))];
       if (rep.first_error.empty()) {
         rep.first_error = absl::StrCat(StatusCodeName(static_cast<grpc::StatusCode>(r.code)),
@@ -268,6 +272,7 @@ std::string ReportJson(const LoadReport& r) {
   j["failed"] = r.failed;
   j["failed_by_code"] = r.failed_by_code;
   if (!r.first_error.empty()) j["first_error"] = r.first_error;
+  j["failed_indices"] = r.failed_indices;
   j["warmup"] = r.warmup;
   j["warmup_failed"] = r.warmup_failed;
   j["concurrency"] = r.concurrency;

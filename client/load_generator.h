@@ -71,10 +71,14 @@ struct RequestResult {
   int64_t tokens = 0;
 };
 
+// How many failed request indices a report lists.
+inline constexpr int kMaxFailedIndices = 64;
+
 struct LoadReport {
   int requests = 0, ok = 0, failed = 0;
   std::map<std::string, int> failed_by_code;  // "NOT_FOUND" -> count
   std::string first_error;                    // "NOT_FOUND: module 'x' ..."
+  std::vector<int> failed_indices;  // the first kMaxFailedIndices, ascending
   int warmup = 0, warmup_failed = 0;
   int concurrency = 0, channels = 0;
   int64_t tokens = 0;

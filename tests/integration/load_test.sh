@@ -71,7 +71,7 @@ $py - "$tmp/load.json" "$want" <<'PY' || fail "pool run summary"
 import json, sys
 r = json.load(open(sys.argv[1])); want = int(sys.argv[2])
 assert r["requests"] == 12 and r["ok"] == 12 and r["failed"] == 0, r
-assert r["failed_by_code"] == {}, r
+assert r["failed_by_code"] == {} and r["failed_indices"] == [], r
 assert r["warmup"] == 2 and r["warmup_failed"] == 0, r
 assert r["concurrency"] == 4 and r["channels"] == 1, r
 assert 0 < r["tokens"] <= 12 * 4, r
@@ -114,7 +114,39 @@ $py -c "
 import json, sys
 r = json.load(open(sys.argv[1]))
 assert r['ok'] == 4 and r['failed'] == 2 and r['failed_by_code'] == {'NOT_FOUND': 2}, r
+assert r['failed_indices'] == [2, 5], r
 assert 0 < r['tokens'] <= 8, r" "$tmp/mixed.json" || fail "mixed pool: $(cat "$tmp/mixed.json")"
+# --per-request 2 over m0,m1,nope: slot 1 = (i + 3) mod 3 clashes with slot 0
+# and moves on: i mod 3 = 0 -> m0,m1 (ok), 1 -> m1,nope, 2 -> nope,m0.
+c --json load --requests 6 --concurrency 3 --max-new-tokens 2 --module-pool m0,m1,nope \
+  --per-request 2 --prompts "$tmp/prompts.jsonl" >"$tmp/mixed2.json"; rc=$?
+[ $rc = 1 ] || fail "mixed pool K=2: rc $rc"
+$py -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r['ok'] == 2 and r['failed_by_code'] == {'NOT_FOUND': 4}, r
+assert r['failed_indices'] == [1, 2, 4, 5], r" "$tmp/mixed2.json" ||
+  fail "mixed pool K=2: $(cat "$tmp/mixed2.json")"
+# multi_gpu.sh's shape: --per-request 3 over a pool of 12 (copies of the
+# three adapters under other ids) whose last id is unknown; request i fails
+# when one of i, i+3, i+11 (mod 12) is 11.
+pool12=""
+for k in $(seq 0 10); do
+  c modules add --dir "$case_dir/adapters/m$((k % 3))" --id "p$k" >/dev/null || fail "add p$k"
+  pool12="${pool12}p$k,"
+done
+pool12="${pool12}nope"
+c --json load --requests 24 --concurrency 8 --max-new-tokens 2 --module-pool "$pool12" \
+  --per-request 3 --weights 0.5,0.3,0.2 --prompts "$tmp/prompts.jsonl" >"$tmp/mixed3.json"
+rc=$?
+[ $rc = 1 ] || fail "mixed pool K=3: rc $rc"
+$py -c "
+import json, sys
+r = json.load(open(sys.argv[1]))
+bad = [i for i in range(24) if 11 in {(i + o) % 12 for o in (0, 3, 11)}]
+assert r['ok'] == 24 - len(bad) and r['failed_by_code'] == {'NOT_FOUND': len(bad)}, (bad, r)
+assert r['failed_indices'] == bad, (bad, r)" \
+  "$tmp/mixed3.json" || fail "mixed pool K=3: $(cat "$tmp/mixed3.json")"
 # Human output still prints the summary on failure.
 c load --requests 2 --module nope --prompts "$tmp/prompts.jsonl" >"$tmp/h" 2>&1; rc=$?
 [ $rc = 1 ] && grep -q '0 ok, 2 failed (NOT_FOUND 2)' "$tmp/h" || fail "human failure: rc $rc $(cat "$tmp/h")"
