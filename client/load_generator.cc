@@ -305,7 +305,7 @@ std::string ReportText(const LoadReport& r) {
                 r.tokens_per_s, r.requests_per_s);
   std::string out = absl::StrCat(
       "requests: ", r.ok, " ok, ", r.failed, " failed", codes, " of ", r.requests,
-      " (concurrency ", r.concurrency, ", ", r.channels, " channels, warm-up ", r.warmup,
+      " (concurrency ", r.concurrency, ", channels ", r.channels, ", warm-up ", r.warmup,
       r.warmup_failed ? absl::StrCat(", ", r.warmup_failed, " warm-up failed") : "", ")\n",
       "tokens:   ", r.tokens, " in ", rates, "\n",
       "ttft ms:  p50 ", ms(r.ttft_p50_ms), "  p90 ", ms(r.ttft_p90_ms), "  p99 ",

@@ -84,7 +84,9 @@ TEST(DefaultPoolWeightsTest, DecreasingAndSumToOne) {
     double sum = 0;
     for (int j = 0; j < k; ++j) {
       sum += w[j];
-      if (j > 0) EXPECT_LT(w[j], w[j - 1]);
+      if (j > 0) {
+        EXPECT_LT(w[j], w[j - 1]);
+      }
     }
     EXPECT_NEAR(sum, 1.0, 1e-6);
   }
