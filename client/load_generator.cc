@@ -180,11 +180,22 @@ std::vector<float> DefaultPoolWeights(int k) {
 }
 
 absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
-  if (o.requests < 1) return absl::InvalidArgumentError("requests must be >= 1");
-  if (o.concurrency < 1) return absl::InvalidArgumentError("concurrency must be >= 1");
-  if (o.channels < 0) return absl::InvalidArgumentError("channels must be >= 0");
-  if (o.warmup < 0) return absl::InvalidArgumentError("warmup must be >= 0");
-  if (!(o.timeout_s > 0)) return absl::InvalidArgumentError("timeout must be > 0");
+  if (o.requests < 1 || o.requests > kMaxRequests) {
+    return absl::InvalidArgumentError(absl::StrCat("requests must be in [1, ", kMaxRequests, "]"));
+  }
+  if (o.concurrency < 1 || o.concurrency > kMaxConcurrency) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("concurrency must be in [1, ", kMaxConcurrency, "]"));
+  }
+  if (o.channels < 0 || o.channels > o.concurrency) {
+    return absl::InvalidArgumentError("channels must be in [1, concurrency]");
+  }
+  if (o.warmup < 0 || o.warmup > kMaxRequests) {
+    return absl::InvalidArgumentError(absl::StrCat("warmup must be in [0, ", kMaxRequests, "]"));
+  }
+  if (!(o.timeout_s > 0 && o.timeout_s <= kMaxTimeoutS)) {
+    return absl::InvalidArgumentError(absl::StrCat("timeout must be in (0, ", kMaxTimeoutS, "] s"));
+  }
   if (o.prompts.empty()) return absl::InvalidArgumentError("no prompts");
   if (!o.module_pool.empty()) {
     const v1::AdapterRef& a = o.request_template.adapter();
@@ -204,7 +215,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   rep.concurrency = o.concurrency;
   const int channels =
       o.channels > 0 ? o.channels : (o.concurrency + kWorkersPerChannel - 1) / kWorkersPerChannel;
-  rep.channels = std::min(channels, o.concurrency);
+  rep.channels = std::min(channels, o.concurrency);  // ceil(c / 16) <= c
   std::vector<std::unique_ptr<v1::InferenceService::Stub>> stubs;
   for (const auto& ch : MakeChannels(o.server, rep.channels)) {
     stubs.push_back(v1::InferenceService::NewStub(ch));

@@ -44,13 +44,18 @@
 
 namespace lorahub::client {
 
+// Bounds on the options (memory: one RequestResult per request; threads).
+inline constexpr int kMaxRequests = 10'000'000;
+inline constexpr int kMaxConcurrency = 4096;
+inline constexpr double kMaxTimeoutS = 7 * 24 * 3600;
+
 struct LoadOptions {
   std::string server;  // HOST:PORT
-  int requests = 0;     // measured requests, >= 1
-  int concurrency = 1;  // worker threads, >= 1
-  int channels = 0;     // gRPC channels; 0: ceil(concurrency / 16)
-  int warmup = 0;       // uncounted requests run first, >= 0
-  double timeout_s = 300;  // deadline per request
+  int requests = 0;     // measured requests, in [1, kMaxRequests]
+  int concurrency = 1;  // worker threads, in [1, kMaxConcurrency]
+  int channels = 0;     // gRPC channels, <= concurrency; 0: ceil(concurrency / 16)
+  int warmup = 0;       // uncounted requests run first, in [0, kMaxRequests]
+  double timeout_s = 300;  // deadline per request, in (0, kMaxTimeoutS]
   std::vector<std::string> prompts;  // request i: prompts[i % size], non-empty
   // Adapter and decoding options of every request (text is set per request).
   // With a non-empty module_pool its adapter must be a composition whose

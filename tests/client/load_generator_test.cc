@@ -99,7 +99,18 @@ TEST(RunLoadTest, RejectsUnusableOptionsWithoutConnecting) {
   o.prompts = {"x"};
   o.concurrency = 0;
   EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.concurrency = kMaxConcurrency + 1;
+  EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);
   o.concurrency = 1;
+  o.requests = kMaxRequests + 1;  // would need one result slot each
+  EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.requests = 1;
+  o.timeout_s = 1e300;  // the deadline would overflow
+  EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.timeout_s = 5;
+  o.channels = 2;  // more channels than workers
+  EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.channels = 0;
   o.module_pool = {"a", "b"};
   o.per_request = 3;
   EXPECT_EQ(RunLoad(o).status().code(), absl::StatusCode::kInvalidArgument);

@@ -177,4 +177,7 @@ usage "one weight per" --requests 2 --module-pool m0,m1 --per-request 2 --weight
 usage "excludes" --requests 2 --module-pool m0,m1 --per-request 1 --task t "${P[@]}"
 usage "give one of" --requests 2 "${P[@]}"
 usage "timeout-s" --requests 2 --timeout-s 0 base "${P[@]}"
+usage "requests must be in" --requests 2000000000 base "${P[@]}"
+usage "concurrency must be in" --requests 2 --concurrency 100000 base "${P[@]}"
+usage "channels must be in" --requests 2 --concurrency 2 --channels 3 base "${P[@]}"
 echo "PASS"
