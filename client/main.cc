@@ -19,6 +19,20 @@
 //              --text TEXT
 //              [--max-new-tokens N] [--num-beams N] [--temperature T]
 //              [--top-k K] [--top-p P] [--seed S] [--timeout-s S]
+//     load --requests N --prompts FILE.jsonl [--concurrency C]
+//          (--task NAME | --module ID | --modules a,b --weights x,y
+//           | --module-pool a,b,c,... --per-request K [--weights x,y,...] | base)
+//          [--max-new-tokens T] [generate's decoding flags] [--channels K]
+//          [--warmup N] [--timeout-s S]
+//
+// load runs N Generate streams from C threads of this process over K gRPC
+// connections (default one per 16 threads) and prints requests ok/failed (by
+// code), tokens, wall seconds, tokens/s, requests/s, TTFT p50/p90/p99,
+// latency p50/p99 and the inter-token mean (--json: one object). With
+// --module-pool request i composes K pool modules chosen by
+// lorahub::client::PoolComposition (offsets 0, 3, 11, ... from i) at fixed
+// weights (--weights, default 2(K-j)/(K(K+1)) for slot j). Prompt i is line
+// i mod lines of FILE ({"input": ...} objects or plain text lines).
 //
 // generate streams text as it comes (human output) or one JSON object per
 // message (--json: {"ids":[...],"text":"..."} per chunk, then the end object
@@ -55,6 +69,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "client/load_generator.h"
+#include "client/request_flags.h"
 #include "core/hub/file_digest.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -69,12 +85,6 @@ namespace v1 = lorahub::v1;
 constexpr int kExitOk = 0;
 constexpr int kExitError = 1;
 constexpr int kExitUsage = 2;
-
-const char* kCodeNames[] = {
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
 
 int Usage(const char* why = nullptr) {
   if (why) std::fprintf(stderr, "lorahubctl: %s\n", why);
@@ -100,15 +110,18 @@ int Usage(const char* why = nullptr) {
                "            [--method M] [--density D] [--majority-sign S] [--dare-seed S]\n"
                "            | base)\n"
                "           --text TEXT [--max-new-tokens N] [--num-beams N]\n"
-               "           [--temperature T] [--top-k K] [--top-p P] [--seed S]\n");
+               "           [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
+               "  load --requests N --prompts FILE.jsonl [--concurrency C]\n"
+               "       (--task NAME | --module ID | --modules a,b --weights x,y\n"
+               "        | --module-pool a,b,c,... --per-request K [--weights x,y,..] | base)\n"
+               "       [--max-new-tokens T] [decoding flags as generate] [--channels K]\n"
+               "       [--warmup N] [--timeout-s S]\n");
   return kExitUsage;
 }
 
 int ServerError(const char* what, const grpc::Status& s) {
-  const int c = static_cast<int>(s.error_code());
   std::fprintf(stderr, "lorahubctl %s: %s: %s\n", what,
-               (c >= 0 && c <= 16) ? kCodeNames[c] : "UNKNOWN",
-               s.error_message().c_str());
+               lorahub::client::StatusCodeName(s.error_code()), s.error_message().c_str());
   return kExitError;
 }
 
@@ -372,96 +385,22 @@ bool ParseNum(const Opts& o, const std::string& k, T* out) {
   return true;
 }
 
-// --method NAME -> *m; false for an unknown name.
-bool ParseMethod(const std::string& n, v1::CompositionMethod* m) {
-  if (n == "lorahub") *m = v1::COMPOSITION_METHOD_LORAHUB;
-  else if (n == "cat") *m = v1::COMPOSITION_METHOD_CAT;
-  else if (n == "ties") *m = v1::COMPOSITION_METHOD_TIES;
-  else if (n == "dare_linear") *m = v1::COMPOSITION_METHOD_DARE_LINEAR;
-  else return false;
-  return true;
-}
-
-// --density D and --majority-sign total|frequency -> *out. Returns a usage
-// message, or empty when they parse (the server checks that the method
-// reads them).
-std::string ParseCompositionOptions(const Opts& o, v1::CompositionOptions* out) {
-  if (o.Has("density")) {
-    double d;
-    if (!absl::SimpleAtod(o.Get("density"), &d)) return "--density: not a number";
-    out->set_density(d);
-  }
-  if (o.Has("majority-sign")) {
-    const std::string n = o.Get("majority-sign");
-    if (n == "total") out->set_majority_sign_method(v1::MAJORITY_SIGN_METHOD_TOTAL);
-    else if (n == "frequency") out->set_majority_sign_method(v1::MAJORITY_SIGN_METHOD_FREQUENCY);
-    else return "--majority-sign: total or frequency";
-  }
-  return "";
-}
-
 int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   v1::GenerateRequest req;
   const bool base = o.positional.size() == 2 && o.positional[1] == "base";
   if (o.positional.size() > (base ? 2u : 1u)) return Usage("generate: unexpected argument");
-  const int kinds = (o.Has("module") ? 1 : 0) + (o.Has("modules") ? 1 : 0) +
-                    (o.Has("task") ? 1 : 0) + (base ? 1 : 0);
-  if (kinds != 1) {
-    return Usage("generate: give one of --task, --module, --modules/--weights, base");
+  std::string bad = lorahub::client::ParseAdapterFlags(o.flags, base, "generate",
+                                                       req.mutable_adapter());
+  if (bad.empty() && !o.Has("text")) bad = "generate: --text is required";
+  if (bad.empty()) {
+    bad = lorahub::client::ParseDecodingFlags(o.flags, "generate", req.mutable_options());
   }
-  if (o.Has("task")) req.mutable_adapter()->set_task(o.Get("task"));
-  if (!o.Has("text")) return Usage("generate: --text is required");
-  if (o.Has("module")) req.mutable_adapter()->set_module_id(o.Get("module"));
-  if (o.Has("modules")) {
-    v1::ExplicitComposition* c = req.mutable_adapter()->mutable_composition();
-    for (absl::string_view id : absl::StrSplit(o.Get("modules"), ',')) {
-      c->add_module_ids(std::string(id));
-    }
-    if (!o.Has("weights")) return Usage("generate: --modules needs --weights");
-    for (absl::string_view w : absl::StrSplit(o.Get("weights"), ',')) {
-      float v;
-      if (!absl::SimpleAtof(w, &v)) return Usage("--weights: not a number list");
-      c->add_weights(v);
-    }
-    if (o.Has("method")) {
-      v1::CompositionMethod m;
-      if (!ParseMethod(o.Get("method"), &m)) {
-        return Usage("--method: lorahub, cat, ties or dare_linear");
-      }
-      c->set_method(m);
-    }
-    std::string bad = ParseCompositionOptions(o, c->mutable_options());
-    if (!bad.empty()) return Usage(bad.c_str());
-    if (o.Has("dare-seed")) {
-      uint64_t seed;
-      if (!absl::SimpleAtoi(o.Get("dare-seed"), &seed)) {
-        return Usage("--dare-seed: not a non-negative integer");
-      }
-      c->set_dare_seed(seed);
-    }
-  } else if (o.Has("method") || o.Has("density") || o.Has("majority-sign") ||
-             o.Has("dare-seed")) {
-    return Usage(
-        "generate: --method, --density, --majority-sign and --dare-seed go with "
-        "--modules/--weights");
+  double timeout = 300;
+  if (bad.empty() && !ParseNum(o, "timeout-s", &timeout)) {
+    bad = "generate: a numeric flag is malformed";
   }
+  if (!bad.empty()) return Usage(bad.c_str());
   req.set_text(o.Get("text"));
-  v1::DecodingOptions* d = req.mutable_options();
-  int max_new = 0, beams = 0, top_k = 0;
-  float temperature = 0, top_p = 0;
-  double seed = 0, timeout = 300;
-  if (!ParseNum(o, "max-new-tokens", &max_new) || !ParseNum(o, "num-beams", &beams) ||
-      !ParseNum(o, "top-k", &top_k) || !ParseNum(o, "temperature", &temperature) ||
-      !ParseNum(o, "top-p", &top_p) || !ParseNum(o, "seed", &seed) ||
-      !ParseNum(o, "timeout-s", &timeout)) {
-    return Usage("generate: a numeric flag is malformed");
-  }
-  d->set_max_new_tokens(max_new);
-  d->set_num_beams(beams);
-  d->set_top_k(top_k);
-  d->set_temperature(temperature);
-  d->set_top_p(top_p);
-  d->set_seed(static_cast<uint64_t>(seed));
   auto stub = v1::InferenceService::NewStub(channel);
   grpc::ClientContext context;
   SetDeadline(&context, timeout);
@@ -498,6 +437,83 @@ int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   grpc::Status s = reader->Finish();
   if (!s.ok()) return ServerError("generate", s);
   return kExitOk;
+}
+
+// load: many concurrent Generate streams from this one process (see
+// client/load_generator.h); prints the summary. Exit 0 when every measured
+// request succeeded, 1 when some failed, 2 on bad flags.
+int Load(const std::string& server, const Opts& o) {
+  namespace lc = lorahub::client;
+  const bool base = o.positional.size() == 2 && o.positional[1] == "base";
+  if (o.positional.size() > (base ? 2u : 1u)) return Usage("load: unexpected argument");
+  lc::LoadOptions opts;
+  opts.server = server;
+  // Integer flags: absent keeps the default; present must be an integer >= min.
+  auto int_flag = [&](const char* name, int min, int* out) -> std::string {
+    if (!o.Has(name)) return "";
+    if (!absl::SimpleAtoi(o.Get(name), out) || *out < min) {
+      return absl::StrCat("load: --", name, " must be an integer >= ", min);
+    }
+    return "";
+  };
+  if (!o.Has("requests")) return Usage("load: --requests is required");
+  if (!o.Has("prompts")) return Usage("load: --prompts FILE is required");
+  for (std::string bad : {int_flag("requests", 1, &opts.requests),
+                          int_flag("concurrency", 1, &opts.concurrency),
+                          int_flag("channels", 1, &opts.channels),
+                          int_flag("warmup", 0, &opts.warmup)}) {
+    if (!bad.empty()) return Usage(bad.c_str());
+  }
+  if (o.Has("timeout-s") &&
+      (!absl::SimpleAtod(o.Get("timeout-s"), &opts.timeout_s) || !(opts.timeout_s > 0))) {
+    return Usage("load: --timeout-s must be a number > 0");
+  }
+  v1::GenerateRequest& req = opts.request_template;
+  std::string bad;
+  if (o.Has("module-pool")) {
+    if (base || o.Has("task") || o.Has("module") || o.Has("modules")) {
+      return Usage("load: --module-pool excludes --task, --module, --modules and base");
+    }
+    for (absl::string_view id : absl::StrSplit(o.Get("module-pool"), ',')) {
+      if (id.empty()) return Usage("load: --module-pool: empty module id");
+      opts.module_pool.emplace_back(id);
+    }
+    if (!o.Has("per-request")) return Usage("load: --module-pool needs --per-request K");
+    bad = int_flag("per-request", 1, &opts.per_request);
+    if (bad.empty() && opts.per_request > static_cast<int>(opts.module_pool.size())) {
+      bad = absl::StrCat("load: --per-request ", opts.per_request, " exceeds the pool's ",
+                         opts.module_pool.size(), " modules");
+    }
+    std::vector<float> weights = lc::DefaultPoolWeights(opts.per_request);
+    if (bad.empty() && o.Has("weights")) {
+      bad = lc::ParseWeightList(o.Get("weights"), "--weights", &weights);
+      if (bad.empty() && static_cast<int>(weights.size()) != opts.per_request) {
+        bad = "load: --weights needs one weight per --per-request module";
+      }
+    }
+    v1::ExplicitComposition* c = req.mutable_adapter()->mutable_composition();
+    for (float w : weights) c->add_weights(w);
+    if (bad.empty()) bad = lc::ParseCompositionSettings(o.flags, c);
+  } else if (o.Has("per-request")) {
+    bad = "load: --per-request goes with --module-pool";
+  } else {
+    bad = lc::ParseAdapterFlags(o.flags, base, "load", req.mutable_adapter());
+  }
+  if (bad.empty()) bad = lc::ParseDecodingFlags(o.flags, "load", req.mutable_options());
+  if (!bad.empty()) return Usage(bad.c_str());
+  absl::StatusOr<std::vector<std::string>> prompts = lc::ReadPrompts(o.Get("prompts"));
+  if (!prompts.ok()) {
+    return Usage(absl::StrCat("load: --prompts: ", prompts.status().message()).c_str());
+  }
+  opts.prompts = *std::move(prompts);
+  absl::StatusOr<lc::LoadReport> report = lc::RunLoad(opts);
+  if (!report.ok()) return Usage(absl::StrCat("load: ", report.status().message()).c_str());
+  if (o.json) {
+    std::printf("%s\n", lc::ReportJson(*report).c_str());
+  } else {
+    std::printf("%s", lc::ReportText(*report).c_str());
+  }
+  return report->failed == 0 ? kExitOk : kExitError;
 }
 
 std::string StateName(v1::JobState s) {
@@ -721,7 +737,7 @@ int Compose(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
   }
   if (o.Has("method")) {
     v1::CompositionMethod m;
-    if (!ParseMethod(o.Get("method"), &m)) {
+    if (!lorahub::client::ParseMethod(o.Get("method"), &m)) {
       return Usage("--method: lorahub, cat, ties or dare_linear");
     }
     spec->set_method(m);
@@ -730,7 +746,8 @@ int Compose(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     return Usage("compose: dare_linear's masks come from --seed (no --dare-seed)");
   }
   {
-    std::string bad = ParseCompositionOptions(o, spec->mutable_composition_options());
+    std::string bad = lorahub::client::ParseCompositionOptions(
+        o.flags, spec->mutable_composition_options());
     if (!bad.empty()) return Usage(bad.c_str());
   }
   int budget = 0, population = 0, priority = 0;
@@ -1020,7 +1037,8 @@ int main(int argc, char** argv) {
             "top-k", "top-p", "seed", "timeout-s", "task", "sample", "sample-seed",
             "examples", "optimizer", "method", "budget", "population", "priority",
             "state", "wait", "device", "out", "density", "majority-sign",
-            "dare-seed"};
+            "dare-seed", "requests", "concurrency", "prompts", "module-pool",
+            "per-request", "channels", "warmup"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());
@@ -1037,6 +1055,7 @@ int main(int argc, char** argv) {
   if (cmd == "health") return Health(channel, o);
   if (cmd == "modules") return Modules(channel, o);
   if (cmd == "generate") return Generate(channel, o);
+  if (cmd == "load") return Load(server, o);
   if (cmd == "compose") return Compose(channel, o);
   if (cmd == "jobs") return Jobs(channel, o);
   if (cmd == "tasks") return Tasks(channel, o);

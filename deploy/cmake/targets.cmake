@@ -202,6 +202,36 @@ lorahub_cc_grpc_library(client_health_cc
     ${SRC}/client/grpc/health/v1/health.proto
 )
 
+# //client:request_flags (cc_library)
+lorahub_cc_library(client_request_flags
+  PACKAGE client
+  SRCS
+    ${SRC}/client/request_flags.cc
+    ${SRC}/client/request_flags.h
+  DEPS
+    proto_lorahub_v1_cc
+    ext_absl_absl
+    ext_grpc_grpc__
+  OUTPUT_NAME request_flags
+)
+
+# //client:load_generator (cc_library)
+lorahub_cc_library(client_load_generator
+  PACKAGE client
+  SRCS
+    ${SRC}/client/load_generator.cc
+    ${SRC}/client/load_generator.h
+  DEPS
+    client_request_flags
+    proto_lorahub_v1_cc
+    ext_absl_absl
+    ext_grpc_grpc__
+    ext_nlohmann_json_json
+  LINKOPTS
+    -lpthread
+  OUTPUT_NAME load_generator
+)
+
 # //client:lorahubctl (cc_binary)
 lorahub_cc_binary(client_lorahubctl
   PACKAGE client
@@ -209,6 +239,8 @@ lorahub_cc_binary(client_lorahubctl
     ${SRC}/client/main.cc
   DEPS
     client_health_cc
+    client_load_generator
+    client_request_flags
     core_hub_file_digest
     proto_lorahub_v1_cc
     ext_absl_absl
@@ -1249,6 +1281,21 @@ lorahub_cc_test(tests_cli_bench_profile_test
   TIMEOUT 300
 )
 
+# ---- //tests/client  (tests/client/BUILD)
+
+# //tests/client:load_generator_test (cc_test)
+lorahub_cc_test(tests_client_load_generator_test
+  TEST_NAME //tests/client:load_generator_test
+  PACKAGE tests/client
+  SRCS
+    ${SRC}/tests/client/load_generator_test.cc
+  DEPS
+    client_load_generator
+    client_request_flags
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
 # ---- //tests/config  (tests/config/BUILD)
 
 # //tests/config:testdata (filegroup): nothing to build in CMake
@@ -1549,6 +1596,21 @@ lorahub_script_test(tests_integration_multi_device_test
   PACKAGE tests/integration
   INTERPRETER bash
   SCRIPT ${SRC}/tests/integration/multi_device_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:load_test (sh_test)
+lorahub_script_test(tests_integration_load_test
+  TEST_NAME //tests/integration:load_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/load_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>

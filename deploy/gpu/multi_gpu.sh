@@ -6,8 +6,14 @@
 # `lorahub serve --device SET --dtype bf16` on loopback with a temp data dir,
 # registers the fixture's modules (lorahubctl modules add --dir) and measures
 #   gen:  GEN_REQUESTS generate requests (GEN_TOKENS new tokens, greedy; every
-#         request its own explicit 3-module composition from prompts.jsonl) at
-#         GEN_CONC concurrent lorahubctl streams: generated tokens / wall time;
+#         request its own explicit 3-module composition, weights 0.5,0.3,0.2,
+#         modules i, i+3, i+11 mod the module count; prompt i mod the lines of
+#         prompts.jsonl) at GEN_CONC concurrent streams: generated tokens / wall
+#         time, plus client-side TTFT p50/p99. GEN_CLIENT=load (default): one
+#         `lorahubctl load` process with GEN_CONC threads over GEN_CONC/16 gRPC
+#         connections; GEN_CLIENT=procs: the old way, one `lorahubctl generate`
+#         process per request under xargs -P GEN_CONC (no TTFT; the process
+#         spawning itself limited the load: 22-35% GPU utilisation);
 #   jobs: JOBS compose jobs (cobyla, BUDGET evaluations, the first 5 examples,
 #         all modules) submitted at once: jobs finished / wall time (from the
 #         first submit until every job is terminal, polled through jobs list).
@@ -18,9 +24,9 @@
 # the raw log (server stderr, per-phase lines) goes to $OUT/multi_gpu.log.
 # Environment: FIXTURE (default /tmp/lorahub_large, written with
 # ref_lorahub.py when missing), BIN (default .gpu/build/bin), DTYPE (bf16),
-# DEVICE_SETS, GEN_REQUESTS (512), GEN_TOKENS (32), GEN_CONC (64),
-# MAX_ROWS (32), JOBS (16), BUDGET (40), PY (python3).
-# Expected run time on an nvidia-h200-x2 host: about 2-3 minutes.
+# DEVICE_SETS, GEN_REQUESTS (1024), GEN_TOKENS (32), GEN_CONC (128),
+# GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3).
+# Expected run time on an nvidia-h200-x2 host: about 3-5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0  # the host requires NVLink multicast off (no NCCL used)
@@ -31,8 +37,10 @@ out=${OUT:-.gpu/logs}
 py=${PY:-python3}
 dtype=${DTYPE:-bf16}
 device_sets=${DEVICE_SETS:-"cuda:0 cuda:0,cuda:1"}
-gen_requests=${GEN_REQUESTS:-512}; gen_tokens=${GEN_TOKENS:-32}; gen_conc=${GEN_CONC:-64}
-max_rows=${MAX_ROWS:-32}; jobs=${JOBS:-16}; budget=${BUDGET:-40}
+gen_requests=${GEN_REQUESTS:-1024}; gen_tokens=${GEN_TOKENS:-32}; gen_conc=${GEN_CONC:-128}
+gen_client=${GEN_CLIENT:-load}
+max_rows=${MAX_ROWS:-64}; jobs=${JOBS:-16}; budget=${BUDGET:-40}
+case $gen_client in load|procs) ;; *) echo "GEN_CLIENT: load or procs" >&2; exit 2 ;; esac
 mkdir -p "$out"
 log=$out/multi_gpu.log; md=$out/multi_gpu.md
 : >"$log"
@@ -66,7 +74,8 @@ for line in open(sys.argv[1]):
 print(n, file=open(sys.argv[2] + "/count", "w"))
 PY
 nprompts=$(cat "$tmp/p/count")
-say "== fixture $fx: $nmods modules, $nprompts prompts; dtype $dtype"
+say "== fixture $fx: $nmods modules, $nprompts prompts; dtype $dtype; gen client $gen_client"
+[ "$nmods" -ge 3 ] || { say "the fixture needs at least 3 modules"; exit 1; }
 
 gen_one() {  # gen_one I DIR: one generate request, its JSON lines in DIR/I.json
   local i=$1 dir=$2 mods
@@ -79,8 +88,37 @@ gen_one() {  # gen_one I DIR: one generate request, its JSON lines in DIR/I.json
 }
 export -f gen_one
 export ctl tmp nmods nprompts gen_tokens all_mods
-# gen_round N DIR: N requests at gen_conc concurrency; prints "tokens seconds failed".
+# gen_round N DIR: N requests at gen_conc concurrency with GEN_CLIENT's
+# client; prints "tokens seconds failed ttft_p50_ms ttft_p99_ms" ("-" for a
+# figure the client does not measure).
 gen_round() {
+  if [ "$gen_client" = load ]; then gen_round_load "$@"; else gen_round_procs "$@"; fi
+}
+
+# One `lorahubctl load` process: request i composes the modules i, i+3, i+11
+# (mod nmods) at 0.5,0.3,0.2 (--per-request 3, see client/load_generator.h),
+# i.e. the same requests as gen_one; prompt i mod the lines of prompts.jsonl.
+gen_round_load() {
+  local n=$1 dir=$2
+  mkdir -p "$dir"
+  timeout 900 "$ctl" --server "127.0.0.1:$port" --json load --requests "$n" \
+    --concurrency "$gen_conc" --max-new-tokens "$gen_tokens" --timeout-s 300 \
+    --module-pool "$all_mods" --per-request 3 --weights 0.5,0.3,0.2 \
+    --prompts "$fx/prompts.jsonl" >"$dir/load.json" 2>"$dir/load.err"
+  echo "   load ($n requests): $(cat "$dir/load.json") $(head -3 "$dir/load.err")" >>"$log"
+  "$py" - "$dir/load.json" "$n" <<'PY'
+import json, sys
+try:
+    r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except (OSError, ValueError, IndexError):
+    print(0, "0.000", sys.argv[2], "-", "-")  # the client failed: all failed
+    sys.exit(0)
+f = lambda v: "-" if v is None else "%.1f" % v
+print(r["tokens"], "%.3f" % r["wall_s"], r["failed"], f(r["ttft_ms"]["p50"]), f(r["ttft_ms"]["p99"]))
+PY
+}
+
+gen_round_procs() {
   local n=$1 dir=$2
   mkdir -p "$dir"
   local t0 t1
@@ -107,7 +145,7 @@ for i in range(n):
         failed += 1
     else:
         tokens += len(end["output_ids"])
-print(tokens, "%.3f" % (t1 - t0), failed)
+print(tokens, "%.3f" % (t1 - t0), failed, "-", "-")
 PY
 }
 
@@ -167,17 +205,17 @@ for set in $device_sets; do
       --id "$m" >/dev/null 2>>"$log" || { say "modules add $m failed"; exit 1; }
   done
   say "   $nmods modules registered [$((SECONDS - start)) s]"
-  read -r wt ws wf < <(gen_round "$gen_conc" "$tmp/warm_$ndev")
+  read -r wt ws wf _ _ < <(gen_round "$gen_conc" "$tmp/warm_$ndev")
   say "   warm-up: $wt tokens in $ws s ($wf failed)"
   read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")
   say "   warm-up jobs: $jf failed [$((SECONDS - start)) s]"
   gpu_snapshot "gen $set"
-  read -r gt gs gf < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
-  say "   gen: $gt tokens in $gs s ($gf failed) [$((SECONDS - start)) s]"
+  read -r gt gs gf gp50 gp99 < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
+  say "   gen: $gt tokens in $gs s ($gf failed), TTFT p50 $gp50 ms p99 $gp99 ms [$((SECONDS - start)) s]"
   gpu_snapshot "jobs $set"
   read -r jo js jfail < <(jobs_round "$jobs" "$budget" "bench$ndev")
   say "   jobs: $jo succeeded in $js s ($jfail not) [$((SECONDS - start)) s]"
-  echo "$set $ndev $gt $gs $gf $jo $js $jfail" >>"$results"
+  echo "$set $ndev $gt $gs $gf $jo $js $jfail $gp50 $gp99" >>"$results"
   kill -TERM "$pid"; timeout 30 tail --pid="$pid" -f /dev/null; kill -9 "$pid" 2>/dev/null
   wait "$pid" 2>/dev/null; pid=
 done
@@ -187,19 +225,21 @@ import sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 out = ["# lorahub serve on several devices (issue 7, item 3)", "",
        "fixture: $fx ($nmods modules), dtype $dtype; gen: $gen_requests requests x $gen_tokens new "
-       "tokens (greedy, per-request 3-module composition) at $gen_conc concurrent streams, "
+       "tokens (greedy, per-request 3-module composition) at $gen_conc concurrent streams "
+       "(client: $gen_client), "
        "--max-batch-rows $max_rows per device; jobs: $jobs compose jobs at once (cobyla, budget "
        "$budget, 5 examples, $nmods modules). With more streams than one device's "
        "--max-batch-rows, a second device adds decoding capacity; with fewer, one device "
        "already batches every stream and decoding is latency-bound.", "",
-       "| devices | gen tokens | gen s | gen tok/s | jobs done | jobs s | jobs/s | failures |",
-       "|---|---|---|---|---|---|---|---|"]
+       "| devices | gen tokens | gen s | gen tok/s | TTFT p50 ms | TTFT p99 ms | jobs done | jobs s "
+       "| jobs/s | failures |",
+       "|---|---|---|---|---|---|---|---|---|---|"]
 rate = {}
-for dev, n, gt, gs, gf, jo, js, jf in rows:
+for dev, n, gt, gs, gf, jo, js, jf, p50, p99 in rows:
     tps = int(gt) / max(float(gs), 1e-9); jps = int(jo) / max(float(js), 1e-9)
     rate[int(n)] = (tps, jps)
-    out.append("| %s | %s | %s | %.0f | %s | %s | %.3f | gen %s, jobs %s |" % (
-        dev, gt, gs, tps, jo, js, jps, gf, jf))
+    out.append("| %s | %s | %s | %.0f | %s | %s | %s | %s | %.3f | gen %s, jobs %s |" % (
+        dev, gt, gs, tps, p50, p99, jo, js, jps, gf, jf))
 if 1 in rate and 2 in rate:
     g = rate[2][0] / rate[1][0] if rate[1][0] else float("nan")
     j = rate[2][1] / rate[1][1] if rate[1][1] else float("nan")
