@@ -216,24 +216,19 @@ constexpr int64_t kMaxAttentionKeys = 8192;
 
 // One block per (b, h, t): q row in shared memory, then the S scores
 // q . k_j + bias (fp32), their softmax, and out = sum_j p_j v_j / sum_j p_j.
-// Both passes over the keys are spread over the block's warps, each warp
-// reading whole key / value rows (its lanes over the head dimension:
-// coalesced), several keys in flight per warp: with a block per (row, head)
-// these are short, latency-bound loops, and a thread walking all S keys on
-// its own (the first version) left the block waiting on one load at a time.
-// Value partial sums of the warps meet in shared memory. The element type is
-// a template parameter so the inner loops carry no dtype switch.
-constexpr int kAttnWarps = kNormThreads / 32;
-constexpr int kAttnKeysInFlight = 4;
-constexpr int kAttnMaxColsPerLane = kMaxAttentionHead / 32;
-
+// Scores: one warp per key, its lanes over the head dimension (coalesced
+// reads of a key row, a shuffle reduction), so a key costs one round of
+// loads instead of D dependent ones. Output: the threads split as Dv columns
+// x kGroups key groups, partial sums reduced through shared memory. The
+// element type is a template parameter so the inner loops carry no dtype
+// switch.
 template <typename E>
 __global__ void __launch_bounds__(kNormThreads)
     SmallAttentionKernel(AttentionArgs a) {
   extern __shared__ float smem[];
-  float* qrow = smem;                   // [D]
-  float* p = smem + a.D;                // [S]
-  float* partial = p + a.S;             // [kAttnWarps, Dv]
+  float* qrow = smem;              // [D]
+  float* p = smem + a.D;           // [S]
+  float* partial = p + a.S;        // [kNormThreads]
   const E* __restrict__ q = static_cast<const E*>(a.q);
   const E* __restrict__ k = static_cast<const E*>(a.k);
   const E* __restrict__ v = static_cast<const E*>(a.v);
@@ -251,31 +246,17 @@ __global__ void __launch_bounds__(kNormThreads)
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int64_t kd = a.k_stride[3], ks = a.k_stride[2];
-  // Scores: warp w takes keys w*4 .. w*4+3, then 32 further on, ...
-  for (int64_t j0 = warp * kAttnKeysInFlight; j0 < a.S;
-       j0 += kAttnWarps * kAttnKeysInFlight) {
-    float s[kAttnKeysInFlight] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t i = lane; i < a.D; i += 32) {
-      const float qi = qrow[i];
-#pragma unroll
-      for (int u = 0; u < kAttnKeysInFlight; ++u) {
-        const int64_t j = j0 + u;
-        if (j < a.S) s[u] += qi * ToFloat(k[k0 + j * ks + i * kd]);
-      }
+  constexpr int kWarps = kNormThreads / 32;
+  const int64_t kd = a.k_stride[3];
+  for (int64_t j = warp; j < a.S; j += kWarps) {
+    const E* krow = k + k0 + j * a.k_stride[2];
+    float s = 0.f;
+    for (int64_t i = lane; i < a.D; i += 32) s += qrow[i] * ToFloat(krow[i * kd]);
+    for (int off = 16; off > 0; off >>= 1) {
+      s += __shfl_xor_sync(0xffffffffu, s, off);
     }
-#pragma unroll
-    for (int u = 0; u < kAttnKeysInFlight; ++u) {
-      for (int off = 16; off > 0; off >>= 1) {
-        s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
-      }
-    }
-    if (lane < kAttnKeysInFlight && j0 + lane < a.S) {
-      const int64_t j = j0 + lane;
-      float mine = s[0];
-#pragma unroll
-      for (int u = 1; u < kAttnKeysInFlight; ++u) mine = lane == u ? s[u] : mine;
-      p[j] = mine + LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
+    if (lane == 0) {
+      p[j] = s + LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
     }
   }
   __syncthreads();
@@ -291,32 +272,24 @@ __global__ void __launch_bounds__(kNormThreads)
     local_sum += e;
   }
   const float total = BlockSum(local_sum);  // its barrier publishes p
-  // Values: warp w sums keys w, w+8, ... for columns lane, lane+32, ...
-  float acc[kAttnMaxColsPerLane];
-#pragma unroll
-  for (int c = 0; c < kAttnMaxColsPerLane; ++c) acc[c] = 0.f;
-  const int64_t vd = a.v_stride[3], vs = a.v_stride[2];
-#pragma unroll 4
-  for (int64_t j = warp; j < a.S; j += kAttnWarps) {
-    const float pj = p[j];
-    const E* vrow = v + v0 + j * vs;
-#pragma unroll
-    for (int c = 0; c < kAttnMaxColsPerLane; ++c) {
-      const int64_t i = lane + 32 * c;
-      if (i < a.Dv) acc[c] += pj * ToFloat(vrow[i * vd]);
+  // Column i = tid % Dv of key group g = tid / Dv (keys j = g mod groups);
+  // threads past groups * Dv only help with the reduction's zeros.
+  const int64_t groups = kNormThreads / a.Dv;  // >= 1: Dv <= kNormThreads
+  const int64_t i = threadIdx.x % a.Dv;
+  const int64_t g = threadIdx.x / a.Dv;
+  float acc = 0.f;
+  if (g < groups) {
+    const E* vcol = v + v0 + i * a.v_stride[3];
+    for (int64_t j = g; j < a.S; j += groups) {
+      acc += p[j] * ToFloat(vcol[j * a.v_stride[2]]);
     }
   }
-#pragma unroll
-  for (int c = 0; c < kAttnMaxColsPerLane; ++c) {
-    const int64_t i = lane + 32 * c;
-    if (i < a.Dv) partial[warp * a.Dv + i] = acc[c];
-  }
+  partial[threadIdx.x] = acc;
   __syncthreads();
-  const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
-  for (int64_t i = threadIdx.x; i < a.Dv; i += kNormThreads) {
+  if (threadIdx.x < a.Dv) {
     float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) sum += partial[w * a.Dv + i];
+    for (int64_t gg = 0; gg < groups; ++gg) sum += partial[gg * a.Dv + i];
+    const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
     StoreFromFloat(a.out, a.out_dtype, o0 + i, sum / total);
   }
 }
@@ -488,8 +461,7 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
   AttentionArgs a = args;
   if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
   const size_t shared =
-      static_cast<size_t>(args.D + args.S + kAttnWarps * args.Dv) *
-      sizeof(float);
+      static_cast<size_t>(args.D + args.S + kNormThreads) * sizeof(float);
   const auto grid = static_cast<unsigned>(blocks);
   auto s = static_cast<cudaStream_t>(stream);
   switch (a.qkv_dtype) {

@@ -185,17 +185,6 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
        (k.scalar_type() != at::kBFloat16 && k.scalar_type() != at::kHalf))) {
     return GeneralAttention(q, k, v, bias);
   }
-  // One kernel on CUDA (the short-query kernel with T = 1) instead of the
-  // bmm / add / softmax / bmm below, unless LORAHUB_DECODE_ATTN_BMM=1.
-  if (!low && q.is_cuda() && !Disabled() && !DecodeAttentionBmm() &&
-      !Differentiable(q) && !Differentiable(k) && !Differentiable(v) &&
-      !Differentiable(bias)) {
-    RECORD_USER_SCOPE("lorahub::attention");
-    at::Tensor out;
-    if (fused_backend::SmallAttention(q, k, v, bias, q.scalar_type(), &out)) {
-      return out;
-    }
-  }
   // [B*H, 1, d] x [B*H, d, S]: the keys' transpose is a stride swap, which
   // bmm passes to the GEMM as a transposed operand (no copy).
   const at::Tensor q3 = q.to(k.scalar_type()).reshape({B * H, 1, d});
@@ -215,11 +204,6 @@ at::ScalarType DecodeKvDtype(at::ScalarType compute) {
     return v != nullptr && *v != '\0' && std::string(v) != "0";
   }();
   return bf16 && compute == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-}
-
-bool DecodeAttentionBmm() {
-  static const bool bmm = EnvFlag("LORAHUB_DECODE_ATTN_BMM");
-  return bmm;
 }
 
 bool LoraRowGemvEnabled() {

@@ -125,7 +125,9 @@ void SetAttentionBf16ForTesting(int value);
 // (cuBLAS / CPU bmm over B*H matrices) around the bias add and the softmax,
 // all in the dtype of q, k, v. Why: on CUDA the generic fp32 kernel is tuned
 // for long queries; one query per row made it half of all kernel time of a
-// decode step (docs/BENCHMARKS.md, fourth session). Fixed shapes and no host
+// decode step (docs/BENCHMARKS.md, fourth session); the short-query kernel
+// with one query was slower still (sixth session: base generation at batch
+// 64, 15.4k against 18.0k tokens/s on an H200). Fixed shapes and no host
 // synchronisation, so it can be captured in a CUDA graph. Masks stay in the
 // bias (causal / cache length, padded encoder rows). q: [B, H, 1, d];
 // k, v: [B, H, S, d] (any strides; a copy only where B and H do not fold
@@ -134,13 +136,6 @@ void SetAttentionBf16ForTesting(int value);
 // be bf16 with q and bias fp32 (DecodeKvDtype); the result is then fp32.
 at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& bias);
-
-// True when LORAHUB_DECODE_ATTN_BMM=1 keeps SingleQueryAttention on its two
-// batched matmuls on CUDA. Otherwise, when q, k and v share a dtype, CUDA
-// runs it as the short-query kernel (LaunchSmallAttention with one query:
-// one kernel instead of about five, and no cuBLAS GEMV whose batch of B*H
-// one-row products left most of the GPU idle). Read once.
-bool DecodeAttentionBmm();
 
 // One adapted site of LoraRowDeltas: the B factor [S, out, r] and scalings
 // [S, 1, 1] (fp32) of the bank, the site's output columns [col, col + out)

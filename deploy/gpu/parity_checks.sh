@@ -18,7 +18,7 @@
 #  F. (BENCH=1) `lorahub bench` in bf16 on the flan-t5-large-shaped fixture -> $OUT/bench_bf16.json;
 #     BENCH_AB="separate generic_attn bf16_attn" picks the same-build A/B runs (default: separate;
 #     also no_fused small_attn_generic lora_bf16 obj_attn_bf16 obj_bf16 no_encoder_graph
-#     decode_attn_bmm no_lora_gemv old_decode, see part F)
+#     no_lora_gemv, see part F)
 # The Python-only work (fixtures, the reference's traces, A, B) runs in the background from the
 # start, while the build runs. Everything logs to $OUT/log.txt; a failed step prints FAILED and
 # the run goes on. Background jobs are waited for by pid (a bare `wait` would also wait for the
@@ -258,9 +258,8 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # kernel off), small_attn_generic (short-query attention back on SDPA), lora_bf16 /
   # obj_attn_bf16 / obj_bf16 (the objective's bf16 LoRA, bf16 attention, both; experimental),
   # no_encoder_graph (the eager encoder in generation instead of the pooled CUDA-graph
-  # StaticEncoder: the ttft_ms A/B), decode_attn_bmm (decode-step attention on the bmm path
-  # instead of the short-query kernel), no_lora_gemv (per-row LoRA of decode steps as batched
-  # GEMMs instead of the shrink/expand kernels), old_decode (both).
+  # StaticEncoder: the ttft_ms A/B), no_lora_gemv (per-row LoRA of decode steps as batched
+  # GEMMs instead of the shrink/expand kernels).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
@@ -273,9 +272,7 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
       obj_attn_bf16) bench obj_attn_bf16 LORAHUB_ATTN_BF16=1 ;;
       obj_bf16) bench obj_bf16 "LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1" --profile-out "$WORK/bench/profile_obj_bf16.json" ;;
       no_encoder_graph) bench no_encoder_graph LORAHUB_NO_ENCODER_GRAPH=1 ;;
-      decode_attn_bmm) bench decode_attn_bmm LORAHUB_DECODE_ATTN_BMM=1 ;;
       no_lora_gemv) bench no_lora_gemv LORAHUB_NO_LORA_GEMV=1 ;;
-      old_decode) bench old_decode "LORAHUB_DECODE_ATTN_BMM=1 LORAHUB_NO_LORA_GEMV=1" ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done
