@@ -36,8 +36,9 @@
 // Every timing waits for the device (SynchronizeDevice or a host copy of the result).
 //
 // --profile-out FILE: after all timings, one more objective evaluation under LibTorch's
-// Kineto profiler (Chrome trace to FILE) and one per-row generation call (trace to
-// FILE with ".generate" before its extension); for each, a table of the top kernels
+// Kineto profiler (Chrome trace to FILE), one batched evaluation of --population
+// candidates (CMA-ES's call; ".population" before the extension) and one per-row
+// generation call (".generate"); for each, a table of the top kernels
 // (name, count, total us), the number of kernels and their summed time against the wall
 // time goes to stderr, and the same figures to the JSON under "profile" (bench_profile.h;
 // on the CPU, or without Kineto/CUPTI, CPU operators and a note instead).
@@ -470,6 +471,14 @@ absl::Status Run(const Args& args) {
     profile["objective"] = Profile("objective evaluation", profile_out, base.device, [&] {
       return objective.Score({random_w()}).status();
     });
+    // One CMA-ES population as the optimizer scores it: one batched call.
+    std::vector<learn::Candidate> population_w;
+    for (int64_t i = 0; i < population; ++i) population_w.push_back(random_w());
+    profile["objective_population"] =
+        Profile(absl::StrCat("objective, one population (", population, " candidates)"),
+                TaggedPath(profile_out, "population"), base.device,
+                [&] { return objective.Score(population_w).status(); });
+    profile["objective_population"]["candidates"] = population;
     model::GenerateOptions g;
     g.max_new_tokens = gen_tokens;
     // One unprofiled call first: the profiled one then replays a pooled decoder.

@@ -58,6 +58,7 @@ assert len(lines) == 1, "want one JSON line, got %d" % len(lines)
 p = json.loads(lines[0])["profile"]
 err = open(sys.argv[2]).read()
 for key, label in [("objective", "profile objective evaluation:"),
+                   ("objective_population", "profile objective, one population (4 candidates):"),
                    ("generate_per_row", "profile generation per-row (2 rows):")]:
     s = p[key]
     assert "error" not in s, s
@@ -67,6 +68,9 @@ for key, label in [("objective", "profile objective evaluation:"),
     assert label in err, err
 assert any(r[0] == "aten::mm" or r[0] == "aten::addmm" for r in p["objective"]["top"]), p
 assert p["generate_per_row"]["decode_steps"] >= 1, p
+assert p["objective_population"]["candidates"] == 4, p
+# Four candidates do more work than one: more operator events.
+assert p["objective_population"]["events"] > p["objective"]["events"], p
 print("profile ok:", p["objective"]["events"], "CPU op events per evaluation")
 PY
 # Bad input: exit code 2 and a one-line message.
