@@ -7,8 +7,9 @@
 // cuda_graph_cuda.cc (CMake against a CUDA LibTorch) captures with
 // at::cuda::CUDAGraph.
 //
-// Thread-safety: capture one graph at a time per process; a CapturedGraph is
-// replayed by one thread at a time.
+// Thread-safety: CaptureCudaGraph may be called from any thread; it captures
+// one graph at a time per process (a process-wide lock around warm-up and
+// capture). A CapturedGraph is replayed by one thread at a time.
 #ifndef LORAHUB_CORE_MODEL_CUDA_GRAPH_H_
 #define LORAHUB_CORE_MODEL_CUDA_GRAPH_H_
 

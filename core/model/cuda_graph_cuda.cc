@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <mutex>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -51,6 +52,11 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
   if (!device.is_cuda()) {
     return absl::UnimplementedError("CUDA graphs need a CUDA device");
   }
+  // One capture at a time per process (several threads capture: engines of
+  // different devices, decoders and encoders of generation, objective
+  // runners of compose jobs); the warm-up runs are inside the lock too.
+  static std::mutex* capture_mu = new std::mutex;
+  std::lock_guard<std::mutex> capture_lock(*capture_mu);
   bool capturing = false;
   auto graph = std::make_unique<CudaGraph>(device);
   try {

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -26,13 +25,6 @@ void LogFallbackOnce(const std::string& why) {
                  "steps run eagerly\n",
                  why.c_str());
   }
-}
-
-// cuda_graph.h: one capture at a time per process. Generation may run on
-// several threads (serving workers, jobs), so decoders take turns.
-std::mutex& CaptureMutex() {
-  static std::mutex* mu = new std::mutex;
-  return *mu;
 }
 
 absl::Status CheckIndex(const at::Tensor& t, int64_t n, const char* what) {
@@ -197,7 +189,6 @@ void StaticDecoder::ResetState() {
 }
 
 void StaticDecoder::TryCapture() {
-  std::lock_guard<std::mutex> lock(CaptureMutex());
   // CaptureCudaGraph runs the body twice eagerly (warm-up), captures it once
   // and replays it once: the warm-ups restart at t = 0 so that t never
   // passes the capacity, and the captured body must not reset t itself.

@@ -28,7 +28,7 @@
 // outlive it; it owns copies of everything else (encoder-derived tensors,
 // the rows' slot and mask tensors). Thread-safety: one thread at a time per
 // decoder; creating decoders on several threads is safe (captures are
-// serialised by a process-wide lock in static_decoder.cc).
+// serialised by CaptureCudaGraph, cuda_graph.h).
 #ifndef LORAHUB_CORE_MODEL_STATIC_DECODER_H_
 #define LORAHUB_CORE_MODEL_STATIC_DECODER_H_
 

@@ -29,13 +29,6 @@ void LogFallbackOnce(const std::string& why) {
   }
 }
 
-// cuda_graph.h: one capture at a time per process (generation may run on
-// several threads).
-std::mutex& CaptureMutex() {
-  static std::mutex* mu = new std::mutex;
-  return *mu;
-}
-
 absl::Status CheckInputs(const at::Tensor& ids, const at::Tensor& mask,
                          int64_t batch, int64_t length) {
   if (!ids.defined() || !mask.defined() || ids.scalar_type() != at::kLong ||
@@ -125,7 +118,6 @@ absl::Status StaticEncoder::Body(EncoderOutput& out) {
 }
 
 void StaticEncoder::TryCapture() {
-  std::lock_guard<std::mutex> lock(CaptureMutex());
   // The warm-ups' outputs are dropped before the capture, so that nothing
   // allocated outside the graph is freed while capturing; what the captured
   // run stores in out_ lives in the graph's private memory.
