@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""bf16 against the fp32 reference at the same weights (issue 7's numerics target: within 1%).
+
+Run ON THE GPU HOST after the build (deploy/gpu/build_and_test.sh), on the flan-t5-large-shaped
+fixture (ref_lorahub.py fixture --size large --format bin):
+
+  python3 deploy/gpu/bf16_numerics.py --ref .gpu/bench/ref_lorahub.py --fixture /tmp/lorahub_large \
+      --lorahub .gpu/build/bin/server/lorahub [--ref-trace TRACE.json] [--ours-trace NAME=FILE.jsonl]... \
+      [--out numerics.md]
+
+Weight vectors: w = 0; the best point of the reference's COBYLA trace (ref_learn_trace.py's JSON)
+and of each of our `learn --trace` files when given; three uniform draws in [-1.5, 1.5] (the
+search box) and three normal draws with sigma 0.3 (seeds 1-3). For each: the reference's score
+(fp32, loaded once, in this process), `lorahub score` in fp32 (the default on CUDA: the exact
+reference numerics) and in bf16. Prints a markdown table with bf16 - reference relative to the
+reference; writes it to --out too.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+
+def best_of_reference(path):
+    evals = json.load(open(path))["evaluations"]
+    return min(evals, key=lambda e: e["score"])["w"]
+
+
+def best_of_ours(path):
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    return min(rows, key=lambda r: r["score"])["weights"]
+
+
+def ours(lorahub, fixture, adapters, w, dtype, device):
+    cmd = [lorahub, "score", "--model", os.path.join(fixture, "base")]
+    for a in adapters:
+        cmd += ["--adapter", a]
+    cmd += ["--weights", ",".join(repr(float(v)) for v in w), "--examples",
+            os.path.join(fixture, "examples.jsonl"), "--device", device, "--dtype", dtype,
+            "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError("lorahub score %s exit %d: %s" % (dtype, p.returncode, p.stderr[-300:]))
+    return json.loads(p.stdout.strip().splitlines()[-1])["score"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ref", required=True)
+    ap.add_argument("--fixture", required=True)
+    ap.add_argument("--lorahub", required=True)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--ref-trace")
+    ap.add_argument("--ours-trace", action="append", default=[])
+    ap.add_argument("--out")
+    a = ap.parse_args()
+
+    spec = importlib.util.spec_from_file_location("ref_lorahub", a.ref)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    r = ref.Ref(a.fixture, "cuda")
+    n = len(r.cache)
+    adapters = sorted(os.path.join(a.fixture, "modules", d)
+                      for d in os.listdir(os.path.join(a.fixture, "modules")) if d.startswith("m"))
+    # The reference's module order (its cache) is the modules' sorted names, as ours.
+    assert len(adapters) == n, (len(adapters), n)
+
+    points = [("w = 0", [0.0] * n)]
+    if a.ref_trace and os.path.exists(a.ref_trace):
+        points.append(("reference COBYLA-40 best w", best_of_reference(a.ref_trace)))
+    for spec_ in a.ours_trace:
+        name, _, path = spec_.partition("=")
+        if os.path.exists(path):
+            points.append(("ours %s best w" % name, best_of_ours(path)))
+    for seed in (1, 2, 3):
+        g = random.Random(seed)
+        points.append(("uniform [-1.5, 1.5], seed %d" % seed,
+                       [g.uniform(-1.5, 1.5) for _ in range(n)]))
+    for seed in (1, 2, 3):
+        g = random.Random(100 + seed)
+        points.append(("normal sigma 0.3, seed %d" % seed, [g.gauss(0.0, 0.3) for _ in range(n)]))
+
+    lines = ["| weights | reference fp32 | ours fp32 | fp32 - ref (rel) | ours bf16 | bf16 - ref (rel) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, w in points:
+        want = float(r.score(w))
+        row = [label, "%.6f" % want]
+        for dtype in ("fp32", "bf16"):
+            try:
+                got = ours(a.lorahub, a.fixture, adapters, w, dtype, a.device)
+                row += ["%.6f" % got, "%+.3g" % ((got - want) / abs(want))]
+            except Exception as e:  # report and go on
+                print("FAILED %s %s: %s" % (label, dtype, e), file=sys.stderr)
+                row += ["failed", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if a.out:
+        open(a.out, "w").write(text)
+
+
+if __name__ == "__main__":
+    main()
