@@ -295,70 +295,94 @@ __global__ void __launch_bounds__(kNormThreads)
 }
 
 // One warp per (row b, rank c): lanes stride over `in`, a shuffle reduction.
-// kVec: fp32 factors and input with unit inner strides, `in` a multiple of 4
-// and 16-byte aligned rows (checked by the launcher): 16-byte loads.
+// The block's 8 warps share the row's x, staged once in shared memory.
+// kVec: fp32 factors with unit inner stride, `in` a multiple of 4 and
+// 16-byte aligned rows (checked by the launcher): 16-byte loads.
 template <typename E, bool kVec>
 __global__ void __launch_bounds__(kNormThreads)
     LoraShrinkKernel(LoraShrinkArgs a) {
+  extern __shared__ float4 x_shared[];  // [in / 4] (float4: 16-byte aligned)
+  float* xs = reinterpret_cast<float*>(x_shared);
   constexpr int kWarps = kNormThreads / 32;
   const int lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t b = blockIdx.y;
+  const float* __restrict__ x = a.x + b * a.x_stride[0];
+  for (int64_t i = threadIdx.x; i < a.in; i += kNormThreads) {
+    xs[i] = x[i * a.x_stride[1]];
+  }
+  __syncthreads();
   if (c >= a.R) return;  // whole warps; no block barrier below
   const E* __restrict__ row = static_cast<const E*>(a.a) +
                               a.slots[b] * a.a_stride[0] + c * a.a_stride[1];
-  const float* __restrict__ x = a.x + b * a.x_stride[0];
   float s = 0.f;
   if constexpr (kVec) {
     const float4* row4 = reinterpret_cast<const float4*>(row);
-    const float4* x4 = reinterpret_cast<const float4*>(x);
 #pragma unroll 4
     for (int64_t i = lane; i < a.in / 4; i += 32) {
-      const float4 w = row4[i], u = x4[i];
+      const float4 w = row4[i], u = x_shared[i];
       s += u.x * w.x + u.y * w.y + u.z * w.z + u.w * w.w;
     }
   } else {
 #pragma unroll 4
     for (int64_t i = lane; i < a.in; i += 32) {
-      s += x[i * a.x_stride[1]] * ToFloat(row[i * a.a_stride[2]]);
+      s += xs[i] * ToFloat(row[i * a.a_stride[2]]);
     }
   }
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   if (lane == 0) a.out[b * a.R + c] = s;
 }
 
-// One thread per (row b, output o); the row's xa in shared memory. kVec:
-// fp32 factors with unit inner stride, r a multiple of 4, 16-byte aligned
-// rows: the thread's r factors as r/4 16-byte loads.
-template <typename E, bool kVec>
+// One thread per (row b, site k, output o): blocks [first_k, first_k+1) of
+// grid.x belong to site k (kNormThreads outputs each); the row's xa in
+// shared memory. A site's `vec` (fp32 factors with unit inner stride, r a
+// multiple of 4, 16-byte aligned rows; set by the launcher): its r factors
+// as r/4 16-byte loads.
+struct ExpandLayout {
+  int first_block[kMaxExpandSites + 1];
+  bool vec[kMaxExpandSites];
+};
+
+template <typename E>
 __global__ void __launch_bounds__(kNormThreads)
-    LoraExpandKernel(LoraExpandArgs a) {
-  extern __shared__ float xa[];  // [r]
+    LoraExpandKernel(LoraExpandArgs a, ExpandLayout layout) {
+  extern __shared__ float xa[];  // [xa_cols]
   const int64_t b = blockIdx.y;
-  for (int64_t c = threadIdx.x; c < a.r; c += kNormThreads) {
+  for (int64_t c = threadIdx.x; c < a.xa_cols; c += kNormThreads) {
     xa[c] = a.xa[b * a.xa_stride[0] + c * a.xa_stride[1]];
   }
   __syncthreads();
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kNormThreads + threadIdx.x;
-  if (o >= a.out) return;
+  int k = 0;
+  while (k + 1 < a.num_sites &&
+         static_cast<int>(blockIdx.x) >= layout.first_block[k + 1]) {
+    ++k;
+  }
+  const LoraExpandSite& site = a.sites[k];
+  const int64_t o =
+      static_cast<int64_t>(blockIdx.x - layout.first_block[k]) * kNormThreads +
+      threadIdx.x;
+  if (o >= site.out) return;
   const int64_t slot = a.slots[b];
-  const E* __restrict__ w =
-      static_cast<const E*>(a.w) + slot * a.w_stride[0] + o * a.w_stride[1];
+  const E* __restrict__ w = static_cast<const E*>(site.w) +
+                            slot * site.w_stride[0] + o * site.w_stride[1];
+  const float* xk = xa + site.rank_offset;
   float acc = 0.f;
-  if constexpr (kVec) {
+  if (layout.vec[k]) {
     const float4* w4 = reinterpret_cast<const float4*>(w);
 #pragma unroll 4
-    for (int64_t c = 0; c < a.r / 4; ++c) {
+    for (int64_t c = 0; c < site.r / 4; ++c) {
       const float4 v = w4[c];
-      acc += xa[4 * c] * v.x + xa[4 * c + 1] * v.y + xa[4 * c + 2] * v.z +
-             xa[4 * c + 3] * v.w;
+      acc += xk[4 * c] * v.x + xk[4 * c + 1] * v.y + xk[4 * c + 2] * v.z +
+             xk[4 * c + 3] * v.w;
     }
   } else {
-    for (int64_t c = 0; c < a.r; ++c) acc += xa[c] * ToFloat(w[c * a.w_stride[2]]);
+    for (int64_t c = 0; c < site.r; ++c) {
+      acc += xk[c] * ToFloat(w[c * site.w_stride[2]]);
+    }
   }
-  float s = a.scale[slot * a.scale_stride];
+  float s = site.scale[slot * site.scale_stride];
   if (a.mask != nullptr) s *= a.mask[b * a.mask_stride];
-  a.y[b * a.y_stride[0] + o * a.y_stride[1]] += s * acc;
+  site.y[b * site.y_stride[0] + o * site.y_stride[1]] += s * acc;
 }
 
 // True when every row of `p + k * stride` (k >= 0) starts 16-byte aligned.
@@ -485,29 +509,31 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
   constexpr int64_t kWarps = kNormThreads / 32;
   const int64_t gx = (args.R + kWarps - 1) / kWarps;
   if (args.B < 0 || args.B > 65535 || args.R < 0 || gx > 0x7fffffff ||
-      args.in <= 0 || args.x == nullptr || args.a == nullptr ||
-      args.slots == nullptr || args.out == nullptr) {
+      args.in <= 0 || args.in > kMaxLoraIn || args.x == nullptr ||
+      args.a == nullptr || args.slots == nullptr || args.out == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(args.B));
+  // Whole float4s, so that the vectorized path may read x_shared as float4.
+  const size_t shared = static_cast<size_t>((args.in + 3) / 4) * sizeof(float4);
   auto s = static_cast<cudaStream_t>(stream);
   const bool vec = args.a_dtype == DType::kFloat && args.in % 4 == 0 &&
-                   args.a_stride[2] == 1 && args.x_stride[1] == 1 &&
-                   Aligned16(args.a, 4, {args.a_stride[0], args.a_stride[1]}) &&
-                   Aligned16(args.x, 4, {args.x_stride[0]});
+                   args.a_stride[2] == 1 &&
+                   Aligned16(args.a, 4, {args.a_stride[0], args.a_stride[1]});
   switch (args.a_dtype) {
     case DType::kFloat:
       if (vec) {
-        LoraShrinkKernel<float, true><<<grid, kNormThreads, 0, s>>>(args);
+        LoraShrinkKernel<float, true><<<grid, kNormThreads, shared, s>>>(args);
       } else {
-        LoraShrinkKernel<float, false><<<grid, kNormThreads, 0, s>>>(args);
+        LoraShrinkKernel<float, false><<<grid, kNormThreads, shared, s>>>(args);
       }
       break;
     case DType::kBFloat16:
-      LoraShrinkKernel<__nv_bfloat16, false><<<grid, kNormThreads, 0, s>>>(args);
+      LoraShrinkKernel<__nv_bfloat16, false>
+          <<<grid, kNormThreads, shared, s>>>(args);
       break;
     case DType::kHalf:
-      LoraShrinkKernel<__half, false><<<grid, kNormThreads, 0, s>>>(args);
+      LoraShrinkKernel<__half, false><<<grid, kNormThreads, shared, s>>>(args);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
@@ -516,34 +542,44 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
 }
 
 int LaunchLoraExpand(const LoraExpandArgs& args, void* stream) {
-  if (args.B == 0 || args.out == 0) return 0;
-  const int64_t gx = (args.out + kNormThreads - 1) / kNormThreads;
-  if (args.B < 0 || args.B > 65535 || args.out < 0 || gx > 0x7fffffff ||
-      args.r <= 0 || args.r > 1024 || args.xa == nullptr ||
-      args.w == nullptr || args.scale == nullptr || args.slots == nullptr ||
-      args.y == nullptr) {
+  if (args.B == 0 || args.num_sites == 0) return 0;
+  if (args.B < 0 || args.B > 65535 || args.num_sites < 0 ||
+      args.num_sites > kMaxExpandSites || args.xa == nullptr ||
+      args.xa_cols <= 0 || args.xa_cols > kMaxLoraRanks ||
+      args.slots == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(args.B));
-  const size_t shared = static_cast<size_t>(args.r) * sizeof(float);
+  ExpandLayout layout{};
+  int64_t blocks = 0;
+  for (int k = 0; k < args.num_sites; ++k) {
+    const LoraExpandSite& site = args.sites[k];
+    if (site.w == nullptr || site.scale == nullptr || site.y == nullptr ||
+        site.out < 0 || site.r <= 0 || site.rank_offset < 0 ||
+        site.rank_offset + site.r > args.xa_cols) {
+      return static_cast<int>(cudaErrorInvalidValue);
+    }
+    layout.first_block[k] = static_cast<int>(blocks);
+    layout.vec[k] = args.w_dtype == DType::kFloat && site.r % 4 == 0 &&
+                    site.w_stride[2] == 1 &&
+                    Aligned16(site.w, 4, {site.w_stride[0], site.w_stride[1]});
+    blocks += (site.out + kNormThreads - 1) / kNormThreads;
+    if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  }
+  layout.first_block[args.num_sites] = static_cast<int>(blocks);
+  if (blocks == 0) return 0;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(args.B));
+  const size_t shared = static_cast<size_t>(args.xa_cols) * sizeof(float);
   auto s = static_cast<cudaStream_t>(stream);
-  const bool vec = args.w_dtype == DType::kFloat && args.r % 4 == 0 &&
-                   args.w_stride[2] == 1 &&
-                   Aligned16(args.w, 4, {args.w_stride[0], args.w_stride[1]});
   switch (args.w_dtype) {
     case DType::kFloat:
-      if (vec) {
-        LoraExpandKernel<float, true><<<grid, kNormThreads, shared, s>>>(args);
-      } else {
-        LoraExpandKernel<float, false><<<grid, kNormThreads, shared, s>>>(args);
-      }
+      LoraExpandKernel<float><<<grid, kNormThreads, shared, s>>>(args, layout);
       break;
     case DType::kBFloat16:
-      LoraExpandKernel<__nv_bfloat16, false>
-          <<<grid, kNormThreads, shared, s>>>(args);
+      LoraExpandKernel<__nv_bfloat16>
+          <<<grid, kNormThreads, shared, s>>>(args, layout);
       break;
     case DType::kHalf:
-      LoraExpandKernel<__half, false><<<grid, kNormThreads, shared, s>>>(args);
+      LoraExpandKernel<__half><<<grid, kNormThreads, shared, s>>>(args, layout);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);

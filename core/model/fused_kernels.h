@@ -68,7 +68,9 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream);
 //
 // Shrink: out[b, c] = sum_i x[b, i] * a[slots[b], c, i] for c < R, fp32
 // accumulation; x fp32 [B, in], a of a_dtype [S, R, in] (element strides),
-// out a contiguous fp32 [B, R]. One warp per (row, c).
+// out a contiguous fp32 [B, R]. One warp per (row, c); in <= kMaxLoraIn.
+inline constexpr int64_t kMaxLoraIn = 8192;   // x staged in shared memory
+inline constexpr int64_t kMaxLoraRanks = 4096;  // xa staged in shared memory
 struct LoraShrinkArgs {
   const float* x = nullptr;
   int64_t x_stride[2] = {0, 0};
@@ -81,25 +83,34 @@ struct LoraShrinkArgs {
 };
 int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream);
 
-// Expand: y[b, o] += s_b * sum_c xa[b, c] * w[slots[b], o, c] for o < out,
-// c < r, where s_b = scale[slots[b]] * (mask ? mask[b] : 1); xa fp32 [B, r]
-// (a column slice of the shrink's output), w of w_dtype [S, out, r], y fp32
-// [B, out] (a column slice of a wider output); element strides. One thread
-// per (row, o); r <= 1024.
-struct LoraExpandArgs {
-  const float* xa = nullptr;
-  int64_t xa_stride[2] = {0, 0};
+// Expand, for up to kMaxExpandSites sites in one launch: for every site k,
+// y_k[b, o] += s_kb * sum_c xa[b, off_k + c] * w_k[slots[b], o, c] for
+// o < out_k, c < r_k, where s_kb = scale_k[slots[b]] * (mask ? mask[b] : 1);
+// xa fp32 [B, xa_cols] (the shrink's output: every site's ranks side by
+// side), w_k of w_dtype [S, out_k, r_k], y_k fp32 [B, out_k] (a column slice
+// of a wider output); element strides. One thread per (row, site, o);
+// xa_cols <= kMaxLoraRanks.
+inline constexpr int kMaxExpandSites = 4;
+struct LoraExpandSite {
   const void* w = nullptr;
-  DType w_dtype = DType::kNone;
   int64_t w_stride[3] = {0, 0, 0};
   const float* scale = nullptr;
   int64_t scale_stride = 0;
+  float* y = nullptr;
+  int64_t y_stride[2] = {0, 0};
+  int64_t out = 0, r = 0, rank_offset = 0;
+};
+struct LoraExpandArgs {
+  const float* xa = nullptr;
+  int64_t xa_stride[2] = {0, 0};
+  int64_t xa_cols = 0;
+  DType w_dtype = DType::kNone;
   const float* mask = nullptr;  // null: every row
   int64_t mask_stride = 0;
   const int64_t* slots = nullptr;
-  float* y = nullptr;
-  int64_t y_stride[2] = {0, 0};
-  int64_t B = 0, out = 0, r = 0;
+  int64_t B = 0;
+  int num_sites = 0;
+  LoraExpandSite sites[kMaxExpandSites];
 };
 int LaunchLoraExpand(const LoraExpandArgs& args, void* stream);
 

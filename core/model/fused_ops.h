@@ -152,10 +152,12 @@ struct LoraRowSite {
 //   y[b, col_k : col_k + out_k] += scale_k[slot] * mask[b]
 //       * (x[b] a[slot]^T)[rank_k] b_k[slot]^T
 // for every site k, as one shrink kernel for all sites (their A factors side
-// by side in `a` [S, R, in]) and one expand kernel per site, reading every
-// row's factors straight from the bank: no gather copies, no batched GEMV.
+// by side in `a` [S, R, in]) and one expand kernel per four sites, reading
+// every row's factors straight from the bank: no gather copies, no batched
+// GEMV.
 // y: fp32 [B, total] (any strides; e.g. a fused projection's output), x:
-// fp32 [B, in], a and every b: fp32, bf16 or fp16, slots: int64 [B] (the
+// fp32 [B, in] (in <= 8192), a [S, R, in] (R <= 4096) and every b (one
+// dtype for all b): fp32, bf16 or fp16, slots: int64 [B] (the
 // rows' slots, clamped to >= 0), mask: fp32 [B, 1, 1] or undefined (every
 // row adapted). All or nothing: returns false having changed nothing when it
 // does not take these tensors (not CUDA, a build without the kernels,

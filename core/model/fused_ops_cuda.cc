@@ -218,7 +218,7 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   const int64_t B = x.size(0), in = x.size(1), R = a.size(1);
   if (B == 0) return true;
   if (B > 65535 || y.size(0) != B || slots.size(0) != B || a.size(2) != in ||
-      R <= 0) {
+      R <= 0 || in > kernels::kMaxLoraIn || R > kernels::kMaxLoraRanks) {
     return false;
   }
   if (mask.defined() &&
@@ -226,11 +226,13 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
        mask.numel() != B)) {
     return false;
   }
+  const kernels::DType w_dtype = KernelDType(sites[0].b.scalar_type());
   for (const LoraRowSite& s : sites) {
     if (!on_device(s.b) || s.b.dim() != 3 ||
-        KernelDType(s.b.scalar_type()) == kernels::DType::kNone ||
-        s.b.size(0) != a.size(0) || s.b.size(2) <= 0 || s.b.size(2) > 1024 ||
-        s.rank_offset < 0 || s.rank_offset + s.b.size(2) > R || s.col < 0 ||
+        KernelDType(s.b.scalar_type()) != w_dtype ||
+        w_dtype == kernels::DType::kNone || s.b.size(0) != a.size(0) ||
+        s.b.size(2) <= 0 || s.rank_offset < 0 ||
+        s.rank_offset + s.b.size(2) > R || s.col < 0 ||
         s.col + s.b.size(1) > y.size(1) || !on_device(s.scale) ||
         s.scale.scalar_type() != at::kFloat ||
         s.scale.numel() != a.size(0)) {
@@ -256,29 +258,41 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   int err = kernels::LaunchLoraShrink(shrink, stream);
   TORCH_CHECK(err == 0, "LoRA shrink kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
-  // The mask as a [B] view: stride of its only non-unit dimension.
+  // The mask and the scalings as [N] views (stride of the one non-unit
+  // dimension); kept alive until the launches are queued.
   const at::Tensor mask1 = mask.defined() ? mask.reshape({B}) : at::Tensor();
-  for (const LoraRowSite& s : sites) {
-    const at::Tensor scale1 = s.scale.reshape({s.scale.numel()});
-    const at::Tensor ys = y.narrow(1, s.col, s.b.size(1));
-    kernels::LoraExpandArgs expand;
-    expand.xa = xa.data_ptr<float>() + s.rank_offset;
-    expand.xa_stride[0] = R;
-    expand.xa_stride[1] = 1;
-    expand.w = s.b.data_ptr();
-    expand.w_dtype = KernelDType(s.b.scalar_type());
-    for (int i = 0; i < 3; ++i) expand.w_stride[i] = s.b.stride(i);
-    expand.scale = scale1.data_ptr<float>();
-    expand.scale_stride = scale1.stride(0);
-    expand.mask = mask1.defined() ? mask1.data_ptr<float>() : nullptr;
-    expand.mask_stride = mask1.defined() ? mask1.stride(0) : 0;
-    expand.slots = shrink.slots;
-    expand.y = ys.data_ptr<float>();
-    expand.y_stride[0] = ys.stride(0);
-    expand.y_stride[1] = ys.stride(1);
-    expand.B = B;
-    expand.out = s.b.size(1);
-    expand.r = s.b.size(2);
+  std::vector<at::Tensor> scales;
+  kernels::LoraExpandArgs expand;
+  expand.xa = xa.data_ptr<float>();
+  expand.xa_stride[0] = R;
+  expand.xa_stride[1] = 1;
+  expand.xa_cols = R;
+  expand.w_dtype = w_dtype;
+  expand.mask = mask1.defined() ? mask1.data_ptr<float>() : nullptr;
+  expand.mask_stride = mask1.defined() ? mask1.stride(0) : 0;
+  expand.slots = shrink.slots;
+  expand.B = B;
+  // One launch per kMaxExpandSites sites.
+  for (size_t first = 0; first < sites.size();
+       first += kernels::kMaxExpandSites) {
+    expand.num_sites = 0;
+    for (size_t k = first;
+         k < sites.size() && expand.num_sites < kernels::kMaxExpandSites; ++k) {
+      const LoraRowSite& s = sites[k];
+      scales.push_back(s.scale.reshape({s.scale.numel()}));
+      const at::Tensor ys = y.narrow(1, s.col, s.b.size(1));
+      kernels::LoraExpandSite& e = expand.sites[expand.num_sites++];
+      e.w = s.b.data_ptr();
+      for (int i = 0; i < 3; ++i) e.w_stride[i] = s.b.stride(i);
+      e.scale = scales.back().data_ptr<float>();
+      e.scale_stride = scales.back().stride(0);
+      e.y = ys.data_ptr<float>();
+      e.y_stride[0] = ys.stride(0);
+      e.y_stride[1] = ys.stride(1);
+      e.out = s.b.size(1);
+      e.r = s.b.size(2);
+      e.rank_offset = s.rank_offset;
+    }
     err = kernels::LaunchLoraExpand(expand, stream);
     TORCH_CHECK(err == 0, "LoRA expand kernel: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)));

@@ -143,6 +143,33 @@ TEST(LoraRowGemvTest, StridedOutputOneSite) {
   }
 }
 
+// More sites than one expand launch takes (four): five sites of rank 4 over
+// one [S, 20, in] A, their outputs side by side in y.
+TEST(LoraRowGemvTest, FiveSitesTwoExpandLaunches) {
+  at::manual_seed(24);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  Case c = MakeCase(at::kFloat, true);
+  constexpr int64_t kR = 4, kOut = 20;
+  c.a = at::randn({kSlots, 5 * kR, kIn}, F32()) * 0.3;
+  c.sites.clear();
+  for (int64_t k = 0; k < 5; ++k) {
+    LoraRowSite site;
+    site.col = k * kOut;
+    site.rank_offset = k * kR;
+    site.b = at::randn({kSlots, kOut, kR}, F32()) * 0.3;
+    site.scale = at::full({kSlots, 1, 1}, 0.5 + k, F32());
+    c.sites.push_back(site);
+  }
+  const at::Tensor before = c.y.clone();
+  const at::Tensor want = Want(c);
+  ASSERT_EQ(LoraRowDeltas(c.y, c.x, c.a, c.sites, c.slots, c.mask), cuda);
+  if (cuda) {
+    EXPECT_LE(RelDiff(c.y, want), 2e-6);
+  } else {
+    EXPECT_TRUE(at::equal(c.y, before));
+  }
+}
+
 // What it does not take, it declines without writing anything.
 TEST(LoraRowGemvTest, DeclinesBadShapes) {
   at::manual_seed(23);
