@@ -11,7 +11,7 @@ fixture (ref_lorahub.py fixture --size large --format bin):
 Weight vectors: w = 0; the best point of the reference's COBYLA trace (ref_learn_trace.py's JSON)
 and of each of our `learn --trace` files when given; three uniform draws in [-1.5, 1.5] (the
 search box) and three normal draws with sigma 0.3 (seeds 1-3). For each: the reference's score
-(fp32, loaded once, in this process), `lorahub score` in fp32 (the default on CUDA: the exact
+(upcast to fp32, loaded once, in this process), `lorahub score` in fp32 (the default on CUDA: the exact
 reference numerics) and in bf16. Prints a markdown table with bf16 - reference relative to the
 reference; writes it to --out too.
 """
@@ -62,6 +62,12 @@ def main():
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
     r = ref.Ref(a.fixture, "cuda")
+    # transformers 5 loads a checkpoint in its stored dtype: a bf16-stored base (models/default)
+    # would make the "fp32 reference" a bf16 one. Upcast the model and the module cache.
+    ref_dtype = str(next(r.model.parameters()).dtype)
+    r.model = r.model.float()
+    r.cache = [{k: v.float() for k, v in sd.items()} for sd in r.cache]
+    print("reference loaded as %s, scoring in float32" % ref_dtype, file=sys.stderr)
     n = len(r.cache)
     adapters = sorted(os.path.join(a.fixture, "modules", d)
                       for d in os.listdir(os.path.join(a.fixture, "modules")) if d.startswith("m"))
