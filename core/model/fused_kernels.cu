@@ -229,7 +229,6 @@ __global__ void __launch_bounds__(kNormThreads)
   float* qrow = smem;              // [D]
   float* p = smem + a.D;           // [S]
   float* partial = p + a.S;        // [kNormThreads]
-  const E* __restrict__ q = static_cast<const E*>(a.q);
   const E* __restrict__ k = static_cast<const E*>(a.k);
   const E* __restrict__ v = static_cast<const E*>(a.v);
   const int64_t t = blockIdx.x % a.T;
@@ -241,7 +240,7 @@ __global__ void __launch_bounds__(kNormThreads)
   const int64_t b0 =
       b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
   for (int64_t i = threadIdx.x; i < a.D; i += kNormThreads) {
-    qrow[i] = ToFloat(q[q0 + i * a.q_stride[3]]);
+    qrow[i] = LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]);
   }
   __syncthreads();
   const int lane = threadIdx.x & 31;
@@ -290,6 +289,154 @@ __global__ void __launch_bounds__(kNormThreads)
     float sum = 0.f;
     for (int64_t gg = 0; gg < groups; ++gg) sum += partial[gg * a.Dv + i];
     const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
+    StoreFromFloat(a.out, a.out_dtype, o0 + i, sum / total);
+  }
+}
+
+// One 16-byte vector of E as kWidth floats.
+template <typename E>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  static constexpr int kWidth = 4;
+  __device__ __forceinline__ static void Load(const float* p, float* out) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  }
+};
+template <>
+struct Vec16<__nv_bfloat16> {
+  static constexpr int kWidth = 8;
+  __device__ __forceinline__ static void Load(const __nv_bfloat16* p,
+                                              float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+};
+template <>
+struct Vec16<__half> {
+  static constexpr int kWidth = 8;
+  __device__ __forceinline__ static void Load(const __half* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const auto* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+};
+
+// SmallAttentionKernel for a head of G 16-byte vectors (D == Dv == G * W; G
+// a power of two <= 32), keys and values with unit element stride and
+// 16-byte aligned rows (the launcher checks). Why: one key per warp left a
+// decode step's attention latency-bound (a shuffle reduction per key, one
+// scalar load per lane); here G lanes share a key, each holding its q slice
+// in registers and loading one vector, so a warp scores 32 / G keys per
+// round, and the weighted values are summed as vectors per key group. The
+// arithmetic of SmallAttentionKernel up to the order of the fp32 sums.
+template <typename E, int G>
+__global__ void __launch_bounds__(kNormThreads)
+    VecAttentionKernel(AttentionArgs a) {
+  constexpr int W = Vec16<E>::kWidth;
+  constexpr int kWarps = kNormThreads / 32;
+  constexpr int kKeysPerRound = kNormThreads / G;
+  extern __shared__ float smem[];
+  float* p = smem;              // [S]
+  float* partial = smem + a.S;  // [kWarps, G * W]
+  const E* __restrict__ k = static_cast<const E*>(a.k);
+  const E* __restrict__ v = static_cast<const E*>(a.v);
+  const int64_t t = blockIdx.x % a.T;
+  const int64_t h = (blockIdx.x / a.T) % a.H;
+  const int64_t b = blockIdx.x / (a.T * a.H);
+  const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
+  const int64_t k0 = b * a.k_stride[0] + h * a.k_stride[1];
+  const int64_t v0 = b * a.v_stride[0] + h * a.v_stride[1];
+  const int64_t b0 =
+      b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int part = lane % G;  // this lane's vector of the head
+  float qv[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    qv[e] = LoadAsFloat(a.q, a.q_dtype, q0 + (part * W + e) * a.q_stride[3]);
+  }
+  // Rounds are uniform over a warp (the shuffles need every lane); a lane
+  // past the last key loads nothing and writes nothing.
+  for (int64_t j0 = static_cast<int64_t>(warp) * (32 / G); j0 < a.S;
+       j0 += kKeysPerRound) {
+    const int64_t j = j0 + lane / G;
+    float s = 0.f;
+    if (j < a.S) {
+      float kv[W];
+      Vec16<E>::Load(k + k0 + j * a.k_stride[2] + part * W, kv);
+#pragma unroll
+      for (int e = 0; e < W; ++e) s += qv[e] * kv[e];
+    }
+#pragma unroll
+    for (int off = G / 2; off > 0; off >>= 1) {
+      s += __shfl_xor_sync(0xffffffffu, s, off);
+    }
+    if (j < a.S && part == 0) {
+      p[j] = s + LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
+    }
+  }
+  __syncthreads();
+  float local_max = -INFINITY;
+  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+    local_max = fmaxf(local_max, p[j]);
+  }
+  const float m = BlockMax(local_max);
+  float local_sum = 0.f;
+  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+    const float e = expf(p[j] - m);
+    p[j] = e;
+    local_sum += e;
+  }
+  const float total = BlockSum(local_sum);  // its barrier publishes p
+  // Thread = (key group g, vector column c); keys j = g mod kKeysPerRound.
+  const int c = threadIdx.x % G;
+  float acc[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = 0.f;
+#pragma unroll 4
+  for (int64_t j = threadIdx.x / G; j < a.S; j += kKeysPerRound) {
+    float vv[W];
+    Vec16<E>::Load(v + v0 + j * a.v_stride[2] + c * W, vv);
+    const float pj = p[j];
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] += pj * vv[e];
+  }
+  // The warp's key groups of one column (lanes c, c + G, ...), then the
+  // warps through shared memory.
+#pragma unroll
+  for (int off = 16; off >= G; off >>= 1) {
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], off);
+    }
+  }
+  if (lane < G) {
+#pragma unroll
+    for (int e = 0; e < W; ++e) partial[warp * G * W + c * W + e] = acc[e];
+  }
+  __syncthreads();
+  const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv;  // [B, T, H, Dv]
+  for (int i = threadIdx.x; i < G * W; i += kNormThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w * G * W + i];
     StoreFromFloat(a.out, a.out_dtype, o0 + i, sum / total);
   }
 }
@@ -421,6 +568,55 @@ int LaunchForWeight(const float* x, const void* weight, float* full,
   }
 }
 
+int LastError() { return static_cast<int>(cudaGetLastError()); }
+
+template <typename E, int G>
+void LaunchVecAttention(const AttentionArgs& a, unsigned grid,
+                        cudaStream_t stream) {
+  constexpr int kWarps = kNormThreads / 32;
+  const size_t shared =
+      static_cast<size_t>(a.S + kWarps * G * Vec16<E>::kWidth) * sizeof(float);
+  VecAttentionKernel<E, G><<<grid, kNormThreads, shared, stream>>>(a);
+}
+
+// Launches VecAttentionKernel when the keys and values qualify (see
+// AttentionArgs); false, having launched nothing, otherwise.
+template <typename E>
+bool TryVecAttention(const AttentionArgs& a, unsigned grid,
+                     cudaStream_t stream) {
+  constexpr int W = Vec16<E>::kWidth;
+  if (a.D != a.Dv || a.D % W != 0 || a.k_stride[3] != 1 ||
+      a.v_stride[3] != 1 ||
+      !Aligned16(a.k, sizeof(E),
+                 {a.k_stride[0], a.k_stride[1], a.k_stride[2]}) ||
+      !Aligned16(a.v, sizeof(E),
+                 {a.v_stride[0], a.v_stride[1], a.v_stride[2]})) {
+    return false;
+  }
+  switch (a.D / W) {
+    case 1:
+      LaunchVecAttention<E, 1>(a, grid, stream);
+      return true;
+    case 2:
+      LaunchVecAttention<E, 2>(a, grid, stream);
+      return true;
+    case 4:
+      LaunchVecAttention<E, 4>(a, grid, stream);
+      return true;
+    case 8:
+      LaunchVecAttention<E, 8>(a, grid, stream);
+      return true;
+    case 16:
+      LaunchVecAttention<E, 16>(a, grid, stream);
+      return true;
+    case 32:
+      LaunchVecAttention<E, 32>(a, grid, stream);
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 int LaunchRmsNorm(const float* x, const void* weight, DType weight_dtype,
@@ -484,10 +680,26 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
   }
   AttentionArgs a = args;
   if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
-  const size_t shared =
-      static_cast<size_t>(args.D + args.S + kNormThreads) * sizeof(float);
+  if (a.q_dtype == DType::kNone) a.q_dtype = a.qkv_dtype;
   const auto grid = static_cast<unsigned>(blocks);
   auto s = static_cast<cudaStream_t>(stream);
+  if (a.vectorized) {
+    switch (a.qkv_dtype) {
+      case DType::kFloat:
+        if (TryVecAttention<float>(a, grid, s)) return LastError();
+        break;
+      case DType::kBFloat16:
+        if (TryVecAttention<__nv_bfloat16>(a, grid, s)) return LastError();
+        break;
+      case DType::kHalf:
+        if (TryVecAttention<__half>(a, grid, s)) return LastError();
+        break;
+      default:
+        break;
+    }
+  }
+  const size_t shared =
+      static_cast<size_t>(args.D + args.S + kNormThreads) * sizeof(float);
   switch (a.qkv_dtype) {
     case DType::kFloat:
       SmallAttentionKernel<float><<<grid, kNormThreads, shared, s>>>(a);

@@ -39,21 +39,28 @@ int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
 
 // softmax(q k^T + bias) v (no 1/sqrt(d) scaling) for short queries: one
 // thread block per (row, head, query), scores and softmax in fp32 in shared
-// memory. q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv] of qkv_dtype and
-// bias [B, H, T, S] of bias_dtype (kFloat or kBFloat16) with any element
-// strides (0 for broadcast dimensions); out: a contiguous [B, T, H, Dv] of
-// out_dtype (heads last: the output projection's input layout), each value
-// rounded once from fp32. Returns cudaErrorInvalidValue for shapes it does not take
-// (D or Dv > 256, S > 8192).
+// memory. q [B, H, T, D] of q_dtype, k [B, H, S, D] and v [B, H, S, Dv] of
+// qkv_dtype and bias [B, H, T, S] of bias_dtype (kFloat or kBFloat16) with
+// any element strides (0 for broadcast dimensions); out: a contiguous
+// [B, T, H, Dv] of out_dtype (heads last: the output projection's input
+// layout), each value rounded once from fp32. Returns cudaErrorInvalidValue
+// for shapes it does not take (D or Dv > 256, S > 8192).
+// Keys and values with unit element stride, 16-byte aligned rows and
+// D == Dv a power-of-two number of 16-byte vectors (64 fp32 or bf16: T5's
+// heads) take a vectorized kernel (several keys per warp, 16-byte loads)
+// unless `vectorized` is false (A/B); the same arithmetic up to the order of
+// the fp32 sums.
 struct AttentionArgs {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   const void* bias = nullptr;
   void* out = nullptr;
+  DType q_dtype = DType::kNone;  // kNone: qkv_dtype
   DType qkv_dtype = DType::kNone;
   DType bias_dtype = DType::kNone;
   DType out_dtype = DType::kNone;  // kNone: qkv_dtype
+  bool vectorized = true;
   int64_t B = 0, H = 0, T = 0, S = 0, D = 0, Dv = 0;
   int64_t q_stride[4] = {0, 0, 0, 0};
   int64_t k_stride[4] = {0, 0, 0, 0};

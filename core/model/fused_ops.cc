@@ -117,6 +117,35 @@ bool SmallAttentionGeneric() {
   return generic;
 }
 
+bool SmallAttentionScalar() {
+  static const bool scalar = EnvFlag("LORAHUB_SMALL_ATTN_SCALAR");
+  return scalar;
+}
+
+bool DecodeAttentionBmm() {
+  static const bool bmm = EnvFlag("LORAHUB_DECODE_ATTN_BMM");
+  return bmm;
+}
+
+namespace {
+
+// One query per (row, head) on CUDA through the short-query kernel, written
+// in out_dtype; false (nothing run) where it does not take the tensors.
+bool SingleQueryKernel(const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& bias,
+                       at::ScalarType out_dtype, at::Tensor* out) {
+  if (!q.is_cuda() || Disabled() || SmallAttentionGeneric() ||
+      DecodeAttentionBmm() || Differentiable(q) || Differentiable(k) ||
+      Differentiable(v) || Differentiable(bias)) {
+    return false;
+  }
+  RECORD_USER_SCOPE("lorahub::attention");
+  return fused_backend::SmallAttention(q, k, v, bias, out_dtype,
+                                       !SmallAttentionScalar(), out);
+}
+
+}  // namespace
+
 at::Tensor GeneralAttention(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias) {
   return GeneralAttentionTo(q, k, v, bias, q.scalar_type());
@@ -145,7 +174,8 @@ at::Tensor GeneralAttentionTo(const at::Tensor& q, const at::Tensor& k_in,
   const bool fused = q.is_cuda() && !Disabled() && !Differentiable(q) &&
                      !Differentiable(k) && !Differentiable(v);
   if (fused && small && !Differentiable(bias) &&
-      fused_backend::SmallAttention(q, k, v, bias, out_dtype, &out)) {
+      fused_backend::SmallAttention(q, k, v, bias, out_dtype,
+                                    !SmallAttentionScalar(), &out)) {
     return out;
   }
   if (fused && fused_backend::Attention(q, k, v, bias, &out)) {
@@ -234,16 +264,15 @@ bool DecodeAttentionGeneric() {
 
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias) {
-  if (q.dim() == 4 && q.size(2) == 1 && !DecodeAttentionGeneric()) {
-    return SingleQueryAttention(q, k, v, bias);
-  }
-  return GeneralAttention(q, k, v, bias);
+  return Attention(q, k, v, bias, q.scalar_type());
 }
 
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias,
                      at::ScalarType out_dtype) {
   if (q.dim() == 4 && q.size(2) == 1 && !DecodeAttentionGeneric()) {
+    at::Tensor out;
+    if (SingleQueryKernel(q, k, v, bias, out_dtype, &out)) return out;
     return SingleQueryAttention(q, k, v, bias).to(out_dtype);
   }
   return GeneralAttentionTo(q, k, v, bias, out_dtype);

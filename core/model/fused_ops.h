@@ -73,9 +73,12 @@ at::Tensor GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up);
 // broadcastable to [B, H, T, S]. Returns [B, H, T, d].
 //
 // A single query (T == 1: every incremental decode step, with the KV cache
-// or the static decoder) takes SingleQueryAttention unless
-// LORAHUB_DECODE_ATTN_GENERIC=1 (read once; A/B in one build); everything
-// else takes GeneralAttention.
+// or the static decoder) takes the short-query kernel on CUDA (seventh
+// session: its vectorized variant, several keys per warp; the context
+// written in the caller's dtype, heads last), else SingleQueryAttention;
+// LORAHUB_DECODE_ATTN_BMM=1 keeps it on SingleQueryAttention and
+// LORAHUB_DECODE_ATTN_GENERIC=1 sends it to GeneralAttention (read once;
+// A/B in one build). Everything else takes GeneralAttention.
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias);
 
@@ -104,6 +107,12 @@ constexpr int64_t kSmallQueryMax = 32;
 // True when LORAHUB_SMALL_ATTN_GENERIC=1 keeps short queries on
 // scaled-dot-product attention. Read once.
 bool SmallAttentionGeneric();
+// True when LORAHUB_SMALL_ATTN_SCALAR=1 keeps the short-query kernel on its
+// one-key-per-warp variant (fused_kernels.h AttentionArgs::vectorized; A/B).
+bool SmallAttentionScalar();
+// True when LORAHUB_DECODE_ATTN_BMM=1 keeps single queries on
+// SingleQueryAttention (the sixth session's decode path; A/B). Read once.
+bool DecodeAttentionBmm();
 
 // True when a bf16 model's teacher-forced passes (Encode, DecodeFull: the
 // objective) run attention on bf16 q, k, v (LORAHUB_ATTN_BF16=1, read once;
@@ -127,7 +136,8 @@ void SetAttentionBf16ForTesting(int value);
 // for long queries; one query per row made it half of all kernel time of a
 // decode step (docs/BENCHMARKS.md, fourth session); the short-query kernel
 // with one query was slower still (sixth session: base generation at batch
-// 64, 15.4k against 18.0k tokens/s on an H200). Fixed shapes and no host
+// 64, 15.4k against 18.0k tokens/s on an H200; its vectorized variant now
+// takes them, see Attention). Fixed shapes and no host
 // synchronisation, so it can be captured in a CUDA graph. Masks stay in the
 // bias (causal / cache length, padded encoder rows). q: [B, H, 1, d];
 // k, v: [B, H, S, d] (any strides; a copy only where B and H do not fold

@@ -143,13 +143,19 @@ bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
 
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,
-                    at::ScalarType out_dtype, at::Tensor* out) {
+                    at::ScalarType out_dtype, bool vectorized,
+                    at::Tensor* out) {
+  // q in the keys' dtype, or fp32 queries over bf16/fp16 keys and values.
+  const bool mixed = q.scalar_type() == at::kFloat &&
+                     (k.scalar_type() == at::kBFloat16 ||
+                      k.scalar_type() == at::kHalf);
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || !k.is_cuda() ||
       !v.is_cuda() || !bias.is_cuda() || k.device() != q.device() ||
       v.device() != q.device() || bias.device() != q.device() ||
-      k.scalar_type() != q.scalar_type() ||
-      v.scalar_type() != q.scalar_type() ||
-      (q.scalar_type() != at::kFloat && q.scalar_type() != at::kBFloat16) ||
+      (k.scalar_type() != q.scalar_type() && !mixed) ||
+      v.scalar_type() != k.scalar_type() ||
+      (k.scalar_type() != at::kFloat && k.scalar_type() != at::kBFloat16 &&
+       !mixed) ||
       (bias.scalar_type() != at::kFloat &&
        bias.scalar_type() != at::kBFloat16) ||
       KernelDType(out_dtype) == kernels::DType::kNone) {
@@ -178,7 +184,9 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   a.v = v.data_ptr();
   a.bias = b4.data_ptr();
   a.out = result.data_ptr();
-  a.qkv_dtype = KernelDType(q.scalar_type());
+  a.q_dtype = KernelDType(q.scalar_type());
+  a.qkv_dtype = KernelDType(k.scalar_type());
+  a.vectorized = vectorized;
   a.bias_dtype = KernelDType(bias.scalar_type());
   a.out_dtype = KernelDType(out_dtype);
   a.B = B;

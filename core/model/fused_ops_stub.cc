@@ -21,7 +21,7 @@ bool GatedGeluTanh(const at::Tensor&, const at::Tensor&, at::Tensor*) {
 }
 
 bool SmallAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, at::ScalarType, at::Tensor*) {
+                    const at::Tensor&, at::ScalarType, bool, at::Tensor*) {
   return false;
 }
 

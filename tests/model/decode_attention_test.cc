@@ -1,11 +1,13 @@
 // SingleQueryAttention (fused_ops.h: one query per row and head as two
-// batched matmuls) against GeneralAttention (PyTorch's scaled-dot-product
-// attention on CUDA, matmul / softmax / matmul on CPU) and against a
-// double-precision reference that reads only the keys the masks leave
-// visible: decoder self-attention over a KV cache (the static decoder's
-// full-capacity cache with the causal bias row, and the eager cache's
-// narrowed prefix) and cross-attention with padded encoder rows. Runs on
-// $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu).
+// batched matmuls) and Attention() of one query (on CUDA the short-query
+// kernel, vectorized where the head qualifies) against GeneralAttention
+// (PyTorch's scaled-dot-product attention on CUDA, matmul / softmax /
+// matmul on CPU) and against a double-precision reference that reads only
+// the keys the masks leave visible: decoder self-attention over a KV cache
+// (the static decoder's full-capacity cache with the causal bias row, and
+// the eager cache's narrowed prefix), cross-attention with padded encoder
+// rows, T5-sized heads (64) in fp32 and bf16. Runs on $LORAHUB_TEST_DEVICE
+// (tiny_t5.h; default cpu).
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 
@@ -117,6 +119,8 @@ TEST(DecodeAttentionTest, SelfAttentionWithCache) {
     const double general_vs_ref = RelDiff(general, want);
     EXPECT_LE(vs_ref, 1e-5) << "t " << t;
     EXPECT_LE(general_vs_ref, 1e-5) << "t " << t;
+    // The dispatch of a decode step (the short-query kernel on CUDA).
+    EXPECT_LE(RelDiff(Attention(q, k, v, bias), want), 1e-5) << "t " << t;
     std::printf(
         "self t=%lld: single vs general %.3g, vs eager prefix %.3g, vs "
         "double %.3g (general vs double %.3g)\n",
@@ -168,6 +172,10 @@ TEST(DecodeAttentionTest, CrossAttentionWithPaddedRows) {
   const double vs_ref = RelDiff(single, want);
   EXPECT_LE(vs_ref, 1e-5);
   EXPECT_LE(RelDiff(general, want), 1e-5);
+  EXPECT_LE(RelDiff(Attention(q, k, v, mask_bias), want), 1e-5);
+  EXPECT_LE(RelDiff(Attention(q, k.contiguous(), v.contiguous(), mask_bias),
+                    want),
+            1e-5);
   std::printf(
       "cross: single vs general %.3g, vs contiguous %.3g, vs double %.3g\n",
       vs_general, vs_contiguous, vs_ref);
@@ -204,6 +212,12 @@ TEST(DecodeAttentionTest, Bf16KeysAndValues) {
   const double diff_full = RelDiff(SingleQueryAttention(q_full, kb, vb, bias),
                                    SingleQueryAttention(q_full, k, v, bias));
   EXPECT_LE(diff_full, 1e-2);
+  // The dispatch (on CUDA the kernel: fp32 q and probabilities over the
+  // widened bf16 keys and values, so no rounding beyond theirs).
+  const at::Tensor dispatched = Attention(q_full, kb, vb, bias);
+  EXPECT_EQ(dispatched.scalar_type(), at::kFloat);
+  EXPECT_LE(RelDiff(dispatched, SingleQueryAttention(q_full, k, v, bias)),
+            1e-2);
   std::printf("bf16 k/v: vs fp32 path %.3g (bf16-valued q), %.3g (fp32 q)\n",
               diff, diff_full);
 }
@@ -224,7 +238,18 @@ TEST(DecodeAttentionTest, Dispatch) {
   EXPECT_EQ(DecodeAttentionGeneric(), generic);
   const at::Tensor want1 = generic ? GeneralAttention(q1, k, v, bias)
                                    : SingleQueryAttention(q1, k, v, bias);
-  EXPECT_TRUE(at::equal(Attention(q1, k, v, bias), want1));
+  const bool kernel = !generic && q1.is_cuda() && FusedKernelsEnabled() &&
+                      !DecodeAttentionBmm() && !SmallAttentionGeneric();
+  const at::Tensor got1 = Attention(q1, k, v, bias);
+  if (kernel) {  // another summation order
+    EXPECT_LE(RelDiff(got1, want1), 1e-5);
+  } else {
+    EXPECT_TRUE(at::equal(got1, want1));
+  }
+  // A rounded context is the fp32 one rounded once, whichever path ran.
+  const at::Tensor rounded1 = Attention(q1, k, v, bias, at::kBFloat16);
+  ASSERT_EQ(rounded1.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(rounded1, got1.to(at::kBFloat16)));
 
   const at::Tensor q3 = Random({kB, kH, 3, kD}, 1.0);
   const at::Tensor bias3 = Random({1, kH, 3, S}, 1.0);
@@ -240,6 +265,46 @@ TEST(DecodeAttentionTest, Dispatch) {
                     SingleQueryAttention(q1, k1.expand_as(k).contiguous(),
                                          v1.expand_as(v).contiguous(), bias)),
             2e-6);
+}
+
+// T5's head size (64): on CUDA the kernel's vectorized variant (16 fp32 or
+// 8 bf16 lanes per key), with more keys than one round of the block takes
+// (300 > 256 / 16) and padded rows; fp32 queries over fp32 and over bf16
+// keys and values, against the double reference on the same values.
+TEST(DecodeAttentionTest, T5HeadsAgainstDouble) {
+  at::manual_seed(15);
+  const int64_t B = 3, H = 2, d = 64;
+  for (int64_t S : {int64_t{5}, int64_t{300}}) {
+    const std::vector<int64_t> lengths = {S, S / 2 + 1, 1};
+    at::Tensor mask_bias = at::zeros({B, 1, 1, S}, F32());
+    for (int64_t b = 0; b < B; ++b) {
+      mask_bias[b].narrow(-1, lengths[b], S - lengths[b])
+          .fill_(std::numeric_limits<float>::lowest());
+    }
+    const at::Tensor q = Random({B, H, 1, d}, 0.5);
+    for (at::ScalarType kv_dtype : {at::kFloat, at::kBFloat16}) {
+      const at::Tensor k = Random({B, H, S, d}, 0.5).to(kv_dtype);
+      const at::Tensor v = Random({B, H, S, d}, 1.0).to(kv_dtype);
+      const at::Tensor got = Attention(q, k, v, mask_bias);
+      ASSERT_EQ(got.sizes(), (std::vector<int64_t>{B, H, 1, d}));
+      at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
+      const at::Tensor zero_bias = at::zeros({S}, F32());
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+          want[b][h][0].copy_(Reference(q[b][h][0], k[b][h], v[b][h],
+                                        zero_bias, lengths[b]));
+        }
+      }
+      // fp32 k/v: summation order only; bf16 k/v: the CPU and bmm paths
+      // round the probabilities to bf16 (2^-9), the kernel does not.
+      const double bound = kv_dtype == at::kFloat ? 1e-5 : 4e-3;
+      const double diff = RelDiff(got, want);
+      EXPECT_LE(diff, bound) << "S " << S << " " << kv_dtype;
+      std::printf("d=64 S=%lld %s k/v: vs double %.3g\n",
+                  static_cast<long long>(S),
+                  kv_dtype == at::kFloat ? "fp32" : "bf16", diff);
+    }
+  }
 }
 
 }  // namespace
