@@ -36,6 +36,20 @@ absl::Status CheckIndex(const at::Tensor& t, int64_t n, const char* what) {
   return absl::OkStatus();
 }
 
+// k and v ([B, H, 1, d] views of one tensor with the same strides, v at a
+// fixed offset from k) as one [2, B, H, 1, d] view; undefined otherwise.
+at::Tensor KeysAndValues(const at::Tensor& k, const at::Tensor& v) {
+  if (!v.is_alias_of(k) || v.sizes() != k.sizes() ||
+      v.strides() != k.strides() || v.scalar_type() != k.scalar_type()) {
+    return at::Tensor();
+  }
+  std::vector<int64_t> sizes = {2};
+  std::vector<int64_t> strides = {v.storage_offset() - k.storage_offset()};
+  sizes.insert(sizes.end(), k.sizes().begin(), k.sizes().end());
+  strides.insert(strides.end(), k.strides().begin(), k.strides().end());
+  return k.as_strided(sizes, strides, k.storage_offset());
+}
+
 }  // namespace
 
 StaticDecoder::~StaticDecoder() = default;
@@ -168,8 +182,15 @@ void StaticDecoder::StepBody() {
     at::Tensor self_k = self_kv_[0][static_cast<int64_t>(i)];
     at::Tensor self_v = self_kv_[1][static_cast<int64_t>(i)];
     auto store = [&](const at::Tensor& k, const at::Tensor& v) {
-      self_k.index_copy_(2, t_, k.to(self_k.scalar_type()));
-      self_v.index_copy_(2, t_, v.to(self_v.scalar_type()));
+      const at::Tensor both = KeysAndValues(k, v);
+      if (both.defined() && both.scalar_type() == self_kv_.scalar_type()) {
+        // One copy for both (they sit side by side in the fused q|k|v
+        // output): 24 kernels fewer per step on flan-t5-large.
+        self_kv_.select(1, static_cast<int64_t>(i)).index_copy_(3, t_, both);
+      } else {
+        self_k.index_copy_(2, t_, k.to(self_k.scalar_type()));
+        self_v.index_copy_(2, t_, v.to(self_v.scalar_type()));
+      }
       return std::make_pair(self_k, self_v);
     };
     h = internal::DecoderBlockStep(
