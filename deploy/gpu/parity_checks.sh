@@ -259,7 +259,10 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # obj_attn_bf16 / obj_bf16 (the objective's bf16 LoRA, bf16 attention, both; experimental),
   # no_encoder_graph (the eager encoder in generation instead of the pooled CUDA-graph
   # StaticEncoder: the ttft_ms A/B), no_lora_gemv (per-row LoRA of decode steps as batched
-  # GEMMs instead of the shrink/expand kernels).
+  # GEMMs instead of the shrink/expand kernels), decode_attn_bmm (decode steps' attention as
+  # the sixth session's batched GEMVs instead of the short-query kernel), small_attn_scalar (the
+  # short-query kernel's one-key-per-warp variant), kernel_bf16_kv (bf16 decode KV caches read by
+  # the short-query kernel; experimental).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
@@ -273,6 +276,9 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
       obj_bf16) bench obj_bf16 "LORAHUB_LORA_BF16=1 LORAHUB_ATTN_BF16=1" --profile-out "$WORK/bench/profile_obj_bf16.json" ;;
       no_encoder_graph) bench no_encoder_graph LORAHUB_NO_ENCODER_GRAPH=1 ;;
       no_lora_gemv) bench no_lora_gemv LORAHUB_NO_LORA_GEMV=1 ;;
+      decode_attn_bmm) bench decode_attn_bmm LORAHUB_DECODE_ATTN_BMM=1 ;;
+      small_attn_scalar) bench small_attn_scalar LORAHUB_SMALL_ATTN_SCALAR=1 ;;
+      kernel_bf16_kv) bench kernel_bf16_kv LORAHUB_DECODE_ATTN_BF16=1 ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done
