@@ -214,6 +214,31 @@ __global__ void GatedGeluTanhKernel(const void* __restrict__ gate,
 constexpr int64_t kMaxAttentionHead = 256;
 constexpr int64_t kMaxAttentionKeys = 8192;
 
+// Additive biases at or below this are masks (the engine's mask value is
+// finfo(dtype).min: about -3.4e38 for fp32 and bf16).
+constexpr float kMaskedBias = -1e30f;
+
+// One past the last key of this (b, h, t) whose bias is not a mask; every
+// key when all are masked. Why: a key biased by about -3.4e38 gets a weight
+// of exactly zero (expf of anything below -1e30 is 0 in fp32, for any
+// finite score), so not reading the keys after the last visible one gives
+// the same result bit for bit while a decode step's causal self-attention
+// then reads only the t + 1 written positions of its whole-capacity cache,
+// and cross-attention only up to the row's last encoder token (padded rows).
+// Every thread gets it (a block reduction; call with all threads).
+__device__ __forceinline__ int64_t VisibleKeyEnd(const AttentionArgs& a,
+                                                 int64_t bias0) {
+  float last = -1.f;  // key indices are exact in fp32 (S <= 8192)
+  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+    if (LoadAsFloat(a.bias, a.bias_dtype, bias0 + j * a.bias_stride[3]) >
+        kMaskedBias) {
+      last = static_cast<float>(j);
+    }
+  }
+  const float end = BlockMax(last);
+  return end < 0.f ? a.S : static_cast<int64_t>(end) + 1;
+}
+
 // One block per (b, h, t): q row in shared memory, then the S scores
 // q . k_j + bias (fp32), their softmax, and out = sum_j p_j v_j / sum_j p_j.
 // Scores: one warp per key, its lanes over the head dimension (coalesced
@@ -242,12 +267,12 @@ __global__ void __launch_bounds__(kNormThreads)
   for (int64_t i = threadIdx.x; i < a.D; i += kNormThreads) {
     qrow[i] = LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]);
   }
-  __syncthreads();
+  const int64_t S = VisibleKeyEnd(a, b0);  // its barriers publish qrow
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   constexpr int kWarps = kNormThreads / 32;
   const int64_t kd = a.k_stride[3];
-  for (int64_t j = warp; j < a.S; j += kWarps) {
+  for (int64_t j = warp; j < S; j += kWarps) {
     const E* krow = k + k0 + j * a.k_stride[2];
     float s = 0.f;
     for (int64_t i = lane; i < a.D; i += 32) s += qrow[i] * ToFloat(krow[i * kd]);
@@ -260,12 +285,12 @@ __global__ void __launch_bounds__(kNormThreads)
   }
   __syncthreads();
   float local_max = -INFINITY;
-  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+  for (int64_t j = threadIdx.x; j < S; j += kNormThreads) {
     local_max = fmaxf(local_max, p[j]);
   }
   const float m = BlockMax(local_max);
   float local_sum = 0.f;
-  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+  for (int64_t j = threadIdx.x; j < S; j += kNormThreads) {
     const float e = expf(p[j] - m);
     p[j] = e;
     local_sum += e;
@@ -279,7 +304,7 @@ __global__ void __launch_bounds__(kNormThreads)
   float acc = 0.f;
   if (g < groups) {
     const E* vcol = v + v0 + i * a.v_stride[3];
-    for (int64_t j = g; j < a.S; j += groups) {
+    for (int64_t j = g; j < S; j += groups) {
       acc += p[j] * ToFloat(vcol[j * a.v_stride[2]]);
     }
   }
@@ -372,13 +397,14 @@ __global__ void __launch_bounds__(kNormThreads)
   for (int e = 0; e < W; ++e) {
     qv[e] = LoadAsFloat(a.q, a.q_dtype, q0 + (part * W + e) * a.q_stride[3]);
   }
+  const int64_t S = VisibleKeyEnd(a, b0);
   // Rounds are uniform over a warp (the shuffles need every lane); a lane
   // past the last key loads nothing and writes nothing.
-  for (int64_t j0 = static_cast<int64_t>(warp) * (32 / G); j0 < a.S;
+  for (int64_t j0 = static_cast<int64_t>(warp) * (32 / G); j0 < S;
        j0 += kKeysPerRound) {
     const int64_t j = j0 + lane / G;
     float s = 0.f;
-    if (j < a.S) {
+    if (j < S) {
       float kv[W];
       Vec16<E>::Load(k + k0 + j * a.k_stride[2] + part * W, kv);
 #pragma unroll
@@ -388,18 +414,18 @@ __global__ void __launch_bounds__(kNormThreads)
     for (int off = G / 2; off > 0; off >>= 1) {
       s += __shfl_xor_sync(0xffffffffu, s, off);
     }
-    if (j < a.S && part == 0) {
+    if (j < S && part == 0) {
       p[j] = s + LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
     }
   }
   __syncthreads();
   float local_max = -INFINITY;
-  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+  for (int64_t j = threadIdx.x; j < S; j += kNormThreads) {
     local_max = fmaxf(local_max, p[j]);
   }
   const float m = BlockMax(local_max);
   float local_sum = 0.f;
-  for (int64_t j = threadIdx.x; j < a.S; j += kNormThreads) {
+  for (int64_t j = threadIdx.x; j < S; j += kNormThreads) {
     const float e = expf(p[j] - m);
     p[j] = e;
     local_sum += e;
@@ -411,7 +437,7 @@ __global__ void __launch_bounds__(kNormThreads)
 #pragma unroll
   for (int e = 0; e < W; ++e) acc[e] = 0.f;
 #pragma unroll 4
-  for (int64_t j = threadIdx.x / G; j < a.S; j += kKeysPerRound) {
+  for (int64_t j = threadIdx.x / G; j < S; j += kKeysPerRound) {
     float vv[W];
     Vec16<E>::Load(v + v0 + j * a.v_stride[2] + c * W, vv);
     const float pj = p[j];

@@ -12,6 +12,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -68,6 +69,12 @@ at::Tensor Reference(const at::Tensor& q, const at::Tensor& k,
   return at::mv(vd.t(), p);
 }
 
+// True when Attention() of one query runs the short-query kernel here.
+bool ShortQueryKernelRuns(const at::Tensor& q) {
+  return q.is_cuda() && FusedKernelsEnabled() && !DecodeAttentionGeneric() &&
+         !DecodeAttentionBmm() && !SmallAttentionGeneric();
+}
+
 // Decoder self-attention at step t as the static decoder runs it: the whole
 // capacity-C cache (later positions zero), row t of relative bias + causal
 // mask. Also the eager KV cache: the first t + 1 positions, no mask.
@@ -120,7 +127,24 @@ TEST(DecodeAttentionTest, SelfAttentionWithCache) {
     EXPECT_LE(vs_ref, 1e-5) << "t " << t;
     EXPECT_LE(general_vs_ref, 1e-5) << "t " << t;
     // The dispatch of a decode step (the short-query kernel on CUDA).
-    EXPECT_LE(RelDiff(Attention(q, k, v, bias), want), 1e-5) << "t " << t;
+    const at::Tensor dispatched = Attention(q, k, v, bias);
+    EXPECT_LE(RelDiff(dispatched, want), 1e-5) << "t " << t;
+    if (ShortQueryKernelRuns(q)) {
+      // The kernel stops at the last key the bias leaves visible: the
+      // whole-capacity cache gives the prefix's result bit for bit, and
+      // what lies past position t is never read (NaN there changes nothing).
+      EXPECT_TRUE(at::equal(
+          dispatched, Attention(q, k.narrow(2, 0, t + 1),
+                                v.narrow(2, 0, t + 1), prefix_bias)))
+          << "t " << t;
+      if (t + 1 < C) {
+        const at::Tensor poisoned = kv.clone();
+        poisoned.narrow(4, t + 1, C - t - 1).fill_(NAN);
+        EXPECT_TRUE(at::equal(
+            dispatched, Attention(q, poisoned[0][1], poisoned[1][1], bias)))
+            << "t " << t;
+      }
+    }
     std::printf(
         "self t=%lld: single vs general %.3g, vs eager prefix %.3g, vs "
         "double %.3g (general vs double %.3g)\n",
@@ -238,8 +262,7 @@ TEST(DecodeAttentionTest, Dispatch) {
   EXPECT_EQ(DecodeAttentionGeneric(), generic);
   const at::Tensor want1 = generic ? GeneralAttention(q1, k, v, bias)
                                    : SingleQueryAttention(q1, k, v, bias);
-  const bool kernel = !generic && q1.is_cuda() && FusedKernelsEnabled() &&
-                      !DecodeAttentionBmm() && !SmallAttentionGeneric();
+  const bool kernel = ShortQueryKernelRuns(q1);
   const at::Tensor got1 = Attention(q1, k, v, bias);
   if (kernel) {  // another summation order
     EXPECT_LE(RelDiff(got1, want1), 1e-5);
