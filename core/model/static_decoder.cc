@@ -177,7 +177,8 @@ void StaticDecoder::StepBody() {
   const T5Weights& w = *w_;
   // Row t of the causal bias: [1, H, 1, capacity].
   const at::Tensor bias = self_bias_.index_select(2, t_);
-  at::Tensor h = internal::Embed(w, tokens_.view({-1, 1}));
+  internal::ResidualStream h{internal::Embed(w, tokens_.view({-1, 1})),
+                             at::Tensor()};
   for (size_t i = 0; i < w.decoder.size(); ++i) {
     at::Tensor self_k = self_kv_[0][static_cast<int64_t>(i)];
     at::Tensor self_v = self_kv_[1][static_cast<int64_t>(i)];
@@ -194,7 +195,7 @@ void StaticDecoder::StepBody() {
       return std::make_pair(self_k, self_v);
     };
     h = internal::DecoderBlockStep(
-        w, w.decoder[i], h, rows_, store, bias,
+        w, w.decoder[i], std::move(h), rows_, store, bias,
         cross_kv_[0][static_cast<int64_t>(i)],
         cross_kv_[1][static_cast<int64_t>(i)], cross_bias_);
   }

@@ -539,6 +539,12 @@ namespace {
 class Residual {
  public:
   Residual(const T5Weights& w, at::Tensor h) : w_(w), h_(std::move(h)) {}
+  Residual(const T5Weights& w, ResidualStream s)
+      : w_(w), h_(std::move(s.h)), pending_(std::move(s.pending)) {}
+  // The stream as it is, any pending output still pending.
+  ResidualStream Release() {
+    return ResidualStream{std::move(h_), std::move(pending_)};
+  }
   // Sublayer output to add (before the next Norm).
   void Add(at::Tensor out) {
     if (pending_.defined()) Flush();
@@ -571,15 +577,15 @@ class Residual {
 
 }  // namespace
 
-at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
-                            const at::Tensor& h_in, const RowAdapters& rows,
-                            const StoreKeyValue& store,
-                            const at::Tensor& self_bias,
-                            const at::Tensor& cross_k,
-                            const at::Tensor& cross_v,
-                            const at::Tensor& cross_bias) {
+ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
+                                ResidualStream in, const RowAdapters& rows,
+                                const StoreKeyValue& store,
+                                const at::Tensor& self_bias,
+                                const at::Tensor& cross_k,
+                                const at::Tensor& cross_v,
+                                const at::Tensor& cross_bias) {
   const config::T5Config& c = w.config;
-  Residual h(w, h_in);
+  Residual h(w, std::move(in));
   Normed n = h.Norm(b.self_norm);
   std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
   std::pair<at::Tensor, at::Tensor> kv = store(qkv[1], qkv[2]);
@@ -591,13 +597,11 @@ at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                          rows));
   n = h.Norm(b.ff_norm);
   h.Add(FeedForward(n, w, b.ff, rows));
-  return h.Value();
+  return h.Release();
 }
 
-at::Tensor DecoderLogits(const T5Weights& w, const at::Tensor& h) {
-  const config::T5Config& c = w.config;
-  return LmHead(
-      w, RmsNorm(h, w.decoder_final_norm, c.layer_norm_epsilon, w.dtype).full);
+at::Tensor DecoderLogits(const T5Weights& w, const ResidualStream& stream) {
+  return LmHead(w, Residual(w, stream).Norm(w.decoder_final_norm).full);
 }
 
 }  // namespace internal
@@ -619,6 +623,7 @@ using internal::MinValue;
 using internal::Normed;
 using internal::PositionBias;
 using internal::Residual;
+using internal::ResidualStream;
 using internal::RmsNorm;
 using internal::SelfAttentionHeads;
 
@@ -811,7 +816,7 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
     const int64_t t = cache.length;
     // Query row t; keys 0..t (the causal mask is implicit: no later keys).
     at::Tensor bias = cache.self_bias.narrow(2, t, 1).narrow(3, 0, t + 1);
-    at::Tensor h = Embed(w, ids.view({-1, 1}));
+    ResidualStream h{Embed(w, ids.view({-1, 1})), at::Tensor()};
     for (size_t i = 0; i < w.decoder.size(); ++i) {
       at::Tensor& self_k = cache.self_k[i];
       at::Tensor& self_v = cache.self_v[i];
@@ -821,7 +826,7 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
         return std::make_pair(self_k.narrow(2, 0, t + 1),
                               self_v.narrow(2, 0, t + 1));
       };
-      h = DecoderBlockStep(w, w.decoder[i], h, rows, store, bias,
+      h = DecoderBlockStep(w, w.decoder[i], std::move(h), rows, store, bias,
                            cache.cross_k[i], cache.cross_v[i],
                            cache.cross_bias);
     }

@@ -136,21 +136,30 @@ class CrossKeyValues {
 using StoreKeyValue = std::function<std::pair<at::Tensor, at::Tensor>(
     const at::Tensor& k, const at::Tensor& v)>;
 
-// One decoder block for one new token per row: h [B, 1, d_model] fp32 ->
-// the block's output (same shape). `self_bias` [1 or B, H, 1, K] (position
+// The fp32 residual stream between decoder blocks: `h` plus the last
+// sublayer's output `pending` (undefined: nothing pending), not added yet so
+// that the next norm adds it in its own kernel (fused_ops.h AddRmsNorm; one
+// add kernel fewer per block). Both [B, T, d_model].
+struct ResidualStream {
+  at::Tensor h;
+  at::Tensor pending;
+};
+
+// One decoder block for one new token per row: the stream [B, 1, d_model]
+// -> the block's output stream. `self_bias` [1 or B, H, 1, K] (position
 // bias plus any mask), cross_k/cross_v [B, H, S, d_kv], cross_bias
 // [B, 1, 1, S].
-at::Tensor DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
-                            const at::Tensor& h, const RowAdapters& rows,
-                            const StoreKeyValue& store,
-                            const at::Tensor& self_bias,
-                            const at::Tensor& cross_k,
-                            const at::Tensor& cross_v,
-                            const at::Tensor& cross_bias);
+ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
+                                ResidualStream in, const RowAdapters& rows,
+                                const StoreKeyValue& store,
+                                const at::Tensor& self_bias,
+                                const at::Tensor& cross_k,
+                                const at::Tensor& cross_v,
+                                const at::Tensor& cross_bias);
 
-// Final decoder norm and LM head: h [B, T, d_model] -> logits [B, T, vocab]
-// fp32.
-at::Tensor DecoderLogits(const T5Weights& w, const at::Tensor& h);
+// Final decoder norm and LM head: the stream [B, T, d_model] -> logits
+// [B, T, vocab] fp32.
+at::Tensor DecoderLogits(const T5Weights& w, const ResidualStream& stream);
 
 }  // namespace lorahub::model::internal
 
