@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "core/model/fused_ops_backend.h"
 
@@ -252,6 +253,24 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
     if (Differentiable(s.b) || Differentiable(s.scale)) return false;
   }
   return fused_backend::LoraRowDeltas(y, x, a, sites, slots, mask);
+}
+
+at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
+  RECORD_USER_SCOPE("lorahub::gemm_float");
+  static const bool off = EnvFlag("LORAHUB_NO_GEMM_FLOAT");
+  if (x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat) {
+    return at::matmul(x, weight.t());
+  }
+  at::Tensor out;
+  if (x.is_cuda() && !off && !Disabled() && !Differentiable(x) &&
+      !Differentiable(weight) && x.dim() >= 1 &&
+      fused_backend::BmmFloat(x.reshape({1, -1, x.size(-1)}),
+                              weight.t().unsqueeze(0), &out)) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = weight.size(0);
+    return out.view(shape);
+  }
+  return at::matmul(x, weight.t()).to(at::kFloat);
 }
 
 bool DecodeAttentionGeneric() {

@@ -147,6 +147,19 @@ void SetAttentionBf16ForTesting(int value);
 at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& bias);
 
+// x W^T in fp32 for the inputs of an fp32 LoRA delta (t5_forward.cc):
+// x [..., in] and weight [out, in] of one dtype. For bf16/fp16 on CUDA ONE
+// cuBLAS GEMM whose output is its fp32 accumulator (at::bmm with
+// out_dtype): no rounding to the compute dtype and no widening kernel
+// (seventh session: 72 conversion kernels fewer per flan-t5-large
+// objective evaluation, two per block of a decode step). Elsewhere (CPU,
+// autograd, LORAHUB_NO_FUSED=1 or LORAHUB_NO_GEMM_FLOAT=1 for an A/B) the
+// matmul in the operands' dtype, then widened: the previous arithmetic, so
+// on CUDA the result is closer to the fp32 model's by the output's
+// rounding. fp32 operands: the plain matmul. One "lorahub::gemm_float"
+// profiler scope (counted as one GEMM by tests/model/objective_ops_test).
+at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight);
+
 // One adapted site of LoraRowDeltas: the B factor [S, out, r] and scalings
 // [S, 1, 1] (fp32) of the bank, the site's output columns [col, col + out)
 // of y and its ranks [rank_offset, rank_offset + r) among the rows of `a`.

@@ -114,10 +114,9 @@ at::Tensor LoraInput(const at::Tensor& x, const at::Tensor& x_full) {
 // the BLAS; y + delta rounded once), from the rounded input x, and the
 // output stays in the compute dtype: no widening of y, no fp32 GEMMs.
 // A bank is all-fp32 or (ObjectiveRunner on a bf16 model) all-bf16.
-bool LowPrecisionDelta(const SiteBank& sb, const at::Tensor& y) {
-  return y.scalar_type() != at::kFloat &&
-         sb.a.scalar_type() == y.scalar_type() &&
-         sb.b.scalar_type() == y.scalar_type();
+bool LowPrecisionDelta(const SiteBank& sb, at::ScalarType y) {
+  return y != at::kFloat && sb.a.scalar_type() == y &&
+         sb.b.scalar_type() == y;
 }
 
 // True when the rows' layout runs the LoRA factors as plain or batched GEMMs
@@ -281,7 +280,7 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
                         const std::vector<const Linear*>& members,
                         const RowAdapters& rows, const at::Tensor& x_full) {
-  at::Tensor y = at::matmul(MatmulInput(x, fused), fused.t());
+  const at::Tensor xm = MatmulInput(x, fused);
   std::vector<int64_t> cols;
   std::vector<const SiteBank*> sites;
   for (const Linear* m : members) {
@@ -289,14 +288,17 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
     cols.push_back(FusedRowOffset(fused, m->weight));
     sites.push_back(&rows.bank->sites[m->site]);
   }
-  if (sites.empty()) return y;
+  if (sites.empty()) return at::matmul(xm, fused.t());
   bool low = true;
-  for (const SiteBank* sb : sites) low = low && LowPrecisionDelta(*sb, y);
+  for (const SiteBank* sb : sites) {
+    low = low && LowPrecisionDelta(*sb, fused.scalar_type());
+  }
   if (low) {
-    AddLoraDeltas(y, cols, sites, MatmulInput(x, fused), rows);
+    at::Tensor y = at::matmul(xm, fused.t());
+    AddLoraDeltas(y, cols, sites, xm, rows);
     return y;
   }
-  y = y.to(at::kFloat);  // a fresh tensor unless y already was fp32 (ours)
+  at::Tensor y = MatmulFloat(xm, fused);  // the fp32 delta goes into fp32
   AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows);
   return y;
 }
@@ -313,14 +315,14 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
 at::Tensor Project(const at::Tensor& x, const Linear& linear,
                    const RowAdapters& rows, const at::Tensor& x_full) {
   const at::Tensor xm = MatmulInput(x, linear.weight);
-  at::Tensor y = at::matmul(xm, linear.weight.t());
-  if (!Adapted(rows, linear.site)) return y;
+  if (!Adapted(rows, linear.site)) return at::matmul(xm, linear.weight.t());
   const SiteBank& sb = rows.bank->sites[linear.site];
-  if (LowPrecisionDelta(sb, y)) {
+  if (LowPrecisionDelta(sb, linear.weight.scalar_type())) {
+    at::Tensor y = at::matmul(xm, linear.weight.t());
     AddLoraDelta(y, xm, sb, rows);
     return y;
   }
-  y = y.to(at::kFloat);
+  at::Tensor y = MatmulFloat(xm, linear.weight);
   AddLoraDelta(y, LoraInput(x, x_full), sb, rows);
   return y;
 }
@@ -380,7 +382,6 @@ void CrossKeyValues::Compute(int64_t block) {
   const at::Tensor weight =
       w_.cross_kv.narrow(0, first_ * 2 * inner, count_ * 2 * inner);
   const at::Tensor xm = MatmulInput(x_.mm, weight);
-  at::Tensor y = at::matmul(xm, weight.t());
   std::vector<int64_t> cols;
   std::vector<const SiteBank*> sites;
   for (int64_t j = 0; j < count_; ++j) {
@@ -392,15 +393,20 @@ void CrossKeyValues::Compute(int64_t block) {
     }
   }
   if (sites.empty()) {
-    chunk_ = y.to(attn_);  // the keys and values are in the scores' dtype
+    // The keys and values are in the scores' dtype.
+    chunk_ = at::matmul(xm, weight.t()).to(attn_);
     return;
   }
   bool low = true;
-  for (const SiteBank* sb : sites) low = low && LowPrecisionDelta(*sb, y);
+  for (const SiteBank* sb : sites) {
+    low = low && LowPrecisionDelta(*sb, weight.scalar_type());
+  }
+  at::Tensor y;
   if (low) {
+    y = at::matmul(xm, weight.t());
     AddLoraDeltas(y, cols, sites, xm, rows_);
   } else {
-    y = y.to(at::kFloat);  // the fp32 delta is added before any rounding
+    y = MatmulFloat(xm, weight);  // the fp32 delta goes into fp32
     AddLoraDeltas(y, cols, sites, LoraInput(x_.mm, x_.full), rows_);
   }
   chunk_ = y.to(attn_);

@@ -262,7 +262,8 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # GEMMs instead of the shrink/expand kernels), decode_attn_bmm (decode steps' attention as
   # the sixth session's batched GEMVs instead of the short-query kernel), small_attn_scalar (the
   # short-query kernel's one-key-per-warp variant), kernel_bf16_kv (bf16 decode KV caches read by
-  # the short-query kernel; experimental).
+  # the short-query kernel; experimental), no_gemm_float (adapted projections as bf16 GEMMs then
+  # widened, instead of GEMMs with fp32 outputs).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
@@ -279,6 +280,7 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
       decode_attn_bmm) bench decode_attn_bmm LORAHUB_DECODE_ATTN_BMM=1 ;;
       small_attn_scalar) bench small_attn_scalar LORAHUB_SMALL_ATTN_SCALAR=1 ;;
       kernel_bf16_kv) bench kernel_bf16_kv LORAHUB_DECODE_ATTN_BF16=1 ;;
+      no_gemm_float) bench no_gemm_float LORAHUB_NO_GEMM_FLOAT=1 ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done

@@ -87,7 +87,9 @@ class OpCounter {
     auto mark = std::make_unique<Mark>();
     const std::string name = fn.name();
     if (depth_ > 0) return mark;  // inside a counted op
-    if (name.rfind("lorahub::", 0) == 0) {
+    if (name == "lorahub::gemm_float") {
+      ++counts_.gemms;  // one GEMM with an fp32 output (fused_ops.h)
+    } else if (name.rfind("lorahub::", 0) == 0) {
       ++counts_.fused;
     } else if (Composite(name)) {
       return mark;
@@ -228,21 +230,24 @@ TEST_F(ObjectiveOps, DefaultPathCounts) {
   // 242 base GEMMs (24 x 4 encoder, 24 x 6 decoder, cross k|v, LM head),
   // 1 composition, 73 LoRA down- and 144 up-projections.
   EXPECT_EQ(c.gemms, 460);
-  // 73 widenings of adapted outputs (fp32 deltas), 13 others; the attention
-  // contexts come out of the short-query kernel in bf16 (these inputs are
-  // short: the encoder's too).
-  EXPECT_LE(c.casts, 90);
+  // 13 copies: the 73 adapted outputs (fp32 deltas) come out of their GEMMs
+  // in fp32 (MatmulFloat; seventh session, they were 73 widenings) and the
+  // attention contexts out of the short-query kernel in bf16 (these inputs
+  // are short: the encoder's too).
+  EXPECT_LE(c.casts, 20);
   EXPECT_LE(c.elementwise, 40);
   // 120 residual adds + norms, 2 first norms, 72 attentions, 48 gated GELUs.
   EXPECT_LE(c.fused, 244);
-  EXPECT_LE(c.total(), 850);
+  EXPECT_LE(c.total(), 780);
   SetAttentionBf16ForTesting(-1);
 }
 
 // bf16 LoRA (ObjectiveRunnerOptions::bf16_lora) and bf16 attention
-// (LORAHUB_ATTN_BF16): the same GEMMs (in bf16), and no widening of the
-// adapted projections (73).
-TEST_F(ObjectiveOps, Bf16FastPathsCutConversions) {
+// (LORAHUB_ATTN_BF16): the same GEMMs (in bf16). bf16 LoRA alone widens its
+// bf16 adapted outputs for the fp32 attention (73 conversions the default
+// path no longer has: its fp32-output GEMMs); with bf16 attention too,
+// nothing is widened.
+TEST_F(ObjectiveOps, Bf16FastPathsConversions) {
   ObjectiveRunnerOptions ro;
   ro.cuda_graph = false;
   ro.bf16_lora = false;
@@ -260,11 +265,11 @@ TEST_F(ObjectiveOps, Bf16FastPathsCutConversions) {
   SetAttentionBf16ForTesting(-1);
   EXPECT_EQ(lora.gemms, base.gemms);
   EXPECT_EQ(fast.gemms, base.gemms);
-  // One cast of the composed factors; the adapted outputs stay bf16 but
-  // are widened for fp32 attention as the unadapted ones were.
-  EXPECT_LE(lora.casts, base.casts + 1);
-  EXPECT_LE(fast.casts, base.casts - 70);
-  EXPECT_LE(fast.total(), base.total() - 70);
+  // One cast of the composed factors and 73 widenings for attention.
+  EXPECT_GE(lora.casts, base.casts + 70);
+  EXPECT_LE(lora.casts, base.casts + 75);
+  // One cast of the composed factors, no widening.
+  EXPECT_LE(fast.casts, base.casts + 2);
   EXPECT_LE(fast.casts, 20);
   EXPECT_LE(fast.total(), 780);
 }
