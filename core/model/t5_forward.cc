@@ -277,9 +277,15 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 // (FusedQkv etc. checked), then each adapted member's LoRA delta added into
 // its column slice of the output. Like Project: the compute dtype when no
 // member is adapted, else fp32 (all columns).
+//
+// float_out: the caller widens the output to fp32 anyway (fp32 attention
+// reads it): then it is the GEMM's fp32 accumulator (MatmulFloat) also
+// without a delta, so q, k and v are never rounded to the compute dtype,
+// fused or not, adapted or not.
 at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
                         const std::vector<const Linear*>& members,
-                        const RowAdapters& rows, const at::Tensor& x_full) {
+                        const RowAdapters& rows, const at::Tensor& x_full,
+                        bool float_out) {
   const at::Tensor xm = MatmulInput(x, fused);
   std::vector<int64_t> cols;
   std::vector<const SiteBank*> sites;
@@ -288,7 +294,9 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
     cols.push_back(FusedRowOffset(fused, m->weight));
     sites.push_back(&rows.bank->sites[m->site]);
   }
-  if (sites.empty()) return at::matmul(xm, fused.t());
+  if (sites.empty()) {
+    return float_out ? MatmulFloat(xm, fused) : at::matmul(xm, fused.t());
+  }
   bool low = true;
   for (const SiteBank* sb : sites) {
     low = low && LowPrecisionDelta(*sb, fused.scalar_type());
@@ -327,6 +335,19 @@ at::Tensor Project(const at::Tensor& x, const Linear& linear,
   return y;
 }
 
+// Project(...).to(attn) for the q, k or v of an attention: with fp32
+// attention, the GEMM's fp32 accumulator also without a delta (as
+// ProjectFused's float_out), so q, k and v are never rounded to the compute
+// dtype, fused or not, adapted or not.
+at::Tensor ProjectForAttention(const at::Tensor& x, const Linear& linear,
+                               const RowAdapters& rows,
+                               const at::Tensor& x_full, at::ScalarType attn) {
+  if (attn == at::kFloat && !Adapted(rows, linear.site)) {
+    return MatmulFloat(MatmulInput(x, linear.weight), linear.weight);
+  }
+  return Project(x, linear, rows, x_full).to(attn);
+}
+
 at::ScalarType AttentionDtype(const T5Weights& w) {
   return w.dtype == at::kBFloat16 && AttentionBf16() ? at::kBFloat16
                                                      : at::kFloat;
@@ -335,8 +356,8 @@ at::ScalarType AttentionDtype(const T5Weights& w) {
 // q, k or v of one attention: [B, heads, T, d_kv] in `attn`.
 at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
                  const config::T5Config& c, at::ScalarType attn) {
-  return SplitHeads(Project(x.mm, linear, rows, x.full).to(attn), c.num_heads,
-                    c.d_kv);
+  return SplitHeads(ProjectForAttention(x.mm, linear, rows, x.full, attn),
+                    c.num_heads, c.d_kv);
 }
 
 std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
@@ -351,7 +372,9 @@ std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
   // One GEMM and (fp32 attention) one widening for all three; q, k, v are
   // strided views of it.
   const at::Tensor y =
-      ProjectFused(x.mm, a.qkv, {&a.q, &a.k, &a.v}, rows, x.full).to(attn);
+      ProjectFused(x.mm, a.qkv, {&a.q, &a.k, &a.v}, rows, x.full,
+                   /*float_out=*/attn == at::kFloat)
+          .to(attn);
   const int64_t inner = a.q.weight.size(0);
   return {SplitHeads(y.narrow(-1, 0, inner), c.num_heads, c.d_kv),
           SplitHeads(y.narrow(-1, inner, inner), c.num_heads, c.d_kv),
@@ -393,8 +416,10 @@ void CrossKeyValues::Compute(int64_t block) {
     }
   }
   if (sites.empty()) {
-    // The keys and values are in the scores' dtype.
-    chunk_ = at::matmul(xm, weight.t()).to(attn_);
+    // The keys and values are in the scores' dtype (fp32: the GEMM's
+    // accumulator, as ProjectForAttention).
+    chunk_ = attn_ == at::kFloat ? MatmulFloat(xm, weight)
+                                 : at::matmul(xm, weight.t()).to(attn_);
     return;
   }
   bool low = true;
@@ -487,7 +512,8 @@ at::Tensor FeedForward(const Normed& x, const T5Weights& w,
     // One GEMM for wi_0 and wi_1. With a LoRA delta on either, both halves
     // are fp32 (in fp32 mode: the same arithmetic as the separate GEMMs).
     const at::Tensor y =
-        ProjectFused(x.mm, ff.wi_01, {&ff.wi_0, &ff.wi_1}, rows, x.full);
+        ProjectFused(x.mm, ff.wi_01, {&ff.wi_0, &ff.wi_1}, rows, x.full,
+                     /*float_out=*/false);
     const int64_t d_ff = ff.wi_0.weight.size(0);
     h = GatedActivation(y.narrow(-1, 0, d_ff), y.narrow(-1, d_ff, d_ff),
                         w.config.dense_act_fn);

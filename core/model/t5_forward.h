@@ -13,7 +13,11 @@
 // q/k/v, scores, position bias, masks, softmax and context, the LoRA delta
 // (added to the base output in fp32, never rounded on its own), and the
 // logits. This costs a few elementwise conversions per layer and keeps every
-// matmul in bf16; in fp32 the arithmetic is transformers' exactly.
+// matmul in bf16; in fp32 the arithmetic is transformers' exactly. On CUDA
+// the matmuls whose outputs are read in fp32 (attention q, k, v and every
+// output that takes an fp32 LoRA delta) write their fp32 accumulators
+// (fused_ops.h MatmulFloat): no rounding to bf16 and no conversion kernel;
+// the CPU rounds them once (the matmul's bf16 output, then widened).
 // Two experimental switches of the teacher-forced passes (the objective)
 // trade some of this for fewer kernels, each documented where it lives:
 // LORAHUB_ATTN_BF16=1 (fused_ops.h AttentionBf16: q, k, v and context in
