@@ -461,7 +461,13 @@ TEST(FusedCount, FewerGemmsPerObjectiveForward) {
                 static_cast<long long>(casts[0]),
                 static_cast<long long>(casts[1]));
     EXPECT_EQ(gemms[0] - gemms[1], 24 * 3 + 24 * 5 - 1);
-    EXPECT_LT(casts[1], casts[0] + (dtype == at::kFloat ? 1 : 0));
+    // No more conversions; in bf16 on the CPU fewer (a widening per GEMM
+    // whose output attention reads in fp32), on CUDA as many (those GEMMs
+    // write fp32 themselves: fused_ops.h MatmulFloat).
+    EXPECT_LE(casts[1], casts[0]);
+    if (dtype != at::kFloat && !w->device.is_cuda()) {
+      EXPECT_LT(casts[1], casts[0]);
+    }
     const double scale = out[0].abs().max().item<double>();
     EXPECT_LT(MaxDiff(out[0], out[1]),
               (dtype == at::kFloat ? 1e-5 : 2e-2) * scale);
@@ -526,7 +532,8 @@ TEST(FusedCount, FewerGemmsPerRunnerEvaluation) {
               static_cast<long long>(casts[0]),
               static_cast<long long>(casts[1]));
   EXPECT_EQ(gemms[0] - gemms[1], 24 * 4 + 24 * 6 - 1 + 23);
-  EXPECT_LT(casts[1], casts[0]);
+  EXPECT_LE(casts[1], casts[0]);  // as above
+  if (!w->device.is_cuda()) EXPECT_LT(casts[1], casts[0]);
   EXPECT_NEAR(loss[0], loss[1], 2e-2 * std::fabs(loss[0]));
 }
 
