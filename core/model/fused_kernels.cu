@@ -467,6 +467,100 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
+// LaunchTiledAttention. Why: the encoder's queries (tens of positions)
+// went to PyTorch's scaled-dot-product attention, which for fp32 with an
+// additive bias took its math path: about thirteen kernels per call
+// (copies, two GEMMs, the bias add, softmax, the fully-masked-row guard),
+// ~40 us per encoder block of an objective evaluation. Here: the block
+// stages the head's keys and values once; each warp takes one query at a
+// time: q broadcast from shared memory, lanes over keys for the scores
+// (padded rows: conflict-free), a warp softmax, lanes over the head
+// dimension for the weighted values. The arithmetic of SmallAttentionKernel
+// up to the order of the fp32 sums.
+constexpr int kTileQueries = 32;
+
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int off = 16; off > 0; off >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  }
+  return v;
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename E>
+__global__ void __launch_bounds__(kNormThreads)
+    TiledAttentionKernel(AttentionArgs a) {
+  static_assert(kNormThreads / 32 == kTiledWarps, "one query row per warp");
+  extern __shared__ float smem[];
+  const int64_t D = a.D;  // == Dv
+  const int64_t ld = D + 1;
+  float* ks = smem;                      // [S, D + 1]
+  float* vs = ks + a.S * ld;             // [S, D + 1]
+  float* qs = vs + a.S * ld;             // [warps, D]
+  float* ps = qs + kTiledWarps * D;      // [warps, S]
+  const int64_t tiles = (a.T + kTileQueries - 1) / kTileQueries;
+  const int64_t tile = blockIdx.x % tiles;
+  const int64_t h = (blockIdx.x / tiles) % a.H;
+  const int64_t b = blockIdx.x / (tiles * a.H);
+  const E* __restrict__ k = static_cast<const E*>(a.k);
+  const E* __restrict__ v = static_cast<const E*>(a.v);
+  const int64_t k0 = b * a.k_stride[0] + h * a.k_stride[1];
+  const int64_t v0 = b * a.v_stride[0] + h * a.v_stride[1];
+  for (int64_t i = threadIdx.x; i < a.S * D; i += kNormThreads) {
+    const int64_t j = i / D;
+    const int64_t c = i - j * D;
+    ks[j * ld + c] = ToFloat(k[k0 + j * a.k_stride[2] + c * a.k_stride[3]]);
+    vs[j * ld + c] = ToFloat(v[v0 + j * a.v_stride[2] + c * a.v_stride[3]]);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  float* qrow = qs + warp * D;
+  float* p = ps + warp * a.S;
+  const int64_t t_end = min(a.T, (tile + 1) * kTileQueries);
+  for (int64_t t = tile * kTileQueries + warp; t < t_end; t += kTiledWarps) {
+    const int64_t q0 =
+        b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
+    const int64_t bias0 =
+        b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
+    for (int64_t i = lane; i < D; i += 32) {
+      qrow[i] = LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]);
+    }
+    __syncwarp();
+    float m = -INFINITY;
+    for (int64_t j = lane; j < a.S; j += 32) {
+      const float* kr = ks + j * ld;
+      float s = 0.f;
+#pragma unroll 8
+      for (int64_t i = 0; i < D; ++i) s += qrow[i] * kr[i];
+      s += LoadAsFloat(a.bias, a.bias_dtype, bias0 + j * a.bias_stride[3]);
+      p[j] = s;
+      m = fmaxf(m, s);
+    }
+    m = WarpMax(m);
+    float sum = 0.f;
+    for (int64_t j = lane; j < a.S; j += 32) {
+      const float e = expf(p[j] - m);
+      p[j] = e;
+      sum += e;
+    }
+    sum = WarpSum(sum);
+    __syncwarp();  // every lane's p visible to the warp
+    const int64_t o0 = ((b * a.T + t) * a.H + h) * D;  // [B, T, H, Dv]
+    for (int64_t c = lane; c < D; c += 32) {
+      float acc = 0.f;
+#pragma unroll 4
+      for (int64_t j = 0; j < a.S; ++j) acc += p[j] * vs[j * ld + c];
+      StoreFromFloat(a.out, a.out_dtype, o0 + c, acc / sum);
+    }
+    __syncwarp();  // before the next query overwrites qrow and p
+  }
+}
+
 // One warp per (row b, rank c): lanes stride over `in`, a shuffle reduction.
 // The block's 8 warps share the row's x, staged once in shared memory.
 // kVec: fp32 factors with unit inner stride, `in` a multiple of 4 and
@@ -740,6 +834,37 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
       return static_cast<int>(cudaErrorInvalidValue);
   }
   return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
+  const int64_t tiles = (args.T + kTileQueries - 1) / kTileQueries;
+  const int64_t blocks = args.B * args.H * tiles;
+  if (blocks == 0) return 0;
+  if (blocks < 0 || blocks > 0x7fffffff ||
+      !TiledAttentionFits(args.S, args.D, args.Dv) ||
+      args.qkv_dtype == DType::kNone || args.bias_dtype == DType::kNone) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  AttentionArgs a = args;
+  if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
+  if (a.q_dtype == DType::kNone) a.q_dtype = a.qkv_dtype;
+  const auto shared = static_cast<size_t>(TiledAttentionShared(a.S, a.D));
+  const auto grid = static_cast<unsigned>(blocks);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (a.qkv_dtype) {
+    case DType::kFloat:
+      TiledAttentionKernel<float><<<grid, kNormThreads, shared, s>>>(a);
+      break;
+    case DType::kBFloat16:
+      TiledAttentionKernel<__nv_bfloat16><<<grid, kNormThreads, shared, s>>>(a);
+      break;
+    case DType::kHalf:
+      TiledAttentionKernel<__half><<<grid, kNormThreads, shared, s>>>(a);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return LastError();
 }
 
 int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {

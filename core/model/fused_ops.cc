@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/model/fused_kernels.h"
 #include "core/model/fused_ops_backend.h"
 
 namespace lorahub::model {
@@ -118,6 +119,11 @@ bool SmallAttentionGeneric() {
   return generic;
 }
 
+bool TiledAttentionOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_TILED_ATTN");
+  return off;
+}
+
 bool SmallAttentionScalar() {
   static const bool scalar = EnvFlag("LORAHUB_SMALL_ATTN_SCALAR");
   return scalar;
@@ -159,9 +165,12 @@ at::Tensor GeneralAttentionTo(const at::Tensor& q, const at::Tensor& k_in,
   // choice, so that op counts there are those of the GPU). A single query
   // under LORAHUB_DECODE_ATTN_GENERIC=1 stays on SDPA (that switch's A/B
   // means "decode steps on PyTorch's attention").
-  const bool small = q.dim() == 4 && q.size(2) <= kSmallQueryMax &&
-                     !SmallAttentionGeneric() &&
-                     (q.size(2) > 1 || !DecodeAttentionGeneric());
+  const bool small =
+      q.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 &&
+      (q.size(2) <= kSmallQueryMax ||
+       (!TiledAttentionOff() &&
+        kernels::TiledAttentionFits(k_in.size(2), q.size(3), v_in.size(3)))) &&
+      !SmallAttentionGeneric() && (q.size(2) > 1 || !DecodeAttentionGeneric());
   if (!small && out_dtype != q.scalar_type()) {
     // SDPA, then a conversion (two kernels on CUDA).
     return GeneralAttentionTo(q, k_in, v_in, bias, q.scalar_type())

@@ -93,7 +93,11 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
 // (the teacher-forced decoder of the objective: self- and cross-attention)
 // take one hand-written kernel (fused_kernels.h LaunchSmallAttention: fp32
 // scores and softmax, any strides, so no copies of the strided q/k/v views),
-// unless LORAHUB_SMALL_ATTN_GENERIC=1 (read once; A/B). Why: for these
+// unless LORAHUB_SMALL_ATTN_GENERIC=1 (read once; A/B). Longer queries
+// whose keys and values fit in a block's shared memory (the encoder of the
+// objective: fused_kernels.h TiledAttentionFits, S up to 80 for 64-wide
+// heads) take the tiled kernel (LaunchTiledAttention; seventh session)
+// unless LORAHUB_NO_TILED_ATTN=1 (TiledAttentionOff). Why: for these
 // shapes PyTorch's scaled-dot-product attention picked its math path, about
 // twelve kernels per call (three copies, two multiplies by 1, two GEMMs, the
 // bias add, softmax and three kernels of its fully-masked-row guard).
@@ -110,6 +114,9 @@ bool SmallAttentionGeneric();
 // True when LORAHUB_SMALL_ATTN_SCALAR=1 keeps the short-query kernel on its
 // one-key-per-warp variant (fused_kernels.h AttentionArgs::vectorized; A/B).
 bool SmallAttentionScalar();
+// True when LORAHUB_NO_TILED_ATTN=1 keeps longer queries on
+// scaled-dot-product attention (A/B). Read once.
+bool TiledAttentionOff();
 // True when LORAHUB_DECODE_ATTN_BMM=1 keeps single queries on
 // SingleQueryAttention (the sixth session's decode path; A/B). Read once.
 bool DecodeAttentionBmm();

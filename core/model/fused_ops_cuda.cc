@@ -168,6 +168,8 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
       S < 1 || bias.dim() > 4) {
     return false;
   }
+  const bool tiled = T >= kernels::kTiledQueryMin;
+  if (tiled && !kernels::TiledAttentionFits(S, D, Dv)) return false;
   at::Tensor b4;
   try {
     b4 = bias.expand({B, H, T, S});  // broadcast dimensions get stride 0
@@ -201,8 +203,10 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
     a.v_stride[i] = v.stride(i);
     a.bias_stride[i] = b4.stride(i);
   }
-  const int err = kernels::LaunchSmallAttention(
-      a, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+  const cudaStream_t stream =
+      c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  const int err = tiled ? kernels::LaunchTiledAttention(a, stream)
+                        : kernels::LaunchSmallAttention(a, stream);
   TORCH_CHECK(err == 0, "short-query attention kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = result.transpose(1, 2);

@@ -369,8 +369,8 @@ std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
     return {Heads(x, a.q, rows, c, attn), Heads(x, a.k, rows, c, attn),
             Heads(x, a.v, rows, c, attn)};
   }
-  // One GEMM and (fp32 attention) one widening for all three; q, k, v are
-  // strided views of it.
+  // One GEMM for all three (for fp32 attention with an fp32 output); q, k,
+  // v are strided views of it.
   const at::Tensor y =
       ProjectFused(x.mm, a.qkv, {&a.q, &a.k, &a.v}, rows, x.full,
                    /*float_out=*/attn == at::kFloat)

@@ -2,8 +2,9 @@
 // definition RmsNorm(x + delta), the fused gated GELU against
 // gelu(gate) * up, and short-query attention (GeneralAttention
 // with at most kSmallQueryMax queries: the hand-written kernel on CUDA, the
-// matmul fallback on CPU) against a double-precision reference, on the
-// strided q/k/v views and broadcast biases the objective's decoder passes.
+// matmul fallback on CPU; encoder-length queries: the tiled kernel) against
+// a double-precision reference, on the strided q/k/v views and broadcast
+// biases the objective's encoder and decoder passes.
 // Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu): on CUDA it checks
 // the kernels of fused_kernels.cu, on the CPU the fallbacks.
 #include <ATen/ATen.h>
@@ -180,6 +181,46 @@ TEST(ShortQueryAttentionTest, Bf16QueriesKeysValues) {
   ASSERT_EQ(got.scalar_type(), at::kBFloat16);
   // The reference on the same bf16 values: only the output's rounding.
   EXPECT_LT(RelDiff(got.to(at::kFloat), Reference(q, k, v, bias)), 1.0 / 128);
+}
+
+// The encoder's shape: as many queries as keys (T = S = 60, more than a
+// short query), q, k, v strided views of one fused projection, relative
+// bias plus padding mask [B, H, T, S]: on CUDA the tiled kernel (keys and
+// values in shared memory; LORAHUB_NO_TILED_ATTN=1: PyTorch's attention).
+// Longer keys than shared memory holds (S = 200) stay on PyTorch's.
+TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
+  at::manual_seed(9);
+  const double min_value =
+      static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+  for (int64_t S : {int64_t{60}, int64_t{200}}) {
+    const int64_t B = 3, H = 2, d = 64, inner = H * d;
+    const at::Tensor y = at::randn({B, S, 3 * inner}, F32()) * 0.5;
+    auto heads = [&](int64_t part) {
+      return y.narrow(-1, part * inner, inner)
+          .view({B, S, H, d})
+          .transpose(1, 2);
+    };
+    const at::Tensor q = heads(0), k = heads(1), v = heads(2);
+    at::Tensor mask = at::zeros({B, 1, 1, S}, F32());
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t len = S - 17 * b;
+      mask[b].narrow(-1, len, S - len).fill_(min_value);
+    }
+    const at::Tensor bias = at::randn({1, H, S, S}, F32()) * 2.0 + mask;
+    const at::Tensor got = GeneralAttention(q, k, v, bias);
+    EXPECT_LT(RelDiff(got, Reference(q, k, v, bias)), 1e-5) << "S " << S;
+    // Rounded by the attention itself: the fp32 result rounded once.
+    const at::Tensor rounded = Attention(q, k, v, bias, at::kBFloat16);
+    ASSERT_EQ(rounded.scalar_type(), at::kBFloat16);
+    EXPECT_TRUE(at::equal(rounded, got.to(at::kBFloat16))) << "S " << S;
+    // bf16 keys and values (the bf16 attention opt-in), fp32 bias.
+    const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16),
+                     vb = v.to(at::kBFloat16);
+    EXPECT_LT(RelDiff(GeneralAttention(qb, kb, vb, bias).to(at::kFloat),
+                      Reference(qb, kb, vb, bias)),
+              1.0 / 128)
+        << "S " << S;
+  }
 }
 
 }  // namespace
