@@ -263,7 +263,8 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # the sixth session's batched GEMVs instead of the short-query kernel), small_attn_scalar (the
   # short-query kernel's one-key-per-warp variant), kernel_bf16_kv (bf16 decode KV caches read by
   # the short-query kernel; experimental), no_gemm_float (adapted projections as bf16 GEMMs then
-  # widened, instead of GEMMs with fp32 outputs).
+  # widened, instead of GEMMs with fp32 outputs), no_tiled_attn (encoder-length queries on PyTorch's
+  # scaled-dot-product attention instead of the tiled kernel).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
@@ -281,6 +282,7 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
       small_attn_scalar) bench small_attn_scalar LORAHUB_SMALL_ATTN_SCALAR=1 ;;
       kernel_bf16_kv) bench kernel_bf16_kv LORAHUB_DECODE_ATTN_BF16=1 ;;
       no_gemm_float) bench no_gemm_float LORAHUB_NO_GEMM_FLOAT=1 ;;
+      no_tiled_attn) bench no_tiled_attn LORAHUB_NO_TILED_ATTN=1 ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done
