@@ -18,6 +18,7 @@
 #include "core/model/generate.h"
 #include "core/model/lora.h"
 #include "core/model/scorer.h"
+#include "core/model/slot_bank.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -124,6 +125,7 @@ struct Row {
   bool got_first = false;
   double ttft_s = 0;
   std::shared_ptr<const model::LoraAdapter> adapter;
+  int64_t slot = -1;  // its adapter's slot in State::slot_bank, or -1
   int64_t start = 0;  // cache position of its decoder start token
   int64_t steps = 0;
   std::vector<int64_t> out;
@@ -143,12 +145,16 @@ struct InferenceEngine::State {
   model::DecoderCache dc;
   at::Tensor base_bias;  // [1, heads, cap, cap] position bias, no mask
   at::Tensor tokens;     // [B] next decoder inputs, on the device
-  std::unique_ptr<model::AdapterBank> bank;
+  // The running batch's adapters, one slot per distinct adapter; kept
+  // across batches (slot_bank.h: no copy for an adapter still resident).
+  std::unique_ptr<model::SlotBank> slot_bank;
   model::RowAdapters row_adapters;
 
   metrics::ServiceMetrics* metrics() { return engine->metrics_; }
 
   void FinishGenerate(Row& row, absl::Status status) {
+    if (row.slot >= 0 && slot_bank) slot_bank->Release(row.slot);
+    row.slot = -1;
     GenerateOutcome out;
     out.status = std::move(status);
     out.finish_reason = row.reason;
@@ -179,35 +185,30 @@ struct InferenceEngine::State {
     return !row.req.on_token || row.req.on_token(token);
   }
 
-  // Bank of the distinct adapters of `rows`; per-row slots in `slots`.
-  absl::Status BuildBank(std::vector<int64_t>* slots) {
-    std::vector<const model::LoraAdapter*> distinct;
-    slots->clear();
-    for (const Row& r : rows) {
-      if (!r.adapter) {
-        slots->push_back(-1);
-        continue;
-      }
-      auto it = std::find(distinct.begin(), distinct.end(), r.adapter.get());
-      slots->push_back(it - distinct.begin());
-      if (it == distinct.end()) distinct.push_back(r.adapter.get());
+  // A slot for `row`'s adapter (none without one).
+  absl::Status AcquireSlot(Row& row) {
+    if (!row.adapter) return absl::OkStatus();
+    if (!slot_bank) {
+      // One slot per row is always enough: a full batch of distinct adapters.
+      slot_bank = std::make_unique<model::SlotBank>(
+          w, engine->options_.max_batch_rows);
     }
-    if (distinct.empty()) {
-      bank.reset();
-      return absl::OkStatus();
-    }
-    LH_ASSIGN_OR_RETURN(model::AdapterBank b,
-                        model::MakeAdapterBank(w, distinct));
-    bank = std::make_unique<model::AdapterBank>(std::move(b));
+    LH_ASSIGN_OR_RETURN(row.slot, slot_bank->Acquire(row.adapter));
     return absl::OkStatus();
+  }
+
+  // The bank the rows' slots index, or nullptr (MakeRowAdapters' "no
+  // adapter at all" when every slot is -1).
+  const model::AdapterBank* Bank() const {
+    return slot_bank ? &slot_bank->bank() : nullptr;
   }
 
   // Per-row masks over the shared time axis, adapters of the rows.
   absl::Status RebuildRowState() {
     std::vector<int64_t> slots;
-    LH_RETURN_IF_ERROR(BuildBank(&slots));
+    for (const Row& r : rows) slots.push_back(r.slot);
     LH_ASSIGN_OR_RETURN(row_adapters,
-                        model::MakeRowAdapters(w, bank.get(), slots));
+                        model::MakeRowAdapters(w, Bank(), slots));
     bool any_offset = false;
     for (const Row& r : rows) any_offset |= r.start > 0;
     if (!any_offset) {
@@ -247,12 +248,14 @@ struct InferenceEngine::State {
     const int64_t old_cap = n_old > 0 ? dc.capacity - shift : 0;
     const int64_t cap = std::max(need, old_cap);
 
-    for (Row& r : incoming) rows.push_back(std::move(r));
-    std::vector<int64_t> slots;
-    LH_RETURN_IF_ERROR(BuildBank(&slots));
-    std::vector<int64_t> new_slots(slots.begin() + n_old, slots.end());
+    std::vector<int64_t> new_slots;
+    for (Row& r : incoming) {
+      rows.push_back(std::move(r));  // in the batch first: FailAll frees it
+      LH_RETURN_IF_ERROR(AcquireSlot(rows.back()));
+      new_slots.push_back(rows.back().slot);
+    }
     LH_ASSIGN_OR_RETURN(model::RowAdapters new_rows,
-                        model::MakeRowAdapters(w, bank.get(), new_slots));
+                        model::MakeRowAdapters(w, Bank(), new_slots));
     // Encoder inputs of the newcomers, right-padded.
     size_t s_len = 0;
     for (int64_t i = n_old; i < n_old + n_new; ++i) {
@@ -383,7 +386,6 @@ struct InferenceEngine::State {
     dc = model::DecoderCache();
     base_bias = at::Tensor();
     tokens = at::Tensor();
-    bank.reset();
     row_adapters = model::RowAdapters();
   }
 

@@ -662,6 +662,19 @@ lorahub_cc_library(core_model_model
   OUTPUT_NAME model
 )
 
+# //core/model:slot_bank (cc_library)
+lorahub_cc_library(core_model_slot_bank
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/slot_bank.cc
+    ${SRC}/core/model/slot_bank.h
+  DEPS
+    core_model_t5
+    ext_absl_absl
+    ext_libtorch_libtorch
+  OUTPUT_NAME slot_bank
+)
+
 # //core/model:loader (cc_library)
 lorahub_cc_library(core_model_loader
   PACKAGE core/model
@@ -741,6 +754,7 @@ lorahub_cc_library(core_serving_serving
     core_metrics_metrics
     core_model_model
     core_model_loader
+    core_model_slot_bank
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
@@ -2155,6 +2169,21 @@ lorahub_cc_test(tests_model_lora_row_gemv_test
   DEPS
     tests_model_tiny_t5
     core_model_fused_ops
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
+# //tests/model:slot_bank_test (cc_test)
+lorahub_cc_test(tests_model_slot_bank_test
+  TEST_NAME //tests/model:slot_bank_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/slot_bank_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_slot_bank
+    core_model_t5
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 60

@@ -1,0 +1,136 @@
+#include "core/model/slot_bank.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace lorahub::model {
+
+SlotBank::SlotBank(const T5Weights& base, int64_t capacity)
+    : base_(base), slots_(static_cast<size_t>(std::max<int64_t>(capacity, 1))) {
+  bank_.num_slots = static_cast<int>(slots_.size());
+  bank_.sites.resize(base.num_sites);
+  active_ = bank_;
+}
+
+absl::StatusOr<int64_t> SlotBank::Acquire(
+    const std::shared_ptr<const LoraAdapter>& adapter) {
+  if (adapter == nullptr) {
+    return absl::InvalidArgumentError("slot bank: no adapter");
+  }
+  for (const LoraSite& s : adapter->sites) {
+    if (s.site < 0 || s.site >= base_.num_sites) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("slot bank: adapter '", adapter->name, "' site ",
+                       s.site, " out of range"));
+    }
+  }
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].adapter.lock() == adapter) {
+      if (slots_[i].users++ == 0) Refresh();
+      return static_cast<int64_t>(i);
+    }
+  }
+  // Never-used slots have released_at 0, so they go first.
+  int64_t free = -1;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].users == 0 &&
+        (free < 0 || slots_[i].released_at < slots_[free].released_at)) {
+      free = static_cast<int64_t>(i);
+    }
+  }
+  if (free < 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "slot bank: all ", slots_.size(), " adapter slots are in use"));
+  }
+  Slot& slot = slots_[free];
+  slot.adapter.reset();  // not resident while it is being overwritten
+  try {
+    Load(free, *adapter);
+  } catch (const c10::Error& e) {
+    slot.sites.clear();
+    return absl::InternalError(
+        absl::StrCat("slot bank: ", e.what_without_backtrace()));
+  }
+  slot.adapter = adapter;
+  slot.users = 1;
+  ++copies_;
+  Refresh();
+  return free;
+}
+
+void SlotBank::Release(int64_t slot) {
+  if (slot < 0 || slot >= capacity() || slots_[slot].users == 0) return;
+  if (--slots_[slot].users == 0) {
+    slots_[slot].released_at = ++clock_;
+    Refresh();
+  }
+}
+
+void SlotBank::Reserve(int site, int64_t r) {
+  SiteBank& sb = bank_.sites[site];
+  const auto [out, in] = base_.site_shape[site];
+  const int64_t n = capacity();
+  auto opts = at::TensorOptions().dtype(at::kFloat).device(base_.device);
+  if (!sb.a.defined()) {
+    sb.a = at::zeros({n, r, in}, opts);
+    sb.b = at::zeros({n, out, r}, opts);
+    sb.scale = at::zeros({n, 1, 1}, opts);
+    return;
+  }
+  const int64_t have = sb.a.size(1);
+  if (r <= have) return;
+  // Zero-padded ranks do not change B A.
+  at::Tensor a = at::zeros({n, r, in}, opts);
+  at::Tensor b = at::zeros({n, out, r}, opts);
+  a.narrow(1, 0, have).copy_(sb.a);
+  b.narrow(2, 0, have).copy_(sb.b);
+  sb.a = std::move(a);
+  sb.b = std::move(b);
+}
+
+void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
+  std::vector<bool> adapted(bank_.sites.size(), false);
+  for (const LoraSite& s : adapter.sites) Reserve(s.site, s.a.size(0));
+  std::vector<int>& sites = slots_[slot].sites;
+  sites.clear();
+  for (const LoraSite& s : adapter.sites) {
+    SiteBank& sb = bank_.sites[s.site];
+    const int64_t r = s.a.size(0);
+    const int64_t rank = sb.a.size(1);
+    at::Tensor a = sb.a[slot];
+    at::Tensor b = sb.b[slot];
+    a.narrow(0, 0, r).copy_(s.a);
+    b.narrow(1, 0, r).copy_(s.b);
+    if (r < rank) {
+      a.narrow(0, r, rank - r).zero_();
+      b.narrow(1, r, rank - r).zero_();
+    }
+    sb.scale[slot].fill_(s.scaling);
+    adapted[s.site] = true;
+    sites.push_back(s.site);
+  }
+  // What an earlier adapter left at the sites this one does not adapt.
+  for (size_t site = 0; site < bank_.sites.size(); ++site) {
+    SiteBank& sb = bank_.sites[site];
+    if (adapted[site] || !sb.a.defined()) continue;
+    sb.a[slot].zero_();
+    sb.b[slot].zero_();
+    sb.scale[slot].zero_();
+  }
+}
+
+void SlotBank::Refresh() {
+  std::vector<bool> used(bank_.sites.size(), false);
+  for (const Slot& s : slots_) {
+    if (s.users == 0) continue;
+    for (int site : s.sites) used[site] = true;
+  }
+  for (size_t site = 0; site < bank_.sites.size(); ++site) {
+    active_.sites[site] = used[site] ? bank_.sites[site] : SiteBank();
+  }
+}
+
+}  // namespace lorahub::model

@@ -1,0 +1,174 @@
+// SlotBank (core/model/slot_bank.h): slots keep their adapters across
+// Acquire/Release, copy an adapter in only when it is not resident, and give
+// the forward pass exactly what MakeAdapterBank gives for the same rows
+// (also after a larger rank widened a site and with stale slots reused).
+// Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu).
+#include "core/model/slot_bank.h"
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <vector>
+
+#include "core/model/lora.h"
+#include "core/model/t5_forward.h"
+#include "core/model/t5_weights.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+using testing::GatedConfig;
+using testing::MakeLoraConfig;
+using testing::RandomAdapter;
+using testing::RandomT5;
+
+class SlotBankTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    config_ = GatedConfig();
+    WeightOptions o;
+    auto device = testing::TestDevice();
+    ASSERT_TRUE(device.ok()) << device.status();
+    o.device = *device;
+    auto w = BuildT5Weights(config_, RandomT5(config_, 21), o);
+    ASSERT_TRUE(w.ok()) << w.status();
+    base_ = std::make_unique<T5Weights>(*std::move(w));
+  }
+
+  std::shared_ptr<const LoraAdapter> Adapter(std::vector<std::string> targets,
+                                             int r, uint64_t seed) {
+    auto cfg = MakeLoraConfig(std::move(targets), r, 2.0 * r);
+    auto ad = BuildLoraAdapter(*base_, cfg, RandomAdapter(*base_, cfg, seed),
+                               "m" + std::to_string(seed));
+    EXPECT_TRUE(ad.ok()) << ad.status();
+    return std::make_shared<const LoraAdapter>(*std::move(ad));
+  }
+
+  // Logits of a fixed batch of `slots.size()` rows through `bank`.
+  at::Tensor Logits(const AdapterBank* bank,
+                    const std::vector<int64_t>& slots) {
+    const int64_t B = static_cast<int64_t>(slots.size());
+    auto opts = at::TensorOptions().dtype(at::kLong).device(base_->device);
+    const at::Tensor ids =
+        (at::arange(B * 6, opts).view({B, 6}) * 7 + 3) % config_.vocab_size;
+    const at::Tensor mask = at::ones({B, 6}, opts);
+    const at::Tensor dec =
+        (at::arange(B * 3, opts).view({B, 3}) * 5 + 1) % config_.vocab_size;
+    auto rows = MakeRowAdapters(*base_, bank, slots);
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    auto enc = Encode(*base_, ids, mask, *rows);
+    EXPECT_TRUE(enc.ok()) << enc.status();
+    auto logits = DecodeFull(*base_, dec, *enc, *rows);
+    EXPECT_TRUE(logits.ok()) << logits.status();
+    return logits->to(at::kCPU);
+  }
+
+  // The same rows through a bank built by MakeAdapterBank.
+  at::Tensor Reference(const std::vector<const LoraAdapter*>& per_row) {
+    std::vector<const LoraAdapter*> distinct;
+    std::vector<int64_t> slots;
+    for (const LoraAdapter* a : per_row) {
+      if (a == nullptr) {
+        slots.push_back(-1);
+        continue;
+      }
+      auto it = std::find(distinct.begin(), distinct.end(), a);
+      slots.push_back(it - distinct.begin());
+      if (it == distinct.end()) distinct.push_back(a);
+    }
+    auto bank = MakeAdapterBank(*base_, distinct);
+    EXPECT_TRUE(bank.ok()) << bank.status();
+    return Logits(&*bank, slots);
+  }
+
+  config::T5Config config_;
+  std::unique_ptr<T5Weights> base_;
+};
+
+TEST_F(SlotBankTest, ResidentAdaptersAreNotCopiedAgain) {
+  SlotBank bank(*base_, 2);
+  auto a = Adapter({"q", "v"}, 4, 1), b = Adapter({"q", "v"}, 4, 2),
+       c = Adapter({"q", "v"}, 4, 3);
+  auto sa = bank.Acquire(a);
+  ASSERT_TRUE(sa.ok()) << sa.status();
+  auto sa2 = bank.Acquire(a);
+  ASSERT_TRUE(sa2.ok());
+  EXPECT_EQ(*sa2, *sa);
+  EXPECT_EQ(bank.users(*sa), 2);
+  auto sb = bank.Acquire(b);
+  ASSERT_TRUE(sb.ok());
+  EXPECT_NE(*sb, *sa);
+  EXPECT_EQ(bank.copies(), 2);
+  // Full: every slot has users.
+  EXPECT_EQ(bank.Acquire(c).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  // b leaves and comes back: still resident, no copy.
+  bank.Release(*sb);
+  EXPECT_EQ(bank.users(*sb), 0);
+  auto sb2 = bank.Acquire(b);
+  ASSERT_TRUE(sb2.ok());
+  EXPECT_EQ(*sb2, *sb);
+  EXPECT_EQ(bank.copies(), 2);
+  // b leaves again; c takes its slot (a still has users).
+  bank.Release(*sb2);
+  auto sc = bank.Acquire(c);
+  ASSERT_TRUE(sc.ok()) << sc.status();
+  EXPECT_EQ(*sc, *sb);
+  EXPECT_EQ(bank.copies(), 3);
+  bank.Release(-1);  // ignored
+  bank.Release(*sa);
+  bank.Release(*sa);
+  bank.Release(*sa);  // no users left: ignored
+  EXPECT_EQ(bank.users(*sa), 0);
+  EXPECT_EQ(bank.Acquire(nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Rows through the slot bank give MakeAdapterBank's logits, with slots in
+// any order, unadapted rows, a stale slot overwritten by an adapter of
+// other sites, and a site widened by a larger rank.
+TEST_F(SlotBankTest, ForwardPassMatchesMakeAdapterBank) {
+  SlotBank bank(*base_, 3);
+  auto qv = Adapter({"q", "v"}, 4, 11);
+  auto all = Adapter({"q", "k", "v", "o", "wi_0", "wi_1", "wo"}, 2, 12);
+  auto wide = Adapter({"q", "v"}, 8, 13);
+  auto s_qv = bank.Acquire(qv);
+  auto s_all = bank.Acquire(all);
+  ASSERT_TRUE(s_qv.ok() && s_all.ok());
+  const double scale = [&] {
+    at::Tensor r = Reference({qv.get(), nullptr, all.get(), qv.get()});
+    at::Tensor got =
+        Logits(&bank.bank(), {*s_qv, -1, *s_all, *s_qv});
+    EXPECT_LT((got - r).abs().max().item<double>(),
+              1e-5 * r.abs().max().item<double>());
+    return r.abs().max().item<double>();
+  }();
+  // `all` leaves: its extra sites are no longer part of the bank.
+  bank.Release(*s_all);
+  int defined = 0;
+  for (const SiteBank& sb : bank.bank().sites) defined += sb.a.defined();
+  EXPECT_EQ(defined, 2 * (config_.num_layers + 2 * config_.num_decoder_layers));
+  // `wide` (rank 8) takes a never-used slot; then a slot reuse: `all`'s
+  // slot goes to a fresh q,v adapter whose other sites must read zeros.
+  auto s_wide = bank.Acquire(wide);
+  ASSERT_TRUE(s_wide.ok());
+  auto fresh = Adapter({"q", "v"}, 4, 14);
+  auto s_fresh = bank.Acquire(fresh);
+  ASSERT_TRUE(s_fresh.ok());
+  EXPECT_EQ(*s_fresh, *s_all);
+  at::Tensor r = Reference({wide.get(), fresh.get(), qv.get()});
+  at::Tensor got = Logits(&bank.bank(), {*s_wide, *s_fresh, *s_qv});
+  EXPECT_LT((got - r).abs().max().item<double>(), 1e-5 * scale);
+  // The adapters matter (the comparison can fail).
+  EXPECT_GT((got - Reference({nullptr, nullptr, nullptr}))
+                .abs()
+                .max()
+                .item<double>(),
+            1e-3);
+  EXPECT_EQ(bank.copies(), 4);
+}
+
+}  // namespace
+}  // namespace lorahub::model
