@@ -77,7 +77,11 @@ namespace lorahub::serving {
 struct EngineOptions {
   // Requests waiting to start (generate + score); more -> ResourceExhausted.
   int max_queue = 256;
-  // Rows decoded together (running batch, continuous batching).
+  // Rows decoded together (running batch, continuous batching); also the
+  // slots of the running batch's adapter bank (model/slot_bank.h: per
+  // adapted site, max_batch_rows x the factors of one adapter, allocated
+  // when the first adapter arrives; flan-t5-large with r = 16 on q and v:
+  // 19 MB per slot).
   int max_batch_rows = 32;
   // Limits checked by Submit (InvalidArgument naming the field).
   int64_t max_prompt_tokens = 1024;
