@@ -272,6 +272,12 @@ void ServiceMetrics::Build() {
                      .Help("Rows (sequences) in one batched engine step.")
                      .Register(reg)
                      .Add({}, BatchBuckets());
+  adapter_slot_loads_ =
+      &prometheus::BuildCounter()
+           .Name("lorahub_adapter_slot_loads_total")
+           .Help("Adapters copied into the running batch's adapter bank.")
+           .Register(reg)
+           .Add({});
 
   auto& jobs = prometheus::BuildGauge()
                    .Name("lorahub_compose_jobs")
@@ -432,6 +438,10 @@ void ServiceMetrics::AddGeneratedTokens(int64_t tokens) {
 }
 void ServiceMetrics::ObserveBatchSize(int rows) {
   if (rows >= 0) batch_size_->Observe(rows);
+}
+
+void ServiceMetrics::AddAdapterSlotLoads(int64_t loads) {
+  if (loads > 0) adapter_slot_loads_->Increment(static_cast<double>(loads));
 }
 
 void ServiceMetrics::RecordJobTransition(JobState from, JobState to) {

@@ -143,6 +143,9 @@ class ServiceMetrics {
   void AddGeneratedTokens(int64_t tokens);
   // Rows in one batched engine step (encoder pass or decoding step).
   void ObserveBatchSize(int rows);
+  // An adapter copied into the running batch's bank (model/slot_bank.h; an
+  // adapter still resident costs none): lorahub_adapter_slot_loads_total.
+  void AddAdapterSlotLoads(int64_t loads);
 
   // --- Compose jobs ----------------------------------------------------
   // A job moved `from` -> `to`: lorahub_compose_job_transitions_total{state=to}
@@ -208,6 +211,7 @@ class ServiceMetrics {
   prometheus::Histogram* inter_token_latency_ = nullptr;
   prometheus::Counter* generated_tokens_ = nullptr;
   prometheus::Histogram* batch_size_ = nullptr;
+  prometheus::Counter* adapter_slot_loads_ = nullptr;
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};

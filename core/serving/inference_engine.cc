@@ -193,7 +193,9 @@ struct InferenceEngine::State {
       slot_bank = std::make_unique<model::SlotBank>(
           w, engine->options_.max_batch_rows);
     }
+    const int64_t loads = slot_bank->copies();
     LH_ASSIGN_OR_RETURN(row.slot, slot_bank->Acquire(row.adapter));
+    if (metrics()) metrics()->AddAdapterSlotLoads(slot_bank->copies() - loads);
     return absl::OkStatus();
   }
 

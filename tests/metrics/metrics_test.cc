@@ -206,6 +206,8 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   metrics_->RecordJobTransition(JobState::kRunning, JobState::kNone);  // No-op.
   metrics_->AddEvaluations(40);
   metrics_->AddEvaluations(2);
+  metrics_->AddAdapterSlotLoads(3);
+  metrics_->AddAdapterSlotLoads(-1);  // ignored
   metrics_->ObserveJobDuration(JobState::kSucceeded, 8.5);
   metrics_->ObserveJobDuration(JobState::kFailed, 0.3);
   metrics_->ObserveJobDuration(JobState::kRunning, 1.0);  // Not final.
@@ -227,6 +229,8 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   EXPECT_THAT(moves("cancelled"), Optional(0.0));
   EXPECT_THAT(FindValue(s, "lorahub_compose_evaluations_total", {}),
               Optional(42.0));
+  EXPECT_THAT(FindValue(s, "lorahub_adapter_slot_loads_total", {}),
+              Optional(3.0));
   EXPECT_THAT(FindValue(s, "lorahub_compose_job_duration_seconds_bucket",
                         {{"state", "succeeded"}, {"le", "5"}}),
               Optional(0.0));
@@ -345,6 +349,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_inter_token_latency_seconds",
                        "lorahub_generated_tokens_total",
                        "lorahub_batch_size_rows",
+                       "lorahub_adapter_slot_loads_total",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_evaluations_total",

@@ -397,6 +397,7 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.ObserveQueueTime(0.002);
   m.AddGeneratedTokens(10);
   m.ObserveBatchSize(4);
+  m.AddAdapterSlotLoads(2);
   m.RecordJobTransition(JobState::kNone, JobState::kQueued);
   m.AddEvaluations(3);
   m.ObserveJobDuration(JobState::kSucceeded, 12);

@@ -130,8 +130,20 @@ class EngineTest : public ::testing::Test {
 
   static std::shared_ptr<const model::T5Weights>* weights_;
   static nlohmann::json* golden_;
+  // The value of the unlabelled counter `name` in registry_, or -1.
+  double CounterValue(const std::string& name) {
+    for (const auto& family : registry_->Collect()) {
+      if (family.name == name && family.metric.size() == 1) {
+        return family.metric[0].counter.value;
+      }
+    }
+    return -1;
+  }
+
+  std::shared_ptr<prometheus::Registry> registry_ =
+      std::make_shared<prometheus::Registry>();
   std::unique_ptr<metrics::ServiceMetrics> metrics_ =
-      *metrics::ServiceMetrics::Create(std::make_shared<prometheus::Registry>());
+      *metrics::ServiceMetrics::Create(registry_);
 };
 std::shared_ptr<const model::T5Weights>* EngineTest::weights_ = nullptr;
 nlohmann::json* EngineTest::golden_ = nullptr;
@@ -221,6 +233,10 @@ TEST_F(EngineTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
     EXPECT_GE(out.total_s, out.time_to_first_token_s);
   }
   EXPECT_EQ(engine->pending(), 0);
+  // Four distinct adapters among the 14 requests, six slots: each adapter
+  // is copied into the running batch's bank once, however often its rows
+  // come and go (model/slot_bank.h).
+  EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), 4);
 }
 
 TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
