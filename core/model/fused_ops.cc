@@ -239,10 +239,7 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
 }
 
 at::ScalarType DecodeKvDtype(at::ScalarType compute) {
-  static const bool bf16 = [] {
-    const char* v = std::getenv("LORAHUB_DECODE_ATTN_BF16");
-    return v != nullptr && *v != '\0' && std::string(v) != "0";
-  }();
+  static const bool bf16 = EnvFlag("LORAHUB_DECODE_ATTN_BF16");
   return bf16 && compute == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
 }
 
@@ -283,10 +280,7 @@ at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 bool DecodeAttentionGeneric() {
-  static const bool generic = [] {
-    const char* v = std::getenv("LORAHUB_DECODE_ATTN_GENERIC");
-    return v != nullptr && *v != '\0' && std::string(v) != "0";
-  }();
+  static const bool generic = EnvFlag("LORAHUB_DECODE_ATTN_GENERIC");
   return generic;
 }
 

@@ -275,8 +275,8 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 
 // One GEMM against a fused weight whose row blocks are `members`' weights
 // (FusedQkv etc. checked), then each adapted member's LoRA delta added into
-// its column slice of the output. Like Project: the compute dtype when no
-// member is adapted, else fp32 (all columns).
+// its column slice of the output (Project is its one-member case): the
+// compute dtype when no member is adapted, else fp32 (all columns).
 //
 // float_out: the caller widens the output to fp32 anyway (fp32 attention
 // reads it): then it is the GEMM's fp32 accumulator (MatmulFloat) also
@@ -322,30 +322,20 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
 // make q and k large and sensitive to it), else from x.
 at::Tensor Project(const at::Tensor& x, const Linear& linear,
                    const RowAdapters& rows, const at::Tensor& x_full) {
-  const at::Tensor xm = MatmulInput(x, linear.weight);
-  if (!Adapted(rows, linear.site)) return at::matmul(xm, linear.weight.t());
-  const SiteBank& sb = rows.bank->sites[linear.site];
-  if (LowPrecisionDelta(sb, linear.weight.scalar_type())) {
-    at::Tensor y = at::matmul(xm, linear.weight.t());
-    AddLoraDelta(y, xm, sb, rows);
-    return y;
-  }
-  at::Tensor y = MatmulFloat(xm, linear.weight);
-  AddLoraDelta(y, LoraInput(x, x_full), sb, rows);
-  return y;
+  return ProjectFused(x, linear.weight, {&linear}, rows, x_full,
+                      /*float_out=*/false);
 }
 
 // Project(...).to(attn) for the q, k or v of an attention: with fp32
-// attention, the GEMM's fp32 accumulator also without a delta (as
-// ProjectFused's float_out), so q, k and v are never rounded to the compute
-// dtype, fused or not, adapted or not.
+// attention, the GEMM's fp32 accumulator also without a delta (ProjectFused's
+// float_out), so q, k and v are never rounded to the compute dtype, fused or
+// not, adapted or not.
 at::Tensor ProjectForAttention(const at::Tensor& x, const Linear& linear,
                                const RowAdapters& rows,
                                const at::Tensor& x_full, at::ScalarType attn) {
-  if (attn == at::kFloat && !Adapted(rows, linear.site)) {
-    return MatmulFloat(MatmulInput(x, linear.weight), linear.weight);
-  }
-  return Project(x, linear, rows, x_full).to(attn);
+  return ProjectFused(x, linear.weight, {&linear}, rows, x_full,
+                      /*float_out=*/attn == at::kFloat)
+      .to(attn);
 }
 
 at::ScalarType AttentionDtype(const T5Weights& w) {
@@ -404,37 +394,17 @@ void CrossKeyValues::Compute(int64_t block) {
   const int64_t inner = w_.decoder[0].cross_attn.k.weight.size(0);
   const at::Tensor weight =
       w_.cross_kv.narrow(0, first_ * 2 * inner, count_ * 2 * inner);
-  const at::Tensor xm = MatmulInput(x_.mm, weight);
-  std::vector<int64_t> cols;
-  std::vector<const SiteBank*> sites;
+  std::vector<const Linear*> members;
   for (int64_t j = 0; j < count_; ++j) {
     const AttentionWeights& a = w_.decoder[first_ + j].cross_attn;
-    for (const Linear* m : {&a.k, &a.v}) {
-      if (!Adapted(rows_, m->site)) continue;
-      cols.push_back((2 * j + (m == &a.v ? 1 : 0)) * inner);
-      sites.push_back(&rows_.bank->sites[m->site]);
-    }
+    members.push_back(&a.k);
+    members.push_back(&a.v);
   }
-  if (sites.empty()) {
-    // The keys and values are in the scores' dtype (fp32: the GEMM's
-    // accumulator, as ProjectForAttention).
-    chunk_ = attn_ == at::kFloat ? MatmulFloat(xm, weight)
-                                 : at::matmul(xm, weight.t()).to(attn_);
-    return;
-  }
-  bool low = true;
-  for (const SiteBank* sb : sites) {
-    low = low && LowPrecisionDelta(*sb, weight.scalar_type());
-  }
-  at::Tensor y;
-  if (low) {
-    y = at::matmul(xm, weight.t());
-    AddLoraDeltas(y, cols, sites, xm, rows_);
-  } else {
-    y = MatmulFloat(xm, weight);  // the fp32 delta goes into fp32
-    AddLoraDeltas(y, cols, sites, LoraInput(x_.mm, x_.full), rows_);
-  }
-  chunk_ = y.to(attn_);
+  // The keys and values in the scores' dtype (fp32: the GEMM's accumulator,
+  // as ProjectForAttention).
+  chunk_ = ProjectFused(x_.mm, weight, members, rows_, x_.full,
+                        /*float_out=*/attn_ == at::kFloat)
+               .to(attn_);
 }
 
 std::pair<at::Tensor, at::Tensor> CrossKeyValues::Block(int64_t i) {
