@@ -50,6 +50,12 @@ void PadExamples(const std::vector<Example>& ex, bool labels, int64_t pad,
   }
 }
 
+int64_t RowsPerChunk(int64_t max_rows, int64_t num_examples) {
+  max_rows = std::max<int64_t>(max_rows, 1);
+  if (num_examples < 1 || max_rows < num_examples) return max_rows;
+  return max_rows / num_examples * num_examples;
+}
+
 absl::StatusOr<std::vector<double>> ScoreCandidates(
     const T5Weights& w, const AdapterBank* bank,
     const std::vector<int64_t>& candidate_slots,
@@ -59,7 +65,7 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
   if (candidate_slots.empty()) return std::vector<double>{};
   const int64_t n = static_cast<int64_t>(examples.size());
   const int64_t C = static_cast<int64_t>(candidate_slots.size());
-  const int64_t max_rows = std::max<int64_t>(options.max_rows, 1);
+  const int64_t max_rows = RowsPerChunk(options.max_rows, n);
   try {
     at::Tensor ids, mask, labels, label_mask;
     PadExamples(examples, false, w.config.pad_token_id, ids, mask);

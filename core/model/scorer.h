@@ -31,6 +31,14 @@ struct ScoreOptions {
   int64_t max_rows = 64;  // rows per forward pass (memory bound)
 };
 
+// Rows per forward pass for `max_rows` and `num_examples` rows per candidate:
+// whole candidates (the largest multiple of num_examples not above max_rows)
+// when max_rows holds at least one, else max_rows. Why: a chunk that splits
+// a candidate has runs of unequal length, which sends every LoRA delta down
+// the per-row gather path instead of one batched GEMM over the candidates
+// (RowAdapters::rows_per_slot).
+int64_t RowsPerChunk(int64_t max_rows, int64_t num_examples);
+
 // One loss per entry of `candidate_slots` (a slot of `bank`, or -1 for the
 // base model). `bank` may be nullptr when all slots are -1. InvalidArgument
 // on no examples, an empty input or label, an id outside [0, vocab_size), or

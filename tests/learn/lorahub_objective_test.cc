@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "core/config/lora_config.h"
 #include "core/learn/adapter_export.h"
 #include "core/io/safetensors.h"
@@ -150,35 +151,39 @@ class ObjectiveTest : public ::testing::Test {
 Fixture* ObjectiveTest::fixture_ = nullptr;
 
 TEST_F(ObjectiveTest, BatchEqualsEachCandidateAloneForEveryMethod) {
-  for (const char* name : {"lorahub", "cat", "ties", "dare_linear"}) {
-    SCOPED_TRACE(name);
-    LoraHubObjectiveOptions o;
-    o.method = *ParseCompositionMethod(name);
-    o.score.max_rows = 7;  // several passes per call, rows of one candidate split
-    auto objective = fixture_->Objective(o);
-    ASSERT_TRUE(objective.ok()) << objective.status();
-    const auto cands = Candidates();
-    auto batch = objective->Score(cands);
-    ASSERT_TRUE(batch.ok()) << batch.status();
-    EXPECT_EQ(objective->stats().forward_passes, 3);  // ceil(4 * 5 / 7)
-    for (size_t c = 0; c < cands.size(); ++c) {
-      auto alone = objective->Score({cands[c]});
-      ASSERT_TRUE(alone.ok());
-      EXPECT_LT(RelErr((*batch)[c], (*alone)[0]), 1e-5) << "candidate " << c;
-    }
-    // Clipping: the out-of-bounds weight scores like 1.5.
-    Candidate clipped = cands[3];
-    clipped[5] = 1.5;
-    auto at_bound = objective->Score({clipped});
-    ASSERT_TRUE(at_bound.ok());
-    EXPECT_LT(RelErr((*batch)[3], (*at_bound)[0]), 1e-5);
-    // Methods really differ (cat is the sum of deltas, lorahub is not).
-    if (o.method != CompositionMethod::kLoraHub) {
-      LoraHubObjectiveOptions lo;
-      auto lorahub = fixture_->Objective(lo);
-      auto l = lorahub->Score({cands[0]});
-      ASSERT_TRUE(l.ok());
-      EXPECT_GT(RelErr((*batch)[0], (*l)[0]), 1e-6);
+  // max_rows 7: passes of one whole candidate (5 rows) each; 3: fewer rows
+  // than a candidate has examples, so its rows are split over passes.
+  for (const auto& [max_rows, passes] : {std::pair{7, 4}, std::pair{3, 7}}) {
+    for (const char* name : {"lorahub", "cat", "ties", "dare_linear"}) {
+      SCOPED_TRACE(absl::StrCat(name, " max_rows ", max_rows));
+      LoraHubObjectiveOptions o;
+      o.method = *ParseCompositionMethod(name);
+      o.score.max_rows = max_rows;
+      auto objective = fixture_->Objective(o);
+      ASSERT_TRUE(objective.ok()) << objective.status();
+      const auto cands = Candidates();
+      auto batch = objective->Score(cands);
+      ASSERT_TRUE(batch.ok()) << batch.status();
+      EXPECT_EQ(objective->stats().forward_passes, passes);  // of 4 x 5 rows
+      for (size_t c = 0; c < cands.size(); ++c) {
+        auto alone = objective->Score({cands[c]});
+        ASSERT_TRUE(alone.ok());
+        EXPECT_LT(RelErr((*batch)[c], (*alone)[0]), 1e-5) << "candidate " << c;
+      }
+      // Clipping: the out-of-bounds weight scores like 1.5.
+      Candidate clipped = cands[3];
+      clipped[5] = 1.5;
+      auto at_bound = objective->Score({clipped});
+      ASSERT_TRUE(at_bound.ok());
+      EXPECT_LT(RelErr((*batch)[3], (*at_bound)[0]), 1e-5);
+      // Methods really differ (cat is the sum of deltas, lorahub is not).
+      if (o.method != CompositionMethod::kLoraHub) {
+        LoraHubObjectiveOptions lo;
+        auto lorahub = fixture_->Objective(lo);
+        auto l = lorahub->Score({cands[0]});
+        ASSERT_TRUE(l.ok());
+        EXPECT_GT(RelErr((*batch)[0], (*l)[0]), 1e-6);
+      }
     }
   }
 }

@@ -319,6 +319,11 @@ TEST_P(EngineTest, BatchedCandidateScoringEqualsEachAlone) {
       }
     }
   }
+  // Whole candidates per pass where max_rows holds one.
+  EXPECT_EQ(RowsPerChunk(64, 5), 60);
+  EXPECT_EQ(RowsPerChunk(5, 5), 5);
+  EXPECT_EQ(RowsPerChunk(3, 5), 3);
+  EXPECT_EQ(RowsPerChunk(0, 5), 1);
   // Candidate 0 (all-zero weights) is the base model.
   ScoreOptions opt;
   auto base_loss = ScoreCandidates(base_, nullptr, {-1}, ex, opt);
