@@ -69,22 +69,25 @@ struct AttentionArgs {
 };
 int LaunchSmallAttention(const AttentionArgs& args, void* stream);
 
-// Longer queries (T > kTiledQueryMin; the encoder, T = S): one block per
-// (b, h, tile of 32 queries) with the head's keys and values in shared
-// memory as fp32, which must fit in the default 48 KB: TiledAttentionFits.
-// Same arguments and result as LaunchSmallAttention (q of any stride; k and
-// v of one dtype with any strides; D == Dv <= 256); cudaErrorInvalidValue
-// for shapes that do not fit.
+// Longer queries (T >= kTiledQueryMin; the encoder, T = S): one block per
+// (b, h, tile of queries) with the head's keys and values in shared memory
+// as fp32 (TiledAttentionFits: up to kTiledMaxShared, above the default
+// 48 KB by opt-in; S up to 256 keys for 64-wide heads; D a multiple of 4
+// with D / 4 dividing 32). Same arguments and result as
+// LaunchSmallAttention (q of any stride; k and v of one dtype with any
+// strides); cudaErrorInvalidValue for shapes that do not fit.
 inline constexpr int64_t kTiledQueryMin = 33;
-inline constexpr int64_t kTiledMaxShared = 48 * 1024;
+inline constexpr int64_t kTiledMaxShared = 200 * 1024;
+inline constexpr int64_t kTiledMaxKeys = 256;
 inline constexpr int64_t kTiledWarps = 8;
 constexpr int64_t TiledAttentionShared(int64_t S, int64_t D) {
-  // keys and values [S, D + 1] (rows padded against bank conflicts), per
-  // warp one query row [D] and its probabilities [S], fp32.
-  return (2 * S * (D + 1) + kTiledWarps * (D + S)) * 4;
+  // keys and values [S, D + 4] (rows 16-byte aligned, conflict-free across
+  // rows), per warp two query rows [D] and their probabilities [S], fp32.
+  return (2 * S * (D + 4) + kTiledWarps * 2 * (D + S)) * 4;
 }
 constexpr bool TiledAttentionFits(int64_t S, int64_t D, int64_t Dv) {
-  return D == Dv && D > 0 && D <= 256 && S > 0 &&
+  return D == Dv && D > 0 && D % 4 == 0 && D <= 128 && 32 % (D / 4) == 0 &&
+         S > 0 && S <= kTiledMaxKeys &&
          TiledAttentionShared(S, D) <= kTiledMaxShared;
 }
 int LaunchTiledAttention(const AttentionArgs& args, void* stream);

@@ -95,8 +95,8 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
 // scores and softmax, any strides, so no copies of the strided q/k/v views),
 // unless LORAHUB_SMALL_ATTN_GENERIC=1 (read once; A/B). Longer queries
 // whose keys and values fit in a block's shared memory (the encoder of the
-// objective: fused_kernels.h TiledAttentionFits, S up to 80 for 64-wide
-// heads) take the tiled kernel (LaunchTiledAttention; seventh session)
+// objective: fused_kernels.h TiledAttentionFits, S up to 256 for
+// 64-wide heads) take the tiled kernel (LaunchTiledAttention; seventh session)
 // unless LORAHUB_NO_TILED_ATTN=1 (TiledAttentionOff). Why: for these
 // shapes PyTorch's scaled-dot-product attention picked its math path, about
 // twelve kernels per call (three copies, two multiplies by 1, two GEMMs, the

@@ -183,16 +183,18 @@ TEST(ShortQueryAttentionTest, Bf16QueriesKeysValues) {
   EXPECT_LT(RelDiff(got.to(at::kFloat), Reference(q, k, v, bias)), 1.0 / 128);
 }
 
-// The encoder's shape: as many queries as keys (T = S = 60, more than a
-// short query), q, k, v strided views of one fused projection, relative
-// bias plus padding mask [B, H, T, S]: on CUDA the tiled kernel (keys and
-// values in shared memory; LORAHUB_NO_TILED_ATTN=1: PyTorch's attention).
-// Longer keys than shared memory holds (S = 200) stay on PyTorch's.
+// The encoder's shape: as many queries as keys (T = S = 37, 60, 200: more
+// than a short query; an odd count leaves a warp half a query pair), q, k, v
+// strided views of one fused projection, relative bias plus padding mask
+// [B, H, T, S]: on CUDA the tiled kernel (keys and values in shared memory;
+// LORAHUB_NO_TILED_ATTN=1: PyTorch's attention), also with keys and values
+// of a non-unit element stride (its scalar staging). More keys than it takes
+// (S = 300 > kTiledMaxKeys) stay on PyTorch's.
 TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
   at::manual_seed(9);
   const double min_value =
       static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
-  for (int64_t S : {int64_t{60}, int64_t{200}}) {
+  for (int64_t S : {int64_t{37}, int64_t{60}, int64_t{200}, int64_t{300}}) {
     const int64_t B = 3, H = 2, d = 64, inner = H * d;
     const at::Tensor y = at::randn({B, S, 3 * inner}, F32()) * 0.5;
     auto heads = [&](int64_t part) {
@@ -213,6 +215,14 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
     const at::Tensor rounded = Attention(q, k, v, bias, at::kBFloat16);
     ASSERT_EQ(rounded.scalar_type(), at::kBFloat16);
     EXPECT_TRUE(at::equal(rounded, got.to(at::kBFloat16))) << "S " << S;
+    // Keys and values every other element of a wider tensor.
+    const at::Tensor wide = at::randn({B, H, S, 2 * d}, F32());
+    const at::Tensor ks = wide.slice(-1, 0, 2 * d, 2);
+    const at::Tensor vs = wide.slice(-1, 1, 2 * d, 2) * 0.7;
+    ASSERT_EQ(ks.stride(3), 2);
+    EXPECT_LT(RelDiff(GeneralAttention(q, ks, vs, bias), Reference(q, ks, vs, bias)),
+              1e-5)
+        << "S " << S;
     // bf16 keys and values (the bf16 attention opt-in), fp32 bias.
     const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16),
                      vb = v.to(at::kBFloat16);
