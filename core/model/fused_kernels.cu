@@ -475,15 +475,15 @@ __global__ void __launch_bounds__(kNormThreads)
 //
 // One block per (b, h, tile of queries) stages the head's keys and values
 // once in shared memory as fp32 (rows of D + 4: 16-byte aligned, and
-// conflict-free for lanes reading different rows). Each warp then takes two
-// queries at a time, with independent accumulators for instruction-level
-// parallelism (the first version, one query per warp and one dependent sum
+// conflict-free for lanes reading different rows). Each warp then takes
+// kTiledQueriesPerWarp queries at a time, with independent accumulators for
+// instruction-level parallelism and each key or value load shared by them (the first version, one query per warp and one dependent sum
 // per lane, ran at 38 us per call where the data moved take about 3):
 // scores with lanes over keys (kKpl keys each, 16-byte loads), a warp
 // softmax, then the weighted values with lanes over (key group, 4 columns)
 // and a shuffle reduction over the key groups. The arithmetic of
 // SmallAttentionKernel up to the order of the fp32 sums.
-constexpr int kTiledPair = 2;  // queries per warp at a time
+constexpr int kTiledGroup = static_cast<int>(kTiledQueriesPerWarp);
 
 __device__ __forceinline__ float WarpMax(float v) {
   for (int off = 16; off > 0; off >>= 1) {
@@ -519,7 +519,7 @@ __device__ __forceinline__ float4 Load4(const __half* p) {
 template <typename E, int kKpl>
 __global__ void __launch_bounds__(kNormThreads)
     TiledAttentionKernel(AttentionArgs a, int tile_q, bool vec) {
-  static_assert(kNormThreads / 32 == kTiledWarps, "query pairs per warp");
+  static_assert(kNormThreads / 32 == kTiledWarps, "query groups per warp");
   extern __shared__ float4 smem4[];
   const int S = static_cast<int>(a.S);
   const int D = static_cast<int>(a.D);  // == Dv, a multiple of 4
@@ -527,8 +527,8 @@ __global__ void __launch_bounds__(kNormThreads)
   const int ld = D + 4;
   float* ks = reinterpret_cast<float*>(smem4);    // [S, D + 4]
   float* vs = ks + S * ld;                         // [S, D + 4]
-  float* qs = vs + S * ld;                         // [warps, pair, D]
-  float* ps = qs + kTiledWarps * kTiledPair * D;   // [warps, pair, S]
+  float* qs = vs + S * ld;                         // [warps, group, D]
+  float* ps = qs + kTiledWarps * kTiledGroup * D;   // [warps, group, S]
   const int tiles = (static_cast<int>(a.T) + tile_q - 1) / tile_q;
   const int tile = blockIdx.x % tiles;
   const int64_t h = (blockIdx.x / tiles) % a.H;
@@ -553,31 +553,31 @@ __global__ void __launch_bounds__(kNormThreads)
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  float* q2 = qs + warp * kTiledPair * D;
-  float* p2 = ps + warp * kTiledPair * S;
+  float* q2 = qs + warp * kTiledGroup * D;
+  float* p2 = ps + warp * kTiledGroup * S;
   // Weighted values: lanes over (key group g, columns 4c..4c+3).
   const int groups = 32 / D4;  // D4 divides 32 (TiledAttentionFits)
   const int g = lane / D4;
   const int c4 = lane - g * D4;
   const int t_begin = tile * tile_q;
   const int t_end = min(static_cast<int>(a.T), t_begin + tile_q);
-  for (int t0 = t_begin + warp * kTiledPair; t0 < t_end;
-       t0 += kTiledWarps * kTiledPair) {
-    // The pair's second query repeats the first past the end (not stored).
-    int t[kTiledPair];
+  for (int t0 = t_begin + warp * kTiledGroup; t0 < t_end;
+       t0 += kTiledWarps * kTiledGroup) {
+    // Queries past the end repeat the last one (not stored).
+    int t[kTiledGroup];
 #pragma unroll
-    for (int u = 0; u < kTiledPair; ++u) t[u] = min(t0 + u, t_end - 1);
+    for (int u = 0; u < kTiledGroup; ++u) t[u] = min(t0 + u, t_end - 1);
 #pragma unroll
-    for (int u = 0; u < kTiledPair; ++u) {
+    for (int u = 0; u < kTiledGroup; ++u) {
       const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t[u] * a.q_stride[2];
       for (int i = lane; i < D; i += 32) {
         q2[u * D + i] = LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]);
       }
     }
     // The bias of this lane's keys, loaded before the dot products.
-    float sc[kTiledPair][kKpl];
+    float sc[kTiledGroup][kKpl];
 #pragma unroll
-    for (int u = 0; u < kTiledPair; ++u) {
+    for (int u = 0; u < kTiledGroup; ++u) {
       const int64_t bias0 =
           b * a.bias_stride[0] + h * a.bias_stride[1] + t[u] * a.bias_stride[2];
 #pragma unroll
@@ -588,16 +588,16 @@ __global__ void __launch_bounds__(kNormThreads)
       }
     }
     __syncwarp();
-    float dot[kTiledPair][kKpl];
+    float dot[kTiledGroup][kKpl];
 #pragma unroll
-    for (int u = 0; u < kTiledPair; ++u) {
+    for (int u = 0; u < kTiledGroup; ++u) {
 #pragma unroll
       for (int r = 0; r < kKpl; ++r) dot[u][r] = 0.f;
     }
     for (int d = 0; d < D; d += 4) {
-      float4 qv[kTiledPair];
+      float4 qv[kTiledGroup];
 #pragma unroll
-      for (int u = 0; u < kTiledPair; ++u) {
+      for (int u = 0; u < kTiledGroup; ++u) {
         qv[u] = *reinterpret_cast<const float4*>(q2 + u * D + d);
       }
 #pragma unroll
@@ -605,14 +605,14 @@ __global__ void __launch_bounds__(kNormThreads)
         const int j = min(lane + 32 * r, S - 1);  // past S: masked below
         const float4 kv = *reinterpret_cast<const float4*>(ks + j * ld + d);
 #pragma unroll
-        for (int u = 0; u < kTiledPair; ++u) {
+        for (int u = 0; u < kTiledGroup; ++u) {
           dot[u][r] += qv[u].x * kv.x + qv[u].y * kv.y + qv[u].z * kv.z + qv[u].w * kv.w;
         }
       }
     }
-    float inv[kTiledPair];
+    float inv[kTiledGroup];
 #pragma unroll
-    for (int u = 0; u < kTiledPair; ++u) {
+    for (int u = 0; u < kTiledGroup; ++u) {
       float m = -INFINITY;
 #pragma unroll
       for (int r = 0; r < kKpl; ++r) {
@@ -633,16 +633,16 @@ __global__ void __launch_bounds__(kNormThreads)
       inv[u] = 1.f / WarpSum(sum);
     }
     __syncwarp();  // every lane's probabilities visible to the warp
-    float acc[kTiledPair][4];
+    float acc[kTiledGroup][4];
 #pragma unroll
-    for (int u = 0; u < kTiledPair; ++u) {
+    for (int u = 0; u < kTiledGroup; ++u) {
       acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
     }
 #pragma unroll 4
     for (int j = g; j < S; j += groups) {
       const float4 vv = *reinterpret_cast<const float4*>(vs + j * ld + 4 * c4);
 #pragma unroll
-      for (int u = 0; u < kTiledPair; ++u) {
+      for (int u = 0; u < kTiledGroup; ++u) {
         const float pj = p2[u * S + j];
         acc[u][0] += pj * vv.x;
         acc[u][1] += pj * vv.y;
@@ -652,7 +652,7 @@ __global__ void __launch_bounds__(kNormThreads)
     }
     for (int off = 16; off >= D4; off >>= 1) {
 #pragma unroll
-      for (int u = 0; u < kTiledPair; ++u) {
+      for (int u = 0; u < kTiledGroup; ++u) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           acc[u][e] += __shfl_xor_sync(0xffffffffu, acc[u][e], off);
@@ -661,7 +661,7 @@ __global__ void __launch_bounds__(kNormThreads)
     }
     if (g == 0) {
 #pragma unroll
-      for (int u = 0; u < kTiledPair; ++u) {
+      for (int u = 0; u < kTiledGroup; ++u) {
         if (t0 + u >= t_end) break;
         const int64_t o0 = ((b * a.T + t[u]) * a.H + h) * D + 4 * c4;  // [B, T, H, Dv]
 #pragma unroll
@@ -670,7 +670,7 @@ __global__ void __launch_bounds__(kNormThreads)
         }
       }
     }
-    __syncwarp();  // before the next pair overwrites q2 and p2
+    __syncwarp();  // before the next group overwrites q2 and p2
   }
 }
 
@@ -704,14 +704,33 @@ __global__ void __launch_bounds__(kNormThreads)
   // This block's ranks: [c0, c0 + R) of the a.R.
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * kMaxTokenRanks;
   const int R = static_cast<int>(min(kMaxTokenRanks, a.R - c0));
-  for (int i = threadIdx.x; i < kTokenRows * kTokenK; i += kNormThreads) {
-    const int r = i / kTokenK, k = i - r * kTokenK;
-    xs[r * kLd + k] = r < rows && k < kn ? a.x[(row0 + r) * a.x_row_stride + k0 + k] : 0.f;
+  // Every load of the tile first (independent, in flight together), then
+  // the stores: a load-store loop waited out each load's latency in turn.
+  constexpr int kXPer = kTokenRows * kTokenK / kNormThreads;
+  constexpr int kAPer = kMaxTokenRanks * kTokenK / kNormThreads;
+  float xv[kXPer], av[kAPer];
+#pragma unroll
+  for (int u = 0; u < kXPer; ++u) {
+    const int i = threadIdx.x + u * kNormThreads;
+    const int r = i / kTokenK, k = i % kTokenK;
+    xv[u] = r < rows && k < kn ? a.x[(row0 + r) * a.x_row_stride + k0 + k] : 0.f;
   }
   const float* as_global = a.a + slot * a.a_stride[0] + c0 * a.a_stride[1] + k0;
-  for (int i = threadIdx.x; i < R * kTokenK; i += kNormThreads) {
-    const int c = i / kTokenK, k = i - c * kTokenK;
-    as[c * kLd + k] = k < kn ? as_global[c * a.a_stride[1] + k] : 0.f;
+#pragma unroll
+  for (int u = 0; u < kAPer; ++u) {
+    const int i = threadIdx.x + u * kNormThreads;
+    const int c = i / kTokenK, k = i % kTokenK;
+    av[u] = c < R && k < kn ? as_global[c * a.a_stride[1] + k] : 0.f;
+  }
+#pragma unroll
+  for (int u = 0; u < kXPer; ++u) {
+    const int i = threadIdx.x + u * kNormThreads;
+    xs[(i / kTokenK) * kLd + i % kTokenK] = xv[u];
+  }
+#pragma unroll
+  for (int u = 0; u < kAPer; ++u) {
+    const int i = threadIdx.x + u * kNormThreads;
+    if (i / kTokenK < R) as[(i / kTokenK) * kLd + i % kTokenK] = av[u];
   }
   __syncthreads();
   float* out = a.partial + (blockIdx.y * a.M + row0) * a.R + c0;
@@ -746,19 +765,26 @@ __global__ void __launch_bounds__(kTokenCols)
   const int64_t slot = TokenSlot(a, segment);
   const int r = static_cast<int>(site.r);
   const int ld = r + 1;
-  for (int i = threadIdx.x; i < kTokenRows * r; i += kTokenCols) {
+  // Loads unrolled so that many are in flight at once (see the shrink).
+  constexpr int kXaPer = kTokenRows * kMaxTokenRanks / kTokenCols;
+#pragma unroll
+  for (int u = 0; u < kXaPer; ++u) {
+    const int i = threadIdx.x + u * kTokenCols;
+    if (i >= kTokenRows * r) break;
     const int m = i / r, c = i - m * r;
     float v = 0.f;
     if (m < rows) {
-      for (int sp = 0; sp < splits; ++sp) {
-        v += a.partial[(sp * a.M + row0 + m) * a.R + site.rank_offset + c];
-      }
+      const float* p = a.partial + (row0 + m) * a.R + site.rank_offset + c;
+#pragma unroll 8
+      for (int sp = 0; sp < splits; ++sp) v += p[sp * a.M * a.R];
     }
     xas[m * r + c] = v;
   }
   const float* w = static_cast<const float*>(site.w) + slot * site.w_stride[0];
   const int cols = static_cast<int>(min(static_cast<int64_t>(kTokenCols), site.out - o0));
-  for (int i = threadIdx.x; i < kTokenCols * r; i += kTokenCols) {
+#pragma unroll 16
+  for (int u = 0; u < r; ++u) {
+    const int i = threadIdx.x + u * kTokenCols;
     const int o = i / r, c = i - o * r;
     ws[o * ld + c] = o < cols ? w[(o0 + o) * site.w_stride[1] + c * site.w_stride[2]] : 0.f;
   }
@@ -1059,7 +1085,7 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
 
 namespace {
 
-// Queries per block: multiples of 16 (one pair per warp) up to all T, the
+// Queries per block: multiples of one group per warp up to all T, the
 // fewest tiles that still give every SM two blocks; more tiles stage the
 // same keys more often.
 int TiledQueries(const AttentionArgs& a) {
@@ -1072,7 +1098,7 @@ int TiledQueries(const AttentionArgs& a) {
     }
     return count;
   }();
-  const int64_t step = kTiledWarps * kTiledPair;
+  const int64_t step = kTiledWarps * kTiledGroup;
   const int64_t heads = a.B * a.H;
   int64_t tile = (a.T + step - 1) / step * step;
   while (tile > step && heads * ((a.T + tile - 1) / tile) < 2 * sms) tile -= step;

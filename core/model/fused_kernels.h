@@ -80,10 +80,11 @@ inline constexpr int64_t kTiledQueryMin = 33;
 inline constexpr int64_t kTiledMaxShared = 200 * 1024;
 inline constexpr int64_t kTiledMaxKeys = 256;
 inline constexpr int64_t kTiledWarps = 8;
+inline constexpr int64_t kTiledQueriesPerWarp = 4;  // at a time
 constexpr int64_t TiledAttentionShared(int64_t S, int64_t D) {
   // keys and values [S, D + 4] (rows 16-byte aligned, conflict-free across
-  // rows), per warp two query rows [D] and their probabilities [S], fp32.
-  return (2 * S * (D + 4) + kTiledWarps * 2 * (D + S)) * 4;
+  // rows), per warp its query rows [D] and their probabilities [S], fp32.
+  return (2 * S * (D + 4) + kTiledWarps * kTiledQueriesPerWarp * (D + S)) * 4;
 }
 constexpr bool TiledAttentionFits(int64_t S, int64_t D, int64_t Dv) {
   return D == Dv && D > 0 && D % 4 == 0 && D <= 128 && 32 % (D / 4) == 0 &&

@@ -261,9 +261,19 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   return fused_backend::LoraRowDeltas(y, x, a, sites, slots, mask);
 }
 
+namespace {
+std::atomic<int> lora_tokens_override{-1};
+}  // namespace
+
 bool LoraTokenKernelsEnabled() {
   static const bool off = EnvFlag("LORAHUB_NO_LORA_TOKENS");
-  return fused_backend::Compiled() && !Disabled() && !off;
+  const int forced = lora_tokens_override.load();
+  return fused_backend::Compiled() && !Disabled() &&
+         (forced < 0 ? !off : forced != 0);
+}
+
+void SetLoraTokenKernelsForTesting(int value) {
+  lora_tokens_override.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
 }
 
 bool LoraTokenDeltas(const at::Tensor& y, const at::Tensor& x,

@@ -224,6 +224,9 @@ bool LoraTokenDeltas(const at::Tensor& y, const at::Tensor& x,
 // True when LoraTokenDeltas can run (CUDA kernels compiled and not switched
 // off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_TOKENS, read once).
 bool LoraTokenKernelsEnabled();
+// Tests: 0 turns the per-token kernels off (the GEMMs run, e.g. to count
+// them), 1 back on where they can run, -1 returns to the environment's.
+void SetLoraTokenKernelsForTesting(int value);
 
 // True when LoraRowDeltas can run (CUDA kernels compiled and not switched
 // off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_GEMV, read once).

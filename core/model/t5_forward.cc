@@ -249,7 +249,6 @@ bool TokenKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
                   const RowAdapters& rows) {
   if (RowGemvDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
-  if (TokenKernelDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
   if (GemmLayout(rows, sb)) {
     UpProjectAdd(y, DownProject(xin, sb.a, rows), sb, rows);
     return;
@@ -287,9 +286,12 @@ bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
 // added into its column slice of y (cols[i], width of its output). Sites
 // whose A factors lie side by side (AdjacentA) share ONE down-projection
 // GEMM in a GemmLayout; the others run alone. Only adapted sites are given.
+// `token_kernels`: multi-token rows may take the per-token kernels
+// (TokenKernelDeltas).
 void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                    const std::vector<const SiteBank*>& sites,
-                   const at::Tensor& xin, const RowAdapters& rows) {
+                   const at::Tensor& xin, const RowAdapters& rows,
+                   bool token_kernels) {
   size_t i = 0;
   while (i < sites.size()) {
     size_t j = i + 1;
@@ -299,7 +301,8 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
       ++j;
     }
     if (RowGemvDeltas(y, cols, sites, i, j, xin, rows) ||
-        TokenKernelDeltas(y, cols, sites, i, j, xin, rows)) {
+        (token_kernels &&
+         TokenKernelDeltas(y, cols, sites, i, j, xin, rows))) {
       i = j;
       continue;
     }
@@ -356,11 +359,17 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
   }
   if (low) {
     at::Tensor y = at::matmul(xm, fused.t());
-    AddLoraDeltas(y, cols, sites, xm, rows);
+    AddLoraDeltas(y, cols, sites, xm, rows, /*token_kernels=*/false);
     return y;
   }
-  at::Tensor y = MatmulFloat(xm, fused);  // the fp32 delta goes into fp32
-  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows);
+  // The fp32 delta goes into fp32. The per-token kernels only for reduced-
+  // precision models: an fp32 model keeps cuBLAS's fp32 GEMMs, the
+  // arithmetic its parity with transformers was measured on (on an
+  // ill-conditioned golden fixture, any other summation order moves the
+  // logits by about its 1e-4 bound).
+  at::Tensor y = MatmulFloat(xm, fused);
+  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows,
+                /*token_kernels=*/fused.scalar_type() != at::kFloat);
   return y;
 }
 
