@@ -477,8 +477,9 @@ __global__ void __launch_bounds__(kNormThreads)
 // once in shared memory as fp32 (rows of D + 4: 16-byte aligned, and
 // conflict-free for lanes reading different rows). Each warp then takes
 // kTiledQueriesPerWarp queries at a time, with independent accumulators for
-// instruction-level parallelism and each key or value load shared by them (the first version, one query per warp and one dependent sum
-// per lane, ran at 38 us per call where the data moved take about 3):
+// instruction-level parallelism and each key or value load shared by them
+// (the first version, one query per warp and one dependent sum per lane, ran
+// at 38 us per call of a flan-t5-large objective evaluation; this one at 15):
 // scores with lanes over keys (kKpl keys each, 16-byte loads), a warp
 // softmax, then the weighted values with lanes over (key group, 4 columns)
 // and a shuffle reduction over the key groups. The arithmetic of
@@ -671,140 +672,6 @@ __global__ void __launch_bounds__(kNormThreads)
       }
     }
     __syncwarp();  // before the next group overwrites q2 and p2
-  }
-}
-
-// LaunchLoraTokenDeltas (fused_kernels.h). The block's rows all belong to
-// one segment (tiles never straddle two), so they share the slot's factors.
-__device__ __forceinline__ void TokenTile(const LoraTokenArgs& a, int64_t* row0,
-                                          int* rows, int64_t* segment) {
-  const int64_t tiles = (a.seg + kTokenRows - 1) / kTokenRows;
-  *segment = blockIdx.x / tiles;
-  const int64_t t = blockIdx.x - *segment * tiles;
-  *row0 = *segment * a.seg + t * kTokenRows;
-  *rows = static_cast<int>(min(min(kTokenRows, a.seg - t * kTokenRows), a.M - *row0));
-}
-
-__device__ __forceinline__ int64_t TokenSlot(const LoraTokenArgs& a, int64_t segment) {
-  return a.slots != nullptr ? a.slots[segment] : a.slot_offset + segment;
-}
-
-// partial[split, m, c] = sum over this split's inputs of x[m, i] a[slot, c, i].
-__global__ void __launch_bounds__(kNormThreads)
-    LoraTokenShrinkKernel(LoraTokenArgs a) {
-  constexpr int kLd = kTokenK + 1;  // padded rows: conflict-free
-  __shared__ float xs[kTokenRows * kLd];
-  __shared__ float as[kMaxTokenRanks * kLd];
-  int64_t row0, segment;
-  int rows;
-  TokenTile(a, &row0, &rows, &segment);
-  const int64_t slot = TokenSlot(a, segment);
-  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kTokenK;
-  const int kn = static_cast<int>(min(kTokenK, a.in - k0));
-  // This block's ranks: [c0, c0 + R) of the a.R.
-  const int64_t c0 = static_cast<int64_t>(blockIdx.z) * kMaxTokenRanks;
-  const int R = static_cast<int>(min(kMaxTokenRanks, a.R - c0));
-  // Every load of the tile first (independent, in flight together), then
-  // the stores: a load-store loop waited out each load's latency in turn.
-  constexpr int kXPer = kTokenRows * kTokenK / kNormThreads;
-  constexpr int kAPer = kMaxTokenRanks * kTokenK / kNormThreads;
-  float xv[kXPer], av[kAPer];
-#pragma unroll
-  for (int u = 0; u < kXPer; ++u) {
-    const int i = threadIdx.x + u * kNormThreads;
-    const int r = i / kTokenK, k = i % kTokenK;
-    xv[u] = r < rows && k < kn ? a.x[(row0 + r) * a.x_row_stride + k0 + k] : 0.f;
-  }
-  const float* as_global = a.a + slot * a.a_stride[0] + c0 * a.a_stride[1] + k0;
-#pragma unroll
-  for (int u = 0; u < kAPer; ++u) {
-    const int i = threadIdx.x + u * kNormThreads;
-    const int c = i / kTokenK, k = i % kTokenK;
-    av[u] = c < R && k < kn ? as_global[c * a.a_stride[1] + k] : 0.f;
-  }
-#pragma unroll
-  for (int u = 0; u < kXPer; ++u) {
-    const int i = threadIdx.x + u * kNormThreads;
-    xs[(i / kTokenK) * kLd + i % kTokenK] = xv[u];
-  }
-#pragma unroll
-  for (int u = 0; u < kAPer; ++u) {
-    const int i = threadIdx.x + u * kNormThreads;
-    if (i / kTokenK < R) as[(i / kTokenK) * kLd + i % kTokenK] = av[u];
-  }
-  __syncthreads();
-  float* out = a.partial + (blockIdx.y * a.M + row0) * a.R + c0;
-  for (int o = threadIdx.x; o < kTokenRows * R; o += kNormThreads) {
-    const int r = o / R, c = o - r * R;
-    const float* xr = xs + r * kLd;
-    const float* ar = as + c * kLd;
-    float s0 = 0.f, s1 = 0.f;  // two chains: more in flight
-#pragma unroll 8
-    for (int k = 0; k < kTokenK; k += 2) {
-      s0 += xr[k] * ar[k];
-      s1 += xr[k + 1] * ar[k + 1];
-    }
-    if (r < rows) out[r * a.R + c] = s0 + s1;
-  }
-}
-
-// One block per (tile of rows, 128 outputs, site): xa of the tile (the
-// splits summed in order) and the site's w rows in shared memory, one
-// output column per thread for all the tile's rows.
-constexpr int kTokenCols = 128;
-__global__ void __launch_bounds__(kTokenCols)
-    LoraTokenExpandKernel(LoraTokenArgs a, int splits) {
-  __shared__ float xas[kTokenRows * kMaxTokenRanks];
-  __shared__ float ws[kTokenCols * (kMaxTokenRanks + 1)];
-  const LoraExpandSite& site = a.sites[blockIdx.z];
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kTokenCols;
-  if (o0 >= site.out) return;  // the whole block: before any barrier
-  int64_t row0, segment;
-  int rows;
-  TokenTile(a, &row0, &rows, &segment);
-  const int64_t slot = TokenSlot(a, segment);
-  const int r = static_cast<int>(site.r);
-  const int ld = r + 1;
-  // Loads unrolled so that many are in flight at once (see the shrink).
-  constexpr int kXaPer = kTokenRows * kMaxTokenRanks / kTokenCols;
-#pragma unroll
-  for (int u = 0; u < kXaPer; ++u) {
-    const int i = threadIdx.x + u * kTokenCols;
-    if (i >= kTokenRows * r) break;
-    const int m = i / r, c = i - m * r;
-    float v = 0.f;
-    if (m < rows) {
-      const float* p = a.partial + (row0 + m) * a.R + site.rank_offset + c;
-#pragma unroll 8
-      for (int sp = 0; sp < splits; ++sp) v += p[sp * a.M * a.R];
-    }
-    xas[m * r + c] = v;
-  }
-  const float* w = static_cast<const float*>(site.w) + slot * site.w_stride[0];
-  const int cols = static_cast<int>(min(static_cast<int64_t>(kTokenCols), site.out - o0));
-#pragma unroll 16
-  for (int u = 0; u < r; ++u) {
-    const int i = threadIdx.x + u * kTokenCols;
-    const int o = i / r, c = i - o * r;
-    ws[o * ld + c] = o < cols ? w[(o0 + o) * site.w_stride[1] + c * site.w_stride[2]] : 0.f;
-  }
-  __syncthreads();
-  const int o = threadIdx.x;
-  if (o >= cols) return;
-  float acc[kTokenRows];
-#pragma unroll
-  for (int m = 0; m < kTokenRows; ++m) acc[m] = 0.f;
-  for (int c = 0; c < r; ++c) {
-    const float wv = ws[o * ld + c];
-#pragma unroll
-    for (int m = 0; m < kTokenRows; ++m) acc[m] += xas[m * r + c] * wv;
-  }
-  const float scale = site.scale[slot * site.scale_stride] *
-                      (a.mask != nullptr ? a.mask[segment] : 1.f);
-  float* y = site.y + row0 * site.y_stride[0] + (o0 + o) * site.y_stride[1];
-#pragma unroll
-  for (int m = 0; m < kTokenRows; ++m) {
-    if (m < rows) y[m * site.y_stride[0]] += scale * acc[m];
   }
 }
 
@@ -1167,47 +1034,6 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
-}
-
-int LaunchLoraTokenDeltas(const LoraTokenArgs& args, void* stream) {
-  if (args.M == 0 || args.num_sites == 0) return 0;
-  if (args.M < 0 || args.seg <= 0 || args.M % args.seg != 0 || args.in <= 0 ||
-      args.R <= 0 || args.R > kMaxLoraRanks || args.x == nullptr ||
-      args.a == nullptr || args.partial == nullptr || args.num_sites < 0 ||
-      args.num_sites > kMaxExpandSites) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  int64_t max_out = 0;
-  for (int k = 0; k < args.num_sites; ++k) {
-    const LoraExpandSite& site = args.sites[k];
-    if (site.w == nullptr || site.scale == nullptr || site.y == nullptr ||
-        site.out < 0 || site.r <= 0 || site.r > kMaxTokenRanks ||
-        site.rank_offset < 0 || site.rank_offset + site.r > args.R) {
-      return static_cast<int>(cudaErrorInvalidValue);
-    }
-    max_out = std::max(max_out, site.out);
-  }
-  const int64_t tiles = args.M / args.seg * ((args.seg + kTokenRows - 1) / kTokenRows);
-  const int64_t splits = LoraTokenSplits(args.in);
-  const int64_t col_tiles = (max_out + kTokenCols - 1) / kTokenCols;
-  if (tiles > 0x7fffffff || splits > 65535 || col_tiles > 65535) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  auto s = static_cast<cudaStream_t>(stream);
-  if (args.shrink) {
-    const auto rank_tiles =
-        static_cast<unsigned>((args.R + kMaxTokenRanks - 1) / kMaxTokenRanks);
-    LoraTokenShrinkKernel<<<dim3(static_cast<unsigned>(tiles),
-                                 static_cast<unsigned>(splits), rank_tiles),
-                            kNormThreads, 0, s>>>(args);
-    const int err = LastError();
-    if (err != 0) return err;
-  }
-  if (max_out == 0) return 0;
-  LoraTokenExpandKernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles),
-                               static_cast<unsigned>(args.num_sites)),
-                          kTokenCols, 0, s>>>(args, static_cast<int>(splits));
-  return LastError();
 }
 
 int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {

@@ -145,47 +145,6 @@ struct LoraExpandArgs {
 };
 int LaunchLoraExpand(const LoraExpandArgs& args, void* stream);
 
-// Per-token LoRA of multi-token rows (encoder passes, the teacher-forced
-// decoder, objective evaluations), fp32 throughout. Rows [0, M) of x come
-// in segments of `seg` consecutive rows that share an adapter slot (the
-// objective: one segment per candidate, or one for all rows; serving: one
-// per sequence): segment s reads slot slots ? slots[s] : slot_offset + s,
-// weighted by mask ? mask[s] : 1. For every site k:
-//   y_k[m, o] += scale_k[slot] * mask[s] * sum_c xa[m, off_k + c] w_k[slot, o, c]
-// with xa = x a[slot]^T (all sites' ranks side by side, R in total). Two
-// kernels: the shrink (unless `shrink` is false: `partial` holds it from an
-// earlier launch for other sites), tiles of kTokenRows rows by kTokenK
-// inputs by kMaxTokenRanks ranks (split K; partial sums in `partial`
-// [LoraTokenSplits(in), M, R], added in a fixed order: deterministic), then
-// the expand, tiles of rows by 128 outputs per site. Why: as GEMMs (cuBLAS, fp32 SIMT) a flan-t5-large objective
-// evaluation spent 0.97 of its 3.98 ms in these small products, four
-// kernels per attention. x [M, in] (row stride x_row_stride, unit element
-// stride), a fp32 [S, R, in] (strides a_stride[0..1], unit inner stride),
-// w_k fp32 with element strides; R <= kMaxLoraRanks, each site's
-// r <= kMaxTokenRanks; sites as in LoraExpandArgs (up to kMaxExpandSites; w
-// of fp32 only).
-inline constexpr int64_t kTokenRows = 16;
-inline constexpr int64_t kTokenK = 128;
-inline constexpr int64_t kMaxTokenRanks = 64;
-constexpr int64_t LoraTokenSplits(int64_t in) {
-  return (in + kTokenK - 1) / kTokenK;
-}
-struct LoraTokenArgs {
-  const float* x = nullptr;
-  int64_t x_row_stride = 0;
-  const float* a = nullptr;
-  int64_t a_stride[2] = {0, 0};
-  const int64_t* slots = nullptr;  // null: slot_offset + segment
-  int64_t slot_offset = 0;
-  const float* mask = nullptr;     // null: every segment
-  int64_t M = 0, seg = 0, R = 0, in = 0;
-  float* partial = nullptr;
-  bool shrink = true;
-  int num_sites = 0;
-  LoraExpandSite sites[kMaxExpandSites];  // y_stride[0]: row, [1]: column
-};
-int LaunchLoraTokenDeltas(const LoraTokenArgs& args, void* stream);
-
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

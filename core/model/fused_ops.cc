@@ -261,34 +261,6 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   return fused_backend::LoraRowDeltas(y, x, a, sites, slots, mask);
 }
 
-namespace {
-std::atomic<int> lora_tokens_override{-1};
-}  // namespace
-
-bool LoraTokenKernelsEnabled() {
-  static const bool off = EnvFlag("LORAHUB_NO_LORA_TOKENS");
-  const int forced = lora_tokens_override.load();
-  return fused_backend::Compiled() && !Disabled() &&
-         (forced < 0 ? !off : forced != 0);
-}
-
-void SetLoraTokenKernelsForTesting(int value) {
-  lora_tokens_override.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
-}
-
-bool LoraTokenDeltas(const at::Tensor& y, const at::Tensor& x,
-                     const at::Tensor& a, const std::vector<LoraRowSite>& sites,
-                     const LoraSegments& segments) {
-  if (!x.is_cuda() || !LoraTokenKernelsEnabled() || Differentiable(y) ||
-      Differentiable(x) || Differentiable(a)) {
-    return false;
-  }
-  for (const LoraRowSite& s : sites) {
-    if (Differentiable(s.b) || Differentiable(s.scale)) return false;
-  }
-  return fused_backend::LoraTokenDeltas(y, x, a, sites, segments);
-}
-
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
   RECORD_USER_SCOPE("lorahub::gemm_float");
   static const bool off = EnvFlag("LORAHUB_NO_GEMM_FLOAT");

@@ -197,37 +197,6 @@ struct LoraRowSite {
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,
                    const at::Tensor& slots, const at::Tensor& mask);
-// Rows of LoraTokenDeltas that share adapter slots: segments of `seg`
-// consecutive rows; segment s reads slot slots[s] when slots is defined
-// (int64 [M / seg], clamped to >= 0), else slot_offset + s, weighted by
-// mask[s] when mask is defined (fp32, M / seg values).
-struct LoraSegments {
-  int64_t seg = 0;
-  int64_t slot_offset = 0;
-  at::Tensor slots;
-  at::Tensor mask;
-};
-
-// The per-token LoRA deltas of multi-token rows on CUDA (encoder passes,
-// the teacher-forced decoder, objective evaluations): as LoraRowDeltas, for
-// rows x [M, in] grouped in segments that share a slot, with fp32 factors
-// only (a [S, R, in] with unit inner stride; every b fp32 with r <= 64). y and
-// x: fp32 2-D with unit element stride. Two kernels per call (and one more
-// expand per four sites; fused_kernels.h LaunchLoraTokenDeltas) instead of a
-// down- and an up-projection GEMM (plus split-K reductions) per site. All or
-// nothing, as LoraRowDeltas; also declines under LORAHUB_NO_LORA_TOKENS=1
-// (read once; A/B). fp32 accumulation; differs from the GEMMs only in
-// summation order.
-bool LoraTokenDeltas(const at::Tensor& y, const at::Tensor& x,
-                     const at::Tensor& a, const std::vector<LoraRowSite>& sites,
-                     const LoraSegments& segments);
-// True when LoraTokenDeltas can run (CUDA kernels compiled and not switched
-// off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_TOKENS, read once).
-bool LoraTokenKernelsEnabled();
-// Tests: 0 turns the per-token kernels off (the GEMMs run, e.g. to count
-// them), 1 back on where they can run, -1 returns to the environment's.
-void SetLoraTokenKernelsForTesting(int value);
-
 // True when LoraRowDeltas can run (CUDA kernels compiled and not switched
 // off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_GEMV, read once).
 bool LoraRowGemvEnabled();

@@ -3,7 +3,6 @@
 // against a CUDA LibTorch with nvcc (deploy/cmake/README.md, "CUDA-only
 // sources"), in place of fused_ops_stub.cc.
 #include <ATen/ATen.h>
-#include <ATen/record_function.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -211,103 +210,6 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(err == 0, "short-query attention kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = result.transpose(1, 2);
-  return true;
-}
-
-bool LoraTokenDeltas(const at::Tensor& y, const at::Tensor& x,
-                     const at::Tensor& a, const std::vector<LoraRowSite>& sites,
-                     const LoraSegments& segments) {
-  // Every check first: nothing runs unless every launch can.
-  const auto on_device = [&](const at::Tensor& t) {
-    return t.defined() && t.is_cuda() && t.device() == x.device();
-  };
-  if (sites.empty() || !on_device(y) || !on_device(x) || !on_device(a) ||
-      y.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat ||
-      a.scalar_type() != at::kFloat || y.dim() != 2 || x.dim() != 2 ||
-      a.dim() != 3 || x.stride(1) != 1 || y.stride(1) != 1 ||
-      a.stride(2) != 1) {
-    return false;
-  }
-  const int64_t M = x.size(0), in = x.size(1), R = a.size(1);
-  const int64_t seg = segments.seg;
-  if (M == 0) return true;
-  if (y.size(0) != M || a.size(2) != in || R <= 0 ||
-      R > kernels::kMaxLoraRanks || seg <= 0 || M % seg != 0) {
-    return false;
-  }
-  const int64_t count = M / seg;
-  if (segments.slots.defined()
-          ? (!on_device(segments.slots) ||
-             segments.slots.scalar_type() != at::kLong ||
-             !segments.slots.is_contiguous() || segments.slots.numel() != count)
-          : (segments.slot_offset < 0 ||
-             segments.slot_offset + count > a.size(0))) {
-    return false;
-  }
-  if (segments.mask.defined() &&
-      (!on_device(segments.mask) || segments.mask.scalar_type() != at::kFloat ||
-       !segments.mask.is_contiguous() || segments.mask.numel() != count)) {
-    return false;
-  }
-  for (const LoraRowSite& s : sites) {
-    if (!on_device(s.b) || s.b.dim() != 3 || s.b.scalar_type() != at::kFloat ||
-        s.b.size(0) != a.size(0) || s.b.size(2) <= 0 ||
-        s.b.size(2) > kernels::kMaxTokenRanks || s.rank_offset < 0 ||
-        s.rank_offset + s.b.size(2) > R || s.col < 0 ||
-        s.col + s.b.size(1) > y.size(1) || !on_device(s.scale) ||
-        s.scale.scalar_type() != at::kFloat || s.scale.numel() != a.size(0)) {
-      return false;
-    }
-  }
-  RECORD_USER_SCOPE("lorahub::lora_tokens");
-  c10::cuda::CUDAGuard device_guard(x.device());
-  const cudaStream_t stream =
-      c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  at::Tensor partial =
-      at::empty({kernels::LoraTokenSplits(in), M, R}, x.options());
-  kernels::LoraTokenArgs args;
-  args.x = x.data_ptr<float>();
-  args.x_row_stride = x.stride(0);
-  args.a = a.data_ptr<float>();
-  args.a_stride[0] = a.stride(0);
-  args.a_stride[1] = a.stride(1);
-  args.slots = segments.slots.defined() ? segments.slots.data_ptr<int64_t>() : nullptr;
-  args.slot_offset = segments.slot_offset;
-  args.mask = segments.mask.defined() ? segments.mask.data_ptr<float>() : nullptr;
-  args.M = M;
-  args.seg = seg;
-  args.R = R;
-  args.in = in;
-  args.partial = partial.data_ptr<float>();
-  // The scalings as [S] views; kept alive until the launches are queued.
-  std::vector<at::Tensor> scales;
-  // The shrink with the first kMaxExpandSites sites' expand, then an expand
-  // per kMaxExpandSites more (the decoder's cross-attention values of every
-  // block read one input).
-  for (size_t first = 0; first < sites.size();
-       first += kernels::kMaxExpandSites) {
-    args.shrink = first == 0;
-    args.num_sites = 0;
-    for (size_t k = first;
-         k < sites.size() && args.num_sites < kernels::kMaxExpandSites; ++k) {
-      const LoraRowSite& s = sites[k];
-      scales.push_back(s.scale.reshape({s.scale.numel()}));
-      kernels::LoraExpandSite& e = args.sites[args.num_sites++];
-      e.w = s.b.data_ptr();
-      for (int i = 0; i < 3; ++i) e.w_stride[i] = s.b.stride(i);
-      e.scale = scales.back().data_ptr<float>();
-      e.scale_stride = scales.back().stride(0);
-      e.y = y.data_ptr<float>() + s.col;
-      e.y_stride[0] = y.stride(0);
-      e.y_stride[1] = 1;
-      e.out = s.b.size(1);
-      e.r = s.b.size(2);
-      e.rank_offset = s.rank_offset;
-    }
-    const int err = kernels::LaunchLoraTokenDeltas(args, stream);
-    TORCH_CHECK(err == 0, "LoRA token kernels: ",
-                cudaGetErrorString(static_cast<cudaError_t>(err)));
-  }
   return true;
 }
 

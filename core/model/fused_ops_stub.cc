@@ -36,11 +36,6 @@ bool LoraRowDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
-bool LoraTokenDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const std::vector<LoraRowSite>&, const LoraSegments&) {
-  return false;
-}
-
 bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

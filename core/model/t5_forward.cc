@@ -190,57 +190,6 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                        rows.all_rows ? at::Tensor() : rows.mask);
 }
 
-// Multi-token rows on CUDA with fp32 factors: the deltas of sites[i, j)
-// (their A factors side by side when j - i > 1: AdjacentA) added into their
-// column slices of y by fused_ops' per-token kernels (LoraTokenDeltas), the
-// rows' slots as segments: one for all rows (one slot), one per run of
-// rows_per_slot rows, or one per row. False, having changed nothing, where
-// those do not run; the caller then runs the GEMMs.
-bool TokenKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
-                       const std::vector<const SiteBank*>& sites, size_t i,
-                       size_t j, const at::Tensor& xin,
-                       const RowAdapters& rows) {
-  if (!xin.is_cuda() || xin.dim() != 3 || y.dim() != 3 ||
-      !LoraTokenKernelsEnabled()) {
-    return false;
-  }
-  // [B, T, n] as [B * T, n] without a copy: rows evenly spaced.
-  const auto flat = [](const at::Tensor& t) {
-    return t.stride(2) == 1 && t.stride(0) == t.size(1) * t.stride(1)
-               ? t.as_strided({t.size(0) * t.size(1), t.size(2)},
-                              {t.stride(1), 1})
-               : at::Tensor();
-  };
-  const at::Tensor x2 = flat(xin), y2 = flat(y);
-  if (!x2.defined() || !y2.defined()) return false;
-  const int64_t B = xin.size(0), T = xin.size(1);
-  LoraSegments segments;
-  if (rows.uniform_slot >= 0) {
-    segments.seg = B * T;
-    segments.slot_offset = rows.uniform_slot;
-  } else if (rows.rows_per_slot > 0) {
-    segments.seg = rows.rows_per_slot * T;
-    segments.slot_offset = rows.slot_offset;
-  } else {
-    segments.seg = T;
-    segments.slots = rows.slots;
-    if (!rows.all_rows) segments.mask = rows.mask.reshape({B});
-  }
-  const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
-  const int64_t r = a0.size(1);
-  const int64_t count = static_cast<int64_t>(j - i);
-  const at::Tensor a =
-      count == 1 ? a0
-                 : a0.as_strided({a0.size(0), count * r, a0.size(2)},
-                                 {a0.stride(0), a0.size(2), 1});
-  std::vector<LoraRowSite> run;
-  for (size_t k = i; k < j; ++k) {
-    run.push_back({cols[k], static_cast<int64_t>(k - i) * r, sites[k]->b,
-                   sites[k]->scale});
-  }
-  return LoraTokenDeltas(y2, x2, a, run, segments);
-}
-
 // y += the per-row LoRA delta of `sb` for input `xin`, in place. y: fp32
 // [B, T, out], possibly a column slice of a wider output (fused GEMMs): the
 // GEMMs with accumulate write through its leading dimension, no copy.
@@ -286,12 +235,9 @@ bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
 // added into its column slice of y (cols[i], width of its output). Sites
 // whose A factors lie side by side (AdjacentA) share ONE down-projection
 // GEMM in a GemmLayout; the others run alone. Only adapted sites are given.
-// `token_kernels`: multi-token rows may take the per-token kernels
-// (TokenKernelDeltas).
 void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                    const std::vector<const SiteBank*>& sites,
-                   const at::Tensor& xin, const RowAdapters& rows,
-                   bool token_kernels) {
+                   const at::Tensor& xin, const RowAdapters& rows) {
   size_t i = 0;
   while (i < sites.size()) {
     size_t j = i + 1;
@@ -300,9 +246,7 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
       gemm = gemm && GemmLayout(rows, *sites[j]);
       ++j;
     }
-    if (RowGemvDeltas(y, cols, sites, i, j, xin, rows) ||
-        (token_kernels &&
-         TokenKernelDeltas(y, cols, sites, i, j, xin, rows))) {
+    if (RowGemvDeltas(y, cols, sites, i, j, xin, rows)) {
       i = j;
       continue;
     }
@@ -359,17 +303,11 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
   }
   if (low) {
     at::Tensor y = at::matmul(xm, fused.t());
-    AddLoraDeltas(y, cols, sites, xm, rows, /*token_kernels=*/false);
+    AddLoraDeltas(y, cols, sites, xm, rows);
     return y;
   }
-  // The fp32 delta goes into fp32. The per-token kernels only for reduced-
-  // precision models: an fp32 model keeps cuBLAS's fp32 GEMMs, the
-  // arithmetic its parity with transformers was measured on (on an
-  // ill-conditioned golden fixture, any other summation order moves the
-  // logits by about its 1e-4 bound).
-  at::Tensor y = MatmulFloat(xm, fused);
-  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows,
-                /*token_kernels=*/fused.scalar_type() != at::kFloat);
+  at::Tensor y = MatmulFloat(xm, fused);  // the fp32 delta goes into fp32
+  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows);
   return y;
 }
 

@@ -2089,7 +2089,6 @@ lorahub_cc_test(tests_model_fused_weights_test
   DEPS
     tests_model_tiny_t5
     core_model_model
-    core_model_fused_ops
     core_model_objective_runner
     ext_gtest_gtest_main
     ext_libtorch_libtorch

@@ -17,7 +17,6 @@
 #include <utility>
 #include <vector>
 
-#include "core/model/fused_ops.h"
 #include "core/model/lora.h"
 #include "core/model/objective_runner.h"
 #include "core/model/scorer.h"
@@ -424,14 +423,6 @@ class OpCounter {
 thread_local int64_t OpCounter::gemms_ = 0;
 thread_local int64_t OpCounter::casts_ = 0;
 
-// The GEMM counts below are of the LoRA GEMMs (their sharing of
-// down-projections): on CUDA the per-token kernels would replace them
-// (fused_ops.h LoraTokenDeltas), so these tests turn those off.
-struct GemmLoraDeltas {
-  GemmLoraDeltas() { SetLoraTokenKernelsForTesting(0); }
-  ~GemmLoraDeltas() { SetLoraTokenKernelsForTesting(-1); }
-};
-
 // The GEMMs of one LoraHub objective evaluation on the flan-t5-large layout
 // (24 + 24 gated-gelu blocks; tiny widths: the count does not depend on
 // them) with adapters on q and v, one composed candidate for all 5 rows.
@@ -491,7 +482,6 @@ TEST(FusedCount, FewerGemmsPerObjectiveForward) {
 // the one GEMM for all cross k|v; and the cross v LoRA down-projections of
 // all 24 blocks are one GEMM (23 fewer).
 TEST(FusedCount, FewerGemmsPerRunnerEvaluation) {
-  const GemmLoraDeltas gemm_deltas;
   config::T5Config c = GatedConfig();
   c.num_layers = 24;
   c.num_decoder_layers = 24;
@@ -551,7 +541,6 @@ TEST(FusedCount, FewerGemmsPerRunnerEvaluation) {
 // composes them): one down-projection GEMM per self-attention instead of
 // two, the same logits.
 TEST(FusedCount, AdjacentLoraFactorsShareOneGemm) {
-  const GemmLoraDeltas gemm_deltas;
   config::T5Config c = GatedConfig();
   auto w = BuildT5Weights(c, RandomT5(c, 95), Options());
   ASSERT_TRUE(w.ok()) << w.status();
@@ -598,7 +587,6 @@ TEST(FusedCount, AdjacentLoraFactorsShareOneGemm) {
 // of the cross v of all decoder blocks; the logits are those of the same
 // bank with every factor in its own tensor.
 TEST(FusedCount, ComposedBankSharesDownProjections) {
-  const GemmLoraDeltas gemm_deltas;
   config::T5Config c = GatedConfig();
   auto w = BuildT5Weights(c, RandomT5(c, 111), Options());
   ASSERT_TRUE(w.ok()) << w.status();

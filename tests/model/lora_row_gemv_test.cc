@@ -4,12 +4,10 @@
 // the CPU. On CUDA ($LORAHUB_TEST_DEVICE=cuda, tiny_t5.h) the kernels must
 // run and match; elsewhere (CPU, a build without them) LoraRowDeltas must
 // decline and leave the output alone, so that the caller's GEMMs run.
-// Likewise LoraTokenDeltas (the per-token LoRA of multi-token rows).
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "core/model/fused_ops.h"
@@ -190,118 +188,6 @@ TEST(LoraRowGemvTest, DeclinesBadShapes) {
   EXPECT_FALSE(LoraRowDeltas(c.y, c.x, c.a, c.sites, c.slots.narrow(0, 0, 3),
                              c.mask));
   EXPECT_FALSE(LoraRowDeltas(c.y, c.x, c.a, {}, c.slots, c.mask));
-  EXPECT_TRUE(at::equal(c.y, before));
-}
-
-// LoraTokenDeltas: rows in segments sharing a slot (one segment for all rows,
-// runs of rows per slot, one segment per row with a mask), inputs not a
-// multiple of the kernels' K tile, outputs wider than one column tile, and
-// more ranks than one shrink block takes (five sites of rank 20).
-struct TokenCase {
-  at::Tensor x, a, y;
-  std::vector<LoraRowSite> sites;
-  LoraSegments segments;
-};
-
-TokenCase MakeTokenCase(int64_t segments, int64_t seg, int sites, int64_t r) {
-  constexpr int64_t kTokenIn = 300, kTokenCols = 400;
-  TokenCase c;
-  const int64_t M = segments * seg;
-  c.x = at::randn({M, kTokenIn}, F32());
-  c.a = at::randn({kSlots, sites * r, kTokenIn}, F32()) * 0.1;
-  c.y = at::randn({M, kTokenCols}, F32());
-  for (int k = 0; k < sites; ++k) {
-    LoraRowSite site;
-    site.col = 5 + (sites < 3 ? 200 : 75) * k;  // disjoint column slices
-    site.rank_offset = k * r;
-    const int64_t out = k == 0 && sites < 3 ? 140 : 60;  // 140: two column tiles
-    site.b = at::randn({kSlots, out, r}, F32()) * 0.3;
-    site.scale = at::tensor(std::vector<float>{0.5f, 2.0f, 1.0f, 0.25f})
-                     .view({kSlots, 1, 1})
-                     .to(Device()) * (k + 1.0);
-    c.sites.push_back(site);
-  }
-  c.segments.seg = seg;
-  return c;
-}
-
-at::Tensor WantTokens(const TokenCase& c) {
-  const auto cpu = [](const at::Tensor& t) {
-    return t.to(at::kCPU).to(at::kDouble);
-  };
-  at::Tensor y = cpu(c.y);
-  const at::Tensor x = cpu(c.x), a = cpu(c.a);
-  const LoraSegments& g = c.segments;
-  for (int64_t m = 0; m < x.size(0); ++m) {
-    const int64_t seg = m / g.seg;
-    const int64_t s = g.slots.defined() ? g.slots.to(at::kCPU)[seg].item<int64_t>()
-                                        : g.slot_offset + seg;
-    const double mask =
-        g.mask.defined() ? g.mask.to(at::kCPU)[seg].item<double>() : 1.0;
-    const at::Tensor xa = at::matmul(a[s], x[m]);
-    for (const LoraRowSite& site : c.sites) {
-      const int64_t r = site.b.size(2), out = site.b.size(1);
-      y[m].narrow(0, site.col, out)
-          .add_(at::matmul(cpu(site.b)[s], xa.narrow(0, site.rank_offset, r)) *
-                (cpu(site.scale).view({-1})[s].item<double>() * mask));
-    }
-  }
-  return y;
-}
-
-TEST(LoraTokenTest, MatchesThePerTokenDeltas) {
-  at::manual_seed(31);
-  const bool cuda = Device().is_cuda() && LoraTokenKernelsEnabled();
-  struct Layout {
-    const char* name;
-    int64_t segments, seg;
-    int sites;
-    int64_t r;
-  };
-  for (const Layout& l : {Layout{"one slot", 1, 37, 2, 8},
-                          Layout{"runs", 3, 10, 2, 8},
-                          Layout{"per row, masked", 4, 5, 2, 8},
-                          Layout{"five sites of rank 20", 3, 10, 5, 20}}) {
-    SCOPED_TRACE(l.name);
-    TokenCase c = MakeTokenCase(l.segments, l.seg, l.sites, l.r);
-    if (std::string(l.name) == "one slot") c.segments.slot_offset = 2;
-    if (std::string(l.name) == "runs") c.segments.slot_offset = 1;
-    if (std::string(l.name) == "per row, masked") {
-      c.segments.slots =
-          at::tensor(std::vector<int64_t>{2, 0, 3, 1}, at::kLong).to(Device());
-      c.segments.mask =
-          at::tensor(std::vector<float>{1, 0, 1, 1}).to(Device());
-    }
-    const at::Tensor before = c.y.clone();
-    const at::Tensor want = WantTokens(c);
-    const bool ran = LoraTokenDeltas(c.y, c.x, c.a, c.sites, c.segments);
-    EXPECT_EQ(ran, cuda);
-    if (!ran) {
-      EXPECT_TRUE(at::equal(c.y, before)) << "declined but wrote y";
-      continue;
-    }
-    EXPECT_LE(RelDiff(c.y, want), 1e-5);
-    EXPECT_TRUE(at::equal(c.y.narrow(1, 0, 5), before.narrow(1, 0, 5)));
-  }
-}
-
-TEST(LoraTokenTest, DeclinesBadShapes) {
-  at::manual_seed(32);
-  TokenCase c = MakeTokenCase(3, 10, 2, 8);
-  c.segments.slot_offset = 1;
-  const at::Tensor before = c.y.clone();
-  LoraSegments past_slots = c.segments;
-  past_slots.slot_offset = 2;  // slots 2, 3, 4 of 4
-  EXPECT_FALSE(LoraTokenDeltas(c.y, c.x, c.a, c.sites, past_slots));
-  LoraSegments uneven = c.segments;
-  uneven.seg = 7;  // 30 rows are not segments of 7
-  EXPECT_FALSE(LoraTokenDeltas(c.y, c.x, c.a, c.sites, uneven));
-  EXPECT_FALSE(LoraTokenDeltas(c.y, c.x, c.a.to(at::kBFloat16), c.sites,
-                               c.segments));
-  EXPECT_FALSE(LoraTokenDeltas(c.y.t(), c.x, c.a, c.sites, c.segments));
-  std::vector<LoraRowSite> past_end = c.sites;
-  past_end[1].col = 390;
-  EXPECT_FALSE(LoraTokenDeltas(c.y, c.x, c.a, past_end, c.segments));
   EXPECT_TRUE(at::equal(c.y, before));
 }
 

@@ -228,20 +228,16 @@ TEST_F(ObjectiveOps, DefaultPathCounts) {
   Print("bf16 objective evaluation (default)", c);
   EXPECT_TRUE(std::isfinite(loss));
   // 242 base GEMMs (24 x 4 encoder, 24 x 6 decoder, cross k|v, LM head),
-  // 1 composition, 73 LoRA down- and 144 up-projections; on CUDA the LoRA
-  // deltas are instead 73 calls of the per-token kernels (fused ops:
-  // LoraTokenDeltas, eighth session).
-  const bool tokens = weights_->device.is_cuda() && LoraTokenKernelsEnabled();
-  EXPECT_EQ(c.gemms, tokens ? 243 : 460);
+  // 1 composition, 73 LoRA down- and 144 up-projections.
+  EXPECT_EQ(c.gemms, 460);
   // 13 copies: the 73 adapted outputs (fp32 deltas) come out of their GEMMs
   // in fp32 (MatmulFloat; seventh session, they were 73 widenings) and the
   // attention contexts out of the short-query kernel in bf16 (these inputs
   // are short: the encoder's too).
   EXPECT_LE(c.casts, 20);
   EXPECT_LE(c.elementwise, 40);
-  // 120 residual adds + norms, 2 first norms, 72 attentions, 48 gated GELUs
-  // (and the 73 LoRA calls on CUDA).
-  EXPECT_LE(c.fused, tokens ? 244 + 73 : 244);
+  // 120 residual adds + norms, 2 first norms, 72 attentions, 48 gated GELUs.
+  EXPECT_LE(c.fused, 244);
   EXPECT_LE(c.total(), 780);
   SetAttentionBf16ForTesting(-1);
 }
