@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(kNormThreads)
 
 // RmsNormKernel of sum = x + delta, writing sum as well. Each thread
 // reads back only the sum elements it wrote itself.
+constexpr int kNormHeld = 8;  // values per thread held in registers: dim <= 2048
 template <typename W, typename R>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormKernel(const float* __restrict__ x,
@@ -133,6 +134,38 @@ __global__ void __launch_bounds__(kNormThreads)
                      int64_t dim, float eps) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
   float sum_sq = 0.f;
+  if (dim <= kNormHeld * kNormThreads) {
+    // The row's values stay in registers between the two passes, and every
+    // load is issued before the first use (the loop below re-read `sum`
+    // after the block sum and waited out each load in turn). The same
+    // arithmetic in the same order.
+    float v[kNormHeld], g[kNormHeld];
+#pragma unroll
+    for (int u = 0; u < kNormHeld; ++u) {
+      const int64_t i = threadIdx.x + u * kNormThreads;
+      v[u] = i < dim ? x[base + i] + LoadAsFloat(delta, delta_dtype, base + i) : 0.f;
+      g[u] = i < dim ? ToFloat(weight[i]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kNormHeld; ++u) {
+      const int64_t i = threadIdx.x + u * kNormThreads;
+      if (i < dim) {
+        sum[base + i] = v[u];
+        sum_sq += v[u] * v[u];
+      }
+    }
+    const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
+#pragma unroll
+    for (int u = 0; u < kNormHeld; ++u) {
+      const int64_t i = threadIdx.x + u * kNormThreads;
+      if (i < dim) {
+        const float o = g[u] * (v[u] * inv);
+        full[base + i] = o;
+        if (rounded != nullptr) rounded[base + i] = FromFloat<R>(o);
+      }
+    }
+    return;
+  }
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
     const float v = x[base + i] + LoadAsFloat(delta, delta_dtype, base + i);
     sum[base + i] = v;
@@ -689,6 +722,7 @@ __global__ void __launch_bounds__(kNormThreads)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t b = blockIdx.y;
   const float* __restrict__ x = a.x + b * a.x_stride[0];
+#pragma unroll 4  // the loads in flight together
   for (int64_t i = threadIdx.x; i < a.in; i += kNormThreads) {
     xs[i] = x[i * a.x_stride[1]];
   }

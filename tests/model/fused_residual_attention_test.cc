@@ -44,30 +44,34 @@ double RelDiff(const at::Tensor& got, const at::Tensor& want) {
 TEST(AddRmsNormTest, IsTheNormOfTheSum) {
   at::manual_seed(5);
   const bool cpu = Device().is_cpu();
-  for (at::ScalarType delta_dtype : {at::kFloat, at::kBFloat16}) {
-    for (at::ScalarType compute : {at::kFloat, at::kBFloat16}) {
-      const at::Tensor x = at::randn({3, 5, 40}, F32()) * 3.0;
-      const at::Tensor delta = (at::randn({3, 5, 40}, F32()) * 2.0)
-                                   .to(delta_dtype);
-      const at::Tensor weight =
-          (at::rand({40}, F32()) + 0.5).to(compute);
-      const AddNormOutput got = AddRmsNorm(x, delta, weight, 1e-6, compute);
-      const at::Tensor sum = x + delta;  // fp32 add of the widened delta
-      const NormOutput want = RmsNorm(sum, weight, 1e-6, compute);
-      ASSERT_EQ(got.sum.scalar_type(), at::kFloat);
-      ASSERT_EQ(got.norm.full.scalar_type(), at::kFloat);
-      ASSERT_EQ(got.norm.rounded.scalar_type(), compute);
-      // The sum is one fp32 add either way: exact.
-      EXPECT_TRUE(at::equal(got.sum, sum));
-      // CPU: the same ATen ops; CUDA: the kernel's reduction order.
-      const double tol = cpu ? 0.0 : 1e-6;
-      EXPECT_LE(RelDiff(got.norm.full, want.full), tol);
-      // One rounding of (nearly) the same fp32 value: at most one bf16 ulp.
-      EXPECT_LE(RelDiff(got.norm.rounded.to(at::kFloat),
-                        want.rounded.to(at::kFloat)),
-                cpu ? 0.0 : 1.0 / 128);
-      // x and delta are left alone.
-      EXPECT_FALSE(got.sum.is_same(x));
+  // Widths of up to 2048 values (on CUDA held in registers), 1100 (not a
+  // multiple of the block), 3000 (the kernel's loop over the row).
+  for (int64_t dim : {int64_t{40}, int64_t{1100}, int64_t{3000}}) {
+    for (at::ScalarType delta_dtype : {at::kFloat, at::kBFloat16}) {
+      for (at::ScalarType compute : {at::kFloat, at::kBFloat16}) {
+        SCOPED_TRACE(dim);
+        const at::Tensor x = at::randn({3, 5, dim}, F32()) * 3.0;
+        const at::Tensor delta =
+            (at::randn({3, 5, dim}, F32()) * 2.0).to(delta_dtype);
+        const at::Tensor weight = (at::rand({dim}, F32()) + 0.5).to(compute);
+        const AddNormOutput got = AddRmsNorm(x, delta, weight, 1e-6, compute);
+        const at::Tensor sum = x + delta;  // fp32 add of the widened delta
+        const NormOutput want = RmsNorm(sum, weight, 1e-6, compute);
+        ASSERT_EQ(got.sum.scalar_type(), at::kFloat);
+        ASSERT_EQ(got.norm.full.scalar_type(), at::kFloat);
+        ASSERT_EQ(got.norm.rounded.scalar_type(), compute);
+        // The sum is one fp32 add either way: exact.
+        EXPECT_TRUE(at::equal(got.sum, sum));
+        // CPU: the same ATen ops; CUDA: the kernel's reduction order.
+        const double tol = cpu ? 0.0 : 1e-6;
+        EXPECT_LE(RelDiff(got.norm.full, want.full), tol);
+        // One rounding of (nearly) the same fp32 value: at most one bf16 ulp.
+        EXPECT_LE(RelDiff(got.norm.rounded.to(at::kFloat),
+                          want.rounded.to(at::kFloat)),
+                  cpu ? 0.0 : 1.0 / 128);
+        // x and delta are left alone.
+        EXPECT_FALSE(got.sum.is_same(x));
+      }
     }
   }
 }
