@@ -12,6 +12,12 @@
 #include "core/model/fused_ops_backend.h"
 
 namespace lorahub::model {
+
+bool EnvFlag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && std::string(v) != "0";
+}
+
 namespace {
 
 // Autograd never reaches the CUDA kernels (they have no backward).
@@ -21,11 +27,6 @@ bool Differentiable(const at::Tensor& t) {
 
 // LORAHUB_NO_FUSED=1 sends every call to the ATen fallback (A/B timing,
 // bisecting a numerical difference). Read once.
-bool EnvFlag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' && std::string(v) != "0";
-}
-
 bool Disabled() {
   static const bool disabled = EnvFlag("LORAHUB_NO_FUSED");
   return disabled;

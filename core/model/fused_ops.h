@@ -27,6 +27,10 @@
 
 namespace lorahub::model {
 
+// True when the environment variable `name` is set to anything but empty or
+// "0": the engine's switches (docs/TUNING.md). Callers read it once.
+bool EnvFlag(const char* name);
+
 // True when this binary holds the CUDA kernels; Enabled: and the environment
 // does not turn them off (LORAHUB_NO_FUSED=1, for A/B timing).
 bool FusedKernelsCompiled();
