@@ -244,6 +244,43 @@ __global__ void GatedGeluTanhKernel(const void* __restrict__ gate,
   }
 }
 
+// The same per element, W = 16 / sizeof(E) elements per thread with 16-byte
+// loads and stores (rows of dim % W == 0, strides and pointers aligned: the
+// launcher checks). Why: one element per thread with a 64-bit division each
+// made the gated GELU of a decode step latency-bound (4.2 us for 64 x 2816).
+template <typename E>
+__global__ void GatedGeluTanhVecKernel(const E* __restrict__ gate,
+                                       int64_t gate_row_stride,
+                                       const E* __restrict__ up,
+                                       int64_t up_row_stride,
+                                       E* __restrict__ out, int64_t rows,
+                                       int64_t dim) {
+  constexpr int W = 16 / sizeof(E);
+  constexpr float kBeta = 0.7978845608028654f;
+  constexpr float kKappa = 0.044715f;
+  const int64_t per_row = dim / W;
+  const int64_t n = rows * per_row;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       v < n; v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = v / per_row;
+    const int64_t c = (v - r * per_row) * W;
+    const uint4 graw = *reinterpret_cast<const uint4*>(gate + r * gate_row_stride + c);
+    const uint4 uraw = *reinterpret_cast<const uint4*>(up + r * up_row_stride + c);
+    const E* g = reinterpret_cast<const E*>(&graw);
+    const E* u = reinterpret_cast<const E*>(&uraw);
+    uint4 oraw;
+    E* o = reinterpret_cast<E*>(&oraw);
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float gf = ToFloat(g[e]);
+      const float inner = kBeta * (gf + kKappa * (gf * gf * gf));
+      const float act = ToFloat(FromFloat<E>(0.5f * gf * (1.f + tanhf(inner))));
+      o[e] = FromFloat<E>(act * ToFloat(u[e]));
+    }
+    *reinterpret_cast<uint4*>(out + r * dim + c) = oraw;
+  }
+}
+
 constexpr int64_t kMaxAttentionHead = 256;
 constexpr int64_t kMaxAttentionKeys = 8192;
 
@@ -1162,9 +1199,42 @@ int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
   const int64_t n = rows * dim;
   if (n == 0) return 0;
   constexpr int kThreads = 256;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int64_t bytes = dtype == DType::kFloat ? 4 : 2;
+  const int64_t w = 16 / bytes;
+  const auto aligned = [&](const void* p, int64_t row_stride) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_stride % w == 0;
+  };
+  if (dim % w == 0 && aligned(gate, gate_row_stride) &&
+      aligned(up, up_row_stride) && aligned(out, dim)) {
+    const int64_t vecs = n / w;
+    const auto grid = static_cast<unsigned>(
+        std::min<int64_t>((vecs + kThreads - 1) / kThreads, 65535));
+    switch (dtype) {
+      case DType::kFloat:
+        GatedGeluTanhVecKernel<float><<<grid, kThreads, 0, s>>>(
+            static_cast<const float*>(gate), gate_row_stride,
+            static_cast<const float*>(up), up_row_stride,
+            static_cast<float*>(out), rows, dim);
+        return LastError();
+      case DType::kBFloat16:
+        GatedGeluTanhVecKernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
+            static_cast<const __nv_bfloat16*>(gate), gate_row_stride,
+            static_cast<const __nv_bfloat16*>(up), up_row_stride,
+            static_cast<__nv_bfloat16*>(out), rows, dim);
+        return LastError();
+      case DType::kHalf:
+        GatedGeluTanhVecKernel<__half><<<grid, kThreads, 0, s>>>(
+            static_cast<const __half*>(gate), gate_row_stride,
+            static_cast<const __half*>(up), up_row_stride,
+            static_cast<__half*>(out), rows, dim);
+        return LastError();
+      default:
+        break;
+    }
+  }
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
-  GatedGeluTanhKernel<<<static_cast<unsigned>(blocks), kThreads, 0,
-                        static_cast<cudaStream_t>(stream)>>>(
+  GatedGeluTanhKernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
       gate, gate_row_stride, up, up_row_stride, out, dtype, rows, dim);
   return static_cast<int>(cudaGetLastError());
 }

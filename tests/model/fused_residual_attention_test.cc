@@ -82,17 +82,21 @@ TEST(AddRmsNormTest, IsTheNormOfTheSum) {
 TEST(GatedGeluTest, IsGeluTimesUp) {
   at::manual_seed(9);
   const bool cpu = Device().is_cpu();
-  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-    const int64_t d_ff = 37;
-    const at::Tensor y = (at::randn({3, 5, 2 * d_ff}, F32()) * 2.5).to(dtype);
-    const at::Tensor gate = y.narrow(-1, 0, d_ff);
-    const at::Tensor up = y.narrow(-1, d_ff, d_ff);
-    const at::Tensor got = GatedGeluTanh(gate, up);
-    const at::Tensor want = at::gelu(gate, "tanh") * up;
-    ASSERT_EQ(got.scalar_type(), dtype);
-    ASSERT_EQ(got.sizes(), want.sizes());
-    const double tol = cpu ? 0.0 : (dtype == at::kFloat ? 1e-6 : 1.0 / 64);
-    EXPECT_LE(RelDiff(got.to(at::kFloat), want.to(at::kFloat)), tol);
+  // 37: one element per thread; 48 and 2816 (flan-t5-large): 16-byte
+  // vectors of the same arithmetic.
+  for (int64_t d_ff : {int64_t{37}, int64_t{48}, int64_t{2816}}) {
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+      SCOPED_TRACE(d_ff);
+      const at::Tensor y = (at::randn({3, 5, 2 * d_ff}, F32()) * 2.5).to(dtype);
+      const at::Tensor gate = y.narrow(-1, 0, d_ff);
+      const at::Tensor up = y.narrow(-1, d_ff, d_ff);
+      const at::Tensor got = GatedGeluTanh(gate, up);
+      const at::Tensor want = at::gelu(gate, "tanh") * up;
+      ASSERT_EQ(got.scalar_type(), dtype);
+      ASSERT_EQ(got.sizes(), want.sizes());
+      const double tol = cpu ? 0.0 : (dtype == at::kFloat ? 1e-6 : 1.0 / 64);
+      EXPECT_LE(RelDiff(got.to(at::kFloat), want.to(at::kFloat)), tol);
+    }
   }
 }
 
