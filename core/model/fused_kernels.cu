@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <mutex>
 
 #include "core/model/fused_kernels.h"
 
@@ -1043,14 +1044,49 @@ int TiledQueries(const AttentionArgs& a) {
   return static_cast<int>(tile);
 }
 
+constexpr int kMaxDevices = 64;
+constexpr int64_t kDefaultShared = 48 * 1024;
+
+// The dynamic shared memory a block may opt into on `device`, capped at
+// kTiledMaxShared (bytes; the 48 KB default where the device cannot say, 0
+// for a device index out of range). Read once per device.
+int64_t TiledSharedLimit(int device) {
+  static std::once_flag once[kMaxDevices];
+  static int64_t limit[kMaxDevices];
+  if (device < 0 || device >= kMaxDevices) return 0;
+  std::call_once(once[device], [device] {
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                               device) != cudaSuccess) {
+      optin = static_cast<int>(kDefaultShared);
+    }
+    limit[device] = std::min<int64_t>(optin, kTiledMaxShared);
+  });
+  return limit[device];
+}
+
 template <typename E, int kKpl>
 int LaunchTiled(const AttentionArgs& a, unsigned grid, int tile_q, bool vec,
                 size_t shared, cudaStream_t s) {
-  // Above 48 KB a kernel must opt in, once per process.
-  static const cudaError_t opt_in = cudaFuncSetAttribute(
-      TiledAttentionKernel<E, kKpl>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(kTiledMaxShared));
-  if (opt_in != cudaSuccess) return static_cast<int>(opt_in);
+  int device = 0;
+  const cudaError_t got = cudaGetDevice(&device);
+  if (got != cudaSuccess) return static_cast<int>(got);
+  const int64_t limit = TiledSharedLimit(device);
+  if (static_cast<int64_t>(shared) > limit) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (shared > kDefaultShared) {
+    // Above 48 KB a kernel must opt in, once per device (the attribute is
+    // the device's; the first call is eager, before any graph capture).
+    static std::once_flag once[kMaxDevices];
+    static cudaError_t opt_in[kMaxDevices];
+    std::call_once(once[device], [device, limit] {
+      opt_in[device] = cudaFuncSetAttribute(
+          TiledAttentionKernel<E, kKpl>,
+          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit));
+    });
+    if (opt_in[device] != cudaSuccess) return static_cast<int>(opt_in[device]);
+  }
   TiledAttentionKernel<E, kKpl><<<grid, kNormThreads, shared, s>>>(a, tile_q, vec);
   return LastError();
 }
@@ -1075,6 +1111,12 @@ bool Tiled4Aligned(const void* base, const int64_t* stride, int64_t bytes) {
 }
 
 }  // namespace
+
+bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv) {
+  int device = 0;
+  return TiledAttentionFits(S, D, Dv) && cudaGetDevice(&device) == cudaSuccess &&
+         TiledAttentionShared(S, D) <= TiledSharedLimit(device);
+}
 
 int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   if (args.B * args.H * args.T == 0) return 0;

@@ -91,6 +91,9 @@ constexpr bool TiledAttentionFits(int64_t S, int64_t D, int64_t Dv) {
          S > 0 && S <= kTiledMaxKeys &&
          TiledAttentionShared(S, D) <= kTiledMaxShared;
 }
+// TiledAttentionFits, and the current device lets a block opt into that
+// much shared memory (an H100/H200: 227 KB; other GPUs less).
+bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv);
 int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 
 // Per-row LoRA of single-token rows (decode steps), as Punica's BGMV: every

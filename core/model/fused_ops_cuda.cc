@@ -169,7 +169,7 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
     return false;
   }
   const bool tiled = T >= kernels::kTiledQueryMin;
-  if (tiled && !kernels::TiledAttentionFits(S, D, Dv)) return false;
+  if (tiled && !kernels::TiledAttentionAvailable(S, D, Dv)) return false;
   at::Tensor b4;
   try {
     b4 = bias.expand({B, H, T, S});  // broadcast dimensions get stride 0
