@@ -223,15 +223,20 @@ __device__ __forceinline__ float RoundTo(DType t, float v) {
   }
 }
 
+// at::gelu(g, "tanh") in fp32, before its rounding to the dtype.
+__device__ __forceinline__ float GeluTanh(float g) {
+  // PyTorch's tanh GELU constants: sqrt(2 / pi) and 0.044715.
+  constexpr float kBeta = 0.7978845608028654f;
+  constexpr float kKappa = 0.044715f;
+  return 0.5f * g * (1.f + tanhf(kBeta * (g + kKappa * (g * g * g))));
+}
+
 __global__ void GatedGeluTanhKernel(const void* __restrict__ gate,
                                     int64_t gate_row_stride,
                                     const void* __restrict__ up,
                                     int64_t up_row_stride,
                                     void* __restrict__ out, DType dtype,
                                     int64_t rows, int64_t dim) {
-  // PyTorch's tanh GELU constants: sqrt(2 / pi) and 0.044715.
-  constexpr float kBeta = 0.7978845608028654f;
-  constexpr float kKappa = 0.044715f;
   const int64_t n = rows * dim;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -239,9 +244,7 @@ __global__ void GatedGeluTanhKernel(const void* __restrict__ gate,
     const int64_t c = i - r * dim;
     const float g = LoadAsFloat(gate, dtype, r * gate_row_stride + c);
     const float u = LoadAsFloat(up, dtype, r * up_row_stride + c);
-    const float inner = kBeta * (g + kKappa * (g * g * g));
-    const float act = RoundTo(dtype, 0.5f * g * (1.f + tanhf(inner)));
-    StoreFromFloat(out, dtype, i, act * u);
+    StoreFromFloat(out, dtype, i, RoundTo(dtype, GeluTanh(g)) * u);
   }
 }
 
@@ -257,8 +260,6 @@ __global__ void GatedGeluTanhVecKernel(const E* __restrict__ gate,
                                        E* __restrict__ out, int64_t rows,
                                        int64_t dim) {
   constexpr int W = 16 / sizeof(E);
-  constexpr float kBeta = 0.7978845608028654f;
-  constexpr float kKappa = 0.044715f;
   const int64_t per_row = dim / W;
   const int64_t n = rows * per_row;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -273,9 +274,7 @@ __global__ void GatedGeluTanhVecKernel(const E* __restrict__ gate,
     E* o = reinterpret_cast<E*>(&oraw);
 #pragma unroll
     for (int e = 0; e < W; ++e) {
-      const float gf = ToFloat(g[e]);
-      const float inner = kBeta * (gf + kKappa * (gf * gf * gf));
-      const float act = ToFloat(FromFloat<E>(0.5f * gf * (1.f + tanhf(inner))));
+      const float act = ToFloat(FromFloat<E>(GeluTanh(ToFloat(g[e]))));
       o[e] = FromFloat<E>(act * ToFloat(u[e]));
     }
     *reinterpret_cast<uint4*>(out + r * dim + c) = oraw;
@@ -838,14 +837,19 @@ __global__ void __launch_bounds__(kNormThreads)
   site.y[b * site.y_stride[0] + o * site.y_stride[1]] += s * acc;
 }
 
-// True when every row of `p + k * stride` (k >= 0) starts 16-byte aligned.
-bool Aligned16(const void* p, int64_t elem_bytes,
-               std::initializer_list<int64_t> strides) {
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+// True when every row of `p + k * stride` (k >= 0) starts `align`-byte
+// aligned.
+bool Aligned(const void* p, int64_t align, int64_t elem_bytes,
+             std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(p) % align != 0) return false;
   for (int64_t s : strides) {
-    if ((s * elem_bytes) % 16 != 0) return false;
+    if ((s * elem_bytes) % align != 0) return false;
   }
   return true;
+}
+bool Aligned16(const void* p, int64_t elem_bytes,
+               std::initializer_list<int64_t> strides) {
+  return Aligned(p, 16, elem_bytes, strides);
 }
 
 template <typename W, typename R>
@@ -1027,16 +1031,7 @@ namespace {
 // Queries per block: multiples of one group per warp up to all T, the
 // fewest tiles that still give every SM two blocks; more tiles stage the
 // same keys more often.
-int TiledQueries(const AttentionArgs& a) {
-  static const int sms = [] {
-    int device = 0, count = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) !=
-            cudaSuccess) {
-      return 132;
-    }
-    return count;
-  }();
+int TiledQueries(const AttentionArgs& a, int sms) {
   const int64_t step = kTiledWarps * kTiledGroup;
   const int64_t heads = a.B * a.H;
   int64_t tile = (a.T + step - 1) / step * step;
@@ -1047,75 +1042,93 @@ int TiledQueries(const AttentionArgs& a) {
 constexpr int kMaxDevices = 64;
 constexpr int64_t kDefaultShared = 48 * 1024;
 
-// The dynamic shared memory a block may opt into on `device`, capped at
-// kTiledMaxShared (bytes; the 48 KB default where the device cannot say, 0
-// for a device index out of range). Read once per device.
-int64_t TiledSharedLimit(int device) {
+// What the tiled kernel's launch needs to know of a device, read once per
+// device: its SM count (132 where it cannot say) and the dynamic shared
+// memory a block may opt into, capped at kTiledMaxShared (the 48 KB default
+// where it cannot say).
+struct TiledDevice {
+  int sms = 0;
+  int64_t shared = 0;
+};
+
+// nullptr for the current device when there is none or its index is out of
+// range.
+const TiledDevice* CurrentTiledDevice(int* device) {
   static std::once_flag once[kMaxDevices];
-  static int64_t limit[kMaxDevices];
-  if (device < 0 || device >= kMaxDevices) return 0;
-  std::call_once(once[device], [device] {
-    int optin = 0;
+  static TiledDevice devices[kMaxDevices];
+  if (cudaGetDevice(device) != cudaSuccess || *device < 0 ||
+      *device >= kMaxDevices) {
+    return nullptr;
+  }
+  const int d = *device;
+  std::call_once(once[d], [d] {
+    int sms = 0, optin = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) !=
+        cudaSuccess) {
+      sms = 132;
+    }
     if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                               device) != cudaSuccess) {
+                               d) != cudaSuccess) {
       optin = static_cast<int>(kDefaultShared);
     }
-    limit[device] = std::min<int64_t>(optin, kTiledMaxShared);
+    devices[d] = {sms, std::min<int64_t>(optin, kTiledMaxShared)};
   });
-  return limit[device];
+  return &devices[d];
 }
 
+// One launch of the tiled kernel, as LaunchTiledAttention sized it.
+struct TiledLaunch {
+  unsigned grid = 0;
+  int tile_q = 0;       // queries per block
+  bool vec = false;     // TiledAttentionKernel's `vec`
+  size_t shared = 0;    // dynamic shared memory, bytes
+  int device = 0;       // the current device
+  int64_t limit = 0;    // its opt-in shared memory (TiledDevice::shared)
+  cudaStream_t stream = nullptr;
+};
+
 template <typename E, int kKpl>
-int LaunchTiled(const AttentionArgs& a, unsigned grid, int tile_q, bool vec,
-                size_t shared, cudaStream_t s) {
-  int device = 0;
-  const cudaError_t got = cudaGetDevice(&device);
-  if (got != cudaSuccess) return static_cast<int>(got);
-  const int64_t limit = TiledSharedLimit(device);
-  if (static_cast<int64_t>(shared) > limit) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (shared > kDefaultShared) {
+int LaunchTiled(const AttentionArgs& a, const TiledLaunch& l) {
+  if (l.shared > kDefaultShared) {
     // Above 48 KB a kernel must opt in, once per device (the attribute is
     // the device's; the first call is eager, before any graph capture).
     static std::once_flag once[kMaxDevices];
     static cudaError_t opt_in[kMaxDevices];
-    std::call_once(once[device], [device, limit] {
-      opt_in[device] = cudaFuncSetAttribute(
+    std::call_once(once[l.device], [&l] {
+      opt_in[l.device] = cudaFuncSetAttribute(
           TiledAttentionKernel<E, kKpl>,
-          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit));
+          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.limit));
     });
-    if (opt_in[device] != cudaSuccess) return static_cast<int>(opt_in[device]);
+    if (opt_in[l.device] != cudaSuccess) return static_cast<int>(opt_in[l.device]);
   }
-  TiledAttentionKernel<E, kKpl><<<grid, kNormThreads, shared, s>>>(a, tile_q, vec);
+  TiledAttentionKernel<E, kKpl>
+      <<<l.grid, kNormThreads, l.shared, l.stream>>>(a, l.tile_q, l.vec);
   return LastError();
 }
 
 template <typename E>
-int LaunchTiledFor(const AttentionArgs& a, unsigned grid, int tile_q,
-                   bool vec, size_t shared, cudaStream_t s) {
-  if (a.S <= 32) return LaunchTiled<E, 1>(a, grid, tile_q, vec, shared, s);
-  if (a.S <= 64) return LaunchTiled<E, 2>(a, grid, tile_q, vec, shared, s);
-  if (a.S <= 96) return LaunchTiled<E, 3>(a, grid, tile_q, vec, shared, s);
-  if (a.S <= 128) return LaunchTiled<E, 4>(a, grid, tile_q, vec, shared, s);
-  return LaunchTiled<E, 8>(a, grid, tile_q, vec, shared, s);
+int LaunchTiledFor(const AttentionArgs& a, const TiledLaunch& l) {
+  if (a.S <= 32) return LaunchTiled<E, 1>(a, l);
+  if (a.S <= 64) return LaunchTiled<E, 2>(a, l);
+  if (a.S <= 96) return LaunchTiled<E, 3>(a, l);
+  if (a.S <= 128) return LaunchTiled<E, 4>(a, l);
+  return LaunchTiled<E, 8>(a, l);
 }
 
-// Unit element stride and rows aligned for Load4 (16 bytes for fp32, 8 for
-// 16-bit elements).
+// Unit element stride and rows aligned for Load4 (four elements: 16 bytes
+// for fp32, 8 for 16-bit elements).
 bool Tiled4Aligned(const void* base, const int64_t* stride, int64_t bytes) {
-  const int64_t align = bytes == 4 ? 16 : 8;
-  return stride[3] == 1 && reinterpret_cast<uintptr_t>(base) % align == 0 &&
-         (stride[0] * bytes) % align == 0 && (stride[1] * bytes) % align == 0 &&
-         (stride[2] * bytes) % align == 0;
+  return stride[3] == 1 &&
+         Aligned(base, 4 * bytes, bytes, {stride[0], stride[1], stride[2]});
 }
 
 }  // namespace
 
 bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv) {
   int device = 0;
-  return TiledAttentionFits(S, D, Dv) && cudaGetDevice(&device) == cudaSuccess &&
-         TiledAttentionShared(S, D) <= TiledSharedLimit(device);
+  const TiledDevice* limits = CurrentTiledDevice(&device);
+  return TiledAttentionFits(S, D, Dv) && limits != nullptr &&
+         TiledAttentionShared(S, D) <= limits->shared;
 }
 
 int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
@@ -1128,22 +1141,28 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   AttentionArgs a = args;
   if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
   if (a.q_dtype == DType::kNone) a.q_dtype = a.qkv_dtype;
-  const int tile_q = TiledQueries(a);
-  const int64_t blocks = a.B * a.H * ((a.T + tile_q - 1) / tile_q);
+  TiledLaunch l;
+  const TiledDevice* limits = CurrentTiledDevice(&l.device);
+  l.shared = static_cast<size_t>(TiledAttentionShared(a.S, a.D));
+  if (limits == nullptr || static_cast<int64_t>(l.shared) > limits->shared) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  l.limit = limits->shared;
+  l.tile_q = TiledQueries(a, limits->sms);
+  const int64_t blocks = a.B * a.H * ((a.T + l.tile_q - 1) / l.tile_q);
   if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
-  const auto shared = static_cast<size_t>(TiledAttentionShared(a.S, a.D));
-  const auto grid = static_cast<unsigned>(blocks);
-  auto s = static_cast<cudaStream_t>(stream);
+  l.grid = static_cast<unsigned>(blocks);
+  l.stream = static_cast<cudaStream_t>(stream);
   const int64_t bytes = a.qkv_dtype == DType::kFloat ? 4 : 2;
-  const bool vec = Tiled4Aligned(a.k, a.k_stride, bytes) &&
-                   Tiled4Aligned(a.v, a.v_stride, bytes);
+  l.vec = Tiled4Aligned(a.k, a.k_stride, bytes) &&
+          Tiled4Aligned(a.v, a.v_stride, bytes);
   switch (a.qkv_dtype) {
     case DType::kFloat:
-      return LaunchTiledFor<float>(a, grid, tile_q, vec, shared, s);
+      return LaunchTiledFor<float>(a, l);
     case DType::kBFloat16:
-      return LaunchTiledFor<__nv_bfloat16>(a, grid, tile_q, vec, shared, s);
+      return LaunchTiledFor<__nv_bfloat16>(a, l);
     case DType::kHalf:
-      return LaunchTiledFor<__half>(a, grid, tile_q, vec, shared, s);
+      return LaunchTiledFor<__half>(a, l);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -1243,34 +1262,25 @@ int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
   constexpr int kThreads = 256;
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t bytes = dtype == DType::kFloat ? 4 : 2;
-  const int64_t w = 16 / bytes;
-  const auto aligned = [&](const void* p, int64_t row_stride) {
-    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_stride % w == 0;
-  };
-  if (dim % w == 0 && aligned(gate, gate_row_stride) &&
-      aligned(up, up_row_stride) && aligned(out, dim)) {
-    const int64_t vecs = n / w;
+  if (dim % (16 / bytes) == 0 && Aligned16(gate, bytes, {gate_row_stride}) &&
+      Aligned16(up, bytes, {up_row_stride}) && Aligned16(out, bytes, {dim})) {
     const auto grid = static_cast<unsigned>(
-        std::min<int64_t>((vecs + kThreads - 1) / kThreads, 65535));
+        std::min<int64_t>((n * bytes / 16 + kThreads - 1) / kThreads, 65535));
+    const auto launch = [&](auto element) {
+      using E = decltype(element);
+      GatedGeluTanhVecKernel<E><<<grid, kThreads, 0, s>>>(
+          static_cast<const E*>(gate), gate_row_stride,
+          static_cast<const E*>(up), up_row_stride, static_cast<E*>(out), rows,
+          dim);
+      return LastError();
+    };
     switch (dtype) {
       case DType::kFloat:
-        GatedGeluTanhVecKernel<float><<<grid, kThreads, 0, s>>>(
-            static_cast<const float*>(gate), gate_row_stride,
-            static_cast<const float*>(up), up_row_stride,
-            static_cast<float*>(out), rows, dim);
-        return LastError();
+        return launch(float());
       case DType::kBFloat16:
-        GatedGeluTanhVecKernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-            static_cast<const __nv_bfloat16*>(gate), gate_row_stride,
-            static_cast<const __nv_bfloat16*>(up), up_row_stride,
-            static_cast<__nv_bfloat16*>(out), rows, dim);
-        return LastError();
+        return launch(__nv_bfloat16());
       case DType::kHalf:
-        GatedGeluTanhVecKernel<__half><<<grid, kThreads, 0, s>>>(
-            static_cast<const __half*>(gate), gate_row_stride,
-            static_cast<const __half*>(up), up_row_stride,
-            static_cast<__half*>(out), rows, dim);
-        return LastError();
+        return launch(__half());
       default:
         break;
     }
