@@ -441,7 +441,7 @@ struct Vec16<__half> {
 // round, and the weighted values are summed as vectors per key group. The
 // arithmetic of SmallAttentionKernel up to the order of the fp32 sums.
 template <typename E, int G>
-__global__ void __launch_bounds__(kNormThreads)
+__global__ void __launch_bounds__(kNormThreads, 4)
     VecAttentionKernel(AttentionArgs a) {
   constexpr int W = Vec16<E>::kWidth;
   constexpr int kWarps = kNormThreads / 32;
@@ -469,23 +469,40 @@ __global__ void __launch_bounds__(kNormThreads)
   }
   const int64_t S = VisibleKeyEnd(a, b0);
   // Rounds are uniform over a warp (the shuffles need every lane); a lane
-  // past the last key loads nothing and writes nothing.
+  // past the last key loads nothing and writes nothing. The keys (and bias
+  // entries) of kAhead rounds are loaded before any is used: one round at a
+  // time left each round's shuffles waiting on its own loads (a latency
+  // chain of S / kKeysPerRound loads per block).
+  constexpr int kAhead = 4;
   for (int64_t j0 = static_cast<int64_t>(warp) * (32 / G); j0 < S;
-       j0 += kKeysPerRound) {
-    const int64_t j = j0 + lane / G;
-    float s = 0.f;
-    if (j < S) {
-      float kv[W];
-      Vec16<E>::Load(k + k0 + j * a.k_stride[2] + part * W, kv);
+       j0 += kAhead * kKeysPerRound) {
+    float kv[kAhead][W];
+    float bias[kAhead];
 #pragma unroll
-      for (int e = 0; e < W; ++e) s += qv[e] * kv[e];
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t j = j0 + u * kKeysPerRound + lane / G;
+      bias[u] = 0.f;
+      if (j < S) {
+        Vec16<E>::Load(k + k0 + j * a.k_stride[2] + part * W, kv[u]);
+        if (part == 0) {
+          bias[u] = LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) kv[u][e] = 0.f;
+      }
     }
 #pragma unroll
-    for (int off = G / 2; off > 0; off >>= 1) {
-      s += __shfl_xor_sync(0xffffffffu, s, off);
-    }
-    if (j < S && part == 0) {
-      p[j] = s + LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t j = j0 + u * kKeysPerRound + lane / G;
+      float s = 0.f;
+#pragma unroll
+      for (int e = 0; e < W; ++e) s += qv[e] * kv[u][e];
+#pragma unroll
+      for (int off = G / 2; off > 0; off >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+      }
+      if (j < S && part == 0) p[j] = s + bias[u];
     }
   }
   __syncthreads();
@@ -555,6 +572,7 @@ __global__ void __launch_bounds__(kNormThreads)
 // and a shuffle reduction over the key groups. The arithmetic of
 // SmallAttentionKernel up to the order of the fp32 sums.
 constexpr int kTiledGroup = static_cast<int>(kTiledQueriesPerWarp);
+constexpr int kTiledQPerLane = 4;  // D <= 128 (TiledAttentionFits: D / 4 divides 32)
 
 __device__ __forceinline__ float WarpMax(float v) {
   for (int off = 16; off > 0; off >>= 1) {
@@ -587,7 +605,7 @@ __device__ __forceinline__ float4 Load4(const __half* p) {
 
 // kKpl: keys per lane for the scores (S <= 32 * kKpl). `vec`: k and v rows
 // of unit element stride and 16-byte (fp32) / 8-byte (16-bit) alignment.
-template <typename E, int kKpl>
+template <typename E, int kKpl, bool kAhead>
 __global__ void __launch_bounds__(kNormThreads)
     TiledAttentionKernel(AttentionArgs a, int tile_q, bool vec) {
   static_assert(kNormThreads / 32 == kTiledWarps, "query groups per warp");
@@ -606,12 +624,69 @@ __global__ void __launch_bounds__(kNormThreads)
   const int64_t b = blockIdx.x / (static_cast<int64_t>(tiles) * a.H);
   const E* __restrict__ k = static_cast<const E*>(a.k) + b * a.k_stride[0] + h * a.k_stride[1];
   const E* __restrict__ v = static_cast<const E*>(a.v) + b * a.v_stride[0] + h * a.v_stride[1];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int t_begin = tile * tile_q;
+  const int t_end = min(static_cast<int>(a.T), t_begin + tile_q);
+  // A group's queries (lane's elements i = lane + 32 n, n < kTiledQPerLane)
+  // and the bias of the lane's keys, in registers. kAhead: the warp's first
+  // group is loaded before the staging below, so that these loads' latency
+  // overlaps it (they waited for the block barrier); it holds them across
+  // the staging (~50 more registers: 2 blocks per SM instead of 3), so the
+  // launcher takes it only for grids of at most 2 blocks per SM.
+  float qreg[kTiledGroup][kTiledQPerLane];
+  float sc[kTiledGroup][kKpl];
+  int t[kTiledGroup];
+  const auto load_group = [&](int t0) {
+    // Queries past the end repeat the last one (not stored).
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) t[u] = min(t0 + u, t_end - 1);
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) {
+      const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t[u] * a.q_stride[2];
+#pragma unroll
+      for (int n = 0; n < kTiledQPerLane; ++n) {
+        const int i = lane + 32 * n;
+        qreg[u][n] = i < D ? LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]) : 0.f;
+      }
+      const int64_t bias0 =
+          b * a.bias_stride[0] + h * a.bias_stride[1] + t[u] * a.bias_stride[2];
+#pragma unroll
+      for (int r = 0; r < kKpl; ++r) {
+        const int j = lane + 32 * r;
+        sc[u][r] = j < S ? LoadAsFloat(a.bias, a.bias_dtype, bias0 + j * a.bias_stride[3])
+                         : 0.f;
+      }
+    }
+  };
+  const int first_t0 = t_begin + warp * kTiledGroup;
+  if (kAhead && first_t0 < t_end) load_group(first_t0);
   if (vec) {
-    for (int i = threadIdx.x; i < S * D4; i += kNormThreads) {
-      const int j = i / D4;
-      const int c = (i - j * D4) * 4;
-      *reinterpret_cast<float4*>(ks + j * ld + c) = Load4(k + j * a.k_stride[2] + c);
-      *reinterpret_cast<float4*>(vs + j * ld + c) = Load4(v + j * a.v_stride[2] + c);
+    // kStage loads of k and of v in flight per thread (one at a time, each
+    // waited for before the next: ~4 memory latencies per block at S = 72).
+    constexpr int kStage = 2;
+    for (int i0 = threadIdx.x; i0 < S * D4; i0 += kStage * kNormThreads) {
+      float4 kv[kStage], vv[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = i0 + u * kNormThreads;
+        if (i < S * D4) {
+          const int j = i / D4;
+          const int c = (i - j * D4) * 4;
+          kv[u] = Load4(k + j * a.k_stride[2] + c);
+          vv[u] = Load4(v + j * a.v_stride[2] + c);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = i0 + u * kNormThreads;
+        if (i < S * D4) {
+          const int j = i / D4;
+          const int c = (i - j * D4) * 4;
+          *reinterpret_cast<float4*>(ks + j * ld + c) = kv[u];
+          *reinterpret_cast<float4*>(vs + j * ld + c) = vv[u];
+        }
+      }
     }
   } else {
     for (int i = threadIdx.x; i < S * D; i += kNormThreads) {
@@ -622,40 +697,20 @@ __global__ void __launch_bounds__(kNormThreads)
     }
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   float* q2 = qs + warp * kTiledGroup * D;
   float* p2 = ps + warp * kTiledGroup * S;
   // Weighted values: lanes over (key group g, columns 4c..4c+3).
   const int groups = 32 / D4;  // D4 divides 32 (TiledAttentionFits)
   const int g = lane / D4;
   const int c4 = lane - g * D4;
-  const int t_begin = tile * tile_q;
-  const int t_end = min(static_cast<int>(a.T), t_begin + tile_q);
-  for (int t0 = t_begin + warp * kTiledGroup; t0 < t_end;
-       t0 += kTiledWarps * kTiledGroup) {
-    // Queries past the end repeat the last one (not stored).
-    int t[kTiledGroup];
-#pragma unroll
-    for (int u = 0; u < kTiledGroup; ++u) t[u] = min(t0 + u, t_end - 1);
+  for (int t0 = first_t0; t0 < t_end; t0 += kTiledWarps * kTiledGroup) {
+    if (!kAhead || t0 != first_t0) load_group(t0);
 #pragma unroll
     for (int u = 0; u < kTiledGroup; ++u) {
-      const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t[u] * a.q_stride[2];
-      for (int i = lane; i < D; i += 32) {
-        q2[u * D + i] = LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]);
-      }
-    }
-    // The bias of this lane's keys, loaded before the dot products.
-    float sc[kTiledGroup][kKpl];
 #pragma unroll
-    for (int u = 0; u < kTiledGroup; ++u) {
-      const int64_t bias0 =
-          b * a.bias_stride[0] + h * a.bias_stride[1] + t[u] * a.bias_stride[2];
-#pragma unroll
-      for (int r = 0; r < kKpl; ++r) {
-        const int j = lane + 32 * r;
-        sc[u][r] = j < S ? LoadAsFloat(a.bias, a.bias_dtype, bias0 + j * a.bias_stride[3])
-                         : 0.f;
+      for (int n = 0; n < kTiledQPerLane; ++n) {
+        const int i = lane + 32 * n;
+        if (i < D) q2[u * D + i] = qreg[u][n];
       }
     }
     __syncwarp();
@@ -748,7 +803,12 @@ __global__ void __launch_bounds__(kNormThreads)
 // One warp per (row b, rank c): lanes stride over `in`, a shuffle reduction.
 // The block's 8 warps share the row's x, staged once in shared memory.
 // kVec: fp32 factors with unit inner stride, `in` a multiple of 4 and
-// 16-byte aligned rows (checked by the launcher): 16-byte loads.
+// 16-byte aligned rows (checked by the launcher): 16-byte loads, the first
+// kShrinkAhead of each lane issued before the staging barrier (the factor
+// loads no longer wait for x: two memory latencies per block were one
+// after the other), summed in the same order as the rest.
+constexpr int kShrinkAhead = 8;  // 16-byte loads per lane: in = 1024 whole
+
 template <typename E, bool kVec>
 __global__ void __launch_bounds__(kNormThreads)
     LoraShrinkKernel(LoraShrinkArgs a) {
@@ -758,22 +818,41 @@ __global__ void __launch_bounds__(kNormThreads)
   const int lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t b = blockIdx.y;
+  const bool active = c < a.R;
+  const E* __restrict__ row =
+      static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0] +
+      (active ? c : 0) * a.a_stride[1];
+  float4 ahead[kShrinkAhead];
+  if constexpr (kVec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+#pragma unroll
+    for (int u = 0; u < kShrinkAhead; ++u) {
+      const int64_t i = lane + 32 * u;
+      if (active && i < a.in / 4) ahead[u] = row4[i];
+    }
+  }
   const float* __restrict__ x = a.x + b * a.x_stride[0];
 #pragma unroll 4  // the loads in flight together
   for (int64_t i = threadIdx.x; i < a.in; i += kNormThreads) {
     xs[i] = x[i * a.x_stride[1]];
   }
   __syncthreads();
-  if (c >= a.R) return;  // whole warps; no block barrier below
-  const E* __restrict__ row = static_cast<const E*>(a.a) +
-                              a.slots[b] * a.a_stride[0] + c * a.a_stride[1];
+  if (!active) return;  // whole warps; no block barrier below
   float s = 0.f;
   if constexpr (kVec) {
     const float4* row4 = reinterpret_cast<const float4*>(row);
+#pragma unroll
+    for (int u = 0; u < kShrinkAhead; ++u) {
+      const int64_t i = lane + 32 * u;
+      if (i < a.in / 4) {
+        const float4 w = ahead[u], v = x_shared[i];
+        s += v.x * w.x + v.y * w.y + v.z * w.z + v.w * w.w;
+      }
+    }
 #pragma unroll 4
-    for (int64_t i = lane; i < a.in / 4; i += 32) {
-      const float4 w = row4[i], u = x_shared[i];
-      s += u.x * w.x + u.y * w.y + u.z * w.z + u.w * w.w;
+    for (int64_t i = lane + 32 * kShrinkAhead; i < a.in / 4; i += 32) {
+      const float4 w = row4[i], v = x_shared[i];
+      s += v.x * w.x + v.y * w.y + v.z * w.z + v.w * w.w;
     }
   } else {
 #pragma unroll 4
@@ -783,6 +862,207 @@ __global__ void __launch_bounds__(kNormThreads)
   }
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   if (lane == 0) a.out[b * a.R + c] = s;
+}
+
+// NarrowGemm (fused_kernels.h). A block computes kNarrowRows rows x 32
+// columns; its 8 warps split K into contiguous ranges. In a warp, lane =
+// (column group cg of 8 columns, k lane kl of 8): each warp-wide load reads
+// 128 contiguous bytes per row of x (the same for every cg: one request) or
+// per column of w (4 requests), and each lane sums its k's products for
+// every (row, column of its group) of the tile. Then a butterfly over the
+// 8 k lanes leaves lane kl with row kl's 8 sums, and the warps' partial
+// sums are added in a fixed order. Why this shape: the first versions
+// (lanes on columns; then lanes on k with 2 rows per block) read w's 32
+// rows per load, or re-read all of w every 2 rows, and ran slower than
+// cuBLAS's split-K GEMM; here w is read once per 8 rows, coalesced.
+constexpr int kNarrowThreads = 256;
+constexpr int kNarrowWarps = kNarrowThreads / 32;
+static_assert(kNarrowRows == 8, "the butterfly below maps k lane kl to row kl");
+
+// One butterfly stage over the k lanes: lanes with bit kHalf set keep rows
+// [kHalf, 2 kHalf) of the acc rows still held, the others [0, kHalf), each
+// adding its partner's copy (into rows [0, kHalf)).
+template <int kHalf>
+__device__ __forceinline__ void NarrowReduceStage(float (&acc)[kNarrowRows][8],
+                                                  int lane) {
+  const bool upper = (lane & kHalf) != 0;
+#pragma unroll
+  for (int r = 0; r < kHalf; ++r) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float keep = upper ? acc[r + kHalf][j] : acc[r][j];
+      const float send = upper ? acc[r][j] : acc[r + kHalf][j];
+      acc[r][j] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kNarrowThreads)
+    NarrowGemmKernel(NarrowGemmArgs a) {
+  __shared__ float partial[kNarrowWarps][kNarrowRows][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int kl = lane & 7;   // k lane
+  const int cg = lane >> 3;  // column group
+  const int64_t g = blockIdx.z;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kNarrowRows;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * 32;
+  const int64_t k4 = a.K / 4;
+  // Each warp's range of 16-byte columns: a multiple of the 8 k lanes.
+  const int64_t per_warp = ((k4 + kNarrowWarps - 1) / kNarrowWarps + 7) / 8 * 8;
+  const int64_t begin = warp * per_warp;
+  const int64_t end = begin + per_warp < k4 ? begin + per_warp : k4;
+  const float4* xr[kNarrowRows];
+#pragma unroll
+  for (int i = 0; i < kNarrowRows; ++i) {
+    // Rows past M read row m0 (in range); their sums are never stored.
+    const int64_t m = m0 + i < a.M ? m0 + i : m0;
+    xr[i] = reinterpret_cast<const float4*>(a.x + g * a.x_stride[0] + m * a.x_stride[1]);
+  }
+  const float4* wr[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int64_t n = n0 + cg * 8 + j;
+    wr[j] = reinterpret_cast<const float4*>(a.w + g * a.w_stride[0] +
+                                            (n < a.N ? n : n0) * a.w_stride[1]);
+  }
+  float acc[kNarrowRows][8];
+#pragma unroll
+  for (int i = 0; i < kNarrowRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+  }
+  for (int64_t c = begin + kl; c < end; c += 8) {
+    float4 xv[kNarrowRows], wv[8];
+#pragma unroll
+    for (int i = 0; i < kNarrowRows; ++i) xv[i] = xr[i][c];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) wv[j] = wr[j][c];
+#pragma unroll
+    for (int i = 0; i < kNarrowRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        acc[i][j] += xv[i].x * wv[j].x + xv[i].y * wv[j].y +
+                     xv[i].z * wv[j].z + xv[i].w * wv[j].w;
+      }
+    }
+  }
+  NarrowReduceStage<4>(acc, lane);
+  NarrowReduceStage<2>(acc, lane);
+  NarrowReduceStage<1>(acc, lane);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) partial[warp][kl][cg * 8 + j] = acc[0][j];
+  __syncthreads();
+  const int i = threadIdx.x >> 5;  // kNarrowRows * 32 == kNarrowThreads
+  const int64_t m = m0 + i, n = n0 + lane;
+  if (m >= a.M || n >= a.N) return;
+  float sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < kNarrowWarps; ++u) sum += partial[u][i][lane];
+  a.out[(g * a.M + m) * a.N + n] = sum;
+}
+
+// NarrowGemm for few rows (M <= kNarrowSmallMaxRows per batch: the decoder
+// of an objective evaluation, 15 rows): the tiles above left 2 blocks busy
+// for 15 rows, each warp summing 4 steps of 8 x 8 products per lane. Here a
+// block computes 8 rows x 8 columns with all 32 lanes of a warp on k (one
+// step per lane at K = 1024), so 15 rows x 32 columns take 8 blocks. A
+// butterfly over the 32 lanes leaves each lane 2 of the tile's 64 sums;
+// the warps' partial sums are added in a fixed order.
+constexpr int kSmallTile = 8;
+
+// One butterfly stage over the rows of acc (kHalf rows kept, lanes kXor
+// apart exchanging the others).
+template <int kHalf, int kXor>
+__device__ __forceinline__ void SmallRowStage(float (&acc)[kSmallTile][kSmallTile], int lane) {
+  const bool upper = (lane & kXor) != 0;
+#pragma unroll
+  for (int r = 0; r < kHalf; ++r) {
+#pragma unroll
+    for (int j = 0; j < kSmallTile; ++j) {
+      const float keep = upper ? acc[r + kHalf][j] : acc[r][j];
+      const float send = upper ? acc[r][j] : acc[r + kHalf][j];
+      acc[r][j] = keep + __shfl_xor_sync(0xffffffffu, send, kXor);
+    }
+  }
+}
+
+// The same over the columns of acc[0].
+template <int kHalf, int kXor>
+__device__ __forceinline__ void SmallColStage(float (&acc)[kSmallTile][kSmallTile], int lane) {
+  const bool upper = (lane & kXor) != 0;
+#pragma unroll
+  for (int j = 0; j < kHalf; ++j) {
+    const float keep = upper ? acc[0][j + kHalf] : acc[0][j];
+    const float send = upper ? acc[0][j] : acc[0][j + kHalf];
+    acc[0][j] = keep + __shfl_xor_sync(0xffffffffu, send, kXor);
+  }
+}
+
+__global__ void __launch_bounds__(kNarrowThreads)
+    NarrowGemmSmallKernel(NarrowGemmArgs a) {
+  __shared__ float partial[kNarrowWarps][kSmallTile][kSmallTile];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t g = blockIdx.z;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kSmallTile;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSmallTile;
+  const int64_t k4 = a.K / 4;
+  // Each warp's range of 16-byte columns: a multiple of the 32 lanes.
+  const int64_t per_warp = ((k4 + kNarrowWarps - 1) / kNarrowWarps + 31) / 32 * 32;
+  const int64_t begin = warp * per_warp;
+  const int64_t end = begin + per_warp < k4 ? begin + per_warp : k4;
+  const float4* xr[kSmallTile];
+  const float4* wr[kSmallTile];
+#pragma unroll
+  for (int i = 0; i < kSmallTile; ++i) {
+    // Rows and columns past the end read the first (never stored).
+    const int64_t m = m0 + i < a.M ? m0 + i : m0;
+    const int64_t n = n0 + i < a.N ? n0 + i : n0;
+    xr[i] = reinterpret_cast<const float4*>(a.x + g * a.x_stride[0] + m * a.x_stride[1]);
+    wr[i] = reinterpret_cast<const float4*>(a.w + g * a.w_stride[0] + n * a.w_stride[1]);
+  }
+  float acc[kSmallTile][kSmallTile];
+#pragma unroll
+  for (int i = 0; i < kSmallTile; ++i) {
+#pragma unroll
+    for (int j = 0; j < kSmallTile; ++j) acc[i][j] = 0.f;
+  }
+  for (int64_t c = begin + lane; c < end; c += 32) {
+    float4 xv[kSmallTile], wv[kSmallTile];
+#pragma unroll
+    for (int i = 0; i < kSmallTile; ++i) xv[i] = xr[i][c];
+#pragma unroll
+    for (int j = 0; j < kSmallTile; ++j) wv[j] = wr[j][c];
+#pragma unroll
+    for (int i = 0; i < kSmallTile; ++i) {
+#pragma unroll
+      for (int j = 0; j < kSmallTile; ++j) {
+        acc[i][j] += xv[i].x * wv[j].x + xv[i].y * wv[j].y +
+                     xv[i].z * wv[j].z + xv[i].w * wv[j].w;
+      }
+    }
+  }
+  // Rows by lane bits 16, 8, 4; columns by bits 2, 1: lane keeps row
+  // r = 4 b4 + 2 b3 + b2 and columns c, c + 1 with c = 4 b1 + 2 b0.
+  SmallRowStage<4, 16>(acc, lane);
+  SmallRowStage<2, 8>(acc, lane);
+  SmallRowStage<1, 4>(acc, lane);
+  SmallColStage<4, 2>(acc, lane);
+  SmallColStage<2, 1>(acc, lane);
+  const int r = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+  const int col = ((lane >> 1) & 1) * 4 + (lane & 1) * 2;
+  partial[warp][r][col] = acc[0][0];
+  partial[warp][r][col + 1] = acc[0][1];
+  __syncthreads();
+  if (threadIdx.x >= kSmallTile * kSmallTile) return;
+  const int i = threadIdx.x / kSmallTile, j = threadIdx.x % kSmallTile;
+  const int64_t m = m0 + i, n = n0 + j;
+  if (m >= a.M || n >= a.N) return;
+  float sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < kNarrowWarps; ++u) sum += partial[u][i][j];
+  a.out[(g * a.M + m) * a.N + n] = sum;
 }
 
 // One thread per (row b, site k, output o): blocks [first_k, first_k+1) of
@@ -800,10 +1080,6 @@ __global__ void __launch_bounds__(kNormThreads)
     LoraExpandKernel(LoraExpandArgs a, ExpandLayout layout) {
   extern __shared__ float xa[];  // [xa_cols]
   const int64_t b = blockIdx.y;
-  for (int64_t c = threadIdx.x; c < a.xa_cols; c += kNormThreads) {
-    xa[c] = a.xa[b * a.xa_stride[0] + c * a.xa_stride[1]];
-  }
-  __syncthreads();
   int k = 0;
   while (k + 1 < a.num_sites &&
          static_cast<int>(blockIdx.x) >= layout.first_block[k + 1]) {
@@ -813,13 +1089,48 @@ __global__ void __launch_bounds__(kNormThreads)
   const int64_t o =
       static_cast<int64_t>(blockIdx.x - layout.first_block[k]) * kNormThreads +
       threadIdx.x;
-  if (o >= site.out) return;
+  const bool active = o < site.out;
+  // The factors (up to kExpandAhead 16-byte loads: ranks <= 16), the
+  // scaling and the output are loaded before the staging barrier, so that
+  // their latency overlaps xa's (they were one after the other).
+  constexpr int kExpandAhead = 4;
   const int64_t slot = a.slots[b];
   const E* __restrict__ w = static_cast<const E*>(site.w) +
-                            slot * site.w_stride[0] + o * site.w_stride[1];
+                            slot * site.w_stride[0] +
+                            (active ? o : 0) * site.w_stride[1];
+  const bool ahead = layout.vec[k] && site.r <= 4 * kExpandAhead;
+  float4 wv[kExpandAhead];
+  float y = 0.f, s = 0.f;
+  float* __restrict__ yp = site.y + b * site.y_stride[0] + o * site.y_stride[1];
+  if (active) {
+    if (ahead) {
+      const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll
+      for (int u = 0; u < kExpandAhead; ++u) {
+        if (u < site.r / 4) wv[u] = w4[u];
+      }
+    }
+    s = site.scale[slot * site.scale_stride];
+    if (a.mask != nullptr) s *= a.mask[b * a.mask_stride];
+    y = *yp;
+  }
+  for (int64_t c = threadIdx.x; c < a.xa_cols; c += kNormThreads) {
+    xa[c] = a.xa[b * a.xa_stride[0] + c * a.xa_stride[1]];
+  }
+  __syncthreads();
+  if (!active) return;
   const float* xk = xa + site.rank_offset;
   float acc = 0.f;
-  if (layout.vec[k]) {
+  if (ahead) {
+#pragma unroll
+    for (int u = 0; u < kExpandAhead; ++u) {
+      if (u < site.r / 4) {
+        const float4 v = wv[u];
+        acc += xk[4 * u] * v.x + xk[4 * u + 1] * v.y + xk[4 * u + 2] * v.z +
+               xk[4 * u + 3] * v.w;
+      }
+    }
+  } else if (layout.vec[k]) {
     const float4* w4 = reinterpret_cast<const float4*>(w);
 #pragma unroll 4
     for (int64_t c = 0; c < site.r / 4; ++c) {
@@ -832,9 +1143,7 @@ __global__ void __launch_bounds__(kNormThreads)
       acc += xk[c] * ToFloat(w[c * site.w_stride[2]]);
     }
   }
-  float s = site.scale[slot * site.scale_stride];
-  if (a.mask != nullptr) s *= a.mask[b * a.mask_stride];
-  site.y[b * site.y_stride[0] + o * site.y_stride[1]] += s * acc;
+  *yp = y + s * acc;
 }
 
 // True when every row of `p + k * stride` (k >= 0) starts `align`-byte
@@ -1084,11 +1393,12 @@ struct TiledLaunch {
   size_t shared = 0;    // dynamic shared memory, bytes
   int device = 0;       // the current device
   int64_t limit = 0;    // its opt-in shared memory (TiledDevice::shared)
+  bool ahead = false;   // TiledAttentionKernel's kAhead
   cudaStream_t stream = nullptr;
 };
 
-template <typename E, int kKpl>
-int LaunchTiled(const AttentionArgs& a, const TiledLaunch& l) {
+template <typename E, int kKpl, bool kAhead>
+int LaunchTiledVariant(const AttentionArgs& a, const TiledLaunch& l) {
   if (l.shared > kDefaultShared) {
     // Above 48 KB a kernel must opt in, once per device (the attribute is
     // the device's; the first call is eager, before any graph capture).
@@ -1096,14 +1406,20 @@ int LaunchTiled(const AttentionArgs& a, const TiledLaunch& l) {
     static cudaError_t opt_in[kMaxDevices];
     std::call_once(once[l.device], [&l] {
       opt_in[l.device] = cudaFuncSetAttribute(
-          TiledAttentionKernel<E, kKpl>,
+          TiledAttentionKernel<E, kKpl, kAhead>,
           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.limit));
     });
     if (opt_in[l.device] != cudaSuccess) return static_cast<int>(opt_in[l.device]);
   }
-  TiledAttentionKernel<E, kKpl>
+  TiledAttentionKernel<E, kKpl, kAhead>
       <<<l.grid, kNormThreads, l.shared, l.stream>>>(a, l.tile_q, l.vec);
   return LastError();
+}
+
+template <typename E, int kKpl>
+int LaunchTiled(const AttentionArgs& a, const TiledLaunch& l) {
+  return l.ahead ? LaunchTiledVariant<E, kKpl, true>(a, l)
+                 : LaunchTiledVariant<E, kKpl, false>(a, l);
 }
 
 template <typename E>
@@ -1152,6 +1468,7 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   const int64_t blocks = a.B * a.H * ((a.T + l.tile_q - 1) / l.tile_q);
   if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
   l.grid = static_cast<unsigned>(blocks);
+  l.ahead = blocks <= 2 * static_cast<int64_t>(limits->sms);
   l.stream = static_cast<cudaStream_t>(stream);
   const int64_t bytes = a.qkv_dtype == DType::kFloat ? 4 : 2;
   l.vec = Tiled4Aligned(a.k, a.k_stride, bytes) &&
@@ -1201,6 +1518,32 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchNarrowGemm(const NarrowGemmArgs& args, void* stream) {
+  if (args.G == 0 || args.M == 0 || args.N == 0) return 0;
+  const int64_t gx = (args.M + kNarrowRows - 1) / kNarrowRows;
+  const int64_t gy = (args.N + 31) / 32;
+  if (args.G < 0 || args.G > 65535 || args.M < 0 || args.N < 0 ||
+      gx > 0x7fffffff || gy > 65535 || args.K <= 0 || args.K % 4 != 0 ||
+      args.x == nullptr || args.w == nullptr || args.out == nullptr ||
+      !Aligned16(args.x, sizeof(float), {args.x_stride[0], args.x_stride[1]}) ||
+      !Aligned16(args.w, sizeof(float), {args.w_stride[0], args.w_stride[1]})) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (args.M <= kNarrowSmallMaxRows &&
+      (args.N + kSmallTile - 1) / kSmallTile <= 65535) {
+    const dim3 grid(static_cast<unsigned>((args.M + kSmallTile - 1) / kSmallTile),
+                    static_cast<unsigned>((args.N + kSmallTile - 1) / kSmallTile),
+                    static_cast<unsigned>(args.G));
+    NarrowGemmSmallKernel<<<grid, kNarrowThreads, 0, s>>>(args);
+  } else {
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+                    static_cast<unsigned>(args.G));
+    NarrowGemmKernel<<<grid, kNarrowThreads, 0, s>>>(args);
   }
   return static_cast<int>(cudaGetLastError());
 }

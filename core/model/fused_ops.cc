@@ -262,6 +262,19 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   return fused_backend::LoraRowDeltas(y, x, a, sites, slots, mask);
 }
 
+bool NarrowGemmEnabled() {
+  static const bool off = EnvFlag("LORAHUB_NO_NARROW_GEMM");
+  return fused_backend::Compiled() && !Disabled() && !off;
+}
+
+bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
+  if (!x.is_cuda() || !NarrowGemmEnabled() || Differentiable(x) ||
+      Differentiable(w)) {
+    return false;
+  }
+  return fused_backend::NarrowGemm(x, w, out);
+}
+
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
   RECORD_USER_SCOPE("lorahub::gemm_float");
   static const bool off = EnvFlag("LORAHUB_NO_GEMM_FLOAT");

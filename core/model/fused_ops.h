@@ -171,6 +171,19 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
 // profiler scope (counted as one GEMM by tests/model/objective_ops_test).
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight);
 
+// out = x w^T in fp32 with few output columns (LoRA down-projections of a
+// bf16 model's fp32 deltas, N = the ranks): x [G, M, K], w [G, N, K], both
+// fp32 with unit stride along K; out a new contiguous [G, M, N]. On CUDA
+// one hand-written kernel (fused_kernels.h LaunchNarrowGemm: cuBLAS ran a
+// split-K SIMT GEMM plus a reduction, 6-8 us per call); deterministic, the
+// same products as a GEMM summed in another order. False, *out untouched,
+// elsewhere (CPU, autograd, K not a multiple of 4, unaligned rows,
+// LORAHUB_NO_NARROW_GEMM=1 or LORAHUB_NO_FUSED=1 for an A/B): the caller
+// runs its GEMM.
+bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
+// True when NarrowGemm can run (kernels compiled, not switched off). Read once.
+bool NarrowGemmEnabled();
+
 // One adapted site of LoraRowDeltas: the B factor [S, out, r] and scalings
 // [S, 1, 1] (fp32) of the bank, the site's output columns [col, col + out)
 // of y and its ranks [rank_offset, rank_offset + r) among the rows of `a`.

@@ -37,6 +37,8 @@ bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,
                    const at::Tensor& slots, const at::Tensor& mask);
+// fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
+bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and
 // an fp32 result: at::bmm with out_dtype (PyTorch >= 2.8).
 bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out);

@@ -3,9 +3,12 @@
 // against a CUDA LibTorch with nvcc (deploy/cmake/README.md, "CUDA-only
 // sources"), in place of fused_ops_stub.cc.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #include "core/model/fused_kernels.h"
 #include "core/model/fused_ops_backend.h"
@@ -309,6 +312,46 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
     TORCH_CHECK(err == 0, "LoRA expand kernel: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)));
   }
+  return true;
+}
+
+bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
+  if (x.dim() != 3 || w.dim() != 3 || !x.is_cuda() || !w.is_cuda() ||
+      x.device() != w.device() || x.scalar_type() != at::kFloat ||
+      w.scalar_type() != at::kFloat || x.size(0) != w.size(0) ||
+      x.size(2) != w.size(2) || x.stride(2) != 1 || w.stride(2) != 1) {
+    return false;
+  }
+  kernels::NarrowGemmArgs a;
+  a.G = x.size(0);
+  a.M = x.size(1);
+  a.N = w.size(1);
+  a.K = x.size(2);
+  a.x = x.data_ptr<float>();
+  a.w = w.data_ptr<float>();
+  for (int i = 0; i < 2; ++i) {
+    a.x_stride[i] = x.stride(i);
+    a.w_stride[i] = w.stride(i);
+  }
+  // Everything the launcher checks, first: false must leave *out alone.
+  if (a.K % 4 != 0 || a.G > 65535 || (a.N + 31) / 32 > 65535 ||
+      reinterpret_cast<uintptr_t>(a.x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(a.w) % 16 != 0 ||
+      a.x_stride[0] % 4 != 0 || a.x_stride[1] % 4 != 0 ||
+      a.w_stride[0] % 4 != 0 || a.w_stride[1] % 4 != 0) {
+    return false;
+  }
+  // A GEMM to tests/model/objective_ops_test's counts, as the cuBLAS call it
+  // replaces was; only once it runs (false must not count).
+  RECORD_USER_SCOPE("lorahub::narrow_gemm");
+  c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor result = at::empty({a.G, a.M, a.N}, x.options());
+  a.out = result.data_ptr<float>();
+  const int err = kernels::LaunchNarrowGemm(
+      a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == 0, "narrow GEMM kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = result;
   return true;
 }
 

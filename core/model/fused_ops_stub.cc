@@ -36,6 +36,10 @@ bool LoraRowDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
 bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

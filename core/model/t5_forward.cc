@@ -129,14 +129,29 @@ bool GemmLayout(const RowAdapters& rows, const SiteBank& sb) {
 
 // x A^T for a GemmLayout: a [S, R, in] (R: one rank, or several adapters'
 // ranks side by side); xin fp32 [B, T, in]. Returns [B, T, R] (one slot)
-// or [slots, rows_per_slot * T, R] (runs).
+// or [slots, rows_per_slot * T, R] (runs). `narrow`: NarrowGemm may take
+// one slot's (fused_ops.h; a reduced-precision model: an fp32 model keeps
+// the GEMMs' summation order, which its exact-reference parity pins). Runs
+// stay on cuBLAS's batched GEMM: there the kernel, which reads a slot's A
+// once per 8 rows, was slower (a CMA-ES population, a per-row prefill).
 at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
-                       const RowAdapters& rows) {
-  if (rows.uniform_slot >= 0) return at::matmul(xin, a[rows.uniform_slot].t());
+                       const RowAdapters& rows, bool narrow) {
+  const int64_t in = xin.size(-1);
+  if (rows.uniform_slot >= 0) {
+    const at::Tensor a1 = a[rows.uniform_slot];  // [R, in]
+    at::Tensor out;
+    if (narrow &&
+        NarrowGemm(xin.reshape({1, -1, in}), a1.unsqueeze(0), &out)) {
+      std::vector<int64_t> sizes = xin.sizes().vec();
+      sizes.back() = a1.size(0);
+      return out.view(sizes);
+    }
+    return at::matmul(xin, a1.t());
+  }
   // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...): one
   // batched GEMM over the slots, no gather of A.
   const int64_t slots = xin.size(0) / rows.rows_per_slot;
-  return at::bmm(xin.reshape({slots, -1, xin.size(-1)}),
+  return at::bmm(xin.reshape({slots, -1, in}),
                  a.narrow(0, rows.slot_offset, slots).transpose(1, 2));
 }
 
@@ -196,10 +211,10 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 // xin: fp32 [B, T, in]. The arithmetic is that of adding the delta to a
 // separate output, y + scale * (x A^T) B^T.
 void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
-                  const RowAdapters& rows) {
+                  const RowAdapters& rows, bool narrow) {
   if (RowGemvDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
   if (GemmLayout(rows, sb)) {
-    UpProjectAdd(y, DownProject(xin, sb.a, rows), sb, rows);
+    UpProjectAdd(y, DownProject(xin, sb.a, rows, narrow), sb, rows);
     return;
   }
   const int64_t in = xin.size(-1);
@@ -292,9 +307,11 @@ bool UpProjectBatched(const at::Tensor& y, const std::vector<int64_t>& cols,
 // added into its column slice of y (cols[i], width of its output). Sites
 // whose A factors lie side by side (AdjacentA) share ONE down-projection
 // GEMM in a GemmLayout; the others run alone. Only adapted sites are given.
+// `narrow`: as DownProject's.
 void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                    const std::vector<const SiteBank*>& sites,
-                   const at::Tensor& xin, const RowAdapters& rows) {
+                   const at::Tensor& xin, const RowAdapters& rows,
+                   bool narrow) {
   size_t i = 0;
   while (i < sites.size()) {
     size_t j = i + 1;
@@ -310,7 +327,7 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
     if (j - i < 2 || !gemm) {
       for (size_t k = i; k < j; ++k) {
         AddLoraDelta(y.narrow(-1, cols[k], sites[k]->b.size(1)), xin,
-                     *sites[k], rows);
+                     *sites[k], rows, narrow);
       }
       i = j;
       continue;
@@ -320,7 +337,7 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
     const int64_t count = static_cast<int64_t>(j - i);
     const at::Tensor a_run = a0.as_strided(
         {a0.size(0), count * r, a0.size(2)}, {a0.stride(0), a0.size(2), 1});
-    const at::Tensor xa = DownProject(xin, a_run, rows);
+    const at::Tensor xa = DownProject(xin, a_run, rows, narrow);
     if (UpProjectBatched(y, cols, sites, i, j, xa, rows)) {
       i = j;
       continue;
@@ -364,11 +381,12 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
   }
   if (low) {
     at::Tensor y = at::matmul(xm, fused.t());
-    AddLoraDeltas(y, cols, sites, xm, rows);
+    AddLoraDeltas(y, cols, sites, xm, rows, /*narrow=*/false);
     return y;
   }
   at::Tensor y = MatmulFloat(xm, fused);  // the fp32 delta goes into fp32
-  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows);
+  AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows,
+                /*narrow=*/xm.scalar_type() != at::kFloat);
   return y;
 }
 

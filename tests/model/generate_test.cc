@@ -98,7 +98,11 @@ TEST_P(GenerateTest, BeamSearchIsDeterministicAndEndsAtEosOrLimit) {
 }
 
 TEST_P(GenerateTest, PerRowAdaptersEqualEachRowAlone) {
-  auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o"}, 4, 16);
+  // Scaling 1 (alpha 4, rank 4): with alpha 16 these random adapters made
+  // the tiny model's greedy choices near-ties that the per-row and the
+  // single-slot paths' summation orders (fp32, a few ulps apart) decided
+  // differently on an AVX-512 CPU (OpenBLAS 0.3.21).
+  auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o"}, 4, 4);
   auto a1 =
       BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, 1), "a1");
   auto a2 =

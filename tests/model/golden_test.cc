@@ -243,9 +243,20 @@ TEST(Golden, EncoderStatesAndLogits) {
       ASSERT_EQ(mine.sizes(), want->sizes()) << dir << " " << name;
       const double scale = want->abs().max().item<double>();
       const double err = (mine - *want).abs().max().item<double>();
-      std::printf("fp32 %s %s: max error / max|golden| = %.3g (bound 1e-4)\n",
-                  fs::path(dir).filename().c_str(), name.c_str(), err / scale);
-      EXPECT_LE(err, 1e-4 * scale) << dir << " " << name;
+      // Where golden.json records the golden's own distance from the
+      // float64 answer (fp32_noise_floor, tests/testdata/t5/README.md), an
+      // fp32 port on another BLAS lands up to a few times that far from it:
+      // the bound is then 4x the floor when that exceeds 1e-4.
+      double floor = 0;
+      if (c.g().contains("fp32_noise_floor") &&
+          c.g()["fp32_noise_floor"].contains(name)) {
+        floor = c.g()["fp32_noise_floor"][name].get<double>();
+      }
+      const double bound = std::max(1e-4, 4 * floor);
+      std::printf("fp32 %s %s: max error / max|golden| = %.3g (bound %.3g)\n",
+                  fs::path(dir).filename().c_str(), name.c_str(), err / scale,
+                  bound);
+      EXPECT_LE(err, bound * scale) << dir << " " << name;
     }
   }
 }

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -189,6 +190,56 @@ TEST(LoraRowGemvTest, DeclinesBadShapes) {
                              c.mask));
   EXPECT_FALSE(LoraRowDeltas(c.y, c.x, c.a, {}, c.slots, c.mask));
   EXPECT_TRUE(at::equal(c.y, before));
+}
+
+// NarrowGemm (the LoRA down-projections of a bf16 model: x A^T with few
+// columns) against the product in double: batches, rows and columns that
+// are not multiples of the kernel's tiles, strided views (a slot of a bank,
+// every other row of x), K not a multiple of the warps' slices. On CUDA it
+// must run; elsewhere decline and leave *out alone.
+TEST(NarrowGemmTest, MatchesDoubleProduct) {
+  at::manual_seed(29);
+  const bool cuda = Device().is_cuda() && NarrowGemmEnabled();
+  struct Shape {
+    int64_t g, m, n, k;
+  };
+  for (const Shape& s : {Shape{1, 15, 32, 1024}, Shape{1, 361, 16, 512},
+                         Shape{3, 7, 70, 36}, Shape{2, 1, 384, 4},
+                         Shape{1, 5, 33, 2816}}) {
+    SCOPED_TRACE(::testing::Message() << s.g << "x" << s.m << "x" << s.n
+                                      << "x" << s.k);
+    const at::Tensor x_wide = at::randn({s.g, 2 * s.m, s.k}, F32());
+    const at::Tensor x = x_wide.slice(1, 0, 2 * s.m, 2);  // row stride 2k
+    const at::Tensor bank = at::randn({s.g + 1, s.n, s.k}, F32());
+    const at::Tensor w = bank.narrow(0, 1, s.g);
+    at::Tensor out;
+    ASSERT_EQ(NarrowGemm(x, w, &out), cuda);
+    if (!cuda) {
+      EXPECT_FALSE(out.defined());
+      continue;
+    }
+    const at::Tensor want = at::bmm(x.to(at::kCPU).to(at::kDouble),
+                                    w.to(at::kCPU).to(at::kDouble).transpose(1, 2));
+    EXPECT_TRUE(out.is_contiguous());
+    EXPECT_LE(RelDiff(out, want), 2e-6 * std::sqrt(static_cast<double>(s.k)));
+    // Deterministic: the same bits again.
+    at::Tensor again;
+    ASSERT_TRUE(NarrowGemm(x, w, &again));
+    EXPECT_TRUE(at::equal(out, again));
+  }
+}
+
+TEST(NarrowGemmTest, DeclinesWhatItDoesNotTake) {
+  at::manual_seed(31);
+  const at::Tensor x = at::randn({1, 8, 64}, F32());
+  const at::Tensor w = at::randn({1, 16, 64}, F32());
+  at::Tensor out;
+  EXPECT_FALSE(NarrowGemm(x.narrow(2, 0, 62), w.narrow(2, 0, 62), &out));  // K % 4
+  EXPECT_FALSE(NarrowGemm(x.narrow(2, 1, 60), w.narrow(2, 0, 60), &out));  // alignment
+  EXPECT_FALSE(NarrowGemm(x.to(at::kBFloat16), w.to(at::kBFloat16), &out));
+  EXPECT_FALSE(NarrowGemm(x, w.narrow(2, 0, 60), &out));  // K differs
+  EXPECT_FALSE(NarrowGemm(x[0], w[0], &out));             // not batched
+  EXPECT_FALSE(out.defined());
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // models (see tiny_t5.h). Parity with transformers/peft is golden_test.cc.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -178,7 +179,13 @@ TEST_P(EngineTest, MixedRowsEqualEachRowAlone) {
     } else {
       alone = Logits(base_, one, Rows(base_, nullptr, {-1}));
     }
-    EXPECT_LT(MaxDiff(mixed.narrow(0, r, 1), alone), 1e-4) << "row " << r;
+    // Of scale: the gathered per-row factors and one slot's GEMMs sum in
+    // different orders (OpenBLAS 0.3.21 on an AVX-512 CPU: 6.0e-5 of scale,
+    // 3.3e-4 on logits up to 5.5); a row on another row's adapter moves
+    // them by O(1).
+    const double scale = std::max(1.0, alone.abs().max().item<double>());
+    EXPECT_LT(MaxDiff(mixed.narrow(0, r, 1), alone), 2e-4 * scale)
+        << "row " << r << ", max|logits| " << scale;
   }
 }
 

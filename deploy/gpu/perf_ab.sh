@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Run ON THE GPU HOST from the repository root: the performance loop of issue 7 in one call.
+#  1. writes the flan-t5-large-shaped fixture (ref_lorahub.py fixture --size large --format bin)
+#     in the background while deploy/gpu/build_and_test.sh builds (no tests there);
+#  2. the engine's CUDA suites (tests/model/* and the learning objective's) with
+#     LORAHUB_TEST_DEVICE=cuda:0 -> ctest.log;
+#  3. `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
+#     (profile*.json, the kernel tables in main.err), then same-build A/B runs;
+#  4. (SWEEP=1) tokens/s against batch size (--gen-sweep) -> sweep.json;
+#  5. (NUMERICS="task ...") deploy/gpu/bf16_numerics.py on the trained default model (models/default,
+#     which does not fit beside .gpu/debs in a call: carry .gpu/models.tgz, made here with
+#     `tar czf .gpu/models.tgz models`) for held-out tasks with 5 examples -> numerics_TASK.md.
+# Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout.
+#
+#   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
+#     bash deploy/gpu/perf_ab.sh
+# Carry .gpu/debs (deploy/gpu/fetch_debs.sh) and .gpu/bench (a copy of ../shared/bench).
+# ABS: runs separated by ';', each a tag, then environment assignments, then optionally `--`
+# and extra bench flags, e.g. ABS="no_batched_up LORAHUB_NO_BATCHED_UP=1; rows320 -- --max-rows 320".
+# An A/B starts only while fewer than STOP_S seconds have passed since the start.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+work=/tmp/perf_ab
+rm -rf "$work" && mkdir -p "$work"
+trap 'mkdir -p "${OUT:-.gpu/logs}" && tar -C "$work" -czf "${OUT:-.gpu/logs}/perf.tgz" .' EXIT
+start=$SECONDS
+stamp() { echo "== $*  [$((SECONDS - start)) s]"; }
+fx=${FIXTURE:-/tmp/lorahub_large}
+if [ ! -f "$fx/examples.jsonl" ]; then
+  (python3 .gpu/bench/ref_lorahub.py fixture --out "$fx" --size large --format bin \
+     >"$work/fixture.log" 2>&1) &
+  fixture_pid=$!
+fi
+OUT=$work/build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" bash deploy/gpu/build_and_test.sh \
+  >"$work/build.log" 2>&1
+stamp "build exit $?"
+lorahub=.gpu/build/bin/server/lorahub
+[ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
+     -R "^//tests/model:|lorahub_objective_test") >"$work/ctest.log" 2>&1
+  stamp "CUDA suites exit $?"
+  grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest.log"
+fi
+[ -n "${fixture_pid:-}" ] && { wait "$fixture_pid" || { tail -20 "$work/fixture.log"; exit 1; }; }
+adapters=()
+for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
+
+# bench TAG [ENV=V...] [-- FLAGS...]: one bf16 `lorahub bench`, JSON in $work/TAG.json.
+bench() {
+  local tag=$1; shift
+  local envs=() flags=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
+  [ "${1:-}" = -- ] && { shift; flags=("$@"); }
+  stamp "bench $tag ${envs[*]} ${flags[*]}"
+  env "${envs[@]}" timeout 180 "$lorahub" bench --model "$fx/base" "${adapters[@]}" \
+    --examples "$fx/examples.jsonl" --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 \
+    --reps "${REPS:-10}" --cmaes-budget 256 --population 64 --gen-batch 64 --gen-tokens 32 \
+    "${flags[@]}" --json >"$work/$tag.json" 2>"$work/$tag.err" || echo "FAILED: bench $tag"
+  python3 - "$work/$tag.json" <<'PY'
+import json, sys
+try:
+    j = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("  no JSON:", e); sys.exit()
+g = j.get("generation", {})
+tok = lambda k: round(g.get(k, {}).get("tokens_per_second", 0))
+print("  eval %.3f ms | cobyla40 %.4f s | cmaes %.0f/s | base %d merged %d per_row %d tok/s | "
+      "ttft %.2f ms | compose %.3f ms | cold %.2f s" % (
+      j.get("eval_ms_median", 0), j.get("cobyla40_seconds", 0),
+      j.get("cmaes_candidates_per_second", 0), tok("base"), tok("merged"), tok("per_row"),
+      g.get("merged", {}).get("ttft_ms", g.get("ttft_ms", 0)),
+      1e3 * j.get("compose_seconds", 0), j.get("cold_start_seconds", 0)))
+PY
+}
+bench main LORAHUB_UNUSED=0 -- --profile-out "$work/profile.json"
+IFS=';' read -ra runs <<<"${ABS:-}"
+for run in "${runs[@]}"; do
+  read -ra words <<<"$run"
+  [ ${#words[@]} -gt 0 ] || continue
+  [ $((SECONDS - start)) -lt "${STOP_S:-420}" ] || { echo "no time left for ${words[0]}"; continue; }
+  [ ${#words[@]} -gt 1 ] && [ "${words[1]}" != -- ] || words=("${words[0]}" LORAHUB_UNUSED=0 "${words[@]:1}")
+  bench "${words[@]}"
+done
+if [ "${SWEEP:-0}" = 1 ] && [ $((SECONDS - start)) -lt "${STOP_S:-420}" ]; then
+  stamp "sweep"
+  timeout 200 "$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
+    --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 --reps 3 --cobyla-budget 4 \
+    --cmaes-budget 64 --population 64 --gen-tokens 32 --gen-sweep 1,8,16,32,64,128,256 --json \
+    >"$work/sweep.json" 2>"$work/sweep.err" || echo "FAILED: sweep"
+fi
+if [ -n "${NUMERICS:-}" ]; then
+  [ -d models/default ] || tar xzf .gpu/models.tgz
+  stamp "numerics: $NUMERICS"
+  .gpu/build/bin/core/tasks/make_task_data --out "$work/taskdata" --seed 11 --train-per-task 8 \
+    --test-per-task 8 --heldout-examples 5 >/dev/null || echo "FAILED: make_task_data"
+  for task in $NUMERICS; do
+    nf=/tmp/numerics_$task
+    rm -rf "$nf" && mkdir -p "$nf/modules"
+    ln -s "$PWD/models/default/base" "$nf/base"
+    i=0
+    for m in models/default/modules/*/; do
+      ln -s "$PWD/$m" "$nf/modules/$(printf 'm%02d' $i)"
+      i=$((i + 1))
+    done
+    cp "$work/taskdata/heldout/$task/examples5.jsonl" "$nf/examples.jsonl" || continue
+    timeout 300 python3 deploy/gpu/bf16_numerics.py --ref .gpu/bench/ref_lorahub.py --fixture "$nf" \
+      --lorahub "$lorahub" --out "$work/numerics_$task.md" >"$work/numerics_$task.log" 2>&1 \
+      || echo "FAILED: numerics $task (see numerics_$task.log)"
+    cat "$work/numerics_$task.md" 2>/dev/null
+  done
+fi
+stamp done
