@@ -632,7 +632,7 @@ __global__ void __launch_bounds__(kNormThreads)
   // and the bias of the lane's keys, in registers. kAhead: the warp's first
   // group is loaded before the staging below, so that these loads' latency
   // overlaps it (they waited for the block barrier); it holds them across
-  // the staging (~50 more registers: 2 blocks per SM instead of 3), so the
+  // the staging (45 more registers: 2 blocks per SM instead of 3), so the
   // launcher takes it only for grids of at most 2 blocks per SM.
   float qreg[kTiledGroup][kTiledQPerLane];
   float sc[kTiledGroup][kKpl];
@@ -662,8 +662,9 @@ __global__ void __launch_bounds__(kNormThreads)
   const int first_t0 = t_begin + warp * kTiledGroup;
   if (kAhead && first_t0 < t_end) load_group(first_t0);
   if (vec) {
-    // kStage loads of k and of v in flight per thread (one at a time, each
-    // waited for before the next: ~4 memory latencies per block at S = 72).
+    // kStage loads each of k and v in flight per thread before any store
+    // (the loop stored each load before issuing the next: at S = 72, five
+    // memory latencies in a row per block; now three).
     constexpr int kStage = 2;
     for (int i0 = threadIdx.x; i0 < S * D4; i0 += kStage * kNormThreads) {
       float4 kv[kStage], vv[kStage];

@@ -150,18 +150,17 @@ int LaunchLoraExpand(const LoraExpandArgs& args, void* stream);
 
 // out[g, m, n] = sum_k x[g, m, k] * w[g, n, k] in fp32 for G batches of an
 // M x K by K x N product with few output columns (N: LoRA ranks): the
-// down-projection x A^T of an objective's composed adapter (G = 1) or of a
-// population's runs of rows per candidate (G = candidates). Why: cuBLAS ran
-// these as a SIMT GEMM with split-K plus a reduction kernel, 6-8 us per
-// call for 15-360 rows (72 calls per flan-t5-large evaluation). One block
-// per (kNarrowRows rows, 32 columns, batch) with the K range split over
-// its warps, 16-byte loads, a fixed-order reduction through shared memory:
-// deterministic, differing from a GEMM only in the order of the fp32 sums.
-// x, w: unit element stride along k, K a multiple of 4, 16-byte aligned
-// rows; out contiguous [G, M, N]. Returns cudaErrorInvalidValue otherwise.
+// down-projection x A^T of an objective's composed adapter (the engine
+// passes G = 1). Why: cuBLAS ran these as a SIMT GEMM with split-K plus a
+// reduction kernel, 6-8 us per call for 15-360 rows (73 calls per
+// flan-t5-large evaluation). One block per (kNarrowRows rows, 32 columns,
+// batch), or for at most kNarrowSmallMaxRows rows per (8 rows, 8 columns,
+// batch), with the K range split over its warps, 16-byte loads, a
+// fixed-order reduction: deterministic, differing from a GEMM only in the
+// order of the fp32 sums. x, w: unit element stride along k, K a multiple
+// of 4, 16-byte aligned rows; out contiguous [G, M, N]. Returns
+// cudaErrorInvalidValue otherwise.
 inline constexpr int kNarrowRows = 8;
-// At most this many rows per batch take a kernel with 8 x 8 tiles (more
-// blocks for few rows).
 inline constexpr int64_t kNarrowSmallMaxRows = 32;
 struct NarrowGemmArgs {
   const float* x = nullptr;

@@ -265,7 +265,8 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
   # the short-query kernel; experimental), no_gemm_float (adapted projections as bf16 GEMMs then
   # widened, instead of GEMMs with fp32 outputs), no_tiled_attn (encoder-length queries on PyTorch's
   # scaled-dot-product attention instead of the tiled kernel), no_batched_up (one LoRA
-  # up-projection GEMM per site instead of one batched GEMM per shared down-projection).
+  # up-projection GEMM per site instead of one batched GEMM per shared down-projection),
+  # no_narrow (a bf16 model's one-adapter LoRA down-projections on cuBLAS instead of NarrowGemm).
   for ab in ${BENCH_AB:-separate}; do
     [ $((SECONDS - start)) -lt "${AB_BEFORE_S:-400}" ] || { echo "F: no time left for $ab"; break; }
     case $ab in
@@ -285,6 +286,7 @@ if [ "${BENCH:-0}" = 1 ] && [ -x "$lorahub" ]; then
       no_gemm_float) bench no_gemm_float LORAHUB_NO_GEMM_FLOAT=1 ;;
       no_tiled_attn) bench no_tiled_attn LORAHUB_NO_TILED_ATTN=1 ;;
       no_batched_up) bench no_batched_up LORAHUB_NO_BATCHED_UP=1 ;;
+      no_narrow) bench no_narrow LORAHUB_NO_NARROW_GEMM=1 ;;
       *) failed "F: unknown BENCH_AB entry $ab" ;;
     esac
   done
