@@ -878,22 +878,22 @@ __global__ void __launch_bounds__(kNormThreads)
 // cuBLAS's split-K GEMM; here w is read once per 8 rows, coalesced.
 constexpr int kNarrowThreads = 256;
 constexpr int kNarrowWarps = kNarrowThreads / 32;
-static_assert(kNarrowRows == 8, "the butterfly below maps k lane kl to row kl");
+static_assert(kNarrowRows == 8, "RowButterflyStage's tiles; k lane kl ends with row kl");
 
-// One butterfly stage over the k lanes: lanes with bit kHalf set keep rows
-// [kHalf, 2 kHalf) of the acc rows still held, the others [0, kHalf), each
-// adding its partner's copy (into rows [0, kHalf)).
-template <int kHalf>
-__device__ __forceinline__ void NarrowReduceStage(float (&acc)[kNarrowRows][8],
-                                                  int lane) {
-  const bool upper = (lane & kHalf) != 0;
+// One butterfly stage over the rows of an 8 x 8 tile of per-lane sums:
+// lanes with bit kXor set keep rows [kHalf, 2 kHalf) of the rows still
+// held, the others [0, kHalf), each adding its partner's (lane ^ kXor)
+// copy into rows [0, kHalf).
+template <int kHalf, int kXor>
+__device__ __forceinline__ void RowButterflyStage(float (&acc)[8][8], int lane) {
+  const bool upper = (lane & kXor) != 0;
 #pragma unroll
   for (int r = 0; r < kHalf; ++r) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const float keep = upper ? acc[r + kHalf][j] : acc[r][j];
       const float send = upper ? acc[r][j] : acc[r + kHalf][j];
-      acc[r][j] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
+      acc[r][j] = keep + __shfl_xor_sync(0xffffffffu, send, kXor);
     }
   }
 }
@@ -948,9 +948,9 @@ __global__ void __launch_bounds__(kNarrowThreads)
       }
     }
   }
-  NarrowReduceStage<4>(acc, lane);
-  NarrowReduceStage<2>(acc, lane);
-  NarrowReduceStage<1>(acc, lane);
+  RowButterflyStage<4, 4>(acc, lane);
+  RowButterflyStage<2, 2>(acc, lane);
+  RowButterflyStage<1, 1>(acc, lane);
 #pragma unroll
   for (int j = 0; j < 8; ++j) partial[warp][kl][cg * 8 + j] = acc[0][j];
   __syncthreads();
@@ -972,23 +972,7 @@ __global__ void __launch_bounds__(kNarrowThreads)
 // the warps' partial sums are added in a fixed order.
 constexpr int kSmallTile = 8;
 
-// One butterfly stage over the rows of acc (kHalf rows kept, lanes kXor
-// apart exchanging the others).
-template <int kHalf, int kXor>
-__device__ __forceinline__ void SmallRowStage(float (&acc)[kSmallTile][kSmallTile], int lane) {
-  const bool upper = (lane & kXor) != 0;
-#pragma unroll
-  for (int r = 0; r < kHalf; ++r) {
-#pragma unroll
-    for (int j = 0; j < kSmallTile; ++j) {
-      const float keep = upper ? acc[r + kHalf][j] : acc[r][j];
-      const float send = upper ? acc[r][j] : acc[r + kHalf][j];
-      acc[r][j] = keep + __shfl_xor_sync(0xffffffffu, send, kXor);
-    }
-  }
-}
-
-// The same over the columns of acc[0].
+// RowButterflyStage over the columns of acc[0].
 template <int kHalf, int kXor>
 __device__ __forceinline__ void SmallColStage(float (&acc)[kSmallTile][kSmallTile], int lane) {
   const bool upper = (lane & kXor) != 0;
@@ -1046,9 +1030,9 @@ __global__ void __launch_bounds__(kNarrowThreads)
   }
   // Rows by lane bits 16, 8, 4; columns by bits 2, 1: lane keeps row
   // r = 4 b4 + 2 b3 + b2 and columns c, c + 1 with c = 4 b1 + 2 b0.
-  SmallRowStage<4, 16>(acc, lane);
-  SmallRowStage<2, 8>(acc, lane);
-  SmallRowStage<1, 4>(acc, lane);
+  RowButterflyStage<4, 16>(acc, lane);
+  RowButterflyStage<2, 8>(acc, lane);
+  RowButterflyStage<1, 4>(acc, lane);
   SmallColStage<4, 2>(acc, lane);
   SmallColStage<2, 1>(acc, lane);
   const int r = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
