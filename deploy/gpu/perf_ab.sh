@@ -53,10 +53,10 @@ bench() {
   while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
   [ "${1:-}" = -- ] && { shift; flags=("$@"); }
   stamp "bench $tag ${envs[*]} ${flags[*]}"
-  env "${envs[@]}" timeout 180 "$lorahub" bench --model "$fx/base" "${adapters[@]}" \
+  env ${envs[@]+"${envs[@]}"} timeout 180 "$lorahub" bench --model "$fx/base" "${adapters[@]}" \
     --examples "$fx/examples.jsonl" --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 \
     --reps "${REPS:-10}" --cmaes-budget 256 --population 64 --gen-batch 64 --gen-tokens 32 \
-    "${flags[@]}" --json >"$work/$tag.json" 2>"$work/$tag.err" || echo "FAILED: bench $tag"
+    ${flags[@]+"${flags[@]}"} --json >"$work/$tag.json" 2>"$work/$tag.err" || echo "FAILED: bench $tag"
   python3 - "$work/$tag.json" <<'PY'
 import json, sys
 try:
@@ -73,13 +73,12 @@ print("  eval %.3f ms | cobyla40 %.4f s | cmaes %.0f/s | base %d merged %d per_r
       1e3 * j.get("compose_seconds", 0), j.get("cold_start_seconds", 0)))
 PY
 }
-bench main LORAHUB_UNUSED=0 -- --profile-out "$work/profile.json"
+bench main -- --profile-out "$work/profile.json"
 IFS=';' read -ra runs <<<"${ABS:-}"
 for run in "${runs[@]}"; do
   read -ra words <<<"$run"
   [ ${#words[@]} -gt 0 ] || continue
   [ $((SECONDS - start)) -lt "${STOP_S:-420}" ] || { echo "no time left for ${words[0]}"; continue; }
-  [ ${#words[@]} -gt 1 ] && [ "${words[1]}" != -- ] || words=("${words[0]}" LORAHUB_UNUSED=0 "${words[@]:1}")
   bench "${words[@]}"
 done
 if [ "${SWEEP:-0}" = 1 ] && [ $((SECONDS - start)) -lt "${STOP_S:-420}" ]; then
