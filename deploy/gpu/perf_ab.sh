@@ -95,8 +95,11 @@ if [ -n "${NUMERICS:-}" ]; then
     --test-per-task 8 --heldout-examples 5 >/dev/null || echo "FAILED: make_task_data"
   for task in $NUMERICS; do
     nf=/tmp/numerics_$task
-    rm -rf "$nf" && mkdir -p "$nf/modules"
-    ln -s "$PWD/models/default/base" "$nf/base"
+    rm -rf "$nf" && mkdir -p "$nf/modules" "$nf/base"
+    for f in models/default/base/*; do ln -s "$PWD/$f" "$nf/base/"; done
+    # The reference's AutoTokenizer could not convert spiece.model on the host (ninth session):
+    # hand it the tokenizers serialization (the same ids as SentencePiece, spm_tokenizer_json.py).
+    python3 deploy/gpu/spm_tokenizer_json.py --spm "$nf/base/spiece.model" --out "$nf/base/tokenizer.json"
     i=0
     for m in models/default/modules/*/; do
       ln -s "$PWD/$m" "$nf/modules/$(printf 'm%02d' $i)"
