@@ -666,14 +666,16 @@ __global__ void __launch_bounds__(kNormThreads)
     // (the loop stored each load before issuing the next: at S = 72, five
     // memory latencies in a row per block; now three).
     constexpr int kStage = 2;
+    // Element i of the S x D/4 staging grid: key j, first column c.
+    const auto key = [D4](int i) { return i / D4; };
+    const auto col = [D4](int i, int j) { return (i - j * D4) * 4; };
     for (int i0 = threadIdx.x; i0 < S * D4; i0 += kStage * kNormThreads) {
       float4 kv[kStage], vv[kStage];
 #pragma unroll
       for (int u = 0; u < kStage; ++u) {
         const int i = i0 + u * kNormThreads;
         if (i < S * D4) {
-          const int j = i / D4;
-          const int c = (i - j * D4) * 4;
+          const int j = key(i), c = col(i, j);
           kv[u] = Load4(k + j * a.k_stride[2] + c);
           vv[u] = Load4(v + j * a.v_stride[2] + c);
         }
@@ -682,8 +684,7 @@ __global__ void __launch_bounds__(kNormThreads)
       for (int u = 0; u < kStage; ++u) {
         const int i = i0 + u * kNormThreads;
         if (i < S * D4) {
-          const int j = i / D4;
-          const int c = (i - j * D4) * 4;
+          const int j = key(i), c = col(i, j);
           *reinterpret_cast<float4*>(ks + j * ld + c) = kv[u];
           *reinterpret_cast<float4*>(vs + j * ld + c) = vv[u];
         }
@@ -898,6 +899,19 @@ __device__ __forceinline__ void RowButterflyStage(float (&acc)[8][8], int lane) 
   }
 }
 
+// out[g, m, n] = the warps' partial sums of tile entry (i, j), added in
+// warp order; nothing past M or N.
+template <int kRows, int kCols>
+__device__ __forceinline__ void StoreWarpSum(
+    const float (&partial)[kNarrowWarps][kRows][kCols], int i, int j, int64_t g,
+    int64_t m, int64_t n, const NarrowGemmArgs& a) {
+  if (m >= a.M || n >= a.N) return;
+  float sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < kNarrowWarps; ++u) sum += partial[u][i][j];
+  a.out[(g * a.M + m) * a.N + n] = sum;
+}
+
 __global__ void __launch_bounds__(kNarrowThreads)
     NarrowGemmKernel(NarrowGemmArgs a) {
   __shared__ float partial[kNarrowWarps][kNarrowRows][32];
@@ -955,12 +969,7 @@ __global__ void __launch_bounds__(kNarrowThreads)
   for (int j = 0; j < 8; ++j) partial[warp][kl][cg * 8 + j] = acc[0][j];
   __syncthreads();
   const int i = threadIdx.x >> 5;  // kNarrowRows * 32 == kNarrowThreads
-  const int64_t m = m0 + i, n = n0 + lane;
-  if (m >= a.M || n >= a.N) return;
-  float sum = 0.f;
-#pragma unroll
-  for (int u = 0; u < kNarrowWarps; ++u) sum += partial[u][i][lane];
-  a.out[(g * a.M + m) * a.N + n] = sum;
+  StoreWarpSum(partial, i, lane, g, m0 + i, n0 + lane, a);
 }
 
 // NarrowGemm for few rows (M <= kNarrowSmallMaxRows per batch: the decoder
@@ -1042,12 +1051,7 @@ __global__ void __launch_bounds__(kNarrowThreads)
   __syncthreads();
   if (threadIdx.x >= kSmallTile * kSmallTile) return;
   const int i = threadIdx.x / kSmallTile, j = threadIdx.x % kSmallTile;
-  const int64_t m = m0 + i, n = n0 + j;
-  if (m >= a.M || n >= a.N) return;
-  float sum = 0.f;
-#pragma unroll
-  for (int u = 0; u < kNarrowWarps; ++u) sum += partial[u][i][j];
-  a.out[(g * a.M + m) * a.N + n] = sum;
+  StoreWarpSum(partial, i, j, g, m0 + i, n0 + j, a);
 }
 
 // One thread per (row b, site k, output o): blocks [first_k, first_k+1) of
@@ -1507,15 +1511,18 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+bool NarrowGemmFits(const NarrowGemmArgs& args) {
+  return args.G >= 0 && args.G <= 65535 && args.M >= 0 && args.N >= 0 &&
+         (args.M + kNarrowRows - 1) / kNarrowRows <= 0x7fffffff &&
+         (args.N + 31) / 32 <= 65535 && args.K > 0 && args.K % 4 == 0 &&
+         args.x != nullptr && args.w != nullptr &&
+         Aligned16(args.x, sizeof(float), {args.x_stride[0], args.x_stride[1]}) &&
+         Aligned16(args.w, sizeof(float), {args.w_stride[0], args.w_stride[1]});
+}
+
 int LaunchNarrowGemm(const NarrowGemmArgs& args, void* stream) {
   if (args.G == 0 || args.M == 0 || args.N == 0) return 0;
-  const int64_t gx = (args.M + kNarrowRows - 1) / kNarrowRows;
-  const int64_t gy = (args.N + 31) / 32;
-  if (args.G < 0 || args.G > 65535 || args.M < 0 || args.N < 0 ||
-      gx > 0x7fffffff || gy > 65535 || args.K <= 0 || args.K % 4 != 0 ||
-      args.x == nullptr || args.w == nullptr || args.out == nullptr ||
-      !Aligned16(args.x, sizeof(float), {args.x_stride[0], args.x_stride[1]}) ||
-      !Aligned16(args.w, sizeof(float), {args.w_stride[0], args.w_stride[1]})) {
+  if (!NarrowGemmFits(args) || args.out == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const auto s = static_cast<cudaStream_t>(stream);
@@ -1526,7 +1533,8 @@ int LaunchNarrowGemm(const NarrowGemmArgs& args, void* stream) {
                     static_cast<unsigned>(args.G));
     NarrowGemmSmallKernel<<<grid, kNarrowThreads, 0, s>>>(args);
   } else {
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+    const dim3 grid(static_cast<unsigned>((args.M + kNarrowRows - 1) / kNarrowRows),
+                    static_cast<unsigned>((args.N + 31) / 32),
                     static_cast<unsigned>(args.G));
     NarrowGemmKernel<<<grid, kNarrowThreads, 0, s>>>(args);
   }

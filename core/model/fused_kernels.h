@@ -170,6 +170,9 @@ struct NarrowGemmArgs {
   float* out = nullptr;
   int64_t G = 0, M = 0, N = 0, K = 0;
 };
+// True when LaunchNarrowGemm takes these arguments (out aside): the checks
+// a caller makes before allocating `out`.
+bool NarrowGemmFits(const NarrowGemmArgs& args);
 int LaunchNarrowGemm(const NarrowGemmArgs& args, void* stream);
 
 }  // namespace lorahub::model::kernels

@@ -8,8 +8,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
-#include <cstdint>
-
 #include "core/model/fused_kernels.h"
 #include "core/model/fused_ops_backend.h"
 
@@ -333,14 +331,8 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
     a.x_stride[i] = x.stride(i);
     a.w_stride[i] = w.stride(i);
   }
-  // Everything the launcher checks, first: false must leave *out alone.
-  if (a.K % 4 != 0 || a.G > 65535 || (a.N + 31) / 32 > 65535 ||
-      reinterpret_cast<uintptr_t>(a.x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(a.w) % 16 != 0 ||
-      a.x_stride[0] % 4 != 0 || a.x_stride[1] % 4 != 0 ||
-      a.w_stride[0] % 4 != 0 || a.w_stride[1] % 4 != 0) {
-    return false;
-  }
+  // The launcher's checks, first: false must leave *out alone.
+  if (!kernels::NarrowGemmFits(a)) return false;
   // A GEMM to tests/model/objective_ops_test's counts, as the cuBLAS call it
   // replaces was; only once it runs (false must not count).
   RECORD_USER_SCOPE("lorahub::narrow_gemm");
