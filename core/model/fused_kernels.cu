@@ -554,6 +554,167 @@ __global__ void __launch_bounds__(kNormThreads, 4)
   }
 }
 
+// VisibleKeyEnd for one warp, without a block barrier (every lane gets
+// it): SplitKeyAttentionKernel's warps each scan the bias row themselves.
+__device__ __forceinline__ int64_t WarpVisibleKeyEnd(const AttentionArgs& a,
+                                                     int64_t bias0) {
+  int last = -1;  // S <= kMaxAttentionKeys
+  for (int j = threadIdx.x & 31; j < a.S; j += 32) {
+    if (LoadAsFloat(a.bias, a.bias_dtype, bias0 + j * a.bias_stride[3]) >
+        kMaskedBias) {
+      last = j;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+  }
+  return last < 0 ? a.S : static_cast<int64_t>(last) + 1;
+}
+
+// VecAttentionKernel's heads (G lanes per key, 16-byte loads) with the
+// keys split over the block's warps and each warp's keys over its lane
+// groups, every group keeping a running max, sum and weighted value sum
+// (online softmax), merged across groups by shuffles and across warps
+// through shared memory once at the end. Why: VecAttentionKernel (256
+// threads per (b, h, t)) scored all keys, then synchronised the block four
+// times (scan, max, sum, partial sums) and read the values in a second
+// pass, and its 1,024 blocks of a batch-64 decode step ran in two waves: a
+// chain of dependent loads and barriers (H200: 10.6 us for the <= 33 keys
+// of a self-attention step, 13.4 us for 144 cross-attention keys). Here a
+// key's value is loaded with the key, kAhead rounds are in flight per
+// lane, there is one barrier, and blocks of 128 threads fit one wave. Keys
+// after the last visible one are skipped as there (WarpVisibleKeyEnd); the
+// arithmetic is fp32 as there, the sums in another order.
+constexpr int kSplitThreads = 128;
+
+template <typename E, int G>
+__global__ void __launch_bounds__(kSplitThreads, 8)
+    SplitKeyAttentionKernel(AttentionArgs a) {
+  constexpr int W = Vec16<E>::kWidth;
+  constexpr int kWarps = kSplitThreads / 32;
+  constexpr int kGroups = 32 / G;             // keys per warp and round
+  constexpr int kRound = kWarps * kGroups;    // keys per block and round
+  constexpr int kAhead = 16 / W;  // rounds loaded before use: 64 B of keys
+  __shared__ float merged[kWarps][2 + G * W];  // max, sum, values
+  const E* __restrict__ k = static_cast<const E*>(a.k);
+  const E* __restrict__ v = static_cast<const E*>(a.v);
+  const int64_t t = blockIdx.x % a.T;
+  const int64_t h = (blockIdx.x / a.T) % a.H;
+  const int64_t b = blockIdx.x / (a.T * a.H);
+  const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
+  const int64_t k0 = b * a.k_stride[0] + h * a.k_stride[1];
+  const int64_t v0 = b * a.v_stride[0] + h * a.v_stride[1];
+  const int64_t b0 =
+      b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int part = lane % G;  // this lane's vector of the head
+  const int first = warp * kGroups + lane / G;  // this group's first key
+  float qv[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    qv[e] = LoadAsFloat(a.q, a.q_dtype, q0 + (part * W + e) * a.q_stride[3]);
+  }
+  const int64_t S = WarpVisibleKeyEnd(a, b0);
+  float m = -INFINITY;  // this group's running max, sum and values
+  float l = 0.f;
+  float acc[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = 0.f;
+  // Trip counts are uniform over the block (the shuffles need every lane).
+  for (int64_t j0 = first; j0 - first < S; j0 += kAhead * kRound) {
+    float kv[kAhead][W];
+    float vv[kAhead][W];
+    float s[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t j = j0 + u * kRound;
+      s[u] = 0.f;
+      if (j < S) {
+        Vec16<E>::Load(k + k0 + j * a.k_stride[2] + part * W, kv[u]);
+        Vec16<E>::Load(v + v0 + j * a.v_stride[2] + part * W, vv[u]);
+        s[u] = LoadAsFloat(a.bias, a.bias_dtype, b0 + j * a.bias_stride[3]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) kv[u][e] = vv[u][e] = 0.f;
+      }
+    }
+    float top = m;
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < W; ++e) dot += qv[e] * kv[u][e];
+#pragma unroll
+      for (int off = G / 2; off > 0; off >>= 1) {
+        dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      }
+      s[u] = j0 + u * kRound < S ? dot + s[u] : -INFINITY;
+      top = fmaxf(top, s[u]);
+    }
+    if (top == -INFINITY) continue;  // no key of this group yet
+    const float rescale = expf(m - top);  // 0 while m is -inf
+    l *= rescale;
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] *= rescale;
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const float p = expf(s[u] - top);  // 0 past S
+      l += p;
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] += p * vv[u][e];
+    }
+    m = top;
+  }
+  // Groups of the warp (lanes part, part + G, ...), then the warps.
+#pragma unroll
+  for (int off = G; off < 32; off <<= 1) {
+    const float m_other = __shfl_xor_sync(0xffffffffu, m, off);
+    const float l_other = __shfl_xor_sync(0xffffffffu, l, off);
+    const float top = fmaxf(m, m_other);
+    const float f = m == -INFINITY ? 0.f : expf(m - top);
+    const float f_other = m_other == -INFINITY ? 0.f : expf(m_other - top);
+    l = l * f + l_other * f_other;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float other = __shfl_xor_sync(0xffffffffu, acc[e], off);
+      acc[e] = acc[e] * f + other * f_other;
+    }
+    m = top;
+  }
+  if (lane < G) {
+    if (lane == 0) {
+      merged[warp][0] = m;
+      merged[warp][1] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < W; ++e) merged[warp][2 + part * W + e] = acc[e];
+  }
+  __syncthreads();
+  if (warp != 0 || lane >= G) return;
+  float top = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) top = fmaxf(top, merged[w][0]);
+  float total = 0.f;
+  float out[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) out[e] = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float mw = merged[w][0];
+    const float f = mw == -INFINITY ? 0.f : expf(mw - top);
+    total += merged[w][1] * f;
+#pragma unroll
+    for (int e = 0; e < W; ++e) out[e] += merged[w][2 + part * W + e] * f;
+  }
+  const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv + part * W;
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    StoreFromFloat(a.out, a.out_dtype, o0 + e, out[e] / total);
+  }
+}
+
 // LaunchTiledAttention. Why: the encoder's queries (tens of positions)
 // went to PyTorch's scaled-dot-product attention, which for fp32 with an
 // additive bias took its math path: about thirteen kernels per call
@@ -1187,8 +1348,25 @@ void LaunchVecAttention(const AttentionArgs& a, unsigned grid,
   VecAttentionKernel<E, G><<<grid, kNormThreads, shared, stream>>>(a);
 }
 
-// Launches VecAttentionKernel when the keys and values qualify (see
-// AttentionArgs); false, having launched nothing, otherwise.
+template <typename E, int G>
+void LaunchSplitKeyAttention(const AttentionArgs& a, unsigned grid,
+                             cudaStream_t stream) {
+  SplitKeyAttentionKernel<E, G><<<grid, kSplitThreads, 0, stream>>>(a);
+}
+
+template <typename E, int G>
+void LaunchVectorAttention(const AttentionArgs& a, unsigned grid,
+                           cudaStream_t stream) {
+  if (a.variant == AttentionVariant::kSplitKeys) {
+    LaunchSplitKeyAttention<E, G>(a, grid, stream);
+  } else {
+    LaunchVecAttention<E, G>(a, grid, stream);
+  }
+}
+
+// Launches SplitKeyAttentionKernel (or, for AttentionVariant::kVector,
+// VecAttentionKernel) when the keys and values qualify (see AttentionArgs);
+// false, having launched nothing, otherwise.
 template <typename E>
 bool TryVecAttention(const AttentionArgs& a, unsigned grid,
                      cudaStream_t stream) {
@@ -1203,22 +1381,22 @@ bool TryVecAttention(const AttentionArgs& a, unsigned grid,
   }
   switch (a.D / W) {
     case 1:
-      LaunchVecAttention<E, 1>(a, grid, stream);
+      LaunchVectorAttention<E, 1>(a, grid, stream);
       return true;
     case 2:
-      LaunchVecAttention<E, 2>(a, grid, stream);
+      LaunchVectorAttention<E, 2>(a, grid, stream);
       return true;
     case 4:
-      LaunchVecAttention<E, 4>(a, grid, stream);
+      LaunchVectorAttention<E, 4>(a, grid, stream);
       return true;
     case 8:
-      LaunchVecAttention<E, 8>(a, grid, stream);
+      LaunchVectorAttention<E, 8>(a, grid, stream);
       return true;
     case 16:
-      LaunchVecAttention<E, 16>(a, grid, stream);
+      LaunchVectorAttention<E, 16>(a, grid, stream);
       return true;
     case 32:
-      LaunchVecAttention<E, 32>(a, grid, stream);
+      LaunchVectorAttention<E, 32>(a, grid, stream);
       return true;
     default:
       return false;
@@ -1291,7 +1469,7 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
   if (a.q_dtype == DType::kNone) a.q_dtype = a.qkv_dtype;
   const auto grid = static_cast<unsigned>(blocks);
   auto s = static_cast<cudaStream_t>(stream);
-  if (a.vectorized) {
+  if (a.variant != AttentionVariant::kScalar) {
     switch (a.qkv_dtype) {
       case DType::kFloat:
         if (TryVecAttention<float>(a, grid, s)) return LastError();

@@ -47,9 +47,15 @@ int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
 // for shapes it does not take (D or Dv > 256, S > 8192).
 // Keys and values with unit element stride, 16-byte aligned rows and
 // D == Dv a power-of-two number of 16-byte vectors (64 fp32 or bf16: T5's
-// heads) take a vectorized kernel (several keys per warp, 16-byte loads)
-// unless `vectorized` is false (A/B); the same arithmetic up to the order of
-// the fp32 sums.
+// heads) take a vectorized kernel (several keys per warp, 16-byte loads):
+// by default the split-key one (the keys over 4 warps, each with an online
+// softmax, merged once), else `variant` picks the earlier ones (A/B); the
+// same arithmetic up to the order of the fp32 sums.
+enum class AttentionVariant {
+  kScalar,     // one key per warp (SmallAttentionKernel)
+  kVector,     // several keys per warp, 256 threads, two passes
+  kSplitKeys,  // kVector's loads, keys split over warps, one pass
+};
 struct AttentionArgs {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -60,7 +66,7 @@ struct AttentionArgs {
   DType qkv_dtype = DType::kNone;
   DType bias_dtype = DType::kNone;
   DType out_dtype = DType::kNone;  // kNone: qkv_dtype
-  bool vectorized = true;
+  AttentionVariant variant = AttentionVariant::kSplitKeys;
   int64_t B = 0, H = 0, T = 0, S = 0, D = 0, Dv = 0;
   int64_t q_stride[4] = {0, 0, 0, 0};
   int64_t k_stride[4] = {0, 0, 0, 0};

@@ -130,12 +130,23 @@ bool SmallAttentionScalar() {
   return scalar;
 }
 
+bool SplitKeyAttentionOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_SPLIT_ATTN");
+  return off;
+}
+
 bool DecodeAttentionBmm() {
   static const bool bmm = EnvFlag("LORAHUB_DECODE_ATTN_BMM");
   return bmm;
 }
 
 namespace {
+
+kernels::AttentionVariant SmallAttentionVariant() {
+  if (SmallAttentionScalar()) return kernels::AttentionVariant::kScalar;
+  return SplitKeyAttentionOff() ? kernels::AttentionVariant::kVector
+                                : kernels::AttentionVariant::kSplitKeys;
+}
 
 // One query per (row, head) on CUDA through the short-query kernel, written
 // in out_dtype; false (nothing run) where it does not take the tensors.
@@ -149,7 +160,7 @@ bool SingleQueryKernel(const at::Tensor& q, const at::Tensor& k,
   }
   RECORD_USER_SCOPE("lorahub::attention");
   return fused_backend::SmallAttention(q, k, v, bias, out_dtype,
-                                       !SmallAttentionScalar(), out);
+                                       SmallAttentionVariant(), out);
 }
 
 }  // namespace
@@ -186,7 +197,7 @@ at::Tensor GeneralAttentionTo(const at::Tensor& q, const at::Tensor& k_in,
                      !Differentiable(k) && !Differentiable(v);
   if (fused && small && !Differentiable(bias) &&
       fused_backend::SmallAttention(q, k, v, bias, out_dtype,
-                                    !SmallAttentionScalar(), &out)) {
+                                    SmallAttentionVariant(), &out)) {
     return out;
   }
   if (fused && fused_backend::Attention(q, k, v, bias, &out)) {
@@ -242,6 +253,16 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
 at::ScalarType DecodeKvDtype(at::ScalarType compute) {
   static const bool bf16 = EnvFlag("LORAHUB_DECODE_ATTN_BF16");
   return bf16 && compute == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
+                                  const c10::Device& device) {
+  static const bool fp32 = EnvFlag("LORAHUB_DECODE_CROSS_FP32");
+  const bool kernel = device.is_cuda() && FusedKernelsEnabled() &&
+                      !DecodeAttentionGeneric() && !DecodeAttentionBmm() &&
+                      !SmallAttentionGeneric();
+  return compute == at::kBFloat16 && kernel && !fp32 ? at::kBFloat16
+                                                      : DecodeKvDtype(compute);
 }
 
 bool LoraRowGemvEnabled() {

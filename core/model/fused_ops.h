@@ -116,8 +116,13 @@ constexpr int64_t kSmallQueryMax = 32;
 // scaled-dot-product attention. Read once.
 bool SmallAttentionGeneric();
 // True when LORAHUB_SMALL_ATTN_SCALAR=1 keeps the short-query kernel on its
-// one-key-per-warp variant (fused_kernels.h AttentionArgs::vectorized; A/B).
+// one-key-per-warp variant (fused_kernels.h AttentionVariant; A/B).
 bool SmallAttentionScalar();
+// True when LORAHUB_NO_SPLIT_ATTN=1 keeps the short-query kernel's
+// T5-sized heads on the vectorized variant of the seventh session instead
+// of the split-key one (tenth session; fused_kernels.h AttentionVariant;
+// A/B). Read once.
+bool SplitKeyAttentionOff();
 // True when LORAHUB_NO_TILED_ATTN=1 keeps longer queries on
 // scaled-dot-product attention (A/B). Read once.
 bool TiledAttentionOff();
@@ -234,6 +239,18 @@ bool DecodeAttentionGeneric();
 // What it rounds beyond the fp32 path: q, keys and values adapted in fp32
 // (LoRA deltas), and the probabilities, each once to 2^-9 relative.
 at::ScalarType DecodeKvDtype(at::ScalarType compute);
+
+// The dtype of the cross-attention keys and values of decode steps on
+// `device`: bf16 for a bf16 model on CUDA where single queries take the
+// short-query kernel (fp32 q, scores, softmax and probabilities over the
+// widened bf16 keys and values: what transformers' bf16 model stores, and
+// nothing rounded beyond them), unless LORAHUB_DECODE_CROSS_FP32=1 (read
+// once; A/B); else DecodeKvDtype. Why: they are written once per prompt
+// but read by every step, 144 keys per row against at most the step count
+// of the self-attention cache, which stays fp32 (its per-step store would
+// need a conversion; tenth session).
+at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
+                                  const c10::Device& device);
 
 }  // namespace lorahub::model
 

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "core/model/fused_kernels.h"
 #include "core/model/fused_ops.h"
 
 namespace lorahub::model::fused_backend {
@@ -25,12 +26,12 @@ bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
                    at::Tensor* out);
 // The short-query attention kernel (fused_ops.h GeneralAttention), its
 // result in `out_dtype`. q, k, v of one dtype (fp32 or bf16), or fp32 q
-// with bf16/fp16 k and v. `vectorized`: the kernel may take its vectorized
-// variant (fused_kernels.h AttentionArgs).
+// with bf16/fp16 k and v. `variant`: the kernel's variant where the head
+// qualifies (fused_kernels.h AttentionArgs).
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,
-                    at::ScalarType out_dtype, bool vectorized,
-                    at::Tensor* out);
+                    at::ScalarType out_dtype,
+                    kernels::AttentionVariant variant, at::Tensor* out);
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out);
 // fused_ops.h LoraRowDeltas (all or nothing).

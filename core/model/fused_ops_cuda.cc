@@ -144,8 +144,8 @@ bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
 
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,
-                    at::ScalarType out_dtype, bool vectorized,
-                    at::Tensor* out) {
+                    at::ScalarType out_dtype,
+                    kernels::AttentionVariant variant, at::Tensor* out) {
   // q in the keys' dtype, or fp32 queries over bf16/fp16 keys and values.
   const bool mixed = q.scalar_type() == at::kFloat &&
                      (k.scalar_type() == at::kBFloat16 ||
@@ -189,7 +189,7 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   a.out = result.data_ptr();
   a.q_dtype = KernelDType(q.scalar_type());
   a.qkv_dtype = KernelDType(k.scalar_type());
-  a.vectorized = vectorized;
+  a.variant = variant;
   a.bias_dtype = KernelDType(bias.scalar_type());
   a.out_dtype = KernelDType(out_dtype);
   a.B = B;

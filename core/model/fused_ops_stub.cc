@@ -21,7 +21,8 @@ bool GatedGeluTanh(const at::Tensor&, const at::Tensor&, at::Tensor*) {
 }
 
 bool SmallAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, at::ScalarType, bool, at::Tensor*) {
+                    const at::Tensor&, at::ScalarType,
+                    kernels::AttentionVariant, at::Tensor*) {
   return false;
 }
 

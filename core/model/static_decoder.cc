@@ -93,10 +93,13 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     }
     d->tokens_ = at::full({B}, c.decoder_start_token_id, i64);
     d->t_ = at::zeros({1}, i64);
-    // fp32, or bf16 under LORAHUB_DECODE_ATTN_BF16=1 (fused_ops.h).
+    // fp32, or bf16 under LORAHUB_DECODE_ATTN_BF16=1; cross-attention's
+    // bf16 for a bf16 model on the kernel (fused_ops.h).
     auto kv_opts = f32.dtype(DecodeKvDtype(weights.dtype));
     d->self_kv_ = at::zeros({2, L, B, c.num_heads, C, c.d_kv}, kv_opts);
-    d->cross_kv_ = at::empty({2, L, B, c.num_heads, S, c.d_kv}, kv_opts);
+    d->cross_kv_ = at::empty(
+        {2, L, B, c.num_heads, S, c.d_kv},
+        f32.dtype(DecodeCrossKvDtype(weights.dtype, weights.device)));
     d->cross_bias_ = at::empty({B, 1, 1, S}, f32);
     d->LoadInputs(encoder, rows);
     // As DecodeFull: relative position bias plus the causal mask, so that

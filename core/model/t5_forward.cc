@@ -860,9 +860,11 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
     cache.self_bias =
         PositionBias(w, w.decoder_bias_table, capacity, capacity, false, 0)
             .to(at::kFloat);
-    // Keys and values stay fp32 like the scores they feed (bf16 under
-    // LORAHUB_DECODE_ATTN_BF16=1, fused_ops.h).
+    // Self-attention keys and values stay fp32 like the scores they feed
+    // (bf16 under LORAHUB_DECODE_ATTN_BF16=1); cross-attention's are bf16
+    // for a bf16 model on the kernel (fused_ops.h DecodeCrossKvDtype).
     const at::ScalarType kv_dtype = DecodeKvDtype(w.dtype);
+    const at::ScalarType cross_dtype = DecodeCrossKvDtype(w.dtype, w.device);
     auto opts = at::TensorOptions().dtype(kv_dtype).device(w.device);
     CrossKeyValues cross(w, encoder, rows);
     for (size_t i = 0; i < w.decoder.size(); ++i) {
@@ -875,8 +877,8 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
       // Contiguous once here rather than a copy per step: the single-query
       // attention folds rows and heads into one batch dimension, which the
       // fused k|v GEMM's strided views do not allow.
-      cache.cross_k.push_back(kv.first.to(kv_dtype).contiguous());
-      cache.cross_v.push_back(kv.second.to(kv_dtype).contiguous());
+      cache.cross_k.push_back(kv.first.to(cross_dtype).contiguous());
+      cache.cross_v.push_back(kv.second.to(cross_dtype).contiguous());
     }
     return cache;
   } catch (const c10::Error& e) {

@@ -330,5 +330,45 @@ TEST(DecodeAttentionTest, T5HeadsAgainstDouble) {
   }
 }
 
+// A head whose every key is masked (a batch row without a prompt, padded
+// throughout): every kernel variant and path weighs its keys alike (the
+// scores all round to the mask value), so the context is the values' mean,
+// not a division by zero. T5-sized heads and more keys than one round of
+// the split-key kernel (4 warps x 2 or 4 keys), fp32 and bf16 keys/values.
+TEST(DecodeAttentionTest, FullyMaskedHeadIsTheMeanOfItsValues) {
+  at::manual_seed(16);
+  const int64_t B = 2, H = 2, S = 37, d = 64;
+  at::Tensor mask_bias = at::zeros({B, 1, 1, S}, F32());
+  mask_bias[1].fill_(std::numeric_limits<float>::lowest());
+  const at::Tensor q = Random({B, H, 1, d}, 0.5);
+  for (at::ScalarType kv_dtype : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor k = Random({B, H, S, d}, 0.5).to(kv_dtype);
+    const at::Tensor v = Random({B, H, S, d}, 1.0).to(kv_dtype);
+    const at::Tensor got = Attention(q, k, v, mask_bias);
+    const at::Tensor mean = v[1].to(at::kFloat).mean(1, /*keepdim=*/true);
+    // bf16 on the CPU path: the probabilities rounded (2^-9).
+    const double bound = kv_dtype == at::kFloat ? 1e-5 : 4e-3;
+    EXPECT_LE(RelDiff(got[1], mean), bound) << kv_dtype;
+    // The visible row still attends (not the mean).
+    EXPECT_GT(RelDiff(got[0], v[0].to(at::kFloat).mean(1, true)), 1e-2);
+  }
+}
+
+// Cross-attention keys and values of decode steps: bf16 only for a bf16
+// model whose single queries take the kernel (fp32 q and probabilities),
+// fp32 otherwise and for fp32 models; self-attention's stay fp32.
+TEST(DecodeAttentionTest, CrossKeyValueDtype) {
+  const c10::Device device = Device();
+  const char* env = std::getenv("LORAHUB_DECODE_CROSS_FP32");
+  const bool fp32 = env != nullptr && *env != '\0' && std::string(env) != "0";
+  const at::Tensor probe = at::zeros({1, 1, 1, 1}, F32());
+  const bool bf16 = ShortQueryKernelRuns(probe) && !fp32;
+  EXPECT_EQ(DecodeCrossKvDtype(at::kBFloat16, device),
+            bf16 ? at::kBFloat16 : DecodeKvDtype(at::kBFloat16));
+  EXPECT_EQ(DecodeCrossKvDtype(at::kFloat, device), at::kFloat);
+  EXPECT_EQ(DecodeCrossKvDtype(at::kBFloat16, c10::Device(c10::kCPU)),
+            DecodeKvDtype(at::kBFloat16));
+}
+
 }  // namespace
 }  // namespace lorahub::model
