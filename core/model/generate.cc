@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/static_decoder.h"
@@ -218,6 +222,47 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
   return p;
 }
 
+bool StepPipelineOff() {
+  static const bool off = [] {
+    const char* v = std::getenv("LORAHUB_NO_STEP_AHEAD");
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return off;
+}
+
+// Step `step`'s tokens copied to the host without waiting for later work on
+// the stream: greedy decoding on CUDA queues step i + 1 (its input is step
+// i's tokens on the device) before it waits for step i's tokens. Why: with
+// a synchronous copy after each step the GPU idled while the host woke,
+// kept its books and launched the next step's graph (about 450 kernels)
+// (tenth session). The host buffer is pinned, so the copy is asynchronous,
+// and read before the next copy is queued.
+class TokensToHost {
+ public:
+  explicit TokensToHost(const at::Tensor& like)
+      : host_(at::empty(like.sizes(), like.options()
+                                          .device(at::kCPU)
+                                          .pinned_memory(true))),
+        event_(like.device().type()),
+        stream_(c10::impl::VirtualGuardImpl(like.device().type())
+                    .getStream(like.device())) {}
+
+  void Start(const at::Tensor& tokens) {
+    host_.copy_(tokens, /*non_blocking=*/true);
+    event_.record(stream_);
+  }
+  // The tokens of the last Start, once they have arrived.
+  const at::Tensor& Wait() {
+    while (!event_.query()) std::this_thread::yield();
+    return host_;
+  }
+
+ private:
+  at::Tensor host_;
+  c10::Event event_;
+  c10::Stream stream_;
+};
+
 absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
                                               const Prepared& p,
                                               const GenerateOptions& o) {
@@ -235,8 +280,10 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
       at::full({B}, w.config.decoder_start_token_id,
                at::TensorOptions().dtype(at::kLong).device(w.device));
   at::Tensor unfinished = at::ones({B}, tokens.options().dtype(at::kBool));
-  for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    LH_ASSIGN_OR_RETURN(at::Tensor logits, decoder.Step(tokens));
+  // One decode step on the device: its tokens (pad for finished rows).
+  auto step_tokens_on_device =
+      [&](const at::Tensor& in) -> absl::StatusOr<at::Tensor> {
+    LH_ASSIGN_OR_RETURN(at::Tensor logits, decoder.Step(in));
     at::Tensor next;
     at::Tensor scores = logits.to(at::kFloat);
     if (o.do_sample) {
@@ -247,7 +294,11 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
     }
     next =
         at::where(unfinished, next, at::full_like(next, w.config.pad_token_id));
-    at::Tensor host = next.cpu();  // the one sync of this step
+    unfinished = unfinished & (next != eos);
+    return next;
+  };
+  // The host's part of step `step`: false when generation ends with it.
+  auto keep_going = [&](int64_t step, const at::Tensor& host) {
     auto ha = host.accessor<int64_t, 1>();
     std::vector<int64_t> step_tokens(B, -1);
     bool all_done = true;
@@ -258,17 +309,37 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
       if (ha[r] == eos) done[r] = true;
       all_done &= done[r];
     }
-    unfinished = unfinished & (next != eos);
-    tokens = next;
     if (o.on_step && !o.on_step(step, step_tokens)) {
       result.cancelled = true;
-      break;
+      return false;
     }
-    if (all_done) break;
+    if (all_done) return false;
     if (Cancelled(o)) {
       result.cancelled = true;
-      break;
+      return false;
     }
+    return true;
+  };
+  const bool ahead = !o.do_sample && w.device.is_cuda() && !StepPipelineOff();
+  if (!ahead) {
+    for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+      LH_ASSIGN_OR_RETURN(tokens, step_tokens_on_device(tokens));
+      // The one sync of this step.
+      if (!keep_going(step, tokens.cpu())) break;
+    }
+    return result;
+  }
+  TokensToHost to_host(tokens);
+  LH_ASSIGN_OR_RETURN(tokens, step_tokens_on_device(tokens));
+  for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+    to_host.Start(tokens);
+    at::Tensor next;  // step + 1's, queued before waiting for step's
+    if (step + 1 < o.max_new_tokens) {
+      LH_ASSIGN_OR_RETURN(next, step_tokens_on_device(tokens));
+    }
+    // The one wait of this step; a step queued past the end is discarded.
+    if (!keep_going(step, to_host.Wait())) break;
+    tokens = next;
   }
   return result;
 }
