@@ -983,12 +983,31 @@ __global__ void __launch_bounds__(kNormThreads)
 
 // One warp per (row b, rank c): lanes stride over `in`, a shuffle reduction.
 // The block's 8 warps share the row's x, staged once in shared memory.
-// kVec: fp32 factors with unit inner stride, `in` a multiple of 4 and
-// 16-byte aligned rows (checked by the launcher): 16-byte loads, the first
-// kShrinkAhead of each lane issued before the staging barrier (the factor
-// loads no longer wait for x: two memory latencies per block were one
-// after the other), summed in the same order as the rest.
+// kVec: factors with unit inner stride, `in` a multiple of a 16-byte word's
+// elements and 16-byte aligned rows (checked by the launcher): 16-byte
+// loads (4 fp32 or 8 bf16 factors), the first kShrinkAhead of each lane
+// issued before the staging barrier (the factor loads no longer wait for x:
+// two memory latencies per block were one after the other), summed in the
+// same order as the rest.
 constexpr int kShrinkAhead = 8;  // 16-byte loads per lane: in = 1024 whole
+
+// sum_e x[e] w[e] over one 16-byte word of factors `raw` (Vec16<E>) and
+// the matching floats of x (float4s: 16-byte aligned in shared memory),
+// four at a time as the fp32 kernel always summed them.
+template <typename E>
+__device__ __forceinline__ float WordDot(const uint4& raw, const float4* x) {
+  constexpr int W = Vec16<E>::kWidth;
+  float w[W];
+  Vec16<E>::Widen(raw, w);
+  float s = 0.f;
+#pragma unroll
+  for (int q = 0; q < W / 4; ++q) {
+    const float4 v = x[q];
+    s += v.x * w[4 * q] + v.y * w[4 * q + 1] + v.z * w[4 * q + 2] +
+         v.w * w[4 * q + 3];
+  }
+  return s;
+}
 
 template <typename E, bool kVec>
 __global__ void __launch_bounds__(kNormThreads)
@@ -1003,13 +1022,15 @@ __global__ void __launch_bounds__(kNormThreads)
   const E* __restrict__ row =
       static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0] +
       (active ? c : 0) * a.a_stride[1];
-  float4 ahead[kShrinkAhead];
+  uint4 ahead[kShrinkAhead];
+  int64_t words = 0;  // 16-byte words of a factor row
   if constexpr (kVec) {
-    const float4* row4 = reinterpret_cast<const float4*>(row);
+    words = a.in / Vec16<E>::kWidth;
+    const uint4* row16 = reinterpret_cast<const uint4*>(row);
 #pragma unroll
     for (int u = 0; u < kShrinkAhead; ++u) {
       const int64_t i = lane + 32 * u;
-      if (active && i < a.in / 4) ahead[u] = row4[i];
+      if (active && i < words) ahead[u] = row16[i];
     }
   }
   const float* __restrict__ x = a.x + b * a.x_stride[0];
@@ -1021,19 +1042,16 @@ __global__ void __launch_bounds__(kNormThreads)
   if (!active) return;  // whole warps; no block barrier below
   float s = 0.f;
   if constexpr (kVec) {
-    const float4* row4 = reinterpret_cast<const float4*>(row);
+    constexpr int kX = Vec16<E>::kWidth / 4;  // float4s of x per word
+    const uint4* row16 = reinterpret_cast<const uint4*>(row);
 #pragma unroll
     for (int u = 0; u < kShrinkAhead; ++u) {
       const int64_t i = lane + 32 * u;
-      if (i < a.in / 4) {
-        const float4 w = ahead[u], v = x_shared[i];
-        s += v.x * w.x + v.y * w.y + v.z * w.z + v.w * w.w;
-      }
+      if (i < words) s += WordDot<E>(ahead[u], x_shared + i * kX);
     }
 #pragma unroll 4
-    for (int64_t i = lane + 32 * kShrinkAhead; i < a.in / 4; i += 32) {
-      const float4 w = row4[i], v = x_shared[i];
-      s += v.x * w.x + v.y * w.y + v.z * w.z + v.w * w.w;
+    for (int64_t i = lane + 32 * kShrinkAhead; i < words; i += 32) {
+      s += WordDot<E>(row16[i], x_shared + i * kX);
     }
   } else {
 #pragma unroll 4
@@ -1233,11 +1251,28 @@ __global__ void __launch_bounds__(kNarrowThreads)
   StoreWarpSum(partial, i, j, g, m0 + i, n0 + j, a);
 }
 
+// WordDot with x as floats at any alignment (xa slices in shared memory):
+// the fp32 kernel's groups of four.
+template <typename E>
+__device__ __forceinline__ float WordDotShared(const uint4& raw,
+                                               const float* x) {
+  constexpr int W = Vec16<E>::kWidth;
+  float w[W];
+  Vec16<E>::Widen(raw, w);
+  float s = 0.f;
+#pragma unroll
+  for (int q = 0; q < W / 4; ++q) {
+    s += x[4 * q] * w[4 * q] + x[4 * q + 1] * w[4 * q + 1] +
+         x[4 * q + 2] * w[4 * q + 2] + x[4 * q + 3] * w[4 * q + 3];
+  }
+  return s;
+}
+
 // One thread per (row b, site k, output o): blocks [first_k, first_k+1) of
 // grid.x belong to site k (kNormThreads outputs each); the row's xa in
-// shared memory. A site's `vec` (fp32 factors with unit inner stride, r a
-// multiple of 4, 16-byte aligned rows; set by the launcher): its r factors
-// as r/4 16-byte loads.
+// shared memory. A site's `vec` (factors with unit inner stride, r a
+// multiple of a 16-byte word's elements, 16-byte aligned rows; set by the
+// launcher): its r factors as 16-byte loads (4 fp32 or 8 bf16 each).
 struct ExpandLayout {
   int first_block[kMaxExpandSites + 1];
   bool vec[kMaxExpandSites];
@@ -1258,24 +1293,27 @@ __global__ void __launch_bounds__(kNormThreads)
       static_cast<int64_t>(blockIdx.x - layout.first_block[k]) * kNormThreads +
       threadIdx.x;
   const bool active = o < site.out;
-  // The factors (up to kExpandAhead 16-byte loads: ranks <= 16), the
-  // scaling and the output are loaded before the staging barrier, so that
-  // their latency overlaps xa's (they were one after the other).
+  // The factors (up to kExpandAhead 16-byte loads: ranks <= 16 fp32 or 32
+  // bf16), the scaling and the output are loaded before the staging
+  // barrier, so that their latency overlaps xa's (they were one after the
+  // other).
   constexpr int kExpandAhead = 4;
+  constexpr int W = Vec16<E>::kWidth;
   const int64_t slot = a.slots[b];
   const E* __restrict__ w = static_cast<const E*>(site.w) +
                             slot * site.w_stride[0] +
                             (active ? o : 0) * site.w_stride[1];
-  const bool ahead = layout.vec[k] && site.r <= 4 * kExpandAhead;
-  float4 wv[kExpandAhead];
+  const bool ahead = layout.vec[k] && site.r <= W * kExpandAhead;
+  const int64_t words = site.r / W;
+  uint4 wv[kExpandAhead];
   float y = 0.f, s = 0.f;
   float* __restrict__ yp = site.y + b * site.y_stride[0] + o * site.y_stride[1];
   if (active) {
     if (ahead) {
-      const float4* w4 = reinterpret_cast<const float4*>(w);
+      const uint4* w16 = reinterpret_cast<const uint4*>(w);
 #pragma unroll
       for (int u = 0; u < kExpandAhead; ++u) {
-        if (u < site.r / 4) wv[u] = w4[u];
+        if (u < words) wv[u] = w16[u];
       }
     }
     s = site.scale[slot * site.scale_stride];
@@ -1292,19 +1330,13 @@ __global__ void __launch_bounds__(kNormThreads)
   if (ahead) {
 #pragma unroll
     for (int u = 0; u < kExpandAhead; ++u) {
-      if (u < site.r / 4) {
-        const float4 v = wv[u];
-        acc += xk[4 * u] * v.x + xk[4 * u + 1] * v.y + xk[4 * u + 2] * v.z +
-               xk[4 * u + 3] * v.w;
-      }
+      if (u < words) acc += WordDotShared<E>(wv[u], xk + W * u);
     }
   } else if (layout.vec[k]) {
-    const float4* w4 = reinterpret_cast<const float4*>(w);
+    const uint4* w16 = reinterpret_cast<const uint4*>(w);
 #pragma unroll 4
-    for (int64_t c = 0; c < site.r / 4; ++c) {
-      const float4 v = w4[c];
-      acc += xk[4 * c] * v.x + xk[4 * c + 1] * v.y + xk[4 * c + 2] * v.z +
-             xk[4 * c + 3] * v.w;
+    for (int64_t c = 0; c < words; ++c) {
+      acc += WordDotShared<E>(w16[c], xk + W * c);
     }
   } else {
     for (int64_t c = 0; c < site.r; ++c) {
@@ -1670,6 +1702,26 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   }
 }
 
+namespace {
+
+// LoraShrinkKernel<E, kVec> with kVec where the factors allow 16-byte
+// words (LoraShrinkKernel).
+template <typename E>
+void LaunchShrinkFor(const LoraShrinkArgs& args, dim3 grid, size_t shared,
+                     cudaStream_t s) {
+  constexpr int W = Vec16<E>::kWidth;
+  const bool vec = args.in % W == 0 && args.a_stride[2] == 1 &&
+                   Aligned16(args.a, sizeof(E),
+                             {args.a_stride[0], args.a_stride[1]});
+  if (vec) {
+    LoraShrinkKernel<E, true><<<grid, kNormThreads, shared, s>>>(args);
+  } else {
+    LoraShrinkKernel<E, false><<<grid, kNormThreads, shared, s>>>(args);
+  }
+}
+
+}  // namespace
+
 int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
   if (args.B == 0 || args.R == 0) return 0;
   constexpr int64_t kWarps = kNormThreads / 32;
@@ -1683,23 +1735,15 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
   // Whole float4s, so that the vectorized path may read x_shared as float4.
   const size_t shared = static_cast<size_t>((args.in + 3) / 4) * sizeof(float4);
   auto s = static_cast<cudaStream_t>(stream);
-  const bool vec = args.a_dtype == DType::kFloat && args.in % 4 == 0 &&
-                   args.a_stride[2] == 1 &&
-                   Aligned16(args.a, 4, {args.a_stride[0], args.a_stride[1]});
   switch (args.a_dtype) {
     case DType::kFloat:
-      if (vec) {
-        LoraShrinkKernel<float, true><<<grid, kNormThreads, shared, s>>>(args);
-      } else {
-        LoraShrinkKernel<float, false><<<grid, kNormThreads, shared, s>>>(args);
-      }
+      LaunchShrinkFor<float>(args, grid, shared, s);
       break;
     case DType::kBFloat16:
-      LoraShrinkKernel<__nv_bfloat16, false>
-          <<<grid, kNormThreads, shared, s>>>(args);
+      LaunchShrinkFor<__nv_bfloat16>(args, grid, shared, s);
       break;
     case DType::kHalf:
-      LoraShrinkKernel<__half, false><<<grid, kNormThreads, shared, s>>>(args);
+      LaunchShrinkFor<__half>(args, grid, shared, s);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
@@ -1755,9 +1799,10 @@ int LaunchLoraExpand(const LoraExpandArgs& args, void* stream) {
       return static_cast<int>(cudaErrorInvalidValue);
     }
     layout.first_block[k] = static_cast<int>(blocks);
-    layout.vec[k] = args.w_dtype == DType::kFloat && site.r % 4 == 0 &&
+    const int64_t elem = args.w_dtype == DType::kFloat ? 4 : 2;
+    layout.vec[k] = args.w_dtype != DType::kNone && site.r % (16 / elem) == 0 &&
                     site.w_stride[2] == 1 &&
-                    Aligned16(site.w, 4, {site.w_stride[0], site.w_stride[1]});
+                    Aligned16(site.w, elem, {site.w_stride[0], site.w_stride[1]});
     blocks += (site.out + kNormThreads - 1) / kNormThreads;
     if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
   }

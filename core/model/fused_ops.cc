@@ -270,6 +270,15 @@ bool LoraRowGemvEnabled() {
   return fused_backend::Compiled() && !Disabled() && !off;
 }
 
+at::ScalarType RowKernelFactorDtype(at::ScalarType compute,
+                                    const c10::Device& device) {
+  static const bool fp32 = EnvFlag("LORAHUB_ROW_LORA_FP32");
+  return compute == at::kBFloat16 && device.is_cuda() &&
+                 LoraRowGemvEnabled() && !fp32
+             ? at::kBFloat16
+             : at::kFloat;
+}
+
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,
                    const at::Tensor& slots, const at::Tensor& mask) {

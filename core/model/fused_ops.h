@@ -252,6 +252,15 @@ at::ScalarType DecodeKvDtype(at::ScalarType compute);
 at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
                                   const c10::Device& device);
 
+// The dtype of the per-row LoRA factors the decode kernels read (lora.h
+// AttachRowKernelCopies) for a model computing in `compute` on `device`:
+// bf16 for a bf16 model on CUDA where LoraRowDeltas runs, unless
+// LORAHUB_ROW_LORA_FP32=1 (read once; A/B); else fp32 (no copies). The
+// deltas' arithmetic stays fp32; the factors are rounded once (2^-9
+// relative), as transformers' bf16 model stores them.
+at::ScalarType RowKernelFactorDtype(at::ScalarType compute,
+                                    const c10::Device& device);
+
 }  // namespace lorahub::model
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_OPS_H_

@@ -508,6 +508,37 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
   }
 }
 
+absl::Status AttachRowKernelCopies(AdapterBank* bank, at::ScalarType dtype) {
+  if (bank == nullptr) return absl::InvalidArgumentError("no bank");
+  try {
+    // The converted storage of each factor tensor's storage, whole: views
+    // into it keep every layout (e.g. composed A factors side by side).
+    std::map<const void*, at::Tensor> converted;
+    auto low = [&](const at::Tensor& t) -> at::Tensor {
+      if (t.scalar_type() == dtype) return t;
+      const int64_t n =
+          static_cast<int64_t>(t.storage().nbytes()) / t.element_size();
+      at::Tensor& flat = converted[t.storage().data()];
+      if (!flat.defined()) {
+        flat = t.as_strided({n}, {1}, 0).to(dtype).contiguous();
+      }
+      return flat.as_strided(t.sizes(), t.strides(), t.storage_offset());
+    };
+    for (SiteBank& sb : bank->sites) {
+      if (!sb.a.defined()) continue;
+      if (dtype == at::kFloat) {
+        sb.a_low = sb.b_low = at::Tensor();
+        continue;
+      }
+      sb.a_low = low(sb.a);
+      sb.b_low = low(sb.b);
+    }
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
 absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
                                        const std::vector<double>& weights) {
   if (static_cast<int>(weights.size()) != stack.num_modules) {

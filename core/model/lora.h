@@ -55,6 +55,12 @@ struct SiteBank {
   at::Tensor b;  // [S, out, r]
   at::Tensor
       scale;  // [S, 1, 1]; a, b, scale are fp32 whatever the compute dtype
+  // Optional low-precision copies of a and b (AttachRowKernelCopies: same
+  // sizes, strides and offsets): what the per-row decode kernels read
+  // (fused_ops.h LoraRowDeltas), their arithmetic fp32 as for a and b.
+  // Every other path reads a and b.
+  at::Tensor a_low;
+  at::Tensor b_low;
   // The value of every entry of `scale` when they are all equal (composed
   // banks: the first module's scaling), else NaN. Lets the forward pass fold
   // the scaling into one GEMM instead of a separate multiply.
@@ -139,6 +145,17 @@ absl::StatusOr<ModuleStack> StackModules(
 using ComposedAdapters = AdapterBank;
 absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
                                                 const at::Tensor& weights);
+
+// Gives every defined site of `bank` a_low / b_low: its factors in `dtype`
+// with the same sizes, strides and storage offsets (one conversion per
+// underlying storage, so factors that lie side by side stay so), for the
+// per-row decode kernels. Why: at batch 64 with 64 different adapters
+// those kernels read every row's factors at every step (flan-t5-large, r =
+// 16 on q and v: 8 MB per shrink or expand in fp32) and are bound by those
+// reads; bf16 halves them (tenth session). kFloat drops them. Internal
+// for LibTorch errors. Not for banks whose a/b change later unless the
+// owner updates the copies too (SlotBank does).
+absl::Status AttachRowKernelCopies(AdapterBank* bank, at::ScalarType dtype);
 
 // The composed adapter of one weight vector as a LoraAdapter (for merging).
 absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,

@@ -5,11 +5,14 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/fused_ops.h"
 
 namespace lorahub::model {
 
 SlotBank::SlotBank(const T5Weights& base, int64_t capacity)
-    : base_(base), slots_(static_cast<size_t>(std::max<int64_t>(capacity, 1))) {
+    : base_(base),
+      low_dtype_(RowKernelFactorDtype(base.dtype, base.device)),
+      slots_(static_cast<size_t>(std::max<int64_t>(capacity, 1))) {
   bank_.num_slots = static_cast<int>(slots_.size());
   bank_.sites.resize(base.num_sites);
   active_ = bank_;
@@ -78,17 +81,21 @@ void SlotBank::Reserve(int site, int64_t r) {
     sb.a = at::zeros({n, r, in}, opts);
     sb.b = at::zeros({n, out, r}, opts);
     sb.scale = at::zeros({n, 1, 1}, opts);
-    return;
+  } else {
+    const int64_t have = sb.a.size(1);
+    if (r <= have) return;
+    // Zero-padded ranks do not change B A.
+    at::Tensor a = at::zeros({n, r, in}, opts);
+    at::Tensor b = at::zeros({n, out, r}, opts);
+    a.narrow(1, 0, have).copy_(sb.a);
+    b.narrow(2, 0, have).copy_(sb.b);
+    sb.a = std::move(a);
+    sb.b = std::move(b);
   }
-  const int64_t have = sb.a.size(1);
-  if (r <= have) return;
-  // Zero-padded ranks do not change B A.
-  at::Tensor a = at::zeros({n, r, in}, opts);
-  at::Tensor b = at::zeros({n, out, r}, opts);
-  a.narrow(1, 0, have).copy_(sb.a);
-  b.narrow(2, 0, have).copy_(sb.b);
-  sb.a = std::move(a);
-  sb.b = std::move(b);
+  if (low_dtype_ != at::kFloat) {  // Load keeps them in step with a and b
+    sb.a_low = sb.a.to(low_dtype_);
+    sb.b_low = sb.b.to(low_dtype_);
+  }
 }
 
 void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
@@ -109,6 +116,10 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
       b.narrow(1, r, rank - r).zero_();
     }
     sb.scale[slot].fill_(s.scaling);
+    if (sb.a_low.defined()) {
+      sb.a_low[slot].copy_(a);
+      sb.b_low[slot].copy_(b);
+    }
     adapted[s.site] = true;
     sites.push_back(s.site);
   }
@@ -119,6 +130,10 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
     sb.a[slot].zero_();
     sb.b[slot].zero_();
     sb.scale[slot].zero_();
+    if (sb.a_low.defined()) {
+      sb.a_low[slot].zero_();
+      sb.b_low[slot].zero_();
+    }
   }
 }
 

@@ -12,8 +12,9 @@
 //
 // Memory: for every site any acquired adapter adapts, [capacity, r, in] +
 // [capacity, out, r] fp32 factors (r: the largest rank seen at the site;
-// a larger one later reallocates that site). Slots an adapter does not use
-// at a site hold zeros there.
+// a larger one later reallocates that site), plus their bf16 copies for
+// the decode kernels on a bf16 model (RowKernelFactorDtype). Slots an
+// adapter does not use at a site hold zeros there.
 // Thread-safety: none; one owner (the engine's GPU thread).
 #ifndef LORAHUB_CORE_MODEL_SLOT_BANK_H_
 #define LORAHUB_CORE_MODEL_SLOT_BANK_H_
@@ -70,6 +71,9 @@ class SlotBank {
   void Refresh();
 
   const T5Weights& base_;
+  // The decode kernels' copies of the factors (a_low, b_low) in this dtype;
+  // none for kFloat (fused_ops.h RowKernelFactorDtype).
+  const at::ScalarType low_dtype_;
   AdapterBank bank_;    // every site any adapter was loaded for
   AdapterBank active_;  // bank_'s sites that slots with users adapt
   std::vector<Slot> slots_;

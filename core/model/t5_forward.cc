@@ -189,7 +189,11 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
       y.size(1) != 1 || !LoraRowGemvEnabled()) {
     return false;
   }
-  const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
+  // The low-precision copies where every site of the run has them (same
+  // layout as a and b; lora.h AttachRowKernelCopies).
+  bool low = true;
+  for (size_t k = i; k < j; ++k) low = low && sites[k]->a_low.defined();
+  const at::Tensor& a0 = low ? sites[i]->a_low : sites[i]->a;  // [S, r, in]
   const int64_t r = a0.size(1);
   const int64_t count = static_cast<int64_t>(j - i);
   const at::Tensor a =
@@ -198,8 +202,8 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                                  {a0.stride(0), a0.size(2), 1});
   std::vector<LoraRowSite> run;
   for (size_t k = i; k < j; ++k) {
-    run.push_back({cols[k], static_cast<int64_t>(k - i) * r, sites[k]->b,
-                   sites[k]->scale});
+    run.push_back({cols[k], static_cast<int64_t>(k - i) * r,
+                   low ? sites[k]->b_low : sites[k]->b, sites[k]->scale});
   }
   return LoraRowDeltas(y.select(1, 0), xin.select(1, 0), a, run, rows.slots,
                        rows.all_rows ? at::Tensor() : rows.mask);

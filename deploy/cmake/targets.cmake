@@ -669,6 +669,7 @@ lorahub_cc_library(core_model_slot_bank
     ${SRC}/core/model/slot_bank.cc
     ${SRC}/core/model/slot_bank.h
   DEPS
+    core_model_fused_ops
     core_model_t5
     ext_absl_absl
     ext_libtorch_libtorch
@@ -2182,6 +2183,7 @@ lorahub_cc_test(tests_model_slot_bank_test
     ${SRC}/tests/model/slot_bank_test.cc
   DEPS
     tests_model_tiny_t5
+    core_model_fused_ops
     core_model_slot_bank
     core_model_t5
     ext_gtest_gtest_main

@@ -185,8 +185,11 @@ std::vector<std::vector<int64_t>> CyclePrompts(const std::vector<std::vector<int
   return out;
 }
 
-// One composed adapter per weight vector (each of the stack's size), slots 0..rows-1.
-absl::StatusOr<model::ComposedAdapters> ComposeRows(const model::ModuleStack& stack,
+// One composed adapter per weight vector (each of the stack's size), slots 0..rows-1, for
+// generation: with the decode kernels' low-precision copies of the factors, as the serving
+// engine's SlotBank keeps them (fused_ops.h RowKernelFactorDtype).
+absl::StatusOr<model::ComposedAdapters> ComposeRows(const model::T5Weights& base,
+                                                    const model::ModuleStack& stack,
                                                     const std::vector<std::vector<double>>& rows,
                                                     int n) {
   std::vector<double> flat;
@@ -195,7 +198,10 @@ absl::StatusOr<model::ComposedAdapters> ComposeRows(const model::ModuleStack& st
   at::Tensor wt = at::tensor(flat, at::kDouble)
                       .to(at::kFloat)
                       .view({static_cast<int64_t>(rows.size()), n});
-  return model::ComposeLoraHub(stack, wt);
+  LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, model::ComposeLoraHub(stack, wt));
+  LH_RETURN_IF_ERROR(model::AttachRowKernelCopies(
+      &bank, model::RowKernelFactorDtype(base.dtype, base.device)));
+  return bank;
 }
 
 // One --gen-sweep point: base, one adapter shared by every row, a distinct adapter per row.
@@ -211,7 +217,8 @@ absl::StatusOr<nlohmann::json> SweepPoint(const model::T5Weights& base,
     p["base_tokens_per_second"] = f.tokens_per_second;
   }
   {
-    LH_ASSIGN_OR_RETURN(model::ComposedAdapters shared, ComposeRows(stack, {random_w()}, n));
+    LH_ASSIGN_OR_RETURN(model::ComposedAdapters shared,
+                        ComposeRows(base, stack, {random_w()}, n));
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, &shared,
                                                     std::vector<int64_t>(batch, 0), tokens));
     p["shared_adapter_tokens_per_second"] = f.tokens_per_second;
@@ -219,7 +226,7 @@ absl::StatusOr<nlohmann::json> SweepPoint(const model::T5Weights& base,
   {
     std::vector<std::vector<double>> ws;
     for (int64_t i = 0; i < batch; ++i) ws.push_back(random_w());
-    LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, ComposeRows(stack, ws, n));
+    LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, ComposeRows(base, stack, ws, n));
     std::vector<int64_t> slots(batch);
     for (int64_t i = 0; i < batch; ++i) slots[i] = i;
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, &bank, slots, tokens));
@@ -436,7 +443,7 @@ absl::Status Run(const Args& args) {
   {
     std::vector<std::vector<double>> ws;
     for (int64_t i = 0; i < gen_batch; ++i) ws.push_back(random_w());
-    LH_ASSIGN_OR_RETURN(per_row_bank, ComposeRows(stack, ws, n));
+    LH_ASSIGN_OR_RETURN(per_row_bank, ComposeRows(base, stack, ws, n));
     for (int64_t i = 0; i < gen_batch; ++i) per_row_slots[i] = i;
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, &per_row_bank,
                                                     per_row_slots, gen_tokens));

@@ -46,10 +46,10 @@ struct Case {
   std::vector<LoraRowSite> sites;
 };
 
-Case MakeCase(at::ScalarType factor_dtype, bool masked) {
+Case MakeCase(at::ScalarType factor_dtype, bool masked, int64_t in = kIn) {
   Case c;
-  c.x = at::randn({kRows, kIn}, F32());
-  c.a = (at::randn({kSlots, 2 * kRank, kIn}, F32()) * 0.3).to(factor_dtype);
+  c.x = at::randn({kRows, in}, F32());
+  c.a = (at::randn({kSlots, 2 * kRank, in}, F32()) * 0.3).to(factor_dtype);
   c.y = at::randn({kRows, kCols}, F32());
   c.slots = at::tensor(std::vector<int64_t>{2, 0, 3, 3, 1, 0, 2}, at::kLong)
                 .to(Device());
@@ -119,6 +119,27 @@ TEST(LoraRowGemvTest, MatchesThePerRowDeltas) {
       EXPECT_TRUE(at::equal(c.y.narrow(1, 0, 10), before.narrow(1, 0, 10)));
       EXPECT_TRUE(at::equal(c.y.narrow(1, 50, 10), before.narrow(1, 50, 10)));
       EXPECT_TRUE(at::equal(c.y.narrow(1, 84, 16), before.narrow(1, 84, 16)));
+    }
+  }
+}
+
+// Rows longer than the loads each lane issues before the staging barrier
+// (8 16-byte words per lane: 1,024 fp32 or 2,048 bf16 factors), with the
+// 16-byte words of fp32 and bf16 factors, and a length that leaves the
+// bf16 factors to the scalar loop (not a whole number of words).
+TEST(LoraRowGemvTest, LongRows) {
+  at::manual_seed(24);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (int64_t in : {int64_t{4096}, int64_t{4100}}) {
+      const Case c = MakeCase(dtype, /*masked=*/true, in);
+      const at::Tensor want = Want(c);
+      const bool ran = LoraRowDeltas(c.y, c.x, c.a, c.sites, c.slots, c.mask);
+      EXPECT_EQ(ran, cuda);
+      if (ran) {
+        // fp32 sums of 4,096 products: their order only.
+        EXPECT_LE(RelDiff(c.y, want), 1e-5) << dtype << " in " << in;
+      }
     }
   }
 }

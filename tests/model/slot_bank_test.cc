@@ -2,6 +2,7 @@
 // Acquire/Release, copy an adapter in only when it is not resident, and give
 // the forward pass exactly what MakeAdapterBank gives for the same rows
 // (also after a larger rank widened a site and with stale slots reused).
+// The decode kernels' low-precision copies of the factors follow them.
 // Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu).
 #include "core/model/slot_bank.h"
 
@@ -10,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/model/fused_ops.h"
 #include "core/model/lora.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_weights.h"
@@ -168,6 +170,85 @@ TEST_F(SlotBankTest, ForwardPassMatchesMakeAdapterBank) {
                 .item<double>(),
             1e-3);
   EXPECT_EQ(bank.copies(), 4);
+}
+
+// Every defined site of `bank` has a_low / b_low equal to its factors in
+// `dtype` with the same layout (none at all for kFloat).
+void ExpectLowCopies(const AdapterBank& bank, at::ScalarType dtype) {
+  int checked = 0;
+  for (const SiteBank& sb : bank.sites) {
+    if (!sb.a.defined()) continue;
+    if (dtype == at::kFloat) {
+      EXPECT_FALSE(sb.a_low.defined() || sb.b_low.defined());
+      continue;
+    }
+    ASSERT_TRUE(sb.a_low.defined() && sb.b_low.defined());
+    EXPECT_EQ(sb.a_low.scalar_type(), dtype);
+    EXPECT_EQ(sb.a_low.strides(), sb.a.strides());
+    EXPECT_EQ(sb.b_low.strides(), sb.b.strides());
+    EXPECT_TRUE(at::equal(sb.a_low, sb.a.to(dtype)));
+    EXPECT_TRUE(at::equal(sb.b_low, sb.b.to(dtype)));
+    ++checked;
+  }
+  if (dtype != at::kFloat) EXPECT_GT(checked, 0);
+}
+
+// On a bf16 model on CUDA (RowKernelFactorDtype) the slot bank keeps bf16
+// copies in step with the factors through loads, a stale slot taken by an
+// adapter of other sites, and a site widened by a larger rank; elsewhere
+// it keeps none.
+TEST_F(SlotBankTest, LowPrecisionCopiesFollowTheFactors) {
+  WeightOptions o;
+  o.device = base_->device;
+  o.dtype = at::kBFloat16;
+  auto w = BuildT5Weights(config_, RandomT5(config_, 21), o);
+  ASSERT_TRUE(w.ok()) << w.status();
+  base_ = std::make_unique<T5Weights>(*std::move(w));
+  const at::ScalarType low = RowKernelFactorDtype(at::kBFloat16, o.device);
+  SlotBank bank(*base_, 2);
+  auto a = Adapter({"q", "v"}, 4, 31), b = Adapter({"q"}, 4, 32),
+       c = Adapter({"v", "o"}, 8, 33);
+  auto sa = bank.Acquire(a);
+  auto sb = bank.Acquire(b);
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  ExpectLowCopies(bank.bank(), low);
+  bank.Release(*sb);
+  auto sc = bank.Acquire(c);  // b's slot, other sites, rank 8
+  ASSERT_TRUE(sc.ok()) << sc.status();
+  EXPECT_EQ(*sc, *sb);
+  ExpectLowCopies(bank.bank(), low);
+}
+
+// AttachRowKernelCopies on a composed bank: values rounded once, every
+// layout kept (composed A factors of neighbouring sites stay side by side,
+// which the decode step's shared down-projection needs), kFloat drops them.
+TEST_F(SlotBankTest, AttachRowKernelCopiesKeepsTheLayout) {
+  auto m1 = Adapter({"q", "v"}, 4, 41), m2 = Adapter({"q", "v"}, 4, 42);
+  auto stack = StackModules(*base_, {m1.get(), m2.get()});
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  const at::Tensor weights =
+      at::tensor(std::vector<float>{0.5f, -1.f, 1.5f, 0.25f, 0.f, 2.f})
+          .view({3, 2});
+  auto bank = ComposeLoraHub(*stack, weights);
+  ASSERT_TRUE(bank.ok()) << bank.status();
+  ASSERT_TRUE(AttachRowKernelCopies(&*bank, at::kBFloat16).ok());
+  ExpectLowCopies(*bank, at::kBFloat16);
+  int adjacent = 0;
+  const SiteBank* prev = nullptr;
+  for (const SiteBank& sb : bank->sites) {
+    if (!sb.a.defined()) continue;
+    if (prev != nullptr && sb.a.is_alias_of(prev->a) &&
+        sb.a.storage_offset() == prev->a.storage_offset() + prev->a[0].numel()) {
+      EXPECT_EQ(sb.a_low.storage_offset(),
+                prev->a_low.storage_offset() + prev->a_low[0].numel());
+      EXPECT_TRUE(sb.a_low.is_alias_of(prev->a_low));
+      ++adjacent;
+    }
+    prev = &sb;
+  }
+  EXPECT_GT(adjacent, 0);
+  ASSERT_TRUE(AttachRowKernelCopies(&*bank, at::kFloat).ok());
+  ExpectLowCopies(*bank, at::kFloat);
 }
 
 }  // namespace
