@@ -1346,6 +1346,161 @@ __global__ void __launch_bounds__(kNormThreads)
   *yp = y + s * acc;
 }
 
+// LoraShrinkKernel and LoraExpandKernel for one row per block of
+// kLoraRowThreads threads (LaunchLoraRow): warp c computes xa[c] into
+// shared memory as the shrink's warp c does, then each thread adds the
+// deltas of outputs threadIdx.x, + kLoraRowThreads, ... (the sites' outputs
+// one after another) as the expand's threads do: the same sums in the same
+// order, so the same bits. Why: the two kernels of a decode step's per-row
+// LoRA were each bound by one round of loads plus launch and drain (H200,
+// batch 64, q|v of flan-t5-large in bf16: 3.6 us each); here the row's A
+// (this warp's first rank), its first outputs' B, scalings and outputs are
+// all requested before the first barrier, so one round of latency serves
+// both halves. kRowAhead 16-byte words per lane of A (1,024 bf16 factors,
+// half of 1,024 fp32 ones: more spilled) and kOutAhead outputs per thread
+// of B are loaded ahead.
+constexpr int kLoraRowThreads = 1024;
+
+struct RowLayout {
+  int64_t first_out[kMaxExpandSites + 1];  // sites' outputs, concatenated
+  bool vec[kMaxExpandSites];               // ExpandLayout::vec
+};
+
+template <typename E, bool kVec>
+__global__ void __launch_bounds__(kLoraRowThreads, 1)
+    LoraRowKernel(LoraShrinkArgs sa, LoraExpandArgs ea, RowLayout layout) {
+  constexpr int W = Vec16<E>::kWidth;
+  constexpr int kWarps = kLoraRowThreads / 32;
+  constexpr int kRowAhead = 4;  // 16-byte words of A per lane
+  constexpr int kExpandWords = 4;           // LoraExpandKernel's kExpandAhead
+  constexpr int kOutAhead = W == 4 ? 1 : 2;  // outputs' B per thread
+  extern __shared__ float4 row_shared[];  // x [in, whole float4s], xa [R]
+  float* xs = reinterpret_cast<float*>(row_shared);
+  float* xa = xs + 4 * ((sa.in + 3) / 4);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.x;
+  const int64_t slot = sa.slots[b];
+  const E* __restrict__ a_slot = static_cast<const E*>(sa.a) + slot * sa.a_stride[0];
+  const int64_t words = kVec ? sa.in / W : 0;  // 16-byte words of an A row
+  // This warp's first rank's A, ahead.
+  uint4 ahead[kRowAhead];
+  if constexpr (kVec) {
+    const uint4* row16 = reinterpret_cast<const uint4*>(
+        a_slot + (warp < sa.R ? warp : 0) * sa.a_stride[1]);
+#pragma unroll
+    for (int u = 0; u < kRowAhead; ++u) {
+      const int64_t i = lane + 32 * u;
+      if (warp < sa.R && i < words) ahead[u] = row16[i];
+    }
+  }
+  // This thread's first kOutAhead outputs: site, B words, scaling, y.
+  const int64_t total_out = layout.first_out[ea.num_sites];
+  const float row_mask = ea.mask != nullptr ? ea.mask[b * ea.mask_stride] : 1.f;
+  uint4 wv[kOutAhead][kExpandWords];
+  float y_ahead[kOutAhead], s_ahead[kOutAhead];
+#pragma unroll
+  for (int j = 0; j < kOutAhead; ++j) {
+    const int64_t o = threadIdx.x + static_cast<int64_t>(j) * kLoraRowThreads;
+    if (o >= total_out) continue;
+    int k = 0;
+    while (k + 1 < ea.num_sites && o >= layout.first_out[k + 1]) ++k;
+    const LoraExpandSite& site = ea.sites[k];
+    const int64_t ol = o - layout.first_out[k];
+    if (layout.vec[k] && site.r <= W * kExpandWords) {
+      const uint4* w16 = reinterpret_cast<const uint4*>(
+          static_cast<const E*>(site.w) + slot * site.w_stride[0] +
+          ol * site.w_stride[1]);
+#pragma unroll
+      for (int u = 0; u < kExpandWords; ++u) {
+        if (u < site.r / W) wv[j][u] = w16[u];
+      }
+    }
+    s_ahead[j] = site.scale[slot * site.scale_stride] * row_mask;
+    y_ahead[j] = site.y[b * site.y_stride[0] + ol * site.y_stride[1]];
+  }
+  const float* __restrict__ x = sa.x + b * sa.x_stride[0];
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < sa.in; i += kLoraRowThreads) {
+    xs[i] = x[i * sa.x_stride[1]];
+  }
+  __syncthreads();
+  // Shrink: rank c by warp c % kWarps (the first from `ahead`).
+  for (int64_t c = warp; c < sa.R; c += kWarps) {
+    const E* __restrict__ row = a_slot + c * sa.a_stride[1];
+    float s = 0.f;
+    if constexpr (kVec) {
+      constexpr int kX = W / 4;
+      const uint4* row16 = reinterpret_cast<const uint4*>(row);
+      int64_t i0 = lane;
+      if (c == warp) {
+#pragma unroll
+        for (int u = 0; u < kRowAhead; ++u) {
+          const int64_t i = lane + 32 * u;
+          if (i < words) s += WordDot<E>(ahead[u], row_shared + i * kX);
+        }
+        i0 = lane + 32 * kRowAhead;
+      }
+#pragma unroll 4
+      for (int64_t i = i0; i < words; i += 32) {
+        s += WordDot<E>(row16[i], row_shared + i * kX);
+      }
+    } else {
+#pragma unroll 4
+      for (int64_t i = lane; i < sa.in; i += 32) {
+        s += xs[i] * ToFloat(row[i * sa.a_stride[2]]);
+      }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      s += __shfl_xor_sync(0xffffffffu, s, off);
+    }
+    if (lane == 0) xa[c] = s;
+  }
+  __syncthreads();
+  // Expand: outputs threadIdx.x, + kLoraRowThreads, ...
+  for (int64_t o = threadIdx.x, j = 0; o < total_out;
+       o += kLoraRowThreads, ++j) {
+    int k = 0;
+    while (k + 1 < ea.num_sites && o >= layout.first_out[k + 1]) ++k;
+    const LoraExpandSite& site = ea.sites[k];
+    const int64_t ol = o - layout.first_out[k];
+    const E* __restrict__ w = static_cast<const E*>(site.w) +
+                              slot * site.w_stride[0] + ol * site.w_stride[1];
+    const float* xk = xa + site.rank_offset;
+    const int64_t r_words = site.r / W;
+    float acc = 0.f;
+    if (j < kOutAhead && layout.vec[k] && site.r <= W * kExpandWords) {
+#pragma unroll
+      for (int u = 0; u < kExpandWords; ++u) {
+        // j < kOutAhead: a constant index after unrolling the two cases.
+        if (u < r_words) {
+          acc += WordDotShared<E>(j == 0 ? wv[0][u] : wv[kOutAhead - 1][u],
+                                  xk + W * u);
+        }
+      }
+    } else if (layout.vec[k]) {
+      const uint4* w16 = reinterpret_cast<const uint4*>(w);
+#pragma unroll 4
+      for (int64_t u = 0; u < r_words; ++u) {
+        acc += WordDotShared<E>(w16[u], xk + W * u);
+      }
+    } else {
+      for (int64_t c = 0; c < site.r; ++c) {
+        acc += xk[c] * ToFloat(w[c * site.w_stride[2]]);
+      }
+    }
+    float y, s;
+    if (j < kOutAhead) {
+      y = j == 0 ? y_ahead[0] : y_ahead[kOutAhead - 1];
+      s = j == 0 ? s_ahead[0] : s_ahead[kOutAhead - 1];
+    } else {
+      y = site.y[b * site.y_stride[0] + ol * site.y_stride[1]];
+      s = site.scale[slot * site.scale_stride] * row_mask;
+    }
+    site.y[b * site.y_stride[0] + ol * site.y_stride[1]] = y + s * acc;
+  }
+}
+
 // True when every row of `p + k * stride` (k >= 0) starts `align`-byte
 // aligned.
 bool Aligned(const void* p, int64_t align, int64_t elem_bytes,
@@ -1821,6 +1976,79 @@ int LaunchLoraExpand(const LoraExpandArgs& args, void* stream) {
       break;
     case DType::kHalf:
       LoraExpandKernel<__half><<<grid, kNormThreads, shared, s>>>(args, layout);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+namespace {
+
+template <typename E>
+void LaunchRowFor(const LoraShrinkArgs& sa, const LoraExpandArgs& ea,
+                  const RowLayout& layout, size_t shared, cudaStream_t s) {
+  constexpr int W = Vec16<E>::kWidth;
+  const bool vec = sa.in % W == 0 && sa.a_stride[2] == 1 &&
+                   Aligned16(sa.a, sizeof(E), {sa.a_stride[0], sa.a_stride[1]});
+  const dim3 grid(static_cast<unsigned>(sa.B));
+  if (vec) {
+    LoraRowKernel<E, true><<<grid, kLoraRowThreads, shared, s>>>(sa, ea, layout);
+  } else {
+    LoraRowKernel<E, false><<<grid, kLoraRowThreads, shared, s>>>(sa, ea, layout);
+  }
+}
+
+size_t LoraRowShared(int64_t in, int64_t R) {
+  return static_cast<size_t>((in + 3) / 4) * sizeof(float4) +
+         static_cast<size_t>(R) * sizeof(float);
+}
+
+}  // namespace
+
+bool LoraRowFits(const LoraShrinkArgs& shrink, const LoraExpandArgs& expand) {
+  return shrink.B > 0 && shrink.B <= 0x7fffffff && shrink.R > 0 &&
+         shrink.in > 0 && shrink.in <= kMaxLoraIn &&
+         shrink.a_dtype == expand.w_dtype &&
+         shrink.a_dtype != DType::kNone && expand.num_sites > 0 &&
+         expand.num_sites <= kMaxExpandSites && expand.xa_cols == shrink.R &&
+         LoraRowShared(shrink.in, shrink.R) <= kLoraRowMaxShared;
+}
+
+int LaunchLoraRow(const LoraShrinkArgs& shrink, const LoraExpandArgs& expand,
+                  void* stream) {
+  if (!LoraRowFits(shrink, expand) || shrink.x == nullptr ||
+      shrink.a == nullptr || shrink.slots == nullptr ||
+      expand.slots != shrink.slots) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  RowLayout layout{};
+  int64_t outs = 0;
+  for (int k = 0; k < expand.num_sites; ++k) {
+    const LoraExpandSite& site = expand.sites[k];
+    if (site.w == nullptr || site.scale == nullptr || site.y == nullptr ||
+        site.out < 0 || site.r <= 0 || site.rank_offset < 0 ||
+        site.rank_offset + site.r > shrink.R) {
+      return static_cast<int>(cudaErrorInvalidValue);
+    }
+    layout.first_out[k] = outs;
+    const int64_t elem = expand.w_dtype == DType::kFloat ? 4 : 2;
+    layout.vec[k] = site.r % (16 / elem) == 0 && site.w_stride[2] == 1 &&
+                    Aligned16(site.w, elem, {site.w_stride[0], site.w_stride[1]});
+    outs += site.out;
+  }
+  layout.first_out[expand.num_sites] = outs;
+  const size_t shared = LoraRowShared(shrink.in, shrink.R);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (shrink.a_dtype) {
+    case DType::kFloat:
+      LaunchRowFor<float>(shrink, expand, layout, shared, s);
+      break;
+    case DType::kBFloat16:
+      LaunchRowFor<__nv_bfloat16>(shrink, expand, layout, shared, s);
+      break;
+    case DType::kHalf:
+      LaunchRowFor<__half>(shrink, expand, layout, shared, s);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
