@@ -154,19 +154,6 @@ struct LoraExpandArgs {
 };
 int LaunchLoraExpand(const LoraExpandArgs& args, void* stream);
 
-// Shrink and expand in one launch, one block per row (B blocks): the same
-// results bit for bit (the same sums in the same order), for factors of one
-// dtype (a_dtype == w_dtype), at most kMaxExpandSites sites, and x plus xa
-// within kLoraRowMaxShared bytes of shared memory (LoraRowFits); `expand`'s
-// xa, xa_stride are not read (xa stays in shared memory), its slots must be
-// the shrink's, and its xa_cols the shrink's R. Returns
-// cudaErrorInvalidValue for arguments LoraRowFits or the two launchers
-// refuse.
-inline constexpr int64_t kLoraRowMaxShared = 48 * 1024;
-bool LoraRowFits(const LoraShrinkArgs& shrink, const LoraExpandArgs& expand);
-int LaunchLoraRow(const LoraShrinkArgs& shrink, const LoraExpandArgs& expand,
-                  void* stream);
-
 // out[g, m, n] = sum_k x[g, m, k] * w[g, n, k] in fp32 for G batches of an
 // M x K by K x N product with few output columns (N: LoRA ranks): the
 // down-projection x A^T of an objective's composed adapter (the engine

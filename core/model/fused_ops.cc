@@ -270,11 +270,6 @@ bool LoraRowGemvEnabled() {
   return fused_backend::Compiled() && !Disabled() && !off;
 }
 
-bool LoraRowFusedOff() {
-  static const bool off = EnvFlag("LORAHUB_NO_LORA_ROW_KERNEL");
-  return off;
-}
-
 at::ScalarType RowKernelFactorDtype(at::ScalarType compute,
                                     const c10::Device& device) {
   static const bool fp32 = EnvFlag("LORAHUB_ROW_LORA_FP32");

@@ -206,9 +206,7 @@ struct LoraRowSite {
 // for every site k, as one shrink kernel for all sites (their A factors side
 // by side in `a` [S, R, in]) and one expand kernel per four sites, reading
 // every row's factors straight from the bank: no gather copies, no batched
-// GEMV. Up to four sites whose a and b share a dtype take one kernel for
-// both halves instead (fused_kernels.h LaunchLoraRow: the same bits; tenth
-// session) unless LORAHUB_NO_LORA_ROW_KERNEL=1 (LoraRowFusedOff; A/B).
+// GEMV.
 // y: fp32 [B, total] (any strides; e.g. a fused projection's output), x:
 // fp32 [B, in] (in <= 8192), a [S, R, in] (R <= 4096) and every b (one
 // dtype for all b): fp32, bf16 or fp16, slots: int64 [B] (the
@@ -224,9 +222,6 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 // True when LoraRowDeltas can run (CUDA kernels compiled and not switched
 // off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_GEMV, read once).
 bool LoraRowGemvEnabled();
-// True when LORAHUB_NO_LORA_ROW_KERNEL=1 keeps LoraRowDeltas on separate
-// shrink and expand kernels. Read once.
-bool LoraRowFusedOff();
 
 // True when LORAHUB_DECODE_ATTN_GENERIC=1 sends single queries to
 // GeneralAttention too. Read once.

@@ -255,6 +255,7 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  at::Tensor xa = at::empty({B, R}, x.options());
   kernels::LoraShrinkArgs shrink;
   shrink.x = x.data_ptr<float>();
   shrink.x_stride[0] = x.stride(0);
@@ -263,14 +264,19 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   shrink.a_dtype = KernelDType(a.scalar_type());
   for (int i = 0; i < 3; ++i) shrink.a_stride[i] = a.stride(i);
   shrink.slots = slots.data_ptr<int64_t>();
+  shrink.out = xa.data_ptr<float>();
   shrink.B = B;
   shrink.R = R;
   shrink.in = in;
+  int err = kernels::LaunchLoraShrink(shrink, stream);
+  TORCH_CHECK(err == 0, "LoRA shrink kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
   // The mask and the scalings as [N] views (stride of the one non-unit
   // dimension); kept alive until the launches are queued.
   const at::Tensor mask1 = mask.defined() ? mask.reshape({B}) : at::Tensor();
   std::vector<at::Tensor> scales;
   kernels::LoraExpandArgs expand;
+  expand.xa = xa.data_ptr<float>();
   expand.xa_stride[0] = R;
   expand.xa_stride[1] = 1;
   expand.xa_cols = R;
@@ -279,8 +285,9 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   expand.mask_stride = mask1.defined() ? mask1.stride(0) : 0;
   expand.slots = shrink.slots;
   expand.B = B;
-  // Sites [first, first + kMaxExpandSites) into `expand`.
-  auto fill_sites = [&](size_t first) {
+  // One launch per kMaxExpandSites sites.
+  for (size_t first = 0; first < sites.size();
+       first += kernels::kMaxExpandSites) {
     expand.num_sites = 0;
     for (size_t k = first;
          k < sites.size() && expand.num_sites < kernels::kMaxExpandSites; ++k) {
@@ -299,25 +306,6 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
       e.r = s.b.size(2);
       e.rank_offset = s.rank_offset;
     }
-  };
-  fill_sites(0);
-  if (sites.size() <= kernels::kMaxExpandSites && !LoraRowFusedOff() &&
-      kernels::LoraRowFits(shrink, expand)) {
-    const int err = kernels::LaunchLoraRow(shrink, expand, stream);
-    TORCH_CHECK(err == 0, "LoRA row kernel: ",
-                cudaGetErrorString(static_cast<cudaError_t>(err)));
-    return true;
-  }
-  at::Tensor xa = at::empty({B, R}, x.options());
-  shrink.out = xa.data_ptr<float>();
-  expand.xa = shrink.out;
-  int err = kernels::LaunchLoraShrink(shrink, stream);
-  TORCH_CHECK(err == 0, "LoRA shrink kernel: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-  // One launch per kMaxExpandSites sites.
-  for (size_t first = 0; first < sites.size();
-       first += kernels::kMaxExpandSites) {
-    if (first > 0) fill_sites(first);
     err = kernels::LaunchLoraExpand(expand, stream);
     TORCH_CHECK(err == 0, "LoRA expand kernel: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)));
