@@ -227,8 +227,9 @@ bool LoraRowGemvEnabled();
 // GeneralAttention too. Read once.
 bool DecodeAttentionGeneric();
 
-// The dtype of the decode-step key/value caches (self-attention cache and
-// cross-attention keys / values) for a model computing in `compute`: fp32,
+// The dtype of the decode-step self-attention cache (and of cross-attention
+// keys / values where DecodeCrossKvDtype defers to it) for a model
+// computing in `compute`: fp32,
 // or bf16 when compute is bf16 and LORAHUB_DECODE_ATTN_BF16=1 (read once;
 // experimental, for an A/B). With bf16 keys and values SingleQueryAttention
 // multiplies bf16 operands with fp32 accumulation and fp32 results (cuBLAS
