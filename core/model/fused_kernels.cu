@@ -605,8 +605,8 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   constexpr int kWarps = kSplitThreads / 32;
   constexpr int kGroups = 32 / G;             // keys per warp and round
   constexpr int kRound = kWarps * kGroups;    // keys per block and round
-  // Rounds loaded before use: 64 bytes of keys and of values per lane (4
-  // rounds of bf16 spilled under the 64-register bound).
+  // Rounds loaded before use: 4 of fp32, 2 of bf16 (4 spilled under the
+  // 64-register bound); 32 keys per block either way.
   constexpr int kAhead = 16 / W;
   __shared__ float merged[kWarps][2 + G * W];  // max, sum, values
   const E* __restrict__ k = static_cast<const E*>(a.k);

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/fused_ops.h"
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
 #include "core/model/static_encoder.h"
@@ -222,11 +223,10 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
   return p;
 }
 
-bool StepPipelineOff() {
-  static const bool off = [] {
-    const char* v = std::getenv("LORAHUB_NO_STEP_AHEAD");
-    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
-  }();
+// True when LORAHUB_NO_STEP_AHEAD=1 keeps greedy decoding on CUDA waiting
+// for each step's tokens before queuing the next (A/B). Read once.
+bool StepAheadOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_STEP_AHEAD");
   return off;
 }
 
@@ -320,7 +320,7 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
     }
     return true;
   };
-  const bool ahead = !o.do_sample && w.device.is_cuda() && !StepPipelineOff();
+  const bool ahead = !o.do_sample && w.device.is_cuda() && !StepAheadOff();
   if (!ahead) {
     for (int64_t step = 0; step < o.max_new_tokens; ++step) {
       LH_ASSIGN_OR_RETURN(tokens, step_tokens_on_device(tokens));

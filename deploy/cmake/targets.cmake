@@ -636,6 +636,7 @@ lorahub_cc_library(core_model_generate
     ${SRC}/core/model/generate.cc
     ${SRC}/core/model/generate.h
   DEPS
+    core_model_fused_ops
     core_model_static_decoder
     core_model_static_encoder
     core_model_t5
