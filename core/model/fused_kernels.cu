@@ -309,6 +309,25 @@ __device__ __forceinline__ int64_t VisibleKeyEnd(const AttentionArgs& a,
   return end < 0.f ? a.S : static_cast<int64_t>(end) + 1;
 }
 
+// The (row b, head h, query t) of this block of a short-query attention
+// kernel (one block per (b, h, t), t fastest) and the element offsets of
+// its query row, keys, values and bias row.
+struct AttentionBlock {
+  int64_t b, h, t, q0, k0, v0, bias0;
+};
+__device__ __forceinline__ AttentionBlock BlockOf(const AttentionArgs& a) {
+  AttentionBlock r;
+  r.t = blockIdx.x % a.T;
+  r.h = (blockIdx.x / a.T) % a.H;
+  r.b = blockIdx.x / (a.T * a.H);
+  r.q0 = r.b * a.q_stride[0] + r.h * a.q_stride[1] + r.t * a.q_stride[2];
+  r.k0 = r.b * a.k_stride[0] + r.h * a.k_stride[1];
+  r.v0 = r.b * a.v_stride[0] + r.h * a.v_stride[1];
+  r.bias0 = r.b * a.bias_stride[0] + r.h * a.bias_stride[1] +
+            r.t * a.bias_stride[2];
+  return r;
+}
+
 // One block per (b, h, t): q row in shared memory, then the S scores
 // q . k_j + bias (fp32), their softmax, and out = sum_j p_j v_j / sum_j p_j.
 // Scores: one warp per key, its lanes over the head dimension (coalesced
@@ -326,14 +345,7 @@ __global__ void __launch_bounds__(kNormThreads)
   float* partial = p + a.S;        // [kNormThreads]
   const E* __restrict__ k = static_cast<const E*>(a.k);
   const E* __restrict__ v = static_cast<const E*>(a.v);
-  const int64_t t = blockIdx.x % a.T;
-  const int64_t h = (blockIdx.x / a.T) % a.H;
-  const int64_t b = blockIdx.x / (a.T * a.H);
-  const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
-  const int64_t k0 = b * a.k_stride[0] + h * a.k_stride[1];
-  const int64_t v0 = b * a.v_stride[0] + h * a.v_stride[1];
-  const int64_t b0 =
-      b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
+  const auto [b, h, t, q0, k0, v0, b0] = BlockOf(a);
   for (int64_t i = threadIdx.x; i < a.D; i += kNormThreads) {
     qrow[i] = LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]);
   }
@@ -458,14 +470,7 @@ __global__ void __launch_bounds__(kNormThreads, 4)
   float* partial = smem + a.S;  // [kWarps, G * W]
   const E* __restrict__ k = static_cast<const E*>(a.k);
   const E* __restrict__ v = static_cast<const E*>(a.v);
-  const int64_t t = blockIdx.x % a.T;
-  const int64_t h = (blockIdx.x / a.T) % a.H;
-  const int64_t b = blockIdx.x / (a.T * a.H);
-  const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
-  const int64_t k0 = b * a.k_stride[0] + h * a.k_stride[1];
-  const int64_t v0 = b * a.v_stride[0] + h * a.v_stride[1];
-  const int64_t b0 =
-      b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
+  const auto [b, h, t, q0, k0, v0, b0] = BlockOf(a);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int part = lane % G;  // this lane's vector of the head
@@ -611,14 +616,7 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   __shared__ float merged[kWarps][2 + G * W];  // max, sum, values
   const E* __restrict__ k = static_cast<const E*>(a.k);
   const E* __restrict__ v = static_cast<const E*>(a.v);
-  const int64_t t = blockIdx.x % a.T;
-  const int64_t h = (blockIdx.x / a.T) % a.H;
-  const int64_t b = blockIdx.x / (a.T * a.H);
-  const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
-  const int64_t k0 = b * a.k_stride[0] + h * a.k_stride[1];
-  const int64_t v0 = b * a.v_stride[0] + h * a.v_stride[1];
-  const int64_t b0 =
-      b * a.bias_stride[0] + h * a.bias_stride[1] + t * a.bias_stride[2];
+  const auto [b, h, t, q0, k0, v0, b0] = BlockOf(a);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int part = lane % G;  // this lane's vector of the head
