@@ -148,14 +148,22 @@ kernels::AttentionVariant SmallAttentionVariant() {
                                 : kernels::AttentionVariant::kSplitKeys;
 }
 
+// True when single queries on `device` go to the short-query kernel
+// (Attention; the switches that send them elsewhere are off). Also decides
+// the cross-attention keys' dtype (DecodeCrossKvDtype).
+bool SingleQueryKernelOn(const c10::Device& device) {
+  return device.is_cuda() && FusedKernelsEnabled() &&
+         !DecodeAttentionGeneric() && !DecodeAttentionBmm() &&
+         !SmallAttentionGeneric();
+}
+
 // One query per (row, head) on CUDA through the short-query kernel, written
 // in out_dtype; false (nothing run) where it does not take the tensors.
 bool SingleQueryKernel(const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, const at::Tensor& bias,
                        at::ScalarType out_dtype, at::Tensor* out) {
-  if (!q.is_cuda() || Disabled() || SmallAttentionGeneric() ||
-      DecodeAttentionBmm() || Differentiable(q) || Differentiable(k) ||
-      Differentiable(v) || Differentiable(bias)) {
+  if (!SingleQueryKernelOn(q.device()) || Differentiable(q) ||
+      Differentiable(k) || Differentiable(v) || Differentiable(bias)) {
     return false;
   }
   RECORD_USER_SCOPE("lorahub::attention");
@@ -258,11 +266,9 @@ at::ScalarType DecodeKvDtype(at::ScalarType compute) {
 at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
                                   const c10::Device& device) {
   static const bool fp32 = EnvFlag("LORAHUB_DECODE_CROSS_FP32");
-  const bool kernel = device.is_cuda() && FusedKernelsEnabled() &&
-                      !DecodeAttentionGeneric() && !DecodeAttentionBmm() &&
-                      !SmallAttentionGeneric();
-  return compute == at::kBFloat16 && kernel && !fp32 ? at::kBFloat16
-                                                      : DecodeKvDtype(compute);
+  return compute == at::kBFloat16 && SingleQueryKernelOn(device) && !fp32
+             ? at::kBFloat16
+             : DecodeKvDtype(compute);
 }
 
 bool LoraRowGemvEnabled() {
