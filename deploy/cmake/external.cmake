@@ -66,6 +66,13 @@ set(LORAHUB_OVERRIDE_ext_libtorch_libtorch lorahub_torch)
 # for libtorch_cuda next to the LibTorch found above; ON/OFF force it.
 set(LORAHUB_CUDA AUTO CACHE STRING "Compile the CUDA-only sources: AUTO, ON or OFF")
 set(LORAHUB_CUDA_ENABLED OFF)
+# What a CUDA-only source that cannot be used costs: with AUTO a warning (the
+# target keeps its CPU sources); with ON a configure error, so that a GPU
+# build never runs the CPU stubs unnoticed.
+set(LORAHUB_CUDA_FALLBACK WARNING)
+if(LORAHUB_CUDA STREQUAL "ON")
+  set(LORAHUB_CUDA_FALLBACK FATAL_ERROR)
+endif()
 if(LORAHUB_CUDA STREQUAL "AUTO")
   if(Torch_FOUND AND (TARGET torch_cuda OR "${TORCH_LIBRARIES}" MATCHES "torch_cuda"
                       OR EXISTS "${TORCH_INSTALL_PREFIX}/lib/libtorch_cuda.so"))
@@ -109,8 +116,8 @@ if(LORAHUB_CUDA_ENABLED)
     add_compile_definitions(LORAHUB_CUDA_GRAPH_CAPTURE_MODE=1)
     set(LORAHUB_CUDA_PROBE_DEFINES "-DLORAHUB_CUDA_GRAPH_CAPTURE_MODE=1")
   elseif(NOT _lh_probe_plain)
-    message(WARNING "lorahub: the CUDA graph API probe did not compile; CUDA-only sources "
-            "OFF (objective runs eagerly). Output:\n${_lh_probe_out_plain}")
+    message(${LORAHUB_CUDA_FALLBACK} "lorahub: the CUDA graph API probe did not compile; "
+            "CUDA-only sources OFF (objective runs eagerly). Output:\n${_lh_probe_out_plain}")
     set(LORAHUB_CUDA_ENABLED OFF)
   endif()
 endif()

@@ -12,7 +12,8 @@ set(_LH_CC_FLAGS ALWAYSLINK SHARED)
 # external.cmake). A macro, so that it edits the caller's ARG_SRCS.
 # Each CUDA source is first compiled on its own at configure time (try_compile,
 # cached): if one does not compile against this LibTorch, the target keeps its
-# CPU sources, with a warning, instead of failing the whole build.
+# CPU sources, with a warning, instead of failing the whole build; with
+# -DLORAHUB_CUDA=ON that is a configure error (LORAHUB_CUDA_FALLBACK).
 macro(_lorahub_pick_cuda_srcs)
   set(_lh_use_cuda FALSE)
   if(LORAHUB_CUDA_ENABLED AND ARG_CUDA_SRCS)
@@ -22,7 +23,8 @@ macro(_lorahub_pick_cuda_srcs)
     foreach(_lh_src IN LISTS ARG_CUDA_SRCS)
       # Kernels (.cu) need nvcc (external.cmake enables CUDA when it finds it).
       if(_lh_src MATCHES "\\.cu$" AND NOT LORAHUB_NVCC)
-        message(WARNING "lorahub: no CUDA compiler for ${_lh_src}; ${name} keeps its CPU sources")
+        message(${LORAHUB_CUDA_FALLBACK} "lorahub: no CUDA compiler for ${_lh_src}; ${name} "
+                "keeps its CPU sources")
         set(_lh_use_cuda FALSE)
       endif()
       if(_lh_src MATCHES "\\.(cc|cpp|cxx|cu)$")
@@ -38,8 +40,8 @@ macro(_lorahub_pick_cuda_srcs)
                     CXX_STANDARD 17
                     OUTPUT_VARIABLE _lh_cuda_out)
         if(NOT _lh_cuda_ok_${_lh_id})
-          message(WARNING "lorahub: ${_lh_src} does not compile here; ${name} keeps its CPU "
-                  "sources. Output:\n${_lh_cuda_out}")
+          message(${LORAHUB_CUDA_FALLBACK} "lorahub: ${_lh_src} does not compile here; ${name} "
+                  "keeps its CPU sources. Output:\n${_lh_cuda_out}")
           set(_lh_use_cuda FALSE)
         endif()
       endif()

@@ -104,7 +104,10 @@ say "LibTorch cmake prefix: ${torch_prefix:-none (system LibTorch)}"
 say "$(cmake --version | head -1), ninja $(ninja --version), $(${CXX:-c++} --version | head -1)"
 command -v nvcc >/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin; }
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# LORAHUB_CUDA=ON: a CUDA-only source that does not compile fails the
+# configure instead of leaving its target on the CPU stubs (deploy/cmake/README.md).
 cmake -S deploy/cmake -B "$build" -G Ninja \
+  -DLORAHUB_CUDA="${LORAHUB_CUDA:-ON}" \
   -DLORAHUB_DEPS_PREFIX="$prefix" \
   ${torch_prefix:+-DCMAKE_PREFIX_PATH="$torch_prefix" -DLORAHUB_REQUIRE_TORCH=ON} \
   -DCMAKE_EXPORT_COMPILE_COMMANDS=ON 2>&1 | tee "$logs/configure.log" | grep -E '^-- lorahub|Error|error' || true
