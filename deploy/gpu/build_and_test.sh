@@ -13,7 +13,10 @@
 # Environment: LORAHUB_DEPS_PREFIX (default .gpu/prefix), BUILD_DIR (default
 # .gpu/build), JOBS (default nproc), PYTHON (default python3), CTEST_ARGS
 # (extra ctest arguments, e.g. "-R //tests/core"), LORAHUB_PREFER_HOST_LIBS=0
-# (use every base library from the .debs, even where the host has one).
+# (use every base library from the .debs, even where the host has one),
+# NINJA_TARGETS (CMake targets to build, e.g. "server_lorahub
+# tests_model_generate_test"; default everything; CTEST_ARGS must then select
+# only tests among them), LORAHUB_CUDA (default ON).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -115,7 +118,8 @@ cmake -S deploy/cmake -B "$build" -G Ninja \
 
 # 3. Build and provenance checks.
 start=$(date +%s)
-if ! ninja -C "$build" -j "$jobs" > "$logs/build.log" 2>&1; then
+# shellcheck disable=SC2086  # NINJA_TARGETS: a list of target names
+if ! ninja -C "$build" -j "$jobs" ${NINJA_TARGETS:-} > "$logs/build.log" 2>&1; then
   say "build FAILED (see build.log)"; grep -E -m 20 -B2 -A6 'error|FAILED' "$logs/build.log" || tail -40 "$logs/build.log"
   exit 1
 fi
