@@ -328,6 +328,18 @@ __device__ __forceinline__ AttentionBlock BlockOf(const AttentionArgs& a) {
   return r;
 }
 
+// The W query values of vector `part` of the head at q0, as fp32 (the
+// vectorized and split-key kernels' lanes each hold one such vector).
+template <int W>
+__device__ __forceinline__ void LoadQueryPart(const AttentionArgs& a,
+                                              int64_t q0, int part,
+                                              float (&qv)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    qv[e] = LoadAsFloat(a.q, a.q_dtype, q0 + (part * W + e) * a.q_stride[3]);
+  }
+}
+
 // One block per (b, h, t): q row in shared memory, then the S scores
 // q . k_j + bias (fp32), their softmax, and out = sum_j p_j v_j / sum_j p_j.
 // Scores: one warp per key, its lanes over the head dimension (coalesced
@@ -475,10 +487,7 @@ __global__ void __launch_bounds__(kNormThreads, 4)
   const int warp = threadIdx.x >> 5;
   const int part = lane % G;  // this lane's vector of the head
   float qv[W];
-#pragma unroll
-  for (int e = 0; e < W; ++e) {
-    qv[e] = LoadAsFloat(a.q, a.q_dtype, q0 + (part * W + e) * a.q_stride[3]);
-  }
+  LoadQueryPart(a, q0, part, qv);
   const int64_t S = VisibleKeyEnd(a, b0);
   // Rounds are uniform over a warp (the shuffles need every lane); a lane
   // past the last key loads nothing and writes nothing. The keys (and bias
@@ -622,10 +631,7 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   const int part = lane % G;  // this lane's vector of the head
   const int first = warp * kGroups + lane / G;  // this group's first key
   float qv[W];
-#pragma unroll
-  for (int e = 0; e < W; ++e) {
-    qv[e] = LoadAsFloat(a.q, a.q_dtype, q0 + (part * W + e) * a.q_stride[3]);
-  }
+  LoadQueryPart(a, q0, part, qv);
   const int64_t S = WarpVisibleKeyEnd(a, b0);
   float m = -INFINITY;  // this group's running max, sum and values
   float l = 0.f;
