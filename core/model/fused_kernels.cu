@@ -126,6 +126,33 @@ __global__ void __launch_bounds__(kNormThreads)
 // RmsNormKernel of sum = x + delta, writing sum as well. Each thread
 // reads back only the sum elements it wrote itself.
 constexpr int kNormHeld = 8;  // values per thread held in registers: dim <= 2048
+
+// out[u] = the row's element threadIdx.x + u * kNormThreads (< dim) of p
+// (dtype t) from `base` on, as fp32; 0 past dim.
+template <typename T>
+__device__ __forceinline__ void LoadHeld(const T* __restrict__ p, int64_t base,
+                                         int64_t dim, float (&out)[kNormHeld]) {
+#pragma unroll
+  for (int u = 0; u < kNormHeld; ++u) {
+    const int64_t i = threadIdx.x + u * kNormThreads;
+    out[u] = i < dim ? ToFloat(p[base + i]) : 0.f;
+  }
+}
+__device__ __forceinline__ void LoadHeldAsFloat(const void* p, DType t,
+                                                int64_t base, int64_t dim,
+                                                float (&out)[kNormHeld]) {
+  switch (t) {
+    case DType::kBFloat16:
+      LoadHeld(static_cast<const __nv_bfloat16*>(p), base, dim, out);
+      break;
+    case DType::kHalf:
+      LoadHeld(static_cast<const __half*>(p), base, dim, out);
+      break;
+    default:
+      LoadHeld(static_cast<const float*>(p), base, dim, out);
+  }
+}
+
 template <typename W, typename R>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormKernel(const float* __restrict__ x,
@@ -463,6 +490,23 @@ struct Vec16<__half> {
   }
 };
 
+// WordDot with x as floats at any alignment (xa slices in shared memory):
+// the fp32 kernel's groups of four.
+template <typename E>
+__device__ __forceinline__ float WordDotShared(const uint4& raw,
+                                               const float* x) {
+  constexpr int W = Vec16<E>::kWidth;
+  float w[W];
+  Vec16<E>::Widen(raw, w);
+  float s = 0.f;
+#pragma unroll
+  for (int q = 0; q < W / 4; ++q) {
+    s += x[4 * q] * w[4 * q] + x[4 * q + 1] * w[4 * q + 1] +
+         x[4 * q + 2] * w[4 * q + 2] + x[4 * q + 3] * w[4 * q + 3];
+  }
+  return s;
+}
+
 // SmallAttentionKernel for a head of G 16-byte vectors (D == Dv == G * W; G
 // a power of two <= 32), keys and values with unit element stride and
 // 16-byte aligned rows (the launcher checks). Why: one key per warp left a
@@ -612,9 +656,38 @@ __device__ __forceinline__ int64_t WarpVisibleKeyEnd(const AttentionArgs& a,
 // arithmetic is fp32 as there, the sums in another order.
 constexpr int kSplitThreads = 128;
 
-template <typename E, int G>
+// Output o of row b's LoRA delta without its scaling (AttentionRowLora):
+// sum_c xa[b, c] * w[slot, o, c], as LoraExpandKernel sums it (16-byte
+// words of 8 ranks, each word's products in groups of four).
+__device__ __forceinline__ float RowLoraSum(const AttentionRowLora& lora,
+                                            int64_t b, int64_t slot,
+                                            int64_t o) {
+  const float* __restrict__ xa = lora.xa + b * lora.xa_row_stride;
+  const uint4* __restrict__ w = reinterpret_cast<const uint4*>(
+      static_cast<const __nv_bfloat16*>(lora.w) + slot * lora.w_stride[0] +
+      o * lora.w_stride[1]);
+  float acc = 0.f;
+  for (int64_t c = 0; c < lora.r / 8; ++c) {
+    float xs[8];
+    Vec16<float>::Load(xa + 8 * c, xs);
+    Vec16<float>::Load(xa + 8 * c + 4, xs + 4);
+    acc += WordDotShared<__nv_bfloat16>(w[c], xs);
+  }
+  return acc;
+}
+
+// W fp32 values at p (16-byte aligned), as a float array.
+template <int W>
+__device__ __forceinline__ void LoadFloats(const float* p, float (&x)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; e += 4) Vec16<float>::Load(p + e, x + e);
+}
+
+// kStep: a decode step's attention with its LoRA expand and key/value store
+// (LaunchDecodeStepAttention); else `step` is unused.
+template <typename E, int G, bool kStep>
 __global__ void __launch_bounds__(kSplitThreads, 8)
-    SplitKeyAttentionKernel(AttentionArgs a) {
+    SplitKeyAttentionKernel(AttentionArgs a, DecodeStepArgs step) {
   constexpr int W = Vec16<E>::kWidth;
   constexpr int kWarps = kSplitThreads / 32;
   constexpr int kGroups = 32 / G;             // keys per warp and round
@@ -631,13 +704,99 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   const int part = lane % G;  // this lane's vector of the head
   const int first = warp * kGroups + lane / G;  // this group's first key
   float qv[W];
-  LoadQueryPart(a, q0, part, qv);
-  const int64_t S = WarpVisibleKeyEnd(a, b0);
+  int64_t S;
   float m = -INFINITY;  // this group's running max, sum and values
   float l = 0.f;
   float acc[W];
 #pragma unroll
   for (int e = 0; e < W; ++e) acc[e] = 0.f;
+  if constexpr (kStep) {
+    // The per-row LoRA sums of q's and the new value's head outputs, one
+    // output per thread (a head's factors are 2 KB per site: loaded once
+    // per block, not once per lane), exchanged through shared memory.
+    __shared__ float lora_sum[2][kMaxAttentionHead];
+    int64_t slot = 0;
+    float row_scale = 1.f;
+    if (step.slots != nullptr) {
+      slot = step.slots[b];
+      if (step.mask != nullptr) row_scale = step.mask[b * step.mask_stride];
+    }
+    const bool q_lora = step.q_lora.xa != nullptr;
+    const bool v_lora = step.v_lora.xa != nullptr;
+    if (q_lora || v_lora) {
+      for (int64_t i = threadIdx.x; i < 2 * a.D; i += kSplitThreads) {
+        const bool is_v = i >= a.D;
+        const int64_t d = is_v ? i - a.D : i;
+        const AttentionRowLora& site = is_v ? step.v_lora : step.q_lora;
+        lora_sum[is_v][d] = site.xa != nullptr
+                                ? RowLoraSum(site, b, slot, h * a.D + d)
+                                : 0.f;
+      }
+    }
+    LoadFloats(static_cast<const float*>(a.q) + q0 + part * W, qv);
+    // y + scale * mask * sum as LoraExpandKernel forms it.
+    const auto site_scale = [&](const AttentionRowLora& l) {
+      const float s = l.scale[slot * l.scale_stride];
+      return step.mask != nullptr ? s * row_scale : s;
+    };
+    if (q_lora || v_lora) __syncthreads();  // uniform over the block
+    if (q_lora) {
+      const float s = site_scale(step.q_lora);
+#pragma unroll
+      for (int e = 0; e < W; ++e) qv[e] += s * lora_sum[0][part * W + e];
+    }
+    if (step.k_new != nullptr) {
+      // The new key and value (this lane's part, as the cache will hold
+      // them): stored at t_new, and the first key of group 0 of warp 0.
+      // The host keeps t below the capacity; the clamp only keeps a stray
+      // t from writing outside the cache.
+      const int64_t t_new = min(max(*step.t, int64_t{0}), a.S - 1);
+      float kn[W], vn[W];
+      const int64_t n0 =
+          b * step.kv_new_stride[0] + h * step.kv_new_stride[1] + part * W;
+      LoadFloats(step.k_new + n0, kn);
+      LoadFloats(step.v_new + n0, vn);
+      if (v_lora) {
+        const float s = site_scale(step.v_lora);
+#pragma unroll
+        for (int e = 0; e < W; ++e) vn[e] += s * lora_sum[1][part * W + e];
+      }
+#pragma unroll
+      for (int e = 0; e < W; ++e) {  // what a read of the cache would give
+        kn[e] = ToFloat(FromFloat<E>(kn[e]));
+        vn[e] = ToFloat(FromFloat<E>(vn[e]));
+      }
+      if (warp == 0 && lane < G) {  // nothing in this launch reads them back
+        E* kc = const_cast<E*>(k) + k0 + t_new * a.k_stride[2] + part * W;
+        E* vc = const_cast<E*>(v) + v0 + t_new * a.v_stride[2] + part * W;
+#pragma unroll
+        for (int e = 0; e < W; ++e) {
+          kc[e] = FromFloat<E>(kn[e]);
+          vc[e] = FromFloat<E>(vn[e]);
+        }
+      }
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < W; ++e) dot += qv[e] * kn[e];
+#pragma unroll
+      for (int off = G / 2; off > 0; off >>= 1) {
+        dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      }
+      if (warp == 0 && lane < G) {
+        m = dot + LoadAsFloat(a.bias, a.bias_dtype,
+                              b0 + t_new * a.bias_stride[3]);
+        l = 1.f;  // expf(m - m)
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[e] = vn[e];
+      }
+      S = t_new;  // the keys before it
+    } else {
+      S = WarpVisibleKeyEnd(a, b0);
+    }
+  } else {
+    LoadQueryPart(a, q0, part, qv);
+    S = WarpVisibleKeyEnd(a, b0);
+  }
   // Trip counts are uniform over the block (the shuffles need every lane).
   // Keys and values stay 16-byte words until used (4 registers each: bf16
   // widened up front took 8 and spilled).
@@ -1067,6 +1226,92 @@ __global__ void __launch_bounds__(kNormThreads)
   if (lane == 0) a.out[b * a.R + c] = s;
 }
 
+// AddRmsNormKernel's pass for row b and LoraShrinkKernel's (kVec) of its
+// output, in one kernel (fused_kernels.h LaunchAddRmsNormShrink). Grid and
+// warps as LoraShrinkKernel's: every block of row b computes the row's norm
+// (the same arithmetic in the same order as AddRmsNormKernel's register
+// path) into shared memory, where the shrink reads x; block 0 of the row
+// also writes sum, full and rounded. The factor loads are issued first, so
+// that their latency overlaps the norm. xa is bit for bit LoraShrinkKernel's
+// of `full`.
+template <typename E>
+__global__ void __launch_bounds__(kNormThreads)
+    AddRmsNormShrinkKernel(AddNormShrinkArgs p) {
+  __shared__ float4 x_shared[kNormHeld * kNormThreads / 4];
+  float* xs = reinterpret_cast<float*>(x_shared);
+  const LoraShrinkArgs& a = p.shrink;
+  constexpr int kWarps = kNormThreads / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t b = blockIdx.y;
+  const bool active = c < a.R;
+  const E* __restrict__ row =
+      static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0] +
+      (active ? c : 0) * a.a_stride[1];
+  const int64_t words = a.in / Vec16<E>::kWidth;
+  const uint4* row16 = reinterpret_cast<const uint4*>(row);
+  uint4 ahead[kShrinkAhead];
+#pragma unroll
+  for (int u = 0; u < kShrinkAhead; ++u) {
+    const int64_t i = lane + 32 * u;
+    if (active && i < words) ahead[u] = row16[i];
+  }
+  const int64_t dim = a.in;
+  const int64_t base = b * dim;
+  // The row's x, delta and weight, each dtype switched once per row so that
+  // all loads are in flight together (a switch per element made each add
+  // wait for its own loads: 6.3 us a call in the fourth call of the
+  // eleventh session, against 2.1 + 3.9 for the two kernels).
+  float v[kNormHeld], d[kNormHeld], g[kNormHeld];
+#pragma unroll
+  for (int u = 0; u < kNormHeld; ++u) {
+    const int64_t i = threadIdx.x + u * kNormThreads;
+    v[u] = i < dim ? p.x[base + i] : 0.f;
+  }
+  LoadHeldAsFloat(p.delta, p.delta_dtype, base, dim, d);
+  LoadHeldAsFloat(p.weight, p.weight_dtype, 0, dim, g);
+#pragma unroll
+  for (int u = 0; u < kNormHeld; ++u) v[u] += d[u];
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int u = 0; u < kNormHeld; ++u) {
+    const int64_t i = threadIdx.x + u * kNormThreads;
+    if (i < dim) sum_sq += v[u] * v[u];
+  }
+  const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + p.eps);
+  const bool writer = blockIdx.x == 0;
+#pragma unroll
+  for (int u = 0; u < kNormHeld; ++u) {
+    const int64_t i = threadIdx.x + u * kNormThreads;
+    if (i < dim) {
+      const float o = g[u] * (v[u] * inv);
+      xs[i] = o;
+      if (writer) {
+        p.sum[base + i] = v[u];
+        p.full[base + i] = o;
+        if (p.rounded != nullptr) {
+          StoreFromFloat(p.rounded, p.rounded_dtype, base + i, o);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (!active) return;  // whole warps; no block barrier below
+  constexpr int kX = Vec16<E>::kWidth / 4;  // float4s of x per word
+  float s = 0.f;
+#pragma unroll
+  for (int u = 0; u < kShrinkAhead; ++u) {
+    const int64_t i = lane + 32 * u;
+    if (i < words) s += WordDot<E>(ahead[u], x_shared + i * kX);
+  }
+#pragma unroll 4
+  for (int64_t i = lane + 32 * kShrinkAhead; i < words; i += 32) {
+    s += WordDot<E>(row16[i], x_shared + i * kX);
+  }
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) a.out[b * a.R + c] = s;
+}
+
 // NarrowGemm (fused_kernels.h). A block computes kNarrowRows rows x 32
 // columns; its 8 warps split K into contiguous ranges. In a warp, lane =
 // (column group cg of 8 columns, k lane kl of 8): each warp-wide load reads
@@ -1255,23 +1500,6 @@ __global__ void __launch_bounds__(kNarrowThreads)
   StoreWarpSum(partial, i, j, g, m0 + i, n0 + j, a);
 }
 
-// WordDot with x as floats at any alignment (xa slices in shared memory):
-// the fp32 kernel's groups of four.
-template <typename E>
-__device__ __forceinline__ float WordDotShared(const uint4& raw,
-                                               const float* x) {
-  constexpr int W = Vec16<E>::kWidth;
-  float w[W];
-  Vec16<E>::Widen(raw, w);
-  float s = 0.f;
-#pragma unroll
-  for (int q = 0; q < W / 4; ++q) {
-    s += x[4 * q] * w[4 * q] + x[4 * q + 1] * w[4 * q + 1] +
-         x[4 * q + 2] * w[4 * q + 2] + x[4 * q + 3] * w[4 * q + 3];
-  }
-  return s;
-}
-
 // One thread per (row b, site k, output o): blocks [first_k, first_k+1) of
 // grid.x belong to site k (kNormThreads outputs each); the row's xa in
 // shared memory. A site's `vec` (factors with unit inner stride, r a
@@ -1405,7 +1633,8 @@ void LaunchVecAttention(const AttentionArgs& a, unsigned grid,
 template <typename E, int G>
 void LaunchSplitKeyAttention(const AttentionArgs& a, unsigned grid,
                              cudaStream_t stream) {
-  SplitKeyAttentionKernel<E, G><<<grid, kSplitThreads, 0, stream>>>(a);
+  SplitKeyAttentionKernel<E, G, false>
+      <<<grid, kSplitThreads, 0, stream>>>(a, DecodeStepArgs());
 }
 
 template <typename E, int G>
@@ -1503,6 +1732,92 @@ int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
       return LaunchAddForWeight<__half>(x, delta, delta_dtype, sum, weight,
                                         full, rounded, rounded_dtype, rows, dim,
                                         eps, s);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+namespace {
+
+bool RowLoraTakes(const AttentionRowLora& l) {
+  return l.xa == nullptr ||
+         (l.w != nullptr && l.scale != nullptr && l.r > 0 && l.r % 8 == 0 &&
+          Aligned16(l.xa, sizeof(float), {l.xa_row_stride}) &&
+          Aligned16(l.w, 2, {l.w_stride[0], l.w_stride[1]}));
+}
+
+template <typename E, int G>
+void LaunchStep(const AttentionArgs& a, const DecodeStepArgs& step,
+                unsigned grid, cudaStream_t stream) {
+  SplitKeyAttentionKernel<E, G, true>
+      <<<grid, kSplitThreads, 0, stream>>>(a, step);
+}
+
+template <typename E>
+int LaunchStepFor(const AttentionArgs& a, const DecodeStepArgs& step,
+                  unsigned grid, cudaStream_t stream) {
+  constexpr int W = Vec16<E>::kWidth;
+  if (a.D % W != 0 || a.k_stride[3] != 1 || a.v_stride[3] != 1 ||
+      !Aligned16(a.k, sizeof(E),
+                 {a.k_stride[0], a.k_stride[1], a.k_stride[2]}) ||
+      !Aligned16(a.v, sizeof(E),
+                 {a.v_stride[0], a.v_stride[1], a.v_stride[2]})) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  switch (a.D / W) {
+    case 4:
+      LaunchStep<E, 4>(a, step, grid, stream);
+      break;
+    case 8:
+      LaunchStep<E, 8>(a, step, grid, stream);
+      break;
+    case 16:
+      LaunchStep<E, 16>(a, step, grid, stream);
+      break;
+    case 32:
+      LaunchStep<E, 32>(a, step, grid, stream);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return LastError();
+}
+
+}  // namespace
+
+int LaunchDecodeStepAttention(const AttentionArgs& args,
+                              const DecodeStepArgs& step, void* stream) {
+  const int64_t blocks = args.B * args.H;
+  const bool lora = step.q_lora.xa != nullptr || step.v_lora.xa != nullptr;
+  const bool store = step.k_new != nullptr;
+  if (blocks <= 0 || blocks > 0x7fffffff || args.T != 1 ||
+      args.D != args.Dv || args.D <= 0 || args.D > kMaxAttentionHead ||
+      args.S <= 0 || args.S > kMaxAttentionKeys ||
+      args.bias_dtype == DType::kNone ||
+      (args.q_dtype != DType::kFloat && args.q_dtype != DType::kNone) ||
+      args.q_stride[3] != 1 ||
+      !Aligned16(args.q, sizeof(float),
+                 {args.q_stride[0], args.q_stride[1], args.q_stride[2]}) ||
+      !RowLoraTakes(step.q_lora) || !RowLoraTakes(step.v_lora) ||
+      (lora && step.slots == nullptr) ||
+      (step.v_lora.xa != nullptr && !store) ||
+      (store && (step.v_new == nullptr || step.t == nullptr ||
+                 !Aligned16(step.k_new, sizeof(float),
+                            {step.kv_new_stride[0], step.kv_new_stride[1]}) ||
+                 !Aligned16(step.v_new, sizeof(float),
+                            {step.kv_new_stride[0], step.kv_new_stride[1]})))) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  AttentionArgs a = args;
+  a.q_dtype = DType::kFloat;
+  if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
+  const auto grid = static_cast<unsigned>(blocks);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (a.qkv_dtype) {
+    case DType::kFloat:
+      return LaunchStepFor<float>(a, step, grid, s);
+    case DType::kBFloat16:
+      return LaunchStepFor<__nv_bfloat16>(a, step, grid, s);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -1751,6 +2066,60 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+bool AddRmsNormShrinkFits(const AddNormShrinkArgs& p) {
+  const LoraShrinkArgs& a = p.shrink;
+  int width = 0;
+  size_t elem = 0;
+  switch (a.a_dtype) {
+    case DType::kFloat:
+      width = Vec16<float>::kWidth;
+      elem = sizeof(float);
+      break;
+    case DType::kBFloat16:
+      width = Vec16<__nv_bfloat16>::kWidth;
+      elem = sizeof(__nv_bfloat16);
+      break;
+    case DType::kHalf:
+      width = Vec16<__half>::kWidth;
+      elem = sizeof(__half);
+      break;
+    default:
+      return false;
+  }
+  const int64_t gx = (a.R + kNormThreads / 32 - 1) / (kNormThreads / 32);
+  return a.B > 0 && a.B <= 65535 && a.R > 0 && gx <= 0x7fffffff &&
+         a.in > 0 && a.in <= kNormHeld * kNormThreads && a.in % width == 0 &&
+         a.a_stride[2] == 1 &&
+         Aligned16(a.a, static_cast<int64_t>(elem), {a.a_stride[0], a.a_stride[1]}) &&
+         a.a != nullptr && a.slots != nullptr && p.x != nullptr &&
+         p.delta != nullptr && p.delta_dtype != DType::kNone &&
+         p.weight != nullptr && p.weight_dtype != DType::kNone;
+}
+
+int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
+  if (!AddRmsNormShrinkFits(p) || p.shrink.out == nullptr ||
+      p.sum == nullptr || p.full == nullptr ||
+      (p.rounded == nullptr) != (p.rounded_dtype == DType::kNone)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  constexpr int64_t kWarps = kNormThreads / 32;
+  const dim3 grid(static_cast<unsigned>((p.shrink.R + kWarps - 1) / kWarps),
+                  static_cast<unsigned>(p.shrink.B));
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.shrink.a_dtype) {
+    case DType::kFloat:
+      AddRmsNormShrinkKernel<float><<<grid, kNormThreads, 0, s>>>(p);
+      break;
+    case DType::kBFloat16:
+      AddRmsNormShrinkKernel<__nv_bfloat16><<<grid, kNormThreads, 0, s>>>(p);
+      break;
+    default:
+      AddRmsNormShrinkKernel<__half><<<grid, kNormThreads, 0, s>>>(p);
+      break;
   }
   return static_cast<int>(cudaGetLastError());
 }

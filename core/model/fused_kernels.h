@@ -75,6 +75,54 @@ struct AttentionArgs {
 };
 int LaunchSmallAttention(const AttentionArgs& args, void* stream);
 
+// The per-row LoRA expand of one attention input (q, or a new value) done by
+// the decode-step attention kernel as it loads that input:
+//   x[b, h, d] += s_b * sum_c xa[b, c] * w[slot_b, h * D + d, c],  c < r,
+// s_b = scale[slot_b] * (mask ? mask[b] : 1), slot_b = slots[b] (the
+// DecodeStepArgs'). xa: fp32, this site's ranks of row b at
+// xa + b * xa_row_stride; w: bf16 [S, H * D, r] with unit stride along r;
+// r a multiple of 8, 16-byte aligned xa and w rows (the launcher checks).
+// The arithmetic of LaunchLoraExpand: fp32 sums of the same products, in the
+// same order, added as y + s * sum.
+struct AttentionRowLora {
+  const float* xa = nullptr;  // null: no delta
+  int64_t xa_row_stride = 0;
+  const void* w = nullptr;  // bf16
+  int64_t w_stride[2] = {0, 0};  // slot, output
+  int64_t r = 0;
+  const float* scale = nullptr;
+  int64_t scale_stride = 0;
+};
+
+// One decode step's attention (T == 1) with work folded in that would
+// otherwise be kernels of their own: the per-row LoRA expand of q and, for
+// a self-attention step, storing the new key and value in the cache.
+// `attn`: as for LaunchSmallAttention, T == 1, keys and values as the
+// split-key kernel takes them (16-byte rows, D == Dv of 64 fp32 or bf16
+// elements per 16 lanes / 8 lanes: the kernel's T5-sized heads), q fp32 of
+// unit stride along D. With k_new set (a self-attention step), attn.k and
+// attn.v are the cache [B, H, C, D] this kernel writes: the new key and
+// value (fp32 [B, H, D] at k_new / v_new with element strides
+// kv_new_stride (b, h), unit along D; v_new plus v_lora's delta) are stored
+// at position *t (device int64) rounded to the cache's dtype, and the keys
+// attended are 0..*t; the bias must mask keys after *t (causal), which are
+// not read. Without k_new, the keys are those LaunchSmallAttention would
+// attend. Returns cudaErrorInvalidValue, having launched nothing, for
+// arguments it does not take.
+struct DecodeStepArgs {
+  AttentionRowLora q_lora;
+  AttentionRowLora v_lora;
+  const int64_t* slots = nullptr;  // needed with a delta
+  const float* mask = nullptr;  // null: every row adapted
+  int64_t mask_stride = 0;
+  const float* k_new = nullptr;  // null: no store
+  const float* v_new = nullptr;
+  int64_t kv_new_stride[2] = {0, 0};
+  const int64_t* t = nullptr;
+};
+int LaunchDecodeStepAttention(const AttentionArgs& attn,
+                              const DecodeStepArgs& step, void* stream);
+
 // Longer queries (T >= kTiledQueryMin; the encoder, T = S): one block per
 // (b, h, tile of queries) with the head's keys and values in shared memory
 // as fp32 (TiledAttentionFits: up to kTiledMaxShared, above the default
@@ -122,6 +170,33 @@ struct LoraShrinkArgs {
   int64_t B = 0, R = 0, in = 0;
 };
 int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream);
+
+// LaunchAddRmsNorm's pass over B rows of `in` values (shrink.B, shrink.in)
+// and LaunchLoraShrink of its fp32 output `full` in one kernel (decode
+// steps: the norm before an adapted projection; it was two kernels, the
+// shrink waiting for the norm's output): every block recomputes its row's
+// norm in shared memory and one block per row writes sum, full and
+// rounded. The outputs are bit for bit the two launches' (shrink.x is not
+// read). Takes in <= 2048, a multiple of a 16-byte word of factors, factor
+// rows 16-byte aligned with unit inner stride (AddRmsNormShrinkFits);
+// returns cudaErrorInvalidValue otherwise.
+struct AddNormShrinkArgs {
+  const float* x = nullptr;  // the residual stream [B, in]
+  const void* delta = nullptr;
+  DType delta_dtype = DType::kNone;
+  float* sum = nullptr;
+  const void* weight = nullptr;
+  DType weight_dtype = DType::kNone;
+  float* full = nullptr;
+  void* rounded = nullptr;  // null with rounded_dtype kNone
+  DType rounded_dtype = DType::kNone;
+  float eps = 0.f;
+  LoraShrinkArgs shrink;
+};
+// True when LaunchAddRmsNormShrink takes these arguments (the outputs
+// sum, full, rounded and shrink.out aside).
+bool AddRmsNormShrinkFits(const AddNormShrinkArgs& args);
+int LaunchAddRmsNormShrink(const AddNormShrinkArgs& args, void* stream);
 
 // Expand, for up to kMaxExpandSites sites in one launch: for every site k,
 // y_k[b, o] += s_kb * sum_c xa[b, off_k + c] * w_k[slots[b], o, c] for

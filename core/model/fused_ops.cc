@@ -298,6 +298,87 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   return fused_backend::LoraRowDeltas(y, x, a, sites, slots, mask);
 }
 
+bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
+                      const at::Tensor& weight, double eps,
+                      at::ScalarType compute, const at::Tensor& a,
+                      const at::Tensor& slots, AddNormOutput* out,
+                      at::Tensor* xa) {
+  static const bool off = EnvFlag("LORAHUB_NO_NORM_SHRINK");
+  if (off || !x.is_cuda() || !LoraRowGemvEnabled() || Differentiable(x) ||
+      Differentiable(delta) || Differentiable(weight) || Differentiable(a)) {
+    return false;
+  }
+  return fused_backend::AddRmsNormShrink(x, delta, weight, eps, compute, a,
+                                         slots, out, xa);
+}
+
+at::Tensor LoraRowShrink(const at::Tensor& x, const at::Tensor& a,
+                         const at::Tensor& slots) {
+  if (!x.is_cuda() || !LoraRowGemvEnabled() || Differentiable(x) ||
+      Differentiable(a)) {
+    return at::Tensor();
+  }
+  return fused_backend::LoraRowShrink(x, a, slots);
+}
+
+bool LoraRowExpand(const at::Tensor& y, const at::Tensor& xa,
+                   const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask) {
+  if (!y.is_cuda() || !LoraRowGemvEnabled() || Differentiable(y) ||
+      Differentiable(xa)) {
+    return false;
+  }
+  for (const LoraRowSite& s : sites) {
+    if (Differentiable(s.b) || Differentiable(s.scale)) return false;
+  }
+  return fused_backend::LoraRowExpand(y, xa, sites, slots, mask);
+}
+
+bool DecodeStepAttentionEnabled() {
+  static const bool off = EnvFlag("LORAHUB_NO_STEP_ATTN");
+  return FusedKernelsEnabled() && !off;
+}
+
+namespace {
+
+// x + e's per-row delta (DecodeStepInputs): x fp32 [B, H, 1, D].
+at::Tensor WithRowDelta(const at::Tensor& x, const RowLoraExpand& e,
+                        const DecodeStepInputs& step) {
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
+  const int64_t r = e.b.size(2);
+  const at::Tensor xs = e.xa.narrow(1, e.rank_offset, r);       // [B, r]
+  const at::Tensor bs = e.b.index_select(0, step.slots).to(at::kFloat);
+  at::Tensor scale = e.scale.reshape({-1}).index_select(0, step.slots);
+  if (step.mask.defined()) scale = scale * step.mask.reshape({-1});
+  const at::Tensor delta =  // [B, H * D] as [B, H, 1, D]
+      at::bmm(bs, xs.unsqueeze(2)).squeeze(2) * scale.unsqueeze(1);
+  return x + delta.view({B, 1, H, D}).transpose(1, 2);
+}
+
+}  // namespace
+
+at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
+                               at::ScalarType out_dtype) {
+  if (step.q.is_cuda() && DecodeStepAttentionEnabled() &&
+      !Differentiable(step.q) && !Differentiable(step.k_new) &&
+      !Differentiable(step.v_new)) {
+    RECORD_USER_SCOPE("lorahub::attention");
+    at::Tensor out;
+    if (fused_backend::DecodeStepAttention(step, out_dtype, &out)) return out;
+  }
+  const at::Tensor q =
+      step.q_lora != nullptr ? WithRowDelta(step.q, *step.q_lora, step)
+                             : step.q;
+  if (step.k_new.defined()) {
+    const at::Tensor v_new =
+        step.v_lora != nullptr ? WithRowDelta(step.v_new, *step.v_lora, step)
+                               : step.v_new;
+    step.k.index_copy_(2, step.t, step.k_new.to(step.k.scalar_type()));
+    step.v.index_copy_(2, step.t, v_new.to(step.v.scalar_type()));
+  }
+  return Attention(q, step.k, step.v, step.bias, out_dtype);
+}
+
 bool NarrowGemmEnabled() {
   static const bool off = EnvFlag("LORAHUB_NO_NARROW_GEMM");
   return fused_backend::Compiled() && !Disabled() && !off;

@@ -223,6 +223,78 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 // off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_GEMV, read once).
 bool LoraRowGemvEnabled();
 
+// AddRmsNorm(x, delta, weight, eps, compute) and LoraRowShrink of its fp32
+// output, xa[b] = full[b] a[slots[b]]^T (fp32 [B, R]), in ONE kernel on
+// CUDA (decode steps: the norm before an adapted projection; the shrink was
+// a kernel of its own that waited for the norm's output). x: contiguous
+// fp32 [..., dim] of B rows, delta contiguous of x's shape, a [S, R, dim]
+// with dim <= 2048 and 16-byte aligned factor rows, slots int64 [B]. The
+// outputs are bit for bit AddRmsNorm's and the shrink kernel's. False,
+// nothing touched, elsewhere (CPU, autograd, other shapes,
+// LORAHUB_NO_NORM_SHRINK=1 for an A/B, or where LoraRowShrink does not run).
+bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
+                      const at::Tensor& weight, double eps,
+                      at::ScalarType compute, const at::Tensor& a,
+                      const at::Tensor& slots, AddNormOutput* out,
+                      at::Tensor* xa);
+
+// LoraRowDeltas in two halves, for a caller that folds the expand into
+// another kernel (DecodeStepAttention): LoraRowShrink returns the shrink's
+// xa = x a[slots[b]]^T, fp32 [B, R], or an undefined tensor, having run
+// nothing, where LoraRowDeltas would not take x, a and slots; LoraRowExpand
+// adds the sites' deltas from xa into y, or returns false, having changed
+// nothing, where LoraRowDeltas would not take these sites.
+at::Tensor LoraRowShrink(const at::Tensor& x, const at::Tensor& a,
+                         const at::Tensor& slots);
+bool LoraRowExpand(const at::Tensor& y, const at::Tensor& xa,
+                   const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask);
+
+// One decode step's attention (one query per row) with the work around it
+// that would otherwise be kernels of their own: the per-row LoRA expand of q
+// (and of the new value) from the shrink's output, and, for a
+// self-attention step, storing the new key and value in the cache.
+// Why: in a decode step of 64 rows with per-row adapters these were three
+// kernels per self-attention and one per cross-attention of about 3.5 us
+// each (tenth session: 1,536 expands and 768 stores per 64 x 32 Generate,
+// 7.9 ms of kernel time, 10% of it).
+//
+// Per-row LoRA of one input x (q or v_new) [B, H, 1, D]: with slot =
+// slots[b], x[b, h, 0, d] += scale[slot] * mask[b] * (xa[b, rank_offset:
+// rank_offset + r] . b[slot, h * D + d, :]) (LoraRowDeltas' expand).
+struct RowLoraExpand {
+  at::Tensor xa;  // fp32 [B, R]: the shrink's output for a run of sites
+  int64_t rank_offset = 0;
+  at::Tensor b;      // [S, H * D, r]
+  at::Tensor scale;  // fp32 [S, 1, 1]
+};
+struct DecodeStepInputs {
+  at::Tensor q;     // fp32 [B, H, 1, D]
+  at::Tensor k, v;  // [B, H, S, D]; with k_new, the cache: written here
+  at::Tensor bias;  // broadcastable to [B, H, 1, S]
+  const RowLoraExpand* q_lora = nullptr;
+  // A self-attention step: the new key and value, fp32 [B, H, 1, D], stored
+  // at position t (int64 [1], on the device) of k and v (rounded to their
+  // dtype) before the attention, which then reads keys 0..t: the bias must
+  // mask the keys after t (causal).
+  at::Tensor k_new, v_new;
+  const RowLoraExpand* v_lora = nullptr;  // needs k_new
+  at::Tensor t;
+  at::Tensor slots;  // int64 [B], with a delta
+  at::Tensor mask;   // fp32 [B, 1, 1]; undefined: every row adapted
+};
+// Returns the context as Attention(q, k, v, bias, out_dtype) does for the
+// inputs so updated (on CUDA one kernel, fused_kernels.h
+// LaunchDecodeStepAttention; elsewhere, or where the kernel does not take
+// the inputs, the ATen ops in that order: the same values up to the order
+// of fp32 sums).
+at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
+                               at::ScalarType out_dtype);
+// True unless LORAHUB_NO_STEP_ATTN=1 (read once; A/B) or the kernels are
+// off or not compiled: the decoder then runs the expands, the store and the
+// attention as separate ops.
+bool DecodeStepAttentionEnabled();
+
 // True when LORAHUB_DECODE_ATTN_GENERIC=1 sends single queries to
 // GeneralAttention too. Read once.
 bool DecodeAttentionGeneric();

@@ -39,6 +39,18 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,
                    const at::Tensor& slots, const at::Tensor& mask);
 // fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
+bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
+                      const at::Tensor& weight, double eps,
+                      at::ScalarType compute, const at::Tensor& a,
+                      const at::Tensor& slots, AddNormOutput* out,
+                      at::Tensor* xa);
+at::Tensor LoraRowShrink(const at::Tensor& x, const at::Tensor& a,
+                         const at::Tensor& slots);
+bool LoraRowExpand(const at::Tensor& y, const at::Tensor& xa,
+                   const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask);
+bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
+                         at::Tensor* out);
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and
 // an fp32 result: at::bmm with out_dtype (PyTorch >= 2.8).

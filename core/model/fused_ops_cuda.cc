@@ -214,76 +214,112 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   return true;
 }
 
-bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
-                   const at::Tensor& a, const std::vector<LoraRowSite>& sites,
-                   const at::Tensor& slots, const at::Tensor& mask) {
-  // Every check first: nothing runs unless every launch can.
-  const auto on_device = [&](const at::Tensor& t) {
-    return t.defined() && t.is_cuda() && t.device() == x.device();
-  };
-  if (sites.empty() || !on_device(y) || !on_device(a) || !on_device(slots) ||
-      y.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat ||
-      y.dim() != 2 || x.dim() != 2 || a.dim() != 3 || slots.dim() != 1 ||
-      slots.scalar_type() != at::kLong || !slots.is_contiguous() ||
+namespace {
+
+bool OnDeviceOf(const at::Tensor& t, const at::Tensor& x) {
+  return t.defined() && t.is_cuda() && t.device() == x.device();
+}
+
+cudaStream_t StreamOf(const at::Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+// What LaunchLoraShrink takes: x fp32 [B, in], a [S, R, in], slots int64
+// [B] contiguous.
+bool ShrinkTakes(const at::Tensor& x, const at::Tensor& a,
+                 const at::Tensor& slots) {
+  if (!OnDeviceOf(x, x) || !OnDeviceOf(a, x) || !OnDeviceOf(slots, x) ||
+      x.scalar_type() != at::kFloat || x.dim() != 2 || a.dim() != 3 ||
+      slots.dim() != 1 || slots.scalar_type() != at::kLong ||
+      !slots.is_contiguous() ||
       KernelDType(a.scalar_type()) == kernels::DType::kNone) {
     return false;
   }
-  const int64_t B = x.size(0), in = x.size(1), R = a.size(1);
-  if (B == 0) return true;
-  if (B > 65535 || y.size(0) != B || slots.size(0) != B || a.size(2) != in ||
-      R <= 0 || in > kernels::kMaxLoraIn || R > kernels::kMaxLoraRanks) {
+  const int64_t B = x.size(0), R = a.size(1);
+  return B <= 65535 && slots.size(0) == B && a.size(2) == x.size(1) &&
+         R > 0 && x.size(1) <= kernels::kMaxLoraIn &&
+         R <= kernels::kMaxLoraRanks;
+}
+
+// What LaunchLoraExpand takes: sites of one B dtype whose ranks lie within
+// R, over y fp32 [B, total], with S slots.
+bool ExpandTakes(const at::Tensor& y, int64_t B, int64_t R, int64_t S,
+                 const std::vector<LoraRowSite>& sites,
+                 const at::Tensor& mask) {
+  if (sites.empty() || !OnDeviceOf(y, y) || y.scalar_type() != at::kFloat ||
+      y.dim() != 2 || y.size(0) != B) {
     return false;
   }
   if (mask.defined() &&
-      (!on_device(mask) || mask.scalar_type() != at::kFloat ||
+      (!OnDeviceOf(mask, y) || mask.scalar_type() != at::kFloat ||
        mask.numel() != B)) {
     return false;
   }
   const kernels::DType w_dtype = KernelDType(sites[0].b.scalar_type());
   for (const LoraRowSite& s : sites) {
-    if (!on_device(s.b) || s.b.dim() != 3 ||
+    if (!OnDeviceOf(s.b, y) || s.b.dim() != 3 ||
         KernelDType(s.b.scalar_type()) != w_dtype ||
-        w_dtype == kernels::DType::kNone || s.b.size(0) != a.size(0) ||
+        w_dtype == kernels::DType::kNone || s.b.size(0) != S ||
         s.b.size(2) <= 0 || s.rank_offset < 0 ||
         s.rank_offset + s.b.size(2) > R || s.col < 0 ||
-        s.col + s.b.size(1) > y.size(1) || !on_device(s.scale) ||
-        s.scale.scalar_type() != at::kFloat ||
-        s.scale.numel() != a.size(0)) {
+        s.col + s.b.size(1) > y.size(1) || !OnDeviceOf(s.scale, y) ||
+        s.scale.scalar_type() != at::kFloat || s.scale.numel() != S) {
       return false;
     }
   }
-  c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream =
-      c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  at::Tensor xa = at::empty({B, R}, x.options());
+  return true;
+}
+
+// The factors and slots of a shrink of B rows (x and out not set).
+kernels::LoraShrinkArgs ShrinkArgs(const at::Tensor& a,
+                                   const at::Tensor& slots, int64_t B) {
   kernels::LoraShrinkArgs shrink;
-  shrink.x = x.data_ptr<float>();
-  shrink.x_stride[0] = x.stride(0);
-  shrink.x_stride[1] = x.stride(1);
   shrink.a = a.data_ptr();
   shrink.a_dtype = KernelDType(a.scalar_type());
   for (int i = 0; i < 3; ++i) shrink.a_stride[i] = a.stride(i);
   shrink.slots = slots.data_ptr<int64_t>();
-  shrink.out = xa.data_ptr<float>();
   shrink.B = B;
-  shrink.R = R;
-  shrink.in = in;
-  int err = kernels::LaunchLoraShrink(shrink, stream);
+  shrink.R = a.size(1);
+  shrink.in = a.size(2);
+  return shrink;
+}
+
+// ShrinkTakes' tensors: xa, a new fp32 [B, R].
+at::Tensor RunShrink(const at::Tensor& x, const at::Tensor& a,
+                     const at::Tensor& slots) {
+  const int64_t B = x.size(0), R = a.size(1);
+  at::Tensor xa = at::empty({B, R}, x.options());
+  if (B == 0) return xa;
+  kernels::LoraShrinkArgs shrink = ShrinkArgs(a, slots, B);
+  shrink.x = x.data_ptr<float>();
+  shrink.x_stride[0] = x.stride(0);
+  shrink.x_stride[1] = x.stride(1);
+  shrink.out = xa.data_ptr<float>();
+  const int err = kernels::LaunchLoraShrink(shrink, StreamOf(x));
   TORCH_CHECK(err == 0, "LoRA shrink kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return xa;
+}
+
+// ExpandTakes' tensors, xa fp32 [B, R] with unit column stride.
+void RunExpand(const at::Tensor& y, const at::Tensor& xa,
+               const std::vector<LoraRowSite>& sites, const at::Tensor& slots,
+               const at::Tensor& mask) {
+  const int64_t B = y.size(0);
+  if (B == 0) return;
   // The mask and the scalings as [N] views (stride of the one non-unit
   // dimension); kept alive until the launches are queued.
   const at::Tensor mask1 = mask.defined() ? mask.reshape({B}) : at::Tensor();
   std::vector<at::Tensor> scales;
   kernels::LoraExpandArgs expand;
   expand.xa = xa.data_ptr<float>();
-  expand.xa_stride[0] = R;
-  expand.xa_stride[1] = 1;
-  expand.xa_cols = R;
-  expand.w_dtype = w_dtype;
+  expand.xa_stride[0] = xa.stride(0);
+  expand.xa_stride[1] = xa.stride(1);
+  expand.xa_cols = xa.size(1);
+  expand.w_dtype = KernelDType(sites[0].b.scalar_type());
   expand.mask = mask1.defined() ? mask1.data_ptr<float>() : nullptr;
   expand.mask_stride = mask1.defined() ? mask1.stride(0) : 0;
-  expand.slots = shrink.slots;
+  expand.slots = slots.data_ptr<int64_t>();
   expand.B = B;
   // One launch per kMaxExpandSites sites.
   for (size_t first = 0; first < sites.size();
@@ -306,10 +342,247 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
       e.r = s.b.size(2);
       e.rank_offset = s.rank_offset;
     }
-    err = kernels::LaunchLoraExpand(expand, stream);
+    const int err = kernels::LaunchLoraExpand(expand, StreamOf(y));
     TORCH_CHECK(err == 0, "LoRA expand kernel: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)));
   }
+}
+
+}  // namespace
+
+bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
+                      const at::Tensor& weight, double eps,
+                      at::ScalarType compute, const at::Tensor& a,
+                      const at::Tensor& slots, AddNormOutput* out,
+                      at::Tensor* xa) {
+  const kernels::DType r_dtype =
+      compute == at::kFloat ? kernels::DType::kNone : KernelDType(compute);
+  if (!x.is_cuda() || x.scalar_type() != at::kFloat || x.dim() < 1 ||
+      !x.is_contiguous() || !delta.is_contiguous() ||
+      delta.sizes() != x.sizes() || !weight.is_contiguous() ||
+      weight.dim() != 1 || weight.size(0) != x.size(-1) || !a.defined() ||
+      a.dim() != 3 || a.size(2) != x.size(-1) || !slots.defined() ||
+      slots.dim() != 1 || slots.scalar_type() != at::kLong ||
+      !slots.is_contiguous() || slots.numel() != x.numel() / x.size(-1) ||
+      (compute != at::kFloat && r_dtype == kernels::DType::kNone)) {
+    return false;
+  }
+  for (const at::Tensor* t : {&delta, &weight, &a, &slots}) {
+    if (!t->is_cuda() || t->device() != x.device()) return false;
+  }
+  kernels::AddNormShrinkArgs p;
+  p.shrink = ShrinkArgs(a, slots, slots.numel());
+  p.x = x.data_ptr<float>();
+  p.delta = delta.data_ptr();
+  p.delta_dtype = KernelDType(delta.scalar_type());
+  p.weight = weight.data_ptr();
+  p.weight_dtype = KernelDType(weight.scalar_type());
+  p.rounded_dtype = r_dtype;
+  p.eps = static_cast<float>(eps);
+  // The launcher's checks, first: false must leave the outputs alone.
+  if (!kernels::AddRmsNormShrinkFits(p)) return false;
+  // One fused op to tests/model/objective_ops_test; only once it runs.
+  RECORD_USER_SCOPE("lorahub::add_rms_norm_shrink");
+  c10::cuda::CUDAGuard device_guard(x.device());
+  AddNormOutput result;
+  result.sum = at::empty_like(x);
+  result.norm.full = at::empty_like(x);
+  result.norm.rounded =
+      r_dtype == kernels::DType::kNone
+          ? result.norm.full
+          : at::empty(x.sizes(), x.options().dtype(compute));
+  at::Tensor shrunk = at::empty({p.shrink.B, p.shrink.R}, x.options());
+  p.sum = result.sum.data_ptr<float>();
+  p.full = result.norm.full.data_ptr<float>();
+  p.rounded = r_dtype == kernels::DType::kNone
+                  ? nullptr
+                  : result.norm.rounded.data_ptr();
+  p.shrink.out = shrunk.data_ptr<float>();
+  const int err = kernels::LaunchAddRmsNormShrink(
+      p, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == 0, "residual + RMS norm + LoRA shrink kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = std::move(result);
+  *xa = std::move(shrunk);
+  return true;
+}
+
+bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask) {
+  // Every check first: nothing runs unless every launch can.
+  if (!ShrinkTakes(x, a, slots) || !OnDeviceOf(y, x) ||
+      !ExpandTakes(y, x.size(0), a.size(1), a.size(0), sites, mask)) {
+    return false;
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  RunExpand(y, RunShrink(x, a, slots), sites, slots, mask);
+  return true;
+}
+
+at::Tensor LoraRowShrink(const at::Tensor& x, const at::Tensor& a,
+                         const at::Tensor& slots) {
+  if (!ShrinkTakes(x, a, slots)) return at::Tensor();
+  c10::cuda::CUDAGuard guard(x.device());
+  return RunShrink(x, a, slots);
+}
+
+bool LoraRowExpand(const at::Tensor& y, const at::Tensor& xa,
+                   const std::vector<LoraRowSite>& sites,
+                   const at::Tensor& slots, const at::Tensor& mask) {
+  if (sites.empty() || !OnDeviceOf(xa, y) || !OnDeviceOf(slots, y) ||
+      xa.scalar_type() != at::kFloat || xa.dim() != 2 || xa.stride(1) != 1 ||
+      slots.dim() != 1 || slots.scalar_type() != at::kLong ||
+      !slots.is_contiguous() || slots.size(0) != xa.size(0) ||
+      xa.size(1) > kernels::kMaxLoraRanks ||
+      !ExpandTakes(y, xa.size(0), xa.size(1), sites[0].b.size(0), sites,
+                   mask)) {
+    return false;
+  }
+  c10::cuda::CUDAGuard guard(y.device());
+  RunExpand(y, xa, sites, slots, mask);
+  return true;
+}
+
+namespace {
+
+// A RowLoraExpand as the kernel takes it (xa fp32 [B, R] with unit column
+// stride, b bf16 [S, H * D, r] with unit stride along r, scale fp32 with
+// one value per slot); false otherwise. `keep` holds the scale's [S] view.
+bool StepLora(const RowLoraExpand* e, const at::Tensor& q, int64_t slots,
+              kernels::AttentionRowLora* out, at::Tensor* keep) {
+  if (e == nullptr) return true;
+  const int64_t B = q.size(0), HD = q.size(1) * q.size(3);
+  if (!OnDeviceOf(e->xa, q) || !OnDeviceOf(e->b, q) ||
+      !OnDeviceOf(e->scale, q) || e->xa.scalar_type() != at::kFloat ||
+      e->xa.dim() != 2 || e->xa.size(0) != B || e->xa.stride(1) != 1 ||
+      e->b.scalar_type() != at::kBFloat16 || e->b.dim() != 3 ||
+      e->b.size(0) != slots || e->b.size(1) != HD || e->b.stride(2) != 1 ||
+      e->rank_offset < 0 || e->rank_offset + e->b.size(2) > e->xa.size(1) ||
+      e->scale.scalar_type() != at::kFloat || e->scale.numel() != slots) {
+    return false;
+  }
+  *keep = e->scale.reshape({slots});
+  out->xa = e->xa.data_ptr<float>() + e->rank_offset;
+  out->xa_row_stride = e->xa.stride(0);
+  out->w = e->b.data_ptr();
+  out->w_stride[0] = e->b.stride(0);
+  out->w_stride[1] = e->b.stride(1);
+  out->r = e->b.size(2);
+  out->scale = keep->data_ptr<float>();
+  out->scale_stride = keep->stride(0);
+  return true;
+}
+
+}  // namespace
+
+bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
+                         at::Tensor* out) {
+  const at::Tensor& q = step.q;
+  const at::Tensor& k = step.k;
+  const at::Tensor& v = step.v;
+  const bool store = step.k_new.defined();
+  const bool lora = step.q_lora != nullptr || step.v_lora != nullptr;
+  if (!OnDeviceOf(q, q) || !OnDeviceOf(k, q) || !OnDeviceOf(v, q) ||
+      !OnDeviceOf(step.bias, q) || q.dim() != 4 || k.dim() != 4 ||
+      v.dim() != 4 || q.scalar_type() != at::kFloat || q.size(2) != 1 ||
+      v.scalar_type() != k.scalar_type() ||
+      (k.scalar_type() != at::kFloat && k.scalar_type() != at::kBFloat16) ||
+      (step.bias.scalar_type() != at::kFloat &&
+       step.bias.scalar_type() != at::kBFloat16) ||
+      step.bias.dim() > 4 ||
+      KernelDType(out_dtype) == kernels::DType::kNone) {
+    return false;
+  }
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), S = k.size(2);
+  if (k.size(0) != B || k.size(1) != H || k.size(3) != D ||
+      v.sizes() != k.sizes() || S < 1) {
+    return false;
+  }
+  if (lora && (!OnDeviceOf(step.slots, q) || step.slots.dim() != 1 ||
+               step.slots.scalar_type() != at::kLong ||
+               !step.slots.is_contiguous() || step.slots.size(0) != B)) {
+    return false;
+  }
+  if (lora && step.mask.defined() &&
+      (!OnDeviceOf(step.mask, q) || step.mask.scalar_type() != at::kFloat ||
+       step.mask.numel() != B)) {
+    return false;
+  }
+  if (store && (!OnDeviceOf(step.k_new, q) || !OnDeviceOf(step.v_new, q) ||
+                !OnDeviceOf(step.t, q) || step.k_new.sizes() != q.sizes() ||
+                step.v_new.sizes() != q.sizes() ||
+                step.k_new.strides() != step.v_new.strides() ||
+                step.k_new.scalar_type() != at::kFloat ||
+                step.v_new.scalar_type() != at::kFloat ||
+                step.k_new.stride(3) != 1 ||
+                step.t.scalar_type() != at::kLong || step.t.numel() != 1)) {
+    return false;
+  }
+  if (step.v_lora != nullptr && !store) return false;
+  at::Tensor b4;
+  try {
+    b4 = step.bias.expand({B, H, 1, S});
+  } catch (const c10::Error&) {
+    return false;
+  }
+  const int64_t slots =
+      step.q_lora != nullptr   ? step.q_lora->b.size(0)
+      : step.v_lora != nullptr ? step.v_lora->b.size(0)
+                               : 0;
+  kernels::DecodeStepArgs x;
+  at::Tensor q_scale, v_scale, mask1;
+  if (!StepLora(step.q_lora, q, slots, &x.q_lora, &q_scale) ||
+      !StepLora(step.v_lora, q, slots, &x.v_lora, &v_scale)) {
+    return false;
+  }
+  kernels::AttentionArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.bias = b4.data_ptr();
+  a.q_dtype = kernels::DType::kFloat;
+  a.qkv_dtype = KernelDType(k.scalar_type());
+  a.bias_dtype = KernelDType(step.bias.scalar_type());
+  a.out_dtype = KernelDType(out_dtype);
+  a.B = B;
+  a.H = H;
+  a.T = 1;
+  a.S = S;
+  a.D = D;
+  a.Dv = D;
+  for (int i = 0; i < 4; ++i) {
+    a.q_stride[i] = q.stride(i);
+    a.k_stride[i] = k.stride(i);
+    a.v_stride[i] = v.stride(i);
+    a.bias_stride[i] = b4.stride(i);
+  }
+  if (lora) {
+    x.slots = step.slots.data_ptr<int64_t>();
+    if (step.mask.defined()) {
+      mask1 = step.mask.reshape({B});
+      x.mask = mask1.data_ptr<float>();
+      x.mask_stride = mask1.stride(0);
+    }
+  }
+  if (store) {
+    x.k_new = step.k_new.data_ptr<float>();
+    x.v_new = step.v_new.data_ptr<float>();
+    x.kv_new_stride[0] = step.k_new.stride(0);
+    x.kv_new_stride[1] = step.k_new.stride(1);
+    x.t = step.t.data_ptr<int64_t>();
+  }
+  c10::cuda::CUDAGuard guard(q.device());
+  // Written as [B, 1, H, D] and returned as its [B, H, 1, D] view (as
+  // SmallAttention).
+  at::Tensor result = at::empty({B, 1, H, D}, q.options().dtype(out_dtype));
+  a.out = result.data_ptr();
+  const int err = kernels::LaunchDecodeStepAttention(a, x, StreamOf(q));
+  // The launcher's own checks (head size, alignment): nothing launched.
+  if (err == static_cast<int>(cudaErrorInvalidValue)) return false;
+  TORCH_CHECK(err == 0, "decode step attention kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = result.transpose(1, 2);
   return true;
 }
 

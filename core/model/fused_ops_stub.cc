@@ -37,6 +37,27 @@ bool LoraRowDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+bool AddRmsNormShrink(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      double, at::ScalarType, const at::Tensor&,
+                      const at::Tensor&, AddNormOutput*, at::Tensor*) {
+  return false;
+}
+
+at::Tensor LoraRowShrink(const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&) {
+  return at::Tensor();
+}
+
+bool LoraRowExpand(const at::Tensor&, const at::Tensor&,
+                   const std::vector<LoraRowSite>&, const at::Tensor&,
+                   const at::Tensor&) {
+  return false;
+}
+
+bool DecodeStepAttention(const DecodeStepInputs&, at::ScalarType, at::Tensor*) {
+  return false;
+}
+
 bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

@@ -197,10 +197,11 @@ void StaticDecoder::StepBody() {
       }
       return std::make_pair(self_k, self_v);
     };
+    const internal::StepCache cache{self_k, self_v, t_};
     h = internal::DecoderBlockStep(
         w, w.decoder[i], std::move(h), rows_, store, bias,
         cross_kv_[0][static_cast<int64_t>(i)],
-        cross_kv_[1][static_cast<int64_t>(i)], cross_bias_);
+        cross_kv_[1][static_cast<int64_t>(i)], cross_bias_, &cache);
   }
   logits_.copy_(internal::DecoderLogits(w, h).squeeze(1));
   t_.add_(1);

@@ -232,13 +232,11 @@ void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
   y.add_(delta.view(y.sizes()) * scale.view({-1, 1, 1}));
 }
 
-// True when `next`'s A factors follow `prev`'s in memory, slot by slot
-// ([S, r, in] each, same strides, next.a = prev.a + r*in elements), so that
+// True when the A factors `n` follow `p` in memory, slot by slot
+// ([S, r, in] each, same strides, n = p + r*in elements), so that
 // both are one [S, 2r, in] tensor (ObjectiveRunner lays composed factors out
 // so). Host-side checks only.
-bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
-  const at::Tensor& p = prev.a;
-  const at::Tensor& n = next.a;
+bool AdjacentFactors(const at::Tensor& p, const at::Tensor& n) {
   if (!p.defined() || !n.defined() || p.dim() != 3 || n.sizes() != p.sizes() ||
       n.strides() != p.strides() || n.scalar_type() != p.scalar_type() ||
       n.device() != p.device() || p.stride(2) != 1 ||
@@ -248,6 +246,9 @@ bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
   const int64_t block = p.size(1) * p.size(2);
   return static_cast<const char*>(n.data_ptr()) ==
          static_cast<const char*>(p.data_ptr()) + block * p.element_size();
+}
+bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
+  return AdjacentFactors(prev.a, next.a);
 }
 
 // The up-projections of sites[i, j) for one slot (rows.uniform_slot) as ONE
@@ -528,22 +529,21 @@ void CrossKeyValues::CopyTo(const at::Tensor& dst) {
   }
 }
 
-// Scores q k^T + bias, softmax, weighted values in fp32 (q, k, v and bias
-// are fp32): T5 does not scale its scores by 1/sqrt(d_kv), so they are large
-// and rounding them to bf16 alone moves the softmax visibly. The context is
-// rounded once, as the input of the output projection. With bf16 attention
-// (AttentionDtype) q, k, v and the context are bf16; the fused kernels
-// still form the scores and the softmax in fp32.
-at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& bias,
-                            const Linear& o, const RowAdapters& rows) {
-  const bool adapted = rows.bank != nullptr && o.site >= 0 &&
-                       rows.bank->sites[o.site].a.defined();
-  // Unadapted o reads only the rounded context: the attention rounds it
-  // (the short-query kernel writes it so, heads last: then no copy below).
-  at::Tensor ctx = adapted ? Attention(q, k, v, bias)
-                           : Attention(q, k, v, bias,
-                                       o.weight.scalar_type());  // [B,H,T,d]
+namespace {
+
+// Unadapted o reads only the rounded context: the attention rounds it (the
+// short-query kernel writes it so, heads last: then no copy in
+// ProjectContext).
+at::ScalarType ContextDtype(const at::Tensor& q, const Linear& o,
+                            const RowAdapters& rows) {
+  return Adapted(rows, o.site) ? q.scalar_type() : o.weight.scalar_type();
+}
+
+// The output projection of an attention's context ctx [B, H, T, d] (in
+// ContextDtype).
+at::Tensor ProjectContext(const at::Tensor& ctx, const Linear& o,
+                          const RowAdapters& rows) {
+  const bool adapted = Adapted(rows, o.site);
   const at::Tensor heads_last = ctx.transpose(1, 2);  // [B, T, H, d_kv]
   const std::vector<int64_t> shape = {ctx.size(0), ctx.size(2), -1};
   // The matmul input: the head merge and the rounding in one copy.
@@ -553,6 +553,21 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                       .reshape(shape);  // a copy only when .to() was a no-op
   if (!adapted || mm.scalar_type() == at::kFloat) return Project(mm, o, rows);
   return Project(mm, o, rows, heads_last.reshape(shape));  // fp32 LoRA input
+}
+
+}  // namespace
+
+// Scores q k^T + bias, softmax, weighted values in fp32 (q, k, v and bias
+// are fp32): T5 does not scale its scores by 1/sqrt(d_kv), so they are large
+// and rounding them to bf16 alone moves the softmax visibly. The context is
+// rounded once, as the input of the output projection. With bf16 attention
+// (AttentionDtype) q, k, v and the context are bf16; the fused kernels
+// still form the scores and the softmax in fp32.
+at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& bias,
+                            const Linear& o, const RowAdapters& rows) {
+  return ProjectContext(Attention(q, k, v, bias, ContextDtype(q, o, rows)), o,
+                        rows);
 }
 
 // As transformers: the activation runs in the dtype of the projections'
@@ -640,11 +655,26 @@ class Residual {
     if (pending_.defined()) Flush();
     return h_;
   }
-  // The stream (with any pending output added), normed by `weight`.
-  Normed Norm(const at::Tensor& weight) {
+  // The stream (with any pending output added), normed by `weight`. With
+  // `shrink_a` (StepShrinkFactors) the row kernels' shrink of the result
+  // too, where one kernel computes both (fused_ops.h AddRmsNormShrink).
+  Normed Norm(const at::Tensor& weight,
+              const at::Tensor& shrink_a = at::Tensor(),
+              const at::Tensor& slots = at::Tensor()) {
     const double eps = w_.config.layer_norm_epsilon;
     if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
-    AddNormOutput r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
+    AddNormOutput r;
+    at::Tensor xa;
+    if (shrink_a.defined() &&
+        AddRmsNormShrink(h_, pending_, weight, eps, w_.dtype, shrink_a, slots,
+                         &r, &xa)) {
+      h_ = std::move(r.sum);
+      pending_ = at::Tensor();
+      RowShrink shrink{shrink_a, r.norm.full, std::move(xa)};
+      return Normed{std::move(r.norm.rounded), std::move(r.norm.full),
+                    std::move(shrink)};
+    }
+    r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
     h_ = std::move(r.sum);
     pending_ = at::Tensor();
     return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
@@ -662,24 +692,240 @@ class Residual {
 
 }  // namespace
 
+namespace {
+
+// True when a decode step's attention on `members`' projection (against
+// `fused`) can take the step path (DecodeStepAttention) on `device`: CUDA,
+// fp32 attention, the kernel on, and every adapted member's delta fp32 from
+// the bank's per-row kernel copies (lora.h AttachRowKernelCopies).
+bool StepSitesApply(const T5Weights& w, const c10::Device& device,
+                    const std::vector<const Linear*>& members,
+                    const at::Tensor& fused, const RowAdapters& rows) {
+  if (!device.is_cuda() || !DecodeStepAttentionEnabled() ||
+      AttentionDtype(w) != at::kFloat) {
+    return false;
+  }
+  for (const Linear* m : members) {
+    if (!Adapted(rows, m->site)) continue;
+    const SiteBank& sb = rows.bank->sites[m->site];
+    if (!rows.slots.defined() || !sb.a_low.defined() || !sb.b_low.defined() ||
+        LowPrecisionDelta(sb, fused.scalar_type())) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// StepSitesApply for the input x: one query per row.
+bool StepPathApplies(const T5Weights& w, const Normed& x,
+                     const std::vector<const Linear*>& members,
+                     const at::Tensor& fused, const RowAdapters& rows) {
+  return x.mm.dim() == 3 && x.mm.size(1) == 1 &&
+         StepSitesApply(w, x.mm.device(), members, fused, rows);
+}
+
+// The adapted members' sites and their column offsets in `fused`.
+void AdaptedSites(const at::Tensor& fused,
+                  const std::vector<const Linear*>& members,
+                  const RowAdapters& rows, std::vector<int64_t>* cols,
+                  std::vector<const SiteBank*>* sites,
+                  std::vector<size_t>* which) {
+  for (size_t k = 0; k < members.size(); ++k) {
+    if (!Adapted(rows, members[k]->site)) continue;
+    cols->push_back(FusedRowOffset(fused, members[k]->weight));
+    sites->push_back(&rows.bank->sites[members[k]->site]);
+    which->push_back(k);
+  }
+}
+
+// The A factors of the step path's one shrink for `sites` (their per-row
+// kernel copies side by side: [S, count * r, in]); undefined where they do
+// not lie so (then each site's delta runs on its own).
+at::Tensor ShrinkRun(const std::vector<const SiteBank*>& sites) {
+  if (sites.empty()) return at::Tensor();
+  for (size_t k = 1; k < sites.size(); ++k) {
+    if (!AdjacentFactors(sites[k - 1]->a_low, sites[k]->a_low)) {
+      return at::Tensor();
+    }
+  }
+  const at::Tensor& a0 = sites[0]->a_low;  // [S, r, in]
+  const int64_t count = static_cast<int64_t>(sites.size());
+  if (count == 1) return a0;
+  return a0.as_strided({a0.size(0), count * a0.size(1), a0.size(2)},
+                       {a0.stride(0), a0.size(2), 1});
+}
+
+// The factors for the norm before a decode step's attention to shrink with
+// (Residual::Norm), where the step path will take that attention: the
+// ShrinkRun of its adapted members; else undefined.
+at::Tensor StepShrinkFactors(const T5Weights& w,
+                             const std::vector<const Linear*>& members,
+                             const at::Tensor& fused,
+                             const RowAdapters& rows) {
+  if (rows.bank == nullptr || !rows.slots.defined() ||
+      !StepSitesApply(w, rows.slots.device(), members, fused, rows)) {
+    return at::Tensor();
+  }
+  std::vector<int64_t> cols;
+  std::vector<const SiteBank*> sites;
+  std::vector<size_t> which;
+  AdaptedSites(fused, members, rows, &cols, &sites, &which);
+  return ShrinkRun(sites);
+}
+
+// True when t and u are views of the same elements (same address, shape,
+// strides and dtype).
+bool SameView(const at::Tensor& t, const at::Tensor& u) {
+  return t.defined() && u.defined() && t.data_ptr() == u.data_ptr() &&
+         t.sizes() == u.sizes() && t.strides() == u.strides() &&
+         t.scalar_type() == u.scalar_type();
+}
+
+// A decode step's projection x W^T against `fused` (members' row blocks),
+// the fp32 GEMM output, with the per-row LoRA of the adapted members shrunk
+// but not expanded: (*expands)[k] is member k's expand for the attention
+// kernel (xa undefined: member k is not adapted, or its delta was added
+// here because the shrink kernel did not take it). StepPathApplies first.
+at::Tensor StepProjection(const Normed& x, const at::Tensor& fused,
+                          const std::vector<const Linear*>& members,
+                          const RowAdapters& rows,
+                          std::vector<RowLoraExpand>* expands) {
+  expands->assign(members.size(), RowLoraExpand());
+  at::Tensor y = MatmulFloat(MatmulInput(x.mm, fused), fused);
+  std::vector<int64_t> cols;
+  std::vector<const SiteBank*> sites;
+  std::vector<size_t> which;
+  AdaptedSites(fused, members, rows, &cols, &sites, &which);
+  if (sites.empty()) return y;
+  const at::Tensor xin = LoraInput(x.mm, x.full);  // [B, 1, in]
+  // One shrink for all (their A factors side by side, as AddLoraDeltas),
+  // unless the norm computed it already (Residual::Norm).
+  const at::Tensor a = ShrinkRun(sites);
+  at::Tensor xa;
+  if (SameView(x.shrink.a, a) && SameView(x.shrink.x, xin)) {
+    xa = x.shrink.xa;
+  } else if (a.defined()) {
+    xa = LoraRowShrink(xin.select(1, 0), a, rows.slots);
+  }
+  const int64_t r = sites[0]->a_low.size(1);
+  if (!xa.defined()) {
+    AddLoraDeltas(y, cols, sites, xin, rows,
+                  /*narrow=*/x.mm.scalar_type() != at::kFloat);
+    return y;
+  }
+  for (size_t k = 0; k < sites.size(); ++k) {
+    (*expands)[which[k]] = RowLoraExpand{xa, static_cast<int64_t>(k) * r,
+                                         sites[k]->b_low, sites[k]->scale};
+  }
+  return y;
+}
+
+void SetRowsOf(const RowAdapters& rows, DecodeStepInputs* step) {
+  if (rows.bank == nullptr) return;
+  step->slots = rows.slots;
+  if (!rows.all_rows) step->mask = rows.mask;
+}
+
+// A decode step's self-attention with its output projection, through
+// DecodeStepAttention: q|k|v as one GEMM; the per-row LoRA expands of q and
+// v and the store of the new key and value into `cache` done by the
+// attention kernel. Undefined, having run nothing, where the step path does
+// not apply (then the caller's general path runs).
+at::Tensor SelfAttentionStep(const T5Weights& w, const AttentionWeights& a,
+                             const Normed& x, const RowAdapters& rows,
+                             const StepCache& cache, const at::Tensor& bias) {
+  const std::vector<const Linear*> members = {&a.q, &a.k, &a.v};
+  if (!FusedQkv(a) || Adapted(rows, a.k.site) ||
+      !StepPathApplies(w, x, members, a.qkv, rows)) {
+    return at::Tensor();
+  }
+  std::vector<RowLoraExpand> lora;
+  const at::Tensor y = StepProjection(x, a.qkv, members, rows, &lora);
+  const config::T5Config& c = w.config;
+  const int64_t inner = a.q.weight.size(0);
+  DecodeStepInputs step;
+  step.q = SplitHeads(y.narrow(-1, 0, inner), c.num_heads, c.d_kv);
+  step.k_new = SplitHeads(y.narrow(-1, inner, inner), c.num_heads, c.d_kv);
+  step.v_new =
+      SplitHeads(y.narrow(-1, 2 * inner, inner), c.num_heads, c.d_kv);
+  step.k = cache.k;
+  step.v = cache.v;
+  step.t = cache.t;
+  step.bias = bias;
+  if (lora[0].xa.defined()) step.q_lora = &lora[0];
+  if (lora[2].xa.defined()) step.v_lora = &lora[2];
+  SetRowsOf(rows, &step);
+  return ProjectContext(
+      DecodeStepAttention(step, ContextDtype(step.q, a.o, rows)), a.o, rows);
+}
+
+// SelfAttentionStep for a cross-attention (no store; the keys and values
+// of the encoder rows).
+at::Tensor CrossAttentionStep(const T5Weights& w, const AttentionWeights& a,
+                              const Normed& x, const RowAdapters& rows,
+                              const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& bias) {
+  const std::vector<const Linear*> members = {&a.q};
+  if (!StepPathApplies(w, x, members, a.q.weight, rows)) return at::Tensor();
+  std::vector<RowLoraExpand> lora;
+  const at::Tensor y = StepProjection(x, a.q.weight, members, rows, &lora);
+  DecodeStepInputs step;
+  step.q = SplitHeads(y, w.config.num_heads, w.config.d_kv);
+  step.k = k;
+  step.v = v;
+  step.bias = bias;
+  if (lora[0].xa.defined()) step.q_lora = &lora[0];
+  SetRowsOf(rows, &step);
+  return ProjectContext(
+      DecodeStepAttention(step, ContextDtype(step.q, a.o, rows)), a.o, rows);
+}
+
+}  // namespace
+
 ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                 ResidualStream in, const RowAdapters& rows,
                                 const StoreKeyValue& store,
                                 const at::Tensor& self_bias,
                                 const at::Tensor& cross_k,
                                 const at::Tensor& cross_v,
-                                const at::Tensor& cross_bias) {
+                                const at::Tensor& cross_bias,
+                                const StepCache* cache) {
   const config::T5Config& c = w.config;
   Residual h(w, std::move(in));
-  Normed n = h.Norm(b.self_norm);
-  std::array<at::Tensor, 3> qkv = SelfAttentionHeads(n, b.self_attn, rows, c);
-  std::pair<at::Tensor, at::Tensor> kv = store(qkv[1], qkv[2]);
-  h.Add(AttendAndProject(qkv[0], kv.first, kv.second, self_bias,
-                         b.self_attn.o, rows));
-  n = h.Norm(b.cross_norm);
-  at::Tensor q = Heads(n, b.cross_attn.q, rows, c);
-  h.Add(AttendAndProject(q, cross_k, cross_v, cross_bias, b.cross_attn.o,
-                         rows));
+  // Where the step path takes an attention, the norm before it computes the
+  // shrink of its per-row LoRA as well.
+  const std::vector<const Linear*> qkv_members = {
+      &b.self_attn.q, &b.self_attn.k, &b.self_attn.v};
+  Normed n = h.Norm(
+      b.self_norm,
+      cache != nullptr && FusedQkv(b.self_attn) &&
+              !Adapted(rows, b.self_attn.k.site)
+          ? StepShrinkFactors(w, qkv_members, b.self_attn.qkv, rows)
+          : at::Tensor(),
+      rows.slots);
+  at::Tensor out;
+  if (cache != nullptr) {
+    out = SelfAttentionStep(w, b.self_attn, n, rows, *cache, self_bias);
+  }
+  if (!out.defined()) {
+    std::array<at::Tensor, 3> qkv =
+        SelfAttentionHeads(n, b.self_attn, rows, c);
+    std::pair<at::Tensor, at::Tensor> kv = store(qkv[1], qkv[2]);
+    out = AttendAndProject(qkv[0], kv.first, kv.second, self_bias,
+                           b.self_attn.o, rows);
+  }
+  h.Add(std::move(out));
+  n = h.Norm(b.cross_norm,
+             StepShrinkFactors(w, {&b.cross_attn.q}, b.cross_attn.q.weight,
+                               rows),
+             rows.slots);
+  out = CrossAttentionStep(w, b.cross_attn, n, rows, cross_k, cross_v,
+                           cross_bias);
+  if (!out.defined()) {
+    out = AttendAndProject(Heads(n, b.cross_attn.q, rows, c), cross_k,
+                           cross_v, cross_bias, b.cross_attn.o, rows);
+  }
+  h.Add(std::move(out));
   n = h.Norm(b.ff_norm);
   h.Add(FeedForward(n, w, b.ff, rows));
   return h.Release();
@@ -915,7 +1161,7 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
       };
       h = DecoderBlockStep(w, w.decoder[i], std::move(h), rows, store, bias,
                            cache.cross_k[i], cache.cross_v[i],
-                           cache.cross_bias);
+                           cache.cross_bias, /*cache=*/nullptr);
     }
     cache.length = t + 1;
     return DecoderLogits(w, h).squeeze(1);

@@ -27,12 +27,24 @@ namespace lorahub::model::internal {
 // transformers' mask value finfo(dtype).min for the compute dtype.
 double MinValue(at::ScalarType dtype);
 
+// The per-row LoRA shrink of a decode step's normed input, computed with
+// the norm (fused_ops.h AddRmsNormShrink): xa [B, R] = x [B, 1, in] times
+// the row slots' factors `a` [S, R, in] (the adapted sites of the
+// projection that reads x, laid out as the row kernels read them).
+// Undefined tensors when not computed.
+struct RowShrink {
+  at::Tensor a;
+  at::Tensor x;
+  at::Tensor xa;
+};
+
 // A sublayer input: `full` in fp32 (feeds the LoRA deltas) and `mm`, the
 // same rounded once to the compute dtype (feeds the weight matmuls). In fp32
-// mode both are the same tensor.
+// mode both are the same tensor. `shrink`: see RowShrink.
 struct Normed {
   at::Tensor mm;
   at::Tensor full;
+  RowShrink shrink;
 };
 
 // T5 RMS norm of x (any float dtype), computed in fp32.
@@ -136,6 +148,17 @@ class CrossKeyValues {
 using StoreKeyValue = std::function<std::pair<at::Tensor, at::Tensor>(
     const at::Tensor& k, const at::Tensor& v)>;
 
+// A decode step's self-attention cache that the step attention kernel
+// writes itself (fused_ops.h DecodeStepAttention) in place of a
+// StoreKeyValue: keys and values [B, H, C, d_kv] of one block and the
+// step's position t (int64 [1], on the device: the static decoder's, read
+// by its CUDA graph). The bias must mask the keys after t.
+struct StepCache {
+  at::Tensor k;
+  at::Tensor v;
+  at::Tensor t;
+};
+
 // The fp32 residual stream between decoder blocks: `h` plus the last
 // sublayer's output `pending` (undefined: nothing pending), not added yet so
 // that the next norm adds it in its own kernel (fused_ops.h AddRmsNorm; one
@@ -148,14 +171,18 @@ struct ResidualStream {
 // One decoder block for one new token per row: the stream [B, 1, d_model]
 // -> the block's output stream. `self_bias` [1 or B, H, 1, K] (position
 // bias plus any mask), cross_k/cross_v [B, H, S, d_kv], cross_bias
-// [B, 1, 1, S].
+// [B, 1, 1, S]. `cache` (may be null): where the step attention kernel
+// stores the new key and value itself; `store` runs where it does not.
+// On CUDA (fused_ops.h DecodeStepAttentionEnabled) the attentions take the
+// step kernel, which also expands q's and v's per-row LoRA deltas.
 ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                 ResidualStream in, const RowAdapters& rows,
                                 const StoreKeyValue& store,
                                 const at::Tensor& self_bias,
                                 const at::Tensor& cross_k,
                                 const at::Tensor& cross_v,
-                                const at::Tensor& cross_bias);
+                                const at::Tensor& cross_bias,
+                                const StepCache* cache);
 
 // Final decoder norm and LM head: the stream [B, T, d_model] -> logits
 // [B, T, vocab] fp32.

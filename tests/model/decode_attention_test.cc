@@ -9,6 +9,7 @@
 // rows, T5-sized heads (64) in fp32 and bf16. Runs on $LORAHUB_TEST_DEVICE
 // (tiny_t5.h; default cpu).
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -16,7 +17,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -368,6 +371,194 @@ TEST(DecodeAttentionTest, CrossKeyValueDtype) {
   EXPECT_EQ(DecodeCrossKvDtype(at::kFloat, device), at::kFloat);
   EXPECT_EQ(DecodeCrossKvDtype(at::kBFloat16, c10::Device(c10::kCPU)),
             DecodeKvDtype(at::kBFloat16));
+}
+
+// Counts, on this thread, the ATen ops of DecodeStepAttention's fallback
+// (the expands' bmm, the store's index_copy_) while alive: none when the
+// step kernel ran.
+class FallbackOpCounter {
+ public:
+  FallbackOpCounter() {
+    count_ = 0;
+    handle_ = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&FallbackOpCounter::OnStart)
+            .scopes({at::RecordScope::FUNCTION}));
+  }
+  ~FallbackOpCounter() { at::removeCallback(handle_); }
+  int64_t count() const { return count_; }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> OnStart(
+      const at::RecordFunction& fn) {
+    for (const char* op : {"aten::bmm", "aten::index_copy_"}) {
+      if (std::strcmp(fn.name(), op) == 0) ++count_;
+    }
+    return nullptr;
+  }
+  static thread_local int64_t count_;
+  at::CallbackHandle handle_;
+};
+thread_local int64_t FallbackOpCounter::count_ = 0;
+
+// The per-row LoRA delta of `e` for row b, in double: scale[slot] * mask[b]
+// * b[slot] xa[b, ranks]^T, [H * D].
+at::Tensor RowDelta(const RowLoraExpand& e, const at::Tensor& slots,
+                    const at::Tensor& mask, int64_t b) {
+  const auto cpu = [](const at::Tensor& t) {
+    return t.to(at::kCPU).to(at::kDouble);
+  };
+  const int64_t slot = slots[b].item<int64_t>();
+  const int64_t r = e.b.size(2);
+  const double s = cpu(e.scale).reshape({-1})[slot].item<double>() *
+                   cpu(mask).reshape({-1})[b].item<double>();
+  return at::mv(cpu(e.b[slot]), cpu(e.xa[b].narrow(0, e.rank_offset, r))) * s;
+}
+
+// DecodeStepAttention (fused_ops.h): a self-attention step with per-row
+// LoRA deltas on q and on the new value, which it stores with the new key
+// at position t of the cache, against the same steps in double (the keys
+// 0..t of the updated cache, the causal bias row t); the cache afterwards
+// holds the new key and value at t and nothing else changed. T5-sized heads
+// over a static decoder's capacity; q, k, v strided views of one fused
+// projection output; one row masked (no adapter); three adapter slots. On
+// CUDA the step kernel must take it (none of the fallback's ops run).
+TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
+  at::manual_seed(18);
+  const int64_t B = 5, H = 3, d = 64, C = 40, S = 3, r = 16, HD = H * d;
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(Device());
+  const at::Tensor slots =
+      at::tensor(std::vector<int64_t>{2, 0, 1, 2, 0}, at::kLong).to(Device());
+  const at::Tensor mask =
+      at::tensor(std::vector<float>{1, 0, 1, 1, 1}).view({B, 1, 1}).to(Device());
+  const at::Tensor xa = Random({B, 2 * r}, 1.0);
+  const RowLoraExpand q_lora{
+      xa, 0, Random({S, HD, r}, 0.3).to(at::kBFloat16),
+      at::tensor(std::vector<float>{0.5f, 2.0f, 1.0f}).view({S, 1, 1}).to(
+          Device())};
+  const RowLoraExpand v_lora{xa, r, Random({S, HD, r}, 0.3).to(at::kBFloat16),
+                             at::full({S, 1, 1}, 1.5, F32())};
+  const at::Tensor y = Random({B, 1, 3 * HD}, 1.0);  // fused q|k|v
+  const auto heads = [&](int64_t i) {
+    return y.narrow(-1, i * HD, HD).view({B, 1, H, d}).transpose(1, 2);
+  };
+  const at::Tensor pos = at::arange(C, i64);
+  const at::Tensor bias_all =
+      (Random({1, H, C, C}, 2.0) +
+       at::where(pos.unsqueeze(0) > pos.unsqueeze(1),
+                 at::scalar_tensor(std::numeric_limits<float>::lowest(), F32()),
+                 at::scalar_tensor(0.0, F32()))
+           .view({1, 1, C, C}))
+          .contiguous();
+  for (int64_t t : {int64_t{0}, int64_t{17}, C - 1}) {
+    const at::Tensor t_index = at::full({1}, t, i64);
+    const at::Tensor bias = bias_all.index_select(2, t_index);
+    const at::Tensor cache = Random({2, B, H, C, d}, 1.0);
+    const at::Tensor before = cache.clone();
+    DecodeStepInputs step;
+    step.q = heads(0);
+    step.k = cache[0];
+    step.v = cache[1];
+    step.bias = bias;
+    step.q_lora = &q_lora;
+    step.k_new = heads(1);
+    step.v_new = heads(2);
+    step.v_lora = &v_lora;
+    step.t = t_index;
+    step.slots = slots;
+    step.mask = mask;
+    at::Tensor got;
+    int64_t fallback_ops = 0;
+    {
+      FallbackOpCounter counter;
+      got = DecodeStepAttention(step, at::kFloat);
+      fallback_ops = counter.count();
+    }
+    ASSERT_EQ(got.sizes(), (std::vector<int64_t>{B, H, 1, d}));
+    if (Device().is_cuda() && DecodeStepAttentionEnabled()) {
+      EXPECT_EQ(fallback_ops, 0) << "t " << t;
+    }
+    at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
+    at::Tensor want_v = at::empty({B, H, d}, at::kDouble);
+    for (int64_t b = 0; b < B; ++b) {
+      const at::Tensor dq = RowDelta(q_lora, slots, mask, b).view({H, d});
+      const at::Tensor dv = RowDelta(v_lora, slots, mask, b).view({H, d});
+      for (int64_t h = 0; h < H; ++h) {
+        const auto cpu = [](const at::Tensor& x) {
+          return x.to(at::kCPU).to(at::kDouble);
+        };
+        at::Tensor keys = cpu(before[0][b][h]);
+        at::Tensor values = cpu(before[1][b][h]);
+        keys[t].copy_(cpu(heads(1)[b][h][0]));
+        values[t].copy_(cpu(heads(2)[b][h][0]) + dv[h]);
+        want_v[b][h].copy_(values[t]);
+        want[b][h][0].copy_(Reference(cpu(heads(0)[b][h][0]) + dq[h], keys,
+                                      values, bias[0][h][0], t + 1));
+      }
+    }
+    const double diff = RelDiff(got, want);
+    EXPECT_LE(diff, 1e-5) << "t " << t;
+    EXPECT_TRUE(at::equal(cache[0].select(2, t).to(at::kCPU),
+                          heads(1).squeeze(2).to(at::kCPU)))
+        << "t " << t;
+    EXPECT_LE(RelDiff(cache[1].select(2, t), want_v), 1e-6) << "t " << t;
+    for (int64_t kv = 0; kv < 2; ++kv) {  // the other positions untouched
+      EXPECT_TRUE(at::equal(cache[kv].narrow(2, 0, t).to(at::kCPU),
+                            before[kv].narrow(2, 0, t).to(at::kCPU)));
+      EXPECT_TRUE(at::equal(cache[kv].narrow(2, t + 1, C - t - 1).to(at::kCPU),
+                            before[kv].narrow(2, t + 1, C - t - 1)
+                                .to(at::kCPU)));
+    }
+    std::printf("step t=%lld: vs double %.3g (fallback ops %lld)\n",
+                static_cast<long long>(t), diff,
+                static_cast<long long>(fallback_ops));
+  }
+}
+
+// DecodeStepAttention for a cross-attention step: q's per-row delta only,
+// bf16 keys and values of padded encoder rows (what the static decoder
+// holds), no store; against double.
+TEST(DecodeAttentionTest, StepAttentionCrossWithRowLora) {
+  at::manual_seed(19);
+  const int64_t B = 3, H = 2, d = 64, S = 3, r = 16, keys = 37;
+  const at::Tensor slots =
+      at::tensor(std::vector<int64_t>{1, 2, 0}, at::kLong).to(Device());
+  const at::Tensor ones = at::ones({B, 1, 1}, F32());
+  const RowLoraExpand q_lora{Random({B, r}, 1.0), 0,
+                             Random({S, H * d, r}, 0.3).to(at::kBFloat16),
+                             at::full({S, 1, 1}, 2.0, F32())};
+  const std::vector<int64_t> lengths = {keys, 20, 1};
+  at::Tensor mask_bias = at::zeros({B, 1, 1, keys}, F32());
+  for (int64_t b = 0; b < B; ++b) {
+    mask_bias[b].narrow(-1, lengths[b], keys - lengths[b])
+        .fill_(std::numeric_limits<float>::lowest());
+  }
+  const at::Tensor q = Random({B, H, 1, d}, 0.5);
+  const at::Tensor k = Random({B, H, keys, d}, 0.5).to(at::kBFloat16);
+  const at::Tensor v = Random({B, H, keys, d}, 1.0).to(at::kBFloat16);
+  DecodeStepInputs step;
+  step.q = q;
+  step.k = k;
+  step.v = v;
+  step.bias = mask_bias;
+  step.q_lora = &q_lora;
+  step.slots = slots;
+  const at::Tensor got = DecodeStepAttention(step, at::kFloat);
+  at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
+  const at::Tensor zero_bias = at::zeros({keys}, F32());
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor dq = RowDelta(q_lora, slots, ones, b).view({H, d});
+    for (int64_t h = 0; h < H; ++h) {
+      want[b][h][0].copy_(Reference(
+          q[b][h][0].to(at::kCPU).to(at::kDouble) + dq[h], k[b][h], v[b][h],
+          zero_bias, lengths[b]));
+    }
+  }
+  // The kernel: summation order only; the CPU fallback (bmm) rounds the
+  // probabilities to bf16 (2^-9 each; the q delta makes the scores large).
+  const bool kernel = Device().is_cuda() && DecodeStepAttentionEnabled();
+  const double diff = RelDiff(got, want);
+  EXPECT_LE(diff, kernel ? 1e-5 : 1e-2);
+  std::printf("cross step: vs double %.3g\n", diff);
 }
 
 }  // namespace

@@ -192,6 +192,77 @@ TEST(LoraRowGemvTest, FiveSitesTwoExpandLaunches) {
   }
 }
 
+// AddRmsNormShrink + LoraRowExpand (a decode step's norm with the shrink
+// in the same kernel) against AddRmsNorm + LoraRowDeltas (and LoraRowShrink
+// of the norm's output): every output bit
+// for bit the same, for fp32 and bf16 models and factors, a width that
+// fills the norm's registers (2048) and one that leaves lanes idle (48),
+// masked rows. On the CPU both decline and write nothing.
+TEST(LoraRowGemvTest, NormWithShrinkEqualsNormThenShrink) {
+  at::manual_seed(25);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (int64_t in : {kIn, int64_t{2048}}) {
+      Case c = MakeCase(dtype, /*masked=*/true, in);
+      const at::Tensor x = c.x.view({kRows, 1, in});
+      const at::Tensor delta = at::randn({kRows, 1, in}, F32()).to(dtype);
+      const at::Tensor weight = (at::rand({in}, F32()) + 0.5).to(dtype);
+      const at::Tensor y0 = c.y.clone();
+      const AddNormOutput want = AddRmsNorm(x, delta, weight, 1e-6, dtype);
+      at::Tensor want_y = y0.clone();
+      const bool ran_rows = LoraRowDeltas(want_y, want.norm.full.view({kRows, in}),
+                                          c.a, c.sites, c.slots, c.mask);
+      EXPECT_EQ(ran_rows, cuda);
+      AddNormOutput got;
+      at::Tensor xa;
+      const bool ran = AddRmsNormShrink(x, delta, weight, 1e-6, dtype, c.a,
+                                        c.slots, &got, &xa);
+      EXPECT_EQ(ran, cuda) << dtype << " in " << in;
+      if (!ran) {
+        EXPECT_FALSE(got.sum.defined());
+        EXPECT_FALSE(xa.defined());
+        at::Tensor y = y0.clone();
+        EXPECT_FALSE(LoraRowExpand(y, at::zeros({kRows, 2 * kRank}, F32()),
+                                   c.sites, c.slots, c.mask));
+        EXPECT_TRUE(at::equal(y, y0));
+        continue;
+      }
+      EXPECT_TRUE(at::equal(got.sum, want.sum));
+      EXPECT_TRUE(at::equal(got.norm.full, want.norm.full));
+      EXPECT_TRUE(at::equal(got.norm.rounded, want.norm.rounded));
+      EXPECT_EQ(got.norm.rounded.scalar_type(), dtype);
+      ASSERT_EQ(xa.sizes(), (std::vector<int64_t>{kRows, 2 * kRank}));
+      EXPECT_TRUE(at::equal(
+          xa, LoraRowShrink(want.norm.full.view({kRows, in}), c.a, c.slots)));
+      at::Tensor y = y0.clone();
+      ASSERT_TRUE(LoraRowExpand(y, xa, c.sites, c.slots, c.mask));
+      EXPECT_TRUE(at::equal(y, want_y)) << dtype << " in " << in;
+    }
+  }
+}
+
+// The fused norm declines what its kernel does not take (rows wider than
+// 2048, factors of another width, a row count the slots do not match).
+TEST(LoraRowGemvTest, NormWithShrinkDeclinesBadShapes) {
+  at::manual_seed(26);
+  const auto f32 = F32();
+  const at::Tensor slots = at::zeros({kRows}, at::kLong).to(Device());
+  const auto run = [&](int64_t in, int64_t a_in, const at::Tensor& s) {
+    const at::Tensor x = at::randn({kRows, 1, in}, f32);
+    AddNormOutput out;
+    at::Tensor xa;
+    const bool ran = AddRmsNormShrink(
+        x, at::randn({kRows, 1, in}, f32), at::ones({in}, f32), 1e-6,
+        at::kFloat, at::randn({2, 8, a_in}, f32), s, &out, &xa);
+    EXPECT_EQ(ran, out.sum.defined());
+    return ran;
+  };
+  EXPECT_FALSE(run(4096, 4096, slots));
+  EXPECT_FALSE(run(64, 32, slots));
+  EXPECT_FALSE(run(64, 64, slots.narrow(0, 0, kRows - 1)));
+  EXPECT_EQ(run(64, 64, slots), Device().is_cuda() && LoraRowGemvEnabled());
+}
+
 // What it does not take, it declines without writing anything.
 TEST(LoraRowGemvTest, DeclinesBadShapes) {
   at::manual_seed(23);
