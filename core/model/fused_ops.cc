@@ -379,6 +379,19 @@ at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
   return Attention(q, step.k, step.v, step.bias, out_dtype);
 }
 
+Tf32LoraScope::Tf32LoraScope(bool on) {
+  static const bool off = EnvFlag("LORAHUB_NO_TF32_LORA");
+  if (!on || off) return;
+  previous_ = at::globalContext().allowTF32CuBLAS();
+  if (previous_) return;
+  at::globalContext().setAllowTF32CuBLAS(true);
+  set_ = true;
+}
+
+Tf32LoraScope::~Tf32LoraScope() {
+  if (set_) at::globalContext().setAllowTF32CuBLAS(previous_);
+}
+
 bool NarrowGemmEnabled() {
   static const bool off = EnvFlag("LORAHUB_NO_NARROW_GEMM");
   return fused_backend::Compiled() && !Disabled() && !off;

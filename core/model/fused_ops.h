@@ -189,6 +189,29 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // True when NarrowGemm can run (kernels compiled, not switched off). Read once.
 bool NarrowGemmEnabled();
 
+// While alive with `on` (and unless LORAHUB_NO_TF32_LORA=1, read once),
+// fp32 cuBLAS GEMMs on this process run on TF32 tensor cores: operands
+// rounded to 10-bit mantissas (2^-11 relative), products accumulated in
+// fp32. For the fp32 LoRA deltas of a bf16 model (t5_forward.cc
+// ProjectFused), whose inputs were already rounded to bf16 (2^-9) once on
+// their way: the objective's and the prompt encoder's per-candidate and
+// per-row GEMMs ran on the SIMT cores (sm80 fp32 kernels, a fifth of a
+// CMA-ES population's kernel time). Restores the previous setting on
+// destruction. Thread-safety: ATen's flag is process-wide, so a GEMM of an
+// fp32 model on another thread in that window would use TF32 too; the
+// engine runs one model dtype per process.
+class Tf32LoraScope {
+ public:
+  explicit Tf32LoraScope(bool on);
+  ~Tf32LoraScope();
+  Tf32LoraScope(const Tf32LoraScope&) = delete;
+  Tf32LoraScope& operator=(const Tf32LoraScope&) = delete;
+
+ private:
+  bool set_ = false;
+  bool previous_ = false;
+};
+
 // One adapted site of LoraRowDeltas: the B factor [S, out, r] and scalings
 // [S, 1, 1] (fp32) of the bank, the site's output columns [col, col + out)
 // of y and its ranks [rank_offset, rank_offset + r) among the rows of `a`.

@@ -390,8 +390,10 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
     return y;
   }
   at::Tensor y = MatmulFloat(xm, fused);  // the fp32 delta goes into fp32
+  const bool reduced = xm.scalar_type() != at::kFloat;
+  const Tf32LoraScope tf32(reduced && y.is_cuda());
   AddLoraDeltas(y, cols, sites, LoraInput(x, x_full), rows,
-                /*narrow=*/xm.scalar_type() != at::kFloat);
+                /*narrow=*/reduced);
   return y;
 }
 
