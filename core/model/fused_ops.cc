@@ -380,8 +380,8 @@ at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
 }
 
 Tf32LoraScope::Tf32LoraScope(bool on) {
-  static const bool off = EnvFlag("LORAHUB_NO_TF32_LORA");
-  if (!on || off) return;
+  static const bool opted_in = EnvFlag("LORAHUB_TF32_LORA");
+  if (!on || !opted_in) return;
   previous_ = at::globalContext().allowTF32CuBLAS();
   if (previous_) return;
   at::globalContext().setAllowTF32CuBLAS(true);

@@ -189,17 +189,21 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // True when NarrowGemm can run (kernels compiled, not switched off). Read once.
 bool NarrowGemmEnabled();
 
-// While alive with `on` (and unless LORAHUB_NO_TF32_LORA=1, read once),
-// fp32 cuBLAS GEMMs on this process run on TF32 tensor cores: operands
-// rounded to 10-bit mantissas (2^-11 relative), products accumulated in
-// fp32. For the fp32 LoRA deltas of a bf16 model (t5_forward.cc
-// ProjectFused), whose inputs were already rounded to bf16 (2^-9) once on
-// their way: the objective's and the prompt encoder's per-candidate and
-// per-row GEMMs ran on the SIMT cores (sm80 fp32 kernels, a fifth of a
-// CMA-ES population's kernel time). Restores the previous setting on
-// destruction. Thread-safety: ATen's flag is process-wide, so a GEMM of an
-// fp32 model on another thread in that window would use TF32 too; the
-// engine runs one model dtype per process.
+// Experimental, off by default: while alive with `on` and
+// LORAHUB_TF32_LORA=1 (read once), fp32 cuBLAS GEMMs on this process run on
+// TF32 tensor cores: operands rounded to 10-bit mantissas (2^-11 relative),
+// products accumulated in fp32. Meant for the fp32 LoRA deltas of a bf16
+// model (t5_forward.cc ProjectFused), whose GEMMs otherwise run on the SIMT
+// cores (sm80 fp32 kernels, a fifth of a CMA-ES population's kernel time).
+// H200, twelfth session: CMA-ES 867 against 784 candidates/s, per-row
+// generation 29428 against 28907 tok/s, the golden bf16 losses within 0.07
+// points of their fp32-LoRA values; but on a 24+24-block random bf16 model
+// the fused and the separate-weight runners, whose LoRA GEMMs run partly on
+// the NarrowGemm kernel (fp32), then differed by 6% in loss (2% without):
+// the rounding is visible where a model amplifies it, hence opt-in.
+// Restores the previous setting on destruction. Thread-safety: ATen's flag
+// is process-wide, so a GEMM of an fp32 model on another thread in that
+// window would use TF32 too.
 class Tf32LoraScope {
  public:
   explicit Tf32LoraScope(bool on);
