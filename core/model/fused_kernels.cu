@@ -1172,6 +1172,40 @@ __device__ __forceinline__ float WordDot(const uint4& raw, const float4* x) {
   return s;
 }
 
+// The vectorized shrink of one factor row per warp (LoraShrinkKernel kVec,
+// AddRmsNormShrinkKernel): the first kShrinkAhead rounds of the row's
+// `words` 16-byte words, loaded before x is staged ...
+__device__ __forceinline__ void LoadRowAhead(const uint4* row16, int64_t words,
+                                             bool active, int lane,
+                                             uint4 (&ahead)[kShrinkAhead]) {
+#pragma unroll
+  for (int u = 0; u < kShrinkAhead; ++u) {
+    const int64_t i = lane + 32 * u;
+    if (active && i < words) ahead[u] = row16[i];
+  }
+}
+
+// ... then this lane's part of x . row (x staged as float4s in shared
+// memory), the words loaded ahead first, then the rest in the same order.
+template <typename E>
+__device__ __forceinline__ float RowDotPart(const uint4* row16, int64_t words,
+                                            int lane,
+                                            const uint4 (&ahead)[kShrinkAhead],
+                                            const float4* x_shared) {
+  constexpr int kX = Vec16<E>::kWidth / 4;  // float4s of x per word
+  float s = 0.f;
+#pragma unroll
+  for (int u = 0; u < kShrinkAhead; ++u) {
+    const int64_t i = lane + 32 * u;
+    if (i < words) s += WordDot<E>(ahead[u], x_shared + i * kX);
+  }
+#pragma unroll 4
+  for (int64_t i = lane + 32 * kShrinkAhead; i < words; i += 32) {
+    s += WordDot<E>(row16[i], x_shared + i * kX);
+  }
+  return s;
+}
+
 template <typename E, bool kVec>
 __global__ void __launch_bounds__(kNormThreads)
     LoraShrinkKernel(LoraShrinkArgs a) {
@@ -1189,12 +1223,8 @@ __global__ void __launch_bounds__(kNormThreads)
   int64_t words = 0;  // 16-byte words of a factor row
   if constexpr (kVec) {
     words = a.in / Vec16<E>::kWidth;
-    const uint4* row16 = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-    for (int u = 0; u < kShrinkAhead; ++u) {
-      const int64_t i = lane + 32 * u;
-      if (active && i < words) ahead[u] = row16[i];
-    }
+    LoadRowAhead(reinterpret_cast<const uint4*>(row), words, active, lane,
+                 ahead);
   }
   const float* __restrict__ x = a.x + b * a.x_stride[0];
 #pragma unroll 4  // the loads in flight together
@@ -1205,17 +1235,8 @@ __global__ void __launch_bounds__(kNormThreads)
   if (!active) return;  // whole warps; no block barrier below
   float s = 0.f;
   if constexpr (kVec) {
-    constexpr int kX = Vec16<E>::kWidth / 4;  // float4s of x per word
-    const uint4* row16 = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-    for (int u = 0; u < kShrinkAhead; ++u) {
-      const int64_t i = lane + 32 * u;
-      if (i < words) s += WordDot<E>(ahead[u], x_shared + i * kX);
-    }
-#pragma unroll 4
-    for (int64_t i = lane + 32 * kShrinkAhead; i < words; i += 32) {
-      s += WordDot<E>(row16[i], x_shared + i * kX);
-    }
+    s = RowDotPart<E>(reinterpret_cast<const uint4*>(row), words, lane, ahead,
+                      x_shared);
   } else {
 #pragma unroll 4
     for (int64_t i = lane; i < a.in; i += 32) {
@@ -1251,11 +1272,7 @@ __global__ void __launch_bounds__(kNormThreads)
   const int64_t words = a.in / Vec16<E>::kWidth;
   const uint4* row16 = reinterpret_cast<const uint4*>(row);
   uint4 ahead[kShrinkAhead];
-#pragma unroll
-  for (int u = 0; u < kShrinkAhead; ++u) {
-    const int64_t i = lane + 32 * u;
-    if (active && i < words) ahead[u] = row16[i];
-  }
+  LoadRowAhead(row16, words, active, lane, ahead);
   const int64_t dim = a.in;
   const int64_t base = b * dim;
   // The row's x, delta and weight, each dtype switched once per row so that
@@ -1297,17 +1314,7 @@ __global__ void __launch_bounds__(kNormThreads)
   }
   __syncthreads();
   if (!active) return;  // whole warps; no block barrier below
-  constexpr int kX = Vec16<E>::kWidth / 4;  // float4s of x per word
-  float s = 0.f;
-#pragma unroll
-  for (int u = 0; u < kShrinkAhead; ++u) {
-    const int64_t i = lane + 32 * u;
-    if (i < words) s += WordDot<E>(ahead[u], x_shared + i * kX);
-  }
-#pragma unroll 4
-  for (int64_t i = lane + 32 * kShrinkAhead; i < words; i += 32) {
-    s += WordDot<E>(row16[i], x_shared + i * kX);
-  }
+  float s = RowDotPart<E>(row16, words, lane, ahead, x_shared);
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   if (lane == 0) a.out[b * a.R + c] = s;
 }

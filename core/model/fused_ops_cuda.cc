@@ -142,6 +142,42 @@ bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
   return true;
 }
 
+namespace {
+
+// The kernels' arguments for q [B, H, T, D], k [B, H, S, D], v [B, H, S, Dv]
+// and the bias expanded to [B, H, T, S] (b4), the result in out_dtype (out
+// itself and the variant not set).
+kernels::AttentionArgs AttentionArgsOf(const at::Tensor& q,
+                                       const at::Tensor& k,
+                                       const at::Tensor& v,
+                                       const at::Tensor& b4,
+                                       at::ScalarType out_dtype) {
+  kernels::AttentionArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.bias = b4.data_ptr();
+  a.q_dtype = KernelDType(q.scalar_type());
+  a.qkv_dtype = KernelDType(k.scalar_type());
+  a.bias_dtype = KernelDType(b4.scalar_type());
+  a.out_dtype = KernelDType(out_dtype);
+  a.B = q.size(0);
+  a.H = q.size(1);
+  a.T = q.size(2);
+  a.S = k.size(2);
+  a.D = q.size(3);
+  a.Dv = v.size(3);
+  for (int i = 0; i < 4; ++i) {
+    a.q_stride[i] = q.stride(i);
+    a.k_stride[i] = k.stride(i);
+    a.v_stride[i] = v.stride(i);
+    a.bias_stride[i] = b4.stride(i);
+  }
+  return a;
+}
+
+}  // namespace
+
 bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& bias,
                     at::ScalarType out_dtype,
@@ -181,29 +217,9 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   // Written as [B, T, H, Dv] and returned as its [B, H, T, Dv] view: the
   // head merge before the output projection is then a view, not a copy.
   at::Tensor result = at::empty({B, T, H, Dv}, q.options().dtype(out_dtype));
-  kernels::AttentionArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.bias = b4.data_ptr();
+  kernels::AttentionArgs a = AttentionArgsOf(q, k, v, b4, out_dtype);
   a.out = result.data_ptr();
-  a.q_dtype = KernelDType(q.scalar_type());
-  a.qkv_dtype = KernelDType(k.scalar_type());
   a.variant = variant;
-  a.bias_dtype = KernelDType(bias.scalar_type());
-  a.out_dtype = KernelDType(out_dtype);
-  a.B = B;
-  a.H = H;
-  a.T = T;
-  a.S = S;
-  a.D = D;
-  a.Dv = Dv;
-  for (int i = 0; i < 4; ++i) {
-    a.q_stride[i] = q.stride(i);
-    a.k_stride[i] = k.stride(i);
-    a.v_stride[i] = v.stride(i);
-    a.bias_stride[i] = b4.stride(i);
-  }
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   const int err = tiled ? kernels::LaunchTiledAttention(a, stream)
@@ -536,27 +552,7 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
       !StepLora(step.v_lora, q, slots, &x.v_lora, &v_scale)) {
     return false;
   }
-  kernels::AttentionArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.bias = b4.data_ptr();
-  a.q_dtype = kernels::DType::kFloat;
-  a.qkv_dtype = KernelDType(k.scalar_type());
-  a.bias_dtype = KernelDType(step.bias.scalar_type());
-  a.out_dtype = KernelDType(out_dtype);
-  a.B = B;
-  a.H = H;
-  a.T = 1;
-  a.S = S;
-  a.D = D;
-  a.Dv = D;
-  for (int i = 0; i < 4; ++i) {
-    a.q_stride[i] = q.stride(i);
-    a.k_stride[i] = k.stride(i);
-    a.v_stride[i] = v.stride(i);
-    a.bias_stride[i] = b4.stride(i);
-  }
+  kernels::AttentionArgs a = AttentionArgsOf(q, k, v, b4, out_dtype);
   if (lora) {
     x.slots = step.slots.data_ptr<int64_t>();
     if (step.mask.defined()) {
