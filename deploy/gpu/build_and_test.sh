@@ -144,8 +144,15 @@ done
 [ $bad = 0 ] || exit 1
 say "every binary loads grpc/protobuf/absl/... from the prefix, no library missing"
 say "server: $(env -u LD_LIBRARY_PATH ldd "$build/bin/server/lorahub" | grep -E 'libtorch_cuda|libgrpc\+\+\.' | awk '{print $3}' | tr '\n' ' ')"
-"$py" deploy/cmake/sync_check.py --ctest-dir "$build" 2>&1 | grep -v warning | tee -a "$logs/summary.log"
-[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+if [ -f models/BUILD ]; then
+  "$py" deploy/cmake/sync_check.py --ctest-dir "$build" 2>&1 | grep -v warning | tee -a "$logs/summary.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || exit 1
+else
+  # A copy without models/ (moved out to fit a device call's 64 MiB, as
+  # perf_ab.sh's callers do) has one Bazel package fewer than targets.cmake;
+  # the CI's //tests/build:cmake_sync_test still checks the two are in step.
+  say "sync_check skipped: models/ is not in this copy"
+fi
 
 # 4. Tests, from the source root like bazel test. The GPU host has no
 # Prometheus: its two real-scrape checks skip instead of failing there.
