@@ -27,6 +27,29 @@ kernels::DType KernelDType(at::ScalarType t) {
   }
 }
 
+bool OnDeviceOf(const at::Tensor& t, const at::Tensor& x) {
+  return t.defined() && t.is_cuda() && t.device() == x.device();
+}
+
+// The current CUDA stream of x's device.
+cudaStream_t StreamOf(const at::Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+// New outputs of an add + norm over x (fp32): sum and full fp32 like x,
+// rounded in `compute` (the same tensor as full when r_dtype is kNone:
+// fp32 compute).
+AddNormOutput AddNormOutputsLike(const at::Tensor& x, at::ScalarType compute,
+                                 kernels::DType r_dtype) {
+  AddNormOutput result;
+  result.sum = at::empty_like(x);
+  result.norm.full = at::empty_like(x);
+  result.norm.rounded = r_dtype == kernels::DType::kNone
+                            ? result.norm.full
+                            : at::empty(x.sizes(), x.options().dtype(compute));
+  return result;
+}
+
 }  // namespace
 
 bool Compiled() { return true; }
@@ -55,8 +78,7 @@ bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
       xc.data_ptr<float>(), wc.data_ptr(), w_dtype,
       result.full.data_ptr<float>(),
       r_dtype == kernels::DType::kNone ? nullptr : result.rounded.data_ptr(),
-      r_dtype, xc.numel() / dim, dim, static_cast<float>(eps),
-      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+      r_dtype, xc.numel() / dim, dim, static_cast<float>(eps), StreamOf(x));
   TORCH_CHECK(err == 0, "RMS norm kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = std::move(result);
@@ -82,13 +104,7 @@ bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
   const at::Tensor xc = x.contiguous();
   const at::Tensor dc = delta.contiguous();
   const at::Tensor wc = weight.contiguous();
-  AddNormOutput result;
-  result.sum = at::empty_like(xc);
-  result.norm.full = at::empty_like(xc);
-  result.norm.rounded =
-      r_dtype == kernels::DType::kNone
-          ? result.norm.full
-          : at::empty(xc.sizes(), xc.options().dtype(compute));
+  AddNormOutput result = AddNormOutputsLike(xc, compute, r_dtype);
   const int64_t dim = xc.size(-1);
   const int err = kernels::LaunchAddRmsNorm(
       xc.data_ptr<float>(), dc.data_ptr(), d_dtype,
@@ -97,7 +113,7 @@ bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
       r_dtype == kernels::DType::kNone ? nullptr
                                        : result.norm.rounded.data_ptr(),
       r_dtype, xc.numel() / dim, dim, static_cast<float>(eps),
-      c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+      StreamOf(x));
   TORCH_CHECK(err == 0, "residual + RMS norm kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = std::move(result);
@@ -135,7 +151,7 @@ bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
   const int64_t rows = dim == 0 ? 0 : gate.numel() / dim;
   const int err = kernels::LaunchGatedGeluTanh(
       gate.data_ptr(), gs, up.data_ptr(), us, result.data_ptr(), dtype, rows,
-      dim, c10::cuda::getCurrentCUDAStream(gate.device().index()).stream());
+      dim, StreamOf(gate));
   TORCH_CHECK(err == 0, "gated GELU kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = std::move(result);
@@ -220,8 +236,7 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   kernels::AttentionArgs a = AttentionArgsOf(q, k, v, b4, out_dtype);
   a.out = result.data_ptr();
   a.variant = variant;
-  const cudaStream_t stream =
-      c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  const cudaStream_t stream = StreamOf(q);
   const int err = tiled ? kernels::LaunchTiledAttention(a, stream)
                         : kernels::LaunchSmallAttention(a, stream);
   TORCH_CHECK(err == 0, "short-query attention kernel: ",
@@ -231,14 +246,6 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
 }
 
 namespace {
-
-bool OnDeviceOf(const at::Tensor& t, const at::Tensor& x) {
-  return t.defined() && t.is_cuda() && t.device() == x.device();
-}
-
-cudaStream_t StreamOf(const at::Tensor& x) {
-  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-}
 
 // What LaunchLoraShrink takes: x fp32 [B, in], a [S, R, in], slots int64
 // [B] contiguous.
@@ -400,13 +407,7 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
   // One fused op to tests/model/objective_ops_test; only once it runs.
   RECORD_USER_SCOPE("lorahub::add_rms_norm_shrink");
   c10::cuda::CUDAGuard device_guard(x.device());
-  AddNormOutput result;
-  result.sum = at::empty_like(x);
-  result.norm.full = at::empty_like(x);
-  result.norm.rounded =
-      r_dtype == kernels::DType::kNone
-          ? result.norm.full
-          : at::empty(x.sizes(), x.options().dtype(compute));
+  AddNormOutput result = AddNormOutputsLike(x, compute, r_dtype);
   at::Tensor shrunk = at::empty({p.shrink.B, p.shrink.R}, x.options());
   p.sum = result.sum.data_ptr<float>();
   p.full = result.norm.full.data_ptr<float>();
@@ -414,8 +415,7 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
                   ? nullptr
                   : result.norm.rounded.data_ptr();
   p.shrink.out = shrunk.data_ptr<float>();
-  const int err = kernels::LaunchAddRmsNormShrink(
-      p, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  const int err = kernels::LaunchAddRmsNormShrink(p, StreamOf(x));
   TORCH_CHECK(err == 0, "residual + RMS norm + LoRA shrink kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = std::move(result);
@@ -608,8 +608,7 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor result = at::empty({a.G, a.M, a.N}, x.options());
   a.out = result.data_ptr<float>();
-  const int err = kernels::LaunchNarrowGemm(
-      a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  const int err = kernels::LaunchNarrowGemm(a, StreamOf(x));
   TORCH_CHECK(err == 0, "narrow GEMM kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = result;

@@ -726,18 +726,24 @@ bool StepPathApplies(const T5Weights& w, const Normed& x,
          StepSitesApply(w, x.mm.device(), members, fused, rows);
 }
 
-// The adapted members' sites and their column offsets in `fused`.
-void AdaptedSites(const at::Tensor& fused,
-                  const std::vector<const Linear*>& members,
-                  const RowAdapters& rows, std::vector<int64_t>* cols,
-                  std::vector<const SiteBank*>* sites,
-                  std::vector<size_t>* which) {
+// The adapted ones among `members` (rows of `fused`): their sites, their
+// column offsets in `fused` and their indices in `members`.
+struct AdaptedMembers {
+  std::vector<const SiteBank*> sites;
+  std::vector<int64_t> cols;
+  std::vector<size_t> which;
+};
+AdaptedMembers AdaptedOf(const at::Tensor& fused,
+                         const std::vector<const Linear*>& members,
+                         const RowAdapters& rows) {
+  AdaptedMembers out;
   for (size_t k = 0; k < members.size(); ++k) {
     if (!Adapted(rows, members[k]->site)) continue;
-    cols->push_back(FusedRowOffset(fused, members[k]->weight));
-    sites->push_back(&rows.bank->sites[members[k]->site]);
-    which->push_back(k);
+    out.sites.push_back(&rows.bank->sites[members[k]->site]);
+    out.cols.push_back(FusedRowOffset(fused, members[k]->weight));
+    out.which.push_back(k);
   }
+  return out;
 }
 
 // The A factors of the step path's one shrink for `sites` (their per-row
@@ -768,11 +774,7 @@ at::Tensor StepShrinkFactors(const T5Weights& w,
       !StepSitesApply(w, rows.slots.device(), members, fused, rows)) {
     return at::Tensor();
   }
-  std::vector<int64_t> cols;
-  std::vector<const SiteBank*> sites;
-  std::vector<size_t> which;
-  AdaptedSites(fused, members, rows, &cols, &sites, &which);
-  return ShrinkRun(sites);
+  return ShrinkRun(AdaptedOf(fused, members, rows).sites);
 }
 
 // True when t and u are views of the same elements (same address, shape,
@@ -794,10 +796,8 @@ at::Tensor StepProjection(const Normed& x, const at::Tensor& fused,
                           std::vector<RowLoraExpand>* expands) {
   expands->assign(members.size(), RowLoraExpand());
   at::Tensor y = MatmulFloat(MatmulInput(x.mm, fused), fused);
-  std::vector<int64_t> cols;
-  std::vector<const SiteBank*> sites;
-  std::vector<size_t> which;
-  AdaptedSites(fused, members, rows, &cols, &sites, &which);
+  const AdaptedMembers adapted = AdaptedOf(fused, members, rows);
+  const std::vector<const SiteBank*>& sites = adapted.sites;
   if (sites.empty()) return y;
   const at::Tensor xin = LoraInput(x.mm, x.full);  // [B, 1, in]
   // One shrink for all (their A factors side by side, as AddLoraDeltas),
@@ -811,13 +811,14 @@ at::Tensor StepProjection(const Normed& x, const at::Tensor& fused,
   }
   const int64_t r = sites[0]->a_low.size(1);
   if (!xa.defined()) {
-    AddLoraDeltas(y, cols, sites, xin, rows,
+    AddLoraDeltas(y, adapted.cols, sites, xin, rows,
                   /*narrow=*/x.mm.scalar_type() != at::kFloat);
     return y;
   }
   for (size_t k = 0; k < sites.size(); ++k) {
-    (*expands)[which[k]] = RowLoraExpand{xa, static_cast<int64_t>(k) * r,
-                                         sites[k]->b_low, sites[k]->scale};
+    (*expands)[adapted.which[k]] =
+        RowLoraExpand{xa, static_cast<int64_t>(k) * r, sites[k]->b_low,
+                      sites[k]->scale};
   }
   return y;
 }

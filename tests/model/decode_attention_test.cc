@@ -72,6 +72,18 @@ at::Tensor Reference(const at::Tensor& q, const at::Tensor& k,
   return at::mv(vd.t(), p);
 }
 
+// The encoder's mask bias [B, 1, 1, S] for rows of lengths[b] tokens
+// padded to S: 0 on their tokens, the mask value after them.
+at::Tensor PaddedRowsBias(const std::vector<int64_t>& lengths, int64_t S) {
+  const int64_t B = static_cast<int64_t>(lengths.size());
+  at::Tensor bias = at::zeros({B, 1, 1, S}, F32());
+  for (int64_t b = 0; b < B; ++b) {
+    bias[b].narrow(-1, lengths[b], S - lengths[b])
+        .fill_(std::numeric_limits<float>::lowest());
+  }
+  return bias;
+}
+
 // True when Attention() of one query runs the short-query kernel here.
 bool ShortQueryKernelRuns(const at::Tensor& q) {
   return q.is_cuda() && FusedKernelsEnabled() && !DecodeAttentionGeneric() &&
@@ -302,11 +314,7 @@ TEST(DecodeAttentionTest, T5HeadsAgainstDouble) {
   const int64_t B = 3, H = 2, d = 64;
   for (int64_t S : {int64_t{5}, int64_t{300}}) {
     const std::vector<int64_t> lengths = {S, S / 2 + 1, 1};
-    at::Tensor mask_bias = at::zeros({B, 1, 1, S}, F32());
-    for (int64_t b = 0; b < B; ++b) {
-      mask_bias[b].narrow(-1, lengths[b], S - lengths[b])
-          .fill_(std::numeric_limits<float>::lowest());
-    }
+    const at::Tensor mask_bias = PaddedRowsBias(lengths, S);
     const at::Tensor q = Random({B, H, 1, d}, 0.5);
     for (at::ScalarType kv_dtype : {at::kFloat, at::kBFloat16}) {
       const at::Tensor k = Random({B, H, S, d}, 0.5).to(kv_dtype);
@@ -527,11 +535,7 @@ TEST(DecodeAttentionTest, StepAttentionCrossWithRowLora) {
                              Random({S, H * d, r}, 0.3).to(at::kBFloat16),
                              at::full({S, 1, 1}, 2.0, F32())};
   const std::vector<int64_t> lengths = {keys, 20, 1};
-  at::Tensor mask_bias = at::zeros({B, 1, 1, keys}, F32());
-  for (int64_t b = 0; b < B; ++b) {
-    mask_bias[b].narrow(-1, lengths[b], keys - lengths[b])
-        .fill_(std::numeric_limits<float>::lowest());
-  }
+  const at::Tensor mask_bias = PaddedRowsBias(lengths, keys);
   const at::Tensor q = Random({B, H, 1, d}, 0.5);
   const at::Tensor k = Random({B, H, keys, d}, 0.5).to(at::kBFloat16);
   const at::Tensor v = Random({B, H, keys, d}, 1.0).to(at::kBFloat16);
