@@ -37,11 +37,13 @@
 //
 // --profile-out FILE: after all timings, one more objective evaluation under LibTorch's
 // Kineto profiler (Chrome trace to FILE), one batched evaluation of --population
-// candidates (CMA-ES's call; ".population" before the extension) and one per-row
-// generation call (".generate"); for each, a table of the top kernels
-// (name, count, total us), the number of kernels and their summed time against the wall
-// time goes to stderr, and the same figures to the JSON under "profile" (bench_profile.h;
-// on the CPU, or without Kineto/CUPTI, CPU operators and a note instead).
+// candidates (CMA-ES's call; ".population" before the extension), one per-row
+// generation call (".generate") and the same prompts on the base model alone
+// (".generate_base": the per-row adapters' cost is the difference); for each, a
+// table of the top kernels (name, count, total us), the number of kernels and
+// their summed time against the wall time goes to stderr, and the same figures
+// to the JSON under "profile" (bench_profile.h; on the CPU, or without
+// Kineto/CUPTI, CPU operators and a note instead).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -505,6 +507,12 @@ absl::Status Run(const Args& args) {
         });
     p["decode_steps"] = steps;  // kernels per decode step ~ a step kernel's count / steps
     profile["generate_per_row"] = p;
+    LH_RETURN_IF_ERROR(model::Generate(base, gen_prompts, nullptr, {}, g).status());
+    profile["generate_base"] = Profile(
+        absl::StrCat("generation, base model (", gen_batch, " rows)"),
+        TaggedPath(profile_out, "generate_base"), base.device, [&] {
+          return model::Generate(base, gen_prompts, nullptr, {}, g).status();
+        });
     out["profile"] = profile;
   }
 

@@ -59,7 +59,8 @@ p = json.loads(lines[0])["profile"]
 err = open(sys.argv[2]).read()
 for key, label in [("objective", "profile objective evaluation:"),
                    ("objective_population", "profile objective, one population (4 candidates):"),
-                   ("generate_per_row", "profile generation per-row (2 rows):")]:
+                   ("generate_per_row", "profile generation per-row (2 rows):"),
+                   ("generate_base", "profile generation, base model (2 rows):")]:
     s = p[key]
     assert "error" not in s, s
     assert s["device_events"] is False and s["events"] > 0 and s["wall_us"] > 0, s
