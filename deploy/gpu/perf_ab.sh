@@ -7,7 +7,8 @@
 #  3. `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
 #     (profile*.json, the kernel tables in main.err), then same-build A/B runs;
 #  4. (SWEEP=1) tokens/s against batch size (--gen-sweep) -> sweep.json;
-#  5. (NUMERICS="task ...") deploy/gpu/bf16_numerics.py on the trained default model (models/default,
+#  5. (NCU="kernel ...") deploy/gpu/ncu_kernels.sh on those kernels -> ncu_*.txt, ncu_summary.txt;
+#  6. (NUMERICS="task ...") deploy/gpu/bf16_numerics.py on the trained default model (models/default,
 #     which does not fit beside .gpu/debs in a call: carry .gpu/models.tgz, made here with
 #     `tar czf .gpu/models.tgz models`) for held-out tasks with 5 examples -> numerics_TASK.md.
 # Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout.
@@ -92,6 +93,10 @@ if [ "${SWEEP:-0}" = 1 ] && [ $((SECONDS - start)) -lt "${STOP_S:-420}" ]; then
     --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 --reps 3 --cobyla-budget 4 \
     --cmaes-budget 64 --population 64 --gen-tokens 32 --gen-sweep 1,8,16,32,64,128,256 --json \
     >"$work/sweep.json" 2>"$work/sweep.err" || echo "FAILED: sweep"
+fi
+if [ -n "${NCU:-}" ]; then
+  stamp "ncu: $NCU"
+  OUT=$work KERNELS=$NCU bash deploy/gpu/ncu_kernels.sh
 fi
 if [ -n "${NUMERICS:-}" ]; then
   [ -d models/default ] || tar xzf .gpu/models.tgz
