@@ -31,6 +31,14 @@ bool OnDeviceOf(const at::Tensor& t, const at::Tensor& x) {
   return t.defined() && t.is_cuda() && t.device() == x.device();
 }
 
+// Row slots as the row kernels index them: int64 [rows], contiguous, on
+// x's device.
+bool SlotsFit(const at::Tensor& slots, const at::Tensor& x, int64_t rows) {
+  return OnDeviceOf(slots, x) && slots.dim() == 1 &&
+         slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+         slots.size(0) == rows;
+}
+
 // The current CUDA stream of x's device.
 cudaStream_t StreamOf(const at::Tensor& x) {
   return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
@@ -251,15 +259,13 @@ namespace {
 // [B] contiguous.
 bool ShrinkTakes(const at::Tensor& x, const at::Tensor& a,
                  const at::Tensor& slots) {
-  if (!OnDeviceOf(x, x) || !OnDeviceOf(a, x) || !OnDeviceOf(slots, x) ||
+  if (!OnDeviceOf(x, x) || !OnDeviceOf(a, x) ||
       x.scalar_type() != at::kFloat || x.dim() != 2 || a.dim() != 3 ||
-      slots.dim() != 1 || slots.scalar_type() != at::kLong ||
-      !slots.is_contiguous() ||
       KernelDType(a.scalar_type()) == kernels::DType::kNone) {
     return false;
   }
   const int64_t B = x.size(0), R = a.size(1);
-  return B <= 65535 && slots.size(0) == B && a.size(2) == x.size(1) &&
+  return B <= 65535 && SlotsFit(slots, x, B) && a.size(2) == x.size(1) &&
          R > 0 && x.size(1) <= kernels::kMaxLoraIn &&
          R <= kernels::kMaxLoraRanks;
 }
@@ -384,13 +390,12 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
       !x.is_contiguous() || !delta.is_contiguous() ||
       delta.sizes() != x.sizes() || !weight.is_contiguous() ||
       weight.dim() != 1 || weight.size(0) != x.size(-1) || !a.defined() ||
-      a.dim() != 3 || a.size(2) != x.size(-1) || !slots.defined() ||
-      slots.dim() != 1 || slots.scalar_type() != at::kLong ||
-      !slots.is_contiguous() || slots.numel() != x.numel() / x.size(-1) ||
+      a.dim() != 3 || a.size(2) != x.size(-1) || x.size(-1) == 0 ||
+      !SlotsFit(slots, x, x.numel() / x.size(-1)) ||
       (compute != at::kFloat && r_dtype == kernels::DType::kNone)) {
     return false;
   }
-  for (const at::Tensor* t : {&delta, &weight, &a, &slots}) {
+  for (const at::Tensor* t : {&delta, &weight, &a}) {
     if (!t->is_cuda() || t->device() != x.device()) return false;
   }
   kernels::AddNormShrinkArgs p;
@@ -446,11 +451,9 @@ at::Tensor LoraRowShrink(const at::Tensor& x, const at::Tensor& a,
 bool LoraRowExpand(const at::Tensor& y, const at::Tensor& xa,
                    const std::vector<LoraRowSite>& sites,
                    const at::Tensor& slots, const at::Tensor& mask) {
-  if (sites.empty() || !OnDeviceOf(xa, y) || !OnDeviceOf(slots, y) ||
+  if (sites.empty() || !OnDeviceOf(xa, y) ||
       xa.scalar_type() != at::kFloat || xa.dim() != 2 || xa.stride(1) != 1 ||
-      slots.dim() != 1 || slots.scalar_type() != at::kLong ||
-      !slots.is_contiguous() || slots.size(0) != xa.size(0) ||
-      xa.size(1) > kernels::kMaxLoraRanks ||
+      !SlotsFit(slots, y, xa.size(0)) || xa.size(1) > kernels::kMaxLoraRanks ||
       !ExpandTakes(y, xa.size(0), xa.size(1), sites[0].b.size(0), sites,
                    mask)) {
     return false;
@@ -515,11 +518,7 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
       v.sizes() != k.sizes() || S < 1) {
     return false;
   }
-  if (lora && (!OnDeviceOf(step.slots, q) || step.slots.dim() != 1 ||
-               step.slots.scalar_type() != at::kLong ||
-               !step.slots.is_contiguous() || step.slots.size(0) != B)) {
-    return false;
-  }
+  if (lora && !SlotsFit(step.slots, q, B)) return false;
   if (lora && step.mask.defined() &&
       (!OnDeviceOf(step.mask, q) || step.mask.scalar_type() != at::kFloat ||
        step.mask.numel() != B)) {

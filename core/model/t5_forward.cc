@@ -667,19 +667,16 @@ class Residual {
     if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
     AddNormOutput r;
     at::Tensor xa;
-    if (shrink_a.defined() &&
-        AddRmsNormShrink(h_, pending_, weight, eps, w_.dtype, shrink_a, slots,
-                         &r, &xa)) {
-      h_ = std::move(r.sum);
-      pending_ = at::Tensor();
-      RowShrink shrink{shrink_a, r.norm.full, std::move(xa)};
-      return Normed{std::move(r.norm.rounded), std::move(r.norm.full),
-                    std::move(shrink)};
-    }
-    r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
+    const bool shrunk =
+        shrink_a.defined() && AddRmsNormShrink(h_, pending_, weight, eps,
+                                               w_.dtype, shrink_a, slots, &r,
+                                               &xa);
+    if (!shrunk) r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
     h_ = std::move(r.sum);
     pending_ = at::Tensor();
-    return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
+    Normed n{std::move(r.norm.rounded), std::move(r.norm.full)};
+    if (shrunk) n.shrink = RowShrink{shrink_a, n.full, std::move(xa)};
+    return n;
   }
 
  private:
@@ -829,6 +826,12 @@ void SetRowsOf(const RowAdapters& rows, DecodeStepInputs* step) {
   if (!rows.all_rows) step->mask = rows.mask;
 }
 
+// True when a self-attention's q|k|v can take the step path's layout: one
+// fused GEMM, k not adapted (the step kernel expands q and v only).
+bool SelfStepLayout(const AttentionWeights& a, const RowAdapters& rows) {
+  return FusedQkv(a) && !Adapted(rows, a.k.site);
+}
+
 // A decode step's self-attention with its output projection, through
 // DecodeStepAttention: q|k|v as one GEMM; the per-row LoRA expands of q and
 // v and the store of the new key and value into `cache` done by the
@@ -838,7 +841,7 @@ at::Tensor SelfAttentionStep(const T5Weights& w, const AttentionWeights& a,
                              const Normed& x, const RowAdapters& rows,
                              const StepCache& cache, const at::Tensor& bias) {
   const std::vector<const Linear*> members = {&a.q, &a.k, &a.v};
-  if (!FusedQkv(a) || Adapted(rows, a.k.site) ||
+  if (!SelfStepLayout(a, rows) ||
       !StepPathApplies(w, x, members, a.qkv, rows)) {
     return at::Tensor();
   }
@@ -901,8 +904,7 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
       &b.self_attn.q, &b.self_attn.k, &b.self_attn.v};
   Normed n = h.Norm(
       b.self_norm,
-      cache != nullptr && FusedQkv(b.self_attn) &&
-              !Adapted(rows, b.self_attn.k.site)
+      cache != nullptr && SelfStepLayout(b.self_attn, rows)
           ? StepShrinkFactors(w, qkv_members, b.self_attn.qkv, rows)
           : at::Tensor(),
       rows.slots);
