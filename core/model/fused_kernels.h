@@ -256,6 +256,46 @@ struct NarrowGemmArgs {
 bool NarrowGemmFits(const NarrowGemmArgs& args);
 int LaunchNarrowGemm(const NarrowGemmArgs& args, void* stream);
 
+// The LoRA deltas of runs of rows per adapter slot (a CMA-ES population's
+// candidates, a per-row prefill's prompts), fp32, in one kernel
+// (run_lora_kernels.cu): for slot s < slots and token m < M,
+//   xa[s, m, :] = x[s, m, :] a[s]^T                    (a: [R, in] per slot)
+//   y[s, m, site.col + o] += scale * sum_c xa[s, m, k r + c] b_k[s, o, c]
+// for each site k < num_sites (o < out, c < r; R = num_sites * r). With
+// x == nullptr, xa is given instead (the expand alone). One block per
+// (slot, kRunLoraTokens tokens); deterministic; the products of the GEMMs
+// it replaces, summed in another order. Strides in elements; unit stride
+// along in (x, a), ranks (xa, b) and columns (y); 16-byte aligned rows.
+// The shrink takes R = 8, 16 or 32; r a multiple of 4 up to
+// kRunLoraMaxRank. Returns cudaErrorInvalidValue for what it does not take
+// (RunLoraFits), the launch's error otherwise.
+inline constexpr int64_t kRunLoraTokens = 16;
+inline constexpr int kRunLoraMaxSites = 4;
+inline constexpr int kRunLoraMaxRank = 32;
+struct RunLoraSite {
+  const float* b = nullptr;  // slot 0's [out, r] (the run's first slot)
+  int64_t col = 0;           // first output column in y
+};
+struct RunLoraArgs {
+  const float* x = nullptr;  // slot 0's [M, in]; null: xa given
+  int64_t x_stride[2] = {0, 0};  // slot, token
+  const float* a = nullptr;  // slot 0's [R, in]
+  int64_t a_stride[2] = {0, 0};  // slot, rank
+  int64_t in = 0;
+  const float* xa = nullptr;  // slot 0's [M, R] (x == nullptr only)
+  int64_t xa_stride[2] = {0, 0};  // slot, token
+  RunLoraSite sites[kRunLoraMaxSites];
+  int num_sites = 0;
+  int64_t b_stride[2] = {0, 0};  // slot, output (every site's b)
+  int64_t r = 0, R = 0, out = 0;
+  float scale = 1.f;
+  float* y = nullptr;  // slot 0's [M, columns]
+  int64_t y_stride[2] = {0, 0};  // slot, token
+  int64_t slots = 0, M = 0;
+};
+bool RunLoraFits(const RunLoraArgs& args);
+int LaunchRunLora(const RunLoraArgs& args, void* stream);
+
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

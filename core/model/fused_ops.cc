@@ -298,6 +298,21 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   return fused_backend::LoraRowDeltas(y, x, a, sites, slots, mask);
 }
 
+bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const at::Tensor& xa,
+                   const std::vector<LoraRunSite>& sites, double scale) {
+  static const bool off = EnvFlag("LORAHUB_NO_RUN_LORA");
+  if (off || !y.is_cuda() || !fused_backend::Compiled() || Disabled() ||
+      Differentiable(y) || Differentiable(x) || Differentiable(a) ||
+      Differentiable(xa)) {
+    return false;
+  }
+  for (const LoraRunSite& s : sites) {
+    if (Differentiable(s.b)) return false;
+  }
+  return fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale);
+}
+
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
                       const at::Tensor& weight, double eps,
                       at::ScalarType compute, const at::Tensor& a,

@@ -250,6 +250,31 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 // off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_GEMV, read once).
 bool LoraRowGemvEnabled();
 
+// One adapted site of LoraRunDeltas: its B factors for the run's slots,
+// fp32 [slots, out, r], and its output columns [col, col + out) of y.
+struct LoraRunSite {
+  at::Tensor b;
+  int64_t col = 0;
+};
+
+// LoRA deltas of runs of rows per adapter slot (a CMA-ES population's
+// candidates, a per-row prefill's prompts) on CUDA, fp32, in one kernel
+// (fused_kernels.h LaunchRunLora): for each slot s and site k,
+//   y[s, :, col_k : col_k + out] += scale * (x[s] a[s]^T)[:, k r : (k+1) r]
+//                                   b_k[s]^T
+// y: [slots, M, N] (unit column stride, any slot and token strides); x
+// [slots, M, in] and a [slots, num_sites * r, in] (the sites' A factors side
+// by side), or x and a undefined and xa [slots, M, num_sites * r] given (the
+// expand alone). The products of the GEMMs it replaces (a batched shrink,
+// a batched expand per site), summed in another order, so only for models
+// whose numerics do not pin cuBLAS's order (reduced-precision models). All
+// or nothing: false, having changed nothing, where it does not take these
+// tensors (not CUDA, a build without the kernels, LORAHUB_NO_FUSED=1 or
+// LORAHUB_NO_RUN_LORA=1, autograd, other dtypes, shapes or alignments).
+bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const at::Tensor& xa,
+                   const std::vector<LoraRunSite>& sites, double scale);
+
 // AddRmsNorm(x, delta, weight, eps, compute) and LoraRowShrink of its fp32
 // output, xa[b] = full[b] a[slots[b]]^T (fp32 [B, R]), in ONE kernel on
 // CUDA (decode steps: the norm before an adapted projection; the shrink was

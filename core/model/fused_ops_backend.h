@@ -38,6 +38,10 @@ bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,
                    const at::Tensor& slots, const at::Tensor& mask);
+// fused_ops.h LoraRunDeltas (all or nothing).
+bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const at::Tensor& xa,
+                   const std::vector<LoraRunSite>& sites, double scale);
 // fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
                       const at::Tensor& weight, double eps,

@@ -581,6 +581,70 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
   return true;
 }
 
+bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const at::Tensor& xa,
+                   const std::vector<LoraRunSite>& sites, double scale) {
+  const bool shrink = x.defined();
+  const at::Tensor& in = shrink ? x : xa;
+  if (sites.empty() || sites.size() > kernels::kRunLoraMaxSites ||
+      y.dim() != 3 || in.dim() != 3 || y.scalar_type() != at::kFloat ||
+      in.scalar_type() != at::kFloat || !y.is_cuda() ||
+      in.device() != y.device() || in.size(0) != y.size(0) ||
+      in.size(1) != y.size(1) || y.stride(2) != 1 || in.stride(2) != 1 ||
+      (shrink && (!a.defined() || a.dim() != 3 || a.scalar_type() != at::kFloat ||
+                  a.device() != y.device() || a.size(0) != y.size(0) ||
+                  a.size(2) != x.size(2) || a.stride(2) != 1))) {
+    return false;
+  }
+  const at::Tensor& b0 = sites[0].b;
+  kernels::RunLoraArgs p;
+  p.slots = y.size(0);
+  p.M = y.size(1);
+  p.R = shrink ? a.size(1) : xa.size(2);
+  p.r = p.R / static_cast<int64_t>(sites.size());
+  p.num_sites = static_cast<int>(sites.size());
+  for (size_t k = 0; k < sites.size(); ++k) {
+    const at::Tensor& b = sites[k].b;
+    if (!b.defined() || b.dim() != 3 || b.scalar_type() != at::kFloat ||
+        b.device() != y.device() || b.sizes() != b0.sizes() ||
+        b.strides() != b0.strides() || b.size(0) != p.slots ||
+        b.size(2) != p.r || b.stride(2) != 1 || sites[k].col < 0 ||
+        sites[k].col + b.size(1) > y.size(2)) {
+      return false;
+    }
+    p.sites[k].b = b.data_ptr<float>();
+    p.sites[k].col = sites[k].col;
+  }
+  p.out = b0.size(1);
+  p.b_stride[0] = b0.stride(0);
+  p.b_stride[1] = b0.stride(1);
+  p.scale = static_cast<float>(scale);
+  p.y = y.data_ptr<float>();
+  p.y_stride[0] = y.stride(0);
+  p.y_stride[1] = y.stride(1);
+  if (shrink) {
+    p.x = x.data_ptr<float>();
+    p.x_stride[0] = x.stride(0);
+    p.x_stride[1] = x.stride(1);
+    p.a = a.data_ptr<float>();
+    p.a_stride[0] = a.stride(0);
+    p.a_stride[1] = a.stride(1);
+    p.in = x.size(2);
+  } else {
+    p.xa = xa.data_ptr<float>();
+    p.xa_stride[0] = xa.stride(0);
+    p.xa_stride[1] = xa.stride(1);
+  }
+  c10::cuda::CUDAGuard device_guard(y.device());
+  if (!kernels::RunLoraFits(p)) return false;
+  // One scope per call: tests count the LoRA GEMMs a pass runs.
+  RECORD_USER_SCOPE("lorahub::run_lora");
+  const int err = kernels::LaunchRunLora(p, StreamOf(y));
+  TORCH_CHECK(err == 0, "run LoRA kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return true;
+}
+
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
   if (x.dim() != 3 || w.dim() != 3 || !x.is_cuda() || !w.is_cuda() ||
       x.device() != w.device() || x.scalar_type() != at::kFloat ||

@@ -58,6 +58,12 @@ bool DecodeStepAttention(const DecodeStepInputs&, at::ScalarType, at::Tensor*) {
   return false;
 }
 
+bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, const std::vector<LoraRunSite>&,
+                   double) {
+  return false;
+}
+
 bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

@@ -155,11 +155,21 @@ at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
                  a.narrow(0, rows.slot_offset, slots).transpose(1, 2));
 }
 
+// y [B, T, N] (rows of one stride, B a multiple of `slots`) as [slots,
+// B / slots * T, N]: a view, also of a column slice of a wider output.
+at::Tensor RunView(const at::Tensor& y, int64_t slots) {
+  const int64_t per_slot = y.size(0) / slots * y.size(1);
+  return y.as_strided({slots, per_slot, y.size(2)},
+                      {per_slot * y.stride(1), y.stride(1), y.stride(2)},
+                      y.storage_offset());
+}
+
 // y += scale * xa B^T in place for a GemmLayout (xa from DownProject, or a
 // column slice of it). The scaling is folded into the accumulating GEMM when
-// every slot has the same one.
+// every slot has the same one. `narrow`: as DownProject's; runs then take
+// the run kernel's expand (fused_ops.h LoraRunDeltas) where it runs.
 void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
-                  const RowAdapters& rows) {
+                  const RowAdapters& rows, bool narrow) {
   const int64_t out = y.size(-1);
   if (rows.uniform_slot >= 0) {
     const at::Tensor& b = sb.b[rows.uniform_slot];  // [out, r]
@@ -172,6 +182,13 @@ void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
     return;
   }
   const int64_t slots = xa.size(0);
+  if (narrow && y.dim() == 3 && y.size(0) % slots == 0 &&
+      y.stride(0) == y.size(1) * y.stride(1) &&
+      LoraRunDeltas(RunView(y, slots), at::Tensor(), at::Tensor(), xa,
+                    {{sb.b.narrow(0, rows.slot_offset, slots), 0}},
+                    sb.common_scale)) {
+    return;
+  }
   y.view({slots, -1, out})
       .baddbmm_(xa, sb.b.narrow(0, rows.slot_offset, slots).transpose(1, 2),
                 /*beta=*/1, /*alpha=*/sb.common_scale);
@@ -209,6 +226,43 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                        rows.all_rows ? at::Tensor() : rows.mask);
 }
 
+// Runs of rows per slot (GemmLayout without a uniform slot): the deltas of
+// sites[i, j) (their A factors side by side: AdjacentA) into their column
+// slices of y by one kernel (fused_ops.h LoraRunDeltas), shrink and
+// expands. For callers whose `narrow` holds (a reduced-precision model).
+// False, having changed nothing, where it does not run; the caller then
+// runs the GEMMs.
+bool RunKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
+                     const std::vector<const SiteBank*>& sites, size_t i,
+                     size_t j, const at::Tensor& xin, const RowAdapters& rows) {
+  if (rows.uniform_slot >= 0 || rows.rows_per_slot <= 0 || y.dim() != 3 ||
+      xin.dim() != 3 || xin.size(0) % rows.rows_per_slot != 0 ||
+      y.stride(0) != y.size(1) * y.stride(1)) {
+    return false;
+  }
+  const double scale = sites[i]->common_scale;
+  for (size_t k = i; k < j; ++k) {
+    if (std::isnan(sites[k]->common_scale) || sites[k]->common_scale != scale) {
+      return false;
+    }
+  }
+  const int64_t slots = xin.size(0) / rows.rows_per_slot;
+  const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
+  const int64_t count = static_cast<int64_t>(j - i);
+  const at::Tensor a_run =
+      count == 1 ? a0
+                 : a0.as_strided({a0.size(0), count * a0.size(1), a0.size(2)},
+                                 {a0.stride(0), a0.size(2), 1});
+  std::vector<LoraRunSite> run;
+  for (size_t k = i; k < j; ++k) {
+    run.push_back({sites[k]->b.narrow(0, rows.slot_offset, slots), cols[k]});
+  }
+  const at::Tensor x = xin.reshape({slots, -1, xin.size(2)});
+  return LoraRunDeltas(RunView(y, slots), x,
+                       a_run.narrow(0, rows.slot_offset, slots), at::Tensor(),
+                       run, scale);
+}
+
 // y += the per-row LoRA delta of `sb` for input `xin`, in place. y: fp32
 // [B, T, out], possibly a column slice of a wider output (fused GEMMs): the
 // GEMMs with accumulate write through its leading dimension, no copy.
@@ -218,7 +272,8 @@ void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
                   const RowAdapters& rows, bool narrow) {
   if (RowGemvDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
   if (GemmLayout(rows, sb)) {
-    UpProjectAdd(y, DownProject(xin, sb.a, rows, narrow), sb, rows);
+    if (narrow && RunKernelDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
+    UpProjectAdd(y, DownProject(xin, sb.a, rows, narrow), sb, rows, narrow);
     return;
   }
   const int64_t in = xin.size(-1);
@@ -337,6 +392,10 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
       i = j;
       continue;
     }
+    if (narrow && RunKernelDeltas(y, cols, sites, i, j, xin, rows)) {
+      i = j;
+      continue;
+    }
     const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
     const int64_t r = a0.size(1);
     const int64_t count = static_cast<int64_t>(j - i);
@@ -350,7 +409,7 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
     for (size_t k = i; k < j; ++k) {
       UpProjectAdd(y.narrow(-1, cols[k], sites[k]->b.size(1)),
                    xa.narrow(-1, static_cast<int64_t>(k - i) * r, r),
-                   *sites[k], rows);
+                   *sites[k], rows, narrow);
     }
     i = j;
   }

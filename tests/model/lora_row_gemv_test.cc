@@ -334,5 +334,112 @@ TEST(NarrowGemmTest, DeclinesWhatItDoesNotTake) {
   EXPECT_FALSE(out.defined());
 }
 
+// LoraRunDeltas (runs of rows per adapter slot: a CMA-ES population, a
+// per-row prefill) against the same deltas in double on the CPU:
+// y[s, :, col_k + o] += scale * (x[s] a[s]^T)[:, k r + c] b_k[s, o, c].
+struct RunCase {
+  at::Tensor wide, y, x, a, xa;  // y: a column slice of `wide`
+  std::vector<LoraRunSite> sites;
+  double scale = 0.75;
+};
+
+// `sites` sites of rank r reading one input of width `in` (A side by side
+// in one [S, sites * r, in]), outputs of 40 columns at 10 + 50 k of y.
+RunCase MakeRunCase(int64_t slots, int64_t tokens, int64_t in, int sites,
+                    int64_t r) {
+  RunCase c;
+  c.wide = at::randn({slots, tokens, 8 + 50 * sites}, F32());
+  c.y = c.wide.narrow(2, 8, 50 * sites);
+  c.x = at::randn({slots, tokens, in}, F32());
+  c.a = at::randn({slots, sites * r, in}, F32()) * 0.1;
+  for (int k = 0; k < sites; ++k) {
+    c.sites.push_back({at::randn({slots, 40, r}, F32()) * 0.3, 10 + 50 * k});
+  }
+  return c;
+}
+
+at::Tensor RunWant(const RunCase& c, const at::Tensor& xa_in) {
+  const auto cpu = [](const at::Tensor& t) {
+    return t.to(at::kCPU).to(at::kDouble);
+  };
+  at::Tensor y = cpu(c.y);
+  const at::Tensor xa =
+      xa_in.defined() ? cpu(xa_in) : at::matmul(cpu(c.x), cpu(c.a).transpose(1, 2));
+  const int64_t r = c.sites[0].b.size(2);
+  for (size_t k = 0; k < c.sites.size(); ++k) {
+    const at::Tensor& b = c.sites[k].b;
+    y.narrow(2, c.sites[k].col, b.size(1))
+        .add_(at::matmul(xa.narrow(2, static_cast<int64_t>(k) * r, r),
+                         cpu(b).transpose(1, 2)) *
+              c.scale);
+  }
+  return y;
+}
+
+// Shrink and expands in one kernel: two sites of rank 16 (R = 32, a warp's
+// 4 ranks), one of 16 and one of 8 (2 and 1 ranks per warp); flan-t5's
+// width (8 rounds of K per lane) and a narrow one (lanes idle); token
+// counts with and without a partial last tile of 16.
+TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
+  at::manual_seed(31);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  struct Shape {
+    int64_t slots, tokens, in;
+    int sites;
+    int64_t r;
+  };
+  for (const Shape& sh : {Shape{3, 37, 1024, 2, 16}, Shape{2, 32, 36, 1, 16},
+                          Shape{4, 5, 1024, 1, 8}, Shape{2, 17, 128, 4, 8}}) {
+    RunCase c = MakeRunCase(sh.slots, sh.tokens, sh.in, sh.sites, sh.r);
+    const at::Tensor before = c.wide.clone();
+    const at::Tensor want = RunWant(c, at::Tensor());
+    const bool ran = LoraRunDeltas(c.y, c.x, c.a, at::Tensor(), c.sites, c.scale);
+    EXPECT_EQ(ran, cuda) << sh.tokens << " tokens, in " << sh.in;
+    if (!ran) {
+      EXPECT_TRUE(at::equal(c.wide, before)) << "declined but wrote y";
+      continue;
+    }
+    // fp32 sums of up to 1,024 products against double: their order only.
+    EXPECT_LE(RelDiff(c.y, want), 1e-5) << sh.tokens << " tokens, in " << sh.in;
+    EXPECT_TRUE(at::equal(c.wide.narrow(2, 0, 18), before.narrow(2, 0, 18)));
+    EXPECT_TRUE(at::equal(c.wide.narrow(2, 58, 10), before.narrow(2, 58, 10)));
+  }
+}
+
+// The expand alone from a given xa: one site's column slice of a wider
+// [slots, M, 48] down-projection (the cross-attention values of every
+// decoder block share one).
+TEST(LoraRunDeltasTest, ExpandFromSlicedXa) {
+  at::manual_seed(32);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  RunCase c = MakeRunCase(3, 21, 64, 1, 16);
+  const at::Tensor xa_all = at::randn({3, 21, 48}, F32());
+  const at::Tensor xa = xa_all.narrow(2, 16, 16);
+  const at::Tensor before = c.wide.clone();
+  const at::Tensor want = RunWant(c, xa);
+  ASSERT_EQ(LoraRunDeltas(c.y, at::Tensor(), at::Tensor(), xa, c.sites, c.scale),
+            cuda);
+  if (cuda) {
+    EXPECT_LE(RelDiff(c.y, want), 2e-6);
+  } else {
+    EXPECT_TRUE(at::equal(c.wide, before));
+  }
+}
+
+// Shapes the kernel does not take decline and write nothing: a shrink of
+// 24 ranks (not 8, 16 or 32), ranks above 32 per site, five sites.
+TEST(LoraRunDeltasTest, DeclinesOtherShapes) {
+  at::manual_seed(33);
+  for (const auto& [sites, r] : {std::pair<int, int64_t>{3, 8},
+                                 std::pair<int, int64_t>{1, 64},
+                                 std::pair<int, int64_t>{5, 4}}) {
+    RunCase c = MakeRunCase(2, 16, 64, sites, r);
+    const at::Tensor before = c.wide.clone();
+    EXPECT_FALSE(LoraRunDeltas(c.y, c.x, c.a, at::Tensor(), c.sites, c.scale))
+        << sites << " sites of rank " << r;
+    EXPECT_TRUE(at::equal(c.wide, before));
+  }
+}
+
 }  // namespace
 }  // namespace lorahub::model
