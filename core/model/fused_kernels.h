@@ -257,19 +257,19 @@ bool NarrowGemmFits(const NarrowGemmArgs& args);
 int LaunchNarrowGemm(const NarrowGemmArgs& args, void* stream);
 
 // The LoRA deltas of runs of rows per adapter slot (a CMA-ES population's
-// candidates, a per-row prefill's prompts), fp32, in one kernel
-// (run_lora_kernels.cu): for slot s < slots and token m < M,
+// candidates, a per-row prefill's prompts), fp32 (run_lora_kernels.cu): for
+// slot s < slots and token m < M,
 //   xa[s, m, :] = x[s, m, :] a[s]^T                    (a: [R, in] per slot)
 //   y[s, m, site.col + o] += scale * sum_c xa[s, m, k r + c] b_k[s, o, c]
-// for each site k < num_sites (o < out, c < r; R = num_sites * r). With
-// x == nullptr, xa is given instead (the expand alone). One block per
-// (slot, kRunLoraTokens tokens); deterministic; the products of the GEMMs
-// it replaces, summed in another order. Strides in elements; unit stride
-// along in (x, a), ranks (xa, b) and columns (y); 16-byte aligned rows.
-// The shrink takes R = 8, 16 or 32; r a multiple of 4 up to
-// kRunLoraMaxRank. Returns cudaErrorInvalidValue for what it does not take
-// (RunLoraFits), the launch's error otherwise.
-inline constexpr int64_t kRunLoraTokens = 16;
+// for each site k < num_sites (o < out, c < r; R = num_sites * r): a shrink
+// kernel writing xa into xa_buffer (contiguous [slots, M, R]), then one
+// expand kernel for every site. With x == nullptr, xa is given (the expand
+// alone). Deterministic; the products of the GEMMs it replaces, summed in
+// another order. Strides in elements; unit stride along in (x, a), ranks
+// (xa, b) and columns (y); 16-byte aligned rows. The shrink takes R = 8, 16
+// or 32; r a multiple of 4 up to kRunLoraMaxRank. Returns
+// cudaErrorInvalidValue for what it does not take (RunLoraFits), the
+// launch's error otherwise.
 inline constexpr int kRunLoraMaxSites = 4;
 inline constexpr int kRunLoraMaxRank = 32;
 struct RunLoraSite {
@@ -284,6 +284,7 @@ struct RunLoraArgs {
   int64_t in = 0;
   const float* xa = nullptr;  // slot 0's [M, R] (x == nullptr only)
   int64_t xa_stride[2] = {0, 0};  // slot, token
+  float* xa_buffer = nullptr;  // [slots, M, R], the shrink's output (x given)
   RunLoraSite sites[kRunLoraMaxSites];
   int num_sites = 0;
   int64_t b_stride[2] = {0, 0};  // slot, output (every site's b)

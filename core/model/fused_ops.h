@@ -258,8 +258,9 @@ struct LoraRunSite {
 };
 
 // LoRA deltas of runs of rows per adapter slot (a CMA-ES population's
-// candidates, a per-row prefill's prompts) on CUDA, fp32, in one kernel
-// (fused_kernels.h LaunchRunLora): for each slot s and site k,
+// candidates, a per-row prefill's prompts) on CUDA, fp32, in two kernels
+// (fused_kernels.h LaunchRunLora: the shrink, one expand for every site)
+// instead of 1 + sites batched cuBLAS GEMMs: for each slot s and site k,
 //   y[s, :, col_k : col_k + out] += scale * (x[s] a[s]^T)[:, k r : (k+1) r]
 //                                   b_k[s]^T
 // y: [slots, M, N] (unit column stride, any slot and token strides); x

@@ -639,6 +639,11 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
   if (!kernels::RunLoraFits(p)) return false;
   // One scope per call: tests count the LoRA GEMMs a pass runs.
   RECORD_USER_SCOPE("lorahub::run_lora");
+  at::Tensor xa_buffer;
+  if (shrink) {
+    xa_buffer = at::empty({p.slots, p.M, p.R}, y.options());
+    p.xa_buffer = xa_buffer.data_ptr<float>();
+  }
   const int err = kernels::LaunchRunLora(p, StreamOf(y));
   TORCH_CHECK(err == 0, "run LoRA kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));

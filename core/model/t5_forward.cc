@@ -228,8 +228,8 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 
 // Runs of rows per slot (GemmLayout without a uniform slot): the deltas of
 // sites[i, j) (their A factors side by side: AdjacentA) into their column
-// slices of y by one kernel (fused_ops.h LoraRunDeltas), shrink and
-// expands. For callers whose `narrow` holds (a reduced-precision model).
+// slices of y by the run kernels (fused_ops.h LoraRunDeltas: the shrink,
+// one expand for every site). For callers whose `narrow` holds (a reduced-precision model).
 // False, having changed nothing, where it does not run; the caller then
 // runs the GEMMs.
 bool RunKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,

@@ -376,10 +376,10 @@ at::Tensor RunWant(const RunCase& c, const at::Tensor& xa_in) {
   return y;
 }
 
-// Shrink and expands in one kernel: two sites of rank 16 (R = 32, a warp's
-// 4 ranks), one of 16 and one of 8 (2 and 1 ranks per warp); flan-t5's
-// width (8 rounds of K per lane) and a narrow one (lanes idle); token
-// counts with and without a partial last tile of 16.
+// Shrink and expands: two sites of rank 16 (R = 32, a warp's 4 ranks), one
+// of 16 and one of 8 (2 and 1 ranks per warp), four of 8, one of 32 (the
+// expand's wider variant); flan-t5's width (8 rounds of K per lane) and
+// narrow ones (lanes idle); token counts with and without partial tiles.
 TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   at::manual_seed(31);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
@@ -389,7 +389,8 @@ TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
     int64_t r;
   };
   for (const Shape& sh : {Shape{3, 37, 1024, 2, 16}, Shape{2, 32, 36, 1, 16},
-                          Shape{4, 5, 1024, 1, 8}, Shape{2, 17, 128, 4, 8}}) {
+                          Shape{4, 5, 1024, 1, 8}, Shape{2, 17, 128, 4, 8},
+                          Shape{2, 9, 64, 1, 32}}) {
     RunCase c = MakeRunCase(sh.slots, sh.tokens, sh.in, sh.sites, sh.r);
     const at::Tensor before = c.wide.clone();
     const at::Tensor want = RunWant(c, at::Tensor());
@@ -401,8 +402,13 @@ TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
     }
     // fp32 sums of up to 1,024 products against double: their order only.
     EXPECT_LE(RelDiff(c.y, want), 1e-5) << sh.tokens << " tokens, in " << sh.in;
-    EXPECT_TRUE(at::equal(c.wide.narrow(2, 0, 18), before.narrow(2, 0, 18)));
-    EXPECT_TRUE(at::equal(c.wide.narrow(2, 58, 10), before.narrow(2, 58, 10)));
+    // Columns outside the sites' outputs are untouched: each site's 10
+    // before it (the first 8 of `wide` are outside y).
+    for (int k = 0; k < sh.sites; ++k) {
+      EXPECT_TRUE(at::equal(c.wide.narrow(2, 8 + 50 * k, 10),
+                            before.narrow(2, 8 + 50 * k, 10)))
+          << "site " << k;
+    }
   }
 }
 
