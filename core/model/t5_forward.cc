@@ -229,9 +229,9 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 // Runs of rows per slot (GemmLayout without a uniform slot): the deltas of
 // sites[i, j) (their A factors side by side: AdjacentA) into their column
 // slices of y by the run kernels (fused_ops.h LoraRunDeltas: the shrink,
-// one expand for every site). For callers whose `narrow` holds (a reduced-precision model).
-// False, having changed nothing, where it does not run; the caller then
-// runs the GEMMs.
+// one expand for every site), for callers whose `narrow` holds (a
+// reduced-precision model). False, having changed nothing, where they do
+// not run; the caller then runs the GEMMs.
 bool RunKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                      const std::vector<const SiteBank*>& sites, size_t i,
                      size_t j, const at::Tensor& xin, const RowAdapters& rows) {
