@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 
 #include "core/model/fused_kernels.h"
@@ -64,15 +65,13 @@ __device__ __forceinline__ void ReduceScatter(float (&v)[V], int lane,
   }
 }
 
-// The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and
-// kRunShrinkTokens tokens per block; kRpw ranks per warp (R = kRunWarps *
-// kRpw). The tile of x is staged in shared memory; each lane sums the
-// tokens x its warp's ranks over k = 4 (lane + 32 j) + 0..3, then a
-// butterfly over the lanes.
-template <int kRpw>
-__global__ void __launch_bounds__(kRunThreads, 3)
+// The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and kT tokens
+// per block; kRpw ranks per warp (R = kRunWarps * kRpw). The tile of x is
+// staged in shared memory; each lane sums the tokens x its warp's ranks
+// over k = 4 (lane + 32 j) + 0..3, then a butterfly over the lanes.
+template <int kT, int kRpw>
+__global__ void __launch_bounds__(kRunThreads, kT <= 8 ? 3 : 2)
     RunShrinkKernel(RunLoraArgs p, float* __restrict__ xa_out) {
-  constexpr int kT = kRunShrinkTokens;
   extern __shared__ float4 smem4[];
   float4* x4 = smem4;  // [kT, in / 4]
   const int64_t tiles = (p.M + kT - 1) / kT;
@@ -91,12 +90,17 @@ __global__ void __launch_bounds__(kRunThreads, 3)
     next[c] = lane < in4 ? reinterpret_cast<const float4*>(a + c * p.a_stride[1])[lane]
                          : make_float4(0.f, 0.f, 0.f, 0.f);
   }
+  // The tile's loads in flight together (one per token), then the stores.
   const float* x = p.x + s * p.x_stride[0] + m0 * p.x_stride[1];
-  for (int t = 0; t < kT; ++t) {
-    const float4* row = reinterpret_cast<const float4*>(x + t * p.x_stride[1]);
-    for (int k = threadIdx.x; k < in4; k += kRunThreads) {
-      x4[t * in4 + k] = t < valid ? row[k] : make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = threadIdx.x; k < in4; k += kRunThreads) {
+    float4 v[kT];
+#pragma unroll
+    for (int t = 0; t < kT; ++t) {
+      v[t] = t < valid ? reinterpret_cast<const float4*>(x + t * p.x_stride[1])[k]
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
     }
+#pragma unroll
+    for (int t = 0; t < kT; ++t) x4[t * in4 + k] = v[t];
   }
   __syncthreads();
   float acc[kT * kRpw];
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(kRunThreads, 3)
 // column, its tokens' outputs loaded together. The tile's xa is staged in
 // shared memory. kR4: r / 4 at most (the column's factors in registers).
 template <int kR4>
-__global__ void __launch_bounds__(kRunThreads, 3)
+__global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
     RunExpandKernel(RunLoraArgs p) {
   constexpr int kT = kRunExpandTokens;
   extern __shared__ float4 smem4[];
@@ -232,23 +236,41 @@ int OptIn(size_t shared, int device, int64_t limit) {
   return static_cast<int>(opt_in[device]);
 }
 
+// Tokens per block of the shrink: 8, or 16 with LORAHUB_RUN_SHRINK_T16=1
+// (experimental: half the factor reads from L2, fewer blocks per SM).
+int ShrinkTokens() {
+  static const int tokens = [] {
+    const char* v = std::getenv("LORAHUB_RUN_SHRINK_T16");
+    return v != nullptr && *v != '\0' && *v != '0' ? 16 : kRunShrinkTokens;
+  }();
+  return tokens;
+}
+
 size_t ShrinkShared(const RunLoraArgs& p) {
-  return static_cast<size_t>(kRunShrinkTokens * p.in * 4);
+  return static_cast<size_t>(ShrinkTokens() * p.in * 4);
 }
 size_t ExpandShared(const RunLoraArgs& p) {
   return static_cast<size_t>(kRunExpandTokens * p.R * 4);
 }
 
+template <int kT, int kRpw>
+int LaunchShrinkTiles(const RunLoraArgs& p, int device, int64_t limit,
+                      cudaStream_t stream) {
+  const size_t shared = ShrinkShared(p);
+  const int err = OptIn<RunShrinkKernel<kT, kRpw>>(shared, device, limit);
+  if (err != 0) return err;
+  const int64_t tiles = (p.M + kT - 1) / kT;
+  RunShrinkKernel<kT, kRpw><<<static_cast<unsigned>(p.slots * tiles),
+                              kRunThreads, shared, stream>>>(p, p.xa_buffer);
+  return static_cast<int>(cudaGetLastError());
+}
+
 template <int kRpw>
 int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
                  cudaStream_t stream) {
-  const size_t shared = ShrinkShared(p);
-  const int err = OptIn<RunShrinkKernel<kRpw>>(shared, device, limit);
-  if (err != 0) return err;
-  const int64_t tiles = (p.M + kRunShrinkTokens - 1) / kRunShrinkTokens;
-  RunShrinkKernel<kRpw><<<static_cast<unsigned>(p.slots * tiles), kRunThreads,
-                          shared, stream>>>(p, p.xa_buffer);
-  return static_cast<int>(cudaGetLastError());
+  return ShrinkTokens() == 16 ? LaunchShrinkTiles<16, kRpw>(p, device, limit, stream)
+                              : LaunchShrinkTiles<kRunShrinkTokens, kRpw>(
+                                    p, device, limit, stream);
 }
 
 template <int kR4>
