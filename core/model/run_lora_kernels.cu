@@ -68,19 +68,32 @@ __device__ __forceinline__ void ReduceScatter(float (&v)[V], int lane,
   }
 }
 
-// The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and kT tokens
-// per block; kRpw ranks per warp (R = kRunWarps * kRpw). The tile of x is
-// staged in shared memory; each lane sums the tokens x its warp's ranks
-// over k = 4 (lane + 32 j) + 0..3, then a butterfly over the lanes.
-template <int kT, int kRpw>
-__global__ void __launch_bounds__(kRunThreads, kT <= 8 ? 3 : 2)
-    RunShrinkKernel(RunLoraArgs p, float* __restrict__ xa_out) {
-  extern __shared__ float4 smem4[];
-  float4* x4 = smem4;  // [kT, in / 4]
-  const int64_t tiles = (p.M + kT - 1) / kT;
+// This block's tile of kT tokens: slot s, first token m0, `valid` tokens
+// before the slot's M (blockIdx.x = s * tiles + tile).
+struct Tile {
+  int64_t s, m0;
+  int valid;
+};
+template <int kT>
+__device__ __forceinline__ Tile BlockTile(int64_t M) {
+  const int64_t tiles = (M + kT - 1) / kT;
   const int64_t s = blockIdx.x / tiles;
   const int64_t m0 = (blockIdx.x - s * tiles) * kT;
-  const int valid = static_cast<int>(p.M - m0 < kT ? p.M - m0 : kT);
+  return {s, m0, static_cast<int>(M - m0 < kT ? M - m0 : kT)};
+}
+
+// The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and
+// kRunShrinkTokens tokens per block; kRpw ranks per warp (R = kRunWarps *
+// kRpw). The tile of x is staged in shared memory; each lane sums the
+// tokens x its warp's ranks over k = 4 (lane + 32 j) + 0..3, then a
+// butterfly over the lanes.
+template <int kRpw>
+__global__ void __launch_bounds__(kRunThreads, 3)
+    RunShrinkKernel(RunLoraArgs p, float* __restrict__ xa_out) {
+  constexpr int kT = kRunShrinkTokens;
+  extern __shared__ float4 smem4[];
+  float4* x4 = smem4;  // [kT, in / 4]
+  const auto [s, m0, valid] = BlockTile<kT>(p.M);
   const int in4 = static_cast<int>(p.in / 4);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -149,10 +162,7 @@ __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
   constexpr int kT = kRunExpandTokens;
   extern __shared__ float4 smem4[];
   float4* xa4 = smem4;  // [kT, R / 4]
-  const int64_t tiles = (p.M + kT - 1) / kT;
-  const int64_t s = blockIdx.x / tiles;
-  const int64_t m0 = (blockIdx.x - s * tiles) * kT;
-  const int valid = static_cast<int>(p.M - m0 < kT ? p.M - m0 : kT);
+  const auto [s, m0, valid] = BlockTile<kT>(p.M);
   const int R4 = static_cast<int>(p.R / 4);
   const int r4 = static_cast<int>(p.r / 4);
   const int out = static_cast<int>(p.out);
@@ -249,13 +259,12 @@ size_t ExpandShared(const RunLoraArgs& p) {
 template <int kRpw>
 int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
                  cudaStream_t stream) {
-  constexpr int kT = kRunShrinkTokens;
   const size_t shared = ShrinkShared(p);
-  const int err = OptIn<RunShrinkKernel<kT, kRpw>>(shared, device, limit);
+  const int err = OptIn<RunShrinkKernel<kRpw>>(shared, device, limit);
   if (err != 0) return err;
-  const int64_t tiles = (p.M + kT - 1) / kT;
-  RunShrinkKernel<kT, kRpw><<<static_cast<unsigned>(p.slots * tiles),
-                              kRunThreads, shared, stream>>>(p, p.xa_buffer);
+  const int64_t tiles = (p.M + kRunShrinkTokens - 1) / kRunShrinkTokens;
+  RunShrinkKernel<kRpw><<<static_cast<unsigned>(p.slots * tiles), kRunThreads,
+                          shared, stream>>>(p, p.xa_buffer);
   return static_cast<int>(cudaGetLastError());
 }
 
