@@ -14,7 +14,8 @@
 //
 // Two implementations of the CUDA part, one per build (deploy/cmake/README.md,
 // "CUDA-only sources"): fused_ops_cuda.cc + fused_kernels.cu (CMake with a
-// CUDA LibTorch and nvcc) and fused_ops_stub.cc (everything else).
+// CUDA LibTorch and nvcc; run_lora_kernels.cu holds the kernels of
+// LoraRunDeltas) and fused_ops_stub.cc (everything else).
 //
 // Thread-safety: stateless; kernels run on the current CUDA stream.
 #ifndef LORAHUB_CORE_MODEL_FUSED_OPS_H_
