@@ -5,15 +5,16 @@
 // population: 5 example rows per candidate; a per-row prefill: one prompt
 // per slot) ran as cuBLAS's batched fp32 SIMT GEMMs: the shrink x A^T with
 // 32 output columns as one 32 x 32 tile per block and a K loop of 1,024
-// (H200: 38-40 us for 12 slots x 360 tokens or 64 slots x ~96 tokens, 4-11%
-// of the SIMT cores' FMA rate), then one expand per site (19-24 us each).
+// (H200: 37-39 us for 12 slots x 360 tokens or 64 slots x ~80 tokens,
+// 11-13% of the SIMT cores' FMA rate), then one expand per site (19-24 us
+// each).
 // Here the shrink takes a block per (slot, 8 tokens), warps over ranks and
 // lanes over K with every lane summing 8 tokens x its warp's ranks from a
 // staged x tile, then a butterfly over the lanes; one expand kernel adds
 // every site's delta, a thread per output column and 16 tokens, blocks
 // over (slot, tokens) x columns. H200, a population's encoder call (12
 // slots x 360 tokens, q|v): shrink 22.7 us, expand 29.3 us, against
-// cuBLAS's 37.8 + 2 x 18.9. A first version did both in one kernel, a block
+// cuBLAS's 37.1 + 2 x 18.7. A first version did both in one kernel, a block
 // per (slot, 16 tokens): its blocks ran latency-bound (26 us for one block
 // of the decoder's 15 rows; 68 us for the encoder call).
 #include <cuda_runtime.h>
