@@ -42,7 +42,8 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
                    const std::vector<LoraRunSite>& sites, double scale);
-// fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
+// fused_ops.h AddRmsNormShrink, LoraRowShrink, LoraRowExpand,
+// DecodeStepAttention.
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
                       const at::Tensor& weight, double eps,
                       at::ScalarType compute, const at::Tensor& a,
@@ -55,6 +56,7 @@ bool LoraRowExpand(const at::Tensor& y, const at::Tensor& xa,
                    const at::Tensor& slots, const at::Tensor& mask);
 bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
                          at::Tensor* out);
+// fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and
 // an fp32 result: at::bmm with out_dtype (PyTorch >= 2.8).

@@ -396,7 +396,7 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
     return false;
   }
   for (const at::Tensor* t : {&delta, &weight, &a}) {
-    if (!t->is_cuda() || t->device() != x.device()) return false;
+    if (!OnDeviceOf(*t, x)) return false;
   }
   kernels::AddNormShrinkArgs p;
   p.shrink = ShrinkArgs(a, slots, slots.numel());
@@ -587,12 +587,12 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
   const bool shrink = x.defined();
   const at::Tensor& in = shrink ? x : xa;
   if (sites.empty() || sites.size() > kernels::kRunLoraMaxSites ||
-      y.dim() != 3 || in.dim() != 3 || y.scalar_type() != at::kFloat ||
-      in.scalar_type() != at::kFloat || !y.is_cuda() ||
-      in.device() != y.device() || in.size(0) != y.size(0) ||
+      !OnDeviceOf(y, y) || !OnDeviceOf(in, y) || y.dim() != 3 ||
+      in.dim() != 3 || y.scalar_type() != at::kFloat ||
+      in.scalar_type() != at::kFloat || in.size(0) != y.size(0) ||
       in.size(1) != y.size(1) || y.stride(2) != 1 || in.stride(2) != 1 ||
-      (shrink && (!a.defined() || a.dim() != 3 || a.scalar_type() != at::kFloat ||
-                  a.device() != y.device() || a.size(0) != y.size(0) ||
+      (shrink && (!OnDeviceOf(a, y) || a.dim() != 3 ||
+                  a.scalar_type() != at::kFloat || a.size(0) != y.size(0) ||
                   a.size(2) != x.size(2) || a.stride(2) != 1))) {
     return false;
   }
@@ -605,8 +605,8 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
   p.num_sites = static_cast<int>(sites.size());
   for (size_t k = 0; k < sites.size(); ++k) {
     const at::Tensor& b = sites[k].b;
-    if (!b.defined() || b.dim() != 3 || b.scalar_type() != at::kFloat ||
-        b.device() != y.device() || b.sizes() != b0.sizes() ||
+    if (!OnDeviceOf(b, y) || b.dim() != 3 || b.scalar_type() != at::kFloat ||
+        b.sizes() != b0.sizes() ||
         b.strides() != b0.strides() || b.size(0) != p.slots ||
         b.size(2) != p.r || b.stride(2) != 1 || sites[k].col < 0 ||
         sites[k].col + b.size(1) > y.size(2)) {

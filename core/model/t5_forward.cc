@@ -194,6 +194,15 @@ void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
                 /*beta=*/1, /*alpha=*/sb.common_scale);
 }
 
+// The A factors of `count` sites from a0 on, laid side by side in memory
+// (AdjacentFactors: [S, r, in] each), as one [S, count * r, in] view; a0
+// itself for one site.
+at::Tensor SideBySideA(const at::Tensor& a0, int64_t count) {
+  if (count == 1) return a0;
+  return a0.as_strided({a0.size(0), count * a0.size(1), a0.size(2)},
+                       {a0.stride(0), a0.size(2), 1});
+}
+
 // Single-token rows (decode steps) on CUDA: the deltas of sites[i, j) (their
 // A factors side by side when j - i > 1: AdjacentA) added into their column
 // slices of y by fused_ops' gather-free per-row kernels (LoraRowDeltas): one
@@ -212,11 +221,7 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
   for (size_t k = i; k < j; ++k) low = low && sites[k]->a_low.defined();
   const at::Tensor& a0 = low ? sites[i]->a_low : sites[i]->a;  // [S, r, in]
   const int64_t r = a0.size(1);
-  const int64_t count = static_cast<int64_t>(j - i);
-  const at::Tensor a =
-      count == 1 ? a0
-                 : a0.as_strided({a0.size(0), count * r, a0.size(2)},
-                                 {a0.stride(0), a0.size(2), 1});
+  const at::Tensor a = SideBySideA(a0, static_cast<int64_t>(j - i));
   std::vector<LoraRowSite> run;
   for (size_t k = i; k < j; ++k) {
     run.push_back({cols[k], static_cast<int64_t>(k - i) * r,
@@ -247,12 +252,8 @@ bool RunKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
     }
   }
   const int64_t slots = xin.size(0) / rows.rows_per_slot;
-  const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
-  const int64_t count = static_cast<int64_t>(j - i);
   const at::Tensor a_run =
-      count == 1 ? a0
-                 : a0.as_strided({a0.size(0), count * a0.size(1), a0.size(2)},
-                                 {a0.stride(0), a0.size(2), 1});
+      SideBySideA(sites[i]->a, static_cast<int64_t>(j - i));  // [S, R, in]
   std::vector<LoraRunSite> run;
   for (size_t k = i; k < j; ++k) {
     run.push_back({sites[k]->b.narrow(0, rows.slot_offset, slots), cols[k]});
@@ -396,11 +397,9 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
       i = j;
       continue;
     }
-    const at::Tensor& a0 = sites[i]->a;  // [S, r, in]
-    const int64_t r = a0.size(1);
-    const int64_t count = static_cast<int64_t>(j - i);
-    const at::Tensor a_run = a0.as_strided(
-        {a0.size(0), count * r, a0.size(2)}, {a0.stride(0), a0.size(2), 1});
+    const int64_t r = sites[i]->a.size(1);
+    const at::Tensor a_run =
+        SideBySideA(sites[i]->a, static_cast<int64_t>(j - i));
     const at::Tensor xa = DownProject(xin, a_run, rows, narrow);
     if (UpProjectBatched(y, cols, sites, i, j, xa, rows)) {
       i = j;
@@ -812,11 +811,7 @@ at::Tensor ShrinkRun(const std::vector<const SiteBank*>& sites) {
       return at::Tensor();
     }
   }
-  const at::Tensor& a0 = sites[0]->a_low;  // [S, r, in]
-  const int64_t count = static_cast<int64_t>(sites.size());
-  if (count == 1) return a0;
-  return a0.as_strided({a0.size(0), count * a0.size(1), a0.size(2)},
-                       {a0.stride(0), a0.size(2), 1});
+  return SideBySideA(sites[0]->a_low, static_cast<int64_t>(sites.size()));
 }
 
 // The factors for the norm before a decode step's attention to shrink with
