@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <mutex>
 
@@ -127,33 +128,56 @@ __global__ void __launch_bounds__(kNormThreads)
 // reads back only the sum elements it wrote itself.
 constexpr int kNormHeld = 8;  // values per thread held in registers: dim <= 2048
 
+// The held values per thread a row of `dim` takes: 4 for dim <= 1024
+// (flan-t5-large's d_model), else kNormHeld. Why: the held loops are
+// unrolled over kHeld slots, each a compare, a predicated load and index
+// math even where past dim: with 8 slots a 1,024-wide row ran half of them
+// for nothing (ncu, fourteenth session: AddRmsNormShrinkKernel issued ~545
+// instructions per warp, one every 11.4 cycles, and its grid computes each
+// row's norm R / 8 times). LORAHUB_NORM_HELD8=1 (read once): 8 for every
+// width, and AddRmsNormKernel's per-element dtype switch of the delta, as
+// before (A/B).
+bool NormHeld8() {
+  static const bool on = [] {
+    const char* v = std::getenv("LORAHUB_NORM_HELD8");
+    return v != nullptr && *v != '\0' && *v != '0';
+  }();
+  return on;
+}
+int NormHeldFor(int64_t dim) {
+  return !NormHeld8() && dim <= 4 * kNormThreads ? 4 : kNormHeld;
+}
+
 // out[u] = the row's element threadIdx.x + u * kNormThreads (< dim) of p
 // (dtype t) from `base` on, as fp32; 0 past dim.
-template <typename T>
+template <int kHeld, typename T>
 __device__ __forceinline__ void LoadHeld(const T* __restrict__ p, int64_t base,
-                                         int64_t dim, float (&out)[kNormHeld]) {
+                                         int64_t dim, float (&out)[kHeld]) {
 #pragma unroll
-  for (int u = 0; u < kNormHeld; ++u) {
+  for (int u = 0; u < kHeld; ++u) {
     const int64_t i = threadIdx.x + u * kNormThreads;
     out[u] = i < dim ? ToFloat(p[base + i]) : 0.f;
   }
 }
+template <int kHeld>
 __device__ __forceinline__ void LoadHeldAsFloat(const void* p, DType t,
                                                 int64_t base, int64_t dim,
-                                                float (&out)[kNormHeld]) {
+                                                float (&out)[kHeld]) {
   switch (t) {
     case DType::kBFloat16:
-      LoadHeld(static_cast<const __nv_bfloat16*>(p), base, dim, out);
+      LoadHeld<kHeld>(static_cast<const __nv_bfloat16*>(p), base, dim, out);
       break;
     case DType::kHalf:
-      LoadHeld(static_cast<const __half*>(p), base, dim, out);
+      LoadHeld<kHeld>(static_cast<const __half*>(p), base, dim, out);
       break;
     default:
-      LoadHeld(static_cast<const float*>(p), base, dim, out);
+      LoadHeld<kHeld>(static_cast<const float*>(p), base, dim, out);
   }
 }
 
-template <typename W, typename R>
+// kHeld: NormHeldFor(dim); kOneSwitch: the delta's dtype switched once per
+// row (LoadHeldAsFloat) rather than per element (LORAHUB_NORM_HELD8).
+template <typename W, typename R, int kHeld, bool kOneSwitch>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormKernel(const float* __restrict__ x,
                      const void* __restrict__ delta, DType delta_dtype,
@@ -162,20 +186,29 @@ __global__ void __launch_bounds__(kNormThreads)
                      int64_t dim, float eps) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
   float sum_sq = 0.f;
-  if (dim <= kNormHeld * kNormThreads) {
+  if (dim <= kHeld * kNormThreads) {
     // The row's values stay in registers between the two passes, and every
     // load is issued before the first use (the loop below re-read `sum`
     // after the block sum and waited out each load in turn). The same
     // arithmetic in the same order.
-    float v[kNormHeld], g[kNormHeld];
+    float v[kHeld], g[kHeld];
+    if constexpr (kOneSwitch) {
+      float d[kHeld];
+      LoadHeld<kHeld>(x, base, dim, v);
+      LoadHeldAsFloat<kHeld>(delta, delta_dtype, base, dim, d);
+      LoadHeld<kHeld>(weight, 0, dim, g);
 #pragma unroll
-    for (int u = 0; u < kNormHeld; ++u) {
-      const int64_t i = threadIdx.x + u * kNormThreads;
-      v[u] = i < dim ? x[base + i] + LoadAsFloat(delta, delta_dtype, base + i) : 0.f;
-      g[u] = i < dim ? ToFloat(weight[i]) : 0.f;
+      for (int u = 0; u < kHeld; ++u) v[u] += d[u];
+    } else {
+#pragma unroll
+      for (int u = 0; u < kHeld; ++u) {
+        const int64_t i = threadIdx.x + u * kNormThreads;
+        v[u] = i < dim ? x[base + i] + LoadAsFloat(delta, delta_dtype, base + i) : 0.f;
+        g[u] = i < dim ? ToFloat(weight[i]) : 0.f;
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kNormHeld; ++u) {
+    for (int u = 0; u < kHeld; ++u) {
       const int64_t i = threadIdx.x + u * kNormThreads;
       if (i < dim) {
         sum[base + i] = v[u];
@@ -184,7 +217,7 @@ __global__ void __launch_bounds__(kNormThreads)
     }
     const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
 #pragma unroll
-    for (int u = 0; u < kNormHeld; ++u) {
+    for (int u = 0; u < kHeld; ++u) {
       const int64_t i = threadIdx.x + u * kNormThreads;
       if (i < dim) {
         const float o = g[u] * (v[u] * inv);
@@ -211,10 +244,17 @@ template <typename W, typename R>
 int LaunchAdd(const float* x, const void* delta, DType delta_dtype, float* sum,
               const void* weight, float* full, void* rounded, int64_t rows,
               int64_t dim, float eps, cudaStream_t stream) {
-  AddRmsNormKernel<W, R>
-      <<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
-          x, delta, delta_dtype, sum, static_cast<const W*>(weight), full,
-          static_cast<R*>(rounded), dim, eps);
+  const auto launch = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+        x, delta, delta_dtype, sum, static_cast<const W*>(weight), full,
+        static_cast<R*>(rounded), dim, eps);
+  };
+  // Wider rows keep the earlier kernel (its one-switch variant spilled).
+  if (NormHeldFor(dim) == 4) {
+    launch(AddRmsNormKernel<W, R, 4, true>);
+  } else {
+    launch(AddRmsNormKernel<W, R, kNormHeld, false>);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -1255,10 +1295,10 @@ __global__ void __launch_bounds__(kNormThreads)
 // also writes sum, full and rounded. The factor loads are issued first, so
 // that their latency overlaps the norm. xa is bit for bit LoraShrinkKernel's
 // of `full`.
-template <typename E>
+template <typename E, int kHeld>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormShrinkKernel(AddNormShrinkArgs p) {
-  __shared__ float4 x_shared[kNormHeld * kNormThreads / 4];
+  __shared__ float4 x_shared[kHeld * kNormThreads / 4];
   float* xs = reinterpret_cast<float*>(x_shared);
   const LoraShrinkArgs& a = p.shrink;
   constexpr int kWarps = kNormThreads / 32;
@@ -1279,26 +1319,22 @@ __global__ void __launch_bounds__(kNormThreads)
   // all loads are in flight together (a switch per element made each add
   // wait for its own loads: 6.3 us a call in the fourth call of the
   // eleventh session, against 2.1 + 3.9 for the two kernels).
-  float v[kNormHeld], d[kNormHeld], g[kNormHeld];
+  float v[kHeld], d[kHeld], g[kHeld];
+  LoadHeld<kHeld>(p.x, base, dim, v);
+  LoadHeldAsFloat<kHeld>(p.delta, p.delta_dtype, base, dim, d);
+  LoadHeldAsFloat<kHeld>(p.weight, p.weight_dtype, 0, dim, g);
 #pragma unroll
-  for (int u = 0; u < kNormHeld; ++u) {
-    const int64_t i = threadIdx.x + u * kNormThreads;
-    v[u] = i < dim ? p.x[base + i] : 0.f;
-  }
-  LoadHeldAsFloat(p.delta, p.delta_dtype, base, dim, d);
-  LoadHeldAsFloat(p.weight, p.weight_dtype, 0, dim, g);
-#pragma unroll
-  for (int u = 0; u < kNormHeld; ++u) v[u] += d[u];
+  for (int u = 0; u < kHeld; ++u) v[u] += d[u];
   float sum_sq = 0.f;
 #pragma unroll
-  for (int u = 0; u < kNormHeld; ++u) {
+  for (int u = 0; u < kHeld; ++u) {
     const int64_t i = threadIdx.x + u * kNormThreads;
     if (i < dim) sum_sq += v[u] * v[u];
   }
   const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + p.eps);
   const bool writer = blockIdx.x == 0;
 #pragma unroll
-  for (int u = 0; u < kNormHeld; ++u) {
+  for (int u = 0; u < kHeld; ++u) {
     const int64_t i = threadIdx.x + u * kNormThreads;
     if (i < dim) {
       const float o = g[u] * (v[u] * inv);
@@ -2117,15 +2153,26 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
   const dim3 grid(static_cast<unsigned>((p.shrink.R + kWarps - 1) / kWarps),
                   static_cast<unsigned>(p.shrink.B));
   auto s = static_cast<cudaStream_t>(stream);
+  const bool four = NormHeldFor(p.shrink.in) == 4;
+  const auto launch = [&](auto held4, auto held8) {
+    if (four) {
+      held4<<<grid, kNormThreads, 0, s>>>(p);
+    } else {
+      held8<<<grid, kNormThreads, 0, s>>>(p);
+    }
+  };
   switch (p.shrink.a_dtype) {
     case DType::kFloat:
-      AddRmsNormShrinkKernel<float><<<grid, kNormThreads, 0, s>>>(p);
+      launch(AddRmsNormShrinkKernel<float, 4>,
+             AddRmsNormShrinkKernel<float, kNormHeld>);
       break;
     case DType::kBFloat16:
-      AddRmsNormShrinkKernel<__nv_bfloat16><<<grid, kNormThreads, 0, s>>>(p);
+      launch(AddRmsNormShrinkKernel<__nv_bfloat16, 4>,
+             AddRmsNormShrinkKernel<__nv_bfloat16, kNormHeld>);
       break;
     default:
-      AddRmsNormShrinkKernel<__half><<<grid, kNormThreads, 0, s>>>(p);
+      launch(AddRmsNormShrinkKernel<__half, 4>,
+             AddRmsNormShrinkKernel<__half, kNormHeld>);
       break;
   }
   return static_cast<int>(cudaGetLastError());
