@@ -1197,15 +1197,32 @@ constexpr int kShrinkAhead = 8;  // 16-byte loads per lane: in = 1024 whole
 // sum_e x[e] w[e] over one 16-byte word of factors `raw` (Vec16<E>) and
 // the matching floats of x (float4s: 16-byte aligned in shared memory),
 // four at a time as the fp32 kernel always summed them.
+// Where x's float4 number q sits in the shrinks' shared memory: within each
+// aligned pair, swapped in every odd group of 8 (q ^ bit 3 of q). Why: a
+// lane reads the 2 float4s of its 16-byte bf16 word, 32 bytes from its
+// neighbour's, so 8 lanes' 16-byte reads (one phase of a 128-bit load) hit
+// each bank twice (ncu, fourteenth session: half of AddRmsNormShrinkKernel's
+// shared-load wavefronts were conflicts); swizzled, the 8 land on 8
+// different 16-byte bank groups, for fp32 words (one float4) as well. Only
+// addresses change: the values and every sum are the same. A buffer of
+// whole pairs of float4s holds every swizzled q.
+__device__ __forceinline__ int SwizzledQuad(int q) { return q ^ ((q >> 3) & 1); }
+__device__ __forceinline__ int SwizzledElement(int i) {
+  return (SwizzledQuad(i >> 2) << 2) | (i & 3);
+}
+
+// One 16-byte word of factors against x's float4s q0, q0 + 1, ... (staged
+// swizzled in x_shared).
 template <typename E>
-__device__ __forceinline__ float WordDot(const uint4& raw, const float4* x) {
+__device__ __forceinline__ float WordDot(const uint4& raw,
+                                         const float4* x_shared, int q0) {
   constexpr int W = Vec16<E>::kWidth;
   float w[W];
   Vec16<E>::Widen(raw, w);
   float s = 0.f;
 #pragma unroll
   for (int q = 0; q < W / 4; ++q) {
-    const float4 v = x[q];
+    const float4 v = x_shared[SwizzledQuad(q0 + q)];
     s += v.x * w[4 * q] + v.y * w[4 * q + 1] + v.z * w[4 * q + 2] +
          v.w * w[4 * q + 3];
   }
@@ -1226,7 +1243,8 @@ __device__ __forceinline__ void LoadRowAhead(const uint4* row16, int64_t words,
 }
 
 // ... then this lane's part of x . row (x staged as float4s in shared
-// memory), the words loaded ahead first, then the rest in the same order.
+// memory, swizzled: SwizzledQuad), the words loaded ahead first, then the
+// rest in the same order.
 template <typename E>
 __device__ __forceinline__ float RowDotPart(const uint4* row16, int64_t words,
                                             int lane,
@@ -1237,11 +1255,11 @@ __device__ __forceinline__ float RowDotPart(const uint4* row16, int64_t words,
 #pragma unroll
   for (int u = 0; u < kShrinkAhead; ++u) {
     const int64_t i = lane + 32 * u;
-    if (i < words) s += WordDot<E>(ahead[u], x_shared + i * kX);
+    if (i < words) s += WordDot<E>(ahead[u], x_shared, static_cast<int>(i) * kX);
   }
 #pragma unroll 4
   for (int64_t i = lane + 32 * kShrinkAhead; i < words; i += 32) {
-    s += WordDot<E>(row16[i], x_shared + i * kX);
+    s += WordDot<E>(row16[i], x_shared, static_cast<int>(i) * kX);
   }
   return s;
 }
@@ -1249,7 +1267,8 @@ __device__ __forceinline__ float RowDotPart(const uint4* row16, int64_t words,
 template <typename E, bool kVec>
 __global__ void __launch_bounds__(kNormThreads)
     LoraShrinkKernel(LoraShrinkArgs a) {
-  extern __shared__ float4 x_shared[];  // [in / 4] (float4: 16-byte aligned)
+  // [in / 4, rounded up to pairs], swizzled (SwizzledQuad); float4: aligned.
+  extern __shared__ float4 x_shared[];
   float* xs = reinterpret_cast<float*>(x_shared);
   constexpr int kWarps = kNormThreads / 32;
   const int lane = threadIdx.x & 31;
@@ -1269,7 +1288,7 @@ __global__ void __launch_bounds__(kNormThreads)
   const float* __restrict__ x = a.x + b * a.x_stride[0];
 #pragma unroll 4  // the loads in flight together
   for (int64_t i = threadIdx.x; i < a.in; i += kNormThreads) {
-    xs[i] = x[i * a.x_stride[1]];
+    xs[SwizzledElement(static_cast<int>(i))] = x[i * a.x_stride[1]];
   }
   __syncthreads();
   if (!active) return;  // whole warps; no block barrier below
@@ -1280,7 +1299,7 @@ __global__ void __launch_bounds__(kNormThreads)
   } else {
 #pragma unroll 4
     for (int64_t i = lane; i < a.in; i += 32) {
-      s += xs[i] * ToFloat(row[i * a.a_stride[2]]);
+      s += xs[SwizzledElement(static_cast<int>(i))] * ToFloat(row[i * a.a_stride[2]]);
     }
   }
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -1338,7 +1357,7 @@ __global__ void __launch_bounds__(kNormThreads)
     const int64_t i = threadIdx.x + u * kNormThreads;
     if (i < dim) {
       const float o = g[u] * (v[u] * inv);
-      xs[i] = o;
+      xs[SwizzledElement(static_cast<int>(i))] = o;
       if (writer) {
         p.sum[base + i] = v[u];
         p.full[base + i] = o;
@@ -2094,8 +2113,9 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(args.B));
-  // Whole float4s, so that the vectorized path may read x_shared as float4.
-  const size_t shared = static_cast<size_t>((args.in + 3) / 4) * sizeof(float4);
+  // Whole pairs of float4s: the vectorized path reads x_shared as float4s,
+  // and SwizzledQuad keeps each within its pair.
+  const size_t shared = static_cast<size_t>((args.in + 7) / 8 * 2) * sizeof(float4);
   auto s = static_cast<cudaStream_t>(stream);
   switch (args.a_dtype) {
     case DType::kFloat:
