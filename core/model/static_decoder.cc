@@ -97,8 +97,8 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     // bf16 for a bf16 model on the kernel (fused_ops.h).
     auto kv_opts = f32.dtype(DecodeKvDtype(weights.dtype));
     d->self_kv_ = at::zeros({2, L, B, c.num_heads, C, c.d_kv}, kv_opts);
-    d->cross_kv_ = at::empty(
-        {2, L, B, c.num_heads, S, c.d_kv},
+    d->cross_kv_ = internal::CrossKvBuffer(
+        weights, B, S,
         f32.dtype(DecodeCrossKvDtype(weights.dtype, weights.device)));
     d->cross_bias_ = at::empty({B, 1, 1, S}, f32);
     d->LoadInputs(encoder, rows);

@@ -128,7 +128,7 @@ class StaticDecoder {
   at::Tensor tokens_;    // [B] int64
   at::Tensor t_;         // [1] int64: the next position
   at::Tensor self_kv_;   // [2, blocks, B, H, capacity, d_kv] fp32
-  at::Tensor cross_kv_;  // [2, blocks, B, H, S, d_kv] fp32
+  at::Tensor cross_kv_;  // [2, blocks, B, H, S, d_kv] (CrossKvBuffer)
   at::Tensor cross_bias_;  // [B, 1, 1, S] fp32
   at::Tensor self_bias_;   // [1, H, capacity, capacity] fp32, causal
   at::Tensor logits_;      // [B, vocab] fp32

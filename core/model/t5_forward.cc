@@ -577,6 +577,7 @@ void CrossKeyValues::CopyTo(const at::Tensor& dst) {
     }
     return;
   }
+  if (GemmInto(dst)) return;
   for (int64_t i = 0; i < L; i += per_chunk_) {
     Compute(i);
     // [B, S, count, 2, H, d] -> [2, count, B, H, S, d]: one copy per chunk.
@@ -587,6 +588,44 @@ void CrossKeyValues::CopyTo(const at::Tensor& dst) {
             .permute({3, 2, 0, 4, 1, 5});
     dst.narrow(1, first_, count_).copy_(src);
   }
+}
+
+// Without a LoRA delta the keys and values are the GEMM's output rounded to
+// dst's dtype, which a GEMM writing that dtype does itself (from its fp32
+// accumulator); a delta is added in fp32 before the rounding (Compute).
+bool CrossKeyValues::GemmInto(const at::Tensor& dst) {
+  for (const BlockWeights& b : w_.decoder) {
+    if (Adapted(rows_, b.cross_attn.k.site) ||
+        Adapted(rows_, b.cross_attn.v.site)) {
+      return false;
+    }
+  }
+  const at::Tensor& weight = w_.cross_kv;
+  if (dst.dim() != 6 || dst.scalar_type() != weight.scalar_type()) return false;
+  const at::Tensor xm = MatmulInput(x_.mm, weight);
+  // dst as CrossKvBuffer lays it out: rows [B * S] of every block's k and v.
+  const at::Tensor storage = dst.permute({2, 4, 1, 0, 3, 5});
+  if (!storage.is_contiguous() || xm.dim() != 3 ||
+      storage.size(0) != xm.size(0) || storage.size(1) != xm.size(1) ||
+      storage.size(2) * storage.size(3) * storage.size(4) * storage.size(5) !=
+          weight.size(0)) {
+    return false;
+  }
+  at::Tensor out = storage.view({-1, weight.size(0)});
+  at::mm_out(out, xm.reshape({-1, xm.size(-1)}), weight.t());
+  return true;
+}
+
+at::Tensor CrossKvBuffer(const T5Weights& w, int64_t batch, int64_t keys,
+                         const at::TensorOptions& options) {
+  static const bool block_major = EnvFlag("LORAHUB_CROSS_KV_COPY");  // A/B
+  const config::T5Config& c = w.config;
+  const auto L = static_cast<int64_t>(w.decoder.size());
+  if (block_major) {
+    return at::empty({2, L, batch, c.num_heads, keys, c.d_kv}, options);
+  }
+  return at::empty({batch, keys, L, 2, c.num_heads, c.d_kv}, options)
+      .permute({3, 2, 0, 4, 1, 5});
 }
 
 namespace {

@@ -125,12 +125,14 @@ class CrossKeyValues {
   // in increasing order of i to compute each chunk once.
   std::pair<at::Tensor, at::Tensor> Block(int64_t i);
 
-  // Writes all blocks into dst [2, L, B, H, S, d_kv] (k then v): one copy
-  // per chunk.
+  // Writes all blocks into dst [2, L, B, H, S, d_kv] (k then v). Into a
+  // CrossKvBuffer of the GEMM's dtype without adapted cross k/v: the GEMM
+  // writes it (no copy); otherwise one copy per chunk.
   void CopyTo(const at::Tensor& dst);
 
  private:
   void Compute(int64_t block);
+  bool GemmInto(const at::Tensor& dst);
 
   const T5Weights& w_;
   Normed x_;
@@ -141,6 +143,16 @@ class CrossKeyValues {
   at::Tensor chunk_;       // [B, S, count_ * 2 * inner] in attn_
   int64_t first_ = 0, count_ = 0;
 };
+
+// An uninitialised buffer for CrossKeyValues::CopyTo: [2, L, B, H, S, d_kv]
+// (L = w's decoder blocks, S = `keys`) viewing storage laid out
+// [B, S, L, 2, H, d_kv], the row order of the fused GEMM's output (block by
+// block, keys then values, as T5Weights::cross_kv), so that the GEMM writes
+// it in place: a copy into the block-major layout re-read and re-wrote the
+// whole cache (1.4 ms per 64-prompt generation on an H200, 2% of it).
+// LORAHUB_CROSS_KV_COPY=1: the block-major layout (A/B).
+at::Tensor CrossKvBuffer(const T5Weights& w, int64_t batch, int64_t keys,
+                         const at::TensorOptions& options);
 
 // Where one decoder block's new self-attention key and value (each
 // [B, H, 1, d_kv] fp32) go; returns the keys and values to attend over

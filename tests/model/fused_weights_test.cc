@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <set>
 #include <string>
@@ -318,6 +319,47 @@ TEST_P(FusedTest, CachedDecodingAndChunkedCrossKeyValues) {
                            *rows);
     ASSERT_TRUE(step.ok()) << step.status();
     EXPECT_LT(MaxDiff(*step, full->select(1, t)), 1e-4) << "t=" << t;
+  }
+}
+
+// A CrossKvBuffer (rows [B, S] of every block's k and v) holds what the
+// block-major buffer holds: written by the GEMM itself without adapters on
+// cross k/v, by the chunks' copies with them (a delta on v only, rows of
+// different slots).
+TEST_P(FusedTest, CrossKvBufferHoldsEveryBlocksKeysAndValues) {
+  LoraAdapter ad = Adapter({"v"}, 3, 6.0, 63);
+  auto bank = MakeAdapterBank(base_, {&ad});
+  ASSERT_TRUE(bank.ok());
+  Batch b = MakeBatch(config_, 3, 64);
+  const int64_t L = static_cast<int64_t>(base_.decoder.size());
+  const int64_t B = b.ids.size(0), S = b.ids.size(1);
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(base_.device);
+  for (bool adapted : {false, true}) {
+    absl::StatusOr<RowAdapters> rows = RowAdapters{};
+    if (adapted) rows = MakeRowAdapters(base_, &*bank, {0, -1, 0});
+    ASSERT_TRUE(rows.ok()) << rows.status();
+    auto enc = Encode(base_, b.ids.to(base_.device), b.mask.to(base_.device),
+                      *rows);
+    ASSERT_TRUE(enc.ok());
+    at::Tensor block_major =
+        at::zeros({2, L, B, config_.num_heads, S, config_.d_kv}, opts);
+    internal::CrossKeyValues(base_, *enc, *rows).CopyTo(block_major);
+    at::Tensor buffer = internal::CrossKvBuffer(base_, B, S, opts);
+    ASSERT_EQ(buffer.sizes(), block_major.sizes());
+    // The storage order the GEMM writes: batch, key, block, k|v, head, d.
+    EXPECT_TRUE(buffer.permute({2, 4, 1, 0, 3, 5}).is_contiguous());
+    buffer.fill_(std::numeric_limits<float>::quiet_NaN());  // all overwritten
+    internal::CrossKeyValues(base_, *enc, *rows).CopyTo(buffer);
+    EXPECT_LT(MaxDiff(buffer, block_major), 1e-5) << "adapted " << adapted;
+    EXPECT_FALSE(at::isnan(buffer).any().item<bool>()) << "adapted " << adapted;
+    if (adapted) {
+      // The delta reached the adapted rows' values and not their keys.
+      internal::CrossKeyValues plain(base_, *enc, RowAdapters{});
+      const auto kv = plain.Block(0);
+      EXPECT_GT(MaxDiff(buffer[1][0][0], kv.second[0]), 1e-3);
+      EXPECT_LT(MaxDiff(buffer[0][0][0], kv.first[0]), 1e-5);
+      EXPECT_LT(MaxDiff(buffer[1][0][1], kv.second[1]), 1e-5);
+    }
   }
 }
 
