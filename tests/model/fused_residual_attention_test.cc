@@ -191,8 +191,9 @@ TEST(ShortQueryAttentionTest, Bf16QueriesKeysValues) {
   EXPECT_LT(RelDiff(got.to(at::kFloat), Reference(q, k, v, bias)), 1.0 / 128);
 }
 
-// The encoder's shape: as many queries as keys (T = S = 37, 60, 200: more
-// than a short query; an odd count leaves a warp half a query pair), q, k, v
+// The encoder's shape: as many queries as keys (T = S = 37, 60, 96, 128,
+// 200: more than a short query, each a different number of keys per lane;
+// an odd count leaves a warp half a query pair), q, k, v
 // strided views of one fused projection, relative bias plus padding mask
 // [B, H, T, S]: on CUDA the tiled kernel (keys and values in shared memory;
 // LORAHUB_NO_TILED_ATTN=1: PyTorch's attention), also with keys and values
@@ -202,7 +203,8 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
   at::manual_seed(9);
   const double min_value =
       static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
-  for (int64_t S : {int64_t{37}, int64_t{60}, int64_t{200}, int64_t{300}}) {
+  for (int64_t S : {int64_t{37}, int64_t{60}, int64_t{96}, int64_t{128},
+                    int64_t{200}, int64_t{300}}) {
     const int64_t B = 3, H = 2, d = 64, inner = H * d;
     const at::Tensor y = at::randn({B, S, 3 * inner}, F32()) * 0.5;
     auto heads = [&](int64_t part) {
