@@ -27,7 +27,8 @@ jobs=${JOBS:-$(nproc)}
 py=${PYTHON:-python3}
 mkdir -p "$logs"
 : > "$logs/summary.log"
-say() { echo "== $*" | tee -a "$logs/summary.log"; }
+# Each line ends with the seconds since the start: where a call's time goes.
+say() { echo "== $* [${SECONDS} s]" | tee -a "$logs/summary.log"; }
 save_logs() {
   [ -f "$build/Testing/Temporary/LastTest.log" ] && cp "$build/Testing/Temporary/LastTest.log" "$logs/"
   if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r "$logs/." "$OUT/"; fi
@@ -43,6 +44,7 @@ unpack() {  # unpack DEB DIR: dpkg -x, or ar + tar where dpkg is missing
   rm -rf "$t"
 }
 
+say "start"
 # 1. The prefix, rebuilt when the set of .deb files changes.
 stamp=$( (ls .gpu/debs/*.deb .gpu/debs/base/*.deb 2>/dev/null; echo "host=${LORAHUB_PREFER_HOST_LIBS:-1}") | md5sum | cut -d' ' -f1)
 if [ "$(cat "$prefix/.stamp" 2>/dev/null)" != "$stamp" ]; then
@@ -115,6 +117,7 @@ cmake -S deploy/cmake -B "$build" -G Ninja \
   ${torch_prefix:+-DCMAKE_PREFIX_PATH="$torch_prefix" -DLORAHUB_REQUIRE_TORCH=ON} \
   -DCMAKE_EXPORT_COMPILE_COMMANDS=ON 2>&1 | tee "$logs/configure.log" | grep -E '^-- lorahub|Error|error' || true
 [ "${PIPESTATUS[0]}" = 0 ] || { say "configure FAILED (see configure.log)"; tail -30 "$logs/configure.log"; exit 1; }
+say "configured"
 
 # 3. Build and provenance checks.
 start=$(date +%s)
