@@ -40,6 +40,8 @@ targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_
 OUT=$work/build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" NINJA_TARGETS="$targets" \
   bash deploy/gpu/build_and_test.sh >"$work/build.log" 2>&1
 stamp "build exit $?"
+# Where the build's time went (build_and_test.sh's lines end with its seconds).
+grep -E '^== (start|unpacking|configured|build OK|every binary)' "$work/build.log"
 lorahub=.gpu/build/bin/server/lorahub
 [ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
