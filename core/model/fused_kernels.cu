@@ -8,9 +8,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
-#include <mutex>
 
 #include "core/model/fused_kernels.h"
+#include "core/model/kernel_launch.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
@@ -1946,41 +1946,10 @@ int TiledQueries(const AttentionArgs& a, int sms) {
   return static_cast<int>(tile);
 }
 
-constexpr int kMaxDevices = 64;
-constexpr int64_t kDefaultShared = 48 * 1024;
-
-// What the tiled kernel's launch needs to know of a device, read once per
-// device: its SM count (132 where it cannot say) and the dynamic shared
-// memory a block may opt into, capped at kTiledMaxShared (the 48 KB default
-// where it cannot say).
-struct TiledDevice {
-  int sms = 0;
-  int64_t shared = 0;
-};
-
-// nullptr for the current device when there is none or its index is out of
-// range.
-const TiledDevice* CurrentTiledDevice(int* device) {
-  static std::once_flag once[kMaxDevices];
-  static TiledDevice devices[kMaxDevices];
-  if (cudaGetDevice(device) != cudaSuccess || *device < 0 ||
-      *device >= kMaxDevices) {
-    return nullptr;
-  }
-  const int d = *device;
-  std::call_once(once[d], [d] {
-    int sms = 0, optin = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) !=
-        cudaSuccess) {
-      sms = 132;
-    }
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                               d) != cudaSuccess) {
-      optin = static_cast<int>(kDefaultShared);
-    }
-    devices[d] = {sms, std::min<int64_t>(optin, kTiledMaxShared)};
-  });
-  return &devices[d];
+// The dynamic shared memory the tiled kernel may opt into on the current
+// device: the device's, capped at kTiledMaxShared; -1 without a device.
+int64_t TiledSharedLimit(const DeviceLimits* limits) {
+  return limits == nullptr ? -1 : std::min<int64_t>(limits->shared_optin, kTiledMaxShared);
 }
 
 // One launch of the tiled kernel, as LaunchTiledAttention sized it.
@@ -1990,25 +1959,16 @@ struct TiledLaunch {
   bool vec = false;     // TiledAttentionKernel's `vec`
   size_t shared = 0;    // dynamic shared memory, bytes
   int device = 0;       // the current device
-  int64_t limit = 0;    // its opt-in shared memory (TiledDevice::shared)
+  int64_t limit = 0;    // its opt-in shared memory (TiledSharedLimit)
   bool ahead = false;   // TiledAttentionKernel's kAhead
   cudaStream_t stream = nullptr;
 };
 
 template <typename E, int kKpl, bool kAhead>
 int LaunchTiledVariant(const AttentionArgs& a, const TiledLaunch& l) {
-  if (l.shared > kDefaultShared) {
-    // Above 48 KB a kernel must opt in, once per device (the attribute is
-    // the device's; the first call is eager, before any graph capture).
-    static std::once_flag once[kMaxDevices];
-    static cudaError_t opt_in[kMaxDevices];
-    std::call_once(once[l.device], [&l] {
-      opt_in[l.device] = cudaFuncSetAttribute(
-          TiledAttentionKernel<E, kKpl, kAhead>,
-          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.limit));
-    });
-    if (opt_in[l.device] != cudaSuccess) return static_cast<int>(opt_in[l.device]);
-  }
+  const int err =
+      OptInShared<TiledAttentionKernel<E, kKpl, kAhead>>(l.shared, l.device, l.limit);
+  if (err != 0) return err;
   TiledAttentionKernel<E, kKpl, kAhead>
       <<<l.grid, kNormThreads, l.shared, l.stream>>>(a, l.tile_q, l.vec);
   return LastError();
@@ -2040,9 +2000,9 @@ bool Tiled4Aligned(const void* base, const int64_t* stride, int64_t bytes) {
 
 bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv) {
   int device = 0;
-  const TiledDevice* limits = CurrentTiledDevice(&device);
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
   return TiledAttentionFits(S, D, Dv) && limits != nullptr &&
-         TiledAttentionShared(S, D) <= limits->shared;
+         TiledAttentionShared(S, D) <= TiledSharedLimit(limits);
 }
 
 int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
@@ -2056,12 +2016,12 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
   if (a.q_dtype == DType::kNone) a.q_dtype = a.qkv_dtype;
   TiledLaunch l;
-  const TiledDevice* limits = CurrentTiledDevice(&l.device);
+  const DeviceLimits* limits = CurrentDeviceLimits(&l.device);
   l.shared = static_cast<size_t>(TiledAttentionShared(a.S, a.D));
-  if (limits == nullptr || static_cast<int64_t>(l.shared) > limits->shared) {
+  l.limit = TiledSharedLimit(limits);
+  if (limits == nullptr || static_cast<int64_t>(l.shared) > l.limit) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  l.limit = limits->shared;
   l.tile_q = TiledQueries(a, limits->sms);
   const int64_t blocks = a.B * a.H * ((a.T + l.tile_q - 1) / l.tile_q);
   if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);

@@ -20,17 +20,15 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <mutex>
 
 #include "core/model/fused_kernels.h"
+#include "core/model/kernel_launch.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
 
 constexpr int kRunThreads = 256;
 constexpr int kRunWarps = kRunThreads / 32;
-constexpr int kMaxDevices = 64;
-constexpr int64_t kDefaultShared = 48 * 1024;
 // Tokens per block: the shrink's 16-token tiles (half the factor reads
 // from L2, 2 blocks per SM instead of 3) measured the same (H200: 22.6
 // against 22.7 us per population encoder call).
@@ -215,39 +213,11 @@ bool Aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// The dynamic shared memory a block may opt into on the current device
-// (read once per device; the 48 KB default where it cannot say).
+// The dynamic shared memory a block may opt into on the current device;
+// -1 without a device.
 int64_t SharedLimit(int* device) {
-  static std::once_flag once[kMaxDevices];
-  static int64_t limit[kMaxDevices];
-  if (cudaGetDevice(device) != cudaSuccess || *device < 0 ||
-      *device >= kMaxDevices) {
-    return -1;
-  }
-  const int d = *device;
-  std::call_once(once[d], [d] {
-    int optin = 0;
-    limit[d] = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                      d) == cudaSuccess
-                   ? optin
-                   : kDefaultShared;
-  });
-  return limit[d];
-}
-
-// Opts kKernel into `shared` bytes of dynamic shared memory where that is
-// above the 48 KB default, once per (kernel, device): the first call is
-// eager, before any graph capture. 0 or the error.
-template <auto kKernel>
-int OptIn(size_t shared, int device, int64_t limit) {
-  if (static_cast<int64_t>(shared) <= kDefaultShared) return 0;
-  static std::once_flag once[kMaxDevices];
-  static cudaError_t opt_in[kMaxDevices];
-  std::call_once(once[device], [&] {
-    opt_in[device] = cudaFuncSetAttribute(
-        kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit));
-  });
-  return static_cast<int>(opt_in[device]);
+  const DeviceLimits* limits = CurrentDeviceLimits(device);
+  return limits == nullptr ? -1 : limits->shared_optin;
 }
 
 size_t ShrinkShared(const RunLoraArgs& p) {
@@ -261,7 +231,7 @@ template <int kRpw>
 int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
                  cudaStream_t stream) {
   const size_t shared = ShrinkShared(p);
-  const int err = OptIn<RunShrinkKernel<kRpw>>(shared, device, limit);
+  const int err = OptInShared<RunShrinkKernel<kRpw>>(shared, device, limit);
   if (err != 0) return err;
   const int64_t tiles = (p.M + kRunShrinkTokens - 1) / kRunShrinkTokens;
   RunShrinkKernel<kRpw><<<static_cast<unsigned>(p.slots * tiles), kRunThreads,
@@ -273,7 +243,7 @@ template <int kR4>
 int LaunchExpand(const RunLoraArgs& p, int device, int64_t limit,
                  cudaStream_t stream) {
   const size_t shared = ExpandShared(p);
-  const int err = OptIn<RunExpandKernel<kR4>>(shared, device, limit);
+  const int err = OptInShared<RunExpandKernel<kR4>>(shared, device, limit);
   if (err != 0) return err;
   const int64_t tiles = (p.M + kRunExpandTokens - 1) / kRunExpandTokens;
   const dim3 grid(static_cast<unsigned>(p.slots * tiles),

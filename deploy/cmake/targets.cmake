@@ -592,6 +592,7 @@ lorahub_cc_library(core_model_fused_ops
   CUDA_SRCS
     ${SRC}/core/model/fused_kernels.cu
     ${SRC}/core/model/fused_ops_cuda.cc
+    ${SRC}/core/model/kernel_launch.cuh
     ${SRC}/core/model/run_lora_kernels.cu
   DEPS
     ext_libtorch_libtorch

@@ -1,0 +1,69 @@
+// What kernel launchers of core/model/*.cu need of the current device, read
+// once per device, and the once-per-device opt-in to more than 48 KB of
+// dynamic shared memory. Included by nvcc-compiled files only (the CMake
+// build with CUDA; fused_kernels.cu, run_lora_kernels.cu). Thread-safe
+// (std::call_once); no call synchronises with the device.
+#ifndef LORAHUB_CORE_MODEL_KERNEL_LAUNCH_CUH_
+#define LORAHUB_CORE_MODEL_KERNEL_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+
+namespace lorahub::model::kernels {
+
+inline constexpr int kMaxDevices = 64;
+inline constexpr int64_t kDefaultShared = 48 * 1024;  // bytes, no opt-in
+
+struct DeviceLimits {
+  int sms = 0;                // multiprocessors (132 where the device cannot say)
+  int64_t shared_optin = 0;   // bytes of dynamic shared memory a block may
+                              // opt into (kDefaultShared where it cannot say)
+};
+
+// The current device's limits, its index in *device; nullptr when there is
+// no current device or its index is kMaxDevices or more.
+inline const DeviceLimits* CurrentDeviceLimits(int* device) {
+  static std::once_flag once[kMaxDevices];
+  static DeviceLimits limits[kMaxDevices];
+  if (cudaGetDevice(device) != cudaSuccess || *device < 0 ||
+      *device >= kMaxDevices) {
+    return nullptr;
+  }
+  const int d = *device;
+  std::call_once(once[d], [d] {
+    int sms = 0, optin = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) !=
+        cudaSuccess) {
+      sms = 132;
+    }
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                               d) != cudaSuccess) {
+      optin = static_cast<int>(kDefaultShared);
+    }
+    limits[d] = {sms, optin};
+  });
+  return &limits[d];
+}
+
+// Opts kKernel into `limit` bytes of dynamic shared memory on `device` when
+// a launch needs `shared` > kDefaultShared, once per (kernel, device): the
+// first call is eager, before any graph capture. 0 or the cudaError_t.
+template <auto kKernel>
+int OptInShared(size_t shared, int device, int64_t limit) {
+  if (static_cast<int64_t>(shared) <= kDefaultShared) return 0;
+  static std::once_flag once[kMaxDevices];
+  static cudaError_t opt_in[kMaxDevices];
+  std::call_once(once[device], [&] {
+    opt_in[device] = cudaFuncSetAttribute(
+        kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(limit));
+  });
+  return static_cast<int>(opt_in[device]);
+}
+
+}  // namespace lorahub::model::kernels
+
+#endif  // LORAHUB_CORE_MODEL_KERNEL_LAUNCH_CUH_
