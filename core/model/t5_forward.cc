@@ -414,6 +414,26 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
   }
 }
 
+// The adapted ones among `members` (rows of `fused`): their sites, their
+// column offsets in `fused` and their indices in `members`.
+struct AdaptedMembers {
+  std::vector<const SiteBank*> sites;
+  std::vector<int64_t> cols;
+  std::vector<size_t> which;
+};
+AdaptedMembers AdaptedOf(const at::Tensor& fused,
+                         const std::vector<const Linear*>& members,
+                         const RowAdapters& rows) {
+  AdaptedMembers out;
+  for (size_t k = 0; k < members.size(); ++k) {
+    if (!Adapted(rows, members[k]->site)) continue;
+    out.sites.push_back(&rows.bank->sites[members[k]->site]);
+    out.cols.push_back(FusedRowOffset(fused, members[k]->weight));
+    out.which.push_back(k);
+  }
+  return out;
+}
+
 // One GEMM against a fused weight whose row blocks are `members`' weights
 // (FusedQkv etc. checked), then each adapted member's LoRA delta added into
 // its column slice of the output (Project is its one-member case): the
@@ -428,13 +448,9 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
                         const RowAdapters& rows, const at::Tensor& x_full,
                         bool float_out) {
   const at::Tensor xm = MatmulInput(x, fused);
-  std::vector<int64_t> cols;
-  std::vector<const SiteBank*> sites;
-  for (const Linear* m : members) {
-    if (!Adapted(rows, m->site)) continue;
-    cols.push_back(FusedRowOffset(fused, m->weight));
-    sites.push_back(&rows.bank->sites[m->site]);
-  }
+  const AdaptedMembers adapted = AdaptedOf(fused, members, rows);
+  const std::vector<const SiteBank*>& sites = adapted.sites;
+  const std::vector<int64_t>& cols = adapted.cols;
   if (sites.empty()) {
     return float_out ? MatmulFloat(xm, fused) : at::matmul(xm, fused.t());
   }
@@ -818,26 +834,6 @@ bool StepPathApplies(const T5Weights& w, const Normed& x,
                      const at::Tensor& fused, const RowAdapters& rows) {
   return x.mm.dim() == 3 && x.mm.size(1) == 1 &&
          StepSitesApply(w, x.mm.device(), members, fused, rows);
-}
-
-// The adapted ones among `members` (rows of `fused`): their sites, their
-// column offsets in `fused` and their indices in `members`.
-struct AdaptedMembers {
-  std::vector<const SiteBank*> sites;
-  std::vector<int64_t> cols;
-  std::vector<size_t> which;
-};
-AdaptedMembers AdaptedOf(const at::Tensor& fused,
-                         const std::vector<const Linear*>& members,
-                         const RowAdapters& rows) {
-  AdaptedMembers out;
-  for (size_t k = 0; k < members.size(); ++k) {
-    if (!Adapted(rows, members[k]->site)) continue;
-    out.sites.push_back(&rows.bank->sites[members[k]->site]);
-    out.cols.push_back(FusedRowOffset(fused, members[k]->weight));
-    out.which.push_back(k);
-  }
-  return out;
 }
 
 // The A factors of the step path's one shrink for `sites` (their per-row
