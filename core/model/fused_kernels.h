@@ -292,6 +292,9 @@ struct RunLoraArgs {
   float scale = 1.f;
   float* y = nullptr;  // slot 0's [M, columns]
   int64_t y_stride[2] = {0, 0};  // slot, token
+  // Optional: the sums y + delta go here, rounded to bf16, instead of into
+  // y (then only read): slot 0's [M, columns] with y's strides.
+  void* y_bf16 = nullptr;
   int64_t slots = 0, M = 0;
 };
 bool RunLoraFits(const RunLoraArgs& args);

@@ -300,17 +300,18 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
-                   const std::vector<LoraRunSite>& sites, double scale) {
+                   const std::vector<LoraRunSite>& sites, double scale,
+                   const at::Tensor& y_round) {
   static const bool off = EnvFlag("LORAHUB_NO_RUN_LORA");
   if (off || !y.is_cuda() || !fused_backend::Compiled() || Disabled() ||
       Differentiable(y) || Differentiable(x) || Differentiable(a) ||
-      Differentiable(xa)) {
+      Differentiable(xa) || Differentiable(y_round)) {
     return false;
   }
   for (const LoraRunSite& s : sites) {
     if (Differentiable(s.b)) return false;
   }
-  return fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale);
+  return fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale, y_round);
 }
 
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
@@ -436,6 +437,16 @@ at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
     return out.view(shape);
   }
   return at::matmul(x, weight.t()).to(at::kFloat);
+}
+
+bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& out) {
+  static const bool off = EnvFlag("LORAHUB_NO_GEMM_FLOAT");
+  if (off || !a.is_cuda() || Disabled() || Differentiable(a) ||
+      Differentiable(b) || Differentiable(out)) {
+    return false;
+  }
+  return fused_backend::BmmFloatInto(a, b, out);
 }
 
 bool DecodeAttentionGeneric() {

@@ -177,6 +177,15 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
 // profiler scope (counted as one GEMM by tests/model/objective_ops_test).
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight);
 
+// out = a b for bf16 (or fp16) a [G, M, K] and b [G, K, N] (any strides, a
+// batch broadcast by a zero stride included) with fp32 accumulation, written
+// in place into an fp32 out [G, M, N] of unit column stride (cuBLAS's
+// batched GEMM addresses it through its strides: column slices of a wider
+// output need no copy). False, out untouched, where that does not run (CPU,
+// other dtypes, autograd, LORAHUB_NO_FUSED=1, LORAHUB_NO_GEMM_FLOAT=1).
+bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& out);
+
 // out = x w^T in fp32 with few output columns (LoRA down-projections of a
 // bf16 model's fp32 deltas, N = the ranks): x [G, M, K], w [G, N, K], both
 // fp32 with unit stride along K; out a new contiguous [G, M, N]. On CUDA
@@ -273,9 +282,13 @@ struct LoraRunSite {
 // or nothing: false, having changed nothing, where it does not take these
 // tensors (not CUDA, a build without the kernels, LORAHUB_NO_FUSED=1 or
 // LORAHUB_NO_RUN_LORA=1, autograd, other dtypes, shapes or alignments).
+// y_round (expand alone, optional): bf16 of y's sizes and strides that takes
+// each sum y + delta rounded once, y then only read (the per-row cross
+// values into the decoder's bf16 cache, CrossKeyValues::CopyTo).
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
-                   const std::vector<LoraRunSite>& sites, double scale);
+                   const std::vector<LoraRunSite>& sites, double scale,
+                   const at::Tensor& y_round = at::Tensor());
 
 // AddRmsNorm(x, delta, weight, eps, compute) and LoraRowShrink of its fp32
 // output, xa[b] = full[b] a[slots[b]]^T (fp32 [B, R]), in ONE kernel on

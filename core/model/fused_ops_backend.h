@@ -41,7 +41,8 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 // fused_ops.h LoraRunDeltas (all or nothing).
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
-                   const std::vector<LoraRunSite>& sites, double scale);
+                   const std::vector<LoraRunSite>& sites, double scale,
+                   const at::Tensor& y_round);
 // fused_ops.h AddRmsNormShrink, LoraRowShrink, LoraRowExpand,
 // DecodeStepAttention.
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
@@ -61,6 +62,9 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and
 // an fp32 result: at::bmm with out_dtype (PyTorch >= 2.8).
 bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out);
+// fused_ops.h BmmFloatInto.
+bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& out);
 
 }  // namespace lorahub::model::fused_backend
 

@@ -583,9 +583,16 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
 
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
-                   const std::vector<LoraRunSite>& sites, double scale) {
+                   const std::vector<LoraRunSite>& sites, double scale,
+                   const at::Tensor& y_round) {
   const bool shrink = x.defined();
   const at::Tensor& in = shrink ? x : xa;
+  if (y_round.defined() &&
+      (shrink || !OnDeviceOf(y_round, y) ||
+       y_round.scalar_type() != at::kBFloat16 ||
+       y_round.sizes() != y.sizes() || y_round.strides() != y.strides())) {
+    return false;
+  }
   if (sites.empty() || sites.size() > kernels::kRunLoraMaxSites ||
       !OnDeviceOf(y, y) || !OnDeviceOf(in, y) || y.dim() != 3 ||
       in.dim() != 3 || y.scalar_type() != at::kFloat ||
@@ -622,6 +629,7 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
   p.y = y.data_ptr<float>();
   p.y_stride[0] = y.stride(0);
   p.y_stride[1] = y.stride(1);
+  if (y_round.defined()) p.y_bf16 = y_round.data_ptr();
   if (shrink) {
     p.x = x.data_ptr<float>();
     p.x_stride[0] = x.stride(0);
@@ -704,6 +712,24 @@ bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out) {
   }
   // bmm.dtype: cuBLAS with bf16/fp16 operands, fp32 compute and output.
   *out = at::bmm(a, b, at::kFloat);
+  return true;
+}
+
+bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& out) {
+  if (!OnDeviceOf(a, out) || !OnDeviceOf(b, out) ||
+      a.scalar_type() != b.scalar_type() ||
+      (a.scalar_type() != at::kBFloat16 && a.scalar_type() != at::kHalf) ||
+      out.scalar_type() != at::kFloat || a.dim() != 3 || b.dim() != 3 ||
+      out.dim() != 3 || out.size(0) != a.size(0) || out.size(1) != a.size(1) ||
+      out.size(2) != b.size(2) || b.size(0) != a.size(0) ||
+      b.size(1) != a.size(2) || out.stride(2) != 1 ||
+      out.stride(1) < out.size(2)) {
+    return false;
+  }
+  // bmm.dtype_out: the batched GEMM writes out through its strides.
+  at::Tensor target = out;
+  at::bmm_out(target, a, b, at::kFloat);
   return true;
 }
 

@@ -59,8 +59,8 @@ bool DecodeStepAttention(const DecodeStepInputs&, at::ScalarType, at::Tensor*) {
 }
 
 bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                   const at::Tensor&, const std::vector<LoraRunSite>&,
-                   double) {
+                   const at::Tensor&, const std::vector<LoraRunSite>&, double,
+                   const at::Tensor&) {
   return false;
 }
 
@@ -69,6 +69,10 @@ bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
 }
 
 bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
+bool BmmFloatInto(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   return false;
 }
 

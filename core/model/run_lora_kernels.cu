@@ -17,6 +17,7 @@
 // cuBLAS's 37.1 + 2 x 18.7. A first version did both in one kernel, a block
 // per (slot, 16 tokens): its blocks ran latency-bound (26 us for one block
 // of the decoder's 15 rows; 68 us for the encoder call).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -151,6 +152,7 @@ __global__ void __launch_bounds__(kRunThreads, 3)
 }
 
 // The expand: y[s, m, site.col + o] += scale * xa[s, m, k r :] . b_k[s, o, :]
+// (with y_bf16: that sum rounded into y_bf16 at the same offset, y unchanged)
 // for kRunExpandTokens tokens of one slot per block (blockIdx.x) and
 // kRunThreads of the sites' output columns (blockIdx.y): a thread per
 // column, its tokens' outputs loaded together. The tile's xa is staged in
@@ -202,6 +204,14 @@ __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
       if (c < r4) sum += Dot4(xs[t * R4 + c], bv[c]);
     }
     yv[t] += scale * sum;
+  }
+  if (p.y_bf16 != nullptr) {  // y's element offsets
+    __nv_bfloat16* rounded = static_cast<__nv_bfloat16*>(p.y_bf16) + (y - p.y);
+#pragma unroll
+    for (int t = 0; t < kT; ++t) {
+      if (t < valid) rounded[t * p.y_stride[1]] = __float2bfloat16(yv[t]);
+    }
+    return;
   }
 #pragma unroll
   for (int t = 0; t < kT; ++t) {

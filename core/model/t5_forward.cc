@@ -593,7 +593,7 @@ void CrossKeyValues::CopyTo(const at::Tensor& dst) {
     }
     return;
   }
-  if (GemmInto(dst)) return;
+  if (GemmInto(dst) || GemmIntoWithValueDeltas(dst)) return;
   for (int64_t i = 0; i < L; i += per_chunk_) {
     Compute(i);
     // [B, S, count, 2, H, d] -> [2, count, B, H, S, d]: one copy per chunk.
@@ -629,6 +629,99 @@ bool CrossKeyValues::GemmInto(const at::Tensor& dst) {
   }
   at::Tensor out = storage.view({-1, weight.size(0)});
   at::mm_out(out, xm.reshape({-1, xm.size(-1)}), weight.t());
+  return true;
+}
+
+// The general path (Compute, CopyTo) moved about 4.2 GB for the per-row
+// prefill of 64 prompts of 96 tokens on flan-t5-large: the fp32 GEMM of
+// every block's keys and values (1.2 GB written), the values' deltas (read
+// and written in fp32), then the rounding copy of the whole chunk. Here:
+// the keys as GemmInto writes them (one batched GEMM over the blocks, bf16
+// into dst), the values by an fp32 batched GEMM into a scratch of dst's
+// layout, and the run expand kernel adds each block's deltas and rounds the
+// sums into dst (about 1.8 GB). The same arithmetic: fp32 GEMM, fp32 delta,
+// one rounding. Needs runs of rows per slot, every block's v adapted (one
+// scaling, A factors side by side: one down-projection for all blocks) and
+// no k adapted; false, dst untouched, elsewhere (LORAHUB_CROSS_V_COPY=1
+// too: the A/B against the general path).
+bool CrossKeyValues::GemmIntoWithValueDeltas(const at::Tensor& dst) {
+  static const bool off = EnvFlag("LORAHUB_CROSS_V_COPY");
+  const at::Tensor& weight = w_.cross_kv;
+  const auto L = static_cast<int64_t>(w_.decoder.size());
+  if (off || !fused_ || L == 0 || rows_.bank == nullptr ||
+      rows_.uniform_slot >= 0 || rows_.rows_per_slot <= 0 ||
+      dst.dim() != 6 || dst.scalar_type() != weight.scalar_type() ||
+      weight.scalar_type() == at::kFloat || !weight.is_cuda()) {
+    return false;
+  }
+  std::vector<const SiteBank*> sites;
+  for (int64_t i = 0; i < L; ++i) {
+    const AttentionWeights& a = w_.decoder[i].cross_attn;
+    if (Adapted(rows_, a.k.site) || !Adapted(rows_, a.v.site)) return false;
+    const SiteBank* sb = &rows_.bank->sites[a.v.site];
+    if (!GemmLayout(rows_, *sb) ||
+        (i > 0 && (!AdjacentA(*sites.back(), *sb) ||
+                   sb->common_scale != sites[0]->common_scale))) {
+      return false;
+    }
+    sites.push_back(sb);
+  }
+  const int64_t inner = w_.decoder[0].cross_attn.k.weight.size(0);
+  const at::Tensor xm = MatmulInput(x_.mm, weight);  // [B, S, in]
+  // dst as CrossKvBuffer lays it out: rows [B * S] of [L, 2, inner].
+  const at::Tensor storage = dst.permute({2, 4, 1, 0, 3, 5});
+  if (!storage.is_contiguous() || xm.dim() != 3 ||
+      storage.size(0) != xm.size(0) || storage.size(1) != xm.size(1) ||
+      storage.size(2) != L || storage.size(3) != 2 ||
+      storage.size(4) * storage.size(5) != inner || !weight.is_contiguous() ||
+      weight.size(0) != 2 * L * inner || weight.size(1) != xm.size(2)) {
+    return false;
+  }
+  const int64_t B = xm.size(0), S = xm.size(1), M = B * S, in = xm.size(2);
+  const at::Tensor x = xm.reshape({1, M, in}).expand({L, M, in});
+  const at::Tensor w = weight.view({L, 2, inner, in});
+  // Block l's keys (values): columns [(2l) inner, (2l + 1) inner) (the next
+  // inner) of each row: [L, M, inner] views with row stride 2 L inner.
+  const auto halves = [&](const at::Tensor& rows_of_blocks, int64_t kv) {
+    return rows_of_blocks.view({M, L, 2, inner}).select(2, kv).transpose(0, 1);
+  };
+  at::Tensor scratch =  // fp32 values, dst's layout (the key halves unused)
+      at::empty({B, S, 2 * L * inner}, xm.options().dtype(at::kFloat));
+  if (!BmmFloatInto(x, w.select(1, 1).transpose(1, 2), halves(scratch, 1))) {
+    return false;
+  }
+  at::Tensor keys = halves(storage, 0);
+  at::bmm_out(keys, x, w.select(1, 0).transpose(1, 2));
+  // Every block's x A^T in one batched GEMM (as AddLoraDeltas), then the
+  // expands in groups of kRunLoraMaxSites sites.
+  const int64_t r = sites[0]->a.size(1);
+  const at::Tensor xa = DownProject(LoraInput(x_.mm, x_.full),
+                                    SideBySideA(sites[0]->a, L), rows_,
+                                    /*narrow=*/true);
+  const int64_t slots = xa.size(0);
+  const at::Tensor values = RunView(scratch, slots);
+  const at::Tensor rounded = RunView(storage.view({B, S, 2 * L * inner}), slots);
+  constexpr int64_t kGroup = 4;  // fused_kernels.h kRunLoraMaxSites
+  for (int64_t first = 0; first < L; first += kGroup) {
+    const int64_t count = std::min(kGroup, L - first);
+    std::vector<LoraRunSite> run;
+    for (int64_t i = first; i < first + count; ++i) {
+      run.push_back({sites[i]->b.narrow(0, rows_.slot_offset, slots),
+                     (2 * i + 1) * inner});
+    }
+    if (LoraRunDeltas(values, at::Tensor(), at::Tensor(),
+                      xa.narrow(2, first * r, count * r), run,
+                      sites[0]->common_scale, rounded)) {
+      continue;
+    }
+    // Not taken (all or nothing): the same sums on cuBLAS, then rounded.
+    for (int64_t i = first; i < first + count; ++i) {
+      const at::Tensor y = scratch.narrow(2, (2 * i + 1) * inner, inner);
+      UpProjectAdd(y, xa.narrow(2, i * r, r), *sites[i], rows_, /*narrow=*/true);
+      storage.select(2, i).select(2, 1).copy_(
+          y.view({B, S, storage.size(4), storage.size(5)}));
+    }
+  }
   return true;
 }
 

@@ -127,12 +127,16 @@ class CrossKeyValues {
 
   // Writes all blocks into dst [2, L, B, H, S, d_kv] (k then v). Into a
   // CrossKvBuffer of the GEMM's dtype without adapted cross k/v: the GEMM
-  // writes it (no copy); otherwise one copy per chunk.
+  // writes it (no copy); with per-row deltas on every block's v only (a
+  // per-row prefill of a bf16 model on CUDA), the keys' GEMM writes it and
+  // the values' deltas are rounded into it (GemmIntoWithValueDeltas);
+  // otherwise one copy per chunk.
   void CopyTo(const at::Tensor& dst);
 
  private:
   void Compute(int64_t block);
   bool GemmInto(const at::Tensor& dst);
+  bool GemmIntoWithValueDeltas(const at::Tensor& dst);
 
   const T5Weights& w_;
   Normed x_;

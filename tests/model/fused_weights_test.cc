@@ -363,6 +363,57 @@ TEST_P(FusedTest, CrossKvBufferHoldsEveryBlocksKeysAndValues) {
   }
 }
 
+// A bf16 model with a different adapter per row (a per-row prefill): the
+// keys' GEMM writes the bf16 CrossKvBuffer and the values' deltas are
+// rounded into it by the run kernels (CUDA; elsewhere the chunk's copy):
+// either way the buffer holds each block's fp32 keys and values, deltas
+// included, rounded once to bf16.
+TEST_P(FusedTest, RowRunValueDeltasRoundedIntoABf16Buffer) {
+  auto w = BuildT5Weights(config_, host_, Options(at::kBFloat16));
+  ASSERT_TRUE(w.ok()) << w.status();
+  const config::LoraConfig cfg = MakeLoraConfig({"q", "v"}, 4, 8.0);
+  std::vector<LoraAdapter> ads;
+  for (uint64_t seed : {81, 82, 83}) {
+    auto ad = BuildLoraAdapter(*w, cfg, RandomAdapter(*w, cfg, seed), "qv");
+    ASSERT_TRUE(ad.ok()) << ad.status();
+    ads.push_back(*std::move(ad));
+  }
+  auto bank = MakeAdapterBank(*w, {&ads[0], &ads[1], &ads[2]});
+  ASSERT_TRUE(bank.ok()) << bank.status();
+  auto rows = MakeRowAdapters(*w, &*bank, {0, 1, 2});
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  ASSERT_EQ(rows->rows_per_slot, 1);
+  Batch b = MakeBatch(config_, 3, 85);
+  auto enc = Encode(*w, b.ids.to(w->device), b.mask.to(w->device), *rows);
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  const int64_t L = static_cast<int64_t>(w->decoder.size());
+  at::Tensor buffer = internal::CrossKvBuffer(
+      *w, b.ids.size(0), b.ids.size(1),
+      at::TensorOptions().dtype(at::kBFloat16).device(w->device));
+  buffer.fill_(std::numeric_limits<float>::quiet_NaN());  // all overwritten
+  internal::CrossKeyValues(*w, *enc, *rows).CopyTo(buffer);
+  EXPECT_FALSE(at::isnan(buffer).any().item<bool>());
+  internal::CrossKeyValues fp32(*w, *enc, *rows);  // attention dtype fp32
+  internal::CrossKeyValues plain(*w, *enc, RowAdapters{});
+  for (int64_t i = 0; i < L; ++i) {
+    const auto kv = fp32.Block(i);
+    const auto base_kv = plain.Block(i);
+    for (int kind = 0; kind < 2; ++kind) {
+      const at::Tensor want = kind == 0 ? kv.first : kv.second;
+      const at::Tensor got = buffer[kind][i].to(at::kFloat);
+      // One rounding to bf16 (2^-9 relative) of a sum the GEMMs may order
+      // differently.
+      const double tol = 1e-2 * want.abs().max().item<double>() + 1e-6;
+      EXPECT_LT(MaxDiff(got, want), tol) << "block " << i << " kind " << kind;
+    }
+    // Every row's values carry its own delta; the keys none.
+    EXPECT_GT(MaxDiff(buffer[1][i].to(at::kFloat), base_kv.second), 1e-2) << i;
+    EXPECT_LT(MaxDiff(buffer[0][i].to(at::kFloat), base_kv.first),
+              1e-2 * base_kv.first.abs().max().item<double>() + 1e-6)
+        << i;
+  }
+}
+
 TEST_P(FusedTest, MergeWritesThroughViewsAndKeepsTheBase) {
   // q and v (self and cross), k of cross via "k", and the gated FFN.
   std::vector<std::string> targets = {"q", "k", "v"};
