@@ -131,6 +131,15 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       chunk.labels = labels.index_select(0, index).to(device);
       chunk.decoder_ids = ShiftRight(chunk.labels, weights.config.decoder_start_token_id,
                                      weights.config.pad_token_id);
+      static const bool per_pass_biases = [] {
+        const char* v = std::getenv("LORAHUB_NO_PASS_BIASES");
+        return v != nullptr && *v != '\0' && std::string(v) != "0";
+      }();
+      if (!per_pass_biases) {
+        auto biases = ComputePassBiases(weights, chunk.mask, chunk.decoder_ids.size(1));
+        if (!biases.ok()) return biases.status();
+        chunk.biases = std::make_unique<PassBiases>(*std::move(biases));
+      }
       run->chunks_.push_back(std::move(chunk));
     }
 
@@ -237,9 +246,10 @@ absl::Status ObjectiveRunner::Evaluate() {
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
-      auto enc = Encode(*weights_, chunk.ids, chunk.mask, chunk.rows);
+      auto enc = Encode(*weights_, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
-      auto logits = DecodeFull(*weights_, chunk.decoder_ids, *enc, chunk.rows);
+      auto logits = DecodeFull(*weights_, chunk.decoder_ids, *enc, chunk.rows,
+                               chunk.biases.get());
       if (!logits.ok()) return logits.status();
       // Per-row summed token cross-entropy, as ScoreCandidates computes it.
       at::Tensor logp = at::log_softmax(logits->to(at::kFloat), -1);

@@ -39,6 +39,7 @@
 #include "absl/status/statusor.h"
 #include "core/model/lora.h"
 #include "core/model/scorer.h"
+#include "core/model/t5_forward.h"
 #include "core/model/t5_weights.h"
 
 namespace lorahub::model {
@@ -98,6 +99,9 @@ class ObjectiveRunner {
   struct Chunk {
     at::Tensor ids, mask, labels, decoder_ids;  // [rows, *] on the device
     RowAdapters rows;                           // into bank_
+    // Made once (t5_forward.h ComputePassBiases) instead of per pass:
+    // undefined with LORAHUB_NO_PASS_BIASES=1 (A/B).
+    std::unique_ptr<PassBiases> biases;
   };
   struct Group {  // sites whose composed factors have one shape
     std::vector<int> sites;  // base site indices

@@ -1145,21 +1145,35 @@ using internal::ResidualStream;
 using internal::RmsNorm;
 using internal::SelfAttentionHeads;
 
+at::Tensor MaskBias(const T5Weights& w, const at::Tensor& mask) {
+  return ((1.0 - mask.to(at::kFloat)) * MinValue(w.dtype))
+      .view({mask.size(0), 1, 1, mask.size(1)});
+}
+
+// In bf16 attention the bias is rounded once per forward (PyTorch's fused
+// attention wants it in q's dtype): the position bias comes from a bf16
+// table (exact), the masked entries stay about finfo(bf16).min.
+at::Tensor EncoderSelfBias(const T5Weights& w, const at::Tensor& mask_bias) {
+  const int64_t S = mask_bias.size(-1);
+  return (PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(at::kFloat) +
+          mask_bias)
+      .to(AttentionDtype(w));
+}
+
+at::Tensor DecoderSelfBias(const T5Weights& w, int64_t T) {
+  return PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(at::kFloat) +
+         CausalBias(w, T, w.device);
+}
+
 EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
-                         const at::Tensor& mask, const RowAdapters& rows) {
+                         const at::Tensor& mask, const RowAdapters& rows,
+                         const PassBiases* biases) {
   const config::T5Config& c = w.config;
-  const int64_t S = ids.size(1);
   EncoderOutput out;
-  out.mask_bias = ((1.0 - mask.to(at::kFloat)) * MinValue(w.dtype))
-                      .view({ids.size(0), 1, 1, S});
+  out.mask_bias = biases != nullptr ? biases->mask_bias : MaskBias(w, mask);
+  const at::Tensor bias = biases != nullptr ? biases->encoder_self
+                                            : EncoderSelfBias(w, out.mask_bias);
   const at::ScalarType attn = AttentionDtype(w);
-  // In bf16 attention the bias is rounded once per forward (PyTorch's fused
-  // attention wants it in q's dtype): the position bias comes from a bf16
-  // table (exact), the masked entries stay about finfo(bf16).min.
-  at::Tensor bias =
-      (PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(at::kFloat) +
-       out.mask_bias)
-          .to(attn);
   Residual h(w, Embed(w, ids));
   for (const BlockWeights& b : w.encoder) {
     Normed n = h.Norm(b.self_norm);
@@ -1176,12 +1190,12 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
 }
 
 at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
-                          const EncoderOutput& enc, const RowAdapters& rows) {
+                          const EncoderOutput& enc, const RowAdapters& rows,
+                          const PassBiases* biases) {
   const config::T5Config& c = w.config;
-  const int64_t T = ids.size(1);
-  at::Tensor self_bias =
-      PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(at::kFloat) +
-      CausalBias(w, T, w.device);
+  const at::Tensor self_bias = biases != nullptr
+                                   ? biases->decoder_self
+                                   : DecoderSelfBias(w, ids.size(1));
   const at::ScalarType attn = AttentionDtype(w);
   Residual h(w, Embed(w, ids));
   CrossKeyValues cross(w, enc, rows, CrossKeyValues::kDefaultMaxBytes, attn);
@@ -1246,10 +1260,32 @@ at::Tensor ShiftRight(const at::Tensor& labels, int64_t start_id,
   return out.masked_fill(out == -100, pad_id);
 }
 
+absl::StatusOr<PassBiases> ComputePassBiases(const T5Weights& w,
+                                             const at::Tensor& attention_mask,
+                                             int64_t decoder_length) {
+  if (attention_mask.dim() != 2 || attention_mask.size(1) == 0 ||
+      decoder_length <= 0) {
+    return absl::InvalidArgumentError(
+        "pass biases: attention_mask must be [B, S] with S > 0 and the "
+        "decoder length > 0");
+  }
+  try {
+    PassBiases b;
+    b.mask_bias = MaskBias(w, attention_mask);
+    b.encoder_self = EncoderSelfBias(w, b.mask_bias);
+    b.decoder_self = DecoderSelfBias(w, decoder_length);
+    return b;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("pass biases: ", e.what_without_backtrace()));
+  }
+}
+
 absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
                                      const at::Tensor& input_ids,
                                      const at::Tensor& attention_mask,
-                                     const RowAdapters& rows) {
+                                     const RowAdapters& rows,
+                                     const PassBiases* biases) {
   absl::Status s = CheckIds(input_ids, "input_ids");
   if (!s.ok()) return s;
   if (input_ids.dim() != 2 || attention_mask.sizes() != input_ids.sizes() ||
@@ -1257,8 +1293,16 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
     return absl::InvalidArgumentError(
         "input_ids and attention_mask must be [B, S] with S > 0");
   }
+  if (biases != nullptr &&
+      (!biases->mask_bias.defined() || !biases->encoder_self.defined() ||
+       biases->mask_bias.size(0) != input_ids.size(0) ||
+       biases->mask_bias.size(-1) != input_ids.size(1) ||
+       biases->encoder_self.size(-1) != input_ids.size(1))) {
+    return absl::InvalidArgumentError(
+        "encoder: the pass biases are not those of this batch's mask");
+  }
   try {
-    return EncodeImpl(w, input_ids, attention_mask, rows);
+    return EncodeImpl(w, input_ids, attention_mask, rows, biases);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("encoder: ", e.what_without_backtrace()));
@@ -1268,15 +1312,22 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
 absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
                                       const at::Tensor& decoder_ids,
                                       const EncoderOutput& encoder,
-                                      const RowAdapters& rows) {
+                                      const RowAdapters& rows,
+                                      const PassBiases* biases) {
   absl::Status s = CheckIds(decoder_ids, "decoder_ids");
   if (!s.ok()) return s;
   if (decoder_ids.dim() != 2 || decoder_ids.size(1) == 0 ||
       decoder_ids.size(0) != encoder.hidden.size(0)) {
     return absl::InvalidArgumentError("decoder_ids must be [B, T] with T > 0");
   }
+  if (biases != nullptr && (!biases->decoder_self.defined() ||
+                            biases->decoder_self.dim() != 4 ||
+                            biases->decoder_self.size(2) != decoder_ids.size(1))) {
+    return absl::InvalidArgumentError(
+        "decoder: the pass biases are not those of this decoder length");
+  }
   try {
-    return DecodeFullImpl(w, decoder_ids, encoder, rows);
+    return DecodeFullImpl(w, decoder_ids, encoder, rows, biases);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("decoder: ", e.what_without_backtrace()));

@@ -214,6 +214,34 @@ TEST_P(EngineTest, CachedDecodingEqualsTeacherForcing) {
             absl::StatusCode::kOutOfRange);
 }
 
+// Biases made once for a mask and a decoder length give the outputs of the
+// per-call ones exactly; biases of another batch or length are refused.
+TEST_P(EngineTest, PassBiasesMadeOnceGiveTheSameLogits) {
+  LoraAdapter ad = Adapter({"q", "v"}, 4, 9);
+  auto bank = MakeAdapterBank(base_, {&ad});
+  ASSERT_TRUE(bank.ok());
+  Batch b = MakeBatch(config_, 3, 15);
+  RowAdapters rows = Rows(base_, &*bank, {0, -1, 0});
+  const at::Tensor dec_ids = ShiftRight(b.labels, 0, 0);
+  auto biases = ComputePassBiases(base_, b.mask, dec_ids.size(1));
+  ASSERT_TRUE(biases.ok()) << biases.status();
+  auto enc = Encode(base_, b.ids, b.mask, rows, &*biases);
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  auto logits = DecodeFull(base_, dec_ids, *enc, rows, &*biases);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  EXPECT_TRUE(at::equal(*logits, Logits(base_, b, rows)));
+
+  auto other =
+      ComputePassBiases(base_, b.mask.narrow(0, 0, 2), dec_ids.size(1) + 1);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(Encode(base_, b.ids, b.mask, rows, &*other).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DecodeFull(base_, dec_ids, *enc, rows, &*other).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ComputePassBiases(base_, b.mask, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_P(EngineTest, ComposeOneModuleWithWeightOneIsThatModule) {
   LoraAdapter m0 = Adapter({"q", "v"}, 4, 7);
   LoraAdapter m1 = Adapter({"q", "v"}, 4, 8);
