@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/cuda_graph.h"
+#include "core/model/fused_ops.h"
 #include "core/model/t5_forward.h"
 
 namespace lorahub::model {
@@ -29,10 +30,7 @@ void LogFallbackOnce(const std::string& why) {
 }  // namespace
 
 bool ObjectiveRunnerOptions::LoraBf16FromEnv() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORAHUB_LORA_BF16");
-    return v != nullptr && *v != '\0' && std::string(v) != "0";
-  }();
+  static const bool on = EnvFlag("LORAHUB_LORA_BF16");
   return on;
 }
 
@@ -131,10 +129,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       chunk.labels = labels.index_select(0, index).to(device);
       chunk.decoder_ids = ShiftRight(chunk.labels, weights.config.decoder_start_token_id,
                                      weights.config.pad_token_id);
-      static const bool per_pass_biases = [] {
-        const char* v = std::getenv("LORAHUB_NO_PASS_BIASES");
-        return v != nullptr && *v != '\0' && std::string(v) != "0";
-      }();
+      static const bool per_pass_biases = EnvFlag("LORAHUB_NO_PASS_BIASES");  // A/B
       if (!per_pass_biases) {
         auto biases = ComputePassBiases(weights, chunk.mask, chunk.decoder_ids.size(1));
         if (!biases.ok()) return biases.status();
@@ -246,7 +241,8 @@ absl::Status ObjectiveRunner::Evaluate() {
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
-      auto enc = Encode(*weights_, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
+      auto enc =
+          Encode(*weights_, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
       auto logits = DecodeFull(*weights_, chunk.decoder_ids, *enc, chunk.rows,
                                chunk.biases.get());

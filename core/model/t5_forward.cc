@@ -1295,6 +1295,7 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
   }
   if (biases != nullptr &&
       (!biases->mask_bias.defined() || !biases->encoder_self.defined() ||
+       biases->mask_bias.dim() != 4 || biases->encoder_self.dim() != 4 ||
        biases->mask_bias.size(0) != input_ids.size(0) ||
        biases->mask_bias.size(-1) != input_ids.size(1) ||
        biases->encoder_self.size(-1) != input_ids.size(1))) {

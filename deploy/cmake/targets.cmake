@@ -720,6 +720,7 @@ lorahub_cc_library(core_model_objective_runner
     ${SRC}/core/model/objective_runner.h
   DEPS
     core_model_cuda_graph
+    core_model_fused_ops
     core_model_model
     ext_absl_absl
     ext_libtorch_libtorch
