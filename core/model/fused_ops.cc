@@ -32,6 +32,13 @@ bool Disabled() {
   return disabled;
 }
 
+// LORAHUB_NO_GEMM_FLOAT=1: bf16 GEMMs widened afterwards instead of GEMMs
+// with fp32 outputs (MatmulFloat, BmmFloatInto). Read once.
+bool GemmFloatOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_GEMM_FLOAT");
+  return off;
+}
+
 // bf16/fp16 a x b with fp32 accumulation and an fp32 result. The fallback
 // widens the operands first: the products of two bf16 (or fp16) values are
 // exact in fp32, so it differs from cuBLAS only in summation order.
@@ -423,12 +430,11 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
 
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
   RECORD_USER_SCOPE("lorahub::gemm_float");
-  static const bool off = EnvFlag("LORAHUB_NO_GEMM_FLOAT");
   if (x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat) {
     return at::matmul(x, weight.t());
   }
   at::Tensor out;
-  if (x.is_cuda() && !off && !Disabled() && !Differentiable(x) &&
+  if (x.is_cuda() && !GemmFloatOff() && !Disabled() && !Differentiable(x) &&
       !Differentiable(weight) && x.dim() >= 1 &&
       fused_backend::BmmFloat(x.reshape({1, -1, x.size(-1)}),
                               weight.t().unsqueeze(0), &out)) {
@@ -441,8 +447,7 @@ at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
 
 bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
                   const at::Tensor& out) {
-  static const bool off = EnvFlag("LORAHUB_NO_GEMM_FLOAT");
-  if (off || !a.is_cuda() || Disabled() || Differentiable(a) ||
+  if (GemmFloatOff() || !a.is_cuda() || Disabled() || Differentiable(a) ||
       Differentiable(b) || Differentiable(out)) {
     return false;
   }

@@ -260,6 +260,8 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 // off by LORAHUB_NO_FUSED / LORAHUB_NO_LORA_GEMV, read once).
 bool LoraRowGemvEnabled();
 
+inline constexpr size_t kLoraRunMaxSites = 4;  // = kernels::kRunLoraMaxSites
+
 // One adapted site of LoraRunDeltas: its B factors for the run's slots,
 // fp32 [slots, out, r], and its output columns [col, col + out) of y.
 struct LoraRunSite {
@@ -282,6 +284,7 @@ struct LoraRunSite {
 // or nothing: false, having changed nothing, where it does not take these
 // tensors (not CUDA, a build without the kernels, LORAHUB_NO_FUSED=1 or
 // LORAHUB_NO_RUN_LORA=1, autograd, other dtypes, shapes or alignments).
+// At most kLoraRunMaxSites sites per call.
 // y_round (expand alone, optional): bf16 of y's sizes and strides that takes
 // each sum y + delta rounded once, y then only read (the per-row cross
 // values into the decoder's bf16 cache, CrossKeyValues::CopyTo).

@@ -593,7 +593,9 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
        y_round.sizes() != y.sizes() || y_round.strides() != y.strides())) {
     return false;
   }
-  if (sites.empty() || sites.size() > kernels::kRunLoraMaxSites ||
+  static_assert(kLoraRunMaxSites ==
+                static_cast<size_t>(kernels::kRunLoraMaxSites));
+  if (sites.empty() || sites.size() > kLoraRunMaxSites ||
       !OnDeviceOf(y, y) || !OnDeviceOf(in, y) || y.dim() != 3 ||
       in.dim() != 3 || y.scalar_type() != at::kFloat ||
       in.scalar_type() != at::kFloat || in.size(0) != y.size(0) ||

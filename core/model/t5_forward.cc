@@ -606,6 +606,30 @@ void CrossKeyValues::CopyTo(const at::Tensor& dst) {
   }
 }
 
+namespace {
+
+// dst ([2, L, B, H, S, d] of `weight`'s dtype) as CrossKvBuffer lays it out:
+// a contiguous [B, S, L, 2, H, d], rows [B * S] of every block's keys then
+// values, the row order of a GEMM of the encoder input xm [B, S, in] against
+// the fused `weight`; undefined where dst is not such a buffer.
+at::Tensor CrossKvRows(const at::Tensor& dst, const at::Tensor& xm,
+                       const at::Tensor& weight) {
+  if (dst.dim() != 6 || dst.scalar_type() != weight.scalar_type() ||
+      xm.dim() != 3) {
+    return at::Tensor();
+  }
+  at::Tensor storage = dst.permute({2, 4, 1, 0, 3, 5});
+  if (!storage.is_contiguous() || storage.size(0) != xm.size(0) ||
+      storage.size(1) != xm.size(1) ||
+      storage.size(2) * storage.size(3) * storage.size(4) * storage.size(5) !=
+          weight.size(0)) {
+    return at::Tensor();
+  }
+  return storage;
+}
+
+}  // namespace
+
 // Without a LoRA delta the keys and values are the GEMM's output rounded to
 // dst's dtype, which a GEMM writing that dtype does itself (from its fp32
 // accumulator); a delta is added in fp32 before the rounding (Compute).
@@ -617,16 +641,9 @@ bool CrossKeyValues::GemmInto(const at::Tensor& dst) {
     }
   }
   const at::Tensor& weight = w_.cross_kv;
-  if (dst.dim() != 6 || dst.scalar_type() != weight.scalar_type()) return false;
   const at::Tensor xm = MatmulInput(x_.mm, weight);
-  // dst as CrossKvBuffer lays it out: rows [B * S] of every block's k and v.
-  const at::Tensor storage = dst.permute({2, 4, 1, 0, 3, 5});
-  if (!storage.is_contiguous() || xm.dim() != 3 ||
-      storage.size(0) != xm.size(0) || storage.size(1) != xm.size(1) ||
-      storage.size(2) * storage.size(3) * storage.size(4) * storage.size(5) !=
-          weight.size(0)) {
-    return false;
-  }
+  const at::Tensor storage = CrossKvRows(dst, xm, weight);
+  if (!storage.defined()) return false;
   at::Tensor out = storage.view({-1, weight.size(0)});
   at::mm_out(out, xm.reshape({-1, xm.size(-1)}), weight.t());
   return true;
@@ -650,7 +667,6 @@ bool CrossKeyValues::GemmIntoWithValueDeltas(const at::Tensor& dst) {
   const auto L = static_cast<int64_t>(w_.decoder.size());
   if (off || !fused_ || L == 0 || rows_.bank == nullptr ||
       rows_.uniform_slot >= 0 || rows_.rows_per_slot <= 0 ||
-      dst.dim() != 6 || dst.scalar_type() != weight.scalar_type() ||
       weight.scalar_type() == at::kFloat || !weight.is_cuda()) {
     return false;
   }
@@ -668,13 +684,11 @@ bool CrossKeyValues::GemmIntoWithValueDeltas(const at::Tensor& dst) {
   }
   const int64_t inner = w_.decoder[0].cross_attn.k.weight.size(0);
   const at::Tensor xm = MatmulInput(x_.mm, weight);  // [B, S, in]
-  // dst as CrossKvBuffer lays it out: rows [B * S] of [L, 2, inner].
-  const at::Tensor storage = dst.permute({2, 4, 1, 0, 3, 5});
-  if (!storage.is_contiguous() || xm.dim() != 3 ||
-      storage.size(0) != xm.size(0) || storage.size(1) != xm.size(1) ||
-      storage.size(2) != L || storage.size(3) != 2 ||
-      storage.size(4) * storage.size(5) != inner || !weight.is_contiguous() ||
-      weight.size(0) != 2 * L * inner || weight.size(1) != xm.size(2)) {
+  // Rows [B * S] of [L, 2, inner].
+  const at::Tensor storage = CrossKvRows(dst, xm, weight);
+  if (!storage.defined() || storage.size(2) != L || storage.size(3) != 2 ||
+      !weight.is_contiguous() || weight.size(0) != 2 * L * inner ||
+      weight.size(1) != xm.size(2)) {
     return false;
   }
   const int64_t B = xm.size(0), S = xm.size(1), M = B * S, in = xm.size(2);
@@ -693,7 +707,7 @@ bool CrossKeyValues::GemmIntoWithValueDeltas(const at::Tensor& dst) {
   at::Tensor keys = halves(storage, 0);
   at::bmm_out(keys, x, w.select(1, 0).transpose(1, 2));
   // Every block's x A^T in one batched GEMM (as AddLoraDeltas), then the
-  // expands in groups of kRunLoraMaxSites sites.
+  // expands in groups of kLoraRunMaxSites sites.
   const int64_t r = sites[0]->a.size(1);
   const at::Tensor xa = DownProject(LoraInput(x_.mm, x_.full),
                                     SideBySideA(sites[0]->a, L), rows_,
@@ -701,7 +715,7 @@ bool CrossKeyValues::GemmIntoWithValueDeltas(const at::Tensor& dst) {
   const int64_t slots = xa.size(0);
   const at::Tensor values = RunView(scratch, slots);
   const at::Tensor rounded = RunView(storage.view({B, S, 2 * L * inner}), slots);
-  constexpr int64_t kGroup = 4;  // fused_kernels.h kRunLoraMaxSites
+  constexpr auto kGroup = static_cast<int64_t>(kLoraRunMaxSites);
   for (int64_t first = 0; first < L; first += kGroup) {
     const int64_t count = std::min(kGroup, L - first);
     std::vector<LoraRunSite> run;
