@@ -10,7 +10,10 @@
 #  5. (NCU="kernel ...") deploy/gpu/ncu_kernels.sh on those kernels -> ncu_*.txt, ncu_summary.txt;
 #  6. (NUMERICS="task ...") deploy/gpu/bf16_numerics.py on the trained default model (models/default,
 #     which does not fit beside .gpu/debs in a call: carry .gpu/models.tgz, made here with
-#     `tar czf .gpu/models.tgz models`) for held-out tasks with 5 examples -> numerics_TASK.md.
+#     `tar czf .gpu/models.tgz models`) for held-out tasks with 5 examples -> numerics_TASK.md;
+#  7. (SERVE=1) deploy/gpu/multi_gpu.sh on SERVE_DEVICES (default cuda:0): `lorahub serve` under
+#     `lorahubctl load` (SERVE_REQUESTS requests, default 512) -> serve/multi_gpu.{md,log}; with
+#     SERVE_ABS="tag ENV=V ...; ..." again per run with those variables set for the server.
 # Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout.
 #
 #   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
@@ -37,6 +40,7 @@ fi
 # still covers all of them.
 targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
   deploy/cmake/targets.cmake | cut -d'(' -f2 | tr '\n' ' ')"
+[ "${SERVE:-0}" = 1 ] && targets="$targets client_lorahubctl"
 OUT=$work/build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" NINJA_TARGETS="$targets" \
   bash deploy/gpu/build_and_test.sh >"$work/build.log" 2>&1
 stamp "build exit $?"
@@ -122,6 +126,21 @@ if [ -n "${NUMERICS:-}" ]; then
       --lorahub "$lorahub" --out "$work/numerics_$task.md" >"$work/numerics_$task.log" 2>&1 \
       || echo "FAILED: numerics $task (see numerics_$task.log)"
     cat "$work/numerics_$task.md" 2>/dev/null
+  done
+fi
+if [ "${SERVE:-0}" = 1 ]; then
+  serve_run() {  # serve_run TAG [ENV=V...]: one multi_gpu.sh round under those variables
+    local tag=$1; shift
+    stamp "serve $tag $*"
+    env "$@" OUT="$work/serve_$tag" FIXTURE="$fx" DEVICE_SETS="${SERVE_DEVICES:-cuda:0}" \
+      GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
+      timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E '^\| cuda|gen:|jobs:|failed|did not'
+  }
+  serve_run main
+  IFS=';' read -ra sruns <<<"${SERVE_ABS:-}"
+  for run in "${sruns[@]}"; do
+    read -ra words <<<"$run"
+    [ ${#words[@]} -gt 0 ] && serve_run "${words[@]}"
   done
 fi
 stamp done
