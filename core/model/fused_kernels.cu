@@ -790,7 +790,8 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
       // them): stored at t_new, and the first key of group 0 of warp 0.
       // The host keeps t below the capacity; the clamp only keeps a stray
       // t from writing outside the cache.
-      const int64_t t_new = min(max(*step.t, int64_t{0}), a.S - 1);
+      const int64_t t_new =
+          min(max(step.t[b * step.t_stride], int64_t{0}), a.S - 1);
       float kn[W], vn[W];
       const int64_t n0 =
           b * step.kv_new_stride[0] + h * step.kv_new_stride[1] + part * W;

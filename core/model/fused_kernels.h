@@ -104,8 +104,9 @@ struct AttentionRowLora {
 // attn.v are the cache [B, H, C, D] this kernel writes: the new key and
 // value (fp32 [B, H, D] at k_new / v_new with element strides
 // kv_new_stride (b, h), unit along D; v_new plus v_lora's delta) are stored
-// at position *t (device int64) rounded to the cache's dtype, and the keys
-// attended are 0..*t; the bias must mask keys after *t (causal), which are
+// at position t[b * t_stride] (device int64: one position for all rows with
+// t_stride 0, a row's own with 1) rounded to the cache's dtype, and the keys
+// attended are 0..t; the bias must mask keys after t (causal), which are
 // not read. Without k_new, the keys are those LaunchSmallAttention would
 // attend. Returns cudaErrorInvalidValue, having launched nothing, for
 // arguments it does not take.
@@ -119,6 +120,7 @@ struct DecodeStepArgs {
   const float* v_new = nullptr;
   int64_t kv_new_stride[2] = {0, 0};
   const int64_t* t = nullptr;
+  int64_t t_stride = 0;
 };
 int LaunchDecodeStepAttention(const AttentionArgs& attn,
                               const DecodeStepArgs& step, void* stream);

@@ -380,6 +380,16 @@ at::Tensor WithRowDelta(const at::Tensor& x, const RowLoraExpand& e,
 
 }  // namespace
 
+void StoreAtPositions(const at::Tensor& cache, const at::Tensor& t,
+                      const at::Tensor& x) {
+  const at::Tensor value = x.to(cache.scalar_type());
+  if (t.numel() == 1) {
+    cache.index_copy_(2, t, value);
+  } else {
+    cache.scatter_(2, t.view({-1, 1, 1, 1}).expand(value.sizes()), value);
+  }
+}
+
 at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
                                at::ScalarType out_dtype) {
   if (step.q.is_cuda() && DecodeStepAttentionEnabled() &&
@@ -396,8 +406,8 @@ at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
     const at::Tensor v_new =
         step.v_lora != nullptr ? WithRowDelta(step.v_new, *step.v_lora, step)
                                : step.v_new;
-    step.k.index_copy_(2, step.t, step.k_new.to(step.k.scalar_type()));
-    step.v.index_copy_(2, step.t, v_new.to(step.v.scalar_type()));
+    StoreAtPositions(step.k, step.t, step.k_new);
+    StoreAtPositions(step.v, step.t, v_new);
   }
   return Attention(q, step.k, step.v, step.bias, out_dtype);
 }

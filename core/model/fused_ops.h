@@ -344,9 +344,10 @@ struct DecodeStepInputs {
   at::Tensor bias;  // broadcastable to [B, H, 1, S]
   const RowLoraExpand* q_lora = nullptr;
   // A self-attention step: the new key and value, fp32 [B, H, 1, D], stored
-  // at position t (int64 [1], on the device) of k and v (rounded to their
-  // dtype) before the attention, which then reads keys 0..t: the bias must
-  // mask the keys after t (causal).
+  // at position t (int64 on the device: [1], one position for every row, or
+  // [B], each row's own) of k and v (rounded to their dtype) before the
+  // attention, which then reads keys 0..t: the bias must mask the keys after
+  // t (causal).
   at::Tensor k_new, v_new;
   const RowLoraExpand* v_lora = nullptr;  // needs k_new
   at::Tensor t;
@@ -360,6 +361,13 @@ struct DecodeStepInputs {
 // of fp32 sums).
 at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
                                at::ScalarType out_dtype);
+// Writes x [B, H, 1, D] into the cache [B, H, C, D] at position t (int64 on
+// the cache's device: [1], the same position for every row, or [B], row b at
+// t[b]), rounded to the cache's dtype: DecodeStepAttention's store where the
+// kernel does not run.
+void StoreAtPositions(const at::Tensor& cache, const at::Tensor& t,
+                      const at::Tensor& x);
+
 // True unless LORAHUB_NO_STEP_ATTN=1 (read once; A/B) or the kernels are
 // off or not compiled: the decoder then runs the expands, the store and the
 // attention as separate ops.

@@ -531,7 +531,8 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
                 step.k_new.scalar_type() != at::kFloat ||
                 step.v_new.scalar_type() != at::kFloat ||
                 step.k_new.stride(3) != 1 ||
-                step.t.scalar_type() != at::kLong || step.t.numel() != 1)) {
+                step.t.scalar_type() != at::kLong || step.t.dim() != 1 ||
+                (step.t.numel() != 1 && step.t.numel() != B))) {
     return false;
   }
   if (step.v_lora != nullptr && !store) return false;
@@ -566,6 +567,7 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
     x.kv_new_stride[0] = step.k_new.stride(0);
     x.kv_new_stride[1] = step.k_new.stride(1);
     x.t = step.t.data_ptr<int64_t>();
+    x.t_stride = step.t.numel() == 1 ? 0 : step.t.stride(0);
   }
   c10::cuda::CUDAGuard guard(q.device());
   // Written as [B, 1, H, D] and returned as its [B, H, 1, D] view (as

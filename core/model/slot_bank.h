@@ -49,6 +49,12 @@ class SlotBank {
   // adapters used costs nothing). Its tensors keep their addresses except
   // when Acquire grows a site's rank.
   const AdapterBank& bank() const { return active_; }
+  // Every site any adapter was ever loaded for, in all slots (a slot's
+  // factors hold zeros at the sites its adapter does not adapt): a bank
+  // whose tensors keep their addresses while no site is added or widened,
+  // for a decoder that captured them (static_decoder.h CreateSlots). Rows
+  // of released slots must be masked out.
+  const AdapterBank& resident() const { return bank_; }
   int64_t capacity() const { return static_cast<int64_t>(slots_.size()); }
   int64_t users(int64_t slot) const { return slots_[slot].users; }
   // Adapters copied in so far (tests, metrics).

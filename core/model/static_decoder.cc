@@ -76,41 +76,17 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
   }
   auto d = std::unique_ptr<StaticDecoder>(new StaticDecoder());
   try {
-    const config::T5Config& c = weights.config;
-    const int64_t C = options.capacity;
-    const int64_t S = encoder.hidden.size(1);
-    const int64_t L = static_cast<int64_t>(weights.decoder.size());
-    const c10::Device dev = weights.device;
-    auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev);
-    auto i64 = at::TensorOptions().dtype(at::kLong).device(dev);
     d->w_ = &weights;
-    d->batch_ = B;
-    d->capacity_ = C;
+    d->capacity_ = options.capacity;
     d->rows_ = rows;
     if (rows.bank != nullptr) {
-      d->rows_.slots = at::empty({B}, i64);
-      d->rows_.mask = at::empty(rows.mask.sizes(), f32);
+      const c10::Device dev = weights.device;
+      d->rows_.slots = at::empty({B}, at::TensorOptions().dtype(at::kLong).device(dev));
+      d->rows_.mask = at::empty(rows.mask.sizes(),
+                                at::TensorOptions().dtype(at::kFloat).device(dev));
     }
-    d->tokens_ = at::full({B}, c.decoder_start_token_id, i64);
-    d->t_ = at::zeros({1}, i64);
-    // fp32, or bf16 under LORAHUB_DECODE_ATTN_BF16=1; cross-attention's
-    // bf16 for a bf16 model on the kernel (fused_ops.h).
-    auto kv_opts = f32.dtype(DecodeKvDtype(weights.dtype));
-    d->self_kv_ = at::zeros({2, L, B, c.num_heads, C, c.d_kv}, kv_opts);
-    d->cross_kv_ = internal::CrossKvBuffer(
-        weights, B, S,
-        f32.dtype(DecodeCrossKvDtype(weights.dtype, weights.device)));
-    d->cross_bias_ = at::empty({B, 1, 1, S}, f32);
+    d->Allocate(B, encoder.hidden.size(1));
     d->LoadInputs(encoder, rows);
-    // As DecodeFull: relative position bias plus the causal mask, so that
-    // row t of it masks keys > t.
-    d->self_bias_ =
-        (internal::PositionBias(weights, weights.decoder_bias_table, C, C,
-                                /*bidirectional=*/false, 0)
-             .to(at::kFloat) +
-         internal::CausalBias(weights, C, dev))
-            .contiguous();
-    d->logits_ = at::zeros({B, weights.lm_head.size(0)}, f32);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("static decoder: ", e.what_without_backtrace()));
@@ -123,6 +99,66 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     d->TryCapture();
   }
   return d;
+}
+
+absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::CreateSlots(
+    const T5Weights& weights, const SlotDecoderShape& shape, bool cuda_graph) {
+  if (shape.rows <= 0 || shape.capacity <= 0 || shape.encoder_length <= 0) {
+    return absl::InvalidArgumentError(
+        "static decoder: rows, capacity and encoder length must be > 0");
+  }
+  auto d = std::unique_ptr<StaticDecoder>(new StaticDecoder());
+  try {
+    const c10::Device dev = weights.device;
+    d->w_ = &weights;
+    d->row_slots_ = true;
+    d->cuda_graph_ = cuda_graph;
+    d->needs_capture_ = true;
+    d->capacity_ = shape.capacity;
+    d->rows_.slots =
+        at::zeros({shape.rows}, at::TensorOptions().dtype(at::kLong).device(dev));
+    d->rows_.mask = at::zeros({shape.rows, 1, 1},
+                              at::TensorOptions().dtype(at::kFloat).device(dev));
+    d->Allocate(shape.rows, shape.encoder_length);
+    // Free slots attend to zero keys and values with a zero bias: finite
+    // logits, so that the graph's check can compare every row.
+    d->cross_kv_.zero_();
+    d->cross_bias_.zero_();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("static decoder: ", e.what_without_backtrace()));
+  }
+  d->graph_status_ = "not captured yet";
+  return d;
+}
+
+void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
+  const T5Weights& w = *w_;
+  const config::T5Config& c = w.config;
+  const int64_t L = static_cast<int64_t>(w.decoder.size());
+  auto f32 = at::TensorOptions().dtype(at::kFloat).device(w.device);
+  auto i64 = f32.dtype(at::kLong);
+  batch_ = batch;
+  tokens_ = at::full({batch}, c.decoder_start_token_id, i64);
+  t_ = at::zeros({row_slots_ ? batch : 1}, i64);
+  // fp32, or bf16 under LORAHUB_DECODE_ATTN_BF16=1; cross-attention's
+  // bf16 for a bf16 model on the kernel (fused_ops.h).
+  self_kv_ = at::zeros({2, L, batch, c.num_heads, capacity_, c.d_kv},
+                       f32.dtype(DecodeKvDtype(w.dtype)));
+  cross_kv_ = internal::CrossKvBuffer(
+      w, batch, keys, f32.dtype(DecodeCrossKvDtype(w.dtype, w.device)));
+  cross_bias_ = at::empty({batch, 1, 1, keys}, f32);
+  self_bias_ = SelfBias(capacity_);
+  logits_ = at::zeros({batch, w.lm_head.size(0)}, f32);
+}
+
+at::Tensor StaticDecoder::SelfBias(int64_t capacity) const {
+  const T5Weights& w = *w_;
+  return (internal::PositionBias(w, w.decoder_bias_table, capacity, capacity,
+                                 /*bidirectional=*/false, 0)
+              .to(at::kFloat) +
+          internal::CausalBias(w, capacity, w.device))
+      .contiguous();
 }
 
 void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
@@ -159,6 +195,10 @@ void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
 
 absl::Status StaticDecoder::Rebind(const EncoderOutput& encoder,
                                    const RowAdapters& rows) {
+  if (row_slots_) {
+    return absl::FailedPreconditionError(
+        "static decoder: a decoder of row slots takes rows with LoadRows");
+  }
   if (!encoder.hidden.defined() || encoder.hidden.dim() != 3 ||
       encoder.hidden.size(0) != batch_ ||
       encoder.hidden.size(1) != cross_bias_.size(3) ||
@@ -186,24 +226,161 @@ absl::Status StaticDecoder::Rebind(const EncoderOutput& encoder,
   }
 }
 
+absl::Status StaticDecoder::Grow(int64_t capacity, int64_t encoder_length) {
+  if (!row_slots_) {
+    return absl::FailedPreconditionError(
+        "static decoder: only a decoder of row slots grows");
+  }
+  const int64_t keys = cross_bias_.size(3);
+  if (capacity <= capacity_ && encoder_length <= keys) {
+    return absl::OkStatus();
+  }
+  try {
+    const int64_t C = std::max(capacity, capacity_);
+    const int64_t S = std::max(encoder_length, keys);
+    std::vector<int64_t> kv_sizes = self_kv_.sizes().vec();
+    kv_sizes[4] = C;
+    at::Tensor self_kv = at::zeros(kv_sizes, self_kv_.options());
+    self_kv.narrow(4, 0, capacity_).copy_(self_kv_);
+    at::Tensor cross_kv =
+        internal::CrossKvBuffer(*w_, batch_, S, cross_kv_.options()).zero_();
+    cross_kv.narrow(4, 0, keys).copy_(cross_kv_);
+    at::Tensor cross_bias = at::full({batch_, 1, 1, S},
+                                     internal::MinValue(w_->dtype),
+                                     cross_bias_.options());
+    cross_bias.narrow(3, 0, keys).copy_(cross_bias_);
+    at::Tensor self_bias = SelfBias(C);
+    graph_.reset();  // it reads the old buffers
+    self_kv_ = std::move(self_kv);
+    cross_kv_ = std::move(cross_kv);
+    cross_bias_ = std::move(cross_bias);
+    self_bias_ = std::move(self_bias);
+    capacity_ = C;
+    needs_capture_ = true;
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("static decoder grow: ", e.what_without_backtrace()));
+  }
+}
+
+absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
+                                     const EncoderOutput& encoder,
+                                     const RowAdapters& rows) {
+  if (!row_slots_) {
+    return absl::FailedPreconditionError(
+        "static decoder: LoadRows needs a decoder of row slots");
+  }
+  const int64_t n = static_cast<int64_t>(positions.size());
+  const int64_t keys = cross_bias_.size(3);
+  if (!encoder.hidden.defined() || encoder.hidden.dim() != 3 ||
+      encoder.hidden.size(0) != n || encoder.hidden.size(1) > keys ||
+      !encoder.mask_bias.defined() || encoder.mask_bias.dim() != 4 ||
+      encoder.mask_bias.size(0) != n ||
+      encoder.mask_bias.size(3) != encoder.hidden.size(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "static decoder: LoadRows needs hidden [", n, ", S <= ", keys,
+        ", d] with mask_bias [", n, ", 1, 1, S]"));
+  }
+  std::vector<bool> taken(static_cast<size_t>(batch_), false);
+  for (int64_t p : positions) {
+    if (p < 0 || p >= batch_ || taken[static_cast<size_t>(p)]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "static decoder: row slot ", p, " out of [0, ", batch_,
+          ") or given twice"));
+    }
+    taken[static_cast<size_t>(p)] = true;
+  }
+  if (rows.bank != nullptr &&
+      (rows.bank != rows_.bank || !rows.slots.defined() ||
+       rows.slots.numel() != n)) {
+    return absl::InvalidArgumentError(
+        "static decoder: LoadRows takes adapters of the decoder's bank "
+        "(SetAdapterBank), one slot per row");
+  }
+  if (n == 0) return absl::OkStatus();
+  try {
+    const T5Weights& w = *w_;
+    const at::Tensor pos =
+        at::tensor(positions, at::kLong).to(w.device);
+    const int64_t s = encoder.hidden.size(1);
+    at::Tensor kv = internal::CrossKvBuffer(w, n, s, cross_kv_.options());
+    internal::CrossKeyValues(w, encoder, rows).CopyTo(kv);
+    cross_kv_.narrow(4, 0, s).index_copy_(2, pos, kv);
+    at::Tensor bias = at::full({n, 1, 1, keys}, internal::MinValue(w.dtype),
+                               cross_bias_.options());
+    bias.narrow(3, 0, s).copy_(encoder.mask_bias);
+    cross_bias_.index_copy_(0, pos, bias);
+    self_kv_.index_fill_(2, pos, 0);
+    t_.index_fill_(0, pos, 0);
+    tokens_.index_fill_(0, pos, w.config.decoder_start_token_id);
+    if (rows.bank != nullptr) {
+      rows_.slots.index_copy_(0, pos, rows.slots.to(rows_.slots.device()));
+      const at::Tensor mask =
+          rows.mask.defined() ? rows.mask.reshape({n, 1, 1})
+                              : at::ones({n, 1, 1}, rows_.mask.options());
+      rows_.mask.index_copy_(0, pos, mask.to(rows_.mask.options()));
+    } else {
+      rows_.slots.index_fill_(0, pos, 0);
+      rows_.mask.index_fill_(0, pos, 0);
+    }
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("static decoder load rows: ", e.what_without_backtrace()));
+  }
+}
+
+absl::Status StaticDecoder::SetAdapterBank(const AdapterBank* bank) {
+  if (!row_slots_) {
+    return absl::FailedPreconditionError(
+        "static decoder: SetAdapterBank needs a decoder of row slots");
+  }
+  // What a captured step read: the bank's tensors and ranks per site.
+  std::vector<intptr_t> layout;
+  if (bank != nullptr) {
+    for (const SiteBank& site : bank->sites) {
+      for (const at::Tensor* t :
+           {&site.a, &site.b, &site.scale, &site.a_low, &site.b_low}) {
+        layout.push_back(
+            t->defined() ? reinterpret_cast<intptr_t>(t->data_ptr()) : 0);
+        layout.push_back(t->defined() ? t->numel() : 0);
+      }
+    }
+  }
+  if (bank == rows_.bank && layout == bank_layout_) return absl::OkStatus();
+  graph_.reset();
+  needs_capture_ = true;
+  rows_.bank = bank;
+  rows_.all_rows = false;  // free slots and rows without adapters: mask 0
+  rows_.uniform_slot = -1;
+  rows_.rows_per_slot = 0;
+  bank_layout_ = std::move(layout);
+  return absl::OkStatus();
+}
+
 void StaticDecoder::StepBody() {
   const T5Weights& w = *w_;
-  // Row t of the causal bias: [1, H, 1, capacity].
-  const at::Tensor bias = self_bias_.index_select(2, t_);
+  // Row t of the causal bias: [1, H, 1, capacity]; row slots: each row's
+  // own, [B, H, 1, capacity].
+  const at::Tensor bias =
+      row_slots_ ? self_bias_.index_select(2, t_).permute({2, 1, 0, 3})
+                 : self_bias_.index_select(2, t_);
   internal::ResidualStream h{internal::Embed(w, tokens_.view({-1, 1})),
                              at::Tensor()};
   for (size_t i = 0; i < w.decoder.size(); ++i) {
     at::Tensor self_k = self_kv_[0][static_cast<int64_t>(i)];
     at::Tensor self_v = self_kv_[1][static_cast<int64_t>(i)];
     auto store = [&](const at::Tensor& k, const at::Tensor& v) {
-      const at::Tensor both = KeysAndValues(k, v);
+      const at::Tensor both =
+          row_slots_ ? at::Tensor() : KeysAndValues(k, v);
       if (both.defined() && both.scalar_type() == self_kv_.scalar_type()) {
         // One copy for both (they sit side by side in the fused q|k|v
         // output): 24 kernels fewer per step on flan-t5-large.
         self_kv_.select(1, static_cast<int64_t>(i)).index_copy_(3, t_, both);
       } else {
-        self_k.index_copy_(2, t_, k.to(self_k.scalar_type()));
-        self_v.index_copy_(2, t_, v.to(self_v.scalar_type()));
+        StoreAtPositions(self_k, t_, k);
+        StoreAtPositions(self_v, t_, v);
       }
       return std::make_pair(self_k, self_v);
     };
@@ -215,6 +392,16 @@ void StaticDecoder::StepBody() {
   }
   logits_.copy_(internal::DecoderLogits(w, h).squeeze(1));
   t_.add_(1);
+  if (row_slots_) t_.clamp_max_(capacity_ - 1);  // free slots keep stepping
+}
+
+StaticDecoder::SavedState StaticDecoder::Save() const {
+  return {t_.clone(), tokens_.clone()};
+}
+
+void StaticDecoder::Restore(const SavedState& saved) {
+  t_.copy_(saved.t);
+  tokens_.copy_(saved.tokens);
 }
 
 void StaticDecoder::ResetState() {
@@ -226,14 +413,22 @@ void StaticDecoder::ResetState() {
 
 void StaticDecoder::TryCapture() {
   // CaptureCudaGraph runs the body twice eagerly (warm-up), captures it once
-  // and replays it once: the warm-ups restart at t = 0 so that t never
-  // passes the capacity, and the captured body must not reset t itself.
+  // and replays it once: the warm-ups restart from the positions and tokens
+  // of now so that t never passes the capacity, and the captured body must
+  // not restore them itself.
+  SavedState saved;
+  try {
+    saved = Save();
+  } catch (const c10::Error& e) {
+    graph_status_ = e.what_without_backtrace();
+    return;
+  }
   bool capturing = false;
   auto graph = CaptureCudaGraph(
       w_->device,
-      [this, &capturing]() -> absl::Status {
+      [this, &capturing, &saved]() -> absl::Status {
         try {
-          if (!capturing) t_.zero_();
+          if (!capturing) Restore(saved);
           StepBody();
           return absl::OkStatus();
         } catch (const c10::Error& e) {
@@ -242,8 +437,8 @@ void StaticDecoder::TryCapture() {
         }
       },
       /*warmup=*/2,
-      [this, &capturing]() {
-        t_.zero_();
+      [this, &capturing, &saved]() {
+        Restore(saved);
         capturing = true;
       });
   if (graph.ok()) {
@@ -259,7 +454,11 @@ void StaticDecoder::TryCapture() {
     LogFallbackOnce(graph_status_);
   }
   try {
-    ResetState();
+    if (row_slots_) {
+      Restore(saved);  // the running rows go on where they were
+    } else {
+      ResetState();
+    }
   } catch (const c10::Error& e) {
     // A device that cannot zero its buffers fails the first Step too.
     graph_.reset();
@@ -276,15 +475,17 @@ absl::Status StaticDecoder::CheckGraphAgainstEager() {
     auto tokens_at = [&](int64_t step) {
       return (w_->config.decoder_start_token_id + 7 * step + 3) % V;
     };
+    // From the positions and tokens of now; what the trial steps store lies
+    // at or after each row's position, where its next step stores first.
+    const SavedState saved = Save();
     std::vector<at::Tensor> from_graph;
-    ResetState();
     for (int64_t s = 0; s < steps; ++s) {
       if (s > 0) tokens_.fill_(tokens_at(s));
       absl::Status st = graph_->Replay();
       if (!st.ok()) return st;
       from_graph.push_back(logits_.to(at::kCPU).clone());
     }
-    ResetState();
+    Restore(saved);
     for (int64_t s = 0; s < steps; ++s) {
       if (s > 0) tokens_.fill_(tokens_at(s));
       StepBody();
@@ -303,7 +504,7 @@ absl::Status StaticDecoder::CheckGraphAgainstEager() {
 }
 
 absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
-  if (length_ >= capacity_) {
+  if (!row_slots_ && length_ >= capacity_) {
     return absl::OutOfRangeError(absl::StrCat(
         "static decoder: all ", capacity_, " positions are used"));
   }
@@ -311,6 +512,16 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
   if (!s.ok()) return s;
   try {
     tokens_.copy_(ids);
+    if (needs_capture_) {
+      needs_capture_ = false;
+      if (!w_->device.is_cuda()) {
+        graph_status_ = "not a CUDA device";
+      } else if (!cuda_graph_) {
+        graph_status_ = "disabled";
+      } else {
+        TryCapture();
+      }
+    }
     bool done = false;
     if (graph_ != nullptr) {
       s = graph_->Replay();
@@ -346,6 +557,7 @@ absl::Status StaticDecoder::Reorder(const at::Tensor& index, bool cross) {
     // overwrites; the buffers keep their addresses (a graph reads them).
     const at::Tensor idx = index.to(self_kv_.device());
     self_kv_.copy_(self_kv_.index_select(2, idx));
+    if (row_slots_) t_.copy_(t_.index_select(0, idx));
     if (cross) {
       cross_kv_.copy_(cross_kv_.index_select(2, idx));
       cross_bias_.copy_(cross_bias_.index_select(0, idx));

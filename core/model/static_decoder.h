@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -55,6 +56,13 @@ struct StaticDecoderOptions {
   bool cuda_graph = true;
 };
 
+// The shape of a decoder of row slots (StaticDecoder::CreateSlots).
+struct SlotDecoderShape {
+  int64_t rows = 0;            // row slots, > 0
+  int64_t capacity = 0;        // decoder tokens per row (start token included)
+  int64_t encoder_length = 0;  // prompt positions per row, > 0
+};
+
 class StaticDecoder {
  public:
   // `encoder` and `rows` describe the same B rows (as for InitDecoderCache).
@@ -64,6 +72,25 @@ class StaticDecoder {
   static absl::StatusOr<std::unique_ptr<StaticDecoder>> Create(
       const T5Weights& weights, const EncoderOutput& encoder,
       const RowAdapters& rows, const StaticDecoderOptions& options);
+
+  // Continuous batching (the serving engine's running batch): a decoder of
+  // `shape.rows` row slots, each row at its own position (t is [rows] on the
+  // device). LoadRows puts new rows into slots (their cross-attention
+  // keys/values, encoder mask and adapter slot, position 0); a row leaves by
+  // being overwritten. Every Step steps all slots (a free slot's logits are
+  // garbage for the caller to ignore) and no slot's position passes
+  // capacity - 1, so the caller ends each row within `capacity` tokens.
+  // The rows' adapters come from SetAdapterBank's bank, whose tensors the
+  // step reads at their addresses (SlotBank::resident: fixed while no site
+  // is added or widened); a bank of another layout drops the captured graph
+  // and the next Step captures again without disturbing the running rows
+  // (the capture's trial steps restore every position and token; what they
+  // stored lies at or after a row's position, where its next step stores
+  // before it reads). No capture happens before the first Step.
+  // InvalidArgument for sizes <= 0; Internal for LibTorch errors.
+  static absl::StatusOr<std::unique_ptr<StaticDecoder>> CreateSlots(
+      const T5Weights& weights, const SlotDecoderShape& shape,
+      bool cuda_graph);
 
   ~StaticDecoder();
   StaticDecoder(const StaticDecoder&) = delete;
@@ -87,6 +114,26 @@ class StaticDecoder {
   // InvalidArgument for ids of the wrong dtype or shape.
   absl::StatusOr<at::Tensor> Step(const at::Tensor& ids);
 
+  // Row slots only (else FailedPrecondition). Enlarges the capacity and/or
+  // the encoder length to at least the given ones, the running rows kept
+  // (their states copied; new encoder positions masked). Drops the graph
+  // (captured again at the next Step). Internal for LibTorch errors (the
+  // decoder is then unchanged).
+  absl::Status Grow(int64_t capacity, int64_t encoder_length);
+  // Row slots only (else FailedPrecondition). Puts the rows of `encoder`
+  // (hidden [n, S, d] with S <= encoder_length(), mask_bias [n, 1, 1, S])
+  // into the slots `positions` (n distinct values in [0, batch_size())) at
+  // position 0 with empty self-attention caches; `rows` gives their
+  // adapters (bank nullptr or the one of SetAdapterBank). The next Step
+  // consumes their first tokens. InvalidArgument for other shapes, positions
+  // or banks; Internal for LibTorch errors.
+  absl::Status LoadRows(const std::vector<int64_t>& positions,
+                        const EncoderOutput& encoder, const RowAdapters& rows);
+  // Row slots only (else FailedPrecondition). The bank the rows' adapter
+  // slots index (nullptr: no adapters; rows loaded later must then come
+  // without); see CreateSlots for the graph. `bank` must outlive its use.
+  absl::Status SetAdapterBank(const AdapterBank* bank);
+
   // Reorders rows in place (beam search): row i takes old row index[i]
   // (index: [B] int64 on the weights' device, values in [0, B); this is not
   // checked on the device, as that would cost a host sync). Self-attention
@@ -99,7 +146,9 @@ class StaticDecoder {
 
   int64_t batch_size() const { return batch_; }
   int64_t capacity() const { return capacity_; }
-  int64_t length() const { return length_; }  // tokens consumed so far
+  // Tokens consumed so far (one position for all rows; row slots: steps).
+  int64_t length() const { return length_; }
+  bool row_slots() const { return row_slots_; }
   int64_t encoder_length() const { return cross_bias_.size(3); }
   // True while steps replay a CUDA graph.
   bool graph_active() const { return graph_ != nullptr; }
@@ -116,17 +165,34 @@ class StaticDecoder {
   void StepBody();
   // Back to an empty cache: t = 0, zero self-attention caches.
   void ResetState();
-  // Captures StepBody and checks two replayed steps against eager ones.
+  // Allocates the buffers for `batch` rows and `keys` encoder positions
+  // (capacity_ set); may throw c10::Error.
+  void Allocate(int64_t batch, int64_t keys);
+  // [1, H, C, C] fp32: relative position bias plus the causal mask, so that
+  // row t of it masks keys > t (as DecodeFull).
+  at::Tensor SelfBias(int64_t capacity) const;
+  // Captures StepBody and checks two replayed steps against eager ones;
+  // leaves the positions and tokens as they were.
   void TryCapture();
   absl::Status CheckGraphAgainstEager();
+  // Row slots: positions and tokens as they were before a trial step.
+  struct SavedState {
+    at::Tensor t, tokens;
+  };
+  SavedState Save() const;
+  void Restore(const SavedState& saved);
 
   const T5Weights* w_ = nullptr;
+  bool row_slots_ = false;  // CreateSlots: t_ is [B], one position per row
+  bool cuda_graph_ = true;  // CreateSlots: capture at the next Step
+  bool needs_capture_ = false;
+  std::vector<intptr_t> bank_layout_;  // SetAdapterBank's bank, as captured
   RowAdapters rows_;  // slots/mask are this decoder's own buffers
   int64_t batch_ = 0;
   int64_t capacity_ = 0;
   int64_t length_ = 0;   // host mirror of t_ (never read back)
   at::Tensor tokens_;    // [B] int64
-  at::Tensor t_;         // [1] int64: the next position
+  at::Tensor t_;         // [1] (row slots: [B]) int64: the next position
   at::Tensor self_kv_;   // [2, blocks, B, H, capacity, d_kv] fp32
   at::Tensor cross_kv_;  // [2, blocks, B, H, S, d_kv] (CrossKvBuffer)
   at::Tensor cross_bias_;  // [B, 1, 1, S] fp32

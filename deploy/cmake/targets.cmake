@@ -2053,6 +2053,23 @@ lorahub_cc_test(tests_model_static_decoder_test
   TIMEOUT 300
 )
 
+# //tests/model:slot_decoder_test (cc_test)
+lorahub_cc_test(tests_model_slot_decoder_test
+  TEST_NAME //tests/model:slot_decoder_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/slot_decoder_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    core_model_cuda_graph
+    core_model_slot_bank
+    core_model_static_decoder
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
+)
+
 # //tests/model:static_encoder_test (cc_test)
 lorahub_cc_test(tests_model_static_encoder_test
   TEST_NAME //tests/model:static_encoder_test
