@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <thread>
@@ -19,6 +21,8 @@
 #include "core/model/lora.h"
 #include "core/model/scorer.h"
 #include "core/model/slot_bank.h"
+#include "core/model/static_decoder.h"
+#include "core/model/static_decoder_pool.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -26,6 +30,24 @@ namespace lorahub::serving {
 namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+// Rows asking for more new tokens decode eagerly beside the row slots: the
+// slot decoder attends over its whole capacity's bias row and keeps
+// [2, blocks, rows, heads, capacity, d_kv] fp32 caches (as Generate's
+// static decoder, model/generate.cc).
+constexpr int64_t kMaxSlotTokens = 256;
+
+// EngineOptions::slot_decoding, unless LORAHUB_SLOT_DECODING=off|cuda|always
+// says otherwise, for weights on `device`.
+bool UseSlotDecoding(SlotDecoding mode, const c10::Device& device) {
+  if (const char* env = std::getenv("LORAHUB_SLOT_DECODING")) {
+    if (std::strcmp(env, "off") == 0) mode = SlotDecoding::kOff;
+    if (std::strcmp(env, "cuda") == 0) mode = SlotDecoding::kCuda;
+    if (std::strcmp(env, "always") == 0) mode = SlotDecoding::kAlways;
+  }
+  return mode == SlotDecoding::kAlways ||
+         (mode == SlotDecoding::kCuda && device.is_cuda());
+}
 
 // The most negative finite value of the compute dtype: the additive mask of
 // keys a row must not see (as transformers' finfo(dtype).min).
@@ -136,7 +158,11 @@ struct Row {
 
 struct InferenceEngine::State {
   explicit State(InferenceEngine* e)
-      : engine(e), w(*e->weights_), adapters(*e->adapters_) {}
+      : engine(e),
+        w(*e->weights_),
+        adapters(*e->adapters_),
+        slot_decoding(UseSlotDecoding(e->options_.slot_decoding,
+                                      e->weights_->device)) {}
 
   InferenceEngine* engine;
   const model::T5Weights& w;
@@ -149,6 +175,22 @@ struct InferenceEngine::State {
   // across batches (slot_bank.h: no copy for an adapter still resident).
   std::unique_ptr<model::SlotBank> slot_bank;
   model::RowAdapters row_adapters;
+  // Slot decoding (EngineOptions::slot_decoding): the decoder of
+  // max_batch_rows row slots, created with the first row and kept, the row
+  // in each slot (nullopt: free) and each slot's next input token.
+  const bool slot_decoding;
+  std::unique_ptr<model::StaticDecoder> slot_decoder;
+  std::vector<std::optional<Row>> slot_rows;
+  std::vector<int64_t> slot_tokens;
+  int64_t slot_running = 0;
+
+  // Rows decoding now, in both batches.
+  int64_t Running() const {
+    return static_cast<int64_t>(rows.size()) + slot_running;
+  }
+  bool TakesSlot(const Row& row) const {
+    return slot_decoding && row.req.params.max_new_tokens <= kMaxSlotTokens;
+  }
 
   metrics::ServiceMetrics* metrics() { return engine->metrics_; }
 
@@ -229,6 +271,168 @@ struct InferenceEngine::State {
     return absl::OkStatus();
   }
 
+  // The prompts of `newcomers`, right-padded, through the encoder.
+  absl::StatusOr<model::EncoderOutput> EncodePrompts(
+      const std::vector<const Row*>& newcomers,
+      const model::RowAdapters& adapters_of_rows) {
+    const int64_t n = static_cast<int64_t>(newcomers.size());
+    size_t s_len = 0;
+    for (const Row* r : newcomers) {
+      s_len = std::max(s_len, r->req.input_ids.size());
+    }
+    at::Tensor ids = at::full({n, static_cast<int64_t>(s_len)},
+                              w.config.pad_token_id, at::kLong);
+    at::Tensor mask = at::zeros({n, static_cast<int64_t>(s_len)}, at::kLong);
+    auto ia = ids.accessor<int64_t, 2>();
+    auto ma = mask.accessor<int64_t, 2>();
+    for (int64_t i = 0; i < n; ++i) {
+      const auto& in = newcomers[i]->req.input_ids;
+      for (size_t t = 0; t < in.size(); ++t) {
+        ia[i][t] = in[t];
+        ma[i][t] = 1;
+      }
+    }
+    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n));
+    return model::Encode(w, ids.to(w.device), mask.to(w.device),
+                         adapters_of_rows);
+  }
+
+  // Puts `incoming` into free row slots of the slot decoder (created, or
+  // grown to their lengths, first) with one encoder pass for them.
+  absl::Status AdmitSlots(std::vector<Row> incoming) {
+    const int64_t slots = engine->options_.max_batch_rows;
+    int64_t tokens = 1, prompt = 1;
+    for (const Row& r : incoming) {
+      tokens = std::max(tokens, r.req.params.max_new_tokens);
+      prompt = std::max(prompt, static_cast<int64_t>(r.req.input_ids.size()));
+    }
+    // Power-of-two sizes: a few captures over a server's life.
+    const int64_t capacity = model::StaticDecoderPool::BucketLength(tokens);
+    const int64_t keys = model::StaticDecoderPool::BucketLength(prompt);
+    if (!slot_decoder) {
+      LH_ASSIGN_OR_RETURN(slot_decoder,
+                          model::StaticDecoder::CreateSlots(
+                              w, {slots, capacity, keys}, /*cuda_graph=*/true));
+      slot_rows.assign(static_cast<size_t>(slots), std::nullopt);
+      slot_tokens.assign(static_cast<size_t>(slots), w.config.pad_token_id);
+    } else {
+      LH_RETURN_IF_ERROR(slot_decoder->Grow(capacity, keys));
+    }
+    std::vector<int64_t> positions, adapter_slots;
+    size_t p = 0;
+    for (Row& r : incoming) {
+      while (slot_rows[p]) ++p;  // the caller admits at most the free slots
+      slot_rows[p] = std::move(r);  // in the batch first: FailAll frees it
+      ++slot_running;
+      LH_RETURN_IF_ERROR(AcquireSlot(*slot_rows[p]));
+      positions.push_back(static_cast<int64_t>(p));
+      adapter_slots.push_back(slot_rows[p]->slot);
+    }
+    const model::AdapterBank* bank = ResidentBank();
+    LH_RETURN_IF_ERROR(slot_decoder->SetAdapterBank(bank));
+    LH_ASSIGN_OR_RETURN(model::RowAdapters new_rows,
+                        model::MakeRowAdapters(w, bank, adapter_slots));
+    std::vector<const Row*> newcomers;
+    for (int64_t q : positions) newcomers.push_back(&*slot_rows[q]);
+    LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
+                        EncodePrompts(newcomers, new_rows));
+    LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows));
+    for (int64_t q : positions) {
+      slot_tokens[q] = w.config.decoder_start_token_id;
+    }
+    return absl::OkStatus();
+  }
+
+  // The bank the slot decoder's rows index: every adapter ever resident
+  // (SlotBank::resident, whose tensors stay put, so a captured step stays
+  // valid while rows come and go), or none before the first adapter.
+  const model::AdapterBank* ResidentBank() const {
+    return slot_bank ? &slot_bank->resident() : nullptr;
+  }
+
+  // One step of every row slot; finished rows leave their slots.
+  absl::Status SlotStep() {
+    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(slot_running));
+    // Rows of the eager batch may have loaded adapters since the last step.
+    LH_RETURN_IF_ERROR(slot_decoder->SetAdapterBank(ResidentBank()));
+    LH_ASSIGN_OR_RETURN(
+        at::Tensor logits,
+        slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
+    std::vector<Row*> by_slot;
+    for (std::optional<Row>& r : slot_rows) by_slot.push_back(r ? &*r : nullptr);
+    const std::vector<int64_t> next = NextTokens(logits, by_slot);
+    for (size_t p = 0; p < slot_rows.size(); ++p) {
+      if (!slot_rows[p]) continue;
+      if (Advance(*slot_rows[p], next[p])) {
+        FinishGenerate(*slot_rows[p], absl::OkStatus());
+        slot_rows[p].reset();
+        --slot_running;
+        slot_tokens[p] = w.config.pad_token_id;
+      } else {
+        slot_tokens[p] = next[p];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Ends every row in a slot with `status`; with `drop`, also the decoder
+  // (its state is suspect after a failure).
+  void EndSlots(const absl::Status& status, bool drop) {
+    for (std::optional<Row>& r : slot_rows) {
+      if (!r) continue;
+      r->reason = FinishReason::kCancelled;
+      FinishGenerate(*r, status);
+      r.reset();
+    }
+    slot_running = 0;
+    std::fill(slot_tokens.begin(), slot_tokens.end(), w.config.pad_token_id);
+    if (drop) {
+      slot_decoder.reset();
+      slot_rows.clear();
+      slot_tokens.clear();
+    }
+  }
+
+  // Greedy or sampled next token of every row of `logits` ([n, vocab]) for
+  // rows[i] (null: none wanted, the greedy pick is returned).
+  std::vector<int64_t> NextTokens(const at::Tensor& logits,
+                                  const std::vector<Row*>& rs) {
+    at::Tensor scores = logits.to(at::kFloat);
+    at::Tensor host = scores.argmax(-1).cpu();  // the one sync of the step
+    std::vector<int64_t> next(host.data_ptr<int64_t>(),
+                              host.data_ptr<int64_t>() + host.numel());
+    for (size_t r = 0; r < rs.size(); ++r) {
+      if (rs[r] == nullptr || !rs[r]->req.params.do_sample) continue;
+      at::Tensor probs =
+          at::softmax(Warp(scores.narrow(0, static_cast<int64_t>(r), 1),
+                           rs[r]->req.params),
+                      -1)
+              .cpu();
+      next[r] = at::multinomial(probs, 1, false, *rs[r]->gen).item<int64_t>();
+    }
+    return next;
+  }
+
+  // Emits `token` for `row`; true when the row is done (eos, length, or
+  // cancelled), its reason set.
+  bool Advance(Row& row, int64_t token) {
+    ++row.steps;
+    const bool alive = Emit(row, token);
+    const bool cancelled =
+        !alive || (row.req.cancel && row.req.cancel->load());
+    if (cancelled) {
+      row.done = true;
+      row.reason = FinishReason::kCancelled;
+    } else if (token == w.config.eos_token_id) {
+      row.done = true;
+      row.reason = FinishReason::kEos;
+    } else if (row.steps >= row.req.params.max_new_tokens) {
+      row.done = true;
+      row.reason = FinishReason::kLength;
+    }
+    return row.done;
+  }
+
   // Appends `incoming` to the running batch (encoder pass for them).
   absl::Status Admit(std::vector<Row> incoming) {
     const int64_t n_old = static_cast<int64_t>(rows.size());
@@ -258,27 +462,10 @@ struct InferenceEngine::State {
     }
     LH_ASSIGN_OR_RETURN(model::RowAdapters new_rows,
                         model::MakeRowAdapters(w, Bank(), new_slots));
-    // Encoder inputs of the newcomers, right-padded.
-    size_t s_len = 0;
-    for (int64_t i = n_old; i < n_old + n_new; ++i) {
-      s_len = std::max(s_len, rows[i].req.input_ids.size());
-    }
-    at::Tensor ids = at::full({n_new, static_cast<int64_t>(s_len)},
-                              w.config.pad_token_id, at::kLong);
-    at::Tensor mask = at::zeros({n_new, static_cast<int64_t>(s_len)}, at::kLong);
-    auto ia = ids.accessor<int64_t, 2>();
-    auto ma = mask.accessor<int64_t, 2>();
-    for (int64_t i = 0; i < n_new; ++i) {
-      const auto& in = rows[n_old + i].req.input_ids;
-      for (size_t t = 0; t < in.size(); ++t) {
-        ia[i][t] = in[t];
-        ma[i][t] = 1;
-      }
-    }
-    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n_new));
-    LH_ASSIGN_OR_RETURN(
-        model::EncoderOutput enc,
-        model::Encode(w, ids.to(w.device), mask.to(w.device), new_rows));
+    std::vector<const Row*> newcomers;
+    for (int64_t i = n_old; i < n_old + n_new; ++i) newcomers.push_back(&rows[i]);
+    LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
+                        EncodePrompts(newcomers, new_rows));
     LH_ASSIGN_OR_RETURN(model::DecoderCache nc,
                         model::InitDecoderCache(w, enc, new_rows, cap));
     at::Tensor start_tokens =
@@ -325,37 +512,11 @@ struct InferenceEngine::State {
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(B));
     LH_ASSIGN_OR_RETURN(at::Tensor logits,
                         model::DecodeStep(w, dc, tokens, row_adapters));
-    at::Tensor scores = logits.to(at::kFloat);
-    at::Tensor host = scores.argmax(-1).cpu();  // the one sync of the step
-    std::vector<int64_t> next(host.data_ptr<int64_t>(),
-                              host.data_ptr<int64_t>() + B);
-    for (int64_t r = 0; r < B; ++r) {
-      if (!rows[r].req.params.do_sample) continue;
-      at::Tensor probs =
-          at::softmax(Warp(scores.narrow(0, r, 1), rows[r].req.params), -1)
-              .cpu();
-      next[r] = at::multinomial(probs, 1, false, *rows[r].gen).item<int64_t>();
-    }
-    const int64_t eos = w.config.eos_token_id;
+    std::vector<Row*> rs;
+    for (Row& r : rows) rs.push_back(&r);
+    const std::vector<int64_t> next = NextTokens(logits, rs);
     bool any_done = false;
-    for (int64_t r = 0; r < B; ++r) {
-      Row& row = rows[r];
-      ++row.steps;
-      const bool alive = Emit(row, next[r]);
-      const bool cancelled =
-          !alive || (row.req.cancel && row.req.cancel->load());
-      if (cancelled) {
-        row.done = true;
-        row.reason = FinishReason::kCancelled;
-      } else if (next[r] == eos) {
-        row.done = true;
-        row.reason = FinishReason::kEos;
-      } else if (row.steps >= row.req.params.max_new_tokens) {
-        row.done = true;
-        row.reason = FinishReason::kLength;
-      }
-      any_done |= row.done;
-    }
+    for (int64_t r = 0; r < B; ++r) any_done |= Advance(rows[r], next[r]);
     tokens = at::tensor(next, at::kLong).to(w.device);
     if (any_done) return RemoveDone();
     return absl::OkStatus();
@@ -398,6 +559,7 @@ struct InferenceEngine::State {
       FinishGenerate(r, status);
     }
     Reset();
+    EndSlots(status, /*drop=*/true);
   }
 
   void CancelAll() {
@@ -406,6 +568,7 @@ struct InferenceEngine::State {
       FinishGenerate(r, absl::OkStatus());
     }
     Reset();
+    EndSlots(absl::OkStatus(), /*drop=*/false);
   }
 
   // Beam search: the request alone, all tokens at the end.
@@ -713,7 +876,7 @@ void InferenceEngine::Loop() {
     {
       std::unique_lock<std::mutex> lock(mu_);
       auto ready = [&] {
-        return exit_ || stopping_ || !queue_.empty() || !s.rows.empty() ||
+        return exit_ || stopping_ || !queue_.empty() || s.Running() > 0 ||
                !device_work_.empty();
       };
       cv_.wait(lock, ready);
@@ -737,7 +900,7 @@ void InferenceEngine::Loop() {
             }
             break;
           }
-          if (static_cast<int64_t>(s.rows.size() + incoming.size()) >=
+          if (s.Running() + static_cast<int64_t>(incoming.size()) >=
               options_.max_batch_rows) {
             break;
           }
@@ -745,7 +908,7 @@ void InferenceEngine::Loop() {
           queue_.pop_front();
         }
       }
-      if (incoming.empty() && !solo && s.rows.empty() && stopping_ &&
+      if (incoming.empty() && !solo && s.Running() == 0 && stopping_ &&
           queue_.empty()) {
         return;
       }
@@ -755,7 +918,7 @@ void InferenceEngine::Loop() {
         device_work = std::move(device_work_.front());
         device_work_.pop_front();
       }
-      if (incoming.empty() && !solo && s.rows.empty() && !stopping_ &&
+      if (incoming.empty() && !solo && s.Running() == 0 && !stopping_ &&
           !device_work) {
         continue;
       }
@@ -815,12 +978,24 @@ void InferenceEngine::Loop() {
         }
         admitted.push_back(std::move(row));
       }
-      if (!admitted.empty()) {
-        absl::Status st = s.Admit(std::move(admitted));
+      std::vector<Row> eager, slotted;
+      for (Row& r : admitted) {
+        (s.TakesSlot(r) ? slotted : eager).push_back(std::move(r));
+      }
+      if (!slotted.empty()) {
+        absl::Status st = s.AdmitSlots(std::move(slotted));
+        if (!st.ok()) s.FailAll(st);
+      }
+      if (!eager.empty()) {
+        absl::Status st = s.Admit(std::move(eager));
         if (!st.ok()) s.FailAll(st);
       }
       if (!s.rows.empty()) {
         absl::Status st = s.Step();
+        if (!st.ok()) s.FailAll(st);
+      }
+      if (s.slot_running > 0) {
+        absl::Status st = s.SlotStep();
         if (!st.ok()) s.FailAll(st);
       }
     } catch (const c10::Error& e) {

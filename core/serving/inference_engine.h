@@ -74,6 +74,15 @@ class ServiceMetrics;
 
 namespace lorahub::serving {
 
+// Where the running batch decodes on a StaticDecoder of max_batch_rows row
+// slots (model/static_decoder.h CreateSlots: its step one CUDA graph,
+// replayed) instead of eager DecodeStep calls.
+enum class SlotDecoding {
+  kOff,     // always eager
+  kCuda,    // on CUDA devices
+  kAlways,  // also on the CPU (the same buffers run eagerly: tests)
+};
+
 struct EngineOptions {
   // Requests waiting to start (generate + score); more -> ResourceExhausted.
   int max_queue = 256;
@@ -95,6 +104,13 @@ struct EngineOptions {
   // The host tier shared by the engines of a server (--host-cache-bytes);
   // null: modules are loaded from disk straight to the device.
   std::shared_ptr<ModuleTier> host_tier;
+  // Why: an eager decode step of flan-t5-large dispatches ~800 kernels from
+  // the host, 11.6 ms per step of 64 rows on an H200 against ~2 ms for a
+  // replayed graph (seventeenth session, docs/BENCHMARKS.md). Rows asking
+  // for more than 256 new tokens decode eagerly beside the slots. The
+  // environment variable LORAHUB_SLOT_DECODING=off|cuda|always overrides
+  // this (A/B runs).
+  SlotDecoding slot_decoding = SlotDecoding::kCuda;
   // Label used for log lines and metrics ("cpu", "cuda:0").
   std::string device_name = "cpu";
 };

@@ -148,8 +148,21 @@ class EngineTest : public ::testing::Test {
 std::shared_ptr<const model::T5Weights>* EngineTest::weights_ = nullptr;
 nlohmann::json* EngineTest::golden_ = nullptr;
 
-TEST_F(EngineTest, GreedyMatchesGoldensWithAllPromptsInOneBatch) {
-  auto engine = Start();
+// Both ways of decoding the running batch: eager DecodeStep calls and the
+// row slots of a StaticDecoder (run eagerly here on the CPU: the same
+// buffers and positions as its CUDA graph).
+class EngineBatchTest : public EngineTest,
+                        public ::testing::WithParamInterface<SlotDecoding> {
+ protected:
+  EngineOptions Options() const {
+    EngineOptions o;
+    o.slot_decoding = GetParam();
+    return o;
+  }
+};
+
+TEST_P(EngineBatchTest, GreedyMatchesGoldensWithAllPromptsInOneBatch) {
+  auto engine = Start(Options());
   ASSERT_TRUE(engine);
   for (const auto& g : (*golden_)["greedy"]) {
     AdapterSpec spec;
@@ -178,8 +191,8 @@ TEST_F(EngineTest, GreedyMatchesGoldensWithAllPromptsInOneBatch) {
 // Requests join a running batch at different steps (submitted from the
 // token callbacks of running rows) with different adapters, lengths and
 // decoding modes; each must give exactly what it gives alone.
-TEST_F(EngineTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
-  EngineOptions o;
+TEST_P(EngineBatchTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
+  EngineOptions o = Options();
   o.max_batch_rows = 6;  // some requests wait for a row to leave
   auto engine = Start(o);
   ASSERT_TRUE(engine);
@@ -238,6 +251,15 @@ TEST_F(EngineTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
   // come and go (model/slot_bank.h).
   EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), 4);
 }
+
+INSTANTIATE_TEST_SUITE_P(Decoding, EngineBatchTest,
+                         ::testing::Values(SlotDecoding::kOff,
+                                           SlotDecoding::kAlways),
+                         [](const auto& info) {
+                           return info.param == SlotDecoding::kOff
+                                      ? std::string("Eager")
+                                      : std::string("RowSlots");
+                         });
 
 TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
   auto engine = Start();
