@@ -443,7 +443,7 @@ void StaticDecoder::TryCapture() {
       });
   if (graph.ok()) {
     graph_ = *std::move(graph);
-    absl::Status same = CheckGraphAgainstEager();
+    absl::Status same = CheckGraphAgainstEager(saved);
     if (!same.ok()) {
       graph_.reset();
       graph_status_ = std::string(same.message());
@@ -466,7 +466,7 @@ void StaticDecoder::TryCapture() {
   }
 }
 
-absl::Status StaticDecoder::CheckGraphAgainstEager() {
+absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved) {
   try {
     // Two steps (when the capacity allows): the second one shows whether the
     // graph reads the device t (writes the cache at 1, selects bias row 1).
@@ -475,9 +475,10 @@ absl::Status StaticDecoder::CheckGraphAgainstEager() {
     auto tokens_at = [&](int64_t step) {
       return (w_->config.decoder_start_token_id + 7 * step + 3) % V;
     };
-    // From the positions and tokens of now; what the trial steps store lies
-    // at or after each row's position, where its next step stores first.
-    const SavedState saved = Save();
+    // From the positions and tokens before the capture (whose replay took a
+    // step); what the trial steps store lies at or after each row's
+    // position, where its next step stores first.
+    Restore(saved);
     std::vector<at::Tensor> from_graph;
     for (int64_t s = 0; s < steps; ++s) {
       if (s > 0) tokens_.fill_(tokens_at(s));

@@ -171,14 +171,15 @@ class StaticDecoder {
   // [1, H, C, C] fp32: relative position bias plus the causal mask, so that
   // row t of it masks keys > t (as DecodeFull).
   at::Tensor SelfBias(int64_t capacity) const;
-  // Captures StepBody and checks two replayed steps against eager ones;
-  // leaves the positions and tokens as they were.
-  void TryCapture();
-  absl::Status CheckGraphAgainstEager();
-  // Row slots: positions and tokens as they were before a trial step.
+  // Positions and tokens as they were before a trial step.
   struct SavedState {
     at::Tensor t, tokens;
   };
+  // Captures StepBody and checks two replayed steps against eager ones;
+  // leaves the positions and tokens as they were.
+  void TryCapture();
+  // Two replayed and two eager steps from `saved`.
+  absl::Status CheckGraphAgainstEager(const SavedState& saved);
   SavedState Save() const;
   void Restore(const SavedState& saved);
 
