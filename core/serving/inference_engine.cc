@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -183,6 +184,13 @@ struct InferenceEngine::State {
   std::vector<std::optional<Row>> slot_rows;
   std::vector<int64_t> slot_tokens;
   int64_t slot_running = 0;
+  // Where the engine thread's time went, logged when it stops: admissions
+  // (encoder passes, cache setup), decoding steps up to their host sync, and
+  // emitting tokens (the requests' callbacks, finishing rows).
+  struct Timing {
+    absl::Duration admit, decode, emit;
+    int64_t steps = 0, tokens = 0;
+  } timing;
 
   // Rows decoding now, in both batches.
   int64_t Running() const {
@@ -352,6 +360,7 @@ struct InferenceEngine::State {
 
   // One step of every row slot; finished rows leave their slots.
   absl::Status SlotStep() {
+    const absl::Time start = absl::Now();
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(slot_running));
     // Rows of the eager batch may have loaded adapters since the last step.
     LH_RETURN_IF_ERROR(slot_decoder->SetAdapterBank(ResidentBank()));
@@ -361,6 +370,10 @@ struct InferenceEngine::State {
     std::vector<Row*> by_slot;
     for (std::optional<Row>& r : slot_rows) by_slot.push_back(r ? &*r : nullptr);
     const std::vector<int64_t> next = NextTokens(logits, by_slot);
+    const absl::Time decoded = absl::Now();
+    timing.decode += decoded - start;
+    ++timing.steps;
+    timing.tokens += slot_running;
     for (size_t p = 0; p < slot_rows.size(); ++p) {
       if (!slot_rows[p]) continue;
       if (Advance(*slot_rows[p], next[p])) {
@@ -372,6 +385,7 @@ struct InferenceEngine::State {
         slot_tokens[p] = next[p];
       }
     }
+    timing.emit += absl::Now() - decoded;
     return absl::OkStatus();
   }
 
@@ -510,13 +524,19 @@ struct InferenceEngine::State {
   absl::Status Step() {
     const int64_t B = static_cast<int64_t>(rows.size());
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(B));
+    const absl::Time start = absl::Now();
     LH_ASSIGN_OR_RETURN(at::Tensor logits,
                         model::DecodeStep(w, dc, tokens, row_adapters));
     std::vector<Row*> rs;
     for (Row& r : rows) rs.push_back(&r);
     const std::vector<int64_t> next = NextTokens(logits, rs);
+    const absl::Time decoded = absl::Now();
+    timing.decode += decoded - start;
+    ++timing.steps;
+    timing.tokens += B;
     bool any_done = false;
     for (int64_t r = 0; r < B; ++r) any_done |= Advance(rows[r], next[r]);
+    timing.emit += absl::Now() - decoded;
     tokens = at::tensor(next, at::kLong).to(w.device);
     if (any_done) return RemoveDone();
     return absl::OkStatus();
@@ -868,6 +888,22 @@ void InferenceEngine::Loop() {
       }
     }
   } fail_leftovers{this};
+  struct LogTiming {
+    const State& s;
+    const std::string& device;
+    ~LogTiming() {
+      const State::Timing& t = s.timing;
+      if (t.steps == 0) return;
+      std::fprintf(stderr,
+                   "lorahub engine %s: %lld decoding steps, %lld tokens; "
+                   "seconds in admissions %.3f, steps %.3f, emitting %.3f\n",
+                   device.c_str(), static_cast<long long>(t.steps),
+                   static_cast<long long>(t.tokens),
+                   absl::ToDoubleSeconds(t.admit),
+                   absl::ToDoubleSeconds(t.decode),
+                   absl::ToDoubleSeconds(t.emit));
+    }
+  } log_timing{s, options_.device_name};
   for (;;) {
     std::vector<Queued> incoming;
     std::optional<Queued> solo;
@@ -978,6 +1014,7 @@ void InferenceEngine::Loop() {
         }
         admitted.push_back(std::move(row));
       }
+      const absl::Time admit_start = absl::Now();
       std::vector<Row> eager, slotted;
       for (Row& r : admitted) {
         (s.TakesSlot(r) ? slotted : eager).push_back(std::move(r));
@@ -990,6 +1027,7 @@ void InferenceEngine::Loop() {
         absl::Status st = s.Admit(std::move(eager));
         if (!st.ok()) s.FailAll(st);
       }
+      s.timing.admit += absl::Now() - admit_start;
       if (!s.rows.empty()) {
         absl::Status st = s.Step();
         if (!st.ok()) s.FailAll(st);

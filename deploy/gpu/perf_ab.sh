@@ -135,6 +135,7 @@ if [ "${SERVE:-0}" = 1 ]; then
     env "$@" OUT="$work/serve_$tag" FIXTURE="$fx" DEVICE_SETS="${SERVE_DEVICES:-cuda:0}" \
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
       timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E '^\| cuda|gen:|jobs:|failed|did not'
+    grep -h "lorahub engine" "$work/serve_$tag/multi_gpu.log"
   }
   serve_run main
   IFS=';' read -ra sruns <<<"${SERVE_ABS:-}"
