@@ -524,15 +524,15 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
        step.mask.numel() != B)) {
     return false;
   }
-  if (store && (!OnDeviceOf(step.k_new, q) || !OnDeviceOf(step.v_new, q) ||
-                !OnDeviceOf(step.t, q) || step.k_new.sizes() != q.sizes() ||
-                step.v_new.sizes() != q.sizes() ||
-                step.k_new.strides() != step.v_new.strides() ||
-                step.k_new.scalar_type() != at::kFloat ||
-                step.v_new.scalar_type() != at::kFloat ||
-                step.k_new.stride(3) != 1 ||
-                step.t.scalar_type() != at::kLong || step.t.dim() != 1 ||
-                (step.t.numel() != 1 && step.t.numel() != B))) {
+  if (store &&
+      (!OnDeviceOf(step.k_new, q) || !OnDeviceOf(step.v_new, q) ||
+       !OnDeviceOf(step.t, q) || step.k_new.sizes() != q.sizes() ||
+       step.v_new.sizes() != q.sizes() ||
+       step.k_new.strides() != step.v_new.strides() ||
+       step.k_new.scalar_type() != at::kFloat ||
+       step.v_new.scalar_type() != at::kFloat || step.k_new.stride(3) != 1 ||
+       step.t.scalar_type() != at::kLong || step.t.dim() != 1 ||
+       (step.t.numel() != 1 && step.t.numel() != B))) {
     return false;
   }
   if (step.v_lora != nullptr && !store) return false;

@@ -81,9 +81,10 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     d->rows_ = rows;
     if (rows.bank != nullptr) {
       const c10::Device dev = weights.device;
-      d->rows_.slots = at::empty({B}, at::TensorOptions().dtype(at::kLong).device(dev));
-      d->rows_.mask = at::empty(rows.mask.sizes(),
-                                at::TensorOptions().dtype(at::kFloat).device(dev));
+      d->rows_.slots =
+          at::empty({B}, at::TensorOptions().dtype(at::kLong).device(dev));
+      d->rows_.mask = at::empty(
+          rows.mask.sizes(), at::TensorOptions().dtype(at::kFloat).device(dev));
     }
     d->Allocate(B, encoder.hidden.size(1));
     d->LoadInputs(encoder, rows);
@@ -115,10 +116,10 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::CreateSlots(
     d->cuda_graph_ = cuda_graph;
     d->needs_capture_ = true;
     d->capacity_ = shape.capacity;
-    d->rows_.slots =
-        at::zeros({shape.rows}, at::TensorOptions().dtype(at::kLong).device(dev));
-    d->rows_.mask = at::zeros({shape.rows, 1, 1},
-                              at::TensorOptions().dtype(at::kFloat).device(dev));
+    d->rows_.slots = at::zeros(
+        {shape.rows}, at::TensorOptions().dtype(at::kLong).device(dev));
+    d->rows_.mask = at::zeros(
+        {shape.rows, 1, 1}, at::TensorOptions().dtype(at::kFloat).device(dev));
     d->Allocate(shape.rows, shape.encoder_length);
     // Free slots attend to zero keys and values with a zero bias: finite
     // logits, so that the graph's check can compare every row.
@@ -245,9 +246,9 @@ absl::Status StaticDecoder::Grow(int64_t capacity, int64_t encoder_length) {
     at::Tensor cross_kv =
         internal::CrossKvBuffer(*w_, batch_, S, cross_kv_.options()).zero_();
     cross_kv.narrow(4, 0, keys).copy_(cross_kv_);
-    at::Tensor cross_bias = at::full({batch_, 1, 1, S},
-                                     internal::MinValue(w_->dtype),
-                                     cross_bias_.options());
+    at::Tensor cross_bias =
+        at::full({batch_, 1, 1, S}, internal::MinValue(w_->dtype),
+                 cross_bias_.options());
     cross_bias.narrow(3, 0, keys).copy_(cross_bias_);
     at::Tensor self_bias = SelfBias(C);
     graph_.reset();  // it reads the old buffers
@@ -285,9 +286,9 @@ absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
   std::vector<bool> taken(static_cast<size_t>(batch_), false);
   for (int64_t p : positions) {
     if (p < 0 || p >= batch_ || taken[static_cast<size_t>(p)]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "static decoder: row slot ", p, " out of [0, ", batch_,
-          ") or given twice"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("static decoder: row slot ", p, " out of [0, ", batch_,
+                       ") or given twice"));
     }
     taken[static_cast<size_t>(p)] = true;
   }
@@ -301,8 +302,7 @@ absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
   if (n == 0) return absl::OkStatus();
   try {
     const T5Weights& w = *w_;
-    const at::Tensor pos =
-        at::tensor(positions, at::kLong).to(w.device);
+    const at::Tensor pos = at::tensor(positions, at::kLong).to(w.device);
     const int64_t s = encoder.hidden.size(1);
     at::Tensor kv = internal::CrossKvBuffer(w, n, s, cross_kv_.options());
     internal::CrossKeyValues(w, encoder, rows).CopyTo(kv);
@@ -316,9 +316,9 @@ absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
     tokens_.index_fill_(0, pos, w.config.decoder_start_token_id);
     if (rows.bank != nullptr) {
       rows_.slots.index_copy_(0, pos, rows.slots.to(rows_.slots.device()));
-      const at::Tensor mask =
-          rows.mask.defined() ? rows.mask.reshape({n, 1, 1})
-                              : at::ones({n, 1, 1}, rows_.mask.options());
+      const at::Tensor mask = rows.mask.defined()
+                                  ? rows.mask.reshape({n, 1, 1})
+                                  : at::ones({n, 1, 1}, rows_.mask.options());
       rows_.mask.index_copy_(0, pos, mask.to(rows_.mask.options()));
     } else {
       rows_.slots.index_fill_(0, pos, 0);
@@ -372,8 +372,7 @@ void StaticDecoder::StepBody() {
     at::Tensor self_k = self_kv_[0][static_cast<int64_t>(i)];
     at::Tensor self_v = self_kv_[1][static_cast<int64_t>(i)];
     auto store = [&](const at::Tensor& k, const at::Tensor& v) {
-      const at::Tensor both =
-          row_slots_ ? at::Tensor() : KeysAndValues(k, v);
+      const at::Tensor both = row_slots_ ? at::Tensor() : KeysAndValues(k, v);
       if (both.defined() && both.scalar_type() == self_kv_.scalar_type()) {
         // One copy for both (they sit side by side in the fused q|k|v
         // output): 24 kernels fewer per step on flan-t5-large.

@@ -89,8 +89,7 @@ class StaticDecoder {
   // before it reads). No capture happens before the first Step.
   // InvalidArgument for sizes <= 0; Internal for LibTorch errors.
   static absl::StatusOr<std::unique_ptr<StaticDecoder>> CreateSlots(
-      const T5Weights& weights, const SlotDecoderShape& shape,
-      bool cuda_graph);
+      const T5Weights& weights, const SlotDecoderShape& shape, bool cuda_graph);
 
   ~StaticDecoder();
   StaticDecoder(const StaticDecoder&) = delete;

@@ -162,8 +162,8 @@ struct InferenceEngine::State {
       : engine(e),
         w(*e->weights_),
         adapters(*e->adapters_),
-        slot_decoding(UseSlotDecoding(e->options_.slot_decoding,
-                                      e->weights_->device)) {}
+        slot_decoding(
+            UseSlotDecoding(e->options_.slot_decoding, e->weights_->device)) {}
 
   InferenceEngine* engine;
   const model::T5Weights& w;
@@ -329,7 +329,10 @@ struct InferenceEngine::State {
     std::vector<int64_t> positions, adapter_slots;
     size_t p = 0;
     for (Row& r : incoming) {
-      while (slot_rows[p]) ++p;  // the caller admits at most the free slots
+      while (p < slot_rows.size() && slot_rows[p]) ++p;
+      if (p == slot_rows.size()) {  // the loop admits at most the free slots
+        return absl::InternalError("engine: no free row slot");
+      }
       slot_rows[p] = std::move(r);  // in the batch first: FailAll frees it
       ++slot_running;
       LH_RETURN_IF_ERROR(AcquireSlot(*slot_rows[p]));
@@ -368,7 +371,9 @@ struct InferenceEngine::State {
         at::Tensor logits,
         slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
     std::vector<Row*> by_slot;
-    for (std::optional<Row>& r : slot_rows) by_slot.push_back(r ? &*r : nullptr);
+    for (std::optional<Row>& r : slot_rows) {
+      by_slot.push_back(r ? &*r : nullptr);
+    }
     const std::vector<int64_t> next = NextTokens(logits, by_slot);
     const absl::Time decoded = absl::Now();
     timing.decode += decoded - start;
@@ -432,8 +437,7 @@ struct InferenceEngine::State {
   bool Advance(Row& row, int64_t token) {
     ++row.steps;
     const bool alive = Emit(row, token);
-    const bool cancelled =
-        !alive || (row.req.cancel && row.req.cancel->load());
+    const bool cancelled = !alive || (row.req.cancel && row.req.cancel->load());
     if (cancelled) {
       row.done = true;
       row.reason = FinishReason::kCancelled;
@@ -477,7 +481,9 @@ struct InferenceEngine::State {
     LH_ASSIGN_OR_RETURN(model::RowAdapters new_rows,
                         model::MakeRowAdapters(w, Bank(), new_slots));
     std::vector<const Row*> newcomers;
-    for (int64_t i = n_old; i < n_old + n_new; ++i) newcomers.push_back(&rows[i]);
+    for (int64_t i = n_old; i < n_old + n_new; ++i) {
+      newcomers.push_back(&rows[i]);
+    }
     LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
                         EncodePrompts(newcomers, new_rows));
     LH_ASSIGN_OR_RETURN(model::DecoderCache nc,
@@ -894,14 +900,13 @@ void InferenceEngine::Loop() {
     ~LogTiming() {
       const State::Timing& t = s.timing;
       if (t.steps == 0) return;
-      std::fprintf(stderr,
-                   "lorahub engine %s: %lld decoding steps, %lld tokens; "
-                   "seconds in admissions %.3f, steps %.3f, emitting %.3f\n",
-                   device.c_str(), static_cast<long long>(t.steps),
-                   static_cast<long long>(t.tokens),
-                   absl::ToDoubleSeconds(t.admit),
-                   absl::ToDoubleSeconds(t.decode),
-                   absl::ToDoubleSeconds(t.emit));
+      std::fprintf(
+          stderr,
+          "lorahub engine %s: %lld decoding steps, %lld tokens; "
+          "seconds in admissions %.3f, steps %.3f, emitting %.3f\n",
+          device.c_str(), static_cast<long long>(t.steps),
+          static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
+          absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit));
     }
   } log_timing{s, options_.device_name};
   for (;;) {

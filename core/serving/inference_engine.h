@@ -21,6 +21,16 @@
 // the time axis is compacted (shifted left by the smallest start) so the
 // cache does not grow without bound.
 //
+// Row slots (EngineOptions::slot_decoding, the default on CUDA): rows of at
+// most 256 new tokens decode instead on a StaticDecoder of max_batch_rows
+// row slots (model/static_decoder.h CreateSlots), whose step is one CUDA
+// graph, replayed: each row keeps its slot, its own position and its cache
+// region from admission to its last token; newcomers are encoded together
+// and loaded into free slots; a finished row's slot is simply reused. Its
+// adapters are the SlotBank's resident bank (fixed addresses), so rows
+// coming and going never invalidate the graph. Longer rows take the shared
+// time axis above, beside the slots, in the same loop iteration.
+//
 // Each row carries its own adapter: the distinct adapters of the batch are
 // stacked into an AdapterBank, one slot each, and every row indexes its slot;
 // a batch without adapters runs with no bank at all (zero extra cost), rows

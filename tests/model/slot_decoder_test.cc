@@ -52,9 +52,9 @@ class SlotDecoderTest : public ::testing::Test {
         {"q", "v"}, {"q", "k", "v", "o", "wo"}, {"q", "v"}};
     for (size_t i = 0; i < targets.size(); ++i) {
       auto cfg = testing::MakeLoraConfig(targets[i], 4, 16);
-      auto a = BuildLoraAdapter(
-          base_, cfg, testing::RandomAdapter(base_, cfg, 40 + i),
-          "a" + std::to_string(i));
+      auto a = BuildLoraAdapter(base_, cfg,
+                                testing::RandomAdapter(base_, cfg, 40 + i),
+                                "a" + std::to_string(i));
       ASSERT_TRUE(a.ok()) << a.status();
       adapters_.push_back(std::make_shared<LoraAdapter>(*a));
     }
@@ -74,8 +74,8 @@ class SlotDecoderTest : public ::testing::Test {
       ASSERT_TRUE(rows.ok()) << rows.status();
       r.rows = *rows;
     }
-    auto enc = Encode(base_, ids.to(base_.device), mask.to(base_.device),
-                      r.rows);
+    auto enc =
+        Encode(base_, ids.to(base_.device), mask.to(base_.device), r.rows);
     ASSERT_TRUE(enc.ok()) << enc.status();
     r.enc = *enc;
     auto cache = InitDecoderCache(base_, r.enc, r.rows, capacity);
