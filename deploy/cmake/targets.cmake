@@ -760,6 +760,7 @@ lorahub_cc_library(core_serving_serving
     core_model_model
     core_model_loader
     core_model_slot_bank
+    core_model_static_decoder
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
