@@ -184,6 +184,7 @@ struct InferenceEngine::State {
   std::vector<std::optional<Row>> slot_rows;
   std::vector<int64_t> slot_tokens;
   int64_t slot_running = 0;
+  int64_t slot_bank_synced = -1;  // slot_bank copies when last given to it
   // Where the engine thread's time went, logged when it stops: admissions
   // (encoder passes, cache setup), decoding steps up to their host sync, and
   // emitting tokens (the requests' callbacks, finishing rows).
@@ -321,6 +322,7 @@ struct InferenceEngine::State {
       LH_ASSIGN_OR_RETURN(slot_decoder,
                           model::StaticDecoder::CreateSlots(
                               w, {slots, capacity, keys}, /*cuda_graph=*/true));
+      slot_bank_synced = -1;
       slot_rows.assign(static_cast<size_t>(slots), std::nullopt);
       slot_tokens.assign(static_cast<size_t>(slots), w.config.pad_token_id);
     } else {
@@ -339,8 +341,8 @@ struct InferenceEngine::State {
       positions.push_back(static_cast<int64_t>(p));
       adapter_slots.push_back(slot_rows[p]->slot);
     }
+    LH_RETURN_IF_ERROR(SyncSlotBank());
     const model::AdapterBank* bank = ResidentBank();
-    LH_RETURN_IF_ERROR(slot_decoder->SetAdapterBank(bank));
     LH_ASSIGN_OR_RETURN(model::RowAdapters new_rows,
                         model::MakeRowAdapters(w, bank, adapter_slots));
     std::vector<const Row*> newcomers;
@@ -361,12 +363,24 @@ struct InferenceEngine::State {
     return slot_bank ? &slot_bank->resident() : nullptr;
   }
 
+  // Gives the slot decoder the resident bank where it may have changed:
+  // only loading an adapter into a slot (SlotBank::copies) adds or widens
+  // its sites. (SetAdapterBank compares the bank's layout, ~1,400 tensor
+  // pointers on flan-t5-large: not for every step.)
+  absl::Status SyncSlotBank() {
+    const int64_t copies = slot_bank ? slot_bank->copies() : 0;
+    if (copies == slot_bank_synced) return absl::OkStatus();
+    LH_RETURN_IF_ERROR(slot_decoder->SetAdapterBank(ResidentBank()));
+    slot_bank_synced = copies;
+    return absl::OkStatus();
+  }
+
   // One step of every row slot; finished rows leave their slots.
   absl::Status SlotStep() {
     const absl::Time start = absl::Now();
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(slot_running));
     // Rows of the eager batch may have loaded adapters since the last step.
-    LH_RETURN_IF_ERROR(slot_decoder->SetAdapterBank(ResidentBank()));
+    LH_RETURN_IF_ERROR(SyncSlotBank());
     LH_ASSIGN_OR_RETURN(
         at::Tensor logits,
         slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
