@@ -279,6 +279,15 @@ void ServiceMetrics::Build() {
            .Register(reg)
            .Add({});
 
+  auto& busy = prometheus::BuildCounter()
+                   .Name("lorahub_engine_busy_seconds_total")
+                   .Help("Seconds the engine threads spent admitting "
+                         "newcomers, in decoding steps and emitting tokens.")
+                   .Register(reg);
+  engine_busy_ = {&busy.Add({{"phase", "admit"}}),
+                  &busy.Add({{"phase", "step"}}),
+                  &busy.Add({{"phase", "emit"}})};
+
   auto& jobs = prometheus::BuildGauge()
                    .Name("lorahub_compose_jobs")
                    .Help("Compose jobs known to the server, by state.")
@@ -442,6 +451,11 @@ void ServiceMetrics::ObserveBatchSize(int rows) {
 
 void ServiceMetrics::AddAdapterSlotLoads(int64_t loads) {
   if (loads > 0) adapter_slot_loads_->Increment(static_cast<double>(loads));
+}
+
+void ServiceMetrics::AddEngineBusySeconds(EnginePhase phase, double seconds) {
+  if (!(seconds > 0) || !std::isfinite(seconds)) return;
+  engine_busy_[static_cast<size_t>(phase)]->Increment(seconds);
 }
 
 void ServiceMetrics::RecordJobTransition(JobState from, JobState to) {

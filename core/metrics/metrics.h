@@ -146,6 +146,13 @@ class ServiceMetrics {
   // An adapter copied into the running batch's bank (model/slot_bank.h; an
   // adapter still resident costs none): lorahub_adapter_slot_loads_total.
   void AddAdapterSlotLoads(int64_t loads);
+  // Seconds an engine thread spent in one phase of its loop:
+  // lorahub_engine_busy_seconds_total{phase}: "admit" (encoder passes and
+  // cache set-up for newcomers), "step" (decoding steps up to their host
+  // sync), "emit" (the streams' token callbacks, finishing rows). rate() of
+  // the sum over phases is how busy the engine threads are.
+  enum class EnginePhase { kAdmit, kStep, kEmit };
+  void AddEngineBusySeconds(EnginePhase phase, double seconds);
 
   // --- Compose jobs ----------------------------------------------------
   // A job moved `from` -> `to`: lorahub_compose_job_transitions_total{state=to}
@@ -212,6 +219,7 @@ class ServiceMetrics {
   prometheus::Counter* generated_tokens_ = nullptr;
   prometheus::Histogram* batch_size_ = nullptr;
   prometheus::Counter* adapter_slot_loads_ = nullptr;
+  std::array<prometheus::Counter*, 3> engine_busy_{};  // by EnginePhase
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};

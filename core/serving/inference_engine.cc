@@ -192,6 +192,14 @@ struct InferenceEngine::State {
     absl::Duration admit, decode, emit;
     int64_t steps = 0, tokens = 0;
   } timing;
+  using Phase = metrics::ServiceMetrics::EnginePhase;
+  // Adds `d` to `phase`'s time here and in the metrics.
+  void AddBusy(Phase phase, absl::Duration d) {
+    (phase == Phase::kAdmit  ? timing.admit
+     : phase == Phase::kStep ? timing.decode
+                             : timing.emit) += d;
+    if (metrics()) metrics()->AddEngineBusySeconds(phase, Seconds(d));
+  }
 
   // Rows decoding now, in both batches.
   int64_t Running() const {
@@ -390,7 +398,7 @@ struct InferenceEngine::State {
     }
     const std::vector<int64_t> next = NextTokens(logits, by_slot);
     const absl::Time decoded = absl::Now();
-    timing.decode += decoded - start;
+    AddBusy(Phase::kStep, decoded - start);
     ++timing.steps;
     timing.tokens += slot_running;
     for (size_t p = 0; p < slot_rows.size(); ++p) {
@@ -404,7 +412,7 @@ struct InferenceEngine::State {
         slot_tokens[p] = next[p];
       }
     }
-    timing.emit += absl::Now() - decoded;
+    AddBusy(Phase::kEmit, absl::Now() - decoded);
     return absl::OkStatus();
   }
 
@@ -551,12 +559,12 @@ struct InferenceEngine::State {
     for (Row& r : rows) rs.push_back(&r);
     const std::vector<int64_t> next = NextTokens(logits, rs);
     const absl::Time decoded = absl::Now();
-    timing.decode += decoded - start;
+    AddBusy(Phase::kStep, decoded - start);
     ++timing.steps;
     timing.tokens += B;
     bool any_done = false;
     for (int64_t r = 0; r < B; ++r) any_done |= Advance(rows[r], next[r]);
-    timing.emit += absl::Now() - decoded;
+    AddBusy(Phase::kEmit, absl::Now() - decoded);
     tokens = at::tensor(next, at::kLong).to(w.device);
     if (any_done) return RemoveDone();
     return absl::OkStatus();
@@ -1046,7 +1054,7 @@ void InferenceEngine::Loop() {
         absl::Status st = s.Admit(std::move(eager));
         if (!st.ok()) s.FailAll(st);
       }
-      s.timing.admit += absl::Now() - admit_start;
+      s.AddBusy(State::Phase::kAdmit, absl::Now() - admit_start);
       if (!s.rows.empty()) {
         absl::Status st = s.Step();
         if (!st.ok()) s.FailAll(st);

@@ -208,6 +208,10 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   metrics_->AddEvaluations(2);
   metrics_->AddAdapterSlotLoads(3);
   metrics_->AddAdapterSlotLoads(-1);  // ignored
+  metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.25);
+  metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
+  metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kEmit, -1);
+  metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kAdmit, NAN);
   metrics_->ObserveJobDuration(JobState::kSucceeded, 8.5);
   metrics_->ObserveJobDuration(JobState::kFailed, 0.3);
   metrics_->ObserveJobDuration(JobState::kRunning, 1.0);  // Not final.
@@ -231,6 +235,13 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
               Optional(42.0));
   EXPECT_THAT(FindValue(s, "lorahub_adapter_slot_loads_total", {}),
               Optional(3.0));
+  auto busy = [&](const char* phase) {
+    return FindValue(s, "lorahub_engine_busy_seconds_total",
+                     {{"phase", phase}});
+  };
+  EXPECT_THAT(busy("step"), Optional(0.75));
+  EXPECT_THAT(busy("emit"), Optional(0.0));   // negative: ignored
+  EXPECT_THAT(busy("admit"), Optional(0.0));  // NaN: ignored
   EXPECT_THAT(FindValue(s, "lorahub_compose_job_duration_seconds_bucket",
                         {{"state", "succeeded"}, {"le", "5"}}),
               Optional(0.0));
@@ -350,6 +361,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_generated_tokens_total",
                        "lorahub_batch_size_rows",
                        "lorahub_adapter_slot_loads_total",
+                       "lorahub_engine_busy_seconds_total",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_evaluations_total",
@@ -364,7 +376,8 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_device_memory_used_bytes",
                    }));
   const std::set<std::string> allowed_labels = {"method",  "code",   "state",
-                                                "tier", "result", "device"};
+                                                "tier", "result", "device",
+                                                "phase"};
   for (const auto& f : families) {
     SCOPED_TRACE(f.name);
     EXPECT_TRUE(absl::StartsWith(f.name, "lorahub_"));

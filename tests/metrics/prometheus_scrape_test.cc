@@ -398,6 +398,7 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.AddGeneratedTokens(10);
   m.ObserveBatchSize(4);
   m.AddAdapterSlotLoads(2);
+  m.AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
   m.RecordJobTransition(JobState::kNone, JobState::kQueued);
   m.AddEvaluations(3);
   m.ObserveJobDuration(JobState::kSucceeded, 12);
