@@ -54,8 +54,9 @@ class EngineTest : public ::testing::Test {
     };
   }
 
-  std::unique_ptr<InferenceEngine> Start(EngineOptions o = {}) {
-    o.max_new_tokens = 64;
+  std::unique_ptr<InferenceEngine> Start(EngineOptions o = {},
+                                         int64_t max_new_tokens = 64) {
+    o.max_new_tokens = max_new_tokens;
     auto e = InferenceEngine::Start(*weights_, Resolver(), o, metrics_.get());
     EXPECT_TRUE(e.ok()) << e.status();
     return e.ok() ? *std::move(e) : nullptr;
@@ -356,8 +357,39 @@ TEST_F(EngineTest, FullQueueIsResourceExhaustedAndShutdownIsUnavailable) {
   }
 }
 
-TEST_F(EngineTest, ClientGoneCancelsAndReleasesTheModule) {
-  auto engine = Start();
+// Rows asking for more new tokens than the row slots take (256) decode
+// eagerly beside them, in the same iterations; every request still gives
+// its tokens alone.
+TEST_P(EngineBatchTest, LongRowsDecodeBesideTheSlots) {
+  auto engine = Start(Options(), /*max_new_tokens=*/300);
+  ASSERT_TRUE(engine);
+  const std::vector<AdapterSpec> specs = {
+      {{"m0"}, {}}, {}, {{"m1", "m2"}, {0.6, 0.4}}, {{"m2"}, {}}};
+  std::vector<std::shared_ptr<Result>> results;
+  std::vector<DecodingParams> params;
+  for (int i = 0; i < 6; ++i) {
+    DecodingParams p;
+    p.max_new_tokens = i % 3 == 0 ? 270 : 12 + i;
+    params.push_back(p);
+    results.push_back(std::make_shared<Result>());
+    ASSERT_TRUE(engine
+                    ->Submit(Make(Unpadded(i % 5), specs[i % specs.size()], p,
+                                  results.back()))
+                    .ok());
+  }
+  for (int i = 0; i < 6; ++i) {
+    GenerateOutcome out = results[i]->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    EXPECT_EQ(out.output_ids,
+              Alone(Unpadded(i % 5), specs[i % specs.size()], params[i]))
+        << "request " << i;
+    EXPECT_EQ(results[i]->streamed, out.output_ids);
+  }
+  EXPECT_EQ(engine->pending(), 0);
+}
+
+TEST_P(EngineBatchTest, ClientGoneCancelsAndReleasesTheModule) {
+  auto engine = Start(Options());
   ASSERT_TRUE(engine);
   DecodingParams p;
   p.max_new_tokens = 60;
