@@ -61,7 +61,7 @@ v1::GenerateRequest MakeRequest(const LoadOptions& o, int64_t index) {
 
 // One streaming Generate to its end.
 RequestResult RunOne(v1::InferenceService::Stub* stub, const v1::GenerateRequest& req,
-                     double timeout_s) {
+                     double timeout_s, bool keep_outputs) {
   RequestResult r;
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() +
@@ -76,10 +76,17 @@ RequestResult RunOne(v1::InferenceService::Stub* stub, const v1::GenerateRequest
       if (r.ttft_s < 0) r.ttft_s = t;
       r.last_token_s = t;
       streamed += msg.tokens().ids_size();
+      if (keep_outputs && end_ids < 0) {
+        r.output_ids.insert(r.output_ids.end(), msg.tokens().ids().begin(),
+                            msg.tokens().ids().end());
+      }
     } else if (msg.has_end()) {
       if (r.ttft_s < 0) r.ttft_s = t;
       if (r.last_token_s < 0) r.last_token_s = t;
       end_ids = msg.end().output_ids_size();
+      if (keep_outputs) {
+        r.output_ids.assign(msg.end().output_ids().begin(), msg.end().output_ids().end());
+      }
     }
   }
   const grpc::Status s = reader->Finish();
@@ -108,7 +115,7 @@ std::pair<Clock::time_point, Clock::time_point> RunPhase(
       for (;;) {
         const int64_t i = next.fetch_add(1);
         if (i >= n) break;
-        (*results)[i] = RunOne(stub, MakeRequest(o, i), o.timeout_s);
+        (*results)[i] = RunOne(stub, MakeRequest(o, i), o.timeout_s, o.keep_outputs);
         ends[w] = Clock::now();
       }
     });
@@ -297,6 +304,20 @@ std::string ReportJson(const LoadReport& r) {
   j["latency_ms"] = {{"p50", opt(r.latency_p50_ms)}, {"p99", opt(r.latency_p99_ms)}};
   j["inter_token_mean_ms"] = opt(r.inter_token_mean_ms);
   return j.dump();
+}
+
+std::string OutputsJsonl(const LoadReport& r) {
+  std::string out;
+  for (size_t i = 0; i < r.results.size(); ++i) {
+    const RequestResult& q = r.results[i];
+    nlohmann::json j;
+    j["index"] = i;
+    j["code"] = q.code < 0 ? std::string("NOT_RUN")
+                           : StatusCodeName(static_cast<grpc::StatusCode>(q.code));
+    j["ids"] = q.output_ids;
+    absl::StrAppend(&out, j.dump(), "\n");
+  }
+  return out;
 }
 
 std::string ReportText(const LoadReport& r) {

@@ -64,6 +64,9 @@ struct LoadOptions {
   lorahub::v1::GenerateRequest request_template;
   std::vector<std::string> module_pool;
   int per_request = 0;
+  // Keep every measured request's generated ids (RequestResult::output_ids,
+  // for OutputsJsonl); off, a report holds no ids.
+  bool keep_outputs = false;
 };
 
 // One request's outcome (times in seconds from its own send).
@@ -74,6 +77,9 @@ struct RequestResult {
   double latency_s = 0;
   double last_token_s = -1;
   int64_t tokens = 0;
+  // With LoadOptions::keep_outputs: the end message's output_ids, or the
+  // streamed ids when no end arrived.
+  std::vector<int32_t> output_ids;
 };
 
 // How many failed request indices a report lists.
@@ -120,6 +126,13 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options);
 std::string ReportJson(const LoadReport& report);
 // The report as a few human-readable lines.
 std::string ReportText(const LoadReport& report);
+
+// Every measured request of a keep_outputs run, one JSON object per line in
+// index order: {"index":I,"code":"OK","ids":[...]} (code as in
+// failed_by_code). Two runs' files are equal line for line exactly where the
+// server generated the same ids for the same request (an A/B of serving
+// paths compares them).
+std::string OutputsJsonl(const LoadReport& report);
 
 }  // namespace lorahub::client
 

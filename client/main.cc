@@ -23,7 +23,7 @@
 //          (--task NAME | --module ID | --modules a,b --weights x,y
 //           | --module-pool a,b,c,... --per-request K [--weights x,y,...] | base)
 //          [--max-new-tokens T] [generate's decoding flags] [--channels K]
-//          [--warmup N] [--timeout-s S]
+//          [--warmup N] [--timeout-s S] [--outputs FILE]
 //
 // load runs N Generate streams from C threads of this process over K gRPC
 // connections (default one per 16 threads) and prints requests ok/failed (by
@@ -33,6 +33,8 @@
 // lorahub::client::PoolComposition (offsets 0, 3, 11, ... from i) at fixed
 // weights (--weights, default 2(K-j)/(K(K+1)) for slot j). Prompt i is line
 // i mod lines of FILE ({"input": ...} objects or plain text lines).
+// --outputs FILE writes each measured request's generated ids, one JSON line
+// per request (lorahub::client::OutputsJsonl), to compare two runs.
 //
 // generate streams text as it comes (human output) or one JSON object per
 // message (--json: {"ids":[...],"text":"..."} per chunk, then the end object
@@ -115,7 +117,7 @@ int Usage(const char* why = nullptr) {
                "       (--task NAME | --module ID | --modules a,b --weights x,y\n"
                "        | --module-pool a,b,c,... --per-request K [--weights x,y,..] | base)\n"
                "       [--max-new-tokens T] [decoding flags as generate] [--channels K]\n"
-               "       [--warmup N] [--timeout-s S]\n");
+               "       [--warmup N] [--timeout-s S] [--outputs FILE]\n");
   return kExitUsage;
 }
 
@@ -506,8 +508,27 @@ int Load(const std::string& server, const Opts& o) {
     return Usage(absl::StrCat("load: --prompts: ", prompts.status().message()).c_str());
   }
   opts.prompts = *std::move(prompts);
+  // Opened before any request is sent, so that an unwritable path is a flag error.
+  std::ofstream outputs;
+  if (o.Has("outputs")) {
+    if (!o.Get("outputs").empty()) {
+      outputs.open(o.Get("outputs"), std::ios::binary | std::ios::trunc);
+    }
+    if (!outputs.is_open()) {
+      return Usage(absl::StrCat("load: cannot write --outputs '", o.Get("outputs"), "'").c_str());
+    }
+    opts.keep_outputs = true;
+  }
   absl::StatusOr<lc::LoadReport> report = lc::RunLoad(opts);
   if (!report.ok()) return Usage(absl::StrCat("load: ", report.status().message()).c_str());
+  if (opts.keep_outputs) {
+    outputs << lc::OutputsJsonl(*report);
+    outputs.close();
+    if (!outputs) {
+      std::fprintf(stderr, "load: writing --outputs %s failed\n", o.Get("outputs").c_str());
+      return kExitError;
+    }
+  }
   if (o.json) {
     std::printf("%s\n", lc::ReportJson(*report).c_str());
   } else {
@@ -1038,7 +1059,7 @@ int main(int argc, char** argv) {
             "examples", "optimizer", "method", "budget", "population", "priority",
             "state", "wait", "device", "out", "density", "majority-sign",
             "dare-seed", "requests", "concurrency", "prompts", "module-pool",
-            "per-request", "channels", "warmup"};
+            "per-request", "channels", "warmup", "outputs"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());

@@ -104,7 +104,8 @@ gen_round_load() {
   timeout 900 "$ctl" --server "127.0.0.1:$port" --json load --requests "$n" \
     --concurrency "$gen_conc" --max-new-tokens "$gen_tokens" --timeout-s 300 \
     --module-pool "$all_mods" --per-request 3 --weights 0.5,0.3,0.2 \
-    --prompts "$fx/prompts.jsonl" >"$dir/load.json" 2>"$dir/load.err"
+    --prompts "$fx/prompts.jsonl" --outputs "$dir/outputs.jsonl" \
+    >"$dir/load.json" 2>"$dir/load.err"
   echo "   load ($n requests): $(cat "$dir/load.json") $(head -3 "$dir/load.err")" >>"$log"
   "$py" - "$dir/load.json" "$n" <<'PY'
 import json, sys

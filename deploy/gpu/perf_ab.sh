@@ -13,7 +13,8 @@
 #     `tar czf .gpu/models.tgz models`) for held-out tasks with 5 examples -> numerics_TASK.md;
 #  7. (SERVE=1) deploy/gpu/multi_gpu.sh on SERVE_DEVICES (default cuda:0): `lorahub serve` under
 #     `lorahubctl load` (SERVE_REQUESTS requests, default 512) -> serve/multi_gpu.{md,log}; with
-#     SERVE_ABS="tag ENV=V ...; ..." again per run with those variables set for the server.
+#     SERVE_ABS="tag ENV=V ...; ..." again per run with those variables set for the server,
+#     each run's generated ids compared with the first's.
 # Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout.
 #
 #   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
@@ -136,6 +137,20 @@ if [ "${SERVE:-0}" = 1 ]; then
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
       timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E '^\| cuda|gen:|jobs:|failed|did not'
     grep -h "lorahub engine" "$work/serve_$tag/multi_gpu.log"
+    # Greedy ids of every request against the first run's (same requests, same order).
+    [ "$tag" = main ] || python3 - "$work/serve_main" "$work/serve_$tag" <<'PY'
+import json, pathlib, sys
+def ids(d):
+    out = {}
+    for f in sorted(pathlib.Path(d).rglob("outputs.jsonl")):
+        for l in open(f):
+            o = json.loads(l)
+            out[(str(f.relative_to(d)), o["index"])] = (o["code"], o["ids"])
+    return out
+a, b = ids(sys.argv[1]), ids(sys.argv[2])
+same = sum(1 for k in a if k in b and a[k] == b[k] and a[k][0] == "OK")
+print("   outputs: %d of %d requests with the same ids as main (%d here)" % (same, len(a), len(b)))
+PY
   }
   serve_run main
   IFS=';' read -ra sruns <<<"${SERVE_ABS:-}"

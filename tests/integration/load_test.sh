@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `lorahubctl load` against the real `lorahub serve` on 127.0.0.1 (port 0,
 # temp data dir) with the modules of tests/testdata/t5/gated_untied:
-#  - a module-pool run: every request ok, and its token count equals the sum
-#    of what `lorahubctl generate` gives for each request's own composition
-#    (modules chosen by the documented rule, recomputed here), percentiles
-#    ordered, rates positive;
+#  - a module-pool run: every request ok, and each request's ids (--outputs)
+#    equal what `lorahubctl generate` gives for its own composition (modules
+#    chosen by the documented rule, recomputed here), token count their sum,
+#    percentiles ordered, rates positive;
 #  - failures: counted per gRPC code (all, and a pool where every third
 #    request names an unknown module), exit 1 with the summary printed;
 #  - bad flags exit 2; plain-text prompt files and the human summary.
@@ -41,7 +41,8 @@ nprompts=$(wc -l <"$tmp/prompts.jsonl")
 # 1. Module pool, 2 modules per request, default weights.
 c --json load --requests 12 --concurrency 4 --max-new-tokens 4 --warmup 2 \
   --module-pool m0,m1,m2 --per-request 2 --prompts "$tmp/prompts.jsonl" \
-  >"$tmp/load.json" 2>"$tmp/load.err" || fail "load rc $?: $(cat "$tmp/load.err")"
+  --outputs "$tmp/outputs.jsonl" >"$tmp/load.json" 2>"$tmp/load.err" ||
+  fail "load rc $?: $(cat "$tmp/load.err")"
 cat "$tmp/load.json"
 # Each request's composition, recomputed from the rule in
 # client/load_generator.h (slot j from (i + 0|3) mod 3, next free index on a
@@ -61,11 +62,22 @@ for i in range(12):
     print("%s\t%s\t%s" % (",".join(pool[m] for m in taken), weights, prompts[i % len(prompts)]))
 PY
 want=0
+i=0
 while IFS=$'\t' read -r mods weights text; do
   c --json generate --modules "$mods" --weights "$weights" --max-new-tokens 4 \
     --text "$text" | tail -1 >"$tmp/one" || fail "generate $mods"
-  n=$($py -c "import json,sys; print(len(json.load(open(sys.argv[1]))['output_ids']))" "$tmp/one")
+  n=$($py - "$tmp/one" "$tmp/outputs.jsonl" "$i" <<'PY'
+import json, sys
+ids = json.load(open(sys.argv[1]))["output_ids"]
+i = int(sys.argv[3])
+got = [json.loads(l) for l in open(sys.argv[2])]
+assert len(got) == 12 and [g["index"] for g in got] == list(range(12)), got
+assert got[i]["code"] == "OK" and got[i]["ids"] == ids, ("request", i, got[i], "alone", ids)
+print(len(ids))
+PY
+) || fail "request $i's ids differ from its own generate"
   want=$((want + n))
+  i=$((i + 1))
 done <"$tmp/each"
 $py - "$tmp/load.json" "$want" <<'PY' || fail "pool run summary"
 import json, sys
@@ -108,14 +120,20 @@ assert 'nope' in r['first_error'] and r['tokens'] == 0 and r['ttft_ms']['p50'] i
 " "$tmp/bad.json" || fail "unknown module summary: $(cat "$tmp/bad.json")"
 # --per-request 1: request i uses pool[i mod 3]; i = 2, 5 name 'nope'.
 c --json load --requests 6 --concurrency 3 --max-new-tokens 2 --module-pool m0,m1,nope \
-  --per-request 1 --prompts "$tmp/prompts.jsonl" >"$tmp/mixed.json"; rc=$?
+  --per-request 1 --prompts "$tmp/prompts.jsonl" --outputs "$tmp/mixed.jsonl" \
+  >"$tmp/mixed.json"; rc=$?
 [ $rc = 1 ] || fail "mixed pool: rc $rc"
 $py -c "
 import json, sys
 r = json.load(open(sys.argv[1]))
 assert r['ok'] == 4 and r['failed'] == 2 and r['failed_by_code'] == {'NOT_FOUND': 2}, r
 assert r['failed_indices'] == [2, 5], r
-assert 0 < r['tokens'] <= 8, r" "$tmp/mixed.json" || fail "mixed pool: $(cat "$tmp/mixed.json")"
+assert 0 < r['tokens'] <= 8, r
+out = [json.loads(l) for l in open(sys.argv[2])]
+assert [o['code'] for o in out] == ['OK', 'OK', 'NOT_FOUND'] * 2, out
+assert all(o['ids'] == [] for o in out if o['code'] != 'OK'), out
+assert sum(len(o['ids']) for o in out) == r['tokens'], (out, r)" \
+  "$tmp/mixed.json" "$tmp/mixed.jsonl" || fail "mixed pool: $(cat "$tmp/mixed.json")"
 # --per-request 2 over m0,m1,nope: slot 1 = (i + 3) mod 3 clashes with slot 0
 # and moves on: i mod 3 = 0 -> m0,m1 (ok), 1 -> m1,nope, 2 -> nope,m0.
 c --json load --requests 6 --concurrency 3 --max-new-tokens 2 --module-pool m0,m1,nope \
@@ -180,4 +198,5 @@ usage "timeout-s" --requests 2 --timeout-s 0 base "${P[@]}"
 usage "requests must be in" --requests 2000000000 base "${P[@]}"
 usage "concurrency must be in" --requests 2 --concurrency 100000 base "${P[@]}"
 usage "channels must be in" --requests 2 --concurrency 2 --channels 3 base "${P[@]}"
+usage "cannot write --outputs" --requests 2 base "${P[@]}" --outputs "$tmp/no/such/dir/o"
 echo "PASS"
