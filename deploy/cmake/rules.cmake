@@ -10,10 +10,14 @@ set(_LH_CC_FLAGS ALWAYSLINK SHARED)
 # CUDA-only sources (a srcs select() on //deploy/cmake:cuda): CUDA_SRCS
 # replace CPU_SRCS when LibTorch has CUDA (LORAHUB_CUDA_ENABLED, set by
 # external.cmake). A macro, so that it edits the caller's ARG_SRCS.
-# Each CUDA source is first compiled on its own at configure time (try_compile,
-# cached): if one does not compile against this LibTorch, the target keeps its
-# CPU sources, with a warning, instead of failing the whole build; with
-# -DLORAHUB_CUDA=ON that is a configure error (LORAHUB_CUDA_FALLBACK).
+# With AUTO, each CUDA source is first compiled on its own at configure time
+# (try_compile, cached): if one does not compile against this LibTorch, the
+# target keeps its CPU sources, with a warning, instead of failing the whole
+# build. With -DLORAHUB_CUDA=ON there is no such probe: a CUDA source that
+# does not compile fails the build itself, as ON asks, and the configure step
+# does not compile every CUDA source an extra time, one after another (the
+# configure step took 115 s on the GPU host in the seventeenth session; the
+# build compiles the same sources again, in parallel).
 macro(_lorahub_pick_cuda_srcs)
   set(_lh_use_cuda FALSE)
   if(LORAHUB_CUDA_ENABLED AND ARG_CUDA_SRCS)
@@ -29,7 +33,7 @@ macro(_lorahub_pick_cuda_srcs)
       endif()
       if(_lh_src MATCHES "\\.(cc|cpp|cxx|cu)$")
         string(MAKE_C_IDENTIFIER "${_lh_src}" _lh_id)
-        if(_lh_src MATCHES "\\.cu$" AND NOT LORAHUB_NVCC)
+        if((_lh_src MATCHES "\\.cu$" AND NOT LORAHUB_NVCC) OR LORAHUB_CUDA STREQUAL "ON")
           continue()
         endif()
         try_compile(_lh_cuda_ok_${_lh_id} "${CMAKE_BINARY_DIR}/cuda_src_probe/${_lh_id}"

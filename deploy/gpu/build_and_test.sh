@@ -110,7 +110,7 @@ say "$(cmake --version | head -1), ninja $(ninja --version), $(${CXX:-c++} --ver
 command -v nvcc >/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin; }
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 # LORAHUB_CUDA=ON: a CUDA-only source that does not compile fails the
-# configure instead of leaving its target on the CPU stubs (deploy/cmake/README.md).
+# build instead of leaving its target on the CPU stubs (deploy/cmake/README.md).
 cmake -S deploy/cmake -B "$build" -G Ninja \
   -DLORAHUB_CUDA="${LORAHUB_CUDA:-ON}" \
   -DLORAHUB_DEPS_PREFIX="$prefix" \
