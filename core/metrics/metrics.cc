@@ -288,6 +288,15 @@ void ServiceMetrics::Build() {
                   &busy.Add({{"phase", "step"}}),
                   &busy.Add({{"phase", "emit"}})};
 
+  auto& admitted = prometheus::BuildCounter()
+                       .Name("lorahub_engine_admitted_rows_total")
+                       .Help(
+                           "Generate rows admitted to a running batch, by "
+                           "how they decode (row slots or eagerly).")
+                       .Register(reg);
+  admitted_rows_ = {&admitted.Add({{"path", "eager"}}),
+                    &admitted.Add({{"path", "slots"}})};
+
   auto& jobs = prometheus::BuildGauge()
                    .Name("lorahub_compose_jobs")
                    .Help("Compose jobs known to the server, by state.")
@@ -451,6 +460,11 @@ void ServiceMetrics::ObserveBatchSize(int rows) {
 
 void ServiceMetrics::AddAdapterSlotLoads(int64_t loads) {
   if (loads > 0) adapter_slot_loads_->Increment(static_cast<double>(loads));
+}
+
+void ServiceMetrics::AddAdmittedRows(bool slots, int64_t rows) {
+  if (rows <= 0) return;
+  admitted_rows_[slots ? 1 : 0]->Increment(static_cast<double>(rows));
 }
 
 void ServiceMetrics::AddEngineBusySeconds(EnginePhase phase, double seconds) {

@@ -153,6 +153,11 @@ class ServiceMetrics {
   // the sum over phases is how busy the engine threads are.
   enum class EnginePhase { kAdmit, kStep, kEmit };
   void AddEngineBusySeconds(EnginePhase phase, double seconds);
+  // Generate rows admitted to a running batch, by how they decode:
+  // lorahub_engine_admitted_rows_total{path="slots"|"eager"} (row slots of
+  // a captured decoder, or the eager loop: long rows, no room for them in
+  // --slot-decoder-bytes, or slot decoding off). Negative counts ignored.
+  void AddAdmittedRows(bool slots, int64_t rows);
 
   // --- Compose jobs ----------------------------------------------------
   // A job moved `from` -> `to`: lorahub_compose_job_transitions_total{state=to}
@@ -220,6 +225,7 @@ class ServiceMetrics {
   prometheus::Histogram* batch_size_ = nullptr;
   prometheus::Counter* adapter_slot_loads_ = nullptr;
   std::array<prometheus::Counter*, 3> engine_busy_{};  // by EnginePhase
+  std::array<prometheus::Counter*, 2> admitted_rows_{};  // eager, slots
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};

@@ -133,6 +133,24 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::CreateSlots(
   return d;
 }
 
+int64_t StaticDecoder::SlotBytes(const T5Weights& weights,
+                                 const SlotDecoderShape& shape) {
+  const config::T5Config& c = weights.config;
+  const int64_t L = static_cast<int64_t>(weights.decoder.size());
+  const int64_t B = shape.rows, C = shape.capacity, S = shape.encoder_length;
+  const int64_t heads_kv = c.num_heads * c.d_kv;
+  const int64_t self_kv =
+      2 * L * B * C * heads_kv * at::elementSize(DecodeKvDtype(weights.dtype));
+  const int64_t cross_kv =
+      2 * L * B * S * heads_kv *
+      at::elementSize(DecodeCrossKvDtype(weights.dtype, weights.device));
+  const int64_t fp32 = 4;
+  const int64_t biases = (c.num_heads * C * C + B * S) * fp32;
+  const int64_t logits = B * weights.lm_head.size(0) * fp32;
+  const int64_t rows = B * (8 + 8 + 8 + fp32);  // tokens, t, slots, mask
+  return self_kv + cross_kv + biases + logits + rows;
+}
+
 void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
   const T5Weights& w = *w_;
   const config::T5Config& c = w.config;

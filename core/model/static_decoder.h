@@ -90,6 +90,11 @@ class StaticDecoder {
   // InvalidArgument for sizes <= 0; Internal for LibTorch errors.
   static absl::StatusOr<std::unique_ptr<StaticDecoder>> CreateSlots(
       const T5Weights& weights, const SlotDecoderShape& shape, bool cuda_graph);
+  // Device bytes of the buffers CreateSlots (or Grow to `shape`) allocates
+  // for `shape`: the self- and cross-attention caches, the biases, logits
+  // and inputs (not the graph's working memory).
+  static int64_t SlotBytes(const T5Weights& weights,
+                           const SlotDecoderShape& shape);
 
   ~StaticDecoder();
   StaticDecoder(const StaticDecoder&) = delete;

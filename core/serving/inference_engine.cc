@@ -227,8 +227,42 @@ struct InferenceEngine::State {
   int64_t Running() const {
     return static_cast<int64_t>(rows.size()) + slot_running;
   }
+  // Whether `row` decodes in the row slots: slot decoding on, at most
+  // kMaxSlotTokens new tokens, and a slot decoder of its lengths within
+  // EngineOptions::slot_decoder_bytes.
   bool TakesSlot(const Row& row) const {
-    return slot_decoding && row.req.params.max_new_tokens <= kMaxSlotTokens;
+    return slot_decoding && row.req.params.max_new_tokens <= kMaxSlotTokens &&
+           SlotShapeFor({&row}).ok();
+  }
+
+  // The slot decoder's shape for rows of `rows`' lengths (and the running
+  // rows'), power-of-two sizes (a few captures over a server's life);
+  // ResourceExhausted over EngineOptions::slot_decoder_bytes.
+  absl::StatusOr<model::SlotDecoderShape> SlotShapeFor(
+      const std::vector<const Row*>& rows) const {
+    int64_t tokens = 1, prompt = 1;
+    for (const Row* r : rows) {
+      tokens = std::max(tokens, r->req.params.max_new_tokens);
+      prompt = std::max(prompt, static_cast<int64_t>(r->req.input_ids.size()));
+    }
+    model::SlotDecoderShape shape{
+        engine->options_.max_batch_rows,
+        model::StaticDecoderPool::BucketLength(tokens),
+        model::StaticDecoderPool::BucketLength(prompt)};
+    if (slot_decoder) {
+      shape.capacity = std::max(shape.capacity, slot_decoder->capacity());
+      shape.encoder_length =
+          std::max(shape.encoder_length, slot_decoder->encoder_length());
+    }
+    const int64_t bytes = model::StaticDecoder::SlotBytes(w, shape);
+    if (bytes > engine->options_.slot_decoder_bytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("row slots for ", shape.capacity, " new and ",
+                       shape.encoder_length, " prompt tokens would take ",
+                       bytes, " bytes, over --slot-decoder-bytes ",
+                       engine->options_.slot_decoder_bytes));
+    }
+    return shape;
   }
 
   metrics::ServiceMetrics* metrics() { return engine->metrics_; }
@@ -336,28 +370,29 @@ struct InferenceEngine::State {
                          adapters_of_rows);
   }
 
-  // Puts `incoming` into free row slots of the slot decoder (created, or
-  // grown to their lengths, first) with one encoder pass for them.
+  // Creates the slot decoder, or grows it, for the lengths of `incoming`.
+  // An error (e.g. out of device memory) leaves the decoder and its rows as
+  // they were: the caller then decodes `incoming` eagerly.
+  absl::Status FitSlots(const std::vector<Row>& incoming) {
+    std::vector<const Row*> rows;
+    for (const Row& r : incoming) rows.push_back(&r);
+    LH_ASSIGN_OR_RETURN(const model::SlotDecoderShape shape,
+                        SlotShapeFor(rows));
+    if (slot_decoder) {
+      return slot_decoder->Grow(shape.capacity, shape.encoder_length);
+    }
+    LH_ASSIGN_OR_RETURN(slot_decoder, model::StaticDecoder::CreateSlots(
+                                          w, shape, /*cuda_graph=*/true));
+    slot_bank_synced = -1;
+    slot_rows.assign(static_cast<size_t>(shape.rows), std::nullopt);
+    slot_tokens.assign(static_cast<size_t>(shape.rows), w.config.pad_token_id);
+    return absl::OkStatus();
+  }
+
+  // Puts `incoming` into free row slots of the slot decoder (FitSlots
+  // first) with one encoder pass for them.
   absl::Status AdmitSlots(std::vector<Row> incoming) {
-    const int64_t slots = engine->options_.max_batch_rows;
-    int64_t tokens = 1, prompt = 1;
-    for (const Row& r : incoming) {
-      tokens = std::max(tokens, r.req.params.max_new_tokens);
-      prompt = std::max(prompt, static_cast<int64_t>(r.req.input_ids.size()));
-    }
-    // Power-of-two sizes: a few captures over a server's life.
-    const int64_t capacity = model::StaticDecoderPool::BucketLength(tokens);
-    const int64_t keys = model::StaticDecoderPool::BucketLength(prompt);
-    if (!slot_decoder) {
-      LH_ASSIGN_OR_RETURN(slot_decoder,
-                          model::StaticDecoder::CreateSlots(
-                              w, {slots, capacity, keys}, /*cuda_graph=*/true));
-      slot_bank_synced = -1;
-      slot_rows.assign(static_cast<size_t>(slots), std::nullopt);
-      slot_tokens.assign(static_cast<size_t>(slots), w.config.pad_token_id);
-    } else {
-      LH_RETURN_IF_ERROR(slot_decoder->Grow(capacity, keys));
-    }
+    LH_RETURN_IF_ERROR(FitSlots(incoming));  // a no-op after the caller's
     std::vector<int64_t> positions, adapter_slots;
     size_t p = 0;
     for (Row& r : incoming) {
@@ -1136,10 +1171,23 @@ void InferenceEngine::Loop() {
         (s.TakesSlot(r) ? slotted : eager).push_back(std::move(r));
       }
       if (!slotted.empty()) {
-        absl::Status st = s.AdmitSlots(std::move(slotted));
-        if (!st.ok()) s.FailAll(st);
+        if (absl::Status fit = s.FitSlots(slotted); !fit.ok()) {
+          // Their lengths do not fit the row slots (the device memory for
+          // a larger decoder): they decode eagerly, the slots' rows go on.
+          std::fprintf(stderr,
+                       "lorahub engine %s: %zu rows decode eagerly: no row "
+                       "slots for them (%s)\n",
+                       options_.device_name.c_str(), slotted.size(),
+                       std::string(fit.message()).c_str());
+          for (Row& r : slotted) eager.push_back(std::move(r));
+        } else {
+          if (metrics_) metrics_->AddAdmittedRows(true, slotted.size());
+          absl::Status st = s.AdmitSlots(std::move(slotted));
+          if (!st.ok()) s.FailAll(st);
+        }
       }
       if (!eager.empty()) {
+        if (metrics_) metrics_->AddAdmittedRows(false, eager.size());
         absl::Status st = s.Admit(std::move(eager));
         if (!st.ok()) s.FailAll(st);
       }

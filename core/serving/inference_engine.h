@@ -125,6 +125,13 @@ struct EngineOptions {
   // environment variable LORAHUB_SLOT_DECODING=off|cuda|always overrides
   // this (A/B runs).
   SlotDecoding slot_decoding = SlotDecoding::kCuda;
+  // Device bytes the row slots' decoder may hold (its caches grow to the
+  // longest prompt and max_new_tokens admitted, in powers of two;
+  // StaticDecoder::SlotBytes): rows whose lengths would need more decode
+  // eagerly instead (--slot-decoder-bytes; counted in
+  // lorahub_engine_admitted_rows_total{path="eager"}). flan-t5-large at 64
+  // rows: 0.8 GB for 32 new and 64 prompt tokens, 4.8 GB for 256 and 256.
+  int64_t slot_decoder_bytes = int64_t{8} << 30;
   // Label used for log lines and metrics ("cpu", "cuda:0").
   std::string device_name = "cpu";
 };

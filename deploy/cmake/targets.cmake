@@ -2225,6 +2225,7 @@ lorahub_cc_test(tests_server_inference_engine_test
     core_metrics_metrics
     core_model_model
     core_model_loader
+    core_model_static_decoder
     core_serving_serving
     ext_absl_absl
     ext_gtest_gtest_main

@@ -76,7 +76,7 @@ int RunServe(int argc, char** argv) {
                  "dtype", "hub-endpoint", "cache-dir", "max-batch-rows",
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
-                 "config"},
+                 "slot-decoder-bytes", "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
@@ -125,16 +125,19 @@ int RunServe(int argc, char** argv) {
   {
     auto host = args->GetInt("host-cache-bytes", kDefaultHostCacheBytes);
     auto device = args->GetInt("device-cache-bytes", eo.device_cache_bytes);
-    for (const auto* v : {&host, &device}) {
+    auto slots = args->GetInt("slot-decoder-bytes", eo.slot_decoder_bytes);
+    for (const auto* v : {&host, &device, &slots}) {
       if (!v->ok()) return ReportError("serve", v->status());
       if (**v < 0) {
-        return ReportError("serve", absl::InvalidArgumentError(
-                                        "--host-cache-bytes and --device-cache-bytes "
-                                        "must be >= 0"));
+        return ReportError("serve",
+                           absl::InvalidArgumentError(
+                               "--host-cache-bytes, --device-cache-bytes and "
+                               "--slot-decoder-bytes must be >= 0"));
       }
     }
     host_cache_bytes = *host;
     eo.device_cache_bytes = *device;
+    eo.slot_decoder_bytes = *slots;
   }
   absl::StatusOr<double> grace = args->GetDouble("shutdown-grace-s", 10);
   if (!grace.ok()) return ReportError("serve", grace.status());

@@ -212,6 +212,9 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
   metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kEmit, -1);
   metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kAdmit, NAN);
+  metrics_->AddAdmittedRows(/*slots=*/true, 5);
+  metrics_->AddAdmittedRows(/*slots=*/false, 2);
+  metrics_->AddAdmittedRows(/*slots=*/false, -3);  // ignored
   metrics_->ObserveJobDuration(JobState::kSucceeded, 8.5);
   metrics_->ObserveJobDuration(JobState::kFailed, 0.3);
   metrics_->ObserveJobDuration(JobState::kRunning, 1.0);  // Not final.
@@ -242,6 +245,12 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   EXPECT_THAT(busy("step"), Optional(0.75));
   EXPECT_THAT(busy("emit"), Optional(0.0));   // negative: ignored
   EXPECT_THAT(busy("admit"), Optional(0.0));  // NaN: ignored
+  EXPECT_THAT(
+      FindValue(s, "lorahub_engine_admitted_rows_total", {{"path", "slots"}}),
+      Optional(5.0));
+  EXPECT_THAT(
+      FindValue(s, "lorahub_engine_admitted_rows_total", {{"path", "eager"}}),
+      Optional(2.0));
   EXPECT_THAT(FindValue(s, "lorahub_compose_job_duration_seconds_bucket",
                         {{"state", "succeeded"}, {"le", "5"}}),
               Optional(0.0));
@@ -362,6 +371,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_batch_size_rows",
                        "lorahub_adapter_slot_loads_total",
                        "lorahub_engine_busy_seconds_total",
+                       "lorahub_engine_admitted_rows_total",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_evaluations_total",
@@ -375,9 +385,8 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_download_duration_seconds",
                        "lorahub_device_memory_used_bytes",
                    }));
-  const std::set<std::string> allowed_labels = {"method",  "code",   "state",
-                                                "tier", "result", "device",
-                                                "phase"};
+  const std::set<std::string> allowed_labels = {
+      "method", "code", "state", "tier", "result", "device", "phase", "path"};
   for (const auto& f : families) {
     SCOPED_TRACE(f.name);
     EXPECT_TRUE(absl::StartsWith(f.name, "lorahub_"));

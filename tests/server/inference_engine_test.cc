@@ -3,6 +3,10 @@
 // tokens, whatever joins or leaves the batch around it.
 #include "core/serving/inference_engine.h"
 
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <prometheus/registry.h>
+
 #include <atomic>
 #include <chrono>
 #include <fstream>
@@ -10,20 +14,18 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <string>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
-#include <prometheus/registry.h>
 
 #include "absl/time/clock.h"
 #include "core/metrics/metrics.h"
 #include "core/model/generate.h"
 #include "core/model/loader.h"
+#include "core/model/static_decoder.h"
+#include "core/model/static_decoder_pool.h"
 
 namespace lorahub::serving {
 namespace {
@@ -386,6 +388,51 @@ TEST_P(EngineBatchTest, LongRowsDecodeBesideTheSlots) {
     EXPECT_EQ(results[i]->streamed, out.output_ids);
   }
   EXPECT_EQ(engine->pending(), 0);
+}
+
+// Rows whose lengths would take the row slots' decoder over
+// slot_decoder_bytes decode eagerly; the others still take slots, and every
+// request gives its tokens alone.
+TEST_F(EngineTest, RowsOverTheSlotBudgetDecodeEagerly) {
+  const int64_t rows = 4;
+  int64_t prompt = 1;
+  for (int i = 0; i < 5; ++i) {
+    prompt = std::max<int64_t>(prompt, Unpadded(i).size());
+  }
+  EngineOptions o;
+  o.slot_decoding = SlotDecoding::kAlways;
+  o.max_batch_rows = rows;
+  // Room for 16 new tokens per row, not 32.
+  o.slot_decoder_bytes = model::StaticDecoder::SlotBytes(
+      **weights_, {rows, 16, model::StaticDecoderPool::BucketLength(prompt)});
+  auto engine = Start(o);
+  ASSERT_TRUE(engine);
+  std::vector<std::shared_ptr<Result>> results;
+  std::vector<DecodingParams> params;
+  const AdapterSpec spec{{"m1"}, {}};
+  for (int i = 0; i < 6; ++i) {
+    DecodingParams p;
+    p.max_new_tokens = i % 2 == 0 ? 10 : 30;
+    params.push_back(p);
+    results.push_back(std::make_shared<Result>());
+    ASSERT_TRUE(
+        engine->Submit(Make(Unpadded(i % 5), spec, p, results.back())).ok());
+  }
+  for (int i = 0; i < 6; ++i) {
+    GenerateOutcome out = results[i]->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    EXPECT_EQ(out.output_ids, Alone(Unpadded(i % 5), spec, params[i]))
+        << "request " << i;
+  }
+  std::map<std::string, double> admitted;
+  for (const auto& family : registry_->Collect()) {
+    if (family.name != "lorahub_engine_admitted_rows_total") continue;
+    for (const auto& m : family.metric) {
+      admitted[m.label[0].value] = m.counter.value;
+    }
+  }
+  EXPECT_EQ(admitted["slots"], 3);
+  EXPECT_EQ(admitted["eager"], 3);
 }
 
 TEST_P(EngineBatchTest, ClientGoneCancelsAndReleasesTheModule) {
