@@ -389,23 +389,34 @@ struct InferenceEngine::State {
     return absl::OkStatus();
   }
 
-  // Puts `incoming` into free row slots of the slot decoder (FitSlots
-  // first) with one encoder pass for them.
+  // Puts `incoming` into free row slots of the slot decoder (made to fit
+  // them by FitSlots before) with one encoder pass for them. Every row is
+  // in a slot before anything can fail (FailAll then ends it), or, without
+  // a slot for each, ended here with the error.
   absl::Status AdmitSlots(std::vector<Row> incoming) {
-    LH_RETURN_IF_ERROR(FitSlots(incoming));  // a no-op after the caller's
-    std::vector<int64_t> positions, adapter_slots;
+    const size_t free = static_cast<size_t>(
+        std::count(slot_rows.begin(), slot_rows.end(), std::nullopt));
+    if (free < incoming.size()) {  // the loop admits at most the free slots
+      const absl::Status st = absl::InternalError("engine: no free row slot");
+      for (Row& r : incoming) {
+        r.reason = FinishReason::kCancelled;
+        FinishGenerate(r, st);
+      }
+      return st;
+    }
+    std::vector<int64_t> positions;
     size_t p = 0;
     for (Row& r : incoming) {
-      while (p < slot_rows.size() && slot_rows[p]) ++p;
-      if (p == slot_rows.size()) {  // the loop admits at most the free slots
-        return absl::InternalError("engine: no free row slot");
-      }
-      slot_rows[p] = std::move(r);  // in the batch first: FailAll frees it
+      while (slot_rows[p]) ++p;
+      slot_rows[p] = std::move(r);
       slot_rows[p]->serial = ++last_serial;
       ++slot_running;
-      LH_RETURN_IF_ERROR(AcquireSlot(*slot_rows[p]));
       positions.push_back(static_cast<int64_t>(p));
-      adapter_slots.push_back(slot_rows[p]->slot);
+    }
+    std::vector<int64_t> adapter_slots;
+    for (int64_t q : positions) {
+      LH_RETURN_IF_ERROR(AcquireSlot(*slot_rows[q]));
+      adapter_slots.push_back(slot_rows[q]->slot);
     }
     LH_RETURN_IF_ERROR(SyncSlotBank());
     const model::AdapterBank* bank = ResidentBank();
