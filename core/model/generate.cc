@@ -30,10 +30,6 @@ constexpr double kNeg = -1.0e9;  // transformers' "very large negative"
 // Below this many new tokens a CUDA graph capture (two warm-up steps, the
 // capture, and a check against two eager steps) costs more than it saves.
 constexpr int64_t kMinGraphTokens = 8;
-// The static decoder attends over all max_new_tokens cache positions every
-// step (DecodeStep over t + 1): above this the extra cache reads cost more
-// than the dispatch they save, so longer runs decode with DecodeStep.
-constexpr int64_t kMaxStaticTokens = 256;
 
 absl::Status CheckOptions(const GenerateOptions& o) {
   if (o.max_new_tokens < 1 || o.max_new_tokens > kMaxNewTokens) {
@@ -94,7 +90,7 @@ class StepDecoder {
     StepDecoder d;
     d.w_ = &w;
     d.rows_ = rows;
-    if (o.cuda_graph && o.max_new_tokens <= kMaxStaticTokens) {
+    if (o.cuda_graph && o.max_new_tokens <= kStaticDecoderMaxTokens) {
       StaticDecoderOptions so;
       so.capacity = o.max_new_tokens;
       const bool reuse =
@@ -107,8 +103,8 @@ class StepDecoder {
         // Capacity bucketed too (extra positions stay masked: the causal
         // bias of step t hides keys > t), so that other max_new_tokens
         // share a decoder.
-        so.capacity = std::min(
-            kMaxStaticTokens, StaticDecoderPool::BucketLength(so.capacity));
+        so.capacity = std::min(kStaticDecoderMaxTokens,
+                               StaticDecoderPool::BucketLength(so.capacity));
         StaticDecoderPool& pool = o.decoder_pool != nullptr
                                       ? *o.decoder_pool
                                       : StaticDecoderPool::Global();

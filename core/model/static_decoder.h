@@ -56,6 +56,12 @@ struct StaticDecoderOptions {
   bool cuda_graph = true;
 };
 
+// The most new tokens worth a StaticDecoder: it attends over all its
+// capacity's cache positions every step (DecodeStep over t + 1), so above
+// this the extra cache reads cost more than the dispatch it saves (Generate
+// and the serving engine decode longer runs with DecodeStep).
+inline constexpr int64_t kStaticDecoderMaxTokens = 256;
+
 // The shape of a decoder of row slots (StaticDecoder::CreateSlots).
 struct SlotDecoderShape {
   int64_t rows = 0;            // row slots, > 0

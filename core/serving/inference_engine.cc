@@ -32,12 +32,6 @@ namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 
-// Rows asking for more new tokens decode eagerly beside the row slots: the
-// slot decoder attends over its whole capacity's bias row and keeps
-// [2, blocks, rows, heads, capacity, d_kv] fp32 caches (as Generate's
-// static decoder, model/generate.cc).
-constexpr int64_t kMaxSlotTokens = 256;
-
 // False when LORAHUB_NO_SERVE_AHEAD=1: the row slots' step is waited for
 // before the tokens are emitted and newcomers admitted (A/B).
 bool StepAhead() {
@@ -228,10 +222,12 @@ struct InferenceEngine::State {
     return static_cast<int64_t>(rows.size()) + slot_running;
   }
   // Whether `row` decodes in the row slots: slot decoding on, at most
-  // kMaxSlotTokens new tokens, and a slot decoder of its lengths within
+  // model::kStaticDecoderMaxTokens new tokens (longer rows decode eagerly
+  // beside the slots), and a slot decoder of its lengths within
   // EngineOptions::slot_decoder_bytes.
   bool TakesSlot(const Row& row) const {
-    return slot_decoding && row.req.params.max_new_tokens <= kMaxSlotTokens &&
+    return slot_decoding &&
+           row.req.params.max_new_tokens <= model::kStaticDecoderMaxTokens &&
            SlotShapeFor({&row}).ok();
   }
 
