@@ -32,6 +32,16 @@ namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 
+// False when LORAHUB_NO_SERVE_AHEAD=1: the row slots' step is waited for
+// before the tokens are emitted and newcomers admitted (A/B).
+bool StepAhead() {
+  static const bool off = [] {
+    const char* v = std::getenv("LORAHUB_NO_SERVE_AHEAD");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return !off;
+}
+
 // EngineOptions::slot_decoding, unless LORAHUB_SLOT_DECODING=off|cuda|always
 // says otherwise, for weights on `device`.
 bool UseSlotDecoding(SlotDecoding mode, const c10::Device& device) {
@@ -149,6 +159,7 @@ struct Row {
   std::optional<at::Generator> gen;
   bool done = false;
   FinishReason reason = FinishReason::kEos;
+  uint64_t serial = 0;  // row slots: which row a launched step stepped
 };
 
 struct InferenceEngine::State {
@@ -179,6 +190,17 @@ struct InferenceEngine::State {
   std::vector<int64_t> slot_tokens;
   int64_t slot_running = 0;
   int64_t slot_bank_synced = -1;  // slot_bank copies when last given to it
+  // The slot step launched and not collected yet: its logits (the decoder's
+  // buffer), their argmax (queued on the device) and the serial of the row
+  // it stepped in each slot (0: none, or a row that was done).
+  struct LaunchedStep {
+    at::Tensor logits, argmax;
+    std::vector<uint64_t> serials;
+  };
+  std::optional<LaunchedStep> launched;
+  // Tokens of the last collected step not emitted yet: (slot, token).
+  std::vector<std::pair<size_t, int64_t>> collected;
+  uint64_t last_serial = 0;
   // Where the engine thread's time went, logged when it stops: admissions
   // (encoder passes, cache setup), decoding steps up to their host sync, and
   // emitting tokens (the requests' callbacks, finishing rows).
@@ -383,6 +405,7 @@ struct InferenceEngine::State {
     for (Row& r : incoming) {
       while (slot_rows[p]) ++p;
       slot_rows[p] = std::move(r);
+      slot_rows[p]->serial = ++last_serial;
       ++slot_running;
       positions.push_back(static_cast<int64_t>(p));
     }
@@ -425,37 +448,77 @@ struct InferenceEngine::State {
     return absl::OkStatus();
   }
 
-  // One step of every row slot; finished rows leave their slots.
-  absl::Status SlotStep() {
+  // Row slots decode one step ahead of the host (the engine loop calls
+  // these in this order): SlotCollect waits for the launched step and picks
+  // every row's next token; SlotLaunch queues the next step on the device at
+  // once; SlotEmit then runs the tokens' callbacks and the admissions follow,
+  // both while the device computes. A row that ends by its callback (client
+  // gone) was stepped once more, and its result is dropped.
+  absl::Status SlotCollect() {
+    if (!launched) return absl::OkStatus();
     const absl::Time start = absl::Now();
-    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(slot_running));
+    std::vector<Row*> stepped(slot_rows.size(), nullptr);
+    for (size_t p = 0; p < slot_rows.size(); ++p) {
+      if (slot_rows[p] && slot_rows[p]->serial == launched->serials[p]) {
+        stepped[p] = &*slot_rows[p];
+      }
+    }
+    const std::vector<int64_t> next =
+        NextTokens(launched->logits, stepped, launched->argmax);
+    launched.reset();
+    for (size_t p = 0; p < stepped.size(); ++p) {
+      if (stepped[p] == nullptr) continue;
+      Decide(*stepped[p], next[p]);
+      collected.emplace_back(p, next[p]);
+      slot_tokens[p] = stepped[p]->done ? w.config.pad_token_id : next[p];
+    }
+    AddBusy(Phase::kStep, absl::Now() - start);
+    return absl::OkStatus();
+  }
+
+  // Queues one step of every row slot (no host sync).
+  absl::Status SlotLaunch() {
+    std::vector<uint64_t> serials(slot_rows.size(), 0);
+    int64_t rows_stepped = 0;
+    for (size_t p = 0; p < slot_rows.size(); ++p) {
+      if (slot_rows[p] && !slot_rows[p]->done) {
+        serials[p] = slot_rows[p]->serial;
+        ++rows_stepped;
+      }
+    }
+    if (rows_stepped == 0) return absl::OkStatus();
+    const absl::Time start = absl::Now();
+    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(rows_stepped));
     // Rows of the eager batch may have loaded adapters since the last step.
     LH_RETURN_IF_ERROR(SyncSlotBank());
     LH_ASSIGN_OR_RETURN(
         at::Tensor logits,
         slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
-    std::vector<Row*> by_slot;
-    for (std::optional<Row>& r : slot_rows) {
-      by_slot.push_back(r ? &*r : nullptr);
-    }
-    const std::vector<int64_t> next = NextTokens(logits, by_slot);
-    const absl::Time decoded = absl::Now();
-    AddBusy(Phase::kStep, decoded - start);
+    launched = LaunchedStep{logits, logits.argmax(-1), std::move(serials)};
     ++timing.steps;
-    timing.tokens += slot_running;
-    for (size_t p = 0; p < slot_rows.size(); ++p) {
-      if (!slot_rows[p]) continue;
-      if (Advance(*slot_rows[p], next[p])) {
-        FinishGenerate(*slot_rows[p], absl::OkStatus());
+    timing.tokens += rows_stepped;
+    AddBusy(Phase::kStep, absl::Now() - start);
+    return absl::OkStatus();
+  }
+
+  // Emits the collected tokens; finished rows leave their slots.
+  void SlotEmit() {
+    const absl::Time start = absl::Now();
+    for (const auto& [p, token] : collected) {
+      Row& row = *slot_rows[p];
+      if (!Emit(row, token)) {
+        row.done = true;
+        row.reason = FinishReason::kCancelled;
+      }
+      if (row.done) {
+        FinishGenerate(row, absl::OkStatus());
         slot_rows[p].reset();
         --slot_running;
         slot_tokens[p] = w.config.pad_token_id;
-      } else {
-        slot_tokens[p] = next[p];
       }
     }
-    AddBusy(Phase::kEmit, absl::Now() - decoded);
-    return absl::OkStatus();
+    collected.clear();
+    AddBusy(Phase::kEmit, absl::Now() - start);
   }
 
   // Ends every row in a slot with `status`; with `drop`, also the decoder
@@ -468,6 +531,8 @@ struct InferenceEngine::State {
       r.reset();
     }
     slot_running = 0;
+    launched.reset();
+    collected.clear();
     std::fill(slot_tokens.begin(), slot_tokens.end(), w.config.pad_token_id);
     if (drop) {
       slot_decoder.reset();
@@ -477,11 +542,14 @@ struct InferenceEngine::State {
   }
 
   // Greedy or sampled next token of every row of `logits` ([n, vocab]) for
-  // rows[i] (null: none wanted, the greedy pick is returned).
+  // rows[i] (null: none wanted, the greedy pick is returned); `argmax`: the
+  // greedy picks if already queued on the device.
   std::vector<int64_t> NextTokens(const at::Tensor& logits,
-                                  const std::vector<Row*>& rs) {
+                                  const std::vector<Row*>& rs,
+                                  const at::Tensor& argmax = at::Tensor()) {
     at::Tensor scores = logits.to(at::kFloat);
-    at::Tensor host = scores.argmax(-1).cpu();  // the one sync of the step
+    // The one sync of the step.
+    at::Tensor host = (argmax.defined() ? argmax : scores.argmax(-1)).cpu();
     std::vector<int64_t> next(host.data_ptr<int64_t>(),
                               host.data_ptr<int64_t>() + host.numel());
     for (size_t r = 0; r < rs.size(); ++r) {
@@ -496,13 +564,11 @@ struct InferenceEngine::State {
     return next;
   }
 
-  // Emits `token` for `row`; true when the row is done (eos, length, or
-  // cancelled), its reason set.
-  bool Advance(Row& row, int64_t token) {
+  // Counts `token` for `row` without emitting it: done (reason set) when
+  // the request was cancelled, at eos or at its length.
+  void Decide(Row& row, int64_t token) {
     ++row.steps;
-    const bool alive = Emit(row, token);
-    const bool cancelled = !alive || (row.req.cancel && row.req.cancel->load());
-    if (cancelled) {
+    if (row.req.cancel && row.req.cancel->load()) {
       row.done = true;
       row.reason = FinishReason::kCancelled;
     } else if (token == w.config.eos_token_id) {
@@ -511,6 +577,16 @@ struct InferenceEngine::State {
     } else if (row.steps >= row.req.params.max_new_tokens) {
       row.done = true;
       row.reason = FinishReason::kLength;
+    }
+  }
+
+  // Decide, then emits `token` (a client gone cancels); true when the row
+  // is done.
+  bool Advance(Row& row, int64_t token) {
+    Decide(row, token);
+    if (!Emit(row, token)) {
+      row.done = true;
+      row.reason = FinishReason::kCancelled;
     }
     return row.done;
   }
@@ -1051,6 +1127,19 @@ void InferenceEngine::Loop() {
         }
         continue;
       }
+      // The row slots' next step first, so that the device computes it while
+      // this thread emits tokens and admits newcomers (SlotCollect).
+      if (s.slot_running > 0) {
+        absl::Status st = s.SlotCollect();
+        if (st.ok()) st = s.SlotLaunch();
+        // LORAHUB_NO_SERVE_AHEAD=1 (A/B): wait for the step right away.
+        if (st.ok() && !StepAhead()) st = s.SlotCollect();
+        if (st.ok()) {
+          s.SlotEmit();
+        } else {
+          s.FailAll(st);
+        }
+      }
       if (solo) {
         if (auto* g = std::get_if<GenerateRequest>(&solo->work)) {
           s.RunBeam(std::move(*g), solo->enqueued);
@@ -1114,10 +1203,7 @@ void InferenceEngine::Loop() {
         absl::Status st = s.Step();
         if (!st.ok()) s.FailAll(st);
       }
-      if (s.slot_running > 0) {
-        absl::Status st = s.SlotStep();
-        if (!st.ok()) s.FailAll(st);
-      }
+
     } catch (const c10::Error& e) {
       s.FailAll(absl::InternalError(
           absl::StrCat("engine: ", e.what_without_backtrace())));

@@ -26,7 +26,11 @@
 // row slots (model/static_decoder.h CreateSlots), whose step is one CUDA
 // graph, replayed: each row keeps its slot, its own position and its cache
 // region from admission to its last token; newcomers are encoded together
-// and loaded into free slots; a finished row's slot is simply reused. Its
+// and loaded into free slots; a finished row's slot is simply reused. The
+// slots decode one step ahead of the host: each iteration collects the
+// launched step's tokens, launches the next step at once, and emits the
+// tokens and admits newcomers while the device computes it (a row ended by
+// its client is stepped once more; that result is dropped). Its
 // adapters are the SlotBank's resident bank (fixed addresses), so rows
 // coming and going never invalidate the graph. Longer rows take the shared
 // time axis above, beside the slots, in the same loop iteration.
