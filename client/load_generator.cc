@@ -56,6 +56,12 @@ v1::GenerateRequest MakeRequest(const LoadOptions& o, int64_t index) {
       c->add_module_ids(o.module_pool[m]);
     }
   }
+  if (o.weight_jitter > 0 && req.adapter().has_composition()) {
+    const float scale =
+        static_cast<float>(1.0 + o.weight_jitter * static_cast<double>(index % 1000) / 1000.0);
+    v1::ExplicitComposition* c = req.mutable_adapter()->mutable_composition();
+    for (int j = 0; j < c->weights_size(); ++j) c->set_weights(j, c->weights(j) * scale);
+  }
   return req;
 }
 
@@ -196,6 +202,12 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   }
   if (o.channels < 0 || o.channels > o.concurrency) {
     return absl::InvalidArgumentError("channels must be in [1, concurrency]");
+  }
+  if (!(o.weight_jitter >= 0 && o.weight_jitter <= 1)) {
+    return absl::InvalidArgumentError("weight jitter must be in [0, 1]");
+  }
+  if (o.weight_jitter > 0 && !o.request_template.adapter().has_composition()) {
+    return absl::InvalidArgumentError("weight jitter needs a composition (--modules or --module-pool)");
   }
   if (o.warmup < 0 || o.warmup > kMaxRequests) {
     return absl::InvalidArgumentError(absl::StrCat("warmup must be in [0, ", kMaxRequests, "]"));

@@ -64,6 +64,11 @@ struct LoadOptions {
   lorahub::v1::GenerateRequest request_template;
   std::vector<std::string> module_pool;
   int per_request = 0;
+  // With a composition adapter, request i scales every weight by
+  // 1 + weight_jitter * (i mod 1000) / 1000, in [0, 1]: up to 1000
+  // consecutive requests compose distinct adapters (0: every request of a
+  // module set composes the same one).
+  double weight_jitter = 0;
   // Keep every measured request's generated ids (RequestResult::output_ids,
   // for OutputsJsonl); off, a report holds no ids.
   bool keep_outputs = false;

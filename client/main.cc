@@ -23,7 +23,7 @@
 //          (--task NAME | --module ID | --modules a,b --weights x,y
 //           | --module-pool a,b,c,... --per-request K [--weights x,y,...] | base)
 //          [--max-new-tokens T] [generate's decoding flags] [--channels K]
-//          [--warmup N] [--timeout-s S] [--outputs FILE]
+//          [--warmup N] [--timeout-s S] [--outputs FILE] [--weight-jitter J]
 //
 // load runs N Generate streams from C threads of this process over K gRPC
 // connections (default one per 16 threads) and prints requests ok/failed (by
@@ -33,7 +33,9 @@
 // lorahub::client::PoolComposition (offsets 0, 3, 11, ... from i) at fixed
 // weights (--weights, default 2(K-j)/(K(K+1)) for slot j). Prompt i is line
 // i mod lines of FILE ({"input": ...} objects or plain text lines).
-// --outputs FILE writes each measured request's generated ids, one JSON line
+// --weight-jitter J scales request i's composition weights by
+// 1 + J (i mod 1000) / 1000 (distinct adapters: the composition and slot
+// loading paths under load). --outputs FILE writes each measured request's generated ids, one JSON line
 // per request (lorahub::client::OutputsJsonl), to compare two runs.
 //
 // generate streams text as it comes (human output) or one JSON object per
@@ -117,7 +119,8 @@ int Usage(const char* why = nullptr) {
                "       (--task NAME | --module ID | --modules a,b --weights x,y\n"
                "        | --module-pool a,b,c,... --per-request K [--weights x,y,..] | base)\n"
                "       [--max-new-tokens T] [decoding flags as generate] [--channels K]\n"
-               "       [--warmup N] [--timeout-s S] [--outputs FILE]\n");
+               "       [--warmup N] [--timeout-s S] [--outputs FILE]\n"
+               "       [--weight-jitter J]\n");
   return kExitUsage;
 }
 
@@ -469,6 +472,9 @@ int Load(const std::string& server, const Opts& o) {
   if (o.Has("timeout-s") &&
       (!absl::SimpleAtod(o.Get("timeout-s"), &opts.timeout_s) || !(opts.timeout_s > 0))) {
     return Usage("load: --timeout-s must be a number > 0");
+  }
+  if (o.Has("weight-jitter") && !absl::SimpleAtod(o.Get("weight-jitter"), &opts.weight_jitter)) {
+    return Usage("load: --weight-jitter must be a number in [0, 1]");
   }
   v1::GenerateRequest& req = opts.request_template;
   std::string bad;
@@ -1059,7 +1065,8 @@ int main(int argc, char** argv) {
             "examples", "optimizer", "method", "budget", "population", "priority",
             "state", "wait", "device", "out", "density", "majority-sign",
             "dare-seed", "requests", "concurrency", "prompts", "module-pool",
-            "per-request", "channels", "warmup", "outputs"};
+            "per-request", "channels", "warmup", "outputs",
+            "weight-jitter"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());

@@ -13,6 +13,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -191,13 +193,20 @@ struct InferenceEngine::State {
   int64_t slot_running = 0;
   int64_t slot_bank_synced = -1;  // slot_bank copies when last given to it
   // The slot step launched and not collected yet: its logits (the decoder's
-  // buffer), their argmax (queued on the device) and the serial of the row
-  // it stepped in each slot (0: none, or a row that was done).
+  // buffer), their argmax (on CUDA: argmax_host, being copied) and the
+  // serial of the row it stepped in each slot (0: none, or a row that was
+  // done).
   struct LaunchedStep {
     at::Tensor logits, argmax;
     std::vector<uint64_t> serials;
   };
   std::optional<LaunchedStep> launched;
+  // CUDA: pinned host memory the launched step's argmax is copied into, and
+  // the event recorded after that copy. SlotCollect waits for the event
+  // alone: a plain device-to-host copy at collection would also wait for
+  // the admissions' encoder passes queued since the launch.
+  at::Tensor argmax_host;
+  std::optional<c10::Event> argmax_copied;
   // Tokens of the last collected step not emitted yet: (slot, token).
   std::vector<std::pair<size_t, int64_t>> collected;
   uint64_t last_serial = 0;
@@ -463,6 +472,9 @@ struct InferenceEngine::State {
         stepped[p] = &*slot_rows[p];
       }
     }
+    if (argmax_copied) {
+      while (!argmax_copied->query()) std::this_thread::yield();
+    }
     const std::vector<int64_t> next =
         NextTokens(launched->logits, stepped, launched->argmax);
     launched.reset();
@@ -494,7 +506,19 @@ struct InferenceEngine::State {
     LH_ASSIGN_OR_RETURN(
         at::Tensor logits,
         slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
-    launched = LaunchedStep{logits, logits.argmax(-1), std::move(serials)};
+    at::Tensor argmax = logits.argmax(-1);
+    if (w.device.is_cuda()) {
+      if (!argmax_host.defined() || argmax_host.numel() != argmax.numel()) {
+        argmax_host = at::empty(
+            argmax.sizes(), at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      }
+      argmax_host.copy_(argmax, /*non_blocking=*/true);
+      if (!argmax_copied) argmax_copied.emplace(w.device.type());
+      c10::impl::VirtualGuardImpl guard(w.device.type());
+      argmax_copied->record(guard.getStream(w.device));
+      argmax = argmax_host;
+    }
+    launched = LaunchedStep{logits, argmax, std::move(serials)};
     ++timing.steps;
     timing.tokens += rows_stepped;
     AddBusy(Phase::kStep, absl::Now() - start);
@@ -543,17 +567,19 @@ struct InferenceEngine::State {
 
   // Greedy or sampled next token of every row of `logits` ([n, vocab]) for
   // rows[i] (null: none wanted, the greedy pick is returned); `argmax`: the
-  // greedy picks if already queued on the device.
+  // greedy picks if already computed (on the host: copied already).
   std::vector<int64_t> NextTokens(const at::Tensor& logits,
                                   const std::vector<Row*>& rs,
                                   const at::Tensor& argmax = at::Tensor()) {
-    at::Tensor scores = logits.to(at::kFloat);
-    // The one sync of the step.
-    at::Tensor host = (argmax.defined() ? argmax : scores.argmax(-1)).cpu();
+    // The one sync of the step, unless the picks are on the host already.
+    at::Tensor host =
+        (argmax.defined() ? argmax : logits.to(at::kFloat).argmax(-1)).cpu();
     std::vector<int64_t> next(host.data_ptr<int64_t>(),
                               host.data_ptr<int64_t>() + host.numel());
+    at::Tensor scores;
     for (size_t r = 0; r < rs.size(); ++r) {
       if (rs[r] == nullptr || !rs[r]->req.params.do_sample) continue;
+      if (!scores.defined()) scores = logits.to(at::kFloat);
       at::Tensor probs =
           at::softmax(Warp(scores.narrow(0, static_cast<int64_t>(r), 1),
                            rs[r]->req.params),

@@ -25,7 +25,9 @@
 # Environment: FIXTURE (default /tmp/lorahub_large, written with
 # ref_lorahub.py when missing), BIN (default .gpu/build/bin), DTYPE (bf16),
 # DEVICE_SETS, GEN_REQUESTS (1024), GEN_TOKENS (32), GEN_CONC (128),
-# GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3).
+# GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3),
+# WEIGHT_JITTER (load's --weight-jitter: every request its own composition).
+# Each gen round's generated ids go to $OUT/outputs_N.jsonl (N devices).
 # Expected run time on an nvidia-h200-x2 host: about 3-5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -105,6 +107,7 @@ gen_round_load() {
     --concurrency "$gen_conc" --max-new-tokens "$gen_tokens" --timeout-s 300 \
     --module-pool "$all_mods" --per-request 3 --weights 0.5,0.3,0.2 \
     --prompts "$fx/prompts.jsonl" --outputs "$dir/outputs.jsonl" \
+    ${WEIGHT_JITTER:+--weight-jitter "$WEIGHT_JITTER"} \
     >"$dir/load.json" 2>"$dir/load.err"
   echo "   load ($n requests): $(cat "$dir/load.json") $(head -3 "$dir/load.err")" >>"$log"
   "$py" - "$dir/load.json" "$n" <<'PY'

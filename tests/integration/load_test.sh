@@ -108,6 +108,25 @@ r = json.load(open(sys.argv[1]))
 assert r['ok'] == 8 and r['channels'] == 3 and 0 < r['tokens'] <= 24, r" "$tmp/ch.json" ||
   fail "channels run: $(cat "$tmp/ch.json")"
 
+# 2b. --weight-jitter: every request composes its own adapter (the bank's
+# slot loads count one per request), without it one adapter serves all.
+mport=$(sed -n 's/^metrics listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
+[ -n "$mport" ] || fail "server did not print its metrics port"
+slot_loads() {
+  curl -s "http://127.0.0.1:$mport/metrics" |
+    awk '$1 == "lorahub_adapter_slot_loads_total" {print int($2)}'
+}
+before=$(slot_loads)
+c --json load --requests 5 --concurrency 1 --max-new-tokens 1 --modules m1,m2 \
+  --weights 0.4,0.6 --prompts "$tmp/prompts.jsonl" >/dev/null || fail "no-jitter run"
+mid=$(slot_loads)
+c --json load --requests 5 --concurrency 1 --max-new-tokens 1 --modules m1,m2 \
+  --weights 0.4,0.6 --weight-jitter 0.5 --prompts "$tmp/prompts.jsonl" >/dev/null ||
+  fail "jitter run"
+after=$(slot_loads)
+[ -n "$before" ] && [ $((mid - before)) = 1 ] && [ $((after - mid)) = 4 ] ||
+  fail "slot loads: $before -> $mid (same weights: want +1) -> $after (jitter: want +4, request 0 as before)"
+
 # 3. Failures by code: an unknown module in every request, then in a third.
 c --json load --requests 3 --concurrency 2 --modules m0,nope --weights 0.5,0.5 \
   --prompts "$tmp/prompts.jsonl" >"$tmp/bad.json" 2>"$tmp/bad.err"; rc=$?
@@ -198,5 +217,9 @@ usage "timeout-s" --requests 2 --timeout-s 0 base "${P[@]}"
 usage "requests must be in" --requests 2000000000 base "${P[@]}"
 usage "concurrency must be in" --requests 2 --concurrency 100000 base "${P[@]}"
 usage "channels must be in" --requests 2 --concurrency 2 --channels 3 base "${P[@]}"
+usage "weight jitter must be in" --requests 2 --modules m0,m1 --weights 1,1 --weight-jitter 2 \
+  "${P[@]}"
+usage "weight-jitter must be a number" --requests 2 base --weight-jitter x "${P[@]}"
+usage "jitter needs a composition" --requests 2 --module m0 --weight-jitter 0.1 "${P[@]}"
 usage "cannot write --outputs" --requests 2 base "${P[@]}" --outputs "$tmp/no/such/dir/o"
 echo "PASS"
