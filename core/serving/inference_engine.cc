@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <utility>
@@ -227,6 +229,12 @@ struct InferenceEngine::State {
   }
 
   // Rows decoding now, in both batches.
+  // Generate requests finished so far (a row's end may unpin its adapter).
+  uint64_t finished = 0;
+  // `finished` when a newcomer last waited for device cache room
+  // (the engine loop retries only after some row finished since).
+  std::optional<uint64_t> waiting_since;
+
   int64_t Running() const {
     return static_cast<int64_t>(rows.size()) + slot_running;
   }
@@ -273,6 +281,7 @@ struct InferenceEngine::State {
   metrics::ServiceMetrics* metrics() { return engine->metrics_; }
 
   void FinishGenerate(Row& row, absl::Status status) {
+    ++finished;
     if (row.slot >= 0 && slot_bank) slot_bank->Release(row.slot);
     row.slot = -1;
     GenerateOutcome out;
@@ -1175,10 +1184,29 @@ void InferenceEngine::Loop() {
         }
       }
       std::vector<Row> admitted;
-      for (Queued& q : incoming) {
+      for (size_t i = 0; i < incoming.size(); ++i) {
+        GenerateRequest& req = std::get<GenerateRequest>(incoming[i].work);
+        absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> adapter;
+        if (!(req.cancel && req.cancel->load())) {
+          // The device cache was full of the adapters of running rows (or
+          // rows joining now): this request and those behind it wait at the
+          // head of the queue until a row finishes and may unpin its own.
+          const bool others = s.Running() > 0 || !admitted.empty();
+          const bool wait = others && s.waiting_since == s.finished;
+          if (!wait) adapter = s.adapters.Get(req.adapter);
+          if (wait || (others && absl::IsResourceExhausted(adapter.status()))) {
+            s.waiting_since = s.finished;
+            std::lock_guard<std::mutex> lock(mu_);
+            queue_.insert(queue_.begin(), std::make_move_iterator(incoming.begin() + i),
+                          std::make_move_iterator(incoming.end()));
+            incoming.erase(incoming.begin() + i, incoming.end());
+            break;
+          }
+          s.waiting_since.reset();
+        }
         Row row;
-        row.req = std::move(std::get<GenerateRequest>(q.work));
-        row.enqueued = q.enqueued;
+        row.req = std::move(req);
+        row.enqueued = incoming[i].enqueued;
         row.started = absl::Now();
         if (metrics_) metrics_->ObserveQueueTime(Seconds(row.started - row.enqueued));
         if (row.req.cancel && row.req.cancel->load()) {
@@ -1186,8 +1214,6 @@ void InferenceEngine::Loop() {
           s.FinishGenerate(row, absl::OkStatus());
           continue;
         }
-        absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> adapter =
-            s.adapters.Get(row.req.adapter);
         if (!adapter.ok()) {
           s.FinishGenerate(row, adapter.status());
           continue;

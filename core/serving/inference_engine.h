@@ -38,7 +38,11 @@
 // Each row carries its own adapter: the distinct adapters of the batch are
 // stacked into an AdapterBank, one slot each, and every row indexes its slot;
 // a batch without adapters runs with no bank at all (zero extra cost), rows
-// without an adapter are masked out of the LoRA path.
+// without an adapter are masked out of the LoRA path. A newcomer's adapter
+// is composed (or found in the device cache) when it joins, and stays pinned
+// until its row ends; when the cache (--device-cache-bytes) is full of the
+// adapters of running rows, the newcomer and those behind it wait at the
+// head of the queue until a row ends, instead of failing.
 //
 // Beam search and scoring run as their own batch, between two decoding steps
 // of the running batch (which waits meanwhile): simpler, and exact.

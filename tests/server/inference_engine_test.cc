@@ -26,6 +26,7 @@
 #include "core/model/loader.h"
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
+#include "core/serving/module_tier.h"
 
 namespace lorahub::serving {
 namespace {
@@ -263,6 +264,38 @@ TEST_P(EngineBatchTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
   // is copied into the running batch's bank once, however often its rows
   // come and go (model/slot_bank.h).
   EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), 4);
+}
+
+// A device cache with room for two compositions beside the modules, and
+// eight requests of distinct compositions: the requests past the room wait
+// at the head of the queue until running rows finish (and unpin theirs),
+// instead of failing with RESOURCE_EXHAUSTED.
+TEST_P(EngineBatchTest, NewcomersWaitForDeviceCacheRoom) {
+  const model::T5Weights& w = **weights_;
+  std::vector<double> eff;
+  auto module =
+      model::LoadComposedAdapter(w, {std::string(kCase) + "/adapters/m0"}, {}, &eff);
+  ASSERT_TRUE(module.ok()) << module.status();
+  const int64_t adapter_bytes = ModuleTier::AdapterBytes(**module);
+  EngineOptions o = Options();
+  o.max_batch_rows = 8;
+  o.device_cache_bytes = 5 * adapter_bytes;  // three modules, two compositions
+  auto engine = Start(o);
+  ASSERT_TRUE(engine);
+  std::vector<std::shared_ptr<Result>> results;
+  std::vector<AdapterSpec> specs;
+  DecodingParams p;
+  p.max_new_tokens = 12;
+  for (int i = 0; i < 8; ++i) {
+    specs.push_back({{"m0", "m1", "m2"}, {0.5 + 0.1 * i, -0.3, 0.8}});
+    results.push_back(std::make_shared<Result>());
+    ASSERT_TRUE(engine->Submit(Make(Unpadded(i % 5), specs[i], p, results[i])).ok());
+  }
+  for (int i = 0; i < 8; ++i) {
+    GenerateOutcome out = results[i]->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << "request " << i << ": " << out.status;
+    EXPECT_EQ(out.output_ids, Alone(Unpadded(i % 5), specs[i], p)) << "request " << i;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Decoding, EngineBatchTest,
