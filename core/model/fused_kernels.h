@@ -302,6 +302,29 @@ struct RunLoraArgs {
 bool RunLoraFits(const RunLoraArgs& args);
 int LaunchRunLora(const RunLoraArgs& args, void* stream);
 
+// Weighted sums of equally long vectors (weighted_sum_kernels.cu), for
+// fused_ops.h WeightedSums: for every job and element i < n,
+//   dst[i] = sum over the job's terms t of weight_t * src_t[i]
+// in fp32, in term order, each product and sum rounded on its own (no
+// fused multiply-add), stored as fp32 or bf16 (to nearest even); a job
+// without terms stores `fill`. `jobs` and `terms` are in device memory;
+// max_n >= every job's n. Returns the launch's error (0: none).
+struct WeightedSumTerm {
+  const void* src = nullptr;
+  float weight = 0.f;
+  int32_t src_bf16 = 0;  // 1: bf16, 0: fp32
+};
+struct WeightedSumJob {
+  void* dst = nullptr;
+  int64_t n = 0;
+  int32_t first_term = 0;  // index into the term table
+  int32_t num_terms = 0;
+  float fill = 0.f;
+  int32_t dst_bf16 = 0;  // 1: bf16, 0: fp32
+};
+int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
+                       int num_jobs, int64_t max_n, void* stream);
+
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

@@ -485,4 +485,37 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
   return GeneralAttentionTo(q, k, v, bias, out_dtype);
 }
 
+void WeightedSums(const std::vector<WeightedSum>& sums) {
+  if (sums.empty()) return;
+  const c10::Device device = sums[0].dst.device();
+  auto usable = [&](const at::Tensor& t, int64_t n) {
+    return t.defined() && t.device() == device && t.is_contiguous() && t.numel() == n &&
+           (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+  };
+  for (const WeightedSum& s : sums) {
+    TORCH_CHECK(s.dst.defined(), "WeightedSums: undefined destination");
+    const int64_t n = s.dst.numel();
+    TORCH_CHECK(usable(s.dst, n), "WeightedSums: destination must be contiguous fp32 or bf16 on ",
+                device);
+    TORCH_CHECK(s.weights.size() == s.terms.size(), "WeightedSums: ", s.terms.size(),
+                " terms but ", s.weights.size(), " weights");
+    for (const at::Tensor& t : s.terms) {
+      TORCH_CHECK(usable(t, n), "WeightedSums: terms must be contiguous fp32 or bf16 with ", n,
+                  " elements on ", device);
+    }
+  }
+  if (FusedKernelsEnabled() && fused_backend::WeightedSums(sums)) return;
+  for (const WeightedSum& s : sums) {
+    if (s.terms.empty()) {
+      s.dst.fill_(s.fill);
+      continue;
+    }
+    at::Tensor acc = s.terms[0].to(at::kFloat) * s.weights[0];
+    for (size_t t = 1; t < s.terms.size(); ++t) {
+      acc.add_(s.terms[t].to(at::kFloat) * s.weights[t]);
+    }
+    s.dst.copy_(acc.view(s.dst.sizes()));
+  }
+}
+
 }  // namespace lorahub::model

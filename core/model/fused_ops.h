@@ -412,6 +412,25 @@ at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
 at::ScalarType RowKernelFactorDtype(at::ScalarType compute,
                                     const c10::Device& device);
 
+// One output of WeightedSums: dst = sum_t weights[t] * terms[t], elementwise
+// in fp32 in term order, each product and sum rounded (so the same bits on
+// every device), stored in dst's dtype; `fill` without terms. dst and every
+// term contiguous, fp32 or bf16, of dst's numel and device.
+struct WeightedSum {
+  at::Tensor dst;
+  std::vector<at::Tensor> terms;
+  std::vector<float> weights;  // one per term
+  float fill = 0.f;
+};
+
+// Every sum of `sums`. On CUDA one kernel launch for all of them (plus the
+// copy of its job table from pinned memory; no host sync), else ATen ops
+// per sum. Why: a composition and its copy into the serving bank are a few
+// hundred small tensors (2 x 144 factors for flan-t5-large), which cost
+// more as separate ops on the engine thread than their bytes on the device.
+// Throws c10::Error for malformed sums (nothing written then).
+void WeightedSums(const std::vector<WeightedSum>& sums);
+
 }  // namespace lorahub::model
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_OPS_H_

@@ -66,6 +66,9 @@ bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out);
 bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
                   const at::Tensor& out);
 
+// fused_ops.h WeightedSums, checked: every tensor on one CUDA device.
+bool WeightedSums(const std::vector<WeightedSum>& sums);
+
 }  // namespace lorahub::model::fused_backend
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_OPS_BACKEND_H_

@@ -8,6 +8,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <vector>
+
 #include "core/model/fused_kernels.h"
 #include "core/model/fused_ops_backend.h"
 
@@ -734,6 +739,56 @@ bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
   // bmm.dtype_out: the batched GEMM writes out through its strides.
   at::Tensor target = out;
   at::bmm_out(target, a, b, at::kFloat);
+  return true;
+}
+
+bool WeightedSums(const std::vector<WeightedSum>& sums) {
+  const at::Tensor& first = sums[0].dst;
+  if (!first.is_cuda()) return false;
+  // The job table, then the term table, in one pinned buffer copied in once.
+  int64_t num_terms = 0, max_n = 0;
+  for (const WeightedSum& s : sums) {
+    num_terms += static_cast<int64_t>(s.terms.size());
+    max_n = std::max<int64_t>(max_n, s.dst.numel());
+  }
+  if (sums.size() > static_cast<size_t>(INT32_MAX) || num_terms > INT32_MAX) return false;
+  const int64_t job_bytes =
+      static_cast<int64_t>(sums.size() * sizeof(kernels::WeightedSumJob));
+  const int64_t bytes =
+      job_bytes + num_terms * static_cast<int64_t>(sizeof(kernels::WeightedSumTerm));
+  at::Tensor host =
+      at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* jobs = reinterpret_cast<kernels::WeightedSumJob*>(host.data_ptr());
+  auto* terms =
+      reinterpret_cast<kernels::WeightedSumTerm*>(host.data_ptr<uint8_t>() + job_bytes);
+  int32_t next = 0;
+  for (size_t j = 0; j < sums.size(); ++j) {
+    const WeightedSum& s = sums[j];
+    kernels::WeightedSumJob& job = jobs[j];
+    job = kernels::WeightedSumJob();
+    job.dst = s.dst.data_ptr();
+    job.n = s.dst.numel();
+    job.first_term = next;
+    job.num_terms = static_cast<int32_t>(s.terms.size());
+    job.fill = s.fill;
+    job.dst_bf16 = s.dst.scalar_type() == at::kBFloat16 ? 1 : 0;
+    for (size_t t = 0; t < s.terms.size(); ++t) {
+      kernels::WeightedSumTerm& term = terms[next++];
+      term = kernels::WeightedSumTerm();
+      term.src = s.terms[t].data_ptr();
+      term.weight = s.weights[t];
+      term.src_bf16 = s.terms[t].scalar_type() == at::kBFloat16 ? 1 : 0;
+    }
+  }
+  c10::cuda::CUDAGuard guard(first.device());
+  at::Tensor table = at::empty({bytes}, first.options().dtype(at::kByte));
+  table.copy_(host, /*non_blocking=*/true);
+  const int err = kernels::LaunchWeightedSums(
+      reinterpret_cast<const kernels::WeightedSumJob*>(table.data_ptr()),
+      reinterpret_cast<const kernels::WeightedSumTerm*>(table.data_ptr<uint8_t>() + job_bytes),
+      static_cast<int>(sums.size()), max_n, StreamOf(first));
+  TORCH_CHECK(err == 0, "weighted sums kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
   return true;
 }
 

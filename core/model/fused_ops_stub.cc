@@ -64,6 +64,8 @@ bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
+
 bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

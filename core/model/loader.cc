@@ -92,8 +92,7 @@ absl::StatusOr<std::optional<LoraAdapter>> LoadComposedAdapter(
   }
   std::vector<const LoraAdapter*> ptrs;
   for (const LoraAdapter& m : modules) ptrs.push_back(&m);
-  LH_ASSIGN_OR_RETURN(ModuleStack stack, StackModules(base, ptrs));
-  LH_ASSIGN_OR_RETURN(LoraAdapter composed, ComposeOne(stack, weights));
+  LH_ASSIGN_OR_RETURN(LoraAdapter composed, ComposeLoraHubModules(base, ptrs, weights));
   *effective = weights;
   return std::optional<LoraAdapter>(std::move(composed));
 }
@@ -134,12 +133,12 @@ absl::StatusOr<LoraAdapter> ComposeModules(
     return absl::InvalidArgumentError(absl::StrCat(
         "got ", weights.size(), " weights for ", modules.size(), " modules"));
   }
-  LH_ASSIGN_OR_RETURN(ModuleStack stack, StackModules(base, modules));
   LH_ASSIGN_OR_RETURN(learn::CompositionMethod method,
                       learn::ParseCompositionMethod(params.method));
   if (method == learn::CompositionMethod::kLoraHub) {
-    return ComposeOne(stack, weights);
+    return ComposeLoraHubModules(base, modules, weights);
   }
+  LH_ASSIGN_OR_RETURN(ModuleStack stack, StackModules(base, modules));
   try {
     learn::CompositionOptions copts;
     copts.method = method;

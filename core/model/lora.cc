@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/model/fused_ops.h"
 
 namespace lorahub::model {
 namespace {
@@ -388,13 +389,18 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
   }
 }
 
-absl::StatusOr<ModuleStack> StackModules(
-    const T5Weights& base, const std::vector<const LoraAdapter*>& modules) {
+namespace {
+
+// What StackModules and ComposeLoraHubModules require of `modules`: at
+// least one, all with the first one's sites in its order and ranks.
+absl::Status CheckStackable(const T5Weights& base,
+                            const std::vector<const LoraAdapter*>& modules) {
   if (modules.empty() || modules[0] == nullptr) {
     return absl::InvalidArgumentError("no modules to stack");
   }
   const LoraAdapter& first = *modules[0];
   for (size_t m = 1; m < modules.size(); ++m) {
+    if (modules[m] == nullptr) return absl::InvalidArgumentError("null module");
     const LoraAdapter& other = *modules[m];
     if (other.sites.size() != first.sites.size()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -416,6 +422,15 @@ absl::StatusOr<ModuleStack> StackModules(
       }
     }
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ModuleStack> StackModules(
+    const T5Weights& base, const std::vector<const LoraAdapter*>& modules) {
+  if (absl::Status s = CheckStackable(base, modules); !s.ok()) return s;
+  const LoraAdapter& first = *modules[0];
   try {
     ModuleStack stack;
     stack.num_modules = static_cast<int>(modules.size());
@@ -573,6 +588,58 @@ absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
     return adapter;
   } catch (const c10::Error& e) {
     return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
+    const T5Weights& base, const std::vector<const LoraAdapter*>& modules,
+    const std::vector<double>& weights) {
+  if (absl::Status s = CheckStackable(base, modules); !s.ok()) return s;
+  if (weights.size() != modules.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "got ", weights.size(), " weights for ", modules.size(), " modules"));
+  }
+  const LoraAdapter& first = *modules[0];
+  try {
+    int64_t total = 0;
+    for (const LoraSite& site : first.sites) total += site.a.numel() + site.b.numel();
+    LoraAdapter out;
+    out.name = "composed";
+    if (first.sites.empty()) return out;
+    const at::Tensor flat =
+        at::empty({total}, first.sites[0].a.options().dtype(at::kFloat));
+    const std::vector<float> w(weights.begin(), weights.end());
+    std::vector<WeightedSum> sums;
+    sums.reserve(2 * first.sites.size());
+    int64_t offset = 0;
+    for (size_t i = 0; i < first.sites.size(); ++i) {
+      LoraSite site;
+      site.site = first.sites[i].site;
+      site.scaling = first.sites[i].scaling;
+      for (at::Tensor LoraSite::*factor : {&LoraSite::a, &LoraSite::b}) {
+        const at::Tensor& shape = first.sites[i].*factor;
+        at::Tensor dst = flat.as_strided(shape.sizes(), {shape.size(1), 1}, offset);
+        offset += shape.numel();
+        WeightedSum sum;
+        sum.weights = w;
+        for (const LoraAdapter* m : modules) {
+          at::Tensor t = m->sites[i].*factor;
+          if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kBFloat16) {
+            t = t.to(at::kFloat);
+          }
+          sum.terms.push_back(t.to(flat.device()).contiguous());
+        }
+        sum.dst = dst;
+        site.*factor = std::move(dst);
+        sums.push_back(std::move(sum));
+      }
+      out.sites.push_back(std::move(site));
+    }
+    WeightedSums(sums);
+    return out;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("composing modules: ", e.what_without_backtrace()));
   }
 }
 

@@ -103,23 +103,51 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
   for (const LoraSite& s : adapter.sites) Reserve(s.site, s.a.size(0));
   std::vector<int>& sites = slots_[slot].sites;
   sites.clear();
+  // Every copy and fill below, as one WeightedSums call (one kernel on CUDA).
+  std::vector<WeightedSum> sums;
+  auto copy = [&sums](const at::Tensor& dst, const at::Tensor& src) {
+    WeightedSum sum;
+    sum.dst = dst;
+    sum.terms = {src};
+    sum.weights = {1.f};
+    sums.push_back(std::move(sum));
+  };
+  auto fill = [&sums](const at::Tensor& dst, double value) {
+    WeightedSum sum;
+    sum.dst = dst;
+    sum.fill = static_cast<float>(value);
+    sums.push_back(std::move(sum));
+  };
+  auto summable = [this](const at::Tensor& t) {
+    return t.device() == base_.device && t.is_contiguous() &&
+           (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+  };
   for (const LoraSite& s : adapter.sites) {
     SiteBank& sb = bank_.sites[s.site];
     const int64_t r = s.a.size(0);
     const int64_t rank = sb.a.size(1);
     at::Tensor a = sb.a[slot];
     at::Tensor b = sb.b[slot];
-    a.narrow(0, 0, r).copy_(s.a);
-    b.narrow(1, 0, r).copy_(s.b);
-    if (r < rank) {
-      a.narrow(0, r, rank - r).zero_();
-      b.narrow(1, r, rank - r).zero_();
+    if (r == rank && summable(s.a) && summable(s.b)) {
+      copy(a, s.a);
+      copy(b, s.b);
+      if (sb.a_low.defined()) {
+        copy(sb.a_low[slot], s.a);
+        copy(sb.b_low[slot], s.b);
+      }
+    } else {  // a smaller rank (zero-padded) or factors elsewhere: ATen ops
+      a.narrow(0, 0, r).copy_(s.a);
+      b.narrow(1, 0, r).copy_(s.b);
+      if (r < rank) {
+        a.narrow(0, r, rank - r).zero_();
+        b.narrow(1, r, rank - r).zero_();
+      }
+      if (sb.a_low.defined()) {
+        sb.a_low[slot].copy_(a);
+        sb.b_low[slot].copy_(b);
+      }
     }
-    sb.scale[slot].fill_(s.scaling);
-    if (sb.a_low.defined()) {
-      sb.a_low[slot].copy_(a);
-      sb.b_low[slot].copy_(b);
-    }
+    fill(sb.scale[slot], s.scaling);
     adapted[s.site] = true;
     sites.push_back(s.site);
   }
@@ -127,14 +155,11 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
   for (size_t site = 0; site < bank_.sites.size(); ++site) {
     SiteBank& sb = bank_.sites[site];
     if (adapted[site] || !sb.a.defined()) continue;
-    sb.a[slot].zero_();
-    sb.b[slot].zero_();
-    sb.scale[slot].zero_();
-    if (sb.a_low.defined()) {
-      sb.a_low[slot].zero_();
-      sb.b_low[slot].zero_();
+    for (const at::Tensor* t : {&sb.a, &sb.b, &sb.scale, &sb.a_low, &sb.b_low}) {
+      if (t->defined()) fill((*t)[slot], 0.0);
     }
   }
+  WeightedSums(sums);
 }
 
 void SlotBank::Refresh() {

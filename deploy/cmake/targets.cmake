@@ -594,6 +594,7 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/fused_ops_cuda.cc
     ${SRC}/core/model/kernel_launch.cuh
     ${SRC}/core/model/run_lora_kernels.cu
+    ${SRC}/core/model/weighted_sum_kernels.cu
   DEPS
     ext_libtorch_libtorch
   OUTPUT_NAME fused_ops

@@ -142,7 +142,7 @@ if [ "${SERVE:-0}" = 1 ]; then
 import json, pathlib, sys
 def ids(d):
     out = {}
-    for f in sorted(pathlib.Path(d).rglob("outputs.jsonl")):
+    for f in sorted(pathlib.Path(d).rglob("outputs*.jsonl")):
         for l in open(f):
             o = json.loads(l)
             out[(str(f.relative_to(d)), o["index"])] = (o["code"], o["ids"])

@@ -251,5 +251,101 @@ TEST_F(SlotBankTest, AttachRowKernelCopiesKeepsTheLayout) {
   ExpectLowCopies(*bank, at::kFloat);
 }
 
+// WeightedSums on the test device gives the bits of the same sums done
+// with ATen on the CPU (dst = t0 * w0; dst += t1 * w1; ...): fp32 and bf16
+// terms and destinations, fills, lengths that are no multiple of anything,
+// more jobs than one launch's grid rows; malformed sums throw before any is
+// written.
+TEST_F(SlotBankTest, WeightedSumsMatchTheirAtenArithmetic) {
+  const c10::Device dev = base_->device;
+  auto gen = at::detail::createCPUGenerator(7);
+  auto rand = [&](int64_t n, at::ScalarType t) {
+    return at::randn({n}, gen, at::TensorOptions().dtype(at::kFloat)).to(t);
+  };
+  std::vector<WeightedSum> sums;
+  std::vector<std::vector<at::Tensor>> cpu_terms;
+  const std::vector<int64_t> lengths = {1, 3, 1000, 4097, 65537};
+  for (int j = 0; j < 70000; ++j) {
+    const int64_t n = j < 40 ? lengths[j % lengths.size()] : 2 + j % 5;
+    const int k = j % 4;  // terms; 0: a fill
+    WeightedSum sum;
+    sum.dst = at::full({n}, 9.f, at::TensorOptions()
+                                     .dtype(j % 3 == 0 ? at::kBFloat16 : at::kFloat)
+                                     .device(dev));
+    sum.fill = 0.25f * static_cast<float>(j % 7);
+    std::vector<at::Tensor> on_cpu;
+    for (int t = 0; t < k; ++t) {
+      on_cpu.push_back(rand(n, (j + t) % 2 == 0 ? at::kFloat : at::kBFloat16));
+      sum.terms.push_back(on_cpu.back().to(dev));
+      sum.weights.push_back(0.37f * static_cast<float>(t) - 0.61f + 0.001f * j);
+    }
+    cpu_terms.push_back(std::move(on_cpu));
+    sums.push_back(std::move(sum));
+  }
+  WeightedSums(sums);
+  for (size_t j = 0; j < sums.size(); ++j) {
+    const WeightedSum& sum = sums[j];
+    at::Tensor want;
+    if (sum.terms.empty()) {
+      want = at::full({sum.dst.numel()}, sum.fill, at::kFloat);
+    } else {
+      want = cpu_terms[j][0].to(at::kFloat) * sum.weights[0];
+      for (size_t t = 1; t < sum.terms.size(); ++t) {
+        want.add_(cpu_terms[j][t].to(at::kFloat) * sum.weights[t]);
+      }
+    }
+    ASSERT_TRUE(at::equal(sum.dst.cpu(), want.to(sum.dst.scalar_type())))
+        << "job " << j << " of " << sum.terms.size() << " terms, n " << sum.dst.numel();
+  }
+  // Malformed: nothing is written.
+  const at::Tensor dst = at::zeros({4}, at::TensorOptions().device(dev));
+  const at::Tensor three = at::ones({3}, at::TensorOptions().device(dev));
+  const at::Tensor strided = at::ones({8}, at::TensorOptions().device(dev)).slice(0, 0, 8, 2);
+  WeightedSum fine{dst, {at::ones({4}, at::TensorOptions().device(dev))}, {2.f}};
+  for (WeightedSum bad : {WeightedSum{dst, {three}, {1.f}}, WeightedSum{dst, {strided}, {1.f}},
+                          WeightedSum{dst, {dst}, {}},
+                          WeightedSum{dst, {dst.to(at::kDouble)}, {1.f}}}) {
+    EXPECT_THROW(WeightedSums({fine, bad}), c10::Error);
+    EXPECT_EQ(dst.abs().sum().item<float>(), 0.f);
+  }
+}
+
+// The composition the serving engine uses: ComposeLoraHubModules adds the
+// modules' factors in module order, each product and sum rounded, and agrees
+// with the stacked GEMM (ComposeOne) to fp32 rounding.
+TEST_F(SlotBankTest, ComposeLoraHubModulesIsTheWeightedSumOfTheModules) {
+  const auto m0 = Adapter({"q", "v"}, 4, 31);
+  const auto m1 = Adapter({"q", "v"}, 4, 32);
+  const auto m2 = Adapter({"q", "v"}, 4, 33);
+  const std::vector<const LoraAdapter*> modules = {m0.get(), m1.get(), m2.get()};
+  const std::vector<double> w = {0.5, -0.3, 0.8};
+  auto composed = ComposeLoraHubModules(*base_, modules, w);
+  ASSERT_TRUE(composed.ok()) << composed.status();
+  auto stack = StackModules(*base_, modules);
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  auto gemm = ComposeOne(*stack, w);
+  ASSERT_TRUE(gemm.ok()) << gemm.status();
+  ASSERT_EQ(composed->sites.size(), m0->sites.size());
+  for (size_t i = 0; i < composed->sites.size(); ++i) {
+    const LoraSite& c = composed->sites[i];
+    EXPECT_EQ(c.site, m0->sites[i].site);
+    EXPECT_EQ(c.scaling, m0->sites[i].scaling);
+    for (at::Tensor LoraSite::*f : {&LoraSite::a, &LoraSite::b}) {
+      at::Tensor want = (m0->sites[i].*f).cpu() * static_cast<float>(w[0]);
+      want.add_((m1->sites[i].*f).cpu() * static_cast<float>(w[1]));
+      want.add_((m2->sites[i].*f).cpu() * static_cast<float>(w[2]));
+      EXPECT_TRUE(at::equal((c.*f).cpu(), want)) << "site " << c.site;
+      EXPECT_TRUE(at::allclose((c.*f).cpu(), (gemm->sites[i].*f).cpu(), 1e-6, 1e-7))
+          << "site " << c.site;
+    }
+  }
+  EXPECT_FALSE(ComposeLoraHubModules(*base_, modules, {1.0}).ok());
+  const auto other = Adapter({"q"}, 4, 34);
+  EXPECT_EQ(ComposeLoraHubModules(*base_, {m0.get(), other.get()}, {1.0, 1.0})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace lorahub::model
