@@ -145,7 +145,7 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
   auto adapter =
       std::make_shared<const model::LoraAdapter>(std::move(composed));
   // The modules stay pinned until the composition is in (or refused).
-  return device_.Insert(key, std::move(adapter));
+  return device_.Insert(key, std::move(adapter), /*derived=*/true);
 }
 
 }  // namespace lorahub::serving

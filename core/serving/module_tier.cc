@@ -56,7 +56,8 @@ bool ModuleTier::Pinned(const std::string& key) const {
 }
 
 absl::StatusOr<ModuleTier::Adapter> ModuleTier::Insert(const std::string& key,
-                                                       Adapter adapter) {
+                                                       Adapter adapter,
+                                                       bool derived) {
   if (!adapter) return absl::InvalidArgumentError("null adapter");
   const int64_t bytes = AdapterBytes(*adapter);
   std::lock_guard<std::mutex> lock(mu_);
@@ -71,15 +72,18 @@ absl::StatusOr<ModuleTier::Adapter> ModuleTier::Insert(const std::string& key,
         bytes, " bytes, more than the budget of ", options_.byte_budget,
         " (", options_.budget_flag, ")"));
   }
-  // Least recently used first, skipping pinned entries.
-  for (auto it = lru_.end(); bytes_ + bytes > options_.byte_budget &&
-                             it != lru_.begin();) {
-    --it;
-    if (it->adapter.use_count() > 1) continue;
-    AddBytesLocked(-it->bytes);
-    entries_.erase(it->key);
-    it = lru_.erase(it);
-    if (options_.metrics) options_.metrics->RecordCacheEviction(options_.tier);
+  // Least recently used first, skipping pinned entries: derived ones, then
+  // any.
+  for (const bool only_derived : {true, false}) {
+    for (auto it = lru_.end(); bytes_ + bytes > options_.byte_budget &&
+                               it != lru_.begin();) {
+      --it;
+      if (it->adapter.use_count() > 1 || (only_derived && !it->derived)) continue;
+      AddBytesLocked(-it->bytes);
+      entries_.erase(it->key);
+      it = lru_.erase(it);
+      if (options_.metrics) options_.metrics->RecordCacheEviction(options_.tier);
+    }
   }
   if (bytes_ + bytes > options_.byte_budget) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -89,7 +93,7 @@ absl::StatusOr<ModuleTier::Adapter> ModuleTier::Insert(const std::string& key,
         " bytes are pinned by requests in flight or running jobs (",
         options_.budget_flag, ")"));
   }
-  lru_.push_front(Entry{key, std::move(adapter), bytes});
+  lru_.push_front(Entry{key, std::move(adapter), bytes, derived});
   entries_[key] = lru_.begin();
   AddBytesLocked(bytes);
   return lru_.front().adapter;

@@ -11,7 +11,11 @@
 // reliably means "unpinned"; a pin released concurrently is only seen late.
 //
 // Budget policy (chosen over letting the budget be exceeded): Insert first
-// evicts unpinned entries, least recently used first; if the new entry still
+// evicts unpinned entries, least recently used first, derived entries (a
+// composition, recomputed from modules in a kernel launch) before any other
+// (a module, which costs a copy from the host tier or a read from disk; an
+// LRU of both let a stream of distinct compositions evict the very modules
+// each next composition needed); if the new entry still
 // does not fit because the rest is pinned (or it is larger than the whole
 // budget), Insert refuses it with RESOURCE_EXHAUSTED naming the tier and its
 // flag, and the tier is unchanged apart from those evictions. Resident
@@ -72,9 +76,11 @@ class ModuleTier {
 
   // Adds `adapter` under `key` as the most recently used entry and returns
   // it (or the entry already there, if another thread inserted `key` first).
-  // Evicts unpinned least recently used entries to make room; see the file
-  // comment for RESOURCE_EXHAUSTED.
-  absl::StatusOr<Adapter> Insert(const std::string& key, Adapter adapter);
+  // `derived`: recomputable from other entries (evicted first). Evicts
+  // unpinned entries to make room; see the file comment for the order and
+  // RESOURCE_EXHAUSTED.
+  absl::StatusOr<Adapter> Insert(const std::string& key, Adapter adapter,
+                                 bool derived = false);
 
   // Drops `key` if present and unpinned; true if it was dropped.
   bool Erase(const std::string& key);
@@ -95,6 +101,7 @@ class ModuleTier {
     std::string key;
     Adapter adapter;
     int64_t bytes = 0;
+    bool derived = false;
   };
   void AddBytesLocked(int64_t delta);
 

@@ -109,6 +109,25 @@ TEST_F(TierTest, EvictsTheLeastRecentlyUsedFirst) {
   EXPECT_EQ(Metric("lorahub_module_cache_hits_total"), 1.0);
 }
 
+TEST_F(TierTest, DerivedEntriesAreEvictedBeforeOthers) {
+  ModuleTier tier(Options(400));
+  ASSERT_TRUE(tier.Insert("m0", Sized("m0", 100)).ok());
+  ASSERT_TRUE(tier.Insert("c0", Sized("c0", 100), /*derived=*/true).ok());
+  ASSERT_TRUE(tier.Insert("m1", Sized("m1", 100)).ok());
+  ASSERT_TRUE(tier.Insert("c1", Sized("c1", 100), /*derived=*/true).ok());
+  // m0 is the least recently used, but the compositions go first, oldest
+  // first.
+  ASSERT_TRUE(tier.Insert("c2", Sized("c2", 100), /*derived=*/true).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("c2", "c1", "m1", "m0"));
+  ASSERT_TRUE(tier.Insert("c3", Sized("c3", 200), /*derived=*/true).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("c3", "m1", "m0"));
+  // Without enough derived bytes, modules go too, least recently used
+  // first, after every derived entry.
+  ASSERT_TRUE(tier.Insert("m2", Sized("m2", 300)).ok());
+  EXPECT_THAT(tier.Keys(), ElementsAre("m2", "m1"));
+  EXPECT_EQ(Metric("lorahub_module_cache_evictions_total"), 5.0);  // c0, c1, c2, c3, m0
+}
+
 TEST_F(TierTest, LookupCountsHitsAndMissesAndContainsDoesNot) {
   ModuleTier tier(Options(1000));
   EXPECT_EQ(tier.Lookup("a"), nullptr);
@@ -290,6 +309,29 @@ TEST_F(TieredCacheTest, AModuleInUseIsPinnedAndTheNextOneIsRefused) {
   EXPECT_EQ(cache.Get(spec).status().code(), absl::StatusCode::kResourceExhausted);
   m0 = absl::UnknownError("done");
   EXPECT_TRUE(cache.GetModule("m1").ok());
+}
+
+// A stream of distinct compositions over a pool of modules, two at a time,
+// on a device tier with room for the pool and one composition: each new
+// composition evicts the previous one, never a module the next one needs
+// (plain LRU evicted the module the last composition did not use: a host
+// copy for every composition).
+TEST_F(TieredCacheTest, CompositionsDoNotEvictModules) {
+  const int64_t one = ModuleBytes();
+  AdapterCache cache(weights_->get(), Resolver(), Host(10 * one), Options(4 * one));
+  for (const char* m : {"m0", "m1", "m2"}) ASSERT_TRUE(cache.GetModule(m).ok());
+  const std::vector<std::vector<std::string>> pairs = {{"m0", "m1"}, {"m1", "m2"}, {"m2", "m0"}};
+  for (int i = 0; i < 9; ++i) {
+    AdapterSpec spec;
+    spec.module_ids = pairs[i % 3];
+    spec.weights = {0.5 + 0.01 * i, -0.3};
+    ASSERT_TRUE(cache.Get(spec).ok()) << "composition " << i;
+  }
+  for (const char* key : {"sha:m0", "sha:m1", "sha:m2"}) {
+    EXPECT_TRUE(cache.device_tier().Contains(key)) << key;
+  }
+  EXPECT_EQ(Metric("lorahub_module_cache_hits_total", "host"), 0.0);  // no module came back
+  EXPECT_EQ(Metric("lorahub_module_cache_evictions_total", "device"), 8.0);
 }
 
 TEST_F(TieredCacheTest, WithoutAHostTierModulesGoStraightToTheDevice) {
