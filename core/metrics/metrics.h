@@ -147,8 +147,8 @@ class ServiceMetrics {
   // adapter still resident costs none): lorahub_adapter_slot_loads_total.
   void AddAdapterSlotLoads(int64_t loads);
   // Seconds an engine thread spent in one phase of its loop:
-  // lorahub_engine_busy_seconds_total{phase}: "admit" (encoder passes and
-  // cache set-up for newcomers), "step" (decoding steps up to their host
+  // lorahub_engine_busy_seconds_total{phase}: "admit" (newcomers' adapters
+  // composed or looked up, encoder passes, cache set-up), "step" (decoding steps up to their host
   // sync), "emit" (the streams' token callbacks, finishing rows). rate() of
   // the sum over phases is how busy the engine threads are.
   enum class EnginePhase { kAdmit, kStep, kEmit };

@@ -213,8 +213,9 @@ struct InferenceEngine::State {
   std::vector<std::pair<size_t, int64_t>> collected;
   uint64_t last_serial = 0;
   // Where the engine thread's time went, logged when it stops: admissions
-  // (encoder passes, cache setup), decoding steps up to their host sync, and
-  // emitting tokens (the requests' callbacks, finishing rows).
+  // (adapters composed or looked up, encoder passes, cache setup), decoding
+  // steps up to their host sync, and emitting tokens (the requests'
+  // callbacks, finishing rows).
   struct Timing {
     absl::Duration admit, decode, emit;
     int64_t steps = 0, tokens = 0;
@@ -1183,6 +1184,9 @@ void InferenceEngine::Loop() {
                      solo->enqueued);
         }
       }
+      // Admissions: each newcomer's adapter (composed or found in the
+      // device cache), then its prompt's encoder pass.
+      const absl::Time admit_start = absl::Now();
       std::vector<Row> admitted;
       for (size_t i = 0; i < incoming.size(); ++i) {
         GenerateRequest& req = std::get<GenerateRequest>(incoming[i].work);
@@ -1224,7 +1228,6 @@ void InferenceEngine::Loop() {
         }
         admitted.push_back(std::move(row));
       }
-      const absl::Time admit_start = absl::Now();
       std::vector<Row> eager, slotted;
       for (Row& r : admitted) {
         (s.TakesSlot(r) ? slotted : eager).push_back(std::move(r));
