@@ -627,7 +627,8 @@ absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
           if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kBFloat16) {
             t = t.to(at::kFloat);
           }
-          sum.terms.push_back(t.to(flat.device()).contiguous());
+          if (t.device() != flat.device()) t = t.to(flat.device());
+          sum.terms.push_back(t.contiguous());
         }
         sum.dst = dst;
         site.*factor = std::move(dst);

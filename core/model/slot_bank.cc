@@ -98,6 +98,17 @@ void SlotBank::Reserve(int site, int64_t r) {
   }
 }
 
+namespace {
+
+// t[slot] as one as_strided view: select (t[slot]) measured 2-6 us per call
+// on a CPU, as_strided 0.3; Load takes five per site (flan-t5-large: 720).
+at::Tensor SlotOf(const at::Tensor& t, int64_t slot) {
+  return t.as_strided(t.sizes().slice(1), t.strides().slice(1),
+                      t.storage_offset() + slot * t.stride(0));
+}
+
+}  // namespace
+
 void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
   std::vector<bool> adapted(bank_.sites.size(), false);
   for (const LoraSite& s : adapter.sites) Reserve(s.site, s.a.size(0));
@@ -126,14 +137,14 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
     SiteBank& sb = bank_.sites[s.site];
     const int64_t r = s.a.size(0);
     const int64_t rank = sb.a.size(1);
-    at::Tensor a = sb.a[slot];
-    at::Tensor b = sb.b[slot];
+    at::Tensor a = SlotOf(sb.a, slot);
+    at::Tensor b = SlotOf(sb.b, slot);
     if (r == rank && summable(s.a) && summable(s.b)) {
       copy(a, s.a);
       copy(b, s.b);
       if (sb.a_low.defined()) {
-        copy(sb.a_low[slot], s.a);
-        copy(sb.b_low[slot], s.b);
+        copy(SlotOf(sb.a_low, slot), s.a);
+        copy(SlotOf(sb.b_low, slot), s.b);
       }
     } else {  // a smaller rank (zero-padded) or factors elsewhere: ATen ops
       a.narrow(0, 0, r).copy_(s.a);
@@ -143,11 +154,11 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
         b.narrow(1, r, rank - r).zero_();
       }
       if (sb.a_low.defined()) {
-        sb.a_low[slot].copy_(a);
-        sb.b_low[slot].copy_(b);
+        SlotOf(sb.a_low, slot).copy_(a);
+        SlotOf(sb.b_low, slot).copy_(b);
       }
     }
-    fill(sb.scale[slot], s.scaling);
+    fill(SlotOf(sb.scale, slot), s.scaling);
     adapted[s.site] = true;
     sites.push_back(s.site);
   }
@@ -156,7 +167,7 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
     SiteBank& sb = bank_.sites[site];
     if (adapted[site] || !sb.a.defined()) continue;
     for (const at::Tensor* t : {&sb.a, &sb.b, &sb.scale, &sb.a_low, &sb.b_low}) {
-      if (t->defined()) fill((*t)[slot], 0.0);
+      if (t->defined()) fill(SlotOf(*t, slot), 0.0);
     }
   }
   WeightedSums(sums);
