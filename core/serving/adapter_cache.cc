@@ -13,16 +13,74 @@
 namespace lorahub::serving {
 namespace {
 
+// `a` with every factor copied into one new buffer (pinned host memory for
+// `pinned`, where it can be had), the factors views into it. Why: a host
+// tier module went to the device as 2 copies per site (flan-t5-large: 288
+// synchronous copies from pageable memory); from one buffer it is one copy
+// (ToDevice).
+model::LoraAdapter Flattened(const model::LoraAdapter& a, bool pinned) {
+  int64_t total = 0;
+  for (const model::LoraSite& s : a.sites) {
+    if (s.a.scalar_type() != a.sites[0].a.scalar_type() ||
+        s.b.scalar_type() != a.sites[0].a.scalar_type()) {
+      return a;  // mixed dtypes: as loaded
+    }
+    total += s.a.numel() + s.b.numel();
+  }
+  if (a.sites.empty()) return a;
+  at::TensorOptions opts = a.sites[0].a.options().device(c10::kCPU);
+  at::Tensor flat;
+  if (pinned) {
+    try {
+      flat = at::empty({total}, opts.pinned_memory(true));
+    } catch (const c10::Error&) {  // no CUDA runtime: pageable memory
+    }
+  }
+  if (!flat.defined()) flat = at::empty({total}, opts);
+  model::LoraAdapter out = a;
+  int64_t offset = 0;
+  for (model::LoraSite& s : out.sites) {
+    for (at::Tensor* f : {&s.a, &s.b}) {
+      at::Tensor view = flat.narrow(0, offset, f->numel()).view(f->sizes());
+      view.copy_(*f);
+      offset += f->numel();
+      *f = std::move(view);
+    }
+  }
+  return out;
+}
+
 // The adapter with its factors on `device`; on the same device the tensors
-// are shared, not copied.
+// are shared, not copied. Factors that are views into one contiguous
+// buffer (Flattened) go in one copy of that buffer.
 model::LoraAdapter ToDevice(const model::LoraAdapter& a, c10::Device device) {
   model::LoraAdapter out;
   out.name = a.name;
   out.sites.reserve(a.sites.size());
+  const void* storage = a.sites.empty() ? nullptr : a.sites[0].a.storage().data();
+  bool one_buffer = storage != nullptr;
+  for (const model::LoraSite& s : a.sites) {
+    one_buffer = one_buffer && s.a.storage().data() == storage &&
+                 s.b.storage().data() == storage && s.a.is_contiguous() &&
+                 s.b.is_contiguous() && s.b.scalar_type() == s.a.scalar_type() &&
+                 s.a.scalar_type() == a.sites[0].a.scalar_type();
+  }
+  at::Tensor on_device;
+  if (one_buffer) {  // on the same device: views of the same buffer
+    const at::Tensor& first = a.sites[0].a;
+    const int64_t n =
+        static_cast<int64_t>(first.storage().nbytes()) / first.element_size();
+    on_device = first.as_strided({n}, {1}, 0).to(device);
+  }
   for (const model::LoraSite& s : a.sites) {
     model::LoraSite d = s;
-    d.a = s.a.to(device);
-    d.b = s.b.to(device);
+    if (on_device.defined()) {
+      d.a = on_device.as_strided(s.a.sizes(), s.a.strides(), s.a.storage_offset());
+      d.b = on_device.as_strided(s.b.sizes(), s.b.strides(), s.b.storage_offset());
+    } else {
+      d.a = s.a.to(device);
+      d.b = s.b.to(device);
+    }
     out.sites.push_back(std::move(d));
   }
   return out;
@@ -64,7 +122,8 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::HostModule(
                                      loaded.status().message()));
   }
   loaded->name = id;
-  auto adapter = std::make_shared<const model::LoraAdapter>(*std::move(loaded));
+  auto adapter = std::make_shared<const model::LoraAdapter>(
+      Flattened(*loaded, /*pinned=*/base_->device.is_cuda()));
   if (!host_) return adapter;
   return host_->Insert(key, std::move(adapter));
 }

@@ -267,15 +267,29 @@ TEST_F(TieredCacheTest, ModulesGoFromDiskToHostToDevice) {
   EXPECT_TRUE(cache.device_tier().Contains("sha:m0"));
   EXPECT_EQ(Metric("lorahub_module_cache_misses_total", "device"), 1.0);
   EXPECT_EQ(Metric("lorahub_module_cache_misses_total", "host"), 1.0);
-  // The same adapter as loading the directory directly.
+  // The same adapter as loading the directory directly; on the host its
+  // factors lie in one buffer (one copy to a device), in site order.
   auto direct = model::LoadLoraAdapter(**weights_, std::string(kCase) + "/adapters/m0");
   ASSERT_TRUE(direct.ok());
+  ModuleTier::Adapter on_host = host->Lookup("sha:m0");
+  ASSERT_NE(on_host, nullptr);
   ASSERT_EQ((*m0)->sites.size(), direct->sites.size());
+  ASSERT_EQ(on_host->sites.size(), direct->sites.size());
+  int64_t offset = 0;
   for (size_t i = 0; i < direct->sites.size(); ++i) {
     EXPECT_TRUE(at::equal((*m0)->sites[i].a, direct->sites[i].a));
     EXPECT_TRUE(at::equal((*m0)->sites[i].b, direct->sites[i].b));
     EXPECT_EQ((*m0)->sites[i].scaling, direct->sites[i].scaling);
+    const model::LoraSite& h = on_host->sites[i];
+    EXPECT_TRUE(at::equal(h.a, direct->sites[i].a));
+    EXPECT_TRUE(at::equal(h.b, direct->sites[i].b));
+    EXPECT_EQ(h.a.storage().data(), on_host->sites[0].a.storage().data());
+    EXPECT_EQ(h.a.storage_offset(), offset);
+    offset += h.a.numel();
+    EXPECT_EQ(h.b.storage_offset(), offset);
+    offset += h.b.numel();
   }
+  on_host.reset();
   m0 = absl::UnknownError("request done");
   // m1 evicts m0 from the device, not from the host.
   ASSERT_TRUE(cache.GetModule("m1").ok());
@@ -284,7 +298,7 @@ TEST_F(TieredCacheTest, ModulesGoFromDiskToHostToDevice) {
   EXPECT_EQ(Metric("lorahub_module_cache_evictions_total", "device"), 1.0);
   // m0 again: a device miss served by the host tier.
   ASSERT_TRUE(cache.GetModule("m0").ok());
-  EXPECT_EQ(Metric("lorahub_module_cache_hits_total", "host"), 1.0);
+  EXPECT_EQ(Metric("lorahub_module_cache_hits_total", "host"), 2.0);  // and the Lookup above
   EXPECT_EQ(Metric("lorahub_module_cache_misses_total", "host"), 2.0);
   EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes", "host"), 2.0 * one);
   EXPECT_EQ(Metric("lorahub_module_cache_resident_bytes", "device"), 1.0 * one);
