@@ -20,10 +20,11 @@ j = json.loads(lines[0])
 def positive(path, v):
     assert isinstance(v, (int, float)) and not isinstance(v, bool), (path, v)
     assert math.isfinite(v) and v > 0, (path, v)
-for k in ["cold_start_seconds", "compose_seconds", "eval_ms_median", "eval_ms_p90",
-          "cobyla40_seconds", "cmaes_candidates_per_second"]:
+for k in ["cold_start_seconds", "compose_seconds", "compose_seconds_max", "eval_ms_median",
+          "eval_ms_p90", "cobyla40_seconds", "cmaes_candidates_per_second"]:
     positive(k, j[k])
 assert j["eval_ms_p90"] >= j["eval_ms_median"], j
+assert j["compose_seconds_max"] >= j["compose_seconds"], j
 assert j["eval_reps"] == 3 and j["cmaes_evaluations"] == 8 and j["modules"] == 20, j
 g = j["generation"]
 for kind in ["base", "merged", "per_row"]:
