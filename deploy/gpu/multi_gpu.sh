@@ -26,7 +26,9 @@
 # ref_lorahub.py when missing), BIN (default .gpu/build/bin), DTYPE (bf16),
 # DEVICE_SETS, GEN_REQUESTS (1024), GEN_TOKENS (32), GEN_CONC (128),
 # GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3),
-# WEIGHT_JITTER (load's --weight-jitter: every request its own composition).
+# WEIGHT_JITTER (load's --weight-jitter: every request its own composition),
+# DEVICE_CACHE_BYTES (serve's --device-cache-bytes; default 1 GiB, which holds
+# the fixture's 20 fp32 modules and about 34 compositions of 18.9 MB).
 # Each gen round's generated ids go to $OUT/outputs_N.jsonl (N devices).
 # Expected run time on an nvidia-h200-x2 host: about 3-5 minutes.
 set -uo pipefail
@@ -192,7 +194,8 @@ for set in $device_sets; do
   say "== --device $set [$((SECONDS - start)) s]"
   "$lorahub" serve --model "$fx/base" --device "$set" --dtype "$dtype" \
     --max-batch-rows "$max_rows" --max-queue 4096 --listen 127.0.0.1:0 \
-    --metrics-listen 127.0.0.1:0 --data-dir "$data" >"$tmp/out_$ndev" 2>>"$log" &
+    --metrics-listen 127.0.0.1:0 --data-dir "$data" \
+    ${DEVICE_CACHE_BYTES:+--device-cache-bytes "$DEVICE_CACHE_BYTES"} >"$tmp/out_$ndev" 2>>"$log" &
   pid=$!
   port=
   for _ in $(seq 1200); do  # up to 120 s to load the base on every device
