@@ -150,6 +150,9 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     std::deque<v1::GenerateResponse> pending;
     v1::GenerateResponse current;
     bool writing = false, end_ready = false, finished = false;
+    // A pump task for this stream is queued (ServiceContext::pump): only it
+    // pumps until it ran, so the reactor cannot finish under it.
+    bool scheduled = false;
     bool write_failed = false;
     grpc::Status final_status;
     std::shared_ptr<std::atomic<bool>> cancel =
@@ -191,7 +194,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       std::lock_guard<std::mutex> lock(st->mu);
       if (st->write_failed) return false;
       st->pending.push_back(std::move(msg));
-      PumpLocked();
+      KickLocked();
       return true;
     };
     r.on_done = [this, st, tok](serving::GenerateOutcome out) {
@@ -220,16 +223,35 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
         st->final_status = grpc::Status::OK;
       }
       st->end_ready = true;
-      PumpLocked();
+      KickLocked();
     };
     serving::InferenceEngine* engine = ctx_->PickEngine();
     return Prefixed(engine->Submit(std::move(r)), "");
   }
 
+  // Has the stream's next message written: on the pump's threads where the
+  // server has a pump (the engine thread only queues), else right here.
+  // Caller holds st_->mu.
+  void KickLocked() {
+    Stream& st = *st_;
+    if (ctx_->pump == nullptr) {
+      PumpLocked();
+      return;
+    }
+    if (st.scheduled || st.writing || st.finished) return;
+    st.scheduled = true;
+    ctx_->pump->Post([this, s = st_] {
+      std::lock_guard<std::mutex> lock(s->mu);
+      s->scheduled = false;
+      PumpLocked();
+    });
+  }
+
+  // Starts the next write, or finishes the call after the last one.
   // Caller holds st_->mu.
   void PumpLocked() {
     Stream& st = *st_;
-    if (st.writing || st.finished) return;
+    if (st.writing || st.finished || st.scheduled) return;
     if (!st.pending.empty()) {
       st.writing = true;
       st.current = std::move(st.pending.front());

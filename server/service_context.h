@@ -20,10 +20,15 @@
 #include "core/serving/inference_engine.h"
 #include "core/store/store.h"
 #include "core/tokenizer/tokenizer.h"
+#include "server/stream_pump.h"
 
 namespace lorahub::server {
 
 struct ServiceContext {
+  // Starts the writes of generate streams off the engine threads; null:
+  // they start on the thread that queued the message (an engine's).
+  // Declared first: destroyed after the engines, whose threads post to it.
+  std::unique_ptr<StreamPump> pump;
   std::vector<std::unique_ptr<serving::InferenceEngine>> engines;
   // The host-memory tier of the module cache, shared by the engines (their
   // EngineOptions::host_tier); null when there is none.

@@ -1043,6 +1043,15 @@ lorahub_cc_library(server_blocking_stream_writer
   OUTPUT_NAME blocking_stream_writer
 )
 
+# //server:stream_pump (cc_library)
+lorahub_cc_library(server_stream_pump
+  PACKAGE server
+  SRCS
+    ${SRC}/server/stream_pump.cc
+    ${SRC}/server/stream_pump.h
+  OUTPUT_NAME stream_pump
+)
+
 # //server:services (cc_library)
 lorahub_cc_library(server_services
   PACKAGE server
@@ -1058,6 +1067,7 @@ lorahub_cc_library(server_services
   DEPS
     server_blocking_stream_writer
     server_status_convert
+    server_stream_pump
     core_hub_file_digest
     core_hub_hub_client
     core_hub_hub_validation
@@ -2252,6 +2262,18 @@ lorahub_cc_test(tests_server_module_tier_test
     ext_libtorch_libtorch
     ext_prometheus_cpp_prometheus_cpp
   TIMEOUT 300
+)
+
+# //tests/server:stream_pump_test (cc_test)
+lorahub_cc_test(tests_server_stream_pump_test
+  TEST_NAME //tests/server:stream_pump_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/stream_pump_test.cc
+  DEPS
+    server_stream_pump
+    ext_gtest_gtest_main
+  TIMEOUT 60
 )
 
 # ---- //tests/store  (tests/store/BUILD)

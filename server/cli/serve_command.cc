@@ -24,6 +24,8 @@
 #include <csignal>
 #include <functional>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -191,6 +193,10 @@ int RunServe(int argc, char** argv) {
       tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
   if (!tok.ok()) return ReportError("serve", tok.status());
   ctx->tokenizer = *std::move(tok);
+  // Stream writes off the engine threads, unless LORAHUB_EMIT_INLINE=1 (A/B).
+  if (const char* v = std::getenv("LORAHUB_EMIT_INLINE"); v == nullptr || std::strcmp(v, "1") != 0) {
+    ctx->pump = std::make_unique<server::StreamPump>(2);
+  }
 
   {
     serving::ModuleTierOptions to;
