@@ -1,6 +1,8 @@
 // lorahub.v1.InferenceService on gRPC's callback API. Handlers validate and
 // tokenize the request, hand it to an engine (core/serving) and return; the
-// engine thread feeds tokens back into the stream. Nothing here blocks a
+// engine thread queues each token's message on the stream, and the server's
+// StreamPump threads (ServiceContext::pump) start the writes, one in flight
+// per stream (the next from OnWriteDone). Nothing here blocks a
 // gRPC thread except point reads of the store for `adapter.task` (the task,
 // and for a ties / dare_linear task the job that published it, whose spec
 // holds the composition parameters: jobs::LookUpTaskComposition).
