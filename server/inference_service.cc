@@ -4,6 +4,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/jobs/task_composition.h"
 #include "core/model/loader.h"
+#include "core/tokenizer/stream_decoder.h"
 #include "server/composition_options.h"
 #include "server/status_convert.h"
 
@@ -157,8 +159,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     grpc::Status final_status;
     std::shared_ptr<std::atomic<bool>> cancel =
         std::make_shared<std::atomic<bool>>(false);
-    std::vector<int> ids;
-    std::string text;
+    std::optional<tokenizer::StreamDecoder> text;  // the streamed text so far
   };
 
   absl::Status Start(grpc::CallbackServerContext* context,
@@ -179,18 +180,12 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     r.cancel = st_->cancel;
     std::shared_ptr<Stream> st = st_;
     const tokenizer::Tokenizer* tok = ctx_->tokenizer.get();
-    r.on_token = [this, st, tok](int64_t token) {
+    st->text.emplace(tok);
+    r.on_token = [this, st](int64_t token) {
       v1::GenerateResponse msg;
-      st->ids.push_back(static_cast<int>(token));
-      absl::StatusOr<std::string> full = tok->Decode(st->ids);
-      std::string piece;
-      if (full.ok() && full->size() >= st->text.size() &&
-          full->compare(0, st->text.size(), st->text) == 0) {
-        piece = full->substr(st->text.size());
-        st->text = *full;
-      }
+      absl::StatusOr<std::string> piece = st->text->Next(static_cast<int>(token));
       msg.mutable_tokens()->add_ids(static_cast<int32_t>(token));
-      msg.mutable_tokens()->set_text(piece);
+      if (piece.ok()) msg.mutable_tokens()->set_text(*std::move(piece));
       std::lock_guard<std::mutex> lock(st->mu);
       if (st->write_failed) return false;
       st->pending.push_back(std::move(msg));

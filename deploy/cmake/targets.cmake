@@ -890,6 +890,18 @@ lorahub_cc_library(core_tokenizer_tokenizer
   OUTPUT_NAME tokenizer
 )
 
+# //core/tokenizer:stream_decoder (cc_library)
+lorahub_cc_library(core_tokenizer_stream_decoder
+  PACKAGE core/tokenizer
+  SRCS
+    ${SRC}/core/tokenizer/stream_decoder.cc
+    ${SRC}/core/tokenizer/stream_decoder.h
+  DEPS
+    core_tokenizer_tokenizer
+    ext_absl_absl
+  OUTPUT_NAME stream_decoder
+)
+
 # ---- //core/train  (core/train/BUILD)
 
 # //core/train:train (cc_library)
@@ -1079,6 +1091,7 @@ lorahub_cc_library(server_services
     core_serving_serving
     core_store_store
     core_tokenizer_tokenizer
+    core_tokenizer_stream_decoder
     proto_lorahub_v1_cc
     ext_absl_absl
     ext_grpc_grpc__
@@ -2537,6 +2550,21 @@ lorahub_cc_test(tests_tokenizer_shim_env_test
   TIMEOUT 300
   DATA_TARGETS
     core_tokenizer_libsp_shim_so
+)
+
+# //tests/tokenizer:stream_decoder_test (cc_test)
+lorahub_cc_test(tests_tokenizer_stream_decoder_test
+  TEST_NAME //tests/tokenizer:stream_decoder_test
+  PACKAGE tests/tokenizer
+  SRCS
+    ${SRC}/tests/tokenizer/stream_decoder_test.cc
+  DEPS
+    tests_tokenizer_golden
+    core_tokenizer_tokenizer
+    core_tokenizer_stream_decoder
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 300
 )
 
 # ---- //tests/train  (tests/train/BUILD)

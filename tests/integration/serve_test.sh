@@ -64,6 +64,8 @@ end = lines[-1]; want = json.loads(sys.argv[2])
 streamed = [i for l in lines[:-1] for i in l['ids']]
 assert end['output_ids'] == want, (end['output_ids'], want)
 assert streamed == want, (streamed, want)
+# The streamed text pieces add up to the whole output's text.
+assert ''.join(l.get('text', '') for l in lines[:-1]) == end.get('text', ''), (lines, end)
 " "$tmp/g$n" "$want" || fail "golden mismatch: $flags / $text"
   echo "$flags	$max_new	$text	$want" >>"$tmp/done"
   n=$((n + 1))
