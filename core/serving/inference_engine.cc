@@ -22,6 +22,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/metrics/metrics.h"
+#include "core/model/fused_ops.h"
 #include "core/model/generate.h"
 #include "core/model/lora.h"
 #include "core/model/scorer.h"
@@ -39,10 +40,7 @@ double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 // False when LORAHUB_NO_SERVE_AHEAD=1: the row slots' step is waited for
 // before the tokens are emitted and newcomers admitted (A/B).
 bool StepAhead() {
-  static const bool off = [] {
-    const char* v = std::getenv("LORAHUB_NO_SERVE_AHEAD");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
+  static const bool off = model::EnvFlag("LORAHUB_NO_SERVE_AHEAD");
   return !off;
 }
 
@@ -229,13 +227,13 @@ struct InferenceEngine::State {
     if (metrics()) metrics()->AddEngineBusySeconds(phase, Seconds(d));
   }
 
-  // Rows decoding now, in both batches.
   // Generate requests finished so far (a row's end may unpin its adapter).
   uint64_t finished = 0;
   // `finished` when a newcomer last waited for device cache room
   // (the engine loop retries only after some row finished since).
   std::optional<uint64_t> waiting_since;
 
+  // Rows decoding now, in both batches.
   int64_t Running() const {
     return static_cast<int64_t>(rows.size()) + slot_running;
   }
@@ -540,11 +538,7 @@ struct InferenceEngine::State {
     const absl::Time start = absl::Now();
     for (const auto& [p, token] : collected) {
       Row& row = *slot_rows[p];
-      if (!Emit(row, token)) {
-        row.done = true;
-        row.reason = FinishReason::kCancelled;
-      }
-      if (row.done) {
+      if (EmitOrCancel(row, token)) {
         FinishGenerate(row, absl::OkStatus());
         slot_rows[p].reset();
         --slot_running;
@@ -616,15 +610,20 @@ struct InferenceEngine::State {
     }
   }
 
-  // Decide, then emits `token` (a client gone cancels); true when the row
-  // is done.
-  bool Advance(Row& row, int64_t token) {
-    Decide(row, token);
+  // Emits `token` for a row Decide saw it for (a client gone cancels the
+  // row); true when the row is done.
+  bool EmitOrCancel(Row& row, int64_t token) {
     if (!Emit(row, token)) {
       row.done = true;
       row.reason = FinishReason::kCancelled;
     }
     return row.done;
+  }
+
+  // Decide, then EmitOrCancel.
+  bool Advance(Row& row, int64_t token) {
+    Decide(row, token);
+    return EmitOrCancel(row, token);
   }
 
   // Appends `incoming` to the running batch (encoder pass for them).

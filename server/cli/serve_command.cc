@@ -24,8 +24,6 @@
 #include <csignal>
 #include <functional>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -41,6 +39,7 @@
 #include "core/jobs/compose_worker.h"
 #include "core/metrics/exposer.h"
 #include "core/metrics/metrics.h"
+#include "core/model/fused_ops.h"
 #include "core/model/loader.h"
 #include "core/serving/inference_engine.h"
 #include "core/store/store.h"
@@ -194,7 +193,7 @@ int RunServe(int argc, char** argv) {
   if (!tok.ok()) return ReportError("serve", tok.status());
   ctx->tokenizer = *std::move(tok);
   // Stream writes off the engine threads, unless LORAHUB_EMIT_INLINE=1 (A/B).
-  if (const char* v = std::getenv("LORAHUB_EMIT_INLINE"); v == nullptr || std::strcmp(v, "1") != 0) {
+  if (!model::EnvFlag("LORAHUB_EMIT_INLINE")) {
     ctx->pump = std::make_unique<server::StreamPump>(2);
   }
 
