@@ -29,6 +29,8 @@ double Seconds(Clock::time_point from, Clock::time_point to) {
 
 // Workers per channel when --channels is not given.
 constexpr int kWorkersPerChannel = 16;
+// How long the channels may take to connect (at most the request timeout).
+constexpr double kConnectTimeoutS = 30;
 
 // One gRPC channel per index, each with its own subchannel pool so that no
 // two share a connection (gRPC otherwise reuses one subchannel, i.e. one
@@ -236,9 +238,28 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
       o.channels > 0 ? o.channels : (o.concurrency + kWorkersPerChannel - 1) / kWorkersPerChannel;
   rep.channels = std::min(channels, o.concurrency);  // ceil(c / 16) <= c
   std::vector<std::unique_ptr<v1::InferenceService::Stub>> stubs;
+  const Clock::time_point connect_start = Clock::now();
+  const auto connect_deadline =
+      std::chrono::system_clock::now() +
+      std::chrono::milliseconds(static_cast<int64_t>(std::min(o.timeout_s, kConnectTimeoutS) * 1e3));
+  int index = 0;
   for (const auto& ch : MakeChannels(o.server, rep.channels)) {
+    // Connected before any request: a request on a channel whose connection attempt failed
+    // fails at once (UNAVAILABLE) until the channel's backoff ends, and its workers would
+    // burn through the remaining requests in that time.
+    for (grpc_connectivity_state state = ch->GetState(/*try_to_connect=*/true);
+         state != GRPC_CHANNEL_READY; state = ch->GetState(/*try_to_connect=*/true)) {
+      if (state == GRPC_CHANNEL_TRANSIENT_FAILURE) ++rep.connect_failures;
+      if (!ch->WaitForStateChange(state, connect_deadline)) {
+        return absl::UnavailableError(absl::StrCat("channel ", index, " to ", o.server,
+                                                   " did not connect within ",
+                                                   std::min(o.timeout_s, kConnectTimeoutS), " s"));
+      }
+    }
     stubs.push_back(v1::InferenceService::NewStub(ch));
+    ++index;
   }
+  rep.connect_s = Seconds(connect_start, Clock::now());
   if (o.warmup > 0) {
     std::vector<RequestResult> warm;
     RunPhase(o, stubs, o.warmup, &warm);
@@ -305,6 +326,8 @@ std::string ReportJson(const LoadReport& r) {
   j["failed_indices"] = r.failed_indices;
   j["warmup"] = r.warmup;
   j["warmup_failed"] = r.warmup_failed;
+  j["connect_s"] = r.connect_s;
+  j["connect_failures"] = r.connect_failures;
   j["concurrency"] = r.concurrency;
   j["channels"] = r.channels;
   j["tokens"] = r.tokens;

@@ -97,6 +97,11 @@ struct LoadReport {
   std::vector<int> failed_indices;  // the first kMaxFailedIndices, ascending
   int warmup = 0, warmup_failed = 0;
   int concurrency = 0, channels = 0;
+  // Before the first request every channel connects: how long that took,
+  // and how many connection attempts failed (each then retried after gRPC's
+  // backoff, within the connect timeout).
+  double connect_s = 0;
+  int connect_failures = 0;
   int64_t tokens = 0;
   double wall_s = 0, tokens_per_s = 0, requests_per_s = 0;
   // Empty when no request succeeded (no token for TTFT).

@@ -526,6 +526,10 @@ int Load(const std::string& server, const Opts& o) {
     opts.keep_outputs = true;
   }
   absl::StatusOr<lc::LoadReport> report = lc::RunLoad(opts);
+  if (report.status().code() == absl::StatusCode::kUnavailable) {
+    std::fprintf(stderr, "load: %s\n", std::string(report.status().message()).c_str());
+    return kExitError;  // the server, not the command line
+  }
   if (!report.ok()) return Usage(absl::StrCat("load: ", report.status().message()).c_str());
   if (opts.keep_outputs) {
     outputs << lc::OutputsJsonl(*report);

@@ -325,6 +325,30 @@ struct WeightedSumJob {
 int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
                        int num_jobs, int64_t max_n, void* stream);
 
+// Low-rank updates of weight matrices (low_rank_merge_kernels.cu), for
+// fused_ops.h LowRankMerge: for every job, out = w + scale * (b a), where
+// w and out are [rows, cols] (fp32 or bf16, rows contiguous, 16-byte
+// aligned), a is [rank, cols] and b [rows, rank] (fp32, contiguous). Each
+// element's sum over the rank runs in fp32 in rank order with fused
+// multiply-adds, then is multiplied by scale and added to w (each rounded),
+// then rounded once to out's dtype. Requires cols % 4 == 0 and
+// 1 <= rank <= kMaxLowRankMergeRank. `jobs` is in device memory; max_tiles
+// >= LowRankMergeTiles of every job. Returns the launch's error (0: none).
+inline constexpr int kMaxLowRankMergeRank = 32;
+struct LowRankMergeJob {
+  const void* w = nullptr;
+  void* out = nullptr;
+  const float* a = nullptr;
+  const float* b = nullptr;
+  int64_t rows = 0, cols = 0;
+  int32_t rank = 0;
+  float scale = 1.f;
+  int32_t bf16 = 0;  // 1: w and out bf16, 0: fp32
+};
+int64_t LowRankMergeTiles(int64_t rows, int64_t cols);
+int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs,
+                       int64_t max_tiles, void* stream);
+
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

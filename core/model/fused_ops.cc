@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/model/fused_kernels.h"
@@ -515,6 +516,46 @@ void WeightedSums(const std::vector<WeightedSum>& sums) {
       acc.add_(s.terms[t].to(at::kFloat) * s.weights[t]);
     }
     s.dst.copy_(acc.view(s.dst.sizes()));
+  }
+}
+
+LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
+    : updates_(std::move(updates)) {
+  for (const LowRankUpdate& u : updates_) {
+    TORCH_CHECK(u.w.defined() && u.out.defined() && u.a.defined() && u.b.defined(),
+                "LowRankMerge: undefined tensor");
+    TORCH_CHECK(u.w.dim() == 2 && u.a.dim() == 2 && u.b.dim() == 2,
+                "LowRankMerge: w, a and b must be matrices");
+    const int64_t rows = u.w.size(0), cols = u.w.size(1), rank = u.a.size(0);
+    TORCH_CHECK(u.out.sizes() == u.w.sizes() && u.out.scalar_type() == u.w.scalar_type(),
+                "LowRankMerge: out must be like w");
+    TORCH_CHECK(u.a.size(1) == cols && u.b.size(0) == rows && u.b.size(1) == rank,
+                "LowRankMerge: factors [", rank, ", ", u.a.size(1), "] and [", u.b.size(0),
+                ", ", u.b.size(1), "] do not fit a [", rows, ", ", cols, "] weight");
+    TORCH_CHECK(u.a.scalar_type() == at::kFloat && u.b.scalar_type() == at::kFloat,
+                "LowRankMerge: factors must be fp32");
+    TORCH_CHECK(u.w.scalar_type() == at::kFloat || u.w.scalar_type() == at::kBFloat16,
+                "LowRankMerge: weights must be fp32 or bf16");
+    TORCH_CHECK(u.w.is_contiguous() && u.out.is_contiguous() && u.a.is_contiguous() &&
+                    u.b.is_contiguous(),
+                "LowRankMerge: tensors must be contiguous");
+    for (const at::Tensor* t : {&u.out, &u.a, &u.b}) {
+      TORCH_CHECK(t->device() == u.w.device(), "LowRankMerge: tensors on two devices");
+    }
+  }
+  if (!updates_.empty() && FusedKernelsEnabled()) {
+    table_ = fused_backend::LowRankMergeTable(updates_, &max_tiles_);
+  }
+}
+
+void LowRankMerge::Run() const {
+  RECORD_USER_SCOPE("lorahub::low_rank_merge");
+  if (table_.defined()) {
+    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_);
+    return;
+  }
+  for (const LowRankUpdate& u : updates_) {
+    u.out.copy_(u.w.to(at::kFloat) + at::mm(u.b, u.a) * u.scale);
   }
 }
 

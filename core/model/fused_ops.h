@@ -431,6 +431,40 @@ struct WeightedSum {
 // Throws c10::Error for malformed sums (nothing written then).
 void WeightedSums(const std::vector<WeightedSum>& sums);
 
+// One update of LowRankMerge: out = w + scale * (b a), the product in fp32,
+// rounded once to out's dtype.
+struct LowRankUpdate {
+  at::Tensor w;    // [rows, cols], fp32 or bf16, contiguous
+  at::Tensor out;  // like w; may be w itself (in place)
+  at::Tensor a;    // [rank, cols], fp32, contiguous
+  at::Tensor b;    // [rows, rank], fp32, contiguous
+  float scale = 1.f;
+};
+
+// A fixed list of LowRankUpdates, all written by Run(). On CUDA (ranks up
+// to kernels::kMaxLowRankMergeRank, cols % 4 == 0, 16-byte aligned rows) one
+// kernel launch over a job table made once, at construction, so a CUDA
+// graph can capture Run() and each replay reads the tensors' contents then;
+// else ATen ops per update (whose fp32 sums may be ordered differently).
+// Why: a composed adapter merged into a bf16 model's weights takes the LoRA
+// GEMMs out of the forward pass (objective_runner.h).
+//
+// Holds references to the tensors, which must keep their storage while the
+// merge lives. Construction throws c10::Error for malformed updates.
+// Thread-safety: Run() on one thread at a time.
+class LowRankMerge {
+ public:
+  explicit LowRankMerge(std::vector<LowRankUpdate> updates);
+  void Run() const;
+  // True when Run() is the one kernel launch.
+  bool fused() const { return table_.defined(); }
+
+ private:
+  std::vector<LowRankUpdate> updates_;
+  at::Tensor table_;  // the kernel's job table on the device
+  int64_t max_tiles_ = 0;
+};
+
 }  // namespace lorahub::model
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_OPS_H_

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "core/model/fused_kernels.h"
@@ -790,6 +791,50 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
   TORCH_CHECK(err == 0, "weighted sums kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return true;
+}
+
+at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
+                             int64_t* max_tiles) {
+  const at::Tensor& first = updates[0].w;
+  if (!first.is_cuda() || updates.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
+  auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  std::vector<kernels::LowRankMergeJob> jobs(updates.size());
+  *max_tiles = 0;
+  for (size_t j = 0; j < updates.size(); ++j) {
+    const LowRankUpdate& u = updates[j];
+    const int64_t rows = u.w.size(0), cols = u.w.size(1), rank = u.a.size(0);
+    if (rank < 1 || rank > kernels::kMaxLowRankMergeRank || cols % 4 != 0 || !aligned(u.w) ||
+        !aligned(u.out)) {
+      return at::Tensor();
+    }
+    kernels::LowRankMergeJob& job = jobs[j];
+    job.w = u.w.data_ptr();
+    job.out = u.out.data_ptr();
+    job.a = u.a.data_ptr<float>();
+    job.b = u.b.data_ptr<float>();
+    job.rows = rows;
+    job.cols = cols;
+    job.rank = static_cast<int32_t>(rank);
+    job.scale = u.scale;
+    job.bf16 = u.w.scalar_type() == at::kBFloat16 ? 1 : 0;
+    *max_tiles = std::max(*max_tiles, kernels::LowRankMergeTiles(rows, cols));
+  }
+  if (*max_tiles > INT32_MAX) return at::Tensor();
+  const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(kernels::LowRankMergeJob));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(host.data_ptr(), jobs.data(), static_cast<size_t>(bytes));
+  return host.to(first.device());
+}
+
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles) {
+  c10::cuda::CUDAGuard guard(table.device());
+  const int err = kernels::LaunchLowRankMerge(
+      reinterpret_cast<const kernels::LowRankMergeJob*>(table.data_ptr()), num_jobs, max_tiles,
+      StreamOf(table));
+  TORCH_CHECK(err == 0, "low-rank merge kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 }  // namespace lorahub::model::fused_backend

@@ -65,6 +65,12 @@ bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 }
 
 bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
+at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*) {
+  return at::Tensor();
+}
+void RunLowRankMerge(const at::Tensor&, int, int64_t) {
+  TORCH_CHECK(false, "LowRankMerge: no CUDA kernels in this build");
+}
 
 bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;

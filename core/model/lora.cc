@@ -304,45 +304,35 @@ RowAdapters SelectRows(const RowAdapters& rows, const at::Tensor& index) {
   return out;  // uniform_slot is unchanged by any row selection
 }
 
-absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
-                                       const LoraAdapter& adapter) {
+absl::StatusOr<T5Weights> CopyAdaptedWeights(const T5Weights& base,
+                                             const std::set<int>& sites) {
   try {
-    T5Weights merged = base;
-    std::map<int, const LoraSite*> by_site;
-    for (const LoraSite& s : adapter.sites) by_site[s.site] = &s;
+    T5Weights copy = base;
     auto adapted = [&](const Linear& linear) {
-      return linear.site >= 0 && by_site.count(linear.site) > 0;
+      return linear.site >= 0 && sites.count(linear.site) > 0;
     };
-    // A fused tensor with an adapted member gets its own copy, and its
-    // members become views of the copy (the base keeps its storage); the
-    // merge then writes through those views, so the fused GEMMs see it.
-    // `own` holds these copies: tensors of `merged` that are views of one
-    // belong to it alone and are written in place; every other weight may be
-    // shared with `base` and is replaced.
-    std::set<const void*> own;
-    auto unshare = [&own](at::Tensor& fused,
-                          const std::vector<Linear*>& members) {
+    // A fused tensor with an adapted member gets a copy, and its members become views of
+    // the copy, so that writes through them reach the fused GEMMs.
+    std::set<const Linear*> done;
+    auto unshare = [&done](at::Tensor& fused, const std::vector<Linear*>& members) {
       fused = fused.clone();
-      own.insert(fused.data_ptr());
       int64_t row = 0;
       for (Linear* m : members) {
         const int64_t n = m->weight.size(0);
         m->weight = fused.narrow(0, row, n);
         row += n;
+        done.insert(m);
       }
     };
     std::vector<Linear*> cross_members;
     bool cross_adapted = false;
-    for (BlockWeights& b : merged.decoder) {
+    for (BlockWeights& b : copy.decoder) {
       cross_members.push_back(&b.cross_attn.k);
       cross_members.push_back(&b.cross_attn.v);
-      cross_adapted = cross_adapted || adapted(b.cross_attn.k) ||
-                      adapted(b.cross_attn.v);
+      cross_adapted = cross_adapted || adapted(b.cross_attn.k) || adapted(b.cross_attn.v);
     }
-    if (cross_adapted && FusedCrossKv(merged)) {
-      unshare(merged.cross_kv, cross_members);
-    }
-    for (auto* stack : {&merged.encoder, &merged.decoder}) {
+    if (cross_adapted && FusedCrossKv(copy)) unshare(copy.cross_kv, cross_members);
+    for (auto* stack : {&copy.encoder, &copy.decoder}) {
       for (BlockWeights& b : *stack) {
         AttentionWeights& a = b.self_attn;
         if ((adapted(a.q) || adapted(a.k) || adapted(a.v)) && FusedQkv(a)) {
@@ -354,34 +344,30 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
         }
       }
     }
-    auto merge = [&](Linear& linear, const at::Tensor& fused) {
-      auto it = by_site.find(linear.site);
-      if (linear.site < 0 || it == by_site.end()) return;
-      const LoraSite& s = *it->second;
+    for (int site : sites) {
+      Linear* linear = SiteLinear(copy, site);
+      if (linear == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("no linear layer at site ", site));
+      }
+      if (done.count(linear) == 0) linear->weight = linear->weight.clone();
+    }
+    return copy;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
+absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
+                                       const LoraAdapter& adapter) {
+  std::set<int> sites;
+  for (const LoraSite& s : adapter.sites) sites.insert(s.site);
+  absl::StatusOr<T5Weights> merged = CopyAdaptedWeights(base, sites);
+  if (!merged.ok()) return merged.status();
+  try {
+    for (const LoraSite& s : adapter.sites) {
+      at::Tensor& weight = SiteLinear(*merged, s.site)->weight;
       at::Tensor delta = at::matmul(s.b.to(at::kFloat), s.a.to(at::kFloat));
-      at::Tensor updated = (linear.weight.to(at::kFloat) + delta * s.scaling)
-                               .to(linear.weight.scalar_type());
-      if (fused.defined() && own.count(fused.data_ptr()) > 0) {
-        linear.weight.copy_(updated);
-      } else {
-        linear.weight = updated;
-      }
-    };
-    for (auto* stack : {&merged.encoder, &merged.decoder}) {
-      for (BlockWeights& b : *stack) {
-        merge(b.self_attn.q, b.self_attn.qkv);
-        merge(b.self_attn.k, b.self_attn.qkv);
-        merge(b.self_attn.v, b.self_attn.qkv);
-        merge(b.self_attn.o, at::Tensor());
-        merge(b.cross_attn.q, at::Tensor());
-        merge(b.cross_attn.k, merged.cross_kv);
-        merge(b.cross_attn.v, merged.cross_kv);
-        merge(b.cross_attn.o, at::Tensor());
-        merge(b.ff.wi, at::Tensor());
-        merge(b.ff.wi_0, b.ff.wi_01);
-        merge(b.ff.wi_1, b.ff.wi_01);
-        merge(b.ff.wo, at::Tensor());
-      }
+      weight.copy_(weight.to(at::kFloat) + delta * s.scaling);
     }
     return merged;
   } catch (const c10::Error& e) {

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <limits>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -100,6 +101,14 @@ absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
 // Rows reindexed (beam search, expanding prompts): row i takes old row
 // index[i]. `index` is an int64 tensor on the device.
 RowAdapters SelectRows(const RowAdapters& rows, const at::Tensor& index);
+
+// A copy of `base` in which the weight of every site in `sites` has storage
+// of its own: a fused tensor (t5_weights.h) with such a member is copied
+// whole and its members become views of the copy, so writes through them
+// reach the fused GEMMs; every other tensor shares storage with `base`.
+// InvalidArgument for a site the model has no linear layer at.
+absl::StatusOr<T5Weights> CopyAdaptedWeights(const T5Weights& base,
+                                             const std::set<int>& sites);
 
 // A copy of `base` in which every adapted site's weight is
 // W + scaling * B A (computed in fp32, then cast). Unadapted tensors share

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -32,6 +33,11 @@ void LogFallbackOnce(const std::string& why) {
 bool ObjectiveRunnerOptions::LoraBf16FromEnv() {
   static const bool on = EnvFlag("LORAHUB_LORA_BF16");
   return on;
+}
+
+bool ObjectiveRunnerOptions::MergeSingleFromEnv() {
+  static const bool off = EnvFlag("LORAHUB_NO_MERGED_OBJECTIVE");
+  return !off;
 }
 
 ObjectiveRunner::~ObjectiveRunner() = default;
@@ -100,7 +106,12 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
         run->scales_[stack.sites[i]] = at::full({C, 1, 1}, scale, fp32);
         run->scale_values_[stack.sites[i]] = scale;
       }
+      g.composed = at::zeros({C, g.factors.size(1)}, fp32);
       run->groups_.push_back(std::move(g));
+    }
+    if (options.merge_single && C == 1 && weights.dtype == at::kBFloat16 && !run->bf16_lora_) {
+      absl::Status merging = run->PrepareMerge();
+      if (!merging.ok()) return merging;
     }
     run->bank_.num_slots = static_cast<int>(C);
     run->bank_.sites.resize(stack.num_base_sites);
@@ -120,9 +131,11 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
         slots[r] = (start + r) / n;
       }
       Chunk chunk;
-      auto rows = MakeRowAdapters(weights, &run->bank_, slots);
-      if (!rows.ok()) return rows.status();
-      chunk.rows = *std::move(rows);
+      if (run->merge_ == nullptr) {  // else the merged weights carry the adapter
+        auto rows = MakeRowAdapters(weights, &run->bank_, slots);
+        if (!rows.ok()) return rows.status();
+        chunk.rows = *std::move(rows);
+      }
       at::Tensor index = at::tensor(ex_idx, at::kLong);
       chunk.ids = ids.index_select(0, index).to(device);
       chunk.mask = mask.index_select(0, index).to(device);
@@ -215,12 +228,41 @@ absl::Status ObjectiveRunner::CheckGraphAgainstEager() {
   }
 }
 
+absl::Status ObjectiveRunner::PrepareMerge() {
+  std::set<int> sites;
+  for (const Group& g : groups_) sites.insert(g.sites.begin(), g.sites.end());
+  auto copy = CopyAdaptedWeights(*weights_, sites);
+  if (!copy.ok()) return copy.status();
+  merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
+  std::vector<LowRankUpdate> updates;
+  for (const Group& g : groups_) {
+    const int64_t k = static_cast<int64_t>(g.sites.size());
+    const int64_t a_len = g.r * g.in;
+    const int64_t b_len = g.out * g.r;
+    const at::Tensor composed = g.composed[0];  // the one candidate
+    for (int64_t j = 0; j < k; ++j) {
+      const int site = g.sites[j];
+      LowRankUpdate u;
+      u.w = SiteLinear(*weights_, site)->weight;
+      u.out = SiteLinear(*merged_weights_, site)->weight;
+      u.a = composed.narrow(0, j * a_len, a_len).view({g.r, g.in});
+      u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g.out, g.r});
+      u.scale = static_cast<float>(scale_values_[site]);
+      updates.push_back(std::move(u));
+    }
+  }
+  merge_ = std::make_unique<LowRankMerge>(std::move(updates));
+  return absl::OkStatus();
+}
+
 void ObjectiveRunner::Compose() {
   for (const Group& g : groups_) {
     // [C, N] x [N, k * X] -> [C, k * X]: all candidates, all sites of the group.
-    at::Tensor composed = at::mm(w_dev_, g.factors);
+    at::Tensor out = g.composed;  // a handle: mm_out writes its storage
+    at::mm_out(out, w_dev_, g.factors);
+    if (merge_ != nullptr) continue;  // the merge reads g.composed
     // Composed in fp32, rounded once for all sites of the group.
-    if (bf16_lora_) composed = composed.to(at::kBFloat16);
+    at::Tensor composed = bf16_lora_ ? g.composed.to(at::kBFloat16) : g.composed;
     const int64_t C = capacity_;
     const int64_t k = static_cast<int64_t>(g.sites.size());
     const int64_t a_len = g.r * g.in;
@@ -238,14 +280,15 @@ void ObjectiveRunner::Compose() {
 absl::Status ObjectiveRunner::Evaluate() {
   try {
     Compose();
+    if (merge_ != nullptr) merge_->Run();
+    const T5Weights& weights = merged_weights_ != nullptr ? *merged_weights_ : *weights_;
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
-      auto enc =
-          Encode(*weights_, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
+      auto enc = Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
-      auto logits = DecodeFull(*weights_, chunk.decoder_ids, *enc, chunk.rows,
-                               chunk.biases.get());
+      auto logits =
+          DecodeFull(weights, chunk.decoder_ids, *enc, chunk.rows, chunk.biases.get());
       if (!logits.ok()) return logits.status();
       // Per-row summed token cross-entropy, as ScoreCandidates computes it.
       at::Tensor logp = at::log_softmax(logits->to(at::kFloat), -1);

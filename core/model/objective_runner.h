@@ -14,6 +14,11 @@
 // down-projection GEMM for q and v of an attention, and one for the cross
 // k/v of all decoder blocks, which come last in their group).
 //
+// A bf16 runner of one candidate (COBYLA's shape) merges instead
+// (ObjectiveRunnerOptions::merge_single): every adapted weight gets a copy
+// at construction, each evaluation writes W + scaling * B A into it (one
+// kernel on CUDA), and the forward pass runs the plain model on the copies.
+//
 // On a CUDA device (and a build with cuda_graph_cuda.cc) the whole evaluation
 // (compose, encoder, decoder, per-row token cross-entropy sums) is captured
 // once as a CUDA graph, checked once against an eager run of the same ops,
@@ -23,7 +28,8 @@
 // the CPU it always runs eagerly.
 //
 // Ownership: keeps a reference to `weights`, which must outlive the runner;
-// copies what it needs of the stack and examples. Thread-safety: none; one
+// copies what it needs of the stack and examples (and, merging, the adapted
+// weights: 450 MB for flan-t5-large's q and v in bf16). Thread-safety: none; one
 // Losses() call at a time. Not movable (the graph captured its own members).
 #ifndef LORAHUB_CORE_MODEL_OBJECTIVE_RUNNER_H_
 #define LORAHUB_CORE_MODEL_OBJECTIVE_RUNNER_H_
@@ -45,6 +51,7 @@
 namespace lorahub::model {
 
 class CapturedGraph;
+class LowRankMerge;
 
 struct ObjectiveRunnerOptions {
   // Reference batch grouping and rows per forward pass, as ScoreCandidates.
@@ -61,8 +68,18 @@ struct ObjectiveRunnerOptions {
   // x A^T, and y + delta once more. Default: LORAHUB_LORA_BF16=1 in the
   // environment (experimental, for an A/B).
   bool bf16_lora = LoraBf16FromEnv();
+  // bf16 models with one candidate per call (ignored otherwise, and under
+  // bf16_lora): each evaluation merges the composed adapter into a copy of
+  // the adapted weights (fused_ops.h LowRankMerge: W + scaling * B A in
+  // fp32, rounded once to bf16) and runs the plain model on them, with no
+  // LoRA GEMMs (146 of them per flan-t5-large evaluation). Rounds, beyond
+  // the default path: each adapted weight once with its delta (where the
+  // default path adds the fp32 delta to the fp32 projection output).
+  // Default: on, unless LORAHUB_NO_MERGED_OBJECTIVE=1 (A/B).
+  bool merge_single = MergeSingleFromEnv();
 
   static bool LoraBf16FromEnv();
+  static bool MergeSingleFromEnv();
 };
 
 class ObjectiveRunner {
@@ -109,11 +126,17 @@ class ObjectiveRunner {
     // [N, sites * (r*in + out*r)], fp32: A..., B... (bf16_lora: each B
     // times its site's scaling).
     at::Tensor factors;
+    // [C, sites * (r*in + out*r)], fp32: the composed factors, rewritten in
+    // place by every evaluation (the merge's job table points into it).
+    at::Tensor composed;
   };
 
   ObjectiveRunner() = default;
-  // w_dev_ -> bank_ (views of one matmul result per group).
+  // w_dev_ -> each group's composed factors (one matmul per group), and
+  // bank_'s views of them (unless merging).
   void Compose();
+  // merge_single: merged_weights_ and merge_ (after groups_ and scales_).
+  absl::Status PrepareMerge();
   // Compose + forward + per-row sums into sums_ ([C*n] fp64). No host sync.
   absl::Status Evaluate();
   // One replay against one eager run on the same weights (at construction).
@@ -130,6 +153,11 @@ class ObjectiveRunner {
   std::vector<at::Tensor> scales_;  // per base site (undefined if unadapted)
   std::vector<double> scale_values_;  // the same, as host values
   AdapterBank bank_;
+  // merge_single: the weights the forward pass runs on (the adapted sites'
+  // own copies, rewritten by merge_ per evaluation), and the merge. Unset:
+  // the forward runs on *weights_ with the bank's adapters.
+  std::unique_ptr<T5Weights> merged_weights_;
+  std::unique_ptr<LowRankMerge> merge_;
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)
   at::Tensor w_dev_;   // [C, N] fp32 on the device: the graph's input

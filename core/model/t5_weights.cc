@@ -423,6 +423,29 @@ std::string SiteName(const T5Weights& weights, int site) {
   return absl::StrCat(FfModule(decoder, layer), ".", kProjNames[slot - 4]);
 }
 
+Linear* SiteLinear(T5Weights& weights, int site) {
+  const int layers = weights.config.num_layers;
+  const int block = site / kSitesPerBlock;
+  const int slot = site % kSitesPerBlock;
+  if (site < 0 || block >= layers + weights.config.num_decoder_layers) return nullptr;
+  const bool decoder = block >= layers;
+  if (!decoder && slot >= 4 && slot < 8) return nullptr;  // no cross attention
+  std::vector<BlockWeights>& stack = decoder ? weights.decoder : weights.encoder;
+  const size_t layer = static_cast<size_t>(decoder ? block - layers : block);
+  if (layer >= stack.size()) return nullptr;
+  BlockWeights& b = stack[layer];
+  AttentionWeights& attn = slot < 4 ? b.self_attn : b.cross_attn;
+  Linear* by_slot[kSitesPerBlock] = {&attn.q,  &attn.k,     &attn.v,     &attn.o,
+                                     &attn.q,  &attn.k,     &attn.v,     &attn.o,
+                                     &b.ff.wi, &b.ff.wi_0, &b.ff.wi_1, &b.ff.wo};
+  Linear* linear = by_slot[slot];
+  return linear->weight.defined() ? linear : nullptr;
+}
+
+const Linear* SiteLinear(const T5Weights& weights, int site) {
+  return SiteLinear(const_cast<T5Weights&>(weights), site);
+}
+
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text) {
   if (text == "cpu") return c10::Device(c10::kCPU);
   if (text.rfind("cuda", 0) == 0) {

@@ -158,6 +158,12 @@ absl::StatusOr<at::Tensor> HostToTensor(const io::HostTensor& tensor,
 // The PEFT module name of a site (inverse of site_by_name).
 std::string SiteName(const T5Weights& weights, int site);
 
+// The linear layer of a site (slot order as kSitesPerBlock says), nullptr
+// when `site` is out of range or the model has no such layer (wi of a gated
+// model, cross attention of an encoder block).
+const Linear* SiteLinear(const T5Weights& weights, int site);
+Linear* SiteLinear(T5Weights& weights, int site);
+
 // "cpu", "cuda", "cuda:N" -> device; InvalidArgument otherwise (also when
 // CUDA is requested but not available).
 absl::StatusOr<c10::Device> ParseDevice(const std::string& text);

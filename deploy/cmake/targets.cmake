@@ -593,6 +593,7 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/fused_kernels.cu
     ${SRC}/core/model/fused_ops_cuda.cc
     ${SRC}/core/model/kernel_launch.cuh
+    ${SRC}/core/model/low_rank_merge_kernels.cu
     ${SRC}/core/model/run_lora_kernels.cu
     ${SRC}/core/model/weighted_sum_kernels.cu
   DEPS
@@ -2214,6 +2215,20 @@ lorahub_cc_test(tests_model_lora_row_gemv_test
   PACKAGE tests/model
   SRCS
     ${SRC}/tests/model/lora_row_gemv_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_fused_ops
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
+# //tests/model:low_rank_merge_test (cc_test)
+lorahub_cc_test(tests_model_low_rank_merge_test
+  TEST_NAME //tests/model:low_rank_merge_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/low_rank_merge_test.cc
   DEPS
     tests_model_tiny_t5
     core_model_fused_ops

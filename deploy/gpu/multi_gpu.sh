@@ -112,6 +112,7 @@ gen_round_load() {
     ${WEIGHT_JITTER:+--weight-jitter "$WEIGHT_JITTER"} \
     >"$dir/load.json" 2>"$dir/load.err"
   echo "   load ($n requests): $(cat "$dir/load.json") $(head -3 "$dir/load.err")" >>"$log"
+  cp "$dir/load.err" "$out/load_$(basename "$dir").err" 2>/dev/null
   "$py" - "$dir/load.json" "$n" <<'PY'
 import json, sys
 try:

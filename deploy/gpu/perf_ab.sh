@@ -13,8 +13,9 @@
 #     `tar czf .gpu/models.tgz models`) for held-out tasks with 5 examples -> numerics_TASK.md;
 #  7. (SERVE=1) deploy/gpu/multi_gpu.sh on SERVE_DEVICES (default cuda:0): `lorahub serve` under
 #     `lorahubctl load` (SERVE_REQUESTS requests, default 512) -> serve/multi_gpu.{md,log}; with
-#     SERVE_ABS="tag ENV=V ...; ..." again per run with those variables set for the server,
-#     each run's generated ids compared with the first's.
+#     SERVE_ABS="tag ENV=V ...; ..." again per run with those variables set for the server
+#     (and the client), each run's generated ids compared with those of the first run of the
+#     same WEIGHT_JITTER (the same requests).
 # Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout.
 #
 #   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
@@ -130,15 +131,20 @@ if [ -n "${NUMERICS:-}" ]; then
   done
 fi
 if [ "${SERVE:-0}" = 1 ]; then
+  declare -A first_of_requests  # WEIGHT_JITTER=... (or "") -> the first run's tag
   serve_run() {  # serve_run TAG [ENV=V...]: one multi_gpu.sh round under those variables
     local tag=$1; shift
+    local requests ref
+    requests=$(printf '%s\n' "$@" | grep '^WEIGHT_JITTER=' || true)
+    ref=${first_of_requests[k$requests]:-}
+    [ -n "$ref" ] || first_of_requests[k$requests]=$tag
     stamp "serve $tag $*"
     env "$@" OUT="$work/serve_$tag" FIXTURE="$fx" DEVICE_SETS="${SERVE_DEVICES:-cuda:0}" \
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
       timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E '^\| cuda|gen:|jobs:|failed|did not'
     grep -h "lorahub engine" "$work/serve_$tag/multi_gpu.log"
-    # Greedy ids of every request against the first run's (same requests, same order).
-    [ "$tag" = main ] || python3 - "$work/serve_main" "$work/serve_$tag" <<'PY'
+    # Greedy ids of every request against the first run's with the same requests.
+    [ -z "$ref" ] || python3 - "$work/serve_$ref" "$work/serve_$tag" "$ref" <<'PY'
 import json, pathlib, sys
 def ids(d):
     out = {}
@@ -149,7 +155,8 @@ def ids(d):
     return out
 a, b = ids(sys.argv[1]), ids(sys.argv[2])
 same = sum(1 for k in a if k in b and a[k] == b[k] and a[k][0] == "OK")
-print("   outputs: %d of %d requests with the same ids as main (%d here)" % (same, len(a), len(b)))
+print("   outputs: %d of %d requests with the same ids as %s (%d here)"
+      % (same, len(a), sys.argv[3], len(b)))
 PY
   }
   serve_run main

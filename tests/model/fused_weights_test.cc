@@ -634,6 +634,7 @@ TEST(FusedCount, FewerGemmsPerRunnerEvaluation) {
   for (int fused = 0; fused < 2; ++fused) {
     ObjectiveRunnerOptions ro;
     ro.cuda_graph = false;
+    ro.merge_single = false;  // the LoRA GEMMs are what this counts
     auto runner =
         ObjectiveRunner::Create(fused ? *w : separate, *stack, examples, 1, ro);
     ASSERT_TRUE(runner.ok()) << runner.status();

@@ -223,6 +223,7 @@ TEST_F(ObjectiveOps, DefaultPathCounts) {
   ObjectiveRunnerOptions ro;
   ro.cuda_graph = false;
   ro.bf16_lora = false;
+  ro.merge_single = false;
   double loss = 0;
   const Counts c = Evaluate(ro, &loss);
   Print("bf16 objective evaluation (default)", c);
@@ -244,6 +245,31 @@ TEST_F(ObjectiveOps, DefaultPathCounts) {
   SetAttentionBf16ForTesting(-1);
 }
 
+// One candidate of a bf16 model merged into the weights
+// (ObjectiveRunnerOptions::merge_single, the default): the composition, one
+// merge, then the plain model, without the 146 LoRA GEMMs.
+TEST_F(ObjectiveOps, MergedPathCounts) {
+  SetAttentionBf16ForTesting(0);
+  ObjectiveRunnerOptions ro;
+  ro.cuda_graph = false;
+  ro.bf16_lora = false;
+  ro.merge_single = false;
+  double unmerged_loss = 0;
+  const Counts unmerged = Evaluate(ro, &unmerged_loss);
+  ro.merge_single = true;
+  double loss = 0;
+  const Counts c = Evaluate(ro, &loss);
+  Print("bf16 objective evaluation (merged)", c);
+  SetAttentionBf16ForTesting(-1);
+  EXPECT_TRUE(std::isfinite(loss));
+  // 242 base GEMMs and the composition; the merge is one fused op.
+  EXPECT_EQ(c.gemms, 243);
+  EXPECT_EQ(c.fused, unmerged.fused + 1);
+  EXPECT_LE(c.casts, unmerged.casts);
+  EXPECT_LE(c.elementwise, unmerged.elementwise);
+  EXPECT_LE(c.total(), unmerged.total() - 145);
+}
+
 // bf16 LoRA (ObjectiveRunnerOptions::bf16_lora) and bf16 attention
 // (LORAHUB_ATTN_BF16): the same GEMMs (in bf16) but one up-projection per
 // site (the batched ones are fp32). bf16 LoRA alone widens its bf16 adapted
@@ -254,6 +280,7 @@ TEST_F(ObjectiveOps, Bf16FastPathsConversions) {
   ObjectiveRunnerOptions ro;
   ro.cuda_graph = false;
   ro.bf16_lora = false;
+  ro.merge_single = false;
   SetAttentionBf16ForTesting(0);
   double base_loss = 0;
   const Counts base = Evaluate(ro, &base_loss);
@@ -286,12 +313,13 @@ TEST_F(ObjectiveOps, Bf16FastPathsAccuracy) {
   SetUpModel(2);
   ObjectiveRunnerOptions ro;
   ro.cuda_graph = false;
-  auto loss_of = [&](at::ScalarType dtype, bool lora, int attn) {
+  auto loss_of = [&](at::ScalarType dtype, bool lora, int attn, bool merge = false) {
     auto w = BuildT5Weights(config_, RandomT5(config_, 101), Options(dtype));
     EXPECT_TRUE(w.ok()) << w.status();
     if (!w.ok()) return 0.0;
     SetAttentionBf16ForTesting(attn);
     ro.bf16_lora = lora;
+    ro.merge_single = merge;
     auto r = ObjectiveRunner::Create(*w, stack_, examples_, 1, ro);
     EXPECT_TRUE(r.ok()) << r.status();
     auto l = r.ok() ? (*r)->Losses(weights_in_, 1)
@@ -306,15 +334,18 @@ TEST_F(ObjectiveOps, Bf16FastPathsAccuracy) {
   const double lora = loss_of(at::kBFloat16, true, 0);
   const double attn = loss_of(at::kBFloat16, false, 1);
   const double fast = loss_of(at::kBFloat16, true, 1);
-  std::printf("2+2 blocks: fp32 %.6f, bf16 default %.6f, bf16 LoRA %.6f, "
-              "bf16 attention %.6f, both %.6f\n",
-              fp32, base, lora, attn, fast);
-  // fp32 models ignore both switches.
+  const double merged = loss_of(at::kBFloat16, false, 0, true);
+  std::printf("2+2 blocks: fp32 %.6f, bf16 unmerged %.6f, bf16 LoRA %.6f, "
+              "bf16 attention %.6f, both %.6f, merged %.6f\n",
+              fp32, base, lora, attn, fast, merged);
+  // fp32 models ignore the switches.
   EXPECT_EQ(fp32_flags, fp32);
+  EXPECT_EQ(loss_of(at::kFloat, false, 0, true), fp32);
   const double tol = std::max(2 * std::fabs(base - fp32), 1e-2 * fp32);
   EXPECT_NEAR(lora, fp32, tol);
   EXPECT_NEAR(attn, fp32, tol);
   EXPECT_NEAR(fast, fp32, tol);
+  EXPECT_NEAR(merged, fp32, tol);
 }
 
 }  // namespace

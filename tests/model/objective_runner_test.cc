@@ -34,8 +34,9 @@ struct Fixture {
 };
 
 void LoadModules(Fixture& s, const std::string& model_dir,
-                 const std::vector<std::string>& adapter_dirs) {
-  auto base = LoadT5(model_dir, WeightOptions{});
+                 const std::vector<std::string>& adapter_dirs,
+                 const WeightOptions& options = WeightOptions{}) {
+  auto base = LoadT5(model_dir, options);
   ASSERT_TRUE(base.ok()) << base.status();
   s.base = *std::move(base);
   for (const std::string& d : adapter_dirs) {
@@ -50,7 +51,8 @@ void LoadModules(Fixture& s, const std::string& model_dir,
   s.stack = *std::move(stack);
 }
 
-void LoadRefTiny(Fixture& s, const std::string& name) {
+void LoadRefTiny(Fixture& s, const std::string& name,
+                 const WeightOptions& options = WeightOptions{}) {
   const std::string dir = "tests/testdata/ref_tiny/" + name;
   std::vector<std::string> adapters;
   for (int i = 0; i < 20; ++i) {
@@ -58,7 +60,7 @@ void LoadRefTiny(Fixture& s, const std::string& name) {
     std::snprintf(m, sizeof m, "m%02d", i);
     adapters.push_back(dir + "/modules/" + m);
   }
-  LoadModules(s, dir + "/base", adapters);
+  LoadModules(s, dir + "/base", adapters, options);
   auto tok = tokenizer::T5Tokenizer::Create(dir + "/base/spiece.model");
   ASSERT_TRUE(tok.ok()) << tok.status();
   std::ifstream f(dir + "/examples.jsonl");
@@ -172,6 +174,53 @@ TEST(ObjectiveRunnerGolden, OddShapesSeveralGroups) {
   s.examples = RandomExamples(3, s.base.config.vocab_size, 6);
   ExpectParity(s, 1, 1, ScoreOptions{}, 21);
   ExpectParity(s, 4, 2, ScoreOptions{2, 4}, 22);
+}
+
+// A bf16 model and one candidate (ObjectiveRunnerOptions::merge_single, the
+// default): the runner's losses are those of the composed adapter merged
+// into the weights (MergeAdapter: on the CPU the same arithmetic) and scored
+// without adapters, call after call (each merge starts from the base
+// weights, which stay as they were).
+TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
+  Fixture s;
+  WeightOptions bf16;
+  bf16.dtype = at::kBFloat16;
+  LoadRefTiny(s, "tiny_s1", bf16);
+  if (HasFatalFailure()) return;
+  const at::Tensor q0 = s.base.encoder[0].self_attn.q.weight.clone();
+  ObjectiveRunnerOptions ro;
+  ASSERT_TRUE(ro.merge_single);
+  auto runner = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  ro.merge_single = false;
+  auto unmerged = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
+  ASSERT_TRUE(unmerged.ok()) << unmerged.status();
+  for (int call = 0; call < 3; ++call) {
+    const std::vector<double> w = RandomWeights(1, s.stack.num_modules, 40 + call);
+    auto got = (*runner)->Losses(w, 1);
+    ASSERT_TRUE(got.ok()) << got.status();
+    auto bank = ComposeLoraHub(
+        s.stack, at::tensor(w, at::kDouble).to(at::kFloat).view({1, s.stack.num_modules}));
+    ASSERT_TRUE(bank.ok()) << bank.status();
+    LoraAdapter composed;
+    for (size_t site = 0; site < bank->sites.size(); ++site) {
+      const SiteBank& sb = bank->sites[site];
+      if (!sb.a.defined()) continue;
+      composed.sites.push_back(
+          LoraSite{static_cast<int>(site), sb.a[0], sb.b[0], sb.scale.item<double>()});
+    }
+    auto merged = MergeAdapter(s.base, composed);
+    ASSERT_TRUE(merged.ok()) << merged.status();
+    auto want = ScoreCandidates(*merged, nullptr, {-1}, s.examples, ScoreOptions{});
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_NEAR((*got)[0], (*want)[0], 1e-6 * std::fabs((*want)[0])) << "call " << call;
+    // The unmerged path rounds differently, not by much.
+    auto other = (*unmerged)->Losses(w, 1);
+    ASSERT_TRUE(other.ok()) << other.status();
+    EXPECT_NEAR((*got)[0], (*other)[0], 2e-2 * std::fabs((*other)[0])) << "call " << call;
+    EXPECT_NE((*got)[0], (*other)[0]) << "call " << call << ": not merged?";
+  }
+  EXPECT_TRUE(at::equal(s.base.encoder[0].self_attn.q.weight, q0));
 }
 
 TEST(ObjectiveRunner, RefusesBadCalls) {

@@ -1,0 +1,141 @@
+// LowRankMerge (core/model/fused_ops.h): out = w + scale * (b a) for every
+// update, against the definition in fp64, on $LORAHUB_TEST_DEVICE (tiny_t5.h;
+// default cpu, where the ATen fallback runs; on CUDA the kernel): fp32 and
+// bf16 weights, edges of every tile, ranks that are no multiple of 4, in
+// place, into a row block of a larger tensor (nothing else written), factors
+// changed after construction (each Run reads them then), malformed updates.
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "core/model/fused_ops.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+class LowRankMergeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto device = testing::TestDevice();
+    ASSERT_TRUE(device.ok()) << device.status();
+    device_ = *device;
+  }
+
+  at::Tensor Random(std::vector<int64_t> shape, at::ScalarType dtype) {
+    return at::randn(shape, gen_, at::TensorOptions().dtype(at::kFloat))
+        .to(at::TensorOptions().dtype(dtype).device(device_));
+  }
+
+  // Max of |got - want| against the fp64 definition, relative to the size of
+  // the terms, |w| + |scale| (|b| |a|) (a sum that cancels keeps the
+  // rounding errors of its terms).
+  static double Error(const LowRankUpdate& u, const at::Tensor& w_before,
+                      const at::Tensor& got) {
+    const at::Tensor w = w_before.cpu().to(at::kDouble);
+    const at::Tensor a = u.a.cpu().to(at::kDouble), b = u.b.cpu().to(at::kDouble);
+    const at::Tensor want = w + u.scale * at::mm(b, a);
+    const at::Tensor size = w.abs() + std::fabs(u.scale) * at::mm(b.abs(), a.abs());
+    return ((got.cpu().to(at::kDouble) - want).abs() / (size + 1e-30)).max().item<double>();
+  }
+
+  c10::Device device_ = c10::Device(c10::kCPU);
+  at::Generator gen_ = at::detail::createCPUGenerator(17);
+};
+
+TEST_F(LowRankMergeTest, MatchesTheDefinition) {
+  const bool cuda = device_.is_cuda() && FusedKernelsEnabled();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    // bf16 outputs are rounded once: half an ulp, 2^-9 relative.
+    const double tol = dtype == at::kFloat ? 1e-5 : 1.0 / 256;
+    std::vector<LowRankUpdate> updates;
+    std::vector<at::Tensor> before;
+    struct Shape { int64_t rows, cols, rank; };
+    for (Shape s : std::vector<Shape>{{1, 4, 1}, {63, 128, 3}, {64, 132, 4}, {130, 260, 16},
+                                      {200, 1024, 32}, {65, 8, 5}}) {
+      LowRankUpdate u;
+      u.w = Random({s.rows, s.cols}, dtype);
+      u.out = at::full_like(u.w, 7.f);
+      u.a = Random({s.rank, s.cols}, at::kFloat);
+      u.b = Random({s.rows, s.rank}, at::kFloat);
+      u.scale = 0.37f * static_cast<float>(s.rank);
+      before.push_back(u.w.clone());
+      updates.push_back(u);
+    }
+    LowRankMerge merge(updates);
+    EXPECT_EQ(merge.fused(), cuda);
+    merge.Run();
+    for (size_t j = 0; j < updates.size(); ++j) {
+      EXPECT_LE(Error(updates[j], before[j], updates[j].out), tol) << "update " << j;
+      EXPECT_TRUE(at::equal(updates[j].w, before[j])) << "w of update " << j << " written";
+    }
+    // Each Run reads the factors as they are then.
+    updates[3].a.mul_(-2.f);
+    merge.Run();
+    EXPECT_LE(Error(updates[3], before[3], updates[3].out), tol);
+  }
+}
+
+TEST_F(LowRankMergeTest, InPlaceAndIntoRowBlocks) {
+  const at::Tensor fused = Random({3 * 96, 256}, at::kBFloat16);
+  const at::Tensor original = fused.clone();
+  const at::Tensor block = fused.narrow(0, 96, 96);  // the middle third
+  LowRankUpdate u;
+  u.w = block;
+  u.out = block;
+  u.a = Random({16, 256}, at::kFloat);
+  u.b = Random({96, 16}, at::kFloat);
+  u.scale = 0.5f;
+  LowRankMerge merge({u});
+  merge.Run();
+  EXPECT_LE(Error(u, original.narrow(0, 96, 96), block), 1.0 / 256);
+  EXPECT_TRUE(at::equal(fused.narrow(0, 0, 96), original.narrow(0, 0, 96)));
+  EXPECT_TRUE(at::equal(fused.narrow(0, 192, 96), original.narrow(0, 192, 96)));
+}
+
+TEST_F(LowRankMergeTest, WhatTheKernelDoesNotTakeRunsOnAten) {
+  for (int64_t rank : {33, 64}) {
+    LowRankUpdate u;
+    u.w = Random({70, 36}, at::kBFloat16);
+    u.out = at::empty_like(u.w);
+    u.a = Random({rank, 36}, at::kFloat);
+    u.b = Random({70, rank}, at::kFloat);
+    LowRankMerge merge({u});
+    EXPECT_FALSE(merge.fused());
+    merge.Run();
+    EXPECT_LE(Error(u, u.w, u.out), 1.0 / 256) << "rank " << rank;
+  }
+  LowRankUpdate odd;  // cols % 4 != 0
+  odd.w = Random({5, 6}, at::kFloat);
+  odd.out = at::empty_like(odd.w);
+  odd.a = Random({2, 6}, at::kFloat);
+  odd.b = Random({5, 2}, at::kFloat);
+  LowRankMerge merge({odd});
+  EXPECT_FALSE(merge.fused());
+  merge.Run();
+  EXPECT_LE(Error(odd, odd.w, odd.out), 1e-5);
+}
+
+TEST_F(LowRankMergeTest, RefusesMalformedUpdates) {
+  LowRankUpdate fine;
+  fine.w = Random({8, 8}, at::kFloat);
+  fine.out = at::empty_like(fine.w);
+  fine.a = Random({2, 8}, at::kFloat);
+  fine.b = Random({8, 2}, at::kFloat);
+  std::vector<LowRankUpdate> bad(6, fine);
+  bad[0].a = Random({2, 7}, at::kFloat);        // cols disagree
+  bad[1].b = Random({8, 3}, at::kFloat);        // ranks disagree
+  bad[2].out = at::empty({8, 8}, at::TensorOptions().dtype(at::kBFloat16).device(device_));
+  bad[3].a = Random({2, 8}, at::kBFloat16);     // factors not fp32
+  bad[4].w = Random({8, 16}, at::kFloat).slice(1, 0, 16, 2);  // not contiguous
+  bad[5].b = at::Tensor();
+  for (size_t i = 0; i < bad.size(); ++i) {
+    EXPECT_THROW(LowRankMerge({fine, bad[i]}), c10::Error) << "case " << i;
+  }
+}
+
+}  // namespace
+}  // namespace lorahub::model
