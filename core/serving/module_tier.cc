@@ -66,12 +66,7 @@ absl::StatusOr<ModuleTier::Adapter> ModuleTier::Insert(const std::string& key,
     lru_.splice(lru_.begin(), lru_, found->second);
     return found->second->adapter;
   }
-  if (bytes > options_.byte_budget) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        options_.name, " module cache: adapter '", adapter->name, "' needs ",
-        bytes, " bytes, more than the budget of ", options_.byte_budget,
-        " (", options_.budget_flag, ")"));
-  }
+  if (bytes > options_.byte_budget) return TooLarge(adapter->name, bytes);
   // Least recently used first, skipping pinned entries: derived ones, then
   // any.
   for (const bool only_derived : {true, false}) {
@@ -85,18 +80,35 @@ absl::StatusOr<ModuleTier::Adapter> ModuleTier::Insert(const std::string& key,
       if (options_.metrics) options_.metrics->RecordCacheEviction(options_.tier);
     }
   }
-  if (bytes_ + bytes > options_.byte_budget) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        options_.name, " module cache: adapter '", adapter->name, "' needs ",
-        bytes, " bytes but ", bytes_, " of the budget of ",
-        options_.byte_budget,
-        " bytes are pinned by requests in flight or running jobs (",
-        options_.budget_flag, ")"));
-  }
+  if (bytes_ + bytes > options_.byte_budget) return NoRoom(adapter->name, bytes, bytes_);
   lru_.push_front(Entry{key, std::move(adapter), bytes, derived});
   entries_[key] = lru_.begin();
   AddBytesLocked(bytes);
   return lru_.front().adapter;
+}
+
+absl::Status ModuleTier::CheckRoom(const std::string& name, int64_t bytes) const {
+  if (bytes > options_.byte_budget) return TooLarge(name, bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t pinned = 0;
+  for (const Entry& e : lru_) {
+    if (e.adapter.use_count() > 1) pinned += e.bytes;
+  }
+  if (pinned + bytes > options_.byte_budget) return NoRoom(name, bytes, pinned);
+  return absl::OkStatus();
+}
+
+absl::Status ModuleTier::TooLarge(const std::string& name, int64_t bytes) const {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      options_.name, " module cache: adapter '", name, "' needs ", bytes,
+      " bytes, more than the budget of ", options_.byte_budget, " (", options_.budget_flag, ")"));
+}
+
+absl::Status ModuleTier::NoRoom(const std::string& name, int64_t bytes, int64_t pinned) const {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      options_.name, " module cache: adapter '", name, "' needs ", bytes, " bytes but ", pinned,
+      " of the budget of ", options_.byte_budget,
+      " bytes are pinned by requests in flight or running jobs (", options_.budget_flag, ")"));
 }
 
 bool ModuleTier::Erase(const std::string& key) {

@@ -82,6 +82,12 @@ class ModuleTier {
   absl::StatusOr<Adapter> Insert(const std::string& key, Adapter adapter,
                                  bool derived = false);
 
+  // OK when an adapter of `bytes` would fit after evicting every unpinned
+  // entry, else the RESOURCE_EXHAUSTED that Insert would give (`name` is the
+  // adapter's). Evicts nothing. Lets a caller skip making an adapter that
+  // could not be kept (a composition while running rows pin the tier).
+  absl::Status CheckRoom(const std::string& name, int64_t bytes) const;
+
   // Drops `key` if present and unpinned; true if it was dropped.
   bool Erase(const std::string& key);
 
@@ -104,6 +110,8 @@ class ModuleTier {
     bool derived = false;
   };
   void AddBytesLocked(int64_t delta);
+  absl::Status TooLarge(const std::string& name, int64_t bytes) const;
+  absl::Status NoRoom(const std::string& name, int64_t bytes, int64_t pinned) const;
 
   const ModuleTierOptions options_;
   mutable std::mutex mu_;

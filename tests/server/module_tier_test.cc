@@ -128,6 +128,23 @@ TEST_F(TierTest, DerivedEntriesAreEvictedBeforeOthers) {
   EXPECT_EQ(Metric("lorahub_module_cache_evictions_total"), 5.0);  // c0, c1, c2, c3, m0
 }
 
+// CheckRoom says what Insert would, without evicting anything.
+TEST_F(TierTest, CheckRoomCountsOnlyPinnedEntries) {
+  ModuleTier tier(Options(300));
+  auto m0 = tier.Insert("m0", Sized("m0", 100));  // held: pinned
+  ASSERT_TRUE(m0.ok());
+  ASSERT_TRUE(tier.Insert("c0", Sized("c0", 100), /*derived=*/true).ok());
+  EXPECT_TRUE(tier.CheckRoom("c1", 200).ok());  // c0 could go
+  EXPECT_THAT(tier.Keys(), ElementsAre("c0", "m0"));
+  const absl::Status full = tier.CheckRoom("c1", 208);
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(full.message(), "100 of the budget of 300")) << full;
+  EXPECT_EQ(tier.Insert("c1", Sized("c1", 208)).status().code(), full.code());
+  EXPECT_EQ(tier.CheckRoom("huge", 304).code(), absl::StatusCode::kResourceExhausted);
+  m0->reset();  // unpinned: all of the budget could be freed
+  EXPECT_TRUE(tier.CheckRoom("c1", 300).ok());
+}
+
 TEST_F(TierTest, LookupCountsHitsAndMissesAndContainsDoesNot) {
   ModuleTier tier(Options(1000));
   EXPECT_EQ(tier.Lookup("a"), nullptr);
