@@ -3,12 +3,14 @@
 // deploy/cmake/README.md, "CUDA-only sources"); Bazel here never compiles it
 // (Debian's LibTorch has no CUDA).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
 #include <mutex>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -112,6 +114,41 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     return absl::InternalError(
         absl::StrCat("CUDA graph capture: ", e.what_without_backtrace()));
   }
+}
+
+struct SideStream::State {
+  c10::Device device = c10::Device(c10::kCPU);
+  std::optional<c10::cuda::CUDAStream> stream;  // CUDA devices only
+  at::cuda::CUDAEvent forked, done;
+};
+
+SideStream::SideStream(c10::Device device) : state_(std::make_unique<State>()) {
+  state_->device = device;
+  if (device.is_cuda()) {
+    // The high-priority pool: never the (low-priority) stream a capture runs on.
+    state_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
+  }
+}
+
+SideStream::~SideStream() = default;
+
+void SideStream::Launch(const std::function<void()>& work) {
+  if (!state_->stream) {
+    work();
+    return;
+  }
+  c10::cuda::CUDAGuard device_guard(state_->device);
+  state_->forked.record(c10::cuda::getCurrentCUDAStream(state_->device.index()));
+  state_->forked.block(*state_->stream);
+  c10::cuda::CUDAStreamGuard stream_guard(*state_->stream);
+  work();
+  state_->done.record(*state_->stream);
+}
+
+void SideStream::Join() {
+  if (!state_->stream) return;
+  c10::cuda::CUDAGuard device_guard(state_->device);
+  state_->done.block(c10::cuda::getCurrentCUDAStream(state_->device.index()));
 }
 
 void SynchronizeDevice(c10::Device device) {

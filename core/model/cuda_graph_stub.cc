@@ -17,6 +17,12 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
                        : "CUDA graphs need a CUDA device");
 }
 
+struct SideStream::State {};
+SideStream::SideStream(c10::Device /*device*/) {}
+SideStream::~SideStream() = default;
+void SideStream::Launch(const std::function<void()>& work) { work(); }
+void SideStream::Join() {}
+
 void SynchronizeDevice(c10::Device device) {
   if (device.is_cpu()) return;
   // A device this build cannot drive has no queued work of ours; a tiny

@@ -20,10 +20,11 @@ namespace {
 constexpr int kMergeThreads = 256;
 constexpr int kMergeWarps = kMergeThreads / 32;
 constexpr int kMergeCols = 128;  // 32 lanes x 4 columns
-constexpr int kMergeRowsPerThread = 8;
-constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;
+constexpr int kMergeRowsPerThread = 4;
+constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;  // rows of one tile
+constexpr int kMergeTilesPerBlock = 8;  // a block's tiles share its A strip
+constexpr int kMergeBlockRows = kMergeRows * kMergeTilesPerBlock;
 constexpr int kMaxRank = kMaxLowRankMergeRank;
-constexpr int kBStride = kMaxRank + 4;  // floats per staged row of b (16-byte rows)
 constexpr int kMaxGridY = 65535;
 
 __device__ __forceinline__ float4 LoadFour(const void* base, bool bf16, int64_t i) {
@@ -51,84 +52,112 @@ __device__ __forceinline__ float Merged(float w, float scale, float acc) {
   return __fadd_rn(w, __fmul_rn(scale, acc));
 }
 
-// Block (tile, job): a tile of kMergeRows x kMergeCols outputs. Lane l of
-// warp v owns columns 4l..4l+3 of rows v, v + 8, ...; its weights are
-// loaded before the factors are staged, so those loads are in flight
-// meanwhile. The factors' tiles are staged in shared memory, zero past the
-// edges and up to a multiple of 4 ranks.
+// The weights of one tile (zeros past the edges): lane l of warp v holds
+// columns 4l..4l+3 of rows v, v + 8, ... of the tile.
+__device__ __forceinline__ void LoadTile(const LowRankMergeJob& job, int64_t row0, int64_t col,
+                                         bool col_ok, int warp, float4 (&w)[kMergeRowsPerThread]) {
+#pragma unroll
+  for (int i = 0; i < kMergeRowsPerThread; ++i) {
+    const int64_t row = row0 + warp + kMergeWarps * i;
+    w[i] = col_ok && row < job.rows ? LoadFour(job.w, job.bf16 != 0, row * job.cols + col)
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
+// Block (strip, job): columns [128 x, 128 (x + 1)) of rows
+// [kMergeBlockRows y, kMergeBlockRows (y + 1)) (blockIdx.x = x + strips * y),
+// tile after tile of kMergeRows rows. A's strip is staged in shared memory
+// once (zero past the edges and up to a multiple of 4 ranks); the rows of B
+// are read by whole warps at once (one address per warp); the next tile's
+// weights are loaded while the current tile is computed and stored.
 __global__ void __launch_bounds__(kMergeThreads)
     LowRankMergeKernel(const LowRankMergeJob* jobs, int job0) {
   __shared__ __align__(16) float a_s[kMaxRank][kMergeCols];
-  __shared__ __align__(16) float b_s[kMergeRows][kBStride];
   const LowRankMergeJob job = jobs[job0 + blockIdx.y];
-  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
-  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
-  if (static_cast<int64_t>(blockIdx.x) >= col_tiles * row_tiles) return;
-  const int64_t row0 = (blockIdx.x / col_tiles) * kMergeRows;
-  const int64_t col0 = (blockIdx.x % col_tiles) * kMergeCols;
+  const int64_t strips = (job.cols + kMergeCols - 1) / kMergeCols;
+  const int64_t groups = (job.rows + kMergeBlockRows - 1) / kMergeBlockRows;
+  if (static_cast<int64_t>(blockIdx.x) >= strips * groups) return;
+  const int64_t col0 = (blockIdx.x % strips) * kMergeCols;
+  const int64_t first_row = (blockIdx.x / strips) * kMergeBlockRows;
+  const int64_t last_row =
+      job.rows < first_row + kMergeBlockRows ? job.rows : first_row + kMergeBlockRows;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const bool bf16 = job.bf16 != 0;
   const int64_t col = col0 + 4 * lane;
   const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
+  const int rank = job.rank;
+  const int rank4 = (rank + 3) & ~3;
+  // B's rows as float4 where they are 16-byte aligned.
+  const bool b_vec = (rank & 3) == 0 && (reinterpret_cast<uintptr_t>(job.b) & 15) == 0;
 
   float4 w[kMergeRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kMergeRowsPerThread; ++i) {
-    const int64_t row = row0 + warp + kMergeWarps * i;
-    w[i] = col_ok && row < job.rows ? LoadFour(job.w, bf16, row * job.cols + col)
-                                    : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  const int rank4 = (job.rank + 3) & ~3;
+  LoadTile(job, first_row, col, col_ok, warp, w);
   for (int i = threadIdx.x; i < rank4 * kMergeCols; i += kMergeThreads) {
     const int k = i / kMergeCols;
     const int c = i % kMergeCols;
-    a_s[k][c] = k < job.rank && col0 + c < job.cols ? job.a[k * job.cols + col0 + c] : 0.f;
-  }
-  for (int i = threadIdx.x; i < kMergeRows * rank4; i += kMergeThreads) {
-    const int row = i / rank4;
-    const int k = i % rank4;
-    b_s[row][k] =
-        k < job.rank && row0 + row < job.rows ? job.b[(row0 + row) * job.rank + k] : 0.f;
+    a_s[k][c] = k < rank && col0 + c < job.cols ? job.a[k * job.cols + col0 + c] : 0.f;
   }
   __syncthreads();
 
-  float4 acc[kMergeRowsPerThread];
+  const float s = job.scale;
+  for (int64_t row0 = first_row; row0 < last_row; row0 += kMergeRows) {
+    float4 next[kMergeRowsPerThread] = {};
+    if (row0 + kMergeRows < last_row) LoadTile(job, row0 + kMergeRows, col, col_ok, warp, next);
+    float4 acc[kMergeRowsPerThread];
 #pragma unroll
-  for (int i = 0; i < kMergeRowsPerThread; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int k = 0; k < rank4; k += 4) {
-    float4 a4[4];
+    for (int i = 0; i < kMergeRowsPerThread; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < rank4; k += 4) {
+      float4 a4[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) a4[j] = *reinterpret_cast<const float4*>(&a_s[k + j][4 * lane]);
+      for (int j = 0; j < 4; ++j) a4[j] = *reinterpret_cast<const float4*>(&a_s[k + j][4 * lane]);
 #pragma unroll
-    for (int i = 0; i < kMergeRowsPerThread; ++i) {
-      const float4 b4 = *reinterpret_cast<const float4*>(&b_s[warp + kMergeWarps * i][k]);
-      const float bk[4] = {b4.x, b4.y, b4.z, b4.w};
+      for (int i = 0; i < kMergeRowsPerThread; ++i) {
+        const int64_t row = row0 + warp + kMergeWarps * i;
+        // One address per warp: a broadcast.
+        float bk[4] = {0.f, 0.f, 0.f, 0.f};
+        if (row < job.rows) {
+          if (b_vec) {
+            const float4 b4 = __ldg(reinterpret_cast<const float4*>(job.b + row * rank + k));
+            bk[0] = b4.x;
+            bk[1] = b4.y;
+            bk[2] = b4.z;
+            bk[3] = b4.w;
+          } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        acc[i].x = fmaf(bk[j], a4[j].x, acc[i].x);
-        acc[i].y = fmaf(bk[j], a4[j].y, acc[i].y);
-        acc[i].z = fmaf(bk[j], a4[j].z, acc[i].z);
-        acc[i].w = fmaf(bk[j], a4[j].w, acc[i].w);
+            for (int j = 0; j < 4; ++j) bk[j] = k + j < rank ? __ldg(job.b + row * rank + k + j) : 0.f;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[i].x = fmaf(bk[j], a4[j].x, acc[i].x);
+          acc[i].y = fmaf(bk[j], a4[j].y, acc[i].y);
+          acc[i].z = fmaf(bk[j], a4[j].z, acc[i].z);
+          acc[i].w = fmaf(bk[j], a4[j].w, acc[i].w);
+        }
       }
     }
-  }
-  if (!col_ok) return;
-  const float s = job.scale;
+    if (col_ok) {
 #pragma unroll
-  for (int i = 0; i < kMergeRowsPerThread; ++i) {
-    const int64_t row = row0 + warp + kMergeWarps * i;
-    if (row >= job.rows) break;
-    const float4 v = make_float4(Merged(w[i].x, s, acc[i].x), Merged(w[i].y, s, acc[i].y),
-                                 Merged(w[i].z, s, acc[i].z), Merged(w[i].w, s, acc[i].w));
-    StoreFour(job.out, bf16, row * job.cols + col, v);
+      for (int i = 0; i < kMergeRowsPerThread; ++i) {
+        const int64_t row = row0 + warp + kMergeWarps * i;
+        if (row >= job.rows) break;
+        const float4 v =
+            make_float4(Merged(w[i].x, s, acc[i].x), Merged(w[i].y, s, acc[i].y),
+                        Merged(w[i].z, s, acc[i].z), Merged(w[i].w, s, acc[i].w));
+        StoreFour(job.out, bf16, row * job.cols + col, v);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMergeRowsPerThread; ++i) w[i] = next[i];
   }
 }
 
 }  // namespace
 
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols) {
-  return ((rows + kMergeRows - 1) / kMergeRows) * ((cols + kMergeCols - 1) / kMergeCols);
+  return ((rows + kMergeBlockRows - 1) / kMergeBlockRows) *
+         ((cols + kMergeCols - 1) / kMergeCols);
 }
 
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
