@@ -15,6 +15,7 @@
 
 #include <c10/core/Device.h>
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 
@@ -73,6 +74,10 @@ class SideStream {
   struct State;
   std::unique_ptr<State> state_;
 };
+
+// Total memory of a CUDA device in bytes; 0 for any other device or in a
+// CPU build.
+int64_t DeviceMemoryBytes(c10::Device device);
 
 // Waits until all work queued on `device` has finished (timing). No-op on
 // the CPU.

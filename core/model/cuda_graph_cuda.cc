@@ -151,6 +151,16 @@ void SideStream::Join() {
   state_->done.block(c10::cuda::getCurrentCUDAStream(state_->device.index()));
 }
 
+int64_t DeviceMemoryBytes(c10::Device device) {
+  if (!device.is_cuda()) return 0;
+  cudaDeviceProp props;
+  if (cudaGetDeviceProperties(&props, device.index() < 0 ? 0 : device.index()) != cudaSuccess) {
+    ClearCudaError();
+    return 0;
+  }
+  return static_cast<int64_t>(props.totalGlobalMem);
+}
+
 void SynchronizeDevice(c10::Device device) {
   if (!device.is_cuda()) return;
   c10::cuda::CUDAGuard guard(device);

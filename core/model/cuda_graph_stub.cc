@@ -23,6 +23,8 @@ SideStream::~SideStream() = default;
 void SideStream::Launch(const std::function<void()>& work) { work(); }
 void SideStream::Join() {}
 
+int64_t DeviceMemoryBytes(c10::Device /*device*/) { return 0; }
+
 void SynchronizeDevice(c10::Device device) {
   if (device.is_cpu()) return;
   // A device this build cannot drive has no queued work of ours; a tiny

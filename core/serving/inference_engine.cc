@@ -22,6 +22,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/metrics/metrics.h"
+#include "core/model/cuda_graph.h"
 #include "core/model/fused_ops.h"
 #include "core/model/generate.h"
 #include "core/model/lora.h"
@@ -866,6 +867,10 @@ InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights
   device.name = options_.device_name;
   device.tier = metrics::CacheTier::kDevice;
   device.byte_budget = options_.device_cache_bytes;
+  if (device.byte_budget == EngineOptions::kAutoDeviceCache) {
+    device.byte_budget =
+        std::max<int64_t>(int64_t{1} << 30, model::DeviceMemoryBytes(weights_->device) / 16);
+  }
   device.budget_flag = "--device-cache-bytes";
   device.metrics = metrics_;
   adapters_ = std::make_unique<AdapterCache>(weights_.get(), std::move(resolver),
@@ -880,7 +885,8 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Start(
   if (!resolver) return absl::InvalidArgumentError("engine: no module resolver");
   if (options.max_queue < 1 || options.max_batch_rows < 1 ||
       options.max_prompt_tokens < 1 || options.max_new_tokens < 1 ||
-      options.max_new_tokens > 8192 || options.device_cache_bytes < 0) {
+      options.max_new_tokens > 8192 ||
+      options.device_cache_bytes < EngineOptions::kAutoDeviceCache) {
     return absl::InvalidArgumentError("engine: bad limits in EngineOptions");
   }
   std::unique_ptr<InferenceEngine> engine(new InferenceEngine(

@@ -118,7 +118,11 @@ struct EngineOptions {
   int max_score_examples = 1024;
   // Budget of the device tier of the module cache: bytes of adapter factors
   // (modules and compositions) kept on the device (--device-cache-bytes).
-  int64_t device_cache_bytes = int64_t{1} << 30;
+  // kAutoDeviceCache: max(1 GiB, 1/16 of the device's memory), i.e. room for
+  // a batch of distinct compositions beside the modules on a large GPU
+  // (flan-t5-large, r = 16 on q and v: 19 MB each in fp32; H200: 8.8 GB).
+  static constexpr int64_t kAutoDeviceCache = -1;
+  int64_t device_cache_bytes = kAutoDeviceCache;
   // The host tier shared by the engines of a server (--host-cache-bytes);
   // null: modules are loaded from disk straight to the device.
   std::shared_ptr<ModuleTier> host_tier;

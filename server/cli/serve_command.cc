@@ -125,7 +125,7 @@ int RunServe(int argc, char** argv) {
   int64_t host_cache_bytes = kDefaultHostCacheBytes;
   {
     auto host = args->GetInt("host-cache-bytes", kDefaultHostCacheBytes);
-    auto device = args->GetInt("device-cache-bytes", eo.device_cache_bytes);
+    auto device = args->GetInt("device-cache-bytes", 0);  // unset: the engine's default
     auto slots = args->GetInt("slot-decoder-bytes", eo.slot_decoder_bytes);
     for (const auto* v : {&host, &device, &slots}) {
       if (!v->ok()) return ReportError("serve", v->status());
@@ -137,7 +137,7 @@ int RunServe(int argc, char** argv) {
       }
     }
     host_cache_bytes = *host;
-    eo.device_cache_bytes = *device;
+    if (args->Has("device-cache-bytes")) eo.device_cache_bytes = *device;
     eo.slot_decoder_bytes = *slots;
   }
   absl::StatusOr<double> grace = args->GetDouble("shutdown-grace-s", 10);
