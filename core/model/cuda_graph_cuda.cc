@@ -125,8 +125,9 @@ struct SideStream::State {
 SideStream::SideStream(c10::Device device) : state_(std::make_unique<State>()) {
   state_->device = device;
   if (device.is_cuda()) {
-    // The high-priority pool: never the (low-priority) stream a capture runs on.
-    state_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index());
+    // The same priority as the work it runs beside (a higher one let its blocks take every
+    // SM first).
+    state_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
   }
 }
 
@@ -138,7 +139,11 @@ void SideStream::Launch(const std::function<void()>& work) {
     return;
   }
   c10::cuda::CUDAGuard device_guard(state_->device);
-  state_->forked.record(c10::cuda::getCurrentCUDAStream(state_->device.index()));
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(state_->device.index());
+  if (*state_->stream == current) {  // the pool handed out the stream a capture runs on
+    state_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, state_->device.index());
+  }
+  state_->forked.record(current);
   state_->forked.block(*state_->stream);
   c10::cuda::CUDAStreamGuard stream_guard(*state_->stream);
   work();

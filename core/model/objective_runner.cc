@@ -255,7 +255,12 @@ absl::Status ObjectiveRunner::PrepareMerge() {
   }
   merge_ = std::make_unique<LowRankMerge>(std::move(updates));
   if (!decoder_updates.empty()) {
-    merge_decoder_ = std::make_unique<LowRankMerge>(std::move(decoder_updates));
+    // Few blocks, so that the encoder beside them keeps most of the device.
+    static const int blocks = [] {
+      const char* v = std::getenv("LORAHUB_MERGE_OVERLAP_BLOCKS");  // A/B
+      return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 64;
+    }();
+    merge_decoder_ = std::make_unique<LowRankMerge>(std::move(decoder_updates), blocks);
     side_ = std::make_unique<SideStream>(weights_->device);
   }
   return absl::OkStatus();

@@ -760,6 +760,7 @@ lorahub_cc_library(core_serving_serving
   DEPS
     core_metrics_metrics
     core_model_model
+    core_model_cuda_graph
     core_model_fused_ops
     core_model_loader
     core_model_slot_bank
