@@ -51,30 +51,6 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::Device device, const std::function<absl::Status()>& body,
     int warmup = 2, const std::function<void()>& before_capture = nullptr);
 
-// Work queued beside the current stream of a CUDA device, on a stream of
-// its own: Launch(work) queues `work` there after everything queued on the
-// current stream so far, and the current stream goes on at once; Join()
-// makes the current stream wait for it. Under graph capture the fork and
-// join become edges of the graph. Elsewhere (CPU, a CPU build) Launch runs
-// `work` in place and Join does nothing. Why: the objective runner merges
-// the decoder's weights while the latency-bound encoder leaves most of the
-// device idle. One owner thread; Join before the next Launch.
-class SideStream {
- public:
-  explicit SideStream(c10::Device device);
-  ~SideStream();
-  SideStream(const SideStream&) = delete;
-  SideStream& operator=(const SideStream&) = delete;
-
-  // `work` may throw (c10::Error); the current stream is restored then.
-  void Launch(const std::function<void()>& work);
-  void Join();
-
- private:
-  struct State;
-  std::unique_ptr<State> state_;
-};
-
 // Total memory of a CUDA device in bytes; 0 for any other device or in a
 // CPU build.
 int64_t DeviceMemoryBytes(c10::Device device);

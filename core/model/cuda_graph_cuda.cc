@@ -3,14 +3,12 @@
 // deploy/cmake/README.md, "CUDA-only sources"); Bazel here never compiles it
 // (Debian's LibTorch has no CUDA).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
 #include <mutex>
-#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -114,46 +112,6 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     return absl::InternalError(
         absl::StrCat("CUDA graph capture: ", e.what_without_backtrace()));
   }
-}
-
-struct SideStream::State {
-  c10::Device device = c10::Device(c10::kCPU);
-  std::optional<c10::cuda::CUDAStream> stream;  // CUDA devices only
-  at::cuda::CUDAEvent forked, done;
-};
-
-SideStream::SideStream(c10::Device device) : state_(std::make_unique<State>()) {
-  state_->device = device;
-  if (device.is_cuda()) {
-    // The same priority as the work it runs beside (a higher one let its blocks take every
-    // SM first).
-    state_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
-  }
-}
-
-SideStream::~SideStream() = default;
-
-void SideStream::Launch(const std::function<void()>& work) {
-  if (!state_->stream) {
-    work();
-    return;
-  }
-  c10::cuda::CUDAGuard device_guard(state_->device);
-  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(state_->device.index());
-  if (*state_->stream == current) {  // the pool handed out the stream a capture runs on
-    state_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, state_->device.index());
-  }
-  state_->forked.record(current);
-  state_->forked.block(*state_->stream);
-  c10::cuda::CUDAStreamGuard stream_guard(*state_->stream);
-  work();
-  state_->done.record(*state_->stream);
-}
-
-void SideStream::Join() {
-  if (!state_->stream) return;
-  c10::cuda::CUDAGuard device_guard(state_->device);
-  state_->done.block(c10::cuda::getCurrentCUDAStream(state_->device.index()));
 }
 
 int64_t DeviceMemoryBytes(c10::Device device) {

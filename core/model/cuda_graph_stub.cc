@@ -17,12 +17,6 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
                        : "CUDA graphs need a CUDA device");
 }
 
-struct SideStream::State {};
-SideStream::SideStream(c10::Device /*device*/) {}
-SideStream::~SideStream() = default;
-void SideStream::Launch(const std::function<void()>& work) { work(); }
-void SideStream::Join() {}
-
 int64_t DeviceMemoryBytes(c10::Device /*device*/) { return 0; }
 
 void SynchronizeDevice(c10::Device device) {

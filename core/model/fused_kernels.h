@@ -332,13 +332,8 @@ int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
 // element's sum over the rank runs in fp32 in rank order with fused
 // multiply-adds, then is multiplied by scale and added to w (each rounded),
 // then rounded once to out's dtype. Requires cols % 4 == 0 and
-// 1 <= rank <= kMaxLowRankMergeRank. `jobs` is in device memory. Two
-// kernels, the same arithmetic: the tile kernel (grid: max_tiles >=
-// LowRankMergeTiles of every job, x jobs) and the stream kernel (jobs it
-// takes only, LowRankMergeStreamTakes; every job's first_item the sum of
-// LowRankMergeStreamItems of the jobs before it, total_items their sum;
-// at most max_blocks blocks, 0: one per item). Return the launch's error
-// (0: none).
+// 1 <= rank <= kMaxLowRankMergeRank. `jobs` is in device memory; max_tiles
+// >= LowRankMergeTiles of every job. Returns the launch's error (0: none).
 inline constexpr int kMaxLowRankMergeRank = 32;
 struct LowRankMergeJob {
   const void* w = nullptr;
@@ -349,15 +344,10 @@ struct LowRankMergeJob {
   int32_t rank = 0;
   float scale = 1.f;
   int32_t bf16 = 0;  // 1: w and out bf16, 0: fp32
-  int64_t first_item = 0;  // the stream kernel's
 };
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols);
-int64_t LowRankMergeStreamItems(int64_t rows, int64_t cols);
-bool LowRankMergeStreamTakes(int64_t cols, bool bf16);
-int LaunchLowRankMergeTiles(const LowRankMergeJob* jobs, int num_jobs,
-                            int64_t max_tiles, void* stream);
-int LaunchLowRankMergeStream(const LowRankMergeJob* jobs, int num_jobs,
-                             int64_t total_items, int max_blocks, void* stream);
+int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs,
+                       int64_t max_tiles, void* stream);
 
 }  // namespace lorahub::model::kernels
 

@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -520,8 +519,8 @@ void WeightedSums(const std::vector<WeightedSum>& sums) {
   }
 }
 
-LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates, int max_blocks)
-    : updates_(std::move(updates)), max_blocks_(std::max(max_blocks, 0)) {
+LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
+    : updates_(std::move(updates)) {
   for (const LowRankUpdate& u : updates_) {
     TORCH_CHECK(u.w.defined() && u.out.defined() && u.a.defined() && u.b.defined(),
                 "LowRankMerge: undefined tensor");
@@ -545,15 +544,14 @@ LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates, int max_blocks)
     }
   }
   if (!updates_.empty() && FusedKernelsEnabled()) {
-    table_ = fused_backend::LowRankMergeTable(updates_, &stream_kernel_, &grid_);
+    table_ = fused_backend::LowRankMergeTable(updates_, &max_tiles_);
   }
 }
 
 void LowRankMerge::Run() const {
   RECORD_USER_SCOPE("lorahub::low_rank_merge");
   if (table_.defined()) {
-    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), stream_kernel_,
-                                   grid_, max_blocks_);
+    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_);
     return;
   }
   for (const LowRankUpdate& u : updates_) {

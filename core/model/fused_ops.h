@@ -449,16 +449,12 @@ struct LowRankUpdate {
 // Why: a composed adapter merged into a bf16 model's weights takes the LoRA
 // GEMMs out of the forward pass (objective_runner.h).
 //
-// `max_blocks` > 0 caps the kernel's thread blocks (a merge queued beside
-// other work leaves it most of the device; bf16 weights with cols % 8 == 0,
-// the stream kernel, else ignored).
-//
 // Holds references to the tensors, which must keep their storage while the
 // merge lives. Construction throws c10::Error for malformed updates.
 // Thread-safety: Run() on one thread at a time.
 class LowRankMerge {
  public:
-  explicit LowRankMerge(std::vector<LowRankUpdate> updates, int max_blocks = 0);
+  explicit LowRankMerge(std::vector<LowRankUpdate> updates);
   void Run() const;
   // True when Run() is the one kernel launch.
   bool fused() const { return table_.defined(); }
@@ -466,9 +462,7 @@ class LowRankMerge {
  private:
   std::vector<LowRankUpdate> updates_;
   at::Tensor table_;  // the kernel's job table on the device
-  bool stream_kernel_ = false;
-  int64_t grid_ = 0;  // tiles per job (tile kernel) or work items (stream kernel)
-  int max_blocks_ = 0;
+  int64_t max_tiles_ = 0;
 };
 
 }  // namespace lorahub::model

@@ -69,13 +69,12 @@ bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
 // fused_ops.h WeightedSums, checked: every tensor on one CUDA device.
 bool WeightedSums(const std::vector<WeightedSum>& sums);
 
-// fused_ops.h LowRankMerge: the job table on the device, which kernel runs
-// it (*stream_kernel) and its grid (*grid: tiles per job, or work items),
-// or an undefined tensor when no kernel takes these updates; then the run.
+// fused_ops.h LowRankMerge: the job table on the device (and the grid's
+// tiles per job in *max_tiles), or an undefined tensor when the kernel does
+// not take these updates; then the run.
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
-                             bool* stream_kernel, int64_t* grid);
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, bool stream_kernel,
-                     int64_t grid, int max_blocks);
+                             int64_t* max_tiles);
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles);
 
 }  // namespace lorahub::model::fused_backend
 

@@ -11,9 +11,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "core/model/fused_kernels.h"
@@ -796,20 +794,14 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
 }
 
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
-                             bool* stream_kernel, int64_t* grid) {
-  // LORAHUB_MERGE_KERNEL=tile: the tile kernel for every merge (A/B).
-  static const bool tiles_only = [] {
-    const char* v = std::getenv("LORAHUB_MERGE_KERNEL");
-    return v != nullptr && std::string(v) == "tile";
-  }();
+                             int64_t* max_tiles) {
   const at::Tensor& first = updates[0].w;
   if (!first.is_cuda() || updates.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
   auto aligned = [](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
   std::vector<kernels::LowRankMergeJob> jobs(updates.size());
-  int64_t max_tiles = 0, items = 0;
-  bool stream = !tiles_only;
+  *max_tiles = 0;
   for (size_t j = 0; j < updates.size(); ++j) {
     const LowRankUpdate& u = updates[j];
     const int64_t rows = u.w.size(0), cols = u.w.size(1), rank = u.a.size(0);
@@ -827,28 +819,20 @@ at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
     job.rank = static_cast<int32_t>(rank);
     job.scale = u.scale;
     job.bf16 = u.w.scalar_type() == at::kBFloat16 ? 1 : 0;
-    job.first_item = items;
-    max_tiles = std::max(max_tiles, kernels::LowRankMergeTiles(rows, cols));
-    items += kernels::LowRankMergeStreamItems(rows, cols);
-    stream = stream && kernels::LowRankMergeStreamTakes(cols, job.bf16 != 0);
+    *max_tiles = std::max(*max_tiles, kernels::LowRankMergeTiles(rows, cols));
   }
-  *stream_kernel = stream;
-  *grid = stream ? items : max_tiles;
-  if (*grid > INT32_MAX) return at::Tensor();
+  if (*max_tiles > INT32_MAX) return at::Tensor();
   const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(kernels::LowRankMergeJob));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(host.data_ptr(), jobs.data(), static_cast<size_t>(bytes));
   return host.to(first.device());
 }
 
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, bool stream_kernel,
-                     int64_t grid, int max_blocks) {
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles) {
   c10::cuda::CUDAGuard guard(table.device());
-  const auto* jobs = reinterpret_cast<const kernels::LowRankMergeJob*>(table.data_ptr());
-  const int err =
-      stream_kernel
-          ? kernels::LaunchLowRankMergeStream(jobs, num_jobs, grid, max_blocks, StreamOf(table))
-          : kernels::LaunchLowRankMergeTiles(jobs, num_jobs, grid, StreamOf(table));
+  const int err = kernels::LaunchLowRankMerge(
+      reinterpret_cast<const kernels::LowRankMergeJob*>(table.data_ptr()), num_jobs, max_tiles,
+      StreamOf(table));
   TORCH_CHECK(err == 0, "low-rank merge kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }

@@ -65,10 +65,10 @@ bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 }
 
 bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
-at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, bool*, int64_t*) {
+at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*) {
   return at::Tensor();
 }
-void RunLowRankMerge(const at::Tensor&, int, bool, int64_t, int) {
+void RunLowRankMerge(const at::Tensor&, int, int64_t) {
   TORCH_CHECK(false, "LowRankMerge: no CUDA kernels in this build");
 }
 

@@ -234,9 +234,7 @@ absl::Status ObjectiveRunner::PrepareMerge() {
   auto copy = CopyAdaptedWeights(*weights_, sites);
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
-  static const bool no_overlap = EnvFlag("LORAHUB_NO_MERGE_OVERLAP");  // A/B
-  const int encoder_sites = weights_->config.num_layers * kSitesPerBlock;
-  std::vector<LowRankUpdate> updates, decoder_updates;
+  std::vector<LowRankUpdate> updates;
   for (const Group& g : groups_) {
     const int64_t k = static_cast<int64_t>(g.sites.size());
     const int64_t a_len = g.r * g.in;
@@ -250,19 +248,10 @@ absl::Status ObjectiveRunner::PrepareMerge() {
       u.a = composed.narrow(0, j * a_len, a_len).view({g.r, g.in});
       u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g.out, g.r});
       u.scale = static_cast<float>(scale_values_[site]);
-      (site >= encoder_sites && !no_overlap ? decoder_updates : updates).push_back(std::move(u));
+      updates.push_back(std::move(u));
     }
   }
   merge_ = std::make_unique<LowRankMerge>(std::move(updates));
-  if (!decoder_updates.empty()) {
-    // Few blocks, so that the encoder beside them keeps most of the device.
-    static const int blocks = [] {
-      const char* v = std::getenv("LORAHUB_MERGE_OVERLAP_BLOCKS");  // A/B
-      return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 64;
-    }();
-    merge_decoder_ = std::make_unique<LowRankMerge>(std::move(decoder_updates), blocks);
-    side_ = std::make_unique<SideStream>(weights_->device);
-  }
   return absl::OkStatus();
 }
 
@@ -292,13 +281,11 @@ absl::Status ObjectiveRunner::Evaluate() {
   try {
     Compose();
     if (merge_ != nullptr) merge_->Run();
-    if (merge_decoder_ != nullptr) side_->Launch([this]() { merge_decoder_->Run(); });
     const T5Weights& weights = merged_weights_ != nullptr ? *merged_weights_ : *weights_;
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
       auto enc = Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
-      if (merge_decoder_ != nullptr) side_->Join();  // before any early return
       if (!enc.ok()) return enc.status();
       auto logits =
           DecodeFull(weights, chunk.decoder_ids, *enc, chunk.rows, chunk.biases.get());

@@ -17,9 +17,7 @@
 // A bf16 runner of one candidate (COBYLA's shape) merges instead
 // (ObjectiveRunnerOptions::merge_single): every adapted weight gets a copy
 // at construction, each evaluation writes W + scaling * B A into it (one
-// kernel on CUDA), and the forward pass runs the plain model on the copies;
-// the decoder's weights are merged on a second stream while the encoder
-// runs.
+// kernel on CUDA), and the forward pass runs the plain model on the copies.
 //
 // On a CUDA device (and a build with cuda_graph_cuda.cc) the whole evaluation
 // (compose, encoder, decoder, per-row token cross-entropy sums) is captured
@@ -54,7 +52,6 @@ namespace lorahub::model {
 
 class CapturedGraph;
 class LowRankMerge;
-class SideStream;
 
 struct ObjectiveRunnerOptions {
   // Reference batch grouping and rows per forward pass, as ScoreCandidates.
@@ -161,10 +158,6 @@ class ObjectiveRunner {
   // the forward runs on *weights_ with the bank's adapters.
   std::unique_ptr<T5Weights> merged_weights_;
   std::unique_ptr<LowRankMerge> merge_;
-  // The decoder's sites, merged on side_ while the encoder runs (unset with
-  // LORAHUB_NO_MERGE_OVERLAP=1: merge_ has every site).
-  std::unique_ptr<LowRankMerge> merge_decoder_;
-  std::unique_ptr<SideStream> side_;
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)
   at::Tensor w_dev_;   // [C, N] fp32 on the device: the graph's input

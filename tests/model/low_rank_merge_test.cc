@@ -79,37 +79,6 @@ TEST_F(LowRankMergeTest, MatchesTheDefinition) {
   }
 }
 
-// bf16 weights with cols % 8 == 0: on CUDA the stream kernel (a ring of
-// tiles per block), with one block per work item and with 3 blocks striding
-// over all of them; more jobs than it stages in shared memory (300).
-TEST_F(LowRankMergeTest, StreamKernelShapesAndGrids) {
-  struct Shape { int64_t rows, cols, rank; };
-  std::vector<Shape> shapes = {{1, 8, 1}, {63, 128, 3}, {300, 136, 16}, {257, 1024, 32},
-                               {70, 264, 5}};
-  for (int j = 0; j < 300; ++j) shapes.push_back({1 + j % 40, 8 * (1 + j % 3), 1 + j % 7});
-  for (int max_blocks : {0, 3}) {
-    std::vector<LowRankUpdate> updates;
-    std::vector<at::Tensor> before;
-    for (Shape sh : shapes) {
-      LowRankUpdate u;
-      u.w = Random({sh.rows, sh.cols}, at::kBFloat16);
-      u.out = updates.size() % 2 == 0 ? u.w : at::full_like(u.w, 7.f);  // half in place
-      u.a = Random({sh.rank, sh.cols}, at::kFloat);
-      u.b = Random({sh.rows, sh.rank}, at::kFloat);
-      u.scale = 0.5f;
-      before.push_back(u.w.clone());
-      updates.push_back(u);
-    }
-    LowRankMerge merge(updates, max_blocks);
-    EXPECT_EQ(merge.fused(), device_.is_cuda() && FusedKernelsEnabled());
-    merge.Run();
-    for (size_t j = 0; j < updates.size(); ++j) {
-      ASSERT_LE(Error(updates[j], before[j], updates[j].out), 1.0 / 256)
-          << "update " << j << " max_blocks " << max_blocks;
-    }
-  }
-}
-
 TEST_F(LowRankMergeTest, InPlaceAndIntoRowBlocks) {
   const at::Tensor fused = Random({3 * 96, 256}, at::kBFloat16);
   const at::Tensor original = fused.clone();
