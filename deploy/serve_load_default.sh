@@ -2,12 +2,14 @@
 # Serving throughput with many distinct compositions, on any machine: starts
 # `lorahub serve` on 127.0.0.1 with models/default (on the CPU unless
 # DEVICE is set), adds its modules, and runs `lorahubctl load` with a
-# 3-module composition per request drawn from all of them. Prints one line:
+# 3-module composition per request drawn from all of them. Prints a line of
 # TAG and the load summary (ok, failed, tokens, wall_s, tokens_per_s,
-# requests_per_s). Used for the serving figures of docs/BENCHMARKS.md.
+# requests_per_s), then the engine's time split. Used for the serving figures of
+# docs/BENCHMARKS.md.
 #   deploy/serve_load_default.sh LORAHUB LORAHUBCTL [TAG]
 #   env: ROWS (--max-batch-rows, 32), REQ (256), CONC (32), TOK (16), K (3),
-#        DEVICE (e.g. cuda:0; default: the server's default)
+#        DEVICE (e.g. cuda:0; default: the server's default), JITTER (--weight-jitter:
+#        1 gives every request its own composition)
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2"); tag=${3:-run}
 cd "$(dirname "$0")/.."
@@ -37,9 +39,13 @@ for i in range(40):
 " >"$tmp/prompts.jsonl"
 c --json load --requests "${REQ:-256}" --concurrency "${CONC:-32}" --max-new-tokens "${TOK:-16}" \
   --warmup 8 --module-pool "${pool#,}" --per-request "${K:-3}" --prompts "$tmp/prompts.jsonl" \
+  ${JITTER:+--weight-jitter "$JITTER"} \
   >"$tmp/load.json" 2>"$tmp/load.err" || { echo "load failed: $(tail -3 "$tmp/load.err")" >&2; exit 1; }
 /usr/bin/python3 -c "
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(sys.argv[2], {k: r[k] for k in ['ok', 'failed', 'tokens', 'wall_s', 'tokens_per_s', 'requests_per_s']})
 " "$tmp/load.json" "$tag"
+# The engine thread's time split (printed by the server on shutdown).
+kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; pid=
+grep -h 'lorahub engine' "$tmp/err"

@@ -577,6 +577,31 @@ absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
   }
 }
 
+namespace {
+
+// All factors of `m` as one 1-D tensor, when they lie back to back in one
+// buffer from its start, in site order, a before b, in one dtype: how the
+// module cache keeps a module (adapter_cache.cc Flattened). Undefined
+// otherwise.
+at::Tensor FlatFactors(const LoraAdapter& m) {
+  if (m.sites.empty()) return at::Tensor();
+  const at::Tensor& first = m.sites[0].a;
+  const c10::StorageImpl* storage = first.storage().unsafeGetStorageImpl();
+  int64_t offset = 0;
+  for (const LoraSite& s : m.sites) {
+    for (const at::Tensor* f : {&s.a, &s.b}) {
+      if (f->storage().unsafeGetStorageImpl() != storage || f->storage_offset() != offset ||
+          !f->is_contiguous() || f->scalar_type() != first.scalar_type()) {
+        return at::Tensor();
+      }
+      offset += f->numel();
+    }
+  }
+  return first.as_strided({offset}, {1}, 0);
+}
+
+}  // namespace
+
 absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
     const T5Weights& base, const std::vector<const LoraAdapter*>& modules,
     const std::vector<double>& weights) {
@@ -595,6 +620,20 @@ absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
     const at::Tensor flat =
         at::empty({total}, first.sites[0].a.options().dtype(at::kFloat));
     const std::vector<float> w(weights.begin(), weights.end());
+    // Modules that each lie in one buffer with the output's layout (the module cache's):
+    // one sum of whole buffers, the same arithmetic per element as a sum per factor.
+    WeightedSum whole;
+    whole.dst = flat;
+    whole.weights = w;
+    for (const LoraAdapter* m : modules) {
+      at::Tensor t = FlatFactors(*m);
+      if (!t.defined() || t.numel() != total || t.device() != flat.device() ||
+          (t.scalar_type() != at::kFloat && t.scalar_type() != at::kBFloat16)) {
+        whole.terms.clear();
+        break;
+      }
+      whole.terms.push_back(std::move(t));
+    }
     std::vector<WeightedSum> sums;
     sums.reserve(2 * first.sites.size());
     int64_t offset = 0;
@@ -606,6 +645,10 @@ absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
         const at::Tensor& shape = first.sites[i].*factor;
         at::Tensor dst = flat.as_strided(shape.sizes(), {shape.size(1), 1}, offset);
         offset += shape.numel();
+        if (!whole.terms.empty()) {
+          site.*factor = std::move(dst);
+          continue;
+        }
         WeightedSum sum;
         sum.weights = w;
         for (const LoraAdapter* m : modules) {
@@ -622,6 +665,7 @@ absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
       }
       out.sites.push_back(std::move(site));
     }
+    if (!whole.terms.empty()) sums = {std::move(whole)};
     WeightedSums(sums);
     return out;
   } catch (const c10::Error& e) {

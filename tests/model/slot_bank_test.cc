@@ -339,6 +339,35 @@ TEST_F(SlotBankTest, ComposeLoraHubModulesIsTheWeightedSumOfTheModules) {
           << "site " << c.site;
     }
   }
+  // Modules that each lie in one buffer (as the module cache keeps them; the
+  // second one in bf16) compose as one sum of whole buffers: the same bits.
+  auto flattened = [](const LoraAdapter& m, at::ScalarType dtype) {
+    int64_t total = 0;
+    for (const LoraSite& s : m.sites) total += s.a.numel() + s.b.numel();
+    const at::Tensor buffer = at::empty({total}, m.sites[0].a.options().dtype(dtype));
+    LoraAdapter out = m;
+    int64_t offset = 0;
+    for (LoraSite& s : out.sites) {
+      for (at::Tensor* f : {&s.a, &s.b}) {
+        at::Tensor view = buffer.narrow(0, offset, f->numel()).view(f->sizes());
+        view.copy_(*f);
+        offset += f->numel();
+        *f = view;
+      }
+    }
+    return out;
+  };
+  const LoraAdapter f0 = flattened(*m0, at::kFloat), f1 = flattened(*m1, at::kBFloat16),
+                    f2 = flattened(*m2, at::kFloat);
+  const LoraAdapter r1 = flattened(f1, at::kFloat);  // m1 rounded to bf16, as f1 holds it
+  auto whole = ComposeLoraHubModules(*base_, {&f0, &f1, &f2}, w);
+  auto by_factor = ComposeLoraHubModules(*base_, {m0.get(), &r1, m2.get()}, w);
+  ASSERT_TRUE(whole.ok() && by_factor.ok());
+  for (size_t i = 0; i < whole->sites.size(); ++i) {
+    EXPECT_TRUE(at::equal(whole->sites[i].a, by_factor->sites[i].a)) << "site " << i;
+    EXPECT_TRUE(at::equal(whole->sites[i].b, by_factor->sites[i].b)) << "site " << i;
+    EXPECT_EQ(whole->sites[i].scaling, by_factor->sites[i].scaling);
+  }
   EXPECT_FALSE(ComposeLoraHubModules(*base_, modules, {1.0}).ok());
   const auto other = Adapter({"q"}, 4, 34);
   EXPECT_EQ(ComposeLoraHubModules(*base_, {m0.get(), other.get()}, {1.0, 1.0})
