@@ -239,9 +239,10 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   rep.channels = std::min(channels, o.concurrency);  // ceil(c / 16) <= c
   std::vector<std::unique_ptr<v1::InferenceService::Stub>> stubs;
   const Clock::time_point connect_start = Clock::now();
+  const double connect_timeout_s = std::min(o.timeout_s, kConnectTimeoutS);
   const auto connect_deadline =
       std::chrono::system_clock::now() +
-      std::chrono::milliseconds(static_cast<int64_t>(std::min(o.timeout_s, kConnectTimeoutS) * 1e3));
+      std::chrono::milliseconds(static_cast<int64_t>(connect_timeout_s * 1e3));
   int index = 0;
   for (const auto& ch : MakeChannels(o.server, rep.channels)) {
     // Connected before any request: a request on a channel whose connection attempt failed
@@ -253,7 +254,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
       if (!ch->WaitForStateChange(state, connect_deadline)) {
         return absl::UnavailableError(absl::StrCat("channel ", index, " to ", o.server,
                                                    " did not connect within ",
-                                                   std::min(o.timeout_s, kConnectTimeoutS), " s"));
+                                                   connect_timeout_s, " s"));
       }
     }
     stubs.push_back(v1::InferenceService::NewStub(ch));
