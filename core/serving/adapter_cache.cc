@@ -131,6 +131,11 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::HostModule(
 absl::StatusOr<AdapterCache::Adapter> AdapterCache::GetModule(
     const std::string& id) {
   LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));
+  return ModuleAt(id, loc);
+}
+
+absl::StatusOr<AdapterCache::Adapter> AdapterCache::ModuleAt(const std::string& id,
+                                                             const ModuleLocation& loc) {
   const std::string key = ModuleContentKey(loc);
   if (Adapter hit = device_.Lookup(key)) return hit;
   LH_ASSIGN_OR_RETURN(Adapter host, HostModule(id, loc, key));
@@ -184,16 +189,18 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
     if (spec.method == "ties") absl::StrAppend(&key, ":m=", spec.majority_sign);
     if (spec.method == "dare_linear") absl::StrAppend(&key, ":s=", spec.seed);
   }
-  std::vector<Adapter> modules;
+  std::vector<ModuleLocation> locations;
   for (size_t i = 0; i < spec.module_ids.size(); ++i) {
     LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(spec.module_ids[i]));
     uint64_t bits;
     std::memcpy(&bits, &weights[i], sizeof(bits));
     absl::StrAppend(&key, "|", ModuleContentKey(loc), "*", absl::Hex(bits));
+    locations.push_back(std::move(loc));
   }
   if (Adapter hit = device_.Lookup(key)) return hit;
-  for (const std::string& id : spec.module_ids) {
-    LH_ASSIGN_OR_RETURN(Adapter m, GetModule(id));
+  std::vector<Adapter> modules;
+  for (size_t i = 0; i < spec.module_ids.size(); ++i) {
+    LH_ASSIGN_OR_RETURN(Adapter m, ModuleAt(spec.module_ids[i], locations[i]));
     modules.push_back(std::move(m));
   }
   std::vector<const model::LoraAdapter*> raw;

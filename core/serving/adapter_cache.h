@@ -105,6 +105,9 @@ class AdapterCache {
   absl::StatusOr<Adapter> HostModule(const std::string& id,
                                      const ModuleLocation& loc,
                                      const std::string& key);
+  // GetModule once `id` is resolved to `loc` (a composition resolves each
+  // module once: every resolve is a store lookup).
+  absl::StatusOr<Adapter> ModuleAt(const std::string& id, const ModuleLocation& loc);
 
   const model::T5Weights* base_;
   // The base's site table on the CPU: what LoadLoraAdapter needs to build

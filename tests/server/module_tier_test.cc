@@ -365,6 +365,24 @@ TEST_F(TieredCacheTest, CompositionsDoNotEvictModules) {
   EXPECT_EQ(Metric("lorahub_module_cache_evictions_total", "device"), 8.0);
 }
 
+// A composition resolves each of its modules once (every resolve is a
+// store lookup on the engine thread), hit or miss.
+TEST_F(TieredCacheTest, ACompositionResolvesEachModuleOnce) {
+  int resolves = 0;
+  ModuleResolver counting = [&resolves](const std::string& id) {
+    ++resolves;
+    return Resolver()(id);
+  };
+  AdapterCache cache(weights_->get(), counting, Host(10 * ModuleBytes()), Options(1 << 30));
+  AdapterSpec spec;
+  spec.module_ids = {"m0", "m1", "m2"};
+  spec.weights = {0.5, 0.3, 0.2};
+  ASSERT_TRUE(cache.Get(spec).ok());  // modules loaded, composed
+  EXPECT_EQ(resolves, 3);
+  ASSERT_TRUE(cache.Get(spec).ok());  // the composition found
+  EXPECT_EQ(resolves, 6);
+}
+
 TEST_F(TieredCacheTest, WithoutAHostTierModulesGoStraightToTheDevice) {
   AdapterCache cache(weights_->get(), Resolver(), nullptr, Options(1 << 30));
   ASSERT_TRUE(cache.WarmHost("m2").ok());
