@@ -375,10 +375,6 @@ absl::StatusOr<T5Weights> MergeAdapter(const T5Weights& base,
   }
 }
 
-namespace {
-
-// What StackModules and ComposeLoraHubModules require of `modules`: at
-// least one, all with the first one's sites in its order and ranks.
 absl::Status CheckStackable(const T5Weights& base,
                             const std::vector<const LoraAdapter*>& modules) {
   if (modules.empty() || modules[0] == nullptr) {
@@ -410,8 +406,6 @@ absl::Status CheckStackable(const T5Weights& base,
   }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 absl::StatusOr<ModuleStack> StackModules(
     const T5Weights& base, const std::vector<const LoraAdapter*>& modules) {

@@ -170,13 +170,21 @@ absl::Status AttachRowKernelCopies(AdapterBank* bank, at::ScalarType dtype);
 absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
                                        const std::vector<double>& weights);
 
+// What StackModules and ComposeLoraHubModules require of `modules`: at
+// least one, all with the first one's sites in its order and ranks.
+// InvalidArgument naming the first difference.
+absl::Status CheckStackable(const T5Weights& base,
+                            const std::vector<const LoraAdapter*>& modules);
+
 // The LoraHub composition of `modules` (the same sites in the same order and
 // ranks, as StackModules requires; scaling of the first) at `weights`, one
 // per module: A = sum_i w_i A_i and B = sum_i w_i B_i per site, in fp32, in
 // module order, each product and sum rounded (the reference's arithmetic),
 // into one new buffer on the first module's device. Unlike StackModules +
-// ComposeOne it copies no module: one fused_ops.h WeightedSums call for
-// every factor (the serving engine composes on its thread per request).
+// ComposeOne it copies no module: one fused_ops.h WeightedSums call, with
+// one sum of whole buffers when each module lies in one buffer in the
+// output's layout (the module cache's), else one sum per factor (the
+// serving engine composes on its thread per request).
 // InvalidArgument for mismatched modules or weights; Internal for LibTorch
 // errors.
 absl::StatusOr<LoraAdapter> ComposeLoraHubModules(

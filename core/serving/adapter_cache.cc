@@ -206,6 +206,7 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
   std::vector<const model::LoraAdapter*> raw;
   for (const auto& m : modules) raw.push_back(m.get());
   if (spec.method == "lorahub") {  // the composition has the modules' shapes
+    LH_RETURN_IF_ERROR(model::CheckStackable(*base_, raw));
     LH_RETURN_IF_ERROR(device_.CheckRoom("composition", ModuleTier::AdapterBytes(*raw[0])));
   }
   LH_ASSIGN_OR_RETURN(model::LoraAdapter composed,

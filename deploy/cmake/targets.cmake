@@ -2283,6 +2283,7 @@ lorahub_cc_test(tests_server_module_tier_test
   SRCS
     ${SRC}/tests/server/module_tier_test.cc
   DEPS
+    core_io_safetensors
     core_metrics_metrics
     core_model_model
     core_model_loader

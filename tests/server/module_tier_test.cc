@@ -4,7 +4,10 @@
 // (disk -> host -> device) and in a running engine.
 #include "core/serving/module_tier.h"
 
+#include <filesystem>
+#include <fstream>
 #include <future>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <string>
@@ -16,6 +19,7 @@
 #include <prometheus/registry.h>
 
 #include "absl/strings/match.h"
+#include "core/io/safetensors.h"
 #include "core/metrics/metrics.h"
 #include "core/model/loader.h"
 #include "core/serving/adapter_cache.h"
@@ -381,6 +385,48 @@ TEST_F(TieredCacheTest, ACompositionResolvesEachModuleOnce) {
   EXPECT_EQ(resolves, 3);
   ASSERT_TRUE(cache.Get(spec).ok());  // the composition found
   EXPECT_EQ(resolves, 6);
+}
+
+// Modules that cannot be composed are refused as such (INVALID_ARGUMENT)
+// even while the device tier has no room for a composition: a waiting
+// request would otherwise wait for room, then fail anyway.
+TEST_F(TieredCacheTest, MismatchedModulesAreRefusedBeforeWaitingForRoom) {
+  // "mq": m0 with its q factors only.
+  const std::string dir = ::testing::TempDir() + "/mq";
+  std::filesystem::create_directories(dir);
+  const std::string m0 = std::string(kCase) + "/adapters/m0";
+  auto tensors = io::ReadSafetensorsFile(m0 + "/adapter_model.safetensors");
+  ASSERT_TRUE(tensors.ok()) << tensors.status();
+  io::TensorMap q_only;
+  for (const auto& [name, t] : *tensors) {
+    if (absl::StrContains(name, ".q.")) q_only.emplace(name, t);
+  }
+  ASSERT_FALSE(q_only.empty());
+  ASSERT_TRUE(io::WriteSafetensorsFile(dir + "/adapter_model.safetensors", q_only, {}).ok());
+  std::ifstream in(m0 + "/adapter_config.json");
+  std::string config((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t at = config.find("\"target_modules\"");
+  ASSERT_NE(at, std::string::npos);
+  const size_t open = config.find('[', at), close = config.find(']', at);
+  config.replace(open, close - open + 1, "[\"q\"]");
+  std::ofstream(dir + "/adapter_config.json") << config;
+  ModuleResolver resolver = [dir](const std::string& id) -> absl::StatusOr<ModuleLocation> {
+    if (id == "mq") return ModuleLocation{dir, "mq"};
+    return Resolver()(id);
+  };
+  const int64_t one = ModuleBytes();
+  AdapterCache cache(weights_->get(), resolver, Host(10 * one), Options(2 * one));
+  auto mq = cache.GetModule("mq");  // held, as by a request in flight
+  ASSERT_TRUE(mq.ok()) << mq.status();
+  auto m1 = cache.GetModule("m1");  // held too: no room for a composition
+  ASSERT_TRUE(m1.ok()) << m1.status();
+  AdapterSpec spec;
+  spec.weights = {0.5, 0.5};
+  spec.module_ids = {"m0", "m1"};
+  EXPECT_EQ(cache.Get(spec).status().code(), absl::StatusCode::kResourceExhausted);
+  spec.module_ids = {"m1", "mq"};
+  const absl::Status mismatched = cache.Get(spec).status();
+  EXPECT_EQ(mismatched.code(), absl::StatusCode::kInvalidArgument) << mismatched;
 }
 
 TEST_F(TieredCacheTest, WithoutAHostTierModulesGoStraightToTheDevice) {
