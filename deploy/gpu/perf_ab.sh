@@ -16,6 +16,9 @@
 #     SERVE_ABS="tag ENV=V ...; ..." again per run with those variables set for the server
 #     (and the client), each run's generated ids compared with those of the first run of the
 #     same WEIGHT_JITTER (the same requests).
+# SERVE_ONLY=1: step 7 alone, in the least device time (about 150 s on an H200 host): builds only
+# the server and client, no tests, no bench; the caller's environment reaches the server and
+# client (e.g. SERVE_ONLY=1 WEIGHT_JITTER=1 SERVE_REQUESTS=1024 SERVE_JOBS=1).
 # Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout.
 #
 #   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
@@ -43,6 +46,10 @@ fi
 targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
   deploy/cmake/targets.cmake | cut -d'(' -f2 | tr '\n' ' ')"
 [ "${SERVE:-0}" = 1 ] && targets="$targets client_lorahubctl"
+if [ "${SERVE_ONLY:-0}" = 1 ]; then
+  SERVE=1 SKIP_TESTS=1
+  targets="server_lorahub client_lorahubctl"
+fi
 OUT=$work/build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" NINJA_TARGETS="$targets" \
   bash deploy/gpu/build_and_test.sh >"$work/build.log" 2>&1
 stamp "build exit $?"
@@ -87,7 +94,8 @@ print("  eval %.3f ms | cobyla40 %.4f s | cmaes %.0f/s | base %d merged %d per_r
       1e3 * j.get("compose_seconds", 0), j.get("cold_start_seconds", 0)))
 PY
 }
-bench main -- --profile-out "$work/profile.json"
+[ "${SERVE_ONLY:-0}" = 1 ] || bench main -- --profile-out "$work/profile.json"
+[ "${SERVE_ONLY:-0}" = 1 ] && ABS=""
 IFS=';' read -ra runs <<<"${ABS:-}"
 for run in "${runs[@]}"; do
   read -ra words <<<"$run"

@@ -182,6 +182,16 @@ class ObjectiveOps : public ::testing::Test {
     for (int m = 0; m < 20; ++m) weights_in_.push_back(0.05 * (m % 7) - 0.1);
   }
 
+  // Eager (ops countable), fp32 LoRA deltas beside the bf16 GEMMs, no merge:
+  // the path the count tests pin.
+  static ObjectiveRunnerOptions EagerUnmerged() {
+    ObjectiveRunnerOptions ro;
+    ro.cuda_graph = false;
+    ro.bf16_lora = false;
+    ro.merge_single = false;
+    return ro;
+  }
+
   // Counts of one evaluation (after a warm-up) and its loss.
   Counts Evaluate(const ObjectiveRunnerOptions& ro, double* loss) {
     auto runner = ObjectiveRunner::Create(*weights_, stack_, examples_, 1, ro);
@@ -220,10 +230,7 @@ class ObjectiveOps : public ::testing::Test {
 // 48 multiplies, now 48 fused gated GELUs) and 194 fused ops: 1083 in all.
 TEST_F(ObjectiveOps, DefaultPathCounts) {
   SetAttentionBf16ForTesting(0);
-  ObjectiveRunnerOptions ro;
-  ro.cuda_graph = false;
-  ro.bf16_lora = false;
-  ro.merge_single = false;
+  ObjectiveRunnerOptions ro = EagerUnmerged();
   double loss = 0;
   const Counts c = Evaluate(ro, &loss);
   Print("bf16 objective evaluation (default)", c);
@@ -250,10 +257,7 @@ TEST_F(ObjectiveOps, DefaultPathCounts) {
 // merge, then the plain model, without the 146 LoRA GEMMs.
 TEST_F(ObjectiveOps, MergedPathCounts) {
   SetAttentionBf16ForTesting(0);
-  ObjectiveRunnerOptions ro;
-  ro.cuda_graph = false;
-  ro.bf16_lora = false;
-  ro.merge_single = false;
+  ObjectiveRunnerOptions ro = EagerUnmerged();
   double unmerged_loss = 0;
   const Counts unmerged = Evaluate(ro, &unmerged_loss);
   ro.merge_single = true;
@@ -277,10 +281,7 @@ TEST_F(ObjectiveOps, MergedPathCounts) {
 // path no longer has: its fp32-output GEMMs); with bf16 attention too,
 // nothing is widened.
 TEST_F(ObjectiveOps, Bf16FastPathsConversions) {
-  ObjectiveRunnerOptions ro;
-  ro.cuda_graph = false;
-  ro.bf16_lora = false;
-  ro.merge_single = false;
+  ObjectiveRunnerOptions ro = EagerUnmerged();
   SetAttentionBf16ForTesting(0);
   double base_loss = 0;
   const Counts base = Evaluate(ro, &base_loss);
