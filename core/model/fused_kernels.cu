@@ -1185,6 +1185,233 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
+// RegisterTiledAttentionKernel (twentieth session). Why: the tiled kernel
+// above is bound by shared memory, not arithmetic: each lane's key rows are
+// 16-byte loads of 32 different rows (four wavefronts each) for 16 products,
+// and its value loop reads one probability per product; at the population
+// pass's shape (60 x 16 heads, 72 keys) it ran 106 us a layer, 18% of the
+// fp32 FMA peak, 21% of the whole pass (Kineto, nineteenth session).
+//
+// Here both products are tiled over registers as in an SGEMM: a block of
+// 16 x 16 threads takes 16 * kQpt queries of one (b, h) against up to
+// 16 * kKpt keys (S); thread (ty, tx) scores queries ty + 16 u against keys
+// tx + 16 e (kQpt x kKpt sums; per 4 dimensions kQpt broadcast and kKpt
+// two-wavefront row loads for 4 kQpt kKpt products), softmaxes each query
+// over the 16 lanes of its ty, writes the probabilities to shared memory
+// over the queries' and keys' staging, and then sums the values for the
+// same queries, columns 4 tx .. 4 tx + 3 (D = 64), four keys per step.
+// Keys past S get no weight (their staging is zero, their probability 0).
+// Queries past T repeat the tile's last one and are not stored. fp32 sums
+// of the same products as TiledAttentionKernel, in another order.
+constexpr int kRegTiledThreads = 256;  // 16 x 16
+constexpr int kRegTiledD = 64;         // D == Dv
+constexpr int kRegTiledLd = kRegTiledD + 4;  // q, k rows: 8 rows in a row on distinct bank quads
+
+// Probabilities' row stride for S keys: at least S rounded up to 4, and
+// 16 mod 32 floats, so that the two query rows of a warp's store of 16
+// keys each fall on distinct banks.
+__host__ __device__ constexpr int RegTiledProbLd(int S) {
+  return ((S + 3) / 4 * 4 + 15) / 32 * 32 + 16;
+}
+// Floats of dynamic shared memory: the staged queries and keys (their
+// space reused for the probabilities), then the values.
+__host__ __device__ constexpr int RegTiledSharedFloats(int q_per_thread, int k_per_thread) {
+  const int tq = 16 * q_per_thread, tk = 16 * k_per_thread;
+  const int qk = (tq + tk) * kRegTiledLd;
+  const int p = tq * RegTiledProbLd(tk);
+  return (qk > p ? qk : p) + tk * kRegTiledD;
+}
+
+template <typename E, int kQpt, int kKpt>
+__global__ void __launch_bounds__(kRegTiledThreads, 2)
+    RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec) {
+  constexpr int TQ = 16 * kQpt;
+  constexpr int TK = 16 * kKpt;
+  constexpr int kLd = kRegTiledLd;
+  constexpr int kRegion = RegTiledSharedFloats(kQpt, kKpt) - TK * kRegTiledD;
+  extern __shared__ float4 smem4[];
+  float* qs = reinterpret_cast<float*>(smem4);  // [TQ, kLd]
+  float* ks = qs + TQ * kLd;                    // [TK, kLd]
+  float* ps = qs;                               // [TQ, ldp], once the scores are made
+  float* vs = qs + kRegion;                     // [TK, D]
+  const int S = static_cast<int>(a.S);
+  const int T = static_cast<int>(a.T);
+  const int S4 = (S + 3) / 4 * 4;
+  const int ldp = RegTiledProbLd(S);
+  const int tiles = (T + TQ - 1) / TQ;
+  const int tile = blockIdx.x % tiles;
+  const int64_t h = (blockIdx.x / tiles) % a.H;
+  const int64_t b = blockIdx.x / (static_cast<int64_t>(tiles) * a.H);
+  const int t_begin = tile * TQ;
+  const int t_last = min(T, t_begin + TQ) - 1;
+  const E* __restrict__ k = static_cast<const E*>(a.k) + b * a.k_stride[0] + h * a.k_stride[1];
+  const E* __restrict__ v = static_cast<const E*>(a.v) + b * a.v_stride[0] + h * a.v_stride[1];
+  const int tx = threadIdx.x & 15;
+  const int ty = threadIdx.x >> 4;
+
+  // Staging: the block's loads in flight before its stores. Element i of
+  // a [rows, 16] grid of float4s is row i / 16, columns 4 (i % 16)..;
+  // TK * 16 = 256 kKpt, so each thread takes kKpt key and value float4s and
+  // kQpt query float4s. The bias starts the scores. kValuesLate: the values
+  // are loaded after the keys and queries are stored where holding all at
+  // once would take more than ~96 registers (kKpt = 8: 2 blocks per SM).
+  constexpr bool kValuesLate = 4 * (2 * kKpt + kQpt) + kQpt * kKpt > 96;
+  float4 kreg[kKpt], vreg[kKpt], qreg[kQpt];
+  const auto load_values = [&] {
+#pragma unroll
+    for (int n = 0; n < kKpt; ++n) {
+      const int j = (threadIdx.x + n * kRegTiledThreads) >> 4;
+      const int c = (threadIdx.x & 15) * 4;
+      vreg[n] = j < S ? Load4(v + j * a.v_stride[2] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  const auto store_values = [&] {
+#pragma unroll
+    for (int n = 0; n < kKpt; ++n) {
+      const int j = (threadIdx.x + n * kRegTiledThreads) >> 4;
+      *reinterpret_cast<float4*>(vs + j * kRegTiledD + (threadIdx.x & 15) * 4) = vreg[n];
+    }
+  };
+#pragma unroll
+  for (int n = 0; n < kKpt; ++n) {
+    const int j = (threadIdx.x + n * kRegTiledThreads) >> 4;
+    const int c = (threadIdx.x & 15) * 4;
+    kreg[n] = j < S ? Load4(k + j * a.k_stride[2] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (!kValuesLate) load_values();
+#pragma unroll
+  for (int n = 0; n < kQpt; ++n) {
+    const int t = min(t_begin + ((threadIdx.x + n * kRegTiledThreads) >> 4), t_last);
+    const int c = (threadIdx.x & 15) * 4;
+    const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
+    if (q_vec) {
+      qreg[n] = Load4(static_cast<const E*>(a.q) + q0 + c);
+    } else {
+      qreg[n].x = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 0) * a.q_stride[3]);
+      qreg[n].y = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 1) * a.q_stride[3]);
+      qreg[n].z = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 2) * a.q_stride[3]);
+      qreg[n].w = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 3) * a.q_stride[3]);
+    }
+  }
+  float s[kQpt][kKpt];
+  const int64_t bias0 = b * a.bias_stride[0] + h * a.bias_stride[1];
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+    const int t = min(t_begin + ty + 16 * u, t_last);
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      const int j = tx + 16 * e;
+      s[u][e] = j < S ? LoadAsFloat(a.bias, a.bias_dtype,
+                                    bias0 + t * a.bias_stride[2] + j * a.bias_stride[3])
+                      : 0.f;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kKpt; ++n) {
+    const int i = threadIdx.x + n * kRegTiledThreads;
+    *reinterpret_cast<float4*>(ks + (i >> 4) * kLd + (i & 15) * 4) = kreg[n];
+  }
+#pragma unroll
+  for (int n = 0; n < kQpt; ++n) {
+    const int i = threadIdx.x + n * kRegTiledThreads;
+    *reinterpret_cast<float4*>(qs + (i >> 4) * kLd + (i & 15) * 4) = qreg[n];
+  }
+  if (kValuesLate) load_values();
+  store_values();
+  __syncthreads();
+
+#pragma unroll 2
+  for (int d = 0; d < kRegTiledD; d += 4) {
+    float4 qv[kQpt], kv[kKpt];
+#pragma unroll
+    for (int u = 0; u < kQpt; ++u) {
+      qv[u] = *reinterpret_cast<const float4*>(qs + (ty + 16 * u) * kLd + d);
+    }
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      kv[e] = *reinterpret_cast<const float4*>(ks + (tx + 16 * e) * kLd + d);
+    }
+#pragma unroll
+    for (int u = 0; u < kQpt; ++u) {
+#pragma unroll
+      for (int e = 0; e < kKpt; ++e) {
+        float acc = s[u][e];
+        acc = fmaf(qv[u].x, kv[e].x, acc);
+        acc = fmaf(qv[u].y, kv[e].y, acc);
+        acc = fmaf(qv[u].z, kv[e].z, acc);
+        s[u][e] = fmaf(qv[u].w, kv[e].w, acc);
+      }
+    }
+  }
+  // Softmax over the 16 lanes of each ty (lane bits 0-3 are tx).
+  float inv[kQpt];
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      if (tx + 16 * e < S) m = fmaxf(m, s[u][e]);
+    }
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) {
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      const float p = tx + 16 * e < S ? expf(s[u][e] - m) : 0.f;
+      s[u][e] = p;
+      sum += p;
+    }
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    inv[u] = 1.f / sum;
+  }
+  __syncthreads();  // every score made: the probabilities overwrite q and k
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      const int j = tx + 16 * e;
+      if (j < S4) ps[(ty + 16 * u) * ldp + j] = s[u][e];
+    }
+  }
+  __syncthreads();
+
+  float acc[kQpt][4];
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
+  const float* vcol = vs + 4 * tx;
+#pragma unroll 2
+  for (int j = 0; j < S4; j += 4) {
+    float4 vv[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      vv[r] = *reinterpret_cast<const float4*>(vcol + (j + r) * kRegTiledD);
+    }
+#pragma unroll
+    for (int u = 0; u < kQpt; ++u) {
+      const float4 p = *reinterpret_cast<const float4*>(ps + (ty + 16 * u) * ldp + j);
+      const float pr[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        acc[u][0] = fmaf(pr[r], vv[r].x, acc[u][0]);
+        acc[u][1] = fmaf(pr[r], vv[r].y, acc[u][1]);
+        acc[u][2] = fmaf(pr[r], vv[r].z, acc[u][2]);
+        acc[u][3] = fmaf(pr[r], vv[r].w, acc[u][3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+    const int t = t_begin + ty + 16 * u;
+    if (t > t_last) break;
+    const int64_t o0 = ((b * a.T + t) * a.H + h) * kRegTiledD + 4 * tx;  // [B, T, H, Dv]
+#pragma unroll
+    for (int e = 0; e < 4; ++e) StoreFromFloat(a.out, a.out_dtype, o0 + e, acc[u][e] * inv[u]);
+  }
+}
+
 // One warp per (row b, rank c): lanes stride over `in`, a shuffle reduction.
 // The block's 8 warps share the row's x, staged once in shared memory.
 // kVec: factors with unit inner stride, `in` a multiple of a 16-byte word's
@@ -1997,6 +2224,82 @@ bool Tiled4Aligned(const void* base, const int64_t* stride, int64_t bytes) {
          Aligned(base, 4 * bytes, bytes, {stride[0], stride[1], stride[2]});
 }
 
+// LORAHUB_TILED_V1=1 (read once): every tiled launch on TiledAttentionKernel,
+// as before the twentieth session (A/B).
+bool TiledV1() {
+  static const bool on = [] {
+    const char* v = std::getenv("LORAHUB_TILED_V1");
+    return v != nullptr && *v != '\0' && *v != '0';
+  }();
+  return on;
+}
+
+// Blocks of RegisterTiledAttentionKernel with kQpt queries per thread.
+int64_t RegTiledBlocks(const AttentionArgs& a, int q_per_thread) {
+  return a.B * a.H * ((a.T + 16 * q_per_thread - 1) / (16 * q_per_thread));
+}
+
+// Queries per thread, 5 or 3: the fewer query rows any SM works through
+// (ceil(blocks / SMs) x rows per block; ties to 5). An objective
+// evaluation's 5 x 16 heads of 72 queries: 5 (80 blocks); the population's
+// 60 x 16: 5; 64 prompts of up to 96 tokens: 3 (two tiles of 48).
+int RegTiledQueriesPerThread(const AttentionArgs& a, int sms) {
+  const auto rows = [&](int q) { return (RegTiledBlocks(a, q) + sms - 1) / sms * q; };
+  return rows(3) < rows(5) ? 3 : 5;
+}
+
+template <typename E, int kQpt, int kKpt>
+int LaunchRegTiledVariant(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
+  const size_t shared = RegTiledSharedFloats(kQpt, kKpt) * sizeof(float);
+  if (static_cast<int64_t>(shared) > l.limit) return -1;
+  const int err =
+      OptInShared<RegisterTiledAttentionKernel<E, kQpt, kKpt>>(shared, l.device, l.limit);
+  if (err != 0) return err;
+  const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kQpt));
+  RegisterTiledAttentionKernel<E, kQpt, kKpt>
+      <<<grid, kRegTiledThreads, shared, l.stream>>>(a, q_vec);
+  return LastError();
+}
+
+template <typename E, int kQpt>
+int LaunchRegTiledKeys(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
+  switch ((a.S + 15) / 16) {
+    case 3: return LaunchRegTiledVariant<E, kQpt, 3>(a, l, q_vec);
+    case 4: return LaunchRegTiledVariant<E, kQpt, 4>(a, l, q_vec);
+    case 5: return LaunchRegTiledVariant<E, kQpt, 5>(a, l, q_vec);
+    case 6: return LaunchRegTiledVariant<E, kQpt, 6>(a, l, q_vec);
+    case 7: return LaunchRegTiledVariant<E, kQpt, 7>(a, l, q_vec);
+    case 8: return LaunchRegTiledVariant<E, kQpt, 8>(a, l, q_vec);
+    default: return -1;
+  }
+}
+
+// RegisterTiledAttentionKernel where it takes the arguments: 64-wide heads,
+// 33 to 128 keys, fp32 or bf16 keys and values of unit element stride and
+// Load4 alignment (l.vec), in the shared memory the device lets a block
+// opt into. Returns -1, having launched nothing, where it does not.
+int LaunchRegisterTiled(const AttentionArgs& a, const TiledLaunch& l, int sms) {
+  if (TiledV1() || a.D != kRegTiledD || a.Dv != kRegTiledD || a.S <= 32 || a.S > 128 ||
+      !l.vec || RegTiledBlocks(a, 3) > 0x7fffffff) {
+    return -1;
+  }
+  const int qpt = RegTiledQueriesPerThread(a, sms);
+  switch (a.qkv_dtype) {
+    case DType::kFloat: {
+      const bool q_vec = a.q_dtype == DType::kFloat && Tiled4Aligned(a.q, a.q_stride, 4);
+      return qpt == 3 ? LaunchRegTiledKeys<float, 3>(a, l, q_vec)
+                      : LaunchRegTiledKeys<float, 5>(a, l, q_vec);
+    }
+    case DType::kBFloat16: {
+      const bool q_vec = a.q_dtype == DType::kBFloat16 && Tiled4Aligned(a.q, a.q_stride, 2);
+      return qpt == 3 ? LaunchRegTiledKeys<__nv_bfloat16, 3>(a, l, q_vec)
+                      : LaunchRegTiledKeys<__nv_bfloat16, 5>(a, l, q_vec);
+    }
+    default:
+      return -1;
+  }
+}
+
 }  // namespace
 
 bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv) {
@@ -2032,6 +2335,8 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   const int64_t bytes = a.qkv_dtype == DType::kFloat ? 4 : 2;
   l.vec = Tiled4Aligned(a.k, a.k_stride, bytes) &&
           Tiled4Aligned(a.v, a.v_stride, bytes);
+  const int reg_tiled = LaunchRegisterTiled(a, l, limits->sms);
+  if (reg_tiled != -1) return reg_tiled;
   switch (a.qkv_dtype) {
     case DType::kFloat:
       return LaunchTiledFor<float>(a, l);

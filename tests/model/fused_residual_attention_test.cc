@@ -243,5 +243,43 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
   }
 }
 
+// Many heads of the encoder's lengths, as an objective's population pass
+// and a batch of prompts run them: on CUDA the register-tiled kernel with
+// 5 queries per thread (16 x 16 heads of 72: 256 blocks) and with 3 (4 x 8
+// heads of 100 and 45), keys of several tiles (72, 100: 7 x 16 keys, 45),
+// bias per row [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values.
+TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
+  at::manual_seed(11);
+  const double min_value =
+      static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+  struct Shape {
+    int64_t B, H, S;
+    bool bias_per_row;
+  };
+  for (const Shape& s : {Shape{16, 16, 72, true}, Shape{4, 8, 100, false},
+                         Shape{4, 8, 45, true}}) {
+    SCOPED_TRACE(::testing::Message() << s.B << " x " << s.H << " heads, S " << s.S);
+    const int64_t d = 64, inner = s.H * d;
+    const at::Tensor y = at::randn({s.B, s.S, 3 * inner}, F32()) * 0.5;
+    auto heads = [&](int64_t part) {
+      return y.narrow(-1, part * inner, inner).view({s.B, s.S, s.H, d}).transpose(1, 2);
+    };
+    const at::Tensor q = heads(0), k = heads(1), v = heads(2);
+    at::Tensor mask = at::zeros({s.B, 1, 1, s.S}, F32());
+    for (int64_t b = 0; b < s.B; ++b) {
+      const int64_t len = s.S - (b * 7) % (s.S / 2);
+      mask[b].narrow(-1, len, s.S - len).fill_(min_value);
+    }
+    const at::Tensor bias =
+        at::randn({s.bias_per_row ? s.B : 1, s.H, s.S, s.S}, F32()) * 2.0 + mask;
+    EXPECT_LT(RelDiff(GeneralAttention(q, k, v, bias), Reference(q, k, v, bias)), 1e-5);
+    const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16),
+                     vb = v.to(at::kBFloat16);
+    EXPECT_LT(RelDiff(GeneralAttention(qb, kb, vb, bias).to(at::kFloat),
+                      Reference(qb, kb, vb, bias)),
+              1.0 / 128);
+  }
+}
+
 }  // namespace
 }  // namespace lorahub::model
