@@ -214,9 +214,13 @@ struct InferenceEngine::State {
   // Where the engine thread's time went, logged when it stops: admissions
   // (adapters composed or looked up, encoder passes, cache setup), decoding
   // steps up to their host sync, and emitting tokens (the requests'
-  // callbacks, finishing rows).
+  // callbacks, finishing rows). Of the admissions: getting the adapters
+  // (composing them or finding them in the device cache) and loading them
+  // into the slot bank; the rest is the prompts' encoder passes and cache
+  // setup.
   struct Timing {
     absl::Duration admit, decode, emit;
+    absl::Duration admit_adapters, admit_slot_loads;
     int64_t steps = 0, tokens = 0;
   } timing;
   using Phase = metrics::ServiceMetrics::EnginePhase;
@@ -323,7 +327,10 @@ struct InferenceEngine::State {
           w, engine->options_.max_batch_rows);
     }
     const int64_t loads = slot_bank->copies();
-    LH_ASSIGN_OR_RETURN(row.slot, slot_bank->Acquire(row.adapter));
+    const absl::Time start = absl::Now();
+    absl::StatusOr<int64_t> slot = slot_bank->Acquire(row.adapter);
+    timing.admit_slot_loads += absl::Now() - start;
+    LH_ASSIGN_OR_RETURN(row.slot, std::move(slot));
     if (metrics()) metrics()->AddAdapterSlotLoads(slot_bank->copies() - loads);
     return absl::OkStatus();
   }
@@ -1084,9 +1091,12 @@ void InferenceEngine::Loop() {
       std::fprintf(
           stderr,
           "lorahub engine %s: %lld decoding steps, %lld tokens; "
-          "seconds in admissions %.3f, steps %.3f, emitting %.3f\n",
+          "seconds in admissions %.3f (adapters %.3f, slot loads %.3f, prompts %.3f), "
+          "steps %.3f, emitting %.3f\n",
           device.c_str(), static_cast<long long>(t.steps),
           static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
+          absl::ToDoubleSeconds(t.admit_adapters), absl::ToDoubleSeconds(t.admit_slot_loads),
+          absl::ToDoubleSeconds(t.admit - t.admit_adapters - t.admit_slot_loads),
           absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit));
     }
   } log_timing{s, options_.device_name};
@@ -1202,7 +1212,11 @@ void InferenceEngine::Loop() {
           // head of the queue until a row finishes and may unpin its own.
           const bool others = s.Running() > 0 || !admitted.empty();
           const bool wait = others && s.waiting_since == s.finished;
-          if (!wait) adapter = s.adapters.Get(req.adapter);
+          if (!wait) {
+            const absl::Time get_start = absl::Now();
+            adapter = s.adapters.Get(req.adapter);
+            s.timing.admit_adapters += absl::Now() - get_start;
+          }
           if (wait || (others && absl::IsResourceExhausted(adapter.status()))) {
             s.waiting_since = s.finished;
             std::lock_guard<std::mutex> lock(mu_);
