@@ -1193,8 +1193,8 @@ __global__ void __launch_bounds__(kNormThreads)
 // fp32 FMA peak, 21% of the whole pass (Kineto, nineteenth session).
 //
 // Here both products are tiled over registers as in an SGEMM: a block of
-// 16 x 16 threads takes 16 * kQpt queries of one (b, h) against up to
-// 16 * kKpt keys (S); thread (ty, tx) scores queries ty + 16 u against keys
+// kTy x 16 threads takes kTy * kQpt queries of one (b, h) against up to
+// 16 * kKpt keys (S); thread (ty, tx) scores queries ty + kTy u against keys
 // tx + 16 e (kQpt x kKpt sums; per 4 dimensions kQpt broadcast and kKpt
 // two-wavefront row loads for 4 kQpt kKpt products), softmaxes each query
 // over the 16 lanes of its ty, writes the probabilities to shared memory
@@ -1203,7 +1203,6 @@ __global__ void __launch_bounds__(kNormThreads)
 // Keys past S get no weight (their staging is zero, their probability 0).
 // Queries past T repeat the tile's last one and are not stored. fp32 sums
 // of the same products as TiledAttentionKernel, in another order.
-constexpr int kRegTiledThreads = 256;  // 16 x 16
 constexpr int kRegTiledD = 64;         // D == Dv
 constexpr int kRegTiledLd = kRegTiledD + 4;  // q, k rows: 8 rows in a row on distinct bank quads
 
@@ -1215,20 +1214,22 @@ __host__ __device__ constexpr int RegTiledProbLd(int S) {
 }
 // Floats of dynamic shared memory: the staged queries and keys (their
 // space reused for the probabilities), then the values.
-__host__ __device__ constexpr int RegTiledSharedFloats(int q_per_thread, int k_per_thread) {
-  const int tq = 16 * q_per_thread, tk = 16 * k_per_thread;
+__host__ __device__ constexpr int RegTiledSharedFloats(int tq, int tk) {
   const int qk = (tq + tk) * kRegTiledLd;
   const int p = tq * RegTiledProbLd(tk);
   return (qk > p ? qk : p) + tk * kRegTiledD;
 }
 
-template <typename E, int kQpt, int kKpt>
-__global__ void __launch_bounds__(kRegTiledThreads, 2)
+// kTy: 16 (256 threads, 2 blocks per SM) or 8 (128 threads, 4 per SM).
+template <typename E, int kQpt, int kKpt, int kTy>
+__global__ void __launch_bounds__(16 * kTy, 32 / kTy)
     RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec) {
-  constexpr int TQ = 16 * kQpt;
+  constexpr int kThreads = 16 * kTy;
+  constexpr int TQ = kTy * kQpt;
   constexpr int TK = 16 * kKpt;
+  constexpr int kKn = TK * 16 / kThreads;  // key (and value) float4s per thread
   constexpr int kLd = kRegTiledLd;
-  constexpr int kRegion = RegTiledSharedFloats(kQpt, kKpt) - TK * kRegTiledD;
+  constexpr int kRegion = RegTiledSharedFloats(TQ, TK) - TK * kRegTiledD;
   extern __shared__ float4 smem4[];
   float* qs = reinterpret_cast<float*>(smem4);  // [TQ, kLd]
   float* ks = qs + TQ * kLd;                    // [TK, kLd]
@@ -1250,38 +1251,38 @@ __global__ void __launch_bounds__(kRegTiledThreads, 2)
   const int ty = threadIdx.x >> 4;
 
   // Staging: the block's loads in flight before its stores. Element i of
-  // a [rows, 16] grid of float4s is row i / 16, columns 4 (i % 16)..;
-  // TK * 16 = 256 kKpt, so each thread takes kKpt key and value float4s and
-  // kQpt query float4s. The bias starts the scores. kValuesLate: the values
-  // are loaded after the keys and queries are stored where holding all at
-  // once would take more than ~96 registers (kKpt = 8: 2 blocks per SM).
-  constexpr bool kValuesLate = 4 * (2 * kKpt + kQpt) + kQpt * kKpt > 96;
-  float4 kreg[kKpt], vreg[kKpt], qreg[kQpt];
+  // a [rows, 16] grid of float4s is row i / 16, columns 4 (i % 16)..; each
+  // thread takes kKn key and value float4s and kQpt query float4s. The bias
+  // starts the scores. kValuesLate: the values are loaded after the keys
+  // and queries are stored where holding all at once would take more than
+  // ~96 registers.
+  constexpr bool kValuesLate = 4 * (2 * kKn + kQpt) + kQpt * kKpt > 96;
+  float4 kreg[kKn], vreg[kKn], qreg[kQpt];
   const auto load_values = [&] {
 #pragma unroll
-    for (int n = 0; n < kKpt; ++n) {
-      const int j = (threadIdx.x + n * kRegTiledThreads) >> 4;
+    for (int n = 0; n < kKn; ++n) {
+      const int j = (threadIdx.x + n * kThreads) >> 4;
       const int c = (threadIdx.x & 15) * 4;
       vreg[n] = j < S ? Load4(v + j * a.v_stride[2] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
   };
   const auto store_values = [&] {
 #pragma unroll
-    for (int n = 0; n < kKpt; ++n) {
-      const int j = (threadIdx.x + n * kRegTiledThreads) >> 4;
+    for (int n = 0; n < kKn; ++n) {
+      const int j = (threadIdx.x + n * kThreads) >> 4;
       *reinterpret_cast<float4*>(vs + j * kRegTiledD + (threadIdx.x & 15) * 4) = vreg[n];
     }
   };
 #pragma unroll
-  for (int n = 0; n < kKpt; ++n) {
-    const int j = (threadIdx.x + n * kRegTiledThreads) >> 4;
+  for (int n = 0; n < kKn; ++n) {
+    const int j = (threadIdx.x + n * kThreads) >> 4;
     const int c = (threadIdx.x & 15) * 4;
     kreg[n] = j < S ? Load4(k + j * a.k_stride[2] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   if (!kValuesLate) load_values();
 #pragma unroll
   for (int n = 0; n < kQpt; ++n) {
-    const int t = min(t_begin + ((threadIdx.x + n * kRegTiledThreads) >> 4), t_last);
+    const int t = min(t_begin + ((threadIdx.x + n * kThreads) >> 4), t_last);
     const int c = (threadIdx.x & 15) * 4;
     const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
     if (q_vec) {
@@ -1297,7 +1298,7 @@ __global__ void __launch_bounds__(kRegTiledThreads, 2)
   const int64_t bias0 = b * a.bias_stride[0] + h * a.bias_stride[1];
 #pragma unroll
   for (int u = 0; u < kQpt; ++u) {
-    const int t = min(t_begin + ty + 16 * u, t_last);
+    const int t = min(t_begin + ty + kTy * u, t_last);
 #pragma unroll
     for (int e = 0; e < kKpt; ++e) {
       const int j = tx + 16 * e;
@@ -1307,13 +1308,13 @@ __global__ void __launch_bounds__(kRegTiledThreads, 2)
     }
   }
 #pragma unroll
-  for (int n = 0; n < kKpt; ++n) {
-    const int i = threadIdx.x + n * kRegTiledThreads;
+  for (int n = 0; n < kKn; ++n) {
+    const int i = threadIdx.x + n * kThreads;
     *reinterpret_cast<float4*>(ks + (i >> 4) * kLd + (i & 15) * 4) = kreg[n];
   }
 #pragma unroll
   for (int n = 0; n < kQpt; ++n) {
-    const int i = threadIdx.x + n * kRegTiledThreads;
+    const int i = threadIdx.x + n * kThreads;
     *reinterpret_cast<float4*>(qs + (i >> 4) * kLd + (i & 15) * 4) = qreg[n];
   }
   if (kValuesLate) load_values();
@@ -1325,7 +1326,7 @@ __global__ void __launch_bounds__(kRegTiledThreads, 2)
     float4 qv[kQpt], kv[kKpt];
 #pragma unroll
     for (int u = 0; u < kQpt; ++u) {
-      qv[u] = *reinterpret_cast<const float4*>(qs + (ty + 16 * u) * kLd + d);
+      qv[u] = *reinterpret_cast<const float4*>(qs + (ty + kTy * u) * kLd + d);
     }
 #pragma unroll
     for (int e = 0; e < kKpt; ++e) {
@@ -1373,7 +1374,7 @@ __global__ void __launch_bounds__(kRegTiledThreads, 2)
 #pragma unroll
     for (int e = 0; e < kKpt; ++e) {
       const int j = tx + 16 * e;
-      if (j < S4) ps[(ty + 16 * u) * ldp + j] = s[u][e];
+      if (j < S4) ps[(ty + kTy * u) * ldp + j] = s[u][e];
     }
   }
   __syncthreads();
@@ -1391,7 +1392,7 @@ __global__ void __launch_bounds__(kRegTiledThreads, 2)
     }
 #pragma unroll
     for (int u = 0; u < kQpt; ++u) {
-      const float4 p = *reinterpret_cast<const float4*>(ps + (ty + 16 * u) * ldp + j);
+      const float4 p = *reinterpret_cast<const float4*>(ps + (ty + kTy * u) * ldp + j);
       const float pr[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
@@ -1404,7 +1405,7 @@ __global__ void __launch_bounds__(kRegTiledThreads, 2)
   }
 #pragma unroll
   for (int u = 0; u < kQpt; ++u) {
-    const int t = t_begin + ty + 16 * u;
+    const int t = t_begin + ty + kTy * u;
     if (t > t_last) break;
     const int64_t o0 = ((b * a.T + t) * a.H + h) * kRegTiledD + 4 * tx;  // [B, T, H, Dv]
 #pragma unroll
@@ -2234,44 +2235,78 @@ bool TiledV1() {
   return on;
 }
 
-// Blocks of RegisterTiledAttentionKernel with kQpt queries per thread.
-int64_t RegTiledBlocks(const AttentionArgs& a, int q_per_thread) {
-  return a.B * a.H * ((a.T + 16 * q_per_thread - 1) / (16 * q_per_thread));
+// A small integer from the environment (read by the caller once), or 0.
+int EnvChoice(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] >= '1' && v[0] <= '9' && v[1] == '\0' ? v[0] - '0' : 0;
+}
+
+// RegisterTiledAttentionKernel's block height kTy: 16 (256 threads), or 8
+// with LORAHUB_TILED_TY=8 (read once; A/B).
+int RegTiledTy() {
+  static const int ty = EnvChoice("LORAHUB_TILED_TY") == 8 ? 8 : 16;
+  return ty;
+}
+
+// Blocks of RegisterTiledAttentionKernel of `ty` x 16 threads with
+// `q_per_thread` queries per thread.
+int64_t RegTiledBlocks(const AttentionArgs& a, int ty, int q_per_thread) {
+  const int64_t tq = ty * q_per_thread;
+  return a.B * a.H * ((a.T + tq - 1) / tq);
 }
 
 // Queries per thread, 5 or 3: the fewer query rows any SM works through
-// (ceil(blocks / SMs) x rows per block; ties to 5). An objective
-// evaluation's 5 x 16 heads of 72 queries: 5 (80 blocks); the population's
-// 60 x 16: 5; 64 prompts of up to 96 tokens: 3 (two tiles of 48).
-int RegTiledQueriesPerThread(const AttentionArgs& a, int sms) {
-  const auto rows = [&](int q) { return (RegTiledBlocks(a, q) + sms - 1) / sms * q; };
+// (ceil(blocks / (SMs x blocks per SM)) x rows per block; ties to 5). With
+// 16 x 16 threads: an objective evaluation's 5 x 16 heads of 72 queries:
+// 5 (80 blocks); the population's 60 x 16: 5; 64 prompts of up to 96
+// tokens: 3 (two tiles of 48).
+// LORAHUB_TILED_QPT=3 or 5 (read once; A/B) takes that count for all.
+int RegTiledQueriesPerThread(const AttentionArgs& a, int ty, int sms) {
+  static const int forced = EnvChoice("LORAHUB_TILED_QPT");
+  if (forced == 3 || forced == 5) return forced;
+  const int64_t resident = static_cast<int64_t>(sms) * (32 / ty);
+  const auto rows = [&](int q) {
+    return (RegTiledBlocks(a, ty, q) + resident - 1) / resident * ty * q;
+  };
   return rows(3) < rows(5) ? 3 : 5;
 }
 
-template <typename E, int kQpt, int kKpt>
+template <typename E, int kQpt, int kKpt, int kTy>
 int LaunchRegTiledVariant(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
-  const size_t shared = RegTiledSharedFloats(kQpt, kKpt) * sizeof(float);
+  const size_t shared = RegTiledSharedFloats(kTy * kQpt, 16 * kKpt) * sizeof(float);
   if (static_cast<int64_t>(shared) > l.limit) return -1;
-  const int err =
-      OptInShared<RegisterTiledAttentionKernel<E, kQpt, kKpt>>(shared, l.device, l.limit);
+  const int err = OptInShared<RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>>(
+      shared, l.device, l.limit);
   if (err != 0) return err;
-  const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kQpt));
-  RegisterTiledAttentionKernel<E, kQpt, kKpt>
-      <<<grid, kRegTiledThreads, shared, l.stream>>>(a, q_vec);
+  const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kTy, kQpt));
+  RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>
+      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec);
   return LastError();
 }
 
-template <typename E, int kQpt>
+template <typename E, int kQpt, int kTy>
 int LaunchRegTiledKeys(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
   switch ((a.S + 15) / 16) {
-    case 3: return LaunchRegTiledVariant<E, kQpt, 3>(a, l, q_vec);
-    case 4: return LaunchRegTiledVariant<E, kQpt, 4>(a, l, q_vec);
-    case 5: return LaunchRegTiledVariant<E, kQpt, 5>(a, l, q_vec);
-    case 6: return LaunchRegTiledVariant<E, kQpt, 6>(a, l, q_vec);
-    case 7: return LaunchRegTiledVariant<E, kQpt, 7>(a, l, q_vec);
-    case 8: return LaunchRegTiledVariant<E, kQpt, 8>(a, l, q_vec);
+    case 3: return LaunchRegTiledVariant<E, kQpt, 3, kTy>(a, l, q_vec);
+    case 4: return LaunchRegTiledVariant<E, kQpt, 4, kTy>(a, l, q_vec);
+    case 5: return LaunchRegTiledVariant<E, kQpt, 5, kTy>(a, l, q_vec);
+    case 6: return LaunchRegTiledVariant<E, kQpt, 6, kTy>(a, l, q_vec);
+    case 7: return LaunchRegTiledVariant<E, kQpt, 7, kTy>(a, l, q_vec);
+    case 8: return LaunchRegTiledVariant<E, kQpt, 8, kTy>(a, l, q_vec);
     default: return -1;
   }
+}
+
+template <typename E>
+int LaunchRegTiledFor(const AttentionArgs& a, const TiledLaunch& l, bool q_vec, int sms) {
+  const int ty = RegTiledTy();
+  const int qpt = RegTiledQueriesPerThread(a, ty, sms);
+  if (ty == 8) {
+    return qpt == 3 ? LaunchRegTiledKeys<E, 3, 8>(a, l, q_vec)
+                    : LaunchRegTiledKeys<E, 5, 8>(a, l, q_vec);
+  }
+  return qpt == 3 ? LaunchRegTiledKeys<E, 3, 16>(a, l, q_vec)
+                  : LaunchRegTiledKeys<E, 5, 16>(a, l, q_vec);
 }
 
 // RegisterTiledAttentionKernel where it takes the arguments: 64-wide heads,
@@ -2280,21 +2315,16 @@ int LaunchRegTiledKeys(const AttentionArgs& a, const TiledLaunch& l, bool q_vec)
 // opt into. Returns -1, having launched nothing, where it does not.
 int LaunchRegisterTiled(const AttentionArgs& a, const TiledLaunch& l, int sms) {
   if (TiledV1() || a.D != kRegTiledD || a.Dv != kRegTiledD || a.S <= 32 || a.S > 128 ||
-      !l.vec || RegTiledBlocks(a, 3) > 0x7fffffff) {
+      !l.vec || RegTiledBlocks(a, 8, 3) > 0x7fffffff) {
     return -1;
   }
-  const int qpt = RegTiledQueriesPerThread(a, sms);
   switch (a.qkv_dtype) {
-    case DType::kFloat: {
-      const bool q_vec = a.q_dtype == DType::kFloat && Tiled4Aligned(a.q, a.q_stride, 4);
-      return qpt == 3 ? LaunchRegTiledKeys<float, 3>(a, l, q_vec)
-                      : LaunchRegTiledKeys<float, 5>(a, l, q_vec);
-    }
-    case DType::kBFloat16: {
-      const bool q_vec = a.q_dtype == DType::kBFloat16 && Tiled4Aligned(a.q, a.q_stride, 2);
-      return qpt == 3 ? LaunchRegTiledKeys<__nv_bfloat16, 3>(a, l, q_vec)
-                      : LaunchRegTiledKeys<__nv_bfloat16, 5>(a, l, q_vec);
-    }
+    case DType::kFloat:
+      return LaunchRegTiledFor<float>(
+          a, l, a.q_dtype == DType::kFloat && Tiled4Aligned(a.q, a.q_stride, 4), sms);
+    case DType::kBFloat16:
+      return LaunchRegTiledFor<__nv_bfloat16>(
+          a, l, a.q_dtype == DType::kBFloat16 && Tiled4Aligned(a.q, a.q_stride, 2), sms);
     default:
       return -1;
   }

@@ -12,6 +12,9 @@
 #
 #   OUT=DIR [KERNELS="AddRmsNormShrinkKernel SplitKeyAttentionKernel"] [SKIP=100] [COUNT=3] \
 #     [TIMEOUT_S=120] bash deploy/gpu/ncu_kernels.sh
+# A name may carry its own skip as NAME@SKIP (e.g. "RegisterTiledAttentionKernel@20
+# RegisterTiledAttentionKernel@2000": an objective evaluation's launch and a population pass's);
+# reports are named after NAME and SKIP then.
 #
 # For each kernel name K: ncu --kernel-name regex:K --launch-skip SKIP --launch-count COUNT
 # --set full -> $OUT/ncu_K.ncu-rep, its details page in $OUT/ncu_K.txt, and the lines people read
@@ -30,9 +33,13 @@ adapters=()
 for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
 summary=$out/ncu_summary.txt
 : >"$summary"
-for k in ${KERNELS:-AddRmsNormShrinkKernel SplitKeyAttentionKernel}; do
-  echo "== $k (skip ${SKIP:-100}, count ${COUNT:-3})" | tee -a "$summary"
-  timeout "${TIMEOUT_S:-120}" "$ncu" --kernel-name "regex:$k" --launch-skip "${SKIP:-100}" \
+for spec in ${KERNELS:-AddRmsNormShrinkKernel SplitKeyAttentionKernel}; do
+  name=${spec%@*}
+  skip=${SKIP:-100}
+  k=$name
+  if [ "$spec" != "$name" ]; then skip=${spec#*@}; k=${name}_$skip; fi
+  echo "== $name (skip $skip, count ${COUNT:-3})" | tee -a "$summary"
+  timeout "${TIMEOUT_S:-120}" "$ncu" --kernel-name "regex:$name" --launch-skip "$skip" \
     --launch-count "${COUNT:-3}" --set full --import-source no -f -o "$out/ncu_$k" \
     "$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
     --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 --reps 1 --cobyla-budget 4 \
