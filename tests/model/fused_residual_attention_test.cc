@@ -244,10 +244,11 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
 }
 
 // Many heads of the encoder's lengths, as an objective's population pass
-// and a batch of prompts run them: on CUDA the register-tiled kernel with
-// 5 queries per thread (16 x 16 heads of 72: 256 blocks) and with 3 (4 x 8
-// heads of 100 and 45), keys of several tiles (72, 100: 7 x 16 keys, 45),
-// bias per row [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values.
+// and a batch of prompts run them: on CUDA the register-tiled kernel (8 x 16
+// threads a block) with 5 queries per thread (16 x 16 heads of 72), 3 (60 x
+// 16 heads of 72, the population pass) and 2 (4 x 8 heads of 100 and 45),
+// keys of several tiles (72; 100: 7 x 16 keys; 45), bias per row
+// [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values.
 TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
   at::manual_seed(11);
   const double min_value =
@@ -256,8 +257,8 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
     int64_t B, H, S;
     bool bias_per_row;
   };
-  for (const Shape& s : {Shape{16, 16, 72, true}, Shape{4, 8, 100, false},
-                         Shape{4, 8, 45, true}}) {
+  for (const Shape& s : {Shape{16, 16, 72, true}, Shape{60, 16, 72, false},
+                         Shape{4, 8, 100, false}, Shape{4, 8, 45, true}}) {
     SCOPED_TRACE(::testing::Message() << s.B << " x " << s.H << " heads, S " << s.S);
     const int64_t d = 64, inner = s.H * d;
     const at::Tensor y = at::randn({s.B, s.S, 3 * inner}, F32()) * 0.5;
