@@ -138,6 +138,7 @@ absl::StatusOr<ModuleRecord> Store::InsertModule(const ModuleRecord& module) {
         absl::StrCat("module '", module.id, "' already exists"));
   }
   LH_RETURN_IF_ERROR(status);
+  module_version_.fetch_add(1, std::memory_order_release);
   return stored;
 }
 
@@ -164,6 +165,7 @@ absl::Status Store::UpdateModule(const ModuleRecord& module) {
   BindModuleFields(stmt, module);
   LH_RETURN_IF_ERROR(stmt.Run());
   if (db_->Changes() == 0) return NotFound("module", module.id);
+  module_version_.fetch_add(1, std::memory_order_release);
   return absl::OkStatus();
 }
 
@@ -173,6 +175,7 @@ absl::Status Store::DeleteModule(const std::string& id) {
                       db_->Prepare("DELETE FROM modules WHERE id = ?1"));
   LH_RETURN_IF_ERROR(stmt.Bind(1, id).Run());
   if (db_->Changes() == 0) return NotFound("module", id);
+  module_version_.fetch_add(1, std::memory_order_release);
   return absl::OkStatus();
 }
 

@@ -39,6 +39,7 @@
 #ifndef LORAHUB_CORE_STORE_STORE_H_
 #define LORAHUB_CORE_STORE_STORE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -117,6 +118,12 @@ class Store {
   // Replaces every field but id and created_at. NotFound if unknown.
   absl::Status UpdateModule(const ModuleRecord& module);
   absl::Status DeleteModule(const std::string& id);
+  // Counts the module writes (insert, update, delete) this Store made;
+  // without the mutex, so a reader can check it while a job's commit holds
+  // it. Not moved by other processes' writes to the same file.
+  uint64_t module_version() const {
+    return module_version_.load(std::memory_order_acquire);
+  }
   // Ordered by id.
   absl::StatusOr<Page<ModuleRecord>> ListModules(const PageRequest& request);
 
@@ -198,6 +205,7 @@ class Store {
   const StoreOptions options_;
   absl::Mutex mu_;
   std::unique_ptr<internal::Connection> db_ ABSL_GUARDED_BY(mu_);
+  std::atomic<uint64_t> module_version_{0};
 };
 
 }  // namespace lorahub::store

@@ -751,9 +751,11 @@ lorahub_cc_library(core_serving_serving
   PACKAGE core/serving
   SRCS
     ${SRC}/core/serving/adapter_cache.cc
+    ${SRC}/core/serving/cached_module_resolver.cc
     ${SRC}/core/serving/inference_engine.cc
     ${SRC}/core/serving/module_tier.cc
     ${SRC}/core/serving/adapter_cache.h
+    ${SRC}/core/serving/cached_module_resolver.h
     ${SRC}/core/serving/inference_engine.h
     ${SRC}/core/serving/module_tier.h
     ${SRC}/core/serving/request.h
@@ -2274,6 +2276,21 @@ lorahub_cc_test(tests_server_inference_engine_test
     ext_nlohmann_json_json
     ext_prometheus_cpp_prometheus_cpp
   TIMEOUT 300
+)
+
+# //tests/server:cached_module_resolver_test (cc_test)
+lorahub_cc_test(tests_server_cached_module_resolver_test
+  TEST_NAME //tests/server:cached_module_resolver_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/cached_module_resolver_test.cc
+  DEPS
+    core_serving_serving
+    core_store_store
+    tests_store_store_test_util
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 60
 )
 
 # //tests/server:module_tier_test (cc_test)

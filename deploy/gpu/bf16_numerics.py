@@ -12,8 +12,10 @@ Weight vectors: w = 0; the best point of the reference's COBYLA trace (ref_learn
 and of each of our `learn --trace` files when given; three uniform draws in [-1.5, 1.5] (the
 search box) and three normal draws with sigma 0.3 (seeds 1-3). For each: the reference's score
 (upcast to fp32, loaded once, in this process), `lorahub score` in fp32 (the default on CUDA: the exact
-reference numerics) and in bf16. Prints a markdown table with bf16 - reference relative to the
-reference; writes it to --out too.
+reference numerics), in bf16 (the adapter applied unmerged, ScoreCandidates) and in bf16 with
+--objective (what `learn` evaluates: the objective runner, which merges the composed adapter into
+the weights). Prints a markdown table with each minus the reference, relative to the reference;
+writes it to --out too.
 """
 import argparse
 import importlib.util
@@ -34,8 +36,10 @@ def best_of_ours(path):
     return min(rows, key=lambda r: r["score"])["weights"]
 
 
-def ours(lorahub, fixture, adapters, w, dtype, device):
+def ours(lorahub, fixture, adapters, w, dtype, device, objective=False):
     cmd = [lorahub, "score", "--model", os.path.join(fixture, "base")]
+    if objective:
+        cmd.append("--objective")
     for a in adapters:
         cmd += ["--adapter", a]
     cmd += ["--weights", ",".join(repr(float(v)) for v in w), "--examples",
@@ -89,14 +93,15 @@ def main():
         g = random.Random(100 + seed)
         points.append(("normal sigma 0.3, seed %d" % seed, [g.gauss(0.0, 0.3) for _ in range(n)]))
 
-    lines = ["| weights | reference fp32 | ours fp32 | fp32 - ref (rel) | ours bf16 | bf16 - ref (rel) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| weights | reference fp32 | ours fp32 | fp32 - ref (rel) | ours bf16 | bf16 - ref (rel) "
+             "| ours bf16 objective | objective - ref (rel) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, w in points:
         want = float(r.score(w))
         row = [label, "%.6f" % want]
-        for dtype in ("fp32", "bf16"):
+        for dtype, objective in (("fp32", False), ("bf16", False), ("bf16", True)):
             try:
-                got = ours(a.lorahub, a.fixture, adapters, w, dtype, a.device)
+                got = ours(a.lorahub, a.fixture, adapters, w, dtype, a.device, objective)
                 row += ["%.6f" % got, "%+.3g" % ((got - want) / abs(want))]
             except Exception as e:  # report and go on
                 print("FAILED %s %s: %s" % (label, dtype, e), file=sys.stderr)

@@ -6,7 +6,7 @@
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--json]
 //     [--method lorahub|cat|ties|dare_linear] [--density D]
 //     [--majority-sign total|frequency] [--composition-seed N]
-//     [--exact-reference | --fast-fp32]
+//     [--exact-reference | --fast-fp32 | --objective]
 //
 // Adapters are composed with the --method rule (ParseCompositionFlags).
 // Examples are {"input": ..., "output": ...} lines. Prints
@@ -22,6 +22,11 @@
 // --exact-reference` reports for the same weights. Default on a CUDA device
 // in fp32 with the lorahub method and weights for every adapter (as `learn`);
 // --fast-fp32 selects the fused engine there instead.
+// --objective: the loss as `lorahub learn` evaluates it (learn::LoraHubObjective
+// and its fast path: in bf16 on CUDA the objective runner, which merges the
+// composed adapter into copies of the weights); needs --method lorahub and
+// --weights for every adapter. Why: the plain path (ScoreCandidates) applies
+// the adapter unmerged, so its bf16 numbers say nothing of the runner's.
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -29,6 +34,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/learn/lorahub_objective.h"
 #include "core/model/exact_reference_loss.h"
 #include "core/model/loader.h"
 #include "core/model/scorer.h"
@@ -53,18 +59,26 @@ void Print(const Args& args, double loss, double score, size_t examples) {
   }
 }
 
-// --exact-reference: modules loaded one by one and composed in the
-// reference's order (weights 1 for a single adapter without --weights).
-absl::Status RunExact(const Args& args, const model::T5Weights& base,
-                      const std::vector<model::Example>& examples,
-                      std::vector<double> weights, int64_t batch_size) {
-  const std::vector<std::string> dirs = args.GetAll("adapter");
+// The --adapter modules, loaded one by one (not composed).
+absl::StatusOr<std::vector<model::LoraAdapter>> LoadModules(const Args& args,
+                                                             const model::T5Weights& base) {
   std::vector<model::LoraAdapter> modules;
-  for (const std::string& dir : dirs) {
+  for (const std::string& dir : args.GetAll("adapter")) {
     auto adapter = model::LoadLoraAdapter(base, dir);
     if (!adapter.ok()) return adapter.status();
     modules.push_back(*std::move(adapter));
   }
+  return modules;
+}
+
+// --exact-reference: modules composed in the reference's order (weights 1
+// for a single adapter without --weights).
+absl::Status RunExact(const Args& args, const model::T5Weights& base,
+                      const std::vector<model::Example>& examples,
+                      std::vector<double> weights, int64_t batch_size) {
+  auto loaded = LoadModules(args, base);
+  if (!loaded.ok()) return loaded.status();
+  const std::vector<model::LoraAdapter>& modules = *loaded;
   if (!modules.empty() && weights.empty() && modules.size() == 1) weights = {1.0};
   if (weights.size() != modules.size()) {
     return absl::InvalidArgumentError(absl::StrCat("--weights has ", weights.size(),
@@ -83,6 +97,36 @@ absl::Status RunExact(const Args& args, const model::T5Weights& base,
                                         static_cast<int>(batch_size));
   if (!loss.ok()) return loss.status();
   Print(args, *loss, model::ExactReferenceScore(*loss, weights), examples.size());
+  return absl::OkStatus();
+}
+
+// --objective: the modules scored through the learning objective at
+// `weights` (one candidate).
+absl::Status RunObjective(const Args& args, const model::T5Weights& base,
+                          std::vector<model::Example> examples,
+                          const std::vector<double>& weights, int64_t batch_size,
+                          int64_t max_rows) {
+  const size_t num_adapters = args.GetAll("adapter").size();
+  if (args.Get("method").value_or("lorahub") != "lorahub") {
+    return absl::InvalidArgumentError("--objective needs --method lorahub");
+  }
+  if (num_adapters == 0 || weights.size() != num_adapters) {
+    return absl::InvalidArgumentError("--objective needs --weights for every --adapter");
+  }
+  auto modules = LoadModules(args, base);
+  if (!modules.ok()) return modules.status();
+  std::vector<const model::LoraAdapter*> ptrs;
+  for (const model::LoraAdapter& m : *modules) ptrs.push_back(&m);
+  learn::LoraHubObjectiveOptions oopts;
+  oopts.score.batch_size = static_cast<int>(batch_size);
+  oopts.score.max_rows = max_rows;
+  const size_t n = examples.size();
+  auto objective = learn::LoraHubObjective::Create(&base, ptrs, std::move(examples), oopts);
+  if (!objective.ok()) return objective.status();
+  auto losses = objective->RawScores({weights});
+  if (!losses.ok()) return losses.status();
+  const double loss = (*losses)[0];
+  Print(args, loss, loss + objective->Regularizer(weights), n);
   return absl::OkStatus();
 }
 
@@ -110,15 +154,17 @@ absl::Status Run(const Args& args) {
   if (!weight_options.ok()) return weight_options.status();
   const model::WeightOptions& wopts = *weight_options;
 
-  if (args.Has("exact-reference") && args.Has("fast-fp32")) {
-    return absl::InvalidArgumentError("--exact-reference and --fast-fp32 exclude each other");
+  if (args.Has("exact-reference") + args.Has("fast-fp32") + args.Has("objective") > 1) {
+    return absl::InvalidArgumentError(
+        "--exact-reference, --fast-fp32 and --objective exclude each other");
   }
   // As `lorahub learn`: the exact op sequence by default in the reference's setting (a CUDA
   // device, fp32, the lorahub method, weights for every adapter), so that `score` at the
   // weights `learn` returned reproduces its best_score bit for bit.
   const size_t num_adapters = args.GetAll("adapter").size();
   const bool exact = args.Has("exact-reference") ||
-                     (!args.Has("fast-fp32") && InReferenceSetting(args) &&
+                     (!args.Has("fast-fp32") && !args.Has("objective") &&
+                      InReferenceSetting(args) &&
                       (num_adapters <= 1 || weights.size() == num_adapters));
   if (exact) {
     if (args.Get("method").value_or("lorahub") != "lorahub") {
@@ -141,6 +187,9 @@ absl::Status Run(const Args& args) {
   auto composition = ParseCompositionFlags(args);
   if (!composition.ok()) return composition.status();
   if (exact) return RunExact(args, *base, examples, weights, *batch_size);
+  if (args.Has("objective")) {
+    return RunObjective(args, *base, std::move(examples), weights, *batch_size, *max_rows);
+  }
   std::vector<double> effective;
   auto adapter = model::LoadComposedAdapter(*base, args.GetAll("adapter"),
                                             weights, *composition, &effective);
@@ -173,7 +222,7 @@ int RunScore(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "weights", "examples", "batch-size",
                  "max-rows", "device", "dtype", "method", "density", "majority-sign",
        "composition-seed"},
-                {"json", "exact-reference", "fast-fp32"}};
+                {"json", "exact-reference", "fast-fp32", "objective"}};
   return RunWithArgs("score", argc, argv, spec, Run);
 }
 

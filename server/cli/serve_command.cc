@@ -41,6 +41,7 @@
 #include "core/metrics/metrics.h"
 #include "core/model/fused_ops.h"
 #include "core/model/loader.h"
+#include "core/serving/cached_module_resolver.h"
 #include "core/serving/inference_engine.h"
 #include "core/store/store.h"
 #include "core/tokenizer/tokenizer.h"
@@ -208,12 +209,15 @@ int RunServe(int argc, char** argv) {
     eo.host_tier = ctx->host_tier;
   }
   store::Store* store_ptr = ctx->store.get();
-  serving::ModuleResolver resolver =
+  serving::CachedResolverOptions ro;
+  ro.version = [store_ptr] { return store_ptr->module_version(); };
+  const serving::ModuleResolver resolver = serving::CachedModuleResolver(
       [store_ptr](const std::string& id) -> absl::StatusOr<serving::ModuleLocation> {
-    absl::StatusOr<store::ModuleRecord> r = store_ptr->GetModule(id);
-    if (!r.ok()) return r.status();
-    return serving::ModuleLocation{r->local_path, r->weights_sha256};
-  };
+        absl::StatusOr<store::ModuleRecord> r = store_ptr->GetModule(id);
+        if (!r.ok()) return r.status();
+        return serving::ModuleLocation{r->local_path, r->weights_sha256};
+      },
+      std::move(ro));
   for (const std::string& d : devices) {
     absl::StatusOr<c10::Device> device = model::ParseDevice(d);
     if (!device.ok()) return ReportError("serve", device.status());

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `lorahub score` and `lorahub generate` end to end against the transformers /
+# `lorahub score` (also --objective) and `lorahub generate` end to end against the transformers /
 # peft goldens (tests/testdata/t5): real binary, real fixtures, exit codes.
 #   engine_cli_test.sh LORAHUB_BINARY
 set -uo pipefail
@@ -51,6 +51,18 @@ import json, sys
 got = json.loads(sys.argv[1]); want = float(sys.argv[2])
 assert abs(got['loss'] - want) <= 1e-5 * abs(want), (got, want)
 " "$out" "$want" || fail "$case score [$adapters] [$weights] bs=$extra: $out, want $want"
+      # The same loss through the learning objective (its runner), where its
+      # clipping to [-1.5, 1.5] leaves the weights alone.
+      if [ -n "$adapters" ] && $py -c "
+import sys; sys.exit(any(abs(float(w)) > 1.5 for w in sys.argv[1].split(',')))" "$weights"; then
+        out=$("$lorahub" score "${args[@]}" --objective --examples "$tmp/examples.jsonl") ||
+          fail "$case score --objective [$adapters] [$weights]: exit $?"
+        $py -c "
+import json, sys
+got = json.loads(sys.argv[1]); want = float(sys.argv[2])
+assert abs(got['loss'] - want) <= 1e-5 * abs(want), (got, want)
+" "$out" "$want" || fail "$case score --objective [$adapters] [$weights] bs=$extra: $out, want $want"
+      fi
     else
       read -r max_new beams <<<"$extra"
       out=$("$lorahub" generate "${args[@]}" --input-file "$tmp/prompts.jsonl" \
@@ -84,6 +96,10 @@ expect2 "weights count" score --model "$dir/model" --adapter "$dir/adapters/m0" 
   --adapter "$dir/adapters/m1" --weights 1 --examples "$tmp/examples.jsonl"
 expect2 "bad weight" score --model "$dir/model" --adapter "$dir/adapters/m0" \
   --weights abc --examples "$tmp/examples.jsonl"
+expect2 "objective without weights" score --model "$dir/model" --adapter "$dir/adapters/m0" \
+  --objective --examples "$tmp/examples.jsonl"
+expect2 "objective and fast-fp32" score --model "$dir/model" --adapter "$dir/adapters/m0" \
+  --weights 1 --objective --fast-fp32 --examples "$tmp/examples.jsonl"
 expect2 "bad dtype" generate --model "$dir/model" --text hi --dtype fp64
 expect2 "bad device" generate --model "$dir/model" --text hi --device tpu
 expect2 "no input" generate --model "$dir/model"
