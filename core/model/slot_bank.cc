@@ -96,6 +96,9 @@ void SlotBank::Reserve(int site, int64_t r) {
     sb.a_low = sb.a.to(low_dtype_);
     sb.b_low = sb.b.to(low_dtype_);
   }
+  // Every plan's views are of the old layout (and would keep its memory).
+  ++layout_;
+  for (Slot& s : slots_) s.plan = LoadPlan();
 }
 
 namespace {
@@ -109,11 +112,58 @@ at::Tensor SlotOf(const at::Tensor& t, int64_t slot) {
 
 }  // namespace
 
+bool SlotBank::LoadPlanned(int64_t slot, const LoraAdapter& adapter) {
+  LoadPlan& plan = slots_[slot].plan;
+  if (plan.layout != layout_ || plan.sites.size() != adapter.sites.size()) return false;
+  const size_t per_site = plan.low ? 5 : 3;  // a, b, [a_low, b_low], scale
+  for (size_t i = 0; i < adapter.sites.size(); ++i) {
+    const LoraSite& s = adapter.sites[i];
+    const WeightedSum& a = plan.sums[i * per_site];
+    const WeightedSum& b = plan.sums[i * per_site + 1];
+    if (s.site != plan.sites[i] || s.a.sizes() != a.dst.sizes() ||
+        s.b.sizes() != b.dst.sizes() || !Summable(s.a) || !Summable(s.b)) {
+      return false;
+    }
+  }
+  for (size_t i = 0; i < adapter.sites.size(); ++i) {
+    const LoraSite& s = adapter.sites[i];
+    WeightedSum* sum = &plan.sums[i * per_site];
+    sum[0].terms[0] = s.a;
+    sum[1].terms[0] = s.b;
+    if (plan.low) {
+      sum[2].terms[0] = s.a;
+      sum[3].terms[0] = s.b;
+    }
+    sum[per_site - 1].fill = static_cast<float>(s.scaling);
+  }
+  WeightedSums(plan.sums);
+  // The sources are the adapter's: not held past the load.
+  for (size_t i = 0; i < adapter.sites.size(); ++i) {
+    for (size_t k = 0; k + 1 < per_site; ++k) {
+      plan.sums[i * per_site + k].terms[0] = at::Tensor();
+    }
+  }
+  slots_[slot].sites = plan.sites;
+  ++planned_copies_;
+  return true;
+}
+
+bool SlotBank::Summable(const at::Tensor& t) const {
+  return t.device() == base_.device && t.is_contiguous() &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
+
 void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
-  std::vector<bool> adapted(bank_.sites.size(), false);
   for (const LoraSite& s : adapter.sites) Reserve(s.site, s.a.size(0));
+  // LORAHUB_NO_SLOT_PLAN=1 (read once): every load makes its sums (A/B).
+  static const bool no_plan = EnvFlag("LORAHUB_NO_SLOT_PLAN");
+  if (!no_plan && LoadPlanned(slot, adapter)) return;
+  std::vector<bool> adapted(bank_.sites.size(), false);
   std::vector<int>& sites = slots_[slot].sites;
   sites.clear();
+  LoadPlan& plan = slots_[slot].plan;
+  plan.layout = -1;
+  bool plannable = true;  // every site copied by whole-tensor sums
   // Every copy and fill below, as one WeightedSums call (one kernel on CUDA).
   std::vector<WeightedSum> sums;
   auto copy = [&sums](const at::Tensor& dst, const at::Tensor& src) {
@@ -129,17 +179,13 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
     sum.fill = static_cast<float>(value);
     sums.push_back(std::move(sum));
   };
-  auto summable = [this](const at::Tensor& t) {
-    return t.device() == base_.device && t.is_contiguous() &&
-           (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
-  };
   for (const LoraSite& s : adapter.sites) {
     SiteBank& sb = bank_.sites[s.site];
     const int64_t r = s.a.size(0);
     const int64_t rank = sb.a.size(1);
     at::Tensor a = SlotOf(sb.a, slot);
     at::Tensor b = SlotOf(sb.b, slot);
-    if (r == rank && summable(s.a) && summable(s.b)) {
+    if (r == rank && Summable(s.a) && Summable(s.b)) {
       copy(a, s.a);
       copy(b, s.b);
       if (sb.a_low.defined()) {
@@ -147,6 +193,7 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
         copy(SlotOf(sb.b_low, slot), s.b);
       }
     } else {  // a smaller rank (zero-padded) or factors elsewhere: ATen ops
+      plannable = false;
       a.narrow(0, 0, r).copy_(s.a);
       b.narrow(1, 0, r).copy_(s.b);
       if (r < rank) {
@@ -171,6 +218,18 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
     }
   }
   WeightedSums(sums);
+  const bool low = !adapter.sites.empty() && bank_.sites[adapter.sites[0].site].a_low.defined();
+  for (const LoraSite& s : adapter.sites) {
+    plannable &= bank_.sites[s.site].a_low.defined() == low;
+  }
+  if (!plannable) return;
+  for (WeightedSum& sum : sums) {
+    if (!sum.terms.empty()) sum.terms[0] = at::Tensor();  // not held past the load
+  }
+  plan.layout = layout_;
+  plan.sites = sites;
+  plan.sums = std::move(sums);
+  plan.low = low;
 }
 
 void SlotBank::Refresh() {

@@ -211,6 +211,8 @@ int RunServe(int argc, char** argv) {
   store::Store* store_ptr = ctx->store.get();
   serving::CachedResolverOptions ro;
   ro.version = [store_ptr] { return store_ptr->module_version(); };
+  // LORAHUB_NO_RESOLVER_CACHE=1: every lookup asks the store (A/B).
+  if (model::EnvFlag("LORAHUB_NO_RESOLVER_CACHE")) ro.max_age = absl::ZeroDuration();
   const serving::ModuleResolver resolver = serving::CachedModuleResolver(
       [store_ptr](const std::string& id) -> absl::StatusOr<serving::ModuleLocation> {
         absl::StatusOr<store::ModuleRecord> r = store_ptr->GetModule(id);

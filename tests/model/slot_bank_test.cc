@@ -172,6 +172,36 @@ TEST_F(SlotBankTest, ForwardPassMatchesMakeAdapterBank) {
   EXPECT_EQ(bank.copies(), 4);
 }
 
+// A slot's next adapter of the same sites and ranks reuses the last load's
+// plan (only its sources and scales change); another layout (other sites, a
+// widened rank) makes a new one. The rows read the new adapter either way.
+TEST_F(SlotBankTest, ALoadOfTheSameSitesReusesThePlan) {
+  SlotBank bank(*base_, 1);
+  const std::vector<std::shared_ptr<const LoraAdapter>> adapters = {
+      Adapter({"q", "v"}, 4, 41),  // plan made
+      Adapter({"q", "v"}, 4, 42),  // reused
+      Adapter({"v", "o"}, 4, 43),  // other sites: a new plan
+      Adapter({"v", "o"}, 4, 44),  // reused
+      Adapter({"q", "v"}, 8, 45),  // widens q and v: a new plan
+      Adapter({"q", "v"}, 8, 46)};  // reused
+  const std::vector<int64_t> planned = {0, 1, 1, 2, 2, 3};
+  for (size_t i = 0; i < adapters.size(); ++i) {
+    SCOPED_TRACE(i);
+    auto slot = bank.Acquire(adapters[i]);
+    ASSERT_TRUE(slot.ok()) << slot.status();
+    EXPECT_EQ(bank.planned_copies(), planned[i]);
+    const at::Tensor r = Reference({adapters[i].get(), nullptr});
+    const at::Tensor got = Logits(&bank.resident(), {*slot, -1});
+    EXPECT_LT((got - r).abs().max().item<double>(), 1e-5 * r.abs().max().item<double>());
+    if (i > 0) {  // not the previous adapter's logits (the check can fail)
+      EXPECT_GT((got - Reference({adapters[i - 1].get(), nullptr})).abs().max().item<double>(),
+                1e-4);
+    }
+    bank.Release(*slot);
+  }
+  EXPECT_EQ(bank.copies(), 6);
+}
+
 // Every defined site of `bank` has a_low / b_low equal to its factors in
 // `dtype` with the same layout (none at all for kFloat).
 void ExpectLowCopies(const AdapterBank& bank, at::ScalarType dtype) {
