@@ -8,6 +8,10 @@ fixture (ref_lorahub.py fixture --size large --format bin):
       --lorahub .gpu/build/bin/server/lorahub [--ref-trace TRACE.json] [--ours-trace NAME=FILE.jsonl]... \
       [--out numerics.md]
 
+--no-ref (no transformers/peft, e.g. on a machine without them; --ref not needed): ours in fp32
+on --device is the baseline instead (on CUDA it was the reference bit for bit at every point
+measured, fifth and sixth sessions); the columns are then ours fp32, bf16, bf16 --objective.
+
 Weight vectors: w = 0; the best point of the reference's COBYLA trace (ref_learn_trace.py's JSON)
 and of each of our `learn --trace` files when given; three uniform draws in [-1.5, 1.5] (the
 search box) and three normal draws with sigma 0.3 (seeds 1-3). For each: the reference's score
@@ -53,7 +57,8 @@ def ours(lorahub, fixture, adapters, w, dtype, device, objective=False):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ref", required=True)
+    ap.add_argument("--ref")
+    ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--fixture", required=True)
     ap.add_argument("--lorahub", required=True)
     ap.add_argument("--device", default="cuda:0")
@@ -61,22 +66,31 @@ def main():
     ap.add_argument("--ours-trace", action="append", default=[])
     ap.add_argument("--out")
     a = ap.parse_args()
+    if not a.no_ref and not a.ref:
+        ap.error("--ref or --no-ref")
 
-    spec = importlib.util.spec_from_file_location("ref_lorahub", a.ref)
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    r = ref.Ref(a.fixture, "cuda")
-    # transformers 5 loads a checkpoint in its stored dtype: a bf16-stored base (models/default)
-    # would make the "fp32 reference" a bf16 one. Upcast the model and the module cache.
-    ref_dtype = str(next(r.model.parameters()).dtype)
-    r.model = r.model.float()
-    r.cache = [{k: v.float() for k, v in sd.items()} for sd in r.cache]
-    print("reference loaded as %s, scoring in float32" % ref_dtype, file=sys.stderr)
-    n = len(r.cache)
     adapters = sorted(os.path.join(a.fixture, "modules", d)
                       for d in os.listdir(os.path.join(a.fixture, "modules")) if d.startswith("m"))
-    # The reference's module order (its cache) is the modules' sorted names, as ours.
-    assert len(adapters) == n, (len(adapters), n)
+    n = len(adapters)
+    if a.no_ref:
+        reference = lambda w: ours(a.lorahub, a.fixture, adapters, w, "fp32", a.device)
+        ref_name = "ours fp32"
+    else:
+        spec = importlib.util.spec_from_file_location("ref_lorahub", a.ref)
+        ref = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ref)
+        r = ref.Ref(a.fixture, "cuda")
+        # transformers 5 loads a checkpoint in its stored dtype: a bf16-stored base
+        # (models/default) would make the "fp32 reference" a bf16 one. Upcast the model and the
+        # module cache.
+        ref_dtype = str(next(r.model.parameters()).dtype)
+        r.model = r.model.float()
+        r.cache = [{k: v.float() for k, v in sd.items()} for sd in r.cache]
+        print("reference loaded as %s, scoring in float32" % ref_dtype, file=sys.stderr)
+        # The reference's module order (its cache) is the modules' sorted names, as ours.
+        assert len(adapters) == len(r.cache), (len(adapters), len(r.cache))
+        reference = lambda w: float(r.score(w))
+        ref_name = "reference fp32"
 
     points = [("w = 0", [0.0] * n)]
     if a.ref_trace and os.path.exists(a.ref_trace):
@@ -93,13 +107,18 @@ def main():
         g = random.Random(100 + seed)
         points.append(("normal sigma 0.3, seed %d" % seed, [g.gauss(0.0, 0.3) for _ in range(n)]))
 
-    lines = ["| weights | reference fp32 | ours fp32 | fp32 - ref (rel) | ours bf16 | bf16 - ref (rel) "
-             "| ours bf16 objective | objective - ref (rel) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = [("fp32", False), ("bf16", False), ("bf16", True)]
+    if a.no_ref:
+        runs = runs[1:]  # ours fp32 is the baseline
+    head = "| weights | %s |" % ref_name
+    for dtype, objective in runs:
+        name = "ours %s%s" % (dtype, " objective" if objective else "")
+        head += " %s | %s - baseline (rel) |" % (name, name)
+    lines = [head, "|---|---:|" + "---:|---:|" * len(runs)]
     for label, w in points:
-        want = float(r.score(w))
+        want = reference(w)
         row = [label, "%.6f" % want]
-        for dtype, objective in (("fp32", False), ("bf16", False), ("bf16", True)):
+        for dtype, objective in runs:
             try:
                 got = ours(a.lorahub, a.fixture, adapters, w, dtype, a.device, objective)
                 row += ["%.6f" % got, "%+.3g" % ((got - want) / abs(want))]
