@@ -2260,24 +2260,21 @@ int64_t RegTiledBlocks(const AttentionArgs& a, int ty, int q_per_thread) {
   return a.B * a.H * ((a.T + tq - 1) / tq);
 }
 
-// Queries per thread, 5, 3 or (8-row blocks only) 2: the fewest query
-// rows any SM works through (ceil(blocks / (SMs x blocks per SM)) x rows
-// per block; ties to the larger count). With 8 x 16 threads: an objective
-// evaluation's 5 x 16 heads of 72 queries: 2 (400 blocks); the population's
-// 60 x 16: 3 (2,880 blocks); 64 prompts of up to 96 tokens: 3.
-// LORAHUB_TILED_QPT=2, 3 or 5 (read once; A/B) takes that count for all.
+// Queries per thread, 5 or 3: the fewer query rows any SM works through
+// (ceil(blocks / (SMs x blocks per SM)) x rows per block; ties to 5). With
+// 8 x 16 threads: an objective evaluation's 5 x 16 heads of 72 queries: 3
+// (240 blocks); the population's 60 x 16: 3 (2,880 blocks); 64 prompts of
+// up to 96 tokens: 3. (2 queries per thread, 400 blocks, made the
+// evaluation slower: 3.118 against 3.062 ms, twentieth session, call 3.)
+// LORAHUB_TILED_QPT=3 or 5 (read once; A/B) takes that count for all.
 int RegTiledQueriesPerThread(const AttentionArgs& a, int ty, int sms) {
   static const int forced = EnvChoice("LORAHUB_TILED_QPT");
-  if (forced == 3 || forced == 5 || (forced == 2 && ty == 8)) return forced;
+  if (forced == 3 || forced == 5) return forced;
   const int64_t resident = static_cast<int64_t>(sms) * (32 / ty);
   const auto rows = [&](int q) {
     return (RegTiledBlocks(a, ty, q) + resident - 1) / resident * ty * q;
   };
-  int best = 5;
-  for (int q : {3, 2}) {
-    if ((q != 2 || ty == 8) && rows(q) < rows(best)) best = q;
-  }
-  return best;
+  return rows(3) < rows(5) ? 3 : 5;
 }
 
 template <typename E, int kQpt, int kKpt, int kTy>
@@ -2311,9 +2308,8 @@ int LaunchRegTiledFor(const AttentionArgs& a, const TiledLaunch& l, bool q_vec, 
   const int ty = RegTiledTy();
   const int qpt = RegTiledQueriesPerThread(a, ty, sms);
   if (ty == 8) {
-    return qpt == 2   ? LaunchRegTiledKeys<E, 2, 8>(a, l, q_vec)
-           : qpt == 3 ? LaunchRegTiledKeys<E, 3, 8>(a, l, q_vec)
-                      : LaunchRegTiledKeys<E, 5, 8>(a, l, q_vec);
+    return qpt == 3 ? LaunchRegTiledKeys<E, 3, 8>(a, l, q_vec)
+                    : LaunchRegTiledKeys<E, 5, 8>(a, l, q_vec);
   }
   return qpt == 3 ? LaunchRegTiledKeys<E, 3, 16>(a, l, q_vec)
                   : LaunchRegTiledKeys<E, 5, 16>(a, l, q_vec);

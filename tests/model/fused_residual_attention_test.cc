@@ -245,8 +245,8 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
 
 // Many heads of the encoder's lengths, as an objective's population pass
 // and a batch of prompts run them: on CUDA the register-tiled kernel (8 x 16
-// threads a block) with 5 queries per thread (16 x 16 heads of 72), 3 (60 x
-// 16 heads of 72, the population pass) and 2 (4 x 8 heads of 100 and 45),
+// threads a block) with 5 queries per thread (16 x 16 heads of 72) and 3
+// (60 x 16 heads of 72, the population pass; 4 x 8 heads of 100 and 45),
 // keys of several tiles (72; 100: 7 x 16 keys; 45), bias per row
 // [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values.
 TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
