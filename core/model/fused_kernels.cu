@@ -2235,22 +2235,26 @@ bool TiledV1() {
   return on;
 }
 
-// A small integer from the environment (read by the caller once), or 0.
+// A positive integer from the environment (read by the caller once), or 0.
 int EnvChoice(const char* name) {
   const char* v = std::getenv(name);
-  return v != nullptr && v[0] >= '1' && v[0] <= '9' && v[1] == '\0' ? v[0] - '0' : 0;
+  return v == nullptr ? 0 : std::max(0, std::atoi(v));
 }
 
-// RegisterTiledAttentionKernel's block height kTy: 8 (128 threads), or 16
-// with LORAHUB_TILED_TY=16 (read once; A/B). Why 8: an objective
-// evaluation's 5 x 16 heads fill the SMs with twice the blocks; its
-// attention is bound by latency there (ncu, 16 x 16 threads: 16% achieved
-// occupancy, no eligible warp 55% of the cycles), and the evaluation took
-// 3.210 against 3.379 ms (twentieth session, call 2; CMA-ES and generation
-// the same within noise).
-int RegTiledTy() {
-  static const int ty = EnvChoice("LORAHUB_TILED_TY") == 16 ? 16 : 8;
-  return ty;
+// RegisterTiledAttentionKernel's block height kTy for B x H heads: 8 rows
+// of 16 threads where the heads are fewer than the SMs (an objective
+// evaluation: 5 x 16 heads), else 16 (a population pass, a batch of
+// prompts). Why: with 16 x 16 threads an evaluation's attention is bound by
+// latency (ncu: 16% achieved occupancy, no eligible warp 55% of the
+// cycles), and 8 x 16 threads took the evaluation from 3.379 to 3.210 ms
+// (twentieth session, call 2); on the large grids they were no faster
+// (Kineto, calls 1-3: a population pass's call 77.5 and 85.8 us with 16 rows
+// against 80.5 with 8; prompts 89.9 against 104.8 us). LORAHUB_TILED_TY=8
+// or 16 (read once; A/B) takes that height for all.
+int RegTiledTy(const AttentionArgs& a, int sms) {
+  static const int forced = EnvChoice("LORAHUB_TILED_TY");
+  if (forced == 8 || forced == 16) return forced;
+  return a.B * a.H < sms ? 8 : 16;
 }
 
 // Blocks of RegisterTiledAttentionKernel of `ty` x 16 threads with
@@ -2261,10 +2265,10 @@ int64_t RegTiledBlocks(const AttentionArgs& a, int ty, int q_per_thread) {
 }
 
 // Queries per thread, 5 or 3: the fewer query rows any SM works through
-// (ceil(blocks / (SMs x blocks per SM)) x rows per block; ties to 5). With
-// 8 x 16 threads: an objective evaluation's 5 x 16 heads of 72 queries: 3
-// (240 blocks); the population's 60 x 16: 3 (2,880 blocks); 64 prompts of
-// up to 96 tokens: 3. (2 queries per thread, 400 blocks, made the
+// (ceil(blocks / (SMs x blocks per SM)) x rows per block; ties to 5): an
+// objective evaluation's 5 x 16 heads of 72 queries (8-row blocks): 3 (240
+// blocks); the population's 60 x 16 and 64 prompts of up to 80 tokens
+// (16-row blocks): 5. (2 queries per thread, 400 blocks of 8 rows, made the
 // evaluation slower: 3.118 against 3.062 ms, twentieth session, call 3.)
 // LORAHUB_TILED_QPT=3 or 5 (read once; A/B) takes that count for all.
 int RegTiledQueriesPerThread(const AttentionArgs& a, int ty, int sms) {
@@ -2305,7 +2309,7 @@ int LaunchRegTiledKeys(const AttentionArgs& a, const TiledLaunch& l, bool q_vec)
 
 template <typename E>
 int LaunchRegTiledFor(const AttentionArgs& a, const TiledLaunch& l, bool q_vec, int sms) {
-  const int ty = RegTiledTy();
+  const int ty = RegTiledTy(a, sms);
   const int qpt = RegTiledQueriesPerThread(a, ty, sms);
   if (ty == 8) {
     return qpt == 3 ? LaunchRegTiledKeys<E, 3, 8>(a, l, q_vec)

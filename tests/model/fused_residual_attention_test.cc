@@ -244,10 +244,11 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
 }
 
 // Many heads of the encoder's lengths, as an objective's population pass
-// and a batch of prompts run them: on CUDA the register-tiled kernel (8 x 16
-// threads a block) with 5 queries per thread (16 x 16 heads of 72) and 3
-// (60 x 16 heads of 72, the population pass; 4 x 8 heads of 100 and 45),
-// keys of several tiles (72; 100: 7 x 16 keys; 45), bias per row
+// and a batch of prompts run them: on CUDA the register-tiled kernel in
+// blocks of 16 x 16 threads with 5 queries per thread (16 x 16 and 60 x 16
+// heads of 72, the latter a population pass) and of 8 x 16 threads with 3
+// (4 x 8 heads of 100 and 45: fewer heads than SMs), keys of several tiles
+// (72; 100: 7 x 16 keys; 45), bias per row
 // [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values.
 TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
   at::manual_seed(11);
