@@ -15,7 +15,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/model/fused_ops.h"
-#include "core/model/host_copy.h"
 
 namespace lorahub::model {
 namespace {
@@ -270,8 +269,8 @@ absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
       mask[i] = slots[i] >= 0 ? 1.f : 0.f;
     }
     const int64_t n = static_cast<int64_t>(slots.size());
-    rows.slots = LongsToDevice(clamped, base.device);
-    rows.mask = FloatsToDevice(mask, base.device).view({n, 1, 1});
+    rows.slots = at::tensor(clamped, at::kLong).to(base.device);
+    rows.mask = at::tensor(mask, at::kFloat).view({n, 1, 1}).to(base.device);
     rows.all_rows = all;
     rows.uniform_slot = slots[0];
     for (int64_t s : slots) {

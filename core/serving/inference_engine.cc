@@ -25,7 +25,6 @@
 #include "core/model/cuda_graph.h"
 #include "core/model/fused_ops.h"
 #include "core/model/generate.h"
-#include "core/model/host_copy.h"
 #include "core/model/lora.h"
 #include "core/model/scorer.h"
 #include "core/model/slot_bank.h"
@@ -362,7 +361,7 @@ struct InferenceEngine::State {
         mask[b].narrow(-1, 0, rows[b].start).fill_(MaskValue(w.dtype));
       }
     }
-    dc.self_bias = base_bias + model::HostToDevice(mask, w.device);
+    dc.self_bias = base_bias + mask.to(w.device);
     return absl::OkStatus();
   }
 
@@ -388,8 +387,7 @@ struct InferenceEngine::State {
       }
     }
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n));
-    return model::Encode(w, model::HostToDevice(ids, w.device),
-                         model::HostToDevice(mask, w.device),
+    return model::Encode(w, ids.to(w.device), mask.to(w.device),
                          adapters_of_rows);
   }
 
@@ -523,7 +521,7 @@ struct InferenceEngine::State {
     LH_RETURN_IF_ERROR(SyncSlotBank());
     LH_ASSIGN_OR_RETURN(
         at::Tensor logits,
-        slot_decoder->Step(model::LongsToDevice(slot_tokens, w.device)));
+        slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
     at::Tensor argmax = logits.argmax(-1);
     if (w.device.is_cuda()) {
       if (!argmax_host.defined() || argmax_host.numel() != argmax.numel()) {
@@ -728,7 +726,7 @@ struct InferenceEngine::State {
     bool any_done = false;
     for (int64_t r = 0; r < B; ++r) any_done |= Advance(rows[r], next[r]);
     AddBusy(Phase::kEmit, absl::Now() - decoded);
-    tokens = model::LongsToDevice(next, w.device);
+    tokens = at::tensor(next, at::kLong).to(w.device);
     if (any_done) return RemoveDone();
     return absl::OkStatus();
   }
@@ -749,7 +747,7 @@ struct InferenceEngine::State {
       Reset();
       return absl::OkStatus();
     }
-    at::Tensor index = model::LongsToDevice(keep, w.device);
+    at::Tensor index = at::tensor(keep, at::kLong).to(w.device);
     LH_RETURN_IF_ERROR(model::ReorderCache(dc, index, /*cross=*/true));
     tokens = tokens.index_select(0, index);
     return RebuildRowState();

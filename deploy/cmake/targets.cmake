@@ -562,11 +562,9 @@ lorahub_cc_library(core_metrics_exposer
 lorahub_cc_library(core_model_t5
   PACKAGE core/model
   SRCS
-    ${SRC}/core/model/host_copy.cc
     ${SRC}/core/model/lora.cc
     ${SRC}/core/model/t5_forward.cc
     ${SRC}/core/model/t5_weights.cc
-    ${SRC}/core/model/host_copy.h
     ${SRC}/core/model/lora.h
     ${SRC}/core/model/t5_forward.h
     ${SRC}/core/model/t5_layers.h
