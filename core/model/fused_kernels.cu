@@ -1202,7 +1202,9 @@ __global__ void __launch_bounds__(kNormThreads)
 // same queries, columns 4 tx .. 4 tx + 3 (D = 64), four keys per step.
 // Keys past S get no weight (their staging is zero, their probability 0).
 // Queries past T repeat the tile's last one and are not stored. fp32 sums
-// of the same products as TiledAttentionKernel, in another order.
+// of the same products as TiledAttentionKernel, in another order (the same
+// for every block shape). H200, Kineto: an objective evaluation's call 14.7
+// -> 9.9 us, a population pass's 106 -> 78-86 us, 64 prompts' 122 -> 90 us.
 constexpr int kRegTiledD = 64;         // D == Dv
 constexpr int kRegTiledLd = kRegTiledD + 4;  // q, k rows: 8 rows in a row on distinct bank quads
 

@@ -24,8 +24,9 @@
 // --fast-fp32 selects the fused engine there instead.
 // --objective: the loss as `lorahub learn` evaluates it (learn::LoraHubObjective
 // and its fast path: in bf16 on CUDA the objective runner, which merges the
-// composed adapter into copies of the weights); needs --method lorahub and
-// --weights for every adapter. Why: the plain path (ScoreCandidates) applies
+// composed adapter into copies of the weights; weights clipped to the
+// search box, [-1.5, 1.5]); needs --method lorahub and --weights for every
+// adapter. Why: the plain path (ScoreCandidates) applies
 // the adapter unmerged, so its bf16 numbers say nothing of the runner's.
 #include <cstdio>
 #include <memory>
