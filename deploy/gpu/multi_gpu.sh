@@ -28,7 +28,9 @@
 # GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3),
 # WEIGHT_JITTER (load's --weight-jitter: every request its own composition),
 # DEVICE_CACHE_BYTES (serve's --device-cache-bytes; default 1 GiB, which holds
-# the fixture's 20 fp32 modules and about 34 compositions of 18.9 MB).
+# the fixture's 20 fp32 modules and about 34 compositions of 18.9 MB),
+# MODULE_PREFETCH=1 (`lorahubctl modules prefetch` each module after registering
+# it, before the warm-up: no request then loads a module from disk).
 # Each gen round's generated ids go to $OUT/outputs_N.jsonl (N devices).
 # Expected run time on an nvidia-h200-x2 host: about 3-5 minutes.
 set -uo pipefail
@@ -213,6 +215,13 @@ for set in $device_sets; do
       --id "$m" >/dev/null 2>>"$log" || { say "modules add $m failed"; exit 1; }
   done
   say "   $nmods modules registered [$((SECONDS - start)) s]"
+  if [ "${MODULE_PREFETCH:-0}" = 1 ]; then
+    for m in "${mods[@]}"; do
+      timeout 60 "$ctl" --server "127.0.0.1:$port" --json modules prefetch "$m" >/dev/null \
+        2>>"$log" || { say "modules prefetch $m failed"; exit 1; }
+    done
+    say "   $nmods modules prefetched [$((SECONDS - start)) s]"
+  fi
   read -r wt ws wf _ _ < <(gen_round "$gen_conc" "$tmp/warm_$ndev")
   say "   warm-up: $wt tokens in $ws s ($wf failed)"
   read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")

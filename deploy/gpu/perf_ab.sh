@@ -149,7 +149,7 @@ if [ "${SERVE:-0}" = 1 ]; then
     stamp "serve $tag $*"
     env "$@" OUT="$work/serve_$tag" FIXTURE="$fx" DEVICE_SETS="${SERVE_DEVICES:-cuda:0}" \
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
-      timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E '^\| cuda|gen:|jobs:|failed|did not'
+      timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E '^\| cuda|gen:|jobs:|failed|did not|prefetched'
     grep -h "lorahub engine" "$work/serve_$tag/multi_gpu.log"
     # Greedy ids of every request against the first run's with the same requests.
     [ -z "$ref" ] || python3 - "$work/serve_$ref" "$work/serve_$tag" "$ref" <<'PY'
