@@ -138,10 +138,7 @@ constexpr int kNormHeld = 8;  // values per thread held in registers: dim <= 204
 // width, and AddRmsNormKernel's per-element dtype switch of the delta, as
 // before (A/B).
 bool NormHeld8() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORAHUB_NORM_HELD8");
-    return v != nullptr && *v != '\0' && *v != '0';
-  }();
+  static const bool on = EnvSwitch("LORAHUB_NORM_HELD8");
   return on;
 }
 int NormHeldFor(int64_t dim) {
@@ -2230,10 +2227,7 @@ bool Tiled4Aligned(const void* base, const int64_t* stride, int64_t bytes) {
 // LORAHUB_TILED_V1=1 (read once): every tiled launch on TiledAttentionKernel,
 // as before the twentieth session (A/B).
 bool TiledV1() {
-  static const bool on = [] {
-    const char* v = std::getenv("LORAHUB_TILED_V1");
-    return v != nullptr && *v != '\0' && *v != '0';
-  }();
+  static const bool on = EnvSwitch("LORAHUB_TILED_V1");
   return on;
 }
 

@@ -1,7 +1,8 @@
 // What kernel launchers of core/model/*.cu need of the current device, read
 // once per device, and the once-per-device opt-in to more than 48 KB of
-// dynamic shared memory. Included by nvcc-compiled files only (the CMake
-// build with CUDA; fused_kernels.cu, run_lora_kernels.cu). Thread-safe
+// dynamic shared memory, and the launchers' environment switches. Included
+// by nvcc-compiled files only (the CMake build with CUDA; fused_kernels.cu,
+// run_lora_kernels.cu, low_rank_merge_kernels.cu). Thread-safe
 // (std::call_once); no call synchronises with the device.
 #ifndef LORAHUB_CORE_MODEL_KERNEL_LAUNCH_CUH_
 #define LORAHUB_CORE_MODEL_KERNEL_LAUNCH_CUH_
@@ -10,9 +11,17 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 
 namespace lorahub::model::kernels {
+
+// An A/B switch of a launcher: set unless missing, empty or starting with '0'
+// (the .cu files do not include fused_ops.h's EnvFlag). Callers read it once.
+inline bool EnvSwitch(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && *v != '0';
+}
 
 inline constexpr int kMaxDevices = 64;
 inline constexpr int64_t kDefaultShared = 48 * 1024;  // bytes, no opt-in

@@ -11,9 +11,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "core/model/fused_kernels.h"
+#include "core/model/kernel_launch.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
@@ -186,10 +186,7 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
-  static const bool scalar_staging = [] {
-    const char* v = std::getenv("LORAHUB_MERGE_SCALAR_STAGING");
-    return v != nullptr && *v != '\0' && *v != '0';
-  }();
+  static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);

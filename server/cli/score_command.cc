@@ -102,18 +102,11 @@ absl::Status RunExact(const Args& args, const model::T5Weights& base,
 }
 
 // --objective: the modules scored through the learning objective at
-// `weights` (one candidate).
+// `weights` (one candidate; Run checked the flags).
 absl::Status RunObjective(const Args& args, const model::T5Weights& base,
                           std::vector<model::Example> examples,
                           const std::vector<double>& weights, int64_t batch_size,
                           int64_t max_rows) {
-  const size_t num_adapters = args.GetAll("adapter").size();
-  if (args.Get("method").value_or("lorahub") != "lorahub") {
-    return absl::InvalidArgumentError("--objective needs --method lorahub");
-  }
-  if (num_adapters == 0 || weights.size() != num_adapters) {
-    return absl::InvalidArgumentError("--objective needs --weights for every --adapter");
-  }
   auto modules = LoadModules(args, base);
   if (!modules.ok()) return modules.status();
   std::vector<const model::LoraAdapter*> ptrs;
@@ -174,6 +167,14 @@ absl::Status Run(const Args& args) {
     const std::string dtype = args.Get("dtype").value_or("fp32");
     if (dtype != "fp32" && dtype != "float32") {
       return absl::InvalidArgumentError("--exact-reference needs --dtype fp32");
+    }
+  }
+  if (args.Has("objective")) {  // checked before the model is loaded
+    if (args.Get("method").value_or("lorahub") != "lorahub") {
+      return absl::InvalidArgumentError("--objective needs --method lorahub");
+    }
+    if (num_adapters == 0 || weights.size() != num_adapters) {
+      return absl::InvalidArgumentError("--objective needs --weights for every --adapter");
     }
   }
 
