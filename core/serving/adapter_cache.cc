@@ -145,6 +145,13 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::ModuleAt(const std::string& 
   return device_.Insert(key, std::move(on_device));
 }
 
+absl::Status AdapterCache::Preload(const std::string& id) {
+  if (!host_) return absl::OkStatus();
+  LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));
+  const std::string key = ModuleContentKey(loc);
+  if (device_.Contains(key) || host_->Contains(key)) return absl::OkStatus();
+  return HostModule(id, loc, key).status();
+}
 absl::Status AdapterCache::WarmHost(const std::string& id) {
   if (!host_) return GetModule(id).status();
   LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));

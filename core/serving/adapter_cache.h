@@ -83,6 +83,13 @@ class AdapterCache {
   // there. Without a host tier: loads into the device tier.
   absl::Status WarmHost(const std::string& id);
 
+  // For ModuleLoader (off the engine thread): brings module `id` into the
+  // host tier unless it is already there or in this cache's device tier.
+  // Without a host tier it loads nothing and returns OK (the engine thread
+  // then loads the module itself, straight to the device). NotFound for an
+  // unknown id, or why the load failed.
+  absl::Status Preload(const std::string& id);
+
   // True if the module at `location` is resident in this cache's device
   // tier.
   bool OnDevice(const ModuleLocation& location) const;

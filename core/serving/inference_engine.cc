@@ -1,6 +1,7 @@
 #include "core/serving/inference_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -883,6 +884,18 @@ InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights
   adapters_ = std::make_unique<AdapterCache>(weights_.get(), std::move(resolver),
                                              options_.host_tier, device);
   state_ = std::make_unique<State>(this);
+  if (options_.host_tier && options_.module_load_threads > 0 &&
+      !model::EnvFlag("LORAHUB_ENGINE_LOADS_MODULES")) {
+    loader_ = std::make_unique<ModuleLoader>(
+        [cache = adapters_.get()](const std::string& id) { return cache->Preload(id); },
+        [this] {
+          // Under the lock, so that the engine thread cannot miss the wakeup
+          // between its check and its wait.
+          { std::lock_guard<std::mutex> lock(mu_); }
+          cv_.notify_all();
+        },
+        options_.module_load_threads);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Start(
@@ -986,11 +999,29 @@ absl::Status InferenceEngine::Enqueue(Work work, const AdapterSpec& spec) {
           "inference queue is full (", options_.max_queue, " requests)"));
     }
     for (const std::string& id : spec.module_ids) ++in_use_[id];
-    queue_.push_back(Queued{std::move(work), absl::Now()});
+    Queued q{std::move(work), absl::Now(), {}};
+    if (loader_) {
+      for (const std::string& id : spec.module_ids) q.loads.push_back(loader_->Load(id));
+    }
+    queue_.push_back(std::move(q));
     ++pending_;
   }
   cv_.notify_all();
   return absl::OkStatus();
+}
+
+bool InferenceEngine::Loaded(const Queued& q) {
+  for (const auto& ticket : q.loads) {
+    if (!ticket->done()) return false;
+  }
+  return true;
+}
+
+bool InferenceEngine::AnyLoadedLocked() const {
+  for (const Queued& q : queue_) {
+    if (Loaded(q)) return true;
+  }
+  return false;
 }
 
 void InferenceEngine::Release(const AdapterSpec& spec) {
@@ -1085,6 +1116,7 @@ void InferenceEngine::Loop() {
   struct LogTiming {
     const State& s;
     const std::string& device;
+    const ModuleLoader* loader;
     ~LogTiming() {
       const State::Timing& t = s.timing;
       if (t.steps == 0) return;
@@ -1092,14 +1124,15 @@ void InferenceEngine::Loop() {
           stderr,
           "lorahub engine %s: %lld decoding steps, %lld tokens; "
           "seconds in admissions %.3f (adapters %.3f, slot loads %.3f, prompts %.3f), "
-          "steps %.3f, emitting %.3f\n",
+          "steps %.3f, emitting %.3f; module loads in the background %lld\n",
           device.c_str(), static_cast<long long>(t.steps),
           static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
           absl::ToDoubleSeconds(t.admit_adapters), absl::ToDoubleSeconds(t.admit_slot_loads),
           absl::ToDoubleSeconds(t.admit - t.admit_adapters - t.admit_slot_loads),
-          absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit));
+          absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit),
+          static_cast<long long>(loader ? loader->loads_done() : -1));
     }
-  } log_timing{s, options_.device_name};
+  } log_timing{s, options_.device_name, loader_.get()};
   for (;;) {
     std::vector<Queued> incoming;
     std::optional<Queued> solo;
@@ -1107,11 +1140,20 @@ void InferenceEngine::Loop() {
     bool past_deadline = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      // Requests whose modules are still loading do not wake the thread;
+      // the loader's notification does. While stopping, the deadline is
+      // polled for (requests may still be loading when it passes).
       auto ready = [&] {
-        return exit_ || stopping_ || !queue_.empty() || s.Running() > 0 ||
-               !device_work_.empty();
+        return exit_ || s.Running() > 0 || !device_work_.empty() || AnyLoadedLocked() ||
+               (stopping_ && (queue_.empty() || absl::Now() >= deadline_));
       };
-      cv_.wait(lock, ready);
+      while (!ready()) {
+        if (stopping_) {
+          cv_.wait_for(lock, std::chrono::milliseconds(20));
+        } else {
+          cv_.wait(lock);
+        }
+      }
       past_deadline = stopping_ && absl::Now() >= deadline_;
       if (past_deadline) {
         while (!queue_.empty()) {
@@ -1119,16 +1161,20 @@ void InferenceEngine::Loop() {
           queue_.pop_front();
         }
       } else {
-        // Newcomers join up to the row limit, in arrival order; a beam or
-        // score request runs alone when it reaches the head of the queue.
-        while (!queue_.empty()) {
-          Queued& q = queue_.front();
-          auto* g = std::get_if<GenerateRequest>(&q.work);
+        // Newcomers join up to the row limit, in arrival order, passing
+        // over those whose modules are still loading; a beam or score
+        // request runs alone when it is the first whose modules are loaded.
+        for (auto it = queue_.begin(); it != queue_.end();) {
+          if (!Loaded(*it)) {
+            ++it;
+            continue;
+          }
+          auto* g = std::get_if<GenerateRequest>(&it->work);
           const bool batchable = g != nullptr && g->params.num_beams <= 1;
           if (!batchable) {
             if (incoming.empty()) {
-              solo = std::move(q);
-              queue_.pop_front();
+              solo = std::move(*it);
+              queue_.erase(it);
             }
             break;
           }
@@ -1136,8 +1182,8 @@ void InferenceEngine::Loop() {
               options_.max_batch_rows) {
             break;
           }
-          incoming.push_back(std::move(q));
-          queue_.pop_front();
+          incoming.push_back(std::move(*it));
+          it = queue_.erase(it);
         }
       }
       if (incoming.empty() && !solo && s.Running() == 0 && stopping_ &&

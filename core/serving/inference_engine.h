@@ -78,12 +78,14 @@
 #include <string>
 #include <thread>
 #include <variant>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/model/t5_weights.h"
 #include "core/serving/adapter_cache.h"
+#include "core/serving/module_loader.h"
 #include "core/serving/request.h"
 
 namespace lorahub::metrics {
@@ -140,6 +142,14 @@ struct EngineOptions {
   // lorahub_engine_admitted_rows_total{path="eager"}). flan-t5-large at 64
   // rows: 0.8 GB for 32 new and 64 prompt tokens, 4.8 GB for 256 and 256.
   int64_t slot_decoder_bytes = int64_t{8} << 30;
+  // Threads that load a queued request's modules from disk into the host
+  // tier while it waits (core/serving/module_loader.h), so that the engine
+  // thread does not stall its running rows on disk reads; the request is
+  // admitted once they are in memory, and requests behind it whose modules
+  // are ready may start first. 0, no host tier, or the environment variable
+  // LORAHUB_ENGINE_LOADS_MODULES=1 (A/B): the engine thread loads them when
+  // it admits the request, as before.
+  int module_load_threads = 4;
   // Label used for log lines and metrics ("cpu", "cuda:0").
   std::string device_name = "cpu";
 };
@@ -203,6 +213,8 @@ class InferenceEngine {
   struct Queued {
     Work work;
     absl::Time enqueued;
+    // The background loads of its modules (none without a loader).
+    std::vector<std::shared_ptr<const ModuleLoader::Ticket>> loads;
   };
   struct DeviceWork;  // A RunOnDevice closure and its completion.
   InferenceEngine(std::shared_ptr<const model::T5Weights> weights,
@@ -210,6 +222,9 @@ class InferenceEngine {
                   metrics::ServiceMetrics* metrics);
   absl::Status Enqueue(Work work, const AdapterSpec& spec);
   void Loop();
+  // True if `q`'s modules are no longer loading.
+  static bool Loaded(const Queued& q);
+  bool AnyLoadedLocked() const;  // a queued request is Loaded; mu_ held
   void Release(const AdapterSpec& spec);
   friend struct State;
 
@@ -230,6 +245,8 @@ class InferenceEngine {
   std::map<std::string, int> in_use_;  // module id -> requests
   std::atomic<int64_t> pending_{0};
   std::thread thread_;
+  // Last: destroyed first, while the cache its loads fill still exists.
+  std::unique_ptr<ModuleLoader> loader_;
 };
 
 }  // namespace lorahub::serving

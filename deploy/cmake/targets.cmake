@@ -753,10 +753,12 @@ lorahub_cc_library(core_serving_serving
     ${SRC}/core/serving/adapter_cache.cc
     ${SRC}/core/serving/cached_module_resolver.cc
     ${SRC}/core/serving/inference_engine.cc
+    ${SRC}/core/serving/module_loader.cc
     ${SRC}/core/serving/module_tier.cc
     ${SRC}/core/serving/adapter_cache.h
     ${SRC}/core/serving/cached_module_resolver.h
     ${SRC}/core/serving/inference_engine.h
+    ${SRC}/core/serving/module_loader.h
     ${SRC}/core/serving/module_tier.h
     ${SRC}/core/serving/request.h
   DEPS
@@ -2276,6 +2278,19 @@ lorahub_cc_test(tests_server_inference_engine_test
     ext_nlohmann_json_json
     ext_prometheus_cpp_prometheus_cpp
   TIMEOUT 300
+)
+
+# //tests/server:module_loader_test (cc_test)
+lorahub_cc_test(tests_server_module_loader_test
+  TEST_NAME //tests/server:module_loader_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/module_loader_test.cc
+  DEPS
+    core_serving_serving
+    ext_absl_absl
+    ext_gtest_gtest_main
+  TIMEOUT 60
 )
 
 # //tests/server:cached_module_resolver_test (cc_test)

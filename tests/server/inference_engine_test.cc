@@ -321,6 +321,63 @@ TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
   EXPECT_EQ(o.output_ids, Alone(Unpadded(2), spec, p));
 }
 
+// A module's first load runs on the loader's threads, not the engine's: a
+// request whose module is still loading (its resolve held here, as a slow
+// disk would) waits in the queue while a request behind it runs to the end.
+TEST_F(EngineTest, ModuleLoadsDoNotStallOtherRequests) {
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<int> slow_calls{0};
+  ModuleResolver inner = Resolver();
+  ModuleResolver gated = [&](const std::string& id) {
+    if (id == "m2" && slow_calls.fetch_add(1) == 0) released.wait();
+    return inner(id);
+  };
+  ModuleTierOptions host_options;
+  host_options.name = "host";
+  EngineOptions o;
+  o.host_tier = std::make_shared<ModuleTier>(host_options);
+  o.module_load_threads = 2;
+  auto started = InferenceEngine::Start(*weights_, gated, o, metrics_.get());
+  ASSERT_TRUE(started.ok()) << started.status();
+  std::unique_ptr<InferenceEngine> engine = *std::move(started);
+  DecodingParams p;
+  p.max_new_tokens = 8;
+  const AdapterSpec slow{{"m2", "m0"}, {0.7, 0.4}};
+  const AdapterSpec fast{{"m1"}, {}};
+  auto slow_result = std::make_shared<Result>();
+  auto fast_result = std::make_shared<Result>();
+  auto unknown_result = std::make_shared<Result>();
+  ASSERT_TRUE(engine->Submit(Make(Unpadded(0), slow, p, slow_result)).ok());
+  ASSERT_TRUE(engine->Submit(Make(Unpadded(1), fast, p, fast_result)).ok());
+  ASSERT_TRUE(
+      engine->Submit(Make(Unpadded(2), {{"nope"}, {}}, p, unknown_result)).ok());
+
+  std::future<GenerateOutcome> fast_done = fast_result->done.get_future();
+  const bool fast_finished =
+      fast_done.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  std::future<GenerateOutcome> slow_done = slow_result->done.get_future();
+  const bool slow_waited =
+      slow_done.wait_for(std::chrono::milliseconds(0)) != std::future_status::ready;
+  release.set_value();
+  ASSERT_TRUE(fast_finished) << "the request behind a loading module did not finish";
+  EXPECT_TRUE(slow_waited);
+  GenerateOutcome fast_out = fast_done.get();
+  ASSERT_TRUE(fast_out.status.ok()) << fast_out.status;
+  EXPECT_EQ(fast_out.output_ids, Alone(Unpadded(1), fast, p));
+
+  GenerateOutcome slow_out = slow_done.get();
+  ASSERT_TRUE(slow_out.status.ok()) << slow_out.status;
+  EXPECT_EQ(slow_out.output_ids, Alone(Unpadded(0), slow, p));
+  // An unknown module fails its load in the background and the request
+  // still gets the lookup's NotFound.
+  GenerateOutcome unknown_out = unknown_result->done.get_future().get();
+  EXPECT_EQ(unknown_out.status.code(), absl::StatusCode::kNotFound) << unknown_out.status;
+  // The modules were loaded into the host tier.
+  EXPECT_TRUE(o.host_tier->Contains("sha:m2"));
+  EXPECT_TRUE(o.host_tier->Contains("sha:m1"));
+}
+
 TEST_F(EngineTest, BadRequestsAreRefusedWithTheField) {
   EngineOptions opts;
   opts.max_prompt_tokens = 8;
