@@ -21,6 +21,9 @@ namespace {
 constexpr int kMergeThreads = 256;
 constexpr int kMergeWarps = kMergeThreads / 32;
 constexpr int kMergeCols = 128;  // 32 lanes x 4 columns
+// Rows per thread of the tiles LowRankMergeTiles counts (the host sizes the
+// grid with it); a kernel of fewer rows per thread takes proportionally more
+// blocks.
 constexpr int kMergeRowsPerThread = 8;
 constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;
 constexpr int kMaxRank = kMaxLowRankMergeRank;
@@ -52,9 +55,8 @@ __device__ __forceinline__ float Merged(float w, float scale, float acc) {
   return __fadd_rn(w, __fmul_rn(scale, acc));
 }
 
-// Float4s of the factors' tiles per thread, at most (rank4 <= kMaxRank).
+// Float4s of the A tile per thread, at most (rank4 <= kMaxRank).
 constexpr int kAStage = kMaxRank * kMergeCols / 4 / kMergeThreads;  // 4
-constexpr int kBStage = kMergeRows * kMaxRank / 4 / kMergeThreads;  // 2
 
 // Block (tile, job): a tile of kMergeRows x kMergeCols outputs. Lane l of
 // warp v owns columns 4l..4l+3 of rows v, v + 8, ...; its weights are
@@ -67,8 +69,14 @@ constexpr int kBStage = kMergeRows * kMaxRank / 4 / kMergeThreads;  // 2
 // float at a time, 8 + 4 loads one after another per thread at rank 16:
 // the merge of an objective evaluation ran at 1.2 TB/s, 498 us (nineteenth
 // session), far from its bytes' ~140 us.
+// kRowsPerThread = 4 (LORAHUB_MERGE_HALF_TILES=1): tiles of half the rows, for
+// fewer registers per thread and more blocks per SM (A/B).
+template <int kRowsPerThread>
 __global__ void __launch_bounds__(kMergeThreads)
     LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
+  constexpr int kMergeRowsPerThread = kRowsPerThread;
+  constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;
+  constexpr int kBStage = (kMergeRows * kMaxRank / 4 + kMergeThreads - 1) / kMergeThreads;
   __shared__ __align__(16) float a_s[kMaxRank][kMergeCols];
   __shared__ __align__(16) float b_s[kMergeRows][kBStride];
   const LowRankMergeJob job = jobs[job0 + blockIdx.y];
@@ -187,11 +195,20 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
+  static const bool half_tiles = EnvSwitch("LORAHUB_MERGE_HALF_TILES");
+  if (half_tiles && 2 * max_tiles > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
-    LowRankMergeKernel<<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, 0, s>>>(
-        jobs, job0, !scalar_staging);
+    if (half_tiles) {
+      LowRankMergeKernel<kMergeRowsPerThread / 2>
+          <<<dim3(static_cast<unsigned>(2 * max_tiles), here), kMergeThreads, 0, s>>>(
+              jobs, job0, !scalar_staging);
+    } else {
+      LowRankMergeKernel<kMergeRowsPerThread>
+          <<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, 0, s>>>(
+              jobs, job0, !scalar_staging);
+    }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }
