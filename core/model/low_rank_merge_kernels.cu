@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
@@ -69,8 +70,9 @@ constexpr int kAStage = kMaxRank * kMergeCols / 4 / kMergeThreads;  // 4
 // float at a time, 8 + 4 loads one after another per thread at rank 16:
 // the merge of an objective evaluation ran at 1.2 TB/s, 498 us (nineteenth
 // session), far from its bytes' ~140 us.
-// kRowsPerThread = 4 (LORAHUB_MERGE_HALF_TILES=1): tiles of half the rows, for
-// fewer registers per thread and more blocks per SM (A/B).
+// kRowsPerThread = 4 or 2 (LORAHUB_MERGE_ROWS=4|2): tiles of a half or a
+// quarter of the rows, for fewer registers per thread and more blocks per SM
+// (A/B).
 template <int kRowsPerThread>
 __global__ void __launch_bounds__(kMergeThreads)
     LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
@@ -195,19 +197,25 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
-  static const bool half_tiles = EnvSwitch("LORAHUB_MERGE_HALF_TILES");
-  if (half_tiles && 2 * max_tiles > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
+  static const int rows_per_thread = [] {
+    const char* v = std::getenv("LORAHUB_MERGE_ROWS");
+    const int n = v != nullptr ? std::atoi(v) : 0;
+    return n == 2 || n == 4 ? n : kMergeRowsPerThread;
+  }();
+  const int64_t split = kMergeRowsPerThread / rows_per_thread;
+  if (split * max_tiles > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
+  const auto blocks = static_cast<unsigned>(split * max_tiles);
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
-    if (half_tiles) {
-      LowRankMergeKernel<kMergeRowsPerThread / 2>
-          <<<dim3(static_cast<unsigned>(2 * max_tiles), here), kMergeThreads, 0, s>>>(
-              jobs, job0, !scalar_staging);
+    const dim3 grid(blocks, here);
+    if (rows_per_thread == 2) {
+      LowRankMergeKernel<2><<<grid, kMergeThreads, 0, s>>>(jobs, job0, !scalar_staging);
+    } else if (rows_per_thread == 4) {
+      LowRankMergeKernel<4><<<grid, kMergeThreads, 0, s>>>(jobs, job0, !scalar_staging);
     } else {
       LowRankMergeKernel<kMergeRowsPerThread>
-          <<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, 0, s>>>(
-              jobs, job0, !scalar_staging);
+          <<<grid, kMergeThreads, 0, s>>>(jobs, job0, !scalar_staging);
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);

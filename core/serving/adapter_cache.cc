@@ -145,6 +145,12 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::ModuleAt(const std::string& 
   return device_.Insert(key, std::move(on_device));
 }
 
+bool AdapterCache::InMemory(const std::string& id) const {
+  absl::StatusOr<ModuleLocation> loc = resolver_(id);
+  if (!loc.ok()) return true;
+  const std::string key = ModuleContentKey(*loc);
+  return device_.Contains(key) || (host_ != nullptr && host_->Contains(key));
+}
 absl::Status AdapterCache::Preload(const std::string& id) {
   if (!host_) return absl::OkStatus();
   LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));

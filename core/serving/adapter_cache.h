@@ -90,6 +90,11 @@ class AdapterCache {
   // unknown id, or why the load failed.
   absl::Status Preload(const std::string& id);
 
+  // True if module `id` is in this cache's device tier or in the host tier,
+  // or cannot be resolved (its lookup will say why): a request naming only
+  // such modules needs no background load. A store lookup at most.
+  bool InMemory(const std::string& id) const;
+
   // True if the module at `location` is resident in this cache's device
   // tier.
   bool OnDevice(const ModuleLocation& location) const;

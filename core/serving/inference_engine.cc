@@ -991,6 +991,16 @@ absl::Status InferenceEngine::Submit(ScoreRequest request) {
 }
 
 absl::Status InferenceEngine::Enqueue(Work work, const AdapterSpec& spec) {
+  // Modules to load in the background: those not in memory now. Why not
+  // all: a loader's ticket costs a thread handoff before the request can be
+  // admitted, which delayed requests of resident modules by a decoding step
+  // (call 1 of the twenty-first session: 19,253 against 20,467 tokens/s).
+  std::vector<std::string> to_load;
+  if (loader_) {
+    for (const std::string& id : spec.module_ids) {
+      if (!adapters_->InMemory(id)) to_load.push_back(id);
+    }
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return absl::UnavailableError("the server is shutting down");
@@ -1000,9 +1010,7 @@ absl::Status InferenceEngine::Enqueue(Work work, const AdapterSpec& spec) {
     }
     for (const std::string& id : spec.module_ids) ++in_use_[id];
     Queued q{std::move(work), absl::Now(), {}};
-    if (loader_) {
-      for (const std::string& id : spec.module_ids) q.loads.push_back(loader_->Load(id));
-    }
+    for (const std::string& id : to_load) q.loads.push_back(loader_->Load(id));
     queue_.push_back(std::move(q));
     ++pending_;
   }
