@@ -325,6 +325,14 @@ struct WeightedSumJob {
 int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
                        int num_jobs, int64_t max_n, void* stream);
 
+// A weighted sum of the rows of a bf16 matrix (weighted_sum_kernels.cu),
+// for fused_ops.h ComposeFromBf16: out[j] = sum_i w[i] * factors[i, j] for
+// j < n, `factors` [num_modules, n] bf16 (rows contiguous), w and out fp32;
+// fp32 fused multiply-adds in row order. All in device memory. Returns the
+// launch's error (0: none).
+int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int64_t n,
+                      float* out, void* stream);
+
 // Low-rank updates of weight matrices (low_rank_merge_kernels.cu), for
 // fused_ops.h LowRankMerge: for every job, out = w + scale * (b a), where
 // w and out are [rows, cols] (fp32 or bf16, rows contiguous, 16-byte

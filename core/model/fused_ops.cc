@@ -519,6 +519,21 @@ void WeightedSums(const std::vector<WeightedSum>& sums) {
   }
 }
 
+bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out) {
+  TORCH_CHECK(factors.dim() == 2 && factors.scalar_type() == at::kBFloat16 &&
+                  factors.is_contiguous(),
+              "ComposeFromBf16: factors must be a contiguous bf16 matrix");
+  const int64_t modules = factors.size(0), n = factors.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == modules,
+              "ComposeFromBf16: w must hold ", modules, " contiguous fp32 weights");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == n,
+              "ComposeFromBf16: out must hold ", n, " contiguous fp32 values");
+  TORCH_CHECK(w.device() == factors.device() && out.device() == factors.device(),
+              "ComposeFromBf16: tensors on two devices");
+  TORCH_CHECK(modules <= INT32_MAX, "ComposeFromBf16: too many modules");
+  return FusedKernelsEnabled() && fused_backend::ComposeFromBf16(w, factors, out);
+}
+
 LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
     : updates_(std::move(updates)) {
   for (const LowRankUpdate& u : updates_) {

@@ -441,6 +441,17 @@ struct LowRankUpdate {
   float scale = 1.f;
 };
 
+// out[0, j] = sum_i w[0, i] * factors[i, j]: `factors` [N, n] bf16, w [1, N]
+// and out [1, n] fp32, all contiguous on one CUDA device; fp32 fused
+// multiply-adds in module order, in one kernel launch that reads w on the
+// device (a CUDA graph may capture it). False, and nothing written, without
+// the kernels (CPU, LORAHUB_NO_FUSED_KERNELS). Throws c10::Error for tensors
+// that do not fit. Why: the merged objective composed its adapter from the
+// fp32 module pool through cuBLAS's gemv, 125 us for 377 MB (flan-t5-large,
+// 20 modules, r = 16 on q and v), and then rounds the merged weights to
+// bf16 anyway; the bf16 pool is half the bytes.
+bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
+
 // A fixed list of LowRankUpdates, all written by Run(). On CUDA (ranks up
 // to kernels::kMaxLowRankMergeRank, cols % 4 == 0, 16-byte aligned rows) one
 // kernel launch over a job table made once, at construction, so a CUDA

@@ -68,6 +68,8 @@ bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
 
 // fused_ops.h WeightedSums, checked: every tensor on one CUDA device.
 bool WeightedSums(const std::vector<WeightedSum>& sums);
+// fused_ops.h ComposeFromBf16, checked: contiguous, shapes fit, one CUDA device.
+bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 
 // fused_ops.h LowRankMerge: the job table on the device (and the grid's
 // tiles per job in *max_tiles), or an undefined tensor when the kernel does

@@ -828,6 +828,17 @@ at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
   return host.to(first.device());
 }
 
+bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out) {
+  if (!factors.is_cuda()) return false;
+  c10::cuda::CUDAGuard guard(factors.device());
+  const int err = kernels::LaunchComposeBf16(
+      w.data_ptr<float>(), static_cast<int>(factors.size(0)), factors.data_ptr(),
+      factors.size(1), out.data_ptr<float>(), StreamOf(factors));
+  TORCH_CHECK(err == 0, "bf16 composition kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return true;
+}
+
 void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles) {
   c10::cuda::CUDAGuard guard(table.device());
   const int err = kernels::LaunchLowRankMerge(

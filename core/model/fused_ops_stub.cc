@@ -65,6 +65,7 @@ bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 }
 
 bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
+bool ComposeFromBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*) {
   return at::Tensor();
 }

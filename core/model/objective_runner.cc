@@ -235,7 +235,9 @@ absl::Status ObjectiveRunner::PrepareMerge() {
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
   std::vector<LowRankUpdate> updates;
-  for (const Group& g : groups_) {
+  const bool bf16_pool = weights_->device.is_cuda() && !EnvFlag("LORAHUB_COMPOSE_FP32");
+  for (Group& g : groups_) {
+    if (bf16_pool) g.factors_bf16 = g.factors.to(at::kBFloat16);
     const int64_t k = static_cast<int64_t>(g.sites.size());
     const int64_t a_len = g.r * g.in;
     const int64_t b_len = g.out * g.r;
@@ -259,7 +261,9 @@ void ObjectiveRunner::Compose() {
   for (const Group& g : groups_) {
     // [C, N] x [N, k * X] -> [C, k * X]: all candidates, all sites of the group.
     at::Tensor out = g.composed;  // a handle: mm_out writes its storage
-    at::mm_out(out, w_dev_, g.factors);
+    if (!g.factors_bf16.defined() || !ComposeFromBf16(w_dev_, g.factors_bf16, out)) {
+      at::mm_out(out, w_dev_, g.factors);
+    }
     if (merge_ != nullptr) continue;  // the merge reads g.composed
     // Composed in fp32, rounded once for all sites of the group.
     at::Tensor composed = bf16_lora_ ? g.composed.to(at::kBFloat16) : g.composed;

@@ -126,6 +126,9 @@ class ObjectiveRunner {
     // [N, sites * (r*in + out*r)], fp32: A..., B... (bf16_lora: each B
     // times its site's scaling).
     at::Tensor factors;
+    // Merging on CUDA: `factors` in bf16, which the composition reads
+    // instead (ComposeFromBf16; LORAHUB_COMPOSE_FP32=1 keeps fp32, A/B).
+    at::Tensor factors_bf16;
     // [C, sites * (r*in + out*r)], fp32: the composed factors, rewritten in
     // place by every evaluation (the merge's job table points into it).
     at::Tensor composed;

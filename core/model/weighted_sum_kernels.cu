@@ -7,6 +7,9 @@
 // 720 copies per adapter for flan-t5-large's 144 sites), dispatched one by
 // one from the engine thread while the decoding batch waited. Here they are
 // one launch over a table of jobs.
+//
+// Also the composition of the merged objective from its bf16 module pool
+// (LaunchComposeBf16).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -55,7 +58,64 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
+constexpr int kComposeThreads = 256;
+constexpr int kComposePerThread = 8;  // bf16 elements: one 16-byte load a module
+
+// out[j] = sum_i w[i] * f[i * n + j] for j < n, fp32 fused multiply-adds in
+// module order. `vec`: n % 8 == 0 and f 16-byte aligned (each thread's eight
+// elements of a module are one load; a thread's loads of all modules are
+// independent, so many are in flight).
+__global__ void __launch_bounds__(kComposeThreads)
+    ComposeBf16Kernel(const float* __restrict__ w, int num_modules,
+                      const __nv_bfloat16* __restrict__ f, int64_t n, float* __restrict__ out,
+                      bool vec) {
+  const int64_t j0 =
+      (static_cast<int64_t>(blockIdx.x) * kComposeThreads + threadIdx.x) * kComposePerThread;
+  if (j0 >= n) return;
+  float acc[kComposePerThread] = {};
+  if (vec) {
+#pragma unroll 4
+    for (int i = 0; i < num_modules; ++i) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(f + i * n + j0));
+      const float wi = __ldg(w + i);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 v = __bfloat1622float2(h[q]);
+        acc[2 * q] = fmaf(wi, v.x, acc[2 * q]);
+        acc[2 * q + 1] = fmaf(wi, v.y, acc[2 * q + 1]);
+      }
+    }
+    *reinterpret_cast<float4*>(out + j0) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    *reinterpret_cast<float4*>(out + j0 + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    return;
+  }
+  const int64_t left = n - j0;
+  const int here = left < kComposePerThread ? static_cast<int>(left) : kComposePerThread;
+  for (int i = 0; i < num_modules; ++i) {
+    const float wi = w[i];
+    for (int q = 0; q < here; ++q) acc[q] = fmaf(wi, __bfloat162float(f[i * n + j0 + q]), acc[q]);
+  }
+  for (int q = 0; q < here; ++q) out[j0 + q] = acc[q];
+}
+
 }  // namespace
+
+int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int64_t n,
+                      float* out, void* stream) {
+  if (num_modules < 0 || n < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return 0;
+  const int64_t per_block = int64_t{kComposeThreads} * kComposePerThread;
+  const int64_t blocks = (n + per_block - 1) / per_block;
+  if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
+  const bool vec = n % kComposePerThread == 0 &&
+                   ((reinterpret_cast<uintptr_t>(factors) | reinterpret_cast<uintptr_t>(out)) &
+                    15) == 0;
+  ComposeBf16Kernel<<<static_cast<unsigned>(blocks), kComposeThreads, 0,
+                      static_cast<cudaStream_t>(stream)>>>(
+      w, num_modules, static_cast<const __nv_bfloat16*>(factors), n, out, vec);
+  return static_cast<int>(cudaGetLastError());
+}
 
 int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
                        int num_jobs, int64_t max_n, void* stream) {

@@ -119,6 +119,40 @@ TEST_F(LowRankMergeTest, WhatTheKernelDoesNotTakeRunsOnAten) {
   EXPECT_LE(Error(odd, odd.w, odd.out), 1e-5);
 }
 
+// ComposeFromBf16 (the merged objective's composition): on CUDA the kernel
+// against the fp64 definition, n a multiple of 8 (one 16-byte load per
+// module) or not, factors 16-byte aligned or not; elsewhere false and
+// nothing written.
+TEST_F(LowRankMergeTest, ComposeFromBf16MatchesTheDefinition) {
+  const bool cuda = device_.is_cuda() && FusedKernelsEnabled();
+  for (int64_t n : {8, 4104, 37, 1}) {
+    for (int64_t offset : {0, 1}) {
+      const int64_t modules = 20;
+      const at::Tensor storage = Random({modules * n + offset}, at::kBFloat16);
+      const at::Tensor factors = storage.narrow(0, offset, modules * n).view({modules, n});
+      const at::Tensor w = Random({1, modules}, at::kFloat);
+      at::Tensor out = at::full({1, n}, 7.f, at::TensorOptions().device(device_));
+      const bool ran = ComposeFromBf16(w, factors, out);
+      ASSERT_EQ(ran, cuda) << "n " << n;
+      if (!ran) {
+        EXPECT_TRUE(at::equal(out.cpu(), at::full({1, n}, 7.f))) << "written without the kernel";
+        continue;
+      }
+      const at::Tensor f = factors.cpu().to(at::kDouble), wd = w.cpu().to(at::kDouble);
+      const at::Tensor want = at::mm(wd, f);
+      const at::Tensor size = at::mm(wd.abs(), f.abs());
+      const double err =
+          ((out.cpu().to(at::kDouble) - want).abs() / (size + 1e-30)).max().item<double>();
+      EXPECT_LT(err, 1e-6) << "n " << n << " offset " << offset;
+    }
+  }
+  const at::Tensor f32 = Random({2, 8}, at::kFloat);
+  at::Tensor out = at::zeros({1, 8}, at::TensorOptions().device(device_));
+  EXPECT_THROW(ComposeFromBf16(Random({1, 2}, at::kFloat), f32, out), c10::Error);
+  EXPECT_THROW(ComposeFromBf16(Random({1, 3}, at::kFloat), f32.to(at::kBFloat16), out),
+               c10::Error);
+}
+
 TEST_F(LowRankMergeTest, RefusesMalformedUpdates) {
   LowRankUpdate fine;
   fine.w = Random({8, 8}, at::kFloat);
