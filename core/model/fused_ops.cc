@@ -531,7 +531,9 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
   TORCH_CHECK(w.device() == factors.device() && out.device() == factors.device(),
               "ComposeFromBf16: tensors on two devices");
   TORCH_CHECK(modules <= INT32_MAX, "ComposeFromBf16: too many modules");
-  return FusedKernelsEnabled() && fused_backend::ComposeFromBf16(w, factors, out);
+  if (!factors.is_cuda() || !FusedKernelsEnabled()) return false;
+  RECORD_USER_SCOPE("lorahub::compose_bf16");
+  return fused_backend::ComposeFromBf16(w, factors, out);
 }
 
 LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)

@@ -40,7 +40,7 @@ def best_of_ours(path):
     return min(rows, key=lambda r: r["score"])["weights"]
 
 
-def ours(lorahub, fixture, adapters, w, dtype, device, objective=False):
+def ours(lorahub, fixture, adapters, w, dtype, device, objective=False, env=None):
     cmd = [lorahub, "score", "--model", os.path.join(fixture, "base")]
     if objective:
         cmd.append("--objective")
@@ -49,7 +49,8 @@ def ours(lorahub, fixture, adapters, w, dtype, device, objective=False):
     cmd += ["--weights", ",".join(repr(float(v)) for v in w), "--examples",
             os.path.join(fixture, "examples.jsonl"), "--device", device, "--dtype", dtype,
             "--json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, **(env or {})))
     if p.returncode != 0:
         raise RuntimeError("lorahub score %s exit %d: %s" % (dtype, p.returncode, p.stderr[-300:]))
     return json.loads(p.stdout.strip().splitlines()[-1])["score"]
@@ -65,6 +66,11 @@ def main():
     ap.add_argument("--ref-trace")
     ap.add_argument("--ours-trace", action="append", default=[])
     ap.add_argument("--out")
+    # A/B of the objective path: one more "bf16 objective" column per NAME=VALUE, run with that
+    # environment variable set (e.g. LORAHUB_COMPOSE_FP32=1); --objective-only drops the bf16
+    # unmerged column.
+    ap.add_argument("--objective-env", action="append", default=[])
+    ap.add_argument("--objective-only", action="store_true")
     a = ap.parse_args()
     if not a.no_ref and not a.ref:
         ap.error("--ref or --no-ref")
@@ -107,20 +113,26 @@ def main():
         g = random.Random(100 + seed)
         points.append(("normal sigma 0.3, seed %d" % seed, [g.gauss(0.0, 0.3) for _ in range(n)]))
 
-    runs = [("fp32", False), ("bf16", False), ("bf16", True)]
+    runs = [("fp32", False, None), ("bf16", False, None), ("bf16", True, None)]
     if a.no_ref:
         runs = runs[1:]  # ours fp32 is the baseline
+    if a.objective_only:
+        runs = [r for r in runs if r[0] == "bf16" and r[1]]
+    for assignment in a.objective_env:
+        name, _, value = assignment.partition("=")
+        runs.append(("bf16", True, {name: value}))
     head = "| weights | %s |" % ref_name
-    for dtype, objective in runs:
-        name = "ours %s%s" % (dtype, " objective" if objective else "")
+    for dtype, objective, env in runs:
+        name = "ours %s%s%s" % (dtype, " objective" if objective else "",
+                                "".join(" %s=%s" % kv for kv in (env or {}).items()))
         head += " %s | %s - baseline (rel) |" % (name, name)
     lines = [head, "|---|---:|" + "---:|---:|" * len(runs)]
     for label, w in points:
         want = reference(w)
         row = [label, "%.6f" % want]
-        for dtype, objective in runs:
+        for dtype, objective, env in runs:
             try:
-                got = ours(a.lorahub, a.fixture, adapters, w, dtype, a.device, objective)
+                got = ours(a.lorahub, a.fixture, adapters, w, dtype, a.device, objective, env)
                 row += ["%.6f" % got, "%+.3g" % ((got - want) / abs(want))]
             except Exception as e:  # report and go on
                 print("FAILED %s %s: %s" % (label, dtype, e), file=sys.stderr)
