@@ -3,7 +3,7 @@
 #  1. writes the flan-t5-large-shaped fixture (ref_lorahub.py fixture --size large --format bin)
 #     in the background while deploy/gpu/build_and_test.sh builds (no tests there);
 #  2. the engine's CUDA suites (tests/model/* and the learning objective's) with
-#     LORAHUB_TEST_DEVICE=cuda:0 -> ctest.log;
+#     LORAHUB_TEST_DEVICE=cuda:0 -> ctest.log (and with TEST_ENV="ENV=V ..." set -> ctest_env.log);
 #  3. `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
 #     (profile*.json, the kernel tables in main.err), then same-build A/B runs;
 #  4. (SWEEP=1) tokens/s against batch size (--gen-sweep) -> sweep.json;
@@ -62,6 +62,15 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
      -R "^//tests/model:|lorahub_objective_test") >"$work/ctest.log" 2>&1
   stamp "CUDA suites exit $?"
   grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest.log"
+  # TEST_ENV="ENV=V ...": the suites again with those variables set (a kernel variant behind an
+  # A/B switch, before it becomes the default) -> ctest_env.log.
+  if [ -n "${TEST_ENV:-}" ]; then
+    read -ra test_env <<<"$TEST_ENV"
+    (cd .gpu/build && env "${test_env[@]}" LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
+       -R "^//tests/model:|lorahub_objective_test") >"$work/ctest_env.log" 2>&1
+    stamp "CUDA suites with $TEST_ENV exit $?"
+    grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest_env.log"
+  fi
 fi
 [ -n "${fixture_pid:-}" ] && { wait "$fixture_pid" || { tail -20 "$work/fixture.log"; exit 1; }; }
 adapters=()
