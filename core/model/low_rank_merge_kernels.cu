@@ -24,11 +24,7 @@ constexpr int kMergeCols = 128;  // 32 lanes x 4 columns
 constexpr int kMergeRowsPerThread = 8;
 constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;
 constexpr int kMaxRank = kMaxLowRankMergeRank;
-// Floats per staged row of a (8 more than a tile row: the tensor-core path
-// reads a column per lane group, conflict-free only with this skew) and of b
-// (16-byte rows).
-constexpr int kAStride = kMergeCols + 8;
-constexpr int kBStride = kMaxRank + 4;
+constexpr int kBStride = kMaxRank + 4;  // floats per staged row of b (16-byte rows)
 constexpr int kMaxGridY = 65535;
 
 __device__ __forceinline__ float4 LoadFour(const void* base, bool bf16, int64_t i) {
@@ -56,25 +52,52 @@ __device__ __forceinline__ float Merged(float w, float scale, float acc) {
   return __fadd_rn(w, __fmul_rn(scale, acc));
 }
 
-// Float4s of the factors' tiles per thread, at most (ranks <= kMaxRank).
+// Float4s of the factors' tiles per thread, at most (rank4 <= kMaxRank).
 constexpr int kAStage = kMaxRank * kMergeCols / 4 / kMergeThreads;  // 4
 constexpr int kBStage = kMergeRows * kMaxRank / 4 / kMergeThreads;  // 2
 
-// Stages the factors' tiles of (row0, col0) in shared memory, zero past the
-// edges and up to `pad` ranks (a multiple of 4, >= rank). `vec`: factors
-// 16-byte aligned and rank a multiple of 4; each thread's factor loads are
-// float4s all issued before any is stored. Why: the scalar loops (kept for
+// Block (tile, job): a tile of kMergeRows x kMergeCols outputs. Lane l of
+// warp v owns columns 4l..4l+3 of rows v, v + 8, ...; its weights are
+// loaded before the factors are staged, so those loads are in flight
+// meanwhile. The factors' tiles are staged in shared memory, zero past the
+// edges and up to a multiple of 4 ranks. `vec_staging` (factors 16-byte
+// aligned, rank a multiple of 4): each thread's factor loads are float4s
+// all issued before any is stored. Why: the scalar staging loops (kept for
 // other factors and LORAHUB_MERGE_SCALAR_STAGING=1) loaded and stored one
-// float at a time, 8 + 4 loads one after another per thread at rank 16: the
-// merge of an objective evaluation ran at 1.2 TB/s, 498 us (nineteenth
+// float at a time, 8 + 4 loads one after another per thread at rank 16:
+// the merge of an objective evaluation ran at 1.2 TB/s, 498 us (nineteenth
 // session), far from its bytes' ~140 us.
-__device__ __forceinline__ void StageFactors(const LowRankMergeJob& job, int64_t row0,
-                                             int64_t col0, int pad, bool vec,
-                                             float (*a_s)[kAStride], float (*b_s)[kBStride]) {
+__global__ void __launch_bounds__(kMergeThreads)
+    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
+  __shared__ __align__(16) float a_s[kMaxRank][kMergeCols];
+  __shared__ __align__(16) float b_s[kMergeRows][kBStride];
+  const LowRankMergeJob job = jobs[job0 + blockIdx.y];
+  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
+  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
+  if (static_cast<int64_t>(blockIdx.x) >= col_tiles * row_tiles) return;
+  const int64_t row0 = (blockIdx.x / col_tiles) * kMergeRows;
+  const int64_t col0 = (blockIdx.x % col_tiles) * kMergeCols;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const bool bf16 = job.bf16 != 0;
+  const int64_t col = col0 + 4 * lane;
+  const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
+
+  float4 w[kMergeRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kMergeRowsPerThread; ++i) {
+    const int64_t row = row0 + warp + kMergeWarps * i;
+    w[i] = col_ok && row < job.rows ? LoadFour(job.w, bf16, row * job.cols + col)
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const int rank4 = (job.rank + 3) & ~3;
+  const bool vec = vec_staging && job.rank % 4 == 0 &&
+                   ((reinterpret_cast<uintptr_t>(job.a) | reinterpret_cast<uintptr_t>(job.b)) &
+                    15) == 0;
   if (vec) {
-    // A tile: pad rows x 32 float4s; B tile: 64 rows x pad / 4 float4s.
+    // A tile: rank4 rows x 32 float4s; B tile: 64 rows x rank4 / 4 float4s.
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-    const int b4 = pad / 4;
+    const int b4 = rank4 / 4;
     float4 av[kAStage], bv[kBStage];
 #pragma unroll
     for (int u = 0; u < kAStage; ++u) {
@@ -88,7 +111,7 @@ __device__ __forceinline__ void StageFactors(const LowRankMergeJob& job, int64_t
     for (int u = 0; u < kBStage; ++u) {
       const int f = threadIdx.x + u * kMergeThreads;
       const int row = f / b4, k = 4 * (f % b4);
-      bv[u] = row < kMergeRows && row0 + row < job.rows && k < job.rank
+      bv[u] = row < kMergeRows && row0 + row < job.rows
                   ? *reinterpret_cast<const float4*>(job.b + (row0 + row) * job.rank + k)
                   : zero;
     }
@@ -96,7 +119,7 @@ __device__ __forceinline__ void StageFactors(const LowRankMergeJob& job, int64_t
     for (int u = 0; u < kAStage; ++u) {
       const int f = threadIdx.x + u * kMergeThreads;
       const int k = f / (kMergeCols / 4);
-      if (k < pad) *reinterpret_cast<float4*>(&a_s[k][4 * (f % (kMergeCols / 4))]) = av[u];
+      if (k < rank4) *reinterpret_cast<float4*>(&a_s[k][4 * (f % (kMergeCols / 4))]) = av[u];
     }
 #pragma unroll
     for (int u = 0; u < kBStage; ++u) {
@@ -105,146 +128,18 @@ __device__ __forceinline__ void StageFactors(const LowRankMergeJob& job, int64_t
       if (row < kMergeRows) *reinterpret_cast<float4*>(&b_s[row][4 * (f % b4)]) = bv[u];
     }
   } else {
-    for (int i = threadIdx.x; i < pad * kMergeCols; i += kMergeThreads) {
+    for (int i = threadIdx.x; i < rank4 * kMergeCols; i += kMergeThreads) {
       const int k = i / kMergeCols;
       const int c = i % kMergeCols;
       a_s[k][c] = k < job.rank && col0 + c < job.cols ? job.a[k * job.cols + col0 + c] : 0.f;
     }
-    for (int i = threadIdx.x; i < kMergeRows * pad; i += kMergeThreads) {
-      const int row = i / pad;
-      const int k = i % pad;
+    for (int i = threadIdx.x; i < kMergeRows * rank4; i += kMergeThreads) {
+      const int row = i / rank4;
+      const int k = i % rank4;
       b_s[row][k] =
           k < job.rank && row0 + row < job.rows ? job.b[(row0 + row) * job.rank + k] : 0.f;
     }
   }
-}
-
-__device__ __forceinline__ uint32_t ToTf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
-
-// acc += a (16 x 8, row major) b (8 x 8, column major), TF32 in, fp32 out.
-__device__ __forceinline__ void MmaTf32(float (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                        uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// A bf16 job's tile on the tensor cores (LORAHUB_MERGE_TF32=1): warp v owns
-// columns 16v..16v+15 of the tile's 64 rows, as 4 x 2 MMA tiles of 16 x 8,
-// and computes b a with TF32 products (10-bit mantissas, errors ~2^-11 of
-// |b| |a|, far below the bf16 rounding of the result) summed in fp32; each
-// lane then adds the weights at its accumulators' places (two bf16 a row
-// and tile, loaded before the factors are staged). Why: the FMA path issues
-// 16 FMAs and 3 shared loads an output (the merge ran at 1.7 TB/s, 354 us,
-// with 57% of the SMs' issue slots busy, twenty-first session's ncu).
-__device__ __forceinline__ void MergeTileTf32(const LowRankMergeJob& job, int64_t row0,
-                                              int64_t col0, bool vec,
-                                              float (*a_s)[kAStride], float (*b_s)[kBStride]) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const auto* w = static_cast<const __nv_bfloat16*>(job.w);
-  uint32_t wraw[4][2][2];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int64_t c = col0 + 16 * warp + 8 * j + 2 * t;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t r = row0 + 16 * i + g + 8 * h;
-        wraw[i][j][h] = c < job.cols && r < job.rows
-                            ? *reinterpret_cast<const uint32_t*>(w + r * job.cols + c)
-                            : 0u;
-      }
-    }
-  }
-  const int pad = (job.rank + 7) & ~7;
-  StageFactors(job, row0, col0, pad, vec, a_s, b_s);
-  __syncthreads();
-  float acc[4][2][4] = {};
-  for (int k0 = 0; k0 < pad; k0 += 8) {
-    uint32_t bf[2][2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = 16 * warp + 8 * j + g;
-      bf[j][0] = ToTf32(a_s[k0 + t][n]);
-      bf[j][1] = ToTf32(a_s[k0 + t + 4][n]);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = 16 * i + g;
-      const uint32_t a0 = ToTf32(b_s[m][k0 + t]), a1 = ToTf32(b_s[m + 8][k0 + t]);
-      const uint32_t a2 = ToTf32(b_s[m][k0 + t + 4]), a3 = ToTf32(b_s[m + 8][k0 + t + 4]);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) MmaTf32(acc[i][j], a0, a1, a2, a3, bf[j][0], bf[j][1]);
-    }
-  }
-  const float s = job.scale;
-  auto* out = static_cast<__nv_bfloat16*>(job.out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int64_t c = col0 + 16 * warp + 8 * j + 2 * t;
-      if (c >= job.cols) continue;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t r = row0 + 16 * i + g + 8 * h;
-        if (r >= job.rows) continue;
-        const uint32_t raw = wraw[i][j][h];
-        const float2 wv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw));
-        const __nv_bfloat162 v = __floats2bfloat162_rn(Merged(wv.x, s, acc[i][j][2 * h]),
-                                                       Merged(wv.y, s, acc[i][j][2 * h + 1]));
-        *reinterpret_cast<__nv_bfloat162*>(out + r * job.cols + c) = v;
-      }
-    }
-  }
-}
-
-// Block (tile, job): a tile of kMergeRows x kMergeCols outputs. Lane l of
-// warp v owns columns 4l..4l+3 of rows v, v + 8, ...; its weights are
-// loaded before the factors are staged (StageFactors), so those loads are
-// in flight meanwhile; then 16 FMAs an output per rank 16. `tf32`: bf16
-// jobs take MergeTileTf32 instead.
-__global__ void __launch_bounds__(kMergeThreads)
-    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging, bool tf32) {
-  __shared__ __align__(16) float a_s[kMaxRank][kAStride];
-  __shared__ __align__(16) float b_s[kMergeRows][kBStride];
-  const LowRankMergeJob job = jobs[job0 + blockIdx.y];
-  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
-  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
-  if (static_cast<int64_t>(blockIdx.x) >= col_tiles * row_tiles) return;
-  const int64_t row0 = (blockIdx.x / col_tiles) * kMergeRows;
-  const int64_t col0 = (blockIdx.x % col_tiles) * kMergeCols;
-  const bool bf16 = job.bf16 != 0;
-  const bool vec = vec_staging && job.rank % 4 == 0 &&
-                   ((reinterpret_cast<uintptr_t>(job.a) | reinterpret_cast<uintptr_t>(job.b)) &
-                    15) == 0;
-  if (tf32 && bf16) {
-    MergeTileTf32(job, row0, col0, vec, a_s, b_s);
-    return;
-  }
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int64_t col = col0 + 4 * lane;
-  const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
-
-  float4 w[kMergeRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kMergeRowsPerThread; ++i) {
-    const int64_t row = row0 + warp + kMergeWarps * i;
-    w[i] = col_ok && row < job.rows ? LoadFour(job.w, bf16, row * job.cols + col)
-                                    : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  const int rank4 = (job.rank + 3) & ~3;
-  StageFactors(job, row0, col0, rank4, vec, a_s, b_s);
   __syncthreads();
 
   float4 acc[kMergeRowsPerThread];
@@ -292,12 +187,11 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
-  static const bool tf32 = EnvSwitch("LORAHUB_MERGE_TF32");
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
     LowRankMergeKernel<<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, 0, s>>>(
-        jobs, job0, !scalar_staging, tf32);
+        jobs, job0, !scalar_staging);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }
