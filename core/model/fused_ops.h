@@ -445,7 +445,7 @@ struct LowRankUpdate {
 // and out [1, n] fp32, all contiguous on one CUDA device; fp32 fused
 // multiply-adds in module order, in one kernel launch that reads w on the
 // device (a CUDA graph may capture it). False, and nothing written, without
-// the kernels (CPU, LORAHUB_NO_FUSED_KERNELS). Throws c10::Error for tensors
+// the kernels (CPU, LORAHUB_NO_FUSED). Throws c10::Error for tensors
 // that do not fit. Why: the merged objective composed its adapter from the
 // fp32 module pool through cuBLAS's gemv, 125 us for 377 MB (flan-t5-large,
 // 20 modules, r = 16 on q and v), and then rounds the merged weights to

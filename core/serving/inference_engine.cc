@@ -10,6 +10,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -1132,13 +1133,13 @@ void InferenceEngine::Loop() {
           stderr,
           "lorahub engine %s: %lld decoding steps, %lld tokens; "
           "seconds in admissions %.3f (adapters %.3f, slot loads %.3f, prompts %.3f), "
-          "steps %.3f, emitting %.3f; module loads in the background %lld\n",
+          "steps %.3f, emitting %.3f; module loads in the background %s\n",
           device.c_str(), static_cast<long long>(t.steps),
           static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
           absl::ToDoubleSeconds(t.admit_adapters), absl::ToDoubleSeconds(t.admit_slot_loads),
           absl::ToDoubleSeconds(t.admit - t.admit_adapters - t.admit_slot_loads),
           absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit),
-          static_cast<long long>(loader ? loader->loads_done() : -1));
+          loader ? std::to_string(loader->loads_done()).c_str() : "off");
     }
   } log_timing{s, options_.device_name, loader_.get()};
   for (;;) {

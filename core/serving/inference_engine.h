@@ -44,6 +44,12 @@
 // adapters of running rows, the newcomer and those behind it wait at the
 // head of the queue until a row ends, instead of failing.
 //
+// Modules not yet in memory (neither in this engine's device tier nor in the
+// host tier) are loaded from disk by ModuleLoader threads while their request
+// waits in the queue (EngineOptions::module_load_threads); requests whose
+// modules are in memory pass it meanwhile. So a disk read never stalls the
+// running rows; only the host-to-device copy of a new module runs here.
+//
 // Beam search and scoring run as their own batch, between two decoding steps
 // of the running batch (which waits meanwhile): simpler, and exact.
 //
