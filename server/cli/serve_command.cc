@@ -78,7 +78,7 @@ int RunServe(int argc, char** argv) {
                  "dtype", "hub-endpoint", "cache-dir", "max-batch-rows",
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
-                 "slot-decoder-bytes", "config"},
+                 "slot-decoder-bytes", "module-load-threads", "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
@@ -138,6 +138,13 @@ int RunServe(int argc, char** argv) {
       }
     }
     host_cache_bytes = *host;
+    auto loaders = args->GetInt("module-load-threads", eo.module_load_threads);
+    if (!loaders.ok()) return ReportError("serve", loaders.status());
+    if (*loaders < 0 || *loaders > 64) {
+      return ReportError("serve", absl::InvalidArgumentError(
+                                      "--module-load-threads must be in [0, 64]"));
+    }
+    eo.module_load_threads = static_cast<int>(*loaders);
     if (args->Has("device-cache-bytes")) eo.device_cache_bytes = *device;
     eo.slot_decoder_bytes = *slots;
   }

@@ -15,8 +15,13 @@ pid=
 cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
 
+# A bad flag is exit 2 before anything loads.
+"$lorahub" serve --model "$case_dir/model" --module-load-threads 65 2>"$tmp/err"
+[ $? = 2 ] || fail "--module-load-threads 65: exit code"
+grep -q -- "--module-load-threads must be in \[0, 64\]" "$tmp/err" || fail "--module-load-threads message"
+
 "$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --max-batch-rows 8 \
+  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --max-batch-rows 8 --module-load-threads 2 \
   >"$tmp/out" 2>"$tmp/err" &
 pid=$!
 for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
