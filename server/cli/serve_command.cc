@@ -205,7 +205,10 @@ int RunServe(int argc, char** argv) {
     ctx->pump = std::make_unique<server::StreamPump>(2);
   }
 
-  {
+  // --host-cache-bytes 0: no host tier. Modules go from disk straight to
+  // each device (the engine thread then reads them itself, and a budget of
+  // zero bytes does not refuse every module).
+  if (host_cache_bytes > 0) {
     serving::ModuleTierOptions to;
     to.name = "host";
     to.tier = metrics::CacheTier::kHost;

@@ -126,4 +126,31 @@ pid=
 wait "$cpid" || fail "in-flight stream failed during shutdown"
 tail -1 "$tmp/last" | grep -q FINISH_REASON || fail "in-flight stream has no end"
 c health >/dev/null 2>&1 && fail "server still answers after shutdown"
+
+# --host-cache-bytes 0: no host tier (not a tier that refuses every module);
+# a module goes from disk to the device and generates its golden tokens.
+mkdir -p "$tmp/nohost"
+"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
+  --metrics-listen 127.0.0.1:0 --data-dir "$tmp/nohost" --host-cache-bytes 0 \
+  >"$tmp/out" 2>"$tmp/err" &
+pid=$!
+port=
+for _ in $(seq 200); do
+  port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+[ -n "$port" ] || fail "the server with --host-cache-bytes 0 did not print its port"
+c --json modules add --dir "$case_dir/adapters/m0" >/dev/null || fail "add m0 (no host tier)"
+IFS=$'\t' read -r flags max_new text want < <(grep -P '^--module m0\t' "$tmp/checks" | head -1)
+[ -n "$want" ] || fail "no golden check of m0"
+c --json generate --module m0 --max-new-tokens "$max_new" --text "$text" >"$tmp/nohost.json" ||
+  fail "generate with --host-cache-bytes 0: $(cat "$tmp/err")"
+$py -c "
+import json, sys
+end = [json.loads(l) for l in open(sys.argv[1])][-1]
+assert end['output_ids'] == json.loads(sys.argv[2]), (end['output_ids'], sys.argv[2])
+" "$tmp/nohost.json" "$want" || fail "golden mismatch without a host tier"
+c --json modules get m0 | grep -q '"host"' && fail "m0 resident in a host tier that does not exist"
+kill -TERM "$pid"; wait "$pid"; pid=
 echo "PASS"
