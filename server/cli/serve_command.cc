@@ -138,6 +138,11 @@ int RunServe(int argc, char** argv) {
       }
     }
     host_cache_bytes = *host;
+    if (args->Has("device-cache-bytes")) eo.device_cache_bytes = *device;
+    eo.slot_decoder_bytes = *slots;
+  }
+  {
+    // Threads per device that load queued requests' modules from disk.
     auto loaders = args->GetInt("module-load-threads", eo.module_load_threads);
     if (!loaders.ok()) return ReportError("serve", loaders.status());
     if (*loaders < 0 || *loaders > 64) {
@@ -145,8 +150,6 @@ int RunServe(int argc, char** argv) {
                                       "--module-load-threads must be in [0, 64]"));
     }
     eo.module_load_threads = static_cast<int>(*loaders);
-    if (args->Has("device-cache-bytes")) eo.device_cache_bytes = *device;
-    eo.slot_decoder_bytes = *slots;
   }
   absl::StatusOr<double> grace = args->GetDouble("shutdown-grace-s", 10);
   if (!grace.ok()) return ReportError("serve", grace.status());
