@@ -235,7 +235,9 @@ absl::Status ObjectiveRunner::PrepareMerge() {
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
   std::vector<LowRankUpdate> updates;
-  const bool bf16_pool = weights_->device.is_cuda() && !EnvFlag("LORAHUB_COMPOSE_FP32");
+  // Only where ComposeFromBf16 runs: elsewhere the copy would never be read.
+  const bool bf16_pool = weights_->device.is_cuda() && FusedKernelsEnabled() &&
+                         !EnvFlag("LORAHUB_COMPOSE_FP32");
   for (Group& g : groups_) {
     if (bf16_pool) g.factors_bf16 = g.factors.to(at::kBFloat16);
     const int64_t k = static_cast<int64_t>(g.sites.size());

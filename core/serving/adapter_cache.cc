@@ -145,17 +145,18 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::ModuleAt(const std::string& 
   return device_.Insert(key, std::move(on_device));
 }
 
+bool AdapterCache::Resident(const std::string& key) const {
+  return device_.Contains(key) || (host_ != nullptr && host_->Contains(key));
+}
 bool AdapterCache::InMemory(const std::string& id) const {
   absl::StatusOr<ModuleLocation> loc = resolver_(id);
-  if (!loc.ok()) return true;
-  const std::string key = ModuleContentKey(*loc);
-  return device_.Contains(key) || (host_ != nullptr && host_->Contains(key));
+  return !loc.ok() || Resident(ModuleContentKey(*loc));
 }
 absl::Status AdapterCache::Preload(const std::string& id) {
   if (!host_) return absl::OkStatus();
   LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(id));
   const std::string key = ModuleContentKey(loc);
-  if (device_.Contains(key) || host_->Contains(key)) return absl::OkStatus();
+  if (Resident(key)) return absl::OkStatus();
   return HostModule(id, loc, key).status();
 }
 absl::Status AdapterCache::WarmHost(const std::string& id) {

@@ -117,6 +117,8 @@ class AdapterCache {
   absl::StatusOr<Adapter> HostModule(const std::string& id,
                                      const ModuleLocation& loc,
                                      const std::string& key);
+  // True if the module of content key `key` is in the device or host tier.
+  bool Resident(const std::string& key) const;
   // GetModule once `id` is resolved to `loc` (a composition resolves each
   // module once: every resolve is a store lookup).
   absl::StatusOr<Adapter> ModuleAt(const std::string& id, const ModuleLocation& loc);
