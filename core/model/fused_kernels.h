@@ -258,35 +258,6 @@ struct NarrowGemmArgs {
 bool NarrowGemmFits(const NarrowGemmArgs& args);
 int LaunchNarrowGemm(const NarrowGemmArgs& args, void* stream);
 
-// y = x w^T for few rows of x (skinny_gemm_kernels.cu): x [M, K] and w
-// [N, K] bf16 with unit stride along K and row strides ldx, ldw; y [M, N]
-// fp32 or bf16 (y_dtype) with row stride ldy; fp32 products and sums on the
-// tensor cores. The K range is split over the `split` blocks of a thread
-// block cluster (1, 2, 4 or 8; 0: picked from the shape to fill the
-// device), which sum their partials in rank order: deterministic for a
-// given split, differing from cuBLAS in the order of the fp32 sums. Needs
-// sm_90, 1 <= M <= kMaxSkinnyGemmRows, N a multiple of 64, K of 8, 16-byte
-// aligned x and w rows, ldy a multiple of 4 and y aligned to 4 outputs.
-// Returns cudaErrorInvalidValue otherwise.
-inline constexpr int64_t kMaxSkinnyGemmRows = 128;
-struct SkinnyGemmArgs {
-  const void* x = nullptr;
-  int64_t ldx = 0;
-  const void* w = nullptr;
-  int64_t ldw = 0;
-  void* y = nullptr;
-  int64_t ldy = 0;
-  DType y_dtype = DType::kFloat;
-  int64_t M = 0, N = 0, K = 0;
-  int split = 0;
-};
-// True when LaunchSkinnyGemm takes these arguments (y may still be null:
-// the checks a caller makes before allocating it).
-bool SkinnyGemmFits(const SkinnyGemmArgs& args);
-// The split a launch with these arguments uses (its own, or the pick).
-int SkinnyGemmSplit(const SkinnyGemmArgs& args);
-int LaunchSkinnyGemm(const SkinnyGemmArgs& args, void* stream);
-
 // The LoRA deltas of runs of rows per adapter slot (a CMA-ES population's
 // candidates, a per-row prefill's prompts), fp32 (run_lora_kernels.cu): for
 // slot s < slots and token m < M,

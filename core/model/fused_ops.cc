@@ -439,55 +439,12 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
   return fused_backend::NarrowGemm(x, w, out);
 }
 
-bool SkinnyGemm(const at::Tensor& x, const at::Tensor& w,
-                at::ScalarType out_dtype, int split, at::Tensor* out) {
-  static const bool off = EnvFlag("LORAHUB_NO_SKINNY_GEMM");
-  if (off || Disabled() || !x.is_cuda() || Differentiable(x) ||
-      Differentiable(w)) {
-    return false;
-  }
-  return fused_backend::SkinnyGemm(x, w, out_dtype, split, out);
-}
-
-namespace {
-
-// x W^T by SkinnyGemm with x's leading dimensions folded (where that is a
-// view and leaves few rows), shaped as at::matmul's result.
-bool SkinnyMatmul(const at::Tensor& x, const at::Tensor& weight,
-                  at::ScalarType out_dtype, at::Tensor* out) {
-  if (x.dim() < 2 || x.scalar_type() != at::kBFloat16 || !x.is_cuda()) {
-    return false;
-  }
-  const int64_t k = x.size(-1);
-  if (k == 0 || x.numel() / k > kernels::kMaxSkinnyGemmRows) return false;
-  if (x.dim() > 2 && !x.is_contiguous()) return false;
-  at::Tensor y;
-  if (!SkinnyGemm(x.dim() == 2 ? x : x.view({-1, k}), weight, out_dtype,
-                  /*split=*/0, &y)) {
-    return false;
-  }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
-  *out = y.view(shape);
-  return true;
-}
-
-}  // namespace
-
-at::Tensor Matmul(const at::Tensor& x, const at::Tensor& weight) {
-  RECORD_USER_SCOPE("lorahub::gemm");
-  at::Tensor out;
-  if (SkinnyMatmul(x, weight, x.scalar_type(), &out)) return out;
-  return at::matmul(x, weight.t());
-}
-
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
   RECORD_USER_SCOPE("lorahub::gemm_float");
   if (x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat) {
     return at::matmul(x, weight.t());
   }
   at::Tensor out;
-  if (!GemmFloatOff() && SkinnyMatmul(x, weight, at::kFloat, &out)) return out;
   if (x.is_cuda() && !GemmFloatOff() && !Disabled() && !Differentiable(x) &&
       !Differentiable(weight) && x.dim() >= 1 &&
       fused_backend::BmmFloat(x.reshape({1, -1, x.size(-1)}),

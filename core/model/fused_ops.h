@@ -177,24 +177,6 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
 // profiler scope (counted as one GEMM by tests/model/objective_ops_test).
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight);
 
-// x W^T in the operands' dtype (a reduced-precision model's weight matmuls):
-// x [..., K], weight [N, K]. On CUDA with bf16 operands and few rows (at
-// most kernels::kMaxSkinnyGemmRows once x's leading dimensions are folded,
-// which must be a view) the skinny kernel (SkinnyGemm below); elsewhere
-// at::matmul. MatmulFloat takes the skinny kernel alike. One "lorahub::gemm"
-// profiler scope (one GEMM to tests/model/objective_ops_test).
-at::Tensor Matmul(const at::Tensor& x, const at::Tensor& weight);
-
-// y = x w^T by fused_kernels.h LaunchSkinnyGemm for x [M, K] and w [N, K],
-// bf16 on one CUDA device (unit stride along K), into a new [M, N] of
-// out_dtype (fp32 or bf16); `split` as SkinnyGemmArgs (0 picks). Why: for a
-// decode step's or an objective evaluation decoder's few rows, cuBLAS's
-// kernels read the weights at about 1 TB/s (twenty-first session). False,
-// *out untouched, where it does not run (other devices, dtypes or shapes,
-// autograd, LORAHUB_NO_SKINNY_GEMM=1 or LORAHUB_NO_FUSED=1 for an A/B).
-bool SkinnyGemm(const at::Tensor& x, const at::Tensor& w,
-                at::ScalarType out_dtype, int split, at::Tensor* out);
-
 // out = a b for bf16 (or fp16) a [G, M, K] and b [G, K, N] (any strides, a
 // batch broadcast by a zero stride included) with fp32 accumulation, written
 // in place into an fp32 out [G, M, N] of unit column stride (cuBLAS's

@@ -57,11 +57,6 @@ bool LoraRowExpand(const at::Tensor& y, const at::Tensor& xa,
                    const at::Tensor& slots, const at::Tensor& mask);
 bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
                          at::Tensor* out);
-// x w^T for x [M, K] and w [N, K] bf16 (few rows: fused_kernels.h
-// LaunchSkinnyGemm), the result a new [M, N] of out_dtype (fp32 or bf16).
-// split: as SkinnyGemmArgs (0 picks).
-bool SkinnyGemm(const at::Tensor& x, const at::Tensor& w,
-                at::ScalarType out_dtype, int split, at::Tensor* out);
 // fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and

@@ -668,38 +668,6 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
   return true;
 }
 
-bool SkinnyGemm(const at::Tensor& x, const at::Tensor& w,
-                at::ScalarType out_dtype, int split, at::Tensor* out) {
-  if (x.dim() != 2 || w.dim() != 2 || !x.is_cuda() || !w.is_cuda() ||
-      x.device() != w.device() || x.scalar_type() != at::kBFloat16 ||
-      w.scalar_type() != at::kBFloat16 || x.size(1) != w.size(1) ||
-      x.stride(1) != 1 || w.stride(1) != 1 ||
-      (out_dtype != at::kFloat && out_dtype != at::kBFloat16)) {
-    return false;
-  }
-  kernels::SkinnyGemmArgs a;
-  a.x = x.data_ptr();
-  a.ldx = x.stride(0);
-  a.w = w.data_ptr();
-  a.ldw = w.stride(0);
-  a.M = x.size(0);
-  a.N = w.size(0);
-  a.K = x.size(1);
-  a.ldy = a.N;
-  a.y_dtype = out_dtype == at::kFloat ? kernels::DType::kFloat
-                                      : kernels::DType::kBFloat16;
-  a.split = split;
-  if (!kernels::SkinnyGemmFits(a)) return false;  // before allocating
-  c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor result = at::empty({a.M, a.N}, x.options().dtype(out_dtype));
-  a.y = result.data_ptr();
-  const int err = kernels::LaunchSkinnyGemm(a, StreamOf(x));
-  TORCH_CHECK(err == 0, "skinny GEMM kernel: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-  *out = result;
-  return true;
-}
-
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
   if (x.dim() != 3 || w.dim() != 3 || !x.is_cuda() || !w.is_cuda() ||
       x.device() != w.device() || x.scalar_type() != at::kFloat ||

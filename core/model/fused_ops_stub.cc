@@ -73,11 +73,6 @@ void RunLowRankMerge(const at::Tensor&, int, int64_t) {
   TORCH_CHECK(false, "LowRankMerge: no CUDA kernels in this build");
 }
 
-bool SkinnyGemm(const at::Tensor&, const at::Tensor&, at::ScalarType, int,
-                at::Tensor*) {
-  return false;
-}
-
 bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

@@ -452,14 +452,14 @@ at::Tensor ProjectFused(const at::Tensor& x, const at::Tensor& fused,
   const std::vector<const SiteBank*>& sites = adapted.sites;
   const std::vector<int64_t>& cols = adapted.cols;
   if (sites.empty()) {
-    return float_out ? MatmulFloat(xm, fused) : Matmul(xm, fused);
+    return float_out ? MatmulFloat(xm, fused) : at::matmul(xm, fused.t());
   }
   bool low = true;
   for (const SiteBank* sb : sites) {
     low = low && LowPrecisionDelta(*sb, fused.scalar_type());
   }
   if (low) {
-    at::Tensor y = Matmul(xm, fused);
+    at::Tensor y = at::matmul(xm, fused.t());
     AddLoraDeltas(y, cols, sites, xm, rows, /*narrow=*/false);
     return y;
   }

@@ -595,7 +595,6 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/kernel_launch.cuh
     ${SRC}/core/model/low_rank_merge_kernels.cu
     ${SRC}/core/model/run_lora_kernels.cu
-    ${SRC}/core/model/skinny_gemm_kernels.cu
     ${SRC}/core/model/weighted_sum_kernels.cu
   DEPS
     ext_libtorch_libtorch
@@ -2241,33 +2240,6 @@ lorahub_cc_test(tests_model_low_rank_merge_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 60
-)
-
-# //tests/model:skinny_gemm_test (cc_test)
-lorahub_cc_test(tests_model_skinny_gemm_test
-  TEST_NAME //tests/model:skinny_gemm_test
-  PACKAGE tests/model
-  SRCS
-    ${SRC}/tests/model/skinny_gemm_test.cc
-  DEPS
-    tests_model_tiny_t5
-    core_model_fused_ops
-    ext_gtest_gtest_main
-    ext_libtorch_libtorch
-  TIMEOUT 60
-)
-
-# //tests/model:skinny_gemm_bench (cc_binary)
-lorahub_cc_binary(tests_model_skinny_gemm_bench
-  PACKAGE tests/model
-  SRCS
-    ${SRC}/tests/model/skinny_gemm_bench_main.cc
-  DEPS
-    core_model_cuda_graph
-    core_model_fused_ops
-    ext_absl_absl
-    ext_libtorch_libtorch
-  OUTPUT_NAME skinny_gemm_bench
 )
 
 # //tests/model:slot_bank_test (cc_test)

@@ -4,8 +4,7 @@
 #     in the background while deploy/gpu/build_and_test.sh builds (no tests there);
 #  2. the engine's CUDA suites (tests/model/* and the learning objective's) with
 #     LORAHUB_TEST_DEVICE=cuda:0 -> ctest.log (and with TEST_ENV="ENV=V ..." set -> ctest_env.log);
-#  3. tests/model:skinny_gemm_bench (the skinny GEMM kernel against cuBLAS) -> gemm_bench.txt;
-#     `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
+#  3. `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
 #     (profile*.json, the kernel tables in main.err), then same-build A/B runs;
 #  4. (SWEEP=1) tokens/s against batch size (--gen-sweep) -> sweep.json;
 #  5. (NCU="kernel ...") deploy/gpu/ncu_kernels.sh on those kernels -> ncu_*.txt, ncu_summary.txt;
@@ -44,7 +43,7 @@ fi
 # Only what this script runs: the CLI, make_task_data (NUMERICS) and the CUDA suites below
 # (about 190 of 300 build steps); the configure-time check that CTest has every Bazel test
 # still covers all of them.
-targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test tests_model_skinny_gemm_bench $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
+targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
   deploy/cmake/targets.cmake | cut -d'(' -f2 | tr '\n' ' ')"
 [ "${SERVE:-0}" = 1 ] && targets="$targets client_lorahubctl"
 if [ "${SERVE_ONLY:-0}" = 1 ]; then
@@ -74,13 +73,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   fi
 fi
 [ -n "${fixture_pid:-}" ] && { wait "$fixture_pid" || { tail -20 "$work/fixture.log"; exit 1; }; }
-# The skinny GEMM kernel against cuBLAS at the decoder's shapes -> gemm_bench.txt.
-gemm_bench=.gpu/build/bin/tests/model/skinny_gemm_bench
-if [ -x "$gemm_bench" ] && [ "${SERVE_ONLY:-0}" != 1 ]; then
-  stamp "skinny GEMM bench"
-  timeout 120 "$gemm_bench" >"$work/gemm_bench.txt" 2>&1 || echo "FAILED: skinny_gemm_bench"
-  cat "$work/gemm_bench.txt"
-fi
 adapters=()
 for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
 
