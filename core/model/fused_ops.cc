@@ -565,10 +565,11 @@ LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
   }
 }
 
-void LowRankMerge::Run() const {
+void LowRankMerge::Run(int max_blocks) const {
   RECORD_USER_SCOPE("lorahub::low_rank_merge");
   if (table_.defined()) {
-    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_);
+    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_,
+                                   max_blocks);
     return;
   }
   for (const LowRankUpdate& u : updates_) {

@@ -67,29 +67,71 @@ constexpr int kBStage = kMergeRows * kMaxRank / 4 / kMergeThreads;  // 2
 // float at a time, 8 + 4 loads one after another per thread at rank 16:
 // the merge of an objective evaluation ran at 1.2 TB/s, 498 us (nineteenth
 // session), far from its bytes' ~140 us.
-__global__ void __launch_bounds__(kMergeThreads)
-    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
-  __shared__ __align__(16) float a_s[kMaxRank][kMergeCols];
-  __shared__ __align__(16) float b_s[kMergeRows][kBStride];
-  const LowRankMergeJob job = jobs[job0 + blockIdx.y];
+// The tile of w in shared memory (kStageW): one 16-byte slot per (row,
+// lane), a lane's 4 values (fp32: the whole slot, bf16: its first half).
+constexpr int kWSlots = kMergeRows * 32;
+
+// 16 or 8 bytes global -> shared, zeros where !valid (src then unread).
+__device__ __forceinline__ void CopyAsync(void* dst, const void* src, bool bf16, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  if (bf16) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 8 : 0));
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+  }
+}
+
+// Dynamic shared memory of LowRankMergeKernel<kStageW>: a and b staged, and
+// with kStageW the tile of w.
+template <bool kStageW>
+constexpr size_t MergeSharedBytes() {
+  return sizeof(float) * (kMaxRank * kMergeCols + kMergeRows * kBStride) +
+         (kStageW ? 16 * kWSlots : 0);
+}
+
+// kStageW: the tile of w goes to shared memory by cp.async, issued before
+// anything else, instead of into registers. Why: held in registers (32 of
+// them) it took the kernel to 118, two blocks an SM, 32 KB of w in flight
+// per SM (ncu, twenty-first session: 1.45 TB/s, 25% occupancy); in shared
+// memory, three blocks an SM.
+template <bool kStageW>
+__device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t tile,
+                                          bool vec_staging, float* merge_shared) {
+  auto a_s = reinterpret_cast<float (*)[kMergeCols]>(merge_shared);
+  auto b_s = reinterpret_cast<float (*)[kBStride]>(merge_shared + kMaxRank * kMergeCols);
+  float4* w_s = reinterpret_cast<float4*>(merge_shared + kMaxRank * kMergeCols +
+                                          kMergeRows * kBStride);
   const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
   const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
-  if (static_cast<int64_t>(blockIdx.x) >= col_tiles * row_tiles) return;
-  const int64_t row0 = (blockIdx.x / col_tiles) * kMergeRows;
-  const int64_t col0 = (blockIdx.x % col_tiles) * kMergeCols;
+  if (tile >= col_tiles * row_tiles) return;  // uniform over the block
+  const int64_t row0 = (tile / col_tiles) * kMergeRows;
+  const int64_t col0 = (tile % col_tiles) * kMergeCols;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const bool bf16 = job.bf16 != 0;
   const int64_t col = col0 + 4 * lane;
   const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
 
-  float4 w[kMergeRowsPerThread];
+  float4 w[kStageW ? 1 : kMergeRowsPerThread];
 #pragma unroll
   for (int i = 0; i < kMergeRowsPerThread; ++i) {
     const int64_t row = row0 + warp + kMergeWarps * i;
-    w[i] = col_ok && row < job.rows ? LoadFour(job.w, bf16, row * job.cols + col)
-                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    const bool valid = col_ok && row < job.rows;
+    if constexpr (kStageW) {
+      const int slot = (warp + kMergeWarps * i) * 32 + lane;
+      const int64_t e = valid ? row * job.cols + col : 0;
+      CopyAsync(&w_s[slot],
+                bf16 ? static_cast<const void*>(static_cast<const __nv_bfloat16*>(job.w) + e)
+                     : static_cast<const void*>(static_cast<const float*>(job.w) + e),
+                bf16, valid);
+    } else {
+      w[i] = valid ? LoadFour(job.w, bf16, row * job.cols + col)
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
+  if constexpr (kStageW) asm volatile("cp.async.commit_group;\n" ::);
   const int rank4 = (job.rank + 3) & ~3;
   const bool vec = vec_staging && job.rank % 4 == 0 &&
                    ((reinterpret_cast<uintptr_t>(job.a) | reinterpret_cast<uintptr_t>(job.b)) &
@@ -162,15 +204,41 @@ __global__ void __launch_bounds__(kMergeThreads)
       }
     }
   }
+  if constexpr (kStageW) asm volatile("cp.async.wait_all;\n" ::);  // this thread's own copies
   if (!col_ok) return;
   const float s = job.scale;
 #pragma unroll
   for (int i = 0; i < kMergeRowsPerThread; ++i) {
     const int64_t row = row0 + warp + kMergeWarps * i;
     if (row >= job.rows) break;
-    const float4 v = make_float4(Merged(w[i].x, s, acc[i].x), Merged(w[i].y, s, acc[i].y),
-                                 Merged(w[i].z, s, acc[i].z), Merged(w[i].w, s, acc[i].w));
+    float4 wi;
+    if constexpr (kStageW) {
+      wi = LoadFour(&w_s[(warp + kMergeWarps * i) * 32 + lane], bf16, 0);
+    } else {
+      wi = w[i];
+    }
+    const float4 v = make_float4(Merged(wi.x, s, acc[i].x), Merged(wi.y, s, acc[i].y),
+                                 Merged(wi.z, s, acc[i].z), Merged(wi.w, s, acc[i].w));
     StoreFour(job.out, bf16, row * job.cols + col, v);
+  }
+}
+
+// One tile a block, blockIdx.y the job (from job0); with kCapped a capped
+// grid (LaunchLowRankMerge's max_blocks): each block takes the (job, tile)
+// pairs t = blockIdx.x, + gridDim.x, ... below total (a variant of its own:
+// the loop costs registers).
+template <bool kStageW, bool kCapped>
+__global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
+    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging,
+                       int64_t max_tiles, int64_t total) {
+  extern __shared__ __align__(16) float merge_shared[];
+  if constexpr (!kCapped) {
+    MergeTile<kStageW>(jobs[job0 + blockIdx.y], blockIdx.x, vec_staging, merge_shared);
+  } else {
+    for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
+      MergeTile<kStageW>(jobs[t / max_tiles], t % max_tiles, vec_staging, merge_shared);
+      __syncthreads();  // the staging buffers are reused
+    }
   }
 }
 
@@ -181,17 +249,39 @@ int64_t LowRankMergeTiles(int64_t rows, int64_t cols) {
 }
 
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                       void* stream) {
+                       void* stream, int max_blocks) {
   if (num_jobs < 0 || max_tiles < 0 || max_tiles > INT32_MAX) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
+  static const bool w_in_registers = EnvSwitch("LORAHUB_MERGE_REGISTER_W");  // A/B
+  int device = 0;
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
+  if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  const int64_t total = num_jobs * max_tiles;
+  const bool capped = max_blocks > 0 && max_blocks < total;
+  const bool stage_w = capped || !w_in_registers;
+  const size_t shared = stage_w ? MergeSharedBytes<true>() : MergeSharedBytes<false>();
+  if (static_cast<int64_t>(shared) > limits->shared_optin) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const int64_t optin = limits->shared_optin;
+  const int opt_in = capped     ? OptInShared<LowRankMergeKernel<true, true>>(shared, device, optin)
+                     : stage_w  ? OptInShared<LowRankMergeKernel<true, false>>(shared, device, optin)
+                                : OptInShared<LowRankMergeKernel<false, false>>(shared, device, optin);
+  if (opt_in != 0) return opt_in;
   auto s = static_cast<cudaStream_t>(stream);
+  if (capped) {
+    LowRankMergeKernel<true, true><<<static_cast<unsigned>(max_blocks), kMergeThreads, shared, s>>>(
+        jobs, 0, !scalar_staging, max_tiles, total);
+    return static_cast<int>(cudaGetLastError());
+  }
+  const auto kernel = stage_w ? LowRankMergeKernel<true, false> : LowRankMergeKernel<false, false>;
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
-    LowRankMergeKernel<<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, 0, s>>>(
-        jobs, job0, !scalar_staging);
+    kernel<<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, shared, s>>>(
+        jobs, job0, !scalar_staging, max_tiles, 0);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }
