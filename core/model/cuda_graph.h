@@ -51,21 +51,6 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::Device device, const std::function<absl::Status()>& body,
     int warmup = 2, const std::function<void()>& before_capture = nullptr);
 
-// Work queued on a second stream of a CUDA device, beside what the caller
-// queues next on the current stream: Fork() makes the second stream wait for
-// everything queued so far, then queues `work` there; Join() makes the
-// current stream wait for it (also at destruction). Under capture the fork
-// and the join become edges of the graph (two branches that may run
-// concurrently). Elsewhere (CPU build, other devices) `work` runs inline in
-// Fork() and Join() does nothing. Thread-safety: one thread.
-class ForkedWork {
- public:
-  virtual ~ForkedWork() = default;
-  virtual void Join() = 0;
-};
-std::unique_ptr<ForkedWork> Fork(c10::Device device,
-                                 const std::function<void()>& work);
-
 // Total memory of a CUDA device in bytes; 0 for any other device or in a
 // CPU build.
 int64_t DeviceMemoryBytes(c10::Device device);

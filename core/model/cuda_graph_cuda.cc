@@ -3,7 +3,6 @@
 // deploy/cmake/README.md, "CUDA-only sources"); Bazel here never compiles it
 // (Debian's LibTorch has no CUDA).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -113,54 +112,6 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     return absl::InternalError(
         absl::StrCat("CUDA graph capture: ", e.what_without_backtrace()));
   }
-}
-
-namespace {
-
-class CudaForkedWork : public ForkedWork {
- public:
-  CudaForkedWork(c10::cuda::CUDAStream main, c10::cuda::CUDAStream side)
-      : main_(main) {
-    done_.record(side);
-  }
-  ~CudaForkedWork() override { Join(); }
-  void Join() override {
-    if (joined_) return;
-    joined_ = true;
-    done_.block(main_);
-  }
-
- private:
-  c10::cuda::CUDAStream main_;
-  at::cuda::CUDAEvent done_;
-  bool joined_ = false;
-};
-
-class InlineWork : public ForkedWork {
- public:
-  void Join() override {}
-};
-
-}  // namespace
-
-std::unique_ptr<ForkedWork> Fork(c10::Device device,
-                                 const std::function<void()>& work) {
-  if (!device.is_cuda()) {
-    work();
-    return std::make_unique<InlineWork>();
-  }
-  c10::cuda::CUDAGuard device_guard(device);
-  c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device.index());
-  c10::cuda::CUDAStream side =
-      c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
-  at::cuda::CUDAEvent forked;
-  forked.record(main);
-  forked.block(side);
-  {
-    c10::cuda::CUDAStreamGuard stream_guard(side);
-    work();
-  }
-  return std::make_unique<CudaForkedWork>(main, side);
 }
 
 int64_t DeviceMemoryBytes(c10::Device device) {

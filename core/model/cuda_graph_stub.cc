@@ -17,21 +17,6 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
                        : "CUDA graphs need a CUDA device");
 }
 
-namespace {
-
-class InlineWork : public ForkedWork {
- public:
-  void Join() override {}
-};
-
-}  // namespace
-
-std::unique_ptr<ForkedWork> Fork(c10::Device /*device*/,
-                                 const std::function<void()>& work) {
-  work();
-  return std::make_unique<InlineWork>();
-}
-
 int64_t DeviceMemoryBytes(c10::Device /*device*/) { return 0; }
 
 void SynchronizeDevice(c10::Device device) {

@@ -341,9 +341,7 @@ int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int6
 // multiply-adds, then is multiplied by scale and added to w (each rounded),
 // then rounded once to out's dtype. Requires cols % 4 == 0 and
 // 1 <= rank <= kMaxLowRankMergeRank. `jobs` is in device memory; max_tiles
-// >= LowRankMergeTiles of every job. max_blocks > 0 caps the grid (blocks
-// then take tiles in turn: a merge that leaves most SMs to concurrent work);
-// 0: one block a tile. Returns the launch's error (0: none).
+// >= LowRankMergeTiles of every job. Returns the launch's error (0: none).
 inline constexpr int kMaxLowRankMergeRank = 32;
 struct LowRankMergeJob {
   const void* w = nullptr;
@@ -357,7 +355,7 @@ struct LowRankMergeJob {
 };
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols);
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs,
-                       int64_t max_tiles, void* stream, int max_blocks = 0);
+                       int64_t max_tiles, void* stream);
 
 }  // namespace lorahub::model::kernels
 

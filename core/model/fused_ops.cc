@@ -565,11 +565,10 @@ LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
   }
 }
 
-void LowRankMerge::Run(int max_blocks) const {
+void LowRankMerge::Run() const {
   RECORD_USER_SCOPE("lorahub::low_rank_merge");
   if (table_.defined()) {
-    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_,
-                                   max_blocks);
+    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_);
     return;
   }
   for (const LowRankUpdate& u : updates_) {

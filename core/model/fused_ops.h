@@ -466,10 +466,7 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
 class LowRankMerge {
  public:
   explicit LowRankMerge(std::vector<LowRankUpdate> updates);
-  // max_blocks > 0: the kernel on at most that many thread blocks, which
-  // take the tiles in turn (a merge that leaves most of the device to work
-  // running beside it); 0: one block a tile.
-  void Run(int max_blocks = 0) const;
+  void Run() const;
   // True when Run() is the one kernel launch.
   bool fused() const { return table_.defined(); }
 

@@ -76,8 +76,7 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
 // not take these updates; then the run.
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
                              int64_t* max_tiles);
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
-                     int max_blocks);
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles);
 
 }  // namespace lorahub::model::fused_backend
 

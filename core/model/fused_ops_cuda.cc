@@ -839,12 +839,11 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
   return true;
 }
 
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
-                     int max_blocks) {
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles) {
   c10::cuda::CUDAGuard guard(table.device());
   const int err = kernels::LaunchLowRankMerge(
       reinterpret_cast<const kernels::LowRankMergeJob*>(table.data_ptr()), num_jobs, max_tiles,
-      StreamOf(table), max_blocks);
+      StreamOf(table));
   TORCH_CHECK(err == 0, "low-rank merge kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }

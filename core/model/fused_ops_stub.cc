@@ -69,7 +69,7 @@ bool ComposeFromBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) { 
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*) {
   return at::Tensor();
 }
-void RunLowRankMerge(const at::Tensor&, int, int64_t, int) {
+void RunLowRankMerge(const at::Tensor&, int, int64_t) {
   TORCH_CHECK(false, "LowRankMerge: no CUDA kernels in this build");
 }
 

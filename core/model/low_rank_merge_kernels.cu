@@ -5,7 +5,11 @@
 // composed adapter merged into the weights (objective_runner.h), which
 // takes the 146 LoRA GEMMs of an evaluation out of the forward pass. The
 // merge itself is bound by memory (each weight read and written once, 4
-// bytes per element in bf16); here it is one launch for all sites.
+// bytes per element in bf16); here it is one launch for all sites. The tile
+// of w, and a and b, go to shared memory by cp.async (twenty-second
+// session: 410 -> 315 us for flan-t5-large's 144 sites on an H200, 1.9 TB/s;
+// held in registers the kernel took 113-118 of them and ran two blocks an
+// SM, too few bytes in flight).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -24,7 +28,9 @@ constexpr int kMergeCols = 128;  // 32 lanes x 4 columns
 constexpr int kMergeRowsPerThread = 8;
 constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;
 constexpr int kMaxRank = kMaxLowRankMergeRank;
-constexpr int kBStride = kMaxRank + 4;  // floats per staged row of b (16-byte rows)
+// Floats per staged row of b: 16-byte rows (its reads are broadcasts, so
+// no padding; unpadded, four blocks of the staged kernel fit an SM).
+constexpr int kBStride = kMaxRank;
 constexpr int kMaxGridY = 65535;
 
 __device__ __forceinline__ float4 LoadFour(const void* base, bool bf16, int64_t i) {
@@ -114,29 +120,54 @@ __device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t ti
   const int64_t col = col0 + 4 * lane;
   const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
 
+  // The tile of w: into registers, or (kStageW) into w_s by cp.async, as
+  // the last copy group (issued after a and b, so that waiting for those
+  // does not wait for it).
   float4 w[kStageW ? 1 : kMergeRowsPerThread];
+  const auto load_w = [&] {
 #pragma unroll
-  for (int i = 0; i < kMergeRowsPerThread; ++i) {
-    const int64_t row = row0 + warp + kMergeWarps * i;
-    const bool valid = col_ok && row < job.rows;
-    if constexpr (kStageW) {
-      const int slot = (warp + kMergeWarps * i) * 32 + lane;
-      const int64_t e = valid ? row * job.cols + col : 0;
-      CopyAsync(&w_s[slot],
-                bf16 ? static_cast<const void*>(static_cast<const __nv_bfloat16*>(job.w) + e)
-                     : static_cast<const void*>(static_cast<const float*>(job.w) + e),
-                bf16, valid);
-    } else {
-      w[i] = valid ? LoadFour(job.w, bf16, row * job.cols + col)
-                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = 0; i < kMergeRowsPerThread; ++i) {
+      const int64_t row = row0 + warp + kMergeWarps * i;
+      const bool valid = col_ok && row < job.rows;
+      if constexpr (kStageW) {
+        const int slot = (warp + kMergeWarps * i) * 32 + lane;
+        const int64_t e = valid ? row * job.cols + col : 0;
+        CopyAsync(&w_s[slot],
+                  bf16 ? static_cast<const void*>(static_cast<const __nv_bfloat16*>(job.w) + e)
+                       : static_cast<const void*>(static_cast<const float*>(job.w) + e),
+                  bf16, valid);
+      } else {
+        w[i] = valid ? LoadFour(job.w, bf16, row * job.cols + col)
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
     }
-  }
-  if constexpr (kStageW) asm volatile("cp.async.commit_group;\n" ::);
+  };
+  if constexpr (!kStageW) load_w();
   const int rank4 = (job.rank + 3) & ~3;
   const bool vec = vec_staging && job.rank % 4 == 0 &&
                    ((reinterpret_cast<uintptr_t>(job.a) | reinterpret_cast<uintptr_t>(job.b)) &
                     15) == 0;
-  if (vec) {
+  if (kStageW && vec) {
+    // a and b straight into shared memory too (no registers held).
+    const int b4 = rank4 / 4;
+#pragma unroll
+    for (int u = 0; u < kAStage; ++u) {
+      const int f = threadIdx.x + u * kMergeThreads;
+      const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
+      if (k >= rank4) continue;
+      const bool valid = k < job.rank && col0 + c < job.cols;
+      CopyAsync(&a_s[k][c], valid ? job.a + k * job.cols + col0 + c : job.a, false, valid);
+    }
+#pragma unroll
+    for (int u = 0; u < kBStage; ++u) {
+      const int f = threadIdx.x + u * kMergeThreads;
+      const int row = f / b4, k = 4 * (f % b4);
+      if (row >= kMergeRows) continue;
+      const bool valid = row0 + row < job.rows;
+      CopyAsync(&b_s[row][k], valid ? job.b + (row0 + row) * job.rank + k : job.b, false,
+                valid);
+    }
+  } else if (vec) {
     // A tile: rank4 rows x 32 float4s; B tile: 64 rows x rank4 / 4 float4s.
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
     const int b4 = rank4 / 4;
@@ -182,6 +213,12 @@ __device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t ti
           k < job.rank && row0 + row < job.rows ? job.b[(row0 + row) * job.rank + k] : 0.f;
     }
   }
+  if constexpr (kStageW) {
+    asm volatile("cp.async.commit_group;\n" ::);  // a and b (if staged so)
+    load_w();
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 1;\n" ::);  // a and b landed, w may not have
+  }
   __syncthreads();
 
   float4 acc[kMergeRowsPerThread];
@@ -223,23 +260,13 @@ __device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t ti
   }
 }
 
-// One tile a block, blockIdx.y the job (from job0); with kCapped a capped
-// grid (LaunchLowRankMerge's max_blocks): each block takes the (job, tile)
-// pairs t = blockIdx.x, + gridDim.x, ... below total (a variant of its own:
-// the loop costs registers).
-template <bool kStageW, bool kCapped>
-__global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
-    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging,
-                       int64_t max_tiles, int64_t total) {
+// kMinBlocks: blocks an SM the register budget is cut for (3: 80 registers,
+// 4: 64 with some spilled; LORAHUB_MERGE_FOUR_BLOCKS=1, A/B).
+template <bool kStageW, int kMinBlocks>
+__global__ void __launch_bounds__(kMergeThreads, kMinBlocks)
+    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
   extern __shared__ __align__(16) float merge_shared[];
-  if constexpr (!kCapped) {
-    MergeTile<kStageW>(jobs[job0 + blockIdx.y], blockIdx.x, vec_staging, merge_shared);
-  } else {
-    for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
-      MergeTile<kStageW>(jobs[t / max_tiles], t % max_tiles, vec_staging, merge_shared);
-      __syncthreads();  // the staging buffers are reused
-    }
-  }
+  MergeTile<kStageW>(jobs[job0 + blockIdx.y], blockIdx.x, vec_staging, merge_shared);
 }
 
 }  // namespace
@@ -249,7 +276,7 @@ int64_t LowRankMergeTiles(int64_t rows, int64_t cols) {
 }
 
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                       void* stream, int max_blocks) {
+                       void* stream) {
   if (num_jobs < 0 || max_tiles < 0 || max_tiles > INT32_MAX) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -259,29 +286,26 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   int device = 0;
   const DeviceLimits* limits = CurrentDeviceLimits(&device);
   if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
-  const int64_t total = num_jobs * max_tiles;
-  const bool capped = max_blocks > 0 && max_blocks < total;
-  const bool stage_w = capped || !w_in_registers;
-  const size_t shared = stage_w ? MergeSharedBytes<true>() : MergeSharedBytes<false>();
+  static const bool four_blocks = EnvSwitch("LORAHUB_MERGE_FOUR_BLOCKS");  // A/B
+  const size_t shared =
+      w_in_registers ? MergeSharedBytes<false>() : MergeSharedBytes<true>();
   if (static_cast<int64_t>(shared) > limits->shared_optin) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const int64_t optin = limits->shared_optin;
-  const int opt_in = capped     ? OptInShared<LowRankMergeKernel<true, true>>(shared, device, optin)
-                     : stage_w  ? OptInShared<LowRankMergeKernel<true, false>>(shared, device, optin)
-                                : OptInShared<LowRankMergeKernel<false, false>>(shared, device, optin);
+  const int opt_in =
+      w_in_registers ? OptInShared<LowRankMergeKernel<false, 1>>(shared, device, optin)
+      : four_blocks  ? OptInShared<LowRankMergeKernel<true, 4>>(shared, device, optin)
+                     : OptInShared<LowRankMergeKernel<true, 3>>(shared, device, optin);
   if (opt_in != 0) return opt_in;
+  const auto kernel = w_in_registers ? LowRankMergeKernel<false, 1>
+                      : four_blocks  ? LowRankMergeKernel<true, 4>
+                                     : LowRankMergeKernel<true, 3>;
   auto s = static_cast<cudaStream_t>(stream);
-  if (capped) {
-    LowRankMergeKernel<true, true><<<static_cast<unsigned>(max_blocks), kMergeThreads, shared, s>>>(
-        jobs, 0, !scalar_staging, max_tiles, total);
-    return static_cast<int>(cudaGetLastError());
-  }
-  const auto kernel = stage_w ? LowRankMergeKernel<true, false> : LowRankMergeKernel<false, false>;
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
     kernel<<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, shared, s>>>(
-        jobs, job0, !scalar_staging, max_tiles, 0);
+        jobs, job0, !scalar_staging);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }

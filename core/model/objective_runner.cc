@@ -40,16 +40,6 @@ bool ObjectiveRunnerOptions::MergeSingleFromEnv() {
   return !off;
 }
 
-int ObjectiveRunnerOptions::DecoderMergeBlocksFromEnv() {
-  static const int blocks = [] {
-    const char* v = std::getenv("LORAHUB_DECODER_MERGE_BLOCKS");
-    if (v == nullptr || *v == '\0') return kDefaultDecoderMergeBlocks;
-    const long n = std::strtol(v, nullptr, 10);
-    return n < 0 ? 0 : static_cast<int>(std::min<long>(n, 1 << 20));
-  }();
-  return blocks;
-}
-
 ObjectiveRunner::~ObjectiveRunner() = default;
 
 absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
@@ -120,7 +110,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       run->groups_.push_back(std::move(g));
     }
     if (options.merge_single && C == 1 && weights.dtype == at::kBFloat16 && !run->bf16_lora_) {
-      absl::Status merging = run->PrepareMerge(options.decoder_merge_blocks);
+      absl::Status merging = run->PrepareMerge();
       if (!merging.ok()) return merging;
     }
     run->bank_.num_slots = static_cast<int>(C);
@@ -238,14 +228,13 @@ absl::Status ObjectiveRunner::CheckGraphAgainstEager() {
   }
 }
 
-absl::Status ObjectiveRunner::PrepareMerge(int decoder_merge_blocks) {
+absl::Status ObjectiveRunner::PrepareMerge() {
   std::set<int> sites;
   for (const Group& g : groups_) sites.insert(g.sites.begin(), g.sites.end());
   auto copy = CopyAdaptedWeights(*weights_, sites);
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
-  std::vector<LowRankUpdate> updates, decoder_updates;
-  const bool split = decoder_merge_blocks > 0 && weights_->device.is_cuda();
+  std::vector<LowRankUpdate> updates;
   // Only where ComposeFromBf16 runs: elsewhere the copy would never be read.
   const bool bf16_pool = weights_->device.is_cuda() && FusedKernelsEnabled() &&
                          !EnvFlag("LORAHUB_COMPOSE_FP32");
@@ -263,16 +252,10 @@ absl::Status ObjectiveRunner::PrepareMerge(int decoder_merge_blocks) {
       u.a = composed.narrow(0, j * a_len, a_len).view({g.r, g.in});
       u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g.out, g.r});
       u.scale = static_cast<float>(scale_values_[site]);
-      const bool decoder = site / kSitesPerBlock >= weights_->config.num_layers;
-      (split && decoder ? decoder_updates : updates).push_back(std::move(u));
+      updates.push_back(std::move(u));
     }
   }
-  if (updates.empty()) updates.swap(decoder_updates);  // nothing to run beside
   merge_ = std::make_unique<LowRankMerge>(std::move(updates));
-  if (!decoder_updates.empty()) {
-    decoder_merge_ = std::make_unique<LowRankMerge>(std::move(decoder_updates));
-    decoder_merge_blocks_ = decoder_merge_blocks;
-  }
   return absl::OkStatus();
 }
 
@@ -304,19 +287,12 @@ absl::Status ObjectiveRunner::Evaluate() {
   try {
     Compose();
     if (merge_ != nullptr) merge_->Run();
-    // Forked after the encoder's merge: it starts once that is done.
-    std::unique_ptr<ForkedWork> decoder_merge;
-    if (decoder_merge_ != nullptr) {
-      decoder_merge = Fork(weights_->device,
-                           [this] { decoder_merge_->Run(decoder_merge_blocks_); });
-    }
     const T5Weights& weights = merged_weights_ != nullptr ? *merged_weights_ : *weights_;
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
       auto enc = Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
-      if (decoder_merge != nullptr) decoder_merge->Join();
       auto logits =
           DecodeFull(weights, chunk.decoder_ids, *enc, chunk.rows, chunk.biases.get());
       if (!logits.ok()) return logits.status();

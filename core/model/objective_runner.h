@@ -77,17 +77,9 @@ struct ObjectiveRunnerOptions {
   // default path adds the fp32 delta to the fp32 projection output).
   // Default: on, unless LORAHUB_NO_MERGED_OBJECTIVE=1 (A/B).
   bool merge_single = MergeSingleFromEnv();
-  // merge_single on CUDA: > 0 merges the decoder's sites on a second stream
-  // with at most this many thread blocks while the encoder runs on the
-  // first (the decoder needs them only after it; fused_ops.h LowRankMerge
-  // max_blocks); 0: all sites in one merge before the encoder. Default:
-  // LORAHUB_DECODER_MERGE_BLOCKS, else kDefaultDecoderMergeBlocks.
-  int decoder_merge_blocks = DecoderMergeBlocksFromEnv();
 
-  static constexpr int kDefaultDecoderMergeBlocks = 64;
   static bool LoraBf16FromEnv();
   static bool MergeSingleFromEnv();
-  static int DecoderMergeBlocksFromEnv();
 };
 
 class ObjectiveRunner {
@@ -147,7 +139,7 @@ class ObjectiveRunner {
   // bank_'s views of them (unless merging).
   void Compose();
   // merge_single: merged_weights_ and merge_ (after groups_ and scales_).
-  absl::Status PrepareMerge(int decoder_merge_blocks);
+  absl::Status PrepareMerge();
   // Compose + forward + per-row sums into sums_ ([C*n] fp64). No host sync.
   absl::Status Evaluate();
   // One replay against one eager run on the same weights (at construction).
@@ -169,10 +161,6 @@ class ObjectiveRunner {
   // the forward runs on *weights_ with the bank's adapters.
   std::unique_ptr<T5Weights> merged_weights_;
   std::unique_ptr<LowRankMerge> merge_;
-  // decoder_merge_blocks > 0: the decoder's sites (merge_ has the encoder's),
-  // merged beside the encoder on that many blocks.
-  std::unique_ptr<LowRankMerge> decoder_merge_;
-  int decoder_merge_blocks_ = 0;
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)
   at::Tensor w_dev_;   // [C, N] fp32 on the device: the graph's input

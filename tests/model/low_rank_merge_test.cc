@@ -79,36 +79,6 @@ TEST_F(LowRankMergeTest, MatchesTheDefinition) {
   }
 }
 
-// Run(max_blocks): blocks that take the tiles in turn write what one block
-// per tile writes, bit for bit (the objective runner's decoder merge beside
-// the encoder; on the CPU the argument is moot).
-TEST_F(LowRankMergeTest, CappedGridWritesTheSameBits) {
-  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-    std::vector<LowRankUpdate> updates;
-    for (int64_t rows : {1, 64, 130, 1024}) {
-      LowRankUpdate u;
-      u.w = Random({rows, 260}, dtype);
-      u.out = at::empty_like(u.w);
-      u.a = Random({16, 260}, at::kFloat);
-      u.b = Random({rows, 16}, at::kFloat);
-      u.scale = 2.f;
-      updates.push_back(u);
-    }
-    LowRankMerge merge(updates);
-    merge.Run();
-    std::vector<at::Tensor> want;
-    for (const LowRankUpdate& u : updates) want.push_back(u.out.clone());
-    for (int blocks : {1, 7, 64, 1 << 20}) {
-      for (const LowRankUpdate& u : updates) u.out.fill_(7.f);
-      merge.Run(blocks);
-      for (size_t j = 0; j < updates.size(); ++j) {
-        EXPECT_TRUE(at::equal(updates[j].out, want[j]))
-            << "update " << j << ", " << blocks << " blocks";
-      }
-    }
-  }
-}
-
 TEST_F(LowRankMergeTest, InPlaceAndIntoRowBlocks) {
   const at::Tensor fused = Random({3 * 96, 256}, at::kBFloat16);
   const at::Tensor original = fused.clone();

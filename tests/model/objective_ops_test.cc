@@ -271,41 +271,10 @@ TEST_F(ObjectiveOps, MergedPathCounts) {
   const bool composes_bf16 = weights_->device.is_cuda() && FusedKernelsEnabled() &&
                              !EnvFlag("LORAHUB_COMPOSE_FP32");
   EXPECT_EQ(c.gemms, composes_bf16 ? 242 : 243);
-  // On CUDA the decoder's sites are a second merge (beside the encoder).
-  const bool split = weights_->device.is_cuda() && ro.decoder_merge_blocks > 0;
-  EXPECT_EQ(c.fused, unmerged.fused + (composes_bf16 ? 2 : 1) + (split ? 1 : 0));
+  EXPECT_EQ(c.fused, unmerged.fused + (composes_bf16 ? 2 : 1));
   EXPECT_LE(c.casts, unmerged.casts);
   EXPECT_LE(c.elementwise, unmerged.elementwise);
   EXPECT_LE(c.total(), unmerged.total() - 145);
-}
-
-// The decoder's merge beside the encoder (decoder_merge_blocks > 0, on a
-// second stream on CUDA, under the CUDA graph) gives the losses of one merge
-// before the encoder, bit for bit, call after call.
-TEST_F(ObjectiveOps, DecoderMergeBesideTheEncoderSameLosses) {
-  ObjectiveRunnerOptions ro;
-  ro.merge_single = true;
-  std::vector<std::unique_ptr<ObjectiveRunner>> runners;
-  for (int blocks : {0, 1, 64}) {
-    ro.decoder_merge_blocks = blocks;
-    auto r = ObjectiveRunner::Create(*weights_, stack_, examples_, 1, ro);
-    ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ((*r)->graph_active(), weights_->device.is_cuda());
-    runners.push_back(*std::move(r));
-  }
-  for (int call = 0; call < 3; ++call) {
-    std::vector<double> w = weights_in_;
-    for (size_t m = 0; m < w.size(); ++m) w[m] += 0.03 * call * ((m % 3) - 1.0);
-    std::vector<double> losses;
-    for (auto& r : runners) {
-      auto l = r->Losses(w, 1);
-      ASSERT_TRUE(l.ok()) << l.status();
-      losses.push_back((*l)[0]);
-    }
-    EXPECT_TRUE(std::isfinite(losses[0]));
-    EXPECT_EQ(losses[1], losses[0]) << "call " << call;
-    EXPECT_EQ(losses[2], losses[0]) << "call " << call;
-  }
 }
 
 // bf16 LoRA (ObjectiveRunnerOptions::bf16_lora) and bf16 attention
