@@ -181,7 +181,6 @@ __global__ void __launch_bounds__(kNormThreads)
                      float* __restrict__ sum, const W* __restrict__ weight,
                      float* __restrict__ full, R* __restrict__ rounded,
                      int64_t dim, float eps) {
-  WaitForPriorGrid();  // LaunchDependent
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
   float sum_sq = 0.f;
   if (dim <= kHeld * kNormThreads) {
@@ -243,14 +242,17 @@ int LaunchAdd(const float* x, const void* delta, DType delta_dtype, float* sum,
               const void* weight, float* full, void* rounded, int64_t rows,
               int64_t dim, float eps, cudaStream_t stream) {
   const auto launch = [&](auto kernel) {
-    return LaunchDependent(kernel, dim3(static_cast<unsigned>(rows)), dim3(kNormThreads), 0,
-                           stream, x, delta, delta_dtype, sum,
-                           static_cast<const W*>(weight), full,
-                           static_cast<R*>(rounded), dim, eps);
+    kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+        x, delta, delta_dtype, sum, static_cast<const W*>(weight), full,
+        static_cast<R*>(rounded), dim, eps);
   };
   // Wider rows keep the earlier kernel (its one-switch variant spilled).
-  if (NormHeldFor(dim) == 4) return launch(AddRmsNormKernel<W, R, 4, true>);
-  return launch(AddRmsNormKernel<W, R, kNormHeld, false>);
+  if (NormHeldFor(dim) == 4) {
+    launch(AddRmsNormKernel<W, R, 4, true>);
+  } else {
+    launch(AddRmsNormKernel<W, R, kNormHeld, false>);
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename W>
@@ -321,7 +323,6 @@ __global__ void GatedGeluTanhVecKernel(const E* __restrict__ gate,
                                        int64_t up_row_stride,
                                        E* __restrict__ out, int64_t rows,
                                        int64_t dim) {
-  WaitForPriorGrid();  // LaunchDependent
   constexpr int W = 16 / sizeof(E);
   const int64_t per_row = dim / W;
   const int64_t n = rows * per_row;
@@ -724,7 +725,6 @@ __device__ __forceinline__ void LoadFloats(const float* p, float (&x)[W]) {
 template <typename E, int G, bool kStep>
 __global__ void __launch_bounds__(kSplitThreads, 8)
     SplitKeyAttentionKernel(AttentionArgs a, DecodeStepArgs step) {
-  WaitForPriorGrid();  // LaunchDependent
   constexpr int W = Vec16<E>::kWidth;
   constexpr int kWarps = kSplitThreads / 32;
   constexpr int kGroups = 32 / G;             // keys per warp and round
@@ -1223,7 +1223,6 @@ __host__ __device__ constexpr int RegTiledSharedFloats(int tq, int tk) {
 template <typename E, int kQpt, int kKpt, int kTy>
 __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
     RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec) {
-  WaitForPriorGrid();  // LaunchDependent
   constexpr int kThreads = 16 * kTy;
   constexpr int TQ = kTy * kQpt;
   constexpr int TK = 16 * kKpt;
@@ -1924,8 +1923,8 @@ void LaunchVecAttention(const AttentionArgs& a, unsigned grid,
 template <typename E, int G>
 void LaunchSplitKeyAttention(const AttentionArgs& a, unsigned grid,
                              cudaStream_t stream) {
-  EnqueueDependent(SplitKeyAttentionKernel<E, G, false>, dim3(grid), dim3(kSplitThreads), 0,
-                   stream, a, DecodeStepArgs());
+  SplitKeyAttentionKernel<E, G, false>
+      <<<grid, kSplitThreads, 0, stream>>>(a, DecodeStepArgs());
 }
 
 template <typename E, int G>
@@ -2286,8 +2285,9 @@ int LaunchRegTiledVariant(const AttentionArgs& a, const TiledLaunch& l, bool q_v
       shared, l.device, l.limit);
   if (err != 0) return err;
   const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kTy, kQpt));
-  return LaunchDependent(RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>, dim3(grid),
-                         dim3(16 * kTy), shared, l.stream, a, q_vec);
+  RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>
+      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec);
+  return LastError();
 }
 
 template <typename E, int kQpt, int kTy>
@@ -2594,10 +2594,11 @@ int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
         std::min<int64_t>((n * bytes / 16 + kThreads - 1) / kThreads, 65535));
     const auto launch = [&](auto element) {
       using E = decltype(element);
-      return LaunchDependent(GatedGeluTanhVecKernel<E>, dim3(grid), dim3(kThreads), 0, s,
-                             static_cast<const E*>(gate), gate_row_stride,
-                             static_cast<const E*>(up), up_row_stride,
-                             static_cast<E*>(out), rows, dim);
+      GatedGeluTanhVecKernel<E><<<grid, kThreads, 0, s>>>(
+          static_cast<const E*>(gate), gate_row_stride,
+          static_cast<const E*>(up), up_row_stride, static_cast<E*>(out), rows,
+          dim);
+      return LastError();
     };
     switch (dtype) {
       case DType::kFloat:

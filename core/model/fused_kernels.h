@@ -341,9 +341,7 @@ int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int6
 // multiply-adds, then is multiplied by scale and added to w (each rounded),
 // then rounded once to out's dtype. Requires cols % 4 == 0 and
 // 1 <= rank <= kMaxLowRankMergeRank. `jobs` is in device memory; max_tiles
-// >= LowRankMergeTiles of every job. pipeline_rank (LowRankMergePipelineRank
-// of the jobs: 16, 32 or 0) picks the pipelined kernel where it is not 0.
-// Returns the launch's error (0: none).
+// >= LowRankMergeTiles of every job. Returns the launch's error (0: none).
 inline constexpr int kMaxLowRankMergeRank = 32;
 struct LowRankMergeJob {
   const void* w = nullptr;
@@ -356,12 +354,8 @@ struct LowRankMergeJob {
   int32_t bf16 = 0;  // 1: w and out bf16, 0: fp32
 };
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols);
-// What the pipelined kernel needs of a job: bf16, rank a multiple of 4 and
-// 16-byte aligned factors; the rank bound it takes then (16 or 32), else 0.
-// The table's pipeline_rank is the largest over its jobs, or 0 if any is 0.
-int LowRankMergePipelineRank(const LowRankMergeJob& job);
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs,
-                       int64_t max_tiles, void* stream, int pipeline_rank = 0);
+                       int64_t max_tiles, void* stream);
 
 }  // namespace lorahub::model::kernels
 

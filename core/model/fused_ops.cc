@@ -561,15 +561,14 @@ LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
     }
   }
   if (!updates_.empty() && FusedKernelsEnabled()) {
-    table_ = fused_backend::LowRankMergeTable(updates_, &max_tiles_, &pipeline_rank_);
+    table_ = fused_backend::LowRankMergeTable(updates_, &max_tiles_);
   }
 }
 
 void LowRankMerge::Run() const {
   RECORD_USER_SCOPE("lorahub::low_rank_merge");
   if (table_.defined()) {
-    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_,
-                                   pipeline_rank_);
+    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_);
     return;
   }
   for (const LowRankUpdate& u : updates_) {

@@ -474,7 +474,6 @@ class LowRankMerge {
   std::vector<LowRankUpdate> updates_;
   at::Tensor table_;  // the kernel's job table on the device
   int64_t max_tiles_ = 0;
-  int pipeline_rank_ = 0;  // fused_kernels.h LowRankMergePipelineRank
 };
 
 }  // namespace lorahub::model

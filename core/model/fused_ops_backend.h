@@ -72,13 +72,11 @@ bool WeightedSums(const std::vector<WeightedSum>& sums);
 bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 
 // fused_ops.h LowRankMerge: the job table on the device (and the grid's
-// tiles per job in *max_tiles, the pipelined kernel's rank bound in
-// *pipeline_rank: fused_kernels.h LowRankMergePipelineRank), or an undefined
-// tensor when the kernel does not take these updates; then the run.
+// tiles per job in *max_tiles), or an undefined tensor when the kernel does
+// not take these updates; then the run.
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
-                             int64_t* max_tiles, int* pipeline_rank);
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
-                     int pipeline_rank);
+                             int64_t* max_tiles);
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles);
 
 }  // namespace lorahub::model::fused_backend
 

@@ -794,7 +794,7 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
 }
 
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
-                             int64_t* max_tiles, int* pipeline_rank) {
+                             int64_t* max_tiles) {
   const at::Tensor& first = updates[0].w;
   if (!first.is_cuda() || updates.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
   auto aligned = [](const at::Tensor& t) {
@@ -802,8 +802,6 @@ at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
   };
   std::vector<kernels::LowRankMergeJob> jobs(updates.size());
   *max_tiles = 0;
-  bool pipelined = true;
-  *pipeline_rank = 16;
   for (size_t j = 0; j < updates.size(); ++j) {
     const LowRankUpdate& u = updates[j];
     const int64_t rows = u.w.size(0), cols = u.w.size(1), rank = u.a.size(0);
@@ -822,11 +820,7 @@ at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
     job.scale = u.scale;
     job.bf16 = u.w.scalar_type() == at::kBFloat16 ? 1 : 0;
     *max_tiles = std::max(*max_tiles, kernels::LowRankMergeTiles(rows, cols));
-    const int rank_bound = kernels::LowRankMergePipelineRank(job);
-    pipelined = pipelined && rank_bound > 0;
-    *pipeline_rank = std::max(*pipeline_rank, rank_bound);
   }
-  if (!pipelined) *pipeline_rank = 0;
   if (*max_tiles > INT32_MAX) return at::Tensor();
   const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(kernels::LowRankMergeJob));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
@@ -845,12 +839,11 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
   return true;
 }
 
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
-                     int pipeline_rank) {
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles) {
   c10::cuda::CUDAGuard guard(table.device());
   const int err = kernels::LaunchLowRankMerge(
       reinterpret_cast<const kernels::LowRankMergeJob*>(table.data_ptr()), num_jobs, max_tiles,
-      StreamOf(table), pipeline_rank);
+      StreamOf(table));
   TORCH_CHECK(err == 0, "low-rank merge kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }

@@ -73,56 +73,6 @@ int OptInShared(size_t shared, int device, int64_t limit) {
   return static_cast<int>(opt_in[device]);
 }
 
-// Programmatic dependent launch (sm_90), LORAHUB_PDL=1 (read once; A/B): a
-// kernel launched by LaunchDependent may be scheduled while the kernel
-// before it on the stream is still finishing, and waits in
-// WaitForPriorGrid() (its first statement) until that one has completed and
-// its writes are visible. Why: an objective evaluation is ~520 kernels of
-// a few microseconds with ~0.5 us between them (Kineto); this hides part of
-// each launch's gap. Without the switch, or where the wait compiles to
-// nothing, it is a plain launch.
-inline bool DependentLaunchOn() {
-  static const bool on = EnvSwitch("LORAHUB_PDL");
-  return on;
-}
-
-__device__ __forceinline__ void WaitForPriorGrid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// `kernel`<<<grid, block, shared, stream>>>(args...), as a programmatic
-// dependent launch under LORAHUB_PDL=1; a failure is left for
-// cudaGetLastError, as the <<<>>> launch leaves it.
-template <typename... Params, typename... Args>
-void EnqueueDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
-                      cudaStream_t stream, Args... args) {
-  if (!DependentLaunchOn()) {
-    kernel<<<grid, block, shared, stream>>>(args...);
-    return;
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = shared;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
-}
-
-// EnqueueDependent, then cudaGetLastError (0: launched).
-template <typename... Params, typename... Args>
-int LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
-                    cudaStream_t stream, Args... args) {
-  EnqueueDependent(kernel, grid, block, shared, stream, args...);
-  return static_cast<int>(cudaGetLastError());
-}
-
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_KERNEL_LAUNCH_CUH_

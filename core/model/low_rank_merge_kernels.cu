@@ -28,12 +28,10 @@ constexpr int kMergeCols = 128;  // 32 lanes x 4 columns
 constexpr int kMergeRowsPerThread = 8;
 constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;
 constexpr int kMaxRank = kMaxLowRankMergeRank;
-// Floats per staged row of b: 16-byte rows (its reads are broadcasts: no
-// padding needed).
+// Floats per staged row of b: 16-byte rows (its reads are broadcasts, so
+// no padding; unpadded, four blocks of the staged kernel fit an SM).
 constexpr int kBStride = kMaxRank;
 constexpr int kMaxGridY = 65535;
-
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 __device__ __forceinline__ float4 LoadFour(const void* base, bool bf16, int64_t i) {
   if (bf16) {
@@ -262,219 +260,47 @@ __device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t ti
   }
 }
 
-template <bool kStageW>
-__global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
+// kMinBlocks: blocks an SM the register budget is cut for (3: 80 registers,
+// 4: 64 with some spilled; LORAHUB_MERGE_FOUR_BLOCKS=1, A/B).
+template <bool kStageW, int kMinBlocks>
+__global__ void __launch_bounds__(kMergeThreads, kMinBlocks)
     LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
   extern __shared__ __align__(16) float merge_shared[];
   MergeTile<kStageW>(jobs[job0 + blockIdx.y], blockIdx.x, vec_staging, merge_shared);
 }
 
-// PipelinedMergeKernel: a grid of at most 3 blocks an SM, each taking the
-// (job, tile) pairs t = blockIdx.x, + gridDim.x, ... with the copies of its
-// next tile (a, b and w by cp.async) in flight while it merges the current
-// one: two stages of shared memory. For tables of bf16 jobs whose ranks are
-// multiples of 4 up to kR (16 or 32) with 16-byte aligned factors
-// (LowRankMergeTable's pipeline_rank). Why: one tile a block
-// (LowRankMergeKernel) exposed each block's load latency between its
-// blocks' FMAs (ncu, twenty-second session: 33% of the DRAM bandwidth, 29%
-// of the cycles with no eligible warp). The arithmetic is the same, in the
-// same order.
-template <int kR>
-struct PipeStage {
-  static constexpr int kA = kR * kMergeCols;                 // floats
-  static constexpr int kB = kMergeRows * kR;                 // floats
-  static constexpr int kW = kMergeRows * kMergeCols / 2;     // floats (bf16 pairs)
-  static constexpr int kFloats = kA + kB + kW;
-};
-
-struct TileOf {
-  int64_t row0 = 0, col0 = 0;
-  bool valid = false;
-};
-__device__ __forceinline__ TileOf Locate(const LowRankMergeJob& job, int64_t tile) {
-  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
-  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
-  TileOf t;
-  t.valid = tile < col_tiles * row_tiles;
-  t.row0 = (tile / col_tiles) * kMergeRows;
-  t.col0 = (tile % col_tiles) * kMergeCols;
-  return t;
-}
-
-template <int kR>
-__global__ void __launch_bounds__(kMergeThreads, 3)
-    PipelinedMergeKernel(const LowRankMergeJob* jobs, int64_t max_tiles, int64_t total) {
-  extern __shared__ __align__(16) float pipe_shared[];
-  using Stage = PipeStage<kR>;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  // Queues tile t's copies into stage s (nothing for a job's missing tiles).
-  const auto issue = [&](int64_t t, int s) {
-    const LowRankMergeJob& job = jobs[t / max_tiles];
-    const TileOf tile = Locate(job, t % max_tiles);
-    if (!tile.valid) return;  // uniform over the block
-    float* a_s = pipe_shared + s * Stage::kFloats;
-    float* b_s = a_s + Stage::kA;
-    __nv_bfloat16* w_s = reinterpret_cast<__nv_bfloat16*>(b_s + Stage::kB);
-    const int rank = job.rank;  // a multiple of 4, <= kR
-    for (int f = threadIdx.x; f < rank * (kMergeCols / 4); f += kMergeThreads) {
-      const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
-      const bool valid = tile.col0 + c < job.cols;
-      CopyAsync(a_s + k * kMergeCols + c, valid ? job.a + k * job.cols + tile.col0 + c : job.a,
-                false, valid);
-    }
-    const int b4 = rank / 4;
-    for (int f = threadIdx.x; f < kMergeRows * b4; f += kMergeThreads) {
-      const int row = f / b4, k = 4 * (f % b4);
-      const bool valid = tile.row0 + row < job.rows;
-      CopyAsync(b_s + row * kR + k, valid ? job.b + (tile.row0 + row) * rank + k : job.b,
-                false, valid);
-    }
-    const int64_t col = tile.col0 + 4 * lane;
-#pragma unroll
-    for (int i = 0; i < kMergeRowsPerThread; ++i) {
-      const int r = warp + kMergeWarps * i;
-      const int64_t row = tile.row0 + r;
-      const bool valid = col < job.cols && row < job.rows;
-      CopyAsync(w_s + (r * 32 + lane) * 4,
-                static_cast<const __nv_bfloat16*>(job.w) + (valid ? row * job.cols + col : 0),
-                true, valid);
-    }
-  };
-  // Merges tile t from stage s.
-  const auto merge = [&](int64_t t, int s) {
-    const LowRankMergeJob& job = jobs[t / max_tiles];
-    const TileOf tile = Locate(job, t % max_tiles);
-    if (!tile.valid) return;
-    const float* a_s = pipe_shared + s * Stage::kFloats;
-    const float* b_s = a_s + Stage::kA;
-    const __nv_bfloat16* w_s = reinterpret_cast<const __nv_bfloat16*>(b_s + Stage::kB);
-    float4 acc[kMergeRowsPerThread];
-#pragma unroll
-    for (int i = 0; i < kMergeRowsPerThread; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k = 0; k < job.rank; k += 4) {
-      float4 a4[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        a4[j] = *reinterpret_cast<const float4*>(a_s + (k + j) * kMergeCols + 4 * lane);
-      }
-#pragma unroll
-      for (int i = 0; i < kMergeRowsPerThread; ++i) {
-        const float4 b4 = *reinterpret_cast<const float4*>(b_s + (warp + kMergeWarps * i) * kR + k);
-        const float bk[4] = {b4.x, b4.y, b4.z, b4.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          acc[i].x = fmaf(bk[j], a4[j].x, acc[i].x);
-          acc[i].y = fmaf(bk[j], a4[j].y, acc[i].y);
-          acc[i].z = fmaf(bk[j], a4[j].z, acc[i].z);
-          acc[i].w = fmaf(bk[j], a4[j].w, acc[i].w);
-        }
-      }
-    }
-    const int64_t col = tile.col0 + 4 * lane;
-    if (col >= job.cols) return;
-    const float scale = job.scale;
-#pragma unroll
-    for (int i = 0; i < kMergeRowsPerThread; ++i) {
-      const int r = warp + kMergeWarps * i;
-      const int64_t row = tile.row0 + r;
-      if (row >= job.rows) break;
-      const float4 w = LoadFour(w_s + (r * 32 + lane) * 4, true, 0);
-      const float4 v = make_float4(Merged(w.x, scale, acc[i].x), Merged(w.y, scale, acc[i].y),
-                                   Merged(w.z, scale, acc[i].z), Merged(w.w, scale, acc[i].w));
-      StoreFour(job.out, true, row * job.cols + col, v);
-    }
-  };
-  int64_t t = blockIdx.x;
-  int s = 0;
-  if (t < total) issue(t, 0);
-  asm volatile("cp.async.commit_group;\n" ::);
-  for (; t < total; t += gridDim.x, s ^= 1) {
-    const int64_t next = t + gridDim.x;
-    if (next < total) issue(next, s ^ 1);  // its stage was freed by the last barrier
-    asm volatile("cp.async.commit_group;\n" ::);
-    asm volatile("cp.async.wait_group 1;\n" ::);  // tile t's copies (this thread's)
-    __syncthreads();                                // ... and every thread's
-    merge(t, s);
-    __syncthreads();  // stage s is read: the next iteration may refill it
-  }
-}
-
-template <int kR>
-constexpr size_t PipelinedSharedBytes() {
-  return 2 * sizeof(float) * PipeStage<kR>::kFloats;
-}
-
-template <int kR>
-int LaunchPipelined(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                    const DeviceLimits& limits, int device, cudaStream_t stream) {
-  constexpr size_t shared = PipelinedSharedBytes<kR>();
-  if (static_cast<int64_t>(shared) > limits.shared_optin) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  const int opt_in = OptInShared<PipelinedMergeKernel<kR>>(shared, device, limits.shared_optin);
-  if (opt_in != 0) return opt_in;
-  // Resident blocks an SM, asked once per device (the first call is eager,
-  // before any graph capture).
-  static std::once_flag once[kMaxDevices];
-  static int resident[kMaxDevices];
-  std::call_once(once[device], [&] {
-    int n = 0;
-    resident[device] = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                           &n, PipelinedMergeKernel<kR>, kMergeThreads, shared) == cudaSuccess &&
-                               n > 0
-                           ? n
-                           : 1;
-  });
-  const int per_sm = resident[device];
-  const int64_t total = num_jobs * max_tiles;
-  const int64_t blocks = std::min<int64_t>(total, static_cast<int64_t>(limits.sms) * per_sm);
-  PipelinedMergeKernel<kR><<<static_cast<unsigned>(blocks), kMergeThreads, shared, stream>>>(
-      jobs, max_tiles, total);
-  return static_cast<int>(cudaGetLastError());
-}
-
 }  // namespace
-
-int LowRankMergePipelineRank(const LowRankMergeJob& job) {
-  const bool fits = job.bf16 != 0 && job.rank >= 4 && job.rank % 4 == 0 &&
-                    job.rank <= kMaxRank && Aligned16(job.a) && Aligned16(job.b);
-  if (!fits) return 0;
-  return job.rank <= 16 ? 16 : 32;
-}
 
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols) {
   return ((rows + kMergeRows - 1) / kMergeRows) * ((cols + kMergeCols - 1) / kMergeCols);
 }
 
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                       void* stream, int pipeline_rank) {
+                       void* stream) {
   if (num_jobs < 0 || max_tiles < 0 || max_tiles > INT32_MAX) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
   static const bool w_in_registers = EnvSwitch("LORAHUB_MERGE_REGISTER_W");  // A/B
-  static const bool no_pipeline = EnvSwitch("LORAHUB_MERGE_NO_PIPELINE");   // A/B
   int device = 0;
   const DeviceLimits* limits = CurrentDeviceLimits(&device);
   if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
-  if (!no_pipeline && !w_in_registers && !scalar_staging) {
-    const auto s = static_cast<cudaStream_t>(stream);
-    if (pipeline_rank == 16) return LaunchPipelined<16>(jobs, num_jobs, max_tiles, *limits, device, s);
-    if (pipeline_rank == 32) return LaunchPipelined<32>(jobs, num_jobs, max_tiles, *limits, device, s);
-  }
+  static const bool four_blocks = EnvSwitch("LORAHUB_MERGE_FOUR_BLOCKS");  // A/B
   const size_t shared =
       w_in_registers ? MergeSharedBytes<false>() : MergeSharedBytes<true>();
   if (static_cast<int64_t>(shared) > limits->shared_optin) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
+  const int64_t optin = limits->shared_optin;
   const int opt_in =
-      w_in_registers
-          ? OptInShared<LowRankMergeKernel<false>>(shared, device, limits->shared_optin)
-          : OptInShared<LowRankMergeKernel<true>>(shared, device, limits->shared_optin);
+      w_in_registers ? OptInShared<LowRankMergeKernel<false, 1>>(shared, device, optin)
+      : four_blocks  ? OptInShared<LowRankMergeKernel<true, 4>>(shared, device, optin)
+                     : OptInShared<LowRankMergeKernel<true, 3>>(shared, device, optin);
   if (opt_in != 0) return opt_in;
-  const auto kernel = w_in_registers ? LowRankMergeKernel<false> : LowRankMergeKernel<true>;
+  const auto kernel = w_in_registers ? LowRankMergeKernel<false, 1>
+                      : four_blocks  ? LowRankMergeKernel<true, 4>
+                                     : LowRankMergeKernel<true, 3>;
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);

@@ -79,51 +79,6 @@ TEST_F(LowRankMergeTest, MatchesTheDefinition) {
   }
 }
 
-// Tables of bf16 jobs with ranks that are multiples of 4 take the pipelined
-// kernel on CUDA (ranks up to 16, and up to 32): the definition within
-// bf16's rounding, every tile edge, and the same bits as the one-tile-a-block
-// kernel (which the same jobs take beside an fp32 job).
-TEST_F(LowRankMergeTest, PipelinedTablesMatchTheDefinition) {
-  for (std::vector<int64_t> ranks : {std::vector<int64_t>{4, 8, 16, 12},
-                                     std::vector<int64_t>{20, 32, 4, 28}}) {
-    struct Shape { int64_t rows, cols; };
-    const std::vector<Shape> shapes = {{1, 4}, {63, 132}, {130, 260}, {1024, 1024}};
-    std::vector<LowRankUpdate> updates;
-    std::vector<at::Tensor> before;
-    for (size_t j = 0; j < shapes.size(); ++j) {
-      LowRankUpdate u;
-      u.w = Random({shapes[j].rows, shapes[j].cols}, at::kBFloat16);
-      u.out = at::full_like(u.w, 7.f);
-      u.a = Random({ranks[j], shapes[j].cols}, at::kFloat);
-      u.b = Random({shapes[j].rows, ranks[j]}, at::kFloat);
-      u.scale = 0.5f + static_cast<float>(j);
-      before.push_back(u.w.clone());
-      updates.push_back(u);
-    }
-    LowRankMerge merge(updates);
-    merge.Run();
-    merge.Run();  // again: the same output
-    for (size_t j = 0; j < updates.size(); ++j) {
-      EXPECT_LE(Error(updates[j], before[j], updates[j].out), 1.0 / 256) << "update " << j;
-      EXPECT_TRUE(at::equal(updates[j].w, before[j])) << "w of update " << j << " written";
-    }
-    // The same jobs beside an fp32 one: the other kernel, the same bits.
-    std::vector<LowRankUpdate> mixed = updates;
-    for (LowRankUpdate& u : mixed) u.out = at::full_like(u.w, 7.f);
-    LowRankUpdate f32;
-    f32.w = Random({8, 8}, at::kFloat);
-    f32.out = at::empty_like(f32.w);
-    f32.a = Random({4, 8}, at::kFloat);
-    f32.b = Random({8, 4}, at::kFloat);
-    mixed.push_back(f32);
-    LowRankMerge other(mixed);
-    other.Run();
-    for (size_t j = 0; j < updates.size(); ++j) {
-      EXPECT_TRUE(at::equal(mixed[j].out, updates[j].out)) << "update " << j;
-    }
-  }
-}
-
 TEST_F(LowRankMergeTest, InPlaceAndIntoRowBlocks) {
   const at::Tensor fused = Random({3 * 96, 256}, at::kBFloat16);
   const at::Tensor original = fused.clone();
