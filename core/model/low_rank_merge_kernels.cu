@@ -5,11 +5,7 @@
 // composed adapter merged into the weights (objective_runner.h), which
 // takes the 146 LoRA GEMMs of an evaluation out of the forward pass. The
 // merge itself is bound by memory (each weight read and written once, 4
-// bytes per element in bf16); here it is one launch for all sites. The tile
-// of w, and a and b, go to shared memory by cp.async (twenty-second
-// session: 410 -> 315 us for flan-t5-large's 144 sites on an H200, 1.9 TB/s;
-// held in registers the kernel took 113-118 of them and ran two blocks an
-// SM, too few bytes in flight).
+// bytes per element in bf16); here it is one launch for all sites.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -28,8 +24,8 @@ constexpr int kMergeCols = 128;  // 32 lanes x 4 columns
 constexpr int kMergeRowsPerThread = 8;
 constexpr int kMergeRows = kMergeWarps * kMergeRowsPerThread;
 constexpr int kMaxRank = kMaxLowRankMergeRank;
-// Floats per staged row of b: 16-byte rows (its reads are broadcasts, so
-// no padding; unpadded, four blocks of the staged kernel fit an SM).
+// Floats per staged row of b: 16-byte rows (its reads are broadcasts: no
+// padding needed).
 constexpr int kBStride = kMaxRank;
 constexpr int kMaxGridY = 65535;
 
@@ -97,11 +93,13 @@ constexpr size_t MergeSharedBytes() {
          (kStageW ? 16 * kWSlots : 0);
 }
 
-// kStageW: the tile of w goes to shared memory by cp.async, issued before
-// anything else, instead of into registers. Why: held in registers (32 of
-// them) it took the kernel to 118, two blocks an SM, 32 KB of w in flight
-// per SM (ncu, twenty-first session: 1.45 TB/s, 25% occupancy); in shared
-// memory, three blocks an SM.
+// One block's tile. kStageW (the default; LORAHUB_MERGE_REGISTER_W=1 for
+// the other, A/B): the tile of w, and a and b, go to shared memory by
+// cp.async instead of through registers. Why: held in registers, w took the
+// kernel to 113-118 registers, two blocks an SM, 32 KB of w in flight per SM
+// (ncu, twenty-first session: 1.45 TB/s, 25% occupancy); staged, 80
+// registers and three blocks an SM: flan-t5-large's 144 sites in 294-315 us
+// against 409-410 (H200, Kineto, twenty-second session).
 template <bool kStageW>
 __device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t tile,
                                           bool vec_staging, float* merge_shared) {
@@ -260,10 +258,8 @@ __device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t ti
   }
 }
 
-// kMinBlocks: blocks an SM the register budget is cut for (3: 80 registers,
-// 4: 64 with some spilled; LORAHUB_MERGE_FOUR_BLOCKS=1, A/B).
-template <bool kStageW, int kMinBlocks>
-__global__ void __launch_bounds__(kMergeThreads, kMinBlocks)
+template <bool kStageW>
+__global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
     LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
   extern __shared__ __align__(16) float merge_shared[];
   MergeTile<kStageW>(jobs[job0 + blockIdx.y], blockIdx.x, vec_staging, merge_shared);
@@ -286,21 +282,17 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   int device = 0;
   const DeviceLimits* limits = CurrentDeviceLimits(&device);
   if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
-  static const bool four_blocks = EnvSwitch("LORAHUB_MERGE_FOUR_BLOCKS");  // A/B
   const size_t shared =
       w_in_registers ? MergeSharedBytes<false>() : MergeSharedBytes<true>();
   if (static_cast<int64_t>(shared) > limits->shared_optin) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const int64_t optin = limits->shared_optin;
   const int opt_in =
-      w_in_registers ? OptInShared<LowRankMergeKernel<false, 1>>(shared, device, optin)
-      : four_blocks  ? OptInShared<LowRankMergeKernel<true, 4>>(shared, device, optin)
-                     : OptInShared<LowRankMergeKernel<true, 3>>(shared, device, optin);
+      w_in_registers
+          ? OptInShared<LowRankMergeKernel<false>>(shared, device, limits->shared_optin)
+          : OptInShared<LowRankMergeKernel<true>>(shared, device, limits->shared_optin);
   if (opt_in != 0) return opt_in;
-  const auto kernel = w_in_registers ? LowRankMergeKernel<false, 1>
-                      : four_blocks  ? LowRankMergeKernel<true, 4>
-                                     : LowRankMergeKernel<true, 3>;
+  const auto kernel = w_in_registers ? LowRankMergeKernel<false> : LowRankMergeKernel<true>;
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
