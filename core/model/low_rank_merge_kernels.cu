@@ -93,7 +93,7 @@ constexpr size_t MergeSharedBytes() {
          (kStageW ? 16 * kWSlots : 0);
 }
 
-// One block's tile. kStageW (the default; LORAHUB_MERGE_REGISTER_W=1 for
+// One block a tile. kStageW (the default; LORAHUB_MERGE_REGISTER_W=1 for
 // the other, A/B): the tile of w, and a and b, go to shared memory by
 // cp.async instead of through registers. Why: held in registers, w took the
 // kernel to 113-118 registers, two blocks an SM, 32 KB of w in flight per SM
@@ -101,8 +101,11 @@ constexpr size_t MergeSharedBytes() {
 // registers and three blocks an SM: flan-t5-large's 144 sites in 294-315 us
 // against 409-410 (H200, Kineto, twenty-second session).
 template <bool kStageW>
-__device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t tile,
-                                          bool vec_staging, float* merge_shared) {
+__global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
+    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
+  extern __shared__ __align__(16) float merge_shared[];
+  const LowRankMergeJob& job = jobs[job0 + blockIdx.y];
+  const int64_t tile = blockIdx.x;
   auto a_s = reinterpret_cast<float (*)[kMergeCols]>(merge_shared);
   auto b_s = reinterpret_cast<float (*)[kBStride]>(merge_shared + kMaxRank * kMergeCols);
   float4* w_s = reinterpret_cast<float4*>(merge_shared + kMaxRank * kMergeCols +
@@ -258,18 +261,40 @@ __device__ __forceinline__ void MergeTile(const LowRankMergeJob& job, int64_t ti
   }
 }
 
-template <bool kStageW>
-__global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
-    LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
-  extern __shared__ __align__(16) float merge_shared[];
-  MergeTile<kStageW>(jobs[job0 + blockIdx.y], blockIdx.x, vec_staging, merge_shared);
-}
-
 }  // namespace
 
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols) {
   return ((rows + kMergeRows - 1) / kMergeRows) * ((cols + kMergeCols - 1) / kMergeCols);
 }
+
+namespace {
+
+// The launches of one kernel variant over all jobs (grid.y: jobs from job0).
+template <bool kStageW>
+int LaunchMergeVariant(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
+                       bool vec_staging, cudaStream_t stream) {
+  int device = 0;
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
+  if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  constexpr size_t shared = MergeSharedBytes<kStageW>();
+  if (static_cast<int64_t>(shared) > limits->shared_optin) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const int opt_in =
+      OptInShared<LowRankMergeKernel<kStageW>>(shared, device, limits->shared_optin);
+  if (opt_in != 0) return opt_in;
+  for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
+    const int here = std::min(kMaxGridY, num_jobs - job0);
+    LowRankMergeKernel<kStageW>
+        <<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, shared, stream>>>(
+            jobs, job0, vec_staging);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  return 0;
+}
+
+}  // namespace
 
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
                        void* stream) {
@@ -279,29 +304,10 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
   static const bool w_in_registers = EnvSwitch("LORAHUB_MERGE_REGISTER_W");  // A/B
-  int device = 0;
-  const DeviceLimits* limits = CurrentDeviceLimits(&device);
-  if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
-  const size_t shared =
-      w_in_registers ? MergeSharedBytes<false>() : MergeSharedBytes<true>();
-  if (static_cast<int64_t>(shared) > limits->shared_optin) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  const int opt_in =
-      w_in_registers
-          ? OptInShared<LowRankMergeKernel<false>>(shared, device, limits->shared_optin)
-          : OptInShared<LowRankMergeKernel<true>>(shared, device, limits->shared_optin);
-  if (opt_in != 0) return opt_in;
-  const auto kernel = w_in_registers ? LowRankMergeKernel<false> : LowRankMergeKernel<true>;
-  auto s = static_cast<cudaStream_t>(stream);
-  for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
-    const int here = std::min(kMaxGridY, num_jobs - job0);
-    kernel<<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, shared, s>>>(
-        jobs, job0, !scalar_staging);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  return 0;
+  const auto s = static_cast<cudaStream_t>(stream);
+  return w_in_registers
+             ? LaunchMergeVariant<false>(jobs, num_jobs, max_tiles, !scalar_staging, s)
+             : LaunchMergeVariant<true>(jobs, num_jobs, max_tiles, !scalar_staging, s);
 }
 
 }  // namespace lorahub::model::kernels
