@@ -339,9 +339,14 @@ int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int6
 // aligned), a is [rank, cols] and b [rows, rank] (fp32, contiguous). Each
 // element's sum over the rank runs in fp32 in rank order with fused
 // multiply-adds, then is multiplied by scale and added to w (each rounded),
-// then rounded once to out's dtype. Requires cols % 4 == 0 and
-// 1 <= rank <= kMaxLowRankMergeRank. `jobs` is in device memory; max_tiles
-// >= LowRankMergeTiles of every job. Returns the launch's error (0: none).
+// then rounded once to out's dtype. With `tensor_cores` (the caller's
+// promise: every job bf16, its rank a multiple of 4, a and b 16-byte
+// aligned) the sum runs on the tensor cores instead, each factor split into
+// two bf16 parts (about 16 bits of each product, against the 8 of the bf16
+// result; LORAHUB_MERGE_FMA=1 keeps the FMAs, A/B). Requires cols % 4 == 0
+// and 1 <= rank <= kMaxLowRankMergeRank. `jobs` is in device memory;
+// max_tiles >= LowRankMergeTiles of every job. Returns the launch's error
+// (0: none).
 inline constexpr int kMaxLowRankMergeRank = 32;
 struct LowRankMergeJob {
   const void* w = nullptr;
@@ -355,7 +360,7 @@ struct LowRankMergeJob {
 };
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols);
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs,
-                       int64_t max_tiles, void* stream);
+                       int64_t max_tiles, bool tensor_cores, void* stream);
 
 }  // namespace lorahub::model::kernels
 

@@ -561,14 +561,15 @@ LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
     }
   }
   if (!updates_.empty() && FusedKernelsEnabled()) {
-    table_ = fused_backend::LowRankMergeTable(updates_, &max_tiles_);
+    table_ = fused_backend::LowRankMergeTable(updates_, &max_tiles_, &tensor_cores_);
   }
 }
 
 void LowRankMerge::Run() const {
   RECORD_USER_SCOPE("lorahub::low_rank_merge");
   if (table_.defined()) {
-    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_);
+    fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_,
+                                   tensor_cores_);
     return;
   }
   for (const LowRankUpdate& u : updates_) {

@@ -469,11 +469,15 @@ class LowRankMerge {
   void Run() const;
   // True when Run() is the one kernel launch.
   bool fused() const { return table_.defined(); }
+  // True when that kernel is the tensor-core one (every update bf16, its
+  // rank a multiple of 4, its factors 16-byte aligned).
+  bool tensor_cores() const { return tensor_cores_; }
 
  private:
   std::vector<LowRankUpdate> updates_;
   at::Tensor table_;  // the kernel's job table on the device
   int64_t max_tiles_ = 0;
+  bool tensor_cores_ = false;
 };
 
 }  // namespace lorahub::model

@@ -71,12 +71,15 @@ bool WeightedSums(const std::vector<WeightedSum>& sums);
 // fused_ops.h ComposeFromBf16, checked: contiguous, shapes fit, one CUDA device.
 bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 
-// fused_ops.h LowRankMerge: the job table on the device (and the grid's
-// tiles per job in *max_tiles), or an undefined tensor when the kernel does
-// not take these updates; then the run.
+// fused_ops.h LowRankMerge: the job table on the device (the grid's tiles
+// per job in *max_tiles; in *tensor_cores whether every update suits the
+// tensor-core kernel: bf16, rank a multiple of 4, 16-byte aligned factors),
+// or an undefined tensor when the kernels do not take these updates; then
+// the run.
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
-                             int64_t* max_tiles);
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles);
+                             int64_t* max_tiles, bool* tensor_cores);
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
+                     bool tensor_cores);
 
 }  // namespace lorahub::model::fused_backend
 

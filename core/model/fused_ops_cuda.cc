@@ -794,7 +794,7 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
 }
 
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
-                             int64_t* max_tiles) {
+                             int64_t* max_tiles, bool* tensor_cores) {
   const at::Tensor& first = updates[0].w;
   if (!first.is_cuda() || updates.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
   auto aligned = [](const at::Tensor& t) {
@@ -802,6 +802,7 @@ at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
   };
   std::vector<kernels::LowRankMergeJob> jobs(updates.size());
   *max_tiles = 0;
+  *tensor_cores = true;
   for (size_t j = 0; j < updates.size(); ++j) {
     const LowRankUpdate& u = updates[j];
     const int64_t rows = u.w.size(0), cols = u.w.size(1), rank = u.a.size(0);
@@ -819,6 +820,8 @@ at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
     job.rank = static_cast<int32_t>(rank);
     job.scale = u.scale;
     job.bf16 = u.w.scalar_type() == at::kBFloat16 ? 1 : 0;
+    *tensor_cores = *tensor_cores && job.bf16 == 1 && rank % 4 == 0 && aligned(u.a) &&
+                    aligned(u.b);
     *max_tiles = std::max(*max_tiles, kernels::LowRankMergeTiles(rows, cols));
   }
   if (*max_tiles > INT32_MAX) return at::Tensor();
@@ -839,11 +842,12 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
   return true;
 }
 
-void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles) {
+void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
+                     bool tensor_cores) {
   c10::cuda::CUDAGuard guard(table.device());
   const int err = kernels::LaunchLowRankMerge(
       reinterpret_cast<const kernels::LowRankMergeJob*>(table.data_ptr()), num_jobs, max_tiles,
-      StreamOf(table));
+      tensor_cores, StreamOf(table));
   TORCH_CHECK(err == 0, "low-rank merge kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }

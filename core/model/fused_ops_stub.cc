@@ -66,10 +66,10 @@ bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 
 bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
 bool ComposeFromBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
-at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*) {
+at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*, bool*) {
   return at::Tensor();
 }
-void RunLowRankMerge(const at::Tensor&, int, int64_t) {
+void RunLowRankMerge(const at::Tensor&, int, int64_t, bool) {
   TORCH_CHECK(false, "LowRankMerge: no CUDA kernels in this build");
 }
 

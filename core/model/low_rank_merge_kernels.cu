@@ -261,6 +261,163 @@ __global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
   }
 }
 
+// The tensor-core merge (LowRankMergeMmaKernel): bf16 w and out, ranks a
+// multiple of 4, factors 16-byte aligned (the launcher's `tensor_cores`).
+// Row strides of its staged tiles, padded for the reads of a thread
+// (g, t) = (lane / 4, lane % 4): a's rows 2t, 2t + 1, 2t + 8, 2t + 9 at
+// column g (132 floats: the warp's 32 loads on distinct banks), b's row g
+// at ranks 2t, 2t + 1 (40 floats: a half warp's 8-byte loads on distinct
+// banks) and w's rows g at columns 2t, 2t + 1 (136 bf16: distinct banks).
+constexpr int kMmaAStride = kMergeCols + 4;
+constexpr int kMmaBStride = kMaxRank + 8;
+constexpr int kMmaWStride = kMergeCols + 8;
+constexpr size_t kMmaSharedBytes = sizeof(float) * (kMaxRank * kMmaAStride +
+                                                     kMergeRows * kMmaBStride) +
+                                   sizeof(__nv_bfloat16) * kMergeRows * kMmaWStride;
+
+__device__ __forceinline__ uint32_t PackBf16(float first, float second) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(first, second);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Pairs of fp32 values as bf16x2 words, split: x ~ big + small, each
+// rounded to nearest. big * big + big * small + small * big keeps about 16
+// bits of a product; the merged weight is rounded to bf16 (8 bits) after.
+template <int kN>
+struct SplitBf16 {
+  uint32_t big[kN];
+  uint32_t small[kN];
+  __device__ __forceinline__ explicit SplitBf16(const float2 (&x)[kN]) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      big[i] = PackBf16(x[i].x, x[i].y);
+      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&big[i]));
+      small[i] = PackBf16(x[i].x - b.x, x[i].y - b.y);
+    }
+  }
+};
+
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4],
+                                        const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// One block a tile, as LowRankMergeKernel, with b a on the tensor cores
+// (mma.sync m16n8k16, bf16 x 3 as SplitBf16 says) instead of fp32 FMAs.
+// Warp v takes rows 16 (v % 4) .. + 15 and columns 64 (v / 4) .. + 63 of the
+// tile as eight m16n8 accumulators (thread (g, t): rows g and g + 8,
+// columns 8 n + 2t and 8 n + 2t + 1 of block n), 16 ranks a step (staged
+// with zeros up to a multiple of 16). The merged values go over the staged
+// w, and from there to `out` in 8-byte stores. Why: the FMA kernel spends
+// ~750 instructions a thread, 512 of them FMAs at rank 16 (ncu, twenty-
+// second session); its staging also spreads bf16 w over 16-byte slots.
+// kBlocksPerSm: 4 (64 registers, no spills; the default) or 3 (80;
+// LORAHUB_MERGE_MMA_3BLOCKS=1, A/B); shared memory allows 4.
+template <int kBlocksPerSm>
+__global__ void __launch_bounds__(kMergeThreads, kBlocksPerSm)
+    LowRankMergeMmaKernel(const LowRankMergeJob* jobs, int job0) {
+  extern __shared__ __align__(16) float mma_shared[];
+  const LowRankMergeJob& job = jobs[job0 + blockIdx.y];
+  const int64_t tile = blockIdx.x;
+  auto a_s = reinterpret_cast<float (*)[kMmaAStride]>(mma_shared);
+  auto b_s = reinterpret_cast<float (*)[kMmaBStride]>(mma_shared + kMaxRank * kMmaAStride);
+  auto w_s = reinterpret_cast<__nv_bfloat16 (*)[kMmaWStride]>(
+      mma_shared + kMaxRank * kMmaAStride + kMergeRows * kMmaBStride);
+  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
+  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
+  if (tile >= col_tiles * row_tiles) return;  // uniform over the block
+  const int64_t row0 = (tile / col_tiles) * kMergeRows;
+  const int64_t col0 = (tile % col_tiles) * kMergeCols;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t col = col0 + 4 * lane;
+  const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
+  const int rank16 = (job.rank + 15) & ~15;
+  const int b4 = rank16 / 4;
+  const auto* w = static_cast<const __nv_bfloat16*>(job.w);
+
+  // Copy groups: the factors, then w (waited for before the epilogue).
+#pragma unroll
+  for (int u = 0; u < kAStage; ++u) {
+    const int f = threadIdx.x + u * kMergeThreads;
+    const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
+    if (k >= rank16) continue;
+    const bool valid = k < job.rank && col0 + c < job.cols;
+    CopyAsync(&a_s[k][c], valid ? job.a + k * job.cols + col0 + c : job.a, false, valid);
+  }
+#pragma unroll
+  for (int u = 0; u < kBStage; ++u) {
+    const int f = threadIdx.x + u * kMergeThreads;
+    const int row = f / b4, k = 4 * (f % b4);
+    if (row >= kMergeRows) continue;
+    const bool valid = row0 + row < job.rows && k < job.rank;
+    CopyAsync(&b_s[row][k], valid ? job.b + (row0 + row) * job.rank + k : job.b, false, valid);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+#pragma unroll
+  for (int i = 0; i < kMergeRowsPerThread; ++i) {
+    const int row = warp + kMergeWarps * i;
+    const bool valid = col_ok && row0 + row < job.rows;
+    CopyAsync(&w_s[row][4 * lane], valid ? w + (row0 + row) * job.cols + col : w, true, valid);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 1;\n" ::);
+  __syncthreads();
+
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = 16 * (warp & 3), c0 = 64 * (warp >> 2);
+  float acc[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int k = 0; k < rank16; k += 16) {
+    const auto pair = [&](int row, int rank) {
+      return *reinterpret_cast<const float2*>(&b_s[row][rank]);
+    };
+    // A operand (b): a0 row g, ranks 2t, 2t + 1; a1 row g + 8; a2, a3 ranks + 8.
+    const float2 xb[4] = {pair(r0 + g, k + 2 * t), pair(r0 + g + 8, k + 2 * t),
+                          pair(r0 + g, k + 2 * t + 8), pair(r0 + g + 8, k + 2 * t + 8)};
+    const SplitBf16<4> fb(xb);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      // B operand (a): column g of the block, ranks 2t, 2t + 1 and + 8.
+      const int c = c0 + 8 * n + g;
+      const float2 xa[2] = {make_float2(a_s[k + 2 * t][c], a_s[k + 2 * t + 1][c]),
+                            make_float2(a_s[k + 2 * t + 8][c], a_s[k + 2 * t + 9][c])};
+      const SplitBf16<2> fa(xa);
+      MmaBf16(acc[n], fb.small, fa.big);
+      MmaBf16(acc[n], fb.big, fa.small);
+      MmaBf16(acc[n], fb.big, fa.big);
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::);
+  __syncthreads();  // every thread's w copies landed
+  const float s = job.scale;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      auto* p = reinterpret_cast<__nv_bfloat162*>(&w_s[r0 + g + 8 * half][c0 + 8 * n + 2 * t]);
+      const float2 wv = __bfloat1622float2(*p);
+      *p = __floats2bfloat162_rn(Merged(wv.x, s, acc[n][2 * half]),
+                                 Merged(wv.y, s, acc[n][2 * half + 1]));
+    }
+  }
+  __syncthreads();
+  if (!col_ok) return;
+  auto* out = static_cast<__nv_bfloat16*>(job.out);
+#pragma unroll
+  for (int i = 0; i < kMergeRowsPerThread; ++i) {
+    const int row = warp + kMergeWarps * i;
+    if (row0 + row >= job.rows) break;
+    *reinterpret_cast<uint2*>(out + (row0 + row) * job.cols + col) =
+        *reinterpret_cast<const uint2*>(&w_s[row][4 * lane]);
+  }
+}
+
 }  // namespace
 
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols) {
@@ -294,17 +451,39 @@ int LaunchMergeVariant(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   return 0;
 }
 
+// The launches of LowRankMergeMmaKernel over all jobs (grid.y: jobs from job0).
+template <int kBlocksPerSm>
+int LaunchMergeMma(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
+                   cudaStream_t stream) {
+  static_assert(kMmaSharedBytes <= kDefaultShared, "no opt-in needed");
+  for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
+    const int here = std::min(kMaxGridY, num_jobs - job0);
+    LowRankMergeMmaKernel<kBlocksPerSm>
+        <<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, kMmaSharedBytes,
+           stream>>>(jobs, job0);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                       void* stream) {
+                       bool tensor_cores, void* stream) {
   if (num_jobs < 0 || max_tiles < 0 || max_tiles > INT32_MAX) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
   static const bool w_in_registers = EnvSwitch("LORAHUB_MERGE_REGISTER_W");  // A/B
+  static const bool fma = EnvSwitch("LORAHUB_MERGE_FMA");  // A/B
   const auto s = static_cast<cudaStream_t>(stream);
+  static const bool three_blocks = EnvSwitch("LORAHUB_MERGE_MMA_3BLOCKS");  // A/B
+  if (tensor_cores && !fma && !w_in_registers && !scalar_staging) {
+    return three_blocks ? LaunchMergeMma<3>(jobs, num_jobs, max_tiles, s)
+                        : LaunchMergeMma<4>(jobs, num_jobs, max_tiles, s);
+  }
   return w_in_registers
              ? LaunchMergeVariant<false>(jobs, num_jobs, max_tiles, !scalar_staging, s)
              : LaunchMergeVariant<true>(jobs, num_jobs, max_tiles, !scalar_staging, s);

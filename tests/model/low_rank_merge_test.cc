@@ -1,6 +1,7 @@
 // LowRankMerge (core/model/fused_ops.h): out = w + scale * (b a) for every
 // update, against the definition in fp64, on $LORAHUB_TEST_DEVICE (tiny_t5.h;
-// default cpu, where the ATen fallback runs; on CUDA the kernel): fp32 and
+// default cpu, where the ATen fallback runs; on CUDA the kernels: FMAs, and
+// the tensor cores for bf16 updates of ranks multiple of 4): fp32 and
 // bf16 weights, edges of every tile, ranks that are no multiple of 4, in
 // place, into a row block of a larger tensor (nothing else written), factors
 // changed after construction (each Run reads them then), malformed updates.
@@ -67,6 +68,7 @@ TEST_F(LowRankMergeTest, MatchesTheDefinition) {
     }
     LowRankMerge merge(updates);
     EXPECT_EQ(merge.fused(), cuda);
+    EXPECT_FALSE(merge.tensor_cores());  // fp32, or ranks 1, 3 and 5
     merge.Run();
     for (size_t j = 0; j < updates.size(); ++j) {
       EXPECT_LE(Error(updates[j], before[j], updates[j].out), tol) << "update " << j;
@@ -76,6 +78,38 @@ TEST_F(LowRankMergeTest, MatchesTheDefinition) {
     updates[3].a.mul_(-2.f);
     merge.Run();
     EXPECT_LE(Error(updates[3], before[3], updates[3].out), tol);
+  }
+}
+
+// Updates the tensor-core kernel takes (bf16, ranks multiples of 4, 16-byte
+// aligned factors; on CUDA): the same bound against the definition, with
+// tiles cut by the rows (1, 63, 65, 130, 200) and the columns (4, 8, 132,
+// 260), ranks padded with zeros to 16 (4, 8, 12) or 32 (20), two steps of
+// 16 (32); w not written. The bound, 2^-8 of the terms' size, is twice the
+// bf16 result's rounding.
+TEST_F(LowRankMergeTest, TensorCoresMatchTheDefinition) {
+  const bool cuda = device_.is_cuda() && FusedKernelsEnabled();
+  std::vector<LowRankUpdate> updates;
+  std::vector<at::Tensor> before;
+  struct Shape { int64_t rows, cols, rank; };
+  for (Shape s : std::vector<Shape>{{1, 4, 4}, {63, 128, 8}, {64, 132, 12}, {130, 260, 16},
+                                    {200, 1024, 32}, {65, 8, 20}}) {
+    LowRankUpdate u;
+    u.w = Random({s.rows, s.cols}, at::kBFloat16);
+    u.out = at::full_like(u.w, 7.f);
+    u.a = Random({s.rank, s.cols}, at::kFloat);
+    u.b = Random({s.rows, s.rank}, at::kFloat);
+    u.scale = 0.37f * static_cast<float>(s.rank);
+    before.push_back(u.w.clone());
+    updates.push_back(u);
+  }
+  LowRankMerge merge(updates);
+  EXPECT_EQ(merge.fused(), cuda);
+  EXPECT_EQ(merge.tensor_cores(), cuda);
+  merge.Run();
+  for (size_t j = 0; j < updates.size(); ++j) {
+    EXPECT_LE(Error(updates[j], before[j], updates[j].out), 1.0 / 256) << "update " << j;
+    EXPECT_TRUE(at::equal(updates[j].w, before[j])) << "w of update " << j << " written";
   }
 }
 
