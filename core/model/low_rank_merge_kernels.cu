@@ -93,6 +93,45 @@ constexpr size_t MergeSharedBytes() {
          (kStageW ? 16 * kWSlots : 0);
 }
 
+// The first row and column of block tile `tile` of a job (row-major over
+// the job's tiles); false past its last tile.
+__device__ __forceinline__ bool TileOrigin(const LowRankMergeJob& job, int64_t tile,
+                                           int64_t* row0, int64_t* col0) {
+  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
+  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
+  if (tile >= col_tiles * row_tiles) return false;
+  *row0 = (tile / col_tiles) * kMergeRows;
+  *col0 = (tile % col_tiles) * kMergeCols;
+  return true;
+}
+
+// The tile's factors into shared memory by cp.async (16-byte copies: rank a
+// multiple of 4, a and b 16-byte aligned): a's ranks < k_end (a multiple of
+// 4, at least the rank) by kMergeCols columns from col0, and b's kMergeRows
+// rows from row0 by k_end ranks; zeros past the rank and the edges.
+template <int kALd, int kBLd>
+__device__ __forceinline__ void StageFactorsAsync(const LowRankMergeJob& job, int64_t row0,
+                                                  int64_t col0, int k_end, float (*a_s)[kALd],
+                                                  float (*b_s)[kBLd]) {
+  const int b4 = k_end / 4;
+#pragma unroll
+  for (int u = 0; u < kAStage; ++u) {
+    const int f = threadIdx.x + u * kMergeThreads;
+    const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
+    if (k >= k_end) continue;
+    const bool valid = k < job.rank && col0 + c < job.cols;
+    CopyAsync(&a_s[k][c], valid ? job.a + k * job.cols + col0 + c : job.a, false, valid);
+  }
+#pragma unroll
+  for (int u = 0; u < kBStage; ++u) {
+    const int f = threadIdx.x + u * kMergeThreads;
+    const int row = f / b4, k = 4 * (f % b4);
+    if (row >= kMergeRows) continue;
+    const bool valid = row0 + row < job.rows && k < job.rank;
+    CopyAsync(&b_s[row][k], valid ? job.b + (row0 + row) * job.rank + k : job.b, false, valid);
+  }
+}
+
 // One block a tile. kStageW (the default; LORAHUB_MERGE_REGISTER_W=1 for
 // the other, A/B): the tile of w, and a and b, go to shared memory by
 // cp.async instead of through registers. Why: held in registers, w took the
@@ -105,16 +144,12 @@ __global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
     LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
   extern __shared__ __align__(16) float merge_shared[];
   const LowRankMergeJob& job = jobs[job0 + blockIdx.y];
-  const int64_t tile = blockIdx.x;
   auto a_s = reinterpret_cast<float (*)[kMergeCols]>(merge_shared);
   auto b_s = reinterpret_cast<float (*)[kBStride]>(merge_shared + kMaxRank * kMergeCols);
   float4* w_s = reinterpret_cast<float4*>(merge_shared + kMaxRank * kMergeCols +
                                           kMergeRows * kBStride);
-  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
-  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
-  if (tile >= col_tiles * row_tiles) return;  // uniform over the block
-  const int64_t row0 = (tile / col_tiles) * kMergeRows;
-  const int64_t col0 = (tile % col_tiles) * kMergeCols;
+  int64_t row0 = 0, col0 = 0;
+  if (!TileOrigin(job, blockIdx.x, &row0, &col0)) return;  // uniform over the block
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const bool bf16 = job.bf16 != 0;
@@ -149,25 +184,7 @@ __global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
                    ((reinterpret_cast<uintptr_t>(job.a) | reinterpret_cast<uintptr_t>(job.b)) &
                     15) == 0;
   if (kStageW && vec) {
-    // a and b straight into shared memory too (no registers held).
-    const int b4 = rank4 / 4;
-#pragma unroll
-    for (int u = 0; u < kAStage; ++u) {
-      const int f = threadIdx.x + u * kMergeThreads;
-      const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
-      if (k >= rank4) continue;
-      const bool valid = k < job.rank && col0 + c < job.cols;
-      CopyAsync(&a_s[k][c], valid ? job.a + k * job.cols + col0 + c : job.a, false, valid);
-    }
-#pragma unroll
-    for (int u = 0; u < kBStage; ++u) {
-      const int f = threadIdx.x + u * kMergeThreads;
-      const int row = f / b4, k = 4 * (f % b4);
-      if (row >= kMergeRows) continue;
-      const bool valid = row0 + row < job.rows;
-      CopyAsync(&b_s[row][k], valid ? job.b + (row0 + row) * job.rank + k : job.b, false,
-                valid);
-    }
+    StageFactorsAsync(job, row0, col0, rank4, a_s, b_s);  // no registers held
   } else if (vec) {
     // A tile: rank4 rows x 32 float4s; B tile: 64 rows x rank4 / 4 float4s.
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -315,6 +332,8 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4],
 // w, and from there to `out` in 8-byte stores. Why: the FMA kernel spends
 // ~750 instructions a thread, 512 of them FMAs at rank 16 (ncu, twenty-
 // second session); its staging also spreads bf16 w over 16-byte slots.
+// flan-t5-large's 144 sites: 225.1 us against its 294.3 (H200, Kineto,
+// twenty-third session).
 // kBlocksPerSm: 4 (64 registers, no spills; the default) or 3 (80;
 // LORAHUB_MERGE_MMA_3BLOCKS=1, A/B); shared memory allows 4.
 template <int kBlocksPerSm>
@@ -322,41 +341,21 @@ __global__ void __launch_bounds__(kMergeThreads, kBlocksPerSm)
     LowRankMergeMmaKernel(const LowRankMergeJob* jobs, int job0) {
   extern __shared__ __align__(16) float mma_shared[];
   const LowRankMergeJob& job = jobs[job0 + blockIdx.y];
-  const int64_t tile = blockIdx.x;
   auto a_s = reinterpret_cast<float (*)[kMmaAStride]>(mma_shared);
   auto b_s = reinterpret_cast<float (*)[kMmaBStride]>(mma_shared + kMaxRank * kMmaAStride);
   auto w_s = reinterpret_cast<__nv_bfloat16 (*)[kMmaWStride]>(
       mma_shared + kMaxRank * kMmaAStride + kMergeRows * kMmaBStride);
-  const int64_t col_tiles = (job.cols + kMergeCols - 1) / kMergeCols;
-  const int64_t row_tiles = (job.rows + kMergeRows - 1) / kMergeRows;
-  if (tile >= col_tiles * row_tiles) return;  // uniform over the block
-  const int64_t row0 = (tile / col_tiles) * kMergeRows;
-  const int64_t col0 = (tile % col_tiles) * kMergeCols;
+  int64_t row0 = 0, col0 = 0;
+  if (!TileOrigin(job, blockIdx.x, &row0, &col0)) return;  // uniform over the block
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t col = col0 + 4 * lane;
   const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
   const int rank16 = (job.rank + 15) & ~15;
-  const int b4 = rank16 / 4;
   const auto* w = static_cast<const __nv_bfloat16*>(job.w);
 
   // Copy groups: the factors, then w (waited for before the epilogue).
-#pragma unroll
-  for (int u = 0; u < kAStage; ++u) {
-    const int f = threadIdx.x + u * kMergeThreads;
-    const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
-    if (k >= rank16) continue;
-    const bool valid = k < job.rank && col0 + c < job.cols;
-    CopyAsync(&a_s[k][c], valid ? job.a + k * job.cols + col0 + c : job.a, false, valid);
-  }
-#pragma unroll
-  for (int u = 0; u < kBStage; ++u) {
-    const int f = threadIdx.x + u * kMergeThreads;
-    const int row = f / b4, k = 4 * (f % b4);
-    if (row >= kMergeRows) continue;
-    const bool valid = row0 + row < job.rows && k < job.rank;
-    CopyAsync(&b_s[row][k], valid ? job.b + (row0 + row) * job.rank + k : job.b, false, valid);
-  }
+  StageFactorsAsync(job, row0, col0, rank16, a_s, b_s);
   asm volatile("cp.async.commit_group;\n" ::);
 #pragma unroll
   for (int i = 0; i < kMergeRowsPerThread; ++i) {
@@ -477,9 +476,9 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
   static const bool w_in_registers = EnvSwitch("LORAHUB_MERGE_REGISTER_W");  // A/B
-  static const bool fma = EnvSwitch("LORAHUB_MERGE_FMA");  // A/B
-  const auto s = static_cast<cudaStream_t>(stream);
+  static const bool fma = EnvSwitch("LORAHUB_MERGE_FMA");                    // A/B
   static const bool three_blocks = EnvSwitch("LORAHUB_MERGE_MMA_3BLOCKS");  // A/B
+  const auto s = static_cast<cudaStream_t>(stream);
   if (tensor_cores && !fma && !w_in_registers && !scalar_staging) {
     return three_blocks ? LaunchMergeMma<3>(jobs, num_jobs, max_tiles, s)
                         : LaunchMergeMma<4>(jobs, num_jobs, max_tiles, s);

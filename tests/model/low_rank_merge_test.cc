@@ -43,6 +43,28 @@ class LowRankMergeTest : public ::testing::Test {
     return ((got.cpu().to(at::kDouble) - want).abs() / (size + 1e-30)).max().item<double>();
   }
 
+  struct Shape {
+    int64_t rows, cols, rank;
+  };
+  // Updates of these shapes: random w (of `dtype`), a and b (fp32), scale
+  // 0.37 x rank, out filled with 7 (so that an unwritten element shows);
+  // the w as they were in *before.
+  std::vector<LowRankUpdate> RandomUpdates(const std::vector<Shape>& shapes,
+                                           at::ScalarType dtype, std::vector<at::Tensor>* before) {
+    std::vector<LowRankUpdate> updates;
+    for (const Shape& s : shapes) {
+      LowRankUpdate u;
+      u.w = Random({s.rows, s.cols}, dtype);
+      u.out = at::full_like(u.w, 7.f);
+      u.a = Random({s.rank, s.cols}, at::kFloat);
+      u.b = Random({s.rows, s.rank}, at::kFloat);
+      u.scale = 0.37f * static_cast<float>(s.rank);
+      before->push_back(u.w.clone());
+      updates.push_back(u);
+    }
+    return updates;
+  }
+
   c10::Device device_ = c10::Device(c10::kCPU);
   at::Generator gen_ = at::detail::createCPUGenerator(17);
 };
@@ -52,20 +74,10 @@ TEST_F(LowRankMergeTest, MatchesTheDefinition) {
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
     // bf16 outputs are rounded once: half an ulp, 2^-9 relative.
     const double tol = dtype == at::kFloat ? 1e-5 : 1.0 / 256;
-    std::vector<LowRankUpdate> updates;
     std::vector<at::Tensor> before;
-    struct Shape { int64_t rows, cols, rank; };
-    for (Shape s : std::vector<Shape>{{1, 4, 1}, {63, 128, 3}, {64, 132, 4}, {130, 260, 16},
-                                      {200, 1024, 32}, {65, 8, 5}}) {
-      LowRankUpdate u;
-      u.w = Random({s.rows, s.cols}, dtype);
-      u.out = at::full_like(u.w, 7.f);
-      u.a = Random({s.rank, s.cols}, at::kFloat);
-      u.b = Random({s.rows, s.rank}, at::kFloat);
-      u.scale = 0.37f * static_cast<float>(s.rank);
-      before.push_back(u.w.clone());
-      updates.push_back(u);
-    }
+    std::vector<LowRankUpdate> updates = RandomUpdates(
+        {{1, 4, 1}, {63, 128, 3}, {64, 132, 4}, {130, 260, 16}, {200, 1024, 32}, {65, 8, 5}},
+        dtype, &before);
     LowRankMerge merge(updates);
     EXPECT_EQ(merge.fused(), cuda);
     EXPECT_FALSE(merge.tensor_cores());  // fp32, or ranks 1, 3 and 5
@@ -91,20 +103,10 @@ TEST_F(LowRankMergeTest, MatchesTheDefinition) {
 // (H200, twenty-third session).
 TEST_F(LowRankMergeTest, TensorCoresMatchTheDefinition) {
   const bool cuda = device_.is_cuda() && FusedKernelsEnabled();
-  std::vector<LowRankUpdate> updates;
   std::vector<at::Tensor> before;
-  struct Shape { int64_t rows, cols, rank; };
-  for (Shape s : std::vector<Shape>{{1, 4, 4}, {63, 128, 8}, {64, 132, 12}, {130, 260, 16},
-                                    {200, 1024, 32}, {65, 8, 20}}) {
-    LowRankUpdate u;
-    u.w = Random({s.rows, s.cols}, at::kBFloat16);
-    u.out = at::full_like(u.w, 7.f);
-    u.a = Random({s.rank, s.cols}, at::kFloat);
-    u.b = Random({s.rows, s.rank}, at::kFloat);
-    u.scale = 0.37f * static_cast<float>(s.rank);
-    before.push_back(u.w.clone());
-    updates.push_back(u);
-  }
+  const std::vector<LowRankUpdate> updates = RandomUpdates(
+      {{1, 4, 4}, {63, 128, 8}, {64, 132, 12}, {130, 260, 16}, {200, 1024, 32}, {65, 8, 20}},
+      at::kBFloat16, &before);
   LowRankMerge merge(updates);
   EXPECT_EQ(merge.fused(), cuda);
   EXPECT_EQ(merge.tensor_cores(), cuda);
