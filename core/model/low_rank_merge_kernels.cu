@@ -1,11 +1,13 @@
-// The kernel of fused_kernels.h LaunchLowRankMerge. Compiled by nvcc in the
+// The kernels of fused_kernels.h LaunchLowRankMerge. Compiled by nvcc in the
 // CMake build only.
 //
 // Why: the objective runner evaluates one candidate at a time through the
 // composed adapter merged into the weights (objective_runner.h), which
 // takes the 146 LoRA GEMMs of an evaluation out of the forward pass. The
 // merge itself is bound by memory (each weight read and written once, 4
-// bytes per element in bf16); here it is one launch for all sites.
+// bytes per element in bf16); here it is one launch for all sites, on the
+// tensor cores where every update is bf16 (LowRankMergeMmaKernel), else on
+// fp32 FMAs (LowRankMergeKernel).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -58,18 +60,17 @@ __device__ __forceinline__ float Merged(float w, float scale, float acc) {
 constexpr int kAStage = kMaxRank * kMergeCols / 4 / kMergeThreads;  // 4
 constexpr int kBStage = kMergeRows * kMaxRank / 4 / kMergeThreads;  // 2
 
-// Block (tile, job): a tile of kMergeRows x kMergeCols outputs. Lane l of
-// warp v owns columns 4l..4l+3 of rows v, v + 8, ...; its weights are
-// loaded before the factors are staged, so those loads are in flight
-// meanwhile. The factors' tiles are staged in shared memory, zero past the
-// edges and up to a multiple of 4 ranks. `vec_staging` (factors 16-byte
-// aligned, rank a multiple of 4): each thread's factor loads are float4s
-// all issued before any is stored. Why: the scalar staging loops (kept for
-// other factors and LORAHUB_MERGE_SCALAR_STAGING=1) loaded and stored one
-// float at a time, 8 + 4 loads one after another per thread at rank 16:
-// the merge of an objective evaluation ran at 1.2 TB/s, 498 us (nineteenth
-// session), far from its bytes' ~140 us.
-// The tile of w in shared memory (kStageW): one 16-byte slot per (row,
+// Block (tile, job): a tile of kMergeRows x kMergeCols outputs. In the FMA
+// kernel lane l of warp v owns columns 4l..4l+3 of rows v, v + 8, ... The
+// factors' tiles are staged in shared memory, zero past the edges and up to
+// a multiple of 4 ranks (16 for the tensor cores). `vec_staging` (factors
+// 16-byte aligned, rank a multiple of 4): 16-byte cp.async copies. Why: the
+// scalar staging loops (kept for other factors and
+// LORAHUB_MERGE_SCALAR_STAGING=1) loaded and stored one float at a time,
+// 8 + 4 loads one after another per thread at rank 16: the merge of an
+// objective evaluation ran at 1.2 TB/s, 498 us (nineteenth session), far
+// from its bytes' ~140 us.
+// The FMA kernel's tile of w in shared memory: one 16-byte slot per (row,
 // lane), a lane's 4 values (fp32: the whole slot, bf16: its first half).
 constexpr int kWSlots = kMergeRows * 32;
 
@@ -85,13 +86,9 @@ __device__ __forceinline__ void CopyAsync(void* dst, const void* src, bool bf16,
   }
 }
 
-// Dynamic shared memory of LowRankMergeKernel<kStageW>: a and b staged, and
-// with kStageW the tile of w.
-template <bool kStageW>
-constexpr size_t MergeSharedBytes() {
-  return sizeof(float) * (kMaxRank * kMergeCols + kMergeRows * kBStride) +
-         (kStageW ? 16 * kWSlots : 0);
-}
+// Dynamic shared memory of LowRankMergeKernel: a, b and the tile of w.
+constexpr size_t kMergeSharedBytes =
+    sizeof(float) * (kMaxRank * kMergeCols + kMergeRows * kBStride) + 16 * kWSlots;
 
 // The first row and column of block tile `tile` of a job (row-major over
 // the job's tiles); false past its last tile.
@@ -132,15 +129,14 @@ __device__ __forceinline__ void StageFactorsAsync(const LowRankMergeJob& job, in
   }
 }
 
-// One block a tile. kStageW (the default; LORAHUB_MERGE_REGISTER_W=1 for
-// the other, A/B): the tile of w, and a and b, go to shared memory by
-// cp.async instead of through registers. Why: held in registers, w took the
-// kernel to 113-118 registers, two blocks an SM, 32 KB of w in flight per SM
-// (ncu, twenty-first session: 1.45 TB/s, 25% occupancy); staged, 80
-// registers and three blocks an SM: flan-t5-large's 144 sites in 294-315 us
-// against 409-410 (H200, Kineto, twenty-second session).
-template <bool kStageW>
-__global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
+// One block a tile, products on fp32 FMAs. The tile of w, and a and b, go
+// to shared memory by cp.async, not through registers. Why: held in
+// registers, w took the kernel to 113-118 registers, two blocks an SM,
+// 32 KB of w in flight per SM (ncu, twenty-first session: 1.45 TB/s, 25%
+// occupancy); staged, 80 registers and three blocks an SM: flan-t5-large's
+// 144 sites in 294-315 us against 409-410 (H200, Kineto, twenty-second
+// session).
+__global__ void __launch_bounds__(kMergeThreads, 3)
     LowRankMergeKernel(const LowRankMergeJob* jobs, int job0, bool vec_staging) {
   extern __shared__ __align__(16) float merge_shared[];
   const LowRankMergeJob& job = jobs[job0 + blockIdx.y];
@@ -156,68 +152,12 @@ __global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
   const int64_t col = col0 + 4 * lane;
   const bool col_ok = col < job.cols;  // cols % 4 == 0: all four or none
 
-  // The tile of w: into registers, or (kStageW) into w_s by cp.async, as
-  // the last copy group (issued after a and b, so that waiting for those
-  // does not wait for it).
-  float4 w[kStageW ? 1 : kMergeRowsPerThread];
-  const auto load_w = [&] {
-#pragma unroll
-    for (int i = 0; i < kMergeRowsPerThread; ++i) {
-      const int64_t row = row0 + warp + kMergeWarps * i;
-      const bool valid = col_ok && row < job.rows;
-      if constexpr (kStageW) {
-        const int slot = (warp + kMergeWarps * i) * 32 + lane;
-        const int64_t e = valid ? row * job.cols + col : 0;
-        CopyAsync(&w_s[slot],
-                  bf16 ? static_cast<const void*>(static_cast<const __nv_bfloat16*>(job.w) + e)
-                       : static_cast<const void*>(static_cast<const float*>(job.w) + e),
-                  bf16, valid);
-      } else {
-        w[i] = valid ? LoadFour(job.w, bf16, row * job.cols + col)
-                     : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    }
-  };
-  if constexpr (!kStageW) load_w();
   const int rank4 = (job.rank + 3) & ~3;
   const bool vec = vec_staging && job.rank % 4 == 0 &&
                    ((reinterpret_cast<uintptr_t>(job.a) | reinterpret_cast<uintptr_t>(job.b)) &
                     15) == 0;
-  if (kStageW && vec) {
-    StageFactorsAsync(job, row0, col0, rank4, a_s, b_s);  // no registers held
-  } else if (vec) {
-    // A tile: rank4 rows x 32 float4s; B tile: 64 rows x rank4 / 4 float4s.
-    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-    const int b4 = rank4 / 4;
-    float4 av[kAStage], bv[kBStage];
-#pragma unroll
-    for (int u = 0; u < kAStage; ++u) {
-      const int f = threadIdx.x + u * kMergeThreads;
-      const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
-      av[u] = k < job.rank && col0 + c < job.cols
-                  ? *reinterpret_cast<const float4*>(job.a + k * job.cols + col0 + c)
-                  : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < kBStage; ++u) {
-      const int f = threadIdx.x + u * kMergeThreads;
-      const int row = f / b4, k = 4 * (f % b4);
-      bv[u] = row < kMergeRows && row0 + row < job.rows
-                  ? *reinterpret_cast<const float4*>(job.b + (row0 + row) * job.rank + k)
-                  : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < kAStage; ++u) {
-      const int f = threadIdx.x + u * kMergeThreads;
-      const int k = f / (kMergeCols / 4);
-      if (k < rank4) *reinterpret_cast<float4*>(&a_s[k][4 * (f % (kMergeCols / 4))]) = av[u];
-    }
-#pragma unroll
-    for (int u = 0; u < kBStage; ++u) {
-      const int f = threadIdx.x + u * kMergeThreads;
-      const int row = f / b4;
-      if (row < kMergeRows) *reinterpret_cast<float4*>(&b_s[row][4 * (f % b4)]) = bv[u];
-    }
+  if (vec) {
+    StageFactorsAsync(job, row0, col0, rank4, a_s, b_s);
   } else {
     for (int i = threadIdx.x; i < rank4 * kMergeCols; i += kMergeThreads) {
       const int k = i / kMergeCols;
@@ -231,12 +171,22 @@ __global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
           k < job.rank && row0 + row < job.rows ? job.b[(row0 + row) * job.rank + k] : 0.f;
     }
   }
-  if constexpr (kStageW) {
-    asm volatile("cp.async.commit_group;\n" ::);  // a and b (if staged so)
-    load_w();
-    asm volatile("cp.async.commit_group;\n" ::);
-    asm volatile("cp.async.wait_group 1;\n" ::);  // a and b landed, w may not have
+  asm volatile("cp.async.commit_group;\n" ::);  // a and b (if staged so)
+  // The tile of w into w_s, the last copy group (so that waiting for a and
+  // b does not wait for it).
+#pragma unroll
+  for (int i = 0; i < kMergeRowsPerThread; ++i) {
+    const int64_t row = row0 + warp + kMergeWarps * i;
+    const bool valid = col_ok && row < job.rows;
+    const int slot = (warp + kMergeWarps * i) * 32 + lane;
+    const int64_t e = valid ? row * job.cols + col : 0;
+    CopyAsync(&w_s[slot],
+              bf16 ? static_cast<const void*>(static_cast<const __nv_bfloat16*>(job.w) + e)
+                   : static_cast<const void*>(static_cast<const float*>(job.w) + e),
+              bf16, valid);
   }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 1;\n" ::);  // a and b landed, w may not have
   __syncthreads();
 
   float4 acc[kMergeRowsPerThread];
@@ -259,19 +209,14 @@ __global__ void __launch_bounds__(kMergeThreads, kStageW ? 3 : 1)
       }
     }
   }
-  if constexpr (kStageW) asm volatile("cp.async.wait_all;\n" ::);  // this thread's own copies
+  asm volatile("cp.async.wait_all;\n" ::);  // this thread's own copies
   if (!col_ok) return;
   const float s = job.scale;
 #pragma unroll
   for (int i = 0; i < kMergeRowsPerThread; ++i) {
     const int64_t row = row0 + warp + kMergeWarps * i;
     if (row >= job.rows) break;
-    float4 wi;
-    if constexpr (kStageW) {
-      wi = LoadFour(&w_s[(warp + kMergeWarps * i) * 32 + lane], bf16, 0);
-    } else {
-      wi = w[i];
-    }
+    const float4 wi = LoadFour(&w_s[(warp + kMergeWarps * i) * 32 + lane], bf16, 0);
     const float4 v = make_float4(Merged(wi.x, s, acc[i].x), Merged(wi.y, s, acc[i].y),
                                  Merged(wi.z, s, acc[i].z), Merged(wi.w, s, acc[i].w));
     StoreFour(job.out, bf16, row * job.cols + col, v);
@@ -425,45 +370,44 @@ int64_t LowRankMergeTiles(int64_t rows, int64_t cols) {
 
 namespace {
 
-// The launches of one kernel variant over all jobs (grid.y: jobs from job0).
-template <bool kStageW>
-int LaunchMergeVariant(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                       bool vec_staging, cudaStream_t stream) {
-  int device = 0;
-  const DeviceLimits* limits = CurrentDeviceLimits(&device);
-  if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
-  constexpr size_t shared = MergeSharedBytes<kStageW>();
-  if (static_cast<int64_t>(shared) > limits->shared_optin) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  const int opt_in =
-      OptInShared<LowRankMergeKernel<kStageW>>(shared, device, limits->shared_optin);
-  if (opt_in != 0) return opt_in;
+// `launch(job0, n)` for every chunk of n <= kMaxGridY jobs from job0 (a
+// grid's y), then the launch's error; the first error ends it.
+template <typename Launch>
+int LaunchOverJobs(int num_jobs, Launch launch) {
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
-    const int here = std::min(kMaxGridY, num_jobs - job0);
-    LowRankMergeKernel<kStageW>
-        <<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, shared, stream>>>(
-            jobs, job0, vec_staging);
+    launch(job0, std::min(kMaxGridY, num_jobs - job0));
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }
   return 0;
 }
 
-// The launches of LowRankMergeMmaKernel over all jobs (grid.y: jobs from job0).
+int LaunchMergeFma(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
+                   bool vec_staging, cudaStream_t stream) {
+  int device = 0;
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
+  if (limits == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  if (static_cast<int64_t>(kMergeSharedBytes) > limits->shared_optin) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const int opt_in =
+      OptInShared<LowRankMergeKernel>(kMergeSharedBytes, device, limits->shared_optin);
+  if (opt_in != 0) return opt_in;
+  return LaunchOverJobs(num_jobs, [&](int job0, int n) {
+    LowRankMergeKernel<<<dim3(static_cast<unsigned>(max_tiles), n), kMergeThreads,
+                         kMergeSharedBytes, stream>>>(jobs, job0, vec_staging);
+  });
+}
+
 template <int kBlocksPerSm>
 int LaunchMergeMma(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
                    cudaStream_t stream) {
   static_assert(kMmaSharedBytes <= kDefaultShared, "no opt-in needed");
-  for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
-    const int here = std::min(kMaxGridY, num_jobs - job0);
+  return LaunchOverJobs(num_jobs, [&](int job0, int n) {
     LowRankMergeMmaKernel<kBlocksPerSm>
-        <<<dim3(static_cast<unsigned>(max_tiles), here), kMergeThreads, kMmaSharedBytes,
+        <<<dim3(static_cast<unsigned>(max_tiles), n), kMergeThreads, kMmaSharedBytes,
            stream>>>(jobs, job0);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
-  return 0;
+  });
 }
 
 }  // namespace
@@ -475,17 +419,14 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
   static const bool scalar_staging = EnvSwitch("LORAHUB_MERGE_SCALAR_STAGING");
-  static const bool w_in_registers = EnvSwitch("LORAHUB_MERGE_REGISTER_W");  // A/B
   static const bool fma = EnvSwitch("LORAHUB_MERGE_FMA");                    // A/B
   static const bool three_blocks = EnvSwitch("LORAHUB_MERGE_MMA_3BLOCKS");  // A/B
   const auto s = static_cast<cudaStream_t>(stream);
-  if (tensor_cores && !fma && !w_in_registers && !scalar_staging) {
+  if (tensor_cores && !fma && !scalar_staging) {
     return three_blocks ? LaunchMergeMma<3>(jobs, num_jobs, max_tiles, s)
                         : LaunchMergeMma<4>(jobs, num_jobs, max_tiles, s);
   }
-  return w_in_registers
-             ? LaunchMergeVariant<false>(jobs, num_jobs, max_tiles, !scalar_staging, s)
-             : LaunchMergeVariant<true>(jobs, num_jobs, max_tiles, !scalar_staging, s);
+  return LaunchMergeFma(jobs, num_jobs, max_tiles, !scalar_staging, s);
 }
 
 }  // namespace lorahub::model::kernels
