@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <set>
 #include <string>
@@ -143,7 +144,10 @@ INSTANTIATE_TEST_SUITE_P(KillDelaysMs, CrashTest,
   StoreOptions options = OptionsFor(path);
   options.busy_timeout = absl::Seconds(30);
   auto store = Store::Open(options);
-  if (!store.ok()) _exit(20);
+  if (!store.ok()) {
+    std::fprintf(stderr, "worker %s: %s\n", prefix.c_str(), store.status().ToString().c_str());
+    _exit(20);
+  }
   for (int i = 0; i < own_jobs; ++i) {
     std::string id = absl::StrCat(prefix, i);
     if (!(*store)->InsertJob({id, id, "{}", i % 4}).ok()) _exit(21);
