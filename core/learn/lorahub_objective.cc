@@ -166,8 +166,8 @@ absl::StatusOr<std::vector<double>> LoraHubObjective::Losses(const model::Adapte
   std::vector<int64_t> slots(count);
   for (int64_t c = 0; c < count; ++c) slots[c] = c;
   const int64_t rows = count * static_cast<int64_t>(examples_.size());
-  const int64_t max_rows = model::RowsPerChunk(
-      options_.score.max_rows, static_cast<int64_t>(examples_.size()));
+  const int64_t max_rows =
+      model::RowsPerPass(options_.score, examples_, base_->device.is_cuda());
   stats_.forward_passes += (rows + max_rows - 1) / max_rows;
   return model::ScoreCandidates(*base_, &bank, slots, examples_, options_.score);
 }

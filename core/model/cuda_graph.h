@@ -55,6 +55,16 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
 // CPU build.
 int64_t DeviceMemoryBytes(c10::Device device);
 
+// Bytes of tensors held in LibTorch's caching allocator on a CUDA device:
+// now, and the most since the last ResetDevicePeakMemory (graph pools
+// included). Both 0 for any other device or in a CPU build.
+struct DeviceMemoryInUse {
+  int64_t current = 0;
+  int64_t peak = 0;
+};
+DeviceMemoryInUse DeviceMemoryAllocated(c10::Device device);
+void ResetDevicePeakMemory(c10::Device device);
+
 // Waits until all work queued on `device` has finished (timing). No-op on
 // the CPU.
 void SynchronizeDevice(c10::Device device);

@@ -4,6 +4,7 @@
 // (Debian's LibTorch has no CUDA).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -122,6 +123,20 @@ int64_t DeviceMemoryBytes(c10::Device device) {
     return 0;
   }
   return static_cast<int64_t>(props.totalGlobalMem);
+}
+
+DeviceMemoryInUse DeviceMemoryAllocated(c10::Device device) {
+  if (!device.is_cuda()) return {};
+  c10::cuda::CUDAGuard guard(device);
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(guard.current_device().index());
+  const auto& bytes = stats.allocated_bytes[0];  // StatType::AGGREGATE
+  return {bytes.current, bytes.peak};
+}
+
+void ResetDevicePeakMemory(c10::Device device) {
+  if (!device.is_cuda()) return;
+  c10::cuda::CUDAGuard guard(device);
+  c10::cuda::CUDACachingAllocator::resetPeakStats(guard.current_device().index());
 }
 
 void SynchronizeDevice(c10::Device device) {

@@ -19,6 +19,10 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
 
 int64_t DeviceMemoryBytes(c10::Device /*device*/) { return 0; }
 
+DeviceMemoryInUse DeviceMemoryAllocated(c10::Device) { return {}; }
+
+void ResetDevicePeakMemory(c10::Device) {}
+
 void SynchronizeDevice(c10::Device device) {
   if (device.is_cpu()) return;
   // A device this build cannot drive has no queued work of ours; a tiny

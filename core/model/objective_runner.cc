@@ -122,7 +122,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     PadExamples(examples, true, weights.config.pad_token_id, labels, label_mask);
     labels = labels.masked_fill(label_mask == 0, -100);
     const int64_t total = C * n;
-    const int64_t max_rows = RowsPerChunk(options.score.max_rows, n);
+    const int64_t max_rows = RowsPerPass(options.score, examples, weights.device.is_cuda());
     for (int64_t start = 0; start < total; start += max_rows) {
       const int64_t rows_here = std::min(max_rows, total - start);
       std::vector<int64_t> ex_idx(rows_here), slots(rows_here);

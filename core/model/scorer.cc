@@ -56,6 +56,18 @@ int64_t RowsPerChunk(int64_t max_rows, int64_t num_examples) {
   return max_rows / num_examples * num_examples;
 }
 
+int64_t RowsPerPass(const ScoreOptions& options,
+                    const std::vector<Example>& examples, bool cuda) {
+  const int64_t n = static_cast<int64_t>(examples.size());
+  int64_t max_rows = options.max_rows;
+  if (max_rows <= 0) {
+    size_t longest = 1;
+    for (const Example& e : examples) longest = std::max(longest, e.input_ids.size());
+    max_rows = cuda ? kAutoPassTokens / static_cast<int64_t>(longest) : kCpuPassRows;
+  }
+  return RowsPerChunk(max_rows, n);
+}
+
 absl::StatusOr<std::vector<double>> ScoreCandidates(
     const T5Weights& w, const AdapterBank* bank,
     const std::vector<int64_t>& candidate_slots,
@@ -65,7 +77,7 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
   if (candidate_slots.empty()) return std::vector<double>{};
   const int64_t n = static_cast<int64_t>(examples.size());
   const int64_t C = static_cast<int64_t>(candidate_slots.size());
-  const int64_t max_rows = RowsPerChunk(options.max_rows, n);
+  const int64_t max_rows = RowsPerPass(options, examples, w.device.is_cuda());
   try {
     at::Tensor ids, mask, labels, label_mask;
     PadExamples(examples, false, w.config.pad_token_id, ids, mask);

@@ -27,9 +27,27 @@ struct Example {
 };
 
 struct ScoreOptions {
-  int batch_size = 0;     // examples per reference batch; <= 0: all in one
-  int64_t max_rows = 64;  // rows per forward pass (memory bound)
+  int batch_size = 0;  // examples per reference batch; <= 0: all in one
+  // Rows per forward pass: a memory bound, and on a device shared with
+  // serving how long one pass holds it. 0: automatic (RowsPerPass).
+  int64_t max_rows = 0;
 };
+
+// Automatic rows per pass (ScoreOptions::max_rows = 0): on CUDA, as many as
+// keep a pass within kAutoPassTokens padded input tokens; on the CPU,
+// kCpuPassRows. Why tokens: activations grow with rows times the padded
+// input length. Why this budget: on an H200 a CMA-ES population of 64
+// candidates of 5 examples of 72 tokens scored 906 candidates/s in passes
+// of 60 rows and 1,123 in one pass of 320 rows (23,040 tokens); 640 rows
+// (46,080 tokens) scored no more (docs/BENCHMARKS.md, twenty-fourth session).
+inline constexpr int64_t kAutoPassTokens = 32768;
+inline constexpr int64_t kCpuPassRows = 64;
+
+// Rows per forward pass of `examples` under `options` (the automatic choice
+// above where options.max_rows is 0; `cuda`: the model is on a CUDA device),
+// cut to whole candidates by RowsPerChunk. At least 1.
+int64_t RowsPerPass(const ScoreOptions& options,
+                    const std::vector<Example>& examples, bool cuda);
 
 // Rows per forward pass for `max_rows` and `num_examples` rows per candidate:
 // whole candidates (the largest multiple of num_examples not above max_rows)

@@ -4,7 +4,7 @@
 //   lorahub bench --model DIR --adapter DIR... --examples FILE.jsonl [--prompts FILE.jsonl]
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--reps 30] [--warmup 3]
 //     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640]
-//     [--gen-batch 64] [--gen-tokens 32] [--gen-sweep 1,8,64] [--batch-size N] [--max-rows 64]
+//     [--gen-batch 64] [--gen-tokens 32] [--gen-sweep 1,8,64] [--batch-size N] [--max-rows 0 (automatic)]
 //     [--no-fast-path] [--profile-out FILE] [--json]
 //
 // Prints (always JSON; --json is accepted for symmetry with the other commands):
@@ -289,7 +289,7 @@ absl::Status Run(const Args& args) {
   LH_ASSIGN_OR_RETURN(int64_t gen_tokens, IntFlag(args, "gen-tokens", 32, 1, 8192));
   LH_ASSIGN_OR_RETURN(std::vector<int64_t> gen_sweep, ParseGenSweep(args));
   LH_ASSIGN_OR_RETURN(int64_t batch_size, IntFlag(args, "batch-size", 0, 0, 1 << 20));
-  LH_ASSIGN_OR_RETURN(int64_t max_rows, IntFlag(args, "max-rows", 64, 1, 1 << 20));
+  LH_ASSIGN_OR_RETURN(int64_t max_rows, IntFlag(args, "max-rows", 0, 0, 1 << 20));
   LH_ASSIGN_OR_RETURN(model::WeightOptions wopts, ParseWeightOptions(args));
   const std::string profile_out = args.Get("profile-out").value_or("");
   if (args.Has("profile-out") && profile_out.empty()) {
@@ -412,11 +412,14 @@ absl::Status Run(const Args& args) {
     popts.budget = static_cast<int>(cmaes_budget);
     popts.population = static_cast<int>(population);
     // Build (and capture) the population-sized runner outside the timing.
+    model::ResetDevicePeakMemory(base.device);
+    const int64_t in_use_before = model::DeviceMemoryAllocated(base.device).current;
     std::vector<learn::Candidate> batch;
     for (int64_t i = 0; i < population; ++i) batch.push_back(random_w());
     LH_RETURN_IF_ERROR(objective.Score(batch).status());
     LH_ASSIGN_OR_RETURN(auto cmaes, learn::MakeOptimizer("cmaes", popts));
     const int64_t before = objective.stats().evaluations;
+    const int64_t passes_before = objective.stats().forward_passes;
     t0 = Now();
     LH_ASSIGN_OR_RETURN(learn::OptimizerResult r, cmaes->Minimize(objective.AsBatchObjective()));
     const double secs = Now() - t0;
@@ -424,6 +427,13 @@ absl::Status Run(const Args& args) {
     out["cmaes_candidates_per_second"] = secs > 0 ? static_cast<double>(evals) / secs : 0;
     out["cmaes_evaluations"] = evals;
     out["cmaes_population"] = population;
+    out["cmaes_forward_passes"] = objective.stats().forward_passes - passes_before;
+    out["score_rows_per_pass"] =
+        model::RowsPerPass(oopts.score, examples, base.device.is_cuda());
+    // What the population's runner and passes add to the device memory in
+    // use before them (model, COBYLA's runner): its build, capture and CMA-ES.
+    out["cmaes_peak_added_bytes"] =
+        model::DeviceMemoryAllocated(base.device).peak - in_use_before;
     out["cmaes_best_score"] = r.best_score;
   }
   out["engine"] = objective.EngineDescription();

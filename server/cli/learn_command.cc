@@ -168,9 +168,9 @@ absl::Status Run(const Args& args) {
     return absl::InvalidArgumentError("--batch-size must be >= 1");
   }
   oopts.score.batch_size = static_cast<int>(std::min<long long>(*batch_size, 1 << 30));
-  auto max_rows = args.GetInt("max-rows", 64);
-  if (*max_rows < 1 || *max_rows > (1 << 20)) {
-    return absl::InvalidArgumentError("--max-rows must be in [1, 1048576]");
+  auto max_rows = args.GetInt("max-rows", 0);  // 0: automatic (scorer.h RowsPerPass)
+  if (*max_rows < 0 || *max_rows > (1 << 20)) {
+    return absl::InvalidArgumentError("--max-rows must be in [0, 1048576] (0: automatic)");
   }
   oopts.score.max_rows = *max_rows;
   auto max_new = args.GetInt("max-new-tokens", 32);

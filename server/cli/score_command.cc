@@ -134,10 +134,10 @@ absl::Status Run(const Args& args) {
   if (args.Has("batch-size") && *batch_size < 1) {
     return absl::InvalidArgumentError("--batch-size must be >= 1");
   }
-  auto max_rows = args.GetInt("max-rows", 64);
+  auto max_rows = args.GetInt("max-rows", 0);  // 0: automatic (scorer.h RowsPerPass)
   if (!max_rows.ok()) return max_rows.status();
-  if (*max_rows < 1)
-    return absl::InvalidArgumentError("--max-rows must be >= 1");
+  if (*max_rows < 0)
+    return absl::InvalidArgumentError("--max-rows must be >= 0 (0: automatic)");
   std::vector<double> weights;
   if (args.Has("weights")) {
     auto w = model::ParseWeightList(*args.Get("weights"));

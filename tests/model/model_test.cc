@@ -359,6 +359,23 @@ TEST_P(EngineTest, BatchedCandidateScoringEqualsEachAlone) {
   EXPECT_EQ(RowsPerChunk(5, 5), 5);
   EXPECT_EQ(RowsPerChunk(3, 5), 3);
   EXPECT_EQ(RowsPerChunk(0, 5), 1);
+  // Automatic rows per pass (max_rows 0): a token budget on CUDA, 64 rows on
+  // the CPU, whole candidates either way; an explicit max_rows wins.
+  auto of_length = [](size_t longest) {
+    std::vector<Example> e(5, Example{std::vector<int64_t>(3, 7), {1}});
+    e[2].input_ids.assign(longest, 7);
+    return e;
+  };
+  ScoreOptions automatic;
+  EXPECT_EQ(automatic.max_rows, 0);
+  EXPECT_EQ(RowsPerPass(automatic, of_length(72), /*cuda=*/true), 455);   // 32768 / 72 = 455
+  EXPECT_EQ(RowsPerPass(automatic, of_length(100), /*cuda=*/true), 325);  // 327, cut to 5s
+  EXPECT_EQ(RowsPerPass(automatic, of_length(72), /*cuda=*/false), 60);
+  EXPECT_EQ(RowsPerPass(automatic, of_length(40000), /*cuda=*/true), 1);
+  ScoreOptions explicit_rows;
+  explicit_rows.max_rows = 64;
+  EXPECT_EQ(RowsPerPass(explicit_rows, of_length(72), /*cuda=*/true), 60);
+  EXPECT_EQ(RowsPerPass(explicit_rows, of_length(72), /*cuda=*/false), 60);
   // Candidate 0 (all-zero weights) is the base model.
   ScoreOptions opt;
   auto base_loss = ScoreCandidates(base_, nullptr, {-1}, ex, opt);
