@@ -246,10 +246,11 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
 // Many heads of the encoder's lengths, as an objective's population pass
 // and a batch of prompts run them: on CUDA the register-tiled kernel in
 // blocks of 16 x 16 threads with 5 queries per thread (16 x 16 and 60 x 16
-// heads of 72, the latter a population pass) and of 8 x 16 threads with 3
-// (4 x 8 heads of 100 and 45: fewer heads than SMs), keys of several tiles
-// (72; 100: 7 x 16 keys; 45), bias per row
-// [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values.
+// heads of 72, the latter a population pass; 160 heads of 100 keys, 144 of
+// 45, 136 of 128 and of 33) and of 8 x 16 threads with 3 (4 x 8 heads of
+// 100 and 45: fewer heads than SMs), keys of 3 to 8 tiles of 16, bias per
+// row [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values. The
+// bf16-output launch rounds the same fp32 context once.
 TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
   at::manual_seed(11);
   const double min_value =
@@ -259,7 +260,9 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
     bool bias_per_row;
   };
   for (const Shape& s : {Shape{16, 16, 72, true}, Shape{60, 16, 72, false},
-                         Shape{4, 8, 100, false}, Shape{4, 8, 45, true}}) {
+                         Shape{4, 8, 100, false}, Shape{4, 8, 45, true},
+                         Shape{40, 4, 100, true}, Shape{36, 4, 45, false},
+                         Shape{17, 8, 128, true}, Shape{34, 4, 33, false}}) {
     SCOPED_TRACE(::testing::Message() << s.B << " x " << s.H << " heads, S " << s.S);
     const int64_t d = 64, inner = s.H * d;
     const at::Tensor y = at::randn({s.B, s.S, 3 * inner}, F32()) * 0.5;
@@ -274,7 +277,9 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
     }
     const at::Tensor bias =
         at::randn({s.bias_per_row ? s.B : 1, s.H, s.S, s.S}, F32()) * 2.0 + mask;
-    EXPECT_LT(RelDiff(GeneralAttention(q, k, v, bias), Reference(q, k, v, bias)), 1e-5);
+    const at::Tensor got = GeneralAttention(q, k, v, bias);
+    EXPECT_LT(RelDiff(got, Reference(q, k, v, bias)), 1e-5);
+    EXPECT_TRUE(at::equal(Attention(q, k, v, bias, at::kBFloat16), got.to(at::kBFloat16)));
     const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16),
                      vb = v.to(at::kBFloat16);
     EXPECT_LT(RelDiff(GeneralAttention(qb, kb, vb, bias).to(at::kFloat),
