@@ -222,7 +222,17 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
     // Every candidate the objective scores, in order: evaluation i (1-based)
     // of the progress callback is seen[i - 1].
     std::vector<learn::Candidate> seen;
-    learn::BatchObjective inner = objective->AsBatchObjective();
+    // The objective, counting its scoring passes (each holds the device).
+    learn::BatchObjective inner =
+        [&, score = objective->AsBatchObjective()](const std::vector<learn::Candidate>& c) {
+          const int64_t passes_before = objective->stats().forward_passes;
+          absl::StatusOr<std::vector<double>> r = score(c);
+          if (options_.metrics) {
+            options_.metrics->AddComposePasses(objective->stats().forward_passes -
+                                               passes_before);
+          }
+          return r;
+        };
     const size_t num_examples = std::max<size_t>(1, spec->examples.size());
     const size_t chunk = std::max<size_t>(
         1, static_cast<size_t>(std::max(1, options_.max_rows)) / num_examples);

@@ -315,6 +315,12 @@ void ServiceMetrics::Build() {
                       .Help("Objective evaluations run by compose jobs.")
                       .Register(reg)
                       .Add({});
+  compose_passes_ = &prometheus::BuildCounter()
+                         .Name("lorahub_compose_forward_passes_total")
+                         .Help("Scoring passes (batches of rows through the model) run by "
+                               "compose jobs.")
+                         .Register(reg)
+                         .Add({});
   auto& job_duration =
       prometheus::BuildHistogram()
           .Name("lorahub_compose_job_duration_seconds")
@@ -487,6 +493,9 @@ void ServiceMetrics::SetJobsInState(JobState state, int64_t count) {
 }
 void ServiceMetrics::AddEvaluations(int64_t count) {
   if (count > 0) evaluations_->Increment(static_cast<double>(count));
+}
+void ServiceMetrics::AddComposePasses(int64_t count) {
+  if (count > 0) compose_passes_->Increment(static_cast<double>(count));
 }
 void ServiceMetrics::ObserveJobDuration(JobState final_state, double seconds) {
   const int i = FinalStateIndex(final_state);

@@ -169,6 +169,10 @@ class ServiceMetrics {
   void SetJobsInState(JobState state, int64_t count);
   // Adds `count` objective evaluations (lorahub_compose_evaluations_total).
   void AddEvaluations(int64_t count);
+  // Adds `count` scoring passes of compose jobs
+  // (lorahub_compose_forward_passes_total): each holds the device between
+  // two decoding steps (lorahub serve --compose-max-rows sizes them).
+  void AddComposePasses(int64_t count);
   // A job ended in `final_state` (succeeded, failed or cancelled; others are
   // ignored) after `seconds` from start of running to the end:
   // lorahub_compose_job_duration_seconds{state}.
@@ -230,6 +234,7 @@ class ServiceMetrics {
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};
   prometheus::Counter* evaluations_ = nullptr;
+  prometheus::Counter* compose_passes_ = nullptr;
   std::array<prometheus::Histogram*, 3> job_duration_{};  // succ/fail/cancel.
 
   std::array<prometheus::Counter*, kNumTiers> cache_hits_{};

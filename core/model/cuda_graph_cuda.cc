@@ -128,7 +128,8 @@ int64_t DeviceMemoryBytes(c10::Device device) {
 DeviceMemoryInUse DeviceMemoryAllocated(c10::Device device) {
   if (!device.is_cuda()) return {};
   c10::cuda::CUDAGuard guard(device);
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(guard.current_device().index());
+  const auto stats =
+      c10::cuda::CUDACachingAllocator::getDeviceStats(guard.current_device().index());
   const auto& bytes = stats.allocated_bytes[0];  // StatType::AGGREGATE
   return {bytes.current, bytes.peak};
 }

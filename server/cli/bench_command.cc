@@ -4,7 +4,7 @@
 //   lorahub bench --model DIR --adapter DIR... --examples FILE.jsonl [--prompts FILE.jsonl]
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--reps 30] [--warmup 3]
 //     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640]
-//     [--gen-batch 64] [--gen-tokens 32] [--gen-sweep 1,8,64] [--batch-size N] [--max-rows 0 (automatic)]
+//     [--gen-batch 64] [--gen-tokens 32] [--gen-sweep 1,8,64] [--batch-size N] [--max-rows N]
 //     [--no-fast-path] [--profile-out FILE] [--json]
 //
 // Prints (always JSON; --json is accepted for symmetry with the other commands):
@@ -21,7 +21,12 @@
 //                        cache runs on a miss)
 //   eval_ms_median/_p90  one objective evaluation (one candidate), after warm-up, over --reps
 //   cobyla40_seconds     --cobyla-budget sequential evaluations with the default COBYLA
-//   cmaes_candidates_per_second   CMA-ES with --population candidates per batched call
+//   cmaes_candidates_per_second   CMA-ES with --population candidates per batched call, in
+//                        scoring passes of score_rows_per_pass rows (--max-rows; unset or 0:
+//                        automatic, model::RowsPerPass), cmaes_forward_passes of them;
+//                        cmaes_peak_added_bytes: the most device memory (LibTorch's caching
+//                        allocator) the population's runner and passes held beyond what was
+//                        in use before them (0 on the CPU)
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter), and
 //     ttft_ms: one request, one new token, merged adapter

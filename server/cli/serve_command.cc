@@ -78,7 +78,8 @@ int RunServe(int argc, char** argv) {
                  "dtype", "hub-endpoint", "cache-dir", "max-batch-rows",
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
-                 "slot-decoder-bytes", "module-load-threads", "config"},
+                 "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
+                 "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
@@ -150,6 +151,21 @@ int RunServe(int argc, char** argv) {
                                       "--module-load-threads must be in [0, 64]"));
     }
     eo.module_load_threads = static_cast<int>(*loaders);
+  }
+  // Rows per scoring pass of a compose job (ComposeWorkerOptions::max_rows).
+  // Its passes run on the engine's thread between decoding steps, so this is
+  // also how long a generate request may wait for the device: larger passes
+  // score CMA-ES populations faster (H200: 908 candidates/s at 64 rows, 1,128
+  // at 320; docs/TUNING.md) at the cost of inference latency while a job runs.
+  int compose_max_rows = jobs::ComposeWorkerOptions().max_rows;
+  {
+    auto rows = args->GetInt("compose-max-rows", compose_max_rows);
+    if (!rows.ok()) return ReportError("serve", rows.status());
+    if (*rows < 1 || *rows > 65536) {
+      return ReportError("serve", absl::InvalidArgumentError(
+                                      "--compose-max-rows must be in [1, 65536]"));
+    }
+    compose_max_rows = static_cast<int>(*rows);
   }
   absl::StatusOr<double> grace = args->GetDouble("shutdown-grace-s", 10);
   if (!grace.ok()) return ReportError("serve", grace.status());
@@ -267,6 +283,7 @@ int RunServe(int argc, char** argv) {
     jo.tokenizer = ctx->tokenizer.get();
     jo.metrics = ctx->metrics;
     jo.recover_jobs = workers.empty();
+    jo.max_rows = compose_max_rows;
     // The job's evaluations run on that engine's thread, between decoding
     // steps, so inference latency stays bounded while a job runs.
     serving::InferenceEngine* job_engine = engine.get();

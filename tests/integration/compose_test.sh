@@ -3,7 +3,8 @@
 # temp data dir) with the tiny reference fixture, driven by the real
 # lorahubctl: validation errors, a COBYLA job (budget 10) watched to the end,
 # its best_score checked against `lorahub score` at the returned weights, the
-# published task served by generate --task, cancellation, and a restart that
+# published task served by generate --task, the scoring passes of COBYLA and
+# of a CMA-ES job under --compose-max-rows, cancellation, and a restart that
 # keeps the job and its task.
 #   compose_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
@@ -19,7 +20,7 @@ trap cleanup EXIT
 start_server() {
   : >"$tmp/out"
   "$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 \
-    --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>>"$tmp/err" &
+    --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --compose-max-rows 32 >"$tmp/out" 2>>"$tmp/err" &
   pid=$!
   for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
   port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
@@ -87,6 +88,17 @@ evals=$(metric lorahub_compose_evaluations_total)
 [ "${evals%.*}" = 10 ] || fail "lorahub_compose_evaluations_total is '$evals', want 10"
 [ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 1 ] || fail "jobs{succeeded} gauge"
 [ "$(metric 'lorahub_compose_jobs{state="running"}')" = 0 ] || fail "jobs{running} gauge"
+# Scoring passes: COBYLA scores one candidate a call, one pass each. A CMA-ES
+# population of 8 candidates x 5 examples goes to the device in pieces of
+# --compose-max-rows 32 / 5 = 6 candidates, one pass each: 2 generations x 2.
+passes=$(metric lorahub_compose_forward_passes_total)
+[ "${passes%.*}" = 10 ] || fail "lorahub_compose_forward_passes_total is '$passes', want 10"
+c --json compose --task t1c --modules m00,m01,m02 --examples "$fx/examples.jsonl" \
+  --optimizer cmaes --population 8 --budget 16 --wait >"$tmp/wc" 2>>"$tmp/err" \
+  || fail "cmaes compose --wait: $(tail -3 "$tmp/wc")"
+[ "$(json_field '["state"]' <"$tmp/wc")" = succeeded ] || fail "cmaes job state"
+passes=$(metric lorahub_compose_forward_passes_total)
+[ "${passes%.*}" = 14 ] || fail "lorahub_compose_forward_passes_total is '$passes' after CMA-ES, want 14"
 c compose --task t1 --modules m00 --examples "$fx/examples.jsonl" 2>"$tmp/e"
 grep -q 'ALREADY_EXISTS: spec.task' "$tmp/e" || fail "task exists: $(cat "$tmp/e")"
 c jobs cancel "$job" 2>"$tmp/e"
@@ -139,7 +151,7 @@ PY
 c --json generate --task t3 --max-new-tokens 4 --text "hello" >/dev/null || fail "t3 serve"
 c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "job lost on restart"
 c --json tasks get t1 >/dev/null || fail "task lost on restart"
-[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 2 ] || fail "gauge after restart"
+[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 3 ] || fail "gauge after restart"
 [ "$(metric 'lorahub_compose_jobs{state="cancelled"}')" = 1 ] || fail "cancelled gauge"
 # A graceful stop still works with the worker running.
 kill -TERM "$pid"; wait "$pid" || fail "serve exit status $?"; pid=

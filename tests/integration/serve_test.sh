@@ -19,6 +19,9 @@ trap cleanup EXIT
 "$lorahub" serve --model "$case_dir/model" --module-load-threads 65 2>"$tmp/err"
 [ $? = 2 ] || fail "--module-load-threads 65: exit code"
 grep -q -- "--module-load-threads must be in \[0, 64\]" "$tmp/err" || fail "--module-load-threads message"
+"$lorahub" serve --model "$case_dir/model" --compose-max-rows 0 2>"$tmp/err"
+[ $? = 2 ] || fail "--compose-max-rows 0: exit code"
+grep -q -- "--compose-max-rows must be in \[1, 65536\]" "$tmp/err" || fail "--compose-max-rows message"
 
 "$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --max-batch-rows 8 --module-load-threads 2 \

@@ -206,6 +206,8 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   metrics_->RecordJobTransition(JobState::kRunning, JobState::kNone);  // No-op.
   metrics_->AddEvaluations(40);
   metrics_->AddEvaluations(2);
+  metrics_->AddComposePasses(6);
+  metrics_->AddComposePasses(-1);  // ignored
   metrics_->AddAdapterSlotLoads(3);
   metrics_->AddAdapterSlotLoads(-1);  // ignored
   metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.25);
@@ -236,6 +238,8 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   EXPECT_THAT(moves("cancelled"), Optional(0.0));
   EXPECT_THAT(FindValue(s, "lorahub_compose_evaluations_total", {}),
               Optional(42.0));
+  EXPECT_THAT(FindValue(s, "lorahub_compose_forward_passes_total", {}),
+              Optional(6.0));
   EXPECT_THAT(FindValue(s, "lorahub_adapter_slot_loads_total", {}),
               Optional(3.0));
   auto busy = [&](const char* phase) {
@@ -375,6 +379,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_evaluations_total",
+                       "lorahub_compose_forward_passes_total",
                        "lorahub_compose_job_duration_seconds",
                        "lorahub_module_cache_hits_total",
                        "lorahub_module_cache_misses_total",

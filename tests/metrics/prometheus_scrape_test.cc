@@ -402,6 +402,7 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.AddAdmittedRows(/*slots=*/true, 3);
   m.RecordJobTransition(JobState::kNone, JobState::kQueued);
   m.AddEvaluations(3);
+  m.AddComposePasses(2);
   m.ObserveJobDuration(JobState::kSucceeded, 12);
   m.RecordCacheHit(CacheTier::kHost);
   m.RecordCacheMiss(CacheTier::kDisk);
