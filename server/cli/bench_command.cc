@@ -4,7 +4,8 @@
 //   lorahub bench --model DIR --adapter DIR... --examples FILE.jsonl [--prompts FILE.jsonl]
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--reps 30] [--warmup 3]
 //     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640]
-//     [--gen-batch 64] [--gen-tokens 32] [--gen-sweep 1,8,64] [--batch-size N] [--max-rows N]
+//     [--gen-batch 64] [--gen-tokens 32] [--gen-reps 3] [--gen-sweep 1,8,64] [--batch-size N]
+//     [--max-rows N]
 //     [--no-fast-path] [--profile-out FILE] [--json]
 //
 // Prints (always JSON; --json is accepted for symmetry with the other commands):
@@ -28,7 +29,8 @@
 //                        allocator) the population's runner and passes held beyond what was
 //                        in use before them (0 on the CPU)
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
-//     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter), and
+//     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter): the
+//     median of --gen-reps timed calls (seconds; runs_seconds: each call), and
 //     ttft_ms: one request, one new token, merged adapter
 //   generation_sweep (only with --gen-sweep B1,B2,...: batch sizes, each in [1, 4096]): a list
 //     of {"batch", "base_tokens_per_second", "shared_adapter_tokens_per_second",
@@ -36,7 +38,8 @@
 //     cycled) x up to --gen-tokens new tokens: no adapter; one composed adapter shared by all
 //     B rows (the per-row path, a one-slot bank, every row slot 0: not merged); B distinct
 //     composed adapters (per-row, each row its own random composition, as per_row above).
-//     Timed as "generation" is (one warm-up call, then one timed call, at each point).
+//     Timed as "generation" is (one warm-up call, then the median of --gen-reps timed calls,
+//     at each point).
 // plus what ran (device, dtype, engine: how objective calls ran, cuda_graphs_compiled,
 // fused_kernels, fused_gemms) and
 // fast_vs_eager_rel_diff: |fast - eager| / |eager| of one candidate's loss.
@@ -137,28 +140,41 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> ReadPrompts(const std::string&
   return out;
 }
 
-struct GenFigure {
-  double tokens_per_second = 0;
-  int64_t tokens = 0;
-  double seconds = 0;
+struct GenTiming {
+  int64_t max_new_tokens = 32;  // --gen-tokens
+  int64_t reps = 3;             // --gen-reps: timed calls after the warm-up
 };
 
-// One warm-up generation, then one timed. Tokens: every generated id (eos included).
+struct GenFigure {
+  double tokens_per_second = 0;  // tokens / seconds
+  int64_t tokens = 0;
+  double seconds = 0;  // the median timed call
+  std::vector<double> runs_seconds;
+};
+
+// One warm-up generation, then t.reps timed; the figure is the median call's. Why not one
+// call: a host stall in the one timed call of a 64 x 32 generation (70 ms) once read as
+// -7% tokens/s (twenty-fourth session). Tokens: every generated id (eos included; greedy,
+// so every call makes the same).
 absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
                                          const std::vector<std::vector<int64_t>>& prompts,
                                          const model::AdapterBank* bank,
-                                         const std::vector<int64_t>& slots, int64_t tokens) {
+                                         const std::vector<int64_t>& slots, const GenTiming& t) {
   model::GenerateOptions g;
-  g.max_new_tokens = tokens;
+  g.max_new_tokens = t.max_new_tokens;
   LH_ASSIGN_OR_RETURN(model::GenerateResult warm, model::Generate(w, prompts, bank, slots, g));
   (void)warm;
   model::SynchronizeDevice(w.device);
-  const double t0 = Now();
-  LH_ASSIGN_OR_RETURN(model::GenerateResult r, model::Generate(w, prompts, bank, slots, g));
-  model::SynchronizeDevice(w.device);
   GenFigure fig;
-  fig.seconds = Now() - t0;
-  for (const auto& ids : r.output_ids) fig.tokens += static_cast<int64_t>(ids.size());
+  for (int64_t i = 0; i < t.reps; ++i) {
+    const double t0 = Now();
+    LH_ASSIGN_OR_RETURN(model::GenerateResult r, model::Generate(w, prompts, bank, slots, g));
+    model::SynchronizeDevice(w.device);
+    fig.runs_seconds.push_back(Now() - t0);
+    fig.tokens = 0;
+    for (const auto& ids : r.output_ids) fig.tokens += static_cast<int64_t>(ids.size());
+  }
+  fig.seconds = Percentile(fig.runs_seconds, 0.5);
   fig.tokens_per_second = fig.seconds > 0 ? static_cast<double>(fig.tokens) / fig.seconds : 0;
   return fig;
 }
@@ -217,19 +233,19 @@ absl::StatusOr<model::ComposedAdapters> ComposeRows(const model::T5Weights& base
 absl::StatusOr<nlohmann::json> SweepPoint(const model::T5Weights& base,
                                           const model::ModuleStack& stack, int n,
                                           const std::vector<std::vector<int64_t>>& prompts,
-                                          int64_t batch, int64_t tokens,
+                                          int64_t batch, const GenTiming& timing,
                                           const std::function<std::vector<double>()>& random_w) {
   const std::vector<std::vector<int64_t>> rows = CyclePrompts(prompts, batch);
   nlohmann::json p = {{"batch", batch}};
   {
-    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, nullptr, {}, tokens));
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, nullptr, {}, timing));
     p["base_tokens_per_second"] = f.tokens_per_second;
   }
   {
     LH_ASSIGN_OR_RETURN(model::ComposedAdapters shared,
                         ComposeRows(base, stack, {random_w()}, n));
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, &shared,
-                                                    std::vector<int64_t>(batch, 0), tokens));
+                                                    std::vector<int64_t>(batch, 0), timing));
     p["shared_adapter_tokens_per_second"] = f.tokens_per_second;
   }
   {
@@ -238,7 +254,7 @@ absl::StatusOr<nlohmann::json> SweepPoint(const model::T5Weights& base,
     LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, ComposeRows(base, stack, ws, n));
     std::vector<int64_t> slots(batch);
     for (int64_t i = 0; i < batch; ++i) slots[i] = i;
-    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, &bank, slots, tokens));
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, rows, &bank, slots, timing));
     p["distinct_adapters_tokens_per_second"] = f.tokens_per_second;
   }
   return p;
@@ -273,7 +289,8 @@ nlohmann::json Profile(const std::string& label, const std::string& trace_path,
 nlohmann::json GenJson(const GenFigure& f) {
   return {{"tokens_per_second", f.tokens_per_second},
           {"tokens", f.tokens},
-          {"seconds", f.seconds}};
+          {"seconds", f.seconds},
+          {"runs_seconds", f.runs_seconds}};
 }
 
 absl::Status Run(const Args& args) {
@@ -292,6 +309,8 @@ absl::Status Run(const Args& args) {
                       IntFlag(args, "cmaes-budget", 10 * population, 1, 1000000));
   LH_ASSIGN_OR_RETURN(int64_t gen_batch, IntFlag(args, "gen-batch", 64, 1, 4096));
   LH_ASSIGN_OR_RETURN(int64_t gen_tokens, IntFlag(args, "gen-tokens", 32, 1, 8192));
+  LH_ASSIGN_OR_RETURN(int64_t gen_reps, IntFlag(args, "gen-reps", 3, 1, 1000));
+  const GenTiming gen_timing{gen_tokens, gen_reps};
   LH_ASSIGN_OR_RETURN(std::vector<int64_t> gen_sweep, ParseGenSweep(args));
   LH_ASSIGN_OR_RETURN(int64_t batch_size, IntFlag(args, "batch-size", 0, 0, 1 << 20));
   LH_ASSIGN_OR_RETURN(int64_t max_rows, IntFlag(args, "max-rows", 0, 0, 1 << 20));
@@ -449,7 +468,7 @@ absl::Status Run(const Args& args) {
   gen["batch"] = gen_batch;
   gen["max_new_tokens"] = gen_tokens;
   {
-    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, nullptr, {}, gen_tokens));
+    LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, nullptr, {}, gen_timing));
     gen["base"] = GenJson(f);
   }
   std::vector<double> uniform(n, 1.0 / n);
@@ -457,7 +476,7 @@ absl::Status Run(const Args& args) {
   LH_ASSIGN_OR_RETURN(model::T5Weights merged, model::MergeAdapter(base, composed));
   {
     LH_ASSIGN_OR_RETURN(GenFigure f,
-                        TimeGeneration(merged, gen_prompts, nullptr, {}, gen_tokens));
+                        TimeGeneration(merged, gen_prompts, nullptr, {}, gen_timing));
     gen["merged"] = GenJson(f);
   }
   // Kept for the profile at the end (the decoder pool keeps its captured step).
@@ -469,7 +488,7 @@ absl::Status Run(const Args& args) {
     LH_ASSIGN_OR_RETURN(per_row_bank, ComposeRows(base, stack, ws, n));
     for (int64_t i = 0; i < gen_batch; ++i) per_row_slots[i] = i;
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, &per_row_bank,
-                                                    per_row_slots, gen_tokens));
+                                                    per_row_slots, gen_timing));
     gen["per_row"] = GenJson(f);
   }
   {
@@ -490,7 +509,7 @@ absl::Status Run(const Args& args) {
     nlohmann::json sweep = nlohmann::json::array();
     for (int64_t b : gen_sweep) {
       LH_ASSIGN_OR_RETURN(nlohmann::json p,
-                          SweepPoint(base, stack, n, prompts, b, gen_tokens, random_w));
+                          SweepPoint(base, stack, n, prompts, b, gen_timing, random_w));
       sweep.push_back(std::move(p));
     }
     out["generation_sweep"] = sweep;
@@ -555,7 +574,7 @@ absl::Status Run(const Args& args) {
 int RunBench(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "examples", "prompts", "device", "dtype", "reps", "warmup",
                  "cobyla-budget", "population", "cmaes-budget", "gen-batch", "gen-tokens",
-                 "gen-sweep", "batch-size", "max-rows", "profile-out"},
+                 "gen-sweep", "gen-reps", "batch-size", "max-rows", "profile-out"},
                 {"json", "no-fast-path"}};
   return RunWithArgs("bench", argc, argv, spec, Run);
 }

@@ -30,6 +30,11 @@ g = j["generation"]
 for kind in ["base", "merged", "per_row"]:
     positive(kind, g[kind]["tokens_per_second"])
     assert 3 <= g[kind]["tokens"] <= 9, g[kind]
+    # The median of --gen-reps (default 3) timed calls, each reported.
+    runs = g[kind]["runs_seconds"]
+    assert len(runs) == 3 and all(r > 0 for r in runs), g[kind]
+    assert g[kind]["seconds"] == sorted(runs)[1], g[kind]
+    assert abs(g[kind]["tokens_per_second"] * g[kind]["seconds"] - g[kind]["tokens"]) < 1e-9 * g[kind]["tokens"], g[kind]
 positive("ttft_ms", g["ttft_ms"])
 # --gen-sweep 1,3: one entry per batch size, in order, every rate positive.
 sw = j["generation_sweep"]
@@ -83,6 +88,13 @@ rc=$?
 set -e
 [ "$rc" = 2 ] || { echo "want exit 2 for --reps 0, got $rc"; exit 1; }
 grep -q -- "--reps must be in" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
+set +e
+"$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
+  --gen-reps 0 2> "$TEST_TMPDIR/err"
+rc=$?
+set -e
+[ "$rc" = 2 ] || { echo "want exit 2 for --gen-reps 0, got $rc"; exit 1; }
+grep -q -- "--gen-reps must be in" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
 # --gen-sweep: positive integers only, checked before anything loads.
 for sweep in 0 x 1,,2 5000 ""; do
   set +e
