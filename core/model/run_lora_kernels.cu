@@ -11,7 +11,7 @@
 // Here the shrink takes a block per (slot, 8 tokens), warps over ranks and
 // lanes over K with every lane summing 8 tokens x its warp's ranks from a
 // staged x tile, then a butterfly over the lanes; one expand kernel adds
-// every site's delta, a thread per output column and 16 tokens, blocks
+// every site's delta, a thread per output column and 32 tokens (kRunExpandTokens), blocks
 // over (slot, tokens) x columns. H200, a population's encoder call (12
 // slots x 360 tokens, q|v): shrink 22.7 us, expand 29.3 us, against
 // cuBLAS's 37.1 + 2 x 18.7. A first version did both in one kernel, a block
@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
@@ -34,7 +35,12 @@ constexpr int kRunWarps = kRunThreads / 32;
 // from L2, 2 blocks per SM instead of 3) measured the same (H200: 22.6
 // against 22.7 us per population encoder call).
 constexpr int kRunShrinkTokens = 8;
-constexpr int kRunExpandTokens = 16;
+// Tokens per expand block: 32 (rank <= 16). Why: each block reads its columns' B factors
+// from L2, 16 KB for r = 16, against 32 KB of outputs read and written at
+// 16 tokens (64 KB at 32). LORAHUB_RUN_EXPAND_TOKENS=16: the earlier tile
+// (A/B; read once).
+constexpr int kRunExpandTokens = 32;
+constexpr int kRunExpandTokensEarlier = 16;
 
 __device__ __forceinline__ float Dot4(const float4& a, const float4& b) {
   return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
@@ -153,14 +159,13 @@ __global__ void __launch_bounds__(kRunThreads, 3)
 
 // The expand: y[s, m, site.col + o] += scale * xa[s, m, k r :] . b_k[s, o, :]
 // (with y_bf16: that sum rounded into y_bf16 at the same offset, y unchanged)
-// for kRunExpandTokens tokens of one slot per block (blockIdx.x) and
+// for kT tokens of one slot per block (blockIdx.x) and
 // kRunThreads of the sites' output columns (blockIdx.y): a thread per
 // column, its tokens' outputs loaded together. The tile's xa is staged in
 // shared memory. kR4: r / 4 at most (the column's factors in registers).
-template <int kR4>
+template <int kR4, int kT>
 __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
     RunExpandKernel(RunLoraArgs p) {
-  constexpr int kT = kRunExpandTokens;
   extern __shared__ float4 smem4[];
   float4* xa4 = smem4;  // [kT, R / 4]
   const auto [s, m0, valid] = BlockTile<kT>(p.M);
@@ -233,6 +238,7 @@ int64_t SharedLimit(int* device) {
 size_t ShrinkShared(const RunLoraArgs& p) {
   return static_cast<size_t>(kRunShrinkTokens * p.in * 4);
 }
+// At most (the larger tile).
 size_t ExpandShared(const RunLoraArgs& p) {
   return static_cast<size_t>(kRunExpandTokens * p.R * 4);
 }
@@ -249,18 +255,38 @@ int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
   return static_cast<int>(cudaGetLastError());
 }
 
-template <int kR4>
-int LaunchExpand(const RunLoraArgs& p, int device, int64_t limit,
-                 cudaStream_t stream) {
-  const size_t shared = ExpandShared(p);
-  const int err = OptInShared<RunExpandKernel<kR4>>(shared, device, limit);
+template <int kR4, int kT>
+int LaunchExpandOf(const RunLoraArgs& p, int device, int64_t limit,
+                   cudaStream_t stream) {
+  const size_t shared = static_cast<size_t>(kT * p.R * 4);
+  const int err = OptInShared<RunExpandKernel<kR4, kT>>(shared, device, limit);
   if (err != 0) return err;
-  const int64_t tiles = (p.M + kRunExpandTokens - 1) / kRunExpandTokens;
+  const int64_t tiles = (p.M + kT - 1) / kT;
   const dim3 grid(static_cast<unsigned>(p.slots * tiles),
                   static_cast<unsigned>((p.num_sites * p.out + kRunThreads - 1) /
                                         kRunThreads));
-  RunExpandKernel<kR4><<<grid, kRunThreads, shared, stream>>>(p);
+  RunExpandKernel<kR4, kT><<<grid, kRunThreads, shared, stream>>>(p);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <int kR4>
+int LaunchExpand(const RunLoraArgs& p, int device, int64_t limit,
+                 cudaStream_t stream) {
+  static const bool earlier = [] {
+    const char* v = std::getenv("LORAHUB_RUN_EXPAND_TOKENS");
+    return v != nullptr && std::atoi(v) == kRunExpandTokensEarlier;
+  }();
+  // Rank 32 keeps 16 tokens: at 32 its 32 outputs and 8 factor words per
+  // thread spilled under the 2-blocks-per-SM bound.
+  if constexpr (kR4 > 4) {
+    return LaunchExpandOf<kR4, kRunExpandTokensEarlier>(p, device, limit,
+                                                        stream);
+  } else {
+    return earlier ? LaunchExpandOf<kR4, kRunExpandTokensEarlier>(
+                         p, device, limit, stream)
+                   : LaunchExpandOf<kR4, kRunExpandTokens>(p, device, limit,
+                                                           stream);
+  }
 }
 
 }  // namespace

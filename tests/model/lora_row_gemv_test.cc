@@ -379,7 +379,8 @@ at::Tensor RunWant(const RunCase& c, const at::Tensor& xa_in) {
 // Shrink and expands: two sites of rank 16 (R = 32, a warp's 4 ranks), one
 // of 16 and one of 8 (2 and 1 ranks per warp), four of 8, one of 32 (the
 // expand's wider variant); flan-t5's width (8 rounds of K per lane) and
-// narrow ones (lanes idle); token counts with and without partial tiles.
+// narrow ones (lanes idle); token counts with and without partial tiles
+// (the expand's 32-token tiles: 75 is two whole ones and 11 tokens).
 TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   at::manual_seed(31);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
@@ -390,7 +391,7 @@ TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   };
   for (const Shape& sh : {Shape{3, 37, 1024, 2, 16}, Shape{2, 32, 36, 1, 16},
                           Shape{4, 5, 1024, 1, 8}, Shape{2, 17, 128, 4, 8},
-                          Shape{2, 9, 64, 1, 32}}) {
+                          Shape{2, 9, 64, 1, 32}, Shape{2, 75, 64, 2, 16}}) {
     RunCase c = MakeRunCase(sh.slots, sh.tokens, sh.in, sh.sites, sh.r);
     const at::Tensor before = c.wide.clone();
     const at::Tensor want = RunWant(c, at::Tensor());
