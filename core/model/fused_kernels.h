@@ -23,7 +23,8 @@ int LaunchRmsNorm(const float* x, const void* weight, DType weight_dtype,
 // The residual update and the RMS norm of the next sublayer in one pass:
 // sum = x + delta (delta widened from delta_dtype to fp32: the fp32 add of
 // `x + delta` in ATen), then LaunchRmsNorm's outputs for `sum`. `sum` may
-// not alias x or delta. Same conventions as LaunchRmsNorm.
+// not alias x or delta. Same conventions as LaunchRmsNorm, except that
+// `full` may be null where `rounded` is not (the rounded output alone).
 int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
                      float* sum, const void* weight, DType weight_dtype,
                      float* full, void* rounded, DType rounded_dtype,

@@ -86,16 +86,18 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 
 AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                          const at::Tensor& weight, double eps,
-                         at::ScalarType compute) {
+                         at::ScalarType compute, bool keep_full) {
   RECORD_USER_SCOPE("lorahub::add_rms_norm");
   AddNormOutput out;
   if (x.is_cuda() && !Disabled() && !Differentiable(x) &&
       !Differentiable(delta) && !Differentiable(weight) &&
-      fused_backend::AddRmsNorm(x, delta, weight, eps, compute, &out)) {
+      fused_backend::AddRmsNorm(x, delta, weight, eps, compute, keep_full,
+                                &out)) {
     return out;
   }
   out.sum = x + delta;
   out.norm = RmsNorm(out.sum, weight, eps, compute);
+  if (!keep_full && compute != at::kFloat) out.norm.full = at::Tensor();
   return out;
 }
 

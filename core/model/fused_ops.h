@@ -55,13 +55,18 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 // output, same shape, widened), then RmsNorm(sum, weight, eps, compute).
 // Exactly the arithmetic of `RmsNorm(x + delta, ...)`, which is the
 // fallback (CPU, autograd, LORAHUB_NO_FUSED=1). `sum` is a new tensor.
+// keep_full false: norm.full is left undefined where compute is not fp32,
+// for a sublayer whose projections take no per-row LoRA delta (they read
+// the rounded output only). On CUDA the kernel then does not write it:
+// the encoder's feed-forward norm of a CMA-ES population pass wrote 94 MB
+// of its 376 MB for nothing.
 struct AddNormOutput {
   at::Tensor sum;
   NormOutput norm;
 };
 AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                          const at::Tensor& weight, double eps,
-                         at::ScalarType compute);
+                         at::ScalarType compute, bool keep_full = true);
 
 // gelu_tanh(gate) * up, T5's gated FFN with transformers' NewGELU
 // (gelu_new and its aliases): ONE kernel on CUDA (it was a GELU and a

@@ -20,7 +20,7 @@ bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 // x + delta then RmsNorm (fused_ops.h AddRmsNorm).
 bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                 const at::Tensor& weight, double eps, at::ScalarType compute,
-                AddNormOutput* out);
+                bool keep_full, AddNormOutput* out);
 // gelu_tanh(gate) * up (fused_ops.h GatedGeluTanh).
 bool GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up,
                    at::Tensor* out);

@@ -53,14 +53,20 @@ cudaStream_t StreamOf(const at::Tensor& x) {
 // New outputs of an add + norm over x (fp32): sum and full fp32 like x,
 // rounded in `compute` (the same tensor as full when r_dtype is kNone:
 // fp32 compute).
+// keep_full false: no fp32 `full` where the rounded output is another
+// tensor (fused_ops.h AddRmsNorm).
 AddNormOutput AddNormOutputsLike(const at::Tensor& x, at::ScalarType compute,
-                                 kernels::DType r_dtype) {
+                                 kernels::DType r_dtype,
+                                 bool keep_full = true) {
   AddNormOutput result;
   result.sum = at::empty_like(x);
-  result.norm.full = at::empty_like(x);
-  result.norm.rounded = r_dtype == kernels::DType::kNone
-                            ? result.norm.full
-                            : at::empty(x.sizes(), x.options().dtype(compute));
+  if (r_dtype == kernels::DType::kNone) {
+    result.norm.full = at::empty_like(x);
+    result.norm.rounded = result.norm.full;
+    return result;
+  }
+  if (keep_full) result.norm.full = at::empty_like(x);
+  result.norm.rounded = at::empty(x.sizes(), x.options().dtype(compute));
   return result;
 }
 
@@ -101,7 +107,7 @@ bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 
 bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                 const at::Tensor& weight, double eps, at::ScalarType compute,
-                AddNormOutput* out) {
+                bool keep_full, AddNormOutput* out) {
   const kernels::DType w_dtype = KernelDType(weight.scalar_type());
   const kernels::DType d_dtype = KernelDType(delta.scalar_type());
   const kernels::DType r_dtype =
@@ -118,12 +124,13 @@ bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
   const at::Tensor xc = x.contiguous();
   const at::Tensor dc = delta.contiguous();
   const at::Tensor wc = weight.contiguous();
-  AddNormOutput result = AddNormOutputsLike(xc, compute, r_dtype);
+  AddNormOutput result = AddNormOutputsLike(xc, compute, r_dtype, keep_full);
   const int64_t dim = xc.size(-1);
   const int err = kernels::LaunchAddRmsNorm(
       xc.data_ptr<float>(), dc.data_ptr(), d_dtype,
       result.sum.data_ptr<float>(), wc.data_ptr(), w_dtype,
-      result.norm.full.data_ptr<float>(),
+      result.norm.full.defined() ? result.norm.full.data_ptr<float>()
+                                 : nullptr,
       r_dtype == kernels::DType::kNone ? nullptr
                                        : result.norm.rounded.data_ptr(),
       r_dtype, xc.numel() / dim, dim, static_cast<float>(eps),

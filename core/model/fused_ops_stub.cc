@@ -12,7 +12,7 @@ bool RmsNorm(const at::Tensor&, const at::Tensor&, double, at::ScalarType,
 }
 
 bool AddRmsNorm(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                double, at::ScalarType, AddNormOutput*) {
+                double, at::ScalarType, bool, AddNormOutput*) {
   return false;
 }
 

@@ -898,6 +898,19 @@ class Residual {
     if (shrunk) n.shrink = RowShrink{shrink_a, n.full, std::move(xa)};
     return n;
   }
+  // Norm(weight) without the fp32 `full` where the compute dtype is not
+  // fp32 (Normed::full undefined; fused_ops.h AddRmsNorm's keep_full): for
+  // a sublayer whose projections take no per-row LoRA delta, which read
+  // only the rounded output.
+  Normed NormRoundedOnly(const at::Tensor& weight) {
+    if (!pending_.defined()) return Norm(weight);
+    AddNormOutput r = AddRmsNorm(h_, pending_, weight,
+                                 w_.config.layer_norm_epsilon, w_.dtype,
+                                 /*keep_full=*/false);
+    h_ = std::move(r.sum);
+    pending_ = at::Tensor();
+    return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
+  }
 
  private:
   void Flush() {
@@ -908,6 +921,17 @@ class Residual {
   at::Tensor h_;
   at::Tensor pending_;
 };
+
+// The norm before a feed-forward sublayer: its fp32 `full` only where an
+// input projection of the sublayer takes a per-row LoRA delta (the delta's
+// input; FeedForward reads nothing else of it).
+Normed FeedForwardNorm(Residual* h, const at::Tensor& weight,
+                       const FeedForwardWeights& ff, const RowAdapters& rows) {
+  const bool adapted = Adapted(rows, ff.wi.site) ||
+                       Adapted(rows, ff.wi_0.site) ||
+                       Adapted(rows, ff.wi_1.site);
+  return adapted ? h->Norm(weight) : h->NormRoundedOnly(weight);
+}
 
 }  // namespace
 
@@ -1127,7 +1151,7 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                            cross_v, cross_bias, b.cross_attn.o, rows);
   }
   h.Add(std::move(out));
-  n = h.Norm(b.ff_norm);
+  n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
   h.Add(FeedForward(n, w, b.ff, rows));
   return h.Release();
 }
@@ -1194,7 +1218,7 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
     std::array<at::Tensor, 3> qkv =
         SelfAttentionHeads(n, b.self_attn, rows, c, attn);
     h.Add(AttendAndProject(qkv[0], qkv[1], qkv[2], bias, b.self_attn.o, rows));
-    n = h.Norm(b.ff_norm);
+    n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
     h.Add(FeedForward(n, w, b.ff, rows));
   }
   Normed n = h.Norm(w.encoder_final_norm);
@@ -1226,7 +1250,7 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
         cross.Block(static_cast<int64_t>(i));
     h.Add(AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
                            b.cross_attn.o, rows));
-    n = h.Norm(b.ff_norm);
+    n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
     h.Add(FeedForward(n, w, b.ff, rows));
   }
   return LmHead(w, h.Norm(w.decoder_final_norm).full);

@@ -71,6 +71,13 @@ TEST(AddRmsNormTest, IsTheNormOfTheSum) {
                   cpu ? 0.0 : 1.0 / 128);
         // x and delta are left alone.
         EXPECT_FALSE(got.sum.is_same(x));
+        // Without `full` (keep_full false): the same sum and rounded output;
+        // `full` only where it is the rounded output (fp32 compute).
+        const AddNormOutput rounded_only = AddRmsNorm(
+            x, delta, weight, 1e-6, compute, /*keep_full=*/false);
+        EXPECT_TRUE(at::equal(rounded_only.sum, got.sum));
+        EXPECT_TRUE(at::equal(rounded_only.norm.rounded, got.norm.rounded));
+        EXPECT_EQ(rounded_only.norm.full.defined(), compute == at::kFloat);
       }
     }
   }
@@ -285,6 +292,47 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
     EXPECT_LT(RelDiff(GeneralAttention(qb, kb, vb, bias).to(at::kFloat),
                       Reference(qb, kb, vb, bias)),
               1.0 / 128);
+  }
+}
+
+// The cross-attention of a population pass's teacher-forced decoder: a few
+// queries of many rows and heads (1,024 and more) over the encoder's keys,
+// with padding.
+TEST(ShortQueryAttentionTest, ManyHeadsOfShortQueries) {
+  at::manual_seed(12);
+  const double min_value =
+      static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
+  struct Shape {
+    int64_t B, H, T, S;
+  };
+  for (const Shape& s : {Shape{64, 16, 3, 72}, Shape{128, 8, 1, 45},
+                         Shape{70, 16, 5, 128}}) {
+    SCOPED_TRACE(::testing::Message() << s.B << " x " << s.H << " heads, T "
+                                      << s.T << ", S " << s.S);
+    const int64_t d = 64, inner = s.H * d;
+    const at::Tensor q = at::randn({s.B, s.T, inner}, F32())
+                             .view({s.B, s.T, s.H, d})
+                             .transpose(1, 2);
+    const at::Tensor kv = at::randn({s.B, s.S, 2 * inner}, F32()) * 0.5;
+    const auto heads = [&](const at::Tensor& t, int64_t part) {
+      return t.narrow(-1, part * inner, inner)
+          .view({s.B, s.S, s.H, d})
+          .transpose(1, 2);
+    };
+    at::Tensor mask = at::zeros({s.B, 1, 1, s.S}, F32());
+    for (int64_t b = 0; b < s.B; ++b) {
+      const int64_t len = s.S - (b * 5) % (s.S / 2);
+      mask[b].narrow(-1, len, s.S - len).fill_(min_value);
+    }
+    const at::Tensor got = GeneralAttention(q, heads(kv, 0), heads(kv, 1), mask);
+    EXPECT_LT(RelDiff(got, Reference(q, heads(kv, 0), heads(kv, 1), mask)),
+              1e-5);
+    // Padded keys get no weight: row 1 has its last 5 keys padded.
+    const at::Tensor kv2 = kv.clone();
+    kv2.narrow(1, s.S - 5, 5).fill_(100.0);
+    const at::Tensor got2 =
+        GeneralAttention(q, heads(kv2, 0), heads(kv2, 1), mask);
+    EXPECT_LT(RelDiff(got2.narrow(0, 1, 1), got.narrow(0, 1, 1)), 1e-6);
   }
 }
 
