@@ -775,8 +775,8 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   };
   // Without kStep, the first kEarly rounds are loaded before q and the scan
   // for S: they need neither, so their latency overlaps those loads' (H200,
-  // Kineto: a population pass's cross-attention 82.0 -> 75.3 us, an
-  // objective evaluation's 4.70 -> 4.64 us). Loaded up to the a.S keys of
+  // Kineto: a population pass's decoder attention 82.0 -> 77.3 us, an
+  // objective evaluation's 4.70 -> 4.62 us). Loaded up to the a.S keys of
   // k and v; those from S on are cleared once S is known, so every sum is
   // the same as loading them then. fp32 keys: 2 of the 4 rounds (all 4
   // spilled). Not in decode steps: there it measured slower (cross 9.5 ->

@@ -11,12 +11,13 @@
 // Here the shrink takes a block per (slot, 8 tokens), warps over ranks and
 // lanes over K with every lane summing 8 tokens x its warp's ranks from a
 // staged x tile, then a butterfly over the lanes; one expand kernel adds
-// every site's delta, a thread per output column and 32 tokens (kRunExpandTokens), blocks
-// over (slot, tokens) x columns. H200, a population's encoder call (12
-// slots x 360 tokens, q|v): shrink 22.7 us, expand 29.3 us, against
-// cuBLAS's 37.1 + 2 x 18.7. A first version did both in one kernel, a block
-// per (slot, 16 tokens): its blocks ran latency-bound (26 us for one block
-// of the decoder's 15 rows; 68 us for the encoder call).
+// every site's delta, a thread per output column and kRunExpandTokens
+// tokens, blocks over (slot, tokens) x columns. H200, a population's
+// encoder call (12 slots x 360 tokens, q|v; 16-token expand blocks then):
+// shrink 22.7 us, expand 29.3 us, against cuBLAS's 37.1 + 2 x 18.7. A
+// first version did both in one kernel, a block per (slot, 16 tokens): its
+// blocks ran latency-bound (26 us for one block of the decoder's 15 rows;
+// 68 us for the encoder call).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -35,10 +36,11 @@ constexpr int kRunWarps = kRunThreads / 32;
 // from L2, 2 blocks per SM instead of 3) measured the same (H200: 22.6
 // against 22.7 us per population encoder call).
 constexpr int kRunShrinkTokens = 8;
-// Tokens per expand block: 32 (rank <= 16). Why: each block reads its columns' B factors
-// from L2, 16 KB for r = 16, against 32 KB of outputs read and written at
-// 16 tokens (64 KB at 32). LORAHUB_RUN_EXPAND_TOKENS=16: the earlier tile
-// (A/B; read once).
+// Tokens per expand block: 32 (rank <= 16). Why: each block reads its
+// columns' B factors from L2, 16 KB for r = 16, against 32 KB of outputs
+// read and written at 16 tokens (64 KB at 32); H200, one CMA-ES
+// population's expands 6.14 -> 5.10 ms. LORAHUB_RUN_EXPAND_TOKENS=16: the
+// earlier tile (A/B; read once).
 constexpr int kRunExpandTokens = 32;
 constexpr int kRunExpandTokensEarlier = 16;
 
