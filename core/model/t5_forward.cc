@@ -101,6 +101,14 @@ bool Adapted(const RowAdapters& rows, int site) {
          rows.bank->sites[site].a.defined();
 }
 
+// True when an input projection of the feed-forward sublayer (wi, wi_0,
+// wi_1) takes a per-row LoRA delta, whose input is the norm's fp32 output.
+bool FeedForwardAdapted(const FeedForwardWeights& ff,
+                        const RowAdapters& rows) {
+  return Adapted(rows, ff.wi.site) || Adapted(rows, ff.wi_0.site) ||
+         Adapted(rows, ff.wi_1.site);
+}
+
 // The input of the LoRA deltas: `x_full` when given (x before its rounding
 // to the compute dtype), else x; fp32.
 at::Tensor LoraInput(const at::Tensor& x, const at::Tensor& x_full) {
@@ -797,6 +805,10 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
 // the input of wo.
 at::Tensor FeedForward(const Normed& x, const T5Weights& w,
                        const FeedForwardWeights& ff, const RowAdapters& rows) {
+  // A delta reads the fp32 norm output (a norm without it would round the
+  // delta's input: FeedForwardNorm).
+  TORCH_CHECK(x.full.defined() || !FeedForwardAdapted(ff, rows),
+              "feed-forward LoRA delta without the norm's fp32 output");
   at::Tensor h;
   if (w.config.is_gated_act && FusedWi01(ff)) {
     // One GEMM for wi_0 and wi_1. With a LoRA delta on either, both halves
@@ -922,15 +934,13 @@ class Residual {
   at::Tensor pending_;
 };
 
-// The norm before a feed-forward sublayer: its fp32 `full` only where an
-// input projection of the sublayer takes a per-row LoRA delta (the delta's
-// input; FeedForward reads nothing else of it).
+// The norm before a feed-forward sublayer: its fp32 `full` only where the
+// sublayer takes a per-row LoRA delta (FeedForwardAdapted; FeedForward
+// reads nothing else of it).
 Normed FeedForwardNorm(Residual* h, const at::Tensor& weight,
                        const FeedForwardWeights& ff, const RowAdapters& rows) {
-  const bool adapted = Adapted(rows, ff.wi.site) ||
-                       Adapted(rows, ff.wi_0.site) ||
-                       Adapted(rows, ff.wi_1.site);
-  return adapted ? h->Norm(weight) : h->NormRoundedOnly(weight);
+  return FeedForwardAdapted(ff, rows) ? h->Norm(weight)
+                                      : h->NormRoundedOnly(weight);
 }
 
 }  // namespace
