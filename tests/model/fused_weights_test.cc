@@ -258,45 +258,34 @@ TEST_P(FusedTest, FusedEqualsSeparateForEveryAdapterLayout) {
   EXPECT_EQ(MakeRowAdapters(base_, &*bank, {0, 0, 1, 1})->rows_per_slot, 2);
 }
 
+// bf16 with adapters on q, v, then on every projection, feed-forward ones
+// included: fused tracks separate. The norm before an adapted feed-forward
+// sublayer keeps its fp32 output (the deltas' input; without it
+// FeedForward refuses), and the adapted rows differ from the base model's.
 TEST_P(FusedTest, Bf16FusedTracksSeparate) {
   auto w = BuildT5Weights(config_, host_, Options(at::kBFloat16));
   ASSERT_TRUE(w.ok()) << w.status();
   ASSERT_TRUE(FusedQkv(w->encoder[0].self_attn));
-  LoraAdapter ad = Adapter({"q", "v"}, 4, 8.0, 51);
-  auto bank = MakeAdapterBank(*w, {&ad});
-  ASSERT_TRUE(bank.ok());
   Batch b = MakeBatch(config_, 3, 52);
-  auto rows = MakeRowAdapters(*w, &*bank, {0, -1, 0});
-  ASSERT_TRUE(rows.ok());
-  at::Tensor fused = Logits(*w, b, *rows);
-  at::Tensor sep = Logits(Unfused(*w), b, *rows);
-  EXPECT_EQ(fused.scalar_type(), at::kFloat);
-  const double scale = sep.abs().max().item<double>();
-  EXPECT_LT(MaxDiff(fused, sep), 2e-2 * scale);
-}
-
-// bf16 with adapters on every projection, feed-forward ones included: the
-// norm before an adapted feed-forward sublayer keeps its fp32 output (the
-// deltas' input; without it FeedForward refuses), fused as separate.
-TEST_P(FusedTest, Bf16FeedForwardAdaptersTrackSeparate) {
-  auto w = BuildT5Weights(config_, host_, Options(at::kBFloat16));
-  ASSERT_TRUE(w.ok()) << w.status();
-  LoraAdapter ad = Adapter(AllTargets(), 4, 8.0, 53);
-  auto bank = MakeAdapterBank(*w, {&ad});
-  ASSERT_TRUE(bank.ok());
-  Batch b = MakeBatch(config_, 3, 54);
-  auto rows = MakeRowAdapters(*w, &*bank, {0, -1, 0});
-  ASSERT_TRUE(rows.ok());
-  at::Tensor fused = Logits(*w, b, *rows);
-  at::Tensor sep = Logits(Unfused(*w), b, *rows);
-  ASSERT_TRUE(fused.defined() && sep.defined());
-  const double scale = sep.abs().max().item<double>();
-  EXPECT_LT(MaxDiff(fused, sep), 2e-2 * scale);
-  // The adapted rows differ from the base model's.
-  auto none = MakeRowAdapters(*w, &*bank, {-1, -1, -1});
-  ASSERT_TRUE(none.ok());
-  at::Tensor plain = Logits(*w, b, *none);
-  EXPECT_GT(MaxDiff(fused.select(0, 0), plain.select(0, 0)), 1e-3 * scale);
+  for (const std::vector<std::string>& targets :
+       {std::vector<std::string>{"q", "v"}, AllTargets()}) {
+    SCOPED_TRACE(::testing::Message() << targets.size() << " targets");
+    LoraAdapter ad = Adapter(targets, 4, 8.0, 51);
+    auto bank = MakeAdapterBank(*w, {&ad});
+    ASSERT_TRUE(bank.ok());
+    auto rows = MakeRowAdapters(*w, &*bank, {0, -1, 0});
+    ASSERT_TRUE(rows.ok());
+    at::Tensor fused = Logits(*w, b, *rows);
+    at::Tensor sep = Logits(Unfused(*w), b, *rows);
+    ASSERT_TRUE(fused.defined() && sep.defined());
+    EXPECT_EQ(fused.scalar_type(), at::kFloat);
+    const double scale = sep.abs().max().item<double>();
+    EXPECT_LT(MaxDiff(fused, sep), 2e-2 * scale);
+    auto none = MakeRowAdapters(*w, &*bank, {-1, -1, -1});
+    ASSERT_TRUE(none.ok());
+    at::Tensor plain = Logits(*w, b, *none);
+    EXPECT_GT(MaxDiff(fused.select(0, 0), plain.select(0, 0)), 1e-3 * scale);
+  }
 }
 
 TEST_P(FusedTest, CachedDecodingAndChunkedCrossKeyValues) {
