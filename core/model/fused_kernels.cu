@@ -2262,12 +2262,6 @@ bool TiledV1() {
   return on;
 }
 
-// A positive integer from the environment (read by the caller once), or 0.
-int EnvChoice(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr ? 0 : std::max(0, std::atoi(v));
-}
-
 // RegisterTiledAttentionKernel's block height kTy for B x H heads: 8 rows
 // of 16 threads where the heads are fewer than the SMs (an objective
 // evaluation: 5 x 16 heads), else 16 (a population pass, a batch of

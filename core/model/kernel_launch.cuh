@@ -9,6 +9,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -21,6 +22,12 @@ namespace lorahub::model::kernels {
 inline bool EnvSwitch(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' && *v != '0';
+}
+
+// A positive integer from the environment (read by the caller once), or 0.
+inline int EnvChoice(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? 0 : std::max(0, std::atoi(v));
 }
 
 inline constexpr int kMaxDevices = 64;

@@ -22,7 +22,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
@@ -240,9 +239,9 @@ int64_t SharedLimit(int* device) {
 size_t ShrinkShared(const RunLoraArgs& p) {
   return static_cast<size_t>(kRunShrinkTokens * p.in * 4);
 }
-// At most (the larger tile).
-size_t ExpandShared(const RunLoraArgs& p) {
-  return static_cast<size_t>(kRunExpandTokens * p.R * 4);
+// An expand block of `tokens` tokens (RunLoraFits: the larger tile).
+size_t ExpandShared(const RunLoraArgs& p, int tokens = kRunExpandTokens) {
+  return static_cast<size_t>(tokens * p.R * 4);
 }
 
 template <int kRpw>
@@ -260,7 +259,7 @@ int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
 template <int kR4, int kT>
 int LaunchExpandOf(const RunLoraArgs& p, int device, int64_t limit,
                    cudaStream_t stream) {
-  const size_t shared = static_cast<size_t>(kT * p.R * 4);
+  const size_t shared = ExpandShared(p, kT);
   const int err = OptInShared<RunExpandKernel<kR4, kT>>(shared, device, limit);
   if (err != 0) return err;
   const int64_t tiles = (p.M + kT - 1) / kT;
@@ -274,10 +273,8 @@ int LaunchExpandOf(const RunLoraArgs& p, int device, int64_t limit,
 template <int kR4>
 int LaunchExpand(const RunLoraArgs& p, int device, int64_t limit,
                  cudaStream_t stream) {
-  static const bool earlier = [] {
-    const char* v = std::getenv("LORAHUB_RUN_EXPAND_TOKENS");
-    return v != nullptr && std::atoi(v) == kRunExpandTokensEarlier;
-  }();
+  static const bool earlier =
+      EnvChoice("LORAHUB_RUN_EXPAND_TOKENS") == kRunExpandTokensEarlier;
   // Rank 32 keeps 16 tokens: at 32 its 32 outputs and 8 factor words per
   // thread spilled under the 2-blocks-per-SM bound.
   if constexpr (kR4 > 4) {

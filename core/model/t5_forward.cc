@@ -895,6 +895,19 @@ class Residual {
   Normed Norm(const at::Tensor& weight,
               const at::Tensor& shrink_a = at::Tensor(),
               const at::Tensor& slots = at::Tensor()) {
+    return AddAndNorm(weight, shrink_a, slots, /*keep_full=*/true);
+  }
+  // Norm(weight) without the fp32 `full` where the compute dtype is not
+  // fp32 (Normed::full undefined; fused_ops.h AddRmsNorm's keep_full): for
+  // a sublayer whose projections take no per-row LoRA delta, which read
+  // only the rounded output.
+  Normed NormRoundedOnly(const at::Tensor& weight) {
+    return AddAndNorm(weight, at::Tensor(), at::Tensor(), /*keep_full=*/false);
+  }
+
+ private:
+  Normed AddAndNorm(const at::Tensor& weight, const at::Tensor& shrink_a,
+                    const at::Tensor& slots, bool keep_full) {
     const double eps = w_.config.layer_norm_epsilon;
     if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
     AddNormOutput r;
@@ -903,28 +916,15 @@ class Residual {
         shrink_a.defined() && AddRmsNormShrink(h_, pending_, weight, eps,
                                                w_.dtype, shrink_a, slots, &r,
                                                &xa);
-    if (!shrunk) r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype);
+    if (!shrunk) {
+      r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype, keep_full);
+    }
     h_ = std::move(r.sum);
     pending_ = at::Tensor();
     Normed n{std::move(r.norm.rounded), std::move(r.norm.full)};
     if (shrunk) n.shrink = RowShrink{shrink_a, n.full, std::move(xa)};
     return n;
   }
-  // Norm(weight) without the fp32 `full` where the compute dtype is not
-  // fp32 (Normed::full undefined; fused_ops.h AddRmsNorm's keep_full): for
-  // a sublayer whose projections take no per-row LoRA delta, which read
-  // only the rounded output.
-  Normed NormRoundedOnly(const at::Tensor& weight) {
-    if (!pending_.defined()) return Norm(weight);
-    AddNormOutput r = AddRmsNorm(h_, pending_, weight,
-                                 w_.config.layer_norm_epsilon, w_.dtype,
-                                 /*keep_full=*/false);
-    h_ = std::move(r.sum);
-    pending_ = at::Tensor();
-    return Normed{std::move(r.norm.rounded), std::move(r.norm.full)};
-  }
-
- private:
   void Flush() {
     h_ = h_ + pending_;
     pending_ = at::Tensor();
