@@ -172,12 +172,67 @@ __device__ __forceinline__ void LoadHeldAsFloat(const void* p, DType t,
   }
 }
 
+// Rounds v to `t` and back (a no-op for fp32).
+__device__ __forceinline__ float RoundTo(DType t, float v) {
+  switch (t) {
+    case DType::kBFloat16:
+      return __bfloat162float(__float2bfloat16(v));
+    case DType::kHalf:
+      return __half2float(__float2half(v));
+    default:
+      return v;
+  }
+}
+
+// Element i of a residual norm's delta (NormDelta) as fp32: split-K
+// partials summed in order and rounded to the delta's dtype.
+__device__ __forceinline__ float DeltaAt(const NormDelta& d, int64_t i) {
+  if (d.parts <= 1) return LoadAsFloat(d.p, d.dtype, i);
+  const float* __restrict__ p = static_cast<const float*>(d.p) + i;
+  float s = p[0];
+  for (int k = 1; k < d.parts; ++k) s += p[k * d.part_stride];
+  return RoundTo(d.dtype, s);
+}
+
+// LoadHeldAsFloat of a residual norm's delta, the parts summed as DeltaAt
+// sums them. Unrolled up to kMaxNormDeltaParts (those past d.parts
+// predicated off) so that every part's loads are in flight together.
+template <int kHeld>
+__device__ __forceinline__ void LoadHeldDelta(const NormDelta& d, int64_t base,
+                                              int64_t dim, float (&out)[kHeld]) {
+  if (d.parts <= 1) {
+    LoadHeldAsFloat<kHeld>(d.p, d.dtype, base, dim, out);
+    return;
+  }
+  const float* p = static_cast<const float*>(d.p);
+  float part[kMaxNormDeltaParts][kHeld];
+#pragma unroll
+  for (int k = 0; k < kMaxNormDeltaParts; ++k) {
+    if (k < d.parts) LoadHeld<kHeld>(p + k * d.part_stride, base, dim, part[k]);
+  }
+#pragma unroll
+  for (int u = 0; u < kHeld; ++u) {
+    float s = part[0][u];
+#pragma unroll
+    for (int k = 1; k < kMaxNormDeltaParts; ++k) {
+      if (k < d.parts) s += part[k][u];
+    }
+    out[u] = RoundTo(d.dtype, s);
+  }
+}
+
+// True when the kernels take `d` (NormDelta's conventions).
+bool NormDeltaFits(const NormDelta& d) {
+  return d.p != nullptr && d.dtype != DType::kNone &&
+         (d.parts == 1 || (d.parts > 1 && d.parts <= kMaxNormDeltaParts &&
+                           d.part_stride > 0));
+}
+
 // kHeld: NormHeldFor(dim); kOneSwitch: the delta's dtype switched once per
 // row (LoadHeldAsFloat) rather than per element (LORAHUB_NORM_HELD8).
 template <typename W, typename R, int kHeld, bool kOneSwitch>
 __global__ void __launch_bounds__(kNormThreads)
-    AddRmsNormKernel(const float* __restrict__ x,
-                     const void* __restrict__ delta, DType delta_dtype,
+    AddRmsNormKernel(const float* __restrict__ x, NormDelta delta,
                      float* __restrict__ sum, const W* __restrict__ weight,
                      float* __restrict__ full, R* __restrict__ rounded,
                      int64_t dim, float eps) {
@@ -192,7 +247,7 @@ __global__ void __launch_bounds__(kNormThreads)
     if constexpr (kOneSwitch) {
       float d[kHeld];
       LoadHeld<kHeld>(x, base, dim, v);
-      LoadHeldAsFloat<kHeld>(delta, delta_dtype, base, dim, d);
+      LoadHeldDelta<kHeld>(delta, base, dim, d);
       LoadHeld<kHeld>(weight, 0, dim, g);
 #pragma unroll
       for (int u = 0; u < kHeld; ++u) v[u] += d[u];
@@ -200,7 +255,7 @@ __global__ void __launch_bounds__(kNormThreads)
 #pragma unroll
       for (int u = 0; u < kHeld; ++u) {
         const int64_t i = threadIdx.x + u * kNormThreads;
-        v[u] = i < dim ? x[base + i] + LoadAsFloat(delta, delta_dtype, base + i) : 0.f;
+        v[u] = i < dim ? x[base + i] + DeltaAt(delta, base + i) : 0.f;
         g[u] = i < dim ? ToFloat(weight[i]) : 0.f;
       }
     }
@@ -225,7 +280,7 @@ __global__ void __launch_bounds__(kNormThreads)
     return;
   }
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
-    const float v = x[base + i] + LoadAsFloat(delta, delta_dtype, base + i);
+    const float v = x[base + i] + DeltaAt(delta, base + i);
     sum[base + i] = v;
     sum_sq += v * v;
   }
@@ -238,12 +293,12 @@ __global__ void __launch_bounds__(kNormThreads)
 }
 
 template <typename W, typename R>
-int LaunchAdd(const float* x, const void* delta, DType delta_dtype, float* sum,
+int LaunchAdd(const float* x, const NormDelta& delta, float* sum,
               const void* weight, float* full, void* rounded, int64_t rows,
               int64_t dim, float eps, cudaStream_t stream) {
   const auto launch = [&](auto kernel) {
     kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
-        x, delta, delta_dtype, sum, static_cast<const W*>(weight), full,
+        x, delta, sum, static_cast<const W*>(weight), full,
         static_cast<R*>(rounded), dim, eps);
   };
   // Wider rows keep the earlier kernel (its one-switch variant spilled).
@@ -256,34 +311,22 @@ int LaunchAdd(const float* x, const void* delta, DType delta_dtype, float* sum,
 }
 
 template <typename W>
-int LaunchAddForWeight(const float* x, const void* delta, DType delta_dtype,
+int LaunchAddForWeight(const float* x, const NormDelta& delta,
                        float* sum, const void* weight, float* full,
                        void* rounded, DType rounded_dtype, int64_t rows,
                        int64_t dim, float eps, cudaStream_t stream) {
   switch (rounded_dtype) {
     case DType::kNone:
-      return LaunchAdd<W, float>(x, delta, delta_dtype, sum, weight, full,
+      return LaunchAdd<W, float>(x, delta, sum, weight, full,
                                  nullptr, rows, dim, eps, stream);
     case DType::kBFloat16:
-      return LaunchAdd<W, __nv_bfloat16>(x, delta, delta_dtype, sum, weight,
+      return LaunchAdd<W, __nv_bfloat16>(x, delta, sum, weight,
                                          full, rounded, rows, dim, eps, stream);
     case DType::kHalf:
-      return LaunchAdd<W, __half>(x, delta, delta_dtype, sum, weight, full,
+      return LaunchAdd<W, __half>(x, delta, sum, weight, full,
                                   rounded, rows, dim, eps, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
-
-// Rounds v to `t` and back (a no-op for fp32).
-__device__ __forceinline__ float RoundTo(DType t, float v) {
-  switch (t) {
-    case DType::kBFloat16:
-      return __bfloat162float(__float2bfloat16(v));
-    case DType::kHalf:
-      return __half2float(__float2half(v));
-    default:
-      return v;
   }
 }
 
@@ -1599,7 +1642,7 @@ __global__ void __launch_bounds__(kNormThreads)
   // eleventh session, against 2.1 + 3.9 for the two kernels).
   float v[kHeld], d[kHeld], g[kHeld];
   LoadHeld<kHeld>(p.x, base, dim, v);
-  LoadHeldAsFloat<kHeld>(p.delta, p.delta_dtype, base, dim, d);
+  LoadHeldDelta<kHeld>(p.delta, base, dim, d);
   LoadHeldAsFloat<kHeld>(p.weight, p.weight_dtype, 0, dim, g);
 #pragma unroll
   for (int u = 0; u < kHeld; ++u) v[u] += d[u];
@@ -2031,26 +2074,25 @@ int LaunchRmsNorm(const float* x, const void* weight, DType weight_dtype,
   }
 }
 
-int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
-                     float* sum, const void* weight, DType weight_dtype,
-                     float* full, void* rounded, DType rounded_dtype,
-                     int64_t rows, int64_t dim, float eps, void* stream) {
-  if (rows <= 0 || rows > 0x7fffffff || dim <= 0 ||
-      delta_dtype == DType::kNone) {
+int LaunchAddRmsNorm(const float* x, const NormDelta& delta, float* sum,
+                     const void* weight, DType weight_dtype, float* full,
+                     void* rounded, DType rounded_dtype, int64_t rows,
+                     int64_t dim, float eps, void* stream) {
+  if (rows <= 0 || rows > 0x7fffffff || dim <= 0 || !NormDeltaFits(delta)) {
     return rows == 0 ? 0 : static_cast<int>(cudaErrorInvalidValue);
   }
   auto s = static_cast<cudaStream_t>(stream);
   switch (weight_dtype) {
     case DType::kFloat:
-      return LaunchAddForWeight<float>(x, delta, delta_dtype, sum, weight,
+      return LaunchAddForWeight<float>(x, delta, sum, weight,
                                        full, rounded, rounded_dtype, rows, dim,
                                        eps, s);
     case DType::kBFloat16:
-      return LaunchAddForWeight<__nv_bfloat16>(x, delta, delta_dtype, sum,
+      return LaunchAddForWeight<__nv_bfloat16>(x, delta, sum,
                                                weight, full, rounded,
                                                rounded_dtype, rows, dim, eps, s);
     case DType::kHalf:
-      return LaunchAddForWeight<__half>(x, delta, delta_dtype, sum, weight,
+      return LaunchAddForWeight<__half>(x, delta, sum, weight,
                                         full, rounded, rounded_dtype, rows, dim,
                                         eps, s);
     default:
@@ -2486,7 +2528,7 @@ bool AddRmsNormShrinkFits(const AddNormShrinkArgs& p) {
          a.a_stride[2] == 1 &&
          Aligned16(a.a, static_cast<int64_t>(elem), {a.a_stride[0], a.a_stride[1]}) &&
          a.a != nullptr && a.slots != nullptr && p.x != nullptr &&
-         p.delta != nullptr && p.delta_dtype != DType::kNone &&
+         NormDeltaFits(p.delta) &&
          p.weight != nullptr && p.weight_dtype != DType::kNone;
 }
 

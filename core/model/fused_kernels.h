@@ -20,15 +20,28 @@ int LaunchRmsNorm(const float* x, const void* weight, DType weight_dtype,
                   float* full, void* rounded, DType rounded_dtype,
                   int64_t rows, int64_t dim, float eps, void* stream);
 
+// The sublayer output a residual norm adds (LaunchAddRmsNorm,
+// AddNormShrinkArgs): `p` holds the norm's elements in `dtype`, or, with
+// parts > 1, `parts` fp32 partial products of a split-K GEMM, part_stride
+// elements apart, whose sum (in order, fp32) rounded to `dtype` is the
+// output (fused_ops.h SplitKProject).
+constexpr int kMaxNormDeltaParts = 4;
+struct NormDelta {
+  const void* p = nullptr;
+  DType dtype = DType::kNone;
+  int parts = 1;  // 1 .. kMaxNormDeltaParts
+  int64_t part_stride = 0;
+};
+
 // The residual update and the RMS norm of the next sublayer in one pass:
-// sum = x + delta (delta widened from delta_dtype to fp32: the fp32 add of
-// `x + delta` in ATen), then LaunchRmsNorm's outputs for `sum`. `sum` may
-// not alias x or delta. Same conventions as LaunchRmsNorm, except that
-// `full` may be null where `rounded` is not (the rounded output alone).
-int LaunchAddRmsNorm(const float* x, const void* delta, DType delta_dtype,
-                     float* sum, const void* weight, DType weight_dtype,
-                     float* full, void* rounded, DType rounded_dtype,
-                     int64_t rows, int64_t dim, float eps, void* stream);
+// sum = x + delta (delta widened to fp32: the fp32 add of `x + delta` in
+// ATen), then LaunchRmsNorm's outputs for `sum`. `sum` may not alias x or
+// delta. Same conventions as LaunchRmsNorm, except that `full` may be null
+// where `rounded` is not (the rounded output alone).
+int LaunchAddRmsNorm(const float* x, const NormDelta& delta, float* sum,
+                     const void* weight, DType weight_dtype, float* full,
+                     void* rounded, DType rounded_dtype, int64_t rows,
+                     int64_t dim, float eps, void* stream);
 
 // out[r, c] = gelu_tanh(gate[r, c]) * up[r, c] for `rows` rows of `dim`
 // values, all of one dtype (row strides in elements; unit column stride;
@@ -185,8 +198,7 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream);
 // returns cudaErrorInvalidValue otherwise.
 struct AddNormShrinkArgs {
   const float* x = nullptr;  // the residual stream [B, in]
-  const void* delta = nullptr;
-  DType delta_dtype = DType::kNone;
+  NormDelta delta;
   float* sum = nullptr;
   const void* weight = nullptr;
   DType weight_dtype = DType::kNone;

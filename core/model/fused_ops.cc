@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -95,7 +96,7 @@ AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                                 &out)) {
     return out;
   }
-  out.sum = x + delta;
+  out.sum = x + (IsSplitKOutput(delta, x) ? SplitKSum(delta, compute) : delta);
   out.norm = RmsNorm(out.sum, weight, eps, compute);
   if (!keep_full && compute != at::kFloat) out.norm.full = at::Tensor();
   return out;
@@ -426,6 +427,59 @@ Tf32LoraScope::Tf32LoraScope(bool on) {
 
 Tf32LoraScope::~Tf32LoraScope() {
   if (set_) at::globalContext().setAllowTF32CuBLAS(previous_);
+}
+
+namespace {
+
+// A positive integer from the environment variable `name`, else `fallback`
+// (A/B switches; read once by their callers).
+int64_t EnvCount(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  const int64_t n = v == nullptr ? 0 : std::atoll(v);
+  return n > 0 ? n : fallback;
+}
+
+}  // namespace
+
+at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w) {
+  // LORAHUB_SPLITK_PARTS=2 and LORAHUB_SPLITK_MAX_ROWS=N: A/B switches.
+  static const int64_t parts = std::clamp<int64_t>(
+      EnvCount("LORAHUB_SPLITK_PARTS", 4), 2, kernels::kMaxNormDeltaParts);
+  static const int64_t max_rows = EnvCount("LORAHUB_SPLITK_MAX_ROWS", 64);
+  static const bool off = EnvFlag("LORAHUB_NO_SPLITK");
+  if (off || !x.is_cuda() || !FusedKernelsEnabled() || Differentiable(x) ||
+      Differentiable(w) || x.scalar_type() != w.scalar_type() ||
+      (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) ||
+      x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1) ||
+      !w.is_contiguous()) {
+    return at::Tensor();
+  }
+  const int64_t n = w.size(0);
+  const int64_t k = w.size(1);
+  const int64_t rows = x.numel() / std::max<int64_t>(k, 1);
+  if (rows == 0 || rows > max_rows || k % (8 * parts) != 0) return at::Tensor();
+  RECORD_USER_SCOPE("lorahub::splitk_project");
+  // [P, rows, K / P] against [P, K / P, N]: views of x and w, no copies.
+  const at::Tensor xs = x.reshape({rows, parts, k / parts}).permute({1, 0, 2});
+  const at::Tensor ws = w.view({n, parts, k / parts}).permute({1, 2, 0});
+  at::Tensor out;
+  if (!fused_backend::BmmFloat(xs, ws, &out)) return at::Tensor();
+  std::vector<int64_t> shape = {parts};
+  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(n);
+  return out.view(shape);
+}
+
+bool IsSplitKOutput(const at::Tensor& out, const at::Tensor& like) {
+  return out.defined() && like.defined() && out.dim() == like.dim() + 1 &&
+         out.scalar_type() == at::kFloat && out.size(0) >= 2 &&
+         out.sizes().slice(1) == like.sizes();
+}
+
+at::Tensor SplitKSum(const at::Tensor& parts, at::ScalarType dtype) {
+  at::Tensor sum = parts[0].clone();
+  for (int64_t p = 1; p < parts.size(0); ++p) sum.add_(parts[p]);
+  return sum.to(dtype);
 }
 
 bool NarrowGemmEnabled() {

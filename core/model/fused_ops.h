@@ -52,7 +52,9 @@ NormOutput RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 // on CUDA (it was an elementwise add plus the norm kernel per sublayer, 120
 // adds per flan-t5-large objective evaluation): sum = x + delta in fp32
 // (x fp32, the residual stream; delta of any float dtype, the sublayer
-// output, same shape, widened), then RmsNorm(sum, weight, eps, compute).
+// output, same shape, widened; or SplitKProject's partials, whose
+// SplitKSum(delta, compute) is the output), then RmsNorm(sum, weight, eps,
+// compute).
 // Exactly the arithmetic of `RmsNorm(x + delta, ...)`, which is the
 // fallback (CPU, autograd, LORAHUB_NO_FUSED=1). `sum` is a new tensor.
 // keep_full false: norm.full is left undefined where compute is not fp32,
@@ -67,6 +69,30 @@ struct AddNormOutput {
 AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                          const at::Tensor& weight, double eps,
                          at::ScalarType compute, bool keep_full = true);
+
+// x W^T for the residual stream, as the fp32 partial products of a GEMM
+// split over K: [P, ..., N] with x [..., K], w [N, K] (P = 4: K slices of
+// K / 4, one strided-batched cuBLAS call on views). Their sum in order
+// p = 0 .. P-1, rounded to w's dtype (SplitKSum), is x W^T up to the order
+// of the fp32 sums; AddRmsNorm and AddRmsNormShrink form it as they add the
+// residual. Why: at decode-step sizes cuBLAS's own split-K GEMM is followed
+// by a reduction kernel, and the unsplit GEMMs are latency-bound (H200,
+// graph-replayed, weights from HBM: 64 x 1024 x 2816 7.30 -> 5.13 us,
+// 64 x 1024 x 1024 4.95 -> 4.08 us, reduction included). For the attention
+// outputs and wo of decode steps and of the objective's decoder: 64-row
+// generation 30,645 -> 32,193 tok/s per row, an objective evaluation
+// 2.845 -> 2.765 ms (twenty-sixth session). Undefined, having run nothing,
+// unless x and w are bf16 or fp16 on CUDA, not differentiable, with at most
+// 64 rows and K a multiple of 8 P; or with LORAHUB_NO_SPLITK=1. A/B
+// switches, read once: LORAHUB_NO_SPLITK=1, LORAHUB_SPLITK_PARTS=2 (P),
+// LORAHUB_SPLITK_MAX_ROWS=N (rows).
+at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w);
+// True when `out` is SplitKProject's output for a sublayer whose output has
+// `like`'s shape: fp32 [P, like's shape] with P >= 2.
+bool IsSplitKOutput(const at::Tensor& out, const at::Tensor& like);
+// The output SplitKProject's partials stand for: their fp32 sum in order,
+// rounded to `dtype`.
+at::Tensor SplitKSum(const at::Tensor& parts, at::ScalarType dtype);
 
 // gelu_tanh(gate) * up, T5's gated FFN with transformers' NewGELU
 // (gelu_new and its aliases): ONE kernel on CUDA (it was a GELU and a

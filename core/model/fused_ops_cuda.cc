@@ -70,6 +70,27 @@ AddNormOutput AddNormOutputsLike(const at::Tensor& x, at::ScalarType compute,
   return result;
 }
 
+// The kernels' view of `delta` (contiguous) for a residual norm over x
+// (fused_ops.h AddRmsNorm): x's shape in any float dtype, or SplitKProject's
+// partials, rounded to `compute`. False where it is neither.
+bool NormDeltaOf(const at::Tensor& x, const at::Tensor& delta,
+                 at::ScalarType compute, kernels::NormDelta* d) {
+  if (!delta.is_cuda() || delta.device() != x.device()) return false;
+  d->p = delta.data_ptr();
+  if (delta.sizes() == x.sizes()) {
+    d->dtype = KernelDType(delta.scalar_type());
+    return d->dtype != kernels::DType::kNone;
+  }
+  if (!IsSplitKOutput(delta, x) || !delta.is_contiguous() ||
+      delta.size(0) > kernels::kMaxNormDeltaParts) {
+    return false;
+  }
+  d->dtype = KernelDType(compute);
+  d->parts = static_cast<int>(delta.size(0));
+  d->part_stride = x.numel();
+  return d->dtype != kernels::DType::kNone;
+}
+
 }  // namespace
 
 bool Compiled() { return true; }
@@ -109,26 +130,25 @@ bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
                 const at::Tensor& weight, double eps, at::ScalarType compute,
                 bool keep_full, AddNormOutput* out) {
   const kernels::DType w_dtype = KernelDType(weight.scalar_type());
-  const kernels::DType d_dtype = KernelDType(delta.scalar_type());
   const kernels::DType r_dtype =
       compute == at::kFloat ? kernels::DType::kNone : KernelDType(compute);
-  if (x.scalar_type() != at::kFloat || !weight.is_cuda() || !delta.is_cuda() ||
-      weight.device() != x.device() || delta.device() != x.device() ||
-      delta.sizes() != x.sizes() || weight.dim() != 1 || x.dim() < 1 ||
+  if (x.scalar_type() != at::kFloat || !weight.is_cuda() ||
+      weight.device() != x.device() || weight.dim() != 1 || x.dim() < 1 ||
       x.size(-1) != weight.size(0) || w_dtype == kernels::DType::kNone ||
-      d_dtype == kernels::DType::kNone ||
       (compute != at::kFloat && r_dtype == kernels::DType::kNone)) {
     return false;
   }
+  const at::Tensor dc = delta.contiguous();
+  kernels::NormDelta d;
+  if (!NormDeltaOf(x, dc, compute, &d)) return false;
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
-  const at::Tensor dc = delta.contiguous();
   const at::Tensor wc = weight.contiguous();
   AddNormOutput result = AddNormOutputsLike(xc, compute, r_dtype, keep_full);
   const int64_t dim = xc.size(-1);
   const int err = kernels::LaunchAddRmsNorm(
-      xc.data_ptr<float>(), dc.data_ptr(), d_dtype,
-      result.sum.data_ptr<float>(), wc.data_ptr(), w_dtype,
+      xc.data_ptr<float>(), d, result.sum.data_ptr<float>(), wc.data_ptr(),
+      w_dtype,
       result.norm.full.defined() ? result.norm.full.data_ptr<float>()
                                  : nullptr,
       r_dtype == kernels::DType::kNone ? nullptr
@@ -401,7 +421,7 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
       compute == at::kFloat ? kernels::DType::kNone : KernelDType(compute);
   if (!x.is_cuda() || x.scalar_type() != at::kFloat || x.dim() < 1 ||
       !x.is_contiguous() || !delta.is_contiguous() ||
-      delta.sizes() != x.sizes() || !weight.is_contiguous() ||
+      !weight.is_contiguous() ||
       weight.dim() != 1 || weight.size(0) != x.size(-1) || !a.defined() ||
       a.dim() != 3 || a.size(2) != x.size(-1) || x.size(-1) == 0 ||
       !SlotsFit(slots, x, x.numel() / x.size(-1)) ||
@@ -412,10 +432,9 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
     if (!OnDeviceOf(*t, x)) return false;
   }
   kernels::AddNormShrinkArgs p;
+  if (!NormDeltaOf(x, delta, compute, &p.delta)) return false;
   p.shrink = ShrinkArgs(a, slots, slots.numel());
   p.x = x.data_ptr<float>();
-  p.delta = delta.data_ptr();
-  p.delta_dtype = KernelDType(delta.scalar_type());
   p.weight = weight.data_ptr();
   p.weight_dtype = KernelDType(weight.scalar_type());
   p.rounded_dtype = r_dtype;

@@ -769,8 +769,23 @@ at::ScalarType ContextDtype(const at::Tensor& q, const Linear& o,
   return Adapted(rows, o.site) ? q.scalar_type() : o.weight.scalar_type();
 }
 
+// The projection of a sublayer's output into the residual stream (attention
+// o, feed-forward wo), for Residual::Add: SplitKProject's partials where it
+// takes an unadapted projection (decode steps, the objective's decoder),
+// else Project's output.
+at::Tensor ProjectToResidual(const at::Tensor& x, const Linear& linear,
+                             const RowAdapters& rows,
+                             const at::Tensor& x_full = at::Tensor()) {
+  if (!Adapted(rows, linear.site)) {
+    at::Tensor parts =
+        SplitKProject(MatmulInput(x, linear.weight), linear.weight);
+    if (parts.defined()) return parts;
+  }
+  return Project(x, linear, rows, x_full);
+}
+
 // The output projection of an attention's context ctx [B, H, T, d] (in
-// ContextDtype).
+// ContextDtype), for Residual::Add (ProjectToResidual).
 at::Tensor ProjectContext(const at::Tensor& ctx, const Linear& o,
                           const RowAdapters& rows) {
   const bool adapted = Adapted(rows, o.site);
@@ -781,7 +796,9 @@ at::Tensor ProjectContext(const at::Tensor& ctx, const Linear& o,
                       .to(o.weight.scalar_type(), /*non_blocking=*/false,
                           /*copy=*/false, at::MemoryFormat::Contiguous)
                       .reshape(shape);  // a copy only when .to() was a no-op
-  if (!adapted || mm.scalar_type() == at::kFloat) return Project(mm, o, rows);
+  if (!adapted || mm.scalar_type() == at::kFloat) {
+    return ProjectToResidual(mm, o, rows);
+  }
   return Project(mm, o, rows, heads_last.reshape(shape));  // fp32 LoRA input
 }
 
@@ -826,7 +843,7 @@ at::Tensor FeedForward(const Normed& x, const T5Weights& w,
   } else {
     h = Activation(Project(x.mm, ff.wi, rows, x.full), w.config.dense_act_fn);
   }
-  return Project(h, ff.wo, rows);
+  return ProjectToResidual(h, ff.wo, rows);
 }
 
 // The residual stream starts (and stays) in fp32, also for fp16 compute,
@@ -926,7 +943,8 @@ class Residual {
     return n;
   }
   void Flush() {
-    h_ = h_ + pending_;
+    h_ = h_ + (IsSplitKOutput(pending_, h_) ? SplitKSum(pending_, w_.dtype)
+                                             : pending_);
     pending_ = at::Tensor();
   }
   const T5Weights& w_;

@@ -81,6 +81,9 @@ std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
 
 // softmax(q k^T + bias) v, then the output projection `o`. q: [B, H, Tq, d],
 // k, v: [B, H, Tk, d], bias broadcastable to [B, H, Tq, Tk]; all fp32.
+// It and FeedForward return a sublayer output for the residual stream: the
+// output, or SplitKProject's partials of it (fused_ops.h; IsSplitKOutput,
+// SplitKSum), which the residual norms add.
 at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias,
                             const Linear& o, const RowAdapters& rows);
@@ -178,7 +181,8 @@ struct StepCache {
 // The fp32 residual stream between decoder blocks: `h` plus the last
 // sublayer's output `pending` (undefined: nothing pending), not added yet so
 // that the next norm adds it in its own kernel (fused_ops.h AddRmsNorm; one
-// add kernel fewer per block). Both [B, T, d_model].
+// add kernel fewer per block). Both [B, T, d_model]; `pending` may also be
+// SplitKProject's partials [P, B, T, d_model].
 struct ResidualStream {
   at::Tensor h;
   at::Tensor pending;

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "core/model/fused_ops.h"
 #include "gtest/gtest.h"
@@ -81,6 +82,67 @@ TEST(AddRmsNormTest, IsTheNormOfTheSum) {
       }
     }
   }
+}
+
+// SplitKProject's partials as a delta: the norm adds their fp32 sum (in
+// order) rounded to the compute dtype, exactly what AddRmsNorm of that
+// rounded output gives (the CUDA kernel, or the fallback's SplitKSum).
+TEST(AddRmsNormTest, AddsSplitKPartialsSummedThenRounded) {
+  at::manual_seed(6);
+  for (int64_t dim : {int64_t{40}, int64_t{1024}, int64_t{3000}}) {
+    for (int64_t parts : {int64_t{2}, int64_t{4}}) {
+      SCOPED_TRACE(dim * 10 + parts);
+      const at::Tensor x = at::randn({3, 5, dim}, F32()) * 3.0;
+      // Partials of mixed scales: their fp32 sum is not a bf16 value.
+      const at::Tensor delta =
+          at::randn({parts, 3, 5, dim}, F32()) *
+          at::linspace(0.01, 4.0, parts, F32()).view({parts, 1, 1, 1});
+      ASSERT_TRUE(IsSplitKOutput(delta, x));
+      ASSERT_FALSE(IsSplitKOutput(delta[0], x));
+      at::Tensor sum = delta[0].clone();
+      for (int64_t p = 1; p < parts; ++p) sum = sum + delta[p];
+      const at::Tensor rounded = sum.to(at::kBFloat16);
+      EXPECT_TRUE(at::equal(SplitKSum(delta, at::kBFloat16), rounded));
+      const at::Tensor weight = (at::rand({dim}, F32()) + 0.5).to(at::kBFloat16);
+      const AddNormOutput got = AddRmsNorm(x, delta, weight, 1e-6, at::kBFloat16);
+      const AddNormOutput want = AddRmsNorm(x, rounded, weight, 1e-6, at::kBFloat16);
+      EXPECT_TRUE(at::equal(got.sum, x + rounded));
+      EXPECT_TRUE(at::equal(got.sum, want.sum));
+      EXPECT_TRUE(at::equal(got.norm.full, want.norm.full));
+      EXPECT_TRUE(at::equal(got.norm.rounded, want.norm.rounded));
+    }
+  }
+}
+
+// SplitKProject on CUDA: four fp32 partial products whose rounded sum is
+// x W^T within the GEMM's own rounding; elsewhere (CPU, more than 64 rows,
+// K not a multiple of 32, fp32) it runs nothing.
+TEST(SplitKProjectTest, PartialsSumToTheProduct) {
+  at::manual_seed(8);
+  const at::TensorOptions bf16 = F32().dtype(at::kBFloat16);
+  const at::Tensor w = (at::randn({96, 2816}, F32()) * 0.05).to(at::kBFloat16);
+  for (int64_t rows : {int64_t{1}, int64_t{15}, int64_t{64}}) {
+    SCOPED_TRACE(rows);
+    const at::Tensor x = at::randn({rows, 1, 2816}, bf16);
+    const at::Tensor parts = SplitKProject(x, w);
+    if (Device().is_cpu()) {
+      EXPECT_FALSE(parts.defined());
+      continue;
+    }
+    ASSERT_TRUE(parts.defined());
+    ASSERT_EQ(parts.sizes(), (std::vector<int64_t>{4, rows, 1, 96}));
+    ASSERT_TRUE(IsSplitKOutput(parts, x.narrow(-1, 0, 96)));
+    const at::Tensor want = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());
+    EXPECT_LE(RelDiff(parts.sum(0), want), 1e-5);
+    EXPECT_LE(RelDiff(SplitKSum(parts, at::kBFloat16).to(at::kFloat), want),
+              1.0 / 128);
+  }
+  EXPECT_FALSE(SplitKProject(at::randn({65, 2816}, bf16), w).defined());
+  EXPECT_FALSE(SplitKProject(at::randn({8, 1000}, bf16),
+                             w.narrow(1, 0, 1000).contiguous())
+                   .defined());
+  EXPECT_FALSE(SplitKProject(at::randn({8, 2816}, F32()), w.to(at::kFloat))
+                   .defined());
 }
 
 // The gated FFN's gelu_tanh(wi_0 x) * (wi_1 x) on the two column halves of

@@ -87,8 +87,10 @@ class OpCounter {
     auto mark = std::make_unique<Mark>();
     const std::string name = fn.name();
     if (depth_ > 0) return mark;  // inside a counted op
-    if (name == "lorahub::gemm_float" || name == "lorahub::narrow_gemm") {
-      ++counts_.gemms;  // one GEMM (fp32 output, or few columns: fused_ops.h)
+    if (name == "lorahub::gemm_float" || name == "lorahub::narrow_gemm" ||
+        name == "lorahub::splitk_project") {
+      // One GEMM (fp32 output, few columns, or split over K: fused_ops.h).
+      ++counts_.gemms;
     } else if (name.rfind("lorahub::", 0) == 0) {
       ++counts_.fused;
     } else if (Composite(name)) {
