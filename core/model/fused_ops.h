@@ -81,7 +81,8 @@ AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
 // 64 x 1024 x 1024 4.95 -> 4.08 us, reduction included). For the attention
 // outputs and wo of decode steps and of the objective's decoder: 64-row
 // generation 30,645 -> 32,193 tok/s per row, an objective evaluation
-// 2.845 -> 2.765 ms (twenty-sixth session). Undefined, having run nothing,
+// 2.845 -> 2.765 ms (twenty-sixth session). Also a short prompt's encoder
+// (at most 64 tokens in all). Undefined, having run nothing,
 // unless x and w are bf16 or fp16 on CUDA, not differentiable, with at most
 // 64 rows and K a multiple of 8 P; or with LORAHUB_NO_SPLITK=1. A/B
 // switches, read once: LORAHUB_NO_SPLITK=1, LORAHUB_SPLITK_PARTS=2 (P),

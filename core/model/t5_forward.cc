@@ -771,17 +771,16 @@ at::ScalarType ContextDtype(const at::Tensor& q, const Linear& o,
 
 // The projection of a sublayer's output into the residual stream (attention
 // o, feed-forward wo), for Residual::Add: SplitKProject's partials where it
-// takes an unadapted projection (decode steps, the objective's decoder),
-// else Project's output.
+// takes an unadapted projection (at most 64 rows: decode steps, the
+// objective's decoder, short prompts' encoder), else Project's output.
 at::Tensor ProjectToResidual(const at::Tensor& x, const Linear& linear,
-                             const RowAdapters& rows,
-                             const at::Tensor& x_full = at::Tensor()) {
+                             const RowAdapters& rows) {
   if (!Adapted(rows, linear.site)) {
     at::Tensor parts =
         SplitKProject(MatmulInput(x, linear.weight), linear.weight);
     if (parts.defined()) return parts;
   }
-  return Project(x, linear, rows, x_full);
+  return Project(x, linear, rows);
 }
 
 // The output projection of an attention's context ctx [B, H, T, d] (in

@@ -9,10 +9,16 @@
 #   warp_head3  one warp a head: lanes over keys for the scores (3 each), over (key group,
 #               8 dims) for the values, every load issued first (254 registers)
 #   read_floor  no attention: the same grid reads the same keys and values (all 72 rows)
-# Runs under the GPU host's python3 (PyTorch and CuPy):
-#   python3 deploy/gpu/decode_attention_bench.py
-# Twenty-sixth session, H200 (docs/BENCHMARKS.md): split_key 8.37-8.67 us (the engine's kernel:
-# 8.63), split_key5 8.98-9.38, warp_head3 8.77-9.13, read_floor 6.73-7.13.
+#   read_all    the same with each thread's loads all issued first
+#   read_bulk   the same through cp.async.bulk into shared memory (one mbarrier a block)
+# Runs under the GPU host's python3 (PyTorch and CuPy); arguments pick kernels (default: the
+# first four, twice):
+#   python3 deploy/gpu/decode_attention_bench.py [KERNEL...]
+# Twenty-sixth session, H200 (docs/BENCHMARKS.md): split_key 8.34-8.68 us (the engine's kernel:
+# 8.63), split_key5 8.98-9.38, warp_head3 8.77-9.13, read_floor 6.73-7.13, read_all 6.04-6.41,
+# read_bulk 6.65.
+import sys
+
 import torch, cupy
 B, H, S, D, L = 64, 16, 72, 64, 24
 src = r'''
@@ -132,6 +138,48 @@ extern "C" __global__ void __launch_bounds__(128, 8) read_floor(const float* q, 
   for (int i = threadIdx.x; i < S * 8; i += 128) { const uint4 a = kh[i], b = vh[i]; acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w; }
   if (acc == 0x12345678u) out[bh] = 1.f;
 }
+// read_floor with every load of a thread issued before any is used (5 + 5 16-byte words).
+extern "C" __global__ void __launch_bounds__(128, 8) read_all(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+    const float* bias, float* out, int H, int S) {
+  const int bh = blockIdx.x;
+  const uint4* kh = reinterpret_cast<const uint4*>(k + (size_t)bh * S * 64);
+  const uint4* vh = reinterpret_cast<const uint4*>(v + (size_t)bh * S * 64);
+  uint4 a[5], b[5];
+#pragma unroll
+  for (int u = 0; u < 5; ++u) {
+    const int i = threadIdx.x + 128 * u;
+    a[u] = i < S * 8 ? kh[i] : make_uint4(0, 0, 0, 0);
+    b[u] = i < S * 8 ? vh[i] : make_uint4(0, 0, 0, 0);
+  }
+  unsigned acc = 0;
+#pragma unroll
+  for (int u = 0; u < 5; ++u) acc ^= a[u].x ^ a[u].y ^ a[u].z ^ a[u].w ^ b[u].x ^ b[u].y ^ b[u].z ^ b[u].w;
+  if (acc == 0x12345678u) out[bh] = 1.f;
+}
+// read_floor through Hopper's bulk copy: one thread asks for the head's keys and values
+// (2 x S x 128 bytes) into shared memory against an mbarrier; the block waits, then reads them.
+extern "C" __global__ void __launch_bounds__(128, 8) read_bulk(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+    const float* bias, float* out, int H, int S) {
+  __shared__ __align__(128) uint4 buf[2][72 * 8];
+  __shared__ __align__(8) unsigned long long bar;
+  const int bh = blockIdx.x;
+  const unsigned bytes = S * 128;
+  const unsigned bar_addr = static_cast<unsigned>(__cvta_generic_to_shared(&bar));
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(bar_addr));
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" :: "r"(bar_addr), "r"(2 * bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(buf[0]))), "l"(k + (size_t)bh * S * 64), "r"(bytes), "r"(bar_addr) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(buf[1]))), "l"(v + (size_t)bh * S * 64), "r"(bytes), "r"(bar_addr) : "memory");
+  }
+  __syncthreads();
+  asm volatile("{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared.b64 p, [%0], 0;\n @!p bra WAIT_%=;\n}" :: "r"(bar_addr) : "memory");
+  unsigned acc = 0;
+  for (int i = threadIdx.x; i < S * 8; i += 128) { const uint4 a = buf[0][i], b = buf[1][i]; acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w; }
+  if (acc == 0x12345678u) out[bh] = 1.f;
+}
 // One warp a head, KPL keys per lane (S <= 32 KPL), 4 heads a block.
 template <int KPL>
 __device__ void warp_head(const float* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
@@ -215,6 +263,8 @@ mod = cupy.RawModule(code=src, options=('-std=c++17', '-arch=sm_90'), name_expre
 split_key = mod.get_function('split_key')
 split_key5 = mod.get_function('split_key5')
 read_floor = mod.get_function('read_floor')
+read_all = mod.get_function('read_all')
+read_bulk = mod.get_function('read_bulk')
 warp_head3 = mod.get_function('warp_head3')
 torch.manual_seed(0)
 dev = 'cuda'
@@ -231,15 +281,16 @@ P = lambda t: cupy.uint64(t.data_ptr())
 def launch(kind, i):
     s = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
     with s:
-        if kind in ('split_key', 'split_key5', 'read_floor'):
-            {'split_key': split_key, 'split_key5': split_key5, 'read_floor': read_floor}[kind]((B * H,), (128,), (P(qs[i]), P(ks[i]), P(vs[i]), P(bias), P(outs[i]), cupy.int32(H), cupy.int32(S)))
+        if kind in ('split_key', 'split_key5', 'read_floor', 'read_all', 'read_bulk'):
+            {'split_key': split_key, 'split_key5': split_key5, 'read_floor': read_floor,
+             'read_all': read_all, 'read_bulk': read_bulk}[kind]((B * H,), (128,), (P(qs[i]), P(ks[i]), P(vs[i]), P(bias), P(outs[i]), cupy.int32(H), cupy.int32(S)))
         else:
             warp_head3(((B * H + 3) // 4,), (128,), (P(qs[i]), P(ks[i]), P(vs[i]), P(bias), P(outs[i]), cupy.int32(H), cupy.int32(S), cupy.int32(B * H)))
 flush = torch.empty(200_000_000, device=dev, dtype=torch.uint8)
-for kind in ['split_key', 'split_key5', 'read_floor', 'warp_head3', 'split_key', 'split_key5', 'read_floor']:
+for kind in sys.argv[1:] or ['split_key', 'split_key5', 'read_floor', 'warp_head3', 'split_key', 'split_key5', 'read_floor']:
     for i in range(L): launch(kind, i)
     torch.cuda.synchronize()
-    err = 0.0 if kind == 'read_floor' else max((outs[i] - ref(i)).abs().max().item() for i in range(3))
+    err = 0.0 if kind.startswith('read') else max((outs[i] - ref(i)).abs().max().item() for i in range(3))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for i in range(L): launch(kind, i)
