@@ -311,20 +311,20 @@ int LaunchAdd(const float* x, const NormDelta& delta, float* sum,
 }
 
 template <typename W>
-int LaunchAddForWeight(const float* x, const NormDelta& delta,
-                       float* sum, const void* weight, float* full,
-                       void* rounded, DType rounded_dtype, int64_t rows,
-                       int64_t dim, float eps, cudaStream_t stream) {
+int LaunchAddForWeight(const float* x, const NormDelta& delta, float* sum,
+                       const void* weight, float* full, void* rounded,
+                       DType rounded_dtype, int64_t rows, int64_t dim,
+                       float eps, cudaStream_t stream) {
   switch (rounded_dtype) {
     case DType::kNone:
-      return LaunchAdd<W, float>(x, delta, sum, weight, full,
-                                 nullptr, rows, dim, eps, stream);
+      return LaunchAdd<W, float>(x, delta, sum, weight, full, nullptr, rows,
+                                 dim, eps, stream);
     case DType::kBFloat16:
-      return LaunchAdd<W, __nv_bfloat16>(x, delta, sum, weight,
-                                         full, rounded, rows, dim, eps, stream);
+      return LaunchAdd<W, __nv_bfloat16>(x, delta, sum, weight, full, rounded,
+                                         rows, dim, eps, stream);
     case DType::kHalf:
-      return LaunchAdd<W, __half>(x, delta, sum, weight, full,
-                                  rounded, rows, dim, eps, stream);
+      return LaunchAdd<W, __half>(x, delta, sum, weight, full, rounded, rows,
+                                  dim, eps, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -2084,17 +2084,15 @@ int LaunchAddRmsNorm(const float* x, const NormDelta& delta, float* sum,
   auto s = static_cast<cudaStream_t>(stream);
   switch (weight_dtype) {
     case DType::kFloat:
-      return LaunchAddForWeight<float>(x, delta, sum, weight,
-                                       full, rounded, rounded_dtype, rows, dim,
-                                       eps, s);
+      return LaunchAddForWeight<float>(x, delta, sum, weight, full, rounded,
+                                       rounded_dtype, rows, dim, eps, s);
     case DType::kBFloat16:
-      return LaunchAddForWeight<__nv_bfloat16>(x, delta, sum,
-                                               weight, full, rounded,
-                                               rounded_dtype, rows, dim, eps, s);
+      return LaunchAddForWeight<__nv_bfloat16>(x, delta, sum, weight, full,
+                                               rounded, rounded_dtype, rows,
+                                               dim, eps, s);
     case DType::kHalf:
-      return LaunchAddForWeight<__half>(x, delta, sum, weight,
-                                        full, rounded, rounded_dtype, rows, dim,
-                                        eps, s);
+      return LaunchAddForWeight<__half>(x, delta, sum, weight, full, rounded,
+                                        rounded_dtype, rows, dim, eps, s);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }

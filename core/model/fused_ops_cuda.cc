@@ -138,10 +138,10 @@ bool AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
       (compute != at::kFloat && r_dtype == kernels::DType::kNone)) {
     return false;
   }
+  c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dc = delta.contiguous();
   kernels::NormDelta d;
   if (!NormDeltaOf(x, dc, compute, &d)) return false;
-  c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
   AddNormOutput result = AddNormOutputsLike(xc, compute, r_dtype, keep_full);
