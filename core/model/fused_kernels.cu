@@ -1276,6 +1276,9 @@ __global__ void __launch_bounds__(kNormThreads)
 // of the same products as TiledAttentionKernel, in another order (the same
 // for every block shape). H200, Kineto: an objective evaluation's call 14.7
 // -> 9.9 us, a population pass's 106 -> 78-86 us, 64 prompts' 122 -> 90 us.
+// Packed rows (AttentionArgs::seq_starts): the grid is sized for the
+// longest row; each block reads its row's length and first token, and the
+// tiles past its row's end have no work.
 constexpr int kRegTiledD = 64;         // D == Dv
 constexpr int kRegTiledLd = kRegTiledD + 4;  // q, k rows: 8 rows in a row on distinct bank quads
 
@@ -1308,18 +1311,30 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
   float* ks = qs + TQ * kLd;                    // [TK, kLd]
   float* ps = qs;                               // [TQ, ldp], once the scores are made
   float* vs = qs + kRegion;                     // [TK, D]
-  const int S = static_cast<int>(a.S);
-  const int T = static_cast<int>(a.T);
-  const int S4 = (S + 3) / 4 * 4;
-  const int ldp = RegTiledProbLd(S);
-  const int tiles = (T + TQ - 1) / TQ;
+  const int tiles = (static_cast<int>(a.T) + TQ - 1) / TQ;
   const int tile = blockIdx.x % tiles;
   const int64_t h = (blockIdx.x / tiles) % a.H;
   const int64_t b = blockIdx.x / (static_cast<int64_t>(tiles) * a.H);
+  // Row b: its multiple of the batch strides and first position along the
+  // token strides (packed rows: 0 and the row's first token) and length.
+  int64_t row = b, first = 0;
+  int S = static_cast<int>(a.S);
+  int T = static_cast<int>(a.T);
+  if (a.seq_starts != nullptr) {
+    row = 0;
+    first = a.seq_starts[b];
+    S = T = a.seq_starts[b + 1] - a.seq_starts[b];
+  }
   const int t_begin = tile * TQ;
+  if (t_begin >= T) return;  // a packed row shorter than the longest
+  const int S4 = (S + 3) / 4 * 4;
+  const int ldp = RegTiledProbLd(S);
   const int t_last = min(T, t_begin + TQ) - 1;
-  const E* __restrict__ k = static_cast<const E*>(a.k) + b * a.k_stride[0] + h * a.k_stride[1];
-  const E* __restrict__ v = static_cast<const E*>(a.v) + b * a.v_stride[0] + h * a.v_stride[1];
+  const int64_t out_row0 = a.seq_starts != nullptr ? first : b * a.T;
+  const E* __restrict__ k = static_cast<const E*>(a.k) + row * a.k_stride[0] +
+                            h * a.k_stride[1] + first * a.k_stride[2];
+  const E* __restrict__ v = static_cast<const E*>(a.v) + row * a.v_stride[0] +
+                            h * a.v_stride[1] + first * a.v_stride[2];
   const int tx = threadIdx.x & 15;
   const int ty = threadIdx.x >> 4;
 
@@ -1357,7 +1372,8 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
   for (int n = 0; n < kQpt; ++n) {
     const int t = min(t_begin + ((threadIdx.x + n * kThreads) >> 4), t_last);
     const int c = (threadIdx.x & 15) * 4;
-    const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t * a.q_stride[2];
+    const int64_t q0 =
+        row * a.q_stride[0] + h * a.q_stride[1] + (first + t) * a.q_stride[2];
     if (q_vec) {
       qreg[n] = Load4(static_cast<const E*>(a.q) + q0 + c);
     } else {
@@ -1480,7 +1496,8 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
   for (int u = 0; u < kQpt; ++u) {
     const int t = t_begin + ty + kTy * u;
     if (t > t_last) break;
-    const int64_t o0 = ((b * a.T + t) * a.H + h) * kRegTiledD + 4 * tx;  // [B, T, H, Dv]
+    // [B, T, H, Dv], or [tokens, H, Dv]
+    const int64_t o0 = ((out_row0 + t) * a.H + h) * kRegTiledD + 4 * tx;
 #pragma unroll
     for (int e = 0; e < 4; ++e) StoreFromFloat(a.out, a.out_dtype, o0 + e, acc[u][e] * inv[u]);
   }
@@ -2414,7 +2431,8 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   if (args.B * args.H * args.T == 0) return 0;
   if (args.B < 0 || args.H < 0 || args.T < 0 || args.T > 0x7fffffff ||
       !TiledAttentionFits(args.S, args.D, args.Dv) ||
-      args.qkv_dtype == DType::kNone || args.bias_dtype == DType::kNone) {
+      args.qkv_dtype == DType::kNone || args.bias_dtype == DType::kNone ||
+      (args.seq_starts != nullptr && args.T != args.S)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   AttentionArgs a = args;
@@ -2438,6 +2456,8 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
           Tiled4Aligned(a.v, a.v_stride, bytes);
   const int reg_tiled = LaunchRegisterTiled(a, l, limits->sms);
   if (reg_tiled != -1) return reg_tiled;
+  // Packed rows: the register-tiled kernel only.
+  if (a.seq_starts != nullptr) return static_cast<int>(cudaErrorInvalidValue);
   switch (a.qkv_dtype) {
     case DType::kFloat:
       return LaunchTiledFor<float>(a, l);

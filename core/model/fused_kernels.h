@@ -86,6 +86,14 @@ struct AttentionArgs {
   int64_t k_stride[4] = {0, 0, 0, 0};
   int64_t v_stride[4] = {0, 0, 0, 0};
   int64_t bias_stride[4] = {0, 0, 0, 0};
+  // Optional, LaunchTiledAttention's self-attention only (T == S): rows
+  // packed end to end (t5_forward.h EncodePacked). Row b's positions are
+  // the tokens seq_starts[b] .. seq_starts[b + 1] - 1 (device int32 [B + 1])
+  // along the token dimension (stride[2]) of q, k and v, whose stride[0] is
+  // then unused; T and S are the longest row's length; each row attends
+  // over its own tokens only (positions t, j of the row index the bias),
+  // and the output is [tokens, H, Dv].
+  const int32_t* seq_starts = nullptr;
 };
 int LaunchSmallAttention(const AttentionArgs& args, void* stream);
 
@@ -311,6 +319,12 @@ struct RunLoraArgs {
   // y (then only read): slot 0's [M, columns] with y's strides.
   void* y_bf16 = nullptr;
   int64_t slots = 0, M = 0;
+  // Optional: runs of different lengths packed end to end (t5_forward.h
+  // EncodePacked). Slot s's tokens are run_starts[s] .. run_starts[s + 1]
+  // - 1 (device int32 [slots + 1]) along the token stride of x, xa and y
+  // (their slot strides unused, xa_buffer [tokens, R]); M is the longest
+  // run.
+  const int32_t* run_starts = nullptr;
 };
 bool RunLoraFits(const RunLoraArgs& args);
 int LaunchRunLora(const RunLoraArgs& args, void* stream);

@@ -325,6 +325,22 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
   return fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale, y_round);
 }
 
+bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                         const at::Tensor& a,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run) {
+  static const bool off = EnvFlag("LORAHUB_NO_RUN_LORA");
+  if (off || !y.is_cuda() || !fused_backend::Compiled() || Disabled() ||
+      Differentiable(y) || Differentiable(x) || Differentiable(a)) {
+    return false;
+  }
+  for (const LoraRunSite& s : sites) {
+    if (Differentiable(s.b)) return false;
+  }
+  return fused_backend::LoraPackedRunDeltas(y, x, a, sites, scale, starts,
+                                            max_run);
+}
+
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
                       const at::Tensor& weight, double eps,
                       at::ScalarType compute, const at::Tensor& a,
@@ -540,6 +556,40 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
     return SingleQueryAttention(q, k, v, bias).to(out_dtype);
   }
   return GeneralAttentionTo(q, k, v, bias, out_dtype);
+}
+
+at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& bias,
+                           const at::Tensor& starts,
+                           const std::vector<int64_t>& host_starts,
+                           at::ScalarType out_dtype) {
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k.sizes() == q.sizes() &&
+                  v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3) &&
+                  host_starts.size() >= 2 && host_starts.front() == 0 &&
+                  host_starts.back() == q.size(2),
+              "packed attention: q, k, v must be [1, H, tokens, d] and the "
+              "row starts cover the tokens");
+  RECORD_USER_SCOPE("lorahub::attention");
+  at::Tensor out;
+  if (q.is_cuda() && !Disabled() && !TiledAttentionOff() &&
+      !Differentiable(q) && !Differentiable(k) && !Differentiable(v) &&
+      fused_backend::PackedAttention(q, k, v, bias, starts, out_dtype, &out)) {
+    return out;
+  }
+  // One row at a time, written heads last as the kernel writes it.
+  at::Tensor ctx = at::empty({1, q.size(2), q.size(1), v.size(3)},
+                             q.options().dtype(out_dtype));
+  for (size_t b = 0; b + 1 < host_starts.size(); ++b) {
+    const int64_t first = host_starts[b];
+    const int64_t len = host_starts[b + 1] - first;
+    if (len <= 0) continue;
+    const at::Tensor row =
+        GeneralAttentionTo(q.narrow(2, first, len), k.narrow(2, first, len),
+                           v.narrow(2, first, len),
+                           bias.narrow(2, 0, len).narrow(3, 0, len), out_dtype);
+    ctx.narrow(1, first, len).copy_(row.transpose(1, 2));
+  }
+  return ctx.transpose(1, 2);
 }
 
 void WeightedSums(const std::vector<WeightedSum>& sums) {

@@ -126,6 +126,24 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias,
                      at::ScalarType out_dtype);
 
+// Self-attention over rows packed end to end, without padding
+// (t5_forward.h EncodePacked). q, k, v: [1, H, N, d] with the tokens along
+// dimension 2 (views of one q|k|v GEMM's output qualify); row b's
+// positions are the tokens host_starts[b] .. host_starts[b + 1] - 1, and
+// `starts` holds the same offsets as int32 [B + 1] on q's device. Each row
+// attends over its own tokens only, biased by bias[0, h, t, j] ([1, H, L,
+// L], L the longest row; t and j positions within the row). Returns [1, H,
+// N, d] in out_dtype (heads last in memory): for every row the values of
+// Attention over that row alone, up to the order of fp32 sums. On CUDA one
+// launch of the register-tiled kernel where it takes the shapes
+// (fused_kernels.h AttentionArgs::seq_starts: 64-wide heads, a longest row
+// of 33 to 128 positions); elsewhere one GeneralAttention per row.
+at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& bias,
+                           const at::Tensor& starts,
+                           const std::vector<int64_t>& host_starts,
+                           at::ScalarType out_dtype);
+
 // The general path: on CUDA, queries of at most kSmallQueryMax positions
 // (the teacher-forced decoder of the objective: self- and cross-attention)
 // take one hand-written kernel (fused_kernels.h LaunchSmallAttention: fp32
@@ -324,6 +342,17 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
                    const std::vector<LoraRunSite>& sites, double scale,
                    const at::Tensor& y_round = at::Tensor());
+
+// LoraRunDeltas (the shrink and the expand) over runs of different lengths
+// packed end to end (t5_forward.h EncodePacked): y [1, N, columns] and x
+// [1, N, in] fp32, slot s's run the tokens starts[s] .. starts[s + 1] - 1
+// (starts: int32 [slots + 1] on y's device), max_run the longest run; a
+// [slots, R, in] and each site's b [slots, out, r]. The same arithmetic per
+// token as LoraRunDeltas; all or nothing, false where it does not run.
+bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                         const at::Tensor& a,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run);
 
 // AddRmsNorm(x, delta, weight, eps, compute) and LoraRowShrink of its fp32
 // output, xa[b] = full[b] a[slots[b]]^T (fp32 [B, R]), in ONE kernel on

@@ -34,6 +34,11 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
                     kernels::AttentionVariant variant, at::Tensor* out);
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out);
+// fused_ops.h PackedAttention's kernel.
+bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     const at::Tensor& starts, at::ScalarType out_dtype,
+                     at::Tensor* out);
 // fused_ops.h LoraRowDeltas (all or nothing).
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,
@@ -43,6 +48,11 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
                    const std::vector<LoraRunSite>& sites, double scale,
                    const at::Tensor& y_round);
+// fused_ops.h LoraPackedRunDeltas (all or nothing).
+bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                         const at::Tensor& a,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run);
 // fused_ops.h AddRmsNormShrink, LoraRowShrink, LoraRowExpand,
 // DecodeStepAttention.
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,

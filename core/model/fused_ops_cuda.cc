@@ -286,6 +286,49 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   return true;
 }
 
+bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     const at::Tensor& starts, at::ScalarType out_dtype,
+                     at::Tensor* out) {
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || bias.dim() != 4 ||
+      !OnDeviceOf(q, q) || !OnDeviceOf(k, q) || !OnDeviceOf(v, q) ||
+      !OnDeviceOf(bias, q) || !OnDeviceOf(starts, q) ||
+      starts.scalar_type() != at::kInt || starts.dim() != 1 ||
+      starts.size(0) < 2 || !starts.is_contiguous() ||
+      k.scalar_type() != q.scalar_type() ||
+      v.scalar_type() != q.scalar_type() ||
+      (q.scalar_type() != at::kFloat && q.scalar_type() != at::kBFloat16) ||
+      (bias.scalar_type() != at::kFloat &&
+       bias.scalar_type() != at::kBFloat16) ||
+      KernelDType(out_dtype) == kernels::DType::kNone) {
+    return false;
+  }
+  const int64_t H = q.size(1), N = q.size(2), D = q.size(3);
+  const int64_t L = bias.size(3);  // the longest row
+  if (q.size(0) != 1 || k.sizes() != q.sizes() || v.sizes() != q.sizes() ||
+      bias.size(0) != 1 || bias.size(1) != H || bias.size(2) != L ||
+      L < kernels::kTiledQueryMin || L > N ||
+      !kernels::TiledAttentionAvailable(L, D, D)) {
+    return false;
+  }
+  const int64_t B = starts.size(0) - 1;
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor result = at::empty({1, N, H, D}, q.options().dtype(out_dtype));
+  kernels::AttentionArgs a = AttentionArgsOf(q, k, v, bias, out_dtype);
+  a.B = B;
+  a.T = a.S = L;
+  a.bias_stride[0] = 0;  // one position bias for every row
+  a.seq_starts = starts.data_ptr<int32_t>();
+  a.out = result.data_ptr();
+  const int err = kernels::LaunchTiledAttention(a, StreamOf(q));
+  // Shapes the register-tiled kernel does not take: nothing launched.
+  if (err == static_cast<int>(cudaErrorInvalidValue)) return false;
+  TORCH_CHECK(err == 0, "packed attention kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = result.transpose(1, 2);
+  return true;
+}
+
 namespace {
 
 // What LaunchLoraShrink takes: x fp32 [B, in], a [S, R, in], slots int64
@@ -615,11 +658,24 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
   return true;
 }
 
-bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
-                   const at::Tensor& a, const at::Tensor& xa,
-                   const std::vector<LoraRunSite>& sites, double scale,
-                   const at::Tensor& y_round) {
+namespace {
+
+// LoraRunDeltas, and with `starts` defined LoraPackedRunDeltas (y and x
+// [1, tokens, ...]; slot s's run the tokens starts[s] .. starts[s + 1] - 1,
+// max_run the longest).
+bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
+               const at::Tensor& xa, const std::vector<LoraRunSite>& sites,
+               double scale, const at::Tensor& y_round,
+               const at::Tensor& starts, int64_t max_run) {
   const bool shrink = x.defined();
+  const bool packed = starts.defined();
+  if (packed && (!shrink || y_round.defined() || !OnDeviceOf(starts, y) ||
+                 starts.scalar_type() != at::kInt || starts.dim() != 1 ||
+                 starts.size(0) < 2 || !starts.is_contiguous() ||
+                 y.dim() != 3 || y.size(0) != 1 || max_run < 1 ||
+                 max_run > y.size(1))) {
+    return false;
+  }
   const at::Tensor& in = shrink ? x : xa;
   if (y_round.defined() &&
       (shrink || !OnDeviceOf(y_round, y) ||
@@ -635,14 +691,17 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
       in.scalar_type() != at::kFloat || in.size(0) != y.size(0) ||
       in.size(1) != y.size(1) || y.stride(2) != 1 || in.stride(2) != 1 ||
       (shrink && (!OnDeviceOf(a, y) || a.dim() != 3 ||
-                  a.scalar_type() != at::kFloat || a.size(0) != y.size(0) ||
+                  a.scalar_type() != at::kFloat ||
                   a.size(2) != x.size(2) || a.stride(2) != 1))) {
+    return false;
+  }
+  if (shrink && a.size(0) != (packed ? starts.size(0) - 1 : y.size(0))) {
     return false;
   }
   const at::Tensor& b0 = sites[0].b;
   kernels::RunLoraArgs p;
-  p.slots = y.size(0);
-  p.M = y.size(1);
+  p.slots = packed ? starts.size(0) - 1 : y.size(0);
+  p.M = packed ? max_run : y.size(1);
   p.R = shrink ? a.size(1) : xa.size(2);
   p.r = p.R / static_cast<int64_t>(sites.size());
   p.num_sites = static_cast<int>(sites.size());
@@ -663,12 +722,12 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
   p.b_stride[1] = b0.stride(1);
   p.scale = static_cast<float>(scale);
   p.y = y.data_ptr<float>();
-  p.y_stride[0] = y.stride(0);
+  p.y_stride[0] = packed ? 0 : y.stride(0);
   p.y_stride[1] = y.stride(1);
   if (y_round.defined()) p.y_bf16 = y_round.data_ptr();
   if (shrink) {
     p.x = x.data_ptr<float>();
-    p.x_stride[0] = x.stride(0);
+    p.x_stride[0] = packed ? 0 : x.stride(0);
     p.x_stride[1] = x.stride(1);
     p.a = a.data_ptr<float>();
     p.a_stride[0] = a.stride(0);
@@ -679,19 +738,38 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
     p.xa_stride[0] = xa.stride(0);
     p.xa_stride[1] = xa.stride(1);
   }
+  if (packed) p.run_starts = starts.data_ptr<int32_t>();
   c10::cuda::CUDAGuard device_guard(y.device());
   if (!kernels::RunLoraFits(p)) return false;
   // One scope per call: tests count the LoRA GEMMs a pass runs.
   RECORD_USER_SCOPE("lorahub::run_lora");
   at::Tensor xa_buffer;
   if (shrink) {
-    xa_buffer = at::empty({p.slots, p.M, p.R}, y.options());
+    xa_buffer = packed ? at::empty({y.size(1), p.R}, y.options())
+                       : at::empty({p.slots, p.M, p.R}, y.options());
     p.xa_buffer = xa_buffer.data_ptr<float>();
   }
   const int err = kernels::LaunchRunLora(p, StreamOf(y));
   TORCH_CHECK(err == 0, "run LoRA kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return true;
+}
+
+}  // namespace
+
+bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const at::Tensor& xa,
+                   const std::vector<LoraRunSite>& sites, double scale,
+                   const at::Tensor& y_round) {
+  return RunDeltas(y, x, a, xa, sites, scale, y_round, at::Tensor(), 0);
+}
+
+bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                         const at::Tensor& a,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run) {
+  return RunDeltas(y, x, a, at::Tensor(), sites, scale, at::Tensor(), starts,
+                   max_run);
 }
 
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {

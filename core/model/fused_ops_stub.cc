@@ -31,6 +31,12 @@ bool Attention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+bool PackedAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const at::Tensor&, const at::Tensor&, at::ScalarType,
+                     at::Tensor*) {
+  return false;
+}
+
 bool LoraRowDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const std::vector<LoraRowSite>&, const at::Tensor&,
                    const at::Tensor&) {
@@ -61,6 +67,12 @@ bool DecodeStepAttention(const DecodeStepInputs&, at::ScalarType, at::Tensor*) {
 bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&, const std::vector<LoraRunSite>&, double,
                    const at::Tensor&) {
+  return false;
+}
+
+bool LoraPackedRunDeltas(const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const std::vector<LoraRunSite>&,
+                         double, const at::Tensor&, int64_t) {
   return false;
 }
 

@@ -154,28 +154,64 @@ bool EncoderGraphDisabledByEnv() {
   return off;
 }
 
+struct Prepared {
+  at::Tensor ids, mask;  // [B, longest] padded
+  RowAdapters rows;
+  const std::vector<std::vector<int64_t>>* inputs = nullptr;  // the caller's
+};
+
+// LORAHUB_NO_PACKED_PREFILL=1 keeps every batch padded (A/B). Read once.
+bool PackedPrefillOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
+  return off;
+}
+
+// True when the batch is worth encoding packed (EncodePacked) rather than
+// padded to its longest row: on CUDA with the fused kernels, a longest row
+// the packed attention kernel takes (33 to 128 tokens; elsewhere it would
+// go row by row), at least a tenth of the padded batch padding, and per-row
+// adapters only where the packed run kernels take them (a reduced-precision
+// model; an fp32 one would take the LoRA deltas row by row).
+bool PacksWell(const T5Weights& w, const Prepared& p) {
+  const int64_t B = p.ids.size(0), L = p.ids.size(1);
+  if (!w.device.is_cuda() || !FusedKernelsEnabled() || PackedPrefillOff() ||
+      B < 2 || L <= kSmallQueryMax || L > 128 ||
+      (p.rows.bank != nullptr && p.rows.uniform_slot < 0 &&
+       w.dtype == at::kFloat)) {
+    return false;
+  }
+  int64_t tokens = 0;
+  for (const std::vector<int64_t>& row : *p.inputs) {
+    tokens += static_cast<int64_t>(row.size());
+  }
+  return tokens * 10 <= B * L * 9;
+}
+
 // Encode, through the static encoder pool where the options ask for it
-// (GenerateOptions::encoder_graph).
+// (GenerateOptions::encoder_graph) and the pool takes the batch; a batch
+// the pool does not take (eager anyway) packed where that pays
+// (PacksWell). The pool keeps its graphs for the small batches, where the
+// host's dispatch of an eager pass, not padding, bounds the time to first
+// token.
 absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
-                                           const at::Tensor& ids,
-                                           const at::Tensor& mask,
-                                           const RowAdapters& rows,
+                                           const Prepared& p,
                                            const GenerateOptions& o) {
   const bool pooled =
       o.cuda_graph && !EncoderGraphDisabledByEnv() &&
       (o.encoder_graph == EncoderGraph::kAlways ||
        (o.encoder_graph == EncoderGraph::kCuda && w.device.is_cuda()));
-  if (!pooled) return Encode(w, ids, mask, rows);
   StaticEncoderPool& pool = o.encoder_pool != nullptr
                                 ? *o.encoder_pool
                                 : StaticEncoderPool::Global();
-  return pool.Encode(w, ids, mask, rows, StaticEncoderOptions{});
+  if (pooled && pool.Pools(p.ids.size(0), p.ids.size(1))) {
+    return pool.Encode(w, p.ids, p.mask, p.rows, StaticEncoderOptions{});
+  }
+  if (PacksWell(w, p)) {
+    LH_ASSIGN_OR_RETURN(PackedInput packed, PackRows(*p.inputs, w.device));
+    return EncodePacked(w, packed, p.rows);
+  }
+  return Encode(w, p.ids, p.mask, p.rows);
 }
-
-struct Prepared {
-  at::Tensor ids, mask;
-  RowAdapters rows;
-};
 
 absl::StatusOr<Prepared> Prepare(const T5Weights& w,
                                  const std::vector<std::vector<int64_t>>& in,
@@ -216,6 +252,7 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
   p.mask = p.mask.to(w.device);
   std::vector<int64_t> s = slots.empty() ? std::vector<int64_t>(B, -1) : slots;
   LH_ASSIGN_OR_RETURN(p.rows, MakeRowAdapters(w, bank, s));
+  p.inputs = &in;
   return p;
 }
 
@@ -265,7 +302,7 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
   const int64_t B = p.ids.size(0);
   const int64_t eos = w.config.eos_token_id;
   LH_ASSIGN_OR_RETURN(EncoderOutput enc,
-                      EncodeInputs(w, p.ids, p.mask, p.rows, o));
+                      EncodeInputs(w, p, o));
   LH_ASSIGN_OR_RETURN(StepDecoder decoder,
                       StepDecoder::Create(w, enc, p.rows, o));
   GenerateResult result;
@@ -360,7 +397,7 @@ absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
   at::Tensor expand = at::arange(B, dev.dtype(at::kLong)).repeat_interleave(K);
   RowAdapters rows = SelectRows(p.rows, expand);
   LH_ASSIGN_OR_RETURN(EncoderOutput enc0,
-                      EncodeInputs(w, p.ids, p.mask, p.rows, o));
+                      EncodeInputs(w, p, o));
   EncoderOutput enc{enc0.hidden.index_select(0, expand),
                     enc0.mask_bias.index_select(0, expand)};
   LH_ASSIGN_OR_RETURN(StepDecoder decoder,

@@ -76,6 +76,15 @@ struct AdapterBank {
 absl::StatusOr<AdapterBank> MakeAdapterBank(
     const T5Weights& base, const std::vector<const LoraAdapter*>& adapters);
 
+// Rows laid end to end without padding (t5_forward.h EncodePacked): the
+// pass's activations are [1, tokens, ...] and row i's tokens are
+// host_starts[i] .. host_starts[i + 1] - 1.
+struct PackedRows {
+  at::Tensor starts;                 // int32 [B + 1] on the model device
+  std::vector<int64_t> host_starts;  // the same offsets, on the host
+  int64_t max_length = 0;            // the longest row
+};
+
 // Which adapter slot each batch row uses; -1 = none. Built once per forward
 // (or per generation) and shared by all layers.
 struct RowAdapters {
@@ -91,6 +100,9 @@ struct RowAdapters {
   // slots, no gather.
   int64_t rows_per_slot = 0;
   int64_t slot_offset = 0;
+  // Set by EncodePacked for its own pass only (not owned): the rows are
+  // packed (PackedRows), and the LoRA deltas follow their token ranges.
+  const PackedRows* packed = nullptr;
 };
 
 // `slots` are host values, one per row. InvalidArgument if a slot is out of

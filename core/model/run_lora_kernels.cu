@@ -75,18 +75,28 @@ __device__ __forceinline__ void ReduceScatter(float (&v)[V], int lane,
   }
 }
 
-// This block's tile of kT tokens: slot s, first token m0, `valid` tokens
-// before the slot's M (blockIdx.x = s * tiles + tile).
+// This block's tile of kT tokens from token m0 of slot s's run: s,
+// `valid` tokens before the run's end (none or fewer than none: the block
+// has no work; packed runs are shorter than M), and `tok`, the tile's
+// first token along the token strides (m0, or the packed run's start +
+// m0). blockIdx.x = s * tiles + tile.
 struct Tile {
-  int64_t s, m0;
+  int64_t s;
   int valid;
+  int64_t tok;
 };
 template <int kT>
-__device__ __forceinline__ Tile BlockTile(int64_t M) {
-  const int64_t tiles = (M + kT - 1) / kT;
+__device__ __forceinline__ Tile BlockTile(const RunLoraArgs& p) {
+  const int64_t tiles = (p.M + kT - 1) / kT;
   const int64_t s = blockIdx.x / tiles;
   const int64_t m0 = (blockIdx.x - s * tiles) * kT;
-  return {s, m0, static_cast<int>(M - m0 < kT ? M - m0 : kT)};
+  int64_t first = 0, len = p.M;
+  if (p.run_starts != nullptr) {
+    first = p.run_starts[s];
+    len = p.run_starts[s + 1] - first;
+  }
+  const int64_t left = len - m0;
+  return {s, static_cast<int>(left < kT ? left : kT), first + m0};
 }
 
 // The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and
@@ -100,7 +110,8 @@ __global__ void __launch_bounds__(kRunThreads, 3)
   constexpr int kT = kRunShrinkTokens;
   extern __shared__ float4 smem4[];
   float4* x4 = smem4;  // [kT, in / 4]
-  const auto [s, m0, valid] = BlockTile<kT>(p.M);
+  const auto [s, valid, tok] = BlockTile<kT>(p);
+  if (valid <= 0) return;  // uniform over the block
   const int in4 = static_cast<int>(p.in / 4);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -114,7 +125,7 @@ __global__ void __launch_bounds__(kRunThreads, 3)
                          : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   // The tile's loads in flight together (one per token), then the stores.
-  const float* x = p.x + s * p.x_stride[0] + m0 * p.x_stride[1];
+  const float* x = p.x + s * p.x_stride[0] + tok * p.x_stride[1];
   for (int k = threadIdx.x; k < in4; k += kRunThreads) {
     float4 v[kT];
 #pragma unroll
@@ -148,12 +159,14 @@ __global__ void __launch_bounds__(kRunThreads, 3)
   }
   int base = 0;
   ReduceScatter<kT * kRpw, kT * kRpw, 16>(acc, lane, &base);
+  // xa_out: [slots, M, R], or [tokens, R] for packed runs.
+  const int64_t out0 = (p.run_starts != nullptr ? 0 : s * p.M) + tok;
   constexpr int kHeld = kT * kRpw / 32 > 0 ? kT * kRpw / 32 : 1;
 #pragma unroll
   for (int i = 0; i < kHeld; ++i) {
     const int f = base + i;  // token f / kRpw, rank warp * kRpw + f % kRpw
     if (f / kRpw < valid) {
-      xa_out[(s * p.M + m0 + f / kRpw) * p.R + warp * kRpw + f % kRpw] = acc[i];
+      xa_out[(out0 + f / kRpw) * p.R + warp * kRpw + f % kRpw] = acc[i];
     }
   }
 }
@@ -169,7 +182,8 @@ __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
     RunExpandKernel(RunLoraArgs p) {
   extern __shared__ float4 smem4[];
   float4* xa4 = smem4;  // [kT, R / 4]
-  const auto [s, m0, valid] = BlockTile<kT>(p.M);
+  const auto [s, valid, tok] = BlockTile<kT>(p);
+  if (valid <= 0) return;  // uniform over the block
   const int R4 = static_cast<int>(p.R / 4);
   const int r4 = static_cast<int>(p.r / 4);
   const int out = static_cast<int>(p.out);
@@ -180,7 +194,7 @@ __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
   // The column's factors and outputs first: their loads need no barrier.
   float4 bv[kR4];
   float yv[kT];
-  float* y = p.y + s * p.y_stride[0] + m0 * p.y_stride[1] + p.sites[site].col + o;
+  float* y = p.y + s * p.y_stride[0] + tok * p.y_stride[1] + p.sites[site].col + o;
   if (active) {
     const float4* b = reinterpret_cast<const float4*>(
         p.sites[site].b + s * p.b_stride[0] + o * p.b_stride[1]);
@@ -191,7 +205,7 @@ __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
 #pragma unroll
     for (int t = 0; t < kT; ++t) yv[t] = t < valid ? y[t * p.y_stride[1]] : 0.f;
   }
-  const float* xa = p.xa + s * p.xa_stride[0] + m0 * p.xa_stride[1];
+  const float* xa = p.xa + s * p.xa_stride[0] + tok * p.xa_stride[1];
   for (int i = threadIdx.x; i < kT * R4; i += kRunThreads) {
     const int t = i / R4;
     const int c = i - t * R4;
@@ -347,7 +361,7 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream) {
     }
     if (err != 0) return err;
     p.xa = p.xa_buffer;
-    p.xa_stride[0] = p.M * p.R;
+    p.xa_stride[0] = p.run_starts != nullptr ? 0 : p.M * p.R;
     p.xa_stride[1] = p.R;
   }
   return p.r <= 16 ? LaunchExpand<4>(p, device, limit, s)

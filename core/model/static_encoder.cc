@@ -356,6 +356,13 @@ int64_t StaticEncoderPool::BucketLength(int64_t s) {
   return StaticDecoderPool::BucketLength(s);
 }
 
+bool StaticEncoderPool::Pools(int64_t b, int64_t s) const {
+  const int64_t batch = BucketBatch(b);
+  const int64_t length = BucketLength(s);
+  return batch <= options_.max_batch && length <= options_.max_length &&
+         batch * length <= options_.max_tokens && options_.capacity > 0;
+}
+
 absl::StatusOr<EncoderOutput> StaticEncoderPool::Encode(
     const T5Weights& weights, const at::Tensor& input_ids,
     const at::Tensor& attention_mask, const RowAdapters& rows,
@@ -376,12 +383,9 @@ absl::StatusOr<EncoderOutput> StaticEncoderPool::Encode(
       input_ids.size(1) < 1) {
     return eager();
   }
+  if (!Pools(input_ids.size(0), input_ids.size(1))) return eager();
   const int64_t batch = BucketBatch(input_ids.size(0));
   const int64_t length = BucketLength(input_ids.size(1));
-  if (batch > options_.max_batch || length > options_.max_length ||
-      batch * length > options_.max_tokens || options_.capacity == 0) {
-    return eager();
-  }
   Key key = MakeKey(weights, rows, batch, length, options);
   std::unique_ptr<Entry> entry;
   {

@@ -163,6 +163,10 @@ class StaticEncoderPool {
                                        const RowAdapters& rows,
                                        const StaticEncoderOptions& options);
 
+  // True when Encode takes inputs of b rows and s positions to a pooled
+  // encoder (their bucket within the pool's limits), not to plain Encode.
+  bool Pools(int64_t b, int64_t s) const;
+
   const StaticEncoderPoolOptions& options() const { return options_; }
   size_t idle() const;     // encoders in the pool now
   int64_t hits() const;    // passes served by a pooled encoder

@@ -380,7 +380,79 @@ bool UpProjectBatched(const at::Tensor& y, const std::vector<int64_t>& cols,
 void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                    const std::vector<const SiteBank*>& sites,
                    const at::Tensor& xin, const RowAdapters& rows,
+                   bool narrow);
+
+// Row `b` of packed rows (EncodePacked) as a batch of its own, unpacked: its
+// slot and mask, its run's slot where the rows came in runs.
+RowAdapters PackedRow(const RowAdapters& rows, int64_t b) {
+  RowAdapters one = rows;
+  one.packed = nullptr;
+  one.slots = rows.slots.narrow(0, b, 1);
+  one.mask = rows.mask.narrow(0, b, 1);
+  if (rows.rows_per_slot > 0) {
+    one.slot_offset = rows.slot_offset + b / rows.rows_per_slot;
+    one.rows_per_slot = 1;
+  }
+  return one;
+}
+
+// AddLoraDeltas for packed rows (y [1, N, columns], xin [1, N, in]) with
+// per-row adapters. One slot per row with a common scaling, for a
+// reduced-precision model (`narrow`, as RunKernelDeltas), takes the packed
+// run kernels (fused_ops.h LoraPackedRunDeltas), a group of sites with
+// adjacent A factors at once. The rest goes row by row through the unpacked
+// paths: the same deltas, at a launch or more per row (the CPU, other
+// layouts).
+void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
+                      const std::vector<const SiteBank*>& sites,
+                      const at::Tensor& xin, const RowAdapters& rows,
+                      bool narrow) {
+  const PackedRows& packed = *rows.packed;
+  const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
+  size_t i = 0;
+  while (narrow && rows.rows_per_slot == 1 && i < sites.size()) {
+    size_t j = i + 1;
+    while (j < sites.size() && j - i < kLoraRunMaxSites &&
+           AdjacentA(*sites[j - 1], *sites[j])) {
+      ++j;
+    }
+    const double scale = sites[i]->common_scale;
+    bool common = !std::isnan(scale);
+    for (size_t k = i; k < j; ++k) common = common && sites[k]->common_scale == scale;
+    if (!common) break;
+    std::vector<LoraRunSite> run;
+    for (size_t k = i; k < j; ++k) {
+      run.push_back({sites[k]->b.narrow(0, rows.slot_offset, B), cols[k]});
+    }
+    const at::Tensor a_run =
+        SideBySideA(sites[i]->a, static_cast<int64_t>(j - i))
+            .narrow(0, rows.slot_offset, B);
+    if (!LoraPackedRunDeltas(y, xin, a_run, run, scale, packed.starts,
+                             packed.max_length)) {
+      break;
+    }
+    i = j;
+  }
+  if (i == sites.size()) return;
+  const std::vector<const SiteBank*> rest(sites.begin() + i, sites.end());
+  const std::vector<int64_t> rest_cols(cols.begin() + i, cols.end());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t first = packed.host_starts[b];
+    const int64_t len = packed.host_starts[b + 1] - first;
+    if (len <= 0) continue;
+    AddLoraDeltas(y.narrow(1, first, len), rest_cols, rest,
+                  xin.narrow(1, first, len), PackedRow(rows, b), narrow);
+  }
+}
+
+void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
+                   const std::vector<const SiteBank*>& sites,
+                   const at::Tensor& xin, const RowAdapters& rows,
                    bool narrow) {
+  if (rows.packed != nullptr && rows.uniform_slot < 0) {
+    PackedLoraDeltas(y, cols, sites, xin, rows, narrow);
+    return;
+  }
   size_t i = 0;
   while (i < sites.size()) {
     size_t j = i + 1;
@@ -816,6 +888,16 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                         rows);
 }
 
+at::Tensor AttendPackedAndProject(const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& bias,
+                                  const PackedRows& packed, const Linear& o,
+                                  const RowAdapters& rows) {
+  return ProjectContext(PackedAttention(q, k, v, bias, packed.starts,
+                                        packed.host_starts,
+                                        ContextDtype(q, o, rows)),
+                        o, rows);
+}
+
 // As transformers: the activation runs in the dtype of the projections'
 // outputs (fp32 where a LoRA delta was added); the result is rounded once as
 // the input of wo.
@@ -1192,6 +1274,7 @@ at::Tensor DecoderLogits(const T5Weights& w, const ResidualStream& stream) {
 namespace {
 
 using internal::AttendAndProject;
+using internal::AttendPackedAndProject;
 using internal::AttentionDtype;
 using internal::CausalBias;
 using internal::CrossKeyValues;
@@ -1251,6 +1334,44 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   Normed n = h.Norm(w.encoder_final_norm);
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
+  return out;
+}
+
+EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
+                               const RowAdapters& rows) {
+  const config::T5Config& c = w.config;
+  const PackedRows& packed = in.rows;
+  const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
+  const int64_t L = packed.max_length;
+  const int64_t N = in.ids.size(0);
+  RowAdapters packed_rows = rows;
+  packed_rows.packed = &packed;
+  const at::ScalarType attn = AttentionDtype(w);
+  // The position bias alone: a row attends only to its own tokens, so no
+  // mask (EncoderSelfBias's values at the unmasked positions).
+  const at::Tensor bias =
+      PositionBias(w, w.encoder_bias_table, L, L, true, 0).to(attn);
+  Residual h(w, Embed(w, in.ids.view({1, N})));
+  for (const BlockWeights& b : w.encoder) {
+    Normed n = h.Norm(b.self_norm);
+    std::array<at::Tensor, 3> qkv =
+        SelfAttentionHeads(n, b.self_attn, packed_rows, c, attn);
+    h.Add(AttendPackedAndProject(qkv[0], qkv[1], qkv[2], bias, packed,
+                                 b.self_attn.o, packed_rows));
+    n = FeedForwardNorm(&h, b.ff_norm, b.ff, packed_rows);
+    h.Add(FeedForward(n, w, b.ff, packed_rows));
+  }
+  Normed n = h.Norm(w.encoder_final_norm);
+  // Back to the padded batch: the tokens at their positions, zero elsewhere.
+  const auto unpack = [&](const at::Tensor& x) {
+    return at::zeros({B * L, x.size(-1)}, x.options())
+        .index_copy_(0, in.padded_index, x.view({N, x.size(-1)}))
+        .view({B, L, x.size(-1)});
+  };
+  EncoderOutput out;
+  out.mask_bias = MaskBias(w, in.mask);
+  out.hidden = unpack(n.mm);
+  if (w.dtype != at::kFloat) out.hidden_full = unpack(n.full);
   return out;
 }
 
@@ -1372,6 +1493,83 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("encoder: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<PackedInput> PackRows(
+    const std::vector<std::vector<int64_t>>& inputs, c10::Device device) {
+  if (inputs.empty()) return absl::InvalidArgumentError("no rows to pack");
+  PackedInput p;
+  std::vector<int64_t>& starts = p.rows.host_starts;
+  starts.push_back(0);
+  for (size_t b = 0; b < inputs.size(); ++b) {
+    if (inputs[b].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("row ", b, " is empty"));
+    }
+    starts.push_back(starts.back() + static_cast<int64_t>(inputs[b].size()));
+    p.rows.max_length =
+        std::max(p.rows.max_length, static_cast<int64_t>(inputs[b].size()));
+  }
+  const int64_t N = starts.back();
+  if (N > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("more than 2^31 tokens to pack");
+  }
+  const int64_t B = static_cast<int64_t>(inputs.size());
+  const int64_t L = p.rows.max_length;
+  try {
+    at::Tensor ids = at::empty({N}, at::kLong);
+    at::Tensor index = at::empty({N}, at::kLong);
+    at::Tensor mask = at::zeros({B, L}, at::kLong);
+    at::Tensor starts32 = at::empty({B + 1}, at::kInt);
+    int64_t* id = ids.data_ptr<int64_t>();
+    int64_t* ix = index.data_ptr<int64_t>();
+    int64_t* mk = mask.data_ptr<int64_t>();
+    int32_t* st = starts32.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      st[b] = static_cast<int32_t>(starts[b]);
+      const std::vector<int64_t>& row = inputs[b];
+      for (size_t t = 0; t < row.size(); ++t) {
+        id[starts[b] + t] = row[t];
+        ix[starts[b] + t] = b * L + static_cast<int64_t>(t);
+        mk[b * L + static_cast<int64_t>(t)] = 1;
+      }
+    }
+    st[B] = static_cast<int32_t>(N);
+    p.ids = ids.to(device);
+    p.padded_index = index.to(device);
+    p.mask = mask.to(device);
+    p.rows.starts = starts32.to(device);
+    return p;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("packing rows: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
+                                           const PackedInput& input,
+                                           const RowAdapters& rows) {
+  const PackedRows& packed = input.rows;
+  const size_t n = packed.host_starts.size();
+  if (n < 2 || !input.ids.defined() || input.ids.dim() != 1 ||
+      !packed.starts.defined() || packed.starts.numel() != static_cast<int64_t>(n) ||
+      packed.host_starts.back() != input.ids.size(0) ||
+      !input.padded_index.defined() ||
+      input.padded_index.numel() != input.ids.size(0) ||
+      !input.mask.defined() ||
+      input.mask.sizes() !=
+          at::IntArrayRef({static_cast<int64_t>(n) - 1, packed.max_length}) ||
+      (rows.bank != nullptr && rows.slots.size(0) != static_cast<int64_t>(n) - 1)) {
+    return absl::InvalidArgumentError(
+        "packed encoder: the input is not one PackRows made");
+  }
+  absl::Status s = CheckIds(input.ids, "input_ids");
+  if (!s.ok()) return s;
+  try {
+    return EncodePackedImpl(w, input, rows);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("packed encoder: ", e.what_without_backtrace()));
   }
 }
 

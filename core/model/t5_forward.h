@@ -95,6 +95,38 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
                                      const RowAdapters& rows,
                                      const PassBiases* biases = nullptr);
 
+// Rows of token ids laid end to end without padding, for EncodePacked, on
+// one device: `ids` [N] int64, `rows` their offsets (PackedRows), `mask`
+// [B, max_length] int64 the padded batch's attention mask (1 = token) and
+// `padded_index` [N] int64 each token's position b * max_length + t in it.
+struct PackedInput {
+  at::Tensor ids;
+  PackedRows rows;
+  at::Tensor mask;
+  at::Tensor padded_index;
+};
+// `inputs`: B >= 1 non-empty rows of ids (the caller has checked them
+// against the vocabulary). InvalidArgument for an empty row or more than
+// 2^31 tokens.
+absl::StatusOr<PackedInput> PackRows(
+    const std::vector<std::vector<int64_t>>& inputs, c10::Device device);
+
+// Encode of the batch PackRows laid out, computed without its padding: the
+// encoder's activations are the N tokens, [1, N, d_model], through every
+// GEMM, norm and feed-forward; self-attention runs per row over the row's
+// own tokens (fused_ops.h PackedAttention); per-row LoRA deltas follow the
+// rows' token ranges (one slot per row: the packed run kernels; other
+// layouts row by row). Why: prompts of different lengths padded to the
+// longest spend most of the encoder on padding (the generation benchmark's
+// 64 prompts, 6 to about 80 tokens). Returns Encode's outputs for the
+// padded batch [B, max_length] (hidden, mask_bias, hidden_full): equal at
+// the tokens up to the order of float sums, zero at the padding (Encode's
+// values there are hidden by the mask from every reader). `rows`: B rows,
+// as for Encode.
+absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
+                                           const PackedInput& input,
+                                           const RowAdapters& rows);
+
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
 // logits [B, T, vocab], fp32 whatever the compute dtype. Causal self-attention,
 // no decoder padding mask (as transformers with labels and no

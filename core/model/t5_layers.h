@@ -88,6 +88,13 @@ at::Tensor AttendAndProject(const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& bias,
                             const Linear& o, const RowAdapters& rows);
 
+// AttendAndProject for the self-attention of packed rows (EncodePacked):
+// q, k, v [1, H, N, d], bias [1, H, L, L] (fused_ops.h PackedAttention).
+at::Tensor AttendPackedAndProject(const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& bias,
+                                  const PackedRows& packed, const Linear& o,
+                                  const RowAdapters& rows);
+
 at::Tensor FeedForward(const Normed& x, const T5Weights& w,
                        const FeedForwardWeights& ff, const RowAdapters& rows);
 

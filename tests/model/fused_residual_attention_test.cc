@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "core/model/fused_ops.h"
@@ -354,6 +355,70 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
     EXPECT_LT(RelDiff(GeneralAttention(qb, kb, vb, bias).to(at::kFloat),
                       Reference(qb, kb, vb, bias)),
               1.0 / 128);
+  }
+}
+
+// PackedAttention (rows laid end to end, no padding: EncodePacked) against
+// each row alone in double: q, k, v strided views of one fused [1, N, 3 *
+// H * d] projection, one position bias [1, H, L, L] for every row. On CUDA
+// with 64-wide heads and a longest row of 33 to 128 tokens the
+// register-tiled kernel takes the packed rows in one launch (rows of 1 to
+// 128 tokens, a row shorter than a query tile, 16 heads as flan-t5's); the
+// other shapes (8-wide heads, a longest row of 20 or 200) and the CPU go
+// row by row. Also with bf16 q, k, v and a bf16 output.
+TEST(PackedAttentionTest, EachRowAttendsToItself) {
+  at::manual_seed(12);
+  struct Shape {
+    int64_t H, d;
+    std::vector<int64_t> lengths;
+  };
+  for (const Shape& sh :
+       {Shape{16, 64, {40, 7, 72, 33, 1, 64}}, Shape{2, 64, {128, 3, 90}},
+        Shape{4, 64, {33}}, Shape{2, 8, {40, 9}}, Shape{2, 64, {20, 5}},
+        Shape{2, 64, {200, 11}}}) {
+    const int64_t H = sh.H, d = sh.d, inner = H * d;
+    const int64_t B = static_cast<int64_t>(sh.lengths.size());
+    std::vector<int64_t> starts = {0};
+    int64_t L = 0;
+    for (int64_t len : sh.lengths) {
+      starts.push_back(starts.back() + len);
+      L = std::max(L, len);
+    }
+    const int64_t N = starts.back();
+    const at::Tensor y = at::randn({1, N, 3 * inner}, F32()) * 0.5;
+    const auto heads = [&](int64_t part) {
+      return y.narrow(-1, part * inner, inner).view({1, N, H, d}).transpose(1, 2);
+    };
+    const at::Tensor q = heads(0), k = heads(1), v = heads(2);
+    const at::Tensor bias = at::randn({1, H, L, L}, F32()) * 2.0;
+    const at::Tensor dev_starts =
+        at::tensor(std::vector<int32_t>(starts.begin(), starts.end()), at::kInt)
+            .to(Device());
+    const std::string where = "H " + std::to_string(H) + ", d " +
+                              std::to_string(d) + ", longest " +
+                              std::to_string(L);
+    const at::Tensor got =
+        PackedAttention(q, k, v, bias, dev_starts, starts, at::kFloat);
+    ASSERT_EQ(got.sizes(), q.sizes()) << where;
+    EXPECT_EQ(got.transpose(1, 2).is_contiguous(), true) << where;  // heads last
+    const at::Tensor got_bf16 = PackedAttention(
+        q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), bias,
+        dev_starts, starts, at::kBFloat16);
+    ASSERT_EQ(got_bf16.scalar_type(), at::kBFloat16) << where;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t first = starts[b], len = starts[b + 1] - first;
+      const auto row = [&](const at::Tensor& t) { return t.narrow(2, first, len); };
+      const at::Tensor row_bias = bias.narrow(2, 0, len).narrow(3, 0, len);
+      EXPECT_LT(RelDiff(row(got), Reference(row(q), row(k), row(v), row_bias)),
+                1e-5)
+          << where << ", row " << b;
+      const at::Tensor qb = row(q).to(at::kBFloat16), kb = row(k).to(at::kBFloat16),
+                       vb = row(v).to(at::kBFloat16);
+      EXPECT_LT(RelDiff(row(got_bf16).to(at::kFloat),
+                        Reference(qb, kb, vb, row_bias)),
+                1.0 / 128)
+          << where << ", bf16 row " << b;
+    }
   }
 }
 

@@ -433,6 +433,79 @@ TEST(LoraRunDeltasTest, ExpandFromSlicedXa) {
   }
 }
 
+// LoraPackedRunDeltas: runs of different lengths laid end to end (a packed
+// prefill's prompts, one slot each), y a column slice of a wider [1, N,
+// columns] output; each run's tokens get their slot's deltas, as
+// RunWant computes them for that run alone. Runs of 1 to 75 tokens (partial
+// and whole tiles of the shrink's 8 and the expand's 32 tokens), two sites
+// of rank 16 at flan-t5's width, one of rank 32. On CUDA the kernels run;
+// elsewhere the call declines and writes nothing. Bad starts decline.
+TEST(LoraRunDeltasTest, PackedRunsMatch) {
+  at::manual_seed(34);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  struct Shape {
+    std::vector<int64_t> lengths;
+    int64_t in;
+    int sites;
+    int64_t r;
+  };
+  for (const Shape& sh : {Shape{{37, 5, 75, 1, 32}, 1024, 2, 16},
+                          Shape{{9, 40}, 64, 1, 32}}) {
+    const int64_t slots = static_cast<int64_t>(sh.lengths.size());
+    std::vector<int32_t> starts = {0};
+    int64_t longest = 0;
+    for (int64_t len : sh.lengths) {
+      starts.push_back(starts.back() + static_cast<int32_t>(len));
+      longest = std::max(longest, len);
+    }
+    const int64_t N = starts.back();
+    // One slot's case per run, then the runs laid end to end.
+    RunCase c = MakeRunCase(slots, 1, sh.in, sh.sites, sh.r);
+    const at::Tensor wide = at::randn({1, N, 8 + 50 * sh.sites}, F32());
+    const at::Tensor y = wide.narrow(2, 8, 50 * sh.sites);
+    const at::Tensor x = at::randn({1, N, sh.in}, F32());
+    const at::Tensor dev_starts = at::tensor(starts, at::kInt).to(Device());
+    const at::Tensor before = wide.clone();
+    std::vector<at::Tensor> want;
+    for (int64_t s = 0; s < slots; ++s) {
+      RunCase one;
+      one.y = y.narrow(1, starts[s], sh.lengths[s]);
+      one.x = x.narrow(1, starts[s], sh.lengths[s]);
+      one.a = c.a.narrow(0, s, 1);
+      for (const LoraRunSite& site : c.sites) {
+        one.sites.push_back({site.b.narrow(0, s, 1), site.col});
+      }
+      one.scale = c.scale;
+      want.push_back(RunWant(one, at::Tensor()));
+    }
+    const bool ran = LoraPackedRunDeltas(y, x, c.a, c.sites, c.scale,
+                                         dev_starts, longest);
+    EXPECT_EQ(ran, cuda) << "in " << sh.in;
+    if (!ran) {
+      EXPECT_TRUE(at::equal(wide, before)) << "declined but wrote y";
+      continue;
+    }
+    for (int64_t s = 0; s < slots; ++s) {
+      EXPECT_LE(RelDiff(y.narrow(1, starts[s], sh.lengths[s]), want[s]), 1e-5)
+          << "run " << s << " of in " << sh.in;
+    }
+    for (int k = 0; k < sh.sites; ++k) {  // outside the sites' columns
+      EXPECT_TRUE(at::equal(wide.narrow(2, 8 + 50 * k, 10),
+                            before.narrow(2, 8 + 50 * k, 10)))
+          << "site " << k;
+    }
+    // Starts that are not int32 [slots + 1], or a longest run of 0.
+    const at::Tensor kept = wide.clone();
+    EXPECT_FALSE(LoraPackedRunDeltas(y, x, c.a, c.sites, c.scale,
+                                     dev_starts.to(at::kLong), longest));
+    EXPECT_FALSE(LoraPackedRunDeltas(y, x, c.a, c.sites, c.scale,
+                                     dev_starts.narrow(0, 0, slots), longest));
+    EXPECT_FALSE(
+        LoraPackedRunDeltas(y, x, c.a, c.sites, c.scale, dev_starts, 0));
+    EXPECT_TRUE(at::equal(wide, kept));
+  }
+}
+
 // Shapes the kernel does not take decline and write nothing: a shrink of
 // 24 ranks (not 8, 16 or 32), ranks above 32 per site, five sites.
 TEST(LoraRunDeltasTest, DeclinesOtherShapes) {

@@ -421,6 +421,93 @@ TEST_P(StaticEncoderTest, GenerateUnchanged) {
   }
 }
 
+// EncodePacked (rows laid end to end, no padding) against Encode of the
+// padded batch: the same hidden states at the tokens, zeros at the padding,
+// the same mask. Without adapters; one slot per row (on CUDA in bf16 the
+// packed run kernels); runs of two rows per slot, mixed slots with a
+// slot-less row (row by row) and one slot for all (plain GEMMs). Rows of 1
+// to 40 tokens: on the CPU and for these 8-wide heads the attention goes
+// row by row (the packed kernel is PackedAttentionTest's).
+TEST_P(StaticEncoderTest, PackedEqualsEncode) {
+  MakeBank();
+  const auto four = Prompts(4, {9, 1, 40, 5}, 12);
+  const auto two = Prompts(2, {3, 17}, 13);
+  struct Case {
+    const std::vector<std::vector<int64_t>>* in;
+    std::vector<int64_t> slots;  // empty: no adapters
+  };
+  for (const Case& c :
+       {Case{&four, {}}, Case{&two, {0, 1}}, Case{&four, {0, 0, 1, 1}},
+        Case{&four, {1, -1, 0, 1}}, Case{&four, {1, 1, 1, 1}}}) {
+    std::string where = "slots";
+    for (int64_t s : c.slots) where += " " + std::to_string(s);
+    const RowAdapters rows = c.slots.empty() ? RowAdapters{} : Rows(c.slots);
+    auto packed = PackRows(*c.in, base_.device);
+    ASSERT_TRUE(packed.ok()) << packed.status();
+    auto got = EncodePacked(base_, *packed, rows);
+    auto [ids, mask] = Inputs(*c.in);
+    auto want = Encode(base_, ids, mask, rows);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    ExpectSameMask(got->mask_bias, want->mask_bias, where + " mask_bias");
+    const at::Tensor m = mask.unsqueeze(-1).to(at::kFloat);
+    const auto tokens = [&](const at::Tensor& h) { return h.to(at::kFloat) * m; };
+    ExpectClose(tokens(got->hidden), tokens(want->hidden), base_.dtype,
+                where + " hidden", kAdapterFactor);
+    EXPECT_EQ(got->hidden.scalar_type(), want->hidden.scalar_type()) << where;
+    EXPECT_TRUE(at::equal(got->hidden.to(at::kFloat) * (1 - m),
+                          at::zeros_like(m * got->hidden.to(at::kFloat))))
+        << where << ": padding not zero";
+    ASSERT_EQ(got->hidden_full.defined(), want->hidden_full.defined()) << where;
+    if (want->hidden_full.defined()) {
+      ExpectClose(tokens(got->hidden_full), tokens(want->hidden_full),
+                  base_.dtype, where + " hidden_full", kAdapterFactor);
+    }
+  }
+  // Bad packed inputs are refused, not crashes.
+  EXPECT_EQ(PackRows({}, base_.device).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PackRows({{1, 2}, {}}, base_.device).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto packed = PackRows(four, base_.device);
+  ASSERT_TRUE(packed.ok()) << packed.status();
+  EXPECT_EQ(EncodePacked(base_, *packed, Rows({0, 1})).status().code(),
+            absl::StatusCode::kInvalidArgument);  // 2 slots for 4 rows
+  PackedInput cut = *packed;
+  cut.ids = cut.ids.narrow(0, 0, 10);
+  EXPECT_EQ(EncodePacked(base_, cut, RowAdapters{}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Generate's outputs are the same whether its batch is encoded packed or
+// padded: without the pool (eager: packed on CUDA where PacksWell, i.e.
+// a longest row of 33 to 128 tokens and a tenth of the batch padding;
+// padded on the CPU) against a pool that takes it (padded). Greedy and
+// beam search; with per-row adapters, one slot per row.
+TEST_P(StaticEncoderTest, GeneratePackedUnchanged) {
+  StaticEncoderPool pool;
+  GenerateOptions pooled;
+  pooled.max_new_tokens = 6;
+  pooled.encoder_graph = EncoderGraph::kAlways;
+  pooled.encoder_pool = &pool;
+  GenerateOptions eager = pooled;
+  eager.encoder_graph = EncoderGraph::kOff;
+  const auto in = Prompts(3, {40, 6, 21}, 14);
+  for (int beams : {1, 2}) {
+    pooled.num_beams = eager.num_beams = beams;
+    auto got = Generate(base_, in, nullptr, {}, eager);
+    auto want = Generate(base_, in, nullptr, {}, pooled);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    EXPECT_EQ(got->output_ids, want->output_ids) << "beams " << beams;
+  }
+  MakeBank();
+  pooled.num_beams = eager.num_beams = 1;
+  const auto in2 = Prompts(2, {38, 4}, 15);
+  auto got = Generate(base_, in2, &bank_, {0, 1}, eager);
+  auto want = Generate(base_, in2, &bank_, {0, 1}, pooled);
+  ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+  EXPECT_EQ(got->output_ids, want->output_ids) << "one slot per row";
+}
+
 std::string Name(
     const ::testing::TestParamInfo<std::tuple<Model, at::ScalarType>>& info) {
   const char* m = std::get<0>(info.param) == Model::kGated      ? "gated"
