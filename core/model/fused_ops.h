@@ -138,6 +138,7 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
 // launch of the register-tiled kernel where it takes the shapes
 // (fused_kernels.h AttentionArgs::seq_starts: 64-wide heads, a longest row
 // of 33 to 128 positions); elsewhere one GeneralAttention per row.
+inline constexpr int64_t kPackedAttentionMaxRow = 128;  // the kernel's longest
 at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& bias,
                            const at::Tensor& starts,

@@ -160,37 +160,10 @@ struct Prepared {
   const std::vector<std::vector<int64_t>>* inputs = nullptr;  // the caller's
 };
 
-// LORAHUB_NO_PACKED_PREFILL=1 keeps every batch padded (A/B). Read once.
-bool PackedPrefillOff() {
-  static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
-  return off;
-}
-
-// True when the batch is worth encoding packed (EncodePacked) rather than
-// padded to its longest row: on CUDA with the fused kernels, a longest row
-// the packed attention kernel takes (33 to 128 tokens; elsewhere it would
-// go row by row), at least a tenth of the padded batch padding, and per-row
-// adapters only where the packed run kernels take them (a reduced-precision
-// model; an fp32 one would take the LoRA deltas row by row).
-bool PacksWell(const T5Weights& w, const Prepared& p) {
-  const int64_t B = p.ids.size(0), L = p.ids.size(1);
-  if (!w.device.is_cuda() || !FusedKernelsEnabled() || PackedPrefillOff() ||
-      B < 2 || L <= kSmallQueryMax || L > 128 ||
-      (p.rows.bank != nullptr && p.rows.uniform_slot < 0 &&
-       w.dtype == at::kFloat)) {
-    return false;
-  }
-  int64_t tokens = 0;
-  for (const std::vector<int64_t>& row : *p.inputs) {
-    tokens += static_cast<int64_t>(row.size());
-  }
-  return tokens * 10 <= B * L * 9;
-}
-
 // Encode, through the static encoder pool where the options ask for it
 // (GenerateOptions::encoder_graph) and the pool takes the batch; a batch
 // the pool does not take (eager anyway) packed where that pays
-// (PacksWell). The pool keeps its graphs for the small batches, where the
+// (PackedEncodePays). The pool keeps its graphs for the small batches, where the
 // host's dispatch of an eager pass, not padding, bounds the time to first
 // token.
 absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
@@ -206,7 +179,7 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
   if (pooled && pool.Pools(p.ids.size(0), p.ids.size(1))) {
     return pool.Encode(w, p.ids, p.mask, p.rows, StaticEncoderOptions{});
   }
-  if (PacksWell(w, p)) {
+  if (PackedEncodePays(w, *p.inputs, p.rows)) {
     LH_ASSIGN_OR_RETURN(PackedInput packed, PackRows(*p.inputs, w.device));
     return EncodePacked(w, packed, p.rows);
   }

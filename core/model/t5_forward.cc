@@ -1546,6 +1546,27 @@ absl::StatusOr<PackedInput> PackRows(
   }
 }
 
+bool PackedEncodePays(const T5Weights& w,
+                      const std::vector<std::vector<int64_t>>& inputs,
+                      const RowAdapters& rows) {
+  static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
+  const bool whole_deltas =
+      rows.bank == nullptr || rows.uniform_slot >= 0 ||
+      (rows.rows_per_slot == 1 && w.dtype != at::kFloat);
+  if (off || !w.device.is_cuda() || !FusedKernelsEnabled() || !whole_deltas ||
+      inputs.size() < 2) {
+    return false;
+  }
+  int64_t tokens = 0, longest = 0;
+  for (const std::vector<int64_t>& row : inputs) {
+    tokens += static_cast<int64_t>(row.size());
+    longest = std::max(longest, static_cast<int64_t>(row.size()));
+  }
+  const auto B = static_cast<int64_t>(inputs.size());
+  return longest > kSmallQueryMax && longest <= kPackedAttentionMaxRow &&
+         tokens * 10 <= B * longest * 9;
+}
+
 absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
                                            const PackedInput& input,
                                            const RowAdapters& rows) {

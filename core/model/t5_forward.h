@@ -127,6 +127,17 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
                                            const PackedInput& input,
                                            const RowAdapters& rows);
 
+// True when EncodePacked of `inputs` is worth it against Encode of the
+// padded batch: on CUDA with the fused kernels, a longest row the packed
+// attention kernel takes (33 to 128 tokens; elsewhere it goes row by row),
+// a tenth or more of the padded batch padding, and adapters whose deltas
+// the packed path takes whole (none, one slot for all rows, or one slot per
+// row of a reduced-precision model: the packed run kernels; other layouts
+// go row by row). LORAHUB_NO_PACKED_PREFILL=1 (read once): never (A/B).
+bool PackedEncodePays(const T5Weights& w,
+                      const std::vector<std::vector<int64_t>>& inputs,
+                      const RowAdapters& rows);
+
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
 // logits [B, T, vocab], fp32 whatever the compute dtype. Causal self-attention,
 // no decoder padding mask (as transformers with labels and no

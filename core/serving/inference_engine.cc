@@ -367,11 +367,20 @@ struct InferenceEngine::State {
     return absl::OkStatus();
   }
 
-  // The prompts of `newcomers`, right-padded, through the encoder.
+  // The prompts of `newcomers` through the encoder: right-padded, or
+  // without their padding where that pays (model::PackedEncodePays).
   absl::StatusOr<model::EncoderOutput> EncodePrompts(
       const std::vector<const Row*>& newcomers,
       const model::RowAdapters& adapters_of_rows) {
     const int64_t n = static_cast<int64_t>(newcomers.size());
+    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n));
+    std::vector<std::vector<int64_t>> prompts;
+    for (const Row* r : newcomers) prompts.push_back(r->req.input_ids);
+    if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
+      LH_ASSIGN_OR_RETURN(model::PackedInput packed,
+                          model::PackRows(prompts, w.device));
+      return model::EncodePacked(w, packed, adapters_of_rows);
+    }
     size_t s_len = 0;
     for (const Row* r : newcomers) {
       s_len = std::max(s_len, r->req.input_ids.size());
@@ -388,7 +397,6 @@ struct InferenceEngine::State {
         ma[i][t] = 1;
       }
     }
-    if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n));
     return model::Encode(w, ids.to(w.device), mask.to(w.device),
                          adapters_of_rows);
   }
