@@ -763,6 +763,26 @@ __device__ __forceinline__ void LoadFloats(const float* p, float (&x)[W]) {
   for (int e = 0; e < W; e += 4) Vec16<float>::Load(p + e, x + e);
 }
 
+// The sums in order of `parts` such vectors, `stride` elements apart (a
+// split-K projection's partials, DecodeStepArgs::parts).
+// (A float4 at a time: a whole second vector held spilled the bf16 step
+// kernels under their 64-register bound.)
+template <int W>
+__device__ __forceinline__ void LoadFloatParts(const float* p, int parts,
+                                               int64_t stride, float (&x)[W]) {
+  LoadFloats(p, x);
+  for (int k = 1; k < parts; ++k) {
+#pragma unroll
+    for (int e = 0; e < W; e += 4) {
+      const float4 y = *reinterpret_cast<const float4*>(p + k * stride + e);
+      x[e] += y.x;
+      x[e + 1] += y.y;
+      x[e + 2] += y.z;
+      x[e + 3] += y.w;
+    }
+  }
+}
+
 // kStep: a decode step's attention with its LoRA expand and key/value store
 // (LaunchDecodeStepAttention); else `step` is unused.
 template <typename E, int G, bool kStep>
@@ -850,7 +870,8 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
                                 : 0.f;
       }
     }
-    LoadFloats(static_cast<const float*>(a.q) + q0 + part * W, qv);
+    LoadFloatParts(static_cast<const float*>(a.q) + q0 + part * W, step.parts,
+                   step.part_stride, qv);
     // y + scale * mask * sum as LoraExpandKernel forms it.
     const auto site_scale = [&](const AttentionRowLora& l) {
       const float s = l.scale[slot * l.scale_stride];
@@ -872,8 +893,15 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
       float kn[W], vn[W];
       const int64_t n0 =
           b * step.kv_new_stride[0] + h * step.kv_new_stride[1] + part * W;
-      LoadFloats(step.k_new + n0, kn);
-      LoadFloats(step.v_new + n0, vn);
+      // Partials of the new key and value with an fp32 cache only (the
+      // launcher checks): summing them spilled the 16-bit instantiations.
+      if constexpr (sizeof(E) == 4) {
+        LoadFloatParts(step.k_new + n0, step.parts, step.part_stride, kn);
+        LoadFloatParts(step.v_new + n0, step.parts, step.part_stride, vn);
+      } else {
+        LoadFloats(step.k_new + n0, kn);
+        LoadFloats(step.v_new + n0, vn);
+      }
       if (v_lora) {
         const float s = site_scale(step.v_lora);
 #pragma unroll
@@ -2177,6 +2205,9 @@ int LaunchDecodeStepAttention(const AttentionArgs& args,
       !Aligned16(args.q, sizeof(float),
                  {args.q_stride[0], args.q_stride[1], args.q_stride[2]}) ||
       !RowLoraTakes(step.q_lora) || !RowLoraTakes(step.v_lora) ||
+      step.parts < 1 || step.parts > kMaxNormDeltaParts ||
+      (step.parts > 1 && (step.part_stride % 4 != 0 ||
+                          (store && args.qkv_dtype != DType::kFloat))) ||
       (lora && step.slots == nullptr) ||
       (step.v_lora.xa != nullptr && !store) ||
       (store && (step.v_new == nullptr || step.t == nullptr ||

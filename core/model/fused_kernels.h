@@ -143,6 +143,12 @@ struct DecodeStepArgs {
   int64_t kv_new_stride[2] = {0, 0};
   const int64_t* t = nullptr;
   int64_t t_stride = 0;
+  // q (the attention's), k_new and v_new as fp32 partials summed in order
+  // p = 0 .. parts - 1, partial p at p * part_stride elements (16-byte
+  // aligned) from each: a split-K projection's (fused_ops.h SplitKProject).
+  // With a store (k_new), for an fp32 cache only.
+  int parts = 1;
+  int64_t part_stride = 0;
 };
 int LaunchDecodeStepAttention(const AttentionArgs& attn,
                               const DecodeStepArgs& step, void* stream);

@@ -419,14 +419,24 @@ at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
     at::Tensor out;
     if (fused_backend::DecodeStepAttention(step, out_dtype, &out)) return out;
   }
+  // The partials' sums (DecodeStepInputs::parts), in order.
+  const auto summed = [&](const at::Tensor& t) {
+    if (step.parts <= 1) return t;
+    at::Tensor sum = t.clone();
+    for (int64_t p = 1; p < step.parts; ++p) {
+      sum.add_(t.as_strided(t.sizes(), t.strides(),
+                            t.storage_offset() + p * step.part_stride));
+    }
+    return sum;
+  };
+  const at::Tensor q0 = summed(step.q);
   const at::Tensor q =
-      step.q_lora != nullptr ? WithRowDelta(step.q, *step.q_lora, step)
-                             : step.q;
+      step.q_lora != nullptr ? WithRowDelta(q0, *step.q_lora, step) : q0;
   if (step.k_new.defined()) {
+    const at::Tensor v0 = summed(step.v_new);
     const at::Tensor v_new =
-        step.v_lora != nullptr ? WithRowDelta(step.v_new, *step.v_lora, step)
-                               : step.v_new;
-    StoreAtPositions(step.k, step.t, step.k_new);
+        step.v_lora != nullptr ? WithRowDelta(v0, *step.v_lora, step) : v0;
+    StoreAtPositions(step.k, step.t, summed(step.k_new));
     StoreAtPositions(step.v, step.t, v_new);
   }
   return Attention(q, step.k, step.v, step.bias, out_dtype);
@@ -457,10 +467,15 @@ int64_t EnvCount(const char* name, int64_t fallback) {
 
 }  // namespace
 
-at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w,
+                         int64_t parts_wanted) {
   // LORAHUB_SPLITK_PARTS=2 and LORAHUB_SPLITK_MAX_ROWS=N: A/B switches.
-  static const int64_t parts = std::clamp<int64_t>(
+  static const int64_t default_parts = std::clamp<int64_t>(
       EnvCount("LORAHUB_SPLITK_PARTS", 4), 2, kernels::kMaxNormDeltaParts);
+  const int64_t parts =
+      parts_wanted > 0
+          ? std::clamp<int64_t>(parts_wanted, 2, kernels::kMaxNormDeltaParts)
+          : default_parts;
   static const int64_t max_rows = EnvCount("LORAHUB_SPLITK_MAX_ROWS", 64);
   static const bool off = EnvFlag("LORAHUB_NO_SPLITK");
   if (off || !x.is_cuda() || !FusedKernelsEnabled() || Differentiable(x) ||

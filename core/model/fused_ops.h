@@ -86,8 +86,11 @@ AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
 // unless x and w are bf16 or fp16 on CUDA, not differentiable, with at most
 // 64 rows and K a multiple of 8 P; or with LORAHUB_NO_SPLITK=1. A/B
 // switches, read once: LORAHUB_NO_SPLITK=1, LORAHUB_SPLITK_PARTS=2 (P),
-// LORAHUB_SPLITK_MAX_ROWS=N (rows).
-at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w);
+// LORAHUB_SPLITK_MAX_ROWS=N (rows). `parts` > 0: that P (2 to 4) instead
+// (the decode steps' attention inputs: q|k|v at 2, the cross-attention q at
+// 4, summed by the step kernel, DecodeStepInputs::parts).
+at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w,
+                         int64_t parts = 0);
 // True when `out` is SplitKProject's output for a sublayer whose output has
 // `like`'s shape: fp32 [P, like's shape] with P >= 2.
 bool IsSplitKOutput(const at::Tensor& out, const at::Tensor& like);
@@ -415,6 +418,11 @@ struct DecodeStepInputs {
   at::Tensor t;
   at::Tensor slots;  // int64 [B], with a delta
   at::Tensor mask;   // fp32 [B, 1, 1]; undefined: every row adapted
+  // q (and k_new, v_new) as `parts` fp32 partials (SplitKProject): each
+  // tensor is partial 0, partial p lies p * part_stride elements after it,
+  // and the value is their sum in order p = 0, 1, ... (parts 1: q itself).
+  int64_t parts = 1;
+  int64_t part_stride = 0;
 };
 // Returns the context as Attention(q, k, v, bias, out_dtype) does for the
 // inputs so updated (on CUDA one kernel, fused_kernels.h

@@ -611,6 +611,7 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
     return false;
   }
   if (step.v_lora != nullptr && !store) return false;
+  if (step.parts < 1 || step.parts > kernels::kMaxNormDeltaParts) return false;
   at::Tensor b4;
   try {
     b4 = step.bias.expand({B, H, 1, S});
@@ -628,6 +629,8 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
     return false;
   }
   kernels::AttentionArgs a = AttentionArgsOf(q, k, v, b4, out_dtype);
+  x.parts = static_cast<int>(step.parts);
+  x.part_stride = step.part_stride;
   if (lora) {
     x.slots = step.slots.data_ptr<int64_t>();
     if (step.mask.defined()) {

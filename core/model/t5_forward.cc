@@ -1111,42 +1111,74 @@ bool SameView(const at::Tensor& t, const at::Tensor& u) {
          t.scalar_type() == u.scalar_type();
 }
 
+// A decode step's projection for the attention kernel (DecodeStepInputs):
+// the output, or partial 0 of SplitKProject's and where the others lie.
+struct StepOutput {
+  at::Tensor y;  // [B, 1, N] fp32
+  int64_t parts = 1;
+  int64_t part_stride = 0;
+};
+
+// LORAHUB_NO_STEP_SPLITK=1 keeps the step projections whole (A/B). Read
+// once.
+bool StepSplitKOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_STEP_SPLITK");
+  return off;
+}
+
 // A decode step's projection x W^T against `fused` (members' row blocks),
-// the fp32 GEMM output, with the per-row LoRA of the adapted members shrunk
-// but not expanded: (*expands)[k] is member k's expand for the attention
-// kernel (xa undefined: member k is not adapted, or its delta was added
-// here because the shrink kernel did not take it). StepPathApplies first.
-at::Tensor StepProjection(const Normed& x, const at::Tensor& fused,
+// fp32, with the per-row LoRA of the adapted members shrunk but not
+// expanded: (*expands)[k] is member k's expand for the attention kernel (xa
+// undefined: member k is not adapted, or its delta was added here because
+// the shrink kernel did not take it). Where no delta is added here, the
+// GEMM runs split over K (SplitKProject) and the attention kernel sums the
+// partials: q|k|v (3,072 columns) in 2 parts, the cross-attention's q
+// (1,024) in 4. Why: H200, graph-replayed, 64 rows, weights from HBM: 5.60
+// -> 5.31 us and 5.04 -> 4.08 us (deploy/gpu/splitk_gemm_bench.py,
+// twenty-sixth session); 4 parts of q|k|v took 5.73. `split`: false keeps
+// it whole (a self-attention over a 16-bit cache, whose step kernel takes
+// no partials). StepPathApplies first.
+StepOutput StepProjection(const Normed& x, const at::Tensor& fused,
                           const std::vector<const Linear*>& members,
-                          const RowAdapters& rows,
+                          const RowAdapters& rows, bool split,
                           std::vector<RowLoraExpand>* expands) {
   expands->assign(members.size(), RowLoraExpand());
-  at::Tensor y = MatmulFloat(MatmulInput(x.mm, fused), fused);
+  const at::Tensor xm = MatmulInput(x.mm, fused);
   const AdaptedMembers adapted = AdaptedOf(fused, members, rows);
   const std::vector<const SiteBank*>& sites = adapted.sites;
-  if (sites.empty()) return y;
-  const at::Tensor xin = LoraInput(x.mm, x.full);  // [B, 1, in]
-  // One shrink for all (their A factors side by side, as AddLoraDeltas),
-  // unless the norm computed it already (Residual::Norm).
-  const at::Tensor a = ShrinkRun(sites);
   at::Tensor xa;
-  if (SameView(x.shrink.a, a) && SameView(x.shrink.x, xin)) {
-    xa = x.shrink.xa;
-  } else if (a.defined()) {
-    xa = LoraRowShrink(xin.select(1, 0), a, rows.slots);
+  at::Tensor xin;
+  if (!sites.empty()) {
+    xin = LoraInput(x.mm, x.full);  // [B, 1, in]
+    // One shrink for all (their A factors side by side, as AddLoraDeltas),
+    // unless the norm computed it already (Residual::Norm).
+    const at::Tensor a = ShrinkRun(sites);
+    if (SameView(x.shrink.a, a) && SameView(x.shrink.x, xin)) {
+      xa = x.shrink.xa;
+    } else if (a.defined()) {
+      xa = LoraRowShrink(xin.select(1, 0), a, rows.slots);
+    }
   }
-  const int64_t r = sites[0]->a_low.size(1);
-  if (!xa.defined()) {
+  if (!sites.empty() && !xa.defined()) {
+    at::Tensor y = MatmulFloat(xm, fused);
     AddLoraDeltas(y, adapted.cols, sites, xin, rows,
                   /*narrow=*/x.mm.scalar_type() != at::kFloat);
-    return y;
+    return {y};
   }
-  for (size_t k = 0; k < sites.size(); ++k) {
-    (*expands)[adapted.which[k]] =
-        RowLoraExpand{xa, static_cast<int64_t>(k) * r, sites[k]->b_low,
-                      sites[k]->scale};
+  if (!sites.empty()) {
+    const int64_t r = sites[0]->a_low.size(1);
+    for (size_t k = 0; k < sites.size(); ++k) {
+      (*expands)[adapted.which[k]] =
+          RowLoraExpand{xa, static_cast<int64_t>(k) * r, sites[k]->b_low,
+                        sites[k]->scale};
+    }
   }
-  return y;
+  if (split && !StepSplitKOff()) {
+    const at::Tensor parts =
+        SplitKProject(xm, fused, fused.size(0) <= 1024 ? 4 : 2);
+    if (parts.defined()) return {parts[0], parts.size(0), parts.stride(0)};
+  }
+  return {MatmulFloat(xm, fused)};
 }
 
 void SetRowsOf(const RowAdapters& rows, DecodeStepInputs* step) {
@@ -1175,10 +1207,15 @@ at::Tensor SelfAttentionStep(const T5Weights& w, const AttentionWeights& a,
     return at::Tensor();
   }
   std::vector<RowLoraExpand> lora;
-  const at::Tensor y = StepProjection(x, a.qkv, members, rows, &lora);
+  const StepOutput out =
+      StepProjection(x, a.qkv, members, rows,
+                     /*split=*/cache.k.scalar_type() == at::kFloat, &lora);
+  const at::Tensor& y = out.y;
   const config::T5Config& c = w.config;
   const int64_t inner = a.q.weight.size(0);
   DecodeStepInputs step;
+  step.parts = out.parts;
+  step.part_stride = out.part_stride;
   step.q = SplitHeads(y.narrow(-1, 0, inner), c.num_heads, c.d_kv);
   step.k_new = SplitHeads(y.narrow(-1, inner, inner), c.num_heads, c.d_kv);
   step.v_new =
@@ -1203,9 +1240,12 @@ at::Tensor CrossAttentionStep(const T5Weights& w, const AttentionWeights& a,
   const std::vector<const Linear*> members = {&a.q};
   if (!StepPathApplies(w, x, members, a.q.weight, rows)) return at::Tensor();
   std::vector<RowLoraExpand> lora;
-  const at::Tensor y = StepProjection(x, a.q.weight, members, rows, &lora);
+  const StepOutput out =
+      StepProjection(x, a.q.weight, members, rows, /*split=*/true, &lora);
   DecodeStepInputs step;
-  step.q = SplitHeads(y, w.config.num_heads, w.config.d_kv);
+  step.parts = out.parts;
+  step.part_stride = out.part_stride;
+  step.q = SplitHeads(out.y, w.config.num_heads, w.config.d_kv);
   step.k = k;
   step.v = v;
   step.bias = bias;

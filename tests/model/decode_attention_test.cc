@@ -428,8 +428,9 @@ at::Tensor RowDelta(const RowLoraExpand& e, const at::Tensor& slots,
 // 0..t of the updated cache, the causal bias row t); the cache afterwards
 // holds the new key and value at t and nothing else changed. T5-sized heads
 // over a static decoder's capacity; q, k, v strided views of one fused
-// projection output; one row masked (no adapter); three adapter slots. On
-// CUDA the step kernel must take it (none of the fallback's ops run).
+// projection output, whole or as 2 and 4 split-K partials; one row masked
+// (no adapter); three adapter slots. On CUDA the step kernel must take it
+// (none of the fallback's ops run).
 TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
   at::manual_seed(18);
   const int64_t B = 5, H = 3, d = 64, C = 40, S = 3, r = 16, HD = H * d;
@@ -445,10 +446,6 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
           Device())};
   const RowLoraExpand v_lora{xa, r, Random({S, HD, r}, 0.3).to(at::kBFloat16),
                              at::full({S, 1, 1}, 1.5, F32())};
-  const at::Tensor y = Random({B, 1, 3 * HD}, 1.0);  // fused q|k|v
-  const auto heads = [&](int64_t i) {
-    return y.narrow(-1, i * HD, HD).view({B, 1, H, d}).transpose(1, 2);
-  };
   const at::Tensor pos = at::arange(C, i64);
   const at::Tensor bias_all =
       (Random({1, H, C, C}, 2.0) +
@@ -457,19 +454,31 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
                  at::scalar_tensor(0.0, F32()))
            .view({1, 1, C, C}))
           .contiguous();
+  // q|k|v whole (1 part) and as split-K partials (SplitKProject: 2 and 4
+  // parts, the step kernel sums them in order).
+  for (int64_t parts : {1, 2, 4}) {
   for (int64_t t : {int64_t{0}, int64_t{17}, C - 1}) {
+    const at::Tensor partials = Random({parts, B, 1, 3 * HD}, 1.0);
+    at::Tensor y = partials[0].clone();  // fused q|k|v: the sum in order
+    for (int64_t p = 1; p < parts; ++p) y.add_(partials[p]);
+    const auto heads_of = [&](const at::Tensor& x, int64_t i) {
+      return x.narrow(-1, i * HD, HD).view({B, 1, H, d}).transpose(1, 2);
+    };
+    const auto heads = [&](int64_t i) { return heads_of(y, i); };
     const at::Tensor t_index = at::full({1}, t, i64);
     const at::Tensor bias = bias_all.index_select(2, t_index);
     const at::Tensor cache = Random({2, B, H, C, d}, 1.0);
     const at::Tensor before = cache.clone();
     DecodeStepInputs step;
-    step.q = heads(0);
+    step.q = heads_of(partials[0], 0);
     step.k = cache[0];
     step.v = cache[1];
     step.bias = bias;
     step.q_lora = &q_lora;
-    step.k_new = heads(1);
-    step.v_new = heads(2);
+    step.k_new = heads_of(partials[0], 1);
+    step.v_new = heads_of(partials[0], 2);
+    step.parts = parts;
+    step.part_stride = partials.stride(0);
     step.v_lora = &v_lora;
     step.t = t_index;
     step.slots = slots;
@@ -483,7 +492,7 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
     }
     ASSERT_EQ(got.sizes(), (std::vector<int64_t>{B, H, 1, d}));
     if (Device().is_cuda() && DecodeStepAttentionEnabled()) {
-      EXPECT_EQ(fallback_ops, 0) << "t " << t;
+      EXPECT_EQ(fallback_ops, 0) << "parts " << parts << ", t " << t;
     }
     at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
     at::Tensor want_v = at::empty({B, H, d}, at::kDouble);
@@ -504,11 +513,13 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
       }
     }
     const double diff = RelDiff(got, want);
-    EXPECT_LE(diff, 1e-5) << "t " << t;
+    const std::string where =
+        "parts " + std::to_string(parts) + ", t " + std::to_string(t);
+    EXPECT_LE(diff, 1e-5) << where;
     EXPECT_TRUE(at::equal(cache[0].select(2, t).to(at::kCPU),
                           heads(1).squeeze(2).to(at::kCPU)))
-        << "t " << t;
-    EXPECT_LE(RelDiff(cache[1].select(2, t), want_v), 1e-6) << "t " << t;
+        << where;
+    EXPECT_LE(RelDiff(cache[1].select(2, t), want_v), 1e-6) << where;
     for (int64_t kv = 0; kv < 2; ++kv) {  // the other positions untouched
       EXPECT_TRUE(at::equal(cache[kv].narrow(2, 0, t).to(at::kCPU),
                             before[kv].narrow(2, 0, t).to(at::kCPU)));
@@ -516,9 +527,10 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
                             before[kv].narrow(2, t + 1, C - t - 1)
                                 .to(at::kCPU)));
     }
-    std::printf("step t=%lld: vs double %.3g (fallback ops %lld)\n",
-                static_cast<long long>(t), diff,
+    std::printf("step parts=%lld t=%lld: vs double %.3g (fallback ops %lld)\n",
+                static_cast<long long>(parts), static_cast<long long>(t), diff,
                 static_cast<long long>(fallback_ops));
+  }
   }
 }
 
