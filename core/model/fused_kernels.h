@@ -132,6 +132,7 @@ struct AttentionRowLora {
 // not read. Without k_new, the keys are those LaunchSmallAttention would
 // attend. Returns cudaErrorInvalidValue, having launched nothing, for
 // arguments it does not take.
+inline constexpr int kMaxStepParts = 2;
 struct DecodeStepArgs {
   AttentionRowLora q_lora;
   AttentionRowLora v_lora;
@@ -144,9 +145,10 @@ struct DecodeStepArgs {
   const int64_t* t = nullptr;
   int64_t t_stride = 0;
   // q (the attention's), k_new and v_new as fp32 partials summed in order
-  // p = 0 .. parts - 1, partial p at p * part_stride elements (16-byte
-  // aligned) from each: a split-K projection's (fused_ops.h SplitKProject).
-  // With a store (k_new), for an fp32 cache only.
+  // p = 0 .. parts - 1 (parts <= kMaxStepParts), partial p at p *
+  // part_stride elements (16-byte aligned) from each: a split-K
+  // projection's (fused_ops.h SplitKProject). With a store (k_new), for an
+  // fp32 cache only.
   int parts = 1;
   int64_t part_stride = 0;
 };

@@ -87,8 +87,8 @@ AddNormOutput AddRmsNorm(const at::Tensor& x, const at::Tensor& delta,
 // 64 rows and K a multiple of 8 P; or with LORAHUB_NO_SPLITK=1. A/B
 // switches, read once: LORAHUB_NO_SPLITK=1, LORAHUB_SPLITK_PARTS=2 (P),
 // LORAHUB_SPLITK_MAX_ROWS=N (rows). `parts` > 0: that P (2 to 4) instead
-// (the decode steps' attention inputs: q|k|v at 2, the cross-attention q at
-// 4, summed by the step kernel, DecodeStepInputs::parts).
+// (the decode steps' attention inputs, q|k|v and the cross-attention's q,
+// in 2 parts, summed by the step kernel: DecodeStepInputs::parts).
 at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w,
                          int64_t parts = 0);
 // True when `out` is SplitKProject's output for a sublayer whose output has
@@ -403,6 +403,7 @@ struct RowLoraExpand {
   at::Tensor b;      // [S, H * D, r]
   at::Tensor scale;  // fp32 [S, 1, 1]
 };
+inline constexpr int64_t kMaxStepParts = 2;  // = kernels::kMaxStepParts
 struct DecodeStepInputs {
   at::Tensor q;     // fp32 [B, H, 1, D]
   at::Tensor k, v;  // [B, H, S, D]; with k_new, the cache: written here
@@ -418,9 +419,10 @@ struct DecodeStepInputs {
   at::Tensor t;
   at::Tensor slots;  // int64 [B], with a delta
   at::Tensor mask;   // fp32 [B, 1, 1]; undefined: every row adapted
-  // q (and k_new, v_new) as `parts` fp32 partials (SplitKProject): each
-  // tensor is partial 0, partial p lies p * part_stride elements after it,
-  // and the value is their sum in order p = 0, 1, ... (parts 1: q itself).
+  // q (and k_new, v_new) as `parts` fp32 partials (SplitKProject; at most
+  // kMaxStepParts): each tensor is partial 0, partial p lies p * part_stride
+  // elements after it, and the value is their sum in order (parts 1: q
+  // itself).
   int64_t parts = 1;
   int64_t part_stride = 0;
 };

@@ -611,7 +611,8 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
     return false;
   }
   if (step.v_lora != nullptr && !store) return false;
-  if (step.parts < 1 || step.parts > kernels::kMaxNormDeltaParts) return false;
+  static_assert(kMaxStepParts == kernels::kMaxStepParts);
+  if (step.parts < 1 || step.parts > kMaxStepParts) return false;
   at::Tensor b4;
   try {
     b4 = step.bias.expand({B, H, 1, S});

@@ -1131,11 +1131,12 @@ bool StepSplitKOff() {
 // expanded: (*expands)[k] is member k's expand for the attention kernel (xa
 // undefined: member k is not adapted, or its delta was added here because
 // the shrink kernel did not take it). Where no delta is added here, the
-// GEMM runs split over K (SplitKProject) and the attention kernel sums the
-// partials: q|k|v (3,072 columns) in 2 parts, the cross-attention's q
-// (1,024) in 4. Why: H200, graph-replayed, 64 rows, weights from HBM: 5.60
-// -> 5.31 us and 5.04 -> 4.08 us (deploy/gpu/splitk_gemm_bench.py,
-// twenty-sixth session); 4 parts of q|k|v took 5.73. `split`: false keeps
+// GEMM runs split over K in 2 parts (SplitKProject) and the attention
+// kernel sums them as it loads q (and the new key and value). Why: H200,
+// graph-replayed, 64 rows, weights from HBM: q|k|v 5.60 -> 5.31 us, the
+// cross-attention's q 5.04 -> 4.23 (deploy/gpu/splitk_gemm_bench.py,
+// twenty-sixth session); 4 parts: 5.73 and 4.08, but the step kernels then
+// took 0.6 us more each (fused_kernels.cu LoadFloatParts). `split`: false keeps
 // it whole (a self-attention over a 16-bit cache, whose step kernel takes
 // no partials). StepPathApplies first.
 StepOutput StepProjection(const Normed& x, const at::Tensor& fused,
@@ -1175,7 +1176,7 @@ StepOutput StepProjection(const Normed& x, const at::Tensor& fused,
   }
   if (split && !StepSplitKOff()) {
     const at::Tensor parts =
-        SplitKProject(xm, fused, fused.size(0) <= 1024 ? 4 : 2);
+        SplitKProject(xm, fused, kMaxStepParts);
     if (parts.defined()) return {parts[0], parts.size(0), parts.stride(0)};
   }
   return {MatmulFloat(xm, fused)};
