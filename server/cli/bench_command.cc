@@ -30,7 +30,9 @@
 //                        in use before them (0 on the CPU)
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter): the
-//     median of --gen-reps timed calls (seconds; runs_seconds: each call), and
+//     median of --gen-reps timed calls (seconds; runs_seconds: each call; output_digest:
+//     FNV-1a of the warm-up's output ids, 16 hex digits: equal digests in two runs, the same
+//     tokens), and
 //     ttft_ms: one request, one new token, merged adapter
 //   generation_sweep (only with --gen-sweep B1,B2,...: batch sizes, each in [1, 4096]): a list
 //     of {"batch", "base_tokens_per_second", "shared_adapter_tokens_per_second",
@@ -59,6 +61,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -150,7 +153,25 @@ struct GenFigure {
   int64_t tokens = 0;
   double seconds = 0;  // the median timed call
   std::vector<double> runs_seconds;
+  std::string output_digest;
 };
+
+// FNV-1a (64-bit) over every row's ids, each row ended by -1, as 16 hex digits.
+std::string OutputDigest(const std::vector<std::vector<int64_t>>& rows) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  const auto mix = [&h](int64_t v) {
+    const auto u = static_cast<uint64_t>(v);
+    for (int byte = 0; byte < 8; ++byte) {
+      h ^= (u >> (8 * byte)) & 0xff;
+      h *= 0x100000001b3ULL;
+    }
+  };
+  for (const auto& ids : rows) {
+    for (int64_t id : ids) mix(id);
+    mix(-1);
+  }
+  return absl::StrCat(absl::Hex(h, absl::kZeroPad16));
+}
 
 // One warm-up generation, then t.reps timed; the figure is the median call's. Why not one
 // call: a host stall in the one timed call of a 64 x 32 generation (70 ms) once read as
@@ -166,6 +187,7 @@ absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
   model::SynchronizeDevice(w.device);
   GenFigure fig;
   for (const auto& ids : warm.output_ids) fig.tokens += static_cast<int64_t>(ids.size());
+  fig.output_digest = OutputDigest(warm.output_ids);
   for (int64_t i = 0; i < t.reps; ++i) {
     const double t0 = Now();
     LH_RETURN_IF_ERROR(model::Generate(w, prompts, bank, slots, g).status());
@@ -288,7 +310,8 @@ nlohmann::json GenJson(const GenFigure& f) {
   return {{"tokens_per_second", f.tokens_per_second},
           {"tokens", f.tokens},
           {"seconds", f.seconds},
-          {"runs_seconds", f.runs_seconds}};
+          {"runs_seconds", f.runs_seconds},
+          {"output_digest", f.output_digest}};
 }
 
 absl::Status Run(const Args& args) {

@@ -30,6 +30,7 @@ g = j["generation"]
 for kind in ["base", "merged", "per_row"]:
     positive(kind, g[kind]["tokens_per_second"])
     assert 3 <= g[kind]["tokens"] <= 9, g[kind]
+    assert len(g[kind]["output_digest"]) == 16 and int(g[kind]["output_digest"], 16) >= 0, g[kind]
     # The median of --gen-reps (default 3) timed calls, each reported.
     runs = g[kind]["runs_seconds"]
     assert len(runs) == 3 and all(r > 0 for r in runs), g[kind]
