@@ -579,7 +579,8 @@ at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k,
                            const std::vector<int64_t>& host_starts,
                            at::ScalarType out_dtype) {
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k.sizes() == q.sizes() &&
-                  v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3) &&
+                  v.dim() == 4 &&
+                  v.sizes().slice(0, 3) == q.sizes().slice(0, 3) &&
                   host_starts.size() >= 2 && host_starts.front() == 0 &&
                   host_starts.back() == q.size(2),
               "packed attention: q, k, v must be [1, H, tokens, d] and the "

@@ -163,9 +163,9 @@ struct Prepared {
 // Encode, through the static encoder pool where the options ask for it
 // (GenerateOptions::encoder_graph) and the pool takes the batch; a batch
 // the pool does not take (eager anyway) packed where that pays
-// (PackedEncodePays). The pool keeps its graphs for the small batches, where the
-// host's dispatch of an eager pass, not padding, bounds the time to first
-// token.
+// (PackedEncodePays). The pool keeps its graphs for the small batches,
+// where the host's dispatch of an eager pass, not padding, bounds the time
+// to first token.
 absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
                                            const Prepared& p,
                                            const GenerateOptions& o) {

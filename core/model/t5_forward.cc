@@ -409,17 +409,14 @@ void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                       bool narrow) {
   const PackedRows& packed = *rows.packed;
   const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
-  size_t i = 0;
-  while (narrow && rows.rows_per_slot == 1 && i < sites.size()) {
-    size_t j = i + 1;
-    while (j < sites.size() && j - i < kLoraRunMaxSites &&
-           AdjacentA(*sites[j - 1], *sites[j])) {
-      ++j;
-    }
+  // Sites [i, j) through the packed run kernels, or false (nothing done).
+  const auto run_kernels = [&](size_t i, size_t j) {
     const double scale = sites[i]->common_scale;
     bool common = !std::isnan(scale);
-    for (size_t k = i; k < j; ++k) common = common && sites[k]->common_scale == scale;
-    if (!common) break;
+    for (size_t k = i; k < j; ++k) {
+      common = common && sites[k]->common_scale == scale;
+    }
+    if (!common) return false;
     std::vector<LoraRunSite> run;
     for (size_t k = i; k < j; ++k) {
       run.push_back({sites[k]->b.narrow(0, rows.slot_offset, B), cols[k]});
@@ -427,11 +424,24 @@ void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
     const at::Tensor a_run =
         SideBySideA(sites[i]->a, static_cast<int64_t>(j - i))
             .narrow(0, rows.slot_offset, B);
-    if (!LoraPackedRunDeltas(y, xin, a_run, run, scale, packed.starts,
-                             packed.max_length)) {
-      break;
+    return LoraPackedRunDeltas(y, xin, a_run, run, scale, packed.starts,
+                               packed.max_length);
+  };
+  size_t i = 0;
+  while (narrow && rows.rows_per_slot == 1 && i < sites.size()) {
+    size_t j = i + 1;
+    while (j < sites.size() && j - i < kLoraRunMaxSites &&
+           AdjacentA(*sites[j - 1], *sites[j])) {
+      ++j;
     }
-    i = j;
+    if (run_kernels(i, j)) {
+      i = j;
+      continue;
+    }
+    // A group whose ranks together the shrink does not take (it takes 8,
+    // 16 or 32): one site at a time.
+    if (j - i == 1 || !run_kernels(i, i + 1)) break;
+    ++i;
   }
   if (i == sites.size()) return;
   const std::vector<const SiteBank*> rest(sites.begin() + i, sites.end());
@@ -1147,26 +1157,23 @@ StepOutput StepProjection(const Normed& x, const at::Tensor& fused,
   const at::Tensor xm = MatmulInput(x.mm, fused);
   const AdaptedMembers adapted = AdaptedOf(fused, members, rows);
   const std::vector<const SiteBank*>& sites = adapted.sites;
-  at::Tensor xa;
-  at::Tensor xin;
   if (!sites.empty()) {
-    xin = LoraInput(x.mm, x.full);  // [B, 1, in]
+    const at::Tensor xin = LoraInput(x.mm, x.full);  // [B, 1, in]
     // One shrink for all (their A factors side by side, as AddLoraDeltas),
     // unless the norm computed it already (Residual::Norm).
     const at::Tensor a = ShrinkRun(sites);
+    at::Tensor xa;
     if (SameView(x.shrink.a, a) && SameView(x.shrink.x, xin)) {
       xa = x.shrink.xa;
     } else if (a.defined()) {
       xa = LoraRowShrink(xin.select(1, 0), a, rows.slots);
     }
-  }
-  if (!sites.empty() && !xa.defined()) {
-    at::Tensor y = MatmulFloat(xm, fused);
-    AddLoraDeltas(y, adapted.cols, sites, xin, rows,
-                  /*narrow=*/x.mm.scalar_type() != at::kFloat);
-    return {y};
-  }
-  if (!sites.empty()) {
+    if (!xa.defined()) {
+      at::Tensor y = MatmulFloat(xm, fused);
+      AddLoraDeltas(y, adapted.cols, sites, xin, rows,
+                    /*narrow=*/x.mm.scalar_type() != at::kFloat);
+      return {y};
+    }
     const int64_t r = sites[0]->a_low.size(1);
     for (size_t k = 0; k < sites.size(); ++k) {
       (*expands)[adapted.which[k]] =
@@ -1175,8 +1182,7 @@ StepOutput StepProjection(const Normed& x, const at::Tensor& fused,
     }
   }
   if (split && !StepSplitKOff()) {
-    const at::Tensor parts =
-        SplitKProject(xm, fused, kMaxStepParts);
+    const at::Tensor parts = SplitKProject(xm, fused, kMaxStepParts);
     if (parts.defined()) return {parts[0], parts.size(0), parts.stride(0)};
   }
   return {MatmulFloat(xm, fused)};
@@ -1612,16 +1618,15 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
                                            const PackedInput& input,
                                            const RowAdapters& rows) {
   const PackedRows& packed = input.rows;
-  const size_t n = packed.host_starts.size();
-  if (n < 2 || !input.ids.defined() || input.ids.dim() != 1 ||
-      !packed.starts.defined() || packed.starts.numel() != static_cast<int64_t>(n) ||
+  const auto B = static_cast<int64_t>(packed.host_starts.size()) - 1;
+  if (B < 1 || !input.ids.defined() || input.ids.dim() != 1 ||
+      !packed.starts.defined() || packed.starts.numel() != B + 1 ||
       packed.host_starts.back() != input.ids.size(0) ||
       !input.padded_index.defined() ||
       input.padded_index.numel() != input.ids.size(0) ||
       !input.mask.defined() ||
-      input.mask.sizes() !=
-          at::IntArrayRef({static_cast<int64_t>(n) - 1, packed.max_length}) ||
-      (rows.bank != nullptr && rows.slots.size(0) != static_cast<int64_t>(n) - 1)) {
+      input.mask.sizes() != at::IntArrayRef({B, packed.max_length}) ||
+      (rows.bank != nullptr && rows.slots.size(0) != B)) {
     return absl::InvalidArgumentError(
         "packed encoder: the input is not one PackRows made");
   }
