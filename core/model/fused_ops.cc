@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -309,35 +310,44 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
   return fused_backend::LoraRowDeltas(y, x, a, sites, slots, mask);
 }
 
-bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
-                   const at::Tensor& a, const at::Tensor& xa,
-                   const std::vector<LoraRunSite>& sites, double scale,
-                   const at::Tensor& y_round) {
+namespace {
+
+// Whether the run kernels may take these tensors (LoraRunDeltas and
+// LoraPackedRunDeltas): CUDA, the kernels compiled and on
+// (LORAHUB_NO_FUSED, LORAHUB_NO_RUN_LORA), no autograd.
+bool RunKernelsMayRun(const at::Tensor& y,
+                      std::initializer_list<const at::Tensor*> inputs,
+                      const std::vector<LoraRunSite>& sites) {
   static const bool off = EnvFlag("LORAHUB_NO_RUN_LORA");
   if (off || !y.is_cuda() || !fused_backend::Compiled() || Disabled() ||
-      Differentiable(y) || Differentiable(x) || Differentiable(a) ||
-      Differentiable(xa) || Differentiable(y_round)) {
+      Differentiable(y)) {
     return false;
+  }
+  for (const at::Tensor* t : inputs) {
+    if (Differentiable(*t)) return false;
   }
   for (const LoraRunSite& s : sites) {
     if (Differentiable(s.b)) return false;
   }
-  return fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale, y_round);
+  return true;
+}
+
+}  // namespace
+
+bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
+                   const at::Tensor& a, const at::Tensor& xa,
+                   const std::vector<LoraRunSite>& sites, double scale,
+                   const at::Tensor& y_round) {
+  return RunKernelsMayRun(y, {&x, &a, &xa, &y_round}, sites) &&
+         fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale, y_round);
 }
 
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
                          const at::Tensor& starts, int64_t max_run) {
-  static const bool off = EnvFlag("LORAHUB_NO_RUN_LORA");
-  if (off || !y.is_cuda() || !fused_backend::Compiled() || Disabled() ||
-      Differentiable(y) || Differentiable(x) || Differentiable(a)) {
-    return false;
-  }
-  for (const LoraRunSite& s : sites) {
-    if (Differentiable(s.b)) return false;
-  }
-  return fused_backend::LoraPackedRunDeltas(y, x, a, sites, scale, starts,
+  return RunKernelsMayRun(y, {&x, &a}, sites) &&
+         fused_backend::LoraPackedRunDeltas(y, x, a, sites, scale, starts,
                                             max_run);
 }
 
@@ -419,15 +429,15 @@ at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
     at::Tensor out;
     if (fused_backend::DecodeStepAttention(step, out_dtype, &out)) return out;
   }
-  // The partials' sums (DecodeStepInputs::parts), in order.
+  // The partials' sums (DecodeStepInputs::parts): SplitKSum of the
+  // [parts, ...] view they form.
   const auto summed = [&](const at::Tensor& t) {
     if (step.parts <= 1) return t;
-    at::Tensor sum = t.clone();
-    for (int64_t p = 1; p < step.parts; ++p) {
-      sum.add_(t.as_strided(t.sizes(), t.strides(),
-                            t.storage_offset() + p * step.part_stride));
-    }
-    return sum;
+    std::vector<int64_t> sizes = {step.parts}, strides = {step.part_stride};
+    sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
+    strides.insert(strides.end(), t.strides().begin(), t.strides().end());
+    return SplitKSum(t.as_strided(sizes, strides, t.storage_offset()),
+                     at::kFloat);
   };
   const at::Tensor q0 = summed(step.q);
   const at::Tensor q =

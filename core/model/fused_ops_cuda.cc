@@ -286,15 +286,24 @@ bool SmallAttention(const at::Tensor& q, const at::Tensor& k,
   return true;
 }
 
+namespace {
+
+// Packed rows' offsets as the kernels read them: int32 [B + 1], B >= 1,
+// contiguous, on like's device.
+bool StartsFit(const at::Tensor& starts, const at::Tensor& like) {
+  return OnDeviceOf(starts, like) && starts.scalar_type() == at::kInt &&
+         starts.dim() == 1 && starts.size(0) >= 2 && starts.is_contiguous();
+}
+
+}  // namespace
+
 bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias,
                      const at::Tensor& starts, at::ScalarType out_dtype,
                      at::Tensor* out) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || bias.dim() != 4 ||
       !OnDeviceOf(q, q) || !OnDeviceOf(k, q) || !OnDeviceOf(v, q) ||
-      !OnDeviceOf(bias, q) || !OnDeviceOf(starts, q) ||
-      starts.scalar_type() != at::kInt || starts.dim() != 1 ||
-      starts.size(0) < 2 || !starts.is_contiguous() ||
+      !OnDeviceOf(bias, q) || !StartsFit(starts, q) ||
       k.scalar_type() != q.scalar_type() ||
       v.scalar_type() != q.scalar_type() ||
       (q.scalar_type() != at::kFloat && q.scalar_type() != at::kBFloat16) ||
@@ -673,9 +682,7 @@ bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
                const at::Tensor& starts, int64_t max_run) {
   const bool shrink = x.defined();
   const bool packed = starts.defined();
-  if (packed && (!shrink || y_round.defined() || !OnDeviceOf(starts, y) ||
-                 starts.scalar_type() != at::kInt || starts.dim() != 1 ||
-                 starts.size(0) < 2 || !starts.is_contiguous() ||
+  if (packed && (!shrink || y_round.defined() || !StartsFit(starts, y) ||
                  y.dim() != 3 || y.size(0) != 1 || max_run < 1 ||
                  max_run > y.size(1))) {
     return false;

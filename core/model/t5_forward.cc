@@ -1146,9 +1146,9 @@ bool StepSplitKOff() {
 // graph-replayed, 64 rows, weights from HBM: q|k|v 5.60 -> 5.31 us, the
 // cross-attention's q 5.04 -> 4.23 (deploy/gpu/splitk_gemm_bench.py,
 // twenty-sixth session); 4 parts: 5.73 and 4.08, but the step kernels then
-// took 0.6 us more each (fused_kernels.cu LoadFloatParts). `split`: false keeps
-// it whole (a self-attention over a 16-bit cache, whose step kernel takes
-// no partials). StepPathApplies first.
+// took 0.6 us more each (fused_kernels.cu LoadFloatParts). `split`: false
+// keeps it whole (a self-attention over a 16-bit cache, whose step kernel
+// takes no partials). StepPathApplies first.
 StepOutput StepProjection(const Normed& x, const at::Tensor& fused,
                           const std::vector<const Linear*>& members,
                           const RowAdapters& rows, bool split,
@@ -1360,25 +1360,38 @@ at::Tensor DecoderSelfBias(const T5Weights& w, int64_t T) {
          CausalBias(w, T, w.device);
 }
 
-EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
-                         const at::Tensor& mask, const RowAdapters& rows,
-                         const PassBiases* biases) {
+// The encoder's blocks and final norm over the token ids `ids` (any shape,
+// [B, S] or packed [1, N]); `attend(q, k, v, o)` is a block's
+// self-attention with its output projection (AttendAndProject, or
+// AttendPackedAndProject for packed rows).
+template <typename Attend>
+Normed EncoderStack(const T5Weights& w, const at::Tensor& ids,
+                    const RowAdapters& rows, const Attend& attend) {
   const config::T5Config& c = w.config;
-  EncoderOutput out;
-  out.mask_bias = biases != nullptr ? biases->mask_bias : MaskBias(w, mask);
-  const at::Tensor bias = biases != nullptr ? biases->encoder_self
-                                            : EncoderSelfBias(w, out.mask_bias);
   const at::ScalarType attn = AttentionDtype(w);
   Residual h(w, Embed(w, ids));
   for (const BlockWeights& b : w.encoder) {
     Normed n = h.Norm(b.self_norm);
     std::array<at::Tensor, 3> qkv =
         SelfAttentionHeads(n, b.self_attn, rows, c, attn);
-    h.Add(AttendAndProject(qkv[0], qkv[1], qkv[2], bias, b.self_attn.o, rows));
+    h.Add(attend(qkv[0], qkv[1], qkv[2], b.self_attn.o));
     n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
     h.Add(FeedForward(n, w, b.ff, rows));
   }
-  Normed n = h.Norm(w.encoder_final_norm);
+  return h.Norm(w.encoder_final_norm);
+}
+
+EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
+                         const at::Tensor& mask, const RowAdapters& rows,
+                         const PassBiases* biases) {
+  EncoderOutput out;
+  out.mask_bias = biases != nullptr ? biases->mask_bias : MaskBias(w, mask);
+  const at::Tensor bias = biases != nullptr ? biases->encoder_self
+                                            : EncoderSelfBias(w, out.mask_bias);
+  const Normed n = EncoderStack(
+      w, ids, rows,
+      [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+          const Linear& o) { return AttendAndProject(q, k, v, bias, o, rows); });
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
@@ -1386,29 +1399,22 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
 
 EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
                                const RowAdapters& rows) {
-  const config::T5Config& c = w.config;
   const PackedRows& packed = in.rows;
   const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
   const int64_t L = packed.max_length;
   const int64_t N = in.ids.size(0);
   RowAdapters packed_rows = rows;
   packed_rows.packed = &packed;
-  const at::ScalarType attn = AttentionDtype(w);
   // The position bias alone: a row attends only to its own tokens, so no
   // mask (EncoderSelfBias's values at the unmasked positions).
   const at::Tensor bias =
-      PositionBias(w, w.encoder_bias_table, L, L, true, 0).to(attn);
-  Residual h(w, Embed(w, in.ids.view({1, N})));
-  for (const BlockWeights& b : w.encoder) {
-    Normed n = h.Norm(b.self_norm);
-    std::array<at::Tensor, 3> qkv =
-        SelfAttentionHeads(n, b.self_attn, packed_rows, c, attn);
-    h.Add(AttendPackedAndProject(qkv[0], qkv[1], qkv[2], bias, packed,
-                                 b.self_attn.o, packed_rows));
-    n = FeedForwardNorm(&h, b.ff_norm, b.ff, packed_rows);
-    h.Add(FeedForward(n, w, b.ff, packed_rows));
-  }
-  Normed n = h.Norm(w.encoder_final_norm);
+      PositionBias(w, w.encoder_bias_table, L, L, true, 0).to(AttentionDtype(w));
+  const Normed n = EncoderStack(
+      w, in.ids.view({1, N}), packed_rows,
+      [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+          const Linear& o) {
+        return AttendPackedAndProject(q, k, v, bias, packed, o, packed_rows);
+      });
   // Back to the padded batch: the tokens at their positions, zero elsewhere.
   const auto unpack = [&](const at::Tensor& x) {
     return at::zeros({B * L, x.size(-1)}, x.options())
