@@ -146,6 +146,43 @@ TEST(SplitKProjectTest, PartialsSumToTheProduct) {
                    .defined());
 }
 
+// Each partial of SplitKProject is the product of its own K slice, for 1
+// to 64 rows, 2 or 4 parts, strided rows and column counts that are not
+// multiples of a GEMM tile: the parts are K's slices in order, and every
+// row and column of every part is written. On the CPU nothing runs.
+TEST(SplitKProjectTest, EachPartIsItsSlicesProduct) {
+  at::manual_seed(11);
+  const at::TensorOptions bf16 = F32().dtype(at::kBFloat16);
+  constexpr int64_t kK = 1024;
+  for (int64_t n : {int64_t{16}, int64_t{40}, int64_t{96}, int64_t{1024},
+                    int64_t{3072}}) {
+    const at::Tensor w = (at::randn({n, kK}, F32()) * 0.05).to(at::kBFloat16);
+    for (int64_t rows : {int64_t{1}, int64_t{15}, int64_t{17}, int64_t{33},
+                         int64_t{64}}) {
+      for (int64_t parts : {int64_t{2}, int64_t{4}}) {
+        SCOPED_TRACE(n * 1000 + rows * 10 + parts);
+        // Rows 1088 elements apart: a view of a wider tensor.
+        const at::Tensor x =
+            at::randn({rows, kK + 64}, bf16).narrow(1, 32, kK);
+        const at::Tensor got = SplitKProject(x, w, parts);
+        if (Device().is_cpu()) {
+          EXPECT_FALSE(got.defined());
+          continue;
+        }
+        ASSERT_TRUE(got.defined());
+        ASSERT_EQ(got.sizes(), (std::vector<int64_t>{parts, rows, n}));
+        const int64_t span = kK / parts;
+        for (int64_t p = 0; p < parts; ++p) {
+          const at::Tensor want =
+              at::matmul(x.narrow(1, p * span, span).to(at::kDouble),
+                         w.narrow(1, p * span, span).to(at::kDouble).t());
+          EXPECT_LE(RelDiff(got[p], want), 1e-5) << "part " << p;
+        }
+      }
+    }
+  }
+}
+
 // The gated FFN's gelu_tanh(wi_0 x) * (wi_1 x) on the two column halves of
 // one fused output, fp32 and bf16: the definition's arithmetic (CPU: the
 // same ops; CUDA: the kernel, within one rounding of the dtype).
