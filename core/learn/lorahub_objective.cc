@@ -305,8 +305,13 @@ absl::StatusOr<model::ObjectiveRunner*> LoraHubObjective::RunnerFor(int64_t coun
 std::string LoraHubObjective::EngineDescription() const {
   if (options_.exact_reference) return "exact reference";
   if (last_runner_ == nullptr) return "eager";
-  if (last_runner_->graph_active()) return "runner (cuda graph)";
-  return absl::StrCat("runner (eager: ", last_runner_->graph_status(), ")");
+  const int64_t packed = last_runner_->packed_chunks();
+  const std::string passes =
+      packed > 0 ? absl::StrCat(", ", packed, " of ", last_runner_->chunks(),
+                                " passes packed")
+                 : "";
+  if (last_runner_->graph_active()) return absl::StrCat("runner (cuda graph", passes, ")");
+  return absl::StrCat("runner (eager: ", last_runner_->graph_status(), passes, ")");
 }
 
 absl::StatusOr<std::vector<double>> LoraHubObjective::Score(

@@ -113,7 +113,8 @@ class LoraHubObjective {
   int num_examples() const { return static_cast<int>(examples_.size()); }
   const ObjectiveStats& stats() const { return stats_; }
   // How loss calls run: "eager", "runner (cuda graph)", or "runner (eager: <why no graph>)"
-  // of the most recently used runner.
+  // of the most recently used runner; a runner that encodes passes packed says how many
+  // ("runner (cuda graph, 1 of 1 passes packed)": ObjectiveRunner::packed_chunks).
   std::string EngineDescription() const;
   const LoraHubObjectiveOptions& options() const { return options_; }
 

@@ -103,6 +103,9 @@ struct RowAdapters {
   // Set by EncodePacked for its own pass only (not owned): the rows are
   // packed (PackedRows), and the LoRA deltas follow their token ranges.
   const PackedRows* packed = nullptr;
+  // With packed rows in runs (rows_per_slot > 1), set there too: each
+  // slot's token range, the rows of its run together.
+  const PackedRows* packed_runs = nullptr;
 };
 
 // `slots` are host values, one per row. InvalidArgument if a slot is out of

@@ -142,6 +142,16 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       chunk.labels = labels.index_select(0, index).to(device);
       chunk.decoder_ids = ShiftRight(chunk.labels, weights.config.decoder_start_token_id,
                                      weights.config.pad_token_id);
+      static const bool no_packing = EnvFlag("LORAHUB_NO_PACKED_OBJECTIVE");  // A/B
+      std::vector<std::vector<int64_t>> inputs;
+      for (int64_t r = 0; r < rows_here; ++r) inputs.push_back(examples[ex_idx[r]].input_ids);
+      if (!no_packing && PackedEncodePays(weights, inputs, chunk.rows, kPackedMinPadding)) {
+        auto packed = PackRows(inputs, device);
+        // The decoder reads the encoder output at the padded batch's length.
+        if (packed.ok() && packed->rows.max_length == chunk.ids.size(1)) {
+          chunk.packed = std::make_unique<PackedInput>(*std::move(packed));
+        }
+      }
       static const bool per_pass_biases = EnvFlag("LORAHUB_NO_PASS_BIASES");  // A/B
       if (!per_pass_biases) {
         auto biases = ComputePassBiases(weights, chunk.mask, chunk.decoder_ids.size(1));
@@ -228,6 +238,12 @@ absl::Status ObjectiveRunner::CheckGraphAgainstEager() {
   }
 }
 
+int64_t ObjectiveRunner::packed_chunks() const {
+  int64_t n = 0;
+  for (const Chunk& c : chunks_) n += c.packed != nullptr ? 1 : 0;
+  return n;
+}
+
 absl::Status ObjectiveRunner::PrepareMerge() {
   std::set<int> sites;
   for (const Group& g : groups_) sites.insert(g.sites.begin(), g.sites.end());
@@ -291,7 +307,9 @@ absl::Status ObjectiveRunner::Evaluate() {
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
-      auto enc = Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
+      auto enc = chunk.packed != nullptr
+                     ? EncodePacked(weights, *chunk.packed, chunk.rows)
+                     : Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
       auto logits =
           DecodeFull(weights, chunk.decoder_ids, *enc, chunk.rows, chunk.biases.get());

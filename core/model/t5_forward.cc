@@ -387,6 +387,7 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 RowAdapters PackedRow(const RowAdapters& rows, int64_t b) {
   RowAdapters one = rows;
   one.packed = nullptr;
+  one.packed_runs = nullptr;
   one.slots = rows.slots.narrow(0, b, 1);
   one.mask = rows.mask.narrow(0, b, 1);
   if (rows.rows_per_slot > 0) {
@@ -397,18 +398,24 @@ RowAdapters PackedRow(const RowAdapters& rows, int64_t b) {
 }
 
 // AddLoraDeltas for packed rows (y [1, N, columns], xin [1, N, in]) with
-// per-row adapters. One slot per row with a common scaling, for a
-// reduced-precision model (`narrow`, as RunKernelDeltas), takes the packed
-// run kernels (fused_ops.h LoraPackedRunDeltas), a group of sites with
-// adjacent A factors at once. The rest goes row by row through the unpacked
-// paths: the same deltas, at a launch or more per row (the CPU, other
-// layouts).
+// per-row adapters. Runs of rows per slot (one row or more; packed_runs
+// gives each slot's tokens where a run has several rows) with a common
+// scaling, for a reduced-precision model (`narrow`, as RunKernelDeltas),
+// take the packed run kernels (fused_ops.h LoraPackedRunDeltas), a group
+// of sites with adjacent A factors at once. The rest goes row by row
+// through the unpacked paths: the same deltas, at a launch or more per row
+// (the CPU, other layouts).
 void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                       const std::vector<const SiteBank*>& sites,
                       const at::Tensor& xin, const RowAdapters& rows,
                       bool narrow) {
   const PackedRows& packed = *rows.packed;
   const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
+  const PackedRows* runs = rows.rows_per_slot == 1 ? &packed
+                           : rows.rows_per_slot > 1 ? rows.packed_runs
+                                                    : nullptr;
+  const int64_t slots =
+      runs != nullptr ? static_cast<int64_t>(runs->host_starts.size()) - 1 : 0;
   // Sites [i, j) through the packed run kernels, or false (nothing done).
   const auto run_kernels = [&](size_t i, size_t j) {
     const double scale = sites[i]->common_scale;
@@ -419,16 +426,16 @@ void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
     if (!common) return false;
     std::vector<LoraRunSite> run;
     for (size_t k = i; k < j; ++k) {
-      run.push_back({sites[k]->b.narrow(0, rows.slot_offset, B), cols[k]});
+      run.push_back({sites[k]->b.narrow(0, rows.slot_offset, slots), cols[k]});
     }
     const at::Tensor a_run =
         SideBySideA(sites[i]->a, static_cast<int64_t>(j - i))
-            .narrow(0, rows.slot_offset, B);
-    return LoraPackedRunDeltas(y, xin, a_run, run, scale, packed.starts,
-                               packed.max_length);
+            .narrow(0, rows.slot_offset, slots);
+    return LoraPackedRunDeltas(y, xin, a_run, run, scale, runs->starts,
+                               runs->max_length);
   };
   size_t i = 0;
-  while (narrow && rows.rows_per_slot == 1 && i < sites.size()) {
+  while (narrow && runs != nullptr && i < sites.size()) {
     size_t j = i + 1;
     while (j < sites.size() && j - i < kLoraRunMaxSites &&
            AdjacentA(*sites[j - 1], *sites[j])) {
@@ -1405,6 +1412,21 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   const int64_t N = in.ids.size(0);
   RowAdapters packed_rows = rows;
   packed_rows.packed = &packed;
+  // Runs of R > 1 rows per slot: every R-th row's offset starts a slot's
+  // tokens (a device copy, so that a captured pass replays it).
+  PackedRows runs;
+  const int64_t R = rows.rows_per_slot;
+  if (rows.bank != nullptr && rows.uniform_slot < 0 && R > 1 && B % R == 0) {
+    runs.starts = packed.starts.slice(0, 0, B + 1, R).contiguous();
+    for (int64_t i = 0; i <= B; i += R) {
+      runs.host_starts.push_back(packed.host_starts[i]);
+      if (i > 0) {
+        runs.max_length = std::max(
+            runs.max_length, packed.host_starts[i] - packed.host_starts[i - R]);
+      }
+    }
+    packed_rows.packed_runs = &runs;
+  }
   // The position bias alone: a row attends only to its own tokens, so no
   // mask (EncoderSelfBias's values at the unmasked positions).
   const at::Tensor bias =
@@ -1601,11 +1623,11 @@ absl::StatusOr<PackedInput> PackRows(
 
 bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
-                      const RowAdapters& rows) {
+                      const RowAdapters& rows, double min_padding) {
   static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
   const bool whole_deltas =
       rows.bank == nullptr || rows.uniform_slot >= 0 ||
-      (rows.rows_per_slot == 1 && w.dtype != at::kFloat);
+      (rows.rows_per_slot >= 1 && w.dtype != at::kFloat);
   if (off || !w.device.is_cuda() || !FusedKernelsEnabled() || !whole_deltas ||
       inputs.size() < 2) {
     return false;
@@ -1617,7 +1639,8 @@ bool PackedEncodePays(const T5Weights& w,
   }
   const auto B = static_cast<int64_t>(inputs.size());
   return longest > kSmallQueryMax && longest <= kPackedAttentionMaxRow &&
-         tokens * 10 <= B * longest * 9;
+         static_cast<double>(tokens) <=
+             (1.0 - min_padding) * static_cast<double>(B * longest);
 }
 
 absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,

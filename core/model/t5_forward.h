@@ -115,8 +115,8 @@ absl::StatusOr<PackedInput> PackRows(
 // encoder's activations are the N tokens, [1, N, d_model], through every
 // GEMM, norm and feed-forward; self-attention runs per row over the row's
 // own tokens (fused_ops.h PackedAttention); per-row LoRA deltas follow the
-// rows' token ranges (one slot per row: the packed run kernels; other
-// layouts row by row). Why: prompts of different lengths padded to the
+// rows' token ranges (runs of rows per slot: the packed run kernels over
+// each slot's tokens; other layouts row by row). Why: prompts of different lengths padded to the
 // longest spend most of the encoder on padding (the generation benchmark's
 // 64 prompts, 6 to about 80 tokens). Returns Encode's outputs for the
 // padded batch [B, max_length] (hidden, mask_bias, hidden_full): equal at
@@ -130,13 +130,15 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
 // True when EncodePacked of `inputs` is worth it against Encode of the
 // padded batch: on CUDA with the fused kernels, a longest row the packed
 // attention kernel takes (33 to 128 tokens; elsewhere it goes row by row),
-// a tenth or more of the padded batch padding, and adapters whose deltas
-// the packed path takes whole (none, one slot for all rows, or one slot per
-// row of a reduced-precision model: the packed run kernels; other layouts
-// go row by row). LORAHUB_NO_PACKED_PREFILL=1 (read once): never (A/B).
+// at least `min_padding` of the padded batch padding (a tenth for prompts;
+// the objective's fixed examples, packed once, take less), and adapters
+// whose deltas the packed path takes whole (none, one slot for all rows, or
+// runs of rows per slot, one row or more each, of a reduced-precision
+// model: the packed run kernels; other layouts go row by row).
+// LORAHUB_NO_PACKED_PREFILL=1 (read once): never (A/B).
 bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
-                      const RowAdapters& rows);
+                      const RowAdapters& rows, double min_padding = 0.1);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
 // logits [B, T, vocab], fp32 whatever the compute dtype. Causal self-attention,

@@ -2062,6 +2062,7 @@ lorahub_cc_test(tests_model_objective_runner_test
     core_model_loader
     core_model_objective_runner
     core_tokenizer_tokenizer
+    tests_model_tiny_t5
     ext_absl_absl
     ext_gtest_gtest_main
     ext_libtorch_libtorch

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <random>
@@ -22,6 +23,7 @@
 #include "core/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/model/tiny_t5.h"
 
 namespace lorahub::model {
 namespace {
@@ -79,15 +81,17 @@ void LoadRefTiny(Fixture& s, const std::string& name,
   ASSERT_EQ(s.examples.size(), 5u);
 }
 
-// Examples of random ids (eos = 1 last) of varied lengths.
-std::vector<Example> RandomExamples(int n, int vocab, uint32_t seed) {
+// Examples of random ids (eos = 1 last) of varied lengths: inputs of
+// min_len to max_len ids before the eos.
+std::vector<Example> RandomExamples(int n, int vocab, uint32_t seed,
+                                    int min_len = 1, int max_len = 9) {
   std::mt19937 rng(seed);
-  std::uniform_int_distribution<int> id(2, vocab - 1), len(1, 9);
+  std::uniform_int_distribution<int> id(2, vocab - 1), len(min_len, max_len);
   std::vector<Example> out(n);
   for (Example& e : out) {
     for (int i = len(rng); i > 0; --i) e.input_ids.push_back(id(rng));
     e.input_ids.push_back(1);
-    for (int i = len(rng) / 2; i > 0; --i) e.label_ids.push_back(id(rng));
+    for (int i = std::min(len(rng), 9) / 2; i > 0; --i) e.label_ids.push_back(id(rng));
     e.label_ids.push_back(1);
   }
   return out;
@@ -221,6 +225,53 @@ TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
     EXPECT_NE((*got)[0], (*other)[0]) << "call " << call << ": not merged?";
   }
   EXPECT_TRUE(at::equal(s.base.encoder[0].self_attn.q.weight, q0));
+}
+
+// Examples of 33 to 60 tokens score as ScoreCandidates scores them padded,
+// for a population (runs of 5 rows per candidate) and for one merged
+// candidate, bf16 on $LORAHUB_TEST_DEVICE. On CUDA the runner encodes them
+// without their padding (packed_chunks: every pass; the population's LoRA
+// deltas through the packed run kernels over each candidate's tokens); on
+// the CPU padded. Each loss must also be nearer its own candidate's
+// reference than any other candidate's: a row's tokens given another
+// slot's adapter would not pass.
+TEST(ObjectiveRunnerPacked, LongExamplesMatchScoreCandidates) {
+  auto device = testing::TestDevice();
+  ASSERT_TRUE(device.ok()) << device.status();
+  Fixture s;
+  WeightOptions options;
+  options.dtype = at::kBFloat16;
+  options.device = *device;
+  LoadRefTiny(s, "tiny_s2", options);
+  if (HasFatalFailure()) return;
+  s.examples = RandomExamples(5, s.base.config.vocab_size, 8, 33, 60);
+  for (int64_t capacity : {int64_t{1}, int64_t{4}}) {
+    auto runner =
+        ObjectiveRunner::Create(s.base, s.stack, s.examples, capacity, {});
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    EXPECT_EQ((*runner)->packed_chunks(),
+              device->is_cuda() ? (*runner)->chunks() : 0)
+        << "capacity " << capacity;
+    for (int call = 0; call < 2; ++call) {
+      const std::vector<double> w =
+          RandomWeights(capacity, s.stack.num_modules, 60 + call);
+      auto got = (*runner)->Losses(w, capacity);
+      ASSERT_TRUE(got.ok()) << got.status();
+      const std::vector<double> want = Reference(s, w, capacity, ScoreOptions{});
+      ASSERT_EQ(got->size(), want.size());
+      for (size_t c = 0; c < want.size(); ++c) {
+        SCOPED_TRACE("capacity " + std::to_string(capacity) + " call " +
+                     std::to_string(call) + " candidate " + std::to_string(c));
+        EXPECT_NEAR((*got)[c], want[c], 2e-2 * std::fabs(want[c]));
+        for (size_t other = 0; other < want.size(); ++other) {
+          if (other == c) continue;
+          EXPECT_LT(std::fabs((*got)[c] - want[c]),
+                    std::fabs((*got)[c] - want[other]))
+              << "nearer candidate " << other << "'s loss";
+        }
+      }
+    }
+  }
 }
 
 TEST(ObjectiveRunner, RefusesBadCalls) {
