@@ -142,10 +142,14 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       chunk.labels = labels.index_select(0, index).to(device);
       chunk.decoder_ids = ShiftRight(chunk.labels, weights.config.decoder_start_token_id,
                                      weights.config.pad_token_id);
+      // Only passes of several candidates: one candidate's pass is bound by
+      // latency, not by its rows, and packing only adds kernels to it.
       static const bool no_packing = EnvFlag("LORAHUB_NO_PACKED_OBJECTIVE");  // A/B
+      const bool candidates = chunk.rows.rows_per_slot > 0 && rows_here > chunk.rows.rows_per_slot;
       std::vector<std::vector<int64_t>> inputs;
       for (int64_t r = 0; r < rows_here; ++r) inputs.push_back(examples[ex_idx[r]].input_ids);
-      if (!no_packing && PackedEncodePays(weights, inputs, chunk.rows, kPackedMinPadding)) {
+      if (!no_packing && candidates &&
+          PackedEncodePays(weights, inputs, chunk.rows, kPackedMinPadding)) {
         auto packed = PackRows(inputs, device);
         // The decoder reads the encoder output at the padded batch's length.
         if (packed.ok() && packed->rows.max_length == chunk.ids.size(1)) {

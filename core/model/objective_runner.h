@@ -107,11 +107,15 @@ class ObjectiveRunner {
   // Forward passes per Losses() call (row chunks of at most max_rows).
   int64_t chunks() const { return static_cast<int64_t>(chunks_.size()); }
   // How many of them encode their rows packed, without the padding: on
-  // CUDA, for examples of 33 to 128 tokens whose padding to the longest is
+  // CUDA, passes of several candidates (a population; not one candidate,
+  // merged or not) whose examples of 33 to 128 tokens pad
   // kPackedMinPadding or more of the batch (t5_forward.h PackedEncodePays).
   // Why: the encoder is about three quarters of a CMA-ES population's
-  // kernel time, and it spent the padding's share of it on padding.
-  // LORAHUB_NO_PACKED_OBJECTIVE=1 (read once): none (A/B).
+  // kernel time, and it spent the padding's share of it on padding (H200,
+  // the flan-t5-large fixture's 5 examples: population kernels 53.3 ->
+  // 50.2 ms, CMA-ES +4-5%; one candidate's evaluation was 2-4% slower packed,
+  // its GEMMs as long with fewer rows). LORAHUB_NO_PACKED_OBJECTIVE=1 (read
+  // once): none (A/B).
   int64_t packed_chunks() const;
   // True while calls replay a CUDA graph.
   bool graph_active() const { return graph_ != nullptr; }
