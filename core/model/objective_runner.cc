@@ -145,10 +145,11 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       // Only passes of several candidates: one candidate's pass is bound by
       // latency, not by its rows, and packing only adds kernels to it.
       static const bool no_packing = EnvFlag("LORAHUB_NO_PACKED_OBJECTIVE");  // A/B
-      const bool candidates = chunk.rows.rows_per_slot > 0 && rows_here > chunk.rows.rows_per_slot;
+      const int64_t per_candidate = chunk.rows.rows_per_slot;
+      const bool several_candidates = per_candidate > 0 && rows_here > per_candidate;
       std::vector<std::vector<int64_t>> inputs;
       for (int64_t r = 0; r < rows_here; ++r) inputs.push_back(examples[ex_idx[r]].input_ids);
-      if (!no_packing && candidates &&
+      if (!no_packing && several_candidates &&
           PackedEncodePays(weights, inputs, chunk.rows, kPackedMinPadding)) {
         auto packed = PackRows(inputs, device);
         // The decoder reads the encoder output at the padded batch's length.

@@ -116,13 +116,13 @@ absl::StatusOr<PackedInput> PackRows(
 // GEMM, norm and feed-forward; self-attention runs per row over the row's
 // own tokens (fused_ops.h PackedAttention); per-row LoRA deltas follow the
 // rows' token ranges (runs of rows per slot: the packed run kernels over
-// each slot's tokens; other layouts row by row). Why: prompts of different lengths padded to the
-// longest spend most of the encoder on padding (the generation benchmark's
-// 64 prompts, 6 to about 80 tokens). Returns Encode's outputs for the
-// padded batch [B, max_length] (hidden, mask_bias, hidden_full): equal at
-// the tokens up to the order of float sums, zero at the padding (Encode's
-// values there are hidden by the mask from every reader). `rows`: B rows,
-// as for Encode.
+// each slot's tokens; other layouts row by row). Why: prompts of different
+// lengths padded to the longest spend most of the encoder on padding (the
+// generation benchmark's 64 prompts, 6 to about 80 tokens). Returns
+// Encode's outputs for the padded batch [B, max_length] (hidden, mask_bias,
+// hidden_full): equal at the tokens up to the order of float sums, zero at
+// the padding (Encode's values there are hidden by the mask from every
+// reader). `rows`: B rows, as for Encode.
 absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
                                            const PackedInput& input,
                                            const RowAdapters& rows);
