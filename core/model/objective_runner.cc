@@ -28,6 +28,28 @@ void LogFallbackOnce(const std::string& why) {
   }
 }
 
+// The pass of rows `ex_idx` (examples, rows as given) packed without its
+// padding (ObjectiveRunner::packed_chunks says when), or nullptr. Only passes
+// of several candidates: one candidate's pass is bound by latency, not by its
+// rows, and packing only adds kernels to it. `length`: the padded pass's,
+// which the decoder reads the encoder output at.
+std::unique_ptr<PackedInput> PackedPass(const T5Weights& weights,
+                                        const std::vector<Example>& examples,
+                                        const std::vector<int64_t>& ex_idx,
+                                        const RowAdapters& rows, int64_t length) {
+  static const bool off = EnvFlag("LORAHUB_NO_PACKED_OBJECTIVE");  // A/B
+  const int64_t per_candidate = rows.rows_per_slot;
+  if (off || per_candidate <= 0 || static_cast<int64_t>(ex_idx.size()) <= per_candidate) {
+    return nullptr;
+  }
+  std::vector<std::vector<int64_t>> inputs;
+  for (int64_t i : ex_idx) inputs.push_back(examples[i].input_ids);
+  if (!PackedEncodePays(weights, inputs, rows, ObjectiveRunner::kPackedMinPadding)) return nullptr;
+  auto packed = PackRows(inputs, weights.device);
+  if (!packed.ok() || packed->rows.max_length != length) return nullptr;
+  return std::make_unique<PackedInput>(*std::move(packed));
+}
+
 }  // namespace
 
 bool ObjectiveRunnerOptions::LoraBf16FromEnv() {
@@ -142,21 +164,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       chunk.labels = labels.index_select(0, index).to(device);
       chunk.decoder_ids = ShiftRight(chunk.labels, weights.config.decoder_start_token_id,
                                      weights.config.pad_token_id);
-      // Only passes of several candidates: one candidate's pass is bound by
-      // latency, not by its rows, and packing only adds kernels to it.
-      static const bool no_packing = EnvFlag("LORAHUB_NO_PACKED_OBJECTIVE");  // A/B
-      const int64_t per_candidate = chunk.rows.rows_per_slot;
-      const bool several_candidates = per_candidate > 0 && rows_here > per_candidate;
-      std::vector<std::vector<int64_t>> inputs;
-      for (int64_t r = 0; r < rows_here; ++r) inputs.push_back(examples[ex_idx[r]].input_ids);
-      if (!no_packing && several_candidates &&
-          PackedEncodePays(weights, inputs, chunk.rows, kPackedMinPadding)) {
-        auto packed = PackRows(inputs, device);
-        // The decoder reads the encoder output at the padded batch's length.
-        if (packed.ok() && packed->rows.max_length == chunk.ids.size(1)) {
-          chunk.packed = std::make_unique<PackedInput>(*std::move(packed));
-        }
-      }
+      chunk.packed = PackedPass(weights, examples, ex_idx, chunk.rows, chunk.ids.size(1));
       static const bool per_pass_biases = EnvFlag("LORAHUB_NO_PASS_BIASES");  // A/B
       if (!per_pass_biases) {
         auto biases = ComputePassBiases(weights, chunk.mask, chunk.decoder_ids.size(1));

@@ -117,6 +117,9 @@ class ObjectiveRunner {
   // its GEMMs as long with fewer rows). LORAHUB_NO_PACKED_OBJECTIVE=1 (read
   // once): none (A/B).
   int64_t packed_chunks() const;
+  // The fixed examples are packed once, so less padding pays than for
+  // prompts (PackedEncodePays' default).
+  static constexpr double kPackedMinPadding = 0.03;
   // True while calls replay a CUDA graph.
   bool graph_active() const { return graph_ != nullptr; }
   // Why no graph is used ("" while one is; "cpu device", "disabled", or the
@@ -124,9 +127,6 @@ class ObjectiveRunner {
   const std::string& graph_status() const { return graph_status_; }
 
  private:
-  // The fixed examples are packed once, so less padding pays than for
-  // prompts (PackedEncodePays' default).
-  static constexpr double kPackedMinPadding = 0.03;
   struct Chunk {
     at::Tensor ids, mask, labels, decoder_ids;  // [rows, *] on the device
     RowAdapters rows;                           // into bank_
