@@ -428,8 +428,14 @@ __device__ __forceinline__ AttentionBlock BlockOf(const AttentionArgs& a) {
   r.h = (blockIdx.x / a.T) % a.H;
   r.b = blockIdx.x / (a.T * a.H);
   r.q0 = r.b * a.q_stride[0] + r.h * a.q_stride[1] + r.t * a.q_stride[2];
-  r.k0 = r.b * a.k_stride[0] + r.h * a.k_stride[1];
-  r.v0 = r.b * a.v_stride[0] + r.h * a.v_stride[1];
+  if (a.key_starts != nullptr) {
+    const int64_t first = a.key_starts[r.b];
+    r.k0 = first * a.k_stride[2] + r.h * a.k_stride[1];
+    r.v0 = first * a.v_stride[2] + r.h * a.v_stride[1];
+  } else {
+    r.k0 = r.b * a.k_stride[0] + r.h * a.k_stride[1];
+    r.v0 = r.b * a.v_stride[0] + r.h * a.v_stride[1];
+  }
   r.bias0 = r.b * a.bias_stride[0] + r.h * a.bias_stride[1] +
             r.t * a.bias_stride[2];
   return r;
@@ -2206,6 +2212,7 @@ int LaunchDecodeStepAttention(const AttentionArgs& args,
                           (store && args.qkv_dtype != DType::kFloat))) ||
       (lora && step.slots == nullptr) ||
       (step.v_lora.xa != nullptr && !store) ||
+      (store && args.key_starts != nullptr) ||
       (store && (step.v_new == nullptr || step.t == nullptr ||
                  !Aligned16(step.k_new, sizeof(float),
                             {step.kv_new_stride[0], step.kv_new_stride[1]}) ||
@@ -2459,7 +2466,8 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   if (args.B < 0 || args.H < 0 || args.T < 0 || args.T > 0x7fffffff ||
       !TiledAttentionFits(args.S, args.D, args.Dv) ||
       args.qkv_dtype == DType::kNone || args.bias_dtype == DType::kNone ||
-      (args.seq_starts != nullptr && args.T != args.S)) {
+      (args.seq_starts != nullptr && args.T != args.S) ||
+      args.key_starts != nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   AttentionArgs a = args;

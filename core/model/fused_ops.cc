@@ -345,10 +345,11 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
-                         const at::Tensor& starts, int64_t max_run) {
-  return RunKernelsMayRun(y, {&x, &a}, sites) &&
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round) {
+  return RunKernelsMayRun(y, {&x, &a, &y_round}, sites) &&
          fused_backend::LoraPackedRunDeltas(y, x, a, sites, scale, starts,
-                                            max_run);
+                                            max_run, y_round);
 }
 
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
@@ -449,7 +450,31 @@ at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
     StoreAtPositions(step.k, step.t, summed(step.k_new));
     StoreAtPositions(step.v, step.t, v_new);
   }
+  if (step.key_starts.defined()) {
+    return Attention(q, GatherKeyRows(step.k, step.key_starts),
+                     GatherKeyRows(step.v, step.key_starts), step.bias,
+                     out_dtype);
+  }
   return Attention(q, step.k, step.v, step.bias, out_dtype);
+}
+
+at::Tensor GatherKeyRows(const at::Tensor& kv, const at::Tensor& key_starts) {
+  TORCH_CHECK(kv.dim() == 4 && key_starts.dim() == 1 &&
+                  key_starts.numel() == kv.size(0) &&
+                  kv.stride(0) == kv.size(2) * kv.stride(2),
+              "GatherKeyRows: kv [B, H, S, D] over B * S tokens and one start "
+              "per row");
+  const int64_t B = kv.size(0), H = kv.size(1), S = kv.size(2), D = kv.size(3);
+  const at::Tensor tokens = kv.as_strided(
+      {B * S, H, D}, {kv.stride(2), kv.stride(1), kv.stride(3)},
+      kv.storage_offset());
+  const at::Tensor index =
+      (key_starts.to(kv.device(), at::kLong).unsqueeze(1) +
+       at::arange(S, at::TensorOptions().dtype(at::kLong).device(kv.device())))
+          .clamp_max(B * S - 1);
+  return tokens.index_select(0, index.view({-1}))
+      .view({B, S, H, D})
+      .permute({0, 2, 1, 3});
 }
 
 Tf32LoraScope::Tf32LoraScope(bool on) {

@@ -353,10 +353,13 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
 // (starts: int32 [slots + 1] on y's device), max_run the longest run; a
 // [slots, R, in] and each site's b [slots, out, r]. The same arithmetic per
 // token as LoraRunDeltas; all or nothing, false where it does not run.
+// y_round as LoraRunDeltas' (the per-row cross values of a packed prompt
+// batch, CrossKeyValues::CopyPackedTo).
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
-                         const at::Tensor& starts, int64_t max_run);
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round = at::Tensor());
 
 // AddRmsNorm(x, delta, weight, eps, compute) and LoraRowShrink of its fp32
 // output, xa[b] = full[b] a[slots[b]]^T (fp32 [B, R]), in ONE kernel on
@@ -425,6 +428,10 @@ struct DecodeStepInputs {
   // itself).
   int64_t parts = 1;
   int64_t part_stride = 0;
+  // Optional, without k_new (a cross-attention step): k and v hold rows
+  // packed end to end, row b's key j at token key_starts[b] + j (int32 [B]
+  // on the device) of their token dimension, as GatherKeyRows reads them.
+  at::Tensor key_starts;
 };
 // Returns the context as Attention(q, k, v, bias, out_dtype) does for the
 // inputs so updated (on CUDA one kernel, fused_kernels.h
@@ -433,6 +440,13 @@ struct DecodeStepInputs {
 // of fp32 sums).
 at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
                                at::ScalarType out_dtype);
+// The padded keys (or values) [B, H, S, D] of `kv` read through
+// `key_starts` (DecodeStepInputs::key_starts): out[b, :, j] is token
+// key_starts[b] + j of kv's token dimension, where kv [B, H, S, D] views
+// B * S tokens laid out as CrossKvBuffer does (kv.stride(0) ==
+// S * kv.stride(2)); tokens past the last are read as the last. For the
+// paths the step kernel does not take.
+at::Tensor GatherKeyRows(const at::Tensor& kv, const at::Tensor& key_starts);
 // Writes x [B, H, 1, D] into the cache [B, H, C, D] at position t (int64 on
 // the cache's device: [1], the same position for every row, or [B], row b at
 // t[b]), rounded to the cache's dtype: DecodeStepAttention's store where the

@@ -52,7 +52,8 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
-                         const at::Tensor& starts, int64_t max_run);
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round);
 // fused_ops.h AddRmsNormShrink, LoraRowShrink, LoraRowExpand,
 // DecodeStepAttention.
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,

@@ -620,6 +620,12 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
     return false;
   }
   if (step.v_lora != nullptr && !store) return false;
+  const at::Tensor& starts = step.key_starts;
+  if (starts.defined() &&
+      (store || !OnDeviceOf(starts, q) || starts.scalar_type() != at::kInt ||
+       starts.dim() != 1 || starts.numel() != B || !starts.is_contiguous())) {
+    return false;
+  }
   static_assert(kMaxStepParts == kernels::kMaxStepParts);
   if (step.parts < 1 || step.parts > kMaxStepParts) return false;
   at::Tensor b4;
@@ -639,6 +645,7 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
     return false;
   }
   kernels::AttentionArgs a = AttentionArgsOf(q, k, v, b4, out_dtype);
+  if (starts.defined()) a.key_starts = starts.data_ptr<int32_t>();
   x.parts = static_cast<int>(step.parts);
   x.part_stride = step.part_stride;
   if (lora) {
@@ -682,14 +689,14 @@ bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
                const at::Tensor& starts, int64_t max_run) {
   const bool shrink = x.defined();
   const bool packed = starts.defined();
-  if (packed && (!shrink || y_round.defined() || !StartsFit(starts, y) ||
+  if (packed && (!shrink || !StartsFit(starts, y) ||
                  y.dim() != 3 || y.size(0) != 1 || max_run < 1 ||
                  max_run > y.size(1))) {
     return false;
   }
   const at::Tensor& in = shrink ? x : xa;
   if (y_round.defined() &&
-      (shrink || !OnDeviceOf(y_round, y) ||
+      ((shrink && !packed) || !OnDeviceOf(y_round, y) ||
        y_round.scalar_type() != at::kBFloat16 ||
        y_round.sizes() != y.sizes() || y_round.strides() != y.strides())) {
     return false;
@@ -778,8 +785,9 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
-                         const at::Tensor& starts, int64_t max_run) {
-  return RunDeltas(y, x, a, at::Tensor(), sites, scale, at::Tensor(), starts,
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round) {
+  return RunDeltas(y, x, a, at::Tensor(), sites, scale, y_round, starts,
                    max_run);
 }
 

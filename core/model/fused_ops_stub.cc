@@ -72,7 +72,8 @@ bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 
 bool LoraPackedRunDeltas(const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const std::vector<LoraRunSite>&,
-                         double, const at::Tensor&, int64_t) {
+                         double, const at::Tensor&, int64_t,
+                         const at::Tensor&) {
   return false;
 }
 

@@ -167,6 +167,12 @@ void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
   cross_kv_ = internal::CrossKvBuffer(
       w, batch, keys, f32.dtype(DecodeCrossKvDtype(w.dtype, w.device)));
   cross_bias_ = at::empty({batch, 1, 1, keys}, f32);
+  if (!row_slots_) {
+    // Row b's cross keys start at token b * keys until a packed batch
+    // (LoadInputs) moves them; the padding between stays finite.
+    cross_kv_.zero_();
+    key_starts_ = PaddedKeyStarts();
+  }
   self_bias_ = SelfBias(capacity_);
   logits_ = at::zeros({batch, w.lm_head.size(0)}, f32);
 }
@@ -204,12 +210,25 @@ void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
   // 64-prompt per-row generation on an H200, which ran 1% faster so).
   constexpr int64_t kAllBlocksMaxBytes = int64_t{2} << 30;
   const int64_t all_blocks = cross_kv_.numel() * 4;  // fp32
-  internal::CrossKeyValues(
+  internal::CrossKeyValues cross(
       w, encoder, rows,
       std::max(internal::CrossKeyValues::kDefaultMaxBytes,
-               std::min(all_blocks, kAllBlocksMaxBytes)))
-      .CopyTo(cross_kv_);
+               std::min(all_blocks, kAllBlocksMaxBytes)));
+  // A packed batch's keys and values without its padding where that runs
+  // (CrossKeyValues::CopyPackedTo), row b's from token starts[b].
+  if (key_starts_.defined() && cross.CopyPackedTo(cross_kv_)) {
+    key_starts_.copy_(encoder.packed->rows.starts.narrow(0, 0, batch_));
+  } else {
+    cross.CopyTo(cross_kv_);
+    if (key_starts_.defined()) key_starts_.copy_(PaddedKeyStarts());
+  }
   cross_bias_.copy_(encoder.mask_bias);
+}
+
+at::Tensor StaticDecoder::PaddedKeyStarts() const {
+  const int64_t keys = cross_kv_.size(4);
+  return at::arange(0, batch_ * keys, keys,
+                    at::TensorOptions().dtype(at::kInt).device(w_->device));
 }
 
 absl::Status StaticDecoder::Rebind(const EncoderOutput& encoder,
@@ -405,7 +424,8 @@ void StaticDecoder::StepBody() {
     h = internal::DecoderBlockStep(
         w, w.decoder[i], std::move(h), rows_, store, bias,
         cross_kv_[0][static_cast<int64_t>(i)],
-        cross_kv_[1][static_cast<int64_t>(i)], cross_bias_, &cache);
+        cross_kv_[1][static_cast<int64_t>(i)], cross_bias_, key_starts_,
+        &cache);
   }
   logits_.copy_(internal::DecoderLogits(w, h).squeeze(1));
   t_.add_(1);
@@ -577,7 +597,13 @@ absl::Status StaticDecoder::Reorder(const at::Tensor& index, bool cross) {
     self_kv_.copy_(self_kv_.index_select(2, idx));
     if (row_slots_) t_.copy_(t_.index_select(0, idx));
     if (cross) {
-      cross_kv_.copy_(cross_kv_.index_select(2, idx));
+      // Where the step reads the cross keys through key_starts_, the rows'
+      // starts move instead of their keys and values.
+      if (key_starts_.defined()) {
+        key_starts_.copy_(key_starts_.index_select(0, idx));
+      } else {
+        cross_kv_.copy_(cross_kv_.index_select(2, idx));
+      }
       cross_bias_.copy_(cross_bias_.index_select(0, idx));
       if (rows_.bank != nullptr) {
         rows_.slots.copy_(rows_.slots.index_select(0, idx));

@@ -181,6 +181,8 @@ class StaticDecoder {
   // [1, H, C, C] fp32: relative position bias plus the causal mask, so that
   // row t of it masks keys > t (as DecodeFull).
   at::Tensor SelfBias(int64_t capacity) const;
+  // int32 [B]: b * S, the padded rows' first cross keys (key_starts_).
+  at::Tensor PaddedKeyStarts() const;
   // Positions and tokens as they were before a trial step.
   struct SavedState {
     at::Tensor t, tokens;
@@ -206,6 +208,10 @@ class StaticDecoder {
   at::Tensor t_;         // [1] (row slots: [B]) int64: the next position
   at::Tensor self_kv_;   // [2, blocks, B, H, capacity, d_kv] fp32
   at::Tensor cross_kv_;  // [2, blocks, B, H, S, d_kv] (CrossKvBuffer)
+  // Not for row slots: int32 [B], where row b's cross keys and values start
+  // among cross_kv_'s B * S tokens (b * S, or a packed batch's starts:
+  // internal::CrossKeyValues::CopyPackedTo).
+  at::Tensor key_starts_;
   at::Tensor cross_bias_;  // [B, 1, 1, S] fp32
   at::Tensor self_bias_;   // [1, H, capacity, capacity] fp32, causal
   at::Tensor logits_;      // [B, vocab] fp32

@@ -188,8 +188,15 @@ EncoderOutput StaticDecoderPool::PadEncoder(const T5Weights& weights,
   std::vector<int64_t> ms = encoder.mask_bias.sizes().vec();
   ms[3] = extra;
   EncoderOutput out;
+  out.packed = encoder.packed;  // the same rows: padding does not move them
   out.hidden =
       at::cat({encoder.hidden, at::zeros(hs, encoder.hidden.options())}, 1);
+  // The cross-attention deltas' input, as unpadded (it was dropped, so a
+  // padded batch's value deltas read the rounded hidden states instead).
+  if (encoder.hidden_full.defined()) {
+    out.hidden_full = at::cat(
+        {encoder.hidden_full, at::zeros(hs, encoder.hidden_full.options())}, 1);
+  }
   out.mask_bias = at::cat(
       {encoder.mask_bias, at::full(ms, internal::MinValue(weights.dtype),
                                    encoder.mask_bias.options())},

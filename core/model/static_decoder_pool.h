@@ -75,7 +75,8 @@ class StaticDecoderPool {
   // Encoder length padded up to: a power of two, at least 16.
   static int64_t BucketLength(int64_t s);
   // `encoder` padded with masked positions to `length` (>= its length): zero
-  // hidden states, mask bias finfo(dtype).min. Unchanged if already there.
+  // hidden states (and hidden_full), mask bias finfo(dtype).min; `packed`
+  // kept. Unchanged if already there.
   static EncoderOutput PadEncoder(const T5Weights& weights,
                                   const EncoderOutput& encoder, int64_t length);
 

@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -631,7 +632,8 @@ std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
 CrossKeyValues::CrossKeyValues(const T5Weights& w, const EncoderOutput& enc,
                                const RowAdapters& rows, int64_t max_bytes,
                                at::ScalarType attn)
-    : w_(w), x_(EncoderInput(enc)), rows_(rows), attn_(attn) {
+    : w_(w), x_(EncoderInput(enc)), packed_(enc.packed.get()), rows_(rows),
+      attn_(attn) {
   const int64_t L = static_cast<int64_t>(w.decoder.size());
   fused_ = FusedCrossKv(w);
   if (!fused_ || L == 0) {
@@ -746,6 +748,112 @@ bool CrossKeyValues::GemmInto(const at::Tensor& dst) {
   return true;
 }
 
+// Every decoder block's v adapted (its bank sites in block order, into
+// *sites) with one scaling and A factors side by side, and no k adapted.
+bool CrossKeyValues::ValueDeltaSites(
+    std::vector<const SiteBank*>* sites) const {
+  for (const BlockWeights& b : w_.decoder) {
+    const AttentionWeights& a = b.cross_attn;
+    if (Adapted(rows_, a.k.site) || !Adapted(rows_, a.v.site)) return false;
+    const SiteBank* sb = &rows_.bank->sites[a.v.site];
+    if (!GemmLayout(rows_, *sb) ||
+        (!sites->empty() && (!AdjacentA(*sites->back(), *sb) ||
+                             sb->common_scale != (*sites)[0]->common_scale))) {
+      return false;
+    }
+    sites->push_back(sb);
+  }
+  return !sites->empty();
+}
+
+// GemmInto and GemmIntoWithValueDeltas over the N packed tokens instead of
+// the B x S padded rows: the keys and values land in the first N token
+// rows of dst's [B * S] (row b's at starts[b] ..), the value deltas by the
+// packed run kernels (their sums rounded into dst as there). Why: a
+// 64-prompt batch pads to its bucketed key length (StaticDecoderPool), so
+// the padded GEMM (flan-t5-large: 24 blocks x 2 x 1,024 columns, about
+// 1 ms on an H200) spent most of its rows on padding.
+bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
+  static const bool off = EnvFlag("LORAHUB_NO_PACKED_CROSS_KV");  // A/B
+  const auto L = static_cast<int64_t>(w_.decoder.size());
+  if (off || packed_ == nullptr || !fused_ || L == 0 || dst.dim() != 6) {
+    return false;
+  }
+  const at::Tensor& weight = w_.cross_kv;
+  const PackedEncoding& p = *packed_;
+  const at::Tensor xm = MatmulInput(p.hidden, weight);  // [1, N, in]
+  // dst's storage as CrossKvBuffer lays it out: [B, S, L, 2, H, d].
+  const at::Tensor storage = dst.permute({2, 4, 1, 0, 3, 5});
+  const int64_t B = storage.size(0), S = storage.size(1);
+  const int64_t columns = weight.size(0);
+  if (xm.dim() != 3 || xm.size(0) != 1 || !storage.is_contiguous() ||
+      dst.scalar_type() != weight.scalar_type() ||
+      p.rows.starts.numel() != B + 1 || p.rows.max_length > S ||
+      xm.size(1) > B * S || storage.size(2) != L || storage.size(3) != 2 ||
+      storage.size(4) * storage.size(5) * 2 * L != columns ||
+      xm.size(2) != weight.size(1)) {
+    return false;
+  }
+  const int64_t N = xm.size(1), in = xm.size(2), inner = columns / (2 * L);
+  const at::Tensor rows = storage.view({B * S, columns}).narrow(0, 0, N);
+  bool adapted = false;
+  for (const BlockWeights& b : w_.decoder) {
+    adapted = adapted || Adapted(rows_, b.cross_attn.k.site) ||
+              Adapted(rows_, b.cross_attn.v.site);
+  }
+  if (!adapted) {
+    at::Tensor out = rows;  // mm_out takes a handle
+    at::mm_out(out, xm.view({N, in}), weight.t());
+    return true;
+  }
+  // One prompt per slot, so that each row's tokens are its slot's run.
+  std::vector<const SiteBank*> sites;
+  if (rows_.bank == nullptr || rows_.uniform_slot >= 0 ||
+      rows_.rows_per_slot != 1 || weight.scalar_type() == at::kFloat ||
+      !weight.is_cuda() || !weight.is_contiguous() ||
+      !ValueDeltaSites(&sites)) {
+    return false;
+  }
+  // Sites per run call: the shrink takes 8, 16 or 32 ranks together.
+  const int64_t r = sites[0]->a.size(1);
+  int64_t group = 0;
+  for (int64_t g = 1; g <= static_cast<int64_t>(kLoraRunMaxSites); ++g) {
+    if (g * r == 8 || g * r == 16 || g * r == 32) group = g;
+  }
+  if (group == 0) return false;
+  const at::Tensor x = xm.expand({L, N, in});
+  const at::Tensor w = weight.view({L, 2, inner, in});
+  const auto halves = [&](const at::Tensor& rows_of_blocks, int64_t kv) {
+    return rows_of_blocks.view({N, L, 2, inner}).select(2, kv).transpose(0, 1);
+  };
+  at::Tensor scratch =  // fp32 values, dst's row layout (key halves unused)
+      at::empty({N, columns}, xm.options().dtype(at::kFloat));
+  if (!BmmFloatInto(x, w.select(1, 1).transpose(1, 2), halves(scratch, 1))) {
+    return false;
+  }
+  at::Tensor keys = halves(rows, 0);
+  at::bmm_out(keys, x, w.select(1, 0).transpose(1, 2));
+  const at::Tensor x_lora = LoraInput(p.hidden, p.hidden_full);
+  const at::Tensor y = scratch.view({1, N, columns});
+  const at::Tensor y_round = rows.view({1, N, columns});
+  for (int64_t first = 0; first < L; first += group) {
+    const int64_t count = std::min(group, L - first);
+    std::vector<LoraRunSite> run;
+    for (int64_t i = first; i < first + count; ++i) {
+      run.push_back({sites[i]->b.narrow(0, rows_.slot_offset, B),
+                     (2 * i + 1) * inner});
+    }
+    const at::Tensor a =
+        SideBySideA(sites[first]->a, count).narrow(0, rows_.slot_offset, B);
+    // Not taken (all or nothing): the caller writes dst whole (CopyTo).
+    if (!LoraPackedRunDeltas(y, x_lora, a, run, sites[0]->common_scale,
+                             p.rows.starts, p.rows.max_length, y_round)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // The general path (Compute, CopyTo) moved about 4.2 GB for the per-row
 // prefill of 64 prompts of 96 tokens on flan-t5-large: the fp32 GEMM of
 // every block's keys and values (1.2 GB written), the values' deltas (read
@@ -768,17 +876,7 @@ bool CrossKeyValues::GemmIntoWithValueDeltas(const at::Tensor& dst) {
     return false;
   }
   std::vector<const SiteBank*> sites;
-  for (int64_t i = 0; i < L; ++i) {
-    const AttentionWeights& a = w_.decoder[i].cross_attn;
-    if (Adapted(rows_, a.k.site) || !Adapted(rows_, a.v.site)) return false;
-    const SiteBank* sb = &rows_.bank->sites[a.v.site];
-    if (!GemmLayout(rows_, *sb) ||
-        (i > 0 && (!AdjacentA(*sites.back(), *sb) ||
-                   sb->common_scale != sites[0]->common_scale))) {
-      return false;
-    }
-    sites.push_back(sb);
-  }
+  if (!ValueDeltaSites(&sites)) return false;
   const int64_t inner = w_.decoder[0].cross_attn.k.weight.size(0);
   const at::Tensor xm = MatmulInput(x_.mm, weight);  // [B, S, in]
   // Rows [B * S] of [L, 2, inner].
@@ -1246,11 +1344,12 @@ at::Tensor SelfAttentionStep(const T5Weights& w, const AttentionWeights& a,
 }
 
 // SelfAttentionStep for a cross-attention (no store; the keys and values
-// of the encoder rows).
+// of the encoder rows, packed where key_starts is defined).
 at::Tensor CrossAttentionStep(const T5Weights& w, const AttentionWeights& a,
                               const Normed& x, const RowAdapters& rows,
                               const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& bias) {
+                              const at::Tensor& bias,
+                              const at::Tensor& key_starts) {
   const std::vector<const Linear*> members = {&a.q};
   if (!StepPathApplies(w, x, members, a.q.weight, rows)) return at::Tensor();
   std::vector<RowLoraExpand> lora;
@@ -1263,6 +1362,7 @@ at::Tensor CrossAttentionStep(const T5Weights& w, const AttentionWeights& a,
   step.k = k;
   step.v = v;
   step.bias = bias;
+  step.key_starts = key_starts;
   if (lora[0].xa.defined()) step.q_lora = &lora[0];
   SetRowsOf(rows, &step);
   return ProjectContext(
@@ -1278,6 +1378,7 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                 const at::Tensor& cross_k,
                                 const at::Tensor& cross_v,
                                 const at::Tensor& cross_bias,
+                                const at::Tensor& cross_key_starts,
                                 const StepCache* cache) {
   const config::T5Config& c = w.config;
   Residual h(w, std::move(in));
@@ -1308,10 +1409,14 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                rows),
              rows.slots);
   out = CrossAttentionStep(w, b.cross_attn, n, rows, cross_k, cross_v,
-                           cross_bias);
+                           cross_bias, cross_key_starts);
   if (!out.defined()) {
-    out = AttendAndProject(Heads(n, b.cross_attn.q, rows, c), cross_k,
-                           cross_v, cross_bias, b.cross_attn.o, rows);
+    const bool packed = cross_key_starts.defined();
+    out = AttendAndProject(
+        Heads(n, b.cross_attn.q, rows, c),
+        packed ? GatherKeyRows(cross_k, cross_key_starts) : cross_k,
+        packed ? GatherKeyRows(cross_v, cross_key_starts) : cross_v,
+        cross_bias, b.cross_attn.o, rows);
   }
   h.Add(std::move(out));
   n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
@@ -1447,6 +1552,11 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   out.mask_bias = MaskBias(w, in.mask);
   out.hidden = unpack(n.mm);
   if (w.dtype != at::kFloat) out.hidden_full = unpack(n.full);
+  auto packed_out = std::make_shared<PackedEncoding>();
+  packed_out->hidden = n.mm;
+  if (w.dtype != at::kFloat) packed_out->hidden_full = n.full;
+  packed_out->rows = packed;
+  out.packed = std::move(packed_out);
   return out;
 }
 
@@ -1759,7 +1869,8 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
       };
       h = DecoderBlockStep(w, w.decoder[i], std::move(h), rows, store, bias,
                            cache.cross_k[i], cache.cross_v[i],
-                           cache.cross_bias, /*cache=*/nullptr);
+                           cache.cross_bias, /*cross_key_starts=*/{},
+                           /*cache=*/nullptr);
     }
     cache.length = t + 1;
     return DecoderLogits(w, h).squeeze(1);

@@ -50,6 +50,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -57,6 +58,16 @@
 #include "core/model/t5_weights.h"
 
 namespace lorahub::model {
+
+// EncodePacked's output before it is laid out padded: the tokens of all
+// rows end to end, from which the decoder's cross-attention keys and values
+// are computed without the padding (t5_layers.h
+// CrossKeyValues::CopyPackedTo).
+struct PackedEncoding {
+  at::Tensor hidden;       // [1, N, d_model], compute dtype
+  at::Tensor hidden_full;  // [1, N, d_model] fp32, where EncoderOutput's is
+  PackedRows rows;         // row b's tokens
+};
 
 struct EncoderOutput {
   at::Tensor hidden;  // [B, S, d_model], compute dtype
@@ -66,6 +77,9 @@ struct EncoderOutput {
   // the cross-attention LoRA deltas. May be left undefined (then `hidden` is
   // used), e.g. by callers that reindex rows.
   at::Tensor hidden_full;
+  // Set by EncodePacked (the same rows, packed); left unset by anything
+  // that reindexes or changes rows.
+  std::shared_ptr<const PackedEncoding> packed;
 };
 
 // The attention biases of a teacher-forced pass that depend only on the

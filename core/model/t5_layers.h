@@ -142,14 +142,25 @@ class CrossKeyValues {
   // the values' deltas are rounded into it (GemmIntoWithValueDeltas);
   // otherwise one copy per chunk.
   void CopyTo(const at::Tensor& dst);
+  // Where the encoder output came packed (EncoderOutput::packed), the keys
+  // and values of its N tokens only, into the first N token rows of dst (a
+  // CrossKvBuffer for B rows of S keys): row b's key j at token
+  // packed->rows.starts[b] + j, as DecodeStepInputs::key_starts reads them.
+  // Takes unadapted cross k/v, and per-row value deltas of one prompt per
+  // slot on the run kernels. False where it does not take these: then dst
+  // may be partly written, and the caller writes it whole with CopyTo
+  // (padded rows). LORAHUB_NO_PACKED_CROSS_KV=1: always false (A/B).
+  bool CopyPackedTo(const at::Tensor& dst);
 
  private:
   void Compute(int64_t block);
   bool GemmInto(const at::Tensor& dst);
   bool GemmIntoWithValueDeltas(const at::Tensor& dst);
+  bool ValueDeltaSites(std::vector<const SiteBank*>* sites) const;
 
   const T5Weights& w_;
   Normed x_;
+  const PackedEncoding* packed_;  // enc's, or null
   RowAdapters rows_;
   bool fused_ = false;
   int64_t per_chunk_ = 1;  // blocks per GEMM
@@ -198,7 +209,9 @@ struct ResidualStream {
 // One decoder block for one new token per row: the stream [B, 1, d_model]
 // -> the block's output stream. `self_bias` [1 or B, H, 1, K] (position
 // bias plus any mask), cross_k/cross_v [B, H, S, d_kv], cross_bias
-// [B, 1, 1, S]. `cache` (may be null): where the step attention kernel
+// [B, 1, 1, S]; `cross_key_starts` (may be undefined): the cross keys and
+// values are rows packed end to end (DecodeStepInputs::key_starts,
+// CrossKeyValues::CopyPackedTo). `cache` (may be null): where the step attention kernel
 // stores the new key and value itself; `store` runs where it does not.
 // On CUDA (fused_ops.h DecodeStepAttentionEnabled) the attentions take the
 // step kernel, which also expands q's and v's per-row LoRA deltas.
@@ -209,6 +222,7 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                 const at::Tensor& cross_k,
                                 const at::Tensor& cross_v,
                                 const at::Tensor& cross_bias,
+                                const at::Tensor& cross_key_starts,
                                 const StepCache* cache);
 
 // Final decoder norm and LM head: the stream [B, T, d_model] -> logits

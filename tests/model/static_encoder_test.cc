@@ -21,10 +21,12 @@
 #include <vector>
 
 #include "core/model/cuda_graph.h"
+#include "core/model/fused_ops.h"
 #include "core/model/generate.h"
 #include "core/model/loader.h"
 #include "core/model/lora.h"
 #include "core/model/t5_forward.h"
+#include "core/model/t5_layers.h"
 #include "core/model/t5_weights.h"
 #include "gtest/gtest.h"
 #include "tests/model/tiny_t5.h"
@@ -506,6 +508,119 @@ TEST_P(StaticEncoderTest, GeneratePackedUnchanged) {
   auto want = Generate(base_, in2, &bank_, {0, 1}, pooled);
   ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
   EXPECT_EQ(got->output_ids, want->output_ids) << "one slot per row";
+}
+
+// CrossKeyValues::CopyPackedTo (the decoder's cross keys and values from a
+// packed batch's tokens only) against CopyTo of the padded batch: each
+// row's keys and values, read through its starts (GatherKeyRows), are
+// CopyTo's at its tokens, and a decode step's cross-attention through
+// key_starts (DecodeStepAttention: the step kernel on CUDA, else the
+// gather) is the padded buffer's. Without adapters (every device), and with
+// per-row q, v adapters (LoraHub's), one slot per row: the packed run
+// kernels on CUDA in bf16; elsewhere CopyPackedTo declines (the decoder then
+// reads CopyTo's padded rows).
+TEST_P(StaticEncoderTest, CrossKeysFromPackedRows) {
+  auto cfg = testing::MakeLoraConfig({"q", "v"}, 4, 16);
+  std::vector<LoraAdapter> adapters;
+  for (uint64_t seed : {3, 4, 5}) {
+    auto a = BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, seed),
+                              "qv" + std::to_string(seed));
+    ASSERT_TRUE(a.ok()) << a.status();
+    adapters.push_back(*a);
+  }
+  // Composed as LoraHub composes (the cross values' A factors side by side).
+  auto stack = StackModules(base_, {&adapters[0], &adapters[1], &adapters[2]});
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  auto bank = ComposeLoraHub(
+      *stack, at::tensor({0.9f, -0.4f, 0.3f, 0.1f, 0.8f, -0.6f, 0.5f, 0.5f, 0.2f})
+                  .view({3, 3}));
+  ASSERT_TRUE(bank.ok()) << bank.status();
+  const auto in = Prompts(3, {37, 5, 20}, 16);
+  const int64_t B = 3, S = 40;  // keys: a pool's bucket longer than the rows
+  auto packed_in = PackRows(in, base_.device);
+  ASSERT_TRUE(packed_in.ok()) << packed_in.status();
+  const at::ScalarType kv_dtype = DecodeCrossKvDtype(base_.dtype, base_.device);
+  const auto kv_options =
+      at::TensorOptions().dtype(kv_dtype).device(base_.device);
+  // The GEMMs write the cache itself (else CopyTo's copies run); the value
+  // deltas take the run kernels.
+  const bool in_place = kv_dtype == base_.dtype;
+  const bool kernels = Cuda() && base_.dtype != at::kFloat;
+  for (bool adapted : {false, true}) {
+    const std::string where = adapted ? "one slot per row" : "no adapters";
+    RowAdapters rows;
+    if (adapted) {
+      auto r = MakeRowAdapters(base_, &*bank, {0, 1, 2});
+      ASSERT_TRUE(r.ok()) << r.status();
+      rows = *r;
+    }
+    auto got = EncodePacked(base_, *packed_in, rows);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_NE(got->packed, nullptr) << where;
+    EncoderOutput enc = *got;
+    const at::Tensor padded = internal::CrossKvBuffer(base_, B, S, kv_options);
+    const at::Tensor from_packed =
+        internal::CrossKvBuffer(base_, B, S, kv_options).zero_();
+    EncoderOutput wide = enc;  // the rows padded to S keys, as the pool pads
+    wide.hidden = at::cat({enc.hidden, at::zeros({B, S - enc.hidden.size(1),
+                                                  enc.hidden.size(2)},
+                                                 enc.hidden.options())},
+                          1);
+    if (enc.hidden_full.defined()) {
+      wide.hidden_full = at::cat(
+          {enc.hidden_full,
+           at::zeros({B, S - enc.hidden_full.size(1), enc.hidden_full.size(2)},
+                     enc.hidden_full.options())},
+          1);
+    }
+    internal::CrossKeyValues(base_, wide, rows).CopyTo(padded);
+    const bool took =
+        internal::CrossKeyValues(base_, wide, rows).CopyPackedTo(from_packed);
+    if (!in_place || (adapted && !kernels)) {
+      EXPECT_FALSE(took) << where;
+      continue;
+    }
+    ASSERT_TRUE(took) << where;
+    const at::Tensor starts =
+        got->packed->rows.starts.narrow(0, 0, B).contiguous();
+    const at::Tensor lengths =
+        at::tensor(std::vector<int64_t>{37, 5, 20}, at::kLong);
+    for (int64_t kv = 0; kv < 2; ++kv) {
+      for (int64_t block = 0; block < static_cast<int64_t>(base_.decoder.size());
+           ++block) {
+        const at::Tensor g =
+            GatherKeyRows(from_packed[kv][block], starts).to(at::kCPU);
+        const at::Tensor w = padded[kv][block].to(at::kCPU);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t n = lengths[b].item<int64_t>();
+          ExpectClose(g[b].narrow(1, 0, n), w[b].narrow(1, 0, n), base_.dtype,
+                      where + (kv == 0 ? " keys" : " values") + " of block " +
+                          std::to_string(block) + " row " + std::to_string(b),
+                      kAdapterFactor);
+        }
+      }
+    }
+    // One cross-attention step of random queries through key_starts, against
+    // the padded buffer's.
+    const int64_t H = base_.config.num_heads, D = base_.config.d_kv;
+    const at::Tensor q =
+        at::randn({B, H, 1, D}, at::TensorOptions().device(base_.device)) * 0.5;
+    DecodeStepInputs step;
+    step.q = q;
+    step.bias = at::cat({enc.mask_bias,
+                         at::full({B, 1, 1, S - enc.mask_bias.size(3)},
+                                  -1e30, enc.mask_bias.options())},
+                        3);
+    step.k = padded[0][0];
+    step.v = padded[1][0];
+    const at::Tensor want = DecodeStepAttention(step, at::kFloat);
+    step.k = from_packed[0][0];
+    step.v = from_packed[1][0];
+    step.key_starts = starts;
+    const at::Tensor stepped = DecodeStepAttention(step, at::kFloat);
+    ExpectClose(stepped, want, base_.dtype, where + " cross-attention step",
+                kAdapterFactor);
+  }
 }
 
 std::string Name(
