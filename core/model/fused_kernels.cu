@@ -422,13 +422,18 @@ __device__ __forceinline__ int64_t VisibleKeyEnd(const AttentionArgs& a,
 struct AttentionBlock {
   int64_t b, h, t, q0, k0, v0, bias0;
 };
+// kKeyStarts: the keys and values of row b from token a.key_starts[b]
+// (LaunchDecodeStepAttention's packed cross-attention); a template
+// parameter so that the other kernels keep their registers (the fp32 step
+// kernel spilled with a run-time branch here).
+template <bool kKeyStarts = false>
 __device__ __forceinline__ AttentionBlock BlockOf(const AttentionArgs& a) {
   AttentionBlock r;
   r.t = blockIdx.x % a.T;
   r.h = (blockIdx.x / a.T) % a.H;
   r.b = blockIdx.x / (a.T * a.H);
   r.q0 = r.b * a.q_stride[0] + r.h * a.q_stride[1] + r.t * a.q_stride[2];
-  if (a.key_starts != nullptr) {
+  if constexpr (kKeyStarts) {
     const int64_t first = a.key_starts[r.b];
     r.k0 = first * a.k_stride[2] + r.h * a.k_stride[1];
     r.v0 = first * a.v_stride[2] + r.h * a.v_stride[1];
@@ -786,8 +791,9 @@ __device__ __forceinline__ void LoadFloatParts(const float* p, int parts,
 }
 
 // kStep: a decode step's attention with its LoRA expand and key/value store
-// (LaunchDecodeStepAttention); else `step` is unused.
-template <typename E, int G, bool kStep>
+// (LaunchDecodeStepAttention); else `step` is unused. kKeyStarts: the keys
+// and values through a.key_starts (BlockOf).
+template <typename E, int G, bool kStep, bool kKeyStarts = false>
 __global__ void __launch_bounds__(kSplitThreads, 8)
     SplitKeyAttentionKernel(AttentionArgs a, DecodeStepArgs step) {
   constexpr int W = Vec16<E>::kWidth;
@@ -800,7 +806,7 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   __shared__ float merged[kWarps][2 + G * W];  // max, sum, values
   const E* __restrict__ k = static_cast<const E*>(a.k);
   const E* __restrict__ v = static_cast<const E*>(a.v);
-  const AttentionBlock block = BlockOf(a);
+  const AttentionBlock block = BlockOf<kKeyStarts>(a);
   const auto& [b, h, t, q0, k0, v0, b0] = block;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -2157,8 +2163,13 @@ bool RowLoraTakes(const AttentionRowLora& l) {
 template <typename E, int G>
 void LaunchStep(const AttentionArgs& a, const DecodeStepArgs& step,
                 unsigned grid, cudaStream_t stream) {
-  SplitKeyAttentionKernel<E, G, true>
-      <<<grid, kSplitThreads, 0, stream>>>(a, step);
+  if (a.key_starts != nullptr) {
+    SplitKeyAttentionKernel<E, G, true, true>
+        <<<grid, kSplitThreads, 0, stream>>>(a, step);
+  } else {
+    SplitKeyAttentionKernel<E, G, true>
+        <<<grid, kSplitThreads, 0, stream>>>(a, step);
+  }
 }
 
 template <typename E>
@@ -2242,7 +2253,7 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream) {
       args.D > kMaxAttentionHead || args.Dv <= 0 ||
       args.Dv > kMaxAttentionHead || args.S <= 0 ||
       args.S > kMaxAttentionKeys || args.qkv_dtype == DType::kNone ||
-      args.bias_dtype == DType::kNone) {
+      args.bias_dtype == DType::kNone || args.key_starts != nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   AttentionArgs a = args;

@@ -94,8 +94,8 @@ struct AttentionArgs {
   // over its own tokens only (positions t, j of the row index the bias),
   // and the output is [tokens, H, Dv].
   const int32_t* seq_starts = nullptr;
-  // Optional, the single-query kernels only (LaunchDecodeStepAttention
-  // without a store): the keys and values of rows packed end to end. Row
+  // Optional, LaunchDecodeStepAttention without a store only (the other
+  // launchers refuse it): the keys and values of rows packed end to end. Row
   // b's key j is token key_starts[b] + j (device int32 [B]) along the token
   // dimension (stride[2]) of k and v, whose stride[0] is then unused; the
   // caller keeps every row's first S tokens inside k and v.

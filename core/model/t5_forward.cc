@@ -814,13 +814,17 @@ bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
       !ValueDeltaSites(&sites)) {
     return false;
   }
-  // Sites per run call: the shrink takes 8, 16 or 32 ranks together.
+  // Sites per run call, the most of them whose ranks the shrink takes
+  // together (8, 16 or 32), planned before anything is written.
   const int64_t r = sites[0]->a.size(1);
-  int64_t group = 0;
-  for (int64_t g = 1; g <= static_cast<int64_t>(kLoraRunMaxSites); ++g) {
-    if (g * r == 8 || g * r == 16 || g * r == 32) group = g;
+  std::vector<int64_t> groups;
+  for (int64_t left = L; left > 0;) {
+    int64_t g = std::min(left, static_cast<int64_t>(kLoraRunMaxSites));
+    while (g > 0 && g * r != 8 && g * r != 16 && g * r != 32) --g;
+    if (g == 0) return false;
+    groups.push_back(g);
+    left -= g;
   }
-  if (group == 0) return false;
   const at::Tensor x = xm.expand({L, N, in});
   const at::Tensor w = weight.view({L, 2, inner, in});
   const auto halves = [&](const at::Tensor& rows_of_blocks, int64_t kv) {
@@ -836,8 +840,8 @@ bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
   const at::Tensor x_lora = LoraInput(p.hidden, p.hidden_full);
   const at::Tensor y = scratch.view({1, N, columns});
   const at::Tensor y_round = rows.view({1, N, columns});
-  for (int64_t first = 0; first < L; first += group) {
-    const int64_t count = std::min(group, L - first);
+  int64_t first = 0;
+  for (const int64_t count : groups) {
     std::vector<LoraRunSite> run;
     for (int64_t i = first; i < first + count; ++i) {
       run.push_back({sites[i]->b.narrow(0, rows_.slot_offset, B),
@@ -850,6 +854,7 @@ bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
                              p.rows.starts, p.rows.max_length, y_round)) {
       return false;
     }
+    first += count;
   }
   return true;
 }
