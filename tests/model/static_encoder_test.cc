@@ -157,9 +157,9 @@ class StaticEncoderTest
 
   bool Cuda() const { return base_.device.is_cuda(); }
 
-  // A bank of two random adapters on q, k, v, o and wo.
-  void MakeBank() {
-    auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o", "wo"}, 4, 16);
+  // A bank of two random adapters of rank `r` on q, k, v, o and wo.
+  void MakeBank(int r = 4) {
+    auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o", "wo"}, r, 16);
     for (uint64_t seed : {1, 2}) {
       auto a =
           BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, seed),
@@ -426,12 +426,13 @@ TEST_P(StaticEncoderTest, GenerateUnchanged) {
 // EncodePacked (rows laid end to end, no padding) against Encode of the
 // padded batch: the same hidden states at the tokens, zeros at the padding,
 // the same mask. Without adapters; one slot per row (on CUDA in bf16 the
-// packed run kernels); runs of two rows per slot, mixed slots with a
-// slot-less row (row by row) and one slot for all (plain GEMMs). Rows of 1
-// to 40 tokens: on the CPU and for these 8-wide heads the attention goes
-// row by row (the packed kernel is PackedAttentionTest's).
+// packed run kernels: rank 8, as their shrink takes 8, 16 or 32 ranks a
+// call; at rank 4 every site went row by row); runs of two rows per slot,
+// mixed slots with a slot-less row (row by row) and one slot for all (plain
+// GEMMs). Rows of 1 to 40 tokens: on the CPU and for these 8-wide heads the
+// attention goes row by row (the packed kernel is PackedAttentionTest's).
 TEST_P(StaticEncoderTest, PackedEqualsEncode) {
-  MakeBank();
+  MakeBank(/*r=*/8);
   const auto four = Prompts(4, {9, 1, 40, 5}, 12);
   const auto two = Prompts(2, {3, 17}, 13);
   struct Case {
