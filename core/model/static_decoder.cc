@@ -167,9 +167,11 @@ void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
   cross_kv_ = internal::CrossKvBuffer(
       w, batch, keys, f32.dtype(DecodeCrossKvDtype(w.dtype, w.device)));
   cross_bias_ = at::empty({batch, 1, 1, keys}, f32);
-  if (!row_slots_) {
+  if (!row_slots_ && w.device.is_cuda()) {
     // Row b's cross keys start at token b * keys until a packed batch
-    // (LoadInputs) moves them; the padding between stays finite.
+    // (LoadInputs; packing runs on CUDA only) moves them. Zeros: the ATen
+    // paths read S tokens from every start (GatherKeyRows), past its row's
+    // end too.
     cross_kv_.zero_();
     key_starts_ = PaddedKeyStarts();
   }

@@ -208,9 +208,10 @@ class StaticDecoder {
   at::Tensor t_;         // [1] (row slots: [B]) int64: the next position
   at::Tensor self_kv_;   // [2, blocks, B, H, capacity, d_kv] fp32
   at::Tensor cross_kv_;  // [2, blocks, B, H, S, d_kv] (CrossKvBuffer)
-  // Not for row slots: int32 [B], where row b's cross keys and values start
-  // among cross_kv_'s B * S tokens (b * S, or a packed batch's starts:
-  // internal::CrossKeyValues::CopyPackedTo).
+  // Not for row slots, on CUDA only: int32 [B], where row b's cross keys and
+  // values start among cross_kv_'s B * S tokens (b * S, or a packed batch's
+  // starts: internal::CrossKeyValues::CopyPackedTo). Always defined there,
+  // because a captured step reads through it whatever batch comes next.
   at::Tensor key_starts_;
   at::Tensor cross_bias_;  // [B, 1, 1, S] fp32
   at::Tensor self_bias_;   // [1, H, capacity, capacity] fp32, causal
