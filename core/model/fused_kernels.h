@@ -403,6 +403,63 @@ int64_t LowRankMergeTiles(int64_t rows, int64_t cols);
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs,
                        int64_t max_tiles, bool tensor_cores, void* stream);
 
+// The kernels of a teacher-forced decoder's cross-attention from the query
+// side (query_side_cross.h; query_side_kernels.cu) around its cuBLAS GEMMs.
+//
+// LaunchSplitBf16: each fp32 x of `in` [G, R, C] (element strides
+// in_stride = {g, r}, unit along C) as two bf16 parts, hi = bf16(x) and
+// lo = bf16(x - hi) (x = hi + lo to about 2^-17 relative), written to `hi`
+// [G, R, C] (strides out_stride, unit along C) and to the same places
+// lo_offset elements further: a GEMM of the two parts side by side against
+// an exact bf16 operand then sums products of about fp32 precision.
+struct SplitBf16Args {
+  const float* in = nullptr;
+  void* hi = nullptr;  // bf16
+  int64_t G = 0, R = 0, C = 0;
+  int64_t in_stride[2] = {0, 0};
+  int64_t out_stride[2] = {0, 0};
+  int64_t lo_offset = 0;
+};
+int LaunchSplitBf16(const SplitBf16Args& args, void* stream);
+
+// Softmax over j < S of s[b, m, j] = (scores[b, m, j] + scores[b, M + m, j])
+// + bias[b, j] (the scores of a split query's two parts; bias element (b, j)
+// at b * bias_stride[0] + j * bias_stride[1]), in fp32 as ATen's softmax
+// (max, exponentials, their sum, a division), written as its split p_split,
+// bf16 [B, M, 2S] (hi in [0, S), lo in [S, 2S) of each row); scores and
+// p_split contiguous. With xa (fp32, element (b, j, c) at
+// b * xa_stride[0] + j * xa_stride[1] + c, r <= kSoftmaxMaxRank) also
+// u[b, m, c] = sum_j p[b, m, j] xa[b, j, c] (fp32 [B, M, r], contiguous).
+inline constexpr int kSoftmaxMaxRank = 32;
+struct SplitScoresSoftmaxArgs {
+  const float* scores = nullptr;  // [B, 2M, S]
+  const float* bias = nullptr;
+  int64_t bias_stride[2] = {0, 0};
+  void* p_split = nullptr;
+  const float* xa = nullptr;  // optional
+  int64_t xa_stride[2] = {0, 0};
+  int64_t r = 0;
+  float* u = nullptr;
+  int64_t B = 0, M = 0, S = 0;
+};
+int LaunchSplitScoresSoftmax(const SplitScoresSoftmaxArgs& args, void* stream);
+
+// The per-row LoRA delta of each head's output, added in place:
+//   ctx[b, t, h, e] += row_scale[b] * sum_c u[b, t, h, c] * w[slots[b], h D + e, c]
+// ctx fp32 [B, T, H, D] and u fp32 [B, T, H, r] contiguous; w fp32 with
+// element (s, o, c) at s * w_stride[0] + o * w_stride[1] + c; slots int64
+// [B], row_scale fp32 [B]. The sum over c in order with fused multiply-adds.
+struct HeadLoraArgs {
+  float* ctx = nullptr;
+  const float* u = nullptr;
+  const float* w = nullptr;
+  int64_t w_stride[2] = {0, 0};
+  const int64_t* slots = nullptr;
+  const float* row_scale = nullptr;
+  int64_t B = 0, T = 0, H = 0, D = 0, r = 0;
+};
+int LaunchHeadLoraDeltas(const HeadLoraArgs& args, void* stream);
+
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

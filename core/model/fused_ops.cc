@@ -587,6 +587,29 @@ bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
   return fused_backend::BmmFloatInto(a, b, out);
 }
 
+bool SplitBf16(const at::Tensor& x, const at::Tensor& hi,
+               const at::Tensor& lo) {
+  if (!x.is_cuda() || Disabled() || Differentiable(x)) return false;
+  return fused_backend::SplitBf16(x, hi, lo);
+}
+
+bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
+                        const at::Tensor& p_split, const at::Tensor& xa,
+                        const at::Tensor& u) {
+  if (!scores.is_cuda() || Disabled() || Differentiable(scores)) return false;
+  return fused_backend::SplitScoresSoftmax(scores, bias, p_split, xa, u);
+}
+
+bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
+                    const at::Tensor& w, const at::Tensor& slots,
+                    const at::Tensor& row_scale) {
+  if (!ctx.is_cuda() || Disabled() || Differentiable(ctx) ||
+      Differentiable(u) || Differentiable(w)) {
+    return false;
+  }
+  return fused_backend::HeadLoraDeltas(ctx, u, w, slots, row_scale);
+}
+
 bool DecodeAttentionGeneric() {
   static const bool generic = EnvFlag("LORAHUB_DECODE_ATTN_GENERIC");
   return generic;

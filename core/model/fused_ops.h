@@ -240,6 +240,32 @@ at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight);
 bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
                   const at::Tensor& out);
 
+// The non-GEMM steps of a teacher-forced decoder's cross-attention from the
+// query side (query_side_cross.h), one kernel each on CUDA
+// (fused_kernels.h LaunchSplitBf16, LaunchSplitScoresSoftmax,
+// LaunchHeadLoraDeltas). All or nothing: false, nothing written, where they
+// do not run (CPU, a build without the kernels, LORAHUB_NO_FUSED=1,
+// autograd, other dtypes, shapes or layouts).
+//
+// SplitBf16: x fp32 [G, R, C] -> hi = bf16(x), lo = bf16(x - hi), both bf16
+// [G, R, C] views of one buffer with equal strides (unit along C).
+bool SplitBf16(const at::Tensor& x, const at::Tensor& hi, const at::Tensor& lo);
+// SplitScoresSoftmax: scores fp32 [B, 2M, S] contiguous (rows m and M + m:
+// the two parts of one row's scores), bias fp32 [B, S] (any strides) ->
+// p = softmax(part0 + part1 + bias) as its split p_split, bf16 [B, M, 2S]
+// (hi then lo along the last dimension, contiguous); with xa fp32
+// [B, S, r] (unit stride along r, r <= 32; may be undefined) also
+// u = p xa, fp32 [B, M, r] contiguous.
+bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
+                        const at::Tensor& p_split, const at::Tensor& xa,
+                        const at::Tensor& u);
+// HeadLoraDeltas: ctx fp32 [B, T, H, D] += row_scale[b] * (u[b, t, h] .
+// w[slots[b], h D .. h D + D - 1]) per element; u fp32 [B, T, H, r], w fp32
+// [S, H D, r] (unit stride along r), slots int64 [B], row_scale fp32 [B].
+bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
+                    const at::Tensor& w, const at::Tensor& slots,
+                    const at::Tensor& row_scale);
+
 // out = x w^T in fp32 with few output columns (LoRA down-projections of a
 // bf16 model's fp32 deltas, N = the ranks): x [G, M, K], w [G, N, K], both
 // fp32 with unit stride along K; out a new contiguous [G, M, N]. On CUDA

@@ -76,6 +76,14 @@ bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out);
 // fused_ops.h BmmFloatInto.
 bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
                   const at::Tensor& out);
+// fused_ops.h SplitBf16, SplitScoresSoftmax, HeadLoraDeltas.
+bool SplitBf16(const at::Tensor& x, const at::Tensor& hi, const at::Tensor& lo);
+bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
+                        const at::Tensor& p_split, const at::Tensor& xa,
+                        const at::Tensor& u);
+bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
+                    const at::Tensor& w, const at::Tensor& slots,
+                    const at::Tensor& row_scale);
 
 // fused_ops.h WeightedSums, checked: every tensor on one CUDA device.
 bool WeightedSums(const std::vector<WeightedSum>& sums);

@@ -866,6 +866,109 @@ bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
   return true;
 }
 
+bool SplitBf16(const at::Tensor& x, const at::Tensor& hi,
+               const at::Tensor& lo) {
+  if (!OnDeviceOf(hi, x) || !OnDeviceOf(lo, x) || x.scalar_type() != at::kFloat ||
+      hi.scalar_type() != at::kBFloat16 || lo.scalar_type() != at::kBFloat16 ||
+      x.dim() != 3 || hi.sizes() != x.sizes() || lo.sizes() != x.sizes() ||
+      lo.strides() != hi.strides() || x.stride(2) != 1 || hi.stride(2) != 1 ||
+      !lo.is_alias_of(hi)) {
+    return false;
+  }
+  kernels::SplitBf16Args a;
+  a.in = x.data_ptr<float>();
+  a.hi = hi.data_ptr();
+  a.G = x.size(0);
+  a.R = x.size(1);
+  a.C = x.size(2);
+  for (int i = 0; i < 2; ++i) {
+    a.in_stride[i] = x.stride(i);
+    a.out_stride[i] = hi.stride(i);
+  }
+  a.lo_offset = lo.storage_offset() - hi.storage_offset();
+  const c10::cuda::CUDAGuard guard(x.device());
+  return kernels::LaunchSplitBf16(a, StreamOf(x)) == cudaSuccess;
+}
+
+bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
+                        const at::Tensor& p_split, const at::Tensor& xa,
+                        const at::Tensor& u) {
+  if (!OnDeviceOf(bias, scores) || !OnDeviceOf(p_split, scores) ||
+      scores.scalar_type() != at::kFloat || bias.scalar_type() != at::kFloat ||
+      p_split.scalar_type() != at::kBFloat16 || scores.dim() != 3 ||
+      scores.size(1) % 2 != 0 || !scores.is_contiguous() ||
+      !p_split.is_contiguous()) {
+    return false;
+  }
+  const int64_t B = scores.size(0), M = scores.size(1) / 2, S = scores.size(2);
+  if (bias.dim() != 2 || bias.size(0) != B || bias.size(1) != S ||
+      p_split.sizes() != at::IntArrayRef({B, M, 2 * S})) {
+    return false;
+  }
+  if (xa.defined() &&
+      (!OnDeviceOf(xa, scores) || !OnDeviceOf(u, scores) ||
+       xa.scalar_type() != at::kFloat || u.scalar_type() != at::kFloat ||
+       xa.dim() != 3 || xa.size(0) != B || xa.size(1) != S ||
+       xa.size(2) < 1 || xa.size(2) > kernels::kSoftmaxMaxRank ||
+       xa.stride(2) != 1 || !u.is_contiguous() ||
+       u.sizes() != at::IntArrayRef({B, M, xa.size(2)}))) {
+    return false;
+  }
+  kernels::SplitScoresSoftmaxArgs a;
+  a.scores = scores.data_ptr<float>();
+  a.bias = bias.data_ptr<float>();
+  a.bias_stride[0] = bias.stride(0);
+  a.bias_stride[1] = bias.stride(1);
+  a.p_split = p_split.data_ptr();
+  if (xa.defined()) {
+    a.xa = xa.data_ptr<float>();
+    a.xa_stride[0] = xa.stride(0);
+    a.xa_stride[1] = xa.stride(1);
+    a.r = xa.size(2);
+    a.u = u.data_ptr<float>();
+  }
+  a.B = B;
+  a.M = M;
+  a.S = S;
+  const c10::cuda::CUDAGuard guard(scores.device());
+  return kernels::LaunchSplitScoresSoftmax(a, StreamOf(scores)) == cudaSuccess;
+}
+
+bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
+                    const at::Tensor& w, const at::Tensor& slots,
+                    const at::Tensor& row_scale) {
+  if (!OnDeviceOf(u, ctx) || !OnDeviceOf(w, ctx) ||
+      !OnDeviceOf(row_scale, ctx) || ctx.scalar_type() != at::kFloat ||
+      u.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat ||
+      row_scale.scalar_type() != at::kFloat || ctx.dim() != 4 ||
+      u.dim() != 4 || w.dim() != 3 || !ctx.is_contiguous() ||
+      !u.is_contiguous() || !row_scale.is_contiguous() || w.stride(2) != 1) {
+    return false;
+  }
+  const int64_t B = ctx.size(0), T = ctx.size(1), H = ctx.size(2),
+                D = ctx.size(3), r = u.size(3);
+  if (u.sizes() != at::IntArrayRef({B, T, H, r}) || w.size(1) != H * D ||
+      w.size(2) != r || row_scale.dim() != 1 || row_scale.size(0) != B ||
+      !SlotsFit(slots, ctx, B)) {
+    return false;
+  }
+  kernels::HeadLoraArgs a;
+  a.ctx = ctx.data_ptr<float>();
+  a.u = u.data_ptr<float>();
+  a.w = w.data_ptr<float>();
+  a.w_stride[0] = w.stride(0);
+  a.w_stride[1] = w.stride(1);
+  a.slots = slots.data_ptr<int64_t>();
+  a.row_scale = row_scale.data_ptr<float>();
+  a.B = B;
+  a.T = T;
+  a.H = H;
+  a.D = D;
+  a.r = r;
+  const c10::cuda::CUDAGuard guard(ctx.device());
+  return kernels::LaunchHeadLoraDeltas(a, StreamOf(ctx)) == cudaSuccess;
+}
+
 bool WeightedSums(const std::vector<WeightedSum>& sums) {
   const at::Tensor& first = sums[0].dst;
   if (!first.is_cuda()) return false;

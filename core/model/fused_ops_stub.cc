@@ -98,4 +98,18 @@ bool BmmFloatInto(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   return false;
 }
 
+bool SplitBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  return false;
+}
+
+bool SplitScoresSoftmax(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&) {
+  return false;
+}
+
+bool HeadLoraDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&) {
+  return false;
+}
+
 }  // namespace lorahub::model::fused_backend

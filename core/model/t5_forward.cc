@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
+#include "core/model/query_side_cross.h"
 #include "core/model/t5_layers.h"
 
 namespace lorahub::model {
@@ -61,6 +62,25 @@ at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
 }
 
 }  // namespace
+
+// Host-side checks only.
+bool AdjacentFactors(const at::Tensor& p, const at::Tensor& n) {
+  if (!p.defined() || !n.defined() || p.dim() != 3 || n.sizes() != p.sizes() ||
+      n.strides() != p.strides() || n.scalar_type() != p.scalar_type() ||
+      n.device() != p.device() || p.stride(2) != 1 ||
+      p.stride(1) != p.size(2) || !n.is_alias_of(p)) {
+    return false;
+  }
+  const int64_t block = p.size(1) * p.size(2);
+  return static_cast<const char*>(n.data_ptr()) ==
+         static_cast<const char*>(p.data_ptr()) + block * p.element_size();
+}
+
+at::Tensor SideBySideA(const at::Tensor& a0, int64_t count) {
+  if (count == 1) return a0;
+  return a0.as_strided({a0.size(0), count * a0.size(1), a0.size(2)},
+                       {a0.stride(0), a0.size(2), 1});
+}
 
 // Everything below may throw c10::Error; the public functions catch it.
 
@@ -203,15 +223,6 @@ void UpProjectAdd(at::Tensor y, const at::Tensor& xa, const SiteBank& sb,
                 /*beta=*/1, /*alpha=*/sb.common_scale);
 }
 
-// The A factors of `count` sites from a0 on, laid side by side in memory
-// (AdjacentFactors: [S, r, in] each), as one [S, count * r, in] view; a0
-// itself for one site.
-at::Tensor SideBySideA(const at::Tensor& a0, int64_t count) {
-  if (count == 1) return a0;
-  return a0.as_strided({a0.size(0), count * a0.size(1), a0.size(2)},
-                       {a0.stride(0), a0.size(2), 1});
-}
-
 // Single-token rows (decode steps) on CUDA: the deltas of sites[i, j) (their
 // A factors side by side when j - i > 1: AdjacentA) added into their column
 // slices of y by fused_ops' gather-free per-row kernels (LoraRowDeltas): one
@@ -297,21 +308,6 @@ void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
   y.add_(delta.view(y.sizes()) * scale.view({-1, 1, 1}));
 }
 
-// True when the A factors `n` follow `p` in memory, slot by slot
-// ([S, r, in] each, same strides, n = p + r*in elements), so that
-// both are one [S, 2r, in] tensor (ObjectiveRunner lays composed factors out
-// so). Host-side checks only.
-bool AdjacentFactors(const at::Tensor& p, const at::Tensor& n) {
-  if (!p.defined() || !n.defined() || p.dim() != 3 || n.sizes() != p.sizes() ||
-      n.strides() != p.strides() || n.scalar_type() != p.scalar_type() ||
-      n.device() != p.device() || p.stride(2) != 1 ||
-      p.stride(1) != p.size(2) || !n.is_alias_of(p)) {
-    return false;
-  }
-  const int64_t block = p.size(1) * p.size(2);
-  return static_cast<const char*>(n.data_ptr()) ==
-         static_cast<const char*>(p.data_ptr()) + block * p.element_size();
-}
 bool AdjacentA(const SiteBank& prev, const SiteBank& next) {
   return AdjacentFactors(prev.a, next.a);
 }
@@ -1454,6 +1450,8 @@ using internal::LmHead;
 using internal::MinValue;
 using internal::Normed;
 using internal::PositionBias;
+using internal::ProjectContext;
+using internal::QuerySideCross;
 using internal::Residual;
 using internal::ResidualStream;
 using internal::RmsNorm;
@@ -1577,6 +1575,8 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
   const at::ScalarType attn = AttentionDtype(w);
   Residual h(w, Embed(w, ids));
   CrossKeyValues cross(w, enc, rows, CrossKeyValues::kDefaultMaxBytes, attn);
+  const std::unique_ptr<QuerySideCross> query_side =
+      QuerySideCross::Create(w, enc, rows, ids.size(1));
   for (size_t i = 0; i < w.decoder.size(); ++i) {
     const BlockWeights& b = w.decoder[i];
     Normed n = h.Norm(b.self_norm);
@@ -1586,10 +1586,15 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
                            rows));
     n = h.Norm(b.cross_norm);
     at::Tensor q = Heads(n, b.cross_attn.q, rows, c, attn);
-    std::pair<at::Tensor, at::Tensor> kv =
-        cross.Block(static_cast<int64_t>(i));
-    h.Add(AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
+    if (query_side != nullptr) {
+      h.Add(ProjectContext(query_side->Context(static_cast<int64_t>(i), q),
                            b.cross_attn.o, rows));
+    } else {
+      std::pair<at::Tensor, at::Tensor> kv =
+          cross.Block(static_cast<int64_t>(i));
+      h.Add(AttendAndProject(q, kv.first, kv.second, enc.mask_bias,
+                             b.cross_attn.o, rows));
+    }
     n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
     h.Add(FeedForward(n, w, b.ff, rows));
   }

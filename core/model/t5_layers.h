@@ -27,6 +27,14 @@ namespace lorahub::model::internal {
 // transformers' mask value finfo(dtype).min for the compute dtype.
 double MinValue(at::ScalarType dtype);
 
+// True when the LoRA A factors `n` [S, r, in] follow `p` in memory, slot by
+// slot (same sizes and strides, n = p + r * in elements), so that both are
+// one [S, 2r, in] tensor (ObjectiveRunner lays composed factors out so).
+bool AdjacentFactors(const at::Tensor& p, const at::Tensor& n);
+// The A factors of `count` sites from a0 on, laid side by side in memory
+// (AdjacentFactors), as one [S, count * r, in] view; a0 itself for one.
+at::Tensor SideBySideA(const at::Tensor& a0, int64_t count);
+
 // The per-row LoRA shrink of a decode step's normed input, computed with
 // the norm (fused_ops.h AddRmsNormShrink): xa [B, R] = x [B, 1, in] times
 // the row slots' factors `a` [S, R, in] (the adapted sites of the

@@ -563,9 +563,11 @@ lorahub_cc_library(core_model_t5
   PACKAGE core/model
   SRCS
     ${SRC}/core/model/lora.cc
+    ${SRC}/core/model/query_side_cross.cc
     ${SRC}/core/model/t5_forward.cc
     ${SRC}/core/model/t5_weights.cc
     ${SRC}/core/model/lora.h
+    ${SRC}/core/model/query_side_cross.h
     ${SRC}/core/model/t5_forward.h
     ${SRC}/core/model/t5_layers.h
     ${SRC}/core/model/t5_weights.h
@@ -594,6 +596,7 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/fused_ops_cuda.cc
     ${SRC}/core/model/kernel_launch.cuh
     ${SRC}/core/model/low_rank_merge_kernels.cu
+    ${SRC}/core/model/query_side_kernels.cu
     ${SRC}/core/model/run_lora_kernels.cu
     ${SRC}/core/model/weighted_sum_kernels.cu
   DEPS
@@ -2101,6 +2104,20 @@ lorahub_cc_test(tests_model_slot_decoder_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 300
+)
+
+# //tests/model:query_side_cross_test (cc_test)
+lorahub_cc_test(tests_model_query_side_cross_test
+  TEST_NAME //tests/model:query_side_cross_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/query_side_cross_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_t5
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
 )
 
 # //tests/model:static_encoder_test (cc_test)

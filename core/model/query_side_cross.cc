@@ -1,0 +1,225 @@
+#include "core/model/query_side_cross.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <utility>
+
+#include "core/model/fused_kernels.h"
+#include "core/model/fused_ops.h"
+#include "core/model/t5_layers.h"
+
+namespace lorahub::model::internal {
+namespace {
+
+std::atomic<int> override_mode{-1};
+
+// The cross v site bank of a block where the rows adapt it, else null.
+const SiteBank* ValueSite(const RowAdapters& rows, const BlockWeights& b) {
+  const int site = b.cross_attn.v.site;
+  if (rows.bank == nullptr || site < 0) return nullptr;
+  const SiteBank& sb = rows.bank->sites[site];
+  return sb.a.defined() ? &sb : nullptr;
+}
+
+bool KeysAdapted(const RowAdapters& rows, const BlockWeights& b) {
+  const int site = b.cross_attn.k.site;
+  return rows.bank != nullptr && site >= 0 &&
+         rows.bank->sites[site].a.defined();
+}
+
+// x_full A^T for every row's slot: [B, S, R] fp32 from x_full [B, S, D] and
+// a [slots, R, D] (R: one site's rank, or several sites' side by side).
+at::Tensor DownProjectRows(const at::Tensor& x_full, const at::Tensor& a,
+                           const RowAdapters& rows) {
+  const int64_t B = x_full.size(0), S = x_full.size(1), D = x_full.size(2);
+  if (rows.uniform_slot >= 0) {
+    return at::matmul(x_full, a[rows.uniform_slot].t());
+  }
+  if (rows.rows_per_slot > 0 && B % rows.rows_per_slot == 0) {
+    const int64_t n = B / rows.rows_per_slot;
+    return at::bmm(x_full.reshape({n, rows.rows_per_slot * S, D}),
+                   a.narrow(0, rows.slot_offset, n).transpose(1, 2))
+        .view({B, S, -1});
+  }
+  return at::bmm(x_full, a.index_select(0, rows.slots).transpose(1, 2));
+}
+
+}  // namespace
+
+void SetQuerySideCrossForTesting(int value) {
+  override_mode.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
+}
+
+std::unique_ptr<QuerySideCross> QuerySideCross::Create(
+    const T5Weights& w, const EncoderOutput& enc, const RowAdapters& rows,
+    int64_t decoder_length) {
+  static const bool off = EnvFlag("LORAHUB_NO_QUERY_CROSS") ||
+                          EnvFlag("LORAHUB_NO_GEMM_FLOAT");
+  const int mode = override_mode.load();
+  if (mode == 0 || (mode < 0 && off) || !w.device.is_cuda() ||
+      w.dtype != at::kBFloat16 || !FusedKernelsEnabled() ||
+      AttentionDtype(w) != at::kFloat || w.decoder.empty() ||
+      !enc.hidden.defined() || enc.hidden.dim() != 3 ||
+      enc.hidden.scalar_type() != at::kBFloat16 ||
+      !enc.mask_bias.defined() ||
+      enc.mask_bias.numel() != enc.hidden.size(0) * enc.hidden.size(1) ||
+      enc.mask_bias.scalar_type() != at::kFloat) {
+    return nullptr;
+  }
+  for (const BlockWeights& b : w.decoder) {
+    if (KeysAdapted(rows, b) ||
+        b.cross_attn.k.weight.scalar_type() != at::kBFloat16 ||
+        b.cross_attn.v.weight.scalar_type() != at::kBFloat16) {
+      return nullptr;
+    }
+    const SiteBank* sb = ValueSite(rows, b);
+    if (sb != nullptr && (sb->a.scalar_type() != at::kFloat ||
+                          sb->b.scalar_type() != at::kFloat ||
+                          sb->b.stride(2) != 1 ||
+                          sb->a.size(1) > kernels::kSoftmaxMaxRank)) {
+      return nullptr;
+    }
+  }
+  if (mode < 0) {
+    // Multiply-adds per row and block against the usual order's keys and
+    // values GEMM (2 S D inner): q Wk and (P X) Wv take T inner D each,
+    // the scores and P X H T S D each, all twice (the split operand).
+    const double S = static_cast<double>(enc.hidden.size(1));
+    const double T = static_cast<double>(decoder_length);
+    const double H = static_cast<double>(w.config.num_heads);
+    const double inner = static_cast<double>(w.config.num_heads * w.config.d_kv);
+    const double ratio = 2.0 * T / S + 2.0 * H * T / inner;
+    if (enc.hidden.size(0) * decoder_length < kMinQueries || ratio > 0.5) {
+      return nullptr;
+    }
+  }
+  return std::unique_ptr<QuerySideCross>(new QuerySideCross(w, enc, rows));
+}
+
+QuerySideCross::QuerySideCross(const T5Weights& w, const EncoderOutput& enc,
+                               const RowAdapters& rows)
+    : w_(w), rows_(rows) {
+  const config::T5Config& c = w.config;
+  const int64_t B = enc.hidden.size(0), S = enc.hidden.size(1);
+  const int64_t L = static_cast<int64_t>(w.decoder.size());
+  const int64_t H = c.num_heads, d = c.d_kv, inner = H * d;
+  x_ = enc.hidden.contiguous();
+  x_twice_ = at::cat({x_, x_}, 1);
+  bias_ = enc.mask_bias.reshape({B, S});
+  if (FusedCrossKv(w)) {
+    // All blocks' weights twice in one copy each (rows: block, k | v, inner).
+    const at::Tensor kv = w.cross_kv.view({L, 2, inner, -1});
+    const at::Tensor k = kv.select(1, 0).view({L, H, d, -1});
+    k_twice_ = at::cat({k, k}, 2);
+    const at::Tensor v = kv.select(1, 1);
+    v_twice_ = at::cat({v, v}, 2);
+  }
+  xa_.resize(L);
+  row_scale_.resize(L);
+  const at::Tensor x_full =
+      enc.hidden_full.defined() ? enc.hidden_full : enc.hidden.to(at::kFloat);
+  for (int64_t i = 0; i < L;) {
+    const SiteBank* sb = ValueSite(rows, w.decoder[i]);
+    if (sb == nullptr) {
+      ++i;
+      continue;
+    }
+    // Blocks whose factors lie side by side share one down-projection.
+    int64_t j = i + 1;
+    while (j < L && ValueSite(rows, w.decoder[j]) != nullptr &&
+           AdjacentFactors(ValueSite(rows, w.decoder[j - 1])->a,
+                           ValueSite(rows, w.decoder[j])->a)) {
+      ++j;
+    }
+    const int64_t r = sb->a.size(1);
+    const at::Tensor xa = DownProjectRows(x_full, SideBySideA(sb->a, j - i), rows);
+    for (int64_t k = i; k < j; ++k) {
+      const SiteBank& site = *ValueSite(rows, w.decoder[k]);
+      xa_[k] = xa.narrow(2, (k - i) * r, r);
+      at::Tensor scale = site.scale.reshape({-1}).index_select(0, rows.slots);
+      if (!rows.all_rows) scale = scale * rows.mask.reshape({-1});
+      row_scale_[k] = scale.contiguous();
+    }
+    i = j;
+  }
+}
+
+at::Tensor QuerySideCross::KeysTwice(int64_t block) const {
+  if (k_twice_.defined()) return k_twice_[block];
+  const config::T5Config& c = w_.config;
+  const at::Tensor k =
+      w_.decoder[block].cross_attn.k.weight.view({c.num_heads, c.d_kv, -1});
+  return at::cat({k, k}, 1);
+}
+
+at::Tensor QuerySideCross::ValuesTwice(int64_t block) const {
+  const config::T5Config& c = w_.config;
+  const at::Tensor v2 =
+      v_twice_.defined()
+          ? v_twice_[block]
+          : at::cat({w_.decoder[block].cross_attn.v.weight,
+                     w_.decoder[block].cross_attn.v.weight},
+                    1);
+  return v2.view({c.num_heads, c.d_kv, -1}).transpose(1, 2);
+}
+
+at::Tensor QuerySideCross::Context(int64_t block, const at::Tensor& q) {
+  const int64_t B = x_.size(0), S = x_.size(1), D = x_.size(2);
+  const int64_t H = q.size(1), T = q.size(2), d = q.size(3);
+  const int64_t rows = B * T * H;
+  const auto f32 = x_.options().dtype(at::kFloat);
+  const auto bf16 = x_.options();
+  // q [B, T, H, d] -> its two bf16 parts side by side along d.
+  const at::Tensor q_rows = q.transpose(1, 2).contiguous().view({1, rows, d});
+  const at::Tensor q_split = at::empty({1, rows, 2 * d}, bf16);
+  TORCH_CHECK(SplitBf16(q_rows, q_split.narrow(2, 0, d),
+                        q_split.narrow(2, d, d)),
+              "query-side cross-attention: split of q");
+  // q' = q_h Wk_h per head: [B, T, H, D] (the GEMM per head writes its
+  // column block of each row).
+  const at::Tensor q_keys = at::empty({B, T, H, D}, f32);
+  TORCH_CHECK(BmmFloatInto(q_split.view({B * T, H, 2 * d}).transpose(0, 1),
+                           KeysTwice(block),
+                           q_keys.view({B * T, H, D}).transpose(0, 1)),
+              "query-side cross-attention: q Wk");
+  // Scores of both parts of q': [B, 2 T H, S], then softmax.
+  const at::Tensor q_keys_split = at::empty({B, 2, T * H, D}, bf16);
+  TORCH_CHECK(SplitBf16(q_keys.view({B, T * H, D}), q_keys_split.select(1, 0),
+                        q_keys_split.select(1, 1)),
+              "query-side cross-attention: split of q Wk");
+  const at::Tensor scores = at::empty({B, 2 * T * H, S}, f32);
+  TORCH_CHECK(BmmFloatInto(q_keys_split.view({B, 2 * T * H, D}),
+                           x_.transpose(1, 2), scores),
+              "query-side cross-attention: scores");
+  // P split, and P (x_full A^T) for the value deltas.
+  const SiteBank* sb = ValueSite(rows_, w_.decoder[block]);
+  const at::Tensor p_split = at::empty({B, T * H, 2 * S}, bf16);
+  const at::Tensor u =
+      sb != nullptr ? at::empty({B, T * H, xa_[block].size(2)}, f32) : at::Tensor();
+  TORCH_CHECK(SplitScoresSoftmax(scores, bias_, p_split,
+                                 sb != nullptr ? xa_[block] : at::Tensor(), u),
+              "query-side cross-attention: softmax");
+  // P X: [B, T, H, D], then its parts side by side against Wv twice.
+  const at::Tensor px = at::empty({B, T, H, D}, f32);
+  TORCH_CHECK(BmmFloatInto(p_split, x_twice_, px.view({B, T * H, D})),
+              "query-side cross-attention: P X");
+  const at::Tensor px_split = at::empty({1, rows, 2 * D}, bf16);
+  TORCH_CHECK(SplitBf16(px.view({1, rows, D}), px_split.narrow(2, 0, D),
+                        px_split.narrow(2, D, D)),
+              "query-side cross-attention: split of P X");
+  const at::Tensor ctx = at::empty({B, T, H, d}, f32);
+  TORCH_CHECK(BmmFloatInto(px_split.view({B * T, H, 2 * D}).transpose(0, 1),
+                           ValuesTwice(block),
+                           ctx.view({B * T, H, d}).transpose(0, 1)),
+              "query-side cross-attention: context");
+  if (sb != nullptr) {  // u through each head's rows of B
+    TORCH_CHECK(HeadLoraDeltas(ctx, u.view({B, T, H, -1}), sb->b, rows_.slots,
+                               row_scale_[block]),
+                "query-side cross-attention: value deltas");
+  }
+  return ctx.transpose(1, 2);
+}
+
+}  // namespace lorahub::model::internal
