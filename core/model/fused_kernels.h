@@ -425,21 +425,15 @@ int LaunchSplitBf16(const SplitBf16Args& args, void* stream);
 // Softmax over j < S of s[b, m, j] = (scores[b, m, j] + scores[b, M + m, j])
 // + bias[b, j] (the scores of a split query's two parts; bias element (b, j)
 // at b * bias_stride[0] + j * bias_stride[1]), in fp32 as ATen's softmax
-// (max, exponentials, their sum, a division), written as its split p_split,
-// bf16 [B, M, 2S] (hi in [0, S), lo in [S, 2S) of each row); scores and
-// p_split contiguous. With xa (fp32, element (b, j, c) at
-// b * xa_stride[0] + j * xa_stride[1] + c, r <= kSoftmaxMaxRank) also
-// u[b, m, c] = sum_j p[b, m, j] xa[b, j, c] (fp32 [B, M, r], contiguous).
-inline constexpr int kSoftmaxMaxRank = 32;
+// (max, exponentials, their sum, a division): p [B, M, S] and its split
+// p_split, bf16 [B, M, 2S] (hi in [0, S), lo in [S, 2S) of each row).
+// scores, p and p_split contiguous.
 struct SplitScoresSoftmaxArgs {
   const float* scores = nullptr;  // [B, 2M, S]
   const float* bias = nullptr;
   int64_t bias_stride[2] = {0, 0};
+  float* p = nullptr;
   void* p_split = nullptr;
-  const float* xa = nullptr;  // optional
-  int64_t xa_stride[2] = {0, 0};
-  int64_t r = 0;
-  float* u = nullptr;
   int64_t B = 0, M = 0, S = 0;
 };
 int LaunchSplitScoresSoftmax(const SplitScoresSoftmaxArgs& args, void* stream);

@@ -594,10 +594,9 @@ bool SplitBf16(const at::Tensor& x, const at::Tensor& hi,
 }
 
 bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
-                        const at::Tensor& p_split, const at::Tensor& xa,
-                        const at::Tensor& u) {
+                        const at::Tensor& p, const at::Tensor& p_split) {
   if (!scores.is_cuda() || Disabled() || Differentiable(scores)) return false;
-  return fused_backend::SplitScoresSoftmax(scores, bias, p_split, xa, u);
+  return fused_backend::SplitScoresSoftmax(scores, bias, p, p_split);
 }
 
 bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,

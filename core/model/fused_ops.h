@@ -252,13 +252,11 @@ bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
 bool SplitBf16(const at::Tensor& x, const at::Tensor& hi, const at::Tensor& lo);
 // SplitScoresSoftmax: scores fp32 [B, 2M, S] contiguous (rows m and M + m:
 // the two parts of one row's scores), bias fp32 [B, S] (any strides) ->
-// p = softmax(part0 + part1 + bias) as its split p_split, bf16 [B, M, 2S]
-// (hi then lo along the last dimension, contiguous); with xa fp32
-// [B, S, r] (unit stride along r, r <= 32; may be undefined) also
-// u = p xa, fp32 [B, M, r] contiguous.
+// p = softmax(part0 + part1 + bias) fp32 [B, M, S] and its split
+// p_split bf16 [B, M, 2S] (hi then lo along the last dimension), both
+// contiguous.
 bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
-                        const at::Tensor& p_split, const at::Tensor& xa,
-                        const at::Tensor& u);
+                        const at::Tensor& p, const at::Tensor& p_split);
 // HeadLoraDeltas: ctx fp32 [B, T, H, D] += row_scale[b] * (u[b, t, h] .
 // w[slots[b], h D .. h D + D - 1]) per element; u fp32 [B, T, H, r], w fp32
 // [S, H D, r] (unit stride along r), slots int64 [B], row_scale fp32 [B].

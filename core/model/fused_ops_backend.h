@@ -79,8 +79,7 @@ bool BmmFloatInto(const at::Tensor& a, const at::Tensor& b,
 // fused_ops.h SplitBf16, SplitScoresSoftmax, HeadLoraDeltas.
 bool SplitBf16(const at::Tensor& x, const at::Tensor& hi, const at::Tensor& lo);
 bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
-                        const at::Tensor& p_split, const at::Tensor& xa,
-                        const at::Tensor& u);
+                        const at::Tensor& p, const at::Tensor& p_split);
 bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
                     const at::Tensor& w, const at::Tensor& slots,
                     const at::Tensor& row_scale);

@@ -891,27 +891,19 @@ bool SplitBf16(const at::Tensor& x, const at::Tensor& hi,
 }
 
 bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
-                        const at::Tensor& p_split, const at::Tensor& xa,
-                        const at::Tensor& u) {
-  if (!OnDeviceOf(bias, scores) || !OnDeviceOf(p_split, scores) ||
-      scores.scalar_type() != at::kFloat || bias.scalar_type() != at::kFloat ||
+                        const at::Tensor& p, const at::Tensor& p_split) {
+  if (!OnDeviceOf(bias, scores) || !OnDeviceOf(p, scores) ||
+      !OnDeviceOf(p_split, scores) || scores.scalar_type() != at::kFloat ||
+      bias.scalar_type() != at::kFloat || p.scalar_type() != at::kFloat ||
       p_split.scalar_type() != at::kBFloat16 || scores.dim() != 3 ||
       scores.size(1) % 2 != 0 || !scores.is_contiguous() ||
-      !p_split.is_contiguous()) {
+      !p.is_contiguous() || !p_split.is_contiguous()) {
     return false;
   }
   const int64_t B = scores.size(0), M = scores.size(1) / 2, S = scores.size(2);
   if (bias.dim() != 2 || bias.size(0) != B || bias.size(1) != S ||
+      p.sizes() != at::IntArrayRef({B, M, S}) ||
       p_split.sizes() != at::IntArrayRef({B, M, 2 * S})) {
-    return false;
-  }
-  if (xa.defined() &&
-      (!OnDeviceOf(xa, scores) || !OnDeviceOf(u, scores) ||
-       xa.scalar_type() != at::kFloat || u.scalar_type() != at::kFloat ||
-       xa.dim() != 3 || xa.size(0) != B || xa.size(1) != S ||
-       xa.size(2) < 1 || xa.size(2) > kernels::kSoftmaxMaxRank ||
-       xa.stride(2) != 1 || !u.is_contiguous() ||
-       u.sizes() != at::IntArrayRef({B, M, xa.size(2)}))) {
     return false;
   }
   kernels::SplitScoresSoftmaxArgs a;
@@ -919,14 +911,8 @@ bool SplitScoresSoftmax(const at::Tensor& scores, const at::Tensor& bias,
   a.bias = bias.data_ptr<float>();
   a.bias_stride[0] = bias.stride(0);
   a.bias_stride[1] = bias.stride(1);
+  a.p = p.data_ptr<float>();
   a.p_split = p_split.data_ptr();
-  if (xa.defined()) {
-    a.xa = xa.data_ptr<float>();
-    a.xa_stride[0] = xa.stride(0);
-    a.xa_stride[1] = xa.stride(1);
-    a.r = xa.size(2);
-    a.u = u.data_ptr<float>();
-  }
   a.B = B;
   a.M = M;
   a.S = S;

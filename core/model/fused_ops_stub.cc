@@ -103,7 +103,7 @@ bool SplitBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
 }
 
 bool SplitScoresSoftmax(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, const at::Tensor&) {
+                        const at::Tensor&) {
   return false;
 }
 

@@ -6,7 +6,6 @@
 #include <atomic>
 #include <utility>
 
-#include "core/model/fused_kernels.h"
 #include "core/model/fused_ops.h"
 #include "core/model/t5_layers.h"
 
@@ -77,8 +76,7 @@ std::unique_ptr<QuerySideCross> QuerySideCross::Create(
     const SiteBank* sb = ValueSite(rows, b);
     if (sb != nullptr && (sb->a.scalar_type() != at::kFloat ||
                           sb->b.scalar_type() != at::kFloat ||
-                          sb->b.stride(2) != 1 ||
-                          sb->a.size(1) > kernels::kSoftmaxMaxRank)) {
+                          sb->b.stride(2) != 1)) {
       return nullptr;
     }
   }
@@ -193,13 +191,9 @@ at::Tensor QuerySideCross::Context(int64_t block, const at::Tensor& q) {
   TORCH_CHECK(BmmFloatInto(q_keys_split.view({B, 2 * T * H, D}),
                            x_.transpose(1, 2), scores),
               "query-side cross-attention: scores");
-  // P split, and P (x_full A^T) for the value deltas.
-  const SiteBank* sb = ValueSite(rows_, w_.decoder[block]);
+  const at::Tensor p = at::empty({B, T * H, S}, f32);
   const at::Tensor p_split = at::empty({B, T * H, 2 * S}, bf16);
-  const at::Tensor u =
-      sb != nullptr ? at::empty({B, T * H, xa_[block].size(2)}, f32) : at::Tensor();
-  TORCH_CHECK(SplitScoresSoftmax(scores, bias_, p_split,
-                                 sb != nullptr ? xa_[block] : at::Tensor(), u),
+  TORCH_CHECK(SplitScoresSoftmax(scores, bias_, p, p_split),
               "query-side cross-attention: softmax");
   // P X: [B, T, H, D], then its parts side by side against Wv twice.
   const at::Tensor px = at::empty({B, T, H, D}, f32);
@@ -214,9 +208,13 @@ at::Tensor QuerySideCross::Context(int64_t block, const at::Tensor& q) {
                            ValuesTwice(block),
                            ctx.view({B * T, H, d}).transpose(0, 1)),
               "query-side cross-attention: context");
-  if (sb != nullptr) {  // u through each head's rows of B
-    TORCH_CHECK(HeadLoraDeltas(ctx, u.view({B, T, H, -1}), sb->b, rows_.slots,
-                               row_scale_[block]),
+  const SiteBank* sb = ValueSite(rows_, w_.decoder[block]);
+  if (sb != nullptr) {
+    // P (x_full A^T) (an fp32 bmm: 7 us a block of a flan-t5-large
+    // population; summed in the softmax kernel, whose lanes then read
+    // x A^T rows far apart, it took 97 us), then each head's rows of B.
+    const at::Tensor u = at::bmm(p, xa_[block]).view({B, T, H, -1});
+    TORCH_CHECK(HeadLoraDeltas(ctx, u, sb->b, rows_.slots, row_scale_[block]),
                 "query-side cross-attention: value deltas");
   }
   return ctx.transpose(1, 2);

@@ -39,7 +39,7 @@ class QuerySideCross {
  public:
   // Null where it does not apply: not a bf16 model on CUDA with the fused
   // kernels, bf16 attention (AttentionDtype), adapted cross keys, per-row
-  // value factors not fp32 or of rank over 32, LORAHUB_NO_QUERY_CROSS=1 or
+  // value factors not fp32, LORAHUB_NO_QUERY_CROSS=1 or
   // LORAHUB_NO_GEMM_FLOAT=1 (A/B); or where it
   // would not pay: fewer than kMinQueries rows x positions, or more than
   // half the multiply-adds of the usual order (long decoder inputs, short

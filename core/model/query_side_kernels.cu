@@ -76,9 +76,6 @@ __device__ __forceinline__ float WarpSum(float v) {
 // One warp per row (b, m). The row's scores stay in registers (up to
 // kSoftmaxCached per lane: rows of up to 256 keys) through the max, the
 // sum and the outputs; longer rows read them again from L1/L2 instead.
-// With xa, each lane also sums its keys' p_j xa[b, j, :] (the fused
-// product P (x A^T) of the value deltas: an fp32 bmm of its own took 7 us
-// a block of a flan-t5-large population), then the warp adds them up.
 constexpr int kSoftmaxCached = 8;
 __global__ void __launch_bounds__(kSoftmaxWarps * 32)
     SplitScoresSoftmaxKernel(SplitScoresSoftmaxArgs a) {
@@ -118,21 +115,12 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
     for (int64_t j = lane; j < a.S; j += 32) sum += expf(score(j) - mx);
   }
   sum = WarpSum(sum);
+  float* p = a.p + row * a.S;
   auto* hi = static_cast<__nv_bfloat16*>(a.p_split) + row * 2 * a.S;
-  // u[c] = sum_j p_j xa[b, j, c]: each lane's keys, then over the warp.
-  float u[kSoftmaxMaxRank];
-#pragma unroll
-  for (int c = 0; c < kSoftmaxMaxRank; ++c) u[c] = 0.f;
-  const float* xa = a.xa + b * a.xa_stride[0];
   const auto store = [&](int64_t j, float e) {
     const float x = e / sum;
+    p[j] = x;
     SplitOne(x, hi + j, hi + a.S + j);
-    if (a.xa == nullptr) return;
-    const float* xr = xa + j * a.xa_stride[1];
-#pragma unroll
-    for (int c = 0; c < kSoftmaxMaxRank; ++c) {
-      if (c < a.r) u[c] = fmaf(x, xr[c], u[c]);
-    }
   };
   if (cached) {
 #pragma unroll
@@ -143,51 +131,43 @@ __global__ void __launch_bounds__(kSoftmaxWarps * 32)
   } else {
     for (int64_t j = lane; j < a.S; j += 32) store(j, expf(score(j) - mx));
   }
-  if (a.xa == nullptr) return;
-#pragma unroll
-  for (int c = 0; c < kSoftmaxMaxRank; ++c) {
-    if (c >= a.r) break;
-    const float total = WarpSum(u[c]);
-    if (lane == 0) a.u[row * a.r + c] = total;
-  }
 }
 
-// One block per (b, t, h) (striding over the grid), a thread per output
-// e < D (looping past the block): the factors' rows h D + e are contiguous
-// across the threads, u is the block's. kR > 0: r == kR, u and w rows
-// 16-byte aligned (the launcher checks), every load issued before the sum
-// (a loop over a run-time r waited for each pair of loads in turn: 40 us a
-// call for a flan-t5-large population, against 3 us). The sum over c in
-// order either way.
+// One thread per context element (b, t, h, e), striding over the grid:
+// the factors' rows h D + e are contiguous across a warp's threads, u is
+// shared by a head's. kR > 0: r == kR, u and w rows 16-byte aligned (the
+// launcher checks), every load issued before the sum. (A loop over a
+// run-time r waited for each pair of loads in turn, 40 us a call for a
+// flan-t5-large population; a block per head of 64 threads, 14 us.) The sum
+// over c in order either way.
 template <int kR>
 __global__ void __launch_bounds__(kDeltaThreads)
     HeadLoraDeltasKernel(HeadLoraArgs a) {
-  const int64_t heads = a.B * a.T * a.H;
-  for (int64_t bth = blockIdx.x; bth < heads; bth += gridDim.x) {
+  const int64_t n = a.B * a.T * a.H * a.D;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kDeltaThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kDeltaThreads + threadIdx.x;
+       i < n; i += step) {
+    const int64_t bth = i / a.D;  // ((b T) + t) H + h
+    const int64_t e = i - bth * a.D;
     const int64_t h = bth % a.H;
     const int64_t b = bth / (a.T * a.H);
     const float* u = a.u + bth * a.r;
-    const float scale = a.row_scale[b];
-    const float* w0 = a.w + a.slots[b] * a.w_stride[0];
-    for (int64_t e = threadIdx.x; e < a.D; e += blockDim.x) {
-      const float* w = w0 + (h * a.D + e) * a.w_stride[1];
-      float acc = 0.f;
-      if constexpr (kR > 0) {
-        float uu[kR], ww[kR];
+    const float* w =
+        a.w + a.slots[b] * a.w_stride[0] + (h * a.D + e) * a.w_stride[1];
+    float acc = 0.f;
+    if constexpr (kR > 0) {
+      float uu[kR], ww[kR];
 #pragma unroll
-        for (int c = 0; c < kR; c += 4) {
-          *reinterpret_cast<float4*>(uu + c) =
-              *reinterpret_cast<const float4*>(u + c);
-          *reinterpret_cast<float4*>(ww + c) =
-              *reinterpret_cast<const float4*>(w + c);
-        }
-#pragma unroll
-        for (int c = 0; c < kR; ++c) acc = fmaf(uu[c], ww[c], acc);
-      } else {
-        for (int64_t c = 0; c < a.r; ++c) acc = fmaf(u[c], w[c], acc);
+      for (int c = 0; c < kR; c += 4) {
+        *reinterpret_cast<float4*>(uu + c) = *reinterpret_cast<const float4*>(u + c);
+        *reinterpret_cast<float4*>(ww + c) = *reinterpret_cast<const float4*>(w + c);
       }
-      a.ctx[bth * a.D + e] += scale * acc;
+#pragma unroll
+      for (int c = 0; c < kR; ++c) acc = fmaf(uu[c], ww[c], acc);
+    } else {
+      for (int64_t c = 0; c < a.r; ++c) acc = fmaf(u[c], w[c], acc);
     }
+    a.ctx[i] += a.row_scale[b] * acc;
   }
 }
 
@@ -228,9 +208,9 @@ int LaunchSplitScoresSoftmax(const SplitScoresSoftmaxArgs& a, void* stream) {
 int LaunchHeadLoraDeltas(const HeadLoraArgs& a, void* stream) {
   const int64_t heads = a.B * a.T * a.H;
   if (heads <= 0 || a.D <= 0) return cudaSuccess;
-  const int threads =
-      static_cast<int>(std::min<int64_t>((a.D + 31) / 32 * 32, kDeltaThreads));
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(heads, 1 << 20));
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(
+      (heads * a.D + kDeltaThreads - 1) / kDeltaThreads, 1 << 20));
+  const int threads = kDeltaThreads;
   auto* s = static_cast<cudaStream_t>(stream);
   const bool vec = a.r % 4 == 0 && a.w_stride[0] % 4 == 0 &&
                    a.w_stride[1] % 4 == 0 &&
