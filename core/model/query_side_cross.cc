@@ -28,6 +28,16 @@ bool KeysAdapted(const RowAdapters& rows, const BlockWeights& b) {
          rows.bank->sites[site].a.defined();
 }
 
+// The bf16 parts of x fp32 [R, C] side by side: [R, 2C] (hi | lo).
+at::Tensor SideBySideParts(const at::Tensor& x, const char* what) {
+  const int64_t C = x.size(1);
+  const at::Tensor out =
+      at::empty({1, x.size(0), 2 * C}, x.options().dtype(at::kBFloat16));
+  TORCH_CHECK(SplitBf16(x.unsqueeze(0), out.narrow(2, 0, C), out.narrow(2, C, C)),
+              "query-side cross-attention: split of ", what);
+  return out;
+}
+
 // x_full A^T for every row's slot: [B, S, R] fp32 from x_full [B, S, D] and
 // a [slots, R, D] (R: one site's rank, or several sites' side by side).
 at::Tensor DownProjectRows(const at::Tensor& x_full, const at::Tensor& a,
@@ -170,11 +180,8 @@ at::Tensor QuerySideCross::Context(int64_t block, const at::Tensor& q) {
   const auto f32 = x_.options().dtype(at::kFloat);
   const auto bf16 = x_.options();
   // q [B, T, H, d] -> its two bf16 parts side by side along d.
-  const at::Tensor q_rows = q.transpose(1, 2).contiguous().view({1, rows, d});
-  const at::Tensor q_split = at::empty({1, rows, 2 * d}, bf16);
-  TORCH_CHECK(SplitBf16(q_rows, q_split.narrow(2, 0, d),
-                        q_split.narrow(2, d, d)),
-              "query-side cross-attention: split of q");
+  const at::Tensor q_split =
+      SideBySideParts(q.transpose(1, 2).contiguous().view({rows, d}), "q");
   // q' = q_h Wk_h per head: [B, T, H, D] (the GEMM per head writes its
   // column block of each row).
   const at::Tensor q_keys = at::empty({B, T, H, D}, f32);
@@ -199,10 +206,7 @@ at::Tensor QuerySideCross::Context(int64_t block, const at::Tensor& q) {
   const at::Tensor px = at::empty({B, T, H, D}, f32);
   TORCH_CHECK(BmmFloatInto(p_split, x_twice_, px.view({B, T * H, D})),
               "query-side cross-attention: P X");
-  const at::Tensor px_split = at::empty({1, rows, 2 * D}, bf16);
-  TORCH_CHECK(SplitBf16(px.view({1, rows, D}), px_split.narrow(2, 0, D),
-                        px_split.narrow(2, D, D)),
-              "query-side cross-attention: split of P X");
+  const at::Tensor px_split = SideBySideParts(px.view({rows, D}), "P X");
   const at::Tensor ctx = at::empty({B, T, H, d}, f32);
   TORCH_CHECK(BmmFloatInto(px_split.view({B * T, H, 2 * D}).transpose(0, 1),
                            ValuesTwice(block),

@@ -228,6 +228,17 @@ TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
   EXPECT_TRUE(at::equal(s.base.encoder[0].self_attn.q.weight, q0));
 }
 
+// The ref_tiny fixture tiny_s2 in bf16 on `device`, with 5 random examples of
+// 33 to 60 input ids (long enough to be packed).
+void LoadLongExamplesBf16(Fixture& s, c10::Device device) {
+  WeightOptions options;
+  options.dtype = at::kBFloat16;
+  options.device = device;
+  LoadRefTiny(s, "tiny_s2", options);
+  if (::testing::Test::HasFatalFailure()) return;
+  s.examples = RandomExamples(5, s.base.config.vocab_size, 8, 33, 60);
+}
+
 // Examples of 33 to 60 tokens score as ScoreCandidates scores them padded,
 // for a population (runs of 5 rows per candidate) and for one merged
 // candidate, bf16 on $LORAHUB_TEST_DEVICE. On CUDA the runner encodes the
@@ -240,12 +251,8 @@ TEST(ObjectiveRunnerPacked, LongExamplesMatchScoreCandidates) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
   Fixture s;
-  WeightOptions options;
-  options.dtype = at::kBFloat16;
-  options.device = *device;
-  LoadRefTiny(s, "tiny_s2", options);
+  LoadLongExamplesBf16(s, *device);
   if (HasFatalFailure()) return;
-  s.examples = RandomExamples(5, s.base.config.vocab_size, 8, 33, 60);
   for (int64_t capacity : {int64_t{1}, int64_t{4}}) {
     auto runner =
         ObjectiveRunner::Create(s.base, s.stack, s.examples, capacity, {});
@@ -284,12 +291,8 @@ TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
   Fixture s;
-  WeightOptions options;
-  options.dtype = at::kBFloat16;
-  options.device = *device;
-  LoadRefTiny(s, "tiny_s2", options);
+  LoadLongExamplesBf16(s, *device);
   if (HasFatalFailure()) return;
-  s.examples = RandomExamples(5, s.base.config.vocab_size, 8, 33, 60);
   const std::vector<double> w = RandomWeights(4, s.stack.num_modules, 61);
   std::vector<double> losses[2];
   for (int on : {0, 1}) {
