@@ -28,13 +28,47 @@ bool KeysAdapted(const RowAdapters& rows, const BlockWeights& b) {
          rows.bank->sites[site].a.defined();
 }
 
-// The bf16 parts of x fp32 [R, C] side by side: [R, 2C] (hi | lo).
-at::Tensor SideBySideParts(const at::Tensor& x, const char* what) {
+// The steps on their CUDA kernels (fused_ops.h) where those run, else the
+// same arithmetic in ATen (on the CPU, where only tests force this path:
+// the bf16 products are exact in fp32, so the fp32 bmm is the tensor
+// cores' GEMM up to the order of its sums).
+void Split(const at::Tensor& x, const at::Tensor& hi, const at::Tensor& lo) {
+  if (SplitBf16(x, hi, lo)) return;
+  const at::Tensor h = x.to(at::kBFloat16);
+  hi.copy_(h);
+  lo.copy_((x - h.to(at::kFloat)).to(at::kBFloat16));
+}
+
+void Gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  if (BmmFloatInto(a, b, out)) return;
+  out.copy_(at::bmm(a.to(at::kFloat), b.to(at::kFloat)));
+}
+
+void Softmax(const at::Tensor& scores, const at::Tensor& bias,
+             const at::Tensor& p, const at::Tensor& p_split) {
+  if (SplitScoresSoftmax(scores, bias, p, p_split)) return;
+  const int64_t M = scores.size(1) / 2, S = scores.size(2);
+  p.copy_(at::softmax(
+      scores.narrow(1, 0, M) + scores.narrow(1, M, M) + bias.unsqueeze(1), -1));
+  Split(p, p_split.narrow(2, 0, S), p_split.narrow(2, S, S));
+}
+
+void ValueDeltas(const at::Tensor& ctx, const at::Tensor& u,
+                 const at::Tensor& w, const at::Tensor& slots,
+                 const at::Tensor& row_scale) {
+  if (HeadLoraDeltas(ctx, u, w, slots, row_scale)) return;
+  const int64_t B = ctx.size(0), H = ctx.size(2), D = ctx.size(3);
+  const at::Tensor rows = w.index_select(0, slots).view({B, 1, H, D, -1});
+  ctx.add_(at::matmul(rows, u.unsqueeze(-1)).squeeze(-1) *
+           row_scale.view({B, 1, 1, 1}));
+}
+
+// The bf16 parts of x fp32 [R, C] side by side: [1, R, 2C] (hi | lo).
+at::Tensor SideBySideParts(const at::Tensor& x) {
   const int64_t C = x.size(1);
   const at::Tensor out =
       at::empty({1, x.size(0), 2 * C}, x.options().dtype(at::kBFloat16));
-  TORCH_CHECK(SplitBf16(x.unsqueeze(0), out.narrow(2, 0, C), out.narrow(2, C, C)),
-              "query-side cross-attention: split of ", what);
+  Split(x.unsqueeze(0), out.narrow(2, 0, C), out.narrow(2, C, C));
   return out;
 }
 
@@ -67,8 +101,9 @@ std::unique_ptr<QuerySideCross> QuerySideCross::Create(
   static const bool off = EnvFlag("LORAHUB_NO_QUERY_CROSS") ||
                           EnvFlag("LORAHUB_NO_GEMM_FLOAT");
   const int mode = override_mode.load();
-  if (mode == 0 || (mode < 0 && off) || !w.device.is_cuda() ||
-      w.dtype != at::kBFloat16 || !FusedKernelsEnabled() ||
+  // Forced (tests), it also runs where its steps take their ATen forms.
+  const bool fast = w.device.is_cuda() && FusedKernelsEnabled();
+  if (mode == 0 || (mode < 0 && (off || !fast)) || w.dtype != at::kBFloat16 ||
       AttentionDtype(w) != at::kFloat || w.decoder.empty() ||
       !enc.hidden.defined() || enc.hidden.dim() != 3 ||
       enc.hidden.scalar_type() != at::kBFloat16 ||
@@ -181,45 +216,35 @@ at::Tensor QuerySideCross::Context(int64_t block, const at::Tensor& q) {
   const auto bf16 = x_.options();
   // q [B, T, H, d] -> its two bf16 parts side by side along d.
   const at::Tensor q_split =
-      SideBySideParts(q.transpose(1, 2).contiguous().view({rows, d}), "q");
+      SideBySideParts(q.transpose(1, 2).contiguous().view({rows, d}));
   // q' = q_h Wk_h per head: [B, T, H, D] (the GEMM per head writes its
   // column block of each row).
   const at::Tensor q_keys = at::empty({B, T, H, D}, f32);
-  TORCH_CHECK(BmmFloatInto(q_split.view({B * T, H, 2 * d}).transpose(0, 1),
-                           KeysTwice(block),
-                           q_keys.view({B * T, H, D}).transpose(0, 1)),
-              "query-side cross-attention: q Wk");
+  Gemm(q_split.view({B * T, H, 2 * d}).transpose(0, 1), KeysTwice(block),
+       q_keys.view({B * T, H, D}).transpose(0, 1));
   // Scores of both parts of q': [B, 2 T H, S], then softmax.
   const at::Tensor q_keys_split = at::empty({B, 2, T * H, D}, bf16);
-  TORCH_CHECK(SplitBf16(q_keys.view({B, T * H, D}), q_keys_split.select(1, 0),
-                        q_keys_split.select(1, 1)),
-              "query-side cross-attention: split of q Wk");
+  Split(q_keys.view({B, T * H, D}), q_keys_split.select(1, 0),
+        q_keys_split.select(1, 1));
   const at::Tensor scores = at::empty({B, 2 * T * H, S}, f32);
-  TORCH_CHECK(BmmFloatInto(q_keys_split.view({B, 2 * T * H, D}),
-                           x_.transpose(1, 2), scores),
-              "query-side cross-attention: scores");
+  Gemm(q_keys_split.view({B, 2 * T * H, D}), x_.transpose(1, 2), scores);
   const at::Tensor p = at::empty({B, T * H, S}, f32);
   const at::Tensor p_split = at::empty({B, T * H, 2 * S}, bf16);
-  TORCH_CHECK(SplitScoresSoftmax(scores, bias_, p, p_split),
-              "query-side cross-attention: softmax");
+  Softmax(scores, bias_, p, p_split);
   // P X: [B, T, H, D], then its parts side by side against Wv twice.
   const at::Tensor px = at::empty({B, T, H, D}, f32);
-  TORCH_CHECK(BmmFloatInto(p_split, x_twice_, px.view({B, T * H, D})),
-              "query-side cross-attention: P X");
-  const at::Tensor px_split = SideBySideParts(px.view({rows, D}), "P X");
+  Gemm(p_split, x_twice_, px.view({B, T * H, D}));
+  const at::Tensor px_split = SideBySideParts(px.view({rows, D}));
   const at::Tensor ctx = at::empty({B, T, H, d}, f32);
-  TORCH_CHECK(BmmFloatInto(px_split.view({B * T, H, 2 * D}).transpose(0, 1),
-                           ValuesTwice(block),
-                           ctx.view({B * T, H, d}).transpose(0, 1)),
-              "query-side cross-attention: context");
+  Gemm(px_split.view({B * T, H, 2 * D}).transpose(0, 1), ValuesTwice(block),
+       ctx.view({B * T, H, d}).transpose(0, 1));
   const SiteBank* sb = ValueSite(rows_, w_.decoder[block]);
   if (sb != nullptr) {
     // P (x_full A^T) (an fp32 bmm: 7 us a block of a flan-t5-large
     // population; summed in the softmax kernel, whose lanes then read
     // x A^T rows far apart, it took 97 us), then each head's rows of B.
     const at::Tensor u = at::bmm(p, xa_[block]).view({B, T, H, -1});
-    TORCH_CHECK(HeadLoraDeltas(ctx, u, sb->b, rows_.slots, row_scale_[block]),
-                "query-side cross-attention: value deltas");
+    ValueDeltas(ctx, u, sb->b, rows_.slots, row_scale_[block]);
   }
   return ctx.transpose(1, 2);
 }

@@ -77,8 +77,9 @@ class QuerySideCross {
   std::vector<at::Tensor> row_scale_;
 };
 
-// Tests: -1 (default) as above, 0 never, 1 wherever it applies (also where
-// it would not pay).
+// Tests: -1 (default) as above, 0 never, 1 wherever the model is bf16 with
+// fp32 attention and the adapters qualify, also where it would not pay and
+// off CUDA (then its steps run as ATen ops: the same arithmetic, slower).
 void SetQuerySideCrossForTesting(int value);
 
 }  // namespace lorahub::model::internal

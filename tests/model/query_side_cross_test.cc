@@ -5,8 +5,10 @@
 // beside it where it fails): per-row adapters in runs, in any order
 // with unadapted rows, one adapter for all rows, and none; random models
 // with T5-sized and odd heads. DecodeFull's logits with it forced on and
-// off agree within the bf16 bound. On the CPU and for fp32 models it does
-// not apply (Create gives null) and DecodeFull is unchanged.
+// off agree within the bf16 bound. On CUDA its steps are the fused kernels,
+// on the CPU their ATen forms (forced; by default it runs on CUDA only). For
+// fp32 models it does not apply (Create gives null) and DecodeFull is
+// unchanged.
 #include "core/model/query_side_cross.h"
 
 #include <ATen/ATen.h>
@@ -114,9 +116,11 @@ class QuerySideCrossTest
     bank_ = *std::move(bank);
   }
 
+  // Where it applies when forced: bf16 models with fp32 attention (off
+  // CUDA through its ATen steps).
   bool Applies() const {
-    return base_.device.is_cuda() && base_.dtype == at::kBFloat16 &&
-           FusedKernelsEnabled() && internal::AttentionDtype(base_) == at::kFloat;
+    return base_.dtype == at::kBFloat16 &&
+           internal::AttentionDtype(base_) == at::kFloat;
   }
 
   // Six rows of 3 to 12 tokens (padded to 12), encoded with `rows`.
@@ -149,6 +153,7 @@ TEST_P(QuerySideCrossTest, MatchesReferenceAsTheUsualOrderDoes) {
       {"one slot", {1, 1, 1, 1, 1, 1}},
   };
   const ForceQuerySide force(1);
+  at::manual_seed(31);  // the queries, drawn on the CPU: the same on every device
   const int64_t T = 3, H = base_.config.num_heads, d = base_.config.d_kv;
   for (const auto& [name, slots] : layouts) {
     SCOPED_TRACE(name);
@@ -171,8 +176,7 @@ TEST_P(QuerySideCrossTest, MatchesReferenceAsTheUsualOrderDoes) {
       // Queries of T5's magnitude (unscaled scores of several units), laid
       // out as Heads gives them: [B, H, T, d] viewing [B, T, H, d].
       const at::Tensor q =
-          (at::randn({B, T, H, d}, at::TensorOptions().device(base_.device)) * 2.0)
-              .transpose(1, 2);
+          (at::randn({B, T, H, d}) * 2.0).to(base_.device).transpose(1, 2);
       const at::Tensor want = Reference(base_, enc, rows, block, q);
       const at::Tensor got = qs->Context(block, q);
       ASSERT_EQ(got.sizes(), want.sizes());
@@ -221,7 +225,10 @@ TEST_P(QuerySideCrossTest, DecodeFullForcedOnMatchesOff) {
   }
   // bf16: a context a few ulps of fp32 apart may round to another bf16 as
   // the output projection's input; the bound of the other bf16 path tests.
-  EXPECT_LE(RelativeError(on, off), 3e-2);
+  // Off CUDA the usual order's keys and values are themselves rounded to
+  // bf16 (MatmulFloat's CPU form), which the query side's are not: there
+  // the two differed by 4.0e-2 for the gated model, so twice the bound.
+  EXPECT_LE(RelativeError(on, off), base_.device.is_cuda() ? 3e-2 : 6e-2);
   EXPECT_FALSE(at::equal(on, off)) << "the same bits: was it applied?";
 }
 
