@@ -1,10 +1,8 @@
 #include "core/model/query_side_cross.h"
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 
 #include <atomic>
-#include <utility>
 
 #include "core/model/fused_ops.h"
 #include "core/model/t5_layers.h"
