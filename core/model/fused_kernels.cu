@@ -11,6 +11,7 @@
 
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
+#include "core/model/warp_reduce.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
@@ -1063,18 +1064,6 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
 // SmallAttentionKernel up to the order of the fp32 sums.
 constexpr int kTiledGroup = static_cast<int>(kTiledQueriesPerWarp);
 constexpr int kTiledQPerLane = 4;  // D <= 128 (TiledAttentionFits: D / 4 divides 32)
-
-__device__ __forceinline__ float WarpMax(float v) {
-  for (int off = 16; off > 0; off >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  }
-  return v;
-}
-
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // Four consecutive elements (unit stride) as fp32.
 __device__ __forceinline__ float4 Load4(const float* p) {

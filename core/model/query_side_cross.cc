@@ -15,15 +15,7 @@ std::atomic<int> override_mode{-1};
 // The cross v site bank of a block where the rows adapt it, else null.
 const SiteBank* ValueSite(const RowAdapters& rows, const BlockWeights& b) {
   const int site = b.cross_attn.v.site;
-  if (rows.bank == nullptr || site < 0) return nullptr;
-  const SiteBank& sb = rows.bank->sites[site];
-  return sb.a.defined() ? &sb : nullptr;
-}
-
-bool KeysAdapted(const RowAdapters& rows, const BlockWeights& b) {
-  const int site = b.cross_attn.k.site;
-  return rows.bank != nullptr && site >= 0 &&
-         rows.bank->sites[site].a.defined();
+  return Adapted(rows, site) ? &rows.bank->sites[site] : nullptr;
 }
 
 // The steps on their CUDA kernels (fused_ops.h) where those run, else the
@@ -71,18 +63,15 @@ at::Tensor SideBySideParts(const at::Tensor& x) {
 }
 
 // x_full A^T for every row's slot: [B, S, R] fp32 from x_full [B, S, D] and
-// a [slots, R, D] (R: one site's rank, or several sites' side by side).
+// a [slots, R, D] (R: one site's rank, or several sites' side by side):
+// DownProject's GEMMs where the rows use one slot or come in runs, else one
+// batched GEMM over the rows' gathered factors.
 at::Tensor DownProjectRows(const at::Tensor& x_full, const at::Tensor& a,
                            const RowAdapters& rows) {
-  const int64_t B = x_full.size(0), S = x_full.size(1), D = x_full.size(2);
-  if (rows.uniform_slot >= 0) {
-    return at::matmul(x_full, a[rows.uniform_slot].t());
-  }
-  if (rows.rows_per_slot > 0 && B % rows.rows_per_slot == 0) {
-    const int64_t n = B / rows.rows_per_slot;
-    return at::bmm(x_full.reshape({n, rows.rows_per_slot * S, D}),
-                   a.narrow(0, rows.slot_offset, n).transpose(1, 2))
-        .view({B, S, -1});
+  const int64_t B = x_full.size(0), S = x_full.size(1);
+  if (rows.uniform_slot >= 0 ||
+      (rows.rows_per_slot > 0 && B % rows.rows_per_slot == 0)) {
+    return DownProject(x_full, a, rows, /*narrow=*/false).view({B, S, -1});
   }
   return at::bmm(x_full, a.index_select(0, rows.slots).transpose(1, 2));
 }
@@ -111,7 +100,7 @@ std::unique_ptr<QuerySideCross> QuerySideCross::Create(
     return nullptr;
   }
   for (const BlockWeights& b : w.decoder) {
-    if (KeysAdapted(rows, b) ||
+    if (Adapted(rows, b.cross_attn.k.site) ||
         b.cross_attn.k.weight.scalar_type() != at::kBFloat16 ||
         b.cross_attn.v.weight.scalar_type() != at::kBFloat16) {
       return nullptr;

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "core/model/fused_kernels.h"
+#include "core/model/warp_reduce.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
@@ -55,22 +56,6 @@ __global__ void __launch_bounds__(kSplitThreads)
       SplitOne(*in, hi, lo);
     }
   }
-}
-
-__device__ __forceinline__ float WarpMax(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  }
-  return v;
-}
-
-__device__ __forceinline__ float WarpSum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    v += __shfl_xor_sync(0xffffffffu, v, off);
-  }
-  return v;
 }
 
 // One warp per row (b, m). The row's scores stay in registers (up to

@@ -82,6 +82,35 @@ at::Tensor SideBySideA(const at::Tensor& a0, int64_t count) {
                        {a0.stride(0), a0.size(2), 1});
 }
 
+bool Adapted(const RowAdapters& rows, int site) {
+  return rows.bank != nullptr && site >= 0 &&
+         rows.bank->sites[site].a.defined();
+}
+
+// Runs stay on cuBLAS's batched GEMM: there the NarrowGemm kernel, which
+// reads a slot's A once per 8 rows, was slower (a CMA-ES population, a
+// per-row prefill).
+at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
+                       const RowAdapters& rows, bool narrow) {
+  const int64_t in = xin.size(-1);
+  if (rows.uniform_slot >= 0) {
+    const at::Tensor a1 = a[rows.uniform_slot];  // [R, in]
+    at::Tensor out;
+    if (narrow &&
+        NarrowGemm(xin.reshape({1, -1, in}), a1.unsqueeze(0), &out)) {
+      std::vector<int64_t> sizes = xin.sizes().vec();
+      sizes.back() = a1.size(0);
+      return out.view(sizes);
+    }
+    return at::matmul(xin, a1.t());
+  }
+  // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...): one
+  // batched GEMM over the slots, no gather of A.
+  const int64_t slots = xin.size(0) / rows.rows_per_slot;
+  return at::bmm(xin.reshape({slots, -1, in}),
+                 a.narrow(0, rows.slot_offset, slots).transpose(1, 2));
+}
+
 // Everything below may throw c10::Error; the public functions catch it.
 
 double MinValue(at::ScalarType dtype) {
@@ -117,11 +146,6 @@ Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 
 namespace {
 
-bool Adapted(const RowAdapters& rows, int site) {
-  return rows.bank != nullptr && site >= 0 &&
-         rows.bank->sites[site].a.defined();
-}
-
 // True when an input projection of the feed-forward sublayer (wi, wi_0,
 // wi_1) takes a per-row LoRA delta, whose input is the norm's fp32 output.
 bool FeedForwardAdapted(const FeedForwardWeights& ff,
@@ -154,34 +178,6 @@ bool LowPrecisionDelta(const SiteBank& sb, at::ScalarType y) {
 bool GemmLayout(const RowAdapters& rows, const SiteBank& sb) {
   return rows.uniform_slot >= 0 ||
          (rows.rows_per_slot > 0 && !std::isnan(sb.common_scale));
-}
-
-// x A^T for a GemmLayout: a [S, R, in] (R: one rank, or several adapters'
-// ranks side by side); xin fp32 [B, T, in]. Returns [B, T, R] (one slot)
-// or [slots, rows_per_slot * T, R] (runs). `narrow`: NarrowGemm may take
-// one slot's (fused_ops.h; a reduced-precision model: an fp32 model keeps
-// the GEMMs' summation order, which its exact-reference parity pins). Runs
-// stay on cuBLAS's batched GEMM: there the kernel, which reads a slot's A
-// once per 8 rows, was slower (a CMA-ES population, a per-row prefill).
-at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
-                       const RowAdapters& rows, bool narrow) {
-  const int64_t in = xin.size(-1);
-  if (rows.uniform_slot >= 0) {
-    const at::Tensor a1 = a[rows.uniform_slot];  // [R, in]
-    at::Tensor out;
-    if (narrow &&
-        NarrowGemm(xin.reshape({1, -1, in}), a1.unsqueeze(0), &out)) {
-      std::vector<int64_t> sizes = xin.sizes().vec();
-      sizes.back() = a1.size(0);
-      return out.view(sizes);
-    }
-    return at::matmul(xin, a1.t());
-  }
-  // Rows come in runs of rows_per_slot per slot (slot_offset, +1, ...): one
-  // batched GEMM over the slots, no gather of A.
-  const int64_t slots = xin.size(0) / rows.rows_per_slot;
-  return at::bmm(xin.reshape({slots, -1, in}),
-                 a.narrow(0, rows.slot_offset, slots).transpose(1, 2));
 }
 
 // y [B, T, N] (rows of one stride, B a multiple of `slots`) as [slots,

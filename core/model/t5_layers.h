@@ -35,6 +35,20 @@ bool AdjacentFactors(const at::Tensor& p, const at::Tensor& n);
 // (AdjacentFactors), as one [S, count * r, in] view; a0 itself for one.
 at::Tensor SideBySideA(const at::Tensor& a0, int64_t count);
 
+// True when some row of `rows` has a LoRA delta at `site`.
+bool Adapted(const RowAdapters& rows, int site);
+
+// x A^T where every row uses one slot (rows.uniform_slot >= 0) or the rows
+// come in runs of rows.rows_per_slot per slot (B a multiple of it): a
+// [S, R, in] (R: one rank, or several adapters' ranks side by side), xin
+// fp32 [B, T, in]. Returns [B, T, R] (one slot) or [slots, rows_per_slot *
+// T, R] (runs), from one (batched) GEMM without a gather of A. `narrow`:
+// NarrowGemm (fused_ops.h) may take one slot's (a reduced-precision model:
+// an fp32 model keeps the GEMMs' summation order, which its exact-reference
+// parity pins).
+at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
+                       const RowAdapters& rows, bool narrow);
+
 // The per-row LoRA shrink of a decode step's normed input, computed with
 // the norm (fused_ops.h AddRmsNormShrink): xa [B, R] = x [B, 1, in] times
 // the row slots' factors `a` [S, R, in] (the adapted sites of the
