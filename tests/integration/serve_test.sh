@@ -118,10 +118,19 @@ c modules rm m2 || fail "rm m2"
 expect NOT_FOUND "module 'm2'" generate --module m2 --text hi
 "$ctl" --server "127.0.0.1:$port" bogus 2>/dev/null; [ $? = 2 ] || fail "usage exit code"
 
-# SIGTERM with a stream in flight: it finishes, the server exits 0.
+# SIGTERM with a stream in flight: it finishes, the server exits 0. In
+# flight = its first tokens arrived (the client flushes each message): a
+# fixed 0.3 s sleep sent the signal before the stream started on a loaded
+# 2-core CI machine, and the server, already draining, refused it
+# ("UNAVAILABLE: Broken pipe").
 c --json generate --module m0 --max-new-tokens 500 --text "leap year" >"$tmp/last" &
 cpid=$!
-sleep 0.3
+for _ in $(seq 300); do
+  [ -s "$tmp/last" ] && break
+  kill -0 "$cpid" 2>/dev/null || break
+  sleep 0.1
+done
+[ -s "$tmp/last" ] || fail "the stream before SIGTERM produced no tokens"
 kill -TERM "$pid"
 wait "$pid"; rc=$?
 pid=
