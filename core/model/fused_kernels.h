@@ -342,6 +342,14 @@ struct RunLoraArgs {
 };
 bool RunLoraFits(const RunLoraArgs& args);
 int LaunchRunLora(const RunLoraArgs& args, void* stream);
+// The shrink alone, xa_buffer[s, m, :] = x[s, m, :] a[s]^T, on the tensor
+// cores (3xTF32) only: x, a, in, R, slots, M, their strides and xa_buffer
+// ([slots, M, R] contiguous) are read, the rest ignored. R = 16, 32 or a
+// multiple of 64; in a multiple of 32; M >= 32; 16-byte aligned rows.
+// RunShrinkFits says whether it takes them; LaunchRunShrink returns
+// cudaErrorInvalidValue where not, else the launch's error.
+bool RunShrinkFits(const RunLoraArgs& args);
+int LaunchRunShrink(const RunLoraArgs& args, void* stream);
 
 // Weighted sums of equally long vectors (weighted_sum_kernels.cu), for
 // fused_ops.h WeightedSums: for every job and element i < n,

@@ -352,6 +352,11 @@ bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                                             max_run, y_round);
 }
 
+bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
+  return RunKernelsMayRun(x, {&a}, {}) &&
+         fused_backend::RunShrink(x, a, out);
+}
+
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
                       const at::Tensor& weight, double eps,
                       at::ScalarType compute, const at::Tensor& a,

@@ -277,6 +277,19 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // True when NarrowGemm can run (kernels compiled, not switched off). Read once.
 bool NarrowGemmEnabled();
 
+// out[s] = x[s] a[s]^T in fp32 for runs of rows per slot (the LoRA
+// down-projection of a CMA-ES population's encoder output through every
+// decoder block's cross v factors, R = 384 for flan-t5-large): x [S, M, in]
+// and a [S, R, in], both fp32 with unit stride along in; out a new
+// contiguous [S, M, R]. On CUDA the run kernels' tensor-core shrink
+// (fused_kernels.h LaunchRunShrink, 3xTF32: about 22 bits of each product,
+// summed in fp32; cuBLAS's fp32 batched GEMM ran on the SIMT cores). False,
+// *out untouched, elsewhere (CPU, autograd, M < 32, in not a multiple of
+// 32, R not 16, 32 or a multiple of 64, unaligned rows, LORAHUB_NO_FUSED=1,
+// LORAHUB_NO_RUN_LORA=1 or LORAHUB_NO_MMA_SHRINK=1): the caller runs its
+// GEMM.
+bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out);
+
 // Experimental, off by default: while alive with `on` and
 // LORAHUB_TF32_LORA=1 (read once), fp32 cuBLAS GEMMs on this process run on
 // TF32 tensor cores: operands rounded to 10-bit mantissas (2^-11 relative),

@@ -70,6 +70,8 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
                          at::Tensor* out);
 // fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
+// fused_ops.h RunShrink: x [S, M, in], a [S, R, in], fp32.
+bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and
 // an fp32 result: at::bmm with out_dtype (PyTorch >= 2.8).
 bool BmmFloat(const at::Tensor& a, const at::Tensor& b, at::Tensor* out);

@@ -824,6 +824,39 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
   return true;
 }
 
+bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
+  if (x.dim() != 3 || a.dim() != 3 || !x.is_cuda() || !a.is_cuda() ||
+      x.device() != a.device() || x.scalar_type() != at::kFloat ||
+      a.scalar_type() != at::kFloat || x.size(0) != a.size(0) ||
+      x.size(2) != a.size(2) || x.stride(2) != 1 || a.stride(2) != 1) {
+    return false;
+  }
+  kernels::RunLoraArgs p;
+  p.slots = x.size(0);
+  p.M = x.size(1);
+  p.R = a.size(1);
+  p.in = x.size(2);
+  p.x = x.data_ptr<float>();
+  p.a = a.data_ptr<float>();
+  for (int i = 0; i < 2; ++i) {
+    p.x_stride[i] = x.stride(i);
+    p.a_stride[i] = a.stride(i);
+  }
+  c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor result = at::empty({p.slots, p.M, p.R}, x.options());
+  p.xa_buffer = result.data_ptr<float>();
+  // The launcher's checks, first: false must leave *out alone.
+  if (!kernels::RunShrinkFits(p)) return false;
+  // A GEMM to tests/model/objective_ops_test's counts, as the cuBLAS call it
+  // replaces was; only once it runs (false must not count).
+  RECORD_USER_SCOPE("lorahub::run_shrink");
+  const int err = kernels::LaunchRunShrink(p, StreamOf(x));
+  TORCH_CHECK(err == 0, "run shrink kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = result;
+  return true;
+}
+
 bool Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& bias, at::Tensor* out) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 ||

@@ -90,6 +90,10 @@ bool NarrowGemm(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }
 
+bool RunShrink(const at::Tensor&, const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
 bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

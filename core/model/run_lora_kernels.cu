@@ -171,6 +171,161 @@ __global__ void __launch_bounds__(kRunThreads, 3)
   }
 }
 
+// The shrink on the tensor cores (RunShrinkMmaKernel): xa[s, m, g0 ..
+// g0 + 16 kNT) = x[s, m, :] a[s, g0 ..]^T for a tile of kMmaTokens tokens
+// of one slot and one group of 16 kNT ranks per block, in 3xTF32: each
+// fp32 operand split as v ~ big + small (both TF32, rounded to nearest),
+// the products small * big + big * small + big * big summed in fp32
+// (mma.sync m16n8k8), which keeps about 22 bits of each product against
+// fp32's 24. Why: the FMA kernel above is bound by the SIMT cores (H200,
+// a CMA-ES population's encoder: 80 us a call for 21,312 tokens x 32
+// ranks x 1,024, 24 calls a population); these products are a third of the
+// tensor cores' TF32 work and the call reads x once.
+// Tiles of x [kMmaTokens, kMmaK] and of a [16 kNT, kMmaK] go through
+// shared memory by cp.async, kMmaStages deep, rows kMmaStride floats apart
+// (the fragment loads of a warp, rows g and columns t (+ 4) for
+// g = lane / 4, t = lane % 4, fall on distinct banks). Warp w takes tokens
+// 16 (w % 4) .. + 15 and ranks 8 kNT (w / 4) .. + 8 kNT - 1 of the
+// group. Rows past the run's end are loaded as zeros and their outputs not
+// stored; warps whose 16 tokens are all past it skip the products.
+constexpr int kMmaTokens = 64;
+constexpr int kMmaK = 32;
+constexpr int kMmaStages = 4;
+constexpr int kMmaStride = kMmaK + 4;
+constexpr int kMmaWarpsM = kMmaTokens / 16;            // 4
+constexpr int kMmaWarpsN = kRunWarps / kMmaWarpsM;     // 2
+
+template <int kNT>
+constexpr size_t MmaShrinkShared() {
+  return sizeof(float) * kMmaStages * kMmaStride * (kMmaTokens + 16 * kNT);
+}
+
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool fill) {
+  const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(fill ? 16 : 0));
+}
+
+__device__ __forceinline__ void Tf32Split(float v, uint32_t* big, uint32_t* small) {
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(*big) : "f"(v));
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(*small) : "f"(v - __uint_as_float(*big)));
+}
+
+__device__ __forceinline__ void MmaTf32(float (&d)[4], const uint32_t (&a)[4],
+                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// kNT: n-tiles of 8 ranks per warp; a block's group is 8 kNT kMmaWarpsN
+// ranks (kNT = 1: 16, 2: 32, 4: 64) and `groups` groups make R.
+template <int kNT>
+__global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
+    RunShrinkMmaKernel(RunLoraArgs p, float* __restrict__ xa_out, int groups) {
+  constexpr int kRanks = 8 * kNT * kMmaWarpsN;  // the block's group
+  extern __shared__ __align__(16) float mma_smem[];
+  auto x_s = reinterpret_cast<float (*)[kMmaTokens][kMmaStride]>(mma_smem);
+  auto a_s = reinterpret_cast<float (*)[kRanks][kMmaStride]>(
+      mma_smem + kMmaStages * kMmaTokens * kMmaStride);
+  // Blocks of one tile's groups are adjacent: x's tile is read from DRAM
+  // once and from L2 by the others.
+  const int group = static_cast<int>(blockIdx.x % groups);
+  const int64_t tiles = (p.M + kMmaTokens - 1) / kMmaTokens;
+  const int64_t tile_id = blockIdx.x / groups;
+  const int64_t s = tile_id / tiles;
+  const int64_t m0 = (tile_id - s * tiles) * kMmaTokens;
+  int64_t first = 0, len = p.M;
+  if (p.run_starts != nullptr) {
+    first = p.run_starts[s];
+    len = p.run_starts[s + 1] - first;
+  }
+  const int valid = static_cast<int>(len - m0 < kMmaTokens ? len - m0 : kMmaTokens);
+  if (valid <= 0) return;  // uniform over the block
+  const int64_t tok = first + m0;
+  const float* x = p.x + s * p.x_stride[0] + tok * p.x_stride[1];
+  const float* a = p.a + s * p.a_stride[0] +
+                   static_cast<int64_t>(group) * kRanks * p.a_stride[1];
+  const int chunks = static_cast<int>(p.in / kMmaK);
+  constexpr int kQuads = kMmaK / 4;  // 16-byte copies per staged row
+  const auto load = [&](int chunk, int stage) {
+    const int64_t k0 = static_cast<int64_t>(chunk) * kMmaK;
+    for (int i = threadIdx.x; i < kMmaTokens * kQuads; i += kRunThreads) {
+      const int row = i / kQuads, q = i % kQuads;
+      const bool in_run = row < valid;
+      CopyAsync16(&x_s[stage][row][4 * q],
+                  x + (in_run ? row : 0) * p.x_stride[1] + k0 + 4 * q, in_run);
+    }
+    for (int i = threadIdx.x; i < kRanks * kQuads; i += kRunThreads) {
+      const int row = i / kQuads, q = i % kQuads;
+      CopyAsync16(&a_s[stage][row][4 * q], a + row * p.a_stride[1] + k0 + 4 * q,
+                  true);
+    }
+  };
+#pragma unroll
+  for (int c = 0; c < kMmaStages - 1; ++c) {
+    if (c < chunks) load(c, c);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = 16 * (warp % kMmaWarpsM);
+  const int wn = 8 * kNT * (warp / kMmaWarpsM);
+  const bool busy = wm < valid;  // uniform over the warp
+  float acc[kNT][4];
+#pragma unroll
+  for (int n = 0; n < kNT; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+  }
+  for (int c = 0; c < chunks; ++c) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kMmaStages - 2));
+    __syncthreads();  // chunk c landed; every warp is done with chunk c - 1
+    if (c + kMmaStages - 1 < chunks) {
+      load(c + kMmaStages - 1, (c + kMmaStages - 1) % kMmaStages);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    if (!busy) continue;
+    const int st = c % kMmaStages;
+#pragma unroll
+    for (int k = 0; k < kMmaK; k += 8) {
+      uint32_t ab[4], as[4];
+      Tf32Split(x_s[st][wm + g][k + t], &ab[0], &as[0]);
+      Tf32Split(x_s[st][wm + g + 8][k + t], &ab[1], &as[1]);
+      Tf32Split(x_s[st][wm + g][k + t + 4], &ab[2], &as[2]);
+      Tf32Split(x_s[st][wm + g + 8][k + t + 4], &ab[3], &as[3]);
+#pragma unroll
+      for (int n = 0; n < kNT; ++n) {
+        uint32_t b0b, b0s, b1b, b1s;
+        Tf32Split(a_s[st][wn + 8 * n + g][k + t], &b0b, &b0s);
+        Tf32Split(a_s[st][wn + 8 * n + g][k + t + 4], &b1b, &b1s);
+        MmaTf32(acc[n], as, b0b, b1b);
+        MmaTf32(acc[n], ab, b0s, b1s);
+        MmaTf32(acc[n], ab, b0b, b1b);
+      }
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::);
+  if (!busy) return;
+  // xa_out: [slots, M, R], or [tokens, R] for packed runs.
+  const int64_t out0 = (p.run_starts != nullptr ? 0 : s * p.M) + tok;
+#pragma unroll
+  for (int n = 0; n < kNT; ++n) {
+    const int64_t col = static_cast<int64_t>(group) * kRanks + wn + 8 * n + 2 * t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = wm + g + 8 * h;
+      if (row < valid) {
+        *reinterpret_cast<float2*>(xa_out + (out0 + row) * p.R + col) =
+            make_float2(acc[n][2 * h], acc[n][2 * h + 1]);
+      }
+    }
+  }
+}
+
 // The expand: y[s, m, site.col + o] += scale * xa[s, m, k r :] . b_k[s, o, :]
 // (with y_bf16: that sum rounded into y_bf16 at the same offset, y unchanged)
 // for kT tokens of one slot per block (blockIdx.x) and
@@ -270,6 +425,71 @@ int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
   return static_cast<int>(cudaGetLastError());
 }
 
+// The tensor-core shrink where it applies: K in whole staged chunks, 16,
+// 32 or a multiple of 64 ranks, and runs of at least kMmaMinTokens tokens
+// (shorter ones, a population's 15-token decoder runs, would leave most
+// of a 64-token tile idle while the block still streams its factors).
+// LORAHUB_NO_MMA_SHRINK=1: the FMA kernel (A/B; read once).
+constexpr int kMmaMinTokens = 32;
+
+int MmaShrinkTiles(const RunLoraArgs& p) {
+  return static_cast<int>((p.M + kMmaTokens - 1) / kMmaTokens);
+}
+
+int MmaShrinkNT(const RunLoraArgs& p) {
+  static const bool off = EnvSwitch("LORAHUB_NO_MMA_SHRINK");
+  if (off || p.in % kMmaK != 0 || p.M < kMmaMinTokens) return 0;
+  if (p.R == 16) return 1;
+  if (p.R == 32) return 2;
+  return p.R % 64 == 0 ? 4 : 0;
+}
+
+template <int kNT>
+int LaunchShrinkMma(const RunLoraArgs& p, int device, int64_t limit,
+                    cudaStream_t stream) {
+  constexpr size_t shared = MmaShrinkShared<kNT>();
+  if (static_cast<int64_t>(shared) > limit) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const int err = OptInShared<RunShrinkMmaKernel<kNT>>(shared, device, limit);
+  if (err != 0) return err;
+  const int groups = static_cast<int>(p.R / (16 * kNT));
+  const int64_t blocks = p.slots * MmaShrinkTiles(p) * groups;
+  if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  RunShrinkMmaKernel<kNT><<<static_cast<unsigned>(blocks), kRunThreads, shared,
+                            stream>>>(p, p.xa_buffer, groups);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// The tensor-core shrink for MmaShrinkNT(p) > 0, else
+// cudaErrorInvalidValue.
+int LaunchMmaShrinkOf(const RunLoraArgs& p, int device, int64_t limit,
+                      cudaStream_t stream) {
+  switch (MmaShrinkNT(p)) {
+    case 1:
+      return LaunchShrinkMma<1>(p, device, limit, stream);
+    case 2:
+      return LaunchShrinkMma<2>(p, device, limit, stream);
+    case 4:
+      return LaunchShrinkMma<4>(p, device, limit, stream);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+// The FMA kernel: R = 8, 16 or 32 (RunLoraFits).
+int LaunchFmaShrink(const RunLoraArgs& p, int device, int64_t limit,
+                    cudaStream_t stream) {
+  switch (p.R / kRunWarps) {
+    case 1:
+      return LaunchShrink<1>(p, device, limit, stream);
+    case 2:
+      return LaunchShrink<2>(p, device, limit, stream);
+    default:
+      return LaunchShrink<4>(p, device, limit, stream);
+  }
+}
+
 template <int kR4, int kT>
 int LaunchExpandOf(const RunLoraArgs& p, int device, int64_t limit,
                    cudaStream_t stream) {
@@ -348,17 +568,8 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   RunLoraArgs p = args;
   if (p.x != nullptr) {
-    int err = 0;
-    switch (p.R / kRunWarps) {
-      case 1:
-        err = LaunchShrink<1>(p, device, limit, s);
-        break;
-      case 2:
-        err = LaunchShrink<2>(p, device, limit, s);
-        break;
-      default:
-        err = LaunchShrink<4>(p, device, limit, s);
-    }
+    const int err = MmaShrinkNT(p) > 0 ? LaunchMmaShrinkOf(p, device, limit, s)
+                                       : LaunchFmaShrink(p, device, limit, s);
     if (err != 0) return err;
     p.xa = p.xa_buffer;
     p.xa_stride[0] = p.run_starts != nullptr ? 0 : p.M * p.R;
@@ -366,6 +577,25 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream) {
   }
   return p.r <= 16 ? LaunchExpand<4>(p, device, limit, s)
                    : LaunchExpand<kRunLoraMaxRank / 4>(p, device, limit, s);
+}
+
+bool RunShrinkFits(const RunLoraArgs& p) {
+  if (p.x == nullptr || p.a == nullptr || p.xa_buffer == nullptr ||
+      p.slots < 1 || p.M < 1 || p.in < 1 || MmaShrinkNT(p) == 0 ||
+      !Aligned16(p.x) || !Aligned16(p.a) || !Aligned16(p.xa_buffer) ||
+      p.x_stride[0] % 4 != 0 || p.x_stride[1] % 4 != 0 ||
+      p.a_stride[0] % 4 != 0 || p.a_stride[1] % 4 != 0) {
+    return false;
+  }
+  int device = 0;
+  return SharedLimit(&device) > 0;
+}
+
+int LaunchRunShrink(const RunLoraArgs& p, void* stream) {
+  if (!RunShrinkFits(p)) return static_cast<int>(cudaErrorInvalidValue);
+  int device = 0;
+  const int64_t limit = SharedLimit(&device);
+  return LaunchMmaShrinkOf(p, device, limit, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace lorahub::model::kernels

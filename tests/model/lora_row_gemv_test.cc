@@ -381,6 +381,9 @@ at::Tensor RunWant(const RunCase& c, const at::Tensor& xa_in) {
 // expand's wider variant); flan-t5's width (8 rounds of K per lane) and
 // narrow ones (lanes idle); token counts with and without partial tiles
 // (the expand's 32-token tiles: 75 is two whole ones and 11 tokens).
+// On CUDA, runs of 32 tokens or more with K a multiple of 32 and 16 or 32
+// ranks take the tensor-core shrink (3xTF32; 64-token tiles: 37, 75 and
+// 130 end in partial ones, with idle warps at 37), the others the FMA one.
 TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   at::manual_seed(31);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
@@ -391,7 +394,8 @@ TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   };
   for (const Shape& sh : {Shape{3, 37, 1024, 2, 16}, Shape{2, 32, 36, 1, 16},
                           Shape{4, 5, 1024, 1, 8}, Shape{2, 17, 128, 4, 8},
-                          Shape{2, 9, 64, 1, 32}, Shape{2, 75, 64, 2, 16}}) {
+                          Shape{2, 9, 64, 1, 32}, Shape{2, 75, 64, 2, 16},
+                          Shape{2, 130, 1024, 1, 16}}) {
     RunCase c = MakeRunCase(sh.slots, sh.tokens, sh.in, sh.sites, sh.r);
     const at::Tensor before = c.wide.clone();
     const at::Tensor want = RunWant(c, at::Tensor());
@@ -503,6 +507,44 @@ TEST(LoraRunDeltasTest, PackedRunsMatch) {
     EXPECT_FALSE(
         LoraPackedRunDeltas(y, x, c.a, c.sites, c.scale, dev_starts, 0));
     EXPECT_TRUE(at::equal(wide, kept));
+  }
+}
+
+// RunShrink (the tensor-core shrink alone) against double on the CPU: 384
+// ranks in 6 groups of 64 (the query side's cross v down-projection,
+// 3 slots x 70 tokens: a partial 64-token tile), 16 and 32 ranks, a
+// strided x (a column slice). Off CUDA, and for shapes it does not take,
+// it declines and leaves *out alone.
+TEST(RunShrinkTest, MatchesDoubleAndDeclines) {
+  at::manual_seed(35);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  struct Shape {
+    int64_t slots, tokens, in, R;
+  };
+  for (const Shape& sh : {Shape{3, 70, 1024, 384}, Shape{2, 33, 64, 16},
+                          Shape{2, 64, 96, 32}}) {
+    const at::Tensor wide = at::randn({sh.slots, sh.tokens, sh.in + 8}, F32());
+    const at::Tensor x = wide.narrow(2, 4, sh.in);
+    const at::Tensor a = at::randn({sh.slots, sh.R, sh.in}, F32()) * 0.1;
+    at::Tensor out;
+    ASSERT_EQ(RunShrink(x, a, &out), cuda) << sh.R << " ranks";
+    if (!cuda) {
+      EXPECT_FALSE(out.defined());
+      continue;
+    }
+    const at::Tensor want = at::matmul(x.to(at::kCPU).to(at::kDouble),
+                                       a.to(at::kCPU).to(at::kDouble).transpose(1, 2));
+    EXPECT_EQ(out.sizes(), want.sizes());
+    EXPECT_LE(RelDiff(out, want), 1e-5) << sh.R << " ranks, in " << sh.in;
+  }
+  // 31 tokens, K not a multiple of 32, 24 ranks: declined.
+  for (const Shape& sh : {Shape{2, 31, 64, 32}, Shape{2, 40, 48, 32},
+                          Shape{2, 40, 64, 24}}) {
+    const at::Tensor x = at::randn({sh.slots, sh.tokens, sh.in}, F32());
+    const at::Tensor a = at::randn({sh.slots, sh.R, sh.in}, F32());
+    at::Tensor out;
+    EXPECT_FALSE(RunShrink(x, a, &out)) << sh.tokens << " " << sh.in << " " << sh.R;
+    EXPECT_FALSE(out.defined());
   }
 }
 

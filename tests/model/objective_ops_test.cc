@@ -88,7 +88,7 @@ class OpCounter {
     const std::string name = fn.name();
     if (depth_ > 0) return mark;  // inside a counted op
     if (name == "lorahub::gemm_float" || name == "lorahub::narrow_gemm" ||
-        name == "lorahub::splitk_project") {
+        name == "lorahub::splitk_project" || name == "lorahub::run_shrink") {
       // One GEMM (fp32 output, few columns, or split over K: fused_ops.h).
       ++counts_.gemms;
     } else if (name.rfind("lorahub::", 0) == 0) {
