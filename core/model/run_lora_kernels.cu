@@ -174,10 +174,9 @@ __global__ void __launch_bounds__(kRunThreads, 3)
 // The shrink on the tensor cores (RunShrinkMmaKernel): xa[s, m, g0 ..
 // g0 + 16 kNT) = x[s, m, :] a[s, g0 ..]^T for a tile of kMmaTokens tokens
 // of one slot and one group of 16 kNT ranks per block, in 3xTF32: each
-// fp32 operand split as v ~ big + small (both TF32, rounded to nearest),
-// the products small * big + big * small + big * big summed in fp32
-// (mma.sync m16n8k8), which keeps about 22 bits of each product against
-// fp32's 24. Why: the FMA kernel above is bound by the SIMT cores (H200,
+// fp32 operand split as v ~ big + small (both TF32; Tf32Split), the
+// products small * big + big * small + big * big summed in fp32 (mma.sync
+// m16n8k8), which keeps about 20 bits of each product against fp32's 24. Why: the FMA kernel above is bound by the SIMT cores (H200,
 // a CMA-ES population's encoder: 80 us a call for 21,312 tokens x 32
 // ranks x 1,024, 24 calls a population); these products are a third of the
 // tensor cores' TF32 work and the call reads x once.
@@ -206,9 +205,15 @@ __device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool fil
                "r"(fill ? 16 : 0));
 }
 
+// v = big + small + e: big keeps v's top 10 mantissa bits (truncated),
+// small the next 11 (v - big is exact; truncated too), |e| < 2^-21 |v|.
+// Why masks, not cvt.rna.tf32: conversions issue at a quarter of the rate
+// of logic ops, and with 16 a k-step they bounded the kernel (H200: 69.6
+// us a population encoder call against 80 us of the FMA kernel).
 __device__ __forceinline__ void Tf32Split(float v, uint32_t* big, uint32_t* small) {
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(*big) : "f"(v));
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(*small) : "f"(v - __uint_as_float(*big)));
+  constexpr uint32_t kTf32 = 0xffffe000u;
+  *big = __float_as_uint(v) & kTf32;
+  *small = __float_as_uint(v - __uint_as_float(*big)) & kTf32;
 }
 
 __device__ __forceinline__ void MmaTf32(float (&d)[4], const uint32_t (&a)[4],
@@ -436,9 +441,20 @@ int MmaShrinkTiles(const RunLoraArgs& p) {
   return static_cast<int>((p.M + kMmaTokens - 1) / kMmaTokens);
 }
 
+// The tensor-core kernel's n-tiles per warp for these arguments (1, 2 or
+// 4), or 0 where the FMA kernel (or the caller's GEMM) takes them.
 int MmaShrinkNT(const RunLoraArgs& p) {
   static const bool off = EnvSwitch("LORAHUB_NO_MMA_SHRINK");
+  int device = 0;
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
+  const int64_t sms = limits == nullptr ? 132 : limits->sms;
   if (off || p.in % kMmaK != 0 || p.M < kMmaMinTokens) return 0;
+  // Fewer blocks than two per SM run latency-bound: each streams its K
+  // alone (a per-row prefill's 64 prompts in 128 blocks: 30.9 us against
+  // the FMA kernel's 14.3 with 640).
+  if (p.slots * MmaShrinkTiles(p) * (p.R >= 64 ? p.R / 64 : 1) < 2 * sms) {
+    return 0;
+  }
   if (p.R == 16) return 1;
   if (p.R == 32) return 2;
   return p.R % 64 == 0 ? 4 : 0;

@@ -381,9 +381,10 @@ at::Tensor RunWant(const RunCase& c, const at::Tensor& xa_in) {
 // expand's wider variant); flan-t5's width (8 rounds of K per lane) and
 // narrow ones (lanes idle); token counts with and without partial tiles
 // (the expand's 32-token tiles: 75 is two whole ones and 11 tokens).
-// On CUDA, runs of 32 tokens or more with K a multiple of 32 and 16 or 32
-// ranks take the tensor-core shrink (3xTF32; 64-token tiles: 37, 75 and
-// 130 end in partial ones, with idle warps at 37), the others the FMA one.
+// On CUDA, runs of 32 tokens or more with K a multiple of 32, 16 or 32
+// ranks and at least two 64-token tiles per SM take the tensor-core
+// shrink (3xTF32): the 270-slot shapes on an H200 (33 and 40 tokens: a
+// partial tile, its last warps idle); the others the FMA one.
 TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   at::manual_seed(31);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
@@ -395,7 +396,8 @@ TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   for (const Shape& sh : {Shape{3, 37, 1024, 2, 16}, Shape{2, 32, 36, 1, 16},
                           Shape{4, 5, 1024, 1, 8}, Shape{2, 17, 128, 4, 8},
                           Shape{2, 9, 64, 1, 32}, Shape{2, 75, 64, 2, 16},
-                          Shape{2, 130, 1024, 1, 16}}) {
+                          Shape{270, 40, 64, 2, 16},
+                          Shape{270, 33, 96, 1, 16}}) {
     RunCase c = MakeRunCase(sh.slots, sh.tokens, sh.in, sh.sites, sh.r);
     const at::Tensor before = c.wide.clone();
     const at::Tensor want = RunWant(c, at::Tensor());
@@ -453,8 +455,11 @@ TEST(LoraRunDeltasTest, PackedRunsMatch) {
     int sites;
     int64_t r;
   };
+  // 270 runs of 1 to 80 tokens: the tensor-core shrink on an H200.
+  std::vector<int64_t> many;
+  for (int64_t i = 0; i < 270; ++i) many.push_back(i * 37 % 80 + 1);
   for (const Shape& sh : {Shape{{37, 5, 75, 1, 32}, 1024, 2, 16},
-                          Shape{{9, 40}, 64, 1, 32}}) {
+                          Shape{{9, 40}, 64, 1, 32}, Shape{many, 64, 2, 16}}) {
     const int64_t slots = static_cast<int64_t>(sh.lengths.size());
     std::vector<int32_t> starts = {0};
     int64_t longest = 0;
@@ -511,18 +516,18 @@ TEST(LoraRunDeltasTest, PackedRunsMatch) {
 }
 
 // RunShrink (the tensor-core shrink alone) against double on the CPU: 384
-// ranks in 6 groups of 64 (the query side's cross v down-projection,
-// 3 slots x 70 tokens: a partial 64-token tile), 16 and 32 ranks, a
-// strided x (a column slice). Off CUDA, and for shapes it does not take,
-// it declines and leaves *out alone.
+// ranks in 6 groups of 64 (the query side's cross v down-projection; 70
+// tokens: a partial 64-token tile), 16 and 32 ranks, a strided x (a column
+// slice), each with at least two tiles per SM of an H200. Off CUDA, and
+// for shapes it does not take, it declines and leaves *out alone.
 TEST(RunShrinkTest, MatchesDoubleAndDeclines) {
   at::manual_seed(35);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
   struct Shape {
     int64_t slots, tokens, in, R;
   };
-  for (const Shape& sh : {Shape{3, 70, 1024, 384}, Shape{2, 33, 64, 16},
-                          Shape{2, 64, 96, 32}}) {
+  for (const Shape& sh : {Shape{48, 70, 1024, 384}, Shape{270, 33, 64, 16},
+                          Shape{280, 64, 96, 32}}) {
     const at::Tensor wide = at::randn({sh.slots, sh.tokens, sh.in + 8}, F32());
     const at::Tensor x = wide.narrow(2, 4, sh.in);
     const at::Tensor a = at::randn({sh.slots, sh.R, sh.in}, F32()) * 0.1;
@@ -537,9 +542,9 @@ TEST(RunShrinkTest, MatchesDoubleAndDeclines) {
     EXPECT_EQ(out.sizes(), want.sizes());
     EXPECT_LE(RelDiff(out, want), 1e-5) << sh.R << " ranks, in " << sh.in;
   }
-  // 31 tokens, K not a multiple of 32, 24 ranks: declined.
-  for (const Shape& sh : {Shape{2, 31, 64, 32}, Shape{2, 40, 48, 32},
-                          Shape{2, 40, 64, 24}}) {
+  // 31 tokens, K not a multiple of 32, 24 ranks, too few tiles: declined.
+  for (const Shape& sh : {Shape{300, 31, 64, 32}, Shape{300, 40, 48, 32},
+                          Shape{300, 40, 64, 24}, Shape{2, 40, 64, 32}}) {
     const at::Tensor x = at::randn({sh.slots, sh.tokens, sh.in}, F32());
     const at::Tensor a = at::randn({sh.slots, sh.R, sh.in}, F32());
     at::Tensor out;

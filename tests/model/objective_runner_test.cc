@@ -286,7 +286,9 @@ TEST(ObjectiveRunnerPacked, LongExamplesMatchScoreCandidates) {
 // side (query_side_cross.h, forced on: the fixture is far below its size
 // threshold) against the usual order, bf16 on $LORAHUB_TEST_DEVICE (on the
 // CPU through its ATen steps): the losses of 4 candidates agree to 1e-3
-// relative, and differ (it ran).
+// relative, and not all are the same bits (it ran: the usual order again
+// would give equal ones; a single candidate may round to the same loss,
+// as candidate 0 did on the H200 once the down-projection gained bits).
 TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
@@ -306,12 +308,14 @@ TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
   }
   ASSERT_EQ(losses[0].size(), 4u);
   ASSERT_EQ(losses[1].size(), 4u);
+  int differing = 0;
   for (size_t c = 0; c < 4; ++c) {
     EXPECT_TRUE(std::isfinite(losses[1][c]));
     EXPECT_NEAR(losses[1][c], losses[0][c], 1e-3 * std::fabs(losses[0][c]))
         << "candidate " << c;
-    EXPECT_NE(losses[1][c], losses[0][c]) << "candidate " << c << ": not applied?";
+    differing += losses[1][c] != losses[0][c] ? 1 : 0;
   }
+  EXPECT_GT(differing, 0) << "the same losses: not applied?";
 }
 
 TEST(ObjectiveRunner, RefusesBadCalls) {
