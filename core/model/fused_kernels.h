@@ -351,6 +351,17 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream);
 bool RunShrinkFits(const RunLoraArgs& args);
 int LaunchRunShrink(const RunLoraArgs& args, void* stream);
 
+// Negative log-likelihoods of labels under bf16 logits (token_nll_kernels.cu),
+// for fused_ops.h TokenNll: nll[i] = log(sum_v exp(x[i, v] - m_i)) -
+// (x[i, label_i] - m_i) with m_i the row's max, in fp32, for i < rows;
+// logits [rows, vocab] bf16 contiguous, labels int64 [rows], nll fp32
+// [rows], all in device memory. A label of kIgnoredLabel gives 0, other
+// negative labels take class 0, labels >= vocab NaN. Returns the launch's
+// error (0: none).
+inline constexpr int64_t kIgnoredLabel = -100;
+int LaunchTokenNll(const void* logits, int64_t rows, int64_t vocab,
+                   const int64_t* labels, float* nll, void* stream);
+
 // Weighted sums of equally long vectors (weighted_sum_kernels.cu), for
 // fused_ops.h WeightedSums: for every job and element i < n,
 //   dst[i] = sum over the job's terms t of weight_t * src_t[i]

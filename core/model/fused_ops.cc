@@ -352,6 +352,15 @@ bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                                             max_run, y_round);
 }
 
+bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll) {
+  static const bool off = EnvFlag("LORAHUB_NO_TOKEN_NLL");
+  if (off || !logits.is_cuda() || !fused_backend::Compiled() || Disabled() ||
+      Differentiable(logits)) {
+    return false;
+  }
+  return fused_backend::TokenNll(logits, labels, nll);
+}
+
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
   return RunKernelsMayRun(x, {&a}, {}) &&
          fused_backend::RunShrink(x, a, out);

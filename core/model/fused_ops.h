@@ -277,6 +277,22 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // True when NarrowGemm can run (kernels compiled, not switched off). Read once.
 bool NarrowGemmEnabled();
 
+// The label of positions that add no loss (transformers' ignore index).
+inline constexpr int64_t kIgnoredLabel = -100;
+
+// Each position's negative log-likelihood of its label under bf16 logits,
+// -log_softmax(logits.float())[label], 0 where label == kIgnoredLabel
+// (other negative labels take class 0, as ATen's clamp_min(0) + gather):
+// logits bf16 [B, T, V] contiguous on CUDA, labels int64 [B, T] contiguous
+// on its device; *nll a new fp32 [B, T]. One kernel (fused_kernels.h
+// LaunchTokenNll) in ATen's order (the max, the sum of exponentials, then
+// log(sum) - (x - max)), its sums in another order; a label >= V gives NaN.
+// Why: the fp32 copy of the logits and log_softmax over it were two passes
+// over [B T, V] (H200, a CMA-ES population: 198 us). False, *nll untouched,
+// elsewhere (CPU, autograd, other dtypes or shapes, LORAHUB_NO_FUSED=1,
+// LORAHUB_NO_TOKEN_NLL=1 for an A/B).
+bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll);
+
 // out[s] = x[s] a[s]^T in fp32 for runs of rows per slot (the LoRA
 // down-projection of a CMA-ES population's encoder output through every
 // decoder block's cross v factors, R = 384 for flan-t5-large): x [S, M, in]

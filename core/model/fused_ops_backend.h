@@ -70,6 +70,8 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
                          at::Tensor* out);
 // fused_ops.h NarrowGemm: x [G, M, K], w [G, N, K], fp32.
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
+// fused_ops.h TokenNll: logits bf16 [B, T, V], labels int64 [B, T].
+bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll);
 // fused_ops.h RunShrink: x [S, M, in], a [S, R, in], fp32.
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and

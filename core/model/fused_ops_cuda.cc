@@ -824,6 +824,27 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
   return true;
 }
 
+bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll) {
+  static_assert(kIgnoredLabel == kernels::kIgnoredLabel);
+  if (logits.dim() != 3 || labels.dim() != 2 ||
+      logits.scalar_type() != at::kBFloat16 ||
+      labels.scalar_type() != at::kLong || !logits.is_contiguous() ||
+      !labels.is_contiguous() || !OnDeviceOf(labels, logits) ||
+      labels.size(0) != logits.size(0) || labels.size(1) != logits.size(1) ||
+      logits.size(2) < 1 || labels.numel() < 1) {
+    return false;
+  }
+  c10::cuda::CUDAGuard device_guard(logits.device());
+  at::Tensor out = at::empty(labels.sizes(), logits.options().dtype(at::kFloat));
+  const int err = kernels::LaunchTokenNll(logits.data_ptr(), labels.numel(),
+                                          logits.size(2), labels.data_ptr<int64_t>(),
+                                          out.data_ptr<float>(), StreamOf(logits));
+  TORCH_CHECK(err == 0, "token NLL kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *nll = out;
+  return true;
+}
+
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
   if (x.dim() != 3 || a.dim() != 3 || !x.is_cuda() || !a.is_cuda() ||
       x.device() != a.device() || x.scalar_type() != at::kFloat ||

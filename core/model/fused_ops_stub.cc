@@ -94,6 +94,10 @@ bool RunShrink(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }
 
+bool TokenNll(const at::Tensor&, const at::Tensor&, at::Tensor*) {
+  return false;
+}
+
 bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

@@ -324,16 +324,11 @@ absl::Status ObjectiveRunner::Evaluate() {
                      ? EncodePacked(weights, *chunk.packed, chunk.rows)
                      : Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
-      auto logits =
-          DecodeFull(weights, chunk.decoder_ids, *enc, chunk.rows, chunk.biases.get());
-      if (!logits.ok()) return logits.status();
       // Per-row summed token cross-entropy, as ScoreCandidates computes it.
-      at::Tensor logp = at::log_softmax(logits->to(at::kFloat), -1);
-      at::Tensor valid = chunk.labels != -100;
-      at::Tensor target = chunk.labels.clamp_min(0).unsqueeze(-1);
-      at::Tensor nll = -logp.gather(-1, target).squeeze(-1);
-      nll = nll.masked_fill(~valid, 0.0);
-      parts.push_back(nll.sum(1).to(at::kDouble));
+      auto sums = DecodeFullNll(weights, chunk.decoder_ids, *enc, chunk.rows,
+                                chunk.labels, chunk.biases.get());
+      if (!sums.ok()) return sums.status();
+      parts.push_back(sums->to(at::kDouble));
     }
     sums_ = parts.size() == 1 ? parts[0] : at::cat(parts);
     return absl::OkStatus();

@@ -104,18 +104,13 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
       at::Tensor chunk_labels = labels.index_select(0, index);
       auto enc = Encode(w, chunk_ids, chunk_mask, *rows);
       if (!enc.ok()) return enc.status();
-      auto logits =
-          DecodeFull(w,
-                     ShiftRight(chunk_labels, w.config.decoder_start_token_id,
-                                w.config.pad_token_id),
-                     *enc, *rows);
-      if (!logits.ok()) return logits.status();
-      at::Tensor logp = at::log_softmax(logits->to(at::kFloat), -1);
-      at::Tensor valid = chunk_labels != -100;
-      at::Tensor target = chunk_labels.clamp_min(0).unsqueeze(-1);
-      at::Tensor nll = -logp.gather(-1, target).squeeze(-1);
-      nll = nll.masked_fill(~valid, 0.0);
-      ce_sums.push_back(nll.sum(1).to(at::kDouble));
+      auto sums =
+          DecodeFullNll(w,
+                        ShiftRight(chunk_labels, w.config.decoder_start_token_id,
+                                   w.config.pad_token_id),
+                        *enc, *rows, chunk_labels);
+      if (!sums.ok()) return sums.status();
+      ce_sums.push_back(sums->to(at::kDouble));
     }
     // One host transfer for all candidates.
     at::Tensor sums = at::cat(ce_sums).view({C, n}).cpu();

@@ -54,11 +54,16 @@ at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up,
   return Activation(gate, name) * up;
 }
 
-// Logits in fp32: the final hidden state (fp32) is rounded once as the
-// matmul input; the matmul output is widened before anything reads it.
-at::Tensor LmHead(const T5Weights& w, at::Tensor h) {
+// Logits in the compute dtype: the final hidden state (fp32) is rounded
+// once as the matmul input.
+at::Tensor LmHeadLogits(const T5Weights& w, at::Tensor h) {
   if (w.scale_decoder_outputs) h = h * std::pow(w.config.d_model, -0.5);
-  return at::matmul(MatmulInput(h, w.lm_head), w.lm_head.t()).to(at::kFloat);
+  return at::matmul(MatmulInput(h, w.lm_head), w.lm_head.t());
+}
+
+// Logits in fp32: LmHeadLogits widened before anything reads them.
+at::Tensor LmHead(const T5Weights& w, const at::Tensor& h) {
+  return LmHeadLogits(w, h).to(at::kFloat);
 }
 
 }  // namespace
@@ -1443,6 +1448,7 @@ using internal::EncoderInput;
 using internal::FeedForward;
 using internal::Heads;
 using internal::LmHead;
+using internal::LmHeadLogits;
 using internal::MinValue;
 using internal::Normed;
 using internal::PositionBias;
@@ -1561,9 +1567,11 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   return out;
 }
 
-at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
-                          const EncoderOutput& enc, const RowAdapters& rows,
-                          const PassBiases* biases) {
+// The teacher-forced decoder's final hidden state, fp32 [B, T, d_model]
+// (normed; the LM head's input).
+at::Tensor DecoderHidden(const T5Weights& w, const at::Tensor& ids,
+                         const EncoderOutput& enc, const RowAdapters& rows,
+                         const PassBiases* biases) {
   const config::T5Config& c = w.config;
   const at::Tensor self_bias = biases != nullptr
                                    ? biases->decoder_self
@@ -1594,7 +1602,23 @@ at::Tensor DecodeFullImpl(const T5Weights& w, const at::Tensor& ids,
     n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
     h.Add(FeedForward(n, w, b.ff, rows));
   }
-  return LmHead(w, h.Norm(w.decoder_final_norm).full);
+  return h.Norm(w.decoder_final_norm).full;
+}
+
+// Per-row sums of the tokens' negative log-likelihoods of `labels` under
+// LmHeadLogits: TokenNll on the compute-dtype logits where it runs, else
+// the ATen ops on the fp32 logits (LmHead's), the same formula.
+at::Tensor RowNllSums(const T5Weights& w, const at::Tensor& hidden,
+                      const at::Tensor& labels) {
+  const at::Tensor logits = LmHeadLogits(w, hidden);
+  at::Tensor nll;
+  if (!TokenNll(logits, labels, &nll)) {
+    const at::Tensor logp = at::log_softmax(logits.to(at::kFloat), -1);
+    const at::Tensor target = labels.clamp_min(0).unsqueeze(-1);
+    nll = -logp.gather(-1, target).squeeze(-1);
+    nll = nll.masked_fill(labels == kIgnoredLabel, 0.0);
+  }
+  return nll.sum(1);
 }
 
 absl::Status CheckIds(const at::Tensor& ids, const char* what) {
@@ -1787,11 +1811,11 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
   }
 }
 
-absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
-                                      const at::Tensor& decoder_ids,
-                                      const EncoderOutput& encoder,
-                                      const RowAdapters& rows,
-                                      const PassBiases* biases) {
+// DecodeFull's and DecodeFullNll's argument checks.
+absl::Status CheckDecodeFullArgs(const T5Weights& w,
+                                 const at::Tensor& decoder_ids,
+                                 const EncoderOutput& encoder,
+                                 const PassBiases* biases) {
   absl::Status s = CheckIds(decoder_ids, "decoder_ids");
   if (!s.ok()) return s;
   if (decoder_ids.dim() != 2 || decoder_ids.size(1) == 0 ||
@@ -1804,8 +1828,41 @@ absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
     return absl::InvalidArgumentError(
         "decoder: the pass biases are not those of this decoder length");
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
+                                      const at::Tensor& decoder_ids,
+                                      const EncoderOutput& encoder,
+                                      const RowAdapters& rows,
+                                      const PassBiases* biases) {
+  absl::Status s = CheckDecodeFullArgs(w, decoder_ids, encoder, biases);
+  if (!s.ok()) return s;
   try {
-    return DecodeFullImpl(w, decoder_ids, encoder, rows, biases);
+    return LmHead(w, DecoderHidden(w, decoder_ids, encoder, rows, biases));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("decoder: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<at::Tensor> DecodeFullNll(const T5Weights& w,
+                                         const at::Tensor& decoder_ids,
+                                         const EncoderOutput& encoder,
+                                         const RowAdapters& rows,
+                                         const at::Tensor& labels,
+                                         const PassBiases* biases) {
+  absl::Status s = CheckDecodeFullArgs(w, decoder_ids, encoder, biases);
+  if (!s.ok()) return s;
+  if (!labels.defined() || labels.scalar_type() != at::kLong ||
+      labels.sizes() != decoder_ids.sizes() ||
+      labels.device() != decoder_ids.device()) {
+    return absl::InvalidArgumentError(
+        "labels must be int64 of decoder_ids' shape and device");
+  }
+  try {
+    return RowNllSums(
+        w, DecoderHidden(w, decoder_ids, encoder, rows, biases), labels);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("decoder: ", e.what_without_backtrace()));

@@ -164,6 +164,21 @@ absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
                                       const RowAdapters& rows,
                                       const PassBiases* biases = nullptr);
 
+// DecodeFull's logits reduced to each row's summed cross-entropy: fp32 [B],
+// sum over t of -log_softmax(logits[b, t])[labels[b, t]], positions with
+// label -100 (kIgnoredLabel) adding nothing; labels int64 [B, T] on
+// decoder_ids' device. The scoring passes' loss (scorer.h, the objective
+// runner). The values of DecodeFull followed by those ATen ops; where the
+// model computes in bf16 on CUDA, one kernel reads the bf16 logits
+// (fused_ops.h TokenNll: its sums in another order) instead of widening
+// them to fp32 first.
+absl::StatusOr<at::Tensor> DecodeFullNll(const T5Weights& w,
+                                         const at::Tensor& decoder_ids,
+                                         const EncoderOutput& encoder,
+                                         const RowAdapters& rows,
+                                         const at::Tensor& labels,
+                                         const PassBiases* biases = nullptr);
+
 // Decoder state for incremental decoding. Self-attention keys/values live in
 // preallocated [B, heads, capacity, d_kv] buffers; cross-attention keys and
 // values are computed once from the encoder output. All tensors are fp32

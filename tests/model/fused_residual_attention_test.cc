@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -204,6 +205,58 @@ TEST(GatedGeluTest, IsGeluTimesUp) {
       const double tol = cpu ? 0.0 : (dtype == at::kFloat ? 1e-6 : 1.0 / 64);
       EXPECT_LE(RelDiff(got.to(at::kFloat), want.to(at::kFloat)), tol);
     }
+  }
+}
+
+// TokenNll on CUDA: -log_softmax(float(logits))[label] in double, 0 at
+// label -100, class 0 for other negative labels, NaN for a label past the
+// vocabulary; vocabularies that take 16-byte loads (32,128: flan-t5's;
+// 64) and one that does not (37). Not bf16, not 3-d, labels of another
+// shape: declined. Elsewhere it declines (the callers' ATen ops run).
+TEST(TokenNllTest, IsLogSoftmaxAtTheLabel) {
+  at::manual_seed(12);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  for (int64_t V : {int64_t{32128}, int64_t{64}, int64_t{37}}) {
+    SCOPED_TRACE(V);
+    const at::Tensor logits =
+        (at::randn({3, 4, V}, F32()) * 4.0).to(at::kBFloat16);
+    at::Tensor labels = at::randint(0, V, {3, 4}, at::kLong);
+    labels[0][3] = -100;
+    labels[1][0] = -7;
+    labels[2][2] = V;
+    labels = labels.to(Device());
+    at::Tensor nll;
+    ASSERT_EQ(TokenNll(logits, labels, &nll), cuda);
+    if (!cuda) {
+      EXPECT_FALSE(nll.defined());
+      continue;
+    }
+    ASSERT_EQ(nll.scalar_type(), at::kFloat);
+    ASSERT_EQ(nll.sizes(), labels.sizes());
+    const at::Tensor logp =
+        at::log_softmax(logits.to(at::kCPU).to(at::kDouble), -1);
+    const at::Tensor lab = labels.to(at::kCPU);
+    const at::Tensor got = nll.to(at::kCPU).to(at::kDouble);
+    for (int64_t b = 0; b < 3; ++b) {
+      for (int64_t t = 0; t < 4; ++t) {
+        const int64_t l = lab[b][t].item<int64_t>();
+        const double g = got[b][t].item<double>();
+        if (l == -100) {
+          EXPECT_EQ(g, 0.0);
+        } else if (l >= V) {
+          EXPECT_TRUE(std::isnan(g));
+        } else {
+          const double want = -logp[b][t][std::max<int64_t>(l, 0)].item<double>();
+          EXPECT_NEAR(g, want, 1e-5 * std::max(1.0, std::fabs(want)))
+              << b << ", " << t;
+        }
+      }
+    }
+    at::Tensor untouched;
+    EXPECT_FALSE(TokenNll(logits.to(at::kFloat), labels, &untouched));
+    EXPECT_FALSE(TokenNll(logits.view({12, V}), labels, &untouched));
+    EXPECT_FALSE(TokenNll(logits, labels.narrow(1, 0, 3), &untouched));
+    EXPECT_FALSE(untouched.defined());
   }
 }
 

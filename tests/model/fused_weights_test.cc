@@ -288,6 +288,51 @@ TEST_P(FusedTest, Bf16FusedTracksSeparate) {
   }
 }
 
+// DecodeFullNll against DecodeFull's logits through log_softmax and the
+// label's entry, summed per row, with -100 labels: fp32 and bf16 models
+// with a per-row adapter. Off CUDA (and for fp32) the same ATen ops run,
+// so the sums are the same bits; a bf16 model on CUDA takes the TokenNll
+// kernel (its sums in another order). Labels of another shape: an error.
+TEST_P(FusedTest, DecodeFullNllSumsTheLogSoftmaxAtTheLabels) {
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    SCOPED_TRACE(dtype == at::kFloat ? "fp32" : "bf16");
+    auto w = BuildT5Weights(config_, host_, Options(dtype));
+    ASSERT_TRUE(w.ok()) << w.status();
+    Batch b = MakeBatch(config_, 3, 53);
+    b.labels[1][3] = -100;
+    b.labels[2][2] = -100;
+    LoraAdapter ad = Adapter({"q", "v"}, 4, 8.0, 54);
+    auto bank = MakeAdapterBank(*w, {&ad});
+    ASSERT_TRUE(bank.ok());
+    auto rows = MakeRowAdapters(*w, &*bank, {0, -1, 0});
+    ASSERT_TRUE(rows.ok());
+    const at::Tensor labels = b.labels.to(w->device);
+    const at::Tensor dec = ShiftRight(b.labels, 0, 0).to(w->device);
+    auto enc = Encode(*w, b.ids.to(w->device), b.mask.to(w->device), *rows);
+    ASSERT_TRUE(enc.ok()) << enc.status();
+    auto logits = DecodeFull(*w, dec, *enc, *rows);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    const at::Tensor logp = at::log_softmax(*logits, -1);
+    const at::Tensor nll =
+        (-logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1))
+            .masked_fill(labels == -100, 0.0);
+    const at::Tensor want = nll.sum(1);
+    auto got = DecodeFullNll(*w, dec, *enc, *rows, labels);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_EQ(got->scalar_type(), at::kFloat);
+    ASSERT_EQ(got->sizes(), want.sizes());
+    if (w->device.is_cuda() && dtype == at::kBFloat16) {
+      EXPECT_LT(MaxDiff(*got, want), 1e-5 * want.abs().max().item<double>());
+    } else {
+      EXPECT_TRUE(at::equal(*got, want)) << MaxDiff(*got, want);
+    }
+    EXPECT_EQ(DecodeFullNll(*w, dec, *enc, *rows, labels.narrow(1, 0, 3))
+                  .status()
+                  .code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
 TEST_P(FusedTest, CachedDecodingAndChunkedCrossKeyValues) {
   LoraAdapter ad = Adapter(AllTargets(), 3, 6.0, 61);
   auto bank = MakeAdapterBank(base_, {&ad});
