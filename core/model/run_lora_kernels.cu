@@ -188,15 +188,17 @@ __global__ void __launch_bounds__(kRunThreads, 3)
 // group. Rows past the run's end are loaded as zeros and their outputs not
 // stored; warps whose 16 tokens are all past it skip the products.
 constexpr int kMmaTokens = 64;
+// K per staged chunk and the stages in flight (kMmaK wide, kMmaStages deep;
+// LORAHUB_MMA_SHRINK_K=64: 64 wide, 2 deep, an A/B of longer row pieces
+// and half the barriers). Rows kK + 4 floats apart.
 constexpr int kMmaK = 32;
 constexpr int kMmaStages = 4;
-constexpr int kMmaStride = kMmaK + 4;
 constexpr int kMmaWarpsM = kMmaTokens / 16;            // 4
 constexpr int kMmaWarpsN = kRunWarps / kMmaWarpsM;     // 2
 
-template <int kNT>
+template <int kNT, int kK, int kStages>
 constexpr size_t MmaShrinkShared() {
-  return sizeof(float) * kMmaStages * kMmaStride * (kMmaTokens + 16 * kNT);
+  return sizeof(float) * kStages * (kK + 4) * (kMmaTokens + 16 * kNT);
 }
 
 __device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool fill) {
@@ -227,14 +229,15 @@ __device__ __forceinline__ void MmaTf32(float (&d)[4], const uint32_t (&a)[4],
 
 // kNT: n-tiles of 8 ranks per warp; a block's group is 8 kNT kMmaWarpsN
 // ranks (kNT = 1: 16, 2: 32, 4: 64) and `groups` groups make R.
-template <int kNT>
+template <int kNT, int kK, int kStages>
 __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
     RunShrinkMmaKernel(RunLoraArgs p, float* __restrict__ xa_out, int groups) {
+  constexpr int kMmaStride = kK + 4;
   constexpr int kRanks = 8 * kNT * kMmaWarpsN;  // the block's group
   extern __shared__ __align__(16) float mma_smem[];
   auto x_s = reinterpret_cast<float (*)[kMmaTokens][kMmaStride]>(mma_smem);
   auto a_s = reinterpret_cast<float (*)[kRanks][kMmaStride]>(
-      mma_smem + kMmaStages * kMmaTokens * kMmaStride);
+      mma_smem + kStages * kMmaTokens * kMmaStride);
   // Blocks of one tile's groups are adjacent: x's tile is read from DRAM
   // once and from L2 by the others.
   const int group = static_cast<int>(blockIdx.x % groups);
@@ -253,10 +256,10 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
   const float* x = p.x + s * p.x_stride[0] + tok * p.x_stride[1];
   const float* a = p.a + s * p.a_stride[0] +
                    static_cast<int64_t>(group) * kRanks * p.a_stride[1];
-  const int chunks = static_cast<int>(p.in / kMmaK);
-  constexpr int kQuads = kMmaK / 4;  // 16-byte copies per staged row
+  const int chunks = static_cast<int>(p.in / kK);
+  constexpr int kQuads = kK / 4;  // 16-byte copies per staged row
   const auto load = [&](int chunk, int stage) {
-    const int64_t k0 = static_cast<int64_t>(chunk) * kMmaK;
+    const int64_t k0 = static_cast<int64_t>(chunk) * kK;
     for (int i = threadIdx.x; i < kMmaTokens * kQuads; i += kRunThreads) {
       const int row = i / kQuads, q = i % kQuads;
       const bool in_run = row < valid;
@@ -270,7 +273,7 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
     }
   };
 #pragma unroll
-  for (int c = 0; c < kMmaStages - 1; ++c) {
+  for (int c = 0; c < kStages - 1; ++c) {
     if (c < chunks) load(c, c);
     asm volatile("cp.async.commit_group;\n" ::);
   }
@@ -287,16 +290,16 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
   }
   for (int c = 0; c < chunks; ++c) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kMmaStages - 2));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
     __syncthreads();  // chunk c landed; every warp is done with chunk c - 1
-    if (c + kMmaStages - 1 < chunks) {
-      load(c + kMmaStages - 1, (c + kMmaStages - 1) % kMmaStages);
+    if (c + kStages - 1 < chunks) {
+      load(c + kStages - 1, (c + kStages - 1) % kStages);
     }
     asm volatile("cp.async.commit_group;\n" ::);
     if (!busy) continue;
-    const int st = c % kMmaStages;
+    const int st = c % kStages;
 #pragma unroll
-    for (int k = 0; k < kMmaK; k += 8) {
+    for (int k = 0; k < kK; k += 8) {
       uint32_t ab[4], as[4];
       Tf32Split(x_s[st][wm + g][k + t], &ab[0], &as[0]);
       Tf32Split(x_s[st][wm + g + 8][k + t], &ab[1], &as[1]);
@@ -460,21 +463,32 @@ int MmaShrinkNT(const RunLoraArgs& p) {
   return p.R % 64 == 0 ? 4 : 0;
 }
 
-template <int kNT>
-int LaunchShrinkMma(const RunLoraArgs& p, int device, int64_t limit,
-                    cudaStream_t stream) {
-  constexpr size_t shared = MmaShrinkShared<kNT>();
+template <int kNT, int kK, int kStages>
+int LaunchShrinkMmaOf(const RunLoraArgs& p, int device, int64_t limit,
+                      cudaStream_t stream) {
+  constexpr size_t shared = MmaShrinkShared<kNT, kK, kStages>();
   if (static_cast<int64_t>(shared) > limit) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const int err = OptInShared<RunShrinkMmaKernel<kNT>>(shared, device, limit);
+  const int err =
+      OptInShared<RunShrinkMmaKernel<kNT, kK, kStages>>(shared, device, limit);
   if (err != 0) return err;
   const int groups = static_cast<int>(p.R / (16 * kNT));
   const int64_t blocks = p.slots * MmaShrinkTiles(p) * groups;
   if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
-  RunShrinkMmaKernel<kNT><<<static_cast<unsigned>(blocks), kRunThreads, shared,
-                            stream>>>(p, p.xa_buffer, groups);
+  RunShrinkMmaKernel<kNT, kK, kStages>
+      <<<static_cast<unsigned>(blocks), kRunThreads, shared, stream>>>(
+          p, p.xa_buffer, groups);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <int kNT>
+int LaunchShrinkMma(const RunLoraArgs& p, int device, int64_t limit,
+                    cudaStream_t stream) {
+  static const bool wide = EnvChoice("LORAHUB_MMA_SHRINK_K") == 64;
+  return wide && p.in % 64 == 0
+             ? LaunchShrinkMmaOf<kNT, 64, 2>(p, device, limit, stream)
+             : LaunchShrinkMmaOf<kNT, kMmaK, kMmaStages>(p, device, limit, stream);
 }
 
 // The tensor-core shrink for MmaShrinkNT(p) > 0, else
