@@ -176,23 +176,27 @@ __global__ void __launch_bounds__(kRunThreads, 3)
 // of one slot and one group of 16 kNT ranks per block, in 3xTF32: each
 // fp32 operand split as v ~ big + small (both TF32; Tf32Split), the
 // products small * big + big * small + big * big summed in fp32 (mma.sync
-// m16n8k8), which keeps about 20 bits of each product against fp32's 24. Why: the FMA kernel above is bound by the SIMT cores (H200,
-// a CMA-ES population's encoder: 80 us a call for 21,312 tokens x 32
-// ranks x 1,024, 24 calls a population); these products are a third of the
-// tensor cores' TF32 work and the call reads x once.
-// Tiles of x [kMmaTokens, kMmaK] and of a [16 kNT, kMmaK] go through
-// shared memory by cp.async, kMmaStages deep, rows kMmaStride floats apart
-// (the fragment loads of a warp, rows g and columns t (+ 4) for
-// g = lane / 4, t = lane % 4, fall on distinct banks). Warp w takes tokens
+// m16n8k8), which keeps about 20 bits of each product against fp32's 24.
+// Why: the FMA kernel above is bound by the SIMT cores (H200, a CMA-ES
+// population's encoder: 80 us a call for 21,312 tokens x 32 ranks x 1,024,
+// 24 calls a population; this kernel 50.8 us 32 wide).
+// Tiles of x [kMmaTokens, kK] and of a [16 kNT, kK] go through shared
+// memory by cp.async, kStages deep, rows kK + 4 floats apart (the fragment
+// loads of a warp, rows g and columns t (+ 4) for g = lane / 4,
+// t = lane % 4, fall on distinct banks). Warp w takes tokens
 // 16 (w % 4) .. + 15 and ranks 8 kNT (w / 4) .. + 8 kNT - 1 of the
 // group. Rows past the run's end are loaded as zeros and their outputs not
 // stored; warps whose 16 tokens are all past it skip the products.
 constexpr int kMmaTokens = 64;
-// K per staged chunk and the stages in flight (kMmaK wide, kMmaStages deep;
-// LORAHUB_MMA_SHRINK_K=64: 64 wide, 2 deep, an A/B of longer row pieces
-// and half the barriers). Rows kK + 4 floats apart.
+// K per staged chunk and the stages in flight: 64 wide, 2 deep where K
+// allows, else 32 wide, 4 deep (LORAHUB_MMA_SHRINK_K=32 for every call,
+// A/B). Why: half the barriers and 256-byte row pieces (H200, same build:
+// CMA-ES 1,286 and 1,286 against 1,272 and 1,280 candidates/s; ncu of the
+// 32-wide kernel: 65 instructions a warp and k-step, issue-bound).
 constexpr int kMmaK = 32;
 constexpr int kMmaStages = 4;
+constexpr int kMmaWideK = 64;
+constexpr int kMmaWideStages = 2;
 constexpr int kMmaWarpsM = kMmaTokens / 16;            // 4
 constexpr int kMmaWarpsN = kRunWarps / kMmaWarpsM;     // 2
 
@@ -485,9 +489,10 @@ int LaunchShrinkMmaOf(const RunLoraArgs& p, int device, int64_t limit,
 template <int kNT>
 int LaunchShrinkMma(const RunLoraArgs& p, int device, int64_t limit,
                     cudaStream_t stream) {
-  static const bool wide = EnvChoice("LORAHUB_MMA_SHRINK_K") == 64;
-  return wide && p.in % 64 == 0
-             ? LaunchShrinkMmaOf<kNT, 64, 2>(p, device, limit, stream)
+  static const bool narrow = EnvChoice("LORAHUB_MMA_SHRINK_K") == kMmaK;
+  return !narrow && p.in % kMmaWideK == 0
+             ? LaunchShrinkMmaOf<kNT, kMmaWideK, kMmaWideStages>(p, device, limit,
+                                                                 stream)
              : LaunchShrinkMmaOf<kNT, kMmaK, kMmaStages>(p, device, limit, stream);
 }
 

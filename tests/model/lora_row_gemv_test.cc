@@ -384,7 +384,8 @@ at::Tensor RunWant(const RunCase& c, const at::Tensor& xa_in) {
 // On CUDA, runs of 32 tokens or more with K a multiple of 32, 16 or 32
 // ranks and at least two 64-token tiles per SM take the tensor-core
 // shrink (3xTF32): the 270-slot shapes on an H200 (33 and 40 tokens: a
-// partial tile, its last warps idle); the others the FMA one.
+// partial tile, its last warps idle; K = 64 in 64-wide chunks, K = 96 in
+// 32-wide ones); the others the FMA one.
 TEST(LoraRunDeltasTest, ShrinkAndExpandsMatch) {
   at::manual_seed(31);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
