@@ -345,9 +345,10 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream);
 // The shrink alone, xa_buffer[s, m, :] = x[s, m, :] a[s]^T, on the tensor
 // cores (3xTF32) only: x, a, in, R, slots, M, their strides and xa_buffer
 // ([slots, M, R] contiguous) are read, the rest ignored. R = 16, 32 or a
-// multiple of 64; in a multiple of 32; M >= 32; 16-byte aligned rows.
-// RunShrinkFits says whether it takes them; LaunchRunShrink returns
-// cudaErrorInvalidValue where not, else the launch's error.
+// multiple of 64; in a multiple of 32; M >= 32; at least two 64-token
+// tiles per SM; 16-byte aligned rows. RunShrinkFits says whether it takes
+// them (xa_buffer aside); LaunchRunShrink returns cudaErrorInvalidValue
+// where not (or without an aligned xa_buffer), else the launch's error.
 bool RunShrinkFits(const RunLoraArgs& args);
 int LaunchRunShrink(const RunLoraArgs& args, void* stream);
 

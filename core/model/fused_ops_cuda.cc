@@ -863,14 +863,14 @@ bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
     p.x_stride[i] = x.stride(i);
     p.a_stride[i] = a.stride(i);
   }
-  c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor result = at::empty({p.slots, p.M, p.R}, x.options());
-  p.xa_buffer = result.data_ptr<float>();
+  c10::cuda::CUDAGuard device_guard(x.device());  // the fit reads its SMs
   // The launcher's checks, first: false must leave *out alone.
   if (!kernels::RunShrinkFits(p)) return false;
   // A GEMM to tests/model/objective_ops_test's counts, as the cuBLAS call it
   // replaces was; only once it runs (false must not count).
   RECORD_USER_SCOPE("lorahub::run_shrink");
+  at::Tensor result = at::empty({p.slots, p.M, p.R}, x.options());
+  p.xa_buffer = result.data_ptr<float>();
   const int err = kernels::LaunchRunShrink(p, StreamOf(x));
   TORCH_CHECK(err == 0, "run shrink kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));

@@ -18,6 +18,9 @@
 // first version did both in one kernel, a block per (slot, 16 tokens): its
 // blocks ran latency-bound (26 us for one block of the decoder's 15 rows;
 // 68 us for the encoder call).
+// Long runs in many tiles (a population's encoder) take the shrink on the
+// tensor cores instead (RunShrinkMmaKernel), which also serves
+// LaunchRunShrink, the shrink alone.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -615,9 +618,8 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream) {
 }
 
 bool RunShrinkFits(const RunLoraArgs& p) {
-  if (p.x == nullptr || p.a == nullptr || p.xa_buffer == nullptr ||
-      p.slots < 1 || p.M < 1 || p.in < 1 || MmaShrinkNT(p) == 0 ||
-      !Aligned16(p.x) || !Aligned16(p.a) || !Aligned16(p.xa_buffer) ||
+  if (p.x == nullptr || p.a == nullptr || p.slots < 1 || p.M < 1 ||
+      p.in < 1 || MmaShrinkNT(p) == 0 || !Aligned16(p.x) || !Aligned16(p.a) ||
       p.x_stride[0] % 4 != 0 || p.x_stride[1] % 4 != 0 ||
       p.a_stride[0] % 4 != 0 || p.a_stride[1] % 4 != 0) {
     return false;
@@ -627,7 +629,9 @@ bool RunShrinkFits(const RunLoraArgs& p) {
 }
 
 int LaunchRunShrink(const RunLoraArgs& p, void* stream) {
-  if (!RunShrinkFits(p)) return static_cast<int>(cudaErrorInvalidValue);
+  if (!RunShrinkFits(p) || p.xa_buffer == nullptr || !Aligned16(p.xa_buffer)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   int device = 0;
   const int64_t limit = SharedLimit(&device);
   return LaunchMmaShrinkOf(p, device, limit, static_cast<cudaStream_t>(stream));

@@ -1812,8 +1812,7 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
 }
 
 // DecodeFull's and DecodeFullNll's argument checks.
-absl::Status CheckDecodeFullArgs(const T5Weights& w,
-                                 const at::Tensor& decoder_ids,
+absl::Status CheckDecodeFullArgs(const at::Tensor& decoder_ids,
                                  const EncoderOutput& encoder,
                                  const PassBiases* biases) {
   absl::Status s = CheckIds(decoder_ids, "decoder_ids");
@@ -1836,7 +1835,7 @@ absl::StatusOr<at::Tensor> DecodeFull(const T5Weights& w,
                                       const EncoderOutput& encoder,
                                       const RowAdapters& rows,
                                       const PassBiases* biases) {
-  absl::Status s = CheckDecodeFullArgs(w, decoder_ids, encoder, biases);
+  absl::Status s = CheckDecodeFullArgs(decoder_ids, encoder, biases);
   if (!s.ok()) return s;
   try {
     return LmHead(w, DecoderHidden(w, decoder_ids, encoder, rows, biases));
@@ -1852,7 +1851,7 @@ absl::StatusOr<at::Tensor> DecodeFullNll(const T5Weights& w,
                                          const RowAdapters& rows,
                                          const at::Tensor& labels,
                                          const PassBiases* biases) {
-  absl::Status s = CheckDecodeFullArgs(w, decoder_ids, encoder, biases);
+  absl::Status s = CheckDecodeFullArgs(decoder_ids, encoder, biases);
   if (!s.ok()) return s;
   if (!labels.defined() || labels.scalar_type() != at::kLong ||
       labels.sizes() != decoder_ids.sizes() ||
