@@ -288,7 +288,8 @@ TEST(ObjectiveRunnerPacked, LongExamplesMatchScoreCandidates) {
 // CPU through its ATen steps): the losses of 4 candidates agree to 1e-3
 // relative, and not all are the same bits (it ran: the usual order again
 // would give equal ones; a single candidate may round to the same loss,
-// as candidate 0 did on the H200 once the down-projection gained bits).
+// as candidate 0 did on the H200 with the down-projection on the tensor-core
+// shrink, whose sums round differently).
 TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
