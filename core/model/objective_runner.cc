@@ -142,7 +142,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     at::Tensor ids, mask, labels, label_mask;
     PadExamples(examples, false, weights.config.pad_token_id, ids, mask);
     PadExamples(examples, true, weights.config.pad_token_id, labels, label_mask);
-    labels = labels.masked_fill(label_mask == 0, -100);
+    labels = labels.masked_fill(label_mask == 0, kIgnoredLabel);
     const int64_t total = C * n;
     const int64_t max_rows = RowsPerPass(options.score, examples, weights.device.is_cuda());
     for (int64_t start = 0; start < total; start += max_rows) {

@@ -452,13 +452,17 @@ int MmaShrinkTiles(const RunLoraArgs& p) {
 }
 
 // The tensor-core kernel's n-tiles per warp for these arguments (1, 2 or
-// 4), or 0 where the FMA kernel (or the caller's GEMM) takes them.
+// 4), or 0 where the FMA kernel (or the caller's GEMM) takes them or there
+// is no current device.
 int MmaShrinkNT(const RunLoraArgs& p) {
   static const bool off = EnvSwitch("LORAHUB_NO_MMA_SHRINK");
   int device = 0;
   const DeviceLimits* limits = CurrentDeviceLimits(&device);
-  const int64_t sms = limits == nullptr ? 132 : limits->sms;
-  if (off || p.in % kMmaK != 0 || p.M < kMmaMinTokens) return 0;
+  if (off || limits == nullptr || limits->shared_optin <= 0 ||
+      p.in % kMmaK != 0 || p.M < kMmaMinTokens) {
+    return 0;
+  }
+  const int64_t sms = limits->sms;
   // Fewer blocks than two per SM run latency-bound: each streams its K
   // alone (a per-row prefill's 64 prompts in 128 blocks: 30.9 us against
   // the FMA kernel's 14.3 with 640).
@@ -499,11 +503,11 @@ int LaunchShrinkMma(const RunLoraArgs& p, int device, int64_t limit,
              : LaunchShrinkMmaOf<kNT, kMmaK, kMmaStages>(p, device, limit, stream);
 }
 
-// The tensor-core shrink for MmaShrinkNT(p) > 0, else
+// The tensor-core shrink with nt = MmaShrinkNT(p) (1, 2 or 4), else
 // cudaErrorInvalidValue.
-int LaunchMmaShrinkOf(const RunLoraArgs& p, int device, int64_t limit,
+int LaunchMmaShrinkOf(const RunLoraArgs& p, int nt, int device, int64_t limit,
                       cudaStream_t stream) {
-  switch (MmaShrinkNT(p)) {
+  switch (nt) {
     case 1:
       return LaunchShrinkMma<1>(p, device, limit, stream);
     case 2:
@@ -606,8 +610,9 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   RunLoraArgs p = args;
   if (p.x != nullptr) {
-    const int err = MmaShrinkNT(p) > 0 ? LaunchMmaShrinkOf(p, device, limit, s)
-                                       : LaunchFmaShrink(p, device, limit, s);
+    const int nt = MmaShrinkNT(p);
+    const int err = nt > 0 ? LaunchMmaShrinkOf(p, nt, device, limit, s)
+                           : LaunchFmaShrink(p, device, limit, s);
     if (err != 0) return err;
     p.xa = p.xa_buffer;
     p.xa_stride[0] = p.run_starts != nullptr ? 0 : p.M * p.R;
@@ -617,24 +622,33 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream) {
                    : LaunchExpand<kRunLoraMaxRank / 4>(p, device, limit, s);
 }
 
-bool RunShrinkFits(const RunLoraArgs& p) {
+namespace {
+
+// RunShrinkFits as MmaShrinkNT's n-tiles (0: it does not fit).
+int RunShrinkNT(const RunLoraArgs& p) {
   if (p.x == nullptr || p.a == nullptr || p.slots < 1 || p.M < 1 ||
-      p.in < 1 || MmaShrinkNT(p) == 0 || !Aligned16(p.x) || !Aligned16(p.a) ||
+      p.in < 1 || !Aligned16(p.x) || !Aligned16(p.a) ||
       p.x_stride[0] % 4 != 0 || p.x_stride[1] % 4 != 0 ||
       p.a_stride[0] % 4 != 0 || p.a_stride[1] % 4 != 0) {
-    return false;
+    return 0;
   }
-  int device = 0;
-  return SharedLimit(&device) > 0;
+  return MmaShrinkNT(p);
 }
 
+}  // namespace
+
+bool RunShrinkFits(const RunLoraArgs& p) { return RunShrinkNT(p) > 0; }
+
 int LaunchRunShrink(const RunLoraArgs& p, void* stream) {
-  if (!RunShrinkFits(p) || p.xa_buffer == nullptr || !Aligned16(p.xa_buffer)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
+  const int nt = RunShrinkNT(p);
   int device = 0;
   const int64_t limit = SharedLimit(&device);
-  return LaunchMmaShrinkOf(p, device, limit, static_cast<cudaStream_t>(stream));
+  if (nt == 0 || limit <= 0 || p.xa_buffer == nullptr ||
+      !Aligned16(p.xa_buffer)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return LaunchMmaShrinkOf(p, nt, device, limit,
+                           static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace lorahub::model::kernels

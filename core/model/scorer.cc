@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/fused_ops.h"
 #include "core/model/t5_forward.h"
 
 namespace lorahub::model {
@@ -82,7 +83,7 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
     at::Tensor ids, mask, labels, label_mask;
     PadExamples(examples, false, w.config.pad_token_id, ids, mask);
     PadExamples(examples, true, w.config.pad_token_id, labels, label_mask);
-    labels = labels.masked_fill(label_mask == 0, -100);
+    labels = labels.masked_fill(label_mask == 0, kIgnoredLabel);
     ids = ids.to(w.device);
     mask = mask.to(w.device);
     labels = labels.to(w.device);

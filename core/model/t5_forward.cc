@@ -1660,7 +1660,7 @@ at::Tensor ShiftRight(const at::Tensor& labels, int64_t start_id,
   out.narrow(1, 1, labels.size(1) - 1)
       .copy_(labels.narrow(1, 0, labels.size(1) - 1));
   out.select(1, 0).fill_(start_id);
-  return out.masked_fill(out == -100, pad_id);
+  return out.masked_fill(out == kIgnoredLabel, pad_id);
 }
 
 absl::StatusOr<PassBiases> ComputePassBiases(const T5Weights& w,

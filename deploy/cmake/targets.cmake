@@ -662,6 +662,7 @@ lorahub_cc_library(core_model_model
     ${SRC}/core/model/scorer.cc
     ${SRC}/core/model/scorer.h
   DEPS
+    core_model_fused_ops
     core_model_generate
     core_model_t5
     core_config_config
