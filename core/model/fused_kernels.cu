@@ -1532,11 +1532,16 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
 // The block's 8 warps share the row's x, staged once in shared memory.
 // kVec: factors with unit inner stride, `in` a multiple of a 16-byte word's
 // elements and 16-byte aligned rows (checked by the launcher): 16-byte
-// loads (4 fp32 or 8 bf16 factors), the first kShrinkAhead of each lane
+// loads (4 fp32 or 8 bf16 factors), the first kShrinkAhead<E> of each lane
 // issued before the staging barrier (the factor loads no longer wait for x:
 // two memory latencies per block were one after the other), summed in the
 // same order as the rest.
-constexpr int kShrinkAhead = 8;  // 16-byte loads per lane: in = 1024 whole
+// 16-byte loads per lane: in = 1024 whole (8 of fp32, 4 of 16-bit factors;
+// 8 for every dtype held 16 registers and issued predicated loads and sums
+// for words a row of 1,024 does not have: the bf16 norm+shrink took 114
+// registers, now 73; H200, a per-row decode step's calls 4.70 -> 4.62 us).
+template <typename E>
+constexpr int kShrinkAhead = 1024 / Vec16<E>::kWidth / 32;
 
 // sum_e x[e] w[e] over one 16-byte word of factors `raw` (Vec16<E>) and
 // the matching floats of x (float4s: 16-byte aligned in shared memory),
@@ -1574,13 +1579,14 @@ __device__ __forceinline__ float WordDot(const uint4& raw,
 }
 
 // The vectorized shrink of one factor row per warp (LoraShrinkKernel kVec,
-// AddRmsNormShrinkKernel): the first kShrinkAhead rounds of the row's
+// AddRmsNormShrinkKernel): the first kAhead rounds of the row's
 // `words` 16-byte words, loaded before x is staged ...
+template <int kAhead>
 __device__ __forceinline__ void LoadRowAhead(const uint4* row16, int64_t words,
                                              bool active, int lane,
-                                             uint4 (&ahead)[kShrinkAhead]) {
+                                             uint4 (&ahead)[kAhead]) {
 #pragma unroll
-  for (int u = 0; u < kShrinkAhead; ++u) {
+  for (int u = 0; u < kAhead; ++u) {
     const int64_t i = lane + 32 * u;
     if (active && i < words) ahead[u] = row16[i];
   }
@@ -1592,17 +1598,17 @@ __device__ __forceinline__ void LoadRowAhead(const uint4* row16, int64_t words,
 template <typename E>
 __device__ __forceinline__ float RowDotPart(const uint4* row16, int64_t words,
                                             int lane,
-                                            const uint4 (&ahead)[kShrinkAhead],
+                                            const uint4 (&ahead)[kShrinkAhead<E>],
                                             const float4* x_shared) {
   constexpr int kX = Vec16<E>::kWidth / 4;  // float4s of x per word
   float s = 0.f;
 #pragma unroll
-  for (int u = 0; u < kShrinkAhead; ++u) {
+  for (int u = 0; u < kShrinkAhead<E>; ++u) {
     const int64_t i = lane + 32 * u;
     if (i < words) s += WordDot<E>(ahead[u], x_shared, static_cast<int>(i) * kX);
   }
 #pragma unroll 4
-  for (int64_t i = lane + 32 * kShrinkAhead; i < words; i += 32) {
+  for (int64_t i = lane + 32 * kShrinkAhead<E>; i < words; i += 32) {
     s += WordDot<E>(row16[i], x_shared, static_cast<int>(i) * kX);
   }
   return s;
@@ -1622,7 +1628,7 @@ __global__ void __launch_bounds__(kNormThreads)
   const E* __restrict__ row =
       static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0] +
       (active ? c : 0) * a.a_stride[1];
-  uint4 ahead[kShrinkAhead];
+  uint4 ahead[kShrinkAhead<E>];
   int64_t words = 0;  // 16-byte words of a factor row
   if constexpr (kVec) {
     words = a.in / Vec16<E>::kWidth;
@@ -1674,7 +1680,7 @@ __global__ void __launch_bounds__(kNormThreads)
       (active ? c : 0) * a.a_stride[1];
   const int64_t words = a.in / Vec16<E>::kWidth;
   const uint4* row16 = reinterpret_cast<const uint4*>(row);
-  uint4 ahead[kShrinkAhead];
+  uint4 ahead[kShrinkAhead<E>];
   LoadRowAhead(row16, words, active, lane, ahead);
   const int64_t dim = a.in;
   const int64_t base = b * dim;

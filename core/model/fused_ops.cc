@@ -361,6 +361,16 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
   return fused_backend::TokenNll(logits, labels, nll);
 }
 
+bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
+                  int64_t pad, int64_t eos, at::Tensor* next) {
+  static const bool off = EnvFlag("LORAHUB_NO_GREEDY_KERNEL");
+  if (off || !logits.is_cuda() || !fused_backend::Compiled() || Disabled() ||
+      Differentiable(logits)) {
+    return false;
+  }
+  return fused_backend::GreedyTokens(logits, unfinished, pad, eos, next);
+}
+
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
   return RunKernelsMayRun(x, {&a}, {}) &&
          fused_backend::RunShrink(x, a, out);

@@ -845,6 +845,30 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
   return true;
 }
 
+bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
+                  int64_t pad, int64_t eos, at::Tensor* next) {
+  if (logits.dim() != 2 || logits.scalar_type() != at::kFloat ||
+      !logits.is_contiguous() || logits.size(0) < 1 || logits.size(1) < 1) {
+    return false;
+  }
+  if (unfinished != nullptr &&
+      (unfinished->dim() != 1 || unfinished->size(0) != logits.size(0) ||
+       unfinished->scalar_type() != at::kBool ||
+       !unfinished->is_contiguous() || !OnDeviceOf(*unfinished, logits))) {
+    return false;
+  }
+  c10::cuda::CUDAGuard device_guard(logits.device());
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  const int err = kernels::LaunchGreedyTokens(
+      logits.data_ptr<float>(), logits.size(0), logits.size(1),
+      unfinished != nullptr ? unfinished->data_ptr<bool>() : nullptr, pad, eos,
+      out.data_ptr<int64_t>(), StreamOf(logits));
+  TORCH_CHECK(err == 0, "greedy tokens kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *next = out;
+  return true;
+}
+
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
   if (x.dim() != 3 || a.dim() != 3 || !x.is_cuda() || !a.is_cuda() ||
       x.device() != a.device() || x.scalar_type() != at::kFloat ||

@@ -98,6 +98,11 @@ bool TokenNll(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }
 
+bool GreedyTokens(const at::Tensor&, at::Tensor*, int64_t, int64_t,
+                  at::Tensor*) {
+  return false;
+}
+
 bool BmmFloat(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }

@@ -291,6 +291,10 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
       [&](const at::Tensor& in) -> absl::StatusOr<at::Tensor> {
     LH_ASSIGN_OR_RETURN(at::Tensor logits, decoder.Step(in));
     at::Tensor next;
+    if (!o.do_sample &&
+        GreedyTokens(logits, &unfinished, w.config.pad_token_id, eos, &next)) {
+      return next;
+    }
     at::Tensor scores = logits.to(at::kFloat);
     if (o.do_sample) {
       at::Tensor probs = at::softmax(Warp(scores, o), -1).cpu();

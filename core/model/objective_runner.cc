@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/model/cuda_graph.h"
 #include "core/model/fused_ops.h"
+#include "core/model/query_side_cross.h"
 #include "core/model/t5_forward.h"
 
 namespace lorahub::model {
@@ -145,6 +146,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     labels = labels.masked_fill(label_mask == 0, kIgnoredLabel);
     const int64_t total = C * n;
     const int64_t max_rows = RowsPerPass(options.score, examples, weights.device.is_cuda());
+    PassBiases query_side_weights;  // one copy for every chunk
     for (int64_t start = 0; start < total; start += max_rows) {
       const int64_t rows_here = std::min(max_rows, total - start);
       std::vector<int64_t> ex_idx(rows_here), slots(rows_here);
@@ -170,6 +172,15 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
         auto biases = ComputePassBiases(weights, chunk.mask, chunk.decoder_ids.size(1));
         if (!biases.ok()) return biases.status();
         chunk.biases = std::make_unique<PassBiases>(*std::move(biases));
+        static const bool per_pass_twice = EnvFlag("LORAHUB_PER_PASS_CROSS_TWICE");  // A/B
+        if (run->merge_ == nullptr && !per_pass_twice) {  // the base weights: they stay as they are
+          if (!query_side_weights.cross_keys_twice.defined()) {
+            internal::PrepareQuerySideWeights(
+                weights, rows_here * chunk.decoder_ids.size(1), &query_side_weights);
+          }
+          chunk.biases->cross_keys_twice = query_side_weights.cross_keys_twice;
+          chunk.biases->cross_values_twice = query_side_weights.cross_values_twice;
+        }
       }
       run->chunks_.push_back(std::move(chunk));
     }

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <tuple>
+#include <utility>
 
 #include "core/model/fused_ops.h"
 #include "core/model/t5_layers.h"
@@ -11,6 +13,13 @@ namespace lorahub::model::internal {
 namespace {
 
 std::atomic<int> override_mode{-1};
+
+// LORAHUB_NO_QUERY_CROSS=1 or LORAHUB_NO_GEMM_FLOAT=1 (A/B). Read once.
+bool SwitchedOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_QUERY_CROSS") ||
+                          EnvFlag("LORAHUB_NO_GEMM_FLOAT");
+  return off;
+}
 
 // The cross v site bank of a block where the rows adapt it, else null.
 const SiteBank* ValueSite(const RowAdapters& rows, const BlockWeights& b) {
@@ -87,7 +96,36 @@ at::Tensor DownProjectRows(const at::Tensor& x_full, const at::Tensor& a,
   return at::bmm(x_full, a.index_select(0, rows.slots).transpose(1, 2));
 }
 
+// All blocks' cross keys' weights twice along d_kv, [L, H, 2 d_kv, D], and
+// values' twice along the input, [L, inner, 2 D]: one copy each (rows of
+// w.cross_kv: block, k | v, inner).
+std::pair<at::Tensor, at::Tensor> CrossWeightsTwice(const T5Weights& w) {
+  const config::T5Config& c = w.config;
+  const int64_t L = static_cast<int64_t>(w.decoder.size());
+  const int64_t inner = c.num_heads * c.d_kv;
+  const at::Tensor kv = w.cross_kv.view({L, 2, inner, -1});
+  const at::Tensor k = kv.select(1, 0).view({L, c.num_heads, c.d_kv, -1});
+  const at::Tensor v = kv.select(1, 1);
+  return {at::cat({k, k}, 2), at::cat({v, v}, 2)};
+}
+
 }  // namespace
+
+void PrepareQuerySideWeights(const T5Weights& w, int64_t rows_times_positions,
+                             PassBiases* biases) {
+  // Create's gates that do not need the encoder output (forced on, as
+  // there, also on the CPU and for few queries).
+  const int mode = override_mode.load();
+  const bool fast = w.device.is_cuda() && FusedKernelsEnabled();
+  if (mode == 0 ||
+      (mode < 0 && (SwitchedOff() || !fast ||
+                     rows_times_positions < QuerySideCross::kMinQueries)) ||
+      w.dtype != at::kBFloat16 || !FusedCrossKv(w)) {
+    return;
+  }
+  std::tie(biases->cross_keys_twice, biases->cross_values_twice) =
+      CrossWeightsTwice(w);
+}
 
 void SetQuerySideCrossForTesting(int value) {
   override_mode.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
@@ -95,9 +133,8 @@ void SetQuerySideCrossForTesting(int value) {
 
 std::unique_ptr<QuerySideCross> QuerySideCross::Create(
     const T5Weights& w, const EncoderOutput& enc, const RowAdapters& rows,
-    int64_t decoder_length) {
-  static const bool off = EnvFlag("LORAHUB_NO_QUERY_CROSS") ||
-                          EnvFlag("LORAHUB_NO_GEMM_FLOAT");
+    int64_t decoder_length, const PassBiases* biases) {
+  const bool off = SwitchedOff();
   const int mode = override_mode.load();
   // Forced (tests), it also runs where its steps take their ATen forms.
   const bool fast = w.device.is_cuda() && FusedKernelsEnabled();
@@ -136,26 +173,23 @@ std::unique_ptr<QuerySideCross> QuerySideCross::Create(
       return nullptr;
     }
   }
-  return std::unique_ptr<QuerySideCross>(new QuerySideCross(w, enc, rows));
+  return std::unique_ptr<QuerySideCross>(
+      new QuerySideCross(w, enc, rows, biases));
 }
 
 QuerySideCross::QuerySideCross(const T5Weights& w, const EncoderOutput& enc,
-                               const RowAdapters& rows)
+                               const RowAdapters& rows, const PassBiases* biases)
     : w_(w), rows_(rows) {
-  const config::T5Config& c = w.config;
   const int64_t B = enc.hidden.size(0), S = enc.hidden.size(1);
   const int64_t L = static_cast<int64_t>(w.decoder.size());
-  const int64_t H = c.num_heads, d = c.d_kv, inner = H * d;
   x_ = enc.hidden.contiguous();
   x_twice_ = at::cat({x_, x_}, 1);
   bias_ = enc.mask_bias.reshape({B, S});
-  if (FusedCrossKv(w)) {
-    // All blocks' weights twice in one copy each (rows: block, k | v, inner).
-    const at::Tensor kv = w.cross_kv.view({L, 2, inner, -1});
-    const at::Tensor k = kv.select(1, 0).view({L, H, d, -1});
-    k_twice_ = at::cat({k, k}, 2);
-    const at::Tensor v = kv.select(1, 1);
-    v_twice_ = at::cat({v, v}, 2);
+  if (biases != nullptr && biases->cross_keys_twice.defined()) {
+    k_twice_ = biases->cross_keys_twice;
+    v_twice_ = biases->cross_values_twice;
+  } else if (FusedCrossKv(w)) {
+    std::tie(k_twice_, v_twice_) = CrossWeightsTwice(w);
   }
   xa_.resize(L);
   row_scale_.resize(L);

@@ -44,10 +44,13 @@ class QuerySideCross {
   // would not pay: fewer than kMinQueries rows x positions, or more than
   // half the multiply-adds of the usual order (long decoder inputs, short
   // encoder outputs). `decoder_length`: T.
+  // `biases` (optional): its cross_keys_twice and cross_values_twice are
+  // read where defined (PrepareQuerySideWeights).
   static std::unique_ptr<QuerySideCross> Create(const T5Weights& w,
                                                 const EncoderOutput& enc,
                                                 const RowAdapters& rows,
-                                                int64_t decoder_length);
+                                                int64_t decoder_length,
+                                                const PassBiases* biases = nullptr);
 
   // Decoder block `block`'s attention context [B, H, T, d_kv] fp32 for its
   // queries q [B, H, T, d_kv] fp32 (with their LoRA deltas), as
@@ -58,7 +61,7 @@ class QuerySideCross {
 
  private:
   QuerySideCross(const T5Weights& w, const EncoderOutput& enc,
-                 const RowAdapters& rows);
+                 const RowAdapters& rows, const PassBiases* biases);
   // Block i's keys' weight twice along its input rows, [H, 2 d_kv, d_model],
   // and its values' twice along the input, [H, 2 d_model, d_kv] (views).
   at::Tensor KeysTwice(int64_t block) const;
@@ -81,6 +84,14 @@ class QuerySideCross {
 // fp32 attention and the adapters qualify, also where it would not pay and
 // off CUDA (then its steps run as ATen ops: the same arithmetic, slower).
 void SetQuerySideCrossForTesting(int value);
+
+// Sets biases->cross_keys_twice and cross_values_twice for passes of
+// `rows_times_positions` decoder queries over `w` where QuerySideCross may
+// run (a bf16 model on CUDA with fused cross keys and values, enough
+// queries); else leaves them undefined. The caller promises that w's
+// weights do not change while `biases` is in use. May throw c10::Error.
+void PrepareQuerySideWeights(const T5Weights& w, int64_t rows_times_positions,
+                             PassBiases* biases);
 
 }  // namespace lorahub::model::internal
 

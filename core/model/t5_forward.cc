@@ -1432,6 +1432,12 @@ at::Tensor DecoderLogits(const T5Weights& w, const ResidualStream& stream) {
   return LmHead(w, Residual(w, stream).Norm(w.decoder_final_norm).full);
 }
 
+void DecoderStepLogitsInto(const T5Weights& w, const ResidualStream& stream,
+                           at::Tensor& out) {
+  out.copy_(LmHeadLogits(w, Residual(w, stream).Norm(w.decoder_final_norm).full)
+                .squeeze(1));
+}
+
 }  // namespace internal
 
 namespace {
@@ -1580,7 +1586,7 @@ at::Tensor DecoderHidden(const T5Weights& w, const at::Tensor& ids,
   Residual h(w, Embed(w, ids));
   CrossKeyValues cross(w, enc, rows, CrossKeyValues::kDefaultMaxBytes, attn);
   const std::unique_ptr<QuerySideCross> query_side =
-      QuerySideCross::Create(w, enc, rows, ids.size(1));
+      QuerySideCross::Create(w, enc, rows, ids.size(1), biases);
   for (size_t i = 0; i < w.decoder.size(); ++i) {
     const BlockWeights& b = w.decoder[i];
     Normed n = h.Norm(b.self_norm);

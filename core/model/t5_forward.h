@@ -93,6 +93,14 @@ struct PassBiases {
   at::Tensor mask_bias;     // [B, 1, 1, S] fp32 (EncoderOutput::mask_bias)
   at::Tensor encoder_self;  // [B, H, S, S] in the attention dtype
   at::Tensor decoder_self;  // [1, H, T, T] fp32, causal
+  // For passes over weights that stay as they are (ObjectiveRunner's
+  // per-row passes; not a merged model, which a merge rewrites in place):
+  // the cross-attention keys' and values' weights twice, as the query-side
+  // cross-attention reads them (query_side_cross.h PrepareQuerySideWeights),
+  // made once instead of by two copies per pass (H200: 2 x 180 us a CMA-ES
+  // population). Undefined: made per pass.
+  at::Tensor cross_keys_twice;    // [L, H, 2 d_kv, d_model]
+  at::Tensor cross_values_twice;  // [L, H d_kv, 2 d_model]
 };
 // attention_mask: [B, S] on the weights' device; decoder_length T > 0.
 absl::StatusOr<PassBiases> ComputePassBiases(const T5Weights& w,

@@ -532,7 +532,10 @@ struct InferenceEngine::State {
     LH_ASSIGN_OR_RETURN(
         at::Tensor logits,
         slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
-    at::Tensor argmax = logits.argmax(-1);
+    at::Tensor argmax;
+    if (!model::GreedyTokens(logits, nullptr, 0, 0, &argmax)) {
+      argmax = logits.argmax(-1);
+    }
     if (w.device.is_cuda()) {
       if (!argmax_host.defined() || argmax_host.numel() != argmax.numel()) {
         argmax_host = at::empty(

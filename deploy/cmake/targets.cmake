@@ -594,6 +594,7 @@ lorahub_cc_library(core_model_fused_ops
   CUDA_SRCS
     ${SRC}/core/model/fused_kernels.cu
     ${SRC}/core/model/fused_ops_cuda.cc
+    ${SRC}/core/model/greedy_kernels.cu
     ${SRC}/core/model/kernel_launch.cuh
     ${SRC}/core/model/low_rank_merge_kernels.cu
     ${SRC}/core/model/query_side_kernels.cu
@@ -730,6 +731,7 @@ lorahub_cc_library(core_model_objective_runner
     core_model_cuda_graph
     core_model_fused_ops
     core_model_model
+    core_model_t5
     ext_absl_absl
     ext_libtorch_libtorch
   OUTPUT_NAME objective_runner

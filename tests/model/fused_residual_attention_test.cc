@@ -260,6 +260,71 @@ TEST(TokenNllTest, IsLogSoftmaxAtTheLabel) {
   }
 }
 
+TEST(GreedyTokensTest, IsArgmaxWithTheFinishedRows) {
+  at::manual_seed(13);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  constexpr int64_t kPad = 0, kEos = 1;
+  for (int64_t V : {int64_t{32128}, int64_t{64}, int64_t{37}}) {
+    SCOPED_TRACE(V);
+    const int64_t B = 9;
+    at::Tensor logits = at::randn({B, V}, at::kFloat) * 4.0;
+    // Ties: the first index wins. Rows 2 and 3: NaN above every number,
+    // the first NaN. Row 4: every logit -inf (index 0). Row 5: a tie in
+    // another thread's part of the row. Row 6: eos is the pick.
+    logits[0][V - 1] = 100.f;
+    logits[0][V / 2] = 100.f;
+    logits[1][3] = 50.f;
+    logits[1][V - 2] = 50.f;
+    logits[2][V - 5] = nan;
+    logits[2][V - 3] = 1000.f;
+    logits[3][V - 1] = nan;
+    logits[3][4] = nan;
+    logits[4].fill_(-std::numeric_limits<float>::infinity());
+    logits[5][7] = 70.f;
+    logits[5][(7 + 4 * 513) % V] = 70.f;
+    logits[6][kEos] = 90.f;
+    logits = logits.to(Device());
+    const std::vector<bool> unfinished_rows = {true, false, true, true, true,
+                                               true, true, false, true};
+    at::Tensor unfinished = at::empty({B}, at::kBool);
+    for (int64_t r = 0; r < B; ++r) unfinished[r] = unfinished_rows[r];
+    unfinished = unfinished.to(Device());
+    const at::Tensor want_argmax = logits.argmax(-1).to(at::kCPU);
+    const at::Tensor want_next =
+        at::where(unfinished, logits.argmax(-1),
+                  at::full({B}, kPad, logits.options().dtype(at::kLong)))
+            .to(at::kCPU);
+    const at::Tensor want_unfinished =
+        (unfinished & (want_next.to(Device()) != kEos)).to(at::kCPU);
+    at::Tensor argmax;
+    ASSERT_EQ(GreedyTokens(logits, nullptr, kPad, kEos, &argmax), cuda);
+    at::Tensor next;
+    ASSERT_EQ(GreedyTokens(logits, &unfinished, kPad, kEos, &next), cuda);
+    if (!cuda) {
+      EXPECT_FALSE(argmax.defined());
+      EXPECT_FALSE(next.defined());
+      continue;
+    }
+    EXPECT_TRUE(at::equal(argmax.to(at::kCPU), want_argmax))
+        << argmax << want_argmax;
+    EXPECT_TRUE(at::equal(next.to(at::kCPU), want_next)) << next << want_next;
+    EXPECT_TRUE(at::equal(unfinished.to(at::kCPU), want_unfinished))
+        << unfinished << want_unfinished;
+    EXPECT_EQ(want_argmax[0].item<int64_t>(), V / 2);
+    EXPECT_EQ(want_argmax[2].item<int64_t>(), V - 5);
+    EXPECT_EQ(want_argmax[3].item<int64_t>(), 4);
+    EXPECT_EQ(want_argmax[4].item<int64_t>(), 0);
+    EXPECT_FALSE(want_unfinished[6].item<bool>());
+    at::Tensor untouched;
+    EXPECT_FALSE(GreedyTokens(logits.to(at::kBFloat16), nullptr, 0, 0, &untouched));
+    EXPECT_FALSE(GreedyTokens(logits.t(), nullptr, 0, 0, &untouched));
+    at::Tensor wrong_rows = unfinished.narrow(0, 0, B - 1);
+    EXPECT_FALSE(GreedyTokens(logits, &wrong_rows, 0, 0, &untouched));
+    EXPECT_FALSE(untouched.defined());
+  }
+}
+
 // softmax(q k^T + bias) v in double, per (row, head, query), over all keys.
 at::Tensor Reference(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias) {
