@@ -289,7 +289,10 @@ TEST(ObjectiveRunnerPacked, LongExamplesMatchScoreCandidates) {
 // relative, and not all are the same bits (it ran: the usual order again
 // would give equal ones; a single candidate may round to the same loss,
 // as candidate 0 did on the H200 with the down-projection on the tensor-core
-// shrink, whose sums round differently).
+// shrink, whose sums round differently). The runner's passes read the cross
+// weights twice as PrepareQuerySideWeights made them when the runner was
+// built (with every block's values read from the block in reverse order,
+// candidates 0-2 missed by more than 1e-3 on the CPU).
 TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
