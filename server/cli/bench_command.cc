@@ -25,6 +25,9 @@
 //   cmaes_candidates_per_second   CMA-ES with --population candidates per batched call, in
 //                        scoring passes of score_rows_per_pass rows (--max-rows; unset or 0:
 //                        automatic, model::RowsPerPass), cmaes_forward_passes of them;
+//                        cmaes_seconds: its wall time; cmaes_objective_seconds: the part
+//                        inside the objective (the passes and their waits; the rest is the
+//                        optimizer's own host work);
 //                        cmaes_peak_added_bytes: the most device memory (LibTorch's caching
 //                        allocator) the population's runner and passes held beyond what was
 //                        in use before them (0 on the CPU)
@@ -465,11 +468,14 @@ absl::Status Run(const Args& args) {
     LH_ASSIGN_OR_RETURN(auto cmaes, learn::MakeOptimizer("cmaes", popts));
     const int64_t before = objective.stats().evaluations;
     const int64_t passes_before = objective.stats().forward_passes;
+    const double objective_before = objective.stats().seconds;
     t0 = Now();
     LH_ASSIGN_OR_RETURN(learn::OptimizerResult r, cmaes->Minimize(objective.AsBatchObjective()));
     const double secs = Now() - t0;
     const int64_t evals = objective.stats().evaluations - before;
     out["cmaes_candidates_per_second"] = secs > 0 ? static_cast<double>(evals) / secs : 0;
+    out["cmaes_seconds"] = secs;
+    out["cmaes_objective_seconds"] = objective.stats().seconds - objective_before;
     out["cmaes_evaluations"] = evals;
     out["cmaes_population"] = population;
     out["cmaes_forward_passes"] = objective.stats().forward_passes - passes_before;

@@ -24,6 +24,9 @@ for k in ["cold_start_seconds", "compose_seconds", "compose_seconds_max", "eval_
           "eval_ms_p90", "cobyla40_seconds", "cmaes_candidates_per_second"]:
     positive(k, j[k])
 assert j["eval_ms_p90"] >= j["eval_ms_median"], j
+positive("cmaes_objective_seconds", j["cmaes_objective_seconds"])
+assert j["cmaes_objective_seconds"] <= j["cmaes_seconds"], j
+assert abs(j["cmaes_candidates_per_second"] * j["cmaes_seconds"] - j["cmaes_evaluations"]) < 1e-6 * j["cmaes_evaluations"], j
 assert j["compose_seconds_max"] >= j["compose_seconds"], j
 assert j["eval_reps"] == 3 and j["cmaes_evaluations"] == 8 and j["modules"] == 20, j
 g = j["generation"]
@@ -50,7 +53,7 @@ assert 0 <= j["fast_vs_eager_rel_diff"] < 1e-6, j["fast_vs_eager_rel_diff"]
 assert j["device"] == "cpu" and j["cuda_graphs_compiled"] is False, j
 assert j["fused_gemms"] is True, j
 assert j["engine"] == "runner (eager: not a CUDA device)", j["engine"]
-print("bench JSON ok:", {k: j[k] for k in ["eval_ms_median", "cmaes_candidates_per_second"]})
+print("bench JSON ok:", {k: j[k] for k in ["eval_ms_median", "cmaes_candidates_per_second", "cmaes_seconds", "cmaes_objective_seconds"]})
 PY
 # --profile-out: the same JSON line plus "profile" (CPU operators here: this LibTorch has
 # no Kineto, so no trace, and a note says so), the tables on stderr.
