@@ -146,7 +146,16 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     labels = labels.masked_fill(label_mask == 0, kIgnoredLabel);
     const int64_t total = C * n;
     const int64_t max_rows = RowsPerPass(options.score, examples, weights.device.is_cuda());
-    PassBiases query_side_weights;  // one copy for every chunk
+    static const bool per_pass_biases = EnvFlag("LORAHUB_NO_PASS_BIASES");  // A/B
+    static const bool per_pass_twice = EnvFlag("LORAHUB_PER_PASS_CROSS_TWICE");  // A/B
+    // The query-side cross weights, one copy for every chunk: per-row passes
+    // read the base weights, which stay as they are (a merge rewrites the
+    // merged weights in place). The first chunk is the largest.
+    PassBiases fixed_weights;
+    if (!per_pass_biases && !per_pass_twice && run->merge_ == nullptr) {
+      internal::PrepareQuerySideWeights(weights, std::min(max_rows, total) * labels.size(1),
+                                        &fixed_weights);
+    }
     for (int64_t start = 0; start < total; start += max_rows) {
       const int64_t rows_here = std::min(max_rows, total - start);
       std::vector<int64_t> ex_idx(rows_here), slots(rows_here);
@@ -167,20 +176,12 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       chunk.decoder_ids = ShiftRight(chunk.labels, weights.config.decoder_start_token_id,
                                      weights.config.pad_token_id);
       chunk.packed = PackedPass(weights, examples, ex_idx, chunk.rows, chunk.ids.size(1));
-      static const bool per_pass_biases = EnvFlag("LORAHUB_NO_PASS_BIASES");  // A/B
       if (!per_pass_biases) {
         auto biases = ComputePassBiases(weights, chunk.mask, chunk.decoder_ids.size(1));
         if (!biases.ok()) return biases.status();
         chunk.biases = std::make_unique<PassBiases>(*std::move(biases));
-        static const bool per_pass_twice = EnvFlag("LORAHUB_PER_PASS_CROSS_TWICE");  // A/B
-        if (run->merge_ == nullptr && !per_pass_twice) {  // the base weights: they stay as they are
-          if (!query_side_weights.cross_keys_twice.defined()) {
-            internal::PrepareQuerySideWeights(
-                weights, rows_here * chunk.decoder_ids.size(1), &query_side_weights);
-          }
-          chunk.biases->cross_keys_twice = query_side_weights.cross_keys_twice;
-          chunk.biases->cross_values_twice = query_side_weights.cross_values_twice;
-        }
+        chunk.biases->cross_keys_twice = fixed_weights.cross_keys_twice;
+        chunk.biases->cross_values_twice = fixed_weights.cross_values_twice;
       }
       run->chunks_.push_back(std::move(chunk));
     }

@@ -14,11 +14,19 @@ namespace {
 
 std::atomic<int> override_mode{-1};
 
-// LORAHUB_NO_QUERY_CROSS=1 or LORAHUB_NO_GEMM_FLOAT=1 (A/B). Read once.
-bool SwitchedOff() {
+// Create's gates that read only the weights and the switches: not forced
+// off; unless forced on (tests: then also where its steps take their ATen
+// forms), CUDA with the fused kernels and neither LORAHUB_NO_QUERY_CROSS=1
+// nor LORAHUB_NO_GEMM_FLOAT=1 (A/B, read once); a bf16 model with fp32
+// attention and a decoder.
+bool MayRun(const T5Weights& w) {
   static const bool off = EnvFlag("LORAHUB_NO_QUERY_CROSS") ||
                           EnvFlag("LORAHUB_NO_GEMM_FLOAT");
-  return off;
+  const int mode = override_mode.load();
+  const bool fast = w.device.is_cuda() && FusedKernelsEnabled();
+  return mode != 0 && (mode > 0 || (!off && fast)) &&
+         w.dtype == at::kBFloat16 && AttentionDtype(w) == at::kFloat &&
+         !w.decoder.empty();
 }
 
 // The cross v site bank of a block where the rows adapt it, else null.
@@ -113,14 +121,11 @@ std::pair<at::Tensor, at::Tensor> CrossWeightsTwice(const T5Weights& w) {
 
 void PrepareQuerySideWeights(const T5Weights& w, int64_t rows_times_positions,
                              PassBiases* biases) {
-  // Create's gates that do not need the encoder output (forced on, as
-  // there, also on the CPU and for few queries).
-  const int mode = override_mode.load();
-  const bool fast = w.device.is_cuda() && FusedKernelsEnabled();
-  if (mode == 0 ||
-      (mode < 0 && (SwitchedOff() || !fast ||
-                     rows_times_positions < QuerySideCross::kMinQueries)) ||
-      w.dtype != at::kBFloat16 || !FusedCrossKv(w)) {
+  // Create's gates that need no encoder output (forced on, as there, also
+  // for few queries).
+  if (!MayRun(w) || !FusedCrossKv(w) ||
+      (override_mode.load() < 0 &&
+       rows_times_positions < QuerySideCross::kMinQueries)) {
     return;
   }
   std::tie(biases->cross_keys_twice, biases->cross_values_twice) =
@@ -134,13 +139,8 @@ void SetQuerySideCrossForTesting(int value) {
 std::unique_ptr<QuerySideCross> QuerySideCross::Create(
     const T5Weights& w, const EncoderOutput& enc, const RowAdapters& rows,
     int64_t decoder_length, const PassBiases* biases) {
-  const bool off = SwitchedOff();
   const int mode = override_mode.load();
-  // Forced (tests), it also runs where its steps take their ATen forms.
-  const bool fast = w.device.is_cuda() && FusedKernelsEnabled();
-  if (mode == 0 || (mode < 0 && (off || !fast)) || w.dtype != at::kBFloat16 ||
-      AttentionDtype(w) != at::kFloat || w.decoder.empty() ||
-      !enc.hidden.defined() || enc.hidden.dim() != 3 ||
+  if (!MayRun(w) || !enc.hidden.defined() || enc.hidden.dim() != 3 ||
       enc.hidden.scalar_type() != at::kBFloat16 ||
       !enc.mask_bias.defined() ||
       enc.mask_bias.numel() != enc.hidden.size(0) * enc.hidden.size(1) ||

@@ -429,7 +429,7 @@ void StaticDecoder::StepBody() {
         cross_kv_[1][static_cast<int64_t>(i)], cross_bias_, key_starts_,
         &cache);
   }
-  internal::DecoderStepLogitsInto(w, h, logits_);
+  logits_.copy_(internal::DecoderHeadLogits(w, h).squeeze(1));
   t_.add_(1);
   if (row_slots_) t_.clamp_max_(capacity_ - 1);  // free slots keep stepping
 }

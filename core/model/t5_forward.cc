@@ -1429,13 +1429,11 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
 }
 
 at::Tensor DecoderLogits(const T5Weights& w, const ResidualStream& stream) {
-  return LmHead(w, Residual(w, stream).Norm(w.decoder_final_norm).full);
+  return DecoderHeadLogits(w, stream).to(at::kFloat);
 }
 
-void DecoderStepLogitsInto(const T5Weights& w, const ResidualStream& stream,
-                           at::Tensor& out) {
-  out.copy_(LmHeadLogits(w, Residual(w, stream).Norm(w.decoder_final_norm).full)
-                .squeeze(1));
+at::Tensor DecoderHeadLogits(const T5Weights& w, const ResidualStream& stream) {
+  return LmHeadLogits(w, Residual(w, stream).Norm(w.decoder_final_norm).full);
 }
 
 }  // namespace internal

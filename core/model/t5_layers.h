@@ -250,10 +250,9 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
 // Final decoder norm and LM head: the stream [B, T, d_model] -> logits
 // [B, T, vocab] fp32.
 at::Tensor DecoderLogits(const T5Weights& w, const ResidualStream& stream);
-// The same logits for T = 1 widened straight into `out` ([B, vocab] fp32):
-// one conversion copy instead of a widened temporary and a copy of it.
-void DecoderStepLogitsInto(const T5Weights& w, const ResidualStream& stream,
-                           at::Tensor& out);
+// The same logits in the compute dtype, for a caller that widens them where
+// it keeps them (the static decoder: one conversion copy into its buffer).
+at::Tensor DecoderHeadLogits(const T5Weights& w, const ResidualStream& stream);
 
 }  // namespace lorahub::model::internal
 
