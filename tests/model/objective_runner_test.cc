@@ -21,6 +21,7 @@
 #include "core/model/lora.h"
 #include "core/model/query_side_cross.h"
 #include "core/model/scorer.h"
+#include "core/model/t5_weights.h"
 #include "core/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -182,16 +183,25 @@ TEST(ObjectiveRunnerGolden, OddShapesSeveralGroups) {
 }
 
 // A bf16 model and one candidate (ObjectiveRunnerOptions::merge_single, the
-// default): the runner's losses are those of the composed adapter merged
-// into the weights (MergeAdapter: on the CPU the same arithmetic) and scored
-// without adapters, call after call (each merge starts from the base
-// weights, which stay as they were).
+// default), on $LORAHUB_TEST_DEVICE: the runner's losses are those of the
+// composed adapter merged into the weights (MergeAdapter) and scored without
+// adapters, call after call (each merge starts from the base weights, which
+// stay as they were). On the CPU the arithmetic is the same (1e-6); on CUDA
+// the runner composes from bf16 factors and merges on the tensor cores
+// (2e-3). The loss without the decoder's share of the adapter must differ
+// from the wanted one by more than ten times the tolerance, so that a merge
+// that missed the decoder's sites fails (H200: with the decoder's merge
+// dropped, this test failed).
 TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
+  auto device = testing::TestDevice();
+  ASSERT_TRUE(device.ok()) << device.status();
   Fixture s;
   WeightOptions bf16;
   bf16.dtype = at::kBFloat16;
+  bf16.device = *device;
   LoadRefTiny(s, "tiny_s1", bf16);
   if (HasFatalFailure()) return;
+  const double tolerance = device->is_cuda() ? 2e-3 : 1e-6;
   const at::Tensor q0 = s.base.encoder[0].self_attn.q.weight.clone();
   ObjectiveRunnerOptions ro;
   ASSERT_TRUE(ro.merge_single);
@@ -200,30 +210,40 @@ TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
   ro.merge_single = false;
   auto unmerged = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
   ASSERT_TRUE(unmerged.ok()) << unmerged.status();
+  const int encoder_sites = kSitesPerBlock * s.base.config.num_layers;
   for (int call = 0; call < 3; ++call) {
+    SCOPED_TRACE("call " + std::to_string(call));
     const std::vector<double> w = RandomWeights(1, s.stack.num_modules, 40 + call);
     auto got = (*runner)->Losses(w, 1);
     ASSERT_TRUE(got.ok()) << got.status();
     auto bank = ComposeLoraHub(
         s.stack, at::tensor(w, at::kDouble).to(at::kFloat).view({1, s.stack.num_modules}));
     ASSERT_TRUE(bank.ok()) << bank.status();
-    LoraAdapter composed;
+    LoraAdapter composed, encoder_only;
     for (size_t site = 0; site < bank->sites.size(); ++site) {
       const SiteBank& sb = bank->sites[site];
       if (!sb.a.defined()) continue;
-      composed.sites.push_back(
-          LoraSite{static_cast<int>(site), sb.a[0], sb.b[0], sb.scale.item<double>()});
+      const LoraSite one{static_cast<int>(site), sb.a[0], sb.b[0], sb.scale.item<double>()};
+      composed.sites.push_back(one);
+      if (one.site < encoder_sites) encoder_only.sites.push_back(one);
     }
-    auto merged = MergeAdapter(s.base, composed);
-    ASSERT_TRUE(merged.ok()) << merged.status();
-    auto want = ScoreCandidates(*merged, nullptr, {-1}, s.examples, ScoreOptions{});
-    ASSERT_TRUE(want.ok()) << want.status();
-    EXPECT_NEAR((*got)[0], (*want)[0], 1e-6 * std::fabs((*want)[0])) << "call " << call;
+    const auto score = [&](const LoraAdapter& adapter) {
+      auto merged = MergeAdapter(s.base, adapter);
+      EXPECT_TRUE(merged.ok()) << merged.status();
+      auto loss = ScoreCandidates(*merged, nullptr, {-1}, s.examples, ScoreOptions{});
+      EXPECT_TRUE(loss.ok()) << loss.status();
+      return loss.ok() ? (*loss)[0] : std::nan("");
+    };
+    const double want = score(composed);
+    EXPECT_NEAR((*got)[0], want, tolerance * std::fabs(want));
+    ASSERT_LT(encoder_only.sites.size(), composed.sites.size());
+    EXPECT_GT(std::fabs(score(encoder_only) - want), 10 * tolerance * std::fabs(want))
+        << "the decoder's sites hardly matter here";
     // The unmerged path rounds differently, not by much.
     auto other = (*unmerged)->Losses(w, 1);
     ASSERT_TRUE(other.ok()) << other.status();
-    EXPECT_NEAR((*got)[0], (*other)[0], 2e-2 * std::fabs((*other)[0])) << "call " << call;
-    EXPECT_NE((*got)[0], (*other)[0]) << "call " << call << ": not merged?";
+    EXPECT_NEAR((*got)[0], (*other)[0], 2e-2 * std::fabs((*other)[0]));
+    EXPECT_NE((*got)[0], (*other)[0]) << "not merged?";
   }
   EXPECT_TRUE(at::equal(s.base.encoder[0].self_attn.q.weight, q0));
 }
