@@ -1,21 +1,18 @@
 #include "core/model/static_decoder_pool.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/Storage.h>
-#include <c10/util/intrusive_ptr.h>
 
 #include <cmath>
-#include <cstring>
 #include <utility>
 #include <vector>
 
+#include "core/model/graph_reads.h"
 #include "core/model/t5_layers.h"
 
 namespace lorahub::model {
 
-// Everything a decoder's step depends on besides its own buffers. Tensors
-// are compared by address and shape; `alive` holds weak references to
-// their storages (an address is only meaningful while its storage lives).
+// Everything a decoder's step depends on besides its own buffers (tensors
+// by address and shape: GraphReads).
 struct StaticDecoderPool::Key {
   const T5Weights* weights = nullptr;
   c10::Device device = c10::Device(c10::kCPU);
@@ -27,37 +24,10 @@ struct StaticDecoderPool::Key {
   bool has_bank = false, all_rows = false;
   int64_t uniform_slot = -1, rows_per_slot = 0, slot_offset = 0;
   int64_t num_slots = 0;
-  std::vector<double> scales;  // per bank site: common_scale (NaN allowed)
-  // Per tensor read by the step: data address, then its sizes.
-  std::vector<int64_t> tensors;
-  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> alive;
-
-  void Add(const at::Tensor& t) {
-    if (!t.defined()) {
-      tensors.push_back(-1);
-      return;
-    }
-    tensors.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
-    tensors.push_back(t.dim());
-    for (int64_t s : t.sizes()) tensors.push_back(s);
-    alive.push_back(t.storage().getWeakStorageImpl());
-  }
-
-  bool Alive() const {
-    for (const auto& w : alive) {
-      if (w.expired()) return false;
-    }
-    return true;
-  }
+  // The tensors and per-site scales its graph reads.
+  GraphReads reads;
 
   bool operator==(const Key& o) const {
-    if (scales.size() != o.scales.size()) return false;
-    for (size_t i = 0; i < scales.size(); ++i) {
-      // Bitwise: NaN (no common scaling) equals NaN.
-      if (std::memcmp(&scales[i], &o.scales[i], sizeof(double)) != 0) {
-        return false;
-      }
-    }
     return weights == o.weights && device == o.device && dtype == o.dtype &&
            scale_decoder_outputs == o.scale_decoder_outputs &&
            batch == o.batch &&
@@ -65,7 +35,7 @@ struct StaticDecoderPool::Key {
            cuda_graph == o.cuda_graph && has_bank == o.has_bank &&
            all_rows == o.all_rows && uniform_slot == o.uniform_slot &&
            rows_per_slot == o.rows_per_slot && slot_offset == o.slot_offset &&
-           num_slots == o.num_slots && tensors == o.tensors;
+           num_slots == o.num_slots && reads == o.reads;
   }
 };
 
@@ -77,11 +47,11 @@ struct StaticDecoderPool::Entry {
 namespace {
 
 void AddAttention(StaticDecoderPool::Key& k, const AttentionWeights& a) {
-  k.Add(a.q.weight);
-  k.Add(a.k.weight);
-  k.Add(a.v.weight);
-  k.Add(a.o.weight);
-  k.Add(a.qkv);
+  k.reads.Add(a.q.weight);
+  k.reads.Add(a.k.weight);
+  k.reads.Add(a.v.weight);
+  k.reads.Add(a.o.weight);
+  k.reads.Add(a.qkv);
 }
 
 StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
@@ -98,23 +68,23 @@ StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
   k.cuda_graph = o.cuda_graph;
   // The decoder's step reads these weights (the encoder's only feed the
   // cross-attention keys/values, which Rebind recomputes).
-  k.Add(w.shared);
-  k.Add(w.lm_head);
-  k.Add(w.decoder_bias_table);
-  k.Add(w.decoder_final_norm);
+  k.reads.Add(w.shared);
+  k.reads.Add(w.lm_head);
+  k.reads.Add(w.decoder_bias_table);
+  k.reads.Add(w.decoder_final_norm);
   for (const BlockWeights& b : w.decoder) {
-    k.Add(b.self_norm);
-    k.Add(b.cross_norm);
-    k.Add(b.ff_norm);
+    k.reads.Add(b.self_norm);
+    k.reads.Add(b.cross_norm);
+    k.reads.Add(b.ff_norm);
     AddAttention(k, b.self_attn);
     AddAttention(k, b.cross_attn);
-    k.Add(b.ff.wi.weight);
-    k.Add(b.ff.wi_0.weight);
-    k.Add(b.ff.wi_1.weight);
-    k.Add(b.ff.wo.weight);
-    k.Add(b.ff.wi_01);
+    k.reads.Add(b.ff.wi.weight);
+    k.reads.Add(b.ff.wi_0.weight);
+    k.reads.Add(b.ff.wi_1.weight);
+    k.reads.Add(b.ff.wo.weight);
+    k.reads.Add(b.ff.wi_01);
   }
-  k.Add(w.cross_kv);
+  k.reads.Add(w.cross_kv);
   k.has_bank = rows.bank != nullptr;
   if (k.has_bank) {
     k.all_rows = rows.all_rows;
@@ -123,13 +93,13 @@ StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
     k.slot_offset = rows.slot_offset;
     k.num_slots = rows.bank->num_slots;
     for (const SiteBank& s : rows.bank->sites) {
-      k.scales.push_back(s.common_scale);
-      k.Add(s.a);
-      k.Add(s.b);
-      k.Add(s.scale);
+      k.reads.AddScale(s.common_scale);
+      k.reads.Add(s.a);
+      k.reads.Add(s.b);
+      k.reads.Add(s.scale);
     }
     // The rows' slots and mask are copied into the decoder: shapes only.
-    for (int64_t d : rows.mask.sizes()) k.tensors.push_back(d);
+    k.reads.AddSizes(rows.mask.sizes());
   }
   return k;
 }
@@ -217,7 +187,7 @@ absl::StatusOr<StaticDecoderPool::Lease> StaticDecoderPool::Acquire(
     key = MakeKey(weights, encoder, rows, options);
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = idle_.begin(); it != idle_.end();) {
-      if (!(*it)->key.Alive()) {  // its weights or bank are gone
+      if (!(*it)->key.reads.Alive()) {  // its weights or bank are gone
         dead.push_back(std::move(*it));
         it = idle_.erase(it);
         continue;

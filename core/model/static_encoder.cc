@@ -1,17 +1,15 @@
 #include "core/model/static_encoder.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/Storage.h>
-#include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <cstring>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/graph_reads.h"
 #include "core/model/static_decoder_pool.h"
 
 namespace lorahub::model {
@@ -233,9 +231,8 @@ absl::StatusOr<EncoderOutput> StaticEncoder::Run(
 }
 
 // Everything a pooled encoder's pass depends on besides its own buffers:
-// the weights (every tensor the encoder reads, by address and shape, with
-// weak references to their storages: an address means something only while
-// its storage lives), device, dtype, bucket and options.
+// the weights (every tensor the encoder reads, by address and shape:
+// GraphReads), device, dtype, bucket and options.
 struct StaticEncoderPool::Key {
   const T5Weights* weights = nullptr;
   c10::Device device = c10::Device(c10::kCPU);
@@ -245,41 +242,15 @@ struct StaticEncoderPool::Key {
   // The rows' host fields (bank == nullptr: no adapters).
   bool has_bank = false, all_rows = false;
   int64_t uniform_slot = -1, num_slots = 0;
-  std::vector<double> scales;  // per bank site: common_scale (NaN allowed)
-  std::vector<int64_t> tensors;
-  std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> alive;
-
-  void Add(const at::Tensor& t) {
-    if (!t.defined()) {
-      tensors.push_back(-1);
-      return;
-    }
-    tensors.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
-    tensors.push_back(t.dim());
-    for (int64_t d : t.sizes()) tensors.push_back(d);
-    alive.push_back(t.storage().getWeakStorageImpl());
-  }
-
-  bool Alive() const {
-    for (const auto& w : alive) {
-      if (w.expired()) return false;
-    }
-    return true;
-  }
+  // The tensors and per-site scales its graph reads.
+  GraphReads reads;
 
   bool operator==(const Key& o) const {
-    if (scales.size() != o.scales.size()) return false;
-    for (size_t i = 0; i < scales.size(); ++i) {
-      // Bitwise: NaN (no common scaling) equals NaN.
-      if (std::memcmp(&scales[i], &o.scales[i], sizeof(double)) != 0) {
-        return false;
-      }
-    }
     return has_bank == o.has_bank && all_rows == o.all_rows &&
            uniform_slot == o.uniform_slot && num_slots == o.num_slots &&
            weights == o.weights && device == o.device && dtype == o.dtype &&
            batch == o.batch && length == o.length &&
-           cuda_graph == o.cuda_graph && tensors == o.tensors;
+           cuda_graph == o.cuda_graph && reads == o.reads;
   }
 };
 
@@ -301,23 +272,23 @@ StaticEncoderPool::Key MakeKey(const T5Weights& w, const RowAdapters& rows,
   k.length = length;
   k.cuda_graph = o.cuda_graph;
   // What the encoder pass reads.
-  k.Add(w.shared);
-  k.Add(w.encoder_bias_table);
-  k.Add(w.encoder_final_norm);
+  k.reads.Add(w.shared);
+  k.reads.Add(w.encoder_bias_table);
+  k.reads.Add(w.encoder_final_norm);
   for (const BlockWeights& b : w.encoder) {
-    k.Add(b.self_norm);
-    k.Add(b.ff_norm);
+    k.reads.Add(b.self_norm);
+    k.reads.Add(b.ff_norm);
     const AttentionWeights& a = b.self_attn;
-    k.Add(a.q.weight);
-    k.Add(a.k.weight);
-    k.Add(a.v.weight);
-    k.Add(a.o.weight);
-    k.Add(a.qkv);
-    k.Add(b.ff.wi.weight);
-    k.Add(b.ff.wi_0.weight);
-    k.Add(b.ff.wi_1.weight);
-    k.Add(b.ff.wo.weight);
-    k.Add(b.ff.wi_01);
+    k.reads.Add(a.q.weight);
+    k.reads.Add(a.k.weight);
+    k.reads.Add(a.v.weight);
+    k.reads.Add(a.o.weight);
+    k.reads.Add(a.qkv);
+    k.reads.Add(b.ff.wi.weight);
+    k.reads.Add(b.ff.wi_0.weight);
+    k.reads.Add(b.ff.wi_1.weight);
+    k.reads.Add(b.ff.wo.weight);
+    k.reads.Add(b.ff.wi_01);
   }
   k.has_bank = rows.bank != nullptr;
   if (k.has_bank) {
@@ -326,10 +297,10 @@ StaticEncoderPool::Key MakeKey(const T5Weights& w, const RowAdapters& rows,
     k.uniform_slot = rows.uniform_slot;
     k.num_slots = rows.bank->num_slots;
     for (const SiteBank& site : rows.bank->sites) {
-      k.scales.push_back(site.common_scale);
-      k.Add(site.a);
-      k.Add(site.b);
-      k.Add(site.scale);
+      k.reads.AddScale(site.common_scale);
+      k.reads.Add(site.a);
+      k.reads.Add(site.b);
+      k.reads.Add(site.scale);
     }
   }
   return k;
@@ -392,7 +363,7 @@ absl::StatusOr<EncoderOutput> StaticEncoderPool::Encode(
     std::list<std::unique_ptr<Entry>> dead;  // freed outside the lock
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = idle_.begin(); it != idle_.end();) {
-      if (!(*it)->key.Alive()) {  // its weights are gone
+      if (!(*it)->key.reads.Alive()) {  // its weights are gone
         dead.push_back(std::move(*it));
         it = idle_.erase(it);
         continue;

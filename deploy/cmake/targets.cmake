@@ -607,6 +607,17 @@ lorahub_cc_library(core_model_fused_ops
   OUTPUT_NAME fused_ops
 )
 
+# //core/model:graph_reads (cc_library)
+lorahub_cc_library(core_model_graph_reads
+  PACKAGE core/model
+  SRCS
+    ${SRC}/core/model/graph_reads.cc
+    ${SRC}/core/model/graph_reads.h
+  DEPS
+    ext_libtorch_libtorch
+  OUTPUT_NAME graph_reads
+)
+
 # //core/model:static_decoder (cc_library)
 lorahub_cc_library(core_model_static_decoder
   PACKAGE core/model
@@ -618,6 +629,7 @@ lorahub_cc_library(core_model_static_decoder
   DEPS
     core_model_cuda_graph
     core_model_fused_ops
+    core_model_graph_reads
     core_model_t5
     ext_absl_absl
     ext_libtorch_libtorch
@@ -632,6 +644,7 @@ lorahub_cc_library(core_model_static_encoder
     ${SRC}/core/model/static_encoder.h
   DEPS
     core_model_cuda_graph
+    core_model_graph_reads
     core_model_static_decoder
     core_model_t5
     ext_absl_absl
@@ -2276,6 +2289,19 @@ lorahub_cc_test(tests_model_slot_bank_test
     core_model_fused_ops
     core_model_slot_bank
     core_model_t5
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
+# //tests/model:graph_reads_test (cc_test)
+lorahub_cc_test(tests_model_graph_reads_test
+  TEST_NAME //tests/model:graph_reads_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/graph_reads_test.cc
+  DEPS
+    core_model_graph_reads
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 60

@@ -1,0 +1,41 @@
+#include "core/model/graph_reads.h"
+
+#include <c10/core/Storage.h>
+
+#include <cstring>
+
+namespace lorahub::model {
+
+void GraphReads::Add(const at::Tensor& t) {
+  if (!t.defined()) {
+    words_.push_back(-1);
+    return;
+  }
+  words_.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+  words_.push_back(t.dim());
+  AddSizes(t.sizes());
+  alive_.push_back(t.storage().getWeakStorageImpl());
+}
+
+void GraphReads::AddSizes(at::IntArrayRef sizes) {
+  words_.insert(words_.end(), sizes.begin(), sizes.end());
+}
+
+void GraphReads::AddScale(double scale) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &scale, sizeof(bits));
+  scales_.push_back(bits);
+}
+
+bool GraphReads::Alive() const {
+  for (const auto& storage : alive_) {
+    if (storage.expired()) return false;
+  }
+  return true;
+}
+
+bool GraphReads::operator==(const GraphReads& other) const {
+  return words_ == other.words_ && scales_ == other.scales_;
+}
+
+}  // namespace lorahub::model
