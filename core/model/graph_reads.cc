@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include "core/model/t5_weights.h"
+
 namespace lorahub::model {
 
 void GraphReads::Add(const at::Tensor& t) {
@@ -15,6 +17,22 @@ void GraphReads::Add(const at::Tensor& t) {
   words_.push_back(t.dim());
   AddSizes(t.sizes());
   alive_.push_back(t.storage().getWeakStorageImpl());
+}
+
+void GraphReads::AddAttention(const AttentionWeights& a) {
+  Add(a.q.weight);
+  Add(a.k.weight);
+  Add(a.v.weight);
+  Add(a.o.weight);
+  Add(a.qkv);
+}
+
+void GraphReads::AddFeedForward(const FeedForwardWeights& f) {
+  Add(f.wi.weight);
+  Add(f.wi_0.weight);
+  Add(f.wi_1.weight);
+  Add(f.wo.weight);
+  Add(f.wi_01);
 }
 
 void GraphReads::AddSizes(at::IntArrayRef sizes) {

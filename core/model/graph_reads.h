@@ -17,11 +17,18 @@
 
 namespace lorahub::model {
 
+struct AttentionWeights;
+struct FeedForwardWeights;
+
 class GraphReads {
  public:
   // A tensor by data address, rank and sizes; an undefined one as a marker
   // of its own. Keeps a weak reference to its storage (Alive).
   void Add(const at::Tensor& t);
+  // A block's weights, each tensor as Add: q, k, v, o and the fused q|k|v;
+  // wi, wi_0, wi_1, wo and the fused wi_0|wi_1.
+  void AddAttention(const AttentionWeights& a);
+  void AddFeedForward(const FeedForwardWeights& f);
   // Sizes alone, for what is copied into the graph's buffers.
   void AddSizes(at::IntArrayRef sizes);
   // Compared bit for bit: NaN (no common scaling) equals NaN.

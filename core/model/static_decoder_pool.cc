@@ -46,14 +46,6 @@ struct StaticDecoderPool::Entry {
 
 namespace {
 
-void AddAttention(StaticDecoderPool::Key& k, const AttentionWeights& a) {
-  k.reads.Add(a.q.weight);
-  k.reads.Add(a.k.weight);
-  k.reads.Add(a.v.weight);
-  k.reads.Add(a.o.weight);
-  k.reads.Add(a.qkv);
-}
-
 StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
                                const RowAdapters& rows,
                                const StaticDecoderOptions& o) {
@@ -76,13 +68,9 @@ StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
     k.reads.Add(b.self_norm);
     k.reads.Add(b.cross_norm);
     k.reads.Add(b.ff_norm);
-    AddAttention(k, b.self_attn);
-    AddAttention(k, b.cross_attn);
-    k.reads.Add(b.ff.wi.weight);
-    k.reads.Add(b.ff.wi_0.weight);
-    k.reads.Add(b.ff.wi_1.weight);
-    k.reads.Add(b.ff.wo.weight);
-    k.reads.Add(b.ff.wi_01);
+    k.reads.AddAttention(b.self_attn);
+    k.reads.AddAttention(b.cross_attn);
+    k.reads.AddFeedForward(b.ff);
   }
   k.reads.Add(w.cross_kv);
   k.has_bank = rows.bank != nullptr;

@@ -278,17 +278,8 @@ StaticEncoderPool::Key MakeKey(const T5Weights& w, const RowAdapters& rows,
   for (const BlockWeights& b : w.encoder) {
     k.reads.Add(b.self_norm);
     k.reads.Add(b.ff_norm);
-    const AttentionWeights& a = b.self_attn;
-    k.reads.Add(a.q.weight);
-    k.reads.Add(a.k.weight);
-    k.reads.Add(a.v.weight);
-    k.reads.Add(a.o.weight);
-    k.reads.Add(a.qkv);
-    k.reads.Add(b.ff.wi.weight);
-    k.reads.Add(b.ff.wi_0.weight);
-    k.reads.Add(b.ff.wi_1.weight);
-    k.reads.Add(b.ff.wo.weight);
-    k.reads.Add(b.ff.wi_01);
+    k.reads.AddAttention(b.self_attn);
+    k.reads.AddFeedForward(b.ff);
   }
   k.has_bank = rows.bank != nullptr;
   if (k.has_bank) {

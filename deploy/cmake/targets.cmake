@@ -614,6 +614,7 @@ lorahub_cc_library(core_model_graph_reads
     ${SRC}/core/model/graph_reads.cc
     ${SRC}/core/model/graph_reads.h
   DEPS
+    core_model_t5
     ext_libtorch_libtorch
   OUTPUT_NAME graph_reads
 )
