@@ -365,13 +365,14 @@ int LaunchTokenNll(const void* logits, int64_t rows, int64_t vocab,
 
 // Greedy decoding's tokens (greedy_kernels.cu), for fused_ops.h
 // GreedyTokens: next[r] = the first index of row r's largest logit (NaN
-// above every number, as at::argmax), fp32 logits [rows, vocab] contiguous;
+// above every number, as at::argmax), logits [rows, vocab] contiguous of
+// `dtype` kFloat or kBFloat16 (else cudaErrorInvalidValue);
 // with `unfinished` (bool [rows], else null): next[r] = pad where
 // !unfinished[r], then unfinished[r] &= next[r] != eos, in place. All in
 // device memory. Returns the launch's error (0: none).
-int LaunchGreedyTokens(const float* logits, int64_t rows, int64_t vocab,
-                       bool* unfinished, int64_t pad, int64_t eos,
-                       int64_t* next, void* stream);
+int LaunchGreedyTokens(const void* logits, DType dtype, int64_t rows,
+                       int64_t vocab, bool* unfinished, int64_t pad,
+                       int64_t eos, int64_t* next, void* stream);
 
 // Weighted sums of equally long vectors (weighted_sum_kernels.cu), for
 // fused_ops.h WeightedSums: for every job and element i < n,

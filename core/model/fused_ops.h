@@ -295,9 +295,10 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 
 // Greedy decoding's pick: *next = logits.argmax(-1) (a new int64 [B]: the
 // first index of each row's largest logit, NaN above every number) from
-// fp32 logits [B, V] contiguous on CUDA. With `unfinished` (bool [B] on the
-// logits' device, contiguous; else null) as generation keeps it: next =
-// where(unfinished, argmax, pad), then unfinished &= next != eos in place.
+// fp32 or bf16 logits [B, V] contiguous on CUDA. With `unfinished` (bool
+// [B] on the logits' device, contiguous; else null) as generation keeps it:
+// next = where(unfinished, argmax, pad), then unfinished &= next != eos in
+// place.
 // One kernel (fused_kernels.h LaunchGreedyTokens). Why: at::argmax took
 // 9.9 us of a 64-row decode step over 32,128 logits (H200), the where, ne
 // and and-ing four more launches. False, nothing written, elsewhere (CPU,

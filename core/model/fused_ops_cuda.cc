@@ -847,7 +847,9 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
                   int64_t pad, int64_t eos, at::Tensor* next) {
-  if (logits.dim() != 2 || logits.scalar_type() != at::kFloat ||
+  if (logits.dim() != 2 ||
+      (logits.scalar_type() != at::kFloat &&
+       logits.scalar_type() != at::kBFloat16) ||
       !logits.is_contiguous() || logits.size(0) < 1 || logits.size(1) < 1) {
     return false;
   }
@@ -860,7 +862,10 @@ bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
   c10::cuda::CUDAGuard device_guard(logits.device());
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   const int err = kernels::LaunchGreedyTokens(
-      logits.data_ptr<float>(), logits.size(0), logits.size(1),
+      logits.data_ptr(),
+      logits.scalar_type() == at::kFloat ? kernels::DType::kFloat
+                                         : kernels::DType::kBFloat16,
+      logits.size(0), logits.size(1),
       unfinished != nullptr ? unfinished->data_ptr<bool>() : nullptr, pad, eos,
       out.data_ptr<int64_t>(), StreamOf(logits));
   TORCH_CHECK(err == 0, "greedy tokens kernel: ",

@@ -124,7 +124,8 @@ class StepDecoder {
     return d;
   }
 
-  // [B, vocab] fp32 logits, valid until the next Step.
+  // [B, vocab] logits (fp32, or bf16 from a static decoder of bf16
+  // weights), valid until the next Step.
   absl::StatusOr<at::Tensor> Step(const at::Tensor& ids) {
     if (static_ != nullptr) return static_->Step(ids);
     return DecodeStep(*w_, cache_, ids, rows_);

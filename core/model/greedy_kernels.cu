@@ -7,9 +7,11 @@
 // block per row reads its logits once and writes the row's token and
 // state: 8.2 us a step (H200, Kineto; per-row generation +1.4% in the same
 // build). Loading each thread's 8 float4s before comparing any took as
-// long (8.35 us), so the loads are not what it waits on; untried: thread
-// 0's serial merge of the 32 warps' bests (a shuffle tree instead) and
-// independent bests per float4 lane.
+// long (8.35 us), so the loads are not what it waits on. Since: the warps'
+// bests merged by a shuffle tree (BlockBest), and bf16 logits read as they
+// are (the decode step's logits buffer has the LM head's dtype: its fp32
+// copy was a 12 MB pass of its own a step).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -38,30 +40,43 @@ __device__ __forceinline__ void Take(Best& best, float v, int64_t i) {
   if (Before(c, best)) best = c;
 }
 
-// Row blockIdx.x of fp32 logits [rows, V]: its argmax, then where
-// unfinished is given, pad for a finished row and unfinished &= token != eos.
-__global__ void __launch_bounds__(kGreedyThreads)
-    GreedyTokensKernel(const float* __restrict__ logits, int64_t V,
-                       bool* unfinished, int64_t pad, int64_t eos,
-                       int64_t* __restrict__ next) {
-  __shared__ Best scratch[kGreedyWarps];
-  const int64_t row = blockIdx.x;
-  const float* x = logits + row * V;
-  // The index starts past every real one: any logit (NaN too) beats it.
-  Best best{-INFINITY, V};
-  if (V % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-#pragma unroll 8  // a row of 32,128: every load of a thread in flight
-    for (int64_t q = threadIdx.x; q < V / 4; q += kGreedyThreads) {
-      const float4 v = x4[q];
-      Take(best, v.x, 4 * q);
-      Take(best, v.y, 4 * q + 1);
-      Take(best, v.z, 4 * q + 2);
-      Take(best, v.w, 4 * q + 3);
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < V; i += kGreedyThreads) Take(best, x[i], i);
+// The logits of one 16-byte word as floats: 4 of fp32 or 8 of bf16.
+template <typename E>
+struct Word;
+template <>
+struct Word<float> {
+  static constexpr int kWidth = 4;
+  __device__ __forceinline__ static void Widen(const uint4& raw, float* v) {
+    v[0] = __uint_as_float(raw.x);
+    v[1] = __uint_as_float(raw.y);
+    v[2] = __uint_as_float(raw.z);
+    v[3] = __uint_as_float(raw.w);
   }
+};
+template <>
+struct Word<__nv_bfloat16> {
+  static constexpr int kWidth = 8;
+  __device__ __forceinline__ static void Widen(const uint4& raw, float* v) {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // bf16 -> fp32 is exact: the high half
+      v[2 * k] = __uint_as_float(words[k] << 16);
+      v[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
+    }
+  }
+};
+
+__device__ __forceinline__ float AsFloat(float v) { return v; }
+__device__ __forceinline__ float AsFloat(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+// The block's best (every thread's `best` merged), in thread 0. Before is a
+// strict total order (indices differ), so any merge order picks the same
+// best: warp 0 merges the warps' bests by a shuffle tree (thread 0 merged
+// all 32 in a row before: 5 dependent rounds instead of 31).
+__device__ __forceinline__ Best BlockBest(Best best) {
+  __shared__ Best scratch[kGreedyWarps];
   for (int off = 16; off > 0; off >>= 1) {
     const Best other{__shfl_xor_sync(0xffffffffu, best.v, off),
                      __shfl_xor_sync(0xffffffffu, best.i, off)};
@@ -70,10 +85,48 @@ __global__ void __launch_bounds__(kGreedyThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) scratch[warp] = best;
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int w = 1; w < kGreedyWarps; ++w) {
-    if (Before(scratch[w], best)) best = scratch[w];
+  if (warp == 0) {
+    best = scratch[lane];  // kGreedyWarps == 32: one per lane
+    for (int off = 16; off > 0; off >>= 1) {
+      const Best other{__shfl_xor_sync(0xffffffffu, best.v, off),
+                       __shfl_xor_sync(0xffffffffu, best.i, off)};
+      if (Before(other, best)) best = other;
+    }
   }
+  return best;
+}
+static_assert(kGreedyWarps == 32, "BlockBest: one warp's best per lane");
+
+// Row blockIdx.x of logits [rows, V] (fp32 or bf16): its argmax, then where
+// unfinished is given, pad for a finished row and unfinished &= token != eos.
+template <typename E>
+__global__ void __launch_bounds__(kGreedyThreads)
+    GreedyTokensKernel(const E* __restrict__ logits, int64_t V,
+                       bool* unfinished, int64_t pad, int64_t eos,
+                       int64_t* __restrict__ next) {
+  constexpr int W = Word<E>::kWidth;
+  const int64_t row = blockIdx.x;
+  const E* x = logits + row * V;
+  // The index starts past every real one: any logit (NaN too) beats it.
+  Best best{-INFINITY, V};
+  if (V % W == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    const uint4* x16 = reinterpret_cast<const uint4*>(x);
+    // A row of 32,128: every load of a thread in flight (8 words of fp32,
+    // 4 of bf16).
+#pragma unroll 8
+    for (int64_t q = threadIdx.x; q < V / W; q += kGreedyThreads) {
+      float v[W];
+      Word<E>::Widen(x16[q], v);
+#pragma unroll
+      for (int e = 0; e < W; ++e) Take(best, v[e], W * q + e);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < V; i += kGreedyThreads) {
+      Take(best, AsFloat(x[i]), i);
+    }
+  }
+  best = BlockBest(best);
+  if (threadIdx.x != 0) return;
   int64_t token = best.i;
   if (unfinished != nullptr) {
     if (!unfinished[row]) token = pad;
@@ -84,16 +137,29 @@ __global__ void __launch_bounds__(kGreedyThreads)
 
 }  // namespace
 
-int LaunchGreedyTokens(const float* logits, int64_t rows, int64_t vocab,
-                       bool* unfinished, int64_t pad, int64_t eos,
-                       int64_t* next, void* stream) {
+int LaunchGreedyTokens(const void* logits, DType dtype, int64_t rows,
+                       int64_t vocab, bool* unfinished, int64_t pad,
+                       int64_t eos, int64_t* next, void* stream) {
   if (rows < 1 || rows > 0x7fffffff || vocab < 1 || logits == nullptr ||
       next == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  GreedyTokensKernel<<<static_cast<unsigned>(rows), kGreedyThreads, 0,
-                       static_cast<cudaStream_t>(stream)>>>(
-      logits, vocab, unfinished, pad, eos, next);
+  const auto grid = static_cast<unsigned>(rows);
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat:
+      GreedyTokensKernel<<<grid, kGreedyThreads, 0, s>>>(
+          static_cast<const float*>(logits), vocab, unfinished, pad, eos,
+          next);
+      break;
+    case DType::kBFloat16:
+      GreedyTokensKernel<<<grid, kGreedyThreads, 0, s>>>(
+          static_cast<const __nv_bfloat16*>(logits), vocab, unfinished, pad,
+          eos, next);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 

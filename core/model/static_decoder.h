@@ -118,7 +118,8 @@ class StaticDecoder {
   absl::Status Rebind(const EncoderOutput& encoder, const RowAdapters& rows);
 
   // Consumes one token per row (ids: [B] int64, any device) and returns the
-  // logits of the next position, [B, vocab] fp32. The returned tensor IS the
+  // logits of the next position, [B, vocab] in the LM head's dtype (bf16
+  // for bf16 weights: widen with .to(at::kFloat)). The returned tensor IS the
   // decoder's output buffer: it is overwritten by the next Step() (clone it
   // to keep it). OutOfRange once `capacity` tokens were consumed;
   // InvalidArgument for ids of the wrong dtype or shape.
@@ -215,7 +216,7 @@ class StaticDecoder {
   at::Tensor key_starts_;
   at::Tensor cross_bias_;  // [B, 1, 1, S] fp32
   at::Tensor self_bias_;   // [1, H, capacity, capacity] fp32, causal
-  at::Tensor logits_;      // [B, vocab] fp32
+  at::Tensor logits_;      // [B, vocab], the LM head's dtype
   std::unique_ptr<CapturedGraph> graph_;
   std::string graph_status_;
 };

@@ -284,44 +284,51 @@ TEST(GreedyTokensTest, IsArgmaxWithTheFinishedRows) {
     logits[5][7] = 70.f;
     logits[5][(7 + 4 * 513) % V] = 70.f;
     logits[6][kEos] = 90.f;
-    logits = logits.to(Device());
-    const std::vector<bool> unfinished_rows = {true, false, true, true, true,
-                                               true, true, false, true};
-    at::Tensor unfinished = at::empty({B}, at::kBool);
-    for (int64_t r = 0; r < B; ++r) unfinished[r] = unfinished_rows[r];
-    unfinished = unfinished.to(Device());
-    const at::Tensor want_argmax = logits.argmax(-1).to(at::kCPU);
-    const at::Tensor want_next =
-        at::where(unfinished, logits.argmax(-1),
-                  at::full({B}, kPad, logits.options().dtype(at::kLong)))
-            .to(at::kCPU);
-    const at::Tensor want_unfinished =
-        (unfinished & (want_next.to(Device()) != kEos)).to(at::kCPU);
-    at::Tensor argmax;
-    ASSERT_EQ(GreedyTokens(logits, nullptr, kPad, kEos, &argmax), cuda);
-    at::Tensor next;
-    ASSERT_EQ(GreedyTokens(logits, &unfinished, kPad, kEos, &next), cuda);
-    if (!cuda) {
-      EXPECT_FALSE(argmax.defined());
-      EXPECT_FALSE(next.defined());
-      continue;
+    // bf16 as the decode step's logits buffer holds them (the LM head's
+    // dtype); its ties and NaNs are the fp32 ones (the values above are
+    // exact in bf16).
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+      SCOPED_TRACE(dtype);
+      const at::Tensor x = logits.to(Device()).to(dtype);
+      const std::vector<bool> unfinished_rows = {true, false, true, true, true,
+                                                 true, true, false, true};
+      at::Tensor unfinished = at::empty({B}, at::kBool);
+      for (int64_t r = 0; r < B; ++r) unfinished[r] = unfinished_rows[r];
+      unfinished = unfinished.to(Device());
+      const at::Tensor want_argmax = x.to(at::kFloat).argmax(-1).to(at::kCPU);
+      const at::Tensor want_next =
+          at::where(unfinished, want_argmax.to(Device()),
+                    at::full({B}, kPad, x.options().dtype(at::kLong)))
+              .to(at::kCPU);
+      const at::Tensor want_unfinished =
+          (unfinished & (want_next.to(Device()) != kEos)).to(at::kCPU);
+      at::Tensor argmax;
+      ASSERT_EQ(GreedyTokens(x, nullptr, kPad, kEos, &argmax), cuda);
+      at::Tensor next;
+      ASSERT_EQ(GreedyTokens(x, &unfinished, kPad, kEos, &next), cuda);
+      if (!cuda) {
+        EXPECT_FALSE(argmax.defined());
+        EXPECT_FALSE(next.defined());
+        continue;
+      }
+      EXPECT_TRUE(at::equal(argmax.to(at::kCPU), want_argmax))
+          << argmax << want_argmax;
+      EXPECT_TRUE(at::equal(next.to(at::kCPU), want_next)) << next << want_next;
+      EXPECT_TRUE(at::equal(unfinished.to(at::kCPU), want_unfinished))
+          << unfinished << want_unfinished;
+      EXPECT_EQ(want_argmax[0].item<int64_t>(), V / 2);
+      EXPECT_EQ(want_argmax[2].item<int64_t>(), V - 5);
+      EXPECT_EQ(want_argmax[3].item<int64_t>(), 4);
+      EXPECT_EQ(want_argmax[4].item<int64_t>(), 0);
+      EXPECT_EQ(want_argmax[5].item<int64_t>(), 7);
+      EXPECT_FALSE(want_unfinished[6].item<bool>());
+      at::Tensor untouched;
+      EXPECT_FALSE(GreedyTokens(x.to(at::kHalf), nullptr, 0, 0, &untouched));
+      EXPECT_FALSE(GreedyTokens(x.t(), nullptr, 0, 0, &untouched));
+      at::Tensor wrong_rows = unfinished.narrow(0, 0, B - 1);
+      EXPECT_FALSE(GreedyTokens(x, &wrong_rows, 0, 0, &untouched));
+      EXPECT_FALSE(untouched.defined());
     }
-    EXPECT_TRUE(at::equal(argmax.to(at::kCPU), want_argmax))
-        << argmax << want_argmax;
-    EXPECT_TRUE(at::equal(next.to(at::kCPU), want_next)) << next << want_next;
-    EXPECT_TRUE(at::equal(unfinished.to(at::kCPU), want_unfinished))
-        << unfinished << want_unfinished;
-    EXPECT_EQ(want_argmax[0].item<int64_t>(), V / 2);
-    EXPECT_EQ(want_argmax[2].item<int64_t>(), V - 5);
-    EXPECT_EQ(want_argmax[3].item<int64_t>(), 4);
-    EXPECT_EQ(want_argmax[4].item<int64_t>(), 0);
-    EXPECT_FALSE(want_unfinished[6].item<bool>());
-    at::Tensor untouched;
-    EXPECT_FALSE(GreedyTokens(logits.to(at::kBFloat16), nullptr, 0, 0, &untouched));
-    EXPECT_FALSE(GreedyTokens(logits.t(), nullptr, 0, 0, &untouched));
-    at::Tensor wrong_rows = unfinished.narrow(0, 0, B - 1);
-    EXPECT_FALSE(GreedyTokens(logits, &wrong_rows, 0, 0, &untouched));
-    EXPECT_FALSE(untouched.defined());
   }
 }
 
