@@ -35,7 +35,10 @@
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter): the
 //     median of --gen-reps timed calls (seconds; runs_seconds: each call; output_digest:
 //     FNV-1a of the warm-up's output ids, 16 hex digits: equal digests in two runs, the same
-//     tokens), and
+//     tokens),
+//     per_row_cost_paired: {"median", "ratios"}: the per-row adapters' cost over the base
+//     model (per-row seconds / base seconds - 1) from --gen-reps pairs of calls that
+//     alternate base and per row (each pair's ratio, and their median), and
 //     ttft_ms: one request, one new token, merged adapter
 //   generation_sweep (only with --gen-sweep B1,B2,...: batch sizes, each in [1, 4096]): a list
 //     of {"batch", "base_tokens_per_second", "shared_adapter_tokens_per_second",
@@ -200,6 +203,40 @@ absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
   fig.seconds = Percentile(fig.runs_seconds, 0.5);
   fig.tokens_per_second = fig.seconds > 0 ? static_cast<double>(fig.tokens) / fig.seconds : 0;
   return fig;
+}
+
+// The per-row adapters' cost over the base model, from t.reps pairs of calls that alternate
+// base, per row, base, per row, ... (after TimeGeneration's warm-ups of both): each pair's
+// per-row seconds / base seconds - 1, and their median. Why: the base and per-row figures
+// are each timed in a block of their own, so a machine that drifts between the blocks moves
+// their ratio; on the H200 that ratio spread 14.4-17.6% over runs of the same code (base
+// 39,493-41,562 tok/s), more than code changes moved it (thirty-fourth session).
+struct PairedCost {
+  std::vector<double> ratios;  // per pair, in call order
+  double median = 0;
+};
+absl::StatusOr<PairedCost> PairedPerRowCost(const model::T5Weights& w,
+                                            const std::vector<std::vector<int64_t>>& prompts,
+                                            const model::AdapterBank* bank,
+                                            const std::vector<int64_t>& slots,
+                                            const GenTiming& t) {
+  model::GenerateOptions g;
+  g.max_new_tokens = t.max_new_tokens;
+  auto timed = [&](const model::AdapterBank* b,
+                   const std::vector<int64_t>& s) -> absl::StatusOr<double> {
+    const double t0 = Now();
+    LH_RETURN_IF_ERROR(model::Generate(w, prompts, b, s, g).status());
+    model::SynchronizeDevice(w.device);
+    return Now() - t0;
+  };
+  PairedCost out;
+  for (int64_t i = 0; i < t.reps; ++i) {
+    LH_ASSIGN_OR_RETURN(double base_s, timed(nullptr, {}));
+    LH_ASSIGN_OR_RETURN(double row_s, timed(bank, slots));
+    out.ratios.push_back(base_s > 0 ? row_s / base_s - 1 : 0);
+  }
+  out.median = Percentile(out.ratios, 0.5);
+  return out;
 }
 
 // --gen-sweep: a comma-separated list of batch sizes, each in [1, 4096]; empty without the
@@ -517,6 +554,9 @@ absl::Status Run(const Args& args) {
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, &per_row_bank,
                                                     per_row_slots, gen_timing));
     gen["per_row"] = GenJson(f);
+    LH_ASSIGN_OR_RETURN(PairedCost cost, PairedPerRowCost(base, gen_prompts, &per_row_bank,
+                                                          per_row_slots, gen_timing));
+    gen["per_row_cost_paired"] = {{"median", cost.median}, {"ratios", cost.ratios}};
   }
   {
     model::GenerateOptions g;

@@ -40,6 +40,11 @@ for kind in ["base", "merged", "per_row"]:
     assert g[kind]["seconds"] == sorted(runs)[1], g[kind]
     assert abs(g[kind]["tokens_per_second"] * g[kind]["seconds"] - g[kind]["tokens"]) < 1e-9 * g[kind]["tokens"], g[kind]
 positive("ttft_ms", g["ttft_ms"])
+# One ratio per --gen-reps pair (base, then per row), each above -1 (both calls took time),
+# and their median.
+pc = g["per_row_cost_paired"]
+assert len(pc["ratios"]) == 3 and all(r > -1 for r in pc["ratios"]), pc
+assert pc["median"] == sorted(pc["ratios"])[1], pc
 # --gen-sweep 1,3: one entry per batch size, in order, every rate positive.
 sw = j["generation_sweep"]
 assert [p["batch"] for p in sw] == [1, 3], sw
