@@ -11,6 +11,7 @@
 
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
+#include "core/model/vec16.cuh"
 #include "core/model/warp_reduce.cuh"
 
 namespace lorahub::model::kernels {
@@ -530,57 +531,6 @@ __global__ void __launch_bounds__(kNormThreads)
     StoreFromFloat(a.out, a.out_dtype, o0 + i, sum / total);
   }
 }
-
-// One 16-byte vector of E as kWidth floats: Load reads and widens, Widen
-// widens the bits of a vector loaded earlier (a uint4).
-template <typename E>
-struct Vec16;
-template <>
-struct Vec16<float> {
-  static constexpr int kWidth = 4;
-  __device__ __forceinline__ static void Widen(const uint4& raw, float* out) {
-    out[0] = __uint_as_float(raw.x);
-    out[1] = __uint_as_float(raw.y);
-    out[2] = __uint_as_float(raw.z);
-    out[3] = __uint_as_float(raw.w);
-  }
-  __device__ __forceinline__ static void Load(const float* p, float* out) {
-    Widen(*reinterpret_cast<const uint4*>(p), out);
-  }
-};
-template <>
-struct Vec16<__nv_bfloat16> {
-  static constexpr int kWidth = 8;
-  __device__ __forceinline__ static void Widen(const uint4& raw, float* out) {
-    const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(pairs[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-  __device__ __forceinline__ static void Load(const __nv_bfloat16* p,
-                                              float* out) {
-    Widen(*reinterpret_cast<const uint4*>(p), out);
-  }
-};
-template <>
-struct Vec16<__half> {
-  static constexpr int kWidth = 8;
-  __device__ __forceinline__ static void Widen(const uint4& raw, float* out) {
-    const auto* pairs = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(pairs[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-  __device__ __forceinline__ static void Load(const __half* p, float* out) {
-    Widen(*reinterpret_cast<const uint4*>(p), out);
-  }
-};
 
 // WordDot with x as floats at any alignment (xa slices in shared memory):
 // the fp32 kernel's groups of four.

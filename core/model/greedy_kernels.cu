@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "core/model/fused_kernels.h"
+#include "core/model/vec16.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
@@ -39,32 +40,6 @@ __device__ __forceinline__ void Take(Best& best, float v, int64_t i) {
   const Best c{v, i};
   if (Before(c, best)) best = c;
 }
-
-// The logits of one 16-byte word as floats: 4 of fp32 or 8 of bf16.
-template <typename E>
-struct Word;
-template <>
-struct Word<float> {
-  static constexpr int kWidth = 4;
-  __device__ __forceinline__ static void Widen(const uint4& raw, float* v) {
-    v[0] = __uint_as_float(raw.x);
-    v[1] = __uint_as_float(raw.y);
-    v[2] = __uint_as_float(raw.z);
-    v[3] = __uint_as_float(raw.w);
-  }
-};
-template <>
-struct Word<__nv_bfloat16> {
-  static constexpr int kWidth = 8;
-  __device__ __forceinline__ static void Widen(const uint4& raw, float* v) {
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {  // bf16 -> fp32 is exact: the high half
-      v[2 * k] = __uint_as_float(words[k] << 16);
-      v[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
-    }
-  }
-};
 
 __device__ __forceinline__ float AsFloat(float v) { return v; }
 __device__ __forceinline__ float AsFloat(__nv_bfloat16 v) {
@@ -104,7 +79,7 @@ __global__ void __launch_bounds__(kGreedyThreads)
     GreedyTokensKernel(const E* __restrict__ logits, int64_t V,
                        bool* unfinished, int64_t pad, int64_t eos,
                        int64_t* __restrict__ next) {
-  constexpr int W = Word<E>::kWidth;
+  constexpr int W = Vec16<E>::kWidth;
   const int64_t row = blockIdx.x;
   const E* x = logits + row * V;
   // The index starts past every real one: any logit (NaN too) beats it.
@@ -116,7 +91,7 @@ __global__ void __launch_bounds__(kGreedyThreads)
 #pragma unroll 8
     for (int64_t q = threadIdx.x; q < V / W; q += kGreedyThreads) {
       float v[W];
-      Word<E>::Widen(x16[q], v);
+      Vec16<E>::Widen(x16[q], v);
 #pragma unroll
       for (int e = 0; e < W; ++e) Take(best, v[e], W * q + e);
     }
