@@ -179,6 +179,21 @@ std::string OutputDigest(const std::vector<std::vector<int64_t>>& rows) {
   return absl::StrCat(absl::Hex(h, absl::kZeroPad16));
 }
 
+// The seconds of one greedy generation of up to `max_new_tokens` tokens, the device waited
+// for.
+absl::StatusOr<double> GenerateSeconds(const model::T5Weights& w,
+                                       const std::vector<std::vector<int64_t>>& prompts,
+                                       const model::AdapterBank* bank,
+                                       const std::vector<int64_t>& slots,
+                                       int64_t max_new_tokens) {
+  model::GenerateOptions g;
+  g.max_new_tokens = max_new_tokens;
+  const double t0 = Now();
+  LH_RETURN_IF_ERROR(model::Generate(w, prompts, bank, slots, g).status());
+  model::SynchronizeDevice(w.device);
+  return Now() - t0;
+}
+
 // One warm-up generation, then t.reps timed; the figure is the median call's. Why not one
 // call: a host stall in the one timed call of a 64 x 32 generation (70 ms) once read as
 // -7% tokens/s (twenty-fourth session). Tokens: every id the warm-up generated (eos
@@ -195,48 +210,32 @@ absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
   for (const auto& ids : warm.output_ids) fig.tokens += static_cast<int64_t>(ids.size());
   fig.output_digest = OutputDigest(warm.output_ids);
   for (int64_t i = 0; i < t.reps; ++i) {
-    const double t0 = Now();
-    LH_RETURN_IF_ERROR(model::Generate(w, prompts, bank, slots, g).status());
-    model::SynchronizeDevice(w.device);
-    fig.runs_seconds.push_back(Now() - t0);
+    LH_ASSIGN_OR_RETURN(double seconds,
+                        GenerateSeconds(w, prompts, bank, slots, t.max_new_tokens));
+    fig.runs_seconds.push_back(seconds);
   }
   fig.seconds = Percentile(fig.runs_seconds, 0.5);
   fig.tokens_per_second = fig.seconds > 0 ? static_cast<double>(fig.tokens) / fig.seconds : 0;
   return fig;
 }
 
-// The per-row adapters' cost over the base model, from t.reps pairs of calls that alternate
+// The per-row adapters' cost over the base model from t.reps pairs of calls that alternate
 // base, per row, base, per row, ... (after TimeGeneration's warm-ups of both): each pair's
-// per-row seconds / base seconds - 1, and their median. Why: the base and per-row figures
-// are each timed in a block of their own, so a machine that drifts between the blocks moves
+// per-row seconds / base seconds - 1, in call order. Why: the base and per-row figures are
+// each timed in a block of their own, so a machine that drifts between the blocks moves
 // their ratio; on the H200 that ratio spread 14.4-17.6% over runs of the same code (base
 // 39,493-41,562 tok/s), more than code changes moved it (thirty-fourth session).
-struct PairedCost {
-  std::vector<double> ratios;  // per pair, in call order
-  double median = 0;
-};
-absl::StatusOr<PairedCost> PairedPerRowCost(const model::T5Weights& w,
-                                            const std::vector<std::vector<int64_t>>& prompts,
-                                            const model::AdapterBank* bank,
-                                            const std::vector<int64_t>& slots,
-                                            const GenTiming& t) {
-  model::GenerateOptions g;
-  g.max_new_tokens = t.max_new_tokens;
-  auto timed = [&](const model::AdapterBank* b,
-                   const std::vector<int64_t>& s) -> absl::StatusOr<double> {
-    const double t0 = Now();
-    LH_RETURN_IF_ERROR(model::Generate(w, prompts, b, s, g).status());
-    model::SynchronizeDevice(w.device);
-    return Now() - t0;
-  };
-  PairedCost out;
+absl::StatusOr<std::vector<double>> PairedPerRowCosts(
+    const model::T5Weights& w, const std::vector<std::vector<int64_t>>& prompts,
+    const model::AdapterBank* bank, const std::vector<int64_t>& slots, const GenTiming& t) {
+  std::vector<double> ratios;
   for (int64_t i = 0; i < t.reps; ++i) {
-    LH_ASSIGN_OR_RETURN(double base_s, timed(nullptr, {}));
-    LH_ASSIGN_OR_RETURN(double row_s, timed(bank, slots));
-    out.ratios.push_back(base_s > 0 ? row_s / base_s - 1 : 0);
+    LH_ASSIGN_OR_RETURN(double base_s,
+                        GenerateSeconds(w, prompts, nullptr, {}, t.max_new_tokens));
+    LH_ASSIGN_OR_RETURN(double row_s, GenerateSeconds(w, prompts, bank, slots, t.max_new_tokens));
+    ratios.push_back(base_s > 0 ? row_s / base_s - 1 : 0);
   }
-  out.median = Percentile(out.ratios, 0.5);
-  return out;
+  return ratios;
 }
 
 // --gen-sweep: a comma-separated list of batch sizes, each in [1, 4096]; empty without the
@@ -554,9 +553,10 @@ absl::Status Run(const Args& args) {
     LH_ASSIGN_OR_RETURN(GenFigure f, TimeGeneration(base, gen_prompts, &per_row_bank,
                                                     per_row_slots, gen_timing));
     gen["per_row"] = GenJson(f);
-    LH_ASSIGN_OR_RETURN(PairedCost cost, PairedPerRowCost(base, gen_prompts, &per_row_bank,
-                                                          per_row_slots, gen_timing));
-    gen["per_row_cost_paired"] = {{"median", cost.median}, {"ratios", cost.ratios}};
+    LH_ASSIGN_OR_RETURN(std::vector<double> ratios,
+                        PairedPerRowCosts(base, gen_prompts, &per_row_bank, per_row_slots,
+                                          gen_timing));
+    gen["per_row_cost_paired"] = {{"median", Percentile(ratios, 0.5)}, {"ratios", ratios}};
   }
   {
     model::GenerateOptions g;
