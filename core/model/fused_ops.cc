@@ -352,6 +352,21 @@ bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                                             max_run, y_round);
 }
 
+at::Tensor LoraPackedRunShrink(const at::Tensor& x, const at::Tensor& a,
+                               const at::Tensor& starts, int64_t max_run) {
+  if (!RunKernelsMayRun(x, {&a}, {})) return at::Tensor();
+  return fused_backend::LoraPackedRunShrink(x, a, starts, max_run);
+}
+
+bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round) {
+  return RunKernelsMayRun(y, {&xa, &y_round}, sites) &&
+         fused_backend::LoraPackedRunExpand(y, xa, sites, scale, starts,
+                                            max_run, y_round);
+}
+
 bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll) {
   static const bool off = EnvFlag("LORAHUB_NO_TOKEN_NLL");
   if (off || !logits.is_cuda() || !fused_backend::Compiled() || Disabled() ||

@@ -428,6 +428,23 @@ bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& starts, int64_t max_run,
                          const at::Tensor& y_round = at::Tensor());
 
+// LoraPackedRunDeltas in two halves, for many sites that share x (a per-row
+// prefill's cross values: every decoder block's v from the encoder output).
+// LoraPackedRunShrink returns xa = x a^T, fp32 [1, N, R], for a [slots, R,
+// in] with R a multiple of 32, each 32 ranks' values bit for bit
+// LoraPackedRunDeltas' shrink of those ranks alone, or an undefined tensor,
+// having run nothing, where it does not take them (fused_kernels.h
+// LaunchRunShrinkGroups; as LoraPackedRunDeltas otherwise).
+// LoraPackedRunExpand adds the deltas of up to kLoraRunMaxSites sites from
+// xa [1, N, sites * r] (a view of that output: unit rank stride), as
+// LoraPackedRunDeltas' expand, all or nothing.
+at::Tensor LoraPackedRunShrink(const at::Tensor& x, const at::Tensor& a,
+                               const at::Tensor& starts, int64_t max_run);
+bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round = at::Tensor());
+
 // AddRmsNorm(x, delta, weight, eps, compute) and LoraRowShrink of its fp32
 // output, xa[b] = full[b] a[slots[b]]^T (fp32 [B, R]), in ONE kernel on
 // CUDA (decode steps: the norm before an adapted projection; the shrink was

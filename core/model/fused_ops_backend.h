@@ -54,6 +54,14 @@ bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const std::vector<LoraRunSite>& sites, double scale,
                          const at::Tensor& starts, int64_t max_run,
                          const at::Tensor& y_round);
+// fused_ops.h LoraPackedRunShrink (undefined where it does not run) and
+// LoraPackedRunExpand (all or nothing).
+at::Tensor LoraPackedRunShrink(const at::Tensor& x, const at::Tensor& a,
+                               const at::Tensor& starts, int64_t max_run);
+bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round);
 // fused_ops.h AddRmsNormShrink, LoraRowShrink, LoraRowExpand,
 // DecodeStepAttention.
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,

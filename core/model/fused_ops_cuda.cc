@@ -689,7 +689,7 @@ bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
                const at::Tensor& starts, int64_t max_run) {
   const bool shrink = x.defined();
   const bool packed = starts.defined();
-  if (packed && (!shrink || !StartsFit(starts, y) ||
+  if (packed && (!StartsFit(starts, y) ||
                  y.dim() != 3 || y.size(0) != 1 || max_run < 1 ||
                  max_run > y.size(1))) {
     return false;
@@ -753,7 +753,7 @@ bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
     p.in = x.size(2);
   } else {
     p.xa = xa.data_ptr<float>();
-    p.xa_stride[0] = xa.stride(0);
+    p.xa_stride[0] = packed ? 0 : xa.stride(0);
     p.xa_stride[1] = xa.stride(1);
   }
   if (packed) p.run_starts = starts.data_ptr<int32_t>();
@@ -789,6 +789,45 @@ bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& y_round) {
   return RunDeltas(y, x, a, at::Tensor(), sites, scale, y_round, starts,
                    max_run);
+}
+
+at::Tensor LoraPackedRunShrink(const at::Tensor& x, const at::Tensor& a,
+                               const at::Tensor& starts, int64_t max_run) {
+  if (x.dim() != 3 || x.size(0) != 1 || a.dim() != 3 || !OnDeviceOf(x, x) ||
+      !OnDeviceOf(a, x) || x.scalar_type() != at::kFloat ||
+      a.scalar_type() != at::kFloat || a.size(2) != x.size(2) ||
+      x.stride(2) != 1 || a.stride(2) != 1 || !StartsFit(starts, x) ||
+      starts.size(0) - 1 != a.size(0) || max_run < 1 || max_run > x.size(1)) {
+    return at::Tensor();
+  }
+  kernels::RunLoraArgs p;
+  p.slots = a.size(0);
+  p.M = max_run;
+  p.R = a.size(1);
+  p.in = x.size(2);
+  p.x = x.data_ptr<float>();
+  p.x_stride[1] = x.stride(1);
+  p.a = a.data_ptr<float>();
+  p.a_stride[0] = a.stride(0);
+  p.a_stride[1] = a.stride(1);
+  p.run_starts = starts.data_ptr<int32_t>();
+  c10::cuda::CUDAGuard device_guard(x.device());
+  if (!kernels::RunShrinkGroupsFits(p)) return at::Tensor();
+  RECORD_USER_SCOPE("lorahub::run_shrink");
+  at::Tensor xa = at::empty({1, x.size(1), p.R}, x.options());
+  p.xa_buffer = xa.data_ptr<float>();
+  const int err = kernels::LaunchRunShrinkGroups(p, StreamOf(x));
+  TORCH_CHECK(err == 0, "run shrink kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return xa;
+}
+
+bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
+                         const std::vector<LoraRunSite>& sites, double scale,
+                         const at::Tensor& starts, int64_t max_run,
+                         const at::Tensor& y_round) {
+  return RunDeltas(y, at::Tensor(), at::Tensor(), xa, sites, scale, y_round,
+                   starts, max_run);
 }
 
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {

@@ -77,6 +77,17 @@ bool LoraPackedRunDeltas(const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+at::Tensor LoraPackedRunShrink(const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t) {
+  return at::Tensor();
+}
+
+bool LoraPackedRunExpand(const at::Tensor&, const at::Tensor&,
+                         const std::vector<LoraRunSite>&, double,
+                         const at::Tensor&, int64_t, const at::Tensor&) {
+  return false;
+}
+
 bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
 bool ComposeFromBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*, bool*) {

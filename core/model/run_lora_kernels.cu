@@ -103,10 +103,11 @@ __device__ __forceinline__ Tile BlockTile(const RunLoraArgs& p) {
 }
 
 // The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and
-// kRunShrinkTokens tokens per block; kRpw ranks per warp (R = kRunWarps *
-// kRpw). The tile of x is staged in shared memory; each lane sums the
-// tokens x its warp's ranks over k = 4 (lane + 32 j) + 0..3, then a
-// butterfly over the lanes.
+// kRunShrinkTokens tokens per block; kRpw ranks per warp, the block's
+// kRunWarps * kRpw ranks the group blockIdx.y of R (one group but for
+// LaunchRunShrinkGroups). The tile of x is staged in shared memory; each
+// lane sums the tokens x its warp's ranks over k = 4 (lane + 32 j) + 0..3,
+// then a butterfly over the lanes.
 template <int kRpw>
 __global__ void __launch_bounds__(kRunThreads, 3)
     RunShrinkKernel(RunLoraArgs p, float* __restrict__ xa_out) {
@@ -119,8 +120,9 @@ __global__ void __launch_bounds__(kRunThreads, 3)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   // This warp's factor rows, the first words loaded ahead of the barrier.
+  const int rank0 = blockIdx.y * kRunWarps * kRpw + warp * kRpw;
   const float* a = p.a + s * p.a_stride[0] +
-                   static_cast<int64_t>(warp * kRpw) * p.a_stride[1];
+                   static_cast<int64_t>(rank0) * p.a_stride[1];
   float4 next[kRpw];
 #pragma unroll
   for (int c = 0; c < kRpw; ++c) {
@@ -167,9 +169,9 @@ __global__ void __launch_bounds__(kRunThreads, 3)
   constexpr int kHeld = kT * kRpw / 32 > 0 ? kT * kRpw / 32 : 1;
 #pragma unroll
   for (int i = 0; i < kHeld; ++i) {
-    const int f = base + i;  // token f / kRpw, rank warp * kRpw + f % kRpw
+    const int f = base + i;  // token f / kRpw, rank rank0 + f % kRpw
     if (f / kRpw < valid) {
-      xa_out[(out0 + f / kRpw) * p.R + warp * kRpw + f % kRpw] = acc[i];
+      xa_out[(out0 + f / kRpw) * p.R + rank0 + f % kRpw] = acc[i];
     }
   }
 }
@@ -435,8 +437,9 @@ int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
   const int err = OptInShared<RunShrinkKernel<kRpw>>(shared, device, limit);
   if (err != 0) return err;
   const int64_t tiles = (p.M + kRunShrinkTokens - 1) / kRunShrinkTokens;
-  RunShrinkKernel<kRpw><<<static_cast<unsigned>(p.slots * tiles), kRunThreads,
-                          shared, stream>>>(p, p.xa_buffer);
+  const dim3 grid(static_cast<unsigned>(p.slots * tiles),
+                  static_cast<unsigned>(p.R / (kRunWarps * kRpw)));
+  RunShrinkKernel<kRpw><<<grid, kRunThreads, shared, stream>>>(p, p.xa_buffer);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -519,7 +522,8 @@ int LaunchMmaShrinkOf(const RunLoraArgs& p, int nt, int device, int64_t limit,
   }
 }
 
-// The FMA kernel: R = 8, 16 or 32 (RunLoraFits).
+// The FMA kernel: R = 8, 16 or 32 (RunLoraFits), or a multiple of 32 in
+// groups of 32 (RunShrinkGroupsFits).
 int LaunchFmaShrink(const RunLoraArgs& p, int device, int64_t limit,
                     cudaStream_t stream) {
   switch (p.R / kRunWarps) {
@@ -638,6 +642,32 @@ int RunShrinkNT(const RunLoraArgs& p) {
 }  // namespace
 
 bool RunShrinkFits(const RunLoraArgs& p) { return RunShrinkNT(p) > 0; }
+
+bool RunShrinkGroupsFits(const RunLoraArgs& p) {
+  constexpr int64_t kGroup = 4 * kRunWarps;
+  if (p.x == nullptr || p.a == nullptr || p.slots < 1 || p.M < 1 ||
+      p.R < kGroup || p.R % kGroup != 0 || p.R / kGroup > 65535 ||
+      p.in < 4 || p.in % 4 != 0 || !Aligned16(p.x) || !Aligned16(p.a) ||
+      p.x_stride[0] % 4 != 0 || p.x_stride[1] % 4 != 0 ||
+      p.a_stride[0] % 4 != 0 || p.a_stride[1] % 4 != 0) {
+    return false;
+  }
+  const int64_t tiles = (p.M + kRunShrinkTokens - 1) / kRunShrinkTokens;
+  int device = 0;
+  const int64_t limit = SharedLimit(&device);
+  return p.slots * tiles <= 0x7fffffff && limit > 0 &&
+         static_cast<int64_t>(ShrinkShared(p)) <= limit;
+}
+
+int LaunchRunShrinkGroups(const RunLoraArgs& p, void* stream) {
+  if (!RunShrinkGroupsFits(p) || p.xa_buffer == nullptr ||
+      !Aligned16(p.xa_buffer)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  int device = 0;
+  const int64_t limit = SharedLimit(&device);
+  return LaunchShrink<4>(p, device, limit, static_cast<cudaStream_t>(stream));
+}
 
 int LaunchRunShrink(const RunLoraArgs& p, void* stream) {
   const int nt = RunShrinkNT(p);

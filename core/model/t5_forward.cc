@@ -839,6 +839,37 @@ bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
   const at::Tensor x_lora = LoraInput(p.hidden, p.hidden_full);
   const at::Tensor y = scratch.view({1, N, columns});
   const at::Tensor y_round = rows.view({1, N, columns});
+  const double scale = sites[0]->common_scale;
+  // Every block's x A^T in one shrink (their A factors side by side), then
+  // the expands kLoraRunMaxSites blocks at a time. Why: the shrink per group
+  // read the same x 12 times (flan-t5-large, 2 blocks a group).
+  // LORAHUB_CROSS_SHRINK_PER_GROUP=1: a shrink per group, as before (A/B;
+  // the same values).
+  static const bool per_group = EnvFlag("LORAHUB_CROSS_SHRINK_PER_GROUP");
+  const at::Tensor xa =
+      per_group ? at::Tensor()
+                : LoraPackedRunShrink(
+                      x_lora,
+                      SideBySideA(sites[0]->a, L).narrow(0, rows_.slot_offset, B),
+                      p.rows.starts, p.rows.max_length);
+  if (xa.defined()) {
+    constexpr auto kGroup = static_cast<int64_t>(kLoraRunMaxSites);
+    for (int64_t first = 0; first < L; first += kGroup) {
+      const int64_t count = std::min(kGroup, L - first);
+      std::vector<LoraRunSite> run;
+      for (int64_t i = first; i < first + count; ++i) {
+        run.push_back({sites[i]->b.narrow(0, rows_.slot_offset, B),
+                       (2 * i + 1) * inner});
+      }
+      // Not taken: the caller writes dst whole (CopyTo).
+      if (!LoraPackedRunExpand(y, xa.narrow(2, first * r, count * r), run,
+                               scale, p.rows.starts, p.rows.max_length,
+                               y_round)) {
+        return false;
+      }
+    }
+    return true;
+  }
   int64_t first = 0;
   for (const int64_t count : groups) {
     std::vector<LoraRunSite> run;
@@ -849,8 +880,8 @@ bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
     const at::Tensor a =
         SideBySideA(sites[first]->a, count).narrow(0, rows_.slot_offset, B);
     // Not taken (all or nothing): the caller writes dst whole (CopyTo).
-    if (!LoraPackedRunDeltas(y, x_lora, a, run, sites[0]->common_scale,
-                             p.rows.starts, p.rows.max_length, y_round)) {
+    if (!LoraPackedRunDeltas(y, x_lora, a, run, scale, p.rows.starts,
+                             p.rows.max_length, y_round)) {
       return false;
     }
     first += count;

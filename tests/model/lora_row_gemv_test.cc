@@ -516,6 +516,87 @@ TEST(LoraRunDeltasTest, PackedRunsMatch) {
   }
 }
 
+// LoraPackedRunShrink + LoraPackedRunExpand (a per-row prefill's cross
+// values: one shrink for every decoder block, then the expands 4 blocks at
+// a time) give bit for bit what LoraPackedRunDeltas gives 2 blocks at a
+// time: 6 sites of rank 16 (96 ranks, 3 groups of 32) at flan-t5's width,
+// runs of 1 to 75 tokens; the same with the sums rounded into a bf16 copy.
+// Elsewhere both decline and write nothing; so do ranks that are not a
+// multiple of 32, bad starts and an expand of more than 4 sites.
+TEST(LoraRunDeltasTest, PackedShrinkOnceEqualsShrinkPerGroup) {
+  at::manual_seed(35);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  const std::vector<int64_t> lengths = {37, 5, 75, 1, 32};
+  constexpr int kSites = 6;
+  constexpr int64_t kRank = 16;
+  std::vector<int32_t> starts = {0};
+  for (int64_t len : lengths) {
+    starts.push_back(starts.back() + static_cast<int32_t>(len));
+  }
+  const int64_t slots = static_cast<int64_t>(lengths.size()), N = starts.back();
+  const at::Tensor dev_starts = at::tensor(starts, at::kInt).to(Device());
+  RunCase c = MakeRunCase(slots, 1, 1024, kSites, kRank);
+  const at::Tensor x = at::randn({1, N, 1024}, F32());
+  const at::Tensor wide = at::randn({1, N, 8 + 50 * kSites}, F32());
+  const at::Tensor y_per_group = wide.narrow(2, 8, 50 * kSites).clone();
+  const at::Tensor y_once = wide.narrow(2, 8, 50 * kSites).clone();
+  const auto sites_of = [&](int first, int count) {
+    return std::vector<LoraRunSite>(c.sites.begin() + first,
+                                    c.sites.begin() + first + count);
+  };
+  const at::Tensor xa = LoraPackedRunShrink(x, c.a, dev_starts, 75);
+  ASSERT_EQ(xa.defined(), cuda);
+  if (!cuda) {
+    EXPECT_FALSE(LoraPackedRunExpand(y_once, at::zeros({1, N, 64}, F32()),
+                                     sites_of(0, 4), c.scale, dev_starts, 75));
+    EXPECT_TRUE(at::equal(y_once, y_per_group));
+    return;
+  }
+  ASSERT_EQ(xa.sizes(), (std::vector<int64_t>{1, N, kSites * kRank}));
+  for (int first = 0; first < kSites; first += 2) {
+    ASSERT_TRUE(LoraPackedRunDeltas(y_per_group, x,
+                                    c.a.narrow(1, first * kRank, 2 * kRank),
+                                    sites_of(first, 2), c.scale, dev_starts,
+                                    75));
+  }
+  for (int first = 0; first < kSites; first += 4) {
+    const int count = std::min(4, kSites - first);
+    ASSERT_TRUE(LoraPackedRunExpand(y_once,
+                                    xa.narrow(2, first * kRank, count * kRank),
+                                    sites_of(first, count), c.scale,
+                                    dev_starts, 75));
+  }
+  EXPECT_TRUE(at::equal(y_once, y_per_group));
+  // The sums rounded into bf16 (y then only read), as the cross cache takes
+  // them.
+  const at::Tensor y_before = y_once.clone();
+  const at::Tensor rounded = at::zeros_like(y_once, at::kBFloat16);
+  ASSERT_TRUE(LoraPackedRunExpand(y_once, xa.narrow(2, 0, 2 * kRank),
+                                  sites_of(0, 2), c.scale, dev_starts, 75,
+                                  rounded));
+  EXPECT_TRUE(at::equal(y_once, y_before)) << "y written beside y_round";
+  const at::Tensor y_again = y_before.clone();
+  ASSERT_TRUE(LoraPackedRunExpand(y_again, xa.narrow(2, 0, 2 * kRank),
+                                  sites_of(0, 2), c.scale, dev_starts, 75));
+  for (int k = 0; k < 2; ++k) {
+    const at::Tensor cols = y_again.narrow(2, 10 + 50 * k, 40);
+    EXPECT_TRUE(at::equal(rounded.narrow(2, 10 + 50 * k, 40),
+                          cols.to(at::kBFloat16)))
+        << "site " << k;
+  }
+  // Declined, nothing written: 16 ranks (not a multiple of 32), bad starts,
+  // 5 sites.
+  EXPECT_FALSE(LoraPackedRunShrink(x, c.a.narrow(1, 0, 16), dev_starts, 75)
+                   .defined());
+  EXPECT_FALSE(LoraPackedRunShrink(x, c.a, dev_starts.to(at::kLong), 75)
+                   .defined());
+  EXPECT_FALSE(LoraPackedRunShrink(x, c.a, dev_starts, 0).defined());
+  const at::Tensor kept = y_once.clone();
+  EXPECT_FALSE(LoraPackedRunExpand(y_once, xa.narrow(2, 0, 5 * kRank),
+                                   sites_of(0, 5), c.scale, dev_starts, 75));
+  EXPECT_TRUE(at::equal(y_once, kept));
+}
+
 // RunShrink (the tensor-core shrink alone) against double on the CPU: 384
 // ranks in 6 groups of 64 (the query side's cross v down-projection; 70
 // tokens: a partial 64-token tile), 16 and 32 ranks, a strided x (a column
