@@ -17,7 +17,8 @@
 # reports are named after NAME and SKIP then.
 #
 # For each kernel name K: ncu --kernel-name regex:K --launch-skip SKIP --launch-count COUNT
-# --set full -> $OUT/ncu_K.ncu-rep, its details page in $OUT/ncu_K.txt, and the lines people read
+# --set full -> $OUT/ncu_K.ncu-rep, its details page in $OUT/ncu_K.txt, its SASS with each
+# instruction's executions and stall samples in $OUT/ncu_K_sass.csv, and the lines people read
 # first (duration, throughput, occupancy, warp stall reasons) in $OUT/ncu_summary.txt and stdout.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
@@ -48,6 +49,9 @@ for spec in ${KERNELS:-AddRmsNormShrinkKernel SplitKeyAttentionKernel}; do
   echo "ncu exit $?" | tee -a "$summary"
   [ -f "$out/ncu_$k.ncu-rep" ] || continue
   "$ncu" --import "$out/ncu_$k.ncu-rep" --page details >"$out/ncu_$k.txt" 2>&1
+  # Per SASS instruction: executions and warp stall samples (where the cycles go).
+  "$ncu" --import "$out/ncu_$k.ncu-rep" --page source --print-source sass --csv \
+    >"$out/ncu_${k}_sass.csv" 2>&1
   grep -E '^  [a-zA-Z_].*\(([0-9]+, ){2}[0-9]+\)x|Duration|DRAM Throughput|L2 Hit Rate|Achieved Occupancy|Registers Per Thread|No Eligible|Warp Cycles Per Issued|Stall' \
     "$out/ncu_$k.txt" | tee -a "$summary"
 done
