@@ -223,6 +223,94 @@ __device__ __forceinline__ void LoadHeldDelta(const NormDelta& d, int64_t base,
   }
 }
 
+// LoadHeld for a row of exactly kHeld * kNormThreads values (no bounds
+// checks) where kExact, else LoadHeld.
+template <int kHeld, bool kExact, typename T>
+__device__ __forceinline__ void LoadHeldOf(const T* __restrict__ p,
+                                           int64_t base, int64_t dim,
+                                           float (&out)[kHeld]) {
+  if constexpr (kExact) {
+    const T* __restrict__ row = p + base + threadIdx.x;
+#pragma unroll
+    for (int u = 0; u < kHeld; ++u) out[u] = ToFloat(row[u * kNormThreads]);
+  } else {
+    LoadHeld<kHeld>(p, base, dim, out);
+  }
+}
+
+// LoadHeldDelta with the part count kParts (1 or 2) known at compile time
+// and, where kExact, a row of exactly kHeld * kNormThreads values; kParts 0:
+// LoadHeldDelta. The same loads and the same sums in the same order, in
+// fewer instructions. Why: the decode step's norms are latency-bound
+// chains of dependent instructions (ncu, thirty-sixth session:
+// AddRmsNormShrinkKernel issued ~560 instructions per warp, one every
+// 11-13 cycles with 2 warps per scheduler); the generic path issues a
+// predicated load and add for each of kMaxNormDeltaParts parts, a bounds
+// check per value and 64-bit index math.
+template <int kHeld, int kParts, bool kExact>
+__device__ __forceinline__ void LoadHeldDeltaOf(const NormDelta& d,
+                                                int64_t base, int64_t dim,
+                                                float (&out)[kHeld]) {
+  if constexpr (kParts == 0) {
+    LoadHeldDelta<kHeld>(d, base, dim, out);
+  } else if constexpr (kParts == 1) {
+    switch (d.dtype) {
+      case DType::kBFloat16:
+        LoadHeldOf<kHeld, kExact>(static_cast<const __nv_bfloat16*>(d.p), base,
+                                  dim, out);
+        break;
+      case DType::kHalf:
+        LoadHeldOf<kHeld, kExact>(static_cast<const __half*>(d.p), base, dim,
+                                  out);
+        break;
+      default:
+        LoadHeldOf<kHeld, kExact>(static_cast<const float*>(d.p), base, dim,
+                                  out);
+    }
+  } else {
+    const float* p = static_cast<const float*>(d.p);
+    float part[kParts][kHeld];
+#pragma unroll
+    for (int k = 0; k < kParts; ++k) {
+      LoadHeldOf<kHeld, kExact>(p + k * d.part_stride, base, dim, part[k]);
+    }
+    float sum[kHeld];
+#pragma unroll
+    for (int u = 0; u < kHeld; ++u) {
+      sum[u] = part[0][u];
+#pragma unroll
+      for (int k = 1; k < kParts; ++k) sum[u] += part[k][u];
+    }
+    switch (d.dtype) {  // once per row, not per value
+      case DType::kBFloat16:
+#pragma unroll
+        for (int u = 0; u < kHeld; ++u) {
+          out[u] = __bfloat162float(__float2bfloat16(sum[u]));
+        }
+        break;
+      case DType::kHalf:
+#pragma unroll
+        for (int u = 0; u < kHeld; ++u) {
+          out[u] = __half2float(__float2half(sum[u]));
+        }
+        break;
+      default:
+#pragma unroll
+        for (int u = 0; u < kHeld; ++u) out[u] = sum[u];
+    }
+  }
+}
+
+// The NormDelta part count a specialised norm kernel takes (1, 2 or 4: a
+// sublayer's output, the decode steps' split-K partials), or 0 (the generic
+// kernel): rows of exactly 4 * kNormThreads values only.
+// LORAHUB_NORM_GENERIC=1: always 0 (A/B; the same values).
+int NormSpecialParts(const NormDelta& d, int64_t dim) {
+  static const bool generic = EnvSwitch("LORAHUB_NORM_GENERIC");
+  if (generic || d.p == nullptr || dim != 4 * kNormThreads) return 0;
+  return d.parts == 1 || d.parts == 2 || d.parts == 4 ? d.parts : 0;
+}
+
 // True when the kernels take `d` (NormDelta's conventions).
 bool NormDeltaFits(const NormDelta& d) {
   return d.p != nullptr && d.dtype != DType::kNone &&
@@ -231,13 +319,17 @@ bool NormDeltaFits(const NormDelta& d) {
 }
 
 // kHeld: NormHeldFor(dim); kOneSwitch: the delta's dtype switched once per
-// row (LoadHeldAsFloat) rather than per element (LORAHUB_NORM_HELD8).
-template <typename W, typename R, int kHeld, bool kOneSwitch>
+// row (LoadHeldAsFloat) rather than per element (LORAHUB_NORM_HELD8);
+// kParts > 0 (kOneSwitch, kHeld 4): rows of exactly kHeld * kNormThreads
+// values and a delta of kParts parts (NormSpecialParts, LoadHeldDeltaOf).
+template <typename W, typename R, int kHeld, bool kOneSwitch, int kParts = 0>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormKernel(const float* __restrict__ x, NormDelta delta,
                      float* __restrict__ sum, const W* __restrict__ weight,
                      float* __restrict__ full, R* __restrict__ rounded,
-                     int64_t dim, float eps) {
+                     int64_t row_dim, float eps) {
+  constexpr bool kExact = kParts > 0;
+  const int64_t dim = kExact ? int64_t{kHeld * kNormThreads} : row_dim;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
   float sum_sq = 0.f;
   if (dim <= kHeld * kNormThreads) {
@@ -248,9 +340,9 @@ __global__ void __launch_bounds__(kNormThreads)
     float v[kHeld], g[kHeld];
     if constexpr (kOneSwitch) {
       float d[kHeld];
-      LoadHeld<kHeld>(x, base, dim, v);
-      LoadHeldDelta<kHeld>(delta, base, dim, d);
-      LoadHeld<kHeld>(weight, 0, dim, g);
+      LoadHeldOf<kHeld, kExact>(x, base, dim, v);
+      LoadHeldDeltaOf<kHeld, kParts, kExact>(delta, base, dim, d);
+      LoadHeldOf<kHeld, kExact>(weight, 0, dim, g);
 #pragma unroll
       for (int u = 0; u < kHeld; ++u) v[u] += d[u];
     } else {
@@ -264,7 +356,7 @@ __global__ void __launch_bounds__(kNormThreads)
 #pragma unroll
     for (int u = 0; u < kHeld; ++u) {
       const int64_t i = threadIdx.x + u * kNormThreads;
-      if (i < dim) {
+      if (kExact || i < dim) {
         sum[base + i] = v[u];
         sum_sq += v[u] * v[u];
       }
@@ -273,7 +365,7 @@ __global__ void __launch_bounds__(kNormThreads)
 #pragma unroll
     for (int u = 0; u < kHeld; ++u) {
       const int64_t i = threadIdx.x + u * kNormThreads;
-      if (i < dim) {
+      if (kExact || i < dim) {
         const float o = g[u] * (v[u] * inv);
         if (full != nullptr) full[base + i] = o;
         if (rounded != nullptr) rounded[base + i] = FromFloat<R>(o);
@@ -281,16 +373,18 @@ __global__ void __launch_bounds__(kNormThreads)
     }
     return;
   }
-  for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
-    const float v = x[base + i] + DeltaAt(delta, base + i);
-    sum[base + i] = v;
-    sum_sq += v * v;
-  }
-  const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
-  for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
-    const float o = ToFloat(weight[i]) * (sum[base + i] * inv);
-    if (full != nullptr) full[base + i] = o;
-    if (rounded != nullptr) rounded[base + i] = FromFloat<R>(o);
+  if constexpr (!kExact) {
+    for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
+      const float v = x[base + i] + DeltaAt(delta, base + i);
+      sum[base + i] = v;
+      sum_sq += v * v;
+    }
+    const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
+    for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
+      const float o = ToFloat(weight[i]) * (sum[base + i] * inv);
+      if (full != nullptr) full[base + i] = o;
+      if (rounded != nullptr) rounded[base + i] = FromFloat<R>(o);
+    }
   }
 }
 
@@ -304,7 +398,14 @@ int LaunchAdd(const float* x, const NormDelta& delta, float* sum,
         static_cast<R*>(rounded), dim, eps);
   };
   // Wider rows keep the earlier kernel (its one-switch variant spilled).
-  if (NormHeldFor(dim) == 4) {
+  const int parts = NormSpecialParts(delta, dim);
+  if (parts == 1) {
+    launch(AddRmsNormKernel<W, R, 4, true, 1>);
+  } else if (parts == 2) {
+    launch(AddRmsNormKernel<W, R, 4, true, 2>);
+  } else if (parts == 4) {
+    launch(AddRmsNormKernel<W, R, 4, true, 4>);
+  } else if (NormHeldFor(dim) == 4) {
     launch(AddRmsNormKernel<W, R, 4, true>);
   } else {
     launch(AddRmsNormKernel<W, R, kNormHeld, false>);
@@ -1614,9 +1715,12 @@ __global__ void __launch_bounds__(kNormThreads)
 // also writes sum, full and rounded. The factor loads are issued first, so
 // that their latency overlaps the norm. xa is bit for bit LoraShrinkKernel's
 // of `full`.
-template <typename E, int kHeld>
+// kParts > 0 (kHeld 4): rows of exactly kHeld * kNormThreads values and a
+// delta of kParts parts (NormSpecialParts, LoadHeldDeltaOf).
+template <typename E, int kHeld, int kParts = 0>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormShrinkKernel(AddNormShrinkArgs p) {
+  constexpr bool kExact = kParts > 0;
   __shared__ float4 x_shared[kHeld * kNormThreads / 4];
   float* xs = reinterpret_cast<float*>(x_shared);
   const LoraShrinkArgs& a = p.shrink;
@@ -1628,38 +1732,57 @@ __global__ void __launch_bounds__(kNormThreads)
   const E* __restrict__ row =
       static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0] +
       (active ? c : 0) * a.a_stride[1];
-  const int64_t words = a.in / Vec16<E>::kWidth;
+  const int64_t dim = kExact ? int64_t{kHeld * kNormThreads} : a.in;
+  const int64_t words = dim / Vec16<E>::kWidth;
   const uint4* row16 = reinterpret_cast<const uint4*>(row);
   uint4 ahead[kShrinkAhead<E>];
   LoadRowAhead(row16, words, active, lane, ahead);
-  const int64_t dim = a.in;
   const int64_t base = b * dim;
   // The row's x, delta and weight, each dtype switched once per row so that
   // all loads are in flight together (a switch per element made each add
   // wait for its own loads: 6.3 us a call in the fourth call of the
   // eleventh session, against 2.1 + 3.9 for the two kernels).
   float v[kHeld], d[kHeld], g[kHeld];
-  LoadHeld<kHeld>(p.x, base, dim, v);
-  LoadHeldDelta<kHeld>(p.delta, base, dim, d);
-  LoadHeldAsFloat<kHeld>(p.weight, p.weight_dtype, 0, dim, g);
+  // Without a delta (kParts 0 only): RmsNormKernel's v = x.
+  const bool add = kExact || p.delta.p != nullptr;
+  LoadHeldOf<kHeld, kExact>(p.x, base, dim, v);
+  if (add) LoadHeldDeltaOf<kHeld, kParts, kExact>(p.delta, base, dim, d);
+  if constexpr (kExact) {
+    switch (p.weight_dtype) {
+      case DType::kBFloat16:
+        LoadHeldOf<kHeld, true>(static_cast<const __nv_bfloat16*>(p.weight), 0,
+                                dim, g);
+        break;
+      case DType::kHalf:
+        LoadHeldOf<kHeld, true>(static_cast<const __half*>(p.weight), 0, dim,
+                                g);
+        break;
+      default:
+        LoadHeldOf<kHeld, true>(static_cast<const float*>(p.weight), 0, dim, g);
+    }
+  } else {
+    LoadHeldAsFloat<kHeld>(p.weight, p.weight_dtype, 0, dim, g);
+  }
+  if (add) {
 #pragma unroll
-  for (int u = 0; u < kHeld; ++u) v[u] += d[u];
+    for (int u = 0; u < kHeld; ++u) v[u] += d[u];
+  }
   float sum_sq = 0.f;
 #pragma unroll
   for (int u = 0; u < kHeld; ++u) {
     const int64_t i = threadIdx.x + u * kNormThreads;
-    if (i < dim) sum_sq += v[u] * v[u];
+    if (kExact || i < dim) sum_sq += v[u] * v[u];
   }
   const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + p.eps);
   const bool writer = blockIdx.x == 0;
 #pragma unroll
   for (int u = 0; u < kHeld; ++u) {
     const int64_t i = threadIdx.x + u * kNormThreads;
-    if (i < dim) {
+    if (kExact || i < dim) {
       const float o = g[u] * (v[u] * inv);
       xs[SwizzledElement(static_cast<int>(i))] = o;
       if (writer) {
-        p.sum[base + i] = v[u];
+        if (add) p.sum[base + i] = v[u];
         p.full[base + i] = o;
         if (p.rounded != nullptr) {
           StoreFromFloat(p.rounded, p.rounded_dtype, base + i, o);
@@ -2537,13 +2660,13 @@ bool AddRmsNormShrinkFits(const AddNormShrinkArgs& p) {
          a.a_stride[2] == 1 &&
          Aligned16(a.a, static_cast<int64_t>(elem), {a.a_stride[0], a.a_stride[1]}) &&
          a.a != nullptr && a.slots != nullptr && p.x != nullptr &&
-         NormDeltaFits(p.delta) &&
+         (p.delta.p == nullptr || NormDeltaFits(p.delta)) &&
          p.weight != nullptr && p.weight_dtype != DType::kNone;
 }
 
 int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
   if (!AddRmsNormShrinkFits(p) || p.shrink.out == nullptr ||
-      p.sum == nullptr || p.full == nullptr ||
+      (p.sum == nullptr) != (p.delta.p == nullptr) || p.full == nullptr ||
       (p.rounded == nullptr) != (p.rounded_dtype == DType::kNone)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -2559,6 +2682,23 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
       held8<<<grid, kNormThreads, 0, s>>>(p);
     }
   };
+  // The decode steps' bf16 factors, rows of 4 * kNormThreads: the
+  // specialised kernels (NormSpecialParts).
+  const int parts = p.shrink.a_dtype == DType::kBFloat16
+                        ? NormSpecialParts(p.delta, p.shrink.in)
+                        : 0;
+  if (parts == 1) {
+    AddRmsNormShrinkKernel<__nv_bfloat16, 4, 1><<<grid, kNormThreads, 0, s>>>(p);
+    return static_cast<int>(cudaGetLastError());
+  }
+  if (parts == 2) {
+    AddRmsNormShrinkKernel<__nv_bfloat16, 4, 2><<<grid, kNormThreads, 0, s>>>(p);
+    return static_cast<int>(cudaGetLastError());
+  }
+  if (parts == 4) {
+    AddRmsNormShrinkKernel<__nv_bfloat16, 4, 4><<<grid, kNormThreads, 0, s>>>(p);
+    return static_cast<int>(cudaGetLastError());
+  }
   switch (p.shrink.a_dtype) {
     case DType::kFloat:
       launch(AddRmsNormShrinkKernel<float, 4>,

@@ -215,12 +215,13 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream);
 // shrink waiting for the norm's output): every block recomputes its row's
 // norm in shared memory and one block per row writes sum, full and
 // rounded. The outputs are bit for bit the two launches' (shrink.x is not
-// read). Takes in <= 2048, a multiple of a 16-byte word of factors, factor
-// rows 16-byte aligned with unit inner stride (AddRmsNormShrinkFits);
-// returns cudaErrorInvalidValue otherwise.
+// read). Without a delta (delta.p and sum null): LaunchRmsNorm's pass over
+// x and the shrink of its output. Takes in <= 2048, a multiple of a 16-byte
+// word of factors, factor rows 16-byte aligned with unit inner stride
+// (AddRmsNormShrinkFits); returns cudaErrorInvalidValue otherwise.
 struct AddNormShrinkArgs {
   const float* x = nullptr;  // the residual stream [B, in]
-  NormDelta delta;
+  NormDelta delta;           // p null: none (sum null too)
   float* sum = nullptr;
   const void* weight = nullptr;
   DType weight_dtype = DType::kNone;

@@ -451,7 +451,9 @@ bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
 // a kernel of its own that waited for the norm's output). x: contiguous
 // fp32 [..., dim] of B rows, delta contiguous of x's shape, a [S, R, dim]
 // with dim <= 2048 and 16-byte aligned factor rows, slots int64 [B]. The
-// outputs are bit for bit AddRmsNorm's and the shrink kernel's. False,
+// outputs are bit for bit AddRmsNorm's and the shrink kernel's. delta
+// undefined: RmsNorm(x)'s outputs instead (out->sum undefined; the first
+// decoder block's norm, which has no sublayer output to add). False,
 // nothing touched, elsewhere (CPU, autograd, other shapes,
 // LORAHUB_NO_NORM_SHRINK=1 for an A/B, or where LoraRowShrink does not run).
 bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,

@@ -471,8 +471,9 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
                       at::Tensor* xa) {
   const kernels::DType r_dtype =
       compute == at::kFloat ? kernels::DType::kNone : KernelDType(compute);
+  const bool add = delta.defined();
   if (!x.is_cuda() || x.scalar_type() != at::kFloat || x.dim() < 1 ||
-      !x.is_contiguous() || !delta.is_contiguous() ||
+      !x.is_contiguous() || (add && !delta.is_contiguous()) ||
       !weight.is_contiguous() ||
       weight.dim() != 1 || weight.size(0) != x.size(-1) || !a.defined() ||
       a.dim() != 3 || a.size(2) != x.size(-1) || x.size(-1) == 0 ||
@@ -480,11 +481,11 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
       (compute != at::kFloat && r_dtype == kernels::DType::kNone)) {
     return false;
   }
-  for (const at::Tensor* t : {&delta, &weight, &a}) {
+  for (const at::Tensor* t : {&weight, &a}) {
     if (!OnDeviceOf(*t, x)) return false;
   }
-  kernels::AddNormShrinkArgs p;
-  if (!NormDeltaOf(x, delta, compute, &p.delta)) return false;
+  kernels::AddNormShrinkArgs p;  // p.delta.p null: no delta
+  if (add && !NormDeltaOf(x, delta, compute, &p.delta)) return false;
   p.shrink = ShrinkArgs(a, slots, slots.numel());
   p.x = x.data_ptr<float>();
   p.weight = weight.data_ptr();
@@ -497,8 +498,9 @@ bool AddRmsNormShrink(const at::Tensor& x, const at::Tensor& delta,
   RECORD_USER_SCOPE("lorahub::add_rms_norm_shrink");
   c10::cuda::CUDAGuard device_guard(x.device());
   AddNormOutput result = AddNormOutputsLike(x, compute, r_dtype);
+  if (!add) result.sum = at::Tensor();
   at::Tensor shrunk = at::empty({p.shrink.B, p.shrink.R}, x.options());
-  p.sum = result.sum.data_ptr<float>();
+  p.sum = add ? result.sum.data_ptr<float>() : nullptr;
   p.full = result.norm.full.data_ptr<float>();
   p.rounded = r_dtype == kernels::DType::kNone
                   ? nullptr

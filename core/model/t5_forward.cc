@@ -1157,17 +1157,21 @@ class Residual {
   Normed AddAndNorm(const at::Tensor& weight, const at::Tensor& shrink_a,
                     const at::Tensor& slots, bool keep_full) {
     const double eps = w_.config.layer_norm_epsilon;
-    if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
     AddNormOutput r;
     at::Tensor xa;
+    // Without a pending output (the first block's norm) the same kernel
+    // norms h_ alone.
     const bool shrunk =
         shrink_a.defined() && AddRmsNormShrink(h_, pending_, weight, eps,
                                                w_.dtype, shrink_a, slots, &r,
                                                &xa);
+    if (!shrunk && !pending_.defined()) {
+      return RmsNorm(h_, weight, eps, w_.dtype);
+    }
     if (!shrunk) {
       r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype, keep_full);
     }
-    h_ = std::move(r.sum);
+    if (pending_.defined()) h_ = std::move(r.sum);
     pending_ = at::Tensor();
     Normed n{std::move(r.norm.rounded), std::move(r.norm.full)};
     if (shrunk) n.shrink = RowShrink{shrink_a, n.full, std::move(xa)};

@@ -196,16 +196,30 @@ TEST(LoraRowGemvTest, FiveSitesTwoExpandLaunches) {
 // in the same kernel) against AddRmsNorm + LoraRowDeltas (and LoraRowShrink
 // of the norm's output): every output bit
 // for bit the same, for fp32 and bf16 models and factors, a width that
-// fills the norm's registers (2048) and one that leaves lanes idle (48),
-// masked rows. On the CPU both decline and write nothing.
+// fills the norm's registers (2048), one that leaves lanes idle (48) and
+// flan-t5-large's 1024 (on CUDA the specialised kernels of both norms,
+// also with a delta of 2 split-K partials), masked rows. On the CPU both
+// decline and write nothing.
 TEST(LoraRowGemvTest, NormWithShrinkEqualsNormThenShrink) {
   at::manual_seed(25);
   const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-    for (int64_t in : {kIn, int64_t{2048}}) {
+    // Negative: flan-t5-large's width with the delta as split-K partials
+    // (-2: 2 of them, -4: 4, the decode steps' output projections).
+    for (int64_t in : {kIn, int64_t{2048}, int64_t{1024}, int64_t{-2},
+                       int64_t{-4}}) {
+      const int64_t parts = in < 0 ? -in : 1;
+      in = in < 0 ? 1024 : in;
+      if (parts > 1 && dtype == at::kFloat) continue;  // a bf16 model's
+      SCOPED_TRACE(parts);
       Case c = MakeCase(dtype, /*masked=*/true, in);
       const at::Tensor x = c.x.view({kRows, 1, in});
-      const at::Tensor delta = at::randn({kRows, 1, in}, F32()).to(dtype);
+      const at::Tensor delta =
+          parts > 1 ? at::randn({parts, kRows, 1, in}, F32()) *
+                          at::linspace(0.5, 3.0, parts, F32())
+                              .view({parts, 1, 1, 1})
+                    : at::randn({kRows, 1, in}, F32()).to(dtype);
+      if (parts > 1) ASSERT_TRUE(IsSplitKOutput(delta, x));
       const at::Tensor weight = (at::rand({in}, F32()) + 0.5).to(dtype);
       const at::Tensor y0 = c.y.clone();
       const AddNormOutput want = AddRmsNorm(x, delta, weight, 1e-6, dtype);
@@ -237,6 +251,33 @@ TEST(LoraRowGemvTest, NormWithShrinkEqualsNormThenShrink) {
       at::Tensor y = y0.clone();
       ASSERT_TRUE(LoraRowExpand(y, xa, c.sites, c.slots, c.mask));
       EXPECT_TRUE(at::equal(y, want_y)) << dtype << " in " << in;
+    }
+  }
+}
+
+// Without a delta (the first decoder block's norm): RmsNorm + LoraRowShrink
+// of its output, bit for bit, and no sum; for fp32 and bf16 models and
+// widths 48, 1024 and 2048. On the CPU it declines.
+TEST(LoraRowGemvTest, NormWithShrinkWithoutDeltaEqualsRmsNormThenShrink) {
+  at::manual_seed(27);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (int64_t in : {kIn, int64_t{1024}, int64_t{2048}}) {
+      Case c = MakeCase(dtype, /*masked=*/true, in);
+      const at::Tensor x = c.x.view({kRows, 1, in});
+      const at::Tensor weight = (at::rand({in}, F32()) + 0.5).to(dtype);
+      AddNormOutput got;
+      at::Tensor xa;
+      const bool ran = AddRmsNormShrink(x, at::Tensor(), weight, 1e-6, dtype,
+                                        c.a, c.slots, &got, &xa);
+      EXPECT_EQ(ran, cuda) << dtype << " in " << in;
+      if (!ran) continue;
+      const NormOutput want = RmsNorm(x, weight, 1e-6, dtype);
+      EXPECT_FALSE(got.sum.defined());
+      EXPECT_TRUE(at::equal(got.norm.full, want.full)) << dtype << " in " << in;
+      EXPECT_TRUE(at::equal(got.norm.rounded, want.rounded));
+      EXPECT_TRUE(at::equal(
+          xa, LoraRowShrink(want.full.view({kRows, in}), c.a, c.slots)));
     }
   }
 }
