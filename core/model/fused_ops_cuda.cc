@@ -684,7 +684,8 @@ namespace {
 
 // LoraRunDeltas, and with `starts` defined LoraPackedRunDeltas (y and x
 // [1, tokens, ...]; slot s's run the tokens starts[s] .. starts[s + 1] - 1,
-// max_run the longest).
+// max_run the longest) or, x undefined, LoraPackedRunExpand (xa [1, tokens,
+// ...]).
 bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
                const at::Tensor& xa, const std::vector<LoraRunSite>& sites,
                double scale, const at::Tensor& y_round,

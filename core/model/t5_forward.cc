@@ -745,6 +745,24 @@ bool CrossKeyValues::GemmInto(const at::Tensor& dst) {
   return true;
 }
 
+namespace {
+
+// The run kernels' sites for the values of decoder blocks [first, first +
+// count) (sites: ValueDeltaSites'): each block's B factors for `slots`
+// slots from slot_offset on, its value columns in a row of [L, 2, inner].
+std::vector<LoraRunSite> ValueRunSites(
+    const std::vector<const SiteBank*>& sites, int64_t first, int64_t count,
+    int64_t slot_offset, int64_t slots, int64_t inner) {
+  std::vector<LoraRunSite> run;
+  for (int64_t i = first; i < first + count; ++i) {
+    run.push_back({sites[i]->b.narrow(0, slot_offset, slots),
+                   (2 * i + 1) * inner});
+  }
+  return run;
+}
+
+}  // namespace
+
 // Every decoder block's v adapted (its bank sites in block order, into
 // *sites, empty on entry) with one scaling and A factors side by side, and
 // no k adapted.
@@ -856,15 +874,11 @@ bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
     constexpr auto kGroup = static_cast<int64_t>(kLoraRunMaxSites);
     for (int64_t first = 0; first < L; first += kGroup) {
       const int64_t count = std::min(kGroup, L - first);
-      std::vector<LoraRunSite> run;
-      for (int64_t i = first; i < first + count; ++i) {
-        run.push_back({sites[i]->b.narrow(0, rows_.slot_offset, B),
-                       (2 * i + 1) * inner});
-      }
       // Not taken: the caller writes dst whole (CopyTo).
-      if (!LoraPackedRunExpand(y, xa.narrow(2, first * r, count * r), run,
-                               scale, p.rows.starts, p.rows.max_length,
-                               y_round)) {
+      if (!LoraPackedRunExpand(
+              y, xa.narrow(2, first * r, count * r),
+              ValueRunSites(sites, first, count, rows_.slot_offset, B, inner),
+              scale, p.rows.starts, p.rows.max_length, y_round)) {
         return false;
       }
     }
@@ -872,16 +886,13 @@ bool CrossKeyValues::CopyPackedTo(const at::Tensor& dst) {
   }
   int64_t first = 0;
   for (const int64_t count : groups) {
-    std::vector<LoraRunSite> run;
-    for (int64_t i = first; i < first + count; ++i) {
-      run.push_back({sites[i]->b.narrow(0, rows_.slot_offset, B),
-                     (2 * i + 1) * inner});
-    }
     const at::Tensor a =
         SideBySideA(sites[first]->a, count).narrow(0, rows_.slot_offset, B);
     // Not taken (all or nothing): the caller writes dst whole (CopyTo).
-    if (!LoraPackedRunDeltas(y, x_lora, a, run, scale, p.rows.starts,
-                             p.rows.max_length, y_round)) {
+    if (!LoraPackedRunDeltas(
+            y, x_lora, a,
+            ValueRunSites(sites, first, count, rows_.slot_offset, B, inner),
+            scale, p.rows.starts, p.rows.max_length, y_round)) {
       return false;
     }
     first += count;
@@ -948,14 +959,11 @@ bool CrossKeyValues::GemmIntoWithValueDeltas(const at::Tensor& dst) {
   constexpr auto kGroup = static_cast<int64_t>(kLoraRunMaxSites);
   for (int64_t first = 0; first < L; first += kGroup) {
     const int64_t count = std::min(kGroup, L - first);
-    std::vector<LoraRunSite> run;
-    for (int64_t i = first; i < first + count; ++i) {
-      run.push_back({sites[i]->b.narrow(0, rows_.slot_offset, slots),
-                     (2 * i + 1) * inner});
-    }
-    if (LoraRunDeltas(values, at::Tensor(), at::Tensor(),
-                      xa.narrow(2, first * r, count * r), run,
-                      sites[0]->common_scale, rounded)) {
+    if (LoraRunDeltas(
+            values, at::Tensor(), at::Tensor(),
+            xa.narrow(2, first * r, count * r),
+            ValueRunSites(sites, first, count, rows_.slot_offset, slots, inner),
+            sites[0]->common_scale, rounded)) {
       continue;
     }
     // Not taken (all or nothing): the same sums on cuBLAS, then rounded.
@@ -1165,10 +1173,8 @@ class Residual {
         shrink_a.defined() && AddRmsNormShrink(h_, pending_, weight, eps,
                                                w_.dtype, shrink_a, slots, &r,
                                                &xa);
-    if (!shrunk && !pending_.defined()) {
-      return RmsNorm(h_, weight, eps, w_.dtype);
-    }
     if (!shrunk) {
+      if (!pending_.defined()) return RmsNorm(h_, weight, eps, w_.dtype);
       r = AddRmsNorm(h_, pending_, weight, eps, w_.dtype, keep_full);
     }
     if (pending_.defined()) h_ = std::move(r.sum);
