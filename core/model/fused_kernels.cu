@@ -851,6 +851,199 @@ __device__ __forceinline__ void LoadFloatParts(const float* p, int parts,
   for (int e = 0; e < W; ++e) x[e] += y[e];
 }
 
+// The end of a split-key attention block: the groups of each warp (lanes
+// part, part + G, ...) merge their running max m, sum l and values acc by
+// shuffles, then the warps through `merged`, and warp 0's first G lanes
+// store the head's output row. Every thread of the block calls it.
+template <int G, int W, int kWarps>
+__device__ __forceinline__ void MergeGroupsAndStore(
+    const AttentionArgs& a, const AttentionBlock& block, int lane, int warp,
+    int part, float m, float l, float (&acc)[W],
+    float (&merged)[kWarps][2 + G * W]) {
+  // Groups of the warp (lanes part, part + G, ...), then the warps.
+#pragma unroll
+  for (int off = G; off < 32; off <<= 1) {
+    const float m_other = __shfl_xor_sync(0xffffffffu, m, off);
+    const float l_other = __shfl_xor_sync(0xffffffffu, l, off);
+    const float top = fmaxf(m, m_other);
+    const float f = m == -INFINITY ? 0.f : expf(m - top);
+    const float f_other = m_other == -INFINITY ? 0.f : expf(m_other - top);
+    l = l * f + l_other * f_other;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float other = __shfl_xor_sync(0xffffffffu, acc[e], off);
+      acc[e] = acc[e] * f + other * f_other;
+    }
+    m = top;
+  }
+  if (lane < G) {
+    if (lane == 0) {
+      merged[warp][0] = m;
+      merged[warp][1] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < W; ++e) merged[warp][2 + part * W + e] = acc[e];
+  }
+  __syncthreads();
+  if (warp != 0 || lane >= G) return;
+  float top = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) top = fmaxf(top, merged[w][0]);
+  float total = 0.f;
+  float out[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) out[e] = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float mw = merged[w][0];
+    const float f = mw == -INFINITY ? 0.f : expf(mw - top);
+    total += merged[w][1] * f;
+#pragma unroll
+    for (int e = 0; e < W; ++e) out[e] += merged[w][2 + part * W + e] * f;
+  }
+  const int64_t o0 =
+      ((block.b * a.T + block.t) * a.H + block.h) * a.Dv + part * W;
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    StoreFromFloat(a.out, a.out_dtype, o0 + e, out[e] / total);
+  }
+}
+
+// q . k over the head: this lane's parts, then its group's G lanes summed
+// by shuffles (every lane of the group gets it).
+template <int G, int W>
+__device__ __forceinline__ float GroupDot(const float (&qv)[W],
+                                          const float (&kv)[W]) {
+  float dot = 0.f;
+#pragma unroll
+  for (int e = 0; e < W; ++e) dot += qv[e] * kv[e];
+#pragma unroll
+  for (int off = G / 2; off > 0; off >>= 1) {
+    dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  }
+  return dot;
+}
+
+// GroupDot of a key held as its 16-byte word of E.
+template <typename E, int G, int W>
+__device__ __forceinline__ float GroupKeyDot(const uint4& kraw,
+                                             const float (&qv)[W]) {
+  float kv[W];
+  Vec16<E>::Widen(kraw, kv);
+  return GroupDot<G>(qv, kv);
+}
+
+// Rounds of scores s (-inf past the keys; top = max(m, s)) and their values
+// into the group's running max m, sum l and values acc (online softmax).
+template <typename E, int kAhead, int W>
+__device__ __forceinline__ void AddRounds(const float (&s)[kAhead],
+                                          const uint4 (&vraw)[kAhead],
+                                          float top, float& m, float& l,
+                                          float (&acc)[W]) {
+  if (top == -INFINITY) return;  // no key of this group yet
+  const float rescale = expf(m - top);  // 0 while m is -inf
+  l *= rescale;
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] *= rescale;
+#pragma unroll
+  for (int u = 0; u < kAhead; ++u) {
+    const float p = expf(s[u] - top);  // 0 past S
+    float vv[W];
+    Vec16<E>::Widen(vraw[u], vv);
+    l += p;
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] += p * vv[e];
+  }
+  m = top;
+}
+
+// Row b's per-row LoRA sums of q's (lora_sum[0]) and the new value's
+// (lora_sum[1]) outputs of head h, one output per thread (a head's factors
+// are 2 KB per site: loaded once per block, not once per lane), exchanged
+// through shared memory: the caller synchronises before reading them.
+__device__ __forceinline__ void FormRowLoraSums(
+    const DecodeStepArgs& step, int64_t b, int64_t slot, int64_t h,
+    int64_t D, float (&lora_sum)[2][kMaxAttentionHead]) {
+  for (int64_t i = threadIdx.x; i < 2 * D; i += kSplitThreads) {
+    const bool is_v = i >= D;
+    const int64_t d = is_v ? i - D : i;
+    const AttentionRowLora& site = is_v ? step.v_lora : step.q_lora;
+    lora_sum[is_v][d] =
+        site.xa != nullptr ? RowLoraSum(site, b, slot, h * D + d) : 0.f;
+  }
+}
+
+// x += scale * mask * the sum (W values from `sum`), as LoraExpandKernel
+// forms y + scale * mask * sum.
+template <int W>
+__device__ __forceinline__ void AddRowLora(const DecodeStepArgs& step,
+                                           const AttentionRowLora& site,
+                                           int64_t slot, float row_scale,
+                                           const float* sum, float (&x)[W]) {
+  float s = site.scale[slot * site.scale_stride];
+  if (step.mask != nullptr) s *= row_scale;
+#pragma unroll
+  for (int e = 0; e < W; ++e) x[e] += s * sum[e];
+}
+
+// Row b's position t (clamped into the cache: the host keeps t below the
+// capacity; the clamp only keeps a stray t from writing outside it) and
+// this lane's part of the new key and value of head h: their split-K
+// partials summed with an fp32 cache only (the launcher checks; summing
+// them spilled the 16-bit instantiations).
+template <typename E, int W>
+__device__ __forceinline__ int64_t LoadNewKeyValue(const AttentionArgs& a,
+                                                   const DecodeStepArgs& step,
+                                                   int64_t b, int64_t h,
+                                                   int part, float (&kn)[W],
+                                                   float (&vn)[W]) {
+  const int64_t n0 =
+      b * step.kv_new_stride[0] + h * step.kv_new_stride[1] + part * W;
+  if constexpr (sizeof(E) == 4) {
+    LoadFloatParts(step.k_new + n0, step.parts, step.part_stride, kn);
+    LoadFloatParts(step.v_new + n0, step.parts, step.part_stride, vn);
+  } else {
+    LoadFloats(step.k_new + n0, kn);
+    LoadFloats(step.v_new + n0, vn);
+  }
+  return min(max(step.t[b * step.t_stride], int64_t{0}), a.S - 1);
+}
+
+// The new key and value (this lane's part, the value's delta added),
+// rounded as the cache will hold them, stored at position t_new (nothing
+// in the launch reads them back), and taken as the first key of group 0 of
+// warp 0: its running max m, sum l and values acc.
+template <typename E, int G, int W>
+__device__ __forceinline__ void TakeNewKeyValue(
+    const AttentionArgs& a, const AttentionBlock& block, int64_t t_new,
+    int lane, int warp, int part, const float (&qv)[W], float (&kn)[W],
+    float (&vn)[W], float& m, float& l, float (&acc)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) {  // what a read of the cache would give
+    kn[e] = ToFloat(FromFloat<E>(kn[e]));
+    vn[e] = ToFloat(FromFloat<E>(vn[e]));
+  }
+  E* kc = const_cast<E*>(static_cast<const E*>(a.k)) + block.k0 +
+          t_new * a.k_stride[2] + part * W;
+  E* vc = const_cast<E*>(static_cast<const E*>(a.v)) + block.v0 +
+          t_new * a.v_stride[2] + part * W;
+  if (warp == 0 && lane < G) {
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      kc[e] = FromFloat<E>(kn[e]);
+      vc[e] = FromFloat<E>(vn[e]);
+    }
+  }
+  const float dot = GroupDot<G>(qv, kn);
+  if (warp == 0 && lane < G) {
+    m = dot + LoadAsFloat(a.bias, a.bias_dtype,
+                          block.bias0 + t_new * a.bias_stride[3]);
+    l = 1.f;  // expf(m - m)
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] = vn[e];
+  }
+}
+
 // kStep: a decode step's attention with its LoRA expand and key/value store
 // (LaunchDecodeStepAttention); else `step` is unused. kKeyStarts: the keys
 // and values through a.key_starts (BlockOf).
@@ -917,10 +1110,7 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   constexpr int kEarly = kStep ? 0 : (sizeof(E) == 4 ? 2 : kAhead);
   load_rounds(first, a.S, 0, kEarly);
   if constexpr (kStep) {
-    // The per-row LoRA sums of q's and the new value's head outputs, one
-    // output per thread (a head's factors are 2 KB per site: loaded once
-    // per block, not once per lane), exchanged through shared memory.
-    __shared__ float lora_sum[2][kMaxAttentionHead];
+    __shared__ float lora_sum[2][kMaxAttentionHead];  // FormRowLoraSums
     int64_t slot = 0;
     float row_scale = 1.f;
     if (step.slots != nullptr) {
@@ -929,81 +1119,23 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
     }
     const bool q_lora = step.q_lora.xa != nullptr;
     const bool v_lora = step.v_lora.xa != nullptr;
-    if (q_lora || v_lora) {
-      for (int64_t i = threadIdx.x; i < 2 * a.D; i += kSplitThreads) {
-        const bool is_v = i >= a.D;
-        const int64_t d = is_v ? i - a.D : i;
-        const AttentionRowLora& site = is_v ? step.v_lora : step.q_lora;
-        lora_sum[is_v][d] = site.xa != nullptr
-                                ? RowLoraSum(site, b, slot, h * a.D + d)
-                                : 0.f;
-      }
-    }
+    if (q_lora || v_lora) FormRowLoraSums(step, b, slot, h, a.D, lora_sum);
     LoadFloatParts(static_cast<const float*>(a.q) + q0 + part * W, step.parts,
                    step.part_stride, qv);
-    // y + scale * mask * sum as LoraExpandKernel forms it.
-    const auto site_scale = [&](const AttentionRowLora& l) {
-      const float s = l.scale[slot * l.scale_stride];
-      return step.mask != nullptr ? s * row_scale : s;
-    };
     if (q_lora || v_lora) __syncthreads();  // uniform over the block
     if (q_lora) {
-      const float s = site_scale(step.q_lora);
-#pragma unroll
-      for (int e = 0; e < W; ++e) qv[e] += s * lora_sum[0][part * W + e];
+      AddRowLora(step, step.q_lora, slot, row_scale, lora_sum[0] + part * W,
+                 qv);
     }
     if (step.k_new != nullptr) {
-      // The new key and value (this lane's part, as the cache will hold
-      // them): stored at t_new, and the first key of group 0 of warp 0.
-      // The host keeps t below the capacity; the clamp only keeps a stray
-      // t from writing outside the cache.
-      const int64_t t_new =
-          min(max(step.t[b * step.t_stride], int64_t{0}), a.S - 1);
       float kn[W], vn[W];
-      const int64_t n0 =
-          b * step.kv_new_stride[0] + h * step.kv_new_stride[1] + part * W;
-      // Partials of the new key and value with an fp32 cache only (the
-      // launcher checks): summing them spilled the 16-bit instantiations.
-      if constexpr (sizeof(E) == 4) {
-        LoadFloatParts(step.k_new + n0, step.parts, step.part_stride, kn);
-        LoadFloatParts(step.v_new + n0, step.parts, step.part_stride, vn);
-      } else {
-        LoadFloats(step.k_new + n0, kn);
-        LoadFloats(step.v_new + n0, vn);
-      }
+      const int64_t t_new = LoadNewKeyValue<E>(a, step, b, h, part, kn, vn);
       if (v_lora) {
-        const float s = site_scale(step.v_lora);
-#pragma unroll
-        for (int e = 0; e < W; ++e) vn[e] += s * lora_sum[1][part * W + e];
+        AddRowLora(step, step.v_lora, slot, row_scale, lora_sum[1] + part * W,
+                   vn);
       }
-#pragma unroll
-      for (int e = 0; e < W; ++e) {  // what a read of the cache would give
-        kn[e] = ToFloat(FromFloat<E>(kn[e]));
-        vn[e] = ToFloat(FromFloat<E>(vn[e]));
-      }
-      if (warp == 0 && lane < G) {  // nothing in this launch reads them back
-        E* kc = const_cast<E*>(k) + k0 + t_new * a.k_stride[2] + part * W;
-        E* vc = const_cast<E*>(v) + v0 + t_new * a.v_stride[2] + part * W;
-#pragma unroll
-        for (int e = 0; e < W; ++e) {
-          kc[e] = FromFloat<E>(kn[e]);
-          vc[e] = FromFloat<E>(vn[e]);
-        }
-      }
-      float dot = 0.f;
-#pragma unroll
-      for (int e = 0; e < W; ++e) dot += qv[e] * kn[e];
-#pragma unroll
-      for (int off = G / 2; off > 0; off >>= 1) {
-        dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      }
-      if (warp == 0 && lane < G) {
-        m = dot + LoadAsFloat(a.bias, a.bias_dtype,
-                              b0 + t_new * a.bias_stride[3]);
-        l = 1.f;  // expf(m - m)
-#pragma unroll
-        for (int e = 0; e < W; ++e) acc[e] = vn[e];
-      }
+      TakeNewKeyValue<E, G>(a, block, t_new, lane, warp, part, qv, kn, vn, m,
+                            l, acc);
       S = t_new;  // the keys before it
     } else {
       S = WarpVisibleKeyEnd(a, b0);
@@ -1029,80 +1161,190 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
     float top = m;
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
-      float kv[W];
-      Vec16<E>::Widen(kraw[u], kv);
-      float dot = 0.f;
-#pragma unroll
-      for (int e = 0; e < W; ++e) dot += qv[e] * kv[e];
-#pragma unroll
-      for (int off = G / 2; off > 0; off >>= 1) {
-        dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      }
+      const float dot = GroupKeyDot<E, G>(kraw[u], qv);
       s[u] = j0 + u * kRound < S ? dot + s[u] : -INFINITY;
       top = fmaxf(top, s[u]);
     }
-    if (top == -INFINITY) continue;  // no key of this group yet
-    const float rescale = expf(m - top);  // 0 while m is -inf
-    l *= rescale;
+    AddRounds<E>(s, vraw, top, m, l, acc);
+  }
+  MergeGroupsAndStore<G, W, kWarps>(a, block, lane, warp, part, m, l, acc,
+                                    merged);
+}
+
+// A decode step's attention with the keys and values staged in shared
+// memory (cp.async) as soon as their addresses are known, while q, the new
+// key and value, the adapters' factors and the LoRA sums are loaded and
+// formed: SplitKeyAttentionKernel<E, G, true, ...>'s sums in its order.
+// Why: there each round of keys waited for q, the LoRA sums and (cross)
+// the bias row's scan, one memory latency after another. H200,
+// flan-t5-large, a 64-row step without adapters: cross-attention over
+// 7-74 keys a row 8.69 -> 7.70-7.78 us, self-attention 6.62 -> 6.17-6.28
+// us; with per-row adapters, whose factors wait for the row's slot,
+// 10.08 -> 9.41-9.53 and 8.64 -> 8.55-8.61 us. One chunk of
+// kStageChunkBytes of keys and as many of values at a time (16 KB of
+// shared memory a block: eight blocks an SM).
+//  kSelf: the self-attention step with its store (DecodeStepArgs::k_new,
+//    fp32 bias, no key_starts): the keys before position t[b] are staged
+//    with their biases; the new key and value enter from registers as
+//    there.
+//  else: a cross-attention step over rows packed through a.key_starts whose
+//    visible keys are DecodeStepArgs::key_lens: the bias, zero on them, is
+//    not read; a row of -1 reads it and scans it for its end as there.
+constexpr int kStageChunkBytes = 8192;
+
+// 16 bytes global -> shared by cp.async (L2 only), zeros where !valid (the
+// source is then not read).
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src,
+                                            bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+
+// 4 bytes global -> shared by cp.async, zero where !valid.
+__device__ __forceinline__ void CopyAsync4(void* dst, const void* src,
+                                           bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d),
+               "l"(src), "r"(valid ? 4 : 0));
+}
+
+template <typename E, int G, bool kSelf>
+__global__ void __launch_bounds__(kSplitThreads, 8)
+    StagedStepAttentionKernel(AttentionArgs a, DecodeStepArgs step) {
+  constexpr int W = Vec16<E>::kWidth;
+  constexpr int kWarps = kSplitThreads / 32;
+  constexpr int kGroups = 32 / G;           // keys per warp and round
+  constexpr int kRound = kWarps * kGroups;  // keys per block and round
+  constexpr int kAhead = 16 / W;            // rounds per iteration, as there
+  constexpr int kIterKeys = kAhead * kRound;
+  // Keys per chunk: whole iterations, G 16-byte words per key.
+  constexpr int kChunkIters =
+      kStageChunkBytes / (kIterKeys * G * 16) > 0
+          ? kStageChunkBytes / (kIterKeys * G * 16)
+          : 1;
+  constexpr int kChunk = kChunkIters * kIterKeys;
+  constexpr int kWords = kChunk * G;  // of keys, and of values
+  static_assert(kWords % kSplitThreads == 0);
+  __shared__ uint4 k_stage[kWords];
+  __shared__ uint4 v_stage[kWords];
+  __shared__ float bias_stage[kSelf ? kChunk : 1];
+  __shared__ float merged[kWarps][2 + G * W];
+  __shared__ float lora_sum[2][kMaxAttentionHead];
+  const E* __restrict__ k = static_cast<const E*>(a.k);
+  const E* __restrict__ v = static_cast<const E*>(a.v);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int part = lane % G;
+  const int first = warp * kGroups + lane / G;
+  const AttentionBlock block = BlockOf<!kSelf>(a);
+  const int64_t b = block.b;
+  // What needs no other load first: the row's adapter slot (its factors'
+  // address), q, the new key and value, the row's position or visible keys.
+  const bool q_lora = step.q_lora.xa != nullptr;
+  const bool v_lora = kSelf && step.v_lora.xa != nullptr;
+  int64_t slot = 0;
+  float row_scale = 1.f;
+  if (q_lora || v_lora) {
+    slot = step.slots[b];
+    if (step.mask != nullptr) row_scale = step.mask[b * step.mask_stride];
+  }
+  float qv[W];
+  LoadFloatParts(static_cast<const float*>(a.q) + block.q0 + part * W,
+                 step.parts, step.part_stride, qv);
+  float kn[W], vn[W];
+  int64_t S;  // keys staged: those before the new one, or the visible ones
+  bool read_bias = false;
+  if constexpr (kSelf) {
+    S = LoadNewKeyValue<E>(a, step, b, block.h, part, kn, vn);
+  } else {
+    const int32_t len = step.key_lens[b];
+    read_bias = len <= 0;
+    S = read_bias ? WarpVisibleKeyEnd(a, block.bias0)
+                  : min(static_cast<int64_t>(len), a.S);
+  }
+  // Keys [c0, c0 + kChunk) of this head (zeros from S on) into the stage.
+  const auto stage = [&](int64_t c0) {
 #pragma unroll
-    for (int e = 0; e < W; ++e) acc[e] *= rescale;
+    for (int r = 0; r < kWords / kSplitThreads; ++r) {
+      const int i = threadIdx.x + r * kSplitThreads;
+      const int64_t j = c0 + i / G;
+      const bool valid = j < S;
+      const int64_t w = (i % G) * W;
+      const E* k_src = valid ? k + block.k0 + j * a.k_stride[2] + w : k;
+      const E* v_src = valid ? v + block.v0 + j * a.v_stride[2] + w : v;
+      CopyAsync16(&k_stage[i], k_src, valid);
+      CopyAsync16(&v_stage[i], v_src, valid);
+    }
+    if constexpr (kSelf) {
+      const float* bias = static_cast<const float*>(a.bias);
+      for (int i = threadIdx.x; i < kChunk; i += kSplitThreads) {
+        const int64_t j = c0 + i;
+        CopyAsync4(&bias_stage[i],
+                   j < S ? bias + block.bias0 + j * a.bias_stride[3] : bias,
+                   j < S);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  stage(0);
+  // The per-row LoRA sums, as there.
+  if (q_lora || v_lora) {
+    FormRowLoraSums(step, b, slot, block.h, a.D, lora_sum);
+    __syncthreads();
+    if (q_lora) {
+      AddRowLora(step, step.q_lora, slot, row_scale, lora_sum[0] + part * W,
+                 qv);
+    }
+    if (v_lora) {
+      AddRowLora(step, step.v_lora, slot, row_scale, lora_sum[1] + part * W,
+                 vn);
+    }
+  }
+  float m = -INFINITY;  // this group's running max, sum and values
+  float l = 0.f;
+  float acc[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = 0.f;
+  if constexpr (kSelf) {
+    TakeNewKeyValue<E, G>(a, block, S, lane, warp, part, qv, kn, vn, m, l,
+                          acc);
+  }
+  // Trip counts are uniform over the block (barriers and shuffles).
+  for (int64_t j0 = 0; j0 < S; j0 += kIterKeys) {
+    const int64_t c0 = j0 - j0 % kChunk;
+    if (j0 == c0) {
+      if (c0 > 0) {
+        __syncthreads();  // every warp is done with the last chunk
+        stage(c0);
+      }
+      asm volatile("cp.async.wait_all;\n" ::);
+      __syncthreads();
+    }
+    float s[kAhead];
+    uint4 vraw[kAhead];
+    float top = m;
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
-      const float p = expf(s[u] - top);  // 0 past S
-      float vv[W];
-      Vec16<E>::Widen(vraw[u], vv);
-      l += p;
-#pragma unroll
-      for (int e = 0; e < W; ++e) acc[e] += p * vv[e];
+      const int64_t j = j0 + first + u * kRound;
+      const int i = static_cast<int>(j - c0) * G + part;
+      float dot = GroupKeyDot<E, G>(k_stage[i], qv);
+      vraw[u] = v_stage[i];
+      if constexpr (kSelf) {
+        dot += bias_stage[j - c0];
+      } else if (read_bias && j < S) {
+        dot += LoadAsFloat(a.bias, a.bias_dtype,
+                           block.bias0 + j * a.bias_stride[3]);
+      }
+      s[u] = j < S ? dot : -INFINITY;
+      top = fmaxf(top, s[u]);
     }
-    m = top;
+    AddRounds<E>(s, vraw, top, m, l, acc);
   }
-  // Groups of the warp (lanes part, part + G, ...), then the warps.
-#pragma unroll
-  for (int off = G; off < 32; off <<= 1) {
-    const float m_other = __shfl_xor_sync(0xffffffffu, m, off);
-    const float l_other = __shfl_xor_sync(0xffffffffu, l, off);
-    const float top = fmaxf(m, m_other);
-    const float f = m == -INFINITY ? 0.f : expf(m - top);
-    const float f_other = m_other == -INFINITY ? 0.f : expf(m_other - top);
-    l = l * f + l_other * f_other;
-#pragma unroll
-    for (int e = 0; e < W; ++e) {
-      const float other = __shfl_xor_sync(0xffffffffu, acc[e], off);
-      acc[e] = acc[e] * f + other * f_other;
-    }
-    m = top;
-  }
-  if (lane < G) {
-    if (lane == 0) {
-      merged[warp][0] = m;
-      merged[warp][1] = l;
-    }
-#pragma unroll
-    for (int e = 0; e < W; ++e) merged[warp][2 + part * W + e] = acc[e];
-  }
-  __syncthreads();
-  if (warp != 0 || lane >= G) return;
-  float top = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) top = fmaxf(top, merged[w][0]);
-  float total = 0.f;
-  float out[W];
-#pragma unroll
-  for (int e = 0; e < W; ++e) out[e] = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    const float mw = merged[w][0];
-    const float f = mw == -INFINITY ? 0.f : expf(mw - top);
-    total += merged[w][1] * f;
-#pragma unroll
-    for (int e = 0; e < W; ++e) out[e] += merged[w][2 + part * W + e] * f;
-  }
-  const int64_t o0 = ((b * a.T + t) * a.H + h) * a.Dv + part * W;
-#pragma unroll
-  for (int e = 0; e < W; ++e) {
-    StoreFromFloat(a.out, a.out_dtype, o0 + e, out[e] / total);
-  }
+  // No copy may land after the block ends (S == 0 never waited).
+  asm volatile("cp.async.wait_all;\n" ::);
+  MergeGroupsAndStore<G, W, kWarps>(a, block, lane, warp, part, m, l, acc,
+                                    merged);
 }
 
 // LaunchTiledAttention. Why: the encoder's queries (tens of positions)
@@ -2225,7 +2467,19 @@ bool RowLoraTakes(const AttentionRowLora& l) {
 template <typename E, int G>
 void LaunchStep(const AttentionArgs& a, const DecodeStepArgs& step,
                 unsigned grid, cudaStream_t stream) {
-  if (a.key_starts != nullptr) {
+  // The staged self step for fp32 caches only: its 16-bit instantiations
+  // spilled (32 bytes).
+  constexpr bool kStageSelf = sizeof(E) == 4;
+  if (a.key_starts != nullptr && step.key_lens != nullptr) {
+    StagedStepAttentionKernel<E, G, false>
+        <<<grid, kSplitThreads, 0, stream>>>(a, step);
+  } else if (kStageSelf && step.k_new != nullptr && step.stage_self &&
+             a.bias_dtype == DType::kFloat) {
+    if constexpr (kStageSelf) {
+      StagedStepAttentionKernel<E, G, true>
+          <<<grid, kSplitThreads, 0, stream>>>(a, step);
+    }
+  } else if (a.key_starts != nullptr) {
     SplitKeyAttentionKernel<E, G, true, true>
         <<<grid, kSplitThreads, 0, stream>>>(a, step);
   } else {
@@ -2286,6 +2540,7 @@ int LaunchDecodeStepAttention(const AttentionArgs& args,
       (lora && step.slots == nullptr) ||
       (step.v_lora.xa != nullptr && !store) ||
       (store && args.key_starts != nullptr) ||
+      (step.key_lens != nullptr && args.key_starts == nullptr) ||
       (store && (step.v_new == nullptr || step.t == nullptr ||
                  !Aligned16(step.k_new, sizeof(float),
                             {step.kv_new_stride[0], step.kv_new_stride[1]}) ||

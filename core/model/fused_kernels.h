@@ -157,6 +157,16 @@ struct DecodeStepArgs {
   // fp32 cache only.
   int parts = 1;
   int64_t part_stride = 0;
+  // Optional, with AttentionArgs::key_starts (a cross-attention step): row
+  // b's visible keys are its first key_lens[b] (device int32 [B]), on which
+  // the bias is zero (it is not read), the others masked; a row of -1 (or
+  // 0) reads the bias and scans it for its end instead. Then the keys and
+  // values go through shared memory, loaded before q and the LoRA sum are
+  // formed (StagedStepAttentionKernel); the sums are the same.
+  const int32_t* key_lens = nullptr;
+  // A self-attention step (k_new) of an fp32 cache with an fp32 bias: the
+  // keys and values before t go through shared memory the same way.
+  bool stage_self = false;
 };
 int LaunchDecodeStepAttention(const AttentionArgs& attn,
                               const DecodeStepArgs& step, void* stream);

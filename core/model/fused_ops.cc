@@ -516,6 +516,35 @@ at::Tensor GatherKeyRows(const at::Tensor& kv, const at::Tensor& key_starts) {
       .permute({0, 2, 1, 3});
 }
 
+bool CrossKeyLengthsOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_CROSS_KEY_LENS");
+  return off;
+}
+
+bool StagedSelfStepOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_STAGED_SELF_STEP");
+  return off;
+}
+
+at::Tensor CrossKeyLengths(const at::Tensor& bias) {
+  TORCH_CHECK(bias.dim() == 4 && bias.size(1) == 1 && bias.size(2) == 1 &&
+                  bias.scalar_type() == at::kFloat,
+              "CrossKeyLengths: an fp32 bias [B, 1, 1, S]");
+  const at::Tensor b = bias.view({bias.size(0), bias.size(3)});
+  const at::Tensor position = at::arange(
+      1, b.size(1) + 1, at::TensorOptions().dtype(at::kInt).device(b.device()));
+  // The kernels' test for a visible key (fused_kernels.cu kMaskedBias).
+  const at::Tensor visible = b > -1e30;
+  const at::Tensor length =
+      std::get<0>((visible.to(at::kInt) * position).max(1, true));
+  const at::Tensor zero_before =
+      ((b == 0) | (position > length)).all(1, true);
+  return at::where(zero_before & (length > 0), length, -1)
+      .to(at::kInt)
+      .view({-1})
+      .contiguous();
+}
+
 Tf32LoraScope::Tf32LoraScope(bool on) {
   static const bool opted_in = EnvFlag("LORAHUB_TF32_LORA");
   if (!on || !opted_in) return;

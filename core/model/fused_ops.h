@@ -518,6 +518,11 @@ struct DecodeStepInputs {
   // packed end to end, row b's key j at token key_starts[b] + j (int32 [B]
   // on the device) of their token dimension, as GatherKeyRows reads them.
   at::Tensor key_starts;
+  // Optional, with key_starts: row b's visible keys are its first
+  // key_lens[b] (int32 [B] on the device), where the bias is exactly zero,
+  // and the bias masks the rest; -1: not known (the bias decides). Only a
+  // faster kernel follows from it (CrossKeyLengths makes it so).
+  at::Tensor key_lens;
 };
 // Returns the context as Attention(q, k, v, bias, out_dtype) does for the
 // inputs so updated (on CUDA one kernel, fused_kernels.h
@@ -533,6 +538,18 @@ at::Tensor DecodeStepAttention(const DecodeStepInputs& step,
 // S * kv.stride(2)); tokens past the last are read as the last. For the
 // paths the step kernel does not take.
 at::Tensor GatherKeyRows(const at::Tensor& kv, const at::Tensor& key_starts);
+// DecodeStepInputs::key_lens of a cross-attention bias [B, 1, 1, S] (fp32):
+// row b's last visible key (bias above -1e30) + 1 where every key before
+// it has a bias of exactly zero, else -1 (no visible key, or one masked or
+// biased among them). A few device ops, no sync.
+at::Tensor CrossKeyLengths(const at::Tensor& bias);
+// True when LORAHUB_NO_CROSS_KEY_LENS=1 keeps cross-attention steps without
+// key_lens (the step kernel then scans the bias; A/B). Read once.
+bool CrossKeyLengthsOff();
+// True when LORAHUB_NO_STAGED_SELF_STEP=1 keeps self-attention steps on the
+// kernel that loads the cached keys after q and the LoRA sums
+// (fused_kernels.h DecodeStepArgs::stage_self; A/B). Read once.
+bool StagedSelfStepOff();
 // Writes x [B, H, 1, D] into the cache [B, H, C, D] at position t (int64 on
 // the cache's device: [1], the same position for every row, or [B], row b at
 // t[b]), rounded to the cache's dtype: DecodeStepAttention's store where the

@@ -628,6 +628,11 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
        starts.dim() != 1 || starts.numel() != B || !starts.is_contiguous())) {
     return false;
   }
+  const at::Tensor& lens = step.key_lens;
+  const bool known_lens = lens.defined() && starts.defined() &&
+                          OnDeviceOf(lens, q) &&
+                          lens.scalar_type() == at::kInt && lens.dim() == 1 &&
+                          lens.numel() == B && lens.is_contiguous();
   static_assert(kMaxStepParts == kernels::kMaxStepParts);
   if (step.parts < 1 || step.parts > kMaxStepParts) return false;
   at::Tensor b4;
@@ -648,6 +653,8 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
   }
   kernels::AttentionArgs a = AttentionArgsOf(q, k, v, b4, out_dtype);
   if (starts.defined()) a.key_starts = starts.data_ptr<int32_t>();
+  if (known_lens) x.key_lens = lens.data_ptr<int32_t>();
+  x.stage_self = !StagedSelfStepOff();
   x.parts = static_cast<int>(step.parts);
   x.part_stride = step.part_stride;
   if (lora) {

@@ -175,6 +175,10 @@ void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
     // end too.
     cross_kv_.zero_();
     key_starts_ = PaddedKeyStarts();
+    // Refreshed with the bias (LoadInputs, Reorder); the graph reads it.
+    if (!CrossKeyLengthsOff()) {
+      key_lens_ = at::full({batch}, -1, key_starts_.options());
+    }
   }
   self_bias_ = SelfBias(capacity_);
   // The LM head's dtype (bf16 on the GPU): what DecoderHeadLogits returns,
@@ -231,6 +235,7 @@ void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
     if (key_starts_.defined()) key_starts_.copy_(PaddedKeyStarts());
   }
   cross_bias_.copy_(encoder.mask_bias);
+  if (key_lens_.defined()) key_lens_.copy_(CrossKeyLengths(cross_bias_));
 }
 
 at::Tensor StaticDecoder::PaddedKeyStarts() const {
@@ -432,8 +437,8 @@ void StaticDecoder::StepBody() {
     h = internal::DecoderBlockStep(
         w, w.decoder[i], std::move(h), rows_, store, bias,
         cross_kv_[0][static_cast<int64_t>(i)],
-        cross_kv_[1][static_cast<int64_t>(i)], cross_bias_, key_starts_,
-        &cache);
+        cross_kv_[1][static_cast<int64_t>(i)], cross_bias_,
+        internal::CrossKeyRows{key_starts_, key_lens_}, &cache);
   }
   logits_.copy_(internal::DecoderHeadLogits(w, h).squeeze(1));
   t_.add_(1);
@@ -613,6 +618,9 @@ absl::Status StaticDecoder::Reorder(const at::Tensor& index, bool cross) {
         cross_kv_.copy_(cross_kv_.index_select(2, idx));
       }
       cross_bias_.copy_(cross_bias_.index_select(0, idx));
+      if (key_lens_.defined()) {
+        key_lens_.copy_(key_lens_.index_select(0, idx));
+      }
       if (rows_.bank != nullptr) {
         rows_.slots.copy_(rows_.slots.index_select(0, idx));
         rows_.mask.copy_(rows_.mask.index_select(0, idx));

@@ -214,6 +214,9 @@ class StaticDecoder {
   // starts: internal::CrossKeyValues::CopyPackedTo). Always defined there,
   // because a captured step reads through it whatever batch comes next.
   at::Tensor key_starts_;
+  // int32 [B] where key_starts_ is: each row's visible cross keys
+  // (fused_ops.h CrossKeyLengths; -1: unknown).
+  at::Tensor key_lens_;
   at::Tensor cross_bias_;  // [B, 1, 1, S] fp32
   at::Tensor self_bias_;   // [1, H, capacity, capacity] fp32, causal
   at::Tensor logits_;      // [B, vocab], the LM head's dtype

@@ -1389,12 +1389,12 @@ at::Tensor SelfAttentionStep(const T5Weights& w, const AttentionWeights& a,
 }
 
 // SelfAttentionStep for a cross-attention (no store; the keys and values
-// of the encoder rows, packed where key_starts is defined).
+// of the encoder rows, laid out as `key_rows` says).
 at::Tensor CrossAttentionStep(const T5Weights& w, const AttentionWeights& a,
                               const Normed& x, const RowAdapters& rows,
                               const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& bias,
-                              const at::Tensor& key_starts) {
+                              const CrossKeyRows& key_rows) {
   const std::vector<const Linear*> members = {&a.q};
   if (!StepPathApplies(w, x, members, a.q.weight, rows)) return at::Tensor();
   std::vector<RowLoraExpand> lora;
@@ -1407,7 +1407,8 @@ at::Tensor CrossAttentionStep(const T5Weights& w, const AttentionWeights& a,
   step.k = k;
   step.v = v;
   step.bias = bias;
-  step.key_starts = key_starts;
+  step.key_starts = key_rows.starts;
+  step.key_lens = key_rows.lens;
   if (lora[0].xa.defined()) step.q_lora = &lora[0];
   SetRowsOf(rows, &step);
   return ProjectContext(
@@ -1423,7 +1424,7 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                 const at::Tensor& cross_k,
                                 const at::Tensor& cross_v,
                                 const at::Tensor& cross_bias,
-                                const at::Tensor& cross_key_starts,
+                                const CrossKeyRows& cross_rows,
                                 const StepCache* cache) {
   const config::T5Config& c = w.config;
   Residual h(w, std::move(in));
@@ -1454,13 +1455,13 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                rows),
              rows.slots);
   out = CrossAttentionStep(w, b.cross_attn, n, rows, cross_k, cross_v,
-                           cross_bias, cross_key_starts);
+                           cross_bias, cross_rows);
   if (!out.defined()) {
-    const bool packed = cross_key_starts.defined();
+    const at::Tensor& starts = cross_rows.starts;
     out = AttendAndProject(
         Heads(n, b.cross_attn.q, rows, c),
-        packed ? GatherKeyRows(cross_k, cross_key_starts) : cross_k,
-        packed ? GatherKeyRows(cross_v, cross_key_starts) : cross_v,
+        starts.defined() ? GatherKeyRows(cross_k, starts) : cross_k,
+        starts.defined() ? GatherKeyRows(cross_v, starts) : cross_v,
         cross_bias, b.cross_attn.o, rows);
   }
   h.Add(std::move(out));
@@ -1978,7 +1979,7 @@ absl::StatusOr<at::Tensor> DecodeStep(const T5Weights& w, DecoderCache& cache,
       };
       h = DecoderBlockStep(w, w.decoder[i], std::move(h), rows, store, bias,
                            cache.cross_k[i], cache.cross_v[i],
-                           cache.cross_bias, /*cross_key_starts=*/{},
+                           cache.cross_bias, /*cross_rows=*/{},
                            /*cache=*/nullptr);
     }
     cache.length = t + 1;

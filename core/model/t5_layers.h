@@ -228,13 +228,22 @@ struct ResidualStream {
   at::Tensor pending;
 };
 
+// Where a decode step's cross keys and values lie; either may be undefined.
+struct CrossKeyRows {
+  // Rows packed end to end (DecodeStepInputs::key_starts,
+  // CrossKeyValues::CopyPackedTo).
+  at::Tensor starts;
+  // With starts: each row's visible keys (DecodeStepInputs::key_lens,
+  // CrossKeyLengths).
+  at::Tensor lens;
+};
+
 // One decoder block for one new token per row: the stream [B, 1, d_model]
 // -> the block's output stream. `self_bias` [1 or B, H, 1, K] (position
 // bias plus any mask), cross_k/cross_v [B, H, S, d_kv], cross_bias
-// [B, 1, 1, S]; `cross_key_starts` (may be undefined): the cross keys and
-// values are rows packed end to end (DecodeStepInputs::key_starts,
-// CrossKeyValues::CopyPackedTo). `cache` (may be null): where the step attention kernel
-// stores the new key and value itself; `store` runs where it does not.
+// [B, 1, 1, S], laid out as `cross_rows` says. `cache` (may be null): where
+// the step attention kernel stores the new key and value itself; `store`
+// runs where it does not.
 // On CUDA (fused_ops.h DecodeStepAttentionEnabled) the attentions take the
 // step kernel, which also expands q's and v's per-row LoRA deltas.
 ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
@@ -244,7 +253,7 @@ ResidualStream DecoderBlockStep(const T5Weights& w, const BlockWeights& b,
                                 const at::Tensor& cross_k,
                                 const at::Tensor& cross_v,
                                 const at::Tensor& cross_bias,
-                                const at::Tensor& cross_key_starts,
+                                const CrossKeyRows& cross_rows,
                                 const StepCache* cache);
 
 // Final decoder norm and LM head: the stream [B, T, d_model] -> logits

@@ -577,5 +577,116 @@ TEST(DecodeAttentionTest, StepAttentionCrossWithRowLora) {
   std::printf("cross step: vs double %.3g\n", diff);
 }
 
+// CrossKeyLengths: each row's visible keys where they are a prefix with a
+// bias of exactly zero (-0 included), else -1.
+TEST(DecodeAttentionTest, CrossKeyLengthsOfBiases) {
+  const float low = std::numeric_limits<float>::lowest();
+  const at::Tensor bias =
+      at::tensor(std::vector<float>{
+                     0, 0, 0, low, low,     // 3
+                     -0.f, 0, 0, 0, 0,      // 5 (-0 is zero)
+                     0, low, 0, low, low,   // a masked key among them
+                     0, 0.5f, 0, low, low,  // a biased key among them
+                     low, low, low, low, low,  // none visible
+                     0, low, low, low, low})  // 1
+          .view({6, 1, 1, 5})
+          .to(Device());
+  const at::Tensor got = CrossKeyLengths(bias).to(at::kCPU);
+  ASSERT_EQ(got.scalar_type(), at::kInt);
+  const std::vector<int32_t> want = {3, 5, -1, -1, -1, 1};
+  ASSERT_EQ(got.numel(), 6);
+  for (int64_t b = 0; b < 6; ++b) {
+    EXPECT_EQ(got[b].item<int32_t>(), want[static_cast<size_t>(b)])
+        << "row " << b;
+  }
+}
+
+// DecodeStepAttention for a cross-attention step over rows packed end to
+// end (key_starts) whose visible keys are given (key_lens, from
+// CrossKeyLengths): on CUDA the kernel that stages the keys and values in
+// shared memory, bit for bit the kernel that scans the bias (key_lens
+// undefined). Rows within one staged chunk (64 bf16 keys of 64 values) and
+// over it (65, 70, 130 keys), a row of one key, a row with a biased visible
+// key (length -1: it reads the bias); q's per-row delta with one row
+// masked; q as 2 split-K partials; against double.
+TEST(DecodeAttentionTest, StepAttentionCrossThroughKeyLengths) {
+  at::manual_seed(23);
+  const int64_t B = 5, H = 3, d = 64, slots_n = 3, r = 16, S = 136;
+  const std::vector<int64_t> lengths = {70, 1, 64, 65, 130};
+  std::vector<int32_t> first(B);
+  int32_t next = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    first[static_cast<size_t>(b)] = next;
+    next += static_cast<int32_t>(lengths[static_cast<size_t>(b)]);
+  }
+  const at::Tensor starts = at::tensor(first, at::kInt).to(Device());
+  // As CrossKvBuffer lays a block out: [H, B * S tokens, d] viewed as
+  // [B, H, S, d]; row b's keys from token first[b] on.
+  const auto rows_of = [&](const at::Tensor& tokens) {
+    return tokens.view({H, B, S, d}).permute({1, 0, 2, 3});
+  };
+  const at::Tensor k = rows_of(Random({H, B * S, d}, 0.5).to(at::kBFloat16));
+  const at::Tensor v = rows_of(Random({H, B * S, d}, 1.0).to(at::kBFloat16));
+  at::Tensor bias = PaddedRowsBias(lengths, S);
+  bias[3][0][0][10].fill_(0.75);
+  const at::Tensor lens = CrossKeyLengths(bias);
+  const std::vector<int32_t> want_lens = {70, 1, 64, -1, 130};
+  for (int64_t b = 0; b < B; ++b) {
+    EXPECT_EQ(lens[b].item<int32_t>(), want_lens[static_cast<size_t>(b)]);
+  }
+  const at::Tensor slots =
+      at::tensor(std::vector<int64_t>{2, 0, 1, 2, 1}, at::kLong).to(Device());
+  const at::Tensor mask =
+      at::tensor(std::vector<float>{1, 0, 1, 1, 1}).view({B, 1, 1}).to(Device());
+  const RowLoraExpand q_lora{
+      Random({B, r}, 1.0), 0,
+      Random({slots_n, H * d, r}, 0.3).to(at::kBFloat16),
+      at::tensor(std::vector<float>{0.5f, 2.0f, 1.0f})
+          .view({slots_n, 1, 1})
+          .to(Device())};
+  const at::Tensor partials = Random({2, B, H, 1, d}, 0.4);
+  DecodeStepInputs step;
+  step.q = partials[0];
+  step.parts = 2;
+  step.part_stride = partials.stride(0);
+  step.k = k;
+  step.v = v;
+  step.bias = bias;
+  step.key_starts = starts;
+  step.q_lora = &q_lora;
+  step.slots = slots;
+  step.mask = mask;
+  const at::Tensor scanned = DecodeStepAttention(step, at::kFloat);
+  step.key_lens = lens;
+  at::Tensor got;
+  int64_t fallback_ops = 0;
+  {
+    FallbackOpCounter counter;
+    got = DecodeStepAttention(step, at::kFloat);
+    fallback_ops = counter.count();
+  }
+  const bool kernel = Device().is_cuda() && DecodeStepAttentionEnabled();
+  if (kernel) {
+    EXPECT_EQ(fallback_ops, 0);
+    EXPECT_TRUE(at::equal(got, scanned))
+        << "max diff " << (got - scanned).abs().max().item<double>();
+  }
+  const at::Tensor keys = GatherKeyRows(k, starts);
+  const at::Tensor values = GatherKeyRows(v, starts);
+  const at::Tensor q = partials[0] + partials[1];
+  at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor dq = RowDelta(q_lora, slots, mask, b).view({H, d});
+    for (int64_t h = 0; h < H; ++h) {
+      want[b][h][0].copy_(Reference(
+          q[b][h][0].to(at::kCPU).to(at::kDouble) + dq[h], keys[b][h],
+          values[b][h], bias[b][0][0], lengths[static_cast<size_t>(b)]));
+    }
+  }
+  const double diff = RelDiff(got, want);
+  EXPECT_LE(diff, kernel ? 1e-5 : 1e-2);
+  std::printf("cross step through key lengths: vs double %.3g\n", diff);
+}
+
 }  // namespace
 }  // namespace lorahub::model
