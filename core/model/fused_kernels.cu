@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <initializer_list>
 
+#include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
 #include "core/model/vec16.cuh"
@@ -1192,23 +1193,6 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
 //    not read; a row of -1 reads it and scans it for its end as there.
 constexpr int kStageChunkBytes = 8192;
 
-// 16 bytes global -> shared by cp.async (L2 only), zeros where !valid (the
-// source is then not read).
-__device__ __forceinline__ void CopyAsync16(void* dst, const void* src,
-                                            bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-
-// 4 bytes global -> shared by cp.async, zero where !valid.
-__device__ __forceinline__ void CopyAsync4(void* dst, const void* src,
-                                           bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d),
-               "l"(src), "r"(valid ? 4 : 0));
-}
-
 template <typename E, int G, bool kSelf>
 __global__ void __launch_bounds__(kSplitThreads, 8)
     StagedStepAttentionKernel(AttentionArgs a, DecodeStepArgs step) {
@@ -1273,19 +1257,19 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
       const int64_t w = (i % G) * W;
       const E* k_src = valid ? k + block.k0 + j * a.k_stride[2] + w : k;
       const E* v_src = valid ? v + block.v0 + j * a.v_stride[2] + w : v;
-      CopyAsync16(&k_stage[i], k_src, valid);
-      CopyAsync16(&v_stage[i], v_src, valid);
+      CopyAsync<16>(&k_stage[i], k_src, valid);
+      CopyAsync<16>(&v_stage[i], v_src, valid);
     }
     if constexpr (kSelf) {
       const float* bias = static_cast<const float*>(a.bias);
       for (int i = threadIdx.x; i < kChunk; i += kSplitThreads) {
         const int64_t j = c0 + i;
-        CopyAsync4(&bias_stage[i],
-                   j < S ? bias + block.bias0 + j * a.bias_stride[3] : bias,
-                   j < S);
+        CopyAsync<4>(&bias_stage[i],
+                     j < S ? bias + block.bias0 + j * a.bias_stride[3] : bias,
+                     j < S);
       }
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    CopyAsyncCommit();
   };
   stage(0);
   // The per-row LoRA sums, as there.
@@ -1318,7 +1302,7 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
         __syncthreads();  // every warp is done with the last chunk
         stage(c0);
       }
-      asm volatile("cp.async.wait_all;\n" ::);
+      CopyAsyncWaitAll();
       __syncthreads();
     }
     float s[kAhead];
@@ -1342,7 +1326,7 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
     AddRounds<E>(s, vraw, top, m, l, acc);
   }
   // No copy may land after the block ends (S == 0 never waited).
-  asm volatile("cp.async.wait_all;\n" ::);
+  CopyAsyncWaitAll();
   MergeGroupsAndStore<G, W, kWarps>(a, block, lane, warp, part, m, l, acc,
                                     merged);
 }

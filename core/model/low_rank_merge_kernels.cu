@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
 
@@ -74,15 +75,13 @@ constexpr int kBStage = kMergeRows * kMaxRank / 4 / kMergeThreads;  // 2
 // lane), a lane's 4 values (fp32: the whole slot, bf16: its first half).
 constexpr int kWSlots = kMergeRows * 32;
 
-// 16 or 8 bytes global -> shared, zeros where !valid (src then unread).
-__device__ __forceinline__ void CopyAsync(void* dst, const void* src, bool bf16, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+// A lane's 4 values of w: 8 bytes of bf16 or 16 of fp32 (CopyAsync).
+__device__ __forceinline__ void CopyFourAsync(void* dst, const void* src, bool bf16,
+                                              bool valid) {
   if (bf16) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src),
-                 "r"(valid ? 8 : 0));
+    CopyAsync<8>(dst, src, valid);
   } else {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-                 "r"(valid ? 16 : 0));
+    CopyAsync<16>(dst, src, valid);
   }
 }
 
@@ -117,7 +116,7 @@ __device__ __forceinline__ void StageFactorsAsync(const LowRankMergeJob& job, in
     const int k = f / (kMergeCols / 4), c = 4 * (f % (kMergeCols / 4));
     if (k >= k_end) continue;
     const bool valid = k < job.rank && col0 + c < job.cols;
-    CopyAsync(&a_s[k][c], valid ? job.a + k * job.cols + col0 + c : job.a, false, valid);
+    CopyAsync<16>(&a_s[k][c], valid ? job.a + k * job.cols + col0 + c : job.a, valid);
   }
 #pragma unroll
   for (int u = 0; u < kBStage; ++u) {
@@ -125,7 +124,7 @@ __device__ __forceinline__ void StageFactorsAsync(const LowRankMergeJob& job, in
     const int row = f / b4, k = 4 * (f % b4);
     if (row >= kMergeRows) continue;
     const bool valid = row0 + row < job.rows && k < job.rank;
-    CopyAsync(&b_s[row][k], valid ? job.b + (row0 + row) * job.rank + k : job.b, false, valid);
+    CopyAsync<16>(&b_s[row][k], valid ? job.b + (row0 + row) * job.rank + k : job.b, valid);
   }
 }
 
@@ -171,7 +170,7 @@ __global__ void __launch_bounds__(kMergeThreads, 3)
           k < job.rank && row0 + row < job.rows ? job.b[(row0 + row) * job.rank + k] : 0.f;
     }
   }
-  asm volatile("cp.async.commit_group;\n" ::);  // a and b (if staged so)
+  CopyAsyncCommit();  // a and b (if staged so)
   // The tile of w into w_s, the last copy group (so that waiting for a and
   // b does not wait for it).
 #pragma unroll
@@ -180,13 +179,13 @@ __global__ void __launch_bounds__(kMergeThreads, 3)
     const bool valid = col_ok && row < job.rows;
     const int slot = (warp + kMergeWarps * i) * 32 + lane;
     const int64_t e = valid ? row * job.cols + col : 0;
-    CopyAsync(&w_s[slot],
+    CopyFourAsync(&w_s[slot],
               bf16 ? static_cast<const void*>(static_cast<const __nv_bfloat16*>(job.w) + e)
                    : static_cast<const void*>(static_cast<const float*>(job.w) + e),
               bf16, valid);
   }
-  asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 1;\n" ::);  // a and b landed, w may not have
+  CopyAsyncCommit();
+  CopyAsyncWait<1>();  // a and b landed, w may not have
   __syncthreads();
 
   float4 acc[kMergeRowsPerThread];
@@ -209,7 +208,7 @@ __global__ void __launch_bounds__(kMergeThreads, 3)
       }
     }
   }
-  asm volatile("cp.async.wait_all;\n" ::);  // this thread's own copies
+  CopyAsyncWaitAll();  // this thread's own copies
   if (!col_ok) return;
   const float s = job.scale;
 #pragma unroll
@@ -301,15 +300,15 @@ __global__ void __launch_bounds__(kMergeThreads, kBlocksPerSm)
 
   // Copy groups: the factors, then w (waited for before the epilogue).
   StageFactorsAsync(job, row0, col0, rank16, a_s, b_s);
-  asm volatile("cp.async.commit_group;\n" ::);
+  CopyAsyncCommit();
 #pragma unroll
   for (int i = 0; i < kMergeRowsPerThread; ++i) {
     const int row = warp + kMergeWarps * i;
     const bool valid = col_ok && row0 + row < job.rows;
-    CopyAsync(&w_s[row][4 * lane], valid ? w + (row0 + row) * job.cols + col : w, true, valid);
+    CopyAsync<8>(&w_s[row][4 * lane], valid ? w + (row0 + row) * job.cols + col : w, valid);
   }
-  asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 1;\n" ::);
+  CopyAsyncCommit();
+  CopyAsyncWait<1>();
   __syncthreads();
 
   const int g = lane >> 2, t = lane & 3;
@@ -337,7 +336,7 @@ __global__ void __launch_bounds__(kMergeThreads, kBlocksPerSm)
       MmaBf16(acc[n], fb.big, fa.big);
     }
   }
-  asm volatile("cp.async.wait_all;\n" ::);
+  CopyAsyncWaitAll();
   __syncthreads();  // every thread's w copies landed
   const float s = job.scale;
 #pragma unroll

@@ -26,6 +26,7 @@
 
 #include <cstdint>
 
+#include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
 
@@ -210,12 +211,6 @@ constexpr size_t MmaShrinkShared() {
   return sizeof(float) * kStages * (kK + 4) * (kMmaTokens + 16 * kNT);
 }
 
-__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool fill) {
-  const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-               "r"(fill ? 16 : 0));
-}
-
 // v = big + small + e: big keeps v's top 10 mantissa bits (truncated),
 // small the next 11 (v - big is exact; truncated too), |e| < 2^-21 |v|.
 // Why masks, not cvt.rna.tf32: conversions issue at a quarter of the rate
@@ -272,19 +267,19 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
     for (int i = threadIdx.x; i < kMmaTokens * kQuads; i += kRunThreads) {
       const int row = i / kQuads, q = i % kQuads;
       const bool in_run = row < valid;
-      CopyAsync16(&x_s[stage][row][4 * q],
-                  x + (in_run ? row : 0) * p.x_stride[1] + k0 + 4 * q, in_run);
+      CopyAsync<16>(&x_s[stage][row][4 * q],
+                    x + (in_run ? row : 0) * p.x_stride[1] + k0 + 4 * q, in_run);
     }
     for (int i = threadIdx.x; i < kRanks * kQuads; i += kRunThreads) {
       const int row = i / kQuads, q = i % kQuads;
-      CopyAsync16(&a_s[stage][row][4 * q], a + row * p.a_stride[1] + k0 + 4 * q,
-                  true);
+      CopyAsync<16>(&a_s[stage][row][4 * q], a + row * p.a_stride[1] + k0 + 4 * q,
+                    true);
     }
   };
 #pragma unroll
   for (int c = 0; c < kStages - 1; ++c) {
     if (c < chunks) load(c, c);
-    asm volatile("cp.async.commit_group;\n" ::);
+    CopyAsyncCommit();
   }
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -299,12 +294,12 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
   }
   for (int c = 0; c < chunks; ++c) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    CopyAsyncWait<kStages - 2>();
     __syncthreads();  // chunk c landed; every warp is done with chunk c - 1
     if (c + kStages - 1 < chunks) {
       load(c + kStages - 1, (c + kStages - 1) % kStages);
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    CopyAsyncCommit();
     if (!busy) continue;
     const int st = c % kStages;
 #pragma unroll
@@ -325,7 +320,7 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
       }
     }
   }
-  asm volatile("cp.async.wait_all;\n" ::);
+  CopyAsyncWaitAll();
   if (!busy) return;
   // xa_out: [slots, M, R], or [tokens, R] for packed runs.
   const int64_t out0 = (p.run_starts != nullptr ? 0 : s * p.M) + tok;

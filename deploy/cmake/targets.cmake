@@ -592,6 +592,7 @@ lorahub_cc_library(core_model_fused_ops
   CPU_SRCS
     ${SRC}/core/model/fused_ops_stub.cc
   CUDA_SRCS
+    ${SRC}/core/model/cp_async.cuh
     ${SRC}/core/model/fused_kernels.cu
     ${SRC}/core/model/fused_ops_cuda.cc
     ${SRC}/core/model/greedy_kernels.cu
