@@ -391,10 +391,13 @@ int LaunchTokenNll(const void* logits, int64_t rows, int64_t vocab,
 // `dtype` kFloat or kBFloat16 (else cudaErrorInvalidValue);
 // with `unfinished` (bool [rows], else null): next[r] = pad where
 // !unfinished[r], then unfinished[r] &= next[r] != eos, in place. All in
-// device memory. Returns the launch's error (0: none).
+// device memory, except host_next (may be null): host memory mapped into the
+// device's address space (its device pointer), written with next. Returns
+// the launch's error (0: none).
 int LaunchGreedyTokens(const void* logits, DType dtype, int64_t rows,
                        int64_t vocab, bool* unfinished, int64_t pad,
-                       int64_t eos, int64_t* next, void* stream);
+                       int64_t eos, int64_t* next, int64_t* host_next,
+                       void* stream);
 
 // Weighted sums of equally long vectors (weighted_sum_kernels.cu), for
 // fused_ops.h WeightedSums: for every job and element i < n,

@@ -377,13 +377,16 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 }
 
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
-                  int64_t pad, int64_t eos, at::Tensor* next) {
+                  int64_t pad, int64_t eos, at::Tensor* next,
+                  const GreedyInto& into, bool* host_written) {
+  if (host_written != nullptr) *host_written = false;
   static const bool off = EnvFlag("LORAHUB_NO_GREEDY_KERNEL");
   if (off || !logits.is_cuda() || !fused_backend::Compiled() || Disabled() ||
       Differentiable(logits)) {
     return false;
   }
-  return fused_backend::GreedyTokens(logits, unfinished, pad, eos, next);
+  return fused_backend::GreedyTokens(logits, unfinished, pad, eos, next, into,
+                                     host_written);
 }
 
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {

@@ -82,7 +82,8 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll);
 // fused_ops.h GreedyTokens: logits fp32 [B, V], unfinished bool [B] or null.
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
-                  int64_t pad, int64_t eos, at::Tensor* next);
+                  int64_t pad, int64_t eos, at::Tensor* next,
+                  const GreedyInto& into, bool* host_written);
 // fused_ops.h RunShrink: x [S, M, in], a [S, R, in], fp32.
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and

@@ -895,7 +895,8 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 }
 
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
-                  int64_t pad, int64_t eos, at::Tensor* next) {
+                  int64_t pad, int64_t eos, at::Tensor* next,
+                  const GreedyInto& into, bool* host_written) {
   if (logits.dim() != 2 ||
       (logits.scalar_type() != at::kFloat &&
        logits.scalar_type() != at::kBFloat16) ||
@@ -908,18 +909,43 @@ bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
        !unfinished->is_contiguous() || !OnDeviceOf(*unfinished, logits))) {
     return false;
   }
+  const int64_t B = logits.size(0);
+  const auto tokens_of = [&](const at::Tensor& t) {
+    return t.defined() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+           t.size(0) == B && t.is_contiguous();
+  };
+  if (into.device.defined() &&
+      (!tokens_of(into.device) || !OnDeviceOf(into.device, logits))) {
+    return false;
+  }
   c10::cuda::CUDAGuard device_guard(logits.device());
-  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  // The host buffer's address on the device, where it is mapped (pinned
+  // memory is, with unified addressing); else the caller copies.
+  int64_t* host_next = nullptr;
+  if (tokens_of(into.host) && into.host.device().is_cpu() &&
+      into.host.is_pinned()) {
+    void* mapped = nullptr;
+    if (cudaHostGetDevicePointer(&mapped, into.host.data_ptr(), 0) ==
+        cudaSuccess) {
+      host_next = static_cast<int64_t*>(mapped);
+    } else {
+      (void)cudaGetLastError();  // not sticky; clear it for later checks
+    }
+  }
+  at::Tensor out = into.device.defined()
+                       ? into.device
+                       : at::empty({B}, logits.options().dtype(at::kLong));
   const int err = kernels::LaunchGreedyTokens(
       logits.data_ptr(),
       logits.scalar_type() == at::kFloat ? kernels::DType::kFloat
                                          : kernels::DType::kBFloat16,
-      logits.size(0), logits.size(1),
+      B, logits.size(1),
       unfinished != nullptr ? unfinished->data_ptr<bool>() : nullptr, pad, eos,
-      out.data_ptr<int64_t>(), StreamOf(logits));
+      out.data_ptr<int64_t>(), host_next, StreamOf(logits));
   TORCH_CHECK(err == 0, "greedy tokens kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *next = out;
+  if (host_written != nullptr) *host_written = host_next != nullptr;
   return true;
 }
 

@@ -110,7 +110,7 @@ bool TokenNll(const at::Tensor&, const at::Tensor&, at::Tensor*) {
 }
 
 bool GreedyTokens(const at::Tensor&, at::Tensor*, int64_t, int64_t,
-                  at::Tensor*) {
+                  at::Tensor*, const GreedyInto&, bool*) {
   return false;
 }
 

@@ -7,6 +7,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -131,6 +132,12 @@ class StepDecoder {
     return DecodeStep(*w_, cache_, ids, rows_);
   }
 
+  // Where Step() reads its ids from without a copy (StaticDecoder
+  // IdsBuffer); undefined without a static decoder.
+  at::Tensor IdsBuffer() const {
+    return static_ != nullptr ? static_->IdsBuffer() : at::Tensor();
+  }
+
   // Beams of one input: self-attention caches only (in place for the
   // static decoder).
   absl::Status ReorderSelf(const at::Tensor& index) {
@@ -237,38 +244,57 @@ bool StepAheadOff() {
   return off;
 }
 
-// Step `step`'s tokens copied to the host without waiting for later work on
-// the stream: greedy decoding on CUDA queues step i + 1 (its input is step
-// i's tokens on the device) before it waits for step i's tokens. Why: with
-// a synchronous copy after each step the GPU idled while the host woke,
-// kept its books and launched the next step's graph (about 450 kernels)
-// (tenth session). The host buffer is pinned, so the copy is asynchronous,
-// and read before the next copy is queued.
+// Step `step`'s tokens to the host without waiting for later work on the
+// stream: greedy decoding on CUDA queues step i + 1 (its input is step i's
+// tokens on the device) before it waits for step i's tokens. Why: with a
+// synchronous copy after each step the GPU idled while the host woke, kept
+// its books and launched the next step's graph (about 450 kernels) (tenth
+// session). The host buffers are pinned: the greedy kernel writes a step's
+// tokens into Next() itself (GreedyInto::host), or Start copies them
+// asynchronously. Two buffers, used in turn: step i + 1's kernel, queued
+// before the host reads step i's tokens, writes the other one.
 class TokensToHost {
  public:
   explicit TokensToHost(const at::Tensor& like)
-      : host_(at::empty(like.sizes(), like.options()
-                                          .device(at::kCPU)
-                                          .pinned_memory(true))),
+      : host_{Pinned(like), Pinned(like)},
         event_(like.device().type()),
         stream_(c10::impl::VirtualGuardImpl(like.device().type())
                     .getStream(like.device())) {}
 
-  void Start(const at::Tensor& tokens) {
-    host_.copy_(tokens, /*non_blocking=*/true);
+  // Where the next Start's tokens go.
+  const at::Tensor& Next() const { return host_[next_]; }
+  // `written`: the stream's work so far writes Next() itself.
+  void Start(const at::Tensor& tokens, bool written) {
+    if (!written) host_[next_].copy_(tokens, /*non_blocking=*/true);
     event_.record(stream_);
+    last_ = next_;
+    next_ ^= 1;
   }
   // The tokens of the last Start, once they have arrived.
   const at::Tensor& Wait() {
     while (!event_.query()) std::this_thread::yield();
-    return host_;
+    return host_[last_];
   }
 
  private:
-  at::Tensor host_;
+  static at::Tensor Pinned(const at::Tensor& like) {
+    return at::empty(like.sizes(),
+                     like.options().device(at::kCPU).pinned_memory(true));
+  }
+  std::array<at::Tensor, 2> host_;
+  int next_ = 0;
+  int last_ = 0;
   c10::Event event_;
   c10::Stream stream_;
 };
+
+// True when LORAHUB_NO_DIRECT_TOKENS=1 keeps greedy decoding's tokens
+// copied between steps (device to decoder input, device to host) instead
+// of written there by the greedy kernel (GreedyInto; A/B). Read once.
+bool DirectTokensOff() {
+  static const bool off = EnvFlag("LORAHUB_NO_DIRECT_TOKENS");
+  return off;
+}
 
 absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
                                               const Prepared& p,
@@ -288,12 +314,19 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
                at::TensorOptions().dtype(at::kLong).device(w.device));
   at::Tensor unfinished = at::ones({B}, tokens.options().dtype(at::kBool));
   // One decode step on the device: its tokens (pad for finished rows).
+  // `host` (may be undefined): pinned memory for the tokens too, where
+  // *host_written says the kernel wrote it (GreedyInto).
   auto step_tokens_on_device =
-      [&](const at::Tensor& in) -> absl::StatusOr<at::Tensor> {
+      [&](const at::Tensor& in, const at::Tensor& host,
+          bool* host_written) -> absl::StatusOr<at::Tensor> {
+    *host_written = false;
     LH_ASSIGN_OR_RETURN(at::Tensor logits, decoder.Step(in));
     at::Tensor next;
-    if (!o.do_sample &&
-        GreedyTokens(logits, &unfinished, w.config.pad_token_id, eos, &next)) {
+    GreedyInto into;
+    if (!DirectTokensOff()) into = {decoder.IdsBuffer(), host};
+    if (!o.do_sample && GreedyTokens(logits, &unfinished,
+                                     w.config.pad_token_id, eos, &next, into,
+                                     host_written)) {
       return next;
     }
     at::Tensor scores = logits.to(at::kFloat);
@@ -332,21 +365,25 @@ absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
     return true;
   };
   const bool ahead = !o.do_sample && w.device.is_cuda() && !StepAheadOff();
+  bool written = false;  // by the step's greedy kernel, into to_host.Next()
   if (!ahead) {
     for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-      LH_ASSIGN_OR_RETURN(tokens, step_tokens_on_device(tokens));
+      LH_ASSIGN_OR_RETURN(tokens,
+                          step_tokens_on_device(tokens, at::Tensor(), &written));
       // The one sync of this step.
       if (!keep_going(step, tokens.cpu())) break;
     }
     return result;
   }
   TokensToHost to_host(tokens);
-  LH_ASSIGN_OR_RETURN(tokens, step_tokens_on_device(tokens));
+  LH_ASSIGN_OR_RETURN(tokens,
+                      step_tokens_on_device(tokens, to_host.Next(), &written));
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    to_host.Start(tokens);
+    to_host.Start(tokens, written);
     at::Tensor next;  // step + 1's, queued before waiting for step's
     if (step + 1 < o.max_new_tokens) {
-      LH_ASSIGN_OR_RETURN(next, step_tokens_on_device(tokens));
+      LH_ASSIGN_OR_RETURN(
+          next, step_tokens_on_device(tokens, to_host.Next(), &written));
     }
     // The one wait of this step; a step queued past the end is discarded.
     if (!keep_going(step, to_host.Wait())) break;

@@ -73,12 +73,14 @@ __device__ __forceinline__ Best BlockBest(Best best) {
 static_assert(kGreedyWarps == 32, "BlockBest: one warp's best per lane");
 
 // Row blockIdx.x of logits [rows, V] (fp32 or bf16): its argmax, then where
-// unfinished is given, pad for a finished row and unfinished &= token != eos.
+// unfinished is given, pad for a finished row and unfinished &= token != eos;
+// the token into next and, where given, host_next (mapped host memory).
 template <typename E>
 __global__ void __launch_bounds__(kGreedyThreads)
     GreedyTokensKernel(const E* __restrict__ logits, int64_t V,
                        bool* unfinished, int64_t pad, int64_t eos,
-                       int64_t* __restrict__ next) {
+                       int64_t* __restrict__ next,
+                       int64_t* __restrict__ host_next) {
   constexpr int W = Vec16<E>::kWidth;
   const int64_t row = blockIdx.x;
   const E* x = logits + row * V;
@@ -108,13 +110,15 @@ __global__ void __launch_bounds__(kGreedyThreads)
     unfinished[row] = unfinished[row] && token != eos;
   }
   next[row] = token;
+  if (host_next != nullptr) host_next[row] = token;
 }
 
 }  // namespace
 
 int LaunchGreedyTokens(const void* logits, DType dtype, int64_t rows,
                        int64_t vocab, bool* unfinished, int64_t pad,
-                       int64_t eos, int64_t* next, void* stream) {
+                       int64_t eos, int64_t* next, int64_t* host_next,
+                       void* stream) {
   if (rows < 1 || rows > 0x7fffffff || vocab < 1 || logits == nullptr ||
       next == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
@@ -125,12 +129,12 @@ int LaunchGreedyTokens(const void* logits, DType dtype, int64_t rows,
     case DType::kFloat:
       GreedyTokensKernel<<<grid, kGreedyThreads, 0, s>>>(
           static_cast<const float*>(logits), vocab, unfinished, pad, eos,
-          next);
+          next, host_next);
       break;
     case DType::kBFloat16:
       GreedyTokensKernel<<<grid, kGreedyThreads, 0, s>>>(
           static_cast<const __nv_bfloat16*>(logits), vocab, unfinished, pad,
-          eos, next);
+          eos, next, host_next);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);

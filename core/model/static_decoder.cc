@@ -562,7 +562,7 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
   absl::Status s = CheckIndex(ids, batch_, "ids");
   if (!s.ok()) return s;
   try {
-    tokens_.copy_(ids);
+    if (!ids.is_same(tokens_)) tokens_.copy_(ids);
     if (needs_capture_) {
       needs_capture_ = false;
       if (!w_->device.is_cuda()) {

@@ -125,6 +125,11 @@ class StaticDecoder {
   // InvalidArgument for ids of the wrong dtype or shape.
   absl::StatusOr<at::Tensor> Step(const at::Tensor& ids);
 
+  // The buffer Step() reads its ids from ([B] int64 on the device): ids
+  // written here by the stream's last work before Step(ids = this buffer)
+  // are not copied again (greedy decoding's tokens, GreedyInto::device).
+  const at::Tensor& IdsBuffer() const { return tokens_; }
+
   // Row slots only (else FailedPrecondition). Enlarges the capacity and/or
   // the encoder length to at least the given ones, the running rows kept
   // (their states copied; new encoder positions masked). Drops the graph

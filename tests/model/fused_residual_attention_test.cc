@@ -328,7 +328,29 @@ TEST(GreedyTokensTest, IsArgmaxWithTheFinishedRows) {
       EXPECT_FALSE(GreedyTokens(x.t(), nullptr, 0, 0, &untouched));
       at::Tensor wrong_rows = unfinished.narrow(0, 0, B - 1);
       EXPECT_FALSE(GreedyTokens(x, &wrong_rows, 0, 0, &untouched));
+      // A device buffer of the wrong shape: refused, nothing written.
+      const GreedyInto short_into{
+          at::zeros({B - 1}, x.options().dtype(at::kLong)), at::Tensor()};
+      EXPECT_FALSE(
+          GreedyTokens(x, nullptr, 0, 0, &untouched, short_into, nullptr));
       EXPECT_FALSE(untouched.defined());
+      // Into a device buffer (returned as the tokens) and pinned host
+      // memory the kernel writes itself: the same tokens in both.
+      const GreedyInto into{
+          at::full({B}, -1, x.options().dtype(at::kLong)),
+          at::full({B}, -1, at::TensorOptions().dtype(at::kLong))
+              .pin_memory()};
+      bool host_written = false;
+      at::Tensor direct;
+      ASSERT_TRUE(
+          GreedyTokens(x, nullptr, kPad, kEos, &direct, into, &host_written));
+      EXPECT_TRUE(direct.is_same(into.device));
+      // A blocking copy: the stream has passed the kernel afterwards.
+      EXPECT_TRUE(at::equal(direct.to(at::kCPU), want_argmax));
+      EXPECT_TRUE(host_written);  // pinned memory is mapped on CUDA hosts
+      if (host_written) {
+        EXPECT_TRUE(at::equal(into.host, want_argmax)) << into.host;
+      }
     }
   }
 }
