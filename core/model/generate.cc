@@ -260,11 +260,25 @@ class TokensToHost {
         event_(like.device().type()),
         stream_(c10::impl::VirtualGuardImpl(like.device().type())
                     .getStream(like.device())) {}
+  // A kernel handed Next() and not yet Started (a step queued past the end)
+  // may still write it: its memory goes back to the pinned pool only once
+  // the stream has passed that kernel.
+  ~TokensToHost() {
+    if (!handed_) return;
+    event_.record(stream_);
+    while (!event_.query()) std::this_thread::yield();
+  }
+  TokensToHost(const TokensToHost&) = delete;
+  TokensToHost& operator=(const TokensToHost&) = delete;
 
-  // Where the next Start's tokens go.
-  const at::Tensor& Next() const { return host_[next_]; }
+  // Where the next Start's tokens go, for a kernel to write.
+  const at::Tensor& Next() {
+    handed_ = true;
+    return host_[next_];
+  }
   // `written`: the stream's work so far writes Next() itself.
   void Start(const at::Tensor& tokens, bool written) {
+    handed_ = false;
     if (!written) host_[next_].copy_(tokens, /*non_blocking=*/true);
     event_.record(stream_);
     last_ = next_;
@@ -284,6 +298,7 @@ class TokensToHost {
   std::array<at::Tensor, 2> host_;
   int next_ = 0;
   int last_ = 0;
+  bool handed_ = false;
   c10::Event event_;
   c10::Stream stream_;
 };
