@@ -910,22 +910,18 @@ bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
     return false;
   }
   const int64_t B = logits.size(0);
-  const auto tokens_of = [&](const at::Tensor& t) {
-    return t.defined() && t.scalar_type() == at::kLong && t.dim() == 1 &&
-           t.size(0) == B && t.is_contiguous();
-  };
-  if (into.device.defined() &&
-      (!tokens_of(into.device) || !OnDeviceOf(into.device, logits))) {
-    return false;
-  }
+  // int64 [B] contiguous on the logits' device, as row slots are.
+  if (into.device.defined() && !SlotsFit(into.device, logits, B)) return false;
   c10::cuda::CUDAGuard device_guard(logits.device());
   // The host buffer's address on the device, where it is mapped (pinned
   // memory is, with unified addressing); else the caller copies.
   int64_t* host_next = nullptr;
-  if (tokens_of(into.host) && into.host.device().is_cpu() &&
-      into.host.is_pinned()) {
+  const at::Tensor& host = into.host;
+  if (host.defined() && host.device().is_cpu() &&
+      host.scalar_type() == at::kLong && host.dim() == 1 &&
+      host.size(0) == B && host.is_contiguous() && host.is_pinned()) {
     void* mapped = nullptr;
-    if (cudaHostGetDevicePointer(&mapped, into.host.data_ptr(), 0) ==
+    if (cudaHostGetDevicePointer(&mapped, host.data_ptr(), 0) ==
         cudaSuccess) {
       host_next = static_cast<int64_t*>(mapped);
     } else {
