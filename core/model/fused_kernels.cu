@@ -58,6 +58,23 @@ __device__ __forceinline__ float BlockSum(float v) {
   return warp_sums[0];
 }
 
+// BlockSum with one barrier where it had two: every thread sums the eight
+// warp totals itself, in the order BlockSum's second shuffle tree sums them
+// (lanes 8-31 add zeros; then lanes 4, 2, 1 apart), so the total is bit for
+// bit BlockSum's. Why: the norms wait on this sum, and BlockSum's second
+// stage (warp 0's shuffles, a second barrier, a shared read) is a chain of
+// dependent steps before any thread can go on. Once per kernel only: a
+// second call could overwrite the totals while a slow warp still reads them.
+__device__ __forceinline__ float BlockSumOnce(float v) {
+  static_assert(kNormThreads == 256, "eight warp totals");
+  __shared__ float warp_sums[kNormThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  const float* w = warp_sums;
+  return ((w[0] + w[4]) + (w[2] + w[6])) + ((w[1] + w[5]) + (w[3] + w[7]));
+}
+
 // The largest value over the block; every thread gets it. Its own shared
 // array, so that it may run right before BlockSum.
 __device__ __forceinline__ float BlockMax(float v) {
@@ -119,7 +136,7 @@ __global__ void __launch_bounds__(kNormThreads)
     const float v = x[base + i];
     sum_sq += v * v;
   }
-  const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
+  const float inv = rsqrtf(BlockSumOnce(sum_sq) / static_cast<float>(dim) + eps);
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
     const float o = ToFloat(weight[i]) * (x[base + i] * inv);
     full[base + i] = o;
@@ -371,7 +388,7 @@ __global__ void __launch_bounds__(kNormThreads)
         sum_sq += v[u] * v[u];
       }
     }
-    const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
+    const float inv = rsqrtf(BlockSumOnce(sum_sq) / static_cast<float>(dim) + eps);
 #pragma unroll
     for (int u = 0; u < kHeld; ++u) {
       const int64_t i = threadIdx.x + u * kNormThreads;
@@ -389,7 +406,7 @@ __global__ void __launch_bounds__(kNormThreads)
       sum[base + i] = v;
       sum_sq += v * v;
     }
-    const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
+    const float inv = rsqrtf(BlockSumOnce(sum_sq) / static_cast<float>(dim) + eps);
     for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
       const float o = ToFloat(weight[i]) * (sum[base + i] * inv);
       if (full != nullptr) full[base + i] = o;
@@ -958,33 +975,110 @@ __device__ __forceinline__ void AddRounds(const float (&s)[kAhead],
   m = top;
 }
 
-// Row b's per-row LoRA sums of q's (lora_sum[0]) and the new value's
-// (lora_sum[1]) outputs of head h, one output per thread (a head's factors
-// are 2 KB per site: loaded once per block, not once per lane), exchanged
-// through shared memory: the caller synchronises before reading them.
-__device__ __forceinline__ void FormRowLoraSums(
-    const DecodeStepArgs& step, int64_t b, int64_t slot, int64_t h,
-    int64_t D, float (&lora_sum)[2][kMaxAttentionHead]) {
-  for (int64_t i = threadIdx.x; i < 2 * D; i += kSplitThreads) {
-    const bool is_v = i >= D;
-    const int64_t d = is_v ? i - D : i;
-    const AttentionRowLora& site = is_v ? step.v_lora : step.q_lora;
-    lora_sum[is_v][d] =
-        site.xa != nullptr ? RowLoraSum(site, b, slot, h * D + d) : 0.f;
-  }
-}
-
-// x += scale * mask * the sum (W values from `sum`), as LoraExpandKernel
-// forms y + scale * mask * sum.
-template <int W>
-__device__ __forceinline__ void AddRowLora(const DecodeStepArgs& step,
-                                           const AttentionRowLora& site,
-                                           int64_t slot, float row_scale,
-                                           const float* sum, float (&x)[W]) {
+// The factor that row b's LoRA sums at `site` take (AttentionRowLora):
+// its adapter's scale times the row's mask value where there is a mask, as
+// LoraExpandKernel forms it.
+__device__ __forceinline__ float RowLoraScale(const DecodeStepArgs& step,
+                                              const AttentionRowLora& site,
+                                              int64_t slot, float row_scale) {
   float s = site.scale[slot * site.scale_stride];
   if (step.mask != nullptr) s *= row_scale;
+  return s;
+}
+
+// Row b's per-row LoRA sums of q's (lora_sum[0]) and the new value's
+// (lora_sum[1]) outputs of head h, one output per thread (a head's factors
+// are 2 KB per site: loaded once per block, not once per lane), and the
+// sites' RowLoraScale (lora_scale; loaded here, where its latency overlaps
+// the sums', not after the barrier), exchanged through shared memory: the
+// caller synchronises before reading them. Uniform over the block (a
+// barrier inside).
+//
+// kAhead, heads of up to kSplitThreads / 2 and ranks up to 8 *
+// kRowLoraWords (the decode steps' shapes): each thread's factor words are
+// all loaded first,
+// and the row's xa (the same for every thread of a site) is staged once in
+// shared memory while they are in flight; the same sums in the same order
+// as RowLoraSum's. Why: RowLoraSum's loop of unknown trip count issued a
+// word's loads only after the last word's sum, so a rank-16 site waited out
+// two memory latencies, one after the other, and every thread held xa in
+// registers. (SplitKeyAttentionKernel's fp32 instantiations spilled with
+// it: they keep the loop.)
+constexpr int kRowLoraWords = 2;  // 16-byte words of 8 bf16 ranks
+template <bool kAhead>
+__device__ __forceinline__ void FormRowLoraSums(
+    const DecodeStepArgs& step, int64_t b, int64_t slot, float row_scale,
+    int64_t h, int64_t D, float (&lora_sum)[2][kMaxAttentionHead],
+    float (&lora_scale)[2]) {
+  const int64_t r = step.q_lora.xa != nullptr ? step.q_lora.r : step.v_lora.r;
+  const bool same_rank = step.q_lora.xa == nullptr ||
+                         step.v_lora.xa == nullptr ||
+                         step.q_lora.r == step.v_lora.r;
+  if (!kAhead || step.row_lora_loop || 2 * D > kSplitThreads ||
+      r > 8 * kRowLoraWords || !same_rank) {
+    for (int64_t i = threadIdx.x; i < 2 * D; i += kSplitThreads) {
+      const bool is_v = i >= D;
+      const int64_t d = is_v ? i - D : i;
+      const AttentionRowLora& site = is_v ? step.v_lora : step.q_lora;
+      lora_sum[is_v][d] =
+          site.xa != nullptr ? RowLoraSum(site, b, slot, h * D + d) : 0.f;
+      if (d == 0 && site.xa != nullptr) {
+        lora_scale[is_v] = RowLoraScale(step, site, slot, row_scale);
+      }
+    }
+    return;
+  }
+  __shared__ float4 xa_shared[2][2 * kRowLoraWords];  // [site][float4]
+  const int i = threadIdx.x;
+  const bool is_v = i >= D;
+  const int d = is_v ? i - static_cast<int>(D) : i;
+  const AttentionRowLora& site = is_v ? step.v_lora : step.q_lora;
+  const bool active = i < 2 * D && site.xa != nullptr;
+  const int words = static_cast<int>(r / 8);
+  uint4 w[kRowLoraWords];
+  if (active) {
+    const uint4* __restrict__ row = reinterpret_cast<const uint4*>(
+        static_cast<const __nv_bfloat16*>(site.w) + slot * site.w_stride[0] +
+        (h * D + d) * site.w_stride[1]);
 #pragma unroll
-  for (int e = 0; e < W; ++e) x[e] += s * sum[e];
+    for (int c = 0; c < kRowLoraWords; ++c) {
+      if (c < words) w[c] = row[c];
+    }
+  }
+  // Every load is issued before the first store that waits for one.
+  const int q = i % (2 * kRowLoraWords);  // one float4 of one site's xa each
+  const AttentionRowLora& from = i < 2 * kRowLoraWords ? step.q_lora : step.v_lora;
+  const bool stage_xa =
+      i < 2 * 2 * kRowLoraWords && from.xa != nullptr && q < 2 * words;
+  float4 xa4;
+  if (stage_xa) {
+    xa4 = *reinterpret_cast<const float4*>(from.xa + b * from.xa_row_stride +
+                                           4 * q);
+  }
+  const bool scale_here = active && d == 0;
+  const float scale = scale_here ? RowLoraScale(step, site, slot, row_scale) : 0.f;
+  if (stage_xa) xa_shared[i / (2 * kRowLoraWords)][q] = xa4;
+  if (scale_here) lora_scale[is_v] = scale;
+  __syncthreads();
+  if (i >= 2 * D) return;
+  float acc = 0.f;
+  if (active) {
+    const float* xs = reinterpret_cast<const float*>(xa_shared[is_v]);
+#pragma unroll
+    for (int c = 0; c < kRowLoraWords; ++c) {
+      if (c < words) acc += WordDotShared<__nv_bfloat16>(w[c], xs + 8 * c);
+    }
+  }
+  lora_sum[is_v][d] = acc;
+}
+
+// x += scale * the sum (W values from `sum`; `scale`: RowLoraScale), as
+// LoraExpandKernel forms y + scale * mask * sum.
+template <int W>
+__device__ __forceinline__ void AddRowLora(float scale, const float* sum,
+                                           float (&x)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) x[e] += scale * sum[e];
 }
 
 // Row b's position t (clamped into the cache: the host keeps t below the
@@ -1120,21 +1214,19 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
     }
     const bool q_lora = step.q_lora.xa != nullptr;
     const bool v_lora = step.v_lora.xa != nullptr;
-    if (q_lora || v_lora) FormRowLoraSums(step, b, slot, h, a.D, lora_sum);
+    __shared__ float lora_scale[2];
+    if (q_lora || v_lora) {
+      FormRowLoraSums<false>(step, b, slot, row_scale, h, a.D, lora_sum,
+                             lora_scale);
+    }
     LoadFloatParts(static_cast<const float*>(a.q) + q0 + part * W, step.parts,
                    step.part_stride, qv);
     if (q_lora || v_lora) __syncthreads();  // uniform over the block
-    if (q_lora) {
-      AddRowLora(step, step.q_lora, slot, row_scale, lora_sum[0] + part * W,
-                 qv);
-    }
+    if (q_lora) AddRowLora(lora_scale[0], lora_sum[0] + part * W, qv);
     if (step.k_new != nullptr) {
       float kn[W], vn[W];
       const int64_t t_new = LoadNewKeyValue<E>(a, step, b, h, part, kn, vn);
-      if (v_lora) {
-        AddRowLora(step, step.v_lora, slot, row_scale, lora_sum[1] + part * W,
-                   vn);
-      }
+      if (v_lora) AddRowLora(lora_scale[1], lora_sum[1] + part * W, vn);
       TakeNewKeyValue<E, G>(a, block, t_new, lane, warp, part, qv, kn, vn, m,
                             l, acc);
       S = t_new;  // the keys before it
@@ -1215,6 +1307,7 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   __shared__ float bias_stage[kSelf ? kChunk : 1];
   __shared__ float merged[kWarps][2 + G * W];
   __shared__ float lora_sum[2][kMaxAttentionHead];
+  __shared__ float lora_scale[2];
   const E* __restrict__ k = static_cast<const E*>(a.k);
   const E* __restrict__ v = static_cast<const E*>(a.v);
   const int lane = threadIdx.x & 31;
@@ -1274,16 +1367,13 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   stage(0);
   // The per-row LoRA sums, as there.
   if (q_lora || v_lora) {
-    FormRowLoraSums(step, b, slot, block.h, a.D, lora_sum);
+    // Heads of D = G * W: the loads-ahead path where it can run at all.
+    FormRowLoraSums<2 * G * W <= kSplitThreads>(step, b, slot, row_scale,
+                                                block.h, a.D, lora_sum,
+                                                lora_scale);
     __syncthreads();
-    if (q_lora) {
-      AddRowLora(step, step.q_lora, slot, row_scale, lora_sum[0] + part * W,
-                 qv);
-    }
-    if (v_lora) {
-      AddRowLora(step, step.v_lora, slot, row_scale, lora_sum[1] + part * W,
-                 vn);
-    }
+    if (q_lora) AddRowLora(lora_scale[0], lora_sum[0] + part * W, qv);
+    if (v_lora) AddRowLora(lora_scale[1], lora_sum[1] + part * W, vn);
   }
   float m = -INFINITY;  // this group's running max, sum and values
   float l = 0.f;
@@ -1944,15 +2034,19 @@ __global__ void __launch_bounds__(kNormThreads)
 
 // AddRmsNormKernel's pass for row b and LoraShrinkKernel's (kVec) of its
 // output, in one kernel (fused_kernels.h LaunchAddRmsNormShrink). Grid and
-// warps as LoraShrinkKernel's: every block of row b computes the row's norm
-// (the same arithmetic in the same order as AddRmsNormKernel's register
-// path) into shared memory, where the shrink reads x; block 0 of the row
-// also writes sum, full and rounded. The factor loads are issued first, so
-// that their latency overlaps the norm. xa is bit for bit LoraShrinkKernel's
-// of `full`.
+// warps as LoraShrinkKernel's but for kRpw ranks per warp: every block of
+// row b computes the row's norm (the same arithmetic in the same order as
+// AddRmsNormKernel's register path) into shared memory, where the shrink
+// reads x; block 0 of the row also writes sum, full and rounded. The factor
+// loads are issued first, so that their latency overlaps the norm. xa is
+// bit for bit LoraShrinkKernel's of `full` (each rank's sum the same, in
+// the same order, whatever kRpw).
 // kParts > 0 (kHeld 4): rows of exactly kHeld * kNormThreads values and a
 // delta of kParts parts (NormSpecialParts, LoadHeldDeltaOf).
-template <typename E, int kHeld, int kParts = 0>
+// kRpw > 1 (kParts > 0 only): each warp takes kRpw ranks, so a row's
+// blocks, each recomputing the norm, are kRpw times fewer
+// (ShrinkRanksPerWarp).
+template <typename E, int kHeld, int kParts = 0, int kRpw = 1>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormShrinkKernel(AddNormShrinkArgs p) {
   constexpr bool kExact = kParts > 0;
@@ -1961,17 +2055,22 @@ __global__ void __launch_bounds__(kNormThreads)
   const LoraShrinkArgs& a = p.shrink;
   constexpr int kWarps = kNormThreads / 32;
   const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t c0 =
+      (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * kRpw;
   const int64_t b = blockIdx.y;
-  const bool active = c < a.R;
-  const E* __restrict__ row =
-      static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0] +
-      (active ? c : 0) * a.a_stride[1];
   const int64_t dim = kExact ? int64_t{kHeld * kNormThreads} : a.in;
   const int64_t words = dim / Vec16<E>::kWidth;
-  const uint4* row16 = reinterpret_cast<const uint4*>(row);
-  uint4 ahead[kShrinkAhead<E>];
-  LoadRowAhead(row16, words, active, lane, ahead);
+  const E* __restrict__ slot_a =
+      static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0];
+  const uint4* row16[kRpw];
+  uint4 ahead[kRpw][kShrinkAhead<E>];
+#pragma unroll
+  for (int r = 0; r < kRpw; ++r) {
+    const bool active = c0 + r < a.R;
+    row16[r] = reinterpret_cast<const uint4*>(
+        slot_a + (active ? c0 + r : 0) * a.a_stride[1]);
+    LoadRowAhead(row16[r], words, active, lane, ahead[r]);
+  }
   const int64_t base = b * dim;
   // The row's x, delta and weight, each dtype switched once per row so that
   // all loads are in flight together (a switch per element made each add
@@ -1993,7 +2092,7 @@ __global__ void __launch_bounds__(kNormThreads)
     const int64_t i = threadIdx.x + u * kNormThreads;
     if (kExact || i < dim) sum_sq += v[u] * v[u];
   }
-  const float inv = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + p.eps);
+  const float inv = rsqrtf(BlockSumOnce(sum_sq) / static_cast<float>(dim) + p.eps);
   const bool writer = blockIdx.x == 0;
 #pragma unroll
   for (int u = 0; u < kHeld; ++u) {
@@ -2011,10 +2110,22 @@ __global__ void __launch_bounds__(kNormThreads)
     }
   }
   __syncthreads();
-  if (!active) return;  // whole warps; no block barrier below
-  float s = RowDotPart<E>(row16, words, lane, ahead, x_shared);
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane == 0) a.out[b * a.R + c] = s;
+  if (c0 >= a.R) return;  // whole warps; no block barrier below
+  float s[kRpw];
+#pragma unroll
+  for (int r = 0; r < kRpw; ++r) {
+    s[r] = RowDotPart<E>(row16[r], words, lane, ahead[r], x_shared);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+    for (int r = 0; r < kRpw; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], off);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRpw; ++r) {
+      if (c0 + r < a.R) a.out[b * a.R + c0 + r] = s[r];
+    }
+  }
 }
 
 // NarrowGemm (fused_kernels.h). A block computes kNarrowRows rows x 32
@@ -2535,13 +2646,16 @@ int LaunchDecodeStepAttention(const AttentionArgs& args,
   AttentionArgs a = args;
   a.q_dtype = DType::kFloat;
   if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
+  static const bool row_lora_loop = EnvSwitch("LORAHUB_ROW_LORA_LOOP");
+  DecodeStepArgs st = step;
+  st.row_lora_loop = row_lora_loop;
   const auto grid = static_cast<unsigned>(blocks);
   auto s = static_cast<cudaStream_t>(stream);
   switch (a.qkv_dtype) {
     case DType::kFloat:
-      return LaunchStepFor<float>(a, step, grid, s);
+      return LaunchStepFor<float>(a, st, grid, s);
     case DType::kBFloat16:
-      return LaunchStepFor<__nv_bfloat16>(a, step, grid, s);
+      return LaunchStepFor<__nv_bfloat16>(a, st, grid, s);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -2867,6 +2981,23 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+// Ranks per warp of the specialised norm+shrink kernels (kRpw): 2 where
+// the rank count fills the warps (R a multiple of 16), else 1;
+// LORAHUB_SHRINK_RPW=1|4 (read once; A/B) for 1 or 4. Why: each block of a
+// row recomputes the row's norm before its shrink, and 2 ranks per warp
+// halve those blocks. H200, a per-row decode step of 64 rows (thirty-ninth
+// session): q|v (32 ranks) 4.38 -> 4.11 us, cross q (16) 3.77 -> 3.49 us;
+// 4 ranks per warp (one block per row) 4.29 us, its 216 registers a block
+// held an SM alone. The same sums in the same order: xa is the same.
+int ShrinkRanksPerWarp(int64_t R) {
+  static const int rpw = [] {
+    const char* v = std::getenv("LORAHUB_SHRINK_RPW");
+    const int n = v == nullptr ? 2 : std::atoi(v);
+    return n == 1 || n == 4 ? n : 2;
+  }();
+  return R % (8 * rpw) == 0 ? rpw : 1;
+}
+
 bool AddRmsNormShrinkFits(const AddNormShrinkArgs& p) {
   const LoraShrinkArgs& a = p.shrink;
   int width = 0;
@@ -2907,6 +3038,24 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
   const dim3 grid(static_cast<unsigned>((p.shrink.R + kWarps - 1) / kWarps),
                   static_cast<unsigned>(p.shrink.B));
   auto s = static_cast<cudaStream_t>(stream);
+  const int rpw = ShrinkRanksPerWarp(p.shrink.R);
+  const dim3 rpw_grid(
+      static_cast<unsigned>((p.shrink.R + kWarps * rpw - 1) / (kWarps * rpw)),
+      static_cast<unsigned>(p.shrink.B));
+  // The specialised kernel of `parts` parts with `rpw` ranks per warp.
+  const auto launch_special = [&](auto rpw1, auto rpw2, auto rpw4) {
+    switch (rpw) {
+      case 2:
+        rpw2<<<rpw_grid, kNormThreads, 0, s>>>(p);
+        break;
+      case 4:
+        rpw4<<<rpw_grid, kNormThreads, 0, s>>>(p);
+        break;
+      default:
+        rpw1<<<grid, kNormThreads, 0, s>>>(p);
+    }
+    return static_cast<int>(cudaGetLastError());
+  };
   const bool four = NormHeldFor(p.shrink.in) == 4;
   const auto launch = [&](auto held4, auto held8) {
     if (four) {
@@ -2920,16 +3069,20 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
   const int parts = p.shrink.a_dtype == DType::kBFloat16
                         ? NormSpecialParts(p.delta, p.shrink.in)
                         : 0;
+  using Bf16 = __nv_bfloat16;
   switch (parts) {
     case 1:
-      AddRmsNormShrinkKernel<__nv_bfloat16, 4, 1><<<grid, kNormThreads, 0, s>>>(p);
-      return static_cast<int>(cudaGetLastError());
+      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 1, 1>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 1, 2>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 1, 4>);
     case 2:
-      AddRmsNormShrinkKernel<__nv_bfloat16, 4, 2><<<grid, kNormThreads, 0, s>>>(p);
-      return static_cast<int>(cudaGetLastError());
+      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 2, 1>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 2, 2>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 2, 4>);
     case 4:
-      AddRmsNormShrinkKernel<__nv_bfloat16, 4, 4><<<grid, kNormThreads, 0, s>>>(p);
-      return static_cast<int>(cudaGetLastError());
+      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 4, 1>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 4, 2>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 4, 4>);
     default:
       break;
   }

@@ -167,6 +167,10 @@ struct DecodeStepArgs {
   // A self-attention step (k_new) of an fp32 cache with an fp32 bias: the
   // keys and values before t go through shared memory the same way.
   bool stage_self = false;
+  // Set by LaunchDecodeStepAttention, not by callers: the per-row LoRA sums
+  // through the loop of earlier builds (LORAHUB_ROW_LORA_LOOP=1, an A/B
+  // switch; the same sums).
+  bool row_lora_loop = false;
 };
 int LaunchDecodeStepAttention(const AttentionArgs& attn,
                               const DecodeStepArgs& step, void* stream);

@@ -282,6 +282,40 @@ TEST(LoraRowGemvTest, NormWithShrinkWithoutDeltaEqualsRmsNormThenShrink) {
   }
 }
 
+// The decode steps' shape (bf16, 1,024 wide, a delta of 4 split-K partials)
+// with 8 to 64 ranks: the specialised kernel's ranks per warp
+// (ShrinkRanksPerWarp: 2 where the ranks fill the warps, one block per row
+// for 16, two for 32, ...; 1 for 8 and 24; LORAHUB_SHRINK_RPW=1|4 for the
+// others) give xa bit for bit LoraRowShrink's of the norm. On the CPU it
+// declines.
+TEST(LoraRowGemvTest, NormWithShrinkOfManyRanksEqualsNormThenShrink) {
+  at::manual_seed(28);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  constexpr int64_t in = 1024, parts = 4;
+  const at::Tensor x = at::randn({kRows, 1, in}, F32());
+  const at::Tensor delta = at::randn({parts, kRows, 1, in}, F32());
+  const at::Tensor weight = (at::rand({in}, F32()) + 0.5).to(at::kBFloat16);
+  const at::Tensor slots =
+      at::tensor(std::vector<int64_t>{2, 0, 3, 3, 1, 0, 2}, at::kLong).to(Device());
+  const AddNormOutput want = AddRmsNorm(x, delta, weight, 1e-6, at::kBFloat16);
+  for (int64_t ranks : {8, 16, 24, 32, 64}) {
+    const at::Tensor a =
+        (at::randn({kSlots, ranks, in}, F32()) * 0.3).to(at::kBFloat16);
+    AddNormOutput got;
+    at::Tensor xa;
+    const bool ran = AddRmsNormShrink(x, delta, weight, 1e-6, at::kBFloat16, a,
+                                      slots, &got, &xa);
+    EXPECT_EQ(ran, cuda) << ranks;
+    if (!ran) continue;
+    EXPECT_TRUE(at::equal(got.sum, want.sum)) << ranks;
+    EXPECT_TRUE(at::equal(got.norm.full, want.norm.full)) << ranks;
+    ASSERT_EQ(xa.sizes(), (std::vector<int64_t>{kRows, ranks}));
+    EXPECT_TRUE(at::equal(
+        xa, LoraRowShrink(want.norm.full.view({kRows, in}), a, slots)))
+        << ranks;
+  }
+}
+
 // The fused norm declines what its kernel does not take (rows wider than
 // 2048, factors of another width, a row count the slots do not match).
 TEST(LoraRowGemvTest, NormWithShrinkDeclinesBadShapes) {
