@@ -996,10 +996,9 @@ __device__ __forceinline__ float RowLoraScale(const DecodeStepArgs& step,
 //
 // kAhead, heads of up to kSplitThreads / 2 and ranks up to 8 *
 // kRowLoraWords (the decode steps' shapes): each thread's factor words are
-// all loaded first,
-// and the row's xa (the same for every thread of a site) is staged once in
-// shared memory while they are in flight; the same sums in the same order
-// as RowLoraSum's. Why: RowLoraSum's loop of unknown trip count issued a
+// all loaded first, and the row's xa (the same for every thread of a site)
+// is staged once in shared memory while they are in flight; the same sums
+// in the same order as RowLoraSum's. Why: RowLoraSum's loop of unknown trip count issued a
 // word's loads only after the last word's sum, so a rank-16 site waited out
 // two memory latencies, one after the other, and every thread held xa in
 // registers. (SplitKeyAttentionKernel's fp32 instantiations spilled with
@@ -3051,8 +3050,8 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
       case 4:
         rpw4<<<rpw_grid, kNormThreads, 0, s>>>(p);
         break;
-      default:
-        rpw1<<<grid, kNormThreads, 0, s>>>(p);
+      default:  // rpw_grid is grid
+        rpw1<<<rpw_grid, kNormThreads, 0, s>>>(p);
     }
     return static_cast<int>(cudaGetLastError());
   };
