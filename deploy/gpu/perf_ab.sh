@@ -19,7 +19,8 @@
 # SERVE_ONLY=1: step 7 alone, in the least device time (about 150 s on an H200 host): builds only
 # the server and client, no tests, no bench; the caller's environment reaches the server and
 # client (e.g. SERVE_ONLY=1 WEIGHT_JITTER=1 SERVE_REQUESTS=1024 SERVE_JOBS=1).
-# Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout.
+# Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout
+# and, as it is printed, to $OUT/progress.log (with each run's JSON in $OUT: they survive a kill).
 #
 #   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
 #     bash deploy/gpu/perf_ab.sh
@@ -32,6 +33,11 @@ cd "$(dirname "$0")/../.." || exit 2
 work=/tmp/perf_ab
 rm -rf "$work" && mkdir -p "$work"
 trap 'mkdir -p "${OUT:-.gpu/logs}" && tar -C "$work" -czf "${OUT:-.gpu/logs}/perf.tgz" .' EXIT
+# What this prints also goes to $OUT/progress.log line by line, and each bench's JSON to $OUT as
+# it ends: a call killed at its time limit (no EXIT trap, so no perf.tgz) still brings back how
+# far it got (thirty-ninth session: a call cut at the device budget's end returned nothing).
+mkdir -p "${OUT:-.gpu/logs}"
+exec > >(tee -a "${OUT:-.gpu/logs}/progress.log") 2>&1
 start=$SECONDS
 stamp() { echo "== $*  [$((SECONDS - start)) s]"; }
 fx=${FIXTURE:-/tmp/lorahub_large}
@@ -87,6 +93,7 @@ bench() {
     --examples "$fx/examples.jsonl" --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 \
     --reps "${REPS:-10}" --cmaes-budget 256 --population 64 --gen-batch 64 --gen-tokens 32 \
     ${flags[@]+"${flags[@]}"} --json >"$work/$tag.json" 2>"$work/$tag.err" || echo "FAILED: bench $tag"
+  cp "$work/$tag.json" "${OUT:-.gpu/logs}/" 2>/dev/null
   python3 - "$work/$tag.json" <<'PY'
 import json, sys
 try:
