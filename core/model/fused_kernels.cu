@@ -2990,8 +2990,7 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
 // held an SM alone. The same sums in the same order: xa is the same.
 int ShrinkRanksPerWarp(int64_t R) {
   static const int rpw = [] {
-    const char* v = std::getenv("LORAHUB_SHRINK_RPW");
-    const int n = v == nullptr ? 2 : std::atoi(v);
+    const int n = EnvChoice("LORAHUB_SHRINK_RPW");
     return n == 1 || n == 4 ? n : 2;
   }();
   return R % (8 * rpw) == 0 ? rpw : 1;
