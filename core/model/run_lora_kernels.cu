@@ -35,10 +35,16 @@ namespace {
 
 constexpr int kRunThreads = 256;
 constexpr int kRunWarps = kRunThreads / 32;
-// Tokens per block: the shrink's 16-token tiles (half the factor reads
-// from L2, 2 blocks per SM instead of 3) measured the same (H200: 22.6
-// against 22.7 us per population encoder call).
+// Tokens per shrink block: 8, or 16 where the grid still fills every SM
+// twice at 16 (ShrinkTokens). Every block reads its group's factor rows
+// from L2 for its tokens alone, so 16-token tiles halve those reads: a
+// per-row prefill's shrinks (64 prompts, q|v, R = 32: 82 MB of factor
+// reads from L2 for 16 MB of x at 8 tokens; the cross values' R = 384:
+// 983 MB) were bound by them. The sums are the same at either tile (each
+// (token, rank) sums the same lane partials through the same butterfly).
+// LORAHUB_RUN_SHRINK_TOKENS=8: 8-token tiles throughout (A/B; read once).
 constexpr int kRunShrinkTokens = 8;
+constexpr int kRunShrinkTokensWide = 16;
 // Tokens per expand block: 32 (rank <= 16). Why: each block reads its
 // columns' B factors from L2, 16 KB for r = 16, against 32 KB of outputs
 // read and written at 16 tokens (64 KB at 32); H200, one CMA-ES
@@ -103,16 +109,17 @@ __device__ __forceinline__ Tile BlockTile(const RunLoraArgs& p) {
   return {s, static_cast<int>(left < kT ? left : kT), first + m0};
 }
 
-// The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and
-// kRunShrinkTokens tokens per block; kRpw ranks per warp, the block's
+// The shrink: xa[s, m, :] = x[s, m, :] a[s]^T for one slot and kT
+// tokens per block; kRpw ranks per warp, the block's
 // kRunWarps * kRpw ranks the group blockIdx.y of R (one group but for
 // LaunchRunShrinkGroups). The tile of x is staged in shared memory; each
 // lane sums the tokens x its warp's ranks over k = 4 (lane + 32 j) + 0..3,
 // then a butterfly over the lanes.
-template <int kRpw>
-__global__ void __launch_bounds__(kRunThreads, 3)
+// 3 blocks per SM at 8 tokens; 2 at 16 (their kT * kRpw sums per thread
+// spilled under 3, at 2 ranks per warp as at 4).
+template <int kRpw, int kT>
+__global__ void __launch_bounds__(kRunThreads, kT <= 8 ? 3 : 2)
     RunShrinkKernel(RunLoraArgs p, float* __restrict__ xa_out) {
-  constexpr int kT = kRunShrinkTokens;
   extern __shared__ float4 smem4[];
   float4* x4 = smem4;  // [kT, in / 4]
   const auto [s, valid, tok] = BlockTile<kT>(p);
@@ -417,25 +424,54 @@ int64_t SharedLimit(int* device) {
   return limits == nullptr ? -1 : limits->shared_optin;
 }
 
-size_t ShrinkShared(const RunLoraArgs& p) {
-  return static_cast<size_t>(kRunShrinkTokens * p.in * 4);
+// A shrink block of `tokens` tokens (the Fits checks: the smaller tile).
+size_t ShrinkShared(const RunLoraArgs& p, int tokens = kRunShrinkTokens) {
+  return static_cast<size_t>(tokens * p.in * 4);
 }
 // An expand block of `tokens` tokens (RunLoraFits: the larger tile).
 size_t ExpandShared(const RunLoraArgs& p, int tokens = kRunExpandTokens) {
   return static_cast<size_t>(tokens * p.R * 4);
 }
 
+template <int kRpw, int kT>
+int LaunchShrinkOf(const RunLoraArgs& p, int device, int64_t limit,
+                   cudaStream_t stream) {
+  const size_t shared = ShrinkShared(p, kT);
+  const int err = OptInShared<RunShrinkKernel<kRpw, kT>>(shared, device, limit);
+  if (err != 0) return err;
+  const int64_t tiles = (p.M + kT - 1) / kT;
+  const dim3 grid(static_cast<unsigned>(p.slots * tiles),
+                  static_cast<unsigned>(p.R / (kRunWarps * kRpw)));
+  RunShrinkKernel<kRpw, kT><<<grid, kRunThreads, shared, stream>>>(p, p.xa_buffer);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// The shrink's tokens per block for these arguments: the wide tile where
+// its blocks still number two per SM (a population's 15-token decoder
+// runs, 12 blocks at 16 tokens, would run latency-bound) and its staged x
+// fits, else 8.
+int ShrinkTokens(const RunLoraArgs& p, int rpw, int64_t limit) {
+  static const bool narrow =
+      EnvChoice("LORAHUB_RUN_SHRINK_TOKENS") == kRunShrinkTokens;
+  int device = 0;
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
+  if (narrow || limits == nullptr ||
+      static_cast<int64_t>(ShrinkShared(p, kRunShrinkTokensWide)) > limit) {
+    return kRunShrinkTokens;
+  }
+  const int64_t tiles =
+      (p.M + kRunShrinkTokensWide - 1) / kRunShrinkTokensWide;
+  const int64_t blocks = p.slots * tiles * (p.R / (kRunWarps * rpw));
+  return blocks >= 2 * static_cast<int64_t>(limits->sms) ? kRunShrinkTokensWide
+                                                         : kRunShrinkTokens;
+}
+
 template <int kRpw>
 int LaunchShrink(const RunLoraArgs& p, int device, int64_t limit,
                  cudaStream_t stream) {
-  const size_t shared = ShrinkShared(p);
-  const int err = OptInShared<RunShrinkKernel<kRpw>>(shared, device, limit);
-  if (err != 0) return err;
-  const int64_t tiles = (p.M + kRunShrinkTokens - 1) / kRunShrinkTokens;
-  const dim3 grid(static_cast<unsigned>(p.slots * tiles),
-                  static_cast<unsigned>(p.R / (kRunWarps * kRpw)));
-  RunShrinkKernel<kRpw><<<grid, kRunThreads, shared, stream>>>(p, p.xa_buffer);
-  return static_cast<int>(cudaGetLastError());
+  return ShrinkTokens(p, kRpw, limit) == kRunShrinkTokensWide
+             ? LaunchShrinkOf<kRpw, kRunShrinkTokensWide>(p, device, limit, stream)
+             : LaunchShrinkOf<kRpw, kRunShrinkTokens>(p, device, limit, stream);
 }
 
 // The tensor-core shrink where it applies: K in whole staged chunks, 16,

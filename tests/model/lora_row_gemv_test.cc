@@ -672,6 +672,45 @@ TEST(LoraRunDeltasTest, PackedShrinkOnceEqualsShrinkPerGroup) {
   EXPECT_TRUE(at::equal(y_once, kept));
 }
 
+// The FMA shrink takes 16-token tiles where they still number two blocks
+// per SM (a per-row prefill's 64 prompts), 8-token tiles where not: the
+// same sums either way. 64 runs of 1 to 75 tokens and 32 ranks at
+// flan-t5's width (320 blocks of 16 tokens: the wide tiles on an H200)
+// against their first 3 runs alone (8-token tiles): those runs' xa bit for
+// bit equal, and both near double. Elsewhere the shrink declines.
+TEST(LoraRunDeltasTest, PackedShrinkWideTilesEqualNarrow) {
+  at::manual_seed(36);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  constexpr int64_t kRuns = 64, kFew = 3, kLongest = 75, kR = 32;
+  std::vector<int32_t> starts = {0};
+  for (int64_t i = 0; i < kRuns; ++i) {
+    starts.push_back(starts.back() +
+                     static_cast<int32_t>(i == 2 ? kLongest : i * 29 % 70 + 1));
+  }
+  const int64_t N = starts.back(), few_n = starts[kFew];
+  const at::Tensor x = at::randn({1, N, 1024}, F32());
+  const at::Tensor a = at::randn({kRuns, kR, 1024}, F32()) * 0.1;
+  const at::Tensor all_starts = at::tensor(starts, at::kInt).to(Device());
+  const std::vector<int32_t> first(starts.begin(), starts.begin() + kFew + 1);
+  const at::Tensor few_starts = at::tensor(first, at::kInt).to(Device());
+  const at::Tensor xa_all = LoraPackedRunShrink(x, a, all_starts, kLongest);
+  const at::Tensor xa_few = LoraPackedRunShrink(
+      x.narrow(1, 0, few_n), a.narrow(0, 0, kFew), few_starts, kLongest);
+  ASSERT_EQ(xa_all.defined(), cuda);
+  ASSERT_EQ(xa_few.defined(), cuda);
+  if (!cuda) return;
+  EXPECT_TRUE(at::equal(xa_all.narrow(1, 0, few_n), xa_few));
+  const at::Tensor x_cpu = x.to(at::kCPU).to(at::kDouble);
+  const at::Tensor a_cpu = a.to(at::kCPU).to(at::kDouble);
+  for (int64_t s = 0; s < kRuns; s += 9) {
+    const int64_t len = starts[s + 1] - starts[s];
+    const at::Tensor want =
+        at::matmul(x_cpu.narrow(1, starts[s], len), a_cpu[s].transpose(0, 1));
+    EXPECT_LE(RelDiff(xa_all.narrow(1, starts[s], len), want), 1e-5)
+        << "run " << s;
+  }
+}
+
 // RunShrink (the tensor-core shrink alone) against double on the CPU: 384
 // ranks in 6 groups of 64 (the query side's cross v down-projection; 70
 // tokens: a partial 64-token tile), 16 and 32 ranks, a strided x (a column
