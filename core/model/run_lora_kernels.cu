@@ -29,18 +29,18 @@
 #include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
+#include "core/model/vec16.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
 
 constexpr int kRunThreads = 256;
 constexpr int kRunWarps = kRunThreads / 32;
-// Tokens per shrink block: 8, or 16 where the grid still fills every SM
-// twice at 16 (ShrinkTokens). Every block reads its group's factor rows
-// from L2 for its tokens alone, so 16-token tiles halve those reads: a
-// per-row prefill's shrinks (64 prompts, q|v, R = 32: 82 MB of factor
-// reads from L2 for 16 MB of x at 8 tokens; the cross values' R = 384:
-// 983 MB) were bound by them. The sums are the same at either tile (each
+// Tokens per shrink block: 8, or 16 for many rank groups on a grid that
+// still fills every SM twice at 16 (ShrinkTokens). Every block reads its
+// group's factor rows from L2 for its tokens alone, so 16-token tiles
+// halve those reads (a per-row prefill's cross values, 384 ranks: about
+// 1 GB from L2 at 8 tokens). The sums are the same at either tile (each
 // (token, rank) sums the same lane partials through the same butterfly).
 // LORAHUB_RUN_SHRINK_TOKENS=8: 8-token tiles throughout (A/B; read once).
 constexpr int kRunShrinkTokens = 8;
@@ -52,10 +52,6 @@ constexpr int kRunShrinkTokensWide = 16;
 // earlier tile (A/B; read once).
 constexpr int kRunExpandTokens = 32;
 constexpr int kRunExpandTokensEarlier = 16;
-
-__device__ __forceinline__ float Dot4(const float4& a, const float4& b) {
-  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-}
 
 // Butterfly reduce-scatter of V per-lane values over the warp's lanes,
 // lanes kOff, kOff / 2, ..., 1 apart: while a lane holds more than one
@@ -446,10 +442,13 @@ int LaunchShrinkOf(const RunLoraArgs& p, int device, int64_t limit,
   return static_cast<int>(cudaGetLastError());
 }
 
-// The shrink's tokens per block for these arguments: the wide tile where
-// its blocks still number two per SM (a population's 15-token decoder
-// runs, 12 blocks at 16 tokens, would run latency-bound) and its staged x
-// fits, else 8.
+// The shrink's tokens per block for these arguments: the wide tile for
+// several groups of ranks whose blocks still number two per SM at 16
+// tokens (a population's 15-token decoder runs, 12 blocks at 16 tokens,
+// would run latency-bound) and whose staged x fits, else 8. H200, a
+// per-row prefill of 64 prompts (Kineto, fortieth session): the cross
+// values' shrink (12 groups) 98.2 -> 90.5 us at 16 tokens, the q|v shrink
+// (one group) 14.55 -> 14.90 us, so one group keeps 8.
 int ShrinkTokens(const RunLoraArgs& p, int rpw, int64_t limit) {
   static const bool narrow =
       EnvChoice("LORAHUB_RUN_SHRINK_TOKENS") == kRunShrinkTokens;
@@ -461,9 +460,10 @@ int ShrinkTokens(const RunLoraArgs& p, int rpw, int64_t limit) {
   }
   const int64_t tiles =
       (p.M + kRunShrinkTokensWide - 1) / kRunShrinkTokensWide;
-  const int64_t blocks = p.slots * tiles * (p.R / (kRunWarps * rpw));
-  return blocks >= 2 * static_cast<int64_t>(limits->sms) ? kRunShrinkTokensWide
-                                                         : kRunShrinkTokens;
+  const int64_t groups = p.R / (kRunWarps * rpw);
+  return groups > 1 && p.slots * tiles * groups >= 2 * static_cast<int64_t>(limits->sms)
+             ? kRunShrinkTokensWide
+             : kRunShrinkTokens;
 }
 
 template <int kRpw>

@@ -607,6 +607,93 @@ TEST(PackedAttentionTest, EachRowAttendsToItself) {
   }
 }
 
+// PackedAttentionRunLora (the attention kernel adds the per-row LoRA
+// expands of q and v as it stages them) against LoraPackedRunExpand into
+// the fused projection first and then PackedAttention: bit for bit the
+// same context, the projection itself not written. 16 heads of 64
+// (flan-t5's), rank 16: rows of 1 to 80 tokens, a row per slot (one
+// 80-query tile a row), and rows of up to 128 in runs of 3 rows per slot
+// (48-query tiles: keys beyond a tile's queries). Off CUDA, for bf16 q, k,
+// v, and for fewer heads than SMs (8-row blocks), it declines.
+TEST(PackedAttentionTest, RunLoraEqualsExpandFirst) {
+  at::manual_seed(13);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  struct Shape {
+    std::vector<int64_t> lengths;
+    int64_t rows_per_slot;
+  };
+  constexpr int64_t kH = 16, kIn = 96, kR = 16, kD = 64, inner = kH * kD;
+  for (const Shape& sh :
+       {Shape{{40, 7, 80, 33, 1, 64, 50, 12, 79}, 1},
+        Shape{{128, 3, 90, 41, 33, 77, 12, 100, 64}, 3}}) {
+    const int64_t B = static_cast<int64_t>(sh.lengths.size());
+    const int64_t slots = B / sh.rows_per_slot;
+    std::vector<int64_t> starts = {0};
+    int64_t L = 0;
+    for (int64_t len : sh.lengths) {
+      starts.push_back(starts.back() + len);
+      L = std::max(L, len);
+    }
+    std::vector<int32_t> run_starts;
+    int64_t longest_run = 0;
+    for (int64_t b = 0; b <= B; b += sh.rows_per_slot) {
+      run_starts.push_back(static_cast<int32_t>(starts[b]));
+      if (b > 0) longest_run = std::max(longest_run, starts[b] - starts[b - sh.rows_per_slot]);
+    }
+    const int64_t N = starts.back();
+    const at::Tensor y = at::randn({1, N, 3 * inner}, F32()) * 0.5;
+    const at::Tensor x = at::randn({1, N, kIn}, F32());
+    const at::Tensor a = at::randn({slots, 2 * kR, kIn}, F32()) * 0.2;
+    const LoraRunSite q_site{at::randn({slots, inner, kR}, F32()) * 0.2, 0};
+    const LoraRunSite v_site{at::randn({slots, inner, kR}, F32()) * 0.2,
+                             2 * inner};
+    constexpr double kScale = 1.5;
+    const at::Tensor bias = at::randn({1, kH, L, L}, F32()) * 2.0;
+    const at::Tensor dev_starts =
+        at::tensor(std::vector<int32_t>(starts.begin(), starts.end()), at::kInt)
+            .to(Device());
+    const at::Tensor dev_runs = at::tensor(run_starts, at::kInt).to(Device());
+    const auto heads = [&](const at::Tensor& t, int64_t part) {
+      return t.narrow(-1, part * inner, inner).view({1, N, kH, kD}).transpose(1, 2);
+    };
+    const std::string where = std::to_string(sh.rows_per_slot) + " rows a slot";
+    const at::Tensor xa = LoraPackedRunShrink(x, a, dev_runs, longest_run);
+    ASSERT_EQ(xa.defined(), cuda) << where;
+    PackedRunLora lora;
+    lora.xa = cuda ? xa : at::zeros({1, N, 2 * kR}, F32());
+    lora.q_rank0 = 0;
+    lora.v_rank0 = kR;
+    lora.q = q_site;
+    lora.v = v_site;
+    lora.scale = kScale;
+    lora.rows_per_slot = sh.rows_per_slot;
+    const at::Tensor y_before = y.clone();
+    const at::Tensor got =
+        PackedAttentionRunLora(heads(y, 0), heads(y, 1), heads(y, 2), bias,
+                               dev_starts, at::kFloat, lora);
+    EXPECT_TRUE(at::equal(y, y_before)) << where << ": projection written";
+    // bf16 attention: declined.
+    EXPECT_FALSE(PackedAttentionRunLora(
+                     heads(y, 0).to(at::kBFloat16), heads(y, 1).to(at::kBFloat16),
+                     heads(y, 2).to(at::kBFloat16), bias, dev_starts,
+                     at::kBFloat16, lora)
+                     .defined())
+        << where;
+    ASSERT_EQ(got.defined(), cuda) << where;
+    if (!cuda) continue;
+    const at::Tensor expanded = y.clone();
+    ASSERT_TRUE(LoraPackedRunExpand(expanded, xa, {q_site, v_site}, kScale,
+                                    dev_runs, longest_run))
+        << where;
+    const at::Tensor want =
+        PackedAttention(heads(expanded, 0), heads(expanded, 1),
+                        heads(expanded, 2), bias, dev_starts, starts, at::kFloat);
+    ASSERT_EQ(got.sizes(), want.sizes()) << where;
+    EXPECT_TRUE(at::equal(got, want)) << where << ": max diff "
+                                      << (got - want).abs().max().item<double>();
+  }
+}
+
 // The cross-attention of a population pass's teacher-forced decoder: a few
 // queries of many rows and heads (1,024 and more) over the encoder's keys,
 // with padding.

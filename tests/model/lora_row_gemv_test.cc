@@ -672,16 +672,17 @@ TEST(LoraRunDeltasTest, PackedShrinkOnceEqualsShrinkPerGroup) {
   EXPECT_TRUE(at::equal(y_once, kept));
 }
 
-// The FMA shrink takes 16-token tiles where they still number two blocks
-// per SM (a per-row prefill's 64 prompts), 8-token tiles where not: the
-// same sums either way. 64 runs of 1 to 75 tokens and 32 ranks at
-// flan-t5's width (320 blocks of 16 tokens: the wide tiles on an H200)
-// against their first 3 runs alone (8-token tiles): those runs' xa bit for
-// bit equal, and both near double. Elsewhere the shrink declines.
+// The FMA shrink takes 16-token tiles for several rank groups where they
+// still number two blocks per SM (a per-row prefill's cross values),
+// 8-token tiles where not: the same sums either way. 64 runs of 1 to 75
+// tokens and 64 ranks (2 groups) at flan-t5's width (640 blocks of 16
+// tokens: the wide tiles on an H200) against their first 3 runs alone
+// (8-token tiles): those runs' xa bit for bit equal, and both near double.
+// Elsewhere the shrink declines.
 TEST(LoraRunDeltasTest, PackedShrinkWideTilesEqualNarrow) {
   at::manual_seed(36);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
-  constexpr int64_t kRuns = 64, kFew = 3, kLongest = 75, kR = 32;
+  constexpr int64_t kRuns = 64, kFew = 3, kLongest = 75, kR = 64;
   std::vector<int32_t> starts = {0};
   for (int64_t i = 0; i < kRuns; ++i) {
     starts.push_back(starts.back() +
