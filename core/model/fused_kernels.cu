@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
-#include <type_traits>
 
 #include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
@@ -1697,99 +1696,10 @@ __host__ __device__ constexpr int RegTiledSharedFloats(int tq, int tk) {
   return (qk > p ? qk : p) + tk * kRegTiledD;
 }
 
-// AttentionRunLora in shared memory after the values: both sites' factor
-// rows of the block's head ([2][D][kRunLoraLd]: r <= 16 ranks, padded so
-// that the 16 lanes of a query row read theirs on distinct bank quads),
-// then the ranks of the tile's queries and of every key ([TQ + TK][16]).
-constexpr int kRunLoraLd = 20;
-constexpr int kRunLoraXaLd = 16;
-__host__ __device__ constexpr int RegTiledRunLoraFloats(int tq, int tk) {
-  return 2 * kRegTiledD * kRunLoraLd + (tq + tk) * kRunLoraXaLd;
-}
-
-// Copies a block's AttentionRunLora factors and ranks (above) into b_s and
-// x_s, zeros past r and for keys past S, by cp.async: nothing held in
-// registers, in flight beside the staging of q, k and v; each thread
-// waits for its own before the staging barrier. Query rows past the tile's
-// last query repeat its ranks, as the staged queries repeat it.
-template <int TQ, int TK, int kThreads>
-__device__ __forceinline__ void CopyRunLora(const AttentionRunLora& l,
-                                            int64_t slot, int64_t h,
-                                            int64_t first, int t_begin,
-                                            int t_last, int S, float* b_s,
-                                            float* x_s) {
-  const int r4 = static_cast<int>(l.r) >> 2;
-  constexpr int kFactorWords = 2 * kRegTiledD * 4;  // (site, column, word)
-  for (int i = threadIdx.x; i < kFactorWords; i += kThreads) {
-    const int site = i >> 8;  // / (kRegTiledD * 4)
-    const int col = (i >> 2) & (kRegTiledD - 1);
-    const int w = i & 3;
-    const float* b = (site == 0 ? l.b_q : l.b_v) + slot * l.b_stride[0] +
-                     (h * kRegTiledD + col) * l.b_stride[1] + 4 * w;
-    CopyAsync<16>(b_s + (site * kRegTiledD + col) * kRunLoraLd + 4 * w,
-                  w < r4 ? b : l.b_q, w < r4);
-  }
-  for (int i = threadIdx.x; i < (TQ + TK) * 4; i += kThreads) {
-    const int row = i >> 2;
-    const int w = i & 3;
-    const bool query = row < TQ;
-    const int j = query ? min(t_begin + row, t_last) : row - TQ;
-    const bool valid = w < r4 && (query || j < S);
-    const float* xa = l.xa + (first + j) * l.xa_stride +
-                      (query ? l.q_rank0 : l.v_rank0) + 4 * w;
-    CopyAsync<16>(x_s + row * kRunLoraXaLd + 4 * w, valid ? xa : l.xa, valid);
-  }
-}
-
-// Adds AttentionRunLora's deltas to the q and v elements this thread
-// staged (kQpt query and kKn value words of 4 columns, rows from
-// threadIdx.x / 16), reading b_s and x_s after the staging barrier: for
-// each column, sum += Dot4(xa word, factor word) over the rank words, then
-// y += scale * sum, as RunExpandKernel adds them. Keys past S stay zero.
-template <int kQpt, int kKn, int kThreads, int TQ>
-__device__ __forceinline__ void AddRunLora(const AttentionRunLora& l,
-                                           const float* b_s, const float* x_s,
-                                           float* qs, float* vs, int S) {
-  const int r4 = static_cast<int>(l.r) >> 2;
-  const float scale = l.scale;
-  const int c = (threadIdx.x & 15) * 4;
-#pragma unroll
-  for (int site = 0; site < 2; ++site) {
-    constexpr int kRowsMax = kQpt > kKn ? kQpt : kKn;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float4 bv[4];
-      const float* brow = b_s + (site * kRegTiledD + c + e) * kRunLoraLd;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        if (w < r4) bv[w] = *reinterpret_cast<const float4*>(brow + 4 * w);
-      }
-#pragma unroll
-      for (int n = 0; n < kRowsMax; ++n) {
-        if (n >= (site == 0 ? kQpt : kKn)) break;
-        const int row = (threadIdx.x + n * kThreads) >> 4;
-        if (site == 1 && row >= S) continue;
-        float* y = site == 0 ? qs + row * kRegTiledLd + c + e
-                             : vs + row * kRegTiledD + c + e;
-        const float* xs = x_s + (site == 0 ? row : TQ + row) * kRunLoraXaLd;
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          if (w < r4) sum += Dot4(*reinterpret_cast<const float4*>(xs + 4 * w), bv[w]);
-        }
-        *y += scale * sum;
-      }
-    }
-  }
-}
-
 // kTy: 16 (256 threads, 2 blocks per SM) or 8 (128 threads, 4 per SM).
-// kRunLora: `lora`'s deltas added to q and v once staged (LaunchTiled-
-// AttentionRunLora; fp32 only); otherwise `lora` is not read.
-template <typename E, int kQpt, int kKpt, int kTy, bool kRunLora = false>
+template <typename E, int kQpt, int kKpt, int kTy>
 __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
-    RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec,
-                                 AttentionRunLora lora) {
+    RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec) {
   constexpr int kThreads = 16 * kTy;
   constexpr int TQ = kTy * kQpt;
   constexpr int TK = 16 * kKpt;
@@ -1827,14 +1737,6 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
                             h * a.v_stride[1] + first * a.v_stride[2];
   const int tx = threadIdx.x & 15;
   const int ty = threadIdx.x >> 4;
-  float* lora_b = vs + TK * kRegTiledD;  // kRunLora: RegTiledRunLoraFloats
-  float* lora_x = lora_b + 2 * kRegTiledD * kRunLoraLd;
-  if constexpr (kRunLora) {
-    // An int division: a 64-bit one is a call (attention kernels spilled).
-    const int slot = static_cast<int>(b) / static_cast<int>(lora.rows_per_slot);
-    CopyRunLora<TQ, TK, kThreads>(lora, slot, h, first, t_begin, t_last, S,
-                                  lora_b, lora_x);
-  }
 
   // Staging: the block's loads in flight before its stores. Element i of
   // a [rows, 16] grid of float4s is row i / 16, columns 4 (i % 16)..; each
@@ -1906,12 +1808,7 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
   }
   if (kValuesLate) load_values();
   store_values();
-  if constexpr (kRunLora) CopyAsyncWaitAll();
   __syncthreads();
-  if constexpr (kRunLora) {
-    AddRunLora<kQpt, kKn, kThreads, TQ>(lora, lora_b, lora_x, qs, vs, S);
-    __syncthreads();
-  }
 
 #pragma unroll 2
   for (int d = 0; d < kRegTiledD; d += 4) {
@@ -2840,7 +2737,6 @@ struct TiledLaunch {
   int64_t limit = 0;    // its opt-in shared memory (TiledSharedLimit)
   bool ahead = false;   // TiledAttentionKernel's kAhead
   cudaStream_t stream = nullptr;
-  const AttentionRunLora* lora = nullptr;  // the register-tiled fp32 kernel only
 };
 
 template <typename E, int kKpl, bool kAhead>
@@ -2922,33 +2818,17 @@ int RegTiledQueriesPerThread(const AttentionArgs& a, int ty, int sms) {
   return rows(3) < rows(5) ? 3 : 5;
 }
 
-template <typename E, int kQpt, int kKpt, int kTy, bool kRunLora>
-int LaunchRegTiledOf(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
-  constexpr int kTq = kTy * kQpt, kTk = 16 * kKpt;
-  const size_t shared =
-      (RegTiledSharedFloats(kTq, kTk) + (kRunLora ? RegTiledRunLoraFloats(kTq, kTk) : 0)) *
-      sizeof(float);
-  if (static_cast<int64_t>(shared) > l.limit) return -1;
-  constexpr auto kernel = &RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy, kRunLora>;
-  const int err = OptInShared<kernel>(shared, l.device, l.limit);
-  if (err != 0) return err;
-  const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kTy, kQpt));
-  kernel<<<grid, 16 * kTy, shared, l.stream>>>(
-      a, q_vec, kRunLora ? *l.lora : AttentionRunLora());
-  return LastError();
-}
-
-// With l.lora, the fp32 kernel that adds its deltas, in 16-row blocks only
-// (-1 otherwise): the grids of many heads (a prefill's prompts), where that
-// kernel holds everything in registers (in 8-row blocks of 80 and more keys
-// it spilled 112-332 bytes).
 template <typename E, int kQpt, int kKpt, int kTy>
 int LaunchRegTiledVariant(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
-  if (l.lora == nullptr) return LaunchRegTiledOf<E, kQpt, kKpt, kTy, false>(a, l, q_vec);
-  if constexpr (std::is_same_v<E, float> && kTy == 16) {
-    return LaunchRegTiledOf<E, kQpt, kKpt, kTy, true>(a, l, q_vec);
-  }
-  return -1;
+  const size_t shared = RegTiledSharedFloats(kTy * kQpt, 16 * kKpt) * sizeof(float);
+  if (static_cast<int64_t>(shared) > l.limit) return -1;
+  const int err = OptInShared<RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>>(
+      shared, l.device, l.limit);
+  if (err != 0) return err;
+  const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kTy, kQpt));
+  RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>
+      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec);
+  return LastError();
 }
 
 template <typename E, int kQpt, int kTy>
@@ -3006,12 +2886,7 @@ bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv) {
          TiledAttentionShared(S, D) <= TiledSharedLimit(limits);
 }
 
-namespace {
-
-// LaunchTiledAttention, with `lora` (LaunchTiledAttentionRunLora, checked
-// there) the register-tiled fp32 kernel only.
-int LaunchTiled(const AttentionArgs& args, const AttentionRunLora* lora,
-                void* stream) {
+int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   if (args.B * args.H * args.T == 0) return 0;
   if (args.B < 0 || args.H < 0 || args.T < 0 || args.T > 0x7fffffff ||
       !TiledAttentionFits(args.S, args.D, args.Dv) ||
@@ -3039,13 +2914,10 @@ int LaunchTiled(const AttentionArgs& args, const AttentionRunLora* lora,
   const int64_t bytes = a.qkv_dtype == DType::kFloat ? 4 : 2;
   l.vec = Tiled4Aligned(a.k, a.k_stride, bytes) &&
           Tiled4Aligned(a.v, a.v_stride, bytes);
-  l.lora = lora;
   const int reg_tiled = LaunchRegisterTiled(a, l, limits->sms);
   if (reg_tiled != -1) return reg_tiled;
-  // Packed rows and run deltas: the register-tiled kernel only.
-  if (a.seq_starts != nullptr || lora != nullptr) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
+  // Packed rows: the register-tiled kernel only.
+  if (a.seq_starts != nullptr) return static_cast<int>(cudaErrorInvalidValue);
   switch (a.qkv_dtype) {
     case DType::kFloat:
       return LaunchTiledFor<float>(a, l);
@@ -3056,31 +2928,6 @@ int LaunchTiled(const AttentionArgs& args, const AttentionRunLora* lora,
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
-}
-
-}  // namespace
-
-int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
-  return LaunchTiled(args, nullptr, stream);
-}
-
-int LaunchTiledAttentionRunLora(const AttentionArgs& args,
-                                const AttentionRunLora& lora, void* stream) {
-  const AttentionRunLora& l = lora;
-  const bool takes =
-      args.seq_starts != nullptr && args.qkv_dtype == DType::kFloat &&
-      (args.q_dtype == DType::kNone || args.q_dtype == DType::kFloat) &&
-      l.xa != nullptr && l.b_q != nullptr && l.b_v != nullptr &&
-      Aligned16(l.xa, sizeof(float), {l.xa_stride, l.q_rank0, l.v_rank0}) &&
-      Aligned16(l.b_q, sizeof(float), {l.b_stride[0], l.b_stride[1]}) &&
-      Aligned16(l.b_v, sizeof(float), {l.b_stride[0], l.b_stride[1]}) &&
-      (l.r == 4 || l.r == 8 || l.r == 12 || l.r == 16) && l.q_rank0 >= 0 &&
-      l.v_rank0 >= 0 && l.q_rank0 + l.r <= l.xa_stride &&
-      l.v_rank0 + l.r <= l.xa_stride && l.b_stride[1] >= l.r &&
-      l.rows_per_slot >= 1 && l.rows_per_slot <= 0x7fffffff &&
-      args.B <= 0x7fffffff;
-  if (!takes) return static_cast<int>(cudaErrorInvalidValue);
-  return LaunchTiled(args, &lora, stream);
 }
 
 namespace {

@@ -202,39 +202,6 @@ constexpr bool TiledAttentionFits(int64_t S, int64_t D, int64_t Dv) {
 bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv);
 int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 
-// The per-row LoRA expands of q and v of a packed prefill's self-attention
-// (AttentionArgs::seq_starts), added by the attention kernel as it stages q
-// and v instead of by an expand into the q|k|v projection first (which
-// read and wrote that fp32 output once more: a per-row prefill of 64
-// prompts, 19 us a block on an H200). Packed row b takes slot
-// b / rows_per_slot; for each of its tokens t (along the token stride of
-// q, k and v), head h and d < D,
-//   q[t, h, d] += scale * sum_c xa[t, q_rank0 + c] * b_q[slot, h * D + d, c]
-// over c < r, and the same for v with v_rank0 and b_v. The arithmetic of
-// LaunchRunLora's expand (the same fp32 sums in the same order, added as
-// y + scale * sum), so that the attention is bit for bit that of q and v
-// expanded first. xa fp32 [tokens, xa_stride] (the shrink's output,
-// LaunchRunShrinkGroups); b_q and b_v fp32 [slots, H * D, r] with unit
-// stride along r and element strides b_stride (slot, output); r 4, 8, 12
-// or 16; every row and rank offset 16-byte aligned.
-struct AttentionRunLora {
-  const float* xa = nullptr;
-  int64_t xa_stride = 0;
-  int64_t q_rank0 = 0, v_rank0 = 0;
-  const float* b_q = nullptr;
-  const float* b_v = nullptr;
-  int64_t b_stride[2] = {0, 0};
-  int64_t r = 0;
-  int64_t rows_per_slot = 1;
-  float scale = 0.f;
-};
-// LaunchTiledAttention of packed rows with fp32 q, k and v (64-wide heads,
-// 33 to 128 tokens a row: the register-tiled kernel's shapes) and `lora`'s
-// deltas; cudaErrorInvalidValue, having launched nothing, for arguments it
-// does not take (then expand first and call LaunchTiledAttention).
-int LaunchTiledAttentionRunLora(const AttentionArgs& args,
-                                const AttentionRunLora& lora, void* stream);
-
 // Per-row LoRA of single-token rows (decode steps), as Punica's BGMV: every
 // row b reads the factors of its own adapter slot slots[b] (device int64)
 // straight from the bank, so no gather copies A or B per row.

@@ -367,25 +367,6 @@ bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
                                             max_run, y_round);
 }
 
-at::Tensor PackedAttentionRunLora(const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const at::Tensor& bias,
-                                  const at::Tensor& starts,
-                                  at::ScalarType out_dtype,
-                                  const PackedRunLora& lora) {
-  if (!q.is_cuda() || TiledAttentionOff() || Differentiable(q) ||
-      Differentiable(k) || Differentiable(v) ||
-      !RunKernelsMayRun(q, {&lora.xa}, {lora.q, lora.v})) {
-    return at::Tensor();
-  }
-  RECORD_USER_SCOPE("lorahub::attention");
-  at::Tensor out;
-  if (!fused_backend::PackedAttentionRunLora(q, k, v, bias, starts, out_dtype,
-                                             lora, &out)) {
-    return at::Tensor();
-  }
-  return out;
-}
-
 bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll) {
   static const bool off = EnvFlag("LORAHUB_NO_TOKEN_NLL");
   if (off || !logits.is_cuda() || !fused_backend::Compiled() || Disabled() ||

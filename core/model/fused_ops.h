@@ -459,31 +459,6 @@ bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
                          const at::Tensor& starts, int64_t max_run,
                          const at::Tensor& y_round = at::Tensor());
 
-// PackedAttention over q and v with the per-row LoRA expands of a packed
-// prefill added by the kernel as it stages them, instead of by
-// LoraPackedRunExpand into the q|k|v projection first (H200, 64 prompts:
-// that expand read and wrote the fp32 projection once more, 19 us a
-// block): xa [1, N, R] fp32, the shrink of q's and v's sites
-// (LoraPackedRunShrink), their ranks from q_rank0 and v_rank0; q.b and v.b
-// fp32 [slots, H * d, r] (r 4, 8, 12 or 16; `col` unused), packed row b
-// taking slot b / rows_per_slot. The result is bit for bit PackedAttention's
-// over q and v expanded first (the same sums, fused_kernels.h
-// LaunchTiledAttentionRunLora), or undefined, having run nothing, where the
-// kernel does not take the arguments (then expand and call PackedAttention):
-// off CUDA, bf16 attention, rows outside 33 to 128 tokens.
-struct PackedRunLora {
-  at::Tensor xa;
-  int64_t q_rank0 = 0, v_rank0 = 0;
-  LoraRunSite q, v;
-  double scale = 0.0;
-  int64_t rows_per_slot = 1;
-};
-at::Tensor PackedAttentionRunLora(const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const at::Tensor& bias,
-                                  const at::Tensor& starts,
-                                  at::ScalarType out_dtype,
-                                  const PackedRunLora& lora);
-
 // AddRmsNorm(x, delta, weight, eps, compute) and LoraRowShrink of its fp32
 // output, xa[b] = full[b] a[slots[b]]^T (fp32 [B, R]), in ONE kernel on
 // CUDA (decode steps: the norm before an adapted projection; the shrink was

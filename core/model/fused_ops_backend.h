@@ -39,11 +39,6 @@ bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& bias,
                      const at::Tensor& starts, at::ScalarType out_dtype,
                      at::Tensor* out);
-// fused_ops.h PackedAttentionRunLora's kernel.
-bool PackedAttentionRunLora(const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& bias,
-                            const at::Tensor& starts, at::ScalarType out_dtype,
-                            const PackedRunLora& lora, at::Tensor* out);
 // fused_ops.h LoraRowDeltas (all or nothing).
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,

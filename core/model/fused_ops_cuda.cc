@@ -295,45 +295,12 @@ bool StartsFit(const at::Tensor& starts, const at::Tensor& like) {
          starts.dim() == 1 && starts.size(0) >= 2 && starts.is_contiguous();
 }
 
-// fused_ops.h PackedRunLora as the kernel takes it for q [1, H, N, D] and
-// B packed rows, or false.
-bool RunLoraArgsOf(const PackedRunLora& l, const at::Tensor& q, int64_t B,
-                   kernels::AttentionRunLora* out) {
-  const at::Tensor& xa = l.xa;
-  const at::Tensor& bq = l.q.b;
-  const at::Tensor& bv = l.v.b;
-  const int64_t HD = q.size(1) * q.size(3);
-  if (!OnDeviceOf(xa, q) || !OnDeviceOf(bq, q) || !OnDeviceOf(bv, q) ||
-      xa.scalar_type() != at::kFloat || bq.scalar_type() != at::kFloat ||
-      bv.scalar_type() != at::kFloat || xa.dim() != 3 || xa.size(0) != 1 ||
-      xa.size(1) != q.size(2) || xa.stride(2) != 1 || bq.dim() != 3 ||
-      bq.sizes() != bv.sizes() || bq.strides() != bv.strides() ||
-      bq.size(1) != HD || bq.stride(2) != 1 || l.rows_per_slot < 1 ||
-      bq.size(0) != (B + l.rows_per_slot - 1) / l.rows_per_slot ||
-      l.q_rank0 < 0 || l.v_rank0 < 0 ||
-      l.q_rank0 + bq.size(2) > xa.size(2) ||
-      l.v_rank0 + bq.size(2) > xa.size(2)) {
-    return false;
-  }
-  out->xa = xa.data_ptr<float>();
-  out->xa_stride = xa.stride(1);
-  out->q_rank0 = l.q_rank0;
-  out->v_rank0 = l.v_rank0;
-  out->b_q = bq.data_ptr<float>();
-  out->b_v = bv.data_ptr<float>();
-  out->b_stride[0] = bq.stride(0);
-  out->b_stride[1] = bq.stride(1);
-  out->r = bq.size(2);
-  out->rows_per_slot = l.rows_per_slot;
-  out->scale = static_cast<float>(l.scale);
-  return true;
-}
+}  // namespace
 
-// PackedAttention, with `lora` PackedAttentionRunLora.
-bool PackedAttentionOf(const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& bias,
-                       const at::Tensor& starts, at::ScalarType out_dtype,
-                       const PackedRunLora* lora, at::Tensor* out) {
+bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias,
+                     const at::Tensor& starts, at::ScalarType out_dtype,
+                     at::Tensor* out) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || bias.dim() != 4 ||
       !OnDeviceOf(q, q) || !OnDeviceOf(k, q) || !OnDeviceOf(v, q) ||
       !OnDeviceOf(bias, q) || !StartsFit(starts, q) ||
@@ -362,34 +329,13 @@ bool PackedAttentionOf(const at::Tensor& q, const at::Tensor& k,
   a.bias_stride[0] = 0;  // one position bias for every row
   a.seq_starts = starts.data_ptr<int32_t>();
   a.out = result.data_ptr();
-  kernels::AttentionRunLora run_lora;
-  if (lora != nullptr && !RunLoraArgsOf(*lora, q, B, &run_lora)) return false;
-  const int err =
-      lora != nullptr
-          ? kernels::LaunchTiledAttentionRunLora(a, run_lora, StreamOf(q))
-          : kernels::LaunchTiledAttention(a, StreamOf(q));
+  const int err = kernels::LaunchTiledAttention(a, StreamOf(q));
   // Shapes the register-tiled kernel does not take: nothing launched.
   if (err == static_cast<int>(cudaErrorInvalidValue)) return false;
   TORCH_CHECK(err == 0, "packed attention kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   *out = result.transpose(1, 2);
   return true;
-}
-
-}  // namespace
-
-bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
-                     const at::Tensor& v, const at::Tensor& bias,
-                     const at::Tensor& starts, at::ScalarType out_dtype,
-                     at::Tensor* out) {
-  return PackedAttentionOf(q, k, v, bias, starts, out_dtype, nullptr, out);
-}
-
-bool PackedAttentionRunLora(const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const at::Tensor& bias,
-                            const at::Tensor& starts, at::ScalarType out_dtype,
-                            const PackedRunLora& lora, at::Tensor* out) {
-  return PackedAttentionOf(q, k, v, bias, starts, out_dtype, &lora, out);
 }
 
 namespace {

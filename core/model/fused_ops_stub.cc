@@ -37,13 +37,6 @@ bool PackedAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
-bool PackedAttentionRunLora(const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, at::ScalarType,
-                            const PackedRunLora&, at::Tensor*) {
-  return false;
-}
-
 bool LoraRowDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const std::vector<LoraRowSite>&, const at::Tensor&,
                    const at::Tensor&) {

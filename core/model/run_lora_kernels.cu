@@ -29,7 +29,6 @@
 #include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
-#include "core/model/vec16.cuh"
 
 namespace lorahub::model::kernels {
 namespace {
@@ -52,6 +51,10 @@ constexpr int kRunShrinkTokensWide = 16;
 // earlier tile (A/B; read once).
 constexpr int kRunExpandTokens = 32;
 constexpr int kRunExpandTokensEarlier = 16;
+
+__device__ __forceinline__ float Dot4(const float4& a, const float4& b) {
+  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
 
 // Butterfly reduce-scatter of V per-lane values over the warp's lanes,
 // lanes kOff, kOff / 2, ..., 1 apart: while a lane holds more than one

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -1057,114 +1056,6 @@ at::Tensor AttendPackedAndProject(const at::Tensor& q, const at::Tensor& k,
                         o, rows);
 }
 
-namespace {
-
-// A packed prefill's per-row LoRA of q and v shrunk, its expands left to
-// the attention kernel (fused_ops.h PackedAttentionRunLora; lora.xa
-// undefined: nothing deferred), or, where that kernel declines, to
-// ExpandDeferred: the deltas as ProjectFused adds them.
-struct DeferredQvLora {
-  PackedRunLora lora;
-  at::Tensor y;  // the q|k|v projection, fp32
-  std::vector<int64_t> cols;
-  std::vector<const SiteBank*> sites;
-  at::Tensor x_lora;
-  const RowAdapters* rows = nullptr;
-};
-
-void ExpandDeferred(const DeferredQvLora& d) {
-  const Tf32LoraScope tf32(d.y.is_cuda());
-  AddLoraDeltas(d.y, d.cols, d.sites, d.x_lora, *d.rows, /*narrow=*/true);
-}
-
-// LORAHUB_ATTENTION_RUN_LORA (read once): unset, the attention adds the
-// deltas of packed prompts with a slot each (a per-row prefill); 1 never
-// (LoraPackedRunDeltas expands first, as before); 2 also for runs of
-// several rows per slot (a CMA-ES population's candidates).
-bool DefersRuns(int64_t rows_per_slot) {
-  static const int choice = [] {
-    const char* v = std::getenv("LORAHUB_ATTENTION_RUN_LORA");
-    return v == nullptr ? 0 : std::atoi(v);
-  }();
-  return choice != 1 && (rows_per_slot == 1 || choice == 2);
-}
-
-// SelfAttentionHeads for the encoder; for packed rows (EncodePacked) with
-// fp32 attention, one q|k|v GEMM and per-row LoRA on q and v alone that the
-// packed run kernels take as one group (PackedLoraDeltas' conditions),
-// their deltas deferred into *deferred instead of added to the GEMM's
-// output: the shrink runs here (LoraPackedRunShrink, the group's shrink),
-// the expands in the attention kernel.
-std::array<at::Tensor, 3> EncoderSelfAttentionHeads(
-    const Normed& x, const AttentionWeights& a, const RowAdapters& rows,
-    const config::T5Config& c, at::ScalarType attn, DeferredQvLora* deferred) {
-  const PackedRows* runs = rows.rows_per_slot == 1 ? rows.packed
-                           : rows.rows_per_slot > 1 ? rows.packed_runs
-                                                    : nullptr;
-  const std::vector<const Linear*> members = {&a.q, &a.k, &a.v};
-  if (rows.packed == nullptr || rows.uniform_slot >= 0 || runs == nullptr ||
-      attn != at::kFloat || !FusedQkv(a) || !DefersRuns(rows.rows_per_slot) ||
-      x.mm.scalar_type() == at::kFloat) {
-    return SelfAttentionHeads(x, a, rows, c, attn);
-  }
-  AdaptedMembers adapted = AdaptedOf(a.qkv, members, rows);
-  const std::vector<const SiteBank*>& sites = adapted.sites;
-  if (adapted.which != std::vector<size_t>{0, 2} ||
-      LowPrecisionDelta(*sites[0], a.qkv.scalar_type()) ||
-      LowPrecisionDelta(*sites[1], a.qkv.scalar_type()) ||
-      std::isnan(sites[0]->common_scale) ||
-      sites[0]->common_scale != sites[1]->common_scale ||
-      !AdjacentA(*sites[0], *sites[1])) {
-    return SelfAttentionHeads(x, a, rows, c, attn);
-  }
-  const int64_t slots = static_cast<int64_t>(runs->host_starts.size()) - 1;
-  const at::Tensor y = MatmulFloat(MatmulInput(x.mm, a.qkv), a.qkv);
-  const at::Tensor x_lora = LoraInput(x.mm, x.full);
-  const at::Tensor xa = LoraPackedRunShrink(
-      x_lora, SideBySideA(sites[0]->a, 2).narrow(0, rows.slot_offset, slots),
-      runs->starts, runs->max_length);
-  deferred->y = y;
-  deferred->cols = std::move(adapted.cols);
-  deferred->sites = sites;
-  deferred->x_lora = x_lora;
-  deferred->rows = &rows;
-  if (!xa.defined()) {
-    ExpandDeferred(*deferred);
-  } else {
-    PackedRunLora& l = deferred->lora;
-    l.xa = xa;
-    l.q_rank0 = 0;
-    l.v_rank0 = sites[0]->a.size(1);
-    l.q = {sites[0]->b.narrow(0, rows.slot_offset, slots), deferred->cols[0]};
-    l.v = {sites[1]->b.narrow(0, rows.slot_offset, slots), deferred->cols[1]};
-    l.scale = sites[0]->common_scale;
-    l.rows_per_slot = rows.rows_per_slot;
-  }
-  const int64_t inner = a.q.weight.size(0);
-  return {SplitHeads(y.narrow(-1, 0, inner), c.num_heads, c.d_kv),
-          SplitHeads(y.narrow(-1, inner, inner), c.num_heads, c.d_kv),
-          SplitHeads(y.narrow(-1, 2 * inner, inner), c.num_heads, c.d_kv)};
-}
-
-// AttendPackedAndProject with `deferred`'s expands done by the attention
-// kernel, or first where it declines.
-at::Tensor AttendPackedDeferred(const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& v, const at::Tensor& bias,
-                                const PackedRows& packed, const Linear& o,
-                                const RowAdapters& rows,
-                                const DeferredQvLora& deferred) {
-  if (deferred.lora.xa.defined()) {
-    const at::Tensor ctx =
-        PackedAttentionRunLora(q, k, v, bias, packed.starts,
-                               ContextDtype(q, o, rows), deferred.lora);
-    if (ctx.defined()) return ProjectContext(ctx, o, rows);
-    ExpandDeferred(deferred);
-  }
-  return AttendPackedAndProject(q, k, v, bias, packed, o, rows);
-}
-
-}  // namespace
-
 // As transformers: the activation runs in the dtype of the projections'
 // outputs (fp32 where a LoRA delta was added); the result is rounded once as
 // the input of wo.
@@ -1592,10 +1483,8 @@ at::Tensor DecoderHeadLogits(const T5Weights& w, const ResidualStream& stream) {
 namespace {
 
 using internal::AttendAndProject;
+using internal::AttendPackedAndProject;
 using internal::AttentionDtype;
-using internal::AttendPackedDeferred;
-using internal::DeferredQvLora;
-using internal::EncoderSelfAttentionHeads;
 using internal::CausalBias;
 using internal::CrossKeyValues;
 using internal::DecoderBlockStep;
@@ -1637,10 +1526,9 @@ at::Tensor DecoderSelfBias(const T5Weights& w, int64_t T) {
 }
 
 // The encoder's blocks and final norm over the token ids `ids` (any shape,
-// [B, S] or packed [1, N]); `attend(q, k, v, o, deferred)` is a block's
+// [B, S] or packed [1, N]); `attend(q, k, v, o)` is a block's
 // self-attention with its output projection (AttendAndProject, or
-// AttendPackedDeferred for packed rows, which adds the q and v deltas that
-// EncoderSelfAttentionHeads left to it).
+// AttendPackedAndProject for packed rows).
 template <typename Attend>
 Normed EncoderStack(const T5Weights& w, const at::Tensor& ids,
                     const RowAdapters& rows, const Attend& attend) {
@@ -1649,10 +1537,9 @@ Normed EncoderStack(const T5Weights& w, const at::Tensor& ids,
   Residual h(w, Embed(w, ids));
   for (const BlockWeights& b : w.encoder) {
     Normed n = h.Norm(b.self_norm);
-    DeferredQvLora deferred;
     std::array<at::Tensor, 3> qkv =
-        EncoderSelfAttentionHeads(n, b.self_attn, rows, c, attn, &deferred);
-    h.Add(attend(qkv[0], qkv[1], qkv[2], b.self_attn.o, deferred));
+        SelfAttentionHeads(n, b.self_attn, rows, c, attn);
+    h.Add(attend(qkv[0], qkv[1], qkv[2], b.self_attn.o));
     n = FeedForwardNorm(&h, b.ff_norm, b.ff, rows);
     h.Add(FeedForward(n, w, b.ff, rows));
   }
@@ -1669,11 +1556,7 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   const Normed n = EncoderStack(
       w, ids, rows,
       [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-          const Linear& o, const DeferredQvLora& deferred) {
-        // Unpacked rows: EncoderSelfAttentionHeads defers nothing.
-        TORCH_CHECK(!deferred.lora.xa.defined(), "deferred LoRA, unpacked rows");
-        return AttendAndProject(q, k, v, bias, o, rows);
-      });
+          const Linear& o) { return AttendAndProject(q, k, v, bias, o, rows); });
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
@@ -1709,9 +1592,8 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   const Normed n = EncoderStack(
       w, in.ids.view({1, N}), packed_rows,
       [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-          const Linear& o, const DeferredQvLora& deferred) {
-        return AttendPackedDeferred(q, k, v, bias, packed, o, packed_rows,
-                                    deferred);
+          const Linear& o) {
+        return AttendPackedAndProject(q, k, v, bias, packed, o, packed_rows);
       });
   // Back to the padded batch: the tokens at their positions, zero elsewhere.
   const auto unpack = [&](const at::Tensor& x) {

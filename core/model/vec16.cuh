@@ -1,6 +1,5 @@
 // Vec16: one 16-byte vector of fp32, bf16 or fp16 values widened to
-// floats, and Dot4, for the hand-written kernels (fused_kernels.cu,
-// greedy_kernels.cu, run_lora_kernels.cu).
+// floats, for the hand-written kernels (fused_kernels.cu, greedy_kernels.cu).
 // Included by nvcc-compiled files only.
 #ifndef LORAHUB_CORE_MODEL_VEC16_CUH_
 #define LORAHUB_CORE_MODEL_VEC16_CUH_
@@ -61,14 +60,6 @@ struct Vec16<__half> {
     Widen(*reinterpret_cast<const uint4*>(p), out);
   }
 };
-
-// The dot product of two fp32 4-vectors, as the run expand
-// (run_lora_kernels.cu) and the register-tiled attention's run deltas
-// (fused_kernels.cu) both sum their LoRA products: one expression, so that
-// both compile to the same fused multiply-adds and agree bit for bit.
-__device__ __forceinline__ float Dot4(const float4& a, const float4& b) {
-  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-}
 
 }  // namespace lorahub::model::kernels
 
