@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
-#include <type_traits>
 
 #include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
@@ -2046,13 +2045,7 @@ __global__ void __launch_bounds__(kNormThreads)
 // kRpw > 1 (kParts > 0 only): each warp takes kRpw ranks, so a row's
 // blocks, each recomputing the norm, are kRpw times fewer
 // (ShrinkRanksPerWarp).
-// kRowFirst: the row's x, delta and weight are loaded before the factors,
-// whose address waits for the row's slot: loaded after them, the row's
-// loads waited behind that load too, one more memory latency before the
-// norm could start (LORAHUB_SHRINK_FACTORS_FIRST=1: factors first, as
-// before; kParts > 0 only).
-template <typename E, int kHeld, int kParts = 0, int kRpw = 1,
-          bool kRowFirst = true>
+template <typename E, int kHeld, int kParts = 0, int kRpw = 1>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormShrinkKernel(AddNormShrinkArgs p) {
   constexpr bool kExact = kParts > 0;
@@ -2066,20 +2059,17 @@ __global__ void __launch_bounds__(kNormThreads)
   const int64_t b = blockIdx.y;
   const int64_t dim = kExact ? int64_t{kHeld * kNormThreads} : a.in;
   const int64_t words = dim / Vec16<E>::kWidth;
-  const int64_t slot = a.slots[b];
+  const E* __restrict__ slot_a =
+      static_cast<const E*>(a.a) + a.slots[b] * a.a_stride[0];
   const uint4* row16[kRpw];
   uint4 ahead[kRpw][kShrinkAhead<E>];
-  const auto load_factors = [&] {
-    const E* __restrict__ slot_a =
-        static_cast<const E*>(a.a) + slot * a.a_stride[0];
 #pragma unroll
-    for (int r = 0; r < kRpw; ++r) {
-      const bool active = c0 + r < a.R;
-      row16[r] = reinterpret_cast<const uint4*>(
-          slot_a + (active ? c0 + r : 0) * a.a_stride[1]);
-      LoadRowAhead(row16[r], words, active, lane, ahead[r]);
-    }
-  };
+  for (int r = 0; r < kRpw; ++r) {
+    const bool active = c0 + r < a.R;
+    row16[r] = reinterpret_cast<const uint4*>(
+        slot_a + (active ? c0 + r : 0) * a.a_stride[1]);
+    LoadRowAhead(row16[r], words, active, lane, ahead[r]);
+  }
   const int64_t base = b * dim;
   // The row's x, delta and weight, each dtype switched once per row so that
   // all loads are in flight together (a switch per element made each add
@@ -2088,11 +2078,9 @@ __global__ void __launch_bounds__(kNormThreads)
   float v[kHeld], d[kHeld], g[kHeld];
   // Without a delta (kParts 0 only): RmsNormKernel's v = x.
   const bool add = kExact || p.delta.p != nullptr;
-  if constexpr (!kRowFirst) load_factors();
   LoadHeldOf<kHeld, kExact>(p.x, base, dim, v);
   if (add) LoadHeldDeltaOf<kHeld, kParts, kExact>(p.delta, base, dim, d);
   LoadHeldAsFloatOf<kHeld, kExact>(p.weight, p.weight_dtype, 0, dim, g);
-  if constexpr (kRowFirst) load_factors();
   if (add) {
 #pragma unroll
     for (int u = 0; u < kHeld; ++u) v[u] += d[u];
@@ -3080,24 +3068,19 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
                         ? NormSpecialParts(p.delta, p.shrink.in)
                         : 0;
   using Bf16 = __nv_bfloat16;
-  static const bool factors_first = EnvSwitch("LORAHUB_SHRINK_FACTORS_FIRST");
-  const auto launch_parts = [&](auto kParts) {
-    constexpr int P = decltype(kParts)::value;
-    return factors_first
-               ? launch_special(AddRmsNormShrinkKernel<Bf16, 4, P, 1, false>,
-                                AddRmsNormShrinkKernel<Bf16, 4, P, 2, false>,
-                                AddRmsNormShrinkKernel<Bf16, 4, P, 4, false>)
-               : launch_special(AddRmsNormShrinkKernel<Bf16, 4, P, 1>,
-                                AddRmsNormShrinkKernel<Bf16, 4, P, 2>,
-                                AddRmsNormShrinkKernel<Bf16, 4, P, 4>);
-  };
   switch (parts) {
     case 1:
-      return launch_parts(std::integral_constant<int, 1>());
+      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 1, 1>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 1, 2>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 1, 4>);
     case 2:
-      return launch_parts(std::integral_constant<int, 2>());
+      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 2, 1>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 2, 2>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 2, 4>);
     case 4:
-      return launch_parts(std::integral_constant<int, 4>());
+      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 4, 1>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 4, 2>,
+                            AddRmsNormShrinkKernel<Bf16, 4, 4, 4>);
     default:
       break;
   }
