@@ -20,7 +20,8 @@
 # the server and client, no tests, no bench; the caller's environment reaches the server and
 # client (e.g. SERVE_ONLY=1 WEIGHT_JITTER=1 SERVE_REQUESTS=1024 SERVE_JOBS=1).
 # Everything lands in $OUT/perf.tgz; a summary (the headline figures of every run) goes to stdout
-# and, as it is printed, to $OUT/progress.log (with each run's JSON in $OUT: they survive a kill).
+# and, as it is printed, to $OUT/progress.log (with each run's JSON a line of $OUT/runs.jsonl,
+# {"tag": ..., "bench": ...}: they survive a kill).
 #
 #   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
 #     bash deploy/gpu/perf_ab.sh
@@ -33,7 +34,7 @@ cd "$(dirname "$0")/../.." || exit 2
 work=/tmp/perf_ab
 rm -rf "$work" && mkdir -p "$work"
 trap 'mkdir -p "${OUT:-.gpu/logs}" && tar -C "$work" -czf "${OUT:-.gpu/logs}/perf.tgz" .' EXIT
-# What this prints also goes to $OUT/progress.log line by line, and each bench's JSON to $OUT as
+# What this prints also goes to $OUT/progress.log line by line, and each bench's JSON to $OUT (runs.jsonl) as
 # it ends: a call killed at its time limit (no EXIT trap, so no perf.tgz) still brings back how
 # far it got (thirty-ninth session: a call cut at the device budget's end returned nothing).
 mkdir -p "${OUT:-.gpu/logs}"
@@ -93,7 +94,11 @@ bench() {
     --examples "$fx/examples.jsonl" --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 \
     --reps "${REPS:-10}" --cmaes-budget 256 --population 64 --gen-batch 64 --gen-tokens 32 \
     ${flags[@]+"${flags[@]}"} --json >"$work/$tag.json" 2>"$work/$tag.err" || echo "FAILED: bench $tag"
-  cp "$work/$tag.json" "${OUT:-.gpu/logs}/" 2>/dev/null
+  # One line a run in $OUT/runs.jsonl rather than a file a run: the device tool brings back 8
+  # files at most, and with more runs than that perf.tgz stayed behind (fortieth session).
+  [ -s "$work/$tag.json" ] &&
+    printf '{"tag": "%s", "bench": %s}\n' "$tag" "$(cat "$work/$tag.json")" \
+      >>"${OUT:-.gpu/logs}/runs.jsonl"
   python3 - "$work/$tag.json" <<'PY'
 import json, sys
 try:
