@@ -367,10 +367,11 @@ int LaunchRunLora(const RunLoraArgs& args, void* stream);
 bool RunShrinkFits(const RunLoraArgs& args);
 int LaunchRunShrink(const RunLoraArgs& args, void* stream);
 // The shrink alone on the FMA kernel, R a multiple of 32 taken in groups of
-// 32 ranks (a block per slot, 8 tokens and group): each group's values bit
-// for bit LaunchRunLora's shrink of those 32 ranks alone. Why: a per-row
-// prefill's cross values shrank the same x once per 2 decoder blocks (12
-// launches for flan-t5-large); every block's A side by side now takes one.
+// 32 ranks (a block per slot, 8 or 16 tokens and group): each group's
+// values bit for bit LaunchRunLora's shrink of those 32 ranks alone. Why: a
+// per-row prefill's cross values shrank the same x once per 2 decoder
+// blocks (12 launches for flan-t5-large); every block's A side by side now
+// takes one.
 // Reads what LaunchRunShrink reads (run_starts too); 16-byte aligned rows.
 // RunShrinkGroupsFits says whether it takes them (xa_buffer aside);
 // LaunchRunShrinkGroups returns cudaErrorInvalidValue where not (or

@@ -114,8 +114,8 @@ __device__ __forceinline__ Tile BlockTile(const RunLoraArgs& p) {
 // LaunchRunShrinkGroups). The tile of x is staged in shared memory; each
 // lane sums the tokens x its warp's ranks over k = 4 (lane + 32 j) + 0..3,
 // then a butterfly over the lanes.
-// 3 blocks per SM at 8 tokens; 2 at 16 (their kT * kRpw sums per thread
-// spilled under 3, at 2 ranks per warp as at 4).
+// 3 blocks per SM at 8 tokens; 2 at 16 (at 16 tokens the sums per thread
+// spilled under 3 blocks' 80 registers).
 template <int kRpw, int kT>
 __global__ void __launch_bounds__(kRunThreads, kT <= 8 ? 3 : 2)
     RunShrinkKernel(RunLoraArgs p, float* __restrict__ xa_out) {
@@ -464,7 +464,8 @@ int ShrinkTokens(const RunLoraArgs& p, int rpw, int64_t limit) {
   const int64_t tiles =
       (p.M + kRunShrinkTokensWide - 1) / kRunShrinkTokensWide;
   const int64_t groups = p.R / (kRunWarps * rpw);
-  return groups > 1 && p.slots * tiles * groups >= 2 * static_cast<int64_t>(limits->sms)
+  const int64_t blocks = p.slots * tiles * groups;
+  return groups > 1 && blocks >= 2 * static_cast<int64_t>(limits->sms)
              ? kRunShrinkTokensWide
              : kRunShrinkTokens;
 }
