@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
+#include <type_traits>
 
 #include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
@@ -942,22 +943,43 @@ __device__ __forceinline__ float GroupDot(const float (&qv)[W],
   return dot;
 }
 
-// GroupDot of a key held as its 16-byte word of E.
-template <typename E, int G, int W>
-__device__ __forceinline__ float GroupKeyDot(const uint4& kraw,
+// A lane's word of E widened to floats: a 16-byte word (Vec16), or an
+// 8-byte one of 4 bf16 values (the narrow lanes of
+// StagedStepAttentionKernel over a bf16 cache).
+template <typename E>
+__device__ __forceinline__ void WidenWord(const uint4& raw, float* out) {
+  Vec16<E>::Widen(raw, out);
+}
+template <typename E>
+__device__ __forceinline__ void WidenWord(const uint2& raw, float* out) {
+  static_assert(std::is_same_v<E, __nv_bfloat16>, "8-byte words of bf16");
+  const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  const float2 lo = __bfloat1622float2(pairs[0]);
+  const float2 hi = __bfloat1622float2(pairs[1]);
+  out[0] = lo.x;
+  out[1] = lo.y;
+  out[2] = hi.x;
+  out[3] = hi.y;
+}
+
+// GroupDot of a key held as its word of E (WidenWord; W its values).
+template <typename E, int G, int W, typename Raw>
+__device__ __forceinline__ float GroupKeyDot(const Raw& kraw,
                                              const float (&qv)[W]) {
+  static_assert(sizeof(Raw) == W * sizeof(E));
   float kv[W];
-  Vec16<E>::Widen(kraw, kv);
+  WidenWord<E>(kraw, kv);
   return GroupDot<G>(qv, kv);
 }
 
 // Rounds of scores s (-inf past the keys; top = max(m, s)) and their values
 // into the group's running max m, sum l and values acc (online softmax).
-template <typename E, int kAhead, int W>
+template <typename E, int kAhead, int W, typename Raw>
 __device__ __forceinline__ void AddRounds(const float (&s)[kAhead],
-                                          const uint4 (&vraw)[kAhead],
+                                          const Raw (&vraw)[kAhead],
                                           float top, float& m, float& l,
                                           float (&acc)[W]) {
+  static_assert(sizeof(Raw) == W * sizeof(E));
   if (top == -INFINITY) return;  // no key of this group yet
   const float rescale = expf(m - top);  // 0 while m is -inf
   l *= rescale;
@@ -967,7 +989,7 @@ __device__ __forceinline__ void AddRounds(const float (&s)[kAhead],
   for (int u = 0; u < kAhead; ++u) {
     const float p = expf(s[u] - top);  // 0 past S
     float vv[W];
-    Vec16<E>::Widen(vraw[u], vv);
+    WidenWord<E>(vraw[u], vv);
     l += p;
 #pragma unroll
     for (int e = 0; e < W; ++e) acc[e] += p * vv[e];
@@ -1083,8 +1105,9 @@ __device__ __forceinline__ void AddRowLora(float scale, const float* sum,
 // Row b's position t (clamped into the cache: the host keeps t below the
 // capacity; the clamp only keeps a stray t from writing outside it) and
 // this lane's part of the new key and value of head h: their split-K
-// partials summed with an fp32 cache only (the launcher checks; summing
-// them spilled the 16-bit instantiations).
+// partials summed for lanes of 4 values only (an fp32 cache, or a bf16 one
+// on StagedStepAttentionKernel's narrow lanes; the launcher checks: summing
+// 8 spilled the 16-bit instantiations).
 template <typename E, int W>
 __device__ __forceinline__ int64_t LoadNewKeyValue(const AttentionArgs& a,
                                                    const DecodeStepArgs& step,
@@ -1093,7 +1116,7 @@ __device__ __forceinline__ int64_t LoadNewKeyValue(const AttentionArgs& a,
                                                    float (&vn)[W]) {
   const int64_t n0 =
       b * step.kv_new_stride[0] + h * step.kv_new_stride[1] + part * W;
-  if constexpr (sizeof(E) == 4) {
+  if constexpr (W <= 4) {
     LoadFloatParts(step.k_new + n0, step.parts, step.part_stride, kn);
     LoadFloatParts(step.v_new + n0, step.parts, step.part_stride, vn);
   } else {
@@ -1282,27 +1305,38 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
 //  else: a cross-attention step over rows packed through a.key_starts whose
 //    visible keys are DecodeStepArgs::key_lens: the bias, zero on them, is
 //    not read; a row of -1 reads it and scans it for its end as there.
+// kWordBytes: each lane's word of a key or value, 16 bytes, or 8 (a bf16
+// self-attention cache: 4 values a lane, the fp32 instantiation's lanes and
+// registers, so the new key and value's split-K partials are summed here;
+// with 8 values a lane the 16-bit instantiations spilled). The stage is
+// filled in 16-byte copies either way.
 constexpr int kStageChunkBytes = 8192;
 
-template <typename E, int G, bool kSelf>
+template <typename E, int G, bool kSelf, int kWordBytes = 16>
 __global__ void __launch_bounds__(kSplitThreads, 8)
     StagedStepAttentionKernel(AttentionArgs a, DecodeStepArgs step) {
-  constexpr int W = Vec16<E>::kWidth;
+  static_assert(kWordBytes == 16 || (kWordBytes == 8 && kSelf));
+  using Raw = std::conditional_t<kWordBytes == 16, uint4, uint2>;
+  constexpr int W = kWordBytes / static_cast<int>(sizeof(E));
   constexpr int kWarps = kSplitThreads / 32;
   constexpr int kGroups = 32 / G;           // keys per warp and round
   constexpr int kRound = kWarps * kGroups;  // keys per block and round
   constexpr int kAhead = 16 / W;            // rounds per iteration, as there
   constexpr int kIterKeys = kAhead * kRound;
-  // Keys per chunk: whole iterations, G 16-byte words per key.
+  constexpr int kKeyBytes = G * kWordBytes;
+  constexpr int kPieces = kKeyBytes / 16;  // 16-byte copies per key
+  // Keys per chunk: whole iterations.
   constexpr int kChunkIters =
-      kStageChunkBytes / (kIterKeys * G * 16) > 0
-          ? kStageChunkBytes / (kIterKeys * G * 16)
+      kStageChunkBytes / (kIterKeys * kKeyBytes) > 0
+          ? kStageChunkBytes / (kIterKeys * kKeyBytes)
           : 1;
   constexpr int kChunk = kChunkIters * kIterKeys;
-  constexpr int kWords = kChunk * G;  // of keys, and of values
-  static_assert(kWords % kSplitThreads == 0);
-  __shared__ uint4 k_stage[kWords];
-  __shared__ uint4 v_stage[kWords];
+  constexpr int kCopies = kChunk * kPieces;  // of keys, and of values
+  static_assert(kCopies % kSplitThreads == 0);
+  __shared__ uint4 k_stage[kCopies];
+  __shared__ uint4 v_stage[kCopies];
+  const Raw* k_words = reinterpret_cast<const Raw*>(k_stage);
+  const Raw* v_words = reinterpret_cast<const Raw*>(v_stage);
   __shared__ float bias_stage[kSelf ? kChunk : 1];
   __shared__ float merged[kWarps][2 + G * W];
   __shared__ float lora_sum[2][kMaxAttentionHead];
@@ -1342,11 +1376,11 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
   // Keys [c0, c0 + kChunk) of this head (zeros from S on) into the stage.
   const auto stage = [&](int64_t c0) {
 #pragma unroll
-    for (int r = 0; r < kWords / kSplitThreads; ++r) {
+    for (int r = 0; r < kCopies / kSplitThreads; ++r) {
       const int i = threadIdx.x + r * kSplitThreads;
-      const int64_t j = c0 + i / G;
+      const int64_t j = c0 + i / kPieces;
       const bool valid = j < S;
-      const int64_t w = (i % G) * W;
+      const int64_t w = (i % kPieces) * (16 / static_cast<int>(sizeof(E)));
       const E* k_src = valid ? k + block.k0 + j * a.k_stride[2] + w : k;
       const E* v_src = valid ? v + block.v0 + j * a.v_stride[2] + w : v;
       CopyAsync<16>(&k_stage[i], k_src, valid);
@@ -1395,14 +1429,14 @@ __global__ void __launch_bounds__(kSplitThreads, 8)
       __syncthreads();
     }
     float s[kAhead];
-    uint4 vraw[kAhead];
+    Raw vraw[kAhead];
     float top = m;
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
       const int64_t j = j0 + first + u * kRound;
       const int i = static_cast<int>(j - c0) * G + part;
-      float dot = GroupKeyDot<E, G>(k_stage[i], qv);
-      vraw[u] = v_stage[i];
+      float dot = GroupKeyDot<E, G>(k_words[i], qv);
+      vraw[u] = v_words[i];
       if constexpr (kSelf) {
         dot += bias_stage[j - c0];
       } else if (read_bias && j < S) {
@@ -2558,17 +2592,24 @@ bool RowLoraTakes(const AttentionRowLora& l) {
           Aligned16(l.w, 2, {l.w_stride[0], l.w_stride[1]}));
 }
 
+// True when a self-attention step goes to StagedStepAttentionKernel<...,
+// true> (a 16-bit cache: on its narrow lanes).
+bool StagedSelfStep(const AttentionArgs& a, const DecodeStepArgs& step) {
+  return step.k_new != nullptr && step.stage_self &&
+         a.bias_dtype == DType::kFloat && a.key_starts == nullptr;
+}
+
 template <typename E, int G>
 void LaunchStep(const AttentionArgs& a, const DecodeStepArgs& step,
                 unsigned grid, cudaStream_t stream) {
-  // The staged self step for fp32 caches only: its 16-bit instantiations
-  // spilled (32 bytes).
+  // The staged self step on these lanes for fp32 caches only: the 16-bit
+  // instantiations of 8 values a lane spilled (32 bytes); LaunchStepFor
+  // sends those caches to its narrow lanes.
   constexpr bool kStageSelf = sizeof(E) == 4;
   if (a.key_starts != nullptr && step.key_lens != nullptr) {
     StagedStepAttentionKernel<E, G, false>
         <<<grid, kSplitThreads, 0, stream>>>(a, step);
-  } else if (kStageSelf && step.k_new != nullptr && step.stage_self &&
-             a.bias_dtype == DType::kFloat) {
+  } else if (kStageSelf && StagedSelfStep(a, step)) {
     if constexpr (kStageSelf) {
       StagedStepAttentionKernel<E, G, true>
           <<<grid, kSplitThreads, 0, stream>>>(a, step);
@@ -2592,6 +2633,34 @@ int LaunchStepFor(const AttentionArgs& a, const DecodeStepArgs& step,
       !Aligned16(a.v, sizeof(E),
                  {a.v_stride[0], a.v_stride[1], a.v_stride[2]})) {
     return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if constexpr (std::is_same_v<E, __nv_bfloat16>) {
+    if (StagedSelfStep(a, step)) {  // narrow lanes: 4 values, 8 bytes
+      switch (a.D / 4) {
+        case 4:
+          StagedStepAttentionKernel<E, 4, true, 8>
+              <<<grid, kSplitThreads, 0, stream>>>(a, step);
+          break;
+        case 8:
+          StagedStepAttentionKernel<E, 8, true, 8>
+              <<<grid, kSplitThreads, 0, stream>>>(a, step);
+          break;
+        case 16:
+          StagedStepAttentionKernel<E, 16, true, 8>
+              <<<grid, kSplitThreads, 0, stream>>>(a, step);
+          break;
+        case 32:
+          StagedStepAttentionKernel<E, 32, true, 8>
+              <<<grid, kSplitThreads, 0, stream>>>(a, step);
+          break;
+        default:
+          return static_cast<int>(cudaErrorInvalidValue);
+      }
+      return LastError();
+    }
+  }
+  if (step.parts > 1 && step.k_new != nullptr && sizeof(E) != 4) {
+    return static_cast<int>(cudaErrorInvalidValue);  // LoadNewKeyValue
   }
   switch (a.D / W) {
     case 4:
@@ -2629,8 +2698,7 @@ int LaunchDecodeStepAttention(const AttentionArgs& args,
                  {args.q_stride[0], args.q_stride[1], args.q_stride[2]}) ||
       !RowLoraTakes(step.q_lora) || !RowLoraTakes(step.v_lora) ||
       step.parts < 1 || step.parts > kMaxStepParts ||
-      (step.parts > 1 && (step.part_stride % 4 != 0 ||
-                          (store && args.qkv_dtype != DType::kFloat))) ||
+      (step.parts > 1 && step.part_stride % 4 != 0) ||
       (lora && step.slots == nullptr) ||
       (step.v_lora.xa != nullptr && !store) ||
       (store && args.key_starts != nullptr) ||

@@ -283,6 +283,15 @@ at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
              : DecodeKvDtype(compute);
 }
 
+at::ScalarType DecodeSelfKvDtype(at::ScalarType compute,
+                                 const c10::Device& device) {
+  static const bool fp32 = EnvFlag("LORAHUB_DECODE_SELF_FP32");
+  return compute == at::kBFloat16 && device.is_cuda() &&
+                 DecodeStepAttentionEnabled() && !StagedSelfStepOff() && !fp32
+             ? at::kBFloat16
+             : DecodeKvDtype(compute);
+}
+
 bool LoraRowGemvEnabled() {
   static const bool off = EnvFlag("LORAHUB_NO_LORA_GEMV");
   return fused_backend::Compiled() && !Disabled() && !off;
@@ -527,6 +536,12 @@ bool CrossKeyLengthsOff() {
 bool StagedSelfStepOff() {
   static const bool off = EnvFlag("LORAHUB_NO_STAGED_SELF_STEP");
   return off;
+}
+
+bool DecodeStepSumsSelfParts(const at::Tensor& cache, const at::Tensor& bias) {
+  return cache.scalar_type() == at::kFloat ||
+         (cache.scalar_type() == at::kBFloat16 &&
+          bias.scalar_type() == at::kFloat && !StagedSelfStepOff());
 }
 
 at::Tensor CrossKeyLengths(const at::Tensor& bias) {

@@ -564,6 +564,12 @@ bool CrossKeyLengthsOff();
 // kernel that loads the cached keys after q and the LoRA sums
 // (fused_kernels.h DecodeStepArgs::stage_self; A/B). Read once.
 bool StagedSelfStepOff();
+// True when DecodeStepAttention on CUDA sums a self-attention step's
+// split-K partials of q, the new key and value (DecodeStepInputs::parts)
+// for this cache and bias: an fp32 cache, or a bf16 one through the staged
+// step (an fp32 bias; its lanes of 4 values). Elsewhere the projection
+// stays whole (SelfAttentionStep).
+bool DecodeStepSumsSelfParts(const at::Tensor& cache, const at::Tensor& bias);
 // Writes x [B, H, 1, D] into the cache [B, H, C, D] at position t (int64 on
 // the cache's device: [1], the same position for every row, or [B], row b at
 // t[b]), rounded to the cache's dtype: DecodeStepAttention's store where the
@@ -580,11 +586,11 @@ bool DecodeStepAttentionEnabled();
 // GeneralAttention too. Read once.
 bool DecodeAttentionGeneric();
 
-// The dtype of the decode-step self-attention cache (and of cross-attention
-// keys / values where DecodeCrossKvDtype defers to it) for a model
-// computing in `compute`: fp32,
-// or bf16 when compute is bf16 and LORAHUB_DECODE_ATTN_BF16=1 (read once;
-// experimental, for an A/B). With bf16 keys and values SingleQueryAttention
+// The dtype of decode-step self-attention caches off the step kernel
+// (DecodeSelfKvDtype) and of cross-attention keys / values where
+// DecodeCrossKvDtype defers to it, for a model computing in `compute`:
+// fp32, or bf16 when compute is bf16 and LORAHUB_DECODE_ATTN_BF16=1 (read
+// once; experimental, for an A/B). With bf16 keys and values SingleQueryAttention
 // multiplies bf16 operands with fp32 accumulation and fp32 results (cuBLAS
 // bmm with out_dtype fp32; products of two bf16 are exact in fp32, so the
 // CPU fallback, fp32 bmm on the widened operands, is the same arithmetic):
@@ -594,6 +600,19 @@ bool DecodeAttentionGeneric();
 // (LoRA deltas), and the probabilities, each once to 2^-9 relative.
 at::ScalarType DecodeKvDtype(at::ScalarType compute);
 
+// The dtype of the decode-step self-attention cache of a model computing
+// in `compute` on `device`: bf16 for a bf16 model on CUDA whose steps take
+// the staged step kernel (DecodeStepAttentionEnabled, !StagedSelfStepOff),
+// unless LORAHUB_DECODE_SELF_FP32=1 (read once; A/B); else DecodeKvDtype.
+// What transformers' bf16 model stores: the new key and value rounded once
+// (2^-9 relative), attended as stored, q, scores, softmax and
+// probabilities fp32. Why: the cache is read whole by every step, 0.5 MB a
+// position at 64 rows in fp32 (flan-t5-large), so later steps' attention
+// moved toward its HBM bound (fortieth session: a self-attention call 5.81
+// -> 7.35 us from position 0 to 27).
+at::ScalarType DecodeSelfKvDtype(at::ScalarType compute,
+                                 const c10::Device& device);
+
 // The dtype of the cross-attention keys and values of decode steps on
 // `device`: bf16 for a bf16 model on CUDA where single queries take the
 // short-query kernel (fp32 q, scores, softmax and probabilities over the
@@ -601,8 +620,7 @@ at::ScalarType DecodeKvDtype(at::ScalarType compute);
 // nothing rounded beyond them), unless LORAHUB_DECODE_CROSS_FP32=1 (read
 // once; A/B); else DecodeKvDtype. Why: they are written once per prompt
 // but read by every step, 144 keys per row against at most the step count
-// of the self-attention cache, which stays fp32 (its per-step store would
-// need a conversion; tenth session).
+// of the self-attention cache.
 at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
                                   const c10::Device& device);
 

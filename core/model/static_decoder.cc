@@ -140,7 +140,8 @@ int64_t StaticDecoder::SlotBytes(const T5Weights& weights,
   const int64_t B = shape.rows, C = shape.capacity, S = shape.encoder_length;
   const int64_t heads_kv = c.num_heads * c.d_kv;
   const int64_t self_kv =
-      2 * L * B * C * heads_kv * at::elementSize(DecodeKvDtype(weights.dtype));
+      2 * L * B * C * heads_kv *
+      at::elementSize(DecodeSelfKvDtype(weights.dtype, weights.device));
   const int64_t cross_kv =
       2 * L * B * S * heads_kv *
       at::elementSize(DecodeCrossKvDtype(weights.dtype, weights.device));
@@ -161,10 +162,10 @@ void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
   batch_ = batch;
   tokens_ = at::full({batch}, c.decoder_start_token_id, i64);
   t_ = at::zeros({row_slots_ ? batch : 1}, i64);
-  // fp32, or bf16 under LORAHUB_DECODE_ATTN_BF16=1; cross-attention's
-  // bf16 for a bf16 model on the kernel (fused_ops.h).
+  // Both bf16 for a bf16 model on the kernels (fused_ops.h
+  // DecodeSelfKvDtype, DecodeCrossKvDtype).
   self_kv_ = at::zeros({2, L, batch, c.num_heads, capacity_, c.d_kv},
-                       f32.dtype(DecodeKvDtype(w.dtype)));
+                       f32.dtype(DecodeSelfKvDtype(w.dtype, w.device)));
   cross_kv_ = internal::CrossKvBuffer(
       w, batch, keys, f32.dtype(DecodeCrossKvDtype(w.dtype, w.device)));
   cross_bias_ = at::empty({batch, 1, 1, keys}, f32);
@@ -181,8 +182,8 @@ void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
     }
   }
   self_bias_ = SelfBias(capacity_);
-  // The LM head's dtype (bf16 on the GPU): what DecoderHeadLogits returns,
-  // so the step's copy into this buffer is exact. An fp32 buffer made that
+  // The LM head's dtype (bf16 on the GPU), which its GEMM writes here
+  // (DecoderHeadLogitsInto). An fp32 buffer made that
   // copy a 12 MB pass of its own per 64-row step (H200: 5.9 us), and the
   // greedy pick read twice the bytes; readers that need fp32 widen it.
   logits_ = at::zeros({batch, w.lm_head.size(0)},
@@ -440,7 +441,7 @@ void StaticDecoder::StepBody() {
         cross_kv_[1][static_cast<int64_t>(i)], cross_bias_,
         internal::CrossKeyRows{key_starts_, key_lens_}, &cache);
   }
-  logits_.copy_(internal::DecoderHeadLogits(w, h).squeeze(1));
+  internal::DecoderHeadLogitsInto(w, h, logits_);
   t_.add_(1);
   if (row_slots_) t_.clamp_max_(capacity_ - 1);  // free slots keep stepping
 }

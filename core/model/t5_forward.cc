@@ -54,11 +54,16 @@ at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up,
   return Activation(gate, name) * up;
 }
 
-// Logits in the compute dtype: the final hidden state (fp32) is rounded
-// once as the matmul input.
-at::Tensor LmHeadLogits(const T5Weights& w, at::Tensor h) {
+// The LM head's GEMM input for the final norm's output h: h (scaled where
+// the model says) rounded once to the compute dtype.
+at::Tensor LmHeadInput(const T5Weights& w, at::Tensor h) {
   if (w.scale_decoder_outputs) h = h * std::pow(w.config.d_model, -0.5);
-  return at::matmul(MatmulInput(h, w.lm_head), w.lm_head.t());
+  return MatmulInput(h, w.lm_head);
+}
+
+// Logits in the compute dtype.
+at::Tensor LmHeadLogits(const T5Weights& w, const at::Tensor& h) {
+  return at::matmul(LmHeadInput(w, h), w.lm_head.t());
 }
 
 // Logits in fp32: LmHeadLogits widened before anything reads them.
@@ -1366,7 +1371,7 @@ at::Tensor SelfAttentionStep(const T5Weights& w, const AttentionWeights& a,
   std::vector<RowLoraExpand> lora;
   const StepOutput out =
       StepProjection(x, a.qkv, members, rows,
-                     /*split=*/cache.k.scalar_type() == at::kFloat, &lora);
+                     /*split=*/DecodeStepSumsSelfParts(cache.k, bias), &lora);
   const at::Tensor& y = out.y;
   const config::T5Config& c = w.config;
   const int64_t inner = a.q.weight.size(0);
@@ -1474,8 +1479,27 @@ at::Tensor DecoderLogits(const T5Weights& w, const ResidualStream& stream) {
   return DecoderHeadLogits(w, stream).to(at::kFloat);
 }
 
+namespace {
+
+// The final norm's output for LmHeadInput: its rounded output where nothing
+// scales it first (the same bits as rounding the fp32 output, without that
+// output or a conversion kernel: 1.1 us of a 64-row decode step on an H200).
+at::Tensor DecoderHeadNorm(const T5Weights& w, const ResidualStream& stream) {
+  Residual h(w, stream);
+  return w.scale_decoder_outputs ? h.Norm(w.decoder_final_norm).full
+                                 : h.NormRoundedOnly(w.decoder_final_norm).mm;
+}
+
+}  // namespace
+
 at::Tensor DecoderHeadLogits(const T5Weights& w, const ResidualStream& stream) {
-  return LmHeadLogits(w, Residual(w, stream).Norm(w.decoder_final_norm).full);
+  return LmHeadLogits(w, DecoderHeadNorm(w, stream));
+}
+
+void DecoderHeadLogitsInto(const T5Weights& w, const ResidualStream& stream,
+                           at::Tensor& out) {
+  const at::Tensor x = LmHeadInput(w, DecoderHeadNorm(w, stream));
+  at::mm_out(out, x.reshape({-1, x.size(-1)}), w.lm_head.t());
 }
 
 }  // namespace internal
@@ -1928,10 +1952,9 @@ absl::StatusOr<DecoderCache> InitDecoderCache(const T5Weights& w,
     cache.self_bias =
         PositionBias(w, w.decoder_bias_table, capacity, capacity, false, 0)
             .to(at::kFloat);
-    // Self-attention keys and values stay fp32 like the scores they feed
-    // (bf16 under LORAHUB_DECODE_ATTN_BF16=1); cross-attention's are bf16
-    // for a bf16 model on the kernel (fused_ops.h DecodeCrossKvDtype).
-    const at::ScalarType kv_dtype = DecodeKvDtype(w.dtype);
+    // Self- and cross-attention keys and values are bf16 for a bf16 model
+    // on the kernels (fused_ops.h DecodeSelfKvDtype, DecodeCrossKvDtype).
+    const at::ScalarType kv_dtype = DecodeSelfKvDtype(w.dtype, w.device);
     const at::ScalarType cross_dtype = DecodeCrossKvDtype(w.dtype, w.device);
     auto opts = at::TensorOptions().dtype(kv_dtype).device(w.device);
     CrossKeyValues cross(w, encoder, rows);
