@@ -154,7 +154,7 @@ struct DecodeStepArgs {
   // p = 0 .. parts - 1 (parts <= kMaxStepParts), partial p at p *
   // part_stride elements (16-byte aligned) from each: a split-K
   // projection's (fused_ops.h SplitKProject). With a store (k_new), for an
-  // fp32 cache only.
+  // fp32 cache, or a bf16 one through the staged self step (stage_self).
   int parts = 1;
   int64_t part_stride = 0;
   // Optional, with AttentionArgs::key_starts (a cross-attention step): row
@@ -164,8 +164,9 @@ struct DecodeStepArgs {
   // values go through shared memory, loaded before q and the LoRA sum are
   // formed (StagedStepAttentionKernel); the sums are the same.
   const int32_t* key_lens = nullptr;
-  // A self-attention step (k_new) of an fp32 cache with an fp32 bias: the
-  // keys and values before t go through shared memory the same way.
+  // A self-attention step (k_new) of an fp32 or bf16 cache with an fp32
+  // bias: the keys and values before t go through shared memory the same
+  // way.
   bool stage_self = false;
   // Set by LaunchDecodeStepAttention, not by callers: the per-row LoRA sums
   // through the loop of earlier builds (LORAHUB_ROW_LORA_LOOP=1, an A/B
