@@ -405,6 +405,31 @@ int LaunchGreedyTokens(const void* logits, DType dtype, int64_t rows,
                        int64_t eos, int64_t* next, int64_t* host_next,
                        void* stream);
 
+// A static decoder step's inputs (step_start_kernels.cu), for fused_ops.h
+// StartDecoderStep: for every row b < rows, hidden[b, :] = table[tokens[b],
+// :] widened to fp32 (a token outside [0, vocab) clamped into it); for
+// every row b < t_rows (t has 1 or `rows` rows), with t = t[b] before the
+// call: bias[b, h, :] = self_bias[h, min(t, capacity - 1), :] for h <
+// heads, t_step[b] = t, t[b] = min(t + 1, t_max). table [vocab, dim] of
+// kFloat or kBFloat16 (dim a multiple of a 16-byte word, the table and
+// hidden 16-byte aligned), self_bias fp32 [heads, capacity, capacity],
+// bias fp32 [t_rows, heads, capacity], all contiguous in device memory.
+// Returns the launch's error (0: none; cudaErrorInvalidValue, nothing
+// launched, for arguments it does not take).
+struct DecoderStepStartArgs {
+  const void* table = nullptr;
+  const int64_t* tokens = nullptr;
+  const float* self_bias = nullptr;
+  int64_t* t = nullptr;
+  float* hidden = nullptr;
+  float* bias = nullptr;
+  int64_t* t_step = nullptr;
+  int64_t rows = 0, t_rows = 0, dim = 0, vocab = 0, heads = 0, capacity = 0;
+  int64_t t_max = 0;
+};
+int LaunchDecoderStepStart(const DecoderStepStartArgs& args, DType table_dtype,
+                           void* stream);
+
 // Weighted sums of equally long vectors (weighted_sum_kernels.cu), for
 // fused_ops.h WeightedSums: for every job and element i < n,
 //   dst[i] = sum over the job's terms t of weight_t * src_t[i]

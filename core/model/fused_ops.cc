@@ -398,6 +398,24 @@ bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
                                      host_written);
 }
 
+DecoderStepStart StartDecoderStep(const at::Tensor& table,
+                                  const at::Tensor& tokens,
+                                  const at::Tensor& self_bias, at::Tensor& t,
+                                  int64_t t_max) {
+  static const bool off = EnvFlag("LORAHUB_NO_STEP_START");
+  DecoderStepStart out;
+  if (!off && tokens.is_cuda() && fused_backend::Compiled() && !Disabled() &&
+      fused_backend::StartDecoderStep(table, tokens, self_bias, t, t_max,
+                                      &out)) {
+    return out;
+  }
+  out.hidden = at::embedding(table, tokens.view({-1, 1})).to(at::kFloat);
+  out.bias = self_bias.index_select(2, t).permute({2, 1, 0, 3});
+  out.t = t.clone();
+  t.add_(1).clamp_max_(t_max);
+  return out;
+}
+
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
   return RunKernelsMayRun(x, {&a}, {}) &&
          fused_backend::RunShrink(x, a, out);

@@ -321,6 +321,26 @@ bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
                   int64_t pad, int64_t eos, at::Tensor* next,
                   const GreedyInto& into = {}, bool* host_written = nullptr);
 
+// A static decoder step's inputs from its state: `hidden` [B, 1, d] fp32,
+// the embeddings (table [V, d]) of tokens (int64 [B]); `bias` [R, H, 1, C]
+// fp32, row t[r] of the causal self bias (fp32 [1, H, C, C] contiguous) for
+// each of t's R rows (t int64 [1] or [B], the positions); `t` this step's
+// positions (t's values before the call). t itself advances in place to
+// min(t + 1, t_max). On CUDA one kernel (fused_kernels.h
+// LaunchDecoderStepStart; no host sync, so a CUDA graph may capture it),
+// else, and under LORAHUB_NO_STEP_START=1 (read once; A/B), the ATen ops
+// (embedding, conversion, index_select, add, clamp). Why: they were four
+// launches of a 64-row step (about 10 us with their gaps, H200).
+struct DecoderStepStart {
+  at::Tensor hidden;
+  at::Tensor bias;
+  at::Tensor t;
+};
+DecoderStepStart StartDecoderStep(const at::Tensor& table,
+                                  const at::Tensor& tokens,
+                                  const at::Tensor& self_bias, at::Tensor& t,
+                                  int64_t t_max);
+
 // out[s] = x[s] a[s]^T in fp32 for runs of rows per slot (the LoRA
 // down-projection of a CMA-ES population's encoder output through every
 // decoder block's cross v factors, R = 384 for flan-t5-large): x [S, M, in]

@@ -84,6 +84,10 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
                   int64_t pad, int64_t eos, at::Tensor* next,
                   const GreedyInto& into, bool* host_written);
+// fused_ops.h StartDecoderStep (every argument checked here).
+bool StartDecoderStep(const at::Tensor& table, const at::Tensor& tokens,
+                      const at::Tensor& self_bias, at::Tensor& t,
+                      int64_t t_max, DecoderStepStart* out);
 // fused_ops.h RunShrink: x [S, M, in], a [S, R, in], fp32.
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out);
 // a [n, p, q] x b [n, q, r] (bf16 or fp16, CUDA) with fp32 accumulation and

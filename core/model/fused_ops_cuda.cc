@@ -945,6 +945,54 @@ bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
   return true;
 }
 
+bool StartDecoderStep(const at::Tensor& table, const at::Tensor& tokens,
+                      const at::Tensor& self_bias, at::Tensor& t,
+                      int64_t t_max, DecoderStepStart* out) {
+  if (table.dim() != 2 || tokens.dim() != 1 || self_bias.dim() != 4 ||
+      t.dim() != 1 || !OnDeviceOf(table, tokens) ||
+      !OnDeviceOf(self_bias, tokens) || !OnDeviceOf(t, tokens) ||
+      (table.scalar_type() != at::kFloat &&
+       table.scalar_type() != at::kBFloat16) ||
+      tokens.scalar_type() != at::kLong || t.scalar_type() != at::kLong ||
+      self_bias.scalar_type() != at::kFloat || !table.is_contiguous() ||
+      !tokens.is_contiguous() || !self_bias.is_contiguous() ||
+      !t.is_contiguous() || self_bias.size(0) != 1 ||
+      self_bias.size(2) != self_bias.size(3) ||
+      (t.size(0) != 1 && t.size(0) != tokens.size(0))) {
+    return false;
+  }
+  const int64_t B = tokens.size(0), R = t.size(0);
+  const int64_t H = self_bias.size(1), C = self_bias.size(2);
+  c10::cuda::CUDAGuard guard(tokens.device());
+  const auto f32 = self_bias.options();
+  at::Tensor hidden = at::empty({B, 1, table.size(1)}, f32);
+  at::Tensor bias = at::empty({R, H, 1, C}, f32);
+  at::Tensor t_step = at::empty_like(t);
+  kernels::DecoderStepStartArgs a;
+  a.table = table.data_ptr();
+  a.tokens = tokens.data_ptr<int64_t>();
+  a.self_bias = self_bias.data_ptr<float>();
+  a.t = t.data_ptr<int64_t>();
+  a.hidden = hidden.data_ptr<float>();
+  a.bias = bias.data_ptr<float>();
+  a.t_step = t_step.data_ptr<int64_t>();
+  a.rows = B;
+  a.t_rows = R;
+  a.dim = table.size(1);
+  a.vocab = table.size(0);
+  a.heads = H;
+  a.capacity = C;
+  a.t_max = t_max;
+  const int err = kernels::LaunchDecoderStepStart(
+      a, KernelDType(table.scalar_type()), StreamOf(tokens));
+  if (err == static_cast<int>(cudaErrorInvalidValue)) return false;
+  TORCH_CHECK(err == 0, "decoder step start kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *out = DecoderStepStart{std::move(hidden), std::move(bias),
+                          std::move(t_step)};
+  return true;
+}
+
 bool RunShrink(const at::Tensor& x, const at::Tensor& a, at::Tensor* out) {
   if (x.dim() != 3 || a.dim() != 3 || !x.is_cuda() || !a.is_cuda() ||
       x.device() != a.device() || x.scalar_type() != at::kFloat ||

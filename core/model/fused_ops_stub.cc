@@ -64,6 +64,11 @@ bool DecodeStepAttention(const DecodeStepInputs&, at::ScalarType, at::Tensor*) {
   return false;
 }
 
+bool StartDecoderStep(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      at::Tensor&, int64_t, DecoderStepStart*) {
+  return false;
+}
+
 bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&, const std::vector<LoraRunSite>&, double,
                    const at::Tensor&) {

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -412,13 +414,16 @@ absl::Status StaticDecoder::SetAdapterBank(const AdapterBank* bank) {
 
 void StaticDecoder::StepBody() {
   const T5Weights& w = *w_;
-  // Row t of the causal bias: [1, H, 1, capacity]; row slots: each row's
-  // own, [B, H, 1, capacity].
-  const at::Tensor bias =
-      row_slots_ ? self_bias_.index_select(2, t_).permute({2, 1, 0, 3})
-                 : self_bias_.index_select(2, t_);
-  internal::ResidualStream h{internal::Embed(w, tokens_.view({-1, 1})),
-                             at::Tensor()};
+  // The tokens' embeddings, row t of the causal bias ([1, H, 1, capacity];
+  // row slots: each row's own, [B, H, 1, capacity]) and t, which advances
+  // here for the next step (free row slots keep stepping at the last
+  // position).
+  const DecoderStepStart start = StartDecoderStep(
+      w.shared, tokens_, self_bias_, t_,
+      row_slots_ ? capacity_ - 1 : std::numeric_limits<int64_t>::max());
+  const at::Tensor& bias = start.bias;
+  const at::Tensor& t = start.t;
+  internal::ResidualStream h{start.hidden, at::Tensor()};
   for (size_t i = 0; i < w.decoder.size(); ++i) {
     at::Tensor self_k = self_kv_[0][static_cast<int64_t>(i)];
     at::Tensor self_v = self_kv_[1][static_cast<int64_t>(i)];
@@ -427,14 +432,14 @@ void StaticDecoder::StepBody() {
       if (both.defined() && both.scalar_type() == self_kv_.scalar_type()) {
         // One copy for both (they sit side by side in the fused q|k|v
         // output): 24 kernels fewer per step on flan-t5-large.
-        self_kv_.select(1, static_cast<int64_t>(i)).index_copy_(3, t_, both);
+        self_kv_.select(1, static_cast<int64_t>(i)).index_copy_(3, t, both);
       } else {
-        StoreAtPositions(self_k, t_, k);
-        StoreAtPositions(self_v, t_, v);
+        StoreAtPositions(self_k, t, k);
+        StoreAtPositions(self_v, t, v);
       }
       return std::make_pair(self_k, self_v);
     };
-    const internal::StepCache cache{self_k, self_v, t_};
+    const internal::StepCache cache{self_k, self_v, t};
     h = internal::DecoderBlockStep(
         w, w.decoder[i], std::move(h), rows_, store, bias,
         cross_kv_[0][static_cast<int64_t>(i)],
@@ -442,8 +447,6 @@ void StaticDecoder::StepBody() {
         internal::CrossKeyRows{key_starts_, key_lens_}, &cache);
   }
   internal::DecoderHeadLogitsInto(w, h, logits_);
-  t_.add_(1);
-  if (row_slots_) t_.clamp_max_(capacity_ - 1);  // free slots keep stepping
 }
 
 StaticDecoder::SavedState StaticDecoder::Save() const {

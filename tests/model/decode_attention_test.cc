@@ -702,5 +702,50 @@ TEST(DecodeAttentionTest, StepAttentionCrossThroughKeyLengths) {
   std::printf("cross step through key lengths: vs double %.3g\n", diff);
 }
 
+// StartDecoderStep (fused_ops.h): the embeddings, the bias rows and this
+// step's positions equal the ATen ops' bit for bit, and t advances, clamped
+// at t_max: one position for every row (a static decoder), and a position
+// per row (row slots, two of them at the last position). On CUDA the step
+// start kernel runs.
+TEST(DecodeAttentionTest, StartDecoderStepEqualsItsOps) {
+  at::manual_seed(21);
+  const int64_t V = 50, d = 64, B = 5, H = 3, C = 9;
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(Device());
+  const at::Tensor tokens =
+      at::tensor(std::vector<int64_t>{3, 0, V - 1, 7, 3}, at::kLong)
+          .to(Device());
+  const at::Tensor self_bias = Random({1, H, C, C}, 2.0);
+  const auto cpu = [](const at::Tensor& x) { return x.to(at::kCPU); };
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor table = Random({V, d}, 1.0).to(dtype);
+    for (int64_t rows : {int64_t{1}, B}) {
+      at::Tensor t =
+          rows == 1 ? at::full({1}, 4, i64)
+                    : at::tensor(std::vector<int64_t>{0, C - 1, 3, C - 1, 5},
+                                 at::kLong)
+                          .to(Device());
+      const int64_t t_max =
+          rows == 1 ? std::numeric_limits<int64_t>::max() : C - 1;
+      const at::Tensor before = t.clone();
+      const DecoderStepStart got =
+          StartDecoderStep(table, tokens, self_bias, t, t_max);
+      const std::string where = std::string(at::toString(dtype)) + ", " +
+                                std::to_string(rows) + " position rows";
+      EXPECT_TRUE(at::equal(
+          cpu(got.hidden),
+          cpu(at::embedding(table, tokens.view({-1, 1})).to(at::kFloat))))
+          << where;
+      ASSERT_EQ(got.bias.sizes(), (std::vector<int64_t>{rows, H, 1, C}));
+      EXPECT_TRUE(at::equal(
+          cpu(got.bias),
+          cpu(self_bias.index_select(2, before).permute({2, 1, 0, 3}))))
+          << where;
+      EXPECT_TRUE(at::equal(cpu(got.t), cpu(before))) << where;
+      EXPECT_TRUE(at::equal(cpu(t), cpu((before + 1).clamp_max(t_max))))
+          << where;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace lorahub::model
