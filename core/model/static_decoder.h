@@ -212,7 +212,7 @@ class StaticDecoder {
   int64_t length_ = 0;   // host mirror of t_ (never read back)
   at::Tensor tokens_;    // [B] int64
   at::Tensor t_;         // [1] (row slots: [B]) int64: the next position
-  at::Tensor self_kv_;   // [2, blocks, B, H, capacity, d_kv] fp32
+  at::Tensor self_kv_;   // [2, blocks, B, H, capacity, d_kv], DecodeSelfKvDtype
   at::Tensor cross_kv_;  // [2, blocks, B, H, S, d_kv] (CrossKvBuffer)
   // Not for row slots, on CUDA only: int32 [B], where row b's cross keys and
   // values start among cross_kv_'s B * S tokens (b * S, or a packed batch's

@@ -367,7 +367,8 @@ TEST(DecodeAttentionTest, FullyMaskedHeadIsTheMeanOfItsValues) {
 
 // Cross-attention keys and values of decode steps: bf16 only for a bf16
 // model whose single queries take the kernel (fp32 q and probabilities),
-// fp32 otherwise and for fp32 models; self-attention's stay fp32.
+// fp32 otherwise and for fp32 models. The self-attention cache: bf16 only
+// for a bf16 model on CUDA whose steps take the step kernel.
 TEST(DecodeAttentionTest, CrossKeyValueDtype) {
   const c10::Device device = Device();
   const char* env = std::getenv("LORAHUB_DECODE_CROSS_FP32");
@@ -378,6 +379,16 @@ TEST(DecodeAttentionTest, CrossKeyValueDtype) {
             bf16 ? at::kBFloat16 : DecodeKvDtype(at::kBFloat16));
   EXPECT_EQ(DecodeCrossKvDtype(at::kFloat, device), at::kFloat);
   EXPECT_EQ(DecodeCrossKvDtype(at::kBFloat16, c10::Device(c10::kCPU)),
+            DecodeKvDtype(at::kBFloat16));
+  const char* self_env = std::getenv("LORAHUB_DECODE_SELF_FP32");
+  const bool self_fp32 = self_env != nullptr && *self_env != '\0' &&
+                         std::string(self_env) != "0";
+  const bool self_bf16 = device.is_cuda() && DecodeStepAttentionEnabled() &&
+                         !StagedSelfStepOff() && !self_fp32;
+  EXPECT_EQ(DecodeSelfKvDtype(at::kBFloat16, device),
+            self_bf16 ? at::kBFloat16 : DecodeKvDtype(at::kBFloat16));
+  EXPECT_EQ(DecodeSelfKvDtype(at::kFloat, device), at::kFloat);
+  EXPECT_EQ(DecodeSelfKvDtype(at::kBFloat16, c10::Device(c10::kCPU)),
             DecodeKvDtype(at::kBFloat16));
 }
 
