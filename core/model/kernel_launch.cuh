@@ -37,6 +37,7 @@ struct DeviceLimits {
   int sms = 0;                // multiprocessors (132 where the device cannot say)
   int64_t shared_optin = 0;   // bytes of dynamic shared memory a block may
                               // opt into (kDefaultShared where it cannot say)
+  bool clusters = false;      // thread block clusters launch (sm_90 and up)
 };
 
 // The current device's limits, its index in *device; nullptr when there is
@@ -59,7 +60,12 @@ inline const DeviceLimits* CurrentDeviceLimits(int* device) {
                                d) != cudaSuccess) {
       optin = static_cast<int>(kDefaultShared);
     }
-    limits[d] = {sms, optin};
+    int clusters = 0;
+    if (cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, d) !=
+        cudaSuccess) {
+      clusters = 0;
+    }
+    limits[d] = {sms, optin, clusters != 0};
   });
   return &limits[d];
 }

@@ -11,10 +11,13 @@
 # SplitKeyAttentionKernel runs in every generation's decode steps (the base model's first).
 #
 #   OUT=DIR [KERNELS="AddRmsNormShrinkKernel SplitKeyAttentionKernel"] [SKIP=100] [COUNT=3] \
-#     [TIMEOUT_S=120] bash deploy/gpu/ncu_kernels.sh
+#     [TIMEOUT_S=120] [NAME_BASE=demangled] bash deploy/gpu/ncu_kernels.sh
 # A name may carry its own skip as NAME@SKIP (e.g. "RegisterTiledAttentionKernel@20
 # RegisterTiledAttentionKernel@2000": an objective evaluation's launch and a population pass's);
-# reports are named after NAME and SKIP then.
+# reports are named after NAME and SKIP then, each character but letters, digits and _ as _.
+# NAME_BASE=demangled matches names against the demangled signature, which ncu writes with
+# its template arguments cast (a regex without spaces, e.g. "RunExpandKernel<.int.4,..int.32>"
+# for RunExpandKernel<(int)4, (int)32>); ncu's default, function, has the bare name only.
 #
 # For each kernel name K: ncu --kernel-name regex:K --launch-skip SKIP --launch-count COUNT
 # --set full -> $OUT/ncu_K.ncu-rep, its details page in $OUT/ncu_K.txt, its SASS with each
@@ -39,8 +42,10 @@ for spec in ${KERNELS:-AddRmsNormShrinkKernel SplitKeyAttentionKernel}; do
   skip=${SKIP:-100}
   k=$name
   if [ "$spec" != "$name" ]; then skip=${spec#*@}; k=${name}_$skip; fi
+  k=$(printf '%s' "$k" | tr -c 'A-Za-z0-9_' '_')
   echo "== $name (skip $skip, count ${COUNT:-3})" | tee -a "$summary"
-  timeout "${TIMEOUT_S:-120}" "$ncu" --kernel-name "regex:$name" --launch-skip "$skip" \
+  timeout "${TIMEOUT_S:-120}" "$ncu" --kernel-name-base "${NAME_BASE:-function}" \
+    --kernel-name "regex:$name" --launch-skip "$skip" \
     --launch-count "${COUNT:-3}" --set full --import-source no -f -o "$out/ncu_$k" \
     "$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
     --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 --reps 1 --cobyla-budget 4 \
