@@ -2599,6 +2599,29 @@ bool StagedSelfStep(const AttentionArgs& a, const DecodeStepArgs& step) {
          a.bias_dtype == DType::kFloat && a.key_starts == nullptr;
 }
 
+// Calls launch(std::integral_constant<int, G>{}) for G = groups, the lanes
+// of a decode step's head (4, 8, 16 or 32); false, nothing called, for any
+// other count.
+template <typename F>
+bool WithLaneGroups(int64_t groups, F&& launch) {
+  switch (groups) {
+    case 4:
+      launch(std::integral_constant<int, 4>{});
+      return true;
+    case 8:
+      launch(std::integral_constant<int, 8>{});
+      return true;
+    case 16:
+      launch(std::integral_constant<int, 16>{});
+      return true;
+    case 32:
+      launch(std::integral_constant<int, 32>{});
+      return true;
+    default:
+      return false;
+  }
+}
+
 template <typename E, int G>
 void LaunchStep(const AttentionArgs& a, const DecodeStepArgs& step,
                 unsigned grid, cudaStream_t stream) {
@@ -2636,49 +2659,20 @@ int LaunchStepFor(const AttentionArgs& a, const DecodeStepArgs& step,
   }
   if constexpr (std::is_same_v<E, __nv_bfloat16>) {
     if (StagedSelfStep(a, step)) {  // narrow lanes: 4 values, 8 bytes
-      switch (a.D / 4) {
-        case 4:
-          StagedStepAttentionKernel<E, 4, true, 8>
-              <<<grid, kSplitThreads, 0, stream>>>(a, step);
-          break;
-        case 8:
-          StagedStepAttentionKernel<E, 8, true, 8>
-              <<<grid, kSplitThreads, 0, stream>>>(a, step);
-          break;
-        case 16:
-          StagedStepAttentionKernel<E, 16, true, 8>
-              <<<grid, kSplitThreads, 0, stream>>>(a, step);
-          break;
-        case 32:
-          StagedStepAttentionKernel<E, 32, true, 8>
-              <<<grid, kSplitThreads, 0, stream>>>(a, step);
-          break;
-        default:
-          return static_cast<int>(cudaErrorInvalidValue);
-      }
-      return LastError();
+      const bool launched = WithLaneGroups(a.D / 4, [&](auto groups) {
+        StagedStepAttentionKernel<E, decltype(groups)::value, true, 8>
+            <<<grid, kSplitThreads, 0, stream>>>(a, step);
+      });
+      return launched ? LastError() : static_cast<int>(cudaErrorInvalidValue);
     }
   }
   if (step.parts > 1 && step.k_new != nullptr && sizeof(E) != 4) {
     return static_cast<int>(cudaErrorInvalidValue);  // LoadNewKeyValue
   }
-  switch (a.D / W) {
-    case 4:
-      LaunchStep<E, 4>(a, step, grid, stream);
-      break;
-    case 8:
-      LaunchStep<E, 8>(a, step, grid, stream);
-      break;
-    case 16:
-      LaunchStep<E, 16>(a, step, grid, stream);
-      break;
-    case 32:
-      LaunchStep<E, 32>(a, step, grid, stream);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return LastError();
+  const bool launched = WithLaneGroups(a.D / W, [&](auto groups) {
+    LaunchStep<E, decltype(groups)::value>(a, step, grid, stream);
+  });
+  return launched ? LastError() : static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace
