@@ -17,9 +17,14 @@
 # CMA-ES population's 320 examples (61 to 72 tokens), 16 heads of 64, a position bias per head.
 # Each figure: us a launch, the median of 20 timings of 24 back-to-back launches (CUDA events);
 # q, k, v (one fused [tokens, 3 x 1024] fp32 projection) stay in L2 between launches, as the
-# GEMM before the engine's kernel leaves them. `full` is checked against torch per row.
-# Runs under the GPU host's python3 (PyTorch and CuPy):
+# GEMM before the engine's kernel leaves them. The variants that compute everything are checked
+# against torch in double, every seventh row.
+# Runs under the GPU host's python3 (PyTorch and CuPy), about 10 s, no build:
 #   python3 deploy/gpu/packed_attention_bench.py [VARIANT...]
+# Forty-third session, H200 (docs/BENCHMARKS.md), prefill / population: full 46.3-47.7 / 277-278,
+# noqk 25.9 / 176.6, nopv 35.9 / 193.8, stage 8.0 / 69.5, ty8 37.1-37.8 / 293.7-294.5, q3 45.3 /
+# 398.2, rb 51.9 / 306.1, rbe 47.0 / 286.5, ty8rbe 37.9 / 297.7 us (the engine's kernel under
+# Kineto: 55 / 341).
 import sys
 
 import cupy
