@@ -39,7 +39,7 @@ src = r'''
 template <int kQpt, int kKpt, int kTy, int kMode, int kBound>
 __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
 attn(const float* __restrict__ y, const float* __restrict__ bias, const int* __restrict__ starts,
-     float* __restrict__ out, int T, int H, int L) {
+     float* __restrict__ out, int H, int L) {  // L: the longest row
   constexpr int kThreads = 16 * kTy, TQ = kTy * kQpt, TK = 16 * kKpt, kKn = TK * 16 / kThreads;
   constexpr int kLd = 68, D = 64, kRow = 3 * 1024;
   extern __shared__ float4 smem4[];
@@ -50,7 +50,7 @@ attn(const float* __restrict__ y, const float* __restrict__ bias, const int* __r
   const int ldp = ((TK + 15) / 32) * 32 + 16;
   const int p_floats = TQ * ldp;
   float* vs = qs + (qk > p_floats ? qk : p_floats);
-  const int tiles = (T + TQ - 1) / TQ;
+  const int tiles = (L + TQ - 1) / TQ;
   const int tile = blockIdx.x % tiles;
   const int h = (blockIdx.x / tiles) % H;
   const int b = blockIdx.x / (tiles * H);
@@ -193,6 +193,10 @@ def kernel_name(variant, kpt):
     return 'attn<%d, %d, %d, %d, %d>' % (q, kpt, ty, m, bound)
 
 
+def P(t):  # a torch tensor's device pointer as a kernel argument
+    return cupy.uint64(t.data_ptr())
+
+
 def shape(lengths):
     starts = [0]
     for n in lengths:
@@ -242,8 +246,7 @@ def main(wanted):
             shared = smem_floats(tq, tk) * 4
             fn.max_dynamic_shared_size_bytes = shared
             grid = len(lengths) * H * ((L + tq - 1) // tq)
-            P = lambda t: cupy.uint64(t.data_ptr())
-            args = (P(y), P(bias), P(st), P(out), cupy.int32(L), cupy.int32(H), cupy.int32(L))
+            args = (P(y), P(bias), P(st), P(out), cupy.int32(H), cupy.int32(L))
             launch = lambda: fn((grid,), (16 * ty,), args, shared_mem=shared)
             launch()
             torch.cuda.synchronize()
