@@ -2850,9 +2850,25 @@ bool TiledV1() {
 // (Kineto, calls 1-3: a population pass's call 77.5 and 85.8 us with 16 rows
 // against 80.5 with 8; prompts 89.9 against 104.8 us). LORAHUB_TILED_TY=8
 // or 16 (read once; A/B) takes that height for all.
+// Packed rows of at most kShortPackedTokens tokens on average (a batch of
+// prompts) take 8 as well: a row that fits one 8-row block (40 query rows
+// at 5 a thread) leaves fewer query rows idle, at 4 blocks an SM. H200,
+// Kineto: a per-row prefill's 24 calls 55 us each (forty-third session) ->
+// 44.8 (forty-fourth, call 1); in that call, paired, 8 runs each, per-row generation 38,522 ->
+// 38,721 tok/s (median), every answer and digest the same. A population's
+// 320 rows of 61-72 tokens keep 16 (the replica,
+// deploy/gpu/packed_attention_bench.py: 294 us with 8 against 278).
+// LORAHUB_PACKED_SHORT_TY=16 (read once; A/B): short packed rows as the
+// rest.
+constexpr int64_t kShortPackedTokens = 40;
 int RegTiledTy(const AttentionArgs& a, int sms) {
   static const int forced = EnvChoice("LORAHUB_TILED_TY");
   if (forced == 8 || forced == 16) return forced;
+  static const bool short_8 = EnvChoice("LORAHUB_PACKED_SHORT_TY") != 16;
+  if (short_8 && a.seq_starts != nullptr && a.packed_tokens > 0 &&
+      a.packed_tokens <= a.B * kShortPackedTokens) {
+    return 8;
+  }
   return a.B * a.H < sms ? 8 : 16;
 }
 

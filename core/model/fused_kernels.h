@@ -94,6 +94,9 @@ struct AttentionArgs {
   // over its own tokens only (positions t, j of the row index the bias),
   // and the output is [tokens, H, Dv].
   const int32_t* seq_starts = nullptr;
+  // With seq_starts: the rows' tokens in all (N), which the launcher reads
+  // to shape its blocks (0: unknown).
+  int64_t packed_tokens = 0;
   // Optional, LaunchDecodeStepAttention without a store only (the other
   // launchers refuse it): the keys and values of rows packed end to end. Row
   // b's key j is token key_starts[b] + j (device int32 [B]) along the token

@@ -328,6 +328,7 @@ bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
   a.T = a.S = L;
   a.bias_stride[0] = 0;  // one position bias for every row
   a.seq_starts = starts.data_ptr<int32_t>();
+  a.packed_tokens = N;
   a.out = result.data_ptr();
   const int err = kernels::LaunchTiledAttention(a, StreamOf(q));
   // Shapes the register-tiled kernel does not take: nothing launched.
