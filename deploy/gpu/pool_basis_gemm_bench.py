@@ -23,7 +23,8 @@
 # alone 40; expand with K = 320: step 3.5, prefill 11.9-12.4, population 74-76. Against the
 # engine's per-row kernels under Kineto (forty-fourth session, call 1): a step's norm + q|v shrink
 # 3.87 us against a plain norm's 1.71-1.8; a prefill's q|v run shrink 14.4 us; a population's
-# 47.1 (shrink) and 3 x 45.5 (expands) a layer.
+# 47.1 (shrink) and 3 x 45.5 (expands) a layer. The decode step built on it (calls 3-4, the
+# attention kernel mixing each row's products) was slower: docs/BENCHMARKS.md, forty-fourth session.
 import statistics
 
 import torch
