@@ -2842,24 +2842,25 @@ bool TiledV1() {
 
 // RegisterTiledAttentionKernel's block height kTy for B x H heads: 8 rows
 // of 16 threads where the heads are fewer than the SMs (an objective
-// evaluation: 5 x 16 heads), else 16 (a population pass, a batch of
-// prompts). Why: with 16 x 16 threads an evaluation's attention is bound by
+// evaluation: 5 x 16 heads) or the rows are packed and short (at most
+// kShortPackedTokens tokens on average: a batch of prompts), else 16 (a
+// population pass).
+// Few heads: with 16 x 16 threads an evaluation's attention is bound by
 // latency (ncu: 16% achieved occupancy, no eligible warp 55% of the
 // cycles), and 8 x 16 threads took the evaluation from 3.379 to 3.210 ms
 // (twentieth session, call 2); on the large grids they were no faster
 // (Kineto, calls 1-3: a population pass's call 77.5 and 85.8 us with 16 rows
-// against 80.5 with 8; prompts 89.9 against 104.8 us). LORAHUB_TILED_TY=8
-// or 16 (read once; A/B) takes that height for all.
-// Packed rows of at most kShortPackedTokens tokens on average (a batch of
-// prompts) take 8 as well: a row that fits one 8-row block (40 query rows
-// at 5 a thread) leaves fewer query rows idle, at 4 blocks an SM. H200,
-// Kineto: a per-row prefill's 24 calls 55 us each (forty-third session) ->
-// 44.8 (forty-fourth, call 1); in that call, paired, 8 runs each, per-row generation 38,522 ->
-// 38,721 tok/s (median), every answer and digest the same. A population's
-// 320 rows of 61-72 tokens keep 16 (the replica,
+// against 80.5 with 8; prompts 89.9 against 104.8 us).
+// Short packed rows: a row that fits one 8-row block (40 query rows at 5 a
+// thread) leaves fewer query rows idle, at 4 blocks an SM. H200, Kineto: a
+// per-row prefill's 24 calls 55 us each (forty-third session) -> 44.8
+// (forty-fourth, call 1); in that call, paired, 8 runs each, per-row
+// generation 38,522 -> 38,721 tok/s (median), every answer and digest the
+// same. A population's 320 rows of 61-72 tokens keep 16 (the replica,
 // deploy/gpu/packed_attention_bench.py: 294 us with 8 against 278).
-// LORAHUB_PACKED_SHORT_TY=16 (read once; A/B): short packed rows as the
-// rest.
+// LORAHUB_TILED_TY=8 or 16 (read once; A/B) takes that height for all;
+// LORAHUB_PACKED_SHORT_TY=16 (read once; A/B) gives short packed rows the
+// height of the rest.
 constexpr int64_t kShortPackedTokens = 40;
 int RegTiledTy(const AttentionArgs& a, int sms) {
   static const int forced = EnvChoice("LORAHUB_TILED_TY");
