@@ -15,7 +15,7 @@
 #   expand       u [tokens, 320] x stacked B [320, 2048] (q and v) accumulated into q|v
 # Each figure: us a GEMM, the median of 20 replays of a CUDA graph of 24 back-to-back GEMMs (the
 # engine runs its steps as CUDA graphs; the weights of 24 layers, distinct tensors, so that they
-# come from HBM as a step's do). Runs under the GPU host's python3, about 20 s, no build:
+# come from HBM as a step's do). Runs under the GPU host's python3, about 6 s, no build:
 #   python3 deploy/gpu/pool_basis_gemm_bench.py
 # Forty-fourth session, call 2, H200, two runs (us): step qkv 5.41-5.46, with the pool's columns
 # 5.48-5.54 (+0.06-0.08), pool alone 4.46-4.54; step cross q 4.69-4.76, +pool 4.89-4.94 (+0.18-0.19);
@@ -23,8 +23,9 @@
 # alone 40; expand with K = 320: step 3.5, prefill 11.9-12.4, population 74-76. Against the
 # engine's per-row kernels under Kineto (forty-fourth session, call 1): a step's norm + q|v shrink
 # 3.87 us against a plain norm's 1.71-1.8; a prefill's q|v run shrink 14.4 us; a population's
-# 47.1 (shrink) and 3 x 45.5 (expands) a layer. The decode step built on it (calls 3-4, the
-# attention kernel mixing each row's products) was slower: docs/BENCHMARKS.md, forty-fourth session.
+# 47.1 (shrink) and 3 x 45.5 (expands) a layer. The decode step built on it (calls 3-5: the
+# attention kernel, or a kernel of its own, mixing each row's products) was slower:
+# docs/BENCHMARKS.md, forty-fourth session.
 import statistics
 
 import torch
