@@ -1,0 +1,305 @@
+# The decode step's add+norm+shrink (fused_kernels.cu AddRmsNormShrinkKernel<bf16, 4, 4, 2>) in
+# isolation, with parts of it left out, to find what its ~2 us over a plain norm wait on
+# (forty-fifth session). Kineto, a per-row decode step of 64 rows (s45 call 1): the q|v kernel
+# (32 ranks, 2 blocks a row) 4.13 us, cross q (16 ranks, 1 block a row) 3.53, a plain add+norm
+# 1.77; blocks of 16 warps of a rank each measured slower (4.73, 4.21), 32 warps slower still.
+# A replica of its structure (256 threads, the row's x + 4 split-K parts summed, the RMS norm
+# into shared memory, each warp's 2 factor rows of 1,024 bf16 loaded first as 16-byte words,
+# one dot per rank, a shuffle sum), with variants:
+#   full     the engine kernel's structure
+#   noload   the factor words not loaded (zeros): what their loads cost
+#   nodot    the factors loaded, their dot products left out (one word's sum kept)
+#   nonorm   x, the parts and the weight not loaded (x = 1): the norm's loads left out
+#   plain    the norm alone (no factors, no dot), as AddRmsNormKernel
+#   nowrite  full without the norm's three row outputs (sum, full, rounded)
+#   bulk     full with each block's 32 KB of factor rows brought into shared memory by one
+#            thread's cp.async.bulk copies (an mbarrier counts their bytes), not lanes' loads
+# on the q|v shape (32 ranks, grid 2 x 64) and the cross q shape (16 ranks, grid 1 x 64).
+# Each figure: us a launch, the median of 20 replays of a CUDA graph of 24 launches over 24
+# layers' factors (64 slots x 32 x 1,024 bf16 each: they come from HBM as a step's do).
+# Runs under the GPU host's python3 (PyTorch and CuPy), no build:
+#   python3 deploy/gpu/norm_shrink_bench.py
+# Forty-fifth session, calls 6 and 7, H200 (us; q|v, cross q): full 3.66-3.76, 3.02-3.10; noload
+# 2.33-2.39, 2.22-2.26; nodot 3.68-3.72, 2.98-3.05; nonorm 3.44, 2.79-2.87; plain 2.05-2.10,
+# 2.00-2.05; nowrite 4.26-4.31, 3.83-3.93; bulk 3.99, 3.33. What the kernel waits on is its
+# factors: 1.3-1.4 us for q|v's 4 MB (about 2.9 TB/s) and 0.8 us for cross q's 2 MB; the dot
+# products cost about 0.05 us and the norm's own loads 0.2-0.3 us. Bulk copies into shared memory
+# do not move the bytes faster than the lanes' 16-byte loads.
+import statistics
+import warnings
+
+import cupy
+import numpy
+import torch
+
+warnings.simplefilter('ignore', DeprecationWarning)
+src = r'''
+#include <cuda_bf16.h>
+constexpr int kT = 256;
+enum { kFull = 0, kNoLoad = 1, kNoDot = 2, kNoNorm = 3, kPlain = 4, kNoWrite = 5, kBulk = 6 };
+
+__device__ __forceinline__ float BlockSumOnce(float v) {
+  __shared__ float ws[kT / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) ws[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return ((ws[0] + ws[4]) + (ws[2] + ws[6])) + ((ws[1] + ws[5]) + (ws[3] + ws[7]));
+}
+__device__ __forceinline__ int Sw(int q) { return q ^ ((q >> 3) & 1); }
+
+template <int kMode, int kRpw>
+__global__ void __launch_bounds__(kT) NormShrink(
+    const float* __restrict__ x, const float* __restrict__ parts, const __nv_bfloat16* __restrict__ g,
+    const __nv_bfloat16* __restrict__ a, const long long* __restrict__ slots, int R,
+    float* __restrict__ sum_out, float* __restrict__ full_out, __nv_bfloat16* __restrict__ rounded,
+    float* __restrict__ xa) {
+  __shared__ float4 xs4[1024 / 4];
+  float* xs = reinterpret_cast<float*>(xs4);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.y;
+  const int c0 = (blockIdx.x * 8 + warp) * kRpw;
+  uint4 ahead[kRpw][4];
+  if (kMode != kPlain) {
+    const __nv_bfloat16* sa = a + slots[b] * (long long)R * 1024;
+#pragma unroll
+    for (int r = 0; r < kRpw; ++r) {
+      const uint4* row = reinterpret_cast<const uint4*>(sa + (long long)(c0 + r) * 1024);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (kMode == kNoLoad) ahead[r][u] = make_uint4(0, 0, 0, 0);
+        else ahead[r][u] = row[lane + 32 * u];
+      }
+    }
+  }
+  const long long base = (long long)b * 1024;
+  float v[4], gg[4];
+  if (kMode == kNoNorm) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) { v[u] = 1.f; gg[u] = 1.f; }
+  } else {
+    float p[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const long long i = base + threadIdx.x + u * kT;
+      v[u] = x[i];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) p[k][u] = parts[k * 64LL * 1024 + i];
+      gg[u] = __bfloat162float(g[threadIdx.x + u * kT]);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      float s = p[0][u];
+#pragma unroll
+      for (int k = 1; k < 4; ++k) s += p[k][u];
+      v[u] += s;
+    }
+  }
+  float sq = 0.f;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) sq += v[u] * v[u];
+  const float inv = rsqrtf(BlockSumOnce(sq) / 1024.f + 1e-6f);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int i = threadIdx.x + u * kT;
+    const float o = gg[u] * (v[u] * inv);
+    xs[(Sw(i >> 2) << 2) | (i & 3)] = o;
+    if (kMode != kNoWrite && blockIdx.x == 0) {
+      sum_out[base + i] = v[u];
+      full_out[base + i] = o;
+      rounded[base + i] = __float2bfloat16(o);
+    }
+  }
+  if (kMode == kPlain) return;
+  __syncthreads();
+  float s[kRpw];
+#pragma unroll
+  for (int r = 0; r < kRpw; ++r) {
+    s[r] = 0.f;
+    const int words = kMode == kNoDot ? 1 : 4;
+    for (int u = 0; u < words; ++u) {
+      const uint4 raw = ahead[r][u];
+      const int q0 = (lane + 32 * u) * 2;
+      const float4 x0 = xs4[Sw(q0)], x1 = xs4[Sw(q0 + 1)];
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+      const float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
+      const float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
+      s[r] += x0.x * w0.x + x0.y * w0.y + x0.z * w1.x + x0.w * w1.y;
+      s[r] += x1.x * w2.x + x1.y * w2.y + x1.z * w3.x + x1.w * w3.y;
+    }
+    if (kMode == kNoDot) {  // keep the other words' loads alive
+      for (int u = 1; u < 4; ++u) s[r] += __int_as_float(ahead[r][u].x & 1);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int r = 0; r < kRpw; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRpw; ++r) xa[b * R + c0 + r] = s[r];
+  }
+}
+
+// kBulk: the block's 16 factor rows (32 KB) brought into shared memory by one thread's bulk
+// copies (cp.async.bulk, completion counted on an mbarrier) instead of each lane's 16-byte
+// loads into registers; the dot then reads them from shared memory.
+__global__ void __launch_bounds__(kT) NormShrinkBulk(
+    const float* __restrict__ x, const float* __restrict__ parts, const __nv_bfloat16* __restrict__ g,
+    const __nv_bfloat16* __restrict__ a, const long long* __restrict__ slots, int R,
+    float* __restrict__ sum_out, float* __restrict__ full_out, __nv_bfloat16* __restrict__ rounded,
+    float* __restrict__ xa) {
+  __shared__ float4 xs4[1024 / 4];
+  __shared__ __align__(128) uint4 fs[16 * 1024 / 8];  // 16 rows of 1,024 bf16
+  __shared__ __align__(8) unsigned long long bar;
+  float* xs = reinterpret_cast<float*>(xs4);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.y;
+  const unsigned bar_addr = static_cast<unsigned>(__cvta_generic_to_shared(&bar));
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar_addr));
+    asm volatile("fence.mbarrier_init.release.cluster;");
+    asm volatile("fence.proxy.async.shared::cta;");
+    const __nv_bfloat16* src = a + (slots[b] * (long long)R + blockIdx.x * 16) * 1024;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar_addr), "r"(16 * 2048));
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(fs));
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   :: "r"(dst + r * 8192), "l"(src + r * 4096), "r"(8192), "r"(bar_addr) : "memory");
+    }
+  }
+  const long long base = (long long)b * 1024;
+  float v[4], gg[4], p[4][4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const long long i = base + threadIdx.x + u * kT;
+    v[u] = x[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) p[k][u] = parts[k * 64LL * 1024 + i];
+    gg[u] = __bfloat162float(g[threadIdx.x + u * kT]);
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    float s = p[0][u];
+#pragma unroll
+    for (int k = 1; k < 4; ++k) s += p[k][u];
+    v[u] += s;
+  }
+  float sq = 0.f;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) sq += v[u] * v[u];
+  const float inv = rsqrtf(BlockSumOnce(sq) / 1024.f + 1e-6f);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int i = threadIdx.x + u * kT;
+    const float o = gg[u] * (v[u] * inv);
+    xs[(Sw(i >> 2) << 2) | (i & 3)] = o;
+    if (blockIdx.x == 0) {
+      sum_out[base + i] = v[u];
+      full_out[base + i] = o;
+      rounded[base + i] = __float2bfloat16(o);
+    }
+  }
+  __syncthreads();
+  unsigned done = 0;
+  while (!done) {
+    asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], 0; selp.u32 %0, 1, 0, q; }"
+                 : "=r"(done) : "r"(bar_addr) : "memory");
+  }
+  float s[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    s[r] = 0.f;
+    const int row = warp * 2 + r;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const uint4 raw = fs[row * 128 + lane + 32 * u];
+      const int q0 = (lane + 32 * u) * 2;
+      const float4 x0 = xs4[Sw(q0)], x1 = xs4[Sw(q0 + 1)];
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+      const float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
+      const float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
+      s[r] += x0.x * w0.x + x0.y * w0.y + x0.z * w1.x + x0.w * w1.y;
+      s[r] += x1.x * w2.x + x1.y * w2.y + x1.z * w3.x + x1.w * w3.y;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
+  }
+  if (lane == 0) {
+    const int c0 = blockIdx.x * 16 + warp * 2;
+    xa[b * R + c0] = s[0];
+    xa[b * R + c0 + 1] = s[1];
+  }
+}
+'''
+MODES = ['full', 'noload', 'nodot', 'nonorm', 'plain', 'nowrite', 'bulk']
+LAYERS = 24
+i32, u64 = numpy.int32, numpy.uint64
+
+
+def time_graph(run):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
+    return statistics.median(times)
+
+
+def main():
+    print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, cupy {cupy.__version__}')
+    names = [f'NormShrink<{m}, 2>' for m in range(len(MODES) - 1)] + ['NormShrinkBulk']
+    mod = cupy.RawModule(code=src, options=('-std=c++17',), name_expressions=names)
+    torch.manual_seed(0)
+    rows = 64
+    x = torch.randn(rows, 1024, device='cuda')
+    parts = torch.randn(4, rows, 1024, device='cuda') * 0.1
+    g = (torch.rand(1024, device='cuda') + 0.5).bfloat16()
+    slots = torch.randperm(rows, device='cuda')
+    for name, R in (('q|v', 32), ('cross q', 16)):
+        a = [(torch.randn(rows, R, 1024, device='cuda') * 0.03).bfloat16() for _ in range(LAYERS)]
+        outs = [torch.empty(rows, 1024, device='cuda'), torch.empty(rows, 1024, device='cuda'),
+                torch.empty(rows, 1024, device='cuda', dtype=torch.bfloat16),
+                torch.empty(rows, R, device='cuda')]
+        line = f'{name} ({R} ranks, grid {R // 16} x {rows}):'
+        for m, mode in enumerate(MODES):
+            kern = mod.get_function(names[m])
+
+            def launch(ai, kern=kern):
+                stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+                kern((R // 16, rows), (256,),
+                     (u64(x.data_ptr()), u64(parts.data_ptr()), u64(g.data_ptr()),
+                      u64(ai.data_ptr()), u64(slots.data_ptr()), i32(R),
+                      u64(outs[0].data_ptr()), u64(outs[1].data_ptr()), u64(outs[2].data_ptr()),
+                      u64(outs[3].data_ptr())), stream=stream)
+            if mode in ('full', 'bulk'):  # check against torch
+                launch(a[0])
+                torch.cuda.synchronize()
+                h = x + parts.sum(0)
+                n = g.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+                ref = torch.einsum('bk,brk->br', n, a[0][slots].float())
+                err = ((outs[3] - ref).abs().max() / ref.abs().max()).item()
+                line += f' [{mode} err {err:.1e}]'
+            us = time_graph(lambda: [launch(ai) for ai in a])
+            line += f' {mode} {us:.2f}'
+        print(line, flush=True)
+
+
+if __name__ == '__main__':
+    main()
