@@ -12,6 +12,8 @@
 #   nonorm   x, the parts and the weight not loaded (x = 1): the norm's loads left out
 #   plain    the norm alone (no factors, no dot), as AddRmsNormKernel
 #   nowrite  full without the norm's three row outputs (sum, full, rounded)
+#   hot      full over one layer's factors 24 times (in L2 after the first launch)
+#   fp8      full with e4m3 factors and a scale per (slot, rank): half the bytes
 #   bulk     full with each block's 32 KB of factor rows brought into shared memory by one
 #            thread's cp.async.bulk copies (an mbarrier counts their bytes), not lanes' loads
 # on the q|v shape (32 ranks, grid 2 x 64) and the cross q shape (16 ranks, grid 1 x 64).
@@ -19,12 +21,13 @@
 # layers' factors (64 slots x 32 x 1,024 bf16 each: they come from HBM as a step's do).
 # Runs under the GPU host's python3 (PyTorch and CuPy), no build:
 #   python3 deploy/gpu/norm_shrink_bench.py
-# Forty-fifth session, calls 6 and 7, H200 (us; q|v, cross q): full 3.66-3.76, 3.02-3.10; noload
-# 2.33-2.39, 2.22-2.26; nodot 3.68-3.72, 2.98-3.05; nonorm 3.44, 2.79-2.87; plain 2.05-2.10,
-# 2.00-2.05; nowrite 4.26-4.31, 3.83-3.93; bulk 3.99, 3.33. What the kernel waits on is its
-# factors: 1.3-1.4 us for q|v's 4 MB (about 2.9 TB/s) and 0.8 us for cross q's 2 MB; the dot
-# products cost about 0.05 us and the norm's own loads 0.2-0.3 us. Bulk copies into shared memory
-# do not move the bytes faster than the lanes' 16-byte loads.
+# Forty-fifth session, calls 6, 7 and 9, H200 (us; q|v, cross q): full 3.66-3.76, 3.02-3.11; hot
+# 2.92, 2.58; noload 2.33-2.47, 2.22-2.32; nodot 3.68-3.72, 2.98-3.07; nonorm 3.44-3.47,
+# 2.79-2.87; plain 2.05-2.12, 2.00-2.09; nowrite 4.26-4.34, 3.81-3.93; bulk 3.99-4.06, 3.31-3.33;
+# fp8 3.41, 2.73 (xa 2.2-2.4% from the bf16 factors' at the largest). What the kernel waits on is
+# its factors: 1.2-1.4 us for q|v's 4 MB from HBM (about 2.9 TB/s), 0.8 us for cross q's 2 MB,
+# 0.45 and 0.26 us from L2; the dot products cost 0.05 us or less and the norm's own loads
+# 0.2-0.3 us. Bulk copies into shared memory do not move the bytes faster than the lanes' loads.
 import statistics
 import warnings
 
@@ -35,6 +38,7 @@ import torch
 warnings.simplefilter('ignore', DeprecationWarning)
 src = r'''
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 constexpr int kT = 256;
 enum { kFull = 0, kNoLoad = 1, kNoDot = 2, kNoNorm = 3, kPlain = 4, kNoWrite = 5, kBulk = 6 };
 
@@ -233,6 +237,92 @@ __global__ void __launch_bounds__(kT) NormShrinkBulk(
     xa[b * R + c0 + 1] = s[1];
   }
 }
+
+// kFp8: full with e4m3 factors (1,024 bytes a rank row: 2 words a lane) and a scale per
+// (slot, rank) applied to the sum: what half the factor bytes would buy.
+__global__ void __launch_bounds__(kT) NormShrinkFp8(
+    const float* __restrict__ x, const float* __restrict__ parts, const __nv_bfloat16* __restrict__ g,
+    const unsigned char* __restrict__ a, const float* __restrict__ scale,
+    const long long* __restrict__ slots, int R,
+    float* __restrict__ sum_out, float* __restrict__ full_out, __nv_bfloat16* __restrict__ rounded,
+    float* __restrict__ xa) {
+  __shared__ float4 xs4[1024 / 4];
+  float* xs = reinterpret_cast<float*>(xs4);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.y;
+  const int c0 = (blockIdx.x * 8 + warp) * 2;
+  const long long slot = slots[b];
+  uint4 ahead[2][2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const uint4* row = reinterpret_cast<const uint4*>(a + (slot * R + c0 + r) * 1024);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) ahead[r][u] = row[lane + 32 * u];
+  }
+  const long long base = (long long)b * 1024;
+  float v[4], gg[4], p[4][4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const long long i = base + threadIdx.x + u * kT;
+    v[u] = x[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) p[k][u] = parts[k * 64LL * 1024 + i];
+    gg[u] = __bfloat162float(g[threadIdx.x + u * kT]);
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    float s = p[0][u];
+#pragma unroll
+    for (int k = 1; k < 4; ++k) s += p[k][u];
+    v[u] += s;
+  }
+  float sq = 0.f;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) sq += v[u] * v[u];
+  const float inv = rsqrtf(BlockSumOnce(sq) / 1024.f + 1e-6f);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int i = threadIdx.x + u * kT;
+    const float o = gg[u] * (v[u] * inv);
+    xs[(Sw(i >> 2) << 2) | (i & 3)] = o;
+    if (blockIdx.x == 0) {
+      sum_out[base + i] = v[u];
+      full_out[base + i] = o;
+      rounded[base + i] = __float2bfloat16(o);
+    }
+  }
+  __syncthreads();
+  float s[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    s[r] = 0.f;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const uint4 raw = ahead[r][u];
+      const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+      const int q0 = (lane + 32 * u) * 4;
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const float4 xv = xs4[Sw(q0 + h)];
+        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(
+            static_cast<__nv_fp8x2_storage_t>(words[h] & 0xffff), __NV_E4M3);
+        const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(
+            static_cast<__nv_fp8x2_storage_t>(words[h] >> 16), __NV_E4M3);
+        const float2 w0 = __half22float2(*reinterpret_cast<const __half2*>(&lo));
+        const float2 w1 = __half22float2(*reinterpret_cast<const __half2*>(&hi));
+        s[r] += xv.x * w0.x + xv.y * w0.y + xv.z * w1.x + xv.w * w1.y;
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) xa[b * R + c0 + r] = s[r] * scale[slot * R + c0 + r];
+  }
+}
 '''
 MODES = ['full', 'noload', 'nodot', 'nonorm', 'plain', 'nowrite', 'bulk']
 LAYERS = 24
@@ -264,7 +354,7 @@ def time_graph(run):
 
 def main():
     print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, cupy {cupy.__version__}')
-    names = [f'NormShrink<{m}, 2>' for m in range(len(MODES) - 1)] + ['NormShrinkBulk']
+    names = [f'NormShrink<{m}, 2>' for m in range(len(MODES) - 1)] + ['NormShrinkBulk', 'NormShrinkFp8']
     mod = cupy.RawModule(code=src, options=('-std=c++17',), name_expressions=names)
     torch.manual_seed(0)
     rows = 64
@@ -298,6 +388,33 @@ def main():
                 line += f' [{mode} err {err:.1e}]'
             us = time_graph(lambda: [launch(ai) for ai in a])
             line += f' {mode} {us:.2f}'
+            if mode == 'full':  # the same kernel over one layer's factors: L2-resident
+                us = time_graph(lambda: [launch(a[0]) for _ in a])
+                line += f' hot {us:.2f}'
+        # fp8: e4m3 factors, a scale per (slot, rank)
+        scales = [ai.float().abs().amax(-1).clamp_min(1e-12) / 448 for ai in a]
+        a8 = [(ai.float() / sc[..., None]).to(torch.float8_e4m3fn).view(torch.uint8)
+              for ai, sc in zip(a, scales)]
+        kern8 = mod.get_function('NormShrinkFp8')
+
+        def launch8(ai, sc):
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+            kern8((R // 16, rows), (256,),
+                  (u64(x.data_ptr()), u64(parts.data_ptr()), u64(g.data_ptr()),
+                   u64(ai.data_ptr()), u64(sc.data_ptr()), u64(slots.data_ptr()), i32(R),
+                   u64(outs[0].data_ptr()), u64(outs[1].data_ptr()), u64(outs[2].data_ptr()),
+                   u64(outs[3].data_ptr())), stream=stream)
+        launch8(a8[0], scales[0])
+        torch.cuda.synchronize()
+        h = x + parts.sum(0)
+        n = g.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        deq = a8[0].view(torch.float8_e4m3fn).float() * scales[0][..., None]
+        ref8 = torch.einsum('bk,brk->br', n, deq[slots])
+        ref = torch.einsum('bk,brk->br', n, a[0][slots].float())
+        err8 = ((outs[3] - ref8).abs().max() / ref8.abs().max()).item()
+        q8 = ((ref8 - ref).abs().max() / ref.abs().max()).item()
+        us = time_graph(lambda: [launch8(ai, sc) for ai, sc in zip(a8, scales)])
+        line += f' | fp8 {us:.2f} (err {err8:.1e} against its own factors; {q8:.1e} against bf16)'
         print(line, flush=True)
 
 
