@@ -14,6 +14,8 @@
 #   nowrite  full without the norm's three row outputs (sum, full, rounded)
 #   hot      full over one layer's factors 24 times (in L2 after the first launch)
 #   fp8      full with e4m3 factors and a scale per (slot, rank): half the bytes
+#   pf       (after a q|k|v-sized GEMM each) full with each block prefetching the next layer's
+#            rows into L2 (one cp.async.bulk.prefetch.L2 of 32 KB a block)
 #   bulk     full with each block's 32 KB of factor rows brought into shared memory by one
 #            thread's cp.async.bulk copies (an mbarrier counts their bytes), not lanes' loads
 # on the q|v shape (32 ranks, grid 2 x 64) and the cross q shape (16 ranks, grid 1 x 64).
@@ -21,13 +23,17 @@
 # layers' factors (64 slots x 32 x 1,024 bf16 each: they come from HBM as a step's do).
 # Runs under the GPU host's python3 (PyTorch and CuPy), no build:
 #   python3 deploy/gpu/norm_shrink_bench.py
-# Forty-fifth session, calls 6, 7 and 9, H200 (us; q|v, cross q): full 3.66-3.76, 3.02-3.11; hot
+# Forty-fifth session, calls 6, 7, 9 and 10, H200 (us; q|v, cross q): full 3.66-3.76, 3.02-3.11; hot
 # 2.92, 2.58; noload 2.33-2.47, 2.22-2.32; nodot 3.68-3.72, 2.98-3.07; nonorm 3.44-3.47,
 # 2.79-2.87; plain 2.05-2.12, 2.00-2.09; nowrite 4.26-4.34, 3.81-3.93; bulk 3.99-4.06, 3.31-3.33;
-# fp8 3.41, 2.73 (xa 2.2-2.4% from the bf16 factors' at the largest). What the kernel waits on is
+# fp8 3.41-3.44, 2.73-2.79 (xa 2.2-2.7% from the bf16 factors' at the largest); with a q|k|v-sized
+# GEMM (5.46-5.51 alone) before each launch (call 10): gemm+full 9.03, 8.48; gemm+full+prefetch
+# 8.96, 8.32; gemm+hot 8.36, 7.99. What the kernel waits on is
 # its factors: 1.2-1.4 us for q|v's 4 MB from HBM (about 2.9 TB/s), 0.8 us for cross q's 2 MB,
 # 0.45 and 0.26 us from L2; the dot products cost 0.05 us or less and the norm's own loads
-# 0.2-0.3 us. Bulk copies into shared memory do not move the bytes faster than the lanes' loads.
+# 0.2-0.3 us. Bulk copies into shared memory do not move the bytes faster than the lanes' loads,
+# and a prefetch one GEMM ahead wins back 0.07-0.16 of the 0.5-0.7 us that factors already in L2
+# save.
 import statistics
 import warnings
 
@@ -56,12 +62,16 @@ __global__ void __launch_bounds__(kT) NormShrink(
     const float* __restrict__ x, const float* __restrict__ parts, const __nv_bfloat16* __restrict__ g,
     const __nv_bfloat16* __restrict__ a, const long long* __restrict__ slots, int R,
     float* __restrict__ sum_out, float* __restrict__ full_out, __nv_bfloat16* __restrict__ rounded,
-    float* __restrict__ xa) {
+    float* __restrict__ xa, const __nv_bfloat16* __restrict__ next) {
   __shared__ float4 xs4[1024 / 4];
   float* xs = reinterpret_cast<float*>(xs4);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.y;
   const int c0 = (blockIdx.x * 8 + warp) * kRpw;
+  if (next != nullptr && threadIdx.x == 0) {  // the next launch's rows of this block, into L2
+    const __nv_bfloat16* n = next + (slots[b] * (long long)R + blockIdx.x * 16) * 1024;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(n), "r"(16 * 2048) : "memory");
+  }
   uint4 ahead[kRpw][4];
   if (kMode != kPlain) {
     const __nv_bfloat16* sa = a + slots[b] * (long long)R * 1024;
@@ -377,7 +387,8 @@ def main():
                      (u64(x.data_ptr()), u64(parts.data_ptr()), u64(g.data_ptr()),
                       u64(ai.data_ptr()), u64(slots.data_ptr()), i32(R),
                       u64(outs[0].data_ptr()), u64(outs[1].data_ptr()), u64(outs[2].data_ptr()),
-                      u64(outs[3].data_ptr())), stream=stream)
+                      u64(outs[3].data_ptr())) + (() if mode == 'bulk' else (u64(0),)),
+                     stream=stream)
             if mode in ('full', 'bulk'):  # check against torch
                 launch(a[0])
                 torch.cuda.synchronize()
@@ -415,6 +426,27 @@ def main():
         q8 = ((ref8 - ref).abs().max() / ref.abs().max()).item()
         us = time_graph(lambda: [launch8(ai, sc) for ai, sc in zip(a8, scales)])
         line += f' | fp8 {us:.2f} (err {err8:.1e} against its own factors; {q8:.1e} against bf16)'
+        # A layer's q|k|v GEMM (6 MB of weights) before each launch, as in a step; `pf`: each launch
+        # also prefetches the next layer's factor rows of its blocks into L2 (cp.async.bulk.prefetch).
+        full = mod.get_function(names[0])
+        xg = torch.randn(rows, 1024, device='cuda').bfloat16()
+        wg = [(torch.randn(1024, 3072, device='cuda') * 0.03).bfloat16() for _ in range(LAYERS)]
+
+        def ns(ai, nxt):
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+            full((R // 16, rows), (256,),
+                 (u64(x.data_ptr()), u64(parts.data_ptr()), u64(g.data_ptr()),
+                  u64(ai.data_ptr()), u64(slots.data_ptr()), i32(R),
+                  u64(outs[0].data_ptr()), u64(outs[1].data_ptr()), u64(outs[2].data_ptr()),
+                  u64(outs[3].data_ptr()), u64(0 if nxt is None else nxt.data_ptr())),
+                 stream=stream)
+        gemm = time_graph(lambda: [torch.matmul(xg, w) for w in wg])
+        both = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[i], None)) for i in range(LAYERS)])
+        pf = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[i], a[(i + 1) % LAYERS]))
+                                 for i in range(LAYERS)])
+        hot = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[0], None)) for i in range(LAYERS)])
+        line += (f' | with a GEMM before each: gemm {gemm:.2f}, gemm+full {both:.2f}, '
+                 f'gemm+full+prefetch {pf:.2f}, gemm+hot {hot:.2f}')
         print(line, flush=True)
 
 
