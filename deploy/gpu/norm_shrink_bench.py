@@ -23,9 +23,9 @@
 # layers' factors (64 slots x 32 x 1,024 bf16 each: they come from HBM as a step's do).
 # Runs under the GPU host's python3 (PyTorch and CuPy), no build:
 #   python3 deploy/gpu/norm_shrink_bench.py
-# Forty-fifth session, calls 6, 7, 9, 10 and 11, H200 (us; q|v, cross q): full 3.66-3.76, 3.02-3.11; hot
-# 2.92, 2.58; noload 2.33-2.47, 2.22-2.32; nodot 3.68-3.72, 2.98-3.07; nonorm 3.44-3.47,
-# 2.79-2.87; plain 2.05-2.12, 2.00-2.09; nowrite 4.26-4.34, 3.81-3.93; bulk 3.99-4.06, 3.31-3.33;
+# Forty-fifth session, calls 6, 7, 9, 10 and 11, H200 (us; q|v, cross q): full 3.66-3.76,
+# 3.02-3.11; hot 2.92, 2.58; noload 2.33-2.47, 2.22-2.32; nodot 3.68-3.72, 2.98-3.07; nonorm
+# 3.44-3.47, 2.79-2.87; plain 2.05-2.12, 2.00-2.09; nowrite 4.26-4.34, 3.81-3.93; bulk 3.99-4.06, 3.31-3.33;
 # fp8 3.41-3.44, 2.73-2.79 (xa 2.2-2.7% from the bf16 factors' at the largest); with a q|k|v-sized
 # GEMM (5.46-5.51 alone) before each launch (calls 10, 11): gemm+full 9.03, 8.47-8.48;
 # gemm+full+prefetch 8.94-8.96, 8.32-8.36 (2 layers ahead 8.98, 8.31; 4 ahead 9.81, 8.66);
@@ -35,19 +35,19 @@
 # 0.2-0.3 us. Bulk copies into shared memory do not move the bytes faster than the lanes' loads,
 # and a prefetch 1, 2 or 4 layers ahead wins back at most 0.16 of the 0.5-0.7 us that factors
 # already in L2 save (4 ahead is slower than none).
-import statistics
 import warnings
 
 import cupy
 import numpy
 import torch
+from graph_timing import time_graph
 
 warnings.simplefilter('ignore', DeprecationWarning)
 src = r'''
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 constexpr int kT = 256;
-enum { kFull = 0, kNoLoad = 1, kNoDot = 2, kNoNorm = 3, kPlain = 4, kNoWrite = 5, kBulk = 6 };
+enum { kFull = 0, kNoLoad = 1, kNoDot = 2, kNoNorm = 3, kPlain = 4, kNoWrite = 5 };
 
 __device__ __forceinline__ float BlockSumOnce(float v) {
   __shared__ float ws[kT / 32];
@@ -58,40 +58,19 @@ __device__ __forceinline__ float BlockSumOnce(float v) {
 }
 __device__ __forceinline__ int Sw(int q) { return q ^ ((q >> 3) & 1); }
 
-template <int kMode, int kRpw>
-__global__ void __launch_bounds__(kT) NormShrink(
-    const float* __restrict__ x, const float* __restrict__ parts, const __nv_bfloat16* __restrict__ g,
-    const __nv_bfloat16* __restrict__ a, const long long* __restrict__ slots, int R,
-    float* __restrict__ sum_out, float* __restrict__ full_out, __nv_bfloat16* __restrict__ rounded,
-    float* __restrict__ xa, const __nv_bfloat16* __restrict__ next) {
-  __shared__ float4 xs4[1024 / 4];
-  float* xs = reinterpret_cast<float*>(xs4);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int b = blockIdx.y;
-  const int c0 = (blockIdx.x * 8 + warp) * kRpw;
-  if (next != nullptr && threadIdx.x == 0) {  // the next launch's rows of this block, into L2
-    const __nv_bfloat16* n = next + (slots[b] * (long long)R + blockIdx.x * 16) * 1024;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(n), "r"(16 * 2048) : "memory");
-  }
-  uint4 ahead[kRpw][4];
-  if (kMode != kPlain) {
-    const __nv_bfloat16* sa = a + slots[b] * (long long)R * 1024;
-#pragma unroll
-    for (int r = 0; r < kRpw; ++r) {
-      const uint4* row = reinterpret_cast<const uint4*>(sa + (long long)(c0 + r) * 1024);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (kMode == kNoLoad) ahead[r][u] = make_uint4(0, 0, 0, 0);
-        else ahead[r][u] = row[lane + 32 * u];
-      }
-    }
-  }
+// Row b's x plus its 4 split-K parts, RMS-normed by g, into xs (float4s swizzled as the engine
+// stages them); block x 0 writes the sum, the fp32 norm and its bf16 rounding where kWrite.
+// kLoad false: x = 1 and g = 1, nothing loaded.
+template <bool kLoad, bool kWrite>
+__device__ __forceinline__ void NormRow(const float* __restrict__ x, const float* __restrict__ parts,
+                                        const __nv_bfloat16* __restrict__ g, int b, float* xs,
+                                        float* __restrict__ sum_out, float* __restrict__ full_out,
+                                        __nv_bfloat16* __restrict__ rounded) {
   const long long base = (long long)b * 1024;
   float v[4], gg[4];
-  if (kMode == kNoNorm) {
 #pragma unroll
-    for (int u = 0; u < 4; ++u) { v[u] = 1.f; gg[u] = 1.f; }
-  } else {
+  for (int u = 0; u < 4; ++u) v[u] = gg[u] = 1.f;
+  if (kLoad) {
     float p[4][4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -118,44 +97,83 @@ __global__ void __launch_bounds__(kT) NormShrink(
     const int i = threadIdx.x + u * kT;
     const float o = gg[u] * (v[u] * inv);
     xs[(Sw(i >> 2) << 2) | (i & 3)] = o;
-    if (kMode != kNoWrite && blockIdx.x == 0) {
+    if (kWrite && blockIdx.x == 0) {
       sum_out[base + i] = v[u];
       full_out[base + i] = o;
       rounded[base + i] = __float2bfloat16(o);
     }
   }
+}
+
+// x . w over one 16-byte word of 8 bf16 factors, word number `word` of the row.
+__device__ __forceinline__ float WordDot(const uint4& raw, const float4* xs4, int word) {
+  const float4 x0 = xs4[Sw(2 * word)], x1 = xs4[Sw(2 * word + 1)];
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  const float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
+  const float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
+  return (x0.x * w0.x + x0.y * w0.y + x0.z * w1.x + x0.w * w1.y) +
+         (x1.x * w2.x + x1.y * w2.y + x1.z * w3.x + x1.w * w3.y);
+}
+
+// The warp's 2 rank sums, summed over its lanes; lane 0 stores them (times scale, if any).
+__device__ __forceinline__ void StoreRanks(float (&s)[2], int lane, float* __restrict__ xa, int b,
+                                           int R, int c0, const float* scale = nullptr) {
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) xa[b * R + c0 + r] = scale ? s[r] * scale[r] : s[r];
+  }
+}
+
+// The engine kernel's structure (kFull) and its variants; grid (R / 16, 64), 8 warps of 2 ranks.
+// next != nullptr: each block first prefetches its rows of `next` (the next layer's factors).
+template <int kMode>
+__global__ void __launch_bounds__(kT) NormShrink(
+    const float* __restrict__ x, const float* __restrict__ parts, const __nv_bfloat16* __restrict__ g,
+    const __nv_bfloat16* __restrict__ a, const long long* __restrict__ slots, int R,
+    float* __restrict__ sum_out, float* __restrict__ full_out, __nv_bfloat16* __restrict__ rounded,
+    float* __restrict__ xa, const __nv_bfloat16* __restrict__ next) {
+  __shared__ float4 xs4[1024 / 4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.y;
+  const int c0 = (blockIdx.x * 8 + warp) * 2;
+  if (next != nullptr && threadIdx.x == 0) {  // the next launch's rows of this block, into L2
+    const __nv_bfloat16* n = next + (slots[b] * (long long)R + blockIdx.x * 16) * 1024;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(n), "r"(16 * 2048) : "memory");
+  }
+  uint4 ahead[2][4];
+  if (kMode != kPlain) {
+    const __nv_bfloat16* sa = a + slots[b] * (long long)R * 1024;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint4* row = reinterpret_cast<const uint4*>(sa + (long long)(c0 + r) * 1024);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        ahead[r][u] = kMode == kNoLoad ? make_uint4(0, 0, 0, 0) : row[lane + 32 * u];
+      }
+    }
+  }
+  NormRow<kMode != kNoNorm, kMode != kNoWrite>(x, parts, g, b, reinterpret_cast<float*>(xs4),
+                                               sum_out, full_out, rounded);
   if (kMode == kPlain) return;
   __syncthreads();
-  float s[kRpw];
+  float s[2];
 #pragma unroll
-  for (int r = 0; r < kRpw; ++r) {
+  for (int r = 0; r < 2; ++r) {
     s[r] = 0.f;
     const int words = kMode == kNoDot ? 1 : 4;
-    for (int u = 0; u < words; ++u) {
-      const uint4 raw = ahead[r][u];
-      const int q0 = (lane + 32 * u) * 2;
-      const float4 x0 = xs4[Sw(q0)], x1 = xs4[Sw(q0 + 1)];
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-      const float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
-      const float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
-      s[r] += x0.x * w0.x + x0.y * w0.y + x0.z * w1.x + x0.w * w1.y;
-      s[r] += x1.x * w2.x + x1.y * w2.y + x1.z * w3.x + x1.w * w3.y;
-    }
+    for (int u = 0; u < words; ++u) s[r] += WordDot(ahead[r][u], xs4, lane + 32 * u);
     if (kMode == kNoDot) {  // keep the other words' loads alive
       for (int u = 1; u < 4; ++u) s[r] += __int_as_float(ahead[r][u].x & 1);
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-    for (int r = 0; r < kRpw; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < kRpw; ++r) xa[b * R + c0 + r] = s[r];
-  }
+  StoreRanks(s, lane, xa, b, R, c0);
 }
 
-// kBulk: the block's 16 factor rows (32 KB) brought into shared memory by one thread's bulk
+// kFull with the block's 16 factor rows (32 KB) brought into shared memory by one thread's bulk
 // copies (cp.async.bulk, completion counted on an mbarrier) instead of each lane's 16-byte
 // loads into registers; the dot then reads them from shared memory.
 __global__ void __launch_bounds__(kT) NormShrinkBulk(
@@ -166,7 +184,6 @@ __global__ void __launch_bounds__(kT) NormShrinkBulk(
   __shared__ float4 xs4[1024 / 4];
   __shared__ __align__(128) uint4 fs[16 * 1024 / 8];  // 16 rows of 1,024 bf16
   __shared__ __align__(8) unsigned long long bar;
-  float* xs = reinterpret_cast<float*>(xs4);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.y;
   const unsigned bar_addr = static_cast<unsigned>(__cvta_generic_to_shared(&bar));
@@ -175,81 +192,37 @@ __global__ void __launch_bounds__(kT) NormShrinkBulk(
     asm volatile("fence.mbarrier_init.release.cluster;");
     asm volatile("fence.proxy.async.shared::cta;");
     const __nv_bfloat16* src = a + (slots[b] * (long long)R + blockIdx.x * 16) * 1024;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar_addr), "r"(16 * 2048));
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 :: "r"(bar_addr), "r"(16 * 2048));
     const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(fs));
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                   " [%0], [%1], %2, [%3];"
                    :: "r"(dst + r * 8192), "l"(src + r * 4096), "r"(8192), "r"(bar_addr) : "memory");
     }
   }
-  const long long base = (long long)b * 1024;
-  float v[4], gg[4], p[4][4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const long long i = base + threadIdx.x + u * kT;
-    v[u] = x[i];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) p[k][u] = parts[k * 64LL * 1024 + i];
-    gg[u] = __bfloat162float(g[threadIdx.x + u * kT]);
-  }
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    float s = p[0][u];
-#pragma unroll
-    for (int k = 1; k < 4; ++k) s += p[k][u];
-    v[u] += s;
-  }
-  float sq = 0.f;
-#pragma unroll
-  for (int u = 0; u < 4; ++u) sq += v[u] * v[u];
-  const float inv = rsqrtf(BlockSumOnce(sq) / 1024.f + 1e-6f);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int i = threadIdx.x + u * kT;
-    const float o = gg[u] * (v[u] * inv);
-    xs[(Sw(i >> 2) << 2) | (i & 3)] = o;
-    if (blockIdx.x == 0) {
-      sum_out[base + i] = v[u];
-      full_out[base + i] = o;
-      rounded[base + i] = __float2bfloat16(o);
-    }
-  }
+  NormRow<true, true>(x, parts, g, b, reinterpret_cast<float*>(xs4), sum_out, full_out, rounded);
   __syncthreads();
   unsigned done = 0;
   while (!done) {
-    asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], 0; selp.u32 %0, 1, 0, q; }"
+    asm volatile("{ .reg .pred q; mbarrier.try_wait.parity.shared::cta.b64 q, [%1], 0;"
+                 " selp.u32 %0, 1, 0, q; }"
                  : "=r"(done) : "r"(bar_addr) : "memory");
   }
   float s[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     s[r] = 0.f;
-    const int row = warp * 2 + r;
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const uint4 raw = fs[row * 128 + lane + 32 * u];
-      const int q0 = (lane + 32 * u) * 2;
-      const float4 x0 = xs4[Sw(q0)], x1 = xs4[Sw(q0 + 1)];
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-      const float2 w0 = __bfloat1622float2(h[0]), w1 = __bfloat1622float2(h[1]);
-      const float2 w2 = __bfloat1622float2(h[2]), w3 = __bfloat1622float2(h[3]);
-      s[r] += x0.x * w0.x + x0.y * w0.y + x0.z * w1.x + x0.w * w1.y;
-      s[r] += x1.x * w2.x + x1.y * w2.y + x1.z * w3.x + x1.w * w3.y;
+      s[r] += WordDot(fs[(warp * 2 + r) * 128 + lane + 32 * u], xs4, lane + 32 * u);
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
-  }
-  if (lane == 0) {
-    const int c0 = blockIdx.x * 16 + warp * 2;
-    xa[b * R + c0] = s[0];
-    xa[b * R + c0 + 1] = s[1];
-  }
+  StoreRanks(s, lane, xa, b, R, blockIdx.x * 16 + warp * 2);
 }
 
-// kFp8: full with e4m3 factors (1,024 bytes a rank row: 2 words a lane) and a scale per
+// kFull with e4m3 factors (1,024 bytes a rank row: 2 words a lane) and a scale per
 // (slot, rank) applied to the sum: what half the factor bytes would buy.
 __global__ void __launch_bounds__(kT) NormShrinkFp8(
     const float* __restrict__ x, const float* __restrict__ parts, const __nv_bfloat16* __restrict__ g,
@@ -258,7 +231,6 @@ __global__ void __launch_bounds__(kT) NormShrinkFp8(
     float* __restrict__ sum_out, float* __restrict__ full_out, __nv_bfloat16* __restrict__ rounded,
     float* __restrict__ xa) {
   __shared__ float4 xs4[1024 / 4];
-  float* xs = reinterpret_cast<float*>(xs4);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.y;
   const int c0 = (blockIdx.x * 8 + warp) * 2;
@@ -270,38 +242,7 @@ __global__ void __launch_bounds__(kT) NormShrinkFp8(
 #pragma unroll
     for (int u = 0; u < 2; ++u) ahead[r][u] = row[lane + 32 * u];
   }
-  const long long base = (long long)b * 1024;
-  float v[4], gg[4], p[4][4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const long long i = base + threadIdx.x + u * kT;
-    v[u] = x[i];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) p[k][u] = parts[k * 64LL * 1024 + i];
-    gg[u] = __bfloat162float(g[threadIdx.x + u * kT]);
-  }
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    float s = p[0][u];
-#pragma unroll
-    for (int k = 1; k < 4; ++k) s += p[k][u];
-    v[u] += s;
-  }
-  float sq = 0.f;
-#pragma unroll
-  for (int u = 0; u < 4; ++u) sq += v[u] * v[u];
-  const float inv = rsqrtf(BlockSumOnce(sq) / 1024.f + 1e-6f);
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int i = threadIdx.x + u * kT;
-    const float o = gg[u] * (v[u] * inv);
-    xs[(Sw(i >> 2) << 2) | (i & 3)] = o;
-    if (blockIdx.x == 0) {
-      sum_out[base + i] = v[u];
-      full_out[base + i] = o;
-      rounded[base + i] = __float2bfloat16(o);
-    }
-  }
+  NormRow<true, true>(x, parts, g, b, reinterpret_cast<float*>(xs4), sum_out, full_out, rounded);
   __syncthreads();
   float s[2];
 #pragma unroll
@@ -325,14 +266,7 @@ __global__ void __launch_bounds__(kT) NormShrinkFp8(
       }
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) s[r] += __shfl_xor_sync(0xffffffffu, s[r], o);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) xa[b * R + c0 + r] = s[r] * scale[slot * R + c0 + r];
-  }
+  StoreRanks(s, lane, xa, b, R, c0, scale + slot * R + c0);
 }
 '''
 MODES = ['full', 'noload', 'nodot', 'nonorm', 'plain', 'nowrite', 'bulk']
@@ -340,32 +274,10 @@ LAYERS = 24
 i32, u64 = numpy.int32, numpy.uint64
 
 
-def time_graph(run):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
-    return statistics.median(times)
-
-
 def main():
     print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, cupy {cupy.__version__}')
-    names = [f'NormShrink<{m}, 2>' for m in range(len(MODES) - 1)] + ['NormShrinkBulk', 'NormShrinkFp8']
+    names = ([f'NormShrink<{m}>' for m in range(len(MODES) - 1)] +
+             ['NormShrinkBulk', 'NormShrinkFp8'])
     mod = cupy.RawModule(code=src, options=('-std=c++17',), name_expressions=names)
     torch.manual_seed(0)
     rows = 64
@@ -398,10 +310,10 @@ def main():
                 ref = torch.einsum('bk,brk->br', n, a[0][slots].float())
                 err = ((outs[3] - ref).abs().max() / ref.abs().max()).item()
                 line += f' [{mode} err {err:.1e}]'
-            us = time_graph(lambda: [launch(ai) for ai in a])
+            us = time_graph(lambda: [launch(ai) for ai in a], LAYERS)
             line += f' {mode} {us:.2f}'
             if mode == 'full':  # the same kernel over one layer's factors: L2-resident
-                us = time_graph(lambda: [launch(a[0]) for _ in a])
+                us = time_graph(lambda: [launch(a[0]) for _ in a], LAYERS)
                 line += f' hot {us:.2f}'
         # fp8: e4m3 factors, a scale per (slot, rank)
         scales = [ai.float().abs().amax(-1).clamp_min(1e-12) / 448 for ai in a]
@@ -425,10 +337,11 @@ def main():
         ref = torch.einsum('bk,brk->br', n, a[0][slots].float())
         err8 = ((outs[3] - ref8).abs().max() / ref8.abs().max()).item()
         q8 = ((ref8 - ref).abs().max() / ref.abs().max()).item()
-        us = time_graph(lambda: [launch8(ai, sc) for ai, sc in zip(a8, scales)])
+        us = time_graph(lambda: [launch8(ai, sc) for ai, sc in zip(a8, scales)], LAYERS)
         line += f' | fp8 {us:.2f} (err {err8:.1e} against its own factors; {q8:.1e} against bf16)'
         # A layer's q|k|v GEMM (6 MB of weights) before each launch, as in a step; `pf`: each launch
-        # also prefetches the next layer's factor rows of its blocks into L2 (cp.async.bulk.prefetch).
+        # also prefetches the next layer's factor rows of its blocks into L2
+        # (cp.async.bulk.prefetch).
         full = mod.get_function(names[0])
         xg = torch.randn(rows, 1024, device='cuda').bfloat16()
         wg = [(torch.randn(1024, 3072, device='cuda') * 0.03).bfloat16() for _ in range(LAYERS)]
@@ -441,15 +354,18 @@ def main():
                   u64(outs[0].data_ptr()), u64(outs[1].data_ptr()), u64(outs[2].data_ptr()),
                   u64(outs[3].data_ptr()), u64(0 if nxt is None else nxt.data_ptr())),
                  stream=stream)
-        gemm = time_graph(lambda: [torch.matmul(xg, w) for w in wg])
-        both = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[i], None)) for i in range(LAYERS)])
-        pf = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[i], a[(i + 1) % LAYERS]))
-                                 for i in range(LAYERS)])
-        pf2 = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[i], a[(i + 2) % LAYERS]))
-                                  for i in range(LAYERS)])
-        pf4 = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[i], a[(i + 4) % LAYERS]))
-                                  for i in range(LAYERS)])
-        hot = time_graph(lambda: [(torch.matmul(xg, wg[i]), ns(a[0], None)) for i in range(LAYERS)])
+        def after_gemm(factors, ahead=None):
+            """us a layer: layer i's GEMM, then the kernel over factors(i), prefetching layer
+            i + ahead's (none if ahead is None)."""
+            def run():
+                for i in range(LAYERS):
+                    torch.matmul(xg, wg[i])
+                    ns(factors(i), None if ahead is None else a[(i + ahead) % LAYERS])
+            return time_graph(run, LAYERS)
+        gemm = time_graph(lambda: [torch.matmul(xg, w) for w in wg], LAYERS)
+        both = after_gemm(lambda i: a[i])
+        pf, pf2, pf4 = (after_gemm(lambda i: a[i], ahead) for ahead in (1, 2, 4))
+        hot = after_gemm(lambda i: a[0])
         line += (f' | with a GEMM before each: gemm {gemm:.2f}, gemm+full {both:.2f}, '
                  f'gemm+full+prefetch {pf:.2f} (2 ahead {pf2:.2f}, 4 ahead {pf4:.2f}), '
                  f'gemm+hot {hot:.2f}')

@@ -26,31 +26,12 @@
 # 47.1 (shrink) and 3 x 45.5 (expands) a layer. The decode step built on it (calls 3-5: the
 # attention kernel, or a kernel of its own, mixing each row's products) was slower:
 # docs/BENCHMARKS.md, forty-fourth session.
-import statistics
 
 import torch
+from graph_timing import time_graph
 
 LAYERS = 24
 POOL = 20 * 16  # modules x rank, per site
-
-
-def time_graph(fn, reps=20):
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()  # warm cuBLAS's workspace and heuristics outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / LAYERS)
-    return statistics.median(times[3:])
 
 
 def gemm_us(m, k, n, accumulate=False):
@@ -64,7 +45,7 @@ def gemm_us(m, k, n, accumulate=False):
                 torch.addmm(o, x, w.t(), out=o)
             else:
                 torch.mm(x, w.t(), out=o)
-    return time_graph(run)
+    return time_graph(run, LAYERS)
 
 
 def main():

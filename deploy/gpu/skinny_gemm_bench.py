@@ -26,13 +26,13 @@
 # 3.35 (nt16c1). Clusters (c2, c4) were slower than c1 on every decode shape. cuBLAS keeps the
 # decode GEMMs: every CTA here reads all 64 rows of X for its columns (the q|k|v CTAs 64 KB of X
 # each beside 64 KB of W), where cuBLAS's clusters share them.
-import statistics
 import sys
 import warnings
 
 import cupy
 import numpy
 import torch
+from graph_timing import time_graph
 
 src = r'''
 #include <cuda_bf16.h>
@@ -144,8 +144,9 @@ __device__ __forceinline__ void SkinnyBody(const __nv_bfloat16* __restrict__ x, 
 #pragma unroll
     for (int j = 0; j < NT / 8; ++j) {
       const int n = n0 + j * 8 + 2 * (lane & 3);
-      if (r < M) *reinterpret_cast<float2*>(out + static_cast<long>(r) * N + n) = make_float2(acc[j][0], acc[j][1]);
-      if (r + 8 < M) *reinterpret_cast<float2*>(out + static_cast<long>(r + 8) * N + n) = make_float2(acc[j][2], acc[j][3]);
+      float* o = out + static_cast<long>(r) * N + n;
+      if (r < M) *reinterpret_cast<float2*>(o) = make_float2(acc[j][0], acc[j][1]);
+      if (r + 8 < M) *reinterpret_cast<float2*>(o + 8L * N) = make_float2(acc[j][2], acc[j][3]);
     }
   } else {
     namespace cg = cooperative_groups;
@@ -177,22 +178,20 @@ __device__ __forceinline__ void SkinnyBody(const __nv_bfloat16* __restrict__ x, 
   }
 }
 
+// The kernels: SkinnyBody without clusters (Skinny) and in clusters of 2 or 4 CTAs along y.
+#define SKINNY_PARAMS                                                                 \
+  const __nv_bfloat16 *__restrict__ x, int ldx, const __nv_bfloat16 *__restrict__ w, \
+      int K, float *__restrict__ y, int M, int N
 template <int NT, int KS, int kStageK>
-__global__ void __launch_bounds__(128) Skinny(const __nv_bfloat16* __restrict__ x, int ldx,
-                                              const __nv_bfloat16* __restrict__ w, int K,
-                                              float* __restrict__ y, int M, int N) {
+__global__ void __launch_bounds__(128) Skinny(SKINNY_PARAMS) {
   SkinnyBody<NT, KS, kStageK, 1>(x, ldx, w, K, y, M, N);
 }
 template <int NT, int KS, int kStageK>
-__global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(128) Skinny2(const __nv_bfloat16* __restrict__ x, int ldx,
-                                              const __nv_bfloat16* __restrict__ w, int K,
-                                              float* __restrict__ y, int M, int N) {
+__global__ void __cluster_dims__(1, 2, 1) __launch_bounds__(128) Skinny2(SKINNY_PARAMS) {
   SkinnyBody<NT, KS, kStageK, 2>(x, ldx, w, K, y, M, N);
 }
 template <int NT, int KS, int kStageK>
-__global__ void __cluster_dims__(1, 4, 1) __launch_bounds__(128) Skinny4(const __nv_bfloat16* __restrict__ x, int ldx,
-                                              const __nv_bfloat16* __restrict__ w, int K,
-                                              float* __restrict__ y, int M, int N) {
+__global__ void __cluster_dims__(1, 4, 1) __launch_bounds__(128) Skinny4(SKINNY_PARAMS) {
   SkinnyBody<NT, KS, kStageK, 4>(x, ldx, w, K, y, M, N);
 }
 '''
@@ -209,25 +208,6 @@ SHAPES = [
     ('wi', 64, 5632, 1024, 1, 6.05),
     ('eval_o', 15, 1024, 1024, 4, None),
 ]
-
-
-def time_graph(run):
-    run()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
-    return statistics.median(times)
 
 
 def stage_k(kc):
@@ -260,14 +240,14 @@ def main():
         ks = k // p
         x = (torch.randn(m, k, device='cuda') * 0.5).bfloat16()
         ws = [(torch.randn(n, k, device='cuda') * 0.05).bfloat16() for _ in range(LAYERS)]
-        ref = torch.stack([x[:, i * ks:(i + 1) * ks].float() @ ws[0][:, i * ks:(i + 1) * ks].float().T
-                           for i in range(p)])
-        cub = time_graph(lambda: [torch.matmul(x, w.T) for w in ws])
+        part = lambda t, i: t[:, i * ks:(i + 1) * ks].float()  # noqa: E731
+        ref = torch.stack([part(x, i) @ part(ws[0], i).T for i in range(p)])
+        cub = time_graph(lambda: [torch.matmul(x, w.T) for w in ws], LAYERS)
         line = f'{name:8s} M {m} N {n} K {k} P {p}: engine {engine} | torch bf16 {cub:.2f}'
         try:
             xp = x.view(m, p, ks).permute(1, 0, 2)
             bmm = time_graph(lambda: [torch.bmm(xp, w.view(n, p, ks).permute(1, 2, 0),
-                                                out_dtype=torch.float32) for w in ws])
+                                                out_dtype=torch.float32) for w in ws], LAYERS)
             line += f' | bmm fp32 {bmm:.2f}'
         except Exception as e:  # noqa: BLE001
             line += f' | bmm fp32: {type(e).__name__}'
@@ -293,7 +273,7 @@ def main():
                 results.append((1e9, f'{tag}: {type(e).__name__} {e}'[:80]))
                 continue
             err = ((ys - ref).abs().max() / ref.abs().max()).item()
-            us = time_graph(lambda: [launch(w) for w in ws])
+            us = time_graph(lambda: [launch(w) for w in ws], LAYERS)
             bad = '' if err < 1e-5 else f' WRONG {err:.1e}'
             results.append((us, f'{tag} {us:.2f}{bad} ({grid[0] * grid[1]})'))
         results.sort()
