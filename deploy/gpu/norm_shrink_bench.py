@@ -23,18 +23,18 @@
 # layers' factors (64 slots x 32 x 1,024 bf16 each: they come from HBM as a step's do).
 # Runs under the GPU host's python3 (PyTorch and CuPy), no build:
 #   python3 deploy/gpu/norm_shrink_bench.py
-# Forty-fifth session, calls 6, 7, 9, 10 and 11, H200 (us; q|v, cross q): full 3.66-3.76,
-# 3.02-3.11; hot 2.92, 2.58; noload 2.33-2.47, 2.22-2.32; nodot 3.68-3.72, 2.98-3.07; nonorm
-# 3.44-3.47, 2.79-2.87; plain 2.05-2.12, 2.00-2.09; nowrite 4.26-4.34, 3.81-3.93; bulk 3.99-4.06, 3.31-3.33;
-# fp8 3.41-3.44, 2.73-2.79 (xa 2.2-2.7% from the bf16 factors' at the largest); with a q|k|v-sized
-# GEMM (5.46-5.51 alone) before each launch (calls 10, 11): gemm+full 9.03, 8.47-8.48;
-# gemm+full+prefetch 8.94-8.96, 8.32-8.36 (2 layers ahead 8.98, 8.31; 4 ahead 9.81, 8.66);
-# gemm+hot 8.36, 7.99. What the kernel waits on is
-# its factors: 1.2-1.4 us for q|v's 4 MB from HBM (about 2.9 TB/s), 0.8 us for cross q's 2 MB,
-# 0.45 and 0.26 us from L2; the dot products cost 0.05 us or less and the norm's own loads
-# 0.2-0.3 us. Bulk copies into shared memory do not move the bytes faster than the lanes' loads,
-# and a prefetch 1, 2 or 4 layers ahead wins back at most 0.16 of the 0.5-0.7 us that factors
-# already in L2 save (4 ahead is slower than none).
+# Forty-fifth session, calls 6, 7 and 9-12, H200 (us; q|v, cross q): full 3.66-3.80, 3.00-3.15;
+# hot 2.92-2.96, 2.53-2.65; noload 2.33-2.47, 2.16-2.32; nodot 3.66-3.72, 2.97-3.11; nonorm
+# 3.43-3.51, 2.76-2.87; plain 2.05-2.20, 1.99-2.13; nowrite 4.26-4.72, 3.81-4.31; bulk 3.94-4.10,
+# 3.25-3.36; fp8 3.35-3.48, 2.66-2.79 (xa 2.2-2.7% from the bf16 factors' at the largest); with a
+# q|k|v-sized GEMM (5.36-5.51 alone) before each launch (calls 10-12): gemm+full 8.69-9.03,
+# 8.15-8.48; gemm+full+prefetch 8.70-8.96, 8.08-8.36 (2 layers ahead 8.70-8.98, 8.07-8.31; 4
+# ahead 9.31-9.81, 8.25-8.66); gemm+hot 8.05-8.36, 7.83-7.99. What the kernel waits on is its
+# factors: 1.2-1.4 us for q|v's 4 MB from HBM (about 2.9 TB/s), 0.8 us for cross q's 2 MB, about
+# half that from L2; the dot products cost 0.05 us or less and the norm's own loads 0.2-0.3 us.
+# Bulk copies into shared memory do not move the bytes faster than the lanes' loads, and a
+# prefetch 1, 2 or 4 layers ahead wins back at most 0.16 of the 0.3-0.7 us that factors already
+# in L2 save (4 ahead is slower than none).
 import warnings
 
 import cupy
