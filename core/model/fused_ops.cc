@@ -66,6 +66,10 @@ bool FusedKernelsCompiled() { return fused_backend::Compiled(); }
 
 bool FusedKernelsEnabled() { return fused_backend::Compiled() && !Disabled(); }
 
+bool CurrentStreamCapturing(c10::Device device) {
+  return device.is_cuda() && fused_backend::StreamCapturing(device);
+}
+
 // The fused ops open a "lorahub::" profiler scope: the op counts of
 // tests/model/objective_ops_test count one op per fused call (one kernel on
 // CUDA) and not the ATen ops of a fallback.

@@ -37,6 +37,12 @@ bool EnvFlag(const char* name);
 bool FusedKernelsCompiled();
 bool FusedKernelsEnabled();
 
+// True while the current CUDA stream of `device` is capturing a CUDA graph:
+// work queued now runs only when the graph replays, so results computed
+// now must not be kept for eager use. False for any other device and in a
+// build without the CUDA kernels.
+bool CurrentStreamCapturing(c10::Device device);
+
 // RMS norm as T5 does it, over the last dimension of `x` (any float dtype):
 // variance of x in fp32, x * rsqrt(variance + eps) times `weight`, all in
 // fp32. `full` gets that fp32 result; `rounded` the same rounded once to

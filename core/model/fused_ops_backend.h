@@ -11,6 +11,8 @@
 namespace lorahub::model::fused_backend {
 
 bool Compiled();
+// fused_ops.h CurrentStreamCapturing.
+bool StreamCapturing(c10::Device device);
 
 // Each returns false (and leaves its outputs alone) when it does not handle
 // these tensors (not CUDA, an unsupported dtype or shape); the caller then

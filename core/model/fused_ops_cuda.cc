@@ -95,6 +95,17 @@ bool NormDeltaOf(const at::Tensor& x, const at::Tensor& delta,
 
 bool Compiled() { return true; }
 
+bool StreamCapturing(c10::Device device) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(
+          c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;  // unknown: the caller keeps nothing
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
 bool RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
              at::ScalarType compute, NormOutput* out) {
   const kernels::DType w_dtype = KernelDType(weight.scalar_type());

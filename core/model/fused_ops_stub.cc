@@ -6,6 +6,8 @@ namespace lorahub::model::fused_backend {
 
 bool Compiled() { return false; }
 
+bool StreamCapturing(c10::Device) { return false; }
+
 bool RmsNorm(const at::Tensor&, const at::Tensor&, double, at::ScalarType,
              NormOutput*) {
   return false;

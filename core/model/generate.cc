@@ -21,6 +21,7 @@
 #include "core/model/static_decoder_pool.h"
 #include "core/model/static_encoder.h"
 #include "core/model/t5_forward.h"
+#include "core/model/t5_layers.h"
 #include "core/util/status_macros.h"
 
 namespace lorahub::model {
@@ -218,19 +219,20 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
   }
   const int64_t B = static_cast<int64_t>(in.size());
   Prepared p;
-  p.ids = at::full({B, static_cast<int64_t>(len)}, w.config.pad_token_id,
-                   at::kLong);
-  p.mask = at::zeros({B, static_cast<int64_t>(len)}, at::kLong);
-  auto ia = p.ids.accessor<int64_t, 2>();
-  auto ma = p.mask.accessor<int64_t, 2>();
+  const int64_t L = static_cast<int64_t>(len);
+  at::Tensor ids = internal::HostStaging({B, L}, at::kLong, w.device)
+                       .fill_(w.config.pad_token_id);
+  at::Tensor mask = internal::HostStaging({B, L}, at::kLong, w.device).zero_();
+  auto ia = ids.accessor<int64_t, 2>();
+  auto ma = mask.accessor<int64_t, 2>();
   for (int64_t r = 0; r < B; ++r) {
     for (size_t t = 0; t < in[r].size(); ++t) {
       ia[r][t] = in[r][t];
       ma[r][t] = 1;
     }
   }
-  p.ids = p.ids.to(w.device);
-  p.mask = p.mask.to(w.device);
+  p.ids = internal::Upload(ids, w.device);
+  p.mask = internal::Upload(mask, w.device);
   std::vector<int64_t> s = slots.empty() ? std::vector<int64_t>(B, -1) : slots;
   LH_ASSIGN_OR_RETURN(p.rows, MakeRowAdapters(w, bank, s));
   p.inputs = &in;

@@ -1096,6 +1096,25 @@ at::Tensor Embed(const T5Weights& w, const at::Tensor& ids) {
   return at::embedding(w.shared, ids).to(at::kFloat);
 }
 
+namespace {
+
+bool SyncUploads() {
+  static const bool sync = EnvFlag("LORAHUB_SYNC_UPLOADS");
+  return sync;
+}
+
+}  // namespace
+
+at::Tensor HostStaging(at::IntArrayRef sizes, at::ScalarType dtype,
+                       c10::Device device) {
+  return at::empty(sizes, at::TensorOptions().dtype(dtype).pinned_memory(
+                              device.is_cuda() && !SyncUploads()));
+}
+
+at::Tensor Upload(const at::Tensor& host, c10::Device device) {
+  return host.to(device, /*non_blocking=*/!SyncUploads());
+}
+
 // [1, H, q, k] bias for query positions offset..offset+q-1, keys 0..k-1.
 at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
                         int64_t k, bool bidirectional, int64_t offset) {
@@ -1521,7 +1540,10 @@ using internal::LmHead;
 using internal::LmHeadLogits;
 using internal::MinValue;
 using internal::Normed;
+using internal::HostStaging;
 using internal::PositionBias;
+using internal::SharedPositionBias;
+using internal::Upload;
 using internal::ProjectContext;
 using internal::QuerySideCross;
 using internal::Residual;
@@ -1539,13 +1561,13 @@ at::Tensor MaskBias(const T5Weights& w, const at::Tensor& mask) {
 // table (exact), the masked entries stay about finfo(bf16).min.
 at::Tensor EncoderSelfBias(const T5Weights& w, const at::Tensor& mask_bias) {
   const int64_t S = mask_bias.size(-1);
-  return (PositionBias(w, w.encoder_bias_table, S, S, true, 0).to(at::kFloat) +
+  return (SharedPositionBias(w, w.encoder_bias_table, S, S, true, at::kFloat) +
           mask_bias)
       .to(AttentionDtype(w));
 }
 
 at::Tensor DecoderSelfBias(const T5Weights& w, int64_t T) {
-  return PositionBias(w, w.decoder_bias_table, T, T, false, 0).to(at::kFloat) +
+  return SharedPositionBias(w, w.decoder_bias_table, T, T, false, at::kFloat) +
          CausalBias(w, T, w.device);
 }
 
@@ -1611,8 +1633,8 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   }
   // The position bias alone: a row attends only to its own tokens, so no
   // mask (EncoderSelfBias's values at the unmasked positions).
-  const at::Tensor bias =
-      PositionBias(w, w.encoder_bias_table, L, L, true, 0).to(AttentionDtype(w));
+  const at::Tensor bias = SharedPositionBias(w, w.encoder_bias_table, L, L,
+                                             true, AttentionDtype(w));
   const Normed n = EncoderStack(
       w, in.ids.view({1, N}), packed_rows,
       [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -1804,10 +1826,10 @@ absl::StatusOr<PackedInput> PackRows(
   const int64_t B = static_cast<int64_t>(inputs.size());
   const int64_t L = p.rows.max_length;
   try {
-    at::Tensor ids = at::empty({N}, at::kLong);
-    at::Tensor index = at::empty({N}, at::kLong);
-    at::Tensor mask = at::zeros({B, L}, at::kLong);
-    at::Tensor starts32 = at::empty({B + 1}, at::kInt);
+    at::Tensor ids = HostStaging({N}, at::kLong, device);
+    at::Tensor index = HostStaging({N}, at::kLong, device);
+    at::Tensor mask = HostStaging({B, L}, at::kLong, device).zero_();
+    at::Tensor starts32 = HostStaging({B + 1}, at::kInt, device);
     int64_t* id = ids.data_ptr<int64_t>();
     int64_t* ix = index.data_ptr<int64_t>();
     int64_t* mk = mask.data_ptr<int64_t>();
@@ -1822,10 +1844,10 @@ absl::StatusOr<PackedInput> PackRows(
       }
     }
     st[B] = static_cast<int32_t>(N);
-    p.ids = ids.to(device);
-    p.padded_index = index.to(device);
-    p.mask = mask.to(device);
-    p.rows.starts = starts32.to(device);
+    p.ids = Upload(ids, device);
+    p.padded_index = Upload(index, device);
+    p.mask = Upload(mask, device);
+    p.rows.starts = Upload(starts32, device);
     return p;
   } catch (const c10::Error& e) {
     return absl::InternalError(

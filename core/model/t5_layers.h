@@ -123,10 +123,35 @@ at::Tensor FeedForward(const Normed& x, const T5Weights& w,
 // Token embeddings, fp32 (the residual stream). ids: int64, any shape.
 at::Tensor Embed(const T5Weights& w, const at::Tensor& ids);
 
+// Host-to-device uploads of the engine's small inputs (ids, masks, row
+// layouts, slots): HostStaging makes the host tensor to fill, pinned where
+// `device` is CUDA; Upload queues its copy on the current stream without
+// waiting (LibTorch's pinned pool keeps the memory until the copy has run).
+// Why: a 64-prompt generation made eight synchronous pageable copies before
+// its first kernel, each a round trip while the GPU idled.
+// LORAHUB_SYNC_UPLOADS=1 (read once): pageable memory and synchronous
+// copies (A/B). Elsewhere (CPU) Upload returns `host` itself.
+at::Tensor HostStaging(at::IntArrayRef sizes, at::ScalarType dtype,
+                       c10::Device device);
+at::Tensor Upload(const at::Tensor& host, c10::Device device);
+
 // [1, H, q, k] relative position bias (dtype of `table`) for query positions
 // offset..offset+q-1 and keys 0..k-1.
 at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
                         int64_t k, bool bidirectional, int64_t offset);
+
+// PositionBias(w, table, q, k, bidirectional, 0).to(dtype), computed once per
+// (table, q, k, bidirectional, dtype) on a CUDA device and shared from then
+// on by every caller (position_bias_cache.cc: a process-wide cache of a few
+// dozen entries). Read-only. Why: an eager packed prefill dispatched about
+// 22 small ATen ops for it per call while the GPU waited. Computed per call
+// elsewhere: CPU, autograd, while the current stream captures a CUDA graph
+// (the graph must compute it itself), LORAHUB_NO_BIAS_CACHE=1 (A/B). The
+// first call for a key waits for its stream once, so that readers on other
+// streams see finished values.
+at::Tensor SharedPositionBias(const T5Weights& w, const at::Tensor& table,
+                              int64_t q, int64_t k, bool bidirectional,
+                              at::ScalarType dtype);
 
 // [1, 1, t, t] fp32: 0 where key <= query, finfo(compute dtype).min after.
 at::Tensor CausalBias(const T5Weights& w, int64_t t, c10::Device device);

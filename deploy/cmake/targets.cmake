@@ -563,6 +563,7 @@ lorahub_cc_library(core_model_t5
   PACKAGE core/model
   SRCS
     ${SRC}/core/model/lora.cc
+    ${SRC}/core/model/position_bias_cache.cc
     ${SRC}/core/model/query_side_cross.cc
     ${SRC}/core/model/t5_forward.cc
     ${SRC}/core/model/t5_weights.cc
@@ -2028,6 +2029,21 @@ lorahub_cc_test(tests_model_model_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 300
+)
+
+# //tests/model:position_bias_cache_test (cc_test)
+lorahub_cc_test(tests_model_position_bias_cache_test
+  TEST_NAME //tests/model:position_bias_cache_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/position_bias_cache_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_cuda_graph
+    core_model_t5
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
 )
 
 # //tests/model:generate_test (cc_test)
