@@ -1536,20 +1536,20 @@ using internal::Embed;
 using internal::EncoderInput;
 using internal::FeedForward;
 using internal::Heads;
+using internal::HostStaging;
 using internal::LmHead;
 using internal::LmHeadLogits;
 using internal::MinValue;
 using internal::Normed;
-using internal::HostStaging;
 using internal::PositionBias;
-using internal::SharedPositionBias;
-using internal::Upload;
 using internal::ProjectContext;
 using internal::QuerySideCross;
 using internal::Residual;
 using internal::ResidualStream;
 using internal::RmsNorm;
 using internal::SelfAttentionHeads;
+using internal::SharedPositionBias;
+using internal::Upload;
 
 at::Tensor MaskBias(const T5Weights& w, const at::Tensor& mask) {
   return ((1.0 - mask.to(at::kFloat)) * MinValue(w.dtype))
