@@ -107,15 +107,17 @@ except Exception as e:
     print("  no JSON:", e); sys.exit()
 g = j.get("generation", {})
 tok = lambda k: round(g.get(k, {}).get("tokens_per_second", 0))
+first = lambda k: g.get(k, {}).get("first_token_ms", 0)
 print("  eval %.3f ms | cobyla40 %.4f s | cmaes %.0f/s (%.1f of %.1f ms in the objective) | "
       "base %d merged %d per_row %d tok/s (paired cost %.1f%%) | ttft %.2f ms | compose %.3f ms | "
-      "cold %.2f s" % (
+      "cold %.2f s | first token base %.2f per row %.2f ms" % (
       j.get("eval_ms_median", 0), j.get("cobyla40_seconds", 0),
       j.get("cmaes_candidates_per_second", 0), 1e3 * j.get("cmaes_objective_seconds", 0),
       1e3 * j.get("cmaes_seconds", 0), tok("base"), tok("merged"), tok("per_row"),
       100 * g.get("per_row_cost_paired", {}).get("median", 0),
       g.get("merged", {}).get("ttft_ms", g.get("ttft_ms", 0)),
-      1e3 * j.get("compose_seconds", 0), j.get("cold_start_seconds", 0)))
+      1e3 * j.get("compose_seconds", 0), j.get("cold_start_seconds", 0), first("base"),
+      first("per_row")))
 PY
 }
 [ "${SERVE_ONLY:-0}" = 1 ] || bench main -- --profile-out "$work/profile.json"

@@ -33,9 +33,10 @@
 //                        in use before them (0 on the CPU)
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter): the
-//     median of --gen-reps timed calls (seconds; runs_seconds: each call; output_digest:
-//     FNV-1a of the warm-up's output ids, 16 hex digits: equal digests in two runs, the same
-//     tokens),
+//     median of --gen-reps timed calls (seconds; runs_seconds: each call; first_token_ms: the
+//     median time from a call to its first step's tokens on the host, the batch's prefill;
+//     output_digest: FNV-1a of the warm-up's output ids, 16 hex digits: equal digests in two
+//     runs, the same tokens),
 //     per_row_cost_paired: {"median", "ratios"}: the per-row adapters' cost over the base
 //     model (per-row seconds / base seconds - 1) from --gen-reps pairs of calls that
 //     alternate base and per row (each pair's ratio, and their median), and
@@ -159,7 +160,17 @@ struct GenFigure {
   int64_t tokens = 0;
   double seconds = 0;  // the median timed call
   std::vector<double> runs_seconds;
+  // From the call to its first step's tokens on the host, the median over the timed calls:
+  // the prefill (encoder, decoder set-up, one step) with its host work.
+  double first_token_ms = 0;
   std::string output_digest;
+};
+
+// One timed generation: the call's seconds, the device waited for, and when the host had
+// its first step's tokens.
+struct GenCall {
+  double seconds = 0;
+  double first_token_seconds = 0;
 };
 
 // FNV-1a (64-bit) over every row's ids, each row ended by -1, as 16 hex digits.
@@ -179,19 +190,24 @@ std::string OutputDigest(const std::vector<std::vector<int64_t>>& rows) {
   return absl::StrCat(absl::Hex(h, absl::kZeroPad16));
 }
 
-// The seconds of one greedy generation of up to `max_new_tokens` tokens, the device waited
-// for.
-absl::StatusOr<double> GenerateSeconds(const model::T5Weights& w,
-                                       const std::vector<std::vector<int64_t>>& prompts,
-                                       const model::AdapterBank* bank,
-                                       const std::vector<int64_t>& slots,
-                                       int64_t max_new_tokens) {
+// One greedy generation of up to `max_new_tokens` tokens, timed.
+absl::StatusOr<GenCall> TimeGenerateCall(const model::T5Weights& w,
+                                         const std::vector<std::vector<int64_t>>& prompts,
+                                         const model::AdapterBank* bank,
+                                         const std::vector<int64_t>& slots,
+                                         int64_t max_new_tokens) {
   model::GenerateOptions g;
   g.max_new_tokens = max_new_tokens;
+  GenCall call;
   const double t0 = Now();
+  g.on_step = [&call, t0](int64_t step, const std::vector<int64_t>&) {
+    if (step == 0) call.first_token_seconds = Now() - t0;
+    return true;
+  };
   LH_RETURN_IF_ERROR(model::Generate(w, prompts, bank, slots, g).status());
   model::SynchronizeDevice(w.device);
-  return Now() - t0;
+  call.seconds = Now() - t0;
+  return call;
 }
 
 // One warm-up generation, then t.reps timed; the figure is the median call's. Why not one
@@ -209,12 +225,15 @@ absl::StatusOr<GenFigure> TimeGeneration(const model::T5Weights& w,
   GenFigure fig;
   for (const auto& ids : warm.output_ids) fig.tokens += static_cast<int64_t>(ids.size());
   fig.output_digest = OutputDigest(warm.output_ids);
+  std::vector<double> first_tokens;
   for (int64_t i = 0; i < t.reps; ++i) {
-    LH_ASSIGN_OR_RETURN(double seconds,
-                        GenerateSeconds(w, prompts, bank, slots, t.max_new_tokens));
-    fig.runs_seconds.push_back(seconds);
+    LH_ASSIGN_OR_RETURN(GenCall call,
+                        TimeGenerateCall(w, prompts, bank, slots, t.max_new_tokens));
+    fig.runs_seconds.push_back(call.seconds);
+    first_tokens.push_back(call.first_token_seconds);
   }
   fig.seconds = Percentile(fig.runs_seconds, 0.5);
+  fig.first_token_ms = 1e3 * Percentile(first_tokens, 0.5);
   fig.tokens_per_second = fig.seconds > 0 ? static_cast<double>(fig.tokens) / fig.seconds : 0;
   return fig;
 }
@@ -230,10 +249,9 @@ absl::StatusOr<std::vector<double>> PairedPerRowCosts(
     const model::AdapterBank* bank, const std::vector<int64_t>& slots, const GenTiming& t) {
   std::vector<double> ratios;
   for (int64_t i = 0; i < t.reps; ++i) {
-    LH_ASSIGN_OR_RETURN(double base_s,
-                        GenerateSeconds(w, prompts, nullptr, {}, t.max_new_tokens));
-    LH_ASSIGN_OR_RETURN(double row_s, GenerateSeconds(w, prompts, bank, slots, t.max_new_tokens));
-    ratios.push_back(base_s > 0 ? row_s / base_s - 1 : 0);
+    LH_ASSIGN_OR_RETURN(GenCall base, TimeGenerateCall(w, prompts, nullptr, {}, t.max_new_tokens));
+    LH_ASSIGN_OR_RETURN(GenCall row, TimeGenerateCall(w, prompts, bank, slots, t.max_new_tokens));
+    ratios.push_back(base.seconds > 0 ? row.seconds / base.seconds - 1 : 0);
   }
   return ratios;
 }
@@ -350,6 +368,7 @@ nlohmann::json GenJson(const GenFigure& f) {
           {"tokens", f.tokens},
           {"seconds", f.seconds},
           {"runs_seconds", f.runs_seconds},
+          {"first_token_ms", f.first_token_ms},
           {"output_digest", f.output_digest}};
 }
 

@@ -39,6 +39,9 @@ for kind in ["base", "merged", "per_row"]:
     assert len(runs) == 3 and all(r > 0 for r in runs), g[kind]
     assert g[kind]["seconds"] == sorted(runs)[1], g[kind]
     assert abs(g[kind]["tokens_per_second"] * g[kind]["seconds"] - g[kind]["tokens"]) < 1e-9 * g[kind]["tokens"], g[kind]
+    # The first step's tokens come within a call: at most its slowest run.
+    positive(kind + ".first_token_ms", g[kind]["first_token_ms"])
+    assert g[kind]["first_token_ms"] <= 1e3 * max(runs), g[kind]
 positive("ttft_ms", g["ttft_ms"])
 # One ratio per --gen-reps pair (base, then per row), each above -1 (both calls took time),
 # and their median.
