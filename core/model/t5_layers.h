@@ -140,15 +140,17 @@ at::Tensor Upload(const at::Tensor& host, c10::Device device);
 at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
                         int64_t k, bool bidirectional, int64_t offset);
 
-// PositionBias(w, table, q, k, bidirectional, 0).to(dtype), computed once per
-// (table, q, k, bidirectional, dtype) on a CUDA device and shared from then
-// on by every caller (position_bias_cache.cc: a process-wide cache of a few
-// dozen entries). Read-only. Why: an eager packed prefill dispatched about
-// 22 small ATen ops for it per call while the GPU waited. Computed per call
-// elsewhere: CPU, autograd, while the current stream captures a CUDA graph
-// (the graph must compute it itself), LORAHUB_NO_BIAS_CACHE=1 (A/B). The
-// first call for a key waits for its stream once, so that readers on other
-// streams see finished values.
+// The values of PositionBias(w, table, q, k, bidirectional, 0).to(dtype): on
+// a CUDA device, a q x k view of a square bias computed once per (table,
+// bidirectional, dtype, max(q, k) rounded up to a power of two from 16) and
+// shared from then on by every caller (position_bias_cache.cc: a
+// process-wide cache of a few dozen entries, lengths up to 512). Read-only;
+// its strides are not PositionBias's. Why: an eager packed prefill
+// dispatched about 22 small ATen ops for it per call while the GPU waited.
+// Computed per call elsewhere: CPU, autograd, longer lengths, while the
+// current stream captures a CUDA graph (the graph must compute it itself),
+// LORAHUB_NO_BIAS_CACHE=1 (A/B). An entry's first computation waits for its
+// stream once, so that readers on other streams see finished values.
 at::Tensor SharedPositionBias(const T5Weights& w, const at::Tensor& table,
                               int64_t q, int64_t k, bool bidirectional,
                               at::ScalarType dtype);

@@ -46,7 +46,7 @@ TEST_F(PositionBiasCacheTest, ValuesOfPositionBias) {
   for (bool bidirectional : {true, false}) {
     const at::Tensor& table =
         bidirectional ? w_.encoder_bias_table : w_.decoder_bias_table;
-    for (int64_t n : {1, 7, 33, 130}) {
+    for (int64_t n : {1, 7, 33, 130, 600}) {
       for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
         const at::Tensor want = Expected(table, n, bidirectional, dtype);
         for (int call = 0; call < 2; ++call) {  // computed, then shared
@@ -62,19 +62,34 @@ TEST_F(PositionBiasCacheTest, ValuesOfPositionBias) {
   }
 }
 
-TEST_F(PositionBiasCacheTest, SharedOnCudaOnly) {
-  const at::Tensor a =
-      SharedPositionBias(w_, w_.encoder_bias_table, 9, 9, true, at::kFloat);
-  const at::Tensor b =
-      SharedPositionBias(w_, w_.encoder_bias_table, 9, 9, true, at::kFloat);
+// Lengths of one power-of-two bucket (from 16, up to 512) share one entry on
+// CUDA; nothing is shared elsewhere or beyond the last bucket.
+TEST_F(PositionBiasCacheTest, SharedPerBucketOnCudaOnly) {
+  const at::Tensor& table = w_.encoder_bias_table;
+  const at::Tensor a = SharedPositionBias(w_, table, 9, 9, true, at::kFloat);
+  const at::Tensor b = SharedPositionBias(w_, table, 9, 9, true, at::kFloat);
+  const at::Tensor c = SharedPositionBias(w_, table, 16, 16, true, at::kFloat);
   EXPECT_EQ(a.data_ptr() == b.data_ptr(), device_.is_cuda());
-  // Another length, direction or dtype is another entry.
-  const at::Tensor c =
-      SharedPositionBias(w_, w_.encoder_bias_table, 10, 10, true, at::kFloat);
-  const at::Tensor d = SharedPositionBias(w_, w_.encoder_bias_table, 9, 9,
-                                          true, at::kBFloat16);
-  EXPECT_NE(c.data_ptr(), a.data_ptr());
+  EXPECT_EQ(a.data_ptr() == c.data_ptr(), device_.is_cuda());
+  // Another bucket or dtype is another entry.
+  const at::Tensor d = SharedPositionBias(w_, table, 17, 17, true, at::kFloat);
+  const at::Tensor e = SharedPositionBias(w_, table, 9, 9, true, at::kBFloat16);
   EXPECT_NE(d.data_ptr(), a.data_ptr());
+  EXPECT_NE(e.data_ptr(), a.data_ptr());
+  // Past the last bucket: per call.
+  const at::Tensor f = SharedPositionBias(w_, table, 513, 513, true, at::kFloat);
+  const at::Tensor g = SharedPositionBias(w_, table, 513, 513, true, at::kFloat);
+  EXPECT_NE(f.data_ptr(), g.data_ptr());
+  EXPECT_TRUE(at::equal(f.cpu(), Expected(table, 513, true, at::kFloat).cpu()));
+}
+
+// Not square (no caller asks for one today): the q x k corner all the same.
+TEST_F(PositionBiasCacheTest, NotSquare) {
+  const at::Tensor& table = w_.decoder_bias_table;
+  const at::Tensor got = SharedPositionBias(w_, table, 5, 19, false, at::kFloat);
+  const at::Tensor want = PositionBias(w_, table, 5, 19, false, 0);
+  ASSERT_EQ(got.sizes(), want.sizes());
+  EXPECT_TRUE(at::equal(got.cpu(), want.cpu()));
 }
 
 TEST_F(PositionBiasCacheTest, TableWrittenInPlaceIsRecomputed) {
@@ -91,7 +106,7 @@ TEST_F(PositionBiasCacheTest, TableWrittenInPlaceIsRecomputed) {
 // kept: a later eager call computes (and keeps) its own.
 TEST_F(PositionBiasCacheTest, NotKeptFromACapture) {
   if (!device_.is_cuda()) GTEST_SKIP() << "CUDA graphs need a CUDA device";
-  const int64_t n = 21;  // asked for by no other test
+  const int64_t n = 100;  // its bucket (128) asked for by no other test
   at::Tensor in_graph;
   auto graph = CaptureCudaGraph(
       device_,
