@@ -14,26 +14,19 @@
 namespace lorahub::model::internal {
 namespace {
 
-// Entries hold the bias of a bucketed length (a power of two from 16), so
-// that callers of any length up to it share one (a serving engine's
-// prefills come in every length) and an entry's first computation, which
-// waits for its stream, happens a few times per process. Longer lengths are
+// Entries hold the bias of a bucketed length (LengthBucket), so that
+// callers of any length up to it share one (a serving engine's prefills come
+// in every length) and an entry's first computation, which waits for its
+// stream, happens a few times per process. Longer lengths than kMaxBucket are
 // computed per call: flan-t5-large's [16, 1024, 1024] fp32 would be 64 MB.
-constexpr int64_t kMinBucket = 16;
 constexpr int64_t kMaxBucket = 512;
 // Every bucket of both stacks in a few dtypes; a full cache starts over.
 constexpr size_t kMaxEntries = 32;
 
-int64_t Bucket(int64_t n) {
-  int64_t b = kMinBucket;
-  while (b < n) b *= 2;
-  return b;
-}
-
 struct Key {
   const void* table = nullptr;  // its TensorImpl, kept alive by Entry::table
   int64_t version = 0;          // in-place writes to the table change it
-  int64_t length = 0;           // Bucket(max(q, k)): [1, H, length, length]
+  int64_t length = 0;           // LengthBucket(max(q, k)), square
   bool bidirectional = false;
   at::ScalarType dtype = at::kFloat;
   int64_t buckets = 0, max_distance = 0;
@@ -72,7 +65,7 @@ at::Tensor SharedPositionBias(const T5Weights& w, const at::Tensor& table,
                               int64_t q, int64_t k, bool bidirectional,
                               at::ScalarType dtype) {
   const c10::Device device = table.device();
-  const int64_t length = Bucket(std::max(q, k));
+  const int64_t length = LengthBucket(std::max(q, k));
   if (!device.is_cuda() || table.requires_grad() || CacheOff() ||
       length > kMaxBucket || CurrentStreamCapturing(device)) {
     return PositionBias(w, table, q, k, bidirectional, 0).to(dtype);

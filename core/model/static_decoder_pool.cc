@@ -130,9 +130,7 @@ StaticDecoderPool& StaticDecoderPool::Global() {
 }
 
 int64_t StaticDecoderPool::BucketLength(int64_t s) {
-  int64_t b = 16;
-  while (b < s) b *= 2;
-  return b;
+  return internal::LengthBucket(s);
 }
 
 EncoderOutput StaticDecoderPool::PadEncoder(const T5Weights& weights,

@@ -1096,6 +1096,12 @@ at::Tensor Embed(const T5Weights& w, const at::Tensor& ids) {
   return at::embedding(w.shared, ids).to(at::kFloat);
 }
 
+int64_t LengthBucket(int64_t n) {
+  int64_t b = 16;
+  while (b < n) b *= 2;
+  return b;
+}
+
 namespace {
 
 bool SyncUploads() {

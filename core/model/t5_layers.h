@@ -123,6 +123,10 @@ at::Tensor FeedForward(const Normed& x, const T5Weights& w,
 // Token embeddings, fp32 (the residual stream). ids: int64, any shape.
 at::Tensor Embed(const T5Weights& w, const at::Tensor& ids);
 
+// A length padded up to its bucket: a power of two, at least 16 (the pooled
+// decoders' and encoders' lengths, the shared position biases').
+int64_t LengthBucket(int64_t n);
+
 // Host-to-device uploads of the engine's small inputs (ids, masks, row
 // layouts, slots): HostStaging makes the host tensor to fill, pinned where
 // `device` is CUDA; Upload queues its copy on the current stream without
