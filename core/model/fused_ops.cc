@@ -66,6 +66,11 @@ bool FusedKernelsCompiled() { return fused_backend::Compiled(); }
 
 bool FusedKernelsEnabled() { return fused_backend::Compiled() && !Disabled(); }
 
+InferenceDispatchScope::InferenceDispatchScope() {
+  static const bool autograd = EnvFlag("LORAHUB_AUTOGRAD_DISPATCH");
+  if (!autograd) below_autograd_.emplace();
+}
+
 bool CurrentStreamCapturing(c10::Device device) {
   return device.is_cuda() && fused_backend::StreamCapturing(device);
 }

@@ -21,9 +21,11 @@
 #ifndef LORAHUB_CORE_MODEL_FUSED_OPS_H_
 #define LORAHUB_CORE_MODEL_FUSED_OPS_H_
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace lorahub::model {
@@ -36,6 +38,22 @@ bool EnvFlag(const char* name);
 // does not turn them off (LORAHUB_NO_FUSED=1, for A/B timing).
 bool FusedKernelsCompiled();
 bool FusedKernelsEnabled();
+
+// While one lives, the ATen ops of its thread skip the autograd and
+// view-tracking dispatch keys: for work that never differentiates
+// (generation, the serving engine's thread), whose eager prefills spend
+// that host time per op while the GPU waits for their launches. Tensors
+// made meanwhile are ordinary tensors; in-place writes do not bump version
+// counters. LORAHUB_AUTOGRAD_DISPATCH=1 (read once): no effect (A/B).
+class InferenceDispatchScope {
+ public:
+  InferenceDispatchScope();
+  InferenceDispatchScope(const InferenceDispatchScope&) = delete;
+  InferenceDispatchScope& operator=(const InferenceDispatchScope&) = delete;
+
+ private:
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd_;
+};
 
 // True while the current CUDA stream of `device` is capturing a CUDA graph:
 // work queued now runs only when the graph replays, so results computed

@@ -543,6 +543,7 @@ absl::StatusOr<GenerateResult> Generate(
     const AdapterBank* bank, const std::vector<int64_t>& slots,
     const GenerateOptions& options) {
   LH_RETURN_IF_ERROR(CheckOptions(options));
+  const InferenceDispatchScope inference;  // no autograd dispatch
   try {
     LH_ASSIGN_OR_RETURN(Prepared p, Prepare(weights, inputs, bank, slots));
     if (options.num_beams > 1 || options.force_beam_search) {

@@ -154,7 +154,10 @@ at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
 // Computed per call elsewhere: CPU, autograd, longer lengths, while the
 // current stream captures a CUDA graph (the graph must compute it itself),
 // LORAHUB_NO_BIAS_CACHE=1 (A/B). An entry's first computation waits for its
-// stream once, so that readers on other streams see finished values.
+// stream once, so that readers on other streams see finished values. A
+// table written in place gets new entries (its version counter), unless the
+// write ran under an InferenceDispatchScope (fused_ops.h), which does not
+// count versions: tables are written only while weights load, outside one.
 at::Tensor SharedPositionBias(const T5Weights& w, const at::Tensor& table,
                               int64_t q, int64_t k, bool bidirectional,
                               at::ScalarType dtype);

@@ -1117,6 +1117,9 @@ int64_t InferenceEngine::device_work_waiting() const {
 }
 
 void InferenceEngine::Loop() {
+  // Everything this thread runs is inference (generation, compose jobs'
+  // gradient-free evaluations, exports).
+  const model::InferenceDispatchScope inference;
   State& s = *state_;
   // Whatever work items are left when the thread ends never run.
   struct FailLeftovers {

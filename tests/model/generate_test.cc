@@ -5,6 +5,7 @@
 #include "core/model/generate.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <atomic>
@@ -176,6 +177,30 @@ TEST_P(GenerateTest, CallbackAndCancellation) {
   auto rc = Generate(base_, inputs_, nullptr, {}, c);
   ASSERT_TRUE(rc.ok());
   EXPECT_TRUE(rc->cancelled);
+}
+
+// Generate's ops skip the autograd dispatch (InferenceDispatchScope) while
+// it runs, and the caller's thread has it back afterwards. (Its tokens are
+// checked against the teacher-forced decoder run with autograd dispatch in
+// GreedyMatchesTeacherForcedArgmax.)
+TEST_P(GenerateTest, RunsBelowAutogradAndRestoresTheCaller) {
+  const auto below = [] {
+    return c10::impl::tls_is_dispatch_key_excluded(
+        c10::DispatchKey::ADInplaceOrView);
+  };
+  ASSERT_FALSE(below());
+  GenerateOptions o;
+  o.max_new_tokens = 4;
+  std::vector<bool> seen;
+  o.on_step = [&](int64_t, const std::vector<int64_t>&) {
+    seen.push_back(below());
+    return true;
+  };
+  auto r = Generate(base_, inputs_, nullptr, {}, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_FALSE(seen.empty());
+  for (bool b : seen) EXPECT_TRUE(b);
+  EXPECT_FALSE(below());
 }
 
 TEST_P(GenerateTest, BadInputsAreErrors) {
