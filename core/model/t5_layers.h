@@ -1,8 +1,9 @@
 // Internal building blocks of the T5 forward pass (t5_forward.h), shared by
 // the functions of t5_forward.cc and by StaticDecoder (static_decoder.h) so
-// that both compute the same arithmetic. Not a public API: only files of
-// core/model include this header. Numerics (fp32 / bf16 rules) are those
-// documented in t5_forward.h.
+// that both compute the same arithmetic (the projections and their LoRA
+// deltas: projection.h; CrossKeyValues: cross_key_values.cc). Not a public
+// API: only files of core/model include this header. Numerics (fp32 / bf16
+// rules) are those documented in t5_forward.h and projection.h.
 //
 // Every function may throw c10::Error (LibTorch errors); callers catch it at
 // their public boundary. None synchronises with the host.
@@ -19,6 +20,7 @@
 #include <utility>
 
 #include "core/model/lora.h"
+#include "core/model/projection.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_weights.h"
 
@@ -27,79 +29,9 @@ namespace lorahub::model::internal {
 // transformers' mask value finfo(dtype).min for the compute dtype.
 double MinValue(at::ScalarType dtype);
 
-// True when the LoRA A factors `n` [S, r, in] follow `p` in memory, slot by
-// slot (same sizes and strides, n = p + r * in elements), so that both are
-// one [S, 2r, in] tensor (ObjectiveRunner lays composed factors out so).
-bool AdjacentFactors(const at::Tensor& p, const at::Tensor& n);
-// The A factors of `count` sites from a0 on, laid side by side in memory
-// (AdjacentFactors), as one [S, count * r, in] view; a0 itself for one.
-at::Tensor SideBySideA(const at::Tensor& a0, int64_t count);
-
-// True when some row of `rows` has a LoRA delta at `site`.
-bool Adapted(const RowAdapters& rows, int site);
-
-// x A^T where every row uses one slot (rows.uniform_slot >= 0) or the rows
-// come in runs of rows.rows_per_slot per slot (B a multiple of it): a
-// [S, R, in] (R: one rank, or several adapters' ranks side by side), xin
-// fp32 [B, T, in]. Returns [B, T, R] (one slot) or [slots, rows_per_slot *
-// T, R] (runs), from one (batched) GEMM without a gather of A. `narrow`:
-// NarrowGemm (fused_ops.h) may take one slot's (a reduced-precision model:
-// an fp32 model keeps the GEMMs' summation order, which its exact-reference
-// parity pins).
-at::Tensor DownProject(const at::Tensor& xin, const at::Tensor& a,
-                       const RowAdapters& rows, bool narrow);
-
-// The per-row LoRA shrink of a decode step's normed input, computed with
-// the norm (fused_ops.h AddRmsNormShrink): xa [B, R] = x [B, 1, in] times
-// the row slots' factors `a` [S, R, in] (the adapted sites of the
-// projection that reads x, laid out as the row kernels read them).
-// Undefined tensors when not computed.
-struct RowShrink {
-  at::Tensor a;
-  at::Tensor x;
-  at::Tensor xa;
-};
-
-// A sublayer input: `full` in fp32 (feeds the LoRA deltas) and `mm`, the
-// same rounded once to the compute dtype (feeds the weight matmuls). In fp32
-// mode both are the same tensor. `shrink`: see RowShrink.
-struct Normed {
-  at::Tensor mm;
-  at::Tensor full;
-  RowShrink shrink;
-};
-
 // T5 RMS norm of x (any float dtype), computed in fp32.
 Normed RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                at::ScalarType compute);
-
-// y = x W^T (+ the per-row LoRA delta of `rows`). x: [B, T, in]. `x_full`
-// (optional): x before its rounding to the compute dtype, the delta's input.
-at::Tensor Project(const at::Tensor& x, const Linear& linear,
-                   const RowAdapters& rows,
-                   const at::Tensor& x_full = at::Tensor());
-
-// The dtype of attention q, k, v and context in the teacher-forced passes
-// (Encode, DecodeFull) of a model computing in w.dtype: fp32, or bf16 when
-// w.dtype is bf16 and fused_ops.h AttentionBf16() (LORAHUB_ATTN_BF16=1).
-// The incremental decoder keeps fp32 (its callers pass nothing).
-at::ScalarType AttentionDtype(const T5Weights& w);
-
-// q, k or v of one attention: [B, heads, T, d_kv], in `attn` (fp32 unless
-// AttentionDtype says otherwise).
-at::Tensor Heads(const Normed& x, const Linear& linear, const RowAdapters& rows,
-                 const config::T5Config& c,
-                 at::ScalarType attn = at::kFloat);
-
-// q, k and v of a self-attention, each [B, heads, T, d_kv] in `attn`: ONE
-// GEMM against the fused `a.qkv` (then strided views of its output) when
-// FusedQkv(a), else three. The per-row LoRA deltas of q, k, v are added into
-// their column slices.
-std::array<at::Tensor, 3> SelfAttentionHeads(const Normed& x,
-                                             const AttentionWeights& a,
-                                             const RowAdapters& rows,
-                                             const config::T5Config& c,
-                                             at::ScalarType attn = at::kFloat);
 
 // softmax(q k^T + bias) v, then the output projection `o`. q: [B, H, Tq, d],
 // k, v: [B, H, Tk, d], bias broadcastable to [B, H, Tq, Tk]; all fp32.

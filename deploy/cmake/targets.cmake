@@ -562,12 +562,15 @@ lorahub_cc_library(core_metrics_exposer
 lorahub_cc_library(core_model_t5
   PACKAGE core/model
   SRCS
+    ${SRC}/core/model/cross_key_values.cc
     ${SRC}/core/model/lora.cc
     ${SRC}/core/model/position_bias_cache.cc
+    ${SRC}/core/model/projection.cc
     ${SRC}/core/model/query_side_cross.cc
     ${SRC}/core/model/t5_forward.cc
     ${SRC}/core/model/t5_weights.cc
     ${SRC}/core/model/lora.h
+    ${SRC}/core/model/projection.h
     ${SRC}/core/model/query_side_cross.h
     ${SRC}/core/model/t5_forward.h
     ${SRC}/core/model/t5_layers.h
