@@ -14,6 +14,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
@@ -203,7 +204,6 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
   if (!slots.empty() && slots.size() != in.size()) {
     return absl::InvalidArgumentError("one adapter slot per input is needed");
   }
-  size_t len = 0;
   for (size_t i = 0; i < in.size(); ++i) {
     if (in[i].empty()) {
       return absl::InvalidArgumentError(absl::StrCat("input ", i, " is empty"));
@@ -215,24 +215,13 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
                          w.config.vocab_size, ")"));
       }
     }
-    len = std::max(len, in[i].size());
   }
-  const int64_t B = static_cast<int64_t>(in.size());
   Prepared p;
-  const int64_t L = static_cast<int64_t>(len);
-  at::Tensor ids = internal::HostStaging({B, L}, at::kLong, w.device)
-                       .fill_(w.config.pad_token_id);
-  at::Tensor mask = internal::HostStaging({B, L}, at::kLong, w.device).zero_();
-  auto ia = ids.accessor<int64_t, 2>();
-  auto ma = mask.accessor<int64_t, 2>();
-  for (int64_t r = 0; r < B; ++r) {
-    for (size_t t = 0; t < in[r].size(); ++t) {
-      ia[r][t] = in[r][t];
-      ma[r][t] = 1;
-    }
-  }
-  p.ids = internal::Upload(ids, w.device);
-  p.mask = internal::Upload(mask, w.device);
+  LH_ASSIGN_OR_RETURN(PaddedInput padded,
+                      PadRows(in, w.config.pad_token_id, w.device));
+  p.ids = std::move(padded.ids);
+  p.mask = std::move(padded.mask);
+  const auto B = static_cast<int64_t>(in.size());
   std::vector<int64_t> s = slots.empty() ? std::vector<int64_t>(B, -1) : slots;
   LH_ASSIGN_OR_RETURN(p.rows, MakeRowAdapters(w, bank, s));
   p.inputs = &in;

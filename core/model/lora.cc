@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/model/fused_ops.h"
+#include "core/model/host_upload.h"
 #include "core/model/t5_layers.h"
 
 namespace lorahub::model {
@@ -264,16 +265,16 @@ absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
   try {
     rows.bank = bank;
     const int64_t n = static_cast<int64_t>(slots.size());
-    at::Tensor clamped = internal::HostStaging({n}, at::kLong, base.device);
-    at::Tensor mask = internal::HostStaging({n, 1, 1}, at::kFloat, base.device);
+    at::Tensor clamped = HostStaging({n}, at::kLong, base.device);
+    at::Tensor mask = HostStaging({n, 1, 1}, at::kFloat, base.device);
     int64_t* c = clamped.data_ptr<int64_t>();
     float* m = mask.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       c[i] = std::max<int64_t>(slots[i], 0);
       m[i] = slots[i] >= 0 ? 1.f : 0.f;
     }
-    rows.slots = internal::Upload(clamped, base.device);
-    rows.mask = internal::Upload(mask, base.device);
+    rows.slots = Upload(clamped, base.device);
+    rows.mask = Upload(mask, base.device);
     rows.all_rows = all;
     rows.uniform_slot = slots[0];
     for (int64_t s : slots) {

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
+#include "core/model/host_upload.h"
 #include "core/model/t5_forward.h"
 
 namespace lorahub::model {
@@ -99,7 +100,7 @@ absl::StatusOr<std::vector<double>> ScoreCandidates(
       }
       auto rows = MakeRowAdapters(w, bank, slots);
       if (!rows.ok()) return rows.status();
-      at::Tensor index = at::tensor(ex_idx, at::kLong).to(w.device);
+      at::Tensor index = UploadInt64(ex_idx, w.device);
       at::Tensor chunk_ids = ids.index_select(0, index);
       at::Tensor chunk_mask = mask.index_select(0, index);
       at::Tensor chunk_labels = labels.index_select(0, index);

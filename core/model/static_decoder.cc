@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
+#include "core/model/host_upload.h"
 #include "core/model/t5_layers.h"
 
 namespace lorahub::model {
@@ -355,7 +356,7 @@ absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
   if (n == 0) return absl::OkStatus();
   try {
     const T5Weights& w = *w_;
-    const at::Tensor pos = at::tensor(positions, at::kLong).to(w.device);
+    const at::Tensor pos = UploadInt64(positions, w.device);
     const int64_t s = encoder.hidden.size(1);
     at::Tensor kv = internal::CrossKvBuffer(w, n, s, cross_kv_.options());
     internal::CrossKeyValues(w, encoder, rows).CopyTo(kv);

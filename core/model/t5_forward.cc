@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
+#include "core/model/host_upload.h"
 #include "core/model/query_side_cross.h"
 #include "core/model/t5_layers.h"
 
@@ -195,25 +196,6 @@ int64_t LengthBucket(int64_t n) {
   int64_t b = 16;
   while (b < n) b *= 2;
   return b;
-}
-
-namespace {
-
-bool SyncUploads() {
-  static const bool sync = EnvFlag("LORAHUB_SYNC_UPLOADS");
-  return sync;
-}
-
-}  // namespace
-
-at::Tensor HostStaging(at::IntArrayRef sizes, at::ScalarType dtype,
-                       c10::Device device) {
-  return at::empty(sizes, at::TensorOptions().dtype(dtype).pinned_memory(
-                              device.is_cuda() && !SyncUploads()));
-}
-
-at::Tensor Upload(const at::Tensor& host, c10::Device device) {
-  return host.to(device, /*non_blocking=*/!SyncUploads());
 }
 
 // [1, H, q, k] bias for query positions offset..offset+q-1, keys 0..k-1.
@@ -637,7 +619,6 @@ using internal::Embed;
 using internal::EncoderInput;
 using internal::FeedForward;
 using internal::Heads;
-using internal::HostStaging;
 using internal::LmHead;
 using internal::LmHeadLogits;
 using internal::MinValue;
@@ -650,7 +631,6 @@ using internal::ResidualStream;
 using internal::RmsNorm;
 using internal::SelfAttentionHeads;
 using internal::SharedPositionBias;
-using internal::Upload;
 
 at::Tensor MaskBias(const T5Weights& w, const at::Tensor& mask) {
   return ((1.0 - mask.to(at::kFloat)) * MinValue(w.dtype))
@@ -903,6 +883,36 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("encoder: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<PaddedInput> PadRows(
+    const std::vector<std::vector<int64_t>>& inputs, int64_t pad_id,
+    c10::Device device) {
+  if (inputs.empty()) return absl::InvalidArgumentError("no rows to pad");
+  size_t longest = 0;
+  for (size_t b = 0; b < inputs.size(); ++b) {
+    if (inputs[b].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("row ", b, " is empty"));
+    }
+    longest = std::max(longest, inputs[b].size());
+  }
+  const auto B = static_cast<int64_t>(inputs.size());
+  const auto L = static_cast<int64_t>(longest);
+  try {
+    at::Tensor ids = HostStaging({B, L}, at::kLong, device).fill_(pad_id);
+    at::Tensor mask = HostStaging({B, L}, at::kLong, device).zero_();
+    int64_t* id = ids.data_ptr<int64_t>();
+    int64_t* mk = mask.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const std::vector<int64_t>& row = inputs[b];
+      std::copy(row.begin(), row.end(), id + b * L);
+      std::fill(mk + b * L, mk + b * L + static_cast<int64_t>(row.size()), 1);
+    }
+    return PaddedInput{Upload(ids, device), Upload(mask, device)};
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("padding rows: ", e.what_without_backtrace()));
   }
 }
 

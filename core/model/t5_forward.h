@@ -117,6 +117,19 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
                                      const RowAdapters& rows,
                                      const PassBiases* biases = nullptr);
 
+// Rows of token ids right-padded to the longest row with `pad_id`, for
+// Encode, on `device`: `ids` [B, L] int64 and `mask` [B, L] int64 (1 =
+// token), filled on the host and uploaded without a wait (host_upload.h).
+// `inputs`: B >= 1 non-empty rows (the caller has checked them against the
+// vocabulary). InvalidArgument for no rows or an empty row.
+struct PaddedInput {
+  at::Tensor ids;
+  at::Tensor mask;
+};
+absl::StatusOr<PaddedInput> PadRows(
+    const std::vector<std::vector<int64_t>>& inputs, int64_t pad_id,
+    c10::Device device);
+
 // Rows of token ids laid end to end without padding, for EncodePacked, on
 // one device: `ids` [N] int64, `rows` their offsets (PackedRows), `mask`
 // [B, max_length] int64 the padded batch's attention mask (1 = token) and

@@ -59,18 +59,6 @@ at::Tensor Embed(const T5Weights& w, const at::Tensor& ids);
 // decoders' and encoders' lengths, the shared position biases').
 int64_t LengthBucket(int64_t n);
 
-// Host-to-device uploads of the engine's small inputs (ids, masks, row
-// layouts, slots): HostStaging makes the host tensor to fill, pinned where
-// `device` is CUDA; Upload queues its copy on the current stream without
-// waiting (LibTorch's pinned pool keeps the memory until the copy has run).
-// Why: a 64-prompt generation made eight synchronous pageable copies before
-// its first kernel, each a round trip while the GPU idled.
-// LORAHUB_SYNC_UPLOADS=1 (read once): pageable memory and synchronous
-// copies (A/B). Elsewhere (CPU) Upload returns `host` itself.
-at::Tensor HostStaging(at::IntArrayRef sizes, at::ScalarType dtype,
-                       c10::Device device);
-at::Tensor Upload(const at::Tensor& host, c10::Device device);
-
 // [1, H, q, k] relative position bias (dtype of `table`) for query positions
 // offset..offset+q-1 and keys 0..k-1.
 at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,

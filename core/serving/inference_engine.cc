@@ -27,6 +27,7 @@
 #include "core/model/cuda_graph.h"
 #include "core/model/fused_ops.h"
 #include "core/model/generate.h"
+#include "core/model/host_upload.h"
 #include "core/model/lora.h"
 #include "core/model/scorer.h"
 #include "core/model/slot_bank.h"
@@ -356,14 +357,14 @@ struct InferenceEngine::State {
       return absl::OkStatus();
     }
     const int64_t B = static_cast<int64_t>(rows.size());
-    at::Tensor mask = at::zeros({B, 1, 1, dc.capacity},
-                                at::TensorOptions().dtype(w.dtype));
+    at::Tensor mask =
+        model::HostStaging({B, 1, 1, dc.capacity}, w.dtype, w.device).zero_();
     for (int64_t b = 0; b < B; ++b) {
       if (rows[b].start > 0) {
         mask[b].narrow(-1, 0, rows[b].start).fill_(MaskValue(w.dtype));
       }
     }
-    dc.self_bias = base_bias + mask.to(w.device);
+    dc.self_bias = base_bias + model::Upload(mask, w.device);
     return absl::OkStatus();
   }
 
@@ -381,24 +382,10 @@ struct InferenceEngine::State {
                           model::PackRows(prompts, w.device));
       return model::EncodePacked(w, packed, adapters_of_rows);
     }
-    size_t s_len = 0;
-    for (const Row* r : newcomers) {
-      s_len = std::max(s_len, r->req.input_ids.size());
-    }
-    at::Tensor ids = at::full({n, static_cast<int64_t>(s_len)},
-                              w.config.pad_token_id, at::kLong);
-    at::Tensor mask = at::zeros({n, static_cast<int64_t>(s_len)}, at::kLong);
-    auto ia = ids.accessor<int64_t, 2>();
-    auto ma = mask.accessor<int64_t, 2>();
-    for (int64_t i = 0; i < n; ++i) {
-      const auto& in = newcomers[i]->req.input_ids;
-      for (size_t t = 0; t < in.size(); ++t) {
-        ia[i][t] = in[t];
-        ma[i][t] = 1;
-      }
-    }
-    return model::Encode(w, ids.to(w.device), mask.to(w.device),
-                         adapters_of_rows);
+    LH_ASSIGN_OR_RETURN(
+        model::PaddedInput padded,
+        model::PadRows(prompts, w.config.pad_token_id, w.device));
+    return model::Encode(w, padded.ids, padded.mask, adapters_of_rows);
   }
 
   // Creates the slot decoder, or grows it, for the lengths of `incoming`.
@@ -531,7 +518,7 @@ struct InferenceEngine::State {
     LH_RETURN_IF_ERROR(SyncSlotBank());
     LH_ASSIGN_OR_RETURN(
         at::Tensor logits,
-        slot_decoder->Step(at::tensor(slot_tokens, at::kLong).to(w.device)));
+        slot_decoder->Step(model::UploadInt64(slot_tokens, w.device)));
     at::Tensor argmax;
     if (!model::GreedyTokens(logits, nullptr, 0, 0, &argmax)) {
       argmax = logits.argmax(-1);
@@ -739,7 +726,7 @@ struct InferenceEngine::State {
     bool any_done = false;
     for (int64_t r = 0; r < B; ++r) any_done |= Advance(rows[r], next[r]);
     AddBusy(Phase::kEmit, absl::Now() - decoded);
-    tokens = at::tensor(next, at::kLong).to(w.device);
+    tokens = model::UploadInt64(next, w.device);
     if (any_done) return RemoveDone();
     return absl::OkStatus();
   }
@@ -760,7 +747,7 @@ struct InferenceEngine::State {
       Reset();
       return absl::OkStatus();
     }
-    at::Tensor index = at::tensor(keep, at::kLong).to(w.device);
+    at::Tensor index = model::UploadInt64(keep, w.device);
     LH_RETURN_IF_ERROR(model::ReorderCache(dc, index, /*cross=*/true));
     tokens = tokens.index_select(0, index);
     return RebuildRowState();

@@ -563,12 +563,14 @@ lorahub_cc_library(core_model_t5
   PACKAGE core/model
   SRCS
     ${SRC}/core/model/cross_key_values.cc
+    ${SRC}/core/model/host_upload.cc
     ${SRC}/core/model/lora.cc
     ${SRC}/core/model/position_bias_cache.cc
     ${SRC}/core/model/projection.cc
     ${SRC}/core/model/query_side_cross.cc
     ${SRC}/core/model/t5_forward.cc
     ${SRC}/core/model/t5_weights.cc
+    ${SRC}/core/model/host_upload.h
     ${SRC}/core/model/lora.h
     ${SRC}/core/model/projection.h
     ${SRC}/core/model/query_side_cross.h
@@ -798,6 +800,7 @@ lorahub_cc_library(core_serving_serving
     core_model_loader
     core_model_slot_bank
     core_model_static_decoder
+    core_model_t5
     core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
@@ -2044,6 +2047,21 @@ lorahub_cc_test(tests_model_position_bias_cache_test
     tests_model_tiny_t5
     core_model_cuda_graph
     core_model_t5
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
+# //tests/model:host_upload_test (cc_test)
+lorahub_cc_test(tests_model_host_upload_test
+  TEST_NAME //tests/model:host_upload_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/host_upload_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_t5
+    ext_absl_absl
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 60
