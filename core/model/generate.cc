@@ -81,6 +81,15 @@ at::Tensor Warp(at::Tensor scores, const GenerateOptions& o) {
   return scores;
 }
 
+// True when a generation's static decoder comes from a pool
+// (GenerateOptions::decoder_reuse), which takes encoder outputs padded to
+// StaticDecoderPool::BucketLength.
+bool DecoderPooled(const T5Weights& w, const GenerateOptions& o) {
+  return o.cuda_graph && o.max_new_tokens <= kStaticDecoderMaxTokens &&
+         (o.decoder_reuse == DecoderReuse::kAlways ||
+          (o.decoder_reuse == DecoderReuse::kCuda && w.device.is_cuda()));
+}
+
 // The incremental decoder of one generation: the StaticDecoder (CUDA graph
 // where possible) or DecodeStep over a DecoderCache (options.cuda_graph
 // false).
@@ -96,9 +105,7 @@ class StepDecoder {
     if (o.cuda_graph && o.max_new_tokens <= kStaticDecoderMaxTokens) {
       StaticDecoderOptions so;
       so.capacity = o.max_new_tokens;
-      const bool reuse =
-          o.decoder_reuse == DecoderReuse::kAlways ||
-          (o.decoder_reuse == DecoderReuse::kCuda && w.device.is_cuda());
+      const bool reuse = DecoderPooled(w, o);
       // A pooled decoder's capture is paid once and replayed by later calls,
       // so short runs (time to first token: one step) capture too.
       so.cuda_graph = o.max_new_tokens >= kMinGraphTokens || reuse;
@@ -190,7 +197,13 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
     return pool.Encode(w, p.ids, p.mask, p.rows, StaticEncoderOptions{});
   }
   if (PackedEncodePays(w, *p.inputs, p.rows)) {
-    LH_ASSIGN_OR_RETURN(PackedInput packed, PackRows(*p.inputs, w.device));
+    // Unpacked straight to the pooled decoder's length (no PadEncoder
+    // copies after).
+    const int64_t padded =
+        DecoderPooled(w, o) ? StaticDecoderPool::BucketLength(p.ids.size(1))
+                            : 0;
+    LH_ASSIGN_OR_RETURN(PackedInput packed,
+                        PackRows(*p.inputs, w.device, padded));
     return EncodePacked(w, packed, p.rows);
   }
   return Encode(w, p.ids, p.mask, p.rows);

@@ -723,10 +723,11 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
         return AttendPackedAndProject(q, k, v, bias, packed, o, packed_rows);
       });
   // Back to the padded batch: the tokens at their positions, zero elsewhere.
+  const int64_t P = in.mask.size(1);
   const auto unpack = [&](const at::Tensor& x) {
-    return at::zeros({B * L, x.size(-1)}, x.options())
+    return at::zeros({B * P, x.size(-1)}, x.options())
         .index_copy_(0, in.padded_index, x.view({N, x.size(-1)}))
-        .view({B, L, x.size(-1)});
+        .view({B, P, x.size(-1)});
   };
   EncoderOutput out;
   out.mask_bias = MaskBias(w, in.mask);
@@ -917,7 +918,8 @@ absl::StatusOr<PaddedInput> PadRows(
 }
 
 absl::StatusOr<PackedInput> PackRows(
-    const std::vector<std::vector<int64_t>>& inputs, c10::Device device) {
+    const std::vector<std::vector<int64_t>>& inputs, c10::Device device,
+    int64_t padded_length) {
   if (inputs.empty()) return absl::InvalidArgumentError("no rows to pack");
   PackedInput p;
   std::vector<int64_t>& starts = p.rows.host_starts;
@@ -935,7 +937,7 @@ absl::StatusOr<PackedInput> PackRows(
     return absl::InvalidArgumentError("more than 2^31 tokens to pack");
   }
   const int64_t B = static_cast<int64_t>(inputs.size());
-  const int64_t L = p.rows.max_length;
+  const int64_t L = std::max(p.rows.max_length, padded_length);
   try {
     at::Tensor ids = HostStaging({N}, at::kLong, device);
     at::Tensor index = HostStaging({N}, at::kLong, device);
@@ -998,8 +1000,8 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
       packed.host_starts.back() != input.ids.size(0) ||
       !input.padded_index.defined() ||
       input.padded_index.numel() != input.ids.size(0) ||
-      !input.mask.defined() ||
-      input.mask.sizes() != at::IntArrayRef({B, packed.max_length}) ||
+      !input.mask.defined() || input.mask.dim() != 2 ||
+      input.mask.size(0) != B || input.mask.size(1) < packed.max_length ||
       (rows.bank != nullptr && rows.slots.size(0) != B)) {
     return absl::InvalidArgumentError(
         "packed encoder: the input is not one PackRows made");

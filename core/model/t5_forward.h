@@ -132,8 +132,9 @@ absl::StatusOr<PaddedInput> PadRows(
 
 // Rows of token ids laid end to end without padding, for EncodePacked, on
 // one device: `ids` [N] int64, `rows` their offsets (PackedRows), `mask`
-// [B, max_length] int64 the padded batch's attention mask (1 = token) and
-// `padded_index` [N] int64 each token's position b * max_length + t in it.
+// [B, P] int64 the padded batch's attention mask (1 = token; P: the padded
+// length, at least rows.max_length) and `padded_index` [N] int64 each
+// token's position b * P + t in it.
 struct PackedInput {
   at::Tensor ids;
   PackedRows rows;
@@ -141,10 +142,13 @@ struct PackedInput {
   at::Tensor padded_index;
 };
 // `inputs`: B >= 1 non-empty rows of ids (the caller has checked them
-// against the vocabulary). InvalidArgument for an empty row or more than
-// 2^31 tokens.
+// against the vocabulary). `padded_length`: P, where it is longer than the
+// longest row (the pooled decoder's bucket: EncodePacked's outputs then
+// need no padding afterwards, StaticDecoderPool::PadEncoder). InvalidArgument
+// for an empty row or more than 2^31 tokens.
 absl::StatusOr<PackedInput> PackRows(
-    const std::vector<std::vector<int64_t>>& inputs, c10::Device device);
+    const std::vector<std::vector<int64_t>>& inputs, c10::Device device,
+    int64_t padded_length = 0);
 
 // Encode of the batch PackRows laid out, computed without its padding: the
 // encoder's activations are the N tokens, [1, N, d_model], through every
@@ -154,10 +158,10 @@ absl::StatusOr<PackedInput> PackRows(
 // each slot's tokens; other layouts row by row). Why: prompts of different
 // lengths padded to the longest spend most of the encoder on padding (the
 // generation benchmark's 64 prompts, 6 to about 80 tokens). Returns
-// Encode's outputs for the padded batch [B, max_length] (hidden, mask_bias,
-// hidden_full): equal at the tokens up to the order of float sums, zero at
-// the padding (Encode's values there are hidden by the mask from every
-// reader). `rows`: B rows, as for Encode.
+// Encode's outputs for the padded batch [B, P] (hidden, mask_bias,
+// hidden_full; P the mask's length): equal at the tokens up to the order of
+// float sums, zero at the padding (Encode's values there are hidden by the
+// mask from every reader). `rows`: B rows, as for Encode.
 absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
                                            const PackedInput& input,
                                            const RowAdapters& rows);

@@ -2190,6 +2190,7 @@ lorahub_cc_test(tests_model_static_encoder_test
     core_model_model
     core_model_cuda_graph
     core_model_loader
+    core_model_static_decoder
     core_model_static_encoder
     ext_gtest_gtest_main
     ext_libtorch_libtorch

@@ -25,6 +25,7 @@
 #include "core/model/generate.h"
 #include "core/model/loader.h"
 #include "core/model/lora.h"
+#include "core/model/static_decoder_pool.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_layers.h"
 #include "core/model/t5_weights.h"
@@ -479,6 +480,43 @@ TEST_P(StaticEncoderTest, PackedEqualsEncode) {
   cut.ids = cut.ids.narrow(0, 0, 10);
   EXPECT_EQ(EncodePacked(base_, cut, RowAdapters{}).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// PackRows to a padded length (the pooled decoder's bucket, as Generate
+// asks on CUDA) gives EncodePacked's outputs at that length that equal, bit
+// for bit, the outputs at the longest row padded afterwards by
+// StaticDecoderPool::PadEncoder; the same packed rows. A padded length
+// shorter than the longest row is the longest row.
+TEST_P(StaticEncoderTest, PackedToAPaddedLengthEqualsPaddingAfter) {
+  MakeBank(/*r=*/8);
+  const auto four = Prompts(4, {9, 1, 40, 5}, 12);
+  for (const std::vector<int64_t>& slots :
+       {std::vector<int64_t>{}, std::vector<int64_t>{0, 0, 1, 1}}) {
+    const RowAdapters rows = slots.empty() ? RowAdapters{} : Rows(slots);
+    auto plain = PackRows(four, base_.device);
+    auto padded = PackRows(four, base_.device, /*padded_length=*/64);
+    ASSERT_TRUE(plain.ok() && padded.ok());
+    EXPECT_EQ(padded->mask.sizes(), at::IntArrayRef({4, 64}));
+    EXPECT_EQ(padded->rows.max_length, 40);
+    EXPECT_TRUE(at::equal(padded->ids, plain->ids));
+    auto want = EncodePacked(base_, *plain, rows);
+    auto got = EncodePacked(base_, *padded, rows);
+    ASSERT_TRUE(want.ok() && got.ok()) << want.status() << got.status();
+    const EncoderOutput after = StaticDecoderPool::PadEncoder(base_, *want, 64);
+    EXPECT_EQ(got->hidden.sizes(),
+              at::IntArrayRef({4, 64, base_.config.d_model}));
+    EXPECT_TRUE(at::equal(got->hidden, after.hidden));
+    EXPECT_TRUE(at::equal(got->mask_bias, after.mask_bias));
+    ASSERT_EQ(got->hidden_full.defined(), after.hidden_full.defined());
+    if (after.hidden_full.defined()) {
+      EXPECT_TRUE(at::equal(got->hidden_full, after.hidden_full));
+    }
+    ASSERT_NE(got->packed, nullptr);
+    EXPECT_TRUE(at::equal(got->packed->hidden, want->packed->hidden));
+  }
+  auto shorter = PackRows(four, base_.device, /*padded_length=*/8);
+  ASSERT_TRUE(shorter.ok());
+  EXPECT_EQ(shorter->mask.sizes(), at::IntArrayRef({4, 40}));
 }
 
 // Generate's outputs are the same whether its batch is encoded packed or
