@@ -232,14 +232,25 @@ void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
                std::min(all_blocks, kAllBlocksMaxBytes)));
   // A packed batch's keys and values without its padding where that runs
   // (CrossKeyValues::CopyPackedTo), row b's from token starts[b].
+  const at::Tensor* packed_starts = nullptr;  // [batch_ + 1] int32
   if (key_starts_.defined() && cross.CopyPackedTo(cross_kv_)) {
-    key_starts_.copy_(encoder.packed->rows.starts.narrow(0, 0, batch_));
+    packed_starts = &encoder.packed->rows.starts;
+    key_starts_.copy_(packed_starts->narrow(0, 0, batch_));
   } else {
     cross.CopyTo(cross_kv_);
     if (key_starts_.defined()) key_starts_.copy_(PaddedKeyStarts());
   }
   cross_bias_.copy_(encoder.mask_bias);
-  if (key_lens_.defined()) key_lens_.copy_(CrossKeyLengths(cross_bias_));
+  if (!key_lens_.defined()) return;
+  if (packed_starts != nullptr) {
+    // A packed row's keys are its own tokens, each visible with a bias of
+    // zero (its mask's ones), so CrossKeyLengths of the bias is the row's
+    // length: one subtraction of its starts, not a dozen ops on the bias.
+    at::sub_out(key_lens_, packed_starts->narrow(0, 1, batch_),
+                packed_starts->narrow(0, 0, batch_));
+  } else {
+    key_lens_.copy_(CrossKeyLengths(cross_bias_));
+  }
 }
 
 at::Tensor StaticDecoder::PaddedKeyStarts() const {
