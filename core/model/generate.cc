@@ -198,10 +198,13 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
   }
   if (PackedEncodePays(w, *p.inputs, p.rows)) {
     // Unpacked straight to the pooled decoder's length (no PadEncoder
-    // copies after).
+    // copies after). LORAHUB_PAD_AFTER_ENCODE=1 (read once): padded after
+    // (A/B).
+    static const bool pad_after = EnvFlag("LORAHUB_PAD_AFTER_ENCODE");
     const int64_t padded =
-        DecoderPooled(w, o) ? StaticDecoderPool::BucketLength(p.ids.size(1))
-                            : 0;
+        DecoderPooled(w, o) && !pad_after
+            ? StaticDecoderPool::BucketLength(p.ids.size(1))
+            : 0;
     LH_ASSIGN_OR_RETURN(PackedInput packed,
                         PackRows(*p.inputs, w.device, padded));
     return EncodePacked(w, packed, p.rows);

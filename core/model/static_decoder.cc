@@ -242,7 +242,9 @@ void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
   }
   cross_bias_.copy_(encoder.mask_bias);
   if (!key_lens_.defined()) return;
-  if (packed_starts != nullptr) {
+  // LORAHUB_KEY_LENS_FROM_BIAS=1 (read once): CrossKeyLengths always (A/B).
+  static const bool from_bias = EnvFlag("LORAHUB_KEY_LENS_FROM_BIAS");
+  if (packed_starts != nullptr && !from_bias) {
     // A packed row's keys are its own tokens, each visible with a bias of
     // zero (its mask's ones), so CrossKeyLengths of the bias is the row's
     // length: one subtraction of its starts, not a dozen ops on the bias.
