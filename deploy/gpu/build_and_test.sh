@@ -127,6 +127,10 @@ if ! ninja -C "$build" -j "$jobs" ${NINJA_TARGETS:-} > "$logs/build.log" 2>&1; t
   exit 1
 fi
 say "build OK in $(( $(date +%s) - start )) s ($(grep -c '^\[' "$logs/build.log") steps, $(grep -c 'warning:' "$logs/build.log" || true) warnings)"
+# The slowest steps (.ninja_log: start and end in ms) -> slowest_steps.txt, to see what bounds
+# the build's wall time on a fresh machine (one long nvcc compile, or the sum of the rest).
+awk -F'\t' 'NR > 1 { printf "%7.1f s  %7.1f-%7.1f  %s\n", ($2 - $1) / 1000, $1 / 1000, $2 / 1000, $4 }' \
+  "$build/.ninja_log" 2>/dev/null | sort -rn | head -15 > "$logs/slowest_steps.txt" || true
 
 # Every header of the project's libraries must come from the prefix (Abseil's
 # inline namespace and protobuf's version check make mixing copies fatal).

@@ -62,6 +62,7 @@ OUT=$work/build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" NINJA_TARGETS="$targets
 stamp "build exit $?"
 # Where the build's time went (build_and_test.sh's lines end with its seconds).
 grep -E '^== (start|unpacking|configured|build OK|every binary)' "$work/build.log"
+head -3 "$work/build/slowest_steps.txt" 2>/dev/null  # what bounds the build's wall time
 lorahub=.gpu/build/bin/server/lorahub
 [ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
