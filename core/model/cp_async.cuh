@@ -1,5 +1,5 @@
 // Asynchronous global -> shared memory copies (sm_80+ cp.async) for the
-// hand-written kernels (fused_kernels.cu, low_rank_merge_kernels.cu,
+// hand-written kernels (attention_kernels.cu, low_rank_merge_kernels.cu,
 // run_lora_kernels.cu). Included by nvcc-compiled files only. Each thread
 // waits for its own copies only: a block barrier must follow before other
 // threads read them.

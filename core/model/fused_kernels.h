@@ -1,4 +1,5 @@
-// Launchers of the hand-written CUDA kernels (fused_kernels.cu). Plain C++:
+// Launchers of the hand-written CUDA kernels (norm_kernels.cu,
+// attention_kernels.cu, lora_kernels.cu). Plain C++:
 // no CUDA or ATen types, so that the .cu file needs nothing but the CUDA
 // runtime and the callers need no CUDA headers. Internal to core/model; only
 // the CUDA build compiles the implementation.

@@ -578,7 +578,7 @@ at::Tensor CrossKeyLengths(const at::Tensor& bias) {
   const at::Tensor b = bias.view({bias.size(0), bias.size(3)});
   const at::Tensor position = at::arange(
       1, b.size(1) + 1, at::TensorOptions().dtype(at::kInt).device(b.device()));
-  // The kernels' test for a visible key (fused_kernels.cu kMaskedBias).
+  // The kernels' test for a visible key (attention_kernels.cu kMaskedBias).
   const at::Tensor visible = b > -1e30;
   const at::Tensor length =
       std::get<0>((visible.to(at::kInt) * position).max(1, true));

@@ -13,7 +13,7 @@
 // tests/model/objective_ops_test pins the resulting op counts.
 //
 // Two implementations of the CUDA part, one per build (deploy/cmake/README.md,
-// "CUDA-only sources"): fused_ops_cuda.cc + fused_kernels.cu (CMake with a
+// "CUDA-only sources"): fused_ops_cuda.cc + the .cu kernels (CMake with a
 // CUDA LibTorch and nvcc; run_lora_kernels.cu holds the kernels of
 // LoraRunDeltas) and fused_ops_stub.cc (everything else).
 //

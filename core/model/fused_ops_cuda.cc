@@ -1,4 +1,4 @@
-// CUDA build of fused_ops_backend.h: the kernels of fused_kernels.cu and
+// CUDA build of fused_ops_backend.h: the kernels of fused_kernels.h and
 // PyTorch's scaled-dot-product attention. Compiled only by the CMake build
 // against a CUDA LibTorch with nvcc (deploy/cmake/README.md, "CUDA-only
 // sources"), in place of fused_ops_stub.cc.

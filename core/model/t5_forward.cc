@@ -403,7 +403,7 @@ bool StepSplitKOff() {
 // graph-replayed, 64 rows, weights from HBM: q|k|v 5.60 -> 5.31 us, the
 // cross-attention's q 5.04 -> 4.23 (deploy/gpu/splitk_gemm_bench.py,
 // twenty-sixth session); 4 parts: 5.73 and 4.08, but the step kernels then
-// took 0.6 us more each (fused_kernels.cu LoadFloatParts). `split`: false
+// took 0.6 us more each (attention_kernels.cu LoadFloatParts). `split`: false
 // keeps it whole (a self-attention over a 16-bit cache, whose step kernel
 // takes no partials). StepPathApplies first.
 StepOutput StepProjection(const Normed& x, const at::Tensor& fused,

@@ -1,4 +1,4 @@
-// Warp-wide reductions of the hand-written kernels (fused_kernels.cu,
+// Warp-wide reductions of the hand-written kernels (attention_kernels.cu,
 // query_side_kernels.cu): every lane of a full warp gets the max / sum of
 // the 32 lanes' values, summed by xor shuffles (offsets 16, 8, 4, 2, 1: the
 // same order in every kernel). Included by nvcc-compiled files only.

@@ -598,12 +598,16 @@ lorahub_cc_library(core_model_fused_ops
   CPU_SRCS
     ${SRC}/core/model/fused_ops_stub.cc
   CUDA_SRCS
+    ${SRC}/core/model/attention_kernels.cu
     ${SRC}/core/model/cp_async.cuh
-    ${SRC}/core/model/fused_kernels.cu
     ${SRC}/core/model/fused_ops_cuda.cc
     ${SRC}/core/model/greedy_kernels.cu
+    ${SRC}/core/model/kernel_common.cuh
     ${SRC}/core/model/kernel_launch.cuh
+    ${SRC}/core/model/lora_kernels.cu
     ${SRC}/core/model/low_rank_merge_kernels.cu
+    ${SRC}/core/model/norm_kernels.cu
+    ${SRC}/core/model/norm_loads.cuh
     ${SRC}/core/model/query_side_kernels.cu
     ${SRC}/core/model/run_lora_kernels.cu
     ${SRC}/core/model/step_start_kernels.cu

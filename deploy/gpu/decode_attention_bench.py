@@ -3,7 +3,7 @@
 # and a fp32 mask bias [B, S]. Timed as CUDA graphs of 24 launches over 24 caches (as the 24
 # decoder blocks read theirs), L2 flushed before each replay; us a launch, and the largest
 # difference from a torch reference. Kernels (CuPy, NVRTC):
-#   split_key   the structure of fused_kernels.cu SplitKeyAttentionKernel (128 threads a head, 8
+#   split_key   the structure of attention_kernels.cu SplitKeyAttentionKernel (128 threads a head, 8
 #               lanes a key, online softmax per lane group, 2 rounds of 16 keys ahead)
 #   split_key5  the same with 5 rounds ahead (one loop iteration for 72 keys; 92 registers)
 #   warp_head3  one warp a head: lanes over keys for the scores (3 each), over (key group,

@@ -1,4 +1,4 @@
-# The decode step's add+norm+shrink (fused_kernels.cu AddRmsNormShrinkKernel<bf16, 4, 4, 2>) in
+# The decode step's add+norm+shrink (lora_kernels.cu AddRmsNormShrinkKernel<bf16, 4, 4, 2>) in
 # isolation, with parts of it left out, to find what its ~2 us over a plain norm wait on
 # (forty-fifth session). Kineto, a per-row decode step of 64 rows (s45 call 1): the q|v kernel
 # (32 ranks, 2 blocks a row) 4.13 us, cross q (16 ranks, 1 block a row) 3.53, a plain add+norm

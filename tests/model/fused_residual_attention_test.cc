@@ -6,7 +6,7 @@
 // a double-precision reference, on the strided q/k/v views and broadcast
 // biases the objective's encoder and decoder passes.
 // Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu): on CUDA it checks
-// the kernels of fused_kernels.cu, on the CPU the fallbacks.
+// the kernels of fused_kernels.h, on the CPU the fallbacks.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 
