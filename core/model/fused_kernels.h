@@ -1,7 +1,7 @@
 // Launchers of the hand-written CUDA kernels (norm_kernels.cu,
-// attention_kernels.cu, lora_kernels.cu). Plain C++:
-// no CUDA or ATen types, so that the .cu file needs nothing but the CUDA
-// runtime and the callers need no CUDA headers. Internal to core/model; only
+// attention_kernels.cu, tiled_attention_kernels.cu, lora_kernels.cu).
+// Plain C++: no CUDA or ATen types, so that the .cu files need nothing but
+// the CUDA runtime and the callers need no CUDA headers. Internal to core/model; only
 // the CUDA build compiles the implementation.
 #ifndef LORAHUB_CORE_MODEL_FUSED_KERNELS_H_
 #define LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

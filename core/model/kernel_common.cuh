@@ -1,6 +1,6 @@
 // Device helpers shared by the hand-written kernels of norm_kernels.cu,
-// attention_kernels.cu and lora_kernels.cu (they were one file,
-// fused_kernels.cu): dtype conversions, block reductions, loads and stores
+// attention_kernels.cu, tiled_attention_kernels.cu and lora_kernels.cu
+// (they were one file, fused_kernels.cu): dtype conversions, block reductions, loads and stores
 // of a run-time dtype, alignment checks. Included by nvcc-compiled files
 // only.
 #ifndef LORAHUB_CORE_MODEL_KERNEL_COMMON_CUH_

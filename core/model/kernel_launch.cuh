@@ -2,7 +2,7 @@
 // once per device, and the once-per-device opt-in to more than 48 KB of
 // dynamic shared memory, and the launchers' environment switches. Included
 // by nvcc-compiled files only (the CMake build with CUDA; norm_kernels.cu, attention_kernels.cu,
-// lora_kernels.cu,
+// tiled_attention_kernels.cu, lora_kernels.cu,
 // run_lora_kernels.cu, low_rank_merge_kernels.cu). Thread-safe
 // (std::call_once); no call synchronises with the device.
 #ifndef LORAHUB_CORE_MODEL_KERNEL_LAUNCH_CUH_

@@ -1,5 +1,6 @@
 // Vec16: one 16-byte vector of fp32, bf16 or fp16 values widened to
-// floats, for the hand-written kernels (attention_kernels.cu, lora_kernels.cu, greedy_kernels.cu).
+// floats, for the hand-written kernels (attention_kernels.cu,
+// lora_kernels.cu, greedy_kernels.cu and others).
 // Included by nvcc-compiled files only.
 #ifndef LORAHUB_CORE_MODEL_VEC16_CUH_
 #define LORAHUB_CORE_MODEL_VEC16_CUH_

@@ -611,6 +611,7 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/query_side_kernels.cu
     ${SRC}/core/model/run_lora_kernels.cu
     ${SRC}/core/model/step_start_kernels.cu
+    ${SRC}/core/model/tiled_attention_kernels.cu
     ${SRC}/core/model/token_nll_kernels.cu
     ${SRC}/core/model/vec16.cuh
     ${SRC}/core/model/warp_reduce.cuh

@@ -1,0 +1,749 @@
+// CUDA kernels of fused_kernels.h: the tiled attention of encoder-length
+// queries (LaunchTiledAttention: the staged and the register-tiled
+// kernels). Compiled by nvcc in the CMake build only.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <type_traits>
+
+#include "core/model/cp_async.cuh"
+#include "core/model/fused_kernels.h"
+#include "core/model/kernel_common.cuh"
+#include "core/model/kernel_launch.cuh"
+#include "core/model/vec16.cuh"
+#include "core/model/warp_reduce.cuh"
+
+namespace lorahub::model::kernels {
+namespace {
+
+// LaunchTiledAttention. Why: the encoder's queries (tens of positions)
+// went to PyTorch's scaled-dot-product attention, which for fp32 with an
+// additive bias took its math path: about thirteen kernels per call
+// (copies, two GEMMs, the bias add, softmax, the fully-masked-row guard),
+// ~40 us per encoder block of an objective evaluation.
+//
+// One block per (b, h, tile of queries) stages the head's keys and values
+// once in shared memory as fp32 (rows of D + 4: 16-byte aligned, and
+// conflict-free for lanes reading different rows). Each warp then takes
+// kTiledQueriesPerWarp queries at a time, with independent accumulators for
+// instruction-level parallelism and each key or value load shared by them
+// (the first version, one query per warp and one dependent sum per lane, ran
+// at 38 us per call of a flan-t5-large objective evaluation; this one at 15):
+// scores with lanes over keys (kKpl keys each, 16-byte loads), a warp
+// softmax, then the weighted values with lanes over (key group, 4 columns)
+// and a shuffle reduction over the key groups. The arithmetic of
+// SmallAttentionKernel up to the order of the fp32 sums.
+constexpr int kTiledGroup = static_cast<int>(kTiledQueriesPerWarp);
+constexpr int kTiledQPerLane = 4;  // D <= 128 (TiledAttentionFits: D / 4 divides 32)
+
+// Four consecutive elements (unit stride) as fp32.
+__device__ __forceinline__ float4 Load4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ float4 Load4(const __nv_bfloat16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 Load4(const __half* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// kKpl: keys per lane for the scores (S <= 32 * kKpl). `vec`: k and v rows
+// of unit element stride and 16-byte (fp32) / 8-byte (16-bit) alignment.
+template <typename E, int kKpl, bool kAhead>
+__global__ void __launch_bounds__(kNormThreads)
+    TiledAttentionKernel(AttentionArgs a, int tile_q, bool vec) {
+  static_assert(kNormThreads / 32 == kTiledWarps, "query groups per warp");
+  extern __shared__ float4 smem4[];
+  const int S = static_cast<int>(a.S);
+  const int D = static_cast<int>(a.D);  // == Dv, a multiple of 4
+  const int D4 = D / 4;
+  const int ld = D + 4;
+  float* ks = reinterpret_cast<float*>(smem4);    // [S, D + 4]
+  float* vs = ks + S * ld;                         // [S, D + 4]
+  float* qs = vs + S * ld;                         // [warps, group, D]
+  float* ps = qs + kTiledWarps * kTiledGroup * D;   // [warps, group, S]
+  const int tiles = (static_cast<int>(a.T) + tile_q - 1) / tile_q;
+  const int tile = blockIdx.x % tiles;
+  const int64_t h = (blockIdx.x / tiles) % a.H;
+  const int64_t b = blockIdx.x / (static_cast<int64_t>(tiles) * a.H);
+  const E* __restrict__ k = static_cast<const E*>(a.k) + b * a.k_stride[0] + h * a.k_stride[1];
+  const E* __restrict__ v = static_cast<const E*>(a.v) + b * a.v_stride[0] + h * a.v_stride[1];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int t_begin = tile * tile_q;
+  const int t_end = min(static_cast<int>(a.T), t_begin + tile_q);
+  // A group's queries (lane's elements i = lane + 32 n, n < kTiledQPerLane)
+  // and the bias of the lane's keys, in registers. kAhead: the warp's first
+  // group is loaded before the staging below, so that these loads' latency
+  // overlaps it (they waited for the block barrier); it holds them across
+  // the staging (45 more registers: 2 blocks per SM instead of 3), so the
+  // launcher takes it only for grids of at most 2 blocks per SM.
+  float qreg[kTiledGroup][kTiledQPerLane];
+  float sc[kTiledGroup][kKpl];
+  int t[kTiledGroup];
+  const auto load_group = [&](int t0) {
+    // Queries past the end repeat the last one (not stored).
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) t[u] = min(t0 + u, t_end - 1);
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) {
+      const int64_t q0 = b * a.q_stride[0] + h * a.q_stride[1] + t[u] * a.q_stride[2];
+#pragma unroll
+      for (int n = 0; n < kTiledQPerLane; ++n) {
+        const int i = lane + 32 * n;
+        qreg[u][n] = i < D ? LoadAsFloat(a.q, a.q_dtype, q0 + i * a.q_stride[3]) : 0.f;
+      }
+      const int64_t bias0 =
+          b * a.bias_stride[0] + h * a.bias_stride[1] + t[u] * a.bias_stride[2];
+#pragma unroll
+      for (int r = 0; r < kKpl; ++r) {
+        const int j = lane + 32 * r;
+        sc[u][r] = j < S ? LoadAsFloat(a.bias, a.bias_dtype, bias0 + j * a.bias_stride[3])
+                         : 0.f;
+      }
+    }
+  };
+  const int first_t0 = t_begin + warp * kTiledGroup;
+  if (kAhead && first_t0 < t_end) load_group(first_t0);
+  if (vec) {
+    // kStage loads each of k and v in flight per thread before any store
+    // (the loop stored each load before issuing the next: at S = 72, five
+    // memory latencies in a row per block; now three).
+    constexpr int kStage = 2;
+    // Element i of the S x D/4 staging grid: key j, first column c.
+    const auto key = [D4](int i) { return i / D4; };
+    const auto col = [D4](int i, int j) { return (i - j * D4) * 4; };
+    for (int i0 = threadIdx.x; i0 < S * D4; i0 += kStage * kNormThreads) {
+      float4 kv[kStage], vv[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = i0 + u * kNormThreads;
+        if (i < S * D4) {
+          const int j = key(i), c = col(i, j);
+          kv[u] = Load4(k + j * a.k_stride[2] + c);
+          vv[u] = Load4(v + j * a.v_stride[2] + c);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int i = i0 + u * kNormThreads;
+        if (i < S * D4) {
+          const int j = key(i), c = col(i, j);
+          *reinterpret_cast<float4*>(ks + j * ld + c) = kv[u];
+          *reinterpret_cast<float4*>(vs + j * ld + c) = vv[u];
+        }
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < S * D; i += kNormThreads) {
+      const int j = i / D;
+      const int c = i - j * D;
+      ks[j * ld + c] = ToFloat(k[j * a.k_stride[2] + c * a.k_stride[3]]);
+      vs[j * ld + c] = ToFloat(v[j * a.v_stride[2] + c * a.v_stride[3]]);
+    }
+  }
+  __syncthreads();
+  float* q2 = qs + warp * kTiledGroup * D;
+  float* p2 = ps + warp * kTiledGroup * S;
+  // Weighted values: lanes over (key group g, columns 4c..4c+3).
+  const int groups = 32 / D4;  // D4 divides 32 (TiledAttentionFits)
+  const int g = lane / D4;
+  const int c4 = lane - g * D4;
+  for (int t0 = first_t0; t0 < t_end; t0 += kTiledWarps * kTiledGroup) {
+    if (!kAhead || t0 != first_t0) load_group(t0);
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) {
+#pragma unroll
+      for (int n = 0; n < kTiledQPerLane; ++n) {
+        const int i = lane + 32 * n;
+        if (i < D) q2[u * D + i] = qreg[u][n];
+      }
+    }
+    __syncwarp();
+    float dot[kTiledGroup][kKpl];
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) {
+#pragma unroll
+      for (int r = 0; r < kKpl; ++r) dot[u][r] = 0.f;
+    }
+    for (int d = 0; d < D; d += 4) {
+      float4 qv[kTiledGroup];
+#pragma unroll
+      for (int u = 0; u < kTiledGroup; ++u) {
+        qv[u] = *reinterpret_cast<const float4*>(q2 + u * D + d);
+      }
+#pragma unroll
+      for (int r = 0; r < kKpl; ++r) {
+        const int j = min(lane + 32 * r, S - 1);  // past S: masked below
+        const float4 kv = *reinterpret_cast<const float4*>(ks + j * ld + d);
+#pragma unroll
+        for (int u = 0; u < kTiledGroup; ++u) {
+          dot[u][r] += qv[u].x * kv.x + qv[u].y * kv.y + qv[u].z * kv.z + qv[u].w * kv.w;
+        }
+      }
+    }
+    float inv[kTiledGroup];
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) {
+      float m = -INFINITY;
+#pragma unroll
+      for (int r = 0; r < kKpl; ++r) {
+        sc[u][r] += dot[u][r];
+        if (lane + 32 * r < S) m = fmaxf(m, sc[u][r]);
+      }
+      m = WarpMax(m);
+      float sum = 0.f;
+#pragma unroll
+      for (int r = 0; r < kKpl; ++r) {
+        const int j = lane + 32 * r;
+        if (j < S) {
+          const float e = expf(sc[u][r] - m);
+          p2[u * S + j] = e;
+          sum += e;
+        }
+      }
+      inv[u] = 1.f / WarpSum(sum);
+    }
+    __syncwarp();  // every lane's probabilities visible to the warp
+    float acc[kTiledGroup][4];
+#pragma unroll
+    for (int u = 0; u < kTiledGroup; ++u) {
+      acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
+    }
+#pragma unroll 4
+    for (int j = g; j < S; j += groups) {
+      const float4 vv = *reinterpret_cast<const float4*>(vs + j * ld + 4 * c4);
+#pragma unroll
+      for (int u = 0; u < kTiledGroup; ++u) {
+        const float pj = p2[u * S + j];
+        acc[u][0] += pj * vv.x;
+        acc[u][1] += pj * vv.y;
+        acc[u][2] += pj * vv.z;
+        acc[u][3] += pj * vv.w;
+      }
+    }
+    for (int off = 16; off >= D4; off >>= 1) {
+#pragma unroll
+      for (int u = 0; u < kTiledGroup; ++u) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc[u][e] += __shfl_xor_sync(0xffffffffu, acc[u][e], off);
+        }
+      }
+    }
+    if (g == 0) {
+#pragma unroll
+      for (int u = 0; u < kTiledGroup; ++u) {
+        if (t0 + u >= t_end) break;
+        const int64_t o0 = ((b * a.T + t[u]) * a.H + h) * D + 4 * c4;  // [B, T, H, Dv]
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          StoreFromFloat(a.out, a.out_dtype, o0 + e, acc[u][e] * inv[u]);
+        }
+      }
+    }
+    __syncwarp();  // before the next group overwrites q2 and p2
+  }
+}
+
+// RegisterTiledAttentionKernel (twentieth session). Why: the tiled kernel
+// above is bound by shared memory, not arithmetic: each lane's key rows are
+// 16-byte loads of 32 different rows (four wavefronts each) for 16 products,
+// and its value loop reads one probability per product; at the population
+// pass's shape (60 x 16 heads, 72 keys) it ran 106 us a layer, 18% of the
+// fp32 FMA peak, 21% of the whole pass (Kineto, nineteenth session).
+//
+// Here both products are tiled over registers as in an SGEMM: a block of
+// kTy x 16 threads takes kTy * kQpt queries of one (b, h) against up to
+// 16 * kKpt keys (S); thread (ty, tx) scores queries ty + kTy u against keys
+// tx + 16 e (kQpt x kKpt sums; per 4 dimensions kQpt broadcast and kKpt
+// two-wavefront row loads for 4 kQpt kKpt products), softmaxes each query
+// over the 16 lanes of its ty, writes the probabilities to shared memory
+// over the queries' and keys' staging, and then sums the values for the
+// same queries, columns 4 tx .. 4 tx + 3 (D = 64), four keys per step.
+// Keys past S get no weight (their staging is zero, their probability 0).
+// Queries past T repeat the tile's last one and are not stored. fp32 sums
+// of the same products as TiledAttentionKernel, in another order (the same
+// for every block shape). H200, Kineto: an objective evaluation's call 14.7
+// -> 9.9 us, a population pass's 106 -> 78-86 us, 64 prompts' 122 -> 90 us.
+// Packed rows (AttentionArgs::seq_starts): the grid is sized for the
+// longest row; each block reads its row's length and first token, and the
+// tiles past its row's end have no work.
+constexpr int kRegTiledD = 64;         // D == Dv
+constexpr int kRegTiledLd = kRegTiledD + 4;  // q, k rows: 8 rows in a row on distinct bank quads
+
+// Probabilities' row stride for S keys: at least S rounded up to 4, and
+// 16 mod 32 floats, so that the two query rows of a warp's store of 16
+// keys each fall on distinct banks.
+__host__ __device__ constexpr int RegTiledProbLd(int S) {
+  return ((S + 3) / 4 * 4 + 15) / 32 * 32 + 16;
+}
+// Floats of dynamic shared memory: the staged queries and keys (their
+// space reused for the probabilities), then the values.
+__host__ __device__ constexpr int RegTiledSharedFloats(int tq, int tk) {
+  const int qk = (tq + tk) * kRegTiledLd;
+  const int p = tq * RegTiledProbLd(tk);
+  return (qk > p ? qk : p) + tk * kRegTiledD;
+}
+
+// kTy: 16 (256 threads, 2 blocks per SM) or 8 (128 threads, 4 per SM).
+template <typename E, int kQpt, int kKpt, int kTy>
+__global__ void __launch_bounds__(16 * kTy, 32 / kTy)
+    RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec) {
+  constexpr int kThreads = 16 * kTy;
+  constexpr int TQ = kTy * kQpt;
+  constexpr int TK = 16 * kKpt;
+  constexpr int kKn = TK * 16 / kThreads;  // key (and value) float4s per thread
+  constexpr int kLd = kRegTiledLd;
+  constexpr int kRegion = RegTiledSharedFloats(TQ, TK) - TK * kRegTiledD;
+  extern __shared__ float4 smem4[];
+  float* qs = reinterpret_cast<float*>(smem4);  // [TQ, kLd]
+  float* ks = qs + TQ * kLd;                    // [TK, kLd]
+  float* ps = qs;                               // [TQ, ldp], once the scores are made
+  float* vs = qs + kRegion;                     // [TK, D]
+  const int tiles = (static_cast<int>(a.T) + TQ - 1) / TQ;
+  const int tile = blockIdx.x % tiles;
+  const int64_t h = (blockIdx.x / tiles) % a.H;
+  const int64_t b = blockIdx.x / (static_cast<int64_t>(tiles) * a.H);
+  // Row b: its multiple of the batch strides and first position along the
+  // token strides (packed rows: 0 and the row's first token) and length.
+  int64_t row = b, first = 0;
+  int S = static_cast<int>(a.S);
+  int T = static_cast<int>(a.T);
+  if (a.seq_starts != nullptr) {
+    row = 0;
+    first = a.seq_starts[b];
+    S = T = a.seq_starts[b + 1] - a.seq_starts[b];
+  }
+  const int t_begin = tile * TQ;
+  if (t_begin >= T) return;  // a packed row shorter than the longest
+  const int S4 = (S + 3) / 4 * 4;
+  const int ldp = RegTiledProbLd(S);
+  const int t_last = min(T, t_begin + TQ) - 1;
+  const int64_t out_row0 = a.seq_starts != nullptr ? first : b * a.T;
+  const E* __restrict__ k = static_cast<const E*>(a.k) + row * a.k_stride[0] +
+                            h * a.k_stride[1] + first * a.k_stride[2];
+  const E* __restrict__ v = static_cast<const E*>(a.v) + row * a.v_stride[0] +
+                            h * a.v_stride[1] + first * a.v_stride[2];
+  const int tx = threadIdx.x & 15;
+  const int ty = threadIdx.x >> 4;
+
+  // Staging: the block's loads in flight before its stores. Element i of
+  // a [rows, 16] grid of float4s is row i / 16, columns 4 (i % 16)..; each
+  // thread takes kKn key and value float4s and kQpt query float4s. The bias
+  // starts the scores. kValuesLate: the values are loaded after the keys
+  // and queries are stored where holding all at once would take more than
+  // ~96 registers.
+  constexpr bool kValuesLate = 4 * (2 * kKn + kQpt) + kQpt * kKpt > 96;
+  float4 kreg[kKn], vreg[kKn], qreg[kQpt];
+  const auto load_values = [&] {
+#pragma unroll
+    for (int n = 0; n < kKn; ++n) {
+      const int j = (threadIdx.x + n * kThreads) >> 4;
+      const int c = (threadIdx.x & 15) * 4;
+      vreg[n] = j < S ? Load4(v + j * a.v_stride[2] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  const auto store_values = [&] {
+#pragma unroll
+    for (int n = 0; n < kKn; ++n) {
+      const int j = (threadIdx.x + n * kThreads) >> 4;
+      *reinterpret_cast<float4*>(vs + j * kRegTiledD + (threadIdx.x & 15) * 4) = vreg[n];
+    }
+  };
+#pragma unroll
+  for (int n = 0; n < kKn; ++n) {
+    const int j = (threadIdx.x + n * kThreads) >> 4;
+    const int c = (threadIdx.x & 15) * 4;
+    kreg[n] = j < S ? Load4(k + j * a.k_stride[2] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (!kValuesLate) load_values();
+#pragma unroll
+  for (int n = 0; n < kQpt; ++n) {
+    const int t = min(t_begin + ((threadIdx.x + n * kThreads) >> 4), t_last);
+    const int c = (threadIdx.x & 15) * 4;
+    const int64_t q0 =
+        row * a.q_stride[0] + h * a.q_stride[1] + (first + t) * a.q_stride[2];
+    if (q_vec) {
+      qreg[n] = Load4(static_cast<const E*>(a.q) + q0 + c);
+    } else {
+      qreg[n].x = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 0) * a.q_stride[3]);
+      qreg[n].y = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 1) * a.q_stride[3]);
+      qreg[n].z = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 2) * a.q_stride[3]);
+      qreg[n].w = LoadAsFloat(a.q, a.q_dtype, q0 + (c + 3) * a.q_stride[3]);
+    }
+  }
+  float s[kQpt][kKpt];
+  const int64_t bias0 = b * a.bias_stride[0] + h * a.bias_stride[1];
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+    const int t = min(t_begin + ty + kTy * u, t_last);
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      const int j = tx + 16 * e;
+      s[u][e] = j < S ? LoadAsFloat(a.bias, a.bias_dtype,
+                                    bias0 + t * a.bias_stride[2] + j * a.bias_stride[3])
+                      : 0.f;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kKn; ++n) {
+    const int i = threadIdx.x + n * kThreads;
+    *reinterpret_cast<float4*>(ks + (i >> 4) * kLd + (i & 15) * 4) = kreg[n];
+  }
+#pragma unroll
+  for (int n = 0; n < kQpt; ++n) {
+    const int i = threadIdx.x + n * kThreads;
+    *reinterpret_cast<float4*>(qs + (i >> 4) * kLd + (i & 15) * 4) = qreg[n];
+  }
+  if (kValuesLate) load_values();
+  store_values();
+  __syncthreads();
+
+#pragma unroll 2
+  for (int d = 0; d < kRegTiledD; d += 4) {
+    float4 qv[kQpt], kv[kKpt];
+#pragma unroll
+    for (int u = 0; u < kQpt; ++u) {
+      qv[u] = *reinterpret_cast<const float4*>(qs + (ty + kTy * u) * kLd + d);
+    }
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      kv[e] = *reinterpret_cast<const float4*>(ks + (tx + 16 * e) * kLd + d);
+    }
+#pragma unroll
+    for (int u = 0; u < kQpt; ++u) {
+#pragma unroll
+      for (int e = 0; e < kKpt; ++e) {
+        float acc = s[u][e];
+        acc = fmaf(qv[u].x, kv[e].x, acc);
+        acc = fmaf(qv[u].y, kv[e].y, acc);
+        acc = fmaf(qv[u].z, kv[e].z, acc);
+        s[u][e] = fmaf(qv[u].w, kv[e].w, acc);
+      }
+    }
+  }
+  // Softmax over the 16 lanes of each ty (lane bits 0-3 are tx).
+  float inv[kQpt];
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      if (tx + 16 * e < S) m = fmaxf(m, s[u][e]);
+    }
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) {
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      const float p = tx + 16 * e < S ? expf(s[u][e] - m) : 0.f;
+      s[u][e] = p;
+      sum += p;
+    }
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    inv[u] = 1.f / sum;
+  }
+  __syncthreads();  // every score made: the probabilities overwrite q and k
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+#pragma unroll
+    for (int e = 0; e < kKpt; ++e) {
+      const int j = tx + 16 * e;
+      if (j < S4) ps[(ty + kTy * u) * ldp + j] = s[u][e];
+    }
+  }
+  __syncthreads();
+
+  float acc[kQpt][4];
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
+  const float* vcol = vs + 4 * tx;
+#pragma unroll 2
+  for (int j = 0; j < S4; j += 4) {
+    float4 vv[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      vv[r] = *reinterpret_cast<const float4*>(vcol + (j + r) * kRegTiledD);
+    }
+#pragma unroll
+    for (int u = 0; u < kQpt; ++u) {
+      const float4 p = *reinterpret_cast<const float4*>(ps + (ty + kTy * u) * ldp + j);
+      const float pr[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        acc[u][0] = fmaf(pr[r], vv[r].x, acc[u][0]);
+        acc[u][1] = fmaf(pr[r], vv[r].y, acc[u][1]);
+        acc[u][2] = fmaf(pr[r], vv[r].z, acc[u][2]);
+        acc[u][3] = fmaf(pr[r], vv[r].w, acc[u][3]);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kQpt; ++u) {
+    const int t = t_begin + ty + kTy * u;
+    if (t > t_last) break;
+    // [B, T, H, Dv], or [tokens, H, Dv]
+    const int64_t o0 = ((out_row0 + t) * a.H + h) * kRegTiledD + 4 * tx;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) StoreFromFloat(a.out, a.out_dtype, o0 + e, acc[u][e] * inv[u]);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// Queries per block: multiples of one group per warp up to all T, the
+// fewest tiles that still give every SM two blocks; more tiles stage the
+// same keys more often.
+int TiledQueries(const AttentionArgs& a, int sms) {
+  const int64_t step = kTiledWarps * kTiledGroup;
+  const int64_t heads = a.B * a.H;
+  int64_t tile = (a.T + step - 1) / step * step;
+  while (tile > step && heads * ((a.T + tile - 1) / tile) < 2 * sms) tile -= step;
+  return static_cast<int>(tile);
+}
+
+// The dynamic shared memory the tiled kernel may opt into on the current
+// device: the device's, capped at kTiledMaxShared; -1 without a device.
+int64_t TiledSharedLimit(const DeviceLimits* limits) {
+  return limits == nullptr ? -1 : std::min<int64_t>(limits->shared_optin, kTiledMaxShared);
+}
+
+// One launch of the tiled kernel, as LaunchTiledAttention sized it.
+struct TiledLaunch {
+  unsigned grid = 0;
+  int tile_q = 0;       // queries per block
+  bool vec = false;     // TiledAttentionKernel's `vec`
+  size_t shared = 0;    // dynamic shared memory, bytes
+  int device = 0;       // the current device
+  int64_t limit = 0;    // its opt-in shared memory (TiledSharedLimit)
+  bool ahead = false;   // TiledAttentionKernel's kAhead
+  cudaStream_t stream = nullptr;
+};
+
+template <typename E, int kKpl, bool kAhead>
+int LaunchTiledVariant(const AttentionArgs& a, const TiledLaunch& l) {
+  const int err =
+      OptInShared<TiledAttentionKernel<E, kKpl, kAhead>>(l.shared, l.device, l.limit);
+  if (err != 0) return err;
+  TiledAttentionKernel<E, kKpl, kAhead>
+      <<<l.grid, kNormThreads, l.shared, l.stream>>>(a, l.tile_q, l.vec);
+  return LastError();
+}
+
+template <typename E, int kKpl>
+int LaunchTiled(const AttentionArgs& a, const TiledLaunch& l) {
+  return l.ahead ? LaunchTiledVariant<E, kKpl, true>(a, l)
+                 : LaunchTiledVariant<E, kKpl, false>(a, l);
+}
+
+template <typename E>
+int LaunchTiledFor(const AttentionArgs& a, const TiledLaunch& l) {
+  if (a.S <= 32) return LaunchTiled<E, 1>(a, l);
+  if (a.S <= 64) return LaunchTiled<E, 2>(a, l);
+  if (a.S <= 96) return LaunchTiled<E, 3>(a, l);
+  if (a.S <= 128) return LaunchTiled<E, 4>(a, l);
+  return LaunchTiled<E, 8>(a, l);
+}
+
+// Unit element stride and rows aligned for Load4 (four elements: 16 bytes
+// for fp32, 8 for 16-bit elements).
+bool Tiled4Aligned(const void* base, const int64_t* stride, int64_t bytes) {
+  return stride[3] == 1 &&
+         Aligned(base, 4 * bytes, bytes, {stride[0], stride[1], stride[2]});
+}
+
+// LORAHUB_TILED_V1=1 (read once): every tiled launch on TiledAttentionKernel,
+// as before the twentieth session (A/B).
+bool TiledV1() {
+  static const bool on = EnvSwitch("LORAHUB_TILED_V1");
+  return on;
+}
+
+// RegisterTiledAttentionKernel's block height kTy for B x H heads: 8 rows
+// of 16 threads where the heads are fewer than the SMs (an objective
+// evaluation: 5 x 16 heads) or the rows are packed and short (at most
+// kShortPackedTokens tokens on average: a batch of prompts), else 16 (a
+// population pass).
+// Few heads: with 16 x 16 threads an evaluation's attention is bound by
+// latency (ncu: 16% achieved occupancy, no eligible warp 55% of the
+// cycles), and 8 x 16 threads took the evaluation from 3.379 to 3.210 ms
+// (twentieth session, call 2); on the large grids they were no faster
+// (Kineto, calls 1-3: a population pass's call 77.5 and 85.8 us with 16 rows
+// against 80.5 with 8; prompts 89.9 against 104.8 us).
+// Short packed rows: a row that fits one 8-row block (40 query rows at 5 a
+// thread) leaves fewer query rows idle, at 4 blocks an SM. H200, Kineto: a
+// per-row prefill's 24 calls 55 us each (forty-third session) -> 44.8
+// (forty-fourth, call 1); in that call, paired, 8 runs each, per-row
+// generation 38,522 -> 38,721 tok/s (median), every answer and digest the
+// same. A population's 320 rows of 61-72 tokens keep 16 (the replica,
+// deploy/gpu/packed_attention_bench.py: 294 us with 8 against 278).
+// LORAHUB_TILED_TY=8 or 16 (read once; A/B) takes that height for all;
+// LORAHUB_PACKED_SHORT_TY=16 (read once; A/B) gives short packed rows the
+// height of the rest.
+constexpr int64_t kShortPackedTokens = 40;
+int RegTiledTy(const AttentionArgs& a, int sms) {
+  static const int forced = EnvChoice("LORAHUB_TILED_TY");
+  if (forced == 8 || forced == 16) return forced;
+  static const bool short_8 = EnvChoice("LORAHUB_PACKED_SHORT_TY") != 16;
+  if (short_8 && a.seq_starts != nullptr && a.packed_tokens > 0 &&
+      a.packed_tokens <= a.B * kShortPackedTokens) {
+    return 8;
+  }
+  return a.B * a.H < sms ? 8 : 16;
+}
+
+// Blocks of RegisterTiledAttentionKernel of `ty` x 16 threads with
+// `q_per_thread` queries per thread.
+int64_t RegTiledBlocks(const AttentionArgs& a, int ty, int q_per_thread) {
+  const int64_t tq = ty * q_per_thread;
+  return a.B * a.H * ((a.T + tq - 1) / tq);
+}
+
+// Queries per thread, 5 or 3: the fewer query rows any SM works through
+// (ceil(blocks / (SMs x blocks per SM)) x rows per block; ties to 5): an
+// objective evaluation's 5 x 16 heads of 72 queries (8-row blocks): 3 (240
+// blocks); the population's 60 x 16 and 64 prompts of up to 80 tokens
+// (16-row blocks): 5. (2 queries per thread, 400 blocks of 8 rows, made the
+// evaluation slower: 3.118 against 3.062 ms, twentieth session, call 3.)
+// LORAHUB_TILED_QPT=3 or 5 (read once; A/B) takes that count for all.
+int RegTiledQueriesPerThread(const AttentionArgs& a, int ty, int sms) {
+  static const int forced = EnvChoice("LORAHUB_TILED_QPT");
+  if (forced == 3 || forced == 5) return forced;
+  const int64_t resident = static_cast<int64_t>(sms) * (32 / ty);
+  const auto rows = [&](int q) {
+    return (RegTiledBlocks(a, ty, q) + resident - 1) / resident * ty * q;
+  };
+  return rows(3) < rows(5) ? 3 : 5;
+}
+
+template <typename E, int kQpt, int kKpt, int kTy>
+int LaunchRegTiledVariant(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
+  const size_t shared = RegTiledSharedFloats(kTy * kQpt, 16 * kKpt) * sizeof(float);
+  if (static_cast<int64_t>(shared) > l.limit) return -1;
+  const int err = OptInShared<RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>>(
+      shared, l.device, l.limit);
+  if (err != 0) return err;
+  const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kTy, kQpt));
+  RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>
+      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec);
+  return LastError();
+}
+
+template <typename E, int kQpt, int kTy>
+int LaunchRegTiledKeys(const AttentionArgs& a, const TiledLaunch& l, bool q_vec) {
+  switch ((a.S + 15) / 16) {
+    case 3: return LaunchRegTiledVariant<E, kQpt, 3, kTy>(a, l, q_vec);
+    case 4: return LaunchRegTiledVariant<E, kQpt, 4, kTy>(a, l, q_vec);
+    case 5: return LaunchRegTiledVariant<E, kQpt, 5, kTy>(a, l, q_vec);
+    case 6: return LaunchRegTiledVariant<E, kQpt, 6, kTy>(a, l, q_vec);
+    case 7: return LaunchRegTiledVariant<E, kQpt, 7, kTy>(a, l, q_vec);
+    case 8: return LaunchRegTiledVariant<E, kQpt, 8, kTy>(a, l, q_vec);
+    default: return -1;
+  }
+}
+
+template <typename E>
+int LaunchRegTiledFor(const AttentionArgs& a, const TiledLaunch& l, bool q_vec, int sms) {
+  const int ty = RegTiledTy(a, sms);
+  const int qpt = RegTiledQueriesPerThread(a, ty, sms);
+  if (ty == 8) {
+    return qpt == 3 ? LaunchRegTiledKeys<E, 3, 8>(a, l, q_vec)
+                    : LaunchRegTiledKeys<E, 5, 8>(a, l, q_vec);
+  }
+  return qpt == 3 ? LaunchRegTiledKeys<E, 3, 16>(a, l, q_vec)
+                  : LaunchRegTiledKeys<E, 5, 16>(a, l, q_vec);
+}
+
+// RegisterTiledAttentionKernel where it takes the arguments: 64-wide heads,
+// 33 to 128 keys, fp32 or bf16 keys and values of unit element stride and
+// Load4 alignment (l.vec), in the shared memory the device lets a block
+// opt into. Returns -1, having launched nothing, where it does not.
+int LaunchRegisterTiled(const AttentionArgs& a, const TiledLaunch& l, int sms) {
+  if (TiledV1() || a.D != kRegTiledD || a.Dv != kRegTiledD || a.S <= 32 || a.S > 128 ||
+      !l.vec || RegTiledBlocks(a, 8, 3) > 0x7fffffff) {
+    return -1;
+  }
+  switch (a.qkv_dtype) {
+    case DType::kFloat:
+      return LaunchRegTiledFor<float>(
+          a, l, a.q_dtype == DType::kFloat && Tiled4Aligned(a.q, a.q_stride, 4), sms);
+    case DType::kBFloat16:
+      return LaunchRegTiledFor<__nv_bfloat16>(
+          a, l, a.q_dtype == DType::kBFloat16 && Tiled4Aligned(a.q, a.q_stride, 2), sms);
+    default:
+      return -1;
+  }
+}
+
+}  // namespace
+
+bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv) {
+  int device = 0;
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
+  return TiledAttentionFits(S, D, Dv) && limits != nullptr &&
+         TiledAttentionShared(S, D) <= TiledSharedLimit(limits);
+}
+
+int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
+  if (args.B * args.H * args.T == 0) return 0;
+  if (args.B < 0 || args.H < 0 || args.T < 0 || args.T > 0x7fffffff ||
+      !TiledAttentionFits(args.S, args.D, args.Dv) ||
+      args.qkv_dtype == DType::kNone || args.bias_dtype == DType::kNone ||
+      (args.seq_starts != nullptr && args.T != args.S) ||
+      args.key_starts != nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  AttentionArgs a = args;
+  if (a.out_dtype == DType::kNone) a.out_dtype = a.qkv_dtype;
+  if (a.q_dtype == DType::kNone) a.q_dtype = a.qkv_dtype;
+  TiledLaunch l;
+  const DeviceLimits* limits = CurrentDeviceLimits(&l.device);
+  l.shared = static_cast<size_t>(TiledAttentionShared(a.S, a.D));
+  l.limit = TiledSharedLimit(limits);
+  if (limits == nullptr || static_cast<int64_t>(l.shared) > l.limit) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  l.tile_q = TiledQueries(a, limits->sms);
+  const int64_t blocks = a.B * a.H * ((a.T + l.tile_q - 1) / l.tile_q);
+  if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  l.grid = static_cast<unsigned>(blocks);
+  l.ahead = blocks <= 2 * static_cast<int64_t>(limits->sms);
+  l.stream = static_cast<cudaStream_t>(stream);
+  const int64_t bytes = a.qkv_dtype == DType::kFloat ? 4 : 2;
+  l.vec = Tiled4Aligned(a.k, a.k_stride, bytes) &&
+          Tiled4Aligned(a.v, a.v_stride, bytes);
+  const int reg_tiled = LaunchRegisterTiled(a, l, limits->sms);
+  if (reg_tiled != -1) return reg_tiled;
+  // Packed rows: the register-tiled kernel only.
+  if (a.seq_starts != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  switch (a.qkv_dtype) {
+    case DType::kFloat:
+      return LaunchTiledFor<float>(a, l);
+    case DType::kBFloat16:
+      return LaunchTiledFor<__nv_bfloat16>(a, l);
+    case DType::kHalf:
+      return LaunchTiledFor<__half>(a, l);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace lorahub::model::kernels
