@@ -131,7 +131,7 @@ __device__ __forceinline__ void StoreFromFloat(void* p, DType t, int64_t i,
 // True when every row of `p + k * stride` (k >= 0) starts `align`-byte
 // aligned.
 inline bool Aligned(const void* p, int64_t align, int64_t elem_bytes,
-             std::initializer_list<int64_t> strides) {
+                    std::initializer_list<int64_t> strides) {
   if (reinterpret_cast<uintptr_t>(p) % align != 0) return false;
   for (int64_t s : strides) {
     if ((s * elem_bytes) % align != 0) return false;
@@ -139,7 +139,7 @@ inline bool Aligned(const void* p, int64_t align, int64_t elem_bytes,
   return true;
 }
 inline bool Aligned16(const void* p, int64_t elem_bytes,
-               std::initializer_list<int64_t> strides) {
+                      std::initializer_list<int64_t> strides) {
   return Aligned(p, 16, elem_bytes, strides);
 }
 
