@@ -22,7 +22,6 @@
 #include "core/model/static_decoder_pool.h"
 #include "core/model/static_encoder.h"
 #include "core/model/t5_forward.h"
-#include "core/model/t5_layers.h"
 #include "core/util/status_macros.h"
 
 namespace lorahub::model {

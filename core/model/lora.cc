@@ -16,7 +16,6 @@
 #include "absl/strings/str_join.h"
 #include "core/model/fused_ops.h"
 #include "core/model/host_upload.h"
-#include "core/model/t5_layers.h"
 
 namespace lorahub::model {
 namespace {

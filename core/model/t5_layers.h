@@ -14,7 +14,6 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
-#include <array>
 #include <cstdint>
 #include <functional>
 #include <utility>
