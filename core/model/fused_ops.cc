@@ -748,11 +748,13 @@ at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& starts,
                            const std::vector<int64_t>& host_starts,
                            at::ScalarType out_dtype) {
+  // Empty host_starts: rows known on the device only (lora.h PackedRows).
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k.sizes() == q.sizes() &&
                   v.dim() == 4 &&
                   v.sizes().slice(0, 3) == q.sizes().slice(0, 3) &&
-                  host_starts.size() >= 2 && host_starts.front() == 0 &&
-                  host_starts.back() == q.size(2),
+                  (host_starts.empty() ||
+                   (host_starts.size() >= 2 && host_starts.front() == 0 &&
+                    host_starts.back() == q.size(2))),
               "packed attention: q, k, v must be [1, H, tokens, d] and the "
               "row starts cover the tokens");
   RECORD_USER_SCOPE("lorahub::attention");
@@ -762,6 +764,9 @@ at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k,
       fused_backend::PackedAttention(q, k, v, bias, starts, out_dtype, &out)) {
     return out;
   }
+  TORCH_CHECK(!host_starts.empty(),
+              "packed attention: rows known on the device only need the CUDA "
+              "kernel");
   // One row at a time, written heads last as the kernel writes it.
   at::Tensor ctx = at::empty({1, q.size(2), q.size(1), v.size(3)},
                              q.options().dtype(out_dtype));

@@ -165,6 +165,9 @@ at::Tensor Attention(const at::Tensor& q, const at::Tensor& k,
 // launch of the register-tiled kernel where it takes the shapes
 // (fused_kernels.h AttentionArgs::seq_starts: 64-wide heads, a longest row
 // of 33 to 128 positions); elsewhere one GeneralAttention per row.
+// host_starts empty: the rows are known on the device only (a captured pass
+// replayed over other rows, static_packed_encoder.h); the kernel, or a
+// c10::Error. L may then exceed the longest row (a bound of it).
 inline constexpr int64_t kPackedAttentionMaxRow = 128;  // the kernel's longest
 at::Tensor PackedAttention(const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& bias,

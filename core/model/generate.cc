@@ -21,6 +21,7 @@
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
 #include "core/model/static_encoder.h"
+#include "core/model/static_packed_encoder.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -206,6 +207,14 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
             : 0;
     LH_ASSIGN_OR_RETURN(PackedInput packed,
                         PackRows(*p.inputs, w.device, padded));
+    // LORAHUB_PACKED_ENCODER_GRAPH=1 (read once): through the pool of
+    // captured packed passes (static_packed_encoder.h), where the options
+    // ask for encoder graphs. Off by default until measured on a GPU.
+    static const bool packed_graph = EnvFlag("LORAHUB_PACKED_ENCODER_GRAPH");
+    if (pooled && packed_graph) {
+      return StaticPackedEncoderPool::Global().Encode(w, packed, p.rows,
+                                                      StaticEncoderOptions{});
+    }
     return EncodePacked(w, packed, p.rows);
   }
   return Encode(w, p.ids, p.mask, p.rows);

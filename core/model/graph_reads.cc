@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "core/model/lora.h"
 #include "core/model/t5_weights.h"
 
 namespace lorahub::model {
@@ -33,6 +34,27 @@ void GraphReads::AddFeedForward(const FeedForwardWeights& f) {
   Add(f.wi_1.weight);
   Add(f.wo.weight);
   Add(f.wi_01);
+}
+
+void GraphReads::AddEncoder(const T5Weights& w) {
+  Add(w.shared);
+  Add(w.encoder_bias_table);
+  Add(w.encoder_final_norm);
+  for (const BlockWeights& b : w.encoder) {
+    Add(b.self_norm);
+    Add(b.ff_norm);
+    AddAttention(b.self_attn);
+    AddFeedForward(b.ff);
+  }
+}
+
+void GraphReads::AddBank(const AdapterBank& bank) {
+  for (const SiteBank& site : bank.sites) {
+    AddScale(site.common_scale);
+    Add(site.a);
+    Add(site.b);
+    Add(site.scale);
+  }
 }
 
 void GraphReads::AddSizes(at::IntArrayRef sizes) {

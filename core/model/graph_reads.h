@@ -17,8 +17,10 @@
 
 namespace lorahub::model {
 
+struct AdapterBank;
 struct AttentionWeights;
 struct FeedForwardWeights;
+struct T5Weights;
 
 class GraphReads {
  public:
@@ -29,6 +31,11 @@ class GraphReads {
   // wi, wi_0, wi_1, wo and the fused wi_0|wi_1.
   void AddAttention(const AttentionWeights& a);
   void AddFeedForward(const FeedForwardWeights& f);
+  // What an encoder pass reads of `w`: the embedding, the position bias
+  // table, every encoder block's norms and weights, the final norm.
+  void AddEncoder(const T5Weights& w);
+  // Every site of `bank`: its common scale, a, b and per-slot scales.
+  void AddBank(const AdapterBank& bank);
   // Sizes alone, for what is copied into the graph's buffers.
   void AddSizes(at::IntArrayRef sizes);
   // Compared bit for bit: NaN (no common scaling) equals NaN.

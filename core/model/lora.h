@@ -81,8 +81,13 @@ absl::StatusOr<AdapterBank> MakeAdapterBank(
 // host_starts[i] .. host_starts[i + 1] - 1.
 struct PackedRows {
   at::Tensor starts;                 // int32 [B + 1] on the model device
-  std::vector<int64_t> host_starts;  // the same offsets, on the host
-  int64_t max_length = 0;            // the longest row
+  // The same offsets, on the host; empty where the rows are known on the
+  // device only (a captured pass replayed over other rows,
+  // static_packed_encoder.h): then only the CUDA kernels, which read
+  // `starts`, take them, and any path that would read offsets on the host
+  // fails instead.
+  std::vector<int64_t> host_starts;
+  int64_t max_length = 0;  // the longest row (or a bound of it)
 };
 
 // Which adapter slot each batch row uses; -1 = none. Built once per forward
@@ -104,7 +109,10 @@ struct RowAdapters {
   // packed (PackedRows), and the LoRA deltas follow their token ranges.
   const PackedRows* packed = nullptr;
   // With packed rows in runs (rows_per_slot > 1), set there too: each
-  // slot's token range, the rows of its run together.
+  // slot's token range, the rows of its run together. May be set for
+  // rows_per_slot == 1 too, where `packed` has rows past the runs (a
+  // static packed encoder's padding row); otherwise those runs are
+  // `packed`'s rows.
   const PackedRows* packed_runs = nullptr;
 };
 

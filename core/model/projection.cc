@@ -295,12 +295,11 @@ void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                       const at::Tensor& xin, const RowAdapters& rows,
                       bool narrow) {
   const PackedRows& packed = *rows.packed;
-  const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
-  const PackedRows* runs = rows.rows_per_slot == 1 ? &packed
-                           : rows.rows_per_slot > 1 ? rows.packed_runs
-                                                    : nullptr;
-  const int64_t slots =
-      runs != nullptr ? static_cast<int64_t>(runs->host_starts.size()) - 1 : 0;
+  const PackedRows* runs = rows.rows_per_slot < 1       ? nullptr
+                           : rows.packed_runs != nullptr ? rows.packed_runs
+                           : rows.rows_per_slot == 1     ? &packed
+                                                         : nullptr;
+  const int64_t slots = runs != nullptr ? runs->starts.size(0) - 1 : 0;
   // Sites [i, j) through the packed run kernels, or false (nothing done).
   const auto run_kernels = [&](size_t i, size_t j) {
     const double scale = sites[i]->common_scale;
@@ -338,6 +337,11 @@ void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
   if (i == sites.size()) return;
   const std::vector<const SiteBank*> rest(sites.begin() + i, sites.end());
   const std::vector<int64_t> rest_cols(cols.begin() + i, cols.end());
+  // The adapters' rows (a static packed encoder's padding row has none).
+  const int64_t B = rows.slots.size(0);
+  TORCH_CHECK(static_cast<int64_t>(packed.host_starts.size()) > B,
+              "packed LoRA deltas: rows known on the device only need the "
+              "packed run kernels");
   for (int64_t b = 0; b < B; ++b) {
     const int64_t first = packed.host_starts[b];
     const int64_t len = packed.host_starts[b + 1] - first;

@@ -80,12 +80,7 @@ StaticDecoderPool::Key MakeKey(const T5Weights& w, const EncoderOutput& enc,
     k.rows_per_slot = rows.rows_per_slot;
     k.slot_offset = rows.slot_offset;
     k.num_slots = rows.bank->num_slots;
-    for (const SiteBank& s : rows.bank->sites) {
-      k.reads.AddScale(s.common_scale);
-      k.reads.Add(s.a);
-      k.reads.Add(s.b);
-      k.reads.Add(s.scale);
-    }
+    k.reads.AddBank(*rows.bank);
     // The rows' slots and mask are copied into the decoder: shapes only.
     k.reads.AddSizes(rows.mask.sizes());
   }

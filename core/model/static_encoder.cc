@@ -272,27 +272,14 @@ StaticEncoderPool::Key MakeKey(const T5Weights& w, const RowAdapters& rows,
   k.length = length;
   k.cuda_graph = o.cuda_graph;
   // What the encoder pass reads.
-  k.reads.Add(w.shared);
-  k.reads.Add(w.encoder_bias_table);
-  k.reads.Add(w.encoder_final_norm);
-  for (const BlockWeights& b : w.encoder) {
-    k.reads.Add(b.self_norm);
-    k.reads.Add(b.ff_norm);
-    k.reads.AddAttention(b.self_attn);
-    k.reads.AddFeedForward(b.ff);
-  }
+  k.reads.AddEncoder(w);
   k.has_bank = rows.bank != nullptr;
   if (k.has_bank) {
     // The graph reads the bank's tensors where they lie (by address).
     k.all_rows = rows.all_rows;
     k.uniform_slot = rows.uniform_slot;
     k.num_slots = rows.bank->num_slots;
-    for (const SiteBank& site : rows.bank->sites) {
-      k.reads.AddScale(site.common_scale);
-      k.reads.Add(site.a);
-      k.reads.Add(site.b);
-      k.reads.Add(site.scale);
-    }
+    k.reads.AddBank(*rows.bank);
   }
   return k;
 }

@@ -689,41 +689,60 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   return out;
 }
 
-EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
-                               const RowAdapters& rows) {
-  const PackedRows& packed = in.rows;
-  const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
-  const int64_t L = packed.max_length;
-  const int64_t N = in.ids.size(0);
-  RowAdapters packed_rows = rows;
-  packed_rows.packed = &packed;
-  // Runs of R > 1 rows per slot: every R-th row's offset starts a slot's
-  // tokens (a device copy, so that a captured pass replays it).
+// Runs of R > 1 rows per slot of `packed`'s rows: every R-th row's offset
+// starts a slot's tokens (a device copy, so that a captured pass replays
+// it). No runs (starts undefined) for other layouts.
+PackedRows RunsOf(const PackedRows& packed, const RowAdapters& rows) {
   PackedRows runs;
+  const int64_t B = static_cast<int64_t>(packed.host_starts.size()) - 1;
   const int64_t R = rows.rows_per_slot;
-  if (rows.bank != nullptr && rows.uniform_slot < 0 && R > 1 && B % R == 0) {
-    runs.starts = packed.starts.slice(0, 0, B + 1, R).contiguous();
-    for (int64_t i = 0; i <= B; i += R) {
-      runs.host_starts.push_back(packed.host_starts[i]);
-      if (i > 0) {
-        runs.max_length = std::max(
-            runs.max_length, packed.host_starts[i] - packed.host_starts[i - R]);
-      }
-    }
-    packed_rows.packed_runs = &runs;
+  if (rows.bank == nullptr || rows.uniform_slot >= 0 || R <= 1 || B % R != 0) {
+    return runs;
   }
+  runs.starts = packed.starts.slice(0, 0, B + 1, R).contiguous();
+  for (int64_t i = 0; i <= B; i += R) {
+    runs.host_starts.push_back(packed.host_starts[i]);
+    if (i > 0) {
+      runs.max_length = std::max(
+          runs.max_length, packed.host_starts[i] - packed.host_starts[i - R]);
+    }
+  }
+  return runs;
+}
+
+PackedEncoding EncodePackedTokensImpl(const T5Weights& w, const at::Tensor& ids,
+                                      const PackedRows& attention,
+                                      const PackedRows* runs,
+                                      const RowAdapters& rows) {
+  const int64_t N = ids.size(0);
+  const int64_t L = attention.max_length;
+  RowAdapters packed_rows = rows;
+  packed_rows.packed = &attention;
+  packed_rows.packed_runs = runs;
   // The position bias alone: a row attends only to its own tokens, so no
   // mask (EncoderSelfBias's values at the unmasked positions).
   const at::Tensor bias = SharedPositionBias(w, w.encoder_bias_table, L, L,
                                              true, AttentionDtype(w));
   const Normed n = EncoderStack(
-      w, in.ids.view({1, N}), packed_rows,
+      w, ids.view({1, N}), packed_rows,
       [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const Linear& o) {
-        return AttendPackedAndProject(q, k, v, bias, packed, o, packed_rows);
+        return AttendPackedAndProject(q, k, v, bias, attention, o,
+                                      packed_rows);
       });
+  PackedEncoding e;
+  e.hidden = n.mm;
+  if (w.dtype != at::kFloat) e.hidden_full = n.full;
+  e.rows = attention;
+  return e;
+}
+
+EncoderOutput UnpackImpl(const T5Weights& w, const PackedInput& in,
+                         PackedEncoding tokens) {
   // Back to the padded batch: the tokens at their positions, zero elsewhere.
+  const int64_t B = in.mask.size(0);
   const int64_t P = in.mask.size(1);
+  const int64_t N = in.ids.size(0);
   const auto unpack = [&](const at::Tensor& x) {
     return at::zeros({B * P, x.size(-1)}, x.options())
         .index_copy_(0, in.padded_index, x.view({N, x.size(-1)}))
@@ -731,14 +750,21 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   };
   EncoderOutput out;
   out.mask_bias = MaskBias(w, in.mask);
-  out.hidden = unpack(n.mm);
-  if (w.dtype != at::kFloat) out.hidden_full = unpack(n.full);
-  auto packed_out = std::make_shared<PackedEncoding>();
-  packed_out->hidden = n.mm;
-  if (w.dtype != at::kFloat) packed_out->hidden_full = n.full;
-  packed_out->rows = packed;
-  out.packed = std::move(packed_out);
+  out.hidden = unpack(tokens.hidden);
+  if (tokens.hidden_full.defined()) out.hidden_full = unpack(tokens.hidden_full);
+  tokens.rows = in.rows;
+  out.packed = std::make_shared<PackedEncoding>(std::move(tokens));
   return out;
+}
+
+EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
+                               const RowAdapters& rows) {
+  const PackedRows runs = RunsOf(in.rows, rows);
+  return UnpackImpl(w, in,
+                    EncodePackedTokensImpl(w, in.ids, in.rows,
+                                           runs.starts.defined() ? &runs
+                                                                 : nullptr,
+                                           rows));
 }
 
 // The teacher-forced decoder's final hidden state, fp32 [B, T, d_model]
@@ -1017,6 +1043,58 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
 }
 
 // DecodeFull's and DecodeFullNll's argument checks.
+absl::StatusOr<PackedEncoding> EncodePackedTokens(const T5Weights& w,
+                                                  const at::Tensor& ids,
+                                                  const PackedRows& attention,
+                                                  const PackedRows* runs,
+                                                  const RowAdapters& rows) {
+  const auto rows_of = [](const PackedRows& p) { return p.starts.size(0) - 1; };
+  if (!ids.defined() || ids.dim() != 1 || ids.size(0) < 1 ||
+      !attention.starts.defined() || attention.starts.dim() != 1 ||
+      rows_of(attention) < 1 || attention.max_length < 1 ||
+      attention.max_length > ids.size(0) ||
+      (runs != nullptr && (!runs->starts.defined() || runs->starts.dim() != 1 ||
+                           runs->max_length < 1))) {
+    return absl::InvalidArgumentError(
+        "packed encoder: ids must be [N] and the rows' starts [rows + 1]");
+  }
+  absl::Status s = CheckIds(ids, "input_ids");
+  if (!s.ok()) return s;
+  try {
+    return EncodePackedTokensImpl(w, ids, attention, runs, rows);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("packed encoder: ", e.what_without_backtrace()));
+  }
+}
+
+absl::StatusOr<EncoderOutput> UnpackEncoding(const T5Weights& w,
+                                             const PackedInput& input,
+                                             PackedEncoding tokens) {
+  const auto fits = [&](const at::Tensor& t) {
+    return !t.defined() || (t.dim() == 3 && t.size(0) == 1 &&
+                            t.size(1) >= input.ids.size(0) &&
+                            t.size(2) == w.config.d_model);
+  };
+  if (!input.ids.defined() || !input.mask.defined() ||
+      !input.padded_index.defined() || !tokens.hidden.defined() ||
+      !fits(tokens.hidden) || !fits(tokens.hidden_full)) {
+    return absl::InvalidArgumentError(
+        "packed encoder: tokens must be [1, >= N, d_model]");
+  }
+  try {
+    const int64_t N = input.ids.size(0);
+    tokens.hidden = tokens.hidden.narrow(1, 0, N);
+    if (tokens.hidden_full.defined()) {
+      tokens.hidden_full = tokens.hidden_full.narrow(1, 0, N);
+    }
+    return UnpackImpl(w, input, std::move(tokens));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("packed encoder: ", e.what_without_backtrace()));
+  }
+}
+
 absl::Status CheckDecodeFullArgs(const at::Tensor& decoder_ids,
                                  const EncoderOutput& encoder,
                                  const PassBiases* biases) {

@@ -166,6 +166,28 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
                                            const PackedInput& input,
                                            const RowAdapters& rows);
 
+// EncodePacked in its two parts, for a pass over buffers of fixed shapes
+// (static_packed_encoder.h). EncodePackedTokens: the packed pass over the
+// tokens `ids` [N] int64, its self-attention over the rows of `attention`
+// (their starts may end before N: tokens past the last row attend to
+// nothing and are nobody's keys; host_starts empty: known on the device
+// only, lora.h PackedRows), each per-row LoRA delta over the tokens of its
+// run in `runs` (rows.rows_per_slot >= 1: one run per slot; nullptr: the
+// attention's rows with rows_per_slot == 1, RunsOf's runs of EncodePacked
+// otherwise). Returns [1, N, d_model] hidden (and hidden_full), `rows` =
+// `attention`. UnpackEncoding: EncodePacked's outputs for `input` from
+// such a pass, of which it reads the first input.ids.size(0) tokens; the
+// returned `packed` holds `tokens` (their views, `rows` set to input's).
+// InvalidArgument for mismatched shapes; Internal for LibTorch errors.
+absl::StatusOr<PackedEncoding> EncodePackedTokens(const T5Weights& w,
+                                                  const at::Tensor& ids,
+                                                  const PackedRows& attention,
+                                                  const PackedRows* runs,
+                                                  const RowAdapters& rows);
+absl::StatusOr<EncoderOutput> UnpackEncoding(const T5Weights& w,
+                                             const PackedInput& input,
+                                             PackedEncoding tokens);
+
 // True when EncodePacked of `inputs` is worth it against Encode of the
 // padded batch: on CUDA with the fused kernels, a longest row the packed
 // attention kernel takes (33 to 128 tokens; elsewhere it goes row by row),

@@ -656,9 +656,12 @@ lorahub_cc_library(core_model_static_encoder
   PACKAGE core/model
   SRCS
     ${SRC}/core/model/static_encoder.cc
+    ${SRC}/core/model/static_packed_encoder.cc
     ${SRC}/core/model/static_encoder.h
+    ${SRC}/core/model/static_packed_encoder.h
   DEPS
     core_model_cuda_graph
+    core_model_fused_ops
     core_model_graph_reads
     core_model_static_decoder
     core_model_t5

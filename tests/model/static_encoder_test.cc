@@ -8,7 +8,11 @@
 // pool on and off (also under LORAHUB_NO_ENCODER_GRAPH=1). On the CPU the pool
 // runs eagerly (EncoderGraph::kAlways); on a CUDA device
 // (LORAHUB_TEST_DEVICE=cuda:0) the same tests replay captured graphs, in fp32
-// and bf16.
+// and bf16. Packed passes over fixed buffers (StaticPackedEncoder and its
+// pool) against EncodePacked: the bucket's padding row and the rows' runs
+// leave the real tokens' outputs unchanged, pass after pass of other rows;
+// rows known on the device only fail where a host loop would read them; on
+// CUDA, a model of the kernels' head width captures and replays.
 #include "core/model/static_encoder.h"
 
 #include <ATen/ATen.h>
@@ -26,6 +30,7 @@
 #include "core/model/loader.h"
 #include "core/model/lora.h"
 #include "core/model/static_decoder_pool.h"
+#include "core/model/static_packed_encoder.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_layers.h"
 #include "core/model/t5_weights.h"
@@ -547,6 +552,293 @@ TEST_P(StaticEncoderTest, GeneratePackedUnchanged) {
   auto want = Generate(base_, in2, &bank_, {0, 1}, pooled);
   ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
   EXPECT_EQ(got->output_ids, want->output_ids) << "one slot per row";
+}
+
+// A bank of four slots (two rank-8 q, v adapters, twice: the packed run
+// kernels' shrink takes 8, 16 or 32 ranks) for the packed encoder tests.
+AdapterBank QvBankOfFour(const T5Weights& base,
+                         std::vector<LoraAdapter>* adapters) {
+  auto cfg = testing::MakeLoraConfig({"q", "v"}, 8, 16);
+  for (uint64_t seed : {6, 7}) {
+    auto a = BuildLoraAdapter(base, cfg, testing::RandomAdapter(base, cfg, seed),
+                              "qv" + std::to_string(seed));
+    EXPECT_TRUE(a.ok()) << a.status();
+    if (a.ok()) adapters->push_back(*a);
+  }
+  if (adapters->size() < 2) return AdapterBank{};
+  const LoraAdapter* a = &(*adapters)[adapters->size() - 2];
+  const LoraAdapter* b = &(*adapters)[adapters->size() - 1];
+  auto bank = MakeAdapterBank(base, {a, b, a, b});
+  EXPECT_TRUE(bank.ok()) << bank.status();
+  return bank.ok() ? *bank : AdapterBank{};
+}
+
+// A static packed encoder's outputs against EncodePacked's of `in`.
+void ExpectEqualsEncodePacked(const T5Weights& base, const EncoderOutput& got,
+                              const PackedInput& in, const RowAdapters& rows,
+                              const std::string& where) {
+  auto want = EncodePacked(base, in, rows);
+  ASSERT_TRUE(want.ok()) << want.status();
+  const at::ScalarType dt = base.dtype;
+  ExpectClose(got.hidden, want->hidden, dt, where + " hidden", kAdapterFactor);
+  ExpectSameMask(got.mask_bias, want->mask_bias, where + " mask_bias");
+  ASSERT_EQ(got.hidden_full.defined(), want->hidden_full.defined()) << where;
+  if (want->hidden_full.defined()) {
+    ExpectClose(got.hidden_full, want->hidden_full, dt, where + " hidden_full",
+                kAdapterFactor);
+  }
+  ASSERT_NE(got.packed, nullptr) << where;
+  ExpectClose(got.packed->hidden, want->packed->hidden, dt,
+              where + " packed hidden", kAdapterFactor);
+  EXPECT_EQ(got.packed->rows.host_starts, in.rows.host_starts) << where;
+  EXPECT_TRUE(at::equal(got.packed->rows.starts.to(at::kCPU),
+                        in.rows.starts.to(at::kCPU)))
+      << where;
+}
+
+// Four rows of one bucket after another through one static packed encoder,
+// for each adapter layout it takes: rows of other lengths each pass (the
+// last shorter than the one before: its padding row holds the previous
+// rows' ids), the tokens past them in its padding row. Runs of rows per slot only for a
+// reduced-precision model (fp32 runs go row by row: not taken).
+TEST_P(StaticEncoderTest, PackedPassEqualsEncodePacked) {
+  const AdapterBank bank = QvBankOfFour(base_, &adapters_);
+  const std::vector<std::vector<int64_t>> lengths = {
+      {9, 1, 40, 5}, {40, 7, 2, 3}, {33, 20, 20, 20}, {9, 1, 40, 5}};
+  struct Layout {
+    std::string name;
+    std::vector<int64_t> slots;
+    bool runs;
+    int64_t run_longest;  // the bucket's: runs of two rows' longest, 45 -> 64
+  };
+  for (const Layout& layout :
+       {Layout{"no adapters", {}, false, 0},
+        Layout{"one slot for all", {1, 1, 1, 1}, false, 0},
+        Layout{"one slot per row", {0, 1, 2, 3}, true, 0},
+        Layout{"runs of two rows", {0, 0, 1, 1}, true, 64}}) {
+    RowAdapters rows;
+    if (!layout.slots.empty()) {
+      auto r = MakeRowAdapters(base_, &bank, layout.slots);
+      ASSERT_TRUE(r.ok()) << r.status();
+      rows = *r;
+    }
+    auto first = PackRows(Prompts(4, lengths[0], 30), base_.device);
+    ASSERT_TRUE(first.ok()) << first.status();
+    const PackedBucket bucket = PackedBucketOf(*first, rows);
+    EXPECT_EQ(bucket.rows, 4) << layout.name;
+    EXPECT_EQ(bucket.longest, 48) << layout.name;  // 40 up to 16s
+    EXPECT_EQ(bucket.tokens, 96) << layout.name;   // 55 up to 48s
+    EXPECT_EQ(bucket.run_longest, layout.run_longest) << layout.name;
+    auto enc = StaticPackedEncoder::Create(base_, bucket, rows,
+                                           StaticEncoderOptions{});
+    if (layout.runs && base_.dtype == at::kFloat) {
+      EXPECT_EQ(enc.status().code(), absl::StatusCode::kInvalidArgument)
+          << layout.name;
+      continue;
+    }
+    ASSERT_TRUE(enc.ok()) << layout.name << ": " << enc.status();
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      const std::string where = layout.name + ", pass " + std::to_string(i);
+      auto in = PackRows(Prompts(4, lengths[i], 31 + static_cast<int64_t>(i)),
+                         base_.device, /*padded_length=*/64);
+      ASSERT_TRUE(in.ok()) << in.status();
+      ASSERT_TRUE(PackedBucketOf(*in, rows) == bucket) << where;
+      auto got = (*enc)->Run(*in, rows);
+      ASSERT_TRUE(got.ok()) << where << ": " << got.status();
+      ExpectEqualsEncodePacked(base_, *got, *in, rows, where);
+    }
+    if (!Cuda()) {
+      EXPECT_EQ((*enc)->graph_status(), "not a CUDA device");
+    }
+  }
+}
+
+TEST_P(StaticEncoderTest, PackedPassRejectsOtherBucketsAndLayouts) {
+  const AdapterBank bank = QvBankOfFour(base_, &adapters_);
+  const StaticEncoderOptions o;
+  for (const PackedBucket& bad :
+       {PackedBucket{0, 96, 48, 0}, PackedBucket{4, 96, 40, 0},
+        PackedBucket{4, 32, 48, 0}, PackedBucket{4, 96, 48, 64}}) {
+    EXPECT_EQ(StaticPackedEncoder::Create(base_, bad, RowAdapters{}, o)
+                  .status()
+                  .code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad.rows << " " << bad.tokens << " " << bad.longest;
+  }
+  auto gather = MakeRowAdapters(base_, &bank, {1, 0, 3, 2});
+  ASSERT_TRUE(gather.ok()) << gather.status();
+  EXPECT_EQ(StaticPackedEncoder::Create(base_, PackedBucket{4, 96, 48, 0},
+                                        *gather, o)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+
+  auto in = PackRows(Prompts(4, {9, 1, 40, 5}, 32), base_.device);
+  ASSERT_TRUE(in.ok()) << in.status();
+  auto enc = StaticPackedEncoder::Create(base_, PackedBucketOf(*in, {}),
+                                         RowAdapters{}, o);
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  for (const std::vector<int64_t>& other :
+       {std::vector<int64_t>{9, 1, 40}, std::vector<int64_t>{9, 1, 60, 5},
+        std::vector<int64_t>{40, 40, 40, 40}}) {
+    auto o_in = PackRows(Prompts(static_cast<int64_t>(other.size()), other, 33),
+                         base_.device);
+    ASSERT_TRUE(o_in.ok()) << o_in.status();
+    EXPECT_EQ((*enc)->Run(*o_in, RowAdapters{}).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << other.size() << " rows, the third " << other[2];
+  }
+  auto per_row = MakeRowAdapters(base_, &bank, {0, 1, 2, 3});
+  ASSERT_TRUE(per_row.ok()) << per_row.status();
+  EXPECT_EQ((*enc)->Run(*in, *per_row).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto good = (*enc)->Run(*in, RowAdapters{});
+  ASSERT_TRUE(good.ok()) << good.status();
+  ExpectEqualsEncodePacked(base_, *good, *in, RowAdapters{}, "after refusals");
+}
+
+// Rows known on the device only (no host offsets, as a capture passes
+// them): where an op would read the offsets on the host (the CPU's row by
+// row attention and LoRA deltas; on CUDA, shapes the kernels do not take)
+// the pass fails, so that a capture of it fails instead of baking in its
+// rows. Where the kernels take them, the pass is EncodePacked's.
+TEST_P(StaticEncoderTest, PackedRowsOnTheDeviceOnly) {
+  auto in = PackRows(Prompts(4, {9, 1, 40, 5}, 34), base_.device);
+  ASSERT_TRUE(in.ok()) << in.status();
+  PackedRows device_only{in->rows.starts, {}, 48};
+  auto got = EncodePackedTokens(base_, in->ids, device_only, nullptr,
+                                RowAdapters{});
+  if (!Cuda()) {
+    ASSERT_FALSE(got.ok());
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kInternal);
+    EXPECT_NE(got.status().message().find("on the device only"),
+              std::string::npos)
+        << got.status();
+    return;
+  }
+  if (!got.ok()) return;  // head widths the kernel does not take
+  auto want = EncodePacked(base_, *in, RowAdapters{});
+  ASSERT_TRUE(want.ok()) << want.status();
+  ExpectClose(got->hidden, want->packed->hidden, base_.dtype, "device only");
+}
+
+// The pool: a bucket's first pass runs EncodePacked, its second makes (and
+// on CUDA captures) an encoder, later passes of any rows of the bucket take
+// it; other weights, too many tokens and layouts it does not take go
+// their own ways.
+TEST_P(StaticEncoderTest, PackedPoolTakesABucketAtItsSecondPass) {
+  StaticPackedEncoderPool pool;
+  const StaticEncoderOptions o;
+  auto pass = [&](StaticPackedEncoderPool& p, const T5Weights& w,
+                  const std::vector<int64_t>& lengths, int64_t seed,
+                  const RowAdapters& rows) {
+    auto in = PackRows(Prompts(4, lengths, seed), w.device);
+    ASSERT_TRUE(in.ok()) << in.status();
+    auto got = p.Encode(w, *in, rows, o);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectEqualsEncodePacked(w, *got, *in, rows, "seed " + std::to_string(seed));
+  };
+  pass(pool, base_, {9, 1, 40, 5}, 40, {});
+  EXPECT_EQ(pool.eager(), 1);
+  EXPECT_EQ(pool.idle(), 0u);
+  pass(pool, base_, {9, 1, 40, 5}, 41, {});
+  EXPECT_EQ(pool.misses(), 1);
+  EXPECT_EQ(pool.idle(), 1u);
+  pass(pool, base_, {40, 7, 2, 3}, 42, {});  // the same bucket
+  EXPECT_EQ(pool.hits(), 1);
+  pass(pool, base_, {33, 20, 20, 20}, 43, {});
+  EXPECT_EQ(pool.hits(), 2);
+  // On CUDA a capture that fails (head widths the kernels do not take)
+  // sends the bucket's later passes to EncodePacked.
+  if (!Cuda()) {
+    EXPECT_EQ(pool.eager(), 1);
+  }
+
+  // Other weights: a key of their own (first pass eager again).
+  auto copy = BuildT5Weights(config_, testing::RandomT5(config_, 8), options_);
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  const int64_t eager_before = pool.eager();
+  pass(pool, *copy, {9, 1, 40, 5}, 44, {});
+  EXPECT_EQ(pool.eager(), eager_before + 1);
+  EXPECT_EQ(pool.hits(), 2);
+
+  // A gather layout (rows_per_slot 0): plain EncodePacked.
+  const AdapterBank bank = QvBankOfFour(base_, &adapters_);
+  auto gather = MakeRowAdapters(base_, &bank, {1, 0, 3, 2});
+  ASSERT_TRUE(gather.ok()) << gather.status();
+  for (int i = 0; i < 2; ++i) pass(pool, base_, {9, 1, 40, 5}, 45, *gather);
+  EXPECT_EQ(pool.misses(), 1);
+
+  StaticPackedEncoderPoolOptions small;
+  small.max_tokens = 64;
+  small.first_pass_eager = false;
+  StaticPackedEncoderPool tight(small);
+  pass(tight, base_, {9, 1, 40, 5}, 46, {});  // 96 tokens
+  pass(tight, base_, {9, 1, 20, 5}, 47, {});  // 35 tokens: 64
+  EXPECT_EQ(tight.eager(), 1);
+  EXPECT_EQ(tight.misses(), 1);
+  pool.Clear();
+  EXPECT_EQ(pool.idle(), 0u);
+}
+
+// On CUDA, a model of the kernels' head width (64) and a longest row they
+// take (33 to 128 tokens): the pass captures, and replays over other rows
+// of its bucket give EncodePacked's outputs, without adapters and with one
+// slot per row (bf16: the run kernels). The CPU has no graphs: skipped.
+TEST(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
+  auto device = testing::TestDevice();
+  ASSERT_TRUE(device.ok()) << device.status();
+  if (!device->is_cuda() || !CudaGraphsCompiled()) {
+    GTEST_SKIP() << "CUDA graphs only";
+  }
+  config::T5Config c = testing::GatedConfig();
+  c.d_model = 128;
+  c.d_kv = 64;
+  c.num_heads = 2;
+  c.d_ff = 256;
+  WeightOptions wo;
+  wo.device = *device;
+  wo.dtype = at::kBFloat16;
+  auto base = BuildT5Weights(c, testing::RandomT5(c, 50, 0.3), wo);
+  ASSERT_TRUE(base.ok()) << base.status();
+  std::vector<LoraAdapter> adapters;
+  const AdapterBank bank = QvBankOfFour(*base, &adapters);
+  auto prompts = [&](const std::vector<int64_t>& lengths, int64_t seed) {
+    std::vector<std::vector<int64_t>> out;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      std::vector<int64_t> p;
+      for (int64_t t = 0; t < lengths[r]; ++t) {
+        p.push_back((seed * 13 + static_cast<int64_t>(r) * 5 + t * 3 + 1) %
+                    c.vocab_size);
+      }
+      out.push_back(p);
+    }
+    return out;
+  };
+  for (bool adapted : {false, true}) {
+    RowAdapters rows;
+    if (adapted) {
+      auto r = MakeRowAdapters(*base, &bank, {0, 1, 2, 3});
+      ASSERT_TRUE(r.ok()) << r.status();
+      rows = *r;
+    }
+    auto first = PackRows(prompts({70, 9, 40, 33}, 1), base->device);
+    ASSERT_TRUE(first.ok()) << first.status();
+    auto enc = StaticPackedEncoder::Create(*base, PackedBucketOf(*first, rows),
+                                           rows, StaticEncoderOptions{});
+    ASSERT_TRUE(enc.ok()) << enc.status();
+    for (const auto& lengths : {std::vector<int64_t>{70, 9, 40, 33},
+                                std::vector<int64_t>{12, 80, 35, 20},
+                                std::vector<int64_t>{65, 65, 2, 1}}) {
+      auto in = PackRows(prompts(lengths, lengths[1]), base->device);
+      ASSERT_TRUE(in.ok()) << in.status();
+      auto got = (*enc)->Run(*in, rows);
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_TRUE((*enc)->graph_active()) << (*enc)->graph_status();
+      ExpectEqualsEncodePacked(*base, *got, *in, rows,
+                               adapted ? "one slot per row" : "no adapters");
+    }
+  }
 }
 
 // CrossKeyValues::CopyPackedTo (the decoder's cross keys and values from a
