@@ -103,7 +103,7 @@ absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> StaticPackedEncoder::Create
     e->bucket_ = bucket;
     e->run_rows_ = R;
     e->ids_ = at::full({bucket.tokens}, weights.config.pad_token_id, i64);
-    // Until the first load: every row empty, the padding row all tokens.
+    // The padding row's end; Run loads the rows before any pass.
     e->starts_ = at::zeros({B + 2}, i64.dtype(at::kInt));
     e->starts_[B + 1] = bucket.tokens;
     if (R > 1) e->run_starts_ = at::zeros({B / R + 1}, i64.dtype(at::kInt));

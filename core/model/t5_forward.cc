@@ -1042,7 +1042,6 @@ absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,
   }
 }
 
-// DecodeFull's and DecodeFullNll's argument checks.
 absl::StatusOr<PackedEncoding> EncodePackedTokens(const T5Weights& w,
                                                   const at::Tensor& ids,
                                                   const PackedRows& attention,
@@ -1095,6 +1094,7 @@ absl::StatusOr<EncoderOutput> UnpackEncoding(const T5Weights& w,
   }
 }
 
+// DecodeFull's and DecodeFullNll's argument checks.
 absl::Status CheckDecodeFullArgs(const at::Tensor& decoder_ids,
                                  const EncoderOutput& encoder,
                                  const PassBiases* biases) {
