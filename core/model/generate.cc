@@ -172,10 +172,17 @@ bool EncoderGraphDisabledByEnv() {
 }
 
 struct Prepared {
-  at::Tensor ids, mask;  // [B, longest] padded
-  RowAdapters rows;
   const std::vector<std::vector<int64_t>>* inputs = nullptr;  // the caller's
+  int64_t rows_count = 0;  // B
+  int64_t longest = 0;     // the longest input
+  RowAdapters rows;
 };
+
+// The inputs right-padded to the longest, [B, longest] ids and mask on the
+// device: made where a pass takes them (a packed prefill does not).
+absl::StatusOr<PaddedInput> Padded(const T5Weights& w, const Prepared& p) {
+  return PadRows(*p.inputs, w.config.pad_token_id, w.device);
+}
 
 // Encode, through the static encoder pool where the options ask for it
 // (GenerateOptions::encoder_graph) and the pool takes the batch; a batch
@@ -193,8 +200,9 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
   StaticEncoderPool& pool = o.encoder_pool != nullptr
                                 ? *o.encoder_pool
                                 : StaticEncoderPool::Global();
-  if (pooled && pool.Pools(p.ids.size(0), p.ids.size(1))) {
-    return pool.Encode(w, p.ids, p.mask, p.rows, StaticEncoderOptions{});
+  if (pooled && pool.Pools(p.rows_count, p.longest)) {
+    LH_ASSIGN_OR_RETURN(PaddedInput in, Padded(w, p));
+    return pool.Encode(w, in.ids, in.mask, p.rows, StaticEncoderOptions{});
   }
   if (PackedEncodePays(w, *p.inputs, p.rows)) {
     // Unpacked straight to the pooled decoder's length (no PadEncoder
@@ -203,7 +211,7 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
     static const bool pad_after = EnvFlag("LORAHUB_PAD_AFTER_ENCODE");
     const int64_t padded =
         DecoderPooled(w, o) && !pad_after
-            ? StaticDecoderPool::BucketLength(p.ids.size(1))
+            ? StaticDecoderPool::BucketLength(p.longest)
             : 0;
     LH_ASSIGN_OR_RETURN(PackedInput packed,
                         PackRows(*p.inputs, w.device, padded));
@@ -217,7 +225,8 @@ absl::StatusOr<EncoderOutput> EncodeInputs(const T5Weights& w,
     }
     return EncodePacked(w, packed, p.rows);
   }
-  return Encode(w, p.ids, p.mask, p.rows);
+  LH_ASSIGN_OR_RETURN(PaddedInput in, Padded(w, p));
+  return Encode(w, in.ids, in.mask, p.rows);
 }
 
 absl::StatusOr<Prepared> Prepare(const T5Weights& w,
@@ -241,14 +250,14 @@ absl::StatusOr<Prepared> Prepare(const T5Weights& w,
     }
   }
   Prepared p;
-  LH_ASSIGN_OR_RETURN(PaddedInput padded,
-                      PadRows(in, w.config.pad_token_id, w.device));
-  p.ids = std::move(padded.ids);
-  p.mask = std::move(padded.mask);
-  const auto B = static_cast<int64_t>(in.size());
-  std::vector<int64_t> s = slots.empty() ? std::vector<int64_t>(B, -1) : slots;
-  LH_ASSIGN_OR_RETURN(p.rows, MakeRowAdapters(w, bank, s));
   p.inputs = &in;
+  p.rows_count = static_cast<int64_t>(in.size());
+  for (const std::vector<int64_t>& row : in) {
+    p.longest = std::max(p.longest, static_cast<int64_t>(row.size()));
+  }
+  std::vector<int64_t> s =
+      slots.empty() ? std::vector<int64_t>(p.rows_count, -1) : slots;
+  LH_ASSIGN_OR_RETURN(p.rows, MakeRowAdapters(w, bank, s));
   return p;
 }
 
@@ -329,7 +338,7 @@ bool DirectTokensOff() {
 absl::StatusOr<GenerateResult> GreedyOrSample(const T5Weights& w,
                                               const Prepared& p,
                                               const GenerateOptions& o) {
-  const int64_t B = p.ids.size(0);
+  const int64_t B = p.rows_count;
   const int64_t eos = w.config.eos_token_id;
   LH_ASSIGN_OR_RETURN(EncoderOutput enc,
                       EncodeInputs(w, p, o));
@@ -432,7 +441,7 @@ at::Tensor Gather(const at::Tensor& t, const at::Tensor& idx) {
 
 absl::StatusOr<GenerateResult> BeamSearch(const T5Weights& w, const Prepared& p,
                                           const GenerateOptions& o) {
-  const int64_t B = p.ids.size(0);
+  const int64_t B = p.rows_count;
   const int64_t K = o.num_beams;
   const int64_t V = w.config.vocab_size;
   const int64_t L = 1 + o.max_new_tokens;  // max_length, start token included
