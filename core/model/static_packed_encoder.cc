@@ -284,14 +284,16 @@ absl::StatusOr<EncoderOutput> StaticPackedEncoder::Run(
       absl::Status s = Body(out_, /*device_only=*/false);
       if (!s.ok()) return s;
     }
-    // The graph's outputs are overwritten by its next replay: copies.
+    // A graph's outputs are overwritten by its next replay: copies of the
+    // batch's tokens. An eager pass's are the caller's (none kept here).
     const int64_t N = input.ids.size(0);
+    const auto take = [&](const at::Tensor& t) {
+      return replayed && t.defined() ? t.narrow(1, 0, N).clone() : t;
+    };
     PackedEncoding tokens;
-    tokens.hidden = out_.hidden.narrow(1, 0, N).clone();
-    if (out_.hidden_full.defined()) {
-      tokens.hidden_full = out_.hidden_full.narrow(1, 0, N).clone();
-    }
-    if (!replayed) out_ = PackedEncoding();  // keep no memory between calls
+    tokens.hidden = take(out_.hidden);
+    tokens.hidden_full = take(out_.hidden_full);
+    if (!replayed) out_ = PackedEncoding();
     return UnpackEncoding(*w_, input, std::move(tokens));
   } catch (const c10::Error& e) {
     return absl::InternalError(

@@ -24,7 +24,8 @@
 // bucket; a pass with an op that would read them on the host (a layout or
 // shape the CUDA kernels do not take) fails its capture, and the encoder
 // then runs eagerly. After the capture, one replay over other rows (the
-// row lengths reversed, other ids) is checked against an eager pass.
+// runs of rows in reverse order, other ids) is checked against an eager
+// pass over the same buffers.
 //
 // Ownership: an encoder references `weights` and `rows.bank`, which must
 // outlive it, and owns its buffers and graph; the pool holds weak
