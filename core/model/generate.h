@@ -84,10 +84,13 @@ struct GenerateOptions {
   // Encode with a pooled StaticEncoder (static_encoder.h): inputs padded to
   // a bucket, a CUDA graph captured per bucket (and adapter layout) and
   // replayed (issue 7: the eager encoder's host-side dispatch dominates the
-  // time to first token). Any capture failure takes the eager Encode;
-  // outputs are the same up to float summation order. The environment variable
-  // LORAHUB_NO_ENCODER_GRAPH=1 forces kOff (A/B in one build); so does
-  // cuda_graph = false.
+  // time to first token). Batches too large for that pool that encode
+  // packed (PackedEncodePays) replay a pooled StaticPackedEncoder
+  // (static_packed_encoder.h, StaticPackedEncoderPool::Global()) unless
+  // LORAHUB_NO_PACKED_ENCODER_GRAPH=1. Any capture failure takes the eager
+  // pass; outputs are the same up to float summation order. The environment
+  // variable LORAHUB_NO_ENCODER_GRAPH=1 forces kOff (A/B in one build); so
+  // does cuda_graph = false.
   EncoderGraph encoder_graph = EncoderGraph::kCuda;
   // The pool to use; nullptr: StaticEncoderPool::Global(). Not owned; must
   // outlive the call.
