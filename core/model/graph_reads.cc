@@ -2,6 +2,7 @@
 
 #include <c10/core/Storage.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/model/lora.h"
@@ -49,7 +50,18 @@ void GraphReads::AddEncoder(const T5Weights& w) {
 }
 
 void GraphReads::AddBank(const AdapterBank& bank) {
-  for (const SiteBank& site : bank.sites) {
+  AddSites(bank, bank.sites.size());
+}
+
+void GraphReads::AddEncoderBank(const T5Weights& w, const AdapterBank& bank) {
+  const auto encoder_sites =
+      static_cast<size_t>(w.config.num_layers) * kSitesPerBlock;
+  AddSites(bank, std::min(encoder_sites, bank.sites.size()));
+}
+
+void GraphReads::AddSites(const AdapterBank& bank, size_t end) {
+  for (size_t i = 0; i < end; ++i) {
+    const SiteBank& site = bank.sites[i];
     AddScale(site.common_scale);
     Add(site.a);
     Add(site.b);

@@ -36,6 +36,10 @@ class GraphReads {
   void AddEncoder(const T5Weights& w);
   // Every site of `bank`: its common scale, a, b and per-slot scales.
   void AddBank(const AdapterBank& bank);
+  // AddBank's reads of the sites an encoder pass of `w` reads (the encoder
+  // blocks' sites, t5_weights.h kSitesPerBlock): a graph of the encoder
+  // fits banks whose decoder sites differ.
+  void AddEncoderBank(const T5Weights& w, const AdapterBank& bank);
   // Sizes alone, for what is copied into the graph's buffers.
   void AddSizes(at::IntArrayRef sizes);
   // Compared bit for bit: NaN (no common scaling) equals NaN.
@@ -46,6 +50,8 @@ class GraphReads {
   bool operator==(const GraphReads& other) const;
 
  private:
+  void AddSites(const AdapterBank& bank, size_t end);  // sites [0, end)
+
   std::vector<int64_t> words_;   // addresses, ranks and sizes, in order
   std::vector<uint64_t> scales_;  // the scales' bits
   std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> alive_;

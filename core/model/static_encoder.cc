@@ -279,7 +279,7 @@ StaticEncoderPool::Key MakeKey(const T5Weights& w, const RowAdapters& rows,
     k.all_rows = rows.all_rows;
     k.uniform_slot = rows.uniform_slot;
     k.num_slots = rows.bank->num_slots;
-    k.reads.AddBank(*rows.bank);
+    k.reads.AddEncoderBank(w, *rows.bank);
   }
   return k;
 }

@@ -356,7 +356,7 @@ StaticPackedEncoderPool::Key ShapeKey(const T5Weights& w,
 void AddReads(const T5Weights& w, const RowAdapters& rows,
               StaticPackedEncoderPool::Key* k) {
   k->reads.AddEncoder(w);
-  if (rows.bank != nullptr) k->reads.AddBank(*rows.bank);
+  if (rows.bank != nullptr) k->reads.AddEncoderBank(w, *rows.bank);
 }
 
 }  // namespace

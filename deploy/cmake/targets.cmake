@@ -2352,6 +2352,7 @@ lorahub_cc_test(tests_model_graph_reads_test
     ${SRC}/tests/model/graph_reads_test.cc
   DEPS
     core_model_graph_reads
+    core_model_t5
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 60

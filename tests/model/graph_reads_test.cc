@@ -1,5 +1,5 @@
 // GraphReads, the key by which the graph pools (StaticDecoderPool,
-// StaticEncoderPool) tell whether a captured graph fits a call: the same
+// StaticEncoderPool, StaticPackedEncoderPool) tell whether a captured graph fits a call: the same
 // tensors at the same addresses with the same sizes, the same scale bits.
 #include "core/model/graph_reads.h"
 
@@ -8,6 +8,8 @@
 #include <cmath>
 #include <limits>
 
+#include "core/model/lora.h"
+#include "core/model/t5_weights.h"
 #include "gtest/gtest.h"
 
 namespace lorahub::model {
@@ -72,6 +74,36 @@ TEST(GraphReadsTest, AliveUntilATensorIsFreed) {
   only_kept.Add(kept);
   only_kept.Add(at::Tensor());  // undefined: nothing to outlive
   EXPECT_TRUE(only_kept.Alive());
+}
+
+// An encoder's key reads the encoder blocks' sites of a bank only: a bank
+// whose decoder sites differ fits an encoder graph, one whose encoder site
+// differs does not; AddBank reads every site.
+TEST(GraphReadsTest, EncoderBankReadsTheEncoderSitesOnly) {
+  T5Weights w;
+  w.config.num_layers = 1;
+  const auto bank = [](const at::Tensor& encoder_a, const at::Tensor& decoder_a) {
+    AdapterBank b;
+    b.num_slots = 1;
+    b.sites.resize(2 * kSitesPerBlock);
+    b.sites[0].a = encoder_a;                   // block 0 (the encoder), q
+    b.sites[kSitesPerBlock].a = decoder_a;      // block 1 (the decoder), q
+    return b;
+  };
+  const auto key = [&](const AdapterBank& b, bool encoder_only) {
+    GraphReads r;
+    if (encoder_only) {
+      r.AddEncoderBank(w, b);
+    } else {
+      r.AddBank(b);
+    }
+    return r;
+  };
+  const at::Tensor e = at::zeros({1, 2, 3}), d = at::zeros({1, 2, 3});
+  const at::Tensor other = at::zeros({1, 2, 3});
+  EXPECT_TRUE(key(bank(e, d), true) == key(bank(e, other), true));
+  EXPECT_FALSE(key(bank(e, d), true) == key(bank(other, d), true));
+  EXPECT_FALSE(key(bank(e, d), false) == key(bank(e, other), false));
 }
 
 }  // namespace
