@@ -111,6 +111,9 @@ absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> StaticPackedEncoder::Create
       e->rows_ = rows;
       e->rows_.packed = nullptr;
       e->rows_.packed_runs = nullptr;
+      // Shapes only: the layouts taken find a row's adapter by
+      // uniform_slot or slot_offset and its run, never by slots or mask
+      // (all_rows), so the rows' values are not copied in at each pass.
       e->rows_.slots = at::zeros({B}, i64);
       e->rows_.mask = at::zeros({B, 1, 1}, i64.dtype(at::kFloat));
     }
@@ -260,10 +263,6 @@ absl::StatusOr<EncoderOutput> StaticPackedEncoder::Run(
   }
   try {
     LoadRows(input.ids, input.rows.starts, input.rows.host_starts);
-    if (rows.bank != nullptr) {
-      rows_.slots.copy_(rows.slots.view({B}));
-      rows_.mask.copy_(rows.mask.view({B, 1, 1}));
-    }
     if (capture_pending_) {
       capture_pending_ = false;
       TryCapture(input);

@@ -119,7 +119,7 @@ class StaticPackedEncoder {
 
   const T5Weights* w_ = nullptr;
   PackedBucket bucket_;
-  RowAdapters rows_;        // slots and mask: this encoder's own [B] buffers
+  RowAdapters rows_;        // slots and mask: [B] zeros, shapes only
   int64_t run_rows_ = 0;    // R of the LoRA runs; 0: no runs
   at::Tensor ids_;          // [tokens] int64
   at::Tensor starts_;       // [B + 2] int32: the rows, then the padding row
