@@ -10,15 +10,33 @@
 
 namespace lorahub::model {
 
-void GraphReads::Add(const at::Tensor& t) {
-  if (!t.defined()) {
-    words_.push_back(-1);
+GraphReads GraphReads::Checking(const GraphReads& recorded) {
+  GraphReads g;
+  g.recorded_ = &recorded;
+  return g;
+}
+
+void GraphReads::AddWord(int64_t word) {
+  if (recorded_ == nullptr) {
+    words_.push_back(word);
     return;
   }
-  words_.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
-  words_.push_back(t.dim());
+  same_ = same_ && words_seen_ < recorded_->words_.size() &&
+          recorded_->words_[words_seen_] == word;
+  ++words_seen_;
+}
+
+void GraphReads::Add(const at::Tensor& t) {
+  if (!t.defined()) {
+    AddWord(-1);
+    return;
+  }
+  AddWord(reinterpret_cast<int64_t>(t.data_ptr()));
+  AddWord(t.dim());
   AddSizes(t.sizes());
-  alive_.push_back(t.storage().getWeakStorageImpl());
+  // Checking compares addresses only: the recorded storages are alive
+  // (the caller checks Alive), so no other tensor has their addresses.
+  if (recorded_ == nullptr) alive_.push_back(t.storage().getWeakStorageImpl());
 }
 
 void GraphReads::AddAttention(const AttentionWeights& a) {
@@ -70,13 +88,19 @@ void GraphReads::AddSites(const AdapterBank& bank, size_t end) {
 }
 
 void GraphReads::AddSizes(at::IntArrayRef sizes) {
-  words_.insert(words_.end(), sizes.begin(), sizes.end());
+  for (int64_t size : sizes) AddWord(size);
 }
 
 void GraphReads::AddScale(double scale) {
   uint64_t bits = 0;
   std::memcpy(&bits, &scale, sizeof(bits));
-  scales_.push_back(bits);
+  if (recorded_ == nullptr) {
+    scales_.push_back(bits);
+    return;
+  }
+  same_ = same_ && scales_seen_ < recorded_->scales_.size() &&
+          recorded_->scales_[scales_seen_] == bits;
+  ++scales_seen_;
 }
 
 bool GraphReads::Alive() const {
@@ -88,6 +112,12 @@ bool GraphReads::Alive() const {
 
 bool GraphReads::operator==(const GraphReads& other) const {
   return words_ == other.words_ && scales_ == other.scales_;
+}
+
+bool GraphReads::Matches() const {
+  return recorded_ != nullptr && same_ &&
+         words_seen_ == recorded_->words_.size() &&
+         scales_seen_ == recorded_->scales_.size();
 }
 
 }  // namespace lorahub::model
