@@ -299,9 +299,14 @@ __host__ __device__ constexpr int RegTiledSharedFloats(int tq, int tk) {
 }
 
 // kTy: 16 (256 threads, 2 blocks per SM) or 8 (128 threads, 4 per SM).
+// `trim`: the products skip the query rows u past the tile's last query and
+// the key groups e past the row's keys (both the same for the whole block).
+// Those only repeat the tile's last query, never stored, or add exact zeros
+// to no stored output, so every output keeps its bits; a packed row shorter
+// than the batch's longest then costs its own length, not the longest's.
 template <typename E, int kQpt, int kKpt, int kTy>
 __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
-    RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec) {
+    RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec, bool trim) {
   constexpr int kThreads = 16 * kTy;
   constexpr int TQ = kTy * kQpt;
   constexpr int TK = 16 * kKpt;
@@ -332,6 +337,9 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
   const int S4 = (S + 3) / 4 * 4;
   const int ldp = RegTiledProbLd(S);
   const int t_last = min(T, t_begin + TQ) - 1;
+  // Query rows ty + kTy u and key groups tx + 16 e with any real work.
+  const int u_end = trim ? min(kQpt, (t_last - t_begin) / kTy + 1) : kQpt;
+  const int e_end = trim ? min(kKpt, (S + 15) / 16) : kKpt;
   const int64_t out_row0 = a.seq_starts != nullptr ? first : b * a.T;
   const E* __restrict__ k = static_cast<const E*>(a.k) + row * a.k_stride[0] +
                             h * a.k_stride[1] + first * a.k_stride[2];
@@ -417,16 +425,18 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
     float4 qv[kQpt], kv[kKpt];
 #pragma unroll
     for (int u = 0; u < kQpt; ++u) {
-      qv[u] = *reinterpret_cast<const float4*>(qs + (ty + kTy * u) * kLd + d);
+      if (u < u_end) qv[u] = *reinterpret_cast<const float4*>(qs + (ty + kTy * u) * kLd + d);
     }
 #pragma unroll
     for (int e = 0; e < kKpt; ++e) {
-      kv[e] = *reinterpret_cast<const float4*>(ks + (tx + 16 * e) * kLd + d);
+      if (e < e_end) kv[e] = *reinterpret_cast<const float4*>(ks + (tx + 16 * e) * kLd + d);
     }
 #pragma unroll
     for (int u = 0; u < kQpt; ++u) {
+      if (u >= u_end) continue;
 #pragma unroll
       for (int e = 0; e < kKpt; ++e) {
+        if (e >= e_end) continue;
         float acc = s[u][e];
         acc = fmaf(qv[u].x, kv[e].x, acc);
         acc = fmaf(qv[u].y, kv[e].y, acc);
@@ -483,6 +493,7 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
     }
 #pragma unroll
     for (int u = 0; u < kQpt; ++u) {
+      if (u >= u_end) continue;
       const float4 p = *reinterpret_cast<const float4*>(ps + (ty + kTy * u) * ldp + j);
       const float pr[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
@@ -642,8 +653,11 @@ int LaunchRegTiledVariant(const AttentionArgs& a, const TiledLaunch& l, bool q_v
       shared, l.device, l.limit);
   if (err != 0) return err;
   const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kTy, kQpt));
+  // LORAHUB_NO_ATTENTION_TRIM=1 (read once): every block works through its
+  // whole tile (A/B; the same outputs).
+  static const bool trim = !EnvSwitch("LORAHUB_NO_ATTENTION_TRIM");
   RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>
-      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec);
+      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec, trim);
   return LastError();
 }
 
