@@ -10,13 +10,6 @@
 //
 // LORAHUB_SYNC_UPLOADS=1 (read once): pageable memory and synchronous
 // copies (A/B). On the CPU, Upload returns `host` itself.
-//
-// HostUploads: several such arrays of one call in one staging tensor and
-// one copy. Why: each HostStaging and Upload costs host time while the GPU
-// waits (a 64-prompt prefill made six; forty-eighth session, H200: about
-// 20 us each and about 100 more for a generation's first).
-// LORAHUB_SEPARATE_UPLOADS=1 (read once): one staging tensor and one copy
-// per array (A/B).
 // Thread-safety: the functions may be called from any thread.
 #ifndef LORAHUB_CORE_MODEL_HOST_UPLOAD_H_
 #define LORAHUB_CORE_MODEL_HOST_UPLOAD_H_
@@ -26,7 +19,6 @@
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 namespace lorahub::model {
@@ -41,30 +33,6 @@ at::Tensor Upload(const at::Tensor& host, c10::Device device);
 // `values` as an int64 [n] tensor on `device`, through HostStaging and
 // Upload.
 at::Tensor UploadInt64(const std::vector<int64_t>& values, c10::Device device);
-
-// Arrays for one device staged together: construct with their sizes and
-// dtypes, fill host(i), then Upload once. Not thread-safe (one caller).
-class HostUploads {
- public:
-  struct Array {
-    std::vector<int64_t> sizes;
-    at::ScalarType dtype;
-  };
-  HostUploads(std::vector<Array> arrays, c10::Device device);
-
-  // Array i's host tensor to fill (contiguous, uninitialised), valid until
-  // Upload.
-  at::Tensor host(size_t i) const { return host_[i]; }
-  // The arrays on the device, in order (views of one device tensor). Once.
-  std::vector<at::Tensor> Upload();
-
- private:
-  c10::Device device_;
-  std::vector<Array> arrays_;
-  std::vector<int64_t> first_word_;  // each array's offset in words_
-  at::Tensor words_;                 // int64 staging of them all (undefined: separate)
-  std::vector<at::Tensor> host_;
-};
 
 }  // namespace lorahub::model
 

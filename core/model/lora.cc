@@ -264,19 +264,16 @@ absl::StatusOr<RowAdapters> MakeRowAdapters(const T5Weights& base,
   try {
     rows.bank = bank;
     const int64_t n = static_cast<int64_t>(slots.size());
-    HostUploads uploads({{{n}, at::kLong}, {{n, 1, 1}, at::kFloat}},
-                        base.device);
-    at::Tensor clamped = uploads.host(0);
-    at::Tensor mask = uploads.host(1);
+    at::Tensor clamped = HostStaging({n}, at::kLong, base.device);
+    at::Tensor mask = HostStaging({n, 1, 1}, at::kFloat, base.device);
     int64_t* c = clamped.data_ptr<int64_t>();
     float* m = mask.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
       c[i] = std::max<int64_t>(slots[i], 0);
       m[i] = slots[i] >= 0 ? 1.f : 0.f;
     }
-    std::vector<at::Tensor> up = uploads.Upload();
-    rows.slots = std::move(up[0]);
-    rows.mask = std::move(up[1]);
+    rows.slots = Upload(clamped, base.device);
+    rows.mask = Upload(mask, base.device);
     rows.all_rows = all;
     rows.uniform_slot = slots[0];
     for (int64_t s : slots) {

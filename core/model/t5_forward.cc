@@ -965,15 +965,10 @@ absl::StatusOr<PackedInput> PackRows(
   const int64_t B = static_cast<int64_t>(inputs.size());
   const int64_t L = std::max(p.rows.max_length, padded_length);
   try {
-    HostUploads uploads({{{N}, at::kLong},
-                         {{N}, at::kLong},
-                         {{B, L}, at::kLong},
-                         {{B + 1}, at::kInt}},
-                        device);
-    at::Tensor ids = uploads.host(0);
-    at::Tensor index = uploads.host(1);
-    at::Tensor mask = uploads.host(2).zero_();
-    at::Tensor starts32 = uploads.host(3);
+    at::Tensor ids = HostStaging({N}, at::kLong, device);
+    at::Tensor index = HostStaging({N}, at::kLong, device);
+    at::Tensor mask = HostStaging({B, L}, at::kLong, device).zero_();
+    at::Tensor starts32 = HostStaging({B + 1}, at::kInt, device);
     int64_t* id = ids.data_ptr<int64_t>();
     int64_t* ix = index.data_ptr<int64_t>();
     int64_t* mk = mask.data_ptr<int64_t>();
@@ -988,11 +983,10 @@ absl::StatusOr<PackedInput> PackRows(
       }
     }
     st[B] = static_cast<int32_t>(N);
-    std::vector<at::Tensor> up = uploads.Upload();
-    p.ids = std::move(up[0]);
-    p.padded_index = std::move(up[1]);
-    p.mask = std::move(up[2]);
-    p.rows.starts = std::move(up[3]);
+    p.ids = Upload(ids, device);
+    p.padded_index = Upload(index, device);
+    p.mask = Upload(mask, device);
+    p.rows.starts = Upload(starts32, device);
     return p;
   } catch (const c10::Error& e) {
     return absl::InternalError(

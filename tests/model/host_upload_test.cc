@@ -64,37 +64,6 @@ TEST_F(HostUploadTest, UploadsInFlightKeepTheirValues) {
   EXPECT_EQ(UploadInt64({}, device_).numel(), 0);
 }
 
-// Arrays of mixed dtypes and odd sizes staged together arrive each with its
-// own values, sizes and dtype; the host tensors are pinned for CUDA only.
-TEST_F(HostUploadTest, ArraysStagedTogetherArriveAsFilled) {
-  HostUploads uploads({{{3}, at::kLong},
-                       {{5}, at::kInt},
-                       {{2, 1, 1}, at::kFloat},
-                       {{0}, at::kLong},
-                       {{2, 3}, at::kLong}},
-                      device_);
-  for (size_t i = 0; i < 5; ++i) {
-    EXPECT_EQ(uploads.host(i).device(), c10::Device(c10::kCPU));
-    EXPECT_EQ(uploads.host(i).is_pinned(), device_.is_cuda());
-    EXPECT_TRUE(uploads.host(i).is_contiguous());
-  }
-  uploads.host(0).copy_(at::tensor({-1, 2, 3}, at::kLong));
-  uploads.host(1).copy_(at::tensor({7, -8, 9, 10, 11}, at::kInt));
-  uploads.host(2).copy_(at::tensor({0.5f, -2.f}).view({2, 1, 1}));
-  uploads.host(4).copy_(at::arange(6, at::kLong).view({2, 3}) * 100);
-  const std::vector<at::Tensor> up = uploads.Upload();
-  ASSERT_EQ(up.size(), 5u);
-  for (const at::Tensor& t : up) EXPECT_EQ(t.device(), device_);
-  EXPECT_EQ(Values(up[0]), (std::vector<int64_t>{-1, 2, 3}));
-  EXPECT_EQ(up[1].scalar_type(), at::kInt);
-  EXPECT_TRUE(at::equal(up[1].cpu(), at::tensor({7, -8, 9, 10, 11}, at::kInt)));
-  EXPECT_EQ(up[2].sizes(), at::IntArrayRef({2, 1, 1}));
-  EXPECT_TRUE(at::equal(up[2].cpu().flatten(), at::tensor({0.5f, -2.f})));
-  EXPECT_EQ(up[3].numel(), 0);
-  EXPECT_EQ(up[4].sizes(), at::IntArrayRef({2, 3}));
-  EXPECT_EQ(Values(up[4]), (std::vector<int64_t>{0, 100, 200, 300, 400, 500}));
-}
-
 TEST_F(HostUploadTest, PadRowsLaysRowsOutRightPadded) {
   auto padded = PadRows({{5, 6, 7}, {8}, {9, 10}}, /*pad_id=*/0, device_);
   ASSERT_TRUE(padded.ok()) << padded.status();
