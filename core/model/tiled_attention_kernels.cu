@@ -304,6 +304,10 @@ __host__ __device__ constexpr int RegTiledSharedFloats(int tq, int tk) {
 // Those only repeat the tile's last query, never stored, or add exact zeros
 // to no stored output, so every output keeps its bits; a packed row shorter
 // than the batch's longest then costs its own length, not the longest's.
+// H200, forty-ninth session, call 2, 4 alternating runs each against
+// LORAHUB_NO_ATTENTION_TRIM=1: per-row generation 39,321-39,367 ->
+// 39,412-39,453 tok/s, first token 7.00-7.05 -> 6.89-6.93 ms (per row) and
+// 5.66-5.70 -> 5.51-5.53 (base); every answer and token the same.
 template <typename E, int kQpt, int kKpt, int kTy>
 __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
     RegisterTiledAttentionKernel(AttentionArgs a, bool q_vec, bool trim) {
@@ -610,14 +614,15 @@ bool TiledV1() {
 // LORAHUB_PACKED_SHORT_TY=16 (read once; A/B) gives short packed rows the
 // height of the rest.
 constexpr int64_t kShortPackedTokens = 40;
+bool ShortPackedRows(const AttentionArgs& a) {
+  return a.seq_starts != nullptr && a.packed_tokens > 0 &&
+         a.packed_tokens <= a.B * kShortPackedTokens;
+}
 int RegTiledTy(const AttentionArgs& a, int sms) {
   static const int forced = EnvChoice("LORAHUB_TILED_TY");
   if (forced == 8 || forced == 16) return forced;
   static const bool short_8 = EnvChoice("LORAHUB_PACKED_SHORT_TY") != 16;
-  if (short_8 && a.seq_starts != nullptr && a.packed_tokens > 0 &&
-      a.packed_tokens <= a.B * kShortPackedTokens) {
-    return 8;
-  }
+  if (short_8 && ShortPackedRows(a)) return 8;
   return a.B * a.H < sms ? 8 : 16;
 }
 
@@ -634,10 +639,22 @@ int64_t RegTiledBlocks(const AttentionArgs& a, int ty, int q_per_thread) {
 // blocks); the population's 60 x 16 and 64 prompts of up to 80 tokens
 // (16-row blocks): 5. (2 queries per thread, 400 blocks of 8 rows, made the
 // evaluation slower: 3.118 against 3.062 ms, twentieth session, call 3.)
-// LORAHUB_TILED_QPT=3 or 5 (read once; A/B) takes that count for all.
+// Short packed rows (RegTiledTy's: a batch of prompts) take 3: with the
+// kernel's trim (rows past a tile's last query cost nothing) the smaller
+// tiles leave less of a short row's block idle. H200, forty-ninth session,
+// call 2, 4 alternating runs each with LORAHUB_TILED_QPT=3 against 5 there:
+// per-row generation 39,412-39,453 -> 39,467-39,573 tok/s, first token
+// 6.89-6.93 -> 6.78-6.83 ms (per row), base 5.51-5.53 -> 5.45-5.48 ms; the
+// same tokens. A population's rows keep the rule above (3 for all cost
+// CMA-ES 1,263-1,279 -> 1,203-1,222 candidates/s).
+// LORAHUB_TILED_QPT=3 or 5 (read once; A/B) takes that count for all;
+// LORAHUB_PACKED_SHORT_QPT=5 (read once; A/B) gives short packed rows the
+// rule above.
 int RegTiledQueriesPerThread(const AttentionArgs& a, int ty, int sms) {
   static const int forced = EnvChoice("LORAHUB_TILED_QPT");
   if (forced == 3 || forced == 5) return forced;
+  static const bool short_3 = EnvChoice("LORAHUB_PACKED_SHORT_QPT") != 5;
+  if (short_3 && ShortPackedRows(a)) return 3;
   const int64_t resident = static_cast<int64_t>(sms) * (32 / ty);
   const auto rows = [&](int q) {
     return (RegTiledBlocks(a, ty, q) + resident - 1) / resident * ty * q;
