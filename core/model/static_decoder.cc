@@ -286,8 +286,7 @@ absl::Status StaticDecoder::Rebind(const EncoderOutput& encoder,
   }
   try {
     LoadInputs(encoder, rows);
-    if (!cleared_) ResetState();
-    cleared_ = false;
+    ResetState();
     return absl::OkStatus();
   } catch (const c10::Error& e) {
     return absl::InternalError(
@@ -296,7 +295,6 @@ absl::Status StaticDecoder::Rebind(const EncoderOutput& encoder,
 }
 
 absl::Status StaticDecoder::Grow(int64_t capacity, int64_t encoder_length) {
-  cleared_ = false;
   if (!row_slots_) {
     return absl::FailedPreconditionError(
         "static decoder: only a decoder of row slots grows");
@@ -341,7 +339,6 @@ absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
     return absl::FailedPreconditionError(
         "static decoder: LoadRows needs a decoder of row slots");
   }
-  cleared_ = false;
   const int64_t n = static_cast<int64_t>(positions.size());
   const int64_t keys = cross_bias_.size(3);
   if (!encoder.hidden.defined() || encoder.hidden.dim() != 3 ||
@@ -475,17 +472,6 @@ void StaticDecoder::Restore(const SavedState& saved) {
   tokens_.copy_(saved.tokens);
 }
 
-absl::Status StaticDecoder::Clear() {
-  try {
-    ResetState();
-    cleared_ = true;
-    return absl::OkStatus();
-  } catch (const c10::Error& e) {
-    return absl::InternalError(
-        absl::StrCat("static decoder clear: ", e.what_without_backtrace()));
-  }
-}
-
 void StaticDecoder::ResetState() {
   t_.zero_();
   self_kv_.zero_();
@@ -587,7 +573,6 @@ absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved) {
 }
 
 absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
-  cleared_ = false;
   if (!row_slots_ && length_ >= capacity_) {
     return absl::OutOfRangeError(absl::StrCat(
         "static decoder: all ", capacity_, " positions are used"));
@@ -627,7 +612,6 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
 }
 
 absl::Status StaticDecoder::Reorder(const at::Tensor& index, bool cross) {
-  cleared_ = false;
   absl::Status s = CheckIndex(index, batch_, "reorder index");
   if (!s.ok()) return s;
   if (cross && rows_.bank != nullptr && rows_.rows_per_slot > 0) {

@@ -117,14 +117,6 @@ class StaticDecoder {
   // for LibTorch errors.
   absl::Status Rebind(const EncoderOutput& encoder, const RowAdapters& rows);
 
-  // Starts over now (t = 0, empty self-attention caches) so that the next
-  // Rebind need not: StaticDecoderPool clears a decoder when its lease
-  // ends, where the GPU idles until the next generation's prefill (the
-  // caches' zeroing, about 60 us of H200 time for 64 rows of 32 tokens,
-  // then runs there). Any other call in between undoes it. Internal for
-  // LibTorch errors.
-  absl::Status Clear();
-
   // Consumes one token per row (ids: [B] int64, any device) and returns the
   // logits of the next position, [B, vocab] in the LM head's dtype (bf16
   // for bf16 weights: widen with .to(at::kFloat)). The returned tensor IS the
@@ -213,7 +205,6 @@ class StaticDecoder {
   bool row_slots_ = false;  // CreateSlots: t_ is [B], one position per row
   bool cuda_graph_ = true;  // CreateSlots: capture at the next Step
   bool needs_capture_ = false;
-  bool cleared_ = false;  // ResetState's state, from Clear, untouched since
   std::vector<intptr_t> bank_layout_;  // SetAdapterBank's bank, as captured
   RowAdapters rows_;  // slots/mask are this decoder's own buffers
   int64_t batch_ = 0;

@@ -6,7 +6,6 @@
 #include <utility>
 #include <vector>
 
-#include "core/model/fused_ops.h"
 #include "core/model/graph_reads.h"
 #include "core/model/t5_layers.h"
 
@@ -209,14 +208,9 @@ absl::StatusOr<StaticDecoderPool::Lease> StaticDecoderPool::Acquire(
 }
 
 void StaticDecoderPool::Return(std::unique_ptr<Entry> entry) {
-  if (capacity_ == 0) return;  // entry freed on return
-  // Its next Rebind then starts from cleared caches (StaticDecoder::Clear);
-  // one that cannot clear is dropped. LORAHUB_NO_DECODER_CLEAR=1 (read
-  // once): the Rebind clears them (A/B).
-  static const bool clear = !EnvFlag("LORAHUB_NO_DECODER_CLEAR");
-  if (clear && !entry->decoder->Clear().ok()) return;
   std::unique_ptr<Entry> evicted;  // freed outside the lock
   std::lock_guard<std::mutex> lock(mu_);
+  if (capacity_ == 0) return;  // entry freed on return
   idle_.push_front(std::move(entry));
   if (idle_.size() > capacity_) {
     evicted = std::move(idle_.back());

@@ -130,43 +130,6 @@ TEST_P(DecoderReuseTest, RebindEqualsFreshDecoder) {
   EXPECT_FALSE((*reused)->Rebind(enc_b, *no_rows).ok());
 }
 
-// Clear (the pool's, when a lease ends) resets a decoder ahead of its next
-// Rebind, which then skips its own reset; a Step after the Clear undoes it,
-// so the Rebind resets again. Both ways, the rebound decoder steps exactly
-// as a fresh one.
-TEST_P(DecoderReuseTest, ClearedDecoderRebindsAsFresh) {
-  auto bank = MakeAdapterBank(base_, {&adapters_[0], &adapters_[1]});
-  ASSERT_TRUE(bank.ok());
-  auto rows_a = MakeRowAdapters(base_, &*bank, {1, -1, 0});
-  auto rows_b = MakeRowAdapters(base_, &*bank, {0, 1, -1});
-  ASSERT_TRUE(rows_a.ok() && rows_b.ok());
-  StaticDecoderOptions so;
-  so.capacity = 8;
-  const EncoderOutput enc_a = StaticDecoderPool::PadEncoder(
-      base_, EncodeRows(kPromptsA, *rows_a), 16);
-  const EncoderOutput enc_b = StaticDecoderPool::PadEncoder(
-      base_, EncodeRows(kPromptsB, *rows_b), 16);
-  auto fresh = StaticDecoder::Create(base_, enc_b, *rows_b, so);
-  ASSERT_TRUE(fresh.ok()) << fresh.status();
-  const auto want = Run(**fresh, 8);
-  for (bool step_after_clear : {false, true}) {
-    auto reused = StaticDecoder::Create(base_, enc_a, *rows_a, so);
-    ASSERT_TRUE(reused.ok()) << reused.status();
-    Run(**reused, 5);
-    ASSERT_TRUE((*reused)->Clear().ok());
-    EXPECT_EQ((*reused)->length(), 0);
-    if (step_after_clear) Run(**reused, 3);
-    ASSERT_TRUE((*reused)->Rebind(enc_b, *rows_b).ok());
-    EXPECT_EQ((*reused)->length(), 0);
-    const auto got = Run(**reused, 8);
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t s = 0; s < got.size(); ++s) {
-      EXPECT_TRUE(at::equal(got[s], want[s]))
-          << "step " << s << (step_after_clear ? ", stepped after Clear" : "");
-    }
-  }
-}
-
 // Masked padding positions get zero attention: the logits agree with the
 // unpadded decoder's up to summation order, and greedy tokens are equal.
 TEST_P(DecoderReuseTest, PaddedEncoderGivesTheSameOutputs) {
