@@ -10,33 +10,15 @@
 
 namespace lorahub::model {
 
-GraphReads GraphReads::Checking(const GraphReads& recorded) {
-  GraphReads g;
-  g.recorded_ = &recorded;
-  return g;
-}
-
-void GraphReads::AddWord(int64_t word) {
-  if (recorded_ == nullptr) {
-    words_.push_back(word);
-    return;
-  }
-  same_ = same_ && words_seen_ < recorded_->words_.size() &&
-          recorded_->words_[words_seen_] == word;
-  ++words_seen_;
-}
-
 void GraphReads::Add(const at::Tensor& t) {
   if (!t.defined()) {
-    AddWord(-1);
+    words_.push_back(-1);
     return;
   }
-  AddWord(reinterpret_cast<int64_t>(t.data_ptr()));
-  AddWord(t.dim());
+  words_.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+  words_.push_back(t.dim());
   AddSizes(t.sizes());
-  // Checking compares addresses only: the recorded storages are alive
-  // (the caller checks Alive), so no other tensor has their addresses.
-  if (recorded_ == nullptr) alive_.push_back(t.storage().getWeakStorageImpl());
+  alive_.push_back(t.storage().getWeakStorageImpl());
 }
 
 void GraphReads::AddAttention(const AttentionWeights& a) {
@@ -88,19 +70,13 @@ void GraphReads::AddSites(const AdapterBank& bank, size_t end) {
 }
 
 void GraphReads::AddSizes(at::IntArrayRef sizes) {
-  for (int64_t size : sizes) AddWord(size);
+  words_.insert(words_.end(), sizes.begin(), sizes.end());
 }
 
 void GraphReads::AddScale(double scale) {
   uint64_t bits = 0;
   std::memcpy(&bits, &scale, sizeof(bits));
-  if (recorded_ == nullptr) {
-    scales_.push_back(bits);
-    return;
-  }
-  same_ = same_ && scales_seen_ < recorded_->scales_.size() &&
-          recorded_->scales_[scales_seen_] == bits;
-  ++scales_seen_;
+  scales_.push_back(bits);
 }
 
 bool GraphReads::Alive() const {
@@ -112,12 +88,6 @@ bool GraphReads::Alive() const {
 
 bool GraphReads::operator==(const GraphReads& other) const {
   return words_ == other.words_ && scales_ == other.scales_;
-}
-
-bool GraphReads::Matches() const {
-  return recorded_ != nullptr && same_ &&
-         words_seen_ == recorded_->words_.size() &&
-         scales_seen_ == recorded_->scales_.size();
 }
 
 }  // namespace lorahub::model

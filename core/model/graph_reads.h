@@ -24,14 +24,6 @@ struct T5Weights;
 
 class GraphReads {
  public:
-  GraphReads() = default;
-  // A GraphReads that keeps nothing: its Adds compare what they would record
-  // with `recorded`'s record, in order (Matches). Why: a pool's hit then
-  // reads the tensors' addresses and sizes without copying them or taking
-  // weak references (a per-row packed encoder's key, about 430 tensors, is
-  // on a generation's path before its first kernel). `recorded` must
-  // outlive it and stay unchanged.
-  static GraphReads Checking(const GraphReads& recorded);
   // A tensor by data address, rank and sizes; an undefined one as a marker
   // of its own. Keeps a weak reference to its storage (Alive).
   void Add(const at::Tensor& t);
@@ -56,16 +48,9 @@ class GraphReads {
   // belong to another tensor.
   bool Alive() const;
   bool operator==(const GraphReads& other) const;
-  // A Checking one: true when its Adds recorded exactly `recorded`'s.
-  bool Matches() const;
 
  private:
   void AddSites(const AdapterBank& bank, size_t end);  // sites [0, end)
-  void AddWord(int64_t word);
-
-  const GraphReads* recorded_ = nullptr;  // Checking: compared, not kept
-  size_t words_seen_ = 0, scales_seen_ = 0;
-  bool same_ = true;
 
   std::vector<int64_t> words_;   // addresses, ranks and sizes, in order
   std::vector<uint64_t> scales_;  // the scales' bits

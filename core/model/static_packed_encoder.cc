@@ -353,9 +353,9 @@ StaticPackedEncoderPool::Key ShapeKey(const T5Weights& w,
 }
 
 void AddReads(const T5Weights& w, const RowAdapters& rows,
-              GraphReads* reads) {
-  reads->AddEncoder(w);
-  if (rows.bank != nullptr) reads->AddEncoderBank(w, *rows.bank);
+              StaticPackedEncoderPool::Key* k) {
+  k->reads.AddEncoder(w);
+  if (rows.bank != nullptr) k->reads.AddEncoderBank(w, *rows.bank);
 }
 
 }  // namespace
@@ -390,51 +390,34 @@ absl::StatusOr<EncoderOutput> StaticPackedEncoderPool::Encode(
     return eager();
   }
   Key key = ShapeKey(weights, bucket, rows, options);
+  bool read = false;  // key.reads computed
   std::unique_ptr<Entry> entry;
-  bool first_pass = false;
-  bool recorded = false;  // key.reads
   {
-    // The idle encoders of this shape, most recent first, taken out while
-    // their reads are checked (not under the lock: that touches every
-    // weight); those that do not fit go back.
-    std::list<std::unique_ptr<Entry>> same_shape;
-    {
-      std::list<std::unique_ptr<Entry>> dead;  // freed outside the lock
-      std::lock_guard<std::mutex> lock(mu_);
-      for (auto it = idle_.begin(); it != idle_.end();) {
-        if (!(*it)->key.reads.Alive()) {  // its weights or bank are gone
-          dead.push_back(std::move(*it));
-          it = idle_.erase(it);
-        } else if ((*it)->key.SameShape(key)) {
-          same_shape.push_back(std::move(*it));
-          it = idle_.erase(it);
-        } else {
-          ++it;
+    std::list<std::unique_ptr<Entry>> dead;  // freed outside the lock
+    std::unique_lock<std::mutex> lock(mu_);
+    bool candidate = false;
+    for (auto it = idle_.begin(); it != idle_.end();) {
+      if (!(*it)->key.reads.Alive()) {  // its weights or bank are gone
+        dead.push_back(std::move(*it));
+        it = idle_.erase(it);
+        continue;
+      }
+      candidate = candidate || (*it)->key.SameShape(key);
+      ++it;
+    }
+    if (candidate) {
+      lock.unlock();  // the reads touch every weight: not under the lock
+      AddReads(weights, rows, &key);
+      read = true;
+      lock.lock();
+      for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+        if ((*it)->key.SameShape(key) && (*it)->key.reads == key.reads) {
+          entry = std::move(*it);
+          idle_.erase(it);
+          break;
         }
       }
     }
-    // LORAHUB_FULL_POOL_KEYS=1 (read once): the call's reads recorded
-    // whole, then compared (A/B).
-    static const bool full_keys = EnvFlag("LORAHUB_FULL_POOL_KEYS");
-    for (auto it = same_shape.begin(); it != same_shape.end(); ++it) {
-      bool fits = false;
-      if (full_keys) {
-        if (!recorded) AddReads(weights, rows, &key.reads);
-        recorded = true;
-        fits = key.reads == (*it)->key.reads;
-      } else {
-        GraphReads probe = GraphReads::Checking((*it)->key.reads);
-        AddReads(weights, rows, &probe);
-        fits = probe.Matches();
-      }
-      if (fits) {
-        entry = std::move(*it);
-        same_shape.erase(it);
-        break;
-      }
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    idle_.splice(idle_.end(), same_shape);
     if (entry != nullptr) {
       ++hits_;
     } else {
@@ -442,19 +425,18 @@ absl::StatusOr<EncoderOutput> StaticPackedEncoderPool::Encode(
                                [&](const Key& k) { return k.SameShape(key); });
       const bool second = seen != seen_.end();
       if (second) seen_.erase(seen);
-      first_pass = !second && options_.first_pass_eager;
-      if (first_pass) {
-        key.reads = GraphReads();  // a remembered key holds none
-        seen_.push_front(std::move(key));
+      if (!second && options_.first_pass_eager) {
+        Key shape = ShapeKey(weights, bucket, rows, options);
+        seen_.push_front(std::move(shape));
         if (seen_.size() > 4 * options_.capacity) seen_.pop_back();
-      } else {
-        ++misses_;
+        lock.unlock();
+        return eager();
       }
+      ++misses_;
     }
   }
-  if (first_pass) return eager();
   if (entry == nullptr) {
-    if (!recorded) AddReads(weights, rows, &key.reads);
+    if (!read) AddReads(weights, rows, &key);
     auto made = StaticPackedEncoder::Create(weights, bucket, rows, options);
     if (!made.ok()) return made.status();
     entry = std::make_unique<Entry>();

@@ -6,9 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
-#include <functional>
 #include <limits>
-#include <vector>
 
 #include "core/model/lora.h"
 #include "core/model/t5_weights.h"
@@ -106,45 +104,6 @@ TEST(GraphReadsTest, EncoderBankReadsTheEncoderSitesOnly) {
   EXPECT_TRUE(key(bank(e, d), true) == key(bank(e, other), true));
   EXPECT_FALSE(key(bank(e, d), true) == key(bank(other, d), true));
   EXPECT_FALSE(key(bank(e, d), false) == key(bank(e, other), false));
-}
-
-// A Checking GraphReads matches exactly where operator== holds between
-// what it checks against and what the same Adds record: tensors, sizes,
-// scales, and the whole record (a prefix or more is no match).
-TEST(GraphReadsTest, CheckingMatchesWhereTheRecordsAreEqual) {
-  const at::Tensor a = at::zeros({4, 3});
-  const at::Tensor b = at::zeros({5});
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  using Adds = std::function<void(GraphReads*)>;
-  const std::vector<Adds> cases = {
-      [&](GraphReads* r) { r->Add(a); r->Add(b); },
-      [&](GraphReads* r) { r->Add(b); r->Add(a); },
-      [&](GraphReads* r) { r->Add(a); },
-      [&](GraphReads* r) { r->Add(a); r->Add(b); r->Add(b); },
-      [&](GraphReads* r) { r->Add(a.view({3, 4})); r->Add(b); },
-      [&](GraphReads* r) { r->Add(a); r->Add(at::Tensor()); },
-      [&](GraphReads* r) { r->Add(a); r->Add(b); r->AddScale(2.0); },
-      [&](GraphReads* r) { r->Add(a); r->Add(b); r->AddScale(nan); },
-      [&](GraphReads* r) { r->Add(a); r->Add(b); r->AddSizes({5}); },
-      [&](GraphReads*) {},
-  };
-  int matches = 0;
-  for (size_t i = 0; i < cases.size(); ++i) {
-    GraphReads recorded;
-    cases[i](&recorded);
-    for (size_t j = 0; j < cases.size(); ++j) {
-      GraphReads again;
-      cases[j](&again);
-      GraphReads check = GraphReads::Checking(recorded);
-      cases[j](&check);
-      EXPECT_EQ(check.Matches(), recorded == again) << i << " against " << j;
-      matches += check.Matches() ? 1 : 0;
-    }
-  }
-  EXPECT_EQ(matches, static_cast<int>(cases.size()));  // each its own only
-  GraphReads recorded;
-  recorded.Add(a);
-  EXPECT_FALSE(recorded.Matches());  // not a Checking one
 }
 
 }  // namespace
