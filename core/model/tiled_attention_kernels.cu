@@ -636,8 +636,7 @@ int64_t RegTiledBlocks(const AttentionArgs& a, int ty, int q_per_thread) {
 // Queries per thread, 5 or 3: the fewer query rows any SM works through
 // (ceil(blocks / (SMs x blocks per SM)) x rows per block; ties to 5): an
 // objective evaluation's 5 x 16 heads of 72 queries (8-row blocks): 3 (240
-// blocks); the population's 60 x 16 and 64 prompts of up to 80 tokens
-// (16-row blocks): 5. (2 queries per thread, 400 blocks of 8 rows, made the
+// blocks); the population's 60 x 16 (16-row blocks): 5. (2 queries per thread, 400 blocks of 8 rows, made the
 // evaluation slower: 3.118 against 3.062 ms, twentieth session, call 3.)
 // Short packed rows (RegTiledTy's: a batch of prompts) take 3: with the
 // kernel's trim (rows past a tile's last query cost nothing) the smaller
