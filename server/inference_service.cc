@@ -125,6 +125,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   GenerateReactor(ServiceContext* ctx, grpc::CallbackServerContext* context,
                   const v1::GenerateRequest* request)
       : ctx_(ctx) {
+    ctx_->open_streams.fetch_add(1);
     absl::Status s = Start(context, request);
     if (!s.ok()) {
       Finish(ToGrpcStatus(s));
@@ -144,7 +145,10 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
 
   void OnCancel() override { st_->cancel->store(true); }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    ctx_->open_streams.fetch_sub(1);
+    delete this;
+  }
 
  private:
   struct Stream {

@@ -38,6 +38,10 @@ struct ServiceContext {
   std::unique_ptr<hub::HubClient> hub;  // null: hub modules are refused
   metrics::ServiceMetrics* metrics = nullptr;
   std::atomic<bool> shutting_down{false};
+  // Generate streams whose reactor is not done yet (GenerateReactor: + at
+  // creation, - in OnDone). Serve's shutdown waits for them before it shuts
+  // the gRPC server down (see serve_command.cc).
+  std::atomic<int64_t> open_streams{0};
   // Where PickEngine starts looking (the tie-break rotation).
   mutable std::atomic<uint64_t> pick_counter{0};
 
