@@ -592,6 +592,13 @@ bool TiledV1() {
   return on;
 }
 
+// LORAHUB_NO_ATTENTION_TRIM=1 (read once): every block of the register-tiled
+// kernel works through its whole tile (A/B; the same outputs).
+bool AttentionTrim() {
+  static const bool on = !EnvSwitch("LORAHUB_NO_ATTENTION_TRIM");
+  return on;
+}
+
 // RegisterTiledAttentionKernel's block height kTy for B x H heads: 8 rows
 // of 16 threads where the heads are fewer than the SMs (an objective
 // evaluation: 5 x 16 heads) or the rows are packed and short (at most
@@ -636,8 +643,8 @@ int64_t RegTiledBlocks(const AttentionArgs& a, int ty, int q_per_thread) {
 // Queries per thread, 5 or 3: the fewer query rows any SM works through
 // (ceil(blocks / (SMs x blocks per SM)) x rows per block; ties to 5): an
 // objective evaluation's 5 x 16 heads of 72 queries (8-row blocks): 3 (240
-// blocks); the population's 60 x 16 (16-row blocks): 5. (2 queries per thread, 400 blocks of 8 rows, made the
-// evaluation slower: 3.118 against 3.062 ms, twentieth session, call 3.)
+// blocks); the population's 60 x 16 (16-row blocks): 5. (2 queries per
+// thread, 400 blocks of 8 rows, made the evaluation slower: 3.118 against 3.062 ms, twentieth session, call 3.)
 // Short packed rows (RegTiledTy's: a batch of prompts) take 3: with the
 // kernel's trim (rows past a tile's last query cost nothing) the smaller
 // tiles leave less of a short row's block idle. H200, forty-ninth session,
@@ -669,11 +676,8 @@ int LaunchRegTiledVariant(const AttentionArgs& a, const TiledLaunch& l, bool q_v
       shared, l.device, l.limit);
   if (err != 0) return err;
   const auto grid = static_cast<unsigned>(RegTiledBlocks(a, kTy, kQpt));
-  // LORAHUB_NO_ATTENTION_TRIM=1 (read once): every block works through its
-  // whole tile (A/B; the same outputs).
-  static const bool trim = !EnvSwitch("LORAHUB_NO_ATTENTION_TRIM");
   RegisterTiledAttentionKernel<E, kQpt, kKpt, kTy>
-      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec, trim);
+      <<<grid, 16 * kTy, shared, l.stream>>>(a, q_vec, AttentionTrim());
   return LastError();
 }
 

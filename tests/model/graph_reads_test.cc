@@ -1,6 +1,7 @@
 // GraphReads, the key by which the graph pools (StaticDecoderPool,
-// StaticEncoderPool, StaticPackedEncoderPool) tell whether a captured graph fits a call: the same
-// tensors at the same addresses with the same sizes, the same scale bits.
+// StaticEncoderPool, StaticPackedEncoderPool) tell whether a captured graph
+// fits a call: the same tensors at the same addresses with the same sizes,
+// the same scale bits.
 #include "core/model/graph_reads.h"
 
 #include <ATen/ATen.h>
