@@ -218,14 +218,23 @@ struct InferenceEngine::State {
   // (adapters composed or looked up, encoder passes, cache setup), decoding
   // steps up to their host sync, and emitting tokens (the requests'
   // callbacks, finishing rows). Of the admissions: getting the adapters
-  // (composing them or finding them in the device cache) and loading them
-  // into the slot bank; the rest is the prompts' encoder passes and cache
-  // setup.
+  // (composing them or finding them in the device cache), loading them
+  // into the slot bank, the prompts' encoder passes (how many, of how many
+  // rows) and the decoder's rows (cross-attention keys and values into the
+  // slot decoder or the running batch's cache). On a GPU these are the host's
+  // dispatch times, and a wait wherever a pass syncs.
   struct Timing {
     absl::Duration admit, decode, emit;
-    absl::Duration admit_adapters, admit_slot_loads;
-    int64_t steps = 0, tokens = 0;
+    absl::Duration admit_adapters, admit_slot_loads, admit_encoder,
+        admit_decoder_rows;
+    int64_t steps = 0, tokens = 0, encoder_passes = 0, encoder_rows = 0;
   } timing;
+  // Adds the time from its construction to its end to `total`.
+  struct Timed {
+    absl::Duration& total;
+    const absl::Time start = absl::Now();
+    ~Timed() { total += absl::Now() - start; }
+  };
   using Phase = metrics::ServiceMetrics::EnginePhase;
   // Adds `d` to `phase`'s time here and in the metrics.
   void AddBusy(Phase phase, absl::Duration d) {
@@ -375,6 +384,9 @@ struct InferenceEngine::State {
       const model::RowAdapters& adapters_of_rows) {
     const int64_t n = static_cast<int64_t>(newcomers.size());
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n));
+    Timed timed{timing.admit_encoder};
+    ++timing.encoder_passes;
+    timing.encoder_rows += n;
     std::vector<std::vector<int64_t>> prompts;
     for (const Row* r : newcomers) prompts.push_back(r->req.input_ids);
     if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
@@ -444,6 +456,7 @@ struct InferenceEngine::State {
     for (int64_t q : positions) newcomers.push_back(&*slot_rows[q]);
     LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
                         EncodePrompts(newcomers, new_rows));
+    Timed timed{timing.admit_decoder_rows};
     LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows));
     for (int64_t q : positions) {
       slot_tokens[q] = w.config.decoder_start_token_id;
@@ -669,6 +682,7 @@ struct InferenceEngine::State {
     }
     LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
                         EncodePrompts(newcomers, new_rows));
+    Timed timed{timing.admit_decoder_rows};
     LH_ASSIGN_OR_RETURN(model::DecoderCache nc,
                         model::InitDecoderCache(w, enc, new_rows, cap));
     at::Tensor start_tokens =
@@ -1133,12 +1147,21 @@ void InferenceEngine::Loop() {
       std::fprintf(
           stderr,
           "lorahub engine %s: %lld decoding steps, %lld tokens; "
-          "seconds in admissions %.3f (adapters %.3f, slot loads %.3f, prompts %.3f), "
-          "steps %.3f, emitting %.3f; module loads in the background %s\n",
+          "seconds in admissions %.3f (adapters %.3f, slot loads %.3f, "
+          "encoder passes %.3f, decoder rows %.3f, other %.3f; %lld encoder "
+          "passes of %.1f rows), steps %.3f, emitting %.3f; module loads in "
+          "the background %s\n",
           device.c_str(), static_cast<long long>(t.steps),
           static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
           absl::ToDoubleSeconds(t.admit_adapters), absl::ToDoubleSeconds(t.admit_slot_loads),
-          absl::ToDoubleSeconds(t.admit - t.admit_adapters - t.admit_slot_loads),
+          absl::ToDoubleSeconds(t.admit_encoder),
+          absl::ToDoubleSeconds(t.admit_decoder_rows),
+          absl::ToDoubleSeconds(t.admit - t.admit_adapters - t.admit_slot_loads -
+                                t.admit_encoder - t.admit_decoder_rows),
+          static_cast<long long>(t.encoder_passes),
+          t.encoder_passes > 0 ? static_cast<double>(t.encoder_rows) /
+                                     static_cast<double>(t.encoder_passes)
+                               : 0.0,
           absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit),
           loader ? std::to_string(loader->loads_done()).c_str() : "off");
     }
