@@ -33,6 +33,7 @@
 #include "core/model/slot_bank.h"
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
+#include "core/model/static_encoder.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -48,16 +49,17 @@ bool StepAhead() {
   return !off;
 }
 
-// EngineOptions::slot_decoding, unless LORAHUB_SLOT_DECODING=off|cuda|always
-// says otherwise, for weights on `device`.
-bool UseSlotDecoding(SlotDecoding mode, const c10::Device& device) {
-  if (const char* env = std::getenv("LORAHUB_SLOT_DECODING")) {
-    if (std::strcmp(env, "off") == 0) mode = SlotDecoding::kOff;
-    if (std::strcmp(env, "cuda") == 0) mode = SlotDecoding::kCuda;
-    if (std::strcmp(env, "always") == 0) mode = SlotDecoding::kAlways;
+// Whether `mode` (SlotDecoding or AdmissionEncoder) holds for weights on
+// `device`, unless the environment variable `env` (off|cuda|always) says
+// otherwise.
+template <typename Mode>
+bool UseOn(Mode mode, const char* env, const c10::Device& device) {
+  if (const char* v = std::getenv(env)) {
+    if (std::strcmp(v, "off") == 0) mode = Mode::kOff;
+    if (std::strcmp(v, "cuda") == 0) mode = Mode::kCuda;
+    if (std::strcmp(v, "always") == 0) mode = Mode::kAlways;
   }
-  return mode == SlotDecoding::kAlways ||
-         (mode == SlotDecoding::kCuda && device.is_cuda());
+  return mode == Mode::kAlways || (mode == Mode::kCuda && device.is_cuda());
 }
 
 // The most negative finite value of the compute dtype: the additive mask of
@@ -173,8 +175,17 @@ struct InferenceEngine::State {
       : engine(e),
         w(*e->weights_),
         adapters(*e->adapters_),
-        slot_decoding(
-            UseSlotDecoding(e->options_.slot_decoding, e->weights_->device)) {}
+        slot_decoding(UseOn(e->options_.slot_decoding,
+                            "LORAHUB_SLOT_DECODING", e->weights_->device)) {
+    if (UseOn(e->options_.admission_encoder, "LORAHUB_SERVE_ENCODER_GRAPH",
+              w.device)) {
+      model::StaticEncoderPoolOptions o;
+      // A bucket per (rows, positions) in powers of two, and each with and
+      // without rows lacking an adapter: room for a server's mix.
+      o.capacity = 16;
+      admission_encoders = std::make_unique<model::StaticEncoderPool>(o);
+    }
+  }
 
   InferenceEngine* engine;
   const model::T5Weights& w;
@@ -192,6 +203,8 @@ struct InferenceEngine::State {
   // in each slot (nullopt: free) and each slot's next input token.
   const bool slot_decoding;
   std::unique_ptr<model::StaticDecoder> slot_decoder;
+  // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
+  std::unique_ptr<model::StaticEncoderPool> admission_encoders;
   std::vector<std::optional<Row>> slot_rows;
   std::vector<int64_t> slot_tokens;
   int64_t slot_running = 0;
@@ -388,7 +401,25 @@ struct InferenceEngine::State {
     ++timing.encoder_passes;
     timing.encoder_rows += n;
     std::vector<std::vector<int64_t>> prompts;
-    for (const Row* r : newcomers) prompts.push_back(r->req.input_ids);
+    int64_t longest = 0;
+    for (const Row* r : newcomers) {
+      prompts.push_back(r->req.input_ids);
+      longest = std::max(longest, static_cast<int64_t>(prompts.back().size()));
+    }
+    if (admission_encoders && admission_encoders->Pools(n, longest)) {
+      LH_ASSIGN_OR_RETURN(
+          model::PaddedInput padded,
+          model::PadRows(prompts, w.config.pad_token_id, w.device));
+      // Every batch as per-row slots: an encoder bakes in a single slot
+      // shared by all rows (uniform_slot) and runs of slots, so that each
+      // would need a graph of its own.
+      model::RowAdapters per_row = adapters_of_rows;
+      per_row.uniform_slot = -1;
+      per_row.rows_per_slot = 0;
+      per_row.slot_offset = 0;
+      return admission_encoders->Encode(w, padded.ids, padded.mask, per_row,
+                                        model::StaticEncoderOptions{});
+    }
     if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
       LH_ASSIGN_OR_RETURN(model::PackedInput packed,
                           model::PackRows(prompts, w.device));
@@ -1138,6 +1169,12 @@ void InferenceEngine::Loop() {
     }
   } fail_leftovers{this};
   struct LogTiming {
+    // The admissions' encoder pool's passes, or "" without one.
+    static std::string PoolCounts(const model::StaticEncoderPool* pool) {
+      if (pool == nullptr) return "";
+      return absl::StrCat("; admission encoders: ", pool->hits(), " passes on a pooled encoder, ",
+                          pool->misses(), " new ones, ", pool->eager(), " eager");
+    }
     const State& s;
     const std::string& device;
     const ModuleLoader* loader;
@@ -1150,7 +1187,7 @@ void InferenceEngine::Loop() {
           "seconds in admissions %.3f (adapters %.3f, slot loads %.3f, "
           "encoder passes %.3f, decoder rows %.3f, other %.3f; %lld encoder "
           "passes of %.1f rows), steps %.3f, emitting %.3f; module loads in "
-          "the background %s\n",
+          "the background %s%s\n",
           device.c_str(), static_cast<long long>(t.steps),
           static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
           absl::ToDoubleSeconds(t.admit_adapters), absl::ToDoubleSeconds(t.admit_slot_loads),
@@ -1163,7 +1200,8 @@ void InferenceEngine::Loop() {
                                      static_cast<double>(t.encoder_passes)
                                : 0.0,
           absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit),
-          loader ? std::to_string(loader->loads_done()).c_str() : "off");
+          loader ? std::to_string(loader->loads_done()).c_str() : "off",
+          PoolCounts(s.admission_encoders.get()).c_str());
     }
   } log_timing{s, options_.device_name, loader_.get()};
   for (;;) {

@@ -109,6 +109,16 @@ enum class SlotDecoding {
   kAlways,  // also on the CPU (the same buffers run eagerly: tests)
 };
 
+// Where admissions encode their prompts through the engine's pool of
+// fixed-shape encoders (model/static_encoder.h StaticEncoderPool: the rows
+// and positions padded up to a bucket, one CUDA graph per bucket, replayed)
+// instead of an eager pass.
+enum class AdmissionEncoder {
+  kOff,     // eager passes (packed where that pays)
+  kCuda,    // through the pool on CUDA devices
+  kAlways,  // also on the CPU (the same padding and buffers, run eagerly: tests)
+};
+
 struct EngineOptions {
   // Requests waiting to start (generate + score); more -> ResourceExhausted.
   int max_queue = 256;
@@ -148,6 +158,17 @@ struct EngineOptions {
   // lorahub_engine_admitted_rows_total{path="eager"}). flan-t5-large at 64
   // rows: 0.8 GB for 32 new and 64 prompt tokens, 4.8 GB for 256 and 256.
   int64_t slot_decoder_bytes = int64_t{8} << 30;
+  // Why: an eager encoder pass dispatches ~560 kernels from the host, and
+  // the engine thread admits while the device runs the slots' step
+  // (admissions, mostly these passes, held 1.1-1.3 s of the engine's time
+  // against its steps' 0.76 s in the eighteenth session's serving runs on an
+  // H200). Off until it is measured on a GPU: the eighteenth session's
+  // version lost (admissions 1.33-1.56 s against 1.06 s), and it baked
+  // each single-adapter batch's slot into its encoder's key; this one
+  // passes every batch as per-row slots, so a bucket's graph serves any
+  // adapters. The environment variable LORAHUB_SERVE_ENCODER_GRAPH=
+  // off|cuda|always overrides this (A/B runs).
+  AdmissionEncoder admission_encoder = AdmissionEncoder::kOff;
   // Threads that load a queued request's modules from disk into the host
   // tier while it waits (core/serving/module_loader.h), so that the engine
   // thread does not stall its running rows on disk reads; the request is

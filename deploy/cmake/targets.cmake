@@ -808,6 +808,7 @@ lorahub_cc_library(core_serving_serving
     core_model_loader
     core_model_slot_bank
     core_model_static_decoder
+    core_model_static_encoder
     core_model_t5
     core_util_status_macros
     ext_absl_absl

@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <ostream>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -154,13 +155,22 @@ nlohmann::json* EngineTest::golden_ = nullptr;
 
 // Both ways of decoding the running batch: eager DecodeStep calls and the
 // row slots of a StaticDecoder (run eagerly here on the CPU: the same
-// buffers and positions as its CUDA graph).
+// buffers and positions as its CUDA graph); and the row slots with the
+// prompts encoded through the admissions' encoder pool (padded to its
+// buckets, run eagerly here).
+struct BatchWay {
+  SlotDecoding slots;
+  AdmissionEncoder encoder;
+  const char* name;
+};
+void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
-                        public ::testing::WithParamInterface<SlotDecoding> {
+                        public ::testing::WithParamInterface<BatchWay> {
  protected:
   EngineOptions Options() const {
     EngineOptions o;
-    o.slot_decoding = GetParam();
+    o.slot_decoding = GetParam().slots;
+    o.admission_encoder = GetParam().encoder;
     return o;
   }
 };
@@ -298,14 +308,14 @@ TEST_P(EngineBatchTest, NewcomersWaitForDeviceCacheRoom) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Decoding, EngineBatchTest,
-                         ::testing::Values(SlotDecoding::kOff,
-                                           SlotDecoding::kAlways),
-                         [](const auto& info) {
-                           return info.param == SlotDecoding::kOff
-                                      ? std::string("Eager")
-                                      : std::string("RowSlots");
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Decoding, EngineBatchTest,
+    ::testing::Values(
+        BatchWay{SlotDecoding::kOff, AdmissionEncoder::kOff, "Eager"},
+        BatchWay{SlotDecoding::kAlways, AdmissionEncoder::kOff, "RowSlots"},
+        BatchWay{SlotDecoding::kAlways, AdmissionEncoder::kAlways,
+                 "RowSlotsPooledEncoder"}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
   auto engine = Start();
