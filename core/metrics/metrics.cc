@@ -288,6 +288,17 @@ void ServiceMetrics::Build() {
                   &busy.Add({{"phase", "step"}}),
                   &busy.Add({{"phase", "emit"}})};
 
+  auto& admission = prometheus::BuildCounter()
+                        .Name("lorahub_engine_admission_seconds_total")
+                        .Help("Seconds the engine threads spent admitting "
+                              "newcomers, by part: adapters, slot loads, "
+                              "encoder passes, decoder rows.")
+                        .Register(reg);
+  admission_ = {&admission.Add({{"part", "adapters"}}),
+                &admission.Add({{"part", "slot_loads"}}),
+                &admission.Add({{"part", "encoder"}}),
+                &admission.Add({{"part", "decoder_rows"}})};
+
   auto& admitted = prometheus::BuildCounter()
                        .Name("lorahub_engine_admitted_rows_total")
                        .Help(
@@ -476,6 +487,11 @@ void ServiceMetrics::AddAdmittedRows(bool slots, int64_t rows) {
 void ServiceMetrics::AddEngineBusySeconds(EnginePhase phase, double seconds) {
   if (!(seconds > 0) || !std::isfinite(seconds)) return;
   engine_busy_[static_cast<size_t>(phase)]->Increment(seconds);
+}
+
+void ServiceMetrics::AddAdmissionSeconds(AdmissionPart part, double seconds) {
+  if (!(seconds > 0) || !std::isfinite(seconds)) return;
+  admission_[static_cast<size_t>(part)]->Increment(seconds);
 }
 
 void ServiceMetrics::RecordJobTransition(JobState from, JobState to) {

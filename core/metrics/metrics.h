@@ -153,6 +153,14 @@ class ServiceMetrics {
   // the sum over phases is how busy the engine threads are.
   enum class EnginePhase { kAdmit, kStep, kEmit };
   void AddEngineBusySeconds(EnginePhase phase, double seconds);
+  // Seconds of the "admit" phase by part:
+  // lorahub_engine_admission_seconds_total{part}: "adapters" (composed or
+  // found in the device cache), "slot_loads" (copied into the running
+  // batch's bank), "encoder" (the prompts' encoder passes), "decoder_rows"
+  // (their cross-attention keys and values into the decoder). What "admit"
+  // holds beyond their sum is bookkeeping.
+  enum class AdmissionPart { kAdapters, kSlotLoads, kEncoder, kDecoderRows };
+  void AddAdmissionSeconds(AdmissionPart part, double seconds);
   // Generate rows admitted to a running batch, by how they decode:
   // lorahub_engine_admitted_rows_total{path="slots"|"eager"} (row slots of
   // a captured decoder, or the eager loop: long rows, no room for them in
@@ -229,6 +237,7 @@ class ServiceMetrics {
   prometheus::Histogram* batch_size_ = nullptr;
   prometheus::Counter* adapter_slot_loads_ = nullptr;
   std::array<prometheus::Counter*, 3> engine_busy_{};  // by EnginePhase
+  std::array<prometheus::Counter*, 4> admission_{};    // by AdmissionPart
   std::array<prometheus::Counter*, 2> admitted_rows_{};  // eager, slots
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};

@@ -1,6 +1,7 @@
 #include "core/serving/inference_engine.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -8,6 +9,7 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
+#include <numeric>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -236,19 +238,13 @@ struct InferenceEngine::State {
   // rows) and the decoder's rows (cross-attention keys and values into the
   // slot decoder or the running batch's cache). On a GPU these are the host's
   // dispatch times, and a wait wherever a pass syncs.
+  using Phase = metrics::ServiceMetrics::EnginePhase;
+  using Part = metrics::ServiceMetrics::AdmissionPart;
   struct Timing {
     absl::Duration admit, decode, emit;
-    absl::Duration admit_adapters, admit_slot_loads, admit_encoder,
-        admit_decoder_rows;
+    std::array<absl::Duration, 4> admit_parts;  // by Part
     int64_t steps = 0, tokens = 0, encoder_passes = 0, encoder_rows = 0;
   } timing;
-  // Adds the time from its construction to its end to `total`.
-  struct Timed {
-    absl::Duration& total;
-    const absl::Time start = absl::Now();
-    ~Timed() { total += absl::Now() - start; }
-  };
-  using Phase = metrics::ServiceMetrics::EnginePhase;
   // Adds `d` to `phase`'s time here and in the metrics.
   void AddBusy(Phase phase, absl::Duration d) {
     (phase == Phase::kAdmit  ? timing.admit
@@ -256,6 +252,19 @@ struct InferenceEngine::State {
                              : timing.emit) += d;
     if (metrics()) metrics()->AddEngineBusySeconds(phase, Seconds(d));
   }
+  // Adds `d` to the admissions' `part` here and in the metrics.
+  void AddAdmission(Part part, absl::Duration d) {
+    timing.admit_parts[static_cast<size_t>(part)] += d;
+    if (metrics()) metrics()->AddAdmissionSeconds(part, Seconds(d));
+  }
+  // Adds the time from its construction to its end to the admissions'
+  // `part`.
+  struct Timed {
+    State& s;
+    Part part;
+    const absl::Time start = absl::Now();
+    ~Timed() { s.AddAdmission(part, absl::Now() - start); }
+  };
 
   // Generate requests finished so far (a row's end may unpin its adapter).
   uint64_t finished = 0;
@@ -352,9 +361,11 @@ struct InferenceEngine::State {
           w, engine->options_.max_batch_rows);
     }
     const int64_t loads = slot_bank->copies();
-    const absl::Time start = absl::Now();
-    absl::StatusOr<int64_t> slot = slot_bank->Acquire(row.adapter);
-    timing.admit_slot_loads += absl::Now() - start;
+    absl::StatusOr<int64_t> slot;
+    {
+      Timed timed{*this, Part::kSlotLoads};
+      slot = slot_bank->Acquire(row.adapter);
+    }
     LH_ASSIGN_OR_RETURN(row.slot, std::move(slot));
     if (metrics()) metrics()->AddAdapterSlotLoads(slot_bank->copies() - loads);
     return absl::OkStatus();
@@ -397,7 +408,7 @@ struct InferenceEngine::State {
       const model::RowAdapters& adapters_of_rows) {
     const int64_t n = static_cast<int64_t>(newcomers.size());
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n));
-    Timed timed{timing.admit_encoder};
+    Timed timed{*this, Part::kEncoder};
     ++timing.encoder_passes;
     timing.encoder_rows += n;
     std::vector<std::vector<int64_t>> prompts;
@@ -487,7 +498,7 @@ struct InferenceEngine::State {
     for (int64_t q : positions) newcomers.push_back(&*slot_rows[q]);
     LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
                         EncodePrompts(newcomers, new_rows));
-    Timed timed{timing.admit_decoder_rows};
+    Timed timed{*this, Part::kDecoderRows};
     LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows));
     for (int64_t q : positions) {
       slot_tokens[q] = w.config.decoder_start_token_id;
@@ -713,7 +724,7 @@ struct InferenceEngine::State {
     }
     LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
                         EncodePrompts(newcomers, new_rows));
-    Timed timed{timing.admit_decoder_rows};
+    Timed timed{*this, Part::kDecoderRows};
     LH_ASSIGN_OR_RETURN(model::DecoderCache nc,
                         model::InitDecoderCache(w, enc, new_rows, cap));
     at::Tensor start_tokens =
@@ -1181,6 +1192,9 @@ void InferenceEngine::Loop() {
     ~LogTiming() {
       const State::Timing& t = s.timing;
       if (t.steps == 0) return;
+      const auto part = [&t](State::Part p) {
+        return absl::ToDoubleSeconds(t.admit_parts[static_cast<size_t>(p)]);
+      };
       std::fprintf(
           stderr,
           "lorahub engine %s: %lld decoding steps, %lld tokens; "
@@ -1190,11 +1204,11 @@ void InferenceEngine::Loop() {
           "the background %s%s\n",
           device.c_str(), static_cast<long long>(t.steps),
           static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
-          absl::ToDoubleSeconds(t.admit_adapters), absl::ToDoubleSeconds(t.admit_slot_loads),
-          absl::ToDoubleSeconds(t.admit_encoder),
-          absl::ToDoubleSeconds(t.admit_decoder_rows),
-          absl::ToDoubleSeconds(t.admit - t.admit_adapters - t.admit_slot_loads -
-                                t.admit_encoder - t.admit_decoder_rows),
+          part(State::Part::kAdapters), part(State::Part::kSlotLoads),
+          part(State::Part::kEncoder), part(State::Part::kDecoderRows),
+          absl::ToDoubleSeconds(t.admit - std::accumulate(t.admit_parts.begin(),
+                                                          t.admit_parts.end(),
+                                                          absl::ZeroDuration())),
           static_cast<long long>(t.encoder_passes),
           t.encoder_passes > 0 ? static_cast<double>(t.encoder_rows) /
                                      static_cast<double>(t.encoder_passes)
@@ -1330,9 +1344,8 @@ void InferenceEngine::Loop() {
           const bool others = s.Running() > 0 || !admitted.empty();
           const bool wait = others && s.waiting_since == s.finished;
           if (!wait) {
-            const absl::Time get_start = absl::Now();
+            State::Timed timed{s, State::Part::kAdapters};
             adapter = s.adapters.Get(req.adapter);
-            s.timing.admit_adapters += absl::Now() - get_start;
           }
           if (wait || (others && absl::IsResourceExhausted(adapter.status()))) {
             s.waiting_since = s.finished;

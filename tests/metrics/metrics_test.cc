@@ -214,6 +214,11 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
   metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kEmit, -1);
   metrics_->AddEngineBusySeconds(ServiceMetrics::EnginePhase::kAdmit, NAN);
+  metrics_->AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kEncoder, 0.125);
+  metrics_->AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kEncoder, 0.25);
+  metrics_->AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kDecoderRows, 0.5);
+  metrics_->AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kAdapters, -1);
+  metrics_->AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kSlotLoads, INFINITY);
   metrics_->AddAdmittedRows(/*slots=*/true, 5);
   metrics_->AddAdmittedRows(/*slots=*/false, 2);
   metrics_->AddAdmittedRows(/*slots=*/false, -3);  // ignored
@@ -249,6 +254,14 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   EXPECT_THAT(busy("step"), Optional(0.75));
   EXPECT_THAT(busy("emit"), Optional(0.0));   // negative: ignored
   EXPECT_THAT(busy("admit"), Optional(0.0));  // NaN: ignored
+  auto admission = [&](const char* part) {
+    return FindValue(s, "lorahub_engine_admission_seconds_total",
+                     {{"part", part}});
+  };
+  EXPECT_THAT(admission("encoder"), Optional(0.375));
+  EXPECT_THAT(admission("decoder_rows"), Optional(0.5));
+  EXPECT_THAT(admission("adapters"), Optional(0.0));    // negative: ignored
+  EXPECT_THAT(admission("slot_loads"), Optional(0.0));  // infinite: ignored
   EXPECT_THAT(
       FindValue(s, "lorahub_engine_admitted_rows_total", {{"path", "slots"}}),
       Optional(5.0));
@@ -375,6 +388,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_batch_size_rows",
                        "lorahub_adapter_slot_loads_total",
                        "lorahub_engine_busy_seconds_total",
+                       "lorahub_engine_admission_seconds_total",
                        "lorahub_engine_admitted_rows_total",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
@@ -391,7 +405,8 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_device_memory_used_bytes",
                    }));
   const std::set<std::string> allowed_labels = {
-      "method", "code", "state", "tier", "result", "device", "phase", "path"};
+      "method", "code", "state", "tier", "result", "device", "phase", "path",
+      "part"};
   for (const auto& f : families) {
     SCOPED_TRACE(f.name);
     EXPECT_TRUE(absl::StartsWith(f.name, "lorahub_"));

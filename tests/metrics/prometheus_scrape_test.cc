@@ -399,6 +399,7 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.ObserveBatchSize(4);
   m.AddAdapterSlotLoads(2);
   m.AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
+  m.AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kEncoder, 0.25);
   m.AddAdmittedRows(/*slots=*/true, 3);
   m.RecordJobTransition(JobState::kNone, JobState::kQueued);
   m.AddEvaluations(3);

@@ -260,16 +260,21 @@ TEST_P(EngineBatchTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
     EXPECT_GE(out.total_s, out.time_to_first_token_s);
   }
   EXPECT_EQ(engine->pending(), 0);
-  // The engine thread's time went into the metrics, per phase.
-  int phases = 0;
+  // The engine thread's time went into the metrics, per phase, and the
+  // admissions' per part.
+  std::map<std::string, int> series;
   for (const auto& family : registry_->Collect()) {
-    if (family.name != "lorahub_engine_busy_seconds_total") continue;
+    if (family.name != "lorahub_engine_busy_seconds_total" &&
+        family.name != "lorahub_engine_admission_seconds_total") {
+      continue;
+    }
     for (const auto& m : family.metric) {
-      EXPECT_GT(m.counter.value, 0) << m.label[0].value;
-      ++phases;
+      EXPECT_GT(m.counter.value, 0) << family.name << " " << m.label[0].value;
+      ++series[family.name];
     }
   }
-  EXPECT_EQ(phases, 3);
+  EXPECT_EQ(series["lorahub_engine_busy_seconds_total"], 3);
+  EXPECT_EQ(series["lorahub_engine_admission_seconds_total"], 4);
   // Four distinct adapters among the 14 requests, six slots: each adapter
   // is copied into the running batch's bank once, however often its rows
   // come and go (model/slot_bank.h).
