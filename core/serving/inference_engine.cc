@@ -9,8 +9,8 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
-#include <numeric>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <thread>

@@ -163,11 +163,11 @@ struct EngineOptions {
   // (admissions, mostly these passes, held 1.1-1.3 s of the engine's time
   // against its steps' 0.76 s in the eighteenth session's serving runs on an
   // H200). Off until it is measured on a GPU: the eighteenth session's
-  // version lost (admissions 1.33-1.56 s against 1.06 s), and it baked
-  // each single-adapter batch's slot into its encoder's key; this one
-  // passes every batch as per-row slots, so a bucket's graph serves any
-  // adapters. The environment variable LORAHUB_SERVE_ENCODER_GRAPH=
-  // off|cuda|always overrides this (A/B runs).
+  // version lost (admissions 1.33-1.56 s against 1.06 s). A StaticEncoder
+  // keys on a batch's single shared slot (uniform_slot), which would cost a
+  // capture per slot; this one passes every batch as per-row slots, so a
+  // bucket's graph serves any adapters. The environment variable
+  // LORAHUB_SERVE_ENCODER_GRAPH=off|cuda|always overrides this (A/B runs).
   AdmissionEncoder admission_encoder = AdmissionEncoder::kOff;
   // Threads that load a queued request's modules from disk into the host
   // tier while it waits (core/serving/module_loader.h), so that the engine
