@@ -35,13 +35,18 @@ constexpr double kConnectTimeoutS = 30;
 // One gRPC channel per index, each with its own subchannel pool so that no
 // two share a connection (gRPC otherwise reuses one subchannel, i.e. one
 // HTTP/2 connection, for channels to the same target with equal arguments).
-std::vector<std::shared_ptr<grpc::Channel>> MakeChannels(const std::string& server, int n) {
+absl::StatusOr<std::vector<std::shared_ptr<grpc::Channel>>> MakeChannels(
+    const std::string& server, const ClientTlsOptions& tls, int n) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      MakeChannelCredentials(tls);
+  if (!credentials.ok()) return credentials.status();
   std::vector<std::shared_ptr<grpc::Channel>> out;
   for (int i = 0; i < n; ++i) {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("lorahub.load_channel", i);  // distinct arguments, too
-    out.push_back(grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(), args));
+    AddTlsArguments(tls, &args);
+    out.push_back(grpc::CreateCustomChannel(server, *credentials, args));
   }
   return out;
 }
@@ -243,8 +248,11 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   const auto connect_deadline =
       std::chrono::system_clock::now() +
       std::chrono::milliseconds(static_cast<int64_t>(connect_timeout_s * 1e3));
+  absl::StatusOr<std::vector<std::shared_ptr<grpc::Channel>>> channels_made =
+      MakeChannels(o.server, o.tls, rep.channels);
+  if (!channels_made.ok()) return channels_made.status();
   int index = 0;
-  for (const auto& ch : MakeChannels(o.server, rep.channels)) {
+  for (const auto& ch : *channels_made) {
     // Connected before any request: a request on a channel whose connection attempt failed
     // fails at once (UNAVAILABLE) until the channel's backoff ends, and its workers would
     // burn through the remaining requests in that time.

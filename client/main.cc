@@ -1,6 +1,8 @@
 // `lorahubctl`: command-line client of a running lorahub server.
 //
-//   lorahubctl [--server HOST:PORT] [--json] <command> ...
+//   lorahubctl [--server HOST:PORT] [--json] [TLS flags] <command> ...
+//     TLS flags: --tls | --tls-ca FILE, [--tls-cert FILE --tls-key FILE],
+//                [--tls-server-name NAME] (client/channel_credentials.h)
 //     info | health
 //     modules add (--dir DIR | --repo ORG/NAME [--revision REV]) [--id ID]
 //     modules list [--page-size N] | modules get ID | modules rm ID
@@ -73,6 +75,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "client/channel_credentials.h"
 #include "client/load_generator.h"
 #include "client/request_flags.h"
 #include "core/hub/file_digest.h"
@@ -93,7 +96,10 @@ constexpr int kExitUsage = 2;
 int Usage(const char* why = nullptr) {
   if (why) std::fprintf(stderr, "lorahubctl: %s\n", why);
   std::fprintf(stderr,
-               "usage: lorahubctl [--server HOST:PORT] [--json] <command>\n\n"
+               "usage: lorahubctl [--server HOST:PORT] [--json] [TLS flags] <command>\n"
+               "TLS flags: --tls (system CAs) or --tls-ca FILE; --tls-cert FILE --tls-key FILE\n"
+               "           (client certificate); --tls-server-name NAME (name in the server's\n"
+               "           certificate, when it is not the --server host)\n\n"
                "commands:\n"
                "  info                       server version, model, devices\n"
                "  health                     grpc.health.v1 status\n"
@@ -447,12 +453,14 @@ int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
 // load: many concurrent Generate streams from this one process (see
 // client/load_generator.h); prints the summary. Exit 0 when every measured
 // request succeeded, 1 when some failed, 2 on bad flags.
-int Load(const std::string& server, const Opts& o) {
+int Load(const std::string& server, const lorahub::client::ClientTlsOptions& tls,
+         const Opts& o) {
   namespace lc = lorahub::client;
   const bool base = o.positional.size() == 2 && o.positional[1] == "base";
   if (o.positional.size() > (base ? 2u : 1u)) return Usage("load: unexpected argument");
   lc::LoadOptions opts;
   opts.server = server;
+  opts.tls = tls;
   // Integer flags: absent keeps the default; present must be an integer >= min.
   auto int_flag = [&](const char* name, int min, int* out) -> std::string {
     if (!o.Has(name)) return "";
@@ -1039,8 +1047,9 @@ int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
 
 int main(int argc, char** argv) {
   std::string server = "127.0.0.1:50051";
+  lorahub::client::ClientTlsOptions tls;
   Opts o;
-  static const char* kBoolFlags[] = {"json", "wait", "warm-start"};
+  static const char* kBoolFlags[] = {"json", "wait", "warm-start", "tls"};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--", 0) == 0) {
@@ -1057,6 +1066,16 @@ int main(int argc, char** argv) {
       }
       if (k == "server") {
         server = v;
+      } else if (k == "tls") {
+        tls.tls = true;
+      } else if (k == "tls-ca") {
+        tls.ca_file = v;
+      } else if (k == "tls-cert") {
+        tls.cert_file = v;
+      } else if (k == "tls-key") {
+        tls.key_file = v;
+      } else if (k == "tls-server-name") {
+        tls.server_name = v;
       } else if (k == "json") {
         o.json = true;
       } else if (k == "wait" || k == "warm-start") {
@@ -1081,13 +1100,18 @@ int main(int argc, char** argv) {
     }
   }
   if (o.positional.empty()) return Usage();
-  auto channel = grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      lorahub::client::MakeChannelCredentials(tls);
+  if (!credentials.ok()) return Usage(std::string(credentials.status().message()).c_str());
+  grpc::ChannelArguments channel_args;
+  lorahub::client::AddTlsArguments(tls, &channel_args);
+  auto channel = grpc::CreateCustomChannel(server, *credentials, channel_args);
   const std::string& cmd = o.positional[0];
   if (cmd == "info") return Info(channel, o);
   if (cmd == "health") return Health(channel, o);
   if (cmd == "modules") return Modules(channel, o);
   if (cmd == "generate") return Generate(channel, o);
-  if (cmd == "load") return Load(server, o);
+  if (cmd == "load") return Load(server, tls, o);
   if (cmd == "compose") return Compose(channel, o);
   if (cmd == "jobs") return Jobs(channel, o);
   if (cmd == "tasks") return Tasks(channel, o);

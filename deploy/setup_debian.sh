@@ -20,6 +20,8 @@ PACKAGES=(
   sentencepiece clang libclang-rt-14-dev python3-torch python3-grpcio python3-protobuf prometheus
   # curl(1): the integration tests scrape /metrics and query Prometheus with it.
   curl
+  # openssl(1): tls_test makes its certificates with it.
+  openssl
 )
 
 missing=()

@@ -215,6 +215,20 @@ lorahub_cc_library(client_request_flags
   OUTPUT_NAME request_flags
 )
 
+# //client:channel_credentials (cc_library)
+lorahub_cc_library(client_channel_credentials
+  PACKAGE client
+  SRCS
+    ${SRC}/client/channel_credentials.cc
+    ${SRC}/client/channel_credentials.h
+  DEPS
+    core_util_pem_file
+    core_util_status_macros
+    ext_absl_absl
+    ext_grpc_grpc__
+  OUTPUT_NAME channel_credentials
+)
+
 # //client:load_generator (cc_library)
 lorahub_cc_library(client_load_generator
   PACKAGE client
@@ -222,6 +236,7 @@ lorahub_cc_library(client_load_generator
     ${SRC}/client/load_generator.cc
     ${SRC}/client/load_generator.h
   DEPS
+    client_channel_credentials
     client_request_flags
     proto_lorahub_v1_cc
     ext_absl_absl
@@ -238,6 +253,7 @@ lorahub_cc_binary(client_lorahubctl
   SRCS
     ${SRC}/client/main.cc
   DEPS
+    client_channel_credentials
     client_health_cc
     client_load_generator
     client_request_flags
@@ -1016,6 +1032,17 @@ lorahub_cc_library(core_util_status_macros
   OUTPUT_NAME status_macros
 )
 
+# //core/util:pem_file (cc_library)
+lorahub_cc_library(core_util_pem_file
+  PACKAGE core/util
+  SRCS
+    ${SRC}/core/util/pem_file.cc
+    ${SRC}/core/util/pem_file.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME pem_file
+)
+
 # ---- //deploy/bazel  (deploy/bazel/BUILD)
 
 # ---- //deploy/cmake  (deploy/cmake/BUILD)
@@ -1210,6 +1237,7 @@ lorahub_cc_binary(server_lorahub
     server_info_service
     server_rpc_metrics_interceptor
     server_services
+    server_tls_credentials
     core_hub_hub_client
     core_hub_model_snapshot
     core_io_checkpoint
@@ -1238,6 +1266,20 @@ lorahub_cc_binary(server_lorahub
     ext_nlohmann_json_json
     ext_prometheus_cpp_prometheus_cpp
   OUTPUT_NAME lorahub
+)
+
+# //server:tls_credentials (cc_library)
+lorahub_cc_library(server_tls_credentials
+  PACKAGE server
+  SRCS
+    ${SRC}/server/tls_credentials.cc
+    ${SRC}/server/tls_credentials.h
+  DEPS
+    core_util_pem_file
+    core_util_status_macros
+    ext_absl_absl
+    ext_grpc_grpc__
+  OUTPUT_NAME tls_credentials
 )
 
 # //server:rpc_metrics_interceptor (cc_library)
@@ -1703,6 +1745,21 @@ lorahub_script_test(tests_integration_load_test
   PACKAGE tests/integration
   INTERPRETER bash
   SCRIPT ${SRC}/tests/integration/load_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:tls_test (sh_test)
+lorahub_script_test(tests_integration_tls_test
+  TEST_NAME //tests/integration:tls_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/tls_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>
@@ -2776,6 +2833,18 @@ lorahub_cc_test(tests_util_status_macros_test
     ${SRC}/tests/util/status_macros_test.cc
   DEPS
     core_util_status_macros
+    ext_gtest_gtest_main
+  TIMEOUT 300
+)
+
+# //tests/util:pem_file_test (cc_test)
+lorahub_cc_test(tests_util_pem_file_test
+  TEST_NAME //tests/util:pem_file_test
+  PACKAGE tests/util
+  SRCS
+    ${SRC}/tests/util/pem_file_test.cc
+  DEPS
+    core_util_pem_file
     ext_gtest_gtest_main
   TIMEOUT 300
 )

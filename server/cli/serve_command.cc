@@ -57,6 +57,7 @@
 #include "server/module_service.h"
 #include "server/rpc_metrics_interceptor.h"
 #include "server/service_context.h"
+#include "server/tls_credentials.h"
 
 namespace lorahub::cli {
 namespace {
@@ -80,7 +81,7 @@ int RunServe(int argc, char** argv) {
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
                  "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
-                 "config"},
+                 "tls-cert", "tls-key", "tls-client-ca", "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
@@ -100,6 +101,15 @@ int RunServe(int argc, char** argv) {
     hub_model = *std::move(ref);
   }
   const std::string listen = args->Get("listen").value_or("127.0.0.1:50051");
+  // TLS on the gRPC port (server/tls_credentials.h), checked before
+  // anything loads.
+  server::ServerTlsOptions tls;
+  tls.cert_file = args->Get("tls-cert").value_or("");
+  tls.key_file = args->Get("tls-key").value_or("");
+  tls.client_ca_file = args->Get("tls-client-ca").value_or("");
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      server::MakeServerCredentials(tls);
+  if (!credentials.ok()) return ReportError("serve", credentials.status());
   const std::string metrics_listen =
       args->Get("metrics-listen").value_or("127.0.0.1:9090");
   const std::string data_dir = args->Get("data-dir").value_or(".");
@@ -314,7 +324,7 @@ int RunServe(int argc, char** argv) {
   auto modules = std::make_unique<server::ModuleServiceImpl>(ctx.get());
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, *credentials, &port);
   builder.SetMaxReceiveMessageSize(16 << 20);
   // Every RPC of every service (health and reflection included) is counted
   // and timed here, once.
@@ -333,6 +343,12 @@ int RunServe(int argc, char** argv) {
   // The chosen ports are printed so that tests can ask for port 0.
   std::string host = listen.substr(0, listen.rfind(':'));
   std::printf("listening on %s:%d\n", host.c_str(), port);
+  if (server::TlsOn(tls)) {
+    std::fprintf(stderr, "lorahub serve: TLS on the gRPC port%s\n",
+                 tls.client_ca_file.empty()
+                     ? ""
+                     : " (client certificates required)");
+  }
   // Same form as the gRPC line: "metrics listening on HOST:PORT".
   std::printf("metrics listening on %s\n", (*exposer)->bound_address().c_str());
   std::fflush(stdout);

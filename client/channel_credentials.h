@@ -1,0 +1,45 @@
+// TLS for lorahubctl's channels: --tls (the system's root CAs), --tls-ca
+// FILE (the server's certificate must chain to these CAs), --tls-cert and
+// --tls-key (this client's certificate, for a server that asks for one:
+// `lorahub serve --tls-client-ca`), --tls-server-name NAME (the name the
+// server's certificate must carry, where it differs from the --server host,
+// e.g. when connecting to an IP address).
+// Thread-safety: stateless.
+#ifndef LORAHUB_CLIENT_CHANNEL_CREDENTIALS_H_
+#define LORAHUB_CLIENT_CHANNEL_CREDENTIALS_H_
+
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace lorahub::client {
+
+struct ClientTlsOptions {
+  bool tls = false;         // TLS even without a file (the system's roots)
+  std::string ca_file;      // PEM CAs of the server's certificate, or ""
+  std::string cert_file;    // this client's PEM certificate chain, or ""
+  std::string key_file;     // its PEM private key
+  std::string server_name;  // expected name in the server's certificate
+};
+
+// True when `options` asks for TLS.
+bool TlsOn(const ClientTlsOptions& options);
+
+// Insecure credentials without TLS; TLS credentials otherwise.
+// InvalidArgument for a client certificate without its key (or the
+// reverse), or a file that util::ReadPemFile refuses (the message names the
+// flag and the path).
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>>
+MakeChannelCredentials(const ClientTlsOptions& options);
+
+// Sets the expected server name on `args` where options.server_name is set.
+void AddTlsArguments(const ClientTlsOptions& options,
+                     grpc::ChannelArguments* args);
+
+}  // namespace lorahub::client
+
+#endif  // LORAHUB_CLIENT_CHANNEL_CREDENTIALS_H_
