@@ -11,6 +11,9 @@
 // absolute path that is not a directory, or anything else that is neither a
 // directory nor ORG/NAME[@REVISION] is refused with exit code 2.
 //
+// TLS: --tls-cert and --tls-key serve the gRPC port over TLS only,
+// --tls-client-ca also requires client certificates (server/tls_credentials.h).
+//
 // Spreading work: each generate/score request goes to the engine with the
 // fewest pending requests (ServiceContext::PickEngine); each device's compose
 // worker claims the next queued job, so up to one job per device runs at once.
