@@ -1,9 +1,13 @@
 #include "client/channel_credentials.h"
 
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+
 #include "core/util/pem_file.h"
 #include "core/util/status_macros.h"
 
 namespace lorahub::client {
+namespace {
 
 bool TlsOn(const ClientTlsOptions& options) {
   return options.tls || !options.ca_file.empty() ||
@@ -11,9 +15,8 @@ bool TlsOn(const ClientTlsOptions& options) {
          !options.server_name.empty();
 }
 
-absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>>
-MakeChannelCredentials(const ClientTlsOptions& options) {
-  if (!TlsOn(options)) return grpc::InsecureChannelCredentials();
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> TlsCredentials(
+    const ClientTlsOptions& options) {
   if (options.cert_file.empty() != options.key_file.empty()) {
     return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
   }
@@ -31,11 +34,21 @@ MakeChannelCredentials(const ClientTlsOptions& options) {
   return grpc::SslCredentials(ssl);
 }
 
-void AddTlsArguments(const ClientTlsOptions& options,
-                     grpc::ChannelArguments* args) {
-  if (!options.server_name.empty()) {
-    args->SetSslTargetNameOverride(options.server_name);
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
+    const std::string& server, const ClientTlsOptions& options,
+    grpc::ChannelArguments args) {
+  if (!TlsOn(options)) {
+    return grpc::CreateCustomChannel(server, grpc::InsecureChannelCredentials(),
+                                     args);
   }
+  LH_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                      TlsCredentials(options));
+  if (!options.server_name.empty()) {
+    args.SetSslTargetNameOverride(options.server_name);
+  }
+  return grpc::CreateCustomChannel(server, credentials, args);
 }
 
 }  // namespace lorahub::client

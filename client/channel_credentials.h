@@ -8,7 +8,7 @@
 #ifndef LORAHUB_CLIENT_CHANNEL_CREDENTIALS_H_
 #define LORAHUB_CLIENT_CHANNEL_CREDENTIALS_H_
 
-#include <grpcpp/security/credentials.h>
+#include <grpcpp/channel.h>
 #include <grpcpp/support/channel_arguments.h>
 
 #include <memory>
@@ -26,19 +26,14 @@ struct ClientTlsOptions {
   std::string server_name;  // expected name in the server's certificate
 };
 
-// True when `options` asks for TLS.
-bool TlsOn(const ClientTlsOptions& options);
-
-// Insecure credentials without TLS; TLS credentials otherwise.
+// A channel to `server` (HOST:PORT) with `args`: plaintext without TLS
+// options, TLS otherwise (the expected server name set where given).
 // InvalidArgument for a client certificate without its key (or the
 // reverse), or a file that util::ReadPemFile refuses (the message names the
 // flag and the path).
-absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>>
-MakeChannelCredentials(const ClientTlsOptions& options);
-
-// Sets the expected server name on `args` where options.server_name is set.
-void AddTlsArguments(const ClientTlsOptions& options,
-                     grpc::ChannelArguments* args);
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
+    const std::string& server, const ClientTlsOptions& options,
+    grpc::ChannelArguments args = {});
 
 }  // namespace lorahub::client
 

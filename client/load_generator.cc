@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "client/request_flags.h"
+#include "core/util/status_macros.h"
 #include "grpcpp/grpcpp.h"
 #include "lorahub/v1/inference.grpc.pb.h"
 
@@ -37,16 +38,14 @@ constexpr double kConnectTimeoutS = 30;
 // HTTP/2 connection, for channels to the same target with equal arguments).
 absl::StatusOr<std::vector<std::shared_ptr<grpc::Channel>>> MakeChannels(
     const std::string& server, const ClientTlsOptions& tls, int n) {
-  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
-      MakeChannelCredentials(tls);
-  if (!credentials.ok()) return credentials.status();
   std::vector<std::shared_ptr<grpc::Channel>> out;
   for (int i = 0; i < n; ++i) {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     args.SetInt("lorahub.load_channel", i);  // distinct arguments, too
-    AddTlsArguments(tls, &args);
-    out.push_back(grpc::CreateCustomChannel(server, *credentials, args));
+    LH_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
+                        MakeChannel(server, tls, args));
+    out.push_back(std::move(channel));
   }
   return out;
 }

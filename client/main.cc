@@ -1100,12 +1100,10 @@ int main(int argc, char** argv) {
     }
   }
   if (o.positional.empty()) return Usage();
-  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
-      lorahub::client::MakeChannelCredentials(tls);
-  if (!credentials.ok()) return Usage(std::string(credentials.status().message()).c_str());
-  grpc::ChannelArguments channel_args;
-  lorahub::client::AddTlsArguments(tls, &channel_args);
-  auto channel = grpc::CreateCustomChannel(server, *credentials, channel_args);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> made =
+      lorahub::client::MakeChannel(server, tls);
+  if (!made.ok()) return Usage(std::string(made.status().message()).c_str());
+  const std::shared_ptr<grpc::Channel>& channel = *made;
   const std::string& cmd = o.positional[0];
   if (cmd == "info") return Info(channel, o);
   if (cmd == "health") return Health(channel, o);

@@ -238,6 +238,7 @@ lorahub_cc_library(client_load_generator
   DEPS
     client_channel_credentials
     client_request_flags
+    core_util_status_macros
     proto_lorahub_v1_cc
     ext_absl_absl
     ext_grpc_grpc__
