@@ -51,7 +51,7 @@ bool StepAhead() {
   return !off;
 }
 
-// Whether `mode` (SlotDecoding or AdmissionEncoder) holds for weights on
+// Whether `mode` (SlotDecoding or model::EncoderGraph) holds for weights on
 // `device`, unless the environment variable `env` (off|cuda|always) says
 // otherwise.
 template <typename Mode>

@@ -89,6 +89,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/model/generate.h"
 #include "core/model/t5_weights.h"
 #include "core/serving/adapter_cache.h"
 #include "core/serving/module_loader.h"
@@ -107,16 +108,6 @@ enum class SlotDecoding {
   kOff,     // always eager
   kCuda,    // on CUDA devices
   kAlways,  // also on the CPU (the same buffers run eagerly: tests)
-};
-
-// Where admissions encode their prompts through the engine's pool of
-// fixed-shape encoders (model/static_encoder.h StaticEncoderPool: the rows
-// and positions padded up to a bucket, one CUDA graph per bucket, replayed)
-// instead of an eager pass.
-enum class AdmissionEncoder {
-  kOff,     // eager passes (packed where that pays)
-  kCuda,    // through the pool on CUDA devices
-  kAlways,  // also on the CPU (the same padding and buffers, run eagerly: tests)
 };
 
 struct EngineOptions {
@@ -158,6 +149,12 @@ struct EngineOptions {
   // lorahub_engine_admitted_rows_total{path="eager"}). flan-t5-large at 64
   // rows: 0.8 GB for 32 new and 64 prompt tokens, 4.8 GB for 256 and 256.
   int64_t slot_decoder_bytes = int64_t{8} << 30;
+  // Where admissions encode their prompts: through the engine's pool of
+  // fixed-shape encoders (model/static_encoder.h StaticEncoderPool: the rows
+  // and positions padded up to a bucket, one CUDA graph per bucket,
+  // replayed; model::EncoderGraph's kCuda, or kAlways also on the CPU, the
+  // same padding and buffers run eagerly: tests) or eagerly (kOff: packed
+  // where that pays).
   // Why: an eager encoder pass dispatches ~560 kernels from the host, and
   // the engine thread admits while the device runs the slots' step
   // (admissions, mostly these passes, held 1.1-1.3 s of the engine's time
@@ -168,7 +165,7 @@ struct EngineOptions {
   // capture per slot; this one passes every batch as per-row slots, so a
   // bucket's graph serves any adapters. The environment variable
   // LORAHUB_SERVE_ENCODER_GRAPH=off|cuda|always overrides this (A/B runs).
-  AdmissionEncoder admission_encoder = AdmissionEncoder::kOff;
+  model::EncoderGraph admission_encoder = model::EncoderGraph::kOff;
   // Threads that load a queued request's modules from disk into the host
   // tier while it waits (core/serving/module_loader.h), so that the engine
   // thread does not stall its running rows on disk reads; the request is

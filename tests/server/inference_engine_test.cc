@@ -160,7 +160,7 @@ nlohmann::json* EngineTest::golden_ = nullptr;
 // buckets, run eagerly here).
 struct BatchWay {
   SlotDecoding slots;
-  AdmissionEncoder encoder;
+  model::EncoderGraph encoder;
   const char* name;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
@@ -316,9 +316,9 @@ TEST_P(EngineBatchTest, NewcomersWaitForDeviceCacheRoom) {
 INSTANTIATE_TEST_SUITE_P(
     Decoding, EngineBatchTest,
     ::testing::Values(
-        BatchWay{SlotDecoding::kOff, AdmissionEncoder::kOff, "Eager"},
-        BatchWay{SlotDecoding::kAlways, AdmissionEncoder::kOff, "RowSlots"},
-        BatchWay{SlotDecoding::kAlways, AdmissionEncoder::kAlways,
+        BatchWay{SlotDecoding::kOff, model::EncoderGraph::kOff, "Eager"},
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff, "RowSlots"},
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kAlways,
                  "RowSlotsPooledEncoder"}),
     [](const auto& info) { return std::string(info.param.name); });
 
