@@ -321,6 +321,14 @@ void ServiceMetrics::Build() {
     job_transitions_[StateIndex(s)] =
         &transitions.Add({{"state", JobStateName(s)}});
   }
+  auto& deleted = prometheus::BuildCounter()
+                      .Name("lorahub_compose_jobs_deleted_total")
+                      .Help("Finished compose jobs deleted, by reason "
+                            "(request: DeleteJob; retention: "
+                            "--job-retention-s).")
+                      .Register(reg);
+  jobs_deleted_ = {&deleted.Add({{"reason", "request"}}),
+                   &deleted.Add({{"reason", "retention"}})};
   evaluations_ = &prometheus::BuildCounter()
                       .Name("lorahub_compose_evaluations_total")
                       .Help("Objective evaluations run by compose jobs.")
@@ -501,6 +509,12 @@ void ServiceMetrics::RecordJobTransition(JobState from, JobState to) {
   if (f >= 0 && f < kNumJobStates) jobs_[f]->Decrement();
   jobs_[t]->Increment();
   job_transitions_[t]->Increment();
+}
+void ServiceMetrics::RecordJobDeleted(JobState state, JobDeletion reason) {
+  const int s = StateIndex(state);
+  if (s < 0 || s >= kNumJobStates) return;
+  jobs_[s]->Decrement();
+  jobs_deleted_[reason == JobDeletion::kRetention ? 1 : 0]->Increment();
 }
 void ServiceMetrics::SetJobsInState(JobState state, int64_t count) {
   const int s = StateIndex(state);

@@ -172,6 +172,12 @@ class ServiceMetrics {
   // += 1, and the gauge lorahub_compose_jobs{state} moves one job from `from`
   // to `to` (nothing is subtracted for kNone). to == kNone is ignored.
   void RecordJobTransition(JobState from, JobState to);
+  // A finished job in `state` was deleted: the gauge lorahub_compose_jobs
+  // loses it, and lorahub_compose_jobs_deleted_total{reason} counts it
+  // ("retention": --job-retention-s expired it; "request": DeleteJob).
+  // kNone is ignored.
+  enum class JobDeletion { kRequest, kRetention };
+  void RecordJobDeleted(JobState state, JobDeletion reason);
   // Sets lorahub_compose_jobs{state} outright, e.g. from the store's counts
   // at start-up. kNone is ignored; negative counts are clamped to 0.
   void SetJobsInState(JobState state, int64_t count);
@@ -242,6 +248,7 @@ class ServiceMetrics {
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};
+  std::array<prometheus::Counter*, 2> jobs_deleted_{};  // by JobDeletion
   prometheus::Counter* evaluations_ = nullptr;
   prometheus::Counter* compose_passes_ = nullptr;
   std::array<prometheus::Histogram*, 3> job_duration_{};  // succ/fail/cancel.

@@ -85,10 +85,18 @@ CREATE UNIQUE INDEX jobs_one_active_per_task ON jobs (task_name)
   WHERE state IN ('queued', 'running');
 )sql";
 
+// Version 3: finished jobs by finish time, for retention
+// (Store::DeleteJobsFinishedBefore). Only terminal jobs have finished_at.
+constexpr char kV3[] = R"sql(
+CREATE INDEX jobs_by_finish ON jobs (finished_at_us)
+  WHERE finished_at_us IS NOT NULL;
+)sql";
+
 const std::vector<Migration>& Migrations() {
   static const auto* const kMigrations = new std::vector<Migration>{
       {1, "create modules, jobs, job_events, tasks", kV1},
       {2, "job cancel flag, attempts, one active job per task", kV2},
+      {3, "index of finished jobs by finish time", kV3},
   };
   return *kMigrations;
 }

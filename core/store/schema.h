@@ -29,7 +29,7 @@ class Connection;
 inline constexpr int32_t kApplicationId = 0x4C6F5248;
 
 // The version this build writes and reads.
-inline constexpr int kSchemaVersion = 2;
+inline constexpr int kSchemaVersion = 3;
 
 struct Migration {
   int to_version;    // user_version after the step.

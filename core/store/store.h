@@ -92,6 +92,12 @@ struct JobListRequest {
   std::string page_token;
 };
 
+// A job DeleteJobsFinishedBefore removed, and the state it had.
+struct DeletedJob {
+  std::string id;
+  JobState state = JobState::kSucceeded;
+};
+
 template <typename T>
 struct Page {
   std::vector<T> items;
@@ -178,6 +184,22 @@ class Store {
   absl::StatusOr<bool> IsCancelRequested(const std::string& job_id);
 
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
+
+  // Deletes a finished job (succeeded, failed or cancelled) with its event
+  // log, in one transaction; a task it published stays, its job_id empty
+  // from then on. Returns the state the job had. NotFound for an unknown
+  // job; FailedPrecondition while it is queued or running (cancel it
+  // first), and while a ties or dare_linear task it published exists (such
+  // a task reads its parameters from the job's spec).
+  absl::StatusOr<JobState> DeleteJob(const std::string& job_id);
+  // Retention: deletes, as DeleteJob does, the finished jobs whose
+  // finished_at is before `finished_before`, oldest first, at most `limit`
+  // (1..kMaxPageSize, else InvalidArgument), in one transaction; the jobs
+  // DeleteJob would refuse are skipped. Returns what it deleted; fewer than
+  // `limit` means none older is left.
+  absl::StatusOr<std::vector<DeletedJob>> DeleteJobsFinishedBefore(
+      absl::Time finished_before, int limit);
+
   // Newest first.
   absl::StatusOr<Page<JobRecord>> ListJobs(const JobListRequest& request);
 

@@ -52,6 +52,11 @@ std::string Dump(const nlohmann::json& j) {
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
+// Tasks composed with these methods read their parameters (density,
+// majority sign, mask seed) from the spec of the job that published them
+// (jobs::LookUpTaskComposition), so that job is kept while the task exists.
+constexpr char kMethodsReadingTheirJob[] = "('ties', 'dare_linear')";
+
 // Sets state (and finished_at when terminal).
 absl::Status SetState(Connection* db, const std::string& id, JobState state,
                       absl::Time now) {
@@ -406,6 +411,76 @@ absl::StatusOr<Page<JobRecord>> Store::ListJobs(const JobListRequest& request) {
     page.items.push_back(std::move(job));
   }
   return page;
+}
+
+absl::StatusOr<JobState> Store::DeleteJob(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  LH_ASSIGN_OR_RETURN(auto txn, Transaction::Begin(db_.get()));
+  LH_ASSIGN_OR_RETURN(JobRecord job, LoadJob(db_.get(), job_id));
+  if (!IsTerminal(job.state)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot delete job '", job_id, "': it is ", JobStateName(job.state),
+        "; cancel it and delete it once it has ended"));
+  }
+  {
+    LH_ASSIGN_OR_RETURN(
+        Statement stmt,
+        db_->Prepare(absl::StrCat("SELECT name, method FROM tasks WHERE job_id = ?1 "
+                                  "AND method IN ",
+                                  kMethodsReadingTheirJob)));
+    LH_ASSIGN_OR_RETURN(bool row, stmt.Bind(1, job_id).Step());
+    if (row) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "cannot delete job '", job_id, "': task '", stmt.Text(0),
+          "' composes with ", stmt.Text(1),
+          " parameters read from this job's spec; delete the task first"));
+    }
+  }
+  // job_events go with it (ON DELETE CASCADE); tasks.job_id becomes NULL.
+  LH_ASSIGN_OR_RETURN(Statement stmt,
+                      db_->Prepare("DELETE FROM jobs WHERE id = ?1"));
+  LH_RETURN_IF_ERROR(stmt.Bind(1, job_id).Run());
+  LH_RETURN_IF_ERROR(txn->Commit());
+  return job.state;
+}
+
+absl::StatusOr<std::vector<DeletedJob>> Store::DeleteJobsFinishedBefore(
+    absl::Time finished_before, int limit) {
+  if (limit < 1 || limit > kMaxPageSize) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "limit must be in [1, ", kMaxPageSize, "], got ", limit));
+  }
+  absl::MutexLock lock(&mu_);
+  LH_ASSIGN_OR_RETURN(auto txn, Transaction::Begin(db_.get()));
+  std::vector<DeletedJob> deleted;
+  {
+    // jobs_by_finish (schema v3) serves the range; only terminal states
+    // have finished_at, and the state test keeps it that way here.
+    LH_ASSIGN_OR_RETURN(
+        Statement stmt,
+        db_->Prepare(absl::StrCat(
+            "SELECT id, state FROM jobs "
+            "WHERE finished_at_us IS NOT NULL AND finished_at_us < ?1 "
+            "AND state IN ('succeeded', 'failed', 'cancelled') "
+            "AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.job_id = jobs.id "
+            "AND tasks.method IN ",
+            kMethodsReadingTheirJob, ") ORDER BY finished_at_us LIMIT ?2")));
+    stmt.Bind(1, ToMicros(finished_before))
+        .Bind(2, static_cast<int64_t>(limit));
+    while (true) {
+      LH_ASSIGN_OR_RETURN(bool row, stmt.Step());
+      if (!row) break;
+      LH_ASSIGN_OR_RETURN(JobState state, ParseJobState(stmt.Text(1)));
+      deleted.push_back({stmt.Text(0), state});
+    }
+  }
+  for (const DeletedJob& job : deleted) {
+    LH_ASSIGN_OR_RETURN(Statement del,
+                        db_->Prepare("DELETE FROM jobs WHERE id = ?1"));
+    LH_RETURN_IF_ERROR(del.Bind(1, job.id).Run());
+  }
+  LH_RETURN_IF_ERROR(txn->Commit());
+  return deleted;
 }
 
 absl::StatusOr<std::vector<JobEvent>> Store::ListJobEvents(

@@ -459,6 +459,19 @@ lorahub_cc_library(core_jobs_jobs
   OUTPUT_NAME jobs
 )
 
+# //core/jobs:job_retention (cc_library)
+lorahub_cc_library(core_jobs_job_retention
+  PACKAGE core/jobs
+  SRCS
+    ${SRC}/core/jobs/job_retention.cc
+    ${SRC}/core/jobs/job_retention.h
+  DEPS
+    core_metrics_metrics
+    core_store_store
+    ext_absl_absl
+  OUTPUT_NAME job_retention
+)
+
 # ---- //core/learn  (core/learn/BUILD)
 
 # //core/learn:symmetric_eigen (cc_library)
@@ -1824,6 +1837,23 @@ lorahub_cc_test(tests_jobs_job_spec_test
   DEPS
     core_jobs_jobs
     ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/jobs:job_retention_test (cc_test)
+lorahub_cc_test(tests_jobs_job_retention_test
+  TEST_NAME //tests/jobs:job_retention_test
+  PACKAGE tests/jobs
+  SRCS
+    ${SRC}/tests/jobs/job_retention_test.cc
+  DEPS
+    core_jobs_job_retention
+    core_metrics_metrics
+    core_store_store
+    tests_metrics_test_util
+    tests_store_store_test_util
+    ext_gtest_gtest_main
+    ext_prometheus_cpp_prometheus_cpp
   TIMEOUT 60
 )
 

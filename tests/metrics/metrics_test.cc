@@ -204,6 +204,12 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   metrics_->RecordJobTransition(JobState::kRunning, JobState::kSucceeded);
   metrics_->RecordJobTransition(JobState::kRunning, JobState::kFailed);
   metrics_->RecordJobTransition(JobState::kRunning, JobState::kNone);  // No-op.
+  metrics_->RecordJobTransition(JobState::kNone, JobState::kCancelled);
+  metrics_->RecordJobTransition(JobState::kNone, JobState::kCancelled);
+  using Deletion = ServiceMetrics::JobDeletion;
+  metrics_->RecordJobDeleted(JobState::kCancelled, Deletion::kRequest);
+  metrics_->RecordJobDeleted(JobState::kCancelled, Deletion::kRetention);
+  metrics_->RecordJobDeleted(JobState::kNone, Deletion::kRetention);  // No-op.
   metrics_->AddEvaluations(40);
   metrics_->AddEvaluations(2);
   metrics_->AddComposePasses(6);
@@ -240,7 +246,14 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   EXPECT_THAT(moves("queued"), Optional(3.0));
   EXPECT_THAT(moves("running"), Optional(2.0));
   EXPECT_THAT(moves("succeeded"), Optional(1.0));
-  EXPECT_THAT(moves("cancelled"), Optional(0.0));
+  EXPECT_THAT(moves("cancelled"), Optional(2.0));
+  EXPECT_THAT(jobs("cancelled"), Optional(0.0));  // Both deleted.
+  EXPECT_THAT(FindValue(s, "lorahub_compose_jobs_deleted_total",
+                        {{"reason", "request"}}),
+              Optional(1.0));
+  EXPECT_THAT(FindValue(s, "lorahub_compose_jobs_deleted_total",
+                        {{"reason", "retention"}}),
+              Optional(1.0));
   EXPECT_THAT(FindValue(s, "lorahub_compose_evaluations_total", {}),
               Optional(42.0));
   EXPECT_THAT(FindValue(s, "lorahub_compose_forward_passes_total", {}),
@@ -392,6 +405,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_engine_admitted_rows_total",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
+                       "lorahub_compose_jobs_deleted_total",
                        "lorahub_compose_evaluations_total",
                        "lorahub_compose_forward_passes_total",
                        "lorahub_compose_job_duration_seconds",
@@ -406,7 +420,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                    }));
   const std::set<std::string> allowed_labels = {
       "method", "code", "state", "tier", "result", "device", "phase", "path",
-      "part"};
+      "part", "reason"};
   for (const auto& f : families) {
     SCOPED_TRACE(f.name);
     EXPECT_TRUE(absl::StartsWith(f.name, "lorahub_"));

@@ -402,6 +402,9 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kEncoder, 0.25);
   m.AddAdmittedRows(/*slots=*/true, 3);
   m.RecordJobTransition(JobState::kNone, JobState::kQueued);
+  m.RecordJobTransition(JobState::kNone, JobState::kFailed);
+  m.RecordJobDeleted(JobState::kFailed,
+                     ServiceMetrics::JobDeletion::kRetention);
   m.AddEvaluations(3);
   m.AddComposePasses(2);
   m.ObserveJobDuration(JobState::kSucceeded, 12);

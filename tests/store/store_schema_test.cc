@@ -212,6 +212,10 @@ TEST(SchemaTest, MigratesV1DatabaseKeepingData) {
 
   Raw raw(path);
   EXPECT_EQ(raw.Text("PRAGMA user_version"), absl::StrCat(kSchemaVersion));
+  // v3: retention finds finished jobs through their finish time's index.
+  EXPECT_EQ(raw.Text("SELECT count(*) FROM sqlite_schema WHERE type = 'index' "
+                     "AND name = 'jobs_by_finish'"),
+            "1");
 }
 
 TEST(SchemaTest, FailingMigrationStepLeavesPreviousVersion) {

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
@@ -422,6 +423,137 @@ TEST_F(StoreTest, FinishFailedAndCancelled) {
   EXPECT_CODE(store_->GetTask("t1"), C::kNotFound);
   EXPECT_CODE(store_->GetTask("t2"), C::kNotFound);
   EXPECT_CODE(store_->FinishFailed("nope", "x"), C::kNotFound);
+}
+
+TEST_F(StoreTest, DeleteJobTakesFinishedJobsAndTheirEventsOnly) {
+  Insert("done", "published");
+  Insert("run", "t2");
+  Insert("queued", "t3");
+  ASSERT_EQ(ClaimId(), "done");
+  ASSERT_EQ(ClaimId(), "run");
+  ASSERT_OK(store_->FinishSucceeded("done", "{}", SomeTask()));
+
+  EXPECT_CODE(store_->DeleteJob("run"), C::kFailedPrecondition);
+  EXPECT_CODE(store_->DeleteJob("queued"), C::kFailedPrecondition);
+  EXPECT_CODE(store_->DeleteJob("nope"), C::kNotFound);
+  EXPECT_EQ(EventKinds("run"), (std::vector<std::string>{"queued", "started"}));
+
+  auto state = store_->DeleteJob("done");
+  ASSERT_OK(state);
+  EXPECT_EQ(*state, JobState::kSucceeded);
+  EXPECT_CODE(store_->GetJob("done"), C::kNotFound);
+  EXPECT_CODE(store_->ListJobEvents("done", 0, 0), C::kNotFound);
+  EXPECT_CODE(store_->DeleteJob("done"), C::kNotFound);
+  // Its task stays and serves; only the link to the job is gone.
+  auto task = store_->GetTask("published");
+  ASSERT_OK(task);
+  EXPECT_EQ(task->job_id, "");
+  EXPECT_EQ(task->weights, SomeTask().weights);
+  // The events went with the job: a new job with the same id starts its
+  // log at 1.
+  Insert("done", "t4");
+  auto events = store_->ListJobEvents("done", 0, 0);
+  ASSERT_OK(events);
+  ASSERT_EQ(events->size(), 1u);
+  EXPECT_EQ((*events)[0].seq, 1);
+  // The others are untouched.
+  auto run = store_->GetJob("run");
+  ASSERT_OK(run);
+  EXPECT_EQ(run->state, JobState::kRunning);
+}
+
+TEST_F(StoreTest, DeleteJobsFinishedBeforeTakesTheOldestFinishedFirst) {
+  // Finish times follow the clock's ticks: f1 < c2 < x3 < s4.
+  Insert("f1", "a");
+  Insert("c2", "b");
+  Insert("x3", "c");
+  Insert("s4", "d");
+  Insert("q5", "e");
+  Insert("r6", "f");
+  for (const char* id : {"f1", "c2", "x3", "s4", "q5"}) ASSERT_EQ(ClaimId(), id);
+  ASSERT_OK(store_->FinishFailed("f1", "boom"));
+  ASSERT_OK(store_->CancelJob("c2"));
+  ASSERT_OK(store_->FinishCancelled("c2"));
+  ASSERT_OK(store_->FinishFailed("x3", "boom"));
+  ASSERT_OK(store_->FinishSucceeded("s4", "{}", SomeTask()));
+  // q5 stays running, r6 queued: never deleted, however old.
+  auto s4 = store_->GetJob("s4");
+  ASSERT_OK(s4);
+  const absl::Time s4_finished = *s4->finished_at;
+
+  EXPECT_CODE(store_->DeleteJobsFinishedBefore(s4_finished, 0),
+              C::kInvalidArgument);
+  EXPECT_CODE(store_->DeleteJobsFinishedBefore(s4_finished, kMaxPageSize + 1),
+              C::kInvalidArgument);
+
+  // Before s4 finished: f1, c2, x3 qualify; a limit of 2 takes the oldest.
+  auto first = store_->DeleteJobsFinishedBefore(s4_finished, 2);
+  ASSERT_OK(first);
+  ASSERT_EQ(first->size(), 2u);
+  EXPECT_EQ((*first)[0].id, "f1");
+  EXPECT_EQ((*first)[0].state, JobState::kFailed);
+  EXPECT_EQ((*first)[1].id, "c2");
+  EXPECT_EQ((*first)[1].state, JobState::kCancelled);
+  auto second = store_->DeleteJobsFinishedBefore(s4_finished, 2);
+  ASSERT_OK(second);
+  ASSERT_EQ(second->size(), 1u);
+  EXPECT_EQ((*second)[0].id, "x3");
+  auto none = store_->DeleteJobsFinishedBefore(s4_finished, 2);
+  ASSERT_OK(none);
+  EXPECT_TRUE(none->empty());
+  // The cutoff is exclusive: s4 goes only with a later one.
+  auto last = store_->DeleteJobsFinishedBefore(
+      s4_finished + absl::Microseconds(1), kMaxPageSize);
+  ASSERT_OK(last);
+  ASSERT_EQ(last->size(), 1u);
+  EXPECT_EQ((*last)[0].id, "s4");
+  EXPECT_EQ((*last)[0].state, JobState::kSucceeded);
+
+  auto left = store_->ListJobs({});
+  ASSERT_OK(left);
+  std::vector<std::string> ids;
+  for (const JobRecord& j : left->items) ids.push_back(j.id);
+  EXPECT_EQ(ids, (std::vector<std::string>{"r6", "q5"}));
+  EXPECT_OK(store_->GetTask("d"));
+  // Still a working queue afterwards.
+  ASSERT_EQ(ClaimId(), "r6");
+}
+
+TEST_F(StoreTest, JobsOfTiesAndDareTasksStayWhileTheirTaskExists) {
+  NewTask ties = SomeTask();
+  ties.method = "ties";
+  NewTask dare = SomeTask();
+  dare.method = "dare_linear";
+  Insert("jt", "tt");
+  Insert("jd", "td");
+  Insert("jl", "tl");
+  ASSERT_EQ(ClaimId(), "jt");
+  ASSERT_EQ(ClaimId(), "jd");
+  ASSERT_EQ(ClaimId(), "jl");
+  ASSERT_OK(store_->FinishSucceeded("jt", "{}", ties));
+  ASSERT_OK(store_->FinishSucceeded("jd", "{}", dare));
+  ASSERT_OK(store_->FinishSucceeded("jl", "{}", SomeTask()));
+  const absl::Time later = absl::FromUnixSeconds(1900000000);
+
+  auto refused = store_->DeleteJob("jt");
+  EXPECT_CODE(refused, C::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "task 'tt'"))
+      << refused.status();
+  EXPECT_CODE(store_->DeleteJob("jd"), C::kFailedPrecondition);
+  auto swept = store_->DeleteJobsFinishedBefore(later, kMaxPageSize);
+  ASSERT_OK(swept);
+  ASSERT_EQ(swept->size(), 1u);  // Only the lorahub task's job.
+  EXPECT_EQ((*swept)[0].id, "jl");
+  EXPECT_OK(store_->GetJob("jt"));
+
+  // Once the task is gone, its job may go.
+  ASSERT_OK(store_->DeleteTask("tt"));
+  EXPECT_OK(store_->DeleteJob("jt"));
+  ASSERT_OK(store_->DeleteTask("td"));
+  swept = store_->DeleteJobsFinishedBefore(later, kMaxPageSize);
+  ASSERT_OK(swept);
+  ASSERT_EQ(swept->size(), 1u);
+  EXPECT_EQ((*swept)[0].id, "jd");
 }
 
 TEST_F(StoreTest, CancelQueuedIsImmediateCancelRunningIsRequested) {
