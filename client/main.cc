@@ -14,7 +14,8 @@
 //             [--population N] [--seed S] [--priority P] [--weights x,y]
 //             [--warm-start] [--wait]
 //     jobs list [--state S] | jobs get ID | jobs watch ID | jobs cancel ID
-//     tasks list | tasks get NAME | tasks export NAME --out DIR
+//     jobs rm ID (an ended job and its events; its task stays)
+//     tasks list | tasks get NAME | tasks export NAME --out DIR | tasks rm NAME
 //     generate (--task NAME | --module ID | --modules a,b --weights x,y
 //               [--method M] [--density D] [--majority-sign total|frequency]
 //               [--dare-seed S] | base)
@@ -823,7 +824,7 @@ int Compose(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
 }
 
 int Jobs(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
-  if (o.positional.size() < 2) return Usage("jobs: list, get, watch or cancel");
+  if (o.positional.size() < 2) return Usage("jobs: list, get, watch, cancel or rm");
   const std::string& sub = o.positional[1];
   auto stub = v1::ComposeService::NewStub(channel);
   if (sub == "list") {
@@ -849,11 +850,20 @@ int Jobs(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     }
     return kExitOk;
   }
-  if (o.positional.size() != 3) return Usage("jobs get|watch|cancel: one ID");
+  if (o.positional.size() != 3) return Usage("jobs get|watch|cancel|rm: one ID");
   const std::string& id = o.positional[2];
   if (sub == "watch") return WatchJob(channel, o, id);
   grpc::ClientContext c;
   SetDeadline(&c, 30);
+  if (sub == "rm") {
+    v1::DeleteJobRequest req;
+    req.set_id(id);
+    v1::DeleteJobResponse r;
+    grpc::Status s = stub->DeleteJob(&c, req, &r);
+    if (!s.ok()) return ServerError("jobs rm", s);
+    if (o.json) std::printf("%s\n", nlohmann::json{{"deleted", id}}.dump().c_str());
+    return kExitOk;
+  }
   v1::Job job;
   grpc::Status s;
   if (sub == "get") {
@@ -865,7 +875,7 @@ int Jobs(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     req.set_id(id);
     s = stub->CancelJob(&c, req, &job);
   } else {
-    return Usage("jobs: list, get, watch or cancel");
+    return Usage("jobs: list, get, watch, cancel or rm");
   }
   if (!s.ok()) return ServerError(("jobs " + sub).c_str(), s);
   PrintJob(job, o.json);
@@ -1010,7 +1020,7 @@ int ExportTask(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
 }
 
 int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
-  if (o.positional.size() < 2) return Usage("tasks: list, get or export");
+  if (o.positional.size() < 2) return Usage("tasks: list, get, export or rm");
   const std::string& sub = o.positional[1];
   if (sub == "export") return ExportTask(channel, o);
   auto stub = v1::ComposeService::NewStub(channel);
@@ -1040,7 +1050,19 @@ int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     PrintTask(t, o.json);
     return kExitOk;
   }
-  return Usage("tasks: list, get or export");
+  if (sub == "rm") {
+    if (o.positional.size() != 3) return Usage("tasks rm: one NAME");
+    grpc::ClientContext c;
+    SetDeadline(&c, 30);
+    v1::DeleteTaskRequest req;
+    req.set_name(o.positional[2]);
+    v1::DeleteTaskResponse r;
+    grpc::Status s = stub->DeleteTask(&c, req, &r);
+    if (!s.ok()) return ServerError("tasks rm", s);
+    if (o.json) std::printf("%s\n", nlohmann::json{{"deleted", o.positional[2]}}.dump().c_str());
+    return kExitOk;
+  }
+  return Usage("tasks: list, get, export or rm");
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include "absl/strings/str_format.h"
 #include "core/hub/file_digest.h"
 #include "core/jobs/job_spec.h"
+#include "core/jobs/job_state_metric.h"
 #include "core/jobs/task_composition.h"
 #include "core/learn/adapter_export.h"
 #include "core/learn/optimizer.h"
@@ -750,6 +751,22 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::CancelJob(grpc::CallbackServerCont
     absl::StatusOr<store::JobRecord> r = ctx_->store->GetJob(request->id());
     if (!r.ok()) return r.status();
     JobToProto(*r, response);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* ComposeServiceImpl::DeleteJob(grpc::CallbackServerContext* context,
+                                                        const v1::DeleteJobRequest* request,
+                                                        v1::DeleteJobResponse* response) {
+  (void)response;
+  return Unary(context, ctx_, "DeleteJob", [&]() -> absl::Status {
+    if (absl::Status s = CheckName(request->id(), "id", 96); !s.ok()) return s;
+    absl::StatusOr<store::JobState> state = ctx_->store->DeleteJob(request->id());
+    if (!state.ok()) return state.status();
+    if (ctx_->metrics) {
+      ctx_->metrics->RecordJobDeleted(jobs::ToMetricJobState(*state),
+                                      metrics::ServiceMetrics::JobDeletion::kRequest);
+    }
     return absl::OkStatus();
   });
 }

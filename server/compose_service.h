@@ -68,6 +68,9 @@ class ComposeServiceImpl final : public lorahub::v1::ComposeService::CallbackSer
   grpc::ServerUnaryReactor* ListTasks(grpc::CallbackServerContext* context,
                                       const lorahub::v1::ListTasksRequest* request,
                                       lorahub::v1::ListTasksResponse* response) override;
+  grpc::ServerUnaryReactor* DeleteJob(grpc::CallbackServerContext* context,
+                                      const lorahub::v1::DeleteJobRequest* request,
+                                      lorahub::v1::DeleteJobResponse* response) override;
   grpc::ServerUnaryReactor* DeleteTask(grpc::CallbackServerContext* context,
                                        const lorahub::v1::DeleteTaskRequest* request,
                                        lorahub::v1::DeleteTaskResponse* response) override;

@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/jobs/job_spec.h"
+#include "core/jobs/job_state_metric.h"
 #include "core/learn/composition.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
@@ -44,17 +45,6 @@ struct Outcome {
   double seconds = 0;
 };
 
-metrics::JobState ToMetricState(store::JobState s) {
-  switch (s) {
-    case store::JobState::kQueued: return metrics::JobState::kQueued;
-    case store::JobState::kRunning: return metrics::JobState::kRunning;
-    case store::JobState::kSucceeded: return metrics::JobState::kSucceeded;
-    case store::JobState::kFailed: return metrics::JobState::kFailed;
-    case store::JobState::kCancelled: return metrics::JobState::kCancelled;
-  }
-  return metrics::JobState::kNone;
-}
-
 // lorahub_compose_jobs{state} from the store (after RequeueRunning).
 absl::Status SeedJobGauges(store::Store& st, metrics::ServiceMetrics& m) {
   for (store::JobState state : {store::JobState::kQueued, store::JobState::kRunning,
@@ -71,7 +61,7 @@ absl::Status SeedJobGauges(store::Store& st, metrics::ServiceMetrics& m) {
       if (page->next_page_token.empty()) break;
       q.page_token = page->next_page_token;
     }
-    m.SetJobsInState(ToMetricState(state), count);
+    m.SetJobsInState(ToMetricJobState(state), count);
   }
   return absl::OkStatus();
 }
@@ -128,7 +118,7 @@ void ComposeWorker::Loop() {
       if (m) {
         absl::StatusOr<store::JobRecord> after = options_.store->GetJob((*job)->id);
         if (after.ok() && store::IsTerminal(after->state)) {
-          const metrics::JobState to = ToMetricState(after->state);
+          const metrics::JobState to = ToMetricJobState(after->state);
           m->RecordJobTransition(metrics::JobState::kRunning, to);
           m->ObserveJobDuration(
               to, std::chrono::duration<double>(std::chrono::steady_clock::now() - start)

@@ -6,23 +6,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/jobs/job_state_metric.h"
 
 namespace lorahub::jobs {
-namespace {
-
-metrics::JobState ToMetricState(store::JobState s) {
-  switch (s) {
-    case store::JobState::kSucceeded: return metrics::JobState::kSucceeded;
-    case store::JobState::kFailed: return metrics::JobState::kFailed;
-    case store::JobState::kCancelled: return metrics::JobState::kCancelled;
-    case store::JobState::kQueued:
-    case store::JobState::kRunning: break;  // Never deleted.
-  }
-  return metrics::JobState::kNone;
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<JobRetention>> JobRetention::Start(
     JobRetentionOptions options) {
   if (options.store == nullptr) {
@@ -72,7 +58,7 @@ absl::StatusOr<int64_t> JobRetention::SweepOnce() {
     if (options_.metrics != nullptr) {
       for (const store::DeletedJob& job : *batch) {
         options_.metrics->RecordJobDeleted(
-            ToMetricState(job.state),
+            ToMetricJobState(job.state),
             metrics::ServiceMetrics::JobDeletion::kRetention);
       }
     }

@@ -111,8 +111,8 @@ const std::vector<std::string>& DefaultRpcNames() {
       // lorahub.v1.ModuleService
       "AddModule", "GetModule", "ListModules", "DeleteModule", "PrefetchModule",
       // lorahub.v1.ComposeService
-      "SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "GetTask",
-      "ListTasks", "DeleteTask",
+      "SubmitJob", "GetJob", "ListJobs", "CancelJob", "DeleteJob", "WatchJob",
+      "GetTask", "ListTasks", "DeleteTask", "ExportTask",
       // lorahub.v1.InferenceService
       "Generate", "Score",
       // lorahub.v1.InfoService

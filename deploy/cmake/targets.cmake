@@ -444,6 +444,7 @@ lorahub_cc_library(core_jobs_jobs
     ${SRC}/core/jobs/job_spec.h
     ${SRC}/core/jobs/task_composition.h
   DEPS
+    core_jobs_job_state_metric
     core_learn_optimizer
     core_learn_composition
     core_learn_lorahub_objective
@@ -466,10 +467,22 @@ lorahub_cc_library(core_jobs_job_retention
     ${SRC}/core/jobs/job_retention.cc
     ${SRC}/core/jobs/job_retention.h
   DEPS
+    core_jobs_job_state_metric
     core_metrics_metrics
     core_store_store
     ext_absl_absl
   OUTPUT_NAME job_retention
+)
+
+# //core/jobs:job_state_metric (cc_library)
+lorahub_cc_library(core_jobs_job_state_metric
+  PACKAGE core/jobs
+  SRCS
+    ${SRC}/core/jobs/job_state_metric.h
+  DEPS
+    core_metrics_metrics
+    core_store_store
+  OUTPUT_NAME job_state_metric
 )
 
 # ---- //core/learn  (core/learn/BUILD)
@@ -1200,6 +1213,7 @@ lorahub_cc_library(server_compose_service
     server_status_convert
     core_hub_file_digest
     core_jobs_jobs
+    core_jobs_job_state_metric
     core_learn_adapter_export
     core_learn_optimizer
     core_model_model
@@ -1256,6 +1270,7 @@ lorahub_cc_binary(server_lorahub
     core_hub_model_snapshot
     core_io_checkpoint
     core_jobs_jobs
+    core_jobs_job_retention
     core_learn_adapter_export
     core_learn_optimizer
     core_learn_lorahub_objective
@@ -2524,6 +2539,19 @@ lorahub_cc_test(tests_server_stream_pump_test
     ${SRC}/tests/server/stream_pump_test.cc
   DEPS
     server_stream_pump
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/server:rpc_names_test (cc_test)
+lorahub_cc_test(tests_server_rpc_names_test
+  TEST_NAME //tests/server:rpc_names_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/rpc_names_test.cc
+  DEPS
+    core_metrics_metrics
+    proto_lorahub_v1_cc
     ext_gtest_gtest_main
   TIMEOUT 60
 )

@@ -18,6 +18,9 @@
 // fewest pending requests (ServiceContext::PickEngine); each device's compose
 // worker claims the next queued job, so up to one job per device runs at once.
 //
+// Ended compose jobs are deleted --job-retention-s after they end (default
+// 30 days; 0 keeps them), with the exceptions of Store::DeleteJob.
+//
 // Shutdown: health goes NOT_SERVING, new RPCs get UNAVAILABLE, engines stop
 // accepting work and finish in-flight requests until --shutdown-grace-s
 // (then cancel them), then the gRPC server shuts down.
@@ -41,6 +44,7 @@
 #include "core/hub/hub_client.h"
 #include "core/hub/model_snapshot.h"
 #include "core/jobs/compose_worker.h"
+#include "core/jobs/job_retention.h"
 #include "core/metrics/exposer.h"
 #include "core/metrics/metrics.h"
 #include "core/model/fused_ops.h"
@@ -65,6 +69,9 @@
 namespace lorahub::cli {
 namespace {
 
+// --job-retention-s default: ended jobs are kept 30 days.
+constexpr double kDefaultJobRetentionSeconds = 30 * 24 * 3600;
+
 // --host-cache-bytes default: 4 GiB of host memory for loaded modules.
 constexpr int64_t kDefaultHostCacheBytes = int64_t{4} << 30;
 
@@ -84,7 +91,8 @@ int RunServe(int argc, char** argv) {
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
                  "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
-                 "tls-cert", "tls-key", "tls-client-ca", "config"},
+                 "tls-cert", "tls-key", "tls-client-ca", "job-retention-s",
+                 "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
@@ -183,6 +191,15 @@ int RunServe(int argc, char** argv) {
   }
   absl::StatusOr<double> grace = args->GetDouble("shutdown-grace-s", 10);
   if (!grace.ok()) return ReportError("serve", grace.status());
+  // Ended jobs and their event logs are deleted this long after they end
+  // (core/jobs/job_retention.h); 0 keeps them forever.
+  absl::StatusOr<double> retention_s =
+      args->GetDouble("job-retention-s", kDefaultJobRetentionSeconds);
+  if (!retention_s.ok()) return ReportError("serve", retention_s.status());
+  if (!(*retention_s >= 0 && *retention_s <= 1e10)) {
+    return ReportError("serve", absl::InvalidArgumentError(
+                                    "--job-retention-s must be in [0, 1e10] (0: keep ended jobs)"));
+  }
 
   model::WeightOptions wo;
   if (auto dtype = args->Get("dtype")) {
@@ -314,6 +331,18 @@ int RunServe(int argc, char** argv) {
     if (!worker.ok()) return ReportError("serve", worker.status());
     workers.push_back(*std::move(worker));
   }
+  std::unique_ptr<jobs::JobRetention> retention;
+  if (*retention_s > 0) {
+    jobs::JobRetentionOptions jr;
+    jr.store = ctx->store.get();
+    jr.metrics = ctx->metrics;
+    jr.retention = absl::Seconds(*retention_s);
+    // A few sweeps per retention period, at least one a minute.
+    jr.sweep_interval = std::min(absl::Minutes(1), jr.retention / 4);
+    absl::StatusOr<std::unique_ptr<jobs::JobRetention>> r = jobs::JobRetention::Start(jr);
+    if (!r.ok()) return ReportError("serve", r.status());
+    retention = *std::move(r);
+  }
   server::ComposeServiceOptions co;
   co.on_submit = [&workers] {
     for (const auto& w : workers) w->Wake();
@@ -368,6 +397,7 @@ int RunServe(int argc, char** argv) {
   // A running job stops at its next evaluation and stays RUNNING in the
   // store; the next start re-queues it.
   for (auto& w : workers) w->Stop();
+  if (retention) retention->Stop();
   const absl::Time deadline = absl::Now() + absl::Seconds(*grace);
   for (auto& e : ctx->engines) e->Shutdown(deadline);
   for (auto& e : ctx->engines) e->WaitIdle();

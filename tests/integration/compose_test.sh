@@ -4,8 +4,9 @@
 # lorahubctl: validation errors, a COBYLA job (budget 10) watched to the end,
 # its best_score checked against `lorahub score` at the returned weights, the
 # published task served by generate --task, the scoring passes of COBYLA and
-# of a CMA-ES job under --compose-max-rows, cancellation, and a restart that
-# keeps the job and its task.
+# of a CMA-ES job under --compose-max-rows, cancellation, a restart that
+# keeps the job and its task, deleting an ended job (jobs rm), and a restart
+# with --job-retention-s 1 that deletes every ended job but keeps the tasks.
 #   compose_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
@@ -17,10 +18,10 @@ fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit
 cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
 
-start_server() {
+start_server() {  # start_server [EXTRA SERVE FLAGS]
   : >"$tmp/out"
   "$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 \
-    --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --compose-max-rows 32 >"$tmp/out" 2>>"$tmp/err" &
+    --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --compose-max-rows 32 "$@" >"$tmp/out" 2>>"$tmp/err" &
   pid=$!
   for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
   port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
@@ -109,6 +110,8 @@ c --json compose --task t2 --sample 3 --sample-seed 7 --optimizer random \
   --examples "$fx/examples.jsonl" --budget 5000 >"$tmp/j2" || fail "submit t2"
 job2=$(json_field '["id"]' <"$tmp/j2")
 sleep 0.5
+c jobs rm "$job2" 2>"$tmp/e"
+[ $? = 1 ] && grep -q FAILED_PRECONDITION "$tmp/e" || fail "rm of an active job: $(cat "$tmp/e")"
 c --json jobs cancel "$job2" >/dev/null || fail "cancel"
 c --json jobs watch "$job2" >"$tmp/w2"
 grep -q '"event":"cancelled"' "$tmp/w2" || fail "no cancelled event"
@@ -153,6 +156,32 @@ c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "job lost on re
 c --json tasks get t1 >/dev/null || fail "task lost on restart"
 [ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 3 ] || fail "gauge after restart"
 [ "$(metric 'lorahub_compose_jobs{state="cancelled"}')" = 1 ] || fail "cancelled gauge"
+# Deleting an ended job: its events go, its task stays and serves.
+c jobs rm job-nope 2>"$tmp/e"
+[ $? = 1 ] && grep -q NOT_FOUND "$tmp/e" || fail "rm of an unknown job: $(cat "$tmp/e")"
+c --json jobs rm "$job" | grep -q "\"deleted\":\"$job\"" || fail "jobs rm"
+c jobs get "$job" 2>"$tmp/e"; grep -q NOT_FOUND "$tmp/e" || fail "deleted job still there"
+c jobs watch "$job" 2>"$tmp/e"; grep -q NOT_FOUND "$tmp/e" || fail "deleted job's events still there"
+c --json tasks get t1 | grep -q '"job_id":""' || fail "task t1 after its job went: $(c --json tasks get t1)"
+c --json generate --task t1 --max-new-tokens 4 --text "hello" >/dev/null || fail "t1 serves after rm"
+[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 2 ] || fail "gauge after rm"
+[ "$(metric 'lorahub_compose_jobs_deleted_total{reason="request"}')" = 1 ] || fail "deleted counter"
 # A graceful stop still works with the worker running.
+kill -TERM "$pid"; wait "$pid" || fail "serve exit status $?"; pid=
+# Retention: restarted with --job-retention-s 1, the server deletes every
+# ended job (all ended more than a second ago); the tasks stay and serve.
+start_server --job-retention-s 1
+for _ in $(seq 100); do
+  [ -z "$(c jobs list)" ] && break; sleep 0.1
+done
+[ -z "$(c jobs list)" ] || fail "jobs left after retention: $(c jobs list)"
+grep -q "job retention: deleted [0-9]* finished jobs older than 1s" "$tmp/err" || fail "no retention log line"
+[ "$(metric 'lorahub_compose_jobs_deleted_total{reason="retention"}')" = 3 ] || fail "retention counter"
+[ "$(metric 'lorahub_compose_jobs{state="succeeded"}')" = 0 ] || fail "gauge after retention"
+[ "$(c tasks list | wc -l)" = 3 ] || fail "tasks after retention: $(c tasks list)"
+c --json generate --task t3 --max-new-tokens 4 --text "hello" >/dev/null || fail "t3 after retention"
+"$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 --data-dir "$tmp" --job-retention-s -1 \
+  >/dev/null 2>"$tmp/e"
+[ $? = 2 ] && grep -q "job-retention-s" "$tmp/e" || fail "negative retention: $(cat "$tmp/e")"
 kill -TERM "$pid"; wait "$pid" || fail "serve exit status $?"; pid=
 echo "PASS (job best_score $best, lorahub score $score, weights $weights)"

@@ -281,4 +281,32 @@ c generate --modules add --weights 1 --method ties --majority-sign most --text x
 [ "$rc" = 2 ] || fail "--majority-sign most: exit $rc"
 kill -TERM "$pid"; wait "$pid" || fail "second server exit code"
 pid=
+# Retention keeps the jobs of ties and dare_linear tasks (their parameters
+# live in the job's spec) and deletes the others; every task still serves
+# the same ids. Restarted on the same data with --job-retention-s 1.
+sleep 1
+"$lorahub" serve --model "$dm/base" --listen 127.0.0.1:0 --job-retention-s 1 \
+  --metrics-listen 127.0.0.1:0 --data-dir "$tmp/d2" >"$tmp/out3" 2>>"$tmp/err" &
+pid=$!
+for _ in $(seq 300); do grep -q '^listening on' "$tmp/out3" && break; sleep 0.1; done
+port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out3")
+[ -n "$port" ] || fail "third server did not print its port"
+for _ in $(seq 100); do
+  [ "$(c jobs list | wc -l)" = 3 ] && break; sleep 0.1
+done
+kept=$(c --json jobs list | "$py" -c "import json,sys; print(' '.join(sorted(json.loads(l)['task'] for l in sys.stdin)))")
+[ "$kept" = "d_dare_linear d_ties d_ties_opts" ] || fail "jobs after retention: $kept"
+for method in lorahub cat ties dare_linear; do
+  c --json generate --task "d_$method" --max-new-tokens 12 --text "$text" >"$tmp/dr_$method" \
+    2>>"$tmp/err" || fail "generate --task d_$method after retention"
+  [ "$(jf '["output_ids"]' <"$tmp/dr_$method")" = "$(jf '["output_ids"]' <"$tmp/dg_$method")" ] \
+    || fail "d_$method serves other ids after retention"
+done
+ties_job=$(jf '["id"]' <"$tmp/dwatch_ties")
+c jobs rm "$ties_job" 2>"$tmp/e"
+[ $? = 1 ] && grep -q "FAILED_PRECONDITION.*task 'd_ties'" "$tmp/e" || fail "rm of d_ties's job: $(cat "$tmp/e")"
+c tasks rm d_ties || fail "tasks rm d_ties"
+c jobs rm "$ties_job" || fail "rm of d_ties's job after its task"
+kill -TERM "$pid"; wait "$pid" || fail "third server exit code"
+pid=
 echo PASS
