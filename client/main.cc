@@ -21,7 +21,8 @@
 //               [--dare-seed S] | base)
 //              --text TEXT
 //              [--max-new-tokens N] [--num-beams N] [--temperature T]
-//              [--top-k K] [--top-p P] [--seed S] [--timeout-s S]
+//              [--top-k K] [--top-p P] [--seed S] [--stop STR]...
+//              [--timeout-s S]
 //     load --requests N --prompts FILE.jsonl [--concurrency C]
 //          (--task NAME | --module ID | --modules a,b --weights x,y
 //           | --module-pool a,b,c,... --per-request K [--weights x,y,...] | base)
@@ -1111,11 +1112,16 @@ int main(int argc, char** argv) {
             "state", "wait", "device", "out", "density", "majority-sign",
             "dare-seed", "requests", "concurrency", "prompts", "module-pool",
             "per-request", "channels", "warmup", "outputs",
-            "weight-jitter"};
+            "weight-jitter", "stop"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());
-        o.flags[k] = v;
+        if (k == "stop" && o.Has("stop")) {
+          // Repeated: the stop strings, kStopSeparator between them.
+          o.flags[k] += lorahub::client::kStopSeparator + v;
+        } else {
+          o.flags[k] = v;
+        }
       }
     } else {
       o.positional.push_back(a);

@@ -138,6 +138,12 @@ std::string ParseDecodingFlags(const FlagMap& flags, const std::string& command,
   out->set_temperature(temperature);
   out->set_top_p(top_p);
   out->set_seed(static_cast<uint64_t>(seed));
+  out->clear_stop();
+  if (auto it = flags.find("stop"); it != flags.end()) {
+    for (absl::string_view s : absl::StrSplit(it->second, kStopSeparator)) {
+      out->add_stop(std::string(s));
+    }
+  }
   return "";
 }
 

@@ -47,8 +47,12 @@ std::string ParseCompositionSettings(const FlagMap& flags,
 std::string ParseAdapterFlags(const FlagMap& flags, bool base, const std::string& command,
                               lorahub::v1::AdapterRef* out);
 
+// Between the values of a repeated --stop in the FlagMap.
+inline constexpr char kStopSeparator = '\0';
+
 // --max-new-tokens --num-beams --top-k --temperature --top-p --seed -> *out
-// (absent flags leave the server's defaults: 0).
+// (absent flags leave the server's defaults: 0); --stop STR, repeatable
+// (values joined by kStopSeparator), -> out->stop.
 std::string ParseDecodingFlags(const FlagMap& flags, const std::string& command,
                                lorahub::v1::DecodingOptions* out);
 

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/jobs/task_composition.h"
 #include "core/model/loader.h"
+#include "core/serving/stop_text.h"
 #include "core/tokenizer/stream_decoder.h"
 #include "server/composition_options.h"
 #include "server/status_convert.h"
@@ -164,6 +165,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     std::shared_ptr<std::atomic<bool>> cancel =
         std::make_shared<std::atomic<bool>>(false);
     std::optional<tokenizer::StreamDecoder> text;  // the streamed text so far
+    std::optional<serving::StopText> stop_text;     // options.stop over it
   };
 
   absl::Status Start(grpc::CallbackServerContext* context,
@@ -177,6 +179,11 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     absl::StatusOr<serving::DecodingParams> p = ToParams(req->options());
     if (!p.ok()) return p.status();
     r.params = *p;
+    std::vector<std::string> stops(req->options().stop().begin(),
+                                   req->options().stop().end());
+    if (absl::Status s = serving::ValidateStopStrings(stops, "options.stop"); !s.ok()) {
+      return s;
+    }
     absl::StatusOr<std::vector<int64_t>> ids =
         Tokenize(*ctx_->tokenizer, req->text(), "text");
     if (!ids.ok()) return ids.status();
@@ -185,16 +192,19 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     std::shared_ptr<Stream> st = st_;
     const tokenizer::Tokenizer* tok = ctx_->tokenizer.get();
     st->text.emplace(tok);
+    st->stop_text.emplace(std::move(stops));
+    // A stop string ends the row as a client going away does (returning
+    // false); on_done then reports STOP.
     r.on_token = [this, st](int64_t token) {
       v1::GenerateResponse msg;
       absl::StatusOr<std::string> piece = st->text->Next(static_cast<int>(token));
       msg.mutable_tokens()->add_ids(static_cast<int32_t>(token));
-      if (piece.ok()) msg.mutable_tokens()->set_text(*std::move(piece));
+      if (piece.ok()) msg.mutable_tokens()->set_text(st->stop_text->Add(*piece));
       std::lock_guard<std::mutex> lock(st->mu);
       if (st->write_failed) return false;
       st->pending.push_back(std::move(msg));
       KickLocked();
-      return true;
+      return !st->stop_text->stopped();
     };
     r.on_done = [this, st, tok](serving::GenerateOutcome out) {
       std::lock_guard<std::mutex> lock(st->mu);
@@ -204,16 +214,27 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
         st->final_status = grpc::Status(grpc::StatusCode::CANCELLED,
                                         "the client went away");
       } else {
+        const bool stopped = st->stop_text->stopped();
+        // Text held back for a stop string that never came.
+        if (std::string tail = st->stop_text->Flush(); !tail.empty()) {
+          v1::GenerateResponse chunk;
+          chunk.mutable_tokens()->set_text(std::move(tail));
+          st->pending.push_back(std::move(chunk));
+        }
         v1::GenerateResponse msg;
         v1::GenerateEnd* end = msg.mutable_end();
-        end->set_finish_reason(ToProto(out.finish_reason));
+        end->set_finish_reason(stopped ? v1::FINISH_REASON_STOP
+                                       : ToProto(out.finish_reason));
         std::vector<int> ids;
         for (int64_t t : out.output_ids) {
           end->add_output_ids(static_cast<int32_t>(t));
           ids.push_back(static_cast<int>(t));
         }
-        absl::StatusOr<std::string> text = tok->Decode(ids);
-        if (text.ok()) end->set_text(*text);
+        if (stopped) {
+          end->set_text(std::string(st->stop_text->released()));
+        } else if (absl::StatusOr<std::string> text = tok->Decode(ids); text.ok()) {
+          end->set_text(*text);
+        }
         end->set_prompt_tokens(static_cast<int32_t>(out.prompt_tokens));
         end->set_time_to_first_token_s(out.time_to_first_token_s);
         end->set_total_s(out.total_s);

@@ -859,6 +859,17 @@ lorahub_cc_library(core_serving_serving
   OUTPUT_NAME serving
 )
 
+# //core/serving:stop_text (cc_library)
+lorahub_cc_library(core_serving_stop_text
+  PACKAGE core/serving
+  SRCS
+    ${SRC}/core/serving/stop_text.cc
+    ${SRC}/core/serving/stop_text.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME stop_text
+)
+
 # ---- //core/store  (core/store/BUILD)
 
 # //core/store:store (cc_library)
@@ -1191,6 +1202,7 @@ lorahub_cc_library(server_services
     core_model_cuda_graph
     core_model_loader
     core_serving_serving
+    core_serving_stop_text
     core_store_store
     core_tokenizer_tokenizer
     core_tokenizer_stream_decoder
@@ -1789,6 +1801,21 @@ lorahub_script_test(tests_integration_tls_test
   PACKAGE tests/integration
   INTERPRETER bash
   SCRIPT ${SRC}/tests/integration/tls_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:stop_test (sh_test)
+lorahub_script_test(tests_integration_stop_test
+  TEST_NAME //tests/integration:stop_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/stop_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>
@@ -2552,6 +2579,18 @@ lorahub_cc_test(tests_server_rpc_names_test
   DEPS
     core_metrics_metrics
     proto_lorahub_v1_cc
+    ext_gtest_gtest_main
+  TIMEOUT 60
+)
+
+# //tests/server:stop_text_test (cc_test)
+lorahub_cc_test(tests_server_stop_text_test
+  TEST_NAME //tests/server:stop_text_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/stop_text_test.cc
+  DEPS
+    core_serving_stop_text
     ext_gtest_gtest_main
   TIMEOUT 60
 )

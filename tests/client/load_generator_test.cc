@@ -173,6 +173,15 @@ TEST(RequestFlagsTest, AdapterAndDecodingFlags) {
   EXPECT_EQ(d.max_new_tokens(), 7);
   EXPECT_FLOAT_EQ(d.temperature(), 0.5f);
   EXPECT_NE(ParseDecodingFlags({{"top-k", "many"}}, "load", &d), "");
+  // --stop, repeated: the values joined by kStopSeparator.
+  d.Clear();
+  EXPECT_EQ(ParseDecodingFlags({{"stop", std::string("\n\n") + kStopSeparator + "END"}}, "load", &d),
+            "");
+  ASSERT_EQ(d.stop_size(), 2);
+  EXPECT_EQ(d.stop(0), "\n\n");
+  EXPECT_EQ(d.stop(1), "END");
+  EXPECT_EQ(ParseDecodingFlags({{"stop", "x"}}, "load", &d), "");
+  EXPECT_EQ(d.stop_size(), 1);  // Replaced, not appended.
   EXPECT_STREQ(StatusCodeName(grpc::StatusCode::NOT_FOUND), "NOT_FOUND");
   EXPECT_STREQ(StatusCodeName(static_cast<grpc::StatusCode>(99)), "UNKNOWN");
 }
