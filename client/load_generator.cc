@@ -37,7 +37,7 @@ constexpr double kConnectTimeoutS = 30;
 // two share a connection (gRPC otherwise reuses one subchannel, i.e. one
 // HTTP/2 connection, for channels to the same target with equal arguments).
 absl::StatusOr<std::vector<std::shared_ptr<grpc::Channel>>> MakeChannels(
-    const std::string& server, const ClientTlsOptions& tls, int n) {
+    const std::string& server, const ChannelSecurityOptions& tls, int n) {
   std::vector<std::shared_ptr<grpc::Channel>> out;
   for (int i = 0; i < n; ++i) {
     grpc::ChannelArguments args;

@@ -52,7 +52,7 @@ inline constexpr double kMaxTimeoutS = 7 * 24 * 3600;
 
 struct LoadOptions {
   std::string server;  // HOST:PORT
-  ClientTlsOptions tls;  // the channels' TLS (none by default)
+  ChannelSecurityOptions tls;  // the channels' TLS (none by default)
   int requests = 0;     // measured requests, in [1, kMaxRequests]
   int concurrency = 1;  // worker threads, in [1, kMaxConcurrency]
   int channels = 0;     // gRPC channels, <= concurrency; 0: ceil(concurrency / 16)

@@ -3,6 +3,8 @@
 //   lorahubctl [--server HOST:PORT] [--json] [TLS flags] <command> ...
 //     TLS flags: --tls | --tls-ca FILE, [--tls-cert FILE --tls-key FILE],
 //                [--tls-server-name NAME] (client/channel_credentials.h)
+//     --token-file FILE: bearer token for `lorahub serve --auth-token-file`
+//                (its first token; without the flag, $LORAHUB_TOKEN)
 //     info | health
 //     modules add (--dir DIR | --repo ORG/NAME [--revision REV]) [--id ID]
 //     modules list [--page-size N] | modules get ID | modules rm ID
@@ -63,6 +65,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <cstring>
 #include <filesystem>
@@ -81,6 +84,7 @@
 #include "client/load_generator.h"
 #include "client/request_flags.h"
 #include "core/hub/file_digest.h"
+#include "core/util/bearer_tokens.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "lorahub/v1/compose.grpc.pb.h"
@@ -98,10 +102,13 @@ constexpr int kExitUsage = 2;
 int Usage(const char* why = nullptr) {
   if (why) std::fprintf(stderr, "lorahubctl: %s\n", why);
   std::fprintf(stderr,
-               "usage: lorahubctl [--server HOST:PORT] [--json] [TLS flags] <command>\n"
+               "usage: lorahubctl [--server HOST:PORT] [--json] [TLS flags] [--token-file FILE]\n"
+               "                  <command>\n"
                "TLS flags: --tls (system CAs) or --tls-ca FILE; --tls-cert FILE --tls-key FILE\n"
                "           (client certificate); --tls-server-name NAME (name in the server's\n"
-               "           certificate, when it is not the --server host)\n\n"
+               "           certificate, when it is not the --server host)\n"
+               "--token-file FILE: the bearer token (its first one) for a server run with\n"
+               "           --auth-token-file; without it, $LORAHUB_TOKEN if set\n\n"
                "commands:\n"
                "  info                       server version, model, devices\n"
                "  health                     grpc.health.v1 status\n"
@@ -116,13 +123,14 @@ int Usage(const char* why = nullptr) {
                "          [--budget N] [--population N] [--seed S] [--priority P]\n"
                "          [--weights x,y] [--warm-start] [--wait]\n"
                "  jobs list [--state queued|running|succeeded|failed|cancelled]\n"
-               "  jobs get|watch|cancel ID\n"
-               "  tasks list | tasks get NAME | tasks export NAME --out DIR\n"
+               "  jobs get|watch|cancel|rm ID\n"
+               "  tasks list | tasks get NAME | tasks export NAME --out DIR | tasks rm NAME\n"
                "  generate (--task NAME | --module ID | --modules a,b --weights x,y\n"
                "            [--method M] [--density D] [--majority-sign S] [--dare-seed S]\n"
                "            | base)\n"
                "           --text TEXT [--max-new-tokens N] [--num-beams N]\n"
                "           [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
+               "           [--stop STR]... (repeat for several stop strings)\n"
                "  load --requests N --prompts FILE.jsonl [--concurrency C]\n"
                "       (--task NAME | --module ID | --modules a,b --weights x,y\n"
                "        | --module-pool a,b,c,... --per-request K [--weights x,y,..] | base)\n"
@@ -455,7 +463,7 @@ int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
 // load: many concurrent Generate streams from this one process (see
 // client/load_generator.h); prints the summary. Exit 0 when every measured
 // request succeeded, 1 when some failed, 2 on bad flags.
-int Load(const std::string& server, const lorahub::client::ClientTlsOptions& tls,
+int Load(const std::string& server, const lorahub::client::ChannelSecurityOptions& tls,
          const Opts& o) {
   namespace lc = lorahub::client;
   const bool base = o.positional.size() == 2 && o.positional[1] == "base";
@@ -1070,7 +1078,8 @@ int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
 
 int main(int argc, char** argv) {
   std::string server = "127.0.0.1:50051";
-  lorahub::client::ClientTlsOptions tls;
+  lorahub::client::ChannelSecurityOptions tls;
+  std::string token_file;
   Opts o;
   static const char* kBoolFlags[] = {"json", "wait", "warm-start", "tls"};
   for (int i = 1; i < argc; ++i) {
@@ -1099,6 +1108,8 @@ int main(int argc, char** argv) {
         tls.key_file = v;
       } else if (k == "tls-server-name") {
         tls.server_name = v;
+      } else if (k == "token-file") {
+        token_file = v;
       } else if (k == "json") {
         o.json = true;
       } else if (k == "wait" || k == "warm-start") {
@@ -1128,6 +1139,14 @@ int main(int argc, char** argv) {
     }
   }
   if (o.positional.empty()) return Usage();
+  if (!token_file.empty()) {
+    absl::StatusOr<std::vector<std::string>> tokens =
+        lorahub::util::ReadTokenFile("--token-file", token_file);
+    if (!tokens.ok()) return Usage(std::string(tokens.status().message()).c_str());
+    tls.bearer_token = tokens->front();
+  } else if (const char* env = std::getenv("LORAHUB_TOKEN"); env != nullptr && *env) {
+    tls.bearer_token = env;
+  }
   absl::StatusOr<std::shared_ptr<grpc::Channel>> made =
       lorahub::client::MakeChannel(server, tls);
   if (!made.ok()) return Usage(std::string(made.status().message()).c_str());

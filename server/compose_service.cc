@@ -616,7 +616,7 @@ template <typename F>
 grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, ServiceContext* ctx,
                                 const char* /*rpc*/, F body) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = ctx->CheckServing();
+  absl::Status s = ctx->Admit(*context);
   if (s.ok()) s = body();
   reactor->Finish(ToGrpcStatus(s));
   return reactor;
@@ -631,8 +631,8 @@ ComposeServiceImpl::~ComposeServiceImpl() {
 }
 
 grpc::ServerWriteReactor<v1::ExportTaskChunk>* ComposeServiceImpl::ExportTask(
-    grpc::CallbackServerContext* /*context*/, const v1::ExportTaskRequest* request) {
-  if (absl::Status s = ctx_->CheckServing(); !s.ok()) return new FailedExport(ToGrpcStatus(s));
+    grpc::CallbackServerContext* context, const v1::ExportTaskRequest* request) {
+  if (absl::Status s = ctx_->Admit(*context); !s.ok()) return new FailedExport(ToGrpcStatus(s));
   if (absl::Status s = CheckName(request->name(), "name", 96); !s.ok()) {
     return new FailedExport(ToGrpcStatus(s));
   }
@@ -773,8 +773,7 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::DeleteJob(grpc::CallbackServerCont
 
 grpc::ServerWriteReactor<v1::JobEvent>* ComposeServiceImpl::WatchJob(
     grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
-  (void)context;
-  if (absl::Status s = ctx_->CheckServing(); !s.ok()) return new FailedWatch(ToGrpcStatus(s));
+  if (absl::Status s = ctx_->Admit(*context); !s.ok()) return new FailedWatch(ToGrpcStatus(s));
   if (absl::Status s = CheckName(request->id(), "id", 96); !s.ok()) {
     return new FailedWatch(ToGrpcStatus(s));
   }

@@ -170,8 +170,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
 
   absl::Status Start(grpc::CallbackServerContext* context,
                      const v1::GenerateRequest* req) {
-    (void)context;
-    if (absl::Status s = ctx_->CheckServing(); !s.ok()) return s;
+    if (absl::Status s = ctx_->Admit(*context); !s.ok()) return s;
     serving::GenerateRequest r;
     absl::StatusOr<serving::AdapterSpec> spec = ToAdapterSpec(req->adapter(), ctx_);
     if (!spec.ok()) return spec.status();
@@ -394,7 +393,7 @@ grpc::ServerUnaryReactor* InferenceServiceImpl::Score(
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   };
-  if (absl::Status s = ctx_->CheckServing(); !s.ok()) return fail(s);
+  if (absl::Status s = ctx_->Admit(*context); !s.ok()) return fail(s);
   serving::ScoreRequest r;
   absl::StatusOr<serving::AdapterSpec> spec = ToAdapterSpec(request->adapter(), ctx_);
   if (!spec.ok()) return fail(spec.status());

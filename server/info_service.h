@@ -7,13 +7,17 @@
 #include <string>
 #include <vector>
 
+#include "core/util/bearer_tokens.h"
 #include "lorahub/v1/info.grpc.pb.h"
 
 namespace lorahub::server {
 
 class InfoServiceImpl final : public lorahub::v1::InfoService::CallbackService {
  public:
-  InfoServiceImpl(std::string base_model, std::vector<std::string> devices);
+  // `auth`: --auth-token-file's tokens, or null; borrowed, must outlive
+  // the service.
+  InfoServiceImpl(std::string base_model, std::vector<std::string> devices,
+                  const util::BearerTokens* auth);
 
   grpc::ServerUnaryReactor* GetServerInfo(
       grpc::CallbackServerContext* context,
@@ -23,6 +27,7 @@ class InfoServiceImpl final : public lorahub::v1::InfoService::CallbackService {
  private:
   const std::string base_model_;
   const std::vector<std::string> devices_;
+  const util::BearerTokens* const auth_;
 };
 
 }  // namespace lorahub::server

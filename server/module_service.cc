@@ -183,7 +183,7 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::AddModule(
     grpc::CallbackServerContext* context, const v1::AddModuleRequest* request,
     v1::Module* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::Status s = ctx_->CheckServing(); !s.ok()) {
+  if (absl::Status s = ctx_->Admit(*context); !s.ok()) {
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   }
@@ -205,7 +205,8 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::GetModule(
     grpc::CallbackServerContext* context, const v1::GetModuleRequest* request,
     v1::Module* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = CheckId(request->id());
+  absl::Status s = ctx_->Admit(*context);
+  if (s.ok()) s = CheckId(request->id());
   if (s.ok()) {
     absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(request->id());
     if (r.ok()) ToProto(ctx_, *r, response);
@@ -220,8 +221,10 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::ListModules(
     const v1::ListModulesRequest* request,
     v1::ListModulesResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s;
-  if (request->page_size() < 0 || request->page_size() > 1000) {
+  absl::Status s = ctx_->Admit(*context);
+  if (!s.ok()) {
+    // Refused before the request is looked at.
+  } else if (request->page_size() < 0 || request->page_size() > 1000) {
     s = absl::InvalidArgumentError("page_size: must be in [0, 1000]");
   } else if (request->page_token().size() > 1024) {
     s = absl::InvalidArgumentError("page_token: too long");
@@ -249,7 +252,8 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::DeleteModule(
     grpc::CallbackServerContext* context, const v1::DeleteModuleRequest* request,
     v1::DeleteModuleResponse* /*response*/) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = CheckId(request->id());
+  absl::Status s = ctx_->Admit(*context);
+  if (s.ok()) s = CheckId(request->id());
   if (s.ok() && ctx_->ModuleInUse(request->id())) {
     s = absl::FailedPreconditionError(absl::StrCat(
         "id: module '", request->id(), "' is used by a request in flight"));
@@ -430,9 +434,9 @@ class FinishedWriter : public grpc::ServerWriteReactor<v1::PrefetchProgress> {
 }  // namespace
 
 grpc::ServerWriteReactor<v1::PrefetchProgress>* ModuleServiceImpl::PrefetchModule(
-    grpc::CallbackServerContext* /*context*/,
+    grpc::CallbackServerContext* context,
     const v1::PrefetchModuleRequest* request) {
-  if (absl::Status s = ctx_->CheckServing(); !s.ok()) {
+  if (absl::Status s = ctx_->Admit(*context); !s.ok()) {
     return new FinishedWriter(ToGrpcStatus(s));
   }
   if (!TryBeginWork()) {

@@ -1,5 +1,7 @@
 #include "server/service_context.h"
 
+#include "server/call_auth.h"
+
 #include <sys/stat.h>
 
 namespace lorahub::server {
@@ -63,7 +65,8 @@ std::vector<std::string> ServiceContext::Residency(
   return out;
 }
 
-absl::Status ServiceContext::CheckServing() const {
+absl::Status ServiceContext::Admit(const grpc::ServerContextBase& call) const {
+  if (absl::Status s = CheckBearer(auth.get(), call); !s.ok()) return s;
   if (shutting_down.load()) {
     return absl::UnavailableError("the server is shutting down");
   }

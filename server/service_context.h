@@ -20,7 +20,12 @@
 #include "core/serving/inference_engine.h"
 #include "core/store/store.h"
 #include "core/tokenizer/tokenizer.h"
+#include "core/util/bearer_tokens.h"
 #include "server/stream_pump.h"
+
+namespace grpc {
+class ServerContextBase;
+}  // namespace grpc
 
 namespace lorahub::server {
 
@@ -37,6 +42,8 @@ struct ServiceContext {
   std::unique_ptr<store::Store> store;
   std::unique_ptr<hub::HubClient> hub;  // null: hub modules are refused
   metrics::ServiceMetrics* metrics = nullptr;
+  // --auth-token-file's tokens; null: calls need no token.
+  std::unique_ptr<util::BearerTokens> auth;
   std::atomic<bool> shutting_down{false};
   // Generate streams whose reactor is not done yet (GenerateReactor: + at
   // creation, - in OnDone). Serve's shutdown waits for them before it shuts
@@ -59,8 +66,9 @@ struct ServiceContext {
   // the device name ("cpu", "cuda:0") of every engine whose device tier
   // holds it. For Module.resident.
   std::vector<std::string> Residency(const store::ModuleRecord& module) const;
-  // Unavailable once shutdown began; OK otherwise.
-  absl::Status CheckServing() const;
+  // Every lorahub.v1 call's gate: Unauthenticated without an accepted
+  // bearer token (when `auth` is set), then Unavailable once shutdown began.
+  absl::Status Admit(const grpc::ServerContextBase& call) const;
 };
 
 // Requests are counted and timed by the server interceptor

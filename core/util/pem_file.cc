@@ -1,37 +1,17 @@
 #include "core/util/pem_file.h"
 
-#include <sys/stat.h>
-
-#include <cerrno>
-#include <cstring>
-#include <fstream>
-
 #include "absl/strings/str_cat.h"
+#include "core/util/small_file.h"
+#include "core/util/status_macros.h"
 
 namespace lorahub::util {
 
 absl::StatusOr<std::string> ReadPemFile(const std::string& what,
                                         const std::string& path) {
-  const auto error = [&](const std::string& why) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": ", why));
-  };
-  if (path.empty()) return error("no file named");
-  struct stat st;
-  if (stat(path.c_str(), &st) != 0) return error(std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) return error("not a regular file (a directory?)");
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) return error(std::strerror(errno));
-  const std::streamoff size = in.tellg();
-  if (size < 0) return error("cannot read");
-  if (size == 0) return error("empty");
-  if (size > kMaxPemBytes) {
-    return error(absl::StrCat(size, " bytes is too large for a PEM file"));
-  }
-  std::string text(static_cast<size_t>(size), '\0');
-  in.seekg(0);
-  if (!in.read(text.data(), size)) return error("read failed");
+  LH_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(what, path, kMaxPemBytes));
   if (text.find("-----BEGIN ") == std::string::npos) {
-    return error("not PEM (no -----BEGIN line)");
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", path, ": not PEM (no -----BEGIN line)"));
   }
   return text;
 }

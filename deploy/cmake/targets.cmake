@@ -259,6 +259,7 @@ lorahub_cc_binary(client_lorahubctl
     client_load_generator
     client_request_flags
     core_hub_file_digest
+    core_util_bearer_tokens
     proto_lorahub_v1_cc
     ext_absl_absl
     ext_grpc_grpc__
@@ -1077,8 +1078,35 @@ lorahub_cc_library(core_util_pem_file
     ${SRC}/core/util/pem_file.cc
     ${SRC}/core/util/pem_file.h
   DEPS
+    core_util_small_file
+    core_util_status_macros
     ext_absl_absl
   OUTPUT_NAME pem_file
+)
+
+# //core/util:small_file (cc_library)
+lorahub_cc_library(core_util_small_file
+  PACKAGE core/util
+  SRCS
+    ${SRC}/core/util/small_file.cc
+    ${SRC}/core/util/small_file.h
+  DEPS
+    ext_absl_absl
+  OUTPUT_NAME small_file
+)
+
+# //core/util:bearer_tokens (cc_library)
+lorahub_cc_library(core_util_bearer_tokens
+  PACKAGE core/util
+  SRCS
+    ${SRC}/core/util/bearer_tokens.cc
+    ${SRC}/core/util/bearer_tokens.h
+  DEPS
+    core_util_small_file
+    core_util_status_macros
+    core_hub_file_digest
+    ext_absl_absl
+  OUTPUT_NAME bearer_tokens
 )
 
 # ---- //deploy/bazel  (deploy/bazel/BUILD)
@@ -1141,9 +1169,25 @@ lorahub_cc_library(server_info_service
     ${SRC}/server/info_service.h
     ${SRC}/server/version.h
   DEPS
+    server_call_auth
+    server_status_convert
+    core_util_bearer_tokens
     proto_lorahub_v1_cc
     ext_grpc_grpc__
   OUTPUT_NAME info_service
+)
+
+# //server:call_auth (cc_library)
+lorahub_cc_library(server_call_auth
+  PACKAGE server
+  SRCS
+    ${SRC}/server/call_auth.cc
+    ${SRC}/server/call_auth.h
+  DEPS
+    core_util_bearer_tokens
+    ext_absl_absl
+    ext_grpc_grpc__
+  OUTPUT_NAME call_auth
 )
 
 # //server:status_convert (cc_library)
@@ -1191,6 +1235,7 @@ lorahub_cc_library(server_services
     ${SRC}/server/service_context.h
   DEPS
     server_blocking_stream_writer
+    server_call_auth
     server_status_convert
     server_stream_pump
     core_hub_file_digest
@@ -1206,6 +1251,7 @@ lorahub_cc_library(server_services
     core_store_store
     core_tokenizer_tokenizer
     core_tokenizer_stream_decoder
+    core_util_bearer_tokens
     proto_lorahub_v1_cc
     ext_absl_absl
     ext_grpc_grpc__
@@ -1300,6 +1346,7 @@ lorahub_cc_binary(server_lorahub
     core_train_train
     core_train_progress_bar
     core_train_text_examples
+    core_util_bearer_tokens
     core_util_status_macros
     ext_absl_absl
     ext_grpc_grpc___reflection
@@ -1816,6 +1863,21 @@ lorahub_script_test(tests_integration_stop_test
   PACKAGE tests/integration
   INTERPRETER bash
   SCRIPT ${SRC}/tests/integration/stop_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
+# //tests/integration:auth_test (sh_test)
+lorahub_script_test(tests_integration_auth_test
+  TEST_NAME //tests/integration:auth_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/auth_test.sh
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>
@@ -2945,4 +3007,16 @@ lorahub_cc_test(tests_util_pem_file_test
     core_util_pem_file
     ext_gtest_gtest_main
   TIMEOUT 300
+)
+
+# //tests/util:bearer_tokens_test (cc_test)
+lorahub_cc_test(tests_util_bearer_tokens_test
+  TEST_NAME //tests/util:bearer_tokens_test
+  PACKAGE tests/util
+  SRCS
+    ${SRC}/tests/util/bearer_tokens_test.cc
+  DEPS
+    core_util_bearer_tokens
+    ext_gtest_gtest_main
+  TIMEOUT 60
 )

@@ -13,6 +13,8 @@
 //
 // TLS: --tls-cert and --tls-key serve the gRPC port over TLS only,
 // --tls-client-ca also requires client certificates (server/tls_credentials.h).
+// --auth-token-file: every lorahub.v1 call needs one of the file's bearer
+// tokens (server/call_auth.h); health and reflection stay open.
 //
 // Spreading work: each generate/score request goes to the engine with the
 // fewest pending requests (ServiceContext::PickEngine); each device's compose
@@ -53,6 +55,7 @@
 #include "core/serving/inference_engine.h"
 #include "core/store/store.h"
 #include "core/tokenizer/tokenizer.h"
+#include "core/util/bearer_tokens.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -91,7 +94,7 @@ int RunServe(int argc, char** argv) {
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
                  "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
-                 "tls-cert", "tls-key", "tls-client-ca", "job-retention-s",
+                 "tls-cert", "tls-key", "tls-client-ca", "auth-token-file", "job-retention-s",
                  "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
@@ -121,6 +124,14 @@ int RunServe(int argc, char** argv) {
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       server::MakeServerCredentials(tls);
   if (!credentials.ok()) return ReportError("serve", credentials.status());
+  // Bearer tokens every lorahub.v1 call must carry (server/call_auth.h).
+  std::unique_ptr<util::BearerTokens> auth;
+  if (args->Has("auth-token-file")) {
+    absl::StatusOr<std::vector<std::string>> tokens =
+        util::ReadTokenFile("--auth-token-file", *args->Get("auth-token-file"));
+    if (!tokens.ok()) return ReportError("serve", tokens.status());
+    auth = std::make_unique<util::BearerTokens>(*tokens);
+  }
   const std::string metrics_listen =
       args->Get("metrics-listen").value_or("127.0.0.1:9090");
   const std::string data_dir = args->Get("data-dir").value_or(".");
@@ -221,6 +232,7 @@ int RunServe(int argc, char** argv) {
 
   auto ctx = std::make_unique<server::ServiceContext>();
   ctx->metrics = service_metrics->get();
+  ctx->auth = std::move(auth);
   store::StoreOptions so;
   so.path = data_dir + "/lorahub.db";
   absl::StatusOr<std::unique_ptr<store::Store>> st = store::Store::Open(so);
@@ -351,7 +363,7 @@ int RunServe(int argc, char** argv) {
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  server::InfoServiceImpl info(model_spec, devices);
+  server::InfoServiceImpl info(model_spec, devices, ctx->auth.get());
   server::InferenceServiceImpl inference(ctx.get());
   auto modules = std::make_unique<server::ModuleServiceImpl>(ctx.get());
   grpc::ServerBuilder builder;
@@ -375,6 +387,11 @@ int RunServe(int argc, char** argv) {
   // The chosen ports are printed so that tests can ask for port 0.
   std::string host = listen.substr(0, listen.rfind(':'));
   std::printf("listening on %s:%d\n", host.c_str(), port);
+  if (ctx->auth) {
+    std::fprintf(stderr,
+                 "lorahub serve: lorahub.v1 calls need a bearer token (%zu accepted)\n",
+                 ctx->auth->size());
+  }
   if (server::TlsOn(tls)) {
     std::fprintf(stderr, "lorahub serve: TLS on the gRPC port%s\n",
                  tls.client_ca_file.empty()

@@ -142,6 +142,9 @@ c health >/dev/null 2>&1 && fail "server still answers after shutdown"
 # --host-cache-bytes 0: no host tier (not a tier that refuses every module);
 # a module goes from disk to the device and generates its golden tokens.
 mkdir -p "$tmp/nohost"
+# Emptied here, not only by the background job's redirection: the loop below
+# could read the first server's port before that job truncates the file.
+: >"$tmp/out"
 "$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
   --metrics-listen 127.0.0.1:0 --data-dir "$tmp/nohost" --host-cache-bytes 0 \
   >"$tmp/out" 2>"$tmp/err" &

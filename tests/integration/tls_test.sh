@@ -65,6 +65,7 @@ bad "--tls-client-ca $tmp: not a regular file" --tls-cert "$tmp/server.pem" --tl
 [ $? = 2 ] && grep -q -- "--tls-ca $tmp/missing.pem: No such file" "$tmp/err" || fail "lorahubctl --tls-ca missing"
 
 start() {  # start [serve flags...]: sets pid and port
+  : >"$tmp/out"  # Not only in the job: the loop could read the last port.
   "$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
     --metrics-listen 127.0.0.1:0 --data-dir "$tmp" "$@" >"$tmp/out" 2>"$tmp/err" &
   pid=$!

@@ -1,0 +1,60 @@
+// Bearer tokens: `lorahub serve --auth-token-file FILE` accepts a call only
+// when its "authorization" metadata is "Bearer <token>" for one of the
+// tokens in FILE; `lorahubctl --token-file FILE` sends the first one.
+//
+// File format: one token per line; blank lines and lines starting with '#'
+// are skipped; spaces and tabs around a token are trimmed. A token is 16 to
+// 4096 visible ASCII characters (no spaces), so that a short guessable
+// word is refused at start-up, not discovered later.
+//
+// Only SHA-256 digests of the tokens are kept, and a presented token is
+// compared with every one of them without an early exit, so the time a
+// check takes says nothing about how close a guess was.
+//
+// No gRPC here (core never sees it); server/ reads the metadata.
+// Thread-safety: immutable after construction; Check may be called from any
+// thread.
+#ifndef LORAHUB_CORE_UTIL_BEARER_TOKENS_H_
+#define LORAHUB_CORE_UTIL_BEARER_TOKENS_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace lorahub::util {
+
+// The most a token file may hold.
+inline constexpr long kMaxTokenFileBytes = 1 << 20;
+
+// The tokens of a token file's text, in order. InvalidArgument
+// "WHAT PATH:LINE: why" for a malformed token, "WHAT PATH: no token" when
+// there is none.
+absl::StatusOr<std::vector<std::string>> ParseTokenFile(
+    const std::string& what, const std::string& path, absl::string_view text);
+
+// ReadSmallFile then ParseTokenFile.
+absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& what,
+                                                       const std::string& path);
+
+class BearerTokens {
+ public:
+  // From the tokens of ReadTokenFile (at least one).
+  explicit BearerTokens(const std::vector<std::string>& tokens);
+
+  // OK when `authorization` (the metadata value; empty when absent) is
+  // "Bearer " and one of the tokens; Unauthenticated otherwise, saying
+  // whether the token was missing or wrong but never which tokens exist.
+  absl::Status Check(absl::string_view authorization) const;
+
+  size_t size() const { return digests_.size(); }
+
+ private:
+  std::vector<std::string> digests_;  // Hex SHA-256 of each token.
+};
+
+}  // namespace lorahub::util
+
+#endif  // LORAHUB_CORE_UTIL_BEARER_TOKENS_H_
