@@ -157,6 +157,12 @@ struct Opts {
   }
 };
 
+// After a delete (modules rm, jobs rm, tasks rm): {"deleted": ID} with
+// --json, nothing otherwise.
+void PrintDeleted(const Opts& o, const std::string& id) {
+  if (o.json) std::printf("%s\n", nlohmann::json{{"deleted", id}}.dump().c_str());
+}
+
 void SetDeadline(grpc::ClientContext* ctx, double seconds) {
   ctx->set_deadline(std::chrono::system_clock::now() +
                     std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
@@ -390,7 +396,7 @@ int Modules(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
       v1::DeleteModuleResponse r;
       grpc::Status s = stub->DeleteModule(&context, req, &r);
       if (!s.ok()) return ServerError("modules rm", s);
-      if (o.json) std::printf("%s\n", nlohmann::json{{"deleted", o.positional[2]}}.dump().c_str());
+      PrintDeleted(o, o.positional[2]);
     }
     return kExitOk;
   }
@@ -870,7 +876,7 @@ int Jobs(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     v1::DeleteJobResponse r;
     grpc::Status s = stub->DeleteJob(&c, req, &r);
     if (!s.ok()) return ServerError("jobs rm", s);
-    if (o.json) std::printf("%s\n", nlohmann::json{{"deleted", id}}.dump().c_str());
+    PrintDeleted(o, id);
     return kExitOk;
   }
   v1::Job job;
@@ -1068,7 +1074,7 @@ int Tasks(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
     v1::DeleteTaskResponse r;
     grpc::Status s = stub->DeleteTask(&c, req, &r);
     if (!s.ok()) return ServerError("tasks rm", s);
-    if (o.json) std::printf("%s\n", nlohmann::json{{"deleted", o.positional[2]}}.dump().c_str());
+    PrintDeleted(o, o.positional[2]);
     return kExitOk;
   }
   return Usage("tasks: list, get, export or rm");
