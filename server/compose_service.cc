@@ -30,6 +30,7 @@
 #include "server/composition_options.h"
 #include "server/blocking_stream_writer.h"
 #include "server/status_convert.h"
+#include "server/unary_call.h"
 
 namespace lorahub::server {
 namespace {
@@ -612,16 +613,6 @@ class FailedWatch final : public grpc::ServerWriteReactor<v1::JobEvent> {
   void OnDone() override { delete this; }
 };
 
-template <typename F>
-grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, ServiceContext* ctx,
-                                const char* /*rpc*/, F body) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = ctx->Admit(*context);
-  if (s.ok()) s = body();
-  reactor->Finish(ToGrpcStatus(s));
-  return reactor;
-}
-
 }  // namespace
 
 ComposeServiceImpl::~ComposeServiceImpl() {
@@ -652,7 +643,7 @@ grpc::ServerWriteReactor<v1::ExportTaskChunk>* ComposeServiceImpl::ExportTask(
 grpc::ServerUnaryReactor* ComposeServiceImpl::SubmitJob(grpc::CallbackServerContext* context,
                                                         const v1::SubmitJobRequest* request,
                                                         v1::Job* response) {
-  return Unary(context, ctx_, "SubmitJob", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     absl::StatusOr<jobs::ComposeJobSpec> spec = FromProto(request->spec(), ctx_, options_);
     if (!spec.ok()) return spec.status();
     store::JobListRequest q;
@@ -692,7 +683,7 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::SubmitJob(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* ComposeServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                      const v1::GetJobRequest* request,
                                                      v1::Job* response) {
-  return Unary(context, ctx_, "GetJob", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     if (absl::Status s = CheckName(request->id(), "id", 96); !s.ok()) return s;
     absl::StatusOr<store::JobRecord> r = ctx_->store->GetJob(request->id());
     if (!r.ok()) return r.status();
@@ -704,7 +695,7 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::GetJob(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* ComposeServiceImpl::ListJobs(grpc::CallbackServerContext* context,
                                                        const v1::ListJobsRequest* request,
                                                        v1::ListJobsResponse* response) {
-  return Unary(context, ctx_, "ListJobs", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     store::JobListRequest q;
     for (int i = 0; i < request->states_size(); ++i) {
       switch (request->states(i)) {
@@ -736,7 +727,7 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::ListJobs(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* ComposeServiceImpl::CancelJob(grpc::CallbackServerContext* context,
                                                         const v1::CancelJobRequest* request,
                                                         v1::Job* response) {
-  return Unary(context, ctx_, "CancelJob", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     if (absl::Status s = CheckName(request->id(), "id", 96); !s.ok()) return s;
     absl::StatusOr<store::JobRecord> before = ctx_->store->GetJob(request->id());
     if (!before.ok()) return before.status();
@@ -759,7 +750,7 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::DeleteJob(grpc::CallbackServerCont
                                                         const v1::DeleteJobRequest* request,
                                                         v1::DeleteJobResponse* response) {
   (void)response;
-  return Unary(context, ctx_, "DeleteJob", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     if (absl::Status s = CheckName(request->id(), "id", 96); !s.ok()) return s;
     absl::StatusOr<store::JobState> state = ctx_->store->DeleteJob(request->id());
     if (!state.ok()) return state.status();
@@ -789,7 +780,7 @@ grpc::ServerWriteReactor<v1::JobEvent>* ComposeServiceImpl::WatchJob(
 grpc::ServerUnaryReactor* ComposeServiceImpl::GetTask(grpc::CallbackServerContext* context,
                                                       const v1::GetTaskRequest* request,
                                                       v1::Task* response) {
-  return Unary(context, ctx_, "GetTask", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     if (absl::Status s = CheckName(request->name(), "name", 96); !s.ok()) return s;
     absl::StatusOr<store::TaskRecord> t = ctx_->store->GetTask(request->name());
     if (!t.ok()) return t.status();
@@ -801,7 +792,7 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::GetTask(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* ComposeServiceImpl::ListTasks(grpc::CallbackServerContext* context,
                                                         const v1::ListTasksRequest* request,
                                                         v1::ListTasksResponse* response) {
-  return Unary(context, ctx_, "ListTasks", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     if (request->page_size() < 0) return absl::InvalidArgumentError("page_size: negative");
     store::PageRequest q;
     q.page_size = request->page_size();
@@ -818,7 +809,7 @@ grpc::ServerUnaryReactor* ComposeServiceImpl::DeleteTask(grpc::CallbackServerCon
                                                          const v1::DeleteTaskRequest* request,
                                                          v1::DeleteTaskResponse* response) {
   (void)response;
-  return Unary(context, ctx_, "DeleteTask", [&]() -> absl::Status {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
     if (absl::Status s = CheckName(request->name(), "name", 96); !s.ok()) return s;
     return ctx_->store->DeleteTask(request->name());
   });

@@ -165,7 +165,9 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     std::shared_ptr<std::atomic<bool>> cancel =
         std::make_shared<std::atomic<bool>>(false);
     std::optional<tokenizer::StreamDecoder> text;  // the streamed text so far
-    std::optional<serving::StopText> stop_text;     // options.stop over it
+    // options.stop over the text; unset without stop strings (then each
+    // piece goes out as it is, with no per-token copy).
+    std::optional<serving::StopText> stop_text;
   };
 
   absl::Status Start(grpc::CallbackServerContext* context,
@@ -191,19 +193,22 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     std::shared_ptr<Stream> st = st_;
     const tokenizer::Tokenizer* tok = ctx_->tokenizer.get();
     st->text.emplace(tok);
-    st->stop_text.emplace(std::move(stops));
+    if (!stops.empty()) st->stop_text.emplace(std::move(stops));
     // A stop string ends the row as a client going away does (returning
     // false); on_done then reports STOP.
     r.on_token = [this, st](int64_t token) {
       v1::GenerateResponse msg;
       absl::StatusOr<std::string> piece = st->text->Next(static_cast<int>(token));
       msg.mutable_tokens()->add_ids(static_cast<int32_t>(token));
-      if (piece.ok()) msg.mutable_tokens()->set_text(st->stop_text->Add(*piece));
+      if (piece.ok()) {
+        msg.mutable_tokens()->set_text(st->stop_text ? st->stop_text->Add(*piece)
+                                                     : *std::move(piece));
+      }
       std::lock_guard<std::mutex> lock(st->mu);
       if (st->write_failed) return false;
       st->pending.push_back(std::move(msg));
       KickLocked();
-      return !st->stop_text->stopped();
+      return !(st->stop_text && st->stop_text->stopped());
     };
     r.on_done = [this, st, tok](serving::GenerateOutcome out) {
       std::lock_guard<std::mutex> lock(st->mu);
@@ -213,9 +218,10 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
         st->final_status = grpc::Status(grpc::StatusCode::CANCELLED,
                                         "the client went away");
       } else {
-        const bool stopped = st->stop_text->stopped();
+        const bool stopped = st->stop_text && st->stop_text->stopped();
         // Text held back for a stop string that never came.
-        if (std::string tail = st->stop_text->Flush(); !tail.empty()) {
+        if (std::string tail = st->stop_text ? st->stop_text->Flush() : "";
+            !tail.empty()) {
           v1::GenerateResponse chunk;
           chunk.mutable_tokens()->set_text(std::move(tail));
           st->pending.push_back(std::move(chunk));

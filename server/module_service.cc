@@ -22,6 +22,7 @@
 #include "core/util/status_macros.h"
 #include "server/blocking_stream_writer.h"
 #include "server/status_convert.h"
+#include "server/unary_call.h"
 
 namespace lorahub::server {
 namespace {
@@ -204,72 +205,60 @@ grpc::ServerUnaryReactor* ModuleServiceImpl::AddModule(
 grpc::ServerUnaryReactor* ModuleServiceImpl::GetModule(
     grpc::CallbackServerContext* context, const v1::GetModuleRequest* request,
     v1::Module* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = ctx_->Admit(*context);
-  if (s.ok()) s = CheckId(request->id());
-  if (s.ok()) {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
+    if (absl::Status s = CheckId(request->id()); !s.ok()) return s;
     absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(request->id());
-    if (r.ok()) ToProto(ctx_, *r, response);
-    s = r.status();
-  }
-  reactor->Finish(ToGrpcStatus(s));
-  return reactor;
+    if (!r.ok()) return r.status();
+    ToProto(ctx_, *r, response);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* ModuleServiceImpl::ListModules(
     grpc::CallbackServerContext* context,
     const v1::ListModulesRequest* request,
     v1::ListModulesResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = ctx_->Admit(*context);
-  if (!s.ok()) {
-    // Refused before the request is looked at.
-  } else if (request->page_size() < 0 || request->page_size() > 1000) {
-    s = absl::InvalidArgumentError("page_size: must be in [0, 1000]");
-  } else if (request->page_token().size() > 1024) {
-    s = absl::InvalidArgumentError("page_token: too long");
-  } else {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
+    if (request->page_size() < 0 || request->page_size() > 1000) {
+      return absl::InvalidArgumentError("page_size: must be in [0, 1000]");
+    }
+    if (request->page_token().size() > 1024) {
+      return absl::InvalidArgumentError("page_token: too long");
+    }
     store::PageRequest page;
     page.page_size = request->page_size() == 0 ? 100 : request->page_size();
     page.page_token = request->page_token();
     absl::StatusOr<store::Page<store::ModuleRecord>> r =
         ctx_->store->ListModules(page);
-    if (r.ok()) {
-      for (const auto& m : r->items) ToProto(ctx_, m, response->add_modules());
-      response->set_next_page_token(r->next_page_token);
-    } else if (r.status().code() == absl::StatusCode::kInvalidArgument) {
-      s = absl::InvalidArgumentError(
+    if (r.status().code() == absl::StatusCode::kInvalidArgument) {
+      return absl::InvalidArgumentError(
           absl::StrCat("page_token: ", r.status().message()));
-    } else {
-      s = r.status();
     }
-  }
-  reactor->Finish(ToGrpcStatus(s));
-  return reactor;
+    if (!r.ok()) return r.status();
+    for (const auto& m : r->items) ToProto(ctx_, m, response->add_modules());
+    response->set_next_page_token(r->next_page_token);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* ModuleServiceImpl::DeleteModule(
     grpc::CallbackServerContext* context, const v1::DeleteModuleRequest* request,
     v1::DeleteModuleResponse* /*response*/) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status s = ctx_->Admit(*context);
-  if (s.ok()) s = CheckId(request->id());
-  if (s.ok() && ctx_->ModuleInUse(request->id())) {
-    s = absl::FailedPreconditionError(absl::StrCat(
-        "id: module '", request->id(), "' is used by a request in flight"));
-  }
-  if (s.ok()) {
+  return Unary(context, *ctx_, [&]() -> absl::Status {
+    if (absl::Status s = CheckId(request->id()); !s.ok()) return s;
+    if (ctx_->ModuleInUse(request->id())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "id: module '", request->id(), "' is used by a request in flight"));
+    }
     absl::StatusOr<store::ModuleRecord> r = ctx_->store->GetModule(request->id());
     if (r.ok() && ctx_->ModulePinned(*r)) {
-      s = absl::FailedPreconditionError(absl::StrCat(
+      return absl::FailedPreconditionError(absl::StrCat(
           "id: module '", request->id(),
           "' is pinned in the module cache by a running compose job or a "
           "request in flight"));
     }
-  }
-  if (s.ok()) s = ctx_->store->DeleteModule(request->id());
-  reactor->Finish(ToGrpcStatus(s));
-  return reactor;
+    return ctx_->store->DeleteModule(request->id());
+  });
 }
 
 namespace {

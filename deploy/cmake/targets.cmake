@@ -1233,6 +1233,7 @@ lorahub_cc_library(server_services
     ${SRC}/server/inference_service.h
     ${SRC}/server/module_service.h
     ${SRC}/server/service_context.h
+    ${SRC}/server/unary_call.h
   DEPS
     server_blocking_stream_writer
     server_call_auth
