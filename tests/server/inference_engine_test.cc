@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <future>
 #include <map>
@@ -37,7 +38,14 @@ const char kCase[] = "tests/testdata/t5/gated_untied";
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto w = model::LoadT5(std::string(kCase) + "/model", {});
+    // LORAHUB_TEST_DEVICE=cuda:0 runs the engine on a GPU (deploy/gpu's CUDA
+    // suites): its captured decoders and pooled encoders replay graphs there.
+    const char* env = std::getenv("LORAHUB_TEST_DEVICE");
+    auto device = model::ParseDevice(env != nullptr && *env != '\0' ? env : "cpu");
+    ASSERT_TRUE(device.ok()) << "LORAHUB_TEST_DEVICE: " << device.status();
+    model::WeightOptions o;
+    o.device = *device;
+    auto w = model::LoadT5(std::string(kCase) + "/model", o);
     ASSERT_TRUE(w.ok()) << w.status();
     weights_ = new std::shared_ptr<const model::T5Weights>(
         std::make_shared<const model::T5Weights>(*std::move(w)));
