@@ -26,6 +26,12 @@ bool SameDigest(absl::string_view a, absl::string_view b) {
   return diff == 0;
 }
 
+std::vector<std::string> Digests(const std::vector<std::string>& tokens) {
+  std::vector<std::string> digests;
+  for (const std::string& t : tokens) digests.push_back(hub::Sha256Hex(t));
+  return digests;
+}
+
 }  // namespace
 
 absl::StatusOr<std::vector<std::string>> ParseTokenFile(
@@ -63,8 +69,18 @@ absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& what,
   return ParseTokenFile(what, path, text);
 }
 
-BearerTokens::BearerTokens(const std::vector<std::string>& tokens) {
-  for (const std::string& t : tokens) digests_.push_back(hub::Sha256Hex(t));
+BearerTokens::BearerTokens(const std::vector<std::string>& tokens)
+    : digests_(Digests(tokens)) {}
+
+void BearerTokens::Replace(const std::vector<std::string>& tokens) {
+  std::vector<std::string> digests = Digests(tokens);
+  absl::MutexLock lock(&mu_);
+  digests_.swap(digests);
+}
+
+size_t BearerTokens::size() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return digests_.size();
 }
 
 absl::Status BearerTokens::Check(absl::string_view authorization) const {
@@ -80,6 +96,7 @@ absl::Status BearerTokens::Check(absl::string_view authorization) const {
   const std::string digest =
       hub::Sha256Hex(authorization.substr(kScheme.size()));
   bool found = false;
+  absl::ReaderMutexLock lock(&mu_);
   for (const std::string& d : digests_) found |= SameDigest(digest, d);
   if (!found) return absl::UnauthenticatedError("the bearer token is not accepted");
   return absl::OkStatus();

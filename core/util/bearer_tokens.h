@@ -12,8 +12,8 @@
 // check takes says nothing about how close a guess was.
 //
 // No gRPC here (core never sees it); server/ reads the metadata.
-// Thread-safety: immutable after construction; Check may be called from any
-// thread.
+// Thread-safety: Check, Replace and size may be called from any thread; a
+// Check sees the tokens either before or after a Replace, never a mix.
 #ifndef LORAHUB_CORE_UTIL_BEARER_TOKENS_H_
 #define LORAHUB_CORE_UTIL_BEARER_TOKENS_H_
 
@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 
 namespace lorahub::util {
 
@@ -49,10 +50,16 @@ class BearerTokens {
   // whether the token was missing or wrong but never which tokens exist.
   absl::Status Check(absl::string_view authorization) const;
 
-  size_t size() const { return digests_.size(); }
+  // Accepts `tokens` (at least one, from ReadTokenFile) from now on, and no
+  // longer the ones before: `lorahub serve` rereads its token file on
+  // SIGHUP, so that tokens rotate without a restart.
+  void Replace(const std::vector<std::string>& tokens);
+
+  size_t size() const;
 
  private:
-  std::vector<std::string> digests_;  // Hex SHA-256 of each token.
+  mutable absl::Mutex mu_;
+  std::vector<std::string> digests_ ABSL_GUARDED_BY(mu_);  // Hex SHA-256.
 };
 
 }  // namespace lorahub::util

@@ -14,7 +14,8 @@
 // TLS: --tls-cert and --tls-key serve the gRPC port over TLS only,
 // --tls-client-ca also requires client certificates (server/tls_credentials.h).
 // --auth-token-file: every lorahub.v1 call needs one of the file's bearer
-// tokens (server/call_auth.h); health and reflection stay open.
+// tokens (server/call_auth.h); health and reflection stay open. SIGHUP
+// rereads the file (tokens rotate without a restart).
 //
 // Spreading work: each generate/score request goes to the engine with the
 // fewest pending requests (ServiceContext::PickEngine); each device's compose
@@ -85,6 +86,28 @@ bool IsDirectory(const std::string& path) {
 
 volatile std::sig_atomic_t g_stop = 0;
 void OnSignal(int) { g_stop = 1; }
+volatile std::sig_atomic_t g_reload = 0;
+void OnReloadSignal(int) { g_reload = 1; }
+
+// SIGHUP: rereads --auth-token-file. A file that no longer parses keeps the
+// tokens in use (a typo must not lock every client out, nor let every
+// client in) and says why on stderr.
+void ReloadTokens(const Args& args, util::BearerTokens* auth) {
+  if (auth == nullptr) {
+    std::fprintf(stderr, "lorahub serve: SIGHUP: no --auth-token-file to reread\n");
+    return;
+  }
+  absl::StatusOr<std::vector<std::string>> tokens =
+      util::ReadTokenFile("--auth-token-file", *args.Get("auth-token-file"));
+  if (!tokens.ok()) {
+    std::fprintf(stderr, "lorahub serve: SIGHUP: kept the %zu tokens in use: %s\n",
+                 auth->size(), std::string(tokens.status().message()).c_str());
+    return;
+  }
+  auth->Replace(*tokens);
+  std::fprintf(stderr, "lorahub serve: SIGHUP: %zu bearer tokens accepted from now on\n",
+               tokens->size());
+}
 
 }  // namespace
 
@@ -404,9 +427,14 @@ int RunServe(int argc, char** argv) {
 
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
+  std::signal(SIGHUP, OnReloadSignal);
   while (!g_stop) {
     struct timespec delay = {0, 50 * 1000 * 1000};
     nanosleep(&delay, nullptr);
+    if (g_reload) {
+      g_reload = 0;
+      ReloadTokens(*args, ctx->auth.get());
+    }
   }
   std::fprintf(stderr, "lorahub serve: shutting down\n");
   server->GetHealthCheckService()->SetServingStatus(false);

@@ -5,7 +5,8 @@
 # or with a wrong one, and serves it with an accepted one; health stays
 # open; lorahubctl sends the token from --token-file or $LORAHUB_TOKEN;
 # the refusals are counted by code; bad token files are exit 2 naming the
-# line.
+# line; SIGHUP rereads the token file (a malformed one keeps the tokens in
+# use).
 #   auth_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
@@ -89,5 +90,23 @@ PY
 unauth=$(curl -s "http://127.0.0.1:$mport/metrics" | awk '$1 ~ /^lorahub_grpc_requests_total\{.*code="UNAUTHENTICATED"/ {s += $2} END {print s + 0}')
 # 18 methods x 3 refusals, and lorahubctl without a token and with a wrong one.
 [ "$unauth" = 56 ] || fail "UNAUTHENTICATED calls counted: $unauth"
+
+# Rotation: SIGHUP rereads the file; the old tokens are refused from then on.
+reloaded() {  # reloaded N LINE: waits for the Nth "SIGHUP:" line, which must match LINE
+  for _ in $(seq 100); do [ "$(grep -c 'SIGHUP:' "$tmp/err")" -ge "$1" ] && break; sleep 0.1; done
+  grep 'SIGHUP:' "$tmp/err" | sed -n "$1p" | grep -q -- "$2" || fail "SIGHUP $1: not '$2'"
+}
+rotated=tok-0123456789abcdef-rotated
+echo "$rotated" >"$tmp/tokens"
+kill -HUP "$pid"
+reloaded 1 "SIGHUP: 1 bearer tokens accepted from now on"
+LORAHUB_TOKEN=$rotated c info >/dev/null || fail "the rotated token"
+LORAHUB_TOKEN=$good c info 2>"$tmp/e"
+[ $? = 1 ] && grep -q "the bearer token is not accepted" "$tmp/e" || fail "an old token after SIGHUP"
+printf '%s\nshort\n' "$good" >"$tmp/tokens"
+kill -HUP "$pid"
+reloaded 2 "SIGHUP: kept the 1 tokens in use: --auth-token-file $tmp/tokens:2: a token is 16"
+LORAHUB_TOKEN=$rotated c info >/dev/null || fail "the token in use after a bad file"
+LORAHUB_TOKEN=$good c info 2>/dev/null && fail "a bad file's token accepted"
 kill -TERM "$pid"; wait "$pid" || fail "serve exit code"; pid=
 echo "PASS ($unauth refusals counted)"

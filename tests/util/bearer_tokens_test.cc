@@ -1,9 +1,12 @@
 // Token files and the bearer check: comments, blank lines and spaces are
 // skipped; a short, spaced or non-ASCII token, or no token, is refused with
-// the file's line; only "Bearer " plus an accepted token passes.
+// the file's line; only "Bearer " plus an accepted token passes; a Replace
+// swaps the accepted set whole, also under concurrent checks.
 #include "core/util/bearer_tokens.h"
 
+#include <atomic>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -60,6 +63,43 @@ TEST(BearerTokensTest, AcceptsOnlyBearerAndAKnownToken) {
     EXPECT_EQ(s.code(), absl::StatusCode::kUnauthenticated) << "'" << bad << "'";
     EXPECT_EQ(std::string(s.message()).find(kA), std::string::npos);  // Never echoed.
   }
+}
+
+TEST(BearerTokensTest, ReplaceAcceptsTheNewTokensOnly) {
+  constexpr char kC[] = "tok-cccccccccccccccc";
+  BearerTokens tokens({kA, kB});
+  tokens.Replace({kC});
+  EXPECT_EQ(tokens.size(), 1u);
+  EXPECT_TRUE(tokens.Check(std::string("Bearer ") + kC).ok());
+  EXPECT_EQ(tokens.Check(std::string("Bearer ") + kA).code(),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(tokens.Check(std::string("Bearer ") + kB).code(),
+            absl::StatusCode::kUnauthenticated);
+}
+
+// Checks racing with replacements (a server's calls during a SIGHUP
+// reload): every answer is OK or Unauthenticated, and the last set holds.
+TEST(BearerTokensTest, ChecksDuringReplacementsSeeOneSetOrTheOther) {
+  BearerTokens tokens({kA});
+  std::atomic<bool> done{false};
+  std::thread replacer([&] {
+    for (int i = 0; i < 2000; ++i) tokens.Replace({i % 2 ? kA : kB});
+    tokens.Replace({kA});
+    done = true;
+  });
+  int accepted = 0, refused = 0;
+  while (!done) {
+    absl::Status s = tokens.Check(std::string("Bearer ") + kA);
+    if (s.ok()) {
+      ++accepted;
+    } else {
+      ASSERT_EQ(s.code(), absl::StatusCode::kUnauthenticated) << s;
+      ++refused;
+    }
+  }
+  replacer.join();
+  EXPECT_TRUE(tokens.Check(std::string("Bearer ") + kA).ok());
+  EXPECT_GT(accepted + refused, 0);
 }
 
 }  // namespace
