@@ -12,7 +12,9 @@
 // directory nor ORG/NAME[@REVISION] is refused with exit code 2.
 //
 // TLS: --tls-cert and --tls-key serve the gRPC port over TLS only,
-// --tls-client-ca also requires client certificates (server/tls_credentials.h).
+// --tls-client-ca also requires client certificates (server/tls_credentials.h);
+// the files are read again every --tls-refresh-s (default 60), so that a
+// renewed certificate needs no restart.
 // --auth-token-file: every lorahub.v1 call needs one of the file's bearer
 // tokens (server/call_auth.h); health and reflection stay open. SIGHUP
 // rereads the file (tokens rotate without a restart).
@@ -117,7 +119,8 @@ int RunServe(int argc, char** argv) {
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
                  "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
-                 "tls-cert", "tls-key", "tls-client-ca", "auth-token-file", "job-retention-s",
+                 "tls-cert", "tls-key", "tls-client-ca", "tls-refresh-s", "auth-token-file",
+                 "job-retention-s",
                  "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
@@ -144,6 +147,12 @@ int RunServe(int argc, char** argv) {
   tls.cert_file = args->Get("tls-cert").value_or("");
   tls.key_file = args->Get("tls-key").value_or("");
   tls.client_ca_file = args->Get("tls-client-ca").value_or("");
+  absl::StatusOr<long long> refresh = args->GetInt("tls-refresh-s", tls.refresh_interval_s);
+  if (!refresh.ok()) return ReportError("serve", refresh.status());
+  if (*refresh < 1 || *refresh > 86400) {
+    return ReportError("serve", absl::InvalidArgumentError("--tls-refresh-s must be in [1, 86400]"));
+  }
+  tls.refresh_interval_s = static_cast<unsigned>(*refresh);
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       server::MakeServerCredentials(tls);
   if (!credentials.ok()) return ReportError("serve", credentials.status());

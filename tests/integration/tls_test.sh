@@ -7,7 +7,9 @@
 #   - a TLS server answers a client that trusts its CA (health, a golden
 #     generation, `load`), and refuses plaintext, other CAs and another name;
 #   - with --tls-client-ca it refuses a client without a certificate, or
-#     with one its CAs did not sign.
+#     with one its CAs did not sign;
+#   - a server certificate replaced on disk (another CA's) is served within
+#     --tls-refresh-s, with no restart.
 #   tls_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
@@ -41,7 +43,8 @@ signed() {  # signed NAME CA CN [EXTFILE]
 printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >san.ext
 ca ca "lorahub test CA" && ca other "another CA" &&
   signed server ca localhost san.ext && signed client ca "lorahub test client" &&
-  signed stranger other "a client of another CA" || fail "openssl could not make the certificates"
+  signed stranger other "a client of another CA" && signed renewed other localhost san.ext ||
+  fail "openssl could not make the certificates"
 echo "not a certificate" >notpem.txt
 cd - >/dev/null || exit 1
 
@@ -51,7 +54,7 @@ bad() {  # bad MESSAGE FLAGS...
   "$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 "$@" 2>"$tmp/err" >/dev/null
   local rc=$?
   [ $rc = 2 ] || fail "serve $*: exit $rc, want 2"
-  grep -q -- "$want" "$tmp/err" || fail "serve $*: want '$want' in: $(cat "$tmp/err")"
+  grep -qF -- "$want" "$tmp/err" || fail "serve $*: want '$want' in: $(cat "$tmp/err")"
 }
 bad "--tls-cert and --tls-key go together" --tls-cert "$tmp/server.pem"
 bad "--tls-cert and --tls-key go together" --tls-key "$tmp/server.key"
@@ -59,6 +62,7 @@ bad "--tls-cert and --tls-key go together" --tls-client-ca "$tmp/ca.pem"
 bad "--tls-cert $tmp/missing.pem: No such file" --tls-cert "$tmp/missing.pem" --tls-key "$tmp/server.key"
 bad "--tls-key $tmp/notpem.txt: not PEM" --tls-cert "$tmp/server.pem" --tls-key "$tmp/notpem.txt"
 bad "--tls-client-ca $tmp: not a regular file" --tls-cert "$tmp/server.pem" --tls-key "$tmp/server.key" --tls-client-ca "$tmp"
+bad "--tls-refresh-s must be in [1, 86400]" --tls-cert "$tmp/server.pem" --tls-key "$tmp/server.key" --tls-refresh-s 0
 "$ctl" --tls-cert "$tmp/client.pem" health 2>"$tmp/err"
 [ $? = 2 ] && grep -q -- "--tls-cert and --tls-key go together" "$tmp/err" || fail "lorahubctl --tls-cert alone"
 "$ctl" --tls-ca "$tmp/missing.pem" health 2>"$tmp/err"
@@ -137,5 +141,22 @@ grep -q "client certificates required" "$tmp/err" || fail "serve did not say it 
 refused "no client certificate" --tls-ca "$tmp/ca.pem"
 refused "a client certificate of another CA" --tls-ca "$tmp/ca.pem" \
   --tls-cert "$tmp/stranger.pem" --tls-key "$tmp/stranger.key"
+stop
+
+# Rotation: the files the server reads are replaced (renamed into place, key
+# first) by a certificate of the other CA; new connections get it within
+# --tls-refresh-s.
+cp "$tmp/server.pem" "$tmp/live.pem" && cp "$tmp/server.key" "$tmp/live.key" || fail "cp"
+start --tls-cert "$tmp/live.pem" --tls-key "$tmp/live.key" --tls-refresh-s 1
+[ "$(c --tls-ca "$tmp/ca.pem" health)" = SERVING ] || fail "health before the rotation"
+cp "$tmp/renewed.key" "$tmp/next.key" && cp "$tmp/renewed.pem" "$tmp/next.pem" &&
+  mv "$tmp/next.key" "$tmp/live.key" && mv "$tmp/next.pem" "$tmp/live.pem" || fail "mv"
+rotated=
+for _ in $(seq 50); do
+  [ "$(c --tls-ca "$tmp/other.pem" health 2>/dev/null)" = SERVING ] && { rotated=1; break; }
+  sleep 0.2
+done
+[ -n "$rotated" ] || fail "the renewed certificate was not served within 10 s"
+refused "the replaced certificate's CA after the rotation" --tls-ca "$tmp/ca.pem"
 stop
 echo "tls_test: ok"
