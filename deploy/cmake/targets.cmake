@@ -1341,9 +1341,11 @@ lorahub_cc_binary(server_lorahub
     core_model_fused_ops
     core_model_loader
     core_serving_serving
+    core_serving_stop_text
     core_store_store
     core_tasks_tasks
     core_tokenizer_tokenizer
+    core_tokenizer_stream_decoder
     core_train_train
     core_train_progress_bar
     core_train_text_examples

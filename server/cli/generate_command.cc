@@ -3,13 +3,17 @@
 //   lorahub generate --model DIR [--adapter DIR]... [--weights w1,w2,...]
 //     (--text TEXT | --input-file FILE.jsonl | --input-ids 3,4,1)
 //     [--max-new-tokens N] [--num-beams K] [--length-penalty X]
-//     [--temperature T] [--top-k K] [--top-p P] [--seed S]
+//     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]...
 //     [--batch-size N] [--device cpu|cuda:N] [--dtype fp32|bf16] [--json]
 //     [--method lorahub|cat|ties|dare_linear] [--density D]
 //     [--majority-sign total|frequency] [--composition-seed N]
 //
 // Prints one line per input; with --json:
-//   {"input": ..., "output_ids": [...], "text": ...}
+//   {"input": ..., "output_ids": [...], "text": ...} (with --stop, also
+//   "stopped": true|false)
+// --stop (repeatable, as the service's DecodingOptions.stop): an output ends
+// where its text first contains one of the strings; the text stops before
+// it and the ids at the token that completed it, as Generate streams them.
 // Any of --temperature/--top-k/--top-p/--seed turns sampling on
 // (--temperature 0 means greedy). Several adapters are composed with
 // --weights (the --method rule, default LoraHub; see ParseCompositionFlags)
@@ -17,7 +21,6 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
-#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -27,7 +30,10 @@
 #include "absl/strings/str_split.h"
 #include "core/model/generate.h"
 #include "core/model/loader.h"
+#include "core/serving/stop_text.h"
+#include "core/tokenizer/stream_decoder.h"
 #include "core/tokenizer/tokenizer.h"
+#include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "server/cli/args.h"
 #include "server/cli/engine_flags.h"
@@ -85,6 +91,38 @@ absl::StatusOr<std::vector<int64_t>> ParseIds(const std::string& text) {
   return ids;
 }
 
+// An output cut where a stop string completes (see the header comment).
+struct Output {
+  std::vector<int64_t> ids;
+  std::string text;
+  bool stopped = false;
+};
+
+// `ids` decoded; cut at the first of `stops` when there are any.
+absl::StatusOr<Output> Finish(const tokenizer::Tokenizer& tok,
+                              const std::vector<std::string>& stops,
+                              const std::vector<int64_t>& ids) {
+  Output out;
+  if (!stops.empty()) {
+    // Piece by piece, as the service's stream: the same cut.
+    tokenizer::StreamDecoder pieces(&tok);
+    serving::StopText stop(stops);
+    for (int64_t id : ids) {
+      out.ids.push_back(id);
+      LH_ASSIGN_OR_RETURN(std::string piece, pieces.Next(static_cast<int>(id)));
+      stop.Add(piece);
+      if (stop.stopped()) {
+        out.text = std::string(stop.released());
+        out.stopped = true;
+        return out;
+      }
+    }
+  }
+  out.ids = ids;
+  LH_ASSIGN_OR_RETURN(out.text, tok.Decode(std::vector<int>(ids.begin(), ids.end())));
+  return out;
+}
+
 absl::Status Run(const Args& args) {
   auto model_dir = args.Required("model");
   if (!model_dir.ok()) return model_dir.status();
@@ -130,6 +168,8 @@ absl::Status Run(const Args& args) {
     options.top_p = *top_p;
     options.seed = static_cast<uint64_t>(*seed);
   }
+  const std::vector<std::string> stops = args.GetAll("stop");
+  LH_RETURN_IF_ERROR(serving::ValidateStopStrings(stops, "--stop"));
   auto batch_size = args.GetInt("batch-size", 16);
   if (!batch_size.ok()) return batch_size.status();
   if (*batch_size < 1)
@@ -150,7 +190,7 @@ absl::Status Run(const Args& args) {
     auto t = tokenizer::T5Tokenizer::Create(*model_dir + "/spiece.model");
     if (t.ok()) {
       tok = std::move(*t);
-    } else if (!args.Has("input-ids")) {
+    } else if (!args.Has("input-ids") || !stops.empty()) {
       return t.status();
     }
   }
@@ -199,24 +239,21 @@ absl::Status Run(const Args& args) {
     auto result = model::Generate(weights_used, batch, nullptr, {}, options);
     if (!result.ok()) return result.status();
     for (size_t i = start; i < end; ++i) {
-      const std::vector<int64_t>& out = result->output_ids[i - start];
-      std::optional<std::string> text;
+      Output out{result->output_ids[i - start]};
       if (tok) {
-        std::vector<int> ids32(out.begin(), out.end());
-        auto decoded = tok->Decode(ids32);
-        if (!decoded.ok()) return decoded.status();
-        text = *decoded;
+        LH_ASSIGN_OR_RETURN(out, Finish(*tok, stops, out.ids));
       }
       if (json) {
         nlohmann::json line;
         line["input"] = inputs[i].text;
-        line["output_ids"] = out;
-        line["text"] = text ? nlohmann::json(*text) : nlohmann::json(nullptr);
+        line["output_ids"] = out.ids;
+        line["text"] = tok ? nlohmann::json(out.text) : nlohmann::json(nullptr);
+        if (!stops.empty()) line["stopped"] = out.stopped;
         std::printf("%s\n", line.dump(-1, ' ', false,
                                       nlohmann::json::error_handler_t::replace)
                                 .c_str());
       } else {
-        std::printf("%s\n", text.value_or("").c_str());
+        std::printf("%s\n", out.text.c_str());
       }
     }
     std::fflush(stdout);
@@ -230,7 +267,7 @@ int RunGenerate(int argc, char** argv) {
   FlagSpec spec{
       {"model", "adapter", "weights", "text", "input-file", "input-ids",
        "max-new-tokens", "num-beams", "length-penalty", "temperature", "top-k",
-       "top-p", "seed", "batch-size", "device", "dtype", "method", "density", "majority-sign",
+       "top-p", "seed", "stop", "batch-size", "device", "dtype", "method", "density", "majority-sign",
        "composition-seed"},
       {"json"}};
   return RunWithArgs("generate", argc, argv, spec, Run);
