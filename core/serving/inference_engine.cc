@@ -428,8 +428,19 @@ struct InferenceEngine::State {
       per_row.uniform_slot = -1;
       per_row.rows_per_slot = 0;
       per_row.slot_offset = 0;
-      return admission_encoders->Encode(w, padded.ids, padded.mask, per_row,
-                                        model::StaticEncoderOptions{});
+      // Diagnostics (A/B, read once; session 52 saw a pooled run give other
+      // tokens for a third of its requests with own compositions):
+      // LORAHUB_SERVE_ENCODER_SYNC=1 waits for the device around the pooled
+      // pass, LORAHUB_SERVE_ENCODER_NO_GRAPH=1 runs the pool eagerly.
+      static const bool sync = model::EnvFlag("LORAHUB_SERVE_ENCODER_SYNC");
+      static const bool no_graph = model::EnvFlag("LORAHUB_SERVE_ENCODER_NO_GRAPH");
+      model::StaticEncoderOptions options;
+      options.cuda_graph = !no_graph;
+      if (sync) model::SynchronizeDevice(w.device);
+      absl::StatusOr<model::EncoderOutput> out =
+          admission_encoders->Encode(w, padded.ids, padded.mask, per_row, options);
+      if (sync) model::SynchronizeDevice(w.device);
+      return out;
     }
     if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
       LH_ASSIGN_OR_RETURN(model::PackedInput packed,
