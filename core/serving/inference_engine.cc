@@ -431,7 +431,8 @@ struct InferenceEngine::State {
       // Diagnostics (A/B, read once; session 52 saw a pooled run give other
       // tokens for a third of its requests with own compositions):
       // LORAHUB_SERVE_ENCODER_SYNC=1 waits for the device around the pooled
-      // pass, LORAHUB_SERVE_ENCODER_NO_GRAPH=1 runs the pool eagerly.
+      // pass; LORAHUB_SERVE_ENCODER_NO_GRAPH=1 captures no graph, which on a
+      // GPU makes the pool run plain Encode over these per-row rows.
       static const bool sync = model::EnvFlag("LORAHUB_SERVE_ENCODER_SYNC");
       static const bool no_graph = model::EnvFlag("LORAHUB_SERVE_ENCODER_NO_GRAPH");
       model::StaticEncoderOptions options;
