@@ -267,8 +267,8 @@ int RunGenerate(int argc, char** argv) {
   FlagSpec spec{
       {"model", "adapter", "weights", "text", "input-file", "input-ids",
        "max-new-tokens", "num-beams", "length-penalty", "temperature", "top-k",
-       "top-p", "seed", "stop", "batch-size", "device", "dtype", "method", "density", "majority-sign",
-       "composition-seed"},
+       "top-p", "seed", "stop", "batch-size", "device", "dtype", "method", "density",
+       "majority-sign", "composition-seed"},
       {"json"}};
   return RunWithArgs("generate", argc, argv, spec, Run);
 }

@@ -150,7 +150,8 @@ int RunServe(int argc, char** argv) {
   absl::StatusOr<long long> refresh = args->GetInt("tls-refresh-s", tls.refresh_interval_s);
   if (!refresh.ok()) return ReportError("serve", refresh.status());
   if (*refresh < 1 || *refresh > 86400) {
-    return ReportError("serve", absl::InvalidArgumentError("--tls-refresh-s must be in [1, 86400]"));
+    return ReportError("serve",
+                       absl::InvalidArgumentError("--tls-refresh-s must be in [1, 86400]"));
   }
   tls.refresh_interval_s = static_cast<unsigned>(*refresh);
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
