@@ -682,10 +682,11 @@ TEST_F(EngineTest, GenerateIsNotStarvedByDeviceWork) {
 
   constexpr double kItemS = 0.1;  // one "evaluation"
   std::atomic<bool> stop{false};
-  std::atomic<int> items{0};
+  std::atomic<int> started{0}, items{0};
   std::thread job([&] {
     while (!stop) {
       absl::Status s = engine->RunOnDevice([&] {
+        ++started;
         absl::SleepFor(absl::Seconds(kItemS));
         ++items;
       });
@@ -693,8 +694,16 @@ TEST_F(EngineTest, GenerateIsNotStarvedByDeviceWork) {
     }
   });
   while (items.load() < 2) absl::SleepFor(absl::Milliseconds(5));
+  // Submitted while an item runs on the engine thread, so that at least that
+  // item ends during the request. (Submitted between two items, a request of
+  // a few milliseconds on this CPU could end before the job thread, busy
+  // elsewhere on a loaded machine, queued its next one: seen once in CI.)
+  int items_before = items.load();
+  while (started.load() <= items_before) {  // items first, then started
+    absl::SleepFor(absl::Microseconds(200));
+    items_before = items.load();
+  }
   double ttft = 0, total = 0;
-  const int items_before = items.load();
   timed(&ttft, &total);
   const int items_during = items.load() - items_before;
   stop = true;
