@@ -2564,6 +2564,7 @@ lorahub_cc_test(tests_server_inference_engine_test
     ${SRC}/tests/server/inference_engine_test.cc
   DEPS
     core_metrics_metrics
+    tests_model_tiny_t5
     core_model_model
     core_model_loader
     core_model_static_decoder

@@ -65,9 +65,11 @@ grep -E '^== (start|unpacking|configured|build OK|every binary)' "$work/build.lo
 head -3 "$work/build/slowest_steps.txt" 2>/dev/null  # what bounds the build's wall time
 lorahub=.gpu/build/bin/server/lorahub
 [ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
+# The suites that honour LORAHUB_TEST_DEVICE.
+cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_test'
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
-     -R "^//tests/model:|lorahub_objective_test|inference_engine_test") >"$work/ctest.log" 2>&1
+     -R "$cuda_suites") >"$work/ctest.log" 2>&1
   stamp "CUDA suites exit $?"
   grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest.log"
   # TEST_ENV="ENV=V ...": the suites again with those variables set (a kernel variant behind an
@@ -75,7 +77,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   if [ -n "${TEST_ENV:-}" ]; then
     read -ra test_env <<<"$TEST_ENV"
     (cd .gpu/build && env "${test_env[@]}" LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
-       -R "^//tests/model:|lorahub_objective_test|inference_engine_test") >"$work/ctest_env.log" 2>&1
+       -R "$cuda_suites") >"$work/ctest_env.log" 2>&1
     stamp "CUDA suites with $TEST_ENV exit $?"
     grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest_env.log"
   fi

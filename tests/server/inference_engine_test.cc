@@ -9,7 +9,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
 #include <fstream>
 #include <future>
 #include <map>
@@ -29,6 +28,7 @@
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
 #include "core/serving/module_tier.h"
+#include "tests/model/tiny_t5.h"
 
 namespace lorahub::serving {
 namespace {
@@ -40,8 +40,7 @@ class EngineTest : public ::testing::Test {
   static void SetUpTestSuite() {
     // LORAHUB_TEST_DEVICE=cuda:0 runs the engine on a GPU (deploy/gpu's CUDA
     // suites): its captured decoders and pooled encoders replay graphs there.
-    const char* env = std::getenv("LORAHUB_TEST_DEVICE");
-    auto device = model::ParseDevice(env != nullptr && *env != '\0' ? env : "cpu");
+    auto device = model::testing::TestDevice();
     ASSERT_TRUE(device.ok()) << "LORAHUB_TEST_DEVICE: " << device.status();
     model::WeightOptions o;
     o.device = *device;
