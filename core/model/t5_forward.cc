@@ -998,11 +998,8 @@ bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
                       const RowAdapters& rows, double min_padding) {
   static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
-  const bool whole_deltas =
-      rows.bank == nullptr || rows.uniform_slot >= 0 ||
-      (rows.rows_per_slot >= 1 && w.dtype != at::kFloat);
-  if (off || !w.device.is_cuda() || !FusedKernelsEnabled() || !whole_deltas ||
-      inputs.size() < 2) {
+  if (off || !w.device.is_cuda() || !FusedKernelsEnabled() ||
+      !PackedDeltasWhole(w, rows) || inputs.size() < 2) {
     return false;
   }
   int64_t tokens = 0, longest = 0;
@@ -1014,6 +1011,19 @@ bool PackedEncodePays(const T5Weights& w,
   return longest > kSmallQueryMax && longest <= kPackedAttentionMaxRow &&
          static_cast<double>(tokens) <=
              (1.0 - min_padding) * static_cast<double>(B * longest);
+}
+
+bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows) {
+  if (rows.bank == nullptr || rows.uniform_slot >= 0) return true;
+  if (rows.rows_per_slot < 1 || w.dtype == at::kFloat) return false;
+  const size_t encoder_sites = std::min(
+      rows.bank->sites.size(),
+      static_cast<size_t>(w.config.num_layers) * kSitesPerBlock);
+  for (size_t site = 0; site < encoder_sites; ++site) {
+    const SiteBank& sb = rows.bank->sites[site];
+    if (sb.a.defined() && std::isnan(sb.common_scale)) return false;
+  }
+  return true;
 }
 
 absl::StatusOr<EncoderOutput> EncodePacked(const T5Weights& w,

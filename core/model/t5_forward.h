@@ -193,13 +193,23 @@ absl::StatusOr<EncoderOutput> UnpackEncoding(const T5Weights& w,
 // attention kernel takes (33 to 128 tokens; elsewhere it goes row by row),
 // at least `min_padding` of the padded batch padding (a tenth for prompts;
 // the objective's fixed examples, packed once, take less), and adapters
-// whose deltas the packed path takes whole (none, one slot for all rows, or
-// runs of rows per slot, one row or more each, of a reduced-precision
-// model: the packed run kernels; other layouts go row by row).
+// whose deltas the packed path takes whole (PackedDeltasWhole).
 // LORAHUB_NO_PACKED_PREFILL=1 (read once): never (A/B).
 bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
                       const RowAdapters& rows, double min_padding = 0.1);
+
+// True when the packed path applies the deltas of `rows` to all rows at
+// once: no adapters, one slot for all rows, or runs of rows per slot (one
+// row or more each) of a reduced-precision model whose adapted encoder sites
+// each have a common scaling (SiteBank::common_scale): the packed run
+// kernels take one scale per site. Other layouts go row by row, a dozen
+// launches per row and adapted site. Why the scaling: the serving engine's
+// slot bank keeps a scale per slot (no common one), and its newcomers often
+// hold consecutive slots (runs of one row): 32 such prompts took 110-180 ms
+// of host time per encoder pass row by row, against ~15 ms for a shared
+// adapter (session 52, H100, 1,024 own compositions).
+bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
 // logits [B, T, vocab], fp32 whatever the compute dtype. Causal self-attention,

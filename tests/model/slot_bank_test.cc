@@ -406,5 +406,40 @@ TEST_F(SlotBankTest, ComposeLoraHubModulesIsTheWeightedSumOfTheModules) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// The serving engine's newcomers often hold consecutive slots of its
+// SlotBank (runs of one row), whose scale is per slot: the packed prefill's
+// run kernels take one scale per site, so PackedDeltasWhole refuses them
+// (the packed path would go row by row) and takes the same adapters from
+// MakeAdapterBank, whose sites have a common scaling.
+TEST_F(SlotBankTest, ConsecutiveSlotsOfASlotBankAreNotPackedWhole) {
+  WeightOptions o;
+  o.dtype = at::kBFloat16;
+  o.device = base_->device;
+  auto bf16 = BuildT5Weights(config_, RandomT5(config_, 21), o);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  auto a = Adapter({"q", "v"}, 4, 1), b = Adapter({"q", "v"}, 4, 2);
+  SlotBank bank(*bf16, 4);
+  ASSERT_EQ(*bank.Acquire(a), 0);
+  ASSERT_EQ(*bank.Acquire(b), 1);
+  auto slot_rows = MakeRowAdapters(*bf16, &bank.resident(), {0, 1});
+  ASSERT_TRUE(slot_rows.ok()) << slot_rows.status();
+  ASSERT_EQ(slot_rows->rows_per_slot, 1);
+  EXPECT_FALSE(PackedDeltasWhole(*bf16, *slot_rows));
+
+  auto made = MakeAdapterBank(*bf16, {a.get(), b.get()});
+  ASSERT_TRUE(made.ok()) << made.status();
+  auto made_rows = MakeRowAdapters(*bf16, &*made, {0, 1});
+  ASSERT_TRUE(made_rows.ok()) << made_rows.status();
+  ASSERT_EQ(made_rows->rows_per_slot, 1);
+  EXPECT_TRUE(PackedDeltasWhole(*bf16, *made_rows));
+  // The run kernels are for reduced precision; one slot for every row and
+  // no adapter at all are always whole.
+  EXPECT_FALSE(PackedDeltasWhole(*base_, *made_rows));
+  auto one_slot = MakeRowAdapters(*bf16, &bank.resident(), {1, 1});
+  ASSERT_TRUE(one_slot.ok()) << one_slot.status();
+  EXPECT_TRUE(PackedDeltasWhole(*bf16, *one_slot));
+  EXPECT_TRUE(PackedDeltasWhole(*bf16, RowAdapters()));
+}
+
 }  // namespace
 }  // namespace lorahub::model
