@@ -1016,6 +1016,8 @@ bool PackedEncodePays(const T5Weights& w,
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows) {
   if (rows.bank == nullptr || rows.uniform_slot >= 0) return true;
   if (rows.rows_per_slot < 1 || w.dtype == at::kFloat) return false;
+  static const bool any_scaling = EnvFlag("LORAHUB_PACKED_ANY_SCALING");  // A/B
+  if (any_scaling) return true;
   const size_t encoder_sites = std::min(
       rows.bank->sites.size(),
       static_cast<size_t>(w.config.num_layers) * kSitesPerBlock);

@@ -209,6 +209,8 @@ bool PackedEncodePays(const T5Weights& w,
 // hold consecutive slots (runs of one row): 32 such prompts took 110-180 ms
 // of host time per encoder pass row by row, against ~15 ms for a shared
 // adapter (session 52, H100, 1,024 own compositions).
+// LORAHUB_PACKED_ANY_SCALING=1 (read once): runs of rows per slot of a
+// reduced-precision model whatever their scaling, as before (A/B).
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
