@@ -505,6 +505,42 @@ TEST_P(EngineBatchTest, LongRowsDecodeBesideTheSlots) {
   EXPECT_EQ(engine->pending(), 0);
 }
 
+// Every request its own composition (as `lorahubctl load --weight-jitter`),
+// five times as many as the running batch has rows, all queued at once:
+// adapters are loaded into slots that other compositions held a moment
+// before, and newcomers join while the device still works on earlier steps.
+// Each request must give exactly what it gives alone. (Session 52's
+// serving runs on an H100 gave other tokens for 30% of such requests with
+// the pooled encoder; on a GPU this runs in deploy/gpu's CUDA suites.)
+TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone) {
+  EngineOptions o = Options();
+  o.max_batch_rows = 8;
+  auto engine = Start(o);
+  ASSERT_TRUE(engine);
+  constexpr int kRequests = 40;
+  std::vector<AdapterSpec> specs;
+  std::vector<DecodingParams> params;
+  std::vector<std::shared_ptr<Result>> results;
+  for (int i = 0; i < kRequests; ++i) {
+    const double scale = 1.0 + i / 10.0;  // grows, as the load's jitter
+    specs.push_back({{"m0", "m1", "m2"}, {0.5 * scale, -0.3 * scale, 0.8}});
+    DecodingParams p;
+    p.max_new_tokens = 4 + (i * 5) % 11;
+    params.push_back(p);
+    results.push_back(std::make_shared<Result>());
+    ASSERT_TRUE(
+        engine->Submit(Make(Unpadded(i % 5), specs[i], p, results.back())).ok());
+  }
+  for (int i = 0; i < kRequests; ++i) {
+    GenerateOutcome out = results[i]->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    EXPECT_EQ(out.output_ids, Alone(Unpadded(i % 5), specs[i], params[i]))
+        << "request " << i;
+  }
+  EXPECT_EQ(engine->pending(), 0);
+  EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), kRequests);
+}
+
 // Rows whose lengths would take the row slots' decoder over
 // slot_decoder_bytes decode eagerly; the others still take slots, and every
 // request gives its tokens alone.
