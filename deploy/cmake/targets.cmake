@@ -2577,6 +2577,29 @@ lorahub_cc_test(tests_server_inference_engine_test
   TIMEOUT 300
 )
 
+# //tests/server:inference_engine_bf16_test (cc_test)
+lorahub_cc_test(tests_server_inference_engine_bf16_test
+  TEST_NAME //tests/server:inference_engine_bf16_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/inference_engine_test.cc
+  DEPS
+    core_metrics_metrics
+    tests_model_tiny_t5
+    core_model_model
+    core_model_loader
+    core_model_static_decoder
+    core_serving_serving
+    ext_absl_absl
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+    ext_nlohmann_json_json
+    ext_prometheus_cpp_prometheus_cpp
+  ENV
+    LORAHUB_TEST_DTYPE=bf16
+  TIMEOUT 300
+)
+
 # //tests/server:module_loader_test (cc_test)
 lorahub_cc_test(tests_server_module_loader_test
   TEST_NAME //tests/server:module_loader_test

@@ -2,7 +2,8 @@
 # Run ON THE GPU HOST from the repository root: the performance loop of issue 7 in one call.
 #  1. writes the flan-t5-large-shaped fixture (ref_lorahub.py fixture --size large --format bin)
 #     in the background while deploy/gpu/build_and_test.sh builds (no tests there);
-#  2. the engine's CUDA suites (tests/model/*, the learning objective's, the serving engine's) with
+#  2. the engine's CUDA suites (tests/model/*, the learning objective's, the serving engine's in fp32
+#     and in bf16) with
 #     LORAHUB_TEST_DEVICE=cuda:0 -> ctest.log (and with TEST_ENV="ENV=V ..." set -> ctest_env.log);
 #  3. `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
 #     (profile*.json, the kernel tables in main.err), then same-build A/B runs;
@@ -50,7 +51,7 @@ fi
 # Only what this script runs: the CLI, make_task_data (NUMERICS) and the CUDA suites below
 # (about 190 of 300 build steps); the configure-time check that CTest has every Bazel test
 # still covers all of them.
-targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test tests_server_inference_engine_test $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
+targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test tests_server_inference_engine_test tests_server_inference_engine_bf16_test $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
   deploy/cmake/targets.cmake | cut -d'(' -f2 | tr '\n' ' ')"
 [ "${SERVE:-0}" = 1 ] && targets="$targets client_lorahubctl"
 if [ "${SERVE_ONLY:-0}" = 1 ]; then
@@ -66,7 +67,7 @@ head -3 "$work/build/slowest_steps.txt" 2>/dev/null  # what bounds the build's w
 lorahub=.gpu/build/bin/server/lorahub
 [ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
 # The suites that honour LORAHUB_TEST_DEVICE.
-cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_test'
+cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_(bf16_)?test'
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
      -R "$cuda_suites") >"$work/ctest.log" 2>&1

@@ -16,6 +16,15 @@ absl::StatusOr<c10::Device> TestDevice() {
   return ParseDevice(env != nullptr && *env != '\0' ? env : "cpu");
 }
 
+absl::StatusOr<at::ScalarType> TestDtype() {
+  const char* env = std::getenv("LORAHUB_TEST_DTYPE");
+  const std::string dtype = env != nullptr ? env : "";
+  if (dtype.empty() || dtype == "fp32") return at::kFloat;
+  if (dtype == "bf16") return at::kBFloat16;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "LORAHUB_TEST_DTYPE must be fp32 or bf16, not '", dtype, "'"));
+}
+
 io::HostTensor ToHost(const at::Tensor& t) {
   at::Tensor c = t.contiguous().cpu();
   io::HostTensor h;

@@ -21,6 +21,10 @@ namespace lorahub::model::testing {
 // cuda:N), default cpu (tests/testdata/t5/README.md). InvalidArgument for a
 // bad value or a CUDA device on a machine without one.
 absl::StatusOr<c10::Device> TestDevice();
+// The weights' dtype of the suites that honour it (the serving engine's):
+// $LORAHUB_TEST_DTYPE, fp32 (default) or bf16, the serving default.
+// InvalidArgument for another value.
+absl::StatusOr<at::ScalarType> TestDtype();
 
 // A HostTensor owning a copy of `t` (CPU, contiguous; F32/F16/BF16/I64).
 io::HostTensor ToHost(const at::Tensor& t);
