@@ -998,8 +998,16 @@ bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
                       const RowAdapters& rows, double min_padding) {
   static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
-  if (off || !w.device.is_cuda() || !FusedKernelsEnabled() ||
-      !PackedDeltasWhole(w, rows) || inputs.size() < 2) {
+  // Runs of rows per slot of a reduced-precision model without a common
+  // scaling still pack (row by row), unless LORAHUB_PAD_PER_SLOT_SCALES=1
+  // (read once; t5_forward.h PackedDeltasWhole says why it is not the
+  // default yet).
+  static const bool pad_per_slot_scales = EnvFlag("LORAHUB_PAD_PER_SLOT_SCALES");
+  const bool whole = PackedDeltasWhole(w, rows) ||
+                     (!pad_per_slot_scales && rows.rows_per_slot >= 1 &&
+                      w.dtype != at::kFloat);
+  if (off || !w.device.is_cuda() || !FusedKernelsEnabled() || !whole ||
+      inputs.size() < 2) {
     return false;
   }
   int64_t tokens = 0, longest = 0;
@@ -1016,8 +1024,6 @@ bool PackedEncodePays(const T5Weights& w,
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows) {
   if (rows.bank == nullptr || rows.uniform_slot >= 0) return true;
   if (rows.rows_per_slot < 1 || w.dtype == at::kFloat) return false;
-  static const bool any_scaling = EnvFlag("LORAHUB_PACKED_ANY_SCALING");  // A/B
-  if (any_scaling) return true;
   const size_t encoder_sites = std::min(
       rows.bank->sites.size(),
       static_cast<size_t>(w.config.num_layers) * kSitesPerBlock);

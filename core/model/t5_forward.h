@@ -193,7 +193,8 @@ absl::StatusOr<EncoderOutput> UnpackEncoding(const T5Weights& w,
 // attention kernel takes (33 to 128 tokens; elsewhere it goes row by row),
 // at least `min_padding` of the padded batch padding (a tenth for prompts;
 // the objective's fixed examples, packed once, take less), and adapters
-// whose deltas the packed path takes whole (PackedDeltasWhole).
+// whose deltas the packed path takes whole (PackedDeltasWhole; but see
+// LORAHUB_PAD_PER_SLOT_SCALES there).
 // LORAHUB_NO_PACKED_PREFILL=1 (read once): never (A/B).
 bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
@@ -209,8 +210,12 @@ bool PackedEncodePays(const T5Weights& w,
 // hold consecutive slots (runs of one row): 32 such prompts took 110-180 ms
 // of host time per encoder pass row by row, against ~15 ms for a shared
 // adapter (session 52, H100, 1,024 own compositions).
-// LORAHUB_PACKED_ANY_SCALING=1 (read once): runs of rows per slot of a
-// reduced-precision model whatever their scaling, as before (A/B).
+// PackedEncodePays follows it only with LORAHUB_PAD_PER_SLOT_SCALES=1 (read
+// once): the serving runs that admitted own compositions that fast (session
+// 52, with the pooled encoder) gave other tokens for 30% of them, for a
+// cause not found yet (docs/BENCHMARKS.md, fifty-third session); until a GPU
+// run shows this faster path gives each request's tokens alone, the slow
+// one stays the default.
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
