@@ -1344,6 +1344,17 @@ void InferenceEngine::Loop() {
       }
       // Admissions: each newcomer's adapter (composed or found in the
       // device cache), then its prompt's encoder pass.
+      // LORAHUB_SERVE_SYNC_ADMISSIONS=1 (read once; a diagnostic): waits for
+      // the device before and after every admission, so that nothing of an
+      // admission overlaps the device's earlier or later work. Why: the
+      // only own-composition serving runs whose admissions kept ahead of
+      // the device (session 52) gave other tokens for 30% of the requests;
+      // if these waits bring the tokens back, it is a race.
+      static const bool sync_admissions =
+          model::EnvFlag("LORAHUB_SERVE_SYNC_ADMISSIONS");
+      if (sync_admissions && !incoming.empty()) {
+        model::SynchronizeDevice(s.w.device);
+      }
       const absl::Time admit_start = absl::Now();
       std::vector<Row> admitted;
       for (size_t i = 0; i < incoming.size(); ++i) {
@@ -1413,6 +1424,9 @@ void InferenceEngine::Loop() {
         if (metrics_) metrics_->AddAdmittedRows(false, eager.size());
         absl::Status st = s.Admit(std::move(eager));
         if (!st.ok()) s.FailAll(st);
+      }
+      if (sync_admissions && !incoming.empty()) {
+        model::SynchronizeDevice(s.w.device);
       }
       s.AddBusy(State::Phase::kAdmit, absl::Now() - admit_start);
       if (!s.rows.empty()) {
