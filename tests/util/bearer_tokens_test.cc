@@ -92,15 +92,9 @@ TEST(BearerTokensTest, ChecksDuringReplacementsSeeOneSetOrTheOther) {
     tokens.Replace({kA});
     done = true;
   });
-  int accepted = 0, refused = 0;
   do {
     absl::Status s = tokens.Check(std::string("Bearer ") + kA);
-    if (s.ok()) {
-      ++accepted;
-    } else {
-      EXPECT_EQ(s.code(), absl::StatusCode::kUnauthenticated) << s;
-      ++refused;
-    }
+    EXPECT_TRUE(s.ok() || s.code() == absl::StatusCode::kUnauthenticated) << s;
     checks.fetch_add(1);
   } while (!done);
   replacer.join();
