@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -170,6 +171,9 @@ struct Row {
   bool done = false;
   FinishReason reason = FinishReason::kEos;
   uint64_t serial = 0;  // row slots: which row a launched step stepped
+  // The log-probabilities of its next token (top_logprobs >= 0), from the
+  // pick until Emit.
+  std::optional<TokenLogprobs> logprobs;
 };
 
 struct InferenceEngine::State {
@@ -347,6 +351,10 @@ struct InferenceEngine::State {
       metrics()->ObserveInterTokenLatency(Seconds(now - row.last_token));
     }
     row.last_token = now;
+    if (row.logprobs) {
+      if (row.req.on_logprobs) row.req.on_logprobs(*row.logprobs);
+      row.logprobs.reset();
+    }
     row.out.push_back(token);
     if (metrics()) metrics()->AddGeneratedTokens(1);
     return !row.req.on_token || row.req.on_token(token);
@@ -666,7 +674,46 @@ struct InferenceEngine::State {
               .cpu();
       next[r] = at::multinomial(probs, 1, false, *rs[r]->gen).item<int64_t>();
     }
+    PickedLogprobs(logits, rs, next);
     return next;
+  }
+
+  // Sets the logprobs of the rows of `rs` that ask for them (top_logprobs
+  // >= 0) for their picks `next`: one log_softmax over those rows' logits,
+  // then a gather and a top-k, copied to the host (a sync, paid only by
+  // steps with such rows).
+  void PickedLogprobs(const at::Tensor& logits, const std::vector<Row*>& rs,
+                      const std::vector<int64_t>& next) {
+    std::vector<int64_t> want, picked;
+    int64_t k = 0;
+    for (size_t r = 0; r < rs.size(); ++r) {
+      if (rs[r] == nullptr || rs[r]->req.params.top_logprobs < 0) continue;
+      want.push_back(static_cast<int64_t>(r));
+      picked.push_back(next[r]);
+      k = std::max<int64_t>(k, rs[r]->req.params.top_logprobs);
+    }
+    if (want.empty()) return;
+    const at::Tensor rows = model::UploadInt64(want, logits.device());
+    const at::Tensor lp = logits.index_select(0, rows).to(at::kFloat).log_softmax(-1);
+    const at::Tensor chosen =
+        lp.gather(1, model::UploadInt64(picked, logits.device()).unsqueeze(1))
+            .cpu();
+    at::Tensor top_values, top_ids;
+    if (k > 0) {
+      std::tie(top_values, top_ids) = lp.topk(std::min(k, lp.size(1)), -1);
+      top_values = top_values.cpu();
+      top_ids = top_ids.cpu();
+    }
+    for (size_t i = 0; i < want.size(); ++i) {
+      Row& row = *rs[static_cast<size_t>(want[i])];
+      TokenLogprobs out;
+      out.logprob = chosen[static_cast<int64_t>(i)][0].item<float>();
+      for (int64_t j = 0; j < row.req.params.top_logprobs && k > 0; ++j) {
+        out.top_ids.push_back(top_ids[static_cast<int64_t>(i)][j].item<int64_t>());
+        out.top_logprobs.push_back(top_values[static_cast<int64_t>(i)][j].item<float>());
+      }
+      row.logprobs = std::move(out);
+    }
   }
 
   // Counts `token` for `row` without emitting it: done (reason set) when
@@ -1025,6 +1072,15 @@ absl::Status InferenceEngine::Submit(GenerateRequest request) {
   }
   if (!std::isfinite(p.length_penalty)) {
     return absl::InvalidArgumentError("length_penalty: must be finite");
+  }
+  if (p.top_logprobs < -1 || p.top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "top_logprobs: ", p.top_logprobs, " outside [-1, ", kMaxTopLogprobs,
+        "]"));
+  }
+  if (p.top_logprobs >= 0 && p.num_beams > 1) {
+    return absl::InvalidArgumentError(
+        "top_logprobs: beam search gives no per-token log-probabilities");
   }
   AdapterSpec spec = request.adapter;
   LH_RETURN_IF_ERROR(CheckSpec(spec, options_));

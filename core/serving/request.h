@@ -33,6 +33,10 @@ struct AdapterSpec {
   bool is_base() const { return module_ids.empty(); }
 };
 
+// The most likely tokens a request may ask log-probabilities for at each
+// step (DecodingParams::top_logprobs).
+inline constexpr int kMaxTopLogprobs = 5;
+
 struct DecodingParams {
   int64_t max_new_tokens = 64;  // >= 1 and <= EngineOptions::max_new_tokens
   int num_beams = 1;            // > 1: beam search (whole request at the end)
@@ -43,6 +47,19 @@ struct DecodingParams {
   int top_k = 0;             // 0 disables
   double top_p = 1.0;        // (0, 1]
   uint64_t seed = 0;
+  // -1: no log-probabilities. 0..kMaxTopLogprobs: every generated token's
+  // (GenerateRequest::on_logprobs), and those of that many most likely
+  // tokens of its step. Greedy and sampling only (not with num_beams > 1).
+  int top_logprobs = -1;
+};
+
+// A generated token's log-probability under the model: log_softmax of its
+// step's logits in fp32, before any sampling transform (temperature, top_k,
+// top_p), as OpenAI's and vLLM's logprobs report it.
+struct TokenLogprobs {
+  double logprob = 0;
+  std::vector<int64_t> top_ids;      // most likely first
+  std::vector<double> top_logprobs;  // theirs
 };
 
 enum class FinishReason { kEos, kLength, kCancelled };
@@ -69,6 +86,9 @@ struct GenerateRequest {
   // once per step; beam search: all tokens of the best beam at the end).
   // Must not block. Returning false cancels the request (client gone).
   std::function<bool(int64_t token)> on_token;
+  // With params.top_logprobs >= 0: called on the engine thread just before
+  // on_token, with that token's log-probabilities. Must not block.
+  std::function<void(const TokenLogprobs&)> on_logprobs;
   // Called exactly once, on the engine thread, when the request ends
   // (success, failure or cancellation). Must not block.
   std::function<void(GenerateOutcome)> on_done;

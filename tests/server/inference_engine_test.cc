@@ -113,9 +113,47 @@ class EngineTest : public ::testing::Test {
     return r.ok() ? r->output_ids[0] : std::vector<int64_t>{};
   }
 
+  // log_softmax of the logits at each of `out`'s tokens, teacher-forced
+  // (Encode, then DecodeFull over the start token and out[:-1]) with the
+  // request's adapter alone: [out.size(), vocab] fp32 on the CPU.
+  at::Tensor TeacherForcedLogprobs(const std::vector<int64_t>& ids,
+                                   const AdapterSpec& spec,
+                                   const std::vector<int64_t>& out) {
+    const model::T5Weights& w = **weights_;
+    std::optional<model::LoraAdapter> adapter;
+    std::optional<model::AdapterBank> bank;
+    std::vector<int64_t> slots = {-1};
+    if (!spec.is_base()) {
+      std::vector<std::string> dirs;
+      for (const auto& m : spec.module_ids) {
+        dirs.push_back(std::string(kCase) + "/adapters/" + m);
+      }
+      std::vector<double> eff;
+      auto a = model::LoadComposedAdapter(w, dirs, spec.weights, &eff);
+      EXPECT_TRUE(a.ok()) << a.status();
+      adapter = **a;
+      bank = *model::MakeAdapterBank(w, {&*adapter});
+      slots = {0};
+    }
+    auto rows = model::MakeRowAdapters(w, bank ? &*bank : nullptr, slots);
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    auto i64 = at::TensorOptions().dtype(at::kLong).device(w.device);
+    const auto n = static_cast<int64_t>(ids.size());
+    auto enc = model::Encode(w, at::tensor(ids, at::kLong).view({1, n}).to(w.device),
+                             at::ones({1, n}, i64), *rows);
+    EXPECT_TRUE(enc.ok()) << enc.status();
+    std::vector<int64_t> dec = {w.config.decoder_start_token_id};
+    dec.insert(dec.end(), out.begin(), out.end() - 1);
+    auto logits = model::DecodeFull(
+        w, at::tensor(dec, at::kLong).view({1, -1}).to(w.device), *enc, *rows);
+    EXPECT_TRUE(logits.ok()) << logits.status();
+    return logits->to(at::kCPU).to(at::kFloat).log_softmax(-1)[0];
+  }
+
   struct Result {
     std::promise<GenerateOutcome> done;
     std::vector<int64_t> streamed;
+    std::vector<TokenLogprobs> logprobs;
   };
 
   GenerateRequest Make(const std::vector<int64_t>& ids, AdapterSpec spec,
@@ -127,6 +165,9 @@ class EngineTest : public ::testing::Test {
     r.on_token = [result](int64_t t) {
       result->streamed.push_back(t);
       return true;
+    };
+    r.on_logprobs = [result](const TokenLogprobs& lp) {
+      result->logprobs.push_back(lp);
     };
     r.on_done = [result](GenerateOutcome o) { result->done.set_value(o); };
     return r;
@@ -441,6 +482,16 @@ TEST_F(EngineTest, BadRequestsAreRefusedWithTheField) {
   hot.temperature = 0;
   s = sub({5, 1}, {}, hot);
   EXPECT_NE(s.message().find("temperature"), std::string::npos) << s;
+  DecodingParams many = p;
+  many.top_logprobs = kMaxTopLogprobs + 1;
+  s = sub({5, 1}, {}, many);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("top_logprobs"), std::string::npos) << s;
+  DecodingParams beams = p;
+  beams.top_logprobs = 0;
+  beams.num_beams = 2;
+  s = sub({5, 1}, {}, beams);
+  EXPECT_NE(s.message().find("top_logprobs"), std::string::npos) << s;
   // An unknown module is found only when the request runs.
   auto r = std::make_shared<Result>();
   ASSERT_TRUE(engine->Submit(Make({5, 1}, {{"nope"}, {}}, p, r)).ok());
@@ -549,6 +600,76 @@ TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone)
   }
   EXPECT_EQ(engine->pending(), 0);
   EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), kRequests);
+}
+
+// Log-probabilities (top_logprobs >= 0) of greedy and sampled requests in
+// one batch, beside requests without them: one per token, each the
+// teacher-forced log_softmax of the request alone at its token (fp32
+// 1e-4; bf16 0.05, other kernels), and the top ones in order, led by the
+// greedy pick itself.
+TEST_P(EngineBatchTest, LogprobsAreTheModelsAtEachToken) {
+  auto engine = Start(Options());
+  ASSERT_TRUE(engine);
+  const std::vector<AdapterSpec> specs = {
+      {}, {{"m0"}, {}}, {{"m0", "m1", "m2"}, {0.5, -0.3, 0.8}}};
+  struct Case {
+    std::vector<int64_t> ids;
+    AdapterSpec spec;
+    DecodingParams p;
+    std::shared_ptr<Result> result = std::make_shared<Result>();
+  };
+  std::vector<Case> cases;
+  for (int i = 0; i < 8; ++i) {
+    Case c;
+    c.ids = Unpadded(i % 5);
+    c.spec = specs[i % specs.size()];
+    c.p.max_new_tokens = 6 + i;
+    c.p.top_logprobs = i % 4 == 3 ? -1 : i % 3 + (i % 2) * 3;  // -1, 0..5
+    if (i % 2 == 1) {
+      c.p.do_sample = true;
+      c.p.temperature = 0.7;
+      c.p.seed = 7 + i;
+    }
+    cases.push_back(std::move(c));
+  }
+  for (Case& c : cases) {
+    ASSERT_TRUE(engine->Submit(Make(c.ids, c.spec, c.p, c.result)).ok());
+  }
+  const double tol = Fp32() ? 1e-4 : 5e-2;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    GenerateOutcome out = c.result->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    const std::vector<TokenLogprobs>& got = c.result->logprobs;
+    if (c.p.top_logprobs < 0) {
+      EXPECT_TRUE(got.empty()) << "case " << i;
+      continue;
+    }
+    ASSERT_EQ(got.size(), out.output_ids.size()) << "case " << i;
+    const at::Tensor want = TeacherForcedLogprobs(c.ids, c.spec, out.output_ids);
+    for (size_t t = 0; t < got.size(); ++t) {
+      const auto step = static_cast<int64_t>(t);
+      const int64_t token = out.output_ids[t];
+      EXPECT_NEAR(got[t].logprob, want[step][token].item<double>(), tol)
+          << "case " << i << " token " << t;
+      ASSERT_EQ(got[t].top_ids.size(), static_cast<size_t>(c.p.top_logprobs));
+      ASSERT_EQ(got[t].top_logprobs.size(), got[t].top_ids.size());
+      for (size_t j = 0; j < got[t].top_ids.size(); ++j) {
+        EXPECT_NEAR(got[t].top_logprobs[j],
+                    want[step][got[t].top_ids[j]].item<double>(), tol);
+        if (j > 0) EXPECT_LE(got[t].top_logprobs[j], got[t].top_logprobs[j - 1]);
+      }
+      if (!got[t].top_ids.empty()) {
+        EXPECT_LE(got[t].logprob, got[t].top_logprobs[0]);
+        if (!c.p.do_sample) {  // the greedy pick is the most likely token
+          EXPECT_EQ(got[t].top_logprobs[0], got[t].logprob);
+          const bool tie = got[t].top_ids.size() > 1 &&
+                           got[t].top_logprobs[1] == got[t].top_logprobs[0];
+          if (!tie) EXPECT_EQ(got[t].top_ids[0], token);
+        }
+      }
+    }
+  }
 }
 
 // Rows whose lengths would take the row slots' decoder over
