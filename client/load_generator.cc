@@ -91,6 +91,8 @@ RequestResult RunOne(v1::InferenceService::Stub* stub, const v1::GenerateRequest
       if (keep_outputs && end_ids < 0) {
         r.output_ids.insert(r.output_ids.end(), msg.tokens().ids().begin(),
                             msg.tokens().ids().end());
+        r.logprobs.insert(r.logprobs.end(), msg.tokens().logprobs().begin(),
+                          msg.tokens().logprobs().end());
       }
     } else if (msg.has_end()) {
       if (r.ttft_s < 0) r.ttft_s = t;
@@ -358,6 +360,7 @@ std::string OutputsJsonl(const LoadReport& r) {
     j["code"] = q.code < 0 ? std::string("NOT_RUN")
                            : StatusCodeName(static_cast<grpc::StatusCode>(q.code));
     j["ids"] = q.output_ids;
+    if (!q.logprobs.empty()) j["logprobs"] = LogprobsJson(q.logprobs);
     absl::StrAppend(&out, j.dump(), "\n");
   }
   return out;

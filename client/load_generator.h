@@ -39,6 +39,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/status/statusor.h"
 #include "client/channel_credentials.h"
 #include "lorahub/v1/inference.pb.h"
@@ -87,6 +89,8 @@ struct RequestResult {
   // With LoadOptions::keep_outputs: the end message's output_ids, or the
   // streamed ids when no end arrived.
   std::vector<int32_t> output_ids;
+  // With keep_outputs and DecodingOptions.logprobs: the streamed ids'.
+  std::vector<v1::TokenLogprob> logprobs;
 };
 
 // How many failed request indices a report lists.
@@ -141,10 +145,24 @@ std::string ReportText(const LoadReport& report);
 
 // Every measured request of a keep_outputs run, one JSON object per line in
 // index order: {"index":I,"code":"OK","ids":[...]} (code as in
-// failed_by_code). Two runs' files are equal line for line exactly where the
+// failed_by_code), plus "logprobs" (LogprobsJson) where they were asked for. Two runs' files are equal line for line exactly where the
 // server generated the same ids for the same request (an A/B of serving
 // paths compares them).
 std::string OutputsJsonl(const LoadReport& report);
+
+// Streamed log-probabilities as a JSON array, one
+// {"logprob":L,"top_ids":[...],"top_logprobs":[...]} per token.
+template <typename Logprobs>  // a container of v1::TokenLogprob
+nlohmann::json LogprobsJson(const Logprobs& logprobs) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const v1::TokenLogprob& lp : logprobs) {
+    out.push_back({{"logprob", lp.logprob()},
+                   {"top_ids", std::vector<int32_t>(lp.top_ids().begin(), lp.top_ids().end())},
+                   {"top_logprobs", std::vector<float>(lp.top_logprobs().begin(),
+                                                       lp.top_logprobs().end())}});
+  }
+  return out;
+}
 
 }  // namespace lorahub::client
 

@@ -24,7 +24,7 @@
 //              --text TEXT
 //              [--max-new-tokens N] [--num-beams N] [--temperature T]
 //              [--top-k K] [--top-p P] [--seed S] [--stop STR]...
-//              [--timeout-s S]
+//              [--logprobs N] [--timeout-s S]
 //     load --requests N --prompts FILE.jsonl [--concurrency C]
 //          (--task NAME | --module ID | --modules a,b --weights x,y
 //           | --module-pool a,b,c,... --per-request K [--weights x,y,...] | base)
@@ -46,7 +46,10 @@
 //
 // generate streams text as it comes (human output) or one JSON object per
 // message (--json: {"ids":[...],"text":"..."} per chunk, then the end object
-// with output_ids, finish_reason, timings).
+// with output_ids, finish_reason, timings). --logprobs N asks for each
+// token's log-probability and those of the N most likely tokens of its step
+// (0..5): --json chunks then carry "logprobs": [{"logprob", "top_ids",
+// "top_logprobs"}], one per id, and --outputs lines of load carry them too.
 // modules prefetch streams download progress: on a terminal one progress bar
 // per file (redrawn in place), otherwise one plain line per message; --json
 // prints one object per message: {"file","bytes_done","bytes_total","done"},
@@ -131,6 +134,8 @@ int Usage(const char* why = nullptr) {
                "           --text TEXT [--max-new-tokens N] [--num-beams N]\n"
                "           [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
                "           [--stop STR]... (repeat for several stop strings)\n"
+               "           [--logprobs N] (each token's log-probability, and the N most\n"
+               "           likely tokens' of its step, 0..5)\n"
                "  load --requests N --prompts FILE.jsonl [--concurrency C]\n"
                "       (--task NAME | --module ID | --modules a,b --weights x,y\n"
                "        | --module-pool a,b,c,... --per-request K [--weights x,y,..] | base)\n"
@@ -439,6 +444,9 @@ int Generate(const std::shared_ptr<grpc::Channel>& channel, const Opts& o) {
         nlohmann::json j;
         j["ids"] = std::vector<int>(msg.tokens().ids().begin(), msg.tokens().ids().end());
         j["text"] = msg.tokens().text();
+        if (msg.tokens().logprobs_size() > 0) {
+          j["logprobs"] = lorahub::client::LogprobsJson(msg.tokens().logprobs());
+        }
         std::printf("%s\n", j.dump().c_str());
       } else {
         std::printf("%s", msg.tokens().text().c_str());
@@ -1129,7 +1137,7 @@ int main(int argc, char** argv) {
             "state", "wait", "device", "out", "density", "majority-sign",
             "dare-seed", "requests", "concurrency", "prompts", "module-pool",
             "per-request", "channels", "warmup", "outputs",
-            "weight-jitter", "stop"};
+            "weight-jitter", "stop", "logprobs"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());

@@ -138,6 +138,14 @@ std::string ParseDecodingFlags(const FlagMap& flags, const std::string& command,
   out->set_temperature(temperature);
   out->set_top_p(top_p);
   out->set_seed(static_cast<uint64_t>(seed));
+  if (Has(flags, "logprobs")) {
+    int top = 0;
+    if (!ParseNum(flags, "logprobs", &top) || top < 0 || top > 5) {
+      return command + ": --logprobs must be a whole number in [0, 5]";
+    }
+    out->set_logprobs(true);
+    out->set_top_logprobs(top);
+  }
   out->clear_stop();
   if (auto it = flags.find("stop"); it != flags.end()) {
     for (absl::string_view s : absl::StrSplit(it->second, kStopSeparator)) {

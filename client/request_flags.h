@@ -52,7 +52,8 @@ inline constexpr char kStopSeparator = '\0';
 
 // --max-new-tokens --num-beams --top-k --temperature --top-p --seed -> *out
 // (absent flags leave the server's defaults: 0); --stop STR, repeatable
-// (values joined by kStopSeparator), -> out->stop.
+// (values joined by kStopSeparator), -> out->stop; --logprobs N (0..5) ->
+// logprobs with top_logprobs N.
 std::string ParseDecodingFlags(const FlagMap& flags, const std::string& command,
                                lorahub::v1::DecodingOptions* out);
 

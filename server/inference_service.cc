@@ -71,6 +71,18 @@ absl::StatusOr<serving::DecodingParams> ToParams(const v1::DecodingOptions& o) {
   }
   p.top_p = o.top_p() == 0 ? 1.0 : o.top_p();
   p.seed = o.seed();
+  if (o.top_logprobs() < 0 || o.top_logprobs() > serving::kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "options.top_logprobs: must be in [0, ", serving::kMaxTopLogprobs, "]"));
+  }
+  if (o.top_logprobs() > 0 && !o.logprobs()) {
+    return absl::InvalidArgumentError("options.top_logprobs: needs options.logprobs");
+  }
+  if (o.logprobs() && p.num_beams > 1) {
+    return absl::InvalidArgumentError(
+        "options.logprobs: beam search gives no per-token log-probabilities");
+  }
+  p.top_logprobs = o.logprobs() ? o.top_logprobs() : -1;
   return p;
 }
 
@@ -79,7 +91,7 @@ absl::Status Prefixed(const absl::Status& s, const std::string& prefix) {
   if (s.code() != absl::StatusCode::kInvalidArgument) return s;
   const std::string msg(s.message());
   for (const char* f : {"max_new_tokens", "num_beams", "temperature", "top_k",
-                        "top_p", "length_penalty"}) {
+                        "top_p", "length_penalty", "top_logprobs"}) {
     if (msg.rfind(f, 0) == 0) return absl::InvalidArgumentError("options." + msg);
   }
   if (msg.rfind("prompt", 0) == 0) {
@@ -168,6 +180,9 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     // options.stop over the text; unset without stop strings (then each
     // piece goes out as it is, with no per-token copy).
     std::optional<serving::StopText> stop_text;
+    // The next token's log-probabilities (options.logprobs), from
+    // on_logprobs to its on_token; both run on the engine thread.
+    std::optional<serving::TokenLogprobs> logprobs;
   };
 
   absl::Status Start(grpc::CallbackServerContext* context,
@@ -196,10 +211,20 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     if (!stops.empty()) st->stop_text.emplace(std::move(stops));
     // A stop string ends the row as a client going away does (returning
     // false); on_done then reports STOP.
+    r.on_logprobs = [st](const serving::TokenLogprobs& lp) { st->logprobs = lp; };
     r.on_token = [this, st](int64_t token) {
       v1::GenerateResponse msg;
       absl::StatusOr<std::string> piece = st->text->Next(static_cast<int>(token));
       msg.mutable_tokens()->add_ids(static_cast<int32_t>(token));
+      if (st->logprobs) {
+        v1::TokenLogprob* lp = msg.mutable_tokens()->add_logprobs();
+        lp->set_logprob(static_cast<float>(st->logprobs->logprob));
+        for (size_t j = 0; j < st->logprobs->top_ids.size(); ++j) {
+          lp->add_top_ids(static_cast<int32_t>(st->logprobs->top_ids[j]));
+          lp->add_top_logprobs(static_cast<float>(st->logprobs->top_logprobs[j]));
+        }
+        st->logprobs.reset();
+      }
       if (piece.ok()) {
         msg.mutable_tokens()->set_text(st->stop_text ? st->stop_text->Add(*piece)
                                                      : *std::move(piece));

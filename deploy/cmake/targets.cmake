@@ -1875,6 +1875,21 @@ lorahub_script_test(tests_integration_stop_test
     server_lorahub
 )
 
+# //tests/integration:logprobs_test (sh_test)
+lorahub_script_test(tests_integration_logprobs_test
+  TEST_NAME //tests/integration:logprobs_test
+  PACKAGE tests/integration
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/integration/logprobs_test.sh
+  ARGS
+    $<TARGET_FILE:server_lorahub>
+    $<TARGET_FILE:client_lorahubctl>
+  TIMEOUT 300
+  DATA_TARGETS
+    client_lorahubctl
+    server_lorahub
+)
+
 # //tests/integration:auth_test (sh_test)
 lorahub_script_test(tests_integration_auth_test
   TEST_NAME //tests/integration:auth_test
