@@ -27,6 +27,7 @@
 # DEVICE_SETS, GEN_REQUESTS (1024), GEN_TOKENS (32), GEN_CONC (128),
 # GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3),
 # WEIGHT_JITTER (load's --weight-jitter: every request its own composition),
+# LOGPROBS (load's --logprobs N: each token's log-probabilities in outputs_N.jsonl),
 # DEVICE_CACHE_BYTES (serve's --device-cache-bytes; default 1 GiB, which holds
 # the fixture's 20 fp32 modules and about 34 compositions of 18.9 MB),
 # MODULE_PREFETCH=1 (`lorahubctl modules prefetch` each module after registering
@@ -111,7 +112,7 @@ gen_round_load() {
     --concurrency "$gen_conc" --max-new-tokens "$gen_tokens" --timeout-s 300 \
     --module-pool "$all_mods" --per-request 3 --weights 0.5,0.3,0.2 \
     --prompts "$fx/prompts.jsonl" --outputs "$dir/outputs.jsonl" \
-    ${WEIGHT_JITTER:+--weight-jitter "$WEIGHT_JITTER"} \
+    ${WEIGHT_JITTER:+--weight-jitter "$WEIGHT_JITTER"} ${LOGPROBS:+--logprobs "$LOGPROBS"} \
     >"$dir/load.json" 2>"$dir/load.err"
   echo "   load ($n requests): $(cat "$dir/load.json") $(head -3 "$dir/load.err")" >>"$log"
   cp "$dir/load.err" "$out/load_$(basename "$dir").err" 2>/dev/null

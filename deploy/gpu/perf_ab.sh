@@ -17,6 +17,9 @@
 #     SERVE_ABS="tag ENV=V ...; ..." again per run with those variables set for the server
 #     (and the client), each run's generated ids compared with those of the first run of the
 #     same WEIGHT_JITTER (the same requests).
+#     LOGPROBS=N (N >= 2): the load asks each token's log-probabilities (lorahubctl load --logprobs
+#     N), and each comparison also prints the first-token top-2 margins of the requests that
+#     differ against those that do not (near ties differ at small margins; a fault at any).
 # SERVE_ONLY=1: step 7 alone, in the least device time (about 150 s on an H200 host): builds only
 # the server and client, no tests, no bench; the caller's environment reaches the server and
 # client (e.g. SERVE_ONLY=1 WEIGHT_JITTER=1 SERVE_REQUESTS=1024 SERVE_JOBS=1).
@@ -190,17 +193,32 @@ if [ "${SERVE:-0}" = 1 ]; then
     # Greedy ids of every request against the first run's with the same requests.
     [ -z "$ref" ] || python3 - "$work/serve_$ref" "$work/serve_$tag" "$ref" <<'PY'
 import json, pathlib, sys
+margins = {}  # with LOGPROBS >= 2: the first token's top-2 log-probability gap, per request
 def ids(d):
     out = {}
     for f in sorted(pathlib.Path(d).rglob("outputs*.jsonl")):
         for l in open(f):
             o = json.loads(l)
-            out[(str(f.relative_to(d)), o["index"])] = (o["code"], o["ids"])
+            key = (str(f.relative_to(d)), o["index"])
+            out[key] = (o["code"], o["ids"])
+            lp = o.get("logprobs")
+            if lp and len(lp[0]["top_logprobs"]) >= 2:
+                margins.setdefault(d, {})[key] = lp[0]["top_logprobs"][0] - lp[0]["top_logprobs"][1]
     return out
 a, b = ids(sys.argv[1]), ids(sys.argv[2])
 same = sum(1 for k in a if k in b and a[k] == b[k] and a[k][0] == "OK")
 print("   outputs: %d of %d requests with the same ids as %s (%d here)"
       % (same, len(a), sys.argv[3], len(b)))
+# Near ties or a fault: the first-token margins (in the reference run) of the
+# requests whose ids differ, against those of the others.
+m = margins.get(sys.argv[1], {})
+if m:
+    def median(v): return sorted(v)[len(v) // 2] if v else float("nan")
+    differ = [m[k] for k in m if k in b and a[k] != b[k]]
+    agree = [m[k] for k in m if k in b and a[k] == b[k]]
+    print("   first-token top-2 margin in %s (nats): differing %d, median %.4g, min %.4g; "
+          "same %d, median %.4g" % (sys.argv[3], len(differ), median(differ),
+                                    min(differ) if differ else float("nan"), len(agree), median(agree)))
 PY
   }
   serve_run main
