@@ -704,13 +704,15 @@ struct InferenceEngine::State {
       top_values = top_values.cpu();
       top_ids = top_ids.cpu();
     }
+    const auto chosen_at = chosen.accessor<float, 2>();
     for (size_t i = 0; i < want.size(); ++i) {
       Row& row = *rs[static_cast<size_t>(want[i])];
+      const auto n = static_cast<int64_t>(i);
       TokenLogprobs out;
-      out.logprob = chosen[static_cast<int64_t>(i)][0].item<float>();
-      for (int64_t j = 0; j < row.req.params.top_logprobs && k > 0; ++j) {
-        out.top_ids.push_back(top_ids[static_cast<int64_t>(i)][j].item<int64_t>());
-        out.top_logprobs.push_back(top_values[static_cast<int64_t>(i)][j].item<float>());
+      out.logprob = chosen_at[n][0];
+      for (int64_t j = 0; j < row.req.params.top_logprobs; ++j) {
+        out.top_ids.push_back(top_ids.accessor<int64_t, 2>()[n][j]);
+        out.top_logprobs.push_back(top_values.accessor<float, 2>()[n][j]);
       }
       row.logprobs = std::move(out);
     }
