@@ -78,28 +78,33 @@ class EngineTest : public ::testing::Test {
     return e.ok() ? *std::move(e) : nullptr;
   }
 
+  // The bank of `spec`'s composed adapter alone, in slot 0 (the request as
+  // model::Generate takes it by itself); nullopt for the base model.
+  static std::optional<model::AdapterBank> BankAlone(const AdapterSpec& spec) {
+    if (spec.is_base()) return std::nullopt;
+    const model::T5Weights& w = **weights_;
+    std::vector<std::string> dirs;
+    for (const auto& m : spec.module_ids) {
+      dirs.push_back(std::string(kCase) + "/adapters/" + m);
+    }
+    std::vector<double> eff;
+    auto a = model::LoadComposedAdapter(w, dirs, spec.weights, &eff);
+    EXPECT_TRUE(a.ok()) << a.status();
+    if (!a.ok() || !a->has_value()) return std::nullopt;
+    auto bank = model::MakeAdapterBank(w, {&**a});
+    EXPECT_TRUE(bank.ok()) << bank.status();
+    return bank.ok() ? std::optional<model::AdapterBank>(*std::move(bank))
+                     : std::nullopt;
+  }
+
   // model::Generate alone, one prompt.
   std::vector<int64_t> Alone(const std::vector<int64_t>& ids,
                              const AdapterSpec& spec,
                              const DecodingParams& p) {
     const model::T5Weights& w = **weights_;
-    std::optional<model::LoraAdapter> adapter;
-    if (!spec.is_base()) {
-      std::vector<std::string> dirs;
-      for (const auto& m : spec.module_ids) {
-        dirs.push_back(std::string(kCase) + "/adapters/" + m);
-      }
-      std::vector<double> eff;
-      auto a = model::LoadComposedAdapter(w, dirs, spec.weights, &eff);
-      EXPECT_TRUE(a.ok()) << a.status();
-      adapter = **a;
-    }
-    std::optional<model::AdapterBank> bank;
+    const std::optional<model::AdapterBank> bank = BankAlone(spec);
     std::vector<int64_t> slots;
-    if (adapter) {
-      bank = *model::MakeAdapterBank(w, {&*adapter});
-      slots = {0};
-    }
+    if (bank) slots = {0};
     model::GenerateOptions o;
     o.max_new_tokens = p.max_new_tokens;
     o.num_beams = p.num_beams;
@@ -120,21 +125,8 @@ class EngineTest : public ::testing::Test {
                                    const AdapterSpec& spec,
                                    const std::vector<int64_t>& out) {
     const model::T5Weights& w = **weights_;
-    std::optional<model::LoraAdapter> adapter;
-    std::optional<model::AdapterBank> bank;
-    std::vector<int64_t> slots = {-1};
-    if (!spec.is_base()) {
-      std::vector<std::string> dirs;
-      for (const auto& m : spec.module_ids) {
-        dirs.push_back(std::string(kCase) + "/adapters/" + m);
-      }
-      std::vector<double> eff;
-      auto a = model::LoadComposedAdapter(w, dirs, spec.weights, &eff);
-      EXPECT_TRUE(a.ok()) << a.status();
-      adapter = **a;
-      bank = *model::MakeAdapterBank(w, {&*adapter});
-      slots = {0};
-    }
+    const std::optional<model::AdapterBank> bank = BankAlone(spec);
+    const std::vector<int64_t> slots = {bank ? 0 : -1};
     auto rows = model::MakeRowAdapters(w, bank ? &*bank : nullptr, slots);
     EXPECT_TRUE(rows.ok()) << rows.status();
     auto i64 = at::TensorOptions().dtype(at::kLong).device(w.device);
