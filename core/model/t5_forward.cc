@@ -998,13 +998,13 @@ bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
                       const RowAdapters& rows, double min_padding) {
   static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
-  // Runs of rows per slot of a reduced-precision model without a common
-  // scaling still pack (row by row), unless LORAHUB_PAD_PER_SLOT_SCALES=1
-  // (read once; t5_forward.h PackedDeltasWhole says why it is not the
-  // default yet).
-  static const bool pad_per_slot_scales = EnvFlag("LORAHUB_PAD_PER_SLOT_SCALES");
+  // LORAHUB_PACK_PER_SLOT_SCALES=1 (read once; A/B): runs of rows per slot
+  // of a reduced-precision model without a common scaling pack too, their
+  // deltas row by row (t5_forward.h PackedDeltasWhole says why not).
+  static const bool pack_per_slot_scales =
+      EnvFlag("LORAHUB_PACK_PER_SLOT_SCALES");
   const bool whole = PackedDeltasWhole(w, rows) ||
-                     (!pad_per_slot_scales && rows.rows_per_slot >= 1 &&
+                     (pack_per_slot_scales && rows.rows_per_slot >= 1 &&
                       w.dtype != at::kFloat);
   if (off || !w.device.is_cuda() || !FusedKernelsEnabled() || !whole ||
       inputs.size() < 2) {

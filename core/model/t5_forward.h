@@ -193,8 +193,7 @@ absl::StatusOr<EncoderOutput> UnpackEncoding(const T5Weights& w,
 // attention kernel takes (33 to 128 tokens; elsewhere it goes row by row),
 // at least `min_padding` of the padded batch padding (a tenth for prompts;
 // the objective's fixed examples, packed once, take less), and adapters
-// whose deltas the packed path takes whole (PackedDeltasWhole; but see
-// LORAHUB_PAD_PER_SLOT_SCALES there).
+// whose deltas the packed path takes whole (PackedDeltasWhole).
 // LORAHUB_NO_PACKED_PREFILL=1 (read once): never (A/B).
 bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
@@ -210,12 +209,13 @@ bool PackedEncodePays(const T5Weights& w,
 // hold consecutive slots (runs of one row): 32 such prompts took 110-180 ms
 // of host time per encoder pass row by row, against ~15 ms for a shared
 // adapter (session 52, H100, 1,024 own compositions).
-// PackedEncodePays follows it only with LORAHUB_PAD_PER_SLOT_SCALES=1 (read
-// once): the serving runs that admitted own compositions that fast (session
-// 52, with the pooled encoder) gave other tokens for 30% of them, for a
-// cause not found yet (docs/BENCHMARKS.md, fifty-third session); until a GPU
-// run shows this faster path gives each request's tokens alone, the slow
-// one stays the default.
+// So such batches are encoded padded (one per-row gather for all rows):
+// 2.9x the tokens/s of 1,024 own compositions served (H100, session 54:
+// 15,391 against 5,234), and the ids of a run that never packs
+// (LORAHUB_NO_PACKED_PREFILL=1) for all 1,024, where row by row gave other
+// ids for 320 (their first-token top-2 margins: median 5 nats, against 20
+// for the others; whether rounding or a fault is not settled).
+// LORAHUB_PACK_PER_SLOT_SCALES=1 (read once; A/B): pack them row by row.
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->

@@ -18,10 +18,12 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/model/cuda_graph.h"
@@ -164,9 +166,12 @@ class StaticEncoderTest
   bool Cuda() const { return base_.device.is_cuda(); }
 
   // A bank of two random adapters of rank `r` on q, k, v, o and wo.
-  void MakeBank(int r = 4) {
-    auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o", "wo"}, r, 16);
+  // Two adapters of rank r, the second of lora_alpha `second_alpha`: one
+  // scaling for both (SiteBank::common_scale) unless it is not 16.
+  void MakeBank(int r = 4, int second_alpha = 16) {
     for (uint64_t seed : {1, 2}) {
+      auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o", "wo"}, r,
+                                         seed == 1 ? 16 : second_alpha);
       auto a =
           BuildLoraAdapter(base_, cfg, testing::RandomAdapter(base_, cfg, seed),
                            "a" + std::to_string(seed));
@@ -485,6 +490,42 @@ TEST_P(StaticEncoderTest, PackedEqualsEncode) {
   cut.ids = cut.ids.narrow(0, 0, 10);
   EXPECT_EQ(EncodePacked(base_, cut, RowAdapters{}).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// The same with a scaling per slot (no common one, as the serving engine's
+// slot bank): the packed path adds each row's deltas alone (PackedLoraDeltas
+// row by row), where Encode gathers them for all rows. Rows of up to 60
+// tokens, one slot each (and a run of two); in bf16 on CUDA, packed as the
+// serving engine's admissions did (LORAHUB_PACK_PER_SLOT_SCALES=1).
+TEST_P(StaticEncoderTest, PackedEqualsEncodeWithAScalePerSlot) {
+  MakeBank(/*r=*/8, /*second_alpha=*/40);
+  ASSERT_TRUE(std::isnan(bank_.sites[0].common_scale));
+  const auto four = Prompts(4, {50, 35, 60, 41}, 14);
+  const auto two = Prompts(2, {50, 35}, 15);
+  // Slots 0 and 1 for two rows: runs of one row per slot, the serving
+  // engine's newcomers in consecutive slots.
+  for (const auto& [in, slots] :
+       {std::pair{&two, std::vector<int64_t>{0, 1}},
+        std::pair{&four, std::vector<int64_t>{0, 1, 1, 0}},
+        std::pair{&four, std::vector<int64_t>{0, 0, 1, 1}}}) {
+    std::string where = "slots";
+    for (int64_t s : slots) where += " " + std::to_string(s);
+    const RowAdapters rows = Rows(slots);
+    auto packed = PackRows(*in, base_.device);
+    ASSERT_TRUE(packed.ok()) << packed.status();
+    auto got = EncodePacked(base_, *packed, rows);
+    auto [ids, mask] = Inputs(*in);
+    auto want = Encode(base_, ids, mask, rows);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    const at::Tensor m = mask.unsqueeze(-1).to(at::kFloat);
+    const auto tokens = [&](const at::Tensor& h) { return h.to(at::kFloat) * m; };
+    ExpectClose(tokens(got->hidden), tokens(want->hidden), base_.dtype,
+                where + " hidden", kAdapterFactor);
+    if (want->hidden_full.defined()) {
+      ExpectClose(tokens(got->hidden_full), tokens(want->hidden_full),
+                  base_.dtype, where + " hidden_full", kAdapterFactor);
+    }
+  }
 }
 
 // PackRows to a padded length (the pooled decoder's bucket, as Generate
