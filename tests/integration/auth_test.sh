@@ -12,10 +12,7 @@ set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
 proto_dir=$(readlink -f proto)
-tmp=$(mktemp -d)
-pid=
-trap '[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; cat "$tmp/err" >&2 2>/dev/null; exit 1; }
+. "$(dirname "$0")/harness.sh"
 
 . "$(dirname "$0")/py_stubs.sh"
 make_py_stubs "$proto_dir" "$tmp/py" >/dev/null || fail "protoc"
@@ -30,15 +27,8 @@ printf '%s\nshort\n' "$good" >"$tmp/bad_tokens"
 "$lorahub" serve --model "$case_dir/model" --auth-token-file "$tmp/none" 2>"$tmp/e"
 [ $? = 2 ] || fail "missing token file: $(cat "$tmp/e")"
 
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 --auth-token-file "$tmp/tokens" \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>"$tmp/err" &
-pid=$!
-for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "no port"
-mport=$(sed -n 's/^metrics listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
+start_server --model "$case_dir/model" --auth-token-file "$tmp/tokens" --data-dir "$tmp"
 grep -q "lorahub.v1 calls need a bearer token (2 accepted)" "$tmp/err" || fail "no auth line"
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
 
 # lorahubctl: no token, a wrong one, the flag, the environment.
 c info 2>"$tmp/e"

@@ -10,32 +10,18 @@
 #   compose_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
-py=/usr/bin/python3
 fx=$(readlink -f tests/testdata/ref_tiny/tiny_s0)
-tmp=$(mktemp -d)
-pid=
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit 1; }
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 
-start_server() {  # start_server [EXTRA SERVE FLAGS]
-  : >"$tmp/out"
-  "$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 \
-    --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --compose-max-rows 32 "$@" >"$tmp/out" 2>>"$tmp/err" &
-  pid=$!
-  for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-  port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-  [ -n "$port" ] || fail "server did not print its port"
-  mport=$(sed -n 's/^metrics listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-  [ -n "$mport" ] || fail "server did not print its metrics port"
+serve_fixture() {  # serve_fixture [EXTRA SERVE FLAGS]
+  start_server --model "$fx/base" --data-dir "$tmp" --compose-max-rows 32 "$@"
 }
 metric() {  # metric NAME_WITH_LABELS -> its value (empty if absent)
   curl -s "http://127.0.0.1:$mport/metrics" | awk -v n="$1" '$1 == n {print $2}'
 }
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
 json_field() { $py -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])$1)"; }
 
-start_server
+serve_fixture
 for m in m00 m01 m02 m03; do
   c --json modules add --dir "$fx/modules/$m" --id "$m" >/dev/null || fail "add $m"
 done
@@ -133,7 +119,7 @@ for _ in $(seq 200); do
 done
 [ "${done3:-0}" -ge 3 ] || fail "t3 made no progress"
 kill -9 "$pid"; wait "$pid" 2>/dev/null; pid=
-start_server
+serve_fixture
 grep -q "re-queued" "$tmp/err" || fail "no re-queue message after the crash"
 c --json jobs watch "$job3" >"$tmp/w3" || fail "t3 after restart: $(tail -2 "$tmp/w3")"
 [ "$(json_field '["state"]' <"$tmp/w3")" = succeeded ] || fail "t3 did not succeed"
@@ -170,7 +156,7 @@ c --json generate --task t1 --max-new-tokens 4 --text "hello" >/dev/null || fail
 kill -TERM "$pid"; wait "$pid" || fail "serve exit status $?"; pid=
 # Retention: restarted with --job-retention-s 1, the server deletes every
 # ended job (all ended more than a second ago); the tasks stay and serve.
-start_server --job-retention-s 1
+serve_fixture --job-retention-s 1
 for _ in $(seq 100); do
   [ -z "$(c jobs list)" ] && break; sleep 0.1
 done

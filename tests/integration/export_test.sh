@@ -14,11 +14,7 @@ set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
 fx=$(readlink -f tests/testdata/ref_tiny/tiny_s0)
 proto_dir=$(readlink -f proto)
-tmp=$(mktemp -d)
-pid=
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit 1; }
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 
 . "$(dirname "$0")/py_stubs.sh"
 make_py_stubs "$proto_dir" "$tmp/py" || fail "protoc"
@@ -55,13 +51,7 @@ for k, seed in (("big0", 1), ("big1", 2)):
     json.dump(c, open(out + "/" + k + "/adapter_config.json", "w"))
 PY
 
-"$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "server did not print its port"
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
+start_server --model "$fx/base" --data-dir "$tmp"
 jf() { "$py" -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])$1)"; }
 
 for m in m00 m01 m02; do

@@ -11,22 +11,10 @@
 #   load_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
-py=/usr/bin/python3
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit 1; }
-tmp=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --max-batch-rows 8 \
-  >"$tmp/out" 2>"$tmp/err" &
-pid=$!
-for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "server did not print its port"
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
+start_server --model "$case_dir/model" --data-dir "$tmp" --max-batch-rows 8
 for m in m0 m1 m2; do
   c --json modules add --dir "$case_dir/adapters/$m" >/dev/null || fail "add $m"
 done
@@ -110,8 +98,6 @@ assert r['ok'] == 8 and r['channels'] == 3 and 0 < r['tokens'] <= 24, r" "$tmp/c
 
 # 2b. --weight-jitter: every request composes its own adapter (the bank's
 # slot loads count one per request), without it one adapter serves all.
-mport=$(sed -n 's/^metrics listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$mport" ] || fail "server did not print its metrics port"
 slot_loads() {
   curl -s "http://127.0.0.1:$mport/metrics" |
     awk '$1 == "lorahub_adapter_slot_loads_total" {print int($2)}'

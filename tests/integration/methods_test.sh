@@ -18,22 +18,12 @@ set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
 fx=$(readlink -f tests/testdata/ref_tiny/tiny_s0)
 proto_dir=$(readlink -f proto)
-tmp=$(mktemp -d)
-pid=
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit 1; }
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 
 . "$(dirname "$0")/py_stubs.sh"
 make_py_stubs "$proto_dir" "$tmp/py" || fail "protoc"
 
-"$lorahub" serve --model "$fx/base" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "server did not print its port"
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
+start_server --model "$fx/base" --data-dir "$tmp"
 jf() { "$py" -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])$1)"; }
 same() {  # same A B WHAT: |A - B| <= 1e-6 |B|
   "$py" -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); sys.exit(0 if abs(a-b)<=1e-6*abs(b) else 1)" \
@@ -197,12 +187,7 @@ if [ ! -f "$dm/base/model.safetensors" ]; then
   echo "FAIL: $dm not found (the trained default model)" >&2; exit 1
 fi
 mkdir -p "$tmp/d2"
-"$lorahub" serve --model "$dm/base" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp/d2" >"$tmp/out2" 2>>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^listening on' "$tmp/out2" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out2")
-[ -n "$port" ] || fail "second server did not print its port"
+start_server --model "$dm/base" --data-dir "$tmp/d2"
 for m in add double_number reverse_word; do
   c --json modules add --dir "$dm/modules/$m" --id "$m" >/dev/null || fail "add $m"
 done

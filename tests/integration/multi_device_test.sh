@@ -7,20 +7,10 @@
 #   multi_device_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
-py=/usr/bin/python3
 fx=$(readlink -f tests/testdata/ref_tiny/tiny_s0)
-tmp=$(mktemp -d)
-pid=
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit 1; }
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 
-"$lorahub" serve --model "$fx/base" --device cpu,cpu --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "server did not print its port"
+start_server --model "$fx/base" --device cpu,cpu --data-dir "$tmp"
 c() { timeout 60 "$ctl" --server "127.0.0.1:$port" "$@"; }
 json_field() { $py -c "import json,sys; print(json.loads(sys.stdin.readlines()[-1])$1)"; }
 

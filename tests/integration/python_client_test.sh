@@ -9,21 +9,13 @@ set -uo pipefail
 lorahub=$(readlink -f "$1")
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
 proto_dir=$(readlink -f proto)
-tmp=$(mktemp -d)
-pid=
-trap '[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
-fail() { echo "FAIL: $*" >&2; cat "$tmp/err" >&2 2>/dev/null; exit 1; }
+. "$(dirname "$0")/harness.sh"
 
 # Finds protoc, grpc_python_plugin and a Python with grpc; makes $tmp/py.
 . "$(dirname "$0")/py_stubs.sh"
 make_py_stubs "$proto_dir" "$tmp/py" || fail "protoc"
 
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>"$tmp/err" &
-pid=$!
-for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "no port"
+start_server --model "$case_dir/model" --data-dir "$tmp"
 
 PYTHONPATH="$tmp/py" "$py" - "$port" "$case_dir" <<'PY' || fail "python client"
 import json, sys

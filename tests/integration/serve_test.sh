@@ -7,13 +7,8 @@
 #   serve_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
-py=/usr/bin/python3
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && cat "$tmp/err" >&2; exit 1; }
-tmp=$(mktemp -d)
-pid=
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 
 # A bad flag is exit 2 before anything loads.
 "$lorahub" serve --model "$case_dir/model" --module-load-threads 65 2>"$tmp/err"
@@ -23,14 +18,8 @@ grep -q -- "--module-load-threads must be in \[0, 64\]" "$tmp/err" || fail "--mo
 [ $? = 2 ] || fail "--compose-max-rows 0: exit code"
 grep -q -- "--compose-max-rows must be in \[1, 65536\]" "$tmp/err" || fail "--compose-max-rows message"
 
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --max-batch-rows 8 --module-load-threads 2 \
-  >"$tmp/out" 2>"$tmp/err" &
-pid=$!
-for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "server did not print its port"
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
+start_server --model "$case_dir/model" --data-dir "$tmp" --max-batch-rows 8 \
+  --module-load-threads 2
 
 [ "$(c health)" = SERVING ] || fail "health is not SERVING"
 for m in m0 m1 m2; do
@@ -142,20 +131,7 @@ c health >/dev/null 2>&1 && fail "server still answers after shutdown"
 # --host-cache-bytes 0: no host tier (not a tier that refuses every module);
 # a module goes from disk to the device and generates its golden tokens.
 mkdir -p "$tmp/nohost"
-# Emptied here, not only by the background job's redirection: the loop below
-# could read the first server's port before that job truncates the file.
-: >"$tmp/out"
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp/nohost" --host-cache-bytes 0 \
-  >"$tmp/out" 2>"$tmp/err" &
-pid=$!
-port=
-for _ in $(seq 200); do
-  port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-  [ -n "$port" ] && break
-  sleep 0.1
-done
-[ -n "$port" ] || fail "the server with --host-cache-bytes 0 did not print its port"
+start_server --model "$case_dir/model" --data-dir "$tmp/nohost" --host-cache-bytes 0
 c --json modules add --dir "$case_dir/adapters/m0" >/dev/null || fail "add m0 (no host tier)"
 IFS=$'\t' read -r flags max_new text want < <(grep -P '^--module m0\t' "$tmp/checks" | head -1)
 [ -n "$want" ] || fail "no golden check of m0"

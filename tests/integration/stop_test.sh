@@ -10,23 +10,12 @@
 #   stop_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
-py=/usr/bin/python3
 root=$(cd "$(dirname "$(readlink -f "$0")")/../.." && pwd)
 dm=$root/models/default
-tmp=$(mktemp -d)
-pid=
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && tail -20 "$tmp/err" >&2; exit 1; }
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 [ -f "$dm/base/model.safetensors" ] || fail "$dm not found (the trained default model)"
 
-"$lorahub" serve --model "$dm/base" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  --data-dir "$tmp" >"$tmp/out" 2>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "server did not print its port"
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
+start_server --model "$dm/base" --data-dir "$tmp"
 c modules add --dir "$dm/modules/reverse_word" --id rw >/dev/null || fail "modules add"
 gen() {  # gen OUTFILE [FLAGS...]: one generation, --json lines into OUTFILE
   local out=$1; shift
