@@ -20,6 +20,9 @@
 #     LOGPROBS=N (N >= 2): the load asks each token's log-probabilities (lorahubctl load --logprobs
 #     N), and each comparison also prints the first-token top-2 margins of the requests that
 #     differ against those that do not (near ties differ at small margins; a fault at any).
+# TESTS_ONLY="//tests/server:inference_engine_bf16_test ...": step 2 alone for those tests (built
+# alone; TEST_ENV as there), then stop: no fixture, bench or serve. The least device time for a
+# test change (about 200 s of build on an H100 host).
 # SERVE_ONLY=1: step 7 alone, in the least device time (about 150 s on an H200 host): builds only
 # the server and client, no tests, no bench; the caller's environment reaches the server and
 # client (e.g. SERVE_ONLY=1 WEIGHT_JITTER=1 SERVE_REQUESTS=1024 SERVE_JOBS=1).
@@ -46,7 +49,7 @@ exec > >(tee -a "${OUT:-.gpu/logs}/progress.log") 2>&1
 start=$SECONDS
 stamp() { echo "== $*  [$((SECONDS - start)) s]"; }
 fx=${FIXTURE:-/tmp/lorahub_large}
-if [ ! -f "$fx/examples.jsonl" ]; then
+if [ ! -f "$fx/examples.jsonl" ] && [ -z "${TESTS_ONLY:-}" ]; then
   (python3 .gpu/bench/ref_lorahub.py fixture --out "$fx" --size large --format bin \
      >"$work/fixture.log" 2>&1) &
   fixture_pid=$!
@@ -61,6 +64,9 @@ if [ "${SERVE_ONLY:-0}" = 1 ]; then
   SERVE=1 SKIP_TESTS=1
   targets="server_lorahub client_lorahubctl"
 fi
+if [ -n "${TESTS_ONLY:-}" ]; then  # //tests/pkg:name -> CMake target tests_pkg_name
+  targets=$(for label in $TESTS_ONLY; do label=${label#//}; printf '%s ' "${label//[\/:]/_}"; done)
+fi
 OUT=$work/build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" NINJA_TARGETS="$targets" \
   bash deploy/gpu/build_and_test.sh >"$work/build.log" 2>&1
 stamp "build exit $?"
@@ -68,9 +74,10 @@ stamp "build exit $?"
 grep -E '^== (start|unpacking|configured|build OK|every binary)' "$work/build.log"
 head -3 "$work/build/slowest_steps.txt" 2>/dev/null  # what bounds the build's wall time
 lorahub=.gpu/build/bin/server/lorahub
-[ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
+[ -n "${TESTS_ONLY:-}" ] || [ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
 # The suites that honour LORAHUB_TEST_DEVICE.
 cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_(bf16_)?test'
+[ -n "${TESTS_ONLY:-}" ] && cuda_suites="^($(echo $TESTS_ONLY | tr ' ' '|'))\$"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
      -R "$cuda_suites") >"$work/ctest.log" 2>&1
@@ -86,6 +93,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest_env.log"
   fi
 fi
+[ -n "${TESTS_ONLY:-}" ] && { stamp done; exit 0; }
 [ -n "${fixture_pid:-}" ] && { wait "$fixture_pid" || { tail -20 "$work/fixture.log"; exit 1; }; }
 adapters=()
 for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
