@@ -11,29 +11,11 @@
 #   grpc_metrics_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
-py=/usr/bin/python3
-[ -x "$py" ] || py=python3
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
-tmp=$(mktemp -d)
-pid=; ppid_=
-cleanup() {
-  [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
-  [ -n "$ppid_" ] && kill -9 "$ppid_" 2>/dev/null
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*" >&2; tail -20 "$tmp/err" >&2 2>/dev/null; exit 1; }
+. "$(dirname "$0")/harness.sh"
 
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" >"$tmp/out" 2>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^metrics listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-mport=$(sed -n 's/^metrics listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "server did not print its port"
-[ -n "$mport" ] || fail "server did not print its metrics port: $(cat "$tmp/out")"
+start_server --model "$case_dir/model" --data-dir "$tmp"
 [ "$mport" != "$port" ] || fail "metrics and gRPC on one port"
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
 
 # Calls with known outcomes (counts per method and code).
 for _ in 1 2 3; do c health >/dev/null || fail health; done          # Check OK x3
@@ -100,7 +82,7 @@ scrape_configs:
 YML
 "$prom" --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/tsdb" \
   --web.listen-address="127.0.0.1:$wport" --log.level=warn >"$tmp/prom.log" 2>&1 &
-ppid_=$!
+extra_pids+=($!)
 query() {  # query PROMQL -> JSON result
   curl -sf --get "http://127.0.0.1:$wport/api/v1/query" --data-urlencode "query=$1"
 }

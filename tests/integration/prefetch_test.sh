@@ -16,15 +16,7 @@ ctl=$(readlink -f "$2")
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
 proto_dir=$(readlink -f proto)
 emulator=$(readlink -f tests/hub/hub_emulator.py)
-tmp=$(mktemp -d)
-pid=; epid=
-cleanup() {
-  [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
-  [ -n "$epid" ] && kill -9 "$epid" 2>/dev/null
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*" >&2; tail -20 "$tmp/err" >&2 2>/dev/null; exit 1; }
+. "$(dirname "$0")/harness.sh"
 
 . "$(dirname "$0")/py_stubs.sh"
 make_py_stubs "$proto_dir" "$tmp/py" || fail "protoc"
@@ -42,19 +34,14 @@ json.dump({"repos": {"lorahub/m0": {"refs": {"main": commit},
 PY
 mkfifo "$tmp/emu_in"
 "$py" "$emulator" --fixture "$tmp/fixture.json" <"$tmp/emu_in" >"$tmp/emu_out" 2>>"$tmp/err" &
-epid=$!
+extra_pids+=($!)
 exec 3>"$tmp/emu_in"  # the emulator runs until this closes
 for _ in $(seq 100); do [ -s "$tmp/emu_out" ] && break; sleep 0.1; done
 read -r _ hub_port _ <"$tmp/emu_out"
 [ -n "$hub_port" ] || fail "emulator did not start"
 
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --cache-dir "$tmp/hub" \
-  --hub-endpoint "http://127.0.0.1:$hub_port" >"$tmp/out" 2>>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "no port"
+start_server --model "$case_dir/model" --data-dir "$tmp" --cache-dir "$tmp/hub" \
+  --hub-endpoint "http://127.0.0.1:$hub_port"
 
 metrics_addr=$(sed -n 's/^metrics listening on \(.*\)$/\1/p' "$tmp/out")
 [ -n "$metrics_addr" ] || fail "no metrics address"
@@ -207,14 +194,8 @@ pid=
 # m0, so a request through it is RESOURCE_EXHAUSTED naming the flag, and the
 # base model still serves.
 echo '{"host-cache-bytes": 100000000, "device-cache-bytes": 1}' >"$tmp/config.json"
-: >"$tmp/out"
-"$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --data-dir "$tmp" --cache-dir "$tmp/hub" \
-  --hub-endpoint "http://127.0.0.1:$hub_port" --config "$tmp/config.json" >"$tmp/out" 2>>"$tmp/err" &
-pid=$!
-for _ in $(seq 300); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-[ -n "$port" ] || fail "no port (config)"
+start_server --model "$case_dir/model" --data-dir "$tmp" --cache-dir "$tmp/hub" \
+  --hub-endpoint "http://127.0.0.1:$hub_port" --config "$tmp/config.json"
 addr="127.0.0.1:$port"
 "$ctl" --server "$addr" generate --module m0 --text hello --max-new-tokens 2 >/dev/null 2>"$tmp/ge"; rc=$?
 [ "$rc" = 1 ] || fail "over-budget generate exit $rc"
