@@ -165,9 +165,9 @@ class StaticEncoderTest
 
   bool Cuda() const { return base_.device.is_cuda(); }
 
-  // A bank of two random adapters of rank `r` on q, k, v, o and wo.
-  // Two adapters of rank r, the second of lora_alpha `second_alpha`: one
-  // scaling for both (SiteBank::common_scale) unless it is not 16.
+  // A bank of two random adapters of rank `r` on q, k, v, o and wo, of
+  // lora_alpha 16 and `second_alpha`: one scaling for both
+  // (SiteBank::common_scale) unless that is not 16.
   void MakeBank(int r = 4, int second_alpha = 16) {
     for (uint64_t seed : {1, 2}) {
       auto cfg = testing::MakeLoraConfig({"q", "k", "v", "o", "wo"}, r,

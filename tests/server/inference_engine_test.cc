@@ -607,9 +607,10 @@ TEST_P(EngineBatchTest, LongRowsDecodeBesideTheSlots) {
 // five times as many as the running batch has rows, all queued at once:
 // adapters are loaded into slots that other compositions held a moment
 // before, and newcomers join while the device still works on earlier steps.
-// Each request must give what it gives alone (ExpectTokensAlone). (Session 52's
-// serving runs on an H100 gave other tokens for 30% of such requests with
-// the pooled encoder; on a GPU this runs in deploy/gpu's CUDA suites.)
+// Each request must give what it gives alone (ExpectTokensAlone). (Session
+// 52's serving runs on an H100 gave other tokens for 30% of such requests:
+// the row-by-row packed prefill's against the padded one's, session 54
+// found; on a GPU this runs in deploy/gpu's CUDA suites.)
 TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone) {
   EngineOptions o = Options();
   o.max_batch_rows = 8;
@@ -642,8 +643,8 @@ TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone)
 // Log-probabilities (top_logprobs >= 0) of greedy and sampled requests in
 // one batch, beside requests without them: one per token, each the
 // teacher-forced log_softmax of the request alone at its token (fp32
-// 1e-4; bf16 kBf16Tolerance, other kernels), and the top ones in order, led by the
-// greedy pick itself.
+// 1e-4; bf16 kBf16Tolerance, other kernels), and the top ones in order, led
+// by the greedy pick itself.
 TEST_P(EngineBatchTest, LogprobsAreTheModelsAtEachToken) {
   auto engine = Start(Options());
   ASSERT_TRUE(engine);
