@@ -13,13 +13,8 @@
 #   tls_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
 lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
-py=/usr/bin/python3
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
-tmp=$(mktemp -d)
-pid=
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/err" ] && cat "$tmp/err" >&2; exit 1; }
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
+. "$(dirname "$0")/harness.sh"
 if ! command -v openssl >/dev/null; then
   # Only the GPU host's build_and_test.sh sets this (its image may lack it).
   if [ "${LORAHUB_ALLOW_NO_OPENSSL:-0}" = 1 ]; then
@@ -68,21 +63,15 @@ bad "--tls-refresh-s must be in [1, 86400]" --tls-cert "$tmp/server.pem" --tls-k
 "$ctl" --tls-ca "$tmp/missing.pem" health 2>"$tmp/err"
 [ $? = 2 ] && grep -q -- "--tls-ca $tmp/missing.pem: No such file" "$tmp/err" || fail "lorahubctl --tls-ca missing"
 
-start() {  # start [serve flags...]: sets pid and port
-  : >"$tmp/out"  # Not only in the job: the loop could read the last port.
-  "$lorahub" serve --model "$case_dir/model" --listen 127.0.0.1:0 \
-    --metrics-listen 127.0.0.1:0 --data-dir "$tmp" "$@" >"$tmp/out" 2>"$tmp/err" &
-  pid=$!
-  for _ in $(seq 200); do grep -q '^listening on' "$tmp/out" && break; sleep 0.1; done
-  port=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out")
-  [ -n "$port" ] || fail "server did not print its port"
+start() {  # start [serve flags...]: a server whose stderr alone is in $tmp/err
+  : >"$tmp/err"
+  start_server --model "$case_dir/model" --data-dir "$tmp" "$@"
 }
 stop() {
   kill -TERM "$pid"; wait "$pid"; local rc=$?
   pid=
   [ $rc = 0 ] || fail "server exit code $rc after SIGTERM"
 }
-c() { "$ctl" --server "127.0.0.1:$port" "$@"; }
 refused() {  # refused WHY FLAGS...: health fails with exit 1 (the server's side)
   local why=$1; shift
   c "$@" health >"$tmp/h" 2>"$tmp/e"
