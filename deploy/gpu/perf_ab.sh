@@ -83,6 +83,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
      -R "$cuda_suites") >"$work/ctest.log" 2>&1
   stamp "CUDA suites exit $?"
   grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest.log"
+  # The first failures' own words (ExpectTokensAlone's "token T is X (...) where alone it is Y").
+  grep -E -A3 "Failure$" "$work/ctest.log" | head -40
   # TEST_ENV="ENV=V ...": the suites again with those variables set (a kernel variant behind an
   # A/B switch, before it becomes the default) -> ctest_env.log.
   if [ -n "${TEST_ENV:-}" ]; then
