@@ -145,9 +145,10 @@ std::string ReportText(const LoadReport& report);
 
 // Every measured request of a keep_outputs run, one JSON object per line in
 // index order: {"index":I,"code":"OK","ids":[...]} (code as in
-// failed_by_code), plus "logprobs" (LogprobsJson) where they were asked for. Two runs' files are equal line for line exactly where the
-// server generated the same ids for the same request (an A/B of serving
-// paths compares them).
+// failed_by_code), plus "logprobs" (LogprobsJson) where they were asked
+// for. Two runs' files are equal line for line exactly where the server
+// generated the same ids for the same request (an A/B of serving paths
+// compares them).
 std::string OutputsJsonl(const LoadReport& report);
 
 // Streamed log-probabilities as a JSON array, one

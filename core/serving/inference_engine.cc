@@ -710,9 +710,14 @@ struct InferenceEngine::State {
       const auto n = static_cast<int64_t>(i);
       TokenLogprobs out;
       out.logprob = chosen_at[n][0];
-      for (int64_t j = 0; j < row.req.params.top_logprobs; ++j) {
-        out.top_ids.push_back(top_ids.accessor<int64_t, 2>()[n][j]);
-        out.top_logprobs.push_back(top_values.accessor<float, 2>()[n][j]);
+      const int64_t top = row.req.params.top_logprobs;
+      if (top > 0) {
+        const auto ids_at = top_ids.accessor<int64_t, 2>();
+        const auto values_at = top_values.accessor<float, 2>();
+        for (int64_t j = 0; j < top; ++j) {
+          out.top_ids.push_back(ids_at[n][j]);
+          out.top_logprobs.push_back(values_at[n][j]);
+        }
       }
       row.logprobs = std::move(out);
     }

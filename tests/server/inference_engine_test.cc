@@ -193,6 +193,14 @@ class EngineTest : public ::testing::Test {
     std::vector<TokenLogprobs> logprobs;
   };
 
+  // One request of a test's batch, and what came back for it.
+  struct Case {
+    std::vector<int64_t> ids;
+    AdapterSpec spec;
+    DecodingParams p;
+    std::shared_ptr<Result> result = std::make_shared<Result>();
+  };
+
   GenerateRequest Make(const std::vector<int64_t>& ids, AdapterSpec spec,
                        DecodingParams p, std::shared_ptr<Result> result) {
     GenerateRequest r;
@@ -308,12 +316,6 @@ TEST_P(EngineBatchTest, JoiningMidBatchGivesTheTokensOfEachRequestAlone) {
   const std::vector<AdapterSpec> specs = {
       {}, {{"m0"}, {}}, {{"m1"}, {}}, {{"m0", "m1", "m2"}, {0.5, -0.3, 0.8}},
       {{"m2"}, {}}};
-  struct Case {
-    std::vector<int64_t> ids;
-    AdapterSpec spec;
-    DecodingParams p;
-    std::shared_ptr<Result> result = std::make_shared<Result>();
-  };
   std::vector<Case> cases;
   for (int i = 0; i < 14; ++i) {
     Case c;
@@ -650,12 +652,6 @@ TEST_P(EngineBatchTest, LogprobsAreTheModelsAtEachToken) {
   ASSERT_TRUE(engine);
   const std::vector<AdapterSpec> specs = {
       {}, {{"m0"}, {}}, {{"m0", "m1", "m2"}, {0.5, -0.3, 0.8}}};
-  struct Case {
-    std::vector<int64_t> ids;
-    AdapterSpec spec;
-    DecodingParams p;
-    std::shared_ptr<Result> result = std::make_shared<Result>();
-  };
   std::vector<Case> cases;
   for (int i = 0; i < 8; ++i) {
     Case c;
