@@ -78,8 +78,12 @@ lorahub=.gpu/build/bin/server/lorahub
 # The suites that honour LORAHUB_TEST_DEVICE.
 cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_(bf16_)?test'
 [ -n "${TESTS_ONLY:-}" ] && cuda_suites="^($(echo $TESTS_ONLY | tr ' ' '|'))\$"
+# TESTS_ONLY keeps every test's output in ctest.log, passed or not (-V: what a passing test
+# prints, e.g. a diagnostic's figures, was lost in the fifty-fifth session's call 2).
+ctest_output=--output-on-failure
+[ -n "${TESTS_ONLY:-}" ] && ctest_output=-V
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
+  (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 ctest "$ctest_output" \
      -R "$cuda_suites") >"$work/ctest.log" 2>&1
   stamp "CUDA suites exit $?"
   grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest.log"
@@ -89,7 +93,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # A/B switch, before it becomes the default) -> ctest_env.log.
   if [ -n "${TEST_ENV:-}" ]; then
     read -ra test_env <<<"$TEST_ENV"
-    (cd .gpu/build && env "${test_env[@]}" LORAHUB_TEST_DEVICE=cuda:0 ctest --output-on-failure \
+    (cd .gpu/build && env "${test_env[@]}" LORAHUB_TEST_DEVICE=cuda:0 ctest "$ctest_output" \
        -R "$cuda_suites") >"$work/ctest_env.log" 2>&1
     stamp "CUDA suites with $TEST_ENV exit $?"
     grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest_env.log"
