@@ -998,16 +998,8 @@ bool PackedEncodePays(const T5Weights& w,
                       const std::vector<std::vector<int64_t>>& inputs,
                       const RowAdapters& rows, double min_padding) {
   static const bool off = EnvFlag("LORAHUB_NO_PACKED_PREFILL");
-  // LORAHUB_PACK_PER_SLOT_SCALES=1 (read once; A/B): runs of rows per slot
-  // of a reduced-precision model without a common scaling pack too, their
-  // deltas row by row (t5_forward.h PackedDeltasWhole says why not).
-  static const bool pack_per_slot_scales =
-      EnvFlag("LORAHUB_PACK_PER_SLOT_SCALES");
-  const bool whole = PackedDeltasWhole(w, rows) ||
-                     (pack_per_slot_scales && rows.rows_per_slot >= 1 &&
-                      w.dtype != at::kFloat);
-  if (off || !w.device.is_cuda() || !FusedKernelsEnabled() || !whole ||
-      inputs.size() < 2) {
+  if (off || !w.device.is_cuda() || !FusedKernelsEnabled() ||
+      !PackedDeltasWhole(w, rows) || inputs.size() < 2) {
     return false;
   }
   int64_t tokens = 0, longest = 0;

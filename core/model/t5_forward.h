@@ -212,10 +212,11 @@ bool PackedEncodePays(const T5Weights& w,
 // So such batches are encoded padded (one per-row gather for all rows):
 // 2.9x the tokens/s of 1,024 own compositions served (H100, session 54:
 // 15,391 against 5,234), and the ids of a run that never packs
-// (LORAHUB_NO_PACKED_PREFILL=1) for all 1,024, where row by row gave other
-// ids for 320 (their first-token top-2 margins: median 5 nats, against 20
-// for the others; whether rounding or a fault is not settled).
-// LORAHUB_PACK_PER_SLOT_SCALES=1 (read once; A/B): pack them row by row.
+// (LORAHUB_NO_PACKED_PREFILL=1) for all 1,024. Row by row rounds otherwise
+// (bf16 on a GPU, session 55: encoder outputs 9e-4 to 1.4e-2 relative from
+// the padded gather's, where the whole packed path and the padded one with
+// a common scaling agree to 7e-8 or bit for bit), and gave other ids for
+// 320 and 333 of 1,024 on the random-weight fixture.
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->

@@ -496,7 +496,7 @@ TEST_P(StaticEncoderTest, PackedEqualsEncode) {
 // slot bank): the packed path adds each row's deltas alone (PackedLoraDeltas
 // row by row), where Encode gathers them for all rows. Rows of up to 60
 // tokens, one slot each (and a run of two); in bf16 on CUDA, packed as the
-// serving engine's admissions did (LORAHUB_PACK_PER_SLOT_SCALES=1).
+// serving engine's admissions were until session 54.
 TEST_P(StaticEncoderTest, PackedEqualsEncodeWithAScalePerSlot) {
   MakeBank(/*r=*/8, /*second_alpha=*/40);
   ASSERT_TRUE(std::isnan(bank_.sites[0].common_scale));
