@@ -83,6 +83,7 @@ class EngineTest : public ::testing::Test {
   std::unique_ptr<InferenceEngine> Start(EngineOptions o = {},
                                          int64_t max_new_tokens = 64) {
     o.max_new_tokens = max_new_tokens;
+    o.device_name = (*weights_)->device.str();  // the log lines' label
     auto e = InferenceEngine::Start(*weights_, Resolver(), o, metrics_.get());
     EXPECT_TRUE(e.ok()) << e.status();
     return e.ok() ? *std::move(e) : nullptr;
