@@ -161,13 +161,13 @@ class EngineTest : public ::testing::Test {
   // (its teacher-forced log-probabilities in bf16 against fp32, the largest
   // difference over out's positions and the tokens of log-probability
   // kNoiseFloor or more), plus kNoiseSlack. Why relative to the model: this
-  // random tiny model amplifies rounding (on the CPU its requests' bf16
-  // noise is 0.2 to 6.9 nats), and on a GPU the batched kernels round
-  // otherwise than the request alone (a fixed 0.25 failed on an H200 at
-  // 0.63 and 1.05, session 55), while a fault moves the numbers by far
-  // more: with every row in slot 0 (a mutation of the slot decoder), the
-  // first differing token lay 9 to 35 nats below the request's own, against
-  // tolerances of 1.0 to 1.7.
+  // random tiny model amplifies rounding (its requests' bf16 noise: 0.2 to
+  // 6.9 nats on the CPU, 0.3 to 8.8 on an H100), and on a GPU the batched
+  // kernels round otherwise than the request alone (a fixed 0.25 failed on
+  // an H200 at 0.63 and 1.05, session 55), while a fault moves the numbers
+  // by far more: with every row in slot 0 (a mutation of the slot decoder),
+  // the first differing token lay 9 to 35 nats below the request's own,
+  // against tolerances of 1.0 to 1.7.
   struct Reference {
     at::Tensor logprobs;  // [out.size(), vocab] fp32, CPU
     double tolerance = 1e-4;
