@@ -207,6 +207,36 @@ class StaticEncoderTest
     }
   }
 
+  // EncodePacked of `in` against Encode of the padded batch, with one slot
+  // per row of bank_ (`slots`; empty: no adapters): the same mask, the
+  // tokens' outputs close, the padding zero.
+  void ExpectPackedEqualsEncode(const std::vector<std::vector<int64_t>>& in,
+                                const std::vector<int64_t>& slots) {
+    std::string where = "slots";
+    for (int64_t s : slots) where += " " + std::to_string(s);
+    const RowAdapters rows = slots.empty() ? RowAdapters{} : Rows(slots);
+    auto packed = PackRows(in, base_.device);
+    ASSERT_TRUE(packed.ok()) << packed.status();
+    auto got = EncodePacked(base_, *packed, rows);
+    auto [ids, mask] = Inputs(in);
+    auto want = Encode(base_, ids, mask, rows);
+    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
+    ExpectSameMask(got->mask_bias, want->mask_bias, where + " mask_bias");
+    const at::Tensor m = mask.unsqueeze(-1).to(at::kFloat);
+    const auto tokens = [&](const at::Tensor& h) { return h.to(at::kFloat) * m; };
+    ExpectClose(tokens(got->hidden), tokens(want->hidden), base_.dtype,
+                where + " hidden", kAdapterFactor);
+    EXPECT_EQ(got->hidden.scalar_type(), want->hidden.scalar_type()) << where;
+    EXPECT_TRUE(at::equal(got->hidden.to(at::kFloat) * (1 - m),
+                          at::zeros_like(m * got->hidden.to(at::kFloat))))
+        << where << ": padding not zero";
+    ASSERT_EQ(got->hidden_full.defined(), want->hidden_full.defined()) << where;
+    if (want->hidden_full.defined()) {
+      ExpectClose(tokens(got->hidden_full), tokens(want->hidden_full),
+                  base_.dtype, where + " hidden_full", kAdapterFactor);
+    }
+  }
+
   config::T5Config config_;
   WeightOptions options_;
   T5Weights base_;
@@ -446,37 +476,11 @@ TEST_P(StaticEncoderTest, PackedEqualsEncode) {
   MakeBank(/*r=*/8);
   const auto four = Prompts(4, {9, 1, 40, 5}, 12);
   const auto two = Prompts(2, {3, 17}, 13);
-  struct Case {
-    const std::vector<std::vector<int64_t>>* in;
-    std::vector<int64_t> slots;  // empty: no adapters
-  };
-  for (const Case& c :
-       {Case{&four, {}}, Case{&two, {0, 1}}, Case{&four, {0, 0, 1, 1}},
-        Case{&four, {1, -1, 0, 1}}, Case{&four, {1, 1, 1, 1}}}) {
-    std::string where = "slots";
-    for (int64_t s : c.slots) where += " " + std::to_string(s);
-    const RowAdapters rows = c.slots.empty() ? RowAdapters{} : Rows(c.slots);
-    auto packed = PackRows(*c.in, base_.device);
-    ASSERT_TRUE(packed.ok()) << packed.status();
-    auto got = EncodePacked(base_, *packed, rows);
-    auto [ids, mask] = Inputs(*c.in);
-    auto want = Encode(base_, ids, mask, rows);
-    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
-    ExpectSameMask(got->mask_bias, want->mask_bias, where + " mask_bias");
-    const at::Tensor m = mask.unsqueeze(-1).to(at::kFloat);
-    const auto tokens = [&](const at::Tensor& h) { return h.to(at::kFloat) * m; };
-    ExpectClose(tokens(got->hidden), tokens(want->hidden), base_.dtype,
-                where + " hidden", kAdapterFactor);
-    EXPECT_EQ(got->hidden.scalar_type(), want->hidden.scalar_type()) << where;
-    EXPECT_TRUE(at::equal(got->hidden.to(at::kFloat) * (1 - m),
-                          at::zeros_like(m * got->hidden.to(at::kFloat))))
-        << where << ": padding not zero";
-    ASSERT_EQ(got->hidden_full.defined(), want->hidden_full.defined()) << where;
-    if (want->hidden_full.defined()) {
-      ExpectClose(tokens(got->hidden_full), tokens(want->hidden_full),
-                  base_.dtype, where + " hidden_full", kAdapterFactor);
-    }
-  }
+  ExpectPackedEqualsEncode(four, {});
+  ExpectPackedEqualsEncode(two, {0, 1});
+  ExpectPackedEqualsEncode(four, {0, 0, 1, 1});
+  ExpectPackedEqualsEncode(four, {1, -1, 0, 1});
+  ExpectPackedEqualsEncode(four, {1, 1, 1, 1});
   // Bad packed inputs are refused, not crashes.
   EXPECT_EQ(PackRows({}, base_.device).status().code(),
             absl::StatusCode::kInvalidArgument);
@@ -504,28 +508,9 @@ TEST_P(StaticEncoderTest, PackedEqualsEncodeWithAScalePerSlot) {
   const auto two = Prompts(2, {50, 35}, 15);
   // Slots 0 and 1 for two rows: runs of one row per slot, the serving
   // engine's newcomers in consecutive slots.
-  for (const auto& [in, slots] :
-       {std::pair{&two, std::vector<int64_t>{0, 1}},
-        std::pair{&four, std::vector<int64_t>{0, 1, 1, 0}},
-        std::pair{&four, std::vector<int64_t>{0, 0, 1, 1}}}) {
-    std::string where = "slots";
-    for (int64_t s : slots) where += " " + std::to_string(s);
-    const RowAdapters rows = Rows(slots);
-    auto packed = PackRows(*in, base_.device);
-    ASSERT_TRUE(packed.ok()) << packed.status();
-    auto got = EncodePacked(base_, *packed, rows);
-    auto [ids, mask] = Inputs(*in);
-    auto want = Encode(base_, ids, mask, rows);
-    ASSERT_TRUE(got.ok() && want.ok()) << got.status() << want.status();
-    const at::Tensor m = mask.unsqueeze(-1).to(at::kFloat);
-    const auto tokens = [&](const at::Tensor& h) { return h.to(at::kFloat) * m; };
-    ExpectClose(tokens(got->hidden), tokens(want->hidden), base_.dtype,
-                where + " hidden", kAdapterFactor);
-    if (want->hidden_full.defined()) {
-      ExpectClose(tokens(got->hidden_full), tokens(want->hidden_full),
-                  base_.dtype, where + " hidden_full", kAdapterFactor);
-    }
-  }
+  ExpectPackedEqualsEncode(two, {0, 1});
+  ExpectPackedEqualsEncode(four, {0, 1, 1, 0});
+  ExpectPackedEqualsEncode(four, {0, 0, 1, 1});
 }
 
 // PackRows to a padded length (the pooled decoder's bucket, as Generate
