@@ -316,22 +316,30 @@ constexpr int kSplitThreads = 128;
 
 // Output o of row b's LoRA delta without its scaling (AttentionRowLora):
 // sum_c xa[b, c] * w[slot, o, c], as LoraExpandKernel sums it (16-byte
-// words of 8 ranks, each word's products in groups of four).
+// words of 8 bf16 or 16 int8 ranks, each word's products in groups of four).
+template <typename E>
+__device__ __forceinline__ float RowLoraSumOf(const AttentionRowLora& lora,
+                                              int64_t b, int64_t slot,
+                                              int64_t o) {
+  constexpr int W = Vec16<E>::kWidth;
+  const float* __restrict__ xa = lora.xa + b * lora.xa_row_stride;
+  const uint4* __restrict__ w = reinterpret_cast<const uint4*>(
+      static_cast<const E*>(lora.w) + slot * lora.w_stride[0] +
+      o * lora.w_stride[1]);
+  float acc = 0.f;
+  for (int64_t c = 0; c < lora.r / W; ++c) {
+    float xs[W];
+#pragma unroll
+    for (int e = 0; e < W; e += 4) Vec16<float>::Load(xa + W * c + e, xs + e);
+    acc += WordDotShared<E>(w[c], xs);
+  }
+  return acc;
+}
 __device__ __forceinline__ float RowLoraSum(const AttentionRowLora& lora,
                                             int64_t b, int64_t slot,
                                             int64_t o) {
-  const float* __restrict__ xa = lora.xa + b * lora.xa_row_stride;
-  const uint4* __restrict__ w = reinterpret_cast<const uint4*>(
-      static_cast<const __nv_bfloat16*>(lora.w) + slot * lora.w_stride[0] +
-      o * lora.w_stride[1]);
-  float acc = 0.f;
-  for (int64_t c = 0; c < lora.r / 8; ++c) {
-    float xs[8];
-    Vec16<float>::Load(xa + 8 * c, xs);
-    Vec16<float>::Load(xa + 8 * c + 4, xs + 4);
-    acc += WordDotShared<__nv_bfloat16>(w[c], xs);
-  }
-  return acc;
+  return lora.w_dtype == DType::kInt8 ? RowLoraSumOf<int8_t>(lora, b, slot, o)
+                                      : RowLoraSumOf<__nv_bfloat16>(lora, b, slot, o);
 }
 
 // W fp32 values at p (16-byte aligned), as a float array.
@@ -542,12 +550,15 @@ __device__ __forceinline__ void FormRowLoraSums(
   const int d = is_v ? i - static_cast<int>(D) : i;
   const AttentionRowLora& site = is_v ? step.v_lora : step.q_lora;
   const bool active = i < 2 * D && site.xa != nullptr;
-  const int words = static_cast<int>(r / 8);
+  // int8 factors (lora.h SiteBank::b_int8) hold 16 ranks a word, bf16 8.
+  const bool int8 = site.w_dtype == DType::kInt8;
+  const int words = static_cast<int>(r / (int8 ? 16 : 8));
   uint4 w[kRowLoraWords];
   if (active) {
     const uint4* __restrict__ row = reinterpret_cast<const uint4*>(
-        static_cast<const __nv_bfloat16*>(site.w) + slot * site.w_stride[0] +
-        (h * D + d) * site.w_stride[1]);
+        static_cast<const char*>(site.w) +
+        (slot * site.w_stride[0] + (h * D + d) * site.w_stride[1]) *
+            (int8 ? 1 : 2));
 #pragma unroll
     for (int c = 0; c < kRowLoraWords; ++c) {
       if (c < words) w[c] = row[c];
@@ -557,7 +568,7 @@ __device__ __forceinline__ void FormRowLoraSums(
   const int q = i % (2 * kRowLoraWords);  // one float4 of one site's xa each
   const AttentionRowLora& from = i < 2 * kRowLoraWords ? step.q_lora : step.v_lora;
   const bool stage_xa =
-      i < 2 * 2 * kRowLoraWords && from.xa != nullptr && q < 2 * words;
+      i < 2 * 2 * kRowLoraWords && from.xa != nullptr && 4 * q < r;
   float4 xa4;
   if (stage_xa) {
     xa4 = *reinterpret_cast<const float4*>(from.xa + b * from.xa_row_stride +
@@ -572,9 +583,13 @@ __device__ __forceinline__ void FormRowLoraSums(
   float acc = 0.f;
   if (active) {
     const float* xs = reinterpret_cast<const float*>(xa_shared[is_v]);
+    if (int8) {
+      if (words > 0) acc += WordDotShared<int8_t>(w[0], xs);
+    } else {
 #pragma unroll
-    for (int c = 0; c < kRowLoraWords; ++c) {
-      if (c < words) acc += WordDotShared<__nv_bfloat16>(w[c], xs + 8 * c);
+      for (int c = 0; c < kRowLoraWords; ++c) {
+        if (c < words) acc += WordDotShared<__nv_bfloat16>(w[c], xs + 8 * c);
+      }
     }
   }
   lora_sum[is_v][d] = acc;
@@ -1012,10 +1027,13 @@ bool TryVecAttention(const AttentionArgs& a, unsigned grid,
 namespace {
 
 bool RowLoraTakes(const AttentionRowLora& l) {
-  return l.xa == nullptr ||
-         (l.w != nullptr && l.scale != nullptr && l.r > 0 && l.r % 8 == 0 &&
-          Aligned16(l.xa, sizeof(float), {l.xa_row_stride}) &&
-          Aligned16(l.w, 2, {l.w_stride[0], l.w_stride[1]}));
+  if (l.xa == nullptr) return true;
+  const bool int8 = l.w_dtype == DType::kInt8;
+  if (!int8 && l.w_dtype != DType::kBFloat16) return false;
+  return l.w != nullptr && l.scale != nullptr && l.r > 0 &&
+         l.r % (int8 ? 16 : 8) == 0 &&
+         Aligned16(l.xa, sizeof(float), {l.xa_row_stride}) &&
+         Aligned16(l.w, int8 ? 1 : 2, {l.w_stride[0], l.w_stride[1]});
 }
 
 // True when a self-attention step goes to StagedStepAttentionKernel<...,

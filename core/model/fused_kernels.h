@@ -10,7 +10,7 @@
 
 namespace lorahub::model::kernels {
 
-enum class DType { kNone = -1, kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+enum class DType { kNone = -1, kFloat = 0, kBFloat16 = 1, kHalf = 2, kInt8 = 3 };
 
 // RMS norm of each of `rows` rows of `dim` fp32 values:
 // full = weight * (x * rsqrt(mean(x^2) + eps)) in fp32, and, unless
@@ -112,14 +112,17 @@ int LaunchSmallAttention(const AttentionArgs& args, void* stream);
 //   x[b, h, d] += s_b * sum_c xa[b, c] * w[slot_b, h * D + d, c],  c < r,
 // s_b = scale[slot_b] * (mask ? mask[b] : 1), slot_b = slots[b] (the
 // DecodeStepArgs'). xa: fp32, this site's ranks of row b at
-// xa + b * xa_row_stride; w: bf16 [S, H * D, r] with unit stride along r;
-// r a multiple of 8, 16-byte aligned xa and w rows (the launcher checks).
+// xa + b * xa_row_stride; w: bf16 [S, H * D, r] with unit stride along r,
+// r a multiple of 8, or int8 (w_dtype kInt8: the step factors of lora.h
+// SiteBank::b_int8, whose quantization scale `scale` carries), r a multiple
+// of 16; 16-byte aligned xa and w rows (the launcher checks).
 // The arithmetic of LaunchLoraExpand: fp32 sums of the same products, in the
 // same order, added as y + s * sum.
 struct AttentionRowLora {
   const float* xa = nullptr;  // null: no delta
   int64_t xa_row_stride = 0;
-  const void* w = nullptr;  // bf16
+  const void* w = nullptr;  // bf16, or int8
+  DType w_dtype = DType::kBFloat16;
   int64_t w_stride[2] = {0, 0};  // slot, output
   int64_t r = 0;
   const float* scale = nullptr;
@@ -464,6 +467,25 @@ int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
 // launch's error (0: none).
 int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int64_t n,
                       float* out, void* stream);
+
+// One site of one slot of a bank whose step factors are kept in int8
+// (LaunchQuantizeFactorsInt8): the fp32 factors a (na elements) and b (nb),
+// each contiguous, to a_q and b_q, each scaled by its own absolute maximum
+// over 127 (q = round-to-nearest-even(v / s), in [-127, 127]; s = 0 for a
+// block of zeros, whose values are all 0), and *scale_out = *lora_scale *
+// s_a * s_b: what the product of the two int8 blocks is multiplied by.
+struct Int8FactorJob {
+  const float* a = nullptr;
+  const float* b = nullptr;
+  int64_t na = 0, nb = 0;
+  int8_t* a_q = nullptr;
+  int8_t* b_q = nullptr;
+  const float* lora_scale = nullptr;
+  float* scale_out = nullptr;
+};
+// Every job of `jobs` (device memory), a block each. Returns the
+// cudaError_t of the launch.
+int LaunchQuantizeFactorsInt8(const Int8FactorJob* jobs, int num_jobs, void* stream);
 
 // Low-rank updates of weight matrices (low_rank_merge_kernels.cu), for
 // fused_ops.h LowRankMerge: for every job, out = w + scale * (b a), where

@@ -315,6 +315,41 @@ at::ScalarType RowKernelFactorDtype(at::ScalarType compute,
              : at::kFloat;
 }
 
+bool RowKernelInt8(at::ScalarType compute, const c10::Device& device) {
+  static const bool off = EnvFlag("LORAHUB_ROW_LORA_BF16");
+  return !off && RowKernelFactorDtype(compute, device) == at::kBFloat16 &&
+         DecodeStepAttentionEnabled();
+}
+
+void QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs) {
+  if (jobs.empty()) return;
+  const c10::Device device = jobs[0].a.device();
+  auto usable = [&](const at::Tensor& t, at::ScalarType dtype, int64_t n) {
+    return t.defined() && t.device() == device && t.is_contiguous() &&
+           t.scalar_type() == dtype && (n < 0 || t.numel() == n);
+  };
+  for (const Int8Quantization& j : jobs) {
+    TORCH_CHECK(usable(j.a, at::kFloat, -1) && usable(j.b, at::kFloat, -1),
+                "QuantizeFactorsInt8: factors must be contiguous fp32 on ", device);
+    TORCH_CHECK(usable(j.a_q, at::kChar, j.a.numel()) && usable(j.b_q, at::kChar, j.b.numel()),
+                "QuantizeFactorsInt8: outputs must be contiguous int8 of the factors' sizes");
+    TORCH_CHECK(usable(j.lora_scale, at::kFloat, 1) && usable(j.scale_out, at::kFloat, 1),
+                "QuantizeFactorsInt8: scales must be one fp32 value each");
+  }
+  if (FusedKernelsEnabled() && fused_backend::QuantizeFactorsInt8(jobs)) return;
+  for (const Int8Quantization& j : jobs) {
+    const at::Tensor sa = j.a.abs().max() / 127.0;
+    const at::Tensor sb = j.b.abs().max() / 127.0;
+    auto quantize = [](const at::Tensor& v, const at::Tensor& s, const at::Tensor& out) {
+      const at::Tensor q = at::where(s > 0, (v / s).round().clamp(-127, 127), at::zeros_like(v));
+      out.copy_(q.reshape(out.sizes()));
+    };
+    quantize(j.a, sa, j.a_q);
+    quantize(j.b, sb, j.b_q);
+    j.scale_out.copy_((j.lora_scale * sa * sb).reshape(j.scale_out.sizes()));
+  }
+}
+
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const std::vector<LoraRowSite>& sites,
                    const at::Tensor& slots, const at::Tensor& mask) {

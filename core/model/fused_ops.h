@@ -680,6 +680,32 @@ at::ScalarType DecodeCrossKvDtype(at::ScalarType compute,
 at::ScalarType RowKernelFactorDtype(at::ScalarType compute,
                                     const c10::Device& device);
 
+// Whether banks for a model computing in `compute` on `device` also keep
+// int8 copies of their factors for the decode steps' norm+shrink and
+// step-attention kernels (lora.h SiteBank::a_int8): where the per-row
+// kernels read bf16 copies (RowKernelFactorDtype), unless
+// LORAHUB_ROW_LORA_BF16=1 (read once; A/B). Why: at batch 64 with 64
+// distinct adapters every decode step reads every row's factors of every
+// decoder attention (about 300 MB a step for flan-t5-large at r = 16 in
+// bf16), and those reads are most of what per-row adapters cost; int8
+// halves them. The rounding: each factor block of a slot and site scaled by
+// its absolute maximum over 127 (QuantizeFactorsInt8), about 0.9% of a
+// Gaussian block's spread against bf16's 0.2%, on the adapters' delta only.
+bool RowKernelInt8(at::ScalarType compute, const c10::Device& device);
+
+// One slot of one site to quantize (QuantizeFactorsInt8): the fp32 factor
+// blocks a and b (contiguous) into a_q and b_q (int8, contiguous, the same
+// element counts), and scale_out (one fp32 value) = lora_scale (one fp32
+// value) * s_a * s_b, s = the block's largest |v| / 127.
+struct Int8Quantization {
+  at::Tensor a, b, a_q, b_q, lora_scale, scale_out;
+};
+// Every job of `jobs`: on CUDA one kernel launch (plus the copy of its
+// table from pinned memory; no host sync), else ATen ops per job. q =
+// round-half-even(v / s), zeros for a block of zeros. Throws c10::Error
+// for malformed jobs (nothing written then).
+void QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs);
+
 // One output of WeightedSums: dst = sum_t weights[t] * terms[t], elementwise
 // in fp32 in term order, each product and sum rounded (so the same bits on
 // every device), stored in dst's dtype; `fill` without terms. dst and every

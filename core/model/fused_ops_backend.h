@@ -108,6 +108,8 @@ bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
 
 // fused_ops.h WeightedSums, checked: every tensor on one CUDA device.
 bool WeightedSums(const std::vector<WeightedSum>& sums);
+// fused_ops.h QuantizeFactorsInt8, checked: every tensor on one device.
+bool QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs);
 // fused_ops.h ComposeFromBf16, checked: contiguous, shapes fit, one CUDA device.
 bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 

@@ -28,6 +28,8 @@ kernels::DType KernelDType(at::ScalarType t) {
       return kernels::DType::kBFloat16;
     case at::kHalf:
       return kernels::DType::kHalf;
+    case at::kChar:
+      return kernels::DType::kInt8;
     default:
       return kernels::DType::kNone;
   }
@@ -385,7 +387,8 @@ bool ExpandTakes(const at::Tensor& y, int64_t B, int64_t R, int64_t S,
   for (const LoraRowSite& s : sites) {
     if (!OnDeviceOf(s.b, y) || s.b.dim() != 3 ||
         KernelDType(s.b.scalar_type()) != w_dtype ||
-        w_dtype == kernels::DType::kNone || s.b.size(0) != S ||
+        w_dtype == kernels::DType::kNone || w_dtype == kernels::DType::kInt8 ||
+        s.b.size(0) != S ||
         s.b.size(2) <= 0 || s.rank_offset < 0 ||
         s.rank_offset + s.b.size(2) > R || s.col < 0 ||
         s.col + s.b.size(1) > y.size(1) || !OnDeviceOf(s.scale, y) ||
@@ -573,7 +576,8 @@ bool StepLora(const RowLoraExpand* e, const at::Tensor& q, int64_t slots,
   if (!OnDeviceOf(e->xa, q) || !OnDeviceOf(e->b, q) ||
       !OnDeviceOf(e->scale, q) || e->xa.scalar_type() != at::kFloat ||
       e->xa.dim() != 2 || e->xa.size(0) != B || e->xa.stride(1) != 1 ||
-      e->b.scalar_type() != at::kBFloat16 || e->b.dim() != 3 ||
+      (e->b.scalar_type() != at::kBFloat16 && e->b.scalar_type() != at::kChar) ||
+      e->b.dim() != 3 ||
       e->b.size(0) != slots || e->b.size(1) != HD || e->b.stride(2) != 1 ||
       e->rank_offset < 0 || e->rank_offset + e->b.size(2) > e->xa.size(1) ||
       e->scale.scalar_type() != at::kFloat || e->scale.numel() != slots) {
@@ -583,6 +587,7 @@ bool StepLora(const RowLoraExpand* e, const at::Tensor& q, int64_t slots,
   out->xa = e->xa.data_ptr<float>() + e->rank_offset;
   out->xa_row_stride = e->xa.stride(0);
   out->w = e->b.data_ptr();
+  out->w_dtype = KernelDType(e->b.scalar_type());
   out->w_stride[0] = e->b.stride(0);
   out->w_stride[1] = e->b.stride(1);
   out->r = e->b.size(2);
@@ -1215,6 +1220,36 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
       reinterpret_cast<const kernels::WeightedSumTerm*>(table.data_ptr<uint8_t>() + job_bytes),
       static_cast<int>(sums.size()), max_n, StreamOf(first));
   TORCH_CHECK(err == 0, "weighted sums kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return true;
+}
+
+bool QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs) {
+  const at::Tensor& first = jobs[0].a;
+  if (!first.is_cuda() || jobs.size() > static_cast<size_t>(INT32_MAX)) return false;
+  const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(kernels::Int8FactorJob));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* table = reinterpret_cast<kernels::Int8FactorJob*>(host.data_ptr());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const Int8Quantization& j = jobs[i];
+    kernels::Int8FactorJob& job = table[i];
+    job = kernels::Int8FactorJob();
+    job.a = j.a.data_ptr<float>();
+    job.b = j.b.data_ptr<float>();
+    job.na = j.a.numel();
+    job.nb = j.b.numel();
+    job.a_q = static_cast<int8_t*>(j.a_q.data_ptr());
+    job.b_q = static_cast<int8_t*>(j.b_q.data_ptr());
+    job.lora_scale = j.lora_scale.data_ptr<float>();
+    job.scale_out = j.scale_out.data_ptr<float>();
+  }
+  c10::cuda::CUDAGuard guard(first.device());
+  at::Tensor device_table = at::empty({bytes}, first.options().dtype(at::kByte));
+  device_table.copy_(host, /*non_blocking=*/true);
+  const int err = kernels::LaunchQuantizeFactorsInt8(
+      reinterpret_cast<const kernels::Int8FactorJob*>(device_table.data_ptr()),
+      static_cast<int>(jobs.size()), StreamOf(first));
+  TORCH_CHECK(err == 0, "int8 factor quantization kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return true;
 }

@@ -29,6 +29,7 @@ __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) {
   return __bfloat162float(v);
 }
 __device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(int8_t v) { return static_cast<float>(v); }
 
 template <typename T>
 __device__ __forceinline__ T FromFloat(float v);

@@ -537,6 +537,49 @@ absl::Status AttachRowKernelCopies(AdapterBank* bank, at::ScalarType dtype) {
   }
 }
 
+absl::Status AttachStepInt8Copies(AdapterBank* bank) {
+  if (bank == nullptr) return absl::InvalidArgumentError("no bank");
+  auto slot_blocks_contiguous = [](const at::Tensor& t) {
+    return t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2);
+  };
+  for (const SiteBank& sb : bank->sites) {
+    if (sb.a.defined() &&
+        (!slot_blocks_contiguous(sb.a) || !slot_blocks_contiguous(sb.b) ||
+         sb.a.scalar_type() != at::kFloat || sb.b.scalar_type() != at::kFloat)) {
+      return absl::InvalidArgumentError(
+          "int8 step factors: each slot's fp32 factor blocks must be contiguous");
+    }
+  }
+  try {
+    // One int8 storage per factor storage (views keep every layout).
+    std::map<const void*, at::Tensor> int8_storage;
+    auto int8_like = [&](const at::Tensor& t) {
+      at::Tensor& flat = int8_storage[t.storage().data()];
+      if (!flat.defined()) {
+        const int64_t n = static_cast<int64_t>(t.storage().nbytes()) / t.element_size();
+        flat = at::zeros({n}, t.options().dtype(at::kChar));
+      }
+      return flat.as_strided(t.sizes(), t.strides(), t.storage_offset());
+    };
+    std::vector<Int8Quantization> jobs;
+    for (SiteBank& sb : bank->sites) {
+      if (!sb.a.defined()) continue;
+      sb.a_int8 = int8_like(sb.a);
+      sb.b_int8 = int8_like(sb.b);
+      sb.scale_int8 = at::empty({sb.a.size(0), 1, 1}, sb.a.options());
+      const at::Tensor lora_scale = sb.scale.expand({sb.a.size(0), 1, 1});
+      for (int64_t slot = 0; slot < sb.a.size(0); ++slot) {
+        jobs.push_back({sb.a[slot], sb.b[slot], sb.a_int8[slot], sb.b_int8[slot],
+                        lora_scale[slot].reshape({1}), sb.scale_int8[slot].view({1})});
+      }
+    }
+    QuantizeFactorsInt8(jobs);
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(e.what_without_backtrace());
+  }
+}
+
 absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
                                        const std::vector<double>& weights) {
   if (static_cast<int>(weights.size()) != stack.num_modules) {

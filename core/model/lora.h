@@ -62,6 +62,15 @@ struct SiteBank {
   // Every other path reads a and b.
   at::Tensor a_low;
   at::Tensor b_low;
+  // Optional int8 copies of a and b for the decode steps' norm+shrink and
+  // step attention only (AttachStepInt8Copies, SlotBank; fused_ops.h
+  // RowKernelInt8): each slot's block of a and of b scaled by its own
+  // absolute maximum over 127, and scale_int8 [S, 1, 1] fp32 = scale *
+  // both blocks' scales, by which their product is multiplied. a_int8 and
+  // b_int8 have the sizes, strides and offsets of a and b.
+  at::Tensor a_int8;
+  at::Tensor b_int8;
+  at::Tensor scale_int8;
   // The value of every entry of `scale` when they are all equal (composed
   // banks: the first module's scaling), else NaN. Lets the forward pass fold
   // the scaling into one GEMM instead of a separate multiply.
@@ -188,6 +197,16 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
 // for LibTorch errors. Not for banks whose a/b change later unless the
 // owner updates the copies too (SlotBank does).
 absl::Status AttachRowKernelCopies(AdapterBank* bank, at::ScalarType dtype);
+
+// Gives every defined site of `bank` a_int8, b_int8 and scale_int8 (each
+// converted storage whole, as AttachRowKernelCopies does, so that factors
+// side by side stay so; every slot's blocks quantized on their own:
+// fused_ops.h QuantizeFactorsInt8). Each slot's block of a site's a and b
+// must be contiguous (the layouts of ComposeLoraHub and MakeAdapterBank).
+// InvalidArgument otherwise; Internal for LibTorch errors. Not for banks
+// whose a/b change later unless the owner updates the copies too (SlotBank
+// does).
+absl::Status AttachStepInt8Copies(AdapterBank* bank);
 
 // The composed adapter of one weight vector as a LoraAdapter (for merging).
 absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,

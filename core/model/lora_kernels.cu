@@ -559,6 +559,9 @@ int LaunchLoraShrink(const LoraShrinkArgs& args, void* stream) {
     case DType::kHalf:
       LaunchShrinkFor<__half>(args, grid, shared, s);
       break;
+    case DType::kInt8:
+      LaunchShrinkFor<int8_t>(args, grid, shared, s);
+      break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -597,6 +600,10 @@ bool AddRmsNormShrinkFits(const AddNormShrinkArgs& p) {
     case DType::kHalf:
       width = Vec16<__half>::kWidth;
       elem = sizeof(__half);
+      break;
+    case DType::kInt8:
+      width = Vec16<int8_t>::kWidth;
+      elem = sizeof(int8_t);
       break;
     default:
       return false;
@@ -647,12 +654,32 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
       held8<<<grid, kNormThreads, 0, s>>>(p);
     }
   };
-  // The decode steps' bf16 factors, rows of 4 * kNormThreads: the
+  // The decode steps' bf16 or int8 factors, rows of 4 * kNormThreads: the
   // specialised kernels (NormSpecialParts).
-  const int parts = p.shrink.a_dtype == DType::kBFloat16
-                        ? NormSpecialParts(p.delta, p.shrink.in)
-                        : 0;
+  const bool step_dtype =
+      p.shrink.a_dtype == DType::kBFloat16 || p.shrink.a_dtype == DType::kInt8;
+  const int parts = step_dtype ? NormSpecialParts(p.delta, p.shrink.in) : 0;
   using Bf16 = __nv_bfloat16;
+  if (p.shrink.a_dtype == DType::kInt8) {
+    switch (parts) {
+      case 1:
+        return launch_special(AddRmsNormShrinkKernel<int8_t, 4, 1, 1>,
+                              AddRmsNormShrinkKernel<int8_t, 4, 1, 2>,
+                              AddRmsNormShrinkKernel<int8_t, 4, 1, 4>);
+      case 2:
+        return launch_special(AddRmsNormShrinkKernel<int8_t, 4, 2, 1>,
+                              AddRmsNormShrinkKernel<int8_t, 4, 2, 2>,
+                              AddRmsNormShrinkKernel<int8_t, 4, 2, 4>);
+      case 4:
+        return launch_special(AddRmsNormShrinkKernel<int8_t, 4, 4, 1>,
+                              AddRmsNormShrinkKernel<int8_t, 4, 4, 2>,
+                              AddRmsNormShrinkKernel<int8_t, 4, 4, 4>);
+      default:
+        launch(AddRmsNormShrinkKernel<int8_t, 4>,
+               AddRmsNormShrinkKernel<int8_t, kNormHeld>);
+        return static_cast<int>(cudaGetLastError());
+    }
+  }
   switch (parts) {
     case 1:
       return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 1, 1>,

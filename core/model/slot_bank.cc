@@ -12,6 +12,7 @@ namespace lorahub::model {
 SlotBank::SlotBank(const T5Weights& base, int64_t capacity)
     : base_(base),
       low_dtype_(RowKernelFactorDtype(base.dtype, base.device)),
+      int8_(RowKernelInt8(base.dtype, base.device)),
       slots_(static_cast<size_t>(std::max<int64_t>(capacity, 1))) {
   bank_.num_slots = static_cast<int>(slots_.size());
   bank_.sites.resize(base.num_sites);
@@ -98,7 +99,24 @@ void SlotBank::Reserve(int site, int64_t r) {
   }
   // Every plan's views are of the old layout (and would keep its memory).
   ++layout_;
-  for (Slot& s : slots_) s.plan = LoadPlan();
+  for (Slot& s : slots_) {
+    s.plan = LoadPlan();
+    s.int8_jobs.clear();
+  }
+  if (int8_) {  // Load keeps them in step with a and b
+    const bool widened = sb.a_int8.defined();
+    sb.a_int8 = at::zeros({n, sb.a.size(1), in}, opts.dtype(at::kChar));
+    sb.b_int8 = at::zeros({n, out, sb.b.size(2)}, opts.dtype(at::kChar));
+    sb.scale_int8 = at::zeros({n, 1, 1}, opts);
+    if (widened) {  // the resident slots' factors, zero-padded
+      std::vector<Int8Quantization> jobs;
+      for (int64_t slot = 0; slot < n; ++slot) {
+        jobs.push_back({sb.a[slot], sb.b[slot], sb.a_int8[slot], sb.b_int8[slot],
+                        sb.scale[slot].view({1}), sb.scale_int8[slot].view({1})});
+      }
+      QuantizeFactorsInt8(jobs);
+    }
+  }
 }
 
 namespace {
@@ -154,6 +172,27 @@ bool SlotBank::Summable(const at::Tensor& t) const {
 }
 
 void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
+  LoadFactors(slot, adapter);
+  if (int8_) Quantize(slot);
+}
+
+void SlotBank::Quantize(int64_t slot) {
+  Slot& s = slots_[slot];
+  if (s.int8_layout != layout_) {
+    s.int8_jobs.clear();
+    for (const SiteBank& sb : bank_.sites) {
+      if (!sb.a_int8.defined()) continue;
+      s.int8_jobs.push_back({SlotOf(sb.a, slot), SlotOf(sb.b, slot),
+                             SlotOf(sb.a_int8, slot), SlotOf(sb.b_int8, slot),
+                             SlotOf(sb.scale, slot).view({1}),
+                             SlotOf(sb.scale_int8, slot).view({1})});
+    }
+    s.int8_layout = layout_;
+  }
+  QuantizeFactorsInt8(s.int8_jobs);
+}
+
+void SlotBank::LoadFactors(int64_t slot, const LoraAdapter& adapter) {
   for (const LoraSite& s : adapter.sites) Reserve(s.site, s.a.size(0));
   // LORAHUB_NO_SLOT_PLAN=1 (read once): every load makes its sums (A/B).
   static const bool no_plan = EnvFlag("LORAHUB_NO_SLOT_PLAN");

@@ -13,7 +13,8 @@
 // Memory: for every site any acquired adapter adapts, [capacity, r, in] +
 // [capacity, out, r] fp32 factors (r: the largest rank seen at the site;
 // a larger one later reallocates that site), plus their bf16 copies for
-// the decode kernels on a bf16 model (RowKernelFactorDtype). Slots an
+// the decode kernels on a bf16 model (RowKernelFactorDtype) and, on CUDA,
+// int8 copies for the decode steps (RowKernelInt8). Slots an
 // adapter does not use at a site hold zeros there.
 // Thread-safety: none; one owner (the engine's GPU thread).
 #ifndef LORAHUB_CORE_MODEL_SLOT_BANK_H_
@@ -84,11 +85,19 @@ class SlotBank {
     int64_t users = 0;
     uint64_t released_at = 0;  // Release order, for the choice of a slot
     LoadPlan plan;
+    // The slot's QuantizeFactorsInt8 jobs over every site with int8 copies,
+    // made once per layout (views of the slot's blocks).
+    int64_t int8_layout = -1;
+    std::vector<Int8Quantization> int8_jobs;
   };
 
-  // Copies `adapter` into `slot` (zeros where it adapts nothing). May throw
-  // c10::Error.
+  // Copies `adapter` into `slot` (zeros where it adapts nothing), then its
+  // int8 step factors (Quantize). May throw c10::Error.
   void Load(int64_t slot, const LoraAdapter& adapter);
+  void LoadFactors(int64_t slot, const LoraAdapter& adapter);
+  // The int8 copies of `slot`'s factors at every site that has them, from
+  // its fp32 factors (after they are written: the same stream).
+  void Quantize(int64_t slot);
   // Load through the slot's plan; false (nothing done) where it does not
   // fit `adapter`.
   bool LoadPlanned(int64_t slot, const LoraAdapter& adapter);
@@ -104,6 +113,9 @@ class SlotBank {
   // The decode kernels' copies of the factors (a_low, b_low) in this dtype;
   // none for kFloat (fused_ops.h RowKernelFactorDtype).
   const at::ScalarType low_dtype_;
+  // Whether sites keep int8 copies for the decode steps (fused_ops.h
+  // RowKernelInt8).
+  const bool int8_;
   AdapterBank bank_;    // every site any adapter was loaded for
   AdapterBank active_;  // bank_'s sites that slots with users adapt
   std::vector<Slot> slots_;

@@ -408,7 +408,8 @@ absl::Status StaticDecoder::SetAdapterBank(const AdapterBank* bank) {
   if (bank != nullptr) {
     for (const SiteBank& site : bank->sites) {
       for (const at::Tensor* t :
-           {&site.a, &site.b, &site.scale, &site.a_low, &site.b_low}) {
+           {&site.a, &site.b, &site.scale, &site.a_low, &site.b_low,
+            &site.a_int8, &site.b_int8, &site.scale_int8}) {
         layout.push_back(
             t->defined() ? reinterpret_cast<intptr_t>(t->data_ptr()) : 0);
         layout.push_back(t->defined() ? t->numel() : 0);

@@ -343,17 +343,34 @@ bool StepPathApplies(const T5Weights& w, const Normed& x,
          StepSitesApply(w, x.mm.device(), members, fused, rows);
 }
 
-// The A factors of the step path's one shrink for `sites` (their per-row
-// kernel copies side by side: [S, count * r, in]); undefined where they do
-// not lie so (then each site's delta runs on its own).
+// The factors the step path reads at a site: its int8 copies where the
+// bank keeps them (lora.h SiteBank::a_int8; with their scale), else its
+// per-row kernel copies.
+// (The step kernels take int8 factors of ranks that are multiples of 16.)
+bool StepInt8(const SiteBank& sb) {
+  return sb.a_int8.defined() && sb.a_int8.size(1) % 16 == 0;
+}
+const at::Tensor& StepA(const SiteBank& sb) {
+  return StepInt8(sb) ? sb.a_int8 : sb.a_low;
+}
+RowLoraExpand StepExpand(const SiteBank& sb, const at::Tensor& xa,
+                         int64_t rank_offset) {
+  return StepInt8(sb)
+             ? RowLoraExpand{xa, rank_offset, sb.b_int8, sb.scale_int8}
+             : RowLoraExpand{xa, rank_offset, sb.b_low, sb.scale};
+}
+
+// The A factors of the step path's one shrink for `sites` (StepA side by
+// side: [S, count * r, in]); undefined where they do not lie so (then each
+// site's delta runs on its own).
 at::Tensor ShrinkRun(const std::vector<const SiteBank*>& sites) {
   if (sites.empty()) return at::Tensor();
   for (size_t k = 1; k < sites.size(); ++k) {
-    if (!AdjacentFactors(sites[k - 1]->a_low, sites[k]->a_low)) {
+    if (!AdjacentFactors(StepA(*sites[k - 1]), StepA(*sites[k]))) {
       return at::Tensor();
     }
   }
-  return SideBySideA(sites[0]->a_low, static_cast<int64_t>(sites.size()));
+  return SideBySideA(StepA(*sites[0]), static_cast<int64_t>(sites.size()));
 }
 
 // The factors for the norm before a decode step's attention to shrink with
@@ -434,8 +451,7 @@ StepOutput StepProjection(const Normed& x, const at::Tensor& fused,
     const int64_t r = sites[0]->a_low.size(1);
     for (size_t k = 0; k < sites.size(); ++k) {
       (*expands)[adapted.which[k]] =
-          RowLoraExpand{xa, static_cast<int64_t>(k) * r, sites[k]->b_low,
-                        sites[k]->scale};
+          StepExpand(*sites[k], xa, static_cast<int64_t>(k) * r);
     }
   }
   if (split && !StepSplitKOff()) {

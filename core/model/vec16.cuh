@@ -1,4 +1,4 @@
-// Vec16: one 16-byte vector of fp32, bf16 or fp16 values widened to
+// Vec16: one 16-byte vector of fp32, bf16, fp16 or int8 values widened to
 // floats, for the hand-written kernels (attention_kernels.cu,
 // lora_kernels.cu, greedy_kernels.cu and others).
 // Included by nvcc-compiled files only.
@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 namespace lorahub::model::kernels {
 
@@ -58,6 +60,27 @@ struct Vec16<__half> {
     }
   }
   __device__ __forceinline__ static void Load(const __half* p, float* out) {
+    Widen(*reinterpret_cast<const uint4*>(p), out);
+  }
+};
+
+// 16 int8 values (the decode steps' int8 LoRA factors, lora.h
+// SiteBank::a_int8): exact in fp32.
+template <>
+struct Vec16<int8_t> {
+  static constexpr int kWidth = 16;
+  __device__ __forceinline__ static void Widen(const uint4& raw, float* out) {
+    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        out[4 * i + k] = static_cast<float>(
+            static_cast<int8_t>((words[i] >> (8 * k)) & 0xffu));
+      }
+    }
+  }
+  __device__ __forceinline__ static void Load(const int8_t* p, float* out) {
     Widen(*reinterpret_cast<const uint4*>(p), out);
   }
 };

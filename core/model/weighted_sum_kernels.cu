@@ -9,7 +9,8 @@
 // one launch over a table of jobs.
 //
 // Also the composition of the merged objective from its bf16 module pool
-// (LaunchComposeBf16).
+// (LaunchComposeBf16), and the int8 step factors of a bank's slots
+// (LaunchQuantizeFactorsInt8).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -99,6 +100,46 @@ __global__ void __launch_bounds__(kComposeThreads)
   for (int q = 0; q < here; ++q) out[j0 + q] = acc[q];
 }
 
+
+constexpr int kQuantThreads = 256;
+
+// The largest |v| of n fp32 values at p over the block (every thread gets
+// it). Uniform over the block (barriers inside).
+__device__ float BlockAbsMax(const float* __restrict__ p, int64_t n) {
+  __shared__ float warp_max[kQuantThreads / 32];
+  float m = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += kQuantThreads) m = fmaxf(m, fabsf(p[i]));
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = 0.f;
+#pragma unroll
+  for (int w = 0; w < kQuantThreads / 32; ++w) m = fmaxf(m, warp_max[w]);
+  __syncthreads();  // warp_max is reused by the next call
+  return m;
+}
+
+// q = round-to-nearest-even(v / s) for n values (|q| <= 127 since s is the
+// largest |v| over 127); zeros where s is 0.
+__device__ void QuantizeBlock(const float* __restrict__ p, int64_t n, float s,
+                              int8_t* __restrict__ q) {
+  for (int64_t i = threadIdx.x; i < n; i += kQuantThreads) {
+    const float v = s > 0.f ? fminf(fmaxf(rintf(__fdiv_rn(p[i], s)), -127.f), 127.f) : 0.f;
+    q[i] = static_cast<int8_t>(v);
+  }
+}
+
+// Job blockIdx.x of LaunchQuantizeFactorsInt8.
+__global__ void __launch_bounds__(kQuantThreads)
+    QuantizeFactorsInt8Kernel(const Int8FactorJob* jobs) {
+  const Int8FactorJob job = jobs[blockIdx.x];
+  const float sa = __fdiv_rn(BlockAbsMax(job.a, job.na), 127.f);
+  const float sb = __fdiv_rn(BlockAbsMax(job.b, job.nb), 127.f);
+  QuantizeBlock(job.a, job.na, sa, job.a_q);
+  QuantizeBlock(job.b, job.nb, sb, job.b_q);
+  if (threadIdx.x == 0) *job.scale_out = *job.lora_scale * sa * sb;
+}
+
 }  // namespace
 
 int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int64_t n,
@@ -132,6 +173,14 @@ int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
     if (err != cudaSuccess) return static_cast<int>(err);
   }
   return 0;
+}
+
+int LaunchQuantizeFactorsInt8(const Int8FactorJob* jobs, int num_jobs, void* stream) {
+  if (num_jobs < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (num_jobs == 0) return 0;
+  QuantizeFactorsInt8Kernel<<<static_cast<unsigned>(num_jobs), kQuantThreads, 0,
+                              static_cast<cudaStream_t>(stream)>>>(jobs);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace lorahub::model::kernels

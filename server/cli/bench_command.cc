@@ -289,7 +289,7 @@ std::vector<std::vector<int64_t>> CyclePrompts(const std::vector<std::vector<int
 
 // One composed adapter per weight vector (each of the stack's size), slots 0..rows-1, for
 // generation: with the decode kernels' low-precision copies of the factors, as the serving
-// engine's SlotBank keeps them (fused_ops.h RowKernelFactorDtype).
+// engine's SlotBank keeps them (fused_ops.h RowKernelFactorDtype, RowKernelInt8).
 absl::StatusOr<model::ComposedAdapters> ComposeRows(const model::T5Weights& base,
                                                     const model::ModuleStack& stack,
                                                     const std::vector<std::vector<double>>& rows,
@@ -303,6 +303,9 @@ absl::StatusOr<model::ComposedAdapters> ComposeRows(const model::T5Weights& base
   LH_ASSIGN_OR_RETURN(model::ComposedAdapters bank, model::ComposeLoraHub(stack, wt));
   LH_RETURN_IF_ERROR(model::AttachRowKernelCopies(
       &bank, model::RowKernelFactorDtype(base.dtype, base.device)));
+  if (model::RowKernelInt8(base.dtype, base.device)) {
+    LH_RETURN_IF_ERROR(model::AttachStepInt8Copies(&bank));
+  }
   return bank;
 }
 

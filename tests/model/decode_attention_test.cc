@@ -442,8 +442,10 @@ at::Tensor RowDelta(const RowLoraExpand& e, const at::Tensor& slots,
 // projection output, whole or as 2 split-K partials; one row masked
 // (no adapter); three adapter slots; an fp32 cache, and a bf16 one (the
 // default of a bf16 model on CUDA, DecodeSelfKvDtype: the new key and value
-// stored rounded, and attended as stored). On CUDA the step kernel must
-// take it (none of the fallback's ops run).
+// stored rounded, and attended as stored); the factors in bf16 and (CUDA
+// only: the step kernel alone takes them) in int8 with their scale (lora.h
+// SiteBank::b_int8). On CUDA the step kernel must take it (none of the
+// fallback's ops run).
 TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
   at::manual_seed(18);
   const int64_t B = 5, H = 3, d = 64, C = 40, S = 3, r = 16, HD = H * d;
@@ -459,6 +461,13 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
           Device())};
   const RowLoraExpand v_lora{xa, r, Random({S, HD, r}, 0.3).to(at::kBFloat16),
                              at::full({S, 1, 1}, 1.5, F32())};
+  // The same with int8 factors (lora.h SiteBank::b_int8; CUDA only).
+  const auto int8_factors = [&] {
+    return Random({S, HD, r}, 60.0).round().clamp(-127, 127).to(at::kChar);
+  };
+  const RowLoraExpand q_lora8{xa, 0, int8_factors(), q_lora.scale * 0.005};
+  const RowLoraExpand v_lora8{xa, r, int8_factors(), v_lora.scale * 0.005};
+  const bool kernel = Device().is_cuda() && DecodeStepAttentionEnabled();
   const at::Tensor pos = at::arange(C, i64);
   const at::Tensor bias_all =
       (Random({1, H, C, C}, 2.0) +
@@ -469,6 +478,10 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
           .contiguous();
   // q|k|v whole (1 part) and as split-K partials (SplitKProject: 2 parts,
   // the step kernel sums them in order).
+  for (const bool int8 : {false, true}) {
+  if (int8 && !kernel) continue;
+  const RowLoraExpand& q_row = int8 ? q_lora8 : q_lora;
+  const RowLoraExpand& v_row = int8 ? v_lora8 : v_lora;
   for (at::ScalarType cache_dtype : {at::kFloat, at::kBFloat16}) {
   for (int64_t parts : {1, 2}) {
   for (int64_t t : {int64_t{0}, int64_t{17}, C - 1}) {
@@ -489,12 +502,12 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
     step.k = cache[0];
     step.v = cache[1];
     step.bias = bias;
-    step.q_lora = &q_lora;
+    step.q_lora = &q_row;
     step.k_new = heads_of(partials[0], 1);
     step.v_new = heads_of(partials[0], 2);
     step.parts = parts;
     step.part_stride = partials.stride(0);
-    step.v_lora = &v_lora;
+    step.v_lora = &v_row;
     step.t = t_index;
     step.slots = slots;
     step.mask = mask;
@@ -506,7 +519,8 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
       fallback_ops = counter.count();
     }
     ASSERT_EQ(got.sizes(), (std::vector<int64_t>{B, H, 1, d}));
-    const std::string where = std::string(bf16 ? "bf16" : "fp32") +
+    const std::string where = std::string(int8 ? "int8 factors, " : "") +
+                              std::string(bf16 ? "bf16" : "fp32") +
                               " cache, parts " + std::to_string(parts) +
                               ", t " + std::to_string(t);
     if (Device().is_cuda() && DecodeStepAttentionEnabled()) {
@@ -519,8 +533,8 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
     at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
     at::Tensor want_v = at::empty({B, H, d}, at::kDouble);
     for (int64_t b = 0; b < B; ++b) {
-      const at::Tensor dq = RowDelta(q_lora, slots, mask, b).view({H, d});
-      const at::Tensor dv = RowDelta(v_lora, slots, mask, b).view({H, d});
+      const at::Tensor dq = RowDelta(q_row, slots, mask, b).view({H, d});
+      const at::Tensor dv = RowDelta(v_row, slots, mask, b).view({H, d});
       for (int64_t h = 0; h < H; ++h) {
         const auto cpu = [](const at::Tensor& x) {
           return x.to(at::kCPU).to(at::kDouble);
@@ -537,7 +551,6 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
     // The kernel: summation order only. The fallback over a bf16 cache
     // (bmm, SingleQueryAttention) rounds q and the probabilities to bf16
     // (measured on the CPU: up to 0.015).
-    const bool kernel = Device().is_cuda() && DecodeStepAttentionEnabled();
     const double diff = RelDiff(got, want);
     EXPECT_LE(diff, kernel || !bf16 ? 1e-5 : 3e-2) << where;
     EXPECT_TRUE(at::equal(cache[0].select(2, t).to(at::kCPU),
@@ -557,49 +570,58 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
   }
   }
   }
+  }
 }
 
 // DecodeStepAttention for a cross-attention step: q's per-row delta only,
 // bf16 keys and values of padded encoder rows (what the static decoder
-// holds), no store; against double.
+// holds), no store; against double. The delta's factors in bf16 and (CUDA
+// only: the step kernel alone takes them) in int8 with their scale (lora.h
+// SiteBank::b_int8).
 TEST(DecodeAttentionTest, StepAttentionCrossWithRowLora) {
   at::manual_seed(19);
   const int64_t B = 3, H = 2, d = 64, S = 3, r = 16, keys = 37;
-  const at::Tensor slots =
-      at::tensor(std::vector<int64_t>{1, 2, 0}, at::kLong).to(Device());
-  const at::Tensor ones = at::ones({B, 1, 1}, F32());
-  const RowLoraExpand q_lora{Random({B, r}, 1.0), 0,
-                             Random({S, H * d, r}, 0.3).to(at::kBFloat16),
-                             at::full({S, 1, 1}, 2.0, F32())};
-  const std::vector<int64_t> lengths = {keys, 20, 1};
-  const at::Tensor mask_bias = PaddedRowsBias(lengths, keys);
-  const at::Tensor q = Random({B, H, 1, d}, 0.5);
-  const at::Tensor k = Random({B, H, keys, d}, 0.5).to(at::kBFloat16);
-  const at::Tensor v = Random({B, H, keys, d}, 1.0).to(at::kBFloat16);
-  DecodeStepInputs step;
-  step.q = q;
-  step.k = k;
-  step.v = v;
-  step.bias = mask_bias;
-  step.q_lora = &q_lora;
-  step.slots = slots;
-  const at::Tensor got = DecodeStepAttention(step, at::kFloat);
-  at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
-  const at::Tensor zero_bias = at::zeros({keys}, F32());
-  for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor dq = RowDelta(q_lora, slots, ones, b).view({H, d});
-    for (int64_t h = 0; h < H; ++h) {
-      want[b][h][0].copy_(Reference(
-          q[b][h][0].to(at::kCPU).to(at::kDouble) + dq[h], k[b][h], v[b][h],
-          zero_bias, lengths[b]));
-    }
-  }
-  // The kernel: summation order only; the CPU fallback (bmm) rounds the
-  // probabilities to bf16 (2^-9 each; the q delta makes the scores large).
   const bool kernel = Device().is_cuda() && DecodeStepAttentionEnabled();
-  const double diff = RelDiff(got, want);
-  EXPECT_LE(diff, kernel ? 1e-5 : 1e-2);
-  std::printf("cross step: vs double %.3g\n", diff);
+  for (const bool int8 : {false, true}) {
+    if (int8 && !kernel) continue;
+    SCOPED_TRACE(int8 ? "int8 factors" : "bf16 factors");
+    const at::Tensor slots =
+        at::tensor(std::vector<int64_t>{1, 2, 0}, at::kLong).to(Device());
+    const at::Tensor ones = at::ones({B, 1, 1}, F32());
+    const at::Tensor factors =
+        int8 ? Random({S, H * d, r}, 60.0).round().clamp(-127, 127).to(at::kChar)
+             : Random({S, H * d, r}, 0.3).to(at::kBFloat16);
+    const RowLoraExpand q_lora{Random({B, r}, 1.0), 0, factors,
+                               at::full({S, 1, 1}, int8 ? 0.01 : 2.0, F32())};
+    const std::vector<int64_t> lengths = {keys, 20, 1};
+    const at::Tensor mask_bias = PaddedRowsBias(lengths, keys);
+    const at::Tensor q = Random({B, H, 1, d}, 0.5);
+    const at::Tensor k = Random({B, H, keys, d}, 0.5).to(at::kBFloat16);
+    const at::Tensor v = Random({B, H, keys, d}, 1.0).to(at::kBFloat16);
+    DecodeStepInputs step;
+    step.q = q;
+    step.k = k;
+    step.v = v;
+    step.bias = mask_bias;
+    step.q_lora = &q_lora;
+    step.slots = slots;
+    const at::Tensor got = DecodeStepAttention(step, at::kFloat);
+    at::Tensor want = at::empty({B, H, 1, d}, at::kDouble);
+    const at::Tensor zero_bias = at::zeros({keys}, F32());
+    for (int64_t b = 0; b < B; ++b) {
+      const at::Tensor dq = RowDelta(q_lora, slots, ones, b).view({H, d});
+      for (int64_t h = 0; h < H; ++h) {
+        want[b][h][0].copy_(Reference(
+            q[b][h][0].to(at::kCPU).to(at::kDouble) + dq[h], k[b][h], v[b][h],
+            zero_bias, lengths[b]));
+      }
+    }
+    // The kernel: summation order only; the CPU fallback (bmm) rounds the
+    // probabilities to bf16 (2^-9 each; the q delta makes the scores large).
+    const double diff = RelDiff(got, want);
+    EXPECT_LE(diff, kernel ? 1e-5 : 1e-2);
+    std::printf("cross step (%s factors): vs double %.3g\n", int8 ? "int8" : "bf16", diff);
+  }
 }
 
 // CrossKeyLengths: each row's visible keys where they are a prefix with a

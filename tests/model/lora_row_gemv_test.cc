@@ -339,6 +339,87 @@ TEST(LoraRowGemvTest, NormWithShrinkDeclinesBadShapes) {
 }
 
 // What it does not take, it declines without writing anything.
+// The decode steps' norm+shrink over int8 factors (lora.h SiteBank::a_int8):
+// the sums of the same factors as fp32 (exact), to fp32 rounding (16 values
+// a word against 4), and the norm's outputs bit for bit; for a delta of 2
+// split-K partials (the decode steps') and a bf16 one, 32 and 16 ranks. On
+// the CPU it declines.
+TEST(LoraRowGemvTest, NormWithShrinkOfInt8FactorsEqualsTheirFloats) {
+  at::manual_seed(41);
+  const bool cuda = Device().is_cuda() && LoraRowGemvEnabled();
+  constexpr int64_t in = 1024;
+  const at::Tensor slots =
+      at::tensor(std::vector<int64_t>{3, 0, 2, 1, 3, 0, 2}, at::kLong).to(Device());
+  const at::Tensor x = at::randn({kRows, 1, in}, F32());
+  const at::Tensor weight = (at::rand({in}, F32()) + 0.5).to(at::kBFloat16);
+  for (const int64_t ranks : {int64_t{32}, int64_t{16}}) {
+    for (const int64_t parts : {int64_t{2}, int64_t{1}}) {
+      SCOPED_TRACE(parts);
+      const at::Tensor delta = parts > 1 ? at::randn({parts, kRows, 1, in}, F32())
+                                         : at::randn({kRows, 1, in}, F32()).to(at::kBFloat16);
+      const at::Tensor a8 =
+          at::randint(-127, 128, {kSlots, ranks, in}, F32()).to(at::kChar);
+      AddNormOutput got, want;
+      at::Tensor xa, want_xa;
+      const bool ran = AddRmsNormShrink(x, delta, weight, 1e-6, at::kBFloat16, a8, slots,
+                                        &got, &xa);
+      EXPECT_EQ(ran, cuda) << ranks;
+      if (!ran) continue;
+      ASSERT_TRUE(AddRmsNormShrink(x, delta, weight, 1e-6, at::kBFloat16,
+                                   a8.to(at::kFloat), slots, &want, &want_xa));
+      EXPECT_TRUE(at::equal(got.sum, want.sum));
+      EXPECT_TRUE(at::equal(got.norm.full, want.norm.full));
+      EXPECT_TRUE(at::equal(got.norm.rounded, want.norm.rounded));
+      ASSERT_EQ(xa.sizes(), (std::vector<int64_t>{kRows, ranks}));
+      const double scale = want_xa.abs().max().item<double>();
+      EXPECT_LE((xa - want_xa).abs().max().item<double>(), 1e-6 * scale) << ranks;
+      EXPECT_TRUE(at::equal(xa, LoraRowShrink(want.norm.full.view({kRows, in}), a8, slots)))
+          << ranks;
+    }
+  }
+}
+
+// QuantizeFactorsInt8 (fused_ops.h) against its definition in double on the
+// CPU: each block scaled by its largest |v| / 127, rounded half to even,
+// the scale out lora_scale * s_a * s_b; a block of zeros stays zeros with
+// scale 0. On CUDA the kernel, else the ATen ops.
+TEST(QuantizeFactorsInt8Test, MatchesItsDefinition) {
+  at::manual_seed(43);
+  const at::Tensor a = at::randn({3, 16, 1024}, F32()) * 0.02;
+  at::Tensor b = at::randn({3, 1024, 16}, F32()) * 0.005;
+  b[2].zero_();  // slot 2: no adapter at this site
+  const at::Tensor lora_scale = at::tensor(std::vector<float>{2.f, 0.5f, 1.f}).to(Device());
+  const at::Tensor a_q = at::full({3, 16, 1024}, 99, F32()).to(at::kChar);
+  const at::Tensor b_q = at::full({3, 1024, 16}, 99, F32()).to(at::kChar);
+  const at::Tensor scale_out = at::full({3}, -1.f, F32());
+  std::vector<Int8Quantization> jobs;
+  for (int64_t s = 0; s < 3; ++s) {
+    jobs.push_back({a[s], b[s], a_q[s], b_q[s], lora_scale.narrow(0, s, 1),
+                    scale_out.narrow(0, s, 1)});
+  }
+  QuantizeFactorsInt8(jobs);
+  const auto cpu = [](const at::Tensor& t) { return t.to(at::kCPU).to(at::kDouble); };
+  for (int64_t s = 0; s < 3; ++s) {
+    SCOPED_TRACE(s);
+    double block_scale = lora_scale[s].item<double>();
+    for (const auto& [v, q] : {std::pair{cpu(a[s]), cpu(a_q[s])}, std::pair{cpu(b[s]), cpu(b_q[s])}}) {
+      const double absmax = v.abs().max().item<double>();
+      const double step = static_cast<float>(absmax) / 127.f;
+      block_scale *= step;
+      const at::Tensor want = step > 0 ? (v / step).round() : at::zeros_like(v);
+      // fp32 division against double: a value within 2^-20 of a half step
+      // may round the other way.
+      EXPECT_LE((q - want).abs().max().item<double>(), 1.0);
+      EXPECT_LE((q - want).abs().sum().item<double>(), 4.0);
+      EXPECT_LE(q.abs().max().item<double>(), 127.0);
+      if (step > 0) EXPECT_EQ(q.abs().max().item<double>(), 127.0);
+    }
+    EXPECT_NEAR(scale_out[s].item<double>(), block_scale, 1e-6 * std::abs(block_scale) + 1e-30);
+  }
+  EXPECT_EQ(cpu(b_q[2]).abs().max().item<double>(), 0.0);
+  EXPECT_EQ(scale_out[2].item<double>(), 0.0);
+}
+
 TEST(LoraRowGemvTest, DeclinesBadShapes) {
   at::manual_seed(23);
   Case c = MakeCase(at::kFloat, true);
