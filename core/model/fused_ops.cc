@@ -321,8 +321,9 @@ bool RowKernelInt8(at::ScalarType compute, const c10::Device& device) {
          DecodeStepAttentionEnabled();
 }
 
-void QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs) {
-  if (jobs.empty()) return;
+Int8QuantizationPlan PlanInt8Quantization(std::vector<Int8Quantization> jobs) {
+  Int8QuantizationPlan plan;
+  if (jobs.empty()) return plan;
   const c10::Device device = jobs[0].a.device();
   auto usable = [&](const at::Tensor& t, at::ScalarType dtype, int64_t n) {
     return t.defined() && t.device() == device && t.is_contiguous() &&
@@ -336,8 +337,18 @@ void QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs) {
     TORCH_CHECK(usable(j.lora_scale, at::kFloat, 1) && usable(j.scale_out, at::kFloat, 1),
                 "QuantizeFactorsInt8: scales must be one fp32 value each");
   }
-  if (FusedKernelsEnabled() && fused_backend::QuantizeFactorsInt8(jobs)) return;
-  for (const Int8Quantization& j : jobs) {
+  if (FusedKernelsEnabled()) plan.device_table = fused_backend::Int8QuantizationTable(jobs);
+  plan.jobs = std::move(jobs);
+  return plan;
+}
+
+void RunInt8Quantization(const Int8QuantizationPlan& plan) {
+  if (plan.jobs.empty()) return;
+  if (plan.device_table.defined()) {
+    fused_backend::RunInt8Quantization(plan.device_table, static_cast<int>(plan.jobs.size()));
+    return;
+  }
+  for (const Int8Quantization& j : plan.jobs) {
     const at::Tensor sa = j.a.abs().max() / 127.0;
     const at::Tensor sb = j.b.abs().max() / 127.0;
     auto quantize = [](const at::Tensor& v, const at::Tensor& s, const at::Tensor& out) {
@@ -348,6 +359,10 @@ void QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs) {
     quantize(j.b, sb, j.b_q);
     j.scale_out.copy_((j.lora_scale * sa * sb).reshape(j.scale_out.sizes()));
   }
+}
+
+void QuantizeFactorsInt8(std::vector<Int8Quantization> jobs) {
+  RunInt8Quantization(PlanInt8Quantization(std::move(jobs)));
 }
 
 bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,

@@ -700,11 +700,21 @@ bool RowKernelInt8(at::ScalarType compute, const c10::Device& device);
 struct Int8Quantization {
   at::Tensor a, b, a_q, b_q, lora_scale, scale_out;
 };
-// Every job of `jobs`: on CUDA one kernel launch (plus the copy of its
-// table from pinned memory; no host sync), else ATen ops per job. q =
-// round-half-even(v / s), zeros for a block of zeros. Throws c10::Error
-// for malformed jobs (nothing written then).
-void QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs);
+// Jobs checked once and, on CUDA, their job table on the device, to be run
+// any number of times (each run reads the factors as they are then). Why:
+// the serving bank quantizes a slot's 144 sites at every adapter load on
+// the engine thread; a kept table makes that one launch.
+struct Int8QuantizationPlan {
+  std::vector<Int8Quantization> jobs;
+  at::Tensor device_table;  // undefined: ATen ops per job
+};
+// Throws c10::Error for malformed jobs.
+Int8QuantizationPlan PlanInt8Quantization(std::vector<Int8Quantization> jobs);
+// On CUDA one kernel launch (no host sync), else ATen ops per job. q =
+// round-half-even(v / s), zeros for a block of zeros.
+void RunInt8Quantization(const Int8QuantizationPlan& plan);
+// Both, once.
+void QuantizeFactorsInt8(std::vector<Int8Quantization> jobs);
 
 // One output of WeightedSums: dst = sum_t weights[t] * terms[t], elementwise
 // in fp32 in term order, each product and sum rounded (so the same bits on

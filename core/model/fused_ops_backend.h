@@ -108,8 +108,11 @@ bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
 
 // fused_ops.h WeightedSums, checked: every tensor on one CUDA device.
 bool WeightedSums(const std::vector<WeightedSum>& sums);
-// fused_ops.h QuantizeFactorsInt8, checked: every tensor on one device.
-bool QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs);
+// fused_ops.h PlanInt8Quantization's job table on the device (checked:
+// every tensor on one device); undefined off CUDA or for too many jobs.
+at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs);
+// Its one launch over num_jobs jobs.
+void RunInt8Quantization(const at::Tensor& table, int num_jobs);
 // fused_ops.h ComposeFromBf16, checked: contiguous, shapes fit, one CUDA device.
 bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 

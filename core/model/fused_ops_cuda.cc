@@ -1224,9 +1224,9 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
   return true;
 }
 
-bool QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs) {
+at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs) {
   const at::Tensor& first = jobs[0].a;
-  if (!first.is_cuda() || jobs.size() > static_cast<size_t>(INT32_MAX)) return false;
+  if (!first.is_cuda() || jobs.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
   const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(kernels::Int8FactorJob));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* table = reinterpret_cast<kernels::Int8FactorJob*>(host.data_ptr());
@@ -1246,12 +1246,16 @@ bool QuantizeFactorsInt8(const std::vector<Int8Quantization>& jobs) {
   c10::cuda::CUDAGuard guard(first.device());
   at::Tensor device_table = at::empty({bytes}, first.options().dtype(at::kByte));
   device_table.copy_(host, /*non_blocking=*/true);
+  return device_table;
+}
+
+void RunInt8Quantization(const at::Tensor& table, int num_jobs) {
+  c10::cuda::CUDAGuard guard(table.device());
   const int err = kernels::LaunchQuantizeFactorsInt8(
-      reinterpret_cast<const kernels::Int8FactorJob*>(device_table.data_ptr()),
-      static_cast<int>(jobs.size()), StreamOf(first));
+      reinterpret_cast<const kernels::Int8FactorJob*>(table.data_ptr()), num_jobs,
+      StreamOf(table));
   TORCH_CHECK(err == 0, "int8 factor quantization kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
-  return true;
 }
 
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,

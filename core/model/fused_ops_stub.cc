@@ -96,7 +96,8 @@ bool LoraPackedRunExpand(const at::Tensor&, const at::Tensor&,
 }
 
 bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
-bool QuantizeFactorsInt8(const std::vector<Int8Quantization>&) { return false; }
+at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>&) { return at::Tensor(); }
+void RunInt8Quantization(const at::Tensor&, int) {}
 bool ComposeFromBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*, bool*) {
   return at::Tensor();

@@ -73,49 +73,76 @@ void SlotBank::Release(int64_t slot) {
   }
 }
 
+std::vector<int> SlotBank::SitesAllocatedWith(int site) const {
+  // A decoder block's self-attention q and v (slots 0 and 2 of its sites):
+  // their A factors side by side in every slot, [n, 2, r, in], so that a
+  // decode step shrinks both in one pass fused into the norm (t5_forward.cc
+  // ShrinkRun: AdjacentFactors), as the composed banks lay them.
+  // LORAHUB_SLOT_SEPARATE_SITES=1 (read once; A/B): every site alone.
+  static const bool separate = EnvFlag("LORAHUB_SLOT_SEPARATE_SITES");
+  const int block = site / kSitesPerBlock, member = site % kSitesPerBlock;
+  if (separate || block < base_.config.num_layers || (member != 0 && member != 2)) return {site};
+  const int q = block * kSitesPerBlock, v = q + 2;
+  if (base_.site_shape[q] != base_.site_shape[v]) return {site};
+  return {q, v};
+}
+
 void SlotBank::Reserve(int site, int64_t r) {
-  SiteBank& sb = bank_.sites[site];
+  const std::vector<int> group = SitesAllocatedWith(site);
+  int64_t have = 0;  // the group's rank (they are allocated together)
+  for (int g : group) {
+    if (bank_.sites[g].a.defined()) have = std::max(have, bank_.sites[g].a.size(1));
+  }
+  if (have > 0 && r <= have) return;
+  r = std::max(r, have);
   const auto [out, in] = base_.site_shape[site];
   const int64_t n = capacity();
+  const auto k = static_cast<int64_t>(group.size());
   auto opts = at::TensorOptions().dtype(at::kFloat).device(base_.device);
-  if (!sb.a.defined()) {
-    sb.a = at::zeros({n, r, in}, opts);
-    sb.b = at::zeros({n, out, r}, opts);
-    sb.scale = at::zeros({n, 1, 1}, opts);
-  } else {
-    const int64_t have = sb.a.size(1);
-    if (r <= have) return;
-    // Zero-padded ranks do not change B A.
-    at::Tensor a = at::zeros({n, r, in}, opts);
+  // Zero-padded ranks do not change B A.
+  at::Tensor a = at::zeros({n, k, r, in}, opts);
+  at::Tensor a8 = int8_ ? at::zeros({n, k, r, in}, opts.dtype(at::kChar)) : at::Tensor();
+  for (int64_t i = 0; i < k; ++i) {
+    SiteBank& sb = bank_.sites[group[i]];
     at::Tensor b = at::zeros({n, out, r}, opts);
-    a.narrow(1, 0, have).copy_(sb.a);
-    b.narrow(2, 0, have).copy_(sb.b);
-    sb.a = std::move(a);
+    if (sb.a.defined()) {
+      a.select(1, i).narrow(1, 0, sb.a.size(1)).copy_(sb.a);
+      b.narrow(2, 0, sb.b.size(2)).copy_(sb.b);
+    } else {
+      sb.scale = at::zeros({n, 1, 1}, opts);
+    }
+    sb.a = a.select(1, i);
     sb.b = std::move(b);
+    if (int8_) {  // Load keeps them in step with a and b
+      sb.a_int8 = a8.select(1, i);
+      sb.b_int8 = at::zeros({n, out, r}, opts.dtype(at::kChar));
+      sb.scale_int8 = at::zeros({n, 1, 1}, opts);
+    }
   }
   if (low_dtype_ != at::kFloat) {  // Load keeps them in step with a and b
-    sb.a_low = sb.a.to(low_dtype_);
-    sb.b_low = sb.b.to(low_dtype_);
+    const at::Tensor a_low = a.to(low_dtype_);
+    for (int64_t i = 0; i < k; ++i) {
+      SiteBank& sb = bank_.sites[group[i]];
+      sb.a_low = a_low.select(1, i);
+      sb.b_low = sb.b.to(low_dtype_);
+    }
   }
   // Every plan's views are of the old layout (and would keep its memory).
   ++layout_;
   for (Slot& s : slots_) {
     s.plan = LoadPlan();
-    s.int8_jobs.clear();
+    s.int8_plan = Int8QuantizationPlan();
   }
-  if (int8_) {  // Load keeps them in step with a and b
-    const bool widened = sb.a_int8.defined();
-    sb.a_int8 = at::zeros({n, sb.a.size(1), in}, opts.dtype(at::kChar));
-    sb.b_int8 = at::zeros({n, out, sb.b.size(2)}, opts.dtype(at::kChar));
-    sb.scale_int8 = at::zeros({n, 1, 1}, opts);
-    if (widened) {  // the resident slots' factors, zero-padded
-      std::vector<Int8Quantization> jobs;
+  if (int8_ && have > 0) {  // the resident slots' factors, zero-padded
+    std::vector<Int8Quantization> jobs;
+    for (int g : group) {
+      const SiteBank& sb = bank_.sites[g];
       for (int64_t slot = 0; slot < n; ++slot) {
         jobs.push_back({sb.a[slot], sb.b[slot], sb.a_int8[slot], sb.b_int8[slot],
                         sb.scale[slot].view({1}), sb.scale_int8[slot].view({1})});
       }
-      QuantizeFactorsInt8(jobs);
     }
+    QuantizeFactorsInt8(std::move(jobs));
   }
 }
 
@@ -179,17 +206,17 @@ void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
 void SlotBank::Quantize(int64_t slot) {
   Slot& s = slots_[slot];
   if (s.int8_layout != layout_) {
-    s.int8_jobs.clear();
+    std::vector<Int8Quantization> jobs;
     for (const SiteBank& sb : bank_.sites) {
       if (!sb.a_int8.defined()) continue;
-      s.int8_jobs.push_back({SlotOf(sb.a, slot), SlotOf(sb.b, slot),
-                             SlotOf(sb.a_int8, slot), SlotOf(sb.b_int8, slot),
-                             SlotOf(sb.scale, slot).view({1}),
-                             SlotOf(sb.scale_int8, slot).view({1})});
+      jobs.push_back({SlotOf(sb.a, slot), SlotOf(sb.b, slot), SlotOf(sb.a_int8, slot),
+                      SlotOf(sb.b_int8, slot), SlotOf(sb.scale, slot).view({1}),
+                      SlotOf(sb.scale_int8, slot).view({1})});
     }
+    s.int8_plan = PlanInt8Quantization(std::move(jobs));
     s.int8_layout = layout_;
   }
-  QuantizeFactorsInt8(s.int8_jobs);
+  RunInt8Quantization(s.int8_plan);
 }
 
 void SlotBank::LoadFactors(int64_t slot, const LoraAdapter& adapter) {

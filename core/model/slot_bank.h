@@ -12,7 +12,9 @@
 //
 // Memory: for every site any acquired adapter adapts, [capacity, r, in] +
 // [capacity, out, r] fp32 factors (r: the largest rank seen at the site;
-// a larger one later reallocates that site), plus their bf16 copies for
+// a larger one later reallocates that site; a decoder block's
+// self-attention q and v are allocated together, their A factors side by
+// side in each slot, as composed banks hold them), plus their bf16 copies for
 // the decode kernels on a bf16 model (RowKernelFactorDtype) and, on CUDA,
 // int8 copies for the decode steps (RowKernelInt8). Slots an
 // adapter does not use at a site hold zeros there.
@@ -85,10 +87,10 @@ class SlotBank {
     int64_t users = 0;
     uint64_t released_at = 0;  // Release order, for the choice of a slot
     LoadPlan plan;
-    // The slot's QuantizeFactorsInt8 jobs over every site with int8 copies,
-    // made once per layout (views of the slot's blocks).
+    // The slot's quantization of every site with int8 copies, planned once
+    // per layout (views of the slot's blocks, the job table on the device).
     int64_t int8_layout = -1;
-    std::vector<Int8Quantization> int8_jobs;
+    Int8QuantizationPlan int8_plan;
   };
 
   // Copies `adapter` into `slot` (zeros where it adapts nothing), then its
@@ -104,7 +106,11 @@ class SlotBank {
   // A factor WeightedSums copies whole: on the bank's device, contiguous,
   // fp32 or bf16.
   bool Summable(const at::Tensor& t) const;
-  // Allocates or widens site `site` to rank `r`. May throw c10::Error.
+  // The sites allocated together with `site` (SitesAllocatedWith), in site
+  // order: a decoder block's self-attention q and v, else `site` alone.
+  std::vector<int> SitesAllocatedWith(int site) const;
+  // Allocates or widens site `site` (and those allocated with it) to rank
+  // `r`. May throw c10::Error.
   void Reserve(int site, int64_t r);
   // Rebuilds active_ from bank_ and the slots with users.
   void Refresh();

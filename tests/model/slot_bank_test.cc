@@ -13,6 +13,7 @@
 
 #include "core/model/fused_ops.h"
 #include "core/model/lora.h"
+#include "core/model/projection.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_weights.h"
 #include "gtest/gtest.h"
@@ -279,6 +280,91 @@ TEST_F(SlotBankTest, AttachRowKernelCopiesKeepsTheLayout) {
   EXPECT_GT(adjacent, 0);
   ASSERT_TRUE(AttachRowKernelCopies(&*bank, at::kFloat).ok());
   ExpectLowCopies(*bank, at::kFloat);
+}
+
+// A decoder block's self-attention q and v are allocated together, their A
+// factors side by side in every slot (what the decode step's one shrink
+// fused into the norm needs, t5_forward.cc ShrinkRun), their copies too;
+// widening one widens both and keeps what the slots hold.
+TEST_F(SlotBankTest, DecoderSelfAttentionQAndVLieSideBySide) {
+  SlotBank bank(*base_, 3);
+  auto qv = Adapter({"q", "v"}, 4, 51), q_only = Adapter({"q"}, 4, 52),
+       v_wide = Adapter({"v"}, 8, 53);
+  auto s0 = bank.Acquire(qv);
+  auto s1 = bank.Acquire(q_only);
+  ASSERT_TRUE(s0.ok() && s1.ok());
+  const int first_decoder_site = config_.num_layers * kSitesPerBlock;
+  const int64_t before = bank.resident().sites[first_decoder_site].a.size(1);
+  const at::Tensor q_before = bank.resident().sites[first_decoder_site].a.to(at::kCPU);
+  auto s2 = bank.Acquire(v_wide);
+  ASSERT_TRUE(s2.ok()) << s2.status();
+  const AdapterBank& resident = bank.resident();
+  for (int block = config_.num_layers; block < config_.num_layers + config_.num_decoder_layers;
+       ++block) {
+    SCOPED_TRACE(block);
+    const SiteBank& q = resident.sites[block * kSitesPerBlock];
+    const SiteBank& v = resident.sites[block * kSitesPerBlock + 2];
+    ASSERT_TRUE(q.a.defined() && v.a.defined());
+    EXPECT_EQ(q.a.size(1), 8);
+    EXPECT_TRUE(internal::AdjacentFactors(q.a, v.a));
+    if (q.a_low.defined()) {
+      EXPECT_TRUE(internal::AdjacentFactors(q.a_low, v.a_low));
+    }
+    if (q.a_int8.defined()) {
+      EXPECT_TRUE(internal::AdjacentFactors(q.a_int8, v.a_int8));
+    }
+  }
+  // Widened from 4 to 8 ranks: the slots' factors kept, zero-padded.
+  EXPECT_EQ(before, 4);
+  const at::Tensor q_after = resident.sites[first_decoder_site].a.to(at::kCPU);
+  EXPECT_TRUE(at::equal(q_after.narrow(1, 0, 4), q_before));
+  EXPECT_EQ(q_after.narrow(1, 4, 4).abs().max().item<float>(), 0.f);
+  // The slots' logits are still MakeAdapterBank's.
+  const at::Tensor want = Reference({qv.get(), q_only.get(), v_wide.get(), qv.get()});
+  const at::Tensor got = Logits(&bank.bank(), {*s0, *s1, *s2, *s0});
+  EXPECT_LT((got - want).abs().max().item<double>(), 1e-5 * want.abs().max().item<double>());
+}
+
+// AttachStepInt8Copies on a composed bank: the int8 copies keep the
+// factors' layout (sizes, strides, offsets: neighbouring sites stay side by
+// side), and each slot's B A * scale comes back from them within int8's
+// rounding (one 127th of each block's largest value, per factor).
+TEST_F(SlotBankTest, AttachStepInt8CopiesKeepTheLayoutAndTheProducts) {
+  auto m1 = Adapter({"q", "v"}, 4, 61), m2 = Adapter({"q", "v"}, 4, 62);
+  auto stack = StackModules(*base_, {m1.get(), m2.get()});
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  const at::Tensor weights =
+      at::tensor(std::vector<float>{0.5f, -1.f, 1.5f, 0.25f, 0.f, 0.f}).view({3, 2});
+  auto bank = ComposeLoraHub(*stack, weights);
+  ASSERT_TRUE(bank.ok()) << bank.status();
+  ASSERT_TRUE(AttachStepInt8Copies(&*bank).ok());
+  int sites = 0;
+  for (const SiteBank& sb : bank->sites) {
+    if (!sb.a.defined()) continue;
+    ++sites;
+    for (const auto& [t, q] : {std::pair{&sb.a, &sb.a_int8}, std::pair{&sb.b, &sb.b_int8}}) {
+      ASSERT_TRUE(q->defined());
+      EXPECT_EQ(q->scalar_type(), at::kChar);
+      EXPECT_EQ(q->sizes(), t->sizes());
+      EXPECT_EQ(q->strides(), t->strides());
+      EXPECT_EQ(q->storage_offset(), t->storage_offset());
+    }
+    for (int64_t slot = 0; slot < 3; ++slot) {
+      const auto cpu = [](const at::Tensor& t) { return t.to(at::kCPU).to(at::kDouble); };
+      const at::Tensor want =
+          at::mm(cpu(sb.b[slot]), cpu(sb.a[slot])) * cpu(sb.scale[slot]).item<double>();
+      const at::Tensor got = at::mm(cpu(sb.b_int8[slot]), cpu(sb.a_int8[slot])) *
+                             cpu(sb.scale_int8[slot]).item<double>();
+      const double scale = want.abs().max().item<double>();
+      if (slot == 2) {  // zero weights: a block of zeros
+        EXPECT_EQ(got.abs().max().item<double>(), 0.0);
+        continue;
+      }
+      EXPECT_LE((got - want).abs().max().item<double>(), 0.03 * scale) << slot;
+      EXPECT_GT((got - want).abs().max().item<double>(), 0.0) << "rounded at all";
+    }
+  }
+  EXPECT_GT(sites, 0);
 }
 
 // WeightedSums on the test device gives the bits of the same sums done
