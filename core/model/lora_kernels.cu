@@ -655,55 +655,46 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
     }
   };
   // The decode steps' bf16 or int8 factors, rows of 4 * kNormThreads: the
-  // specialised kernels (NormSpecialParts).
-  const bool step_dtype =
-      p.shrink.a_dtype == DType::kBFloat16 || p.shrink.a_dtype == DType::kInt8;
-  const int parts = step_dtype ? NormSpecialParts(p.delta, p.shrink.in) : 0;
-  using Bf16 = __nv_bfloat16;
-  if (p.shrink.a_dtype == DType::kInt8) {
+  // specialised kernels of `parts` parts (NormSpecialParts); false where
+  // there are none.
+  const int parts = NormSpecialParts(p.delta, p.shrink.in);
+  const auto launch_parts = [&](auto element, int* result) {
+    using E = decltype(element);
     switch (parts) {
       case 1:
-        return launch_special(AddRmsNormShrinkKernel<int8_t, 4, 1, 1>,
-                              AddRmsNormShrinkKernel<int8_t, 4, 1, 2>,
-                              AddRmsNormShrinkKernel<int8_t, 4, 1, 4>);
+        *result = launch_special(AddRmsNormShrinkKernel<E, 4, 1, 1>,
+                                 AddRmsNormShrinkKernel<E, 4, 1, 2>,
+                                 AddRmsNormShrinkKernel<E, 4, 1, 4>);
+        return true;
       case 2:
-        return launch_special(AddRmsNormShrinkKernel<int8_t, 4, 2, 1>,
-                              AddRmsNormShrinkKernel<int8_t, 4, 2, 2>,
-                              AddRmsNormShrinkKernel<int8_t, 4, 2, 4>);
+        *result = launch_special(AddRmsNormShrinkKernel<E, 4, 2, 1>,
+                                 AddRmsNormShrinkKernel<E, 4, 2, 2>,
+                                 AddRmsNormShrinkKernel<E, 4, 2, 4>);
+        return true;
       case 4:
-        return launch_special(AddRmsNormShrinkKernel<int8_t, 4, 4, 1>,
-                              AddRmsNormShrinkKernel<int8_t, 4, 4, 2>,
-                              AddRmsNormShrinkKernel<int8_t, 4, 4, 4>);
+        *result = launch_special(AddRmsNormShrinkKernel<E, 4, 4, 1>,
+                                 AddRmsNormShrinkKernel<E, 4, 4, 2>,
+                                 AddRmsNormShrinkKernel<E, 4, 4, 4>);
+        return true;
       default:
-        launch(AddRmsNormShrinkKernel<int8_t, 4>,
-               AddRmsNormShrinkKernel<int8_t, kNormHeld>);
-        return static_cast<int>(cudaGetLastError());
+        return false;
     }
-  }
-  switch (parts) {
-    case 1:
-      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 1, 1>,
-                            AddRmsNormShrinkKernel<Bf16, 4, 1, 2>,
-                            AddRmsNormShrinkKernel<Bf16, 4, 1, 4>);
-    case 2:
-      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 2, 1>,
-                            AddRmsNormShrinkKernel<Bf16, 4, 2, 2>,
-                            AddRmsNormShrinkKernel<Bf16, 4, 2, 4>);
-    case 4:
-      return launch_special(AddRmsNormShrinkKernel<Bf16, 4, 4, 1>,
-                            AddRmsNormShrinkKernel<Bf16, 4, 4, 2>,
-                            AddRmsNormShrinkKernel<Bf16, 4, 4, 4>);
-    default:
-      break;
-  }
+  };
+  int result = 0;
   switch (p.shrink.a_dtype) {
     case DType::kFloat:
       launch(AddRmsNormShrinkKernel<float, 4>,
              AddRmsNormShrinkKernel<float, kNormHeld>);
       break;
     case DType::kBFloat16:
+      if (launch_parts(__nv_bfloat16(), &result)) return result;
       launch(AddRmsNormShrinkKernel<__nv_bfloat16, 4>,
              AddRmsNormShrinkKernel<__nv_bfloat16, kNormHeld>);
+      break;
+    case DType::kInt8:
+      if (launch_parts(int8_t(), &result)) return result;
+      launch(AddRmsNormShrinkKernel<int8_t, 4>,
+             AddRmsNormShrinkKernel<int8_t, kNormHeld>);
       break;
     default:
       launch(AddRmsNormShrinkKernel<__half, 4>,
