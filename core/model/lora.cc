@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <map>
 #include <regex>
@@ -506,35 +507,61 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
   }
 }
 
+namespace {
+
+// Copies of whole factor storages, each made once by `make` (from the
+// storage's elements as one flat tensor), and views into them with a
+// factor's sizes, strides and offset: factors that lie side by side in one
+// storage (composed A factors) stay so in their copies.
+class StorageCopies {
+ public:
+  explicit StorageCopies(std::function<at::Tensor(const at::Tensor&)> make)
+      : make_(std::move(make)) {}
+  at::Tensor Of(const at::Tensor& t) {
+    at::Tensor& flat = copies_[t.storage().data()];
+    if (!flat.defined()) {
+      const int64_t n = static_cast<int64_t>(t.storage().nbytes()) / t.element_size();
+      flat = make_(t.as_strided({n}, {1}, 0));
+    }
+    return flat.as_strided(t.sizes(), t.strides(), t.storage_offset());
+  }
+
+ private:
+  std::function<at::Tensor(const at::Tensor&)> make_;
+  std::map<const void*, at::Tensor> copies_;
+};
+
+}  // namespace
+
+at::Tensor SlotView(const at::Tensor& t, int64_t slot) {
+  return t.as_strided(t.sizes().slice(1), t.strides().slice(1),
+                      t.storage_offset() + slot * t.stride(0));
+}
+
 absl::Status AttachRowKernelCopies(AdapterBank* bank, at::ScalarType dtype) {
   if (bank == nullptr) return absl::InvalidArgumentError("no bank");
   try {
-    // The converted storage of each factor tensor's storage, whole: views
-    // into it keep every layout (e.g. composed A factors side by side).
-    std::map<const void*, at::Tensor> converted;
-    auto low = [&](const at::Tensor& t) -> at::Tensor {
-      if (t.scalar_type() == dtype) return t;
-      const int64_t n =
-          static_cast<int64_t>(t.storage().nbytes()) / t.element_size();
-      at::Tensor& flat = converted[t.storage().data()];
-      if (!flat.defined()) {
-        flat = t.as_strided({n}, {1}, 0).to(dtype).contiguous();
-      }
-      return flat.as_strided(t.sizes(), t.strides(), t.storage_offset());
-    };
+    StorageCopies converted(
+        [dtype](const at::Tensor& flat) { return flat.to(dtype).contiguous(); });
     for (SiteBank& sb : bank->sites) {
       if (!sb.a.defined()) continue;
       if (dtype == at::kFloat) {
         sb.a_low = sb.b_low = at::Tensor();
         continue;
       }
-      sb.a_low = low(sb.a);
-      sb.b_low = low(sb.b);
+      sb.a_low = sb.a.scalar_type() == dtype ? sb.a : converted.Of(sb.a);
+      sb.b_low = sb.b.scalar_type() == dtype ? sb.b : converted.Of(sb.b);
     }
     return absl::OkStatus();
   } catch (const c10::Error& e) {
     return absl::InternalError(e.what_without_backtrace());
   }
+}
+
+Int8Quantization SlotInt8Quantization(const SiteBank& sb, int64_t slot) {
+  return {SlotView(sb.a, slot),       SlotView(sb.b, slot),
+          SlotView(sb.a_int8, slot),  SlotView(sb.b_int8, slot),
+          SlotView(sb.scale, slot).view({1}), SlotView(sb.scale_int8, slot).view({1})};
 }
 
 absl::Status AttachStepInt8Copies(AdapterBank* bank) {
@@ -551,29 +578,19 @@ absl::Status AttachStepInt8Copies(AdapterBank* bank) {
     }
   }
   try {
-    // One int8 storage per factor storage (views keep every layout).
-    std::map<const void*, at::Tensor> int8_storage;
-    auto int8_like = [&](const at::Tensor& t) {
-      at::Tensor& flat = int8_storage[t.storage().data()];
-      if (!flat.defined()) {
-        const int64_t n = static_cast<int64_t>(t.storage().nbytes()) / t.element_size();
-        flat = at::zeros({n}, t.options().dtype(at::kChar));
-      }
-      return flat.as_strided(t.sizes(), t.strides(), t.storage_offset());
-    };
+    StorageCopies int8_copies(
+        [](const at::Tensor& flat) { return at::zeros_like(flat, at::kChar); });
     std::vector<Int8Quantization> jobs;
     for (SiteBank& sb : bank->sites) {
       if (!sb.a.defined()) continue;
-      sb.a_int8 = int8_like(sb.a);
-      sb.b_int8 = int8_like(sb.b);
+      sb.a_int8 = int8_copies.Of(sb.a);
+      sb.b_int8 = int8_copies.Of(sb.b);
       sb.scale_int8 = at::empty({sb.a.size(0), 1, 1}, sb.a.options());
-      const at::Tensor lora_scale = sb.scale.expand({sb.a.size(0), 1, 1});
       for (int64_t slot = 0; slot < sb.a.size(0); ++slot) {
-        jobs.push_back({sb.a[slot], sb.b[slot], sb.a_int8[slot], sb.b_int8[slot],
-                        lora_scale[slot].reshape({1}), sb.scale_int8[slot].view({1})});
+        jobs.push_back(SlotInt8Quantization(sb, slot));
       }
     }
-    QuantizeFactorsInt8(jobs);
+    QuantizeFactorsInt8(std::move(jobs));
     return absl::OkStatus();
   } catch (const c10::Error& e) {
     return absl::InternalError(e.what_without_backtrace());

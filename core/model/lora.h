@@ -208,6 +208,17 @@ absl::Status AttachRowKernelCopies(AdapterBank* bank, at::ScalarType dtype);
 // does).
 absl::Status AttachStepInt8Copies(AdapterBank* bank);
 
+// t[slot] (a bank tensor [S, ...]) as one as_strided view. Why: select
+// took 2-6 us per call on a CPU, as_strided 0.3; a serving slot load takes
+// five per site (flan-t5-large: 720).
+at::Tensor SlotView(const at::Tensor& t, int64_t slot);
+
+struct Int8Quantization;  // fused_ops.h
+// The quantization of `slot`'s blocks of a site with int8 copies (fused_ops.h
+// QuantizeFactorsInt8): views of its a, b, a_int8, b_int8, scale and
+// scale_int8, all defined, each slot's blocks contiguous.
+Int8Quantization SlotInt8Quantization(const SiteBank& sb, int64_t slot);
+
 // The composed adapter of one weight vector as a LoraAdapter (for merging).
 absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
                                        const std::vector<double>& weights);
