@@ -210,6 +210,17 @@ constexpr bool TiledAttentionFits(int64_t S, int64_t D, int64_t Dv) {
 bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv);
 int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 
+// LaunchTiledAttention's first choice with LORAHUB_MMA_ATTENTION=1 (read
+// once; off by default until measured on a GPU): the same attention on the
+// tensor cores (mma_attention_kernels.cu), for 64-wide heads, 33 to 128
+// keys, fp32 or bf16 keys and values (queries fp32 or of their dtype) of
+// unit element stride and rows aligned to four elements, with out_dtype and
+// q_dtype set. Its fp32 operands are split into TF32 pairs so that the
+// products keep about 20 bits; the sums go in another order. Returns -1,
+// having launched nothing, for the other shapes and with the switch off,
+// else 0 or the cudaError_t.
+int LaunchMmaAttention(const AttentionArgs& args, void* stream);
+
 // Per-row LoRA of single-token rows (decode steps), as Punica's BGMV: every
 // row b reads the factors of its own adapter slot slots[b] (device int64)
 // straight from the bank, so no gather copies A or B per row.

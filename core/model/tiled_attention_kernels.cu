@@ -42,23 +42,6 @@ namespace {
 constexpr int kTiledGroup = static_cast<int>(kTiledQueriesPerWarp);
 constexpr int kTiledQPerLane = 4;  // D <= 128 (TiledAttentionFits: D / 4 divides 32)
 
-// Four consecutive elements (unit stride) as fp32.
-__device__ __forceinline__ float4 Load4(const float* p) {
-  return *reinterpret_cast<const float4*>(p);
-}
-__device__ __forceinline__ float4 Load4(const __nv_bfloat16* p) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 Load4(const __half* p) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-
 // kKpl: keys per lane for the scores (S <= 32 * kKpl). `vec`: k and v rows
 // of unit element stride and 16-byte (fp32) / 8-byte (16-bit) alignment.
 template <typename E, int kKpl, bool kAhead>
@@ -764,6 +747,8 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   const int64_t bytes = a.qkv_dtype == DType::kFloat ? 4 : 2;
   l.vec = Tiled4Aligned(a.k, a.k_stride, bytes) &&
           Tiled4Aligned(a.v, a.v_stride, bytes);
+  const int mma = LaunchMmaAttention(a, stream);
+  if (mma != -1) return mma;
   const int reg_tiled = LaunchRegisterTiled(a, l, limits->sms);
   if (reg_tiled != -1) return reg_tiled;
   // Packed rows: the register-tiled kernel only.

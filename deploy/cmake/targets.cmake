@@ -650,6 +650,8 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/kernel_launch.cuh
     ${SRC}/core/model/lora_kernels.cu
     ${SRC}/core/model/low_rank_merge_kernels.cu
+    ${SRC}/core/model/mma_attention_kernels.cu
+    ${SRC}/core/model/mma_tf32.cuh
     ${SRC}/core/model/norm_kernels.cu
     ${SRC}/core/model/norm_loads.cuh
     ${SRC}/core/model/query_side_kernels.cu
@@ -2487,6 +2489,22 @@ lorahub_cc_test(tests_model_fused_residual_attention_test
     core_model_fused_ops
     ext_gtest_gtest_main
     ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
+# //tests/model:fused_residual_attention_mma_test (cc_test)
+lorahub_cc_test(tests_model_fused_residual_attention_mma_test
+  TEST_NAME //tests/model:fused_residual_attention_mma_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/fused_residual_attention_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_fused_ops
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  ENV
+    LORAHUB_MMA_ATTENTION=1
   TIMEOUT 60
 )
 

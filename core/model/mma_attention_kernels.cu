@@ -1,0 +1,301 @@
+// CUDA kernel of fused_kernels.h LaunchMmaAttention: encoder-length
+// attention of 64-wide heads on the tensor cores. Compiled by nvcc in the
+// CMake build only.
+//
+// Why: the register-tiled kernel (tiled_attention_kernels.cu) does both
+// products on fp32 FMAs. At a population pass's shape (320 rows x 16 heads,
+// 72 queries and keys) it took 371 us a layer, 8.9 of the pass's 47.7 ms of
+// kernels (H200, Kineto, fifty-seventh session): about 6 TFLOP/s, a tenth
+// of the FMA peak and a small fraction of the tensor cores'.
+//
+// Here each warp takes 16 queries of one (row, head) through mma.sync
+// m16n8k8 on TF32 operands, each fp32 operand split in two TF32 words
+// (mma_tf32.cuh Tf32Split, "3xTF32"): small * big + big * small + big * big
+// keeps each product to about 2^-20 of its size, as the population's
+// tensor-core LoRA shrink (run_lora_kernels.cu) does. bf16 keys and values
+// are exact in TF32 and take no split. The probabilities stay in the
+// accumulators' registers: the values' product reads its keys in the order
+// the scores' accumulators hold them (key 2t and 2t + 1 of each group of 8
+// at the fragment's columns t and t + 4), so no shuffle or shared memory
+// sits between the two products.
+//
+// Status: off by default (LORAHUB_MMA_ATTENTION=1 takes it). It compiles
+// for sm_90 without spills, and an emulation of its index math against the
+// PTX fragment layouts matched softmax(q k^T + bias) v to 4e-15 in fp64;
+// it has not yet run on a GPU (none was lent after it was written).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "core/model/fused_kernels.h"
+#include "core/model/kernel_common.cuh"
+#include "core/model/kernel_launch.cuh"
+#include "core/model/mma_tf32.cuh"
+
+namespace lorahub::model::kernels {
+namespace {
+
+constexpr int kMmaD = 64;           // D == Dv
+constexpr int kMmaLd = kMmaD + 4;   // row stride (floats): fragment reads hit 32 banks
+constexpr int kMmaMaxWarps = 8;     // 128 queries a block
+constexpr int kMmaMinKeyGroups = 5;   // S >= 33 (kTiledQueryMin)
+constexpr int kMmaMaxKeyGroups = 16;  // S <= 128
+
+// c += a b with a split (a_split) or exact in TF32, b split (kSplitB) or
+// exact (bf16 values); the small terms first.
+template <bool kSplitB>
+__device__ __forceinline__ void MmaProduct(float (&c)[4], const uint32_t (&a_big)[4],
+                                           const uint32_t (&a_small)[4], bool a_split,
+                                           float b0, float b1) {
+  if (kSplitB) {
+    uint32_t b0_big, b0_small, b1_big, b1_small;
+    Tf32Split(b0, &b0_big, &b0_small);
+    Tf32Split(b1, &b1_big, &b1_small);
+    if (a_split) MmaTf32(c, a_small, b0_big, b1_big);
+    MmaTf32(c, a_big, b0_small, b1_small);
+    MmaTf32(c, a_big, b0_big, b1_big);
+  } else {
+    if (a_split) MmaTf32(c, a_small, __float_as_uint(b0), __float_as_uint(b1));
+    MmaTf32(c, a_big, __float_as_uint(b0), __float_as_uint(b1));
+  }
+}
+
+// One block per (row b, head h, tile of 16 x warps queries); warp w takes
+// queries 16 w .. 16 w + 15 of the tile. E: the keys' and values' dtype
+// (fp32 or bf16); the queries fp32 (q_float) or E. kGroups: groups of 8
+// keys staged (S <= 8 kGroups). Lane (g, t) = (lane / 4, lane % 4) holds,
+// per group c, the scores of queries g and g + 8 against keys 8c + 2t and
+// 8c + 2t + 1 (the m16n8 accumulator layout). Keys past S get no weight;
+// queries past T repeat the tile's last one and are not stored. The scores
+// start from the bias; the softmax is the register-tiled kernel's (max,
+// expf, sum, one division of the context at the end).
+template <typename E, int kGroups>
+__global__ void __launch_bounds__(32 * kMmaMaxWarps)
+    MmaAttentionKernel(AttentionArgs a, bool q_float) {
+  constexpr bool kSplitKv = std::is_same<E, float>::value;
+  constexpr int SP = 8 * kGroups;
+  extern __shared__ float4 smem4[];
+  float* ks = reinterpret_cast<float*>(smem4);  // [SP, kMmaLd]
+  float* vs = ks + SP * kMmaLd;                 // [SP, kMmaLd]
+  float* qs = vs + SP * kMmaLd;                 // [16 warps, kMmaLd]
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t h = blockIdx.x % a.H;
+  const int64_t b = blockIdx.x / a.H;
+  int64_t row = b, first = 0;
+  int S = static_cast<int>(a.S);
+  int T = static_cast<int>(a.T);
+  if (a.seq_starts != nullptr) {
+    row = 0;
+    first = a.seq_starts[b];
+    S = T = a.seq_starts[b + 1] - a.seq_starts[b];
+  }
+  const int t_begin = static_cast<int>(blockIdx.y) * warps * 16;
+  if (t_begin >= T) return;  // a packed row shorter than the longest
+  const int t_last = min(T, t_begin + warps * 16) - 1;
+  const E* __restrict__ k = static_cast<const E*>(a.k) + row * a.k_stride[0] +
+                            h * a.k_stride[1] + first * a.k_stride[2];
+  const E* __restrict__ v = static_cast<const E*>(a.v) + row * a.v_stride[0] +
+                            h * a.v_stride[1] + first * a.v_stride[2];
+
+  // Staging: keys and values (zeros past S), the tile's queries; unrolled
+  // so that several rows' loads are in flight before their stores.
+  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+  for (int i = static_cast<int>(threadIdx.x); i < SP * 16; i += static_cast<int>(blockDim.x)) {
+    const int j = i >> 4, c = (i & 15) * 4;
+    const bool in = j < S;
+    const float4 kv = in ? Load4(k + j * a.k_stride[2] + c) : zero;
+    const float4 vv = in ? Load4(v + j * a.v_stride[2] + c) : zero;
+    *reinterpret_cast<float4*>(ks + j * kMmaLd + c) = kv;
+    *reinterpret_cast<float4*>(vs + j * kMmaLd + c) = vv;
+  }
+#pragma unroll 4
+  for (int i = static_cast<int>(threadIdx.x); i < warps * 16 * 16;
+       i += static_cast<int>(blockDim.x)) {
+    const int r = i >> 4, c = (i & 15) * 4;
+    const int t = min(t_begin + r, t_last);
+    const int64_t q0 =
+        row * a.q_stride[0] + h * a.q_stride[1] + (first + t) * a.q_stride[2] + c;
+    *reinterpret_cast<float4*>(qs + r * kMmaLd + c) =
+        q_float ? Load4(static_cast<const float*>(a.q) + q0)
+                : Load4(static_cast<const E*>(a.q) + q0);
+  }
+  __syncthreads();
+  const int w_t0 = t_begin + warp * 16;
+  if (w_t0 > t_last) return;  // no barrier follows
+  const int groups = min(kGroups, (S + 7) / 8);  // the same for the block
+  const int tq0 = min(w_t0 + g, t_last), tq1 = min(w_t0 + g + 8, t_last);
+
+  float s[kGroups][4];
+  const int64_t bias0 = b * a.bias_stride[0] + h * a.bias_stride[1];
+#pragma unroll
+  for (int c = 0; c < kGroups; ++c) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 8 * c + 2 * t4 + (e & 1);
+      const int t = e < 2 ? tq0 : tq1;
+      s[c][e] = c < groups && j < S
+                    ? LoadAsFloat(a.bias, a.bias_dtype,
+                                  bias0 + t * a.bias_stride[2] + j * a.bias_stride[3])
+                    : 0.f;
+    }
+  }
+  // Scores: q (16 x 64) times k^T, 8 dimensions at a time.
+  const float* qw = qs + warp * 16 * kMmaLd;
+  const bool q_split = q_float || kSplitKv;
+#pragma unroll 2
+  for (int d = 0; d < kMmaD; d += 8) {
+    const float qa[4] = {qw[g * kMmaLd + d + t4], qw[(g + 8) * kMmaLd + d + t4],
+                         qw[g * kMmaLd + d + t4 + 4], qw[(g + 8) * kMmaLd + d + t4 + 4]};
+    uint32_t a_big[4], a_small[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) Tf32Split(qa[e], &a_big[e], &a_small[e]);
+#pragma unroll
+    for (int c = 0; c < kGroups; ++c) {
+      if (c >= groups) continue;
+      const float* kr = ks + (8 * c + g) * kMmaLd + d + t4;
+      MmaProduct<kSplitKv>(s[c], a_big, a_small, q_split, kr[0], kr[4]);
+    }
+  }
+  // Softmax of queries g (e = 0, 1) and g + 8 (e = 2, 3) over the quad's
+  // lanes.
+  float m[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int c = 0; c < kGroups; ++c) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (c < groups && 8 * c + 2 * t4 + (e & 1) < S) m[e >> 1] = fmaxf(m[e >> 1], s[c][e]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], 1));
+    m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], 2));
+  }
+  float sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < kGroups; ++c) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool in = c < groups && 8 * c + 2 * t4 + (e & 1) < S;
+      const float p = in ? expf(s[c][e] - m[e >> 1]) : 0.f;
+      s[c][e] = p;
+      sum[e >> 1] += p;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 1);
+    sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 2);
+  }
+  // Context: p (16 x 8 groups) times v, the fragment's column t standing
+  // for key 8c + 2t and column t + 4 for key 8c + 2t + 1.
+  float o[kMmaD / 8][4];
+#pragma unroll
+  for (int n = 0; n < kMmaD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+#pragma unroll
+  for (int c = 0; c < kGroups; ++c) {
+    if (c >= groups) continue;
+    const float pa[4] = {s[c][0], s[c][2], s[c][1], s[c][3]};
+    uint32_t p_big[4], p_small[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) Tf32Split(pa[e], &p_big[e], &p_small[e]);
+    const float* v0 = vs + (8 * c + 2 * t4) * kMmaLd + g;
+#pragma unroll
+    for (int n = 0; n < kMmaD / 8; ++n) {
+      MmaProduct<kSplitKv>(o[n], p_big, p_small, true, v0[8 * n], v0[kMmaLd + 8 * n]);
+    }
+  }
+  const int64_t out_row0 = a.seq_starts != nullptr ? first : b * a.T;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int t = w_t0 + g + 8 * i;
+    if (t > t_last) break;
+    const float inv = 1.f / sum[i];
+    // [B, T, H, Dv], or [tokens, H, Dv]
+    const int64_t o0 = ((out_row0 + t) * a.H + h) * kMmaD + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < kMmaD / 8; ++n) {
+      StoreFromFloat(a.out, a.out_dtype, o0 + 8 * n, o[n][2 * i] * inv);
+      StoreFromFloat(a.out, a.out_dtype, o0 + 8 * n + 1, o[n][2 * i + 1] * inv);
+    }
+  }
+}
+
+template <typename E, int kGroups>
+int LaunchMmaVariant(const AttentionArgs& a, dim3 grid, int threads, cudaStream_t stream,
+                     int device, int64_t limit) {
+  const size_t shared =
+      static_cast<size_t>(2 * 8 * kGroups + threads / 2) * kMmaLd * sizeof(float);
+  if (static_cast<int64_t>(shared) > limit) return -1;
+  const int err = OptInShared<MmaAttentionKernel<E, kGroups>>(shared, device, limit);
+  if (err != 0) return err;
+  MmaAttentionKernel<E, kGroups>
+      <<<grid, threads, shared, stream>>>(a, a.q_dtype == DType::kFloat);
+  return LastError();
+}
+
+template <typename E, int kGroups = kMmaMinKeyGroups>
+int LaunchMmaKeys(const AttentionArgs& a, dim3 grid, int threads, cudaStream_t stream,
+                  int device, int64_t limit) {
+  if constexpr (kGroups > kMmaMaxKeyGroups) {
+    return -1;
+  } else {
+    if ((a.S + 7) / 8 == kGroups) {
+      return LaunchMmaVariant<E, kGroups>(a, grid, threads, stream, device, limit);
+    }
+    return LaunchMmaKeys<E, kGroups + 1>(a, grid, threads, stream, device, limit);
+  }
+}
+
+// Unit element stride and rows aligned for Load4 (16 bytes for fp32, 8 for
+// bf16).
+bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
+  const int64_t bytes = dtype == DType::kFloat ? 4 : 2;
+  return stride[3] == 1 && Aligned(base, 4 * bytes, bytes, {stride[0], stride[1], stride[2]});
+}
+
+// LORAHUB_MMA_ATTENTION=1 (read once) takes this kernel. Off by default
+// until measured on a GPU: it was written in the fifty-seventh session,
+// when no device was lent after its first call.
+bool MmaAttentionOn() {
+  static const bool on = EnvSwitch("LORAHUB_MMA_ATTENTION");
+  return on;
+}
+
+}  // namespace
+
+int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
+  const bool kv_float = a.qkv_dtype == DType::kFloat;
+  if (!MmaAttentionOn() || a.D != kMmaD || a.Dv != kMmaD || a.S <= 8 * (kMmaMinKeyGroups - 1) ||
+      a.S > 8 * kMmaMaxKeyGroups || a.T < 1 || a.B < 1 || a.H < 1 ||
+      a.key_starts != nullptr || (!kv_float && a.qkv_dtype != DType::kBFloat16) ||
+      (a.q_dtype != a.qkv_dtype && a.q_dtype != DType::kFloat) ||
+      (a.seq_starts != nullptr && a.T != a.S) || a.out_dtype == DType::kNone ||
+      a.bias_dtype == DType::kNone || !MmaRowsAligned(a.q, a.q_stride, a.q_dtype) ||
+      !MmaRowsAligned(a.k, a.k_stride, a.qkv_dtype) ||
+      !MmaRowsAligned(a.v, a.v_stride, a.qkv_dtype)) {
+    return -1;
+  }
+  int device = 0;
+  const DeviceLimits* limits = CurrentDeviceLimits(&device);
+  if (limits == nullptr) return -1;
+  const int64_t warps = std::min<int64_t>(kMmaMaxWarps, (a.T + 15) / 16);
+  const int64_t tiles = (a.T + 16 * warps - 1) / (16 * warps);
+  if (a.B * a.H > 0x7fffffff || tiles > 65535) return -1;
+  const dim3 grid(static_cast<unsigned>(a.B * a.H), static_cast<unsigned>(tiles));
+  const int threads = static_cast<int>(32 * warps);
+  const auto s = static_cast<cudaStream_t>(stream);
+  return kv_float
+             ? LaunchMmaKeys<float>(a, grid, threads, s, device, limits->shared_optin)
+             : LaunchMmaKeys<__nv_bfloat16>(a, grid, threads, s, device, limits->shared_optin);
+}
+
+}  // namespace lorahub::model::kernels
