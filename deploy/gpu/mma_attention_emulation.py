@@ -1,0 +1,96 @@
+# Emulates core/model/mma_attention_kernels.cu MmaAttentionKernel's per-lane index math in fp64
+# (no TF32 rounding) with the PTX mma.m16n8k8 fragment layouts (a: rows g, g + 8 and columns t,
+# t + 4; b: rows t, t + 4, column g; c: row g (+ 8), columns 2t, 2t + 1), against
+# softmax(q k^T + bias) v, for one (row, head) of several query and key lengths. Runs on this
+# machine (Debian's python3-numpy: /usr/bin/python3 deploy/gpu/mma_attention_emulation.py).
+# Prints each shape's largest difference (fp64 rounding: about 1e-15).
+import numpy as np
+LD=68
+def mma(c, a, b0, b1):
+    # c[lane][4], a[lane][4], b0[lane], b1[lane]: gather to matrices per PTX layout
+    A=np.zeros((16,8)); B=np.zeros((8,8)); C=np.zeros((16,8))
+    for lane in range(32):
+        g,t=lane>>2,lane&3
+        A[g][t]=a[lane][0]; A[g+8][t]=a[lane][1]; A[g][t+4]=a[lane][2]; A[g+8][t+4]=a[lane][3]
+        B[t][g]=b0[lane]; B[t+4][g]=b1[lane]
+        C[g][2*t]=c[lane][0]; C[g][2*t+1]=c[lane][1]; C[g+8][2*t]=c[lane][2]; C[g+8][2*t+1]=c[lane][3]
+    D=C+A@B
+    for lane in range(32):
+        g,t=lane>>2,lane&3
+        c[lane][:]=[D[g][2*t],D[g][2*t+1],D[g+8][2*t],D[g+8][2*t+1]]
+
+def kernel(q,k,v,bias,T,S,groups_t):
+    warps=min(8,(T+15)//16); SP=8*groups_t
+    out=np.full((T,64),np.nan)
+    for tile in range((T+16*warps-1)//(16*warps)):
+        t_begin=tile*warps*16
+        if t_begin>=T: continue
+        t_last=min(T,t_begin+warps*16)-1
+        ks=np.zeros((SP,LD)); vs=np.zeros((SP,LD)); qs=np.zeros((warps*16,LD))
+        for j in range(SP):
+            if j<S: ks[j,:64]=k[j]; vs[j,:64]=v[j]
+        for r in range(warps*16):
+            qs[r,:64]=q[min(t_begin+r,t_last)]
+        for w in range(warps):
+            w_t0=t_begin+w*16
+            if w_t0>t_last: continue
+            groups=min(groups_t,(S+7)//8)
+            s=np.zeros((32,groups_t,4))
+            for lane in range(32):
+                g,t4=lane>>2,lane&3
+                tq0=min(w_t0+g,t_last); tq1=min(w_t0+g+8,t_last)
+                for c in range(groups_t):
+                    for e in range(4):
+                        j=8*c+2*t4+(e&1); tt=tq0 if e<2 else tq1
+                        s[lane][c][e]=bias[tt][j] if (c<groups and j<S) else 0
+            qw=qs[w*16:]
+            for d in range(0,64,8):
+                a=[[qw[(lane>>2)][d+(lane&3)],qw[(lane>>2)+8][d+(lane&3)],qw[(lane>>2)][d+(lane&3)+4],qw[(lane>>2)+8][d+(lane&3)+4]] for lane in range(32)]
+                for c in range(groups):
+                    b0=[ks[(8*c+(lane>>2)),d+(lane&3)] for lane in range(32)]
+                    b1=[ks[(8*c+(lane>>2)),d+(lane&3)+4] for lane in range(32)]
+                    cc=[list(s[lane][c]) for lane in range(32)]
+                    mma(cc,a,b0,b1)
+                    for lane in range(32): s[lane][c]=cc[lane]
+            m=np.full((32,2),-np.inf)
+            for lane in range(32):
+                t4=lane&3
+                for c in range(groups_t):
+                    for e in range(4):
+                        if c<groups and 8*c+2*t4+(e&1)<S: m[lane][e>>1]=max(m[lane][e>>1],s[lane][c][e])
+            mq=np.array([np.max(m[(l&~3):(l&~3)+4],axis=0) for l in range(32)])
+            ssum=np.zeros((32,2))
+            for lane in range(32):
+                t4=lane&3
+                for c in range(groups_t):
+                    for e in range(4):
+                        inn=c<groups and 8*c+2*t4+(e&1)<S
+                        p=np.exp(s[lane][c][e]-mq[lane][e>>1]) if inn else 0
+                        s[lane][c][e]=p; ssum[lane][e>>1]+=p
+            sq=np.array([np.sum(ssum[(l&~3):(l&~3)+4],axis=0) for l in range(32)])
+            o=np.zeros((32,8,4))
+            for c in range(groups):
+                pa=[[s[lane][c][0],s[lane][c][2],s[lane][c][1],s[lane][c][3]] for lane in range(32)]
+                for n in range(8):
+                    b0=[vs[8*c+2*(lane&3), (lane>>2)+8*n] for lane in range(32)]
+                    b1=[vs[8*c+2*(lane&3)+1, (lane>>2)+8*n] for lane in range(32)]
+                    cc=[list(o[lane][n]) for lane in range(32)]
+                    mma(cc,pa,b0,b1)
+                    for lane in range(32): o[lane][n]=cc[lane]
+            for lane in range(32):
+                g,t4=lane>>2,lane&3
+                for i in range(2):
+                    t=w_t0+g+8*i
+                    if t>t_last: break
+                    for n in range(8):
+                        out[t][8*n+2*t4]=o[lane][n][2*i]/sq[lane][i]
+                        out[t][8*n+2*t4+1]=o[lane][n][2*i+1]/sq[lane][i]
+    return out
+
+rng=np.random.default_rng(0)
+for T,S in [(72,72),(33,33),(45,45),(128,128),(40,37),(150,100)]:
+    q=rng.standard_normal((T,64))*0.5; k=rng.standard_normal((S,64))*0.5; v=rng.standard_normal((S,64))
+    bias=rng.standard_normal((T,S))*2
+    sc=q@k.T+bias; p=np.exp(sc-sc.max(1,keepdims=True)); p/=p.sum(1,keepdims=True); ref=p@v
+    got=kernel(q,k,v,bias,T,S,(S+7)//8)
+    print(T,S,np.abs(got-ref).max())
