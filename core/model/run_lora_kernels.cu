@@ -28,8 +28,8 @@
 
 #include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
-#include "core/model/mma_tf32.cuh"
 #include "core/model/kernel_launch.cuh"
+#include "core/model/mma_tf32.cuh"
 
 namespace lorahub::model::kernels {
 namespace {

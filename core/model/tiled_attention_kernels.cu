@@ -751,7 +751,7 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream) {
   if (mma != -1) return mma;
   const int reg_tiled = LaunchRegisterTiled(a, l, limits->sms);
   if (reg_tiled != -1) return reg_tiled;
-  // Packed rows: the register-tiled kernel only.
+  // Packed rows: the tensor-core or register-tiled kernel only.
   if (a.seq_starts != nullptr) return static_cast<int>(cudaErrorInvalidValue);
   switch (a.qkv_dtype) {
     case DType::kFloat:
