@@ -3,7 +3,10 @@
 # t + 4; b: rows t, t + 4, column g; c: row g (+ 8), columns 2t, 2t + 1), against
 # softmax(q k^T + bias) v, for one (row, head) of several query and key lengths. Runs on this
 # machine (Debian's python3-numpy: /usr/bin/python3 deploy/gpu/mma_attention_emulation.py).
-# Prints each shape's largest difference (fp64 rounding: about 1e-15).
+# Prints each shape's largest difference (fp64 rounding: about 1e-15). Then the arithmetic's
+# accuracy: the 3xTF32 split (truncating, as mma_tf32.cuh Tf32Split) with fp32 sums per 8-wide
+# MMA step, against fp64, relative to max(1, max |want|) as the attention suite measures it
+# (its tolerance: 1e-5), at the suite's scales (q, k, v ~ 0.5 N(0, 1), bias ~ 2 N(0, 1)).
 import numpy as np
 LD=68
 def mma(c, a, b0, b1):
@@ -94,3 +97,33 @@ for T,S in [(72,72),(33,33),(45,45),(128,128),(40,37),(150,100)]:
     sc=q@k.T+bias; p=np.exp(sc-sc.max(1,keepdims=True)); p/=p.sum(1,keepdims=True); ref=p@v
     got=kernel(q,k,v,bias,T,S,(S+7)//8)
     print(T,S,np.abs(got-ref).max())
+
+# The arithmetic.
+def split(x):
+    x=x.astype(np.float32)
+    big=(x.view(np.uint32)&np.uint32(0xffffe000)).view(np.float32)
+    small=((x-big).view(np.uint32)&np.uint32(0xffffe000)).view(np.float32)
+    return big,small
+def mm3(a,b,split_a=True,split_b=True):
+    ab,as_=split(a) if split_a else (a.astype(np.float32),np.zeros_like(a,dtype=np.float32))
+    bb,bs=split(b) if split_b else (b.astype(np.float32),np.zeros_like(b,dtype=np.float32))
+    # products exact in fp64, each mma's k=8 chunk summed then added in fp32 (approximates order)
+    out=np.zeros((a.shape[0],b.shape[1]),np.float32)
+    for k0 in range(0,a.shape[1],8):
+        sl=slice(k0,k0+8)
+        for x,y in ((as_,bb),(ab,bs),(ab,bb)):
+            out=(out+(x[:,sl].astype(np.float64)@y[sl].astype(np.float64)).astype(np.float32)).astype(np.float32)
+    return out
+rng=np.random.default_rng(1)  # second check
+worst=0
+for S in [37,60,72,96,128]:
+    for trial in range(3):
+        q=(rng.standard_normal((S,64))*0.5).astype(np.float32); k=(rng.standard_normal((S,64))*0.5).astype(np.float32); v=(rng.standard_normal((S,64))*0.5).astype(np.float32)
+        bias=(rng.standard_normal((S,S))*2).astype(np.float32)
+        s=(bias+mm3(q,k.T)).astype(np.float32)
+        m=s.max(1,keepdims=True); p=np.exp(s-m).astype(np.float32); sm=p.sum(1,keepdims=True,dtype=np.float32)
+        o=mm3(p,v)/sm
+        sd=q.astype(np.float64)@k.T.astype(np.float64)+bias; pd=np.exp(sd-sd.max(1,keepdims=True)); pd/=pd.sum(1,keepdims=True); ref=pd@v.astype(np.float64)
+        err=np.abs(o-ref).max()/max(1,np.abs(ref).max()); worst=max(worst,err)
+    print(S,'rel err',err)
+print('worst',worst,'(tolerance 1e-5)')
