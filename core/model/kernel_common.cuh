@@ -129,6 +129,24 @@ __device__ __forceinline__ void StoreFromFloat(void* p, DType t, int64_t i,
   }
 }
 
+// Row b of an attention launch (the encoder-length kernels): its multiple of
+// the batch strides and its first position along the token strides (rows
+// packed end to end, AttentionArgs::seq_starts: 0 and the row's first
+// token), and its keys S and queries T (packed: the row's length).
+struct AttentionRow {
+  int64_t row = 0, first = 0;
+  int S = 0, T = 0;
+};
+__device__ __forceinline__ AttentionRow AttentionRowOf(const AttentionArgs& a, int64_t b) {
+  AttentionRow r{b, 0, static_cast<int>(a.S), static_cast<int>(a.T)};
+  if (a.seq_starts != nullptr) {
+    r.row = 0;
+    r.first = a.seq_starts[b];
+    r.S = r.T = a.seq_starts[b + 1] - a.seq_starts[b];
+  }
+  return r;
+}
+
 // Four consecutive elements (unit stride) as fp32.
 __device__ __forceinline__ float4 Load4(const float* p) {
   return *reinterpret_cast<const float4*>(p);

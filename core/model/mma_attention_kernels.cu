@@ -88,14 +88,9 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t h = blockIdx.x % a.H;
   const int64_t b = blockIdx.x / a.H;
-  int64_t row = b, first = 0;
-  int S = static_cast<int>(a.S);
-  int T = static_cast<int>(a.T);
-  if (a.seq_starts != nullptr) {
-    row = 0;
-    first = a.seq_starts[b];
-    S = T = a.seq_starts[b + 1] - a.seq_starts[b];
-  }
+  const AttentionRow r = AttentionRowOf(a, b);
+  const int64_t row = r.row, first = r.first;
+  const int S = r.S, T = r.T;
   const int t_begin = static_cast<int>(blockIdx.y) * warps * 16;
   if (t_begin >= T) return;  // a packed row shorter than the longest
   const int t_last = min(T, t_begin + warps * 16) - 1;
@@ -149,6 +144,8 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   }
   // Scores: q (16 x 64) times k^T, 8 dimensions at a time.
   const float* qw = qs + warp * 16 * kMmaLd;
+  // fp32 keys imply fp32 queries (the launcher's); kSplitKv keeps that
+  // case's split at compile time.
   const bool q_split = q_float || kSplitKv;
 #pragma unroll 2
   for (int d = 0; d < kMmaD; d += 8) {

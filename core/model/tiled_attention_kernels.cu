@@ -309,16 +309,9 @@ __global__ void __launch_bounds__(16 * kTy, 32 / kTy)
   const int tile = blockIdx.x % tiles;
   const int64_t h = (blockIdx.x / tiles) % a.H;
   const int64_t b = blockIdx.x / (static_cast<int64_t>(tiles) * a.H);
-  // Row b: its multiple of the batch strides and first position along the
-  // token strides (packed rows: 0 and the row's first token) and length.
-  int64_t row = b, first = 0;
-  int S = static_cast<int>(a.S);
-  int T = static_cast<int>(a.T);
-  if (a.seq_starts != nullptr) {
-    row = 0;
-    first = a.seq_starts[b];
-    S = T = a.seq_starts[b + 1] - a.seq_starts[b];
-  }
+  const AttentionRow r = AttentionRowOf(a, b);
+  const int64_t row = r.row, first = r.first;
+  const int S = r.S, T = r.T;
   const int t_begin = tile * TQ;
   if (t_begin >= T) return;  // a packed row shorter than the longest
   const int S4 = (S + 3) / 4 * 4;
