@@ -19,10 +19,10 @@
 // at the fragment's columns t and t + 4), so no shuffle or shared memory
 // sits between the two products.
 //
-// Status: off by default (LORAHUB_MMA_ATTENTION=1 takes it). It compiles
-// for sm_90 without spills, and an emulation of its index math against the
-// PTX fragment layouts matched softmax(q k^T + bias) v to 4e-15 in fp64;
-// it has not yet run on a GPU (none was lent after it was written).
+// Status: off by default (LORAHUB_MMA_ATTENTION, MmaAttentionMode). Its
+// first GPU run (H100, fifty-eighth session) passed the CUDA suites with it
+// taking every launch; an emulation of its index math against the PTX
+// fragment layouts had matched softmax(q k^T + bias) v to 4e-15 in fp64.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -259,19 +259,25 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
   return stride[3] == 1 && Aligned(base, 4 * bytes, bytes, {stride[0], stride[1], stride[2]});
 }
 
-// LORAHUB_MMA_ATTENTION=1 (read once) takes this kernel. Off by default
-// until measured on a GPU: it was written in the fifty-seventh session,
-// when no device was lent after its first call.
-bool MmaAttentionOn() {
-  static const bool on = EnvSwitch("LORAHUB_MMA_ATTENTION");
-  return on;
+// LORAHUB_MMA_ATTENTION (read once): 1 takes this kernel for launches of at
+// least kMmaMinBlocksPerSm blocks a multiprocessor, 2 for every launch it
+// fits (the tests' small shapes); unset or 0, never. Why the floor: on an
+// H100 (fifty-eighth session, Kineto) it took 347 us a layer at the
+// population's 5,120 blocks against the register-tiled kernel's 368, but
+// 18.4 us at an evaluation's 80 blocks against 11.8, and a one-request
+// prefill (16 blocks) lost 0.8 ms of its time to first token.
+constexpr int64_t kMmaMinBlocksPerSm = 16;
+int MmaAttentionMode() {
+  static const int mode = EnvChoice("LORAHUB_MMA_ATTENTION");
+  return mode;
 }
 
 }  // namespace
 
 int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
   const bool kv_float = a.qkv_dtype == DType::kFloat;
-  if (!MmaAttentionOn() || a.D != kMmaD || a.Dv != kMmaD || a.S <= 8 * (kMmaMinKeyGroups - 1) ||
+  const int mode = MmaAttentionMode();
+  if (mode == 0 || a.D != kMmaD || a.Dv != kMmaD || a.S <= 8 * (kMmaMinKeyGroups - 1) ||
       a.S > 8 * kMmaMaxKeyGroups || a.T < 1 || a.B < 1 || a.H < 1 ||
       a.key_starts != nullptr || (!kv_float && a.qkv_dtype != DType::kBFloat16) ||
       (a.q_dtype != a.qkv_dtype && a.q_dtype != DType::kFloat) ||
@@ -286,7 +292,10 @@ int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
   if (limits == nullptr) return -1;
   const int64_t warps = std::min<int64_t>(kMmaMaxWarps, (a.T + 15) / 16);
   const int64_t tiles = (a.T + 16 * warps - 1) / (16 * warps);
-  if (a.B * a.H > 0x7fffffff || tiles > 65535) return -1;
+  if (a.B * a.H > 0x7fffffff || tiles > 65535 ||
+      (mode == 1 && a.B * a.H * tiles < kMmaMinBlocksPerSm * limits->sms)) {
+    return -1;
+  }
   const dim3 grid(static_cast<unsigned>(a.B * a.H), static_cast<unsigned>(tiles));
   const int threads = static_cast<int>(32 * warps);
   const auto s = static_cast<cudaStream_t>(stream);

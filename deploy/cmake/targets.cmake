@@ -644,6 +644,7 @@ lorahub_cc_library(core_model_fused_ops
   CUDA_SRCS
     ${SRC}/core/model/attention_kernels.cu
     ${SRC}/core/model/cp_async.cuh
+    ${SRC}/core/model/dependent_launch.cuh
     ${SRC}/core/model/fused_ops_cuda.cc
     ${SRC}/core/model/greedy_kernels.cu
     ${SRC}/core/model/kernel_common.cuh
@@ -2504,7 +2505,7 @@ lorahub_cc_test(tests_model_fused_residual_attention_mma_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   ENV
-    LORAHUB_MMA_ATTENTION=1
+    LORAHUB_MMA_ATTENTION=2
   TIMEOUT 60
 )
 

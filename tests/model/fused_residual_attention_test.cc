@@ -3,7 +3,7 @@
 // gelu(gate) * up, and short-query attention (GeneralAttention
 // with at most kSmallQueryMax queries: the hand-written kernel on CUDA, the
 // matmul fallback on CPU; encoder-length queries: the tiled kernels, or
-// with LORAHUB_MMA_ATTENTION=1 (fused_residual_attention_mma_test) the
+// with LORAHUB_MMA_ATTENTION=2 (fused_residual_attention_mma_test) the
 // tensor-core one) against
 // a double-precision reference, on the strided q/k/v views and broadcast
 // biases the objective's encoder and decoder passes.
@@ -550,7 +550,7 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
 // each row alone in double: q, k, v strided views of one fused [1, N, 3 *
 // H * d] projection, one position bias [1, H, L, L] for every row. On CUDA
 // with 64-wide heads and a longest row of 33 to 128 tokens the
-// register-tiled kernel (LORAHUB_MMA_ATTENTION=1: the tensor-core one)
+// register-tiled kernel (LORAHUB_MMA_ATTENTION=2: the tensor-core one)
 // takes the packed rows in one launch (rows of 1 to
 // 128 tokens, a row shorter than a query tile, 16 heads as flan-t5's); the
 // other shapes (8-wide heads, a longest row of 20 or 200) and the CPU go
