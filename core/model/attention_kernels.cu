@@ -13,7 +13,6 @@
 #include <type_traits>
 
 #include "core/model/cp_async.cuh"
-#include "core/model/dependent_launch.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_common.cuh"
 #include "core/model/kernel_launch.cuh"
@@ -819,7 +818,6 @@ template <typename E, int G, bool kSelf, int kWordBytes = 16>
 __global__ void __launch_bounds__(kSplitThreads, 8)
     StagedStepAttentionKernel(AttentionArgs a, DecodeStepArgs step) {
   static_assert(kWordBytes == 16 || (kWordBytes == 8 && kSelf));
-  WaitForPriorKernels();
   using Raw = std::conditional_t<kWordBytes == 16, uint4, uint2>;
   constexpr int W = kWordBytes / static_cast<int>(sizeof(E));
   constexpr int kWarps = kSplitThreads / 32;
@@ -1068,38 +1066,28 @@ bool WithLaneGroups(int64_t groups, F&& launch) {
   }
 }
 
-// The staged kernels' launch (dependent_launch.cuh: they wait first).
-template <typename E, int G, bool kSelf, int kWordBytes = 16>
-int LaunchStaged(const AttentionArgs& a, const DecodeStepArgs& step,
-                 unsigned grid, cudaStream_t stream) {
-  return LaunchDependent(StagedStepAttentionKernel<E, G, kSelf, kWordBytes>,
-                         dim3(grid), dim3(kSplitThreads), 0, stream, nullptr,
-                         a, step);
-}
-
 template <typename E, int G>
-int LaunchStep(const AttentionArgs& a, const DecodeStepArgs& step,
-               unsigned grid, cudaStream_t stream) {
+void LaunchStep(const AttentionArgs& a, const DecodeStepArgs& step,
+                unsigned grid, cudaStream_t stream) {
   // The staged self step on these lanes for fp32 caches only: the 16-bit
   // instantiations of 8 values a lane spilled (32 bytes); LaunchStepFor
   // sends those caches to its narrow lanes.
   constexpr bool kStageSelf = sizeof(E) == 4;
   if (a.key_starts != nullptr && step.key_lens != nullptr) {
-    return LaunchStaged<E, G, false>(a, step, grid, stream);
-  }
-  if (kStageSelf && StagedSelfStep(a, step)) {
+    StagedStepAttentionKernel<E, G, false>
+        <<<grid, kSplitThreads, 0, stream>>>(a, step);
+  } else if (kStageSelf && StagedSelfStep(a, step)) {
     if constexpr (kStageSelf) {
-      return LaunchStaged<E, G, true>(a, step, grid, stream);
+      StagedStepAttentionKernel<E, G, true>
+          <<<grid, kSplitThreads, 0, stream>>>(a, step);
     }
-  }
-  if (a.key_starts != nullptr) {
+  } else if (a.key_starts != nullptr) {
     SplitKeyAttentionKernel<E, G, true, true>
         <<<grid, kSplitThreads, 0, stream>>>(a, step);
   } else {
     SplitKeyAttentionKernel<E, G, true>
         <<<grid, kSplitThreads, 0, stream>>>(a, step);
   }
-  return LastError();
 }
 
 template <typename E>
@@ -1115,22 +1103,20 @@ int LaunchStepFor(const AttentionArgs& a, const DecodeStepArgs& step,
   }
   if constexpr (std::is_same_v<E, __nv_bfloat16>) {
     if (StagedSelfStep(a, step)) {  // narrow lanes: 4 values, 8 bytes
-      int err = static_cast<int>(cudaErrorInvalidValue);
-      WithLaneGroups(a.D / 4, [&](auto groups) {
-        err = LaunchStaged<E, decltype(groups)::value, true, 8>(a, step, grid,
-                                                                 stream);
+      const bool launched = WithLaneGroups(a.D / 4, [&](auto groups) {
+        StagedStepAttentionKernel<E, decltype(groups)::value, true, 8>
+            <<<grid, kSplitThreads, 0, stream>>>(a, step);
       });
-      return err;
+      return launched ? LastError() : static_cast<int>(cudaErrorInvalidValue);
     }
   }
   if (step.parts > 1 && step.k_new != nullptr && sizeof(E) != 4) {
     return static_cast<int>(cudaErrorInvalidValue);  // LoadNewKeyValue
   }
-  int err = static_cast<int>(cudaErrorInvalidValue);
-  WithLaneGroups(a.D / W, [&](auto groups) {
-    err = LaunchStep<E, decltype(groups)::value>(a, step, grid, stream);
+  const bool launched = WithLaneGroups(a.D / W, [&](auto groups) {
+    LaunchStep<E, decltype(groups)::value>(a, step, grid, stream);
   });
-  return err;
+  return launched ? LastError() : static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace

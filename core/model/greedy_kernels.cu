@@ -21,7 +21,6 @@
 
 #include <cstdint>
 
-#include "core/model/dependent_launch.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_launch.cuh"
 #include "core/model/vec16.cuh"
@@ -92,7 +91,6 @@ __global__ void __launch_bounds__(kGreedyThreads)
                        bool* unfinished, int64_t pad, int64_t eos,
                        int64_t* __restrict__ next,
                        int64_t* __restrict__ host_next) {
-  WaitForPriorKernels();
   constexpr int W = Vec16<E>::kWidth;
   const int64_t row = blockIdx.x / kSplit;
   const int part = static_cast<int>(blockIdx.x % kSplit);
@@ -154,17 +152,28 @@ template <typename E, int kSplit>
 int LaunchGreedySplit(const E* logits, int64_t rows, int64_t vocab,
                       bool* unfinished, int64_t pad, int64_t eos, int64_t* next,
                       int64_t* host_next, cudaStream_t stream) {
-  // (dependent_launch.cuh: the kernel waits first.)
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = kSplit;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  return LaunchDependent(GreedyTokensKernel<E, kSplit>,
-                         dim3(static_cast<unsigned>(rows * kSplit)),
-                         dim3(kGreedyThreads), 0, stream,
-                         kSplit > 1 ? &cluster : nullptr, logits, vocab,
-                         unfinished, pad, eos, next, host_next);
+  if constexpr (kSplit == 1) {
+    GreedyTokensKernel<E, 1><<<static_cast<unsigned>(rows), kGreedyThreads, 0,
+                               stream>>>(logits, vocab, unfinished, pad, eos,
+                                         next, host_next);
+    return static_cast<int>(cudaGetLastError());
+  } else {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(rows * kSplit));
+    config.blockDim = dim3(kGreedyThreads);
+    config.stream = stream;
+    cudaLaunchAttribute cluster[1];
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim.x = kSplit;
+    cluster[0].val.clusterDim.y = 1;
+    cluster[0].val.clusterDim.z = 1;
+    config.attrs = cluster;
+    config.numAttrs = 1;
+    return static_cast<int>(cudaLaunchKernelEx(&config,
+                                               GreedyTokensKernel<E, kSplit>,
+                                               logits, vocab, unfinished, pad,
+                                               eos, next, host_next));
+  }
 }
 
 template <typename E>

@@ -13,7 +13,6 @@
 #include <type_traits>
 
 #include "core/model/cp_async.cuh"
-#include "core/model/dependent_launch.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_common.cuh"
 #include "core/model/kernel_launch.cuh"
@@ -169,7 +168,6 @@ __global__ void __launch_bounds__(kNormThreads)
 template <typename E, int kHeld, int kParts = 0, int kRpw = 1>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormShrinkKernel(AddNormShrinkArgs p) {
-  WaitForPriorKernels();
   constexpr bool kExact = kParts > 0;
   __shared__ float4 x_shared[kHeld * kNormThreads / 4];
   float* xs = reinterpret_cast<float*>(x_shared);
@@ -635,23 +633,26 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
       static_cast<unsigned>((p.shrink.R + kWarps * rpw - 1) / (kWarps * rpw)),
       static_cast<unsigned>(p.shrink.B));
   // The specialised kernel of `parts` parts with `rpw` ranks per warp.
-  // (dependent_launch.cuh: these kernels wait first).
-  const auto launch_on = [&](auto kernel, dim3 on) {
-    return LaunchDependent(kernel, on, dim3(kNormThreads), 0, s, nullptr, p);
-  };
   const auto launch_special = [&](auto rpw1, auto rpw2, auto rpw4) {
     switch (rpw) {
       case 2:
-        return launch_on(rpw2, rpw_grid);
+        rpw2<<<rpw_grid, kNormThreads, 0, s>>>(p);
+        break;
       case 4:
-        return launch_on(rpw4, rpw_grid);
+        rpw4<<<rpw_grid, kNormThreads, 0, s>>>(p);
+        break;
       default:  // rpw_grid is grid
-        return launch_on(rpw1, rpw_grid);
+        rpw1<<<rpw_grid, kNormThreads, 0, s>>>(p);
     }
+    return static_cast<int>(cudaGetLastError());
   };
   const bool four = NormHeldFor(p.shrink.in) == 4;
   const auto launch = [&](auto held4, auto held8) {
-    return four ? launch_on(held4, grid) : launch_on(held8, grid);
+    if (four) {
+      held4<<<grid, kNormThreads, 0, s>>>(p);
+    } else {
+      held8<<<grid, kNormThreads, 0, s>>>(p);
+    }
   };
   // The decode steps' bf16 or int8 factors, rows of 4 * kNormThreads: the
   // specialised kernels of `parts` parts (NormSpecialParts); false where
@@ -682,20 +683,25 @@ int LaunchAddRmsNormShrink(const AddNormShrinkArgs& p, void* stream) {
   int result = 0;
   switch (p.shrink.a_dtype) {
     case DType::kFloat:
-      return launch(AddRmsNormShrinkKernel<float, 4>,
-                    AddRmsNormShrinkKernel<float, kNormHeld>);
+      launch(AddRmsNormShrinkKernel<float, 4>,
+             AddRmsNormShrinkKernel<float, kNormHeld>);
+      break;
     case DType::kBFloat16:
       if (launch_parts(__nv_bfloat16(), &result)) return result;
-      return launch(AddRmsNormShrinkKernel<__nv_bfloat16, 4>,
-                    AddRmsNormShrinkKernel<__nv_bfloat16, kNormHeld>);
+      launch(AddRmsNormShrinkKernel<__nv_bfloat16, 4>,
+             AddRmsNormShrinkKernel<__nv_bfloat16, kNormHeld>);
+      break;
     case DType::kInt8:
       if (launch_parts(int8_t(), &result)) return result;
-      return launch(AddRmsNormShrinkKernel<int8_t, 4>,
-                    AddRmsNormShrinkKernel<int8_t, kNormHeld>);
+      launch(AddRmsNormShrinkKernel<int8_t, 4>,
+             AddRmsNormShrinkKernel<int8_t, kNormHeld>);
+      break;
     default:
-      return launch(AddRmsNormShrinkKernel<__half, 4>,
-                    AddRmsNormShrinkKernel<__half, kNormHeld>);
+      launch(AddRmsNormShrinkKernel<__half, 4>,
+             AddRmsNormShrinkKernel<__half, kNormHeld>);
+      break;
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
 bool NarrowGemmFits(const NarrowGemmArgs& args) {

@@ -11,7 +11,6 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "core/model/dependent_launch.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_common.cuh"
 #include "core/model/kernel_launch.cuh"
@@ -27,7 +26,6 @@ __global__ void __launch_bounds__(kNormThreads)
     RmsNormKernel(const float* __restrict__ x, const W* __restrict__ weight,
                   float* __restrict__ full, R* __restrict__ rounded,
                   int64_t dim, float eps) {
-  WaitForPriorKernels();
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
   float sum_sq = 0.f;
   for (int64_t i = threadIdx.x; i < dim; i += kNormThreads) {
@@ -52,7 +50,6 @@ __global__ void __launch_bounds__(kNormThreads)
                      float* __restrict__ sum, const W* __restrict__ weight,
                      float* __restrict__ full, R* __restrict__ rounded,
                      int64_t row_dim, float eps) {
-  WaitForPriorKernels();
   constexpr bool kExact = kParts > 0;
   const int64_t dim = kExact ? int64_t{kHeld * kNormThreads} : row_dim;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
@@ -118,18 +115,24 @@ int LaunchAdd(const float* x, const NormDelta& delta, float* sum,
               const void* weight, float* full, void* rounded, int64_t rows,
               int64_t dim, float eps, cudaStream_t stream) {
   const auto launch = [&](auto kernel) {
-    return LaunchDependent(kernel, dim3(static_cast<unsigned>(rows)),
-                           dim3(kNormThreads), 0, stream, nullptr, x, delta,
-                           sum, static_cast<const W*>(weight), full,
-                           static_cast<R*>(rounded), dim, eps);
+    kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+        x, delta, sum, static_cast<const W*>(weight), full,
+        static_cast<R*>(rounded), dim, eps);
   };
   // Wider rows keep the earlier kernel (its one-switch variant spilled).
   const int parts = NormSpecialParts(delta, dim);
-  if (parts == 1) return launch(AddRmsNormKernel<W, R, 4, true, 1>);
-  if (parts == 2) return launch(AddRmsNormKernel<W, R, 4, true, 2>);
-  if (parts == 4) return launch(AddRmsNormKernel<W, R, 4, true, 4>);
-  if (NormHeldFor(dim) == 4) return launch(AddRmsNormKernel<W, R, 4, true>);
-  return launch(AddRmsNormKernel<W, R, kNormHeld, false>);
+  if (parts == 1) {
+    launch(AddRmsNormKernel<W, R, 4, true, 1>);
+  } else if (parts == 2) {
+    launch(AddRmsNormKernel<W, R, 4, true, 2>);
+  } else if (parts == 4) {
+    launch(AddRmsNormKernel<W, R, 4, true, 4>);
+  } else if (NormHeldFor(dim) == 4) {
+    launch(AddRmsNormKernel<W, R, 4, true>);
+  } else {
+    launch(AddRmsNormKernel<W, R, kNormHeld, false>);
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename W>
@@ -188,7 +191,6 @@ __global__ void GatedGeluTanhVecKernel(const E* __restrict__ gate,
                                        int64_t up_row_stride,
                                        E* __restrict__ out, int64_t rows,
                                        int64_t dim) {
-  WaitForPriorKernels();
   constexpr int W = 16 / sizeof(E);
   const int64_t per_row = dim / W;
   const int64_t n = rows * per_row;
@@ -214,10 +216,10 @@ __global__ void GatedGeluTanhVecKernel(const E* __restrict__ gate,
 template <typename W, typename R>
 int Launch(const float* x, const void* weight, float* full, void* rounded,
            int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
-  return LaunchDependent(RmsNormKernel<W, R>, dim3(static_cast<unsigned>(rows)),
-                         dim3(kNormThreads), 0, stream, nullptr, x,
-                         static_cast<const W*>(weight), full,
-                         static_cast<R*>(rounded), dim, eps);
+  RmsNormKernel<W, R><<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+      x, static_cast<const W*>(weight), full, static_cast<R*>(rounded), dim,
+      eps);
+  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename W>
@@ -302,11 +304,11 @@ int LaunchGatedGeluTanh(const void* gate, int64_t gate_row_stride,
         std::min<int64_t>((n * bytes / 16 + kThreads - 1) / kThreads, 65535));
     const auto launch = [&](auto element) {
       using E = decltype(element);
-      return LaunchDependent(GatedGeluTanhVecKernel<E>, dim3(grid),
-                             dim3(kThreads), 0, s, nullptr,
-                             static_cast<const E*>(gate), gate_row_stride,
-                             static_cast<const E*>(up), up_row_stride,
-                             static_cast<E*>(out), rows, dim);
+      GatedGeluTanhVecKernel<E><<<grid, kThreads, 0, s>>>(
+          static_cast<const E*>(gate), gate_row_stride,
+          static_cast<const E*>(up), up_row_stride, static_cast<E*>(out), rows,
+          dim);
+      return LastError();
     };
     switch (dtype) {
       case DType::kFloat:

@@ -12,7 +12,6 @@
 
 #include <cstdint>
 
-#include "core/model/dependent_launch.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/vec16.cuh"
 
@@ -24,7 +23,6 @@ constexpr int kStepStartThreads = 128;
 template <typename E>
 __global__ void __launch_bounds__(kStepStartThreads)
     DecoderStepStartKernel(DecoderStepStartArgs a) {
-  WaitForPriorKernels();
   constexpr int W = Vec16<E>::kWidth;
   const int64_t b = blockIdx.x;
   // Row b's position first: its bias row and the advance wait on it.
@@ -75,17 +73,18 @@ int LaunchDecoderStepStart(const DecoderStepStartArgs& a, DType table_dtype,
   }
   const auto grid = static_cast<unsigned>(a.rows);
   auto s = static_cast<cudaStream_t>(stream);
-  // (dependent_launch.cuh: the kernel waits first.)
   switch (table_dtype) {
     case DType::kFloat:
-      return LaunchDependent(DecoderStepStartKernel<float>, dim3(grid),
-                             dim3(kStepStartThreads), 0, s, nullptr, a);
+      DecoderStepStartKernel<float><<<grid, kStepStartThreads, 0, s>>>(a);
+      break;
     case DType::kBFloat16:
-      return LaunchDependent(DecoderStepStartKernel<__nv_bfloat16>, dim3(grid),
-                             dim3(kStepStartThreads), 0, s, nullptr, a);
+      DecoderStepStartKernel<__nv_bfloat16>
+          <<<grid, kStepStartThreads, 0, s>>>(a);
+      break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace lorahub::model::kernels

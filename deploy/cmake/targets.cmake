@@ -644,7 +644,6 @@ lorahub_cc_library(core_model_fused_ops
   CUDA_SRCS
     ${SRC}/core/model/attention_kernels.cu
     ${SRC}/core/model/cp_async.cuh
-    ${SRC}/core/model/dependent_launch.cuh
     ${SRC}/core/model/fused_ops_cuda.cc
     ${SRC}/core/model/greedy_kernels.cu
     ${SRC}/core/model/kernel_common.cuh
