@@ -129,6 +129,22 @@ __device__ __forceinline__ void StoreFromFloat(void* p, DType t, int64_t i,
   }
 }
 
+// Elements i and i + 1 (i even, p aligned to two elements) in one store.
+__device__ __forceinline__ void StorePairFromFloat(void* p, DType t, int64_t i, float v0,
+                                                   float v1) {
+  switch (t) {
+    case DType::kBFloat16:
+      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p) + i) =
+          __floats2bfloat162_rn(v0, v1);
+      break;
+    case DType::kHalf:
+      *reinterpret_cast<__half2*>(static_cast<__half*>(p) + i) = __floats2half2_rn(v0, v1);
+      break;
+    default:
+      *reinterpret_cast<float2*>(static_cast<float*>(p) + i) = make_float2(v0, v1);
+  }
+}
+
 // Row b of an attention launch (the encoder-length kernels): its multiple of
 // the batch strides and its first position along the token strides (rows
 // packed end to end, AttentionArgs::seq_starts: 0 and the row's first

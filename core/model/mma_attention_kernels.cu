@@ -45,6 +45,12 @@ constexpr int kMmaMaxWarps = 8;     // 128 queries a block
 constexpr int kMmaMinKeyGroups = 5;   // S >= 33 (kTiledQueryMin)
 constexpr int kMmaMaxKeyGroups = 16;  // S <= 128
 
+// What the launcher read of the operands' dtypes and strides.
+struct MmaLayout {
+  bool q_float = false;     // queries fp32, else the keys' dtype
+  bool bias_pairs = false;  // fp32 bias, unit stride along keys, pairs aligned
+};
+
 // c += a b with a split (a_split) or exact in TF32, b split (kSplitB) or
 // exact (bf16 values); the small terms first.
 template <bool kSplitB>
@@ -75,13 +81,12 @@ __device__ __forceinline__ void MmaProduct(float (&c)[4], const uint32_t (&a_big
 // expf, sum, one division of the context at the end).
 template <typename E, int kGroups>
 __global__ void __launch_bounds__(32 * kMmaMaxWarps)
-    MmaAttentionKernel(AttentionArgs a, bool q_float) {
+    MmaAttentionKernel(AttentionArgs a, MmaLayout layout) {
   constexpr bool kSplitKv = std::is_same<E, float>::value;
   constexpr int SP = 8 * kGroups;
   extern __shared__ float4 smem4[];
   float* ks = reinterpret_cast<float*>(smem4);  // [SP, kMmaLd]
   float* vs = ks + SP * kMmaLd;                 // [SP, kMmaLd]
-  float* qs = vs + SP * kMmaLd;                 // [16 warps, kMmaLd]
   const int warps = static_cast<int>(blockDim.x >> 5);
   const int warp = static_cast<int>(threadIdx.x >> 5);
   const int lane = static_cast<int>(threadIdx.x & 31);
@@ -99,8 +104,8 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   const E* __restrict__ v = static_cast<const E*>(a.v) + row * a.v_stride[0] +
                             h * a.v_stride[1] + first * a.v_stride[2];
 
-  // Staging: keys and values (zeros past S), the tile's queries; unrolled
-  // so that several rows' loads are in flight before their stores.
+  // Staging: keys and values (zeros past S); unrolled so that several rows'
+  // loads are in flight before their stores.
   const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
   for (int i = static_cast<int>(threadIdx.x); i < SP * 16; i += static_cast<int>(blockDim.x)) {
@@ -110,17 +115,6 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     const float4 vv = in ? Load4(v + j * a.v_stride[2] + c) : zero;
     *reinterpret_cast<float4*>(ks + j * kMmaLd + c) = kv;
     *reinterpret_cast<float4*>(vs + j * kMmaLd + c) = vv;
-  }
-#pragma unroll 4
-  for (int i = static_cast<int>(threadIdx.x); i < warps * 16 * 16;
-       i += static_cast<int>(blockDim.x)) {
-    const int r = i >> 4, c = (i & 15) * 4;
-    const int t = min(t_begin + r, t_last);
-    const int64_t q0 =
-        row * a.q_stride[0] + h * a.q_stride[1] + (first + t) * a.q_stride[2] + c;
-    *reinterpret_cast<float4*>(qs + r * kMmaLd + c) =
-        q_float ? Load4(static_cast<const float*>(a.q) + q0)
-                : Load4(static_cast<const E*>(a.q) + q0);
   }
   __syncthreads();
   const int w_t0 = t_begin + warp * 16;
@@ -133,24 +127,38 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
 #pragma unroll
   for (int c = 0; c < kGroups; ++c) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int j = 8 * c + 2 * t4 + (e & 1);
-      const int t = e < 2 ? tq0 : tq1;
-      s[c][e] = c < groups && j < S
-                    ? LoadAsFloat(a.bias, a.bias_dtype,
-                                  bias0 + t * a.bias_stride[2] + j * a.bias_stride[3])
-                    : 0.f;
+    for (int e = 0; e < 4; e += 2) {
+      const int j = 8 * c + 2 * t4;
+      const int64_t at = bias0 + (e < 2 ? tq0 : tq1) * a.bias_stride[2] + j * a.bias_stride[3];
+      if (layout.bias_pairs && c < groups && j + 1 < S) {
+        const float2 pair = *reinterpret_cast<const float2*>(static_cast<const float*>(a.bias) + at);
+        s[c][e] = pair.x;
+        s[c][e + 1] = pair.y;
+      } else {
+        s[c][e] = c < groups && j < S ? LoadAsFloat(a.bias, a.bias_dtype, at) : 0.f;
+        s[c][e + 1] = c < groups && j + 1 < S
+                          ? LoadAsFloat(a.bias, a.bias_dtype, at + a.bias_stride[3])
+                          : 0.f;
+      }
     }
   }
-  // Scores: q (16 x 64) times k^T, 8 dimensions at a time.
-  const float* qw = qs + warp * 16 * kMmaLd;
+  // Scores: q (16 x 64) times k^T, 8 dimensions at a time; the queries'
+  // fragments straight from global memory (each 32-byte sector read whole by
+  // the t4 and t4 + 4 loads of a row), leaving shared memory to the keys and
+  // values.
+  const int64_t q_row0 = row * a.q_stride[0] + h * a.q_stride[1] + (first + tq0) * a.q_stride[2];
+  const int64_t q_row1 = row * a.q_stride[0] + h * a.q_stride[1] + (first + tq1) * a.q_stride[2];
+  const auto q_at = [&](int64_t i) {
+    return layout.q_float ? static_cast<const float*>(a.q)[i]
+                          : ToFloat(static_cast<const E*>(a.q)[i]);
+  };
   // fp32 keys imply fp32 queries (the launcher's); kSplitKv keeps that
   // case's split at compile time.
-  const bool q_split = q_float || kSplitKv;
+  const bool q_split = layout.q_float || kSplitKv;
 #pragma unroll 2
   for (int d = 0; d < kMmaD; d += 8) {
-    const float qa[4] = {qw[g * kMmaLd + d + t4], qw[(g + 8) * kMmaLd + d + t4],
-                         qw[g * kMmaLd + d + t4 + 4], qw[(g + 8) * kMmaLd + d + t4 + 4]};
+    const float qa[4] = {q_at(q_row0 + d + t4), q_at(q_row1 + d + t4), q_at(q_row0 + d + t4 + 4),
+                         q_at(q_row1 + d + t4 + 4)};
     uint32_t a_big[4], a_small[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) Tf32Split(qa[e], &a_big[e], &a_small[e]);
@@ -216,39 +224,37 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     const int t = w_t0 + g + 8 * i;
     if (t > t_last) break;
     const float inv = 1.f / sum[i];
-    // [B, T, H, Dv], or [tokens, H, Dv]
+    // [B, T, H, Dv], or [tokens, H, Dv]: an even index, so each pair is one
+    // aligned store.
     const int64_t o0 = ((out_row0 + t) * a.H + h) * kMmaD + 2 * t4;
 #pragma unroll
     for (int n = 0; n < kMmaD / 8; ++n) {
-      StoreFromFloat(a.out, a.out_dtype, o0 + 8 * n, o[n][2 * i] * inv);
-      StoreFromFloat(a.out, a.out_dtype, o0 + 8 * n + 1, o[n][2 * i + 1] * inv);
+      StorePairFromFloat(a.out, a.out_dtype, o0 + 8 * n, o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
     }
   }
 }
 
 template <typename E, int kGroups>
-int LaunchMmaVariant(const AttentionArgs& a, dim3 grid, int threads, cudaStream_t stream,
-                     int device, int64_t limit) {
-  const size_t shared =
-      static_cast<size_t>(2 * 8 * kGroups + threads / 2) * kMmaLd * sizeof(float);
+int LaunchMmaVariant(const AttentionArgs& a, const MmaLayout& layout, dim3 grid, int threads,
+                     cudaStream_t stream, int device, int64_t limit) {
+  const size_t shared = static_cast<size_t>(2 * 8 * kGroups) * kMmaLd * sizeof(float);
   if (static_cast<int64_t>(shared) > limit) return -1;
   const int err = OptInShared<MmaAttentionKernel<E, kGroups>>(shared, device, limit);
   if (err != 0) return err;
-  MmaAttentionKernel<E, kGroups>
-      <<<grid, threads, shared, stream>>>(a, a.q_dtype == DType::kFloat);
+  MmaAttentionKernel<E, kGroups><<<grid, threads, shared, stream>>>(a, layout);
   return LastError();
 }
 
 template <typename E, int kGroups = kMmaMinKeyGroups>
-int LaunchMmaKeys(const AttentionArgs& a, dim3 grid, int threads, cudaStream_t stream,
-                  int device, int64_t limit) {
+int LaunchMmaKeys(const AttentionArgs& a, const MmaLayout& layout, dim3 grid, int threads,
+                  cudaStream_t stream, int device, int64_t limit) {
   if constexpr (kGroups > kMmaMaxKeyGroups) {
     return -1;
   } else {
     if ((a.S + 7) / 8 == kGroups) {
-      return LaunchMmaVariant<E, kGroups>(a, grid, threads, stream, device, limit);
+      return LaunchMmaVariant<E, kGroups>(a, layout, grid, threads, stream, device, limit);
     }
-    return LaunchMmaKeys<E, kGroups + 1>(a, grid, threads, stream, device, limit);
+    return LaunchMmaKeys<E, kGroups + 1>(a, layout, grid, threads, stream, device, limit);
   }
 }
 
@@ -282,7 +288,8 @@ int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
       a.key_starts != nullptr || (!kv_float && a.qkv_dtype != DType::kBFloat16) ||
       (a.q_dtype != a.qkv_dtype && a.q_dtype != DType::kFloat) ||
       (a.seq_starts != nullptr && a.T != a.S) || a.out_dtype == DType::kNone ||
-      a.bias_dtype == DType::kNone || !MmaRowsAligned(a.q, a.q_stride, a.q_dtype) ||
+      a.bias_dtype == DType::kNone || reinterpret_cast<uintptr_t>(a.out) % 8 != 0 ||
+      !MmaRowsAligned(a.q, a.q_stride, a.q_dtype) ||
       !MmaRowsAligned(a.k, a.k_stride, a.qkv_dtype) ||
       !MmaRowsAligned(a.v, a.v_stride, a.qkv_dtype)) {
     return -1;
@@ -298,10 +305,18 @@ int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
   }
   const dim3 grid(static_cast<unsigned>(a.B * a.H), static_cast<unsigned>(tiles));
   const int threads = static_cast<int>(32 * warps);
+  MmaLayout layout;
+  layout.q_float = a.q_dtype == DType::kFloat;
+  // fp32 biases of unit stride along the keys with even row strides: each
+  // lane's two keys 2t, 2t + 1 one 8-byte load.
+  layout.bias_pairs = a.bias_dtype == DType::kFloat && a.bias_stride[3] == 1 &&
+                      Aligned(a.bias, 2 * sizeof(float), sizeof(float),
+                              {a.bias_stride[0], a.bias_stride[1], a.bias_stride[2]});
   const auto s = static_cast<cudaStream_t>(stream);
-  return kv_float
-             ? LaunchMmaKeys<float>(a, grid, threads, s, device, limits->shared_optin)
-             : LaunchMmaKeys<__nv_bfloat16>(a, grid, threads, s, device, limits->shared_optin);
+  return kv_float ? LaunchMmaKeys<float>(a, layout, grid, threads, s, device,
+                                         limits->shared_optin)
+                  : LaunchMmaKeys<__nv_bfloat16>(a, layout, grid, threads, s, device,
+                                                 limits->shared_optin);
 }
 
 }  // namespace lorahub::model::kernels
