@@ -29,11 +29,9 @@ def kernel(q,k,v,bias,T,S,groups_t):
         t_begin=tile*warps*16
         if t_begin>=T: continue
         t_last=min(T,t_begin+warps*16)-1
-        ks=np.zeros((SP,LD)); vs=np.zeros((SP,LD)); qs=np.zeros((warps*16,LD))
+        ks=np.zeros((SP,LD)); vs=np.zeros((SP,LD))
         for j in range(SP):
             if j<S: ks[j,:64]=k[j]; vs[j,:64]=v[j]
-        for r in range(warps*16):
-            qs[r,:64]=q[min(t_begin+r,t_last)]
         for w in range(warps):
             w_t0=t_begin+w*16
             if w_t0>t_last: continue
@@ -43,12 +41,17 @@ def kernel(q,k,v,bias,T,S,groups_t):
                 g,t4=lane>>2,lane&3
                 tq0=min(w_t0+g,t_last); tq1=min(w_t0+g+8,t_last)
                 for c in range(groups_t):
-                    for e in range(4):
-                        j=8*c+2*t4+(e&1); tt=tq0 if e<2 else tq1
-                        s[lane][c][e]=bias[tt][j] if (c<groups and j<S) else 0
-            qw=qs[w*16:]
+                    for e in (0,2):  # a pair (keys j, j + 1) where both are in, else one by one
+                        j=8*c+2*t4; tt=tq0 if e<2 else tq1
+                        if c<groups and j+1<S:
+                            s[lane][c][e],s[lane][c][e+1]=bias[tt][j],bias[tt][j+1]
+                        else:
+                            s[lane][c][e]=bias[tt][j] if (c<groups and j<S) else 0
+                            s[lane][c][e+1]=bias[tt][j+1] if (c<groups and j+1<S) else 0
+            # the queries' fragments from global rows tq0 = min(w_t0 + g, t_last), tq1 (g + 8)
+            rows=[(min(w_t0+(lane>>2),t_last),min(w_t0+(lane>>2)+8,t_last)) for lane in range(32)]
             for d in range(0,64,8):
-                a=[[qw[(lane>>2)][d+(lane&3)],qw[(lane>>2)+8][d+(lane&3)],qw[(lane>>2)][d+(lane&3)+4],qw[(lane>>2)+8][d+(lane&3)+4]] for lane in range(32)]
+                a=[[q[rows[lane][0]][d+(lane&3)],q[rows[lane][1]][d+(lane&3)],q[rows[lane][0]][d+(lane&3)+4],q[rows[lane][1]][d+(lane&3)+4]] for lane in range(32)]
                 for c in range(groups):
                     b0=[ks[(8*c+(lane>>2)),d+(lane&3)] for lane in range(32)]
                     b1=[ks[(8*c+(lane>>2)),d+(lane&3)+4] for lane in range(32)]
@@ -85,9 +88,8 @@ def kernel(q,k,v,bias,T,S,groups_t):
                 for i in range(2):
                     t=w_t0+g+8*i
                     if t>t_last: break
-                    for n in range(8):
-                        out[t][8*n+2*t4]=o[lane][n][2*i]/sq[lane][i]
-                        out[t][8*n+2*t4+1]=o[lane][n][2*i+1]/sq[lane][i]
+                    for n in range(8):  # one pair store
+                        out[t][8*n+2*t4:8*n+2*t4+2]=[o[lane][n][2*i]/sq[lane][i],o[lane][n][2*i+1]/sq[lane][i]]
     return out
 
 rng=np.random.default_rng(0)
