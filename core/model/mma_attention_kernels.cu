@@ -21,8 +21,10 @@
 //
 // Status: off by default (LORAHUB_MMA_ATTENTION, MmaAttentionMode). Its
 // first GPU run (H100, fifty-eighth session) passed the CUDA suites with it
-// taking every launch; an emulation of its index math against the PTX
-// fragment layouts had matched softmax(q k^T + bias) v to 4e-15 in fp64.
+// taking every launch. The version here (queries read from global memory,
+// bias pairs, pair stores) has not run on a GPU yet: no device came after
+// it; deploy/gpu/mma_attention_emulation.py matches its index math against
+// the PTX fragment layouts to 4e-15 in fp64.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
