@@ -211,9 +211,9 @@ bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv);
 int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 
 // LaunchTiledAttention's first choice with LORAHUB_MMA_ATTENTION=1 for
-// launches of many blocks, =2 for all (read once; off by default: only the
-// population's shape gained, mma_attention_kernels.cu): the same attention on the
-// tensor cores (mma_attention_kernels.cu), for 64-wide heads, 33 to 128
+// launches of many blocks, =2 for all (read once; off by default: only a
+// population's shape gained): the same attention on the tensor cores
+// (mma_attention_kernels.cu), for 64-wide heads, 33 to 128
 // keys, fp32 or bf16 keys and values (queries fp32 or of their dtype) of
 // unit element stride and rows aligned to four elements, with out_dtype and
 // q_dtype set. Its fp32 operands are split into TF32 pairs so that the
