@@ -4,9 +4,9 @@
 // with at most kSmallQueryMax queries: the hand-written kernel on CUDA, the
 // matmul fallback on CPU; encoder-length queries: the tiled kernels, or
 // with LORAHUB_MMA_ATTENTION=2 (fused_residual_attention_mma_test) the
-// tensor-core one) against
-// a double-precision reference, on the strided q/k/v views and broadcast
-// biases the objective's encoder and decoder passes.
+// tensor-core one) against a double-precision reference, on the strided
+// q/k/v views and broadcast biases the objective's encoder and decoder
+// passes.
 // Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu): on CUDA it checks
 // the kernels of fused_kernels.h, on the CPU the fallbacks.
 #include <ATen/ATen.h>
@@ -502,8 +502,8 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
 
 // Many heads of the encoder's lengths, as an objective's population pass
 // and a batch of prompts run them: on CUDA (LORAHUB_MMA_ATTENTION unset)
-// the register-tiled kernel in
-// blocks of 16 x 16 threads with 5 queries per thread (16 x 16 and 60 x 16
+// the register-tiled kernel in blocks of 16 x 16 threads with 5 queries
+// per thread (16 x 16 and 60 x 16
 // heads of 72, the latter a population pass; 160 heads of 100 keys, 144 of
 // 45, 136 of 128 and of 33) and of 8 x 16 threads with 3 (4 x 8 heads of
 // 100 and 45: fewer heads than SMs), keys of 3 to 8 tiles of 16, bias per
@@ -551,8 +551,8 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
 // H * d] projection, one position bias [1, H, L, L] for every row. On CUDA
 // with 64-wide heads and a longest row of 33 to 128 tokens the
 // register-tiled kernel (LORAHUB_MMA_ATTENTION=2: the tensor-core one)
-// takes the packed rows in one launch (rows of 1 to
-// 128 tokens, a row shorter than a query tile, 16 heads as flan-t5's); the
+// takes the packed rows in one launch (rows of 1 to 128 tokens, a row
+// shorter than a query tile, 16 heads as flan-t5's); the
 // other shapes (8-wide heads, a longest row of 20 or 200) and the CPU go
 // row by row. Also with bf16 q, k, v and a bf16 output.
 TEST(PackedAttentionTest, EachRowAttendsToItself) {
