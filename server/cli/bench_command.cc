@@ -3,7 +3,7 @@
 //
 //   lorahub bench --model DIR --adapter DIR... --examples FILE.jsonl [--prompts FILE.jsonl]
 //     [--device cpu|cuda:N] [--dtype fp32|bf16] [--reps 30] [--warmup 3]
-//     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640]
+//     [--cobyla-budget 40] [--population 64] [--cmaes-budget 640] [--cmaes-seed 42]
 //     [--gen-batch 64] [--gen-tokens 32] [--gen-reps 3] [--gen-sweep 1,8,64] [--batch-size N]
 //     [--max-rows N]
 //     [--no-fast-path] [--profile-out FILE] [--json]
@@ -30,7 +30,11 @@
 //                        optimizer's own host work);
 //                        cmaes_peak_added_bytes: the most device memory (LibTorch's caching
 //                        allocator) the population's runner and passes held beyond what was
-//                        in use before them (0 on the CPU)
+//                        in use before them (0 on the CPU); cmaes_best_score from
+//                        --cmaes-seed (its path moves with any score's last bits)
+//   population_scores    the losses of the first --population candidates (fixed random
+//                        weights) in one batched call, before CMA-ES: two builds' or
+//                        kernels' scores of the same candidates, compared directly
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter): the
 //     median of --gen-reps timed calls (seconds; runs_seconds: each call; first_token_ms: the
@@ -389,6 +393,7 @@ absl::Status Run(const Args& args) {
   LH_ASSIGN_OR_RETURN(int64_t population, IntFlag(args, "population", 64, 2, 4096));
   LH_ASSIGN_OR_RETURN(int64_t cmaes_budget,
                       IntFlag(args, "cmaes-budget", 10 * population, 1, 1000000));
+  LH_ASSIGN_OR_RETURN(int64_t cmaes_seed, IntFlag(args, "cmaes-seed", 42, 0, INT64_MAX));
   LH_ASSIGN_OR_RETURN(int64_t gen_batch, IntFlag(args, "gen-batch", 64, 1, 4096));
   LH_ASSIGN_OR_RETURN(int64_t gen_tokens, IntFlag(args, "gen-tokens", 32, 1, 8192));
   LH_ASSIGN_OR_RETURN(int64_t gen_reps, IntFlag(args, "gen-reps", 3, 1, 1000));
@@ -522,7 +527,9 @@ absl::Status Run(const Args& args) {
     const int64_t in_use_before = model::DeviceMemoryAllocated(base.device).current;
     std::vector<learn::Candidate> batch;
     for (int64_t i = 0; i < population; ++i) batch.push_back(random_w());
-    LH_RETURN_IF_ERROR(objective.Score(batch).status());
+    LH_ASSIGN_OR_RETURN(const std::vector<double> batch_scores, objective.Score(batch));
+    out["population_scores"] = batch_scores;
+    popts.seed = static_cast<uint64_t>(cmaes_seed);
     LH_ASSIGN_OR_RETURN(auto cmaes, learn::MakeOptimizer("cmaes", popts));
     const int64_t before = objective.stats().evaluations;
     const int64_t passes_before = objective.stats().forward_passes;
@@ -544,6 +551,7 @@ absl::Status Run(const Args& args) {
     out["cmaes_peak_added_bytes"] =
         model::DeviceMemoryAllocated(base.device).peak - in_use_before;
     out["cmaes_best_score"] = r.best_score;
+    out["cmaes_seed"] = cmaes_seed;
   }
   out["engine"] = objective.EngineDescription();
 
@@ -662,7 +670,7 @@ absl::Status Run(const Args& args) {
 
 int RunBench(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "examples", "prompts", "device", "dtype", "reps", "warmup",
-                 "cobyla-budget", "population", "cmaes-budget", "gen-batch", "gen-tokens",
+                 "cobyla-budget", "population", "cmaes-budget", "cmaes-seed", "gen-batch", "gen-tokens",
                  "gen-sweep", "gen-reps", "batch-size", "max-rows", "profile-out"},
                 {"json", "no-fast-path"}};
   return RunWithArgs("bench", argc, argv, spec, Run);

@@ -11,7 +11,7 @@ for m in "$fx"/modules/m*; do adapters+=(--adapter "$m"); done
 out=$TEST_TMPDIR/bench.json
 "$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
   --prompts "$fx/prompts.jsonl" --reps 3 --warmup 1 --population 4 --cmaes-budget 8 \
-  --gen-batch 3 --gen-tokens 3 --gen-sweep 1,3 --json > "$out"
+  --cmaes-seed 5 --gen-batch 3 --gen-tokens 3 --gen-sweep 1,3 --json > "$out"
 "$py" - "$out" <<'PY'
 import json, math, sys
 lines = [l for l in open(sys.argv[1]) if l.strip()]
@@ -29,6 +29,13 @@ assert j["cmaes_objective_seconds"] <= j["cmaes_seconds"], j
 assert abs(j["cmaes_candidates_per_second"] * j["cmaes_seconds"] - j["cmaes_evaluations"]) < 1e-6 * j["cmaes_evaluations"], j
 assert j["compose_seconds_max"] >= j["compose_seconds"], j
 assert j["eval_reps"] == 3 and j["cmaes_evaluations"] == 8 and j["modules"] == 20, j
+assert j["cmaes_seed"] == 5, j
+# The warm-up population's losses, one per candidate (distinct random weights).
+ps = j["population_scores"]
+assert len(ps) == 4, ps
+for i, v in enumerate(ps):
+    positive("population_scores[%d]" % i, v)
+assert len(set(ps)) == 4, ps
 g = j["generation"]
 for kind in ["base", "merged", "per_row"]:
     positive(kind, g[kind]["tokens_per_second"])
@@ -107,6 +114,13 @@ rc=$?
 set -e
 [ "$rc" = 2 ] || { echo "want exit 2 for --gen-reps 0, got $rc"; exit 1; }
 grep -q -- "--gen-reps must be in" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
+set +e
+"$lorahub" bench --model "$fx/base" "${adapters[@]}" --examples "$fx/examples.jsonl" \
+  --cmaes-seed -1 2> "$TEST_TMPDIR/err"
+rc=$?
+set -e
+[ "$rc" = 2 ] || { echo "want exit 2 for --cmaes-seed -1, got $rc"; exit 1; }
+grep -q -- "--cmaes-seed must be in" "$TEST_TMPDIR/err" || { cat "$TEST_TMPDIR/err"; exit 1; }
 # --gen-sweep: positive integers only, checked before anything loads.
 for sweep in 0 x 1,,2 5000 ""; do
   set +e
