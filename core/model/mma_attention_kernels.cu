@@ -19,20 +19,24 @@
 // at the fragment's columns t and t + 4), so no shuffle or shared memory
 // sits between the two products.
 //
-// Status: off by default (LORAHUB_MMA_ATTENTION, MmaAttentionMode). Its
-// first GPU run (H100, fifty-eighth session) passed the CUDA suites with it
-// taking every launch. The version here (queries read from global memory,
-// bias pairs, pair stores) has not run on a GPU yet: no device came after
-// it; deploy/gpu/mma_attention_emulation.py matches its index math against
-// the PTX fragment layouts to 4e-15 in fp64.
+// Status: on by default for launches of many blocks (a population pass's
+// encoder; MmaAttentionMode). H100, fifty-ninth session, Kineto: 291 us a
+// population layer against the register-tiled kernel's 367 (queries read
+// from global memory, bias pairs, pair stores; CMA-ES +3.3%), the CUDA
+// suites passing with it on every launch. ncu then showed the keys' and
+// values' staging and the first queries' loads as its largest stalls, hence
+// the asynchronous copies below. deploy/gpu/mma_attention_emulation.py
+// matches its index math against the PTX fragment layouts to 4e-15 in fp64.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
+#include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
 #include "core/model/kernel_common.cuh"
 #include "core/model/kernel_launch.cuh"
@@ -50,7 +54,7 @@ constexpr int kMmaMaxKeyGroups = 16;  // S <= 128
 // What the launcher read of the operands' dtypes and strides.
 struct MmaLayout {
   bool q_float = false;     // queries fp32, else the keys' dtype
-  bool bias_pairs = false;  // fp32 bias, unit stride along keys, pairs aligned
+  bool bias_pairs = false;  // fp32 or bf16 bias, unit stride along keys, pairs aligned
 };
 
 // c += a b with a split (a_split) or exact in TF32, b split (kSplitB) or
@@ -106,21 +110,43 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
   const E* __restrict__ v = static_cast<const E*>(a.v) + row * a.v_stride[0] +
                             h * a.v_stride[1] + first * a.v_stride[2];
 
-  // Staging: keys and values (zeros past S); unrolled so that several rows'
-  // loads are in flight before their stores.
-  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+  // Staging: keys and values (zeros past S). fp32 ones go by asynchronous
+  // copies, the keys' group first: the bias and the first queries load while
+  // they fly, and the values land while the scores are made (a second
+  // barrier before the values' product). bf16 ones are widened to fp32 on
+  // the way, through registers, unrolled so that several rows' loads are in
+  // flight before their stores.
+  const int tid = static_cast<int>(threadIdx.x);
+  const int nthreads = static_cast<int>(blockDim.x);
+  if constexpr (kSplitKv) {
 #pragma unroll 4
-  for (int i = static_cast<int>(threadIdx.x); i < SP * 16; i += static_cast<int>(blockDim.x)) {
-    const int j = i >> 4, c = (i & 15) * 4;
-    const bool in = j < S;
-    const float4 kv = in ? Load4(k + j * a.k_stride[2] + c) : zero;
-    const float4 vv = in ? Load4(v + j * a.v_stride[2] + c) : zero;
-    *reinterpret_cast<float4*>(ks + j * kMmaLd + c) = kv;
-    *reinterpret_cast<float4*>(vs + j * kMmaLd + c) = vv;
+    for (int i = tid; i < SP * 16; i += nthreads) {
+      const int j = i >> 4, c = (i & 15) * 4;
+      CopyAsync<16>(ks + j * kMmaLd + c, j < S ? k + j * a.k_stride[2] + c : k, j < S);
+    }
+    CopyAsyncCommit();
+#pragma unroll 4
+    for (int i = tid; i < SP * 16; i += nthreads) {
+      const int j = i >> 4, c = (i & 15) * 4;
+      CopyAsync<16>(vs + j * kMmaLd + c, j < S ? v + j * a.v_stride[2] + c : v, j < S);
+    }
+    CopyAsyncCommit();
+  } else {
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int i = tid; i < SP * 16; i += nthreads) {
+      const int j = i >> 4, c = (i & 15) * 4;
+      const bool in = j < S;
+      const float4 kv = in ? Load4(k + j * a.k_stride[2] + c) : zero;
+      const float4 vv = in ? Load4(v + j * a.v_stride[2] + c) : zero;
+      *reinterpret_cast<float4*>(ks + j * kMmaLd + c) = kv;
+      *reinterpret_cast<float4*>(vs + j * kMmaLd + c) = vv;
+    }
   }
-  __syncthreads();
+  // A warp past a short packed row's end computes nothing but still meets
+  // the barriers.
   const int w_t0 = t_begin + warp * 16;
-  if (w_t0 > t_last) return;  // no barrier follows
+  const bool active = w_t0 <= t_last;
   const int groups = min(kGroups, (S + 7) / 8);  // the same for the block
   const int tq0 = min(w_t0 + g, t_last), tq1 = min(w_t0 + g + 8, t_last);
 
@@ -133,7 +159,11 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
       const int j = 8 * c + 2 * t4;
       const int64_t at = bias0 + (e < 2 ? tq0 : tq1) * a.bias_stride[2] + j * a.bias_stride[3];
       if (layout.bias_pairs && c < groups && j + 1 < S) {
-        const float2 pair = *reinterpret_cast<const float2*>(static_cast<const float*>(a.bias) + at);
+        const float2 pair =
+            a.bias_dtype == DType::kFloat
+                ? *reinterpret_cast<const float2*>(static_cast<const float*>(a.bias) + at)
+                : __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+                      static_cast<const __nv_bfloat16*>(a.bias) + at));
         s[c][e] = pair.x;
         s[c][e + 1] = pair.y;
       } else {
@@ -154,21 +184,39 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     return layout.q_float ? static_cast<const float*>(a.q)[i]
                           : ToFloat(static_cast<const E*>(a.q)[i]);
   };
+  const auto q_step = [&](int d, float (&qa)[4]) {
+    qa[0] = q_at(q_row0 + d + t4);
+    qa[1] = q_at(q_row1 + d + t4);
+    qa[2] = q_at(q_row0 + d + t4 + 4);
+    qa[3] = q_at(q_row1 + d + t4 + 4);
+  };
+  // The first step's queries load before the keys are waited for, each
+  // later step's while the step before it multiplies.
+  float qa[4];
+  q_step(0, qa);
+  if constexpr (kSplitKv) CopyAsyncWait<1>();  // the keys' group
+  __syncthreads();
   // fp32 keys imply fp32 queries (the launcher's); kSplitKv keeps that
   // case's split at compile time.
   const bool q_split = layout.q_float || kSplitKv;
-#pragma unroll 2
-  for (int d = 0; d < kMmaD; d += 8) {
-    const float qa[4] = {q_at(q_row0 + d + t4), q_at(q_row1 + d + t4), q_at(q_row0 + d + t4 + 4),
-                         q_at(q_row1 + d + t4 + 4)};
-    uint32_t a_big[4], a_small[4];
+  if (active) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) Tf32Split(qa[e], &a_big[e], &a_small[e]);
+    for (int d = 0; d < kMmaD; d += 8) {
+      float qn[4];
+      if (d + 8 < kMmaD) q_step(d + 8, qn);
+      uint32_t a_big[4], a_small[4];
 #pragma unroll
-    for (int c = 0; c < kGroups; ++c) {
-      if (c >= groups) continue;
-      const float* kr = ks + (8 * c + g) * kMmaLd + d + t4;
-      MmaProduct<kSplitKv>(s[c], a_big, a_small, q_split, kr[0], kr[4]);
+      for (int e = 0; e < 4; ++e) Tf32Split(qa[e], &a_big[e], &a_small[e]);
+#pragma unroll
+      for (int c = 0; c < kGroups; ++c) {
+        if (c >= groups) continue;
+        const float* kr = ks + (8 * c + g) * kMmaLd + d + t4;
+        MmaProduct<kSplitKv>(s[c], a_big, a_small, q_split, kr[0], kr[4]);
+      }
+      if (d + 8 < kMmaD) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) qa[e] = qn[e];
+      }
     }
   }
   // Softmax of queries g (e = 0, 1) and g + 8 (e = 2, 3) over the quad's
@@ -202,6 +250,11 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 1);
     sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], 2);
   }
+  if constexpr (kSplitKv) {  // the values' group
+    CopyAsyncWait<0>();
+    __syncthreads();
+  }
+  if (!active) return;  // no barrier follows
   // Context: p (16 x 8 groups) times v, the fragment's column t standing
   // for key 8c + 2t and column t + 4 for key 8c + 2t + 1.
   float o[kMmaD / 8][4];
@@ -267,16 +320,21 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
   return stride[3] == 1 && Aligned(base, 4 * bytes, bytes, {stride[0], stride[1], stride[2]});
 }
 
-// LORAHUB_MMA_ATTENTION (read once): 1 takes this kernel for launches of at
-// least kMmaMinBlocksPerSm blocks a multiprocessor, 2 for every launch it
-// fits (the tests' small shapes); unset or 0, never. Why the floor: on an
-// H100 (fifty-eighth session, Kineto) it took 347 us a layer at the
-// population's 5,120 blocks against the register-tiled kernel's 368, but
-// 18.4 us at an evaluation's 80 blocks against 11.8, and a one-request
-// prefill (16 blocks) lost 0.8 ms of its time to first token.
+// LORAHUB_MMA_ATTENTION (read once): unset, empty or 1 takes this kernel for
+// launches of at least kMmaMinBlocksPerSm blocks a multiprocessor, 2 for
+// every launch it fits (the tests' small shapes), 0 never. Why the floor:
+// on an H100 (fifty-eighth session, Kineto) its first version took 347 us a
+// layer at the population's 5,120 blocks against the register-tiled
+// kernel's 368, but 18.4 us at an evaluation's 80 blocks against 11.8, and
+// a one-request prefill (16 blocks) lost 0.8 ms of its time to first token.
+// Below the floor the register-tiled kernel keeps COBYLA's evaluations and
+// every generation on their tested paths (their answers and tokens).
 constexpr int64_t kMmaMinBlocksPerSm = 16;
 int MmaAttentionMode() {
-  static const int mode = EnvChoice("LORAHUB_MMA_ATTENTION");
+  static const int mode = [] {
+    const char* v = std::getenv("LORAHUB_MMA_ATTENTION");
+    return v == nullptr || *v == '\0' ? 1 : EnvChoice("LORAHUB_MMA_ATTENTION");
+  }();
   return mode;
 }
 
@@ -309,10 +367,12 @@ int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
   const int threads = static_cast<int>(32 * warps);
   MmaLayout layout;
   layout.q_float = a.q_dtype == DType::kFloat;
-  // fp32 biases of unit stride along the keys with even row strides: each
-  // lane's two keys 2t, 2t + 1 one 8-byte load.
-  layout.bias_pairs = a.bias_dtype == DType::kFloat && a.bias_stride[3] == 1 &&
-                      Aligned(a.bias, 2 * sizeof(float), sizeof(float),
+  // fp32 or bf16 biases of unit stride along the keys with even row
+  // strides: each lane's two keys 2t, 2t + 1 one 8- or 4-byte load.
+  const int64_t bias_bytes = a.bias_dtype == DType::kFloat ? 4 : 2;
+  layout.bias_pairs = (a.bias_dtype == DType::kFloat || a.bias_dtype == DType::kBFloat16) &&
+                      a.bias_stride[3] == 1 &&
+                      Aligned(a.bias, 2 * bias_bytes, bias_bytes,
                               {a.bias_stride[0], a.bias_stride[1], a.bias_stride[2]});
   const auto s = static_cast<cudaStream_t>(stream);
   return kv_float ? LaunchMmaKeys<float>(a, layout, grid, threads, s, device,

@@ -2489,6 +2489,8 @@ lorahub_cc_test(tests_model_fused_residual_attention_test
     core_model_fused_ops
     ext_gtest_gtest_main
     ext_libtorch_libtorch
+  ENV
+    LORAHUB_MMA_ATTENTION=0
   TIMEOUT 60
 )
 

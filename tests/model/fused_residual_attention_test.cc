@@ -4,7 +4,7 @@
 // with at most kSmallQueryMax queries: the hand-written kernel on CUDA, the
 // matmul fallback on CPU; encoder-length queries: the tiled kernels, or
 // with LORAHUB_MMA_ATTENTION=2 (fused_residual_attention_mma_test) the
-// tensor-core one) against a double-precision reference, on the strided
+// tensor-core one; fused_residual_attention_test sets 0) against a double-precision reference, on the strided
 // q/k/v views and broadcast biases the objective's encoder and decoder
 // passes.
 // Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu): on CUDA it checks
@@ -501,14 +501,14 @@ TEST(ShortQueryAttentionTest, EncoderLengthQueries) {
 }
 
 // Many heads of the encoder's lengths, as an objective's population pass
-// and a batch of prompts run them: on CUDA (LORAHUB_MMA_ATTENTION unset)
-// the register-tiled kernel in blocks of 16 x 16 threads with 5 queries
+// and a batch of prompts run them: on CUDA (LORAHUB_MMA_ATTENTION=0) the
+// register-tiled kernel in blocks of 16 x 16 threads with 5 queries
 // per thread (16 x 16 and 60 x 16
 // heads of 72, the latter a population pass; 160 heads of 100 keys, 144 of
 // 45, 136 of 128 and of 33) and of 8 x 16 threads with 3 (4 x 8 heads of
 // 100 and 45: fewer heads than SMs), keys of 3 to 8 tiles of 16, bias per
-// row [B, H, S, S] and shared [1, H, S, S]; bf16 keys and values. The
-// bf16-output launch rounds the same fp32 context once.
+// row [B, H, S, S] and shared [1, H, S, S], fp32 and bf16; bf16 keys and
+// values. The bf16-output launch rounds the same fp32 context once.
 TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
   at::manual_seed(11);
   const double min_value =
@@ -538,6 +538,10 @@ TEST(ShortQueryAttentionTest, ManyHeadsOfEncoderLengths) {
     const at::Tensor got = GeneralAttention(q, k, v, bias);
     EXPECT_LT(RelDiff(got, Reference(q, k, v, bias)), 1e-5);
     EXPECT_TRUE(at::equal(Attention(q, k, v, bias, at::kBFloat16), got.to(at::kBFloat16)));
+    // A bf16 bias over fp32 q, k, v, as a bf16 model's population pass has
+    // it (read in pairs by the tensor-core kernel).
+    const at::Tensor bias_b = bias.to(at::kBFloat16);
+    EXPECT_LT(RelDiff(GeneralAttention(q, k, v, bias_b), Reference(q, k, v, bias_b)), 1e-5);
     const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16),
                      vb = v.to(at::kBFloat16);
     EXPECT_LT(RelDiff(GeneralAttention(qb, kb, vb, bias).to(at::kFloat),
