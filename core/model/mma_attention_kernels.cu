@@ -24,8 +24,9 @@
 // (queries read from global memory, bias pairs, pair stores; CMA-ES +3.3%),
 // the CUDA suites passing with it. ncu then showed the keys' and values'
 // staging and the first queries' loads as its largest stalls, hence the
-// asynchronous copies below, not yet run on a GPU. deploy/gpu/mma_attention_emulation.py
-// matches its index math against the PTX fragment layouts to 4e-15 in fp64.
+// asynchronous copies below (not yet run on a GPU).
+// deploy/gpu/mma_attention_emulation.py matches its index math against the
+// PTX fragment layouts to 4e-15 in fp64.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
