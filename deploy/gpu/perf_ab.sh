@@ -120,7 +120,7 @@ bench() {
   [ -s "$work/$tag.json" ] &&
     printf '{"tag": "%s", "bench": %s}\n' "$tag" "$(cat "$work/$tag.json")" \
       >>"${OUT:-.gpu/logs}/runs.jsonl"
-  python3 - "$work/$tag.json" <<'PY'
+  python3 - "$work/$tag.json" "$work/main.json" <<'PY'
 import json, sys
 try:
     j = json.load(open(sys.argv[1]))
@@ -139,6 +139,22 @@ print("  eval %.3f ms | cobyla40 %.4f s | cmaes %.0f/s (%.1f of %.1f ms in the o
       g.get("merged", {}).get("ttft_ms", g.get("ttft_ms", 0)),
       1e3 * j.get("compose_seconds", 0), j.get("cold_start_seconds", 0), first("base"),
       first("per_row")))
+# The answers: COBYLA's and CMA-ES's (with its seed), the tokens' digests, and the warm-up
+# population's losses against main's (the same candidates: two kernels' or builds' numerics
+# compared directly, while CMA-ES's path moves with any loss's last bits).
+digest = lambda k: g.get(k, {}).get("output_digest", "-")
+line = "  answers: cobyla %r | cmaes %r (seed %s) | tokens %s %s %s" % (
+    j.get("cobyla_best_score"), j.get("cmaes_best_score"), j.get("cmaes_seed", "-"),
+    digest("base"), digest("merged"), digest("per_row"))
+try:
+    ref = json.load(open(sys.argv[2])).get("population_scores") if sys.argv[2] != sys.argv[1] else None
+except Exception:
+    ref = None
+ps = j.get("population_scores")
+if ps and ref and len(ps) == len(ref):
+    line += " | population scores vs main: max rel diff %.2e" % max(
+        abs(a - b) / max(abs(b), 1e-30) for a, b in zip(ps, ref))
+print(line)
 PY
 }
 [ "${SERVE_ONLY:-0}" = 1 ] || bench main -- --profile-out "$work/profile.json"

@@ -32,9 +32,10 @@
 //                        allocator) the population's runner and passes held beyond what was
 //                        in use before them (0 on the CPU); cmaes_best_score from
 //                        --cmaes-seed (its path moves with any score's last bits)
-//   population_scores    the losses of the first --population candidates (fixed random
-//                        weights) in one batched call, before CMA-ES: two builds' or
-//                        kernels' scores of the same candidates, compared directly
+//   population_scores    the losses of --population candidates (random weights from a
+//                        fixed seed, whatever the other flags) in one batched call, before
+//                        CMA-ES: two builds' or kernels' losses of the same candidates,
+//                        compared directly
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter): the
 //     median of --gen-reps timed calls (seconds; runs_seconds: each call; first_token_ms: the
@@ -527,6 +528,14 @@ absl::Status Run(const Args& args) {
     const int64_t in_use_before = model::DeviceMemoryAllocated(base.device).current;
     std::vector<learn::Candidate> batch;
     for (int64_t i = 0; i < population; ++i) batch.push_back(random_w());
+    LH_RETURN_IF_ERROR(objective.Score(batch).status());
+    // population_scores: candidates from a generator of their own, the same whatever
+    // --reps, --warmup or the figures before drew (random_w's draws, and with them the
+    // generation's adapters and tokens, stay as they were).
+    std::mt19937_64 population_rng(11);
+    for (learn::Candidate& w : batch) {
+      for (double& x : w) x = uw(population_rng);
+    }
     LH_ASSIGN_OR_RETURN(const std::vector<double> batch_scores, objective.Score(batch));
     out["population_scores"] = batch_scores;
     popts.seed = static_cast<uint64_t>(cmaes_seed);

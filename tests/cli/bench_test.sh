@@ -76,10 +76,15 @@ PY
   --prompts "$fx/prompts.jsonl" --reps 1 --warmup 1 --population 4 --cmaes-budget 4 \
   --gen-batch 2 --gen-tokens 2 --profile-out "$TEST_TMPDIR/prof.json" --json \
   > "$TEST_TMPDIR/bench_prof.json" 2> "$TEST_TMPDIR/prof.err"
-"$py" - "$TEST_TMPDIR/bench_prof.json" "$TEST_TMPDIR/prof.err" <<'PY'
+"$py" - "$TEST_TMPDIR/bench_prof.json" "$TEST_TMPDIR/prof.err" "$out" <<'PY'
 import json, sys
 lines = [l for l in open(sys.argv[1]) if l.strip()]
 assert len(lines) == 1, "want one JSON line, got %d" % len(lines)
+# The same population's losses as the first run's, though this one drew fewer candidates
+# before it (--reps 1, not 3) and CMA-ES ran from another seed after.
+first = json.loads(open(sys.argv[3]).read())
+assert json.loads(lines[0])["population_scores"] == first["population_scores"], (
+    json.loads(lines[0])["population_scores"], first["population_scores"])
 p = json.loads(lines[0])["profile"]
 err = open(sys.argv[2]).read()
 for key, label in [("objective", "profile objective evaluation:"),
