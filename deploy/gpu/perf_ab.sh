@@ -139,7 +139,7 @@ print("  eval %.3f ms | cobyla40 %.4f s | cmaes %.0f/s (%.1f of %.1f ms in the o
       g.get("merged", {}).get("ttft_ms", g.get("ttft_ms", 0)),
       1e3 * j.get("compose_seconds", 0), j.get("cold_start_seconds", 0), first("base"),
       first("per_row")))
-# The answers: COBYLA's and CMA-ES's (with its seed), the tokens' digests, and the warm-up
+# The answers: COBYLA's and CMA-ES's (with its seed), the tokens' digests, and the fixed-seed
 # population's losses against main's (the same candidates: two kernels' or builds' numerics
 # compared directly, while CMA-ES's path moves with any loss's last bits).
 digest = lambda k: g.get(k, {}).get("output_digest", "-")

@@ -679,8 +679,8 @@ absl::Status Run(const Args& args) {
 
 int RunBench(int argc, char** argv) {
   FlagSpec spec{{"model", "adapter", "examples", "prompts", "device", "dtype", "reps", "warmup",
-                 "cobyla-budget", "population", "cmaes-budget", "cmaes-seed", "gen-batch", "gen-tokens",
-                 "gen-sweep", "gen-reps", "batch-size", "max-rows", "profile-out"},
+                 "cobyla-budget", "population", "cmaes-budget", "cmaes-seed", "gen-batch",
+                 "gen-tokens", "gen-sweep", "gen-reps", "batch-size", "max-rows", "profile-out"},
                 {"json", "no-fast-path"}};
   return RunWithArgs("bench", argc, argv, spec, Run);
 }

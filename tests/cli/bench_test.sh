@@ -30,7 +30,7 @@ assert abs(j["cmaes_candidates_per_second"] * j["cmaes_seconds"] - j["cmaes_eval
 assert j["compose_seconds_max"] >= j["compose_seconds"], j
 assert j["eval_reps"] == 3 and j["cmaes_evaluations"] == 8 and j["modules"] == 20, j
 assert j["cmaes_seed"] == 5, j
-# The warm-up population's losses, one per candidate (distinct random weights).
+# The fixed-seed population's losses, one per candidate (distinct random weights).
 ps = j["population_scores"]
 assert len(ps) == 4, ps
 for i, v in enumerate(ps):
