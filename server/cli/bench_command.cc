@@ -80,6 +80,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/ascii.h"
@@ -526,15 +527,16 @@ absl::Status Run(const Args& args) {
     // Build (and capture) the population-sized runner outside the timing.
     model::ResetDevicePeakMemory(base.device);
     const int64_t in_use_before = model::DeviceMemoryAllocated(base.device).current;
-    std::vector<learn::Candidate> batch;
-    for (int64_t i = 0; i < population; ++i) batch.push_back(random_w());
-    LH_RETURN_IF_ERROR(objective.Score(batch).status());
-    // population_scores: candidates from a generator of their own, the same whatever
-    // --reps, --warmup or the figures before drew (random_w's draws, and with them the
-    // generation's adapters and tokens, stay as they were).
+    // The warm-up's candidates (population_scores) come from a generator of their own,
+    // the same whatever --reps, --warmup or the figures before drew. random_w still draws
+    // as many, so its later draws (the generation's adapters, its tokens) stay as they were.
     std::mt19937_64 population_rng(11);
-    for (learn::Candidate& w : batch) {
+    std::vector<learn::Candidate> batch;
+    for (int64_t i = 0; i < population; ++i) {
+      random_w();
+      learn::Candidate w(n);
       for (double& x : w) x = uw(population_rng);
+      batch.push_back(std::move(w));
     }
     LH_ASSIGN_OR_RETURN(const std::vector<double> batch_scores, objective.Score(batch));
     out["population_scores"] = batch_scores;
