@@ -353,13 +353,7 @@ int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
   int device = 0;
   const DeviceLimits* limits = CurrentDeviceLimits(&device);
   if (limits == nullptr) return -1;
-  // LORAHUB_MMA_WARPS (1-8, read once; an experiment's knob): fewer warps a
-  // block, so more blocks for a launch of few rows and heads.
-  static const int max_warps = [] {
-    const int w = EnvChoice("LORAHUB_MMA_WARPS");
-    return w >= 1 && w <= kMmaMaxWarps ? w : kMmaMaxWarps;
-  }();
-  const int64_t warps = std::min<int64_t>(max_warps, (a.T + 15) / 16);
+  const int64_t warps = std::min<int64_t>(kMmaMaxWarps, (a.T + 15) / 16);
   const int64_t tiles = (a.T + 16 * warps - 1) / (16 * warps);
   if (a.B * a.H > 0x7fffffff || tiles > 65535 ||
       (mode == 1 && a.B * a.H * tiles < kMmaMinBlocksPerSm * limits->sms)) {
