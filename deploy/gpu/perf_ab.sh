@@ -36,7 +36,8 @@
 # Carry .gpu/debs (deploy/gpu/fetch_debs.sh) and .gpu/bench (a copy of ../shared/bench).
 # ABS: runs separated by ';', each a tag, then environment assignments, then optionally `--`
 # and extra bench flags, e.g. ABS="no_batched_up LORAHUB_NO_BATCHED_UP=1; rows320 -- --max-rows 320".
-# An A/B starts only while fewer than STOP_S seconds have passed since the start.
+# An A/B starts only while fewer than STOP_S seconds have passed since the start (the build, up
+# to about 190 s fresh, and the suites included).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 work=/tmp/perf_ab
