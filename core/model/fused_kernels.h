@@ -221,6 +221,8 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 // having launched nothing, for the other shapes and with the switch off,
 // else 0 or the cudaError_t.
 int LaunchMmaAttention(const AttentionArgs& args, void* stream);
+// fused_ops.h SetMmaAttentionModeForTesting's mode, or -1 (none set).
+int MmaAttentionModeForTesting();
 
 // Per-row LoRA of single-token rows (decode steps), as Punica's BGMV: every
 // row b reads the factors of its own adapter slot slots[b] (device int64)

@@ -126,6 +126,18 @@ void SetAttentionBf16ForTesting(int value) {
   attention_bf16_override.store(value < 0 ? -1 : (value != 0 ? 1 : 0));
 }
 
+namespace {
+std::atomic<int> mma_attention_mode_override{-1};
+}  // namespace
+
+void SetMmaAttentionModeForTesting(int mode) {
+  mma_attention_mode_override.store(mode < 0 ? -1 : mode);
+}
+
+namespace kernels {
+int MmaAttentionModeForTesting() { return mma_attention_mode_override.load(); }
+}  // namespace kernels
+
 at::Tensor GatedGeluTanh(const at::Tensor& gate, const at::Tensor& up) {
   RECORD_USER_SCOPE("lorahub::gated_gelu");
   at::Tensor out;

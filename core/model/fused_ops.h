@@ -227,6 +227,12 @@ bool DecodeAttentionBmm();
 bool AttentionBf16();
 // Tests: 1 / 0 forces AttentionBf16(), -1 returns to the environment's.
 void SetAttentionBf16ForTesting(int value);
+// Tests: the tensor-core encoder attention's mode (fused_kernels.h
+// LaunchMmaAttention: 0 never, 1 launches of many blocks, 2 every launch it
+// fits) in place of LORAHUB_MMA_ATTENTION's; -1 returns to the
+// environment's. It holds for launches after the call: a CUDA graph
+// captured before it replays what it captured.
+void SetMmaAttentionModeForTesting(int mode);
 
 // The same arithmetic for one query per (row, head) as two batched matmuls
 // (cuBLAS / CPU bmm over B*H matrices) around the bias add and the softmax,

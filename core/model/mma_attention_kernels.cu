@@ -323,7 +323,8 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
   return stride[3] == 1 && Aligned(base, 4 * bytes, bytes, {stride[0], stride[1], stride[2]});
 }
 
-// LORAHUB_MMA_ATTENTION (read once): unset, empty or 1 takes this kernel for
+// LORAHUB_MMA_ATTENTION (read once; fused_ops.h SetMmaAttentionModeForTesting
+// overrides it): unset, empty or 1 takes this kernel for
 // launches of at least kMmaMinBlocksPerSm blocks a multiprocessor, 2 for
 // every launch it fits (the tests' small shapes), 0 never. Why the floor:
 // on an H100 (fifty-eighth session, Kineto) its first version took 347 us a
@@ -334,11 +335,12 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
 // every generation on their tested paths (their answers and tokens).
 constexpr int64_t kMmaMinBlocksPerSm = 16;
 int MmaAttentionMode() {
-  static const int mode = [] {
+  static const int from_env = [] {
     const char* v = std::getenv("LORAHUB_MMA_ATTENTION");
     return v == nullptr || *v == '\0' ? 1 : EnvChoice("LORAHUB_MMA_ATTENTION");
   }();
-  return mode;
+  const int forced = MmaAttentionModeForTesting();
+  return forced >= 0 ? forced : from_env;
 }
 
 }  // namespace

@@ -2342,6 +2342,7 @@ lorahub_cc_test(tests_model_objective_runner_test
     ${SRC}/tests/model/objective_runner_test.cc
   DEPS
     core_model_model
+    core_model_fused_ops
     core_model_loader
     core_model_objective_runner
     core_tokenizer_tokenizer

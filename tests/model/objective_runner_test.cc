@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "core/model/fused_ops.h"
 #include "core/model/loader.h"
 #include "core/model/lora.h"
 #include "core/model/query_side_cross.h"
@@ -340,6 +341,69 @@ TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
     differing += losses[1][c] != losses[0][c] ? 1 : 0;
   }
   EXPECT_GT(differing, 0) << "the same losses: not applied?";
+}
+
+// The population pass's encoder attention on the tensor cores
+// (mma_attention_kernels.cu, on every launch it fits) against the
+// register-tiled kernel, bf16 on CUDA: 64-wide heads (the kernel's) and
+// examples of 33 to 60 tokens, with weights and adapters small enough that
+// the losses are a smooth function of the arithmetic (on the random bench
+// fixture they are not: any rounding change scatters them, BENCHMARKS,
+// sixtieth session). 8 candidates' losses agree to 1e-3 relative, and not
+// all are the same bits (the kernel ran). CUDA only: elsewhere there is one
+// attention.
+TEST(ObjectiveRunnerMma, LossesMatchTheRegisterTiledKernel) {
+  auto device = testing::TestDevice();
+  ASSERT_TRUE(device.ok()) << device.status();
+  if (!device->is_cuda()) GTEST_SKIP() << "the tensor-core attention is CUDA's";
+  config::T5Config c = testing::GatedConfig();
+  c.d_model = 128;
+  c.d_kv = 64;
+  c.num_heads = 2;
+  c.d_ff = 256;
+  WeightOptions options;
+  options.dtype = at::kBFloat16;
+  options.device = *device;
+  Fixture s;
+  auto base = BuildT5Weights(c, testing::RandomT5(c, 31, 0.05), options);
+  ASSERT_TRUE(base.ok()) << base.status();
+  s.base = *std::move(base);
+  // A and B of randn * 0.3 at alpha / r = 0.02: deltas about W_q's scale.
+  const config::LoraConfig lora = testing::MakeLoraConfig({"q", "v"}, 16, 0.32);
+  for (uint64_t seed : {1, 2, 3, 4}) {
+    auto a = BuildLoraAdapter(s.base, lora, testing::RandomAdapter(s.base, lora, seed),
+                              "m" + std::to_string(seed));
+    ASSERT_TRUE(a.ok()) << a.status();
+    s.modules.push_back(*std::move(a));
+  }
+  std::vector<const LoraAdapter*> ptrs;
+  for (const auto& m : s.modules) ptrs.push_back(&m);
+  auto stack = StackModules(s.base, ptrs);
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  s.stack = *std::move(stack);
+  s.examples = RandomExamples(5, c.vocab_size, 9, 33, 60);
+  const std::vector<double> w = RandomWeights(8, s.stack.num_modules, 62);
+  std::vector<double> losses[2];
+  for (int mma : {0, 1}) {
+    SetMmaAttentionModeForTesting(mma == 1 ? 2 : 0);
+    auto runner = ObjectiveRunner::Create(s.base, s.stack, s.examples, 8, {});
+    const absl::StatusOr<std::vector<double>> got =
+        runner.ok() ? (*runner)->Losses(w, 8)
+                    : absl::StatusOr<std::vector<double>>(runner.status());
+    SetMmaAttentionModeForTesting(-1);
+    ASSERT_TRUE(got.ok()) << got.status();
+    losses[mma] = *got;
+  }
+  ASSERT_EQ(losses[0].size(), 8u);
+  ASSERT_EQ(losses[1].size(), 8u);
+  int differing = 0;
+  for (size_t i = 0; i < 8; ++i) {
+    EXPECT_TRUE(std::isfinite(losses[1][i]));
+    EXPECT_NEAR(losses[1][i], losses[0][i], 1e-3 * std::fabs(losses[0][i]))
+        << "candidate " << i;
+    differing += losses[1][i] != losses[0][i] ? 1 : 0;
+  }
+  EXPECT_GT(differing, 0) << "the same losses: the tensor-core kernel did not run?";
 }
 
 TEST(ObjectiveRunner, RefusesBadCalls) {
