@@ -38,6 +38,15 @@ struct Fixture {
   std::vector<Example> examples;
 };
 
+// s.stack from s.modules.
+void StackFixtureModules(Fixture& s) {
+  std::vector<const LoraAdapter*> ptrs;
+  for (const auto& m : s.modules) ptrs.push_back(&m);
+  auto stack = StackModules(s.base, ptrs);
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  s.stack = *std::move(stack);
+}
+
 void LoadModules(Fixture& s, const std::string& model_dir,
                  const std::vector<std::string>& adapter_dirs,
                  const WeightOptions& options = WeightOptions{}) {
@@ -49,11 +58,7 @@ void LoadModules(Fixture& s, const std::string& model_dir,
     ASSERT_TRUE(a.ok()) << a.status();
     s.modules.push_back(*std::move(a));
   }
-  std::vector<const LoraAdapter*> ptrs;
-  for (const auto& m : s.modules) ptrs.push_back(&m);
-  auto stack = StackModules(s.base, ptrs);
-  ASSERT_TRUE(stack.ok()) << stack.status();
-  s.stack = *std::move(stack);
+  StackFixtureModules(s);
 }
 
 void LoadRefTiny(Fixture& s, const std::string& name,
@@ -303,6 +308,23 @@ TEST(ObjectiveRunnerPacked, LongExamplesMatchScoreCandidates) {
   }
 }
 
+// `got` within 1e-3 relative of `want`, candidate by candidate, and not all
+// the same bits: the path under test ran (the usual one again would give
+// equal losses; a single candidate may round to the same loss).
+void ExpectNearButNotAllEqual(const std::vector<double>& want,
+                              const std::vector<double>& got, size_t count,
+                              const std::string& if_all_equal) {
+  ASSERT_EQ(want.size(), count);
+  ASSERT_EQ(got.size(), count);
+  int differing = 0;
+  for (size_t c = 0; c < count; ++c) {
+    EXPECT_TRUE(std::isfinite(got[c]));
+    EXPECT_NEAR(got[c], want[c], 1e-3 * std::fabs(want[c])) << "candidate " << c;
+    differing += got[c] != want[c] ? 1 : 0;
+  }
+  EXPECT_GT(differing, 0) << if_all_equal;
+}
+
 // The population pass with the decoder's cross-attention from the query
 // side (query_side_cross.h, forced on: the fixture is far below its size
 // threshold) against the usual order, bf16 on $LORAHUB_TEST_DEVICE (on the
@@ -331,16 +353,7 @@ TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
     ASSERT_TRUE(got.ok()) << got.status();
     losses[on] = *got;
   }
-  ASSERT_EQ(losses[0].size(), 4u);
-  ASSERT_EQ(losses[1].size(), 4u);
-  int differing = 0;
-  for (size_t c = 0; c < 4; ++c) {
-    EXPECT_TRUE(std::isfinite(losses[1][c]));
-    EXPECT_NEAR(losses[1][c], losses[0][c], 1e-3 * std::fabs(losses[0][c]))
-        << "candidate " << c;
-    differing += losses[1][c] != losses[0][c] ? 1 : 0;
-  }
-  EXPECT_GT(differing, 0) << "the same losses: not applied?";
+  ExpectNearButNotAllEqual(losses[0], losses[1], 4, "the same losses: not applied?");
 }
 
 // The population pass's encoder attention on the tensor cores
@@ -356,11 +369,7 @@ TEST(ObjectiveRunnerMma, LossesMatchTheRegisterTiledKernel) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
   if (!device->is_cuda()) GTEST_SKIP() << "the tensor-core attention is CUDA's";
-  config::T5Config c = testing::GatedConfig();
-  c.d_model = 128;
-  c.d_kv = 64;
-  c.num_heads = 2;
-  c.d_ff = 256;
+  const config::T5Config c = testing::WideHeadsConfig();
   WeightOptions options;
   options.dtype = at::kBFloat16;
   options.device = *device;
@@ -376,11 +385,8 @@ TEST(ObjectiveRunnerMma, LossesMatchTheRegisterTiledKernel) {
     ASSERT_TRUE(a.ok()) << a.status();
     s.modules.push_back(*std::move(a));
   }
-  std::vector<const LoraAdapter*> ptrs;
-  for (const auto& m : s.modules) ptrs.push_back(&m);
-  auto stack = StackModules(s.base, ptrs);
-  ASSERT_TRUE(stack.ok()) << stack.status();
-  s.stack = *std::move(stack);
+  StackFixtureModules(s);
+  if (HasFatalFailure()) return;
   s.examples = RandomExamples(5, c.vocab_size, 9, 33, 60);
   const std::vector<double> w = RandomWeights(8, s.stack.num_modules, 62);
   std::vector<double> losses[2];
@@ -394,16 +400,8 @@ TEST(ObjectiveRunnerMma, LossesMatchTheRegisterTiledKernel) {
     ASSERT_TRUE(got.ok()) << got.status();
     losses[mma] = *got;
   }
-  ASSERT_EQ(losses[0].size(), 8u);
-  ASSERT_EQ(losses[1].size(), 8u);
-  int differing = 0;
-  for (size_t i = 0; i < 8; ++i) {
-    EXPECT_TRUE(std::isfinite(losses[1][i]));
-    EXPECT_NEAR(losses[1][i], losses[0][i], 1e-3 * std::fabs(losses[0][i]))
-        << "candidate " << i;
-    differing += losses[1][i] != losses[0][i] ? 1 : 0;
-  }
-  EXPECT_GT(differing, 0) << "the same losses: the tensor-core kernel did not run?";
+  ExpectNearButNotAllEqual(losses[0], losses[1], 8,
+                           "the same losses: the tensor-core kernel did not run?");
 }
 
 TEST(ObjectiveRunner, RefusesBadCalls) {

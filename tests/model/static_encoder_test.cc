@@ -817,11 +817,7 @@ TEST(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
   if (!device->is_cuda() || !CudaGraphsCompiled()) {
     GTEST_SKIP() << "CUDA graphs only";
   }
-  config::T5Config c = testing::GatedConfig();
-  c.d_model = 128;
-  c.d_kv = 64;
-  c.num_heads = 2;
-  c.d_ff = 256;
+  const config::T5Config c = testing::WideHeadsConfig();
   WeightOptions wo;
   wo.device = *device;
   wo.dtype = at::kBFloat16;

@@ -70,6 +70,15 @@ config::T5Config GatedConfig() {
   return c;
 }
 
+config::T5Config WideHeadsConfig() {
+  config::T5Config c = GatedConfig();
+  c.d_model = 128;
+  c.d_kv = 64;
+  c.num_heads = 2;
+  c.d_ff = 256;
+  return c;
+}
+
 config::T5Config ReluTiedConfig() {
   config::T5Config c;
   c.vocab_size = 50;

@@ -33,6 +33,9 @@ io::HostTensor ToHost(const at::Tensor& t);
 // different depths and odd buckets.
 config::T5Config GatedConfig();
 config::T5Config ReluTiedConfig();
+// GatedConfig with flan-t5's 64-wide heads (2 of them, d_model 128, d_ff
+// 256): the shapes the CUDA attention kernels for 64-wide heads take.
+config::T5Config WideHeadsConfig();
 
 // Random weights for `config` with HF names (lm_head only when untied).
 io::TensorMap RandomT5(const config::T5Config& config, uint64_t seed,
