@@ -25,10 +25,11 @@ inline bool EnvSwitch(const char* name) {
   return v != nullptr && *v != '\0' && *v != '0';
 }
 
-// A positive integer from the environment (read by the caller once), or 0.
-inline int EnvChoice(const char* name) {
+// A non-negative integer from the environment (read by the caller once);
+// `if_unset` when the variable is unset or empty.
+inline int EnvChoice(const char* name, int if_unset = 0) {
   const char* v = std::getenv(name);
-  return v == nullptr ? 0 : std::max(0, std::atoi(v));
+  return v == nullptr || *v == '\0' ? if_unset : std::max(0, std::atoi(v));
 }
 
 inline constexpr int kMaxDevices = 64;

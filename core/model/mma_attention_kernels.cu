@@ -37,7 +37,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "core/model/cp_async.cuh"
@@ -336,10 +335,7 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
 // every generation on their tested paths (their answers and tokens).
 constexpr int64_t kMmaMinBlocksPerSm = 16;
 int MmaAttentionMode() {
-  static const int from_env = [] {
-    const char* v = std::getenv("LORAHUB_MMA_ATTENTION");
-    return v == nullptr || *v == '\0' ? 1 : EnvChoice("LORAHUB_MMA_ATTENTION");
-  }();
+  static const int from_env = EnvChoice("LORAHUB_MMA_ATTENTION", 1);
   const int forced = MmaAttentionModeForTesting();
   return forced >= 0 ? forced : from_env;
 }

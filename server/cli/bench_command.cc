@@ -35,7 +35,9 @@
 //   population_scores    the losses of --population candidates (random weights from a
 //                        fixed seed, whatever the other flags) in one batched call, before
 //                        CMA-ES: two builds' or kernels' losses of the same candidates,
-//                        compared directly
+//                        compared directly (on the random-weight large fixture any
+//                        rounding change moves them by the population's spread:
+//                        docs/BENCHMARKS.md, sixtieth session)
 //   generation: {base, merged, per_row}: tokens_per_second for --gen-batch prompts x up to
 //     --gen-tokens new tokens (greedy; per_row: every row its own composed adapter): the
 //     median of --gen-reps timed calls (seconds; runs_seconds: each call; first_token_ms: the
