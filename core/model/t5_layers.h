@@ -58,8 +58,8 @@ at::Tensor Embed(const T5Weights& w, const at::Tensor& ids);
 // decoders' and encoders' lengths, the shared position biases').
 int64_t LengthBucket(int64_t n);
 
-// [1, H, q, k] relative position bias (dtype of `table`) for query positions
-// offset..offset+q-1 and keys 0..k-1.
+// [1, H, q, k] relative position bias (dtype of `table`, contiguous) for
+// query positions offset..offset+q-1 and keys 0..k-1.
 at::Tensor PositionBias(const T5Weights& w, const at::Tensor& table, int64_t q,
                         int64_t k, bool bidirectional, int64_t offset);
 

@@ -1,5 +1,5 @@
-// SharedPositionBias (t5_layers.h): the values of PositionBias, shared per
-// key on CUDA, recomputed after an in-place write to the table, and never
+// SharedPositionBias (t5_layers.h): the values of PositionBias, keys
+// innermost, shared per key on CUDA, recomputed after an in-place write to the table, and never
 // kept from inside a CUDA graph capture. Runs on $LORAHUB_TEST_DEVICE
 // (tiny_t5.h; default cpu, where nothing is shared).
 #include <ATen/ATen.h>
@@ -54,6 +54,8 @@ TEST_F(PositionBiasCacheTest, ValuesOfPositionBias) {
               SharedPositionBias(w_, table, n, n, bidirectional, dtype);
           ASSERT_EQ(got.sizes(), want.sizes());
           ASSERT_EQ(got.scalar_type(), dtype);
+          // The attention kernels read a bias along its keys.
+          if (n > 1) EXPECT_EQ(got.stride(3), 1) << "n " << n;
           EXPECT_TRUE(at::equal(got.cpu(), want.cpu()))
               << "bidirectional " << bidirectional << " n " << n;
         }
