@@ -20,9 +20,10 @@
 // sits between the two products.
 //
 // Status: on by default for large launches (MmaAttentionMode). H100,
-// sixtieth session, Kineto: 307 us a population layer against the
-// register-tiled kernel's 361, CMA-ES 1,210-1,228 against 1,181-1,185
-// candidates/s, the CUDA suites passing with it on every launch. Its losses
+// sixty-first session, Kineto: 214 us a population layer (307 before the
+// position bias was laid out keys-innermost, t5_forward.cc PositionBias),
+// CMA-ES 1,252-1,274 against 1,174-1,198 candidates/s with the kernel off,
+// the CUDA suites passing with it on every launch (sixtieth session). Its losses
 // are not the register-tiled kernel's bit for bit: on the random-weight
 // bench fixture any rounding change scatters a population's losses (fp32
 // against bf16 with the same kernels: correlation 0.21), so the kernel is
