@@ -19,7 +19,8 @@
 // at the fragment's columns t and t + 4), so no shuffle or shared memory
 // sits between the two products.
 //
-// Status: on by default for large launches (MmaAttentionMode). H100,
+// Status: on by default for launches of 6 or more blocks a multiprocessor
+// (MmaAttentionMode): a population pass, a batch prefill. H100,
 // sixty-first session, Kineto: 214 us a population layer (307 before the
 // position bias was laid out keys-innermost, t5_forward.cc PositionBias),
 // CMA-ES 1,252-1,274 against 1,174-1,198 candidates/s with the kernel off,
@@ -89,6 +90,19 @@ __device__ __forceinline__ void MmaProduct(float (&c)[4], const uint32_t (&a_big
 // queries past T repeat the tile's last one and are not stored. The scores
 // start from the bias; the softmax is the register-tiled kernel's (max,
 // expf, sum, one division of the context at the end).
+//
+// The products go kMmaChunk groups of keys at a time, the row's own count
+// checked once a chunk: a packed row shorter than the longest skips its
+// chunks past its keys, and within a chunk the compiler interleaves the
+// groups' loads and products (a check per group serialised them, one
+// group's three dependent products after another). The groups past a row's
+// keys hold zero keys and values (staged so) and masked scores, so taking
+// them adds exact zeros: the sums are those of one check per group, bit for
+// bit. H100, sixty-first session, Kineto: a population layer 206 -> 192
+// us, a 64-row prefill's 42.3 (register-tiled) -> 32.8; no check at all
+// (102 registers, 3 blocks an SM) 221 us.
+constexpr int kMmaChunk = 3;
+
 template <typename E, int kGroups>
 __global__ void __launch_bounds__(32 * kMmaMaxWarps)
     MmaAttentionKernel(AttentionArgs a, MmaLayout layout) {
@@ -212,10 +226,13 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
 #pragma unroll
       for (int e = 0; e < 4; ++e) Tf32Split(qa[e], &a_big[e], &a_small[e]);
 #pragma unroll
-      for (int c = 0; c < kGroups; ++c) {
-        if (c >= groups) continue;
-        const float* kr = ks + (8 * c + g) * kMmaLd + d + t4;
-        MmaProduct<kSplitKv>(s[c], a_big, a_small, q_split, kr[0], kr[4]);
+      for (int c0 = 0; c0 < kGroups; c0 += kMmaChunk) {
+        if (c0 >= groups) break;  // uniform over the block
+#pragma unroll
+        for (int c = c0; c < c0 + kMmaChunk && c < kGroups; ++c) {
+          const float* kr = ks + (8 * c + g) * kMmaLd + d + t4;
+          MmaProduct<kSplitKv>(s[c], a_big, a_small, q_split, kr[0], kr[4]);
+        }
       }
       if (d + 8 < kMmaD) {
 #pragma unroll
@@ -265,16 +282,19 @@ __global__ void __launch_bounds__(32 * kMmaMaxWarps)
 #pragma unroll
   for (int n = 0; n < kMmaD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 #pragma unroll
-  for (int c = 0; c < kGroups; ++c) {
-    if (c >= groups) continue;
-    const float pa[4] = {s[c][0], s[c][2], s[c][1], s[c][3]};
-    uint32_t p_big[4], p_small[4];
+  for (int c0 = 0; c0 < kGroups; c0 += kMmaChunk) {
+    if (c0 >= groups) break;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) Tf32Split(pa[e], &p_big[e], &p_small[e]);
-    const float* v0 = vs + (8 * c + 2 * t4) * kMmaLd + g;
+    for (int c = c0; c < c0 + kMmaChunk && c < kGroups; ++c) {
+      const float pa[4] = {s[c][0], s[c][2], s[c][1], s[c][3]};
+      uint32_t p_big[4], p_small[4];
 #pragma unroll
-    for (int n = 0; n < kMmaD / 8; ++n) {
-      MmaProduct<kSplitKv>(o[n], p_big, p_small, true, v0[8 * n], v0[kMmaLd + 8 * n]);
+      for (int e = 0; e < 4; ++e) Tf32Split(pa[e], &p_big[e], &p_small[e]);
+      const float* v0 = vs + (8 * c + 2 * t4) * kMmaLd + g;
+#pragma unroll
+      for (int n = 0; n < kMmaD / 8; ++n) {
+        MmaProduct<kSplitKv>(o[n], p_big, p_small, true, v0[8 * n], v0[kMmaLd + 8 * n]);
+      }
     }
   }
   const int64_t out_row0 = a.seq_starts != nullptr ? first : b * a.T;
@@ -327,14 +347,15 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
 // LORAHUB_MMA_ATTENTION (read once; fused_ops.h SetMmaAttentionModeForTesting
 // overrides it): unset, empty or 1 takes this kernel for
 // launches of at least kMmaMinBlocksPerSm blocks a multiprocessor, 2 for
-// every launch it fits (the tests' small shapes), 0 never. Why the floor:
-// on an H100 (fifty-eighth session, Kineto) its first version took 347 us a
-// layer at the population's 5,120 blocks against the register-tiled
-// kernel's 368, but 18.4 us at an evaluation's 80 blocks against 11.8, and
-// a one-request prefill (16 blocks) lost 0.8 ms of its time to first token.
-// Below the floor the register-tiled kernel keeps COBYLA's evaluations and
-// every generation on their tested paths (their answers and tokens).
-constexpr int64_t kMmaMinBlocksPerSm = 16;
+// every launch it fits (the tests' small shapes), 0 never. Why the floor
+// (H100, sixty-first session, Kineto, against the register-tiled kernel):
+// a 64-row prefill (1,040 blocks, 7.9 an SM) 32.8 us a layer against 42.3,
+// but an evaluation (80 blocks) 12.7 against 11.5 us, and with the kernel on
+// every launch a one-request prefill's time to first token 3.07 against
+// 2.54 ms. No launch between 0.6 and 7.9 blocks an SM was measured. Below
+// the floor the register-tiled kernel keeps COBYLA's evaluations and small
+// batches on their tested paths (their answers and tokens).
+constexpr int64_t kMmaMinBlocksPerSm = 6;
 int MmaAttentionMode() {
   static const int from_env = EnvChoice("LORAHUB_MMA_ATTENTION", 1);
   const int forced = MmaAttentionModeForTesting();
