@@ -351,7 +351,7 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
 // launches of at least kMmaMinBlocksPerSm blocks a multiprocessor, 2 for
 // every launch it fits (the tests' small shapes), 0 never. Why the floor
 // (H100, sixty-first session, Kineto, against the register-tiled kernel):
-// a 64-row prefill (1,040 blocks, 7.9 an SM) 32.8 us a layer against 42.3,
+// a 64-row prefill (1,040 blocks, 7.9 an SM) 32.6 us a layer against 42.3,
 // but an evaluation (80 blocks) 12.7 against 11.5 us, and with the kernel on
 // every launch a one-request prefill's time to first token 3.07 against
 // 2.54 ms. No launch between 0.6 and 7.9 blocks an SM was measured. Below

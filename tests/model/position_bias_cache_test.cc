@@ -1,7 +1,7 @@
 // SharedPositionBias (t5_layers.h): the values of PositionBias, keys
-// innermost, shared per key on CUDA, recomputed after an in-place write to the table, and never
-// kept from inside a CUDA graph capture. Runs on $LORAHUB_TEST_DEVICE
-// (tiny_t5.h; default cpu, where nothing is shared).
+// innermost, shared per key on CUDA, recomputed after an in-place write to
+// the table, and never kept from inside a CUDA graph capture. Runs on
+// $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu, where nothing is shared).
 #include <ATen/ATen.h>
 
 #include <memory>
