@@ -210,10 +210,10 @@ constexpr bool TiledAttentionFits(int64_t S, int64_t D, int64_t Dv) {
 bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv);
 int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 
-// LaunchTiledAttention's first choice for launches of many blocks (a
-// population pass's encoder; LORAHUB_MMA_ATTENTION=2: all, =0: none; read
-// once): the same attention on the tensor cores
-// (mma_attention_kernels.cu), for 64-wide heads, 33 to 128
+// LaunchTiledAttention's first choice for launches of at least 6 blocks a
+// multiprocessor (a population pass's encoder, a batch prefill;
+// LORAHUB_MMA_ATTENTION=2: all, =0: none; read once): the same attention on
+// the tensor cores (mma_attention_kernels.cu), for 64-wide heads, 33 to 128
 // keys, fp32 or bf16 keys and values (queries fp32 or of their dtype) of
 // unit element stride and rows aligned to four elements, with out_dtype and
 // q_dtype set. Its fp32 operands are split into TF32 pairs so that the

@@ -195,11 +195,11 @@ void StaticDecoder::Allocate(int64_t batch, int64_t keys) {
 
 at::Tensor StaticDecoder::SelfBias(int64_t capacity) const {
   const T5Weights& w = *w_;
-  return (internal::PositionBias(w, w.decoder_bias_table, capacity, capacity,
-                                 /*bidirectional=*/false, 0)
-              .to(at::kFloat) +
-          internal::CausalBias(w, capacity, w.device))
-      .contiguous();
+  // Contiguous: PositionBias is, and the causal mask broadcasts over it.
+  return internal::PositionBias(w, w.decoder_bias_table, capacity, capacity,
+                                /*bidirectional=*/false, 0)
+             .to(at::kFloat) +
+         internal::CausalBias(w, capacity, w.device);
 }
 
 void StaticDecoder::LoadInputs(const EncoderOutput& encoder,
