@@ -550,11 +550,12 @@ TEST_P(StaticEncoderTest, PackedToAPaddedLengthEqualsPaddingAfter) {
   EXPECT_EQ(shorter->mask.sizes(), at::IntArrayRef({4, 40}));
 }
 
-// Generate's outputs are the same whether its batch is encoded packed or
-// padded: without the pool (eager: packed on CUDA where PacksWell, i.e.
-// a longest row of 33 to 128 tokens and a tenth of the batch padding;
-// padded on the CPU) against a pool that takes it (padded). Greedy and
-// beam search; with per-row adapters, one slot per row.
+// Generate's outputs are the same with encoder graphs on and off: eager
+// (packed on CUDA where PackedEncodePays, i.e. a longest row of 33 to 128
+// tokens and a tenth of the batch padding; padded on the CPU) against the
+// pools (on CUDA the packed pool, its first pass eager and its second
+// captured; on the CPU the padded pool). Greedy and beam search; with
+// per-row adapters, one slot per row.
 TEST_P(StaticEncoderTest, GeneratePackedUnchanged) {
   StaticEncoderPool pool;
   GenerateOptions pooled;
