@@ -210,7 +210,7 @@ constexpr bool TiledAttentionFits(int64_t S, int64_t D, int64_t Dv) {
 bool TiledAttentionAvailable(int64_t S, int64_t D, int64_t Dv);
 int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 
-// LaunchTiledAttention's first choice for launches of at least 6 blocks a
+// LaunchTiledAttention's first choice for launches of at least one block a
 // multiprocessor (a population pass's encoder, a batch prefill;
 // LORAHUB_MMA_ATTENTION=2: all, =0: none; read once): the same attention on
 // the tensor cores (mma_attention_kernels.cu), for 64-wide heads, 33 to 128
@@ -481,6 +481,18 @@ int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
 // launch's error (0: none).
 int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int64_t n,
                       float* out, void* stream);
+
+// Every candidate's weighted sum of the rows of an fp32 matrix
+// (weighted_sum_kernels.cu), for fused_ops.h ComposeRows: out[c, j] =
+// sum_i w[c, i] * factors[i, j] for c < rows, j < n; `factors`
+// [num_modules, n], w [rows, num_modules] and out [rows, n], fp32, rows
+// contiguous, factors and out 16-byte aligned, n % 4 == 0, num_modules <=
+// kMaxComposeModules; fp32 fused multiply-adds in module order. All in
+// device memory. Returns the launch's error (0: none; cudaErrorInvalidValue
+// for shapes outside those bounds, nothing launched).
+constexpr int kMaxComposeModules = 32;
+int LaunchComposeRows(const float* w, int rows, int num_modules, const float* factors,
+                      int64_t n, float* out, void* stream);
 
 // One site of one slot of a bank whose step factors are kept in int8
 // (LaunchQuantizeFactorsInt8): the fp32 factors a (na elements) and b (nb),

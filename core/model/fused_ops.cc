@@ -895,6 +895,28 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
   return fused_backend::ComposeFromBf16(w, factors, out);
 }
 
+bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out) {
+  TORCH_CHECK(factors.dim() == 2 && w.dim() == 2 && out.dim() == 2 &&
+                  w.size(1) == factors.size(0) && out.size(0) == w.size(0) &&
+                  out.size(1) == factors.size(1),
+              "ComposeRows: w [C, N], factors [N, n] and out [C, n] do not fit");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && factors.scalar_type() == at::kFloat &&
+                  out.scalar_type() == at::kFloat,
+              "ComposeRows: fp32 tensors only");
+  TORCH_CHECK(w.device() == factors.device() && out.device() == factors.device(),
+              "ComposeRows: tensors on two devices");
+  static const bool gemm = EnvFlag("LORAHUB_COMPOSE_GEMM");
+  if (gemm || !factors.is_cuda() || !FusedKernelsEnabled() || !w.is_contiguous() ||
+      !factors.is_contiguous() || !out.is_contiguous() || w.size(0) > INT32_MAX ||
+      factors.size(0) > kernels::kMaxComposeModules || factors.size(1) % 4 != 0 ||
+      ((reinterpret_cast<uintptr_t>(factors.data_ptr()) |
+        reinterpret_cast<uintptr_t>(out.data_ptr())) & 15) != 0) {
+    return false;
+  }
+  RECORD_USER_SCOPE("lorahub::compose_rows");
+  return fused_backend::ComposeRows(w, factors, out);
+}
+
 LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
     : updates_(std::move(updates)) {
   for (const LowRankUpdate& u : updates_) {

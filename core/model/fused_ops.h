@@ -762,6 +762,20 @@ struct LowRankUpdate {
 // bf16 anyway; the bf16 pool is half the bytes.
 bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 
+// out = w factors: `factors` [N, n], w [C, N] and out [C, n] fp32, all
+// contiguous on one CUDA device; each output an fp32 fused multiply-add
+// chain over the modules in order, in one kernel launch that reads w on the
+// device. False, and nothing written, without the kernels (CPU,
+// LORAHUB_NO_FUSED, LORAHUB_COMPOSE_GEMM=1: A/B, read once) or where they
+// do not take the shapes (N > 32, n % 4 != 0, unaligned storage); the
+// caller then multiplies. Throws c10::Error for tensors that do not fit.
+// Why: a CMA-ES population's composition (ComposeLoraHub: 64 candidates,
+// flan-t5-large, 20 modules, r = 16 on q and v) writes 1.21 GB of fp32
+// factors; cuBLAS's SIMT GEMM for K = 20 took 722 us, this 580 us with
+// every output the same bits (H100, sixty-second session,
+// deploy/gpu/compose_bench.py).
+bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
+
 // A fixed list of LowRankUpdates, all written by Run(). On CUDA (ranks up
 // to kernels::kMaxLowRankMergeRank, cols % 4 == 0, 16-byte aligned rows) one
 // kernel launch over a job table made once, at construction, so a CUDA

@@ -115,6 +115,8 @@ at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs);
 void RunInt8Quantization(const at::Tensor& table, int num_jobs);
 // fused_ops.h ComposeFromBf16, checked: contiguous, shapes fit, one CUDA device.
 bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
+// fused_ops.h ComposeRows, checked: contiguous, shapes fit, one CUDA device.
+bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 
 // fused_ops.h LowRankMerge: the job table on the device (the grid's tiles
 // per job in *max_tiles; in *tensor_cores whether every update suits the

@@ -1307,6 +1307,16 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
   return true;
 }
 
+bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out) {
+  c10::cuda::CUDAGuard guard(factors.device());
+  const int err = kernels::LaunchComposeRows(
+      w.data_ptr<float>(), static_cast<int>(w.size(0)), static_cast<int>(factors.size(0)),
+      factors.data_ptr<float>(), factors.size(1), out.data_ptr<float>(), StreamOf(factors));
+  TORCH_CHECK(err == 0, "composition kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return true;
+}
+
 void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
                      bool tensor_cores) {
   c10::cuda::CUDAGuard guard(table.device());

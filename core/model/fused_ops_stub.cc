@@ -99,6 +99,7 @@ bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
 at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>&) { return at::Tensor(); }
 void RunInt8Quantization(const at::Tensor&, int) {}
 bool ComposeFromBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+bool ComposeRows(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*, bool*) {
   return at::Tensor();
 }

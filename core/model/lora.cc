@@ -483,7 +483,15 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
     at::Tensor w = weights.to(device, at::kFloat);
     std::map<double, at::Tensor> scales;  // one [C, 1, 1] tensor per scaling value
     for (const ModuleStack::Group& g : stack.groups) {
-      at::Tensor composed = at::mm(w, g.factors);  // [C, k * (a_len + b_len)]
+      // [C, k * (a_len + b_len)]. Populations through the composition
+      // kernel; one candidate (the unmerged objective, tests) keeps cuBLAS's
+      // gemv, which reads the factors at about HBM's rate already.
+      at::Tensor composed;
+      if (C > 1) {
+        composed = at::empty({C, g.factors.size(1)}, g.factors.options());
+        if (!ComposeRows(w, g.factors, composed)) composed = at::Tensor();
+      }
+      if (!composed.defined()) composed = at::mm(w, g.factors);
       const int64_t k = static_cast<int64_t>(g.entries.size());
       const int64_t a_len = g.r * g.in;
       const int64_t b_len = g.out * g.r;

@@ -350,16 +350,16 @@ bool MmaRowsAligned(const void* base, const int64_t* stride, DType dtype) {
 // overrides it): unset, empty or 1 takes this kernel for
 // launches of at least kMmaMinBlocksPerSm blocks a multiprocessor, 2 for
 // every launch it fits (the tests' small shapes), 0 never. Why the floor
-// (H100, Kineto, against the register-tiled kernel): a prefill of 64 rows
-// packed (1,040 blocks, 7.9 an SM) 32.6 us a layer against 42.3 (sixty-
-// first session), of 48 rows packed (5.9) 27.2 against 36.0, of 16 rows
-// padded to 128 positions (256 blocks, 1.9) 44.2 against 66.2 (sixty-
-// second); but an evaluation (80 blocks, 0.6) 12.7 against 11.5 us, and
-// with the kernel on every launch a one-request prefill's time to first
-// token 3.07 against 2.54 ms. Below the floor the register-tiled kernel
-// keeps COBYLA's evaluations and single requests on their tested paths
-// (their answers and tokens).
-constexpr double kMmaMinBlocksPerSm = 1.5;
+// (H100, Kineto, a layer's kernel against the register-tiled kernel's):
+// prefills packed of 64 rows (1,040 blocks, 7.9 an SM) 32.6 against 42.3
+// us (sixty-first session), of 32 rows (528 blocks, 4.0) 22.2 against
+// 27.5, of 8 rows (144 blocks, 1.1) 12.7 against 16.9 (sixty-second); but
+// an evaluation (80 blocks, 0.6) 12.7 against 11.5 us, and with the kernel
+// on every launch a one-request prefill's time to first token 2.9 against
+// 2.5 ms. Below the floor the register-tiled kernel keeps COBYLA's
+// evaluations and single requests on their tested paths (their answers
+// and tokens).
+constexpr int64_t kMmaMinBlocksPerSm = 1;
 int MmaAttentionMode() {
   static const int from_env = EnvChoice("LORAHUB_MMA_ATTENTION", 1);
   const int forced = MmaAttentionModeForTesting();
@@ -388,8 +388,7 @@ int LaunchMmaAttention(const AttentionArgs& a, void* stream) {
   const int64_t warps = std::min<int64_t>(kMmaMaxWarps, (a.T + 15) / 16);
   const int64_t tiles = (a.T + 16 * warps - 1) / (16 * warps);
   if (a.B * a.H > 0x7fffffff || tiles > 65535 ||
-      (mode == 1 && static_cast<double>(a.B * a.H * tiles) <
-                        kMmaMinBlocksPerSm * limits->sms)) {
+      (mode == 1 && a.B * a.H * tiles < kMmaMinBlocksPerSm * limits->sms)) {
     return -1;
   }
   const dim3 grid(static_cast<unsigned>(a.B * a.H), static_cast<unsigned>(tiles));

@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "core/model/fused_ops.h"
@@ -188,6 +190,60 @@ TEST_F(LowRankMergeTest, ComposeFromBf16MatchesTheDefinition) {
   at::Tensor out = at::zeros({1, 8}, at::TensorOptions().device(device_));
   EXPECT_THROW(ComposeFromBf16(Random({1, 2}, at::kFloat), f32, out), c10::Error);
   EXPECT_THROW(ComposeFromBf16(Random({1, 3}, at::kFloat), f32.to(at::kBFloat16), out),
+               c10::Error);
+}
+
+// ComposeRows (a population's composition): on CUDA the kernel against
+// each output's fp32 fused multiply-add chain in module order, bit for bit,
+// for module counts of each of its register widths (8, 16, 24, 32); false
+// and nothing written for more modules, n not a multiple of 4, unaligned
+// storage, and everywhere without the kernels.
+TEST_F(LowRankMergeTest, ComposeRowsIsTheFmaChain) {
+  const bool cuda = device_.is_cuda() && FusedKernelsEnabled();
+  for (int64_t modules : {3, 8, 12, 20, 32}) {
+    for (int64_t n : {4, 4104}) {
+      const int64_t rows = modules % 2 == 0 ? 5 : 2;
+      const at::Tensor factors = Random({modules, n}, at::kFloat);
+      const at::Tensor w = Random({rows, modules}, at::kFloat);
+      at::Tensor out = at::full({rows, n}, 7.f, at::TensorOptions().device(device_));
+      const bool ran = ComposeRows(w, factors, out);
+      ASSERT_EQ(ran, cuda) << "modules " << modules << " n " << n;
+      if (!ran) {
+        EXPECT_TRUE(at::equal(out.cpu(), at::full({rows, n}, 7.f))) << "written without the kernel";
+        continue;
+      }
+      const at::Tensor f = factors.cpu(), wc = w.cpu(), got = out.cpu();
+      const float* fp = f.data_ptr<float>();
+      const float* wp = wc.data_ptr<float>();
+      const float* gp = got.data_ptr<float>();
+      int64_t unlike = 0;
+      for (int64_t c = 0; c < rows; ++c) {
+        for (int64_t j = 0; j < n; ++j) {
+          float acc = 0.f;
+          for (int64_t i = 0; i < modules; ++i) {
+            acc = std::fma(wp[c * modules + i], fp[i * n + j], acc);
+          }
+          unlike += std::memcmp(&acc, &gp[c * n + j], sizeof(float)) != 0;
+        }
+      }
+      EXPECT_EQ(unlike, 0) << "modules " << modules << " n " << n;
+    }
+  }
+  // Declined: 33 modules, n = 6, storage 4 bytes off 16-byte alignment.
+  const at::Tensor storage = Random({33 * 8 + 1}, at::kFloat);
+  const std::vector<std::pair<at::Tensor, at::Tensor>> declined = {
+      {Random({2, 33}, at::kFloat), Random({33, 8}, at::kFloat)},
+      {Random({2, 4}, at::kFloat), Random({4, 6}, at::kFloat)},
+      {Random({2, 4}, at::kFloat), storage.narrow(0, 1, 32).view({4, 8})}};
+  for (const auto& [w, factors] : declined) {
+    at::Tensor out = at::full({2, factors.size(1)}, 7.f, at::TensorOptions().device(device_));
+    EXPECT_FALSE(ComposeRows(w, factors, out)) << factors.sizes();
+    EXPECT_TRUE(at::equal(out.cpu(), at::full({2, factors.size(1)}, 7.f)));
+  }
+  at::Tensor out = at::zeros({2, 8}, at::TensorOptions().device(device_));
+  EXPECT_THROW(ComposeRows(Random({2, 3}, at::kFloat), Random({4, 8}, at::kFloat), out),
+               c10::Error);
+  EXPECT_THROW(ComposeRows(Random({2, 4}, at::kFloat), Random({4, 8}, at::kBFloat16), out),
                c10::Error);
 }
 
