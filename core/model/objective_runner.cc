@@ -304,9 +304,13 @@ void ObjectiveRunner::Compose() {
   for (const Group& g : groups_) {
     // [C, N] x [N, k * X] -> [C, k * X]: all candidates, all sites of the group.
     at::Tensor out = g.composed;  // a handle: mm_out writes its storage
-    if (!g.factors_bf16.defined() || !ComposeFromBf16(w_dev_, g.factors_bf16, out)) {
-      at::mm_out(out, w_dev_, g.factors);
-    }
+    // One candidate: the merged objective's bf16 pool, or cuBLAS's gemv,
+    // near HBM's rate already. A population: ComposeRows (cuBLAS took a
+    // SIMT GEMM for K = N modules, bound by the fp32 factors it writes).
+    const bool fused = capacity_ > 1 ? ComposeRows(w_dev_, g.factors, out)
+                                     : g.factors_bf16.defined() &&
+                                           ComposeFromBf16(w_dev_, g.factors_bf16, out);
+    if (!fused) at::mm_out(out, w_dev_, g.factors);
     if (merge_ != nullptr) continue;  // the merge reads g.composed
     // Composed in fp32, rounded once for all sites of the group.
     at::Tensor composed = bf16_lora_ ? g.composed.to(at::kBFloat16) : g.composed;
