@@ -487,10 +487,12 @@ int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int6
 // sum_i w[c, i] * factors[i, j] for c < rows, j < n; `factors`
 // [num_modules, n], w [rows, num_modules] and out [rows, n], fp32, rows
 // contiguous, factors and out 16-byte aligned, n % 4 == 0, num_modules <=
-// kMaxComposeModules; fp32 fused multiply-adds in module order. All in
+// kMaxComposeModules, rows * num_modules <= kMaxComposeWeights (w is staged
+// in shared memory); fp32 fused multiply-adds in module order. All in
 // device memory. Returns the launch's error (0: none; cudaErrorInvalidValue
 // for shapes outside those bounds, nothing launched).
 constexpr int kMaxComposeModules = 32;
+constexpr int64_t kMaxComposeWeights = 12288;  // 48 KB
 int LaunchComposeRows(const float* w, int rows, int num_modules, const float* factors,
                       int64_t n, float* out, void* stream);
 

@@ -908,7 +908,8 @@ bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tenso
   static const bool gemm = EnvFlag("LORAHUB_COMPOSE_GEMM");
   if (gemm || !factors.is_cuda() || !FusedKernelsEnabled() || !w.is_contiguous() ||
       !factors.is_contiguous() || !out.is_contiguous() || w.size(0) > INT32_MAX ||
-      factors.size(0) > kernels::kMaxComposeModules || factors.size(1) % 4 != 0 ||
+      factors.size(0) > kernels::kMaxComposeModules ||
+      w.numel() > kernels::kMaxComposeWeights || factors.size(1) % 4 != 0 ||
       ((reinterpret_cast<uintptr_t>(factors.data_ptr()) |
         reinterpret_cast<uintptr_t>(out.data_ptr())) & 15) != 0) {
     return false;

@@ -767,13 +767,13 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
 // chain over the modules in order, in one kernel launch that reads w on the
 // device. False, and nothing written, without the kernels (CPU,
 // LORAHUB_NO_FUSED, LORAHUB_COMPOSE_GEMM=1: A/B, read once) or where they
-// do not take the shapes (N > 32, n % 4 != 0, unaligned storage); the
-// caller then multiplies. Throws c10::Error for tensors that do not fit.
-// Why: a CMA-ES population's composition (ComposeLoraHub: 64 candidates,
-// flan-t5-large, 20 modules, r = 16 on q and v) writes 1.21 GB of fp32
-// factors; cuBLAS's SIMT GEMM for K = 20 took 722 us, this 580 us with
-// every output the same bits (H100, sixty-second session,
-// deploy/gpu/compose_bench.py).
+// do not take the shapes (N > 32, C N > 12288, n % 4 != 0, unaligned
+// storage); the caller then multiplies. Throws c10::Error for tensors that
+// do not fit. Why: a CMA-ES population's composition (ObjectiveRunner: 64
+// candidates, flan-t5-large, 20 modules, r = 16 on q and v) writes 1.21 GB
+// of fp32 factors; cuBLAS's SIMT GEMM for K = 20 took 722 us, this kernel's
+// form in deploy/gpu/compose_bench.py 580 us, every output the same bits
+// (H100, sixty-second session).
 bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 
 // A fixed list of LowRankUpdates, all written by Run(). On CUDA (ranks up

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "core/model/fused_kernels.h"
 
@@ -101,39 +102,55 @@ __global__ void __launch_bounds__(kComposeThreads)
   for (int q = 0; q < here; ++q) out[j0 + q] = acc[q];
 }
 
-// LaunchComposeRows: each thread's 4 columns of every module held in
-// registers (kModules of them; modules past num_modules are not loaded), then
-// each row's sums written in row order, so that every factor is read once
-// and the output, by far the most bytes (a flan-t5-large population: 1.21 GB
-// against 0.38 GB read), streams out. w is read by every thread of a warp at
-// once (one broadcast load).
-constexpr int kComposeRowsThreads = 128;  // 3 blocks an SM at 140 registers
+// LaunchComposeRows: each thread's 4 columns of all kModules modules held in
+// registers, then each row's sums written in row order, so that every factor
+// is read once and the output, by far the most bytes (a flan-t5-large
+// population: 1.21 GB against 0.38 GB read), streams out. w [rows, kModules]
+// is staged in shared memory. (The first version, one instantiation for up
+// to 24 modules with guards, w read through L1 and 128 threads a block,
+// took 886 us in a population pass against cuBLAS's 698, sixty-second
+// session.)
+constexpr int kComposeRowsThreads = 256;
 
 template <int kModules>
 __global__ void __launch_bounds__(kComposeRowsThreads)
-    ComposeRowsKernel(const float* __restrict__ w, int rows, int num_modules,
-                      const float* __restrict__ f, int64_t n, float* __restrict__ out) {
+    ComposeRowsKernel(const float* __restrict__ w, int rows, const float* __restrict__ f,
+                      int64_t n, float* __restrict__ out) {
+  extern __shared__ float w_stage[];
+  for (int i = threadIdx.x; i < rows * kModules; i += kComposeRowsThreads) w_stage[i] = w[i];
+  __syncthreads();
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kComposeRowsThreads + threadIdx.x;
   if (q * 4 >= n) return;
   float4 fv[kModules];
 #pragma unroll
   for (int i = 0; i < kModules; ++i) {
-    if (i < num_modules) fv[i] = __ldg(reinterpret_cast<const float4*>(f + i * n) + q);
+    fv[i] = __ldg(reinterpret_cast<const float4*>(f + i * n) + q);
   }
   for (int c = 0; c < rows; ++c) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int i = 0; i < kModules; ++i) {
-      if (i < num_modules) {
-        const float wi = __ldg(w + c * num_modules + i);
-        acc.x = fmaf(wi, fv[i].x, acc.x);
-        acc.y = fmaf(wi, fv[i].y, acc.y);
-        acc.z = fmaf(wi, fv[i].z, acc.z);
-        acc.w = fmaf(wi, fv[i].w, acc.w);
-      }
+      const float wi = w_stage[c * kModules + i];
+      acc.x = fmaf(wi, fv[i].x, acc.x);
+      acc.y = fmaf(wi, fv[i].y, acc.y);
+      acc.z = fmaf(wi, fv[i].z, acc.z);
+      acc.w = fmaf(wi, fv[i].w, acc.w);
     }
     __stcs(reinterpret_cast<float4*>(out + c * n) + q, acc);
   }
+}
+
+// Launches ComposeRowsKernel<M> for the M of kModules... that equals
+// num_modules; false when none does.
+template <int... kModules>
+bool LaunchComposeRowsExact(std::integer_sequence<int, kModules...>, int num_modules,
+                            unsigned grid, size_t shared, cudaStream_t s, const float* w,
+                            int rows, const float* f, int64_t n, float* out) {
+  const auto launch = [&](auto kernel) {
+    kernel<<<grid, kComposeRowsThreads, shared, s>>>(w, rows, f, n, out);
+    return true;
+  };
+  return ((num_modules == kModules + 1 && launch(ComposeRowsKernel<kModules + 1>)) || ...);
 }
 
 
@@ -197,26 +214,17 @@ int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int6
 int LaunchComposeRows(const float* w, int rows, int num_modules, const float* factors,
                       int64_t n, float* out, void* stream) {
   if (rows < 0 || num_modules < 1 || num_modules > kMaxComposeModules || n < 0 || n % 4 != 0 ||
+      static_cast<int64_t>(rows) * num_modules > kMaxComposeWeights ||
       ((reinterpret_cast<uintptr_t>(factors) | reinterpret_cast<uintptr_t>(out)) & 15) != 0) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (rows == 0 || n == 0) return 0;
   const int64_t blocks = (n / 4 + kComposeRowsThreads - 1) / kComposeRowsThreads;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
-  const auto s = static_cast<cudaStream_t>(stream);
-  const auto grid = static_cast<unsigned>(blocks);
-  const auto launch = [&](auto kernel) {
-    kernel<<<grid, kComposeRowsThreads, 0, s>>>(w, rows, num_modules, factors, n, out);
-  };
-  if (num_modules <= 8) {
-    launch(ComposeRowsKernel<8>);
-  } else if (num_modules <= 16) {
-    launch(ComposeRowsKernel<16>);
-  } else if (num_modules <= 24) {  // LoraHub's 20 modules (140 registers; 32: 181)
-    launch(ComposeRowsKernel<24>);
-  } else {
-    launch(ComposeRowsKernel<kMaxComposeModules>);
-  }
+  LaunchComposeRowsExact(std::make_integer_sequence<int, kMaxComposeModules>(), num_modules,
+                         static_cast<unsigned>(blocks),
+                         static_cast<size_t>(rows) * num_modules * sizeof(float),
+                         static_cast<cudaStream_t>(stream), w, rows, factors, n, out);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -195,7 +195,7 @@ TEST_F(LowRankMergeTest, ComposeFromBf16MatchesTheDefinition) {
 
 // ComposeRows (a population's composition): on CUDA the kernel against
 // each output's fp32 fused multiply-add chain in module order, bit for bit,
-// for module counts of each of its register widths (8, 16, 24, 32); false
+// for several module counts (each its own instantiation); false
 // and nothing written for more modules, n not a multiple of 4, unaligned
 // storage, and everywhere without the kernels.
 TEST_F(LowRankMergeTest, ComposeRowsIsTheFmaChain) {
@@ -229,16 +229,19 @@ TEST_F(LowRankMergeTest, ComposeRowsIsTheFmaChain) {
       EXPECT_EQ(unlike, 0) << "modules " << modules << " n " << n;
     }
   }
-  // Declined: 33 modules, n = 6, storage 4 bytes off 16-byte alignment.
+  // Declined: 33 modules, more weights than shared memory stages (400 x
+  // 32), n = 6, storage 4 bytes off 16-byte alignment.
   const at::Tensor storage = Random({33 * 8 + 1}, at::kFloat);
   const std::vector<std::pair<at::Tensor, at::Tensor>> declined = {
       {Random({2, 33}, at::kFloat), Random({33, 8}, at::kFloat)},
+      {Random({400, 32}, at::kFloat), Random({32, 8}, at::kFloat)},
       {Random({2, 4}, at::kFloat), Random({4, 6}, at::kFloat)},
       {Random({2, 4}, at::kFloat), storage.narrow(0, 1, 32).view({4, 8})}};
   for (const auto& [w, factors] : declined) {
-    at::Tensor out = at::full({2, factors.size(1)}, 7.f, at::TensorOptions().device(device_));
-    EXPECT_FALSE(ComposeRows(w, factors, out)) << factors.sizes();
-    EXPECT_TRUE(at::equal(out.cpu(), at::full({2, factors.size(1)}, 7.f)));
+    const std::vector<int64_t> shape = {w.size(0), factors.size(1)};
+    at::Tensor out = at::full(shape, 7.f, at::TensorOptions().device(device_));
+    EXPECT_FALSE(ComposeRows(w, factors, out)) << w.sizes() << factors.sizes();
+    EXPECT_TRUE(at::equal(out.cpu(), at::full(shape, 7.f)));
   }
   at::Tensor out = at::zeros({2, 8}, at::TensorOptions().device(device_));
   EXPECT_THROW(ComposeRows(Random({2, 3}, at::kFloat), Random({4, 8}, at::kFloat), out),
