@@ -907,7 +907,7 @@ bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tenso
               "ComposeRows: tensors on two devices");
   static const bool gemm = EnvFlag("LORAHUB_COMPOSE_GEMM");
   if (gemm || !factors.is_cuda() || !FusedKernelsEnabled() || !w.is_contiguous() ||
-      !factors.is_contiguous() || !out.is_contiguous() || w.size(0) > INT32_MAX ||
+      !factors.is_contiguous() || !out.is_contiguous() ||
       factors.size(0) > kernels::kMaxComposeModules ||
       w.numel() > kernels::kMaxComposeWeights || factors.size(1) % 4 != 0 ||
       ((reinterpret_cast<uintptr_t>(factors.data_ptr()) |

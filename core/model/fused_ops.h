@@ -771,9 +771,9 @@ bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::T
 // storage); the caller then multiplies. Throws c10::Error for tensors that
 // do not fit. Why: a CMA-ES population's composition (ObjectiveRunner: 64
 // candidates, flan-t5-large, 20 modules, r = 16 on q and v) writes 1.21 GB
-// of fp32 factors; cuBLAS's SIMT GEMM for K = 20 took 722 us, this kernel's
-// form in deploy/gpu/compose_bench.py 580 us, every output the same bits
-// (H100, sixty-second session).
+// of fp32 factors; cuBLAS's SIMT GEMM for K = 20 took 696 us of a
+// population pass, this kernel 560 us, every output the same bits (H100,
+// sixty-second session; deploy/gpu/compose_bench.py: 722 against 580 us).
 bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out);
 
 // A fixed list of LowRankUpdates, all written by Run(). On CUDA (ranks up

@@ -484,8 +484,8 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
     std::map<double, at::Tensor> scales;  // one [C, 1, 1] tensor per scaling value
     for (const ModuleStack::Group& g : stack.groups) {
       // [C, k * (a_len + b_len)]. Populations through the composition
-      // kernel; one candidate (the unmerged objective, tests) keeps cuBLAS's
-      // gemv, which reads the factors at about HBM's rate already.
+      // kernel; one candidate keeps cuBLAS's gemv, which reads the factors
+      // at about HBM's rate already (as ObjectiveRunner::Compose).
       at::Tensor composed;
       if (C > 1) {
         composed = at::empty({C, g.factors.size(1)}, g.factors.options());

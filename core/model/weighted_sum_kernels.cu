@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kComposeRowsThreads)
   }
 }
 
-// Launches ComposeRowsKernel<M> for the M of kModules... that equals
-// num_modules; false when none does.
+// Launches ComposeRowsKernel<num_modules> (num_modules - 1 among
+// kModules...; false, nothing launched, otherwise).
 template <int... kModules>
 bool LaunchComposeRowsExact(std::integer_sequence<int, kModules...>, int num_modules,
                             unsigned grid, size_t shared, cudaStream_t s, const float* w,
