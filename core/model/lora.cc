@@ -486,12 +486,8 @@ absl::StatusOr<ComposedAdapters> ComposeLoraHub(const ModuleStack& stack,
       // [C, k * (a_len + b_len)]. Populations through the composition
       // kernel; one candidate keeps cuBLAS's gemv, which reads the factors
       // at about HBM's rate already (as ObjectiveRunner::Compose).
-      at::Tensor composed;
-      if (C > 1) {
-        composed = at::empty({C, g.factors.size(1)}, g.factors.options());
-        if (!ComposeRows(w, g.factors, composed)) composed = at::Tensor();
-      }
-      if (!composed.defined()) composed = at::mm(w, g.factors);
+      at::Tensor composed = at::empty({C, g.factors.size(1)}, g.factors.options());
+      if (C < 2 || !ComposeRows(w, g.factors, composed)) at::mm_out(composed, w, g.factors);
       const int64_t k = static_cast<int64_t>(g.entries.size());
       const int64_t a_len = g.r * g.in;
       const int64_t b_len = g.out * g.r;

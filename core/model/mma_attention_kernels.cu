@@ -19,8 +19,9 @@
 // at the fragment's columns t and t + 4), so no shuffle or shared memory
 // sits between the two products.
 //
-// Status: on by default for launches of 6 or more blocks a multiprocessor
-// (MmaAttentionMode): a population pass, a batch prefill. H100,
+// Status: on by default for launches of one or more blocks a
+// multiprocessor (MmaAttentionMode, kMmaMinBlocksPerSm): a population pass,
+// a prefill of 8 or more prompts. H100,
 // sixty-first session, Kineto: 192 us a population layer (307 in the
 // sixtieth, before the position bias was laid out keys-innermost,
 // t5_forward.cc PositionBias, and the products went kMmaChunk groups at a
