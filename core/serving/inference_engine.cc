@@ -20,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/record_function.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/BFloat16.h>
@@ -44,6 +45,20 @@ namespace lorahub::serving {
 namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+// A named span of the engine thread in a profiler's trace (`lorahub serve
+// --profile-out`): the admissions and their parts, the row slots' collect,
+// launch and emit, the eager batch's steps. Without a profiler it costs one
+// check.
+class TraceSpan {
+ public:
+  explicit TraceSpan(const char* name) : fn_(at::RecordScope::USER_SCOPE) {
+    if (fn_.isActive()) fn_.before(name);
+  }
+
+ private:
+  at::RecordFunction fn_;
+};
 
 // False when LORAHUB_NO_SERVE_AHEAD=1: the row slots' step is waited for
 // before the tokens are emitted and newcomers admitted (A/B).
@@ -264,10 +279,21 @@ struct InferenceEngine::State {
   // Adds the time from its construction to its end to the admissions'
   // `part`.
   struct Timed {
+    Timed(State& state, Part p) : s(state), part(p), span(SpanName(p)) {}
+    ~Timed() { s.AddAdmission(part, absl::Now() - start); }
+    static const char* SpanName(Part p) {
+      switch (p) {
+        case Part::kAdapters: return "engine.admit.adapters";
+        case Part::kSlotLoads: return "engine.admit.slot_loads";
+        case Part::kEncoder: return "engine.admit.encoder";
+        case Part::kDecoderRows: return "engine.admit.decoder_rows";
+      }
+      return "engine.admit.other";
+    }
     State& s;
     Part part;
     const absl::Time start = absl::Now();
-    ~Timed() { s.AddAdmission(part, absl::Now() - start); }
+    TraceSpan span;
   };
 
   // Generate requests finished so far (a row's end may unpin its adapter).
@@ -553,6 +579,7 @@ struct InferenceEngine::State {
   // gone) was stepped once more, and its result is dropped.
   absl::Status SlotCollect() {
     if (!launched) return absl::OkStatus();
+    const TraceSpan span("engine.collect");
     const absl::Time start = absl::Now();
     std::vector<Row*> stepped(slot_rows.size(), nullptr);
     for (size_t p = 0; p < slot_rows.size(); ++p) {
@@ -587,6 +614,7 @@ struct InferenceEngine::State {
       }
     }
     if (rows_stepped == 0) return absl::OkStatus();
+    const TraceSpan span("engine.launch");
     const absl::Time start = absl::Now();
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(rows_stepped));
     // Rows of the eager batch may have loaded adapters since the last step.
@@ -618,6 +646,7 @@ struct InferenceEngine::State {
 
   // Emits the collected tokens; finished rows leave their slots.
   void SlotEmit() {
+    const TraceSpan span("engine.emit");
     const absl::Time start = absl::Now();
     for (const auto& [p, token] : collected) {
       Row& row = *slot_rows[p];
@@ -835,6 +864,7 @@ struct InferenceEngine::State {
   absl::Status Step() {
     const int64_t B = static_cast<int64_t>(rows.size());
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(B));
+    const TraceSpan span("engine.step");
     const absl::Time start = absl::Now();
     LH_ASSIGN_OR_RETURN(at::Tensor logits,
                         model::DecodeStep(w, dc, tokens, row_adapters));
@@ -1419,6 +1449,8 @@ void InferenceEngine::Loop() {
         model::SynchronizeDevice(s.w.device);
       }
       const absl::Time admit_start = absl::Now();
+      std::optional<TraceSpan> admit_span;
+      if (!incoming.empty()) admit_span.emplace("engine.admit");
       std::vector<Row> admitted;
       for (size_t i = 0; i < incoming.size(); ++i) {
         GenerateRequest& req = std::get<GenerateRequest>(incoming[i].work);
@@ -1492,6 +1524,7 @@ void InferenceEngine::Loop() {
         model::SynchronizeDevice(s.w.device);
       }
       s.AddBusy(State::Phase::kAdmit, absl::Now() - admit_start);
+      admit_span.reset();
       if (!s.rows.empty()) {
         absl::Status st = s.Step();
         if (!st.ok()) s.FailAll(st);

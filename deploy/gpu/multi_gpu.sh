@@ -33,6 +33,8 @@
 # MODULE_PREFETCH=1 (`lorahubctl modules prefetch` each module after registering
 # it, before the warm-up: no request then loads a module from disk).
 # Each gen round's generated ids go to $OUT/outputs_N.jsonl (N devices).
+# SERVE_PROFILE=1: the server runs with --profile-out $OUT/trace_N.json (gzipped after), and
+# deploy/gpu/serve_trace.py's reading of it goes to $OUT/trace_N.md (profiling slows the host).
 # Expected run time on an nvidia-h200-x2 host: about 3-5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -199,7 +201,8 @@ for set in $device_sets; do
   "$lorahub" serve --model "$fx/base" --device "$set" --dtype "$dtype" \
     --max-batch-rows "$max_rows" --max-queue 4096 --listen 127.0.0.1:0 \
     --metrics-listen 127.0.0.1:0 --data-dir "$data" \
-    ${DEVICE_CACHE_BYTES:+--device-cache-bytes "$DEVICE_CACHE_BYTES"} >"$tmp/out_$ndev" 2>>"$log" &
+    ${DEVICE_CACHE_BYTES:+--device-cache-bytes "$DEVICE_CACHE_BYTES"} \
+    ${SERVE_PROFILE:+--profile-out "$out/trace_$ndev.json"} >"$tmp/out_$ndev" 2>>"$log" &
   pid=$!
   port=
   for _ in $(seq 1200); do  # up to 120 s to load the base on every device
@@ -236,8 +239,16 @@ for set in $device_sets; do
   read -r jo js jfail < <(jobs_round "$jobs" "$budget" "bench$ndev")
   say "   jobs: $jo succeeded in $js s ($jfail not) [$((SECONDS - start)) s]"
   echo "$set $ndev $gt $gs $gf $jo $js $jfail $gp50 $gp99" >>"$results"
-  kill -TERM "$pid"; timeout 30 tail --pid="$pid" -f /dev/null; kill -9 "$pid" 2>/dev/null
+  # A profiled server writes its trace as it stops (tens of seconds for a round's events).
+  stop_wait=30; [ -n "${SERVE_PROFILE:-}" ] && stop_wait=240
+  kill -TERM "$pid"; timeout "$stop_wait" tail --pid="$pid" -f /dev/null
+  kill -9 "$pid" 2>/dev/null
   wait "$pid" 2>/dev/null; pid=
+  if [ -n "${SERVE_PROFILE:-}" ] && [ -f "$out/trace_$ndev.json" ]; then
+    "$py" deploy/gpu/serve_trace.py "$out/trace_$ndev.json" >"$out/trace_$ndev.md" 2>&1 \
+      || say "serve_trace.py failed (trace_$ndev.md)"
+    gzip -f "$out/trace_$ndev.json"
+  fi
 done
 
 "$py" - "$results" "$md" <<PY

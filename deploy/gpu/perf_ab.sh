@@ -20,6 +20,8 @@
 #     LOGPROBS=N (N >= 2): the load asks each token's log-probabilities (lorahubctl load --logprobs
 #     N), and each comparison also prints the first-token top-2 margins of the requests that
 #     differ against those that do not (near ties differ at small margins; a fault at any).
+#     SERVE_PROFILE=1 among a run's variables: that server is profiled (multi_gpu.sh) and
+#     deploy/gpu/serve_trace.py's tables of its generation round are printed.
 # TESTS_ONLY="//tests/server:inference_engine_bf16_test ...": step 2 alone for those tests (built
 # alone; TEST_ENV as there), then stop: no fixture, bench or serve. The least device time for a
 # test change (about 200 s of build on an H100 host).
@@ -237,6 +239,8 @@ if [ "${SERVE:-0}" = 1 ]; then
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
       timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E '^\| cuda|gen:|jobs:|failed|did not|prefetched'
     grep -h "lorahub engine" "$work/serve_$tag/multi_gpu.log"
+    # SERVE_PROFILE=1 in a run's variables: where its generation round's time went.
+    cat "$work/serve_$tag/trace_1.md" 2>/dev/null
     # Greedy ids of every request against the first run's with the same requests.
     [ -z "$ref" ] || python3 - "$work/serve_$ref" "$work/serve_$tag" "$ref" <<'PY'
 import json, pathlib, sys

@@ -43,6 +43,7 @@
 
 #include <prometheus/registry.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
@@ -52,6 +53,7 @@
 #include "core/jobs/job_retention.h"
 #include "core/metrics/exposer.h"
 #include "core/metrics/metrics.h"
+#include "core/model/cuda_graph.h"
 #include "core/model/fused_ops.h"
 #include "core/model/loader.h"
 #include "core/serving/cached_module_resolver.h"
@@ -63,6 +65,7 @@
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "server/cli/args.h"
+#include "server/cli/bench_profile.h"
 #include "server/cli/command.h"
 #include "server/compose_service.h"
 #include "server/inference_service.h"
@@ -120,7 +123,7 @@ int RunServe(int argc, char** argv) {
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
                  "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
                  "tls-cert", "tls-key", "tls-client-ca", "tls-refresh-s", "auth-token-file",
-                 "job-retention-s",
+                 "job-retention-s", "profile-out",
                  "config"},
                 {}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
@@ -438,13 +441,42 @@ int RunServe(int argc, char** argv) {
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGHUP, OnReloadSignal);
-  while (!g_stop) {
-    struct timespec delay = {0, 50 * 1000 * 1000};
-    nanosleep(&delay, nullptr);
-    if (g_reload) {
-      g_reload = 0;
-      ReloadTokens(*args, ctx->auth.get());
+  const auto serve_until_signal = [&]() {
+    while (!g_stop) {
+      struct timespec delay = {0, 50 * 1000 * 1000};
+      nanosleep(&delay, nullptr);
+      if (g_reload) {
+        g_reload = 0;
+        ReloadTokens(*args, ctx->auth.get());
+      }
     }
+    return absl::OkStatus();
+  };
+  if (args->Has("profile-out")) {
+    // --profile-out FILE: a Kineto trace (Chrome JSON) from here until the
+    // signal: every thread's LibTorch operators, the engines' spans
+    // (admissions by part, steps; inference_engine.cc TraceSpan), the
+    // devices' kernels and copies, and a table of the device time on
+    // stderr. For bounded diagnostic runs (deploy/gpu/serve_trace.py reads
+    // the trace): the profiler holds every event in memory until it stops.
+    ProfileOptions po;
+    po.label = "serve";
+    po.trace_path = *args->Get("profile-out");
+    po.top = 30;
+    for (const std::string& d : devices) po.cuda |= absl::StartsWith(d, "cuda");
+    absl::StatusOr<ProfileSummary> summary = ProfileRegion(
+        po, serve_until_signal, [&]() {
+          for (auto& e : ctx->engines) model::SynchronizeDevice(e->weights().device);
+        });
+    if (summary.ok()) {
+      std::fputs(FormatProfileTable(*summary).c_str(), stderr);
+    } else {
+      std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
+                   std::string(summary.status().message()).c_str());
+      serve_until_signal().IgnoreError();
+    }
+  } else {
+    serve_until_signal().IgnoreError();
   }
   std::fprintf(stderr, "lorahub serve: shutting down\n");
   server->GetHealthCheckService()->SetServingStatus(false);

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Where a serving run's time goes: reads a `lorahub serve --profile-out` trace (issue 7).
+
+The trace (Kineto, Chrome JSON) holds the engine thread's spans (inference_engine.cc TraceSpan:
+engine.admit with its parts engine.admit.adapters / slot_loads / encoder / decoder_rows, and
+engine.collect, engine.launch, engine.emit, engine.step), every LibTorch operator, the CUDA
+runtime calls and the device's kernels, copies and sets.
+
+It takes the engine's busiest stretch: its spans with no gap over --gap-ms between them, the
+stretch with the most engine.launch spans (in deploy/gpu/multi_gpu.sh, the measured generation
+round; the warm-up round and the compose jobs are apart from it). For that stretch it prints:
+  - wall time, the device's busy time (the union of its kernels, copies and sets) and idle time;
+  - per span name: count, host time, and how long the device was idle while the span ran;
+  - the device's idle time outside every engine span;
+  - the CUDA runtime calls of the stretch that took 20 us or more, by name (waits show here:
+    synchronizations, pageable copies);
+  - the kernels by device time.
+
+  python3 deploy/gpu/serve_trace.py TRACE.json [--gap-ms 100] [--top 15]
+"""
+import argparse
+import bisect
+import collections
+import json
+import sys
+
+DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+def merge(intervals):
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def overlap(gaps, starts, a, b):
+    """Time of the sorted, disjoint `gaps` (starts: their starts) inside [a, b]."""
+    total = 0.0
+    i = max(bisect.bisect_right(starts, a) - 1, 0)
+    while i < len(gaps) and gaps[i][0] < b:
+        lo, hi = max(gaps[i][0], a), min(gaps[i][1], b)
+        if hi > lo:
+            total += hi - lo
+        i += 1
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace")
+    ap.add_argument("--gap-ms", type=float, default=100.0)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    with open(args.trace) as f:
+        events = [e for e in json.load(f)["traceEvents"]
+                  if e.get("ph") == "X" and "dur" in e]
+    spans = [e for e in events if str(e.get("name", "")).startswith("engine.")
+             and not str(e.get("cat", "")).lower().startswith("gpu")]
+    if not spans:
+        sys.exit("no engine.* spans in the trace (was it written by lorahub serve --profile-out?)")
+    spans.sort(key=lambda e: e["ts"])
+    # Stretches of engine activity; the one with the most launched steps.
+    stretches, cur, end = [], [], 0
+    for e in spans:
+        if cur and e["ts"] - end > args.gap_ms * 1000:
+            stretches.append(cur)
+            cur, end = [], 0
+        cur.append(e)
+        end = max(end, e["ts"] + e["dur"])
+    stretches.append(cur)
+    best = max(stretches, key=lambda s: sum(e["name"] in ("engine.launch", "engine.step") for e in s))
+    t0 = best[0]["ts"]
+    t1 = max(e["ts"] + e["dur"] for e in best)
+    wall = t1 - t0
+
+    device = [(max(e["ts"], t0), min(e["ts"] + e["dur"], t1)) for e in events
+              if str(e.get("cat", "")).lower() in DEVICE_CATS
+              and e["ts"] < t1 and e["ts"] + e["dur"] > t0]
+    busy = merge([iv for iv in device if iv[1] > iv[0]])
+    busy_us = sum(b - a for a, b in busy)
+    gaps, prev = [], t0
+    for a, b in busy:
+        if a > prev:
+            gaps.append((prev, a))
+        prev = max(prev, b)
+    if t1 > prev:
+        gaps.append((prev, t1))
+    starts = [g[0] for g in gaps]
+    print("stretch: %.3f s of wall time (%d of %d engine stretches; %d spans); device busy %.3f s "
+          "(%.1f%%), idle %.3f s" % (wall / 1e6, stretches.index(best) + 1, len(stretches), len(best),
+                                     busy_us / 1e6, 100 * busy_us / wall, (wall - busy_us) / 1e6))
+
+    by_name = collections.OrderedDict()
+    for e in best:
+        row = by_name.setdefault(e["name"], [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += e["dur"]
+        row[2] += overlap(gaps, starts, e["ts"], e["ts"] + e["dur"])
+    print("\n| span | count | host s | device idle meanwhile, s | idle share of the span |")
+    print("|---|---|---|---|---|")
+    for name, (n, host, idle) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
+        print("| %s | %d | %.3f | %.3f | %.0f%% |" % (name, n, host / 1e6, idle / 1e6,
+                                                    100 * idle / max(host, 1e-9)))
+    # Idle time outside every engine span (the loop between spans: waiting for work, queues).
+    covered = merge([(e["ts"], e["ts"] + e["dur"]) for e in best])
+    idle_in_spans = sum(overlap(gaps, starts, a, b) for a, b in covered)
+    print("\ndevice idle outside every engine span: %.3f s" % ((wall - busy_us - idle_in_spans) / 1e6))
+
+    runtime = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if str(e.get("cat", "")).lower() == "cuda_runtime" and t0 <= e["ts"] < t1 and e["dur"] >= 20:
+            runtime[e["name"]][0] += 1
+            runtime[e["name"]][1] += e["dur"]
+    print("\n| CUDA runtime call (>= 20 us) | count | s |")
+    print("|---|---|---|")
+    for name, (n, t) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print("| %s | %d | %.3f |" % (name, n, t / 1e6))
+
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if str(e.get("cat", "")).lower() == "kernel" and t0 <= e["ts"] < t1:
+            kernels[e["name"][:90]][0] += 1
+            kernels[e["name"][:90]][1] += e["dur"]
+    total = sum(v[1] for v in kernels.values())
+    print("\nkernels: %d, %.3f s" % (sum(v[0] for v in kernels.values()), total / 1e6))
+    print("| kernel | count | s |")
+    print("|---|---|---|")
+    for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print("| %s | %d | %.4f |" % (name.replace("|", "/"), n, t / 1e6))
+
+
+if __name__ == "__main__":
+    main()
