@@ -45,13 +45,7 @@ double NowUs() {
 
 }  // namespace
 
-absl::StatusOr<ProfileSummary> ProfileRegion(
-    const ProfileOptions& options, const std::function<absl::Status()>& body,
-    const std::function<void()>& sync) {
-  ProfileSummary out;
-  out.label = options.label;
-  std::unique_ptr<tprof::ProfilerResult> result;
-  absl::Status body_status;
+absl::Status StartProfiler(const ProfileOptions& options) {
   try {
     const timpl::ProfilerConfig config(timpl::ProfilerState::KINETO);
     std::set<timpl::ActivityType> activities = {timpl::ActivityType::CPU};
@@ -62,23 +56,21 @@ absl::StatusOr<ProfileSummary> ProfileRegion(
     return absl::InternalError(absl::StrCat("profiler did not start: ",
                                             e.what_without_backtrace()));
   }
-  try {
-    sync();
-    const double t0 = NowUs();
-    body_status = body();
-    sync();
-    out.wall_us = NowUs() - t0;
-  } catch (const c10::Error& e) {
-    body_status = absl::InternalError(e.what_without_backtrace());
-  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ProfileSummary> StopProfiler(const ProfileOptions& options,
+                                            double wall_us) {
+  ProfileSummary out;
+  out.label = options.label;
+  out.wall_us = wall_us;
+  std::unique_ptr<tprof::ProfilerResult> result;
   try {
     result = tprof::disableProfiler();
   } catch (const c10::Error& e) {
-    if (!body_status.ok()) return body_status;
     return absl::InternalError(absl::StrCat("profiler did not stop: ",
                                             e.what_without_backtrace()));
   }
-  if (!body_status.ok()) return body_status;
   if (result == nullptr) return absl::InternalError("profiler gave no result");
 
   // Device activities when there are any, else CPU operators.
@@ -128,6 +120,27 @@ absl::StatusOr<ProfileSummary> ProfileRegion(
                               e.what_without_backtrace());
     }
   }
+  return out;
+}
+
+
+absl::StatusOr<ProfileSummary> ProfileRegion(
+    const ProfileOptions& options, const std::function<absl::Status()>& body,
+    const std::function<void()>& sync) {
+  if (absl::Status st = StartProfiler(options); !st.ok()) return st;
+  absl::Status body_status;
+  double wall_us = 0;
+  try {
+    sync();
+    const double t0 = NowUs();
+    body_status = body();
+    sync();
+    wall_us = NowUs() - t0;
+  } catch (const c10::Error& e) {
+    body_status = absl::InternalError(e.what_without_backtrace());
+  }
+  absl::StatusOr<ProfileSummary> out = StopProfiler(options, wall_us);
+  if (!body_status.ok()) return body_status;
   return out;
 }
 

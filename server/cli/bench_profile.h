@@ -60,6 +60,17 @@ absl::StatusOr<ProfileSummary> ProfileRegion(
     const ProfileOptions& options, const std::function<absl::Status()>& body,
     const std::function<void()>& sync);
 
+// The two halves of ProfileRegion, for a region that is not one call:
+// StartProfiler starts the profiler, StopProfiler stops it and summarises
+// (`wall_us`: the region's wall time, as the caller measured it). Both on
+// the same thread: LibTorch records the operators (and RecordFunction
+// spans) of the thread that starts it, and the devices' activities of the
+// whole process (`lorahub serve --profile-out` runs them on an engine's
+// thread).
+absl::Status StartProfiler(const ProfileOptions& options);
+absl::StatusOr<ProfileSummary> StopProfiler(const ProfileOptions& options,
+                                            double wall_us);
+
 // The summary as a table for people (several lines, ends with '\n').
 std::string FormatProfileTable(const ProfileSummary& summary);
 

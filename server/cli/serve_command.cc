@@ -452,28 +452,44 @@ int RunServe(int argc, char** argv) {
     }
     return absl::OkStatus();
   };
-  if (args->Has("profile-out")) {
+  if (args->Has("profile-out") && !ctx->engines.empty()) {
     // --profile-out FILE: a Kineto trace (Chrome JSON) from here until the
-    // signal: every thread's LibTorch operators, the engines' spans
-    // (admissions by part, steps; inference_engine.cc TraceSpan), the
-    // devices' kernels and copies, and a table of the device time on
-    // stderr. For bounded diagnostic runs (deploy/gpu/serve_trace.py reads
-    // the trace): the profiler holds every event in memory until it stops.
+    // signal of the first device's engine thread (its LibTorch operators
+    // and spans: admissions by part, steps; inference_engine.cc TraceSpan)
+    // and of every device's kernels and copies, and a table of the device
+    // time on stderr. The profiler runs on that engine's thread because
+    // LibTorch records the operators of the thread that starts it. For
+    // bounded diagnostic runs (deploy/gpu/serve_trace.py reads the trace):
+    // the profiler holds every event in memory until it stops.
     ProfileOptions po;
     po.label = "serve";
     po.trace_path = *args->Get("profile-out");
     po.top = 30;
     for (const std::string& d : devices) po.cuda |= absl::StartsWith(d, "cuda");
-    absl::StatusOr<ProfileSummary> summary = ProfileRegion(
-        po, serve_until_signal, [&]() {
-          for (auto& e : ctx->engines) model::SynchronizeDevice(e->weights().device);
-        });
-    if (summary.ok()) {
-      std::fputs(FormatProfileTable(*summary).c_str(), stderr);
-    } else {
+    serving::InferenceEngine& engine = *ctx->engines.front();
+    absl::Status started = absl::UnknownError("the engine did not run it");
+    const absl::Time t0 = absl::Now();
+    absl::Status ran = engine.RunOnDevice([&]() { started = StartProfiler(po); });
+    if (!ran.ok()) started = ran;
+    if (!started.ok()) {
       std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
-                   std::string(summary.status().message()).c_str());
-      serve_until_signal().IgnoreError();
+                   std::string(started.message()).c_str());
+    }
+    serve_until_signal().IgnoreError();
+    if (started.ok()) {
+      absl::StatusOr<ProfileSummary> summary =
+          absl::UnknownError("the engine did not run it");
+      ran = engine.RunOnDevice([&]() {
+        model::SynchronizeDevice(engine.weights().device);
+        summary = StopProfiler(po, absl::ToDoubleMicroseconds(absl::Now() - t0));
+      });
+      if (!ran.ok()) summary = ran;
+      if (summary.ok()) {
+        std::fputs(FormatProfileTable(*summary).c_str(), stderr);
+      } else {
+        std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
+                     std::string(summary.status().message()).c_str());
+      }
     }
   } else {
     serve_until_signal().IgnoreError();
