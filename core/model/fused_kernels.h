@@ -457,7 +457,8 @@ int LaunchDecoderStepStart(const DecoderStepStartArgs& args, DType table_dtype,
 // in fp32, in term order, each product and sum rounded on its own (no
 // fused multiply-add), stored as fp32 or bf16 (to nearest even); a job
 // without terms stores `fill`. `jobs` and `terms` are in device memory;
-// max_n >= every job's n. Returns the launch's error (0: none).
+// max_n >= every job's n. vector_loads false: every job takes the scalar
+// loop (A/B). Returns the launch's error (0: none).
 struct WeightedSumTerm {
   const void* src = nullptr;
   float weight = 0.f;
@@ -472,7 +473,7 @@ struct WeightedSumJob {
   int32_t dst_bf16 = 0;  // 1: bf16, 0: fp32
 };
 int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
-                       int num_jobs, int64_t max_n, void* stream);
+                       int num_jobs, int64_t max_n, bool vector_loads, void* stream);
 
 // A weighted sum of the rows of a bf16 matrix (weighted_sum_kernels.cu),
 // for fused_ops.h ComposeFromBf16: out[j] = sum_i w[i] * factors[i, j] for

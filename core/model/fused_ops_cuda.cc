@@ -1215,10 +1215,13 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
   c10::cuda::CUDAGuard guard(first.device());
   at::Tensor table = at::empty({bytes}, first.options().dtype(at::kByte));
   table.copy_(host, /*non_blocking=*/true);
+  // LORAHUB_WEIGHTED_SUM_SCALAR=1 (read once): the scalar loop for every job
+  // (A/B; weighted_sum_kernels.cu says why not).
+  static const bool scalar = EnvFlag("LORAHUB_WEIGHTED_SUM_SCALAR");
   const int err = kernels::LaunchWeightedSums(
       reinterpret_cast<const kernels::WeightedSumJob*>(table.data_ptr()),
       reinterpret_cast<const kernels::WeightedSumTerm*>(table.data_ptr<uint8_t>() + job_bytes),
-      static_cast<int>(sums.size()), max_n, StreamOf(first));
+      static_cast<int>(sums.size()), max_n, !scalar, StreamOf(first));
   TORCH_CHECK(err == 0, "weighted sums kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return true;

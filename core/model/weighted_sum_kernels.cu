@@ -28,7 +28,7 @@ constexpr int kSumThreads = 256;
 // Blocks per job along its elements (grid.x); a job of n elements takes
 // ceil(n / (kSumThreads * kSumElementsPerThread)) of them, at most this.
 constexpr int kSumMaxBlocksPerJob = 64;
-constexpr int kSumElementsPerThread = 8;
+constexpr int kSumElementsPerThread = 4;
 constexpr int kMaxGridY = 65535;
 
 __device__ __forceinline__ float LoadTerm(const void* p, bool bf16, int64_t i) {
@@ -36,20 +36,96 @@ __device__ __forceinline__ float LoadTerm(const void* p, bool bf16, int64_t i) {
               : static_cast<const float*>(p)[i];
 }
 
+// Terms of a job staged in shared memory, at most; a job with more takes
+// the scalar loop over the term table.
+constexpr int kSumSharedTerms = 64;
+// Terms whose loads a thread issues together before it sums them.
+constexpr int kSumTermsInFlight = 8;
+
+__device__ __forceinline__ bool Aligned(const void* p, bool bf16) {
+  return (reinterpret_cast<uintptr_t>(p) & (bf16 ? 7 : 15)) == 0;
+}
+
+// Elements i .. i + 3 of a term (fp32: one 16-byte load; bf16: 8 bytes).
+__device__ __forceinline__ void LoadTerm4(const void* p, bool bf16, int64_t i, float out[4]) {
+  if (bf16) {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(p) + i));
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+    out[0] = lo.x, out[1] = lo.y, out[2] = hi.x, out[3] = hi.y;
+  } else {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p) + i));
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  }
+}
+
 // Job job0 + blockIdx.y: dst = w0 * t0, then += w * t in term order (fill
 // without terms), each product and sum rounded on its own (no fused
 // multiply-add), so that ATen's `dst = t0 * w0; dst += t1 * w1; ...` gives
 // the same bits.
+// Why four elements a thread and the terms' loads together: the scalar loop
+// (one 4-byte load a term, each after the last) took 197 us a launch in a
+// serving run's compositions and slot loads (H100, sixty-third session:
+// 0.375 s of the device's 1.50 s busy in 1,024 own compositions), several
+// times what their bytes need. A job whose n is no multiple of 4, whose
+// pointers are not aligned for it, or with more than kSumSharedTerms terms
+// takes the scalar loop.
 __global__ void __launch_bounds__(kSumThreads)
     WeightedSumKernel(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
-                      int job0) {
+                      int job0, bool vector_loads) {
+  __shared__ WeightedSumTerm staged[kSumSharedTerms];
   const WeightedSumJob job = jobs[job0 + blockIdx.y];
+  const int nt = job.num_terms;
+  const bool fits = nt <= kSumSharedTerms;
+  if (fits) {
+    for (int t = threadIdx.x; t < nt; t += kSumThreads) staged[t] = terms[job.first_term + t];
+  }
+  __syncthreads();
+  bool vec = vector_loads && fits && job.n % 4 == 0 && Aligned(job.dst, job.dst_bf16 != 0);
+  for (int t = 0; t < nt && vec; ++t) vec = Aligned(staged[t].src, staged[t].src_bf16 != 0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kSumThreads;
+  if (vec) {
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
+         g < job.n / 4; g += stride) {
+      const int64_t i = 4 * g;
+      float acc[4] = {job.fill, job.fill, job.fill, job.fill};
+      for (int t0 = 0; t0 < nt; t0 += kSumTermsInFlight) {
+        float x[kSumTermsInFlight][4];
+#pragma unroll
+        for (int u = 0; u < kSumTermsInFlight; ++u) {
+          if (t0 + u < nt) LoadTerm4(staged[t0 + u].src, staged[t0 + u].src_bf16 != 0, i, x[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kSumTermsInFlight; ++u) {
+          if (t0 + u >= nt) break;
+          const float w = staged[t0 + u].weight;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const float p = __fmul_rn(w, x[u][q]);
+            acc[q] = t0 + u == 0 ? p : __fadd_rn(acc[q], p);
+          }
+        }
+      }
+      if (job.dst_bf16 != 0) {
+        __nv_bfloat162 lo, hi;
+        lo.x = __float2bfloat16_rn(acc[0]), lo.y = __float2bfloat16_rn(acc[1]);
+        hi.x = __float2bfloat16_rn(acc[2]), hi.y = __float2bfloat16_rn(acc[3]);
+        uint2 raw;
+        raw.x = *reinterpret_cast<const uint32_t*>(&lo);
+        raw.y = *reinterpret_cast<const uint32_t*>(&hi);
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(job.dst) + i) = raw;
+      } else {
+        *reinterpret_cast<float4*>(static_cast<float*>(job.dst) + i) =
+            make_float4(acc[0], acc[1], acc[2], acc[3]);
+      }
+    }
+    return;
+  }
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kSumThreads + threadIdx.x;
        i < job.n; i += stride) {
     float acc = job.fill;
-    for (int t = 0; t < job.num_terms; ++t) {
-      const WeightedSumTerm term = terms[job.first_term + t];
+    for (int t = 0; t < nt; ++t) {
+      const WeightedSumTerm term = fits ? staged[t] : terms[job.first_term + t];
       const float p = __fmul_rn(term.weight, LoadTerm(term.src, term.src_bf16 != 0, i));
       acc = t == 0 ? p : __fadd_rn(acc, p);
     }
@@ -229,7 +305,7 @@ int LaunchComposeRows(const float* w, int rows, int num_modules, const float* fa
 }
 
 int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
-                       int num_jobs, int64_t max_n, void* stream) {
+                       int num_jobs, int64_t max_n, bool vector_loads, void* stream) {
   if (num_jobs < 0 || max_n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (num_jobs == 0 || max_n == 0) return 0;
   const int64_t per_block = int64_t{kSumThreads} * kSumElementsPerThread;
@@ -238,7 +314,7 @@ int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
-    WeightedSumKernel<<<dim3(blocks, here), kSumThreads, 0, s>>>(jobs, terms, job0);
+    WeightedSumKernel<<<dim3(blocks, here), kSumThreads, 0, s>>>(jobs, terms, job0, vector_loads);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }

@@ -370,8 +370,10 @@ TEST_F(SlotBankTest, AttachStepInt8CopiesKeepTheLayoutAndTheProducts) {
 // WeightedSums on the test device gives the bits of the same sums done
 // with ATen on the CPU (dst = t0 * w0; dst += t1 * w1; ...): fp32 and bf16
 // terms and destinations, fills, lengths that are no multiple of anything,
-// more jobs than one launch's grid rows; malformed sums throw before any is
-// written.
+// more jobs than one launch's grid rows, more terms than the CUDA kernel
+// loads at once (9, 20) or stages (70), tensors not aligned for its vector
+// loads (views from the second element); malformed sums throw before any
+// is written.
 TEST_F(SlotBankTest, WeightedSumsMatchTheirAtenArithmetic) {
   const c10::Device dev = base_->device;
   auto gen = at::detail::createCPUGenerator(7);
@@ -381,18 +383,29 @@ TEST_F(SlotBankTest, WeightedSumsMatchTheirAtenArithmetic) {
   std::vector<WeightedSum> sums;
   std::vector<std::vector<at::Tensor>> cpu_terms;
   const std::vector<int64_t> lengths = {1, 3, 1000, 4097, 65537};
+  const std::vector<int> many_terms = {9, 20, 70};
   for (int j = 0; j < 70000; ++j) {
-    const int64_t n = j < 40 ? lengths[j % lengths.size()] : 2 + j % 5;
-    const int k = j % 4;  // terms; 0: a fill
+    // Even jobs of the first 60 a multiple of 4 long (the CUDA kernel's vector loads).
+    const int64_t n =
+        j < 60 ? lengths[j % lengths.size()] * (j % 2 == 0 ? 4 : 1) : 2 + j % 5;
+    // Terms (0: a fill); jobs 40-59 have many.
+    const int k = j >= 40 && j < 60 ? many_terms[j % many_terms.size()] : j % 4;
+    // Jobs 20-59: every third tensor a view from its buffer's second element.
+    const bool offset = j >= 20 && j < 60 && j % 3 == 1;
+    const auto on_device = [&](const at::Tensor& t) {
+      if (!offset) return t.to(dev);
+      at::Tensor buffer = at::zeros({t.numel() + 1}, t.options().device(dev));
+      buffer.narrow(0, 1, t.numel()).copy_(t);
+      return buffer.narrow(0, 1, t.numel());
+    };
     WeightedSum sum;
-    sum.dst = at::full({n}, 9.f, at::TensorOptions()
-                                     .dtype(j % 3 == 0 ? at::kBFloat16 : at::kFloat)
-                                     .device(dev));
+    sum.dst = on_device(at::full({n}, 9.f, at::TensorOptions().dtype(
+                                                j % 3 == 0 ? at::kBFloat16 : at::kFloat)));
     sum.fill = 0.25f * static_cast<float>(j % 7);
     std::vector<at::Tensor> on_cpu;
     for (int t = 0; t < k; ++t) {
       on_cpu.push_back(rand(n, (j + t) % 2 == 0 ? at::kFloat : at::kBFloat16));
-      sum.terms.push_back(on_cpu.back().to(dev));
+      sum.terms.push_back(on_device(on_cpu.back()));
       sum.weights.push_back(0.37f * static_cast<float>(t) - 0.61f + 0.001f * j);
     }
     cpu_terms.push_back(std::move(on_cpu));
