@@ -25,9 +25,14 @@ namespace lorahub::model::kernels {
 namespace {
 
 constexpr int kSumThreads = 256;
-// Blocks per job along its elements (grid.x); a job of n elements takes
-// ceil(n / (kSumThreads * kSumElementsPerThread)) of them, at most this.
+// Blocks per job along its elements (grid.x): a job of n elements takes
+// ceil(n / (kSumThreads * kSumElementsPerThread)) of them, at most
+// kSumMaxBlocksPerJob or, for launches of few jobs, a kSumBlocksInAll-th
+// share of about 15 blocks an SM. Why the share: a composition of modules
+// in one buffer is ONE job of 4.7M elements (flan-t5-large), which 64
+// blocks left on half of an H100's SMs.
 constexpr int kSumMaxBlocksPerJob = 64;
+constexpr int kSumBlocksInAll = 2048;
 constexpr int kSumElementsPerThread = 4;
 constexpr int kMaxGridY = 65535;
 
@@ -309,8 +314,8 @@ int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
   if (num_jobs < 0 || max_n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (num_jobs == 0 || max_n == 0) return 0;
   const int64_t per_block = int64_t{kSumThreads} * kSumElementsPerThread;
-  const int blocks = static_cast<int>(
-      std::min<int64_t>(kSumMaxBlocksPerJob, (max_n + per_block - 1) / per_block));
+  const int64_t cap = std::max(kSumMaxBlocksPerJob, kSumBlocksInAll / num_jobs);
+  const int blocks = static_cast<int>(std::min<int64_t>(cap, (max_n + per_block - 1) / per_block));
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);

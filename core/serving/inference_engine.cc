@@ -38,7 +38,6 @@
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
 #include "core/model/static_encoder.h"
-#include "core/model/static_packed_encoder.h"
 #include "core/model/t5_forward.h"
 #include "core/util/status_macros.h"
 
@@ -207,13 +206,6 @@ struct InferenceEngine::State {
       o.capacity = 16;
       admission_encoders = std::make_unique<model::StaticEncoderPool>(o);
     }
-    // Packed admissions replay a captured pass per bucket on CUDA
-    // (EncodePrompts says why). LORAHUB_SERVE_NO_PACKED_GRAPH=1: eager (A/B).
-    if (w.device.is_cuda() && !model::EnvFlag("LORAHUB_SERVE_NO_PACKED_GRAPH")) {
-      model::StaticPackedEncoderPoolOptions o;
-      o.capacity = 16;  // a bucket per rows and token counts: room for a server's mix
-      packed_encoders = std::make_unique<model::StaticPackedEncoderPool>(o);
-    }
   }
 
   InferenceEngine* engine;
@@ -234,9 +226,6 @@ struct InferenceEngine::State {
   std::unique_ptr<model::StaticDecoder> slot_decoder;
   // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
   std::unique_ptr<model::StaticEncoderPool> admission_encoders;
-  // Captured packed encoder passes for the admissions that pack, or nullptr
-  // (not CUDA, or LORAHUB_SERVE_NO_PACKED_GRAPH=1).
-  std::unique_ptr<model::StaticPackedEncoderPool> packed_encoders;
   std::vector<std::optional<Row>> slot_rows;
   std::vector<int64_t> slot_tokens;
   int64_t slot_running = 0;
@@ -491,16 +480,6 @@ struct InferenceEngine::State {
     if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
       LH_ASSIGN_OR_RETURN(model::PackedInput packed,
                           model::PackRows(prompts, w.device));
-      // Why a captured pass: an eager packed pass is about 560 launches
-      // from this thread, and the device idled through 56% of them in a
-      // serving run of shared compositions (H100, sixty-third session,
-      // `lorahub serve --profile-out`: 0.31 s of 0.55 s in admissions'
-      // encoder passes). A bucket seen once runs eagerly; its second pass
-      // captures.
-      if (packed_encoders) {
-        return packed_encoders->Encode(w, packed, adapters_of_rows,
-                                       model::StaticEncoderOptions{});
-      }
       return model::EncodePacked(w, packed, adapters_of_rows);
     }
     LH_ASSIGN_OR_RETURN(
