@@ -16,11 +16,12 @@ round; the warm-up round and the compose jobs are apart from it). For that stret
     synchronizations, pageable copies);
   - the kernels by device time.
 
-  python3 deploy/gpu/serve_trace.py TRACE.json [--gap-ms 100] [--top 15]
+  python3 deploy/gpu/serve_trace.py TRACE.json[.gz] [--gap-ms 100] [--top 15]
 """
 import argparse
 import bisect
 import collections
+import gzip
 import json
 import sys
 
@@ -55,7 +56,7 @@ def main():
     ap.add_argument("--gap-ms", type=float, default=100.0)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
-    with open(args.trace) as f:
+    with (gzip.open if args.trace.endswith(".gz") else open)(args.trace, "rt") as f:
         events = [e for e in json.load(f)["traceEvents"]
                   if e.get("ph") == "X" and "dur" in e]
     spans = [e for e in events if str(e.get("name", "")).startswith("engine.")

@@ -144,4 +144,19 @@ assert end['output_ids'] == json.loads(sys.argv[2]), (end['output_ids'], sys.arg
 " "$tmp/nohost.json" "$want" || fail "golden mismatch without a host tier"
 c --json modules get m0 | grep -q '"host"' && fail "m0 resident in a host tier that does not exist"
 kill -TERM "$pid"; wait "$pid"; pid=
+
+# --profile-out: the profile holds the engine thread's operators and spans (its table on stderr
+# at shutdown; Debian's LibTorch, without Kineto, writes no trace and says so).
+: >"$tmp/err"
+mkdir -p "$tmp/prof"
+start_server --model "$case_dir/model" --data-dir "$tmp/prof" --profile-out "$tmp/prof/trace.json"
+c --json modules add --dir "$case_dir/adapters/m0" >/dev/null || fail "add m0 (profiled)"
+c --json generate --module m0 --max-new-tokens 4 --text "leap year" >/dev/null ||
+  fail "generate (profiled)"
+kill -TERM "$pid"; wait "$pid"; rc=$?; pid=
+[ $rc = 0 ] || fail "profiled server exit code $rc"
+grep -q "^profile serve: " "$tmp/err" || fail "no profile table at shutdown"
+grep -qE " engine\.admit$" "$tmp/err" || fail "the engine's spans are not in the profile"
+[ -s "$tmp/prof/trace.json" ] || grep -q "note: .*trace" "$tmp/err" ||
+  fail "neither a trace nor why not"
 echo "PASS"
