@@ -450,14 +450,13 @@ int RunServe(int argc, char** argv) {
         ReloadTokens(*args, ctx->auth.get());
       }
     }
-    return absl::OkStatus();
   };
   if (args->Has("profile-out") && !ctx->engines.empty()) {
-    // --profile-out FILE: a Kineto trace (Chrome JSON) from here until the
-    // signal of the first device's engine thread (its LibTorch operators
-    // and spans: admissions by part, steps; inference_engine.cc TraceSpan)
-    // and of every device's kernels and copies, and a table of the device
-    // time on stderr. The profiler runs on that engine's thread because
+    // --profile-out FILE: a Kineto trace (Chrome JSON) of the run until the
+    // signal, and a table of the device time on stderr. It holds the first
+    // device's engine thread (its LibTorch operators and spans: admissions
+    // by part, steps; inference_engine.cc TraceSpan) and every device's
+    // kernels and copies: the profiler runs on that engine's thread, since
     // LibTorch records the operators of the thread that starts it. For
     // bounded diagnostic runs (deploy/gpu/serve_trace.py reads the trace):
     // the profiler holds every event in memory until it stops.
@@ -475,7 +474,7 @@ int RunServe(int argc, char** argv) {
       std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
                    std::string(started.message()).c_str());
     }
-    serve_until_signal().IgnoreError();
+    serve_until_signal();
     if (started.ok()) {
       absl::StatusOr<ProfileSummary> summary =
           absl::UnknownError("the engine did not run it");
@@ -492,7 +491,7 @@ int RunServe(int argc, char** argv) {
       }
     }
   } else {
-    serve_until_signal().IgnoreError();
+    serve_until_signal();
   }
   std::fprintf(stderr, "lorahub serve: shutting down\n");
   server->GetHealthCheckService()->SetServingStatus(false);
