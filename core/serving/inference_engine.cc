@@ -67,13 +67,6 @@ bool StepAhead() {
   return !off;
 }
 
-// False when LORAHUB_NO_STEPS_IN_ADMISSIONS=1: the row slots do not step
-// between two newcomers' adapters (A/B; State::StepDuringAdmission).
-bool StepsInAdmissions() {
-  static const bool off = model::EnvFlag("LORAHUB_NO_STEPS_IN_ADMISSIONS");
-  return !off && StepAhead();
-}
-
 // Whether `mode` (SlotDecoding or model::EncoderGraph) holds for weights on
 // `device`, unless the environment variable `env` (off|cuda|always) says
 // otherwise.
@@ -649,32 +642,6 @@ struct InferenceEngine::State {
     timing.tokens += rows_stepped;
     AddBusy(Phase::kStep, absl::Now() - start);
     return absl::OkStatus();
-  }
-
-  // Between two newcomers' adapters: when the row slots' launched step has
-  // finished, collects it, launches the next and emits its tokens, so that
-  // the running rows go on decoding through an admission. Why: an
-  // admission's host work (composing each own composition, about 0.3 ms of
-  // host time apiece; then the encoder pass) left the device idle a third of
-  // the time, with only the step launched before it to run (H100,
-  // sixty-third session, `lorahub serve --profile-out`). Newcomers are not
-  // in a slot yet, so they are not stepped. Returns the host time it took
-  // (a step's, not the admission's). A failed step fails every row, as the
-  // loop's would.
-  absl::Duration StepDuringAdmission() {
-    if (!StepsInAdmissions() || slot_running == 0 || !launched ||
-        (argmax_copied && !argmax_copied->query())) {
-      return absl::ZeroDuration();
-    }
-    const absl::Time start = absl::Now();
-    absl::Status st = SlotCollect();
-    if (st.ok()) st = SlotLaunch();
-    if (st.ok()) {
-      SlotEmit();
-    } else {
-      FailAll(st);
-    }
-    return absl::Now() - start;
   }
 
   // Emits the collected tokens; finished rows leave their slots.
@@ -1482,7 +1449,6 @@ void InferenceEngine::Loop() {
         model::SynchronizeDevice(s.w.device);
       }
       const absl::Time admit_start = absl::Now();
-      absl::Duration stepped_meanwhile;  // StepDuringAdmission's, not admitting
       std::optional<TraceSpan> admit_span;
       if (!incoming.empty()) admit_span.emplace("engine.admit");
       std::vector<Row> admitted;
@@ -1496,11 +1462,8 @@ void InferenceEngine::Loop() {
           const bool others = s.Running() > 0 || !admitted.empty();
           const bool wait = others && s.waiting_since == s.finished;
           if (!wait) {
-            {
-              State::Timed timed{s, State::Part::kAdapters};
-              adapter = s.adapters.Get(req.adapter);
-            }
-            stepped_meanwhile += s.StepDuringAdmission();
+            State::Timed timed{s, State::Part::kAdapters};
+            adapter = s.adapters.Get(req.adapter);
           }
           if (wait || (others && absl::IsResourceExhausted(adapter.status()))) {
             s.waiting_since = s.finished;
@@ -1560,7 +1523,7 @@ void InferenceEngine::Loop() {
       if (sync_admissions && !incoming.empty()) {
         model::SynchronizeDevice(s.w.device);
       }
-      s.AddBusy(State::Phase::kAdmit, absl::Now() - admit_start - stepped_meanwhile);
+      s.AddBusy(State::Phase::kAdmit, absl::Now() - admit_start);
       admit_span.reset();
       if (!s.rows.empty()) {
         absl::Status st = s.Step();
