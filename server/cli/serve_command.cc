@@ -114,6 +114,48 @@ void ReloadTokens(const Args& args, util::BearerTokens* auth) {
                tokens->size());
 }
 
+// --profile-out FILE: runs `serve` (until the signal) under a Kineto trace
+// (Chrome JSON) written to `path`, and puts a table of the device time on
+// stderr. The trace holds `engine`'s thread (its LibTorch operators and
+// spans: admissions by part, steps; inference_engine.cc TraceSpan) and every
+// device's kernels and copies: the profiler runs on that engine's thread,
+// since LibTorch records the operators of the thread that starts it. For
+// bounded diagnostic runs (deploy/gpu/serve_trace.py reads the trace): the
+// profiler holds every event in memory until it stops. A profiler that
+// does not start or stop is reported, and serving goes on.
+void ServeProfiled(const std::string& path, bool cuda,
+                   serving::InferenceEngine& engine,
+                   const std::function<void()>& serve) {
+  ProfileOptions po;
+  po.label = "serve";
+  po.trace_path = path;
+  po.cuda = cuda;
+  po.top = 30;
+  absl::Status started = absl::UnknownError("the engine did not run it");
+  const absl::Time t0 = absl::Now();
+  absl::Status ran = engine.RunOnDevice([&]() { started = StartProfiler(po); });
+  if (!ran.ok()) started = ran;
+  if (!started.ok()) {
+    std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
+                 std::string(started.message()).c_str());
+  }
+  serve();
+  if (!started.ok()) return;
+  absl::StatusOr<ProfileSummary> summary =
+      absl::UnknownError("the engine did not run it");
+  ran = engine.RunOnDevice([&]() {
+    model::SynchronizeDevice(engine.weights().device);
+    summary = StopProfiler(po, absl::ToDoubleMicroseconds(absl::Now() - t0));
+  });
+  if (!ran.ok()) summary = ran;
+  if (summary.ok()) {
+    std::fputs(FormatProfileTable(*summary).c_str(), stderr);
+  } else {
+    std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
+                 std::string(summary.status().message()).c_str());
+  }
+}
+
 }  // namespace
 
 int RunServe(int argc, char** argv) {
@@ -452,44 +494,10 @@ int RunServe(int argc, char** argv) {
     }
   };
   if (args->Has("profile-out") && !ctx->engines.empty()) {
-    // --profile-out FILE: a Kineto trace (Chrome JSON) of the run until the
-    // signal, and a table of the device time on stderr. It holds the first
-    // device's engine thread (its LibTorch operators and spans: admissions
-    // by part, steps; inference_engine.cc TraceSpan) and every device's
-    // kernels and copies: the profiler runs on that engine's thread, since
-    // LibTorch records the operators of the thread that starts it. For
-    // bounded diagnostic runs (deploy/gpu/serve_trace.py reads the trace):
-    // the profiler holds every event in memory until it stops.
-    ProfileOptions po;
-    po.label = "serve";
-    po.trace_path = *args->Get("profile-out");
-    po.top = 30;
-    for (const std::string& d : devices) po.cuda |= absl::StartsWith(d, "cuda");
-    serving::InferenceEngine& engine = *ctx->engines.front();
-    absl::Status started = absl::UnknownError("the engine did not run it");
-    const absl::Time t0 = absl::Now();
-    absl::Status ran = engine.RunOnDevice([&]() { started = StartProfiler(po); });
-    if (!ran.ok()) started = ran;
-    if (!started.ok()) {
-      std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
-                   std::string(started.message()).c_str());
-    }
-    serve_until_signal();
-    if (started.ok()) {
-      absl::StatusOr<ProfileSummary> summary =
-          absl::UnknownError("the engine did not run it");
-      ran = engine.RunOnDevice([&]() {
-        model::SynchronizeDevice(engine.weights().device);
-        summary = StopProfiler(po, absl::ToDoubleMicroseconds(absl::Now() - t0));
-      });
-      if (!ran.ok()) summary = ran;
-      if (summary.ok()) {
-        std::fputs(FormatProfileTable(*summary).c_str(), stderr);
-      } else {
-        std::fprintf(stderr, "lorahub serve: --profile-out: %s\n",
-                     std::string(summary.status().message()).c_str());
-      }
-    }
+    bool cuda = false;
+    for (const std::string& d : devices) cuda |= absl::StartsWith(d, "cuda");
+    ServeProfiled(*args->Get("profile-out"), cuda, *ctx->engines.front(),
+                  serve_until_signal);
   } else {
     serve_until_signal();
   }
