@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <iterator>
 #include <limits>
 #include <mutex>
@@ -26,6 +27,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "core/metrics/metrics.h"
 #include "core/model/cuda_graph.h"
@@ -65,6 +67,21 @@ class TraceSpan {
 bool StepAhead() {
   static const bool off = model::EnvFlag("LORAHUB_NO_SERVE_AHEAD");
   return !off;
+}
+
+// EngineOptions::steps_ahead (`option`), unless LORAHUB_SERVE_STEPS_AHEAD=N
+// (read once; A/B runs) says otherwise: kAutoStepsAhead, or 0 to
+// kMaxStepsAhead.
+int StepsAheadLimit(int option) {
+  static const std::optional<int> env = []() -> std::optional<int> {
+    int v = 0;
+    const char* text = std::getenv("LORAHUB_SERVE_STEPS_AHEAD");
+    if (text == nullptr || !absl::SimpleAtoi(text, &v)) return std::nullopt;
+    return v;
+  }();
+  const int v = env.value_or(option);
+  if (v < 0) return EngineOptions::kAutoStepsAhead;
+  return std::min(v, EngineOptions::kMaxStepsAhead);
 }
 
 // Whether `mode` (SlotDecoding or model::EncoderGraph) holds for weights on
@@ -230,23 +247,46 @@ struct InferenceEngine::State {
   std::vector<int64_t> slot_tokens;
   int64_t slot_running = 0;
   int64_t slot_bank_synced = -1;  // slot_bank copies when last given to it
-  // The slot step launched and not collected yet: its logits (the decoder's
-  // buffer), their argmax (on CUDA: argmax_host, being copied) and the
-  // serial of the row it stepped in each slot (0: none, or a row that was
-  // done).
+  // CUDA: pinned host memory a launched step's greedy picks are written
+  // into, and the event recorded after them. SlotCollect waits for the
+  // event alone: a plain device-to-host copy at collection would also wait
+  // for the admissions' encoder passes queued since the launch. A ring of
+  // them, one more than steps may be launched and not collected.
+  struct HostPicks {
+    at::Tensor host;
+    std::optional<c10::Event> written;
+  };
+  std::array<HostPicks, EngineOptions::kMaxStepsAhead + 2> host_picks;
+  size_t next_host_picks = 0;
+  // A slot step launched and not collected yet: its logits (the decoder's
+  // buffer: valid until the next step), its greedy picks on the device (the
+  // next step's input when steps run ahead) and on the host (CUDA: being
+  // written, `picked` null elsewhere), and the serial of the row it stepped
+  // in each slot (0: none, or a row that was done).
   struct LaunchedStep {
-    at::Tensor logits, argmax;
+    at::Tensor logits, device_picks, picks;
+    HostPicks* picked = nullptr;
     std::vector<uint64_t> serials;
   };
-  std::optional<LaunchedStep> launched;
-  // CUDA: pinned host memory the launched step's argmax is copied into, and
-  // the event recorded after that copy. SlotCollect waits for the event
-  // alone: a plain device-to-host copy at collection would also wait for
-  // the admissions' encoder passes queued since the launch.
-  at::Tensor argmax_host;
-  std::optional<c10::Event> argmax_copied;
-  // Tokens of the last collected step not emitted yet: (slot, token).
-  std::vector<std::pair<size_t, int64_t>> collected;
+  // Oldest first: the step launched each loop, then any queued ahead of an
+  // admission (SlotLaunchAhead).
+  std::deque<LaunchedStep> launched;
+  // SlotLaunchAhead's estimates (seconds; 0: none yet), moving averages:
+  // the interval between the collections of steps in loops that admitted
+  // nothing (a step's time on the device where the host waits for it), and
+  // an admission's hold on this thread, per pass and per admitted row.
+  double step_interval_s = 0;
+  double admission_pass_s = 0, admission_row_s = 0;
+  std::optional<absl::Time> last_collected;
+  bool plain_loop = false;  // the loop before this one admitted nothing
+  // Tokens of the collected steps not emitted yet, in step order, and
+  // whether each is its row's last (Decide).
+  struct Collected {
+    size_t slot;
+    int64_t token;
+    bool last;
+  };
+  std::vector<Collected> collected;
   uint64_t last_serial = 0;
   // Where the engine thread's time went, logged when it stops: admissions
   // (adapters composed or looked up, encoder passes, cache setup), decoding
@@ -263,6 +303,7 @@ struct InferenceEngine::State {
     absl::Duration admit, decode, emit;
     std::array<absl::Duration, 4> admit_parts;  // by Part
     int64_t steps = 0, tokens = 0, encoder_passes = 0, encoder_rows = 0;
+    int64_t steps_ahead = 0;  // of `steps`, queued ahead of admissions
   } timing;
   // Adds `d` to `phase`'s time here and in the metrics.
   void AddBusy(Phase phase, absl::Duration d) {
@@ -572,34 +613,45 @@ struct InferenceEngine::State {
   }
 
   // Row slots decode one step ahead of the host (the engine loop calls
-  // these in this order): SlotCollect waits for the launched step and picks
-  // every row's next token; SlotLaunch queues the next step on the device at
-  // once; SlotEmit then runs the tokens' callbacks and the admissions follow,
-  // both while the device computes. A row that ends by its callback (client
-  // gone) was stepped once more, and its result is dropped.
+  // these in this order): SlotCollect waits for the launched steps and picks
+  // every row's next tokens; SlotLaunch queues the next step on the device at
+  // once (SlotLaunchAhead more before an admission); SlotEmit then runs the
+  // tokens' callbacks and the admissions follow, both while the device
+  // computes. A row that ends by its callback (client gone) or within steps
+  // queued ahead was stepped again, and those results are dropped.
   absl::Status SlotCollect() {
-    if (!launched) return absl::OkStatus();
+    if (launched.empty()) return absl::OkStatus();
     const TraceSpan span("engine.collect");
     const absl::Time start = absl::Now();
-    std::vector<Row*> stepped(slot_rows.size(), nullptr);
-    for (size_t p = 0; p < slot_rows.size(); ++p) {
-      if (slot_rows[p] && slot_rows[p]->serial == launched->serials[p]) {
-        stepped[p] = &*slot_rows[p];
+    const bool one = launched.size() == 1;
+    while (!launched.empty()) {
+      const LaunchedStep step = std::move(launched.front());
+      launched.pop_front();
+      std::vector<Row*> stepped(slot_rows.size(), nullptr);
+      for (size_t p = 0; p < slot_rows.size(); ++p) {
+        const std::optional<Row>& r = slot_rows[p];
+        if (r && !r->done && r->serial == step.serials[p]) stepped[p] = &*slot_rows[p];
+      }
+      if (step.picked != nullptr) {
+        while (!step.picked->written->query()) std::this_thread::yield();
+      }
+      const std::vector<int64_t> next = NextTokens(step.logits, stepped, step.picks);
+      for (size_t p = 0; p < stepped.size(); ++p) {
+        if (stepped[p] == nullptr) continue;
+        Decide(*stepped[p], next[p]);
+        collected.push_back({p, next[p], stepped[p]->done});
+        slot_tokens[p] = stepped[p]->done ? w.config.pad_token_id : next[p];
+        ++timing.tokens;
       }
     }
-    if (argmax_copied) {
-      while (!argmax_copied->query()) std::this_thread::yield();
+    const absl::Time end = absl::Now();
+    if (one && plain_loop && last_collected) {
+      const double interval = Seconds(end - *last_collected);
+      step_interval_s =
+          step_interval_s > 0 ? 0.75 * step_interval_s + 0.25 * interval : interval;
     }
-    const std::vector<int64_t> next =
-        NextTokens(launched->logits, stepped, launched->argmax);
-    launched.reset();
-    for (size_t p = 0; p < stepped.size(); ++p) {
-      if (stepped[p] == nullptr) continue;
-      Decide(*stepped[p], next[p]);
-      collected.emplace_back(p, next[p]);
-      slot_tokens[p] = stepped[p]->done ? w.config.pad_token_id : next[p];
-    }
-    AddBusy(Phase::kStep, absl::Now() - start);
+    last_collected = end;
+    AddBusy(Phase::kStep, end - start);
     return absl::OkStatus();
   }
 
@@ -619,38 +671,131 @@ struct InferenceEngine::State {
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(rows_stepped));
     // Rows of the eager batch may have loaded adapters since the last step.
     LH_RETURN_IF_ERROR(SyncSlotBank());
-    LH_ASSIGN_OR_RETURN(
-        at::Tensor logits,
-        slot_decoder->Step(model::UploadInt64(slot_tokens, w.device)));
-    at::Tensor argmax;
-    if (!model::GreedyTokens(logits, nullptr, 0, 0, &argmax)) {
-      argmax = logits.argmax(-1);
-    }
-    if (w.device.is_cuda()) {
-      if (!argmax_host.defined() || argmax_host.numel() != argmax.numel()) {
-        argmax_host = at::empty(
-            argmax.sizes(), at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-      }
-      argmax_host.copy_(argmax, /*non_blocking=*/true);
-      if (!argmax_copied) argmax_copied.emplace(w.device.type());
-      c10::impl::VirtualGuardImpl guard(w.device.type());
-      argmax_copied->record(guard.getStream(w.device));
-      argmax = argmax_host;
-    }
-    launched = LaunchedStep{logits, argmax, std::move(serials)};
-    ++timing.steps;
-    timing.tokens += rows_stepped;
+    LH_RETURN_IF_ERROR(
+        LaunchStep(model::UploadInt64(slot_tokens, w.device), std::move(serials)));
     AddBusy(Phase::kStep, absl::Now() - start);
     return absl::OkStatus();
+  }
+
+  // Queues `k` more steps of the rows the last launched step stepped, each
+  // reading the greedy picks of the step before on the device (StepsAhead
+  // says how many may run so).
+  absl::Status SlotLaunchAhead(int k) {
+    if (k <= 0) return absl::OkStatus();
+    const TraceSpan span("engine.launch_ahead");
+    const absl::Time start = absl::Now();
+    for (int i = 0; i < k; ++i) {
+      std::vector<uint64_t> serials = launched.back().serials;
+      const at::Tensor ids = launched.back().device_picks;
+      LH_RETURN_IF_ERROR(LaunchStep(ids, std::move(serials)));
+      ++timing.steps_ahead;
+    }
+    AddBusy(Phase::kStep, absl::Now() - start);
+    return absl::OkStatus();
+  }
+
+  // Queues one step of the slot decoder on `ids` ([rows] int64 on the
+  // device) and its greedy picks: into the decoder's input buffer (the next
+  // step may read them there without a copy) and, on CUDA, into pinned host
+  // memory with an event after them.
+  absl::Status LaunchStep(const at::Tensor& ids, std::vector<uint64_t> serials) {
+    LaunchedStep step;
+    LH_ASSIGN_OR_RETURN(step.logits, slot_decoder->Step(ids));
+    step.serials = std::move(serials);
+    model::GreedyInto into;
+    into.device = slot_decoder->IdsBuffer();
+    if (w.device.is_cuda()) {
+      step.picked = &host_picks[next_host_picks++ % host_picks.size()];
+      const int64_t rows = step.logits.size(0);
+      if (!step.picked->host.defined() || step.picked->host.numel() != rows) {
+        step.picked->host = at::empty(
+            {rows}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      }
+      into.host = step.picked->host;
+    }
+    bool host_written = false;
+    if (!model::GreedyTokens(step.logits, nullptr, 0, 0, &step.device_picks, into,
+                             &host_written)) {
+      step.device_picks = step.logits.argmax(-1);
+    }
+    step.picks = step.device_picks;
+    if (step.picked != nullptr) {
+      if (!host_written) step.picked->host.copy_(step.device_picks, /*non_blocking=*/true);
+      if (!step.picked->written) step.picked->written.emplace(w.device.type());
+      c10::impl::VirtualGuardImpl guard(w.device.type());
+      step.picked->written->record(guard.getStream(w.device));
+      step.picks = step.picked->host;
+    }
+    launched.push_back(std::move(step));
+    ++timing.steps;
+    return absl::OkStatus();
+  }
+
+  // How many steps SlotLaunchAhead may queue before `newcomers` are
+  // admitted (EngineOptions::steps_ahead): none unless every row of the
+  // last launched step decodes greedily without logprobs (the steps ahead
+  // pick on the device, and each overwrites the logits before them), and
+  // none past the longest of those rows.
+  int StepsAhead(int64_t newcomers) const {
+    const int limit = StepsAheadLimit(engine->options_.steps_ahead);
+    if (limit == 0 || newcomers == 0 || launched.empty()) return 0;
+    int64_t remaining = 0;
+    const LaunchedStep& last = launched.back();
+    for (size_t p = 0; p < slot_rows.size(); ++p) {
+      if (last.serials[p] == 0 || !slot_rows[p]) continue;
+      const Row& r = *slot_rows[p];
+      if (r.req.params.do_sample || r.req.params.top_logprobs >= 0) return 0;
+      // Tokens it still needs past the pending launched steps'.
+      remaining = std::max(remaining, r.req.params.max_new_tokens - r.steps -
+                                          static_cast<int64_t>(launched.size()));
+    }
+    int64_t k = limit;
+    if (limit == EngineOptions::kAutoStepsAhead) {
+      if (step_interval_s <= 0 || admission_pass_s <= 0) return 0;
+      const double hold_s =
+          admission_pass_s + admission_row_s * static_cast<double>(newcomers);
+      k = std::min<int64_t>(EngineOptions::kMaxStepsAhead,
+                            static_cast<int64_t>(std::ceil(hold_s / step_interval_s)));
+    }
+    return static_cast<int>(std::min(k, remaining));
+  }
+
+  // Updates StepsAhead's estimates with an admission of `rows` row slots
+  // that took the engine thread `hold` and, of it, timing.admit_parts less
+  // `parts_before`.
+  void NoteAdmission(int64_t rows, absl::Duration hold,
+                     const std::array<absl::Duration, 4>& parts_before) {
+    if (rows <= 0) return;
+    const auto part = [&](Part p) {
+      const size_t i = static_cast<size_t>(p);
+      return Seconds(timing.admit_parts[i] - parts_before[i]);
+    };
+    const double per_row_s =
+        (part(Part::kAdapters) + part(Part::kSlotLoads)) / static_cast<double>(rows);
+    const double pass_s = std::max(
+        0.0, Seconds(hold) - per_row_s * static_cast<double>(rows));
+    const auto average = [](double& avg, double x) {
+      avg = avg > 0 ? 0.75 * avg + 0.25 * x : x;
+    };
+    average(admission_row_s, per_row_s);
+    average(admission_pass_s, pass_s);
   }
 
   // Emits the collected tokens; finished rows leave their slots.
   void SlotEmit() {
     const TraceSpan span("engine.emit");
     const absl::Time start = absl::Now();
-    for (const auto& [p, token] : collected) {
+    for (const auto& [p, token, last] : collected) {
+      // Gone at an earlier step's token (its callback ended it) of steps
+      // collected together: the tokens after that are dropped.
+      if (!slot_rows[p]) continue;
       Row& row = *slot_rows[p];
-      if (EmitOrCancel(row, token)) {
+      const bool gone = !Emit(row, token);
+      if (gone) {
+        row.done = true;
+        row.reason = FinishReason::kCancelled;
+      }
+      if (gone || last) {
         FinishGenerate(row, absl::OkStatus());
         slot_rows[p].reset();
         --slot_running;
@@ -671,7 +816,7 @@ struct InferenceEngine::State {
       r.reset();
     }
     slot_running = 0;
-    launched.reset();
+    launched.clear();
     collected.clear();
     std::fill(slot_tokens.begin(), slot_tokens.end(), w.config.pad_token_id);
     if (drop) {
@@ -1305,8 +1450,8 @@ void InferenceEngine::Loop() {
           "lorahub engine %s: %lld decoding steps, %lld tokens; "
           "seconds in admissions %.3f (adapters %.3f, slot loads %.3f, "
           "encoder passes %.3f, decoder rows %.3f, other %.3f; %lld encoder "
-          "passes of %.1f rows), steps %.3f, emitting %.3f; module loads in "
-          "the background %s%s\n",
+          "passes of %.1f rows), steps %.3f (%lld queued ahead of "
+          "admissions), emitting %.3f; module loads in the background %s%s\n",
           device.c_str(), static_cast<long long>(t.steps),
           static_cast<long long>(t.tokens), absl::ToDoubleSeconds(t.admit),
           part(State::Part::kAdapters), part(State::Part::kSlotLoads),
@@ -1318,7 +1463,8 @@ void InferenceEngine::Loop() {
           t.encoder_passes > 0 ? static_cast<double>(t.encoder_rows) /
                                      static_cast<double>(t.encoder_passes)
                                : 0.0,
-          absl::ToDoubleSeconds(t.decode), absl::ToDoubleSeconds(t.emit),
+          absl::ToDoubleSeconds(t.decode), static_cast<long long>(t.steps_ahead),
+          absl::ToDoubleSeconds(t.emit),
           loader ? std::to_string(loader->loads_done()).c_str() : "off",
           PoolCounts(s.admission_encoders.get()).c_str());
     }
@@ -1421,6 +1567,10 @@ void InferenceEngine::Loop() {
         if (st.ok()) st = s.SlotLaunch();
         // LORAHUB_NO_SERVE_AHEAD=1 (A/B): wait for the step right away.
         if (st.ok() && !StepAhead()) st = s.SlotCollect();
+        // More steps while this thread admits newcomers (StepsAhead).
+        if (st.ok() && !incoming.empty()) {
+          st = s.SlotLaunchAhead(s.StepsAhead(static_cast<int64_t>(incoming.size())));
+        }
         if (st.ok()) {
           s.SlotEmit();
         } else {
@@ -1448,7 +1598,10 @@ void InferenceEngine::Loop() {
       if (sync_admissions && !incoming.empty()) {
         model::SynchronizeDevice(s.w.device);
       }
+      s.plain_loop = incoming.empty() && !solo && !device_work;
       const absl::Time admit_start = absl::Now();
+      const auto parts_before = s.timing.admit_parts;
+      int64_t slot_admissions = 0;
       std::optional<TraceSpan> admit_span;
       if (!incoming.empty()) admit_span.emplace("engine.admit");
       std::vector<Row> admitted;
@@ -1511,11 +1664,13 @@ void InferenceEngine::Loop() {
           for (Row& r : slotted) eager.push_back(std::move(r));
         } else {
           if (metrics_) metrics_->AddAdmittedRows(true, slotted.size());
+          slot_admissions = static_cast<int64_t>(slotted.size());
           absl::Status st = s.AdmitSlots(std::move(slotted));
           if (!st.ok()) s.FailAll(st);
         }
       }
-      if (!eager.empty()) {
+      const bool any_eager = !eager.empty();
+      if (any_eager) {
         if (metrics_) metrics_->AddAdmittedRows(false, eager.size());
         absl::Status st = s.Admit(std::move(eager));
         if (!st.ok()) s.FailAll(st);
@@ -1524,6 +1679,9 @@ void InferenceEngine::Loop() {
         model::SynchronizeDevice(s.w.device);
       }
       s.AddBusy(State::Phase::kAdmit, absl::Now() - admit_start);
+      if (!any_eager) {  // an eager admission also runs its prefill
+        s.NoteAdmission(slot_admissions, absl::Now() - admit_start, parts_before);
+      }
       admit_span.reset();
       if (!s.rows.empty()) {
         absl::Status st = s.Step();

@@ -166,6 +166,24 @@ struct EngineOptions {
   // bucket's graph serves any adapters. The environment variable
   // LORAHUB_SERVE_ENCODER_GRAPH=off|cuda|always overrides this (A/B runs).
   model::EncoderGraph admission_encoder = model::EncoderGraph::kOff;
+  // Row slots: steps of the running rows that the engine thread queues on
+  // the device before it admits newcomers, each step reading the tokens the
+  // step before picked on the device (only while every running row decodes
+  // greedily without logprobs; a row that ends within them drops the
+  // tokens after its end; their tokens are emitted after the admission).
+  // Why: an admission holds the engine thread for milliseconds (composing
+  // adapters, loading slots, an eager encoder pass of ~560 kernels) while
+  // the device had one step to run: it idled 32% of a serving round of
+  // 1,024 own compositions (sixty-third session, H100). kAutoStepsAhead: as
+  // many steps as the admission is expected to hold the thread (its parts
+  // as measured in earlier admissions, per pass and per row, against the
+  // measured interval between steps), at most kMaxStepsAhead; 0: none; N:
+  // N (at most kMaxStepsAhead, and never past the running rows' lengths).
+  // The environment variable LORAHUB_SERVE_STEPS_AHEAD=N overrides this
+  // (A/B runs; -1: auto).
+  static constexpr int kAutoStepsAhead = -1;
+  static constexpr int kMaxStepsAhead = 32;
+  int steps_ahead = kAutoStepsAhead;
   // Threads that load a queued request's modules from disk into the host
   // tier while it waits (core/serving/module_loader.h), so that the engine
   // thread does not stall its running rows on disk reads; the request is

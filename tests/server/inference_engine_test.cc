@@ -303,13 +303,16 @@ nlohmann::json* EngineTest::golden_ = nullptr;
 
 // Both ways of decoding the running batch: eager DecodeStep calls and the
 // row slots of a StaticDecoder (run eagerly here on the CPU: the same
-// buffers and positions as its CUDA graph); and the row slots with the
-// prompts encoded through the admissions' encoder pool (padded to its
-// buckets, run eagerly here).
+// buffers and positions as its CUDA graph), there without steps queued
+// ahead of admissions and with six of them before each admission (each
+// reading the picks of the step before on the device); and the row slots
+// with the prompts encoded through the admissions' encoder pool (padded to
+// its buckets, run eagerly here) and the estimated steps ahead.
 struct BatchWay {
   SlotDecoding slots;
   model::EncoderGraph encoder;
   const char* name;
+  int steps_ahead = EngineOptions::kAutoStepsAhead;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
@@ -319,6 +322,7 @@ class EngineBatchTest : public EngineTest,
     EngineOptions o;
     o.slot_decoding = GetParam().slots;
     o.admission_encoder = GetParam().encoder;
+    o.steps_ahead = GetParam().steps_ahead;
     return o;
   }
 };
@@ -461,7 +465,9 @@ INSTANTIATE_TEST_SUITE_P(
     Decoding, EngineBatchTest,
     ::testing::Values(
         BatchWay{SlotDecoding::kOff, model::EncoderGraph::kOff, "Eager"},
-        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff, "RowSlots"},
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff, "RowSlots", 0},
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
+                 "RowSlotsStepsAhead", 6},
         BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kAlways,
                  "RowSlotsPooledEncoder"}),
     [](const auto& info) { return std::string(info.param.name); });
@@ -797,6 +803,50 @@ TEST_F(EngineTest, RowsOverTheSlotBudgetDecodeEagerly) {
   }
   EXPECT_EQ(admitted["slots"], 3);
   EXPECT_EQ(admitted["eager"], 3);
+}
+
+// Clients gone at their third token while newcomers join (with steps
+// queued ahead, their rows were stepped past it): they end there, cancelled
+// with three tokens, and the others give their tokens alone.
+TEST_P(EngineBatchTest, ClientsGoneAmongNewcomersEndAtTheirToken) {
+  EngineOptions o = Options();
+  o.max_batch_rows = 4;
+  auto engine = Start(o);
+  ASSERT_TRUE(engine);
+  constexpr int kRequests = 12;
+  DecodingParams p;
+  p.max_new_tokens = 10;
+  std::vector<AdapterSpec> specs;
+  std::vector<std::shared_ptr<Result>> results;
+  for (int i = 0; i < kRequests; ++i) {
+    specs.push_back({{"m0", "m1"}, {0.4 + 0.1 * i, 0.7}});
+    results.push_back(std::make_shared<Result>());
+    GenerateRequest req = Make(Unpadded(i % 5), specs[i], p, results[i]);
+    if (i % 3 == 1) {
+      req.on_token = [r = results[i]](int64_t t) {
+        r->streamed.push_back(t);
+        return r->streamed.size() < 3;
+      };
+    }
+    ASSERT_TRUE(engine->Submit(std::move(req)).ok());
+  }
+  for (int i = 0; i < kRequests; ++i) {
+    GenerateOutcome out = results[i]->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    DecodingParams until_gone = p;
+    if (i % 3 == 1) {
+      until_gone.max_new_tokens = 3;
+      ASSERT_LE(out.output_ids.size(), 3u) << "request " << i;
+      if (out.output_ids.size() == 3 &&
+          out.output_ids.back() != (*weights_)->config.eos_token_id) {
+        EXPECT_EQ(out.finish_reason, FinishReason::kCancelled) << "request " << i;
+      }
+    }
+    ExpectTokensAlone(Unpadded(i % 5), specs[i], until_gone, out.output_ids,
+                      "request " + std::to_string(i));
+    EXPECT_EQ(results[i]->streamed, out.output_ids) << "request " << i;
+  }
+  EXPECT_EQ(engine->pending(), 0);
 }
 
 TEST_P(EngineBatchTest, ClientGoneCancelsAndReleasesTheModule) {
