@@ -68,6 +68,12 @@ v1::GenerateRequest MakeRequest(const LoadOptions& o, int64_t index) {
     v1::ExplicitComposition* c = req.mutable_adapter()->mutable_composition();
     for (int j = 0; j < c->weights_size(); ++j) c->set_weights(j, c->weights(j) * scale);
   }
+  // (0 leaves the server's default length.)
+  if (o.length_spread > 0 && req.options().max_new_tokens() > 0) {
+    const double cut = o.length_spread * static_cast<double>((389 * index) % 1000) / 1000.0;
+    req.mutable_options()->set_max_new_tokens(static_cast<int32_t>(std::max<int64_t>(
+        1, std::llround(static_cast<double>(req.options().max_new_tokens()) * (1.0 - cut)))));
+  }
   return req;
 }
 
@@ -213,6 +219,9 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& o) {
   }
   if (!(o.weight_jitter >= 0 && o.weight_jitter <= 1)) {
     return absl::InvalidArgumentError("weight jitter must be in [0, 1]");
+  }
+  if (!(o.length_spread >= 0 && o.length_spread < 1)) {
+    return absl::InvalidArgumentError("length spread must be in [0, 1)");
   }
   if (o.weight_jitter > 0 && !o.request_template.adapter().has_composition()) {
     return absl::InvalidArgumentError("weight jitter needs a composition (--modules or --module-pool)");

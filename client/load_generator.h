@@ -73,6 +73,13 @@ struct LoadOptions {
   // consecutive requests compose distinct adapters (0: every request of a
   // module set composes the same one).
   double weight_jitter = 0;
+  // In [0, 1): request i asks for the template's max_new_tokens (when set)
+  // x (1 - length_spread x ((389 i) mod 1000) / 1000) tokens, at least 1:
+  // lengths spread down to (1 - length_spread) of the template's, mixed
+  // across consecutive requests, so that rows end at different steps of a
+  // running batch and newcomers join a few at a time, as in mixed traffic
+  // (0: every request the template's length; a batch's rows end together).
+  double length_spread = 0;
   // Keep every measured request's generated ids (RequestResult::output_ids,
   // for OutputsJsonl); off, a report holds no ids.
   bool keep_outputs = false;

@@ -30,6 +30,7 @@
 //           | --module-pool a,b,c,... --per-request K [--weights x,y,...] | base)
 //          [--max-new-tokens T] [generate's decoding flags] [--channels K]
 //          [--warmup N] [--timeout-s S] [--outputs FILE] [--weight-jitter J]
+//          [--length-spread S]
 //
 // load runs N Generate streams from C threads of this process over K gRPC
 // connections (default one per 16 threads) and prints requests ok/failed (by
@@ -41,7 +42,9 @@
 // i mod lines of FILE ({"input": ...} objects or plain text lines).
 // --weight-jitter J scales request i's composition weights by
 // 1 + J (i mod 1000) / 1000 (distinct adapters: the composition and slot
-// loading paths under load). --outputs FILE writes each measured request's generated ids, one JSON line
+// loading paths under load). --length-spread S asks request i for
+// T (1 - S ((389 i) mod 1000) / 1000) tokens (rows of a batch end at
+// different steps, as in mixed traffic). --outputs FILE writes each measured request's generated ids, one JSON line
 // per request (lorahub::client::OutputsJsonl), to compare two runs.
 //
 // generate streams text as it comes (human output) or one JSON object per
@@ -141,7 +144,7 @@ int Usage(const char* why = nullptr) {
                "        | --module-pool a,b,c,... --per-request K [--weights x,y,..] | base)\n"
                "       [--max-new-tokens T] [decoding flags as generate] [--channels K]\n"
                "       [--warmup N] [--timeout-s S] [--outputs FILE]\n"
-               "       [--weight-jitter J]\n");
+               "       [--weight-jitter J] [--length-spread S]\n");
   return kExitUsage;
 }
 
@@ -507,6 +510,9 @@ int Load(const std::string& server, const lorahub::client::ChannelSecurityOption
   }
   if (o.Has("weight-jitter") && !absl::SimpleAtod(o.Get("weight-jitter"), &opts.weight_jitter)) {
     return Usage("load: --weight-jitter must be a number in [0, 1]");
+  }
+  if (o.Has("length-spread") && !absl::SimpleAtod(o.Get("length-spread"), &opts.length_spread)) {
+    return Usage("load: --length-spread must be a number in [0, 1)");
   }
   v1::GenerateRequest& req = opts.request_template;
   std::string bad;
@@ -1137,7 +1143,7 @@ int main(int argc, char** argv) {
             "state", "wait", "device", "out", "density", "majority-sign",
             "dare-seed", "requests", "concurrency", "prompts", "module-pool",
             "per-request", "channels", "warmup", "outputs",
-            "weight-jitter", "stop", "logprobs"};
+            "weight-jitter", "length-spread", "stop", "logprobs"};
         bool known = false;
         for (const char* n : kKnown) known |= k == n;
         if (!known) return Usage(("unknown flag --" + k).c_str());

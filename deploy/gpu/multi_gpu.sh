@@ -27,6 +27,8 @@
 # DEVICE_SETS, GEN_REQUESTS (1024), GEN_TOKENS (32), GEN_CONC (128),
 # GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3),
 # WEIGHT_JITTER (load's --weight-jitter: every request its own composition),
+# LENGTH_SPREAD (load's --length-spread S: request lengths from GEN_TOKENS down to
+# (1 - S) of it, mixed; the rounds' token counts then fall below requests x GEN_TOKENS),
 # LOGPROBS (load's --logprobs N: each token's log-probabilities in outputs_N.jsonl),
 # DEVICE_CACHE_BYTES (serve's --device-cache-bytes; default 1 GiB, which holds
 # the fixture's 20 fp32 modules and about 34 compositions of 18.9 MB),
@@ -115,6 +117,7 @@ gen_round_load() {
     --module-pool "$all_mods" --per-request 3 --weights 0.5,0.3,0.2 \
     --prompts "$fx/prompts.jsonl" --outputs "$dir/outputs.jsonl" \
     ${WEIGHT_JITTER:+--weight-jitter "$WEIGHT_JITTER"} ${LOGPROBS:+--logprobs "$LOGPROBS"} \
+    ${LENGTH_SPREAD:+--length-spread "$LENGTH_SPREAD"} \
     >"$dir/load.json" 2>"$dir/load.err"
   echo "   load ($n requests): $(cat "$dir/load.json") $(head -3 "$dir/load.err")" >>"$log"
   cp "$dir/load.err" "$out/load_$(basename "$dir").err" 2>/dev/null

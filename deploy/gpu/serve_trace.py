@@ -14,9 +14,12 @@ round; the warm-up round and the compose jobs are apart from it). For that stret
   - the device's idle time outside every engine span;
   - the CUDA runtime calls of the stretch that took 20 us or more, by name (waits show here:
     synchronizations, pageable copies);
-  - the kernels by device time.
+  - the kernels by device time;
+  - per admission part (engine.admit.*) and engine.launch_ahead: its top-level LibTorch operators
+    (those inside no other operator) by host time, and the host time outside every operator (the
+    engine's own code, the graph launches' and the CUDA runtime's calls outside operators).
 
-  python3 deploy/gpu/serve_trace.py TRACE.json[.gz] [--gap-ms 100] [--top 15]
+  python3 deploy/gpu/serve_trace.py TRACE.json[.gz] [--gap-ms 100] [--top 15] [--ops 8]
 """
 import argparse
 import bisect
@@ -55,6 +58,7 @@ def main():
     ap.add_argument("trace")
     ap.add_argument("--gap-ms", type=float, default=100.0)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--ops", type=int, default=8)
     args = ap.parse_args()
     with (gzip.open if args.trace.endswith(".gz") else open)(args.trace, "rt") as f:
         events = [e for e in json.load(f)["traceEvents"]
@@ -132,6 +136,46 @@ def main():
     print("|---|---|---|")
     for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print("| %s | %d | %.4f |" % (name.replace("|", "/"), n, t / 1e6))
+
+    host_ops(events, best, args.ops)
+
+
+def host_ops(events, spans, top):
+    """Per admission part: its top-level operators' host time, and the time outside them."""
+    parts = sorted((e for e in spans if e["name"].startswith("engine.admit.")
+                    or e["name"] == "engine.launch_ahead"), key=lambda e: e["ts"])
+    if not parts:
+        return
+    tids = {e.get("tid") for e in parts}
+    ops = sorted((e for e in events if str(e.get("cat", "")).lower() == "cpu_op"
+                  and e.get("tid") in tids and parts[0]["ts"] <= e["ts"] < parts[-1]["ts"] + parts[-1]["dur"]),
+                 key=lambda e: (e["ts"], -e["dur"]))
+    starts = [p["ts"] for p in parts]
+    table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
+    inside = collections.defaultdict(float)
+    outer_end = -1
+    for op in ops:
+        if op["ts"] < outer_end:  # nested in the last top-level operator
+            continue
+        outer_end = op["ts"] + op["dur"]
+        i = bisect.bisect_right(starts, op["ts"]) - 1
+        if i < 0 or op["ts"] + op["dur"] > parts[i]["ts"] + parts[i]["dur"]:
+            continue
+        row = table[parts[i]["name"]][op["name"]]
+        row[0] += 1
+        row[1] += op["dur"]
+        inside[parts[i]["name"]] += op["dur"]
+    span_host = collections.defaultdict(lambda: [0, 0.0])
+    for p in parts:
+        span_host[p["name"]][0] += 1
+        span_host[p["name"]][1] += p["dur"]
+    for name, (n, host) in sorted(span_host.items(), key=lambda kv: -kv[1][1]):
+        print("\n%s: %d spans, %.3f s of host time; outside every operator %.3f s" % (
+            name, n, host / 1e6, (host - inside[name]) / 1e6))
+        print("| top-level operator | count | host s | us each |")
+        print("|---|---|---|---|")
+        for op, (c, t) in sorted(table[name].items(), key=lambda kv: -kv[1][1])[:top]:
+            print("| %s | %d | %.3f | %.1f |" % (op, c, t / 1e6, t / max(c, 1)))
 
 
 if __name__ == "__main__":

@@ -113,6 +113,21 @@ after=$(slot_loads)
 [ -n "$before" ] && [ $((mid - before)) = 1 ] && [ $((after - mid)) = 4 ] ||
   fail "slot loads: $before -> $mid (same weights: want +1) -> $after (jitter: want +4, request 0 as before)"
 
+# 2c. --length-spread: requests ask for fewer tokens, down to (1 - S) of
+# --max-new-tokens (request i: 8 (1 - 0.9 ((389 i) mod 1000) / 1000)).
+c --json load --requests 6 --concurrency 2 --max-new-tokens 8 \
+  --module m0 --length-spread 0.9 --prompts "$tmp/prompts.jsonl" \
+  --outputs "$tmp/spread.jsonl" >"$tmp/spread.json" || fail "length spread run"
+$py -c "
+import json, sys
+want = [max(1, round(8 * (1 - 0.9 * ((389 * i) % 1000) / 1000))) for i in range(6)]
+ids = {r['index']: r['ids'] for r in map(json.loads, open(sys.argv[1]))}
+assert sorted(ids) == list(range(6)), ids
+# Each as long as asked, or shorter where it ended at eos (id 1).
+for i, w in enumerate(want):
+    assert len(ids[i]) == w or (len(ids[i]) < w and ids[i][-1] == 1), (i, ids[i], want)
+" "$tmp/spread.jsonl" || fail "length spread: $(cat "$tmp/spread.jsonl")"
+
 # 3. Failures by code: an unknown module in every request, then in a third.
 c --json load --requests 3 --concurrency 2 --modules m0,nope --weights 0.5,0.5 \
   --prompts "$tmp/prompts.jsonl" >"$tmp/bad.json" 2>"$tmp/bad.err"; rc=$?
@@ -206,6 +221,8 @@ usage "channels must be in" --requests 2 --concurrency 2 --channels 3 base "${P[
 usage "weight jitter must be in" --requests 2 --modules m0,m1 --weights 1,1 --weight-jitter 2 \
   "${P[@]}"
 usage "weight-jitter must be a number" --requests 2 base --weight-jitter x "${P[@]}"
+usage "length spread must be in" --requests 2 base --length-spread 1 "${P[@]}"
+usage "length-spread must be a number" --requests 2 base --length-spread x "${P[@]}"
 usage "jitter needs a composition" --requests 2 --module m0 --weight-jitter 0.1 "${P[@]}"
 usage "cannot write --outputs" --requests 2 base "${P[@]}" --outputs "$tmp/no/such/dir/o"
 echo "PASS"
