@@ -224,6 +224,12 @@ struct InferenceEngine::State {
       admission_encoders = std::make_unique<model::StaticEncoderPool>(o);
     }
   }
+  // Steps launched and never collected (a failure, a shutdown) may still
+  // write their picks into host_picks through its device mapping, which
+  // LibTorch's pinned pool does not track: they land before it is freed.
+  ~State() {
+    if (next_host_picks > 0) model::SynchronizeDevice(w.device);
+  }
 
   InferenceEngine* engine;
   const model::T5Weights& w;
