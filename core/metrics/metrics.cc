@@ -307,6 +307,12 @@ void ServiceMetrics::Build() {
                        .Register(reg);
   admitted_rows_ = {&admitted.Add({{"path", "eager"}}),
                     &admitted.Add({{"path", "slots"}})};
+  steps_ahead_ = &prometheus::BuildCounter()
+                      .Name("lorahub_engine_steps_ahead_total")
+                      .Help("Row-slot decoding steps queued ahead of admissions, "
+                            "each reading the picks of the step before on the device.")
+                      .Register(reg)
+                      .Add({});
 
   auto& jobs = prometheus::BuildGauge()
                    .Name("lorahub_compose_jobs")
@@ -490,6 +496,10 @@ void ServiceMetrics::AddAdapterSlotLoads(int64_t loads) {
 void ServiceMetrics::AddAdmittedRows(bool slots, int64_t rows) {
   if (rows <= 0) return;
   admitted_rows_[slots ? 1 : 0]->Increment(static_cast<double>(rows));
+}
+
+void ServiceMetrics::AddStepsAhead(int64_t steps) {
+  if (steps > 0) steps_ahead_->Increment(static_cast<double>(steps));
 }
 
 void ServiceMetrics::AddEngineBusySeconds(EnginePhase phase, double seconds) {

@@ -166,6 +166,11 @@ class ServiceMetrics {
   // a captured decoder, or the eager loop: long rows, no room for them in
   // --slot-decoder-bytes, or slot decoding off). Negative counts ignored.
   void AddAdmittedRows(bool slots, int64_t rows);
+  // Row-slot decoding steps queued ahead of admissions, each reading the
+  // picks of the step before on the device
+  // (lorahub_engine_steps_ahead_total; EngineOptions::steps_ahead).
+  // Negative counts ignored.
+  void AddStepsAhead(int64_t steps);
 
   // --- Compose jobs ----------------------------------------------------
   // A job moved `from` -> `to`: lorahub_compose_job_transitions_total{state=to}
@@ -245,6 +250,7 @@ class ServiceMetrics {
   std::array<prometheus::Counter*, 3> engine_busy_{};  // by EnginePhase
   std::array<prometheus::Counter*, 4> admission_{};    // by AdmissionPart
   std::array<prometheus::Counter*, 2> admitted_rows_{};  // eager, slots
+  prometheus::Counter* steps_ahead_ = nullptr;
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};

@@ -695,6 +695,7 @@ struct InferenceEngine::State {
       const at::Tensor ids = launched.back().device_picks;
       LH_RETURN_IF_ERROR(LaunchStep(ids, std::move(serials)));
       ++timing.steps_ahead;
+      if (metrics()) metrics()->AddStepsAhead(1);
     }
     AddBusy(Phase::kStep, absl::Now() - start);
     return absl::OkStatus();

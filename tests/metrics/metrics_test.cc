@@ -228,6 +228,8 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   metrics_->AddAdmittedRows(/*slots=*/true, 5);
   metrics_->AddAdmittedRows(/*slots=*/false, 2);
   metrics_->AddAdmittedRows(/*slots=*/false, -3);  // ignored
+  metrics_->AddStepsAhead(7);
+  metrics_->AddStepsAhead(-2);  // ignored
   metrics_->ObserveJobDuration(JobState::kSucceeded, 8.5);
   metrics_->ObserveJobDuration(JobState::kFailed, 0.3);
   metrics_->ObserveJobDuration(JobState::kRunning, 1.0);  // Not final.
@@ -281,6 +283,7 @@ TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   EXPECT_THAT(
       FindValue(s, "lorahub_engine_admitted_rows_total", {{"path", "eager"}}),
       Optional(2.0));
+  EXPECT_THAT(FindValue(s, "lorahub_engine_steps_ahead_total", {}), Optional(7.0));
   EXPECT_THAT(FindValue(s, "lorahub_compose_job_duration_seconds_bucket",
                         {{"state", "succeeded"}, {"le", "5"}}),
               Optional(0.0));
@@ -403,6 +406,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_engine_busy_seconds_total",
                        "lorahub_engine_admission_seconds_total",
                        "lorahub_engine_admitted_rows_total",
+                       "lorahub_engine_steps_ahead_total",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_jobs_deleted_total",

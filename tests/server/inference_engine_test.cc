@@ -692,6 +692,13 @@ TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone)
   }
   EXPECT_EQ(engine->pending(), 0);
   EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), kRequests);
+  // Forty newcomers for eight rows: the fixed steps ahead run (none where
+  // the way has none; the estimated ones may or may not).
+  const double ahead = CounterValue("lorahub_engine_steps_ahead_total");
+  if (GetParam().steps_ahead > 0) EXPECT_GT(ahead, 0);
+  if (GetParam().steps_ahead == 0 || GetParam().slots == SlotDecoding::kOff) {
+    EXPECT_EQ(ahead, 0);
+  }
 }
 
 // Log-probabilities (top_logprobs >= 0) of greedy and sampled requests in
