@@ -68,7 +68,8 @@ v1::GenerateRequest MakeRequest(const LoadOptions& o, int64_t index) {
     v1::ExplicitComposition* c = req.mutable_adapter()->mutable_composition();
     for (int j = 0; j < c->weights_size(); ++j) c->set_weights(j, c->weights(j) * scale);
   }
-  // (0 leaves the server's default length.)
+  // Spread lengths (a template without max_new_tokens keeps the server's
+  // default for every request).
   if (o.length_spread > 0 && req.options().max_new_tokens() > 0) {
     const double cut = o.length_spread * static_cast<double>((389 * index) % 1000) / 1000.0;
     req.mutable_options()->set_max_new_tokens(static_cast<int32_t>(std::max<int64_t>(
