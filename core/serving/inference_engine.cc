@@ -48,6 +48,11 @@ namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 
+// `average` moved a quarter of the way to `x` (0: none yet, so `x`).
+void MovingAverage(double& average, double x) {
+  average = average > 0 ? 0.75 * average + 0.25 * x : x;
+}
+
 // A named span of the engine thread in a profiler's trace (`lorahub serve
 // --profile-out`): the admissions and their parts, the row slots' collect,
 // launch and emit, the eager batch's steps. Without a profiler it costs one
@@ -266,11 +271,12 @@ struct InferenceEngine::State {
   size_t next_host_picks = 0;
   // A slot step launched and not collected yet: its logits (the decoder's
   // buffer: valid until the next step), its greedy picks on the device (the
-  // next step's input when steps run ahead) and on the host (CUDA: being
-  // written, `picked` null elsewhere), and the serial of the row it stepped
-  // in each slot (0: none, or a row that was done).
+  // next step's input when steps run ahead; on the CPU also the host's),
+  // on CUDA the host memory they are being written into (else null), and
+  // the serial of the row it stepped in each slot (0: none, or a row that
+  // was done).
   struct LaunchedStep {
-    at::Tensor logits, device_picks, picks;
+    at::Tensor logits, device_picks;
     HostPicks* picked = nullptr;
     std::vector<uint64_t> serials;
   };
@@ -641,7 +647,8 @@ struct InferenceEngine::State {
       if (step.picked != nullptr) {
         while (!step.picked->written->query()) std::this_thread::yield();
       }
-      const std::vector<int64_t> next = NextTokens(step.logits, stepped, step.picks);
+      const std::vector<int64_t> next = NextTokens(
+          step.logits, stepped, step.picked ? step.picked->host : step.device_picks);
       for (size_t p = 0; p < stepped.size(); ++p) {
         if (stepped[p] == nullptr) continue;
         Decide(*stepped[p], next[p]);
@@ -652,9 +659,7 @@ struct InferenceEngine::State {
     }
     const absl::Time end = absl::Now();
     if (one && plain_loop && last_collected) {
-      const double interval = Seconds(end - *last_collected);
-      step_interval_s =
-          step_interval_s > 0 ? 0.75 * step_interval_s + 0.25 * interval : interval;
+      MovingAverage(step_interval_s, Seconds(end - *last_collected));
     }
     last_collected = end;
     AddBusy(Phase::kStep, end - start);
@@ -725,13 +730,11 @@ struct InferenceEngine::State {
                              &host_written)) {
       step.device_picks = step.logits.argmax(-1);
     }
-    step.picks = step.device_picks;
     if (step.picked != nullptr) {
       if (!host_written) step.picked->host.copy_(step.device_picks, /*non_blocking=*/true);
       if (!step.picked->written) step.picked->written.emplace(w.device.type());
       c10::impl::VirtualGuardImpl guard(w.device.type());
       step.picked->written->record(guard.getStream(w.device));
-      step.picks = step.picked->host;
     }
     launched.push_back(std::move(step));
     ++timing.steps;
@@ -781,11 +784,8 @@ struct InferenceEngine::State {
         (part(Part::kAdapters) + part(Part::kSlotLoads)) / static_cast<double>(rows);
     const double pass_s = std::max(
         0.0, Seconds(hold) - per_row_s * static_cast<double>(rows));
-    const auto average = [](double& avg, double x) {
-      avg = avg > 0 ? 0.75 * avg + 0.25 * x : x;
-    };
-    average(admission_row_s, per_row_s);
-    average(admission_pass_s, pass_s);
+    MovingAverage(admission_row_s, per_row_s);
+    MovingAverage(admission_pass_s, pass_s);
   }
 
   // Emits the collected tokens; finished rows leave their slots.
@@ -797,12 +797,7 @@ struct InferenceEngine::State {
       // collected together: the tokens after that are dropped.
       if (!slot_rows[p]) continue;
       Row& row = *slot_rows[p];
-      const bool gone = !Emit(row, token);
-      if (gone) {
-        row.done = true;
-        row.reason = FinishReason::kCancelled;
-      }
-      if (gone || last) {
+      if (EmitOrCancel(row, token, last)) {
         FinishGenerate(row, absl::OkStatus());
         slot_rows[p].reset();
         --slot_running;
@@ -921,19 +916,21 @@ struct InferenceEngine::State {
   }
 
   // Emits `token` for a row Decide saw it for (a client gone cancels the
-  // row); true when the row is done.
-  bool EmitOrCancel(Row& row, int64_t token) {
+  // row); true when the row ends here: cancelled, or `last` (the token
+  // Decide ended it at).
+  bool EmitOrCancel(Row& row, int64_t token, bool last) {
     if (!Emit(row, token)) {
       row.done = true;
       row.reason = FinishReason::kCancelled;
+      return true;
     }
-    return row.done;
+    return last;
   }
 
   // Decide, then EmitOrCancel.
   bool Advance(Row& row, int64_t token) {
     Decide(row, token);
-    return EmitOrCancel(row, token);
+    return EmitOrCancel(row, token, row.done);
   }
 
   // Appends `incoming` to the running batch (encoder pass for them).

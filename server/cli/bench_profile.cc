@@ -123,7 +123,6 @@ absl::StatusOr<ProfileSummary> StopProfiler(const ProfileOptions& options,
   return out;
 }
 
-
 absl::StatusOr<ProfileSummary> ProfileRegion(
     const ProfileOptions& options, const std::function<absl::Status()>& body,
     const std::function<void()>& sync) {
