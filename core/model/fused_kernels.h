@@ -349,6 +349,9 @@ inline constexpr int kRunLoraMaxRank = 32;
 struct RunLoraSite {
   const float* b = nullptr;  // slot 0's [out, r] (the run's first slot)
   int64_t col = 0;           // first output column in y
+  // With run_slots: the site's scaling of each bank slot (fp32 [bank
+  // slots]), in place of `scale`.
+  const float* slot_scales = nullptr;
 };
 struct RunLoraArgs {
   const float* x = nullptr;  // slot 0's [M, in]; null: xa given
@@ -376,6 +379,15 @@ struct RunLoraArgs {
   // (their slot strides unused, xa_buffer [tokens, R]); M is the longest
   // run.
   const int32_t* run_starts = nullptr;
+  // Optional: run s takes the factors of bank slot run_slots[s] (device
+  // int64 [slots], each within the bank: the caller checks) instead of
+  // slot s, a and b then the bank's slot 0, and each site's scaling of
+  // that slot (RunLoraSite::slot_scales, required then), times run_mask[s]
+  // where given (device fp32 [slots]; 0 for a row without an adapter).
+  // Why: the serving engine's admissions hold arbitrary bank slots, one
+  // row each; without this their deltas gathered every row's factors.
+  const int64_t* run_slots = nullptr;
+  const float* run_mask = nullptr;
 };
 bool RunLoraFits(const RunLoraArgs& args);
 int LaunchRunLora(const RunLoraArgs& args, void* stream);

@@ -417,19 +417,21 @@ bool RunKernelsMayRun(const at::Tensor& y,
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
                    const std::vector<LoraRunSite>& sites, double scale,
-                   const at::Tensor& y_round) {
+                   const at::Tensor& y_round, const LoraRunSlots* run_slots) {
   return RunKernelsMayRun(y, {&x, &a, &xa, &y_round}, sites) &&
-         fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale, y_round);
+         fused_backend::LoraRunDeltas(y, x, a, xa, sites, scale, y_round,
+                                      run_slots);
 }
 
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
                          const at::Tensor& starts, int64_t max_run,
-                         const at::Tensor& y_round) {
+                         const at::Tensor& y_round,
+                         const LoraRunSlots* run_slots) {
   return RunKernelsMayRun(y, {&x, &a, &y_round}, sites) &&
          fused_backend::LoraPackedRunDeltas(y, x, a, sites, scale, starts,
-                                            max_run, y_round);
+                                            max_run, y_round, run_slots);
 }
 
 at::Tensor LoraPackedRunShrink(const at::Tensor& x, const at::Tensor& a,

@@ -455,6 +455,24 @@ inline constexpr size_t kLoraRunMaxSites = 4;  // = kernels::kRunLoraMaxSites
 struct LoraRunSite {
   at::Tensor b;
   int64_t col = 0;
+  // With LoraRunSlots: the site's scaling of every bank slot, fp32 with
+  // b.size(0) elements, contiguous (SiteBank::scale).
+  at::Tensor scales;
+};
+
+// Runs that take their adapter slots from a table instead of in order (the
+// serving engine's admissions: one row per run, each at the bank slot its
+// adapter was loaded into): run s takes a[slots[s]] and each site's
+// b[slots[s]], a and b then the whole bank ([bank slots, ...]), scaled by
+// the site's scales[slots[s]] times mask[s] where defined (0: a row
+// without an adapter), the `scale` argument unused. slots: int64 [runs]
+// on y's device, contiguous, every value in [0, bank slots) (the caller
+// checks: MakeRowAdapters); mask: fp32, contiguous, runs elements.
+// Why: those rows gathered every row's factors (index_select) for batched
+// GEMMs, about 7 operators a site; the kernels read the bank in place.
+struct LoraRunSlots {
+  at::Tensor slots;
+  at::Tensor mask;
 };
 
 // LoRA deltas of runs of rows per adapter slot (a CMA-ES population's
@@ -476,10 +494,12 @@ struct LoraRunSite {
 // y_round (expand alone, optional): bf16 of y's sizes and strides that takes
 // each sum y + delta rounded once, y then only read (the per-row cross
 // values into the decoder's bf16 cache, CrossKeyValues::CopyTo).
+// run_slots (optional): the runs' slots (LoraRunSlots).
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
                    const std::vector<LoraRunSite>& sites, double scale,
-                   const at::Tensor& y_round = at::Tensor());
+                   const at::Tensor& y_round = at::Tensor(),
+                   const LoraRunSlots* run_slots = nullptr);
 
 // LoraRunDeltas (the shrink and the expand) over runs of different lengths
 // packed end to end (t5_forward.h EncodePacked): y [1, N, columns] and x
@@ -489,11 +509,13 @@ bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
 // token as LoraRunDeltas; all or nothing, false where it does not run.
 // y_round as LoraRunDeltas' (the per-row cross values of a packed prompt
 // batch, CrossKeyValues::CopyPackedTo).
+// run_slots as LoraRunDeltas' (starts then [runs + 1]).
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
                          const at::Tensor& starts, int64_t max_run,
-                         const at::Tensor& y_round = at::Tensor());
+                         const at::Tensor& y_round = at::Tensor(),
+                         const LoraRunSlots* run_slots = nullptr);
 
 // LoraPackedRunDeltas in two halves, for many sites that share x (a per-row
 // prefill's cross values: every decoder block's v from the encoder output).

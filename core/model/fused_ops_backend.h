@@ -49,13 +49,14 @@ bool LoraRowDeltas(const at::Tensor& y, const at::Tensor& x,
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
                    const std::vector<LoraRunSite>& sites, double scale,
-                   const at::Tensor& y_round);
+                   const at::Tensor& y_round, const LoraRunSlots* run_slots);
 // fused_ops.h LoraPackedRunDeltas (all or nothing).
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
                          const at::Tensor& starts, int64_t max_run,
-                         const at::Tensor& y_round);
+                         const at::Tensor& y_round,
+                         const LoraRunSlots* run_slots);
 // fused_ops.h LoraPackedRunShrink (undefined where it does not run) and
 // LoraPackedRunExpand (all or nothing).
 at::Tensor LoraPackedRunShrink(const at::Tensor& x, const at::Tensor& a,

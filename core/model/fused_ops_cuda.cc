@@ -308,6 +308,16 @@ bool StartsFit(const at::Tensor& starts, const at::Tensor& like) {
          starts.dim() == 1 && starts.size(0) >= 2 && starts.is_contiguous();
 }
 
+// A LoraRunSlots table for `runs` runs on like's device.
+bool RunSlotsFit(const LoraRunSlots& t, int64_t runs, const at::Tensor& like) {
+  return OnDeviceOf(t.slots, like) && t.slots.scalar_type() == at::kLong &&
+         t.slots.dim() == 1 && t.slots.size(0) == runs &&
+         t.slots.is_contiguous() &&
+         (!t.mask.defined() ||
+          (OnDeviceOf(t.mask, like) && t.mask.scalar_type() == at::kFloat &&
+           t.mask.numel() == runs && t.mask.is_contiguous()));
+}
+
 }  // namespace
 
 bool PackedAttention(const at::Tensor& q, const at::Tensor& k,
@@ -713,7 +723,8 @@ namespace {
 bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
                const at::Tensor& xa, const std::vector<LoraRunSite>& sites,
                double scale, const at::Tensor& y_round,
-               const at::Tensor& starts, int64_t max_run) {
+               const at::Tensor& starts, int64_t max_run,
+               const LoraRunSlots* run_slots) {
   const bool shrink = x.defined();
   const bool packed = starts.defined();
   if (packed && (!StartsFit(starts, y) ||
@@ -740,12 +751,15 @@ bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
                   a.size(2) != x.size(2) || a.stride(2) != 1))) {
     return false;
   }
-  if (shrink && a.size(0) != (packed ? starts.size(0) - 1 : y.size(0))) {
-    return false;
-  }
+  const int64_t runs = packed ? starts.size(0) - 1 : y.size(0);
   const at::Tensor& b0 = sites[0].b;
+  // Without a slot table the factors hold the runs' slots in order; with
+  // one, the bank's (a and b alike).
+  const int64_t bank = run_slots != nullptr ? b0.size(0) : runs;
+  if (shrink && a.size(0) != bank) return false;
+  if (run_slots != nullptr && !RunSlotsFit(*run_slots, runs, y)) return false;
   kernels::RunLoraArgs p;
-  p.slots = packed ? starts.size(0) - 1 : y.size(0);
+  p.slots = runs;
   p.M = packed ? max_run : y.size(1);
   p.R = shrink ? a.size(1) : xa.size(2);
   p.r = p.R / static_cast<int64_t>(sites.size());
@@ -754,13 +768,27 @@ bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
     const at::Tensor& b = sites[k].b;
     if (!OnDeviceOf(b, y) || b.dim() != 3 || b.scalar_type() != at::kFloat ||
         b.sizes() != b0.sizes() ||
-        b.strides() != b0.strides() || b.size(0) != p.slots ||
+        b.strides() != b0.strides() || b.size(0) != bank ||
         b.size(2) != p.r || b.stride(2) != 1 || sites[k].col < 0 ||
         sites[k].col + b.size(1) > y.size(2)) {
       return false;
     }
     p.sites[k].b = b.data_ptr<float>();
     p.sites[k].col = sites[k].col;
+    if (run_slots != nullptr) {
+      const at::Tensor& scales = sites[k].scales;
+      if (!OnDeviceOf(scales, y) || scales.scalar_type() != at::kFloat ||
+          !scales.is_contiguous() || scales.numel() != bank) {
+        return false;
+      }
+      p.sites[k].slot_scales = scales.data_ptr<float>();
+    }
+  }
+  if (run_slots != nullptr) {
+    p.run_slots = run_slots->slots.data_ptr<int64_t>();
+    if (run_slots->mask.defined()) {
+      p.run_mask = run_slots->mask.data_ptr<float>();
+    }
   }
   p.out = b0.size(1);
   p.b_stride[0] = b0.stride(0);
@@ -805,17 +833,19 @@ bool RunDeltas(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
 bool LoraRunDeltas(const at::Tensor& y, const at::Tensor& x,
                    const at::Tensor& a, const at::Tensor& xa,
                    const std::vector<LoraRunSite>& sites, double scale,
-                   const at::Tensor& y_round) {
-  return RunDeltas(y, x, a, xa, sites, scale, y_round, at::Tensor(), 0);
+                   const at::Tensor& y_round, const LoraRunSlots* run_slots) {
+  return RunDeltas(y, x, a, xa, sites, scale, y_round, at::Tensor(), 0,
+                   run_slots);
 }
 
 bool LoraPackedRunDeltas(const at::Tensor& y, const at::Tensor& x,
                          const at::Tensor& a,
                          const std::vector<LoraRunSite>& sites, double scale,
                          const at::Tensor& starts, int64_t max_run,
-                         const at::Tensor& y_round) {
+                         const at::Tensor& y_round,
+                         const LoraRunSlots* run_slots) {
   return RunDeltas(y, x, a, at::Tensor(), sites, scale, y_round, starts,
-                   max_run);
+                   max_run, run_slots);
 }
 
 at::Tensor LoraPackedRunShrink(const at::Tensor& x, const at::Tensor& a,
@@ -854,7 +884,7 @@ bool LoraPackedRunExpand(const at::Tensor& y, const at::Tensor& xa,
                          const at::Tensor& starts, int64_t max_run,
                          const at::Tensor& y_round) {
   return RunDeltas(y, at::Tensor(), at::Tensor(), xa, sites, scale, y_round,
-                   starts, max_run);
+                   starts, max_run, nullptr);
 }
 
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {

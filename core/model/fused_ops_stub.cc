@@ -73,14 +73,14 @@ bool StartDecoderStep(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 
 bool LoraRunDeltas(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&, const std::vector<LoraRunSite>&, double,
-                   const at::Tensor&) {
+                   const at::Tensor&, const LoraRunSlots*) {
   return false;
 }
 
 bool LoraPackedRunDeltas(const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const std::vector<LoraRunSite>&,
                          double, const at::Tensor&, int64_t,
-                         const at::Tensor&) {
+                         const at::Tensor&, const LoraRunSlots*) {
   return false;
 }
 

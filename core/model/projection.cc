@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "core/model/fused_ops.h"
@@ -81,6 +82,11 @@ bool LowPrecisionDelta(const SiteBank& sb, at::ScalarType y) {
          sb.b.scalar_type() == y;
 }
 
+bool SlotRunsEnabled() {
+  static const bool off = EnvFlag("LORAHUB_NO_SLOT_RUNS");
+  return !off;
+}
+
 bool GemmLayout(const RowAdapters& rows, const SiteBank& sb) {
   return rows.uniform_slot >= 0 ||
          (rows.rows_per_slot > 0 && !std::isnan(sb.common_scale));
@@ -153,37 +159,83 @@ bool RowGemvDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                        rows.all_rows ? at::Tensor() : rows.mask);
 }
 
-// Runs of rows per slot (GemmLayout without a uniform slot): the deltas of
-// sites[i, j) (their A factors side by side: AdjacentA) into their column
-// slices of y by the run kernels (fused_ops.h LoraRunDeltas: the shrink,
-// one expand for every site), for callers whose `narrow` holds (a
+// How the run kernels take rows that are not one slot's (uniform_slot):
+// consecutive runs of rows_per_slot rows at slots slot_offset, +1, ...
+// (GemmLayout) where every site has one scaling, else, for rows with slots
+// of their own (per-row slots, or runs of one row: a SlotBank's newcomers,
+// whose scalings are per slot), a run per row at its slot through a
+// LoraRunSlots table over the whole bank, each site's own scalings. The
+// caller sets `runs`, their count.
+struct KernelRuns {
+  bool apply = false;
+  int64_t runs = 0;
+  int64_t offset = 0;
+  double scale = std::nan("");
+  std::optional<LoraRunSlots> table;
+
+  // The runs' factors of a bank tensor [S, ...].
+  at::Tensor Of(const at::Tensor& factors) const {
+    return table ? factors : factors.narrow(0, offset, runs);
+  }
+  LoraRunSite Site(const SiteBank& sb, int64_t col) const {
+    return {Of(sb.b), col, table ? sb.scale.reshape({-1}) : at::Tensor()};
+  }
+  const LoraRunSlots* Table() const { return table ? &*table : nullptr; }
+};
+
+// KernelRuns for sites[i, j) of `rows`; apply false where neither applies.
+KernelRuns KernelRunsOf(const std::vector<const SiteBank*>& sites, size_t i,
+                        size_t j, const RowAdapters& rows) {
+  KernelRuns k;
+  if (rows.uniform_slot >= 0) return k;
+  const double scale = sites[i]->common_scale;
+  bool common = rows.rows_per_slot > 0 && !std::isnan(scale);
+  for (size_t n = i; n < j; ++n) {
+    common = common && sites[n]->common_scale == scale;
+  }
+  if (common) {
+    k.apply = true;
+    k.offset = rows.slot_offset;
+    k.scale = scale;
+  } else if (rows.rows_per_slot <= 1 && SlotRunsEnabled() &&
+             rows.slots.defined()) {
+    k.apply = true;
+    k.table = LoraRunSlots{
+        rows.slots, rows.all_rows ? at::Tensor() : rows.mask.reshape({-1})};
+  }
+  return k;
+}
+
+// Rows not of one slot: the deltas of sites[i, j) (their A factors side by
+// side: AdjacentA) into their column slices of y by the run kernels
+// (fused_ops.h LoraRunDeltas: the shrink, one expand for every site; per-row
+// slots through a LoraRunSlots table), for callers whose `narrow` holds (a
 // reduced-precision model). False, having changed nothing, where they do
-// not run; the caller then runs the GEMMs.
+// not run; the caller then runs the GEMMs or the per-row gather.
 bool RunKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                      const std::vector<const SiteBank*>& sites, size_t i,
                      size_t j, const at::Tensor& xin, const RowAdapters& rows) {
-  if (rows.uniform_slot >= 0 || rows.rows_per_slot <= 0 || y.dim() != 3 ||
-      xin.dim() != 3 || xin.size(0) % rows.rows_per_slot != 0 ||
+  if (y.dim() != 3 || xin.dim() != 3 ||
       y.stride(0) != y.size(1) * y.stride(1)) {
     return false;
   }
-  const double scale = sites[i]->common_scale;
-  for (size_t k = i; k < j; ++k) {
-    if (std::isnan(sites[k]->common_scale) || sites[k]->common_scale != scale) {
-      return false;
-    }
+  KernelRuns k = KernelRunsOf(sites, i, j, rows);
+  const int64_t B = xin.size(0);
+  if (!k.apply) return false;
+  if (k.table) {
+    if (rows.slots.size(0) != B) return false;
+    k.runs = B;
+  } else {
+    if (B % rows.rows_per_slot != 0) return false;
+    k.runs = B / rows.rows_per_slot;
   }
-  const int64_t slots = xin.size(0) / rows.rows_per_slot;
   const at::Tensor a_run =
       SideBySideA(sites[i]->a, static_cast<int64_t>(j - i));  // [S, R, in]
   std::vector<LoraRunSite> run;
-  for (size_t k = i; k < j; ++k) {
-    run.push_back({sites[k]->b.narrow(0, rows.slot_offset, slots), cols[k]});
-  }
-  const at::Tensor x = xin.reshape({slots, -1, xin.size(2)});
-  return LoraRunDeltas(RunView(y, slots), x,
-                       a_run.narrow(0, rows.slot_offset, slots), at::Tensor(),
-                       run, scale);
+  for (size_t n = i; n < j; ++n) run.push_back(k.Site(*sites[n], cols[n]));
+  const at::Tensor x = xin.reshape({k.runs, -1, xin.size(2)});
+  return LoraRunDeltas(RunView(y, k.runs), x, k.Of(a_run), at::Tensor(), run,
+                       k.scale, at::Tensor(), k.Table());
 }
 
 // y += the per-row LoRA delta of `sb` for input `xin`, in place. y: fp32
@@ -194,8 +246,8 @@ bool RunKernelDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
 void AddLoraDelta(at::Tensor y, const at::Tensor& xin, const SiteBank& sb,
                   const RowAdapters& rows, bool narrow) {
   if (RowGemvDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
+  if (narrow && RunKernelDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
   if (GemmLayout(rows, sb)) {
-    if (narrow && RunKernelDeltas(y, {0}, {&sb}, 0, 1, xin, rows)) return;
     UpProjectAdd(y, DownProject(xin, sb.a, rows, narrow), sb, rows, narrow);
     return;
   }
@@ -285,8 +337,9 @@ RowAdapters PackedRow(const RowAdapters& rows, int64_t b) {
 // AddLoraDeltas for packed rows (y [1, N, columns], xin [1, N, in]) with
 // per-row adapters. Runs of rows per slot (one row or more; packed_runs
 // gives each slot's tokens where a run has several rows) with a common
-// scaling, for a reduced-precision model (`narrow`, as RunKernelDeltas),
-// take the packed run kernels (fused_ops.h LoraPackedRunDeltas), a group
+// scaling, or rows with slots of their own (SlotRunsEnabled), for a
+// reduced-precision model (`narrow`, as RunKernelDeltas), take the packed
+// run kernels (fused_ops.h LoraPackedRunDeltas), a group
 // of sites with adjacent A factors at once. The rest goes row by row
 // through the unpacked paths: the same deltas, at a launch or more per row
 // (the CPU, other layouts).
@@ -295,28 +348,25 @@ void PackedLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
                       const at::Tensor& xin, const RowAdapters& rows,
                       bool narrow) {
   const PackedRows& packed = *rows.packed;
-  const PackedRows* runs = rows.rows_per_slot < 1       ? nullptr
-                           : rows.packed_runs != nullptr ? rows.packed_runs
-                           : rows.rows_per_slot == 1     ? &packed
-                                                         : nullptr;
-  const int64_t slots = runs != nullptr ? runs->starts.size(0) - 1 : 0;
+  // Each run's tokens: the rows' own (a run per row: per-row slots, or one
+  // row per slot), or packed_runs' where a run has several rows or
+  // `packed` has rows past the runs (a static packed encoder's padding row).
+  const PackedRows* runs = rows.packed_runs != nullptr ? rows.packed_runs
+                           : rows.rows_per_slot <= 1   ? &packed
+                                                       : nullptr;
   // Sites [i, j) through the packed run kernels, or false (nothing done).
   const auto run_kernels = [&](size_t i, size_t j) {
-    const double scale = sites[i]->common_scale;
-    bool common = !std::isnan(scale);
-    for (size_t k = i; k < j; ++k) {
-      common = common && sites[k]->common_scale == scale;
-    }
-    if (!common) return false;
+    KernelRuns k = KernelRunsOf(sites, i, j, rows);
+    if (!k.apply) return false;
+    k.runs = k.table ? rows.slots.size(0) : runs->starts.size(0) - 1;
+    if (runs->starts.size(0) <= k.runs) return false;
     std::vector<LoraRunSite> run;
-    for (size_t k = i; k < j; ++k) {
-      run.push_back({sites[k]->b.narrow(0, rows.slot_offset, slots), cols[k]});
-    }
+    for (size_t n = i; n < j; ++n) run.push_back(k.Site(*sites[n], cols[n]));
     const at::Tensor a_run =
-        SideBySideA(sites[i]->a, static_cast<int64_t>(j - i))
-            .narrow(0, rows.slot_offset, slots);
-    return LoraPackedRunDeltas(y, xin, a_run, run, scale, runs->starts,
-                               runs->max_length);
+        k.Of(SideBySideA(sites[i]->a, static_cast<int64_t>(j - i)));
+    return LoraPackedRunDeltas(y, xin, a_run, run, k.scale,
+                               runs->starts.narrow(0, 0, k.runs + 1),
+                               runs->max_length, at::Tensor(), k.Table());
   };
   size_t i = 0;
   while (narrow && runs != nullptr && i < sites.size()) {
@@ -381,7 +431,8 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
       gemm = gemm && GemmLayout(rows, *sites[j]);
       ++j;
     }
-    if (RowGemvDeltas(y, cols, sites, i, j, xin, rows)) {
+    if (RowGemvDeltas(y, cols, sites, i, j, xin, rows) ||
+        (narrow && j - i > 1 && RunKernelDeltas(y, cols, sites, i, j, xin, rows))) {
       i = j;
       continue;
     }
@@ -390,10 +441,6 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
         AddLoraDelta(y.narrow(-1, cols[k], sites[k]->b.size(1)), xin,
                      *sites[k], rows, narrow);
       }
-      i = j;
-      continue;
-    }
-    if (narrow && RunKernelDeltas(y, cols, sites, i, j, xin, rows)) {
       i = j;
       continue;
     }

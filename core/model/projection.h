@@ -100,6 +100,14 @@ at::Tensor LoraInput(const at::Tensor& x, const at::Tensor& x_full);
 // A bank is all-fp32 or (ObjectiveRunner on a bf16 model) all-bf16.
 bool LowPrecisionDelta(const SiteBank& sb, at::ScalarType y);
 
+// True unless LORAHUB_NO_SLOT_RUNS=1 (read once; A/B): rows with adapter
+// slots of their own (per-row slots, or runs of one row without a common
+// scaling: a SlotBank's) of a reduced-precision model on CUDA take the run
+// kernels through a slot table (fused_ops.h LoraRunSlots), padded or
+// packed, instead of a gather of every row's factors for batched GEMMs
+// (padded) or a pass per row (packed).
+bool SlotRunsEnabled();
+
 // True when the rows' layout runs the LoRA factors as plain or batched GEMMs
 // over the bank's slots (one slot for all rows; runs of rows per slot with a
 // common scaling), i.e. without a gather of A and B.

@@ -85,6 +85,11 @@ __device__ __forceinline__ void ReduceScatter(float (&v)[V], int lane,
   }
 }
 
+// The bank slot whose factors run s takes (RunLoraArgs::run_slots).
+__device__ __forceinline__ int64_t FactorSlot(const RunLoraArgs& p, int64_t s) {
+  return p.run_slots != nullptr ? p.run_slots[s] : s;
+}
+
 // This block's tile of kT tokens from token m0 of slot s's run: s,
 // `valid` tokens before the run's end (none or fewer than none: the block
 // has no work; packed runs are shorter than M), and `tok`, the tile's
@@ -129,7 +134,7 @@ __global__ void __launch_bounds__(kRunThreads, kT <= 8 ? 3 : 2)
   const int warp = threadIdx.x >> 5;
   // This warp's factor rows, the first words loaded ahead of the barrier.
   const int rank0 = blockIdx.y * kRunWarps * kRpw + warp * kRpw;
-  const float* a = p.a + s * p.a_stride[0] +
+  const float* a = p.a + FactorSlot(p, s) * p.a_stride[0] +
                    static_cast<int64_t>(rank0) * p.a_stride[1];
   float4 next[kRpw];
 #pragma unroll
@@ -245,7 +250,7 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
   if (valid <= 0) return;  // uniform over the block
   const int64_t tok = first + m0;
   const float* x = p.x + s * p.x_stride[0] + tok * p.x_stride[1];
-  const float* a = p.a + s * p.a_stride[0] +
+  const float* a = p.a + FactorSlot(p, s) * p.a_stride[0] +
                    static_cast<int64_t>(group) * kRanks * p.a_stride[1];
   const int chunks = static_cast<int>(p.in / kK);
   constexpr int kQuads = kK / 4;  // 16-byte copies per staged row
@@ -326,6 +331,7 @@ __global__ void __launch_bounds__(kRunThreads, kNT <= 2 ? 4 : 3)
 }
 
 // The expand: y[s, m, site.col + o] += scale * xa[s, m, k r :] . b_k[s, o, :]
+// (slot s's factors and scale: those of bank slot run_slots[s] where given)
 // (with y_bf16: that sum rounded into y_bf16 at the same offset, y unchanged)
 // for kT tokens of one slot per block (blockIdx.x) and
 // kRunThreads of the sites' output columns (blockIdx.y): a thread per
@@ -351,7 +357,7 @@ __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
   float* y = p.y + s * p.y_stride[0] + tok * p.y_stride[1] + p.sites[site].col + o;
   if (active) {
     const float4* b = reinterpret_cast<const float4*>(
-        p.sites[site].b + s * p.b_stride[0] + o * p.b_stride[1]);
+        p.sites[site].b + FactorSlot(p, s) * p.b_stride[0] + o * p.b_stride[1]);
 #pragma unroll
     for (int c = 0; c < kR4; ++c) {
       if (c < r4) bv[c] = b[c];
@@ -369,7 +375,11 @@ __global__ void __launch_bounds__(kRunThreads, kR4 <= 4 ? 3 : 2)
   __syncthreads();
   if (!active) return;
   const float4* xs = xa4 + site * r4;
-  const float scale = p.scale;
+  float scale = p.scale;
+  if (p.run_slots != nullptr) {
+    scale = p.sites[site].slot_scales[p.run_slots[s]];
+    if (p.run_mask != nullptr) scale *= p.run_mask[s];
+  }
 #pragma unroll
   for (int t = 0; t < kT; ++t) {
     float sum = 0.f;
@@ -601,7 +611,8 @@ bool RunLoraFits(const RunLoraArgs& p) {
   }
   for (int i = 0; i < p.num_sites; ++i) {
     if (p.sites[i].b == nullptr || !Aligned16(p.sites[i].b) ||
-        p.sites[i].col < 0) {
+        p.sites[i].col < 0 ||
+        (p.run_slots != nullptr && p.sites[i].slot_scales == nullptr)) {
       return false;
     }
   }

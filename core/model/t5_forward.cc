@@ -1039,7 +1039,9 @@ bool PackedEncodePays(const T5Weights& w,
 
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows) {
   if (rows.bank == nullptr || rows.uniform_slot >= 0) return true;
-  if (rows.rows_per_slot < 1 || w.dtype == at::kFloat) return false;
+  if (w.dtype == at::kFloat) return false;
+  if (rows.rows_per_slot <= 1 && internal::SlotRunsEnabled()) return true;
+  if (rows.rows_per_slot < 1) return false;
   const size_t encoder_sites = std::min(
       rows.bank->sites.size(),
       static_cast<size_t>(w.config.num_layers) * kSitesPerBlock);

@@ -200,23 +200,20 @@ bool PackedEncodePays(const T5Weights& w,
                       const RowAdapters& rows, double min_padding = 0.1);
 
 // True when the packed path applies the deltas of `rows` to all rows at
-// once: no adapters, one slot for all rows, or runs of rows per slot (one
-// row or more each) of a reduced-precision model whose adapted encoder sites
-// each have a common scaling (SiteBank::common_scale): the packed run
-// kernels take one scale per site. Other layouts go row by row, a dozen
-// launches per row and adapted site. Why the scaling: the serving engine's
-// slot bank keeps a scale per slot (no common one), and its newcomers often
-// hold consecutive slots (runs of one row): 32 such prompts took 110-180 ms
-// of host time per encoder pass row by row, against ~15 ms for a shared
-// adapter (session 52, H100, 1,024 own compositions).
-// So such batches are encoded padded (one per-row gather for all rows):
-// 2.9x the tokens/s of 1,024 own compositions served (H100, session 54:
-// 15,391 against 5,234), and the ids of a run that never packs
-// (LORAHUB_NO_PACKED_PREFILL=1) for all 1,024. Row by row rounds otherwise
-// (bf16 on a GPU, session 55: encoder outputs 9e-4 to 1.4e-2 relative from
-// the padded gather's, where the whole packed path and the padded one with
-// a common scaling agree to 7e-8 or bit for bit), and gave other ids for
-// 320 and 333 of 1,024 on the random-weight fixture.
+// once: no adapters, one slot for all rows, or, on a reduced-precision
+// model, runs of rows per slot (one row or more each) whose adapted encoder
+// sites each have a common scaling (SiteBank::common_scale: the packed run
+// kernels take one scale per site), or rows with slots of their own, one
+// row per slot in any order (projection.h SlotRunsEnabled: the run kernels
+// read each row's slot and scalings from a table). Other layouts go row by row, a dozen launches per
+// row and adapted site. History: the serving engine's slot bank keeps a
+// scale per slot (no common one) and its newcomers hold arbitrary slots;
+// before the slot table, 32 such prompts took 110-180 ms of host time per
+// encoder pass row by row against ~15 ms for a shared adapter (session 52,
+// H100), so they were encoded padded with a per-row gather of the factors
+// (2.9x the tokens/s of 1,024 own compositions, session 54). Row by row
+// also rounds otherwise (bf16 on a GPU, session 55: encoder outputs 9e-4 to
+// 1.4e-2 relative from the padded gather's).
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->

@@ -831,6 +831,117 @@ TEST(RunShrinkTest, MatchesDoubleAndDeclines) {
   }
 }
 
+// A slot table (LoraRunSlots: the serving engine's admissions, a run per
+// row at any bank slot, each site's scaling per slot, rows without an
+// adapter masked): run s's deltas are its bank slot's factors, scaled by
+// that slot's scaling of each site times mask[s], padded (LoraRunDeltas,
+// runs of 37 tokens: the tensor-core shrink where it runs) and packed
+// (LoraPackedRunDeltas, runs of 1 to 75 tokens), against double on the
+// CPU. Tables that do not fit decline and write nothing; elsewhere than
+// CUDA every call declines.
+TEST(LoraRunDeltasTest, SlotTableRunsTakeTheirBankSlots) {
+  at::manual_seed(35);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  constexpr int64_t kBank = 6, kRank = 16, kIn = 1024, kSites = 2;
+  const std::vector<int64_t> slot_of = {4, 0, 4, 2, 5};
+  const std::vector<float> mask_of = {1.f, 1.f, 0.f, 1.f, 1.f};
+  const auto runs = static_cast<int64_t>(slot_of.size());
+  RunCase bank = MakeRunCase(kBank, 1, kIn, kSites, kRank);
+  for (LoraRunSite& site : bank.sites) {
+    site.scales = at::rand({kBank}, F32()) + 0.5;
+  }
+  LoraRunSlots table{at::tensor(slot_of, at::kLong).to(Device()),
+                     at::tensor(mask_of, at::kFloat).to(Device())};
+  const auto cpu = [](const at::Tensor& t) {
+    return t.to(at::kCPU).to(at::kDouble);
+  };
+  // y[s] += sum_k mask[s] scales_k[slot] (x[s] a[slot]_k^T) b_k[slot]^T for
+  // the rows rows_of(s) of y and x (both [rows, columns]).
+  const auto want_of = [&](const at::Tensor& y, const at::Tensor& x,
+                           const auto& rows_of) {
+    at::Tensor want = cpu(y);
+    for (int64_t s = 0; s < runs; ++s) {
+      const int64_t slot = slot_of[s];
+      const at::Tensor xs = cpu(rows_of(x, s));
+      for (int64_t k = 0; k < kSites; ++k) {
+        const LoraRunSite& site = bank.sites[k];
+        const double scale =
+            mask_of[s] * site.scales[slot].item<double>();
+        const at::Tensor xa =
+            at::matmul(xs, cpu(bank.a[slot].narrow(0, k * kRank, kRank)).t());
+        rows_of(want, s)
+            .narrow(-1, site.col, site.b.size(1))
+            .add_(at::matmul(xa, cpu(site.b[slot]).t()) * scale);
+      }
+    }
+    return want;
+  };
+  {  // padded: [runs, 37, ...]
+    RunCase c = MakeRunCase(runs, 37, kIn, kSites, kRank);
+    const at::Tensor before = c.wide.clone();
+    const at::Tensor want = want_of(
+        c.y, c.x, [](const at::Tensor& t, int64_t s) { return t[s]; });
+    const bool ran = LoraRunDeltas(c.y, c.x, bank.a, at::Tensor(), bank.sites,
+                                   /*scale=*/9.0, at::Tensor(), &table);
+    EXPECT_EQ(ran, cuda);
+    if (ran) {
+      EXPECT_LE(RelDiff(c.y, want), 1e-5);
+    } else {
+      EXPECT_TRUE(at::equal(c.wide, before)) << "declined but wrote y";
+    }
+  }
+  const std::vector<int64_t> lengths = {37, 5, 75, 1, 33};
+  std::vector<int32_t> starts = {0};
+  for (int64_t len : lengths) {
+    starts.push_back(starts.back() + static_cast<int32_t>(len));
+  }
+  const int64_t N = starts.back();
+  const at::Tensor wide = at::randn({1, N, 8 + 50 * kSites}, F32());
+  const at::Tensor y = wide.narrow(2, 8, 50 * kSites);
+  const at::Tensor x = at::randn({1, N, kIn}, F32());
+  const at::Tensor dev_starts = at::tensor(starts, at::kInt).to(Device());
+  const at::Tensor before = wide.clone();
+  const at::Tensor want =
+      want_of(y[0], x[0], [&](const at::Tensor& t, int64_t s) {
+        return t.narrow(0, starts[s], lengths[s]);
+      });
+  // Tables that do not fit: int32 slots, a slot too few, a site without
+  // its scalings, starts for a run more.
+  LoraRunSlots narrow_ids{table.slots.to(at::kInt), table.mask};
+  LoraRunSlots too_few{table.slots.narrow(0, 0, runs - 1),
+                       table.mask.narrow(0, 0, runs - 1)};
+  std::vector<LoraRunSite> unscaled = bank.sites;
+  unscaled[1].scales = at::Tensor();
+  EXPECT_FALSE(LoraPackedRunDeltas(y, x, bank.a, bank.sites, 1.0, dev_starts,
+                                   75, at::Tensor(), &narrow_ids));
+  EXPECT_FALSE(LoraPackedRunDeltas(y, x, bank.a, bank.sites, 1.0, dev_starts,
+                                   75, at::Tensor(), &too_few));
+  EXPECT_FALSE(LoraPackedRunDeltas(y, x, bank.a, unscaled, 1.0, dev_starts,
+                                   75, at::Tensor(), &table));
+  EXPECT_FALSE(LoraPackedRunDeltas(
+      y, x, bank.a, bank.sites, 1.0,
+      at::cat({dev_starts, dev_starts.narrow(0, runs, 1)}), 75, at::Tensor(),
+      &table));
+  EXPECT_TRUE(at::equal(wide, before)) << "declined but wrote y";
+  const bool ran = LoraPackedRunDeltas(y, x, bank.a, bank.sites, 1.0,
+                                       dev_starts, 75, at::Tensor(), &table);
+  EXPECT_EQ(ran, cuda);
+  if (!ran) {
+    EXPECT_TRUE(at::equal(wide, before)) << "declined but wrote y";
+    return;
+  }
+  for (int64_t s = 0; s < runs; ++s) {
+    EXPECT_LE(RelDiff(y[0].narrow(0, starts[s], lengths[s]),
+                      want.narrow(0, starts[s], lengths[s])),
+              1e-5)
+        << "run " << s;
+  }
+  // The masked run (slot 4, as run 0) is left as it was.
+  EXPECT_TRUE(at::equal(y[0].narrow(0, starts[2], lengths[2]),
+                        before.narrow(2, 8, 50 * kSites)[0].narrow(
+                            0, starts[2], lengths[2])));
+}
+
 // Shapes the kernel does not take decline and write nothing: a shrink of
 // 24 ranks (not 8, 16 or 32), ranks above 32 per site, five sites.
 TEST(LoraRunDeltasTest, DeclinesOtherShapes) {

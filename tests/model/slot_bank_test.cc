@@ -59,13 +59,14 @@ class SlotBankTest : public ::testing::Test {
     const at::Tensor mask = at::ones({B, 6}, opts);
     const at::Tensor dec =
         (at::arange(B * 3, opts).view({B, 3}) * 5 + 1) % config_.vocab_size;
-    auto rows = MakeRowAdapters(*base_, bank, slots);
+    const T5Weights& w = Model();
+    auto rows = MakeRowAdapters(w, bank, slots);
     EXPECT_TRUE(rows.ok()) << rows.status();
-    auto enc = Encode(*base_, ids, mask, *rows);
+    auto enc = Encode(w, ids, mask, *rows);
     EXPECT_TRUE(enc.ok()) << enc.status();
-    auto logits = DecodeFull(*base_, dec, *enc, *rows);
+    auto logits = DecodeFull(w, dec, *enc, *rows);
     EXPECT_TRUE(logits.ok()) << logits.status();
-    return logits->to(at::kCPU);
+    return logits->to(at::kCPU).to(at::kFloat);
   }
 
   // The same rows through a bank built by MakeAdapterBank.
@@ -81,13 +82,17 @@ class SlotBankTest : public ::testing::Test {
       slots.push_back(it - distinct.begin());
       if (it == distinct.end()) distinct.push_back(a);
     }
-    auto bank = MakeAdapterBank(*base_, distinct);
+    auto bank = MakeAdapterBank(Model(), distinct);
     EXPECT_TRUE(bank.ok()) << bank.status();
     return Logits(&*bank, slots);
   }
 
+  // What Logits and Reference run: base_, or model_ where set.
+  const T5Weights& Model() const { return model_ ? *model_ : *base_; }
+
   config::T5Config config_;
   std::unique_ptr<T5Weights> base_;
+  const T5Weights* model_ = nullptr;
 };
 
 TEST_F(SlotBankTest, ResidentAdaptersAreNotCopiedAgain) {
@@ -171,6 +176,46 @@ TEST_F(SlotBankTest, ForwardPassMatchesMakeAdapterBank) {
                 .item<double>(),
             1e-3);
   EXPECT_EQ(bank.copies(), 4);
+}
+
+// A bf16 model's rows through the slot bank (slots in any order with an
+// unadapted row; consecutive slots, runs of one row) give MakeAdapterBank's
+// logits, its sites with a common scaling. On CUDA the slot bank's rows
+// take the run kernels through a slot table (projection.h SlotRunsEnabled),
+// the reference's runs the same kernels in slot order (the first case:
+// the table too); elsewhere both gather or run batched GEMMs. bf16
+// roundings differ between the paths, so each is held to a twentieth of
+// what rows with their adapters swapped give.
+TEST_F(SlotBankTest, BfloatRowsOfAnySlotsMatchMakeAdapterBank) {
+  WeightOptions o;
+  o.dtype = at::kBFloat16;
+  o.device = base_->device;
+  auto bf16 = BuildT5Weights(config_, RandomT5(config_, 21), o);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  model_ = &*bf16;
+  auto a = Adapter({"q", "v"}, 8, 21), b = Adapter({"q", "v"}, 8, 22),
+       c = Adapter({"q", "v"}, 16, 23);
+  SlotBank bank(*bf16, 4);
+  ASSERT_EQ(*bank.Acquire(a), 0);
+  ASSERT_EQ(*bank.Acquire(b), 1);
+  ASSERT_EQ(*bank.Acquire(c), 2);
+  const auto max_abs = [](const at::Tensor& t) {
+    return t.abs().max().item<double>();
+  };
+  {
+    const at::Tensor got = Logits(&bank.resident(), {2, 0, -1, 1, 0});
+    const at::Tensor want = Reference({c.get(), a.get(), nullptr, b.get(), a.get()});
+    const at::Tensor swapped =
+        Reference({a.get(), c.get(), nullptr, a.get(), b.get()});
+    EXPECT_LT(max_abs(got - want), 0.05 * max_abs(swapped - want));
+    // The unadapted row is the base model's.
+    const at::Tensor base = Reference({nullptr, nullptr, nullptr, nullptr, nullptr});
+    EXPECT_LT(max_abs(got[2] - base[2]), 0.05 * max_abs(swapped - want));
+  }
+  const at::Tensor got = Logits(&bank.resident(), {0, 1, 2});
+  const at::Tensor want = Reference({a.get(), b.get(), c.get()});
+  const at::Tensor swapped = Reference({b.get(), c.get(), a.get()});
+  EXPECT_LT(max_abs(got - want), 0.05 * max_abs(swapped - want));
 }
 
 // A slot's next adapter of the same sites and ranks reuses the last load's
@@ -505,12 +550,13 @@ TEST_F(SlotBankTest, ComposeLoraHubModulesIsTheWeightedSumOfTheModules) {
             absl::StatusCode::kInvalidArgument);
 }
 
-// The serving engine's newcomers often hold consecutive slots of its
-// SlotBank (runs of one row), whose scale is per slot: the packed prefill's
-// run kernels take one scale per site, so PackedDeltasWhole refuses them
-// (the packed path would go row by row) and takes the same adapters from
-// MakeAdapterBank, whose sites have a common scaling.
-TEST_F(SlotBankTest, ConsecutiveSlotsOfASlotBankAreNotPackedWhole) {
+// The serving engine's newcomers hold arbitrary slots of its SlotBank, or
+// consecutive ones (runs of one row), whose scale is per slot: the packed
+// prefill takes them whole through the run kernels' slot table
+// (PackedDeltasWhole), as it takes the same adapters from MakeAdapterBank,
+// whose sites have a common scaling. Runs of several rows still need a
+// common scaling; a model in fp32 never packs adapted rows.
+TEST_F(SlotBankTest, SlotBankRowsArePackedWholeThroughTheSlotTable) {
   WeightOptions o;
   o.dtype = at::kBFloat16;
   o.device = base_->device;
@@ -523,13 +569,22 @@ TEST_F(SlotBankTest, ConsecutiveSlotsOfASlotBankAreNotPackedWhole) {
   auto slot_rows = MakeRowAdapters(*bf16, &bank.resident(), {0, 1});
   ASSERT_TRUE(slot_rows.ok()) << slot_rows.status();
   ASSERT_EQ(slot_rows->rows_per_slot, 1);
-  EXPECT_FALSE(PackedDeltasWhole(*bf16, *slot_rows));
+  EXPECT_EQ(PackedDeltasWhole(*bf16, *slot_rows), internal::SlotRunsEnabled());
+  auto any_order = MakeRowAdapters(*bf16, &bank.resident(), {1, -1, 0});
+  ASSERT_TRUE(any_order.ok()) << any_order.status();
+  ASSERT_EQ(any_order->rows_per_slot, 0);
+  EXPECT_EQ(PackedDeltasWhole(*bf16, *any_order), internal::SlotRunsEnabled());
+  auto two_rows_each = MakeRowAdapters(*bf16, &bank.resident(), {0, 0, 1, 1});
+  ASSERT_TRUE(two_rows_each.ok()) << two_rows_each.status();
+  ASSERT_EQ(two_rows_each->rows_per_slot, 2);
+  EXPECT_FALSE(PackedDeltasWhole(*bf16, *two_rows_each));
+  EXPECT_FALSE(PackedDeltasWhole(*base_, *slot_rows));
 
   auto made = MakeAdapterBank(*bf16, {a.get(), b.get()});
   ASSERT_TRUE(made.ok()) << made.status();
-  auto made_rows = MakeRowAdapters(*bf16, &*made, {0, 1});
+  auto made_rows = MakeRowAdapters(*bf16, &*made, {0, 0, 1, 1});
   ASSERT_TRUE(made_rows.ok()) << made_rows.status();
-  ASSERT_EQ(made_rows->rows_per_slot, 1);
+  ASSERT_EQ(made_rows->rows_per_slot, 2);
   EXPECT_TRUE(PackedDeltasWhole(*bf16, *made_rows));
   // The run kernels are for reduced precision; one slot for every row and
   // no adapter at all are always whole.
