@@ -87,6 +87,14 @@ class SlotBankTest : public ::testing::Test {
     return Logits(&*bank, slots);
   }
 
+  // base_'s random weights in bf16 (the run kernels' precision).
+  absl::StatusOr<T5Weights> Bf16Weights() const {
+    WeightOptions o;
+    o.device = base_->device;
+    o.dtype = at::kBFloat16;
+    return BuildT5Weights(config_, RandomT5(config_, 21), o);
+  }
+
   // What Logits and Reference run: base_, or model_ where set.
   const T5Weights& Model() const { return model_ ? *model_ : *base_; }
 
@@ -187,10 +195,7 @@ TEST_F(SlotBankTest, ForwardPassMatchesMakeAdapterBank) {
 // roundings differ between the paths, so each is held to a twentieth of
 // what rows with their adapters swapped give.
 TEST_F(SlotBankTest, BfloatRowsOfAnySlotsMatchMakeAdapterBank) {
-  WeightOptions o;
-  o.dtype = at::kBFloat16;
-  o.device = base_->device;
-  auto bf16 = BuildT5Weights(config_, RandomT5(config_, 21), o);
+  auto bf16 = Bf16Weights();
   ASSERT_TRUE(bf16.ok()) << bf16.status();
   model_ = &*bf16;
   auto a = Adapter({"q", "v"}, 8, 21), b = Adapter({"q", "v"}, 8, 22),
@@ -274,13 +279,10 @@ void ExpectLowCopies(const AdapterBank& bank, at::ScalarType dtype) {
 // adapter of other sites, and a site widened by a larger rank; elsewhere
 // it keeps none.
 TEST_F(SlotBankTest, LowPrecisionCopiesFollowTheFactors) {
-  WeightOptions o;
-  o.device = base_->device;
-  o.dtype = at::kBFloat16;
-  auto w = BuildT5Weights(config_, RandomT5(config_, 21), o);
+  auto w = Bf16Weights();
   ASSERT_TRUE(w.ok()) << w.status();
   base_ = std::make_unique<T5Weights>(*std::move(w));
-  const at::ScalarType low = RowKernelFactorDtype(at::kBFloat16, o.device);
+  const at::ScalarType low = RowKernelFactorDtype(at::kBFloat16, base_->device);
   SlotBank bank(*base_, 2);
   auto a = Adapter({"q", "v"}, 4, 31), b = Adapter({"q"}, 4, 32),
        c = Adapter({"v", "o"}, 8, 33);
@@ -557,10 +559,7 @@ TEST_F(SlotBankTest, ComposeLoraHubModulesIsTheWeightedSumOfTheModules) {
 // whose sites have a common scaling. Runs of several rows still need a
 // common scaling; a model in fp32 never packs adapted rows.
 TEST_F(SlotBankTest, SlotBankRowsArePackedWholeThroughTheSlotTable) {
-  WeightOptions o;
-  o.dtype = at::kBFloat16;
-  o.device = base_->device;
-  auto bf16 = BuildT5Weights(config_, RandomT5(config_, 21), o);
+  auto bf16 = Bf16Weights();
   ASSERT_TRUE(bf16.ok()) << bf16.status();
   auto a = Adapter({"q", "v"}, 4, 1), b = Adapter({"q", "v"}, 4, 2);
   SlotBank bank(*bf16, 4);
