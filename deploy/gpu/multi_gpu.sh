@@ -17,8 +17,8 @@
 #   jobs: JOBS compose jobs (cobyla, BUDGET evaluations, the first 5 examples,
 #         all modules) submitted at once: jobs finished / wall time (from the
 #         first submit until every job is terminal, polled through jobs list).
-# A warm-up round (GEN_CONC requests, one short job per device) runs before
-# each measurement. Each device's engine decodes at most MAX_ROWS rows at once
+# A warm-up round (WARM_REQUESTS requests, default GEN_CONC; one short job per
+# device) runs before each measurement. Each device's engine decodes at most MAX_ROWS rows at once
 # (--max-batch-rows), so one device serves MAX_ROWS streams and queues the rest.
 # Prints and writes $OUT/multi_gpu.md (table with the 2-dev / 1-dev ratios);
 # the raw log (server stderr, per-phase lines) goes to $OUT/multi_gpu.log.
@@ -229,7 +229,7 @@ for set in $device_sets; do
     done
     say "   $nmods modules prefetched [$((SECONDS - start)) s]"
   fi
-  read -r wt ws wf _ _ < <(gen_round "$gen_conc" "$tmp/warm_$ndev")
+  read -r wt ws wf _ _ < <(gen_round "${WARM_REQUESTS:-$gen_conc}" "$tmp/warm_$ndev")
   say "   warm-up: $wt tokens in $ws s ($wf failed)"
   read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")
   say "   warm-up jobs: $jf failed [$((SECONDS - start)) s]"
