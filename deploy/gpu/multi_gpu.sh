@@ -215,6 +215,7 @@ for set in $device_sets; do
     sleep 0.1
   done
   [ -n "$port" ] || { say "server did not start (see $log)"; exit 1; }
+  mport=$(sed -n 's/^metrics listening on 127.0.0.1:\([0-9]*\)$/\1/p' "$tmp/out_$ndev")
   export port
   say "   server up [$((SECONDS - start)) s]"
   for m in "${mods[@]}"; do
@@ -234,8 +235,14 @@ for set in $device_sets; do
   read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")
   say "   warm-up jobs: $jf failed [$((SECONDS - start)) s]"
   gpu_snapshot "gen $set"
+  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_before_$ndev" 2>>"$log"
   read -r gt gs gf gp50 gp99 < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
   say "   gen: $gt tokens in $gs s ($gf failed), TTFT p50 $gp50 ms p99 $gp99 ms [$((SECONDS - start)) s]"
+  # The engine's counters over this round alone (its exit line counts the warm-up too).
+  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_after_$ndev" 2>>"$log"
+  engine=$("$py" deploy/gpu/round_metrics.py diff "$tmp/metrics_before_$ndev" \
+    "$tmp/metrics_after_$ndev")
+  [ -z "$engine" ] || say "$engine"
   # Every request's generated ids (gen_client load), for comparing runs.
   cp "$tmp/gen_$ndev/outputs.jsonl" "$out/outputs_$ndev.jsonl" 2>/dev/null
   gpu_snapshot "jobs $set"
