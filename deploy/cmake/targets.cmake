@@ -1119,6 +1119,8 @@ lorahub_cc_library(core_util_bearer_tokens
 
 # //deploy/cmake:cuda (config_setting): nothing to build in CMake
 
+# ---- //deploy/gpu  (deploy/gpu/BUILD)
+
 # ---- //deploy/grafana  (deploy/grafana/BUILD)
 
 # ---- //deploy/prometheus  (deploy/prometheus/BUILD)
@@ -1841,6 +1843,7 @@ lorahub_script_test(tests_integration_load_test
   ARGS
     $<TARGET_FILE:server_lorahub>
     $<TARGET_FILE:client_lorahubctl>
+    ${SRC}/deploy/gpu/round_metrics.py
   TIMEOUT 300
   DATA_TARGETS
     client_lorahubctl

@@ -10,7 +10,7 @@
 #  - bad flags exit 2; plain-text prompt files and the human summary.
 #   load_test.sh LORAHUB LORAHUBCTL
 set -uo pipefail
-lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2")
+lorahub=$(readlink -f "$1"); ctl=$(readlink -f "$2"); round_metrics=$(readlink -f "$3")
 case_dir=$(readlink -f tests/testdata/t5/gated_untied)
 . "$(dirname "$0")/harness.sh"
 
@@ -115,6 +115,7 @@ after=$(slot_loads)
 
 # 2c. --length-spread: requests ask for fewer tokens, down to (1 - S) of
 # --max-new-tokens (request i: 8 (1 - 0.9 ((389 i) mod 1000) / 1000)).
+$py "$round_metrics" scrape "$mport" "$tmp/metrics_before" || fail "scrape"
 c --json load --requests 6 --concurrency 2 --max-new-tokens 8 \
   --module m0 --length-spread 0.9 --prompts "$tmp/prompts.jsonl" \
   --outputs "$tmp/spread.jsonl" >"$tmp/spread.json" || fail "length spread run"
@@ -127,6 +128,19 @@ assert sorted(ids) == list(range(6)), ids
 for i, w in enumerate(want):
     assert len(ids[i]) == w or (len(ids[i]) < w and ids[i][-1] == 1), (i, ids[i], want)
 " "$tmp/spread.jsonl" || fail "length spread: $(cat "$tmp/spread.jsonl")"
+# The round's own engine counters, as multi_gpu.sh prints them: its 6 rows
+# and their tokens alone, not the runs before.
+$py "$round_metrics" scrape "$mport" "$tmp/metrics_after" || fail "scrape"
+round=$($py "$round_metrics" diff "$tmp/metrics_before" "$tmp/metrics_after")
+tokens=$($py -c "
+import json, sys
+print(sum(len(json.loads(l)['ids']) for l in open(sys.argv[1])))" "$tmp/spread.jsonl")
+case "$round" in
+  *"; 6 rows admitted)"*"; $tokens tokens") ;;
+  *) fail "round's engine: want 6 rows and $tokens tokens: $round" ;;
+esac
+$py "$round_metrics" diff "$tmp/metrics_before" "$tmp/nowhere" >"$tmp/h" &&
+  [ ! -s "$tmp/h" ] || fail "round_metrics without a scrape: $(cat "$tmp/h")"
 
 # 3. Failures by code: an unknown module in every request, then in a third.
 c --json load --requests 3 --concurrency 2 --modules m0,nope --weights 0.5,0.5 \
