@@ -140,6 +140,14 @@ struct PackedInput {
   PackedRows rows;
   at::Tensor mask;
   at::Tensor padded_index;
+  // > 1: EncodePacked's pass runs N rounded up to a multiple of this many
+  // tokens, the added ones padding past the last row (they attend to
+  // nothing, take no LoRA delta and are dropped); 0 or 1: N. Why (an A/B
+  // for the serving engine, LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE): every
+  // admission's N differs, so its GEMMs meet new sizes; after a warm-up
+  // round of the same requests a mixed round ran 36-70% faster (sixty-fifth
+  // session), and new GEMM sizes are one suspect.
+  int64_t pass_tokens_multiple = 0;
 };
 // `inputs`: B >= 1 non-empty rows of ids (the caller has checked them
 // against the vocabulary). `padded_length`: P, where it is longer than the

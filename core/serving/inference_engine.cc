@@ -89,6 +89,19 @@ int StepsAheadLimit(int option) {
   return std::min(v, EngineOptions::kMaxStepsAhead);
 }
 
+// LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE=N (read once; an A/B, 0 or unset:
+// none): the packed admission passes run their tokens rounded up to a
+// multiple of N (model::PackedInput::pass_tokens_multiple), so that their
+// GEMMs repeat sizes.
+int64_t PackedTokenMultiple() {
+  static const int64_t multiple = [] {
+    int64_t v = 0;
+    const char* text = std::getenv("LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE");
+    return text != nullptr && absl::SimpleAtoi(text, &v) && v > 1 ? v : 0;
+  }();
+  return multiple;
+}
+
 // Whether `mode` (SlotDecoding or model::EncoderGraph) holds for weights on
 // `device`, unless the environment variable `env` (off|cuda|always) says
 // otherwise.
@@ -533,6 +546,7 @@ struct InferenceEngine::State {
     if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
       LH_ASSIGN_OR_RETURN(model::PackedInput packed,
                           model::PackRows(prompts, w.device));
+      packed.pass_tokens_multiple = PackedTokenMultiple();
       return model::EncodePacked(w, packed, adapters_of_rows);
     }
     LH_ASSIGN_OR_RETURN(

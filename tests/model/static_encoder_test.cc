@@ -550,6 +550,46 @@ TEST_P(StaticEncoderTest, PackedToAPaddedLengthEqualsPaddingAfter) {
   EXPECT_EQ(shorter->mask.sizes(), at::IntArrayRef({4, 40}));
 }
 
+// A pass over its N tokens rounded up to a multiple (PackedInput::
+// pass_tokens_multiple, the serving engine's A/B) gives the pass over N:
+// the added tokens are padding past the last row, attended by no row and
+// given no LoRA delta. Rows without adapters, in runs of a slot (0, 0, 1,
+// 1), in slots of their own in any order (1, 0, 1, 0: no runs) and one row
+// per slot (0, 1: the rows are the runs); 55 tokens to 64 and to 56. Close, not equal: GEMMs over more rows may sum
+// in another order.
+TEST_P(StaticEncoderTest, PackedPassOverMoreTokensEqualsThePassOverN) {
+  MakeBank(/*r=*/8);
+  const auto four = Prompts(4, {9, 1, 40, 5}, 12);
+  const auto two = Prompts(2, {50, 5}, 13);
+  for (const std::vector<int64_t>& slots :
+       {std::vector<int64_t>{}, std::vector<int64_t>{0, 0, 1, 1},
+        std::vector<int64_t>{1, 0, 1, 0}, std::vector<int64_t>{0, 1}}) {
+    const RowAdapters rows = slots.empty() ? RowAdapters{} : Rows(slots);
+    auto plain = PackRows(slots.size() == 2 ? two : four, base_.device);
+    ASSERT_TRUE(plain.ok()) << plain.status();
+    ASSERT_EQ(plain->ids.size(0), 55);
+    auto want = EncodePacked(base_, *plain, rows);
+    ASSERT_TRUE(want.ok()) << want.status();
+    for (const int64_t multiple : {64, 7}) {
+      const std::string where = "multiple " + std::to_string(multiple) +
+                                ", " + std::to_string(slots.size()) + " slots";
+      PackedInput rounded = *plain;
+      rounded.pass_tokens_multiple = multiple;
+      auto got = EncodePacked(base_, rounded, rows);
+      ASSERT_TRUE(got.ok()) << got.status();
+      ExpectClose(got->hidden, want->hidden, base_.dtype, where, kAdapterFactor);
+      EXPECT_TRUE(at::equal(got->mask_bias, want->mask_bias)) << where;
+      ASSERT_NE(got->packed, nullptr);
+      EXPECT_EQ(got->packed->hidden.size(1), 55) << where;
+      ASSERT_EQ(got->hidden_full.defined(), want->hidden_full.defined());
+      if (want->hidden_full.defined()) {
+        ExpectClose(got->hidden_full, want->hidden_full, base_.dtype,
+                    where + " full", kAdapterFactor);
+      }
+    }
+  }
+}
+
 // Generate's outputs are the same with encoder graphs on and off: eager
 // (packed on CUDA where PackedEncodePays, i.e. a longest row of 33 to 128
 // tokens and a tenth of the batch padding; padded on the CPU) against the
