@@ -432,7 +432,8 @@ void AddLoraDeltas(const at::Tensor& y, const std::vector<int64_t>& cols,
       ++j;
     }
     if (RowGemvDeltas(y, cols, sites, i, j, xin, rows) ||
-        (narrow && j - i > 1 && RunKernelDeltas(y, cols, sites, i, j, xin, rows))) {
+        (narrow && j - i > 1 &&
+         RunKernelDeltas(y, cols, sites, i, j, xin, rows))) {
       i = j;
       continue;
     }

@@ -141,12 +141,12 @@ struct PackedInput {
   at::Tensor mask;
   at::Tensor padded_index;
   // > 1: EncodePacked's pass runs N rounded up to a multiple of this many
-  // tokens, the added ones padding past the last row (they attend to
-  // nothing, take no LoRA delta and are dropped); 0 or 1: N. Why (an A/B
-  // for the serving engine, LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE): every
-  // admission's N differs, so its GEMMs meet new sizes; after a warm-up
-  // round of the same requests a mixed round ran 36-70% faster (sixty-fifth
-  // session), and new GEMM sizes are one suspect.
+  // tokens, the added ones a padding row after the last (no other row
+  // attends to them; no LoRA delta; dropped from the outputs); 0 or 1: N.
+  // Why (an A/B for the serving engine, LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE):
+  // every admission's N differs, so its GEMMs meet new sizes; after a
+  // warm-up round of the same requests a mixed round ran 36-70% faster
+  // (sixty-fifth session), and new GEMM sizes are one suspect.
   int64_t pass_tokens_multiple = 0;
 };
 // `inputs`: B >= 1 non-empty rows of ids (the caller has checked them
@@ -213,15 +213,16 @@ bool PackedEncodePays(const T5Weights& w,
 // sites each have a common scaling (SiteBank::common_scale: the packed run
 // kernels take one scale per site), or rows with slots of their own, one
 // row per slot in any order (projection.h SlotRunsEnabled: the run kernels
-// read each row's slot and scalings from a table). Other layouts go row by row, a dozen launches per
-// row and adapted site. History: the serving engine's slot bank keeps a
-// scale per slot (no common one) and its newcomers hold arbitrary slots;
-// before the slot table, 32 such prompts took 110-180 ms of host time per
-// encoder pass row by row against ~15 ms for a shared adapter (session 52,
-// H100), so they were encoded padded with a per-row gather of the factors
-// (2.9x the tokens/s of 1,024 own compositions, session 54). Row by row
-// also rounds otherwise (bf16 on a GPU, session 55: encoder outputs 9e-4 to
-// 1.4e-2 relative from the padded gather's).
+// read each row's slot and scalings from a table). Other layouts go row by
+// row, a dozen launches per row and adapted site. History: the serving
+// engine's slot bank keeps a scale per slot (no common one) and its
+// newcomers hold arbitrary slots; before the slot table, 32 such prompts
+// took 110-180 ms of host time per encoder pass row by row against ~15 ms
+// for a shared adapter (session 52, H100), so they were encoded padded with
+// a per-row gather of the factors (2.9x the tokens/s of 1,024 own
+// compositions, session 54). Row by row also rounds otherwise (bf16 on a
+// GPU, session 55: encoder outputs 9e-4 to 1.4e-2 relative from the padded
+// gather's).
 bool PackedDeltasWhole(const T5Weights& w, const RowAdapters& rows);
 
 // Teacher-forced decoder: decoder_ids [B, T] (start token first) ->
