@@ -21,6 +21,12 @@ bool EnvFlag(const char* name) {
   return v != nullptr && *v != '\0' && std::string(v) != "0";
 }
 
+int64_t EnvCount(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  const int64_t n = v == nullptr ? 0 : std::atoll(v);
+  return n > 0 ? n : fallback;
+}
+
 namespace {
 
 // Autograd never reaches the CUDA kernels (they have no backward).
@@ -666,18 +672,6 @@ Tf32LoraScope::Tf32LoraScope(bool on) {
 Tf32LoraScope::~Tf32LoraScope() {
   if (set_) at::globalContext().setAllowTF32CuBLAS(previous_);
 }
-
-namespace {
-
-// A positive integer from the environment variable `name`, else `fallback`
-// (A/B switches; read once by their callers).
-int64_t EnvCount(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  const int64_t n = v == nullptr ? 0 : std::atoll(v);
-  return n > 0 ? n : fallback;
-}
-
-}  // namespace
 
 at::Tensor SplitKProject(const at::Tensor& x, const at::Tensor& w,
                          int64_t parts_wanted) {

@@ -33,6 +33,9 @@ namespace lorahub::model {
 // True when the environment variable `name` is set to anything but empty or
 // "0": the engine's switches (docs/TUNING.md). Callers read it once.
 bool EnvFlag(const char* name);
+// A positive integer from the environment variable `name`, else `fallback`
+// (A/B switches; callers read it once).
+int64_t EnvCount(const char* name, int64_t fallback);
 
 // True when this binary holds the CUDA kernels; Enabled: and the environment
 // does not turn them off (LORAHUB_NO_FUSED=1, for A/B timing).

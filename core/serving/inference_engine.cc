@@ -89,16 +89,13 @@ int StepsAheadLimit(int option) {
   return std::min(v, EngineOptions::kMaxStepsAhead);
 }
 
-// LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE=N (read once; an A/B, 0 or unset:
-// none): the packed admission passes run their tokens rounded up to a
-// multiple of N (model::PackedInput::pass_tokens_multiple), so that their
-// GEMMs repeat sizes.
+// LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE=N (read once; an A/B; unset or not
+// positive: none): the packed admission passes run their tokens rounded up
+// to a multiple of N (model::PackedInput::pass_tokens_multiple), so that
+// their GEMMs repeat sizes.
 int64_t PackedTokenMultiple() {
-  static const int64_t multiple = [] {
-    int64_t v = 0;
-    const char* text = std::getenv("LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE");
-    return text != nullptr && absl::SimpleAtoi(text, &v) && v > 1 ? v : 0;
-  }();
+  static const int64_t multiple =
+      model::EnvCount("LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE", 0);
   return multiple;
 }
 
