@@ -17,7 +17,9 @@ round; the warm-up round and the compose jobs are apart from it). For that stret
   - the kernels by device time;
   - per admission part (engine.admit.*) and engine.launch_ahead: its top-level LibTorch operators
     (those inside no other operator) by host time, and the host time outside every operator (the
-    engine's own code, the graph launches' and the CUDA runtime's calls outside operators).
+    engine's own code, the graph launches' and the CUDA runtime's calls outside operators);
+  - inside the encoder's and the rows' cross values' top-level aten::matmul and aten::bmm: the
+    self time of every operator and CUDA runtime call nested in them, by name.
 
   python3 deploy/gpu/serve_trace.py TRACE.json[.gz] [--gap-ms 100] [--top 15] [--ops 8]
 """
@@ -138,6 +140,7 @@ def main():
         print("| %s | %d | %.4f |" % (name.replace("|", "/"), n, t / 1e6))
 
     host_ops(events, best, args.ops)
+    inside_ops(events, best, args.ops)
 
 
 def host_ops(events, spans, top):
@@ -176,6 +179,58 @@ def host_ops(events, spans, top):
         print("|---|---|---|---|")
         for op, (c, t) in sorted(table[name].items(), key=lambda kv: -kv[1][1])[:top]:
             print("| %s | %d | %.3f | %.1f |" % (op, c, t / 1e6, t / max(c, 1)))
+
+
+def inside_ops(events, spans, top, names=("aten::matmul", "aten::bmm")):
+    """Where the host time of `names` goes in the encoder and the rows' cross values: the self
+    time (its duration less its nested events') of every operator and CUDA runtime call nested in
+    them, by name. cuBLAS's own host work (its choice of kernel) shows as aten::mm / aten::bmm
+    self time; an allocation, a copy or a wait as its runtime call."""
+    for part in ("engine.admit.encoder", "engine.admit.decoder_rows"):
+        windows = sorted((e["ts"], e["ts"] + e["dur"], e.get("tid")) for e in spans
+                         if e["name"] == part)
+        if not windows:
+            continue
+        tids = {w[2] for w in windows}
+        starts = [w[0] for w in windows]
+        def within(e):
+            i = bisect.bisect_right(starts, e["ts"]) - 1
+            return i >= 0 and e["ts"] + e["dur"] <= windows[i][1]
+        evs = sorted((e for e in events if str(e.get("cat", "")).lower() in ("cpu_op", "cuda_runtime")
+                      and e.get("tid") in tids and within(e)), key=lambda e: (e["ts"], -e["dur"]))
+        stack = []  # [event, time of its nested events, name of its top-level operator]
+        table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
+        tops = collections.defaultdict(lambda: [0, 0.0])
+        def close(entry):
+            e, nested, top_name = entry
+            if top_name in names:
+                row = table[top_name][e["name"]]
+                row[0] += 1
+                row[1] += e["dur"] - nested
+        for e in evs:
+            while stack and e["ts"] >= stack[-1][0]["ts"] + stack[-1][0]["dur"]:
+                close(stack.pop())
+            if stack:
+                stack[-1][1] += e["dur"]
+                top_name = stack[0][2]
+            else:
+                top_name = e["name"]
+                if top_name in names:
+                    tops[top_name][0] += 1
+                    tops[top_name][1] += e["dur"]
+            stack.append([e, 0.0, top_name])
+        while stack:
+            close(stack.pop())
+        for name in names:
+            if not tops[name][0]:
+                continue
+            n, host = tops[name]
+            print("\ninside %s (%s): %d calls, %.3f s; self time of what runs in them" % (
+                name, part, n, host / 1e6))
+            print("| operator or runtime call | count | self s | us per %s |" % name)
+            print("|---|---|---|---|")
+            for op, (c, t) in sorted(table[name].items(), key=lambda kv: -kv[1][1])[:top]:
+                print("| %s | %d | %.3f | %.1f |" % (op, c, t / 1e6, t / n))
 
 
 if __name__ == "__main__":
