@@ -732,7 +732,32 @@ bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out) {
   return fused_backend::NarrowGemm(x, w, out);
 }
 
+namespace {
+thread_local int64_t gemm_rows_multiple = 0;  // GemmRowsMultipleScope's
+}  // namespace
+
+GemmRowsMultipleScope::GemmRowsMultipleScope(int64_t multiple)
+    : saved_(gemm_rows_multiple) {
+  gemm_rows_multiple = multiple;
+}
+
+GemmRowsMultipleScope::~GemmRowsMultipleScope() { gemm_rows_multiple = saved_; }
+
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight) {
+  if (const int64_t multiple = gemm_rows_multiple;
+      multiple > 1 && x.dim() >= 1 && x.size(-1) > 0 && weight.dim() == 2 &&
+      !Differentiable(x)) {
+    const int64_t m = x.numel() / x.size(-1);
+    if (m % multiple != 0) {
+      std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+      shape.back() = weight.size(0);
+      const at::Tensor rows = at::constant_pad_nd(
+          x.reshape({m, x.size(-1)}), {0, 0, 0, multiple - m % multiple});
+      const GemmRowsMultipleScope as_given(0);
+      // The first m rows of a contiguous [m', n]: a view.
+      return MatmulFloat(rows, weight).narrow(0, 0, m).view(shape);
+    }
+  }
   RECORD_USER_SCOPE("lorahub::gemm_float");
   if (x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat) {
     return at::matmul(x, weight.t());

@@ -254,6 +254,26 @@ void SetMmaAttentionModeForTesting(int mode);
 at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& bias);
 
+// While one lives, MatmulFloat on its thread rounds the GEMM's rows (the
+// product of x's leading dimensions) up to a multiple of `multiple` (zero
+// rows appended, their outputs dropped; 0 or 1: none): the same values up to
+// the kernel the GEMM picks for its shape. Why: cuBLAS picks a kernel per
+// shape on the host, and the serving engine's admissions meet a new row
+// count at nearly every pass: the rows' cross keys and values of a mixed
+// round, one fp32-output GEMM of 49,152 columns a pass, held the engine
+// thread 1.1 ms each (sixty-sixth session, H100, profiled). Scopes nest;
+// each restores the multiple it found.
+class GemmRowsMultipleScope {
+ public:
+  explicit GemmRowsMultipleScope(int64_t multiple);
+  ~GemmRowsMultipleScope();
+  GemmRowsMultipleScope(const GemmRowsMultipleScope&) = delete;
+  GemmRowsMultipleScope& operator=(const GemmRowsMultipleScope&) = delete;
+
+ private:
+  int64_t saved_;
+};
+
 // x W^T in fp32 for the inputs of an fp32 LoRA delta (t5_forward.cc):
 // x [..., in] and weight [out, in] of one dtype. For bf16/fp16 on CUDA ONE
 // cuBLAS GEMM whose output is its fp32 accumulator (at::bmm with
@@ -265,6 +285,7 @@ at::Tensor SingleQueryAttention(const at::Tensor& q, const at::Tensor& k,
 // on CUDA the result is closer to the fp32 model's by the output's
 // rounding. fp32 operands: the plain matmul. One "lorahub::gemm_float"
 // profiler scope (counted as one GEMM by tests/model/objective_ops_test).
+// Rows rounded up within a GemmRowsMultipleScope.
 at::Tensor MatmulFloat(const at::Tensor& x, const at::Tensor& weight);
 
 // out = a b for bf16 (or fp16) a [G, M, K] and b [G, K, N] (any strides, a

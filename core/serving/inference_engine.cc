@@ -89,14 +89,15 @@ int StepsAheadLimit(int option) {
   return std::min(v, EngineOptions::kMaxStepsAhead);
 }
 
-// LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE=N (read once; an A/B; unset or not
-// positive: none): the packed admission passes run their tokens rounded up
-// to a multiple of N (model::PackedInput::pass_tokens_multiple), so that
-// their GEMMs repeat sizes.
-int64_t PackedTokenMultiple() {
-  static const int64_t multiple =
-      model::EnvCount("LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE", 0);
-  return multiple;
+// EngineOptions::admission_rows_multiple (`option`) for GEMMs on `device`,
+// unless the environment variable `env` (A/B runs) says otherwise: 0 or 1,
+// none.
+int64_t RowsMultiple(int64_t option, const char* env, const c10::Device& device) {
+  const char* text = std::getenv(env);
+  int64_t v = 0;
+  if (text != nullptr && absl::SimpleAtoi(text, &v)) return v;
+  if (option == EngineOptions::kAutoRowsMultiple) return device.is_cuda() ? 64 : 0;
+  return option;
 }
 
 // Whether `mode` (SlotDecoding or model::EncoderGraph) holds for weights on
@@ -229,7 +230,13 @@ struct InferenceEngine::State {
         w(*e->weights_),
         adapters(*e->adapters_),
         slot_decoding(UseOn(e->options_.slot_decoding,
-                            "LORAHUB_SLOT_DECODING", e->weights_->device)) {
+                            "LORAHUB_SLOT_DECODING", e->weights_->device)),
+        packed_token_multiple(RowsMultiple(e->options_.admission_rows_multiple,
+                                           "LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE",
+                                           e->weights_->device)),
+        cross_rows_multiple(RowsMultiple(e->options_.admission_rows_multiple,
+                                         "LORAHUB_SERVE_CROSS_ROWS_MULTIPLE",
+                                         e->weights_->device)) {
     if (UseOn(e->options_.admission_encoder, "LORAHUB_SERVE_ENCODER_GRAPH",
               w.device)) {
       model::StaticEncoderPoolOptions o;
@@ -249,6 +256,10 @@ struct InferenceEngine::State {
   InferenceEngine* engine;
   const model::T5Weights& w;
   AdapterCache& adapters;
+  // EngineOptions::admission_rows_multiple for the packed encoder's tokens
+  // and for the rows' cross keys and values (RowsMultiple).
+  const int64_t packed_token_multiple;
+  const int64_t cross_rows_multiple;
   std::vector<Row> rows;
   model::DecoderCache dc;
   at::Tensor base_bias;  // [1, heads, cap, cap] position bias, no mask
@@ -543,7 +554,7 @@ struct InferenceEngine::State {
     if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
       LH_ASSIGN_OR_RETURN(model::PackedInput packed,
                           model::PackRows(prompts, w.device));
-      packed.pass_tokens_multiple = PackedTokenMultiple();
+      packed.pass_tokens_multiple = packed_token_multiple;
       return model::EncodePacked(w, packed, adapters_of_rows);
     }
     LH_ASSIGN_OR_RETURN(
@@ -609,6 +620,7 @@ struct InferenceEngine::State {
     LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
                         EncodePrompts(newcomers, new_rows));
     Timed timed{*this, Part::kDecoderRows};
+    const model::GemmRowsMultipleScope rounded(cross_rows_multiple);
     LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows));
     for (int64_t q : positions) {
       slot_tokens[q] = w.config.decoder_start_token_id;

@@ -184,6 +184,21 @@ struct EngineOptions {
   static constexpr int kAutoStepsAhead = -1;
   static constexpr int kMaxStepsAhead = 32;
   int steps_ahead = kAutoStepsAhead;
+  // Admissions round their GEMMs' rows up to a multiple of this: the packed
+  // encoder pass's tokens (a padding row of their own;
+  // model::PackedInput::pass_tokens_multiple) and the rows' cross-attention
+  // keys and values (model::GemmRowsMultipleScope). kAutoRowsMultiple: 64
+  // on a GPU, none elsewhere; 0 or 1: none.
+  // Why: cuBLAS picks a kernel per GEMM shape on the host, and with mixed
+  // lengths nearly every admission pass met a new row count: rounded to 64,
+  // a round of 1,024 own compositions of mixed lengths ran 9,734-11,927
+  // tok/s against 9,147-10,884 (sixty-sixth session, H100; lockstep
+  // rounds the same). The environment variables
+  // LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE=N and
+  // LORAHUB_SERVE_CROSS_ROWS_MULTIPLE=N override it for either part (A/B
+  // runs; 0: none).
+  static constexpr int64_t kAutoRowsMultiple = -1;
+  int64_t admission_rows_multiple = kAutoRowsMultiple;
   // Threads that load a queued request's modules from disk into the host
   // tier while it waits (core/serving/module_loader.h), so that the engine
   // thread does not stall its running rows on disk reads; the request is

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/model/fused_ops.h"
 #include "core/model/lora.h"
 #include "core/model/objective_runner.h"
 #include "core/model/scorer.h"
@@ -814,6 +815,80 @@ INSTANTIATE_TEST_SUITE_P(Configs, FusedTest, ::testing::Values(0, 1),
                            return info.param == 0 ? std::string("Gated")
                                                   : std::string("ReluTied");
                          });
+
+// Counts, on this thread, the aten::constant_pad_nd ops the dispatcher runs
+// while alive (MatmulFloat's padding of a GEMM's rows).
+class PadCounter {
+ public:
+  PadCounter() {
+    pads_ = 0;
+    handle_ = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&PadCounter::OnStart)
+            .scopes({at::RecordScope::FUNCTION}));
+  }
+  ~PadCounter() { at::removeCallback(handle_); }
+  int64_t pads() const { return pads_; }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> OnStart(
+      const at::RecordFunction& fn) {
+    if (std::strcmp(fn.name(), "aten::constant_pad_nd") == 0) ++pads_;
+    return nullptr;
+  }
+  static thread_local int64_t pads_;
+  at::CallbackHandle handle_;
+};
+thread_local int64_t PadCounter::pads_ = 0;
+
+// MatmulFloat within a GemmRowsMultipleScope (the serving engine's
+// admissions): x's rows padded with zeros up to the multiple, the product of the real rows the same as without the scope
+// (within the GEMM's choice of kernel for the other shape), x's shape kept;
+// scopes nest and restore.
+TEST(GemmRowsMultiple, RoundedRowsGiveTheSameProduct) {
+  auto device = testing::TestDevice();
+  ASSERT_TRUE(device.ok()) << device.status();
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const auto opts = at::TensorOptions().dtype(dtype).device(*device);
+    at::manual_seed(5);
+    const at::Tensor x = at::randn({3, 7, 64}, opts);  // 21 rows
+    const at::Tensor w = at::randn({48, 64}, opts);
+    const at::Tensor plain = MatmulFloat(x, w);
+    at::Tensor rounded, nested, after;
+    {
+      const PadCounter pads;
+      const GemmRowsMultipleScope scope(16);  // 21 -> 32 rows
+      rounded = MatmulFloat(x, w);
+      {
+        const GemmRowsMultipleScope inner(0);
+        nested = MatmulFloat(x.narrow(1, 0, 5), w);  // 15 rows, not rounded
+      }
+      after = MatmulFloat(x.narrow(1, 0, 5), w);  // 15 -> 16 again
+      EXPECT_EQ(pads.pads(), 2);  // 21 -> 32 and 15 -> 16
+    }
+    {
+      const PadCounter pads;
+      MatmulFloat(x, w);  // no scope left
+      EXPECT_EQ(pads.pads(), 0);
+    }
+    ASSERT_EQ(rounded.sizes(), plain.sizes());
+    EXPECT_EQ(rounded.scalar_type(), at::kFloat);
+    EXPECT_TRUE(rounded.is_contiguous());
+    const double scale = plain.abs().max().item<double>();
+    EXPECT_LE(MaxDiff(rounded, plain), 1e-5 * scale);
+    const at::Tensor part = plain.narrow(1, 0, 5);
+    EXPECT_LE(MaxDiff(nested, part), 1e-5 * scale);
+    EXPECT_LE(MaxDiff(after, part), 1e-5 * scale);
+    EXPECT_EQ(after.sizes(), part.sizes());
+    // A multiple the rows already meet, and a 1-D input.
+    const PadCounter pads;
+    const GemmRowsMultipleScope scope(7);
+    EXPECT_LE(MaxDiff(MatmulFloat(x, w), plain), 1e-5 * scale);
+    EXPECT_EQ(pads.pads(), 0);
+    EXPECT_LE(MaxDiff(MatmulFloat(x[0][0], w), plain[0][0]), 1e-5 * scale);
+    EXPECT_EQ(pads.pads(), 1);  // 1 -> 7 rows
+  }
+}
 
 }  // namespace
 }  // namespace lorahub::model

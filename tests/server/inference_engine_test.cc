@@ -4,11 +4,13 @@
 #include "core/serving/inference_engine.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 #include <prometheus/registry.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <future>
 #include <map>
@@ -301,18 +303,48 @@ std::shared_ptr<const model::T5Weights>* EngineTest::weights_ = nullptr;
 std::shared_ptr<const model::T5Weights>* EngineTest::reference_ = nullptr;
 nlohmann::json* EngineTest::golden_ = nullptr;
 
+// Counts the aten::constant_pad_nd ops of every thread while alive: on the
+// engine's thread, MatmulFloat's padding of an admission's GEMM rows
+// (EngineOptions::admission_rows_multiple).
+class PadCounter {
+ public:
+  PadCounter() {
+    pads_ = 0;
+    handle_ = at::addGlobalCallback(
+        at::RecordFunctionCallback(&PadCounter::OnStart)
+            .scopes({at::RecordScope::FUNCTION}));
+  }
+  ~PadCounter() { at::removeCallback(handle_); }
+  PadCounter(const PadCounter&) = delete;
+  PadCounter& operator=(const PadCounter&) = delete;
+  int64_t pads() const { return pads_.load(); }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> OnStart(
+      const at::RecordFunction& fn) {
+    if (std::strcmp(fn.name(), "aten::constant_pad_nd") == 0) ++pads_;
+    return nullptr;
+  }
+  static std::atomic<int64_t> pads_;
+  at::CallbackHandle handle_;
+};
+std::atomic<int64_t> PadCounter::pads_{0};
+
 // Both ways of decoding the running batch: eager DecodeStep calls and the
 // row slots of a StaticDecoder (run eagerly here on the CPU: the same
 // buffers and positions as its CUDA graph), there without steps queued
 // ahead of admissions and with six of them before each admission (each
 // reading the picks of the step before on the device); and the row slots
 // with the prompts encoded through the admissions' encoder pool (padded to
-// its buckets, run eagerly here) and the estimated steps ahead.
+// its buckets, run eagerly here) and the estimated steps ahead; and the row
+// slots with their admissions' GEMM rows rounded up to 16 (on the CPU the
+// rows' cross keys and values only: the packed encoder runs on GPUs).
 struct BatchWay {
   SlotDecoding slots;
   model::EncoderGraph encoder;
   const char* name;
   int steps_ahead = EngineOptions::kAutoStepsAhead;
+  int64_t rows_multiple = EngineOptions::kAutoRowsMultiple;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
@@ -323,6 +355,7 @@ class EngineBatchTest : public EngineTest,
     o.slot_decoding = GetParam().slots;
     o.admission_encoder = GetParam().encoder;
     o.steps_ahead = GetParam().steps_ahead;
+    o.admission_rows_multiple = GetParam().rows_multiple;
     return o;
   }
 };
@@ -469,7 +502,9 @@ INSTANTIATE_TEST_SUITE_P(
         BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
                  "RowSlotsStepsAhead", 6},
         BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kAlways,
-                 "RowSlotsPooledEncoder"}),
+                 "RowSlotsPooledEncoder"},
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
+                 "RowSlotsRoundedRows", EngineOptions::kAutoStepsAhead, 16}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
@@ -668,6 +703,7 @@ TEST_P(EngineBatchTest, LongRowsDecodeBesideTheSlots) {
 TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone) {
   EngineOptions o = Options();
   o.max_batch_rows = 8;
+  const PadCounter pads;
   auto engine = Start(o);
   ASSERT_TRUE(engine);
   constexpr int kRequests = 40;
@@ -692,6 +728,13 @@ TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone)
   }
   EXPECT_EQ(engine->pending(), 0);
   EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), kRequests);
+  // Rounded rows padded some admission's GEMM (by the prompts' lengths, not
+  // every one); on the CPU nothing else pads.
+  if (GetParam().rows_multiple > 1) {
+    EXPECT_GT(pads.pads(), 0);
+  } else if (!(*weights_)->device.is_cuda()) {
+    EXPECT_EQ(pads.pads(), 0);
+  }
   // Forty newcomers for eight rows: the fixed steps ahead run (none where
   // the way has none; the estimated ones may or may not).
   const double ahead = CounterValue("lorahub_engine_steps_ahead_total");
