@@ -190,10 +190,12 @@ struct EngineOptions {
   // keys and values (model::GemmRowsMultipleScope). kAutoRowsMultiple: 64
   // on a GPU, none elsewhere; 0 or 1: none.
   // Why: cuBLAS picks a kernel per GEMM shape on the host, and with mixed
-  // lengths nearly every admission pass met a new row count: rounded to 64,
-  // a round of 1,024 own compositions of mixed lengths ran 9,734-11,927
-  // tok/s against 9,147-10,884 (sixty-sixth session, H100; lockstep
-  // rounds the same). The environment variables
+  // lengths nearly every admission pass met a new row count (profiled: the
+  // rows' cross keys and values held the engine thread 1.1 ms a pass).
+  // Rounded to 64, rounds of 1,024 own compositions of mixed lengths ran
+  // 11,092-11,216 tok/s against 9,246-9,808 on one H100 host and
+  // 12,788-13,277 against 12,201-12,488 on another (sixty-sixth session);
+  // lockstep rounds the same. The environment variables
   // LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE=N and
   // LORAHUB_SERVE_CROSS_ROWS_MULTIPLE=N override it for either part (A/B
   // runs; 0: none).
