@@ -786,29 +786,29 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   PackedRows runs = RunsOf(in.rows, rows);
   const int64_t N = in.ids.size(0);
   const int64_t multiple = in.pass_tokens_multiple;
-  if (multiple <= 1 || N % multiple == 0) {
-    return UnpackImpl(w, in,
-                      EncodePackedTokensImpl(
-                          w, in.ids, in.rows,
-                          runs.starts.defined() ? &runs : nullptr, rows));
-  }
-  // The added tokens: a padding row of their own for the attention (which
-  // covers every token), outside every LoRA run (the rows' own runs given
-  // where the attention's rows would otherwise be taken for them).
-  const int64_t padding = multiple - N % multiple;
-  const at::Tensor ids = at::cat(
-      {in.ids, at::full({padding}, w.config.pad_token_id, in.ids.options())});
+  const int64_t padding =
+      multiple > 1 && N % multiple != 0 ? multiple - N % multiple : 0;
+  at::Tensor ids = in.ids;
   PackedRows attention = in.rows;
-  attention.starts = at::cat(
-      {in.rows.starts, at::full({1}, N + padding, in.rows.starts.options())});
-  attention.host_starts.push_back(N + padding);
-  attention.max_length = std::max(attention.max_length, padding);
-  if (!runs.starts.defined() && rows.rows_per_slot == 1) runs = in.rows;
+  if (padding > 0) {
+    // The added tokens: a padding row of their own for the attention (which
+    // covers every token), outside every LoRA run (the rows' own runs given
+    // where the attention's rows would otherwise be taken for them).
+    ids = at::cat(
+        {in.ids, at::full({padding}, w.config.pad_token_id, in.ids.options())});
+    attention.starts = at::cat(
+        {in.rows.starts, at::full({1}, N + padding, in.rows.starts.options())});
+    attention.host_starts.push_back(N + padding);
+    attention.max_length = std::max(attention.max_length, padding);
+    if (!runs.starts.defined() && rows.rows_per_slot == 1) runs = in.rows;
+  }
   PackedEncoding tokens = EncodePackedTokensImpl(
       w, ids, attention, runs.starts.defined() ? &runs : nullptr, rows);
-  tokens.hidden = tokens.hidden.narrow(1, 0, N);
-  if (tokens.hidden_full.defined()) {
-    tokens.hidden_full = tokens.hidden_full.narrow(1, 0, N);
+  if (padding > 0) {
+    tokens.hidden = tokens.hidden.narrow(1, 0, N);
+    if (tokens.hidden_full.defined()) {
+      tokens.hidden_full = tokens.hidden_full.narrow(1, 0, N);
+    }
   }
   return UnpackImpl(w, in, std::move(tokens));
 }

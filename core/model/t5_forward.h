@@ -143,10 +143,9 @@ struct PackedInput {
   // > 1: EncodePacked's pass runs N rounded up to a multiple of this many
   // tokens, the added ones a padding row after the last (no other row
   // attends to them; no LoRA delta; dropped from the outputs); 0 or 1: N.
-  // Why (an A/B for the serving engine, LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE):
-  // every admission's N differs, so its GEMMs meet new sizes; after a
-  // warm-up round of the same requests a mixed round ran 36-70% faster
-  // (sixty-fifth session), and new GEMM sizes are one suspect.
+  // Why (the serving engine's admissions,
+  // EngineOptions::admission_rows_multiple): every admission's N differs,
+  // and cuBLAS picks a kernel for each new GEMM shape on the host.
   int64_t pass_tokens_multiple = 0;
 };
 // `inputs`: B >= 1 non-empty rows of ids (the caller has checked them

@@ -74,28 +74,30 @@ bool StepAhead() {
   return !off;
 }
 
+// The integer the environment variable `name` holds, if it is set to one
+// (A/B runs).
+std::optional<int64_t> EnvInteger(const char* name) {
+  const char* text = std::getenv(name);
+  int64_t v = 0;
+  if (text == nullptr || !absl::SimpleAtoi(text, &v)) return std::nullopt;
+  return v;
+}
+
 // EngineOptions::steps_ahead (`option`), unless LORAHUB_SERVE_STEPS_AHEAD=N
 // (read once; A/B runs) says otherwise: kAutoStepsAhead, or 0 to
 // kMaxStepsAhead.
 int StepsAheadLimit(int option) {
-  static const std::optional<int> env = []() -> std::optional<int> {
-    int v = 0;
-    const char* text = std::getenv("LORAHUB_SERVE_STEPS_AHEAD");
-    if (text == nullptr || !absl::SimpleAtoi(text, &v)) return std::nullopt;
-    return v;
-  }();
-  const int v = env.value_or(option);
+  static const std::optional<int64_t> env = EnvInteger("LORAHUB_SERVE_STEPS_AHEAD");
+  const int64_t v = env.value_or(option);
   if (v < 0) return EngineOptions::kAutoStepsAhead;
-  return std::min(v, EngineOptions::kMaxStepsAhead);
+  return static_cast<int>(std::min<int64_t>(v, EngineOptions::kMaxStepsAhead));
 }
 
 // EngineOptions::admission_rows_multiple (`option`) for GEMMs on `device`,
 // unless the environment variable `env` (A/B runs) says otherwise: 0 or 1,
 // none.
 int64_t RowsMultiple(int64_t option, const char* env, const c10::Device& device) {
-  const char* text = std::getenv(env);
-  int64_t v = 0;
-  if (text != nullptr && absl::SimpleAtoi(text, &v)) return v;
+  if (const std::optional<int64_t> v = EnvInteger(env)) return *v;
   if (option == EngineOptions::kAutoRowsMultiple) return device.is_cuda() ? 64 : 0;
   return option;
 }
