@@ -16,9 +16,11 @@ round; the warm-up round and the compose jobs are apart from it). For that stret
     synchronizations, pageable copies);
   - the kernels by device time;
   - per admission part (engine.admit.*) and engine.launch_ahead: its top-level LibTorch operators
-    (those inside no other operator) by host time, and the host time outside every operator (the
-    engine's own code, the graph launches' and the CUDA runtime's calls outside operators);
-  - inside the encoder's and the rows' cross values' top-level aten::matmul and aten::bmm: the
+    and lorahub::* scopes (those inside no other operator) by host time, and the host time
+    outside every operator (the engine's own code, the graph launches' and the CUDA runtime's
+    calls outside operators);
+  - inside the encoder's and the rows' cross values' top-level aten::matmul, aten::bmm and
+    lorahub::gemm_float (fused_ops.h MatmulFloat): the
     self time of every operator and CUDA runtime call nested in them, by name.
 
   python3 deploy/gpu/serve_trace.py TRACE.json[.gz] [--gap-ms 100] [--top 15] [--ops 8]
@@ -143,6 +145,13 @@ def main():
     inside_ops(events, best, args.ops)
 
 
+def host_op(e):
+    """An operator on the host: ATen's, or one of the engine's own (a lorahub::* profiler scope:
+    its fused kernels' launches, which Kineto files as user annotations, not as cpu_op)."""
+    cat = str(e.get("cat", "")).lower()
+    return cat == "cpu_op" or (cat == "user_annotation" and e["name"].startswith("lorahub::"))
+
+
 def host_ops(events, spans, top):
     """Per admission part: its top-level operators' host time, and the time outside them."""
     parts = sorted((e for e in spans if e["name"].startswith("engine.admit.")
@@ -150,7 +159,7 @@ def host_ops(events, spans, top):
     if not parts:
         return
     tids = {e.get("tid") for e in parts}
-    ops = sorted((e for e in events if str(e.get("cat", "")).lower() == "cpu_op"
+    ops = sorted((e for e in events if host_op(e)
                   and e.get("tid") in tids and parts[0]["ts"] <= e["ts"] < parts[-1]["ts"] + parts[-1]["dur"]),
                  key=lambda e: (e["ts"], -e["dur"]))
     starts = [p["ts"] for p in parts]
@@ -181,7 +190,7 @@ def host_ops(events, spans, top):
             print("| %s | %d | %.3f | %.1f |" % (op, c, t / 1e6, t / max(c, 1)))
 
 
-def inside_ops(events, spans, top, names=("aten::matmul", "aten::bmm")):
+def inside_ops(events, spans, top, names=("aten::matmul", "aten::bmm", "lorahub::gemm_float")):
     """Where the host time of `names` goes in the encoder and the rows' cross values: the self
     time (its duration less its nested events') of every operator and CUDA runtime call nested in
     them, by name. cuBLAS's own host work (its choice of kernel) shows as aten::mm / aten::bmm
@@ -196,7 +205,7 @@ def inside_ops(events, spans, top, names=("aten::matmul", "aten::bmm")):
         def within(e):
             i = bisect.bisect_right(starts, e["ts"]) - 1
             return i >= 0 and e["ts"] + e["dur"] <= windows[i][1]
-        evs = sorted((e for e in events if str(e.get("cat", "")).lower() in ("cpu_op", "cuda_runtime")
+        evs = sorted((e for e in events if (host_op(e) or str(e.get("cat", "")).lower() == "cuda_runtime")
                       and e.get("tid") in tids and within(e)), key=lambda e: (e["ts"], -e["dur"]))
         stack = []  # [event, time of its nested events, name of its top-level operator]
         table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
