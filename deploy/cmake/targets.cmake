@@ -2305,6 +2305,17 @@ lorahub_cc_test(tests_model_generate_test
   TIMEOUT 300
 )
 
+# //tests/model:op_name_counter (cc_library)
+lorahub_cc_library(tests_model_op_name_counter
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/op_name_counter.cc
+    ${SRC}/tests/model/op_name_counter.h
+  DEPS
+    ext_libtorch_libtorch
+  OUTPUT_NAME op_name_counter
+)
+
 # //tests/model:golden_fixture (cc_library)
 lorahub_cc_library(tests_model_golden_fixture
   PACKAGE tests/model
@@ -2444,6 +2455,7 @@ lorahub_cc_test(tests_model_fused_weights_test
   SRCS
     ${SRC}/tests/model/fused_weights_test.cc
   DEPS
+    tests_model_op_name_counter
     tests_model_tiny_t5
     core_model_model
     core_model_objective_runner
@@ -2459,6 +2471,7 @@ lorahub_cc_test(tests_model_decode_attention_test
   SRCS
     ${SRC}/tests/model/decode_attention_test.cc
   DEPS
+    tests_model_op_name_counter
     tests_model_tiny_t5
     core_model_fused_ops
     ext_gtest_gtest_main
@@ -2603,6 +2616,7 @@ lorahub_cc_test(tests_server_inference_engine_test
     ${SRC}/tests/server/inference_engine_test.cc
   DEPS
     core_metrics_metrics
+    tests_model_op_name_counter
     tests_model_tiny_t5
     core_model_model
     core_model_loader
@@ -2624,6 +2638,7 @@ lorahub_cc_test(tests_server_inference_engine_bf16_test
     ${SRC}/tests/server/inference_engine_test.cc
   DEPS
     core_metrics_metrics
+    tests_model_op_name_counter
     tests_model_tiny_t5
     core_model_model
     core_model_loader

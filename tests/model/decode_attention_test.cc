@@ -25,6 +25,7 @@
 
 #include "core/model/fused_ops.h"
 #include "gtest/gtest.h"
+#include "tests/model/op_name_counter.h"
 #include "tests/model/tiny_t5.h"
 
 namespace lorahub::model {
@@ -392,32 +393,9 @@ TEST(DecodeAttentionTest, CrossKeyValueDtype) {
             DecodeKvDtype(at::kBFloat16));
 }
 
-// Counts, on this thread, the ATen ops of DecodeStepAttention's fallback
-// (the expands' bmm, the store's index_copy_) while alive: none when the
-// step kernel ran.
-class FallbackOpCounter {
- public:
-  FallbackOpCounter() {
-    count_ = 0;
-    handle_ = at::addThreadLocalCallback(
-        at::RecordFunctionCallback(&FallbackOpCounter::OnStart)
-            .scopes({at::RecordScope::FUNCTION}));
-  }
-  ~FallbackOpCounter() { at::removeCallback(handle_); }
-  int64_t count() const { return count_; }
-
- private:
-  static std::unique_ptr<at::ObserverContext> OnStart(
-      const at::RecordFunction& fn) {
-    for (const char* op : {"aten::bmm", "aten::index_copy_"}) {
-      if (std::strcmp(fn.name(), op) == 0) ++count_;
-    }
-    return nullptr;
-  }
-  static thread_local int64_t count_;
-  at::CallbackHandle handle_;
-};
-thread_local int64_t FallbackOpCounter::count_ = 0;
+// The ATen ops of DecodeStepAttention's fallback (the expands' bmm, the
+// store's index_copy_), counted on this thread: none when the step kernel ran.
+const std::vector<std::string> kFallbackOps = {"aten::bmm", "aten::index_copy_"};
 
 // The per-row LoRA delta of `e` for row b, in double: scale[slot] * mask[b]
 // * b[slot] xa[b, ranks]^T, [H * D].
@@ -514,7 +492,7 @@ TEST(DecodeAttentionTest, StepAttentionStoresAndExpands) {
     at::Tensor got;
     int64_t fallback_ops = 0;
     {
-      FallbackOpCounter counter;
+      const testing::OpNameCounter counter(kFallbackOps);
       got = DecodeStepAttention(step, at::kFloat);
       fallback_ops = counter.count();
     }
@@ -708,7 +686,7 @@ TEST(DecodeAttentionTest, StepAttentionCrossThroughKeyLengths) {
   at::Tensor got;
   int64_t fallback_ops = 0;
   {
-    FallbackOpCounter counter;
+    const testing::OpNameCounter counter(kFallbackOps);
     got = DecodeStepAttention(step, at::kFloat);
     fallback_ops = counter.count();
   }

@@ -26,6 +26,7 @@
 #include "core/model/t5_layers.h"
 #include "core/model/t5_weights.h"
 #include "gtest/gtest.h"
+#include "tests/model/op_name_counter.h"
 #include "tests/model/tiny_t5.h"
 
 namespace lorahub::model {
@@ -816,30 +817,6 @@ INSTANTIATE_TEST_SUITE_P(Configs, FusedTest, ::testing::Values(0, 1),
                                                   : std::string("ReluTied");
                          });
 
-// Counts, on this thread, the aten::constant_pad_nd ops the dispatcher runs
-// while alive (MatmulFloat's padding of a GEMM's rows).
-class PadCounter {
- public:
-  PadCounter() {
-    pads_ = 0;
-    handle_ = at::addThreadLocalCallback(
-        at::RecordFunctionCallback(&PadCounter::OnStart)
-            .scopes({at::RecordScope::FUNCTION}));
-  }
-  ~PadCounter() { at::removeCallback(handle_); }
-  int64_t pads() const { return pads_; }
-
- private:
-  static std::unique_ptr<at::ObserverContext> OnStart(
-      const at::RecordFunction& fn) {
-    if (std::strcmp(fn.name(), "aten::constant_pad_nd") == 0) ++pads_;
-    return nullptr;
-  }
-  static thread_local int64_t pads_;
-  at::CallbackHandle handle_;
-};
-thread_local int64_t PadCounter::pads_ = 0;
-
 // MatmulFloat within a GemmRowsMultipleScope (the serving engine's
 // admissions): x's rows padded with zeros up to the multiple, the product of the real rows the same as without the scope
 // (within the GEMM's choice of kernel for the other shape), x's shape kept;
@@ -856,7 +833,7 @@ TEST(GemmRowsMultiple, RoundedRowsGiveTheSameProduct) {
     const at::Tensor plain = MatmulFloat(x, w);
     at::Tensor rounded, nested, after;
     {
-      const PadCounter pads;
+      const testing::OpNameCounter pads({"aten::constant_pad_nd"});
       const GemmRowsMultipleScope scope(16);  // 21 -> 32 rows
       rounded = MatmulFloat(x, w);
       {
@@ -864,12 +841,12 @@ TEST(GemmRowsMultiple, RoundedRowsGiveTheSameProduct) {
         nested = MatmulFloat(x.narrow(1, 0, 5), w);  // 15 rows, not rounded
       }
       after = MatmulFloat(x.narrow(1, 0, 5), w);  // 15 -> 16 again
-      EXPECT_EQ(pads.pads(), 2);  // 21 -> 32 and 15 -> 16
+      EXPECT_EQ(pads.count(), 2);  // 21 -> 32 and 15 -> 16
     }
     {
-      const PadCounter pads;
+      const testing::OpNameCounter pads({"aten::constant_pad_nd"});
       MatmulFloat(x, w);  // no scope left
-      EXPECT_EQ(pads.pads(), 0);
+      EXPECT_EQ(pads.count(), 0);
     }
     ASSERT_EQ(rounded.sizes(), plain.sizes());
     EXPECT_EQ(rounded.scalar_type(), at::kFloat);
@@ -881,12 +858,12 @@ TEST(GemmRowsMultiple, RoundedRowsGiveTheSameProduct) {
     EXPECT_LE(MaxDiff(after, part), 1e-5 * scale);
     EXPECT_EQ(after.sizes(), part.sizes());
     // A multiple the rows already meet, and a 1-D input.
-    const PadCounter pads;
+    const testing::OpNameCounter pads({"aten::constant_pad_nd"});
     const GemmRowsMultipleScope scope(7);
     EXPECT_LE(MaxDiff(MatmulFloat(x, w), plain), 1e-5 * scale);
-    EXPECT_EQ(pads.pads(), 0);
+    EXPECT_EQ(pads.count(), 0);
     EXPECT_LE(MaxDiff(MatmulFloat(x[0][0], w), plain[0][0]), 1e-5 * scale);
-    EXPECT_EQ(pads.pads(), 1);  // 1 -> 7 rows
+    EXPECT_EQ(pads.count(), 1);  // 1 -> 7 rows
   }
 }
 

@@ -31,6 +31,7 @@
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
 #include "core/serving/module_tier.h"
+#include "tests/model/op_name_counter.h"
 #include "tests/model/tiny_t5.h"
 
 namespace lorahub::serving {
@@ -302,33 +303,6 @@ class EngineTest : public ::testing::Test {
 std::shared_ptr<const model::T5Weights>* EngineTest::weights_ = nullptr;
 std::shared_ptr<const model::T5Weights>* EngineTest::reference_ = nullptr;
 nlohmann::json* EngineTest::golden_ = nullptr;
-
-// Counts the aten::constant_pad_nd ops of every thread while alive: on the
-// engine's thread, MatmulFloat's padding of an admission's GEMM rows
-// (EngineOptions::admission_rows_multiple).
-class PadCounter {
- public:
-  PadCounter() {
-    pads_ = 0;
-    handle_ = at::addGlobalCallback(
-        at::RecordFunctionCallback(&PadCounter::OnStart)
-            .scopes({at::RecordScope::FUNCTION}));
-  }
-  ~PadCounter() { at::removeCallback(handle_); }
-  PadCounter(const PadCounter&) = delete;
-  PadCounter& operator=(const PadCounter&) = delete;
-  int64_t pads() const { return pads_.load(); }
-
- private:
-  static std::unique_ptr<at::ObserverContext> OnStart(
-      const at::RecordFunction& fn) {
-    if (std::strcmp(fn.name(), "aten::constant_pad_nd") == 0) ++pads_;
-    return nullptr;
-  }
-  static std::atomic<int64_t> pads_;
-  at::CallbackHandle handle_;
-};
-std::atomic<int64_t> PadCounter::pads_{0};
 
 // Both ways of decoding the running batch: eager DecodeStep calls and the
 // row slots of a StaticDecoder (run eagerly here on the CPU: the same
@@ -703,7 +677,10 @@ TEST_P(EngineBatchTest, LongRowsDecodeBesideTheSlots) {
 TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone) {
   EngineOptions o = Options();
   o.max_batch_rows = 8;
-  const PadCounter pads;
+  // aten::constant_pad_nd on every thread: on the engine's, MatmulFloat's
+  // padding of an admission's GEMM rows (EngineOptions::admission_rows_multiple).
+  const model::testing::OpNameCounter pads(
+      {"aten::constant_pad_nd"}, model::testing::OpNameCounter::Threads::kAll);
   auto engine = Start(o);
   ASSERT_TRUE(engine);
   constexpr int kRequests = 40;
@@ -731,9 +708,9 @@ TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone)
   // Rounded rows padded some admission's GEMM (by the prompts' lengths, not
   // every one); on the CPU nothing else pads.
   if (GetParam().rows_multiple > 1) {
-    EXPECT_GT(pads.pads(), 0);
+    EXPECT_GT(pads.count(), 0);
   } else if (!(*weights_)->device.is_cuda()) {
-    EXPECT_EQ(pads.pads(), 0);
+    EXPECT_EQ(pads.count(), 0);
   }
   // Forty newcomers for eight rows: the fixed steps ahead run (none where
   // the way has none; the estimated ones may or may not).
