@@ -65,6 +65,9 @@ class SlotBank {
   int64_t copies() const { return copies_; }
   // Of those, the copies that reused their slot's last plan (tests).
   int64_t planned_copies() const { return planned_copies_; }
+  // Moves whenever a site of resident() is allocated or widened (its
+  // tensors then move): a graph that read resident() is stale after.
+  int64_t layout() const { return layout_; }
 
  private:
   // The weighted sums (copies and fills) of the slot's last load, made

@@ -11,6 +11,8 @@
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
 #include "core/model/graph_reads.h"
+#include "core/model/host_upload.h"
+#include "core/model/projection.h"
 #include "core/model/t5_layers.h"
 
 namespace lorahub::model {
@@ -34,11 +36,14 @@ void LogFallbackOnce(const std::string& why) {
 }
 
 // R of the LoRA runs EncodePacked gives `rows` of B rows: 0 without runs
-// (no bank, one slot for all), -1 where it goes row by row (no capture).
+// (no bank, one slot for all), 1 for rows with slots of their own through
+// the run kernels' slot table, -1 where it goes row by row (no capture).
 int64_t RunRows(const T5Weights& w, const RowAdapters& rows, int64_t B) {
   if (rows.bank == nullptr || rows.uniform_slot >= 0) return 0;
+  if (w.dtype == at::kFloat) return -1;
   const int64_t R = rows.rows_per_slot;
-  if (R < 1 || B % R != 0 || w.dtype == at::kFloat) return -1;
+  if (R == 0) return internal::SlotRunsEnabled() ? 1 : -1;
+  if (R < 1 || B % R != 0) return -1;
   return R;
 }
 
@@ -58,6 +63,16 @@ std::vector<int64_t> StartsOf(const std::vector<int64_t>& lengths) {
 }
 
 }  // namespace
+
+bool BucketTakes(const PackedBucket& bucket, const PackedInput& input,
+                 const RowAdapters& rows) {
+  if (!bucket.up_to) return PackedBucketOf(input, rows) == bucket;
+  const std::vector<int64_t>& s = input.rows.host_starts;
+  return s.size() >= 2 && static_cast<int64_t>(s.size()) - 1 <= bucket.rows &&
+         s.back() <= bucket.tokens && input.rows.max_length <= bucket.longest &&
+         (rows.bank == nullptr || rows.uniform_slot >= 0 ||
+          rows.rows_per_slot == 0);
+}
 
 PackedBucket PackedBucketOf(const PackedInput& input, const RowAdapters& rows) {
   const std::vector<int64_t>& s = input.rows.host_starts;
@@ -86,15 +101,17 @@ absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> StaticPackedEncoder::Create
   if (B < 1 || bucket.longest < 1 || bucket.longest % 16 != 0 ||
       bucket.tokens < bucket.longest ||
       (R > 1) != (bucket.run_longest > 0) ||
-      bucket.run_longest > bucket.tokens) {
+      bucket.run_longest > bucket.tokens || (bucket.up_to && R > 1)) {
     return absl::InvalidArgumentError(
         "static packed encoder: a bucket of rows >= 1, a longest row of a "
-        "multiple of 16 and at least as many tokens is needed");
+        "multiple of 16 and at least as many tokens is needed (no runs of "
+        "rows in a bucket up to its bounds)");
   }
   if (R < 0) {
     return absl::InvalidArgumentError(
         "static packed encoder: the rows' adapters must be none, one slot "
-        "for all, or runs of rows per slot of a reduced-precision model");
+        "for all, or runs of rows per slot or slots of their own (the run "
+        "kernels' slot table) of a reduced-precision model");
   }
   auto e = std::unique_ptr<StaticPackedEncoder>(new StaticPackedEncoder());
   try {
@@ -103,19 +120,21 @@ absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> StaticPackedEncoder::Create
     e->bucket_ = bucket;
     e->run_rows_ = R;
     e->ids_ = at::full({bucket.tokens}, weights.config.pad_token_id, i64);
-    // The padding row's end; Run loads the rows before any pass.
-    e->starts_ = at::zeros({B + 2}, i64.dtype(at::kInt));
-    e->starts_[B + 1] = bucket.tokens;
+    // Run loads the rows before any pass.
+    e->starts_ = at::zeros({B + 1 + bucket.padding_rows()}, i64.dtype(at::kInt));
     if (R > 1) e->run_starts_ = at::zeros({B / R + 1}, i64.dtype(at::kInt));
     if (rows.bank != nullptr) {
       e->rows_ = rows;
       e->rows_.packed = nullptr;
       e->rows_.packed_runs = nullptr;
-      // Shapes only: the layouts taken find a row's adapter by
-      // uniform_slot or slot_offset and its run, never by slots or mask
-      // (all_rows), so the rows' values are not copied in at each pass.
       e->rows_.slots = at::zeros({B}, i64);
       e->rows_.mask = at::zeros({B, 1, 1}, i64.dtype(at::kFloat));
+      // Rows with slots of their own, or runs of one row whose sites lack a
+      // common scaling, find their adapters by the slot table
+      // (projection.cc KernelRunsOf): their slots and mask are copied in at
+      // each pass. The other layouts find them by uniform_slot or
+      // slot_offset and their run, never by slots or mask.
+      e->slot_table_ = R == 1;
     }
   } catch (const c10::Error& err) {
     return absl::InternalError(
@@ -132,24 +151,36 @@ absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> StaticPackedEncoder::Create
 }
 
 void StaticPackedEncoder::LoadRows(const at::Tensor& ids,
-                                   const at::Tensor& starts,
-                                   const std::vector<int64_t>& host_starts) {
+                                   const std::vector<int64_t>& host_starts,
+                                   const RowAdapters* rows) {
   const int64_t B = bucket_.rows;
+  const auto n = static_cast<int64_t>(host_starts.size()) - 1;
   const int64_t N = host_starts.back();
-  // The padding row keeps the ids it holds (pad ids, or a longer previous
-  // batch's): its outputs are dropped and no real row reads them.
+  // The padding rows keep the ids they hold (pad ids, or a longer previous
+  // batch's): their outputs are dropped and no real row reads them.
   ids_.narrow(0, 0, N).copy_(ids);
-  at::Tensor device_starts = starts;
-  if (!device_starts.defined()) {
-    std::vector<int32_t> s(host_starts.begin(), host_starts.end());
-    device_starts = at::tensor(s, at::kInt).to(ids_.device());
-  }
-  starts_.narrow(0, 0, B + 1).copy_(device_starts);
-  if (run_rows_ > 1) {
-    run_starts_.copy_(device_starts.slice(0, 0, B + 1, run_rows_));
-  }
+  // The rows, empty rows up to B, then padding rows of at most `longest`
+  // tokens to the bucket's end (the last one or more may be empty).
   host_starts_ = host_starts;
-  host_starts_.push_back(bucket_.tokens);
+  host_starts_.resize(static_cast<size_t>(B + 1), N);
+  for (int64_t p = 1; p <= bucket_.padding_rows(); ++p) {
+    host_starts_.push_back(
+        std::min(N + p * bucket_.longest, bucket_.tokens));
+  }
+  host_starts_.back() = bucket_.tokens;
+  const at::Tensor staged = HostStaging(
+      {static_cast<int64_t>(host_starts_.size())}, at::kInt, ids_.device());
+  std::copy(host_starts_.begin(), host_starts_.end(),
+            staged.data_ptr<int32_t>());
+  starts_.copy_(Upload(staged, ids_.device()));
+  if (run_rows_ > 1) {
+    run_starts_.copy_(starts_.slice(0, 0, B + 1, run_rows_));
+  }
+  if (slot_table_ && rows != nullptr) {
+    rows_.slots.narrow(0, 0, n).copy_(rows->slots);
+    rows_.mask.narrow(0, 0, n).copy_(rows->mask);
+    if (n < B) rows_.mask.narrow(0, n, B - n).zero_();
+  }
 }
 
 absl::Status StaticPackedEncoder::Body(PackedEncoding& out, bool device_only) {
@@ -160,7 +191,7 @@ absl::Status StaticPackedEncoder::Body(PackedEncoding& out, bool device_only) {
     for (int64_t i = 0; i < count; ++i) s.push_back(host_starts_[i * step]);
     return s;
   };
-  PackedRows attention{starts_, host(B + 2, 1), bucket_.longest};
+  PackedRows attention{starts_, host(starts_.size(0), 1), bucket_.longest};
   PackedRows runs;
   if (run_rows_ == 1) {
     runs = PackedRows{starts_.narrow(0, 0, B + 1), host(B + 1, 1),
@@ -217,7 +248,7 @@ absl::Status StaticPackedEncoder::CheckGraphAgainstEager(
     const int64_t V = w_->config.vocab_size;
     const at::Tensor ids =
         (at::arange(N, ids_.options()) * 7 + 3).remainder(V);
-    LoadRows(ids, at::Tensor(), starts);
+    LoadRows(ids, starts, nullptr);
     absl::Status st = graph_->Replay();
     if (!st.ok()) return st;
     const at::Tensor got =
@@ -233,7 +264,7 @@ absl::Status StaticPackedEncoder::CheckGraphAgainstEager(
           "CUDA graph packed encoder pass differs from eager (max abs diff ",
           (got - want).abs().max().item<double>(), ")"));
     }
-    LoadRows(input.ids, input.rows.starts, input.rows.host_starts);
+    LoadRows(input.ids, input.rows.host_starts, nullptr);
     return absl::OkStatus();
   } catch (const c10::Error& e) {
     return absl::InternalError(
@@ -244,25 +275,24 @@ absl::Status StaticPackedEncoder::CheckGraphAgainstEager(
 absl::StatusOr<EncoderOutput> StaticPackedEncoder::Run(
     const PackedInput& input, const RowAdapters& rows) {
   const int64_t B = bucket_.rows;
-  if (!input.ids.defined() || input.ids.dim() != 1 ||
-      static_cast<int64_t>(input.rows.host_starts.size()) != B + 1 ||
+  const auto n = static_cast<int64_t>(input.rows.host_starts.size()) - 1;
+  if (!input.ids.defined() || input.ids.dim() != 1 || n < 1 || n > B ||
       input.rows.host_starts.back() != input.ids.size(0) ||
-      !input.rows.starts.defined() || input.rows.starts.numel() != B + 1 ||
-      !(PackedBucketOf(input, rows) == bucket_)) {
+      !BucketTakes(bucket_, input, rows)) {
     return absl::InvalidArgumentError(
         "static packed encoder: the input is not one PackRows made for this "
         "encoder's bucket");
   }
   if (!SameLayout(rows, rows_) ||
       (rows.bank != nullptr &&
-       (!rows.slots.defined() || rows.slots.numel() != B ||
-        !rows.mask.defined() || rows.mask.numel() != B))) {
+       (!rows.slots.defined() || rows.slots.numel() != n ||
+        !rows.mask.defined() || rows.mask.numel() != n))) {
     return absl::InvalidArgumentError(
         "static packed encoder: rows must have the adapter layout the "
-        "encoder was created with, slots [B] and mask [B, 1, 1]");
+        "encoder was created with, slots [rows] and mask [rows, 1, 1]");
   }
   try {
-    LoadRows(input.ids, input.rows.starts, input.rows.host_starts);
+    LoadRows(input.ids, input.rows.host_starts, &rows);
     if (capture_pending_) {
       capture_pending_ = false;
       TryCapture(input);

@@ -18,6 +18,11 @@
 // padding row's outputs are dropped. Every op is per token except the
 // attention, which keeps rows apart, so the real tokens' values are those
 // of EncodePacked up to the order of float sums.
+// A bucket `up_to` its bounds (the serving engine's admissions: one graph
+// per range of tokens, whatever the rows) takes any input of at most B rows
+// of at most `longest` tokens and at most `tokens` in all: the rows past the
+// input's are empty (no tokens, no LoRA delta), and the tokens past N are
+// split into padding rows of at most `longest` tokens each.
 //
 // A captured pass reads the row offsets on the device only (lora.h
 // PackedRows with no host offsets), so its graph fits any rows of its
@@ -62,24 +67,36 @@ struct PackedBucket {
   int64_t tokens = 0;       // the buffers' tokens, >= N
   int64_t longest = 0;      // the attention's bound of a row's tokens
   int64_t run_longest = 0;  // runs of R > 1 rows: a bound of a run's; else 0
+  bool up_to = false;  // rows, tokens and longest are bounds (see above)
   bool operator==(const PackedBucket& o) const {
     return rows == o.rows && tokens == o.tokens && longest == o.longest &&
-           run_longest == o.run_longest;
+           run_longest == o.run_longest && up_to == o.up_to;
+  }
+  // The attention's rows past the B rows that the padding tokens fill.
+  int64_t padding_rows() const {
+    return up_to ? (tokens + longest - 1) / longest : 1;
   }
 };
 
 // The bucket of PackRows' `input` with `rows` (input's B rows).
 PackedBucket PackedBucketOf(const PackedInput& input, const RowAdapters& rows);
+// True when `bucket` takes `input` with `rows`: PackedBucketOf's bucket, or
+// within an up_to bucket's bounds.
+bool BucketTakes(const PackedBucket& bucket, const PackedInput& input,
+                 const RowAdapters& rows);
 
 class StaticPackedEncoder {
  public:
   // An encoder for `bucket` with the adapter layout of `rows` (bank,
   // all_rows, uniform_slot, rows_per_slot, slot_offset; nullptr bank: none).
   // Takes the layouts EncodePacked runs whole: no bank, one slot for all
-  // rows, or runs of rows per slot of a reduced-precision model (B a
-  // multiple of the run). InvalidArgument otherwise or for a bad bucket;
-  // Internal for LibTorch errors. The capture waits for the first Run (its
-  // warm-up passes need real rows).
+  // rows, runs of rows per slot of a reduced-precision model (B a
+  // multiple of the run; not up_to), or, there with the run kernels' slot
+  // table (projection.h SlotRunsEnabled), rows with slots of their own
+  // (rows_per_slot 0; each pass copies the rows' slots and mask in).
+  // InvalidArgument otherwise or for a bad bucket; Internal for LibTorch
+  // errors. The capture waits for the first Run (its warm-up passes need
+  // real rows).
   static absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> Create(
       const T5Weights& weights, const PackedBucket& bucket,
       const RowAdapters& rows, const StaticEncoderOptions& options);
@@ -89,7 +106,8 @@ class StaticPackedEncoder {
   StaticPackedEncoder& operator=(const StaticPackedEncoder&) = delete;
 
   // EncodePacked(weights, input, rows) through the buffers: `input` from
-  // PackRows of this bucket (PackedBucketOf), `rows` of Create's layout.
+  // PackRows that this bucket takes (BucketTakes), `rows` of Create's
+  // layout for input's rows.
   // The same outputs up to float summation order. InvalidArgument for
   // another bucket or layout; Internal for LibTorch errors.
   absl::StatusOr<EncoderOutput> Run(const PackedInput& input,
@@ -106,11 +124,12 @@ class StaticPackedEncoder {
 
  private:
   StaticPackedEncoder() = default;
-  // The rows `host_starts` (B + 1 offsets, on the host; `starts` the same
-  // on the device, or undefined: uploaded here) of tokens `ids` [N] into
-  // the buffers.
-  void LoadRows(const at::Tensor& ids, const at::Tensor& starts,
-                const std::vector<int64_t>& host_starts);
+  // The rows `host_starts` (at most B + 1 offsets, on the host) of tokens
+  // `ids` [N] into the buffers, with their slots and mask from `rows`
+  // (undefined: those of the last rows loaded) where the bank is indexed by
+  // them.
+  void LoadRows(const at::Tensor& ids, const std::vector<int64_t>& host_starts,
+                const RowAdapters* rows);
   // The packed pass over the buffers into `out`; device_only: the row
   // offsets read on the device only (a capture). May throw c10::Error.
   absl::Status Body(PackedEncoding& out, bool device_only);
@@ -119,10 +138,12 @@ class StaticPackedEncoder {
 
   const T5Weights* w_ = nullptr;
   PackedBucket bucket_;
-  RowAdapters rows_;        // slots and mask: [B] zeros, shapes only
+  RowAdapters rows_;        // slots [B] and mask [B, 1, 1]: the rows'
+  bool slot_table_ = false;  // rows_' slots and mask are read (loaded per pass)
   int64_t run_rows_ = 0;    // R of the LoRA runs; 0: no runs
   at::Tensor ids_;          // [tokens] int64
-  at::Tensor starts_;       // [B + 2] int32: the rows, then the padding row
+  // [B + 1 + padding rows] int32: the rows, then the padding rows
+  at::Tensor starts_;
   at::Tensor run_starts_;   // [B / R + 1] int32 where R > 1
   std::vector<int64_t> host_starts_;  // starts_ on the host (eager passes)
   bool capture_pending_ = false;

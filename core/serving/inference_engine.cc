@@ -41,6 +41,7 @@
 #include "core/model/static_decoder_pool.h"
 #include "core/model/static_encoder.h"
 #include "core/model/t5_forward.h"
+#include "core/serving/admission_encoder.h"
 #include "core/util/status_macros.h"
 
 namespace lorahub::serving {
@@ -247,6 +248,13 @@ struct InferenceEngine::State {
       o.capacity = 16;
       admission_encoders = std::make_unique<model::StaticEncoderPool>(o);
     }
+    if (UseOn(e->options_.packed_admission_graphs,
+              "LORAHUB_SERVE_PACKED_GRAPHS", w.device)) {
+      AdmissionEncoderOptions o;
+      o.max_rows = e->options_.max_batch_rows;
+      o.cuda_graph = w.device.is_cuda();
+      packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
+    }
   }
   // Steps launched and never collected (a failure, a shutdown) may still
   // write their picks into host_picks through its device mapping, which
@@ -277,6 +285,9 @@ struct InferenceEngine::State {
   std::unique_ptr<model::StaticDecoder> slot_decoder;
   // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
   std::unique_ptr<model::StaticEncoderPool> admission_encoders;
+  // EngineOptions::packed_admission_graphs: the row slots' newcomers'
+  // packed passes through graphs per token bucket, or nullptr.
+  std::unique_ptr<AdmissionEncoder> packed_admissions;
   std::vector<std::optional<Row>> slot_rows;
   std::vector<int64_t> slot_tokens;
   int64_t slot_running = 0;
@@ -513,9 +524,13 @@ struct InferenceEngine::State {
 
   // The prompts of `newcomers` through the encoder: right-padded, or
   // without their padding where that pays (model::PackedEncodePays).
+  // `resident_layout`: set where adapters_of_rows index the slot bank's
+  // resident bank (SlotBank::layout), whose tensors stay put, so that a
+  // captured pass (packed_admissions) may read them.
   absl::StatusOr<model::EncoderOutput> EncodePrompts(
       const std::vector<const Row*>& newcomers,
-      const model::RowAdapters& adapters_of_rows) {
+      const model::RowAdapters& adapters_of_rows,
+      std::optional<int64_t> resident_layout = std::nullopt) {
     const int64_t n = static_cast<int64_t>(newcomers.size());
     if (metrics()) metrics()->ObserveBatchSize(static_cast<int>(n));
     Timed timed{*this, Part::kEncoder};
@@ -552,6 +567,11 @@ struct InferenceEngine::State {
           admission_encoders->Encode(w, padded.ids, padded.mask, per_row, options);
       if (sync) model::SynchronizeDevice(w.device);
       return out;
+    }
+    if (packed_admissions && resident_layout &&
+        packed_admissions->Takes(prompts, adapters_of_rows)) {
+      return packed_admissions->Encode(prompts, adapters_of_rows,
+                                       *resident_layout);
     }
     if (model::PackedEncodePays(w, prompts, adapters_of_rows)) {
       LH_ASSIGN_OR_RETURN(model::PackedInput packed,
@@ -619,8 +639,10 @@ struct InferenceEngine::State {
                         model::MakeRowAdapters(w, bank, adapter_slots));
     std::vector<const Row*> newcomers;
     for (int64_t q : positions) newcomers.push_back(&*slot_rows[q]);
-    LH_ASSIGN_OR_RETURN(model::EncoderOutput enc,
-                        EncodePrompts(newcomers, new_rows));
+    LH_ASSIGN_OR_RETURN(
+        model::EncoderOutput enc,
+        EncodePrompts(newcomers, new_rows,
+                      slot_bank ? slot_bank->layout() : int64_t{0}));
     Timed timed{*this, Part::kDecoderRows};
     const model::GemmRowsMultipleScope rounded(cross_rows_multiple);
     LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows));
@@ -1460,10 +1482,19 @@ void InferenceEngine::Loop() {
   } fail_leftovers{this};
   struct LogTiming {
     // The admissions' encoder pool's passes, or "" without one.
-    static std::string PoolCounts(const model::StaticEncoderPool* pool) {
-      if (pool == nullptr) return "";
-      return absl::StrCat("; admission encoders: ", pool->hits(), " passes on a pooled encoder, ",
-                          pool->misses(), " new ones, ", pool->eager(), " eager");
+    static std::string PoolCounts(const State& s) {
+      std::string out;
+      if (const model::StaticEncoderPool* pool = s.admission_encoders.get()) {
+        absl::StrAppend(&out, "; admission encoders: ", pool->hits(),
+                        " passes on a pooled encoder, ", pool->misses(),
+                        " new ones, ", pool->eager(), " eager");
+      }
+      if (const AdmissionEncoder* packed = s.packed_admissions.get()) {
+        absl::StrAppend(&out, "; packed admission passes ", packed->passes(),
+                        " over ", packed->encoders(), " buckets (",
+                        packed->graphs(), " replaying graphs)");
+      }
+      return out;
     }
     const State& s;
     const std::string& device;
@@ -1495,7 +1526,7 @@ void InferenceEngine::Loop() {
           absl::ToDoubleSeconds(t.decode), static_cast<long long>(t.steps_ahead),
           absl::ToDoubleSeconds(t.emit),
           loader ? std::to_string(loader->loads_done()).c_str() : "off",
-          PoolCounts(s.admission_encoders.get()).c_str());
+          PoolCounts(s).c_str());
     }
   } log_timing{s, options_.device_name, loader_.get()};
   for (;;) {

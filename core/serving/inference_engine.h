@@ -166,6 +166,18 @@ struct EngineOptions {
   // bucket's graph serves any adapters. The environment variable
   // LORAHUB_SERVE_ENCODER_GRAPH=off|cuda|always overrides this (A/B runs).
   model::EncoderGraph admission_encoder = model::EncoderGraph::kOff;
+  // Where the row slots' newcomers' prompts (each of at most 128 tokens,
+  // no adapters or a reduced-precision model) are encoded instead, unless
+  // admission_encoder takes them: packed, through a CUDA graph per range of
+  // tokens captured at its first pass (admission_encoder.h
+  // AdmissionEncoder; kCuda on a GPU, kAlways also on the CPU, eagerly
+  // through the same buffers: tests), or kOff: packed eagerly where that
+  // pays. Why: an eager admission pass holds the engine thread 12.2 ms
+  // for flan-t5-large (about 240 host calls of 16-90 us; the device idle
+  // 75% of it; sixty-seventh session, H100), and serving is bound by that
+  // thread. LORAHUB_SERVE_PACKED_GRAPHS=off|cuda|always overrides this
+  // (A/B runs).
+  model::EncoderGraph packed_admission_graphs = model::EncoderGraph::kCuda;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes

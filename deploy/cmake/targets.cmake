@@ -836,11 +836,13 @@ lorahub_cc_library(core_serving_serving
   PACKAGE core/serving
   SRCS
     ${SRC}/core/serving/adapter_cache.cc
+    ${SRC}/core/serving/admission_encoder.cc
     ${SRC}/core/serving/cached_module_resolver.cc
     ${SRC}/core/serving/inference_engine.cc
     ${SRC}/core/serving/module_loader.cc
     ${SRC}/core/serving/module_tier.cc
     ${SRC}/core/serving/adapter_cache.h
+    ${SRC}/core/serving/admission_encoder.h
     ${SRC}/core/serving/cached_module_resolver.h
     ${SRC}/core/serving/inference_engine.h
     ${SRC}/core/serving/module_loader.h

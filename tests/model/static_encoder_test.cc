@@ -777,12 +777,22 @@ TEST_P(StaticEncoderTest, PackedPassRejectsOtherBucketsAndLayouts) {
               absl::StatusCode::kInvalidArgument)
         << bad.rows << " " << bad.tokens << " " << bad.longest;
   }
-  auto gather = MakeRowAdapters(base_, &bank, {1, 0, 3, 2});
-  ASSERT_TRUE(gather.ok()) << gather.status();
+  // Slots of their own: the slot table's run kernels of a
+  // reduced-precision model; fp32 goes row by row (no capture).
+  auto table = MakeRowAdapters(base_, &bank, {1, 0, 3, 2});
+  ASSERT_TRUE(table.ok()) << table.status();
   EXPECT_EQ(StaticPackedEncoder::Create(base_, PackedBucket{4, 96, 48, 0},
-                                        *gather, o)
+                                        *table, o)
                 .status()
                 .code(),
+            base_.dtype == at::kFloat ? absl::StatusCode::kInvalidArgument
+                                      : absl::StatusCode::kOk);
+  // Runs of rows in a bucket up to its bounds.
+  auto runs = MakeRowAdapters(base_, &bank, {0, 0, 1, 1});
+  ASSERT_TRUE(runs.ok()) << runs.status();
+  PackedBucket up_to{4, 96, 48, 64};
+  up_to.up_to = true;
+  EXPECT_EQ(StaticPackedEncoder::Create(base_, up_to, *runs, o).status().code(),
             absl::StatusCode::kInvalidArgument);
 
   auto in = PackRows(Prompts(4, {9, 1, 40, 5}, 32), base_.device);
@@ -807,6 +817,102 @@ TEST_P(StaticEncoderTest, PackedPassRejectsOtherBucketsAndLayouts) {
   auto good = (*enc)->Run(*in, RowAdapters{});
   ASSERT_TRUE(good.ok()) << good.status();
   ExpectEqualsEncodePacked(base_, *good, *in, RowAdapters{}, "after refusals");
+}
+
+// Rows with slots of their own through the slot table, as the serving
+// engine's admissions pass them: every row by its slot and mask.
+RowAdapters TableRows(const T5Weights& base, const AdapterBank& bank,
+                      const std::vector<int64_t>& slots) {
+  auto rows = MakeRowAdapters(base, &bank, slots);
+  EXPECT_TRUE(rows.ok()) << rows.status();
+  if (!rows.ok()) return RowAdapters{};
+  rows->all_rows = false;
+  rows->uniform_slot = -1;
+  rows->rows_per_slot = 0;
+  rows->slot_offset = 0;
+  return *rows;
+}
+
+// A bucket up to its bounds (the serving engine's admissions): passes of 1
+// to 6 rows through one encoder of 6 rows, 256 tokens and rows of at most
+// 64 (the rows past a pass's empty; the tokens past it padding rows of at
+// most 64, none for a pass of all 256), without adapters, with one slot for
+// all and, on a reduced-precision model, with slots of their own (the slot
+// table: each pass's slots and mask copied in; a row without an adapter;
+// a bank with a scaling per slot): EncodePacked's outputs at each pass.
+// Inputs past the bounds are refused.
+TEST_P(StaticEncoderTest, PackedPassUpToItsBoundsEqualsEncodePacked) {
+  MakeBank(4, /*second_alpha=*/32);  // a scaling per slot
+  const AdapterBank qv = QvBankOfFour(base_, &adapters_);
+  PackedBucket bucket{6, 256, 64, 0};
+  bucket.up_to = true;
+  EXPECT_EQ(bucket.padding_rows(), 4);
+  const std::vector<std::vector<int64_t>> lengths = {
+      {9, 1, 40, 5}, {64, 64, 64, 64}, {3}, {30, 2, 7, 64, 11, 50},
+      {9, 1, 40, 5}};
+  enum class Kind { kNone, kOneSlot, kTable };
+  struct Layout {
+    std::string name;
+    Kind kind;
+    const AdapterBank* bank;
+  };
+  for (const Layout& layout :
+       {Layout{"no adapters", Kind::kNone, nullptr},
+        Layout{"one slot for all", Kind::kOneSlot, &qv},
+        Layout{"slots of their own", Kind::kTable, &qv},
+        Layout{"slots of their own, a scaling per slot", Kind::kTable,
+               &bank_}}) {
+    const auto rows_of = [&](size_t pass, size_t n) {
+      if (layout.kind == Kind::kNone) return RowAdapters{};
+      std::vector<int64_t> slots;
+      const int64_t num_slots = layout.bank->num_slots;
+      for (size_t r = 0; r < n; ++r) {
+        slots.push_back(layout.kind == Kind::kOneSlot
+                            ? 1
+                            : static_cast<int64_t>(r + pass) % num_slots);
+      }
+      if (layout.kind == Kind::kTable && n > 2) slots[1] = -1;
+      if (layout.kind == Kind::kOneSlot) {
+        auto r = MakeRowAdapters(base_, layout.bank, slots);
+        EXPECT_TRUE(r.ok()) << r.status();
+        return r.ok() ? *r : RowAdapters{};
+      }
+      return TableRows(base_, *layout.bank, slots);
+    };
+    auto enc = StaticPackedEncoder::Create(base_, bucket, rows_of(0, 4),
+                                           StaticEncoderOptions{});
+    if (layout.kind == Kind::kTable && base_.dtype == at::kFloat) {
+      EXPECT_EQ(enc.status().code(), absl::StatusCode::kInvalidArgument)
+          << layout.name;
+      continue;
+    }
+    ASSERT_TRUE(enc.ok()) << layout.name << ": " << enc.status();
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      const std::string where = layout.name + ", pass " + std::to_string(i);
+      const auto n = static_cast<int64_t>(lengths[i].size());
+      auto in = PackRows(Prompts(n, lengths[i], 60 + static_cast<int64_t>(i)),
+                         base_.device);
+      ASSERT_TRUE(in.ok()) << in.status();
+      const RowAdapters rows = rows_of(i, lengths[i].size());
+      ASSERT_TRUE(BucketTakes(bucket, *in, rows)) << where;
+      auto got = (*enc)->Run(*in, rows);
+      ASSERT_TRUE(got.ok()) << where << ": " << got.status();
+      ExpectEqualsEncodePacked(base_, *got, *in, rows, where);
+    }
+    for (const std::vector<int64_t>& past :
+         {std::vector<int64_t>{9, 1, 40, 5, 2, 2, 2},  // 7 rows
+          std::vector<int64_t>{9, 65},                 // a row of 65
+          std::vector<int64_t>{64, 64, 64, 64, 1}}) {  // 257 tokens
+      auto in = PackRows(Prompts(static_cast<int64_t>(past.size()), past, 70),
+                         base_.device);
+      ASSERT_TRUE(in.ok()) << in.status();
+      const RowAdapters rows = rows_of(0, past.size());
+      EXPECT_FALSE(BucketTakes(bucket, *in, rows)) << past.size();
+      EXPECT_EQ((*enc)->Run(*in, rows).status().code(),
+                absl::StatusCode::kInvalidArgument)
+          << layout.name << ", " << past.size() << " rows";
+    }
+  }
 }
 
 // Rows known on the device only (no host offsets, as a capture passes
@@ -874,19 +980,21 @@ TEST_P(StaticEncoderTest, PackedPoolTakesABucketAtItsSecondPass) {
   EXPECT_EQ(pool.eager(), eager_before + 1);
   EXPECT_EQ(pool.hits(), 2);
 
-  // A gather layout (rows_per_slot 0): plain EncodePacked.
+  // Slots of their own (rows_per_slot 0): an encoder of the slot table at
+  // the second pass for a reduced-precision model; fp32 plain EncodePacked.
   const AdapterBank bank = QvBankOfFour(base_, &adapters_);
-  auto gather = MakeRowAdapters(base_, &bank, {1, 0, 3, 2});
-  ASSERT_TRUE(gather.ok()) << gather.status();
-  for (int i = 0; i < 2; ++i) pass(pool, base_, {9, 1, 40, 5}, 45, *gather);
-  EXPECT_EQ(pool.misses(), 1);
+  auto table = MakeRowAdapters(base_, &bank, {1, 0, 3, 2});
+  ASSERT_TRUE(table.ok()) << table.status();
+  for (int i = 0; i < 3; ++i) pass(pool, base_, {9, 1, 40, 5}, 45 + i, *table);
+  EXPECT_EQ(pool.misses(), base_.dtype == at::kFloat ? 1 : 2);
+  EXPECT_EQ(pool.hits(), base_.dtype == at::kFloat ? 2 : 3);
 
   StaticPackedEncoderPoolOptions small;
   small.max_tokens = 64;
   small.first_pass_eager = false;
   StaticPackedEncoderPool tight(small);
-  pass(tight, base_, {9, 1, 40, 5}, 46, {});  // 96 tokens
-  pass(tight, base_, {9, 1, 20, 5}, 47, {});  // 35 tokens: 64
+  pass(tight, base_, {9, 1, 40, 5}, 48, {});  // 96 tokens
+  pass(tight, base_, {9, 1, 20, 5}, 49, {});  // 35 tokens: 64
   EXPECT_EQ(tight.eager(), 1);
   EXPECT_EQ(tight.misses(), 1);
   pool.Clear();
@@ -946,6 +1054,79 @@ TEST(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
       ExpectEqualsEncodePacked(*base, *got, *in, rows,
                                adapted ? "one slot per row" : "no adapters");
     }
+  }
+}
+
+// On CUDA, a bucket up to its bounds as the serving engine's admissions
+// make it (8 rows, 512 tokens, rows of at most 128) with slots of their own
+// through the slot table, of a bank with a scaling per slot (rank 8 on q
+// and v): the pass captures at its first run, and replays over other rows
+// (1 to 8, a row without an adapter, other slots) give EncodePacked's
+// outputs. The CPU has no graphs: skipped.
+TEST(StaticPackedEncoderCudaTest, CapturesABucketUpToItsBounds) {
+  auto device = testing::TestDevice();
+  ASSERT_TRUE(device.ok()) << device.status();
+  if (!device->is_cuda() || !CudaGraphsCompiled()) {
+    GTEST_SKIP() << "CUDA graphs only";
+  }
+  const config::T5Config c = testing::WideHeadsConfig();
+  WeightOptions wo;
+  wo.device = *device;
+  wo.dtype = at::kBFloat16;
+  auto base = BuildT5Weights(c, testing::RandomT5(c, 51, 0.3), wo);
+  ASSERT_TRUE(base.ok()) << base.status();
+  std::vector<LoraAdapter> adapters;
+  for (int alpha : {16, 32, 8}) {
+    auto cfg = testing::MakeLoraConfig({"q", "v"}, 8, alpha);
+    auto a = BuildLoraAdapter(*base, cfg,
+                              testing::RandomAdapter(*base, cfg, 80 + alpha),
+                              "alpha" + std::to_string(alpha));
+    ASSERT_TRUE(a.ok()) << a.status();
+    adapters.push_back(*a);
+  }
+  auto bank = MakeAdapterBank(*base, {&adapters[0], &adapters[1], &adapters[2]});
+  ASSERT_TRUE(bank.ok()) << bank.status();
+  auto prompts = [&](const std::vector<int64_t>& lengths, int64_t seed) {
+    std::vector<std::vector<int64_t>> out;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      std::vector<int64_t> p;
+      for (int64_t t = 0; t < lengths[r]; ++t) {
+        p.push_back((seed * 13 + static_cast<int64_t>(r) * 5 + t * 3 + 1) %
+                    c.vocab_size);
+      }
+      out.push_back(p);
+    }
+    return out;
+  };
+  PackedBucket bucket{8, 512, 128, 0};
+  bucket.up_to = true;
+  const std::vector<std::vector<int64_t>> passes = {
+      {70, 9, 40, 33}, {12, 128, 35, 20, 1, 90, 64, 100}, {5}, {128, 128, 128, 128},
+      {70, 9, 40, 33}};
+  const std::vector<std::vector<int64_t>> slots = {
+      {0, 1, 2, 0}, {2, -1, 1, 0, 0, 1, 2, 2}, {1}, {2, 2, 0, -1}, {1, 0, 2, 1}};
+  std::unique_ptr<StaticPackedEncoder> enc;
+  for (size_t i = 0; i < passes.size(); ++i) {
+    const std::string where = "pass " + std::to_string(i);
+    auto rows = MakeRowAdapters(*base, &*bank, slots[i]);
+    ASSERT_TRUE(rows.ok()) << rows.status();
+    rows->all_rows = false;
+    rows->uniform_slot = -1;
+    rows->rows_per_slot = 0;
+    rows->slot_offset = 0;
+    if (enc == nullptr) {
+      auto made = StaticPackedEncoder::Create(*base, bucket, *rows,
+                                              StaticEncoderOptions{});
+      ASSERT_TRUE(made.ok()) << made.status();
+      enc = *std::move(made);
+    }
+    auto in = PackRows(prompts(passes[i], static_cast<int64_t>(i) + 3),
+                       base->device);
+    ASSERT_TRUE(in.ok()) << in.status();
+    auto got = enc->Run(*in, *rows);
+    ASSERT_TRUE(got.ok()) << where << ": " << got.status();
+    EXPECT_TRUE(enc->graph_active()) << where << ": " << enc->graph_status();
+    ExpectEqualsEncodePacked(*base, *got, *in, *rows, where);
   }
 }
 

@@ -319,6 +319,7 @@ struct BatchWay {
   const char* name;
   int steps_ahead = EngineOptions::kAutoStepsAhead;
   int64_t rows_multiple = EngineOptions::kAutoRowsMultiple;
+  model::EncoderGraph packed_graphs = model::EncoderGraph::kCuda;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
@@ -330,6 +331,7 @@ class EngineBatchTest : public EngineTest,
     o.admission_encoder = GetParam().encoder;
     o.steps_ahead = GetParam().steps_ahead;
     o.admission_rows_multiple = GetParam().rows_multiple;
+    o.packed_admission_graphs = GetParam().packed_graphs;
     return o;
   }
 };
@@ -478,7 +480,14 @@ INSTANTIATE_TEST_SUITE_P(
         BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kAlways,
                  "RowSlotsPooledEncoder"},
         BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
-                 "RowSlotsRoundedRows", EngineOptions::kAutoStepsAhead, 16}),
+                 "RowSlotsRoundedRows", EngineOptions::kAutoStepsAhead, 16},
+        // The newcomers' passes through the packed encoders of token
+        // buckets (AdmissionEncoder; eager buffers on the CPU): in fp32
+        // those without adapters, in bf16 all through the slot table.
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
+                 "RowSlotsPackedGraphs", EngineOptions::kAutoStepsAhead,
+                 EngineOptions::kAutoRowsMultiple,
+                 model::EncoderGraph::kAlways}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {

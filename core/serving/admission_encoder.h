@@ -1,0 +1,98 @@
+// The serving engine's admissions' encoder passes through CUDA graphs: the
+// newcomers' prompts packed end to end (model::PackRows) and run by a
+// model::StaticPackedEncoder of a bucket up to its bounds, one per range of
+// tokens, captured at its first pass and replayed after.
+//
+// Why: an eager admission pass dispatches about 240 GEMMs and fused kernels
+// from the engine thread at 16-90 us of host time each (12.2 ms a pass for
+// flan-t5-large, the device idle 75% of it; sixty-seventh session, H100),
+// and serving is bound by that thread. A replay dispatches the pass at once.
+// The padded pool of earlier sessions (StaticEncoderPool) and packed graphs
+// keyed by the exact rows did not pay: their buckets rarely repeated. Here
+// a bucket is a range of tokens only: any rows up to max_rows, each of at
+// most kLongestRow tokens (the packed attention kernel's bound), fill it,
+// the rows past the batch's empty and the tokens past it padding rows.
+// Every row reads its adapter slot from the run kernels' slot table, so one
+// graph serves any adapters of the bank it was captured with.
+//
+// Buckets: at least 128 tokens; up to 512 in steps of 64, then steps of an
+// eighth of the next power of two (at most 1/8 of padding, 23 buckets to
+// 8,192 tokens).
+//
+// Ownership: references `weights`, which must outlive it; owns its encoders
+// (each a graph's private memory for its bucket's working set), which it
+// drops when the bank or its layout changes.
+// Thread-safety: none; one owner (the engine's GPU thread).
+#ifndef LORAHUB_CORE_SERVING_ADMISSION_ENCODER_H_
+#define LORAHUB_CORE_SERVING_ADMISSION_ENCODER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/lora.h"
+#include "core/model/static_packed_encoder.h"
+#include "core/model/t5_forward.h"
+#include "core/model/t5_weights.h"
+
+namespace lorahub::serving {
+
+struct AdmissionEncoderOptions {
+  int64_t max_rows = 64;       // rows of a pass, at most (the row slots)
+  int64_t max_tokens = 8192;   // tokens of a pass, at most
+  bool cuda_graph = true;      // false: the buckets' passes run eagerly
+};
+
+class AdmissionEncoder {
+ public:
+  // The packed attention kernel's longest row (model::kPackedAttentionMaxRow).
+  static constexpr int64_t kLongestRow = 128;
+
+  AdmissionEncoder(const model::T5Weights& weights,
+                   AdmissionEncoderOptions options);
+  ~AdmissionEncoder();
+  AdmissionEncoder(const AdmissionEncoder&) = delete;
+  AdmissionEncoder& operator=(const AdmissionEncoder&) = delete;
+
+  // The tokens of the bucket a pass of `tokens` (>= 1) takes.
+  static int64_t BucketTokens(int64_t tokens);
+
+  // True when Encode takes these prompts with `rows` (their adapters, as
+  // model::MakeRowAdapters makes them over the engine's bank): rows and
+  // tokens within the options, every prompt of 1 to kLongestRow tokens,
+  // and no adapters or a reduced-precision model (fp32 adapters go row by
+  // row, which a graph cannot replay).
+  bool Takes(const std::vector<std::vector<int64_t>>& prompts,
+             const model::RowAdapters& rows) const;
+
+  // model::EncodePacked of the prompts with `rows` (Takes holds), through
+  // the encoder of their bucket, made (and captured) here at the bucket's
+  // first pass. `bank_layout`: the bank's layout version (SlotBank::layout);
+  // a bank or layout other than the encoders' drops them first. The same
+  // outputs up to the order of float sums; a capture that fails leaves
+  // that bucket eager. Errors of PackRows and StaticPackedEncoder.
+  absl::StatusOr<model::EncoderOutput> Encode(
+      const std::vector<std::vector<int64_t>>& prompts,
+      const model::RowAdapters& rows, int64_t bank_layout);
+
+  int64_t encoders() const;  // buckets made (with and without a bank)
+  int64_t graphs() const;    // of them, replaying a graph now
+  int64_t passes() const { return passes_; }
+
+ private:
+  const model::T5Weights& w_;
+  const AdmissionEncoderOptions options_;
+  const model::AdapterBank* bank_ = nullptr;  // the encoders' bank
+  int64_t bank_layout_ = -1;
+  // By (bucket tokens, with a bank).
+  std::map<std::pair<int64_t, bool>,
+           std::unique_ptr<model::StaticPackedEncoder>>
+      encoders_;
+  int64_t passes_ = 0;
+};
+
+}  // namespace lorahub::serving
+
+#endif  // LORAHUB_CORE_SERVING_ADMISSION_ENCODER_H_
