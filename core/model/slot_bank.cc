@@ -1,6 +1,7 @@
 #include "core/model/slot_bank.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 
@@ -186,8 +187,15 @@ bool SlotBank::Summable(const at::Tensor& t) const {
 }
 
 void SlotBank::Load(int64_t slot, const LoraAdapter& adapter) {
-  LoadFactors(slot, adapter);
-  if (int8_) Quantize(slot);
+  // Profiler scopes (deploy/gpu/serve_trace.py's tables of a slot load).
+  {
+    RECORD_USER_SCOPE("lorahub::slot_factors");
+    LoadFactors(slot, adapter);
+  }
+  if (int8_) {
+    RECORD_USER_SCOPE("lorahub::slot_int8");
+    Quantize(slot);
+  }
 }
 
 void SlotBank::Quantize(int64_t slot) {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/loader.h"
@@ -203,32 +204,43 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
     if (spec.method == "ties") absl::StrAppend(&key, ":m=", spec.majority_sign);
     if (spec.method == "dare_linear") absl::StrAppend(&key, ":s=", spec.seed);
   }
+  // Profiler scopes (deploy/gpu/serve_trace.py's tables of a composition).
   std::vector<ModuleLocation> locations;
-  for (size_t i = 0; i < spec.module_ids.size(); ++i) {
-    LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(spec.module_ids[i]));
-    uint64_t bits;
-    std::memcpy(&bits, &weights[i], sizeof(bits));
-    absl::StrAppend(&key, "|", ModuleContentKey(loc), "*", absl::Hex(bits));
-    locations.push_back(std::move(loc));
+  {
+    RECORD_USER_SCOPE("lorahub::composition_key");
+    for (size_t i = 0; i < spec.module_ids.size(); ++i) {
+      LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(spec.module_ids[i]));
+      uint64_t bits;
+      std::memcpy(&bits, &weights[i], sizeof(bits));
+      absl::StrAppend(&key, "|", ModuleContentKey(loc), "*", absl::Hex(bits));
+      locations.push_back(std::move(loc));
+    }
+    if (Adapter hit = device_.Lookup(key)) return hit;
   }
-  if (Adapter hit = device_.Lookup(key)) return hit;
   std::vector<Adapter> modules;
-  for (size_t i = 0; i < spec.module_ids.size(); ++i) {
-    LH_ASSIGN_OR_RETURN(Adapter m, ModuleAt(spec.module_ids[i], locations[i]));
-    modules.push_back(std::move(m));
+  {
+    RECORD_USER_SCOPE("lorahub::composition_modules");
+    for (size_t i = 0; i < spec.module_ids.size(); ++i) {
+      LH_ASSIGN_OR_RETURN(Adapter m, ModuleAt(spec.module_ids[i], locations[i]));
+      modules.push_back(std::move(m));
+    }
   }
   std::vector<const model::LoraAdapter*> raw;
   for (const auto& m : modules) raw.push_back(m.get());
-  if (spec.method == "lorahub") {  // the composition has the modules' shapes
-    LH_RETURN_IF_ERROR(model::CheckStackable(*base_, raw));
-    LH_RETURN_IF_ERROR(device_.CheckRoom("composition", ModuleTier::AdapterBytes(*raw[0])));
+  std::shared_ptr<const model::LoraAdapter> adapter;
+  {
+    RECORD_USER_SCOPE("lorahub::compose");
+    if (spec.method == "lorahub") {  // the composition has the modules' shapes
+      LH_RETURN_IF_ERROR(model::CheckStackable(*base_, raw));
+      LH_RETURN_IF_ERROR(device_.CheckRoom("composition", ModuleTier::AdapterBytes(*raw[0])));
+    }
+    LH_ASSIGN_OR_RETURN(model::LoraAdapter composed,
+                        model::ComposeModules(*base_, raw, weights, params));
+    composed.name = "composition";
+    adapter = std::make_shared<const model::LoraAdapter>(std::move(composed));
   }
-  LH_ASSIGN_OR_RETURN(model::LoraAdapter composed,
-                      model::ComposeModules(*base_, raw, weights, params));
-  composed.name = "composition";
-  auto adapter =
-      std::make_shared<const model::LoraAdapter>(std::move(composed));
   // The modules stay pinned until the composition is in (or refused).
+  RECORD_USER_SCOPE("lorahub::composition_insert");
   return device_.Insert(key, std::move(adapter), /*derived=*/true);
 }
 
