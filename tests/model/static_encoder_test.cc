@@ -1001,36 +1001,58 @@ TEST_P(StaticEncoderTest, PackedPoolTakesABucketAtItsSecondPass) {
   EXPECT_EQ(pool.idle(), 0u);
 }
 
-// On CUDA, a model of the kernels' head width (64) and a longest row they
-// take (33 to 128 tokens): the pass captures, and replays over other rows
-// of its bucket give EncodePacked's outputs, without adapters and with one
-// slot per row (bf16: the run kernels). The CPU has no graphs: skipped.
-TEST(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
-  auto device = testing::TestDevice();
-  ASSERT_TRUE(device.ok()) << device.status();
-  if (!device->is_cuda() || !CudaGraphsCompiled()) {
-    GTEST_SKIP() << "CUDA graphs only";
+// The CUDA tests' model: the kernels' head width (64) in bf16 on the test
+// device. The CPU has no graphs: skipped.
+class StaticPackedEncoderCudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto device = testing::TestDevice();
+    ASSERT_TRUE(device.ok()) << device.status();
+    if (!device->is_cuda() || !CudaGraphsCompiled()) {
+      GTEST_SKIP() << "CUDA graphs only";
+    }
+    device_ = *device;
   }
-  const config::T5Config c = testing::WideHeadsConfig();
-  WeightOptions wo;
-  wo.device = *device;
-  wo.dtype = at::kBFloat16;
-  auto base = BuildT5Weights(c, testing::RandomT5(c, 50, 0.3), wo);
-  ASSERT_TRUE(base.ok()) << base.status();
-  std::vector<LoraAdapter> adapters;
-  const AdapterBank bank = QvBankOfFour(*base, &adapters);
-  auto prompts = [&](const std::vector<int64_t>& lengths, int64_t seed) {
+
+  // Random weights of `seed`, or a failed assertion (base_ undefined).
+  void Build(uint64_t seed) {
+    WeightOptions wo;
+    wo.device = device_;
+    wo.dtype = at::kBFloat16;
+    auto base = BuildT5Weights(config_, testing::RandomT5(config_, seed, 0.3), wo);
+    ASSERT_TRUE(base.ok()) << base.status();
+    base_ = *base;
+  }
+
+  // Prompts of `lengths`, tokens from `seed`.
+  std::vector<std::vector<int64_t>> Prompts(const std::vector<int64_t>& lengths,
+                                            int64_t seed) const {
     std::vector<std::vector<int64_t>> out;
     for (size_t r = 0; r < lengths.size(); ++r) {
       std::vector<int64_t> p;
       for (int64_t t = 0; t < lengths[r]; ++t) {
         p.push_back((seed * 13 + static_cast<int64_t>(r) * 5 + t * 3 + 1) %
-                    c.vocab_size);
+                    config_.vocab_size);
       }
       out.push_back(p);
     }
     return out;
-  };
+  }
+
+  const config::T5Config config_ = testing::WideHeadsConfig();
+  c10::Device device_ = c10::Device(c10::kCPU);
+  T5Weights base_;
+};
+
+// On CUDA, a model of the kernels' head width (64) and a longest row they
+// take (33 to 128 tokens): the pass captures, and replays over other rows
+// of its bucket give EncodePacked's outputs, without adapters and with one
+// slot per row (bf16: the run kernels).
+TEST_F(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
+  ASSERT_NO_FATAL_FAILURE(Build(50));
+  const T5Weights* base = &base_;
+  std::vector<LoraAdapter> adapters;
+  const AdapterBank bank = QvBankOfFour(*base, &adapters);
   for (bool adapted : {false, true}) {
     RowAdapters rows;
     if (adapted) {
@@ -1038,7 +1060,7 @@ TEST(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
       ASSERT_TRUE(r.ok()) << r.status();
       rows = *r;
     }
-    auto first = PackRows(prompts({70, 9, 40, 33}, 1), base->device);
+    auto first = PackRows(Prompts({70, 9, 40, 33}, 1), base->device);
     ASSERT_TRUE(first.ok()) << first.status();
     auto enc = StaticPackedEncoder::Create(*base, PackedBucketOf(*first, rows),
                                            rows, StaticEncoderOptions{});
@@ -1046,7 +1068,7 @@ TEST(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
     for (const auto& lengths : {std::vector<int64_t>{70, 9, 40, 33},
                                 std::vector<int64_t>{12, 80, 35, 20},
                                 std::vector<int64_t>{65, 65, 2, 1}}) {
-      auto in = PackRows(prompts(lengths, lengths[1]), base->device);
+      auto in = PackRows(Prompts(lengths, lengths[1]), base->device);
       ASSERT_TRUE(in.ok()) << in.status();
       auto got = (*enc)->Run(*in, rows);
       ASSERT_TRUE(got.ok()) << got.status();
@@ -1062,19 +1084,10 @@ TEST(StaticPackedEncoderCudaTest, CapturesAndReplaysOtherRows) {
 // through the slot table, of a bank with a scaling per slot (rank 8 on q
 // and v): the pass captures at its first run, and replays over other rows
 // (1 to 8, a row without an adapter, other slots) give EncodePacked's
-// outputs. The CPU has no graphs: skipped.
-TEST(StaticPackedEncoderCudaTest, CapturesABucketUpToItsBounds) {
-  auto device = testing::TestDevice();
-  ASSERT_TRUE(device.ok()) << device.status();
-  if (!device->is_cuda() || !CudaGraphsCompiled()) {
-    GTEST_SKIP() << "CUDA graphs only";
-  }
-  const config::T5Config c = testing::WideHeadsConfig();
-  WeightOptions wo;
-  wo.device = *device;
-  wo.dtype = at::kBFloat16;
-  auto base = BuildT5Weights(c, testing::RandomT5(c, 51, 0.3), wo);
-  ASSERT_TRUE(base.ok()) << base.status();
+// outputs.
+TEST_F(StaticPackedEncoderCudaTest, CapturesABucketUpToItsBounds) {
+  ASSERT_NO_FATAL_FAILURE(Build(51));
+  const T5Weights* base = &base_;
   std::vector<LoraAdapter> adapters;
   for (int alpha : {16, 32, 8}) {
     auto cfg = testing::MakeLoraConfig({"q", "v"}, 8, alpha);
@@ -1086,18 +1099,6 @@ TEST(StaticPackedEncoderCudaTest, CapturesABucketUpToItsBounds) {
   }
   auto bank = MakeAdapterBank(*base, {&adapters[0], &adapters[1], &adapters[2]});
   ASSERT_TRUE(bank.ok()) << bank.status();
-  auto prompts = [&](const std::vector<int64_t>& lengths, int64_t seed) {
-    std::vector<std::vector<int64_t>> out;
-    for (size_t r = 0; r < lengths.size(); ++r) {
-      std::vector<int64_t> p;
-      for (int64_t t = 0; t < lengths[r]; ++t) {
-        p.push_back((seed * 13 + static_cast<int64_t>(r) * 5 + t * 3 + 1) %
-                    c.vocab_size);
-      }
-      out.push_back(p);
-    }
-    return out;
-  };
   PackedBucket bucket{8, 512, 128, 0};
   bucket.up_to = true;
   const std::vector<std::vector<int64_t>> passes = {
@@ -1120,7 +1121,7 @@ TEST(StaticPackedEncoderCudaTest, CapturesABucketUpToItsBounds) {
       ASSERT_TRUE(made.ok()) << made.status();
       enc = *std::move(made);
     }
-    auto in = PackRows(prompts(passes[i], static_cast<int64_t>(i) + 3),
+    auto in = PackRows(Prompts(passes[i], static_cast<int64_t>(i) + 3),
                        base->device);
     ASSERT_TRUE(in.ok()) << in.status();
     auto got = enc->Run(*in, *rows);
