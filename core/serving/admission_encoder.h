@@ -15,9 +15,9 @@
 // Every row reads its adapter slot from the run kernels' slot table, so one
 // graph serves any adapters of the bank it was captured with.
 //
-// Buckets: at least 128 tokens; up to 512 in steps of 64, then steps of an
-// eighth of the next power of two (at most 1/8 of padding, 23 buckets to
-// 8,192 tokens).
+// Buckets: at least 128 tokens; up to 512 in steps of 64 (at most 63
+// padding tokens), then steps of an eighth of the next power of two (at
+// most an eighth padding): 23 buckets up to 8,192 tokens (64 rows of 128).
 //
 // Ownership: references `weights`, which must outlive it; owns its encoders
 // (each a graph's private memory for its bucket's working set), which it

@@ -2658,6 +2658,21 @@ lorahub_cc_test(tests_server_inference_engine_bf16_test
   TIMEOUT 300
 )
 
+# //tests/server:admission_encoder_test (cc_test)
+lorahub_cc_test(tests_server_admission_encoder_test
+  TEST_NAME //tests/server:admission_encoder_test
+  PACKAGE tests/server
+  SRCS
+    ${SRC}/tests/server/admission_encoder_test.cc
+  DEPS
+    core_model_model
+    core_serving_serving
+    tests_model_tiny_t5
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
 # //tests/server:module_loader_test (cc_test)
 lorahub_cc_test(tests_server_module_loader_test
   TEST_NAME //tests/server:module_loader_test

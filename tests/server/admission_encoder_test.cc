@@ -1,0 +1,143 @@
+// AdmissionEncoder (core/serving/admission_encoder.h): its token buckets,
+// what it takes, and its encoders' lifetime against the bank's, on the
+// test device (on the CPU its buckets' passes run eagerly through the same
+// buffers; the outputs against EncodePacked are static_encoder_test's and
+// the engine's RowSlotsPackedGraphs way's).
+#include "core/serving/admission_encoder.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/model/lora.h"
+#include "core/model/t5_forward.h"
+#include "core/model/t5_weights.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::serving {
+namespace {
+
+namespace testing = ::lorahub::model::testing;
+
+TEST(AdmissionEncoderTest, BucketsAreStepsOf64ThenAnEighthOfThePowerOfTwo) {
+  const std::vector<std::pair<int64_t, int64_t>> want = {
+      {1, 128},     {128, 128},   {129, 192},   {500, 512},   {512, 512},
+      {513, 640},   {1000, 1024}, {1025, 1280}, {2049, 2560}, {4097, 5120},
+      {8000, 8192}, {8192, 8192}, {8193, 10240}};
+  for (const auto& [tokens, bucket] : want) {
+    EXPECT_EQ(AdmissionEncoder::BucketTokens(tokens), bucket) << tokens;
+  }
+  int64_t buckets = 0;
+  for (int64_t t = 1, last = 0; t <= 8192; ++t) {
+    const int64_t b = AdmissionEncoder::BucketTokens(t);
+    EXPECT_GE(b, t);
+    EXPECT_LE(b - t, std::max<int64_t>(127, t / 4)) << t;
+    if (b != last) ++buckets;
+    last = b;
+  }
+  EXPECT_EQ(buckets, 23);
+}
+
+class AdmissionEncoderBankTest : public ::testing::TestWithParam<at::ScalarType> {
+ protected:
+  void SetUp() override {
+    auto device = testing::TestDevice();
+    ASSERT_TRUE(device.ok()) << device.status();
+    model::WeightOptions o;
+    o.device = *device;
+    o.dtype = GetParam();
+    const config::T5Config c = testing::WideHeadsConfig();
+    auto w = model::BuildT5Weights(c, testing::RandomT5(c, 5), o);
+    ASSERT_TRUE(w.ok()) << w.status();
+    base_ = *w;
+    auto cfg = testing::MakeLoraConfig({"q", "v"}, 8, 16);
+    for (uint64_t seed : {1, 2}) {
+      auto a = model::BuildLoraAdapter(
+          base_, cfg, testing::RandomAdapter(base_, cfg, seed), "m");
+      ASSERT_TRUE(a.ok()) << a.status();
+      adapters_.push_back(*a);
+    }
+    auto bank = model::MakeAdapterBank(base_, {&adapters_[0], &adapters_[1]});
+    ASSERT_TRUE(bank.ok()) << bank.status();
+    bank_ = *bank;
+  }
+
+  std::vector<std::vector<int64_t>> Prompts(const std::vector<int64_t>& lengths) {
+    std::vector<std::vector<int64_t>> out;
+    for (int64_t n : lengths) out.emplace_back(static_cast<size_t>(n), 3);
+    return out;
+  }
+
+  model::RowAdapters Rows(const std::vector<int64_t>& slots) {
+    auto rows = model::MakeRowAdapters(base_, &bank_, slots);
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    return rows.ok() ? *rows : model::RowAdapters{};
+  }
+
+  model::T5Weights base_;
+  std::vector<model::LoraAdapter> adapters_;
+  model::AdapterBank bank_;
+};
+
+// Rows and tokens within the options, prompts of 1 to 128 tokens, and
+// adapters only on a reduced-precision model (fp32 adapters go row by row,
+// which a graph cannot replay); refused by Encode otherwise.
+TEST_P(AdmissionEncoderBankTest, TakesWhatAGraphCanReplay) {
+  AdmissionEncoderOptions o;
+  o.max_rows = 4;
+  o.max_tokens = 256;
+  AdmissionEncoder enc(base_, o);
+  const bool bf16 = GetParam() != at::kFloat;
+  EXPECT_TRUE(enc.Takes(Prompts({5, 128}), model::RowAdapters{}));
+  EXPECT_EQ(enc.Takes(Prompts({5, 128}), Rows({0, 1})), bf16);
+  EXPECT_FALSE(enc.Takes(Prompts({5, 129}), model::RowAdapters{}));
+  EXPECT_FALSE(enc.Takes(Prompts({5, 0}), model::RowAdapters{}));
+  EXPECT_FALSE(enc.Takes(Prompts({1, 1, 1, 1, 1}), model::RowAdapters{}));
+  EXPECT_FALSE(enc.Takes(Prompts({128, 128, 1}), model::RowAdapters{}));
+  EXPECT_FALSE(enc.Takes({}, model::RowAdapters{}));
+  EXPECT_EQ(enc.Encode(Prompts({5, 129}), model::RowAdapters{}, 0)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(enc.passes(), 0);
+}
+
+// An encoder per bucket, with and without a bank, kept across passes of any
+// rows of its bucket; the ones with a bank dropped when the bank's layout
+// (or the bank) changes.
+TEST_P(AdmissionEncoderBankTest, KeepsAnEncoderPerBucketWhileTheBankStays) {
+  if (GetParam() == at::kFloat) GTEST_SKIP() << "adapters: bf16";
+  AdmissionEncoderOptions o;
+  o.max_rows = 4;
+  o.max_tokens = 512;
+  AdmissionEncoder enc(base_, o);
+  const auto pass = [&](const std::vector<int64_t>& lengths,
+                        const model::RowAdapters& rows, int64_t layout) {
+    auto out = enc.Encode(Prompts(lengths), rows, layout);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(out->hidden.size(0), static_cast<int64_t>(lengths.size()));
+  };
+  pass({5, 100}, Rows({0, 1}), 1);        // 105 tokens: 128, a bank
+  pass({60, 60, 7}, Rows({1, -1, 0}), 1);  // 127: the same encoder
+  EXPECT_EQ(enc.encoders(), 1);
+  pass({100, 100}, Rows({1, 1}), 1);  // 200: 256
+  pass({20}, model::RowAdapters{}, 1);  // 128 without a bank
+  EXPECT_EQ(enc.encoders(), 3);
+  pass({20, 3}, Rows({0, 0}), 2);  // a new layout: the bank's two go
+  EXPECT_EQ(enc.encoders(), 2);
+  EXPECT_EQ(enc.passes(), 5);
+  if (!base_.device.is_cuda()) EXPECT_EQ(enc.graphs(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, AdmissionEncoderBankTest,
+                         ::testing::Values(at::kFloat, at::kBFloat16),
+                         [](const auto& info) {
+                           return std::string(info.param == at::kFloat ? "fp32"
+                                                                       : "bf16");
+                         });
+
+}  // namespace
+}  // namespace lorahub::serving
