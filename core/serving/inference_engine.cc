@@ -249,9 +249,11 @@ struct InferenceEngine::State {
       admission_encoders = std::make_unique<model::StaticEncoderPool>(o);
     }
     if (UseOn(e->options_.packed_admission_graphs,
-              "LORAHUB_SERVE_PACKED_GRAPHS", w.device)) {
+              "LORAHUB_SERVE_PACKED_GRAPHS", w.device) &&
+        e->options_.admission_graph_tokens > 0) {
       AdmissionEncoderOptions o;
       o.max_rows = e->options_.max_batch_rows;
+      o.max_tokens = e->options_.admission_graph_tokens;
       o.cuda_graph = w.device.is_cuda();
       packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
     }

@@ -182,6 +182,10 @@ struct EngineOptions {
   // in a round that met 12 new buckets). LORAHUB_SERVE_PACKED_GRAPHS=
   // off|cuda|always overrides this (A/B runs).
   model::EncoderGraph packed_admission_graphs = model::EncoderGraph::kCuda;
+  // The largest token bucket of packed_admission_graphs: passes of more
+  // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
+  // working set in its own device memory (--admission-graph-tokens).
+  int64_t admission_graph_tokens = 8192;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes

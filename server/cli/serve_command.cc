@@ -164,6 +164,7 @@ int RunServe(int argc, char** argv) {
                  "max-queue", "max-new-tokens", "max-prompt-tokens",
                  "shutdown-grace-s", "host-cache-bytes", "device-cache-bytes",
                  "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
+                 "admission-graph-tokens",
                  "tls-cert", "tls-key", "tls-client-ca", "tls-refresh-s", "auth-token-file",
                  "job-retention-s", "profile-out",
                  "config"},
@@ -262,6 +263,18 @@ int RunServe(int argc, char** argv) {
                                       "--module-load-threads must be in [0, 64]"));
     }
     eo.module_load_threads = static_cast<int>(*loaders);
+  }
+  // The most tokens an admission's encoder pass runs through a captured
+  // graph of its token bucket (EngineOptions::admission_graph_tokens; each
+  // bucket's graph keeps its working set in device memory); 0: none.
+  {
+    auto tokens = args->GetInt("admission-graph-tokens", eo.admission_graph_tokens);
+    if (!tokens.ok()) return ReportError("serve", tokens.status());
+    if (*tokens < 0 || *tokens > 65536) {
+      return ReportError("serve", absl::InvalidArgumentError(
+                                      "--admission-graph-tokens must be in [0, 65536]"));
+    }
+    eo.admission_graph_tokens = *tokens;
   }
   // Rows per scoring pass of a compose job (ComposeWorkerOptions::max_rows).
   // Its passes run on the engine's thread between decoding steps, so this is

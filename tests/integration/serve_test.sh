@@ -17,9 +17,12 @@ grep -q -- "--module-load-threads must be in \[0, 64\]" "$tmp/err" || fail "--mo
 "$lorahub" serve --model "$case_dir/model" --compose-max-rows 0 2>"$tmp/err"
 [ $? = 2 ] || fail "--compose-max-rows 0: exit code"
 grep -q -- "--compose-max-rows must be in \[1, 65536\]" "$tmp/err" || fail "--compose-max-rows message"
+"$lorahub" serve --model "$case_dir/model" --admission-graph-tokens -1 2>"$tmp/err"
+[ $? = 2 ] || fail "--admission-graph-tokens -1: exit code"
+grep -q -- "--admission-graph-tokens must be in \[0, 65536\]" "$tmp/err" || fail "--admission-graph-tokens message"
 
 start_server --model "$case_dir/model" --data-dir "$tmp" --max-batch-rows 8 \
-  --module-load-threads 2
+  --module-load-threads 2 --admission-graph-tokens 4096
 
 [ "$(c health)" = SERVING ] || fail "health is not SERVING"
 for m in m0 m1 m2; do
