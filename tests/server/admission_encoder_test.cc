@@ -105,11 +105,13 @@ TEST_P(AdmissionEncoderBankTest, TakesWhatAGraphCanReplay) {
   EXPECT_EQ(enc.passes(), 0);
 }
 
+// Adapters are taken on a reduced-precision model only.
+class AdmissionEncoderBf16Test : public AdmissionEncoderBankTest {};
+
 // An encoder per bucket, with and without a bank, kept across passes of any
 // rows of its bucket; the ones with a bank dropped when the bank's layout
 // (or the bank) changes.
-TEST_P(AdmissionEncoderBankTest, KeepsAnEncoderPerBucketWhileTheBankStays) {
-  if (GetParam() == at::kFloat) GTEST_SKIP() << "adapters: bf16";
+TEST_P(AdmissionEncoderBf16Test, KeepsAnEncoderPerBucketWhileTheBankStays) {
   AdmissionEncoderOptions o;
   o.max_rows = 4;
   o.max_tokens = 512;
@@ -132,6 +134,8 @@ TEST_P(AdmissionEncoderBankTest, KeepsAnEncoderPerBucketWhileTheBankStays) {
   if (!base_.device.is_cuda()) EXPECT_EQ(enc.graphs(), 0);
 }
 
+INSTANTIATE_TEST_SUITE_P(Bf16, AdmissionEncoderBf16Test,
+                         ::testing::Values(at::kBFloat16));
 INSTANTIATE_TEST_SUITE_P(Dtypes, AdmissionEncoderBankTest,
                          ::testing::Values(at::kFloat, at::kBFloat16),
                          [](const auto& info) {
