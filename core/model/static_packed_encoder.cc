@@ -74,6 +74,17 @@ bool BucketTakes(const PackedBucket& bucket, const PackedInput& input,
           rows.rows_per_slot == 0);
 }
 
+RowAdapters SlotTableRows(const RowAdapters& rows) {
+  RowAdapters table = rows;
+  if (rows.bank != nullptr) {
+    table.all_rows = false;
+    table.uniform_slot = -1;
+    table.rows_per_slot = 0;
+    table.slot_offset = 0;
+  }
+  return table;
+}
+
 PackedBucket PackedBucketOf(const PackedInput& input, const RowAdapters& rows) {
   const std::vector<int64_t>& s = input.rows.host_starts;
   PackedBucket b;
@@ -129,12 +140,6 @@ absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> StaticPackedEncoder::Create
       e->rows_.packed_runs = nullptr;
       e->rows_.slots = at::zeros({B}, i64);
       e->rows_.mask = at::zeros({B, 1, 1}, i64.dtype(at::kFloat));
-      // Rows with slots of their own, or runs of one row whose sites lack a
-      // common scaling, find their adapters by the slot table
-      // (projection.cc KernelRunsOf): their slots and mask are copied in at
-      // each pass. The other layouts find them by uniform_slot or
-      // slot_offset and their run, never by slots or mask.
-      e->slot_table_ = R == 1;
     }
   } catch (const c10::Error& err) {
     return absl::InternalError(
@@ -160,14 +165,14 @@ void StaticPackedEncoder::LoadRows(const at::Tensor& ids,
   // batch's): their outputs are dropped and no real row reads them.
   ids_.narrow(0, 0, N).copy_(ids);
   // The rows, empty rows up to B, then padding rows of at most `longest`
-  // tokens to the bucket's end (the last one or more may be empty).
+  // tokens to the bucket's end (the last one or more may be empty; the last
+  // ends there: padding_rows() x longest covers what an input leaves).
   host_starts_ = host_starts;
   host_starts_.resize(static_cast<size_t>(B + 1), N);
   for (int64_t p = 1; p <= bucket_.padding_rows(); ++p) {
     host_starts_.push_back(
         std::min(N + p * bucket_.longest, bucket_.tokens));
   }
-  host_starts_.back() = bucket_.tokens;
   const at::Tensor staged = HostStaging(
       {static_cast<int64_t>(host_starts_.size())}, at::kInt, ids_.device());
   std::copy(host_starts_.begin(), host_starts_.end(),
@@ -176,7 +181,7 @@ void StaticPackedEncoder::LoadRows(const at::Tensor& ids,
   if (run_rows_ > 1) {
     run_starts_.copy_(starts_.slice(0, 0, B + 1, run_rows_));
   }
-  if (slot_table_ && rows != nullptr) {
+  if (SlotTable() && rows != nullptr) {
     rows_.slots.narrow(0, 0, n).copy_(rows->slots);
     rows_.mask.narrow(0, 0, n).copy_(rows->mask);
     if (n < B) rows_.mask.narrow(0, n, B - n).zero_();

@@ -84,6 +84,11 @@ PackedBucket PackedBucketOf(const PackedInput& input, const RowAdapters& rows);
 // within an up_to bucket's bounds.
 bool BucketTakes(const PackedBucket& bucket, const PackedInput& input,
                  const RowAdapters& rows);
+// `rows` with every row's adapter read through the run kernels' slot table
+// (its slot and mask; no shared slot, no runs): one layout for any slots,
+// so that one encoder (and graph) serves every batch of a bank. `rows`
+// without a bank are returned as they are.
+RowAdapters SlotTableRows(const RowAdapters& rows);
 
 class StaticPackedEncoder {
  public:
@@ -138,9 +143,15 @@ class StaticPackedEncoder {
 
   const T5Weights* w_ = nullptr;
   PackedBucket bucket_;
+  // Rows with slots of their own, or runs of one row whose sites lack a
+  // common scaling, find their adapters by the slot table (projection.cc
+  // KernelRunsOf): their slots and mask are copied in at each pass. The
+  // other layouts find them by uniform_slot or slot_offset and their run,
+  // never by slots or mask.
+  bool SlotTable() const { return run_rows_ == 1; }
+
   RowAdapters rows_;        // slots [B] and mask [B, 1, 1]: the rows'
-  bool slot_table_ = false;  // rows_' slots and mask are read (loaded per pass)
-  int64_t run_rows_ = 0;    // R of the LoRA runs; 0: no runs
+  int64_t run_rows_ = 0;    // R of the LoRA runs; 0: no runs (no bank)
   at::Tensor ids_;          // [tokens] int64
   // [B + 1 + padding rows] int32: the rows, then the padding rows
   at::Tensor starts_;

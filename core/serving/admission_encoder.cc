@@ -5,13 +5,10 @@
 #include <algorithm>
 #include <utility>
 
-#include "core/model/fused_ops.h"
 #include "core/model/projection.h"
 #include "core/util/status_macros.h"
 
 namespace lorahub::serving {
-
-static_assert(AdmissionEncoder::kLongestRow == model::kPackedAttentionMaxRow);
 
 AdmissionEncoder::AdmissionEncoder(const model::T5Weights& weights,
                                    AdmissionEncoderOptions options)
@@ -20,7 +17,8 @@ AdmissionEncoder::AdmissionEncoder(const model::T5Weights& weights,
 AdmissionEncoder::~AdmissionEncoder() = default;
 
 int64_t AdmissionEncoder::BucketTokens(int64_t tokens) {
-  int64_t t = std::max<int64_t>(tokens, 2 * 64);
+  // A bucket holds at least one row of the longest (StaticPackedEncoder).
+  int64_t t = std::max(tokens, kLongestRow);
   int64_t step = 64;
   for (int64_t bound = 512; t > bound; bound *= 2) step *= 2;
   return (t + step - 1) / step * step;
@@ -60,35 +58,24 @@ absl::StatusOr<model::EncoderOutput> AdmissionEncoder::Encode(
     bank_layout_ = bank_layout;
   }
   LH_ASSIGN_OR_RETURN(model::PackedInput input, model::PackRows(prompts, w_.device));
-  // Every row through the slot table (a graph for any slots, any mask).
-  model::RowAdapters table = rows;
-  if (rows.bank != nullptr) {
-    table.all_rows = false;
-    table.uniform_slot = -1;
-    table.rows_per_slot = 0;
-    table.slot_offset = 0;
-  }
-  const int64_t tokens = BucketTokens(input.rows.host_starts.back());
-  std::unique_ptr<model::StaticPackedEncoder>& encoder =
-      encoders_[{tokens, rows.bank != nullptr}];
-  if (encoder == nullptr) {
+  const model::RowAdapters table = model::SlotTableRows(rows);
+  const std::pair<int64_t, bool> key{BucketTokens(input.rows.host_starts.back()),
+                                     rows.bank != nullptr};
+  auto it = encoders_.find(key);
+  if (it == encoders_.end()) {
     model::PackedBucket bucket;
     bucket.rows = options_.max_rows;
-    bucket.tokens = tokens;
+    bucket.tokens = key.first;
     bucket.longest = kLongestRow;
     bucket.up_to = true;
     model::StaticEncoderOptions o;
     o.cuda_graph = options_.cuda_graph;
-    absl::StatusOr<std::unique_ptr<model::StaticPackedEncoder>> made =
-        model::StaticPackedEncoder::Create(w_, bucket, table, o);
-    if (!made.ok()) {
-      encoders_.erase({tokens, rows.bank != nullptr});
-      return made.status();
-    }
-    encoder = *std::move(made);
+    LH_ASSIGN_OR_RETURN(std::unique_ptr<model::StaticPackedEncoder> made,
+                        model::StaticPackedEncoder::Create(w_, bucket, table, o));
+    it = encoders_.emplace(key, std::move(made)).first;
   }
   ++passes_;
-  return encoder->Run(input, table);
+  return it->second->Run(input, table);
 }
 
 int64_t AdmissionEncoder::encoders() const {

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/model/fused_ops.h"
 #include "core/model/lora.h"
 #include "core/model/static_packed_encoder.h"
 #include "core/model/t5_forward.h"
@@ -47,8 +48,8 @@ struct AdmissionEncoderOptions {
 
 class AdmissionEncoder {
  public:
-  // The packed attention kernel's longest row (model::kPackedAttentionMaxRow).
-  static constexpr int64_t kLongestRow = 128;
+  // The packed attention kernel's longest row.
+  static constexpr int64_t kLongestRow = model::kPackedAttentionMaxRow;
 
   AdmissionEncoder(const model::T5Weights& weights,
                    AdmissionEncoderOptions options);

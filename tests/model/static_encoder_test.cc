@@ -825,12 +825,7 @@ RowAdapters TableRows(const T5Weights& base, const AdapterBank& bank,
                       const std::vector<int64_t>& slots) {
   auto rows = MakeRowAdapters(base, &bank, slots);
   EXPECT_TRUE(rows.ok()) << rows.status();
-  if (!rows.ok()) return RowAdapters{};
-  rows->all_rows = false;
-  rows->uniform_slot = -1;
-  rows->rows_per_slot = 0;
-  rows->slot_offset = 0;
-  return *rows;
+  return rows.ok() ? SlotTableRows(*rows) : RowAdapters{};
 }
 
 // A bucket up to its bounds (the serving engine's admissions): passes of 1
@@ -1109,14 +1104,9 @@ TEST_F(StaticPackedEncoderCudaTest, CapturesABucketUpToItsBounds) {
   std::unique_ptr<StaticPackedEncoder> enc;
   for (size_t i = 0; i < passes.size(); ++i) {
     const std::string where = "pass " + std::to_string(i);
-    auto rows = MakeRowAdapters(*base, &*bank, slots[i]);
-    ASSERT_TRUE(rows.ok()) << rows.status();
-    rows->all_rows = false;
-    rows->uniform_slot = -1;
-    rows->rows_per_slot = 0;
-    rows->slot_offset = 0;
+    const RowAdapters rows = TableRows(*base, *bank, slots[i]);
     if (enc == nullptr) {
-      auto made = StaticPackedEncoder::Create(*base, bucket, *rows,
+      auto made = StaticPackedEncoder::Create(*base, bucket, rows,
                                               StaticEncoderOptions{});
       ASSERT_TRUE(made.ok()) << made.status();
       enc = *std::move(made);
@@ -1124,10 +1114,10 @@ TEST_F(StaticPackedEncoderCudaTest, CapturesABucketUpToItsBounds) {
     auto in = PackRows(Prompts(passes[i], static_cast<int64_t>(i) + 3),
                        base->device);
     ASSERT_TRUE(in.ok()) << in.status();
-    auto got = enc->Run(*in, *rows);
+    auto got = enc->Run(*in, rows);
     ASSERT_TRUE(got.ok()) << where << ": " << got.status();
     EXPECT_TRUE(enc->graph_active()) << where << ": " << enc->graph_status();
-    ExpectEqualsEncodePacked(*base, *got, *in, *rows, where);
+    ExpectEqualsEncodePacked(*base, *got, *in, rows, where);
   }
 }
 
