@@ -483,9 +483,24 @@ struct WeightedSumJob {
   int32_t num_terms = 0;
   float fill = 0.f;
   int32_t dst_bf16 = 0;  // 1: bf16, 0: fp32
+  int64_t src_offset = 0;  // LaunchSliceSums: elements into every term
 };
 int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
                        int num_jobs, int64_t max_n, bool vector_loads, void* stream);
+
+// The same sums over slices of a few long buffers, for fused_ops.h
+// RunSliceSums: a job with num_terms != 0 sums every term of `terms` (by
+// value: a launch's buffers and weights), each read from its element
+// job.src_offset on; a job with num_terms == 0 stores `fill`. Why: a slot
+// load's jobs stay in device memory while each load passes only the
+// buffers it reads.
+constexpr int kMaxSliceTerms = 32;
+struct SliceTerms {
+  WeightedSumTerm terms[kMaxSliceTerms];
+  int32_t num = 0;
+};
+int LaunchSliceSums(const WeightedSumJob* jobs, int num_jobs, int64_t max_n,
+                    const SliceTerms& terms, void* stream);
 
 // A weighted sum of the rows of a bf16 matrix (weighted_sum_kernels.cu),
 // for fused_ops.h ComposeFromBf16: out[j] = sum_i w[i] * factors[i, j] for

@@ -899,6 +899,58 @@ void WeightedSums(const std::vector<WeightedSum>& sums) {
   }
 }
 
+SliceSumPlan PlanSliceSums(std::vector<SliceSum> sums) {
+  SliceSumPlan plan;
+  if (sums.empty()) return plan;
+  const c10::Device device = sums[0].dst.device();
+  for (const SliceSum& s : sums) {
+    TORCH_CHECK(s.dst.defined() && s.dst.device() == device && s.dst.is_contiguous() &&
+                    (s.dst.scalar_type() == at::kFloat || s.dst.scalar_type() == at::kBFloat16),
+                "SliceSums: destinations must be contiguous fp32 or bf16 on ", device);
+    TORCH_CHECK(s.offset >= 0, "SliceSums: negative offset ", s.offset);
+    if (s.summed) plan.max_end = std::max(plan.max_end, s.offset + s.dst.numel());
+    plan.max_n = std::max(plan.max_n, s.dst.numel());
+  }
+  if (FusedKernelsEnabled()) plan.device_table = fused_backend::SliceSumTable(sums);
+  plan.sums = std::move(sums);
+  return plan;
+}
+
+void RunSliceSums(const SliceSumPlan& plan, const std::vector<at::Tensor>& terms,
+                  const std::vector<float>& weights) {
+  if (plan.sums.empty()) return;
+  const c10::Device device = plan.sums[0].dst.device();
+  TORCH_CHECK(!terms.empty() && terms.size() <= static_cast<size_t>(kMaxSliceSumTerms),
+              "SliceSums: 1 to ", kMaxSliceSumTerms, " terms, got ", terms.size());
+  TORCH_CHECK(weights.size() == terms.size(), "SliceSums: ", terms.size(), " terms but ",
+              weights.size(), " weights");
+  for (const at::Tensor& t : terms) {
+    TORCH_CHECK(t.defined() && t.device() == device && t.dim() == 1 && t.is_contiguous() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
+                    t.numel() >= plan.max_end,
+                "SliceSums: terms must be contiguous 1-D fp32 or bf16 buffers of at least ",
+                plan.max_end, " elements on ", device);
+  }
+  if (plan.device_table.defined()) {
+    fused_backend::RunSliceSums(plan.device_table, static_cast<int>(plan.sums.size()),
+                                plan.max_n, terms, weights);
+    return;
+  }
+  std::vector<WeightedSum> sums;
+  sums.reserve(plan.sums.size());
+  for (const SliceSum& s : plan.sums) {
+    WeightedSum sum;
+    sum.dst = s.dst;
+    sum.fill = s.fill;
+    if (s.summed) {
+      for (const at::Tensor& t : terms) sum.terms.push_back(t.narrow(0, s.offset, s.dst.numel()));
+      sum.weights = weights;
+    }
+    sums.push_back(std::move(sum));
+  }
+  WeightedSums(sums);
+}
+
 bool ComposeFromBf16(const at::Tensor& w, const at::Tensor& factors, const at::Tensor& out) {
   TORCH_CHECK(factors.dim() == 2 && factors.scalar_type() == at::kBFloat16 &&
                   factors.is_contiguous(),

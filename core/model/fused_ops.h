@@ -787,6 +787,39 @@ struct WeightedSum {
 // Throws c10::Error for malformed sums (nothing written then).
 void WeightedSums(const std::vector<WeightedSum>& sums);
 
+// One output of RunSliceSums: dst = sum_t weights[t] * terms[t][offset,
+// offset + dst.numel()), as WeightedSum (fp32 arithmetic in term order, each
+// product and sum rounded, stored in dst's dtype); `fill` where !summed.
+struct SliceSum {
+  at::Tensor dst;  // contiguous, fp32 or bf16
+  int64_t offset = 0;
+  bool summed = true;
+  float fill = 0.f;
+};
+// Sums checked once and, on CUDA, their job table on the device, to be run
+// with any buffers (RunSliceSums). Why: a composition of modules that each
+// lie in one buffer, loaded straight into a serving slot, is 720 sums of
+// slices of those buffers (flan-t5-large); made per load they held the
+// engine thread ~0.5 ms (sixty-ninth session), while the slot's sums stay
+// the same from load to load and only the buffers and weights change.
+struct SliceSumPlan {
+  std::vector<SliceSum> sums;
+  int64_t max_end = 0;  // the largest offset + numel of a summed slice
+  int64_t max_n = 0;    // the largest numel of a destination
+  at::Tensor device_table;  // undefined: ATen ops per sum
+};
+// Throws c10::Error for malformed sums (a destination not contiguous fp32 or
+// bf16, on other devices, a negative offset).
+SliceSumPlan PlanSliceSums(std::vector<SliceSum> sums);
+constexpr int kMaxSliceSumTerms = 32;
+// Runs `plan` with `terms`: contiguous 1-D fp32 or bf16 buffers on the
+// plan's device, at least plan.max_end long, at most kMaxSliceSumTerms,
+// one weight each. On CUDA one kernel launch (no host sync, no upload),
+// else ATen ops (WeightedSums of the slices): the same bits. Throws
+// c10::Error for terms that do not fit (nothing written then).
+void RunSliceSums(const SliceSumPlan& plan, const std::vector<at::Tensor>& terms,
+                  const std::vector<float>& weights);
+
 // One update of LowRankMerge: out = w + scale * (b a), the product in fp32,
 // rounded once to out's dtype.
 struct LowRankUpdate {

@@ -109,6 +109,12 @@ bool HeadLoraDeltas(const at::Tensor& ctx, const at::Tensor& u,
 
 // fused_ops.h WeightedSums, checked: every tensor on one CUDA device.
 bool WeightedSums(const std::vector<WeightedSum>& sums);
+// fused_ops.h PlanSliceSums' job table on the device (checked: every
+// destination on one device); undefined off CUDA or for too many sums.
+at::Tensor SliceSumTable(const std::vector<SliceSum>& sums);
+// fused_ops.h RunSliceSums' one launch over that table (terms checked).
+void RunSliceSums(const at::Tensor& table, int num_jobs, int64_t max_n,
+                  const std::vector<at::Tensor>& terms, const std::vector<float>& weights);
 // fused_ops.h PlanInt8Quantization's job table on the device (checked:
 // every tensor on one device); undefined off CUDA or for too many jobs.
 at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs);

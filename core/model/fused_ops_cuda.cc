@@ -1257,6 +1257,47 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
   return true;
 }
 
+static_assert(kMaxSliceSumTerms == kernels::kMaxSliceTerms, "fused_ops.h's bound is the kernel's");
+
+at::Tensor SliceSumTable(const std::vector<SliceSum>& sums) {
+  const at::Tensor& first = sums[0].dst;
+  if (!first.is_cuda() || sums.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
+  const int64_t bytes = static_cast<int64_t>(sums.size() * sizeof(kernels::WeightedSumJob));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* jobs = reinterpret_cast<kernels::WeightedSumJob*>(host.data_ptr());
+  for (size_t j = 0; j < sums.size(); ++j) {
+    const SliceSum& s = sums[j];
+    kernels::WeightedSumJob& job = jobs[j];
+    job = kernels::WeightedSumJob();
+    job.dst = s.dst.data_ptr();
+    job.n = s.dst.numel();
+    job.num_terms = s.summed ? 1 : 0;  // the kernel reads "summed" only
+    job.fill = s.fill;
+    job.dst_bf16 = s.dst.scalar_type() == at::kBFloat16 ? 1 : 0;
+    job.src_offset = s.offset;
+  }
+  c10::cuda::CUDAGuard guard(first.device());
+  at::Tensor table = at::empty({bytes}, first.options().dtype(at::kByte));
+  table.copy_(host, /*non_blocking=*/true);
+  return table;
+}
+
+void RunSliceSums(const at::Tensor& table, int num_jobs, int64_t max_n,
+                  const std::vector<at::Tensor>& terms, const std::vector<float>& weights) {
+  kernels::SliceTerms launch;
+  launch.num = static_cast<int32_t>(terms.size());
+  for (size_t t = 0; t < terms.size(); ++t) {
+    launch.terms[t].src = terms[t].data_ptr();
+    launch.terms[t].weight = weights[t];
+    launch.terms[t].src_bf16 = terms[t].scalar_type() == at::kBFloat16 ? 1 : 0;
+  }
+  c10::cuda::CUDAGuard guard(table.device());
+  const int err = kernels::LaunchSliceSums(
+      reinterpret_cast<const kernels::WeightedSumJob*>(table.data_ptr()), num_jobs, max_n,
+      launch, StreamOf(table));
+  TORCH_CHECK(err == 0, "slice sums kernel: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
 at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs) {
   const at::Tensor& first = jobs[0].a;
   if (!first.is_cuda() || jobs.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();

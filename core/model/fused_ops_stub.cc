@@ -96,6 +96,9 @@ bool LoraPackedRunExpand(const at::Tensor&, const at::Tensor&,
 }
 
 bool WeightedSums(const std::vector<WeightedSum>&) { return false; }
+at::Tensor SliceSumTable(const std::vector<SliceSum>&) { return at::Tensor(); }
+void RunSliceSums(const at::Tensor&, int, int64_t, const std::vector<at::Tensor>&,
+                  const std::vector<float>&) {}
 at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>&) { return at::Tensor(); }
 void RunInt8Quantization(const at::Tensor&, int) {}
 bool ComposeFromBf16(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }

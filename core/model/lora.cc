@@ -638,12 +638,6 @@ absl::StatusOr<LoraAdapter> ComposeOne(const ModuleStack& stack,
   }
 }
 
-namespace {
-
-// All factors of `m` as one 1-D tensor, when they lie back to back in one
-// buffer from its start, in site order, a before b, in one dtype: how the
-// module cache keeps a module (adapter_cache.cc Flattened). Undefined
-// otherwise.
 at::Tensor FlatFactors(const LoraAdapter& m) {
   if (m.sites.empty()) return at::Tensor();
   const at::Tensor& first = m.sites[0].a;
@@ -660,8 +654,6 @@ at::Tensor FlatFactors(const LoraAdapter& m) {
   }
   return first.as_strided({offset}, {1}, 0);
 }
-
-}  // namespace
 
 absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
     const T5Weights& base, const std::vector<const LoraAdapter*>& modules,

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <limits>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -243,6 +244,25 @@ absl::Status CheckStackable(const T5Weights& base,
 absl::StatusOr<LoraAdapter> ComposeLoraHubModules(
     const T5Weights& base, const std::vector<const LoraAdapter*>& modules,
     const std::vector<double>& weights);
+
+// All factors of `adapter` as one 1-D tensor, when they lie back to back in
+// one buffer from its start, in site order, a before b, in one dtype (how
+// the module cache keeps a module); undefined otherwise. Host work only.
+at::Tensor FlatFactors(const LoraAdapter& adapter);
+
+// A LoraHub composition not yet computed: what ComposeLoraHubModules would
+// make of `modules` at `weights`, for SlotBank::AcquireMix to compute
+// straight into a serving slot (no composed copy, no views of it). Every
+// module lies in one buffer (`flats`, FlatFactors) and CheckStackable
+// holds. `key` names the content (two mixes of one key are one adapter);
+// the module pointers keep the modules (and pin them in the module cache)
+// while the mix is held.
+struct ModuleMix {
+  std::string key;
+  std::vector<std::shared_ptr<const LoraAdapter>> modules;
+  std::vector<at::Tensor> flats;
+  std::vector<double> weights;
+};
 
 }  // namespace lorahub::model
 

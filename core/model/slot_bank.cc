@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/model/fused_ops.h"
+#include "core/util/status_macros.h"
 
 namespace lorahub::model {
 
@@ -38,20 +39,10 @@ absl::StatusOr<int64_t> SlotBank::Acquire(
       return static_cast<int64_t>(i);
     }
   }
-  // Never-used slots have released_at 0, so they go first.
-  int64_t free = -1;
-  for (size_t i = 0; i < slots_.size(); ++i) {
-    if (slots_[i].users == 0 &&
-        (free < 0 || slots_[i].released_at < slots_[free].released_at)) {
-      free = static_cast<int64_t>(i);
-    }
-  }
-  if (free < 0) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "slot bank: all ", slots_.size(), " adapter slots are in use"));
-  }
+  LH_ASSIGN_OR_RETURN(const int64_t free, FreeSlot());
   Slot& slot = slots_[free];
   slot.adapter.reset();  // not resident while it is being overwritten
+  slot.mix_key.clear();
   try {
     Load(free, *adapter);
   } catch (const c10::Error& e) {
@@ -64,6 +55,151 @@ absl::StatusOr<int64_t> SlotBank::Acquire(
   ++copies_;
   Refresh();
   return free;
+}
+
+absl::StatusOr<int64_t> SlotBank::FreeSlot() const {
+  // Never-used slots have released_at 0, so they go first.
+  int64_t free = -1;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].users == 0 &&
+        (free < 0 || slots_[i].released_at < slots_[free].released_at)) {
+      free = static_cast<int64_t>(i);
+    }
+  }
+  if (free < 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "slot bank: all ", slots_.size(), " adapter slots are in use"));
+  }
+  return free;
+}
+
+absl::StatusOr<int64_t> SlotBank::AcquireMix(const ModuleMix& mix) {
+  const size_t n = mix.modules.size();
+  if (mix.key.empty() || n == 0 || n > static_cast<size_t>(kMaxSliceSumTerms) ||
+      mix.flats.size() != n || mix.weights.size() != n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "slot bank: a mix needs a key and 1 to ", kMaxSliceSumTerms,
+        " modules with a buffer and a weight each; got ", n, " modules, ",
+        mix.flats.size(), " buffers, ", mix.weights.size(), " weights"));
+  }
+  for (const auto& m : mix.modules) {
+    if (m == nullptr) return absl::InvalidArgumentError("slot bank: a mix's module is null");
+    for (const LoraSite& s : m->sites) {
+      if (s.site < 0 || s.site >= base_.num_sites) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "slot bank: module '", m->name, "' site ", s.site, " out of range"));
+      }
+    }
+  }
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].mix_key == mix.key) {
+      if (slots_[i].users++ == 0) Refresh();
+      return static_cast<int64_t>(i);
+    }
+  }
+  LH_ASSIGN_OR_RETURN(const int64_t free, FreeSlot());
+  Slot& slot = slots_[free];
+  slot.adapter.reset();  // not resident while it is being overwritten
+  slot.mix_key.clear();
+  if (absl::Status st = LoadMix(free, mix); !st.ok()) {
+    slot.sites.clear();
+    return st;
+  }
+  slot.mix_key = mix.key;
+  slot.users = 1;
+  ++copies_;
+  Refresh();
+  return free;
+}
+
+absl::Status SlotBank::LoadMix(int64_t slot, const ModuleMix& mix) {
+  const LoraAdapter& first = *mix.modules[0];
+  try {
+    for (const LoraSite& s : first.sites) Reserve(s.site, s.a.size(0));
+    if (MixPlanFits(slot, first)) {
+      ++planned_copies_;
+    } else if (!PlanMix(slot, first)) {
+      // A rank below the bank's: the slot's factors there are no slice of a
+      // module's buffer.
+      std::vector<const LoraAdapter*> raw;
+      for (const auto& m : mix.modules) raw.push_back(m.get());
+      LH_ASSIGN_OR_RETURN(LoraAdapter composed,
+                          ComposeLoraHubModules(base_, raw, mix.weights));
+      Load(slot, composed);
+      return absl::OkStatus();
+    }
+    {
+      RECORD_USER_SCOPE("lorahub::slot_mix");
+      const std::vector<float> w(mix.weights.begin(), mix.weights.end());
+      RunSliceSums(slots_[slot].mix_plan.sums, mix.flats, w);
+    }
+    slots_[slot].sites = slots_[slot].mix_plan.sites;
+    ++mix_loads_;
+    if (int8_) {
+      RECORD_USER_SCOPE("lorahub::slot_int8");
+      Quantize(slot);
+    }
+    return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("slot bank: ", e.what_without_backtrace()));
+  }
+}
+
+bool SlotBank::MixPlanFits(int64_t slot, const LoraAdapter& first) const {
+  const MixPlan& plan = slots_[slot].mix_plan;
+  if (plan.layout != layout_ || plan.sites.size() != first.sites.size()) return false;
+  for (size_t i = 0; i < first.sites.size(); ++i) {
+    const LoraSite& s = first.sites[i];
+    if (s.site != plan.sites[i] || s.a.size(0) != plan.ranks[i] ||
+        s.scaling != plan.scaling[i]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool SlotBank::PlanMix(int64_t slot, const LoraAdapter& first) {
+  MixPlan& plan = slots_[slot].mix_plan;
+  plan = MixPlan();
+  std::vector<SliceSum> sums;
+  std::vector<bool> adapted(bank_.sites.size(), false);
+  auto fill = [&sums](const at::Tensor& dst, double value) {
+    SliceSum sum;
+    sum.dst = dst;
+    sum.summed = false;
+    sum.fill = static_cast<float>(value);
+    sums.push_back(std::move(sum));
+  };
+  // The modules' buffers hold each site's a, then its b, in site order
+  // (FlatFactors); the slot's copies in the decode kernels' dtype read the
+  // same elements.
+  int64_t offset = 0;
+  for (const LoraSite& s : first.sites) {
+    const SiteBank& sb = bank_.sites[s.site];
+    if (s.a.size(0) != sb.a.size(1)) return false;
+    const int64_t a_at = offset, b_at = offset + s.a.numel();
+    offset = b_at + s.b.numel();
+    for (const auto& [factor, from] : {std::pair{&sb.a, a_at}, std::pair{&sb.b, b_at},
+                                     std::pair{&sb.a_low, a_at}, std::pair{&sb.b_low, b_at}}) {
+      if (factor->defined()) sums.push_back(SliceSum{SlotView(*factor, slot), from});
+    }
+    fill(SlotView(sb.scale, slot), s.scaling);
+    adapted[s.site] = true;
+    plan.sites.push_back(s.site);
+    plan.ranks.push_back(s.a.size(0));
+    plan.scaling.push_back(s.scaling);
+  }
+  // What an earlier adapter left at the sites these modules do not adapt.
+  for (size_t site = 0; site < bank_.sites.size(); ++site) {
+    const SiteBank& sb = bank_.sites[site];
+    if (adapted[site] || !sb.a.defined()) continue;
+    for (const at::Tensor* t : {&sb.a, &sb.b, &sb.scale, &sb.a_low, &sb.b_low}) {
+      if (t->defined()) fill(SlotView(*t, slot), 0.0);
+    }
+  }
+  plan.sums = PlanSliceSums(std::move(sums));
+  plan.layout = layout_;
+  return true;
 }
 
 void SlotBank::Release(int64_t slot) {
@@ -132,6 +268,7 @@ void SlotBank::Reserve(int site, int64_t r) {
   ++layout_;
   for (Slot& s : slots_) {
     s.plan = LoadPlan();
+    s.mix_plan = MixPlan();
     s.int8_plan = Int8QuantizationPlan();
   }
   if (int8_ && have > 0) {  // the resident slots' factors, zero-padded

@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -45,6 +46,17 @@ class SlotBank {
   // (nothing changed then).
   absl::StatusOr<int64_t> Acquire(
       const std::shared_ptr<const LoraAdapter>& adapter);
+  // Acquire for a composition not yet computed: the slot holding
+  // `mix.key`, else a free slot into which the mix's sum is computed
+  // straight from its modules' buffers, the same bits as Acquire of
+  // ComposeLoraHubModules(mix.modules, mix.weights). On CUDA one launch
+  // through a plan the slot keeps (LoadPlan's reasons), plus the int8
+  // quantization: no composed copy, no views of one. A site whose rank is
+  // below the bank's (zero-padded) takes the composition and Acquire's copy.
+  // The slot keeps no reference to the mix. Errors as Acquire's, and
+  // InvalidArgument for a malformed mix (more than kMaxSliceSumTerms
+  // modules among them).
+  absl::StatusOr<int64_t> AcquireMix(const ModuleMix& mix);
   // One user less of `slot` (ignored for a slot without users).
   void Release(int64_t slot);
 
@@ -61,10 +73,12 @@ class SlotBank {
   const AdapterBank& resident() const { return bank_; }
   int64_t capacity() const { return static_cast<int64_t>(slots_.size()); }
   int64_t users(int64_t slot) const { return slots_[slot].users; }
-  // Adapters copied in so far (tests, metrics).
+  // Adapters and mixes copied in so far (tests, metrics).
   int64_t copies() const { return copies_; }
   // Of those, the copies that reused their slot's last plan (tests).
   int64_t planned_copies() const { return planned_copies_; }
+  // Of copies(), the mixes computed into a slot (tests).
+  int64_t mix_loads() const { return mix_loads_; }
   // Moves whenever a site of resident() is allocated or widened (its
   // tensors then move): a graph that read resident() is stale after.
   int64_t layout() const { return layout_; }
@@ -84,21 +98,44 @@ class SlotBank {
     std::vector<WeightedSum> sums;
     bool low = false;         // each site's a and b copied twice (a_low, b_low)
   };
+  // AcquireMix's slice sums into the slot for modules of one layout (its
+  // sites, ranks and scalings), made again when the modules' layout or the
+  // bank's changes.
+  struct MixPlan {
+    int64_t layout = -1;  // layout_ when made; -1: none
+    std::vector<int> sites;
+    std::vector<int64_t> ranks;
+    std::vector<double> scaling;
+    SliceSumPlan sums;
+  };
   struct Slot {
     std::weak_ptr<const LoraAdapter> adapter;  // resident, if not expired
+    std::string mix_key;                       // or this mix, if not empty
     std::vector<int> sites;                    // the sites it adapts
     int64_t users = 0;
     uint64_t released_at = 0;  // Release order, for the choice of a slot
     LoadPlan plan;
+    MixPlan mix_plan;
     // The slot's quantization of every site with int8 copies, planned once
     // per layout (views of the slot's blocks, the job table on the device).
     int64_t int8_layout = -1;
     Int8QuantizationPlan int8_plan;
   };
 
+  // The free slot to load next (never-used first, then the least recently
+  // released), or ResourceExhausted.
+  absl::StatusOr<int64_t> FreeSlot() const;
   // Copies `adapter` into `slot` (zeros where it adapts nothing), then its
   // int8 step factors (Quantize). May throw c10::Error.
   void Load(int64_t slot, const LoraAdapter& adapter);
+  // AcquireMix's load of `mix` into `slot` (Load of its composition where
+  // the slot cannot take it through a MixPlan).
+  absl::Status LoadMix(int64_t slot, const ModuleMix& mix);
+  // The slot's MixPlan made fresh for modules like `first`; false (no plan)
+  // where a site's rank is below the bank's.
+  bool PlanMix(int64_t slot, const LoraAdapter& first);
+  // True if the slot's MixPlan was made for modules like `first`.
+  bool MixPlanFits(int64_t slot, const LoraAdapter& first) const;
   void LoadFactors(int64_t slot, const LoraAdapter& adapter);
   // The int8 copies of `slot`'s factors at every site that has them, from
   // its fp32 factors (after they are written: the same stream).
@@ -131,6 +168,7 @@ class SlotBank {
   uint64_t clock_ = 0;
   int64_t copies_ = 0;
   int64_t planned_copies_ = 0;
+  int64_t mix_loads_ = 0;
   int64_t layout_ = 0;  // moved by every allocation or widening of a site
 };
 

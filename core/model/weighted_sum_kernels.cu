@@ -6,7 +6,9 @@
 // adapter from its modules were a few hundred small ATen ops each (about
 // 720 copies per adapter for flan-t5-large's 144 sites), dispatched one by
 // one from the engine thread while the decoding batch waited. Here they are
-// one launch over a table of jobs.
+// one launch over a table of jobs. LaunchSliceSums: the same sums over
+// slices of a few buffers, the modules of a composition loaded straight into
+// a slot.
 //
 // Also the composition of the merged objective from its bf16 module pool
 // (LaunchComposeBf16), a population's from the fp32 one (LaunchComposeRows),
@@ -75,14 +77,25 @@ __device__ __forceinline__ void LoadTerm4(const void* p, bool bf16, int64_t i, f
 // times what their bytes need. A job whose n is no multiple of 4, whose
 // pointers are not aligned for it, or with more than kSumSharedTerms terms
 // takes the scalar loop.
+// kSlices (LaunchSliceSums): the job's terms are the launch's `slice_terms`
+// from element job.src_offset on; `terms` is unused.
+template <bool kSlices>
 __global__ void __launch_bounds__(kSumThreads)
     WeightedSumKernel(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
-                      int job0, bool vector_loads) {
+                      const SliceTerms slice_terms, int job0, bool vector_loads) {
+  static_assert(kMaxSliceTerms <= kSumSharedTerms, "a slice job's terms are staged");
   __shared__ WeightedSumTerm staged[kSumSharedTerms];
   const WeightedSumJob job = jobs[job0 + blockIdx.y];
-  const int nt = job.num_terms;
+  const int nt = kSlices ? (job.num_terms != 0 ? slice_terms.num : 0) : job.num_terms;
   const bool fits = nt <= kSumSharedTerms;
-  if (fits) {
+  if (kSlices) {
+    for (int t = threadIdx.x; t < nt; t += kSumThreads) {
+      WeightedSumTerm term = slice_terms.terms[t];
+      term.src = static_cast<const char*>(term.src) +
+                 job.src_offset * (term.src_bf16 != 0 ? 2 : 4);
+      staged[t] = term;
+    }
+  } else if (fits) {
     for (int t = threadIdx.x; t < nt; t += kSumThreads) staged[t] = terms[job.first_term + t];
   }
   __syncthreads();
@@ -274,6 +287,14 @@ __global__ void __launch_bounds__(kQuantThreads)
   if (threadIdx.x == 0) *job.scale_out = *job.lora_scale * sa * sb;
 }
 
+// Blocks along a job's elements (grid.x) for num_jobs jobs of at most max_n
+// elements (> 0 both).
+int SumBlocksPerJob(int num_jobs, int64_t max_n) {
+  const int64_t per_block = int64_t{kSumThreads} * kSumElementsPerThread;
+  const int64_t cap = std::max(kSumMaxBlocksPerJob, kSumBlocksInAll / num_jobs);
+  return static_cast<int>(std::min<int64_t>(cap, (max_n + per_block - 1) / per_block));
+}
+
 }  // namespace
 
 int LaunchComposeBf16(const float* w, int num_modules, const void* factors, int64_t n,
@@ -313,13 +334,30 @@ int LaunchWeightedSums(const WeightedSumJob* jobs, const WeightedSumTerm* terms,
                        int num_jobs, int64_t max_n, bool vector_loads, void* stream) {
   if (num_jobs < 0 || max_n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (num_jobs == 0 || max_n == 0) return 0;
-  const int64_t per_block = int64_t{kSumThreads} * kSumElementsPerThread;
-  const int64_t cap = std::max(kSumMaxBlocksPerJob, kSumBlocksInAll / num_jobs);
-  const int blocks = static_cast<int>(std::min<int64_t>(cap, (max_n + per_block - 1) / per_block));
+  const int blocks = SumBlocksPerJob(num_jobs, max_n);
   auto s = static_cast<cudaStream_t>(stream);
   for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
     const int here = std::min(kMaxGridY, num_jobs - job0);
-    WeightedSumKernel<<<dim3(blocks, here), kSumThreads, 0, s>>>(jobs, terms, job0, vector_loads);
+    WeightedSumKernel<false><<<dim3(blocks, here), kSumThreads, 0, s>>>(
+        jobs, terms, SliceTerms(), job0, vector_loads);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  return 0;
+}
+
+int LaunchSliceSums(const WeightedSumJob* jobs, int num_jobs, int64_t max_n,
+                    const SliceTerms& terms, void* stream) {
+  if (num_jobs < 0 || max_n < 0 || terms.num < 0 || terms.num > kMaxSliceTerms) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (num_jobs == 0 || max_n == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int blocks = SumBlocksPerJob(num_jobs, max_n);
+  for (int job0 = 0; job0 < num_jobs; job0 += kMaxGridY) {
+    const int here = std::min(kMaxGridY, num_jobs - job0);
+    WeightedSumKernel<true><<<dim3(blocks, here), kSumThreads, 0, s>>>(
+        jobs, nullptr, terms, job0, /*vector_loads=*/true);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return static_cast<int>(err);
   }

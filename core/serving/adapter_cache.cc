@@ -8,6 +8,7 @@
 #include <ATen/record_function.h>
 
 #include "absl/strings/str_cat.h"
+#include "core/model/fused_ops.h"
 #include "core/model/loader.h"
 #include "core/util/status_macros.h"
 
@@ -170,6 +171,41 @@ bool AdapterCache::OnDevice(const ModuleLocation& location) const {
   return device_.Contains(ModuleContentKey(location));
 }
 
+absl::StatusOr<std::string> AdapterCache::CompositionKey(
+    const AdapterSpec& spec, const std::vector<double>& weights,
+    std::vector<ModuleLocation>* locations) const {
+  // The method and every parameter it reads are part of the content key.
+  std::string key = "mix";
+  if (spec.method != "lorahub") {
+    uint64_t density_bits;
+    std::memcpy(&density_bits, &spec.density, sizeof(density_bits));
+    absl::StrAppend(&key, ":", spec.method);
+    if (spec.method == "ties" || spec.method == "dare_linear") {
+      absl::StrAppend(&key, ":d=", absl::Hex(density_bits));
+    }
+    if (spec.method == "ties") absl::StrAppend(&key, ":m=", spec.majority_sign);
+    if (spec.method == "dare_linear") absl::StrAppend(&key, ":s=", spec.seed);
+  }
+  for (size_t i = 0; i < spec.module_ids.size(); ++i) {
+    LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(spec.module_ids[i]));
+    uint64_t bits;
+    std::memcpy(&bits, &weights[i], sizeof(bits));
+    absl::StrAppend(&key, "|", ModuleContentKey(loc), "*", absl::Hex(bits));
+    locations->push_back(std::move(loc));
+  }
+  return key;
+}
+
+absl::StatusOr<std::vector<AdapterCache::Adapter>> AdapterCache::ModulesAt(
+    const AdapterSpec& spec, const std::vector<ModuleLocation>& locations) {
+  std::vector<Adapter> modules;
+  for (size_t i = 0; i < spec.module_ids.size(); ++i) {
+    LH_ASSIGN_OR_RETURN(Adapter m, ModuleAt(spec.module_ids[i], locations[i]));
+    modules.push_back(std::move(m));
+  }
+  return modules;
+}
+
 absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
     const AdapterSpec& spec) {
   if (spec.is_base()) {
@@ -192,38 +228,18 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
         absl::StrCat(spec.module_ids.size(), " modules but ",
                      weights.size(), " weights"));
   }
-  // The method and every parameter it reads are part of the content key.
-  std::string key = "mix";
-  if (spec.method != "lorahub") {
-    uint64_t density_bits;
-    std::memcpy(&density_bits, &spec.density, sizeof(density_bits));
-    absl::StrAppend(&key, ":", spec.method);
-    if (spec.method == "ties" || spec.method == "dare_linear") {
-      absl::StrAppend(&key, ":d=", absl::Hex(density_bits));
-    }
-    if (spec.method == "ties") absl::StrAppend(&key, ":m=", spec.majority_sign);
-    if (spec.method == "dare_linear") absl::StrAppend(&key, ":s=", spec.seed);
-  }
   // Profiler scopes (deploy/gpu/serve_trace.py's tables of a composition).
   std::vector<ModuleLocation> locations;
+  std::string key;
   {
     RECORD_USER_SCOPE("lorahub::composition_key");
-    for (size_t i = 0; i < spec.module_ids.size(); ++i) {
-      LH_ASSIGN_OR_RETURN(ModuleLocation loc, resolver_(spec.module_ids[i]));
-      uint64_t bits;
-      std::memcpy(&bits, &weights[i], sizeof(bits));
-      absl::StrAppend(&key, "|", ModuleContentKey(loc), "*", absl::Hex(bits));
-      locations.push_back(std::move(loc));
-    }
+    LH_ASSIGN_OR_RETURN(key, CompositionKey(spec, weights, &locations));
     if (Adapter hit = device_.Lookup(key)) return hit;
   }
   std::vector<Adapter> modules;
   {
     RECORD_USER_SCOPE("lorahub::composition_modules");
-    for (size_t i = 0; i < spec.module_ids.size(); ++i) {
-      LH_ASSIGN_OR_RETURN(Adapter m, ModuleAt(spec.module_ids[i], locations[i]));
-      modules.push_back(std::move(m));
-    }
+    LH_ASSIGN_OR_RETURN(modules, ModulesAt(spec, locations));
   }
   std::vector<const model::LoraAdapter*> raw;
   for (const auto& m : modules) raw.push_back(m.get());
@@ -242,6 +258,37 @@ absl::StatusOr<AdapterCache::Adapter> AdapterCache::Get(
   // The modules stay pinned until the composition is in (or refused).
   RECORD_USER_SCOPE("lorahub::composition_insert");
   return device_.Insert(key, std::move(adapter), /*derived=*/true);
+}
+
+absl::StatusOr<std::shared_ptr<const model::ModuleMix>> AdapterCache::Mix(
+    const AdapterSpec& spec) {
+  const size_t n = spec.module_ids.size();
+  std::vector<double> weights = spec.weights;
+  if (weights.empty() && n == 1) weights = {1.0};
+  // What Get refuses, it refuses; what only Get composes, it composes.
+  if (spec.method != "lorahub" || n == 0 || weights.size() != n ||
+      n > static_cast<size_t>(model::kMaxSliceSumTerms)) {
+    return nullptr;
+  }
+  RECORD_USER_SCOPE("lorahub::mix");
+  auto mix = std::make_shared<model::ModuleMix>();
+  std::vector<ModuleLocation> locations;
+  LH_ASSIGN_OR_RETURN(mix->key, CompositionKey(spec, weights, &locations));
+  LH_ASSIGN_OR_RETURN(mix->modules, ModulesAt(spec, locations));
+  std::vector<const model::LoraAdapter*> raw;
+  for (const auto& m : mix->modules) raw.push_back(m.get());
+  LH_RETURN_IF_ERROR(model::CheckStackable(*base_, raw));
+  for (const auto& m : mix->modules) {
+    at::Tensor flat = model::FlatFactors(*m);
+    if (!flat.defined() || flat.device() != base_->device ||
+        (flat.scalar_type() != at::kFloat && flat.scalar_type() != at::kBFloat16) ||
+        (!mix->flats.empty() && flat.numel() != mix->flats[0].numel())) {
+      return nullptr;
+    }
+    mix->flats.push_back(std::move(flat));
+  }
+  mix->weights = std::move(weights);
+  return std::shared_ptr<const model::ModuleMix>(std::move(mix));
 }
 
 }  // namespace lorahub::serving

@@ -75,6 +75,15 @@ class AdapterCache {
   // budget is pinned.
   absl::StatusOr<Adapter> Get(const AdapterSpec& spec);
 
+  // For the serving engine's slot bank (model::SlotBank::AcquireMix): the
+  // LoraHub composition of `spec` (or its one module) as a ModuleMix of its
+  // modules on this cache's device, pinned while the mix is held; no
+  // composition is made or kept. nullptr where Get must do it: another
+  // method, the base model, a weight count that does not match, more than
+  // model::kMaxSliceSumTerms modules, or a module that does not lie in one
+  // buffer on the device. Errors as Get's for the modules.
+  absl::StatusOr<std::shared_ptr<const model::ModuleMix>> Mix(const AdapterSpec& spec);
+
   // One module on this cache's device, through the tiers. The result pins
   // it while held.
   absl::StatusOr<Adapter> GetModule(const std::string& id);
@@ -119,6 +128,15 @@ class AdapterCache {
                                      const std::string& key);
   // True if the module of content key `key` is in the device or host tier.
   bool Resident(const std::string& key) const;
+  // The content key of the composition of `spec`'s modules at `weights`
+  // (one each); `locations` receives the modules' locations (a resolve is a
+  // store lookup: once per module).
+  absl::StatusOr<std::string> CompositionKey(const AdapterSpec& spec,
+                                             const std::vector<double>& weights,
+                                             std::vector<ModuleLocation>* locations) const;
+  // ModuleAt of each of `spec`'s modules.
+  absl::StatusOr<std::vector<Adapter>> ModulesAt(const AdapterSpec& spec,
+                                                 const std::vector<ModuleLocation>& locations);
   // GetModule once `id` is resolved to `loc` (a composition resolves each
   // module once: every resolve is a store lookup).
   absl::StatusOr<Adapter> ModuleAt(const std::string& id, const ModuleLocation& loc);

@@ -214,6 +214,9 @@ struct Row {
   bool got_first = false;
   double ttft_s = 0;
   std::shared_ptr<const model::LoraAdapter> adapter;
+  // Or its adapter as a mix not yet computed (EngineOptions::slot_mixes),
+  // until its slot holds it.
+  std::shared_ptr<const model::ModuleMix> mix;
   int64_t slot = -1;  // its adapter's slot in State::slot_bank, or -1
   int64_t start = 0;  // cache position of its decoder start token
   int64_t steps = 0;
@@ -234,6 +237,8 @@ struct InferenceEngine::State {
         adapters(*e->adapters_),
         slot_decoding(UseOn(e->options_.slot_decoding,
                             "LORAHUB_SLOT_DECODING", e->weights_->device)),
+        slot_mixes(UseOn(e->options_.slot_mixes, "LORAHUB_SERVE_SLOT_MIXES",
+                         e->weights_->device)),
         packed_token_multiple(RowsMultiple(e->options_.admission_rows_multiple,
                                            "LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE",
                                            e->weights_->device)),
@@ -285,6 +290,7 @@ struct InferenceEngine::State {
   // in each slot (nullopt: free) and each slot's next input token.
   const bool slot_decoding;
   std::unique_ptr<model::StaticDecoder> slot_decoder;
+  const bool slot_mixes;  // EngineOptions::slot_mixes
   // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
   std::unique_ptr<model::StaticEncoderPool> admission_encoders;
   // EngineOptions::packed_admission_graphs: the row slots' newcomers'
@@ -477,7 +483,7 @@ struct InferenceEngine::State {
 
   // A slot for `row`'s adapter (none without one).
   absl::Status AcquireSlot(Row& row) {
-    if (!row.adapter) return absl::OkStatus();
+    if (!row.adapter && !row.mix) return absl::OkStatus();
     if (!slot_bank) {
       // One slot per row is always enough: a full batch of distinct adapters.
       slot_bank = std::make_unique<model::SlotBank>(
@@ -487,11 +493,23 @@ struct InferenceEngine::State {
     absl::StatusOr<int64_t> slot;
     {
       Timed timed{*this, Part::kSlotLoads};
-      slot = slot_bank->Acquire(row.adapter);
+      slot = row.mix ? slot_bank->AcquireMix(*row.mix) : slot_bank->Acquire(row.adapter);
     }
+    row.mix.reset();  // the slot holds its sum: its modules need no pin
     LH_ASSIGN_OR_RETURN(row.slot, std::move(slot));
     if (metrics()) metrics()->AddAdapterSlotLoads(slot_bank->copies() - loads);
     return absl::OkStatus();
+  }
+
+  // A batched row's adapter: a mix for its slot (`*mix`, the result then
+  // nullptr) where slot_mixes and AdapterCache::Mix take it, else Get's.
+  absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> RowAdapter(
+      const AdapterSpec& spec, std::shared_ptr<const model::ModuleMix>* mix) {
+    if (slot_mixes) {
+      LH_ASSIGN_OR_RETURN(*mix, adapters.Mix(spec));
+      if (*mix) return nullptr;
+    }
+    return adapters.Get(spec);
   }
 
   // The bank the rows' slots index, or nullptr (MakeRowAdapters' "no
@@ -1670,6 +1688,7 @@ void InferenceEngine::Loop() {
       for (size_t i = 0; i < incoming.size(); ++i) {
         GenerateRequest& req = std::get<GenerateRequest>(incoming[i].work);
         absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> adapter;
+        std::shared_ptr<const model::ModuleMix> mix;
         if (!(req.cancel && req.cancel->load())) {
           // The device cache was full of the adapters of running rows (or
           // rows joining now): this request and those behind it wait at the
@@ -1678,7 +1697,7 @@ void InferenceEngine::Loop() {
           const bool wait = others && s.waiting_since == s.finished;
           if (!wait) {
             State::Timed timed{s, State::Part::kAdapters};
-            adapter = s.adapters.Get(req.adapter);
+            adapter = s.RowAdapter(req.adapter, &mix);
           }
           if (wait || (others && absl::IsResourceExhausted(adapter.status()))) {
             s.waiting_since = s.finished;
@@ -1705,6 +1724,7 @@ void InferenceEngine::Loop() {
           continue;
         }
         row.adapter = *std::move(adapter);
+        row.mix = std::move(mix);
         if (row.req.params.do_sample) {
           row.gen = at::make_generator<at::CPUGeneratorImpl>(row.req.params.seed);
         }

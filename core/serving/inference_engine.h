@@ -182,6 +182,18 @@ struct EngineOptions {
   // in a round that met 12 new buckets). LORAHUB_SERVE_PACKED_GRAPHS=
   // off|cuda|always overrides this (A/B runs).
   model::EncoderGraph packed_admission_graphs = model::EncoderGraph::kCuda;
+  // Where a batched row's LoraHub composition (or single module) is computed
+  // straight into its adapter slot from its modules (AdapterCache::Mix,
+  // model::SlotBank::AcquireMix; kOff/kCuda/kAlways as for slot_decoding)
+  // instead of composed into the module cache and copied from there. Why:
+  // a composition and its slot load held the engine thread ~0.5 ms per
+  // admitted row (flan-t5-large: ~580 views of the composed buffer made,
+  // kept and dropped, 720 copies planned per load; sixty-ninth session,
+  // H100), about two thirds of its admissions. The same bits; the
+  // compositions are not kept in the module cache (a slot keeps its mix
+  // until the slot is taken). LORAHUB_SERVE_SLOT_MIXES=off|cuda|always
+  // overrides this (A/B runs).
+  SlotDecoding slot_mixes = SlotDecoding::kCuda;
   // The largest token bucket of packed_admission_graphs: passes of more
   // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
   // working set in its own device memory (--admission-graph-tokens).

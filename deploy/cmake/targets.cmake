@@ -760,6 +760,7 @@ lorahub_cc_library(core_model_slot_bank
   DEPS
     core_model_fused_ops
     core_model_t5
+    core_util_status_macros
     ext_absl_absl
     ext_libtorch_libtorch
   OUTPUT_NAME slot_bank

@@ -486,6 +486,25 @@ TEST_F(SlotBankTest, WeightedSumsMatchTheirAtenArithmetic) {
   }
 }
 
+// `m` with its factors copied into one buffer of `dtype`, back to back
+// (FlatFactors; as the module cache keeps a module).
+LoraAdapter Flattened(const LoraAdapter& m, at::ScalarType dtype) {
+  int64_t total = 0;
+  for (const LoraSite& s : m.sites) total += s.a.numel() + s.b.numel();
+  const at::Tensor buffer = at::empty({total}, m.sites[0].a.options().dtype(dtype));
+  LoraAdapter out = m;
+  int64_t offset = 0;
+  for (LoraSite& s : out.sites) {
+    for (at::Tensor* f : {&s.a, &s.b}) {
+      at::Tensor view = buffer.narrow(0, offset, f->numel()).view(f->sizes());
+      view.copy_(*f);
+      offset += f->numel();
+      *f = view;
+    }
+  }
+  return out;
+}
+
 // The composition the serving engine uses: ComposeLoraHubModules adds the
 // modules' factors in module order, each product and sum rounded, and agrees
 // with the stacked GEMM (ComposeOne) to fp32 rounding.
@@ -517,25 +536,9 @@ TEST_F(SlotBankTest, ComposeLoraHubModulesIsTheWeightedSumOfTheModules) {
   }
   // Modules that each lie in one buffer (as the module cache keeps them; the
   // second one in bf16) compose as one sum of whole buffers: the same bits.
-  auto flattened = [](const LoraAdapter& m, at::ScalarType dtype) {
-    int64_t total = 0;
-    for (const LoraSite& s : m.sites) total += s.a.numel() + s.b.numel();
-    const at::Tensor buffer = at::empty({total}, m.sites[0].a.options().dtype(dtype));
-    LoraAdapter out = m;
-    int64_t offset = 0;
-    for (LoraSite& s : out.sites) {
-      for (at::Tensor* f : {&s.a, &s.b}) {
-        at::Tensor view = buffer.narrow(0, offset, f->numel()).view(f->sizes());
-        view.copy_(*f);
-        offset += f->numel();
-        *f = view;
-      }
-    }
-    return out;
-  };
-  const LoraAdapter f0 = flattened(*m0, at::kFloat), f1 = flattened(*m1, at::kBFloat16),
-                    f2 = flattened(*m2, at::kFloat);
-  const LoraAdapter r1 = flattened(f1, at::kFloat);  // m1 rounded to bf16, as f1 holds it
+  const LoraAdapter f0 = Flattened(*m0, at::kFloat), f1 = Flattened(*m1, at::kBFloat16),
+                    f2 = Flattened(*m2, at::kFloat);
+  const LoraAdapter r1 = Flattened(f1, at::kFloat);  // m1 rounded to bf16, as f1 holds it
   auto whole = ComposeLoraHubModules(*base_, {&f0, &f1, &f2}, w);
   auto by_factor = ComposeLoraHubModules(*base_, {m0.get(), &r1, m2.get()}, w);
   ASSERT_TRUE(whole.ok() && by_factor.ok());
@@ -550,6 +553,176 @@ TEST_F(SlotBankTest, ComposeLoraHubModulesIsTheWeightedSumOfTheModules) {
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// RunSliceSums on the test device gives the bits of WeightedSums of the
+// same slices done with ATen on the CPU: fp32 and bf16 buffers and
+// destinations, fills, offsets and lengths that are no multiple of
+// anything, the most terms a launch takes; terms that do not fit throw
+// before anything is written. A plan runs again with other buffers.
+TEST_F(SlotBankTest, SliceSumsAreWeightedSumsOfTheirSlices) {
+  const c10::Device dev = base_->device;
+  auto gen = at::detail::createCPUGenerator(11);
+  const int64_t length = 70001;
+  std::vector<SliceSum> sums;
+  for (int j = 0; j < 300; ++j) {
+    const int64_t n = j % 5 == 0 ? 4 * (1 + j % 257) : 1 + (j * 37) % 1000;
+    SliceSum sum;
+    sum.dst = at::full({n}, 9.f, at::TensorOptions()
+                                     .dtype(j % 3 == 0 ? at::kBFloat16 : at::kFloat)
+                                     .device(dev));
+    sum.offset = j % 5 == 0 ? 4 * ((j * 131) % 17000) : (j * 7919) % (length - n);
+    sum.summed = j % 7 != 3;
+    sum.fill = 0.5f * static_cast<float>(j % 5);
+    sums.push_back(std::move(sum));
+  }
+  const SliceSumPlan plan = PlanSliceSums(sums);
+  for (const int terms : {1, 3, kMaxSliceSumTerms}) {
+    SCOPED_TRACE(terms);
+    std::vector<at::Tensor> on_cpu, on_device;
+    std::vector<float> weights;
+    for (int t = 0; t < terms; ++t) {
+      on_cpu.push_back(at::randn({length}, gen).to(t % 2 == 0 ? at::kFloat : at::kBFloat16));
+      on_device.push_back(on_cpu.back().to(dev));
+      weights.push_back(0.37f * static_cast<float>(t) - 0.61f);
+    }
+    RunSliceSums(plan, on_device, weights);
+    for (size_t j = 0; j < sums.size(); ++j) {
+      const SliceSum& s = sums[j];
+      const int64_t n = s.dst.numel();
+      at::Tensor want = at::full({n}, s.fill, at::kFloat);
+      if (s.summed) {
+        want = on_cpu[0].narrow(0, s.offset, n).to(at::kFloat) * weights[0];
+        for (int t = 1; t < terms; ++t) {
+          want.add_(on_cpu[t].narrow(0, s.offset, n).to(at::kFloat) * weights[t]);
+        }
+      }
+      ASSERT_TRUE(at::equal(s.dst.cpu(), want.to(s.dst.scalar_type()))) << "sum " << j;
+    }
+  }
+  // Too short, too many, a weight missing, on another dtype: nothing written.
+  const at::Tensor dst = at::zeros({4}, at::TensorOptions().device(dev));
+  const SliceSumPlan small = PlanSliceSums({SliceSum{dst, 6}});
+  const at::Tensor ten = at::ones({10}, at::TensorOptions().device(dev));
+  EXPECT_THROW(RunSliceSums(small, {ten.narrow(0, 0, 9)}, {1.f}), c10::Error);
+  EXPECT_THROW(RunSliceSums(small, std::vector<at::Tensor>(kMaxSliceSumTerms + 1, ten),
+                            std::vector<float>(kMaxSliceSumTerms + 1, 1.f)),
+               c10::Error);
+  EXPECT_THROW(RunSliceSums(small, {ten, ten}, {1.f}), c10::Error);
+  EXPECT_THROW(RunSliceSums(small, {ten.to(at::kDouble)}, {1.f}), c10::Error);
+  EXPECT_EQ(dst.abs().sum().item<float>(), 0.f);
+  RunSliceSums(small, {ten}, {2.f});
+  EXPECT_EQ(dst.sum().item<float>(), 8.f);
+  EXPECT_THROW(PlanSliceSums({SliceSum{dst, -1}}), c10::Error);
+}
+
+// Every tensor of `a`'s slot `sa` equals `b`'s slot `sb` bit for bit: the
+// factors, their low-precision and int8 copies and the scales, at every site.
+void ExpectSameSlot(const AdapterBank& a, int64_t sa, const AdapterBank& b, int64_t sb) {
+  ASSERT_EQ(a.sites.size(), b.sites.size());
+  for (size_t i = 0; i < a.sites.size(); ++i) {
+    const SiteBank& x = a.sites[i];
+    const SiteBank& y = b.sites[i];
+    for (const auto& [tx, ty] : {std::pair{&x.a, &y.a}, std::pair{&x.b, &y.b},
+                                 std::pair{&x.scale, &y.scale}, std::pair{&x.a_low, &y.a_low},
+                                 std::pair{&x.b_low, &y.b_low}, std::pair{&x.a_int8, &y.a_int8},
+                                 std::pair{&x.b_int8, &y.b_int8},
+                                 std::pair{&x.scale_int8, &y.scale_int8}}) {
+      ASSERT_EQ(tx->defined(), ty->defined()) << "site " << i;
+      if (tx->defined()) {
+        EXPECT_TRUE(at::equal(SlotView(*tx, sa), SlotView(*ty, sb))) << "site " << i;
+      }
+    }
+  }
+}
+
+// AcquireMix computes a composition straight into a slot: the bits Acquire
+// of ComposeLoraHubModules gives (fp32, and bf16 with the decode kernels'
+// copies), in a slot an adapter of other sites left, through the slot's
+// plan for other weights, and for a rank below the bank's (composed, then
+// copied). A resident mix is found by its key; malformed mixes are refused
+// and leave no slot behind.
+TEST_F(SlotBankTest, AMixLoadsTheBitsOfItsComposition) {
+  auto bf16 = Bf16Weights();
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  for (const T5Weights* w : {base_.get(), &*bf16}) {
+    SCOPED_TRACE(at::toString(w->dtype));
+    auto flat = [](const std::shared_ptr<const LoraAdapter>& m, at::ScalarType t) {
+      return std::make_shared<const LoraAdapter>(Flattened(*m, t));
+    };
+    const std::vector<std::shared_ptr<const LoraAdapter>> modules = {
+        flat(Adapter({"q", "v"}, 4, 51), at::kFloat),
+        flat(Adapter({"q", "v"}, 4, 52), at::kBFloat16),
+        flat(Adapter({"q", "v"}, 4, 53), at::kFloat)};
+    auto mix_of = [&modules](std::vector<double> weights, std::string key) {
+      ModuleMix mix;
+      mix.key = std::move(key);
+      mix.modules = modules;
+      for (const auto& m : modules) mix.flats.push_back(FlatFactors(*m));
+      mix.weights = std::move(weights);
+      return mix;
+    };
+    // The same loads into two banks of one slot: mixes, and compositions.
+    SlotBank mixes(*w, 1), copies(*w, 1);
+    auto both = [&](const ModuleMix& mix) {
+      std::vector<const LoraAdapter*> raw;
+      for (const auto& m : mix.modules) raw.push_back(m.get());
+      auto composed = ComposeLoraHubModules(*w, raw, mix.weights);
+      ASSERT_TRUE(composed.ok()) << composed.status();
+      auto sm = mixes.AcquireMix(mix);
+      ASSERT_TRUE(sm.ok()) << sm.status();
+      auto sc = copies.Acquire(std::make_shared<const LoraAdapter>(*std::move(composed)));
+      ASSERT_TRUE(sc.ok()) << sc.status();
+      ASSERT_EQ(*sm, 0);
+      ASSERT_EQ(*sc, 0);
+      ExpectSameSlot(mixes.resident(), 0, copies.resident(), 0);
+      mixes.Release(0);
+      copies.Release(0);
+    };
+    auto adapter_in_both = [&](const std::shared_ptr<const LoraAdapter>& a) {
+      ASSERT_EQ(*mixes.Acquire(a), 0);
+      ASSERT_EQ(*copies.Acquire(a), 0);
+      mixes.Release(0);
+      copies.Release(0);
+    };
+    // The slot first holds an adapter of other sites (rank 4: none widens).
+    ASSERT_NO_FATAL_FAILURE(adapter_in_both(Adapter({"v", "o"}, 4, 54)));
+    ASSERT_NO_FATAL_FAILURE(both(mix_of({0.5, -0.3, 0.8}, "mix0")));
+    EXPECT_EQ(mixes.mix_loads(), 1);
+    EXPECT_EQ(mixes.planned_copies(), 0);
+    ASSERT_NO_FATAL_FAILURE(both(mix_of({0.1, 0.2, -0.7}, "mix1")));
+    EXPECT_EQ(mixes.mix_loads(), 2);
+    EXPECT_EQ(mixes.planned_copies(), 1);
+    // Found by its key: no load.
+    auto again = mixes.AcquireMix(mix_of({0.1, 0.2, -0.7}, "mix1"));
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(*again, 0);
+    EXPECT_EQ(mixes.copies(), 3);
+    EXPECT_EQ(mixes.users(0), 1);
+    mixes.Release(0);
+    // An adapter of rank 8 widens q and v; a rank-4 mix then takes the
+    // composition's copy.
+    ASSERT_NO_FATAL_FAILURE(adapter_in_both(Adapter({"q", "v"}, 8, 55)));
+    ASSERT_NO_FATAL_FAILURE(both(mix_of({0.5, 0.5, 0.5}, "mix2")));
+    EXPECT_EQ(mixes.mix_loads(), 2);
+    // Malformed: refused, the slot not taken.
+    ModuleMix no_key = mix_of({1, 1, 1}, "");
+    ModuleMix no_weight = mix_of({1, 1}, "w");
+    ModuleMix null_module = mix_of({1, 1, 1}, "n");
+    null_module.modules[1] = nullptr;
+    for (const ModuleMix* bad : {&no_key, &no_weight, &null_module}) {
+      EXPECT_EQ(mixes.AcquireMix(*bad).status().code(), absl::StatusCode::kInvalidArgument);
+    }
+    SlotBank fresh(*w, 1);
+    ModuleMix short_flat = mix_of({1, 1, 1}, "s");
+    short_flat.flats[1] = short_flat.flats[1].narrow(0, 0, 10);
+    EXPECT_EQ(fresh.AcquireMix(short_flat).status().code(), absl::StatusCode::kInternal);
+    EXPECT_EQ(fresh.users(0), 0);
+    EXPECT_EQ(fresh.copies(), 0);
+    auto fine = fresh.AcquireMix(mix_of({1, 1, 1}, "s"));
+    ASSERT_TRUE(fine.ok()) << fine.status();
+    EXPECT_EQ(fresh.copies(), 1);
+  }
 }
 
 // The serving engine's newcomers hold arbitrary slots of its SlotBank, or

@@ -294,6 +294,18 @@ class EngineTest : public ::testing::Test {
     }
     return -1;
   }
+  // The device tier's series of counter `name` (-1 if none).
+  double DeviceTierCounter(const std::string& name) {
+    for (const auto& family : registry_->Collect()) {
+      if (family.name != name) continue;
+      for (const auto& m : family.metric) {
+        for (const auto& label : m.label) {
+          if (label.name == "tier" && label.value == "device") return m.counter.value;
+        }
+      }
+    }
+    return -1;
+  }
 
   std::shared_ptr<prometheus::Registry> registry_ =
       std::make_shared<prometheus::Registry>();
@@ -320,6 +332,7 @@ struct BatchWay {
   int steps_ahead = EngineOptions::kAutoStepsAhead;
   int64_t rows_multiple = EngineOptions::kAutoRowsMultiple;
   model::EncoderGraph packed_graphs = model::EncoderGraph::kCuda;
+  SlotDecoding slot_mixes = SlotDecoding::kCuda;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
@@ -332,6 +345,7 @@ class EngineBatchTest : public EngineTest,
     o.steps_ahead = GetParam().steps_ahead;
     o.admission_rows_multiple = GetParam().rows_multiple;
     o.packed_admission_graphs = GetParam().packed_graphs;
+    o.slot_mixes = GetParam().slot_mixes;
     return o;
   }
 };
@@ -487,7 +501,16 @@ INSTANTIATE_TEST_SUITE_P(
         BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
                  "RowSlotsPackedGraphs", EngineOptions::kAutoStepsAhead,
                  EngineOptions::kAutoRowsMultiple,
-                 model::EncoderGraph::kAlways}),
+                 model::EncoderGraph::kAlways},
+        // Compositions computed straight into their slots from the modules
+        // (AdapterCache::Mix, SlotBank::AcquireMix), eagerly and in row
+        // slots (the default on a GPU, where every way takes them).
+        BatchWay{SlotDecoding::kOff, model::EncoderGraph::kOff, "EagerMixes",
+                 EngineOptions::kAutoStepsAhead, EngineOptions::kAutoRowsMultiple,
+                 model::EncoderGraph::kCuda, SlotDecoding::kAlways},
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff, "RowSlotsMixes",
+                 EngineOptions::kAutoStepsAhead, EngineOptions::kAutoRowsMultiple,
+                 model::EncoderGraph::kCuda, SlotDecoding::kAlways}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
@@ -714,6 +737,13 @@ TEST_P(EngineBatchTest, OwnCompositionsThroughRecycledSlotsGiveTheirTokensAlone)
   }
   EXPECT_EQ(engine->pending(), 0);
   EXPECT_EQ(CounterValue("lorahub_adapter_slot_loads_total"), kRequests);
+  // The device tier missed the three modules, and each composition unless
+  // it went straight into its slot.
+  const bool mixes = GetParam().slot_mixes == SlotDecoding::kAlways ||
+                     (GetParam().slot_mixes == SlotDecoding::kCuda &&
+                      (*weights_)->device.is_cuda());
+  EXPECT_EQ(DeviceTierCounter("lorahub_module_cache_misses_total"),
+            mixes ? 3 : 3 + kRequests);
   // Rounded rows padded some admission's GEMM (by the prompts' lengths, not
   // every one); on the CPU nothing else pads.
   if (GetParam().rows_multiple > 1) {
