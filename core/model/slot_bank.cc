@@ -19,6 +19,7 @@ SlotBank::SlotBank(const T5Weights& base, int64_t capacity)
   bank_.num_slots = static_cast<int>(slots_.size());
   bank_.sites.resize(base.num_sites);
   active_ = bank_;
+  site_users_.assign(static_cast<size_t>(base.num_sites), 0);
 }
 
 absl::StatusOr<int64_t> SlotBank::Acquire(
@@ -35,7 +36,7 @@ absl::StatusOr<int64_t> SlotBank::Acquire(
   }
   for (size_t i = 0; i < slots_.size(); ++i) {
     if (slots_[i].adapter.lock() == adapter) {
-      if (slots_[i].users++ == 0) Refresh();
+      if (slots_[i].users++ == 0) CountSites(slots_[i], 1);
       return static_cast<int64_t>(i);
     }
   }
@@ -53,7 +54,7 @@ absl::StatusOr<int64_t> SlotBank::Acquire(
   slot.adapter = adapter;
   slot.users = 1;
   ++copies_;
-  Refresh();
+  CountSites(slot, 1);
   return free;
 }
 
@@ -93,7 +94,7 @@ absl::StatusOr<int64_t> SlotBank::AcquireMix(const ModuleMix& mix) {
   }
   for (size_t i = 0; i < slots_.size(); ++i) {
     if (slots_[i].mix_key == mix.key) {
-      if (slots_[i].users++ == 0) Refresh();
+      if (slots_[i].users++ == 0) CountSites(slots_[i], 1);
       return static_cast<int64_t>(i);
     }
   }
@@ -108,7 +109,7 @@ absl::StatusOr<int64_t> SlotBank::AcquireMix(const ModuleMix& mix) {
   slot.mix_key = mix.key;
   slot.users = 1;
   ++copies_;
-  Refresh();
+  CountSites(slot, 1);
   return free;
 }
 
@@ -206,7 +207,7 @@ void SlotBank::Release(int64_t slot) {
   if (slot < 0 || slot >= capacity() || slots_[slot].users == 0) return;
   if (--slots_[slot].users == 0) {
     slots_[slot].released_at = ++clock_;
-    Refresh();
+    CountSites(slots_[slot], -1);
   }
 }
 
@@ -225,6 +226,7 @@ std::vector<int> SlotBank::SitesAllocatedWith(int site) const {
 }
 
 void SlotBank::Reserve(int site, int64_t r) {
+  if (bank_.sites[site].a.defined() && bank_.sites[site].a.size(1) >= r) return;
   const std::vector<int> group = SitesAllocatedWith(site);
   int64_t have = 0;  // the group's rank (they are allocated together)
   for (int g : group) {
@@ -263,6 +265,9 @@ void SlotBank::Reserve(int site, int64_t r) {
       sb.a_low = a_low.select(1, i);
       sb.b_low = sb.b.to(low_dtype_);
     }
+  }
+  for (int g : group) {  // the new tensors for slots with users
+    if (site_users_[g] > 0) active_.sites[g] = bank_.sites[g];
   }
   // Every plan's views are of the old layout (and would keep its memory).
   ++layout_;
@@ -427,14 +432,12 @@ void SlotBank::LoadFactors(int64_t slot, const LoraAdapter& adapter) {
   plan.low = low;
 }
 
-void SlotBank::Refresh() {
-  std::vector<bool> used(bank_.sites.size(), false);
-  for (const Slot& s : slots_) {
-    if (s.users == 0) continue;
-    for (int site : s.sites) used[site] = true;
-  }
-  for (size_t site = 0; site < bank_.sites.size(); ++site) {
-    active_.sites[site] = used[site] ? bank_.sites[site] : SiteBank();
+void SlotBank::CountSites(const Slot& slot, int delta) {
+  for (int site : slot.sites) {
+    int& n = site_users_[site];
+    const bool was_used = n > 0;
+    n += delta;
+    if ((n > 0) != was_used) active_.sites[site] = n > 0 ? bank_.sites[site] : SiteBank();
   }
 }
 

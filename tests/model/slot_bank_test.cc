@@ -27,6 +27,25 @@ using testing::MakeLoraConfig;
 using testing::RandomAdapter;
 using testing::RandomT5;
 
+// `m` with its factors copied into one buffer of `dtype`, back to back
+// (FlatFactors; as the module cache keeps a module).
+LoraAdapter Flattened(const LoraAdapter& m, at::ScalarType dtype) {
+  int64_t total = 0;
+  for (const LoraSite& s : m.sites) total += s.a.numel() + s.b.numel();
+  const at::Tensor buffer = at::empty({total}, m.sites[0].a.options().dtype(dtype));
+  LoraAdapter out = m;
+  int64_t offset = 0;
+  for (LoraSite& s : out.sites) {
+    for (at::Tensor* f : {&s.a, &s.b}) {
+      at::Tensor view = buffer.narrow(0, offset, f->numel()).view(f->sizes());
+      view.copy_(*f);
+      offset += f->numel();
+      *f = view;
+    }
+  }
+  return out;
+}
+
 class SlotBankTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -140,6 +159,50 @@ TEST_F(SlotBankTest, ResidentAdaptersAreNotCopiedAgain) {
   EXPECT_EQ(bank.users(*sa), 0);
   EXPECT_EQ(bank.Acquire(nullptr).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// bank() holds exactly the sites some slot with users adapts, each the
+// resident bank's tensors (also after a site is widened while in use),
+// through acquires and releases of adapters and mixes.
+TEST_F(SlotBankTest, TheActiveBankHoldsTheSitesOfSlotsWithUsers) {
+  SlotBank bank(*base_, 3);
+  auto expect_active = [&](const std::vector<std::shared_ptr<const LoraAdapter>>& in_use) {
+    std::vector<bool> want(bank.resident().sites.size(), false);
+    for (const auto& a : in_use) {
+      for (const LoraSite& s : a->sites) want[s.site] = true;
+    }
+    for (size_t i = 0; i < want.size(); ++i) {
+      const SiteBank& active = bank.bank().sites[i];
+      ASSERT_EQ(active.a.defined(), want[i]) << "site " << i;
+      if (!want[i]) continue;
+      const SiteBank& resident = bank.resident().sites[i];
+      EXPECT_TRUE(active.a.is_same(resident.a) && active.b.is_same(resident.b) &&
+                  active.scale.is_same(resident.scale))
+          << "site " << i;
+    }
+  };
+  auto qv = Adapter({"q", "v"}, 4, 61), vo = Adapter({"v", "o"}, 4, 62),
+       wide = Adapter({"q"}, 8, 63);
+  const auto flat_qv = std::make_shared<const LoraAdapter>(Flattened(*qv, at::kFloat));
+  ModuleMix mix{"qv", {flat_qv}, {FlatFactors(*flat_qv)}, {1.0}};
+  const int64_t s_qv = *bank.Acquire(qv);
+  const int64_t s_vo = *bank.Acquire(vo);
+  ASSERT_NO_FATAL_FAILURE(expect_active({qv, vo}));
+  bank.Release(s_qv);
+  ASSERT_NO_FATAL_FAILURE(expect_active({vo}));
+  ASSERT_EQ(*bank.Acquire(qv), s_qv);  // resident: its sites again
+  ASSERT_NO_FATAL_FAILURE(expect_active({qv, vo}));
+  const int64_t s_wide = *bank.Acquire(wide);  // widens q while qv uses it
+  ASSERT_NO_FATAL_FAILURE(expect_active({qv, vo, wide}));
+  bank.Release(s_qv);
+  bank.Release(s_vo);
+  ASSERT_NO_FATAL_FAILURE(expect_active({wide}));
+  const int64_t s_mix = *bank.AcquireMix(mix);  // qv's slot, the least recently released
+  EXPECT_EQ(s_mix, s_qv);
+  ASSERT_NO_FATAL_FAILURE(expect_active({wide, qv}));
+  bank.Release(s_wide);
+  bank.Release(s_mix);
+  ASSERT_NO_FATAL_FAILURE(expect_active({}));
 }
 
 // Rows through the slot bank give MakeAdapterBank's logits, with slots in
@@ -484,25 +547,6 @@ TEST_F(SlotBankTest, WeightedSumsMatchTheirAtenArithmetic) {
     EXPECT_THROW(WeightedSums({fine, bad}), c10::Error);
     EXPECT_EQ(dst.abs().sum().item<float>(), 0.f);
   }
-}
-
-// `m` with its factors copied into one buffer of `dtype`, back to back
-// (FlatFactors; as the module cache keeps a module).
-LoraAdapter Flattened(const LoraAdapter& m, at::ScalarType dtype) {
-  int64_t total = 0;
-  for (const LoraSite& s : m.sites) total += s.a.numel() + s.b.numel();
-  const at::Tensor buffer = at::empty({total}, m.sites[0].a.options().dtype(dtype));
-  LoraAdapter out = m;
-  int64_t offset = 0;
-  for (LoraSite& s : out.sites) {
-    for (at::Tensor* f : {&s.a, &s.b}) {
-      at::Tensor view = buffer.narrow(0, offset, f->numel()).view(f->sizes());
-      view.copy_(*f);
-      offset += f->numel();
-      *f = view;
-    }
-  }
-  return out;
 }
 
 // The composition the serving engine uses: ComposeLoraHubModules adds the
