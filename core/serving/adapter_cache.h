@@ -17,7 +17,8 @@
 // reads (density for ties/dare_linear, majority sign for ties, mask seed for
 // dare_linear), so two requests share an entry only when they compose the
 // same adapter (model::ComposeModules). Compositions live in the device
-// tier only.
+// tier only; Mix gives the serving engine's slot bank a LoraHub composition
+// uncomputed (its modules pinned), and keeps none.
 //
 // Pinning: the adapter a request in flight or a running compose job holds
 // (the returned shared_ptr) is pinned and never evicted; a tier whose budget
