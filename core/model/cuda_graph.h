@@ -57,10 +57,13 @@ int64_t DeviceMemoryBytes(c10::Device device);
 
 // Bytes of tensors held in LibTorch's caching allocator on a CUDA device:
 // now, and the most since the last ResetDevicePeakMemory (graph pools
-// included). Both 0 for any other device or in a CPU build.
+// included); and the bytes the allocator holds from the device now
+// (those tensors, its cached free blocks and the graphs' pools: what other
+// processes cannot have). All 0 for any other device or in a CPU build.
 struct DeviceMemoryInUse {
   int64_t current = 0;
   int64_t peak = 0;
+  int64_t reserved = 0;
 };
 DeviceMemoryInUse DeviceMemoryAllocated(c10::Device device);
 void ResetDevicePeakMemory(c10::Device device);

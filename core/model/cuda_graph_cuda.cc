@@ -131,7 +131,7 @@ DeviceMemoryInUse DeviceMemoryAllocated(c10::Device device) {
   const auto stats =
       c10::cuda::CUDACachingAllocator::getDeviceStats(guard.current_device().index());
   const auto& bytes = stats.allocated_bytes[0];  // StatType::AGGREGATE
-  return {bytes.current, bytes.peak};
+  return {bytes.current, bytes.peak, stats.reserved_bytes[0].current};
 }
 
 void ResetDevicePeakMemory(c10::Device device) {

@@ -1549,7 +1549,21 @@ void InferenceEngine::Loop() {
           PoolCounts(s).c_str());
     }
   } log_timing{s, options_.device_name, loader_.get()};
+  // lorahub_device_memory_used_bytes{device}: what LibTorch's caching
+  // allocator holds on this engine's CUDA device (its tensors, cached
+  // blocks and CUDA graphs' pools), noted at most once a second while the
+  // engine works and whenever it goes idle.
+  absl::Time memory_noted = absl::InfinitePast();
+  const auto note_memory = [&](bool force) {
+    if (!metrics_ || !weights_->device.is_cuda()) return;
+    const absl::Time now = absl::Now();
+    if (!force && now - memory_noted < absl::Seconds(1)) return;
+    memory_noted = now;
+    metrics_->SetDeviceMemoryUsedBytes(
+        options_.device_name, model::DeviceMemoryAllocated(weights_->device).reserved);
+  };
   for (;;) {
+    note_memory(false);
     std::vector<Queued> incoming;
     std::optional<Queued> solo;
     std::shared_ptr<DeviceWork> device_work;
@@ -1563,6 +1577,11 @@ void InferenceEngine::Loop() {
         return exit_ || s.Running() > 0 || !device_work_.empty() || AnyLoadedLocked() ||
                (stopping_ && (queue_.empty() || absl::Now() >= deadline_));
       };
+      if (!ready()) {  // going idle: the gauge as the work left it
+        lock.unlock();
+        note_memory(true);
+        lock.lock();
+      }
       while (!ready()) {
         if (stopping_) {
           cv_.wait_for(lock, std::chrono::milliseconds(20));

@@ -633,6 +633,42 @@ TEST_F(EngineTest, BadRequestsAreRefusedWithTheField) {
   EXPECT_NE(o.status.message().find("nope"), std::string::npos);
 }
 
+// lorahub_device_memory_used_bytes{device}: on a CUDA device what the
+// caching allocator holds there (the embedding at least) once the engine has
+// served a request and gone idle; no series for the CPU.
+TEST_F(EngineTest, DeviceMemoryGaugeIsTheAllocatorsOnCuda) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  DecodingParams p;
+  p.max_new_tokens = 4;
+  auto r = std::make_shared<Result>();
+  ASSERT_TRUE(engine->Submit(Make(Unpadded(0), {{"m0", "m1"}, {0.5, 0.5}}, p, r)).ok());
+  ASSERT_TRUE(r->done.get_future().get().status.ok());
+  const std::string device = (*weights_)->device.str();
+  auto gauge = [&]() -> double {
+    for (const auto& family : registry_->Collect()) {
+      if (family.name != "lorahub_device_memory_used_bytes") continue;
+      for (const auto& m : family.metric) {
+        for (const auto& label : m.label) {
+          if (label.name == "device" && label.value == device) return m.gauge.value;
+        }
+      }
+    }
+    return -1;
+  };
+  if (!(*weights_)->device.is_cuda()) {
+    EXPECT_EQ(gauge(), -1);
+    return;
+  }
+  // The embedding at least; noted when the engine goes idle, after the
+  // request's end.
+  const auto weight_bytes = static_cast<int64_t>((*weights_)->shared.nbytes());
+  for (int i = 0; i < 500 && gauge() < static_cast<double>(weight_bytes); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_GE(gauge(), static_cast<double>(weight_bytes));
+}
+
 TEST_F(EngineTest, FullQueueIsResourceExhaustedAndShutdownIsUnavailable) {
   EngineOptions opts;
   opts.max_queue = 2;
