@@ -2712,6 +2712,7 @@ lorahub_cc_test(tests_server_module_tier_test
     core_io_safetensors
     core_metrics_metrics
     core_model_model
+    core_model_fused_ops
     core_model_loader
     core_serving_serving
     ext_absl_absl

@@ -21,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "core/io/safetensors.h"
 #include "core/metrics/metrics.h"
+#include "core/model/fused_ops.h"
 #include "core/model/loader.h"
 #include "core/serving/adapter_cache.h"
 #include "core/serving/inference_engine.h"
@@ -427,6 +428,69 @@ TEST_F(TieredCacheTest, MismatchedModulesAreRefusedBeforeWaitingForRoom) {
   spec.module_ids = {"m1", "mq"};
   const absl::Status mismatched = cache.Get(spec).status();
   EXPECT_EQ(mismatched.code(), absl::StatusCode::kInvalidArgument) << mismatched;
+}
+
+// Mix gives a LoraHub composition (or one module) as its modules' flat
+// buffers and weights under Get's content key, pinning the modules while
+// held and keeping no composition; nullptr where only Get composes (other
+// methods, more modules than a slot sum takes, no modules); Get's errors
+// for the modules.
+TEST_F(TieredCacheTest, AMixIsTheModulesBuffersUnderTheCompositionsKey) {
+  const int64_t one = ModuleBytes();
+  AdapterCache cache(weights_->get(), Resolver(), Host(10 * one), Options(10 * one));
+  AdapterSpec spec;
+  spec.module_ids = {"m0", "m1", "m2"};
+  spec.weights = {0.5, -0.3, 0.8};
+  auto mix = cache.Mix(spec);
+  ASSERT_TRUE(mix.ok()) << mix.status();
+  ASSERT_NE(*mix, nullptr);
+  const model::ModuleMix& m = **mix;
+  ASSERT_EQ(m.modules.size(), 3u);
+  ASSERT_EQ(m.flats.size(), 3u);
+  EXPECT_EQ(m.weights, spec.weights);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(m.modules[i]->name, spec.module_ids[i]);
+    const at::Tensor flat = model::FlatFactors(*m.modules[i]);
+    ASSERT_TRUE(flat.defined());
+    EXPECT_EQ(m.flats[i].data_ptr(), flat.data_ptr());
+    EXPECT_EQ(m.flats[i].numel(), flat.numel());
+    EXPECT_TRUE(cache.device_tier().Pinned("sha:" + spec.module_ids[i]));
+  }
+  EXPECT_EQ(cache.size(), 3u);  // the modules: no composition kept
+  // Get's composition of the same spec is keyed as the mix is.
+  ASSERT_TRUE(cache.Get(spec).ok());
+  EXPECT_EQ(cache.device_tier().Keys().front(), m.key);
+  // One module alone: weight 1.
+  AdapterSpec single;
+  single.module_ids = {"m1"};
+  auto one_mix = cache.Mix(single);
+  ASSERT_TRUE(one_mix.ok() && *one_mix != nullptr) << one_mix.status();
+  EXPECT_EQ((*one_mix)->weights, std::vector<double>({1.0}));
+  EXPECT_NE((*one_mix)->key, m.key);
+  // Where only Get composes.
+  AdapterSpec ties = spec;
+  ties.method = "ties";
+  ties.density = 0.5;
+  AdapterSpec many;
+  for (int i = 0; i <= model::kMaxSliceSumTerms; ++i) {
+    many.module_ids.push_back("m" + std::to_string(i % 3));
+    many.weights.push_back(0.1);
+  }
+  const AdapterSpec base_model;
+  for (const AdapterSpec* s : std::vector<const AdapterSpec*>{&ties, &many, &base_model}) {
+    auto none = cache.Mix(*s);
+    ASSERT_TRUE(none.ok()) << none.status();
+    EXPECT_EQ(*none, nullptr);
+  }
+  AdapterSpec unknown;
+  unknown.module_ids = {"m0", "nope"};
+  unknown.weights = {1, 1};
+  EXPECT_EQ(cache.Mix(unknown).status().code(), absl::StatusCode::kNotFound);
+  mix->reset();
+  one_mix->reset();
+  for (const char* key : {"sha:m0", "sha:m1", "sha:m2"}) {
+    EXPECT_FALSE(cache.device_tier().Pinned(key)) << key;
+  }
 }
 
 TEST_F(TieredCacheTest, WithoutAHostTierModulesGoStraightToTheDevice) {
