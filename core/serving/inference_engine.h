@@ -103,7 +103,8 @@ namespace lorahub::serving {
 
 // Where the running batch decodes on a StaticDecoder of max_batch_rows row
 // slots (model/static_decoder.h CreateSlots: its step one CUDA graph,
-// replayed) instead of eager DecodeStep calls.
+// replayed) instead of eager DecodeStep calls; also where
+// EngineOptions::slot_mixes holds.
 enum class SlotDecoding {
   kOff,     // always eager
   kCuda,    // on CUDA devices
