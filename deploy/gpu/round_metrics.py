@@ -8,6 +8,8 @@ measured round itself cost.
 
   round_metrics.py scrape PORT FILE     the metrics text now -> FILE ("" if none)
   round_metrics.py diff BEFORE AFTER    one line: the counters' growth between
+                                        (after a line per CUDA device: what its
+                                        engine's allocator held before and after)
 
 A failed scrape prints nothing and exits 0 (the round's other figures
 stand on their own); bad arguments exit 2.
@@ -53,6 +55,10 @@ def diff(before_path, after_path):
     grew = lambda k: after.get(k, 0.0) - before.get(k, 0.0)
     busy = lambda phase: grew('lorahub_engine_busy_seconds_total{phase="%s"}' % phase)
     part = lambda p: grew('lorahub_engine_admission_seconds_total{part="%s"}' % p)
+    memory = 'lorahub_device_memory_used_bytes{device="'
+    for key in sorted(k for k in after if k.startswith(memory)):
+        print("   device memory %s: %.3f GB after the round (%.3f before)" % (
+            key[len(memory):-2], after[key] / 1e9, before.get(key, 0.0) / 1e9))
     rows = grew('lorahub_engine_admitted_rows_total{path="slots"}') + grew(
         'lorahub_engine_admitted_rows_total{path="eager"}')
     print("   round's engine: admissions %.3f s (adapters %.3f, slot loads %.3f, "
