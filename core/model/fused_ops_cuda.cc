@@ -52,6 +52,16 @@ cudaStream_t StreamOf(const at::Tensor& x) {
   return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 }
 
+// A job table in pinned host memory (PinnedTable), and its copy on `device`
+// queued on the current stream without waiting (TableOn; LibTorch's pinned
+// pool keeps the host memory until the copy has run).
+at::Tensor PinnedTable(int64_t bytes) {
+  return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+}
+at::Tensor TableOn(const at::Tensor& host, c10::Device device) {
+  return host.to(device, /*non_blocking=*/true);
+}
+
 // New outputs of an add + norm over x (fp32): sum and full fp32 like x,
 // rounded in `compute` (the same tensor as full when r_dtype is kNone:
 // fp32 compute).
@@ -1218,8 +1228,7 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
       static_cast<int64_t>(sums.size() * sizeof(kernels::WeightedSumJob));
   const int64_t bytes =
       job_bytes + num_terms * static_cast<int64_t>(sizeof(kernels::WeightedSumTerm));
-  at::Tensor host =
-      at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host = PinnedTable(bytes);
   auto* jobs = reinterpret_cast<kernels::WeightedSumJob*>(host.data_ptr());
   auto* terms =
       reinterpret_cast<kernels::WeightedSumTerm*>(host.data_ptr<uint8_t>() + job_bytes);
@@ -1243,8 +1252,7 @@ bool WeightedSums(const std::vector<WeightedSum>& sums) {
     }
   }
   c10::cuda::CUDAGuard guard(first.device());
-  at::Tensor table = at::empty({bytes}, first.options().dtype(at::kByte));
-  table.copy_(host, /*non_blocking=*/true);
+  const at::Tensor table = TableOn(host, first.device());
   // LORAHUB_WEIGHTED_SUM_SCALAR=1 (read once): the scalar loop for every job
   // (A/B; weighted_sum_kernels.cu says why not).
   static const bool scalar = EnvFlag("LORAHUB_WEIGHTED_SUM_SCALAR");
@@ -1262,8 +1270,8 @@ static_assert(kMaxSliceSumTerms == kernels::kMaxSliceTerms, "fused_ops.h's bound
 at::Tensor SliceSumTable(const std::vector<SliceSum>& sums) {
   const at::Tensor& first = sums[0].dst;
   if (!first.is_cuda() || sums.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
-  const int64_t bytes = static_cast<int64_t>(sums.size() * sizeof(kernels::WeightedSumJob));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host =
+      PinnedTable(static_cast<int64_t>(sums.size() * sizeof(kernels::WeightedSumJob)));
   auto* jobs = reinterpret_cast<kernels::WeightedSumJob*>(host.data_ptr());
   for (size_t j = 0; j < sums.size(); ++j) {
     const SliceSum& s = sums[j];
@@ -1276,10 +1284,7 @@ at::Tensor SliceSumTable(const std::vector<SliceSum>& sums) {
     job.dst_bf16 = s.dst.scalar_type() == at::kBFloat16 ? 1 : 0;
     job.src_offset = s.offset;
   }
-  c10::cuda::CUDAGuard guard(first.device());
-  at::Tensor table = at::empty({bytes}, first.options().dtype(at::kByte));
-  table.copy_(host, /*non_blocking=*/true);
-  return table;
+  return TableOn(host, first.device());
 }
 
 void RunSliceSums(const at::Tensor& table, int num_jobs, int64_t max_n,
@@ -1301,8 +1306,8 @@ void RunSliceSums(const at::Tensor& table, int num_jobs, int64_t max_n,
 at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs) {
   const at::Tensor& first = jobs[0].a;
   if (!first.is_cuda() || jobs.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
-  const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(kernels::Int8FactorJob));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host =
+      PinnedTable(static_cast<int64_t>(jobs.size() * sizeof(kernels::Int8FactorJob)));
   auto* table = reinterpret_cast<kernels::Int8FactorJob*>(host.data_ptr());
   for (size_t i = 0; i < jobs.size(); ++i) {
     const Int8Quantization& j = jobs[i];
@@ -1317,10 +1322,7 @@ at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs) {
     job.lora_scale = j.lora_scale.data_ptr<float>();
     job.scale_out = j.scale_out.data_ptr<float>();
   }
-  c10::cuda::CUDAGuard guard(first.device());
-  at::Tensor device_table = at::empty({bytes}, first.options().dtype(at::kByte));
-  device_table.copy_(host, /*non_blocking=*/true);
-  return device_table;
+  return TableOn(host, first.device());
 }
 
 void RunInt8Quantization(const at::Tensor& table, int num_jobs) {
