@@ -10,6 +10,24 @@
 #include "core/util/status_macros.h"
 
 namespace lorahub::model {
+namespace {
+
+// Calls zero(view) for slot `slot`'s view of every tensor at the bank's
+// sites that `adapted` leaves out: what an earlier adapter left there,
+// which a load zeroes (the int8 copies follow from the fp32 factors).
+template <typename Zero>
+void ForEachUnadapted(const AdapterBank& bank, int64_t slot, const std::vector<bool>& adapted,
+                      Zero zero) {
+  for (size_t site = 0; site < bank.sites.size(); ++site) {
+    const SiteBank& sb = bank.sites[site];
+    if (adapted[site] || !sb.a.defined()) continue;
+    for (const at::Tensor* t : {&sb.a, &sb.b, &sb.scale, &sb.a_low, &sb.b_low}) {
+      if (t->defined()) zero(SlotView(*t, slot));
+    }
+  }
+}
+
+}  // namespace
 
 SlotBank::SlotBank(const T5Weights& base, int64_t capacity)
     : base_(base),
@@ -27,23 +45,12 @@ absl::StatusOr<int64_t> SlotBank::Acquire(
   if (adapter == nullptr) {
     return absl::InvalidArgumentError("slot bank: no adapter");
   }
-  for (const LoraSite& s : adapter->sites) {
-    if (s.site < 0 || s.site >= base_.num_sites) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("slot bank: adapter '", adapter->name, "' site ",
-                       s.site, " out of range"));
-    }
-  }
+  LH_RETURN_IF_ERROR(CheckSites(*adapter, "adapter"));
   for (size_t i = 0; i < slots_.size(); ++i) {
-    if (slots_[i].adapter.lock() == adapter) {
-      if (slots_[i].users++ == 0) CountSites(slots_[i], 1);
-      return static_cast<int64_t>(i);
-    }
+    if (slots_[i].adapter.lock() == adapter) return Use(i);
   }
-  LH_ASSIGN_OR_RETURN(const int64_t free, FreeSlot());
+  LH_ASSIGN_OR_RETURN(const int64_t free, TakeFreeSlot());
   Slot& slot = slots_[free];
-  slot.adapter.reset();  // not resident while it is being overwritten
-  slot.mix_key.clear();
   try {
     Load(free, *adapter);
   } catch (const c10::Error& e) {
@@ -52,13 +59,26 @@ absl::StatusOr<int64_t> SlotBank::Acquire(
         absl::StrCat("slot bank: ", e.what_without_backtrace()));
   }
   slot.adapter = adapter;
-  slot.users = 1;
   ++copies_;
-  CountSites(slot, 1);
-  return free;
+  return Use(free);
 }
 
-absl::StatusOr<int64_t> SlotBank::FreeSlot() const {
+absl::Status SlotBank::CheckSites(const LoraAdapter& adapter, const char* what) const {
+  for (const LoraSite& s : adapter.sites) {
+    if (s.site < 0 || s.site >= base_.num_sites) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "slot bank: ", what, " '", adapter.name, "' site ", s.site, " out of range"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+int64_t SlotBank::Use(size_t slot) {
+  if (slots_[slot].users++ == 0) CountSites(slots_[slot], 1);
+  return static_cast<int64_t>(slot);
+}
+
+absl::StatusOr<int64_t> SlotBank::TakeFreeSlot() {
   // Never-used slots have released_at 0, so they go first.
   int64_t free = -1;
   for (size_t i = 0; i < slots_.size(); ++i) {
@@ -71,6 +91,9 @@ absl::StatusOr<int64_t> SlotBank::FreeSlot() const {
     return absl::ResourceExhaustedError(absl::StrCat(
         "slot bank: all ", slots_.size(), " adapter slots are in use"));
   }
+  // Not resident while it is being overwritten.
+  slots_[free].adapter.reset();
+  slots_[free].mix_key.clear();
   return free;
 }
 
@@ -85,32 +108,20 @@ absl::StatusOr<int64_t> SlotBank::AcquireMix(const ModuleMix& mix) {
   }
   for (const auto& m : mix.modules) {
     if (m == nullptr) return absl::InvalidArgumentError("slot bank: a mix's module is null");
-    for (const LoraSite& s : m->sites) {
-      if (s.site < 0 || s.site >= base_.num_sites) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "slot bank: module '", m->name, "' site ", s.site, " out of range"));
-      }
-    }
+    LH_RETURN_IF_ERROR(CheckSites(*m, "module"));
   }
   for (size_t i = 0; i < slots_.size(); ++i) {
-    if (slots_[i].mix_key == mix.key) {
-      if (slots_[i].users++ == 0) CountSites(slots_[i], 1);
-      return static_cast<int64_t>(i);
-    }
+    if (slots_[i].mix_key == mix.key) return Use(i);
   }
-  LH_ASSIGN_OR_RETURN(const int64_t free, FreeSlot());
+  LH_ASSIGN_OR_RETURN(const int64_t free, TakeFreeSlot());
   Slot& slot = slots_[free];
-  slot.adapter.reset();  // not resident while it is being overwritten
-  slot.mix_key.clear();
   if (absl::Status st = LoadMix(free, mix); !st.ok()) {
     slot.sites.clear();
     return st;
   }
   slot.mix_key = mix.key;
-  slot.users = 1;
   ++copies_;
-  CountSites(slot, 1);
-  return free;
+  return Use(free);
 }
 
 absl::Status SlotBank::LoadMix(int64_t slot, const ModuleMix& mix) {
@@ -190,14 +201,7 @@ bool SlotBank::PlanMix(int64_t slot, const LoraAdapter& first) {
     plan.ranks.push_back(s.a.size(0));
     plan.scaling.push_back(s.scaling);
   }
-  // What an earlier adapter left at the sites these modules do not adapt.
-  for (size_t site = 0; site < bank_.sites.size(); ++site) {
-    const SiteBank& sb = bank_.sites[site];
-    if (adapted[site] || !sb.a.defined()) continue;
-    for (const at::Tensor* t : {&sb.a, &sb.b, &sb.scale, &sb.a_low, &sb.b_low}) {
-      if (t->defined()) fill(SlotView(*t, slot), 0.0);
-    }
-  }
+  ForEachUnadapted(bank_, slot, adapted, [&](const at::Tensor& t) { fill(t, 0.0); });
   plan.sums = PlanSliceSums(std::move(sums));
   plan.layout = layout_;
   return true;
@@ -409,14 +413,7 @@ void SlotBank::LoadFactors(int64_t slot, const LoraAdapter& adapter) {
     adapted[s.site] = true;
     sites.push_back(s.site);
   }
-  // What an earlier adapter left at the sites this one does not adapt.
-  for (size_t site = 0; site < bank_.sites.size(); ++site) {
-    SiteBank& sb = bank_.sites[site];
-    if (adapted[site] || !sb.a.defined()) continue;
-    for (const at::Tensor* t : {&sb.a, &sb.b, &sb.scale, &sb.a_low, &sb.b_low}) {
-      if (t->defined()) fill(SlotView(*t, slot), 0.0);
-    }
-  }
+  ForEachUnadapted(bank_, slot, adapted, [&](const at::Tensor& t) { fill(t, 0.0); });
   WeightedSums(sums);
   const bool low = !adapter.sites.empty() && bank_.sites[adapter.sites[0].site].a_low.defined();
   for (const LoraSite& s : adapter.sites) {

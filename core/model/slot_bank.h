@@ -122,9 +122,14 @@ class SlotBank {
     Int8QuantizationPlan int8_plan;
   };
 
+  // InvalidArgument naming `what` ("adapter", "module") if a site of
+  // `adapter` is not the base's.
+  absl::Status CheckSites(const LoraAdapter& adapter, const char* what) const;
+  // One more user of `slot` (its sites counted at the first); returns it.
+  int64_t Use(size_t slot);
   // The free slot to load next (never-used first, then the least recently
-  // released), or ResourceExhausted.
-  absl::StatusOr<int64_t> FreeSlot() const;
+  // released), no longer holding its adapter or mix; or ResourceExhausted.
+  absl::StatusOr<int64_t> TakeFreeSlot();
   // Copies `adapter` into `slot` (zeros where it adapts nothing), then its
   // int8 step factors (Quantize). May throw c10::Error.
   void Load(int64_t slot, const LoraAdapter& adapter);
