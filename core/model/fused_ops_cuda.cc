@@ -61,6 +61,18 @@ at::Tensor PinnedTable(int64_t bytes) {
 at::Tensor TableOn(const at::Tensor& host, c10::Device device) {
   return host.to(device, /*non_blocking=*/true);
 }
+// A table of one Job per item, each value-initialised and then written by
+// fill(item, job), on `device` (PinnedTable, TableOn).
+template <typename Job, typename Item, typename Fill>
+at::Tensor JobTable(const std::vector<Item>& items, c10::Device device, Fill fill) {
+  at::Tensor host = PinnedTable(static_cast<int64_t>(items.size() * sizeof(Job)));
+  auto* jobs = reinterpret_cast<Job*>(host.data_ptr());
+  for (size_t i = 0; i < items.size(); ++i) {
+    jobs[i] = Job();
+    fill(items[i], jobs[i]);
+  }
+  return TableOn(host, device);
+}
 
 // New outputs of an add + norm over x (fp32): sum and full fp32 like x,
 // rounded in `compute` (the same tensor as full when r_dtype is kNone:
@@ -1270,21 +1282,15 @@ static_assert(kMaxSliceSumTerms == kernels::kMaxSliceTerms, "fused_ops.h's bound
 at::Tensor SliceSumTable(const std::vector<SliceSum>& sums) {
   const at::Tensor& first = sums[0].dst;
   if (!first.is_cuda() || sums.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
-  at::Tensor host =
-      PinnedTable(static_cast<int64_t>(sums.size() * sizeof(kernels::WeightedSumJob)));
-  auto* jobs = reinterpret_cast<kernels::WeightedSumJob*>(host.data_ptr());
-  for (size_t j = 0; j < sums.size(); ++j) {
-    const SliceSum& s = sums[j];
-    kernels::WeightedSumJob& job = jobs[j];
-    job = kernels::WeightedSumJob();
-    job.dst = s.dst.data_ptr();
-    job.n = s.dst.numel();
-    job.num_terms = s.summed ? 1 : 0;  // the kernel reads "summed" only
-    job.fill = s.fill;
-    job.dst_bf16 = s.dst.scalar_type() == at::kBFloat16 ? 1 : 0;
-    job.src_offset = s.offset;
-  }
-  return TableOn(host, first.device());
+  return JobTable<kernels::WeightedSumJob>(
+      sums, first.device(), [](const SliceSum& s, kernels::WeightedSumJob& job) {
+        job.dst = s.dst.data_ptr();
+        job.n = s.dst.numel();
+        job.num_terms = s.summed ? 1 : 0;  // the kernel reads "summed" only
+        job.fill = s.fill;
+        job.dst_bf16 = s.dst.scalar_type() == at::kBFloat16 ? 1 : 0;
+        job.src_offset = s.offset;
+      });
 }
 
 void RunSliceSums(const at::Tensor& table, int num_jobs, int64_t max_n,
@@ -1306,23 +1312,17 @@ void RunSliceSums(const at::Tensor& table, int num_jobs, int64_t max_n,
 at::Tensor Int8QuantizationTable(const std::vector<Int8Quantization>& jobs) {
   const at::Tensor& first = jobs[0].a;
   if (!first.is_cuda() || jobs.size() > static_cast<size_t>(INT32_MAX)) return at::Tensor();
-  at::Tensor host =
-      PinnedTable(static_cast<int64_t>(jobs.size() * sizeof(kernels::Int8FactorJob)));
-  auto* table = reinterpret_cast<kernels::Int8FactorJob*>(host.data_ptr());
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    const Int8Quantization& j = jobs[i];
-    kernels::Int8FactorJob& job = table[i];
-    job = kernels::Int8FactorJob();
-    job.a = j.a.data_ptr<float>();
-    job.b = j.b.data_ptr<float>();
-    job.na = j.a.numel();
-    job.nb = j.b.numel();
-    job.a_q = static_cast<int8_t*>(j.a_q.data_ptr());
-    job.b_q = static_cast<int8_t*>(j.b_q.data_ptr());
-    job.lora_scale = j.lora_scale.data_ptr<float>();
-    job.scale_out = j.scale_out.data_ptr<float>();
-  }
-  return TableOn(host, first.device());
+  return JobTable<kernels::Int8FactorJob>(
+      jobs, first.device(), [](const Int8Quantization& j, kernels::Int8FactorJob& job) {
+        job.a = j.a.data_ptr<float>();
+        job.b = j.b.data_ptr<float>();
+        job.na = j.a.numel();
+        job.nb = j.b.numel();
+        job.a_q = static_cast<int8_t*>(j.a_q.data_ptr());
+        job.b_q = static_cast<int8_t*>(j.b_q.data_ptr());
+        job.lora_scale = j.lora_scale.data_ptr<float>();
+        job.scale_out = j.scale_out.data_ptr<float>();
+      });
 }
 
 void RunInt8Quantization(const at::Tensor& table, int num_jobs) {
