@@ -12,8 +12,8 @@ round; the warm-up round and the compose jobs are apart from it). For that stret
   - wall time, the device's busy time (the union of its kernels, copies and sets) and idle time;
   - per span name: count, host time, and how long the device was idle while the span ran;
   - the device's idle time outside every engine span;
-  - the CUDA runtime calls of the stretch that took 20 us or more, by name (waits show here:
-    synchronizations, pageable copies);
+  - the CUDA runtime calls of the stretch that took 20 us or more, by name, with the median,
+    90th percentile and longest call (waits show here: synchronizations, pageable copies);
   - the kernels by device time;
   - per admission part (engine.admit.*) and engine.launch_ahead: its top-level LibTorch operators
     and lorahub::* scopes (those inside no other operator) by host time, and the host time
@@ -119,15 +119,19 @@ def main():
     idle_in_spans = sum(overlap(gaps, starts, a, b) for a, b in covered)
     print("\ndevice idle outside every engine span: %.3f s" % ((wall - busy_us - idle_in_spans) / 1e6))
 
-    runtime = collections.defaultdict(lambda: [0, 0.0])
+    runtime = collections.defaultdict(list)
     for e in events:
         if str(e.get("cat", "")).lower() == "cuda_runtime" and t0 <= e["ts"] < t1 and e["dur"] >= 20:
-            runtime[e["name"]][0] += 1
-            runtime[e["name"]][1] += e["dur"]
-    print("\n| CUDA runtime call (>= 20 us) | count | s |")
-    print("|---|---|---|")
-    for name, (n, t) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:args.top]:
-        print("| %s | %d | %.3f |" % (name, n, t / 1e6))
+            runtime[e["name"]].append(e["dur"])
+    # The median against the mean tells a steady cost (every graph launch) from a few long calls
+    # (a first launch uploading its graph, a wait).
+    print("\n| CUDA runtime call (>= 20 us) | count | s | median us | p90 us | max us |")
+    print("|---|---|---|---|---|---|")
+    for name, durs in sorted(runtime.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
+        durs.sort()
+        print("| %s | %d | %.3f | %.0f | %.0f | %.0f |" % (
+            name, len(durs), sum(durs) / 1e6, durs[len(durs) // 2], durs[len(durs) * 9 // 10],
+            durs[-1]))
 
     kernels = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
