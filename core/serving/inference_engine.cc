@@ -96,10 +96,11 @@ int StepsAheadLimit(int option) {
 
 // EngineOptions::admission_rows_multiple (`option`) for GEMMs on `device`,
 // unless the environment variable `env` (A/B runs) says otherwise: 0 or 1,
-// none.
-int64_t RowsMultiple(int64_t option, const char* env, const c10::Device& device) {
+// none. `gpu_auto`: kAutoRowsMultiple's multiple on a GPU.
+int64_t RowsMultiple(int64_t option, const char* env, const c10::Device& device,
+                     int64_t gpu_auto) {
   if (const std::optional<int64_t> v = EnvInteger(env)) return *v;
-  if (option == EngineOptions::kAutoRowsMultiple) return device.is_cuda() ? 64 : 0;
+  if (option == EngineOptions::kAutoRowsMultiple) return device.is_cuda() ? gpu_auto : 0;
   return option;
 }
 
@@ -241,10 +242,10 @@ struct InferenceEngine::State {
                          e->weights_->device)),
         packed_token_multiple(RowsMultiple(e->options_.admission_rows_multiple,
                                            "LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE",
-                                           e->weights_->device)),
+                                           e->weights_->device, 64)),
         cross_rows_multiple(RowsMultiple(e->options_.admission_rows_multiple,
                                          "LORAHUB_SERVE_CROSS_ROWS_MULTIPLE",
-                                         e->weights_->device)) {
+                                         e->weights_->device, 256)) {
     if (UseOn(e->options_.admission_encoder, "LORAHUB_SERVE_ENCODER_GRAPH",
               w.device)) {
       model::StaticEncoderPoolOptions o;

@@ -223,15 +223,19 @@ struct EngineOptions {
   // Admissions round their GEMMs' rows up to a multiple of this: the packed
   // encoder pass's tokens (a padding row of their own;
   // model::PackedInput::pass_tokens_multiple) and the rows' cross-attention
-  // keys and values (model::GemmRowsMultipleScope). kAutoRowsMultiple: 64
-  // on a GPU, none elsewhere; 0 or 1: none.
+  // keys and values (model::GemmRowsMultipleScope). kAutoRowsMultiple: on a
+  // GPU 64 for the tokens and 256 for the cross rows, none elsewhere; 0 or
+  // 1: none.
   // Why: cuBLAS picks a kernel per GEMM shape on the host, and with mixed
   // lengths nearly every admission pass met a new row count (profiled: the
   // rows' cross keys and values held the engine thread 1.1 ms a pass).
   // Rounded to 64, rounds of 1,024 own compositions of mixed lengths ran
   // 11,092-11,216 tok/s against 9,246-9,808 on one H100 host and
   // 12,788-13,277 against 12,201-12,488 on another (sixty-sixth session);
-  // lockstep rounds the same. The environment variables
+  // lockstep rounds the same. The cross rows rounded to 256 instead (fewer
+  // shapes for a warm-up to meet: 8 up to 2,048 rows): 15,812-15,826
+  // against 13,752-13,987 tok/s, TTFT p99 107-108 against 253-302 ms, the
+  // same ids (seventieth session, H100). The environment variables
   // LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE=N and
   // LORAHUB_SERVE_CROSS_ROWS_MULTIPLE=N override it for either part (A/B
   // runs; 0: none).
