@@ -216,17 +216,36 @@ void SlotBank::Release(int64_t slot) {
 }
 
 std::vector<int> SlotBank::SitesAllocatedWith(int site) const {
-  // A decoder block's self-attention q and v (slots 0 and 2 of its sites):
-  // their A factors side by side in every slot, [n, 2, r, in], so that a
-  // decode step shrinks both in one pass fused into the norm (t5_forward.cc
-  // ShrinkRun: AdjacentFactors), as the composed banks lay them.
-  // LORAHUB_SLOT_SEPARATE_SITES=1 (read once; A/B): every site alone.
+  // Sites whose A factors lie side by side in every slot, [n, 2, r, in], so
+  // that the run kernels shrink both in one pass (projection.cc AdjacentA),
+  // as the composed banks lay them:
+  // - a block's self-attention q and v (slots 0 and 2 of its sites): a
+  //   decode step's one shrink fused into the norm (t5_forward.cc ShrinkRun)
+  //   and an admission's packed encoder pass (PackedLoraDeltas);
+  // - the cross-attention v (slot 6) of decoder blocks 2k and 2k + 1: an
+  //   admission's cross keys and values (CrossKeyValues), 12 run launches
+  //   instead of 24 on flan-t5-large.
+  // LORAHUB_SLOT_SEPARATE_SITES=1 (read once; A/B): every site alone;
+  // LORAHUB_SLOT_STEP_PAIRS_ONLY=1: only the decoder's q and v (the
+  // sixty-ninth session's layout).
   static const bool separate = EnvFlag("LORAHUB_SLOT_SEPARATE_SITES");
+  static const bool step_pairs_only = EnvFlag("LORAHUB_SLOT_STEP_PAIRS_ONLY");
   const int block = site / kSitesPerBlock, member = site % kSitesPerBlock;
-  if (separate || block < base_.config.num_layers || (member != 0 && member != 2)) return {site};
-  const int q = block * kSitesPerBlock, v = q + 2;
-  if (base_.site_shape[q] != base_.site_shape[v]) return {site};
-  return {q, v};
+  const int encoder_blocks = base_.config.num_layers;
+  std::vector<int> group = {site};
+  if (separate) return group;
+  if (member == 0 || member == 2) {
+    if (step_pairs_only && block < encoder_blocks) return group;
+    group = {block * kSitesPerBlock, block * kSitesPerBlock + 2};
+  } else if (member == 6 && block >= encoder_blocks && !step_pairs_only) {
+    const int first = encoder_blocks + (block - encoder_blocks) / 2 * 2;
+    if (first + 1 >= encoder_blocks + base_.config.num_decoder_layers) return group;
+    group = {first * kSitesPerBlock + 6, (first + 1) * kSitesPerBlock + 6};
+  } else {
+    return group;
+  }
+  if (base_.site_shape[group[0]] != base_.site_shape[group[1]]) return {site};
+  return group;
 }
 
 void SlotBank::Reserve(int site, int64_t r) {

@@ -151,8 +151,9 @@ class SlotBank {
   // A factor WeightedSums copies whole: on the bank's device, contiguous,
   // fp32 or bf16.
   bool Summable(const at::Tensor& t) const;
-  // The sites allocated together with `site` (SitesAllocatedWith), in site
-  // order: a decoder block's self-attention q and v, else `site` alone.
+  // The sites allocated together with `site`, in site order: a block's
+  // self-attention q and v (encoder and decoder), two neighbouring decoder
+  // blocks' cross-attention v, else `site` alone.
   std::vector<int> SitesAllocatedWith(int site) const;
   // Allocates or widens site `site` (and those allocated with it) to rank
   // `r`. May throw c10::Error.

@@ -392,11 +392,14 @@ TEST_F(SlotBankTest, AttachRowKernelCopiesKeepsTheLayout) {
   ExpectLowCopies(*bank, at::kFloat);
 }
 
-// A decoder block's self-attention q and v are allocated together, their A
-// factors side by side in every slot (what the decode step's one shrink
-// fused into the norm needs, t5_forward.cc ShrinkRun), their copies too;
-// widening one widens both and keeps what the slots hold.
-TEST_F(SlotBankTest, DecoderSelfAttentionQAndVLieSideBySide) {
+// The sites allocated together, their A factors side by side in every slot
+// (what the run kernels' one shrink for both needs: a decode step's fused
+// into the norm, t5_forward.cc ShrinkRun; an admission's encoder and cross
+// values, projection.cc AdjacentA), their copies too: every block's
+// self-attention q and v, and the cross-attention v of decoder blocks 2k and
+// 2k + 1. Widening one widens both and keeps what the slots hold.
+TEST_F(SlotBankTest, SitesAllocatedTogetherLieSideBySide) {
+  ASSERT_GE(config_.num_decoder_layers, 2);
   SlotBank bank(*base_, 3);
   auto qv = Adapter({"q", "v"}, 4, 51), q_only = Adapter({"q"}, 4, 52),
        v_wide = Adapter({"v"}, 8, 53);
@@ -409,20 +412,32 @@ TEST_F(SlotBankTest, DecoderSelfAttentionQAndVLieSideBySide) {
   auto s2 = bank.Acquire(v_wide);
   ASSERT_TRUE(s2.ok()) << s2.status();
   const AdapterBank& resident = bank.resident();
-  for (int block = config_.num_layers; block < config_.num_layers + config_.num_decoder_layers;
-       ++block) {
-    SCOPED_TRACE(block);
-    const SiteBank& q = resident.sites[block * kSitesPerBlock];
-    const SiteBank& v = resident.sites[block * kSitesPerBlock + 2];
-    ASSERT_TRUE(q.a.defined() && v.a.defined());
-    EXPECT_EQ(q.a.size(1), 8);
-    EXPECT_TRUE(internal::AdjacentFactors(q.a, v.a));
-    if (q.a_low.defined()) {
-      EXPECT_TRUE(internal::AdjacentFactors(q.a_low, v.a_low));
+  const auto expect_side_by_side = [&](int first, int second) {
+    SCOPED_TRACE(::testing::Message() << "sites " << first << ", " << second);
+    const SiteBank& p = resident.sites[first];
+    const SiteBank& n = resident.sites[second];
+    ASSERT_TRUE(p.a.defined() && n.a.defined());
+    EXPECT_EQ(p.a.size(1), 8);
+    EXPECT_TRUE(internal::AdjacentFactors(p.a, n.a));
+    if (p.a_low.defined()) {
+      EXPECT_TRUE(internal::AdjacentFactors(p.a_low, n.a_low));
     }
-    if (q.a_int8.defined()) {
-      EXPECT_TRUE(internal::AdjacentFactors(q.a_int8, v.a_int8));
+    if (p.a_int8.defined()) {
+      EXPECT_TRUE(internal::AdjacentFactors(p.a_int8, n.a_int8));
     }
+  };
+  const int blocks = config_.num_layers + config_.num_decoder_layers;
+  for (int block = 0; block < blocks; ++block) {
+    expect_side_by_side(block * kSitesPerBlock, block * kSitesPerBlock + 2);
+  }
+  for (int block = config_.num_layers; block + 1 < blocks; block += 2) {
+    expect_side_by_side(block * kSitesPerBlock + 6, (block + 1) * kSitesPerBlock + 6);
+  }
+  // Nothing else: the cross v of decoder blocks 1 and 2 lie apart.
+  if (config_.num_decoder_layers >= 3) {
+    EXPECT_FALSE(internal::AdjacentFactors(
+        resident.sites[(config_.num_layers + 1) * kSitesPerBlock + 6].a,
+        resident.sites[(config_.num_layers + 2) * kSitesPerBlock + 6].a));
   }
   // Widened from 4 to 8 ranks: the slots' factors kept, zero-padded.
   EXPECT_EQ(before, 4);
@@ -432,6 +447,34 @@ TEST_F(SlotBankTest, DecoderSelfAttentionQAndVLieSideBySide) {
   // The slots' logits are still MakeAdapterBank's.
   const at::Tensor want = Reference({qv.get(), q_only.get(), v_wide.get(), qv.get()});
   const at::Tensor got = Logits(&bank.bank(), {*s0, *s1, *s2, *s0});
+  EXPECT_LT((got - want).abs().max().item<double>(), 1e-5 * want.abs().max().item<double>());
+}
+
+// With an odd number of decoder blocks the last block's cross-attention v
+// is allocated alone, its neighbours' in pairs; the slots' logits are still
+// MakeAdapterBank's.
+TEST_F(SlotBankTest, AnOddDecoderBlocksCrossValuesLieAlone) {
+  config_.num_decoder_layers = 3;
+  WeightOptions o;
+  o.device = base_->device;
+  auto w = BuildT5Weights(config_, RandomT5(config_, 22), o);
+  ASSERT_TRUE(w.ok()) << w.status();
+  base_ = std::make_unique<T5Weights>(*std::move(w));
+  SlotBank bank(*base_, 2);
+  auto a = Adapter({"q", "v"}, 4, 54), b = Adapter({"v"}, 4, 55);
+  auto sa = bank.Acquire(a);
+  auto sb = bank.Acquire(b);
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  const auto cross_v = [&](int decoder_block) -> const at::Tensor& {
+    return bank.resident()
+        .sites[(config_.num_layers + decoder_block) * kSitesPerBlock + 6]
+        .a;
+  };
+  EXPECT_TRUE(internal::AdjacentFactors(cross_v(0), cross_v(1)));
+  EXPECT_FALSE(internal::AdjacentFactors(cross_v(1), cross_v(2)));
+  EXPECT_TRUE(cross_v(2).is_contiguous());
+  const at::Tensor want = Reference({a.get(), b.get(), nullptr});
+  const at::Tensor got = Logits(&bank.bank(), {*sa, *sb, -1});
   EXPECT_LT((got - want).abs().max().item<double>(), 1e-5 * want.abs().max().item<double>());
 }
 
