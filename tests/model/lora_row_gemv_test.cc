@@ -382,24 +382,37 @@ TEST(LoraRowGemvTest, NormWithShrinkOfInt8FactorsEqualsTheirFloats) {
 // QuantizeFactorsInt8 (fused_ops.h) against its definition in double on the
 // CPU: each block scaled by its largest |v| / 127, rounded half to even,
 // the scale out lora_scale * s_a * s_b; a block of zeros stays zeros with
-// scale 0. On CUDA the kernel, else the ATen ops.
+// scale 0. On CUDA the kernel (its 16-byte loads; the fourth job's factors
+// and outputs start off that alignment and are no multiple of 4 long: its
+// scalar loads), else the ATen ops.
 TEST(QuantizeFactorsInt8Test, MatchesItsDefinition) {
   at::manual_seed(43);
-  const at::Tensor a = at::randn({3, 16, 1024}, F32()) * 0.02;
-  at::Tensor b = at::randn({3, 1024, 16}, F32()) * 0.005;
-  b[2].zero_();  // slot 2: no adapter at this site
-  const at::Tensor lora_scale = at::tensor(std::vector<float>{2.f, 0.5f, 1.f}).to(Device());
-  const at::Tensor a_q = at::full({3, 16, 1024}, 99, F32()).to(at::kChar);
-  const at::Tensor b_q = at::full({3, 1024, 16}, 99, F32()).to(at::kChar);
-  const at::Tensor scale_out = at::full({3}, -1.f, F32());
-  std::vector<Int8Quantization> jobs;
+  const at::Tensor a_all = at::randn({3, 16, 1024}, F32()) * 0.02;
+  at::Tensor b_all = at::randn({3, 1024, 16}, F32()) * 0.005;
+  b_all[2].zero_();  // slot 2: no adapter at this site
+  const at::Tensor odd = at::randn({2, 1031}, F32()) * 0.01;
+  const at::Tensor lora_scale = at::tensor(std::vector<float>{2.f, 0.5f, 1.f, 3.f}).to(Device());
+  const at::Tensor q_all = at::full({2, 3 * 16 * 1024 + 1031}, 99, F32()).to(at::kChar);
+  std::vector<at::Tensor> a, b, a_q, b_q;
   for (int64_t s = 0; s < 3; ++s) {
+    a.push_back(a_all[s]);
+    b.push_back(b_all[s]);
+    a_q.push_back(q_all[0].narrow(0, s * 16 * 1024, 16 * 1024).view({16, 1024}));
+    b_q.push_back(q_all[1].narrow(0, s * 16 * 1024, 16 * 1024).view({1024, 16}));
+  }
+  a.push_back(odd[0].narrow(0, 1, 1027));  // 4 bytes past 16-byte alignment
+  b.push_back(odd[1].narrow(0, 3, 1025));
+  a_q.push_back(q_all[0].narrow(0, 3 * 16 * 1024 + 1, 1027));
+  b_q.push_back(q_all[1].narrow(0, 3 * 16 * 1024 + 3, 1025));
+  const at::Tensor scale_out = at::full({4}, -1.f, F32());
+  std::vector<Int8Quantization> jobs;
+  for (int64_t s = 0; s < 4; ++s) {
     jobs.push_back({a[s], b[s], a_q[s], b_q[s], lora_scale.narrow(0, s, 1),
                     scale_out.narrow(0, s, 1)});
   }
   QuantizeFactorsInt8(jobs);
   const auto cpu = [](const at::Tensor& t) { return t.to(at::kCPU).to(at::kDouble); };
-  for (int64_t s = 0; s < 3; ++s) {
+  for (int64_t s = 0; s < 4; ++s) {
     SCOPED_TRACE(s);
     double block_scale = lora_scale[s].item<double>();
     for (const auto& [v, q] : {std::pair{cpu(a[s]), cpu(a_q[s])}, std::pair{cpu(b[s]), cpu(b_q[s])}}) {
@@ -418,6 +431,13 @@ TEST(QuantizeFactorsInt8Test, MatchesItsDefinition) {
   }
   EXPECT_EQ(cpu(b_q[2]).abs().max().item<double>(), 0.0);
   EXPECT_EQ(scale_out[2].item<double>(), 0.0);
+  // Nothing written outside the outputs: the bytes between the jobs' and
+  // past the last.
+  const at::Tensor rest = q_all.to(at::kCPU);
+  EXPECT_EQ(rest[0][3 * 16 * 1024].item<int>(), 99);
+  EXPECT_EQ(rest[1][3 * 16 * 1024 + 2].item<int>(), 99);
+  EXPECT_EQ(rest[0][3 * 16 * 1024 + 1028].item<int>(), 99);
+  EXPECT_EQ(rest[1][3 * 16 * 1024 + 1028].item<int>(), 99);
 }
 
 TEST(LoraRowGemvTest, DeclinesBadShapes) {
