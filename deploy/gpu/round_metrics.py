@@ -56,9 +56,14 @@ def diff(before_path, after_path):
     busy = lambda phase: grew('lorahub_engine_busy_seconds_total{phase="%s"}' % phase)
     part = lambda p: grew('lorahub_engine_admission_seconds_total{part="%s"}' % p)
     memory = 'lorahub_device_memory_used_bytes{device="'
-    for key in sorted(k for k in after if k.startswith(memory)):
+    memory_keys = sorted(k for k in after if k.startswith(memory))
+    for key in memory_keys:
         print("   device memory %s: %.3f GB after the round (%.3f before)" % (
             key[len(memory):-2], after[key] / 1e9, before.get(key, 0.0) / 1e9))
+    if not memory_keys:  # a CUDA engine sets it; say so rather than print nothing
+        print("   device memory: no lorahub_device_memory_used_bytes sample (%s)" % (
+            ", ".join(sorted(k for k in after if k.startswith("lorahub_device"))) or
+            "no lorahub_device* sample at all"))
     rows = grew('lorahub_engine_admitted_rows_total{path="slots"}') + grew(
         'lorahub_engine_admitted_rows_total{path="eager"}')
     print("   round's engine: admissions %.3f s (adapters %.3f, slot loads %.3f, "
