@@ -13,6 +13,7 @@
 #ifndef LORAHUB_CORE_MODEL_CUDA_GRAPH_H_
 #define LORAHUB_CORE_MODEL_CUDA_GRAPH_H_
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
 #include <cstdint>
@@ -71,6 +72,31 @@ void ResetDevicePeakMemory(c10::Device device);
 // Waits until all work queued on `device` has finished (timing). No-op on
 // the CPU.
 void SynchronizeDevice(c10::Device device);
+
+// A second stream on a CUDA device, for work that may run beside what the
+// thread's current stream has queued (the serving engine's admissions
+// beside the decoding steps it queued ahead). The caller orders what must
+// be ordered: work on the side stream does not wait for the current
+// stream's, and memory allocated on the side stream that the current
+// stream's queued work reads must be marked (RecordUse) before it is freed.
+// Thread-safety: one thread at a time.
+class SideStream {
+ public:
+  virtual ~SideStream() = default;
+  // Until Leave, the calling thread's current stream on the device is the
+  // side stream. No-op while entered.
+  virtual void Enter() = 0;
+  // Back to the stream that was current at Enter, which from here on waits
+  // (on the device, not the host) for the work queued on the side stream
+  // so far. No-op unless entered.
+  virtual void Leave() = 0;
+  // `t`, allocated on the side stream, is read by work queued on the
+  // current stream: the allocator keeps its memory until that work has run.
+  virtual void RecordUse(const at::Tensor& t) = 0;
+};
+
+// A side stream on `device`; nullptr for other devices or in a CPU build.
+std::unique_ptr<SideStream> MakeSideStream(c10::Device device);
 
 }  // namespace lorahub::model
 

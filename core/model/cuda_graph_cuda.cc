@@ -146,4 +146,70 @@ void SynchronizeDevice(c10::Device device) {
   (void)cudaDeviceSynchronize();
 }
 
+namespace {
+
+class CudaSideStream : public SideStream {
+ public:
+  CudaSideStream(c10::DeviceIndex index, cudaEvent_t done)
+      : index_(index),
+        side_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index)),
+        outer_(c10::cuda::getCurrentCUDAStream(index)),
+        done_(done) {}
+  ~CudaSideStream() override {
+    Leave();
+    (void)cudaEventDestroy(done_);
+  }
+
+  void Enter() override {
+    if (entered_) return;
+    outer_ = c10::cuda::getCurrentCUDAStream(index_);
+    c10::cuda::setCurrentCUDAStream(side_);
+    entered_ = true;
+  }
+
+  void Leave() override {
+    if (!entered_) return;
+    entered_ = false;
+    c10::cuda::setCurrentCUDAStream(outer_);
+    // A failed record or wait leaves nothing to order against; the
+    // device's error then surfaces at the next synchronizing call.
+    if (cudaEventRecord(done_, side_.stream()) != cudaSuccess ||
+        cudaStreamWaitEvent(outer_.stream(), done_, 0) != cudaSuccess) {
+      (void)cudaStreamSynchronize(side_.stream());
+      ClearCudaError();
+    }
+  }
+
+  void RecordUse(const at::Tensor& t) override {
+    if (!t.defined() || !t.is_cuda()) return;
+    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(),
+                                                  c10::cuda::getCurrentCUDAStream(index_));
+  }
+
+ private:
+  const c10::DeviceIndex index_;
+  const c10::cuda::CUDAStream side_;
+  c10::cuda::CUDAStream outer_;
+  cudaEvent_t done_;
+  bool entered_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<SideStream> MakeSideStream(c10::Device device) {
+  if (!device.is_cuda()) return nullptr;
+  try {
+    c10::cuda::CUDAGuard guard(device);
+    cudaEvent_t done = nullptr;
+    if (cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) {
+      ClearCudaError();
+      return nullptr;
+    }
+    return std::make_unique<CudaSideStream>(guard.current_device().index(), done);
+  } catch (const c10::Error&) {
+    ClearCudaError();
+    return nullptr;
+  }
+}
+
 }  // namespace lorahub::model

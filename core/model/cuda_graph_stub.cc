@@ -33,4 +33,6 @@ void SynchronizeDevice(c10::Device device) {
   }
 }
 
+std::unique_ptr<SideStream> MakeSideStream(c10::Device) { return nullptr; }
+
 }  // namespace lorahub::model

@@ -256,6 +256,7 @@ void SlotBank::Reserve(int site, int64_t r) {
     if (bank_.sites[g].a.defined()) have = std::max(have, bank_.sites[g].a.size(1));
   }
   if (have > 0 && r <= have) return;
+  if (before_reallocation_) before_reallocation_();
   r = std::max(r, have);
   const auto [out, in] = base_.site_shape[site];
   const int64_t n = capacity();

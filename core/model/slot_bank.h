@@ -23,8 +23,10 @@
 #define LORAHUB_CORE_MODEL_SLOT_BANK_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -82,6 +84,13 @@ class SlotBank {
   // Moves whenever a site of resident() is allocated or widened (its
   // tensors then move): a graph that read resident() is stale after.
   int64_t layout() const { return layout_; }
+  // Runs (on the calling thread) before a site's tensors are allocated or
+  // widened, which frees the old ones. The serving engine loads slots on a
+  // side stream (cuda_graph.h SideStream) while its own stream may still
+  // have steps queued that read them: it waits for the device there.
+  void set_before_reallocation(std::function<void()> f) {
+    before_reallocation_ = std::move(f);
+  }
 
  private:
   // The weighted sums (copies and fills) of the slot's last load, made
@@ -180,6 +189,7 @@ class SlotBank {
   int64_t copies_ = 0;
   int64_t planned_copies_ = 0;
   int64_t mix_loads_ = 0;
+  std::function<void()> before_reallocation_;
   int64_t layout_ = 0;  // moved by every allocation or widening of a site
 };
 

@@ -332,9 +332,10 @@ absl::Status StaticDecoder::Grow(int64_t capacity, int64_t encoder_length) {
   }
 }
 
-absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
-                                     const EncoderOutput& encoder,
-                                     const RowAdapters& rows) {
+absl::Status StaticDecoder::LoadRows(
+    const std::vector<int64_t>& positions, const EncoderOutput& encoder,
+    const RowAdapters& rows,
+    const std::function<void(const std::vector<at::Tensor>&)>& before_writes) {
   if (!row_slots_) {
     return absl::FailedPreconditionError(
         "static decoder: LoadRows needs a decoder of row slots");
@@ -369,10 +370,11 @@ absl::Status StaticDecoder::LoadRows(const std::vector<int64_t>& positions,
   if (n == 0) return absl::OkStatus();
   try {
     const T5Weights& w = *w_;
-    const at::Tensor pos = UploadInt64(positions, w.device);
     const int64_t s = encoder.hidden.size(1);
     at::Tensor kv = internal::CrossKvBuffer(w, n, s, cross_kv_.options());
     internal::CrossKeyValues(w, encoder, rows).CopyTo(kv);
+    if (before_writes) before_writes({kv, encoder.mask_bias, rows.slots, rows.mask});
+    const at::Tensor pos = UploadInt64(positions, w.device);
     cross_kv_.narrow(4, 0, s).index_copy_(2, pos, kv);
     at::Tensor bias = at::full({n, 1, 1, keys}, internal::MinValue(w.dtype),
                                cross_bias_.options());

@@ -35,6 +35,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -143,8 +144,15 @@ class StaticDecoder {
   // adapters (bank nullptr or the one of SetAdapterBank). The next Step
   // consumes their first tokens. InvalidArgument for other shapes, positions
   // or banks; Internal for LibTorch errors.
-  absl::Status LoadRows(const std::vector<int64_t>& positions,
-                        const EncoderOutput& encoder, const RowAdapters& rows);
+  // `before_writes` (may be empty) runs once the rows' keys and values are
+  // computed, before anything of the decoder is written, with the tensors
+  // the writes read (keys and values, mask_bias, rows' slots and mask): the
+  // serving engine computes them on a side stream and writes on its own
+  // (SideStream::Leave, RecordUse).
+  absl::Status LoadRows(
+      const std::vector<int64_t>& positions, const EncoderOutput& encoder,
+      const RowAdapters& rows,
+      const std::function<void(const std::vector<at::Tensor>&)>& before_writes = nullptr);
   // Row slots only (else FailedPrecondition). The bank the rows' adapter
   // slots index (nullptr: no adapters; rows loaded later must then come
   // without); see CreateSlots for the graph. `bank` must outlive its use.

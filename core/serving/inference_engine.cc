@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <iterator>
 #include <limits>
 #include <mutex>
@@ -263,6 +264,10 @@ struct InferenceEngine::State {
       o.cuda_graph = w.device.is_cuda();
       packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
     }
+    if (slot_decoding && UseOn(e->options_.side_stream_admissions,
+                               "LORAHUB_SERVE_SIDE_STREAM", w.device)) {
+      side_stream = model::MakeSideStream(w.device);
+    }
   }
   // Steps launched and never collected (a failure, a shutdown) may still
   // write their picks into host_picks through its device mapping, which
@@ -286,6 +291,25 @@ struct InferenceEngine::State {
   // across batches (slot_bank.h: no copy for an adapter still resident).
   std::unique_ptr<model::SlotBank> slot_bank;
   model::RowAdapters row_adapters;
+  // EngineOptions::side_stream_admissions: the stream the admissions' device
+  // work runs on (null: the engine's own), and a scope on it: while one
+  // lives, what this thread queues runs there; at its end the engine's
+  // stream waits (on the device) for it.
+  std::unique_ptr<model::SideStream> side_stream;
+  class OnSideStream {
+   public:
+    explicit OnSideStream(model::SideStream* side) : side_(side) {
+      if (side_) side_->Enter();
+    }
+    ~OnSideStream() {
+      if (side_) side_->Leave();
+    }
+    OnSideStream(const OnSideStream&) = delete;
+    OnSideStream& operator=(const OnSideStream&) = delete;
+
+   private:
+    model::SideStream* side_;
+  };
   // Slot decoding (EngineOptions::slot_decoding): the decoder of
   // max_batch_rows row slots, created with the first row and kept, the row
   // in each slot (nullopt: free) and each slot's next input token.
@@ -489,6 +513,11 @@ struct InferenceEngine::State {
       // One slot per row is always enough: a full batch of distinct adapters.
       slot_bank = std::make_unique<model::SlotBank>(
           w, engine->options_.max_batch_rows);
+      // Its old tensors may still be read by steps queued on the engine's
+      // stream while the side stream reallocates them.
+      if (side_stream) {
+        slot_bank->set_before_reallocation([this] { model::SynchronizeDevice(w.device); });
+      }
     }
     const int64_t loads = slot_bank->copies();
     absl::StatusOr<int64_t> slot;
@@ -649,6 +678,10 @@ struct InferenceEngine::State {
       ++slot_running;
       positions.push_back(static_cast<int64_t>(p));
     }
+    // The slot loads, the encoder pass and the rows' cross keys and values
+    // on the side stream, beside the steps queued ahead; the decoder's
+    // buffers written on the engine's stream after them (LoadRows).
+    OnSideStream on_side(side_stream.get());
     std::vector<int64_t> adapter_slots;
     for (int64_t q : positions) {
       LH_RETURN_IF_ERROR(AcquireSlot(*slot_rows[q]));
@@ -666,7 +699,14 @@ struct InferenceEngine::State {
                       slot_bank ? slot_bank->layout() : int64_t{0}));
     Timed timed{*this, Part::kDecoderRows};
     const model::GemmRowsMultipleScope rounded(cross_rows_multiple);
-    LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows));
+    std::function<void(const std::vector<at::Tensor>&)> join;
+    if (side_stream) {
+      join = [this](const std::vector<at::Tensor>& crossing) {
+        side_stream->Leave();
+        for (const at::Tensor& t : crossing) side_stream->RecordUse(t);
+      };
+    }
+    LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows, join));
     for (int64_t q : positions) {
       slot_tokens[q] = w.config.decoder_start_token_id;
     }
@@ -1705,6 +1745,10 @@ void InferenceEngine::Loop() {
       std::optional<TraceSpan> admit_span;
       if (!incoming.empty()) admit_span.emplace("engine.admit");
       std::vector<Row> admitted;
+      // The adapters' device work (module uploads, compositions) on the side
+      // stream too, which the slot loads then read.
+      std::optional<State::OnSideStream> adapters_on_side;
+      if (!incoming.empty()) adapters_on_side.emplace(s.side_stream.get());
       for (size_t i = 0; i < incoming.size(); ++i) {
         GenerateRequest& req = std::get<GenerateRequest>(incoming[i].work);
         absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> adapter;
@@ -1750,6 +1794,7 @@ void InferenceEngine::Loop() {
         }
         admitted.push_back(std::move(row));
       }
+      adapters_on_side.reset();
       std::vector<Row> eager, slotted;
       for (Row& r : admitted) {
         (s.TakesSlot(r) ? slotted : eager).push_back(std::move(r));

@@ -198,6 +198,18 @@ struct EngineOptions {
   // taken). LORAHUB_SERVE_SLOT_MIXES=off|cuda|always overrides this (A/B
   // runs).
   SlotDecoding slot_mixes = SlotDecoding::kCuda;
+  // Where the row slots' admissions queue their device work (the newcomers'
+  // adapters and slot loads, the encoder pass, their cross keys and values)
+  // on a second stream (model::SideStream; kOff/kCuda/kAlways as for
+  // slot_decoding, a stream only on CUDA), so that it runs beside the steps
+  // queued ahead instead of after them; the decoder's buffers are then
+  // written on the engine's stream once that work is done. Why: with the
+  // host's admission work cut down, the device was busy 88% of a serving
+  // round, about 0.4 s of its 1.03 s in the admissions' small kernels
+  // while the steps' own kernels leave most SMs idle (seventieth session,
+  // H100, profiled). LORAHUB_SERVE_SIDE_STREAM=off|cuda|always overrides
+  // this (A/B runs).
+  SlotDecoding side_stream_admissions = SlotDecoding::kOff;
   // The largest token bucket of packed_admission_graphs: passes of more
   // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
   // working set in its own device memory (--admission-graph-tokens).

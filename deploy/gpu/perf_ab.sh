@@ -107,11 +107,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # The first failures' own words (ExpectTokensAlone's "token T is X (...) where alone it is Y").
   grep -E -A3 "Failure$" "$work/ctest.log" | head -40
   # TEST_ENV="ENV=V ...": the suites again with those variables set (a kernel variant behind an
-  # A/B switch, before it becomes the default) -> ctest_env.log.
+  # A/B switch, before it becomes the default) -> ctest_env.log; TEST_ENV_SUITES=REGEX: only
+  # those (e.g. 'inference_engine_(bf16_)?test' for a serving switch).
   if [ -n "${TEST_ENV:-}" ]; then
     read -ra test_env <<<"$TEST_ENV"
     (cd .gpu/build && env "${test_env[@]}" LORAHUB_TEST_DEVICE=cuda:0 ctest "$ctest_output" \
-       -R "$cuda_suites") >"$work/ctest_env.log" 2>&1
+       -R "${TEST_ENV_SUITES:-$cuda_suites}") >"$work/ctest_env.log" 2>&1
     stamp "CUDA suites with $TEST_ENV exit $?"
     grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest_env.log"
   fi

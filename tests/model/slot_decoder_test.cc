@@ -105,8 +105,21 @@ class SlotDecoderTest : public ::testing::Test {
     auto enc = Encode(base_, ids.to(base_.device),
                       at::ones({1, s}, at::kLong).to(base_.device), *rows);
     ASSERT_TRUE(enc.ok()) << enc.status();
-    absl::Status st = d.LoadRows({slot_row}, *enc, *rows);
+    // Every admission through the hook a side stream joins at: called once,
+    // with the row's keys and values and the inputs the writes read.
+    int joins = 0;
+    absl::Status st = d.LoadRows(
+        {slot_row}, *enc, *rows, [&](const std::vector<at::Tensor>& crossing) {
+          ++joins;
+          ASSERT_EQ(crossing.size(), 4u);
+          EXPECT_EQ(crossing[0].dim(), 6);
+          EXPECT_EQ(crossing[0].size(2), 1);  // [2, L, rows, H, S, d]
+          EXPECT_EQ(crossing[0].size(4), s);
+          EXPECT_TRUE(crossing[1].is_same(enc->mask_bias));
+          EXPECT_TRUE(crossing[2].is_same(rows->slots));
+        });
     ASSERT_TRUE(st.ok()) << st;
+    EXPECT_EQ(joins, 1);
   }
 
   // Token of request `id` at its step `s` (the start token at 0).
@@ -239,8 +252,12 @@ TEST_F(SlotDecoderTest, BadInputsAreErrors) {
   auto none = MakeRowAdapters(base_, nullptr, {-1});
   ASSERT_TRUE(none.ok());
   StaticDecoder& sd = **d;
-  EXPECT_EQ(sd.LoadRows({2}, refs_[0].enc, *none).code(),
+  bool joined = false;  // no hook for rows that are refused
+  EXPECT_EQ(sd.LoadRows({2}, refs_[0].enc, *none,
+                        [&](const std::vector<at::Tensor>&) { joined = true; })
+                .code(),
             absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(joined);
   EXPECT_EQ(sd.LoadRows({-1}, refs_[0].enc, *none).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(sd.LoadRows({0, 1}, refs_[0].enc, *none).code(),
