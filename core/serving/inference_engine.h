@@ -209,7 +209,7 @@ struct EngineOptions {
   // while the steps' own kernels leave most SMs idle (seventieth session,
   // H100, profiled). LORAHUB_SERVE_SIDE_STREAM=off|cuda|always overrides
   // this (A/B runs).
-  SlotDecoding side_stream_admissions = SlotDecoding::kOff;
+  SlotDecoding side_stream_admissions = SlotDecoding::kCuda;
   // The largest token bucket of packed_admission_graphs: passes of more
   // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
   // working set in its own device memory (--admission-graph-tokens).
