@@ -77,8 +77,8 @@ void SynchronizeDevice(c10::Device device);
 // thread's current stream has queued (the serving engine's admissions
 // beside the decoding steps it queued ahead). The caller orders what must
 // be ordered: work on the side stream does not wait for the current
-// stream's, and memory allocated on the side stream that the current
-// stream's queued work reads must be marked (RecordUse) before it is freed.
+// stream's, and memory one stream allocated that the other's queued work
+// reads must be marked (RecordUse) before it is freed.
 // Thread-safety: one thread at a time.
 class SideStream {
  public:
@@ -90,8 +90,9 @@ class SideStream {
   // (on the device, not the host) for the work queued on the side stream
   // so far. No-op unless entered.
   virtual void Leave() = 0;
-  // `t`, allocated on the side stream, is read by work queued on the
-  // current stream: the allocator keeps its memory until that work has run.
+  // `t`, allocated on the other stream, is read by work queued on the
+  // current one (the side stream while entered): the allocator keeps its
+  // memory until that work has run.
   virtual void RecordUse(const at::Tensor& t) = 0;
 };
 

@@ -525,6 +525,12 @@ struct InferenceEngine::State {
       Timed timed{*this, Part::kSlotLoads};
       slot = row.mix ? slot_bank->AcquireMix(*row.mix) : slot_bank->Acquire(row.adapter);
     }
+    if (side_stream && row.mix) {
+      // Read by the sum queued on the side stream: their memory (which
+      // the engine's stream may have allocated) is not handed out again
+      // until it has run, should the modules be evicted once unpinned.
+      for (const at::Tensor& flat : row.mix->flats) side_stream->RecordUse(flat);
+    }
     row.mix.reset();  // the slot holds its sum: its modules need no pin
     LH_ASSIGN_OR_RETURN(row.slot, std::move(slot));
     if (metrics()) metrics()->AddAdapterSlotLoads(slot_bank->copies() - loads);
