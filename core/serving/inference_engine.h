@@ -207,9 +207,16 @@ struct EngineOptions {
   // host's admission work cut down, the device was busy 88% of a serving
   // round, about 0.4 s of its 1.03 s in the admissions' small kernels
   // while the steps' own kernels leave most SMs idle (seventieth session,
-  // H100, profiled). LORAHUB_SERVE_SIDE_STREAM=off|cuda|always overrides
-  // this (A/B runs).
-  SlotDecoding side_stream_admissions = SlotDecoding::kCuda;
+  // H100, profiled). Off: not yet a measured gain. Rounds of 1,024 own
+  // compositions of mixed lengths (one H100 build, seventieth session):
+  // 18,258 and 15,566 tok/s against 17,099 and 15,460 without, the same
+  // ids; the engine thread waited on steps 0.57-0.59 s against 0.70-0.75 s
+  // but its encoder passes held it 0.109-0.146 s against 0.048-0.054 s
+  // (pinned staging buffers whose last use is queued on the side stream
+  // are not reused while it runs: profiled, cudaHostAlloc calls of up to
+  // 26 ms). LORAHUB_SERVE_SIDE_STREAM=off|cuda|always overrides this (A/B
+  // runs).
+  SlotDecoding side_stream_admissions = SlotDecoding::kOff;
   // The largest token bucket of packed_admission_graphs: passes of more
   // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
   // working set in its own device memory (--admission-graph-tokens).
