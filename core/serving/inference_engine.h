@@ -212,9 +212,10 @@ struct EngineOptions {
   // 18,258 and 15,566 tok/s against 17,099 and 15,460 without, the same
   // ids; the engine thread waited on steps 0.57-0.59 s against 0.70-0.75 s
   // but its encoder passes held it 0.109-0.146 s against 0.048-0.054 s
-  // (pinned staging buffers whose last use is queued on the side stream
-  // are not reused while it runs: profiled, cudaHostAlloc calls of up to
-  // 26 ms). LORAHUB_SERVE_SIDE_STREAM=off|cuda|always overrides this (A/B
+  // (likely the pinned staging buffers, whose last use is queued on the
+  // side stream and which are not reused while it runs: a profile over the
+  // warm-up and the round held 36 cudaHostAlloc calls of up to 26 ms,
+  // against one in a profile without the side stream). LORAHUB_SERVE_SIDE_STREAM=off|cuda|always overrides this (A/B
   // runs).
   SlotDecoding side_stream_admissions = SlotDecoding::kOff;
   // The largest token bucket of packed_admission_graphs: passes of more
