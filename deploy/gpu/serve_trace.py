@@ -6,9 +6,11 @@ engine.admit with its parts engine.admit.adapters / slot_loads / encoder / decod
 engine.collect, engine.launch, engine.emit, engine.step), every LibTorch operator, the CUDA
 runtime calls and the device's kernels, copies and sets.
 
-It takes the engine's busiest stretch: its spans with no gap over --gap-ms between them, the
-stretch with the most engine.launch spans (in deploy/gpu/multi_gpu.sh, the measured generation
-round; the warm-up round and the compose jobs are apart from it). For that stretch it prints:
+It takes one stretch of the engine's spans (spans with no gap over --gap-ms between them): the
+last one that launched decoding steps (in deploy/gpu/multi_gpu.sh, the measured generation
+round, after the warm-up round and before the compose jobs), or with --pick most the one with
+the most launched steps (which picked a warm-up round with more first-time costs than the
+measured one in the seventieth session). For that stretch it prints:
   - wall time, the device's busy time (the union of its kernels, copies and sets) and idle time;
   - per span name: count, host time, and how long the device was idle while the span ran;
   - the device's idle time outside every engine span;
@@ -24,6 +26,7 @@ round; the warm-up round and the compose jobs are apart from it). For that stret
     self time of every operator and CUDA runtime call nested in them, by name.
 
   python3 deploy/gpu/serve_trace.py TRACE.json[.gz] [--gap-ms 100] [--top 15] [--ops 8]
+                                   [--pick last|most]
 """
 import argparse
 import bisect
@@ -63,6 +66,7 @@ def main():
     ap.add_argument("--gap-ms", type=float, default=100.0)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--ops", type=int, default=8)
+    ap.add_argument("--pick", choices=("last", "most"), default="last")
     args = ap.parse_args()
     with (gzip.open if args.trace.endswith(".gz") else open)(args.trace, "rt") as f:
         events = [e for e in json.load(f)["traceEvents"]
@@ -81,7 +85,15 @@ def main():
         cur.append(e)
         end = max(end, e["ts"] + e["dur"])
     stretches.append(cur)
-    best = max(stretches, key=lambda s: sum(e["name"] in ("engine.launch", "engine.step") for e in s))
+    # The last stretch that decoded: in multi_gpu.sh the measured round follows the warm-up
+    # round (which may launch more steps: first-time costs) and precedes the jobs round.
+    # --pick most: the one with the most launched steps instead.
+    stepping = lambda s: sum(e["name"] in ("engine.launch", "engine.step") for e in s)
+    if args.pick == "most":
+        best = max(stretches, key=stepping)
+    else:
+        best = [s for s in stretches if stepping(s) > 0][-1] if any(map(stepping, stretches)) \
+            else stretches[-1]
     t0 = best[0]["ts"]
     t1 = max(e["ts"] + e["dur"] for e in best)
     wall = t1 - t0
