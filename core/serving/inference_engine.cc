@@ -264,6 +264,8 @@ struct InferenceEngine::State {
       o.cuda_graph = w.device.is_cuda();
       packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
     }
+    per_row_cross_rows = UseOn(e->options_.per_row_cross_rows,
+                               "LORAHUB_SERVE_PER_ROW_CROSS", w.device);
     if (slot_decoding && UseOn(e->options_.side_stream_admissions,
                                "LORAHUB_SERVE_SIDE_STREAM", w.device)) {
       side_stream = model::MakeSideStream(w.device);
@@ -296,6 +298,7 @@ struct InferenceEngine::State {
   // lives, what this thread queues runs there; at its end the engine's
   // stream waits (on the device) for it.
   std::unique_ptr<model::SideStream> side_stream;
+  bool per_row_cross_rows = false;  // EngineOptions::per_row_cross_rows
   class OnSideStream {
    public:
     explicit OnSideStream(model::SideStream* side) : side_(side) {
@@ -712,7 +715,13 @@ struct InferenceEngine::State {
         for (const at::Tensor& t : crossing) side_stream->RecordUse(t);
       };
     }
-    LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, new_rows, join));
+    model::RowAdapters cross_rows = new_rows;
+    if (per_row_cross_rows && cross_rows.uniform_slot >= 0) {
+      cross_rows.uniform_slot = -1;  // each row its slot (its own run)
+      cross_rows.rows_per_slot = 0;
+      cross_rows.slot_offset = 0;
+    }
+    LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, cross_rows, join));
     for (int64_t q : positions) {
       slot_tokens[q] = w.config.decoder_start_token_id;
     }

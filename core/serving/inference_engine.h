@@ -198,6 +198,16 @@ struct EngineOptions {
   // taken). LORAHUB_SERVE_SLOT_MIXES=off|cuda|always overrides this (A/B
   // runs).
   SlotDecoding slot_mixes = SlotDecoding::kCuda;
+  // Where the row slots' newcomers get their cross-attention keys and values
+  // as rows of their own slots (the run kernels, through the bank's slot
+  // table) also when they all share one slot (a row admitted alone, or
+  // requests of one composition), instead of that slot's cuBLAS GEMMs
+  // (kOff/kCuda/kAlways as for slot_decoding). Why: those GEMMs' shapes
+  // follow the prompts' lengths, and a shape met for the first time held
+  // the engine thread 4.3 ms a block (24 of them, 0.1 s, in a profiled
+  // round of the seventieth session; H100). Off until measured on a GPU.
+  // LORAHUB_SERVE_PER_ROW_CROSS=off|cuda|always overrides this (A/B runs).
+  SlotDecoding per_row_cross_rows = SlotDecoding::kOff;
   // Where the row slots' admissions queue their device work (the newcomers'
   // adapters and slot loads, the encoder pass, their cross keys and values)
   // on a second stream (model::SideStream; kOff/kCuda/kAlways as for

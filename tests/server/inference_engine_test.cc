@@ -333,6 +333,7 @@ struct BatchWay {
   int64_t rows_multiple = EngineOptions::kAutoRowsMultiple;
   model::EncoderGraph packed_graphs = model::EncoderGraph::kCuda;
   SlotDecoding slot_mixes = SlotDecoding::kCuda;
+  SlotDecoding per_row_cross = SlotDecoding::kOff;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
@@ -346,6 +347,7 @@ class EngineBatchTest : public EngineTest,
     o.admission_rows_multiple = GetParam().rows_multiple;
     o.packed_admission_graphs = GetParam().packed_graphs;
     o.slot_mixes = GetParam().slot_mixes;
+    o.per_row_cross_rows = GetParam().per_row_cross;
     return o;
   }
 };
@@ -510,7 +512,12 @@ INSTANTIATE_TEST_SUITE_P(
                  model::EncoderGraph::kCuda, SlotDecoding::kAlways},
         BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff, "RowSlotsMixes",
                  EngineOptions::kAutoStepsAhead, EngineOptions::kAutoRowsMultiple,
-                 model::EncoderGraph::kCuda, SlotDecoding::kAlways}),
+                 model::EncoderGraph::kCuda, SlotDecoding::kAlways},
+        // The newcomers' cross keys and values as per-row slots also where
+        // they share one slot (the slot table instead of that slot's GEMMs).
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff, "RowSlotsPerRowCross",
+                 EngineOptions::kAutoStepsAhead, EngineOptions::kAutoRowsMultiple,
+                 model::EncoderGraph::kCuda, SlotDecoding::kAlways, SlotDecoding::kAlways}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(EngineTest, BeamSearchRunsAloneAndMatchesGenerate) {
