@@ -241,6 +241,8 @@ struct InferenceEngine::State {
                             "LORAHUB_SLOT_DECODING", e->weights_->device)),
         slot_mixes(UseOn(e->options_.slot_mixes, "LORAHUB_SERVE_SLOT_MIXES",
                          e->weights_->device)),
+        per_row_cross_rows(UseOn(e->options_.per_row_cross_rows,
+                                 "LORAHUB_SERVE_PER_ROW_CROSS", e->weights_->device)),
         packed_token_multiple(RowsMultiple(e->options_.admission_rows_multiple,
                                            "LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE",
                                            e->weights_->device, 64)),
@@ -264,8 +266,6 @@ struct InferenceEngine::State {
       o.cuda_graph = w.device.is_cuda();
       packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
     }
-    per_row_cross_rows = UseOn(e->options_.per_row_cross_rows,
-                               "LORAHUB_SERVE_PER_ROW_CROSS", w.device);
     if (slot_decoding && UseOn(e->options_.side_stream_admissions,
                                "LORAHUB_SERVE_SIDE_STREAM", w.device)) {
       side_stream = model::MakeSideStream(w.device);
@@ -298,7 +298,6 @@ struct InferenceEngine::State {
   // lives, what this thread queues runs there; at its end the engine's
   // stream waits (on the device) for it.
   std::unique_ptr<model::SideStream> side_stream;
-  bool per_row_cross_rows = false;  // EngineOptions::per_row_cross_rows
   class OnSideStream {
    public:
     explicit OnSideStream(model::SideStream* side) : side_(side) {
@@ -319,6 +318,7 @@ struct InferenceEngine::State {
   const bool slot_decoding;
   std::unique_ptr<model::StaticDecoder> slot_decoder;
   const bool slot_mixes;  // EngineOptions::slot_mixes
+  const bool per_row_cross_rows;  // EngineOptions::per_row_cross_rows
   // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
   std::unique_ptr<model::StaticEncoderPool> admission_encoders;
   // EngineOptions::packed_admission_graphs: the row slots' newcomers'

@@ -92,8 +92,8 @@ def main():
     if args.pick == "most":
         best = max(stretches, key=stepping)
     else:
-        best = [s for s in stretches if stepping(s) > 0][-1] if any(map(stepping, stretches)) \
-            else stretches[-1]
+        stepped = [s for s in stretches if stepping(s) > 0]
+        best = (stepped or stretches)[-1]
     t0 = best[0]["ts"]
     t1 = max(e["ts"] + e["dur"] for e in best)
     wall = t1 - t0
