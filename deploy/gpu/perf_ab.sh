@@ -235,6 +235,10 @@ if [ "${SERVE:-0}" = 1 ]; then
     requests=$(printf '%s\n' "$@" | grep '^WEIGHT_JITTER=' || true)
     ref=${first_of_requests[k$requests]:-}
     [ -n "$ref" ] || first_of_requests[k$requests]=$tag
+    # SERVE_REF=TAG among the variables: compare with that run instead.
+    local named
+    named=$(printf '%s\n' "$@" | sed -n 's/^SERVE_REF=//p')
+    [ -z "$named" ] || ref=$named
     stamp "serve $tag $*"
     env "$@" OUT="$work/serve_$tag" FIXTURE="$fx" DEVICE_SETS="${SERVE_DEVICES:-cuda:0}" \
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
@@ -246,6 +250,7 @@ if [ "${SERVE:-0}" = 1 ]; then
     [ -z "$ref" ] || python3 - "$work/serve_$ref" "$work/serve_$tag" "$ref" <<'PY'
 import json, pathlib, sys
 margins = {}  # with LOGPROBS >= 2: the first token's top-2 log-probability gap, per request
+gaps = {}  # with LOGPROBS >= 2: every token's top-2 gap, per request
 def ids(d):
     out = {}
     for f in sorted(pathlib.Path(d).rglob("outputs*.jsonl")):
@@ -256,11 +261,35 @@ def ids(d):
             lp = o.get("logprobs")
             if lp and len(lp[0]["top_logprobs"]) >= 2:
                 margins.setdefault(d, {})[key] = lp[0]["top_logprobs"][0] - lp[0]["top_logprobs"][1]
+                gaps.setdefault(d, {})[key] = [t["top_logprobs"][0] - t["top_logprobs"][1]
+                                               for t in lp]
     return out
 a, b = ids(sys.argv[1]), ids(sys.argv[2])
 same = sum(1 for k in a if k in b and a[k] == b[k] and a[k][0] == "OK")
 print("   outputs: %d of %d requests with the same ids as %s (%d here)"
       % (same, len(a), sys.argv[3], len(b)))
+# Where two runs part: the top-2 gap at the first token whose ids differ, in
+# each run that has log-probabilities (both share the prefix before it, so a
+# rounding flip shows as a near tie there; a fault at any gap).
+at_split = []
+for k in a:
+    if k not in b or a[k] == b[k]:
+        continue
+    x, y = a[k][1], b[k][1]
+    i = next((j for j in range(min(len(x), len(y))) if x[j] != y[j]), None)
+    if i is None:
+        continue
+    g = [gaps[d][k][i] for d in (sys.argv[1], sys.argv[2])
+         if k in gaps.get(d, {}) and i < len(gaps[d][k])]
+    if g:
+        at_split.append(min(g))
+if at_split:
+    at_split.sort()
+    every = sorted(v for d in gaps.values() for k in d for v in d[k])
+    print("   top-2 gap at the first differing token (nats): %d requests, median %.4g, max %.4g "
+          "(every token of both runs: median %.4g, 1st percentile %.4g)"
+          % (len(at_split), at_split[len(at_split) // 2], at_split[-1],
+             every[len(every) // 2], every[len(every) // 100]))
 # Near ties or a fault: the first-token margins (in the reference run) of the
 # requests whose ids differ, against those of the others.
 m = margins.get(sys.argv[1], {})
