@@ -1294,6 +1294,12 @@ InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights
     : weights_(std::move(weights)),
       options_(std::move(options)),
       metrics_(metrics) {
+  if (options_.max_batch_rows == EngineOptions::kAutoBatchRows) {
+    options_.max_batch_rows = weights_->device.is_cuda() ? 128 : 32;
+  }
+  if (options_.slot_decoder_bytes == EngineOptions::kAutoSlotDecoderBytes) {
+    options_.slot_decoder_bytes = (int64_t{128} << 20) * options_.max_batch_rows;
+  }
   ModuleTierOptions device;
   device.name = options_.device_name;
   device.tier = metrics::CacheTier::kDevice;
@@ -1326,10 +1332,11 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Start(
     EngineOptions options, metrics::ServiceMetrics* metrics) {
   if (!weights) return absl::InvalidArgumentError("engine: no weights");
   if (!resolver) return absl::InvalidArgumentError("engine: no module resolver");
-  if (options.max_queue < 1 || options.max_batch_rows < 1 ||
+  if (options.max_queue < 1 || options.max_batch_rows < EngineOptions::kAutoBatchRows ||
       options.max_prompt_tokens < 1 || options.max_new_tokens < 1 ||
       options.max_new_tokens > 8192 ||
-      options.device_cache_bytes < EngineOptions::kAutoDeviceCache) {
+      options.device_cache_bytes < EngineOptions::kAutoDeviceCache ||
+      options.slot_decoder_bytes < EngineOptions::kAutoSlotDecoderBytes) {
     return absl::InvalidArgumentError("engine: bad limits in EngineOptions");
   }
   std::unique_ptr<InferenceEngine> engine(new InferenceEngine(

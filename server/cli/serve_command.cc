@@ -218,7 +218,7 @@ int RunServe(int argc, char** argv) {
       absl::StrSplit(args->Get("device").value_or("cpu"), ',');
   serving::EngineOptions eo;
   {
-    auto rows = args->GetInt("max-batch-rows", eo.max_batch_rows);
+    auto rows = args->GetInt("max-batch-rows", 1);  // unset: the engine's default
     auto queue = args->GetInt("max-queue", eo.max_queue);
     auto new_tokens = args->GetInt("max-new-tokens", eo.max_new_tokens);
     auto prompt = args->GetInt("max-prompt-tokens", eo.max_prompt_tokens);
@@ -229,7 +229,7 @@ int RunServe(int argc, char** argv) {
                                         "limits must be in [1, 1000000]"));
       }
     }
-    eo.max_batch_rows = static_cast<int>(*rows);
+    if (args->Has("max-batch-rows")) eo.max_batch_rows = static_cast<int>(*rows);
     eo.max_queue = static_cast<int>(*queue);
     eo.max_new_tokens = std::min<long long>(*new_tokens, 8192);
     eo.max_prompt_tokens = *prompt;
@@ -240,7 +240,7 @@ int RunServe(int argc, char** argv) {
   {
     auto host = args->GetInt("host-cache-bytes", kDefaultHostCacheBytes);
     auto device = args->GetInt("device-cache-bytes", 0);  // unset: the engine's default
-    auto slots = args->GetInt("slot-decoder-bytes", eo.slot_decoder_bytes);
+    auto slots = args->GetInt("slot-decoder-bytes", 0);  // unset: the engine's default
     for (const auto* v : {&host, &device, &slots}) {
       if (!v->ok()) return ReportError("serve", v->status());
       if (**v < 0) {
@@ -252,7 +252,7 @@ int RunServe(int argc, char** argv) {
     }
     host_cache_bytes = *host;
     if (args->Has("device-cache-bytes")) eo.device_cache_bytes = *device;
-    eo.slot_decoder_bytes = *slots;
+    if (args->Has("slot-decoder-bytes")) eo.slot_decoder_bytes = *slots;
   }
   {
     // Threads per device that load queued requests' modules from disk.

@@ -676,6 +676,24 @@ TEST_F(EngineTest, DeviceMemoryGaugeIsTheAllocatorsOnCuda) {
   EXPECT_GE(gauge(), static_cast<double>(weight_bytes));
 }
 
+// EngineOptions' automatic sizes: 128 rows on a CUDA device, 32 elsewhere,
+// and 128 MiB of slot decoder per row; below them, a clear refusal.
+TEST_F(EngineTest, AutomaticSizesFollowTheDevice) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  const int rows = (*weights_)->device.is_cuda() ? 128 : 32;
+  EXPECT_EQ(engine->options().max_batch_rows, rows);
+  EXPECT_EQ(engine->options().slot_decoder_bytes, (int64_t{128} << 20) * rows);
+  EngineOptions bad;
+  bad.max_batch_rows = -1;
+  EXPECT_EQ(InferenceEngine::Start(*weights_, Resolver(), bad, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad = {};
+  bad.slot_decoder_bytes = -2;
+  EXPECT_EQ(InferenceEngine::Start(*weights_, Resolver(), bad, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(EngineTest, FullQueueIsResourceExhaustedAndShutdownIsUnavailable) {
   EngineOptions opts;
   opts.max_queue = 2;
