@@ -1288,6 +1288,10 @@ struct InferenceEngine::State {
   }
 };
 
+int AutoBatchRows(int64_t device_memory_bytes) {
+  return device_memory_bytes >= (int64_t{40} << 30) ? 128 : 32;
+}
+
 InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights,
                                  ModuleResolver resolver, EngineOptions options,
                                  metrics::ServiceMetrics* metrics)
@@ -1295,7 +1299,7 @@ InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights
       options_(std::move(options)),
       metrics_(metrics) {
   if (options_.max_batch_rows == EngineOptions::kAutoBatchRows) {
-    options_.max_batch_rows = weights_->device.is_cuda() ? 128 : 32;
+    options_.max_batch_rows = AutoBatchRows(model::DeviceMemoryBytes(weights_->device));
   }
   if (options_.slot_decoder_bytes == EngineOptions::kAutoSlotDecoderBytes) {
     options_.slot_decoder_bytes = (int64_t{128} << 20) * options_.max_batch_rows;

@@ -111,6 +111,17 @@ enum class SlotDecoding {
   kAlways,  // also on the CPU (the same buffers run eagerly: tests)
 };
 
+// EngineOptions::kAutoBatchRows for a device of `device_memory_bytes` (0:
+// the CPU): 128 rows on a GPU of at least 40 GiB, 32 otherwise. Why 128: a
+// decode step reads its weights once for all its rows, so more rows cost
+// little more a step. 1,024 own compositions of mixed lengths at 128
+// streams (one H100 build, seventy-first session): 128 rows gave
+// 17,949-20,130 tok/s and a TTFT p50 of 24-33 ms against 14,527-17,083 tok/s
+// and 81-82 ms at 64 rows, holding 15.1-15.9 GB of device memory against
+// 8.6-9.4 GB (the same ids for 1,013 of 1,024 requests; 256 rows at 256
+// streams ran 11,703-12,201 tok/s). Smaller GPUs keep 32 rows' memory.
+int AutoBatchRows(int64_t device_memory_bytes);
+
 struct EngineOptions {
   // Requests waiting to start (generate + score); more -> ResourceExhausted.
   int max_queue = 256;
@@ -118,13 +129,7 @@ struct EngineOptions {
   // slots of the running batch's adapter bank (model/slot_bank.h: per
   // adapted site, max_batch_rows x the factors of one adapter, allocated
   // when the first adapter arrives; flan-t5-large with r = 16 on q and v:
-  // 19 MB per slot). kAutoBatchRows: 128 on a CUDA device, 32 elsewhere.
-  // Why 128: a decode step's weights are read once for all its rows, so
-  // more rows cost little more a step. 1,024 own compositions of mixed
-  // lengths at 128 streams (one H100 build, seventy-first session): 128 rows
-  // gave 17,949-20,130 tok/s and a TTFT p50 of 24-33 ms against
-  // 14,527-17,083 tok/s and 81-82 ms at 64 rows (the same ids for 1,013 of
-  // 1,024 requests; 256 rows at 256 streams ran 11,703-12,201 tok/s).
+  // 19 MB per slot). kAutoBatchRows: AutoBatchRows of the device's memory.
   static constexpr int kAutoBatchRows = 0;
   int max_batch_rows = kAutoBatchRows;
   // Limits checked by Submit (InvalidArgument naming the field).

@@ -2622,6 +2622,7 @@ lorahub_cc_test(tests_server_inference_engine_test
     tests_model_op_name_counter
     tests_model_tiny_t5
     core_model_model
+    core_model_cuda_graph
     core_model_loader
     core_model_static_decoder
     core_serving_serving
@@ -2644,6 +2645,7 @@ lorahub_cc_test(tests_server_inference_engine_bf16_test
     tests_model_op_name_counter
     tests_model_tiny_t5
     core_model_model
+    core_model_cuda_graph
     core_model_loader
     core_model_static_decoder
     core_serving_serving

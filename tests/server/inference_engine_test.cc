@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "core/metrics/metrics.h"
+#include "core/model/cuda_graph.h"
 #include "core/model/generate.h"
 #include "core/model/loader.h"
 #include "core/model/static_decoder.h"
@@ -676,12 +677,17 @@ TEST_F(EngineTest, DeviceMemoryGaugeIsTheAllocatorsOnCuda) {
   EXPECT_GE(gauge(), static_cast<double>(weight_bytes));
 }
 
-// EngineOptions' automatic sizes: 128 rows on a CUDA device, 32 elsewhere,
-// and 128 MiB of slot decoder per row; below them, a clear refusal.
+// EngineOptions' automatic sizes: 128 rows on a GPU of 40 GiB or more, 32
+// elsewhere, and 128 MiB of slot decoder per row; below them, a clear
+// refusal.
 TEST_F(EngineTest, AutomaticSizesFollowTheDevice) {
+  EXPECT_EQ(AutoBatchRows(0), 32);  // the CPU
+  EXPECT_EQ(AutoBatchRows(int64_t{24} << 30), 32);
+  EXPECT_EQ(AutoBatchRows(int64_t{40} << 30), 128);
+  EXPECT_EQ(AutoBatchRows(int64_t{80} << 30), 128);
   auto engine = Start();
   ASSERT_TRUE(engine);
-  const int rows = (*weights_)->device.is_cuda() ? 128 : 32;
+  const int rows = AutoBatchRows(model::DeviceMemoryBytes((*weights_)->device));
   EXPECT_EQ(engine->options().max_batch_rows, rows);
   EXPECT_EQ(engine->options().slot_decoder_bytes, (int64_t{128} << 20) * rows);
   EngineOptions bad;
