@@ -118,8 +118,11 @@ enum class SlotDecoding {
 // streams (one H100 build, seventy-first session): 128 rows gave
 // 17,949-20,130 tok/s and a TTFT p50 of 24-33 ms against 14,527-17,083 tok/s
 // and 81-82 ms at 64 rows, holding 15.1-15.9 GB of device memory against
-// 8.6-9.4 GB (the same ids for 1,013 of 1,024 requests; 256 rows at 256
-// streams ran 11,703-12,201 tok/s). Smaller GPUs keep 32 rows' memory.
+// 8.6-9.4 GB. 1,013 of the 1,024 requests' ids were those of 64 rows (the
+// decode step's GEMMs run other cuBLAS kernels at 128 rows, which round
+// otherwise in bf16; that the 11 others are near ties is not yet
+// measured). 256 rows at 256 streams ran 11,703-12,201 tok/s, and a third
+// of its ids differed: not a default. Smaller GPUs keep 32 rows' memory.
 int AutoBatchRows(int64_t device_memory_bytes);
 
 struct EngineOptions {

@@ -396,6 +396,10 @@ int RunServe(int argc, char** argv) {
             std::make_shared<const model::T5Weights>(*std::move(w)), resolver,
             o, ctx->metrics);
     if (!engine.ok()) return ReportError("serve", engine.status());
+    // The sizes the engine chose where their flags were unset.
+    std::fprintf(stderr, "lorahub serve: %s: %d batch rows, slot decoder up to %lld bytes\n",
+                 d.c_str(), (*engine)->options().max_batch_rows,
+                 static_cast<long long>((*engine)->options().slot_decoder_bytes));
     ctx->engines.push_back(*std::move(engine));
   }
   // Only ctx and the engines hold the host tier from here on, so it goes

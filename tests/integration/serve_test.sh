@@ -25,6 +25,10 @@ start_server --model "$case_dir/model" --data-dir "$tmp" --max-batch-rows 8 \
   --module-load-threads 2 --admission-graph-tokens 4096
 
 [ "$(c health)" = SERVING ] || fail "health is not SERVING"
+# The sizes each engine runs with: the flag's rows, and the slot decoder's
+# automatic 128 MiB a row.
+grep -q "lorahub serve: cpu: 8 batch rows, slot decoder up to 1073741824 bytes" "$tmp/err" ||
+  fail "engine sizes line: $(cat "$tmp/err")"
 for m in m0 m1 m2; do
   c --json modules add --dir "$case_dir/adapters/$m" >/dev/null || fail "add $m"
 done
