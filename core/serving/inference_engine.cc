@@ -1289,7 +1289,7 @@ struct InferenceEngine::State {
 };
 
 int AutoBatchRows(int64_t device_memory_bytes) {
-  return device_memory_bytes >= (int64_t{40} << 30) ? 128 : 32;
+  return device_memory_bytes >= (int64_t{30} << 30) ? 128 : 32;
 }
 
 InferenceEngine::InferenceEngine(std::shared_ptr<const model::T5Weights> weights,

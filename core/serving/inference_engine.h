@@ -112,17 +112,18 @@ enum class SlotDecoding {
 };
 
 // EngineOptions::kAutoBatchRows for a device of `device_memory_bytes` (0:
-// the CPU): 128 rows on a GPU of at least 40 GiB, 32 otherwise. Why 128: a
-// decode step reads its weights once for all its rows, so more rows cost
-// little more a step. 1,024 own compositions of mixed lengths at 128
-// streams (one H100 build, seventy-first session): 128 rows gave
-// 17,949-20,130 tok/s and a TTFT p50 of 24-33 ms against 14,527-17,083 tok/s
-// and 81-82 ms at 64 rows, holding 15.1-15.9 GB of device memory against
-// 8.6-9.4 GB. 1,013 of the 1,024 requests' ids were those of 64 rows (the
-// decode step's GEMMs run other cuBLAS kernels at 128 rows, which round
-// otherwise in bf16; that the 11 others are near ties is not yet
-// measured). 256 rows at 256 streams ran 11,703-12,201 tok/s, and a third
-// of its ids differed: not a default. Smaller GPUs keep 32 rows' memory.
+// the CPU): 128 rows on a GPU of at least 30 GiB (a 32 GB card and up), 32
+// otherwise. Why 128: a decode step reads its weights once for all its
+// rows, so more rows cost little more a step. 1,024 own compositions of
+// mixed lengths at 128 streams (one H100 build, seventy-first session): 128
+// rows gave 17,949-20,130 tok/s and a TTFT p50 of 24-33 ms against
+// 14,527-17,083 tok/s and 81-82 ms at 64 rows, holding 15.1-15.9 GB of
+// device memory against 8.6-9.4 GB (flan-t5-large, bf16). 1,013 of the
+// 1,024 requests' ids were those of 64 rows (the decode step's GEMMs run
+// other cuBLAS kernels at 128 rows, which round otherwise in bf16; that the
+// 11 others are near ties is not yet measured). 256 rows at 256 streams
+// ran 11,703-12,201 tok/s, and a third of its ids differed: not a default.
+// Smaller GPUs keep 32 rows' memory.
 int AutoBatchRows(int64_t device_memory_bytes);
 
 struct EngineOptions {

@@ -677,12 +677,14 @@ TEST_F(EngineTest, DeviceMemoryGaugeIsTheAllocatorsOnCuda) {
   EXPECT_GE(gauge(), static_cast<double>(weight_bytes));
 }
 
-// EngineOptions' automatic sizes: 128 rows on a GPU of 40 GiB or more, 32
+// EngineOptions' automatic sizes: 128 rows on a GPU of 30 GiB or more, 32
 // elsewhere, and 128 MiB of slot decoder per row; below them, a clear
 // refusal.
 TEST_F(EngineTest, AutomaticSizesFollowTheDevice) {
   EXPECT_EQ(AutoBatchRows(0), 32);  // the CPU
   EXPECT_EQ(AutoBatchRows(int64_t{24} << 30), 32);
+  EXPECT_EQ(AutoBatchRows((int64_t{30} << 30) - 1), 32);
+  EXPECT_EQ(AutoBatchRows(int64_t{30} << 30), 128);
   EXPECT_EQ(AutoBatchRows(int64_t{40} << 30), 128);
   EXPECT_EQ(AutoBatchRows(int64_t{80} << 30), 128);
   auto engine = Start();
