@@ -41,6 +41,7 @@
 #include "core/model/static_decoder.h"
 #include "core/model/static_decoder_pool.h"
 #include "core/model/static_encoder.h"
+#include "core/model/static_packed_encoder.h"
 #include "core/model/t5_forward.h"
 #include "core/serving/admission_encoder.h"
 #include "core/util/status_macros.h"
@@ -715,13 +716,11 @@ struct InferenceEngine::State {
         for (const at::Tensor& t : crossing) side_stream->RecordUse(t);
       };
     }
-    model::RowAdapters cross_rows = new_rows;
-    if (per_row_cross_rows && cross_rows.uniform_slot >= 0) {
-      cross_rows.uniform_slot = -1;  // each row its slot (its own run)
-      cross_rows.rows_per_slot = 0;
-      cross_rows.slot_offset = 0;
-    }
-    LH_RETURN_IF_ERROR(slot_decoder->LoadRows(positions, enc, cross_rows, join));
+    // per_row_cross_rows: each row its slot through the run kernels' table,
+    // as the packed encoder pass reads them.
+    const bool per_row = per_row_cross_rows && new_rows.uniform_slot >= 0;
+    LH_RETURN_IF_ERROR(slot_decoder->LoadRows(
+        positions, enc, per_row ? model::SlotTableRows(new_rows) : new_rows, join));
     for (int64_t q : positions) {
       slot_tokens[q] = w.config.decoder_start_token_id;
     }

@@ -249,8 +249,7 @@ if [ "${SERVE:-0}" = 1 ]; then
     # Greedy ids of every request against the first run's with the same requests.
     [ -z "$ref" ] || python3 - "$work/serve_$ref" "$work/serve_$tag" "$ref" <<'PY'
 import json, pathlib, sys
-margins = {}  # with LOGPROBS >= 2: the first token's top-2 log-probability gap, per request
-gaps = {}  # with LOGPROBS >= 2: every token's top-2 gap, per request
+gaps = {}  # with LOGPROBS >= 2: every token's top-2 log-probability gap, per request
 def ids(d):
     out = {}
     for f in sorted(pathlib.Path(d).rglob("outputs*.jsonl")):
@@ -260,7 +259,6 @@ def ids(d):
             out[key] = (o["code"], o["ids"])
             lp = o.get("logprobs")
             if lp and len(lp[0]["top_logprobs"]) >= 2:
-                margins.setdefault(d, {})[key] = lp[0]["top_logprobs"][0] - lp[0]["top_logprobs"][1]
                 gaps.setdefault(d, {})[key] = [t["top_logprobs"][0] - t["top_logprobs"][1]
                                                for t in lp]
     return out
@@ -292,7 +290,7 @@ if at_split:
              every[len(every) // 2], every[len(every) // 100]))
 # Near ties or a fault: the first-token margins (in the reference run) of the
 # requests whose ids differ, against those of the others.
-m = margins.get(sys.argv[1], {})
+m = {k: g[0] for k, g in gaps.get(sys.argv[1], {}).items()}
 if m:
     def median(v): return sorted(v)[len(v) // 2] if v else float("nan")
     differ = [m[k] for k in m if k in b and a[k] != b[k]]
