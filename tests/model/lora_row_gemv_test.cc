@@ -962,6 +962,87 @@ TEST(LoraRunDeltasTest, SlotTableRunsTakeTheirBankSlots) {
                             0, starts[2], lengths[2])));
 }
 
+// A slot table over packed runs as a static packed encoder of the serving
+// engine's admissions passes them: 300 runs (rows up to --max-batch-rows,
+// some empty, some masked) at any bank slot, the longest bound 128 (the
+// bucket's, past every run's), flan-t5's width, R = 16 and 32: on CUDA the
+// tensor-core shrink (300 runs of two 64-token tiles; RunShrink of that
+// shape must take it), against double on the CPU to 2e-5: its 3xTF32
+// products over K = 1,024 at slot scalings up to 1.5 reached 1.09e-5
+// (H100, seventy-third session), where the FMA kernel's stay within 1e-5.
+TEST(LoraRunDeltasTest, SlotTablePackedRunsOnTheTensorCores) {
+  at::manual_seed(36);
+  const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
+  constexpr int64_t kBank = 6, kRank = 16, kIn = 1024, kRuns = 300;
+  constexpr int64_t kLongest = 128;
+  std::vector<int64_t> slot_of, lengths;
+  std::vector<float> mask_of;
+  std::vector<int32_t> starts = {0};
+  for (int64_t i = 0; i < kRuns; ++i) {
+    slot_of.push_back(i * 5 % kBank);
+    mask_of.push_back(i % 9 == 4 ? 0.f : 1.f);
+    lengths.push_back(i % 7 == 3 ? 0 : i % 11 == 5 ? kLongest : i * 37 % 90 + 1);
+    starts.push_back(starts.back() + static_cast<int32_t>(lengths.back()));
+  }
+  const int64_t N = starts.back();
+  const at::Tensor dev_starts = at::tensor(starts, at::kInt).to(Device());
+  LoraRunSlots table{at::tensor(slot_of, at::kLong).to(Device()),
+                     at::tensor(mask_of, at::kFloat).to(Device())};
+  const auto cpu = [](const at::Tensor& t) {
+    return t.to(at::kCPU).to(at::kDouble);
+  };
+  for (int sites : {1, 2}) {
+    const std::string where = std::to_string(sites) + " sites";
+    RunCase bank = MakeRunCase(kBank, 1, kIn, sites, kRank);
+    for (LoraRunSite& site : bank.sites) {
+      site.scales = at::rand({kBank}, F32()) + 0.5;
+    }
+    if (cuda) {
+      at::Tensor xa;
+      EXPECT_TRUE(RunShrink(at::zeros({kRuns, kLongest, kIn}, F32()),
+                            at::zeros({kRuns, sites * kRank, kIn}, F32()), &xa))
+          << where << ": not the tensor-core shrink's shape";
+    }
+    const at::Tensor wide = at::randn({1, N, 8 + 50 * sites}, F32());
+    const at::Tensor y = wide.narrow(2, 8, 50 * sites);
+    const at::Tensor x = at::randn({1, N, kIn}, F32());
+    const at::Tensor before = wide.clone();
+    at::Tensor want = cpu(y[0]);
+    const at::Tensor x64 = cpu(x[0]);
+    for (int64_t s = 0; s < kRuns; ++s) {
+      if (lengths[s] == 0) continue;
+      const int64_t slot = slot_of[s];
+      const at::Tensor xa =
+          at::matmul(x64.narrow(0, starts[s], lengths[s]), cpu(bank.a[slot]).t());
+      for (int k = 0; k < sites; ++k) {
+        const LoraRunSite& site = bank.sites[k];
+        const double scale = mask_of[s] * site.scales[slot].item<double>();
+        want.narrow(0, starts[s], lengths[s])
+            .narrow(1, site.col, site.b.size(1))
+            .add_(at::matmul(xa.narrow(1, k * kRank, kRank),
+                             cpu(site.b[slot]).t()) *
+                  scale);
+      }
+    }
+    const bool ran = LoraPackedRunDeltas(y, x, bank.a, bank.sites, 1.0,
+                                         dev_starts, kLongest, at::Tensor(),
+                                         &table);
+    EXPECT_EQ(ran, cuda) << where;
+    if (!ran) {
+      EXPECT_TRUE(at::equal(wide, before)) << where << ": declined but wrote y";
+      continue;
+    }
+    for (int64_t s = 0; s < kRuns; ++s) {
+      if (lengths[s] == 0) continue;
+      EXPECT_LE(RelDiff(y[0].narrow(0, starts[s], lengths[s]),
+                        want.narrow(0, starts[s], lengths[s])),
+                2e-5)
+          << where << ", run " << s << " (slot " << slot_of[s] << ", "
+          << lengths[s] << " tokens)";
+    }
+  }
+}
+
 // Shapes the kernel does not take decline and write nothing: a shrink of
 // 24 ranks (not 8, 16 or 32), ranks above 32 per site, five sites.
 TEST(LoraRunDeltasTest, DeclinesOtherShapes) {

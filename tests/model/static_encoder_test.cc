@@ -910,6 +910,46 @@ TEST_P(StaticEncoderTest, PackedPassUpToItsBoundsEqualsEncodePacked) {
   }
 }
 
+// The serving engine's admission buckets: rows up to --max-batch-rows (more
+// than the longest row's kPackedAttentionMaxRow tokens at 160 and 256) with
+// slots of their own, passes of a few rows (most rows empty) up to all B.
+TEST_P(StaticEncoderTest, PackedPassOfMoreRowsThanTheLongestEqualsEncodePacked) {
+  MakeBank(4, /*second_alpha=*/32);
+  for (int64_t B : {int64_t{64}, int64_t{128}, int64_t{160}, int64_t{256}}) {
+    PackedBucket bucket{B, 4096, kPackedAttentionMaxRow, 0};
+    bucket.up_to = true;
+    auto enc = StaticPackedEncoder::Create(
+        base_, bucket, TableRows(base_, bank_, {0, 1}), StaticEncoderOptions{});
+    if (base_.dtype == at::kFloat) {  // slot tables: reduced precision only
+      EXPECT_EQ(enc.status().code(), absl::StatusCode::kInvalidArgument);
+      continue;
+    }
+    ASSERT_TRUE(enc.ok()) << enc.status();
+    // {rows, lengths (cycled)}: a few rows, every row, three quarters of
+    // them with rows of the longest among short ones.
+    const std::vector<std::pair<int64_t, std::vector<int64_t>>> passes = {
+        {7, {9, 1, 40, 5, 128, 77, 3}},
+        {B, {5, 1, 12, 3, 7, 2, 9, 4}},
+        {B * 3 / 4 + 1, {128, 4, 1, 6, 2, 9, 3, 5}},
+        {3, {120, 64, 2}}};
+    for (size_t i = 0; i < passes.size(); ++i) {
+      const auto& [n, lengths] = passes[i];
+      const std::string where = std::to_string(B) + " rows, pass " +
+                                std::to_string(i) + " of " + std::to_string(n);
+      auto in = PackRows(Prompts(n, lengths, 80 + static_cast<int64_t>(i)),
+                         base_.device);
+      ASSERT_TRUE(in.ok()) << in.status();
+      std::vector<int64_t> slots;
+      for (int64_t r = 0; r < n; ++r) slots.push_back((r + i) % 2);
+      const RowAdapters rows = TableRows(base_, bank_, slots);
+      ASSERT_TRUE(BucketTakes(bucket, *in, rows)) << where;
+      auto got = (*enc)->Run(*in, rows);
+      ASSERT_TRUE(got.ok()) << where << ": " << got.status();
+      ExpectEqualsEncodePacked(base_, *got, *in, rows, where);
+    }
+  }
+}
+
 // Rows known on the device only (no host offsets, as a capture passes
 // them): where an op would read the offsets on the host (the CPU's row by
 // row attention and LoRA deltas; on CUDA, shapes the kernels do not take)
