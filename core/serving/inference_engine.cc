@@ -265,6 +265,15 @@ struct InferenceEngine::State {
       o.max_rows = e->options_.max_batch_rows;
       o.max_tokens = e->options_.admission_graph_tokens;
       o.cuda_graph = w.device.is_cuda();
+      // A/B: LORAHUB_SERVE_PACKED_ROWS=N bounds the buckets' rows (passes of
+      // more rows run eagerly); LORAHUB_SERVE_PACKED_NO_GRAPH=1 runs the
+      // buckets without their graphs. (They placed the ids that 256 rows
+      // changed: buckets of more than 128 rows take the tensor-core LoRA
+      // shrink; seventy-third session, docs/BENCHMARKS.md.)
+      if (const std::optional<int64_t> v = EnvInteger("LORAHUB_SERVE_PACKED_ROWS")) {
+        o.max_rows = std::min<int64_t>(o.max_rows, std::max<int64_t>(*v, 1));
+      }
+      if (model::EnvFlag("LORAHUB_SERVE_PACKED_NO_GRAPH")) o.cuda_graph = false;
       packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
     }
     if (slot_decoding && UseOn(e->options_.side_stream_admissions,

@@ -118,12 +118,11 @@ enum class SlotDecoding {
 // mixed lengths at 128 streams (one H100 build, seventy-first session): 128
 // rows gave 17,949-20,130 tok/s and a TTFT p50 of 24-33 ms against
 // 14,527-17,083 tok/s and 81-82 ms at 64 rows, holding 15.1-15.9 GB of
-// device memory against 8.6-9.4 GB (flan-t5-large, bf16). 1,013 of the
-// 1,024 requests' ids were those of 64 rows (the decode step's GEMMs run
-// other cuBLAS kernels at 128 rows, which round otherwise in bf16; that the
-// 11 others are near ties is not yet measured). 256 rows at 256 streams
-// ran 11,703-12,201 tok/s, and a third of its ids differed: not a default.
-// Smaller GPUs keep 32 rows' memory.
+// device memory against 8.6-9.4 GB (flan-t5-large, bf16); the 11 requests
+// whose ids differ part at near ties (top-2 gaps of 0-1 nats). Why not
+// 256: slower at 128 and at 256 streams (seventy-third session, H100, three
+// alternating runs each: 16,253-17,396 against 19,997-21,677 tok/s, and
+// 14,862-18,332 against 21,395-22,828). Smaller GPUs keep 32 rows' memory.
 int AutoBatchRows(int64_t device_memory_bytes);
 
 struct EngineOptions {
