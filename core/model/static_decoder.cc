@@ -100,7 +100,8 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
   } else if (!options.cuda_graph) {
     d->graph_status_ = "disabled";
   } else {
-    d->TryCapture();
+    d->capturing_ = true;
+    d->TryCapture(B);
   }
   return d;
 }
@@ -318,7 +319,7 @@ absl::Status StaticDecoder::Grow(int64_t capacity, int64_t encoder_length) {
                  cross_bias_.options());
     cross_bias.narrow(3, 0, keys).copy_(cross_bias_);
     at::Tensor self_bias = SelfBias(C);
-    graph_.reset();  // it reads the old buffers
+    graphs_.clear();  // they read the old buffers
     self_kv_ = std::move(self_kv);
     cross_kv_ = std::move(cross_kv);
     cross_bias_ = std::move(cross_bias);
@@ -419,7 +420,7 @@ absl::Status StaticDecoder::SetAdapterBank(const AdapterBank* bank) {
     }
   }
   if (bank == rows_.bank && layout == bank_layout_) return absl::OkStatus();
-  graph_.reset();
+  graphs_.clear();
   needs_capture_ = true;
   rows_.bank = bank;
   rows_.all_rows = false;  // free slots and rows without adapters: mask 0
@@ -429,21 +430,31 @@ absl::Status StaticDecoder::SetAdapterBank(const AdapterBank* bank) {
   return absl::OkStatus();
 }
 
-void StaticDecoder::StepBody() {
+void StaticDecoder::StepBody(int64_t rows) {
   const T5Weights& w = *w_;
+  // The slots stepped: the leading rows of every per-row buffer (each a
+  // contiguous view, at the buffer's address).
+  const auto head = [&](const at::Tensor& x) {
+    return rows == batch_ || !x.defined() ? x : x.narrow(0, 0, rows);
+  };
+  at::Tensor t_rows = head(t_);
+  RowAdapters adapters = rows_;
+  adapters.slots = head(rows_.slots);
+  adapters.mask = head(rows_.mask);
+  const at::Tensor cross_bias = head(cross_bias_);
   // The tokens' embeddings, row t of the causal bias ([1, H, 1, capacity];
   // row slots: each row's own, [B, H, 1, capacity]) and t, which advances
   // here for the next step (free row slots keep stepping at the last
   // position).
   const DecoderStepStart start = StartDecoderStep(
-      w.shared, tokens_, self_bias_, t_,
+      w.shared, head(tokens_), self_bias_, t_rows,
       row_slots_ ? capacity_ - 1 : std::numeric_limits<int64_t>::max());
   const at::Tensor& bias = start.bias;
   const at::Tensor& t = start.t;
   internal::ResidualStream h{start.hidden, at::Tensor()};
   for (size_t i = 0; i < w.decoder.size(); ++i) {
-    at::Tensor self_k = self_kv_[0][static_cast<int64_t>(i)];
-    at::Tensor self_v = self_kv_[1][static_cast<int64_t>(i)];
+    at::Tensor self_k = head(self_kv_[0][static_cast<int64_t>(i)]);
+    at::Tensor self_v = head(self_kv_[1][static_cast<int64_t>(i)]);
     auto store = [&](const at::Tensor& k, const at::Tensor& v) {
       const at::Tensor both = row_slots_ ? at::Tensor() : KeysAndValues(k, v);
       if (both.defined() && both.scalar_type() == self_kv_.scalar_type()) {
@@ -458,12 +469,13 @@ void StaticDecoder::StepBody() {
     };
     const internal::StepCache cache{self_k, self_v, t};
     h = internal::DecoderBlockStep(
-        w, w.decoder[i], std::move(h), rows_, store, bias,
-        cross_kv_[0][static_cast<int64_t>(i)],
-        cross_kv_[1][static_cast<int64_t>(i)], cross_bias_,
+        w, w.decoder[i], std::move(h), adapters, store, bias,
+        head(cross_kv_[0][static_cast<int64_t>(i)]),
+        head(cross_kv_[1][static_cast<int64_t>(i)]), cross_bias,
         internal::CrossKeyRows{key_starts_, key_lens_}, &cache);
   }
-  internal::DecoderHeadLogitsInto(w, h, logits_);
+  at::Tensor logits = head(logits_);
+  internal::DecoderHeadLogitsInto(w, h, logits);
 }
 
 StaticDecoder::SavedState StaticDecoder::Save() const {
@@ -482,25 +494,31 @@ void StaticDecoder::ResetState() {
   length_ = 0;
 }
 
-void StaticDecoder::TryCapture() {
+void StaticDecoder::TryCapture(int64_t rows) {
   // CaptureCudaGraph runs the body twice eagerly (warm-up), captures it once
   // and replays it once: the warm-ups restart from the positions and tokens
   // of now so that t never passes the capacity, and the captured body must
   // not restore them itself.
+  const auto fail = [this](std::string why) {
+    graphs_.clear();
+    capturing_ = false;
+    graph_status_ = std::move(why);
+    LogFallbackOnce(graph_status_);
+  };
   SavedState saved;
   try {
     saved = Save();
   } catch (const c10::Error& e) {
-    graph_status_ = e.what_without_backtrace();
+    fail(e.what_without_backtrace());
     return;
   }
   bool capturing = false;
   auto graph = CaptureCudaGraph(
       w_->device,
-      [this, &capturing, &saved]() -> absl::Status {
+      [this, rows, &capturing, &saved]() -> absl::Status {
         try {
           if (!capturing) Restore(saved);
-          StepBody();
+          StepBody(rows);
           return absl::OkStatus();
         } catch (const c10::Error& e) {
           return absl::InternalError(
@@ -512,17 +530,13 @@ void StaticDecoder::TryCapture() {
         Restore(saved);
         capturing = true;
       });
-  if (graph.ok()) {
-    graph_ = *std::move(graph);
-    absl::Status same = CheckGraphAgainstEager(saved);
-    if (!same.ok()) {
-      graph_.reset();
-      graph_status_ = std::string(same.message());
-      LogFallbackOnce(graph_status_);
-    }
+  absl::Status st = graph.status();
+  if (graph.ok()) st = CheckGraphAgainstEager(saved, **graph, rows);
+  if (st.ok()) {
+    graphs_[rows] = *std::move(graph);
+    graph_status_.clear();
   } else {
-    graph_status_ = std::string(graph.status().message());
-    LogFallbackOnce(graph_status_);
+    fail(std::string(st.message()));
   }
   try {
     if (row_slots_) {
@@ -532,12 +546,13 @@ void StaticDecoder::TryCapture() {
     }
   } catch (const c10::Error& e) {
     // A device that cannot zero its buffers fails the first Step too.
-    graph_.reset();
-    graph_status_ = e.what_without_backtrace();
+    fail(e.what_without_backtrace());
   }
 }
 
-absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved) {
+absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved,
+                                                   CapturedGraph& graph,
+                                                   int64_t rows) {
   try {
     // Two steps (when the capacity allows): the second one shows whether the
     // graph reads the device t (writes the cache at 1, selects bias row 1).
@@ -546,6 +561,7 @@ absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved) {
     auto tokens_at = [&](int64_t step) {
       return (w_->config.decoder_start_token_id + 7 * step + 3) % V;
     };
+    const at::Tensor stepped = logits_.narrow(0, 0, rows);
     // From the positions and tokens before the capture (whose replay took a
     // step); what the trial steps store lies at or after each row's
     // position, where its next step stores first.
@@ -553,15 +569,15 @@ absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved) {
     std::vector<at::Tensor> from_graph;
     for (int64_t s = 0; s < steps; ++s) {
       if (s > 0) tokens_.fill_(tokens_at(s));
-      absl::Status st = graph_->Replay();
+      absl::Status st = graph.Replay();
       if (!st.ok()) return st;
-      from_graph.push_back(logits_.to(at::kCPU).clone());
+      from_graph.push_back(stepped.to(at::kCPU).clone());
     }
     Restore(saved);
     for (int64_t s = 0; s < steps; ++s) {
       if (s > 0) tokens_.fill_(tokens_at(s));
-      StepBody();
-      const at::Tensor eager = logits_.to(at::kCPU);
+      StepBody(rows);
+      const at::Tensor eager = stepped.to(at::kCPU);
       if (!at::allclose(from_graph[s], eager, /*rtol=*/1e-3, /*atol=*/1e-4)) {
         return absl::InternalError(absl::StrCat(
             "CUDA graph decoder step ", s, " differs from eager (max abs diff ",
@@ -575,11 +591,24 @@ absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved) {
   }
 }
 
-absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
+int64_t StaticDecoder::StepRows(int64_t rows, int64_t slots) {
+  int64_t n = kMinStepRows;
+  while (n < rows) n *= 2;
+  return std::min(n, slots);
+}
+
+absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids,
+                                               int64_t rows) {
   if (!row_slots_ && length_ >= capacity_) {
     return absl::OutOfRangeError(absl::StrCat(
         "static decoder: all ", capacity_, " positions are used"));
   }
+  if (rows < 0 || rows > batch_ || (!row_slots_ && rows != 0 && rows != batch_)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "static decoder: a step of ", rows, " rows among ", batch_,
+        row_slots_ ? " row slots" : " rows (all or none: no row slots)"));
+  }
+  const int64_t stepped = rows == 0 ? batch_ : StepRows(rows, batch_);
   absl::Status s = CheckIndex(ids, batch_, "ids");
   if (!s.ok()) return s;
   try {
@@ -591,21 +620,24 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids) {
       } else if (!cuda_graph_) {
         graph_status_ = "disabled";
       } else {
-        TryCapture();
+        capturing_ = true;
       }
     }
+    if (capturing_ && graphs_.count(stepped) == 0) TryCapture(stepped);
     bool done = false;
-    if (graph_ != nullptr) {
-      s = graph_->Replay();
+    const auto graph = graphs_.find(stepped);
+    if (graph != graphs_.end()) {
+      s = graph->second->Replay();
       if (s.ok()) {
         done = true;
       } else {  // eager from now on (a failed launch ran nothing)
-        graph_.reset();
+        graphs_.clear();
+        capturing_ = false;
         graph_status_ = std::string(s.message());
         LogFallbackOnce(graph_status_);
       }
     }
-    if (!done) StepBody();
+    if (!done) StepBody(stepped);
     ++length_;
     return logits_;
   } catch (const c10::Error& e) {

@@ -77,6 +77,19 @@ bool StepAhead() {
   return !off;
 }
 
+// The slots a step of the rows `serials` marks (nonzero: stepped) steps
+// (model::StaticDecoder::Step's rows): up to the last such slot, or 0 (all)
+// with `all` (EngineOptions::step_all_slots) or LORAHUB_SERVE_ALL_SLOTS=1
+// (read once; A/B).
+int64_t SlotsToStep(const std::vector<uint64_t>& serials, bool all) {
+  static const bool all_from_env = model::EnvFlag("LORAHUB_SERVE_ALL_SLOTS");
+  if (all || all_from_env) return 0;
+  for (size_t p = serials.size(); p > 0; --p) {
+    if (serials[p - 1] != 0) return static_cast<int64_t>(p);
+  }
+  return 0;
+}
+
 // The integer the environment variable `name` holds, if it is set to one
 // (A/B runs).
 std::optional<int64_t> EnvInteger(const char* name) {
@@ -843,7 +856,9 @@ struct InferenceEngine::State {
   // memory with an event after them.
   absl::Status LaunchStep(const at::Tensor& ids, std::vector<uint64_t> serials) {
     LaunchedStep step;
-    LH_ASSIGN_OR_RETURN(step.logits, slot_decoder->Step(ids));
+    LH_ASSIGN_OR_RETURN(step.logits,
+                        slot_decoder->Step(ids, SlotsToStep(
+                                                    serials, engine->options_.step_all_slots)));
     step.serials = std::move(serials);
     model::GreedyInto into;
     into.device = slot_decoder->IdsBuffer();

@@ -255,6 +255,19 @@ struct EngineOptions {
   // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
   // working set in its own device memory (--admission-graph-tokens).
   int64_t admission_graph_tokens = 8192;
+  // Row slots: false steps the slots up to the last running row only (as
+  // model::StaticDecoder::StepRows rounds it: powers of two from 8), since
+  // newcomers take the lowest free slots and light load keeps to the first
+  // few; true steps every slot every step (--step-all-slots). Why: a step
+  // costs what its rows cost. H100, 128 slots, 512 own compositions of
+  // mixed lengths (seventy-third session, one build): 3,199-3,239 against
+  // 2,002-2,014 tok/s at 8 streams, 9,635 against 7,412 at 32, 13,141-13,762
+  // against 9,635 at 128. The cost: the steps' GEMMs take other row counts
+  // under other loads and may round otherwise, so a request's ids may
+  // differ with the load at near ties (2 of 512 between 8 and 128
+  // streams); true keeps the steps' row counts, and so their rounding,
+  // whatever the load. LORAHUB_SERVE_ALL_SLOTS=1 sets true (A/B runs).
+  bool step_all_slots = false;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes

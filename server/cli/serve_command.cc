@@ -168,7 +168,7 @@ int RunServe(int argc, char** argv) {
                  "tls-cert", "tls-key", "tls-client-ca", "tls-refresh-s", "auth-token-file",
                  "job-retention-s", "profile-out",
                  "config"},
-                {}};
+                {"step-all-slots"}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
   if (args->Has("config")) {
@@ -276,6 +276,9 @@ int RunServe(int argc, char** argv) {
     }
     eo.admission_graph_tokens = *tokens;
   }
+  // Every decoding step over every row slot, so that the steps' rounding
+  // does not change with the load (EngineOptions::step_all_slots).
+  eo.step_all_slots = args->Has("step-all-slots");
   // Rows per scoring pass of a compose job (ComposeWorkerOptions::max_rows).
   // Its passes run on the engine's thread between decoding steps, so this is
   // also how long a generate request may wait for the device: larger passes
@@ -397,9 +400,12 @@ int RunServe(int argc, char** argv) {
             o, ctx->metrics);
     if (!engine.ok()) return ReportError("serve", engine.status());
     // The sizes the engine chose where their flags were unset.
-    std::fprintf(stderr, "lorahub serve: %s: %d batch rows, slot decoder up to %lld bytes\n",
+    std::fprintf(stderr,
+                 "lorahub serve: %s: %d batch rows, slot decoder up to %lld bytes, "
+                 "steps of %s\n",
                  d.c_str(), (*engine)->options().max_batch_rows,
-                 static_cast<long long>((*engine)->options().slot_decoder_bytes));
+                 static_cast<long long>((*engine)->options().slot_decoder_bytes),
+                 (*engine)->options().step_all_slots ? "every slot" : "the running rows' slots");
     ctx->engines.push_back(*std::move(engine));
   }
   // Only ctx and the engines hold the host tier from here on, so it goes

@@ -128,19 +128,22 @@ class SlotDecoderTest : public ::testing::Test {
                   : (3 + 5 * s + 11 * id) % config_.vocab_size;
   }
 
-  // One decoder step: every running reference consumes its next token in
-  // both decoders and their logits must agree.
+  // One decoder step (of the leading `rows` slots; 0: all): every running
+  // reference consumes its next token in both decoders and their logits
+  // must agree. `logits` (if given): the step's, on the CPU.
   void StepAll(StaticDecoder& d, std::vector<Reference*> running,
-               const std::string& where) {
+               const std::string& where, int64_t rows = 0,
+               at::Tensor* logits = nullptr) {
     std::vector<int64_t> ids(static_cast<size_t>(d.batch_size()),
                              config_.pad_token_id);
     for (size_t i = 0; i < running.size(); ++i) {
       ids[running[i]->slot_row] =
           TokenAt(static_cast<int64_t>(running[i] - refs_), running[i]->steps);
     }
-    auto got = d.Step(at::tensor(ids, at::kLong).to(base_.device));
+    auto got = d.Step(at::tensor(ids, at::kLong).to(base_.device), rows);
     ASSERT_TRUE(got.ok()) << got.status();
     const at::Tensor all = got->to(at::kCPU).to(at::kDouble);
+    if (logits != nullptr) *logits = all;
     for (Reference* r : running) {
       const int64_t id = static_cast<int64_t>(r - refs_);
       auto want = DecodeStep(
@@ -239,6 +242,46 @@ TEST_F(SlotDecoderTest, GrowingAndANewBankKeepTheRunningRows) {
   }
 }
 
+// Steps of the leading slots only (Step's rows; the serving engine's light
+// load): the rows there match DecodeStep, a row past them keeps its logits
+// and position, and goes on where it was once the steps take its slot
+// again; a graph for each count of slots stepped.
+TEST_F(SlotDecoderTest, StepsOfTheLeadingSlotsLeaveTheRestAsTheyWere) {
+  EXPECT_EQ(StaticDecoder::StepRows(1, 128), 8);
+  EXPECT_EQ(StaticDecoder::StepRows(8, 128), 8);
+  EXPECT_EQ(StaticDecoder::StepRows(9, 128), 16);
+  EXPECT_EQ(StaticDecoder::StepRows(100, 128), 128);
+  EXPECT_EQ(StaticDecoder::StepRows(129, 256), 256);
+  EXPECT_EQ(StaticDecoder::StepRows(3, 4), 4);
+  EXPECT_EQ(StaticDecoder::StepRows(18, 20), 20);
+  const int64_t capacity = 8;
+  auto d = StaticDecoder::CreateSlots(base_, {20, capacity, 8}, true);
+  ASSERT_TRUE(d.ok()) << d.status();
+  refs_[0].prompt = {5, 9, 13, 2, 1};
+  refs_[0].adapter = 0;
+  refs_[1].prompt = {7, 1};
+  refs_[2].prompt = {30, 31, 32, 33, 34, 35, 36, 1};
+  refs_[2].adapter = 2;
+  for (int i = 0; i < 3; ++i) Prepare(refs_[i], capacity);
+  Admit(**d, refs_[0], 1);
+  Admit(**d, refs_[1], 3);
+  Admit(**d, refs_[2], 17);
+  at::Tensor before, after;
+  StepAll(**d, {&refs_[0], &refs_[1], &refs_[2]}, "every slot", 0, &before);
+  for (int i = 0; i < 3; ++i) {
+    StepAll(**d, {&refs_[0], &refs_[1]}, "the first 8 slots", 4, &after);
+  }
+  EXPECT_TRUE(at::equal(after[17], before[17])) << "slot 17 was stepped";
+  // Slot 17 goes on from its second step, the others from their fifth.
+  for (int i = 0; i < 2; ++i) {
+    StepAll(**d, {&refs_[0], &refs_[1], &refs_[2]}, "18 of 20 slots", 18);
+  }
+  EXPECT_EQ(refs_[2].steps, 3);
+  if (base_.device.is_cuda() && CudaGraphsCompiled()) {
+    EXPECT_EQ((*d)->graphs(), 2) << (*d)->graph_status();  // 20 and 8 slots
+  }
+}
+
 TEST_F(SlotDecoderTest, BadInputsAreErrors) {
   EXPECT_EQ(StaticDecoder::CreateSlots(base_, {0, 4, 4}, true).status().code(),
             absl::StatusCode::kInvalidArgument);
@@ -280,8 +323,20 @@ TEST_F(SlotDecoderTest, BadInputsAreErrors) {
             absl::StatusCode::kFailedPrecondition);
   // Nothing above changed the slots decoder: it still decodes.
   ASSERT_TRUE(sd.LoadRows({1}, refs_[0].enc, *none).ok());
-  auto step = sd.Step(at::full({2}, config_.decoder_start_token_id, at::kLong)
-                          .to(base_.device));
+  const at::Tensor starts =
+      at::full({2}, config_.decoder_start_token_id, at::kLong).to(base_.device);
+  // Steps of fewer slots than none or more than there are, also for a
+  // decoder without row slots.
+  EXPECT_EQ(sd.Step(starts, -1).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(sd.Step(starts, 3).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*shared)->Step(at::full({1}, config_.decoder_start_token_id,
+                                     at::kLong).to(base_.device), 2)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  auto step = sd.Step(starts);
   ASSERT_TRUE(step.ok()) << step.status();
 }
 
