@@ -120,9 +120,14 @@ enum class SlotDecoding {
 // 14,527-17,083 tok/s and 81-82 ms at 64 rows, holding 15.1-15.9 GB of
 // device memory against 8.6-9.4 GB (flan-t5-large, bf16); the 11 requests
 // whose ids differ part at near ties (top-2 gaps of 0-1 nats). Why not
-// 256: slower at 128 and at 256 streams (seventy-third session, H100, three
-// alternating runs each: 16,253-17,396 against 19,997-21,677 tok/s, and
-// 14,862-18,332 against 21,395-22,828). Smaller GPUs keep 32 rows' memory.
+// 256: slower at 128 and at 256 streams while every step stepped every
+// slot (seventy-third session, H100, three alternating runs each:
+// 16,253-17,396 against 19,997-21,677 tok/s, and 14,862-18,332 against
+// 21,395-22,828); with the steps of the running rows' slots only
+// (step_all_slots false) 256 slots at 128 streams ran 14,514 against
+// 13,141-13,762 tok/s (one run), 256 streams not yet measured (the
+// 256-row admission passes held the engine 4x longer there). Smaller GPUs
+// keep 32 rows' memory.
 int AutoBatchRows(int64_t device_memory_bytes);
 
 struct EngineOptions {
