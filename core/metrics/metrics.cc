@@ -313,6 +313,12 @@ void ServiceMetrics::Build() {
                             "each reading the picks of the step before on the device.")
                       .Register(reg)
                       .Add({});
+  step_slots_ = &prometheus::BuildHistogram()
+                     .Name("lorahub_engine_step_computed_rows")
+                     .Help("Row slots one decoding step of the row slots computed "
+                           "(up to the last running row, or all of them).")
+                     .Register(reg)
+                     .Add({}, BatchBuckets());
 
   auto& jobs = prometheus::BuildGauge()
                    .Name("lorahub_compose_jobs")
@@ -500,6 +506,10 @@ void ServiceMetrics::AddAdmittedRows(bool slots, int64_t rows) {
 
 void ServiceMetrics::AddStepsAhead(int64_t steps) {
   if (steps > 0) steps_ahead_->Increment(static_cast<double>(steps));
+}
+
+void ServiceMetrics::ObserveStepSlots(int slots) {
+  if (slots >= 0) step_slots_->Observe(slots);
 }
 
 void ServiceMetrics::AddEngineBusySeconds(EnginePhase phase, double seconds) {

@@ -171,6 +171,11 @@ class ServiceMetrics {
   // (lorahub_engine_steps_ahead_total; EngineOptions::steps_ahead).
   // Negative counts ignored.
   void AddStepsAhead(int64_t steps);
+  // Row slots one decoding step of the row slots computed
+  // (lorahub_engine_step_computed_rows): up to the last running row, rounded up to
+  // a power of two from 8, or every slot (--step-all-slots). Against
+  // lorahub_batch_size_rows, what steps compute for no row. Negative ignored.
+  void ObserveStepSlots(int slots);
 
   // --- Compose jobs ----------------------------------------------------
   // A job moved `from` -> `to`: lorahub_compose_job_transitions_total{state=to}
@@ -251,6 +256,7 @@ class ServiceMetrics {
   std::array<prometheus::Counter*, 4> admission_{};    // by AdmissionPart
   std::array<prometheus::Counter*, 2> admitted_rows_{};  // eager, slots
   prometheus::Counter* steps_ahead_ = nullptr;
+  prometheus::Histogram* step_slots_ = nullptr;
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};

@@ -856,9 +856,13 @@ struct InferenceEngine::State {
   // memory with an event after them.
   absl::Status LaunchStep(const at::Tensor& ids, std::vector<uint64_t> serials) {
     LaunchedStep step;
-    LH_ASSIGN_OR_RETURN(step.logits,
-                        slot_decoder->Step(ids, SlotsToStep(
-                                                    serials, engine->options_.step_all_slots)));
+    const int64_t rows = SlotsToStep(serials, engine->options_.step_all_slots);
+    LH_ASSIGN_OR_RETURN(step.logits, slot_decoder->Step(ids, rows));
+    if (metrics()) {
+      const int64_t slots = slot_decoder->batch_size();
+      metrics()->ObserveStepSlots(static_cast<int>(
+          rows == 0 ? slots : model::StaticDecoder::StepRows(rows, slots)));
+    }
     step.serials = std::move(serials);
     model::GreedyInto into;
     into.device = slot_decoder->IdsBuffer();

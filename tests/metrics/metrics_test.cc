@@ -195,6 +195,17 @@ TEST_F(ServiceMetricsTest, TokensAndBatchSize) {
   EXPECT_THAT(FindValue(s, "lorahub_batch_size_rows_sum", {}), Optional(71.0));
 }
 
+TEST_F(ServiceMetricsTest, StepSlots) {
+  for (int slots : {8, 8, 32, 128, -1}) metrics_->ObserveStepSlots(slots);
+  auto s = Scrape();
+  EXPECT_THAT(FindValue(s, "lorahub_engine_step_computed_rows_count", {}), Optional(4.0));
+  EXPECT_THAT(FindValue(s, "lorahub_engine_step_computed_rows_sum", {}), Optional(176.0));
+  EXPECT_THAT(FindValue(s, "lorahub_engine_step_computed_rows_bucket", {{"le", "8"}}),
+              Optional(2.0));
+  EXPECT_THAT(FindValue(s, "lorahub_engine_step_computed_rows_bucket", {{"le", "64"}}),
+              Optional(3.0));
+}
+
 TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   for (int i = 0; i < 3; ++i) {
     metrics_->RecordJobTransition(JobState::kNone, JobState::kQueued);
@@ -407,6 +418,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_engine_admission_seconds_total",
                        "lorahub_engine_admitted_rows_total",
                        "lorahub_engine_steps_ahead_total",
+                       "lorahub_engine_step_computed_rows",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_jobs_deleted_total",

@@ -397,6 +397,7 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.ObserveQueueTime(0.002);
   m.AddGeneratedTokens(10);
   m.ObserveBatchSize(4);
+  m.ObserveStepSlots(8);
   m.AddAdapterSlotLoads(2);
   m.AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
   m.AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kEncoder, 0.25);

@@ -895,6 +895,51 @@ TEST_P(EngineBatchTest, LogprobsAreTheModelsAtEachToken) {
   }
 }
 
+// Two requests in 32 row slots: every step steps the first 8 slots (the
+// slots up to the last running row, rounded up), or all 32 with
+// step_all_slots; each request gives its tokens alone either way
+// (lorahub_engine_step_computed_rows says what the steps computed).
+TEST_F(EngineTest, StepsTakeTheSlotsUpToTheLastRunningRow) {
+  double count = 0, sum = 0;
+  for (bool all : {false, true}) {
+    EngineOptions o;
+    o.slot_decoding = SlotDecoding::kAlways;
+    o.max_batch_rows = 32;
+    o.step_all_slots = all;
+    auto engine = Start(o);
+    ASSERT_TRUE(engine);
+    DecodingParams p;
+    p.max_new_tokens = 6;
+    const AdapterSpec spec{{"m0"}, {}};
+    std::vector<std::shared_ptr<Result>> results;
+    for (int i = 0; i < 2; ++i) {
+      results.push_back(std::make_shared<Result>());
+      ASSERT_TRUE(engine->Submit(Make(Unpadded(i), spec, p, results.back())).ok());
+    }
+    for (int i = 0; i < 2; ++i) {
+      GenerateOutcome out = results[i]->done.get_future().get();
+      ASSERT_TRUE(out.status.ok()) << out.status;
+      ExpectTokensAlone(Unpadded(i), spec, p, out.output_ids,
+                        (all ? "every slot, request " : "request ") +
+                            std::to_string(i));
+    }
+    engine.reset();
+    double now_count = -1, now_sum = -1;
+    for (const auto& family : registry_->Collect()) {
+      if (family.name != "lorahub_engine_step_computed_rows") continue;
+      ASSERT_EQ(family.metric.size(), 1u);
+      now_count = static_cast<double>(family.metric[0].histogram.sample_count);
+      now_sum = family.metric[0].histogram.sample_sum;
+    }
+    const double steps = now_count - count;
+    EXPECT_GE(steps, 6) << (all ? "every slot" : "running rows' slots");
+    EXPECT_EQ(now_sum - sum, (all ? 32 : 8) * steps)
+        << (all ? "every slot" : "running rows' slots");
+    count = now_count;
+    sum = now_sum;
+  }
+}
+
 // Rows whose lengths would take the row slots' decoder over
 // slot_decoder_bytes decode eagerly; the others still take slots, and every
 // request gives its tokens alone.
