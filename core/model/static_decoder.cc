@@ -592,6 +592,7 @@ absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved,
 }
 
 int64_t StaticDecoder::StepRows(int64_t rows, int64_t slots) {
+  if (rows == 0) return slots;
   int64_t n = kMinStepRows;
   while (n < rows) n *= 2;
   return std::min(n, slots);
@@ -608,7 +609,7 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids,
         "static decoder: a step of ", rows, " rows among ", batch_,
         row_slots_ ? " row slots" : " rows (all or none: no row slots)"));
   }
-  const int64_t stepped = rows == 0 ? batch_ : StepRows(rows, batch_);
+  const int64_t stepped = StepRows(rows, batch_);
   absl::Status s = CheckIndex(ids, batch_, "ids");
   if (!s.ok()) return s;
   try {

@@ -137,9 +137,9 @@ class StaticDecoder {
   // or, without row slots, rows other than 0 or batch_size().
   absl::StatusOr<at::Tensor> Step(const at::Tensor& ids, int64_t rows = 0);
 
-  // The slots a Step of `rows` (1 to slots) steps among `slots`: the next
+  // The slots a Step of `rows` (0 to slots) steps among `slots`: the next
   // power of two from kMinStepRows, at most `slots` (at most twice the rows,
-  // and log2(slots / 8) + 1 graphs).
+  // and log2(slots / 8) + 1 graphs); every slot for 0.
   static constexpr int64_t kMinStepRows = 8;
   static int64_t StepRows(int64_t rows, int64_t slots);
 

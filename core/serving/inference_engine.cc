@@ -859,9 +859,8 @@ struct InferenceEngine::State {
     const int64_t rows = SlotsToStep(serials, engine->options_.step_all_slots);
     LH_ASSIGN_OR_RETURN(step.logits, slot_decoder->Step(ids, rows));
     if (metrics()) {
-      const int64_t slots = slot_decoder->batch_size();
       metrics()->ObserveStepSlots(static_cast<int>(
-          rows == 0 ? slots : model::StaticDecoder::StepRows(rows, slots)));
+          model::StaticDecoder::StepRows(rows, slot_decoder->batch_size())));
     }
     step.serials = std::move(serials);
     model::GreedyInto into;

@@ -254,6 +254,7 @@ TEST_F(SlotDecoderTest, StepsOfTheLeadingSlotsLeaveTheRestAsTheyWere) {
   EXPECT_EQ(StaticDecoder::StepRows(129, 256), 256);
   EXPECT_EQ(StaticDecoder::StepRows(3, 4), 4);
   EXPECT_EQ(StaticDecoder::StepRows(18, 20), 20);
+  EXPECT_EQ(StaticDecoder::StepRows(0, 20), 20);  // every slot
   const int64_t capacity = 8;
   auto d = StaticDecoder::CreateSlots(base_, {20, capacity, 8}, true);
   ASSERT_TRUE(d.ok()) << d.status();
