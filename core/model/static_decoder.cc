@@ -95,14 +95,9 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::Create(
     return absl::InternalError(
         absl::StrCat("static decoder: ", e.what_without_backtrace()));
   }
-  if (!weights.device.is_cuda()) {
-    d->graph_status_ = "not a CUDA device";
-  } else if (!options.cuda_graph) {
-    d->graph_status_ = "disabled";
-  } else {
-    d->capturing_ = true;
-    d->TryCapture(B);
-  }
+  d->cuda_graph_ = options.cuda_graph;
+  d->AllowCaptures();
+  if (d->capturing_) d->TryCapture(B);
   return d;
 }
 
@@ -118,7 +113,6 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::CreateSlots(
     d->w_ = &weights;
     d->row_slots_ = true;
     d->cuda_graph_ = cuda_graph;
-    d->needs_capture_ = true;
     d->capacity_ = shape.capacity;
     d->rows_.slots = at::zeros(
         {shape.rows}, at::TensorOptions().dtype(at::kLong).device(dev));
@@ -134,7 +128,20 @@ absl::StatusOr<std::unique_ptr<StaticDecoder>> StaticDecoder::CreateSlots(
         absl::StrCat("static decoder: ", e.what_without_backtrace()));
   }
   d->graph_status_ = "not captured yet";
+  d->AllowCaptures();
   return d;
+}
+
+void StaticDecoder::AllowCaptures() {
+  graphs_.clear();
+  capturing_ = false;
+  if (!w_->device.is_cuda()) {
+    graph_status_ = "not a CUDA device";
+  } else if (!cuda_graph_) {
+    graph_status_ = "disabled";
+  } else {
+    capturing_ = true;
+  }
 }
 
 int64_t StaticDecoder::SlotBytes(const T5Weights& weights,
@@ -319,13 +326,12 @@ absl::Status StaticDecoder::Grow(int64_t capacity, int64_t encoder_length) {
                  cross_bias_.options());
     cross_bias.narrow(3, 0, keys).copy_(cross_bias_);
     at::Tensor self_bias = SelfBias(C);
-    graphs_.clear();  // they read the old buffers
+    AllowCaptures();  // the graphs read the old buffers
     self_kv_ = std::move(self_kv);
     cross_kv_ = std::move(cross_kv);
     cross_bias_ = std::move(cross_bias);
     self_bias_ = std::move(self_bias);
     capacity_ = C;
-    needs_capture_ = true;
     return absl::OkStatus();
   } catch (const c10::Error& e) {
     return absl::InternalError(
@@ -420,8 +426,7 @@ absl::Status StaticDecoder::SetAdapterBank(const AdapterBank* bank) {
     }
   }
   if (bank == rows_.bank && layout == bank_layout_) return absl::OkStatus();
-  graphs_.clear();
-  needs_capture_ = true;
+  AllowCaptures();  // the graphs read the old bank
   rows_.bank = bank;
   rows_.all_rows = false;  // free slots and rows without adapters: mask 0
   rows_.uniform_slot = -1;
@@ -614,16 +619,6 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids,
   if (!s.ok()) return s;
   try {
     if (!ids.is_same(tokens_)) tokens_.copy_(ids);
-    if (needs_capture_) {
-      needs_capture_ = false;
-      if (!w_->device.is_cuda()) {
-        graph_status_ = "not a CUDA device";
-      } else if (!cuda_graph_) {
-        graph_status_ = "disabled";
-      } else {
-        capturing_ = true;
-      }
-    }
     if (capturing_ && graphs_.count(stepped) == 0) TryCapture(stepped);
     bool done = false;
     const auto graph = graphs_.find(stepped);

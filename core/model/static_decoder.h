@@ -225,6 +225,10 @@ class StaticDecoder {
   // steps against eager ones; leaves the positions and tokens as they were.
   // A failure clears graphs_ and ends the captures (graph_status_ says why).
   void TryCapture(int64_t rows);
+  // Drops the graphs; captures are on again (each count of rows at its
+  // next step) unless the device or cuda_graph_ rules them out, which
+  // graph_status_ then says.
+  void AllowCaptures();
   // Two replayed and two eager steps of `rows` slots from `saved`.
   absl::Status CheckGraphAgainstEager(const SavedState& saved,
                                       CapturedGraph& graph, int64_t rows);
@@ -233,9 +237,8 @@ class StaticDecoder {
 
   const T5Weights* w_ = nullptr;
   bool row_slots_ = false;  // CreateSlots: t_ is [B], one position per row
-  bool cuda_graph_ = true;  // CreateSlots: capture at the next Step
-  bool needs_capture_ = false;
-  bool capturing_ = false;  // counts of rows without a graph capture one
+  bool cuda_graph_ = true;  // false: never capture
+  bool capturing_ = false;  // a count of rows without a graph captures one
   std::vector<intptr_t> bank_layout_;  // SetAdapterBank's bank, as captured
   RowAdapters rows_;  // slots/mask are this decoder's own buffers
   int64_t batch_ = 0;
