@@ -23,19 +23,12 @@ grep -q -- "--admission-graph-tokens must be in \[0, 65536\]" "$tmp/err" || fail
 
 # --step-all-slots reaches the engine (its sizes line), then a clean stop.
 mkdir -p "$tmp/all_slots"
-"$lorahub" serve --model "$case_dir/model" --data-dir "$tmp/all_slots" \
-  --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --shutdown-grace-s 0 \
-  --step-all-slots >"$tmp/all_slots.out" 2>"$tmp/all_slots.err" &
-all_slots_pid=$!
-for _ in $(seq 300); do
-  grep -q '^metrics listening on' "$tmp/all_slots.out" && break
-  kill -0 "$all_slots_pid" 2>/dev/null || break
-  sleep 0.1
-done
+start_server --model "$case_dir/model" --data-dir "$tmp/all_slots" \
+  --shutdown-grace-s 0 --step-all-slots
 grep -q "lorahub serve: cpu: .* batch rows, slot decoder up to .* bytes, steps of every slot" \
-  "$tmp/all_slots.err" || fail "--step-all-slots: $(cat "$tmp/all_slots.err")"
-kill -TERM "$all_slots_pid"
-wait "$all_slots_pid" || fail "--step-all-slots: exit code $?"
+  "$tmp/err" || fail "--step-all-slots: no sizes line saying so"
+kill -TERM "$pid"
+wait "$pid" || fail "--step-all-slots: exit code $?"
 
 start_server --model "$case_dir/model" --data-dir "$tmp" --max-batch-rows 8 \
   --module-load-threads 2 --admission-graph-tokens 4096

@@ -859,6 +859,38 @@ TEST(RunShrinkTest, MatchesDoubleAndDeclines) {
 // (LoraPackedRunDeltas, runs of 1 to 75 tokens), against double on the
 // CPU. Tables that do not fit decline and write nothing; elsewhere than
 // CUDA every call declines.
+// y plus a slot table's deltas, in double on the CPU: for each run s, its
+// rows rows_of(., s) of y and x (both [rows, columns]) get
+// sum_k mask[s] scales_k[slot] (x a[slot]_k^T) b_k[slot]^T over the sites k
+// of `bank` (rank r each, A side by side), slot = slot_of[s].
+template <typename RowsOf>
+at::Tensor SlotTableWant(const at::Tensor& y, const at::Tensor& x,
+                         const RunCase& bank, int64_t r,
+                         const std::vector<int64_t>& slot_of,
+                         const std::vector<float>& mask_of,
+                         const RowsOf& rows_of) {
+  const auto cpu = [](const at::Tensor& t) {
+    return t.to(at::kCPU).to(at::kDouble);
+  };
+  at::Tensor want = cpu(y);
+  const at::Tensor x64 = cpu(x);
+  for (size_t s = 0; s < slot_of.size(); ++s) {
+    const int64_t run = static_cast<int64_t>(s);
+    const int64_t slot = slot_of[s];
+    const at::Tensor xs = rows_of(x64, run);
+    for (size_t k = 0; k < bank.sites.size(); ++k) {
+      const LoraRunSite& site = bank.sites[k];
+      const double scale = mask_of[s] * site.scales[slot].item<double>();
+      const at::Tensor xa = at::matmul(
+          xs, cpu(bank.a[slot].narrow(0, static_cast<int64_t>(k) * r, r)).t());
+      rows_of(want, run)
+          .narrow(-1, site.col, site.b.size(1))
+          .add_(at::matmul(xa, cpu(site.b[slot]).t()) * scale);
+    }
+  }
+  return want;
+}
+
 TEST(LoraRunDeltasTest, SlotTableRunsTakeTheirBankSlots) {
   at::manual_seed(35);
   const bool cuda = Device().is_cuda() && FusedKernelsEnabled();
@@ -872,29 +904,9 @@ TEST(LoraRunDeltasTest, SlotTableRunsTakeTheirBankSlots) {
   }
   LoraRunSlots table{at::tensor(slot_of, at::kLong).to(Device()),
                      at::tensor(mask_of, at::kFloat).to(Device())};
-  const auto cpu = [](const at::Tensor& t) {
-    return t.to(at::kCPU).to(at::kDouble);
-  };
-  // y[s] += sum_k mask[s] scales_k[slot] (x[s] a[slot]_k^T) b_k[slot]^T for
-  // the rows rows_of(s) of y and x (both [rows, columns]).
   const auto want_of = [&](const at::Tensor& y, const at::Tensor& x,
                            const auto& rows_of) {
-    at::Tensor want = cpu(y);
-    for (int64_t s = 0; s < runs; ++s) {
-      const int64_t slot = slot_of[s];
-      const at::Tensor xs = cpu(rows_of(x, s));
-      for (int64_t k = 0; k < kSites; ++k) {
-        const LoraRunSite& site = bank.sites[k];
-        const double scale =
-            mask_of[s] * site.scales[slot].item<double>();
-        const at::Tensor xa =
-            at::matmul(xs, cpu(bank.a[slot].narrow(0, k * kRank, kRank)).t());
-        rows_of(want, s)
-            .narrow(-1, site.col, site.b.size(1))
-            .add_(at::matmul(xa, cpu(site.b[slot]).t()) * scale);
-      }
-    }
-    return want;
+    return SlotTableWant(y, x, bank, kRank, slot_of, mask_of, rows_of);
   };
   {  // padded: [runs, 37, ...]
     RunCase c = MakeRunCase(runs, 37, kIn, kSites, kRank);
@@ -988,9 +1000,6 @@ TEST(LoraRunDeltasTest, SlotTablePackedRunsOnTheTensorCores) {
   const at::Tensor dev_starts = at::tensor(starts, at::kInt).to(Device());
   LoraRunSlots table{at::tensor(slot_of, at::kLong).to(Device()),
                      at::tensor(mask_of, at::kFloat).to(Device())};
-  const auto cpu = [](const at::Tensor& t) {
-    return t.to(at::kCPU).to(at::kDouble);
-  };
   for (int sites : {1, 2}) {
     const std::string where = std::to_string(sites) + " sites";
     RunCase bank = MakeRunCase(kBank, 1, kIn, sites, kRank);
@@ -1007,23 +1016,11 @@ TEST(LoraRunDeltasTest, SlotTablePackedRunsOnTheTensorCores) {
     const at::Tensor y = wide.narrow(2, 8, 50 * sites);
     const at::Tensor x = at::randn({1, N, kIn}, F32());
     const at::Tensor before = wide.clone();
-    at::Tensor want = cpu(y[0]);
-    const at::Tensor x64 = cpu(x[0]);
-    for (int64_t s = 0; s < kRuns; ++s) {
-      if (lengths[s] == 0) continue;
-      const int64_t slot = slot_of[s];
-      const at::Tensor xa =
-          at::matmul(x64.narrow(0, starts[s], lengths[s]), cpu(bank.a[slot]).t());
-      for (int k = 0; k < sites; ++k) {
-        const LoraRunSite& site = bank.sites[k];
-        const double scale = mask_of[s] * site.scales[slot].item<double>();
-        want.narrow(0, starts[s], lengths[s])
-            .narrow(1, site.col, site.b.size(1))
-            .add_(at::matmul(xa.narrow(1, k * kRank, kRank),
-                             cpu(site.b[slot]).t()) *
-                  scale);
-      }
-    }
+    const at::Tensor want = SlotTableWant(
+        y[0], x[0], bank, kRank, slot_of, mask_of,
+        [&](const at::Tensor& t, int64_t s) {
+          return t.narrow(0, starts[s], lengths[s]);
+        });
     const bool ran = LoraPackedRunDeltas(y, x, bank.a, bank.sites, 1.0,
                                          dev_starts, kLongest, at::Tensor(),
                                          &table);
