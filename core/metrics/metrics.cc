@@ -272,6 +272,18 @@ void ServiceMetrics::Build() {
                      .Help("Rows (sequences) in one batched engine step.")
                      .Register(reg)
                      .Add({}, BatchBuckets());
+  graph_captures_ = &prometheus::BuildCounter()
+                         .Name("lorahub_engine_graph_captures_total")
+                         .Help("CUDA graphs the engine threads captured (a shape's "
+                               "first pass: warm-ups, capture, check).")
+                         .Register(reg)
+                         .Add({});
+  graph_capture_seconds_ = &prometheus::BuildCounter()
+                                .Name("lorahub_engine_graph_capture_seconds_total")
+                                .Help("Seconds the engine threads spent capturing CUDA "
+                                      "graphs.")
+                                .Register(reg)
+                                .Add({});
   adapter_slot_loads_ =
       &prometheus::BuildCounter()
            .Name("lorahub_adapter_slot_loads_total")
@@ -510,6 +522,11 @@ void ServiceMetrics::AddStepsAhead(int64_t steps) {
 
 void ServiceMetrics::ObserveStepSlots(int slots) {
   if (slots >= 0) step_slots_->Observe(slots);
+}
+
+void ServiceMetrics::AddGraphCaptures(int64_t captures, double seconds) {
+  if (captures > 0) graph_captures_->Increment(static_cast<double>(captures));
+  if (seconds > 0 && std::isfinite(seconds)) graph_capture_seconds_->Increment(seconds);
 }
 
 void ServiceMetrics::AddEngineBusySeconds(EnginePhase phase, double seconds) {

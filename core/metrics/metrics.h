@@ -176,6 +176,12 @@ class ServiceMetrics {
   // a power of two from 8, or every slot (--step-all-slots). Against
   // lorahub_batch_size_rows, what steps compute for no row. Negative ignored.
   void ObserveStepSlots(int slots);
+  // CUDA graphs an engine thread captured (a static encoder's or decoder's
+  // first pass of a shape: warm-ups, capture, check) and the seconds they
+  // held it: lorahub_engine_graph_captures_total and
+  // lorahub_engine_graph_capture_seconds_total. Negative or non-finite
+  // values ignored.
+  void AddGraphCaptures(int64_t captures, double seconds);
 
   // --- Compose jobs ----------------------------------------------------
   // A job moved `from` -> `to`: lorahub_compose_job_transitions_total{state=to}
@@ -257,6 +263,8 @@ class ServiceMetrics {
   std::array<prometheus::Counter*, 2> admitted_rows_{};  // eager, slots
   prometheus::Counter* steps_ahead_ = nullptr;
   prometheus::Histogram* step_slots_ = nullptr;
+  prometheus::Counter* graph_captures_ = nullptr;
+  prometheus::Counter* graph_capture_seconds_ = nullptr;
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};

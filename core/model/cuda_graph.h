@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -51,6 +52,43 @@ class CapturedGraph {
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::Device device, const std::function<absl::Status()>& body,
     int warmup = 2, const std::function<void()>& before_capture = nullptr);
+
+// The graph captures this thread has made so far, and the seconds they held
+// it: each first pass of a static encoder's or decoder's shape (its warm-up
+// runs, the capture and the check against an eager pass; ScopedCaptureTally
+// in their TryCapture). Why: a capture holds its thread for tens of
+// milliseconds (flan-t5-large on an H100: ~1.5 s of a fresh server's first
+// round of 512 requests went to first-time costs, seventy-fourth session),
+// so the serving engine reports them (lorahub_engine_graph_captures_total).
+// Per thread: each engine counts its own thread's.
+struct GraphCaptureTally {
+  int64_t captures = 0;
+  double seconds = 0;
+};
+inline GraphCaptureTally& ThisThreadGraphCaptures() {
+  static thread_local GraphCaptureTally tally;
+  return tally;
+}
+
+// Adds one capture, and the time from its construction to its end, to the
+// thread's tally.
+class ScopedCaptureTally {
+ public:
+  ScopedCaptureTally() = default;
+  ~ScopedCaptureTally() {
+    GraphCaptureTally& t = ThisThreadGraphCaptures();
+    ++t.captures;
+    t.seconds += std::chrono::duration<double>(
+                     std::chrono::steady_clock::now() - start_)
+                     .count();
+  }
+  ScopedCaptureTally(const ScopedCaptureTally&) = delete;
+  ScopedCaptureTally& operator=(const ScopedCaptureTally&) = delete;
+
+ private:
+  const std::chrono::steady_clock::time_point start_ =
+      std::chrono::steady_clock::now();
+};
 
 // Total memory of a CUDA device in bytes; 0 for any other device or in a
 // CPU build.

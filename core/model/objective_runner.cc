@@ -209,6 +209,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     run->graph_status_ = "disabled";
   } else {
     ObjectiveRunner* self = run.get();
+    const ScopedCaptureTally tally;
     auto graph = CaptureCudaGraph(
         device, [self]() { return self->Evaluate(); }, /*warmup=*/2,
         [self]() {

@@ -500,6 +500,7 @@ void StaticDecoder::ResetState() {
 }
 
 void StaticDecoder::TryCapture(int64_t rows) {
+  const ScopedCaptureTally tally;
   // CaptureCudaGraph runs the body twice eagerly (warm-up), captures it once
   // and replays it once: the warm-ups restart from the positions and tokens
   // of now so that t never passes the capacity, and the captured body must
@@ -619,7 +620,16 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids,
   if (!s.ok()) return s;
   try {
     if (!ids.is_same(tokens_)) tokens_.copy_(ids);
-    if (capturing_ && graphs_.count(stepped) == 0) TryCapture(stepped);
+    if (capturing_ && graphs_.count(stepped) == 0) {
+      if (capture_every_count_ && row_slots_) {
+        // From the fewest slots up; a failed capture ends the captures.
+        for (int64_t r = 1; r <= batch_ && capturing_; r = StepRows(r, batch_) + 1) {
+          if (graphs_.count(StepRows(r, batch_)) == 0) TryCapture(StepRows(r, batch_));
+        }
+      } else {
+        TryCapture(stepped);
+      }
+    }
     bool done = false;
     const auto graph = graphs_.find(stepped);
     if (graph != graphs_.end()) {

@@ -143,6 +143,14 @@ class StaticDecoder {
   static constexpr int64_t kMinStepRows = 8;
   static int64_t StepRows(int64_t rows, int64_t slots);
 
+  // Row slots: true makes the step that captures a graph capture one for
+  // every count of slots a Step may step (StepRows), not only its own, so
+  // that later steps of other counts replay at once. Why: each capture holds
+  // the caller tens of milliseconds, which a server otherwise pays at
+  // whatever load first steps that many rows. A Grow or a new bank drops
+  // the graphs; the next Step captures every count again.
+  void set_capture_every_count(bool every) { capture_every_count_ = every; }
+
   // The buffer Step() reads its ids from ([B] int64 on the device): ids
   // written here by the stream's last work before Step(ids = this buffer)
   // are not copied again (greedy decoding's tokens, GreedyInto::device).
@@ -239,6 +247,7 @@ class StaticDecoder {
   bool row_slots_ = false;  // CreateSlots: t_ is [B], one position per row
   bool cuda_graph_ = true;  // false: never capture
   bool capturing_ = false;  // a count of rows without a graph captures one
+  bool capture_every_count_ = false;  // set_capture_every_count
   std::vector<intptr_t> bank_layout_;  // SetAdapterBank's bank, as captured
   RowAdapters rows_;  // slots/mask are this decoder's own buffers
   int64_t batch_ = 0;

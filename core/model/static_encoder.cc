@@ -116,6 +116,7 @@ absl::Status StaticEncoder::Body(EncoderOutput& out) {
 }
 
 void StaticEncoder::TryCapture() {
+  const ScopedCaptureTally tally;
   // The warm-ups' outputs are dropped before the capture, so that nothing
   // allocated outside the graph is freed while capturing; what the captured
   // run stores in out_ lives in the graph's private memory.

@@ -213,6 +213,7 @@ absl::Status StaticPackedEncoder::Body(PackedEncoding& out, bool device_only) {
 }
 
 void StaticPackedEncoder::TryCapture(const PackedInput& input) {
+  const ScopedCaptureTally tally;
   // The warm-ups' outputs are dropped before the capture, so that nothing
   // allocated outside the graph is freed while capturing.
   auto graph = CaptureCudaGraph(

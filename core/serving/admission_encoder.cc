@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
+
 #include "core/model/projection.h"
 #include "core/util/status_macros.h"
 
@@ -56,11 +58,24 @@ absl::StatusOr<model::EncoderOutput> AdmissionEncoder::Encode(
     }
     bank_ = rows.bank;
     bank_layout_ = bank_layout;
+    made_every_[1] = false;
   }
   LH_ASSIGN_OR_RETURN(model::PackedInput input, model::PackRows(prompts, w_.device));
   const model::RowAdapters table = model::SlotTableRows(rows);
-  const std::pair<int64_t, bool> key{BucketTokens(input.rows.host_starts.back()),
-                                     rows.bank != nullptr};
+  const bool with_bank = rows.bank != nullptr;
+  if (options_.capture_every_bucket && !made_every_[with_bank]) {
+    LH_RETURN_IF_ERROR(MakeEveryBucket(table));
+    made_every_[with_bank] = true;
+  }
+  LH_ASSIGN_OR_RETURN(
+      model::StaticPackedEncoder * encoder,
+      EncoderOf({BucketTokens(input.rows.host_starts.back()), with_bank}, table));
+  ++passes_;
+  return encoder->Run(input, table);
+}
+
+absl::StatusOr<model::StaticPackedEncoder*> AdmissionEncoder::EncoderOf(
+    std::pair<int64_t, bool> key, const model::RowAdapters& table) {
   auto it = encoders_.find(key);
   if (it == encoders_.end()) {
     model::PackedBucket bucket;
@@ -74,8 +89,51 @@ absl::StatusOr<model::EncoderOutput> AdmissionEncoder::Encode(
                         model::StaticPackedEncoder::Create(w_, bucket, table, o));
     it = encoders_.emplace(key, std::move(made)).first;
   }
-  ++passes_;
-  return it->second->Run(input, table);
+  return it->second.get();
+}
+
+std::vector<int64_t> AdmissionEncoder::Buckets() const {
+  // A bucket takes the passes of more tokens than the bucket below it.
+  const int64_t reach = options_.max_rows * kLongestRow;
+  std::vector<int64_t> buckets;
+  for (int64_t below = 0, t = BucketTokens(1);
+       t <= options_.max_tokens && below < reach; below = t, t = BucketTokens(t + 1)) {
+    buckets.push_back(t);
+  }
+  return buckets;
+}
+
+absl::Status AdmissionEncoder::MakeEveryBucket(const model::RowAdapters& table) {
+  const bool with_bank = table.bank != nullptr;
+  for (int64_t tokens : Buckets()) {
+    if (encoders_.count({tokens, with_bank}) > 0) continue;
+    // Rows of kLongestRow pad tokens up to the bucket's tokens (fewer
+    // where max_rows rows cannot fill it: the pass still takes it).
+    std::vector<std::vector<int64_t>> prompts;
+    for (int64_t left = tokens; left > 0 &&
+                                static_cast<int64_t>(prompts.size()) < options_.max_rows;
+         left -= kLongestRow) {
+      prompts.emplace_back(static_cast<size_t>(std::min(left, kLongestRow)),
+                           w_.config.pad_token_id);
+    }
+    try {
+      model::RowAdapters placeholder = table;
+      if (with_bank) {
+        const auto n = static_cast<int64_t>(prompts.size());
+        placeholder.slots = at::zeros({n}, table.slots.options());
+        placeholder.mask = at::zeros({n, 1, 1}, table.mask.options());
+      }
+      LH_ASSIGN_OR_RETURN(model::PackedInput input,
+                          model::PackRows(prompts, w_.device));
+      LH_ASSIGN_OR_RETURN(model::StaticPackedEncoder * encoder,
+                          EncoderOf({tokens, with_bank}, placeholder));
+      LH_RETURN_IF_ERROR(encoder->Run(input, placeholder).status());
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat(
+          "admission encoder: placeholder pass: ", e.what_without_backtrace()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 int64_t AdmissionEncoder::encoders() const {

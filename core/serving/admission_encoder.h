@@ -44,6 +44,16 @@ struct AdmissionEncoderOptions {
   int64_t max_rows = 64;       // rows of a pass, at most (the row slots)
   int64_t max_tokens = 8192;   // tokens of a pass, at most
   bool cuda_graph = true;      // false: the buckets' passes run eagerly
+  // true: the first pass with or without a bank (and the first after the
+  // bank or its layout changed) makes the encoder of every bucket a pass
+  // may take, each captured through a pass of placeholder rows, instead of
+  // each bucket at its own first pass. Why: a capture holds the engine
+  // thread tens of milliseconds, and with mixed lengths the buckets kept
+  // turning up for rounds: a fresh server's rounds of 512 requests at 128
+  // streams ran 0.586, 0.536 and 0.495 s, its device memory growing each
+  // round (seventy-fourth session, H100). The cost: one pass holds the
+  // thread for all of them, and every bucket's working set is kept.
+  bool capture_every_bucket = false;
 };
 
 class AdmissionEncoder {
@@ -78,6 +88,10 @@ class AdmissionEncoder {
       const std::vector<std::vector<int64_t>>& prompts,
       const model::RowAdapters& rows, int64_t bank_layout);
 
+  // The token buckets a pass may take: those up to max_tokens that some
+  // pass of at most max_rows rows of kLongestRow tokens reaches.
+  std::vector<int64_t> Buckets() const;
+
   int64_t encoders() const;  // buckets made (with and without a bank)
   int64_t graphs() const;    // of them, replaying a graph now
   int64_t passes() const { return passes_; }
@@ -87,11 +101,22 @@ class AdmissionEncoder {
   const AdmissionEncoderOptions options_;
   const model::AdapterBank* bank_ = nullptr;  // the encoders' bank
   int64_t bank_layout_ = -1;
+  // capture_every_bucket: whether every bucket was made, without and with
+  // the bank.
+  bool made_every_[2] = {false, false};
   // By (bucket tokens, with a bank).
   std::map<std::pair<int64_t, bool>,
            std::unique_ptr<model::StaticPackedEncoder>>
       encoders_;
   int64_t passes_ = 0;
+
+  // The encoder of bucket `key`, made (its capture waits for its first
+  // pass) where there is none; `table`: the rows' slot table.
+  absl::StatusOr<model::StaticPackedEncoder*> EncoderOf(
+      std::pair<int64_t, bool> key, const model::RowAdapters& table);
+  // capture_every_bucket: a pass of placeholder rows (pad tokens, every
+  // adapter masked) through each bucket without an encoder.
+  absl::Status MakeEveryBucket(const model::RowAdapters& table);
 };
 
 }  // namespace lorahub::serving

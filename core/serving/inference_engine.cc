@@ -257,6 +257,8 @@ struct InferenceEngine::State {
                          e->weights_->device)),
         per_row_cross_rows(UseOn(e->options_.per_row_cross_rows,
                                  "LORAHUB_SERVE_PER_ROW_CROSS", e->weights_->device)),
+        captures_ahead(UseOn(e->options_.captures_ahead,
+                             "LORAHUB_SERVE_CAPTURES_AHEAD", e->weights_->device)),
         packed_token_multiple(RowsMultiple(e->options_.admission_rows_multiple,
                                            "LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE",
                                            e->weights_->device, 64)),
@@ -278,6 +280,7 @@ struct InferenceEngine::State {
       o.max_rows = e->options_.max_batch_rows;
       o.max_tokens = e->options_.admission_graph_tokens;
       o.cuda_graph = w.device.is_cuda();
+      o.capture_every_bucket = captures_ahead;
       // A/B: LORAHUB_SERVE_PACKED_ROWS=N bounds the buckets' rows (passes of
       // more rows run eagerly); LORAHUB_SERVE_PACKED_NO_GRAPH=1 runs the
       // buckets without their graphs. (They placed the ids that 256 rows
@@ -342,6 +345,7 @@ struct InferenceEngine::State {
   std::unique_ptr<model::StaticDecoder> slot_decoder;
   const bool slot_mixes;  // EngineOptions::slot_mixes
   const bool per_row_cross_rows;  // EngineOptions::per_row_cross_rows
+  const bool captures_ahead;      // EngineOptions::captures_ahead
   // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
   std::unique_ptr<model::StaticEncoderPool> admission_encoders;
   // EngineOptions::packed_admission_graphs: the row slots' newcomers'
@@ -680,6 +684,7 @@ struct InferenceEngine::State {
     }
     LH_ASSIGN_OR_RETURN(slot_decoder, model::StaticDecoder::CreateSlots(
                                           w, shape, /*cuda_graph=*/true));
+    slot_decoder->set_capture_every_count(captures_ahead);
     slot_bank_synced = -1;
     slot_rows.assign(static_cast<size_t>(shape.rows), std::nullopt);
     slot_tokens.assign(static_cast<size_t>(shape.rows), w.config.pad_token_id);
@@ -1607,6 +1612,9 @@ void InferenceEngine::Loop() {
                         " over ", packed->encoders(), " buckets (",
                         packed->graphs(), " replaying graphs)");
       }
+      const model::GraphCaptureTally& captures = model::ThisThreadGraphCaptures();
+      absl::StrAppend(&out, "; graph captures ", captures.captures, " in ",
+                      absl::SixDigits(captures.seconds), " s");
       return out;
     }
     const State& s;
@@ -1655,8 +1663,20 @@ void InferenceEngine::Loop() {
     metrics_->SetDeviceMemoryUsedBytes(
         options_.device_name, model::DeviceMemoryAllocated(weights_->device).reserved);
   };
+  // lorahub_engine_graph_captures_total and its seconds: this thread's
+  // captures (model::ThisThreadGraphCaptures) since the last look.
+  model::GraphCaptureTally captures_noted = model::ThisThreadGraphCaptures();
+  const auto note_captures = [&] {
+    const model::GraphCaptureTally& now = model::ThisThreadGraphCaptures();
+    if (metrics_ && now.captures != captures_noted.captures) {
+      metrics_->AddGraphCaptures(now.captures - captures_noted.captures,
+                                 now.seconds - captures_noted.seconds);
+    }
+    captures_noted = now;
+  };
   for (;;) {
     note_memory(false);
+    note_captures();
     std::vector<Queued> incoming;
     std::optional<Queued> solo;
     std::shared_ptr<DeviceWork> device_work;

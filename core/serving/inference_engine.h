@@ -273,6 +273,24 @@ struct EngineOptions {
   // streams); true keeps the steps' row counts, and so their rounding,
   // whatever the load. LORAHUB_SERVE_ALL_SLOTS=1 sets true (A/B runs).
   bool step_all_slots = false;
+  // Where CUDA graphs are captured for every shape at once, when the first
+  // of them is met (kOff/kCuda/kAlways as for slot_decoding): the packed
+  // admissions' token buckets up to admission_graph_tokens (at the first
+  // pass with a bank layout; AdmissionEncoderOptions::capture_every_bucket)
+  // and the row slots' step counts (at the first step after the decoder is
+  // made, grown or given a new bank;
+  // StaticDecoder::set_capture_every_count); kOff: each shape at its own
+  // first use. Why: each capture holds the engine thread tens of
+  // milliseconds, and with mixed lengths new shapes kept turning up for
+  // rounds after a warm-up: a fresh server's rounds of 512 own compositions
+  // of mixed lengths at 128 streams ran 0.586, 0.536 and 0.495 s after a
+  // warm-up round of 1.8 s, at 256 streams 0.672, 0.533 and 0.392 s (the
+  // last with encoder passes of 0.011 s of the thread against 0.110-0.167;
+  // seventy-fourth session, H100). The cost: the first admission and step
+  // hold the thread for every capture at once, and every bucket's working
+  // set stays on the device. lorahub serve --lazy-graph-captures sets kOff;
+  // LORAHUB_SERVE_CAPTURES_AHEAD=off|cuda|always overrides this (A/B runs).
+  SlotDecoding captures_ahead = SlotDecoding::kCuda;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes

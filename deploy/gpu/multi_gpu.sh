@@ -26,6 +26,7 @@
 # ref_lorahub.py when missing), BIN (default .gpu/build/bin), DTYPE (bf16),
 # DEVICE_SETS, GEN_REQUESTS (1024), GEN_TOKENS (32), GEN_CONC (128),
 # GEN_CLIENT (load|procs), MAX_ROWS (64), JOBS (16), BUDGET (40), PY (python3),
+# GEN_ROUNDS (1: measured gen rounds, one after another; the table takes the last),
 # WEIGHT_JITTER (load's --weight-jitter: every request its own composition),
 # LENGTH_SPREAD (load's --length-spread S: request lengths from GEN_TOKENS down to
 # (1 - S) of it, mixed; the rounds' token counts then fall below requests x GEN_TOKENS),
@@ -230,19 +231,29 @@ for set in $device_sets; do
     done
     say "   $nmods modules prefetched [$((SECONDS - start)) s]"
   fi
+  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_before_$ndev" 2>>"$log"
   read -r wt ws wf _ _ < <(gen_round "${WARM_REQUESTS:-$gen_conc}" "$tmp/warm_$ndev")
   say "   warm-up: $wt tokens in $ws s ($wf failed)"
+  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_after_$ndev" 2>>"$log"
+  engine=$("$py" deploy/gpu/round_metrics.py diff "$tmp/metrics_before_$ndev" \
+    "$tmp/metrics_after_$ndev" | sed "s/round's engine:/warm-up's engine:/")
+  [ -z "$engine" ] || say "$engine"
   read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")
   say "   warm-up jobs: $jf failed [$((SECONDS - start)) s]"
   gpu_snapshot "gen $set"
-  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_before_$ndev" 2>>"$log"
-  read -r gt gs gf gp50 gp99 < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
-  say "   gen: $gt tokens in $gs s ($gf failed), TTFT p50 $gp50 ms p99 $gp99 ms [$((SECONDS - start)) s]"
-  # The engine's counters over this round alone (its exit line counts the warm-up too).
-  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_after_$ndev" 2>>"$log"
-  engine=$("$py" deploy/gpu/round_metrics.py diff "$tmp/metrics_before_$ndev" \
-    "$tmp/metrics_after_$ndev")
-  [ -z "$engine" ] || say "$engine"
+  # GEN_ROUNDS measured rounds of the same requests, one after another (are
+  # the first-time costs gone after the warm-up?); the table takes the last.
+  for round in $(seq 1 "${GEN_ROUNDS:-1}"); do
+    "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_before_$ndev" 2>>"$log"
+    rm -rf "$tmp/gen_$ndev"
+    read -r gt gs gf gp50 gp99 < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
+    say "   gen: $gt tokens in $gs s ($gf failed), TTFT p50 $gp50 ms p99 $gp99 ms [$((SECONDS - start)) s]"
+    # The engine's counters over this round alone (its exit line counts the warm-up too).
+    "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_after_$ndev" 2>>"$log"
+    engine=$("$py" deploy/gpu/round_metrics.py diff "$tmp/metrics_before_$ndev" \
+      "$tmp/metrics_after_$ndev")
+    [ -z "$engine" ] || say "$engine"
+  done
   # Every request's generated ids (gen_client load), for comparing runs.
   cp "$tmp/gen_$ndev/outputs.jsonl" "$out/outputs_$ndev.jsonl" 2>/dev/null
   gpu_snapshot "jobs $set"

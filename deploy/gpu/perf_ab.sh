@@ -74,7 +74,7 @@ fi
 # Only what this script runs: the CLI, make_task_data (NUMERICS) and the CUDA suites below
 # (about 190 of 300 build steps); the configure-time check that CTest has every Bazel test
 # still covers all of them.
-targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test tests_server_inference_engine_test tests_server_inference_engine_bf16_test $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
+targets="server_lorahub core_tasks_make_task_data tests_learn_lorahub_objective_test tests_server_inference_engine_test tests_server_inference_engine_bf16_test tests_server_admission_encoder_test $(grep -oE '^lorahub_cc_test\(tests_model_[a-z0-9_]+' \
   deploy/cmake/targets.cmake | cut -d'(' -f2 | tr '\n' ' ')"
 [ "${SERVE:-0}" = 1 ] && targets="$targets client_lorahubctl"
 if [ "${SERVE_ONLY:-0}" = 1 ]; then
@@ -93,7 +93,7 @@ head -3 "$work/build/slowest_steps.txt" 2>/dev/null  # what bounds the build's w
 lorahub=.gpu/build/bin/server/lorahub
 [ -n "${TESTS_ONLY:-}" ] || [ -x "$lorahub" ] || { grep -E -m 20 -A6 'error|FAILED' "$work/build.log"; tail -30 "$work/build.log"; exit 1; }
 # The suites that honour LORAHUB_TEST_DEVICE.
-cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_(bf16_)?test'
+cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_(bf16_)?test|admission_encoder_test'
 [ -n "${TESTS_ONLY:-}" ] && cuda_suites="^($(echo $TESTS_ONLY | tr ' ' '|'))\$"
 # TESTS_ONLY keeps every test's output in ctest.log, passed or not (-V: what a passing test
 # prints, e.g. a diagnostic's figures, was lost in the fifty-fifth session's call 2).
@@ -242,7 +242,7 @@ if [ "${SERVE:-0}" = 1 ]; then
     stamp "serve $tag $*"
     env "$@" OUT="$work/serve_$tag" FIXTURE="$fx" DEVICE_SETS="${SERVE_DEVICES:-cuda:0}" \
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
-      timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E "^\| cuda|gen:|round's engine:|device memory|jobs:|failed|did not|prefetched"
+      timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E "^\| cuda|gen:|warm-up|round's engine:|device memory|jobs:|failed|did not|prefetched|lorahub serve:"
     grep -h "lorahub engine" "$work/serve_$tag/multi_gpu.log"
     # SERVE_PROFILE=1 in a run's variables: where its generation round's time went.
     cat "$work/serve_$tag/trace_1.md" 2>/dev/null

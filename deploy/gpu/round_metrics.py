@@ -68,11 +68,14 @@ def diff(before_path, after_path):
         'lorahub_engine_admitted_rows_total{path="eager"}')
     print("   round's engine: admissions %.3f s (adapters %.3f, slot loads %.3f, "
           "encoder passes %.3f, decoder rows %.3f; %d rows admitted), steps %.3f s "
-          "(%d queued ahead of admissions), emitting %.3f s; %d tokens" % (
+          "(%d queued ahead of admissions), emitting %.3f s; %d tokens; %d graph captures "
+          "(%.3f s)" % (
               busy("admit"), part("adapters"), part("slot_loads"), part("encoder"),
               part("decoder_rows"), rows, busy("step"),
               grew("lorahub_engine_steps_ahead_total"), busy("emit"),
-              grew("lorahub_generated_tokens_total")))
+              grew("lorahub_generated_tokens_total"),
+              grew("lorahub_engine_graph_captures_total"),
+              grew("lorahub_engine_graph_capture_seconds_total")))
 
 
 def main(argv):

@@ -168,7 +168,7 @@ int RunServe(int argc, char** argv) {
                  "tls-cert", "tls-key", "tls-client-ca", "tls-refresh-s", "auth-token-file",
                  "job-retention-s", "profile-out",
                  "config"},
-                {"step-all-slots"}};
+                {"step-all-slots", "lazy-graph-captures"}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
   if (args->Has("config")) {
@@ -279,6 +279,12 @@ int RunServe(int argc, char** argv) {
   // Every decoding step over every row slot, so that the steps' rounding
   // does not change with the load (EngineOptions::step_all_slots).
   eo.step_all_slots = args->Has("step-all-slots");
+  // Each CUDA graph captured at its shape's first use rather than every
+  // shape at once (EngineOptions::captures_ahead): less device memory, the
+  // captures' costs spread over the first rounds of traffic.
+  if (args->Has("lazy-graph-captures")) {
+    eo.captures_ahead = serving::SlotDecoding::kOff;
+  }
   // Rows per scoring pass of a compose job (ComposeWorkerOptions::max_rows).
   // Its passes run on the engine's thread between decoding steps, so this is
   // also how long a generate request may wait for the device: larger passes
@@ -402,10 +408,13 @@ int RunServe(int argc, char** argv) {
     // The sizes the engine chose where their flags were unset.
     std::fprintf(stderr,
                  "lorahub serve: %s: %d batch rows, slot decoder up to %lld bytes, "
-                 "steps of %s\n",
+                 "steps of %s, CUDA graphs captured %s\n",
                  d.c_str(), (*engine)->options().max_batch_rows,
                  static_cast<long long>((*engine)->options().slot_decoder_bytes),
-                 (*engine)->options().step_all_slots ? "every slot" : "the running rows' slots");
+                 (*engine)->options().step_all_slots ? "every slot" : "the running rows' slots",
+                 (*engine)->options().captures_ahead == serving::SlotDecoding::kOff
+                     ? "at each shape's first use"
+                     : "for every shape at once");
     ctx->engines.push_back(*std::move(engine));
   }
   // Only ctx and the engines hold the host tier from here on, so it goes

@@ -4,6 +4,7 @@
 #include "core/metrics/metrics.h"
 
 #include <cmath>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -204,6 +205,17 @@ TEST_F(ServiceMetricsTest, StepSlots) {
               Optional(2.0));
   EXPECT_THAT(FindValue(s, "lorahub_engine_step_computed_rows_bucket", {{"le", "64"}}),
               Optional(3.0));
+}
+
+TEST_F(ServiceMetricsTest, GraphCaptures) {
+  metrics_->AddGraphCaptures(3, 0.25);
+  metrics_->AddGraphCaptures(2, 0.5);
+  metrics_->AddGraphCaptures(-1, -1.0);  // ignored
+  metrics_->AddGraphCaptures(0, std::numeric_limits<double>::quiet_NaN());
+  auto s = Scrape();
+  EXPECT_THAT(FindValue(s, "lorahub_engine_graph_captures_total", {}), Optional(5.0));
+  EXPECT_THAT(FindValue(s, "lorahub_engine_graph_capture_seconds_total", {}),
+              Optional(0.75));
 }
 
 TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
@@ -419,6 +431,8 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_engine_admitted_rows_total",
                        "lorahub_engine_steps_ahead_total",
                        "lorahub_engine_step_computed_rows",
+                       "lorahub_engine_graph_captures_total",
+                       "lorahub_engine_graph_capture_seconds_total",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_jobs_deleted_total",

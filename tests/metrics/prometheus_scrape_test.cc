@@ -398,6 +398,7 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.AddGeneratedTokens(10);
   m.ObserveBatchSize(4);
   m.ObserveStepSlots(8);
+  m.AddGraphCaptures(2, 0.1);
   m.AddAdapterSlotLoads(2);
   m.AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
   m.AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kEncoder, 0.25);

@@ -283,6 +283,30 @@ TEST_F(SlotDecoderTest, StepsOfTheLeadingSlotsLeaveTheRestAsTheyWere) {
   }
 }
 
+// set_capture_every_count: the first step captures a graph for each count
+// of slots a step may take (8, 16 and 20 of 20), and the steps of any count
+// after it match DecodeStep as above.
+TEST_F(SlotDecoderTest, CapturingEveryCountAtTheFirstStepKeepsTheSteps) {
+  const int64_t capacity = 8;
+  auto d = StaticDecoder::CreateSlots(base_, {20, capacity, 8}, true);
+  ASSERT_TRUE(d.ok()) << d.status();
+  (*d)->set_capture_every_count(true);
+  refs_[0].prompt = {5, 9, 13, 2, 1};
+  refs_[0].adapter = 0;
+  refs_[1].prompt = {30, 31, 32, 33, 34, 35, 36, 1};
+  refs_[1].adapter = 2;
+  for (int i = 0; i < 2; ++i) Prepare(refs_[i], capacity);
+  Admit(**d, refs_[0], 1);
+  StepAll(**d, {&refs_[0]}, "the first 8 slots", 1);
+  const bool graphs = base_.device.is_cuda() && CudaGraphsCompiled();
+  if (graphs) EXPECT_EQ((*d)->graphs(), 3) << (*d)->graph_status();
+  Admit(**d, refs_[1], 17);
+  for (int i = 0; i < 3; ++i) {
+    StepAll(**d, {&refs_[0], &refs_[1]}, "18 of 20 slots", 18);
+  }
+  if (graphs) EXPECT_EQ((*d)->graphs(), 3) << (*d)->graph_status();
+}
+
 TEST_F(SlotDecoderTest, BadInputsAreErrors) {
   EXPECT_EQ(StaticDecoder::CreateSlots(base_, {0, 4, 4}, true).status().code(),
             absl::StatusCode::kInvalidArgument);

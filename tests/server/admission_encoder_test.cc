@@ -41,6 +41,31 @@ TEST(AdmissionEncoderTest, BucketsAreStepsOf64ThenAnEighthOfThePowerOfTwo) {
   EXPECT_EQ(buckets, 23);
 }
 
+// Buckets(): those up to max_tokens that passes of max_rows rows of 128
+// tokens reach.
+TEST(AdmissionEncoderTest, BucketsThatThePassesReach) {
+  const auto buckets = [](int64_t rows, int64_t tokens) {
+    AdmissionEncoderOptions o;
+    o.max_rows = rows;
+    o.max_tokens = tokens;
+    model::T5Weights w;
+    return AdmissionEncoder(w, o).Buckets();
+  };
+  const std::vector<int64_t> to512 = {128, 192, 256, 320, 384, 448, 512};
+  EXPECT_EQ(buckets(4, 8192), to512);
+  EXPECT_EQ(buckets(3, 8192), std::vector<int64_t>(to512.begin(), to512.begin() + 5));
+  // 1,000 tokens: not the bucket of 1,024.
+  std::vector<int64_t> to896 = to512;
+  to896.insert(to896.end(), {640, 768, 896});
+  EXPECT_EQ(buckets(128, 1000), to896);
+  // 5 rows reach 640 tokens: 577 to 640 of them land in its bucket.
+  to896.resize(8);
+  EXPECT_EQ(buckets(5, 8192), to896);
+  EXPECT_EQ(buckets(64, 8192).size(), 23u);
+  EXPECT_EQ(buckets(128, 8192).back(), 8192);
+  EXPECT_TRUE(buckets(128, 100).empty());
+}
+
 class AdmissionEncoderBankTest : public ::testing::TestWithParam<at::ScalarType> {
  protected:
   void SetUp() override {
@@ -132,6 +157,40 @@ TEST_P(AdmissionEncoderBf16Test, KeepsAnEncoderPerBucketWhileTheBankStays) {
   EXPECT_EQ(enc.encoders(), 2);
   EXPECT_EQ(enc.passes(), 5);
   if (!base_.device.is_cuda()) EXPECT_EQ(enc.graphs(), 0);
+}
+
+// capture_every_bucket: the first pass with a bank (and the first without)
+// makes every bucket's encoder, each through a pass of placeholder rows,
+// and again after the bank's layout changes; a pass's outputs are those of
+// an encoder whose buckets are made at their own first pass.
+TEST_P(AdmissionEncoderBf16Test, MakesEveryBucketAtTheFirstPass) {
+  AdmissionEncoderOptions o;
+  o.max_rows = 4;
+  o.max_tokens = 512;
+  AdmissionEncoder lazy(base_, o);
+  o.capture_every_bucket = true;
+  AdmissionEncoder every(base_, o);
+  const int64_t buckets = static_cast<int64_t>(every.Buckets().size());
+  ASSERT_EQ(buckets, 7);
+  const auto same = [&](const std::vector<int64_t>& lengths,
+                        const model::RowAdapters& rows, int64_t layout) {
+    auto want = lazy.Encode(Prompts(lengths), rows, layout);
+    auto got = every.Encode(Prompts(lengths), rows, layout);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(at::equal(got->hidden, want->hidden));
+    EXPECT_TRUE(at::equal(got->mask_bias, want->mask_bias));
+  };
+  same({5, 100, 128}, Rows({0, 1, -1}), 1);
+  EXPECT_EQ(every.encoders(), buckets);
+  EXPECT_EQ(lazy.encoders(), 1);
+  same({20, 3}, Rows({1, 1}), 1);
+  same({20}, model::RowAdapters{}, 1);  // without a bank
+  EXPECT_EQ(every.encoders(), 2 * buckets);
+  same({20, 3}, Rows({0, 0}), 2);  // a new layout: the bank's are made again
+  EXPECT_EQ(every.encoders(), 2 * buckets);
+  EXPECT_EQ(every.passes(), 4);  // the placeholder passes are not counted
+  if (base_.device.is_cuda()) EXPECT_EQ(every.graphs(), 2 * buckets);
 }
 
 INSTANTIATE_TEST_SUITE_P(Bf16, AdmissionEncoderBf16Test,

@@ -335,6 +335,7 @@ struct BatchWay {
   model::EncoderGraph packed_graphs = model::EncoderGraph::kCuda;
   SlotDecoding slot_mixes = SlotDecoding::kCuda;
   SlotDecoding per_row_cross = SlotDecoding::kOff;
+  SlotDecoding captures_ahead = SlotDecoding::kCuda;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
@@ -349,6 +350,7 @@ class EngineBatchTest : public EngineTest,
     o.packed_admission_graphs = GetParam().packed_graphs;
     o.slot_mixes = GetParam().slot_mixes;
     o.per_row_cross_rows = GetParam().per_row_cross;
+    o.captures_ahead = GetParam().captures_ahead;
     return o;
   }
 };
@@ -505,6 +507,12 @@ INSTANTIATE_TEST_SUITE_P(
                  "RowSlotsPackedGraphs", EngineOptions::kAutoStepsAhead,
                  EngineOptions::kAutoRowsMultiple,
                  model::EncoderGraph::kAlways},
+        // The same with every token bucket made at the first pass, through
+        // placeholder rows (EngineOptions::captures_ahead).
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
+                 "RowSlotsPackedGraphsAhead", EngineOptions::kAutoStepsAhead,
+                 EngineOptions::kAutoRowsMultiple, model::EncoderGraph::kAlways,
+                 SlotDecoding::kCuda, SlotDecoding::kOff, SlotDecoding::kAlways},
         // Compositions computed straight into their slots from the modules
         // (AdapterCache::Mix, SlotBank::AcquireMix), eagerly and in row
         // slots (the default on a GPU, where every way takes them).
