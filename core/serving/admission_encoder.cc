@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -64,8 +67,18 @@ absl::StatusOr<model::EncoderOutput> AdmissionEncoder::Encode(
   const model::RowAdapters table = model::SlotTableRows(rows);
   const bool with_bank = rows.bank != nullptr;
   if (options_.capture_every_bucket && !made_every_[with_bank]) {
-    LH_RETURN_IF_ERROR(MakeEveryBucket(table));
+    // A bucket that cannot be made ahead (e.g. out of device memory) is
+    // left to its own first pass, as without capture_every_bucket.
     made_every_[with_bank] = true;
+    if (absl::Status s = MakeEveryBucket(table); !s.ok()) {
+      static std::atomic<bool> logged{false};
+      if (!logged.exchange(true)) {
+        std::fprintf(stderr,
+                     "lorahub: admission encoder buckets not made ahead (%s); "
+                     "each is made at its first pass\n",
+                     std::string(s.message()).c_str());
+      }
+    }
   }
   LH_ASSIGN_OR_RETURN(
       model::StaticPackedEncoder * encoder,

@@ -52,7 +52,9 @@ struct AdmissionEncoderOptions {
   // turning up for rounds: a fresh server's rounds of 512 requests at 128
   // streams ran 0.586, 0.536 and 0.495 s, its device memory growing each
   // round (seventy-fourth session, H100). The cost: one pass holds the
-  // thread for all of them, and every bucket's working set is kept.
+  // thread for all of them, and every bucket's working set is kept. A
+  // bucket that fails to be made there (logged once) waits for its own
+  // first pass.
   bool capture_every_bucket = false;
 };
 
@@ -115,7 +117,8 @@ class AdmissionEncoder {
   absl::StatusOr<model::StaticPackedEncoder*> EncoderOf(
       std::pair<int64_t, bool> key, const model::RowAdapters& table);
   // capture_every_bucket: a pass of placeholder rows (pad tokens, every
-  // adapter masked) through each bucket without an encoder.
+  // adapter masked) through each bucket without an encoder; stops at the
+  // first error.
   absl::Status MakeEveryBucket(const model::RowAdapters& table);
 };
 
