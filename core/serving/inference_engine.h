@@ -288,9 +288,11 @@ struct EngineOptions {
   // last with encoder passes of 0.011 s of the thread against 0.110-0.167;
   // seventy-fourth session, H100). The cost: the first admission and step
   // hold the thread for every capture at once, and every bucket's working
-  // set stays on the device. lorahub serve --lazy-graph-captures sets kOff;
+  // set stays on the device. Off until measured on a GPU (written in the
+  // seventy-fourth session, whose device calls after the first could not
+  // start). lorahub serve --capture-graphs-ahead sets kCuda;
   // LORAHUB_SERVE_CAPTURES_AHEAD=off|cuda|always overrides this (A/B runs).
-  SlotDecoding captures_ahead = SlotDecoding::kCuda;
+  SlotDecoding captures_ahead = SlotDecoding::kOff;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes

@@ -168,7 +168,7 @@ int RunServe(int argc, char** argv) {
                  "tls-cert", "tls-key", "tls-client-ca", "tls-refresh-s", "auth-token-file",
                  "job-retention-s", "profile-out",
                  "config"},
-                {"step-all-slots", "lazy-graph-captures"}};
+                {"step-all-slots", "capture-graphs-ahead"}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
   if (args->Has("config")) {
@@ -279,11 +279,12 @@ int RunServe(int argc, char** argv) {
   // Every decoding step over every row slot, so that the steps' rounding
   // does not change with the load (EngineOptions::step_all_slots).
   eo.step_all_slots = args->Has("step-all-slots");
-  // Each CUDA graph captured at its shape's first use rather than every
-  // shape at once (EngineOptions::captures_ahead): less device memory, the
-  // captures' costs spread over the first rounds of traffic.
-  if (args->Has("lazy-graph-captures")) {
-    eo.captures_ahead = serving::SlotDecoding::kOff;
+  // Every shape's CUDA graph captured at once, at the first admission and
+  // step, rather than each at its shape's first use
+  // (EngineOptions::captures_ahead): no captures later in the traffic, at
+  // the cost of every admission bucket's working set on the device.
+  if (args->Has("capture-graphs-ahead")) {
+    eo.captures_ahead = serving::SlotDecoding::kCuda;
   }
   // Rows per scoring pass of a compose job (ComposeWorkerOptions::max_rows).
   // Its passes run on the engine's thread between decoding steps, so this is
