@@ -8,8 +8,10 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -122,14 +124,39 @@ class StaticDecoderTest
   EncoderOutput enc_;
 };
 
+// A ScopedCaptureTally adds one capture and its time to its own thread's
+// tally only.
+TEST(GraphCaptureTallyTest, CountsTheCallingThreadsScopesOnly) {
+  const GraphCaptureTally before = ThisThreadGraphCaptures();
+  {
+    const ScopedCaptureTally tally;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  GraphCaptureTally other;
+  std::thread([&other] {
+    { const ScopedCaptureTally a; }
+    { const ScopedCaptureTally b; }
+    other = ThisThreadGraphCaptures();
+  }).join();
+  EXPECT_EQ(other.captures, 2);
+  const GraphCaptureTally after = ThisThreadGraphCaptures();
+  EXPECT_EQ(after.captures, before.captures + 1);
+  EXPECT_GE(after.seconds - before.seconds, 0.002);
+  EXPECT_LT(after.seconds - before.seconds, 10.0);
+}
+
 TEST_P(StaticDecoderTest, StepLogitsEqualDecodeStep) {
   const int64_t capacity = 6;
   auto cache = InitDecoderCache(base_, enc_, rows_, capacity);
   ASSERT_TRUE(cache.ok()) << cache.status();
   StaticDecoderOptions so;
   so.capacity = capacity;
+  const int64_t captures = ThisThreadGraphCaptures().captures;
   auto sd = StaticDecoder::Create(base_, enc_, rows_, so);
   ASSERT_TRUE(sd.ok()) << sd.status();
+  // The one capture (on CUDA) is this thread's (ScopedCaptureTally).
+  EXPECT_EQ(ThisThreadGraphCaptures().captures,
+            captures + ((*sd)->graph_active() ? 1 : 0));
   if (!base_.device.is_cuda()) {
     EXPECT_FALSE((*sd)->graph_active());
     EXPECT_EQ((*sd)->graph_status(), "not a CUDA device");
