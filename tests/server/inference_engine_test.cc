@@ -948,6 +948,38 @@ TEST_F(EngineTest, StepsTakeTheSlotsUpToTheLastRunningRow) {
   }
 }
 
+// captures_ahead: the first admission's packed pass makes every token
+// bucket that 4 rows reach (7, up to 512 tokens; as the engine's exit line
+// counts them), where without it only the bucket it needs; the request gives
+// its tokens alone either way.
+TEST_F(EngineTest, CapturesAheadMakeEveryAdmissionBucketAtTheFirstPass) {
+  for (SlotDecoding ahead : {SlotDecoding::kOff, SlotDecoding::kAlways}) {
+    const bool on = ahead == SlotDecoding::kAlways;
+    EngineOptions o;
+    o.slot_decoding = SlotDecoding::kAlways;
+    o.packed_admission_graphs = model::EncoderGraph::kAlways;
+    o.captures_ahead = ahead;
+    o.max_batch_rows = 4;
+    ::testing::internal::CaptureStderr();
+    auto engine = Start(o);
+    ASSERT_TRUE(engine);
+    DecodingParams p;
+    p.max_new_tokens = 4;
+    const AdapterSpec spec;  // no adapter: packed in fp32 too
+    auto result = std::make_shared<Result>();
+    ASSERT_TRUE(engine->Submit(Make(Unpadded(0), spec, p, result)).ok());
+    GenerateOutcome out = result->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    ExpectTokensAlone(Unpadded(0), spec, p, out.output_ids, on ? "ahead" : "lazy");
+    engine.reset();  // the exit line
+    const std::string log = ::testing::internal::GetCapturedStderr();
+    EXPECT_NE(log.find(on ? "packed admission passes 1 over 7 buckets"
+                          : "packed admission passes 1 over 1 buckets"),
+              std::string::npos)
+        << log;
+  }
+}
+
 // Rows whose lengths would take the row slots' decoder over
 // slot_decoder_bytes decode eagerly; the others still take slots, and every
 // request gives its tokens alone.
