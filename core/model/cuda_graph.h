@@ -56,8 +56,8 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
 // The graph captures this thread has made so far, and the seconds they held
 // it: each first pass of a static encoder's or decoder's shape (its warm-up
 // runs, the capture and the check against an eager pass; ScopedCaptureTally
-// in their TryCapture). Why: a capture holds its thread for milliseconds to
-// tens of them, and first-time costs, captures among them, slow a fresh
+// in their TryCapture). Why: a capture holds its thread for several passes'
+// time, and first-time costs, captures among them, slow a fresh
 // server (flan-t5-large on an H100: its first round of 512 requests ran
 // 1.8 s against 0.5-0.6 s for the rounds after; seventy-fourth session), so
 // the serving engine reports them (lorahub_engine_graph_captures_total).

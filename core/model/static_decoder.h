@@ -145,8 +145,9 @@ class StaticDecoder {
 
   // Row slots: true makes the step that captures a graph capture one for
   // every count of slots a Step may step (StepRows), not only its own, so
-  // that later steps of other counts replay at once. Why: each capture holds
-  // the caller tens of milliseconds, which a server otherwise pays at
+  // that later steps of other counts replay at once. Why: each capture
+  // (warm-up steps, the capture, a check against eager steps) holds the
+  // caller for several steps' time, which a server otherwise pays at
   // whatever load first steps that many rows. A Grow or a new bank drops
   // the graphs; the next Step captures every count again.
   void set_capture_every_count(bool every) { capture_every_count_ = every; }

@@ -47,8 +47,9 @@ struct AdmissionEncoderOptions {
   // true: the first pass with or without a bank (and the first after the
   // bank or its layout changed) makes the encoder of every bucket a pass
   // may take, each captured through a pass of placeholder rows, instead of
-  // each bucket at its own first pass. Why: a capture holds the engine
-  // thread tens of milliseconds, and with mixed lengths the buckets kept
+  // each bucket at its own first pass. Why: a capture (two warm-up passes,
+  // the capture, a check against an eager pass) holds the engine thread for
+  // several passes' time, and with mixed lengths the buckets kept
   // turning up for rounds: a fresh server's rounds of 512 requests at 128
   // streams ran 0.586, 0.536 and 0.495 s, its device memory growing each
   // round (seventy-fourth session, H100). The cost: one pass holds the

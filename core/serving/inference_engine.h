@@ -280,8 +280,8 @@ struct EngineOptions {
   // and the row slots' step counts (at the first step after the decoder is
   // made, grown or given a new bank;
   // StaticDecoder::set_capture_every_count); kOff: each shape at its own
-  // first use. Why: each capture holds the engine thread tens of
-  // milliseconds, and with mixed lengths new shapes kept turning up for
+  // first use. Why: each capture holds the engine thread for several
+  // passes' or steps' time, and with mixed lengths new shapes kept turning up for
   // rounds after a warm-up: a fresh server's rounds of 512 own compositions
   // of mixed lengths at 128 streams ran 0.586, 0.536 and 0.495 s after a
   // warm-up round of 1.8 s, at 256 streams 0.672, 0.533 and 0.392 s (the
