@@ -196,6 +196,20 @@ gpu_snapshot() {
       --format=csv,noheader | sed "s/^/   [$1] gpu /" >>"$log" ) &
 }
 
+# engine_mark before a round, engine_since LABEL after it: the engine's
+# counters over that round alone (its exit line counts every round), from the
+# metrics endpoint $mport of the server for $ndev devices.
+engine_mark() {
+  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_before_$ndev" 2>>"$log"
+}
+engine_since() {
+  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_after_$ndev" 2>>"$log"
+  local engine
+  engine=$("$py" deploy/gpu/round_metrics.py diff "$tmp/metrics_before_$ndev" \
+    "$tmp/metrics_after_$ndev" | sed "s/round's engine:/$1's engine:/")
+  [ -z "$engine" ] || say "$engine"
+}
+
 results=$tmp/results
 : >"$results"
 for set in $device_sets; do
@@ -231,28 +245,21 @@ for set in $device_sets; do
     done
     say "   $nmods modules prefetched [$((SECONDS - start)) s]"
   fi
-  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_before_$ndev" 2>>"$log"
+  engine_mark
   read -r wt ws wf _ _ < <(gen_round "${WARM_REQUESTS:-$gen_conc}" "$tmp/warm_$ndev")
   say "   warm-up: $wt tokens in $ws s ($wf failed)"
-  "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_after_$ndev" 2>>"$log"
-  engine=$("$py" deploy/gpu/round_metrics.py diff "$tmp/metrics_before_$ndev" \
-    "$tmp/metrics_after_$ndev" | sed "s/round's engine:/warm-up's engine:/")
-  [ -z "$engine" ] || say "$engine"
+  engine_since warm-up
   read -r _ _ jf < <(jobs_round "$ndev" 5 "warm$ndev")
   say "   warm-up jobs: $jf failed [$((SECONDS - start)) s]"
   gpu_snapshot "gen $set"
   # GEN_ROUNDS measured rounds of the same requests, one after another (are
   # the first-time costs gone after the warm-up?); the table takes the last.
   for round in $(seq 1 "${GEN_ROUNDS:-1}"); do
-    "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_before_$ndev" 2>>"$log"
+    engine_mark
     rm -rf "$tmp/gen_$ndev"
     read -r gt gs gf gp50 gp99 < <(gen_round "$gen_requests" "$tmp/gen_$ndev")
     say "   gen: $gt tokens in $gs s ($gf failed), TTFT p50 $gp50 ms p99 $gp99 ms [$((SECONDS - start)) s]"
-    # The engine's counters over this round alone (its exit line counts the warm-up too).
-    "$py" deploy/gpu/round_metrics.py scrape "$mport" "$tmp/metrics_after_$ndev" 2>>"$log"
-    engine=$("$py" deploy/gpu/round_metrics.py diff "$tmp/metrics_before_$ndev" \
-      "$tmp/metrics_after_$ndev")
-    [ -z "$engine" ] || say "$engine"
+    engine_since round
   done
   # Every request's generated ids (gen_client load), for comparing runs.
   cp "$tmp/gen_$ndev/outputs.jsonl" "$out/outputs_$ndev.jsonl" 2>/dev/null
