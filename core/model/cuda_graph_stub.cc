@@ -8,13 +8,10 @@ namespace lorahub::model {
 
 bool CudaGraphsCompiled() { return false; }
 
-std::shared_ptr<GraphMemoryPool> MakeGraphMemoryPool() { return nullptr; }
-
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::Device device, const std::function<absl::Status()>& /*body*/,
     int /*warmup*/,
-    const std::function<void()>& /*before_capture*/,
-    const std::shared_ptr<GraphMemoryPool>& /*pool*/) {
+    const std::function<void()>& /*before_capture*/) {
   return absl::UnimplementedError(
       device.is_cuda() ? "CUDA graphs: this build has no CUDA support"
                        : "CUDA graphs need a CUDA device");

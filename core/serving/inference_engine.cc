@@ -290,9 +290,6 @@ struct InferenceEngine::State {
         o.max_rows = std::min<int64_t>(o.max_rows, std::max<int64_t>(*v, 1));
       }
       if (model::EnvFlag("LORAHUB_SERVE_PACKED_NO_GRAPH")) o.cuda_graph = false;
-      // A/B: LORAHUB_SERVE_PACKED_SHARED_POOL=1 gives the buckets' graphs
-      // one memory pool (AdmissionEncoderOptions::shared_graph_pool).
-      o.shared_graph_pool = model::EnvFlag("LORAHUB_SERVE_PACKED_SHARED_POOL");
       packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
     }
     if (slot_decoding && UseOn(e->options_.side_stream_admissions,
