@@ -281,18 +281,20 @@ struct EngineOptions {
   // made, grown or given a new bank;
   // StaticDecoder::set_capture_every_count); kOff: each shape at its own
   // first use. Why: each capture holds the engine thread for several
-  // passes' or steps' time, and with mixed lengths new shapes kept turning up for
-  // rounds after a warm-up: a fresh server's rounds of 512 own compositions
-  // of mixed lengths at 128 streams ran 0.586, 0.536 and 0.495 s after a
-  // warm-up round of 1.8 s, at 256 streams 0.672, 0.533 and 0.392 s (the
-  // last with encoder passes of 0.011 s of the thread against 0.110-0.167;
-  // seventy-fourth session, H100). The cost: the first admission and step
-  // hold the thread for every capture at once, and every bucket's working
-  // set stays on the device. Off until measured on a GPU (written in the
-  // seventy-fourth session, whose device calls after the first could not
-  // start). lorahub serve --capture-graphs-ahead sets kCuda;
+  // passes' or steps' time, and with mixed lengths new shapes keep turning
+  // up for rounds after a warm-up. Seventy-fifth session (H100, rounds of
+  // 512 own compositions of mixed lengths at 128 streams after a warm-up
+  // round, two servers each way): the three rounds ran 0.481-0.499,
+  // 0.396-0.398 and 0.390-0.399 s against 0.582-0.679, 0.401-0.645 and
+  // 0.436-0.459 s lazily (0-8 captures a round), their p99 time to first
+  // token 43-128 ms against 67-159 ms; at 256 streams 0.387-0.397 s each
+  // against 0.814, 0.550 and 0.437 s. The cost: the warm-up round ran
+  // 2.68-2.72 s against 1.75-1.79 s (its first admission and step hold the
+  // thread for every capture at once, 33 in 1.77 s), and every bucket's
+  // working set stays on the device: 20.4-21.6 GB against 14.3-16.9 GB.
+  // lorahub serve --lazy-graph-captures sets kOff;
   // LORAHUB_SERVE_CAPTURES_AHEAD=off|cuda|always overrides this (A/B runs).
-  SlotDecoding captures_ahead = SlotDecoding::kOff;
+  SlotDecoding captures_ahead = SlotDecoding::kCuda;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes
