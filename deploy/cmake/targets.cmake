@@ -3039,6 +3039,17 @@ lorahub_cc_test(tests_tokenizer_stream_decoder_test
   TIMEOUT 300
 )
 
+# ---- //tests/tools  (tests/tools/BUILD)
+
+# //tests/tools:serve_rounds_test (sh_test)
+lorahub_script_test(tests_tools_serve_rounds_test
+  TEST_NAME //tests/tools:serve_rounds_test
+  PACKAGE tests/tools
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/tools/serve_rounds_test.py
+  TIMEOUT 60
+)
+
 # ---- //tests/train  (tests/train/BUILD)
 
 # //tests/train:toy_data (cc_library)

@@ -22,6 +22,7 @@
 #     differ against those that do not (near ties differ at small margins; a fault at any).
 #     SERVE_PROFILE=1 among a run's variables: that server is profiled (multi_gpu.sh) and
 #     deploy/gpu/serve_trace.py's tables of its generation round are printed.
+#     Last, deploy/gpu/serve_rounds.py's table of every run's rounds (serve.log).
 # TESTS_ONLY="//tests/server:inference_engine_bf16_test ...": step 2 alone for those tests (built
 # alone; TEST_ENV as there), then stop: no fixture, bench or serve. The least device time for a
 # test change (about 200 s of build on an H100 host).
@@ -300,11 +301,15 @@ if m:
                                     min(differ) if differ else float("nan"), len(agree), median(agree)))
 PY
   }
-  serve_run main
   IFS=';' read -ra sruns <<<"${SERVE_ABS:-}"
-  for run in "${sruns[@]}"; do
-    read -ra words <<<"$run"
-    [ ${#words[@]} -gt 0 ] && serve_run "${words[@]}"
-  done
+  {
+    serve_run main
+    for run in "${sruns[@]}"; do
+      read -ra words <<<"$run"
+      [ ${#words[@]} -gt 0 ] && serve_run "${words[@]}"
+    done
+  } | tee "$work/serve.log"
+  # Every run's rounds in one table.
+  python3 deploy/gpu/serve_rounds.py "$work/serve.log"
 fi
 stamp done
