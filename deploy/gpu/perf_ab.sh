@@ -4,7 +4,8 @@
 #     in the background while deploy/gpu/build_and_test.sh builds (no tests there);
 #  2. the engine's CUDA suites (tests/model/*, the learning objective's, the serving engine's in fp32
 #     and in bf16) with
-#     LORAHUB_TEST_DEVICE=cuda:0 -> ctest.log (and with TEST_ENV="ENV=V ..." set -> ctest_env.log);
+#     LORAHUB_TEST_DEVICE=cuda:0 -> ctest.log (and with TEST_ENV="ENV=V ..." set -> ctest_env.log),
+#     and the tests that skipped on the device (the CUDA-only ones skip in CI, on the CPU);
 #  3. `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
 #     (profile*.json, the kernel tables in main.err), then same-build A/B runs;
 #  4. (SWEEP=1) tokens/s against batch size (--gen-sweep) -> sweep.json;
@@ -100,11 +101,20 @@ cuda_suites='^//tests/model:|lorahub_objective_test|inference_engine_(bf16_)?tes
 # prints, e.g. a diagnostic's figures, was lost in the fifty-fifth session's call 2).
 ctest_output=--output-on-failure
 [ -n "${TESTS_ONLY:-}" ] && ctest_output=-V
+# The tests that skipped on the device, from each suite's XML (GTEST_OUTPUT): the CUDA-only ones
+# skip on the CPU in CI, so this is where they must be seen to run.
+skipped_tests() {
+  local n
+  n=$(grep -ho '<testcase name="[^"]*"[^>]*result="skipped"[^>]*classname="[^"]*"' "$1"/*.xml 2>/dev/null |
+    sed -E 's/.*name="([^"]*)".*classname="([^"]*)".*/\2.\1/' | sort -u)
+  echo "   skipped on the device: $(printf '%s\n' "$n" | grep -c .)${n:+ ($(echo $n))}"
+}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 ctest "$ctest_output" \
+  (cd .gpu/build && LORAHUB_TEST_DEVICE=cuda:0 GTEST_OUTPUT="xml:$work/gtest/" ctest "$ctest_output" \
      -R "$cuda_suites") >"$work/ctest.log" 2>&1
   stamp "CUDA suites exit $?"
   grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest.log"
+  skipped_tests "$work/gtest"
   # The first failures' own words (ExpectTokensAlone's "token T is X (...) where alone it is Y").
   grep -E -A3 "Failure$" "$work/ctest.log" | head -40
   # TEST_ENV="ENV=V ...": the suites again with those variables set (a kernel variant behind an
@@ -112,10 +122,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # those (e.g. 'inference_engine_(bf16_)?test' for a serving switch).
   if [ -n "${TEST_ENV:-}" ]; then
     read -ra test_env <<<"$TEST_ENV"
-    (cd .gpu/build && env "${test_env[@]}" LORAHUB_TEST_DEVICE=cuda:0 ctest "$ctest_output" \
+    (cd .gpu/build && env "${test_env[@]}" LORAHUB_TEST_DEVICE=cuda:0 \
+       GTEST_OUTPUT="xml:$work/gtest_env/" ctest "$ctest_output" \
        -R "${TEST_ENV_SUITES:-$cuda_suites}") >"$work/ctest_env.log" 2>&1
     stamp "CUDA suites with $TEST_ENV exit $?"
     grep -E "tests passed|\(Failed\)|Timeout" "$work/ctest_env.log"
+    skipped_tests "$work/gtest_env"
   fi
 fi
 [ -n "${TESTS_ONLY:-}" ] && { stamp done; exit 0; }
