@@ -39,11 +39,29 @@ class CapturedGraph {
   virtual absl::Status Replay() = 0;
 };
 
+// Device memory that the graphs captured into it share (CaptureCudaGraph's
+// `pool`), instead of a private pool each: a capture reuses the memory that
+// the pool's earlier captures freed (their passes' intermediates), so the
+// pool holds about the largest graph's working set and every graph's kept
+// outputs rather than every graph's working set. Only for graphs that
+// replay one at a time on one stream and whose outputs are read (copied)
+// before another graph of the pool replays: a graph's replay may write
+// where another graph keeps its outputs. Why: the serving engine's
+// admission buckets (admission_encoder.h), up to 23 graphs of which one
+// replays at a time and each pass copies its output out at once.
+// Ownership: shared by the graphs captured into it (and its maker).
+// Thread-safety: graphs of one pool may be captured and destroyed on any
+// threads, replayed as above.
+class GraphMemoryPool;
+// A pool on CUDA devices; nullptr in a CPU build.
+std::shared_ptr<GraphMemoryPool> MakeGraphMemoryPool();
+
 // Runs `body` `warmup` times on a side stream of `device` (as CUDA graph
 // capture requires: lazy initialisation such as cuBLAS workspaces happens
 // outside the capture), then once more under capture. The tensors that the
 // captured run of `body` stores (e.g. into members) live in the graph's
-// private memory pool and stay valid while the returned graph lives.
+// memory pool (its private one, or `pool` where given) and stay valid while
+// the returned graph lives.
 // `before_capture` (may be empty) runs after the warm-up, e.g. to drop the
 // warm-up's outputs so that nothing allocated outside the graph is freed
 // during the capture. Unimplemented in a CPU build or for a non-CUDA device;
@@ -51,7 +69,8 @@ class CapturedGraph {
 // eagerly); a failing warm-up run returns its own error.
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::Device device, const std::function<absl::Status()>& body,
-    int warmup = 2, const std::function<void()>& before_capture = nullptr);
+    int warmup = 2, const std::function<void()>& before_capture = nullptr,
+    const std::shared_ptr<GraphMemoryPool>& pool = nullptr);
 
 // The graph captures this thread has made so far, and the seconds they held
 // it: each first pass of a static encoder's or decoder's shape (its warm-up
@@ -107,6 +126,11 @@ struct DeviceMemoryInUse {
 };
 DeviceMemoryInUse DeviceMemoryAllocated(c10::Device device);
 void ResetDevicePeakMemory(c10::Device device);
+// Returns the allocator's cached free blocks on a CUDA device to the device
+// (live graphs' pools stay), so that `reserved` above counts the tensors and
+// the graphs' pools only (tests that measure a graph's memory). No-op for
+// any other device or in a CPU build.
+void ReleaseCachedDeviceMemory(c10::Device device);
 
 // Waits until all work queued on `device` has finished (timing). No-op on
 // the CPU.

@@ -5,11 +5,15 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <map>
+#include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -18,10 +22,55 @@
 namespace lorahub::model {
 namespace {
 
+using PoolId =
+    std::decay_t<decltype(std::declval<at::cuda::CUDAGraph&>().pool())>;
+
+}  // namespace
+
+// The allocator's pool that the live graphs captured into this one share:
+// each holds a reference to it, and it is freed with the last of them (its
+// id cannot be captured into again: the next capture starts a new pool).
+class GraphMemoryPool {
+ public:
+  // The pool to capture into; {0, 0}: a new one.
+  PoolId id() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return graphs_ > 0 ? id_ : PoolId{0, 0};
+  }
+  // A graph captured into `id` (id() or, where that was {0, 0}, its new
+  // pool) lives from here until Leave.
+  void Join(PoolId id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (graphs_++ == 0) id_ = id;
+  }
+  void Leave() {
+    std::lock_guard<std::mutex> lock(mu_);
+    --graphs_;
+  }
+
+ private:
+  std::mutex mu_;
+  PoolId id_{0, 0};
+  int64_t graphs_ = 0;
+};
+
+namespace {
+
 class CudaGraph : public CapturedGraph {
  public:
-  explicit CudaGraph(c10::Device device) : device_(device) {}
+  CudaGraph(c10::Device device, std::shared_ptr<GraphMemoryPool> pool)
+      : device_(device), membership_{std::move(pool)} {}
   at::cuda::CUDAGraph& graph() { return graph_; }
+  // The pool to capture into: its shared one's, or {0, 0} (a private one).
+  PoolId pool_to_capture() {
+    return membership_.pool ? membership_.pool->id() : PoolId{0, 0};
+  }
+  // After a capture: the graph holds its pool until destroyed.
+  void JoinPool() {
+    if (!membership_.pool) return;
+    membership_.pool->Join(graph_.pool());
+    membership_.joined = true;
+  }
 
   absl::Status Replay() override {
     try {
@@ -35,7 +84,17 @@ class CudaGraph : public CapturedGraph {
   }
 
  private:
+  struct Membership {
+    std::shared_ptr<GraphMemoryPool> pool;
+    bool joined = false;
+    ~Membership() {
+      if (joined) pool->Leave();
+    }
+  };
   c10::Device device_;
+  // Declared before graph_: leaves the shared pool after graph_ has
+  // released its reference to the allocator's pool.
+  Membership membership_;
   at::cuda::CUDAGraph graph_;
 };
 
@@ -43,13 +102,39 @@ class CudaGraph : public CapturedGraph {
 // eager work does not report it.
 void ClearCudaError() { (void)cudaGetLastError(); }
 
+// The stream every capture on `device` runs on (its warm-up runs too); the
+// caller holds the capture lock. One stream, not a new one from LibTorch's
+// pool at each capture: the caching allocator reuses a freed block only on
+// the stream it was allocated on, so graphs captured into one
+// GraphMemoryPool reuse each other's freed working sets only when captured
+// on one stream (seventy-fifth session: captured on the pool's streams in
+// turn, a shared pool for the admission buckets saved nothing).
+c10::cuda::CUDAStream CaptureStream(c10::Device device) {
+  static auto* streams = new std::map<c10::DeviceIndex, c10::cuda::CUDAStream>;
+  const c10::DeviceIndex index =
+      device.index() < 0 ? c10::cuda::current_device() : device.index();
+  auto it = streams->find(index);
+  if (it == streams->end()) {
+    it = streams
+             ->emplace(index, c10::cuda::getStreamFromPool(
+                                  /*isHighPriority=*/false, index))
+             .first;
+  }
+  return it->second;
+}
+
 }  // namespace
 
 bool CudaGraphsCompiled() { return true; }
 
+std::shared_ptr<GraphMemoryPool> MakeGraphMemoryPool() {
+  return std::make_shared<GraphMemoryPool>();
+}
+
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::Device device, const std::function<absl::Status()>& body, int warmup,
-    const std::function<void()>& before_capture) {
+    const std::function<void()>& before_capture,
+    const std::shared_ptr<GraphMemoryPool>& pool) {
   if (!device.is_cuda()) {
     return absl::UnimplementedError("CUDA graphs need a CUDA device");
   }
@@ -59,7 +144,7 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
   static std::mutex* capture_mu = new std::mutex;
   std::lock_guard<std::mutex> capture_lock(*capture_mu);
   bool capturing = false;
-  auto graph = std::make_unique<CudaGraph>(device);
+  auto graph = std::make_unique<CudaGraph>(device, pool);
   try {
     c10::cuda::CUDAGuard device_guard(device);
     // Work queued on the current stream (weights, static inputs) must be done
@@ -68,8 +153,7 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
       ClearCudaError();
       return absl::InternalError("CUDA graph: device synchronize failed");
     }
-    c10::cuda::CUDAStream side =
-        c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index());
+    c10::cuda::CUDAStream side = CaptureStream(device);
     {
       c10::cuda::CUDAStreamGuard stream_guard(side);
       for (int i = 0; i < warmup; ++i) {
@@ -81,14 +165,16 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
       // Thread-local mode: other threads of the process (serving) may keep
       // using CUDA while this thread captures.
 #ifdef LORAHUB_CUDA_GRAPH_CAPTURE_MODE  // set by deploy/cmake/external.cmake's probe
-      graph->graph().capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      graph->graph().capture_begin(graph->pool_to_capture(),
+                                   cudaStreamCaptureModeThreadLocal);
 #else
-      graph->graph().capture_begin();
+      graph->graph().capture_begin(graph->pool_to_capture());
 #endif
       capturing = true;
       absl::Status s = body();
       capturing = false;
       graph->graph().capture_end();
+      graph->JoinPool();
       if (!s.ok()) {
         return absl::InternalError(
             absl::StrCat("CUDA graph capture: ", s.message()));
@@ -138,6 +224,12 @@ void ResetDevicePeakMemory(c10::Device device) {
   if (!device.is_cuda()) return;
   c10::cuda::CUDAGuard guard(device);
   c10::cuda::CUDACachingAllocator::resetPeakStats(guard.current_device().index());
+}
+
+void ReleaseCachedDeviceMemory(c10::Device device) {
+  if (!device.is_cuda()) return;
+  c10::cuda::CUDAGuard guard(device);
+  c10::cuda::CUDACachingAllocator::emptyCache();
 }
 
 void SynchronizeDevice(c10::Device device) {

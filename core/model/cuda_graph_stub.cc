@@ -8,10 +8,13 @@ namespace lorahub::model {
 
 bool CudaGraphsCompiled() { return false; }
 
+std::shared_ptr<GraphMemoryPool> MakeGraphMemoryPool() { return nullptr; }
+
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::Device device, const std::function<absl::Status()>& /*body*/,
     int /*warmup*/,
-    const std::function<void()>& /*before_capture*/) {
+    const std::function<void()>& /*before_capture*/,
+    const std::shared_ptr<GraphMemoryPool>& /*pool*/) {
   return absl::UnimplementedError(
       device.is_cuda() ? "CUDA graphs: this build has no CUDA support"
                        : "CUDA graphs need a CUDA device");
@@ -22,6 +25,8 @@ int64_t DeviceMemoryBytes(c10::Device /*device*/) { return 0; }
 DeviceMemoryInUse DeviceMemoryAllocated(c10::Device) { return {}; }
 
 void ResetDevicePeakMemory(c10::Device) {}
+
+void ReleaseCachedDeviceMemory(c10::Device) {}
 
 void SynchronizeDevice(c10::Device device) {
   if (device.is_cpu()) return;

@@ -63,6 +63,10 @@ struct StaticEncoderOptions {
   // Capture the pass as a CUDA graph when the weights are on a CUDA device
   // and the binary has CUDA graphs (cuda_graph.h); false: always eager.
   bool cuda_graph = true;
+  // StaticPackedEncoder: the memory its graph shares with others
+  // (cuda_graph.h GraphMemoryPool, whose terms its passes meet: each copies
+  // its output out); nullptr: a private pool.
+  std::shared_ptr<GraphMemoryPool> graph_pool;
 };
 
 class StaticEncoder {

@@ -151,6 +151,7 @@ absl::StatusOr<std::unique_ptr<StaticPackedEncoder>> StaticPackedEncoder::Create
     e->graph_status_ = "disabled";
   } else {
     e->capture_pending_ = true;
+    e->graph_pool_ = options.graph_pool;
   }
   return e;
 }
@@ -218,7 +219,7 @@ void StaticPackedEncoder::TryCapture(const PackedInput& input) {
   // allocated outside the graph is freed while capturing.
   auto graph = CaptureCudaGraph(
       w_->device, [this]() { return Body(out_, /*device_only=*/true); },
-      /*warmup=*/2, [this]() { out_ = PackedEncoding(); });
+      /*warmup=*/2, [this]() { out_ = PackedEncoding(); }, graph_pool_);
   absl::Status s = graph.status();
   if (graph.ok()) {
     graph_ = *std::move(graph);

@@ -158,6 +158,7 @@ class StaticPackedEncoder {
   at::Tensor run_starts_;   // [B / R + 1] int32 where R > 1
   std::vector<int64_t> host_starts_;  // starts_ on the host (eager passes)
   bool capture_pending_ = false;
+  std::shared_ptr<GraphMemoryPool> graph_pool_;  // Create's options'
   // Declared before out_, so that out_ (the graph's private memory while a
   // graph is active) is freed first.
   std::unique_ptr<CapturedGraph> graph_;

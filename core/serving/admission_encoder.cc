@@ -17,7 +17,12 @@ namespace lorahub::serving {
 
 AdmissionEncoder::AdmissionEncoder(const model::T5Weights& weights,
                                    AdmissionEncoderOptions options)
-    : w_(weights), options_(options) {}
+    : w_(weights),
+      options_(options),
+      graph_pool_(options.shared_graph_pool && options.cuda_graph &&
+                          weights.device.is_cuda()
+                      ? model::MakeGraphMemoryPool()
+                      : nullptr) {}
 
 AdmissionEncoder::~AdmissionEncoder() = default;
 
@@ -98,6 +103,7 @@ absl::StatusOr<model::StaticPackedEncoder*> AdmissionEncoder::EncoderOf(
     bucket.up_to = true;
     model::StaticEncoderOptions o;
     o.cuda_graph = options_.cuda_graph;
+    o.graph_pool = graph_pool_;
     LH_ASSIGN_OR_RETURN(std::unique_ptr<model::StaticPackedEncoder> made,
                         model::StaticPackedEncoder::Create(w_, bucket, table, o));
     it = encoders_.emplace(key, std::move(made)).first;

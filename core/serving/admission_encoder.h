@@ -57,6 +57,11 @@ struct AdmissionEncoderOptions {
   // bucket that fails to be made there (logged once) waits for its own
   // first pass.
   bool capture_every_bucket = false;
+  // true: the buckets' graphs share one memory pool (model::GraphMemoryPool:
+  // one pass replays at a time and copies its output out) instead of a
+  // private pool each, so that every bucket made (capture_every_bucket)
+  // keeps about one working set rather than one each.
+  bool shared_graph_pool = false;
 };
 
 class AdmissionEncoder {
@@ -102,6 +107,8 @@ class AdmissionEncoder {
  private:
   const model::T5Weights& w_;
   const AdmissionEncoderOptions options_;
+  // shared_graph_pool on a CUDA device: the encoders' graphs' memory.
+  const std::shared_ptr<model::GraphMemoryPool> graph_pool_;
   const model::AdapterBank* bank_ = nullptr;  // the encoders' bank
   int64_t bank_layout_ = -1;
   // capture_every_bucket: whether every bucket was made, without and with

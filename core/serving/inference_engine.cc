@@ -290,6 +290,8 @@ struct InferenceEngine::State {
         o.max_rows = std::min<int64_t>(o.max_rows, std::max<int64_t>(*v, 1));
       }
       if (model::EnvFlag("LORAHUB_SERVE_PACKED_NO_GRAPH")) o.cuda_graph = false;
+      o.shared_graph_pool = UseOn(e->options_.shared_admission_graph_pool,
+                                  "LORAHUB_SERVE_PACKED_SHARED_POOL", w.device);
       packed_admissions = std::make_unique<AdmissionEncoder>(w, o);
     }
     if (slot_decoding && UseOn(e->options_.side_stream_admissions,

@@ -256,6 +256,17 @@ struct EngineOptions {
   // against one in a profile without the side stream). LORAHUB_SERVE_SIDE_STREAM=off|cuda|always overrides this (A/B
   // runs).
   SlotDecoding side_stream_admissions = SlotDecoding::kOff;
+  // Where packed_admission_graphs' buckets capture their graphs into one
+  // memory pool (AdmissionEncoderOptions::shared_graph_pool; kOff/kCuda/
+  // kAlways as for slot_decoding, a pool only on CUDA) instead of a pool
+  // each: a bucket's capture reuses what earlier buckets' captures freed,
+  // so the buckets keep about the largest one's working set and their
+  // outputs. Why: with captures_ahead every bucket is made, and the
+  // buckets' own pools took about 5 GB of device memory (seventy-fifth
+  // session, H100: 20.4-21.6 GB against 14.3-16.9 GB made lazily). Off
+  // until measured. LORAHUB_SERVE_PACKED_SHARED_POOL=off|cuda|always
+  // overrides this (A/B runs).
+  SlotDecoding shared_admission_graph_pool = SlotDecoding::kOff;
   // The largest token bucket of packed_admission_graphs: passes of more
   // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
   // working set in its own device memory (--admission-graph-tokens).

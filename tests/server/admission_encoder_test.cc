@@ -9,9 +9,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <vector>
 
+#include "core/model/cuda_graph.h"
 #include "core/model/lora.h"
 #include "core/model/t5_forward.h"
 #include "core/model/t5_weights.h"
@@ -191,6 +193,73 @@ TEST_P(AdmissionEncoderBf16Test, MakesEveryBucketAtTheFirstPass) {
   EXPECT_EQ(every.encoders(), 2 * buckets);
   EXPECT_EQ(every.passes(), 4);  // the placeholder passes are not counted
   if (base_.device.is_cuda()) EXPECT_EQ(every.graphs(), 2 * buckets);
+}
+
+// shared_graph_pool: the buckets' graphs in one memory pool give each pass
+// the outputs of graphs in pools of their own, whichever bucket ran last
+// (a capture reuses memory an earlier graph writes when it replays), also
+// after the bank's graphs are dropped, all of them, and made again in a new
+// pool. On a CUDA device the shared pool holds less memory than the
+// private ones.
+TEST_P(AdmissionEncoderBf16Test, SharedGraphPoolKeepsEachBucketsOutputs) {
+  AdmissionEncoderOptions o;
+  o.max_rows = 4;
+  o.max_tokens = 512;
+  o.capture_every_bucket = true;
+  const c10::Device device = base_.device;
+  // What the allocator holds beyond cached free blocks: the tensors and the
+  // live graphs' pools.
+  const auto held = [&]() {
+    model::ReleaseCachedDeviceMemory(device);
+    return model::DeviceMemoryAllocated(device).reserved;
+  };
+  {
+    // What the first capture on the device keeps (its stream's cuBLAS
+    // workspace) counts against neither way.
+    AdmissionEncoder throwaway(base_, o);
+    ASSERT_TRUE(throwaway.Encode(Prompts({5}), Rows({0}), 1).ok());
+  }
+  const int64_t before = held();
+  o.shared_graph_pool = false;
+  AdmissionEncoder own(base_, o);
+  const auto first = own.Encode(Prompts({5, 100}), Rows({0, 1}), 1);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const int64_t after_own = held();
+  o.shared_graph_pool = true;
+  AdmissionEncoder shared(base_, o);
+  const auto again = shared.Encode(Prompts({5, 100}), Rows({0, 1}), 1);
+  ASSERT_TRUE(again.ok()) << again.status();
+  const int64_t after_shared = held();
+  EXPECT_TRUE(at::equal(first->hidden, again->hidden));
+  if (device.is_cuda()) {
+    std::printf("%lld buckets made, device memory held: a pool each %lld "
+                "bytes, one shared pool %lld\n",
+                static_cast<long long>(shared.encoders()),
+                static_cast<long long>(after_own - before),
+                static_cast<long long>(after_shared - after_own));
+    EXPECT_LT(after_shared - after_own, after_own - before);
+    EXPECT_EQ(shared.graphs(), shared.encoders());
+  }
+  const auto same = [&](const std::vector<int64_t>& lengths,
+                        const model::RowAdapters& rows, int64_t layout) {
+    auto want = own.Encode(Prompts(lengths), rows, layout);
+    auto got = shared.Encode(Prompts(lengths), rows, layout);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(at::equal(got->hidden, want->hidden));
+  };
+  // 256, 128, 512, 128 and 256 tokens again: each bucket after others.
+  same({5, 100, 128}, Rows({0, 1, -1}), 1);
+  same({20, 3}, Rows({1, 1}), 1);
+  same({128, 128, 128, 100}, Rows({1, 0, 1, 0}), 1);
+  same({20, 3}, Rows({0, -1}), 1);
+  same({5, 100, 128}, Rows({1, 1, 0}), 1);
+  // A new layout: every graph of the pool goes, and is made again.
+  same({128, 128, 128, 100}, Rows({0, 0, 1, 1}), 2);
+  same({60, 60}, Rows({1, 0}), 2);
+  same({20}, model::RowAdapters{}, 2);  // without a bank, beside them
+  same({5, 100, 128}, Rows({-1, 0, 1}), 2);
+  EXPECT_EQ(shared.encoders(), own.encoders());
 }
 
 INSTANTIATE_TEST_SUITE_P(Bf16, AdmissionEncoderBf16Test,
