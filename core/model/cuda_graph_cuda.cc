@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -109,6 +110,21 @@ void ClearCudaError() { (void)cudaGetLastError(); }
 // GraphMemoryPool reuse each other's freed working sets only when captured
 // on one stream (seventy-fifth session: captured on the pool's streams in
 // turn, a shared pool for the admission buckets saved nothing).
+// The warm-up runs before a capture: the caller's, or N where
+// LORAHUB_CAPTURE_WARMUPS=N (0 to 8; A/B runs of what the warm-ups cost a
+// server's first admission against what they guard: a capture that meets a
+// lazy initialisation fails, and its shape then runs eagerly).
+int WarmupRuns(int requested) {
+  static const int forced = [] {
+    const char* v = std::getenv("LORAHUB_CAPTURE_WARMUPS");
+    if (v == nullptr || *v == '\0') return -1;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    return *end == '\0' && n >= 0 && n <= 8 ? static_cast<int>(n) : -1;
+  }();
+  return forced >= 0 ? forced : requested;
+}
+
 c10::cuda::CUDAStream CaptureStream(c10::Device device) {
   static auto* streams = new std::map<c10::DeviceIndex, c10::cuda::CUDAStream>;
   const c10::DeviceIndex index =
@@ -156,7 +172,7 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(
     c10::cuda::CUDAStream side = CaptureStream(device);
     {
       c10::cuda::CUDAStreamGuard stream_guard(side);
-      for (int i = 0; i < warmup; ++i) {
+      for (int i = 0, runs = WarmupRuns(warmup); i < runs; ++i) {
         absl::Status s = body();
         if (!s.ok()) return s;  // an eager failure is the caller's to report
       }

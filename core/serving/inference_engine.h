@@ -261,12 +261,15 @@ struct EngineOptions {
   // kAlways as for slot_decoding, a pool only on CUDA) instead of a pool
   // each: a bucket's capture reuses what earlier buckets' captures freed,
   // so the buckets keep about the largest one's working set and their
-  // outputs. Why: with captures_ahead every bucket is made, and the
-  // buckets' own pools took about 5 GB of device memory (seventy-fifth
-  // session, H100: 20.4-21.6 GB against 14.3-16.9 GB made lazily). Off
-  // until measured. LORAHUB_SERVE_PACKED_SHARED_POOL=off|cuda|always
+  // outputs. Why: with captures_ahead every bucket is made, each in a pool
+  // of its own. Seventy-sixth session (H100, 128 slots, 512 own
+  // compositions of mixed lengths, a warm-up round then three rounds, two
+  // servers each way and one of main): 15.11-15.78 GB of device memory
+  // against 17.80-17.90 GB, the rounds after the warm-up as fast
+  // (0.393-0.400 s against 0.392-0.397 s by their last two), the same ids
+  // (512 of 512). LORAHUB_SERVE_PACKED_SHARED_POOL=off|cuda|always
   // overrides this (A/B runs).
-  SlotDecoding shared_admission_graph_pool = SlotDecoding::kOff;
+  SlotDecoding shared_admission_graph_pool = SlotDecoding::kCuda;
   // The largest token bucket of packed_admission_graphs: passes of more
   // tokens run eagerly; 0: no graphs. Each bucket's graph keeps its pass's
   // working set in its own device memory (--admission-graph-tokens).

@@ -237,6 +237,8 @@ TEST_P(AdmissionEncoderBf16Test, SharedGraphPoolKeepsEachBucketsOutputs) {
                 static_cast<long long>(shared.encoders()),
                 static_cast<long long>(after_own - before),
                 static_cast<long long>(after_shared - after_own));
+    RecordProperty("pool_each_bytes", std::to_string(after_own - before));
+    RecordProperty("shared_pool_bytes", std::to_string(after_shared - after_own));
     EXPECT_LT(after_shared - after_own, after_own - before);
     EXPECT_EQ(shared.graphs(), shared.encoders());
   }
