@@ -597,6 +597,17 @@ absl::Status StaticDecoder::CheckGraphAgainstEager(const SavedState& saved,
   }
 }
 
+bool StaticDecoder::CaptureNextCount() {
+  if (!row_slots_ || !capturing_) return false;
+  for (int64_t count = StepRows(1, batch_);; count = StepRows(count + 1, batch_)) {
+    if (graphs_.count(count) == 0) {
+      TryCapture(count);  // a failure ends the captures (capturing_)
+      return true;
+    }
+    if (count == batch_) return false;
+  }
+}
+
 int64_t StaticDecoder::StepRows(int64_t rows, int64_t slots) {
   if (rows == 0) return slots;
   int64_t n = kMinStepRows;

@@ -152,6 +152,16 @@ class StaticDecoder {
   // the graphs; the next Step captures every count again.
   void set_capture_every_count(bool every) { capture_every_count_ = every; }
 
+  // Row slots: captures the graph of the fewest slots a Step may step
+  // (StepRows) that has none, as that Step would have (the positions and
+  // tokens left as they were); false where every count has one, or where
+  // steps do not capture (graph_status() says why). Why: the serving engine
+  // captures the counts its load has not met yet while it idles
+  // (EngineOptions::idle_captures), instead of at a step that meets one.
+  // Steps launched and not waited for must be done first (the trial steps
+  // write the buffers they read).
+  bool CaptureNextCount();
+
   // The buffer Step() reads its ids from ([B] int64 on the device): ids
   // written here by the stream's last work before Step(ids = this buffer)
   // are not copied again (greedy decoding's tokens, GreedyInto::device).

@@ -67,10 +67,12 @@ absl::StatusOr<model::EncoderOutput> AdmissionEncoder::Encode(
     bank_ = rows.bank;
     bank_layout_ = bank_layout;
     made_every_[1] = false;
+    last_table_[1].reset();
   }
   LH_ASSIGN_OR_RETURN(model::PackedInput input, model::PackRows(prompts, w_.device));
   const model::RowAdapters table = model::SlotTableRows(rows);
   const bool with_bank = rows.bank != nullptr;
+  last_table_[with_bank] = table;
   if (options_.capture_every_bucket && !made_every_[with_bank]) {
     // A bucket that cannot be made ahead (e.g. out of device memory) is
     // left to its own first pass, as without capture_every_bucket.
@@ -122,37 +124,60 @@ std::vector<int64_t> AdmissionEncoder::Buckets() const {
   return buckets;
 }
 
+absl::Status AdmissionEncoder::MakeBucket(int64_t tokens,
+                                          const model::RowAdapters& table) {
+  const bool with_bank = table.bank != nullptr;
+  // Rows of kLongestRow pad tokens up to the bucket's tokens (fewer where
+  // max_rows rows cannot fill it: the pass still takes it).
+  std::vector<std::vector<int64_t>> prompts;
+  for (int64_t left = tokens;
+       left > 0 && static_cast<int64_t>(prompts.size()) < options_.max_rows;
+       left -= kLongestRow) {
+    prompts.emplace_back(static_cast<size_t>(std::min(left, kLongestRow)),
+                         w_.config.pad_token_id);
+  }
+  try {
+    model::RowAdapters placeholder = table;
+    if (with_bank) {
+      const auto n = static_cast<int64_t>(prompts.size());
+      placeholder.slots = at::zeros({n}, table.slots.options());
+      placeholder.mask = at::zeros({n, 1, 1}, table.mask.options());
+    }
+    LH_ASSIGN_OR_RETURN(model::PackedInput input,
+                        model::PackRows(prompts, w_.device));
+    LH_ASSIGN_OR_RETURN(model::StaticPackedEncoder * encoder,
+                        EncoderOf({tokens, with_bank}, placeholder));
+    return encoder->Run(input, placeholder).status();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(
+        "admission encoder: placeholder pass: ", e.what_without_backtrace()));
+  }
+}
+
 absl::Status AdmissionEncoder::MakeEveryBucket(const model::RowAdapters& table) {
   const bool with_bank = table.bank != nullptr;
   for (int64_t tokens : Buckets()) {
     if (encoders_.count({tokens, with_bank}) > 0) continue;
-    // Rows of kLongestRow pad tokens up to the bucket's tokens (fewer
-    // where max_rows rows cannot fill it: the pass still takes it).
-    std::vector<std::vector<int64_t>> prompts;
-    for (int64_t left = tokens; left > 0 &&
-                                static_cast<int64_t>(prompts.size()) < options_.max_rows;
-         left -= kLongestRow) {
-      prompts.emplace_back(static_cast<size_t>(std::min(left, kLongestRow)),
-                           w_.config.pad_token_id);
-    }
-    try {
-      model::RowAdapters placeholder = table;
-      if (with_bank) {
-        const auto n = static_cast<int64_t>(prompts.size());
-        placeholder.slots = at::zeros({n}, table.slots.options());
-        placeholder.mask = at::zeros({n, 1, 1}, table.mask.options());
-      }
-      LH_ASSIGN_OR_RETURN(model::PackedInput input,
-                          model::PackRows(prompts, w_.device));
-      LH_ASSIGN_OR_RETURN(model::StaticPackedEncoder * encoder,
-                          EncoderOf({tokens, with_bank}, placeholder));
-      LH_RETURN_IF_ERROR(encoder->Run(input, placeholder).status());
-    } catch (const c10::Error& e) {
-      return absl::InternalError(absl::StrCat(
-          "admission encoder: placeholder pass: ", e.what_without_backtrace()));
-    }
+    LH_RETURN_IF_ERROR(MakeBucket(tokens, table));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> AdmissionEncoder::MakeNextBucket(int64_t bank_layout) {
+  for (const bool with_bank : {true, false}) {
+    if (!last_table_[with_bank]) continue;
+    // The bank's graphs would be dropped at its next pass.
+    if (with_bank && bank_layout != bank_layout_) continue;
+    for (int64_t tokens : Buckets()) {
+      if (encoders_.count({tokens, with_bank}) > 0) continue;
+      // A failed pass may leave no encoder: it is not tried again here.
+      const absl::Status s = MakeBucket(tokens, *last_table_[with_bank]);
+      if (!s.ok()) last_table_[with_bank].reset();
+      LH_RETURN_IF_ERROR(s);
+      return true;
+    }
+  }
+  return false;
 }
 
 int64_t AdmissionEncoder::encoders() const {

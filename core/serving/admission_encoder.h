@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -100,6 +101,18 @@ class AdmissionEncoder {
   // pass of at most max_rows rows of kLongestRow tokens reaches.
   std::vector<int64_t> Buckets() const;
 
+  // Makes the encoder of one bucket a pass may take that has none, through
+  // a pass of placeholder rows (as capture_every_bucket makes them all):
+  // first those with the bank of the last pass with one (while its layout
+  // is still `bank_layout`, the bank's now), then those without a bank
+  // where a pass without one ran. False
+  // where every such bucket has one. Why: the serving engine makes the
+  // buckets its load has not met yet while it idles
+  // (EngineOptions::idle_captures), instead of at a pass that meets one.
+  // Errors of the placeholder pass (the bucket then waits for its own first
+  // pass).
+  absl::StatusOr<bool> MakeNextBucket(int64_t bank_layout);
+
   int64_t encoders() const;  // buckets made (with and without a bank)
   int64_t graphs() const;    // of them, replaying a graph now
   int64_t passes() const { return passes_; }
@@ -114,6 +127,10 @@ class AdmissionEncoder {
   // capture_every_bucket: whether every bucket was made, without and with
   // the bank.
   bool made_every_[2] = {false, false};
+  // The slot table of the last pass, without and with the bank (the bank's
+  // dropped with its layout; undefined bank field: none yet): what
+  // MakeNextBucket's placeholder passes take.
+  std::optional<model::RowAdapters> last_table_[2];
   // By (bucket tokens, with a bank).
   std::map<std::pair<int64_t, bool>,
            std::unique_ptr<model::StaticPackedEncoder>>
@@ -124,9 +141,11 @@ class AdmissionEncoder {
   // pass) where there is none; `table`: the rows' slot table.
   absl::StatusOr<model::StaticPackedEncoder*> EncoderOf(
       std::pair<int64_t, bool> key, const model::RowAdapters& table);
-  // capture_every_bucket: a pass of placeholder rows (pad tokens, every
-  // adapter masked) through each bucket without an encoder; stops at the
-  // first error.
+  // A pass of placeholder rows (pad tokens, every adapter masked) through
+  // the bucket of `tokens` with `table`'s bank, made (and captured) here.
+  absl::Status MakeBucket(int64_t tokens, const model::RowAdapters& table);
+  // capture_every_bucket: MakeBucket for each bucket without an encoder;
+  // stops at the first error.
   absl::Status MakeEveryBucket(const model::RowAdapters& table);
 };
 

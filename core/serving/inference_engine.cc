@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -259,6 +260,8 @@ struct InferenceEngine::State {
                                  "LORAHUB_SERVE_PER_ROW_CROSS", e->weights_->device)),
         captures_ahead(UseOn(e->options_.captures_ahead,
                              "LORAHUB_SERVE_CAPTURES_AHEAD", e->weights_->device)),
+        idle_captures(UseOn(e->options_.idle_captures,
+                            "LORAHUB_SERVE_IDLE_CAPTURES", e->weights_->device)),
         packed_token_multiple(RowsMultiple(e->options_.admission_rows_multiple,
                                            "LORAHUB_SERVE_PACKED_TOKEN_MULTIPLE",
                                            e->weights_->device, 64)),
@@ -348,6 +351,7 @@ struct InferenceEngine::State {
   const bool slot_mixes;  // EngineOptions::slot_mixes
   const bool per_row_cross_rows;  // EngineOptions::per_row_cross_rows
   const bool captures_ahead;      // EngineOptions::captures_ahead
+  const bool idle_captures;       // EngineOptions::idle_captures
   // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
   std::unique_ptr<model::StaticEncoderPool> admission_encoders;
   // EngineOptions::packed_admission_graphs: the row slots' newcomers'
@@ -671,6 +675,32 @@ struct InferenceEngine::State {
         model::PaddedInput padded,
         model::PadRows(prompts, w.config.pad_token_id, w.device));
     return model::Encode(w, padded.ids, padded.mask, adapters_of_rows);
+  }
+
+  // EngineOptions::idle_captures: makes the graph of one shape the traffic
+  // has not met yet (a step count of the slot decoder first, then a token
+  // bucket of the packed admissions); false where there is none, or while
+  // launched steps are not collected. A bucket that fails is logged once
+  // and left to its own first pass.
+  bool MakeShapeWhileIdle() {
+    if (!idle_captures || !launched.empty()) return false;
+    if (slot_decoder && slot_decoder->CaptureNextCount()) {
+      ++engine->shapes_made_idle_;
+      return true;
+    }
+    if (!packed_admissions) return false;
+    const absl::StatusOr<bool> made = packed_admissions->MakeNextBucket(
+        slot_bank ? slot_bank->layout() : int64_t{0});
+    if (!made.ok()) {
+      static std::atomic<bool> logged{false};
+      if (!logged.exchange(true)) {
+        std::fprintf(stderr, "lorahub: admission bucket not made while idle (%s)\n",
+                     std::string(made.status().message()).c_str());
+      }
+      return true;  // another bucket may still be made
+    }
+    engine->shapes_made_idle_ += *made;
+    return *made;
   }
 
   // Creates the slot decoder, or grows it, for the lengths of `incoming`.
@@ -1617,6 +1647,10 @@ void InferenceEngine::Loop() {
       const model::GraphCaptureTally& captures = model::ThisThreadGraphCaptures();
       absl::StrAppend(&out, "; graph captures ", captures.captures, " in ",
                       absl::SixDigits(captures.seconds), " s");
+      if (s.idle_captures) {
+        absl::StrAppend(&out, "; shapes made while idle ",
+                        s.engine->shapes_made_while_idle());
+      }
       return out;
     }
     const State& s;
@@ -1696,6 +1730,18 @@ void InferenceEngine::Loop() {
         lock.unlock();
         note_memory(true);
         lock.lock();
+      }
+      // EngineOptions::idle_captures: one shape at a time while idle, work
+      // looked for between them.
+      while (!ready() && !stopping_) {
+        lock.unlock();
+        const bool made = s.MakeShapeWhileIdle();
+        if (made) {
+          note_captures();
+          note_memory(true);
+        }
+        lock.lock();
+        if (!made) break;
       }
       while (!ready()) {
         if (stopping_) {

@@ -309,6 +309,18 @@ struct EngineOptions {
   // lorahub serve --lazy-graph-captures sets kOff;
   // LORAHUB_SERVE_CAPTURES_AHEAD=off|cuda|always overrides this (A/B runs).
   SlotDecoding captures_ahead = SlotDecoding::kCuda;
+  // Where the engine, whenever it idles (no running row, nothing queued or
+  // loaded, no device work), makes the CUDA graphs of the shapes its
+  // traffic has not met yet, one at a time, looking for work between them
+  // (kOff/kCuda/kAlways as for slot_decoding): the slot decoder's step
+  // counts (StaticDecoder::CaptureNextCount) and the packed admissions'
+  // token buckets with and without the bank (AdmissionEncoder::
+  // MakeNextBucket). Why: with captures_ahead the first admission holds the
+  // engine thread for every capture at once, lazily the captures come later
+  // in the traffic; here they take idle time, and a request that arrives
+  // waits for one capture at most (tens of ms). Off until measured.
+  // LORAHUB_SERVE_IDLE_CAPTURES=off|cuda|always overrides this (A/B runs).
+  SlotDecoding idle_captures = SlotDecoding::kOff;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes
@@ -390,6 +402,10 @@ class InferenceEngine {
   absl::Status RunOnDevice(std::function<void()> fn);
   // Device work items waiting to run (for tests and metrics).
   int64_t device_work_waiting() const;
+  // Shapes whose graphs the engine made while idle so far
+  // (EngineOptions::idle_captures; on the CPU the admission buckets, made
+  // eagerly: tests). Any thread.
+  int64_t shapes_made_while_idle() const { return shapes_made_idle_.load(); }
 
   // Stops accepting work. Queued and running requests continue until
   // `deadline`; then they are cancelled (finish reason kCancelled, or
@@ -450,6 +466,7 @@ class InferenceEngine {
   bool exit_ = false;
   std::map<std::string, int> in_use_;  // module id -> requests
   std::atomic<int64_t> pending_{0};
+  std::atomic<int64_t> shapes_made_idle_{0};  // shapes_made_while_idle()
   std::thread thread_;
   // Last: destroyed first, while the cache its loads fill still exists.
   std::unique_ptr<ModuleLoader> loader_;

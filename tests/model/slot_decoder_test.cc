@@ -307,6 +307,34 @@ TEST_F(SlotDecoderTest, CapturingEveryCountAtTheFirstStepKeepsTheSteps) {
   if (graphs) EXPECT_EQ((*d)->graphs(), 3) << (*d)->graph_status();
 }
 
+// CaptureNextCount: each call captures the fewest slots' count without a
+// graph (8, 16, then all 20), between the steps of a running row, which go
+// on as the reference's; then false. On the CPU (no graphs) false at once.
+TEST_F(SlotDecoderTest, CapturingTheNextCountKeepsTheSteps) {
+  const int64_t capacity = 8;
+  auto d = StaticDecoder::CreateSlots(base_, {20, capacity, 8}, true);
+  ASSERT_TRUE(d.ok()) << d.status();
+  refs_[0].prompt = {5, 9, 13, 2, 1};
+  refs_[0].adapter = 0;
+  Prepare(refs_[0], capacity);
+  Admit(**d, refs_[0], 1);
+  const bool graphs = base_.device.is_cuda() && CudaGraphsCompiled();
+  StepAll(**d, {&refs_[0]}, "the first 8 slots", 1);
+  if (!graphs) {
+    EXPECT_FALSE((*d)->CaptureNextCount());
+    return;
+  }
+  EXPECT_EQ((*d)->graphs(), 1) << (*d)->graph_status();
+  for (int64_t want = 2; want <= 3; ++want) {
+    EXPECT_TRUE((*d)->CaptureNextCount());
+    EXPECT_EQ((*d)->graphs(), want) << (*d)->graph_status();
+    StepAll(**d, {&refs_[0]}, "the first 8 slots", 1);
+  }
+  EXPECT_FALSE((*d)->CaptureNextCount());
+  StepAll(**d, {&refs_[0]}, "the first 8 slots", 1);
+  EXPECT_EQ((*d)->graphs(), 3) << (*d)->graph_status();
+}
+
 TEST_F(SlotDecoderTest, BadInputsAreErrors) {
   EXPECT_EQ(StaticDecoder::CreateSlots(base_, {0, 4, 4}, true).status().code(),
             absl::StatusCode::kInvalidArgument);

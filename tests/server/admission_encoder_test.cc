@@ -195,6 +195,59 @@ TEST_P(AdmissionEncoderBf16Test, MakesEveryBucketAtTheFirstPass) {
   if (base_.device.is_cuda()) EXPECT_EQ(every.graphs(), 2 * buckets);
 }
 
+// MakeNextBucket: one bucket each call, with the bank of the last pass with
+// one, then without a bank where a pass without one ran, until every bucket
+// is made; none with a bank whose layout moved since its last pass (its
+// next pass would drop them). A pass's outputs are those of an encoder whose
+// buckets are made at their own first pass.
+TEST_P(AdmissionEncoderBf16Test, MakesTheNextBucketOneAtATime) {
+  AdmissionEncoderOptions o;
+  o.max_rows = 4;
+  o.max_tokens = 512;
+  AdmissionEncoder lazy(base_, o);
+  AdmissionEncoder next(base_, o);
+  const auto buckets = static_cast<int64_t>(next.Buckets().size());
+  ASSERT_EQ(buckets, 7);
+  auto none = next.MakeNextBucket(1);  // no pass yet: no table
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(*none);
+  const auto same = [&](const std::vector<int64_t>& lengths,
+                        const model::RowAdapters& rows, int64_t layout) {
+    auto want = lazy.Encode(Prompts(lengths), rows, layout);
+    auto got = next.Encode(Prompts(lengths), rows, layout);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(at::equal(got->hidden, want->hidden));
+  };
+  same({5, 100}, Rows({0, 1}), 1);  // the bucket of 128
+  auto moved = next.MakeNextBucket(2);  // the layout moved since
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_FALSE(*moved);
+  EXPECT_EQ(next.encoders(), 1);
+  for (int64_t made = 2; made <= buckets; ++made) {
+    auto one = next.MakeNextBucket(1);
+    ASSERT_TRUE(one.ok()) << one.status();
+    EXPECT_TRUE(*one);
+    EXPECT_EQ(next.encoders(), made);
+  }
+  auto done = next.MakeNextBucket(1);
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_FALSE(*done);
+  same({128, 128, 128, 100}, Rows({1, 0, 1, -1}), 1);  // 512, made idle
+  same({20}, model::RowAdapters{}, 1);  // without a bank: its first
+  for (int64_t made = 1; made < buckets; ++made) {
+    auto one = next.MakeNextBucket(1);
+    ASSERT_TRUE(one.ok()) << one.status();
+    EXPECT_TRUE(*one);
+  }
+  EXPECT_EQ(next.encoders(), 2 * buckets);
+  EXPECT_FALSE(next.MakeNextBucket(1).value_or(true));
+  same({100, 100, 60}, model::RowAdapters{}, 1);
+  same({100, 100, 60}, Rows({0, -1, 1}), 1);
+  EXPECT_EQ(next.passes(), 5);  // the placeholder passes are not counted
+  if (base_.device.is_cuda()) EXPECT_EQ(next.graphs(), 2 * buckets);
+}
+
 // shared_graph_pool: the buckets' graphs in one memory pool give each pass
 // the outputs of graphs in pools of their own, whichever bucket ran last
 // (a capture reuses memory an earlier graph writes when it replays), also

@@ -336,6 +336,7 @@ struct BatchWay {
   SlotDecoding slot_mixes = SlotDecoding::kCuda;
   SlotDecoding per_row_cross = SlotDecoding::kOff;
   SlotDecoding captures_ahead = SlotDecoding::kCuda;
+  SlotDecoding idle_captures = SlotDecoding::kOff;
 };
 void PrintTo(const BatchWay& way, std::ostream* os) { *os << way.name; }
 class EngineBatchTest : public EngineTest,
@@ -351,6 +352,7 @@ class EngineBatchTest : public EngineTest,
     o.slot_mixes = GetParam().slot_mixes;
     o.per_row_cross_rows = GetParam().per_row_cross;
     o.captures_ahead = GetParam().captures_ahead;
+    o.idle_captures = GetParam().idle_captures;
     return o;
   }
 };
@@ -513,6 +515,13 @@ INSTANTIATE_TEST_SUITE_P(
                  "RowSlotsPackedGraphsAhead", EngineOptions::kAutoStepsAhead,
                  EngineOptions::kAutoRowsMultiple, model::EncoderGraph::kAlways,
                  SlotDecoding::kCuda, SlotDecoding::kOff, SlotDecoding::kAlways},
+        // The same with the buckets made one at a time whenever the engine
+        // idles (EngineOptions::idle_captures), between the tests' requests.
+        BatchWay{SlotDecoding::kAlways, model::EncoderGraph::kOff,
+                 "RowSlotsPackedGraphsIdle", EngineOptions::kAutoStepsAhead,
+                 EngineOptions::kAutoRowsMultiple, model::EncoderGraph::kAlways,
+                 SlotDecoding::kCuda, SlotDecoding::kOff, SlotDecoding::kOff,
+                 SlotDecoding::kAlways},
         // Compositions computed straight into their slots from the modules
         // (AdapterCache::Mix, SlotBank::AcquireMix), eagerly and in row
         // slots (the default on a GPU, where every way takes them).
@@ -978,6 +987,42 @@ TEST_F(EngineTest, CapturesAheadMakeEveryAdmissionBucketAtTheFirstPass) {
               std::string::npos)
         << log;
   }
+}
+
+// idle_captures: once the first request is done, the idle engine makes the
+// other six token buckets that 4 rows reach, one at a time (on the CPU
+// eagerly, as the engine's exit line counts them); a request after them
+// gives its tokens alone.
+TEST_F(EngineTest, IdleCapturesMakeTheOtherAdmissionBucketsBetweenRequests) {
+  EngineOptions o;
+  o.slot_decoding = SlotDecoding::kAlways;
+  o.packed_admission_graphs = model::EncoderGraph::kAlways;
+  o.captures_ahead = SlotDecoding::kOff;
+  o.idle_captures = SlotDecoding::kAlways;
+  o.max_batch_rows = 4;
+  ::testing::internal::CaptureStderr();
+  auto engine = Start(o);
+  ASSERT_TRUE(engine);
+  DecodingParams p;
+  p.max_new_tokens = 4;
+  const AdapterSpec spec;  // no adapter: packed in fp32 too
+  for (int i : {0, 1}) {
+    auto result = std::make_shared<Result>();
+    ASSERT_TRUE(engine->Submit(Make(Unpadded(i), spec, p, result)).ok());
+    GenerateOutcome out = result->done.get_future().get();
+    ASSERT_TRUE(out.status.ok()) << out.status;
+    ExpectTokensAlone(Unpadded(i), spec, p, out.output_ids, "idle captures");
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    while (engine->shapes_made_while_idle() < 6 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    EXPECT_EQ(engine->shapes_made_while_idle(), 6);
+  }
+  engine.reset();  // the exit line
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("packed admission passes 2 over 7 buckets"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("shapes made while idle 6"), std::string::npos) << log;
 }
 
 // Rows whose lengths would take the row slots' decoder over
