@@ -261,10 +261,11 @@ struct EngineOptions {
   // kAlways as for slot_decoding, a pool only on CUDA) instead of a pool
   // each: a bucket's capture reuses what earlier buckets' captures freed,
   // so the buckets keep about the largest one's working set and their
-  // outputs. Why: with captures_ahead every bucket is made, each in a pool
-  // of its own. Seventy-sixth session (H100, 128 slots, 512 own
-  // compositions of mixed lengths, a warm-up round then three rounds, two
-  // servers each way and one of main): 15.11-15.78 GB of device memory
+  // outputs. Why: with captures_ahead or idle_captures every bucket is
+  // made, each in a pool of its own. Seventy-sixth session (H100, 128
+  // slots, 512 own compositions of mixed lengths, every shape captured
+  // ahead, a warm-up round then three rounds, two servers each way and one
+  // of main): 15.11-15.78 GB of device memory
   // against 17.80-17.90 GB, the rounds after the warm-up as fast
   // (0.393-0.400 s against 0.392-0.397 s by their last two), the same ids
   // (512 of 512). LORAHUB_SERVE_PACKED_SHARED_POOL=off|cuda|always
@@ -294,21 +295,18 @@ struct EngineOptions {
   // and the row slots' step counts (at the first step after the decoder is
   // made, grown or given a new bank;
   // StaticDecoder::set_capture_every_count); kOff: each shape at its own
-  // first use. Why: each capture holds the engine thread for several
-  // passes' or steps' time, and with mixed lengths new shapes keep turning
-  // up for rounds after a warm-up. Seventy-fifth session (H100, rounds of
-  // 512 own compositions of mixed lengths at 128 streams after a warm-up
-  // round, two servers each way): the three rounds ran 0.481-0.499,
-  // 0.396-0.398 and 0.390-0.399 s against 0.582-0.679, 0.401-0.645 and
-  // 0.436-0.459 s lazily (0-8 captures a round), their p99 time to first
-  // token 43-128 ms against 67-159 ms; at 256 streams 0.387-0.397 s each
-  // against 0.814, 0.550 and 0.437 s. The cost: the warm-up round ran
-  // 2.68-2.72 s against 1.75-1.79 s (its first admission and step hold the
-  // thread for every capture at once, 33 in 1.77 s), and every bucket's
-  // working set stays on the device: 20.4-21.6 GB against 14.3-16.9 GB.
-  // lorahub serve --lazy-graph-captures sets kOff;
+  // first use (and, with idle_captures, the others while idle). Why not by
+  // default: the first admission holds the engine thread for every capture
+  // at once. Seventy-sixth session (H100, 512 own compositions of mixed
+  // lengths at 128 streams, a warm-up round then three rounds, two servers
+  // each way): the warm-up round ran 3.01-3.35 s against 1.96-1.97 s with
+  // idle_captures and 1.84-1.85 s lazily; the three rounds after it
+  // 1.186-1.223 s against 1.184-1.386 s with idle_captures and
+  // 1.494-1.792 s lazily (seventy-fifth session: its p99 time to first
+  // token in rounds 2-3 43-56 ms against 67-124 ms lazily). lorahub serve
+  // --graph-captures ahead sets kCuda;
   // LORAHUB_SERVE_CAPTURES_AHEAD=off|cuda|always overrides this (A/B runs).
-  SlotDecoding captures_ahead = SlotDecoding::kCuda;
+  SlotDecoding captures_ahead = SlotDecoding::kOff;
   // Where the engine, whenever it idles (no running row, nothing queued or
   // loaded, no device work), makes the CUDA graphs of the shapes its
   // traffic has not met yet, one at a time, looking for work between them
@@ -318,9 +316,15 @@ struct EngineOptions {
   // MakeNextBucket). Why: with captures_ahead the first admission holds the
   // engine thread for every capture at once, lazily the captures come later
   // in the traffic; here they take idle time, and a request that arrives
-  // waits for one capture at most (tens of ms). Off until measured.
+  // waits for one capture at most (tens of ms). Seventy-sixth session
+  // (H100, as above): the warm-up round and the three rounds after it took
+  // 3.15-3.36 s together against 4.23-4.54 s captured ahead and 3.33-3.64 s
+  // lazily; 13-17 shapes made while idle (between the rounds); device
+  // memory 14.2-15.6 GB against 15.7-15.8 GB ahead and 13.3-14.4 GB lazily;
+  // the same ids (512 of 512). Under load that never idles it captures as
+  // lazily. lorahub serve --graph-captures ahead|lazy sets kOff;
   // LORAHUB_SERVE_IDLE_CAPTURES=off|cuda|always overrides this (A/B runs).
-  SlotDecoding idle_captures = SlotDecoding::kOff;
+  SlotDecoding idle_captures = SlotDecoding::kCuda;
   // Row slots: steps of the running rows that the engine thread queues on
   // the device before it admits newcomers, each step reading the tokens the
   // step before picked on the device (only while every running row decodes

@@ -156,17 +156,20 @@ void ServeProfiled(const std::string& path, bool cuda,
   }
 }
 
-// How the sizes line names EngineOptions::captures_ahead.
-const char* CapturesText(serving::SlotDecoding ahead) {
-  switch (ahead) {
-    case serving::SlotDecoding::kOff:
-      return "at each shape's first use";
-    case serving::SlotDecoding::kCuda:
-      return "for every shape at once on CUDA devices";
-    case serving::SlotDecoding::kAlways:
-      break;
+// How the sizes line names EngineOptions::captures_ahead and
+// idle_captures.
+std::string CapturesText(const serving::EngineOptions& o) {
+  const auto where = [](serving::SlotDecoding mode) {
+    return mode == serving::SlotDecoding::kCuda ? " on CUDA devices" : "";
+  };
+  if (o.captures_ahead != serving::SlotDecoding::kOff) {
+    return absl::StrCat("for every shape at once", where(o.captures_ahead));
   }
-  return "for every shape at once";
+  if (o.idle_captures != serving::SlotDecoding::kOff) {
+    return absl::StrCat("at each shape's first use, the others while idle",
+                        where(o.idle_captures));
+  }
+  return "at each shape's first use";
 }
 
 }  // namespace
@@ -179,9 +182,9 @@ int RunServe(int argc, char** argv) {
                  "slot-decoder-bytes", "module-load-threads", "compose-max-rows",
                  "admission-graph-tokens",
                  "tls-cert", "tls-key", "tls-client-ca", "tls-refresh-s", "auth-token-file",
-                 "job-retention-s", "profile-out",
+                 "job-retention-s", "profile-out", "graph-captures",
                  "config"},
-                {"step-all-slots", "lazy-graph-captures"}};
+                {"step-all-slots"}};
   absl::StatusOr<Args> args = Args::Parse(argc, argv, 2, spec);
   if (!args.ok()) return ReportError("serve", args.status());
   if (args->Has("config")) {
@@ -292,13 +295,22 @@ int RunServe(int argc, char** argv) {
   // Every decoding step over every row slot, so that the steps' rounding
   // does not change with the load (EngineOptions::step_all_slots).
   eo.step_all_slots = args->Has("step-all-slots");
-  // Each CUDA graph captured at its shape's first use rather than every
-  // shape's at the first admission and step (EngineOptions::captures_ahead,
-  // on by default on CUDA devices): a first round sooner and about 5 GB of
-  // device memory less (flan-t5-large, 128 rows), at the cost of captures
-  // later in the traffic.
-  if (args->Has("lazy-graph-captures")) {
-    eo.captures_ahead = serving::SlotDecoding::kOff;
+  // When the row slots' CUDA graphs are captured (EngineOptions::
+  // captures_ahead and idle_captures): "idle" (default) each at its shape's
+  // first use and the shapes not met yet while the engine idles, "ahead"
+  // every shape's at the first admission and step, "lazy" each at its
+  // shape's first use only.
+  if (const std::optional<std::string> mode = args->Get("graph-captures")) {
+    if (*mode == "ahead") {
+      eo.captures_ahead = serving::SlotDecoding::kCuda;
+      eo.idle_captures = serving::SlotDecoding::kOff;
+    } else if (*mode == "lazy") {
+      eo.captures_ahead = serving::SlotDecoding::kOff;
+      eo.idle_captures = serving::SlotDecoding::kOff;
+    } else if (*mode != "idle") {
+      return ReportError("serve", absl::InvalidArgumentError(
+                                      "--graph-captures must be idle, ahead or lazy"));
+    }
   }
   // Rows per scoring pass of a compose job (ComposeWorkerOptions::max_rows).
   // Its passes run on the engine's thread between decoding steps, so this is
@@ -427,7 +439,7 @@ int RunServe(int argc, char** argv) {
                  d.c_str(), (*engine)->options().max_batch_rows,
                  static_cast<long long>((*engine)->options().slot_decoder_bytes),
                  (*engine)->options().step_all_slots ? "every slot" : "the running rows' slots",
-                 CapturesText((*engine)->options().captures_ahead));
+                 CapturesText((*engine)->options()).c_str());
     ctx->engines.push_back(*std::move(engine));
   }
   // Only ctx and the engines hold the host tier from here on, so it goes

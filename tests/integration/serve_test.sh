@@ -21,15 +21,25 @@ grep -q -- "--compose-max-rows must be in \[1, 65536\]" "$tmp/err" || fail "--co
 [ $? = 2 ] || fail "--admission-graph-tokens -1: exit code"
 grep -q -- "--admission-graph-tokens must be in \[0, 65536\]" "$tmp/err" || fail "--admission-graph-tokens message"
 
-# --step-all-slots and --lazy-graph-captures reach the engine (its sizes
-# line), then a clean stop.
-mkdir -p "$tmp/all_slots"
-start_server --model "$case_dir/model" --data-dir "$tmp/all_slots" \
-  --shutdown-grace-s 0 --step-all-slots --lazy-graph-captures
-grep -q "lorahub serve: cpu: .* batch rows, slot decoder up to .* bytes, steps of every slot, CUDA graphs captured at each shape's first use" \
-  "$tmp/err" || fail "--step-all-slots --lazy-graph-captures: no sizes line saying so"
-kill -TERM "$pid"
-wait "$pid" || fail "--step-all-slots: exit code $?"
+"$lorahub" serve --model "$case_dir/model" --graph-captures eager 2>"$tmp/err"
+[ $? = 2 ] || fail "--graph-captures eager: exit code"
+grep -q -- "--graph-captures must be idle, ahead or lazy" "$tmp/err" || fail "--graph-captures message"
+
+# --step-all-slots and --graph-captures reach the engine (its sizes line),
+# then a clean stop.
+for captures in lazy ahead; do
+  case $captures in
+    lazy) said="at each shape's first use" ;;
+    ahead) said="for every shape at once on CUDA devices" ;;
+  esac
+  mkdir -p "$tmp/all_slots_$captures"
+  start_server --model "$case_dir/model" --data-dir "$tmp/all_slots_$captures" \
+    --shutdown-grace-s 0 --step-all-slots --graph-captures $captures
+  grep -q "lorahub serve: cpu: .* batch rows, slot decoder up to .* bytes, steps of every slot, CUDA graphs captured $said\$" \
+    "$tmp/err" || fail "--step-all-slots --graph-captures $captures: no sizes line saying so"
+  kill -TERM "$pid"
+  wait "$pid" || fail "--step-all-slots --graph-captures $captures: exit code $?"
+done
 
 start_server --model "$case_dir/model" --data-dir "$tmp" --max-batch-rows 8 \
   --module-load-threads 2 --admission-graph-tokens 4096
@@ -37,7 +47,7 @@ start_server --model "$case_dir/model" --data-dir "$tmp" --max-batch-rows 8 \
 [ "$(c health)" = SERVING ] || fail "health is not SERVING"
 # The sizes each engine runs with: the flag's rows, and the slot decoder's
 # automatic 128 MiB a row.
-grep -q "lorahub serve: cpu: 8 batch rows, slot decoder up to 1073741824 bytes, steps of the running rows' slots, CUDA graphs captured for every shape at once on CUDA devices" "$tmp/err" ||
+grep -q "lorahub serve: cpu: 8 batch rows, slot decoder up to 1073741824 bytes, steps of the running rows' slots, CUDA graphs captured at each shape's first use, the others while idle on CUDA devices" "$tmp/err" ||
   fail "engine sizes line: $(cat "$tmp/err")"
 for m in m0 m1 m2; do
   c --json modules add --dir "$case_dir/adapters/$m" >/dev/null || fail "add $m"

@@ -968,6 +968,7 @@ TEST_F(EngineTest, CapturesAheadMakeEveryAdmissionBucketAtTheFirstPass) {
     o.slot_decoding = SlotDecoding::kAlways;
     o.packed_admission_graphs = model::EncoderGraph::kAlways;
     o.captures_ahead = ahead;
+    o.idle_captures = SlotDecoding::kOff;  // the lazy one's count holds
     o.max_batch_rows = 4;
     ::testing::internal::CaptureStderr();
     auto engine = Start(o);
