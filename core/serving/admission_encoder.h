@@ -60,8 +60,8 @@ struct AdmissionEncoderOptions {
   bool capture_every_bucket = false;
   // true: the buckets' graphs share one memory pool (model::GraphMemoryPool:
   // one pass replays at a time and copies its output out) instead of a
-  // private pool each, so that every bucket made (capture_every_bucket)
-  // keeps about one working set rather than one each.
+  // private pool each, so that every bucket made (capture_every_bucket,
+  // MakeNextBucket) keeps about one working set rather than one each.
   bool shared_graph_pool = false;
 };
 
@@ -105,12 +105,11 @@ class AdmissionEncoder {
   // a pass of placeholder rows (as capture_every_bucket makes them all):
   // first those with the bank of the last pass with one (while its layout
   // is still `bank_layout`, the bank's now), then those without a bank
-  // where a pass without one ran. False
-  // where every such bucket has one. Why: the serving engine makes the
-  // buckets its load has not met yet while it idles
-  // (EngineOptions::idle_captures), instead of at a pass that meets one.
-  // Errors of the placeholder pass (the bucket then waits for its own first
-  // pass).
+  // where a pass without one ran. False where every such bucket has one.
+  // Why: the serving engine makes the buckets its load has not met yet
+  // while it idles (EngineOptions::idle_captures), instead of at a pass
+  // that meets one. Errors of the placeholder pass (the bucket then waits
+  // for its own first pass).
   absl::StatusOr<bool> MakeNextBucket(int64_t bank_layout);
 
   int64_t encoders() const;  // buckets made (with and without a bank)
@@ -127,9 +126,9 @@ class AdmissionEncoder {
   // capture_every_bucket: whether every bucket was made, without and with
   // the bank.
   bool made_every_[2] = {false, false};
-  // The slot table of the last pass, without and with the bank (the bank's
-  // dropped with its layout; undefined bank field: none yet): what
-  // MakeNextBucket's placeholder passes take.
+  // The slot table of the last pass without and with the bank, which
+  // MakeNextBucket's placeholder passes take; nullopt where there was no
+  // such pass, the bank's layout changed or a placeholder pass failed.
   std::optional<model::RowAdapters> last_table_[2];
   // By (bucket tokens, with a bank).
   std::map<std::pair<int64_t, bool>,

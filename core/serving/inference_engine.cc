@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <iterator>
 #include <limits>
@@ -352,6 +353,7 @@ struct InferenceEngine::State {
   const bool per_row_cross_rows;  // EngineOptions::per_row_cross_rows
   const bool captures_ahead;      // EngineOptions::captures_ahead
   const bool idle_captures;       // EngineOptions::idle_captures
+  bool idle_captures_ended = false;  // MakeShapeWhileIdle met an exception
   // EngineOptions::admission_encoder: the prompts' encoders, or nullptr.
   std::unique_ptr<model::StaticEncoderPool> admission_encoders;
   // EngineOptions::packed_admission_graphs: the row slots' newcomers'
@@ -681,26 +683,33 @@ struct InferenceEngine::State {
   // has not met yet (a step count of the slot decoder first, then a token
   // bucket of the packed admissions); false where there is none, or while
   // launched steps are not collected. A bucket that fails is logged once
-  // and left to its own first pass.
+  // and left to its own first pass; anything thrown (e.g. out of host
+  // memory) ends the idle captures.
   bool MakeShapeWhileIdle() {
-    if (!idle_captures || !launched.empty()) return false;
-    if (slot_decoder && slot_decoder->CaptureNextCount()) {
-      ++engine->shapes_made_idle_;
-      return true;
-    }
-    if (!packed_admissions) return false;
-    const absl::StatusOr<bool> made = packed_admissions->MakeNextBucket(
-        slot_bank ? slot_bank->layout() : int64_t{0});
-    if (!made.ok()) {
-      static std::atomic<bool> logged{false};
-      if (!logged.exchange(true)) {
-        std::fprintf(stderr, "lorahub: admission bucket not made while idle (%s)\n",
-                     std::string(made.status().message()).c_str());
+    if (!idle_captures || idle_captures_ended || !launched.empty()) return false;
+    try {
+      if (slot_decoder && slot_decoder->CaptureNextCount()) {
+        ++engine->shapes_made_idle_;
+        return true;
       }
-      return true;  // another bucket may still be made
+      if (!packed_admissions) return false;
+      const absl::StatusOr<bool> made = packed_admissions->MakeNextBucket(
+          slot_bank ? slot_bank->layout() : int64_t{0});
+      if (!made.ok()) {
+        static std::atomic<bool> logged{false};
+        if (!logged.exchange(true)) {
+          std::fprintf(stderr, "lorahub: admission bucket not made while idle (%s)\n",
+                       std::string(made.status().message()).c_str());
+        }
+        return true;  // another bucket may still be made
+      }
+      engine->shapes_made_idle_ += *made;
+      return *made;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "lorahub: graph captures while idle ended (%s)\n", e.what());
+      idle_captures_ended = true;
+      return false;
     }
-    engine->shapes_made_idle_ += *made;
-    return *made;
   }
 
   // Creates the slot decoder, or grows it, for the lengths of `incoming`.
