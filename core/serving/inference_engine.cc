@@ -1741,8 +1741,14 @@ void InferenceEngine::Loop() {
         lock.lock();
       }
       // EngineOptions::idle_captures: one shape at a time while idle, work
-      // looked for between them.
-      while (!ready() && !stopping_) {
+      // looked for between them; first a short wait, as a compose job's next
+      // evaluation or a client's next request often follows at once.
+      for (bool waited = false; s.idle_captures && !ready() && !stopping_;) {
+        if (!waited) {
+          cv_.wait_for(lock, std::chrono::milliseconds(10));
+          waited = true;
+          continue;
+        }
         lock.unlock();
         const bool made = s.MakeShapeWhileIdle();
         if (made) {

@@ -308,9 +308,9 @@ struct EngineOptions {
   // LORAHUB_SERVE_CAPTURES_AHEAD=off|cuda|always overrides this (A/B runs).
   SlotDecoding captures_ahead = SlotDecoding::kOff;
   // Where the engine, whenever it idles (no running row, nothing queued or
-  // loaded, no device work), makes the CUDA graphs of the shapes its
-  // traffic has not met yet, one at a time, looking for work between them
-  // (kOff/kCuda/kAlways as for slot_decoding): the slot decoder's step
+  // loaded, no device work) for 10 ms, makes the CUDA graphs of the shapes
+  // its traffic has not met yet, one at a time, looking for work between
+  // them (kOff/kCuda/kAlways as for slot_decoding): the slot decoder's step
   // counts (StaticDecoder::CaptureNextCount) and the packed admissions'
   // token buckets with and without the bank (AdmissionEncoder::
   // MakeNextBucket). Why: with captures_ahead the first admission holds the
