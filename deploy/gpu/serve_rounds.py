@@ -8,9 +8,11 @@ Why: each run prints a warm-up and GEN_ROUNDS rounds over a dozen lines
 
 A row per run: its variables, the warm-up's seconds, each round's seconds
 and tokens/s, each round's p99 time to first token, the graph captures of
-the warm-up and of each round, the engine thread's encoder passes in each
-round, each device's memory after the warm-up and after the last round, and
-how many requests gave the same ids as the run it was compared with. A
+the warm-up and of each round, every capture of the server's life and their
+seconds (with those made while idle, where its engine made any), the
+engine thread's encoder passes in each round, each device's memory after
+the warm-up and after the last round, and how many requests gave the same
+ids as the run it was compared with. A
 figure a run did not print is "-". Exits 2 on a log it cannot read.
 """
 import re
@@ -22,6 +24,8 @@ GEN = re.compile(r"^\s+gen: (\d+) tokens in ([\d.]+) s .*p99 ([\d.]+) ms")
 MEMORY = re.compile(r"^\s+device memory (\S+): ([\d.]+) GB after the round")
 ENGINE = re.compile(r"^\s+(warm-up's|round's) engine: .*; (\d+) graph captures")
 PASSES = re.compile(r"encoder passes ([\d.]+)")
+EXIT = re.compile(r"^lorahub engine \S+: .*; graph captures (\d+) in ([\d.]+) s"
+                  r"(?:; shapes made while idle (\d+))?")
 SAME = re.compile(r"^\s+outputs: (\d+) of (\d+) requests with the same ids as (\S+)")
 
 
@@ -32,7 +36,7 @@ def parse(lines):
         if m:
             runs.append({"tag": m.group(1), "vars": m.group(2), "warm": None,
                          "rounds": [], "p99": [], "captures": [], "passes": [],
-                         "memory": {}, "same": None})
+                         "memory": {}, "same": None, "all": []})
             continue
         if not runs:
             continue
@@ -50,6 +54,9 @@ def parse(lines):
             if m.group(1) == "round's":
                 passes = PASSES.search(line)
                 run["passes"].append(passes.group(1) if passes else "-")
+        elif m := EXIT.match(line):
+            idle = "; %s while idle" % m.group(3) if m.group(3) else ""
+            run["all"].append("%s (%.2f s%s)" % (m.group(1), float(m.group(2)), idle))
         elif m := SAME.match(line):
             run["same"] = "%s of %s as %s" % m.groups()
     return runs
@@ -57,16 +64,18 @@ def parse(lines):
 
 def table(runs):
     out = ["| run | variables | warm-up s | rounds: s (tok/s) | p99 TTFT ms | "
-           "captures (warm-up, rounds) | encoder passes s | memory GB (warm-up, last) | same ids |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "captures (warm-up, rounds) | captures in all | encoder passes s | "
+           "memory GB (warm-up, last) | same ids |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         memory = "; ".join("%s %.2f, %.2f" % (d, v[0], v[-1]) for d, v in r["memory"].items())
-        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["tag"], r["vars"] or "-",
             "%.3f" % r["warm"] if r["warm"] is not None else "-",
             " / ".join("%.3f (%.0f)" % x for x in r["rounds"]) or "-",
             " / ".join(r["p99"]) or "-",
             " / ".join(r["captures"]) or "-",
+            "; ".join(r["all"]) or "-",
             " / ".join(r["passes"]) or "-",
             memory or "-", r["same"] or "-"))
     return "\n".join(out)
