@@ -634,10 +634,7 @@ absl::StatusOr<at::Tensor> StaticDecoder::Step(const at::Tensor& ids,
     if (capturing_ && graphs_.count(stepped) == 0) {
       if (capture_every_count_ && row_slots_) {
         // From the fewest slots up; a failed capture ends the captures.
-        for (int64_t count = StepRows(1, batch_); capturing_;
-             count = StepRows(count + 1, batch_)) {
-          if (graphs_.count(count) == 0) TryCapture(count);
-          if (count == batch_) break;
+        while (CaptureNextCount()) {
         }
       } else {
         TryCapture(stepped);

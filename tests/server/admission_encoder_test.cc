@@ -104,6 +104,18 @@ class AdmissionEncoderBankTest : public ::testing::TestWithParam<at::ScalarType>
     return rows.ok() ? *rows : model::RowAdapters{};
   }
 
+  // The same pass through `want` and `got` gives the same outputs.
+  void ExpectSamePass(AdmissionEncoder& want, AdmissionEncoder& got,
+                      const std::vector<int64_t>& lengths,
+                      const model::RowAdapters& rows, int64_t layout) {
+    auto w = want.Encode(Prompts(lengths), rows, layout);
+    auto g = got.Encode(Prompts(lengths), rows, layout);
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_TRUE(at::equal(g->hidden, w->hidden));
+    EXPECT_TRUE(at::equal(g->mask_bias, w->mask_bias));
+  }
+
   model::T5Weights base_;
   std::vector<model::LoraAdapter> adapters_;
   model::AdapterBank bank_;
@@ -176,12 +188,7 @@ TEST_P(AdmissionEncoderBf16Test, MakesEveryBucketAtTheFirstPass) {
   ASSERT_EQ(buckets, 7);
   const auto same = [&](const std::vector<int64_t>& lengths,
                         const model::RowAdapters& rows, int64_t layout) {
-    auto want = lazy.Encode(Prompts(lengths), rows, layout);
-    auto got = every.Encode(Prompts(lengths), rows, layout);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_TRUE(got.ok()) << got.status();
-    EXPECT_TRUE(at::equal(got->hidden, want->hidden));
-    EXPECT_TRUE(at::equal(got->mask_bias, want->mask_bias));
+    ExpectSamePass(lazy, every, lengths, rows, layout);
   };
   same({5, 100, 128}, Rows({0, 1, -1}), 1);
   EXPECT_EQ(every.encoders(), buckets);
@@ -213,11 +220,7 @@ TEST_P(AdmissionEncoderBf16Test, MakesTheNextBucketOneAtATime) {
   EXPECT_FALSE(*none);
   const auto same = [&](const std::vector<int64_t>& lengths,
                         const model::RowAdapters& rows, int64_t layout) {
-    auto want = lazy.Encode(Prompts(lengths), rows, layout);
-    auto got = next.Encode(Prompts(lengths), rows, layout);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_TRUE(got.ok()) << got.status();
-    EXPECT_TRUE(at::equal(got->hidden, want->hidden));
+    ExpectSamePass(lazy, next, lengths, rows, layout);
   };
   same({5, 100}, Rows({0, 1}), 1);  // the bucket of 128
   auto moved = next.MakeNextBucket(2);  // the layout moved since
@@ -297,11 +300,7 @@ TEST_P(AdmissionEncoderBf16Test, SharedGraphPoolKeepsEachBucketsOutputs) {
   }
   const auto same = [&](const std::vector<int64_t>& lengths,
                         const model::RowAdapters& rows, int64_t layout) {
-    auto want = own.Encode(Prompts(lengths), rows, layout);
-    auto got = shared.Encode(Prompts(lengths), rows, layout);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_TRUE(got.ok()) << got.status();
-    EXPECT_TRUE(at::equal(got->hidden, want->hidden));
+    ExpectSamePass(own, shared, lengths, rows, layout);
   };
   // 256, 128, 512, 128 and 256 tokens again: each bucket after others.
   same({5, 100, 128}, Rows({0, 1, -1}), 1);

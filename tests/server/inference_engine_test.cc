@@ -961,15 +961,23 @@ TEST_F(EngineTest, StepsTakeTheSlotsUpToTheLastRunningRow) {
 // bucket that 4 rows reach (7, up to 512 tokens; as the engine's exit line
 // counts them), where without it only the bucket it needs; the request gives
 // its tokens alone either way.
+// Row slots of 4 rows whose admissions take the packed encoders of token
+// buckets (eagerly on the CPU), with the given captures.
+EngineOptions PackedBucketOptions(SlotDecoding ahead, SlotDecoding idle) {
+  EngineOptions o;
+  o.slot_decoding = SlotDecoding::kAlways;
+  o.packed_admission_graphs = model::EncoderGraph::kAlways;
+  o.captures_ahead = ahead;
+  o.idle_captures = idle;
+  o.max_batch_rows = 4;
+  return o;
+}
+
 TEST_F(EngineTest, CapturesAheadMakeEveryAdmissionBucketAtTheFirstPass) {
   for (SlotDecoding ahead : {SlotDecoding::kOff, SlotDecoding::kAlways}) {
     const bool on = ahead == SlotDecoding::kAlways;
-    EngineOptions o;
-    o.slot_decoding = SlotDecoding::kAlways;
-    o.packed_admission_graphs = model::EncoderGraph::kAlways;
-    o.captures_ahead = ahead;
-    o.idle_captures = SlotDecoding::kOff;  // the lazy one's count holds
-    o.max_batch_rows = 4;
+    // No idle captures: the lazy one's count holds.
+    const EngineOptions o = PackedBucketOptions(ahead, SlotDecoding::kOff);
     ::testing::internal::CaptureStderr();
     auto engine = Start(o);
     ASSERT_TRUE(engine);
@@ -995,12 +1003,7 @@ TEST_F(EngineTest, CapturesAheadMakeEveryAdmissionBucketAtTheFirstPass) {
 // eagerly, as the engine's exit line counts them); a request after them
 // gives its tokens alone.
 TEST_F(EngineTest, IdleCapturesMakeTheOtherAdmissionBucketsBetweenRequests) {
-  EngineOptions o;
-  o.slot_decoding = SlotDecoding::kAlways;
-  o.packed_admission_graphs = model::EncoderGraph::kAlways;
-  o.captures_ahead = SlotDecoding::kOff;
-  o.idle_captures = SlotDecoding::kAlways;
-  o.max_batch_rows = 4;
+  const EngineOptions o = PackedBucketOptions(SlotDecoding::kOff, SlotDecoding::kAlways);
   ::testing::internal::CaptureStderr();
   auto engine = Start(o);
   ASSERT_TRUE(engine);
