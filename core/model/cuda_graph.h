@@ -162,6 +162,29 @@ class SideStream {
 // A side stream on `device`; nullptr for other devices or in a CPU build.
 std::unique_ptr<SideStream> MakeSideStream(c10::Device device);
 
+// A branch off the current stream on a CUDA device: Open() makes a second
+// stream current that first waits (on the device) for the work the current
+// stream has queued so far; Close() makes the stream current at Open
+// current again, without waiting; Join() makes that stream wait (on the
+// device) for the work the branch has queued. Inside a CUDA graph capture
+// the branch is a parallel path of the graph and must be joined before the
+// capture ends. The branch's work must not allocate memory that the other
+// stream frees (the caller's job). Open and Close pair up; Join after
+// Close, any number of times.
+// Why: one candidate's evaluation merges its adapter into the decoder's
+// weights while the encoder runs (ObjectiveRunner).
+// Thread-safety: one thread at a time.
+class StreamBranch {
+ public:
+  virtual ~StreamBranch() = default;
+  virtual void Open() = 0;
+  virtual void Close() = 0;
+  virtual void Join() = 0;
+};
+
+// A branch on `device`; nullptr for other devices or in a CPU build.
+std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device);
+
 }  // namespace lorahub::model
 
 #endif  // LORAHUB_CORE_MODEL_CUDA_GRAPH_H_

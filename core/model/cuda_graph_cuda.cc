@@ -304,7 +304,89 @@ class CudaSideStream : public SideStream {
   bool entered_ = false;
 };
 
+class CudaStreamBranch : public StreamBranch {
+ public:
+  CudaStreamBranch(c10::DeviceIndex index, cudaEvent_t fork, cudaEvent_t join)
+      : index_(index),
+        branch_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index)),
+        outer_(c10::cuda::getCurrentCUDAStream(index)),
+        fork_(fork),
+        join_(join) {}
+  ~CudaStreamBranch() override {
+    Close();
+    Join();
+    (void)cudaEventDestroy(fork_);
+    (void)cudaEventDestroy(join_);
+  }
+
+  void Open() override {
+    if (open_) return;
+    outer_ = c10::cuda::getCurrentCUDAStream(index_);
+    // The pool hands its streams out in turn: the current one may be ours.
+    if (branch_ == outer_) {
+      branch_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index_);
+    }
+    // A failed record or wait leaves nothing to order against: the host
+    // waits instead (the device's error then surfaces at the next
+    // synchronizing call).
+    if (cudaEventRecord(fork_, outer_.stream()) != cudaSuccess ||
+        cudaStreamWaitEvent(branch_.stream(), fork_, 0) != cudaSuccess) {
+      (void)cudaStreamSynchronize(outer_.stream());
+      ClearCudaError();
+    }
+    c10::cuda::setCurrentCUDAStream(branch_);
+    open_ = true;
+  }
+
+  void Close() override {
+    if (!open_) return;
+    open_ = false;
+    c10::cuda::setCurrentCUDAStream(outer_);
+    pending_ = true;
+  }
+
+  void Join() override {
+    if (open_ || !pending_) return;
+    pending_ = false;
+    if (cudaEventRecord(join_, branch_.stream()) != cudaSuccess ||
+        cudaStreamWaitEvent(outer_.stream(), join_, 0) != cudaSuccess) {
+      (void)cudaStreamSynchronize(branch_.stream());
+      ClearCudaError();
+    }
+  }
+
+ private:
+  const c10::DeviceIndex index_;
+  c10::cuda::CUDAStream branch_;
+  c10::cuda::CUDAStream outer_;
+  cudaEvent_t fork_;
+  cudaEvent_t join_;
+  bool open_ = false;
+  bool pending_ = false;  // closed, not yet joined
+};
+
 }  // namespace
+
+std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device) {
+  if (!device.is_cuda()) return nullptr;
+  try {
+    c10::cuda::CUDAGuard guard(device);
+    cudaEvent_t fork = nullptr, join = nullptr;
+    if (cudaEventCreateWithFlags(&fork, cudaEventDisableTiming) != cudaSuccess) {
+      ClearCudaError();
+      return nullptr;
+    }
+    if (cudaEventCreateWithFlags(&join, cudaEventDisableTiming) != cudaSuccess) {
+      ClearCudaError();
+      (void)cudaEventDestroy(fork);
+      return nullptr;
+    }
+    return std::make_unique<CudaStreamBranch>(guard.current_device().index(), fork, join);
+  } catch (const c10::Error&) {
+    ClearCudaError();
+    return nullptr;
+  }
+}
 
 std::unique_ptr<SideStream> MakeSideStream(c10::Device device) {
   if (!device.is_cuda()) return nullptr;

@@ -63,6 +63,11 @@ bool ObjectiveRunnerOptions::MergeSingleFromEnv() {
   return !off;
 }
 
+bool ObjectiveRunnerOptions::MergeBesideFromEnv() {
+  static const bool off = EnvFlag("LORAHUB_NO_MERGE_BESIDE");
+  return !off;
+}
+
 ObjectiveRunner::~ObjectiveRunner() = default;
 
 absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
@@ -133,7 +138,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       run->groups_.push_back(std::move(g));
     }
     if (options.merge_single && C == 1 && weights.dtype == at::kBFloat16 && !run->bf16_lora_) {
-      absl::Status merging = run->PrepareMerge();
+      absl::Status merging = run->PrepareMerge(options.merge_beside_encoder);
       if (!merging.ok()) return merging;
     }
     run->bank_.num_slots = static_cast<int>(C);
@@ -270,13 +275,16 @@ int64_t ObjectiveRunner::packed_chunks() const {
   return n;
 }
 
-absl::Status ObjectiveRunner::PrepareMerge() {
+absl::Status ObjectiveRunner::PrepareMerge(bool beside) {
   std::set<int> sites;
   for (const Group& g : groups_) sites.insert(g.sites.begin(), g.sites.end());
   auto copy = CopyAdaptedWeights(*weights_, sites);
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
-  std::vector<LowRankUpdate> updates;
+  if (beside) branch_ = MakeStreamBranch(weights_->device);
+  const int64_t encoder_sites =
+      static_cast<int64_t>(weights_->config.num_layers) * kSitesPerBlock;
+  std::vector<LowRankUpdate> updates, decoder_updates;
   // Only where ComposeFromBf16 runs: elsewhere the copy would never be read.
   const bool bf16_pool = weights_->device.is_cuda() && FusedKernelsEnabled() &&
                          !EnvFlag("LORAHUB_COMPOSE_FP32");
@@ -294,10 +302,14 @@ absl::Status ObjectiveRunner::PrepareMerge() {
       u.a = composed.narrow(0, j * a_len, a_len).view({g.r, g.in});
       u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g.out, g.r});
       u.scale = static_cast<float>(scale_values_[site]);
-      updates.push_back(std::move(u));
+      (branch_ != nullptr && site >= encoder_sites ? decoder_updates : updates)
+          .push_back(std::move(u));
     }
   }
   merge_ = std::make_unique<LowRankMerge>(std::move(updates));
+  if (!decoder_updates.empty()) {
+    decoder_merge_ = std::make_unique<LowRankMerge>(std::move(decoder_updates));
+  }
   return absl::OkStatus();
 }
 
@@ -333,6 +345,22 @@ absl::Status ObjectiveRunner::Evaluate() {
   try {
     Compose();
     if (merge_ != nullptr) merge_->Run();
+    // The decoder's merge beside the encoder, joined before anything reads
+    // the decoder's weights (or on the way out of an error).
+    struct Joined {
+      StreamBranch* branch;
+      ~Joined() {
+        if (branch == nullptr) return;
+        branch->Close();
+        branch->Join();
+      }
+    } joined{nullptr};
+    if (decoder_merge_ != nullptr) {
+      branch_->Open();
+      joined.branch = branch_.get();
+      decoder_merge_->Run();
+      branch_->Close();
+    }
     const T5Weights& weights = merged_weights_ != nullptr ? *merged_weights_ : *weights_;
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
@@ -341,6 +369,10 @@ absl::Status ObjectiveRunner::Evaluate() {
                      ? EncodePacked(weights, *chunk.packed, chunk.rows)
                      : Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
+      if (joined.branch != nullptr) {
+        joined.branch->Join();
+        joined.branch = nullptr;
+      }
       // Per-row summed token cross-entropy, as ScoreCandidates computes it.
       auto sums = DecodeFullNll(weights, chunk.decoder_ids, *enc, chunk.rows,
                                 chunk.labels, chunk.biases.get());

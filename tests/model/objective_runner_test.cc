@@ -197,7 +197,8 @@ TEST(ObjectiveRunnerGolden, OddShapesSeveralGroups) {
 // (2e-3). The loss without the decoder's share of the adapter must differ
 // from the wanted one by more than ten times the tolerance, so that a merge
 // that missed the decoder's sites fails (H200: with the decoder's merge
-// dropped, this test failed).
+// dropped, this test failed). The decoder's merge beside the encoder
+// (merge_beside_encoder, the default) gives the bits of the merge in line.
 TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
@@ -211,8 +212,12 @@ TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
   const at::Tensor q0 = s.base.encoder[0].self_attn.q.weight.clone();
   ObjectiveRunnerOptions ro;
   ASSERT_TRUE(ro.merge_single);
+  ASSERT_TRUE(ro.merge_beside_encoder);
   auto runner = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
   ASSERT_TRUE(runner.ok()) << runner.status();
+  ro.merge_beside_encoder = false;
+  auto in_line = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
+  ASSERT_TRUE(in_line.ok()) << in_line.status();
   ro.merge_single = false;
   auto unmerged = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
   ASSERT_TRUE(unmerged.ok()) << unmerged.status();
@@ -222,6 +227,9 @@ TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
     const std::vector<double> w = RandomWeights(1, s.stack.num_modules, 40 + call);
     auto got = (*runner)->Losses(w, 1);
     ASSERT_TRUE(got.ok()) << got.status();
+    auto merged_in_line = (*in_line)->Losses(w, 1);
+    ASSERT_TRUE(merged_in_line.ok()) << merged_in_line.status();
+    EXPECT_EQ(*got, *merged_in_line);
     auto bank = ComposeLoraHub(
         s.stack, at::tensor(w, at::kDouble).to(at::kFloat).view({1, s.stack.num_modules}));
     ASSERT_TRUE(bank.ok()) << bank.status();
