@@ -168,9 +168,11 @@ std::unique_ptr<SideStream> MakeSideStream(c10::Device device);
 // current again, without waiting; Join() makes that stream wait (on the
 // device) for the work the branch has queued. Inside a CUDA graph capture
 // the branch is a parallel path of the graph and must be joined before the
-// capture ends. The branch's work must not allocate memory that the other
-// stream frees (the caller's job). Open and Close pair up; Join after
-// Close, any number of times.
+// capture ends. Open and Close pair up; Join after Close, any number of
+// times. Memory the branch allocates that the other stream reads must be
+// marked (RecordUse). A high-priority branch's blocks start before pending
+// ones of the other stream (captured kernels keep their stream's priority:
+// LibTorch instantiates graphs with per-node priorities).
 // Why: one candidate's evaluation merges its adapter into the decoder's
 // weights while the encoder runs (ObjectiveRunner).
 // Thread-safety: one thread at a time.
@@ -180,10 +182,15 @@ class StreamBranch {
   virtual void Open() = 0;
   virtual void Close() = 0;
   virtual void Join() = 0;
+  // `t`, allocated on the branch, is read by work queued on the stream
+  // current at Open: the allocator keeps its memory until that work ran.
+  virtual void RecordUse(const at::Tensor& t) = 0;
 };
 
-// A branch on `device`; nullptr for other devices or in a CPU build.
-std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device);
+// A branch on `device` (of the device's highest stream priority where
+// `high_priority`); nullptr for other devices or in a CPU build.
+std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device,
+                                               bool high_priority);
 
 }  // namespace lorahub::model
 

@@ -306,9 +306,11 @@ class CudaSideStream : public SideStream {
 
 class CudaStreamBranch : public StreamBranch {
  public:
-  CudaStreamBranch(c10::DeviceIndex index, cudaEvent_t fork, cudaEvent_t join)
+  CudaStreamBranch(c10::DeviceIndex index, bool high_priority, cudaEvent_t fork,
+                   cudaEvent_t join)
       : index_(index),
-        branch_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index)),
+        high_priority_(high_priority),
+        branch_(c10::cuda::getStreamFromPool(high_priority, index)),
         outer_(c10::cuda::getCurrentCUDAStream(index)),
         fork_(fork),
         join_(join) {}
@@ -324,7 +326,7 @@ class CudaStreamBranch : public StreamBranch {
     outer_ = c10::cuda::getCurrentCUDAStream(index_);
     // The pool hands its streams out in turn: the current one may be ours.
     if (branch_ == outer_) {
-      branch_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index_);
+      branch_ = c10::cuda::getStreamFromPool(high_priority_, index_);
     }
     // A failed record or wait leaves nothing to order against: the host
     // waits instead (the device's error then surfaces at the next
@@ -355,8 +357,14 @@ class CudaStreamBranch : public StreamBranch {
     }
   }
 
+  void RecordUse(const at::Tensor& t) override {
+    if (!t.defined() || !t.is_cuda()) return;
+    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), outer_);
+  }
+
  private:
   const c10::DeviceIndex index_;
+  const bool high_priority_;
   c10::cuda::CUDAStream branch_;
   c10::cuda::CUDAStream outer_;
   cudaEvent_t fork_;
@@ -367,7 +375,8 @@ class CudaStreamBranch : public StreamBranch {
 
 }  // namespace
 
-std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device) {
+std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device,
+                                               bool high_priority) {
   if (!device.is_cuda()) return nullptr;
   try {
     c10::cuda::CUDAGuard guard(device);
@@ -381,7 +390,8 @@ std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device) {
       (void)cudaEventDestroy(fork);
       return nullptr;
     }
-    return std::make_unique<CudaStreamBranch>(guard.current_device().index(), fork, join);
+    return std::make_unique<CudaStreamBranch>(guard.current_device().index(),
+                                              high_priority, fork, join);
   } catch (const c10::Error&) {
     ClearCudaError();
     return nullptr;

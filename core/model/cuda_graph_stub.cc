@@ -40,6 +40,8 @@ void SynchronizeDevice(c10::Device device) {
 
 std::unique_ptr<SideStream> MakeSideStream(c10::Device) { return nullptr; }
 
-std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device) { return nullptr; }
+std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device, bool) {
+  return nullptr;
+}
 
 }  // namespace lorahub::model

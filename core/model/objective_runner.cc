@@ -281,7 +281,13 @@ absl::Status ObjectiveRunner::PrepareMerge(bool beside) {
   auto copy = CopyAdaptedWeights(*weights_, sites);
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
-  if (beside) branch_ = MakeStreamBranch(weights_->device);
+  if (beside) {
+    // LORAHUB_ENCODER_ON_BRANCH=1 (A/B, read once): the encoder on a
+    // high-priority branch, the decoder's merge on the evaluation's stream.
+    static const bool encoder_on_branch = EnvFlag("LORAHUB_ENCODER_ON_BRANCH");
+    encoder_on_branch_ = encoder_on_branch;
+    branch_ = MakeStreamBranch(weights_->device, /*high_priority=*/encoder_on_branch);
+  }
   const int64_t encoder_sites =
       static_cast<int64_t>(weights_->config.num_layers) * kSitesPerBlock;
   std::vector<LowRankUpdate> updates, decoder_updates;
@@ -345,8 +351,9 @@ absl::Status ObjectiveRunner::Evaluate() {
   try {
     Compose();
     if (merge_ != nullptr) merge_->Run();
-    // The decoder's merge beside the encoder, joined before anything reads
-    // the decoder's weights (or on the way out of an error).
+    // The decoder's merge beside the encoder (merge_beside_encoder): one of
+    // the two on branch_, joined before anything reads the decoder's weights
+    // (or on the way out of an error).
     struct Joined {
       StreamBranch* branch;
       ~Joined() {
@@ -355,7 +362,7 @@ absl::Status ObjectiveRunner::Evaluate() {
         branch->Join();
       }
     } joined{nullptr};
-    if (decoder_merge_ != nullptr) {
+    if (decoder_merge_ != nullptr && !encoder_on_branch_) {
       branch_->Open();
       joined.branch = branch_.get();
       decoder_merge_->Run();
@@ -365,10 +372,23 @@ absl::Status ObjectiveRunner::Evaluate() {
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
+      const bool on_branch = decoder_merge_ != nullptr && encoder_on_branch_ &&
+                             joined.branch == nullptr && parts.empty();
+      if (on_branch) {
+        branch_->Open();
+        joined.branch = branch_.get();
+      }
       auto enc = chunk.packed != nullptr
                      ? EncodePacked(weights, *chunk.packed, chunk.rows)
                      : Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
+      if (on_branch) {
+        branch_->Close();
+        decoder_merge_->Run();
+        for (const at::Tensor* t : {&enc->hidden, &enc->mask_bias, &enc->hidden_full}) {
+          branch_->RecordUse(*t);
+        }
+      }
       if (joined.branch != nullptr) {
         joined.branch->Join();
         joined.branch = nullptr;

@@ -193,6 +193,7 @@ class ObjectiveRunner {
   // then holds the encoder's).
   std::unique_ptr<LowRankMerge> decoder_merge_;
   std::unique_ptr<StreamBranch> branch_;
+  bool encoder_on_branch_ = false;  // else the decoder's merge on branch_
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)
   at::Tensor w_dev_;   // [C, N] fp32 on the device: the graph's input
