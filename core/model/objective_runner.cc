@@ -281,13 +281,7 @@ absl::Status ObjectiveRunner::PrepareMerge(bool beside) {
   auto copy = CopyAdaptedWeights(*weights_, sites);
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
-  if (beside) {
-    // LORAHUB_ENCODER_ON_BRANCH=1 (A/B, read once): the encoder on a
-    // high-priority branch, the decoder's merge on the evaluation's stream.
-    static const bool encoder_on_branch = EnvFlag("LORAHUB_ENCODER_ON_BRANCH");
-    encoder_on_branch_ = encoder_on_branch;
-    branch_ = MakeStreamBranch(weights_->device, /*high_priority=*/encoder_on_branch);
-  }
+  if (beside) branch_ = MakeStreamBranch(weights_->device, /*high_priority=*/true);
   const int64_t encoder_sites =
       static_cast<int64_t>(weights_->config.num_layers) * kSitesPerBlock;
   std::vector<LowRankUpdate> updates, decoder_updates;
@@ -351,30 +345,23 @@ absl::Status ObjectiveRunner::Evaluate() {
   try {
     Compose();
     if (merge_ != nullptr) merge_->Run();
-    // The decoder's merge beside the encoder (merge_beside_encoder): one of
-    // the two on branch_, joined before anything reads the decoder's weights
-    // (or on the way out of an error).
+    // merge_beside_encoder: the first pass's encoder on branch_, the
+    // decoder's merge beside it, joined before anything reads the decoder's
+    // weights (or on the way out of an error).
     struct Joined {
-      StreamBranch* branch;
+      StreamBranch* branch = nullptr;
       ~Joined() {
         if (branch == nullptr) return;
         branch->Close();
         branch->Join();
       }
-    } joined{nullptr};
-    if (decoder_merge_ != nullptr && !encoder_on_branch_) {
-      branch_->Open();
-      joined.branch = branch_.get();
-      decoder_merge_->Run();
-      branch_->Close();
-    }
+    } joined;
     const T5Weights& weights = merged_weights_ != nullptr ? *merged_weights_ : *weights_;
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
-      const bool on_branch = decoder_merge_ != nullptr && encoder_on_branch_ &&
-                             joined.branch == nullptr && parts.empty();
-      if (on_branch) {
+      const bool beside = decoder_merge_ != nullptr && parts.empty();
+      if (beside) {
         branch_->Open();
         joined.branch = branch_.get();
       }
@@ -382,15 +369,13 @@ absl::Status ObjectiveRunner::Evaluate() {
                      ? EncodePacked(weights, *chunk.packed, chunk.rows)
                      : Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
       if (!enc.ok()) return enc.status();
-      if (on_branch) {
+      if (beside) {
         branch_->Close();
         decoder_merge_->Run();
         for (const at::Tensor* t : {&enc->hidden, &enc->mask_bias, &enc->hidden_full}) {
           branch_->RecordUse(*t);
         }
-      }
-      if (joined.branch != nullptr) {
-        joined.branch->Join();
+        branch_->Join();
         joined.branch = nullptr;
       }
       // Per-row summed token cross-entropy, as ScoreCandidates computes it.

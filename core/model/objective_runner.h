@@ -78,13 +78,16 @@ struct ObjectiveRunnerOptions {
   // default path adds the fp32 delta to the fp32 projection output).
   // Default: on, unless LORAHUB_NO_MERGED_OBJECTIVE=1 (A/B).
   bool merge_single = MergeSingleFromEnv();
-  // merge_single on CUDA: the decoder's sites merge on a branch of the
-  // stream (cuda_graph.h StreamBranch) beside the encoder, which reads only
-  // the encoder's merged weights; the decoder waits for them. The same
-  // bits, in another order of kernels. Why: the merge is bound by memory
-  // and the encoder's small GEMMs leave it room (H100: the merge 233 us of
-  // a 2.9 ms evaluation, two thirds of it the decoder's sites). Default:
-  // on, unless LORAHUB_NO_MERGE_BESIDE=1 (A/B).
+  // merge_single on CUDA: the decoder's sites merge beside the encoder,
+  // which reads only the encoder's merged weights and runs on a branch of
+  // high priority (cuda_graph.h StreamBranch); the decoder waits for both.
+  // The same bits, in another order of kernels. Why: the merge is 233 us
+  // of a 2.9 ms evaluation (H100), two thirds of it the decoder's sites.
+  // On the evaluation's own stream beside the encoder, the merge's blocks,
+  // queued first, held the encoder back until their last wave; at a lower
+  // priority they fill what the encoder leaves, which is little (H100,
+  // Kineto: 2,881 against 2,897 us). Default: on, unless
+  // LORAHUB_NO_MERGE_BESIDE=1 (A/B).
   bool merge_beside_encoder = MergeBesideFromEnv();
 
   static bool LoraBf16FromEnv();
@@ -189,11 +192,11 @@ class ObjectiveRunner {
   // the forward runs on *weights_ with the bank's adapters.
   std::unique_ptr<T5Weights> merged_weights_;
   std::unique_ptr<LowRankMerge> merge_;
-  // merge_beside_encoder: the decoder's sites, merged on branch_ (merge_
-  // then holds the encoder's).
+  // merge_beside_encoder: the decoder's sites (merge_ then holds the
+  // encoder's), merged beside the encoder, which runs on branch_ (of high
+  // priority).
   std::unique_ptr<LowRankMerge> decoder_merge_;
   std::unique_ptr<StreamBranch> branch_;
-  bool encoder_on_branch_ = false;  // else the decoder's merge on branch_
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)
   at::Tensor w_dev_;   // [C, N] fp32 on the device: the graph's input
