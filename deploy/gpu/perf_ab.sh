@@ -8,7 +8,11 @@
 #     and the tests that skipped on the device (the CUDA-only ones skip in CI, on the CPU);
 #  3. `lorahub bench` in bf16 (the figures of docs/BENCHMARKS.md) with a Kineto profile
 #     (profile*.json, the kernel tables in main.err), then same-build A/B runs;
-#  4. (SWEEP=1) tokens/s against batch size (--gen-sweep) -> sweep.json;
+#  4. (SWEEP=1) tokens/s against batch size (--gen-sweep) -> sweep.json; (PLOTS=1)
+#     deploy/gpu/plots.sh on the same build and fixture -> plots/ (docs/BENCHMARKS.md's two
+#     plots, the learning traces beside the reference's; about 60 s on a warm build). Its
+#     files travel inside perf.tgz: the device returns only so many files of $OUT (seventy-
+#     seventh session: plots.sh run straight into $OUT lost its second plot and the traces);
 #  5. (NCU="kernel ...") deploy/gpu/ncu_kernels.sh on those kernels -> ncu_*.txt, ncu_summary.txt;
 #  6. (NUMERICS="task ...") deploy/gpu/bf16_numerics.py on the trained default model (models/default,
 #     which does not fit beside .gpu/debs in a call: carry .gpu/models.tgz, made here with
@@ -34,7 +38,7 @@
 # and, as it is printed, to $OUT/progress.log (with each run's JSON a line of $OUT/runs.jsonl,
 # {"tag": ..., "bench": ...}: they survive a kill).
 #
-#   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [STOP_S=420] [SKIP_TESTS=1] \
+#   OUT=DIR [ABS="tag ENV=V ... [-- flags]; ..."] [SWEEP=1] [PLOTS=1] [STOP_S=420] [SKIP_TESTS=1] \
 #     [FIXTURE_LORA_SCALE=0.1] \
 #     bash deploy/gpu/perf_ab.sh
 # Carry .gpu/debs (deploy/gpu/fetch_debs.sh) and .gpu/bench (a copy of ../shared/bench).
@@ -205,6 +209,12 @@ if [ "${SWEEP:-0}" = 1 ] && [ $((SECONDS - start)) -lt "${STOP_S:-420}" ]; then
     --prompts "$fx/prompts.jsonl" --device cuda:0 --dtype bf16 --reps 3 --cobyla-budget 4 \
     --cmaes-budget 64 --population 64 --gen-tokens 32 --gen-sweep 1,8,16,32,64,128,256 --json \
     >"$work/sweep.json" 2>"$work/sweep.err" || echo "FAILED: sweep"
+fi
+if [ "${PLOTS:-0}" = 1 ]; then
+  stamp "plots"
+  OUT=$work/plots FIXTURE="$fx" timeout 300 bash deploy/gpu/plots.sh >/dev/null 2>&1 ||
+    echo "FAILED: plots (plots/plots.log)"
+  grep -E "^\| ours|^\| reference|FAILED" "$work/plots/plots/plots.md" "$work/plots/plots.log" 2>/dev/null
 fi
 if [ -n "${NCU:-}" ]; then
   stamp "ncu: $NCU"

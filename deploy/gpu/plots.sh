@@ -12,6 +12,8 @@
 #  c. the reference's COBYLA-40 (fp32, scipy) with every evaluation timed
 #     (deploy/gpu/ref_learn_trace.py) -> $OUT/traces/reference_cobyla_fp32.json
 #  d. deploy/gpu/plot_bench.py -> $OUT/plots/{score_vs_time.png,tokens_vs_batch.png,plots.md}
+# On the device host, write OUT outside the call's $OUT and bring it back as one archive (or run
+# it through perf_ab.sh PLOTS=1): a call returns only so many files.
 # Everything logs to $OUT/plots.log. Each step has a timeout; a failed step prints FAILED and
 # the run goes on (the plots leave out what is missing). Exit code: 1 if any step failed.
 # Other environment: REF (reference script), PY (python3), DEVICE (ours: cuda:0), REF_DEVICE
