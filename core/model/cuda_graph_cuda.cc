@@ -258,6 +258,18 @@ void SynchronizeDevice(c10::Device device) {
 
 namespace {
 
+// `waiter` waits (on the device) for the work queued on `signaler` so far,
+// through `event`. A failed record or wait leaves nothing to order against:
+// the host waits for `signaler` instead (the device's error then surfaces at
+// the next synchronizing call).
+void WaitOnDevice(cudaStream_t waiter, cudaStream_t signaler, cudaEvent_t event) {
+  if (cudaEventRecord(event, signaler) != cudaSuccess ||
+      cudaStreamWaitEvent(waiter, event, 0) != cudaSuccess) {
+    (void)cudaStreamSynchronize(signaler);
+    ClearCudaError();
+  }
+}
+
 class CudaSideStream : public SideStream {
  public:
   CudaSideStream(c10::DeviceIndex index, cudaEvent_t done)
@@ -281,13 +293,7 @@ class CudaSideStream : public SideStream {
     if (!entered_) return;
     entered_ = false;
     c10::cuda::setCurrentCUDAStream(outer_);
-    // A failed record or wait leaves nothing to order against; the
-    // device's error then surfaces at the next synchronizing call.
-    if (cudaEventRecord(done_, side_.stream()) != cudaSuccess ||
-        cudaStreamWaitEvent(outer_.stream(), done_, 0) != cudaSuccess) {
-      (void)cudaStreamSynchronize(side_.stream());
-      ClearCudaError();
-    }
+    WaitOnDevice(outer_.stream(), side_.stream(), done_);
   }
 
   void RecordUse(const at::Tensor& t) override {
@@ -328,14 +334,7 @@ class CudaStreamBranch : public StreamBranch {
     if (branch_ == outer_) {
       branch_ = c10::cuda::getStreamFromPool(high_priority_, index_);
     }
-    // A failed record or wait leaves nothing to order against: the host
-    // waits instead (the device's error then surfaces at the next
-    // synchronizing call).
-    if (cudaEventRecord(fork_, outer_.stream()) != cudaSuccess ||
-        cudaStreamWaitEvent(branch_.stream(), fork_, 0) != cudaSuccess) {
-      (void)cudaStreamSynchronize(outer_.stream());
-      ClearCudaError();
-    }
+    WaitOnDevice(branch_.stream(), outer_.stream(), fork_);
     c10::cuda::setCurrentCUDAStream(branch_);
     open_ = true;
   }
@@ -350,11 +349,7 @@ class CudaStreamBranch : public StreamBranch {
   void Join() override {
     if (open_ || !pending_) return;
     pending_ = false;
-    if (cudaEventRecord(join_, branch_.stream()) != cudaSuccess ||
-        cudaStreamWaitEvent(outer_.stream(), join_, 0) != cudaSuccess) {
-      (void)cudaStreamSynchronize(branch_.stream());
-      ClearCudaError();
-    }
+    WaitOnDevice(outer_.stream(), branch_.stream(), join_);
   }
 
   void RecordUse(const at::Tensor& t) override {
