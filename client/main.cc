@@ -86,6 +86,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/time.h"
 #include "client/channel_credentials.h"
 #include "client/load_generator.h"
 #include "client/request_flags.h"
@@ -596,6 +597,31 @@ std::string StateName(v1::JobState s) {
   }
 }
 
+// A protobuf Timestamp as absl::Time.
+absl::Time TimeOf(const google::protobuf::Timestamp& t) {
+  return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
+}
+
+// The job's times the server set, RFC 3339 (UTC, microseconds), and the
+// seconds it queued (once started) and ran (once ended): what a client
+// timing its jobs wants.
+void AddJobTimes(const v1::Job& j, nlohmann::json* o) {
+  const auto rfc3339 = [](const google::protobuf::Timestamp& t) {
+    return absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", TimeOf(t), absl::UTCTimeZone());
+  };
+  if (j.has_created_at()) (*o)["created_at"] = rfc3339(j.created_at());
+  if (j.has_started_at()) (*o)["started_at"] = rfc3339(j.started_at());
+  if (j.has_finished_at()) (*o)["finished_at"] = rfc3339(j.finished_at());
+  if (j.has_created_at() && j.has_started_at()) {
+    (*o)["queued_seconds"] =
+        absl::ToDoubleSeconds(TimeOf(j.started_at()) - TimeOf(j.created_at()));
+  }
+  if (j.has_started_at() && j.has_finished_at()) {
+    (*o)["run_seconds"] =
+        absl::ToDoubleSeconds(TimeOf(j.finished_at()) - TimeOf(j.started_at()));
+  }
+}
+
 nlohmann::json JobJson(const v1::Job& j) {
   nlohmann::json o;
   o["id"] = j.id();
@@ -607,6 +633,7 @@ nlohmann::json JobJson(const v1::Job& j) {
   o["best_score"] = j.best_score();
   o["weights"] = std::vector<double>(j.best_weights().begin(), j.best_weights().end());
   if (!j.error().empty()) o["error"] = j.error();
+  AddJobTimes(j, &o);
   return o;
 }
 

@@ -188,6 +188,21 @@ jobs_round() {
   echo "$ok $("$py" -c "print('%.3f' % ($t1 - $t0))") $((n - ok))"
 }
 
+# job_times PREFIX: the server's own times of the last jobs_round's jobs (lorahubctl's
+# queued_seconds and run_seconds), free of the 0.1 s polls and the clients' start-up.
+job_times() {
+  grep "\"task\":\"${1}_" "$tmp/jobs" | "$py" -c '
+import json, statistics, sys
+jobs = [json.loads(l) for l in sys.stdin if l.strip()]
+q = sorted(j["queued_seconds"] for j in jobs if "queued_seconds" in j)
+r = sorted(j["run_seconds"] for j in jobs if "run_seconds" in j)
+if not r:
+    print("job times: none reported"); sys.exit()
+print("job times (server): queued p50 %.3f s max %.3f s, ran p50 %.3f s max %.3f s, %d jobs" % (
+    statistics.median(q) if q else float("nan"), max(q) if q else float("nan"),
+    statistics.median(r), max(r), len(r)))'
+}
+
 # gpu_snapshot TAG: after 1 s, one nvidia-smi line per GPU into the log
 # (utilisation while a phase runs: did both devices work?).
 gpu_snapshot() {
@@ -266,6 +281,7 @@ for set in $device_sets; do
   gpu_snapshot "jobs $set"
   read -r jo js jfail < <(jobs_round "$jobs" "$budget" "bench$ndev")
   say "   jobs: $jo succeeded in $js s ($jfail not) [$((SECONDS - start)) s]"
+  say "   $(job_times "bench$ndev")"
   echo "$set $ndev $gt $gs $gf $jo $js $jfail $gp50 $gp99" >>"$results"
   # A profiled server writes its trace as it stops (tens of seconds for a round's events).
   stop_wait=30; [ -n "${SERVE_PROFILE:-}" ] && stop_wait=240

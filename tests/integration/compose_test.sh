@@ -62,7 +62,21 @@ $py -c "import sys; b,s=float(sys.argv[1]),float(sys.argv[2]); sys.exit(0 if abs
   "$best" "$score" || fail "job best_score $best != lorahub score $score at $weights"
 
 # The job and its task are listed; the task serves.
-c --json jobs get "$job" | grep -q '"state":"succeeded"' || fail "jobs get"
+c --json jobs get "$job" >"$tmp/job" || fail "jobs get"
+grep -q '"state":"succeeded"' "$tmp/job" || fail "jobs get: $(cat "$tmp/job")"
+# Its times: created <= started <= finished (RFC 3339, UTC), and the seconds
+# it queued and ran, which are their differences.
+$py - "$tmp/job" <<'PY' || fail "job times: $(cat "$tmp/job")"
+import datetime, json, sys
+j = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+t = {k: datetime.datetime.strptime(j[k], "%Y-%m-%dT%H:%M:%S.%fZ")
+     for k in ("created_at", "started_at", "finished_at")}
+assert t["created_at"] <= t["started_at"] <= t["finished_at"], t
+for name, a, b in (("queued_seconds", "created_at", "started_at"),
+                   ("run_seconds", "started_at", "finished_at")):
+    assert abs(j[name] - (t[b] - t[a]).total_seconds()) < 2e-6, (name, j[name])
+assert j["run_seconds"] > 0, j
+PY
 c --json jobs list --state succeeded | grep -q "$job" || fail "jobs list --state"
 c --json tasks get t1 >"$tmp/task" || fail "tasks get"
 grep -q '"module_ids":\["m00","m01","m02"\]' "$tmp/task" || fail "task modules: $(cat "$tmp/task")"
