@@ -2279,6 +2279,20 @@ lorahub_cc_test(tests_model_position_bias_cache_test
   TIMEOUT 60
 )
 
+# //tests/model:stream_branch_test (cc_test)
+lorahub_cc_test(tests_model_stream_branch_test
+  TEST_NAME //tests/model:stream_branch_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/stream_branch_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_cuda_graph
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 60
+)
+
 # //tests/model:host_upload_test (cc_test)
 lorahub_cc_test(tests_model_host_upload_test
   TEST_NAME //tests/model:host_upload_test
