@@ -194,8 +194,8 @@ job_times() {
   grep "\"task\":\"${1}_" "$tmp/jobs" | "$py" -c '
 import json, statistics, sys
 jobs = [json.loads(l) for l in sys.stdin if l.strip()]
-q = sorted(j["queued_seconds"] for j in jobs if "queued_seconds" in j)
-r = sorted(j["run_seconds"] for j in jobs if "run_seconds" in j)
+q = [j["queued_seconds"] for j in jobs if "queued_seconds" in j]
+r = [j["run_seconds"] for j in jobs if "run_seconds" in j]
 if not r:
     print("job times: none reported"); sys.exit()
 print("job times (server): queued p50 %.3f s max %.3f s, ran p50 %.3f s max %.3f s, %d jobs" % (
