@@ -1743,20 +1743,18 @@ void InferenceEngine::Loop() {
       // EngineOptions::idle_captures: one shape at a time while idle, work
       // looked for between them; first a short wait, as a compose job's next
       // evaluation or a client's next request often follows at once.
-      for (bool waited = false; s.idle_captures && !ready() && !stopping_;) {
-        if (!waited) {
-          cv_.wait_for(lock, std::chrono::milliseconds(10));
-          waited = true;
-          continue;
+      if (s.idle_captures && !ready() && !stopping_) {
+        cv_.wait_for(lock, std::chrono::milliseconds(10));
+        while (!ready() && !stopping_) {
+          lock.unlock();
+          const bool made = s.MakeShapeWhileIdle();
+          if (made) {
+            note_captures();
+            note_memory(true);
+          }
+          lock.lock();
+          if (!made) break;
         }
-        lock.unlock();
-        const bool made = s.MakeShapeWhileIdle();
-        if (made) {
-          note_captures();
-          note_memory(true);
-        }
-        lock.lock();
-        if (!made) break;
       }
       while (!ready()) {
         if (stopping_) {
