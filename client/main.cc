@@ -602,16 +602,17 @@ absl::Time TimeOf(const google::protobuf::Timestamp& t) {
   return absl::FromUnixSeconds(t.seconds()) + absl::Nanoseconds(t.nanos());
 }
 
-// The job's times the server set, RFC 3339 (UTC, microseconds), and the
-// seconds it queued (once started) and ran (once ended): what a client
-// timing its jobs wants.
+// A server time as RFC 3339 (UTC, microseconds).
+std::string Rfc3339(const google::protobuf::Timestamp& t) {
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", TimeOf(t), absl::UTCTimeZone());
+}
+
+// The job's times the server set, RFC 3339, and the seconds it queued (once
+// started) and ran (once ended): what a client timing its jobs wants.
 void AddJobTimes(const v1::Job& j, nlohmann::json* o) {
-  const auto rfc3339 = [](const google::protobuf::Timestamp& t) {
-    return absl::FormatTime("%Y-%m-%dT%H:%M:%E6SZ", TimeOf(t), absl::UTCTimeZone());
-  };
-  if (j.has_created_at()) (*o)["created_at"] = rfc3339(j.created_at());
-  if (j.has_started_at()) (*o)["started_at"] = rfc3339(j.started_at());
-  if (j.has_finished_at()) (*o)["finished_at"] = rfc3339(j.finished_at());
+  if (j.has_created_at()) (*o)["created_at"] = Rfc3339(j.created_at());
+  if (j.has_started_at()) (*o)["started_at"] = Rfc3339(j.started_at());
+  if (j.has_finished_at()) (*o)["finished_at"] = Rfc3339(j.finished_at());
   if (j.has_created_at() && j.has_started_at()) {
     (*o)["queued_seconds"] =
         absl::ToDoubleSeconds(TimeOf(j.started_at()) - TimeOf(j.created_at()));
@@ -700,6 +701,9 @@ int WatchJob(const std::shared_ptr<grpc::Channel>& channel, const Opts& o,
     if (o.json) {
       nlohmann::json j;
       j["job_id"] = e.job_id();
+      // When the server recorded it: a job's setup is its first evaluation's
+      // time less its start's.
+      if (e.has_time()) j["time"] = Rfc3339(e.time());
       if (e.has_queued()) j["event"] = "queued";
       if (e.has_started()) j["event"] = "started";
       if (e.has_evaluation()) {

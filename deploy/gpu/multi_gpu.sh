@@ -189,10 +189,15 @@ jobs_round() {
 }
 
 # job_times PREFIX: the server's own times of the last jobs_round's jobs (lorahubctl's
-# queued_seconds and run_seconds), free of the 0.1 s polls and the clients' start-up.
+# queued_seconds and run_seconds), free of the 0.1 s polls and the clients' start-up; then,
+# from each job's event times (lorahubctl jobs watch), where a run went: its setup (start to
+# the first evaluation: modules, examples, the objective runner and its graph), its search
+# (first to last evaluation, and per evaluation after the first) and its finish (the last
+# evaluation to the result stored).
 job_times() {
   grep "\"task\":\"${1}_" "$tmp/jobs" | "$py" -c '
-import json, statistics, sys
+import datetime, json, statistics, subprocess, sys
+ctl, server = sys.argv[1], sys.argv[2]
 jobs = [json.loads(l) for l in sys.stdin if l.strip()]
 q = [j["queued_seconds"] for j in jobs if "queued_seconds" in j]
 r = [j["run_seconds"] for j in jobs if "run_seconds" in j]
@@ -200,7 +205,32 @@ if not r:
     print("job times: none reported"); sys.exit()
 print("job times (server): queued p50 %.3f s max %.3f s, ran p50 %.3f s max %.3f s, %d jobs" % (
     statistics.median(q) if q else float("nan"), max(q) if q else float("nan"),
-    statistics.median(r), max(r), len(r)))'
+    statistics.median(r), max(r), len(r)))
+def when(e):
+    return datetime.datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+setup, search, each, finish = [], [], [], []
+for j in jobs:
+    if j.get("state") != "succeeded":
+        continue
+    out = subprocess.run([ctl, "--server", server, "--json", "jobs", "watch", j["id"]],
+                         capture_output=True, text=True, timeout=30).stdout
+    ev = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    ev = [e for e in ev if "time" in e]
+    started = [when(e) for e in ev if e.get("event") == "started"]
+    evals = [when(e) for e in ev if e.get("event") == "evaluation"]
+    done = [when(e) for e in ev if e.get("event") == "finished"]
+    if not (started and len(evals) >= 2 and done):
+        continue
+    setup.append(evals[0] - started[0])
+    search.append(evals[-1] - evals[0])
+    each.append((evals[-1] - evals[0]) / (len(evals) - 1))
+    finish.append(done[0] - evals[-1])
+if setup:
+    m = statistics.median
+    print("job phases (server, p50 of %d): setup %.3f s, search %.3f s (%.2f ms an evaluation), "
+          "finish %.3f s" % (len(setup), m(setup), m(search), 1e3 * m(each), m(finish)))
+else:
+    print("job phases: no event times")' "$ctl" "127.0.0.1:$port"
 }
 
 # gpu_snapshot TAG: after 1 s, one nvidia-smi line per GPU into the log

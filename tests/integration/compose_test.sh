@@ -77,6 +77,20 @@ for name, a, b in (("queued_seconds", "created_at", "started_at"),
     assert abs(j[name] - (t[b] - t[a]).total_seconds()) < 2e-6, (name, j[name])
 assert j["run_seconds"] > 0, j
 PY
+# Every watched event carries the server's time, in order, within the job's
+# run: started, then the evaluations, then finished.
+$py - "$tmp/watch" "$tmp/job" <<'PY' || fail "event times: $(head -3 "$tmp/watch")"
+import datetime, json, sys
+when = lambda s: datetime.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ")
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and '"event"' in l]
+job = json.loads(open(sys.argv[2]).read().splitlines()[-1])
+t = [when(e["time"]) for e in ev]
+assert t == sorted(t), t
+kinds = [e["event"] for e in ev]
+assert kinds.index("started") < kinds.index("evaluation") and kinds[-1] == "finished", kinds
+assert when(job["started_at"]) <= t[kinds.index("started")], (job, ev[:2])
+assert t[-1] <= when(job["finished_at"]), (job, ev[-1])
+PY
 c --json jobs list --state succeeded | grep -q "$job" || fail "jobs list --state"
 c --json tasks get t1 >"$tmp/task" || fail "tasks get"
 grep -q '"module_ids":\["m00","m01","m02"\]' "$tmp/task" || fail "task modules: $(cat "$tmp/task")"
