@@ -15,6 +15,7 @@
 #include "core/learn/composition.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
+#include "core/model/fused_ops.h"
 #include "core/model/loader.h"
 #include "core/model/scorer.h"
 #include "nlohmann/json.hpp"
@@ -226,6 +227,8 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
     const size_t num_examples = std::max<size_t>(1, spec->examples.size());
     const size_t chunk = std::max<size_t>(
         1, static_cast<size_t>(std::max(1, options_.max_rows)) / num_examples);
+    // A/B: the runners built inside the device work, on the owner thread, as before.
+    static const bool setup_on_device = model::EnvFlag("LORAHUB_COMPOSE_SETUP_ON_ENGINE");
     learn::BatchObjective recording =
         [&](const std::vector<learn::Candidate>& c) -> absl::StatusOr<std::vector<double>> {
       seen.insert(seen.end(), c.begin(), c.end());
@@ -236,6 +239,13 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
       for (size_t i = 0; i < c.size(); i += chunk) {
         const std::vector<learn::Candidate> part(
             c.begin() + i, c.begin() + std::min(c.size(), i + chunk));
+        // What the piece's first scoring would build (its runner: on CUDA a graph capture,
+        // tens of evaluations' time), built here, so that the owner thread, which decodes
+        // between the pieces, is held for scoring passes only.
+        if (!setup_on_device) {
+          absl::Status prepared = objective->Prepare(static_cast<int64_t>(part.size()));
+          if (!prepared.ok()) return prepared;
+        }
         absl::StatusOr<std::vector<double>> r =
             absl::InternalError("device work did not run");
         absl::Status st = options_.run_on_device([&] { r = inner(part); });

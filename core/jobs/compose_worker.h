@@ -24,8 +24,14 @@
 // device has one user at a time and inference goes first: a generate
 // request waits for at most one work item (at most max_rows rows of one
 // forward pass: a batch of candidates is cut into pieces of
-// max(1, max_rows / examples) candidates), never for a whole job. Without
-// it the objective runs on the worker's thread, concurrently with inference.
+// max(1, max_rows / examples) candidates), never for a whole job. What a
+// piece's first scoring builds (learn::LoraHubObjective::Prepare: the
+// objective runner, on CUDA its graph capture, many passes' time) is built
+// on the worker's thread before the piece is handed over, beside the
+// decoding steps (LORAHUB_COMPOSE_SETUP_ON_ENGINE=1 builds it inside the work
+// item, as before; lorahub_engine_device_work_seconds shows the difference).
+// Without run_on_device the objective runs on the worker's thread,
+// concurrently with inference.
 //
 // Resuming. A job claimed again after a restart (attempts > 1) with
 // progress in the store resumes from that checkpoint: the evaluations

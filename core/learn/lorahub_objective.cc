@@ -286,7 +286,9 @@ absl::StatusOr<model::ObjectiveRunner*> LoraHubObjective::RunnerFor(int64_t coun
   }
   model::ObjectiveRunnerOptions ropts;
   ropts.score = options_.score;
+  const double start = Now();
   auto made = model::ObjectiveRunner::Create(*base_, stack_, examples_, count, ropts);
+  stats_.runner_seconds += Now() - start;
   if (!made.ok()) {
     // Bad examples are the caller's error either way; anything else (memory): eager.
     if (made.status().code() == absl::StatusCode::kInvalidArgument) return made.status();
@@ -294,12 +296,19 @@ absl::StatusOr<model::ObjectiveRunner*> LoraHubObjective::RunnerFor(int64_t coun
     return nullptr;
   }
   runners_.push_back(*std::move(made));
+  ++stats_.runners_made;
   std::sort(runners_.begin(), runners_.end(),
             [](const auto& x, const auto& y) { return x->capacity() < y->capacity(); });
   for (const auto& r : runners_) {
     if (r->capacity() == count) return last_runner_ = r.get();
   }
   return nullptr;  // unreachable
+}
+
+absl::Status LoraHubObjective::Prepare(int64_t count) {
+  if (count < 1) return absl::InvalidArgumentError("prepare: count must be >= 1");
+  if (options_.exact_reference) return absl::OkStatus();  // RawScores never takes a runner
+  return RunnerFor(count).status();
 }
 
 std::string LoraHubObjective::EngineDescription() const {

@@ -82,6 +82,8 @@ struct ObjectiveStats {
   double seconds = 0;          // wall time spent inside Score()
   int64_t fast_calls = 0;      // calls served by an ObjectiveRunner
   int64_t exact_calls = 0;     // calls served by the exact reference path
+  int64_t runners_made = 0;    // ObjectiveRunners built (by Prepare or a Score call)
+  double runner_seconds = 0;   // wall time spent building them (on CUDA: graph captures)
 };
 
 class LoraHubObjective {
@@ -96,6 +98,15 @@ class LoraHubObjective {
 
   // One score per candidate (each must have N entries), computed in one batched pass.
   absl::StatusOr<std::vector<double>> Score(const std::vector<Candidate>& candidates);
+
+  // Builds now, on the calling thread, what the first Score() of `count` candidates would
+  // otherwise build: the ObjectiveRunner for that many (on CUDA: its inputs uploaded, its
+  // graph captured, which takes many evaluations' time). OK, building nothing, where Score()
+  // would take no runner or one already fits. Why: a caller that runs each Score() on the
+  // device's owner thread between its decoding steps (jobs::ComposeWorker) prepares on its
+  // own thread first, so that the owner thread is held for evaluations only. Not
+  // thread-safe with Score() (one caller at a time, as for Score).
+  absl::Status Prepare(int64_t count);
 
   // The raw loss (loss objective) or negated accuracy (exact match) without the regularizer.
   absl::StatusOr<std::vector<double>> RawScores(const std::vector<Candidate>& candidates);

@@ -284,6 +284,12 @@ void ServiceMetrics::Build() {
                                       "graphs.")
                                 .Register(reg)
                                 .Add({});
+  device_work_ = &prometheus::BuildHistogram()
+                      .Name("lorahub_engine_device_work_seconds")
+                      .Help("How long one closure of others' device work (a compose "
+                            "job's scoring pass) held an engine thread.")
+                      .Register(reg)
+                      .Add({}, LatencyBuckets());
   adapter_slot_loads_ =
       &prometheus::BuildCounter()
            .Name("lorahub_adapter_slot_loads_total")
@@ -524,6 +530,9 @@ void ServiceMetrics::ObserveStepSlots(int slots) {
   if (slots >= 0) step_slots_->Observe(slots);
 }
 
+void ServiceMetrics::ObserveDeviceWork(double seconds) {
+  if (Usable(seconds)) device_work_->Observe(seconds);
+}
 void ServiceMetrics::AddGraphCaptures(int64_t captures, double seconds) {
   if (captures > 0) graph_captures_->Increment(static_cast<double>(captures));
   if (seconds > 0 && std::isfinite(seconds)) graph_capture_seconds_->Increment(seconds);

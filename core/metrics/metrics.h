@@ -182,6 +182,12 @@ class ServiceMetrics {
   // lorahub_engine_graph_capture_seconds_total. Negative or non-finite
   // values ignored.
   void AddGraphCaptures(int64_t captures, double seconds);
+  // How long one closure of others' device work (InferenceEngine::RunOnDevice:
+  // a compose job's scoring pass) held an engine thread, in seconds: the
+  // longest a generate request waits between two decoding steps because of
+  // compose jobs (lorahub_engine_device_work_seconds). Negative or non-finite
+  // values ignored.
+  void ObserveDeviceWork(double seconds);
 
   // --- Compose jobs ----------------------------------------------------
   // A job moved `from` -> `to`: lorahub_compose_job_transitions_total{state=to}
@@ -265,6 +271,7 @@ class ServiceMetrics {
   prometheus::Histogram* step_slots_ = nullptr;
   prometheus::Counter* graph_captures_ = nullptr;
   prometheus::Counter* graph_capture_seconds_ = nullptr;
+  prometheus::Histogram* device_work_ = nullptr;
 
   std::array<prometheus::Gauge*, kNumJobStates> jobs_{};
   std::array<prometheus::Counter*, kNumJobStates> job_transitions_{};

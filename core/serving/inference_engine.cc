@@ -1976,6 +1976,7 @@ void InferenceEngine::Loop() {
     }
     if (device_work) {
       absl::Status st;
+      const absl::Time work_start = absl::Now();
       try {
         device_work->fn();
       } catch (const c10::Error& e) {
@@ -1984,6 +1985,7 @@ void InferenceEngine::Loop() {
       } catch (const std::exception& e) {
         st = absl::InternalError(absl::StrCat("device work: ", e.what()));
       }
+      if (metrics_) metrics_->ObserveDeviceWork(Seconds(absl::Now() - work_start));
       device_work->Complete(std::move(st));
     }
   }

@@ -108,12 +108,17 @@ evals=$(metric lorahub_compose_evaluations_total)
 # --compose-max-rows 32 / 5 = 6 candidates, one pass each: 2 generations x 2.
 passes=$(metric lorahub_compose_forward_passes_total)
 [ "${passes%.*}" = 10 ] || fail "lorahub_compose_forward_passes_total is '$passes', want 10"
+# Each pass was one closure of device work on the engine's thread.
+work=$(metric lorahub_engine_device_work_seconds_count)
+[ "${work%.*}" = 10 ] || fail "lorahub_engine_device_work_seconds_count is '$work', want 10"
 c --json compose --task t1c --modules m00,m01,m02 --examples "$fx/examples.jsonl" \
   --optimizer cmaes --population 8 --budget 16 --wait >"$tmp/wc" 2>>"$tmp/err" \
   || fail "cmaes compose --wait: $(tail -3 "$tmp/wc")"
 [ "$(json_field '["state"]' <"$tmp/wc")" = succeeded ] || fail "cmaes job state"
 passes=$(metric lorahub_compose_forward_passes_total)
 [ "${passes%.*}" = 14 ] || fail "lorahub_compose_forward_passes_total is '$passes' after CMA-ES, want 14"
+work=$(metric lorahub_engine_device_work_seconds_count)
+[ "${work%.*}" = 14 ] || fail "lorahub_engine_device_work_seconds_count is '$work' after CMA-ES, want 14"
 c compose --task t1 --modules m00 --examples "$fx/examples.jsonl" 2>"$tmp/e"
 grep -q 'ALREADY_EXISTS: spec.task' "$tmp/e" || fail "task exists: $(cat "$tmp/e")"
 c jobs cancel "$job" 2>"$tmp/e"

@@ -136,6 +136,40 @@ TEST(ObjectiveFastPath, CpuPadsOnlyIntoRunnersAtMostTwiceTheBatch) {
   EXPECT_EQ(fast->stats().fast_calls, 5);
 }
 
+// Prepare builds the runner a Score of that many candidates takes, so that the Score builds
+// none (ComposeWorker prepares on its own thread, then scores on the device's owner thread),
+// and the scores are those of an objective that builds its runners as it scores.
+TEST(ObjectiveFastPath, PrepareBuildsTheRunnerScoreTakes) {
+  Loaded l;
+  ASSERT_NO_FATAL_FAILURE(Load("tiny_s2", l));
+  auto prepared = Make(l, LoraHubObjectiveOptions());
+  auto lazy = Make(l, LoraHubObjectiveOptions());
+  ASSERT_TRUE(prepared.ok() && lazy.ok());
+  EXPECT_EQ(prepared->Prepare(0).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(prepared->Prepare(1).ok());
+  EXPECT_EQ(prepared->stats().runners_made, 1);
+  EXPECT_GT(prepared->stats().runner_seconds, 0);
+  ASSERT_TRUE(prepared->Prepare(1).ok());  // one fits already
+  EXPECT_EQ(prepared->stats().runners_made, 1);
+  for (int batch : {1, 1}) {
+    const std::vector<Candidate> cands = Candidates(batch, 500 + batch);
+    auto a = prepared->Score(cands);
+    auto b = lazy->Score(cands);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(*a, *b);
+  }
+  EXPECT_EQ(prepared->stats().runners_made, 1);
+  EXPECT_EQ(lazy->stats().runners_made, 1);
+  EXPECT_EQ(prepared->stats().fast_calls, 2);
+  // Where Score takes no runner, Prepare builds none.
+  LoraHubObjectiveOptions cat_opts;
+  cat_opts.method = CompositionMethod::kCat;
+  auto cat = Make(l, cat_opts);
+  ASSERT_TRUE(cat.ok());
+  ASSERT_TRUE(cat->Prepare(3).ok());
+  EXPECT_EQ(cat->stats().runners_made, 0);
+}
+
 TEST(ObjectiveFastPath, OtherMethodsStayEager) {
   Loaded l;
   ASSERT_NO_FATAL_FAILURE(Load("tiny_s0", l));

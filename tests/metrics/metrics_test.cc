@@ -218,6 +218,20 @@ TEST_F(ServiceMetricsTest, GraphCaptures) {
               Optional(0.75));
 }
 
+TEST_F(ServiceMetricsTest, DeviceWork) {
+  metrics_->ObserveDeviceWork(0.003);
+  metrics_->ObserveDeviceWork(0.2);
+  metrics_->ObserveDeviceWork(-1.0);  // ignored
+  metrics_->ObserveDeviceWork(std::numeric_limits<double>::infinity());  // ignored
+  auto s = Scrape();
+  const std::string h = "lorahub_engine_device_work_seconds";
+  EXPECT_THAT(FindValue(s, h + "_count", {}), Optional(2.0));
+  EXPECT_THAT(FindValue(s, h + "_sum", {}), Optional(DoubleNear(0.203, 1e-12)));
+  EXPECT_THAT(FindValue(s, h + "_bucket", {{"le", "0.005"}}), Optional(1.0));
+  EXPECT_THAT(FindValue(s, h + "_bucket", {{"le", "0.1"}}), Optional(1.0));
+  EXPECT_THAT(FindValue(s, h + "_bucket", {{"le", "0.25"}}), Optional(2.0));
+}
+
 TEST_F(ServiceMetricsTest, JobTransitionsMoveTheStateGauge) {
   for (int i = 0; i < 3; ++i) {
     metrics_->RecordJobTransition(JobState::kNone, JobState::kQueued);
@@ -433,6 +447,7 @@ TEST_F(ServiceMetricsTest, NamesFollowPrometheusConventions) {
                        "lorahub_engine_step_computed_rows",
                        "lorahub_engine_graph_captures_total",
                        "lorahub_engine_graph_capture_seconds_total",
+                       "lorahub_engine_device_work_seconds",
                        "lorahub_compose_jobs",
                        "lorahub_compose_job_transitions_total",
                        "lorahub_compose_jobs_deleted_total",

@@ -399,6 +399,7 @@ TEST_F(PrometheusScrapeTest, EveryDashboardQueryRunsAndReturnsData) {
   m.ObserveBatchSize(4);
   m.ObserveStepSlots(8);
   m.AddGraphCaptures(2, 0.1);
+  m.ObserveDeviceWork(0.003);
   m.AddAdapterSlotLoads(2);
   m.AddEngineBusySeconds(ServiceMetrics::EnginePhase::kStep, 0.5);
   m.AddAdmissionSeconds(ServiceMetrics::AdmissionPart::kEncoder, 0.25);
