@@ -309,9 +309,11 @@ for set in $device_sets; do
   # Every request's generated ids (gen_client load), for comparing runs.
   cp "$tmp/gen_$ndev/outputs.jsonl" "$out/outputs_$ndev.jsonl" 2>/dev/null
   gpu_snapshot "jobs $set"
+  engine_mark
   read -r jo js jfail < <(jobs_round "$jobs" "$budget" "bench$ndev")
   say "   jobs: $jo succeeded in $js s ($jfail not) [$((SECONDS - start)) s]"
   say "   $(job_times "bench$ndev")"
+  engine_since jobs  # with "compose work on the engine": how long its closures held it
   echo "$set $ndev $gt $gs $gf $jo $js $jfail $gp50 $gp99" >>"$results"
   # A profiled server writes its trace as it stops (tens of seconds for a round's events).
   stop_wait=30; [ -n "${SERVE_PROFILE:-}" ] && stop_wait=240

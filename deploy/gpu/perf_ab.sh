@@ -265,7 +265,7 @@ if [ "${SERVE:-0}" = 1 ]; then
     stamp "serve $tag $*"
     env "$@" OUT="$work/serve_$tag" FIXTURE="$fx" DEVICE_SETS="${SERVE_DEVICES:-cuda:0}" \
       GEN_REQUESTS="${SERVE_REQUESTS:-512}" JOBS="${SERVE_JOBS:-4}" \
-      timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E "^\| cuda|gen:|warm-up|round's engine:|device memory|jobs:|job times|job phases|failed|did not|prefetched|lorahub serve:"
+      timeout 300 bash deploy/gpu/multi_gpu.sh | grep -E "^\| cuda|gen:|warm-up|round's engine:|device memory|jobs:|job times|job phases|compose work|failed|did not|prefetched|lorahub serve:"
     grep -h "lorahub engine" "$work/serve_$tag/multi_gpu.log"
     # SERVE_PROFILE=1 in a run's variables: where its generation round's time went.
     cat "$work/serve_$tag/trace_1.md" 2>/dev/null

@@ -76,6 +76,18 @@ def diff(before_path, after_path):
               grew("lorahub_generated_tokens_total"),
               grew("lorahub_engine_graph_captures_total"),
               grew("lorahub_engine_graph_capture_seconds_total")))
+    # Compose jobs' device work (a closure each scoring pass): how long each held the
+    # engine thread, from the histogram's buckets (an upper bound per quantile).
+    work = "lorahub_engine_device_work_seconds"
+    count = grew(work + "_count")
+    if count > 0:
+        bounds = sorted((float(k.split('le="')[1].split('"')[0]), grew(k))
+                        for k in after if k.startswith(work + "_bucket{"))
+        upto = lambda q: next((le for le, n in bounds if n >= q * count), float("inf"))
+        print("   compose work on the engine: %d closures, %.3f s in all (mean %.2f ms), "
+              "p50 <= %g s, p99 <= %g s, max <= %g s" % (
+                  count, grew(work + "_sum"), 1e3 * grew(work + "_sum") / count,
+                  upto(0.5), upto(0.99), upto(1.0)))
 
 
 def main(argv):
