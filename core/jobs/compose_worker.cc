@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/jobs/job_spec.h"
 #include "core/jobs/job_state_metric.h"
+#include "core/jobs/progress_writer.h"
 #include "core/learn/composition.h"
 #include "core/learn/lorahub_objective.h"
 #include "core/learn/optimizer.h"
@@ -229,8 +230,15 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
         1, static_cast<size_t>(std::max(1, options_.max_rows)) / num_examples);
     // A/B: the runners built inside the device work, on the owner thread, as before.
     static const bool setup_on_device = model::EnvFlag("LORAHUB_COMPOSE_SETUP_ON_ENGINE");
+    // The evaluations of each objective call, written when the next call starts or the
+    // search ends, one transaction (progress_writer.h).
+    ProgressWriter progress_writer(&st, job.id);
+    absl::Status progress_error;
     learn::BatchObjective recording =
         [&](const std::vector<learn::Candidate>& c) -> absl::StatusOr<std::vector<double>> {
+      progress_error = progress_writer.Flush();
+      if (!progress_error.ok()) return progress_error;
+      if (progress_writer.cancel_requested()) return absl::CancelledError("cancel requested");
       seen.insert(seen.end(), c.begin(), c.end());
       if (!options_.run_on_device) return inner(c);
       // On the device owner's thread, a piece at a time (see the header).
@@ -284,7 +292,6 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
     po.population = spec->population;
     po.warm_start = spec->warm_start && done_before == 0;
     po.initial_point = done_before > 0 ? best_weights : spec->initial_weights;
-    absl::Status progress_error;
     po.progress = [&](const learn::ProgressEvent& e) {
       if (stop_) return false;
       if (options_.metrics) options_.metrics->AddEvaluations(1);
@@ -303,13 +310,8 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
                                 {"score", std::isfinite(e.score) ? e.score : 0.0},
                                 {"best_score", std::isfinite(best) ? best : 0.0},
                                 {"weights", w}};
-      absl::Status s = st.UpdateProgress(job.id, p, payload.dump());
-      if (!s.ok()) {
-        progress_error = s;
-        return false;
-      }
-      absl::StatusOr<bool> cancel = st.IsCancelRequested(job.id);
-      return !(cancel.ok() && *cancel);
+      progress_writer.Add(p, payload.dump());
+      return true;
     };
     // "cobyla" is the PRIMA-style implementation (learn::MakeOptimizer),
     // as in `lorahub learn`: it retraces the reference's (scipy >= 1.16) search.
@@ -325,6 +327,8 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
       result->best_score = std::numeric_limits<double>::infinity();
     }
     out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    // The last call's progress, before the job's end.
+    if (progress_error.ok()) progress_error = progress_writer.Flush();
     if (!progress_error.ok()) return fail(progress_error);
     if (!result.ok()) {
       out.status = result.status();

@@ -6,9 +6,11 @@
 // The thread loops: Store::ClaimNext(); for a job, load its modules' adapters
 // from the local paths the store records, tokenize the examples, build a
 // learn::LoraHubObjective and run the optimizer. After every evaluation it
-// writes Store::UpdateProgress (one "progress" event, payload
-// {"index","score","best_score","weights"}) and polls IsCancelRequested, so
-// a cancel takes effect within one objective call. The job ends with
+// buffers Store::UpdateProgress (one "progress" event, payload
+// {"index","score","best_score","weights"}) on a ProgressWriter; before the
+// next objective call (and after the last) the buffered events are written
+// in one transaction and IsCancelRequested is polled, so a cancel takes
+// effect within one objective call. The job ends with
 // FinishSucceeded (result_json {"best_score","best_loss","weights",
 // "module_ids","evaluations","seconds","task"} and the published task),
 // FinishCancelled or FinishFailed (the reason). With no job queued the

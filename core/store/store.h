@@ -152,6 +152,14 @@ class Store {
   absl::Status UpdateProgress(const std::string& job_id,
                               const JobProgress& progress,
                               const std::string& event_payload_json);
+  // The same for several evaluations at once, in one transaction: the job's
+  // progress becomes `progress` (the latest) and one "progress" event is
+  // logged per payload, in order. Why: a CMA-ES generation reports tens of
+  // evaluations together, and a transaction costs about 0.8 ms on a small
+  // host. Nothing is written on error; an empty list writes the progress only.
+  absl::Status UpdateProgress(const std::string& job_id,
+                              const JobProgress& progress,
+                              const std::vector<std::string>& event_payloads_json);
 
   // running -> succeeded: stores result_json and publishes the task named
   // by the job in the SAME transaction (both or neither), and logs

@@ -162,6 +162,12 @@ absl::StatusOr<std::optional<JobRecord>> Store::ClaimNext() {
 absl::Status Store::UpdateProgress(const std::string& job_id,
                                    const JobProgress& progress,
                                    const std::string& event_payload_json) {
+  return UpdateProgress(job_id, progress, std::vector<std::string>{event_payload_json});
+}
+
+absl::Status Store::UpdateProgress(const std::string& job_id,
+                                   const JobProgress& progress,
+                                   const std::vector<std::string>& event_payloads_json) {
   LH_RETURN_IF_ERROR(RequireFinite(progress.best_score, "best_score"));
   if (progress.evaluations_done < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -181,9 +187,10 @@ absl::Status Store::UpdateProgress(const std::string& job_id,
                          .Bind(3, progress.best_score)
                          .Bind(4, progress.best_weights_json)
                          .Run());
-  LH_RETURN_IF_ERROR(
-      AppendJobEvent(db_.get(), job_id, now, "progress",
-                     event_payload_json.empty() ? "{}" : event_payload_json));
+  for (const std::string& payload : event_payloads_json) {
+    LH_RETURN_IF_ERROR(AppendJobEvent(db_.get(), job_id, now, "progress",
+                                      payload.empty() ? "{}" : payload));
+  }
   return txn->Commit();
 }
 

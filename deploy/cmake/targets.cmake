@@ -440,9 +440,11 @@ lorahub_cc_library(core_jobs_jobs
   SRCS
     ${SRC}/core/jobs/compose_worker.cc
     ${SRC}/core/jobs/job_spec.cc
+    ${SRC}/core/jobs/progress_writer.cc
     ${SRC}/core/jobs/task_composition.cc
     ${SRC}/core/jobs/compose_worker.h
     ${SRC}/core/jobs/job_spec.h
+    ${SRC}/core/jobs/progress_writer.h
     ${SRC}/core/jobs/task_composition.h
   DEPS
     core_jobs_job_state_metric
@@ -1984,6 +1986,21 @@ lorahub_cc_test(tests_jobs_job_retention_test
     tests_store_store_test_util
     ext_gtest_gtest_main
     ext_prometheus_cpp_prometheus_cpp
+  TIMEOUT 60
+)
+
+# //tests/jobs:progress_writer_test (cc_test)
+lorahub_cc_test(tests_jobs_progress_writer_test
+  TEST_NAME //tests/jobs:progress_writer_test
+  PACKAGE tests/jobs
+  SRCS
+    ${SRC}/tests/jobs/progress_writer_test.cc
+  DEPS
+    core_jobs_jobs
+    core_store_store
+    tests_store_store_test_util
+    ext_absl_absl
+    ext_gtest_gtest_main
   TIMEOUT 60
 )
 

@@ -115,6 +115,8 @@ c --json compose --task t1c --modules m00,m01,m02 --examples "$fx/examples.jsonl
   --optimizer cmaes --population 8 --budget 16 --wait >"$tmp/wc" 2>>"$tmp/err" \
   || fail "cmaes compose --wait: $(tail -3 "$tmp/wc")"
 [ "$(json_field '["state"]' <"$tmp/wc")" = succeeded ] || fail "cmaes job state"
+# Each generation's evaluations are written together (ProgressWriter), every one of them.
+[ "$(grep -c '"event":"evaluation"' "$tmp/wc")" = 16 ] || fail "want 16 cmaes evaluation events"
 passes=$(metric lorahub_compose_forward_passes_total)
 [ "${passes%.*}" = 14 ] || fail "lorahub_compose_forward_passes_total is '$passes' after CMA-ES, want 14"
 work=$(metric lorahub_engine_device_work_seconds_count)

@@ -256,6 +256,35 @@ TEST_F(StoreTest, ClaimNextTakesHighestPriorityThenOldest) {
   EXPECT_GT(*job->started_at, job->created_at);
 }
 
+TEST_F(StoreTest, ProgressOfSeveralEvaluationsIsOneWrite) {
+  Insert("j", "t");
+  JobProgress p;
+  p.evaluations_done = 3;
+  p.best_score = 1.5;
+  p.best_weights_json = "[3]";
+  const std::vector<std::string> payloads = {R"({"index":1})", "", R"({"index":3})"};
+  EXPECT_CODE(store_->UpdateProgress("j", p, payloads), C::kFailedPrecondition);
+  ASSERT_EQ(ClaimId(), "j");
+  ASSERT_OK(store_->UpdateProgress("j", p, payloads));
+  auto job = store_->GetJob("j");
+  ASSERT_OK(job);
+  EXPECT_EQ(job->progress.evaluations_done, 3);
+  EXPECT_EQ(job->progress.best_weights_json, "[3]");
+  auto events = store_->ListJobEvents("j", 0, 0);
+  ASSERT_OK(events);
+  ASSERT_EQ(events->size(), 5u);  // queued, started, 3 x progress in order
+  EXPECT_EQ((*events)[2].payload_json, R"({"index":1})");
+  EXPECT_EQ((*events)[3].payload_json, "{}");
+  EXPECT_EQ((*events)[4].payload_json, R"({"index":3})");
+  for (size_t i = 2; i < 5; ++i) EXPECT_EQ((*events)[i].kind, "progress");
+  // A bad progress writes none of the batch.
+  p.best_score = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_CODE(store_->UpdateProgress("j", p, payloads), C::kInvalidArgument);
+  events = store_->ListJobEvents("j", 0, 0);
+  ASSERT_OK(events);
+  EXPECT_EQ(events->size(), 5u);
+}
+
 TEST_F(StoreTest, ProgressIsRecordedOnlyWhileRunning) {
   Insert("j", "t");
   JobProgress p;
