@@ -11,11 +11,13 @@
 //
 // Prints one final line (JSON with --json):
 //   {"weights": [...], "best_score": S, "best_loss": L, "evaluations": n,
-//    "forward_passes": k, "objective_calls": c, "seconds": t, "optimizer": ..., "method": ...,
+//    "forward_passes": k, "objective_calls": c, "seconds": t, "runner_seconds": r,
+//    "optimizer": ..., "method": ...,
 //    "objective": ..., "modules": N, "examples": m, "budget": b, "population": p, "seed": s}
 // best_score is the objective (loss + regularization * mean|w|); best_loss the part without
 // the regularizer (the negated accuracy for --objective exact_match). seconds is the wall time
-// of the search (loading excluded). --max-seconds S (0 = none) also ends the search after the
+// of the search (loading excluded); runner_seconds the part of it spent building the
+// objective's runners (on CUDA their graph captures), which a search pays once. --max-seconds S (0 = none) also ends the search after the
 // evaluation or generation whose scores come back at or after S seconds (the budget still
 // caps it); then "stopped_by_time" is true. On a terminal, stderr shows a progress bar.
 // --out writes the composed adapter at the best weights as a PEFT adapter directory.
@@ -316,6 +318,7 @@ absl::Status Run(const Args& args) {
   j["objective_calls"] = result->objective_calls;
   j["forward_passes"] = objective->stats().forward_passes;
   j["seconds"] = seconds;
+  j["runner_seconds"] = objective->stats().runner_seconds;
   j["optimizer"] = optimizer_name;
   if (optimizer_name == "cobyla") j["cobyla_impl"] = cobyla_impl;
   j["method"] = learn::CompositionMethodName(oopts.method);

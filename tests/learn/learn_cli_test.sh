@@ -40,6 +40,9 @@ for fx in tiny_s0 tiny_s1 tiny_s2; do
   j=$tmp/$fx.learn.json
   [ "$(json_get "$j" 'j["evaluations"]')" = 40 ] || fail "$fx: evaluations != 40: $(cat $j)"
   [ "$(json_get "$j" 'j["forward_passes"]')" = 40 ] || fail "$fx: forward_passes != 40"
+  # One runner (COBYLA's one candidate a call), built inside the search.
+  [ "$(json_get "$j" '0 < j["runner_seconds"] < j["seconds"]')" = True ] \
+    || fail "$fx: runner_seconds not inside seconds: $(cat $j)"
   [ "$(json_get "$j" 'all(-1.5 <= w <= 1.5 for w in j["weights"]) and len(j["weights"]) == 20')" = True ] \
     || fail "$fx: weights out of bounds: $(cat $j)"
   [ "$(wc -l <"$tmp/$fx.trace.jsonl")" -eq 40 ] || fail "$fx: trace lines"
