@@ -270,6 +270,24 @@ void WaitOnDevice(cudaStream_t waiter, cudaStream_t signaler, cudaEvent_t event)
   }
 }
 
+// An event for ordering streams (no timing); nullptr, the error cleared, if
+// none could be made.
+cudaEvent_t NewOrderingEvent() {
+  cudaEvent_t event = nullptr;
+  if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) != cudaSuccess) {
+    ClearCudaError();
+    return nullptr;
+  }
+  return event;
+}
+
+// The allocator keeps `t`'s memory until the work queued on `reader` so far
+// ran (nothing for an undefined or non-CUDA tensor).
+void RecordUseOn(const at::Tensor& t, const c10::cuda::CUDAStream& reader) {
+  if (!t.defined() || !t.is_cuda()) return;
+  c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), reader);
+}
+
 class CudaSideStream : public SideStream {
  public:
   CudaSideStream(c10::DeviceIndex index, cudaEvent_t done)
@@ -297,9 +315,7 @@ class CudaSideStream : public SideStream {
   }
 
   void RecordUse(const at::Tensor& t) override {
-    if (!t.defined() || !t.is_cuda()) return;
-    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(),
-                                                  c10::cuda::getCurrentCUDAStream(index_));
+    RecordUseOn(t, c10::cuda::getCurrentCUDAStream(index_));
   }
 
  private:
@@ -352,10 +368,7 @@ class CudaStreamBranch : public StreamBranch {
     WaitOnDevice(outer_.stream(), branch_.stream(), join_);
   }
 
-  void RecordUse(const at::Tensor& t) override {
-    if (!t.defined() || !t.is_cuda()) return;
-    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), outer_);
-  }
+  void RecordUse(const at::Tensor& t) override { RecordUseOn(t, outer_); }
 
  private:
   const c10::DeviceIndex index_;
@@ -375,14 +388,10 @@ std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device,
   if (!device.is_cuda()) return nullptr;
   try {
     c10::cuda::CUDAGuard guard(device);
-    cudaEvent_t fork = nullptr, join = nullptr;
-    if (cudaEventCreateWithFlags(&fork, cudaEventDisableTiming) != cudaSuccess) {
-      ClearCudaError();
-      return nullptr;
-    }
-    if (cudaEventCreateWithFlags(&join, cudaEventDisableTiming) != cudaSuccess) {
-      ClearCudaError();
-      (void)cudaEventDestroy(fork);
+    cudaEvent_t fork = NewOrderingEvent();
+    cudaEvent_t join = fork != nullptr ? NewOrderingEvent() : nullptr;
+    if (join == nullptr) {
+      if (fork != nullptr) (void)cudaEventDestroy(fork);
       return nullptr;
     }
     return std::make_unique<CudaStreamBranch>(guard.current_device().index(),
@@ -397,11 +406,8 @@ std::unique_ptr<SideStream> MakeSideStream(c10::Device device) {
   if (!device.is_cuda()) return nullptr;
   try {
     c10::cuda::CUDAGuard guard(device);
-    cudaEvent_t done = nullptr;
-    if (cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) {
-      ClearCudaError();
-      return nullptr;
-    }
+    cudaEvent_t done = NewOrderingEvent();
+    if (done == nullptr) return nullptr;
     return std::make_unique<CudaSideStream>(guard.current_device().index(), done);
   } catch (const c10::Error&) {
     ClearCudaError();
