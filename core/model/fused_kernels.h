@@ -213,7 +213,7 @@ int LaunchTiledAttention(const AttentionArgs& args, void* stream);
 // LaunchTiledAttention's first choice for launches of at least one block a
 // multiprocessor (a population pass's encoder, a batch prefill;
 // LORAHUB_MMA_ATTENTION=2: all, =0: none; read once): the same attention on
-// the tensor cores (mma_attention_kernels.cu), for 64-wide heads, 33 to 128
+// the tensor cores (mma_attention.cuh), for 64-wide heads, 33 to 128
 // keys, fp32 or bf16 keys and values (queries fp32 or of their dtype) of
 // unit element stride and rows aligned to four elements, with out_dtype and
 // q_dtype set. Its fp32 operands are split into TF32 pairs so that the

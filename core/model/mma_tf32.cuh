@@ -1,6 +1,6 @@
 // 3xTF32 products on the tensor cores (mma.sync m16n8k8): an fp32 operand
 // split into two TF32 words, and the MMA itself. Included by nvcc-compiled
-// files only (run_lora_kernels.cu, mma_attention_kernels.cu).
+// files only (run_lora_kernels.cu, mma_attention.cuh).
 #ifndef LORAHUB_CORE_MODEL_MMA_TF32_CUH_
 #define LORAHUB_CORE_MODEL_MMA_TF32_CUH_
 

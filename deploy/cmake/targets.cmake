@@ -652,11 +652,19 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/kernel_launch.cuh
     ${SRC}/core/model/lora_kernels.cu
     ${SRC}/core/model/low_rank_merge_kernels.cu
+    ${SRC}/core/model/mma_attention.cuh
+    ${SRC}/core/model/mma_attention_bf16.cu
+    ${SRC}/core/model/mma_attention_f32.cu
     ${SRC}/core/model/mma_attention_kernels.cu
     ${SRC}/core/model/mma_tf32.cuh
     ${SRC}/core/model/norm_kernels.cu
     ${SRC}/core/model/norm_loads.cuh
     ${SRC}/core/model/query_side_kernels.cu
+    ${SRC}/core/model/register_tiled_attention.cuh
+    ${SRC}/core/model/register_tiled_attention_bf16_ty16.cu
+    ${SRC}/core/model/register_tiled_attention_bf16_ty8.cu
+    ${SRC}/core/model/register_tiled_attention_f32_ty16.cu
+    ${SRC}/core/model/register_tiled_attention_f32_ty8.cu
     ${SRC}/core/model/run_lora_kernels.cu
     ${SRC}/core/model/step_start_kernels.cu
     ${SRC}/core/model/tiled_attention_kernels.cu

@@ -1,4 +1,4 @@
-# Emulates core/model/mma_attention_kernels.cu MmaAttentionKernel's per-lane index math in fp64
+# Emulates core/model/mma_attention.cuh MmaAttentionKernel's per-lane index math in fp64
 # (no TF32 rounding) with the PTX mma.m16n8k8 fragment layouts (a: rows g, g + 8 and columns t,
 # t + 4; b: rows t, t + 4, column g; c: row g (+ 8), columns 2t, 2t + 1), against
 # softmax(q k^T + bias) v, for one (row, head) of several query and key lengths. Runs on this

@@ -1,4 +1,4 @@
-# The packed encoder attention (tiled_attention_kernels.cu RegisterTiledAttentionKernel, fp32, rows laid
+# The packed encoder attention (register_tiled_attention.cuh RegisterTiledAttentionKernel, fp32, rows laid
 # end to end) in isolation, to find what bounds it. Forty-third session: cutting ~80% of a
 # per-row prefill's score products (each row's own key groups and query rows only) left the
 # engine's kernel as slow (Kineto 57.4-58.0 against 55.1-55.4 us a call), so it is not bound by

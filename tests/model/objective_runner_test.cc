@@ -365,7 +365,7 @@ TEST(ObjectiveRunnerQuerySide, LossesMatchTheUsualOrder) {
 }
 
 // The population pass's encoder attention on the tensor cores
-// (mma_attention_kernels.cu, on every launch it fits) against the
+// (mma_attention.cuh, on every launch it fits) against the
 // register-tiled kernel, bf16 on CUDA: 64-wide heads (the kernel's) and
 // examples of 33 to 60 tokens, with weights and adapters small enough that
 // the losses are a smooth function of the arithmetic (on the random bench
