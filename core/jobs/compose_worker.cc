@@ -230,17 +230,28 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
         1, static_cast<size_t>(std::max(1, options_.max_rows)) / num_examples);
     // A/B: the runners built inside the device work, on the owner thread, as before.
     static const bool setup_on_device = model::EnvFlag("LORAHUB_COMPOSE_SETUP_ON_ENGINE");
+    // A/B: the progress written before the call's device work, as before.
+    static const bool write_first = model::EnvFlag("LORAHUB_COMPOSE_WRITE_FIRST");
     // The evaluations of each objective call, written when the next call starts or the
     // search ends, one transaction (progress_writer.h).
     ProgressWriter progress_writer(&st, job.id);
     absl::Status progress_error;
-    learn::BatchObjective recording =
-        [&](const std::vector<learn::Candidate>& c) -> absl::StatusOr<std::vector<double>> {
+    // Writes the buffered progress and polls for a cancel: OK to go on.
+    const auto write_progress = [&]() -> absl::Status {
       progress_error = progress_writer.Flush();
       if (!progress_error.ok()) return progress_error;
       if (progress_writer.cancel_requested()) return absl::CancelledError("cancel requested");
+      return absl::OkStatus();
+    };
+    learn::BatchObjective recording =
+        [&](const std::vector<learn::Candidate>& c) -> absl::StatusOr<std::vector<double>> {
+      const bool on_device = static_cast<bool>(options_.post_to_device);
+      if (!on_device || write_first) {
+        const absl::Status written = write_progress();
+        if (!written.ok()) return written;
+      }
       seen.insert(seen.end(), c.begin(), c.end());
-      if (!options_.run_on_device) return inner(c);
+      if (!on_device) return inner(c);
       // On the device owner's thread, a piece at a time (see the header).
       std::vector<double> scores;
       scores.reserve(c.size());
@@ -256,7 +267,21 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
         }
         absl::StatusOr<std::vector<double>> r =
             absl::InternalError("device work did not run");
-        absl::Status st = options_.run_on_device([&] { r = inner(part); });
+        std::function<absl::Status()> wait =
+            options_.post_to_device([&] { r = inner(part); });
+        // The last call's progress, written while the first piece runs. The piece reads
+        // `part` and writes `r`: it is waited for whatever the write says or throws.
+        absl::Status written;
+        if (i == 0 && !write_first) {
+          try {
+            written = write_progress();
+          } catch (...) {
+            (void)wait();
+            throw;
+          }
+        }
+        const absl::Status st = wait();
+        if (!written.ok()) return written;
         if (!st.ok()) {
           return stop_ ? absl::CancelledError("the worker is stopping") : st;
         }

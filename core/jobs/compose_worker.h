@@ -7,10 +7,11 @@
 // from the local paths the store records, tokenize the examples, build a
 // learn::LoraHubObjective and run the optimizer. After every evaluation it
 // buffers Store::UpdateProgress (one "progress" event, payload
-// {"index","score","best_score","weights"}) on a ProgressWriter; before the
+// {"index","score","best_score","weights"}) on a ProgressWriter; in the
 // next objective call (and after the last) the buffered events are written
 // in one transaction and IsCancelRequested is polled, so a cancel takes
-// effect within one objective call. The job ends with
+// effect within one objective call. With `post_to_device` that write runs
+// while the call's first piece of device work does (below). The job ends with
 // FinishSucceeded (result_json {"best_score","best_loss","weights",
 // "module_ids","evaluations","seconds","task"} and the published task),
 // FinishCancelled or FinishFailed (the reason). With no job queued the
@@ -20,8 +21,8 @@
 // evaluation and leaves it RUNNING in the store: the next Start() re-queues
 // it, so a shutdown never loses a job.
 //
-// Sharing the device: with `run_on_device` set (the server passes the
-// inference engine's RunOnDevice), every objective evaluation runs on the
+// Sharing the device: with `post_to_device` set (the server passes the
+// inference engine's PostDeviceWork), every objective evaluation runs on the
 // device's owner thread as a work item between two decoding steps, so the
 // device has one user at a time and inference goes first: a generate
 // request waits for at most one work item (at most max_rows rows of one
@@ -32,8 +33,13 @@
 // on the worker's thread before the piece is handed over, beside the
 // decoding steps (LORAHUB_COMPOSE_SETUP_ON_ENGINE=1 builds it inside the work
 // item, as before; lorahub_engine_device_work_seconds shows the difference).
-// Without run_on_device the objective runs on the worker's thread,
-// concurrently with inference.
+// The store write of the last call's progress (and the cancel poll) runs on
+// the worker's thread while the call's first piece runs on the device:
+// before, the device waited for it between two evaluations
+// (LORAHUB_COMPOSE_WRITE_FIRST=1 writes first, as before). A cancel seen
+// then waits for that piece and discards it.
+// Without post_to_device the objective runs on the worker's thread,
+// concurrently with inference, after the write.
 //
 // Resuming. A job claimed again after a restart (attempts > 1) with
 // progress in the store resumes from that checkpoint: the evaluations
@@ -84,9 +90,11 @@ struct ComposeWorkerOptions {
   metrics::ServiceMetrics* metrics = nullptr;
   // Rows per forward pass of the objective.
   int max_rows = 64;
-  // Optional: runs a closure on the device's owner thread and blocks until
-  // it ran (InferenceEngine::RunOnDevice); an error fails the evaluation.
-  std::function<absl::Status(std::function<void()>)> run_on_device;
+  // Optional: queues a closure for the device's owner thread and returns a
+  // function that blocks until it ran and gives its status
+  // (InferenceEngine::PostDeviceWork); an error fails the evaluation. The
+  // worker calls the returned function once, always.
+  std::function<std::function<absl::Status()>(std::function<void()>)> post_to_device;
   // Optional: gives a module's adapter on the base's device through the
   // module cache (the engine's AdapterCache::GetModule); the job holds the
   // returned pointers until it ends, which pins the modules in the cache

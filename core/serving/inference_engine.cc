@@ -1596,22 +1596,32 @@ struct InferenceEngine::DeviceWork {
 };
 
 absl::Status InferenceEngine::RunOnDevice(std::function<void()> fn) {
-  if (!fn) return absl::InvalidArgumentError("RunOnDevice: empty function");
+  return PostDeviceWork(std::move(fn))();
+}
+
+std::function<absl::Status()> InferenceEngine::PostDeviceWork(std::function<void()> fn) {
+  if (!fn) {
+    return [] { return absl::InvalidArgumentError("RunOnDevice: empty function"); };
+  }
   if (std::this_thread::get_id() == thread_.get_id()) {
     fn();
-    return absl::OkStatus();
+    return [] { return absl::OkStatus(); };
   }
   auto work = std::make_shared<DeviceWork>();
   work->fn = std::move(fn);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (exit_) return absl::UnavailableError("the inference engine has stopped");
+    if (exit_) {
+      return [] { return absl::UnavailableError("the inference engine has stopped"); };
+    }
     device_work_.push_back(work);
   }
   cv_.notify_all();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done; });
-  return work->status;
+  return [work] {
+    std::unique_lock<std::mutex> lock(work->mu);
+    work->cv.wait(lock, [&] { return work->done; });
+    return work->status;
+  };
 }
 
 int64_t InferenceEngine::device_work_waiting() const {

@@ -404,6 +404,13 @@ class InferenceEngine {
   // run) if the engine stopped before it got to it. From the engine thread
   // itself (inside a callback) `fn` runs at once. `fn` must not throw.
   absl::Status RunOnDevice(std::function<void()> fn);
+  // RunOnDevice in two halves: queues `fn` and returns at once a function
+  // that blocks until `fn` has run (or never will) and gives RunOnDevice's
+  // status. Call it once, before anything `fn` uses goes away. From the
+  // engine thread `fn` runs before this returns. Why: a compose job writes
+  // its last evaluations' progress to the store while the next one runs
+  // (compose_worker.h).
+  std::function<absl::Status()> PostDeviceWork(std::function<void()> fn);
   // Device work items waiting to run (for tests and metrics).
   int64_t device_work_waiting() const;
   // Shapes whose graphs the engine made while idle so far

@@ -465,8 +465,8 @@ int RunServe(int argc, char** argv) {
     // The job's evaluations run on that engine's thread, between decoding
     // steps, so inference latency stays bounded while a job runs.
     serving::InferenceEngine* job_engine = engine.get();
-    jo.run_on_device = [job_engine](std::function<void()> fn) {
-      return job_engine->RunOnDevice(std::move(fn));
+    jo.post_to_device = [job_engine](std::function<void()> fn) {
+      return job_engine->PostDeviceWork(std::move(fn));
     };
     // The job's modules come through that engine's module cache and stay
     // pinned there while the job runs.

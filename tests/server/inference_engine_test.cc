@@ -1197,6 +1197,27 @@ TEST_F(EngineTest, DeviceWorkRunsOnTheEngineThreadInOrder) {
   EXPECT_NE(thrown.message().find("boom"), absl::string_view::npos);
 }
 
+// PostDeviceWork returns before its closure runs, so the caller works
+// meanwhile (a compose job's store write), and the waiter gives the
+// closure's status. The closure here needs what the caller does after the
+// post: a blocking post would leave it waiting out its 10 s.
+TEST_F(EngineTest, PostedDeviceWorkRunsWhileThePosterWorks) {
+  auto engine = Start();
+  ASSERT_TRUE(engine);
+  std::promise<void> poster_worked;
+  std::shared_future<void> worked = poster_worked.get_future().share();
+  bool saw_the_poster = false;
+  std::function<absl::Status()> wait = engine->PostDeviceWork([&] {
+    saw_the_poster = worked.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  });
+  poster_worked.set_value();
+  EXPECT_TRUE(wait().ok());
+  EXPECT_TRUE(saw_the_poster);
+  EXPECT_EQ(engine->PostDeviceWork(nullptr)().code(), absl::StatusCode::kInvalidArgument);
+  absl::Status thrown = engine->PostDeviceWork([] { throw std::runtime_error("boom"); })();
+  EXPECT_EQ(thrown.code(), absl::StatusCode::kInternal);
+}
+
 TEST_F(EngineTest, DeviceWorkIsRefusedOnceTheEngineStopped) {
   auto engine = Start();
   ASSERT_TRUE(engine);
