@@ -70,18 +70,6 @@ absl::Status SeedJobGauges(store::Store& st, metrics::ServiceMetrics& m) {
 
 }  // namespace
 
-// What a job needs before its search: its spec, its modules (held until the
-// job ends: with module_loader this pins them in the module cache), and its
-// objective.
-struct ComposeWorker::JobSetup {
-  std::string job_id;
-  std::string spec_json;  // the spec it was set up from
-  ComposeJobSpec spec;
-  std::vector<std::shared_ptr<const model::LoraAdapter>> modules;
-  // Not moved once made (AsBatchObjective's functions point into it).
-  std::unique_ptr<learn::LoraHubObjective> objective;
-};
-
 absl::StatusOr<std::unique_ptr<ComposeWorker>> ComposeWorker::Start(
     ComposeWorkerOptions options) {
   if (!options.store || !options.base || !options.tokenizer) {
@@ -128,8 +116,7 @@ void ComposeWorker::Loop() {
       metrics::ServiceMetrics* m = options_.metrics;
       if (m) m->RecordJobTransition(metrics::JobState::kQueued, metrics::JobState::kRunning);
       const auto start = std::chrono::steady_clock::now();
-      std::unique_ptr<JobSetup> setup = TakeSetUpAhead(**job);
-      RunJob(**job, std::move(setup));
+      RunJob(**job);
       if (m) {
         absl::StatusOr<store::JobRecord> after = options_.store->GetJob((*job)->id);
         if (after.ok() && store::IsTerminal(after->state)) {
@@ -142,35 +129,40 @@ void ComposeWorker::Loop() {
       }
       continue;
     }
-    (void)TakeSetUpAhead(store::JobRecord());  // a queue emptied by a cancel or another worker
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, absl::ToChronoMilliseconds(options_.idle_poll),
                  [this] { return woken_ || stop_.load(); });
     woken_ = false;
   }
-  (void)TakeSetUpAhead(store::JobRecord());  // done before the thread ends
 }
 
+void ComposeWorker::RunJob(const store::JobRecord& job) {
+  store::Store& st = *options_.store;
+  auto fail = [&](const absl::Status& s) {
+    absl::Status f = st.FinishFailed(job.id, std::string(s.message()));
+    if (!f.ok()) {
+      std::fprintf(stderr, "lorahub: job %s: %s\n", job.id.c_str(), f.ToString().c_str());
+    }
+  };
+  absl::StatusOr<ComposeJobSpec> spec = DecodeJobSpec(job.spec_json);
+  if (!spec.ok()) return fail(spec.status());
+  if (spec->module_ids.empty()) return fail(absl::InvalidArgumentError("no modules"));
 
-absl::StatusOr<std::unique_ptr<ComposeWorker::JobSetup>> ComposeWorker::SetUp(
-    const store::JobRecord& job) const {
-  auto setup = std::make_unique<JobSetup>();
-  setup->job_id = job.id;
-  setup->spec_json = job.spec_json;
-  absl::StatusOr<ComposeJobSpec> decoded = DecodeJobSpec(job.spec_json);
-  if (!decoded.ok()) return decoded.status();
-  setup->spec = *std::move(decoded);
-  const ComposeJobSpec& spec = setup->spec;
-  if (spec.module_ids.empty()) return absl::InvalidArgumentError("no modules");
+  Outcome out;
+  std::vector<double> best_weights;
   try {
-    setup->modules.reserve(spec.module_ids.size());
-    for (const std::string& id : spec.module_ids) {
+    // Modules.
+    // Held until the job ends: with module_loader this pins them in the
+    // module cache.
+    std::vector<std::shared_ptr<const model::LoraAdapter>> modules;
+    modules.reserve(spec->module_ids.size());
+    for (const std::string& id : spec->module_ids) {
       absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> a;
       if (options_.module_loader) {
         a = options_.module_loader(id);
       } else {
-        absl::StatusOr<store::ModuleRecord> m = options_.store->GetModule(id);
-        if (!m.ok()) return m.status();
+        absl::StatusOr<store::ModuleRecord> m = st.GetModule(id);
+        if (!m.ok()) return fail(m.status());
         absl::StatusOr<model::LoraAdapter> loaded =
             model::LoadLoraAdapter(*options_.base, m->local_path);
         if (loaded.ok()) {
@@ -180,100 +172,45 @@ absl::StatusOr<std::unique_ptr<ComposeWorker::JobSetup>> ComposeWorker::SetUp(
                            absl::StrCat("module ", id, ": ", loaded.status().message()));
         }
       }
-      if (!a.ok()) return a.status();
-      setup->modules.push_back(*std::move(a));
+      if (!a.ok()) return fail(a.status());
+      modules.push_back(*std::move(a));
     }
     std::vector<const model::LoraAdapter*> ptrs;
-    for (const auto& m : setup->modules) ptrs.push_back(m.get());
+    for (const auto& m : modules) ptrs.push_back(m.get());
 
+    // Examples.
     std::vector<model::Example> examples;
-    for (const TextExample& t : spec.examples) {
+    for (const TextExample& t : spec->examples) {
       model::Example e;
       absl::StatusOr<std::vector<int64_t>> in = Tokenize(*options_.tokenizer, t.input);
-      if (!in.ok()) return in.status();
+      if (!in.ok()) return fail(in.status());
       absl::StatusOr<std::vector<int64_t>> lab = Tokenize(*options_.tokenizer, t.output);
-      if (!lab.ok()) return lab.status();
+      if (!lab.ok()) return fail(lab.status());
       e.input_ids = *std::move(in);
       e.label_ids = *std::move(lab);
       examples.push_back(std::move(e));
     }
 
     learn::LoraHubObjectiveOptions oo;
-    absl::StatusOr<learn::CompositionMethod> method = learn::ParseCompositionMethod(spec.method);
-    if (!method.ok()) return method.status();
+    absl::StatusOr<learn::CompositionMethod> method =
+        learn::ParseCompositionMethod(spec->method);
+    if (!method.ok()) return fail(method.status());
     oo.method = *method;
-    oo.seed = spec.seed;
-    oo.density = spec.density;
+    oo.seed = spec->seed;
+    oo.density = spec->density;
     absl::StatusOr<learn::MajoritySignMethod> sign =
-        learn::ParseMajoritySignMethod(spec.majority_sign);
-    if (!sign.ok()) return sign.status();
+        learn::ParseMajoritySignMethod(spec->majority_sign);
+    if (!sign.ok()) return fail(sign.status());
     oo.majority_sign = *sign;
-    oo.regularization = spec.regularization;
-    oo.lower = spec.lower;
-    oo.upper = spec.upper;
-    oo.score.batch_size = spec.batch_size;
+    oo.regularization = spec->regularization;
+    oo.lower = spec->lower;
+    oo.upper = spec->upper;
+    oo.score.batch_size = spec->batch_size;
     oo.score.max_rows = options_.max_rows;
     absl::StatusOr<learn::LoraHubObjective> objective =
         learn::LoraHubObjective::Create(options_.base, ptrs, std::move(examples), oo);
-    if (!objective.ok()) return objective.status();
-    setup->objective = std::make_unique<learn::LoraHubObjective>(*std::move(objective));
-    // COBYLA scores one candidate a call: its runner, built now (the worker
-    // builds any other size before the piece that needs it).
-    if (options_.post_to_device && spec.optimizer == "cobyla" && !spec.warm_start) {
-      absl::Status prepared = setup->objective->Prepare(1);
-      if (!prepared.ok()) return prepared;
-    }
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("compose job: ", e.what()));
-  }
-  return setup;
-}
+    if (!objective.ok()) return fail(objective.status());
 
-void ComposeWorker::MaybeSetUpAhead() {
-  static const bool off = model::EnvFlag("LORAHUB_COMPOSE_NO_SETUP_AHEAD");
-  if (off || !options_.post_to_device || ahead_.valid()) return;
-  absl::StatusOr<std::optional<store::JobRecord>> next = options_.store->PeekNext();
-  if (!next.ok() || !next->has_value()) return;
-  ahead_ = std::async(std::launch::async,
-                      [this, job = **std::move(next)]() -> std::unique_ptr<JobSetup> {
-                        absl::StatusOr<std::unique_ptr<JobSetup>> setup = SetUp(job);
-                        // An error is reported by the job's own run, which sets it up again.
-                        return setup.ok() ? *std::move(setup) : nullptr;
-                      });
-}
-
-std::unique_ptr<ComposeWorker::JobSetup> ComposeWorker::TakeSetUpAhead(
-    const store::JobRecord& job) {
-  if (!ahead_.valid()) return nullptr;
-  std::unique_ptr<JobSetup> setup = ahead_.get();
-  if (setup == nullptr || setup->job_id != job.id || setup->spec_json != job.spec_json) {
-    return nullptr;
-  }
-  std::fprintf(stderr, "lorahub: job %s set up during the previous job's search\n",
-               job.id.c_str());
-  return setup;
-}
-
-void ComposeWorker::RunJob(const store::JobRecord& job, std::unique_ptr<JobSetup> setup) {
-  store::Store& st = *options_.store;
-  auto fail = [&](const absl::Status& s) {
-    absl::Status f = st.FinishFailed(job.id, std::string(s.message()));
-    if (!f.ok()) {
-      std::fprintf(stderr, "lorahub: job %s: %s\n", job.id.c_str(), f.ToString().c_str());
-    }
-  };
-  if (setup == nullptr) {
-    absl::StatusOr<std::unique_ptr<JobSetup>> made = SetUp(job);
-    if (!made.ok()) return fail(made.status());
-    setup = *std::move(made);
-  }
-  MaybeSetUpAhead();  // the next queued job's, during this one's search (see the header)
-  const ComposeJobSpec* const spec = &setup->spec;
-  learn::LoraHubObjective* const objective = setup->objective.get();
-
-  Outcome out;
-  std::vector<double> best_weights;
-  try {
     // Every candidate the objective scores, in order: evaluation i (1-based)
     // of the progress callback is seen[i - 1].
     std::vector<learn::Candidate> seen;
@@ -332,14 +269,12 @@ void ComposeWorker::RunJob(const store::JobRecord& job, std::unique_ptr<JobSetup
             absl::InternalError("device work did not run");
         std::function<absl::Status()> wait =
             options_.post_to_device([&] { r = inner(part); });
-        // The last call's progress, written while the first piece runs (and a job queued
-        // since, set up ahead). The piece reads `part` and writes `r`: it is waited for
-        // whatever the write says or throws.
+        // The last call's progress, written while the first piece runs. The piece reads
+        // `part` and writes `r`: it is waited for whatever the write says or throws.
         absl::Status written;
         if (i == 0 && !write_first) {
           try {
             written = write_progress();
-            MaybeSetUpAhead();
           } catch (...) {
             (void)wait();
             throw;

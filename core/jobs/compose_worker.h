@@ -41,16 +41,6 @@
 // Without post_to_device the objective runs on the worker's thread,
 // concurrently with inference, after the write.
 //
-// Setting up ahead. With post_to_device, while a job searches, a second
-// thread sets up the job that ClaimNext would take next (Store::PeekNext:
-// looked for once the job's own set-up is done and then at each objective
-// call until one is found): its modules, examples, objective, and for COBYLA
-// its runner (on CUDA a graph capture: the set-up was about 0.09 s of a
-// 0.21 s job on an H100). The next claim takes that set-up if it claimed the
-// same job with the same spec, else discards it. The peeked job stays queued
-// meanwhile (a cancel, or another worker's claim, only wastes the set-up).
-// LORAHUB_COMPOSE_NO_SETUP_AHEAD=1: none (A/B).
-//
 // Resuming. A job claimed again after a restart (attempts > 1) with
 // progress in the store resumes from that checkpoint: the evaluations
 // already spent count against the budget (only budget - done remain), the
@@ -75,7 +65,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <functional>
-#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -136,28 +125,11 @@ class ComposeWorker {
   void Stop();
 
  private:
-  struct JobSetup;  // compose_worker.cc
-
   explicit ComposeWorker(ComposeWorkerOptions options) : options_(options) {}
   void Loop();
-  // The job's spec decoded, its modules got, its examples tokenized and its
-  // objective made (with post_to_device and COBYLA, its runner too); the
-  // error fails the job. Any thread.
-  absl::StatusOr<std::unique_ptr<JobSetup>> SetUp(const store::JobRecord& job) const;
-  // Unless one is under way or held: SetUp, on a thread of its own, of the
-  // job ClaimNext would take now (Store::PeekNext; it stays queued), into
-  // ahead_ (nullptr there if its set-up failed: the job's run sets it up
-  // again and reports why). The worker's thread only.
-  void MaybeSetUpAhead();
-  // The set-up made ahead if it is `job`'s; nullptr otherwise (discarded).
-  // Waits for it to be done.
-  std::unique_ptr<JobSetup> TakeSetUpAhead(const store::JobRecord& job);
-  // `setup`: the job's, made ahead, or nullptr to make it here.
-  void RunJob(const store::JobRecord& job, std::unique_ptr<JobSetup> setup);
+  void RunJob(const store::JobRecord& job);
 
   const ComposeWorkerOptions options_;
-  // The next queued job's set-up (MaybeSetUpAhead; the worker's thread only).
-  std::future<std::unique_ptr<JobSetup>> ahead_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool woken_ = false;

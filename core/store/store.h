@@ -144,9 +144,6 @@ class Store {
   // among equals), marks it running, sets started_at, increments attempts,
   // and logs "started" ({"attempt": n}). nullopt if the queue is empty.
   absl::StatusOr<std::optional<JobRecord>> ClaimNext();
-  // The job ClaimNext would take now, left queued (nothing written);
-  // nullopt if the queue is empty. Another claimant may take it first.
-  absl::StatusOr<std::optional<JobRecord>> PeekNext();
 
   // Records progress of a running job and logs a "progress" event whose
   // payload is `event_payload_json` (opaque; "{}" if empty).

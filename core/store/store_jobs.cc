@@ -132,17 +132,15 @@ absl::StatusOr<JobRecord> Store::InsertJob(const NewJob& job) {
   return stored;
 }
 
-// The queued job a claim takes: the highest priority, the oldest among equals.
-constexpr char kNextQueuedJob[] =
-    "SELECT id FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq ASC LIMIT 1";
-
 absl::StatusOr<std::optional<JobRecord>> Store::ClaimNext() {
   absl::Time now = Now();
   absl::MutexLock lock(&mu_);
   // IMMEDIATE: the write lock is held from the SELECT on, so two claimants
   // (threads of another Store or other processes) never take the same job.
   LH_ASSIGN_OR_RETURN(auto txn, Transaction::Begin(db_.get()));
-  LH_ASSIGN_OR_RETURN(Statement next, db_->Prepare(kNextQueuedJob));
+  LH_ASSIGN_OR_RETURN(Statement next,
+                      db_->Prepare("SELECT id FROM jobs WHERE state = 'queued' "
+                                   "ORDER BY priority DESC, seq ASC LIMIT 1"));
   LH_ASSIGN_OR_RETURN(bool found, next.Step());
   if (!found) {
     LH_RETURN_IF_ERROR(txn->Commit());
@@ -158,15 +156,6 @@ absl::StatusOr<std::optional<JobRecord>> Store::ClaimNext() {
   LH_RETURN_IF_ERROR(AppendJobEvent(db_.get(), id, now, "started",
                                     Dump({{"attempt", job.attempts}})));
   LH_RETURN_IF_ERROR(txn->Commit());
-  return std::optional<JobRecord>(std::move(job));
-}
-
-absl::StatusOr<std::optional<JobRecord>> Store::PeekNext() {
-  absl::MutexLock lock(&mu_);
-  LH_ASSIGN_OR_RETURN(Statement next, db_->Prepare(kNextQueuedJob));
-  LH_ASSIGN_OR_RETURN(bool found, next.Step());
-  if (!found) return std::optional<JobRecord>();
-  LH_ASSIGN_OR_RETURN(JobRecord job, LoadJob(db_.get(), next.Text(0)));
   return std::optional<JobRecord>(std::move(job));
 }
 

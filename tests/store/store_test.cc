@@ -256,34 +256,6 @@ TEST_F(StoreTest, ClaimNextTakesHighestPriorityThenOldest) {
   EXPECT_GT(*job->started_at, job->created_at);
 }
 
-// PeekNext names the job ClaimNext takes next and writes nothing.
-TEST_F(StoreTest, PeekNextNamesTheNextClaimAndLeavesItQueued) {
-  auto empty = store_->PeekNext();
-  ASSERT_OK(empty);
-  EXPECT_FALSE(empty->has_value());
-  Insert("low", "t1", 0);
-  Insert("high", "t2", 5);
-  for (const char* expected : {"high", "low"}) {
-    auto peeked = store_->PeekNext();
-    ASSERT_OK(peeked);
-    ASSERT_TRUE(peeked->has_value());
-    EXPECT_EQ((*peeked)->id, expected);
-    EXPECT_EQ((*peeked)->state, JobState::kQueued);
-    EXPECT_EQ((*peeked)->attempts, 0);
-    auto events = store_->ListJobEvents(expected, 0, 100);
-    ASSERT_OK(events);
-    const size_t events_before = events->size();
-    auto again = store_->PeekNext();  // the same answer: nothing was claimed
-    ASSERT_OK(again);
-    EXPECT_EQ((*again)->id, expected);
-    EXPECT_EQ(store_->ListJobEvents(expected, 0, 100)->size(), events_before);
-    EXPECT_EQ(ClaimId(), expected);
-  }
-  auto none = store_->PeekNext();
-  ASSERT_OK(none);
-  EXPECT_FALSE(none->has_value());
-}
-
 TEST_F(StoreTest, ProgressOfSeveralEvaluationsIsOneWrite) {
   Insert("j", "t");
   JobProgress p;
