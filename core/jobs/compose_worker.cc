@@ -70,6 +70,16 @@ absl::Status SeedJobGauges(store::Store& st, metrics::ServiceMetrics& m) {
 
 }  // namespace
 
+// What a job needs before its search: its spec, its modules (held until the
+// job ends: with module_loader this pins them in the module cache), and its
+// objective.
+struct ComposeWorker::JobSetup {
+  ComposeJobSpec spec;
+  std::vector<std::shared_ptr<const model::LoraAdapter>> modules;
+  // Not moved once made (AsBatchObjective's functions point into it).
+  std::unique_ptr<learn::LoraHubObjective> objective;
+};
+
 absl::StatusOr<std::unique_ptr<ComposeWorker>> ComposeWorker::Start(
     ComposeWorkerOptions options) {
   if (!options.store || !options.base || !options.tokenizer) {
@@ -136,33 +146,23 @@ void ComposeWorker::Loop() {
   }
 }
 
-void ComposeWorker::RunJob(const store::JobRecord& job) {
-  store::Store& st = *options_.store;
-  auto fail = [&](const absl::Status& s) {
-    absl::Status f = st.FinishFailed(job.id, std::string(s.message()));
-    if (!f.ok()) {
-      std::fprintf(stderr, "lorahub: job %s: %s\n", job.id.c_str(), f.ToString().c_str());
-    }
-  };
-  absl::StatusOr<ComposeJobSpec> spec = DecodeJobSpec(job.spec_json);
-  if (!spec.ok()) return fail(spec.status());
-  if (spec->module_ids.empty()) return fail(absl::InvalidArgumentError("no modules"));
-
-  Outcome out;
-  std::vector<double> best_weights;
+absl::StatusOr<std::unique_ptr<ComposeWorker::JobSetup>> ComposeWorker::SetUp(
+    const store::JobRecord& job) const {
+  auto setup = std::make_unique<JobSetup>();
+  absl::StatusOr<ComposeJobSpec> decoded = DecodeJobSpec(job.spec_json);
+  if (!decoded.ok()) return decoded.status();
+  setup->spec = *std::move(decoded);
+  const ComposeJobSpec& spec = setup->spec;
+  if (spec.module_ids.empty()) return absl::InvalidArgumentError("no modules");
   try {
-    // Modules.
-    // Held until the job ends: with module_loader this pins them in the
-    // module cache.
-    std::vector<std::shared_ptr<const model::LoraAdapter>> modules;
-    modules.reserve(spec->module_ids.size());
-    for (const std::string& id : spec->module_ids) {
+    setup->modules.reserve(spec.module_ids.size());
+    for (const std::string& id : spec.module_ids) {
       absl::StatusOr<std::shared_ptr<const model::LoraAdapter>> a;
       if (options_.module_loader) {
         a = options_.module_loader(id);
       } else {
-        absl::StatusOr<store::ModuleRecord> m = st.GetModule(id);
-        if (!m.ok()) return fail(m.status());
+        absl::StatusOr<store::ModuleRecord> m = options_.store->GetModule(id);
+        if (!m.ok()) return m.status();
         absl::StatusOr<model::LoraAdapter> loaded =
             model::LoadLoraAdapter(*options_.base, m->local_path);
         if (loaded.ok()) {
@@ -172,45 +172,65 @@ void ComposeWorker::RunJob(const store::JobRecord& job) {
                            absl::StrCat("module ", id, ": ", loaded.status().message()));
         }
       }
-      if (!a.ok()) return fail(a.status());
-      modules.push_back(*std::move(a));
+      if (!a.ok()) return a.status();
+      setup->modules.push_back(*std::move(a));
     }
     std::vector<const model::LoraAdapter*> ptrs;
-    for (const auto& m : modules) ptrs.push_back(m.get());
+    for (const auto& m : setup->modules) ptrs.push_back(m.get());
 
-    // Examples.
     std::vector<model::Example> examples;
-    for (const TextExample& t : spec->examples) {
+    for (const TextExample& t : spec.examples) {
       model::Example e;
       absl::StatusOr<std::vector<int64_t>> in = Tokenize(*options_.tokenizer, t.input);
-      if (!in.ok()) return fail(in.status());
+      if (!in.ok()) return in.status();
       absl::StatusOr<std::vector<int64_t>> lab = Tokenize(*options_.tokenizer, t.output);
-      if (!lab.ok()) return fail(lab.status());
+      if (!lab.ok()) return lab.status();
       e.input_ids = *std::move(in);
       e.label_ids = *std::move(lab);
       examples.push_back(std::move(e));
     }
 
     learn::LoraHubObjectiveOptions oo;
-    absl::StatusOr<learn::CompositionMethod> method =
-        learn::ParseCompositionMethod(spec->method);
-    if (!method.ok()) return fail(method.status());
+    absl::StatusOr<learn::CompositionMethod> method = learn::ParseCompositionMethod(spec.method);
+    if (!method.ok()) return method.status();
     oo.method = *method;
-    oo.seed = spec->seed;
-    oo.density = spec->density;
+    oo.seed = spec.seed;
+    oo.density = spec.density;
     absl::StatusOr<learn::MajoritySignMethod> sign =
-        learn::ParseMajoritySignMethod(spec->majority_sign);
-    if (!sign.ok()) return fail(sign.status());
+        learn::ParseMajoritySignMethod(spec.majority_sign);
+    if (!sign.ok()) return sign.status();
     oo.majority_sign = *sign;
-    oo.regularization = spec->regularization;
-    oo.lower = spec->lower;
-    oo.upper = spec->upper;
-    oo.score.batch_size = spec->batch_size;
+    oo.regularization = spec.regularization;
+    oo.lower = spec.lower;
+    oo.upper = spec.upper;
+    oo.score.batch_size = spec.batch_size;
     oo.score.max_rows = options_.max_rows;
     absl::StatusOr<learn::LoraHubObjective> objective =
         learn::LoraHubObjective::Create(options_.base, ptrs, std::move(examples), oo);
-    if (!objective.ok()) return fail(objective.status());
+    if (!objective.ok()) return objective.status();
+    setup->objective = std::make_unique<learn::LoraHubObjective>(*std::move(objective));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("compose job: ", e.what()));
+  }
+  return setup;
+}
 
+void ComposeWorker::RunJob(const store::JobRecord& job) {
+  store::Store& st = *options_.store;
+  auto fail = [&](const absl::Status& s) {
+    absl::Status f = st.FinishFailed(job.id, std::string(s.message()));
+    if (!f.ok()) {
+      std::fprintf(stderr, "lorahub: job %s: %s\n", job.id.c_str(), f.ToString().c_str());
+    }
+  };
+  absl::StatusOr<std::unique_ptr<JobSetup>> setup = SetUp(job);
+  if (!setup.ok()) return fail(setup.status());
+  const ComposeJobSpec* const spec = &(*setup)->spec;
+  learn::LoraHubObjective* const objective = (*setup)->objective.get();
+
+  Outcome out;
+  std::vector<double> best_weights;
+  try {
     // Every candidate the objective scores, in order: evaluation i (1-based)
     // of the progress callback is seen[i - 1].
     std::vector<learn::Candidate> seen;

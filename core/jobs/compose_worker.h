@@ -125,8 +125,13 @@ class ComposeWorker {
   void Stop();
 
  private:
+  struct JobSetup;  // compose_worker.cc
+
   explicit ComposeWorker(ComposeWorkerOptions options) : options_(options) {}
   void Loop();
+  // The job's spec decoded, its modules got, its examples tokenized and its
+  // objective made; the error fails the job.
+  absl::StatusOr<std::unique_ptr<JobSetup>> SetUp(const store::JobRecord& job) const;
   void RunJob(const store::JobRecord& job);
 
   const ComposeWorkerOptions options_;
