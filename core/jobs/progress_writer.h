@@ -6,13 +6,13 @@
 // generation of 64 candidates, one scoring pass on a GPU (about 50 ms), was
 // followed by 64 transactions. Here the evaluations of one objective call
 // are buffered (Add) and written together, one transaction, in the next
-// call (on a device, while its first piece of device work runs) or when the
-// search ends (Flush); then the store is asked whether the job's cancel was
-// requested. A sequential optimizer (COBYLA) still
-// writes once per evaluation. (A writer thread overlapping the next
-// evaluation measured slower on the 2-core host: 5.2-6.7 against 4.2-4.4 ms
-// an evaluation of the tiny fixture, the write competing with the scoring
-// for the cores.)
+// call or when the search ends (Flush); then the store is asked whether the
+// job's cancel was requested. A sequential optimizer (COBYLA) still writes
+// once per evaluation. On a device the compose worker's thread writes while
+// the engine thread runs the next evaluation (compose_worker.h); a separate
+// writer thread had measured slower on the 2-core host (5.2-6.7 against
+// 4.2-4.4 ms an evaluation of the tiny fixture, the write competing with the
+// CPU scoring for the cores).
 //
 // Ownership: the store is borrowed and must outlive the writer. Not
 // thread-safe: one thread (the compose worker's) per writer.

@@ -533,6 +533,7 @@ void ServiceMetrics::ObserveStepSlots(int slots) {
 void ServiceMetrics::ObserveDeviceWork(double seconds) {
   if (Usable(seconds)) device_work_->Observe(seconds);
 }
+
 void ServiceMetrics::AddGraphCaptures(int64_t captures, double seconds) {
   if (captures > 0) graph_captures_->Increment(static_cast<double>(captures));
   if (seconds > 0 && std::isfinite(seconds)) graph_capture_seconds_->Increment(seconds);

@@ -17,9 +17,10 @@
 // best_score is the objective (loss + regularization * mean|w|); best_loss the part without
 // the regularizer (the negated accuracy for --objective exact_match). seconds is the wall time
 // of the search (loading excluded); runner_seconds the part of it spent building the
-// objective's runners (on CUDA their graph captures), which a search pays once. --max-seconds S (0 = none) also ends the search after the
-// evaluation or generation whose scores come back at or after S seconds (the budget still
-// caps it); then "stopped_by_time" is true. On a terminal, stderr shows a progress bar.
+// objective's runners (on CUDA their graph captures), which a search pays once.
+// --max-seconds S (0 = none) also ends the search after the evaluation or generation whose
+// scores come back at or after S seconds (the budget still caps it); then "stopped_by_time"
+// is true. On a terminal, stderr shows a progress bar.
 // --out writes the composed adapter at the best weights as a PEFT adapter directory.
 // --exact-reference scores every candidate alone with the reference's exact ATen op sequence
 // (core/model/exact_reference_loss.h): bit-identical to bench/ref_lorahub.py on the same
