@@ -623,6 +623,63 @@ struct HeadLoraArgs {
 };
 int LaunchHeadLoraDeltas(const HeadLoraArgs& args, void* stream);
 
+// A teacher-forced T5 decoder of at most kPersistentDecoderMaxRows rows as
+// one persistent kernel (persistent_decoder_kernels.cu): flan-t5-large's
+// shape only (d_model 1024, 16 heads of 64, gated tanh GELU of d_ff 2816),
+// bf16 weights without LoRA deltas (an objective evaluation's merged
+// weights), fp32 stream, attention and keys, for fused_ops.h
+// PersistentDecoder. One CTA an SM, every CTA resident at once (a
+// cooperative launch): grid-wide barriers order the phases of a block.
+inline constexpr int kPersistentDecoderMaxLayers = 32;
+inline constexpr int kPersistentDecoderMaxRows = 16;
+inline constexpr int kPersistentDecoderMaxKeys = 512;
+inline constexpr int kPersistentDecoderModel = 1024;
+inline constexpr int kPersistentDecoderHeads = 16;
+inline constexpr int kPersistentDecoderHeadDim = 64;
+inline constexpr int kPersistentDecoderFeedForward = 2816;
+// Per-unit sums of squares of the stream ([units][rows], fp32).
+inline constexpr int kPersistentDecoderPartials =
+    kPersistentDecoderModel / 8 * kPersistentDecoderMaxRows;
+enum PersistentDecoderWeight {
+  kPdQ, kPdK, kPdV, kPdO, kPdCrossQ, kPdCrossO, kPdWi0, kPdWi1, kPdWo,
+  kPdWeights
+};
+struct PersistentDecoderLayer {
+  // bf16 [out][in], each row contiguous (row stride = in).
+  const void* w[kPdWeights] = {};
+  // bf16 [d_model]: the self-attention, cross-attention, feed-forward norms.
+  const void* norm[3] = {};
+  // fp32 keys and values of the cross-attention: row b, head h, key j at
+  // b * cross_stride[0] + h * cross_stride[1] + j * cross_stride[2] (the
+  // d_kv elements contiguous; the strides in PersistentDecoderArgs).
+  const float* cross_k = nullptr;
+  const float* cross_v = nullptr;
+};
+struct PersistentDecoderArgs {
+  PersistentDecoderLayer layer[kPersistentDecoderMaxLayers];
+  const void* final_norm = nullptr;  // bf16 [d_model]
+  int64_t cross_stride[3] = {0, 0, 0};
+  const float* cross_bias = nullptr;  // row b's key j at b * cross_bias_stride + j
+  int64_t cross_bias_stride = 0;
+  // Head h, query i, key j at h * self_bias_stride[0] + i * self_bias_stride[1] + j
+  // (the causal mask in it).
+  const float* self_bias = nullptr;
+  int64_t self_bias_stride[2] = {0, 0};
+  float* h = nullptr;        // [R][d_model]: in the embeddings; out the stream
+  float* qkv = nullptr;      // [R][3 d_model] scratch
+  void* ctx = nullptr;       // bf16 [R][d_model] scratch
+  float* cross_q = nullptr;  // [R][d_model] scratch
+  void* gelu = nullptr;      // bf16 [R][d_ff] scratch
+  float* partial = nullptr;  // [kPersistentDecoderPartials] scratch
+  float* out = nullptr;      // [R][d_model]: the final norm of the stream
+  unsigned* counter = nullptr;  // zero at launch (the grid's barriers)
+  int layers = 0, B = 0, T = 0, S = 0;  // R = B * T rows, row b * T + t
+  float eps = 0.f;
+};
+// 0 or the launch's cudaError_t; cudaErrorNotSupported where the device
+// cannot hold one CTA an SM or launch cooperatively (nothing launched).
+int LaunchPersistentDecoder(const PersistentDecoderArgs& args, void* stream);
+
 }  // namespace lorahub::model::kernels
 
 #endif  // LORAHUB_CORE_MODEL_FUSED_KERNELS_H_

@@ -464,6 +464,35 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
   return fused_backend::TokenNll(logits, labels, nll);
 }
 
+namespace {
+// Opt-in until measured on a GPU (LORAHUB_PERSISTENT_DECODER=1).
+bool PersistentDecoderOff() {
+  static const bool on = EnvFlag("LORAHUB_PERSISTENT_DECODER");
+  return !on || !fused_backend::Compiled() || Disabled();
+}
+}  // namespace
+
+bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>& layers,
+                       const at::Tensor& final_norm, const at::Tensor& embedded,
+                       const at::Tensor& self_bias, const at::Tensor& cross_bias,
+                       double eps, at::Tensor* hidden) {
+  if (PersistentDecoderOff() || !embedded.is_cuda() || Differentiable(embedded)) {
+    return false;
+  }
+  return fused_backend::PersistentDecoder(layers, final_norm, embedded, self_bias,
+                                          cross_bias, eps, hidden);
+}
+
+bool PersistentDecoderFits(int64_t d_model, int64_t heads, int64_t d_kv, int64_t d_ff,
+                           int64_t rows, int64_t keys) {
+  return !PersistentDecoderOff() && d_model == kernels::kPersistentDecoderModel &&
+         heads == kernels::kPersistentDecoderHeads &&
+         d_kv == kernels::kPersistentDecoderHeadDim &&
+         d_ff == kernels::kPersistentDecoderFeedForward && rows >= 1 &&
+         rows <= kernels::kPersistentDecoderMaxRows && keys >= 1 &&
+         keys <= kernels::kPersistentDecoderMaxKeys;
+}
+
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
                   int64_t pad, int64_t eos, at::Tensor* next,
                   const GreedyInto& into, bool* host_written) {

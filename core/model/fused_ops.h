@@ -350,6 +350,39 @@ inline constexpr int64_t kIgnoredLabel = -100;
 // LORAHUB_NO_TOKEN_NLL=1 for an A/B).
 bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll);
 
+// A teacher-forced decoder of few rows as one persistent kernel
+// (fused_kernels.h LaunchPersistentDecoder; persistent_decoder.cuh says
+// how): the blocks' self-attention, cross-attention and gated feed-forward
+// sublayers over the fp32 embeddings `embedded` [B, T, d_model] (B T <= 16),
+// then the final norm: *hidden a new fp32 [B, T, d_model], as the unfused
+// blocks' final norm output (t5_forward.cc DecoderHidden), the same
+// roundings, the sums in another order (fp32 rounding apart). Each layer:
+// `weights` q, k, v, o, cross q, cross o, wi_0, wi_1, wo, bf16 [out, in]
+// with contiguous rows, on one CUDA device; `norms` the three bf16
+// [d_model] norm weights; `cross_k`/`cross_v` fp32 [B, H, S, d_kv] with
+// d_kv contiguous (S <= 512). self_bias fp32 [1, H, T, T] (keys contiguous,
+// the causal mask in it); cross_bias fp32 [B, 1, 1, S] (the padding mask).
+// flan-t5-large's shape only (d_model 1024, 16 heads of 64, d_ff 2816).
+// Why: an objective evaluation's decoder (15 rows) was 24 x 12 kernels of a
+// few microseconds each, latency-bound. False, *hidden untouched, elsewhere
+// (CPU, autograd, other shapes or dtypes, a device that cannot hold one CTA
+// of its kernel an SM, LORAHUB_NO_FUSED=1), and unless
+// LORAHUB_PERSISTENT_DECODER=1: opt-in until measured on a GPU.
+struct PersistentDecoderLayerInputs {
+  at::Tensor weights[9];
+  at::Tensor norms[3];
+  at::Tensor cross_k, cross_v;
+};
+bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>& layers,
+                       const at::Tensor& final_norm, const at::Tensor& embedded,
+                       const at::Tensor& self_bias, const at::Tensor& cross_bias,
+                       double eps, at::Tensor* hidden);
+// True where PersistentDecoder can take a model of this shape, `rows` = B T
+// and `keys` = S, on CUDA (the kernels compiled, not switched off): the
+// caller may then prepare its inputs. Every tensor is still checked there.
+bool PersistentDecoderFits(int64_t d_model, int64_t heads, int64_t d_kv, int64_t d_ff,
+                           int64_t rows, int64_t keys);
+
 // Greedy decoding's pick: *next = logits.argmax(-1) (a new int64 [B]: the
 // first index of each row's largest logit, NaN above every number) from
 // fp32 or bf16 logits [B, V] contiguous on CUDA. With `unfinished` (bool

@@ -83,6 +83,11 @@ bool DecodeStepAttention(const DecodeStepInputs& step, at::ScalarType out_dtype,
 bool NarrowGemm(const at::Tensor& x, const at::Tensor& w, at::Tensor* out);
 // fused_ops.h TokenNll: logits bf16 [B, T, V], labels int64 [B, T].
 bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nll);
+// fused_ops.h PersistentDecoder (every argument checked here).
+bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>& layers,
+                       const at::Tensor& final_norm, const at::Tensor& embedded,
+                       const at::Tensor& self_bias, const at::Tensor& cross_bias,
+                       double eps, at::Tensor* hidden);
 // fused_ops.h GreedyTokens: logits fp32 [B, V], unfinished bool [B] or null.
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
                   int64_t pad, int64_t eos, at::Tensor* next,

@@ -963,6 +963,125 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
   return true;
 }
 
+namespace {
+
+// A bf16 [rows, cols] weight with contiguous rows on x's device, 16-byte
+// aligned (the kernel copies its rows 16 bytes at a time).
+bool RowMajorBf16(const at::Tensor& w, const at::Tensor& x, int64_t rows, int64_t cols) {
+  return w.defined() && w.scalar_type() == at::kBFloat16 && OnDeviceOf(w, x) &&
+         w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.stride(1) == 1 &&
+         w.stride(0) == cols && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
+}
+
+// fp32 on x's device, `sizes`, the last dimension contiguous, every stride
+// and the start a multiple of `align` elements.
+bool Fp32Rows(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes, int64_t align) {
+  if (!t.defined() || t.scalar_type() != at::kFloat || !OnDeviceOf(t, x) ||
+      t.sizes() != sizes || t.stride(-1) != 1 ||
+      reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * align) != 0) {
+    return false;
+  }
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.stride(d) % align != 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>& layers,
+                       const at::Tensor& final_norm, const at::Tensor& embedded,
+                       const at::Tensor& self_bias, const at::Tensor& cross_bias,
+                       double eps, at::Tensor* hidden) {
+  constexpr int64_t D = kernels::kPersistentDecoderModel;
+  constexpr int64_t H = kernels::kPersistentDecoderHeads;
+  constexpr int64_t DK = kernels::kPersistentDecoderHeadDim;
+  constexpr int64_t F = kernels::kPersistentDecoderFeedForward;
+  const at::Tensor& x = embedded;
+  if (layers.empty() ||
+      static_cast<int64_t>(layers.size()) > kernels::kPersistentDecoderMaxLayers ||
+      x.scalar_type() != at::kFloat || x.dim() != 3 || x.size(2) != D ||
+      x.size(0) < 1 || x.size(1) < 1 ||
+      x.size(0) * x.size(1) > kernels::kPersistentDecoderMaxRows ||
+      !final_norm.defined() || final_norm.scalar_type() != at::kBFloat16 ||
+      !OnDeviceOf(final_norm, x) || final_norm.dim() != 1 || final_norm.size(0) != D ||
+      !final_norm.is_contiguous()) {
+    return false;
+  }
+  const int64_t B = x.size(0), T = x.size(1);
+  const at::Tensor& k0 = layers[0].cross_k;
+  if (!k0.defined() || k0.dim() != 4) return false;
+  const int64_t S = k0.size(2);
+  if (S < 1 || S > kernels::kPersistentDecoderMaxKeys ||
+      !Fp32Rows(self_bias, x, {1, H, T, T}, 1) || !Fp32Rows(cross_bias, x, {B, 1, 1, S}, 1)) {
+    return false;
+  }
+  kernels::PersistentDecoderArgs a;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const PersistentDecoderLayerInputs& in = layers[l];
+    kernels::PersistentDecoderLayer& out = a.layer[l];
+    for (int i = 0; i < kernels::kPdWeights; ++i) {
+      const int64_t rows = i == kernels::kPdWi0 || i == kernels::kPdWi1 ? F : D;
+      const int64_t cols = i == kernels::kPdWo ? F : D;
+      if (!RowMajorBf16(in.weights[i], x, rows, cols)) return false;
+      out.w[i] = in.weights[i].data_ptr();
+    }
+    for (int i = 0; i < 3; ++i) {
+      const at::Tensor& n = in.norms[i];
+      if (!n.defined() || n.scalar_type() != at::kBFloat16 || !OnDeviceOf(n, x) ||
+          n.dim() != 1 || n.size(0) != D || !n.is_contiguous()) {
+        return false;
+      }
+      out.norm[i] = n.data_ptr();
+    }
+    // One set of strides for every layer's keys and values (float4 loads).
+    for (const at::Tensor* kv : {&in.cross_k, &in.cross_v}) {
+      if (!Fp32Rows(*kv, x, {B, H, S, DK}, 4) || kv->strides() != k0.strides()) return false;
+    }
+    out.cross_k = in.cross_k.data_ptr<float>();
+    out.cross_v = in.cross_v.data_ptr<float>();
+  }
+  c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t R = B * T;
+  const auto f32 = x.options();
+  const auto bf = x.options().dtype(at::kBFloat16);
+  at::Tensor residual = x.reshape({R, D}).clone(at::MemoryFormat::Contiguous);
+  at::Tensor qkv = at::empty({R, 3 * D}, f32);
+  at::Tensor ctx = at::empty({R, D}, bf);
+  at::Tensor cross_q = at::empty({R, D}, f32);
+  at::Tensor gelu = at::empty({R, F}, bf);
+  at::Tensor partial = at::empty({kernels::kPersistentDecoderPartials}, f32);
+  at::Tensor out = at::empty({B, T, D}, f32);
+  at::Tensor counter = at::zeros({1}, x.options().dtype(at::kInt));
+  a.final_norm = final_norm.data_ptr();
+  for (int d = 0; d < 3; ++d) a.cross_stride[d] = k0.stride(d);
+  a.cross_bias = cross_bias.data_ptr<float>();
+  a.cross_bias_stride = cross_bias.stride(0);
+  a.self_bias = self_bias.data_ptr<float>();
+  a.self_bias_stride[0] = self_bias.stride(1);
+  a.self_bias_stride[1] = self_bias.stride(2);
+  a.h = residual.data_ptr<float>();
+  a.qkv = qkv.data_ptr<float>();
+  a.ctx = ctx.data_ptr();
+  a.cross_q = cross_q.data_ptr<float>();
+  a.gelu = gelu.data_ptr();
+  a.partial = partial.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  a.counter = reinterpret_cast<unsigned*>(counter.data_ptr<int>());
+  a.layers = static_cast<int>(layers.size());
+  a.B = static_cast<int>(B);
+  a.T = static_cast<int>(T);
+  a.S = static_cast<int>(S);
+  a.eps = static_cast<float>(eps);
+  RECORD_USER_SCOPE("lorahub::persistent_decoder");
+  const int err = kernels::LaunchPersistentDecoder(a, StreamOf(x));
+  if (err == static_cast<int>(cudaErrorNotSupported)) return false;  // nothing launched
+  TORCH_CHECK(err == 0, "persistent decoder kernel: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  *hidden = out;
+  return true;
+}
+
 bool GreedyTokens(const at::Tensor& logits, at::Tensor* unfinished,
                   int64_t pad, int64_t eos, at::Tensor* next,
                   const GreedyInto& into, bool* host_written) {

@@ -122,6 +122,12 @@ bool TokenNll(const at::Tensor&, const at::Tensor&, at::Tensor*) {
   return false;
 }
 
+bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>&,
+                       const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const at::Tensor&, double, at::Tensor*) {
+  return false;
+}
+
 bool GreedyTokens(const at::Tensor&, at::Tensor*, int64_t, int64_t,
                   at::Tensor*, const GreedyInto&, bool*) {
   return false;

@@ -815,6 +815,46 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
 
 // The teacher-forced decoder's final hidden state, fp32 [B, T, d_model]
 // (normed; the LM head's input).
+// DecoderHidden as one persistent kernel (fused_ops.h PersistentDecoder)
+// where it applies: a bf16 model without per-row adapters (an objective
+// evaluation's merged weights, or the base model), fp32 attention, the
+// gated tanh GELU, few rows. Undefined elsewhere. Every block's cross keys
+// and values are made first (`cross`); their views keep them alive.
+at::Tensor PersistentDecoderHidden(const T5Weights& w, const at::Tensor& ids,
+                                   const EncoderOutput& enc, const RowAdapters& rows,
+                                   const at::Tensor& self_bias, at::ScalarType attn,
+                                   CrossKeyValues& cross) {
+  const config::T5Config& c = w.config;
+  const bool tanh_gelu = c.dense_act_fn == "gelu_new" ||
+                         c.dense_act_fn == "gelu_pytorch_tanh" ||
+                         c.dense_act_fn == "gelu_fast";
+  if (rows.bank != nullptr || w.dtype != at::kBFloat16 || attn != at::kFloat ||
+      !c.is_gated_act || !tanh_gelu || !w.device.is_cuda() || w.decoder.empty() ||
+      !PersistentDecoderFits(c.d_model, c.num_heads, c.d_kv, c.d_ff, ids.numel(),
+                             enc.hidden.size(1))) {
+    return at::Tensor();
+  }
+  std::vector<PersistentDecoderLayerInputs> layers(w.decoder.size());
+  for (size_t i = 0; i < w.decoder.size(); ++i) {
+    const BlockWeights& b = w.decoder[i];
+    PersistentDecoderLayerInputs& in = layers[i];
+    const Linear* linears[9] = {&b.self_attn.q,  &b.self_attn.k,  &b.self_attn.v,
+                                &b.self_attn.o,  &b.cross_attn.q, &b.cross_attn.o,
+                                &b.ff.wi_0,      &b.ff.wi_1,      &b.ff.wo};
+    for (int j = 0; j < 9; ++j) in.weights[j] = linears[j]->weight;
+    in.norms[0] = b.self_norm;
+    in.norms[1] = b.cross_norm;
+    in.norms[2] = b.ff_norm;
+    std::tie(in.cross_k, in.cross_v) = cross.Block(static_cast<int64_t>(i));
+  }
+  at::Tensor hidden;
+  if (!PersistentDecoder(layers, w.decoder_final_norm, Embed(w, ids), self_bias,
+                         enc.mask_bias, c.layer_norm_epsilon, &hidden)) {
+    return at::Tensor();
+  }
+  return hidden;
+}
+
 at::Tensor DecoderHidden(const T5Weights& w, const at::Tensor& ids,
                          const EncoderOutput& enc, const RowAdapters& rows,
                          const PassBiases* biases) {
@@ -823,8 +863,10 @@ at::Tensor DecoderHidden(const T5Weights& w, const at::Tensor& ids,
                                    ? biases->decoder_self
                                    : DecoderSelfBias(w, ids.size(1));
   const at::ScalarType attn = AttentionDtype(w);
-  Residual h(w, Embed(w, ids));
   CrossKeyValues cross(w, enc, rows, CrossKeyValues::kDefaultMaxBytes, attn);
+  at::Tensor fused = PersistentDecoderHidden(w, ids, enc, rows, self_bias, attn, cross);
+  if (fused.defined()) return fused;
+  Residual h(w, Embed(w, ids));
   const std::unique_ptr<QuerySideCross> query_side =
       QuerySideCross::Create(w, enc, rows, ids.size(1), biases);
   for (size_t i = 0; i < w.decoder.size(); ++i) {

@@ -659,6 +659,8 @@ lorahub_cc_library(core_model_fused_ops
     ${SRC}/core/model/mma_tf32.cuh
     ${SRC}/core/model/norm_kernels.cu
     ${SRC}/core/model/norm_loads.cuh
+    ${SRC}/core/model/persistent_decoder.cuh
+    ${SRC}/core/model/persistent_decoder_kernels.cu
     ${SRC}/core/model/query_side_kernels.cu
     ${SRC}/core/model/register_tiled_attention.cuh
     ${SRC}/core/model/register_tiled_attention_bf16_ty16.cu
@@ -2316,6 +2318,20 @@ lorahub_cc_test(tests_model_stream_branch_test
     ext_gtest_gtest_main
     ext_libtorch_libtorch
   TIMEOUT 60
+)
+
+# //tests/model:persistent_decoder_test (cc_test)
+lorahub_cc_test(tests_model_persistent_decoder_test
+  TEST_NAME //tests/model:persistent_decoder_test
+  PACKAGE tests/model
+  SRCS
+    ${SRC}/tests/model/persistent_decoder_test.cc
+  DEPS
+    tests_model_tiny_t5
+    core_model_model
+    ext_gtest_gtest_main
+    ext_libtorch_libtorch
+  TIMEOUT 300
 )
 
 # //tests/model:host_upload_test (cc_test)

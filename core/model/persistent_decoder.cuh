@@ -1,0 +1,540 @@
+// The body of fused_kernels.h LaunchPersistentDecoder's kernel: a
+// teacher-forced T5 decoder of at most 16 rows in one launch. Included by
+// persistent_decoder_kernels.cu and by deploy/gpu/decoder_kernel_bench.py
+// (which compiles it on its own); nvcc only.
+//
+// Why: an objective evaluation's decoder (5 examples x 3 label tokens = 15
+// rows) was 24 blocks of 12 latency-bound kernels, about 45 us a block on an
+// H100 (BENCHMARKS, seventy-ninth session's trace: norms, cuBLAS GEMMs of 15
+// rows at about 1 TB/s, attention, gated GELU), while a block's 29 MB of
+// weights need 9 us of HBM.
+//
+// How: one CTA an SM, 8 warps, grid-wide barriers between a block's eight
+// phases (q|k|v, self-attention, o, cross q, cross-attention, cross o, wi,
+// wo). A GEMM phase splits its output columns into units of 8 (one mma.sync
+// m16n8k16 n-tile; the rows fit one m-tile) dealt round-robin to the CTAs,
+// and a unit's K over the 8 warps, summed in warp order (the same bits every
+// run). The weights do not depend on the data: each CTA streams its units'
+// weight rows into a ring of shared slots with cp.async as soon as a slot
+// frees, ahead across barriers and blocks, so the HBM reads overlap the
+// barriers. The activations come from L2 (__ldcg: other CTAs wrote them).
+// A norm reads the per-unit sums of squares the phase before it left, summed
+// in unit order. The roundings are the engine's (t5_forward.cc DecoderHidden
+// on its kernels): fp32 stream; norm output rounded to bf16; q, k, v and the
+// attention fp32; the context rounded; wi's outputs rounded, the GELU
+// rounded, its product rounded. The sums run in another order than cuBLAS's,
+// so the bits differ from the unfused decoder's (by fp32 rounding).
+#ifndef LORAHUB_CORE_MODEL_PERSISTENT_DECODER_CUH_
+#define LORAHUB_CORE_MODEL_PERSISTENT_DECODER_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/model/fused_kernels.h"
+
+namespace lorahub::model::kernels::persistent_decoder {
+
+using bf16 = __nv_bfloat16;
+constexpr int D = kPersistentDecoderModel;
+constexpr int H = kPersistentDecoderHeads;
+constexpr int DK = kPersistentDecoderHeadDim;
+constexpr int F = kPersistentDecoderFeedForward;
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kSlotLd = 1024 + 8;  // bf16 a slot row: a slot's 8 rows in distinct banks
+constexpr int kSlotElems = 8 * kSlotLd;
+constexpr int kSlots = 12;
+constexpr int kMaxKeyIters = kPersistentDecoderMaxKeys / 32;
+constexpr int kRowUnits = D / 8;  // units of the stream's columns
+static_assert(kPersistentDecoderMaxRows == 16, "one m16 tile");
+static_assert(D % (8 * 128) == 0 && F > 2048 && F <= 3072 && (F - 2048) % 128 == 0);
+// Bytes of dynamic shared memory: the slots, two sets of warp tiles, the
+// rows' scales, a query a warp.
+constexpr size_t kSharedBytes =
+    kSlots * kSlotElems * sizeof(bf16) + (2 * kWarps * 128 + 16 + kWarps * DK) * sizeof(float);
+
+// Weight phases in the order the stream of chunks serves them.
+enum { kPQkv, kPO, kPCq, kPCo, kPWi, kPWo, kWeightPhases };
+
+__device__ __forceinline__ unsigned SmemAddr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SmemAddr(dst)), "l"(src));
+}
+__device__ __forceinline__ void CpCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// Waits until at most `pending` of this thread's groups are in flight
+// (at least kSlots - 1 more: waiting longer is safe).
+__device__ __forceinline__ void CpWaitPending(int pending) {
+  switch (pending) {
+    case 0: CpWait<0>(); break;
+    case 1: CpWait<1>(); break;
+    case 2: CpWait<2>(); break;
+    case 3: CpWait<3>(); break;
+    case 4: CpWait<4>(); break;
+    case 5: CpWait<5>(); break;
+    case 6: CpWait<6>(); break;
+    case 7: CpWait<7>(); break;
+    case 8: CpWait<8>(); break;
+    case 9: CpWait<9>(); break;
+    case 10: CpWait<10>(); break;
+    default: CpWait<11>(); break;
+  }
+}
+__device__ __forceinline__ void Mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                    unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+      "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned Pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+__device__ __forceinline__ float RoundBf16(float x) {
+  return __bfloat162float(__float2bfloat16(x));
+}
+__device__ __forceinline__ float Bf16At(const void* p, int i) {
+  return __bfloat162float(static_cast<const bf16*>(p)[i]);
+}
+
+__device__ __forceinline__ int UnitsOf(int ph) {
+  return ph == kPQkv ? 3 * D / 8 : ph == kPWi ? F / 8 : D / 8;
+}
+__device__ __forceinline__ int ChunksOf(int ph) {
+  return ph == kPWi ? 2 : ph == kPWo ? 3 : 1;
+}
+
+// Walks this CTA's weight chunks (8 weight rows, up to 1024 of K) in the
+// order the phases consume them.
+struct Cursor {
+  int l, ph, u, j;
+  bool done;
+  __device__ void Start(int cta, int layers) {
+    l = 0;
+    ph = 0;
+    u = cta;
+    j = 0;
+    done = layers == 0;
+    Settle(cta, layers);
+  }
+  __device__ void Settle(int cta, int layers) {
+    while (!done && u >= UnitsOf(ph)) {
+      u = cta;
+      if (++ph == kWeightPhases) {
+        ph = 0;
+        if (++l == layers) done = true;
+      }
+    }
+  }
+  __device__ void Next(int cta, int grid, int layers) {
+    if (++j < ChunksOf(ph)) return;
+    j = 0;
+    u += grid;
+    Settle(cta, layers);
+  }
+  // The chunk's first weight row, the weight's row length, the chunk's K.
+  __device__ void Source(const PersistentDecoderArgs& a, const bf16** ptr, int* ld,
+                         int* kc) const {
+    const void* const* w = a.layer[l].w;
+    *ld = D;
+    *kc = D;
+    const auto rows = [&](int which, int unit, int row_len) {
+      return static_cast<const bf16*>(w[which]) + static_cast<int64_t>(unit) * 8 * row_len;
+    };
+    switch (ph) {
+      case kPQkv: *ptr = rows(kPdQ + u / (D / 8), u % (D / 8), D); break;
+      case kPO: *ptr = rows(kPdO, u, D); break;
+      case kPCq: *ptr = rows(kPdCrossQ, u, D); break;
+      case kPCo: *ptr = rows(kPdCrossO, u, D); break;
+      case kPWi: *ptr = rows(kPdWi0 + j, u, D); break;
+      default:
+        *ptr = rows(kPdWo, u, F) + j * 1024;
+        *ld = F;
+        *kc = j < 2 ? 1024 : F - 2048;
+        break;
+    }
+  }
+};
+
+// The ring of weight slots: chunk c of this CTA's stream in slot c % kSlots.
+struct Pipe {
+  Cursor load;
+  int issued, consumed;
+  bf16* slots;
+  __device__ void Refill(const PersistentDecoderArgs& a, int cta, int grid) {
+    while (!load.done && issued < consumed + kSlots) {
+      const bf16* src;
+      int ld, kc;
+      load.Source(a, &src, &ld, &kc);
+      bf16* dst = slots + (issued % kSlots) * kSlotElems;
+      const int per_row = kc / 8;
+      for (int i = threadIdx.x; i < 8 * per_row; i += kThreads) {
+        const int r = i / per_row, c = (i % per_row) * 8;
+        CpAsync16(dst + r * kSlotLd + c, src + static_cast<int64_t>(r) * ld + c);
+      }
+      CpCommit();
+      ++issued;
+      load.Next(cta, grid, a.layers);
+    }
+  }
+  // Chunk c in shared memory for every thread of the CTA.
+  __device__ const bf16* Wait(const PersistentDecoderArgs& a, int cta, int grid, int c) {
+    Refill(a, cta, grid);
+    CpWaitPending(issued - c - 1);
+    __syncthreads();
+    return slots + (c % kSlots) * kSlotElems;
+  }
+};
+
+// Every CTA's writes before it visible to every CTA after it.
+__device__ __forceinline__ void GridBarrier(unsigned* counter, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+    unsigned v;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter));
+    } while (v < target);
+  }
+  __syncthreads();
+}
+
+// 1 / RMS of the stream's rows from the units' sums of squares (unit order).
+__device__ __forceinline__ void RowScales(const PersistentDecoderArgs& a, int R, float* rstd) {
+  const int t = threadIdx.x;
+  if (t < 128) {
+    const int r = t / 8, part = t % 8;
+    float s = 0.f;
+    if (r < R) {
+      for (int u = part * (kRowUnits / 8); u < (part + 1) * (kRowUnits / 8); ++u) {
+        s += __ldcg(a.partial + u * kPersistentDecoderMaxRows + r);
+      }
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    if (part == 0) rstd[r] = rsqrtf(s / D + a.eps);
+  }
+  __syncthreads();
+}
+
+// This warp's A fragments (k-steps of 16 from k_first): the normed stream.
+template <int KS>
+__device__ __forceinline__ void LoadNormedA(const PersistentDecoderArgs& a, int R,
+                                            const float* rstd, const void* norm, int k_first,
+                                            unsigned (*af)[4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const float s0 = g < R ? rstd[g] : 0.f, s1 = g + 8 < R ? rstd[g + 8] : 0.f;
+  const float* h0 = a.h + (g < R ? g : 0) * D;
+  const float* h1 = a.h + (g + 8 < R ? g + 8 : 0) * D;
+  const __nv_bfloat162* w2 = static_cast<const __nv_bfloat162*>(norm);
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int k = k_first + s * 16 + half * 8 + 2 * t;
+      const float2 w = __bfloat1622float2(w2[k / 2]);
+      const float2 x0 = __ldcg(reinterpret_cast<const float2*>(h0 + k));
+      const float2 x1 = __ldcg(reinterpret_cast<const float2*>(h1 + k));
+      af[s][half * 2 + 0] = Pack(x0.x * s0 * w.x, x0.y * s0 * w.y);
+      af[s][half * 2 + 1] = Pack(x1.x * s1 * w.x, x1.y * s1 * w.y);
+    }
+  }
+}
+// The same from a bf16 matrix m [R][ld].
+template <int KS>
+__device__ __forceinline__ void LoadBf16A(const void* m_raw, int R, int ld, int k_first,
+                                          unsigned (*af)[4]) {
+  const bf16* m = static_cast<const bf16*>(m_raw);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool in0 = g < R, in1 = g + 8 < R;
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int k = k_first + s * 16 + half * 8 + 2 * t;
+      af[s][half * 2 + 0] =
+          in0 ? __ldcg(reinterpret_cast<const unsigned*>(m + g * ld + k)) : 0u;
+      af[s][half * 2 + 1] =
+          in1 ? __ldcg(reinterpret_cast<const unsigned*>(m + (g + 8) * ld + k)) : 0u;
+    }
+  }
+}
+
+// c += A (KS k-steps) x the slot's 8 rows at k_in_slot.. (this warp's).
+template <int KS>
+__device__ __forceinline__ void MmaSlot(float (&c)[4], const unsigned (*af)[4],
+                                        const bf16* slot, int k_in_slot) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bf16* row = slot + g * kSlotLd + k_in_slot + 2 * t;
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+    const unsigned b0 = *reinterpret_cast<const unsigned*>(row + s * 16);
+    const unsigned b1 = *reinterpret_cast<const unsigned*>(row + s * 16 + 8);
+    Mma(c, *reinterpret_cast<const unsigned(*)[4]>(af[s]), b0, b1);
+  }
+}
+
+// A warp's partial 16 x 8 tile, element j = row * 8 + col.
+__device__ __forceinline__ void StoreTile(float* red, const float (&c)[4]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float* r = red + warp * 128;
+  r[g * 8 + 2 * t] = c[0];
+  r[g * 8 + 2 * t + 1] = c[1];
+  r[(g + 8) * 8 + 2 * t] = c[2];
+  r[(g + 8) * 8 + 2 * t + 1] = c[3];
+}
+// The warps' tiles summed in warp order.
+__device__ __forceinline__ float SumTile(const float* red, int j) {
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) s += red[w * 128 + j];
+  return s;
+}
+
+// Element j (row j / 8, column u * 8 + j % 8) of the stream += v, and the
+// unit's sums of squares of its rows; threads 0-127.
+__device__ __forceinline__ void AddToStream(const PersistentDecoderArgs& a, int R, int u, int j,
+                                            float v) {
+  const int r = j / 8, col = u * 8 + j % 8;
+  float sq = 0.f;
+  if (r < R) {
+    const float x = __ldcg(a.h + r * D + col) + v;
+    __stcg(a.h + r * D + col, x);
+    sq = x * x;
+  }
+  sq += __shfl_xor_sync(0xffffffffu, sq, 1);
+  sq += __shfl_xor_sync(0xffffffffu, sq, 2);
+  sq += __shfl_xor_sync(0xffffffffu, sq, 4);
+  if ((j & 7) == 0) __stcg(a.partial + u * kPersistentDecoderMaxRows + r, sq);
+}
+
+// One query's attention over S keys (a warp): scores q.k + bias in fp32,
+// softmax, the context rounded to bf16 into out[0..63].
+__device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k_stride,
+                                       const float* v, int64_t v_stride, const float* bias,
+                                       int S, bf16* out, float* qs) {
+  const int lane = threadIdx.x & 31;
+  const float2 qv = __ldcg(reinterpret_cast<const float2*>(q) + lane);
+  qs[2 * lane] = qv.x;
+  qs[2 * lane + 1] = qv.y;
+  __syncwarp();
+  float sc[kMaxKeyIters];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int m = 0; m < kMaxKeyIters; ++m) {
+    const int j = lane + 32 * m;
+    sc[m] = -INFINITY;
+    if (j < S) {
+      const float4* kr = reinterpret_cast<const float4*>(k + j * k_stride);
+      float dot = 0.f;
+#pragma unroll
+      for (int d = 0; d < DK / 4; ++d) {
+        const float4 kk = __ldcg(kr + d);
+        dot += qs[4 * d] * kk.x + qs[4 * d + 1] * kk.y + qs[4 * d + 2] * kk.z +
+               qs[4 * d + 3] * kk.w;
+      }
+      sc[m] = dot + __ldg(bias + j);
+      mx = fmaxf(mx, sc[m]);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.f;
+#pragma unroll
+  for (int m = 0; m < kMaxKeyIters; ++m) {
+    sc[m] = lane + 32 * m < S ? __expf(sc[m] - mx) : 0.f;
+    sum += sc[m];
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = 1.f / sum;
+  float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int m = 0; m < kMaxKeyIters; ++m) {
+    if (32 * m >= S) break;
+    const float pm = sc[m] * inv;
+    const int n = min(32, S - 32 * m);
+    for (int jj = 0; jj < n; ++jj) {
+      const float p = __shfl_sync(0xffffffffu, pm, jj);
+      const float2 vv =
+          __ldcg(reinterpret_cast<const float2*>(v + (32 * m + jj) * v_stride) + lane);
+      acc.x += p * vv.x;
+      acc.y += p * vv.y;
+    }
+  }
+  *reinterpret_cast<unsigned*>(out + 2 * lane) = Pack(acc.x, acc.y);
+  __syncwarp();
+}
+
+// A GEMM phase whose A fragments are loaded (K = d_model, 8 k-steps a warp):
+// each of this CTA's units, then `epilogue(u, j, value)` by threads 0-127.
+template <typename Epilogue>
+__device__ __forceinline__ void GemmUnits(const PersistentDecoderArgs& a, Pipe& pipe, int cta,
+                                          int grid, int units, const unsigned (*af)[4],
+                                          float* red, const Epilogue& epilogue) {
+  const int tid = threadIdx.x, warp = tid >> 5;
+  for (int u = cta; u < units; u += grid) {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    MmaSlot<8>(c, af, pipe.Wait(a, cta, grid, pipe.consumed), warp * 128);
+    StoreTile(red, c);
+    __syncthreads();
+    if (tid < 128) epilogue(u, tid, SumTile(red, tid));
+    ++pipe.consumed;
+    __syncthreads();
+  }
+  pipe.Refill(a, cta, grid);
+}
+
+__device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* slots = reinterpret_cast<bf16*>(smem);
+  float* red = reinterpret_cast<float*>(slots + kSlots * kSlotElems);  // [2][kWarps][128]
+  float* rstd = red + 2 * kWarps * 128;                                // [16]
+  float* qs = rstd + 16;                                               // [kWarps][DK]
+  const int cta = blockIdx.x, grid = gridDim.x;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int R = a.B * a.T;
+  unsigned barriers = 0;
+  const auto barrier = [&] { GridBarrier(a.counter, grid * ++barriers); };
+  Pipe pipe;
+  pipe.slots = slots;
+  pipe.issued = 0;
+  pipe.consumed = 0;
+  pipe.load.Start(cta, a.layers);
+  pipe.Refill(a, cta, grid);
+
+  // The embeddings' sums of squares, as a residual phase leaves them (x + 0
+  // is x).
+  for (int u = cta; u < kRowUnits; u += grid) {
+    if (tid < 128) AddToStream(a, R, u, tid, 0.f);
+  }
+  barrier();
+
+  bf16* ctx = static_cast<bf16*>(a.ctx);
+  for (int l = 0; l < a.layers; ++l) {
+    const PersistentDecoderLayer& layer = a.layer[l];
+    {  // q | k | v of the self-attention norm.
+      RowScales(a, R, rstd);
+      unsigned af[8][4];
+      LoadNormedA<8>(a, R, rstd, layer.norm[0], warp * 128, af);
+      GemmUnits(a, pipe, cta, grid, 3 * D / 8, af, red, [&](int u, int j, float v) {
+        if (j / 8 < R) __stcg(a.qkv + (j / 8) * 3 * D + u * 8 + j % 8, v);
+      });
+      barrier();
+    }
+    // Self-attention: a warp a (row, head, query).
+    for (int task = cta * kWarps + warp; task < a.B * H * a.T; task += grid * kWarps) {
+      const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
+      const int row = b * a.T + i;
+      const float* keys = a.qkv + static_cast<int64_t>(b * a.T) * 3 * D + head * DK;
+      Attend(a.qkv + static_cast<int64_t>(row) * 3 * D + head * DK, keys + D, 3 * D,
+             keys + 2 * D, 3 * D,
+             a.self_bias + head * a.self_bias_stride[0] + i * a.self_bias_stride[1], a.T,
+             ctx + row * D + head * DK, qs + warp * DK);
+    }
+    barrier();
+    {  // o into the stream.
+      unsigned af[8][4];
+      LoadBf16A<8>(ctx, R, D, warp * 128, af);
+      GemmUnits(a, pipe, cta, grid, D / 8, af, red,
+                [&](int u, int j, float v) { AddToStream(a, R, u, j, v); });
+      barrier();
+    }
+    {  // The cross-attention's q.
+      RowScales(a, R, rstd);
+      unsigned af[8][4];
+      LoadNormedA<8>(a, R, rstd, layer.norm[1], warp * 128, af);
+      GemmUnits(a, pipe, cta, grid, D / 8, af, red, [&](int u, int j, float v) {
+        if (j / 8 < R) __stcg(a.cross_q + (j / 8) * D + u * 8 + j % 8, v);
+      });
+      barrier();
+    }
+    for (int task = cta * kWarps + warp; task < a.B * H * a.T; task += grid * kWarps) {
+      const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
+      const int row = b * a.T + i;
+      const int64_t kv = b * a.cross_stride[0] + head * a.cross_stride[1];
+      Attend(a.cross_q + row * D + head * DK, layer.cross_k + kv, a.cross_stride[2],
+             layer.cross_v + kv, a.cross_stride[2], a.cross_bias + b * a.cross_bias_stride,
+             a.S, ctx + row * D + head * DK, qs + warp * DK);
+    }
+    barrier();
+    {  // Cross o into the stream.
+      unsigned af[8][4];
+      LoadBf16A<8>(ctx, R, D, warp * 128, af);
+      GemmUnits(a, pipe, cta, grid, D / 8, af, red,
+                [&](int u, int j, float v) { AddToStream(a, R, u, j, v); });
+      barrier();
+    }
+    {  // wi_0 and wi_1 with the gated GELU.
+      RowScales(a, R, rstd);
+      unsigned af[8][4];
+      LoadNormedA<8>(a, R, rstd, layer.norm[2], warp * 128, af);
+      bf16* gelu = static_cast<bf16*>(a.gelu);
+      for (int u = cta; u < F / 8; u += grid) {
+        float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          MmaSlot<8>(c[j], af, pipe.Wait(a, cta, grid, pipe.consumed + j), warp * 128);
+          StoreTile(red + j * kWarps * 128, c[j]);
+        }
+        __syncthreads();
+        if (tid < 128 && tid / 8 < R) {
+          // norm_kernels.cu GatedGeluTanhVecKernel's arithmetic on the
+          // rounded GEMM outputs.
+          const float gate = RoundBf16(SumTile(red, tid));
+          const float up = RoundBf16(SumTile(red + kWarps * 128, tid));
+          constexpr float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
+          const float act =
+              RoundBf16(0.5f * gate * (1.f + tanhf(kBeta * (gate + kKappa * (gate * gate * gate)))));
+          gelu[(tid / 8) * F + u * 8 + tid % 8] = __float2bfloat16(act * up);
+        }
+        pipe.consumed += 2;
+        __syncthreads();
+      }
+      pipe.Refill(a, cta, grid);
+      barrier();
+    }
+    {  // wo into the stream: K = d_ff in chunks of 1024, 1024 and the rest.
+      constexpr int kLast = (F - 2048) / 128;  // k-steps a warp of the last chunk
+      unsigned af[16 + kLast][4];
+      LoadBf16A<8>(a.gelu, R, F, warp * 128, af);
+      LoadBf16A<8>(a.gelu, R, F, 1024 + warp * 128, af + 8);
+      LoadBf16A<kLast>(a.gelu, R, F, 2048 + warp * kLast * 16, af + 16);
+      for (int u = cta; u < D / 8; u += grid) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        MmaSlot<8>(c, af, pipe.Wait(a, cta, grid, pipe.consumed), warp * 128);
+        MmaSlot<8>(c, af + 8, pipe.Wait(a, cta, grid, pipe.consumed + 1), warp * 128);
+        MmaSlot<kLast>(c, af + 16, pipe.Wait(a, cta, grid, pipe.consumed + 2),
+                       warp * kLast * 16);
+        StoreTile(red, c);
+        __syncthreads();
+        if (tid < 128) AddToStream(a, R, u, tid, SumTile(red, tid));
+        pipe.consumed += 3;
+        __syncthreads();
+      }
+      pipe.Refill(a, cta, grid);
+      barrier();
+    }
+  }
+  // The final norm, fp32: a CTA a row.
+  for (int r = cta; r < R; r += grid) {
+    RowScales(a, R, rstd);
+    for (int k = tid; k < D; k += kThreads) {
+      a.out[r * D + k] = __ldcg(a.h + r * D + k) * rstd[r] * Bf16At(a.final_norm, k);
+    }
+  }
+}
+
+}  // namespace lorahub::model::kernels::persistent_decoder
+
+#endif  // LORAHUB_CORE_MODEL_PERSISTENT_DECODER_CUH_

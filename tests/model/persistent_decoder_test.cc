@@ -1,0 +1,122 @@
+// The teacher-forced decoder as one persistent kernel (fused_ops.h
+// PersistentDecoder) against the engine's unfused decoder blocks, on a
+// random model of flan-t5-large's decoder shape (d_model 1024, 16 heads of
+// 64, d_ff 2816; two blocks each side, a small vocabulary). CUDA only: it
+// skips on the CPU (LORAHUB_TEST_DEVICE=cuda runs it).
+//
+// DecodeFull takes the kernel for at most 16 rows; 18 rows (the same 5
+// examples and one more) take the unfused blocks. The two must give the same
+// logits for the 5 examples up to fp32 sums in another order (which may move
+// a bf16 rounding by one step here and there), and the kernel must run
+// (its user scope counted) for 15 rows and not for 18.
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/model/t5_forward.h"
+#include "core/model/t5_weights.h"
+#include "gtest/gtest.h"
+#include "tests/model/tiny_t5.h"
+
+namespace lorahub::model {
+namespace {
+
+std::atomic<int64_t> g_kernel_scopes{0};
+
+// Counts "lorahub::persistent_decoder" scopes while alive.
+class ScopeCounter {
+ public:
+  ScopeCounter() {
+    g_kernel_scopes = 0;
+    handle_ = at::addGlobalCallback(
+        at::RecordFunctionCallback(
+            [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+              if (std::string(fn.name()) == "lorahub::persistent_decoder") ++g_kernel_scopes;
+              return nullptr;
+            })
+            .scopes({at::RecordScope::USER_SCOPE}));
+  }
+  ~ScopeCounter() { at::removeCallback(handle_); }
+
+ private:
+  at::CallbackHandle handle_;
+};
+
+config::T5Config LargeDecoderConfig() {
+  config::T5Config c = testing::GatedConfig();
+  c.d_model = 1024;
+  c.d_kv = 64;
+  c.num_heads = 16;
+  c.d_ff = 2816;
+  c.num_layers = 2;
+  c.num_decoder_layers = 2;
+  c.dense_act_fn = "gelu_new";
+  c.is_gated_act = true;
+  return c;
+}
+
+TEST(PersistentDecoderTest, MatchesTheUnfusedBlocks) {
+  auto device = testing::TestDevice();
+  ASSERT_TRUE(device.ok()) << device.status();
+  if (!device->is_cuda()) GTEST_SKIP() << "CUDA only (LORAHUB_TEST_DEVICE=cuda)";
+  // The kernel is opt-in (fused_ops.h); the switch is read at its first use.
+  setenv("LORAHUB_PERSISTENT_DECODER", "1", /*overwrite=*/1);
+  const config::T5Config c = LargeDecoderConfig();
+  WeightOptions options;
+  options.dtype = at::kBFloat16;
+  options.device = *device;
+  auto w = BuildT5Weights(c, testing::RandomT5(c, 11, /*scale=*/0.05), options);
+  ASSERT_TRUE(w.ok()) << w.status();
+
+  // 6 examples of 40-72 tokens (padded to 72), 3 decoder positions.
+  constexpr int64_t kExamples = 6, kLength = 72, kPositions = 3;
+  at::Tensor ids = at::randint(2, c.vocab_size, {kExamples, kLength},
+                               at::detail::createCPUGenerator(5), at::kLong);
+  at::Tensor mask = at::ones({kExamples, kLength}, at::kLong);
+  for (int64_t b = 0; b < kExamples; ++b) {
+    mask[b].narrow(0, kLength - 6 * b, 6 * b).zero_();
+  }
+  at::Tensor decoder_ids = at::randint(2, c.vocab_size, {kExamples, kPositions},
+                                       at::detail::createCPUGenerator(6), at::kLong);
+  ids = ids.to(*device);
+  mask = mask.to(*device);
+  decoder_ids = decoder_ids.to(*device);
+
+  const RowAdapters none;
+  auto logits_for = [&](int64_t rows, int64_t* scopes) -> at::Tensor {
+    auto enc = Encode(*w, ids.narrow(0, 0, rows), mask.narrow(0, 0, rows), none);
+    EXPECT_TRUE(enc.ok()) << enc.status();
+    if (!enc.ok()) return at::Tensor();
+    ScopeCounter counter;
+    auto logits = DecodeFull(*w, decoder_ids.narrow(0, 0, rows), *enc, none);
+    EXPECT_TRUE(logits.ok()) << logits.status();
+    *scopes = g_kernel_scopes;
+    return logits.ok() ? logits->to(at::kCPU).to(at::kDouble) : at::Tensor();
+  };
+  int64_t fused_scopes = 0, unfused_scopes = 0;
+  const at::Tensor fused = logits_for(5, &fused_scopes);  // 15 rows
+  const at::Tensor unfused = logits_for(kExamples, &unfused_scopes);  // 18 rows
+  ASSERT_TRUE(fused.defined() && unfused.defined());
+  EXPECT_EQ(fused_scopes, 1) << "15 rows should take the persistent kernel";
+  EXPECT_EQ(unfused_scopes, 0) << "18 rows are more than it takes";
+
+  const at::Tensor ref = unfused.narrow(0, 0, 5);
+  const double scale = ref.abs().max().item<double>();
+  const double err = (fused - ref).abs().max().item<double>();
+  const double mean_err = (fused - ref).abs().mean().item<double>();
+  std::printf("logits max |ref| %.4g, max |fused - unfused| %.4g, mean %.4g\n", scale, err,
+              mean_err);
+  EXPECT_GT(scale, 0.5);  // the logits are not degenerate
+  EXPECT_LT(err, 2e-2 * scale);
+  EXPECT_LT(mean_err, 1e-3 * scale);
+}
+
+}  // namespace
+}  // namespace lorahub::model
