@@ -367,7 +367,8 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 // few microseconds each, latency-bound. False, *hidden untouched, elsewhere
 // (CPU, autograd, other shapes or dtypes, a device that cannot hold one CTA
 // of its kernel an SM, LORAHUB_NO_FUSED=1), and unless
-// LORAHUB_PERSISTENT_DECODER=1: opt-in until measured on a GPU.
+// LORAHUB_PERSISTENT_DECODER=1: opt-in, measured slower than the unfused
+// blocks so far (BENCHMARKS, eightieth session).
 struct PersistentDecoderLayerInputs {
   at::Tensor weights[9];
   at::Tensor norms[3];
