@@ -32,7 +32,9 @@
 
 #include <cstdint>
 
+#include "core/model/cp_async.cuh"
 #include "core/model/fused_kernels.h"
+#include "core/model/warp_reduce.cuh"
 
 namespace lorahub::model::kernels::persistent_decoder {
 
@@ -57,33 +59,22 @@ constexpr size_t kSharedBytes =
 // Weight phases in the order the stream of chunks serves them.
 enum { kPQkv, kPO, kPCq, kPCo, kPWi, kPWo, kWeightPhases };
 
-__device__ __forceinline__ unsigned SmemAddr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void CpAsync16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SmemAddr(dst)), "l"(src));
-}
-__device__ __forceinline__ void CpCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 // Waits until at most `pending` of this thread's groups are in flight
 // (at least kSlots - 1 more: waiting longer is safe).
 __device__ __forceinline__ void CpWaitPending(int pending) {
   switch (pending) {
-    case 0: CpWait<0>(); break;
-    case 1: CpWait<1>(); break;
-    case 2: CpWait<2>(); break;
-    case 3: CpWait<3>(); break;
-    case 4: CpWait<4>(); break;
-    case 5: CpWait<5>(); break;
-    case 6: CpWait<6>(); break;
-    case 7: CpWait<7>(); break;
-    case 8: CpWait<8>(); break;
-    case 9: CpWait<9>(); break;
-    case 10: CpWait<10>(); break;
-    default: CpWait<11>(); break;
+    case 0: CopyAsyncWait<0>(); break;
+    case 1: CopyAsyncWait<1>(); break;
+    case 2: CopyAsyncWait<2>(); break;
+    case 3: CopyAsyncWait<3>(); break;
+    case 4: CopyAsyncWait<4>(); break;
+    case 5: CopyAsyncWait<5>(); break;
+    case 6: CopyAsyncWait<6>(); break;
+    case 7: CopyAsyncWait<7>(); break;
+    case 8: CopyAsyncWait<8>(); break;
+    case 9: CopyAsyncWait<9>(); break;
+    case 10: CopyAsyncWait<10>(); break;
+    default: CopyAsyncWait<11>(); break;
   }
 }
 __device__ __forceinline__ void Mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
@@ -178,9 +169,9 @@ struct Pipe {
       const int per_row = kc / 8;
       for (int i = threadIdx.x; i < 8 * per_row; i += kThreads) {
         const int r = i / per_row, c = (i % per_row) * 8;
-        CpAsync16(dst + r * kSlotLd + c, src + static_cast<int64_t>(r) * ld + c);
+        CopyAsync<16>(dst + r * kSlotLd + c, src + static_cast<int64_t>(r) * ld + c, true);
       }
-      CpCommit();
+      CopyAsyncCommit();
       ++issued;
       load.Next(cta, grid, a.layers);
     }
@@ -347,16 +338,14 @@ __device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k
       mx = fmaxf(mx, sc[m]);
     }
   }
-#pragma unroll
-  for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  mx = WarpMax(mx);
   float sum = 0.f;
 #pragma unroll
   for (int m = 0; m < kMaxKeyIters; ++m) {
     sc[m] = lane + 32 * m < S ? __expf(sc[m] - mx) : 0.f;
     sum += sc[m];
   }
-#pragma unroll
-  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  sum = WarpSum(sum);
   const float inv = 1.f / sum;
   float2 acc = make_float2(0.f, 0.f);
 #pragma unroll
