@@ -36,6 +36,14 @@
 #include "core/model/fused_kernels.h"
 #include "core/model/warp_reduce.cuh"
 
+// A hook for deploy/gpu/decoder_kernel_bench.py, which defines it before
+// including this header to time each phase: thread 0 of every CTA calls
+// LORAHUB_PD_STAMP(phase, point) with the phase's index (the number of grid
+// barriers before it) at each point below. Empty in the engine.
+#ifndef LORAHUB_PD_STAMP
+#define LORAHUB_PD_STAMP(phase, point) ((void)0)
+#endif
+
 namespace lorahub::model::kernels::persistent_decoder {
 
 using bf16 = __nv_bfloat16;
@@ -55,6 +63,11 @@ static_assert(D % (8 * 128) == 0 && F > 2048 && F <= 3072 && (F - 2048) % 128 ==
 // rows' scales, a query a warp.
 constexpr size_t kSharedBytes =
     kSlots * kSlotElems * sizeof(bf16) + (2 * kWarps * 128 + 16 + kWarps * DK) * sizeof(float);
+
+// LORAHUB_PD_STAMP's points of a phase: its norm's row scales read (norm
+// phases only), thread 0's own work done, every warp of the CTA done (its
+// arrival at the grid barrier), the barrier released.
+enum { kStampScaled, kStampWorked, kStampArrived, kStampReleased, kStampPoints };
 
 // Weight phases in the order the stream of chunks serves them.
 enum { kPQkv, kPO, kPCq, kPCo, kPWi, kPWo, kWeightPhases };
@@ -155,19 +168,26 @@ struct Cursor {
   }
 };
 
+#ifndef LORAHUB_PD_EXP_DEPTH
+#define LORAHUB_PD_EXP_DEPTH kSlots
+#endif
 // The ring of weight slots: chunk c of this CTA's stream in slot c % kSlots.
 struct Pipe {
   Cursor load;
   int issued, consumed;
   bf16* slots;
   __device__ void Refill(const PersistentDecoderArgs& a, int cta, int grid) {
-    while (!load.done && issued < consumed + kSlots) {
+    while (!load.done && issued < consumed + LORAHUB_PD_EXP_DEPTH) {
       const bf16* src;
       int ld, kc;
       load.Source(a, &src, &ld, &kc);
       bf16* dst = slots + (issued % kSlots) * kSlotElems;
       const int per_row = kc / 8;
+#ifdef LORAHUB_PD_EXP_COPY_WARPS_1_7
+      for (int i = threadIdx.x - 32; i >= 0 && i < 8 * per_row; i += kThreads - 32) {
+#else
       for (int i = threadIdx.x; i < 8 * per_row; i += kThreads) {
+#endif
         const int r = i / per_row, c = (i % per_row) * 8;
         CopyAsync<16>(dst + r * kSlotLd + c, src + static_cast<int64_t>(r) * ld + c, true);
       }
@@ -178,7 +198,10 @@ struct Pipe {
   }
   // Chunk c in shared memory for every thread of the CTA.
   __device__ const bf16* Wait(const PersistentDecoderArgs& a, int cta, int grid, int c) {
-    Refill(a, cta, grid);
+#ifdef LORAHUB_PD_EXP_REFILL_AT_PHASE_END
+    if (c >= issued)
+#endif
+      Refill(a, cta, grid);
     CpWaitPending(issued - c - 1);
     __syncthreads();
     return slots + (c % kSlots) * kSlotElems;
@@ -186,15 +209,17 @@ struct Pipe {
 };
 
 // Every CTA's writes before it visible to every CTA after it.
-__device__ __forceinline__ void GridBarrier(unsigned* counter, unsigned target) {
+__device__ __forceinline__ void GridBarrier(unsigned* counter, unsigned target, int phase) {
   __syncthreads();
   if (threadIdx.x == 0) {
+    LORAHUB_PD_STAMP(phase, kStampArrived);
     __threadfence();
     atomicAdd(counter, 1u);
     unsigned v;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter));
     } while (v < target);
+    LORAHUB_PD_STAMP(phase, kStampReleased);
   }
   __syncthreads();
 }
@@ -206,6 +231,7 @@ __device__ __forceinline__ void RowScales(const PersistentDecoderArgs& a, int R,
     const int r = t / 8, part = t % 8;
     float s = 0.f;
     if (r < R) {
+#pragma unroll
       for (int u = part * (kRowUnits / 8); u < (part + 1) * (kRowUnits / 8); ++u) {
         s += __ldcg(a.partial + u * kPersistentDecoderMaxRows + r);
       }
@@ -353,10 +379,25 @@ __device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k
     if (32 * m >= S) break;
     const float pm = sc[m] * inv;
     const int n = min(32, S - 32 * m);
-    for (int jj = 0; jj < n; ++jj) {
+    const float2* vm = reinterpret_cast<const float2*>(v + 32 * m * v_stride) + lane;
+    const int64_t step = v_stride / 2;
+    // Eight keys' loads in flight before their sums (a load's L2 latency
+    // each, key after key, was most of a long cross-attention).
+    int jj = 0;
+    for (; jj + 8 <= n; jj += 8) {
+      float2 vv[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vv[e] = __ldcg(vm + (jj + e) * step);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float p = __shfl_sync(0xffffffffu, pm, jj + e);
+        acc.x += p * vv[e].x;
+        acc.y += p * vv[e].y;
+      }
+    }
+    for (; jj < n; ++jj) {
       const float p = __shfl_sync(0xffffffffu, pm, jj);
-      const float2 vv =
-          __ldcg(reinterpret_cast<const float2*>(v + (32 * m + jj) * v_stride) + lane);
+      const float2 vv = __ldcg(vm + jj * step);
       acc.x += p * vv.x;
       acc.y += p * vv.y;
     }
@@ -372,14 +413,18 @@ __device__ __forceinline__ void GemmUnits(const PersistentDecoderArgs& a, Pipe& 
                                           int grid, int units, const unsigned (*af)[4],
                                           float* red, const Epilogue& epilogue) {
   const int tid = threadIdx.x, warp = tid >> 5;
-  for (int u = cta; u < units; u += grid) {
+  for (int u = cta, set = 0; u < units; u += grid, set ^= 1) {
     float c[4] = {0.f, 0.f, 0.f, 0.f};
     MmaSlot<8>(c, af, pipe.Wait(a, cta, grid, pipe.consumed), warp * 128);
-    StoreTile(red, c);
+    // The two sets of tiles alternate: the next unit's tiles go to the other
+    // set while threads 0-127 may still read these (no barrier between), and
+    // its slot refills only after every warp's MmaSlot here (the barrier
+    // below).
+    float* tiles = red + set * kWarps * 128;
+    StoreTile(tiles, c);
     __syncthreads();
-    if (tid < 128) epilogue(u, tid, SumTile(red, tid));
+    if (tid < 128) epilogue(u, tid, SumTile(tiles, tid));
     ++pipe.consumed;
-    __syncthreads();
   }
   pipe.Refill(a, cta, grid);
 }
@@ -394,7 +439,14 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
   const int tid = threadIdx.x, warp = tid >> 5;
   const int R = a.B * a.T;
   unsigned barriers = 0;
-  const auto barrier = [&] { GridBarrier(a.counter, grid * ++barriers); };
+  const auto barrier = [&] {
+    if (tid == 0) LORAHUB_PD_STAMP(barriers, kStampWorked);
+    GridBarrier(a.counter, grid * (barriers + 1), barriers);
+    ++barriers;
+  };
+  const auto scaled = [&] {
+    if (tid == 0) LORAHUB_PD_STAMP(barriers, kStampScaled);
+  };
   Pipe pipe;
   pipe.slots = slots;
   pipe.issued = 0;
@@ -414,6 +466,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     const PersistentDecoderLayer& layer = a.layer[l];
     {  // q | k | v of the self-attention norm.
       RowScales(a, R, rstd);
+      scaled();
       unsigned af[8][4];
       LoadNormedA<8>(a, R, rstd, layer.norm[0], warp * 128, af);
       GemmUnits(a, pipe, cta, grid, 3 * D / 8, af, red, [&](int u, int j, float v) {
@@ -441,6 +494,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     }
     {  // The cross-attention's q.
       RowScales(a, R, rstd);
+      scaled();
       unsigned af[8][4];
       LoadNormedA<8>(a, R, rstd, layer.norm[1], warp * 128, af);
       GemmUnits(a, pipe, cta, grid, D / 8, af, red, [&](int u, int j, float v) {
@@ -466,6 +520,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     }
     {  // wi_0 and wi_1 with the gated GELU.
       RowScales(a, R, rstd);
+      scaled();
       unsigned af[8][4];
       LoadNormedA<8>(a, R, rstd, layer.norm[2], warp * 128, af);
       bf16* gelu = static_cast<bf16*>(a.gelu);
@@ -499,17 +554,17 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
       LoadBf16A<8>(a.gelu, R, F, warp * 128, af);
       LoadBf16A<8>(a.gelu, R, F, 1024 + warp * 128, af + 8);
       LoadBf16A<kLast>(a.gelu, R, F, 2048 + warp * kLast * 16, af + 16);
-      for (int u = cta; u < D / 8; u += grid) {
+      for (int u = cta, set = 0; u < D / 8; u += grid, set ^= 1) {
         float c[4] = {0.f, 0.f, 0.f, 0.f};
         MmaSlot<8>(c, af, pipe.Wait(a, cta, grid, pipe.consumed), warp * 128);
         MmaSlot<8>(c, af + 8, pipe.Wait(a, cta, grid, pipe.consumed + 1), warp * 128);
         MmaSlot<kLast>(c, af + 16, pipe.Wait(a, cta, grid, pipe.consumed + 2),
                        warp * kLast * 16);
-        StoreTile(red, c);
+        float* tiles = red + set * kWarps * 128;  // alternating as in GemmUnits
+        StoreTile(tiles, c);
         __syncthreads();
-        if (tid < 128) AddToStream(a, R, u, tid, SumTile(red, tid));
+        if (tid < 128) AddToStream(a, R, u, tid, SumTile(tiles, tid));
         pipe.consumed += 3;
-        __syncthreads();
       }
       pipe.Refill(a, cta, grid);
       barrier();

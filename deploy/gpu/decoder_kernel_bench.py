@@ -33,7 +33,21 @@ from graph_timing import time_graph
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SRC = r'''
 #include <cstddef>
+// Phase timing (the header's LORAHUB_PD_STAMP hook): %globaltimer (ns) at each point of each
+// phase, [phase][point][cta], while g_stamps is set (SetStamps); the timed runs leave it null.
+__device__ unsigned long long* g_stamps;
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define LORAHUB_PD_STAMP(phase, point) \
+  (g_stamps != nullptr \
+       ? (void)(g_stamps[((phase) * kStampPoints + (point)) * gridDim.x + blockIdx.x] = \
+                    GlobalTimer()) \
+       : (void)0)
 #include "core/model/persistent_decoder.cuh"
+extern "C" __global__ void SetStamps(unsigned long long* p) { g_stamps = p; }
 using lorahub::model::kernels::PersistentDecoderArgs;
 using lorahub::model::kernels::PersistentDecoderLayer;
 extern "C" __global__ void __launch_bounds__(256, 1) BenchDecoder(const PersistentDecoderArgs* a) {
@@ -128,6 +142,35 @@ def reference(p, B, T, S, dtype, eps=1e-6):
     return h, norm(h, p["final_ln"], rounded=False)
 
 
+PHASES = ["q|k|v", "self-attn", "o", "cross q", "cross-attn", "cross o", "wi+gelu", "wo"]
+
+
+def print_phases(st, L):
+    """st [phase][point][cta] in us (points: scaled, worked, arrived, released). Means over the
+    layers of each phase's: the median CTA's time from its release to its row scales (norm
+    phases), to thread 0's work done, to its arrival; the last CTA's arrival after the first
+    release; the barrier (last release after last arrival); the phase (last release after the
+    previous last release)."""
+    rows = {k: [] for k in PHASES}
+    for p in range(1, st.shape[0]):
+        start = st[p - 1, 3]
+        med = lambda pt: (st[p, pt] - start).median().item()
+        rows[PHASES[(p - 1) % 8]].append((
+            med(0) if (p - 1) % 8 in (0, 3, 6) else float("nan"), med(1), med(2),
+            (st[p, 2].max() - start.min()).item(), (st[p, 3].max() - st[p, 2].max()).item(),
+            (st[p, 3].max() - start.max()).item()))
+    print(f"{'phase (us, mean of ' + str(L) + ' layers)':32s} {'scaled':>7s} {'t0 work':>8s} "
+          f"{'arrive':>7s} {'last arr':>9s} {'barrier':>8s} {'phase':>7s}")
+    total = 0.0
+    for k, v in rows.items():
+        m = torch.tensor(v).mean(0).tolist()
+        total += m[5]
+        print(f"{k:32s} {m[0]:7.2f} {m[1]:8.2f} {m[2]:7.2f} {m[3]:9.2f} {m[4]:8.2f} {m[5]:7.2f}")
+    print(f"{'a block':32s} {'':7s} {'':8s} {'':7s} {'':9s} {'':8s} {total:7.2f}")
+    print(f"the embeddings' phase, first arrival to last release: "
+          f"{(st[0, 3].max() - st[0, 2].min()).item():.2f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows-b", type=int, default=5)
@@ -135,6 +178,8 @@ def main():
     ap.add_argument("--enc", type=int, default=72)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--grid", type=int, default=0, help="CTAs (default: the SMs)")
+    ap.add_argument("--define", action="append", default=[],
+                    help="a macro for the kernel's compile (the header's experiments)")
     args = ap.parse_args()
     B, T, S, L = args.rows_b, args.rows_t, args.enc, args.layers
     R = B * T
@@ -143,7 +188,9 @@ def main():
     p = make_weights(L, B, T, S, 7, dev)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     G = args.grid or sms
-    module = cupy.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90", "-I" + ROOT),
+    print("defines:", " ".join(args.define) or "none")
+    module = cupy.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90", "-I" + ROOT) +
+                            tuple("-D" + d for d in args.define),
                             backend="nvcc")
     kernel = module.get_function("BenchDecoder")
     layout = cupy.zeros(5, dtype=cupy.int64)
@@ -197,6 +244,16 @@ def main():
         counter.zero_()
         h.copy_(p["h0"])
     us_copies = time_graph(run_copies, 1, replays=30)
+    # One run with the stamps: where a block's time goes, phase by phase.
+    phases = 1 + 8 * L
+    stamps = torch.zeros(phases, 4, G, dtype=torch.int64, device=dev)
+    set_stamps = module.get_function("SetStamps")
+    set_stamps((1,), (1,), (cupy.uint64(stamps.data_ptr()),))
+    run_kernel()
+    torch.cuda.synchronize()
+    set_stamps((1,), (1,), (cupy.uint64(0),))
+    torch.cuda.synchronize()
+    print_phases(stamps.cpu().double() / 1e3, L)
     print(f"rows {R} (B {B} x T {T}), encoder {S}, layers {L}, grid {G} CTAs x 256, smem {smem} B")
     print(f"persistent decoder: {us_kernel:.1f} us a decoder (of which memset+copy {us_copies:.1f} us)")
     print(f"torch fp32-accumulate ops in a graph: {us_torch:.1f} us")

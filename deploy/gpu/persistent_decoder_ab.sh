@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Run ON THE GPU HOST from the repository root: the persistent decoder's variants in one call.
+#  1. deploy/gpu/decoder_kernel_bench.py once per variant of VARIANTS (';'-separated lists of
+#     the header's experiment macros, "" the defaults): its phase table and us a decoder ->
+#     $OUT/sweep.txt;
+#  2. the fastest variant's macros become CUDAFLAGS (CMake's initial CMAKE_CUDA_FLAGS) of a
+#     fresh build: tests/model/persistent_decoder_test on the device (-> sweep.txt), then
+#     deploy/gpu/perf_ab.sh without its suites (SKIP_TESTS=1): the engine's A/B, ABS (default:
+#     the persistent decoder against main, twice each; STOP_S default 300).
+# Carry .gpu/debs and .gpu/bench (perf_ab.sh's). Everything perf_ab.sh returns, plus sweep.txt.
+#   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_DEPTH=4"] bash deploy/gpu/persistent_decoder_ab.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+mkdir -p "$OUT"
+best="" best_us=""
+IFS=';' read -ra variants <<<"${VARIANTS:-}"
+[ ${#variants[@]} -eq 0 ] && variants=("")
+for v in "${variants[@]}"; do
+  flags=()
+  for d in $v; do flags+=(--define "$d"); done
+  us=$(python3 deploy/gpu/decoder_kernel_bench.py ${flags[@]+"${flags[@]}"} 2>&1 |
+    grep -v -e DeprecationWarning -e 'run_kernel()' | tee -a "$OUT/sweep.txt" |
+    sed -nE 's/^persistent decoder: ([0-9.]+) us.*/\1/p')
+  echo "variant [${v}]: ${us:-failed} us" | tee -a "$OUT/sweep.txt"
+  if [ -n "$us" ] && { [ -z "$best_us" ] || python3 -c "import sys; sys.exit(not $us < $best_us)"; }; then
+    best=$v best_us=$us
+  fi
+done
+echo "fastest: [${best}] ${best_us} us" | tee -a "$OUT/sweep.txt"
+defines=""
+for d in $best; do defines+=" -D$d"; done
+export CUDAFLAGS="${CUDAFLAGS:-}$defines"
+echo "CUDAFLAGS=$CUDAFLAGS" | tee -a "$OUT/sweep.txt"
+# The kernel's engine test first (its build is most of the engine's), then the A/B.
+OUT=/tmp/pd_build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" \
+  NINJA_TARGETS=tests_model_persistent_decoder_test bash deploy/gpu/build_and_test.sh \
+  >/tmp/pd_build.log 2>&1 || tail -20 /tmp/pd_build.log | tee -a "$OUT/sweep.txt"
+test_bin=$(find .gpu/build -type f -name persistent_decoder_test -perm -u+x | head -1)
+if [ -n "$test_bin" ]; then
+  LORAHUB_TEST_DEVICE=cuda:0 "$test_bin" 2>&1 | tail -25 | tee -a "$OUT/sweep.txt"
+else
+  echo "no persistent_decoder_test binary" | tee -a "$OUT/sweep.txt"
+fi
+SKIP_TESTS=1 ABS="${ABS:-pd LORAHUB_PERSISTENT_DECODER=1; main2; pd2 LORAHUB_PERSISTENT_DECODER=1}" \
+  STOP_S="${STOP_S:-300}" OUT="$OUT" bash deploy/gpu/perf_ab.sh
