@@ -373,6 +373,63 @@ __device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k
   }
   sum = WarpSum(sum);
   const float inv = 1.f / sum;
+#ifdef LORAHUB_PD_EXP_SPLIT_V
+  // Lane (kg, dg) sums keys kg, kg + 8, ... over dims 16 dg..16 dg + 15:
+  // 32 keys' values (16 loads a lane) in flight at once; then the key
+  // groups' sums, in a fixed tree.
+  const int kg = lane >> 2, dg = lane & 3;
+  float4 acc[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[e] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int m = 0; m < kMaxKeyIters; ++m) {
+    if (32 * m >= S) break;
+    const float pm = sc[m] * inv;
+    float4 vv[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = 32 * m + kg + 8 * i;
+      const float4* vr = reinterpret_cast<const float4*>(v + (j < S ? j : 0) * v_stride) + 4 * dg;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) vv[i][e] = j < S ? __ldcg(vr + e) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float p = __shfl_sync(0xffffffffu, pm, kg + 8 * i);  // 0 past S
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[e].x += p * vv[i][e].x;
+        acc[e].y += p * vv[i][e].y;
+        acc[e].z += p * vv[i][e].z;
+        acc[e].w += p * vv[i][e].w;
+      }
+    }
+  }
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc[e].x += __shfl_xor_sync(0xffffffffu, acc[e].x, off);
+      acc[e].y += __shfl_xor_sync(0xffffffffu, acc[e].y, off);
+      acc[e].z += __shfl_xor_sync(0xffffffffu, acc[e].z, off);
+      acc[e].w += __shfl_xor_sync(0xffffffffu, acc[e].w, off);
+    }
+  }
+  if (kg == 0) {
+    uint4 packed[2];
+    unsigned* w = reinterpret_cast<unsigned*>(packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      w[2 * e] = Pack(acc[e].x, acc[e].y);
+      w[2 * e + 1] = Pack(acc[e].z, acc[e].w);
+    }
+    uint4* o = reinterpret_cast<uint4*>(out + 16 * dg);
+    o[0] = packed[0];
+    o[1] = packed[1];
+  }
+  __syncwarp();
+}
+#else
   float2 acc = make_float2(0.f, 0.f);
 #pragma unroll
   for (int m = 0; m < kMaxKeyIters; ++m) {
@@ -405,6 +462,7 @@ __device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k
   *reinterpret_cast<unsigned*>(out + 2 * lane) = Pack(acc.x, acc.y);
   __syncwarp();
 }
+#endif
 
 // A GEMM phase whose A fragments are loaded (K = d_model, 8 k-steps a warp):
 // each of this CTA's units, then `epilogue(u, j, value)` by threads 0-127.
