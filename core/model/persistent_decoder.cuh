@@ -20,8 +20,9 @@
 // barriers. The activations come from L2 (__ldcg: other CTAs wrote them).
 // A norm reads the per-unit sums of squares the phase before it left, summed
 // in unit order. The roundings are the engine's (t5_forward.cc DecoderHidden
-// on its kernels): fp32 stream; norm output rounded to bf16; q, k, v and the
-// attention fp32; the context rounded; wi's outputs rounded, the GELU
+// on its kernels): fp32 stream; each sublayer's output (o, cross o, wo)
+// rounded to bf16 before its add; norm output rounded to bf16; q, k, v and
+// the attention fp32; the context rounded; wi's outputs rounded, the GELU
 // rounded, its product rounded. The sums run in another order than cuBLAS's,
 // so the bits differ from the unfused decoder's (by fp32 rounding).
 #ifndef LORAHUB_CORE_MODEL_PERSISTENT_DECODER_CUH_
@@ -168,26 +169,21 @@ struct Cursor {
   }
 };
 
-#ifndef LORAHUB_PD_EXP_DEPTH
-#define LORAHUB_PD_EXP_DEPTH kSlots
-#endif
 // The ring of weight slots: chunk c of this CTA's stream in slot c % kSlots.
 struct Pipe {
   Cursor load;
   int issued, consumed;
   bf16* slots;
   __device__ void Refill(const PersistentDecoderArgs& a, int cta, int grid) {
-    while (!load.done && issued < consumed + LORAHUB_PD_EXP_DEPTH) {
+    while (!load.done && issued < consumed + kSlots) {
       const bf16* src;
       int ld, kc;
       load.Source(a, &src, &ld, &kc);
       bf16* dst = slots + (issued % kSlots) * kSlotElems;
       const int per_row = kc / 8;
-#ifdef LORAHUB_PD_EXP_COPY_WARPS_1_7
+      // Warps 1-7 copy: warp 0's thread 0 waits at the grid barriers, and
+      // its warp sums the units (an H100 ran the decoder 2,555 -> 2,428 us).
       for (int i = threadIdx.x - 32; i >= 0 && i < 8 * per_row; i += kThreads - 32) {
-#else
-      for (int i = threadIdx.x; i < 8 * per_row; i += kThreads) {
-#endif
         const int r = i / per_row, c = (i % per_row) * 8;
         CopyAsync<16>(dst + r * kSlotLd + c, src + static_cast<int64_t>(r) * ld + c, true);
       }
@@ -198,10 +194,7 @@ struct Pipe {
   }
   // Chunk c in shared memory for every thread of the CTA.
   __device__ const bf16* Wait(const PersistentDecoderArgs& a, int cta, int grid, int c) {
-#ifdef LORAHUB_PD_EXP_REFILL_AT_PHASE_END
-    if (c >= issued)
-#endif
-      Refill(a, cta, grid);
+    Refill(a, cta, grid);
     CpWaitPending(issued - c - 1);
     __syncthreads();
     return slots + (c % kSlots) * kSlotElems;
@@ -318,14 +311,16 @@ __device__ __forceinline__ float SumTile(const float* red, int j) {
   return s;
 }
 
-// Element j (row j / 8, column u * 8 + j % 8) of the stream += v, and the
-// unit's sums of squares of its rows; threads 0-127.
+// Element j (row j / 8, column u * 8 + j % 8) of the stream += v rounded,
+// and the unit's sums of squares of its rows; threads 0-127.
 __device__ __forceinline__ void AddToStream(const PersistentDecoderArgs& a, int R, int u, int j,
                                             float v) {
   const int r = j / 8, col = u * 8 + j % 8;
   float sq = 0.f;
   if (r < R) {
-    const float x = __ldcg(a.h + r * D + col) + v;
+    // The sublayer's output rounded to bf16 before the add, as the unfused
+    // blocks' (norm_loads.cuh DeltaAt: SplitKSum's rounding).
+    const float x = __ldcg(a.h + r * D + col) + RoundBf16(v);
     __stcg(a.h + r * D + col, x);
     sq = x * x;
   }
@@ -373,63 +368,6 @@ __device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k
   }
   sum = WarpSum(sum);
   const float inv = 1.f / sum;
-#ifdef LORAHUB_PD_EXP_SPLIT_V
-  // Lane (kg, dg) sums keys kg, kg + 8, ... over dims 16 dg..16 dg + 15:
-  // 32 keys' values (16 loads a lane) in flight at once; then the key
-  // groups' sums, in a fixed tree.
-  const int kg = lane >> 2, dg = lane & 3;
-  float4 acc[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) acc[e] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-  for (int m = 0; m < kMaxKeyIters; ++m) {
-    if (32 * m >= S) break;
-    const float pm = sc[m] * inv;
-    float4 vv[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = 32 * m + kg + 8 * i;
-      const float4* vr = reinterpret_cast<const float4*>(v + (j < S ? j : 0) * v_stride) + 4 * dg;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) vv[i][e] = j < S ? __ldcg(vr + e) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float p = __shfl_sync(0xffffffffu, pm, kg + 8 * i);  // 0 past S
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[e].x += p * vv[i][e].x;
-        acc[e].y += p * vv[i][e].y;
-        acc[e].z += p * vv[i][e].z;
-        acc[e].w += p * vv[i][e].w;
-      }
-    }
-  }
-#pragma unroll
-  for (int off = 4; off < 32; off <<= 1) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      acc[e].x += __shfl_xor_sync(0xffffffffu, acc[e].x, off);
-      acc[e].y += __shfl_xor_sync(0xffffffffu, acc[e].y, off);
-      acc[e].z += __shfl_xor_sync(0xffffffffu, acc[e].z, off);
-      acc[e].w += __shfl_xor_sync(0xffffffffu, acc[e].w, off);
-    }
-  }
-  if (kg == 0) {
-    uint4 packed[2];
-    unsigned* w = reinterpret_cast<unsigned*>(packed);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      w[2 * e] = Pack(acc[e].x, acc[e].y);
-      w[2 * e + 1] = Pack(acc[e].z, acc[e].w);
-    }
-    uint4* o = reinterpret_cast<uint4*>(out + 16 * dg);
-    o[0] = packed[0];
-    o[1] = packed[1];
-  }
-  __syncwarp();
-}
-#else
   float2 acc = make_float2(0.f, 0.f);
 #pragma unroll
   for (int m = 0; m < kMaxKeyIters; ++m) {
@@ -462,7 +400,6 @@ __device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k
   *reinterpret_cast<unsigned*>(out + 2 * lane) = Pack(acc.x, acc.y);
   __syncwarp();
 }
-#endif
 
 // A GEMM phase whose A fragments are loaded (K = d_model, 8 k-steps a warp):
 // each of this CTA's units, then `epilogue(u, j, value)` by threads 0-127.

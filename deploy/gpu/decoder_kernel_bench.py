@@ -14,8 +14,9 @@
 # slots (cp.async, 16 KB a slot) as soon as a slot frees, across barriers and blocks: the HBM
 # reads run ahead of the barriers. The activations (fp32 stream, rounded contexts) come from
 # L2. The norms read per-unit sums of squares the residual phases leave (summed in unit order).
-# The same roundings as the engine (fp32 stream, norm output rounded to bf16, fp32 q/k/v and
-# attention, context rounded, wi outputs rounded, GELU rounded, product rounded).
+# The same roundings as the engine (fp32 stream, each sublayer's output rounded to bf16 before
+# its add, norm output rounded to bf16, fp32 q/k/v and attention, context rounded, wi outputs
+# rounded, GELU rounded, product rounded).
 #
 # Prints: the kernel's us a decoder (median of graph replays), torch's eager ops for the same
 # decoder in a graph (a baseline of more kernels than the engine's), and the error of each
@@ -130,15 +131,15 @@ def reference(p, B, T, S, dtype, eps=1e-6):
         ln = p["ln"][l]
         x = norm(h, ln[0])
         q, k, v = (heads(x @ m[i].T) for i in range(3))
-        h = h + merge(attend(q, k, v, p["self_bias"].to(dtype))) @ m[3].T
+        h = h + bf16r(merge(attend(q, k, v, p["self_bias"].to(dtype))) @ m[3].T)
         x = norm(h, ln[1])
         q = heads(x @ m[4].T)
         bias = p["cross_bias"].to(dtype)[:, None, None, :]
-        h = h + merge(attend(q, p["ck"][l].to(dtype), p["cv"][l].to(dtype), bias)) @ m[5].T
+        h = h + bf16r(merge(attend(q, p["ck"][l].to(dtype), p["cv"][l].to(dtype), bias)) @ m[5].T)
         x = norm(h, ln[2])
         gate, up = bf16r(x @ m[6].T), bf16r(x @ m[7].T)
         act = bf16r(torch.nn.functional.gelu(gate, approximate="tanh"))
-        h = h + bf16r(act * up) @ m[8].T
+        h = h + bf16r(bf16r(act * up) @ m[8].T)
     return h, norm(h, p["final_ln"], rounded=False)
 
 

@@ -7,11 +7,15 @@
 // DecodeFull takes the kernel for at most 16 rows; 18 rows (the same 5
 // examples and one more) take the unfused blocks. The two must give the same
 // logits for the 5 examples up to fp32 sums in another order (which may move
-// a bf16 rounding by one step here and there), and the kernel must run
-// (its user scope counted) for 15 rows and not for 18.
+// a bf16 rounding by one step here and there): no further from each other
+// than a few times the unfused blocks' own change from 18 to 21 rows (other
+// cuBLAS kernels, other sum orders), or 1% (max) and 0.1% (mean) of the
+// largest logit. The kernel must run (its user scope counted) for 15 rows
+// and not for 18 or 21.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -75,8 +79,8 @@ TEST(PersistentDecoderTest, MatchesTheUnfusedBlocks) {
   auto w = BuildT5Weights(c, testing::RandomT5(c, 11, /*scale=*/0.05), options);
   ASSERT_TRUE(w.ok()) << w.status();
 
-  // 6 examples of 40-72 tokens (padded to 72), 3 decoder positions.
-  constexpr int64_t kExamples = 6, kLength = 72, kPositions = 3;
+  // 7 examples of 36-72 tokens (padded to 72), 3 decoder positions.
+  constexpr int64_t kExamples = 7, kLength = 72, kPositions = 3;
   at::Tensor ids = at::randint(2, c.vocab_size, {kExamples, kLength},
                                at::detail::createCPUGenerator(5), at::kLong);
   at::Tensor mask = at::ones({kExamples, kLength}, at::kLong);
@@ -100,22 +104,29 @@ TEST(PersistentDecoderTest, MatchesTheUnfusedBlocks) {
     *scopes = g_kernel_scopes;
     return logits.ok() ? logits->to(at::kCPU).to(at::kDouble) : at::Tensor();
   };
-  int64_t fused_scopes = 0, unfused_scopes = 0;
-  const at::Tensor fused = logits_for(5, &fused_scopes);  // 15 rows
-  const at::Tensor unfused = logits_for(kExamples, &unfused_scopes);  // 18 rows
-  ASSERT_TRUE(fused.defined() && unfused.defined());
+  int64_t fused_scopes = 0, unfused_scopes = 0, more_scopes = 0;
+  const at::Tensor fused = logits_for(5, &fused_scopes);        // 15 rows
+  const at::Tensor unfused = logits_for(6, &unfused_scopes);    // 18 rows
+  const at::Tensor more = logits_for(kExamples, &more_scopes);  // 21 rows
+  ASSERT_TRUE(fused.defined() && unfused.defined() && more.defined());
   EXPECT_EQ(fused_scopes, 1) << "15 rows should take the persistent kernel";
   EXPECT_EQ(unfused_scopes, 0) << "18 rows are more than it takes";
+  EXPECT_EQ(more_scopes, 0) << "21 rows are more than it takes";
 
   const at::Tensor ref = unfused.narrow(0, 0, 5);
+  const at::Tensor floor = (more.narrow(0, 0, 5) - ref).abs();
   const double scale = ref.abs().max().item<double>();
   const double err = (fused - ref).abs().max().item<double>();
   const double mean_err = (fused - ref).abs().mean().item<double>();
-  std::printf("logits max |ref| %.4g, max |fused - unfused| %.4g, mean %.4g\n", scale, err,
-              mean_err);
+  const double floor_err = floor.max().item<double>();
+  const double floor_mean = floor.mean().item<double>();
+  std::printf(
+      "logits max |ref| %.4g; |fused - unfused| max %.4g, mean %.4g; the unfused blocks "
+      "from 18 to 21 rows: max %.4g, mean %.4g\n",
+      scale, err, mean_err, floor_err, floor_mean);
   EXPECT_GT(scale, 0.5);  // the logits are not degenerate
-  EXPECT_LT(err, 2e-2 * scale);
-  EXPECT_LT(mean_err, 1e-3 * scale);
+  EXPECT_LT(err, std::max(4 * floor_err, 1e-2 * scale));
+  EXPECT_LT(mean_err, std::max(4 * floor_mean, 1e-3 * scale));
 }
 
 }  // namespace
