@@ -56,14 +56,14 @@ constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kSlotLd = 1024 + 8;  // bf16 a slot row: a slot's 8 rows in distinct banks
 constexpr int kSlotElems = 8 * kSlotLd;
 constexpr int kSlots = 12;
-constexpr int kMaxKeyIters = kPersistentDecoderMaxKeys / 32;
 constexpr int kRowUnits = D / 8;  // units of the stream's columns
 static_assert(kPersistentDecoderMaxRows == 16, "one m16 tile");
 static_assert(D % (8 * 128) == 0 && F > 2048 && F <= 3072 && (F - 2048) % 128 == 0);
 // Bytes of dynamic shared memory: the slots, two sets of warp tiles, the
-// rows' scales, a query a warp.
+// rows' scales, a query and its keys' scores a warp.
 constexpr size_t kSharedBytes =
-    kSlots * kSlotElems * sizeof(bf16) + (2 * kWarps * 128 + 16 + kWarps * DK) * sizeof(float);
+    kSlots * kSlotElems * sizeof(bf16) +
+    (2 * kWarps * 128 + 16 + kWarps * DK + kWarps * kPersistentDecoderMaxKeys) * sizeof(float);
 
 // LORAHUB_PD_STAMP's points of a phase: its norm's row scales read (norm
 // phases only), thread 0's own work done, every warp of the CTA done (its
@@ -174,7 +174,7 @@ struct Pipe {
   Cursor load;
   int issued, consumed;
   bf16* slots;
-  __device__ void Refill(const PersistentDecoderArgs& a, int cta, int grid) {
+  __device__ __noinline__ void Refill(const PersistentDecoderArgs& a, int cta, int grid) {
     while (!load.done && issued < consumed + kSlots) {
       const bf16* src;
       int ld, kc;
@@ -193,7 +193,8 @@ struct Pipe {
     }
   }
   // Chunk c in shared memory for every thread of the CTA.
-  __device__ const bf16* Wait(const PersistentDecoderArgs& a, int cta, int grid, int c) {
+  __device__ __noinline__ const bf16* Wait(const PersistentDecoderArgs& a, int cta, int grid,
+                                           int c) {
     Refill(a, cta, grid);
     CpWaitPending(issued - c - 1);
     __syncthreads();
@@ -331,74 +332,75 @@ __device__ __forceinline__ void AddToStream(const PersistentDecoderArgs& a, int 
 }
 
 // One query's attention over S keys (a warp): scores q.k + bias in fp32,
-// softmax, the context rounded to bf16 into out[0..63].
-__device__ __forceinline__ void Attend(const float* q, const float* k, int64_t k_stride,
-                                       const float* v, int64_t v_stride, const float* bias,
-                                       int S, bf16* out, float* qs) {
+// softmax, the context rounded to bf16 into out[0..63]. qs: the warp's
+// DK floats of shared memory, ps: its kPersistentDecoderMaxKeys. The loops
+// over keys stay rolled and the function out of line (as Pipe's Refill and
+// Wait): unrolled for 512 keys, one copy of it was 144 KB of code and the
+// kernel had two, 388 KB in all (85 KB now; nvcc -cubin, readelf), more
+// than an SM's instruction caches hold, so every SM fetched its code again
+// each block. The sums run key after key as before.
+__device__ __noinline__ void Attend(const float* q, const float* k, int64_t k_stride,
+                                    const float* v, int64_t v_stride, const float* bias,
+                                    int S, bf16* out, float* qs, float* ps) {
   const int lane = threadIdx.x & 31;
   const float2 qv = __ldcg(reinterpret_cast<const float2*>(q) + lane);
   qs[2 * lane] = qv.x;
   qs[2 * lane + 1] = qv.y;
   __syncwarp();
-  float sc[kMaxKeyIters];
+  const float4* q4 = reinterpret_cast<const float4*>(qs);
   float mx = -INFINITY;
+#pragma unroll 1
+  for (int j = lane; j < S; j += 32) {
+    const float4* kr = reinterpret_cast<const float4*>(k + j * k_stride);
+    float dot = 0.f;
 #pragma unroll
-  for (int m = 0; m < kMaxKeyIters; ++m) {
-    const int j = lane + 32 * m;
-    sc[m] = -INFINITY;
-    if (j < S) {
-      const float4* kr = reinterpret_cast<const float4*>(k + j * k_stride);
-      float dot = 0.f;
-#pragma unroll
-      for (int d = 0; d < DK / 4; ++d) {
-        const float4 kk = __ldcg(kr + d);
-        dot += qs[4 * d] * kk.x + qs[4 * d + 1] * kk.y + qs[4 * d + 2] * kk.z +
-               qs[4 * d + 3] * kk.w;
-      }
-      sc[m] = dot + __ldg(bias + j);
-      mx = fmaxf(mx, sc[m]);
+    for (int d = 0; d < DK / 4; ++d) {
+      const float4 kk = __ldcg(kr + d);
+      const float4 qq = q4[d];
+      dot += qq.x * kk.x + qq.y * kk.y + qq.z * kk.z + qq.w * kk.w;
     }
+    const float s = dot + __ldg(bias + j);
+    ps[j] = s;
+    mx = fmaxf(mx, s);
   }
   mx = WarpMax(mx);
   float sum = 0.f;
-#pragma unroll
-  for (int m = 0; m < kMaxKeyIters; ++m) {
-    sc[m] = lane + 32 * m < S ? __expf(sc[m] - mx) : 0.f;
-    sum += sc[m];
+#pragma unroll 1
+  for (int j = lane; j < S; j += 32) {
+    const float e = __expf(ps[j] - mx);
+    ps[j] = e;
+    sum += e;
   }
   sum = WarpSum(sum);
   const float inv = 1.f / sum;
+  __syncwarp();  // every lane's ps before any lane reads them all
   float2 acc = make_float2(0.f, 0.f);
+  const float2* vl = reinterpret_cast<const float2*>(v) + lane;
+  const int64_t step = v_stride / 2;
+  int j = 0;
+  // Eight keys' loads in flight before their sums (a load's L2 latency
+  // each, key after key, was most of a long cross-attention).
+#pragma unroll 1
+  for (; j + 8 <= S; j += 8) {
+    float2 vv[8];
 #pragma unroll
-  for (int m = 0; m < kMaxKeyIters; ++m) {
-    if (32 * m >= S) break;
-    const float pm = sc[m] * inv;
-    const int n = min(32, S - 32 * m);
-    const float2* vm = reinterpret_cast<const float2*>(v + 32 * m * v_stride) + lane;
-    const int64_t step = v_stride / 2;
-    // Eight keys' loads in flight before their sums (a load's L2 latency
-    // each, key after key, was most of a long cross-attention).
-    int jj = 0;
-    for (; jj + 8 <= n; jj += 8) {
-      float2 vv[8];
+    for (int e = 0; e < 8; ++e) vv[e] = __ldcg(vl + (j + e) * step);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) vv[e] = __ldcg(vm + (jj + e) * step);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float p = __shfl_sync(0xffffffffu, pm, jj + e);
-        acc.x += p * vv[e].x;
-        acc.y += p * vv[e].y;
-      }
-    }
-    for (; jj < n; ++jj) {
-      const float p = __shfl_sync(0xffffffffu, pm, jj);
-      const float2 vv = __ldcg(vm + jj * step);
-      acc.x += p * vv.x;
-      acc.y += p * vv.y;
+    for (int e = 0; e < 8; ++e) {
+      const float p = ps[j + e] * inv;
+      acc.x += p * vv[e].x;
+      acc.y += p * vv[e].y;
     }
   }
+#pragma unroll 1
+  for (; j < S; ++j) {
+    const float p = ps[j] * inv;
+    const float2 vv = __ldcg(vl + j * step);
+    acc.x += p * vv.x;
+    acc.y += p * vv.y;
+  }
   *reinterpret_cast<unsigned*>(out + 2 * lane) = Pack(acc.x, acc.y);
-  __syncwarp();
+  __syncwarp();  // qs and ps free for the warp's next query
 }
 
 // A GEMM phase whose A fragments are loaded (K = d_model, 8 k-steps a warp):
@@ -430,6 +432,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
   float* red = reinterpret_cast<float*>(slots + kSlots * kSlotElems);  // [2][kWarps][128]
   float* rstd = red + 2 * kWarps * 128;                                // [16]
   float* qs = rstd + 16;                                               // [kWarps][DK]
+  float* ps = qs + kWarps * DK;  // [kWarps][kPersistentDecoderMaxKeys]
   const int cta = blockIdx.x, grid = gridDim.x;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int R = a.B * a.T;
@@ -477,7 +480,8 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
       Attend(a.qkv + static_cast<int64_t>(row) * 3 * D + head * DK, keys + D, 3 * D,
              keys + 2 * D, 3 * D,
              a.self_bias + head * a.self_bias_stride[0] + i * a.self_bias_stride[1], a.T,
-             ctx + row * D + head * DK, qs + warp * DK);
+             ctx + row * D + head * DK, qs + warp * DK,
+             ps + warp * kPersistentDecoderMaxKeys);
     }
     barrier();
     {  // o into the stream.
@@ -503,7 +507,8 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
       const int64_t kv = b * a.cross_stride[0] + head * a.cross_stride[1];
       Attend(a.cross_q + row * D + head * DK, layer.cross_k + kv, a.cross_stride[2],
              layer.cross_v + kv, a.cross_stride[2], a.cross_bias + b * a.cross_bias_stride,
-             a.S, ctx + row * D + head * DK, qs + warp * DK);
+             a.S, ctx + row * D + head * DK, qs + warp * DK,
+             ps + warp * kPersistentDecoderMaxKeys);
     }
     barrier();
     {  // Cross o into the stream.
@@ -533,8 +538,8 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
           const float gate = RoundBf16(SumTile(red, tid));
           const float up = RoundBf16(SumTile(red + kWarps * 128, tid));
           constexpr float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
-          const float act =
-              RoundBf16(0.5f * gate * (1.f + tanhf(kBeta * (gate + kKappa * (gate * gate * gate)))));
+          const float act = RoundBf16(
+              0.5f * gate * (1.f + tanhf(kBeta * (gate + kKappa * (gate * gate * gate)))));
           gelu[(tid / 8) * F + u * 8 + tid % 8] = __float2bfloat16(act * up);
         }
         pipe.consumed += 2;
