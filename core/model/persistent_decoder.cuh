@@ -335,10 +335,11 @@ __device__ __forceinline__ void AddToStream(const PersistentDecoderArgs& a, int 
 // softmax, the context rounded to bf16 into out[0..63]. qs: the warp's
 // DK floats of shared memory, ps: its kPersistentDecoderMaxKeys. The loops
 // over keys stay rolled and the function out of line (as Pipe's Refill and
-// Wait): unrolled for 512 keys, one copy of it was 144 KB of code and the
-// kernel had two, 388 KB in all (85 KB now; nvcc -cubin, readelf), more
-// than an SM's instruction caches hold, so every SM fetched its code again
-// each block. The sums run key after key as before.
+// Wait and the GEMM phases below): unrolled for 512 keys, one copy of it
+// was 144 KB of code and the kernel had two, 388 KB in all (72 KB now;
+// nvcc -cubin, readelf), more than an SM's instruction caches hold, so
+// every SM fetched its code again each block. The sums run key after key
+// as before.
 __device__ __noinline__ void Attend(const float* q, const float* k, int64_t k_stride,
                                     const float* v, int64_t v_stride, const float* bias,
                                     int S, bf16* out, float* qs, float* ps) {
@@ -426,6 +427,32 @@ __device__ __forceinline__ void GemmUnits(const PersistentDecoderArgs& a, Pipe& 
   pipe.Refill(a, cta, grid);
 }
 
+// q | k | v or the cross-attention's q (a phase): the stream normed by
+// `norm` times `units` x 8 weight rows, fp32 into out [R][ld]. Out of line,
+// as ContextGemmPhase: one copy of the code for both calls.
+__device__ __noinline__ void NormedGemmPhase(const PersistentDecoderArgs& a, Pipe& pipe, int cta,
+                                             int grid, float* red, float* rstd, int phase,
+                                             const void* norm, int units, float* out, int ld) {
+  const int R = a.B * a.T;
+  RowScales(a, R, rstd);
+  if (threadIdx.x == 0) LORAHUB_PD_STAMP(phase, kStampScaled);
+  unsigned af[8][4];
+  LoadNormedA<8>(a, R, rstd, norm, (threadIdx.x >> 5) * 128, af);
+  GemmUnits(a, pipe, cta, grid, units, af, red, [&](int u, int j, float v) {
+    if (j / 8 < R) __stcg(out + (j / 8) * ld + u * 8 + j % 8, v);
+  });
+}
+// o or the cross-attention's o (a phase): the context [R][D] (bf16) times
+// the weight, added to the stream.
+__device__ __noinline__ void ContextGemmPhase(const PersistentDecoderArgs& a, Pipe& pipe, int cta,
+                                              int grid, float* red, const void* ctx) {
+  const int R = a.B * a.T;
+  unsigned af[8][4];
+  LoadBf16A<8>(ctx, R, D, (threadIdx.x >> 5) * 128, af);
+  GemmUnits(a, pipe, cta, grid, D / 8, af, red,
+            [&](int u, int j, float v) { AddToStream(a, R, u, j, v); });
+}
+
 __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* slots = reinterpret_cast<bf16*>(smem);
@@ -462,16 +489,10 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
   bf16* ctx = static_cast<bf16*>(a.ctx);
   for (int l = 0; l < a.layers; ++l) {
     const PersistentDecoderLayer& layer = a.layer[l];
-    {  // q | k | v of the self-attention norm.
-      RowScales(a, R, rstd);
-      scaled();
-      unsigned af[8][4];
-      LoadNormedA<8>(a, R, rstd, layer.norm[0], warp * 128, af);
-      GemmUnits(a, pipe, cta, grid, 3 * D / 8, af, red, [&](int u, int j, float v) {
-        if (j / 8 < R) __stcg(a.qkv + (j / 8) * 3 * D + u * 8 + j % 8, v);
-      });
-      barrier();
-    }
+    // q | k | v of the self-attention norm.
+    NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[0], 3 * D / 8, a.qkv,
+                    3 * D);
+    barrier();
     // Self-attention: a warp a (row, head, query).
     for (int task = cta * kWarps + warp; task < a.B * H * a.T; task += grid * kWarps) {
       const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
@@ -484,23 +505,11 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
              ps + warp * kPersistentDecoderMaxKeys);
     }
     barrier();
-    {  // o into the stream.
-      unsigned af[8][4];
-      LoadBf16A<8>(ctx, R, D, warp * 128, af);
-      GemmUnits(a, pipe, cta, grid, D / 8, af, red,
-                [&](int u, int j, float v) { AddToStream(a, R, u, j, v); });
-      barrier();
-    }
-    {  // The cross-attention's q.
-      RowScales(a, R, rstd);
-      scaled();
-      unsigned af[8][4];
-      LoadNormedA<8>(a, R, rstd, layer.norm[1], warp * 128, af);
-      GemmUnits(a, pipe, cta, grid, D / 8, af, red, [&](int u, int j, float v) {
-        if (j / 8 < R) __stcg(a.cross_q + (j / 8) * D + u * 8 + j % 8, v);
-      });
-      barrier();
-    }
+    ContextGemmPhase(a, pipe, cta, grid, red, ctx);  // o into the stream
+    barrier();
+    // The cross-attention's q.
+    NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[1], D / 8, a.cross_q, D);
+    barrier();
     for (int task = cta * kWarps + warp; task < a.B * H * a.T; task += grid * kWarps) {
       const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
       const int row = b * a.T + i;
@@ -511,13 +520,8 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
              ps + warp * kPersistentDecoderMaxKeys);
     }
     barrier();
-    {  // Cross o into the stream.
-      unsigned af[8][4];
-      LoadBf16A<8>(ctx, R, D, warp * 128, af);
-      GemmUnits(a, pipe, cta, grid, D / 8, af, red,
-                [&](int u, int j, float v) { AddToStream(a, R, u, j, v); });
-      barrier();
-    }
+    ContextGemmPhase(a, pipe, cta, grid, red, ctx);  // cross o into the stream
+    barrier();
     {  // wi_0 and wi_1 with the gated GELU.
       RowScales(a, R, rstd);
       scaled();
