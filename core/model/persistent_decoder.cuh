@@ -469,9 +469,6 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     GridBarrier(a.counter, grid * (barriers + 1), barriers);
     ++barriers;
   };
-  const auto scaled = [&] {
-    if (tid == 0) LORAHUB_PD_STAMP(barriers, kStampScaled);
-  };
   Pipe pipe;
   pipe.slots = slots;
   pipe.issued = 0;
@@ -524,7 +521,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     barrier();
     {  // wi_0 and wi_1 with the gated GELU.
       RowScales(a, R, rstd);
-      scaled();
+      if (tid == 0) LORAHUB_PD_STAMP(barriers, kStampScaled);
       unsigned af[8][4];
       LoadNormedA<8>(a, R, rstd, layer.norm[2], warp * 128, af);
       bf16* gelu = static_cast<bf16*>(a.gelu);
