@@ -65,6 +65,15 @@ constexpr size_t kSharedBytes =
     kSlots * kSlotElems * sizeof(bf16) +
     (2 * kWarps * 128 + 16 + kWarps * DK + kWarps * kPersistentDecoderMaxKeys) * sizeof(float);
 
+// The functions kept out of line to keep the kernel's code small (Attend's
+// comment). LORAHUB_PD_EXP_INLINE_ALL, an experiment: all inlined, about
+// twice the code, the same arithmetic: the A/B of the code size alone.
+#ifdef LORAHUB_PD_EXP_INLINE_ALL
+#define LORAHUB_PD_OUT_OF_LINE __forceinline__
+#else
+#define LORAHUB_PD_OUT_OF_LINE __noinline__
+#endif
+
 // LORAHUB_PD_STAMP's points of a phase: its norm's row scales read (norm
 // phases only), thread 0's own work done, every warp of the CTA done (its
 // arrival at the grid barrier), the barrier released.
@@ -174,7 +183,7 @@ struct Pipe {
   Cursor load;
   int issued, consumed;
   bf16* slots;
-  __device__ __noinline__ void Refill(const PersistentDecoderArgs& a, int cta, int grid) {
+  __device__ LORAHUB_PD_OUT_OF_LINE void Refill(const PersistentDecoderArgs& a, int cta, int grid) {
     while (!load.done && issued < consumed + kSlots) {
       const bf16* src;
       int ld, kc;
@@ -193,8 +202,8 @@ struct Pipe {
     }
   }
   // Chunk c in shared memory for every thread of the CTA.
-  __device__ __noinline__ const bf16* Wait(const PersistentDecoderArgs& a, int cta, int grid,
-                                           int c) {
+  __device__ LORAHUB_PD_OUT_OF_LINE const bf16* Wait(const PersistentDecoderArgs& a, int cta,
+                                                     int grid, int c) {
     Refill(a, cta, grid);
     CpWaitPending(issued - c - 1);
     __syncthreads();
@@ -340,9 +349,9 @@ __device__ __forceinline__ void AddToStream(const PersistentDecoderArgs& a, int 
 // nvcc -cubin, readelf), more than an SM's instruction caches hold, so
 // every SM fetched its code again each block. The sums run key after key
 // as before.
-__device__ __noinline__ void Attend(const float* q, const float* k, int64_t k_stride,
-                                    const float* v, int64_t v_stride, const float* bias,
-                                    int S, bf16* out, float* qs, float* ps) {
+__device__ LORAHUB_PD_OUT_OF_LINE void Attend(const float* q, const float* k, int64_t k_stride,
+                                              const float* v, int64_t v_stride, const float* bias,
+                                              int S, bf16* out, float* qs, float* ps) {
   const int lane = threadIdx.x & 31;
   const float2 qv = __ldcg(reinterpret_cast<const float2*>(q) + lane);
   qs[2 * lane] = qv.x;
@@ -430,9 +439,10 @@ __device__ __forceinline__ void GemmUnits(const PersistentDecoderArgs& a, Pipe& 
 // q | k | v or the cross-attention's q (a phase): the stream normed by
 // `norm` times `units` x 8 weight rows, fp32 into out [R][ld]. Out of line,
 // as ContextGemmPhase: one copy of the code for both calls.
-__device__ __noinline__ void NormedGemmPhase(const PersistentDecoderArgs& a, Pipe& pipe, int cta,
-                                             int grid, float* red, float* rstd, int phase,
-                                             const void* norm, int units, float* out, int ld) {
+__device__ LORAHUB_PD_OUT_OF_LINE void NormedGemmPhase(const PersistentDecoderArgs& a,
+                                                       Pipe& pipe, int cta, int grid, float* red,
+                                                       float* rstd, int phase, const void* norm,
+                                                       int units, float* out, int ld) {
   const int R = a.B * a.T;
   RowScales(a, R, rstd);
   if (threadIdx.x == 0) LORAHUB_PD_STAMP(phase, kStampScaled);
@@ -444,8 +454,9 @@ __device__ __noinline__ void NormedGemmPhase(const PersistentDecoderArgs& a, Pip
 }
 // o or the cross-attention's o (a phase): the context [R][D] (bf16) times
 // the weight, added to the stream.
-__device__ __noinline__ void ContextGemmPhase(const PersistentDecoderArgs& a, Pipe& pipe, int cta,
-                                              int grid, float* red, const void* ctx) {
+__device__ LORAHUB_PD_OUT_OF_LINE void ContextGemmPhase(const PersistentDecoderArgs& a,
+                                                        Pipe& pipe, int cta, int grid, float* red,
+                                                        const void* ctx) {
   const int R = a.B * a.T;
   unsigned af[8][4];
   LoadBf16A<8>(ctx, R, D, (threadIdx.x >> 5) * 128, af);
@@ -483,6 +494,15 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
   }
   barrier();
 
+  // This warp's first attention task (a row, head, query); a stride of
+  // every warp of the grid. LORAHUB_PD_EXP_SPREAD_TASKS, an experiment:
+  // every CTA's warp 0 first, so that 240 tasks run on all the SMs rather
+  // than 8 a SM on 30 of them.
+#ifdef LORAHUB_PD_EXP_SPREAD_TASKS
+  const int first_task = warp * grid + cta;
+#else
+  const int first_task = cta * kWarps + warp;
+#endif
   bf16* ctx = static_cast<bf16*>(a.ctx);
   for (int l = 0; l < a.layers; ++l) {
     const PersistentDecoderLayer& layer = a.layer[l];
@@ -491,7 +511,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
                     3 * D);
     barrier();
     // Self-attention: a warp a (row, head, query).
-    for (int task = cta * kWarps + warp; task < a.B * H * a.T; task += grid * kWarps) {
+    for (int task = first_task; task < a.B * H * a.T; task += grid * kWarps) {
       const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
       const int row = b * a.T + i;
       const float* keys = a.qkv + static_cast<int64_t>(b * a.T) * 3 * D + head * DK;
@@ -507,7 +527,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     // The cross-attention's q.
     NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[1], D / 8, a.cross_q, D);
     barrier();
-    for (int task = cta * kWarps + warp; task < a.B * H * a.T; task += grid * kWarps) {
+    for (int task = first_task; task < a.B * H * a.T; task += grid * kWarps) {
       const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
       const int row = b * a.T + i;
       const int64_t kv = b * a.cross_stride[0] + head * a.cross_stride[1];

@@ -8,12 +8,13 @@
 #     deploy/gpu/perf_ab.sh without its suites (SKIP_TESTS=1): the engine's A/B, ABS (default:
 #     the persistent decoder against main, twice each; STOP_S default 300).
 # Carry .gpu/debs and .gpu/bench (perf_ab.sh's). Everything perf_ab.sh returns, plus sweep.txt.
-#   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_DEPTH=4"] bash deploy/gpu/persistent_decoder_ab.sh
+#   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_SPREAD_TASKS"] bash deploy/gpu/persistent_decoder_ab.sh
+# VARIANTS' default: the defaults, everything inlined (the code-size A/B), attention tasks spread.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 mkdir -p "$OUT"
 best="" best_us=""
-IFS=';' read -ra variants <<<"${VARIANTS:-}"
+IFS=';' read -ra variants <<<"${VARIANTS-; LORAHUB_PD_EXP_INLINE_ALL; LORAHUB_PD_EXP_SPREAD_TASKS}"
 [ ${#variants[@]} -eq 0 ] && variants=("")
 for v in "${variants[@]}"; do
   flags=()
