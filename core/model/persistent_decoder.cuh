@@ -247,15 +247,30 @@ __device__ __forceinline__ void RowScales(const PersistentDecoderArgs& a, int R,
   __syncthreads();
 }
 
-// This warp's A fragments (k-steps of 16 from k_first): the normed stream.
+// This warp's A fragments (k-steps of 16 from k_first): the stream normed
+// by `norm`, with its rows' scales (RowScales, into rstd; every thread of
+// the CTA calls this). The stream's loads go out before the scales' (their
+// L2 latencies overlap; the scales' barrier does not wait for them).
 template <int KS>
-__device__ __forceinline__ void LoadNormedA(const PersistentDecoderArgs& a, int R,
-                                            const float* rstd, const void* norm, int k_first,
+__device__ __forceinline__ void LoadNormedA(const PersistentDecoderArgs& a, int R, float* rstd,
+                                            const void* norm, int k_first, int phase,
                                             unsigned (*af)[4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const float s0 = g < R ? rstd[g] : 0.f, s1 = g + 8 < R ? rstd[g + 8] : 0.f;
   const float* h0 = a.h + (g < R ? g : 0) * D;
   const float* h1 = a.h + (g + 8 < R ? g + 8 : 0) * D;
+  float2 x[KS][4];
+#pragma unroll
+  for (int s = 0; s < KS; ++s) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int k = k_first + s * 16 + half * 8 + 2 * t;
+      x[s][half * 2 + 0] = __ldcg(reinterpret_cast<const float2*>(h0 + k));
+      x[s][half * 2 + 1] = __ldcg(reinterpret_cast<const float2*>(h1 + k));
+    }
+  }
+  RowScales(a, R, rstd);
+  if (threadIdx.x == 0) LORAHUB_PD_STAMP(phase, kStampScaled);
+  const float s0 = g < R ? rstd[g] : 0.f, s1 = g + 8 < R ? rstd[g + 8] : 0.f;
   const __nv_bfloat162* w2 = static_cast<const __nv_bfloat162*>(norm);
 #pragma unroll
   for (int s = 0; s < KS; ++s) {
@@ -263,8 +278,7 @@ __device__ __forceinline__ void LoadNormedA(const PersistentDecoderArgs& a, int 
     for (int half = 0; half < 2; ++half) {
       const int k = k_first + s * 16 + half * 8 + 2 * t;
       const float2 w = __bfloat1622float2(w2[k / 2]);
-      const float2 x0 = __ldcg(reinterpret_cast<const float2*>(h0 + k));
-      const float2 x1 = __ldcg(reinterpret_cast<const float2*>(h1 + k));
+      const float2 x0 = x[s][half * 2 + 0], x1 = x[s][half * 2 + 1];
       af[s][half * 2 + 0] = Pack(x0.x * s0 * w.x, x0.y * s0 * w.y);
       af[s][half * 2 + 1] = Pack(x1.x * s1 * w.x, x1.y * s1 * w.y);
     }
@@ -444,10 +458,8 @@ __device__ LORAHUB_PD_OUT_OF_LINE void NormedGemmPhase(const PersistentDecoderAr
                                                        float* rstd, int phase, const void* norm,
                                                        int units, float* out, int ld) {
   const int R = a.B * a.T;
-  RowScales(a, R, rstd);
-  if (threadIdx.x == 0) LORAHUB_PD_STAMP(phase, kStampScaled);
   unsigned af[8][4];
-  LoadNormedA<8>(a, R, rstd, norm, (threadIdx.x >> 5) * 128, af);
+  LoadNormedA<8>(a, R, rstd, norm, (threadIdx.x >> 5) * 128, phase, af);
   GemmUnits(a, pipe, cta, grid, units, af, red, [&](int u, int j, float v) {
     if (j / 8 < R) __stcg(out + (j / 8) * ld + u * 8 + j % 8, v);
   });
@@ -540,10 +552,8 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     ContextGemmPhase(a, pipe, cta, grid, red, ctx);  // cross o into the stream
     barrier();
     {  // wi_0 and wi_1 with the gated GELU.
-      RowScales(a, R, rstd);
-      if (tid == 0) LORAHUB_PD_STAMP(barriers, kStampScaled);
       unsigned af[8][4];
-      LoadNormedA<8>(a, R, rstd, layer.norm[2], warp * 128, af);
+      LoadNormedA<8>(a, R, rstd, layer.norm[2], warp * 128, barriers, af);
       bf16* gelu = static_cast<bf16*>(a.gelu);
       for (int u = cta; u < F / 8; u += grid) {
         float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
