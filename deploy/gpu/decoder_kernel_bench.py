@@ -19,9 +19,12 @@
 # rounded, GELU rounded, product rounded).
 #
 # Prints: the kernel's us a decoder (median of graph replays), torch's eager ops for the same
-# decoder in a graph (a baseline of more kernels than the engine's), and the error of each
-# against a float64 reference with the same roundings. Runs under the GPU host's python3:
-#   python3 deploy/gpu/decoder_kernel_bench.py [--rows-b 5 --rows-t 3 --enc 72]
+# decoder in a graph (a baseline of more kernels than the engine's), the error of each against
+# a float64 reference with the same roundings, and where a block's time goes, phase by phase
+# (one more run with the header's LORAHUB_PD_STAMP hook writing %globaltimer). --define M
+# compiles the kernel with the header's experiment macro M (deploy/gpu/persistent_decoder_ab.sh
+# sweeps them). Runs under the GPU host's python3:
+#   python3 deploy/gpu/decoder_kernel_bench.py [--rows-b 5 --rows-t 3 --enc 72] [--define M]
 import argparse
 import os
 import sys
