@@ -465,8 +465,9 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 }
 
 namespace {
-// Opt-in (LORAHUB_PERSISTENT_DECODER=1): alone on an H100 it took 2,542 us
-// against the unfused blocks' 1,152 (BENCHMARKS, eightieth session).
+// Opt-in (LORAHUB_PERSISTENT_DECODER=1): alone on an H100 it took 2,399-2,542
+// us against the unfused blocks' 1,152 (BENCHMARKS, eightieth and
+// eighty-first sessions).
 bool PersistentDecoderOff() {
   static const bool on = EnvFlag("LORAHUB_PERSISTENT_DECODER");
   return !on || !fused_backend::Compiled() || Disabled();

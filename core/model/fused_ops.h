@@ -368,7 +368,7 @@ bool TokenNll(const at::Tensor& logits, const at::Tensor& labels, at::Tensor* nl
 // (CPU, autograd, other shapes or dtypes, a device that cannot hold one CTA
 // of its kernel an SM, LORAHUB_NO_FUSED=1), and unless
 // LORAHUB_PERSISTENT_DECODER=1: opt-in, measured slower than the unfused
-// blocks so far (BENCHMARKS, eightieth session).
+// blocks so far (BENCHMARKS, eightieth and eighty-first sessions).
 struct PersistentDecoderLayerInputs {
   at::Tensor weights[9];
   at::Tensor norms[3];

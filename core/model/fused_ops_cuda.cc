@@ -973,6 +973,12 @@ bool RowMajorBf16(const at::Tensor& w, const at::Tensor& x, int64_t rows, int64_
          w.stride(0) == cols && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
 }
 
+// A contiguous bf16 [n] vector (a norm's weight) on x's device.
+bool Bf16Vector(const at::Tensor& v, const at::Tensor& x, int64_t n) {
+  return v.defined() && v.scalar_type() == at::kBFloat16 && OnDeviceOf(v, x) && v.dim() == 1 &&
+         v.size(0) == n && v.is_contiguous();
+}
+
 // fp32 on x's device, `sizes`, the last dimension contiguous, every stride
 // and the start a multiple of `align` elements.
 bool Fp32Rows(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes, int64_t align) {
@@ -1003,9 +1009,7 @@ bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>& layers,
       x.scalar_type() != at::kFloat || x.dim() != 3 || x.size(2) != D ||
       x.size(0) < 1 || x.size(1) < 1 ||
       x.size(0) * x.size(1) > kernels::kPersistentDecoderMaxRows ||
-      !final_norm.defined() || final_norm.scalar_type() != at::kBFloat16 ||
-      !OnDeviceOf(final_norm, x) || final_norm.dim() != 1 || final_norm.size(0) != D ||
-      !final_norm.is_contiguous()) {
+      !Bf16Vector(final_norm, x, D)) {
     return false;
   }
   const int64_t B = x.size(0), T = x.size(1);
@@ -1027,12 +1031,8 @@ bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>& layers,
       out.w[i] = in.weights[i].data_ptr();
     }
     for (int i = 0; i < 3; ++i) {
-      const at::Tensor& n = in.norms[i];
-      if (!n.defined() || n.scalar_type() != at::kBFloat16 || !OnDeviceOf(n, x) ||
-          n.dim() != 1 || n.size(0) != D || !n.is_contiguous()) {
-        return false;
-      }
-      out.norm[i] = n.data_ptr();
+      if (!Bf16Vector(in.norms[i], x, D)) return false;
+      out.norm[i] = in.norms[i].data_ptr();
     }
     // One set of strides for every layer's keys and values (float4 loads).
     for (const at::Tensor* kv : {&in.cross_k, &in.cross_v}) {

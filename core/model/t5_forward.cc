@@ -21,10 +21,14 @@ namespace lorahub::model {
 namespace internal {
 namespace {
 
+// transformers' names of the tanh GELU (NewGELU's formula).
+bool IsTanhGelu(const std::string& name) {
+  return name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast";
+}
+
 at::Tensor Activation(const at::Tensor& x, const std::string& name) {
   if (name == "relu") return at::relu(x);
-  if (name == "gelu_new" || name == "gelu_pytorch_tanh" ||
-      name == "gelu_fast") {
+  if (IsTanhGelu(name)) {
     // transformers' NewGELU formula; one kernel (internally fp32).
     return at::gelu(x, "tanh");
   }
@@ -37,9 +41,7 @@ at::Tensor Activation(const at::Tensor& x, const std::string& name) {
 // have one dtype (with a LoRA delta on only one of them, they do not).
 at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up,
                            const std::string& name) {
-  if ((name == "gelu_new" || name == "gelu_pytorch_tanh" ||
-       name == "gelu_fast") &&
-      gate.scalar_type() == up.scalar_type()) {
+  if (IsTanhGelu(name) && gate.scalar_type() == up.scalar_type()) {
     return GatedGeluTanh(gate, up);
   }
   return Activation(gate, name) * up;
@@ -813,8 +815,6 @@ EncoderOutput EncodePackedImpl(const T5Weights& w, const PackedInput& in,
   return UnpackImpl(w, in, std::move(tokens));
 }
 
-// The teacher-forced decoder's final hidden state, fp32 [B, T, d_model]
-// (normed; the LM head's input).
 // DecoderHidden as one persistent kernel (fused_ops.h PersistentDecoder)
 // where it applies: a bf16 model without per-row adapters (an objective
 // evaluation's merged weights, or the base model), fp32 attention, the
@@ -825,11 +825,9 @@ at::Tensor PersistentDecoderHidden(const T5Weights& w, const at::Tensor& ids,
                                    const at::Tensor& self_bias, at::ScalarType attn,
                                    CrossKeyValues& cross) {
   const config::T5Config& c = w.config;
-  const bool tanh_gelu = c.dense_act_fn == "gelu_new" ||
-                         c.dense_act_fn == "gelu_pytorch_tanh" ||
-                         c.dense_act_fn == "gelu_fast";
   if (rows.bank != nullptr || w.dtype != at::kBFloat16 || attn != at::kFloat ||
-      !c.is_gated_act || !tanh_gelu || !w.device.is_cuda() || w.decoder.empty() ||
+      !c.is_gated_act || !internal::IsTanhGelu(c.dense_act_fn) || !w.device.is_cuda() ||
+      w.decoder.empty() ||
       !PersistentDecoderFits(c.d_model, c.num_heads, c.d_kv, c.d_ff, ids.numel(),
                              enc.hidden.size(1))) {
     return at::Tensor();
@@ -855,6 +853,8 @@ at::Tensor PersistentDecoderHidden(const T5Weights& w, const at::Tensor& ids,
   return hidden;
 }
 
+// The teacher-forced decoder's final hidden state, fp32 [B, T, d_model]
+// (normed; the LM head's input).
 at::Tensor DecoderHidden(const T5Weights& w, const at::Tensor& ids,
                          const EncoderOutput& enc, const RowAdapters& rows,
                          const PassBiases* biases) {
