@@ -354,6 +354,13 @@ __device__ __forceinline__ void AddToStream(const PersistentDecoderArgs& a, int 
   if ((j & 7) == 0) __stcg(a.partial + u * kPersistentDecoderMaxRows + r, sq);
 }
 
+// Keys whose values Attend loads at once. LORAHUB_PD_EXP_V_BATCH, an
+// experiment: 24 (three rounds of L2 latency for 72 cross keys, not nine).
+#ifndef LORAHUB_PD_EXP_V_BATCH
+#define LORAHUB_PD_EXP_V_BATCH 8
+#endif
+constexpr int kVBatch = LORAHUB_PD_EXP_V_BATCH;
+
 // One query's attention over S keys (a warp): scores q.k + bias in fp32,
 // softmax, the context rounded to bf16 into out[0..63]. qs: the warp's
 // DK floats of shared memory, ps: its kPersistentDecoderMaxKeys. The loops
@@ -402,15 +409,15 @@ __device__ LORAHUB_PD_OUT_OF_LINE void Attend(const float* q, const float* k, in
   const float2* vl = reinterpret_cast<const float2*>(v) + lane;
   const int64_t step = v_stride / 2;
   int j = 0;
-  // Eight keys' loads in flight before their sums (a load's L2 latency
+  // kVBatch keys' loads in flight before their sums (a load's L2 latency
   // each, key after key, was most of a long cross-attention).
 #pragma unroll 1
-  for (; j + 8 <= S; j += 8) {
-    float2 vv[8];
+  for (; j + kVBatch <= S; j += kVBatch) {
+    float2 vv[kVBatch];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) vv[e] = __ldcg(vl + (j + e) * step);
+    for (int e = 0; e < kVBatch; ++e) vv[e] = __ldcg(vl + (j + e) * step);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
+    for (int e = 0; e < kVBatch; ++e) {
       const float p = ps[j + e] * inv;
       acc.x += p * vv[e].x;
       acc.y += p * vv[e].y;
