@@ -79,6 +79,16 @@ constexpr size_t kSharedBytes =
 // arrival at the grid barrier), the barrier released.
 enum { kStampScaled, kStampWorked, kStampArrived, kStampReleased, kStampPoints };
 
+// Grid barriers a block (the phases': LORAHUB_PD_STAMP's phase index is
+// 1 + layer * kPhasesPerLayer + the phase's place in the block).
+// LORAHUB_PD_EXP_FUSED_SELF_ATTN, an experiment: the self-attention inside
+// the o phase (SelfAttentionA), one phase and barrier fewer.
+#ifdef LORAHUB_PD_EXP_FUSED_SELF_ATTN
+constexpr int kPhasesPerLayer = 7;
+#else
+constexpr int kPhasesPerLayer = 8;
+#endif
+
 // Weight phases in the order the stream of chunks serves them.
 enum { kPQkv, kPO, kPCq, kPCo, kPWi, kPWo, kWeightPhases };
 
@@ -471,14 +481,119 @@ __device__ LORAHUB_PD_OUT_OF_LINE void NormedGemmPhase(const PersistentDecoderAr
     if (j / 8 < R) __stcg(out + (j / 8) * ld + u * 8 + j % 8, v);
   });
 }
+#ifdef LORAHUB_PD_EXP_FUSED_SELF_ATTN
+// This warp's A fragments of the o GEMM straight from q|k|v: the
+// self-attention of its two heads (its 128 columns of the context) for
+// every row, in every CTA, so no phase and grid barrier of its own (the
+// keys are few: T <= 16). Inlined into ContextGemmPhase (out of line), so
+// af stays in registers. Attend's arithmetic: scores q.k + bias in fp32
+// (the dot in the same order), softmax, the context rounded to bf16; the
+// softmax's sum runs in key order (Attend's over lanes). ps: the warp's
+// kPersistentDecoderMaxKeys floats (2 heads x 16 rows x 16 keys).
+__device__ __forceinline__ void SelfAttentionA(const PersistentDecoderArgs& a, float* ps,
+                                               unsigned (*af)[4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int T = a.T, R = a.B * T;
+  if (lane < 2 * R) {  // lane: (head 2 warp + lane / R, row lane % R)
+    const int head = 2 * warp + lane / R, r = lane % R, b = r / T, i = r % T;
+    const float4* q4 = reinterpret_cast<const float4*>(a.qkv + r * 3 * D + head * DK);
+    float4 q[DK / 4];
+#pragma unroll
+    for (int d = 0; d < DK / 4; ++d) q[d] = __ldcg(q4 + d);
+    const float* bias = a.self_bias + head * a.self_bias_stride[0] + i * a.self_bias_stride[1];
+    float* p = ps + lane * 16;
+    float mx = -INFINITY;
+#pragma unroll 1
+    for (int j = 0; j < T; ++j) {
+      const float4* kr =
+          reinterpret_cast<const float4*>(a.qkv + (b * T + j) * 3 * D + D + head * DK);
+      float dot = 0.f;
+#pragma unroll
+      for (int d = 0; d < DK / 4; ++d) {
+        const float4 kk = __ldcg(kr + d);
+        dot += q[d].x * kk.x + q[d].y * kk.y + q[d].z * kk.z + q[d].w * kk.w;
+      }
+      p[j] = dot + __ldg(bias + j);
+      mx = fmaxf(mx, p[j]);
+    }
+    float sum = 0.f;
+#pragma unroll 1
+    for (int j = 0; j < T; ++j) {
+      p[j] = __expf(p[j] - mx);
+      sum += p[j];
+    }
+    const float inv = 1.f / sum;
+#pragma unroll 1
+    for (int j = 0; j < T; ++j) p[j] *= inv;
+  }
+  __syncwarp();  // every task's probabilities before any lane reads them
+  // Rows g and g + 8 at this thread's fragment columns: k-steps 0-3 are the
+  // first head's, 4-7 the second's.
+  const int r0 = g, r1 = g + 8;
+  const bool in0 = r0 < R, in1 = r1 < R;
+  const int b0 = (in0 ? r0 : 0) / T, b1 = (in1 ? r1 : 0) / T;
+  float2 acc[8][2][2];
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) acc[s][half][0] = acc[s][half][1] = make_float2(0.f, 0.f);
+  }
+  const float* v = a.qkv + 2 * D + warp * 128 + 2 * t;
+#pragma unroll 1
+  for (int j = 0; j < T; ++j) {
+    const float* v0 = v + (b0 * T + j) * 3 * D;
+    const float* v1 = v + (b1 * T + j) * 3 * D;
+    float2 vv[8][2][2];
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        vv[s][half][0] = __ldcg(reinterpret_cast<const float2*>(v0 + s * 16 + half * 8));
+        vv[s][half][1] = __ldcg(reinterpret_cast<const float2*>(v1 + s * 16 + half * 8));
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const float p0 = in0 ? ps[((s / 4) * R + r0) * 16 + j] : 0.f;
+      const float p1 = in1 ? ps[((s / 4) * R + r1) * 16 + j] : 0.f;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        acc[s][half][0].x += p0 * vv[s][half][0].x;
+        acc[s][half][0].y += p0 * vv[s][half][0].y;
+        acc[s][half][1].x += p1 * vv[s][half][1].x;
+        acc[s][half][1].y += p1 * vv[s][half][1].y;
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      af[s][half * 2 + 0] = in0 ? Pack(acc[s][half][0].x, acc[s][half][0].y) : 0u;
+      af[s][half * 2 + 1] = in1 ? Pack(acc[s][half][1].x, acc[s][half][1].y) : 0u;
+    }
+  }
+  __syncwarp();  // ps free for the warp's next use
+}
+#endif
+
 // o or the cross-attention's o (a phase): the context [R][D] (bf16) times
-// the weight, added to the stream.
+// the weight, added to the stream. ctx null: o from q|k|v (SelfAttentionA).
 __device__ LORAHUB_PD_OUT_OF_LINE void ContextGemmPhase(const PersistentDecoderArgs& a,
                                                         Pipe& pipe, int cta, int grid, float* red,
-                                                        const void* ctx) {
+                                                        const void* ctx, float* ps) {
   const int R = a.B * a.T;
   unsigned af[8][4];
+#ifdef LORAHUB_PD_EXP_FUSED_SELF_ATTN
+  if (ctx == nullptr) {
+    SelfAttentionA(a, ps, af);
+  } else {
+    LoadBf16A<8>(ctx, R, D, (threadIdx.x >> 5) * 128, af);
+  }
+#else
+  (void)ps;
   LoadBf16A<8>(ctx, R, D, (threadIdx.x >> 5) * 128, af);
+#endif
   GemmUnits(a, pipe, cta, grid, D / 8, af, red,
             [&](int u, int j, float v) { AddToStream(a, R, u, j, v); });
 }
@@ -529,6 +644,10 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[0], 3 * D / 8, a.qkv,
                     3 * D);
     barrier();
+#ifdef LORAHUB_PD_EXP_FUSED_SELF_ATTN
+    // Self-attention and o in one phase.
+    ContextGemmPhase(a, pipe, cta, grid, red, nullptr, ps + warp * kPersistentDecoderMaxKeys);
+#else
     // Self-attention: a warp a (row, head, query).
     for (int task = first_task; task < a.B * H * a.T; task += grid * kWarps) {
       const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
@@ -541,7 +660,8 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
              ps + warp * kPersistentDecoderMaxKeys);
     }
     barrier();
-    ContextGemmPhase(a, pipe, cta, grid, red, ctx);  // o into the stream
+    ContextGemmPhase(a, pipe, cta, grid, red, ctx, nullptr);  // o into the stream
+#endif
     barrier();
     // The cross-attention's q.
     NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[1], D / 8, a.cross_q, D);
@@ -556,7 +676,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
              ps + warp * kPersistentDecoderMaxKeys);
     }
     barrier();
-    ContextGemmPhase(a, pipe, cta, grid, red, ctx);  // cross o into the stream
+    ContextGemmPhase(a, pipe, cta, grid, red, ctx, nullptr);  // cross o into the stream
     barrier();
     {  // wi_0 and wi_1 with the gated GELU.
       unsigned af[8][4];

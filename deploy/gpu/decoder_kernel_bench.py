@@ -63,6 +63,7 @@ extern "C" __global__ void Layout(long long* o) {
   o[2] = offsetof(PersistentDecoderArgs, final_norm);
   o[3] = offsetof(PersistentDecoderArgs, eps);
   o[4] = lorahub::model::kernels::persistent_decoder::kSharedBytes;
+  o[5] = lorahub::model::kernels::persistent_decoder::kPhasesPerLayer;
 }
 '''
 # PersistentDecoderArgs (core/model/fused_kernels.h), field by field.
@@ -147,20 +148,23 @@ def reference(p, B, T, S, dtype, eps=1e-6):
 
 
 PHASES = ["q|k|v", "self-attn", "o", "cross q", "cross-attn", "cross o", "wi+gelu", "wo"]
+# LORAHUB_PD_EXP_FUSED_SELF_ATTN: the self-attention inside the o phase.
+PHASES_FUSED = ["q|k|v", "self-attn+o", "cross q", "cross-attn", "cross o", "wi+gelu", "wo"]
 
 
-def print_phases(st, L):
+def print_phases(st, L, names):
     """st [phase][point][cta] in us (points: scaled, worked, arrived, released). Means over the
     layers of each phase's: the median CTA's time from its release to its row scales (norm
     phases), to thread 0's work done, to its arrival; the last CTA's arrival after the first
     release; the barrier (last release after last arrival); the phase (last release after the
     previous last release)."""
-    rows = {k: [] for k in PHASES}
+    rows = {k: [] for k in names}
+    normed = [names.index(k) for k in ("q|k|v", "cross q", "wi+gelu")]
     for p in range(1, st.shape[0]):
         start = st[p - 1, 3]
         med = lambda pt: (st[p, pt] - start).median().item()
-        rows[PHASES[(p - 1) % 8]].append((
-            med(0) if (p - 1) % 8 in (0, 3, 6) else float("nan"), med(1), med(2),
+        rows[names[(p - 1) % len(names)]].append((
+            med(0) if (p - 1) % len(names) in normed else float("nan"), med(1), med(2),
             (st[p, 2].max() - start.min()).item(), (st[p, 3].max() - st[p, 2].max()).item(),
             (st[p, 3].max() - start.max()).item()))
     print(f"{'phase (us, mean of ' + str(L) + ' layers)':32s} {'scaled':>7s} {'t0 work':>8s} "
@@ -197,9 +201,11 @@ def main():
                             tuple("-D" + d for d in args.define),
                             backend="nvcc")
     kernel = module.get_function("BenchDecoder")
-    layout = cupy.zeros(5, dtype=cupy.int64)
+    layout = cupy.zeros(6, dtype=cupy.int64)
     module.get_function("Layout")((1,), (1,), (layout,))
-    size, layer_size, final_off, eps_off, smem = (int(x) for x in layout.get())
+    size, layer_size, final_off, eps_off, smem, per_layer = (int(x) for x in layout.get())
+    names = PHASES if per_layer == 8 else PHASES_FUSED
+    assert len(names) == per_layer, per_layer
     kernel.max_dynamic_shared_size_bytes = smem
 
     h = torch.empty(R, D, device=dev)
@@ -249,7 +255,7 @@ def main():
         h.copy_(p["h0"])
     us_copies = time_graph(run_copies, 1, replays=30)
     # One run with the stamps: where a block's time goes, phase by phase.
-    phases = 1 + 8 * L
+    phases = 1 + per_layer * L
     stamps = torch.zeros(phases, 4, G, dtype=torch.int64, device=dev)
     set_stamps = module.get_function("SetStamps")
     set_stamps((1,), (1,), (cupy.uint64(stamps.data_ptr()),))
@@ -257,7 +263,7 @@ def main():
     torch.cuda.synchronize()
     set_stamps((1,), (1,), (cupy.uint64(0),))
     torch.cuda.synchronize()
-    print_phases(stamps.cpu().double() / 1e3, L)
+    print_phases(stamps.cpu().double() / 1e3, L, names)
     print(f"rows {R} (B {B} x T {T}), encoder {S}, layers {L}, grid {G} CTAs x 256, smem {smem} B")
     print(f"persistent decoder: {us_kernel:.1f} us a decoder (of which memset+copy {us_copies:.1f} us)")
     print(f"torch fp32-accumulate ops in a graph: {us_torch:.1f} us")
