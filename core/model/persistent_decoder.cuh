@@ -640,6 +640,22 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
   bf16* ctx = static_cast<bf16*>(a.ctx);
   for (int l = 0; l < a.layers; ++l) {
     const PersistentDecoderLayer& layer = a.layer[l];
+#ifdef LORAHUB_PD_EXP_PREFETCH_CROSS
+    // This warp's cross keys and values into L2 a few phases ahead of its
+    // cross-attention (24 blocks' are 71 MB, more than an H100's L2: the
+    // later blocks' would come from HBM, one latency per round of loads).
+    for (int task = first_task; task < a.B * H * a.T; task += grid * kWarps) {
+      const int b = task / (H * a.T), head = (task / a.T) % H;
+      const int64_t kv = b * a.cross_stride[0] + head * a.cross_stride[1];
+      for (int j = threadIdx.x & 31; j < a.S; j += 32) {
+        for (const float* base : {layer.cross_k, layer.cross_v}) {
+          const float* row = base + kv + j * a.cross_stride[2];
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(row));
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(row + 32));
+        }
+      }
+    }
+#endif
     // q | k | v of the self-attention norm.
     NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[0], 3 * D / 8, a.qkv,
                     3 * D);
