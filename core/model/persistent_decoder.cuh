@@ -444,6 +444,125 @@ __device__ LORAHUB_PD_OUT_OF_LINE void Attend(const float* q, const float* k, in
   __syncwarp();  // qs and ps free for the warp's next query
 }
 
+#ifdef LORAHUB_PD_EXP_CTA_CROSS
+constexpr int kCrossChunk = 9;    // keys a warp loads at once (72 keys: all a warp's)
+constexpr int kCrossQueries = 3;  // queries a pass (more: more code; 3 label tokens: one pass)
+// The scratch: DecoderBody's warp tiles (red), free during an attention
+// phase.
+static_assert(kWarps * kCrossQueries * (DK + 2) <= 2 * kWarps * 128);
+// The cross-attention with a CTA a (row b, head): the 8 warps split the
+// keys, each keeps an online softmax of its keys for up to kCrossQueries
+// queries (a lane two of the head's dimensions), and the CTA merges the
+// warps' partials. Why: a warp a query went through 72 keys in rounds of
+// loads, a memory latency each (20 us a block on an H100, eighty-first
+// session); here each warp's keys are one round. The same scores and
+// exponentials as Attend's; the sums run in another order. scratch: at
+// least kWarps * kCrossQueries * (DK + 2) floats of shared memory.
+__device__ LORAHUB_PD_OUT_OF_LINE void CrossAttentionCta(const PersistentDecoderArgs& a,
+                                                         const PersistentDecoderLayer& layer,
+                                                         int cta, int grid, float* scratch,
+                                                         bf16* ctx) {
+  constexpr int kPart = DK + 2;  // a query's partial: max, sum, 64 weighted values
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int T = a.T, S = a.S;
+  const int per_warp = (S + kWarps - 1) / kWarps;
+  const int k_begin = warp * per_warp, k_end = min(S, k_begin + per_warp);
+  float* part = scratch + warp * kCrossQueries * kPart;
+  for (int pair = cta; pair < a.B * H; pair += grid) {
+    const int b = pair / H, head = pair % H;
+    const int64_t kv = b * a.cross_stride[0] + head * a.cross_stride[1] + 2 * lane;
+    const float* bias = a.cross_bias + b * a.cross_bias_stride;
+    for (int i0 = 0; i0 < T; i0 += kCrossQueries) {
+      const int nq = min(kCrossQueries, T - i0);
+      float2 q[kCrossQueries], acc[kCrossQueries];
+      float m[kCrossQueries], l[kCrossQueries];
+#pragma unroll
+      for (int i = 0; i < kCrossQueries; ++i) {
+        q[i] = i < nq ? __ldcg(reinterpret_cast<const float2*>(
+                            a.cross_q + (b * T + i0 + i) * D + head * DK + 2 * lane))
+                      : make_float2(0.f, 0.f);
+        acc[i] = make_float2(0.f, 0.f);
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+      }
+#pragma unroll 1
+      for (int j0 = k_begin; j0 < k_end; j0 += kCrossChunk) {
+        float2 kk[kCrossChunk], vv[kCrossChunk];
+        float bs[kCrossChunk];
+#pragma unroll
+        for (int c = 0; c < kCrossChunk; ++c) {
+          const int j = j0 + c;
+          if (j < k_end) {
+            kk[c] = __ldcg(reinterpret_cast<const float2*>(layer.cross_k + kv +
+                                                           j * a.cross_stride[2]));
+            vv[c] = __ldcg(reinterpret_cast<const float2*>(layer.cross_v + kv +
+                                                           j * a.cross_stride[2]));
+            bs[c] = __ldg(bias + j);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kCrossQueries; ++i) {
+          if (i >= nq) continue;
+          float sc[kCrossChunk];
+          float mx = m[i];
+#pragma unroll
+          for (int c = 0; c < kCrossChunk; ++c) {
+            if (j0 + c < k_end) {
+              sc[c] = WarpSum(q[i].x * kk[c].x + q[i].y * kk[c].y) + bs[c];
+              mx = fmaxf(mx, sc[c]);
+            }
+          }
+          if (mx == -INFINITY) continue;  // keys masked with -inf: no weight
+          const float rescale = __expf(m[i] - mx);  // 0 while m is -inf
+          l[i] *= rescale;
+          acc[i].x *= rescale;
+          acc[i].y *= rescale;
+#pragma unroll
+          for (int c = 0; c < kCrossChunk; ++c) {
+            if (j0 + c < k_end) {
+              const float e = __expf(sc[c] - mx);
+              l[i] += e;
+              acc[i].x += e * vv[c].x;
+              acc[i].y += e * vv[c].y;
+            }
+          }
+          m[i] = mx;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kCrossQueries; ++i) {
+        if (i >= nq) continue;
+        if (lane == 0) {
+          part[i * kPart] = m[i];
+          part[i * kPart + 1] = l[i];
+        }
+        part[i * kPart + 2 + 2 * lane] = acc[i].x;
+        part[i * kPart + 3 + 2 * lane] = acc[i].y;
+      }
+      __syncthreads();
+      for (int t = threadIdx.x; t < nq * DK; t += kThreads) {
+        const int i = t / DK, d = t % DK;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          mx = fmaxf(mx, scratch[(w * kCrossQueries + i) * kPart]);
+        }
+        float sum = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float* p = scratch + (w * kCrossQueries + i) * kPart;
+          const float f = p[0] == -INFINITY ? 0.f : __expf(p[0] - mx);
+          sum += f * p[1];
+          o += f * p[2 + d];
+        }
+        ctx[(b * T + i0 + i) * D + head * DK + d] = __float2bfloat16(o / sum);
+      }
+      __syncthreads();  // scratch free for the next pass
+    }
+  }
+}
+#endif
+
 // A GEMM phase whose A fragments are loaded (K = d_model, 8 k-steps a warp):
 // each of this CTA's units, then `epilogue(u, j, value)` by threads 0-127.
 template <typename Epilogue>
@@ -682,6 +801,9 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     // The cross-attention's q.
     NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[1], D / 8, a.cross_q, D);
     barrier();
+#ifdef LORAHUB_PD_EXP_CTA_CROSS
+    CrossAttentionCta(a, layer, cta, grid, red, ctx);
+#else
     for (int task = first_task; task < a.B * H * a.T; task += grid * kWarps) {
       const int b = task / (H * a.T), head = (task / a.T) % H, i = task % a.T;
       const int row = b * a.T + i;
@@ -691,6 +813,7 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
              a.S, ctx + row * D + head * DK, qs + warp * DK,
              ps + warp * kPersistentDecoderMaxKeys);
     }
+#endif
     barrier();
     ContextGemmPhase(a, pipe, cta, grid, red, ctx, nullptr);  // cross o into the stream
     barrier();

@@ -11,12 +11,12 @@
 #   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_SPREAD_TASKS"] bash deploy/gpu/persistent_decoder_ab.sh
 # VARIANTS' default: the defaults, everything inlined (the code-size A/B), attention tasks spread,
 # 24 keys' values loaded at once, the self-attention inside the o phase, the cross keys and
-# values prefetched into L2, all but the first two together.
+# values prefetched into L2, the cross-attention a CTA a (row, head), two combinations.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 mkdir -p "$OUT"
 best="" best_us=""
-IFS=';' read -ra variants <<<"${VARIANTS-; LORAHUB_PD_EXP_INLINE_ALL; LORAHUB_PD_EXP_SPREAD_TASKS; LORAHUB_PD_EXP_V_BATCH=24; LORAHUB_PD_EXP_FUSED_SELF_ATTN; LORAHUB_PD_EXP_PREFETCH_CROSS; LORAHUB_PD_EXP_FUSED_SELF_ATTN LORAHUB_PD_EXP_SPREAD_TASKS LORAHUB_PD_EXP_V_BATCH=24 LORAHUB_PD_EXP_PREFETCH_CROSS}"
+IFS=';' read -ra variants <<<"${VARIANTS-; LORAHUB_PD_EXP_INLINE_ALL; LORAHUB_PD_EXP_SPREAD_TASKS; LORAHUB_PD_EXP_V_BATCH=24; LORAHUB_PD_EXP_FUSED_SELF_ATTN; LORAHUB_PD_EXP_PREFETCH_CROSS; LORAHUB_PD_EXP_CTA_CROSS; LORAHUB_PD_EXP_FUSED_SELF_ATTN LORAHUB_PD_EXP_CTA_CROSS LORAHUB_PD_EXP_PREFETCH_CROSS; LORAHUB_PD_EXP_FUSED_SELF_ATTN LORAHUB_PD_EXP_SPREAD_TASKS LORAHUB_PD_EXP_V_BATCH=24 LORAHUB_PD_EXP_PREFETCH_CROSS}"
 [ ${#variants[@]} -eq 0 ] && variants=("")
 for v in "${variants[@]}"; do
   flags=()
