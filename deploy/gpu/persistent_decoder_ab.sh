@@ -16,7 +16,23 @@ set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 mkdir -p "$OUT"
 best="" best_us=""
-IFS=';' read -ra variants <<<"${VARIANTS-; LORAHUB_PD_EXP_INLINE_ALL; LORAHUB_PD_EXP_SPREAD_TASKS; LORAHUB_PD_EXP_V_BATCH=24; LORAHUB_PD_EXP_FUSED_SELF_ATTN; LORAHUB_PD_EXP_PREFETCH_CROSS; LORAHUB_PD_EXP_CTA_CROSS; LORAHUB_PD_EXP_FUSED_SELF_ATTN LORAHUB_PD_EXP_CTA_CROSS LORAHUB_PD_EXP_PREFETCH_CROSS; LORAHUB_PD_EXP_FUSED_SELF_ATTN LORAHUB_PD_EXP_SPREAD_TASKS LORAHUB_PD_EXP_V_BATCH=24 LORAHUB_PD_EXP_PREFETCH_CROSS}"
+P=LORAHUB_PD_EXP_
+default_variants=(
+  ""
+  "${P}INLINE_ALL"
+  "${P}SPREAD_TASKS"
+  "${P}V_BATCH=24"
+  "${P}FUSED_SELF_ATTN"
+  "${P}PREFETCH_CROSS"
+  "${P}CTA_CROSS"
+  "${P}FUSED_SELF_ATTN ${P}CTA_CROSS ${P}PREFETCH_CROSS"
+  "${P}FUSED_SELF_ATTN ${P}SPREAD_TASKS ${P}V_BATCH=24 ${P}PREFETCH_CROSS"
+)
+if [ -n "${VARIANTS+x}" ]; then
+  IFS=';' read -ra variants <<<"$VARIANTS"
+else
+  variants=("${default_variants[@]}")
+fi
 [ ${#variants[@]} -eq 0 ] && variants=("")
 for v in "${variants[@]}"; do
   flags=()
@@ -34,7 +50,8 @@ for v in "${variants[@]}"; do
     us=""
   fi
   echo "variant [${v}]: ${us:-failed} us" | tee -a "$OUT/sweep.txt"
-  if [ -n "$us" ] && { [ -z "$best_us" ] || python3 -c "import sys; sys.exit(not $us < $best_us)"; }; then
+  if [ -n "$us" ] &&
+    { [ -z "$best_us" ] || python3 -c "import sys; sys.exit(not $us < $best_us)"; }; then
     best=$v best_us=$us
   fi
 done
