@@ -66,7 +66,7 @@ OUT=/tmp/pd_build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" \
   >/tmp/pd_build.log 2>&1 || tail -20 /tmp/pd_build.log | tee -a "$OUT/sweep.txt"
 test_bin=$(find .gpu/build -type f -name persistent_decoder_test -perm -u+x | head -1)
 if [ -n "$test_bin" ]; then
-  LORAHUB_TEST_DEVICE=cuda:0 "$test_bin" 2>&1 | tail -25 | tee -a "$OUT/sweep.txt"
+  LORAHUB_TEST_DEVICE=cuda:0 "$test_bin" 2>&1 | tail -40 | tee -a "$OUT/sweep.txt"
 else
   echo "no persistent_decoder_test binary" | tee -a "$OUT/sweep.txt"
 fi

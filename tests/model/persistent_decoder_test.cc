@@ -4,14 +4,14 @@
 // 64, d_ff 2816; two blocks each side, a small vocabulary). CUDA only: it
 // skips on the CPU (LORAHUB_TEST_DEVICE=cuda runs it).
 //
-// DecodeFull takes the kernel for at most 16 rows; 18 rows (the same 5
-// examples and one more) take the unfused blocks. The two must give the same
-// logits for the 5 examples up to fp32 sums in another order (which may move
-// a bf16 rounding by one step here and there): no further from each other
-// than a few times the unfused blocks' own change from 18 to 21 rows (other
-// cuBLAS kernels, other sum orders), or 1% (max) and 0.1% (mean) of the
-// largest logit. The kernel must run (its user scope counted) for 15 rows
-// and not for 18 or 21.
+// DecodeFull takes the kernel for at most 16 rows (5 examples x 3 positions,
+// and other shapes); one example more takes the unfused blocks. The two must
+// give the same logits for the kernel's examples up to fp32 sums in another
+// order (which may move a bf16 rounding by one step here and there): no
+// further from each other than a few times the unfused blocks' own change
+// with one example more again (other cuBLAS kernels, other sum orders), or
+// 1% (max) and 0.1% (mean) of the largest logit. The kernel must run (its
+// user scope counted) for its rows and not for the others.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/model/t5_forward.h"
@@ -66,7 +67,13 @@ config::T5Config LargeDecoderConfig() {
   return c;
 }
 
-TEST(PersistentDecoderTest, MatchesTheUnfusedBlocks) {
+// (examples the kernel takes, decoder positions): the objective's 5 x 3
+// rows; longer labels (the cross-attention's queries in more than one pass,
+// the self-attention's keys up to 16).
+class PersistentDecoderTest
+    : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
+
+TEST_P(PersistentDecoderTest, MatchesTheUnfusedBlocks) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
   if (!device->is_cuda()) GTEST_SKIP() << "CUDA only (LORAHUB_TEST_DEVICE=cuda)";
@@ -79,15 +86,18 @@ TEST(PersistentDecoderTest, MatchesTheUnfusedBlocks) {
   auto w = BuildT5Weights(c, testing::RandomT5(c, 11, /*scale=*/0.05), options);
   ASSERT_TRUE(w.ok()) << w.status();
 
-  // 7 examples of 36-72 tokens (padded to 72), 3 decoder positions.
-  constexpr int64_t kExamples = 7, kLength = 72, kPositions = 3;
-  at::Tensor ids = at::randint(2, c.vocab_size, {kExamples, kLength},
+  // The kernel's examples and two more, of 36-72 tokens (padded to 72).
+  const auto [kernel_examples, positions] = GetParam();
+  const int64_t examples = kernel_examples + 2, length = 72;
+  ASSERT_LE(kernel_examples * positions, 16);
+  ASSERT_GT((kernel_examples + 1) * positions, 16);
+  at::Tensor ids = at::randint(2, c.vocab_size, {examples, length},
                                at::detail::createCPUGenerator(5), at::kLong);
-  at::Tensor mask = at::ones({kExamples, kLength}, at::kLong);
-  for (int64_t b = 0; b < kExamples; ++b) {
-    mask[b].narrow(0, kLength - 6 * b, 6 * b).zero_();
+  at::Tensor mask = at::ones({examples, length}, at::kLong);
+  for (int64_t b = 0; b < examples; ++b) {
+    mask[b].narrow(0, length - 6 * b, 6 * b).zero_();
   }
-  at::Tensor decoder_ids = at::randint(2, c.vocab_size, {kExamples, kPositions},
+  at::Tensor decoder_ids = at::randint(2, c.vocab_size, {examples, positions},
                                        at::detail::createCPUGenerator(6), at::kLong);
   ids = ids.to(*device);
   mask = mask.to(*device);
@@ -105,29 +115,35 @@ TEST(PersistentDecoderTest, MatchesTheUnfusedBlocks) {
     return logits.ok() ? logits->to(at::kCPU).to(at::kDouble) : at::Tensor();
   };
   int64_t fused_scopes = 0, unfused_scopes = 0, more_scopes = 0;
-  const at::Tensor fused = logits_for(5, &fused_scopes);        // 15 rows
-  const at::Tensor unfused = logits_for(6, &unfused_scopes);    // 18 rows
-  const at::Tensor more = logits_for(kExamples, &more_scopes);  // 21 rows
+  const at::Tensor fused = logits_for(kernel_examples, &fused_scopes);
+  const at::Tensor unfused = logits_for(kernel_examples + 1, &unfused_scopes);
+  const at::Tensor more = logits_for(examples, &more_scopes);
   ASSERT_TRUE(fused.defined() && unfused.defined() && more.defined());
-  EXPECT_EQ(fused_scopes, 1) << "15 rows should take the persistent kernel";
-  EXPECT_EQ(unfused_scopes, 0) << "18 rows are more than it takes";
-  EXPECT_EQ(more_scopes, 0) << "21 rows are more than it takes";
+  EXPECT_EQ(fused_scopes, 1) << "at most 16 rows should take the persistent kernel";
+  EXPECT_EQ(unfused_scopes, 0) << "more than 16 rows are more than it takes";
+  EXPECT_EQ(more_scopes, 0) << "more than 16 rows are more than it takes";
 
-  const at::Tensor ref = unfused.narrow(0, 0, 5);
-  const at::Tensor floor = (more.narrow(0, 0, 5) - ref).abs();
+  const at::Tensor ref = unfused.narrow(0, 0, kernel_examples);
+  const at::Tensor floor = (more.narrow(0, 0, kernel_examples) - ref).abs();
   const double scale = ref.abs().max().item<double>();
   const double err = (fused - ref).abs().max().item<double>();
   const double mean_err = (fused - ref).abs().mean().item<double>();
   const double floor_err = floor.max().item<double>();
   const double floor_mean = floor.mean().item<double>();
   std::printf(
-      "logits max |ref| %.4g; |fused - unfused| max %.4g, mean %.4g; the unfused blocks "
-      "from 18 to 21 rows: max %.4g, mean %.4g\n",
-      scale, err, mean_err, floor_err, floor_mean);
+      "%lld x %lld rows: logits max |ref| %.4g; |fused - unfused| max %.4g, mean %.4g; the "
+      "unfused blocks with two examples more: max %.4g, mean %.4g\n",
+      static_cast<long long>(kernel_examples), static_cast<long long>(positions), scale, err,
+      mean_err, floor_err, floor_mean);
   EXPECT_GT(scale, 0.5);  // the logits are not degenerate
   EXPECT_LT(err, std::max(4 * floor_err, 1e-2 * scale));
   EXPECT_LT(mean_err, std::max(4 * floor_mean, 1e-3 * scale));
 }
+
+INSTANTIATE_TEST_SUITE_P(Shapes, PersistentDecoderTest,
+                         ::testing::Values(std::make_pair(int64_t{5}, int64_t{3}),
+                                           std::make_pair(int64_t{3}, int64_t{5}),
+                                           std::make_pair(int64_t{1}, int64_t{16})));
 
 }  // namespace
 }  // namespace lorahub::model
