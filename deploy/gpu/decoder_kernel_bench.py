@@ -26,7 +26,9 @@
 # sweeps them). Runs under the GPU host's python3:
 #   python3 deploy/gpu/decoder_kernel_bench.py [--rows-b 5 --rows-t 3 --enc 72] [--define M]
 import argparse
+import hashlib
 import os
+import re
 import sys
 
 import cupy
@@ -66,6 +68,25 @@ extern "C" __global__ void Layout(long long* o) {
   o[5] = lorahub::model::kernels::persistent_decoder::kPhasesPerLayer;
 }
 '''
+
+
+def headers_digest(path="core/model/persistent_decoder.cuh", seen=None):
+    """A digest of the header and every repository header it includes. CuPy caches a compiled
+    module under its source and options only (~/.cupy/kernel_cache), not the headers that
+    source includes: the digest in the source makes an edited header a new module (a warm GPU
+    host keeps the cache from one call to the next)."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return ""
+    seen.add(path)
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    parts = [path, hashlib.sha256(text.encode()).hexdigest()]
+    for inc in re.findall(r'^#include "(core/[^"]+)"', text, re.M):
+        parts.append(headers_digest(inc, seen))
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()
+
+
 # PersistentDecoderArgs (core/model/fused_kernels.h), field by field.
 MAX_LAYERS = 32
 
@@ -188,7 +209,15 @@ def main():
     ap.add_argument("--grid", type=int, default=0, help="CTAs (default: the SMs)")
     ap.add_argument("--define", action="append", default=[],
                     help="a macro for the kernel's compile (the header's experiments)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile into CuPy's cache and stop (persistent_decoder_ab.sh compiles "
+                         "its variants at once this way before it times them one by one)")
     args = ap.parse_args()
+    source = SRC + "\n// headers " + headers_digest() + "\n"
+    options = ("-std=c++17", "-arch=sm_90", "-I" + ROOT) + tuple("-D" + d for d in args.define)
+    if args.compile_only:
+        cupy.RawModule(code=source, options=options, backend="nvcc").get_function("BenchDecoder")
+        return 0
     B, T, S, L = args.rows_b, args.rows_t, args.enc, args.layers
     R = B * T
     assert R <= 16 and S <= 512
@@ -197,9 +226,7 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     G = args.grid or sms
     print("defines:", " ".join(args.define) or "none")
-    module = cupy.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90", "-I" + ROOT) +
-                            tuple("-D" + d for d in args.define),
-                            backend="nvcc")
+    module = cupy.RawModule(code=source, options=options, backend="nvcc")
     kernel = module.get_function("BenchDecoder")
     layout = cupy.zeros(6, dtype=cupy.int64)
     module.get_function("Layout")((1,), (1,), (layout,))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run ON THE GPU HOST from the repository root: the persistent decoder's variants in one call.
 #  1. deploy/gpu/decoder_kernel_bench.py once per variant of VARIANTS (';'-separated lists of
-#     the header's experiment macros, "" the defaults): its phase table and us a decoder ->
-#     $OUT/sweep.txt;
+#     the header's experiment macros, "" the defaults), all compiled at once first: its phase
+#     table and us a decoder -> $OUT/sweep.txt;
 #  2. the fastest variant's macros become CUDAFLAGS (CMake's initial CMAKE_CUDA_FLAGS) of a
 #     fresh build: tests/model/persistent_decoder_test on the device (-> sweep.txt), then
 #     deploy/gpu/perf_ab.sh without its suites (SKIP_TESTS=1): the engine's A/B, ABS (default:
@@ -34,6 +34,15 @@ else
   variants=("${default_variants[@]}")
 fi
 [ ${#variants[@]} -eq 0 ] && variants=("")
+# Every variant compiled at once into CuPy's cache (one nvcc each, on the host's cores), so that
+# the timed runs below load their modules.
+for v in "${variants[@]}"; do
+  flags=()
+  for d in $v; do flags+=(--define "$d"); done
+  python3 deploy/gpu/decoder_kernel_bench.py --compile-only ${flags[@]+"${flags[@]}"} \
+    >/dev/null 2>&1 &
+done
+wait
 for v in "${variants[@]}"; do
   flags=()
   for d in $v; do flags+=(--define "$d"); done
