@@ -607,8 +607,9 @@ __device__ LORAHUB_PD_OUT_OF_LINE void NormedGemmPhase(const PersistentDecoderAr
 // keys are few: T <= 16). Inlined into ContextGemmPhase (out of line), so
 // af stays in registers. Attend's arithmetic: scores q.k + bias in fp32
 // (the dot in the same order), softmax, the context rounded to bf16; the
-// softmax's sum runs in key order (Attend's over lanes). ps: the warp's
-// kPersistentDecoderMaxKeys floats (2 heads x 16 rows x 16 keys).
+// softmax's sum runs in key order (Attend's over lanes). Its price: every
+// CTA reads every row's q, k and v from L2 (at least 184 KB a block). ps:
+// the warp's kPersistentDecoderMaxKeys floats (2 heads x 16 rows x 16 keys).
 __device__ __forceinline__ void SelfAttentionA(const PersistentDecoderArgs& a, float* ps,
                                                unsigned (*af)[4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
