@@ -637,6 +637,10 @@ inline constexpr int kPersistentDecoderModel = 1024;
 inline constexpr int kPersistentDecoderHeads = 16;
 inline constexpr int kPersistentDecoderHeadDim = 64;
 inline constexpr int kPersistentDecoderFeedForward = 2816;
+// The launch's counters: the grid's barriers, then one a (layer, head)
+// (LORAHUB_PD_EXP_HEAD_COUNTERS, persistent_decoder.cuh).
+inline constexpr int kPersistentDecoderCounters =
+    1 + kPersistentDecoderMaxLayers * kPersistentDecoderHeads;
 // Per-unit sums of squares of the stream ([units][rows], fp32).
 inline constexpr int kPersistentDecoderPartials =
     kPersistentDecoderModel / 8 * kPersistentDecoderMaxRows;
@@ -672,7 +676,7 @@ struct PersistentDecoderArgs {
   void* gelu = nullptr;      // bf16 [R][d_ff] scratch
   float* partial = nullptr;  // [kPersistentDecoderPartials] scratch
   float* out = nullptr;      // [R][d_model]: the final norm of the stream
-  unsigned* counter = nullptr;  // zero at launch (the grid's barriers)
+  unsigned* counter = nullptr;  // [kPersistentDecoderCounters], zero at launch
   int layers = 0, B = 0, T = 0, S = 0;  // R = B * T rows, row b * T + t
   float eps = 0.f;
 };

@@ -1052,7 +1052,8 @@ bool PersistentDecoder(const std::vector<PersistentDecoderLayerInputs>& layers,
   at::Tensor gelu = at::empty({R, F}, bf);
   at::Tensor partial = at::empty({kernels::kPersistentDecoderPartials}, f32);
   at::Tensor out = at::empty({B, T, D}, f32);
-  at::Tensor counter = at::zeros({1}, x.options().dtype(at::kInt));
+  at::Tensor counter =
+      at::zeros({kernels::kPersistentDecoderCounters}, x.options().dtype(at::kInt));
   a.final_norm = final_norm.data_ptr();
   for (int d = 0; d < 3; ++d) a.cross_stride[d] = k0.stride(d);
   a.cross_bias = cross_bias.data_ptr<float>();

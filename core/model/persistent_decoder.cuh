@@ -83,7 +83,12 @@ enum { kStampScaled, kStampWorked, kStampArrived, kStampReleased, kStampPoints }
 // 1 + layer * kPhasesPerLayer + the phase's place in the block).
 // LORAHUB_PD_EXP_FUSED_SELF_ATTN, an experiment: the self-attention inside
 // the o phase (SelfAttentionA), one phase and barrier fewer.
-#ifdef LORAHUB_PD_EXP_FUSED_SELF_ATTN
+// LORAHUB_PD_EXP_HEAD_COUNTERS, another: inside the q|k|v phase, by the CTA
+// that finishes a head's last unit (SelfAttentionHead).
+#if defined(LORAHUB_PD_EXP_FUSED_SELF_ATTN) && defined(LORAHUB_PD_EXP_HEAD_COUNTERS)
+#error "LORAHUB_PD_EXP_FUSED_SELF_ATTN and LORAHUB_PD_EXP_HEAD_COUNTERS both move the self-attention"
+#endif
+#if defined(LORAHUB_PD_EXP_FUSED_SELF_ATTN) || defined(LORAHUB_PD_EXP_HEAD_COUNTERS)
 constexpr int kPhasesPerLayer = 7;
 #else
 constexpr int kPhasesPerLayer = 8;
@@ -565,10 +570,11 @@ __device__ LORAHUB_PD_OUT_OF_LINE void CrossAttentionCta(const PersistentDecoder
 
 // A GEMM phase whose A fragments are loaded (K = d_model, 8 k-steps a warp):
 // each of this CTA's units, then `epilogue(u, j, value)` by threads 0-127.
-template <typename Epilogue>
+template <typename Epilogue, typename UnitDone>
 __device__ __forceinline__ void GemmUnits(const PersistentDecoderArgs& a, Pipe& pipe, int cta,
                                           int grid, int units, const unsigned (*af)[4],
-                                          float* red, const Epilogue& epilogue) {
+                                          float* red, const Epilogue& epilogue,
+                                          const UnitDone& unit_done) {
   const int tid = threadIdx.x, warp = tid >> 5;
   for (int u = cta, set = 0; u < units; u += grid, set ^= 1) {
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -582,23 +588,112 @@ __device__ __forceinline__ void GemmUnits(const PersistentDecoderArgs& a, Pipe& 
     __syncthreads();
     if (tid < 128) epilogue(u, tid, SumTile(tiles, tid));
     ++pipe.consumed;
+    unit_done(u);
   }
   pipe.Refill(a, cta, grid);
 }
+// GemmUnits' unit_done where nothing follows a unit.
+struct NoUnitDone {
+  __device__ void operator()(int) const {}
+};
+
+#ifdef LORAHUB_PD_EXP_HEAD_COUNTERS
+// The self-attention of one head for every row (a warp a row), its context
+// rounded to bf16 into ctx, from q|k|v. A lane holds two of the head's
+// dimensions; a row's keys and values load 8 at a time (one round for up
+// to 8 keys), with an online softmax across rounds. The scores are
+// Attend's (q.k + bias, fp32) summed across the lanes (another order).
+__device__ __forceinline__ void SelfAttentionHead(const PersistentDecoderArgs& a, int head,
+                                                  bf16* ctx) {
+  constexpr int kRound = 8;
+  const int lane = threadIdx.x & 31, T = a.T, R = a.B * T;
+  const int col = head * DK + 2 * lane;
+  for (int r = threadIdx.x >> 5; r < R; r += kWarps) {
+    const int b = r / T, i = r % T;
+    const float2 q = __ldcg(reinterpret_cast<const float2*>(a.qkv + r * 3 * D + col));
+    const float* bias = a.self_bias + head * a.self_bias_stride[0] + i * a.self_bias_stride[1];
+    float mx = -INFINITY, sum = 0.f;
+    float2 acc = make_float2(0.f, 0.f);
+#pragma unroll 1
+    for (int j0 = 0; j0 < T; j0 += kRound) {
+      float2 k[kRound], v[kRound];
+#pragma unroll
+      for (int c = 0; c < kRound; ++c) {
+        if (j0 + c < T) {
+          const float* row = a.qkv + (b * T + j0 + c) * 3 * D + col;
+          k[c] = __ldcg(reinterpret_cast<const float2*>(row + D));
+          v[c] = __ldcg(reinterpret_cast<const float2*>(row + 2 * D));
+        }
+      }
+      float sc[kRound];
+      float m = mx;
+#pragma unroll
+      for (int c = 0; c < kRound; ++c) {
+        if (j0 + c < T) {
+          sc[c] = WarpSum(q.x * k[c].x + q.y * k[c].y) + __ldg(bias + j0 + c);
+          m = fmaxf(m, sc[c]);
+        }
+      }
+      const float rescale = __expf(mx - m);  // 0 in the first round
+      sum *= rescale;
+      acc.x *= rescale;
+      acc.y *= rescale;
+#pragma unroll
+      for (int c = 0; c < kRound; ++c) {
+        if (j0 + c < T) {
+          const float e = __expf(sc[c] - m);
+          sum += e;
+          acc.x += e * v[c].x;
+          acc.y += e * v[c].y;
+        }
+      }
+      mx = m;
+    }
+    const float inv = 1.f / sum;
+    *reinterpret_cast<unsigned*>(ctx + r * D + col) = Pack(acc.x * inv, acc.y * inv);
+  }
+}
+#endif
 
 // q | k | v or the cross-attention's q (a phase): the stream normed by
 // `norm` times `units` x 8 weight rows, fp32 into out [R][ld]. Out of line,
 // as ContextGemmPhase: one copy of the code for both calls.
+// head_done (LORAHUB_PD_EXP_HEAD_COUNTERS, q|k|v only; else null): this
+// layer's counters of each head's finished q|k|v units; the CTA that
+// finishes a head's 24th runs its self-attention into ctx.
 __device__ LORAHUB_PD_OUT_OF_LINE void NormedGemmPhase(const PersistentDecoderArgs& a,
                                                        Pipe& pipe, int cta, int grid, float* red,
                                                        float* rstd, int phase, const void* norm,
-                                                       int units, float* out, int ld) {
+                                                       int units, float* out, int ld,
+                                                       unsigned* head_done, bf16* ctx) {
   const int R = a.B * a.T;
   unsigned af[8][4];
   LoadNormedA<8>(a, R, rstd, norm, (threadIdx.x >> 5) * 128, phase, af);
-  GemmUnits(a, pipe, cta, grid, units, af, red, [&](int u, int j, float v) {
+  const auto store = [&](int u, int j, float v) {
     if (j / 8 < R) __stcg(out + (j / 8) * ld + u * 8 + j % 8, v);
-  });
+  };
+#ifdef LORAHUB_PD_EXP_HEAD_COUNTERS
+  if (head_done != nullptr) {
+    GemmUnits(a, pipe, cta, grid, units, af, red, store, [&](int u) {
+      const int head = (u % (D / 8)) / (DK / 8);  // q, k, v: D / 8 units each
+      __syncthreads();  // the unit's outputs stored
+      bool last = false;
+      if (threadIdx.x == 0) {
+        __threadfence();  // released before the count (the last CTA reads them)
+        last = atomicAdd(head_done + head, 1u) == 3 * DK / 8 - 1;
+      }
+      if (__syncthreads_or(last)) {
+        __threadfence();
+        SelfAttentionHead(a, head, ctx);
+      }
+    });
+    return;
+  }
+#else
+  (void)head_done;
+  (void)ctx;
+#endif
+  GemmUnits(a, pipe, cta, grid, units, af, red, store, NoUnitDone());
 }
 #ifdef LORAHUB_PD_EXP_FUSED_SELF_ATTN
 // This warp's A fragments of the o GEMM straight from q|k|v: the
@@ -715,7 +810,7 @@ __device__ LORAHUB_PD_OUT_OF_LINE void ContextGemmPhase(const PersistentDecoderA
   LoadBf16A<8>(ctx, R, D, (threadIdx.x >> 5) * 128, af);
 #endif
   GemmUnits(a, pipe, cta, grid, D / 8, af, red,
-            [&](int u, int j, float v) { AddToStream(a, R, u, j, v); });
+            [&](int u, int j, float v) { AddToStream(a, R, u, j, v); }, NoUnitDone());
 }
 
 __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
@@ -776,9 +871,16 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
       }
     }
 #endif
+#ifdef LORAHUB_PD_EXP_HEAD_COUNTERS
+    // q | k | v with the self-attention (SelfAttentionHead), then o.
+    NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[0], 3 * D / 8, a.qkv,
+                    3 * D, a.counter + 1 + l * H, ctx);
+    barrier();
+    ContextGemmPhase(a, pipe, cta, grid, red, ctx, nullptr);  // o into the stream
+#else
     // q | k | v of the self-attention norm.
     NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[0], 3 * D / 8, a.qkv,
-                    3 * D);
+                    3 * D, nullptr, nullptr);
     barrier();
 #ifdef LORAHUB_PD_EXP_FUSED_SELF_ATTN
     // Self-attention and o in one phase.
@@ -798,9 +900,11 @@ __device__ __forceinline__ void DecoderBody(const PersistentDecoderArgs& a) {
     barrier();
     ContextGemmPhase(a, pipe, cta, grid, red, ctx, nullptr);  // o into the stream
 #endif
+#endif
     barrier();
     // The cross-attention's q.
-    NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[1], D / 8, a.cross_q, D);
+    NormedGemmPhase(a, pipe, cta, grid, red, rstd, barriers, layer.norm[1], D / 8, a.cross_q, D,
+                    nullptr, nullptr);
     barrier();
 #ifdef LORAHUB_PD_EXP_CTA_CROSS
     CrossAttentionCta(a, layer, cta, grid, red, ctx);

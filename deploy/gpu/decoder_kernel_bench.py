@@ -169,8 +169,9 @@ def reference(p, B, T, S, dtype, eps=1e-6):
 
 
 PHASES = ["q|k|v", "self-attn", "o", "cross q", "cross-attn", "cross o", "wi+gelu", "wo"]
-# LORAHUB_PD_EXP_FUSED_SELF_ATTN: the self-attention inside the o phase.
-PHASES_FUSED = ["q|k|v", "self-attn+o", "cross q", "cross-attn", "cross o", "wi+gelu", "wo"]
+# LORAHUB_PD_EXP_FUSED_SELF_ATTN: the self-attention inside the o phase;
+# LORAHUB_PD_EXP_HEAD_COUNTERS: inside the q|k|v phase.
+PHASES_FUSED = ["q|k|v", "o", "cross q", "cross-attn", "cross o", "wi+gelu", "wo"]
 
 
 def print_phases(st, L, names):
@@ -242,7 +243,7 @@ def main():
     gbuf = torch.empty(R, F, device=dev, dtype=torch.bfloat16)
     partial = torch.zeros(128, 16, device=dev)
     out = torch.empty(R, D, device=dev)
-    counter = torch.zeros(1, device=dev, dtype=torch.int32)
+    counter = torch.zeros(1 + MAX_LAYERS * H, device=dev, dtype=torch.int32)  # barriers, heads
     layers = [[m.data_ptr() for m in p["mats"][l]] + [x.data_ptr() for x in p["ln"][l]] +
               [p["ck"][l].data_ptr(), p["cv"][l].data_ptr()] for l in range(L)]
     blob = args_blob(layers, p["final_ln"].data_ptr(), (H * S * DK, S * DK, DK),

@@ -10,8 +10,9 @@
 # Carry .gpu/debs and .gpu/bench (perf_ab.sh's). Everything perf_ab.sh returns, plus sweep.txt.
 #   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_SPREAD_TASKS"] bash deploy/gpu/persistent_decoder_ab.sh
 # VARIANTS' default: the defaults, everything inlined (the code-size A/B), attention tasks spread,
-# 24 keys' values loaded at once, the self-attention inside the o phase, the cross keys and
-# values prefetched into L2, the cross-attention a CTA a (row, head), two combinations.
+# 24 keys' values loaded at once, the self-attention inside the o phase or inside the q|k|v
+# phase, the cross keys and values prefetched into L2, the cross-attention a CTA a (row, head),
+# two combinations.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 mkdir -p "$OUT"
@@ -23,9 +24,10 @@ default_variants=(
   "${P}SPREAD_TASKS"
   "${P}V_BATCH=24"
   "${P}FUSED_SELF_ATTN"
+  "${P}HEAD_COUNTERS"
   "${P}PREFETCH_CROSS"
   "${P}CTA_CROSS"
-  "${P}FUSED_SELF_ATTN ${P}CTA_CROSS ${P}PREFETCH_CROSS"
+  "${P}HEAD_COUNTERS ${P}CTA_CROSS ${P}PREFETCH_CROSS"
   "${P}FUSED_SELF_ATTN ${P}SPREAD_TASKS ${P}V_BATCH=24 ${P}PREFETCH_CROSS"
 )
 if [ -n "${VARIANTS+x}" ]; then
