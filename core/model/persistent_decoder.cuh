@@ -449,6 +449,48 @@ __device__ LORAHUB_PD_OUT_OF_LINE void Attend(const float* q, const float* k, in
   __syncwarp();  // qs and ps free for the warp's next query
 }
 
+#if defined(LORAHUB_PD_EXP_CTA_CROSS) || defined(LORAHUB_PD_EXP_HEAD_COUNTERS)
+// An online softmax of one query over rounds of keys (a warp; a lane holds
+// two of the head's dimensions): the running max m, sum l and weighted
+// values acc. The scores are Attend's (q.k + bias, fp32), q.k summed
+// across the lanes (another order).
+struct OnlineSoftmax {
+  float m = -INFINITY, l = 0.f;
+  float2 acc = {0.f, 0.f};
+  // A round's first n keys (all kKeys where n is more): this lane's parts
+  // of their keys and values, and their biases.
+  template <int kKeys>
+  __device__ __forceinline__ void Round(float2 q, const float2 (&k)[kKeys],
+                                        const float2 (&v)[kKeys], const float (&bias)[kKeys],
+                                        int n) {
+    float sc[kKeys];
+    float mx = m;
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) {
+      if (c < n) {
+        sc[c] = WarpSum(q.x * k[c].x + q.y * k[c].y) + bias[c];
+        mx = fmaxf(mx, sc[c]);
+      }
+    }
+    if (mx == -INFINITY) return;  // keys masked with -inf: no weight
+    const float rescale = __expf(m - mx);  // 0 while m is -inf
+    l *= rescale;
+    acc.x *= rescale;
+    acc.y *= rescale;
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) {
+      if (c < n) {
+        const float e = __expf(sc[c] - mx);
+        l += e;
+        acc.x += e * v[c].x;
+        acc.y += e * v[c].y;
+      }
+    }
+    m = mx;
+  }
+};
+#endif
+
 #ifdef LORAHUB_PD_EXP_CTA_CROSS
 constexpr int kCrossChunk = 9;    // keys a warp loads at once (72 keys: all a warp's)
 constexpr int kCrossQueries = 3;  // queries a pass (more: more code; 3 label tokens: one pass)
@@ -479,16 +521,13 @@ __device__ LORAHUB_PD_OUT_OF_LINE void CrossAttentionCta(const PersistentDecoder
     const float* bias = a.cross_bias + b * a.cross_bias_stride;
     for (int i0 = 0; i0 < T; i0 += kCrossQueries) {
       const int nq = min(kCrossQueries, T - i0);
-      float2 q[kCrossQueries], acc[kCrossQueries];
-      float m[kCrossQueries], l[kCrossQueries];
+      float2 q[kCrossQueries];
+      OnlineSoftmax soft[kCrossQueries];
 #pragma unroll
       for (int i = 0; i < kCrossQueries; ++i) {
         q[i] = i < nq ? __ldcg(reinterpret_cast<const float2*>(
                             a.cross_q + (b * T + i0 + i) * D + head * DK + 2 * lane))
                       : make_float2(0.f, 0.f);
-        acc[i] = make_float2(0.f, 0.f);
-        m[i] = -INFINITY;
-        l[i] = 0.f;
       }
 #pragma unroll 1
       for (int j0 = k_begin; j0 < k_end; j0 += kCrossChunk) {
@@ -507,42 +546,18 @@ __device__ LORAHUB_PD_OUT_OF_LINE void CrossAttentionCta(const PersistentDecoder
         }
 #pragma unroll
         for (int i = 0; i < kCrossQueries; ++i) {
-          if (i >= nq) continue;
-          float sc[kCrossChunk];
-          float mx = m[i];
-#pragma unroll
-          for (int c = 0; c < kCrossChunk; ++c) {
-            if (j0 + c < k_end) {
-              sc[c] = WarpSum(q[i].x * kk[c].x + q[i].y * kk[c].y) + bs[c];
-              mx = fmaxf(mx, sc[c]);
-            }
-          }
-          if (mx == -INFINITY) continue;  // keys masked with -inf: no weight
-          const float rescale = __expf(m[i] - mx);  // 0 while m is -inf
-          l[i] *= rescale;
-          acc[i].x *= rescale;
-          acc[i].y *= rescale;
-#pragma unroll
-          for (int c = 0; c < kCrossChunk; ++c) {
-            if (j0 + c < k_end) {
-              const float e = __expf(sc[c] - mx);
-              l[i] += e;
-              acc[i].x += e * vv[c].x;
-              acc[i].y += e * vv[c].y;
-            }
-          }
-          m[i] = mx;
+          if (i < nq) soft[i].Round(q[i], kk, vv, bs, k_end - j0);
         }
       }
 #pragma unroll
       for (int i = 0; i < kCrossQueries; ++i) {
         if (i >= nq) continue;
         if (lane == 0) {
-          part[i * kPart] = m[i];
-          part[i * kPart + 1] = l[i];
+          part[i * kPart] = soft[i].m;
+          part[i * kPart + 1] = soft[i].l;
         }
-        part[i * kPart + 2 + 2 * lane] = acc[i].x;
-        part[i * kPart + 3 + 2 * lane] = acc[i].y;
+        part[i * kPart + 2 + 2 * lane] = soft[i].acc.x;
+        part[i * kPart + 3 + 2 * lane] = soft[i].acc.y;
       }
       __syncthreads();
       for (int t = threadIdx.x; t < nq * DK; t += kThreads) {
@@ -599,10 +614,8 @@ struct NoUnitDone {
 
 #ifdef LORAHUB_PD_EXP_HEAD_COUNTERS
 // The self-attention of one head for every row (a warp a row), its context
-// rounded to bf16 into ctx, from q|k|v. A lane holds two of the head's
-// dimensions; a row's keys and values load 8 at a time (one round for up
-// to 8 keys), with an online softmax across rounds. The scores are
-// Attend's (q.k + bias, fp32) summed across the lanes (another order).
+// rounded to bf16 into ctx, from q|k|v. A row's keys and values load 8 at
+// a time (one round for up to 8 keys), an OnlineSoftmax across rounds.
 __device__ __forceinline__ void SelfAttentionHead(const PersistentDecoderArgs& a, int head,
                                                   bf16* ctx) {
   constexpr int kRound = 8;
@@ -612,45 +625,24 @@ __device__ __forceinline__ void SelfAttentionHead(const PersistentDecoderArgs& a
     const int b = r / T, i = r % T;
     const float2 q = __ldcg(reinterpret_cast<const float2*>(a.qkv + r * 3 * D + col));
     const float* bias = a.self_bias + head * a.self_bias_stride[0] + i * a.self_bias_stride[1];
-    float mx = -INFINITY, sum = 0.f;
-    float2 acc = make_float2(0.f, 0.f);
+    OnlineSoftmax soft;
 #pragma unroll 1
     for (int j0 = 0; j0 < T; j0 += kRound) {
       float2 k[kRound], v[kRound];
+      float bs[kRound];
 #pragma unroll
       for (int c = 0; c < kRound; ++c) {
         if (j0 + c < T) {
           const float* row = a.qkv + (b * T + j0 + c) * 3 * D + col;
           k[c] = __ldcg(reinterpret_cast<const float2*>(row + D));
           v[c] = __ldcg(reinterpret_cast<const float2*>(row + 2 * D));
+          bs[c] = __ldg(bias + j0 + c);
         }
       }
-      float sc[kRound];
-      float m = mx;
-#pragma unroll
-      for (int c = 0; c < kRound; ++c) {
-        if (j0 + c < T) {
-          sc[c] = WarpSum(q.x * k[c].x + q.y * k[c].y) + __ldg(bias + j0 + c);
-          m = fmaxf(m, sc[c]);
-        }
-      }
-      const float rescale = __expf(mx - m);  // 0 in the first round
-      sum *= rescale;
-      acc.x *= rescale;
-      acc.y *= rescale;
-#pragma unroll
-      for (int c = 0; c < kRound; ++c) {
-        if (j0 + c < T) {
-          const float e = __expf(sc[c] - m);
-          sum += e;
-          acc.x += e * v[c].x;
-          acc.y += e * v[c].y;
-        }
-      }
-      mx = m;
+      soft.Round(q, k, v, bs, T - j0);
     }
-    const float inv = 1.f / sum;
-    *reinterpret_cast<unsigned*>(ctx + r * D + col) = Pack(acc.x * inv, acc.y * inv);
+    const float inv = 1.f / soft.l;
+    *reinterpret_cast<unsigned*>(ctx + r * D + col) = Pack(soft.acc.x * inv, soft.acc.y * inv);
   }
 }
 #endif
