@@ -16,6 +16,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 mkdir -p "$OUT"
+# Time limits (s): a variant whose grid barriers or counters never release
+# hangs its cooperative launch, and without them it would take the call's
+# whole limit with it; `timeout` kills the process and the driver its
+# context, and the sweep goes on ("failed").
+COMPILE_S=${COMPILE_S:-240} VARIANT_S=${VARIANT_S:-60} TEST_S=${TEST_S:-120}
 best="" best_us=""
 P=LORAHUB_PD_EXP_
 default_variants=(
@@ -41,14 +46,15 @@ fi
 for v in "${variants[@]}"; do
   flags=()
   for d in $v; do flags+=(--define "$d"); done
-  python3 deploy/gpu/decoder_kernel_bench.py --compile-only ${flags[@]+"${flags[@]}"} \
-    >/dev/null 2>&1 &
+  timeout "$COMPILE_S" python3 deploy/gpu/decoder_kernel_bench.py --compile-only \
+    ${flags[@]+"${flags[@]}"} >/dev/null 2>&1 &
 done
 wait
 for v in "${variants[@]}"; do
   flags=()
   for d in $v; do flags+=(--define "$d"); done
-  log=$(python3 deploy/gpu/decoder_kernel_bench.py ${flags[@]+"${flags[@]}"} 2>&1 |
+  log=$(timeout -k 5 "$VARIANT_S" python3 deploy/gpu/decoder_kernel_bench.py \
+    ${flags[@]+"${flags[@]}"} 2>&1 |
     grep -v -e DeprecationWarning -e 'run_kernel()' | tee -a "$OUT/sweep.txt")
   us=$(sed -nE 's/^persistent decoder: ([0-9.]+) us.*/\1/p' <<<"$log")
   # A variant counts only where its stream's error against float64 is at most twice torch's
@@ -77,7 +83,8 @@ OUT=/tmp/pd_build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" \
   >/tmp/pd_build.log 2>&1 || tail -20 /tmp/pd_build.log | tee -a "$OUT/sweep.txt"
 test_bin=$(find .gpu/build -type f -name persistent_decoder_test -perm -u+x | head -1)
 if [ -n "$test_bin" ]; then
-  LORAHUB_TEST_DEVICE=cuda:0 "$test_bin" 2>&1 | tail -40 | tee -a "$OUT/sweep.txt"
+  LORAHUB_TEST_DEVICE=cuda:0 timeout -k 5 "$TEST_S" "$test_bin" 2>&1 | tail -40 |
+    tee -a "$OUT/sweep.txt"
 else
   echo "no persistent_decoder_test binary" | tee -a "$OUT/sweep.txt"
 fi
