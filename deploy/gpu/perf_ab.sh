@@ -194,7 +194,11 @@ if ps and ref and len(ps) == len(ref):
 print(line)
 PY
 }
-[ "${SERVE_ONLY:-0}" = 1 ] || bench main -- --profile-out "$work/profile.json"
+if [ "${SERVE_ONLY:-0}" != 1 ]; then
+  bench main -- --profile-out "$work/profile.json"
+  # The evaluation's parts and its encoder layer and decoder block, kernel by kernel.
+  [ -f "$work/profile.json" ] && python3 deploy/gpu/profile_compare.py "$work/profile.json" --top 0
+fi
 [ "${SERVE_ONLY:-0}" = 1 ] && ABS=""
 IFS=';' read -ra runs <<<"${ABS:-}"
 for run in "${runs[@]}"; do
