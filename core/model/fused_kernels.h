@@ -569,8 +569,11 @@ struct LowRankMergeJob {
   int32_t bf16 = 0;  // 1: w and out bf16, 0: fp32
 };
 int64_t LowRankMergeTiles(int64_t rows, int64_t cols);
+// max_blocks > 0: the tensor-core kernel on at most that many blocks, each
+// looping over tiles (the FMA kernel ignores it); 0: a block a tile.
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs,
-                       int64_t max_tiles, bool tensor_cores, void* stream);
+                       int64_t max_tiles, bool tensor_cores, int max_blocks,
+                       void* stream);
 
 // The kernels of a teacher-forced decoder's cross-attention from the query
 // side (query_side_cross.h; query_side_kernels.cu) around its cuBLAS GEMMs.

@@ -1022,8 +1022,9 @@ bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tenso
   return fused_backend::ComposeRows(w, factors, out);
 }
 
-LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates)
-    : updates_(std::move(updates)) {
+LowRankMerge::LowRankMerge(std::vector<LowRankUpdate> updates, int max_blocks)
+    : updates_(std::move(updates)), max_blocks_(max_blocks) {
+  TORCH_CHECK(max_blocks >= 0, "LowRankMerge: max_blocks must not be negative");
   for (const LowRankUpdate& u : updates_) {
     TORCH_CHECK(u.w.defined() && u.out.defined() && u.a.defined() && u.b.defined(),
                 "LowRankMerge: undefined tensor");
@@ -1055,7 +1056,7 @@ void LowRankMerge::Run() const {
   RECORD_USER_SCOPE("lorahub::low_rank_merge");
   if (table_.defined()) {
     fused_backend::RunLowRankMerge(table_, static_cast<int>(updates_.size()), max_tiles_,
-                                   tensor_cores_);
+                                   tensor_cores_, max_blocks_);
     return;
   }
   for (const LowRankUpdate& u : updates_) {

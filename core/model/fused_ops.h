@@ -897,12 +897,17 @@ bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tenso
 // Why: a composed adapter merged into a bf16 model's weights takes the LoRA
 // GEMMs out of the forward pass (objective_runner.h).
 //
+// max_blocks > 0: the tensor-core kernel runs on at most that many blocks,
+// each looping over tiles (the same outputs), so that a merge beside other
+// work (the objective runner's decoder merge beside its encoder) leaves the
+// rest of the device to that work; 0: a block a tile.
+//
 // Holds references to the tensors, which must keep their storage while the
 // merge lives. Construction throws c10::Error for malformed updates.
 // Thread-safety: Run() on one thread at a time.
 class LowRankMerge {
  public:
-  explicit LowRankMerge(std::vector<LowRankUpdate> updates);
+  explicit LowRankMerge(std::vector<LowRankUpdate> updates, int max_blocks = 0);
   void Run() const;
   // True when Run() is the one kernel launch.
   bool fused() const { return table_.defined(); }
@@ -915,6 +920,7 @@ class LowRankMerge {
   at::Tensor table_;  // the kernel's job table on the device
   int64_t max_tiles_ = 0;
   bool tensor_cores_ = false;
+  int max_blocks_ = 0;
 };
 
 }  // namespace lorahub::model

@@ -138,7 +138,7 @@ bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tenso
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>& updates,
                              int64_t* max_tiles, bool* tensor_cores);
 void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
-                     bool tensor_cores);
+                     bool tensor_cores, int max_blocks);
 
 }  // namespace lorahub::model::fused_backend
 

@@ -1514,11 +1514,11 @@ bool ComposeRows(const at::Tensor& w, const at::Tensor& factors, const at::Tenso
 }
 
 void RunLowRankMerge(const at::Tensor& table, int num_jobs, int64_t max_tiles,
-                     bool tensor_cores) {
+                     bool tensor_cores, int max_blocks) {
   c10::cuda::CUDAGuard guard(table.device());
   const int err = kernels::LaunchLowRankMerge(
       reinterpret_cast<const kernels::LowRankMergeJob*>(table.data_ptr()), num_jobs, max_tiles,
-      tensor_cores, StreamOf(table));
+      tensor_cores, max_blocks, StreamOf(table));
   TORCH_CHECK(err == 0, "low-rank merge kernel: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }

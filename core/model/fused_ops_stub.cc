@@ -106,7 +106,7 @@ bool ComposeRows(const at::Tensor&, const at::Tensor&, const at::Tensor&) { retu
 at::Tensor LowRankMergeTable(const std::vector<LowRankUpdate>&, int64_t*, bool*) {
   return at::Tensor();
 }
-void RunLowRankMerge(const at::Tensor&, int, int64_t, bool) {
+void RunLowRankMerge(const at::Tensor&, int, int64_t, bool, int) {
   TORCH_CHECK(false, "LowRankMerge: no CUDA kernels in this build");
 }
 

@@ -267,8 +267,9 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// One block a tile, as LowRankMergeKernel, with b a on the tensor cores
-// (mma.sync m16n8k16, bf16 x 3 as SplitBf16 says) instead of fp32 FMAs.
+// One tile of LowRankMergeMmaKernel: LowRankMergeKernel's, with b a on the
+// tensor cores (mma.sync m16n8k16, bf16 x 3 as SplitBf16 says) instead of
+// fp32 FMAs.
 // Warp v takes rows 16 (v % 4) .. + 15 and columns 64 (v / 4) .. + 63 of the
 // tile as eight m16n8 accumulators (thread (g, t): rows g and g + 8,
 // columns 8 n + 2t and 8 n + 2t + 1 of block n), 16 ranks a step (staged
@@ -277,20 +278,12 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4],
 // ~750 instructions a thread, 512 of them FMAs at rank 16 (ncu, twenty-
 // second session); its staging also spreads bf16 w over 16-byte slots.
 // flan-t5-large's 144 sites: 225.1 us against its 294.3 (H200, Kineto,
-// twenty-third session).
-// kBlocksPerSm: 4 (64 registers, no spills; the default) or 3 (80;
-// LORAHUB_MERGE_MMA_3BLOCKS=1, A/B); shared memory allows 4.
-template <int kBlocksPerSm>
-__global__ void __launch_bounds__(kMergeThreads, kBlocksPerSm)
-    LowRankMergeMmaKernel(const LowRankMergeJob* jobs, int job0) {
-  extern __shared__ __align__(16) float mma_shared[];
-  const LowRankMergeJob& job = jobs[job0 + blockIdx.y];
-  auto a_s = reinterpret_cast<float (*)[kMmaAStride]>(mma_shared);
-  auto b_s = reinterpret_cast<float (*)[kMmaBStride]>(mma_shared + kMaxRank * kMmaAStride);
-  auto w_s = reinterpret_cast<__nv_bfloat16 (*)[kMmaWStride]>(
-      mma_shared + kMaxRank * kMmaAStride + kMergeRows * kMmaBStride);
-  int64_t row0 = 0, col0 = 0;
-  if (!TileOrigin(job, blockIdx.x, &row0, &col0)) return;  // uniform over the block
+// twenty-third session). It ends with every thread past its last read of
+// the shared tiles (the block's next tile stages over them).
+__device__ __forceinline__ void MergeTileMma(const LowRankMergeJob& job, int64_t row0,
+                                             int64_t col0, float (*a_s)[kMmaAStride],
+                                             float (*b_s)[kMmaBStride],
+                                             __nv_bfloat16 (*w_s)[kMmaWStride]) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t col = col0 + 4 * lane;
@@ -350,14 +343,45 @@ __global__ void __launch_bounds__(kMergeThreads, kBlocksPerSm)
     }
   }
   __syncthreads();
-  if (!col_ok) return;
-  auto* out = static_cast<__nv_bfloat16*>(job.out);
+  if (col_ok) {
+    auto* out = static_cast<__nv_bfloat16*>(job.out);
 #pragma unroll
-  for (int i = 0; i < kMergeRowsPerThread; ++i) {
-    const int row = warp + kMergeWarps * i;
-    if (row0 + row >= job.rows) break;
-    *reinterpret_cast<uint2*>(out + (row0 + row) * job.cols + col) =
-        *reinterpret_cast<const uint2*>(&w_s[row][4 * lane]);
+    for (int i = 0; i < kMergeRowsPerThread; ++i) {
+      const int row = warp + kMergeWarps * i;
+      if (row0 + row >= job.rows) break;
+      *reinterpret_cast<uint2*>(out + (row0 + row) * job.cols + col) =
+          *reinterpret_cast<const uint2*>(&w_s[row][4 * lane]);
+    }
+  }
+  __syncthreads();
+}
+
+// kBlocksPerSm: 4 (64 registers, no spills; the default) or 3 (80;
+// LORAHUB_MERGE_MMA_3BLOCKS=1, A/B); shared memory allows 4.
+// Work item i is tile i % max_tiles of job job0 + i / max_tiles, for i <
+// num_jobs x max_tiles; block b takes items b, b + blocks, ... (blocks: the
+// grid's). A grid of a block an item takes one each; a smaller grid (the
+// launcher's max_blocks) loops, so that a merge beside other work holds
+// only that many blocks of the device.
+template <int kBlocksPerSm>
+__global__ void __launch_bounds__(kMergeThreads, kBlocksPerSm)
+    LowRankMergeMmaKernel(const LowRankMergeJob* jobs, int job0, int num_jobs,
+                          int64_t max_tiles) {
+  extern __shared__ __align__(16) float mma_shared[];
+  auto a_s = reinterpret_cast<float (*)[kMmaAStride]>(mma_shared);
+  auto b_s = reinterpret_cast<float (*)[kMmaBStride]>(mma_shared + kMaxRank * kMmaAStride);
+  auto w_s = reinterpret_cast<__nv_bfloat16 (*)[kMmaWStride]>(
+      mma_shared + kMaxRank * kMmaAStride + kMergeRows * kMmaBStride);
+  const int64_t blocks = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const int64_t items = num_jobs * max_tiles;
+  for (int64_t item = blockIdx.y * static_cast<int64_t>(gridDim.x) + blockIdx.x; item < items;
+       item += blocks) {
+    const LowRankMergeJob& job = jobs[job0 + item / max_tiles];
+    int64_t row0 = 0, col0 = 0;
+    // Uniform over the block.
+    if (TileOrigin(job, item % max_tiles, &row0, &col0)) {
+      MergeTileMma(job, row0, col0, a_s, b_s, w_s);
+    }
   }
 }
 
@@ -400,20 +424,27 @@ int LaunchMergeFma(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
 
 template <int kBlocksPerSm>
 int LaunchMergeMma(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                   cudaStream_t stream) {
+                   int max_blocks, cudaStream_t stream) {
   static_assert(kMmaSharedBytes <= kDefaultShared, "no opt-in needed");
+  if (max_blocks > 0) {  // that many blocks over every job's tiles
+    const int64_t blocks = std::min<int64_t>(max_blocks, num_jobs * max_tiles);
+    LowRankMergeMmaKernel<kBlocksPerSm>
+        <<<static_cast<unsigned>(blocks), kMergeThreads, kMmaSharedBytes, stream>>>(
+            jobs, 0, num_jobs, max_tiles);
+    return static_cast<int>(cudaGetLastError());
+  }
   return LaunchOverJobs(num_jobs, [&](int job0, int n) {
     LowRankMergeMmaKernel<kBlocksPerSm>
         <<<dim3(static_cast<unsigned>(max_tiles), n), kMergeThreads, kMmaSharedBytes,
-           stream>>>(jobs, job0);
+           stream>>>(jobs, job0, n, max_tiles);
   });
 }
 
 }  // namespace
 
 int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_tiles,
-                       bool tensor_cores, void* stream) {
-  if (num_jobs < 0 || max_tiles < 0 || max_tiles > INT32_MAX) {
+                       bool tensor_cores, int max_blocks, void* stream) {
+  if (num_jobs < 0 || max_tiles < 0 || max_tiles > INT32_MAX || max_blocks < 0) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (num_jobs == 0 || max_tiles == 0) return 0;
@@ -422,8 +453,8 @@ int LaunchLowRankMerge(const LowRankMergeJob* jobs, int num_jobs, int64_t max_ti
   static const bool three_blocks = EnvSwitch("LORAHUB_MERGE_MMA_3BLOCKS");  // A/B
   const auto s = static_cast<cudaStream_t>(stream);
   if (tensor_cores && !fma && !scalar_staging) {
-    return three_blocks ? LaunchMergeMma<3>(jobs, num_jobs, max_tiles, s)
-                        : LaunchMergeMma<4>(jobs, num_jobs, max_tiles, s);
+    return three_blocks ? LaunchMergeMma<3>(jobs, num_jobs, max_tiles, max_blocks, s)
+                        : LaunchMergeMma<4>(jobs, num_jobs, max_tiles, max_blocks, s);
   }
   return LaunchMergeFma(jobs, num_jobs, max_tiles, !scalar_staging, s);
 }

@@ -308,7 +308,15 @@ absl::Status ObjectiveRunner::PrepareMerge(bool beside) {
   }
   merge_ = std::make_unique<LowRankMerge>(std::move(updates));
   if (!decoder_updates.empty()) {
-    decoder_merge_ = std::make_unique<LowRankMerge>(std::move(decoder_updates));
+    // LORAHUB_BESIDE_MERGE_BLOCKS=N (read once; A/B, unmeasured): the merge
+    // beside the encoder on at most N blocks. Why: a block a tile (12,288 of
+    // them) occupies every SM while it runs, so the encoder's kernels may
+    // wait for its blocks to drain: an H100's encoder took 1,419 us beside
+    // it against 24 x 53.8 us a layer after it (seventy-ninth session's
+    // trace).
+    static const int beside_blocks =
+        static_cast<int>(EnvCount("LORAHUB_BESIDE_MERGE_BLOCKS", 0));
+    decoder_merge_ = std::make_unique<LowRankMerge>(std::move(decoder_updates), beside_blocks);
   }
   return absl::OkStatus();
 }

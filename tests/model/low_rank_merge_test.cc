@@ -4,7 +4,8 @@
 // the tensor cores for bf16 updates of ranks multiple of 4): fp32 and
 // bf16 weights, edges of every tile, ranks that are no multiple of 4, in
 // place, into a row block of a larger tensor (nothing else written), factors
-// changed after construction (each Run reads them then), malformed updates.
+// changed after construction (each Run reads them then), the kernel on few
+// blocks, malformed updates.
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -117,6 +118,30 @@ TEST_F(LowRankMergeTest, TensorCoresMatchTheDefinition) {
     EXPECT_LE(Error(updates[j], before[j], updates[j].out), 1.0 / 256) << "update " << j;
     EXPECT_TRUE(at::equal(updates[j].w, before[j])) << "w of update " << j << " written";
   }
+}
+
+// A merge on few blocks (max_blocks: each block loops over tiles of several
+// jobs) writes the bits of a block a tile, and only its outputs.
+TEST_F(LowRankMergeTest, FewBlocksWriteTheSameBits) {
+  std::vector<at::Tensor> before;
+  const std::vector<LowRankUpdate> updates = RandomUpdates(
+      {{1, 4, 4}, {63, 128, 8}, {130, 260, 16}, {200, 1024, 32}, {65, 8, 20}}, at::kBFloat16,
+      &before);
+  LowRankMerge merge(updates);
+  merge.Run();
+  std::vector<at::Tensor> want;
+  for (const LowRankUpdate& u : updates) want.push_back(u.out.clone());
+  for (int max_blocks : {1, 3, 1000000}) {
+    for (const LowRankUpdate& u : updates) u.out.fill_(7.f);
+    LowRankMerge few(updates, max_blocks);
+    EXPECT_EQ(few.tensor_cores(), merge.tensor_cores());
+    few.Run();
+    for (size_t j = 0; j < updates.size(); ++j) {
+      EXPECT_TRUE(at::equal(updates[j].out, want[j])) << "update " << j << ", " << max_blocks;
+      EXPECT_TRUE(at::equal(updates[j].w, before[j])) << "w of update " << j << " written";
+    }
+  }
+  EXPECT_THROW(LowRankMerge(updates, -1), c10::Error);
 }
 
 TEST_F(LowRankMergeTest, InPlaceAndIntoRowBlocks) {
