@@ -4,9 +4,11 @@
 #     the header's experiment macros, "" the defaults), all compiled at once first: its phase
 #     table and us a decoder -> $OUT/sweep.txt;
 #  2. the fastest variant's macros become CUDAFLAGS (CMake's initial CMAKE_CUDA_FLAGS) of a
-#     fresh build: tests/model/persistent_decoder_test on the device (-> sweep.txt), then
-#     deploy/gpu/perf_ab.sh without its suites (SKIP_TESTS=1): the engine's A/B, ABS (default:
-#     the persistent decoder against main, twice each; STOP_S default 300).
+#     fresh build: tests/model/persistent_decoder_test and low_rank_merge_test on the device
+#     (-> sweep.txt), then deploy/gpu/perf_ab.sh without its suites (SKIP_TESTS=1): the
+#     engine's A/B, ABS (default: the decoder merge beside the encoder on 64 and 132 blocks,
+#     and the persistent decoder twice where it is fast enough, against main; STOP_S default
+#     300).
 # Carry .gpu/debs and .gpu/bench (perf_ab.sh's). Everything perf_ab.sh returns, plus sweep.txt.
 #   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_SPREAD_TASKS"] bash deploy/gpu/persistent_decoder_ab.sh
 # VARIANTS' default: the defaults, everything inlined (the code-size A/B), attention tasks spread,
@@ -77,23 +79,30 @@ defines=""
 for d in $best; do defines+=" -D$d"; done
 export CUDAFLAGS="${CUDAFLAGS:-}$defines"
 echo "CUDAFLAGS=$CUDAFLAGS" | tee -a "$OUT/sweep.txt"
-# The kernel's engine test first (its build is most of the engine's), then the A/B.
+# The kernel's engine test and the merge's (low_rank_merge_test: LowRankMerge's max_blocks) first
+# (their build is most of the engine's), then the A/B.
 OUT=/tmp/pd_build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" \
-  NINJA_TARGETS=tests_model_persistent_decoder_test bash deploy/gpu/build_and_test.sh \
-  >/tmp/pd_build.log 2>&1 || tail -20 /tmp/pd_build.log | tee -a "$OUT/sweep.txt"
-test_bin=$(find .gpu/build -type f -name persistent_decoder_test -perm -u+x | head -1)
-if [ -n "$test_bin" ]; then
-  LORAHUB_TEST_DEVICE=cuda:0 timeout -k 5 "$TEST_S" "$test_bin" 2>&1 | tail -40 |
-    tee -a "$OUT/sweep.txt"
+  NINJA_TARGETS="tests_model_persistent_decoder_test tests_model_low_rank_merge_test" \
+  bash deploy/gpu/build_and_test.sh >/tmp/pd_build.log 2>&1 ||
+  tail -20 /tmp/pd_build.log | tee -a "$OUT/sweep.txt"
+for test in persistent_decoder_test low_rank_merge_test; do
+  test_bin=$(find .gpu/build -type f -name "$test" -perm -u+x 2>/dev/null | head -1)
+  if [ -n "$test_bin" ]; then
+    LORAHUB_TEST_DEVICE=cuda:0 timeout -k 5 "$TEST_S" "$test_bin" 2>&1 | tail -40 |
+      tee -a "$OUT/sweep.txt"
+  else
+    echo "no $test binary" | tee -a "$OUT/sweep.txt"
+  fi
+done
+# The A/B (ABS overrides): the decoder merge beside the encoder on 64 and 132 blocks
+# (LORAHUB_BESIDE_MERGE_BLOCKS) against main, and the persistent decoder only where the kernel
+# alone beats the unfused decoder's 1,152 us (the seventy-ninth session's trace, H100) or
+# AB_BELOW_US.
+ab="bm64 LORAHUB_BESIDE_MERGE_BLOCKS=64; bm132 LORAHUB_BESIDE_MERGE_BLOCKS=132; main2"
+if python3 -c "import sys; sys.exit(not ${best_us:-1e9} < ${AB_BELOW_US:-1152})"; then
+  ab="pd LORAHUB_PERSISTENT_DECODER=1; $ab; pd2 LORAHUB_PERSISTENT_DECODER=1"
 else
-  echo "no persistent_decoder_test binary" | tee -a "$OUT/sweep.txt"
+  echo "no persistent decoder A/B: the fastest variant takes ${best_us:-?} us >=" \
+    "${AB_BELOW_US:-1152} us" | tee -a "$OUT/sweep.txt"
 fi
-# The A/B only where the kernel alone beats the unfused decoder's 1,152 us (the seventy-ninth
-# session's trace, H100) or AB_BELOW_US.
-if ! python3 -c "import sys; sys.exit(not ${best_us:-1e9} < ${AB_BELOW_US:-1152})"; then
-  echo "no A/B: the fastest variant takes ${best_us:-?} us >= ${AB_BELOW_US:-1152} us" |
-    tee -a "$OUT/sweep.txt"
-  exit 0
-fi
-SKIP_TESTS=1 ABS="${ABS:-pd LORAHUB_PERSISTENT_DECODER=1; main2; pd2 LORAHUB_PERSISTENT_DECODER=1}" \
-  STOP_S="${STOP_S:-300}" OUT="$OUT" bash deploy/gpu/perf_ab.sh
+SKIP_TESTS=1 ABS="${ABS:-$ab}" STOP_S="${STOP_S:-300}" OUT="$OUT" bash deploy/gpu/perf_ab.sh
