@@ -173,8 +173,13 @@ std::unique_ptr<SideStream> MakeSideStream(c10::Device device);
 // marked (RecordUse). A high-priority branch's blocks start before pending
 // ones of the other stream (captured kernels keep their stream's priority:
 // LibTorch instantiates graphs with per-node priorities).
+// Marks (as many as the branch was made with) let another stream wait for
+// a point of the branch's queue short of its end: Mark(k) while open, then
+// WaitForMark(k) from any stream, the branch open or not.
 // Why: one candidate's evaluation merges its adapter into the decoder's
-// weights while the encoder runs (ObjectiveRunner).
+// weights while the encoder runs (ObjectiveRunner), and with
+// LORAHUB_PIPELINED_MERGE into the encoder's too, each block's before the
+// encoder's block reads it.
 // Thread-safety: one thread at a time.
 class StreamBranch {
  public:
@@ -185,12 +190,18 @@ class StreamBranch {
   // `t`, allocated on the branch, is read by work queued on the stream
   // current at Open: the allocator keeps its memory until that work ran.
   virtual void RecordUse(const at::Tensor& t) = 0;
+  // Mark k (0 <= k < marks): the work the branch has queued so far. Open.
+  virtual void Mark(int k) = 0;
+  // The calling thread's current stream on the device waits (on the
+  // device) for mark k's work; after Mark(k).
+  virtual void WaitForMark(int k) = 0;
 };
 
 // A branch on `device` (of the device's highest stream priority where
-// `high_priority`); nullptr for other devices or in a CPU build.
+// `high_priority`) with `marks` marks; nullptr for other devices, in a CPU
+// build, or where its events cannot be made.
 std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device,
-                                               bool high_priority);
+                                               bool high_priority, int marks = 0);
 
 }  // namespace lorahub::model
 

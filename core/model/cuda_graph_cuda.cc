@@ -16,6 +16,7 @@
 #include <mutex>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/cuda_graph.h"
@@ -328,19 +329,23 @@ class CudaSideStream : public SideStream {
 
 class CudaStreamBranch : public StreamBranch {
  public:
+  // Owns the events.
   CudaStreamBranch(c10::DeviceIndex index, bool high_priority, cudaEvent_t fork,
-                   cudaEvent_t join)
+                   cudaEvent_t join, std::vector<cudaEvent_t> marks)
       : index_(index),
         high_priority_(high_priority),
         branch_(c10::cuda::getStreamFromPool(high_priority, index)),
         outer_(c10::cuda::getCurrentCUDAStream(index)),
         fork_(fork),
-        join_(join) {}
+        join_(join),
+        marks_(std::move(marks)),
+        marked_(marks_.size(), false) {}
   ~CudaStreamBranch() override {
     Close();
     Join();
     (void)cudaEventDestroy(fork_);
     (void)cudaEventDestroy(join_);
+    for (cudaEvent_t e : marks_) (void)cudaEventDestroy(e);
   }
 
   void Open() override {
@@ -370,6 +375,25 @@ class CudaStreamBranch : public StreamBranch {
 
   void RecordUse(const at::Tensor& t) override { RecordUseOn(t, outer_); }
 
+  void Mark(int k) override {
+    TORCH_CHECK(open_ && k >= 0 && k < static_cast<int>(marks_.size()),
+                "StreamBranch: mark ", k, " of ", marks_.size(), open_ ? "" : " while closed");
+    marked_[k] = cudaEventRecord(marks_[k], branch_.stream()) == cudaSuccess;
+    if (!marked_[k]) ClearCudaError();
+  }
+
+  void WaitForMark(int k) override {
+    TORCH_CHECK(k >= 0 && k < static_cast<int>(marks_.size()), "StreamBranch: mark ", k,
+                " of ", marks_.size());
+    const cudaStream_t waiter = c10::cuda::getCurrentCUDAStream(index_).stream();
+    // Where the mark or the wait failed, the host waits for the whole
+    // branch instead (as WaitOnDevice).
+    if (!marked_[k] || cudaStreamWaitEvent(waiter, marks_[k], 0) != cudaSuccess) {
+      (void)cudaStreamSynchronize(branch_.stream());
+      ClearCudaError();
+    }
+  }
+
  private:
   const c10::DeviceIndex index_;
   const bool high_priority_;
@@ -377,6 +401,8 @@ class CudaStreamBranch : public StreamBranch {
   c10::cuda::CUDAStream outer_;
   cudaEvent_t fork_;
   cudaEvent_t join_;
+  std::vector<cudaEvent_t> marks_;
+  std::vector<bool> marked_;  // Mark(k)'s record succeeded
   bool open_ = false;
   bool pending_ = false;  // closed, not yet joined
 };
@@ -384,18 +410,23 @@ class CudaStreamBranch : public StreamBranch {
 }  // namespace
 
 std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device device,
-                                               bool high_priority) {
-  if (!device.is_cuda()) return nullptr;
+                                               bool high_priority, int marks) {
+  if (!device.is_cuda() || marks < 0) return nullptr;
   try {
     c10::cuda::CUDAGuard guard(device);
-    cudaEvent_t fork = NewOrderingEvent();
-    cudaEvent_t join = fork != nullptr ? NewOrderingEvent() : nullptr;
-    if (join == nullptr) {
-      if (fork != nullptr) (void)cudaEventDestroy(fork);
-      return nullptr;
+    // fork, join, then the marks.
+    std::vector<cudaEvent_t> events;
+    for (int i = 0; i < 2 + marks; ++i) {
+      cudaEvent_t e = NewOrderingEvent();
+      if (e == nullptr) {
+        for (cudaEvent_t made : events) (void)cudaEventDestroy(made);
+        return nullptr;
+      }
+      events.push_back(e);
     }
-    return std::make_unique<CudaStreamBranch>(guard.current_device().index(),
-                                              high_priority, fork, join);
+    return std::make_unique<CudaStreamBranch>(
+        guard.current_device().index(), high_priority, events[0], events[1],
+        std::vector<cudaEvent_t>(events.begin() + 2, events.end()));
   } catch (const c10::Error&) {
     ClearCudaError();
     return nullptr;

@@ -40,7 +40,7 @@ void SynchronizeDevice(c10::Device device) {
 
 std::unique_ptr<SideStream> MakeSideStream(c10::Device) { return nullptr; }
 
-std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device, bool) {
+std::unique_ptr<StreamBranch> MakeStreamBranch(c10::Device, bool, int) {
   return nullptr;
 }
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <set>
 #include <utility>
 
@@ -68,6 +69,16 @@ bool ObjectiveRunnerOptions::MergeBesideFromEnv() {
   return !off;
 }
 
+bool ObjectiveRunnerOptions::PipelinedMergeFromEnv() {
+  static const bool on = EnvFlag("LORAHUB_PIPELINED_MERGE");
+  return on;
+}
+
+int ObjectiveRunnerOptions::BesideMergeBlocksFromEnv() {
+  static const int blocks = static_cast<int>(EnvCount("LORAHUB_BESIDE_MERGE_BLOCKS", 0));
+  return blocks;
+}
+
 ObjectiveRunner::~ObjectiveRunner() = default;
 
 absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
@@ -83,6 +94,11 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
   }
   if (stack.num_modules < 1 || stack.sites.empty()) {
     return absl::InvalidArgumentError("objective runner: no modules to compose");
+  }
+  if (options.beside_merge_blocks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "objective runner: beside_merge_blocks must not be negative, got ",
+        options.beside_merge_blocks));
   }
   std::unique_ptr<ObjectiveRunner> run(new ObjectiveRunner());
   run->weights_ = &weights;
@@ -138,7 +154,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
       run->groups_.push_back(std::move(g));
     }
     if (options.merge_single && C == 1 && weights.dtype == at::kBFloat16 && !run->bf16_lora_) {
-      absl::Status merging = run->PrepareMerge(options.merge_beside_encoder);
+      absl::Status merging = run->PrepareMerge(options);
       if (!merging.ok()) return merging;
     }
     run->bank_.num_slots = static_cast<int>(C);
@@ -157,7 +173,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
     // read the base weights, which stay as they are (a merge rewrites the
     // merged weights in place). The first chunk is the largest.
     PassBiases fixed_weights;
-    if (!per_pass_biases && !per_pass_twice && run->merge_ == nullptr) {
+    if (!per_pass_biases && !per_pass_twice && run->merged_weights_ == nullptr) {
       internal::PrepareQuerySideWeights(weights, std::min(max_rows, total) * labels.size(1),
                                         &fixed_weights);
     }
@@ -169,7 +185,7 @@ absl::StatusOr<std::unique_ptr<ObjectiveRunner>> ObjectiveRunner::Create(
         slots[r] = (start + r) / n;
       }
       Chunk chunk;
-      if (run->merge_ == nullptr) {  // else the merged weights carry the adapter
+      if (run->merged_weights_ == nullptr) {  // else they carry the adapter
         auto rows = MakeRowAdapters(weights, &run->bank_, slots);
         if (!rows.ok()) return rows.status();
         chunk.rows = *std::move(rows);
@@ -275,16 +291,22 @@ int64_t ObjectiveRunner::packed_chunks() const {
   return n;
 }
 
-absl::Status ObjectiveRunner::PrepareMerge(bool beside) {
+absl::Status ObjectiveRunner::PrepareMerge(const ObjectiveRunnerOptions& options) {
   std::set<int> sites;
   for (const Group& g : groups_) sites.insert(g.sites.begin(), g.sites.end());
   auto copy = CopyAdaptedWeights(*weights_, sites);
   if (!copy.ok()) return copy.status();
   merged_weights_ = std::make_unique<T5Weights>(*std::move(copy));
-  if (beside) branch_ = MakeStreamBranch(weights_->device, /*high_priority=*/true);
-  const int64_t encoder_sites =
-      static_cast<int64_t>(weights_->config.num_layers) * kSitesPerBlock;
+  if (options.merge_beside_encoder) {
+    branch_ = MakeStreamBranch(weights_->device, /*high_priority=*/true);
+  }
+  const int layers = static_cast<int>(weights_->config.num_layers);
+  if (branch_ != nullptr && options.pipelined_merge) {
+    merge_branch_ = MakeStreamBranch(weights_->device, /*high_priority=*/false, layers);
+  }
+  const int64_t encoder_sites = static_cast<int64_t>(layers) * kSitesPerBlock;
   std::vector<LowRankUpdate> updates, decoder_updates;
+  std::vector<std::vector<LowRankUpdate>> encoder_by_block(layers);  // pipelined
   // Only where ComposeFromBf16 runs: elsewhere the copy would never be read.
   const bool bf16_pool = weights_->device.is_cuda() && FusedKernelsEnabled() &&
                          !EnvFlag("LORAHUB_COMPOSE_FP32");
@@ -302,20 +324,24 @@ absl::Status ObjectiveRunner::PrepareMerge(bool beside) {
       u.a = composed.narrow(0, j * a_len, a_len).view({g.r, g.in});
       u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g.out, g.r});
       u.scale = static_cast<float>(scale_values_[site]);
-      (branch_ != nullptr && site >= encoder_sites ? decoder_updates : updates)
-          .push_back(std::move(u));
+      if (branch_ != nullptr && site >= encoder_sites) {
+        decoder_updates.push_back(std::move(u));
+      } else if (merge_branch_ != nullptr) {
+        encoder_by_block[site / kSitesPerBlock].push_back(std::move(u));
+      } else {
+        updates.push_back(std::move(u));
+      }
     }
   }
-  merge_ = std::make_unique<LowRankMerge>(std::move(updates));
+  const int beside_blocks = options.beside_merge_blocks;
+  if (merge_branch_ != nullptr) {
+    for (std::vector<LowRankUpdate>& block : encoder_by_block) {
+      encoder_merges_.push_back(std::make_unique<LowRankMerge>(std::move(block), beside_blocks));
+    }
+  } else {
+    merge_ = std::make_unique<LowRankMerge>(std::move(updates));
+  }
   if (!decoder_updates.empty()) {
-    // LORAHUB_BESIDE_MERGE_BLOCKS=N (read once; A/B, unmeasured): the merge
-    // beside the encoder on at most N blocks. Why: a block a tile (12,288 of
-    // them) occupies every SM while it runs, so the encoder's kernels may
-    // wait for its blocks to drain: an H100's encoder took 1,419 us beside
-    // it against 24 x 53.8 us a layer after it (seventy-ninth session's
-    // trace).
-    static const int beside_blocks =
-        static_cast<int>(EnvCount("LORAHUB_BESIDE_MERGE_BLOCKS", 0));
     decoder_merge_ = std::make_unique<LowRankMerge>(std::move(decoder_updates), beside_blocks);
   }
   return absl::OkStatus();
@@ -332,7 +358,7 @@ void ObjectiveRunner::Compose() {
                                      : g.factors_bf16.defined() &&
                                            ComposeFromBf16(w_dev_, g.factors_bf16, out);
     if (!fused) at::mm_out(out, w_dev_, g.factors);
-    if (merge_ != nullptr) continue;  // the merge reads g.composed
+    if (merged_weights_ != nullptr) continue;  // the merges read g.composed
     // Composed in fp32, rounded once for all sites of the group.
     at::Tensor composed = bf16_lora_ ? g.composed.to(at::kBFloat16) : g.composed;
     const int64_t C = capacity_;
@@ -354,37 +380,63 @@ absl::Status ObjectiveRunner::Evaluate() {
     Compose();
     if (merge_ != nullptr) merge_->Run();
     // merge_beside_encoder: the first pass's encoder on branch_, the
-    // decoder's merge beside it, joined before anything reads the decoder's
-    // weights (or on the way out of an error).
+    // decoder's merge beside it (pipelined: every merge, on merge_branch_),
+    // joined before anything else reads the merged weights (or on the way
+    // out of an error).
     struct Joined {
-      StreamBranch* branch = nullptr;
+      std::vector<StreamBranch*> branches;
       ~Joined() {
-        if (branch == nullptr) return;
-        branch->Close();
-        branch->Join();
+        for (StreamBranch* branch : branches) {
+          branch->Close();
+          branch->Join();
+        }
       }
     } joined;
+    if (merge_branch_ != nullptr) {
+      merge_branch_->Open();
+      joined.branches.push_back(merge_branch_.get());
+      for (size_t block = 0; block < encoder_merges_.size(); ++block) {
+        encoder_merges_[block]->Run();
+        merge_branch_->Mark(static_cast<int>(block));
+      }
+      if (decoder_merge_ != nullptr) decoder_merge_->Run();
+      merge_branch_->Close();
+    }
+    // The encoder waits at each block for that block's merge only.
+    std::function<void(int64_t)> wait_for_block;
+    if (merge_branch_ != nullptr) {
+      wait_for_block = [this](int64_t block) {
+        merge_branch_->WaitForMark(static_cast<int>(block));
+      };
+    }
     const T5Weights& weights = merged_weights_ != nullptr ? *merged_weights_ : *weights_;
     std::vector<at::Tensor> parts;
     parts.reserve(chunks_.size());
     for (const Chunk& chunk : chunks_) {
-      const bool beside = decoder_merge_ != nullptr && parts.empty();
+      const bool beside =
+          (decoder_merge_ != nullptr || merge_branch_ != nullptr) && parts.empty();
       if (beside) {
         branch_->Open();
-        joined.branch = branch_.get();
+        joined.branches.push_back(branch_.get());
       }
-      auto enc = chunk.packed != nullptr
-                     ? EncodePacked(weights, *chunk.packed, chunk.rows)
-                     : Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get());
+      absl::StatusOr<EncoderOutput> enc;
+      if (chunk.packed != nullptr) {
+        // EncodePacked takes no hook: every block's merge first.
+        if (beside && wait_for_block) wait_for_block(weights.config.num_layers - 1);
+        enc = EncodePacked(weights, *chunk.packed, chunk.rows);
+      } else {
+        enc = Encode(weights, chunk.ids, chunk.mask, chunk.rows, chunk.biases.get(),
+                     beside ? wait_for_block : nullptr);
+      }
       if (!enc.ok()) return enc.status();
       if (beside) {
         branch_->Close();
-        decoder_merge_->Run();
+        if (merge_branch_ == nullptr) decoder_merge_->Run();
         for (const at::Tensor* t : {&enc->hidden, &enc->mask_bias, &enc->hidden_full}) {
           branch_->RecordUse(*t);
         }
-        branch_->Join();
-        joined.branch = nullptr;
+        for (StreamBranch* branch : joined.branches) branch->Join();
+        joined.branches.clear();
       }
       // Per-row summed token cross-entropy, as ScoreCandidates computes it.
       auto sums = DecodeFullNll(weights, chunk.decoder_ids, *enc, chunk.rows,

@@ -89,10 +89,29 @@ struct ObjectiveRunnerOptions {
   // Kineto: 2,881 against 2,897 us). Default: on, unless
   // LORAHUB_NO_MERGE_BESIDE=1 (A/B).
   bool merge_beside_encoder = MergeBesideFromEnv();
+  // merge_beside_encoder: the encoder's merge beside the encoder too, a
+  // block's sites at a time on a low-priority branch, each encoder block
+  // waiting for its own sites' merge only (then the decoder's merge on that
+  // branch). The same bits. Why: the composition and the encoder's merge
+  // held the encoder's first kernel back 164 us of a 2,884 us evaluation
+  // (H100, seventy-ninth session's trace; the merge 80 us of it). Default:
+  // off, unless LORAHUB_PIPELINED_MERGE=1 (A/B, not yet measured).
+  bool pipelined_merge = PipelinedMergeFromEnv();
+  // merge_beside_encoder: > 0, the merges beside the encoder run on at most
+  // this many blocks of the device (fused_ops.h LowRankMerge's max_blocks;
+  // the same bits); 0, a block a tile. Why: a block a tile (12,288 for
+  // flan-t5-large's decoder sites) occupies every SM while it runs, so the
+  // encoder's kernels may wait for its blocks to drain: the encoder took
+  // 1,419 us beside it against 24 x 53.8 us a layer after it (H100,
+  // seventy-ninth session's trace). Default: 0, or
+  // LORAHUB_BESIDE_MERGE_BLOCKS=N (A/B, not yet measured).
+  int beside_merge_blocks = BesideMergeBlocksFromEnv();
 
   static bool LoraBf16FromEnv();
   static bool MergeSingleFromEnv();
   static bool MergeBesideFromEnv();
+  static bool PipelinedMergeFromEnv();
+  static int BesideMergeBlocksFromEnv();
 };
 
 class ObjectiveRunner {
@@ -168,9 +187,10 @@ class ObjectiveRunner {
   // w_dev_ -> each group's composed factors (one matmul per group), and
   // bank_'s views of them (unless merging).
   void Compose();
-  // merge_single: merged_weights_, merge_ and (`beside`) decoder_merge_
-  // and branch_ (after groups_ and scales_).
-  absl::Status PrepareMerge(bool beside);
+  // merge_single: merged_weights_, merge_ and (merge_beside_encoder)
+  // decoder_merge_ and branch_, (pipelined_merge) encoder_merges_ and
+  // merge_branch_ in place of merge_ (after groups_ and scales_).
+  absl::Status PrepareMerge(const ObjectiveRunnerOptions& options);
   // Compose + forward + per-row sums into sums_ ([C*n] fp64). No host sync.
   absl::Status Evaluate();
   // One replay against one eager run on the same weights (at construction).
@@ -197,6 +217,11 @@ class ObjectiveRunner {
   // priority).
   std::unique_ptr<LowRankMerge> decoder_merge_;
   std::unique_ptr<StreamBranch> branch_;
+  // pipelined_merge: merge_ unset; each encoder block's sites merged on
+  // merge_branch_ (encoder_merges_[block], then mark `block`), then the
+  // decoder's; the encoder, on branch_, waits at each block for its mark.
+  std::vector<std::unique_ptr<LowRankMerge>> encoder_merges_;
+  std::unique_ptr<StreamBranch> merge_branch_;
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)
   at::Tensor w_dev_;   // [C, N] fp32 on the device: the graph's input

@@ -682,13 +682,17 @@ at::Tensor DecoderSelfBias(const T5Weights& w, int64_t T) {
 // [B, S] or packed [1, N]); `attend(q, k, v, o)` is a block's
 // self-attention with its output projection (AttendAndProject, or
 // AttendPackedAndProject for packed rows).
+// `before_block` (may be empty): Encode's.
 template <typename Attend>
 Normed EncoderStack(const T5Weights& w, const at::Tensor& ids,
-                    const RowAdapters& rows, const Attend& attend) {
+                    const RowAdapters& rows, const Attend& attend,
+                    const std::function<void(int64_t)>& before_block = nullptr) {
   const config::T5Config& c = w.config;
   const at::ScalarType attn = AttentionDtype(w);
   Residual h(w, Embed(w, ids));
-  for (const BlockWeights& b : w.encoder) {
+  for (size_t i = 0; i < w.encoder.size(); ++i) {
+    const BlockWeights& b = w.encoder[i];
+    if (before_block) before_block(static_cast<int64_t>(i));
     Normed n = h.Norm(b.self_norm);
     std::array<at::Tensor, 3> qkv =
         SelfAttentionHeads(n, b.self_attn, rows, c, attn);
@@ -701,7 +705,8 @@ Normed EncoderStack(const T5Weights& w, const at::Tensor& ids,
 
 EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
                          const at::Tensor& mask, const RowAdapters& rows,
-                         const PassBiases* biases) {
+                         const PassBiases* biases,
+                         const std::function<void(int64_t)>& before_block) {
   EncoderOutput out;
   out.mask_bias = biases != nullptr ? biases->mask_bias : MaskBias(w, mask);
   const at::Tensor bias = biases != nullptr ? biases->encoder_self
@@ -709,7 +714,8 @@ EncoderOutput EncodeImpl(const T5Weights& w, const at::Tensor& ids,
   const Normed n = EncoderStack(
       w, ids, rows,
       [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-          const Linear& o) { return AttendAndProject(q, k, v, bias, o, rows); });
+          const Linear& o) { return AttendAndProject(q, k, v, bias, o, rows); },
+      before_block);
   out.hidden = n.mm;
   if (w.dtype != at::kFloat) out.hidden_full = n.full;
   return out;
@@ -972,11 +978,10 @@ absl::StatusOr<PassBiases> ComputePassBiases(const T5Weights& w,
   }
 }
 
-absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
-                                     const at::Tensor& input_ids,
-                                     const at::Tensor& attention_mask,
-                                     const RowAdapters& rows,
-                                     const PassBiases* biases) {
+absl::StatusOr<EncoderOutput> Encode(
+    const T5Weights& w, const at::Tensor& input_ids, const at::Tensor& attention_mask,
+    const RowAdapters& rows, const PassBiases* biases,
+    const std::function<void(int64_t block)>& before_block) {
   absl::Status s = CheckIds(input_ids, "input_ids");
   if (!s.ok()) return s;
   if (input_ids.dim() != 2 || attention_mask.sizes() != input_ids.sizes() ||
@@ -994,7 +999,7 @@ absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
         "encoder: the pass biases are not those of this batch's mask");
   }
   try {
-    return EncodeImpl(w, input_ids, attention_mask, rows, biases);
+    return EncodeImpl(w, input_ids, attention_mask, rows, biases, before_block);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("encoder: ", e.what_without_backtrace()));

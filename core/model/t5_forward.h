@@ -50,6 +50,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -111,11 +112,13 @@ absl::StatusOr<PassBiases> ComputePassBiases(const T5Weights& w,
 // both on the weights' device. Ids must be in [0, vocab_size): callers
 // that take ids from users check them on the host before building tensors.
 // `biases` (optional): ComputePassBiases of this attention_mask.
-absl::StatusOr<EncoderOutput> Encode(const T5Weights& w,
-                                     const at::Tensor& input_ids,
-                                     const at::Tensor& attention_mask,
-                                     const RowAdapters& rows,
-                                     const PassBiases* biases = nullptr);
+// `before_block` (optional): called on this thread with each encoder block's
+// index before any of that block's work is queued (the objective runner
+// makes the stream wait there for the block's merged weights).
+absl::StatusOr<EncoderOutput> Encode(
+    const T5Weights& w, const at::Tensor& input_ids, const at::Tensor& attention_mask,
+    const RowAdapters& rows, const PassBiases* biases = nullptr,
+    const std::function<void(int64_t block)>& before_block = nullptr);
 
 // Rows of token ids right-padded to the longest row with `pad_id`, for
 // Encode, on `device`: `ids` [B, L] int64 and `mask` [B, L] int64 (1 =

@@ -5,10 +5,10 @@
 #     table and us a decoder -> $OUT/sweep.txt;
 #  2. the fastest variant's macros become CUDAFLAGS (CMake's initial CMAKE_CUDA_FLAGS) of a
 #     fresh build: tests/model/persistent_decoder_test and low_rank_merge_test on the device
-#     (-> sweep.txt), then deploy/gpu/perf_ab.sh without its suites (SKIP_TESTS=1): the
-#     engine's A/B, ABS (default: the decoder merge beside the encoder on 64 and 132 blocks,
-#     and the persistent decoder twice where it is fast enough, against main; STOP_S default
-#     300).
+#     and the engine tests of the merges below (-> sweep.txt), then deploy/gpu/perf_ab.sh without
+#     its suites (SKIP_TESTS=1): the engine's A/B, ABS (default: the merges beside the encoder on
+#     64 and 132 blocks, the encoder's merge pipelined, both, and the persistent decoder twice
+#     where it is fast enough, against main; STOP_S default 300).
 # Carry .gpu/debs and .gpu/bench (perf_ab.sh's). Everything perf_ab.sh returns, plus sweep.txt.
 #   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_SPREAD_TASKS"] bash deploy/gpu/persistent_decoder_ab.sh
 # VARIANTS' default: the defaults, everything inlined (the code-size A/B), attention tasks spread,
@@ -79,13 +79,15 @@ defines=""
 for d in $best; do defines+=" -D$d"; done
 export CUDAFLAGS="${CUDAFLAGS:-}$defines"
 echo "CUDAFLAGS=$CUDAFLAGS" | tee -a "$OUT/sweep.txt"
-# The kernel's engine test and the merge's (low_rank_merge_test: LowRankMerge's max_blocks) first
-# (their build is most of the engine's), then the A/B.
+# The engine tests of what the A/B switches on first (their build is most of the engine's): the
+# kernel's; LowRankMerge's max_blocks; StreamBranch's marks; the objective runner's pipelined
+# merge on 3 blocks against the merge in line (the same bits). Then the A/B.
+tests="persistent_decoder_test low_rank_merge_test stream_branch_test objective_runner_test"
 OUT=/tmp/pd_build CTEST_ARGS="-R ^NONE$ --no-tests=ignore" \
-  NINJA_TARGETS="tests_model_persistent_decoder_test tests_model_low_rank_merge_test" \
+  NINJA_TARGETS="$(for t in $tests; do printf 'tests_model_%s ' "$t"; done)" \
   bash deploy/gpu/build_and_test.sh >/tmp/pd_build.log 2>&1 ||
   tail -20 /tmp/pd_build.log | tee -a "$OUT/sweep.txt"
-for test in persistent_decoder_test low_rank_merge_test; do
+for test in $tests; do
   test_bin=$(find .gpu/build -type f -name "$test" -perm -u+x 2>/dev/null | head -1)
   if [ -n "$test_bin" ]; then
     LORAHUB_TEST_DEVICE=cuda:0 timeout -k 5 "$TEST_S" "$test_bin" 2>&1 | tail -40 |
@@ -94,11 +96,12 @@ for test in persistent_decoder_test low_rank_merge_test; do
     echo "no $test binary" | tee -a "$OUT/sweep.txt"
   fi
 done
-# The A/B (ABS overrides): the decoder merge beside the encoder on 64 and 132 blocks
-# (LORAHUB_BESIDE_MERGE_BLOCKS) against main, and the persistent decoder only where the kernel
-# alone beats the unfused decoder's 1,152 us (the seventy-ninth session's trace, H100) or
-# AB_BELOW_US.
-ab="bm64 LORAHUB_BESIDE_MERGE_BLOCKS=64; bm132 LORAHUB_BESIDE_MERGE_BLOCKS=132; main2"
+# The A/B (ABS overrides) against main: the merges beside the encoder on 64 and 132 blocks
+# (LORAHUB_BESIDE_MERGE_BLOCKS), the encoder's merge pipelined block by block beside it
+# (LORAHUB_PIPELINED_MERGE), both, the persistent decoder only where the kernel alone beats the
+# unfused decoder's 1,152 us (the seventy-ninth session's trace, H100) or AB_BELOW_US.
+B=LORAHUB_BESIDE_MERGE_BLOCKS PM=LORAHUB_PIPELINED_MERGE
+ab="bm64 $B=64; pm $PM=1; pm64 $PM=1 $B=64; bm132 $B=132; main2; bm64b $B=64; pm64b $PM=1 $B=64"
 if python3 -c "import sys; sys.exit(not ${best_us:-1e9} < ${AB_BELOW_US:-1152})"; then
   ab="pd LORAHUB_PERSISTENT_DECODER=1; $ab; pd2 LORAHUB_PERSISTENT_DECODER=1"
 else

@@ -198,7 +198,9 @@ TEST(ObjectiveRunnerGolden, OddShapesSeveralGroups) {
 // from the wanted one by more than ten times the tolerance, so that a merge
 // that missed the decoder's sites fails (H200: with the decoder's merge
 // dropped, this test failed). The decoder's merge beside the encoder
-// (merge_beside_encoder, the default) gives the bits of the merge in line.
+// (merge_beside_encoder, the default) gives the bits of the merge in line,
+// and so does every merge beside it, block by block on 3 blocks
+// (pipelined_merge, beside_merge_blocks).
 TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
@@ -215,6 +217,12 @@ TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
   ASSERT_TRUE(ro.merge_beside_encoder);
   auto runner = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
   ASSERT_TRUE(runner.ok()) << runner.status();
+  ro.pipelined_merge = true;  // and on few blocks, each looping over tiles
+  ro.beside_merge_blocks = 3;
+  auto pipelined = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
+  ASSERT_TRUE(pipelined.ok()) << pipelined.status();
+  ro.pipelined_merge = false;
+  ro.beside_merge_blocks = 0;
   ro.merge_beside_encoder = false;
   auto in_line = ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, ro);
   ASSERT_TRUE(in_line.ok()) << in_line.status();
@@ -230,6 +238,9 @@ TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
     auto merged_in_line = (*in_line)->Losses(w, 1);
     ASSERT_TRUE(merged_in_line.ok()) << merged_in_line.status();
     EXPECT_EQ(*got, *merged_in_line);
+    auto merged_pipelined = (*pipelined)->Losses(w, 1);
+    ASSERT_TRUE(merged_pipelined.ok()) << merged_pipelined.status();
+    EXPECT_EQ(*merged_pipelined, *merged_in_line);
     auto bank = ComposeLoraHub(
         s.stack, at::tensor(w, at::kDouble).to(at::kFloat).view({1, s.stack.num_modules}));
     ASSERT_TRUE(bank.ok()) << bank.status();
@@ -425,6 +436,11 @@ TEST(ObjectiveRunner, RefusesBadCalls) {
   bad[0].label_ids.push_back(s.base.config.vocab_size);
   EXPECT_EQ(ObjectiveRunner::Create(s.base, s.stack, bad, 1, ro).status().code(),
             absl::StatusCode::kInvalidArgument);
+  ObjectiveRunnerOptions negative_blocks;
+  negative_blocks.beside_merge_blocks = -1;
+  EXPECT_EQ(
+      ObjectiveRunner::Create(s.base, s.stack, s.examples, 1, negative_blocks).status().code(),
+      absl::StatusCode::kInvalidArgument);
   auto runner = ObjectiveRunner::Create(s.base, s.stack, s.examples, 2, ro);
   ASSERT_TRUE(runner.ok()) << runner.status();
   EXPECT_EQ((*runner)->graph_status(), "not a CUDA device");

@@ -1,8 +1,9 @@
 // StreamBranch (cuda_graph.h): work queued on the branch runs after what the
 // current stream had queued at Open, beside what that stream queues next,
 // and before what it queues after Join, eagerly and inside a captured CUDA
-// graph, at either priority. Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h;
-// default cpu, where there is no branch).
+// graph, at either priority; a mark orders another branch after the work
+// marked. Runs on $LORAHUB_TEST_DEVICE (tiny_t5.h; default cpu, where there
+// is no branch).
 #include <ATen/ATen.h>
 
 #include <memory>
@@ -51,6 +52,30 @@ class StreamBranchTest : public ::testing::Test {
     branch.Join();
     branch.RecordUse(on_branch);
     return on_branch + beside;
+  }
+
+  // Marks: `marked` runs two chains, marking the first's end; `reader`, a
+  // second branch, waits for that mark only and reads the first chain.
+  static at::Tensor MarkedInLine(const at::Tensor& x, const at::Tensor& w) {
+    const at::Tensor first = Chain(x, w);
+    return Chain(first * 2 + 1, w) + Chain(first - 1, w);
+  }
+  at::Tensor Marked(StreamBranch& marked, StreamBranch& reader, const at::Tensor& x,
+                    const at::Tensor& w) {
+    marked.Open();
+    const at::Tensor first = Chain(x, w);
+    marked.Mark(0);
+    const at::Tensor rest = Chain(first * 2 + 1, w);
+    marked.Close();
+    reader.Open();
+    marked.WaitForMark(0);
+    const at::Tensor read = Chain(first - 1, w);
+    reader.Close();
+    reader.Join();
+    marked.Join();
+    marked.RecordUse(rest);
+    reader.RecordUse(read);
+    return rest + read;
   }
 
   // The same GEMMs on two streams; a misordered read is off by O(1).
@@ -106,6 +131,38 @@ TEST_F(StreamBranchTest, CapturedAsAGraphBranch) {
     ASSERT_TRUE((*graph)->Replay().ok());
     const at::Tensor got = out.cpu();
     EXPECT_TRUE(Same(got, InLine(x, w).cpu())) << "seed " << seed;
+  }
+}
+
+// A mark orders another branch after the marked branch's work up to it,
+// eagerly and captured.
+TEST_F(StreamBranchTest, MarksOrderAnotherBranch) {
+  if (!device_.is_cuda()) GTEST_SKIP() << "a branch needs a CUDA device";
+  auto marked = MakeStreamBranch(device_, false, /*marks=*/1);
+  auto reader = MakeStreamBranch(device_, true);
+  ASSERT_NE(marked, nullptr);
+  ASSERT_NE(reader, nullptr);
+  EXPECT_THROW(marked->Mark(0), c10::Error) << "closed";
+  const at::Tensor w = Random(7);
+  for (uint64_t seed : {8, 9}) {
+    const at::Tensor x = Random(seed);
+    EXPECT_TRUE(Same(Marked(*marked, *reader, x, w).cpu(), MarkedInLine(x, w).cpu()))
+        << "eager, seed " << seed;
+  }
+  const at::Tensor x = Random(10);
+  at::Tensor out;
+  auto graph = CaptureCudaGraph(
+      device_,
+      [&] {
+        out = Marked(*marked, *reader, x, w);
+        return absl::OkStatus();
+      },
+      /*warmup=*/1);
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  for (uint64_t seed : {11, 12}) {
+    x.copy_(Random(seed));
+    ASSERT_TRUE((*graph)->Replay().ok());
+    EXPECT_TRUE(Same(out.cpu(), MarkedInLine(x, w).cpu())) << "captured, seed " << seed;
   }
 }
 
