@@ -305,11 +305,15 @@ absl::Status ObjectiveRunner::PrepareMerge(const ObjectiveRunnerOptions& options
     merge_branch_ = MakeStreamBranch(weights_->device, /*high_priority=*/false, layers);
   }
   const int64_t encoder_sites = static_cast<int64_t>(layers) * kSitesPerBlock;
-  std::vector<LowRankUpdate> updates, decoder_updates;
-  std::vector<std::vector<LowRankUpdate>> encoder_by_block(layers);  // pipelined
   // Only where ComposeFromBf16 runs: elsewhere the copy would never be read.
   const bool bf16_pool = weights_->device.is_cuda() && FusedKernelsEnabled() &&
                          !EnvFlag("LORAHUB_COMPOSE_FP32");
+  std::vector<LowRankUpdate> updates, decoder_updates;
+  // pipelined: the sites of each encoder block's stage, then the decoder's
+  // (without a branch, a CPU's or where none could be made, the stages run
+  // one after another before the encoder).
+  const bool pipelined = options.pipelined_merge;
+  std::vector<std::vector<std::pair<Group*, int64_t>>> stage_sites(pipelined ? layers + 1 : 0);
   for (Group& g : groups_) {
     if (bf16_pool) g.factors_bf16 = g.factors.to(at::kBFloat16);
     const int64_t k = static_cast<int64_t>(g.sites.size());
@@ -318,36 +322,85 @@ absl::Status ObjectiveRunner::PrepareMerge(const ObjectiveRunnerOptions& options
     const at::Tensor composed = g.composed[0];  // the one candidate
     for (int64_t j = 0; j < k; ++j) {
       const int site = g.sites[j];
+      if (pipelined) {
+        stage_sites[std::min(site / kSitesPerBlock, layers)].emplace_back(&g, j);
+        continue;
+      }
       LowRankUpdate u;
       u.w = SiteLinear(*weights_, site)->weight;
       u.out = SiteLinear(*merged_weights_, site)->weight;
       u.a = composed.narrow(0, j * a_len, a_len).view({g.r, g.in});
       u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g.out, g.r});
       u.scale = static_cast<float>(scale_values_[site]);
-      if (branch_ != nullptr && site >= encoder_sites) {
-        decoder_updates.push_back(std::move(u));
-      } else if (merge_branch_ != nullptr) {
-        encoder_by_block[site / kSitesPerBlock].push_back(std::move(u));
-      } else {
-        updates.push_back(std::move(u));
-      }
+      (branch_ != nullptr && site >= encoder_sites ? decoder_updates : updates)
+          .push_back(std::move(u));
     }
   }
-  const int beside_blocks = options.beside_merge_blocks;
-  if (merge_branch_ != nullptr) {
-    for (std::vector<LowRankUpdate>& block : encoder_by_block) {
-      encoder_merges_.push_back(std::make_unique<LowRankMerge>(std::move(block), beside_blocks));
+  if (pipelined) {
+    // The stages compose their own sites from the bf16 pool; without it the
+    // groups compose up front (Compose) and the stages only merge.
+    for (const auto& stage : stage_sites) {
+      merge_stages_.push_back(MakeMergeStage(stage, bf16_pool, options.beside_merge_blocks));
     }
-  } else {
-    merge_ = std::make_unique<LowRankMerge>(std::move(updates));
+    if (bf16_pool) {
+      for (Group& g : groups_) g.factors_bf16 = at::Tensor();  // the stages hold theirs
+    }
+    return absl::OkStatus();
   }
+  merge_ = std::make_unique<LowRankMerge>(std::move(updates));
   if (!decoder_updates.empty()) {
-    decoder_merge_ = std::make_unique<LowRankMerge>(std::move(decoder_updates), beside_blocks);
+    decoder_merge_ =
+        std::make_unique<LowRankMerge>(std::move(decoder_updates), options.beside_merge_blocks);
   }
   return absl::OkStatus();
 }
 
+ObjectiveRunner::MergeStage ObjectiveRunner::MakeMergeStage(
+    const std::vector<std::pair<Group*, int64_t>>& sites, bool own_composition,
+    int max_blocks) const {
+  MergeStage stage;
+  if (own_composition && !sites.empty()) {
+    // The stage's columns of the pool: each site's A, then its B.
+    std::vector<at::Tensor> columns;
+    for (const auto& [g, j] : sites) {
+      const int64_t k = static_cast<int64_t>(g->sites.size());
+      const int64_t a_len = g->r * g->in, b_len = g->out * g->r;
+      columns.push_back(g->factors_bf16.narrow(1, j * a_len, a_len));
+      columns.push_back(g->factors_bf16.narrow(1, k * a_len + j * b_len, b_len));
+    }
+    stage.factors = at::cat(columns, 1).contiguous();
+    stage.composed = at::zeros({1, stage.factors.size(1)},
+                               at::TensorOptions().dtype(at::kFloat).device(weights_->device));
+  }
+  std::vector<LowRankUpdate> updates;
+  int64_t offset = 0;
+  for (const auto& [g, j] : sites) {
+    const int site = g->sites[j];
+    const int64_t k = static_cast<int64_t>(g->sites.size());
+    const int64_t a_len = g->r * g->in, b_len = g->out * g->r;
+    LowRankUpdate u;
+    u.w = SiteLinear(*weights_, site)->weight;
+    u.out = SiteLinear(*merged_weights_, site)->weight;
+    if (stage.composed.defined()) {
+      const at::Tensor composed = stage.composed[0];
+      u.a = composed.narrow(0, offset, a_len).view({g->r, g->in});
+      u.b = composed.narrow(0, offset + a_len, b_len).view({g->out, g->r});
+      offset += a_len + b_len;
+    } else {
+      const at::Tensor composed = g->composed[0];
+      u.a = composed.narrow(0, j * a_len, a_len).view({g->r, g->in});
+      u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g->out, g->r});
+    }
+    u.scale = static_cast<float>(scale_values_[site]);
+    updates.push_back(std::move(u));
+  }
+  stage.merge = std::make_unique<LowRankMerge>(std::move(updates), max_blocks);
+  return stage;
+}
+
 void ObjectiveRunner::Compose() {
+  // pipelined_merge with the bf16 pool: the merge stages compose.
+  if (!merge_stages_.empty() && merge_stages_.front().factors.defined()) return;
   for (const Group& g : groups_) {
     // [C, N] x [N, k * X] -> [C, k * X]: all candidates, all sites of the group.
     at::Tensor out = g.composed;  // a handle: mm_out writes its storage
@@ -392,15 +445,22 @@ absl::Status ObjectiveRunner::Evaluate() {
         }
       }
     } joined;
-    if (merge_branch_ != nullptr) {
-      merge_branch_->Open();
-      joined.branches.push_back(merge_branch_.get());
-      for (size_t block = 0; block < encoder_merges_.size(); ++block) {
-        encoder_merges_[block]->Run();
-        merge_branch_->Mark(static_cast<int>(block));
+    if (!merge_stages_.empty()) {
+      if (merge_branch_ != nullptr) {
+        merge_branch_->Open();
+        joined.branches.push_back(merge_branch_.get());
       }
-      if (decoder_merge_ != nullptr) decoder_merge_->Run();
-      merge_branch_->Close();
+      const int layers = static_cast<int>(weights_->config.num_layers);
+      for (size_t i = 0; i < merge_stages_.size(); ++i) {
+        MergeStage& stage = merge_stages_[i];
+        if (stage.factors.defined() && !ComposeFromBf16(w_dev_, stage.factors, stage.composed)) {
+          at::mm_out(stage.composed, w_dev_, stage.factors.to(at::kFloat));
+        }
+        stage.merge->Run();
+        const int block = static_cast<int>(i);
+        if (merge_branch_ != nullptr && block < layers) merge_branch_->Mark(block);
+      }
+      if (merge_branch_ != nullptr) merge_branch_->Close();
     }
     // The encoder waits at each block for that block's merge only.
     std::function<void(int64_t)> wait_for_block;

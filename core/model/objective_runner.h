@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -89,12 +90,12 @@ struct ObjectiveRunnerOptions {
   // Kineto: 2,881 against 2,897 us). Default: on, unless
   // LORAHUB_NO_MERGE_BESIDE=1 (A/B).
   bool merge_beside_encoder = MergeBesideFromEnv();
-  // merge_beside_encoder: the encoder's merge beside the encoder too, a
-  // block's sites at a time on a low-priority branch, each encoder block
-  // waiting for its own sites' merge only (then the decoder's merge on that
-  // branch). The same bits. Why: the composition and the encoder's merge
-  // held the encoder's first kernel back 164 us of a 2,884 us evaluation
-  // (H100, seventy-ninth session's trace; the merge 80 us of it). Default:
+  // merge_beside_encoder: the composition and the encoder's merge beside
+  // the encoder too, a block's sites at a time on a low-priority branch,
+  // each encoder block waiting for its own sites' only (then the decoder's
+  // on that branch). The same bits. Why: the composition (69 us) and the
+  // encoder's merge (80 us) held the encoder's first kernel back 164 us of
+  // a 2,884 us evaluation (H100, seventy-ninth session's trace). Default:
   // off, unless LORAHUB_PIPELINED_MERGE=1 (A/B, not yet measured).
   bool pipelined_merge = PipelinedMergeFromEnv();
   // merge_beside_encoder: > 0, the merges beside the encoder run on at most
@@ -169,6 +170,14 @@ class ObjectiveRunner {
     // undefined with LORAHUB_NO_PASS_BIASES=1 (A/B).
     std::unique_ptr<PassBiases> biases;
   };
+  // pipelined_merge: some sites' composition and merge, queued on
+  // merge_branch_. `factors` undefined: Compose() composes them with their
+  // groups, and the stage only merges.
+  struct MergeStage {
+    at::Tensor factors;   // [N, n] bf16: the sites' A and B columns, in turn
+    at::Tensor composed;  // [1, n] fp32: their composition, which `merge` reads
+    std::unique_ptr<LowRankMerge> merge;
+  };
   struct Group {  // sites whose composed factors have one shape
     std::vector<int> sites;  // base site indices
     int64_t r = 0, in = 0, out = 0;
@@ -188,9 +197,13 @@ class ObjectiveRunner {
   // bank_'s views of them (unless merging).
   void Compose();
   // merge_single: merged_weights_, merge_ and (merge_beside_encoder)
-  // decoder_merge_ and branch_, (pipelined_merge) encoder_merges_ and
-  // merge_branch_ in place of merge_ (after groups_ and scales_).
+  // decoder_merge_ and branch_, or (pipelined_merge) merge_stages_ and
+  // merge_branch_ (after groups_ and scales_).
   absl::Status PrepareMerge(const ObjectiveRunnerOptions& options);
+  // The composition (where `own_composition`, else the groups') and the
+  // merge of `sites` ((group, index in the group) pairs) as a MergeStage.
+  MergeStage MakeMergeStage(const std::vector<std::pair<Group*, int64_t>>& sites,
+                            bool own_composition, int max_blocks) const;
   // Compose + forward + per-row sums into sums_ ([C*n] fp64). No host sync.
   absl::Status Evaluate();
   // One replay against one eager run on the same weights (at construction).
@@ -217,10 +230,11 @@ class ObjectiveRunner {
   // priority).
   std::unique_ptr<LowRankMerge> decoder_merge_;
   std::unique_ptr<StreamBranch> branch_;
-  // pipelined_merge: merge_ unset; each encoder block's sites merged on
-  // merge_branch_ (encoder_merges_[block], then mark `block`), then the
-  // decoder's; the encoder, on branch_, waits at each block for its mark.
-  std::vector<std::unique_ptr<LowRankMerge>> encoder_merges_;
+  // pipelined_merge: merge_ and decoder_merge_ unset; a stage an encoder
+  // block (then mark `block` on merge_branch_), then the decoder's; the
+  // encoder, on branch_, waits at each block for its mark. Without
+  // merge_branch_ the stages run in turn before the encoder.
+  std::vector<MergeStage> merge_stages_;
   std::unique_ptr<StreamBranch> merge_branch_;
   std::vector<Chunk> chunks_;
   at::Tensor w_host_;  // [C, N] fp32 staging (pinned on CUDA when possible)

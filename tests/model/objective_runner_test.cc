@@ -199,8 +199,10 @@ TEST(ObjectiveRunnerGolden, OddShapesSeveralGroups) {
 // that missed the decoder's sites fails (H200: with the decoder's merge
 // dropped, this test failed). The decoder's merge beside the encoder
 // (merge_beside_encoder, the default) gives the bits of the merge in line,
-// and so does every merge beside it, block by block on 3 blocks
-// (pipelined_merge, beside_merge_blocks).
+// and so do the merges in stages (pipelined_merge, beside_merge_blocks 3:
+// on CUDA each block's composition and merge beside the encoder on 3
+// blocks, on the CPU the stages in turn; with the decoder's stage dropped
+// this test failed on the CPU).
 TEST(ObjectiveRunnerMerged, MatchesMergeAdapterThenScore) {
   auto device = testing::TestDevice();
   ASSERT_TRUE(device.ok()) << device.status();
