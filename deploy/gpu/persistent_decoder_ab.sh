@@ -101,11 +101,19 @@ done
 # (LORAHUB_PIPELINED_MERGE), both, the persistent decoder only where the kernel alone beats the
 # unfused decoder's 1,152 us (the seventy-ninth session's trace, H100) or AB_BELOW_US.
 B=LORAHUB_BESIDE_MERGE_BLOCKS PM=LORAHUB_PIPELINED_MERGE
-ab="bm64 $B=64; pm $PM=1; pm64 $PM=1 $B=64; bm132 $B=132; main2; bm64b $B=64; pm64b $PM=1 $B=64"
+# bm64, pm64 and pd keep a trace of their evaluation (printed place by place below).
+P="-- --profile-out /tmp/perf_ab/profile"
+ab="bm64 $B=64 $P.bm64.json; pm $PM=1; pm64 $PM=1 $B=64 $P.pm64.json; bm132 $B=132; main2"
+ab="$ab; bm64b $B=64; pm64b $PM=1 $B=64"
 if python3 -c "import sys; sys.exit(not ${best_us:-1e9} < ${AB_BELOW_US:-1152})"; then
-  ab="pd LORAHUB_PERSISTENT_DECODER=1; $ab; pd2 LORAHUB_PERSISTENT_DECODER=1"
+  ab="pd LORAHUB_PERSISTENT_DECODER=1 $P.pd.json; $ab; pd2 LORAHUB_PERSISTENT_DECODER=1"
 else
   echo "no persistent decoder A/B: the fastest variant takes ${best_us:-?} us >=" \
     "${AB_BELOW_US:-1152} us" | tee -a "$OUT/sweep.txt"
 fi
 SKIP_TESTS=1 ABS="${ABS:-$ab}" STOP_S="${STOP_S:-300}" OUT="$OUT" bash deploy/gpu/perf_ab.sh
+for tag in bm64 pm64 pd; do
+  f=/tmp/perf_ab/profile.$tag.json
+  [ -f "$f" ] && { echo "== $tag"; python3 deploy/gpu/profile_compare.py "$f" --top 0; } |
+    tee -a "$OUT/sweep.txt"
+done
