@@ -3105,6 +3105,17 @@ lorahub_script_test(tests_tools_serve_rounds_test
   TIMEOUT 60
 )
 
+# //tests/tools:persistent_decoder_ab_test (sh_test)
+lorahub_script_test(tests_tools_persistent_decoder_ab_test
+  TEST_NAME //tests/tools:persistent_decoder_ab_test
+  PACKAGE tests/tools
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/tools/persistent_decoder_ab_test.sh
+  ARGS
+    ${SRC}/deploy/gpu/persistent_decoder_ab.sh
+  TIMEOUT 300
+)
+
 # ---- //tests/train  (tests/train/BUILD)
 
 # //tests/train:toy_data (cc_library)

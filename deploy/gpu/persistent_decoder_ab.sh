@@ -114,6 +114,8 @@ fi
 SKIP_TESTS=1 ABS="${ABS:-$ab}" STOP_S="${STOP_S:-300}" OUT="$OUT" bash deploy/gpu/perf_ab.sh
 for tag in bm64 pm64 pd; do
   f=/tmp/perf_ab/profile.$tag.json
-  [ -f "$f" ] && { echo "== $tag"; python3 deploy/gpu/profile_compare.py "$f" --top 0; } |
-    tee -a "$OUT/sweep.txt"
+  if [ -f "$f" ]; then
+    { echo "== $tag"; python3 deploy/gpu/profile_compare.py "$f" --top 0; } |
+      tee -a "$OUT/sweep.txt"
+  fi
 done
