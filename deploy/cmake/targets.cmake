@@ -3116,6 +3116,15 @@ lorahub_script_test(tests_tools_persistent_decoder_ab_test
   TIMEOUT 300
 )
 
+# //tests/tools:profile_compare_test (sh_test)
+lorahub_script_test(tests_tools_profile_compare_test
+  TEST_NAME //tests/tools:profile_compare_test
+  PACKAGE tests/tools
+  INTERPRETER bash
+  SCRIPT ${SRC}/tests/tools/profile_compare_test.py
+  TIMEOUT 60
+)
+
 # ---- //tests/train  (tests/train/BUILD)
 
 # //tests/train:toy_data (cc_library)
