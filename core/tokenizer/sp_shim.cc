@@ -6,9 +6,10 @@
 
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <new>
-#include <string_view>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <sentencepiece_processor.h>
@@ -41,22 +42,22 @@ __attribute__((visibility("default"))) int lh_sp_abi_version(void) {
 __attribute__((visibility("default"))) lh_sp* lh_sp_load(const char* data,
                                                          size_t size, char* err,
                                                          size_t err_cap) {
-  // No exception may cross the C boundary.
+  // No exception may cross the C boundary; none may leak the processor
+  // either (SentencePiece throws on some malformed models: a fuzzed one
+  // leaked it here, tests/fuzz/t5_tokenizer_fuzz.cc).
   try {
-    lh_sp* sp = new lh_sp;
+    auto sp = std::make_unique<lh_sp>();
     const auto status = sp->processor.LoadFromSerializedProto(
         std::string_view(data, size));
     if (!status.ok()) {
       SetError(err, err_cap, status.ToString());
-      delete sp;
       return nullptr;
     }
     if (sp->processor.GetPieceSize() <= 0) {
       SetError(err, err_cap, "model has no pieces");
-      delete sp;
       return nullptr;
     }
-    return sp;
+    return sp.release();
   } catch (const std::exception& e) {
     SetError(err, err_cap, e.what());
     return nullptr;

@@ -1650,6 +1650,20 @@ lorahub_cc_test(tests_fuzz_lora_config_fuzz_replay
   TIMEOUT 300
 )
 
+# //tests/fuzz:t5_tokenizer_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_t5_tokenizer_fuzz_replay
+  TEST_NAME //tests/fuzz:t5_tokenizer_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/t5_tokenizer_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_tokenizer_tokenizer
+  ARGS
+    tests/fuzz/corpus/t5_tokenizer
+  TIMEOUT 300
+)
+
 # ---- //tests/hub  (tests/hub/BUILD)
 
 # //tests/hub:hub_emulator_process (cc_library)
