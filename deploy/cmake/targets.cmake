@@ -1664,6 +1664,21 @@ lorahub_cc_test(tests_fuzz_t5_tokenizer_fuzz_replay
   TIMEOUT 300
 )
 
+# //tests/fuzz:jsonl_fuzz_replay (cc_test)
+lorahub_cc_test(tests_fuzz_jsonl_fuzz_replay
+  TEST_NAME //tests/fuzz:jsonl_fuzz_replay
+  PACKAGE tests/fuzz
+  SRCS
+    ${SRC}/tests/fuzz/jsonl_fuzz.cc
+  DEPS
+    tests_fuzz_replay_main
+    core_tasks_tasks
+    ext_absl_absl
+  ARGS
+    tests/fuzz/corpus/jsonl
+  TIMEOUT 300
+)
+
 # ---- //tests/hub  (tests/hub/BUILD)
 
 # //tests/hub:hub_emulator_process (cc_library)

@@ -17,6 +17,7 @@ declare -A FUZZ_SOURCES=(
   [t5_config]="core/config/t5_config.cc core/config/json_fields.cc"
   [lora_config]="core/config/lora_config.cc core/config/json_fields.cc"
   [t5_tokenizer]="core/tokenizer/t5_tokenizer.cc core/tokenizer/sp_shim_loader.cc"
+  [jsonl]="core/tasks/jsonl.cc"
 )
 # Libraries every target links (Debian's Abseil), plus per-target extras.
 ABSL_LIBS="-labsl_statusor -labsl_status -labsl_strerror -labsl_str_format_internal -labsl_cord -labsl_cordz_info -labsl_cord_internal -labsl_cordz_functions -labsl_cordz_handle -labsl_hash -labsl_city -labsl_low_level_hash -labsl_raw_hash_set -labsl_bad_optional_access -labsl_bad_variant_access -labsl_hashtablez_sampler -labsl_exponential_biased -labsl_synchronization -labsl_graphcycles_internal -labsl_stacktrace -labsl_symbolize -labsl_debugging_internal -labsl_demangle_internal -labsl_malloc_internal -labsl_time -labsl_civil_time -labsl_time_zone -labsl_strings -labsl_strings_internal -labsl_base -labsl_spinlock_wait -labsl_int128 -labsl_throw_delegate -labsl_raw_logging_internal -labsl_log_severity -pthread"
