@@ -4,11 +4,14 @@
 #     the header's experiment macros, "" the defaults), all compiled at once first: its phase
 #     table and us a decoder -> $OUT/sweep.txt;
 #  2. the fastest variant's macros become CUDAFLAGS (CMake's initial CMAKE_CUDA_FLAGS) of a
-#     fresh build: tests/model/persistent_decoder_test and low_rank_merge_test on the device
-#     and the engine tests of the merges below (-> sweep.txt), then deploy/gpu/perf_ab.sh without
-#     its suites (SKIP_TESTS=1): the engine's A/B, ABS (default: the merges beside the encoder on
-#     64 and 132 blocks, the encoder's merge pipelined, both, and the persistent decoder twice
-#     where it is fast enough, against main; STOP_S default 300).
+#     fresh build: the engine tests of the kernel and of the merges below on the device
+#     (tests/model/ persistent_decoder_test, low_rank_merge_test, stream_branch_test,
+#     objective_runner_test -> sweep.txt);
+#  3. deploy/gpu/perf_ab.sh without its suites (SKIP_TESTS=1): the engine's A/B, ABS (default:
+#     the merges beside the encoder on 64 and 132 blocks, the encoder's merge pipelined, both,
+#     and the persistent decoder twice where it is fast enough, against main; STOP_S default
+#     300), then three of its runs' evaluation traces place by place (-> sweep.txt).
+# About 9-10 minutes on a fresh H100; $OUT keeps what finished if the call's limit cuts it.
 # Carry .gpu/debs and .gpu/bench (perf_ab.sh's). Everything perf_ab.sh returns, plus sweep.txt.
 #   OUT=DIR [VARIANTS="; LORAHUB_PD_EXP_SPREAD_TASKS"] bash deploy/gpu/persistent_decoder_ab.sh
 # VARIANTS' default: the defaults, everything inlined (the code-size A/B), attention tasks spread,
@@ -102,11 +105,11 @@ done
 # unfused decoder's 1,152 us (the seventy-ninth session's trace, H100) or AB_BELOW_US.
 B=LORAHUB_BESIDE_MERGE_BLOCKS PM=LORAHUB_PIPELINED_MERGE
 # bm64, pm64 and pd keep a trace of their evaluation (printed place by place below).
-P="-- --profile-out /tmp/perf_ab/profile"
-ab="bm64 $B=64 $P.bm64.json; pm $PM=1; pm64 $PM=1 $B=64 $P.pm64.json; bm132 $B=132; main2"
+PROF="-- --profile-out /tmp/perf_ab/profile"
+ab="bm64 $B=64 $PROF.bm64.json; pm $PM=1; pm64 $PM=1 $B=64 $PROF.pm64.json; bm132 $B=132; main2"
 ab="$ab; bm64b $B=64; pm64b $PM=1 $B=64"
 if python3 -c "import sys; sys.exit(not ${best_us:-1e9} < ${AB_BELOW_US:-1152})"; then
-  ab="pd LORAHUB_PERSISTENT_DECODER=1 $P.pd.json; $ab; pd2 LORAHUB_PERSISTENT_DECODER=1"
+  ab="pd LORAHUB_PERSISTENT_DECODER=1 $PROF.pd.json; $ab; pd2 LORAHUB_PERSISTENT_DECODER=1"
 else
   echo "no persistent decoder A/B: the fastest variant takes ${best_us:-?} us >=" \
     "${AB_BELOW_US:-1152} us" | tee -a "$OUT/sweep.txt"
