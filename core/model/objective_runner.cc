@@ -445,23 +445,8 @@ absl::Status ObjectiveRunner::Evaluate() {
         }
       }
     } joined;
-    if (!merge_stages_.empty()) {
-      if (merge_branch_ != nullptr) {
-        merge_branch_->Open();
-        joined.branches.push_back(merge_branch_.get());
-      }
-      const int layers = static_cast<int>(weights_->config.num_layers);
-      for (size_t i = 0; i < merge_stages_.size(); ++i) {
-        MergeStage& stage = merge_stages_[i];
-        if (stage.factors.defined() && !ComposeFromBf16(w_dev_, stage.factors, stage.composed)) {
-          at::mm_out(stage.composed, w_dev_, stage.factors.to(at::kFloat));
-        }
-        stage.merge->Run();
-        const int block = static_cast<int>(i);
-        if (merge_branch_ != nullptr && block < layers) merge_branch_->Mark(block);
-      }
-      if (merge_branch_ != nullptr) merge_branch_->Close();
-    }
+    if (merge_branch_ != nullptr) joined.branches.push_back(merge_branch_.get());
+    RunMergeStages();
     // The encoder waits at each block for that block's merge only.
     std::function<void(int64_t)> wait_for_block;
     if (merge_branch_ != nullptr) {
@@ -510,6 +495,22 @@ absl::Status ObjectiveRunner::Evaluate() {
     return absl::InternalError(
         absl::StrCat("objective runner: ", e.what_without_backtrace()));
   }
+}
+
+void ObjectiveRunner::RunMergeStages() {
+  if (merge_stages_.empty()) return;
+  if (merge_branch_ != nullptr) merge_branch_->Open();
+  const int layers = static_cast<int>(weights_->config.num_layers);
+  for (size_t i = 0; i < merge_stages_.size(); ++i) {
+    MergeStage& stage = merge_stages_[i];
+    if (stage.factors.defined() && !ComposeFromBf16(w_dev_, stage.factors, stage.composed)) {
+      at::mm_out(stage.composed, w_dev_, stage.factors.to(at::kFloat));
+    }
+    stage.merge->Run();
+    const int block = static_cast<int>(i);
+    if (merge_branch_ != nullptr && block < layers) merge_branch_->Mark(block);
+  }
+  if (merge_branch_ != nullptr) merge_branch_->Close();
 }
 
 absl::StatusOr<std::vector<double>> ObjectiveRunner::Losses(

@@ -204,6 +204,10 @@ class ObjectiveRunner {
   // merge of `sites` ((group, index in the group) pairs) as a MergeStage.
   MergeStage MakeMergeStage(const std::vector<std::pair<Group*, int64_t>>& sites,
                             bool own_composition, int max_blocks) const;
+  // pipelined_merge: every stage's composition and merge, queued on
+  // merge_branch_ (each encoder block's followed by its mark) or, without
+  // it, here in turn. Throws c10::Error; the caller joins merge_branch_.
+  void RunMergeStages();
   // Compose + forward + per-row sums into sums_ ([C*n] fp64). No host sync.
   absl::Status Evaluate();
   // One replay against one eager run on the same weights (at construction).
