@@ -95,8 +95,9 @@ struct ObjectiveRunnerOptions {
   // each encoder block waiting for its own sites' only (then the decoder's
   // on that branch). The same bits. Why: the composition (69 us) and the
   // encoder's merge (80 us) held the encoder's first kernel back 164 us of
-  // a 2,884 us evaluation (H100, seventy-ninth session's trace). Default:
-  // off, unless LORAHUB_PIPELINED_MERGE=1 (A/B, not yet measured).
+  // a 2,884 us evaluation (H100, seventy-ninth session's trace). Measured:
+  // no gain (H100, eighty-third session: 2.918 against 2.883-2.892 ms, the
+  // same answers). Default: off, unless LORAHUB_PIPELINED_MERGE=1 (A/B).
   bool pipelined_merge = PipelinedMergeFromEnv();
   // merge_beside_encoder: > 0, the merges beside the encoder run on at most
   // this many blocks of the device (fused_ops.h LowRankMerge's max_blocks;
@@ -104,8 +105,10 @@ struct ObjectiveRunnerOptions {
   // flan-t5-large's decoder sites) occupies every SM while it runs, so the
   // encoder's kernels may wait for its blocks to drain: the encoder took
   // 1,419 us beside it against 24 x 53.8 us a layer after it (H100,
-  // seventy-ninth session's trace). Default: 0, or
-  // LORAHUB_BESIDE_MERGE_BLOCKS=N (A/B, not yet measured).
+  // seventy-ninth session's trace). Measured slower: a looping block holds
+  // its SM for the whole merge, and the encoder's GEMMs lose those SMs
+  // (H100, eighty-third session: 3.140-3.155 ms at 64, 2.953 at 132, against
+  // 2.883-2.892). Default: 0, or LORAHUB_BESIDE_MERGE_BLOCKS=N (A/B).
   int beside_merge_blocks = BesideMergeBlocksFromEnv();
 
   static bool LoraBf16FromEnv();
