@@ -316,24 +316,16 @@ absl::Status ObjectiveRunner::PrepareMerge(const ObjectiveRunnerOptions& options
   std::vector<std::vector<std::pair<Group*, int64_t>>> stage_sites(pipelined ? layers + 1 : 0);
   for (Group& g : groups_) {
     if (bf16_pool) g.factors_bf16 = g.factors.to(at::kBFloat16);
-    const int64_t k = static_cast<int64_t>(g.sites.size());
-    const int64_t a_len = g.r * g.in;
-    const int64_t b_len = g.out * g.r;
     const at::Tensor composed = g.composed[0];  // the one candidate
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < static_cast<int64_t>(g.sites.size()); ++j) {
       const int site = g.sites[j];
       if (pipelined) {
         stage_sites[std::min(site / kSitesPerBlock, layers)].emplace_back(&g, j);
         continue;
       }
-      LowRankUpdate u;
-      u.w = SiteLinear(*weights_, site)->weight;
-      u.out = SiteLinear(*merged_weights_, site)->weight;
-      u.a = composed.narrow(0, j * a_len, a_len).view({g.r, g.in});
-      u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g.out, g.r});
-      u.scale = static_cast<float>(scale_values_[site]);
       (branch_ != nullptr && site >= encoder_sites ? decoder_updates : updates)
-          .push_back(std::move(u));
+          .push_back(SiteUpdate(g, j, composed.narrow(0, g.a_offset(j), g.a_len()),
+                                composed.narrow(0, g.b_offset(j), g.b_len())));
     }
   }
   if (pipelined) {
@@ -355,6 +347,18 @@ absl::Status ObjectiveRunner::PrepareMerge(const ObjectiveRunnerOptions& options
   return absl::OkStatus();
 }
 
+LowRankUpdate ObjectiveRunner::SiteUpdate(const Group& g, int64_t j, const at::Tensor& a,
+                                          const at::Tensor& b) const {
+  const int site = g.sites[j];
+  LowRankUpdate u;
+  u.w = SiteLinear(*weights_, site)->weight;
+  u.out = SiteLinear(*merged_weights_, site)->weight;
+  u.a = a.view({g.r, g.in});
+  u.b = b.view({g.out, g.r});
+  u.scale = static_cast<float>(scale_values_[site]);
+  return u;
+}
+
 ObjectiveRunner::MergeStage ObjectiveRunner::MakeMergeStage(
     const std::vector<std::pair<Group*, int64_t>>& sites, bool own_composition,
     int max_blocks) const {
@@ -363,36 +367,26 @@ ObjectiveRunner::MergeStage ObjectiveRunner::MakeMergeStage(
     // The stage's columns of the pool: each site's A, then its B.
     std::vector<at::Tensor> columns;
     for (const auto& [g, j] : sites) {
-      const int64_t k = static_cast<int64_t>(g->sites.size());
-      const int64_t a_len = g->r * g->in, b_len = g->out * g->r;
-      columns.push_back(g->factors_bf16.narrow(1, j * a_len, a_len));
-      columns.push_back(g->factors_bf16.narrow(1, k * a_len + j * b_len, b_len));
+      columns.push_back(g->factors_bf16.narrow(1, g->a_offset(j), g->a_len()));
+      columns.push_back(g->factors_bf16.narrow(1, g->b_offset(j), g->b_len()));
     }
     stage.factors = at::cat(columns, 1).contiguous();
     stage.composed = at::zeros({1, stage.factors.size(1)},
                                at::TensorOptions().dtype(at::kFloat).device(weights_->device));
   }
   std::vector<LowRankUpdate> updates;
-  int64_t offset = 0;
+  int64_t offset = 0;  // in stage.composed
   for (const auto& [g, j] : sites) {
-    const int site = g->sites[j];
-    const int64_t k = static_cast<int64_t>(g->sites.size());
-    const int64_t a_len = g->r * g->in, b_len = g->out * g->r;
-    LowRankUpdate u;
-    u.w = SiteLinear(*weights_, site)->weight;
-    u.out = SiteLinear(*merged_weights_, site)->weight;
     if (stage.composed.defined()) {
       const at::Tensor composed = stage.composed[0];
-      u.a = composed.narrow(0, offset, a_len).view({g->r, g->in});
-      u.b = composed.narrow(0, offset + a_len, b_len).view({g->out, g->r});
-      offset += a_len + b_len;
+      updates.push_back(SiteUpdate(*g, j, composed.narrow(0, offset, g->a_len()),
+                                   composed.narrow(0, offset + g->a_len(), g->b_len())));
+      offset += g->a_len() + g->b_len();
     } else {
       const at::Tensor composed = g->composed[0];
-      u.a = composed.narrow(0, j * a_len, a_len).view({g->r, g->in});
-      u.b = composed.narrow(0, k * a_len + j * b_len, b_len).view({g->out, g->r});
+      updates.push_back(SiteUpdate(*g, j, composed.narrow(0, g->a_offset(j), g->a_len()),
+                                   composed.narrow(0, g->b_offset(j), g->b_len())));
     }
-    u.scale = static_cast<float>(scale_values_[site]);
-    updates.push_back(std::move(u));
   }
   stage.merge = std::make_unique<LowRankMerge>(std::move(updates), max_blocks);
   return stage;
@@ -400,7 +394,10 @@ ObjectiveRunner::MergeStage ObjectiveRunner::MakeMergeStage(
 
 void ObjectiveRunner::Compose() {
   // pipelined_merge with the bf16 pool: the merge stages compose.
-  if (!merge_stages_.empty() && merge_stages_.front().factors.defined()) return;
+  if (std::any_of(merge_stages_.begin(), merge_stages_.end(),
+                  [](const MergeStage& stage) { return stage.factors.defined(); })) {
+    return;
+  }
   for (const Group& g : groups_) {
     // [C, N] x [N, k * X] -> [C, k * X]: all candidates, all sites of the group.
     at::Tensor out = g.composed;  // a handle: mm_out writes its storage
@@ -415,13 +412,10 @@ void ObjectiveRunner::Compose() {
     // Composed in fp32, rounded once for all sites of the group.
     at::Tensor composed = bf16_lora_ ? g.composed.to(at::kBFloat16) : g.composed;
     const int64_t C = capacity_;
-    const int64_t k = static_cast<int64_t>(g.sites.size());
-    const int64_t a_len = g.r * g.in;
-    const int64_t b_len = g.out * g.r;
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < static_cast<int64_t>(g.sites.size()); ++j) {
       SiteBank& sb = bank_.sites[g.sites[j]];
-      sb.a = composed.narrow(1, j * a_len, a_len).view({C, g.r, g.in});
-      sb.b = composed.narrow(1, k * a_len + j * b_len, b_len).view({C, g.out, g.r});
+      sb.a = composed.narrow(1, g.a_offset(j), g.a_len()).view({C, g.r, g.in});
+      sb.b = composed.narrow(1, g.b_offset(j), g.b_len()).view({C, g.out, g.r});
       sb.scale = scales_[g.sites[j]];
       sb.common_scale = scale_values_[g.sites[j]];
     }

@@ -53,6 +53,7 @@ namespace lorahub::model {
 
 class CapturedGraph;
 class LowRankMerge;
+struct LowRankUpdate;
 class StreamBranch;
 
 struct ObjectiveRunnerOptions {
@@ -193,6 +194,14 @@ class ObjectiveRunner {
     // [C, sites * (r*in + out*r)], fp32: the composed factors, rewritten in
     // place by every evaluation (the merge's job table points into it).
     at::Tensor composed;
+    // Elements of a site's A and B, and where site j's start in a row of
+    // `factors` or `composed`.
+    int64_t a_len() const { return r * in; }
+    int64_t b_len() const { return out * r; }
+    int64_t a_offset(int64_t j) const { return j * a_len(); }
+    int64_t b_offset(int64_t j) const {
+      return static_cast<int64_t>(sites.size()) * a_len() + j * b_len();
+    }
   };
 
   ObjectiveRunner() = default;
@@ -203,6 +212,10 @@ class ObjectiveRunner {
   // decoder_merge_ and branch_, or (pipelined_merge) merge_stages_ and
   // merge_branch_ (after groups_ and scales_).
   absl::Status PrepareMerge(const ObjectiveRunnerOptions& options);
+  // The merge of site j of `g` from the composed factors `a` [r*in] and `b`
+  // [out*r] (fp32 views): merged_weights_'s copy = the base + scaling B A.
+  LowRankUpdate SiteUpdate(const Group& g, int64_t j, const at::Tensor& a,
+                           const at::Tensor& b) const;
   // The composition (where `own_composition`, else the groups') and the
   // merge of `sites` ((group, index in the group) pairs) as a MergeStage.
   MergeStage MakeMergeStage(const std::vector<std::pair<Group*, int64_t>>& sites,
